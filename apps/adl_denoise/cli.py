@@ -1,0 +1,499 @@
+#!/usr/bin/env python
+"""Command line for the denoising app: ``python apps/adl_denoise/cli.py VERB ...``.
+
+Verbs:
+  simulate   make a noisy version of a volume (low-dose CT in the sinogram domain, MR Rician, generic noise)
+  denoise    denoise a volume with one of the available models (classical baselines or a trained ADL network)
+  train      train an ADL denoiser on clean images (synthetic physics noise) or on noisy/clean pairs
+
+Every verb reads and writes DICOM series folders, NIfTI, NRRD and MHA, keeps the input's geometry and value
+convention (CT in HU), never overwrites without ``--overwrite`` and exits non-zero with a one-line reason
+on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent
+if str(APP_DIR) not in sys.path:
+    sys.path.insert(0, str(APP_DIR))
+
+import numpy as np  # noqa: E402
+
+from lib.imaging import ImageReadError, ImageWriteError, Volume, read_volume, write_volume  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+MODALITY_CHOICES = ("auto", "ct", "mr", "other")
+NOISE_KINDS = ("ct-lowdose", "rician", "gaussian", "poisson", "speckle")
+RECONSTRUCTION_FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann", "smooth")
+
+log = logging.getLogger("adl_denoise.cli")
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _dose_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"dose fraction must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _overlap(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"overlap must be in [0, 1), got {text}")
+    return value
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return name
+
+
+def _read_input(args: argparse.Namespace) -> Volume:
+    modality = None if args.modality == "auto" else {"ct": "CT", "mr": "MR", "other": "OT"}[args.modality]
+    volume = read_volume(args.input, series_uid=getattr(args, "series_uid", None), modality=modality)
+    if modality is not None:
+        volume.modality = modality
+    if float(np.ptp(volume.array)) == 0.0:
+        raise CommandError(f"{args.input} holds a constant image (every voxel {float(volume.array.flat[0]):g}): nothing to process")
+    log.info("read %s: %s %s, spacing %s mm", args.input, volume.modality, volume.array.shape,
+             tuple(round(s, 4) for s in volume.spacing))
+    return volume
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    out, inp = Path(args.output).resolve(), Path(args.input).resolve()
+    if out == inp:
+        raise CommandError("--output is the input itself: refusing to overwrite the original")
+    if out.exists() and not args.overwrite:
+        raise CommandError(f"{args.output} already exists (add --overwrite to replace it)")
+
+
+def _write_output(volume: Volume, args: argparse.Namespace, description_suffix: str) -> None:
+    path = write_volume(volume, args.output, overwrite=args.overwrite, series_description_suffix=description_suffix)
+    print(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------- simulate
+def simulate_noise(volume: Volume, args: argparse.Namespace) -> tuple[np.ndarray, str]:
+    """Apply the noise model chosen on the command line; returns (noisy array, description suffix)."""
+    from lib import noise
+
+    kind = args.noise or {"CT": "ct-lowdose", "MR": "rician"}.get(volume.modality)
+    if kind is None:
+        raise CommandError(f"modality of {args.input} is unknown: give --modality ct|mr or --noise {'|'.join(NOISE_KINDS)}")
+    image = volume.array.astype(np.float32)
+    if kind == "ct-lowdose":
+        if volume.modality != "CT":
+            raise CommandError(f"low-dose CT simulation needs a CT in HU, but {args.input} is {volume.modality}")
+        geometry = noise.ParallelBeamGeometry(n_views=args.views, detector_bin_mm=args.detector_bin_mm)
+        settings = noise.LowDoseCTSettings(
+            dose_fraction=args.dose,
+            full_dose_photons=args.full_dose_photons,
+            electronic_noise_std=args.electronic_noise,
+            reconstruction_filter=args.filter,
+            filter_cutoff=args.filter_cutoff,
+            geometry=geometry,
+            target_noise_std_hu=args.target_noise_hu,
+            reference_has_noise=not args.reference_noise_free,
+        )
+        pixel_size = (float(volume.spacing[1]), float(volume.spacing[0]))  # (row, column) = (y, x) in mm
+        noisy = noise.simulate_low_dose_ct(image, pixel_size, settings, seed=args.seed,
+                                           device=_resolve_device(args.device), progress=True)
+        suffix = f" [simulated {args.dose:.0%} dose]"
+    elif kind == "rician":
+        noisy = noise.add_rician_noise(image, args.noise_percent, seed=args.seed)
+        suffix = f" [Rician {args.noise_percent:g}%]"
+    elif kind == "gaussian":
+        noisy = noise.add_gaussian_noise(image, args.sigma, seed=args.seed)
+        suffix = f" [Gaussian sigma {args.sigma:g}]"
+    elif kind == "poisson":
+        noisy = noise.add_poisson_noise(image, args.peak, seed=args.seed)
+        suffix = f" [Poisson peak {args.peak:g}]"
+    else:
+        noisy = noise.add_speckle_noise(image, args.sigma, seed=args.seed)
+        suffix = f" [speckle {args.sigma:g}]"
+    return noisy, suffix
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    _check_output(args)
+    volume = _read_input(args)
+    start = time.perf_counter()
+    noisy, suffix = simulate_noise(volume, args)
+    log.info("simulated in %.1f s", time.perf_counter() - start)
+    _write_output(volume.with_array(noisy), args, suffix)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- denoise
+MODEL_DIR = APP_DIR / "model"
+ADL_MODEL = "adl"
+
+
+def _int_list(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise CommandError(f"{name} must be integers separated by commas, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise CommandError(f"{name} must be positive integers, got {text!r}")
+    return values
+
+
+def default_adl_weights(modality: str) -> list[Path]:
+    """Candidate weight files for ``modality``, best first: the published ``model/adl_<m>.pt``, then the
+    pretrained ``model/pretrained_adl_<m>.pt``."""
+    m = modality.lower()
+    return [MODEL_DIR / f"adl_{m}.pt", MODEL_DIR / f"pretrained_adl_{m}.pt"]
+
+
+def _adl_weights_for(args: argparse.Namespace, modality: str | None) -> Path:
+    if args.weights:
+        path = Path(args.weights).expanduser()
+        if not path.is_file():
+            raise CommandError(f"ADL weights {path} not found")
+        return path
+    if modality not in ("CT", "MR"):
+        raise CommandError(f"cannot tell whether {args.input} is CT or MR: give --modality ct|mr (or --weights)")
+    candidates = default_adl_weights(modality)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise CommandError(f"no ADL weights for {modality}: neither {candidates[0]} nor {candidates[1]} exists; "
+                       f"pass --weights PATH or train one with 'cli.py train --model adl'")
+
+
+def _denoise_adl(volume: Volume, args: argparse.Namespace, device: str) -> np.ndarray:
+    from lib.inference import denoise_array, load_denoiser
+
+    modality = volume.modality if volume.modality in ("CT", "MR") else None
+    path = _adl_weights_for(args, modality)
+    model = load_denoiser(path, device=device)
+    if modality is None:
+        log.info("modality of %s unknown: using the weights' modality %s", args.input, model.modality)
+        modality = model.modality
+    if model.modality != modality:
+        guessed = volume.metadata.get("modality_source") == "guessed"
+        hint = (f" (guessed from its values; add --modality {model.modality.lower()} if it is {model.modality})"
+                if guessed else "")
+        raise CommandError(f"the ADL weights {path.name} were trained for {model.modality} but the input is "
+                           f"{modality}{hint}")
+    roi = _int_list(args.roi_size, "--roi-size") if args.roi_size else None
+    log.info("ADL weights %s (%dD, %s)", path, model.spatial_dims, model.modality)
+    return denoise_array(model, volume.array, modality, device=device, roi_size=roi,
+                         overlap=0.25 if args.overlap is None else args.overlap,
+                         sw_batch_size=args.sw_batch_size, progress=True)
+
+
+def cmd_denoise(args: argparse.Namespace) -> int:
+    from lib.denoisers import denoise_classical
+
+    if args.model != ADL_MODEL:
+        given = [o for o, v in (("--weights", args.weights), ("--roi-size", args.roi_size), ("--overlap", args.overlap))
+                 if v is not None]
+        if given:
+            raise CommandError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to --model adl")
+    _check_output(args)
+    volume = _read_input(args)
+    device = _resolve_device(args.device)  # fail early on an unavailable GPU, before any work
+    if args.model == ADL_MODEL:
+        start = time.perf_counter()
+        denoised = _denoise_adl(volume, args, device)
+        log.info("denoised with adl in %.1f s", time.perf_counter() - start)
+        _write_output(volume.with_array(denoised), args, " [denoised adl]")
+        return 0
+    if volume.modality not in ("CT", "MR"):
+        raise CommandError(f"cannot tell whether {args.input} is CT or MR: give --modality ct|mr")
+    start = time.perf_counter()
+    denoised = denoise_classical(args.model, volume.array, modality=volume.modality, progress=True)
+    log.info("denoised with %s in %.1f s", args.model, time.perf_counter() - start)
+    _write_output(volume.with_array(denoised), args, f" [denoised {args.model}]")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- parser
+def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", "-i", required=True, help="DICOM series folder, or a .dcm/.nii/.nii.gz/.nrrd/.mha file")
+    parser.add_argument("--output", "-o", required=True,
+                        help="output file (.nii.gz, .nrrd, .mha) or a folder for a derived DICOM series (DICOM input only)")
+    parser.add_argument("--series-uid", help="SeriesInstanceUID to read when the input folder holds several series")
+    parser.add_argument("--modality", choices=MODALITY_CHOICES, default="auto",
+                        help="override the modality (default: from DICOM, else guessed from the values)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists (never the input)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", "-v", action="store_true", help="log details")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    sim = verbs.add_parser("simulate", help="simulate a noisy (e.g. low-dose) version of a volume",
+                           description="Simulate a noisy version of a volume. CT: low dose in the sinogram domain "
+                                       "(HU -> attenuation, parallel-beam projection, Poisson + electronic noise, FBP). "
+                                       "MR: Rician noise at a percentage of the maximum. Generic: Gaussian, Poisson, speckle.")
+    _add_io_arguments(sim)
+    sim.add_argument("--noise", choices=NOISE_KINDS, help="noise model (default: ct-lowdose for CT, rician for MR)")
+    sim.add_argument("--seed", type=int, default=0, help="random seed (same seed, same noise)")
+    ct = sim.add_argument_group("low-dose CT")
+    ct.add_argument("--dose", type=_dose_fraction, default=0.25, help="dose fraction of the input scan (default 0.25)")
+    ct.add_argument("--full-dose-photons", type=_positive_float, default=1e6,
+                    help="incident photons per detector bin at full dose (default 1e6)")
+    ct.add_argument("--target-noise-hu", type=_positive_float,
+                    help="calibrate the photon count per slice so the ADDED soft-tissue noise has this std (HU)")
+    ct.add_argument("--electronic-noise", type=float, default=10.0, help="electronic noise std in counts (default 10)")
+    ct.add_argument("--filter", choices=RECONSTRUCTION_FILTERS, default="hann", help="FBP reconstruction filter (default hann)")
+    ct.add_argument("--filter-cutoff", type=_positive_float, default=1.0, help="filter cut-off as a fraction of Nyquist")
+    ct.add_argument("--views", type=int, default=720, help="projections over 180 degrees (default 720)")
+    ct.add_argument("--detector-bin-mm", type=_positive_float, help="detector bin width in mm (default: the pixel size)")
+    ct.add_argument("--reference-noise-free", action="store_true",
+                    help="the input has no noise of its own (a phantom): add the full low-dose noise, not the difference")
+    mr = sim.add_argument_group("MR and generic noise")
+    mr.add_argument("--noise-percent", type=_positive_float, default=5.0, help="Rician sigma as %% of the maximum (default 5)")
+    mr.add_argument("--sigma", type=_positive_float, default=25.0, help="Gaussian std (image units) or speckle std (fraction)")
+    mr.add_argument("--peak", type=_positive_float, default=1000.0, help="Poisson: counts at the image maximum")
+    sim.set_defaults(func=cmd_simulate)
+
+    den = verbs.add_parser("denoise", help="denoise a volume",
+                           description="Denoise a CT or MR volume; the output keeps the input's geometry, CT stays in HU.")
+    _add_io_arguments(den)
+    den.add_argument("--model", default="bm3d", choices=("bm3d", "nlm", "gaussian", "bm4d", ADL_MODEL),
+                     help="denoising model (default bm3d)")
+    adl = den.add_argument_group("ADL")
+    adl.add_argument("--weights", help="ADL weight file (default by modality: model/adl_ct.pt or adl_mr.pt, "
+                                       "else model/pretrained_adl_ct.pt / pretrained_adl_mr.pt)")
+    adl.add_argument("--roi-size", help="sliding-window size, multiples of 8: N or N,N[,N] (default 512x512 for a "
+                                        "2D network, 96^3 for a 3D one)")
+    adl.add_argument("--overlap", type=_overlap, help="sliding-window overlap fraction in [0, 1) (default 0.25)")
+    adl.add_argument("--sw-batch-size", type=_positive_int, default=4, help="windows per forward pass (default 4)")
+    den.set_defaults(func=cmd_denoise)
+
+    _add_train_parser(verbs)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from lib.data import ADLPatchDataset, PairedFolderSource, SyntheticNoiseSource, check_not_heldout
+    from lib.training import ADLTrainingConfig, export_weights, scaling_rule_for, train_adl
+
+    rank = int(os.environ.get("RANK", "0"))
+    main_rank = rank == 0
+    output = Path(args.output).expanduser()
+    if output.suffix not in (".pt", ".pth"):
+        raise CommandError(f"--output must be a .pt weight file, got {args.output}")
+    if output.exists() and not args.overwrite and not args.resume:
+        raise CommandError(f"{args.output} already exists (add --overwrite to replace it)")
+    paired = args.noisy_dir is not None or args.clean_dir is not None
+    if paired and args.clean:
+        raise CommandError("give either --clean (synthetic noise) or --noisy-dir with --clean-dir (real pairs), not both")
+    if paired and (args.noisy_dir is None or args.clean_dir is None):
+        raise CommandError("--noisy-dir and --clean-dir go together")
+    if not paired and not args.clean:
+        raise CommandError("no training data: give --clean FILES_OR_FOLDERS or --noisy-dir D --clean-dir C")
+    if paired and args.noise not in (None, "auto"):
+        raise CommandError("--noise applies to --clean (synthetic noise) only; paired data bring their own noise")
+    modality = args.modality.upper()
+    device = _resolve_device(args.device)
+    filters = _int_list(args.filters, "--filters")
+    disc_filters = _int_list(args.disc_filters, "--disc-filters")
+    if len(filters) != 4 or len(disc_filters) != 4:
+        raise CommandError("--filters and --disc-filters take 4 channel counts, e.g. 96,128,160,192")
+    patch = _int_list(args.patch_size, "--patch-size")
+    patch_size: int | tuple[int, ...] = patch[0] if len(patch) == 1 else patch
+    if any(p % 8 for p in patch) or len(patch) not in (1, args.spatial_dims):
+        raise CommandError(f"--patch-size must be one or {args.spatial_dims} multiples of 8, got {args.patch_size}")
+    level_range = None
+    if args.noise_level:
+        try:
+            lo, hi = (float(v) for v in args.noise_level.split(","))
+        except ValueError:
+            raise CommandError(f"--noise-level must be MIN,MAX, got {args.noise_level!r}") from None
+        level_range = (lo, hi)
+
+    # every input is checked against the held-out benchmark split before anything is read
+    check_not_heldout([p for p in (args.clean or []) + (args.val or [])])
+    for path in (args.noisy_dir, args.clean_dir, args.val_noisy_dir, args.val_clean_dir):
+        if path is not None:
+            check_not_heldout(path)
+
+    if paired:
+        source = PairedFolderSource(args.noisy_dir, args.clean_dir, modality=modality)
+        noise_kind = "paired"
+    else:
+        source = SyntheticNoiseSource(args.clean, modality, args.noise or "auto", spatial_dims=args.spatial_dims,
+                                      realisations=args.realisations, noise_level_range=level_range,
+                                      cache_dir=args.noise_cache, regenerate_each_epoch=args.regenerate_noise,
+                                      seed=args.seed, device=_rank_device(device), progress=main_rank)
+        noise_kind = source.noise
+    dataset = ADLPatchDataset(source, args.spatial_dims, patch_size, samples_per_epoch=args.samples_per_epoch,
+                              seed=args.seed)
+    val_pairs = []
+    if args.val:
+        val_source = SyntheticNoiseSource(args.val, modality, "auto" if paired else (args.noise or "auto"),
+                                          spatial_dims=args.spatial_dims, noise_level_range=level_range,
+                                          seed=args.seed + 1, device=_rank_device(device), progress=main_rank,
+                                          build_pool=False)
+        val_pairs += val_source.validation_pairs()
+    if args.val_noisy_dir or args.val_clean_dir:
+        if not (args.val_noisy_dir and args.val_clean_dir):
+            raise CommandError("--val-noisy-dir and --val-clean-dir go together")
+        val_pairs += PairedFolderSource(args.val_noisy_dir, args.val_clean_dir, modality=modality).validation_pairs()
+
+    checkpoint_dir = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else \
+        output.with_name(output.stem + "_checkpoints")
+    config = ADLTrainingConfig(
+        modality=modality, spatial_dims=args.spatial_dims, filters=filters, disc_filters=disc_filters,
+        enhancer_filters=args.enhancer_filters, norm=args.norm, patch_size=patch_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, steps_g_warmup=args.steps_g_warmup, steps_d_warmup=args.steps_d_warmup,
+        steps_adversarial=args.steps_adversarial, lr_warmup=args.lr_warmup, lr_adversarial=args.lr_adversarial,
+        lr_step_size=args.lr_step, lr_gamma=args.lr_gamma, lambda_adversarial=args.lambda_adversarial,
+        amp=not args.no_amp, seed=args.seed, device=device, checkpoint_dir=str(checkpoint_dir),
+        checkpoint_every=args.checkpoint_every, validation_every=args.validation_every,
+    )
+    if main_rank:
+        print(f"training ADL ({args.spatial_dims}D, {modality}, {noise_kind} noise) on {len(source.volumes)} image(s), "
+              f"{config.total_steps} steps; checkpoints in {checkpoint_dir}", flush=True)
+    result = train_adl(config, dataset, val_pairs=val_pairs or None, resume=args.resume, progress=main_rank)
+    if not main_rank:
+        return 0
+    record = result.training_record()
+    record["data"] = {"noise": noise_kind, "images": [v.name for v in source.volumes],
+                      "patch_size": patch_size, "validation_images": [p.name for p in val_pairs]}
+    path = export_weights(result.generator, output, config, scaling_rule_for(modality), record)
+    if result.validation:
+        last = result.validation[-1]
+        print(f"validation PSNR {last['psnr']:.2f} dB (noisy input {last['psnr_noisy']:.2f} dB) at step {last['step']}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _rank_device(device: str) -> str:
+    """Under torchrun every process simulates on its own GPU (LOCAL_RANK)."""
+    import os
+
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if device == "cuda" else device
+
+
+def _add_train_parser(verbs) -> None:
+    tr = verbs.add_parser(
+        "train", help="train an ADL denoiser",
+        description="Train ADL (Efficient-UNet denoiser + discriminator; phases: denoiser warm-up, discriminator "
+                    "warm-up, adversarial) on clean images with noise synthesised by the physics (low-dose CT "
+                    "in the sinogram domain, MR Rician, generic noise), or on real noisy/clean pairs matched by "
+                    "file name. Writes a small fp16 weight file for 'denoise --model adl --weights'. Checkpoints "
+                    "allow --resume. Multi-GPU: torchrun --nproc_per_node=N cli.py train ...")
+    tr.add_argument("--model", choices=(ADL_MODEL,), default=ADL_MODEL, help="model to train (adl)")
+    tr.add_argument("--output", "-o", required=True, help="weight file to write (.pt)")
+    tr.add_argument("--modality", choices=("ct", "mr"), required=True, help="modality of the images")
+    data = tr.add_argument_group("data")
+    data.add_argument("--clean", nargs="+", metavar="PATH", help="clean images or folders (noise is synthesised)")
+    data.add_argument("--noisy-dir", help="folder of real noisy images (pairs matched by file name with --clean-dir)")
+    data.add_argument("--clean-dir", help="folder of the matching clean images")
+    data.add_argument("--noise", choices=("auto",) + NOISE_KINDS,
+                      help="synthetic noise (default auto: ct-lowdose for CT, rician for MR)")
+    data.add_argument("--noise-level", metavar="MIN,MAX",
+                      help="range of the pixel-domain noise level: rician/gaussian(MR) %% of max, gaussian(CT) HU, "
+                           "poisson counts, speckle relative std")
+    data.add_argument("--realisations", type=_positive_int, default=2,
+                      help="low-dose CT: noisy realisations per clean slice in the pool (default 2)")
+    data.add_argument("--noise-cache", help="low-dose CT: folder caching simulated slices as .npy")
+    data.add_argument("--regenerate-noise", action="store_true", help="low-dose CT: new noise pool every epoch")
+    data.add_argument("--samples-per-epoch", type=_positive_int, default=2000, help="patches per epoch (default 2000)")
+    data.add_argument("--val", nargs="+", metavar="PATH", help="clean validation images (fixed synthetic noise)")
+    data.add_argument("--val-noisy-dir", help="folder of real noisy validation images")
+    data.add_argument("--val-clean-dir", help="folder of the matching clean validation images")
+    net = tr.add_argument_group("network and optimisation")
+    net.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2, help="2D (slices) or 3D network (default 2)")
+    net.add_argument("--patch-size", default="96", help="patch size, multiple(s) of 8: N or N,N[,N] (default 96)")
+    net.add_argument("--batch-size", type=_positive_int, default=4, help="patches per step and process (default 4)")
+    net.add_argument("--filters", default="96,128,160,192", help="denoiser filters (default 96,128,160,192)")
+    net.add_argument("--disc-filters", default="16,32,64,128", help="discriminator filters (default 16,32,64,128)")
+    net.add_argument("--enhancer-filters", type=_positive_int, default=48, help="content-enhancer filters (default 48)")
+    net.add_argument("--norm", choices=("batch", "instance"), default="batch", help="normalisation layers (default batch)")
+    net.add_argument("--steps-g-warmup", type=_non_negative_int, default=2000, help="denoiser warm-up steps (2000)")
+    net.add_argument("--steps-d-warmup", type=_non_negative_int, default=500, help="discriminator warm-up steps (500)")
+    net.add_argument("--steps-adversarial", type=_non_negative_int, default=4000, help="adversarial steps (4000)")
+    net.add_argument("--lr-warmup", type=_positive_float, default=1e-4, help="learning rate of the warm-ups (1e-4)")
+    net.add_argument("--lr-adversarial", type=_positive_float, default=5e-5, help="adversarial learning rate (5e-5)")
+    net.add_argument("--lr-step", type=_positive_int, default=2000, help="StepLR step size in steps (2000)")
+    net.add_argument("--lr-gamma", type=_positive_float, default=0.5, help="StepLR decay factor (0.5)")
+    net.add_argument("--lambda-adversarial", type=float, default=0.01, help="weight of the adversarial term (0.01)")
+    net.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    run = tr.add_argument_group("run")
+    run.add_argument("--resume", help="checkpoint file or folder to continue from")
+    run.add_argument("--checkpoint-dir", help="checkpoint folder (default: <output stem>_checkpoints next to --output)")
+    run.add_argument("--checkpoint-every", type=_non_negative_int, default=500, help="steps between checkpoints (500)")
+    run.add_argument("--validation-every", type=_non_negative_int, default=500,
+                     help="steps between validations (500; 0: only at the end)")
+    run.add_argument("--num-workers", type=_non_negative_int, default=0, help="data loader workers (default 0)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
+    run.add_argument("--seed", type=int, default=0, help="random seed")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    tr.set_defaults(func=cmd_train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (CommandError, ImageReadError, ImageWriteError, ValueError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

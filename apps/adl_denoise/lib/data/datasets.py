@@ -1,0 +1,723 @@
+"""Training data for the ADL denoiser: noisy/clean volumes, synthetic noise, and patches.
+
+Two sources of (noisy, clean) volumes:
+
+* :class:`PairedFolderSource` - real pairs (e.g. low-dose / normal-dose scans) in two folders, matched by
+  file-name stem.
+* :class:`SyntheticNoiseSource` - clean images only; the noise is synthesised by the physics in
+  :mod:`lib.noise` at randomly drawn levels: low-dose CT in the sinogram domain (dose, reconstruction filter,
+  cut-off, view count and detector bin drawn per slice over wide ranges), Rician MR noise, or generic
+  Gaussian / Poisson / speckle noise. Low-dose CT costs ~2 s per 512x512 slice on a CPU, so it is generated
+  per whole slice into a POOL of ``realisations`` noisy versions per clean slice (optionally regenerated each
+  epoch and cached as .npy files keyed by a hash of the seed, the settings and the slice content); the cheap
+  pixel-domain noises are drawn on the fly for every patch.
+
+:class:`ADLPatchDataset` (a map-style torch ``Dataset``) draws patches from a source with MONAI dictionary
+transforms (``RandSpatialCropd``, ``RandFlipd``, ``RandRotate90d``, applied identically to noisy and clean),
+normalised to [0, 1] by :func:`lib.data.intensity_scaling_for` (one scaling per volume for noisy and clean,
+derived from the CLEAN volume), skipping patches that are almost all air / background. Sample ``i`` depends
+only on ``(seed, i)`` and the source's current epoch, so training is reproducible and resumable without any
+sampler state, and ranks of a multi-GPU run draw disjoint sample ids.
+
+Every input path is checked against the held-out benchmark split (``bench/heldout.py``) when that module is
+importable.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..imaging import READ_SUFFIXES, read_volume
+from .intensity import CT_RANGE_HU, MR_HEADROOM, IntensityScaling, intensity_scaling_for
+
+__all__ = [
+    "NOISE_KINDS",
+    "ADLPatchDataset",
+    "PairedFolderSource",
+    "SyntheticNoiseSource",
+    "TrainingVolume",
+    "ValidationPair",
+    "check_not_heldout",
+    "discover_images",
+    "image_stem",
+    "list_folder_images",
+]
+
+log = logging.getLogger(__name__)
+
+NOISE_KINDS = ("auto", "ct-lowdose", "rician", "gaussian", "poisson", "speckle")
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_CACHE_VERSION = 1
+
+#: Default noise-level ranges per noise kind (and modality where the unit differs). See SyntheticNoiseSource.
+DEFAULT_NOISE_LEVELS: dict[str, tuple[float, float]] = {
+    "rician": (1.0, 9.0),  # sigma in % of the volume maximum (BrainWeb convention)
+    "gaussian-CT": (5.0, 50.0),  # sigma in HU
+    "gaussian": (1.0, 9.0),  # sigma in % of the volume maximum
+    "poisson": (50.0, 2000.0),  # counts at the image maximum (log-uniform)
+    "speckle": (0.02, 0.15),  # relative std
+}
+#: Foreground (non-air) limit used to reject background patches: CT in HU; MR as a fraction of the
+#: robust maximum (the 99.5th percentile).
+CT_FOREGROUND_HU = -800.0
+MR_FOREGROUND_FRACTION = 0.05
+
+
+# ----------------------------------------------------------------------------------------------- held-out guard
+def check_not_heldout(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> None:
+    """``bench.heldout.assert_not_heldout(paths)`` when importable (ValueError on a held-out file), else nothing.
+
+    The repository root (four levels above this file) is appended to ``sys.path`` for the import; when the
+    app is deployed without the ``bench`` package the guard is skipped.
+    """
+    repo_root = str(Path(__file__).resolve().parents[4])
+    if repo_root not in sys.path:
+        sys.path.append(repo_root)
+    try:
+        from bench.heldout import assert_not_heldout
+    except ImportError:  # pragma: no cover - deployment without the benchmark package
+        log.debug("bench.heldout not importable: held-out guard skipped")
+        return
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        paths = [paths]
+    assert_not_heldout([os.fspath(p) for p in paths])
+
+
+# ----------------------------------------------------------------------------------------------- file discovery
+def image_stem(path: str | os.PathLike) -> str:
+    """Name without the image suffix (``a.nii.gz`` -> ``a``, ``b.dcm`` -> ``b``); a folder keeps its name."""
+    p = Path(path)
+    name = p.name
+    if p.is_dir():
+        return name
+    lower = name.lower()
+    for suffix in sorted(READ_SUFFIXES + _DICOM_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_image_file(path: Path) -> bool:
+    if path.name.startswith("."):
+        return False
+    lower = path.name.lower()
+    if lower.endswith(READ_SUFFIXES) or lower.endswith(_DICOM_SUFFIXES):
+        return True
+    return "." not in path.name and _has_dicom_magic(path)
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    return any(f.is_file() and _is_image_file(f) and not f.name.lower().endswith(READ_SUFFIXES) for f in path.iterdir())
+
+
+def list_folder_images(folder: str | os.PathLike) -> list[Path]:
+    """The images directly in ``folder``: image files (NIfTI, NRRD, MHA, DICOM files) and subfolders that hold
+    DICOM files (one series each), sorted by name."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder")
+    items = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and _is_image_file(entry):
+            items.append(entry)
+        elif entry.is_dir() and not entry.name.startswith(".") and _is_dicom_folder(entry):
+            items.append(entry)
+    return items
+
+
+def discover_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into a list of images.
+
+    A file is one image. A folder holding only DICOM files (no other images, no series subfolders) is one
+    DICOM series; any other folder contributes its images (:func:`list_folder_images`). Raises ValueError for
+    a missing path or when nothing is found.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if not p.exists():
+            raise ValueError(f"{p}: no such file or folder")
+        if p.is_file():
+            found.append(p)
+            continue
+        children = list_folder_images(p)
+        dicom_files = [c for c in children if c.is_file() and not c.name.lower().endswith(READ_SUFFIXES)]
+        if children and len(dicom_files) == len(children):
+            found.append(p)  # the folder is a DICOM series
+        else:
+            found.extend(children)
+    if not found:
+        raise ValueError(f"no image files found in {', '.join(os.fspath(i) for i in inputs) or '(nothing given)'}")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- volumes
+@dataclass
+class TrainingVolume:
+    """One training image held in memory.
+
+    Attributes:
+        name: file-name stem.
+        clean: clean image in the modality's units (CT in HU), float32 (Z, H, W) (a 2D image has Z = 1).
+        noisy: matching noisy image (paired data) or None (synthetic noise).
+        modality: "CT" or "MR" (or "OT", scaled like MR).
+        spacing: voxel size in mm, (x, y, z) order.
+        scaling: intensity scaling of noisy and clean, from the clean image.
+        path: where the clean image was read from.
+        usable_slices: indices of slices with enough foreground to draw 2D patches from.
+    """
+
+    name: str
+    clean: np.ndarray
+    noisy: np.ndarray | None
+    modality: str
+    spacing: tuple[float, float, float]
+    scaling: IntensityScaling
+    path: Path | None = None
+    usable_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def pixel_size_mm(self) -> tuple[float, float]:
+        """In-plane (row, column) = (y, x) pixel size."""
+        return float(self.spacing[1]), float(self.spacing[0])
+
+
+@dataclass
+class ValidationPair:
+    """A full noisy / clean image (modality units, (H, W) or (Z, H, W)) for validation."""
+
+    name: str
+    noisy: np.ndarray
+    clean: np.ndarray
+    modality: str
+
+
+def foreground_threshold(scaling: IntensityScaling) -> float:
+    """Normalised value above which a voxel counts as foreground (not air / background)."""
+    if scaling.modality == "CT":
+        return float((CT_FOREGROUND_HU - scaling.offset) / scaling.scale)
+    return MR_FOREGROUND_FRACTION / MR_HEADROOM
+
+
+def _resolve_modality(modality: str | None, read_modality: str, path: Path) -> str:
+    if modality is not None:
+        m = modality.upper()
+        if m not in ("CT", "MR", "OT"):
+            raise ValueError(f"modality must be CT or MR, got {modality!r}")
+        return m
+    if read_modality in ("CT", "MR"):
+        return read_modality
+    raise ValueError(f"cannot tell whether {path} is CT or MR: give the modality")
+
+
+def _load_volume(path: Path, modality: str | None) -> tuple[np.ndarray, str, tuple[float, float, float]]:
+    volume = read_volume(path, modality=None if modality is None else modality.upper())
+    mod = _resolve_modality(modality, volume.modality, path)
+    array = volume.array.astype(np.float32)
+    spacing = tuple(float(s) for s in volume.spacing)
+    if array.ndim == 2:
+        array = array[None]
+        spacing = spacing + (1.0,)
+    if volume.is_constant:
+        raise ValueError(f"{path} holds a constant image: nothing to learn from")
+    return np.ascontiguousarray(array), mod, spacing  # type: ignore[return-value]
+
+
+def _usable_slices(clean: np.ndarray, scaling: IntensityScaling, min_fraction: float = 0.02) -> np.ndarray:
+    threshold = foreground_threshold(scaling)
+    fractions = np.array([(scaling.normalise(s) > threshold).mean() for s in clean])
+    usable = np.nonzero(fractions >= min_fraction)[0]
+    return usable if usable.size else np.arange(clean.shape[0])
+
+
+def _check_same_modality(volumes: Sequence[TrainingVolume]) -> str:
+    modalities = sorted({v.modality for v in volumes})
+    if len(modalities) > 1:
+        names = ", ".join(f"{v.name} ({v.modality})" for v in volumes)
+        raise ValueError(f"training images mix modalities {modalities}: one model per modality ({names})")
+    return modalities[0]
+
+
+class PairedFolderSource:
+    """Real noisy / clean pairs from two folders, matched by file-name stem.
+
+    Each folder holds images in any format :func:`lib.imaging.read_volume` reads (NIfTI, NRRD, MHA, single
+    DICOM files) and/or DICOM series as subfolders. ``noisy/case1.nii.gz`` pairs with ``clean/case1.nrrd``;
+    a series folder ``noisy/case2/`` with ``clean/case2/``. Every name must have a partner and both images of
+    a pair the same shape (ValueError listing what is wrong otherwise).
+
+    Args:
+        noisy_dir, clean_dir: the two folders.
+        modality: "CT" or "MR"; None takes it from the files (DICOM tag, else guessed from the values).
+        load: read the images now (default); ``volumes`` is empty until :meth:`load` otherwise.
+    """
+
+    def __init__(self, noisy_dir: str | os.PathLike, clean_dir: str | os.PathLike, modality: str | None = None,
+                 load: bool = True) -> None:
+        self.noisy_dir, self.clean_dir = Path(noisy_dir).expanduser(), Path(clean_dir).expanduser()
+        for folder, what in ((self.noisy_dir, "noisy"), (self.clean_dir, "clean")):
+            if not folder.is_dir():
+                raise ValueError(f"{what} folder {folder} does not exist or is not a folder")
+        check_not_heldout([self.noisy_dir, self.clean_dir])
+        noisy = self._by_stem(self.noisy_dir)
+        clean = self._by_stem(self.clean_dir)
+        if not noisy:
+            raise ValueError(f"no images in the noisy folder {self.noisy_dir}")
+        if not clean:
+            raise ValueError(f"no images in the clean folder {self.clean_dir}")
+        only_noisy, only_clean = sorted(set(noisy) - set(clean)), sorted(set(clean) - set(noisy))
+        if only_noisy or only_clean:
+            parts = []
+            if only_noisy:
+                parts.append(f"noisy only: {', '.join(only_noisy)}")
+            if only_clean:
+                parts.append(f"clean only: {', '.join(only_clean)}")
+            raise ValueError(f"unmatched noisy/clean names ({'; '.join(parts)}); pairs are matched by file-name stem")
+        self.pairs: list[tuple[str, Path, Path]] = [(n, noisy[n], clean[n]) for n in sorted(noisy)]
+        check_not_heldout([p for _, a, b in self.pairs for p in (a, b)])
+        self.modality = None if modality is None else modality.upper()
+        self.volumes: list[TrainingVolume] = []
+        if load:
+            self.load()
+
+    @staticmethod
+    def _by_stem(folder: Path) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for path in list_folder_images(folder):
+            stem = image_stem(path)
+            if stem in out:
+                raise ValueError(f"two images in {folder} share the name {stem!r}: {out[stem].name}, {path.name}")
+            out[stem] = path
+        return out
+
+    def load(self) -> list[TrainingVolume]:
+        volumes = []
+        for name, noisy_path, clean_path in self.pairs:
+            clean, modality, spacing = _load_volume(clean_path, self.modality)
+            noisy, _, _ = _load_volume(noisy_path, modality)
+            if noisy.shape != clean.shape:
+                raise ValueError(f"pair {name!r}: noisy {noisy_path.name} has shape {noisy.shape[-3:]} but clean "
+                                 f"{clean_path.name} has {clean.shape}")
+            scaling = intensity_scaling_for(clean, modality)
+            volumes.append(TrainingVolume(name, clean, noisy, modality, spacing, scaling, clean_path,
+                                          _usable_slices(clean, scaling)))
+        self.modality = _check_same_modality(volumes)
+        self.volumes = volumes
+        return volumes
+
+    # --- the interface ADLPatchDataset uses
+    def noisy_volume(self, index: int) -> np.ndarray | None:
+        return self.volumes[index].noisy
+
+    def set_epoch(self, epoch: int) -> None:  # nothing to regenerate for real pairs
+        return None
+
+    @property
+    def noise_on_the_fly(self) -> bool:
+        return False
+
+    def validation_pairs(self) -> list[ValidationPair]:
+        """Every pair as a full-image :class:`ValidationPair` (2D images as (H, W))."""
+        return [ValidationPair(v.name, _squeeze(v.noisy), _squeeze(v.clean), v.modality) for v in self.volumes]
+
+
+def _squeeze(array: np.ndarray) -> np.ndarray:
+    return array[0] if array.ndim == 3 and array.shape[0] == 1 else array
+
+
+class SyntheticNoiseSource:
+    """Clean images with noise synthesised by the physics of :mod:`lib.noise`.
+
+    Args:
+        clean_paths: image files / folders (see :func:`discover_images`).
+        modality: "CT" or "MR".
+        noise: ``"auto"`` (CT -> ``"ct-lowdose"``, MR -> ``"rician"``), ``"ct-lowdose"``, ``"rician"``,
+            ``"gaussian"``, ``"poisson"`` or ``"speckle"``.
+        spatial_dims: 2 (2D patches from slices; low-dose CT settings drawn per slice) or 3 (3D patches; one
+            setting per volume and realisation, as a real scan has one dose and one kernel).
+        realisations: low-dose CT only: noisy versions per clean slice (or volume) in the pool.
+        noise_level_range: (min, max) of the pixel-domain noise level, drawn uniformly (Poisson:
+            log-uniformly) per patch. Units: rician and gaussian (MR) - sigma in % of the volume maximum
+            (default 1-9 %); gaussian (CT) - sigma in HU (default 5-50); poisson - counts at the maximum
+            (default 50-2000); speckle - relative std (default 0.02-0.15).
+        ct_settings: keyword arguments of :func:`lib.noise.sample_low_dose_settings` (e.g. ``dose_range``,
+            ``noise_std_range_hu``, ``filters``); its wide defaults apply otherwise. The detector bin is drawn
+            relative to each image's own pixel size.
+        cache_dir: low-dose CT only: keep each simulated slice as ``.npy`` here, keyed by a hash of the seed,
+            epoch, realisation, settings and the clean slice's content; reused across runs.
+        regenerate_each_epoch: low-dose CT only: a new pool (new settings and noise) each epoch
+            (:meth:`set_epoch`); otherwise the pool of epoch 0 serves the whole run.
+        seed: root seed of the noise.
+        device: torch device of the CT projector (a GPU makes the simulation much faster).
+        progress: tqdm progress bar while the pool is simulated.
+        build_pool: simulate the low-dose CT pool now (default); False defers it to the first
+            :meth:`set_epoch` (e.g. a source used only for :meth:`validation_pairs`).
+    """
+
+    def __init__(
+        self,
+        clean_paths: str | os.PathLike | Sequence[str | os.PathLike],
+        modality: str,
+        noise: str = "auto",
+        *,
+        spatial_dims: int = 2,
+        realisations: int = 2,
+        noise_level_range: tuple[float, float] | None = None,
+        ct_settings: dict | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        regenerate_each_epoch: bool = False,
+        seed: int = 0,
+        device: str = "cpu",
+        progress: bool = True,
+        build_pool: bool = True,
+    ) -> None:
+        if modality is None or modality.upper() not in ("CT", "MR"):
+            raise ValueError(f"modality must be CT or MR, got {modality!r}")
+        self.modality = modality.upper()
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"unknown noise {noise!r}; choose from {', '.join(NOISE_KINDS)}")
+        self.noise = {"CT": "ct-lowdose", "MR": "rician"}[self.modality] if noise == "auto" else noise
+        if self.noise == "ct-lowdose" and self.modality != "CT":
+            raise ValueError("ct-lowdose noise needs CT images in HU")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if int(realisations) < 1:
+            raise ValueError(f"realisations must be >= 1, got {realisations}")
+        self.spatial_dims = spatial_dims
+        self.realisations = int(realisations)
+        key = f"gaussian-{self.modality}" if self.noise == "gaussian" and self.modality == "CT" else self.noise
+        self.noise_level_range = tuple(float(v) for v in (noise_level_range or DEFAULT_NOISE_LEVELS.get(key, (0, 0))))
+        if self.noise != "ct-lowdose" and not (0 <= self.noise_level_range[0] <= self.noise_level_range[1]):
+            raise ValueError(f"noise_level_range must be (min, max) with 0 <= min <= max, got {noise_level_range}")
+        self.ct_settings = dict(ct_settings or {})
+        self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
+        self.regenerate_each_epoch = bool(regenerate_each_epoch)
+        self.seed = int(seed)
+        self.device = device
+        self.progress = progress
+
+        self.paths = discover_images(clean_paths)
+        check_not_heldout(self.paths)
+        volumes = []
+        for path in self.paths:
+            clean, modality_read, spacing = _load_volume(path, self.modality)
+            scaling = intensity_scaling_for(clean, self.modality)
+            volumes.append(TrainingVolume(image_stem(path), clean, None, self.modality, spacing, scaling, path,
+                                          _usable_slices(clean, scaling)))
+        self.volumes = volumes
+        self.epoch: int | None = None
+        self._pool: list[np.ndarray] = []  # per volume: (realisations, Z, H, W) noisy, modality units
+        if self.noise == "ct-lowdose" and build_pool:
+            self.set_epoch(0)
+
+    # --- the interface ADLPatchDataset uses
+    @property
+    def noise_on_the_fly(self) -> bool:
+        return self.noise != "ct-lowdose"
+
+    def noisy_volume(self, index: int, realisation: int = 0) -> np.ndarray | None:
+        """The pooled noisy volume (low-dose CT) or None (noise made per patch)."""
+        if self.noise != "ct-lowdose":
+            return None
+        if not self._pool:
+            self.set_epoch(0)
+        return self._pool[index][realisation]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Low-dose CT: make (or read from the cache) the pool of this epoch; a no-op for on-the-fly noise,
+        and for later epochs unless ``regenerate_each_epoch``."""
+        if self.noise != "ct-lowdose":
+            return
+        epoch = int(epoch) if self.regenerate_each_epoch else 0
+        if self.epoch == epoch and self._pool:
+            return
+        self._pool = self._simulate_pool(epoch)
+        self.epoch = epoch
+
+    def add_noise(self, volume_index: int, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Pixel-domain noise on a clean patch (modality units) at a level drawn from ``noise_level_range``."""
+        from .. import noise as physics
+
+        vol = self.volumes[volume_index]
+        lo, hi = self.noise_level_range
+        if self.noise == "poisson":
+            level = float(math.exp(rng.uniform(math.log(max(lo, 1e-6)), math.log(max(hi, 1e-6)))))
+        else:
+            level = float(rng.uniform(lo, hi))
+        vmax = float(vol.clean.max())
+        if self.noise == "rician":
+            return physics.add_rician_noise(np.maximum(clean, 0.0), level, seed=rng, reference_max=max(vmax, 0.0))
+        if self.noise == "gaussian":
+            sigma = level if self.modality == "CT" else level / 100.0 * max(vmax, 1e-6)
+            return physics.add_gaussian_noise(clean, sigma, seed=rng)
+        if self.noise == "speckle":
+            return physics.add_speckle_noise(clean, level, seed=rng)
+        # Poisson: counts need a non-negative image, CT is shifted so that -1024 HU is zero counts
+        shift = -CT_RANGE_HU[0] if self.modality == "CT" else max(0.0, -float(vol.clean.min()))
+        # scale so that the VOLUME maximum gets `level` counts (the patch's own maximum would vary per patch)
+        scale = level / max(vmax + shift, 1e-6)
+        counts = rng.poisson(np.maximum(clean + shift, 0.0).astype(np.float64) * scale)
+        return (counts / scale - shift).astype(np.float32)
+
+    # --- the low-dose CT pool
+    def _simulate_pool(self, epoch: int) -> list[np.ndarray]:
+        from tqdm.auto import tqdm
+
+        jobs = []  # (volume index, realisation, slice index or None for the whole volume)
+        for v, vol in enumerate(self.volumes):
+            for r in range(self.realisations):
+                if self.spatial_dims == 2:
+                    jobs += [(v, r, int(z)) for z in vol.usable_slices]
+                else:
+                    jobs.append((v, r, None))
+        pool = [np.repeat(vol.clean[None], self.realisations, axis=0) for vol in self.volumes]
+        bar = tqdm(jobs, desc=f"low-dose CT pool (epoch {epoch})", unit="job", disable=not self.progress,
+                   dynamic_ncols=True)
+        for v, r, z in bar:
+            vol = self.volumes[v]
+            if z is None:
+                pool[v][r] = self._simulate(vol, vol.clean, epoch, v, r, None)
+            else:
+                pool[v][r][z] = self._simulate(vol, vol.clean[z], epoch, v, r, z)
+        return pool
+
+    def _simulate(self, vol: TrainingVolume, clean: np.ndarray, epoch: int, v: int, r: int, z: int | None) -> np.ndarray:
+        from .. import noise as physics
+
+        z_key = 2**31 - 1 if z is None else z
+        entropy = [self.seed, epoch, v, r, z_key]
+        settings = physics.sample_low_dose_settings(
+            np.random.default_rng(np.random.SeedSequence(entropy + [0])),
+            pixel_size_mm=float(np.sqrt(vol.pixel_size_mm[0] * vol.pixel_size_mm[1])),
+            **self.ct_settings,
+        )
+        noise_seed = np.random.SeedSequence(entropy + [1])
+        cache_path = None
+        if self.cache_dir is not None:
+            digest = hashlib.sha1(np.ascontiguousarray(clean).tobytes()).hexdigest()
+            key = json.dumps({"v": _CACHE_VERSION, "entropy": entropy, "clean": digest, "shape": clean.shape,
+                              "pixel": vol.pixel_size_mm, "settings": _settings_dict(settings)},
+                             sort_keys=True, default=str)
+            name = hashlib.sha1(key.encode()).hexdigest()[:20]
+            cache_path = self.cache_dir / f"ldct_{name}.npy"
+            if cache_path.is_file():
+                try:
+                    cached = np.load(cache_path)
+                    if cached.shape == clean.shape:
+                        return cached.astype(np.float32)
+                except (OSError, ValueError):
+                    log.warning("unreadable cache file %s: simulating again", cache_path)
+        noisy = physics.simulate_low_dose_ct(_squeeze(clean), vol.pixel_size_mm, settings, seed=noise_seed,
+                                             device=self.device)
+        noisy = np.asarray(noisy, dtype=np.float32).reshape(clean.shape)
+        if cache_path is not None:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_name(f".{cache_path.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, noisy)
+            os.replace(tmp, cache_path)
+        return noisy
+
+    # --- validation
+    def validation_pairs(self, seed: int | None = None) -> list[ValidationPair]:
+        """One fixed noisy realisation of every whole image (deterministic for ``seed``; default the source's
+        seed + 1_000_003, a stream the training pool never uses). Low-dose CT: one setting per image."""
+        from .. import noise as physics
+
+        seed = self.seed + 1_000_003 if seed is None else int(seed)
+        pairs = []
+        for v, vol in enumerate(self.volumes):
+            rng = np.random.default_rng([seed, v])
+            if self.noise == "ct-lowdose":
+                settings = physics.sample_low_dose_settings(
+                    rng, pixel_size_mm=float(np.sqrt(vol.pixel_size_mm[0] * vol.pixel_size_mm[1])), **self.ct_settings)
+                noisy = physics.simulate_low_dose_ct(_squeeze(vol.clean), vol.pixel_size_mm, settings,
+                                                     seed=[seed, v, 1], device=self.device, progress=self.progress)
+            else:
+                noisy = self.add_noise(v, vol.clean, rng)
+            pairs.append(ValidationPair(vol.name, _squeeze(np.asarray(noisy, np.float32)), _squeeze(vol.clean),
+                                        self.modality))
+        return pairs
+
+
+def _settings_dict(settings) -> dict:
+    d = asdict(settings)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------------------- patches
+def _as_patch_size(patch_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    size = (int(patch_size),) * spatial_dims if isinstance(patch_size, (int, np.integer)) else tuple(int(s) for s in patch_size)
+    if len(size) != spatial_dims:
+        raise ValueError(f"patch size {patch_size} does not have {spatial_dims} dimensions")
+    if any(s <= 0 or s % 8 for s in size):
+        raise ValueError(f"patch size {size} must be positive multiples of 8 (the network down-samples three times)")
+    return size
+
+
+def _pad_to(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Reflect-pad the trailing spatial dims of (C, *spatial) up to at least ``size``."""
+    spatial = array.shape[1:]
+    if all(s >= t for s, t in zip(spatial, size)):
+        return array
+    pad = [(0, 0)] + [((max(t - s, 0)) // 2, max(t - s, 0) - max(t - s, 0) // 2) for s, t in zip(spatial, size)]
+    mode = "reflect" if all(s > 1 for s in spatial) else "edge"
+    return np.pad(array, pad, mode=mode)
+
+
+class ADLPatchDataset(Dataset):
+    """Noisy / clean training patches from a :class:`PairedFolderSource` or :class:`SyntheticNoiseSource`.
+
+    Item ``i`` is a dict ``{"noisy": (1, *patch), "clean": (1, *patch)}`` of float32 tensors in [0, 1]
+    (:func:`lib.data.intensity_scaling_for` of the clean volume, applied to both). It depends only on
+    ``(seed, i)`` and the source's epoch: ``__getitem__`` accepts ANY non-negative index (``len`` is only the
+    nominal epoch length, ``samples_per_epoch``), so a trainer can address samples by a global counter and
+    resume exactly.
+
+    Sampling: a volume with probability proportional to its number of usable (not all-air) slices; in 2D a
+    slice of it; a low-dose CT realisation from the pool; then MONAI ``RandSpatialCropd`` (same crop of noisy
+    and clean), re-drawn up to ``max_tries`` times while less than ``min_foreground`` of the clean patch is
+    foreground (CT above -800 HU, MR above 5 % of the robust maximum; the best try is kept); pixel-domain
+    noise on the clean patch where the source makes noise on the fly; with ``augment``, ``RandFlipd`` on every
+    axis and ``RandRotate90d`` in-plane, identically for both keys. Images smaller than the patch are reflect-
+    padded.
+
+    Args:
+        source: the volumes.
+        spatial_dims: 2 (patches from slices) or 3 (patches from volumes).
+        patch_size: int or per-axis sizes, multiples of 8 (3D: (Z, H, W)).
+        samples_per_epoch: nominal length; also the epoch length over which a trainer regenerates the
+            low-dose CT pool (:meth:`set_epoch`).
+        seed: sampling seed.
+        augment: random flips and 90-degree rotations.
+        min_foreground: minimum foreground fraction of a patch.
+        max_tries: crop attempts per sample.
+    """
+
+    index_deterministic = True  # items depend on (seed, index) only: trainers may use global sample ids
+
+    def __init__(
+        self,
+        source: PairedFolderSource | SyntheticNoiseSource,
+        spatial_dims: int = 2,
+        patch_size: int | Sequence[int] = 96,
+        samples_per_epoch: int = 2000,
+        seed: int = 0,
+        augment: bool = True,
+        min_foreground: float = 0.2,
+        max_tries: int = 10,
+    ) -> None:
+        from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd
+
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if not source.volumes:
+            raise ValueError("the training source holds no images")
+        self.source = source
+        self.spatial_dims = spatial_dims
+        self.patch_size = _as_patch_size(patch_size, spatial_dims)
+        self.samples_per_epoch = int(samples_per_epoch)
+        if self.samples_per_epoch < 1:
+            raise ValueError("samples_per_epoch must be >= 1")
+        self.seed = int(seed)
+        self.augment = bool(augment)
+        self.min_foreground = float(min_foreground)
+        self.max_tries = max(1, int(max_tries))
+        self.modality = source.modality
+        if spatial_dims == 3:
+            too_thin = [v.name for v in source.volumes if v.clean.shape[0] < 2]
+            if too_thin:
+                raise ValueError(f"3D training needs volumes, but {', '.join(too_thin)} are single 2D slices")
+        weights = np.array([len(v.usable_slices) for v in source.volumes], dtype=np.float64)
+        self._volume_p = weights / weights.sum()
+        self._has_noisy = not source.noise_on_the_fly
+        keys = ["noisy", "clean"]
+        self._crop_both = RandSpatialCropd(keys=keys, roi_size=self.patch_size, random_size=False)
+        self._crop_clean = RandSpatialCropd(keys=["clean"], roi_size=self.patch_size, random_size=False)
+        augment_transforms = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
+        inplane = (0, 1) if spatial_dims == 2 else (1, 2)
+        augment_transforms.append(RandRotate90d(keys=keys, prob=0.75, max_k=3, spatial_axes=inplane))
+        self._augment = Compose(augment_transforms)
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to the source (regenerates the low-dose CT pool when configured to)."""
+        self.source.set_epoch(epoch)
+
+    def _draw_window(self, rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray | None]:
+        v = int(rng.choice(len(self.source.volumes), p=self._volume_p))
+        vol = self.source.volumes[v]
+        noisy_full = None
+        if self._has_noisy:
+            if isinstance(self.source, SyntheticNoiseSource):
+                noisy_full = self.source.noisy_volume(v, int(rng.integers(self.source.realisations)))
+            else:
+                noisy_full = self.source.noisy_volume(v)
+        if self.spatial_dims == 2:
+            z = int(rng.choice(vol.usable_slices))
+            clean = vol.clean[z][None]
+            noisy = None if noisy_full is None else noisy_full[z][None]
+        else:
+            clean = vol.clean[None]
+            noisy = None if noisy_full is None else noisy_full[None]
+        return v, clean, noisy
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = int(index)
+        if index < 0:
+            raise IndexError(f"sample index must be >= 0, got {index}")
+        rng = np.random.default_rng([self.seed, index])
+        v, clean, noisy = self._draw_window(rng)
+        vol = self.source.volumes[v]
+        scaling = vol.scaling
+        threshold = foreground_threshold(scaling)
+        clean = _pad_to(clean, self.patch_size)
+        data = {"clean": clean} if noisy is None else {"clean": clean, "noisy": _pad_to(noisy, self.patch_size)}
+        crop = self._crop_clean if noisy is None else self._crop_both
+
+        best, best_fraction = None, -1.0
+        for _ in range(self.max_tries):
+            crop.set_random_state(seed=int(rng.integers(2**31 - 1)))
+            patch = {k: np.asarray(_to_numpy(t), dtype=np.float32) for k, t in crop(dict(data)).items()}
+            fraction = float((scaling.normalise(patch["clean"]) > threshold).mean())
+            if fraction > best_fraction:
+                best, best_fraction = patch, fraction
+            if fraction >= self.min_foreground:
+                break
+        assert best is not None
+        if "noisy" not in best:
+            best["noisy"] = self.source.add_noise(v, best["clean"], rng)
+        sample = {k: scaling.normalise(best[k]) for k in ("noisy", "clean")}
+        if self.augment:
+            self._augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
+            sample = self._augment(sample)
+        return {k: torch.as_tensor(np.ascontiguousarray(_to_numpy(sample[k]), dtype=np.float32)) for k in ("noisy", "clean")}
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)

@@ -1,0 +1,52 @@
+"""Intensity normalisation per modality, undone exactly on the way out.
+
+Networks work on [0, 1] (ADL's heads end in a sigmoid). CT maps a fixed HU range, so a value means the
+same tissue in every scan and the output returns to HU; MR has no absolute scale, so each volume is
+scaled by a robust upper percentile of its own values, with headroom so bright structures are not
+clipped by the sigmoid.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+CT_RANGE_HU = (-1024.0, 3072.0)
+MR_PERCENTILE = 99.5
+MR_HEADROOM = 1.5  # the percentile maps to 1 / MR_HEADROOM, leaving room for brighter voxels
+
+
+@dataclass(frozen=True)
+class IntensityScaling:
+    """value_normalised = (value - offset) / scale, clipped to [0, 1]."""
+
+    modality: str
+    offset: float
+    scale: float
+
+    def normalise(self, image: np.ndarray) -> np.ndarray:
+        return np.clip((np.asarray(image, np.float32) - self.offset) / self.scale, 0.0, 1.0).astype(np.float32)
+
+    def denormalise(self, image: np.ndarray) -> np.ndarray:
+        return (np.asarray(image, np.float32) * self.scale + self.offset).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def intensity_scaling_for(image: np.ndarray, modality: str) -> IntensityScaling:
+    """The scaling to use for `image` (any shape) of `modality` ("CT" in HU, "MR", or "OT" like MR)."""
+    modality = modality.upper()
+    if modality == "CT":
+        low, high = CT_RANGE_HU
+        return IntensityScaling("CT", low, high - low)
+    values = np.asarray(image, np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError("image contains NaN or infinite values")
+    low = min(float(values.min()), 0.0)
+    high = float(np.percentile(values, MR_PERCENTILE))
+    if high <= low:
+        high = float(values.max())
+    if high <= low:
+        raise ValueError("image is constant: cannot derive an intensity scale")
+    return IntensityScaling(modality, low, (high - low) * MR_HEADROOM)

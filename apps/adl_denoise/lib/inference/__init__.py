@@ -1,0 +1,20 @@
+"""Inference with trained learned denoisers (ADL): weight loading and whole-image sliding-window denoising."""
+from .denoise import (
+    DEFAULT_ROI_2D,
+    DEFAULT_ROI_3D,
+    WEIGHTS_FORMAT,
+    LoadedDenoiser,
+    denoise_array,
+    load_denoiser,
+    resolve_device,
+)
+
+__all__ = [
+    "DEFAULT_ROI_2D",
+    "DEFAULT_ROI_3D",
+    "WEIGHTS_FORMAT",
+    "LoadedDenoiser",
+    "denoise_array",
+    "load_denoiser",
+    "resolve_device",
+]

@@ -1,0 +1,158 @@
+"""Building blocks of ADL's Efficient-UNet (Ghahremani et al., arXiv 2204.14100).
+
+All blocks work for ``spatial_dims`` 2 and 3 and keep the spatial size of their input: tensors are
+(B, C, H, W) in 2D and (B, C, D, H, W) in 3D.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.layers.factories import Conv
+from monai.networks.layers.utils import get_act_layer, get_norm_layer
+
+__all__ = ["ResidualBlock", "ContentEnhancer", "TransformerHead"]
+
+
+def _conv(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    dilation: int = 1,
+    bias: bool = False,
+) -> nn.Module:
+    """'Same' convolution (odd ``kernel_size``): the output has the input's spatial size."""
+    return Conv[Conv.CONV, spatial_dims](
+        in_channels,
+        out_channels,
+        kernel_size=kernel_size,
+        padding=dilation * (kernel_size - 1) // 2,
+        dilation=dilation,
+        bias=bias,
+    )
+
+
+class ResidualBlock(nn.Module):
+    """conv(k) -> norm -> act -> conv(k) -> norm, plus a 1x1 convolution shortcut, then act.
+
+    The paper's basic unit. Convolutions carry no bias: every one is followed by a normalisation whose
+    shift makes a bias redundant. The shortcut is always a 1x1 convolution (as in the paper), also when
+    ``in_channels == out_channels``, so that every block can re-mix channels on the identity path.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the input (B, in_channels, *spatial).
+        out_channels: channels of the output (B, out_channels, *spatial).
+        kernel_size: odd kernel size of the two main convolutions (3 in the paper).
+        norm: MONAI normalisation name or (name, args), e.g. ``"batch"`` (paper) or ``"instance"``.
+        act: MONAI activation name or (name, args); ``"relu"`` in the paper.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        norm: str | tuple = "batch",
+        act: str | tuple = "relu",
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv(spatial_dims, in_channels, out_channels, kernel_size)
+        self.norm1 = get_norm_layer(norm, spatial_dims=spatial_dims, channels=out_channels)
+        self.act1 = get_act_layer(act)
+        self.conv2 = _conv(spatial_dims, out_channels, out_channels, kernel_size)
+        self.norm2 = get_norm_layer(norm, spatial_dims=spatial_dims, channels=out_channels)
+        self.shortcut = _conv(spatial_dims, in_channels, out_channels, 1)
+        self.act2 = get_act_layer(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
+        return self.act2(y + self.shortcut(x))
+
+
+class ContentEnhancer(nn.Module):
+    """Multi-dilation context block applied to the noisy input.
+
+    Parallel convolutions with dilations ``dilations`` (1, 2, 4 in the paper), ``out_channels`` filters
+    each, are concatenated -> norm -> act -> conv(k) -> norm; a 1x1 convolution of the concatenation
+    is added as shortcut and the sum passes an activation (the residual-block convention). With
+    k = 7 and dilation 4 the receptive field is 31 pixels wide before the fusing convolution, so the
+    block hands the decoder's last stage a wide view of the *input* at full resolution: fine detail
+    that would otherwise have to survive the encoder's three down-samplings.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the noisy input (B, in_channels, *spatial).
+        out_channels: filters per dilated branch and of the output (B, out_channels, *spatial).
+        kernel_size: odd kernel size of every convolution but the 1x1 shortcut (7 in the paper).
+        dilations: dilation of each parallel branch.
+        norm: MONAI normalisation name.
+        act: MONAI activation name.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int = 48,
+        kernel_size: int = 7,
+        dilations: Sequence[int] = (1, 2, 4),
+        norm: str | tuple = "batch",
+        act: str | tuple = "relu",
+    ) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            _conv(spatial_dims, in_channels, out_channels, kernel_size, dilation=d) for d in dilations
+        )
+        merged = out_channels * len(dilations)
+        self.norm1 = get_norm_layer(norm, spatial_dims=spatial_dims, channels=merged)
+        self.act1 = get_act_layer(act)
+        self.fuse = _conv(spatial_dims, merged, out_channels, kernel_size)
+        self.norm2 = get_norm_layer(norm, spatial_dims=spatial_dims, channels=out_channels)
+        self.shortcut = _conv(spatial_dims, merged, out_channels, 1)
+        self.act2 = get_act_layer(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        merged = torch.cat([branch(x) for branch in self.branches], dim=1)
+        y = self.norm2(self.fuse(self.act1(self.norm1(merged))))
+        return self.act2(y + self.shortcut(merged))
+
+
+class TransformerHead(nn.Module):
+    """The paper's "transformer": maps decoder features to an image. (No attention is involved.)
+
+    ``num_blocks`` residual blocks, each halving the channels, then a 1x1 convolution (with bias: no
+    normalisation follows it) and a sigmoid, because intensities are scaled to [0, 1].
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: decoder channels (B, in_channels, *spatial).
+        out_channels: image channels of the output (B, out_channels, *spatial), values in (0, 1).
+        num_blocks: number of channel-halving residual blocks.
+        norm: MONAI normalisation name.
+        act: MONAI activation name.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        num_blocks: int = 2,
+        norm: str | tuple = "batch",
+        act: str | tuple = "relu",
+    ) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(num_blocks):
+            blocks.append(ResidualBlock(spatial_dims, channels, max(channels // 2, 1), norm=norm, act=act))
+            channels = max(channels // 2, 1)
+        self.blocks = nn.Sequential(*blocks)
+        self.out = _conv(spatial_dims, channels, out_channels, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.out(self.blocks(x)))

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Run the denoising benchmark: baselines and command-line models side by side on the held-out pairs.
+
+Examples (from the repository root)::
+
+    python bench/run_benchmark.py --denoisers noisy,gaussian,nlm,bm3d --max-slices-ct 8 --out bench/results/baselines
+    python bench/run_benchmark.py --denoisers noisy,bm3d \
+        --cli "adl=python apps/adl_denoise/cli.py denoise --model adl --input {input} --output {output}"
+    python bench/run_benchmark.py --pairs sample --denoisers noisy,gaussian,nlm
+
+Prints the results table(s) and the machine description, and writes ``<out>/results.md``,
+``<out>/results.json`` and one ``<pair>_comparison.png`` per pair.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(REPO_ROOT / "apps" / "adl_denoise"), str(REPO_ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from bench.baselines import BASELINES, get_baseline  # noqa: E402
+from bench.harness import CliDenoiser, describe_machine, evaluate, machine_line, pair_table  # noqa: E402
+from bench.pairs import DEFAULT_CACHE_DIR, sample_pairs, shared_pairs  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--denoisers", default="noisy,gaussian,nlm,bm3d",
+                    help=f"comma-separated baselines from {sorted(BASELINES)} (bm4d is applied to MR pairs only "
+                         "unless --bm4d-ct is given)")
+    ap.add_argument("--cli", action="append", default=[], metavar="NAME=TEMPLATE",
+                    help="a command-line denoiser; placeholders {input} {output} {modality} {python} (repeatable)")
+    ap.add_argument("--pairs", choices=("shared", "sample"), default="shared",
+                    help="shared: the held-out split in ../shared/data; sample: sample_data/studies/manifest.json")
+    ap.add_argument("--modalities", default="CT,MR", help="shared pairs to build: CT, MR or CT,MR")
+    ap.add_argument("--max-slices", type=int, default=None, help="keep only the N central slices (all pairs)")
+    ap.add_argument("--max-slices-ct", type=int, default=None, help="override --max-slices for CT pairs")
+    ap.add_argument("--max-slices-mr", type=int, default=None, help="override --max-slices for MR pairs")
+    ap.add_argument("--manifest", type=Path, default=None, help="sample manifest (default sample_data/studies/manifest.json)")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "latest", help="output folder")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per denoiser call")
+    ap.add_argument("--no-cache", action="store_true", help="do not read or write the simulated-noise cache")
+    ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--bm4d-ct", action="store_true", help="also run bm4d on CT pairs")
+    ap.add_argument("--title", default="Denoising benchmark")
+    return ap.parse_args(argv)
+
+
+def build_denoisers(names: str, clis: list[str]) -> dict:
+    den: dict = {}
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        den[name] = get_baseline(name)
+    for spec in clis:
+        if "=" not in spec:
+            raise SystemExit(f"--cli expects NAME=TEMPLATE, got {spec!r}")
+        name, template = spec.split("=", 1)
+        den[name.strip()] = CliDenoiser(template.strip())
+    if not den:
+        raise SystemExit("no denoisers selected")
+    return den
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    denoisers = build_denoisers(args.denoisers, args.cli)
+    machine = describe_machine()
+    print(f"Machine: {machine_line(machine)}")
+    ms_ct = args.max_slices_ct if args.max_slices_ct is not None else args.max_slices
+    ms_mr = args.max_slices_mr if args.max_slices_mr is not None else args.max_slices
+    cache = None if args.no_cache else DEFAULT_CACHE_DIR
+    if args.pairs == "shared":
+        which = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
+        pairs = shared_pairs(ms_ct, ms_mr, cache_dir=cache, which=which)
+    else:
+        pairs = sample_pairs(args.manifest or REPO_ROOT / "sample_data" / "studies" / "manifest.json", args.max_slices)
+
+    def select(pair, name: str) -> bool:
+        # bm4d is a 3D baseline meant for the MR volume; on CT slabs only with --bm4d-ct
+        return not (name == "bm4d" and pair.modality == "CT" and not args.bm4d_ct)
+
+    results = evaluate(pairs, denoisers, args.out, timeout_s=args.timeout, figures=not args.no_figures,
+                       machine=machine, title=args.title, select=select,
+                       extra={"command": " ".join([Path(sys.executable).name] + sys.argv)})
+    for pres in results["pairs"]:
+        print(f"\n## {pres['name']} ({pres['modality']}, {pres['shape_zyx']} z,y,x)\n")
+        print(pair_table(pres))
+    print(f"\nMachine: {machine_line(machine)}")
+    print(f"Total wall time {results['total_wall_s']:.1f} s; results in {args.out}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

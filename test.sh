@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One command: set up .venv (if missing), build the sample data, run the whole test suite.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+scripts/setup_env.sh
+scripts/install_system_packages.sh
+.venv/bin/python sample_data/build_sample_data.py
+exec .venv/bin/python -m pytest tests "$@"

@@ -1,0 +1,180 @@
+"""ADL networks: Efficient-UNet denoiser and discriminator (shapes, value ranges, sizes, padding)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lib.networks import (
+    EfficientUNetDenoiser,
+    EfficientUNetDiscriminator,
+    ResidualBlock,
+    count_parameters,
+    pad_to_multiple,
+)
+
+TINY = dict(filters=(8, 12, 16, 20), enhancer_filters=4)
+TINY_D = dict(filters=(4, 6, 8, 10))
+SHAPES = {2: (2, 1, 32, 24), 3: (1, 1, 16, 16, 8)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that
+    # wait for each other make small convolutions ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_denoiser_train_mode_returns_three_scales_in_unit_range(dims):
+    model = EfficientUNetDenoiser(spatial_dims=dims, **TINY).train()
+    x = torch.rand(SHAPES[dims])
+    outputs = model(x)
+    assert isinstance(outputs, list) and len(outputs) == 3
+    for k, out in enumerate(o.detach() for o in outputs):
+        assert out.shape == (x.shape[0], 1) + tuple(s // 2**k for s in x.shape[2:])
+        assert out.dtype == torch.float32
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_denoiser_eval_mode_returns_full_resolution_tensor(dims):
+    model = EfficientUNetDenoiser(spatial_dims=dims, in_channels=2, out_channels=3, **TINY).eval()
+    x = torch.rand((SHAPES[dims][0], 2) + SHAPES[dims][2:])
+    with torch.no_grad():
+        out = model(x)
+    assert isinstance(out, torch.Tensor)
+    assert out.shape == (x.shape[0], 3) + x.shape[2:]
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+def test_denoiser_without_deep_supervision_has_one_head():
+    model = EfficientUNetDenoiser(deep_supervision=False, **TINY).train()
+    assert len(model.heads) == 1
+    out = model(torch.rand(2, 1, 16, 16))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 1, 16, 16)
+
+
+def test_denoiser_building_blocks_follow_the_paper():
+    model = EfficientUNetDenoiser(spatial_dims=2, **TINY)
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    # 4 encoder, 3 decoder, 3 heads x 2 channel-halving blocks
+    assert len(blocks) == 4 + 3 + 3 * 2
+    for block in blocks:
+        assert all(c.bias is None for c in (block.conv1, block.conv2, block.shortcut))
+        assert isinstance(block.norm1, nn.BatchNorm2d)
+    assert [b.dilation for b in model.enhancer.branches] == [(1, 1), (2, 2), (4, 4)]
+    assert [b.kernel_size for b in model.enhancer.branches] == [(7, 7)] * 3
+    assert model.enhancer.fuse.kernel_size == (7, 7)
+    model3d = EfficientUNetDenoiser(spatial_dims=3, **TINY)
+    assert model3d.enhancer.fuse.kernel_size == (5, 5, 5)  # documented 3D default (cost)
+    assert EfficientUNetDenoiser(spatial_dims=3, enhancer_kernel_size=7, **TINY).enhancer.fuse.kernel_size == (7, 7, 7)
+
+
+def test_default_parameter_counts():
+    count_2d = count_parameters(EfficientUNetDenoiser(spatial_dims=2))
+    count_3d = count_parameters(EfficientUNetDenoiser(spatial_dims=3))
+    count_d = count_parameters(EfficientUNetDiscriminator(spatial_dims=2))
+    print(f"ADL denoiser parameters: 2D {count_2d:,}, 3D {count_3d:,}; discriminator 2D {count_d:,}")
+    assert 3_000_000 < count_2d < 7_000_000  # paper: ~4.7 M
+    assert 8_000_000 < count_3d < 16_000_000
+    assert 300_000 < count_d < 1_000_000  # released code: ~0.6-0.7 M
+
+
+def test_default_denoiser_runs():
+    model = EfficientUNetDenoiser().eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 16, 16)).shape == (1, 1, 16, 16)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("conditional", [True, False])
+def test_discriminator_returns_logit_maps_at_four_scales(dims, conditional):
+    disc = EfficientUNetDiscriminator(spatial_dims=dims, conditional=conditional, **TINY_D)
+    x = torch.rand(SHAPES[dims])
+    logits = disc(x, torch.rand_like(x)) if conditional else disc(x)
+    assert len(logits) == 4
+    for k, logit in enumerate(logits):
+        assert logit.shape == (x.shape[0], 1) + tuple(s // 2**k for s in x.shape[2:])
+    # logits, not probabilities: nothing squashes them into [0, 1]
+    disc.mappers[0].bias.data.fill_(-5.0)
+    with torch.no_grad():
+        logits = disc(x, torch.rand_like(x)) if conditional else disc(x)
+    assert float(logits[0].max()) < 0.0
+
+
+def test_discriminator_condition_is_checked():
+    x = torch.rand(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="conditional"):
+        EfficientUNetDiscriminator(**TINY_D)(x)
+    with pytest.raises(ValueError, match="unconditional"):
+        EfficientUNetDiscriminator(conditional=False, **TINY_D)(x, x)
+
+
+@pytest.mark.parametrize(
+    "factory, shape",
+    [
+        (lambda: EfficientUNetDenoiser(spatial_dims=2, **TINY), (1, 1, 30, 32)),
+        (lambda: EfficientUNetDenoiser(spatial_dims=3, **TINY), (1, 1, 16, 16, 12)),
+        (lambda: EfficientUNetDiscriminator(spatial_dims=2, conditional=False, **TINY_D), (1, 1, 32, 20)),
+    ],
+)
+def test_sizes_not_divisible_by_8_raise(factory, shape):
+    with pytest.raises(ValueError, match="divisible by 8"):
+        factory()(torch.rand(shape))
+
+
+def test_wrong_rank_raises():
+    with pytest.raises(ValueError, match="expected a 4D tensor"):
+        EfficientUNetDenoiser(spatial_dims=2, **TINY)(torch.rand(1, 1, 8, 8, 8))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+@pytest.mark.parametrize("shape", [(2, 1, 30, 37), (1, 2, 5, 16, 9), (1, 1, 3, 8), (1, 1, 16, 8)])
+def test_pad_to_multiple_round_trip(shape, mode):
+    x = torch.rand(shape)
+    padded, crop = pad_to_multiple(x, 8, mode=mode)
+    assert all(s % 8 == 0 and s >= t for s, t in zip(padded.shape[2:], x.shape[2:]))
+    assert padded.shape[:2] == x.shape[:2]
+    assert torch.equal(padded[crop], x)
+
+
+def test_pad_then_infer_then_crop_recovers_the_image_extent():
+    model = EfficientUNetDenoiser(spatial_dims=2, **TINY).eval()
+    x = torch.rand(1, 1, 27, 35)
+    padded, crop = pad_to_multiple(x)
+    with torch.no_grad():
+        out = model(padded)[crop]
+    assert out.shape == x.shape
+
+
+def test_sliding_window_inference_calls_the_eval_model_directly():
+    from monai.inferers import sliding_window_inference
+
+    model = EfficientUNetDenoiser(spatial_dims=2, **TINY).eval()
+    x = torch.rand(1, 1, 48, 40)
+    with torch.no_grad():
+        out = sliding_window_inference(x, roi_size=(32, 32), sw_batch_size=2, predictor=model, overlap=0.25)
+    assert out.shape == x.shape
+
+
+def test_3d_forward_backward_reaches_every_parameter():
+    model = EfficientUNetDenoiser(spatial_dims=3, **TINY).train()
+    outputs = model(torch.rand(1, 1, 16, 16, 16))
+    sum(o.mean() for o in outputs).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_forward():
+    model = EfficientUNetDenoiser(spatial_dims=3, **TINY).cuda().train()
+    disc = EfficientUNetDiscriminator(spatial_dims=3, **TINY_D).cuda()
+    x = torch.rand(2, 1, 16, 16, 16, device="cuda")
+    outputs = model(x)
+    assert all(o.is_cuda for o in outputs)
+    assert all(l.is_cuda for l in disc(outputs[0], x))

@@ -1,0 +1,502 @@
+"""ADL training and inference plumbing: data sources, patches, the three phases, checkpoints and resume,
+weight export, sliding-window inference, the `train` / `denoise --model adl` command line, torchrun.
+
+Everything runs on tiny networks (filters 8-20) and 32-pixel patches on real files in tmp_path, so the
+whole module takes well under two minutes on two CPU cores.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn as nn
+
+from conftest import APP_DIR, REPO_ROOT
+
+from lib.data import ADLPatchDataset, PairedFolderSource, SyntheticNoiseSource, ValidationPair, discover_images
+from lib.inference import LoadedDenoiser, denoise_array, load_denoiser
+from lib.networks import EfficientUNetDenoiser, pad_to_multiple
+from lib.training import ADLTrainingConfig, build_networks, export_weights, load_checkpoint, train_adl
+
+CLI = APP_DIR / "cli.py"
+TINY = dict(filters=(8, 12, 16, 20), disc_filters=(4, 8, 8, 8), enhancer_filters=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny convolutions gain nothing from threads, and an OpenMP pool competing with other processes for the
+    # two cores can be slower by an order of magnitude
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(**overrides) -> ADLTrainingConfig:
+    base = dict(modality="CT", batch_size=2, steps_g_warmup=2, steps_d_warmup=2, steps_adversarial=2,
+                validation_every=0, checkpoint_every=0, device="cpu", seed=0, **TINY)
+    base.update(overrides)
+    return ADLTrainingConfig(**base)
+
+
+def write_nifti(array: np.ndarray, path: Path, spacing=None) -> Path:
+    image = sitk.GetImageFromArray(array)
+    if spacing is not None:
+        image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ct_crop(tmp_path_factory) -> Path:
+    """128x128 crop (top of the head: skull, brain and air) of the real pydicom-data CT slice, as NIfTI."""
+    import data_store
+
+    dicom = Path(data_store.__file__).parent / "data" / "693_UNCR.dcm"
+    image = sitk.ReadImage(str(dicom))
+    image = image[128:256, 96:224, 0] if image.GetDimension() == 3 else image[128:256, 96:224]
+    path = tmp_path_factory.mktemp("ct") / "head_crop.nii.gz"
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ct_source(ct_crop) -> SyntheticNoiseSource:
+    return SyntheticNoiseSource([ct_crop], "CT", noise="gaussian", seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ct_dataset(ct_source) -> ADLPatchDataset:
+    return ADLPatchDataset(ct_source, spatial_dims=2, patch_size=32, samples_per_epoch=16, seed=0)
+
+
+def _max_diff(a: nn.Module, b: nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_patch_dataset_samples_are_normalised_deterministic_and_not_air(ct_dataset, ct_source):
+    sample = ct_dataset[3]
+    assert set(sample) == {"noisy", "clean"}
+    for value in sample.values():
+        assert value.shape == (1, 32, 32) and value.dtype == torch.float32
+        assert float(value.min()) >= 0.0 and float(value.max()) <= 1.0
+    again = ct_dataset[3]
+    assert torch.equal(sample["noisy"], again["noisy"]) and torch.equal(sample["clean"], again["clean"])
+    assert not torch.equal(ct_dataset[4]["clean"], sample["clean"])
+    # CT scaling is the fixed HU range: -800 HU (the foreground limit) -> (1024 - 800) / 4096
+    threshold = (1024.0 - 800.0) / 4096.0
+    fractions = [float((ct_dataset[i]["clean"] > threshold).float().mean()) for i in range(12)]
+    assert min(fractions) >= ct_dataset.min_foreground
+    # Gaussian noise in HU (5-50 HU): the noisy patch differs from the clean one by that order
+    diff_hu = (sample["noisy"] - sample["clean"]).std() * 4096
+    assert 2.0 < float(diff_hu) < 80.0
+
+
+def test_patch_dataset_3d_mr_rician(tmp_path):
+    rng = np.random.default_rng(0)
+    volume = np.zeros((20, 40, 40), np.float32)
+    volume[2:18, 5:35, 5:35] = 400 + 50 * rng.random((16, 30, 30))
+    path = write_nifti(volume, tmp_path / "mr_vol.nii.gz", spacing=(1.0, 1.0, 1.5))
+    source = SyntheticNoiseSource([path], "MR", spatial_dims=3, seed=1, progress=False)
+    assert source.noise == "rician"
+    dataset = ADLPatchDataset(source, spatial_dims=3, patch_size=(16, 24, 24), samples_per_epoch=4, seed=0)
+    sample = dataset[0]
+    assert sample["noisy"].shape == (1, 16, 24, 24) == sample["clean"].shape
+    # Rician noise raises the background floor; clean background stays 0
+    background = sample["clean"] == 0
+    if background.any():
+        assert float(sample["noisy"][background].mean()) > 0
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ADLPatchDataset(source, spatial_dims=3, patch_size=12)
+
+
+def test_paired_folder_source_matches_by_stem_and_reports_problems(tmp_path, ct_crop):
+    clean = sitk.GetArrayFromImage(sitk.ReadImage(str(ct_crop))).astype(np.float32)
+    noisy = clean + np.random.default_rng(0).normal(0, 20, clean.shape).astype(np.float32)
+    (tmp_path / "noisy").mkdir()
+    (tmp_path / "clean").mkdir()
+    write_nifti(noisy, tmp_path / "noisy" / "case1.nii.gz")
+    write_nifti(clean, tmp_path / "clean" / "case1.nrrd")  # another format, same stem
+    source = PairedFolderSource(tmp_path / "noisy", tmp_path / "clean", modality="CT")
+    assert [name for name, _, _ in source.pairs] == ["case1"]
+    dataset = ADLPatchDataset(source, spatial_dims=2, patch_size=32, seed=0)
+    sample = dataset[0]
+    # one scaling for both (fixed HU range): the difference is the added noise, not a rescaling
+    assert abs(float((sample["noisy"] - sample["clean"]).mean()) * 4096) < 10
+    assert 10 < float((sample["noisy"] - sample["clean"]).std()) * 4096 < 30
+    pairs = source.validation_pairs()
+    assert isinstance(pairs[0], ValidationPair) and pairs[0].clean.shape == clean.shape
+
+    write_nifti(clean, tmp_path / "noisy" / "case2.nii.gz")
+    write_nifti(clean, tmp_path / "clean" / "case3.nii.gz")
+    with pytest.raises(ValueError, match=r"noisy only: case2; clean only: case3"):
+        PairedFolderSource(tmp_path / "noisy", tmp_path / "clean", modality="CT")
+    os.remove(tmp_path / "noisy" / "case2.nii.gz")
+    os.remove(tmp_path / "clean" / "case3.nii.gz")
+    write_nifti(clean[:64], tmp_path / "noisy" / "case4.nii.gz")
+    write_nifti(clean, tmp_path / "clean" / "case4.nii.gz")
+    with pytest.raises(ValueError, match="case4.*shape"):
+        PairedFolderSource(tmp_path / "noisy", tmp_path / "clean", modality="CT")
+
+
+def test_low_dose_ct_pool_is_cached_and_reused(tmp_path, ct_crop):
+    cache = tmp_path / "cache"
+    kwargs = dict(noise="ct-lowdose", realisations=2, cache_dir=cache, seed=5, progress=False,
+                  ct_settings={"n_views_range": (180, 240)})
+    first = SyntheticNoiseSource([ct_crop], "CT", **kwargs)
+    files = sorted(cache.glob("*.npy"))
+    assert len(files) == 2  # one 2D slice x 2 realisations
+    pool = first.noisy_volume(0, 0), first.noisy_volume(0, 1)
+    assert not np.array_equal(pool[0], pool[1])  # independent settings and noise per realisation
+    assert np.abs(pool[0] - first.volumes[0].clean).std() > 1.0  # HU of added noise
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    second = SyntheticNoiseSource([ct_crop], "CT", **kwargs)
+    assert [f.stat().st_mtime_ns for f in sorted(cache.glob("*.npy"))] == mtimes  # read, not rewritten
+    assert np.array_equal(second.noisy_volume(0, 1), pool[1])
+    other_seed = SyntheticNoiseSource([ct_crop], "CT", **{**kwargs, "seed": 6})
+    assert not np.array_equal(other_seed.noisy_volume(0, 0), pool[0])
+    assert len(list(cache.glob("*.npy"))) == 4
+    sample = ADLPatchDataset(first, patch_size=32, seed=0)[0]
+    assert sample["noisy"].shape == (1, 32, 32)
+    (pair,) = first.validation_pairs()  # a fixed realisation of the whole (single-slice) image
+    assert pair.noisy.shape == pair.clean.shape == (128, 128) and not np.array_equal(pair.noisy, pair.clean)
+    assert np.array_equal(first.validation_pairs()[0].noisy, pair.noisy)
+
+
+def test_heldout_and_missing_inputs_are_refused(tmp_path, ct_crop):
+    heldout = tmp_path / "ct_abdomen_siemens_j2k_slab"
+    heldout.mkdir()
+    shutil.copy(ct_crop, heldout / "slice.nii.gz")
+    with pytest.raises(ValueError, match="held-out"):
+        SyntheticNoiseSource([heldout], "CT", noise="gaussian", progress=False)
+    mr = tmp_path / "mr_t1gd_brain_skullstripped.nii.gz"
+    shutil.copy(ct_crop, mr)
+    with pytest.raises(ValueError, match="held-out"):
+        SyntheticNoiseSource([mr], "MR", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        discover_images([tmp_path / "empty"])
+    with pytest.raises(ValueError, match="no such file"):
+        discover_images([tmp_path / "missing.nii.gz"])
+
+
+# ----------------------------------------------------------------------------------------------- training
+def test_phases_run_in_order_and_freeze_the_right_network(ct_dataset, tmp_path):
+    ckpt = tmp_path / "ck"
+    # phase 1 only: G changes, D stays at its initialisation
+    g_only = train_adl(tiny_config(steps_d_warmup=0, steps_adversarial=0, checkpoint_dir=str(ckpt)), ct_dataset,
+                       progress=False)
+    torch.manual_seed(0)
+    g_init, d_init = build_networks(tiny_config())
+    assert _max_diff(g_only.generator, g_init) > 0
+    assert _max_diff(g_only.discriminator, d_init) == 0
+    # + discriminator warm-up: D changes, G (parameters AND batch-norm statistics) frozen
+    d_warm = train_adl(tiny_config(steps_adversarial=0, checkpoint_dir=str(ckpt)), ct_dataset, resume=ckpt,
+                       progress=False)
+    assert _max_diff(d_warm.generator, g_only.generator) == 0
+    assert _max_diff(d_warm.discriminator, g_only.discriminator) > 0
+    # + adversarial: both change
+    full = train_adl(tiny_config(checkpoint_dir=str(ckpt)), ct_dataset, resume=ckpt, progress=False)
+    assert _max_diff(full.generator, d_warm.generator) > 0
+    assert _max_diff(full.discriminator, d_warm.discriminator) > 0
+
+    phases = [h["phase"] for h in full.history]
+    assert phases == ["g_warmup"] * 2 + ["d_warmup"] * 2 + ["adversarial"] * 2
+    assert [h["step"] for h in full.history] == [1, 2, 3, 4, 5, 6]
+    assert all("d_loss" not in h for h in full.history[:2]) and all("g_total" not in h for h in full.history[2:4])
+    assert all(h["g_adversarial"] != 0 for h in full.history[4:])  # the adversarial term reaches G
+    assert full.history[0]["lr_g"] == pytest.approx(1e-4) and full.history[2]["lr_d"] == pytest.approx(1e-4)
+    assert full.history[4]["lr_g"] == pytest.approx(5e-5) and full.history[4]["lr_d"] == pytest.approx(5e-5)
+
+
+def test_resume_continues_exactly(ct_dataset, tmp_path):
+    config = dict(steps_g_warmup=2, steps_d_warmup=2, steps_adversarial=2, lr_step_size=1, lr_gamma=0.9)
+    straight = train_adl(tiny_config(**config, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=3,
+                                     keep_all_checkpoints=True), ct_dataset, progress=False)
+    mid = load_checkpoint(tmp_path / "a" / "step_0000003.pt")
+    assert mid["step"] == 3 and mid["phase"] == "d_warmup"
+    assert mid["schedulers"]["phase"] == "d_warmup" and mid["schedulers"]["D"]["last_epoch"] == 1
+    assert {"generator", "discriminator", "opt_g", "opt_d", "scaler_g", "scaler_d", "rng"} <= set(mid)
+
+    resumed = train_adl(tiny_config(**config, checkpoint_dir=str(tmp_path / "b")), ct_dataset,
+                        resume=tmp_path / "a" / "step_0000003.pt", progress=False)
+    assert resumed.step == 6 and resumed.phase == "adversarial"
+    # CPU, fixed seeds, data addressed by global sample id: bit-identical continuation
+    assert _max_diff(straight.generator, resumed.generator) == 0
+    assert _max_diff(straight.discriminator, resumed.discriminator) == 0
+    keys = ("step", "phase", "lr_g", "lr_d", "g_total", "d_loss")
+    assert [{k: h.get(k) for k in keys} for h in straight.history] == [{k: h.get(k) for k in keys} for h in resumed.history]
+    assert (tmp_path / "b" / "last.pt").is_file()
+
+    with pytest.raises(ValueError, match="other networks"):
+        train_adl(tiny_config(**{**config, "filters": (8, 12, 16, 24)}), ct_dataset, resume=tmp_path / "a",
+                  progress=False)
+
+
+def test_validation_is_recorded_in_result_and_checkpoint(ct_dataset, ct_source, tmp_path):
+    pairs = ct_source.validation_pairs()
+    result = train_adl(tiny_config(steps_d_warmup=0, steps_adversarial=1, validation_every=2,
+                                   checkpoint_dir=str(tmp_path)), ct_dataset, val_pairs=pairs, progress=False)
+    assert [v["step"] for v in result.validation] == [2, 3]
+    assert np.isfinite(result.validation[-1]["psnr"]) and result.best_psnr == max(v["psnr"] for v in result.validation)
+    assert result.validation[-1]["images"]["head_crop"]["window"] == [-160.0, 240.0]
+    assert load_checkpoint(tmp_path)["validation"][-1]["psnr"] == pytest.approx(result.validation[-1]["psnr"])
+
+
+def test_3d_training_validation_and_inference(tmp_path):
+    rng = np.random.default_rng(0)
+    volume = np.zeros((20, 40, 40), np.float32)
+    volume[2:18, 5:35, 5:35] = 400 + 50 * rng.random((16, 30, 30))
+    path = write_nifti(volume, tmp_path / "mr.nii.gz")
+    source = SyntheticNoiseSource([path], "MR", spatial_dims=3, seed=0, progress=False)
+    dataset = ADLPatchDataset(source, spatial_dims=3, patch_size=16, samples_per_epoch=4, seed=0)
+    config = tiny_config(modality="MR", spatial_dims=3, steps_g_warmup=1, steps_d_warmup=1, steps_adversarial=1,
+                         num_workers=1)
+    result = train_adl(config, dataset, val_pairs=source.validation_pairs(), progress=False)
+    assert [h["phase"] for h in result.history] == ["g_warmup", "d_warmup", "adversarial"]
+    window = result.validation[-1]["images"]["mr"]["window"]
+    assert window[0] == 0.0 and window[1] == pytest.approx(float(volume.max()))  # MR window 0 .. max
+    model = load_denoiser(export_weights(result.generator, tmp_path / "w3d.pt", config))
+    assert model.spatial_dims == 3 and model.modality == "MR"
+    assert denoise_array(model, volume, roi_size=16, overlap=0.25).shape == volume.shape
+
+
+# ----------------------------------------------------------------------------------------------- export / load
+def test_export_and_load_round_trip(ct_dataset, tmp_path):
+    result = train_adl(tiny_config(steps_d_warmup=0, steps_adversarial=0), ct_dataset, progress=False)
+    config = result.config
+    path16 = export_weights(result.generator, tmp_path / "w16.pt", config, None, result.training_record())
+    path32 = export_weights(result.generator, tmp_path / "w32.pt", config, None, result.training_record(), half=False)
+    assert path16.stat().st_size < 0.7 * path32.stat().st_size
+
+    exact = load_denoiser(path32)
+    half = load_denoiser(path16, device="cpu")
+    assert isinstance(half, LoadedDenoiser) and half.modality == "CT" and half.spatial_dims == 2
+    assert not half.network.training and half.metadata["training"]["steps"] == 2
+    assert half.metadata["scaling_rule"]["range_hu"] == [-1024.0, 3072.0]
+    reference = result.generator.state_dict()
+    for name, value in exact.network.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    for name, value in half.network.state_dict().items():
+        assert value.dtype == reference[name].dtype
+        assert torch.allclose(value.double(), reference[name].double(), rtol=2e-3, atol=1e-4), name
+    assert not any(k.startswith("heads.1.") for k in half.network.state_dict())  # training-only heads dropped
+
+    image = np.random.default_rng(0).normal(40, 30, (40, 48)).astype(np.float32)
+    out16, out32 = denoise_array(half, image), denoise_array(exact, image)
+    assert np.abs(out16 - out32).max() < 2.0  # HU: fp16 weights change the output only slightly
+
+    result_ckpt = train_adl(tiny_config(steps_d_warmup=0, steps_adversarial=0, checkpoint_dir=str(tmp_path / "ck")),
+                            ct_dataset, progress=False)
+    from_checkpoint = load_denoiser(tmp_path / "ck" / "last.pt")  # a training checkpoint loads too
+    assert np.array_equal(denoise_array(from_checkpoint, image), denoise_array(result_ckpt.generator, image, "CT"))
+
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a readable ADL weight file"):
+        load_denoiser(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError):
+        load_denoiser(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------------------------- inference
+def _whole_image(network: nn.Module, image: np.ndarray, modality: str) -> np.ndarray:
+    from lib.data import intensity_scaling_for
+
+    scaling = intensity_scaling_for(image, modality)
+    x = torch.from_numpy(scaling.normalise(image))
+    x = x[:, None] if network.spatial_dims == 2 else x[None, None]
+    network.eval()
+    with torch.no_grad():
+        padded, crop = pad_to_multiple(x)
+        y = network(padded)[crop]
+    y = y[:, 0] if network.spatial_dims == 2 else y[0, 0]
+    return scaling.denormalise(y.numpy())
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(2, (3, 44, 52)), (3, (12, 20, 28))])
+def test_sliding_window_equals_whole_image(spatial_dims, shape):
+    torch.manual_seed(0)
+    network = EfficientUNetDenoiser(spatial_dims=spatial_dims, filters=(8, 12, 16, 20), enhancer_filters=4)
+    network.train()
+    with torch.no_grad():  # give batch norm non-trivial running statistics
+        network(torch.rand((2, 1) + (16,) * spatial_dims))
+    image = np.random.default_rng(1).normal(50, 100, shape).astype(np.float32)
+    expected = _whole_image(network, image, "CT")
+    # the window covers the padded image: one window, same padding, constant blending
+    result = denoise_array(network, image, "CT", roi_size=256, overlap=0.25, mode="constant")
+    assert result.shape == image.shape and result.dtype == np.float32
+    assert np.abs(result - expected).max() / 4096 < 1e-4
+    if spatial_dims == 2:  # a single slice (H, W) gives the same as that slice of the stack
+        single = denoise_array(network, image[1], "CT", roi_size=256, mode="constant")
+        assert np.abs(single - expected[1]).max() / 4096 < 1e-4
+
+
+class _Pointwise(nn.Module):
+    """A per-pixel network: tiling must not change its output at all."""
+
+    def __init__(self, spatial_dims: int):
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.conv = conv(1, 1, 1)
+        nn.init.constant_(self.conv.weight, 1.7)
+        nn.init.constant_(self.conv.bias, -0.4)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x))
+
+
+@pytest.mark.parametrize("spatial_dims, shape, roi", [(2, (2, 70, 90), 32), (3, (20, 36, 44), 16)])
+def test_tiled_sliding_window_blends_without_seams(spatial_dims, shape, roi):
+    network = _Pointwise(spatial_dims)
+    image = np.random.default_rng(2).uniform(0, 800, shape).astype(np.float32)
+    whole = _whole_image(network, image, "MR")
+    for mode in ("gaussian", "constant"):
+        tiled = denoise_array(network, image, "MR", roi_size=roi, overlap=0.5, sw_batch_size=3, mode=mode)
+        assert np.abs(tiled - whole).max() / np.abs(whole).max() < 1e-4
+
+
+def test_denoise_array_rejects_bad_input():
+    network = EfficientUNetDenoiser(spatial_dims=2, filters=(8, 12, 16, 20), enhancer_filters=4)
+    bad = np.zeros((16, 16), np.float32)
+    bad[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        denoise_array(network, bad, "CT")
+    with pytest.raises(ValueError, match="2D slice"):
+        denoise_array(network, np.zeros(16, np.float32), "CT")
+    with pytest.raises(ValueError, match="2D slice"):
+        denoise_array(network, np.zeros((2, 2, 16, 16), np.float32), "CT")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        denoise_array(network, np.zeros((16, 16), np.float32), "CT", roi_size=12)
+    with pytest.raises(ValueError, match="modality"):
+        denoise_array(network, np.zeros((16, 16), np.float32))
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def run_cli(*args, timeout: float = 240, **env_extra) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
+    return subprocess.run([sys.executable, str(CLI), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_cli_train_then_denoise_keeps_geometry(tmp_path, ct_crop):
+    weights = tmp_path / "adl_tiny.pt"
+    train = run_cli("train", "--model", "adl", "--output", weights, "--clean", ct_crop, "--modality", "ct",
+                    "--noise", "gaussian", "--patch-size", "32", "--batch-size", "2", "--steps-g-warmup", "2",
+                    "--steps-d-warmup", "1", "--steps-adversarial", "1", "--filters", "8,12,16,20",
+                    "--disc-filters", "4,8,8,8", "--enhancer-filters", "4", "--val", ct_crop, "--device", "cpu",
+                    "--seed", "3")
+    assert train.returncode == 0, train.stderr
+    assert weights.is_file() and "validation PSNR" in train.stdout
+    assert "ADL adversarial" in train.stderr  # tqdm progress with the phase
+    assert (tmp_path / "adl_tiny_checkpoints" / "last.pt").is_file()
+
+    out = tmp_path / "denoised.nii.gz"
+    denoise = run_cli("denoise", "--model", "adl", "--weights", weights, "--input", ct_crop, "--output", out,
+                      "--modality", "ct", "--device", "cpu", "--roi-size", "64", "--overlap", "0.5")
+    assert denoise.returncode == 0, denoise.stderr
+    original, result = sitk.ReadImage(str(ct_crop)), sitk.ReadImage(str(out))
+    assert result.GetSize() == original.GetSize()
+    assert np.allclose(result.GetSpacing(), original.GetSpacing()) and np.allclose(result.GetOrigin(), original.GetOrigin())
+    values = sitk.GetArrayFromImage(result)
+    assert np.isfinite(values).all() and -1100 <= values.min() and values.max() <= 3100  # HU
+
+
+def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch):
+    heldout = tmp_path / "ct_abdomen_siemens_j2k_slab"
+    heldout.mkdir()
+    shutil.copy(ct_crop, heldout / "a.nii.gz")
+    result = run_cli("train", "--model", "adl", "--output", tmp_path / "w.pt", "--clean", heldout, "--modality", "ct")
+    assert result.returncode == 2 and "held-out" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+    import importlib.util  # in-process for the remaining cases (same main(), no interpreter start-up)
+
+    spec = importlib.util.spec_from_file_location("adl_cli_under_test", CLI)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noisy").mkdir()
+    (tmp_path / "clean").mkdir()
+    shutil.copy(ct_crop, tmp_path / "noisy" / "a.nii.gz")
+    shutil.copy(ct_crop, tmp_path / "clean" / "b.nii.gz")
+    cases = {
+        "no image files": ["--clean", tmp_path / "empty"],
+        "no training data": [],
+        "unmatched": ["--noisy-dir", tmp_path / "noisy", "--clean-dir", tmp_path / "clean"],
+    }
+    for message, extra in cases.items():
+        code = cli.main(["train", "--output", str(tmp_path / "w.pt"), "--modality", "ct", *map(str, extra)])
+        assert code == 2, message
+    monkeypatch.setattr(cli, "MODEL_DIR", tmp_path / "no_models")
+    denoise = ["denoise", "--model", "adl", "-i", str(ct_crop), "-o", str(tmp_path / "o.nii.gz")]
+    assert cli.main(denoise + ["--modality", "ct"]) == 2  # no default weights installed
+    weights = export_weights(build_networks(tiny_config())[0], tmp_path / "ct.pt", tiny_config())
+    assert cli.main(denoise + ["--modality", "mr", "--weights", str(weights)]) == 2  # CT weights, MR input
+    assert cli.main(denoise + ["--modality", "ct", "--weights", str(tmp_path / "nope.pt")]) == 2
+    assert cli.main(["denoise", "--model", "bm3d", "--weights", str(weights), "-i", str(ct_crop), "-o",
+                     str(tmp_path / "o.nii.gz")]) == 2  # --weights is for adl only
+
+
+# ----------------------------------------------------------------------------------------------- multi-process
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    sys.path[:0] = [{app!r}, {repo!r}]
+    import torch
+    torch.set_num_threads(1)
+    from lib.data import ADLPatchDataset, SyntheticNoiseSource
+    from lib.training import ADLTrainingConfig, train_adl
+    source = SyntheticNoiseSource([{image!r}], "CT", noise="gaussian", seed=0, progress=False)
+    dataset = ADLPatchDataset(source, 2, 32, samples_per_epoch=8, seed=0)
+    config = ADLTrainingConfig(modality="CT", filters=(8, 12, 16, 20), disc_filters=(4, 8, 8, 8), enhancer_filters=4,
+                               batch_size=2, steps_g_warmup=1, steps_d_warmup=1, steps_adversarial=1, device="cpu",
+                               checkpoint_dir={ckpt!r}, validation_every=0)
+    result = train_adl(config, dataset, progress=False)
+    rank = os.environ["RANK"]
+    torch.save({{n: p.detach() for n, p in result.generator.named_parameters()}}, {out!r} + f"/g{{rank}}.pt")
+    torch.save([h.get("g_total") for h in result.history], {out!r} + f"/h{{rank}}.pt")
+""")
+
+
+def test_torchrun_two_processes_gloo(tmp_path, ct_crop):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(app=str(APP_DIR), repo=str(REPO_ROOT), image=str(ct_crop),
+                                        ckpt=str(tmp_path / "ck"), out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    g0, g1 = torch.load(tmp_path / "g0.pt"), torch.load(tmp_path / "g1.pt")
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)  # DDP kept the replicas identical
+    h0, h1 = torch.load(tmp_path / "h0.pt"), torch.load(tmp_path / "h1.pt")
+    assert h0[0] != h1[0]  # ...while each rank trained on its own samples
+    assert load_checkpoint(tmp_path / "ck")["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_amp_training_and_inference(ct_dataset, tmp_path):
+    result = train_adl(tiny_config(device="cuda", amp=True, checkpoint_dir=str(tmp_path)), ct_dataset, progress=False)
+    assert all(np.isfinite(h.get("g_total", 0.0)) for h in result.history)
+    assert load_checkpoint(tmp_path)["scaler_g"]  # the AMP scaler state is checkpointed
+    path = export_weights(result.generator, tmp_path / "w.pt", result.config)
+    model = load_denoiser(path, device="cuda")
+    image = np.random.default_rng(0).normal(0, 50, (2, 64, 64)).astype(np.float32)
+    on_gpu = denoise_array(model, image, device="cuda")
+    on_cpu = denoise_array(load_denoiser(path), image, device="cpu", amp=False)
+    assert np.abs(on_gpu - on_cpu).max() < 10.0  # HU; fp16 autocast on the GPU

@@ -1,0 +1,137 @@
+"""End-to-end run of the benchmark harness (bench/) on a tiny real CT pair, and the held-out guard."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _real_ct_crop() -> tuple[np.ndarray, float]:
+    """The centre 128x128 of a real 512x512 head CT slice from pydicom-data, in HU, and its pixel size."""
+    import data_store
+    import pydicom
+
+    path = os.path.join(os.path.dirname(data_store.__file__), "data", "693_UNCR.dcm")
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return hu[192:320, 192:320].copy(), float(ds.PixelSpacing[0])
+
+
+# A command-line denoiser implemented as a tiny python script that works through NIfTI files.
+_CLI_GAUSS = (
+    "python -c \"import sys, SimpleITK as s, scipy.ndimage as nd; im = s.ReadImage(sys.argv[1]); "
+    "o = s.GetImageFromArray(nd.gaussian_filter(s.GetArrayFromImage(im), (0, 1.0, 1.0))); o.CopyInformation(im); "
+    "s.WriteImage(o, sys.argv[2])\" {input} {output}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    from bench.harness import Pair
+    from lib.noise import LowDoseCTSettings, simulate_low_dose_ct
+
+    ref, px = _real_ct_crop()
+    settings = LowDoseCTSettings(dose_fraction=0.25, full_dose_photons=2e4, reconstruction_filter="hann")
+    noisy = simulate_low_dose_ct(ref, px, settings, seed=0)
+    noisy = np.asarray(noisy, np.float32)
+    assert noisy.shape == ref.shape and np.isfinite(noisy).all()
+    added = float(np.std(noisy - ref))
+    assert 10.0 < added < 200.0, f"unexpected simulated noise std {added:.1f} HU"
+    return Pair(name="pydicom_693_crop", modality="CT", noisy=noisy, reference=ref, spacing=(px, px, 5.0),
+                meta={"simulation": {"full_dose_photons": 2e4, "dose_fraction": 0.25, "seed": 0}})
+
+
+def test_harness_end_to_end(tiny_pair, tmp_path):
+    from bench.baselines import gaussian, nlm, noisy
+    from bench.harness import CliDenoiser, evaluate
+
+    res = evaluate(
+        [tiny_pair],
+        {"noisy": noisy, "gaussian": gaussian, "nlm": nlm, "cli_gauss": CliDenoiser(_CLI_GAUSS)},
+        tmp_path,
+        timeout_s=120,
+        log=None,
+    )
+    md = (tmp_path / "results.md").read_text()
+    data = json.loads((tmp_path / "results.json").read_text())
+    fig = tmp_path / "pydicom_693_crop_comparison.png"
+    assert fig.is_file() and fig.stat().st_size > 10_000
+    assert "| gaussian |" in md and "| cli_gauss |" in md and "Machine:" in md
+    assert data["machine"]["cpu_model"]
+
+    entries = res["pairs"][0]["denoisers"]
+    for name, e in entries.items():
+        assert e["ok"], f"{name} failed: {e.get('error')}"
+        assert e["time_s"] > 0 and e["time_per_slice_s"] > 0
+        assert e["peak_rss_mb"] > 0
+        assert e["peak_mb"] > 0, f"{name}: peak memory {e['peak_mb']}"
+        for w in ("soft_tissue", "wide"):
+            assert set(e["windows"][w]) >= {"psnr", "ssim", "rmse"}
+        assert e["uniform"]["n_rois"] > 0
+    p = {n: e["windows"]["soft_tissue"]["psnr"] for n, e in entries.items()}
+    assert p["gaussian"] > p["noisy"] + 1.0
+    assert p["nlm"] > p["noisy"] + 1.0
+    # the CLI runs the same filter as the gaussian baseline, through NIfTI float32 files
+    assert p["cli_gauss"] == pytest.approx(p["gaussian"], abs=0.05)
+    # the smoothing lowers the noise std in the uniform regions
+    assert entries["gaussian"]["uniform"]["noise_std"] < entries["noisy"]["uniform"]["noise_std"]
+    assert entries["cli_gauss"]["method"] == "CLI process"
+    assert entries["gaussian"]["method"] == "spawn worker"
+
+
+def test_failing_denoiser_is_reported_not_fatal(tiny_pair, tmp_path):
+    from bench.baselines import noisy
+    from bench.harness import CliDenoiser, evaluate
+
+    res = evaluate([tiny_pair], {"noisy": noisy, "broken": CliDenoiser("python -c \"import sys; sys.exit(3)\"")},
+                   tmp_path, figures=False, log=None)
+    e = res["pairs"][0]["denoisers"]["broken"]
+    assert not e["ok"] and "exit code 3" in e["error"]
+    assert res["pairs"][0]["denoisers"]["noisy"]["ok"]
+    assert "FAILED" in (tmp_path / "results.md").read_text()
+
+
+def test_heldout_guard(tmp_path):
+    from bench.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, assert_not_heldout, heldout_paths, is_heldout
+
+    paths = heldout_paths(tmp_path)
+    assert is_heldout(paths["CT"]) and is_heldout(paths["CT"] / "CT.1.2.3")
+    assert is_heldout(paths["MR"]) and is_heldout("/elsewhere/mr_t1gd_brain_skullstripped.nii")
+    assert not is_heldout(tmp_path / "ct_thorax_philips_2mm.nii.gz")
+    assert not is_heldout(tmp_path / "mr_t1gd_head_siemens_1p5mm.nii.gz")
+    assert_not_heldout([tmp_path / "ct_thorax_philips_2mm.nii.gz"])
+    with pytest.raises(ValueError, match="mr_t1gd_brain_skullstripped"):
+        assert_not_heldout([tmp_path / "ct_thorax_philips_2mm.nii.gz", tmp_path / HELDOUT_MR_VOLUME])
+    with pytest.raises(ValueError, match="held-out"):
+        assert_not_heldout(str(tmp_path / HELDOUT_CT_SERIES))
+
+
+def test_sample_manifest_pairs(tmp_path):
+    """--pairs sample: the manifest format of sample_data/studies/manifest.json, on a tiny synthetic study."""
+    import SimpleITK as sitk
+
+    from bench.pairs import sample_pairs
+
+    rng = np.random.default_rng(0)
+    ref = np.full((5, 32, 32), 40.0, np.float32)
+    noisy = ref + rng.normal(0, 20, ref.shape).astype(np.float32)
+    for name, arr in (("ref.nii.gz", ref), ("noisy.nii.gz", noisy)):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((0.8, 0.8, 2.5))
+        (tmp_path / "ct").mkdir(exist_ok=True)
+        sitk.WriteImage(img, str(tmp_path / "ct" / name))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"pairs": [{"name": "tiny_ct", "noisy": "ct/noisy.nii.gz", "reference": "ct/ref.nii.gz",
+                                               "modality": "CT", "simulation": {"sigma": 20}}]}))
+    pairs = sample_pairs(manifest, max_slices=3)
+    assert len(pairs) == 1
+    p = pairs[0]
+    assert p.name == "tiny_ct" and p.modality == "CT" and p.noisy.shape == (3, 32, 32)
+    np.testing.assert_allclose(p.noisy, noisy[1:4], atol=1e-3)
+    assert p.spacing == pytest.approx((0.8, 0.8, 2.5))
+    assert p.meta["simulation"] == {"sigma": 20}

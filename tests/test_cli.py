@@ -1,0 +1,138 @@
+"""The command line as a user runs it: real processes, real DICOM and NIfTI files."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import APP_DIR
+
+CLI = APP_DIR / "cli.py"
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, str(CLI), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def ct_slice_dicom() -> Path:
+    import data_store
+
+    return Path(data_store.__file__).parent / "data" / "693_UNCR.dcm"
+
+
+@pytest.fixture(scope="module")
+def ct_crop_nifti(tmp_path_factory, ct_slice_dicom) -> Path:
+    """A 192x192 crop of the real head CT slice (brain and skull), as NIfTI, to keep runs short."""
+    image = sitk.ReadImage(str(ct_slice_dicom))
+    image = image[160:352, 160:352, 0] if image.GetDimension() == 3 else image[160:352, 160:352]
+    path = tmp_path_factory.mktemp("ct") / "head_crop.nii.gz"
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(path))
+    return path
+
+
+def test_help_for_every_verb():
+    top = run_cli("--help")
+    assert top.returncode == 0 and "simulate" in top.stdout and "denoise" in top.stdout
+    for verb, option in (("simulate", "--dose"), ("denoise", "--model")):
+        result = run_cli(verb, "--help")
+        assert result.returncode == 0, result.stderr
+        assert option in result.stdout and "--input" in result.stdout and "--overwrite" in result.stdout
+
+
+def test_simulate_low_dose_from_real_dicom_keeps_geometry_and_hu(tmp_path, ct_slice_dicom):
+    out = tmp_path / "ld.nii.gz"
+    result = run_cli("simulate", "--input", ct_slice_dicom, "--output", out, "--dose", "0.25",
+                     "--target-noise-hu", "30", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    original = sitk.ReadImage(str(ct_slice_dicom))
+    simulated = sitk.ReadImage(str(out))
+    assert simulated.GetPixelID() == sitk.sitkInt16  # integer CT in, HU int16 out
+    np.testing.assert_allclose(simulated.GetSpacing()[:2], original.GetSpacing()[:2], rtol=1e-6)
+    np.testing.assert_allclose(simulated.GetOrigin(), original.GetOrigin(), atol=1e-4)
+    a = sitk.GetArrayFromImage(original).astype(np.float32).squeeze()
+    b = sitk.GetArrayFromImage(simulated).astype(np.float32).squeeze()
+    tissue = (a > 0) & (a < 80)  # brain parenchyma
+    added = (b - a)[tissue]
+    assert abs(float(added.mean())) < 3.0, "low-dose simulation must not shift mean HU in tissue"
+    assert 20.0 < float(added.std()) < 45.0, "added noise should be near the 30 HU asked for"
+
+
+def test_simulate_writes_derived_dicom_series(tmp_path, ct_slice_dicom):
+    import pydicom
+
+    out_dir = tmp_path / "ld_series"
+    result = run_cli("simulate", "--input", ct_slice_dicom, "--output", out_dir, "--dose", "0.5")
+    assert result.returncode == 0, result.stderr
+    files = sorted(out_dir.iterdir())
+    assert len(files) == 1
+    derived, source = pydicom.dcmread(files[0]), pydicom.dcmread(ct_slice_dicom)
+    assert derived.SeriesInstanceUID != source.SeriesInstanceUID
+    assert derived.SOPInstanceUID != source.SOPInstanceUID
+    assert derived.StudyInstanceUID == source.StudyInstanceUID and derived.PatientID == source.PatientID
+    assert "DERIVED" in derived.ImageType
+    assert "50% dose" in derived.SeriesDescription
+
+
+def test_rician_simulation_and_denoise_improve_psnr(tmp_path, ct_crop_nifti):
+    noisy = tmp_path / "noisy.nii.gz"
+    result = run_cli("simulate", "--input", ct_crop_nifti, "--output", noisy, "--noise", "gaussian", "--sigma", "40")
+    assert result.returncode == 0, result.stderr
+    denoised = tmp_path / "denoised.nii.gz"
+    result = run_cli("denoise", "--model", "nlm", "--input", noisy, "--output", denoised, "--modality", "ct")
+    assert result.returncode == 0, result.stderr
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ct_crop_nifti))).astype(np.float32)
+    window = lambda x: np.clip(x, -160, 240)  # noqa: E731
+
+    def psnr(path: Path) -> float:
+        x = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+        return 10 * np.log10(400.0**2 / np.mean((window(x) - window(ref)) ** 2))
+
+    assert psnr(denoised) > psnr(noisy) + 3.0
+
+
+def test_bad_inputs_exit_2_with_one_line_reason(tmp_path, ct_crop_nifti):
+    text = tmp_path / "notes.dcm"
+    text.write_text("this is not an image\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nan_path = tmp_path / "nan.nii.gz"
+    array = np.zeros((8, 16, 16), np.float32)
+    array[2, 3, 4] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(nan_path))
+    four_d = tmp_path / "four_d.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(np.ones((4, 8, 8), np.float32))] * 3), str(four_d))
+    cases = {text: "dicom", empty: "", nan_path: "nan", four_d: "4d", tmp_path / "missing.nii.gz": ""}
+    for path, word in cases.items():
+        result = run_cli("denoise", "--input", path, "--output", tmp_path / "out.nii.gz", "--model", "gaussian")
+        assert result.returncode == 2, (path, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (path, result.stderr)
+        assert word in lines[0].lower(), (path, lines[0])
+        assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_never_overwrites_existing_output_or_input(tmp_path, ct_crop_nifti):
+    existing = tmp_path / "existing.nii.gz"
+    existing.write_bytes(ct_crop_nifti.read_bytes())
+    before = sha256(existing)
+    result = run_cli("denoise", "--input", ct_crop_nifti, "--output", existing, "--model", "gaussian")
+    assert result.returncode == 2 and "exists" in result.stderr
+    assert sha256(existing) == before
+    copy = tmp_path / "input.nii.gz"
+    copy.write_bytes(ct_crop_nifti.read_bytes())
+    result = run_cli("denoise", "--input", copy, "--output", copy, "--model", "gaussian", "--overwrite")
+    assert result.returncode == 2 and "input" in result.stderr
+    assert sha256(copy) == before

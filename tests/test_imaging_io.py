@@ -1,0 +1,622 @@
+"""Image I/O (lib.imaging.io): formats, geometry, value conventions, refusals, derived DICOM output.
+
+Real files only: pydicom's and pydicom-data's DICOM files, series built from them on disk, SimpleITK/nibabel
+images written to tmp_path, and ../shared/data when present (those tests skip without it).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from lib.imaging import (
+    CT_AIR_HU,
+    ImageReadError,
+    ImageWriteError,
+    Volume,
+    guess_modality,
+    list_dicom_series,
+    read_volume,
+    value_range_for_output,
+    write_dicom_derived_series,
+    write_volume,
+)
+
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
+SLAB = "dicom/ct_abdomen_siemens_j2k_slab"
+TILTED = "dicom/ct_head_ge_tilted"
+
+
+def _pydicom_data(name: str) -> Path:
+    data_store = pytest.importorskip("data_store")
+    path = Path(os.path.dirname(data_store.__file__)) / "data" / name
+    if not path.is_file():
+        pytest.skip(f"pydicom-data file {name} not installed")
+    return path
+
+
+def _rotation(angle_x: float, angle_y: float, angle_z: float) -> np.ndarray:
+    ax, ay, az = np.deg2rad([angle_x, angle_y, angle_z])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+# An oblique, non-RAS direction (rotation times axis flips, determinant -1) and non-trivial spacing/origin.
+OBLIQUE = _rotation(-17.0, 9.0, 23.0) @ np.diag([-1.0, 1.0, 1.0])
+SPACING = (0.7031, 0.8125, 2.5)
+ORIGIN = (-120.123456789, 35.5, -812.25)
+
+
+def _ct_like(shape=(6, 24, 20), seed=0) -> np.ndarray:
+    """int16 HU: air around a water-ish ellipse with noise and a bone dot."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape)
+    body = ((y - shape[1] / 2) / (0.4 * shape[1])) ** 2 + ((x - shape[2] / 2) / (0.4 * shape[2])) ** 2 < 1
+    img = np.where(body, 40.0, -1000.0) + rng.normal(0, 15, shape)
+    img[:, shape[1] // 2, shape[2] // 2] = 1200
+    return np.clip(np.rint(img), -1024, 3071).astype(np.int16)
+
+
+def _sitk_file(path: Path, array: np.ndarray, spacing=SPACING, origin=ORIGIN, direction=OBLIQUE) -> Path:
+    image = sitk.GetImageFromArray(array)
+    nd = array.ndim
+    image.SetSpacing(spacing[:nd])
+    image.SetOrigin(origin[:nd])
+    image.SetDirection(np.asarray(direction)[:nd, :nd].ravel().tolist())
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _make_series(
+    folder: Path,
+    n: int = 5,
+    *,
+    gaps: list[float] | None = None,
+    iop: np.ndarray | None = None,
+    shear_per_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    tilt_tag: float | None = None,
+    series_uid: str | None = None,
+    description: str = "synthetic",
+    series_number: int = 7,
+) -> dict:
+    """A CT series on disk built from pydicom's CT_small slice: slice k = CT_small + 10*k (so order is
+    checkable), positions along the normal (plus an optional shear), file names in reverse slice order."""
+    base = pydicom.dcmread(CT_SMALL)
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = base.pixel_array.astype(np.int16)
+    iop = np.asarray(iop if iop is not None else [1, 0, 0, 0, 1, 0], dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    origin = np.asarray(base.ImagePositionPatient, dtype=float)
+    offsets = np.concatenate([[0.0], np.cumsum(gaps if gaps is not None else [2.5] * (n - 1))])
+    uid = series_uid or generate_uid()
+    paths = []
+    for k, s in enumerate(offsets):
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID = uid
+        ds.SeriesDescription = description
+        ds.SeriesNumber = series_number
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in iop]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in origin + s * normal + s * np.asarray(shear_per_mm)]
+        if tilt_tag is not None:
+            ds.GantryDetectorTilt = tilt_tag
+        ds.PixelData = (stored + 10 * k).astype("<i2").tobytes()
+        path = folder / f"slice_{n - k:03d}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return {"uid": uid, "paths": paths, "stored": stored, "normal": normal, "origin": origin}
+
+
+def _sitk_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def _assert_geometry(volume: Volume, image: sitk.Image, atol: float) -> None:
+    np.testing.assert_allclose(volume.spacing, image.GetSpacing(), atol=atol, rtol=0)
+    np.testing.assert_allclose(volume.origin, image.GetOrigin(), atol=atol, rtol=0)
+    np.testing.assert_allclose(volume.direction, image.GetDirection(), atol=atol, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SimpleITK formats
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".mha", ".mhd"])
+def test_round_trip_oblique_geometry_exact(tmp_path, ext):
+    src = _sitk_file(tmp_path / f"in{ext}", _ct_like())
+    on_disk = sitk.ReadImage(str(src))
+    vol = read_volume(src)
+    assert vol.array.shape == (6, 24, 20) and vol.array.dtype == np.float32
+    assert vol.modality == "CT" and vol.source_dtype == np.int16  # guessed from the air at -1000
+    assert vol.metadata["modality_source"] == "guessed"
+    # what we read is what the file says, bit for bit
+    assert vol.spacing == on_disk.GetSpacing() and vol.origin == on_disk.GetOrigin()
+    assert vol.direction == on_disk.GetDirection()
+    np.testing.assert_array_equal(vol.array, sitk.GetArrayFromImage(on_disk))
+
+    out = write_volume(vol, tmp_path / f"out{ext}")
+    back = sitk.ReadImage(str(out))
+    assert back.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(on_disk))
+    # MetaImage: bit-exact; NRRD stores direction x spacing, so exact to the last bit or two; NIfTI stores the
+    # geometry in float32 (direction as a float32 quaternion): ~1e-7 on a re-write, ~1e-6 mm vs the design.
+    if ext in (".mha", ".mhd"):
+        assert back.GetSpacing() == vol.spacing and back.GetOrigin() == vol.origin
+        assert back.GetDirection() == vol.direction
+    else:
+        _assert_geometry(vol, back, atol=1e-6 if ext == ".nii.gz" else 1e-12)
+    design_tol = 1e-5 if ext == ".nii.gz" else 1e-12
+    np.testing.assert_allclose(back.GetDirection(), OBLIQUE.ravel(), atol=design_tol)
+    np.testing.assert_allclose(back.GetOrigin(), ORIGIN, atol=design_tol)
+    np.testing.assert_allclose(back.GetSpacing(), SPACING, atol=design_tol)
+    assert np.linalg.det(np.reshape(back.GetDirection(), (3, 3))) == pytest.approx(-1.0)
+
+
+def test_round_trip_2d_and_volume_api(tmp_path):
+    src = _sitk_file(tmp_path / "slice.mha", _ct_like()[2], direction=np.diag([-1.0, 1.0, 1.0]))
+    vol = read_volume(src)
+    assert vol.ndim == 2 and not vol.is_3d and vol.shape == (24, 20)
+    assert vol.direction == (-1.0, 0.0, 0.0, 1.0) and vol.spacing == SPACING[:2]
+    image = vol.to_sitk()
+    assert image.GetPixelID() == sitk.sitkFloat32 and image.GetDirection() == vol.direction
+    again = Volume.from_sitk(image, modality="CT", source_dtype=np.int16)
+    np.testing.assert_array_equal(again.array, vol.array)
+    with pytest.raises(ValueError, match="shape"):
+        vol.with_array(np.zeros((3, 3)))
+    smoothed = vol.with_array(vol.array.astype(np.float64) + 0.4)  # float64 in -> float32 stored
+    assert smoothed.array.dtype == np.float32 and smoothed.spacing == vol.spacing
+    assert smoothed.metadata == vol.metadata and smoothed.metadata is not vol.metadata
+    out = write_volume(smoothed, tmp_path / "slice_out.nii.gz")
+    back = sitk.ReadImage(str(out))
+    assert back.GetDimension() == 2 and back.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), np.rint(vol.array + 0.4).astype(np.int16))
+
+
+def test_constant_image_reads_and_is_flagged(tmp_path):
+    src = _sitk_file(tmp_path / "blank.nrrd", np.zeros((3, 8, 8), np.float32))
+    vol = read_volume(src, modality="MR")
+    assert vol.is_constant and vol.modality == "MR" and vol.metadata["modality_source"] == "argument"
+    assert not read_volume(_sitk_file(tmp_path / "ct.nrrd", _ct_like())).is_constant
+
+
+def test_ct_int16_output_and_explicit_dtype(tmp_path):
+    vol = read_volume(_sitk_file(tmp_path / "ct.nii.gz", _ct_like()), modality="CT")
+    assert vol.source_dtype == np.int16
+    denoised = vol.with_array(vol.array * 0.5 + 0.3)
+    denoised.array[0, 0, 0] = 40000.0  # out of int16 range: clipped, not wrapped
+    denoised.array[0, 0, 1] = -40000.0
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(write_volume(denoised, tmp_path / "d.nii.gz"))))
+    assert back.dtype == np.int16
+    assert back[0, 0, 0] == 32767 and back[0, 0, 1] == -32768
+    np.testing.assert_array_equal(back[1:], np.rint(vol.array[1:] * 0.5 + 0.3).astype(np.int16))
+    as_float = write_volume(denoised, tmp_path / "f.nrrd", output_dtype="float32")
+    assert sitk.ReadImage(str(as_float)).GetPixelID() == sitk.sitkFloat32
+    assert value_range_for_output(vol).dtype == np.int16
+
+
+def test_mr_range_preserved(tmp_path):
+    rng = np.random.default_rng(1)
+    mr_float = (rng.random((4, 16, 16)) * 900).astype(np.float32)
+    vol = read_volume(_sitk_file(tmp_path / "mr.nii.gz", mr_float))
+    assert vol.modality == "MR" and vol.source_dtype == np.float32 and vol.metadata["input_min"] >= 0
+    undershoot = vol.with_array(vol.array - 50.0)  # a denoiser's negative ringing near 0
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(write_volume(undershoot, tmp_path / "o.nii.gz"))))
+    assert back.dtype == np.float32 and back.min() == 0.0
+    np.testing.assert_allclose(back[back > 0], (mr_float - 50.0)[mr_float - 50.0 > 0], rtol=1e-6)
+
+    mr_int = rng.integers(0, 1800, (4, 16, 16)).astype(np.uint16)
+    vol_i = read_volume(_sitk_file(tmp_path / "mr_i.nrrd", mr_int), modality="MR")
+    assert vol_i.source_dtype == np.uint16
+    back_i = sitk.ReadImage(str(write_volume(vol_i.with_array(vol_i.array - 3.4), tmp_path / "o.mha")))
+    assert back_i.GetPixelID() == sitk.sitkUInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back_i), np.clip(np.rint(mr_int - 3.4), 0, None))
+
+
+def test_ct_padding_in_nifti_becomes_air(tmp_path):
+    array = _ct_like()
+    array[:, :2, :] = -3024
+    vol = read_volume(_sitk_file(tmp_path / "pad.nii.gz", array))
+    assert vol.array.min() == CT_AIR_HU and vol.metadata["n_padded"] == 2 * 20 * 6
+    raw = read_volume(tmp_path / "pad.nii.gz", fill_padding=False)
+    assert raw.array.min() == -3024 and raw.metadata["n_padded"] == 0
+
+
+def test_guess_modality():
+    assert guess_modality(_ct_like().astype(np.float32)) == "CT"
+    assert guess_modality(np.random.default_rng(0).random((8, 8)) * 1000) == "MR"
+    assert guess_modality(np.random.default_rng(0).normal(0, 1, (8, 8))) == "MR"  # z-scored MR
+    assert guess_modality(np.zeros((0,))) == "MR"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Single DICOM files (pydicom / pydicom-data)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_ct_small_slice_in_hu():
+    ds = pydicom.dcmread(CT_SMALL)
+    vol = read_volume(CT_SMALL)
+    expected = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_array_equal(vol.array, expected.astype(np.float32))
+    assert vol.shape == (128, 128) and vol.modality == "CT" and vol.source_dtype == np.int16
+    ps = [float(v) for v in ds.PixelSpacing]
+    assert vol.spacing == (ps[1], ps[0])
+    assert vol.origin == tuple(float(v) for v in ds.ImagePositionPatient[:2])
+    assert vol.metadata["series_instance_uid"] == ds.SeriesInstanceUID
+    assert vol.metadata["patient_id"] == ds.PatientID
+    assert len(vol.dicom_headers) == 1 and "PixelData" not in vol.dicom_headers[0]
+
+
+@pytest.mark.filterwarnings("ignore:The \\(0028,0101\\) 'Bits Stored' value:UserWarning")  # header says 16, J2K 14
+def test_j2k_lossless_equals_uncompressed_and_padding_to_air():
+    j2k = read_volume(_pydicom_data("693_J2KR.dcm"))
+    raw = read_volume(_pydicom_data("693_UNCR.dcm"))
+    np.testing.assert_array_equal(j2k.array, raw.array)
+    assert j2k.shape == (512, 512) and j2k.modality == "CT" and j2k.source_dtype == np.int16
+    # the file pads outside the field of view with PixelPaddingValue -2000 (-3024 HU after rescale)
+    assert j2k.metadata["n_padded_by_tag"] > 0 and j2k.array.min() == CT_AIR_HU
+    stored = pydicom.dcmread(_pydicom_data("693_UNCR.dcm")).pixel_array
+    assert np.count_nonzero(stored == -2000) == j2k.metadata["n_padded_by_tag"]
+    unfilled = read_volume(_pydicom_data("693_UNCR.dcm"), fill_padding=False)
+    assert unfilled.array.min() == -3024
+
+
+def test_dicom_slice_written_with_patient_geometry(tmp_path):
+    path = _pydicom_data("693_UNCR.dcm")
+    vol = read_volume(path)
+    out = write_volume(vol.with_array(vol.array + 0.2), tmp_path / "slice.nii.gz")
+    back, direct = sitk.ReadImage(str(out)), sitk.ReadImage(str(path))  # SimpleITK reads the slice as 1-slice 3D
+    assert back.GetSize() == direct.GetSize() == (512, 512, 1) and back.GetPixelID() == sitk.sitkInt16
+    _assert_geometry(read_volume(out), direct, atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back)[0], np.rint(vol.array + 0.2))
+    flat = write_volume(vol, tmp_path / "flat.mha", dicom_slice_as_3d=False)
+    assert sitk.ReadImage(str(flat)).GetDimension() == 2
+
+
+def test_enhanced_multiframe_ct_is_3d_sorted_along_normal():
+    path = _pydicom_data("eCT_Supplemental.dcm")
+    vol = read_volume(path)
+    ds = pydicom.dcmread(path)
+    assert vol.shape == (2, 512, 512) and vol.metadata["multiframe"]
+    # IOP (-1,0,0 / 0,1,0): normal is -z, so the frame at z=-149 comes first; spacing 10 mm
+    assert vol.metadata["frame_order"] == [1, 0]
+    assert vol.origin == (99.5, -301.5, -149.0) and vol.spacing[2] == pytest.approx(10.0)
+    assert vol.direction == (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+    np.testing.assert_array_equal(vol.array[0], ds.pixel_array[1].astype(np.float32) - 1024.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DICOM series (synthetic, on disk)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_series_order_and_geometry_match_simpleitk_on_oblique_series(tmp_path):
+    rot = _rotation(20.0, -10.0, 5.0)
+    iop = np.concatenate([rot[:, 0], rot[:, 1]])
+    made = _make_series(tmp_path / "s", n=5, iop=iop)
+    (tmp_path / "s" / "notes.txt").write_text("not a DICOM file")  # junk is ignored
+    vol = read_volume(tmp_path / "s")
+    image = _sitk_series(tmp_path / "s")
+    _assert_geometry(vol, image, atol=1e-4)
+    np.testing.assert_allclose(vol.array, sitk.GetArrayFromImage(image), atol=0.5)
+    # array z order = position along the normal = the order the slices were made
+    for k in range(5):
+        np.testing.assert_array_equal(vol.array[k], made["stored"] + 10 * k - 1024)
+    assert vol.shape == (5, 128, 128) and vol.spacing[2] == pytest.approx(2.5, abs=1e-5)
+    assert vol.metadata["n_files_ignored"] == 1 and len(vol.dicom_headers) == 5
+    assert [int(h.InstanceNumber) for h in vol.dicom_headers] == [1, 2, 3, 4, 5]
+
+
+def test_multi_series_folder_lists_and_selects(tmp_path):
+    a = _make_series(tmp_path / "a", n=3, description="first", series_number=2)
+    b = _make_series(tmp_path / "b", n=4, description="second", series_number=3)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, p in enumerate(a["paths"] + b["paths"]):
+        shutil.copy(p, mixed / f"f{i}")  # names without extension
+    series = list_dicom_series(mixed)
+    assert [(s["uid"], s["description"], s["modality"], s["n_files"]) for s in series] == [
+        (a["uid"], "first", "CT", 3),
+        (b["uid"], "second", "CT", 4),
+    ]
+    with pytest.raises(ImageReadError) as err:
+        read_volume(mixed)
+    message = str(err.value)
+    assert "2 DICOM series" in message and "series_uid" in message and "\n" not in message
+    assert a["uid"] in message and b["uid"] in message and "first" in message and "4 files" in message
+    assert read_volume(mixed, series_uid=b["uid"]).shape == (4, 128, 128)
+    assert read_volume(mixed, series_uid=a["uid"]).shape == (3, 128, 128)
+    with pytest.raises(ImageReadError, match="no series with uid"):
+        read_volume(mixed, series_uid="1.2.3")
+
+
+def test_sheared_series_refused_as_gantry_tilt(tmp_path):
+    # positions move along z while the slice plane is tilted about x: a classic tilted CT stack
+    tilt = np.deg2rad(12.0)
+    iop = np.array([1, 0, 0, 0, np.cos(tilt), -np.sin(tilt)])
+    normal = np.cross(iop[:3], iop[3:])
+    shear = np.array([0, 0, 1.0]) / normal[2] - normal  # so that the slice step is purely along z
+    made = _make_series(tmp_path / "t", n=4, iop=iop, shear_per_mm=tuple(shear), tilt_tag=12.0)
+    with pytest.raises(ImageReadError) as err:
+        read_volume(tmp_path / "t")
+    assert "gantry tilt of 12.0°" in str(err.value) and "regular grid" in str(err.value)
+    assert "2D" in str(err.value)
+    single = read_volume(made["paths"][0])  # one slice of it is a fine 2D image
+    assert single.ndim == 2 and single.metadata["image_orientation_patient"] == pytest.approx(list(iop))
+
+
+def test_tilt_tag_without_tilted_orientation_refused_but_consistent_oblique_accepted(tmp_path):
+    _make_series(tmp_path / "hidden", n=3, tilt_tag=15.0)  # axial IOP but the gantry was tilted
+    with pytest.raises(ImageReadError, match="gantry tilt of 15.0°"):
+        read_volume(tmp_path / "hidden")
+    tilt = np.deg2rad(15.0)
+    iop = np.array([1, 0, 0, 0, np.cos(tilt), -np.sin(tilt)])
+    _make_series(tmp_path / "oblique", n=3, iop=iop, tilt_tag=15.0)  # positions along the tilted normal
+    vol = read_volume(tmp_path / "oblique")
+    assert vol.shape == (3, 128, 128) and vol.metadata["gantry_tilt_deg"] == 15.0
+
+
+def test_uneven_and_duplicate_slices_refused(tmp_path):
+    _make_series(tmp_path / "gap", n=4, gaps=[2.5, 5.0, 2.5])  # a missing slice
+    with pytest.raises(ImageReadError) as err:
+        read_volume(tmp_path / "gap")
+    assert "uneven slice spacing" in str(err.value) and "5.000" in str(err.value)
+    _make_series(tmp_path / "ok", n=3, gaps=[2.5, 2.505])  # within the documented 1 % tolerance
+    assert read_volume(tmp_path / "ok").shape[0] == 3
+    _make_series(tmp_path / "dup", n=3, gaps=[2.5, 0.0])
+    with pytest.raises(ImageReadError, match="share a position.*4D is not supported"):
+        read_volume(tmp_path / "dup")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Refusals on bad input
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    text = tmp_path / "notes.dcm"
+    text.write_text("this is a text file, not an image\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "readme.txt").write_text("hello")
+    (junk / "data.bin").write_bytes(b"\x08\x00\x10\x00garbage")
+    four_d = tmp_path / "fourd.nii.gz"
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 4, 3), np.int16), np.eye(4)), str(four_d))
+    nan = tmp_path / "nan.nii.gz"
+    nan_array = np.zeros((3, 5, 5), np.float32)
+    nan_array[1, 2, :3] = np.nan
+    _sitk_file(nan, nan_array)
+    truncated = tmp_path / "truncated.dcm"
+    data = CT_SMALL.read_bytes()
+    truncated.write_bytes(data[: len(data) - 5000])
+    zero_size = tmp_path / "zero.mha"
+    zero_size.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4 0\nElementType = MET_SHORT\n"
+                         "ElementDataFile = LOCAL\n")
+    header_only = tmp_path / "header_only.dcm"
+    header_only.write_bytes(CT_SMALL.read_bytes()[:400])
+    unsupported = tmp_path / "image.png"
+    unsupported.write_bytes(b"\x89PNG\r\n")
+    return {
+        "text .dcm": (text, "is not a DICOM file"),
+        "empty folder": (empty, "empty folder"),
+        "junk folder": (junk, "contains no DICOM image files"),
+        "missing": (tmp_path / "nope", "no such file or folder"),
+        "4D": (four_d, "4D images are not supported, give one 3D volume"),
+        "NaN": (nan, "contains 3 NaN values"),
+        "truncated": (truncated, "cannot decode the pixel data"),
+        "pydicom truncated": (Path(get_testdata_file("MR_truncated.dcm")), "doesn't match the expected length"),
+        "zero size": (zero_size, "empty image (shape (0, 4, 4))"),
+        "header only": (header_only, "DICOM file without image attributes"),
+        "unsupported": (unsupported, "unsupported file type '.png'"),
+    }
+
+
+def test_bad_inputs_give_clear_read_errors(tmp_path):
+    for name, (path, expected) in _bad_inputs(tmp_path).items():
+        with pytest.raises(ImageReadError) as err:
+            read_volume(path)
+        message = str(err.value)
+        assert expected in message, (name, message)
+        assert str(path) in message and "\n" not in message, (name, message)
+
+
+def test_colour_dicom_refused():
+    path = _pydicom_data("SC_rgb.dcm")
+    with pytest.raises(ImageReadError, match="3 samples per pixel.*not supported, give one 3D volume"):
+        read_volume(path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Write guarantees
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_no_overwrite_no_write_onto_input_and_atomic(tmp_path):
+    src = _sitk_file(tmp_path / "in.nii.gz", _ct_like())
+    vol = read_volume(src)
+    with pytest.raises(ImageWriteError, match="onto the input"):
+        write_volume(vol, src, overwrite=True)
+    out = write_volume(vol, tmp_path / "out.nrrd")
+    before = out.read_bytes()
+    with pytest.raises(ImageWriteError, match="already exists.*overwrite=True"):
+        write_volume(vol.with_array(vol.array + 5), out)
+    assert out.read_bytes() == before
+    write_volume(vol.with_array(vol.array + 5), out, overwrite=True)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(out)))[0, 0, 0] == vol.array[0, 0, 0] + 5
+
+    # a failure after the data were written (companion .zraw of a .mhd exists) leaves nothing behind
+    (tmp_path / "x.zraw").write_bytes(b"keep me")
+    with pytest.raises(ImageWriteError, match="x.zraw"):
+        write_volume(vol, tmp_path / "x.mhd")
+    assert not (tmp_path / "x.mhd").exists() and (tmp_path / "x.zraw").read_bytes() == b"keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    with pytest.raises(ImageWriteError, match="contains 1 NaN"):
+        bad = vol.with_array(vol.array.copy())
+        bad.array[0, 0, 0] = np.nan
+        write_volume(bad, tmp_path / "nan.nii.gz")
+    with pytest.raises(ImageWriteError, match="unsupported output extension"):
+        write_volume(vol, tmp_path / "out.png")
+    with pytest.raises(ImageWriteError, match="DICOM output needs a DICOM input.*nii.gz"):
+        write_volume(vol, tmp_path / "dicom_out")
+    assert not (tmp_path / "dicom_out").exists()
+
+
+def test_derived_series_from_synthetic_series(tmp_path):
+    _make_series(tmp_path / "src", n=4)
+    vol = read_volume(tmp_path / "src")
+    denoised = vol.with_array(vol.array * 0.9 + 0.2)
+    with pytest.raises(ImageWriteError, match="onto the input"):
+        write_volume(denoised, tmp_path / "src", overwrite=True)
+    one_slice = read_volume(next((tmp_path / "src").iterdir()))
+    with pytest.raises(ImageWriteError, match="holds the input"):  # would replace the folder of the input file
+        write_volume(one_slice, tmp_path / "src", overwrite=True)
+    assert len(list((tmp_path / "src").iterdir())) == 4
+    out = write_volume(denoised, tmp_path / "out")
+    files = sorted(out.iterdir())
+    assert len(files) == 4
+    image = _sitk_series(out)
+    _assert_geometry(vol, image, atol=1e-4)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(image), np.rint(denoised.array), atol=0.5)
+    again = read_volume(out)
+    np.testing.assert_array_equal(again.array, np.rint(denoised.array))
+    assert again.metadata["series_description"] == "synthetic [denoised]"
+    assert again.metadata["series_number"] == 1007
+    for key in ("study_instance_uid", "patient_id", "patient_name", "frame_of_reference_uid", "study_date"):
+        assert again.metadata[key] == vol.metadata[key], key
+    assert again.metadata["series_instance_uid"] not in ("", vol.metadata["series_instance_uid"])
+    sop_uids = {h.SOPInstanceUID for h in again.dicom_headers} | {h.SOPInstanceUID for h in vol.dicom_headers}
+    assert len(sop_uids) == 8
+    with pytest.raises(ImageWriteError, match="already exists"):
+        write_volume(denoised, out)
+    write_volume(denoised, out, overwrite=True)  # replaces the whole series atomically
+    assert len(list(out.iterdir())) == 4 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    cropped = Volume(denoised.array[:2], vol.spacing, vol.origin, vol.direction, "CT")
+    with pytest.raises(ImageWriteError, match="not on the reference DICOM grid"):
+        write_dicom_derived_series(cropped, tmp_path / "c", vol)
+
+
+def test_derived_series_for_float_mr_uses_rescale(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    vol = read_volume(get_testdata_file("MR_small.dcm"))
+    assert vol.modality == "MR" and vol.ndim == 2
+    smooth = vol.with_array(vol.array / 7.3)  # non-integral values
+    smooth = Volume(smooth.array, vol.spacing, vol.origin, vol.direction, "MR", np.float32, None, None,
+                    dict(vol.metadata))
+    out = write_dicom_derived_series(smooth, tmp_path / "mr", vol)
+    written = pydicom.dcmread(next(out.iterdir()))
+    slope = float(written.RescaleSlope)
+    assert written.PixelRepresentation == 0 and slope < 1
+    np.testing.assert_allclose(written.pixel_array * slope + float(written.RescaleIntercept), smooth.array,
+                               atol=slope / 2 + 1e-6)
+    assert written.SOPClassUID == pydicom.uid.MRImageStorage and written.PatientID == ds.PatientID
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Real data in ../shared/data
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slab(shared_data):
+    folder = shared_data / SLAB
+    return folder, read_volume(folder)
+
+
+def test_j2k_slab_matches_simpleitk(slab):
+    folder, vol = slab
+    image = _sitk_series(folder)
+    assert vol.shape == (20, 512, 512) and vol.modality == "CT" and vol.source_dtype == np.int16
+    _assert_geometry(vol, image, atol=1e-4)
+    np.testing.assert_allclose(vol.array, sitk.GetArrayFromImage(image), atol=0.5)
+    assert vol.metadata["series_instance_uid"] == "" and vol.metadata["study_instance_uid"] == ""
+    assert vol.metadata["window_center"] == 40.0 and vol.metadata["rescale_intercept"] == -1024.0
+
+
+def test_j2k_slab_derived_series_is_valid(slab, tmp_path):
+    folder, vol = slab
+    rng = np.random.default_rng(0)
+    denoised = vol.with_array(vol.array + rng.normal(0, 0.3, vol.shape))
+    out = write_volume(denoised, tmp_path / "denoised")
+    files = sorted(out.iterdir())
+    assert len(files) == 20
+    datasets = [pydicom.dcmread(f) for f in files]
+    expected = np.rint(denoised.array)
+    by_instance = sorted(datasets, key=lambda d: int(d.InstanceNumber))
+    for k, ds in enumerate(by_instance):
+        assert ds.preamble == b"\0" * 128 and ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.BitsAllocated == 16 and ds.PixelRepresentation == 1 and ds.pixel_array.dtype == np.int16
+        assert float(ds.RescaleSlope) == 1.0 and float(ds.RescaleIntercept) == 0.0
+        np.testing.assert_array_equal(ds.pixel_array, expected[k])
+        src = vol.dicom_headers[k]
+        assert [float(v) for v in ds.ImagePositionPatient] == [float(v) for v in src.ImagePositionPatient]
+        assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.file_meta.MediaStorageSOPInstanceUID
+        assert "PixelPaddingValue" not in ds and not any(e.tag.is_private for e in ds)
+    uids = {d.SOPInstanceUID for d in datasets}
+    assert len(uids) == 20 and all(u for u in uids)
+    assert len({d.SeriesInstanceUID for d in datasets}) == 1 and datasets[0].SeriesInstanceUID
+    assert len({d.StudyInstanceUID for d in datasets}) == 1 and datasets[0].StudyInstanceUID  # filled once
+    assert {d.SOPClassUID for d in datasets} == {pydicom.uid.CTImageStorage}
+    assert {d.PatientID for d in datasets} == {"ANONYMOUS"}
+    first = datasets[0]
+    assert list(first.ImageType[:2]) == ["DERIVED", "SECONDARY"]
+    assert first.SeriesDescription == "CT Body 3.0 [denoised]" and first.SeriesNumber == 1000
+    assert first.FrameOfReferenceUID == vol.dicom_headers[0].FrameOfReferenceUID
+    assert first.StudyDate == vol.dicom_headers[0].StudyDate
+    image = _sitk_series(out)
+    _assert_geometry(vol, image, atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+    assert not (folder / "denoised").exists()
+
+
+def test_ge_tilted_folder_refused_single_slice_reads(shared_data, tmp_path):
+    folder = shared_data / TILTED
+    with pytest.raises(ImageReadError) as err:
+        read_volume(folder)
+    assert "tilt" in str(err.value) and "18.5°" in str(err.value) and str(folder) in str(err.value)
+    vol = read_volume(folder / "05.dcm")
+    stored = pydicom.dcmread(folder / "05.dcm").pixel_array
+    assert vol.ndim == 2 and vol.shape == (512, 512) and vol.modality == "CT"
+    # GE pads outside the field of view with -1500 before rescale; those pixels become air
+    assert vol.metadata["n_padded_by_tag"] == np.count_nonzero(stored == -1500) > 0
+    assert vol.array.min() >= CT_AIR_HU and np.all(vol.array[stored == -1500] == CT_AIR_HU)
+    # the oblique (tilted) plane keeps its patient geometry when written as NIfTI
+    back = sitk.ReadImage(str(write_volume(vol, tmp_path / "ge.nii.gz")))
+    direct = sitk.ReadImage(str(folder / "05.dcm"))
+    assert back.GetSize() == (512, 512, 1)
+    np.testing.assert_allclose(back.GetOrigin(), direct.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), direct.GetDirection(), atol=1e-6)
+    # in-plane as SimpleITK; along the normal the slice thickness (4 mm; SimpleITK says 1 without SpacingBetweenSlices)
+    np.testing.assert_allclose(back.GetSpacing(), [*direct.GetSpacing()[:2], 4.0], atol=1e-6)
+
+
+def test_real_multi_series_folder(shared_data, tmp_path):
+    for p in (shared_data / SLAB).iterdir():
+        shutil.copy(p, tmp_path / p.name)
+    shutil.copy(shared_data / TILTED / "01.dcm", tmp_path / "01.dcm")
+    series = list_dicom_series(tmp_path)
+    assert sorted(s["n_files"] for s in series) == [1, 20]
+    with pytest.raises(ImageReadError, match="2 DICOM series.*empty SeriesInstanceUID"):
+        read_volume(tmp_path)
+    assert read_volume(tmp_path, series_uid="").shape == (20, 512, 512)
+    ge_uid = next(s["uid"] for s in series if s["n_files"] == 1)
+    assert read_volume(tmp_path, series_uid=ge_uid).ndim == 2
