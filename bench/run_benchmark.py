@@ -22,7 +22,8 @@ for _p in (str(REPO_ROOT / "apps" / "adl_denoise"), str(REPO_ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from bench.baselines import BASELINES, get_baseline  # noqa: E402
+from bench.baselines import BASELINES  # noqa: E402
+from bench.learned import LEARNED  # noqa: E402
 from bench.harness import CliDenoiser, describe_machine, evaluate, machine_line, pair_table  # noqa: E402
 from bench.pairs import DEFAULT_CACHE_DIR, sample_pairs, shared_pairs  # noqa: E402
 
@@ -30,8 +31,9 @@ from bench.pairs import DEFAULT_CACHE_DIR, sample_pairs, shared_pairs  # noqa: E
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--denoisers", default="noisy,gaussian,nlm,bm3d",
-                    help=f"comma-separated baselines from {sorted(BASELINES)} (bm4d is applied to MR pairs only "
-                         "unless --bm4d-ct is given)")
+                    help=f"comma-separated denoisers from {sorted(BASELINES) + sorted(LEARNED)} (learned ones use "
+                         "the app's weights for each pair's modality; bm4d is applied to MR pairs only unless "
+                         "--bm4d-ct is given)")
     ap.add_argument("--cli", action="append", default=[], metavar="NAME=TEMPLATE",
                     help="a command-line denoiser; placeholders {input} {output} {modality} {python} (repeatable)")
     ap.add_argument("--pairs", choices=("shared", "sample"), default="shared",
@@ -52,8 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_denoisers(names: str, clis: list[str]) -> dict:
     den: dict = {}
+    known = {**BASELINES, **LEARNED}
     for name in [n.strip() for n in names.split(",") if n.strip()]:
-        den[name] = get_baseline(name)
+        if name not in known:
+            raise SystemExit(f"unknown denoiser {name!r}; choose from {sorted(known)}")
+        den[name] = known[name]
     for spec in clis:
         if "=" not in spec:
             raise SystemExit(f"--cli expects NAME=TEMPLATE, got {spec!r}")

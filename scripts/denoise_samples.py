@@ -28,11 +28,16 @@ CLI = REPO_ROOT / "apps" / "adl_denoise" / "cli.py"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bm3d", help="model passed to cli.py denoise (default bm3d)")
+    parser.add_argument("--model", default=None,
+                        help="model passed to cli.py denoise (default adl where its weights exist, else bm3d)")
     parser.add_argument("--only", help="only the sample whose name contains this text")
     args = parser.parse_args(argv)
 
     manifest = json.loads((STUDIES / "manifest.json").read_text())
+    if args.model is None:
+        from lib.inference import find_weights
+
+        args.model = "adl" if all(find_weights("adl", m) for m in ("CT", "MR")) else "bm3d"
     OUTPUT.mkdir(parents=True, exist_ok=True)
     rows = []
     for pair in manifest["pairs"]:

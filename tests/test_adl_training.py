@@ -439,7 +439,7 @@ def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch):
     for message, extra in cases.items():
         code = cli.main(["train", "--output", str(tmp_path / "w.pt"), "--modality", "ct", *map(str, extra)])
         assert code == 2, message
-    monkeypatch.setattr(cli, "MODEL_DIR", tmp_path / "no_models")
+    monkeypatch.setenv("ADL_MODEL_DIR", str(tmp_path / "no_models"))
     denoise = ["denoise", "--model", "adl", "-i", str(ct_crop), "-o", str(tmp_path / "o.nii.gz")]
     assert cli.main(denoise + ["--modality", "ct"]) == 2  # no default weights installed
     weights = export_weights(build_networks(tiny_config())[0], tmp_path / "ct.pt", tiny_config())

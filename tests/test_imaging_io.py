@@ -620,3 +620,23 @@ def test_real_multi_series_folder(shared_data, tmp_path):
     assert read_volume(tmp_path, series_uid="").shape == (20, 512, 512)
     ge_uid = next(s["uid"] for s in series if s["n_files"] == 1)
     assert read_volume(tmp_path, series_uid=ge_uid).ndim == 2
+
+
+def test_oversized_images_are_refused_from_the_header(tmp_path, monkeypatch):
+    """A volume above the voxel limit is refused before its pixels are loaded, for every reader path."""
+    nifti = tmp_path / "big.nii.gz"
+    sitk.WriteImage(sitk.Image(64, 64, 20, sitk.sitkInt16), str(nifti))
+    folder = tmp_path / "series"
+    folder.mkdir()
+    source = Path(get_testdata_file("CT_small.dcm"))
+    for i in range(3):
+        ds = pydicom.dcmread(source)
+        ds.SOPInstanceUID = generate_uid()
+        ds.ImagePositionPatient = [0.0, 0.0, float(i)]
+        ds.InstanceNumber = i + 1
+        ds.save_as(folder / f"{i}.dcm")
+    assert read_volume(nifti).array.size == 64 * 64 * 20  # within the default limit
+    monkeypatch.setenv("ADL_MAX_VOXELS", "10000")
+    for path, voxels in ((nifti, "81,920"), (folder, "49,152"), (source, "16,384")):
+        with pytest.raises(ImageReadError, match=rf"too large: .*{voxels} voxels exceeds the limit of 10,000"):
+            read_volume(path)

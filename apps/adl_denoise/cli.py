@@ -3,8 +3,11 @@
 
 Verbs:
   simulate   make a noisy version of a volume (low-dose CT in the sinogram domain, MR Rician, generic noise)
-  denoise    denoise a volume with one of the available models (classical baselines or a trained ADL network)
-  train      train an ADL denoiser on clean images (synthetic physics noise) or on noisy/clean pairs
+  denoise    denoise a volume with one of the available models (classical baselines or a trained ADL or
+             TDDL-GCN network)
+  train      train an ADL or TDDL-GCN denoiser on clean images (synthetic physics noise or a learned noise
+             model) or on noisy/clean pairs
+  learn-noise  learn a CT scanner's noise from its low-dose images alone (TDDL noise model for train --noise-model)
 
 Every verb reads and writes DICOM series folders, NIfTI, NRRD and MHA, keeps the input's geometry and value
 convention (CT in HU), never overwrites without ``--overwrite`` and exits non-zero with a one-line reason
@@ -70,6 +73,13 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _odd_window(text: str) -> int:
+    value = _positive_int(text)
+    if value < 3 or value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"must be an odd number >= 3, got {text}")
     return value
 
 
@@ -168,8 +178,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------- denoise
-MODEL_DIR = APP_DIR / "model"
 ADL_MODEL = "adl"
+GCN_MODEL = "tddl_gcn"
+LEARNED_MODELS = (ADL_MODEL, GCN_MODEL)
+#: what each learned model is called in messages, and the network class its weight files must hold
+MODEL_LABELS = {ADL_MODEL: "ADL", GCN_MODEL: "TDDL-GCN"}
+MODEL_NETWORKS = {ADL_MODEL: "EfficientUNetDenoiser", GCN_MODEL: "GCNDenoiser"}
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
@@ -182,27 +196,28 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
     return values
 
 
-def default_adl_weights(modality: str) -> list[Path]:
-    """Candidate weight files for ``modality``, best first: the published ``model/adl_<m>.pt``, then the
-    pretrained ``model/pretrained_adl_<m>.pt``."""
-    m = modality.lower()
-    return [MODEL_DIR / f"adl_{m}.pt", MODEL_DIR / f"pretrained_adl_{m}.pt"]
-
-
 def _adl_weights_for(args: argparse.Namespace, modality: str | None) -> Path:
+    """The weight file of the learned model ``args.model`` (adl, tddl_gcn): --weights, else the published or
+    shipped default for the modality (:func:`lib.inference.find_weights`)."""
+    label = MODEL_LABELS[args.model]
     if args.weights:
         path = Path(args.weights).expanduser()
         if not path.is_file():
-            raise CommandError(f"ADL weights {path} not found")
+            raise CommandError(f"{label} weights {path} not found")
         return path
     if modality not in ("CT", "MR"):
         raise CommandError(f"cannot tell whether {args.input} is CT or MR: give --modality ct|mr (or --weights)")
-    candidates = default_adl_weights(modality)
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise CommandError(f"no ADL weights for {modality}: neither {candidates[0]} nor {candidates[1]} exists; "
-                       f"pass --weights PATH or train one with 'cli.py train --model adl'")
+    from lib.inference import candidate_weights, find_weights
+
+    path = find_weights(args.model, modality)
+    if path is not None:
+        return path
+    candidates = candidate_weights(args.model, modality)
+    hint = ""
+    if args.model == GCN_MODEL and modality == "MR":
+        hint = " (the TDDL-GCN is a CT model; for MR train one on MR data)"
+    raise CommandError(f"no {label} weights for {modality}: neither {candidates[0]} nor {candidates[1]} exists; "
+                       f"pass --weights PATH or train one with 'cli.py train --model {args.model}'{hint}")
 
 
 def _denoise_adl(volume: Volume, args: argparse.Namespace, device: str) -> np.ndarray:
@@ -211,6 +226,14 @@ def _denoise_adl(volume: Volume, args: argparse.Namespace, device: str) -> np.nd
     modality = volume.modality if volume.modality in ("CT", "MR") else None
     path = _adl_weights_for(args, modality)
     model = load_denoiser(path, device=device)
+    label = MODEL_LABELS[args.model]
+    held = model.metadata.get("network_class")
+    if held != MODEL_NETWORKS[args.model]:
+        other = next((m for m, c in MODEL_NETWORKS.items() if c == held), None)
+        raise CommandError(f"{path.name} holds a {held} network, not {label}"
+                           + (f": use --model {other}" if other else ""))
+    if getattr(args, "search_window", None) is not None:
+        model.network.inference_search_window = args.search_window
     if modality is None:
         log.info("modality of %s unknown: using the weights' modality %s", args.input, model.modality)
         modality = model.modality
@@ -218,31 +241,36 @@ def _denoise_adl(volume: Volume, args: argparse.Namespace, device: str) -> np.nd
         guessed = volume.metadata.get("modality_source") == "guessed"
         hint = (f" (guessed from its values; add --modality {model.modality.lower()} if it is {model.modality})"
                 if guessed else "")
-        raise CommandError(f"the ADL weights {path.name} were trained for {model.modality} but the input is "
+        raise CommandError(f"the {label} weights {path.name} were trained for {model.modality} but the input is "
                            f"{modality}{hint}")
     roi = _int_list(args.roi_size, "--roi-size") if args.roi_size else None
-    log.info("ADL weights %s (%dD, %s)", path, model.spatial_dims, model.modality)
+    log.info("%s weights %s (%dD, %s)", label, path, model.spatial_dims, model.modality)
+    # the GCN runs a whole slice per pass with bounded memory; one slice at a time keeps it at ~1 GB
+    sw_batch = args.sw_batch_size or (1 if args.model == GCN_MODEL else 4)
     return denoise_array(model, volume.array, modality, device=device, roi_size=roi,
                          overlap=0.25 if args.overlap is None else args.overlap,
-                         sw_batch_size=args.sw_batch_size, progress=True)
+                         sw_batch_size=sw_batch, progress=True)
 
 
 def cmd_denoise(args: argparse.Namespace) -> int:
     from lib.denoisers import denoise_classical
 
-    if args.model != ADL_MODEL:
-        given = [o for o, v in (("--weights", args.weights), ("--roi-size", args.roi_size), ("--overlap", args.overlap))
-                 if v is not None]
+    if args.model not in LEARNED_MODELS:
+        given = [o for o, v in (("--weights", args.weights), ("--roi-size", args.roi_size), ("--overlap", args.overlap),
+                                ("--sw-batch-size", args.sw_batch_size)) if v is not None]
         if given:
-            raise CommandError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to --model adl")
+            raise CommandError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to the learned models "
+                               f"({', '.join(LEARNED_MODELS)})")
+    if args.search_window is not None and args.model != GCN_MODEL:
+        raise CommandError(f"--search-window only applies to --model {GCN_MODEL}")
     _check_output(args)
     volume = _read_input(args)
     device = _resolve_device(args.device)  # fail early on an unavailable GPU, before any work
-    if args.model == ADL_MODEL:
+    if args.model in LEARNED_MODELS:
         start = time.perf_counter()
         denoised = _denoise_adl(volume, args, device)
-        log.info("denoised with adl in %.1f s", time.perf_counter() - start)
-        _write_output(volume.with_array(denoised), args, " [denoised adl]")
+        log.info("denoised with %s in %.1f s", args.model, time.perf_counter() - start)
+        _write_output(volume.with_array(denoised), args, f" [denoised {args.model}]")
         return 0
     if volume.modality not in ("CT", "MR"):
         raise CommandError(f"cannot tell whether {args.input} is CT or MR: give --modality ct|mr")
@@ -300,18 +328,24 @@ def build_parser() -> argparse.ArgumentParser:
     den = verbs.add_parser("denoise", help="denoise a volume",
                            description="Denoise a CT or MR volume; the output keeps the input's geometry, CT stays in HU.")
     _add_io_arguments(den)
-    den.add_argument("--model", default="bm3d", choices=("bm3d", "nlm", "gaussian", "bm4d", ADL_MODEL),
-                     help="denoising model (default bm3d)")
-    adl = den.add_argument_group("ADL")
-    adl.add_argument("--weights", help="ADL weight file (default by modality: model/adl_ct.pt or adl_mr.pt, "
-                                       "else model/pretrained_adl_ct.pt / pretrained_adl_mr.pt)")
+    den.add_argument("--model", default=ADL_MODEL, choices=("bm3d", "nlm", "gaussian", "bm4d") + LEARNED_MODELS,
+                     help="denoising model (default adl, with the shipped weights for the input's modality; "
+                          f"{GCN_MODEL}: the graph-convolutional TDDL-GCN, a CT model)")
+    adl = den.add_argument_group("learned models (ADL, TDDL-GCN)")
+    adl.add_argument("--weights", help="weight file (default by model and modality: model/<model>_ct.pt or "
+                                       "<model>_mr.pt, else model/pretrained_<model>_ct.pt / _mr.pt)")
     adl.add_argument("--roi-size", help="sliding-window size, multiples of 8: N or N,N[,N] (default 512x512 for a "
                                         "2D network, 96^3 for a 3D one)")
     adl.add_argument("--overlap", type=_overlap, help="sliding-window overlap fraction in [0, 1) (default 0.25)")
-    adl.add_argument("--sw-batch-size", type=_positive_int, default=4, help="windows per forward pass (default 4)")
+    adl.add_argument("--sw-batch-size", type=_positive_int,
+                     help="windows (2D: slices) per forward pass (default 4; tddl_gcn 1)")
+    adl.add_argument("--search-window", type=_odd_window,
+                     help=f"{GCN_MODEL}: side of the non-local search window (odd; default: the one stored with the "
+                          "weights, e.g. 21; up to 49 as in the TDDL code, ~1.5x the time on CPU)")
     den.set_defaults(func=cmd_denoise)
 
     _add_train_parser(verbs)
+    _add_learn_noise_parser(verbs)
     return parser
 
 
@@ -338,13 +372,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CommandError("no training data: give --clean FILES_OR_FOLDERS or --noisy-dir D --clean-dir C")
     if paired and args.noise not in (None, "auto"):
         raise CommandError("--noise applies to --clean (synthetic noise) only; paired data bring their own noise")
+    if getattr(args, "noise_model", None) is not None:  # TDDL: pseudo pairs from a learned noise model
+        if paired:
+            raise CommandError("--noise-model makes pseudo pairs from --clean images; it does not apply to "
+                               "--noisy-dir/--clean-dir")
+        if args.noise not in (None, "auto"):
+            raise CommandError("give either --noise (physics noise) or --noise-model (learned noise), not both")
+        if args.modality.upper() != "CT":
+            raise CommandError("--noise-model is a CT noise model (learned in HU): use --modality ct")
+        if not Path(args.noise_model).expanduser().is_file():
+            raise CommandError(f"noise model {args.noise_model} not found (make one with 'cli.py learn-noise')")
+    gcn = args.model == GCN_MODEL
+    _check_gcn_train_arguments(args, gcn)
     modality = args.modality.upper()
     device = _resolve_device(args.device)
     filters = _int_list(args.filters, "--filters")
     disc_filters = _int_list(args.disc_filters, "--disc-filters")
     if len(filters) != 4 or len(disc_filters) != 4:
         raise CommandError("--filters and --disc-filters take 4 channel counts, e.g. 96,128,160,192")
-    patch = _int_list(args.patch_size, "--patch-size")
+    patch = _int_list(args.patch_size or ("48" if gcn else "96"), "--patch-size")
     patch_size: int | tuple[int, ...] = patch[0] if len(patch) == 1 else patch
     if any(p % 8 for p in patch) or len(patch) not in (1, args.spatial_dims):
         raise CommandError(f"--patch-size must be one or {args.spatial_dims} multiples of 8, got {args.patch_size}")
@@ -365,6 +411,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if paired:
         source = PairedFolderSource(args.noisy_dir, args.clean_dir, modality=modality)
         noise_kind = "paired"
+    elif getattr(args, "noise_model", None) is not None:
+        from lib.noise_learning import LearnedNoiseSource
+
+        source = LearnedNoiseSource(args.clean, args.noise_model, realisations=args.realisations, seed=args.seed,
+                                    spatial_dims=args.spatial_dims, regenerate_each_epoch=args.regenerate_noise,
+                                    device=_rank_device(device), progress=main_rank)
+        noise_kind = f"learned ({Path(args.noise_model).name})"
     else:
         source = SyntheticNoiseSource(args.clean, modality, args.noise or "auto", spatial_dims=args.spatial_dims,
                                       realisations=args.realisations, noise_level_range=level_range,
@@ -372,9 +425,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                                       seed=args.seed, device=_rank_device(device), progress=main_rank)
         noise_kind = source.noise
     dataset = ADLPatchDataset(source, args.spatial_dims, patch_size, samples_per_epoch=args.samples_per_epoch,
-                              seed=args.seed)
+                              seed=args.seed, slice_context=(args.slices or 1) // 2 if gcn else 0)
     val_pairs = []
-    if args.val:
+    if args.val and getattr(args, "noise_model", None) is not None:
+        from lib.noise_learning import LearnedNoiseSource
+
+        val_pairs += LearnedNoiseSource(args.val, args.noise_model, seed=args.seed + 1,
+                                        spatial_dims=args.spatial_dims, device=_rank_device(device),
+                                        progress=main_rank, build_pool=False).validation_pairs()
+    elif args.val:
         val_source = SyntheticNoiseSource(args.val, modality, "auto" if paired else (args.noise or "auto"),
                                           spatial_dims=args.spatial_dims, noise_level_range=level_range,
                                           seed=args.seed + 1, device=_rank_device(device), progress=main_rank,
@@ -387,12 +446,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     checkpoint_dir = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else \
         output.with_name(output.stem + "_checkpoints")
+    if gcn:
+        return _train_gcn(args, source, dataset, val_pairs, noise_kind, output, checkpoint_dir, modality, device,
+                          patch_size, main_rank)
     config = ADLTrainingConfig(
         modality=modality, spatial_dims=args.spatial_dims, filters=filters, disc_filters=disc_filters,
         enhancer_filters=args.enhancer_filters, norm=args.norm, patch_size=patch_size, batch_size=args.batch_size,
         num_workers=args.num_workers, steps_g_warmup=args.steps_g_warmup, steps_d_warmup=args.steps_d_warmup,
         steps_adversarial=args.steps_adversarial, lr_warmup=args.lr_warmup, lr_adversarial=args.lr_adversarial,
-        lr_step_size=args.lr_step, lr_gamma=args.lr_gamma, lambda_adversarial=args.lambda_adversarial,
+        lr_step_size=args.lr_step or 2000, lr_gamma=args.lr_gamma, lambda_adversarial=args.lambda_adversarial,
         amp=not args.no_amp, seed=args.seed, device=device, checkpoint_dir=str(checkpoint_dir),
         checkpoint_every=args.checkpoint_every, validation_every=args.validation_every,
     )
@@ -413,6 +475,64 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: TDDL-GCN options of 'train' (default None: refused with --model adl, GCN defaults otherwise)
+GCN_TRAIN_OPTIONS = ("slices", "link_slices", "features", "neighbours", "search_window", "inference_search_window",
+                     "blocks", "layers_per_block", "rank", "loss", "steps", "lr")
+
+
+def _check_gcn_train_arguments(args: argparse.Namespace, gcn: bool) -> None:
+    if not gcn:
+        given = ["--" + name.replace("_", "-") for name in GCN_TRAIN_OPTIONS
+                 if getattr(args, name, None) not in (None, False)]
+        if given:
+            raise CommandError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to --model {GCN_MODEL}")
+        return
+    if args.spatial_dims != 2:
+        raise CommandError(f"--model {GCN_MODEL} is a 2D network (adjacent slices via --slices 3): "
+                           "drop --spatial-dims 3")
+    if args.link_slices and (args.slices or 1) < 3:
+        raise CommandError("--link-slices needs adjacent slices: add --slices 3")
+    if args.modality == "mr":
+        log.warning("the TDDL-GCN was designed for low-dose CT; training it on MR works but is untested")
+
+
+def _train_gcn(args: argparse.Namespace, source, dataset, val_pairs: list, noise_kind: str, output: Path,
+               checkpoint_dir: Path, modality: str, device: str, patch_size, main_rank: bool) -> int:
+    """`train --model tddl_gcn`: the data were prepared by cmd_train (pseudo pairs from --noise-model, simulated
+    noise or real pairs); supervised training (lib.training.train_gcn) and weight export."""
+    from lib.training import GCNTrainingConfig, export_weights, scaling_rule_for, train_gcn
+
+    try:
+        config = GCNTrainingConfig(
+            modality=modality, slices=args.slices or 1, link_slices=bool(args.link_slices),
+            features=args.features or 32, k=args.neighbours or 16, search_window=args.search_window or 21,
+            inference_search_window=args.inference_search_window, n_blocks=args.blocks or 2,
+            layers_per_block=args.layers_per_block or 2, rank=args.rank or 4, norm=args.norm, patch_size=patch_size,
+            batch_size=args.batch_size, num_workers=args.num_workers, steps=args.steps or 20000, lr=args.lr or 1e-4,
+            lr_step_size=args.lr_step or 5000, lr_gamma=args.lr_gamma, loss=args.loss or "l1", amp=not args.no_amp,
+            seed=args.seed, device=device, checkpoint_dir=str(checkpoint_dir), checkpoint_every=args.checkpoint_every,
+            validation_every=args.validation_every,
+        )
+    except ValueError as error:
+        raise CommandError(f"TDDL-GCN settings: {error}") from None
+    if main_rank:
+        slices = f", {config.slices} slices{' linked' if config.link_slices else ''}" if config.slices > 1 else ""
+        print(f"training TDDL-GCN ({modality}{slices}, {noise_kind} noise) on {len(source.volumes)} image(s), "
+              f"{config.total_steps} steps; checkpoints in {checkpoint_dir}", flush=True)
+    result = train_gcn(config, dataset, val_pairs=val_pairs or None, resume=args.resume, progress=main_rank)
+    if not main_rank:
+        return 0
+    record = result.training_record()
+    record["data"] = {"noise": noise_kind, "images": [v.name for v in source.volumes],
+                      "patch_size": patch_size, "validation_images": [p.name for p in val_pairs]}
+    path = export_weights(result.network, output, config, scaling_rule_for(modality), record)
+    if result.validation:
+        last = result.validation[-1]
+        print(f"validation PSNR {last['psnr']:.2f} dB (noisy input {last['psnr_noisy']:.2f} dB) at step {last['step']}")
+    print(f"wrote {path}")
+    return 0
+
+
 def _rank_device(device: str) -> str:
     """Under torchrun every process simulates on its own GPU (LOCAL_RANK)."""
     import os
@@ -422,13 +542,15 @@ def _rank_device(device: str) -> str:
 
 def _add_train_parser(verbs) -> None:
     tr = verbs.add_parser(
-        "train", help="train an ADL denoiser",
+        "train", help="train an ADL or TDDL-GCN denoiser",
         description="Train ADL (Efficient-UNet denoiser + discriminator; phases: denoiser warm-up, discriminator "
-                    "warm-up, adversarial) on clean images with noise synthesised by the physics (low-dose CT "
-                    "in the sinogram domain, MR Rician, generic noise), or on real noisy/clean pairs matched by "
-                    "file name. Writes a small fp16 weight file for 'denoise --model adl --weights'. Checkpoints "
-                    "allow --resume. Multi-GPU: torchrun --nproc_per_node=N cli.py train ...")
-    tr.add_argument("--model", choices=(ADL_MODEL,), default=ADL_MODEL, help="model to train (adl)")
+                    "warm-up, adversarial) or the TDDL-GCN (graph-convolutional denoiser, supervised L1/MSE) on "
+                    "clean images with noise synthesised by the physics (low-dose CT in the sinogram domain, MR "
+                    "Rician, generic noise) or sampled from a learned TDDL noise model (--noise-model), or on real "
+                    "noisy/clean pairs matched by file name. Writes a small fp16 weight file for 'denoise --model "
+                    "MODEL --weights'. Checkpoints allow --resume. Multi-GPU: torchrun --nproc_per_node=N cli.py "
+                    "train ...")
+    tr.add_argument("--model", choices=LEARNED_MODELS, default=ADL_MODEL, help="model to train (default adl)")
     tr.add_argument("--output", "-o", required=True, help="weight file to write (.pt)")
     tr.add_argument("--modality", choices=("ct", "mr"), required=True, help="modality of the images")
     data = tr.add_argument_group("data")
@@ -437,6 +559,9 @@ def _add_train_parser(verbs) -> None:
     data.add_argument("--clean-dir", help="folder of the matching clean images")
     data.add_argument("--noise", choices=("auto",) + NOISE_KINDS,
                       help="synthetic noise (default auto: ct-lowdose for CT, rician for MR)")
+    data.add_argument("--noise-model", metavar="FILE",
+                      help="CT: add noise sampled from a learned TDDL noise model ('cli.py learn-noise') to the "
+                           "--clean images instead of physics noise (pseudo low-dose / normal-dose pairs)")
     data.add_argument("--noise-level", metavar="MIN,MAX",
                       help="range of the pixel-domain noise level: rician/gaussian(MR) %% of max, gaussian(CT) HU, "
                            "poisson counts, speckle relative std")
@@ -450,7 +575,7 @@ def _add_train_parser(verbs) -> None:
     data.add_argument("--val-clean-dir", help="folder of the matching clean validation images")
     net = tr.add_argument_group("network and optimisation")
     net.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2, help="2D (slices) or 3D network (default 2)")
-    net.add_argument("--patch-size", default="96", help="patch size, multiple(s) of 8: N or N,N[,N] (default 96)")
+    net.add_argument("--patch-size", help="patch size, multiple(s) of 8: N or N,N[,N] (default 96; tddl_gcn 48)")
     net.add_argument("--batch-size", type=_positive_int, default=4, help="patches per step and process (default 4)")
     net.add_argument("--filters", default="96,128,160,192", help="denoiser filters (default 96,128,160,192)")
     net.add_argument("--disc-filters", default="16,32,64,128", help="discriminator filters (default 16,32,64,128)")
@@ -461,10 +586,27 @@ def _add_train_parser(verbs) -> None:
     net.add_argument("--steps-adversarial", type=_non_negative_int, default=4000, help="adversarial steps (4000)")
     net.add_argument("--lr-warmup", type=_positive_float, default=1e-4, help="learning rate of the warm-ups (1e-4)")
     net.add_argument("--lr-adversarial", type=_positive_float, default=5e-5, help="adversarial learning rate (5e-5)")
-    net.add_argument("--lr-step", type=_positive_int, default=2000, help="StepLR step size in steps (2000)")
+    net.add_argument("--lr-step", type=_positive_int, help="StepLR step size in steps (adl 2000, tddl_gcn 5000)")
     net.add_argument("--lr-gamma", type=_positive_float, default=0.5, help="StepLR decay factor (0.5)")
     net.add_argument("--lambda-adversarial", type=float, default=0.01, help="weight of the adversarial term (0.01)")
     net.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    g = tr.add_argument_group(f"TDDL-GCN (--model {GCN_MODEL}; the adl-only options above are ignored)")
+    g.add_argument("--slices", type=int, choices=(1, 3), help="adjacent slices the network sees (default 1)")
+    g.add_argument("--link-slices", action="store_true",
+                   help="with --slices 3: link each pixel to the same pixel in the adjacent slices in every graph "
+                        "convolution (slice-based 3D variant, 3x the cost) instead of feeding them as channels")
+    g.add_argument("--features", type=_positive_int, help="feature channels (default 32)")
+    g.add_argument("--neighbours", type=_positive_int, help="non-local neighbours per pixel (default 16)")
+    g.add_argument("--search-window", type=_odd_window, help="search window side in training (default 21)")
+    g.add_argument("--inference-search-window", type=_odd_window,
+                   help="search window side stored for inference (default: the training one; 'denoise "
+                        "--search-window' overrides it)")
+    g.add_argument("--blocks", type=_positive_int, help="graph blocks, one k-NN graph each (default 2)")
+    g.add_argument("--layers-per-block", type=_positive_int, help="local/non-local layers per block (default 2)")
+    g.add_argument("--rank", type=_positive_int, help="rank of the edge-conditioned weights (default 4)")
+    g.add_argument("--loss", choices=("l1", "mse"), help="training loss on the clean target (default l1)")
+    g.add_argument("--steps", type=_positive_int, help="training steps (default 20000)")
+    g.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-4)")
     run = tr.add_argument_group("run")
     run.add_argument("--resume", help="checkpoint file or folder to continue from")
     run.add_argument("--checkpoint-dir", help="checkpoint folder (default: <output stem>_checkpoints next to --output)")
@@ -476,6 +618,94 @@ def _add_train_parser(verbs) -> None:
     run.add_argument("--seed", type=int, default=0, help="random seed")
     run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     tr.set_defaults(func=cmd_train)
+
+
+# --------------------------------------------------------------------------------------------- learn-noise
+def cmd_learn_noise(args: argparse.Namespace) -> int:
+    """TDDL step 1: noise patches from low-dose CT images alone -> conditional noise VAE -> noise-model file."""
+    from lib.data import check_not_heldout, discover_images
+    from lib.noise_learning import MIN_TRAINING_SAMPLES, NoiseSamples, extract_noise_samples, train_noise_model
+
+    output = Path(args.output).expanduser()
+    if output.suffix not in (".pt", ".pth"):
+        raise CommandError(f"--output must be a .pt noise-model file, got {args.output}")
+    if output.exists() and not args.overwrite:
+        raise CommandError(f"{args.output} already exists (add --overwrite to replace it)")
+    if args.patch_size % 8 or args.patch_size < 16:
+        raise CommandError(f"--patch-size must be a multiple of 8 and >= 16, got {args.patch_size}")
+    paths = discover_images(args.input)
+    check_not_heldout(paths)
+    if any(p.resolve() == output.resolve() for p in paths):
+        raise CommandError("--output is one of the inputs: refusing to overwrite it")
+    device = _resolve_device(args.device)
+    per_file = []
+    for path in paths:
+        volume = read_volume(path, modality="CT" if args.modality == "ct" else None)
+        if volume.modality != "CT":
+            guessed = volume.metadata.get("modality_source") == "guessed"
+            how = " (guessed from its values; add --modality ct if it is a CT in HU)" if guessed else ""
+            raise CommandError(f"{path} is {volume.modality}, not CT: the noise model learns CT noise in HU{how}")
+        if volume.is_constant:
+            raise CommandError(f"{path} holds a constant image: no noise to learn from")
+        height, width = volume.array.shape[-2:]
+        if min(height, width) < args.patch_size:
+            raise CommandError(f"{path}: slices of {height} x {width} pixels are smaller than --patch-size "
+                               f"{args.patch_size}")
+        pixel = (float(volume.spacing[1]), float(volume.spacing[0]))  # (row, column) = (y, x) mm
+        samples = extract_noise_samples(volume.array, args.patch_size, max_patches=args.max_patches, seed=args.seed,
+                                        pixel_size_mm=pixel, source_name=str(path), detrend=args.detrend)
+        st = samples.stats
+        print(f"{path.name}: {len(samples)} noise patches ({st['accepted']} smooth of {st['candidates']} "
+              f"candidates), noise std {samples.noise_std_hu:.1f} HU", flush=True)
+        per_file.append(samples)
+    samples = NoiseSamples.concatenate(per_file)
+    sizes = [s.pixel_size_mm for s in per_file if s.pixel_size_mm is not None and len(s)]
+    if sizes and max(p[0] for p in sizes) > 1.1 * min(p[0] for p in sizes):
+        log.warning("the inputs have different pixel sizes (%s mm): noise texture is learnt in pixels; prefer one "
+                    "reconstruction protocol per noise model", ", ".join(f"{p[0]:.3f}" for p in sizes))
+    if len(samples) > args.max_patches:
+        rng = np.random.default_rng(args.seed)
+        samples = samples.subset(np.sort(rng.choice(len(samples), args.max_patches, replace=False)))
+    if len(samples) < MIN_TRAINING_SAMPLES:
+        raise CommandError(f"only {len(samples)} smooth noise patches of {args.patch_size} x {args.patch_size} found "
+                           f"(need >= {MIN_TRAINING_SAMPLES}): give more or larger low-dose images, or a smaller "
+                           "--patch-size")
+    print(f"learning the noise from {len(samples)} patches ({100 * samples.air_fraction:.0f} % in air), "
+          f"{args.steps} steps on {device}", flush=True)
+    model = train_noise_model(samples, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                              progress=True, device=device,
+                              info={"command": "learn-noise", "inputs": [str(p.resolve()) for p in paths]})
+    path = model.save(output)
+    print(model.summary())
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_learn_noise_parser(verbs) -> None:
+    ln = verbs.add_parser(
+        "learn-noise", help="learn a CT scanner's noise from low-dose images alone (TDDL)",
+        description="TDDL noise learning: cut noise patches out of uniform regions of LOW-DOSE CT images (no "
+                    "normal-dose images needed), learn their distribution with a conditional VAE (noise depends on "
+                    "the local intensity), and write a noise model. 'train --model adl --noise-model FILE' then "
+                    "adds sampled noise to normal-dose images to make pseudo low-dose / normal-dose pairs.")
+    ln.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH",
+                    help="low-dose CT images or folders (DICOM series, NIfTI, NRRD, MHA)")
+    ln.add_argument("--output", "-o", required=True, help="noise-model file to write (.pt)")
+    ln.add_argument("--modality", choices=("auto", "ct"), default="auto",
+                    help="ct: treat the inputs as CT in HU (default: from DICOM, else guessed from the values)")
+    ln.add_argument("--patch-size", type=_positive_int, default=32, help="noise patch size, multiple of 8 (32)")
+    ln.add_argument("--steps", type=_positive_int, default=2000, help="training steps (2000)")
+    ln.add_argument("--batch-size", type=_positive_int, default=64, help="patches per step (64)")
+    ln.add_argument("--lr", type=_positive_float, default=2e-3, help="Adam learning rate (2e-3, cosine decay)")
+    ln.add_argument("--max-patches", type=_positive_int, default=20000,
+                    help="at most this many noise patches (random subset; default 20000)")
+    ln.add_argument("--detrend", choices=("mean", "plane", "quadratic"), default="quadratic",
+                    help="trend removed from each noise patch (default quadratic: right for filtered back-projection "
+                         "noise; mean or plane for blotchy iterative-reconstruction noise)")
+    ln.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
+    ln.add_argument("--seed", type=int, default=0, help="random seed")
+    ln.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    ln.set_defaults(func=cmd_learn_noise)
 
 
 def main(argv: list[str] | None = None) -> int:

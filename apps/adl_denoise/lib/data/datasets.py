@@ -613,6 +613,11 @@ class ADLPatchDataset(Dataset):
         augment: random flips and 90-degree rotations.
         min_foreground: minimum foreground fraction of a patch.
         max_tries: crop attempts per sample.
+        slice_context: 2D only: also give the ``slice_context`` slices on either side of the drawn slice as
+            extra channels, for networks that see adjacent slices (``{"noisy", "clean"}`` are then
+            (2 * slice_context + 1, *patch), the drawn slice in the middle; the volume's end slices are
+            repeated beyond its ends). Slices are drawn where the whole stack is usable, so that every slice of
+            a low-dose CT pool stack is a simulated one.
     """
 
     index_deterministic = True  # items depend on (seed, index) only: trainers may use global sample ids
@@ -627,6 +632,7 @@ class ADLPatchDataset(Dataset):
         augment: bool = True,
         min_foreground: float = 0.2,
         max_tries: int = 10,
+        slice_context: int = 0,
     ) -> None:
         from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd
 
@@ -651,6 +657,11 @@ class ADLPatchDataset(Dataset):
                 raise ValueError(f"3D training needs volumes, but {', '.join(too_thin)} are single 2D slices")
         weights = np.array([len(v.usable_slices) for v in source.volumes], dtype=np.float64)
         self._volume_p = weights / weights.sum()
+        self.slice_context = int(slice_context)
+        if self.slice_context < 0 or (self.slice_context and spatial_dims != 2):
+            raise ValueError(f"slice_context must be >= 0 and needs 2D patches, got {slice_context} ({spatial_dims}D)")
+        self._centres = [_stack_centres(v.usable_slices, v.clean.shape[0], self.slice_context)
+                         for v in source.volumes]
         self._has_noisy = not source.noise_on_the_fly
         keys = ["noisy", "clean"]
         self._crop_both = RandSpatialCropd(keys=keys, roi_size=self.patch_size, random_size=False)
@@ -677,9 +688,10 @@ class ADLPatchDataset(Dataset):
             else:
                 noisy_full = self.source.noisy_volume(v)
         if self.spatial_dims == 2:
-            z = int(rng.choice(vol.usable_slices))
-            clean = vol.clean[z][None]
-            noisy = None if noisy_full is None else noisy_full[z][None]
+            z = int(rng.choice(self._centres[v]))
+            zs = np.clip(np.arange(z - self.slice_context, z + self.slice_context + 1), 0, vol.clean.shape[0] - 1)
+            clean = vol.clean[zs]
+            noisy = None if noisy_full is None else noisy_full[zs]
         else:
             clean = vol.clean[None]
             noisy = None if noisy_full is None else noisy_full[None]
@@ -715,6 +727,16 @@ class ADLPatchDataset(Dataset):
             self._augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
             sample = self._augment(sample)
         return {k: torch.as_tensor(np.ascontiguousarray(_to_numpy(sample[k]), dtype=np.float32)) for k in ("noisy", "clean")}
+
+
+def _stack_centres(usable: np.ndarray, depth: int, context: int) -> np.ndarray:
+    """Usable slices whose whole stack (+-``context``, clipped to the volume) is usable; all usable if none is."""
+    if context == 0:
+        return usable
+    allowed = set(int(z) for z in usable)
+    centres = [int(z) for z in usable
+               if all(int(c) in allowed for c in np.clip(np.arange(z - context, z + context + 1), 0, depth - 1))]
+    return np.asarray(centres, dtype=np.int64) if centres else usable
 
 
 def _to_numpy(x) -> np.ndarray:

@@ -91,6 +91,9 @@ TILT_TOL_DEG = 0.05
 TILT_MATCH_TOL_DEG = 0.5
 #: Derived DICOM series get SeriesNumber = original + this (1000 when the original has none), capped to IS range.
 DERIVED_SERIES_NUMBER_OFFSET = 1000
+# Largest image read (voxels), checked from the header before any pixel is loaded: 1e9 voxels is 4 GB as
+# float32, several times a whole-body CT (512 x 512 x 2000 = 5e8). Override with ADL_MAX_VOXELS.
+MAX_VOXELS_DEFAULT = 1_000_000_000
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -517,9 +520,29 @@ def _check_nifti_finite(path: Path) -> None:
     _check_values(np.asarray(data), path)
 
 
+def max_voxels() -> int:
+    """The largest number of voxels :func:`read_volume` accepts (``ADL_MAX_VOXELS`` or the default)."""
+    value = os.environ.get("ADL_MAX_VOXELS", "").strip()
+    return int(float(value)) if value else MAX_VOXELS_DEFAULT
+
+
+def _check_size(shape: Sequence[int], path: Path) -> None:
+    n_voxels = int(np.prod([int(v) for v in shape], dtype=np.float64))
+    limit = max_voxels()
+    if n_voxels > limit:
+        raise ImageReadError(
+            f"{path} is too large: {' x '.join(str(int(v)) for v in shape)} = {n_voxels:,} voxels exceeds the limit "
+            f"of {limit:,} (set ADL_MAX_VOXELS to raise it, or crop the volume)"
+        )
+
+
 def _read_with_sitk(path: Path, modality: str | None, fill_padding: bool) -> Volume:
     try:
-        image = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # header only: refuse a huge image before loading its pixels
+        _check_size(reader.GetSize(), path)
+        image = reader.Execute()
     except RuntimeError as exc:
         raise ImageReadError(f"cannot read {path}: {_one_line(exc)}") from exc
     n_comp = image.GetNumberOfComponentsPerPixel()
@@ -945,6 +968,7 @@ def _read_dicom_single_file(path: Path, series_uid: str | None, modality_arg: st
         )
     _check_pixel_format(ds, path)
     n_frames = int(_float_or(ds.get("NumberOfFrames", 1), 1.0))
+    _check_size((n_frames, int(ds.Rows), int(ds.Columns)), path)
     if n_frames > 1:
         return _read_multiframe(ds, path, modality_arg, fill_padding)
 
@@ -1098,6 +1122,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, modality_arg: str |
     sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
     if len(sizes) > 1:
         raise ImageReadError(f"{where}: slices have different sizes {sorted(sizes)}; not one volume")
+    _check_size((len(paths), *next(iter(sizes))), folder)
 
     positions, orientations, spacings, tilts = [], [], [], []
     for path, header in zip(paths, headers):

@@ -3,8 +3,11 @@ from .denoise import (
     DEFAULT_ROI_2D,
     DEFAULT_ROI_3D,
     WEIGHTS_FORMAT,
+    MODEL_DIR,
     LoadedDenoiser,
+    candidate_weights,
     denoise_array,
+    find_weights,
     load_denoiser,
     resolve_device,
 )
@@ -13,8 +16,11 @@ __all__ = [
     "DEFAULT_ROI_2D",
     "DEFAULT_ROI_3D",
     "WEIGHTS_FORMAT",
+    "MODEL_DIR",
     "LoadedDenoiser",
+    "candidate_weights",
     "denoise_array",
+    "find_weights",
     "load_denoiser",
     "resolve_device",
 ]

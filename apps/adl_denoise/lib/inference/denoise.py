@@ -1,15 +1,20 @@
-"""Whole-image inference with a trained ADL denoiser: loading shipped weights, tiling, intensity units.
+"""Whole-image inference with a trained learned denoiser (ADL's Efficient-UNet or the TDDL-GCN): loading
+shipped weights, tiling, intensity units.
 
 :func:`load_denoiser` reads the small weight file written by :func:`lib.training.export_weights`
-(fp16 state dict + network arguments + modality + training record); :func:`denoise_array` denoises a slice
-or a volume in its own units (CT stays in HU):
+(fp16 state dict + network class and arguments + modality + training record; the class is looked up in
+:data:`lib.networks.DENOISER_NETWORKS`); :func:`denoise_array` denoises a slice or a volume in its own units
+(CT stays in HU):
 
 * normalise with :func:`lib.data.intensity_scaling_for` (the rule the model was trained with);
 * 2D model: slice by slice, ``sw_batch_size`` slices at a time, through MONAI ``sliding_window_inference``
   with windows of ``roi_size`` (default 512x512, clamped to the image: a typical CT slice is one window;
   256x256 windows with 25 % overlap cost 2.2x the compute on a 512x512 slice, measured on CPU). 3D model:
   3D sliding window (default 96^3 windows). The image is first reflect-padded to multiples of 8 (the
-  network down-samples three times) and the padding is cropped off again;
+  network down-samples three times) and the padding is cropped off again. The GCN
+  (:class:`lib.networks.GCNDenoiser`) needs no padding (``size_multiple = 1``), gets each slice with its
+  ``slice_context`` neighbours as channels, and runs a whole 512x512 slice in one pass (its k-NN search and
+  graph convolutions are chunked internally, so memory stays bounded without tiling seams);
 * undo the normalisation.
 
 Runs on CPU or CUDA under ``torch.inference_mode``; on CUDA the network runs under fp16 autocast.
@@ -27,9 +32,12 @@ import torch
 import torch.nn as nn
 
 from ..data.intensity import intensity_scaling_for
-from ..networks import EfficientUNetDenoiser, pad_to_multiple
+from ..networks import DENOISER_NETWORKS, EfficientUNetDenoiser, pad_to_multiple
 
 __all__ = [
+    "MODEL_DIR",
+    "candidate_weights",
+    "find_weights",
     "DEFAULT_ROI_2D",
     "DEFAULT_ROI_3D",
     "WEIGHTS_FORMAT",
@@ -43,6 +51,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FORMAT = "adl-denoiser-weights"
 WEIGHTS_VERSION = 1
+#: Training checkpoints that load_denoiser also accepts (ADL: lib.training.adl_trainer, GCN: gcn_trainer).
+TRAINING_CHECKPOINT_FORMATS = ("adl-training-checkpoint", "gcn-training-checkpoint")
 DEFAULT_ROI_2D = (512, 512)
 DEFAULT_ROI_3D = (96, 96, 96)
 
@@ -81,6 +91,24 @@ class LoadedDenoiser:
         return self
 
 
+# Shipped and published weights of the app: model/pretrained_<model>_<modality>.pt is committed with the repo;
+# model/<model>_<modality>.pt is what a fine-tuning run publishes, and wins when present. The environment
+# variable ADL_MODEL_DIR points elsewhere (e.g. a deployment's writable weights folder).
+MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
+
+
+def candidate_weights(model_name: str, modality: str, model_dir: Path | None = None) -> list[Path]:
+    """Weight files for ``model_name`` ("adl", ...) and ``modality`` ("CT"/"MR"), best first: published, pretrained."""
+    folder = Path(model_dir) if model_dir is not None else Path(os.environ.get("ADL_MODEL_DIR", MODEL_DIR))
+    stem = f"{model_name.lower()}_{modality.lower()}"
+    return [folder / f"{stem}.pt", folder / f"pretrained_{stem}.pt"]
+
+
+def find_weights(model_name: str, modality: str, model_dir: Path | None = None) -> Path | None:
+    """The first existing file of :func:`candidate_weights`, or None."""
+    return next((path for path in candidate_weights(model_name, modality, model_dir) if path.is_file()), None)
+
+
 def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedDenoiser:
     """Read a weight file written by :func:`lib.training.export_weights` (no network access).
 
@@ -101,14 +129,16 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
         raise ValueError(f"{p} is not a readable ADL weight file ({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict):
         raise ValueError(f"{p} is not an ADL weight file")
-    if payload.get("format") == "adl-training-checkpoint":
+    if payload.get("format") in TRAINING_CHECKPOINT_FORMATS:
+        class_name = str(payload.get("network_class", "EfficientUNetDenoiser"))
         kwargs = dict(payload["network_kwargs"])
-        state = payload["generator"]
+        state = payload["generator"] if "generator" in payload else payload["denoiser"]
         metadata = {k: payload.get(k) for k in ("config", "step", "phase", "validation", "scaling_rule")}
         modality = str(payload.get("config", {}).get("modality", "CT")).upper()
     elif payload.get("format") == WEIGHTS_FORMAT:
         if int(payload.get("version", 0)) > WEIGHTS_VERSION:
             raise ValueError(f"{p} has weight-file version {payload.get('version')}; this code reads up to {WEIGHTS_VERSION}")
+        class_name = str(payload["network"].get("class", "EfficientUNetDenoiser"))
         kwargs = dict(payload["network"]["kwargs"])
         state = payload["state_dict"]
         modality = str(payload["modality"]).upper()
@@ -116,8 +146,13 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     else:
         raise ValueError(f"{p} is not an ADL weight file (format {payload.get('format')!r})")
 
-    kwargs["deep_supervision"] = any(k.startswith("heads.1.") for k in state)
-    network = EfficientUNetDenoiser(**kwargs)
+    network_class = DENOISER_NETWORKS.get(class_name)
+    if network_class is None:
+        raise ValueError(f"{p} holds an unknown network {class_name!r} (known: {', '.join(DENOISER_NETWORKS)})")
+    metadata["network_class"] = class_name
+    if network_class is EfficientUNetDenoiser:
+        kwargs["deep_supervision"] = any(k.startswith("heads.1.") for k in state)
+    network = network_class(**kwargs)
     state = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in state.items()}
     try:
         network.load_state_dict(state, strict=True)
@@ -162,9 +197,12 @@ def denoise_array(
     same shape and units (CT in HU).
 
     Args:
-        model: a :class:`LoadedDenoiser`, or a bare :class:`~lib.networks.EfficientUNetDenoiser` (then its
-            ``spatial_dims`` attribute decides 2D / 3D and ``modality`` must be given). The network is put in
-            eval mode (and left there).
+        model: a :class:`LoadedDenoiser`, or a bare network such as :class:`~lib.networks.EfficientUNetDenoiser`
+            or :class:`~lib.networks.GCNDenoiser` (then its ``spatial_dims`` attribute decides 2D / 3D and
+            ``modality`` must be given). The network is put in eval mode (and left there). Optional network
+            attributes: ``size_multiple`` (the image is reflect-padded to multiples of it; default 8, the
+            GCN's 1 means no padding) and ``slice_context`` (a 2D network that sees ``2 * slice_context + 1``
+            adjacent slices as channels gets them, the volume's end slices repeated; default 0).
         array: the noisy image.
         modality: "CT" or "MR"; default the model's.
         device: "cpu", "cuda", "auto" or None (= where the model is).
@@ -224,20 +262,26 @@ def denoise_array(
             y = network(x)
         return y.float()
 
+    multiple = int(getattr(network, "size_multiple", 8))
+    context = int(getattr(network, "slice_context", 0)) if spatial_dims == 2 else 0
     out = np.empty_like(volume)
     with torch.inference_mode():
         if spatial_dims == 2:
             step = int(sw_batch_size)
             starts = range(0, volume.shape[0], step)
-            for start in tqdm(starts, desc="ADL denoise", unit="batch", disable=not progress, dynamic_ncols=True):
-                chunk = torch.from_numpy(np.ascontiguousarray(volume[start:start + step]))[:, None].to(dev)
-                padded, crop = pad_to_multiple(chunk)
+            desc = "TDDL-GCN denoise" if type(network).__name__ == "GCNDenoiser" else "ADL denoise"
+            for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+                centres = np.arange(start, min(start + step, volume.shape[0]))
+                # (n, 2 * context + 1, H, W): each slice with its neighbours, end slices repeated
+                stack = np.clip(centres[:, None] + np.arange(-context, context + 1), 0, volume.shape[0] - 1)
+                chunk = torch.from_numpy(np.ascontiguousarray(volume[stack])).to(dev)
+                padded, crop = pad_to_multiple(chunk, multiple)
                 roi = _roi(roi_size, 2, padded.shape[2:])
                 result = sliding_window_inference(padded, roi, step, predictor, overlap=float(overlap), mode=mode)
                 out[start:start + step] = result[crop][:, 0].cpu().numpy()
         else:
             tensor = torch.from_numpy(np.ascontiguousarray(volume))[None, None].to(dev)
-            padded, crop = pad_to_multiple(tensor)
+            padded, crop = pad_to_multiple(tensor, multiple)
             roi = _roi(roi_size, 3, padded.shape[2:])
             result = sliding_window_inference(padded, roi, int(sw_batch_size), predictor, overlap=float(overlap),
                                               mode=mode, progress=progress)

@@ -3,6 +3,11 @@
 `efficient_unet`: the denoiser G (Efficient-UNet with content enhancer and three output heads) and the
 padding helper for whole-image inference; `discriminator`: the conditional discriminator D; `blocks`:
 their residual, content-enhancer and output-head ("transformer") blocks. 2D and 3D alike.
+
+`gcn`: the graph-convolutional denoiser of TDDL-GCN (local 3x3 convolutions fused with edge-conditioned graph
+convolutions over non-local neighbours); `graph`: its memory-bounded windowed k-NN graph construction.
+
+:data:`DENOISER_NETWORKS` maps the class names stored in weight files to the denoiser classes.
 """
 from .blocks import ContentEnhancer, ResidualBlock, TransformerHead
 from .discriminator import EfficientUNetDiscriminator
@@ -13,8 +18,23 @@ from .efficient_unet import (
     count_parameters,
     pad_to_multiple,
 )
+from .gcn import EdgeConditionedGraphConv, GCNDenoiser, NeighbourGraph, build_neighbour_graph
+from .graph import window_offsets, windowed_knn
+
+#: Denoiser classes by the name recorded in weight files and checkpoints (``network.class``).
+DENOISER_NETWORKS = {
+    "EfficientUNetDenoiser": EfficientUNetDenoiser,
+    "GCNDenoiser": GCNDenoiser,
+}
 
 __all__ = [
+    "DENOISER_NETWORKS",
+    "EdgeConditionedGraphConv",
+    "GCNDenoiser",
+    "NeighbourGraph",
+    "build_neighbour_graph",
+    "window_offsets",
+    "windowed_knn",
     "ContentEnhancer",
     "EfficientUNetBackbone",
     "EfficientUNetDenoiser",

@@ -1,4 +1,5 @@
-"""Training of the learned denoisers: ADL's three-phase adversarial training, checkpoints and weight export."""
+"""Training of the learned denoisers: ADL's three-phase adversarial training, the TDDL-GCN's supervised training,
+checkpoints and weight export."""
 from .adl_trainer import (
     CHECKPOINT_FORMAT,
     PHASES,
@@ -12,8 +13,20 @@ from .adl_trainer import (
     train_adl,
     validation_window,
 )
+from .gcn_trainer import (
+    GCN_CHECKPOINT_FORMAT,
+    GCNTrainingConfig,
+    GCNTrainingResult,
+    load_gcn_checkpoint,
+    train_gcn,
+)
 
 __all__ = [
+    "GCN_CHECKPOINT_FORMAT",
+    "GCNTrainingConfig",
+    "GCNTrainingResult",
+    "load_gcn_checkpoint",
+    "train_gcn",
     "CHECKPOINT_FORMAT",
     "PHASES",
     "ADLTrainingConfig",

@@ -252,7 +252,24 @@ class TrainingResult:
             "validation": self.validation[-20:],
             "best_psnr": self.best_psnr,
             "seconds": self.seconds,
+            "hardware": describe_hardware(),
         }
+
+
+def describe_hardware() -> dict:
+    """Where a model was trained: CPU model and count, GPU(s), torch version (for the training record)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")), "torch": torch.__version__,
+            "platform": platform.platform()}
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -331,24 +348,29 @@ def _atomic_save(payload: Any, path: Path) -> Path:
     return path
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """Write a training checkpoint atomically (see :func:`train_adl` for the keys)."""
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+def save_checkpoint(path: str | os.PathLike, state: dict, fmt: str = CHECKPOINT_FORMAT,
+                    version: int = CHECKPOINT_VERSION) -> Path:
+    """Write a training checkpoint atomically (see :func:`train_adl` for the keys); ``fmt`` / ``version`` tag
+    it (the GCN trainer writes ``"gcn-training-checkpoint"``)."""
+    payload = {"format": fmt, "version": int(version), **state}
     return _atomic_save(payload, Path(path))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a training checkpoint (a file, or a checkpoint folder holding ``last.pt``) onto the CPU."""
+def load_checkpoint(path: str | os.PathLike, fmt: str = CHECKPOINT_FORMAT, version: int = CHECKPOINT_VERSION) -> dict:
+    """Read a training checkpoint of format ``fmt`` (a file, or a checkpoint folder holding ``last.pt``) onto
+    the CPU."""
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "last.pt"
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} not found")
     payload = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{p} is not an ADL training checkpoint")
-    if int(payload.get("version", 0)) > CHECKPOINT_VERSION:
-        raise ValueError(f"{p} has checkpoint version {payload.get('version')}; this code reads up to {CHECKPOINT_VERSION}")
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        what = "an ADL training checkpoint" if fmt == CHECKPOINT_FORMAT else f"a {fmt!r} file"
+        raise ValueError(f"{p} is not {what}" + (f" (its format is {found!r})" if found else ""))
+    if int(payload.get("version", 0)) > version:
+        raise ValueError(f"{p} has checkpoint version {payload.get('version')}; this code reads up to {version}")
     payload["path"] = str(p)
     return payload
 
@@ -369,19 +391,28 @@ def export_weights(
     """Write the weight file shipped to users; read it with :func:`lib.inference.load_denoiser`.
 
     Contents (a ``torch.save`` dict, loadable with ``weights_only=True``): ``format``
-    (``"adl-denoiser-weights"``), ``version``, ``network`` (class name and keyword arguments, with
-    ``deep_supervision=False``), ``state_dict`` (G without its training-only 1/2 and 1/4 heads, floating
-    tensors in fp16 when ``half``), ``dtype``, ``modality``, ``spatial_dims``, ``scaling_rule`` (default
-    :func:`scaling_rule_for`), ``training`` (the record, e.g. :meth:`TrainingResult.training_record`),
-    ``created_utc`` and library versions. About 9.5 MB for the default 2D network in fp16.
+    (``"adl-denoiser-weights"``), ``version``, ``model`` (``config.model_name``: "adl", "tddl_gcn"),
+    ``network`` (class name, a key of :data:`lib.networks.DENOISER_NETWORKS`, and keyword arguments; ADL's
+    with ``deep_supervision=False``), ``state_dict`` (ADL: G without its training-only 1/2 and 1/4 heads;
+    floating tensors in fp16 when ``half``), ``dtype``, ``modality``, ``spatial_dims``, ``scaling_rule``
+    (default :func:`scaling_rule_for`), ``training`` (the record, e.g. :meth:`TrainingResult.training_record`),
+    ``created_utc`` and library versions. About 9.5 MB for the default 2D ADL network in fp16.
+
+    ``config`` is an :class:`ADLTrainingConfig` or any configuration with ``network_class``,
+    ``network_kwargs()``, ``model_name``, ``modality`` and ``spatial_dims`` (e.g.
+    :class:`lib.training.GCNTrainingConfig`).
     """
     import monai
 
     net = _unwrap(generator)
-    kwargs = dict(config.generator_kwargs(), deep_supervision=False)
+    network_class = getattr(config, "network_class", "EfficientUNetDenoiser")
+    if hasattr(config, "network_kwargs"):
+        kwargs = dict(config.network_kwargs())
+    else:
+        kwargs = dict(config.generator_kwargs(), deep_supervision=False)
     state = {}
     for key, value in net.state_dict().items():
-        if key.startswith(("heads.1.", "heads.2.")):
+        if network_class == "EfficientUNetDenoiser" and key.startswith(("heads.1.", "heads.2.")):
             continue
         value = value.detach().cpu().clone()
         if half and value.is_floating_point():
@@ -390,7 +421,8 @@ def export_weights(
     payload = {
         "format": WEIGHTS_FORMAT,
         "version": WEIGHTS_VERSION,
-        "network": {"class": "EfficientUNetDenoiser", "kwargs": kwargs},
+        "model": str(getattr(config, "model_name", "adl")),
+        "network": {"class": network_class, "kwargs": _plain(kwargs)},
         "state_dict": state,
         "dtype": "float16" if half else "float32",
         "modality": config.modality,

@@ -1,0 +1,394 @@
+"""Training of the TDDL-GCN denoiser (:class:`lib.networks.GCNDenoiser`): supervised, resumable, AMP and
+multi-GPU, sharing the ADL trainer's plumbing (data stream, checkpoints, RNG state, validation, export).
+
+Data: any dataset of ``{"noisy", "clean"}`` patches in [0, 1] (:class:`lib.data.ADLPatchDataset`, with
+``slice_context`` when the network sees adjacent slices): pseudo-LDCT / NDCT pairs from a learned TDDL noise
+model (``lib.noise_learning.LearnedNoiseSource``), plain simulated pairs (:class:`lib.data.SyntheticNoiseSource`)
+or real pairs (:class:`lib.data.PairedFolderSource`). The target is the clean CENTRE slice.
+
+Loss: L1 (default) or MSE between the network output (noisy input minus the predicted noise) and the clean
+target, on the [0, 1] scale. L1 is the default: it is less dominated by the few large errors at edges and
+metal, and penalises the over-smoothing that MSE rewards (GCDN trained with MSE; choose ``loss="mse"`` for it).
+
+Optimisation: Adam (``lr``, ``adam_betas``), step decay (``StepLR``: ``lr_step_size`` steps, ``lr_gamma``),
+optional gradient clipping; fp16 autocast + ``GradScaler`` on CUDA (the k-NN search itself always runs in
+float32). Under ``torchrun`` the network is wrapped in ``DistributedDataParallel``, each rank draws its own
+sample ids and rank 0 validates, logs and checkpoints, as in :mod:`lib.training.adl_trainer`.
+
+Checkpoints (``checkpoint_dir/last.pt``, format ``"gcn-training-checkpoint"``) hold the network (class,
+arguments, state), the optimiser, the scheduler, the AMP scaler, the step, the RNG states, the loss history
+and the validation record: ``train_gcn(..., resume=path)`` continues exactly (the data are addressed by global
+sample id). :func:`lib.inference.load_denoiser` reads them as well as the exported weight files
+(:func:`lib.training.export_weights`, format ``"adl-denoiser-weights"``, network class ``"GCNDenoiser"``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..networks import GCNDenoiser
+from .adl_trainer import (
+    _as_pairs,
+    _dataset_batches,
+    _plain,
+    _rng_state,
+    _set_rng_state,
+    _setup,
+    _validate,
+    describe_hardware,
+    load_checkpoint,
+    save_checkpoint,
+    scaling_rule_for,
+)
+
+__all__ = [
+    "GCN_CHECKPOINT_FORMAT",
+    "GCNTrainingConfig",
+    "GCNTrainingResult",
+    "load_gcn_checkpoint",
+    "train_gcn",
+]
+
+log = logging.getLogger(__name__)
+
+GCN_CHECKPOINT_FORMAT = "gcn-training-checkpoint"
+GCN_CHECKPOINT_VERSION = 1
+LOSSES = ("l1", "mse")
+
+
+@dataclass
+class GCNTrainingConfig:
+    """Everything that defines a GCN training run.
+
+    Network (see :class:`lib.networks.GCNDenoiser`): ``slices`` (adjacent slices seen, odd; 1 = 2D),
+    ``link_slices`` (slice-based 3D variant), ``features``, ``k``, ``search_window`` (training),
+    ``inference_search_window`` (eval; None = ``search_window``), ``n_blocks``, ``layers_per_block``, ``rank``,
+    ``edge_hidden``, ``norm``.
+    Data: ``patch_size`` (informational; the dataset makes the patches; 48 by default, GCDN used 42),
+    ``batch_size`` (per process), ``num_workers``.
+    Optimisation: ``steps``, ``lr``, ``lr_step_size`` / ``lr_gamma`` (step decay), ``adam_betas``,
+    ``grad_clip_norm``, ``loss`` ("l1" or "mse").
+    Run: ``modality`` (CT by default; MR works with MR data), ``amp``, ``seed``, ``device``, ``checkpoint_dir``,
+    ``checkpoint_every``, ``keep_all_checkpoints``, ``validation_every`` (0 = only at the end),
+    ``val_roi_size``.
+    """
+
+    network_class: ClassVar[str] = "GCNDenoiser"
+    model_name: ClassVar[str] = "tddl_gcn"
+    spatial_dims: ClassVar[int] = 2
+
+    modality: str = "CT"
+    slices: int = 1
+    link_slices: bool = False
+    features: int = 32
+    k: int = 16
+    search_window: int = 21
+    inference_search_window: int | None = None
+    n_blocks: int = 2
+    layers_per_block: int = 2
+    rank: int = 4
+    edge_hidden: int | None = None
+    norm: str = "batch"
+    patch_size: int | tuple[int, ...] = 48
+    batch_size: int = 8
+    num_workers: int = 0
+    steps: int = 20000
+    lr: float = 1e-4
+    lr_step_size: int = 5000
+    lr_gamma: float = 0.5
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip_norm: float | None = None
+    loss: str = "l1"
+    amp: bool = True
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 500
+    keep_all_checkpoints: bool = False
+    validation_every: int = 500
+    val_roi_size: int | tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.modality = str(self.modality).upper()
+        if self.modality not in ("CT", "MR"):
+            raise ValueError(f"modality must be CT or MR, got {self.modality!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if isinstance(self.patch_size, (list, tuple)):
+            self.patch_size = tuple(int(s) for s in self.patch_size)
+        if isinstance(self.val_roi_size, list):
+            self.val_roi_size = tuple(int(s) for s in self.val_roi_size)
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)  # type: ignore[assignment]
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if self.lr_step_size < 1 or not 0 < self.lr_gamma <= 1:
+            raise ValueError("lr_step_size must be >= 1 and lr_gamma in (0, 1]")
+        if self.checkpoint_every < 0 or self.validation_every < 0:
+            raise ValueError("checkpoint_every and validation_every must be >= 0")
+        GCNDenoiser(**self.network_kwargs())  # validates the network arguments early
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.steps)
+
+    @property
+    def slice_context(self) -> int:
+        return int(self.slices) // 2
+
+    def network_kwargs(self) -> dict:
+        return {"in_channels": int(self.slices), "features": int(self.features), "k": int(self.k),
+                "search_window": int(self.search_window),
+                "inference_search_window": None if self.inference_search_window is None
+                else int(self.inference_search_window),
+                "n_blocks": int(self.n_blocks), "layers_per_block": int(self.layers_per_block), "rank": int(self.rank),
+                "edge_hidden": None if self.edge_hidden is None else int(self.edge_hidden),
+                "link_slices": bool(self.link_slices), "norm": self.norm}
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GCNTrainingConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class GCNTrainingResult:
+    """Outcome of :func:`train_gcn`: the trained network (eval mode, on the training device), the step reached,
+    the per-step history, the validation record, the best validation PSNR, the last checkpoint and the wall
+    time of the call."""
+
+    network: GCNDenoiser
+    config: GCNTrainingConfig
+    step: int
+    history: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    best_psnr: float | None = None
+    checkpoint_path: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def generator(self) -> GCNDenoiser:  # the name the ADL helpers use for "the denoiser"
+        return self.network
+
+    def training_record(self) -> dict:
+        """A compact summary for :func:`lib.training.export_weights`."""
+        last = self.history[-1] if self.history else {}
+        return {
+            "model": GCNTrainingConfig.model_name,
+            "steps": self.step,
+            "config": self.config.to_dict(),
+            "final_losses": {k: v for k, v in last.items() if k == "loss"},
+            "betas": self.network.betas(),
+            "validation": self.validation[-20:],
+            "best_psnr": self.best_psnr,
+            "seconds": self.seconds,
+            "hardware": describe_hardware(),
+        }
+
+
+def load_gcn_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a GCN training checkpoint (file, or folder holding ``last.pt``) onto the CPU."""
+    return load_checkpoint(path, GCN_CHECKPOINT_FORMAT, GCN_CHECKPOINT_VERSION)
+
+
+def _check_batch(batch: dict, config: GCNTrainingConfig) -> None:
+    for key in ("noisy", "clean"):
+        if key not in batch:
+            raise ValueError(f"training samples must be dicts with 'noisy' and 'clean', missing {key!r}")
+    noisy, clean = batch["noisy"], batch["clean"]
+    if noisy.ndim != 4 or noisy.shape[1] != config.slices or noisy.shape != clean.shape:
+        raise ValueError(f"batches must be (B, {config.slices}, H, W) for a network seeing {config.slices} slice(s) "
+                         f"(ADLPatchDataset(..., slice_context={config.slice_context})), noisy and clean alike; got "
+                         f"{tuple(noisy.shape)} and {tuple(clean.shape)}")
+
+
+def train_gcn(
+    config: GCNTrainingConfig,
+    train_dataset: Dataset,
+    val_pairs: Sequence | None = None,
+    resume: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> GCNTrainingResult:
+    """Train a :class:`lib.networks.GCNDenoiser` (see the module docstring).
+
+    Args:
+        config: the run's settings.
+        train_dataset: yields ``{"noisy", "clean"}`` of (slices, *patch) tensors in [0, 1] (e.g.
+            :class:`lib.data.ADLPatchDataset` with ``slice_context = config.slices // 2``).
+        val_pairs: full images for validation (:class:`lib.data.ValidationPair` or ``(noisy, clean)`` in the
+            modality's units), PSNR through :func:`lib.inference.denoise_array` every ``validation_every``
+            steps and at the end.
+        resume: a checkpoint file or folder to continue from; the network arguments must match ``config``
+            (``steps`` may be raised to train on).
+        progress: tqdm progress bar (rank 0).
+    """
+    started = time.perf_counter()
+    dist_info, device = _setup(config)  # type: ignore[arg-type]
+    use_amp = bool(config.amp) and device.type == "cuda"
+    try:
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        random.seed(config.seed)
+        network = GCNDenoiser(**config.network_kwargs()).to(device)
+        optimiser = torch.optim.Adam(network.parameters(), lr=config.lr, betas=config.adam_betas)
+        for group in optimiser.param_groups:
+            group["initial_lr"] = config.lr
+        scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=config.lr_step_size, gamma=config.lr_gamma)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        step, history, validation, best = 0, [], [], None
+
+        if resume is not None:
+            ckpt = load_gcn_checkpoint(resume)
+            if ckpt["network_kwargs"] != _plain(config.network_kwargs()):
+                raise ValueError(f"checkpoint {ckpt['path']} holds another network ({ckpt['network_kwargs']}) "
+                                 "than this configuration")
+            if ckpt["config"].get("seed") != config.seed:
+                log.warning("resuming with seed %d, the checkpoint was trained with seed %s: the data stream differs",
+                            config.seed, ckpt["config"].get("seed"))
+            network.load_state_dict(ckpt["denoiser"])
+            optimiser.load_state_dict(ckpt["optimiser"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            for group, lr in zip(optimiser.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+            scaler.load_state_dict(ckpt.get("scaler") or {})
+            step = int(ckpt["step"])
+            history = list(ckpt.get("history") or [])
+            validation = list(ckpt.get("validation") or [])
+            best = ckpt.get("best_psnr")
+            _set_rng_state(ckpt["rng"])
+            if dist_info.main:
+                log.info("resumed from %s at step %d", ckpt["path"], step)
+            del ckpt
+
+        if dist_info.world > 1:
+            ddp_args = {"device_ids": [device.index]} if device.type == "cuda" else {}
+            model: nn.Module = nn.parallel.DistributedDataParallel(network, **ddp_args)
+        else:
+            model = network
+        loss_fn = F.l1_loss if config.loss == "l1" else F.mse_loss
+        pairs = _as_pairs(val_pairs, config.modality)
+        total = config.total_steps
+        centre = config.slice_context
+        ckpt_dir = Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
+        last_ckpt: Path | None = None
+        log_file = None
+        if ckpt_dir is not None and dist_info.main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            log_file = open(ckpt_dir / "train_log.jsonl", "a", encoding="utf-8")
+
+        def write_checkpoint() -> Path:
+            assert ckpt_dir is not None
+            state = {
+                "config": config.to_dict(),
+                "network_class": GCNTrainingConfig.network_class,
+                "network_kwargs": _plain(config.network_kwargs()),
+                "step": step,
+                "denoiser": network.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(),
+                "history": _plain(history),
+                "validation": _plain(validation),
+                "best_psnr": best,
+                "world_size": dist_info.world,
+                "scaling_rule": scaling_rule_for(config.modality),
+            }
+            if config.keep_all_checkpoints:
+                save_checkpoint(ckpt_dir / f"step_{step:07d}.pt", state, GCN_CHECKPOINT_FORMAT, GCN_CHECKPOINT_VERSION)
+            return save_checkpoint(ckpt_dir / "last.pt", state, GCN_CHECKPOINT_FORMAT, GCN_CHECKPOINT_VERSION)
+
+        def run_validation() -> None:
+            nonlocal best
+            if not pairs or not dist_info.main:
+                return
+            record = _validate(network, pairs, config, device, step)  # type: ignore[arg-type]
+            validation.append(record)
+            best = record["psnr"] if best is None else max(best, record["psnr"])
+            if log_file is not None:
+                log_file.write(json.dumps({"validation": _plain(record)}) + "\n")
+                log_file.flush()
+            log.info("step %d: validation PSNR %.2f dB (noisy %.2f dB)", step, record["psnr"], record["psnr_noisy"])
+
+        bar = None
+        if progress and dist_info.main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=min(step, total), desc="TDDL-GCN", unit="step", dynamic_ncols=True)
+        first_batch = True
+        try:
+            batches = _dataset_batches(train_dataset, config, step, total, dist_info,  # type: ignore[arg-type]
+                                       device.type == "cuda")
+            for batch_step, batch in batches:
+                assert batch_step == step
+                if first_batch:
+                    _check_batch(batch, config)
+                    first_batch = False
+                noisy = batch["noisy"].to(device, non_blocking=True)
+                target = batch["clean"][:, centre:centre + 1].to(device, non_blocking=True)
+                t0 = time.perf_counter()
+                model.train()
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+                    output = model(noisy)
+                loss = loss_fn(output.float(), target)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite training loss at step {step + 1}")
+                optimiser.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip_norm:
+                    scaler.unscale_(optimiser)
+                    torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm)
+                scaler.step(optimiser)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                record: dict[str, Any] = {"step": step, "loss": float(loss.detach()),
+                                          "lr": float(optimiser.param_groups[0]["lr"]),
+                                          "seconds": time.perf_counter() - t0}
+                history.append(record)
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                if bar is not None:
+                    bar.set_postfix({"loss": f"{record['loss']:.5f}"}, refresh=False)
+                    bar.update(1)
+                if config.validation_every and step % config.validation_every == 0 and step < total:
+                    run_validation()
+                if ckpt_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
+                        and step < total and dist_info.main:
+                    last_ckpt = write_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        if step >= total:
+            if not validation or validation[-1]["step"] != step:
+                run_validation()
+            if ckpt_dir is not None and dist_info.main:
+                last_ckpt = write_checkpoint()
+        if log_file is not None:
+            log_file.close()
+        if dist_info.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        network.eval()
+        return GCNTrainingResult(network, config, step, history, validation, best, last_ckpt,
+                                 time.perf_counter() - started)
+    finally:
+        if dist_info.initialised_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

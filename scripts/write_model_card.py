@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Print a markdown training record for shipped weight files (read from the files themselves).
+
+    python scripts/write_model_card.py apps/adl_denoise/model/pretrained_adl_*.pt >> apps/adl_denoise/model/README.md
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+
+def card(path: Path) -> str:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    record = blob.get("training", {})
+    config = record.get("config", {})
+    data = record.get("data", {})
+    hardware = record.get("hardware", {})
+    validation = record.get("validation", [])
+    n_params = sum(t.numel() for t in blob["state_dict"].values())
+    lines = [
+        f"### `{path.name}`",
+        "",
+        f"- network: {blob['network']['class']} ({blob['spatial_dims']}D), {n_params / 1e6:.2f} M parameters stored "
+        f"({blob.get('dtype', '?')}), file {path.stat().st_size / 1e6:.1f} MB; modality {blob['modality']}; "
+        f"format {blob.get('format')} v{blob.get('version')}, created {blob.get('created_utc', '?')}",
+        f"- data: {', '.join(data.get('images', [])) or '?'}; noise: {data.get('noise', '?')}; "
+        f"patch {data.get('patch_size', '?')}, batch {config.get('batch_size', '?')}",
+        f"- steps: {record.get('steps', '?')} ({', '.join(f'{k} {v}' for k, v in record.get('steps_per_phase', {}).items())}); "
+        f"wall time {record.get('seconds', 0) / 3600:.2f} h",
+        f"- hardware: {hardware.get('cpu', '?')} x{hardware.get('cpu_count', '?')} "
+        f"({hardware.get('torch_threads', '?')} torch threads), GPUs {hardware.get('gpus') or 'none'}, torch {hardware.get('torch', '?')}"
+        if hardware else "- hardware: not recorded in the file",
+        f"- final losses: {', '.join(f'{k} {v:.4f}' for k, v in record.get('final_losses', {}).items())}",
+    ]
+    if validation:
+        lines.append(f"- validation on {', '.join(data.get('validation_images', [])) or '?'} (fixed synthetic noise), "
+                     "PSNR in the modality's window (dB):")
+        lines += ["", "| step | phase | PSNR denoised | PSNR noisy |", "|---|---|---|---|"]
+        lines += [f"| {v.get('step')} | {v.get('phase', '')} | {v.get('psnr', float('nan')):.2f} | "
+                  f"{v.get('psnr_noisy', float('nan')):.2f} |" for v in validation]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print("\n".join(card(Path(p)) for p in sys.argv[1:]))

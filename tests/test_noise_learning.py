@@ -1,0 +1,343 @@
+"""TDDL noise learning: extraction from low-dose images alone, the conditional noise VAE, noise fields, pseudo
+pairs, save/load, the `learn-noise` command and `train --noise-model`.
+
+Real arrays and files, no mocks; tiny networks and few steps so the module runs in about a minute on one thread.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from lib.noise import LowDoseCTSettings, radial_noise_power_spectrum, simulate_low_dose_ct, soft_tissue_mask
+from lib.noise_learning import (
+    LearnedNoiseSource,
+    NoiseModel,
+    NoiseSamples,
+    TileLayout,
+    air_policy_for,
+    compare_noise,
+    extract_noise_samples,
+    plot_noise_comparison,
+    remove_trend,
+    synthesise_pseudo_low_dose,
+    train_noise_model,
+)
+
+torch.set_num_threads(1)
+
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "adl_denoise"
+CLI = APP_DIR / "cli.py"
+TINY = dict(batch_size=32, width=16, progress=False)
+
+
+def _correlated_noise(shape: tuple[int, ...], std: float, sigma_px: float, seed: int) -> np.ndarray:
+    """Gaussian-filtered white noise (stationary, correlated) with the given pixel std, float32."""
+    rng = np.random.default_rng(seed)
+    sig = (0,) * (len(shape) - 2) + (sigma_px, sigma_px)
+    w = ndimage.gaussian_filter(rng.standard_normal(shape), sig, mode="wrap")
+    return (w / w.std() * std).astype(np.float32)
+
+
+def _write_nifti(path: Path, array: np.ndarray, spacing=(0.8, 0.8, 2.0)) -> Path:
+    image = sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))
+    image.SetSpacing(spacing[: image.GetDimension()])
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _disc_phantom(n: int = 128, slices: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noise-free water disc in air (clean) and a 'low-dose' version with 25 HU correlated noise everywhere."""
+    yy, xx = np.mgrid[0:n, 0:n] - (n - 1) / 2
+    clean = np.where(np.hypot(yy, xx) < 0.42 * n, 0.0, -1000.0).astype(np.float32)
+    clean = np.repeat(clean[None], slices, axis=0)
+    return clean, clean + _correlated_noise(clean.shape, 25.0, 1.0, seed)
+
+
+def _rms_std(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.asarray(x, np.float64) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def stationary_case():
+    """Noise samples of stationary correlated noise (20 HU, Gaussian sigma 1 px) and a model trained on them."""
+    noise = _correlated_noise((6, 128, 128), 20.0, 1.0, seed=1)
+    samples = extract_noise_samples(noise, 32, stride=8, max_patches=None, pixel_size_mm=1.0)
+    model = train_noise_model(samples, steps=120, seed=0, **TINY)
+    return samples, model
+
+
+# ------------------------------------------------------------------------------------------------- extraction
+def test_extraction_on_pure_noise_keeps_most_patches_without_bias() -> None:
+    noise = _correlated_noise((4, 128, 128), 20.0, 1.2, seed=2)
+    samples = extract_noise_samples(noise, 32, stride=8, max_patches=None, pixel_size_mm=1.0, detrend="mean")
+    assert samples.patches.shape[1:] == (32, 32) and len(samples) == samples.stats["kept"]
+    assert samples.stats["accepted"] > 0.6 * samples.stats["candidates"]
+    assert np.allclose(samples.patches.mean(axis=(1, 2)), 0.0, atol=1e-3)
+    every = np.lib.stride_tricks.sliding_window_view(noise, (32, 32), axis=(1, 2))[:, ::8, ::8].reshape(-1, 32, 32)
+    every = every - every.mean(axis=(1, 2), keepdims=True)
+    assert abs(samples.noise_std_hu / _rms_std(every) - 1) < 0.03
+    f_all = radial_noise_power_spectrum(every, 1.0, detrend=False).mean_frequency
+    f_sel = radial_noise_power_spectrum(samples.patches, 1.0, detrend=False).mean_frequency
+    assert abs(f_sel / f_all - 1) < 0.06
+
+
+def test_trend_removal_takes_slow_trends_not_noise() -> None:
+    noise = _correlated_noise((50, 32, 32), 10.0, 0.7, seed=8)
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    trend = 40.0 * yy - 25.0 * xx + 60.0 * (xx - 0.5) ** 2 + 100.0
+    for mode, trended in (("plane", 40.0 * yy - 25.0 * xx + 100.0), ("quadratic", trend)):
+        cleaned = remove_trend(noise + trended.astype(np.float32), mode)
+        assert np.allclose(cleaned, remove_trend(noise, mode), atol=1e-3)
+        assert np.allclose(cleaned.mean(axis=(1, 2)), 0.0, atol=1e-4)
+        assert 0.9 < _rms_std(cleaned) / _rms_std(noise - noise.mean(axis=(1, 2), keepdims=True)) <= 1.0
+
+
+def test_extraction_recovers_simulated_low_dose_noise() -> None:
+    """Real head CT slice (pydicom test data), simulated low dose: extracted noise vs the true added noise."""
+    data_store = pytest.importorskip("data_store")
+    path = os.path.join(os.path.dirname(data_store.__file__), "data", "693_UNCR.dcm")
+    if not os.path.isfile(path):
+        pytest.skip("pydicom-data CT slice not installed")
+    from lib.imaging import read_volume
+
+    volume = read_volume(path)
+    crop = volume.array[170:426, 130:386].copy()  # 256 x 256 of brain and skull, 0.48 mm pixels
+    pixel = float(volume.spacing[0])
+    settings = LowDoseCTSettings(dose_fraction=0.25, target_noise_std_hu=40.0, reconstruction_filter="hann")
+    low = simulate_low_dose_ct(crop, pixel, settings, seed=1)
+    true_noise = low - crop
+    samples = extract_noise_samples(low, 32, pixel_size_mm=pixel)
+    soft = (samples.condition_hu > -100) & (samples.condition_hu < 200)
+    assert soft.sum() >= 30
+    extracted = _rms_std(samples.patches[soft])
+    truth_band = float(true_noise[soft_tissue_mask(crop)].std())
+    assert abs(extracted / truth_band - 1) < 0.15
+    same = np.stack([true_noise[y:y + 32, x:x + 32] for _, _, y, x in samples.positions[soft]])
+    same = same - same.mean(axis=(1, 2), keepdims=True)
+    assert abs(extracted / _rms_std(same) - 1) < 0.06  # what the selection lets through besides noise
+    f_ext = radial_noise_power_spectrum(samples.patches[soft], pixel, detrend=False).mean_frequency
+    f_true = radial_noise_power_spectrum(same, pixel, detrend=False).mean_frequency
+    assert abs(f_ext / f_true - 1) < 0.10
+
+
+def test_extraction_rejects_structure_and_clipped_air() -> None:
+    clean, low = _disc_phantom(128, 2, seed=3)
+    low = np.maximum(low, -1024.0)  # air clipped like many scanners store it
+    low[:, 60:68, 20:108] += 300.0  # a bright bar through the disc: structure
+    samples = extract_noise_samples(low, 32, stride=8, pixel_size_mm=0.8)
+    assert samples.stats["clip_values_hu"] == [-1024.0] and samples.stats["rejected_clipped"] > 0
+    for _, z, y, x in samples.positions:
+        assert not (y < 68 and y + 32 > 60 and x < 108 and x + 32 > 20), "a patch on the bar was accepted"
+    assert np.all(samples.condition_hu > -900)  # every air patch touches the clip value
+    assert air_policy_for(samples) == "none"  # so a model of this scanner adds no noise in air
+    assert abs(samples.noise_std_hu / 25.0 - 1) < 0.1
+
+
+# ------------------------------------------------------------------------------------------------- VAE
+def test_vae_samples_match_stationary_noise_level_and_texture(stationary_case) -> None:
+    samples, model = stationary_case
+    gen = model.sample_patches(samples.condition_hu, seed=5)
+    assert gen.shape == samples.patches.shape and gen.dtype == np.float32
+    assert abs(_rms_std(gen) / samples.noise_std_hu - 1) < 0.10
+    f_gen = radial_noise_power_spectrum(gen, 1.0, detrend=False).mean_frequency
+    f_real = radial_noise_power_spectrum(samples.patches, 1.0, detrend=False).mean_frequency
+    assert abs(f_gen / f_real - 1) < 0.15
+    fit = model.training_stats["fit"]
+    assert abs(fit["std_relative_error"]) < 0.10 and abs(fit["mean_frequency_relative_error"]) < 0.15
+    # the decoder MEAN alone (what a plain-L2 VAE would output) carries little of the variance: sampling the
+    # learned coloured decoder noise is what keeps the level and texture
+    with torch.no_grad():
+        e = model.vae.embedding(torch.zeros(256))
+        mean_only = model.vae.decode_mean(torch.randn(256, 4, 4, 4, generator=torch.Generator().manual_seed(0)), e)
+    assert float(mean_only.std()) * model.noise_scale_hu < 0.5 * samples.noise_std_hu
+
+
+def test_vae_reproduces_noise_that_depends_on_intensity() -> None:
+    rng = np.random.default_rng(4)
+    n = 600
+    cond = np.where(rng.random(n) < 0.5, rng.uniform(-100, 0, n), rng.uniform(100, 200, n)).astype(np.float32)
+    std = np.where(cond < 50, 10.0, 30.0)
+    patches = _correlated_noise((n, 32, 32), 1.0, 1.0, seed=5) * std[:, None, None]
+    patches -= patches.mean(axis=(1, 2), keepdims=True)
+    samples = NoiseSamples(patches, cond, np.zeros((n, 4)), 32, (1.0, 1.0))
+    model = train_noise_model(samples, steps=150, seed=1, **TINY)
+    low = model.sample_patches(np.full(300, -50.0), seed=1)
+    high = model.sample_patches(np.full(300, 150.0), seed=2)
+    low_real = _rms_std(patches[cond < 50])
+    high_real = _rms_std(patches[cond >= 50])
+    assert abs(_rms_std(low) / low_real - 1) < 0.15
+    assert abs(_rms_std(high) / high_real - 1) < 0.15
+    band = model.training_stats["fit"]["std_by_band"]["-100..200 HU (soft tissue)"]
+    assert np.isfinite(band["sampled_std_hu"])
+
+
+# ------------------------------------------------------------------------------------------------- fields and pairs
+def test_overlap_add_preserves_variance_without_seams() -> None:
+    layout = TileLayout(100, 90, 32, 16)
+    rng = np.random.default_rng(0)
+    tiles = rng.standard_normal((120, layout.n_tiles, 32, 32)).astype(np.float32)
+    fields = np.stack([layout.overlap_add(t) for t in tiles])
+    assert abs(fields.std() - 1) < 0.02
+    # variance at every position relative to the tile grid (pixels of the same phase pooled): uniform
+    phase = (np.arange(100)[:, None] % 16) * 16 + np.arange(90)[None, :] % 16
+    var = np.bincount(phase.ravel(), (fields ** 2).mean(axis=0).ravel()) / np.bincount(phase.ravel())
+    assert var.min() > 0.88 and var.max() < 1.12  # sampling error of each phase: 2.2 %
+
+
+def test_pseudo_low_dose_keeps_mean_and_has_no_seams(stationary_case, tmp_path) -> None:
+    _, model = stationary_case
+    clean = np.zeros((3, 160, 160), np.float32)  # uniform water
+    pseudo = synthesise_pseudo_low_dose(clean, model, seed=3)
+    field = pseudo - clean
+    assert pseudo.shape == clean.shape and pseudo.dtype == np.float32
+    assert abs(float(field.mean())) < 1.5
+    assert abs(_rms_std(field) / model.training_stats["noise_std_hu"] - 1) < 0.12
+    # tile borders (multiples of the stride, 16 px) against tile centres
+    pos = np.arange(160) % 16
+    border = np.isin(pos, (15, 0, 1))
+    centre = np.isin(pos, (7, 8, 9))
+    std_border = field[:, border, :][:, :, border].std()
+    std_centre = field[:, centre, :][:, :, centre].std()
+    assert abs(std_border / std_centre - 1) < 0.15
+    # reproducible for a seed, different for another
+    assert np.array_equal(pseudo, synthesise_pseudo_low_dose(clean, model, seed=3))
+    assert not np.array_equal(pseudo, synthesise_pseudo_low_dose(clean, model, seed=4))
+    # compare_noise / plot on two realisations of the same model: small errors, PNG written
+    other = synthesise_pseudo_low_dose(clean, model, seed=5) - clean
+    result = compare_noise(field, other, clean, 1.0, n_rois=100)
+    soft = result["std_by_band"]["-100..200 HU (soft tissue)"]
+    assert abs(soft["relative_error"]) < 0.05
+    assert abs(result["nps"]["-100..200 HU (soft tissue)"]["mean_frequency_relative_error"]) < 0.05
+    png = plot_noise_comparison(result, tmp_path / "cmp.png", "two realisations")
+    assert png.stat().st_size > 10_000
+
+
+def test_save_load_round_trip_gives_identical_samples(stationary_case, tmp_path) -> None:
+    _, model = stationary_case
+    path = model.save(tmp_path / "noise.pt")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["format"] == "tddl-noise-model" and "state_dict" in payload
+    loaded = NoiseModel.load(path)
+    cond = np.linspace(-50, 50, 17).astype(np.float32)
+    assert np.array_equal(model.sample_patches(cond, seed=11), loaded.sample_patches(cond, seed=11))
+    clean = np.zeros((70, 50), np.float32)
+    assert np.array_equal(model.synthesise_noise_field(clean, 2), loaded.synthesise_noise_field(clean, 2))
+    assert loaded.training_stats == model.training_stats or loaded.training_stats.keys() == model.training_stats.keys()
+    assert loaded.pixel_size_mm == model.pixel_size_mm and loaded.air_policy == model.air_policy
+    with pytest.raises(ValueError, match="noise-model"):
+        NoiseModel.load(_write_nifti(tmp_path / "x.nii.gz", np.zeros((8, 8))))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_sampling_on_cuda_matches_cpu(stationary_case) -> None:
+    _, model = stationary_case
+    cond = np.zeros(8, np.float32)
+    cpu = model.sample_patches(cond, seed=1)
+    gpu = NoiseModel(model.vae.__class__(model.vae.config), model.pixel_size_mm, model.air_policy)
+    gpu.vae.load_state_dict(model.vae.state_dict())
+    gpu.to("cuda")
+    assert np.allclose(cpu, gpu.sample_patches(cond, seed=1), atol=1e-3)
+
+
+def test_learned_noise_source_feeds_the_adl_patch_dataset(stationary_case, tmp_path) -> None:
+    from lib.data import ADLPatchDataset
+
+    _, model = stationary_case
+    model_path = model.save(tmp_path / "noise.pt")
+    clean, _ = _disc_phantom(96, 2)
+    image = _write_nifti(tmp_path / "clean.nii.gz", clean)
+    source = LearnedNoiseSource(image, model_path, realisations=2, seed=1, progress=False)
+    assert source.noise == "learned" and not source.noise_on_the_fly
+    noisy = source.noisy_volume(0, 1)
+    assert noisy.shape == clean.shape and not np.array_equal(noisy, source.noisy_volume(0, 0))
+    disc = clean > -500
+    assert abs(float((noisy - clean)[disc].mean())) < 2.0
+    dataset = ADLPatchDataset(source, 2, 32, samples_per_epoch=4, seed=0)
+    item = dataset[3]
+    assert item["noisy"].shape == (1, 32, 32) and not torch.equal(item["noisy"], item["clean"])
+    assert len(source.validation_pairs()) == 1
+    heldout = tmp_path / "ct_abdomen_siemens_j2k_slab"
+    heldout.mkdir()
+    _write_nifti(heldout / "a.nii.gz", clean)
+    with pytest.raises(ValueError, match="held-out"):
+        LearnedNoiseSource(heldout, model_path, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------- command line
+def _load_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adl_cli_under_test_noise", CLI)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cli_learn_noise_writes_a_model_and_refuses_bad_input(tmp_path, capsys) -> None:
+    _, low = _disc_phantom(128, 3, seed=6)
+    low_path = _write_nifti(tmp_path / "low_dose.nii.gz", low)
+    out = tmp_path / "noise.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(CLI), "learn-noise", "--input", str(low_path), "--output", str(out),
+                             "--modality", "ct", "--steps", "20", "--batch-size", "16", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and "wrote" in result.stdout and "noise model" in result.stderr  # tqdm bar
+    model = NoiseModel.load(out)
+    assert model.air_policy in ("learned", "nearest") and abs(model.training_stats["noise_std_hu"] / 25.0 - 1) < 0.15
+    assert model.info["inputs"] == [str(low_path.resolve())]
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    bad = subprocess.run([sys.executable, str(CLI), "learn-noise", "--input", str(text), "--output",
+                          str(tmp_path / "b.pt")], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("error:")
+
+    cli = _load_cli()
+    (tmp_path / "empty").mkdir()
+    mr = _write_nifti(tmp_path / "mr.nii.gz", np.abs(_correlated_noise((2, 64, 64), 100.0, 1.0, 7)) + 200.0)
+    tiny = _write_nifti(tmp_path / "tiny.nii.gz", low[:1, :40, :40])
+    heldout = tmp_path / "ct_abdomen_siemens_j2k_slab"
+    heldout.mkdir()
+    _write_nifti(heldout / "a.nii.gz", low)
+    cases = {
+        "empty": [str(tmp_path / "empty")],
+        "non-CT": [str(mr)],
+        "too few": [str(tiny), "--patch-size", "32"],
+        "held-out": [str(heldout)],
+    }
+    for name, extra in cases.items():
+        capsys.readouterr()
+        code = cli.main(["learn-noise", "--output", str(tmp_path / f"{name}.pt"), "--steps", "2", "--input", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error:"), (name, err)
+    assert "held-out" in err[0]
+    capsys.readouterr()
+    assert cli.main(["learn-noise", "--input", str(low_path), "--output", str(out)]) == 2  # exists, no --overwrite
+
+
+def test_cli_train_adl_on_learned_noise_pairs(stationary_case, tmp_path) -> None:
+    _, model = stationary_case
+    model_path = model.save(tmp_path / "noise.pt")
+    clean, _ = _disc_phantom(64, 2)
+    clean_path = _write_nifti(tmp_path / "clean.nii.gz", clean)
+    cli = _load_cli()
+    weights = tmp_path / "adl.pt"
+    code = cli.main(["train", "--model", "adl", "--output", str(weights), "--clean", str(clean_path), "--modality",
+                     "ct", "--noise-model", str(model_path), "--patch-size", "32", "--batch-size", "2",
+                     "--steps-g-warmup", "1", "--steps-d-warmup", "1", "--steps-adversarial", "1", "--filters",
+                     "8,8,8,8", "--disc-filters", "4,4,4,4", "--enhancer-filters", "4", "--device", "cpu",
+                     "--validation-every", "0", "--checkpoint-every", "0"])
+    assert code == 0 and weights.is_file()
+    record = torch.load(weights, map_location="cpu", weights_only=True)["training"]
+    assert record["data"]["noise"].startswith("learned")
+    assert cli.main(["train", "--output", str(tmp_path / "w2.pt"), "--clean", str(clean_path), "--modality", "ct",
+                     "--noise-model", str(model_path), "--noise", "gaussian"]) == 2
