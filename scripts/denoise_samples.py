@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO_ROOT / "apps" / "adl_denoise"))
 
 from lib.evaluation import CT_WINDOWS, psnr, ssim  # noqa: E402
 from lib.imaging import read_volume  # noqa: E402
+from lib.inference import find_weights  # noqa: E402
 
 STUDIES = REPO_ROOT / "sample_data" / "studies"
 OUTPUT = REPO_ROOT / "sample_data" / "output"
@@ -29,23 +30,21 @@ CLI = REPO_ROOT / "apps" / "adl_denoise" / "cli.py"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
-                        help="model passed to cli.py denoise (default adl where its weights exist, else bm3d)")
+                        help="model passed to cli.py denoise (default: adl where weights for the study's modality "
+                             "are installed, else bm3d)")
     parser.add_argument("--only", help="only the sample whose name contains this text")
     args = parser.parse_args(argv)
 
     manifest = json.loads((STUDIES / "manifest.json").read_text())
-    if args.model is None:
-        from lib.inference import find_weights
-
-        args.model = "adl" if all(find_weights("adl", m) for m in ("CT", "MR")) else "bm3d"
     OUTPUT.mkdir(parents=True, exist_ok=True)
     rows = []
     for pair in manifest["pairs"]:
         if args.only and args.only not in pair["name"]:
             continue
+        model = args.model or ("adl" if find_weights("adl", pair["modality"]) else "bm3d")
         noisy_path = STUDIES / pair["noisy"]
-        out_path = OUTPUT / pair["noisy"].replace(".nii.gz", f"_{args.model}.nii.gz")
-        command = [sys.executable, str(CLI), "denoise", "--model", args.model, "--input", str(noisy_path),
+        out_path = OUTPUT / pair["noisy"].replace(".nii.gz", f"_{model}.nii.gz")
+        command = [sys.executable, str(CLI), "denoise", "--model", model, "--input", str(noisy_path),
                    "--output", str(out_path), "--modality", pair["modality"].lower(), "--overwrite"]
         print(f"$ {' '.join(Path(c).name if c.startswith(str(REPO_ROOT)) else c for c in command)}", flush=True)
         start = time.perf_counter()
@@ -55,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         noisy = read_volume(noisy_path).array
         denoised = read_volume(out_path).array
         window = CT_WINDOWS["soft_tissue"] if pair["modality"] == "CT" else (0.0, float(reference.max()))
-        rows.append((pair["name"], pair["modality"], window, psnr(noisy, reference, window), psnr(denoised, reference, window),
+        rows.append((pair["name"], model, window, psnr(noisy, reference, window), psnr(denoised, reference, window),
                      ssim(noisy, reference, window), ssim(denoised, reference, window), seconds, out_path))
 
-    print(f"\n{'study':24s} {'window':>14s} {'PSNR noisy':>10s} {'PSNR ' + args.model:>10s} {'SSIM noisy':>10s} "
-          f"{'SSIM ' + args.model:>10s} {'time s':>7s}")
-    for name, modality, window, p0, p1, s0, s1, seconds, out_path in rows:
+    print(f"\n{'study':24s} {'model':>8s} {'window':>14s} {'PSNR noisy':>10s} {'PSNR model':>10s} {'SSIM noisy':>10s} "
+          f"{'SSIM model':>10s} {'time s':>7s}")
+    for name, model, window, p0, p1, s0, s1, seconds, out_path in rows:
         window_text = f"[{window[0]:g},{window[1]:g}]"
-        print(f"{name:24s} {window_text:>14s} {p0:10.2f} {p1:10.2f} {s0:10.3f} {s1:10.3f} {seconds:7.1f}")
+        print(f"{name:24s} {model:>8s} {window_text:>14s} {p0:10.2f} {p1:10.2f} {s0:10.3f} {s1:10.3f} {seconds:7.1f}")
     print(f"\ndenoised volumes in {OUTPUT}")
     return 0
 

@@ -136,3 +136,12 @@ def test_never_overwrites_existing_output_or_input(tmp_path, ct_crop_nifti):
     result = run_cli("denoise", "--input", copy, "--output", copy, "--model", "gaussian", "--overwrite")
     assert result.returncode == 2 and "input" in result.stderr
     assert sha256(copy) == before
+
+
+def test_auto_model_falls_back_to_bm3d_without_weights_and_says_so(tmp_path, ct_crop_nifti, monkeypatch):
+    monkeypatch.setenv("ADL_MODEL_DIR", str(tmp_path / "no_weights_here"))
+    out = tmp_path / "auto.nii.gz"
+    result = run_cli("denoise", "--input", ct_crop_nifti, "--output", out, "--modality", "ct")
+    assert result.returncode == 0, result.stderr
+    assert "model: bm3d (no ADL weights installed for CT)" in result.stdout
+    assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(ct_crop_nifti)).GetSize()

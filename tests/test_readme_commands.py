@@ -56,6 +56,7 @@ def test_run_sh_main_job_on_sample_data():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     row = next(line for line in result.stdout.splitlines() if line.startswith("ct_head_pydicom693"))
-    psnr_noisy, psnr_denoised = (float(v) for v in row.split()[2:4])
+    assert row.split()[1] == "gaussian"
+    psnr_noisy, psnr_denoised = (float(v) for v in row.split()[3:5])
     assert psnr_denoised > psnr_noisy
     assert (REPO_ROOT / "sample_data" / "output" / "ct_head_pydicom693_ld25_gaussian.nii.gz").is_file()

@@ -179,6 +179,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- denoise
 ADL_MODEL = "adl"
+AUTO_MODEL = "auto"
 GCN_MODEL = "tddl_gcn"
 LEARNED_MODELS = (ADL_MODEL, GCN_MODEL)
 #: what each learned model is called in messages, and the network class its weight files must hold
@@ -255,7 +256,7 @@ def _denoise_adl(volume: Volume, args: argparse.Namespace, device: str) -> np.nd
 def cmd_denoise(args: argparse.Namespace) -> int:
     from lib.denoisers import denoise_classical
 
-    if args.model not in LEARNED_MODELS:
+    if args.model not in LEARNED_MODELS + (AUTO_MODEL,):
         given = [o for o, v in (("--weights", args.weights), ("--roi-size", args.roi_size), ("--overlap", args.overlap),
                                 ("--sw-batch-size", args.sw_batch_size)) if v is not None]
         if given:
@@ -266,6 +267,12 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     _check_output(args)
     volume = _read_input(args)
     device = _resolve_device(args.device)  # fail early on an unavailable GPU, before any work
+    if args.model == AUTO_MODEL:
+        from lib.inference import find_weights
+
+        has_adl = args.weights or (volume.modality in ("CT", "MR") and find_weights(ADL_MODEL, volume.modality))
+        args.model = ADL_MODEL if has_adl else "bm3d"
+        print(f"model: {args.model}" + ("" if has_adl else f" (no ADL weights installed for {volume.modality})"))
     if args.model in LEARNED_MODELS:
         start = time.perf_counter()
         denoised = _denoise_adl(volume, args, device)
@@ -328,9 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     den = verbs.add_parser("denoise", help="denoise a volume",
                            description="Denoise a CT or MR volume; the output keeps the input's geometry, CT stays in HU.")
     _add_io_arguments(den)
-    den.add_argument("--model", default=ADL_MODEL, choices=("bm3d", "nlm", "gaussian", "bm4d") + LEARNED_MODELS,
-                     help="denoising model (default adl, with the shipped weights for the input's modality; "
-                          f"{GCN_MODEL}: the graph-convolutional TDDL-GCN, a CT model)")
+    den.add_argument("--model", default=AUTO_MODEL, choices=(AUTO_MODEL, "bm3d", "nlm", "gaussian", "bm4d") + LEARNED_MODELS,
+                     help="denoising model (default auto: adl where weights for the input's modality are installed, "
+                          f"else bm3d; {GCN_MODEL}: the graph-convolutional TDDL-GCN, a CT model)")
     adl = den.add_argument_group("learned models (ADL, TDDL-GCN)")
     adl.add_argument("--weights", help="weight file (default by model and modality: model/<model>_ct.pt or "
                                        "<model>_mr.pt, else model/pretrained_<model>_ct.pt / _mr.pt)")
