@@ -361,7 +361,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from lib.data import ADLPatchDataset, PairedFolderSource, SyntheticNoiseSource, check_not_heldout
-    from lib.training import ADLTrainingConfig, export_weights, scaling_rule_for, train_adl
+    from lib.training import ADLTrainingConfig, train_adl
 
     rank = int(os.environ.get("RANK", "0"))
     main_rank = rank == 0
@@ -471,15 +471,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_adl(config, dataset, val_pairs=val_pairs or None, resume=args.resume, progress=main_rank)
     if not main_rank:
         return 0
-    record = result.training_record()
-    record["data"] = {"noise": noise_kind, "images": [v.name for v in source.volumes],
-                      "patch_size": patch_size, "validation_images": [p.name for p in val_pairs]}
-    path = export_weights(result.generator, output, config, scaling_rule_for(modality), record)
-    if result.validation:
-        last = result.validation[-1]
-        print(f"validation PSNR {last['psnr']:.2f} dB (noisy input {last['psnr_noisy']:.2f} dB) at step {last['step']}")
-    print(f"wrote {path}")
-    return 0
+    return _export_trained(result, result.generator, output, config, modality, source, noise_kind, patch_size, val_pairs)
 
 
 #: TDDL-GCN options of 'train' (default None: refused with --model adl, GCN defaults otherwise)
@@ -507,7 +499,7 @@ def _train_gcn(args: argparse.Namespace, source, dataset, val_pairs: list, noise
                checkpoint_dir: Path, modality: str, device: str, patch_size, main_rank: bool) -> int:
     """`train --model tddl_gcn`: the data were prepared by cmd_train (pseudo pairs from --noise-model, simulated
     noise or real pairs); supervised training (lib.training.train_gcn) and weight export."""
-    from lib.training import GCNTrainingConfig, export_weights, scaling_rule_for, train_gcn
+    from lib.training import GCNTrainingConfig, train_gcn
 
     try:
         config = GCNTrainingConfig(
@@ -529,10 +521,18 @@ def _train_gcn(args: argparse.Namespace, source, dataset, val_pairs: list, noise
     result = train_gcn(config, dataset, val_pairs=val_pairs or None, resume=args.resume, progress=main_rank)
     if not main_rank:
         return 0
+    return _export_trained(result, result.network, output, config, modality, source, noise_kind, patch_size, val_pairs)
+
+
+def _export_trained(result, network, output: Path, config, modality: str, source, noise_kind: str, patch_size,
+                    val_pairs: list) -> int:
+    """Write the trained network as a small weight file with its training record, and report validation."""
+    from lib.training import export_weights, scaling_rule_for
+
     record = result.training_record()
     record["data"] = {"noise": noise_kind, "images": [v.name for v in source.volumes],
                       "patch_size": patch_size, "validation_images": [p.name for p in val_pairs]}
-    path = export_weights(result.network, output, config, scaling_rule_for(modality), record)
+    path = export_weights(network, output, config, scaling_rule_for(modality), record)
     if result.validation:
         last = result.validation[-1]
         print(f"validation PSNR {last['psnr']:.2f} dB (noisy input {last['psnr_noisy']:.2f} dB) at step {last['step']}")
