@@ -60,11 +60,15 @@ MR_NOISE_PERCENT = 5.0
 
 
 def ct_settings(full_dose_photons: float = CT_FULL_DOSE_PHOTONS):
-    from lib.noise import LowDoseCTSettings
+    """The benchmark's quarter-dose protocol: :func:`lib.noise.quarter_dose_settings` (the same one validates CT
+    training runs), so that cached pairs stay comparable."""
+    from lib.noise import quarter_dose_settings
 
-    return LowDoseCTSettings(dose_fraction=CT_DOSE_FRACTION, full_dose_photons=full_dose_photons,
-                             electronic_noise_std=CT_ELECTRONIC_NOISE, reconstruction_filter=CT_FILTER,
-                             target_noise_std_hu=CT_ADDED_NOISE_HU, tube_current_modulation=True)
+    settings = quarter_dose_settings(CT_ADDED_NOISE_HU, full_dose_photons)
+    if (settings.dose_fraction, settings.reconstruction_filter, settings.electronic_noise_std) != (
+            CT_DOSE_FRACTION, CT_FILTER, CT_ELECTRONIC_NOISE):
+        raise RuntimeError("bench/pairs.py constants disagree with lib.noise.quarter_dose_settings")
+    return settings
 
 
 def _settings_dict(settings) -> dict:

@@ -42,8 +42,26 @@ def test_denoiser_train_mode_returns_three_scales_in_unit_range(dims):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
+def test_residual_denoiser_starts_as_the_identity_and_learns_a_correction(dims):
+    import torch.nn.functional as F
+
+    model = EfficientUNetDenoiser(spatial_dims=dims, **TINY).train()
+    x = 0.05 + 0.9 * torch.rand(SHAPES[dims])
+    outputs = model(x)
+    for k, out in enumerate(outputs):
+        expected = x if k == 0 else F.interpolate(x, size=out.shape[2:], mode="area")
+        torch.testing.assert_close(out.detach(), expected, atol=1e-5, rtol=0)
+    # the zero-initialised heads still receive gradients, so training moves the output away from the input
+    outputs[0].mean().backward()
+    assert float(model.heads[0].out.weight.grad.abs().sum()) > 0
+    assert float(model.heads[0].out.bias.grad.abs().sum()) > 0
+    plain = EfficientUNetDenoiser(spatial_dims=dims, residual=False, **TINY).eval()
+    assert float((plain(x) - x).abs().mean()) > 1e-3  # the paper's plain heads start anywhere
+
+
+@pytest.mark.parametrize("dims", [2, 3])
 def test_denoiser_eval_mode_returns_full_resolution_tensor(dims):
-    model = EfficientUNetDenoiser(spatial_dims=dims, in_channels=2, out_channels=3, **TINY).eval()
+    model = EfficientUNetDenoiser(spatial_dims=dims, in_channels=2, out_channels=3, residual=False, **TINY).eval()
     x = torch.rand((SHAPES[dims][0], 2) + SHAPES[dims][2:])
     with torch.no_grad():
         out = model(x)

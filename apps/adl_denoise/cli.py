@@ -571,7 +571,8 @@ def _add_train_parser(verbs) -> None:
                            "--clean images instead of physics noise (pseudo low-dose / normal-dose pairs)")
     data.add_argument("--noise-level", metavar="MIN,MAX",
                       help="range of the pixel-domain noise level: rician/gaussian(MR) %% of max, gaussian(CT) HU, "
-                           "poisson counts, speckle relative std")
+                           "ct-lowdose added noise std in soft tissue in HU (default 10,60), poisson counts, "
+                           "speckle relative std")
     data.add_argument("--realisations", type=_positive_int, default=2,
                       help="low-dose CT: noisy realisations per clean slice in the pool (default 2)")
     data.add_argument("--noise-cache", help="low-dose CT: folder caching simulated slices as .npy")

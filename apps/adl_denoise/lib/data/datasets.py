@@ -67,6 +67,9 @@ DEFAULT_NOISE_LEVELS: dict[str, tuple[float, float]] = {
     "gaussian": (1.0, 9.0),  # sigma in % of the volume maximum
     "poisson": (50.0, 2000.0),  # counts at the image maximum (log-uniform)
     "speckle": (0.02, 0.15),  # relative std
+    # added-noise std in soft tissue, HU (calibrated flux, log-uniform): from a mild dose reduction to
+    # well beyond the 22-65 HU of real quarter-dose abdominal scans
+    "ct-lowdose": (10.0, 60.0),
 }
 #: Foreground (non-air) limit used to reject background patches: CT in HU; MR as a fraction of the
 #: robust maximum (the 99.5th percentile).
@@ -361,7 +364,8 @@ class SyntheticNoiseSource:
         noise_level_range: (min, max) of the pixel-domain noise level, drawn uniformly (Poisson:
             log-uniformly) per patch. Units: rician and gaussian (MR) - sigma in % of the volume maximum
             (default 1-9 %); gaussian (CT) - sigma in HU (default 5-50); poisson - counts at the maximum
-            (default 50-2000); speckle - relative std (default 0.02-0.15).
+            (default 50-2000); speckle - relative std (default 0.02-0.15); ct-lowdose - the added noise std in
+            soft tissue in HU, drawn log-uniformly per slice, the flux calibrated to it (default 10-60).
         ct_settings: keyword arguments of :func:`lib.noise.sample_low_dose_settings` (e.g. ``dose_range``,
             ``noise_std_range_hu``, ``filters``); its wide defaults apply otherwise. The detector bin is drawn
             relative to each image's own pixel size.
@@ -409,9 +413,15 @@ class SyntheticNoiseSource:
         self.realisations = int(realisations)
         key = f"gaussian-{self.modality}" if self.noise == "gaussian" and self.modality == "CT" else self.noise
         self.noise_level_range = tuple(float(v) for v in (noise_level_range or DEFAULT_NOISE_LEVELS.get(key, (0, 0))))
-        if self.noise != "ct-lowdose" and not (0 <= self.noise_level_range[0] <= self.noise_level_range[1]):
+        if not (0 <= self.noise_level_range[0] <= self.noise_level_range[1]):
             raise ValueError(f"noise_level_range must be (min, max) with 0 <= min <= max, got {noise_level_range}")
         self.ct_settings = dict(ct_settings or {})
+        if self.noise == "ct-lowdose" and "noise_std_range_hu" not in self.ct_settings:
+            # calibrated mode: the flux is solved per slice for the drawn added-noise std, so the training noise
+            # spans a known clinical range whatever the patient size (an uncalibrated flux range does not)
+            if self.noise_level_range[0] <= 0:
+                raise ValueError(f"low-dose CT noise levels are added-noise std in HU > 0, got {self.noise_level_range}")
+            self.ct_settings["noise_std_range_hu"] = self.noise_level_range
         self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
         self.regenerate_each_epoch = bool(regenerate_each_epoch)
         self.seed = int(seed)
@@ -542,7 +552,8 @@ class SyntheticNoiseSource:
     # --- validation
     def validation_pairs(self, seed: int | None = None) -> list[ValidationPair]:
         """One fixed noisy realisation of every whole image (deterministic for ``seed``; default the source's
-        seed + 1_000_003, a stream the training pool never uses). Low-dose CT: one setting per image."""
+        seed + 1_000_003, a stream the training pool never uses). Low-dose CT: the benchmark's quarter-dose
+        protocol (:func:`lib.noise.quarter_dose_settings`); other noise: a level drawn from the range."""
         from .. import noise as physics
 
         seed = self.seed + 1_000_003 if seed is None else int(seed)
@@ -550,8 +561,9 @@ class SyntheticNoiseSource:
         for v, vol in enumerate(self.volumes):
             rng = np.random.default_rng([seed, v])
             if self.noise == "ct-lowdose":
-                settings = physics.sample_low_dose_settings(
-                    rng, pixel_size_mm=float(np.sqrt(vol.pixel_size_mm[0] * vol.pixel_size_mm[1])), **self.ct_settings)
+                # one fixed clinical protocol, not a random draw: a drawn setting can be nearly noise-free and
+                # then says nothing about denoising
+                settings = physics.quarter_dose_settings()
                 noisy = physics.simulate_low_dose_ct(_squeeze(vol.clean), vol.pixel_size_mm, settings,
                                                      seed=[seed, v, 1], device=self.device, progress=self.progress)
             else:

@@ -152,6 +152,7 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     metadata["network_class"] = class_name
     if network_class is EfficientUNetDenoiser:
         kwargs["deep_supervision"] = any(k.startswith("heads.1.") for k in state)
+        kwargs.setdefault("residual", False)  # files written before the residual heads existed
     network = network_class(**kwargs)
     state = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in state.items()}
     try:

@@ -154,5 +154,8 @@ class TransformerHead(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.out = _conv(spatial_dims, channels, out_channels, 1, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.out(self.blocks(x)))
+    def forward(self, x: torch.Tensor, base_logit: torch.Tensor | None = None) -> torch.Tensor:
+        """``base_logit`` (B, out_channels, *spatial), optional: added before the sigmoid, so the head
+        predicts a correction of that image in logit space (see ``EfficientUNetDenoiser(residual=True)``)."""
+        logit = self.out(self.blocks(x))
+        return torch.sigmoid(logit if base_logit is None else logit + base_logit)

@@ -539,6 +539,22 @@ def _simulate_batch(
     return noise, photons, stds, iters
 
 
+def quarter_dose_settings(
+    target_noise_std_hu: float = 30.0, full_dose_photons: float = 1.5e6
+) -> LowDoseCTSettings:
+    """The fixed quarter-dose protocol of the benchmark and of CT validation during training.
+
+    Dose fraction 0.25, Shepp-Logan-apodised FBP of the added noise (the filter whose noise texture is closest
+    to real quarter-dose scans), electronic noise 10 counts, angular tube-current modulation, and the flux
+    calibrated per slice so that the added noise has ``target_noise_std_hu`` (HU) in soft tissue; 30 HU lies
+    inside the 22-65 HU that real quarter-dose abdominal scans show (``shared/notes/ldct-simulation.md``).
+    ``full_dose_photons`` is only the calibration's starting flux.
+    """
+    return LowDoseCTSettings(dose_fraction=0.25, full_dose_photons=full_dose_photons, electronic_noise_std=10.0,
+                             reconstruction_filter="shepp-logan", target_noise_std_hu=target_noise_std_hu,
+                             tube_current_modulation=True)
+
+
 def sample_low_dose_settings(
     rng: SeedLike = None,
     dose_range: tuple[float, float] = (0.05, 0.5),

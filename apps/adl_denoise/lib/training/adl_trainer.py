@@ -82,7 +82,8 @@ class ADLTrainingConfig:
 
     Network: ``spatial_dims`` (2 slices / 3 volumes), ``filters`` (G's encoder channels, paper 96-192),
     ``disc_filters`` (D's, released code 16-128), ``enhancer_filters`` (content enhancer branch width, 48),
-    ``norm`` (``"batch"``, or ``"instance"`` for batch size 1).
+    ``norm`` (``"batch"``, or ``"instance"`` for batch size 1), ``residual`` (heads correct the noisy input in
+    logit space, see :class:`~lib.networks.EfficientUNetDenoiser`; True).
     Data: ``patch_size`` (informational for the trainer: the dataset makes the patches), ``batch_size`` (per
     process), ``num_workers`` (DataLoader workers).
     Phases: ``steps_g_warmup``, ``steps_d_warmup``, ``steps_adversarial`` (optimiser steps).
@@ -102,6 +103,7 @@ class ADLTrainingConfig:
     disc_filters: tuple[int, ...] = (16, 32, 64, 128)
     enhancer_filters: int = 48
     norm: str = "batch"
+    residual: bool = True
     patch_size: int | tuple[int, ...] = 96
     batch_size: int = 4
     num_workers: int = 0
@@ -184,7 +186,8 @@ class ADLTrainingConfig:
 
     def generator_kwargs(self) -> dict:
         return {"spatial_dims": self.spatial_dims, "in_channels": 1, "out_channels": 1, "filters": list(self.filters),
-                "enhancer_filters": int(self.enhancer_filters), "norm": self.norm}
+                "enhancer_filters": int(self.enhancer_filters), "norm": self.norm,
+                "residual": bool(self.residual)}
 
     def discriminator_kwargs(self) -> dict:
         return {"spatial_dims": self.spatial_dims, "in_channels": 1, "filters": list(self.disc_filters),
