@@ -632,7 +632,7 @@ def _add_train_parser(verbs) -> None:
 def cmd_learn_noise(args: argparse.Namespace) -> int:
     """TDDL step 1: noise patches from low-dose CT images alone -> conditional noise VAE -> noise-model file."""
     from lib.data import check_not_heldout, discover_images
-    from lib.noise_learning import MIN_TRAINING_SAMPLES, NoiseSamples, extract_noise_samples, train_noise_model
+    from lib.noise_learning.workflow import learn_noise_model
 
     output = Path(args.output).expanduser()
     if output.suffix not in (".pt", ".pth"):
@@ -646,43 +646,15 @@ def cmd_learn_noise(args: argparse.Namespace) -> int:
     if any(p.resolve() == output.resolve() for p in paths):
         raise CommandError("--output is one of the inputs: refusing to overwrite it")
     device = _resolve_device(args.device)
-    per_file = []
-    for path in paths:
-        volume = read_volume(path, modality="CT" if args.modality == "ct" else None)
-        if volume.modality != "CT":
-            guessed = volume.metadata.get("modality_source") == "guessed"
-            how = " (guessed from its values; add --modality ct if it is a CT in HU)" if guessed else ""
-            raise CommandError(f"{path} is {volume.modality}, not CT: the noise model learns CT noise in HU{how}")
-        if volume.is_constant:
-            raise CommandError(f"{path} holds a constant image: no noise to learn from")
-        height, width = volume.array.shape[-2:]
-        if min(height, width) < args.patch_size:
-            raise CommandError(f"{path}: slices of {height} x {width} pixels are smaller than --patch-size "
-                               f"{args.patch_size}")
-        pixel = (float(volume.spacing[1]), float(volume.spacing[0]))  # (row, column) = (y, x) mm
-        samples = extract_noise_samples(volume.array, args.patch_size, max_patches=args.max_patches, seed=args.seed,
-                                        pixel_size_mm=pixel, source_name=str(path), detrend=args.detrend)
-        st = samples.stats
-        print(f"{path.name}: {len(samples)} noise patches ({st['accepted']} smooth of {st['candidates']} "
-              f"candidates), noise std {samples.noise_std_hu:.1f} HU", flush=True)
-        per_file.append(samples)
-    samples = NoiseSamples.concatenate(per_file)
-    sizes = [s.pixel_size_mm for s in per_file if s.pixel_size_mm is not None and len(s)]
-    if sizes and max(p[0] for p in sizes) > 1.1 * min(p[0] for p in sizes):
-        log.warning("the inputs have different pixel sizes (%s mm): noise texture is learnt in pixels; prefer one "
-                    "reconstruction protocol per noise model", ", ".join(f"{p[0]:.3f}" for p in sizes))
-    if len(samples) > args.max_patches:
-        rng = np.random.default_rng(args.seed)
-        samples = samples.subset(np.sort(rng.choice(len(samples), args.max_patches, replace=False)))
-    if len(samples) < MIN_TRAINING_SAMPLES:
-        raise CommandError(f"only {len(samples)} smooth noise patches of {args.patch_size} x {args.patch_size} found "
-                           f"(need >= {MIN_TRAINING_SAMPLES}): give more or larger low-dose images, or a smaller "
-                           "--patch-size")
-    print(f"learning the noise from {len(samples)} patches ({100 * samples.air_fraction:.0f} % in air), "
-          f"{args.steps} steps on {device}", flush=True)
-    model = train_noise_model(samples, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                              progress=True, device=device,
-                              info={"command": "learn-noise", "inputs": [str(p.resolve()) for p in paths]})
+    try:
+        model = learn_noise_model(paths, patch_size=args.patch_size, steps=args.steps, batch_size=args.batch_size,
+                                  lr=args.lr, max_patches=args.max_patches, detrend=args.detrend,
+                                  force_ct=args.modality == "ct", device=device, seed=args.seed, progress=True,
+                                  report=lambda line: print(line, flush=True),
+                                  info={"command": "learn-noise", "inputs": [str(p.resolve()) for p in paths]})
+    except ValueError as error:
+        message = str(error).replace("say it is CT if it is", "add --modality ct if it is")
+        raise CommandError(message.replace("smaller patches", "a smaller --patch-size")) from None
     path = model.save(output)
     print(model.summary())
     print(f"wrote {path}")

@@ -305,6 +305,30 @@ class PairedFolderSource:
         if load:
             self.load()
 
+    @classmethod
+    def from_files(cls, pairs: Sequence[tuple[str, str | os.PathLike, str | os.PathLike]],
+                   modality: str | None = None, load: bool = True) -> "PairedFolderSource":
+        """Pairs given explicitly as ``(name, noisy_path, clean_path)``, e.g. a datastore's images and their
+        corrected labels, instead of two folders matched by name."""
+        if not pairs:
+            raise ValueError("no noisy/clean pairs given")
+        names = [str(n) for n, _, _ in pairs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pair names must be unique, got {names}")
+        self = cls.__new__(cls)
+        self.noisy_dir = self.clean_dir = None
+        self.pairs = [(str(n), Path(a).expanduser(), Path(b).expanduser()) for n, a, b in pairs]
+        for name, noisy, clean in self.pairs:
+            for path, what in ((noisy, "noisy"), (clean, "clean")):
+                if not path.exists():
+                    raise ValueError(f"pair {name!r}: {what} image {path} does not exist")
+        check_not_heldout([p for _, a, b in self.pairs for p in (a, b)])
+        self.modality = None if modality is None else modality.upper()
+        self.volumes = []
+        if load:
+            self.load()
+        return self
+
     @staticmethod
     def _by_stem(folder: Path) -> dict[str, Path]:
         out: dict[str, Path] = {}

@@ -351,6 +351,36 @@ def _atomic_save(payload: Any, path: Path) -> Path:
     return path
 
 
+def load_initial_weights(network: nn.Module, path: str | os.PathLike,
+                         optional_prefixes: Sequence[str] = ("heads.1.", "heads.2.")) -> dict:
+    """Start ``network`` from a weight file (fine-tuning), not from a training checkpoint (use ``resume``).
+
+    The file's network must be the same class with the same arguments; parameters it lacks may only be under
+    ``optional_prefixes`` (ADL weight files drop the 1/2 and 1/4 deep-supervision heads, which then start
+    fresh: with residual heads, as the identity). Returns the file's metadata (its training record etc.).
+
+    Raises:
+        ValueError: the file holds another network.
+    """
+    from ..inference.denoise import load_denoiser
+
+    loaded = load_denoiser(path, device="cpu")
+    target = _unwrap(network)
+    if type(loaded.network) is not type(target):
+        raise ValueError(f"initial weights {path} hold a {type(loaded.network).__name__}, not a "
+                         f"{type(target).__name__}")
+    try:
+        missing, unexpected = target.load_state_dict(loaded.network.state_dict(), strict=False)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(f"initial weights {path} do not fit this network ({first})") from None
+    missing = [k for k in missing if not k.startswith(tuple(optional_prefixes))]
+    if missing or unexpected:
+        raise ValueError(f"initial weights {path} do not fit this network (missing {missing[:3]}, "
+                         f"unexpected {list(unexpected)[:3]})")
+    return loaded.metadata
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict, fmt: str = CHECKPOINT_FORMAT,
                     version: int = CHECKPOINT_VERSION) -> Path:
     """Write a training checkpoint atomically (see :func:`train_adl` for the keys); ``fmt`` / ``version`` tag
@@ -576,6 +606,7 @@ def train_adl(
     val_pairs: Sequence | None = None,
     resume: str | os.PathLike | None = None,
     progress: bool = True,
+    initial_weights: str | os.PathLike | None = None,
 ) -> TrainingResult:
     """Train ADL's denoiser and discriminator through the three phases (see the module docstring).
 
@@ -591,6 +622,9 @@ def train_adl(
         resume: a checkpoint file, or a checkpoint folder (its ``last.pt``), to continue from. The network
             arguments must match ``config``; the step counts may be raised to train on.
         progress: tqdm progress bar (rank 0).
+        initial_weights: a weight file (:func:`export_weights`) to start the denoiser from, for fine-tuning; D
+            starts fresh (weight files do not carry it), so a fine-tuning run should give it a warm-up phase.
+            Ignored when resuming.
 
     Returns:
         :class:`TrainingResult`.
@@ -616,6 +650,8 @@ def train_adl(
         best: float | None = None
         sched_states: dict | None = None
 
+        if initial_weights is not None and resume is None:
+            load_initial_weights(generator_net, initial_weights)
         if resume is not None:
             ckpt = load_checkpoint(resume)
             saved = ADLTrainingConfig.from_dict(ckpt["config"])

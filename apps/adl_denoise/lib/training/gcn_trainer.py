@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 
 from ..networks import GCNDenoiser
 from .adl_trainer import (
+    load_initial_weights,
     _as_pairs,
     _dataset_batches,
     _plain,
@@ -222,6 +223,7 @@ def train_gcn(
     val_pairs: Sequence | None = None,
     resume: str | os.PathLike | None = None,
     progress: bool = True,
+    initial_weights: str | os.PathLike | None = None,
 ) -> GCNTrainingResult:
     """Train a :class:`lib.networks.GCNDenoiser` (see the module docstring).
 
@@ -235,6 +237,7 @@ def train_gcn(
         resume: a checkpoint file or folder to continue from; the network arguments must match ``config``
             (``steps`` may be raised to train on).
         progress: tqdm progress bar (rank 0).
+        initial_weights: a weight file to start from (fine-tuning); ignored when resuming.
     """
     started = time.perf_counter()
     dist_info, device = _setup(config)  # type: ignore[arg-type]
@@ -251,6 +254,8 @@ def train_gcn(
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         step, history, validation, best = 0, [], [], None
 
+        if initial_weights is not None and resume is None:
+            load_initial_weights(network, initial_weights, optional_prefixes=())
         if resume is not None:
             ckpt = load_gcn_checkpoint(resume)
             if ckpt["network_kwargs"] != _plain(config.network_kwargs()):

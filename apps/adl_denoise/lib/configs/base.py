@@ -1,0 +1,45 @@
+"""What every denoiser's TaskConfig shares: the conf keys, the model store, one infer and one train task."""
+from __future__ import annotations
+
+from typing import Any
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.utils.others.generic import strtobool
+
+from ..inference.model_store import ModelStore
+from ..infers.denoise import DenoiseInferTask
+from ..trainers.finetune import DenoiserTrainTask
+
+
+class DenoiserTaskConfig(TaskConfig):
+    """A learned denoiser served by the app. Subclasses set ``method`` and ``modalities``.
+
+    Conf keys read here (``--conf key value``): ``device`` (auto | cpu | cuda), ``preload`` (true | false),
+    ``modality`` (auto | ct | mr: for inputs without a DICOM modality), ``result_extension`` (.nii.gz | .nrrd |
+    .nii | .mha | dicom), ``train_steps`` (default fine-tuning steps), ``normal_dose`` (normal-dose images for
+    TDDL adaptation).
+    """
+
+    method: str = ""
+    modalities: tuple[str, ...] = ()
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs) -> None:
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.store: ModelStore = kwargs.get("store") or ModelStore(model_dir)
+        self.path = [str(self.store.pretrained_path(name, m)) for m in self.modalities] + \
+                    [str(self.store.published_path(name, m)) for m in self.modalities]
+
+    def infer(self) -> InferTask:
+        return DenoiseInferTask(
+            self.name, self.method, self.modalities, self.store, device=self.conf.get("device", "auto"),
+            default_modality=self.conf.get("modality", "auto"),
+            result_extension=self.conf.get("result_extension", ".nii.gz"),
+            preload=strtobool(self.conf.get("preload", "false")))
+
+    def trainer(self) -> TrainTask:
+        defaults = {"steps": int(self.conf.get("train_steps", 200)), "device": self.conf.get("device", "auto")}
+        if self.conf.get("normal_dose"):
+            defaults["normal_dose"] = self.conf["normal_dose"]
+        return DenoiserTrainTask(self.name, self.store, self.modalities, defaults)

@@ -1,0 +1,190 @@
+"""Versioned weight files: what a model serves, what it served before, atomic publishing and rollback.
+
+Layout under a model folder (``apps/adl_denoise/model`` or ``ADL_MODEL_DIR``)::
+
+    pretrained_<model>_<modality>.pt      shipped with the repository (never modified here)
+    <model>_<modality>.pt                 published by fine-tuning; served when present
+    versions/<model>_<modality>/<id>.pt   every file ever published, kept for rollback
+    versions/<model>_<modality>/history.jsonl   one line per event (published, rejected, restored)
+
+A version id is ``<UTC time>-<first 8 hex of the file's SHA-256>``; the shipped file's id is ``pretrained``.
+Publishing writes the new file next to the served one and renames it over it (``os.replace``), so a reader
+sees the old file or the new one, never a partial one; a process killed half way leaves the served file as
+it was. Servers pick a new file up by its modification time (hot reload).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .denoise import find_weights
+
+__all__ = ["ModelStore", "WeightsVersion", "file_sha256"]
+
+PRETRAINED_VERSION = "pretrained"
+
+_hash_cache: dict[tuple[str, int, int], str] = {}
+_hash_lock = threading.Lock()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, cached by (path, size, mtime) so that servers can ask on every request."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    with _hash_lock:
+        if key in _hash_cache:
+            return _hash_cache[key]
+    digest = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    with _hash_lock:
+        _hash_cache[key] = value
+    return value
+
+
+@dataclass(frozen=True)
+class WeightsVersion:
+    """The weights a model serves for one modality: ``version`` id, ``path``, ``sha256``."""
+
+    model: str
+    modality: str
+    version: str
+    path: Path
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "modality": self.modality, "version": self.version, "path": str(self.path),
+                "sha256": self.sha256}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+class ModelStore:
+    """Published and previous weight files of the models in ``model_dir`` (see the module docstring)."""
+
+    def __init__(self, model_dir: str | os.PathLike) -> None:
+        self.model_dir = Path(model_dir).expanduser()
+        self._lock = threading.Lock()
+
+    # --- paths
+    def published_path(self, model: str, modality: str) -> Path:
+        return self.model_dir / f"{model}_{modality.lower()}.pt"
+
+    def pretrained_path(self, model: str, modality: str) -> Path:
+        return self.model_dir / f"pretrained_{model}_{modality.lower()}.pt"
+
+    def versions_dir(self, model: str, modality: str) -> Path:
+        return self.model_dir / "versions" / f"{model}_{modality.lower()}"
+
+    # --- queries
+    def served(self, model: str, modality: str) -> WeightsVersion | None:
+        """The weights served now (published beats pretrained), or None when there are none."""
+        path = find_weights(model, modality, self.model_dir)
+        if path is None:
+            return None
+        sha = file_sha256(path)
+        if path == self.pretrained_path(model, modality):
+            version = PRETRAINED_VERSION
+        else:
+            version = self._version_of(model, modality, sha) or f"unversioned-{sha[:8]}"
+        return WeightsVersion(model, modality.upper(), version, path, sha)
+
+    def _version_of(self, model: str, modality: str, sha: str) -> str | None:
+        for entry in reversed(self.history(model, modality)):
+            if entry.get("sha256") == sha and entry.get("version"):
+                return str(entry["version"])
+        return None
+
+    def versions(self, model: str, modality: str) -> list[dict]:
+        """Every version that can be restored, oldest first (``pretrained`` first when shipped)."""
+        out = []
+        pretrained = self.pretrained_path(model, modality)
+        if pretrained.is_file():
+            out.append({"version": PRETRAINED_VERSION, "path": str(pretrained), "sha256": file_sha256(pretrained)})
+        folder = self.versions_dir(model, modality)
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.pt")):
+                out.append({"version": path.stem, "path": str(path), "sha256": file_sha256(path)})
+        served = self.served(model, modality)
+        for entry in out:
+            entry["served"] = served is not None and entry["sha256"] == served.sha256
+        return out
+
+    def history(self, model: str, modality: str) -> list[dict]:
+        path = self.versions_dir(model, modality) / "history.jsonl"
+        if not path.is_file():
+            return []
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def record(self, model: str, modality: str, event: str, **details) -> dict:
+        """Append an event (e.g. ``rejected`` with the validation scores) to the model's history."""
+        entry = {"time_utc": _now(), "event": event, "model": model, "modality": modality.upper(), **details}
+        folder = self.versions_dir(model, modality)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "history.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, default=str) + "\n")
+        return entry
+
+    # --- changes
+    def publish(self, candidate: str | os.PathLike, model: str, modality: str, **details) -> WeightsVersion:
+        """Serve ``candidate`` from now on: keep a copy under ``versions/`` and replace the served file
+        atomically. The caller decides whether the candidate deserves it (see ``lib.training.finetune``)."""
+        source = Path(candidate)
+        with self._lock:
+            sha = file_sha256(source)
+            version = f"{_now()}-{sha[:8]}"
+            folder = self.versions_dir(model, modality)
+            folder.mkdir(parents=True, exist_ok=True)
+            kept = folder / f"{version}.pt"
+            self._atomic_copy(source, kept)
+            self._atomic_copy(source, self.published_path(model, modality))
+            self.record(model, modality, "published", version=version, sha256=sha, **details)
+        return WeightsVersion(model, modality.upper(), version, self.published_path(model, modality), sha)
+
+    def restore(self, model: str, modality: str, version: str) -> WeightsVersion | None:
+        """Serve an earlier version again (``pretrained``: remove the published file so the shipped one
+        serves). Returns what is served afterwards. KeyError for an unknown version."""
+        with self._lock:
+            published = self.published_path(model, modality)
+            if version == PRETRAINED_VERSION:
+                if not self.pretrained_path(model, modality).is_file():
+                    raise KeyError(f"{model} has no shipped {modality.upper()} weights to restore")
+                if published.exists():
+                    published.unlink()
+                self.record(model, modality, "restored", version=version,
+                            sha256=file_sha256(self.pretrained_path(model, modality)))
+            else:
+                kept = self.versions_dir(model, modality) / f"{version}.pt"
+                if not kept.is_file() or "/" in version or "\\" in version:
+                    known = ", ".join(v["version"] for v in self.versions(model, modality)) or "none"
+                    raise KeyError(f"{model} has no {modality.upper()} version {version!r} (known: {known})")
+                self._atomic_copy(kept, published)
+                self.record(model, modality, "restored", version=version, sha256=file_sha256(kept))
+        return self.served(model, modality)
+
+    @staticmethod
+    def _atomic_copy(source: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+

@@ -1,0 +1,4 @@
+"""MONAI Label infer tasks."""
+from .denoise import DenoiseInferTask
+
+__all__ = ["DenoiseInferTask"]

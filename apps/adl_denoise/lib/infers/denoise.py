@@ -1,0 +1,241 @@
+"""The MONAI Label infer task of a learned denoiser (ADL or TDDL-GCN): volume in, denoised volume out.
+
+Image-to-image, so it does not use MONAI Label's segmentation pipeline (LoadImage -> Orientation -> ... ->
+Restored -> Writer): that pipeline needs workarounds for today's monai (``image_path`` under Spacingd, a
+non-RAS input coming back flipped, a uint8 cast requested by the official Slicer plugin; see
+``shared/notes/monailabel.md``). Instead :func:`lib.imaging.read_volume` reads the request's image (NIfTI, NRRD,
+MHA, a DICOM file or series folder), :func:`lib.inference.denoise_array` denoises it with bounded memory
+(slice-wise or 3D sliding window), and :func:`lib.imaging.write_volume` writes the result on exactly the input's
+grid (spacing, origin, direction, any orientation), CT in HU.
+
+Request keys (all optional, besides MONAI Label's own ``image``): ``modality`` (``auto`` | ``ct`` | ``mr``),
+``result_extension`` (``.nii.gz`` | ``.nii`` | ``.nrrd`` | ``.mha`` | ``dicom``: a derived DICOM series of a
+DICOM input, zipped), ``result_dtype`` (``float32``, or ``int16`` for CT in whole HU), ``device``
+(``auto`` | ``cpu`` | ``cuda``).
+
+Bad input raises ``fastapi.HTTPException`` with a 4xx status and a one-line reason; the server keeps
+serving.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from ..imaging import ImageReadError, ImageWriteError, guess_modality, read_volume, write_volume
+from ..inference import denoise_array, load_denoiser, resolve_device
+from ..inference.model_store import ModelStore, WeightsVersion
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DenoiseInferTask", "RESULT_EXTENSIONS", "http_error_for_image"]
+
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", "dicom")
+RESULT_DTYPES = ("float32", "int16")
+MODALITIES = ("CT", "MR")
+
+
+def http_error_for_image(error: Exception) -> HTTPException:
+    """4xx for an image that cannot be used: 413 when too large, 422 otherwise (corrupt, not an image, 4D,
+    NaN, empty, constant ...)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    status = 413 if "too large" in message else 422
+    return HTTPException(status_code=status, detail=f"cannot denoise this image: {message}")
+
+
+class DenoiseInferTask(InferTask):
+    """Denoise with a learned model; the weights follow the model store (published beats shipped).
+
+    Args:
+        model: ``"adl"`` or ``"tddl_gcn"``.
+        method: what the method is, for ``/info``.
+        modalities: the modalities this model may serve (weights are looked up per modality).
+        store: the :class:`~lib.inference.model_store.ModelStore` of the app's model folder.
+        device: ``auto`` (GPU when present), ``cpu`` or ``cuda``.
+        default_modality: used when the request says ``auto`` and the file carries no DICOM modality
+            (``auto``: guessed from the values, HU-like -> CT).
+        result_extension: default output format.
+        preload: load the served weights at start-up instead of on the first request.
+    """
+
+    def __init__(self, model: str, method: str, modalities: tuple[str, ...], store: ModelStore,
+                 device: str = "auto", default_modality: str = "auto", result_extension: str = ".nii.gz",
+                 preload: bool = False) -> None:
+        super().__init__(type=InferType.OTHERS, labels=[], dimension=3,
+                         description=f"{method}: denoises {', '.join(modalities)} volumes, returns the denoised "
+                                     f"volume on the input's grid (CT in HU)",
+                         config={"modality": ["auto", *[m.lower() for m in modalities]],
+                                 "result_extension": list(RESULT_EXTENSIONS),
+                                 "result_dtype": list(RESULT_DTYPES), "device": ["auto", "cpu", "cuda"]})
+        self.model = model
+        self.method = method
+        self.modalities = tuple(m.upper() for m in modalities)
+        self.store = store
+        self.device = device
+        self.default_modality = default_modality.upper()
+        if result_extension not in RESULT_EXTENSIONS:
+            raise ValueError(f"result_extension must be one of {RESULT_EXTENSIONS}, got {result_extension!r}")
+        self.result_extension = result_extension
+        self._cache: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+        if preload:
+            for modality in self.modalities:
+                served = self.store.served(model, modality)
+                if served is not None:
+                    self._denoiser(served, self._device(None))
+
+    # --- MONAI Label interface
+    def is_valid(self) -> bool:
+        return True  # listed even without weights: /info says which modalities have them
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["method"] = self.method
+        info["model"] = self.model
+        info["weights"] = {m.lower(): self.describe_weights(m) for m in self.modalities}
+        return info
+
+    def describe_weights(self, modality: str) -> dict:
+        """Weights version, file and training summary for ``modality`` (``{"available": False}`` if none)."""
+        served = self.store.served(self.model, modality)
+        if served is None:
+            return {"available": False, "modality": modality.upper()}
+        try:
+            metadata = self._denoiser(served, "cpu").metadata
+        except ValueError as error:
+            return {"available": False, "modality": modality.upper(), "error": str(error)}
+        training = metadata.get("training") or {}
+        validation = training.get("validation") or []
+        return {
+            "available": True, "modality": modality.upper(), "version": served.version,
+            "sha256": served.sha256[:16], "file": served.path.name, "created_utc": metadata.get("created_utc"),
+            "spatial_dims": metadata.get("spatial_dims"), "network": (metadata.get("network") or {}).get("class"),
+            "training": {"steps": training.get("steps"), "data": training.get("data"),
+                         "hardware": training.get("hardware"),
+                         "final_validation": validation[-1] if validation else None,
+                         "fine_tuned_from": training.get("fine_tuned_from")},
+        }
+
+    def __call__(self, request: dict) -> tuple[str | None, dict]:
+        started = time.perf_counter()
+        image = request.get("image")
+        if not isinstance(image, (str, os.PathLike)) or not str(image):
+            raise HTTPException(status_code=422, detail="no image given (datastore id, session or uploaded file)")
+        result_extension = str(request.get("result_extension") or self.result_extension)
+        if result_extension in (".dcm", "dcm", "DICOM"):
+            result_extension = "dicom"
+        if result_extension not in RESULT_EXTENSIONS:
+            raise HTTPException(status_code=422, detail=f"result_extension must be one of {', '.join(RESULT_EXTENSIONS)},"
+                                                        f" got {result_extension!r}")
+        result_dtype = str(request.get("result_dtype") or "float32").lower()
+        if result_dtype not in RESULT_DTYPES:
+            raise HTTPException(status_code=422, detail=f"result_dtype must be one of {', '.join(RESULT_DTYPES)} "
+                                                        f"(a denoised volume is not a label map), got {result_dtype!r}")
+        try:
+            volume = read_volume(image)
+        except ImageReadError as error:
+            raise http_error_for_image(error) from None
+        if volume.is_constant:
+            raise HTTPException(status_code=422, detail="cannot denoise this image: it is constant (empty or blank)")
+        modality = self._modality(request, volume)
+        if result_dtype == "int16" and modality != "CT":
+            raise HTTPException(status_code=422, detail="result_dtype int16 is for CT in HU; MR results are float32")
+        if result_extension == "dicom" and not volume.dicom_headers:
+            raise HTTPException(status_code=422, detail="a DICOM result needs a DICOM input (a derived series is "
+                                                        "built on the input's headers)")
+        served = self.store.served(self.model, modality)
+        if served is None:
+            raise HTTPException(status_code=404, detail=f"no {self.model} weights for {modality} are installed in "
+                                                        f"{self.store.model_dir}: train or fine-tune first")
+        device = self._device(request.get("device"))
+        loaded = self._denoiser(served, device)
+        try:
+            denoised = denoise_array(loaded, volume.array, modality, device=device)
+        except ValueError as error:
+            raise http_error_for_image(error) from None
+        out = volume.with_array(denoised)
+        try:
+            path = self._write(out, volume, result_extension, result_dtype)
+        except ImageWriteError as error:
+            raise HTTPException(status_code=422, detail=f"cannot write the result: {error}") from None
+        seconds = time.perf_counter() - started
+        result = {
+            "model": self.model, "method": self.method, "modality": modality, "weights_version": served.version,
+            "weights_sha256": served.sha256[:16], "device": str(device), "seconds": round(seconds, 3),
+            "shape": list(volume.array.shape), "spacing": list(volume.spacing), "result_dtype": result_dtype,
+            "result_extension": result_extension,
+        }
+        log.info("denoised %s with %s (%s, weights %s) in %.2f s", Path(str(image)).name, self.model, modality,
+                 served.version, seconds)
+        return str(path), result
+
+    # --- helpers
+    def _modality(self, request: dict, volume) -> str:
+        asked = str(request.get("modality") or "auto").upper()
+        if asked == "AUTO":
+            if volume.dicom_headers and volume.modality in MODALITIES:
+                asked = volume.modality  # the DICOM Modality tag
+            elif self.default_modality in MODALITIES:
+                asked = self.default_modality  # the server's conf
+            else:
+                asked = guess_modality(volume.array)  # HU-like values -> CT
+        if asked not in MODALITIES:
+            raise HTTPException(status_code=422, detail=f"modality must be auto, ct or mr, got {request.get('modality')!r}")
+        if asked not in self.modalities:
+            raise HTTPException(status_code=422, detail=f"{self.model} denoises {', '.join(self.modalities)} only, "
+                                                        f"this image is {asked}")
+        return asked
+
+    def _device(self, asked: Any) -> Any:
+        name = str(asked or self.device or "auto")
+        try:
+            device = resolve_device(name)
+        except (ValueError, RuntimeError) as error:
+            raise HTTPException(status_code=422, detail=f"device {name!r}: {error}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise HTTPException(status_code=422, detail="device cuda asked for, but this server has no usable GPU")
+        return device
+
+    def _denoiser(self, served: WeightsVersion, device):
+        """The loaded network of ``served`` on ``device``: cached, reloaded when the file changes (a new
+        version published by a training run is picked up by the next request)."""
+        mtime = served.path.stat().st_mtime_ns
+        key = (str(served.path), mtime, served.sha256, str(device))
+        with self._lock:
+            loaded = self._cache.get(key)
+            if loaded is None:
+                loaded = load_denoiser(served.path, device=device)
+                # keep one entry per (file, device): the old network of a replaced file is released
+                self._cache = {k: v for k, v in self._cache.items() if (k[0], k[3]) != (key[0], key[3])}
+                self._cache[key] = loaded
+                log.info("loaded %s weights %s (%s) on %s", self.model, served.version, served.path.name, device)
+            return loaded
+
+    def _write(self, out, source, result_extension: str, result_dtype: str) -> Path:
+        if result_extension == "dicom":
+            folder = Path(tempfile.mkdtemp(prefix=f"{self.model}_result_"))
+            try:
+                series = write_volume(out, folder / "series", series_description_suffix=f" [denoised {self.model}]")
+                fd, name = tempfile.mkstemp(prefix=f"{self.model}_", suffix=".zip")
+                os.close(fd)
+                with zipfile.ZipFile(name, "w", zipfile.ZIP_DEFLATED) as zf:
+                    for file in sorted(series.iterdir()):
+                        zf.write(file, file.name)
+                return Path(name)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        fd, name = tempfile.mkstemp(prefix=f"{self.model}_", suffix=result_extension)
+        os.close(fd)
+        os.unlink(name)  # write_volume never overwrites
+        return write_volume(out, name, output_dtype=np.int16 if result_dtype == "int16" else np.float32)

@@ -1,0 +1,296 @@
+"""MONAI Label train task of a learned denoiser: fine-tune from clinician corrections, or adapt to a scanner.
+
+Design (documented deviation from ``BasicTrainTask``): MONAI Label's ignite trainer is built for segmentation
+(Dice metrics, label transforms, publishing whatever is best *within* a run). Denoising needs its own loop, so
+this task drives the project's trainers (:mod:`lib.training`), which already implement ADL's alternating
+G / D steps with the adversarial term reaching G (the role of ``train_iteration_update``), resumable checkpoints,
+mixed precision and DDP. Around them, :mod:`lib.training.finetune` fixes the validation set before the run and
+publishes through :class:`lib.inference.model_store.ModelStore` only a model no worse than the served one.
+
+Modes (request ``mode``):
+
+* ``corrections`` (default): every datastore image whose ``final`` label is a corrected denoised volume (float,
+  same grid) is a pair: input = the original image, target = the correction.
+* ``adapt_noise`` (CT; TDDL): no labels at all. The datastore's low-dose CT images teach a noise model
+  (:func:`lib.noise_learning.workflow.learn_noise_model`); that noise is added to normal-dose images to make
+  pseudo pairs. Normal-dose images come from the ``normal_dose`` request/conf key (a folder or files); without
+  it, the served model's own denoised versions of the low-dose images stand in (self-adaptation).
+
+Other request keys: ``modality`` (``auto``: the modality of the data; must be one), ``steps``, ``patch_size``,
+``batch_size``, ``lr``, ``lambda_adversarial``, ``device``, ``seed``, ``noise_steps`` (noise-model training steps).
+
+Progress and results: ``stats()`` (MONAI Label's ``train_stats`` in ``/info``) reads a status file the run
+writes (phase, step of total, scores, the publication decision). The run happens in MONAI Label's training
+subprocess: killing it leaves the served weights untouched (they are only ever replaced by an atomic rename at
+the very end).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from ..data.datasets import PairedFolderSource
+from ..imaging import read_volume, write_volume
+from ..inference.model_store import ModelStore
+from ..training.finetune import (
+    decide_publication,
+    fine_tune,
+    settings_from_dict,
+    split_validation,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DenoiserTrainTask", "TrainingDataError", "correction_pairs"]
+
+MODES = ("corrections", "adapt_noise")
+
+
+class TrainingDataError(ValueError):
+    """The datastore does not hold what the requested training needs (message says what is missing)."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def correction_pairs(datastore: Datastore, modality: str | None = None) -> list[dict]:
+    """``[{"id", "image", "label", "modality"}]`` for every image with a ``final`` label (a correction)."""
+    pairs = []
+    for image_id in sorted(datastore.get_labeled_images()):
+        image = datastore.get_image_uri(image_id)
+        label = datastore.get_label_uri(image_id, "final")
+        volume_modality = image_modality(datastore, image_id, image)
+        if modality and volume_modality != modality.upper():
+            continue
+        pairs.append({"id": image_id, "image": image, "label": label, "modality": volume_modality})
+    return pairs
+
+
+def image_modality(datastore: Datastore, image_id: str, path: str | None = None) -> str:
+    """CT / MR of a datastore image: from its info (cached there after the first read), else its file."""
+    info = datastore.get_image_info(image_id) or {}
+    if info.get("modality") in ("CT", "MR"):
+        return str(info["modality"])
+    volume = read_volume(path or datastore.get_image_uri(image_id))
+    try:
+        datastore.update_image_info(image_id, {"modality": volume.modality})
+    except Exception:  # noqa: BLE001 - a read-only datastore (DICOMweb) just cannot cache it
+        pass
+    return volume.modality
+
+
+class DenoiserTrainTask(TrainTask):
+    """Fine-tuning / adaptation of one learned denoiser (see the module docstring).
+
+    Args:
+        model: ``"adl"`` or ``"tddl_gcn"``.
+        store: the app's :class:`ModelStore`.
+        modalities: modalities the model serves.
+        defaults: default request values (from the app's conf), e.g. ``{"steps": 200, "device": "auto"}``.
+    """
+
+    def __init__(self, model: str, store: ModelStore, modalities: tuple[str, ...], defaults: dict | None = None):
+        super().__init__(f"Fine-tune {model} from clinician corrections, or adapt it to a scanner's low-dose noise")
+        self.model = model
+        self.store = store
+        self.modalities = tuple(m.upper() for m in modalities)
+        self.defaults = dict(defaults or {})
+
+    # --- paths
+    @property
+    def status_path(self) -> Path:
+        return self.store.model_dir / "train_stats" / f"{self.model}.json"
+
+    def work_dir(self, run_id: str) -> Path:
+        return self.store.model_dir / "work" / self.model / run_id
+
+    # --- MONAI Label interface
+    def config(self) -> dict[str, Any]:
+        return {"mode": list(MODES), "modality": ["auto", *[m.lower() for m in self.modalities]],
+                "steps": int(self.defaults.get("steps", 200)), "device": ["auto", "cpu", "cuda"],
+                "patch_size": 0, "batch_size": 4, "lr": 5e-5, "normal_dose": ""}
+
+    def stats(self) -> dict[str, Any]:
+        """The last run's status file, with the current step read from the trainer's log while it runs."""
+        if not self.status_path.is_file():
+            return {"status": "never trained", "key_metric": "PSNR (dB)"}
+        try:
+            stats = json.loads(self.status_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {"status": "unknown"}
+        if stats.get("status") == "running" and stats.get("work_dir"):
+            log_file = Path(stats["work_dir"]) / "checkpoints" / "train_log.jsonl"
+            last = _last_line(log_file)
+            if last:
+                stats["step"] = last.get("step")
+                stats["loss"] = {k: v for k, v in last.items() if k.startswith(("loss", "g_", "d_", "l1", "total"))}
+        return stats
+
+    def validate_request(self, request: dict, datastore: Datastore) -> dict:
+        """Check, before a run is launched, that the request makes sense and the data is there.
+        Returns the resolved request (mode, modality, ...). Raises :class:`TrainingDataError` otherwise."""
+        params = dict(self.defaults)
+        params.update({k: v for k, v in request.items() if v is not None and v != ""})
+        mode = str(params.get("mode", "corrections"))
+        if mode not in MODES:
+            raise TrainingDataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        try:
+            settings = settings_from_dict(params)
+        except (TypeError, ValueError) as error:
+            raise TrainingDataError(f"bad training parameter: {error}") from None
+        asked = str(params.get("modality", "auto")).upper()
+        if asked not in ("AUTO", *self.modalities):
+            raise TrainingDataError(f"{self.model} serves {', '.join(self.modalities)}; modality {asked!r} is unknown")
+        if mode == "corrections":
+            pairs = correction_pairs(datastore, None if asked == "AUTO" else asked)
+            modalities = sorted({p["modality"] for p in pairs})
+            if not pairs:
+                raise TrainingDataError("no corrected studies to learn from: save a corrected denoised volume as the "
+                                        "'final' label of at least 2 images first")
+            if asked == "AUTO":
+                if len(modalities) > 1:
+                    raise TrainingDataError(f"corrections of several modalities ({', '.join(modalities)}): say which "
+                                            "one to fine-tune with 'modality'")
+                asked = modalities[0]
+            if asked not in self.modalities:
+                raise TrainingDataError(f"the corrections are {asked}, which {self.model} does not serve")
+            if len(pairs) < 2:
+                raise TrainingDataError(f"only {len(pairs)} corrected {asked} study: fine-tuning needs at least 2 (one "
+                                        "is kept aside to check that the new model is no worse)")
+            count = len(pairs)
+        else:
+            if asked == "AUTO":
+                asked = "CT"
+            if asked != "CT":
+                raise TrainingDataError("adapt_noise learns CT noise in HU: modality must be ct")
+            images = [i for i in sorted(datastore.list_images()) if image_modality(datastore, i) == "CT"]
+            if len(images) < 2:
+                raise TrainingDataError(f"adapt_noise needs at least 2 low-dose CT images in the datastore, found "
+                                        f"{len(images)}")
+            count = len(images)
+        if self.store.served(self.model, asked) is None:
+            raise TrainingDataError(f"no {self.model} weights for {asked} to fine-tune: install or train them first")
+        return {"mode": mode, "modality": asked, "settings": settings, "count": count, "params": params}
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        resolved = self.validate_request(request, datastore)
+        run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        work = self.work_dir(run_id)
+        work.mkdir(parents=True, exist_ok=True)
+        modality, settings, mode = resolved["modality"], resolved["settings"], resolved["mode"]
+        served = self.store.served(self.model, modality)
+        status: dict[str, Any] = {
+            "status": "running", "model": self.model, "mode": mode, "modality": modality, "run_id": run_id,
+            "started_utc": _now(), "pid": os.getpid(), "work_dir": str(work), "total_steps": settings.steps,
+            "key_metric": "PSNR (dB)", "starting_weights": served.version, "phase": "preparing data",
+        }
+        write_json_atomic(status, self.status_path)
+        started = time.perf_counter()
+        try:
+            if mode == "corrections":
+                source, val_pairs, description = self._corrections_data(datastore, modality)
+            else:
+                source, val_pairs, description = self._adaptation_data(datastore, served.path, work, resolved)
+            status.update(phase="training", data=description)
+            write_json_atomic(status, self.status_path)
+
+            def on_scored(which: str, score: dict) -> None:
+                status[f"{which}_psnr"] = score["psnr"]
+                status["input_psnr"] = score["psnr_input"]
+                write_json_atomic(status, self.status_path)
+
+            result = fine_tune(served.path, source, val_pairs, work / "candidate.pt", settings,
+                               checkpoint_dir=work / "checkpoints", data_description=description, on_scored=on_scored)
+            decision = decide_publication(result, self.store, self.model, modality, mode=mode, run_id=run_id,
+                                          started_from=served.version, images=description.get("train_images"))
+            status.update(status="done", phase="finished", finished_utc=_now(), decision=decision,
+                          seconds=round(time.perf_counter() - started, 1),
+                          serving=(self.store.served(self.model, modality) or served).version)
+            write_json_atomic(status, self.status_path)
+            log.info("%s %s fine-tuning: candidate %.2f dB vs served %.2f dB -> %s", self.model, modality,
+                     decision["candidate_psnr"], decision["baseline_psnr"],
+                     "published " + str(decision["version"]) if decision["published"] else "kept the served model")
+            return status
+        except BaseException as error:
+            status.update(status="failed", phase="failed", finished_utc=_now(),
+                          error=f"{type(error).__name__}: {error}".splitlines()[0])
+            write_json_atomic(status, self.status_path)
+            raise
+        finally:
+            # checkpoints and the candidate are scratch: published versions are kept by the model store
+            shutil.rmtree(work, ignore_errors=True)
+
+    # --- data
+    def _corrections_data(self, datastore: Datastore, modality: str):
+        pairs = correction_pairs(datastore, modality)
+        by_id = {p["id"]: p for p in pairs}
+        train_ids, val_ids = split_validation(list(by_id))
+        source = PairedFolderSource.from_files([(i, by_id[i]["image"], by_id[i]["label"]) for i in train_ids],
+                                               modality=modality)
+        val_pairs = PairedFolderSource.from_files([(i, by_id[i]["image"], by_id[i]["label"]) for i in val_ids],
+                                                  modality=modality).validation_pairs()
+        return source, val_pairs, {"kind": "clinician corrections", "train_images": train_ids,
+                                   "validation_images": val_ids}
+
+    def _adaptation_data(self, datastore: Datastore, served_path: Path, work: Path, resolved: dict):
+        from ..inference import denoise_array, load_denoiser
+        from ..noise_learning import LearnedNoiseSource
+        from ..noise_learning.workflow import learn_noise_model
+
+        params = resolved["params"]
+        low_dose = {i: datastore.get_image_uri(i) for i in sorted(datastore.list_images())
+                    if image_modality(datastore, i) == "CT"}
+        noise_model = learn_noise_model(list(low_dose.values()), steps=int(params.get("noise_steps", 500)),
+                                        patch_size=int(params.get("noise_patch_size", 32)), force_ct=True,
+                                        device="cpu", seed=int(params.get("seed", 0)), progress=False,
+                                        info={"source": "datastore low-dose images", "images": list(low_dose)})
+        noise_path = noise_model.save(work / "noise_model.pt")
+        normal_dose = params.get("normal_dose")
+        if normal_dose:
+            from ..data import discover_images
+
+            clean = {Path(p).name: str(p) for p in discover_images(str(normal_dose).split(","))}
+            kind = f"normal-dose images from {normal_dose}"
+        else:
+            # self-adaptation: the served model's denoised low-dose images stand in for normal-dose scans
+            loaded = load_denoiser(served_path, device="cpu")
+            clean = {}
+            for image_id, path in low_dose.items():
+                volume = read_volume(path, modality="CT")
+                target = work / "pseudo_normal_dose" / f"{image_id}.nii.gz"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_volume(volume.with_array(denoise_array(loaded, volume.array, "CT", device="cpu")), target,
+                             output_dtype="float32")
+                clean[image_id] = str(target)
+            kind = "served model's denoised low-dose images (no normal-dose images given)"
+        train_ids, val_ids = split_validation(list(clean))
+        seed = int(params.get("seed", 0))
+        source = LearnedNoiseSource([clean[i] for i in train_ids], noise_path, seed=seed, progress=False)
+        val_pairs = LearnedNoiseSource([clean[i] for i in val_ids], noise_path, seed=seed + 1, progress=False,
+                                       build_pool=False).validation_pairs()
+        return source, val_pairs, {"kind": f"TDDL pseudo pairs: learned noise + {kind}",
+                                   "low_dose_images": list(low_dose), "train_images": train_ids,
+                                   "validation_images": val_ids, "noise_model": noise_model.summary()}
+
+
+def _last_line(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 8192))
+            lines = [line for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,264 @@
+"""Fine-tuning a served denoiser on new pairs, and the rule that a worse model is never published.
+
+Used by the MONAI Label app's train tasks (clinician corrections; TDDL adaptation to a scanner's own low-dose
+noise), but free of server code so it can be tested and run alone:
+
+1. :func:`split_validation` fixes the validation images *before* the run, by a hash of each image's name: the
+   same image always lands on the same side, so a later run never trains on an earlier run's validation
+   images and the comparison is on images neither model saw.
+2. :func:`score_weights` scores the served weights and the candidate on those images (PSNR in the modality's
+   window: CT [-160, 240] HU, MR 0..max of the target).
+3. :func:`fine_tune` starts from the served weights and trains on the rest: ADL with a discriminator warm-up
+   (weight files do not carry D) followed by the adversarial phase, i.e. the paper's G / D alternation with
+   the adversarial term reaching G; the TDDL-GCN supervised.
+4. :func:`decide_publication` publishes the candidate only when it is no worse than what is served, through
+   :class:`lib.inference.model_store.ModelStore` (atomic replace, previous versions kept).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..data.datasets import ADLPatchDataset, ValidationPair
+from .adl_trainer import ADLTrainingConfig, export_weights, scaling_rule_for, train_adl, validation_window
+from .gcn_trainer import GCNTrainingConfig, train_gcn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FineTuneSettings", "FineTuneResult", "split_validation", "score_weights", "fine_tune",
+           "decide_publication"]
+
+
+@dataclass
+class FineTuneSettings:
+    """Settings of one fine-tuning run.
+
+    ``steps``: optimiser steps (ADL: the first quarter warms the fresh discriminator up, the rest is adversarial);
+    ``patch_size`` (multiples of 8; default 96 for ADL, 48 for the GCN), ``batch_size``, ``lr`` (ADL's
+    adversarial learning rate, the GCN's rate), ``lambda_adversarial`` (ADL), ``samples_per_epoch``,
+    ``device`` ("cpu", "cuda" or "auto"), ``seed``, ``validation_every`` (steps; 0 = only at the end).
+    """
+
+    steps: int = 200
+    patch_size: int | None = None
+    batch_size: int = 4
+    lr: float = 5e-5
+    lambda_adversarial: float = 0.01
+    samples_per_epoch: int = 512
+    device: str = "auto"
+    seed: int = 0
+    validation_every: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.steps) < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.patch_size is not None and (int(self.patch_size) < 8 or int(self.patch_size) % 8):
+            raise ValueError(f"patch_size must be a multiple of 8, got {self.patch_size}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not float(self.lr) > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class FineTuneResult:
+    """What a run produced: the ``candidate`` weight file, both models' validation scores, the record."""
+
+    candidate: Path
+    baseline_score: dict
+    candidate_score: dict
+    record: dict = field(default_factory=dict)
+
+    @property
+    def no_worse(self) -> bool:
+        return self.candidate_score["psnr"] >= self.baseline_score["psnr"]
+
+
+def split_validation(names: Sequence[str], fraction: float = 0.25, salt: str = "adl-denoise-validation"
+                     ) -> tuple[list[str], list[str]]:
+    """(train, validation) names. An image's side depends only on its name (a SHA-1 hash against
+    ``fraction``), so it never changes between runs; at least one image on each side (the one with the lowest
+    hash goes to validation when none does by the hash, the highest to training when all do).
+
+    Raises:
+        ValueError: fewer than two images (one is needed to train and one to judge the result).
+    """
+    unique = sorted(set(map(str, names)))
+    if len(unique) < 2:
+        raise ValueError(f"fine-tuning needs at least 2 images (one is kept for validation), got {len(unique)}")
+    keyed = sorted(unique, key=lambda n: hashlib.sha1(f"{salt}:{n}".encode()).hexdigest())
+    score = {n: int(hashlib.sha1(f"{salt}:{n}".encode()).hexdigest()[:8], 16) / 2**32 for n in unique}
+    validation = [n for n in unique if score[n] < fraction]
+    if not validation:
+        validation = [keyed[0]]
+    if len(validation) == len(unique):
+        validation = [n for n in validation if n != keyed[-1]]
+    train = [n for n in unique if n not in validation]
+    return train, validation
+
+
+def score_weights(weights, pairs: Sequence[ValidationPair], device: str = "cpu") -> dict:
+    """Mean PSNR (dB) of a denoiser on full validation images, in each modality's window.
+
+    ``weights``: a weight file or a :class:`lib.inference.LoadedDenoiser`. Returns ``{"psnr", "psnr_input",
+    "images": {name: {...}}}``, ``psnr_input`` being the noisy input's own score.
+    """
+    from ..evaluation import psnr
+    from ..inference import LoadedDenoiser, denoise_array, load_denoiser
+
+    loaded = weights if isinstance(weights, LoadedDenoiser) else load_denoiser(weights, device=device)
+    images = {}
+    for pair in pairs:
+        window = validation_window(pair.modality, pair.clean)
+        denoised = denoise_array(loaded, pair.noisy, pair.modality, device=device)
+        images[pair.name] = {"psnr": float(psnr(denoised, pair.clean, window=window)),
+                             "psnr_input": float(psnr(pair.noisy, pair.clean, window=window)),
+                             "window": [float(w) for w in window]}
+    if not images:
+        raise ValueError("no validation images to score on")
+    return {"psnr": float(np.mean([v["psnr"] for v in images.values()])),
+            "psnr_input": float(np.mean([v["psnr_input"] for v in images.values()])), "images": images}
+
+
+def _adl_config(kwargs: dict, modality: str, settings: FineTuneSettings, checkpoint_dir: Path | None
+                ) -> ADLTrainingConfig:
+    steps = int(settings.steps)
+    d_warmup = max(1, steps // 4) if steps > 1 else 0
+    return ADLTrainingConfig(
+        modality=modality, spatial_dims=int(kwargs.get("spatial_dims", 2)), filters=tuple(kwargs["filters"]),
+        enhancer_filters=int(kwargs.get("enhancer_filters", 48)), norm=str(kwargs.get("norm", "batch")),
+        residual=bool(kwargs.get("residual", False)), patch_size=int(settings.patch_size or 96),
+        batch_size=int(settings.batch_size), steps_g_warmup=0, steps_d_warmup=d_warmup,
+        steps_adversarial=steps - d_warmup, lr_warmup=float(settings.lr) * 2, lr_adversarial=float(settings.lr),
+        lr_step_size=max(steps, 1), lambda_adversarial=float(settings.lambda_adversarial), seed=int(settings.seed),
+        device=settings.device, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+        checkpoint_every=max(steps, 1), validation_every=int(settings.validation_every) or steps + 1)
+
+
+def _gcn_config(kwargs: dict, modality: str, settings: FineTuneSettings, checkpoint_dir: Path | None
+                ) -> GCNTrainingConfig:
+    names = {"in_channels": "slices", "k": "k"}
+    fields_ = {names.get(k, k): v for k, v in kwargs.items() if k not in ("spatial_dims",)}
+    fields_.pop("size_multiple", None)
+    steps = int(settings.steps)
+    return GCNTrainingConfig(
+        modality=modality, **fields_, patch_size=int(settings.patch_size or 48), batch_size=int(settings.batch_size),
+        steps=steps, lr=float(settings.lr), lr_step_size=max(steps, 1), seed=int(settings.seed), device=settings.device,
+        checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=max(steps, 1),
+        validation_every=int(settings.validation_every) or steps + 1)
+
+
+def fine_tune(
+    initial_weights: str | os.PathLike,
+    train_source,
+    val_pairs: Sequence[ValidationPair],
+    output: str | os.PathLike,
+    settings: FineTuneSettings | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    data_description: dict | None = None,
+    progress: bool = False,
+    on_scored: Callable[[str, dict], None] | None = None,
+) -> FineTuneResult:
+    """Fine-tune the network of ``initial_weights`` on ``train_source`` and score it against the start.
+
+    Args:
+        initial_weights: the weights served now (an ADL or TDDL-GCN weight file).
+        train_source: a source for :class:`lib.data.ADLPatchDataset` (e.g. ``PairedFolderSource.from_files``
+            for corrections, :class:`lib.noise_learning.LearnedNoiseSource` for TDDL pseudo-pairs).
+        val_pairs: the fixed validation images (full images in the modality's units).
+        output: where the candidate weight file goes (never the served path: publishing is separate).
+        settings: :class:`FineTuneSettings`.
+        checkpoint_dir: training checkpoints (resumable), or None.
+        data_description: stored in the candidate's training record (e.g. the image ids).
+        progress: tqdm progress bars.
+        on_scored: called with ``("baseline" | "candidate", score)`` as soon as each score is known.
+    """
+    from ..inference import load_denoiser
+
+    settings = settings or FineTuneSettings()
+    started = time.perf_counter()
+    loaded = load_denoiser(initial_weights, device="cpu")
+    kwargs = dict(loaded.metadata.get("network", {}).get("kwargs") or {})
+    network_class = loaded.metadata.get("network_class", "EfficientUNetDenoiser")
+    modality = loaded.modality
+    baseline = score_weights(loaded, val_pairs, device="cpu" if settings.device == "auto" else settings.device)
+    if on_scored:
+        on_scored("baseline", baseline)
+    ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if network_class == "EfficientUNetDenoiser":
+        config = _adl_config(kwargs, modality, settings, ckpt)
+        slice_context = 0
+    elif network_class == "GCNDenoiser":
+        config = _gcn_config(kwargs, modality, settings, ckpt)
+        slice_context = config.slice_context
+    else:
+        raise ValueError(f"{initial_weights} holds a {network_class}, which cannot be fine-tuned here")
+    patch = int(config.patch_size)
+    dataset = ADLPatchDataset(train_source, config.spatial_dims, patch, samples_per_epoch=settings.samples_per_epoch,
+                              seed=settings.seed, slice_context=slice_context)
+    if network_class == "EfficientUNetDenoiser":
+        result = train_adl(config, dataset, val_pairs=None, progress=progress, initial_weights=initial_weights)
+        network = result.generator
+    else:
+        result = train_gcn(config, dataset, val_pairs=None, progress=progress, initial_weights=initial_weights)
+        network = result.network
+    record = result.training_record()
+    record["fine_tuned_from"] = {"path": str(initial_weights),
+                                 "training": loaded.metadata.get("training", {}).get("data")}
+    record["data"] = dict(data_description or {}, validation_images=[p.name for p in val_pairs])
+    candidate = export_weights(network, output, config, scaling_rule_for(modality), record)
+    candidate_score = score_weights(candidate, val_pairs, device="cpu" if settings.device == "auto" else settings.device)
+    if on_scored:
+        on_scored("candidate", candidate_score)
+    record["seconds_total"] = time.perf_counter() - started
+    return FineTuneResult(Path(candidate), baseline, candidate_score, record)
+
+
+def decide_publication(result: FineTuneResult, store, model: str, modality: str, **details) -> dict:
+    """Publish ``result.candidate`` through ``store`` (:class:`lib.inference.model_store.ModelStore`) only if
+    it scores no worse than the baseline on the fixed validation set; record the decision either way.
+
+    Returns ``{"published": bool, "version": id or None, "baseline_psnr", "candidate_psnr", ...}``.
+    """
+    summary = {"baseline_psnr": result.baseline_score["psnr"], "candidate_psnr": result.candidate_score["psnr"],
+               "input_psnr": result.candidate_score["psnr_input"],
+               "validation_images": sorted(result.candidate_score["images"]), **details}
+    if result.no_worse:
+        version = store.publish(result.candidate, model, modality, **summary)
+        return {"published": True, "version": version.version, **summary}
+    store.record(model, modality, "rejected", reason="worse than the served model on the fixed validation set",
+                 **summary)
+    return {"published": False, "version": None, **summary}
+
+
+def write_json_atomic(payload: dict, path: str | os.PathLike) -> None:
+    """Write JSON so that a reader never sees half a file (status files polled by a server)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def settings_from_dict(values: dict) -> FineTuneSettings:
+    """:class:`FineTuneSettings` from request parameters (strings allowed); unknown keys are ignored."""
+    known = {f: type(getattr(FineTuneSettings(), f)) for f in asdict(FineTuneSettings())}
+    out = {}
+    for key, value in values.items():
+        if key not in known or value is None or value == "":
+            continue
+        if key == "patch_size":
+            out[key] = int(value)
+        elif key == "device":
+            out[key] = str(value)
+        else:
+            out[key] = known[key](value)
+    return FineTuneSettings(**out)
