@@ -43,6 +43,7 @@ from ..imaging import read_volume, write_volume
 from ..inference.model_store import ModelStore
 from ..training.finetune import (
     decide_publication,
+    finite_or_none,
     fine_tune,
     settings_from_dict,
     split_validation,
@@ -129,6 +130,9 @@ class DenoiserTrainTask(TrainTask):
             stats = json.loads(self.status_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {"status": "unknown"}
+        if stats.get("status") == "running" and not _pid_alive(stats.get("pid")):
+            # the run's process is gone without writing its end: stopped or killed (served weights untouched)
+            stats.update(status="interrupted", phase="interrupted")
         if stats.get("status") == "running" and stats.get("work_dir"):
             log_file = Path(stats["work_dir"]) / "checkpoints" / "train_log.jsonl"
             last = _last_line(log_file)
@@ -206,8 +210,8 @@ class DenoiserTrainTask(TrainTask):
             write_json_atomic(status, self.status_path)
 
             def on_scored(which: str, score: dict) -> None:
-                status[f"{which}_psnr"] = score["psnr"]
-                status["input_psnr"] = score["psnr_input"]
+                status[f"{which}_psnr"] = finite_or_none(score["psnr"])
+                status["input_psnr"] = finite_or_none(score["psnr_input"])
                 write_json_atomic(status, self.status_path)
 
             result = fine_tune(served.path, source, val_pairs, work / "candidate.pt", settings,
@@ -218,7 +222,7 @@ class DenoiserTrainTask(TrainTask):
                           seconds=round(time.perf_counter() - started, 1),
                           serving=(self.store.served(self.model, modality) or served).version)
             write_json_atomic(status, self.status_path)
-            log.info("%s %s fine-tuning: candidate %.2f dB vs served %.2f dB -> %s", self.model, modality,
+            log.info("%s %s fine-tuning: candidate %s dB vs served %s dB -> %s", self.model, modality,
                      decision["candidate_psnr"], decision["baseline_psnr"],
                      "published " + str(decision["version"]) if decision["published"] else "kept the served model")
             return status
@@ -294,3 +298,13 @@ def _last_line(path: Path) -> dict | None:
         return json.loads(lines[-1]) if lines else None
     except (OSError, ValueError):
         return None
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

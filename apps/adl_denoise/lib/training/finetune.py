@@ -119,6 +119,11 @@ def score_weights(weights, pairs: Sequence[ValidationPair], device: str = "cpu")
     for pair in pairs:
         window = validation_window(pair.modality, pair.clean)
         denoised = denoise_array(loaded, pair.noisy, pair.modality, device=device)
+        if not np.isfinite(denoised).all():  # a diverged network: the worst possible score, not a crash
+            images[pair.name] = {"psnr": float("-inf"), "non_finite_output": True,
+                                 "psnr_input": float(psnr(pair.noisy, pair.clean, window=window)),
+                                 "window": [float(w) for w in window]}
+            continue
         images[pair.name] = {"psnr": float(psnr(denoised, pair.clean, window=window)),
                              "psnr_input": float(psnr(pair.noisy, pair.clean, window=window)),
                              "window": [float(w) for w in window]}
@@ -228,8 +233,9 @@ def decide_publication(result: FineTuneResult, store, model: str, modality: str,
 
     Returns ``{"published": bool, "version": id or None, "baseline_psnr", "candidate_psnr", ...}``.
     """
-    summary = {"baseline_psnr": result.baseline_score["psnr"], "candidate_psnr": result.candidate_score["psnr"],
-               "input_psnr": result.candidate_score["psnr_input"],
+    summary = {"baseline_psnr": finite_or_none(result.baseline_score["psnr"]),
+               "candidate_psnr": finite_or_none(result.candidate_score["psnr"]),
+               "input_psnr": finite_or_none(result.candidate_score["psnr_input"]),
                "validation_images": sorted(result.candidate_score["images"]), **details}
     if result.no_worse:
         version = store.publish(result.candidate, model, modality, **summary)
@@ -237,6 +243,11 @@ def decide_publication(result: FineTuneResult, store, model: str, modality: str,
     store.record(model, modality, "rejected", reason="worse than the served model on the fixed validation set",
                  **summary)
     return {"published": False, "version": None, **summary}
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no infinities: a diverged model's -inf score is reported as None."""
+    return float(value) if np.isfinite(value) else None
 
 
 def write_json_atomic(payload: dict, path: str | os.PathLike) -> None:

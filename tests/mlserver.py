@@ -1,0 +1,158 @@
+"""Helpers for tests that need a real MONAI Label server process on loopback, and small real weights.
+
+The server is started as ``python -m monailabel.main start_server`` (the venv's Python, not the ``monailabel``
+shell script that runs whatever ``python`` is first on PATH), bound to 127.0.0.1 on a free port, and stopped
+by its PID. Weights come from the project's real trainers run for a few steps on a real CT / MR slice: small,
+fast, and the same file format as shipped weights.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from conftest import APP_DIR, REPO_ROOT, SAMPLE_STUDIES
+
+TINY_ADL = dict(filters=(8, 12, 16, 20), disc_filters=(4, 6, 8, 10), enhancer_filters=4)
+TINY_GCN = dict(features=8, k=4, search_window=7, n_blocks=1, layers_per_block=1, rank=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_tiny_weights(model_dir: Path, steps: int = 25) -> Path:
+    """pretrained_adl_ct.pt, pretrained_adl_mr.pt and pretrained_tddl_gcn_ct.pt in ``model_dir``, trained for
+    ``steps`` steps on 32x32 patches of the sample CT / MR slices (seconds on a CPU)."""
+    import torch
+
+    from lib.data import ADLPatchDataset, SyntheticNoiseSource
+    from lib.training import (ADLTrainingConfig, GCNTrainingConfig, export_weights, scaling_rule_for, train_adl,
+                              train_gcn)
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sources = {
+            "CT": SyntheticNoiseSource([SAMPLE_STUDIES / "ct_head_pydicom693.nii.gz"], "CT", "gaussian",
+                                       noise_level_range=(20, 40), seed=0, progress=False),
+            "MR": SyntheticNoiseSource([SAMPLE_STUDIES / "mr_head_colin27.nii.gz"], "MR", "rician", seed=0,
+                                       progress=False),
+        }
+        for modality, source in sources.items():
+            dataset = ADLPatchDataset(source, 2, 32, samples_per_epoch=64, seed=0)
+            config = ADLTrainingConfig(modality=modality, patch_size=32, batch_size=4, steps_g_warmup=steps,
+                                       steps_d_warmup=0, steps_adversarial=0, lr_warmup=1e-3, device="cpu",
+                                       validation_every=0, checkpoint_every=0, **TINY_ADL)
+            result = train_adl(config, dataset, progress=False)
+            export_weights(result.generator, model_dir / f"pretrained_adl_{modality.lower()}.pt", config,
+                           scaling_rule_for(modality), result.training_record())
+            if modality == "CT":
+                gcn = GCNTrainingConfig(modality="CT", patch_size=32, batch_size=4, steps=steps, lr=1e-3, device="cpu",
+                                        validation_every=0, checkpoint_every=0, **TINY_GCN)
+                trained = train_gcn(gcn, dataset, progress=False)
+                export_weights(trained.network, model_dir / "pretrained_tddl_gcn_ct.pt", gcn, scaling_rule_for("CT"),
+                               trained.training_record())
+    finally:
+        torch.set_num_threads(threads)
+    return model_dir
+
+
+def write_crop(source: Path, target: Path, z: slice | None = None, yx: tuple[slice, slice] | None = None) -> Path:
+    """A sub-volume of a real study (keeps its geometry), as NIfTI."""
+    image = sitk.ReadImage(str(source))
+    if image.GetDimension() == 3:
+        size = image.GetSize()
+        zs = z or slice(0, size[2])
+        ys, xs = yx or (slice(0, size[1]), slice(0, size[0]))
+        image = image[xs, ys, zs]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(target))
+    return target
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    studies: Path
+    model_dir: Path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def start_server(studies: Path, model_dir: Path, work: Path, conf: dict | None = None,
+                 timeout: float = 180.0) -> Server:
+    """Start the app on a free loopback port; returns once ``/info/`` answers (RuntimeError otherwise)."""
+    port = free_port()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "tmp").mkdir(exist_ok=True)
+    args = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+            "-i", "127.0.0.1", "-p", str(port), "--conf", "models", "all", "--conf", "model_dir", str(model_dir)]
+    for key, value in (conf or {}).items():
+        args += ["--conf", key, str(value)]
+    env = dict(os.environ, TMPDIR=str(work / "tmp"), MONAI_LABEL_TRACKING_ENABLED="false", OMP_NUM_THREADS="1",
+               MONAI_LABEL_SESSION_PATH=str(work / "sessions"))
+    log_path = work / "server.log"
+    log = open(log_path, "wb")
+    process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, studies, model_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/info/", timeout=5) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            time.sleep(1.0)
+    stop_server(server)
+    raise RuntimeError(f"server did not answer within {timeout} s:\n{server.log_tail()}")
+
+
+def stop_server(server: Server, timeout: float = 30.0) -> None:
+    """SIGTERM to the server we started (its own process group: its training subprocesses too), then SIGKILL."""
+    if server.process.poll() is None:
+        try:
+            os.killpg(server.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            server.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(10)
+
+
+def read_array(path: str | Path) -> tuple[np.ndarray, sitk.Image]:
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image
+
+
+def assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-6)

@@ -1,0 +1,330 @@
+"""The MONAI Label app, as a real server process on 127.0.0.1 driven by the official client.
+
+Weights are small real models trained for a few steps by the project's trainers (see ``mlserver.py``); the
+studies are crops of the real sample CT / MR volumes. The server is started once for the module and stopped by
+its PID at the end.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from conftest import SAMPLE_STUDIES
+from mlserver import assert_same_geometry, make_tiny_weights, read_array, start_server, stop_server, write_crop
+
+pytestmark = pytest.mark.timeout(900)
+
+CT_IDS = ("ct_slice_a", "ct_slab_b", "ct_slab_c")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("monailabel")
+    studies = root / "studies"
+    # three real low-dose CT studies (a 512x512 slice and two 4-slice slabs of the head) and one MR slab
+    studies.mkdir()
+    shutil.copy(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz", studies / "ct_slice_a.nii.gz")
+    write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "ct_slab_b.nii.gz", z=slice(40, 44))
+    write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "ct_slab_c.nii.gz", z=slice(70, 74))
+    write_crop(SAMPLE_STUDIES / "mr_head_colin27_rician5.nii.gz", studies / "mr_slab_d.nii.gz", z=slice(80, 83))
+    model_dir = make_tiny_weights(root / "model")
+    srv = start_server(studies, model_dir, root / "work", conf={"max_voxels": 3_000_000})
+    yield srv
+    stop_server(srv)
+    assert srv.process.returncode is not None
+
+
+@pytest.fixture()
+def client(server, tmp_path) -> MONAILabelClient:
+    return MONAILabelClient(server.url, tmpdir=str(tmp_path))
+
+
+def http(server, method: str, path: str, body: dict | None = None) -> tuple[int, dict | list | str]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def error_of(call) -> tuple[int, str]:
+    import re
+
+    with pytest.raises(MONAILabelClientException) as info:
+        call()
+    status = info.value.status_code or int(re.search(r"Status: (\d+)", info.value.msg).group(1))
+    return status, info.value.msg
+
+
+def wait_for_training(client: MONAILabelClient, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.train_status(False)
+        if status.get("status") not in ("RUNNING", "SUBMITTED", "QUEUED"):
+            return status
+        time.sleep(1.0)
+    raise AssertionError("training did not finish in time")
+
+
+def served_version(client: MONAILabelClient, model: str = "adl", modality: str = "ct") -> str:
+    return client.info()["models"][model]["weights"][modality]["version"]
+
+
+# --------------------------------------------------------------------------------------------------- info
+def test_info_describes_both_models_with_weights_and_training(client):
+    info = client.info()
+    assert set(info["models"]) == {"adl", "tddl_gcn"}
+    adl, gcn = info["models"]["adl"], info["models"]["tddl_gcn"]
+    assert adl["type"] == "others" and adl["method"].startswith("ADL")
+    assert gcn["method"].startswith("TDDL-GCN")
+    assert set(adl["weights"]) == {"ct", "mr"} and set(gcn["weights"]) == {"ct"}
+    ct = adl["weights"]["ct"]
+    assert ct["available"] and ct["version"] == "pretrained" and len(ct["sha256"]) == 16
+    assert ct["training"]["steps"] == 25 and ct["training"]["hardware"]["cpu_count"] >= 1
+    assert "next_unreviewed" in info["strategies"]
+    assert info["train_stats"]["adl"]["key_metric"] == "PSNR (dB)"
+
+
+# --------------------------------------------------------------------------------------------------- infer
+def test_infer_by_datastore_id_keeps_grid_and_hounsfield_units(client, server):
+    path, result = client.infer("adl", "ct_slab_b", {})
+    out, out_image = read_array(path)
+    source, source_image = read_array(server.studies / "ct_slab_b.nii.gz")
+    assert_same_geometry(out_image, source_image)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    tissue = (source > 0) & (source < 80)
+    assert abs(float(out[tissue].mean() - source[tissue].mean())) < 15  # still HU, same tissue level
+    assert result["model"] == "adl" and result["modality"] == "CT" and result["weights_version"] == "pretrained"
+    assert result["shape"] == list(source.shape)
+    # the audit note on the study names the weights
+    audit = http(server, "GET", "/review/ct_slab_b")[1]
+    assert audit["denoise_results"][-1]["weights_version"] == "pretrained"
+
+
+def test_infer_upload_of_a_non_ras_volume_comes_back_on_its_own_grid_unflipped(client, server, tmp_path):
+    from lib.inference import denoise_array, load_denoiser
+
+    image = sitk.ReadImage(str(server.studies / "ct_slab_b.nii.gz"))
+    oblique = sitk.Image(image)
+    # an oblique, left-handed (flipped) direction with a shifted origin: nothing like RAS
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    direction = rotation @ np.diag([-1.0, 1.0, -1.0])
+    oblique.SetDirection(tuple(direction.ravel()))
+    oblique.SetOrigin((12.5, -40.25, 7.0))
+    upload = tmp_path / "oblique.nii.gz"
+    sitk.WriteImage(oblique, str(upload))
+    path, result = client.infer("adl", "", {"modality": "ct"}, file=str(upload))
+    out, out_image = read_array(path)
+    assert_same_geometry(out_image, sitk.ReadImage(str(upload)))
+    expected = denoise_array(load_denoiser(server.model_dir / "pretrained_adl_ct.pt"),
+                             sitk.GetArrayFromImage(oblique).astype(np.float32), "CT")
+    np.testing.assert_allclose(out, expected, atol=0.05)  # voxel for voxel: not flipped, not resampled
+
+
+def test_infer_by_session_mr_nrrd_and_ct_int16(client, server):
+    session = client.create_session(str(server.studies / "mr_slab_d.nii.gz"))
+    path, result = client.infer("adl", "", {"result_extension": ".nrrd"}, session_id=session["session_id"])
+    assert path.endswith(".nrrd") and result["modality"] == "MR"
+    out, out_image = read_array(path)
+    assert_same_geometry(out_image, sitk.ReadImage(str(server.studies / "mr_slab_d.nii.gz")))
+    assert out.dtype == np.float32
+    path, result = client.infer("tddl_gcn", "ct_slice_a", {"result_dtype": "int16"})
+    out, _ = read_array(path)
+    assert out.dtype == np.int16 and result["model"] == "tddl_gcn" and out.min() < -900  # HU: air stays air
+
+
+def test_infer_of_a_dicom_file_returns_a_derived_dicom_series(client, tmp_path):
+    import zipfile
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    source = Path(get_testdata_file("CT_small.dcm"))
+    upload = tmp_path / "slice.dcm"
+    shutil.copy(source, upload)
+    path, result = client.infer("adl", "", {"result_extension": "dicom"}, file=str(upload))
+    assert path.endswith(".zip") and result["result_extension"] == "dicom"
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        assert len(names) == 1
+        archive.extractall(tmp_path / "series")
+    derived = pydicom.dcmread(tmp_path / "series" / names[0])
+    original = pydicom.dcmread(source)
+    assert derived.SeriesInstanceUID != original.SeriesInstanceUID
+    assert derived.StudyInstanceUID == original.StudyInstanceUID and "DERIVED" in derived.ImageType
+    assert derived.Rows == original.Rows and derived.ImagePositionPatient == original.ImagePositionPatient
+
+
+def test_bad_inputs_get_4xx_with_reasons_and_the_server_keeps_answering(client, server, tmp_path):
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("this is not an image")
+    nan = tmp_path / "nan.nii.gz"
+    array = np.zeros((4, 32, 32), np.float32)
+    array[1, 2, 3] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(nan))
+    four_d = tmp_path / "four_d.nii.gz"
+    import nibabel
+
+    nibabel.save(nibabel.Nifti1Image(np.zeros((16, 16, 4, 3), np.float32), np.eye(4)), str(four_d))
+    blank = tmp_path / "blank.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((2, 32, 32), -1000, np.int16)), str(blank))
+    huge = tmp_path / "huge.nrrd"
+    sitk.WriteImage(sitk.Image([256, 256, 60], sitk.sitkInt16), str(huge))  # 3.9 M voxels > max_voxels 3 M
+
+    cases = {
+        "non-image": (lambda: client.infer("adl", "", {}, file=str(text)), 422, "cannot denoise"),
+        "nan": (lambda: client.infer("adl", "", {"modality": "ct"}, file=str(nan)), 422, "NaN"),
+        "4d": (lambda: client.infer("adl", "", {}, file=str(four_d)), 422, "4D"),
+        "blank": (lambda: client.infer("adl", "", {}, file=str(blank)), 422, "constant"),
+        "huge": (lambda: client.infer("adl", "", {}, file=str(huge)), 413, "too large"),
+        "unknown model": (lambda: client.infer("unet", "ct_slab_b", {}), 404, "unknown model"),
+        "unknown image": (lambda: client.infer("adl", "no_such_study", {}), 404, "no image"),
+        "bad dtype": (lambda: client.infer("adl", "ct_slab_b", {"result_dtype": "uint8"}), 422, "not a label map"),
+        "MR to a CT-only model": (lambda: client.infer("tddl_gcn", "mr_slab_d", {}), 422, "CT only"),
+        "train with no labels": (lambda: client.train_start("adl", {}), 422, "no corrected studies"),
+        "unknown train model": (lambda: client.train_start("unet", {}), 404, "unknown model"),
+    }
+    for name, (call, status, words) in cases.items():
+        code, message = error_of(call)
+        assert code == status, (name, code, message)
+        assert words.lower() in message.lower(), (name, message)
+    assert server.alive()
+    assert client.info()["models"]["adl"]["weights"]["ct"]["available"]
+
+
+def test_eight_parallel_infer_requests_all_succeed(server, tmp_path):
+    def one(i: int) -> tuple[str, dict]:
+        own = MONAILabelClient(server.url, tmpdir=str(tmp_path / f"c{i}"))
+        (tmp_path / f"c{i}").mkdir()
+        return own.infer("adl" if i % 2 else "tddl_gcn", CT_IDS[i % 3], {})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    for path, result in results:
+        out, _ = read_array(path)
+        assert np.isfinite(out).all() and result["modality"] == "CT"
+
+
+# --------------------------------------------------------------------------------------------------- review
+def test_review_verdicts_queue_and_audit_trail(client, server):
+    client.infer("adl", "ct_slice_a", {})
+    first = client.next_sample("next_unreviewed", {})
+    assert first["id"] in CT_IDS + ("mr_slab_d",)
+    status, entry = http(server, "POST", f"/review/{first['id']}", {"verdict": "accepted", "reviewer": "dr_a"})
+    assert status == 200 and entry["verdict"] == "accepted" and entry["time_utc"]
+    following = client.next_sample("next_unreviewed", {})
+    assert following["id"] != first["id"]
+    assert following["remaining_unreviewed"] == first["remaining_unreviewed"] - 1
+    assert http(server, "POST", "/review/ct_slice_a", {"verdict": "rejected", "reviewer": "dr_b"})[0] == 422
+    status, entry = http(server, "POST", "/review/ct_slice_a",
+                         {"verdict": "rejected", "reviewer": "dr_b", "reason": "smoothed a small lesion"})
+    assert status == 200 and entry["result"]["model"] == "adl" and entry["result"]["weights_version"]
+    assert http(server, "POST", "/review/ct_slice_a", {"verdict": "great", "reviewer": "dr_b"})[0] == 422
+    assert http(server, "POST", "/review/nothing_here", {"verdict": "accepted", "reviewer": "dr_b"})[0] == 404
+    audit = {row["image"]: row for row in http(server, "GET", "/review/")[1]}
+    assert audit["ct_slice_a"]["review"]["verdict"] == "rejected"
+    assert [h["reviewer"] for h in audit["ct_slice_a"]["review_history"]][-1] == "dr_b"
+    # reset so that other tests see a fresh queue
+    for image in audit:
+        http(server, "POST", f"/review/{image}", {"verdict": "unreviewed", "reviewer": "test"})
+
+
+# --------------------------------------------------------------------------------------------------- training
+def save_corrections(client: MONAILabelClient, server, tmp_path) -> None:
+    """Corrections of two CT studies: their full-dose originals on the same grid, as a radiologist's edit."""
+    sources = {"ct_slice_a": SAMPLE_STUDIES / "ct_head_pydicom693.nii.gz"}
+    for image_id, z in (("ct_slab_b", slice(40, 44)), ("ct_slab_c", slice(70, 74))):
+        sources[image_id] = write_crop(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz", tmp_path / f"{image_id}.nii.gz",
+                                       z=z)
+    for image_id, path in sources.items():
+        corrected = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)  # a float correction
+        target = tmp_path / f"{image_id}_final.nii.gz"
+        sitk.WriteImage(corrected, str(target))
+        client.save_label(image_id, str(target), tag="final")
+
+
+def test_fine_tune_from_corrections_publishes_hot_reloads_and_rolls_back(client, server, tmp_path):
+    save_corrections(client, server, tmp_path)
+    before = served_version(client)
+    client.train_start("adl", {"steps": 8, "patch_size": 32, "device": "cpu", "lr": 1e-4})
+    status = wait_for_training(client)
+    assert status["status"] == "DONE", server.log_tail()
+    stats = client.info()["train_stats"]["adl"]
+    assert stats["status"] == "done" and stats["mode"] == "corrections"
+    decision = stats["decision"]
+    assert set(decision["validation_images"]) | set(stats["data"]["train_images"]) == set(CT_IDS)
+    assert not set(decision["validation_images"]) & set(stats["data"]["train_images"])
+    versions = http(server, "GET", "/versions/adl?modality=ct")[1]
+    if decision["published"]:
+        assert decision["candidate_psnr"] >= decision["baseline_psnr"]
+        assert served_version(client) == decision["version"] != before
+        _, result = client.infer("adl", "ct_slab_b", {})
+        assert result["weights_version"] == decision["version"]  # hot reload of the published file
+        assert any(v["version"] == decision["version"] and v["served"] for v in versions["versions"])
+    else:
+        assert served_version(client) == before
+        assert versions["history"][-1]["event"] == "rejected"
+    status, restored = http(server, "POST", "/versions/adl/restore?modality=ct&version=pretrained")
+    assert status == 200 and restored["served"]["version"] == "pretrained"
+    _, result = client.infer("adl", "ct_slab_b", {})
+    assert result["weights_version"] == "pretrained"
+    assert http(server, "POST", "/versions/adl/restore?modality=ct&version=19990101T000000-deadbeef")[0] == 404
+
+
+def test_a_worse_model_is_never_published(client, server, tmp_path):
+    save_corrections(client, server, tmp_path)
+    before = client.info()["models"]["adl"]["weights"]["ct"]["sha256"]
+    # a learning rate 10 000 times too high wrecks the network: it must be measured worse and kept out
+    client.train_start("adl", {"steps": 6, "patch_size": 32, "device": "cpu", "lr": 1.0})
+    assert wait_for_training(client)["status"] == "DONE", server.log_tail()
+    decision = client.info()["train_stats"]["adl"]["decision"]
+    assert decision["published"] is False
+    # a diverged network (non-finite output) is reported without a score; otherwise it scored lower
+    assert decision["candidate_psnr"] is None or decision["candidate_psnr"] < decision["baseline_psnr"]
+    assert client.info()["models"]["adl"]["weights"]["ct"]["sha256"] == before
+    assert http(server, "GET", "/versions/adl?modality=ct")[1]["history"][-1]["event"] == "rejected"
+
+
+def test_training_killed_half_way_leaves_the_served_model_untouched(client, server, tmp_path):
+    save_corrections(client, server, tmp_path)
+    before = client.info()["models"]["adl"]["weights"]["ct"]["sha256"]
+    published = sorted(p.name for p in server.model_dir.glob("*.pt"))
+    client.train_start("adl", {"steps": 100000, "patch_size": 32, "device": "cpu"})
+    deadline = time.monotonic() + 180
+    while client.info()["train_stats"]["adl"].get("phase") != "training" or \
+            client.info()["train_stats"]["adl"].get("step") is None:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.5)
+    client.train_stop()
+    assert wait_for_training(client, 60)["status"] in ("STOPPED", "ERROR", "DONE")
+    assert client.info()["models"]["adl"]["weights"]["ct"]["sha256"] == before
+    assert sorted(p.name for p in server.model_dir.glob("*.pt")) == published
+    assert not list(server.model_dir.glob(".*.tmp"))
+    path, _ = client.infer("adl", "ct_slab_b", {})
+    assert np.isfinite(read_array(path)[0]).all()
+
+
+def test_tddl_adaptation_learns_noise_from_unlabelled_low_dose_images(client, server):
+    client.train_start("tddl_gcn", {"mode": "adapt_noise", "steps": 4, "patch_size": 32, "noise_steps": 20,
+                                    "device": "cpu"})
+    assert wait_for_training(client)["status"] == "DONE", server.log_tail()
+    stats = client.info()["train_stats"]["tddl_gcn"]
+    assert stats["status"] == "done" and stats["mode"] == "adapt_noise"
+    assert "learned noise" in stats["data"]["kind"] and len(stats["data"]["low_dose_images"]) == 3
+    assert "published" in stats["decision"]
+    assert client.info()["models"]["tddl_gcn"]["weights"]["ct"]["available"]
