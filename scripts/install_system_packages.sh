@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Optional Debian packages: real sample volumes (invesalius-examples: head CT; mricron-data: Colin27 MR).
+# Optional Debian packages: real sample volumes (invesalius-examples: head CT; mricron-data: Colin27 MR), plus
+# any named as arguments (test.sh: Orthanc with its DICOMweb and GDCM plugins for the PACS round-trip test).
 # Installed only where apt is usable without a password (root, or passwordless sudo); otherwise the
 # sample data builder simply uses the pip-shipped slices. Never fails the caller.
 set -uo pipefail

@@ -101,7 +101,7 @@ class Server:
         return self.process.poll() is None
 
 
-def start_server(studies: Path, model_dir: Path, work: Path, conf: dict | None = None,
+def start_server(studies: Path | str, model_dir: Path, work: Path, conf: dict | None = None,
                  timeout: float = 180.0) -> Server:
     """Start the app on a free loopback port; returns once ``/info/`` answers (RuntimeError otherwise)."""
     port = free_port()
@@ -112,7 +112,8 @@ def start_server(studies: Path, model_dir: Path, work: Path, conf: dict | None =
     for key, value in (conf or {}).items():
         args += ["--conf", key, str(value)]
     env = dict(os.environ, TMPDIR=str(work / "tmp"), MONAI_LABEL_TRACKING_ENABLED="false", OMP_NUM_THREADS="1",
-               MONAI_LABEL_SESSION_PATH=str(work / "sessions"))
+               MONAI_LABEL_SESSION_PATH=str(work / "sessions"),
+               MONAI_LABEL_DICOMWEB_CACHE_PATH=str(work / "dicomweb_cache"))
     log_path = work / "server.log"
     log = open(log_path, "wb")
     process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -15,16 +15,19 @@ import sys
 from typing import Dict
 
 import monailabel
+from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.utils.others.generic import strtobool
 
 from lib.activelearning import NextUnreviewed, record_result
 from lib.configs import MODEL_CONFIGS
 from lib.inference import MODEL_DIR
 from lib.inference.model_store import ModelStore
+from lib.pacs import PacsStoreError, is_dicomweb, series_folder, store_derived_series
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +71,35 @@ class DenoisingApp(MONAILabelApp):
         return {"next_unreviewed": NextUnreviewed()}
 
     def infer(self, request, datastore=None):
-        """MONAI Label's infer, plus an audit record (model, weights version) on the datastore image."""
-        result = super().infer(request, datastore)
-        image_id = request.get("image")
+        """MONAI Label's infer, plus: a DICOMweb study is denoised from its DICOM files (not the datastore's NIfTI
+        conversion); ``store_to_pacs`` sends the result back to the PACS as a derived series; every result on a
+        datastore image leaves an audit note (model, weights version)."""
         store = datastore or self.datastore()
-        if isinstance(image_id, str) and not os.path.exists(image_id) and image_id in set(store.list_images()):
+        image_id = request.get("image")
+        known_id = isinstance(image_id, str) and not os.path.exists(image_id) and image_id in set(store.list_images())
+        to_pacs = strtobool(str(request.get("store_to_pacs", "false")))
+        source_folder = None
+        if known_id and is_dicomweb(store):
+            source_folder = series_folder(store, image_id)
+            request = dict(request, image=str(source_folder))
+        if to_pacs and source_folder is None:
+            raise HTTPException(status_code=422, detail="store_to_pacs needs a study of a DICOMweb datastore "
+                                                        "(start the server with --studies http://.../dicom-web)")
+        if to_pacs and str(request.get("result_extension", "")) in ("dicom", ".dcm"):
+            raise HTTPException(status_code=422, detail="store_to_pacs already writes DICOM: leave result_extension "
+                                                        "at an image format")
+        result = super().infer(request, datastore)
+        params = result.get("params") or {}
+        if to_pacs:
             try:
-                record_result(store, image_id, result.get("params") or {})
+                params["stored_series"] = store_derived_series(store, source_folder, result["file"],
+                                                               f"denoised {params.get('model')} "
+                                                               f"{params.get('weights_version')}")
+            except PacsStoreError as error:
+                raise HTTPException(status_code=502, detail=f"denoised, but not stored in the PACS: {error}") from None
+        if known_id:
+            try:
+                record_result(store, image_id, params)
             except Exception:  # noqa: BLE001 - the result stands even if the audit note cannot be written
                 logger.exception("could not record the result of %s on %s", request.get("model"), image_id)
         return result

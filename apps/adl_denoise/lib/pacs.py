@@ -1,0 +1,71 @@
+"""Studies from a PACS through DICOMweb: read the series itself, and store the denoised result back.
+
+MONAI Label's DICOMweb datastore downloads a series into ``<cache>/<SeriesInstanceUID>/`` and converts it to
+``<cache>/<SeriesInstanceUID>.nii.gz`` for its own pipelines. A denoiser does better to read the DICOM files
+(:func:`lib.imaging.read_volume`: HU rescale, padding, exact geometry, the headers a derived series needs), and
+MONAI Label only knows how to store segmentations back, so :func:`store_derived_series` writes the denoised
+volume as a new DICOM series derived from the original (new series UID, same study and patient, ImageType
+DERIVED) and sends it with STOW-RS, checking the answer's ``FailedSOPSequence`` / ``ReferencedSOPSequence``
+rather than the HTTP status (a PACS can answer 200 and store nothing).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import pydicom
+
+from .imaging import read_volume, write_dicom_derived_series
+
+log = logging.getLogger(__name__)
+
+__all__ = ["is_dicomweb", "series_folder", "store_derived_series", "PacsStoreError"]
+
+
+class PacsStoreError(RuntimeError):
+    """The PACS did not store the derived series (message: how many instances failed, and why if known)."""
+
+
+def is_dicomweb(datastore) -> bool:
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    return isinstance(datastore, DICOMWebDatastore)
+
+
+def series_folder(datastore, image_id: str) -> Path:
+    """The downloaded DICOM files of a series (downloading them if needed)."""
+    datastore.get_image_uri(image_id)  # downloads (and converts) on first use
+    folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise FileNotFoundError(f"series {image_id} was not downloaded into {folder}")
+    return folder
+
+
+def store_derived_series(datastore, source_folder: Path, denoised_path: str | Path, description: str) -> dict:
+    """Write the denoised volume (a result file on the source's grid) as a derived series of the DICOM series in
+    ``source_folder`` and STOW it to the datastore's DICOMweb server. Returns ``{"series_instance_uid",
+    "instances"}``; raises :class:`PacsStoreError` when the server did not store every instance."""
+    reference = read_volume(source_folder)
+    denoised = read_volume(denoised_path, modality=reference.modality)
+    if denoised.array.shape != reference.array.shape:
+        raise PacsStoreError(f"result shape {denoised.array.shape} differs from the series {reference.array.shape}")
+    work = Path(tempfile.mkdtemp(prefix="derived_series_"))
+    try:
+        out = write_dicom_derived_series(reference.with_array(denoised.array), work / "series", reference,
+                                         series_description_suffix=f" [{description}]")
+        datasets = [pydicom.dcmread(p) for p in sorted(out.iterdir())]  # FileDatasets, preamble included
+        client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
+        response = client.store_instances(datasets=datasets)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    failed = getattr(response, "FailedSOPSequence", None) or []
+    stored = getattr(response, "ReferencedSOPSequence", None) or []
+    if failed or len(stored) != len(datasets):
+        reasons = sorted({str(getattr(item, "FailureReason", "?")) for item in failed})
+        raise PacsStoreError(f"the PACS stored {len(stored)} of {len(datasets)} instances"
+                             + (f" (failure reasons {', '.join(reasons)})" if reasons else ""))
+    uid = str(datasets[0].SeriesInstanceUID)
+    log.info("stored derived series %s (%d instances) to %s", uid, len(datasets), client.base_url)
+    return {"series_instance_uid": uid, "instances": len(datasets)}

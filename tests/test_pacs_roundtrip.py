@@ -1,0 +1,80 @@
+"""Studies from a real PACS: Orthanc on loopback, the app with --studies pointing at its DICOMweb root.
+
+A real CT series is uploaded to Orthanc, denoised through the app by its SeriesInstanceUID, and the result is
+stored back to Orthanc as a derived series, which is then read back from Orthanc and checked.
+"""
+from __future__ import annotations
+
+import io
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from monailabel.client import MONAILabelClient
+
+from mlserver import make_tiny_weights, start_server, stop_server
+from orthanc import available, start_orthanc, stop_orthanc
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(available() is not None, reason=str(available()))]
+
+
+def real_ct_series(folder: Path, slices: int = 3) -> list[Path]:
+    """A 3-slice CT series made of the real pydicom-data head slice (693_UNCR), positioned 5 mm apart, with
+    proper UIDs (the file itself is a single real CT image)."""
+    import data_store
+    from pydicom.uid import generate_uid
+
+    source = pydicom.dcmread(Path(data_store.__file__).parent / "data" / "693_UNCR.dcm")
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    folder.mkdir(parents=True)
+    paths = []
+    for k in range(slices):
+        ds = source.copy()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        position = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [position[0], position[1], position[2] + 5.0 * k]
+        ds.SliceLocation = position[2] + 5.0 * k
+        ds.PatientID = ds.PatientID or "TEST"
+        path = folder / f"slice{k}.dcm"
+        ds.save_as(path, write_like_original=False)
+        paths.append(path)
+    return paths
+
+
+def test_denoise_a_pacs_series_and_store_the_result_back(tmp_path):
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = real_ct_series(tmp_path / "series")
+        for path in files:
+            pacs.upload(path)
+        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        model_dir = make_tiny_weights(tmp_path / "model", steps=5)
+        server = start_server(pacs.dicomweb, model_dir, tmp_path / "work")
+        try:
+            client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+            path, result = client.infer("adl", uid, {"store_to_pacs": True})
+            stored = result["stored_series"]
+            assert stored["instances"] == 3 and stored["series_instance_uid"] != uid
+            # read the derived series back from Orthanc
+            series = [s for s in pacs.get("/series?expand") if
+                      s["MainDicomTags"]["SeriesInstanceUID"] == stored["series_instance_uid"]]
+            assert len(series) == 1 and len(series[0]["Instances"]) == 3
+            instance = series[0]["Instances"][0]
+            with urllib.request.urlopen(f"{pacs.url}/instances/{instance}/file") as r:
+                derived = pydicom.dcmread(io.BytesIO(r.read()))
+            original = pydicom.dcmread(files[0])
+            assert derived.StudyInstanceUID == original.StudyInstanceUID and "DERIVED" in derived.ImageType
+            assert "denoised adl" in derived.SeriesDescription
+            hu = derived.pixel_array * float(derived.RescaleSlope) + float(derived.RescaleIntercept)
+            assert np.isfinite(hu).all() and hu.min() < -900 and 0 < np.median(hu[hu > -500]) < 100  # still HU
+            assert result["modality"] == "CT" and result["weights_version"] == "pretrained"
+            assert server.alive()
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
