@@ -52,7 +52,7 @@ def test_sample_data_pairs_are_real_and_aligned():
 @pytest.mark.timeout(600)
 def test_run_sh_main_job_on_sample_data():
     """./run.sh end to end (set-up is idempotent, so this re-checks it) on the smallest sample study."""
-    result = subprocess.run(["./run.sh", "--only", "ct_head_pydicom693", "--model", "gaussian"], cwd=REPO_ROOT,
+    result = subprocess.run(["./run.sh", "--no-server", "--only", "ct_head_pydicom693", "--model", "gaussian"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     row = next(line for line in result.stdout.splitlines() if line.startswith("ct_head_pydicom693"))
@@ -60,3 +60,43 @@ def test_run_sh_main_job_on_sample_data():
     psnr_noisy, psnr_denoised = (float(v) for v in row.split()[3:5])
     assert psnr_denoised > psnr_noisy
     assert (REPO_ROOT / "sample_data" / "output" / "ct_head_pydicom693_ld25_gaussian.nii.gz").is_file()
+
+
+@pytest.mark.timeout(600)
+def test_run_sh_then_serves_the_app_on_loopback(tmp_path):
+    """Without --no-server, ./run.sh ends by serving the MONAI Label app on 127.0.0.1 with the sample studies;
+    it answers /info and is stopped here by the PID of the process this test started."""
+    import signal
+    import time
+    import urllib.request
+
+    from mlserver import free_port
+
+    port = free_port()
+    log = open(tmp_path / "run.log", "wb")
+    process = subprocess.Popen(["./run.sh", "--only", "ct_head_pydicom693", "--model", "gaussian"], cwd=REPO_ROOT,
+                               env=dict(os.environ, ADL_PORT=str(port)), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 540
+        info = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=5) as response:
+                    info = json.loads(response.read())
+                    break
+            except OSError:
+                time.sleep(1)
+        assert info is not None, (tmp_path / "run.log").read_text()[-3000:]
+        assert set(info["models"]) == {"adl", "tddl_gcn"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/datastore/?output=all", timeout=10) as response:
+            studies = set(json.loads(response.read())["objects"])
+        assert "ct_head_pydicom693_ld25" in studies and not any(s.endswith(("693", "colin27")) for s in studies)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
