@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# .venv-slicer: PyPI's slicer-core (3D Slicer's MRML without Qt, ~1 GB with VTK) for the Slicer module's MRML
+# tests. Separate from .venv because slicer-core needs numpy 2 and monailabel's numpymaxflow needs numpy 1.
+# Idempotent (stamp file); prints a line and exits 0 when it cannot install, and the MRML tests then skip.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV=.venv-slicer
+STAMP="$VENV/.installed-$(cat "$0" | sha1sum | cut -c1-12)"
+[[ -f "$STAMP" ]] && exit 0
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+rm -rf "$VENV"
+if "$PYTHON" -m venv "$VENV" >/dev/null 2>&1 && "$VENV/bin/pip" install -q --disable-pip-version-check \
+    "slicer-core>=5.8" pynrrd pytest >/tmp/adl_slicer_env.log 2>&1; then
+  touch "$STAMP"
+  echo "[setup] $VENV ready (slicer-core)"
+else
+  echo "[setup] could not install slicer-core into $VENV (see /tmp/adl_slicer_env.log): the MRML tests will skip"
+  rm -rf "$VENV"
+fi
+exit 0

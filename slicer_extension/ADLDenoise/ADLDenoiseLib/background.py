@@ -1,0 +1,70 @@
+"""Run a slow call (denoising, uploading, training polls) off the GUI thread.
+
+The Qt side polls :meth:`BackgroundTask.poll` from a ``qt.QTimer`` and updates the progress bar; nothing here
+touches Qt or MRML, which must only be used from the GUI thread. A cancelled task's result is discarded when it
+arrives (an HTTP request already sent cannot be recalled; the server finishes it and the answer is dropped).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+__all__ = ["BackgroundTask"]
+
+
+class BackgroundTask:
+    """``BackgroundTask(function, *args)``: ``function(*args, report=..., cancelled=...)`` runs in a daemon
+    thread; ``report(fraction or None, message)`` records progress, ``cancelled()`` tells it to stop early.
+
+    States: ``running``, ``done`` (``result``), ``failed`` (``error``), ``cancelled``.
+    """
+
+    def __init__(self, function: Callable[..., Any], *args: Any, name: str = "task") -> None:
+        self.name = name
+        self.state = "running"
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.progress: float | None = None
+        self.message = "starting"
+        self.started = time.monotonic()
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, args=(function, args), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Callable[..., Any], args: tuple) -> None:
+        try:
+            result = function(*args, report=self._report, cancelled=self._cancel.is_set)
+        except BaseException as error:  # noqa: BLE001 - handed to the GUI thread to display
+            with self._lock:
+                if self.state == "running":
+                    self.state, self.error = "failed", error
+            return
+        with self._lock:
+            if self.state == "running":
+                self.state, self.result, self.progress = "done", result, 1.0
+
+    def _report(self, fraction: float | None, message: str) -> None:
+        with self._lock:
+            self.progress, self.message = fraction, message
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self.state == "running":
+                self.state, self.message = "cancelled", "cancelled"
+        self._cancel.set()
+
+    def poll(self) -> dict:
+        """A snapshot for the GUI: state, progress (0..1 or None), message, seconds elapsed."""
+        with self._lock:
+            return {"state": self.state, "progress": self.progress, "message": self.message,
+                    "seconds": time.monotonic() - self.started}
+
+    def wait(self, timeout: float | None = None) -> str:
+        self._thread.join(timeout)
+        return self.state
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"

@@ -1,0 +1,174 @@
+"""MRML-side logic: volume nodes out to files and back, difference and blended volumes, ROI statistics.
+
+Needs Slicer's MRML only (``slicer.vtkMRML...`` and ``slicer.util``), not its GUI, so it runs inside Slicer and
+with PyPI's ``slicer-core``. Volumes travel as NRRD written by Slicer's own storage node, so the server gets
+exactly the node's geometry (spacing, origin, any direction) and values (CT in HU); the result is read back
+by the same storage node and checked to be on the original's grid before it is shown.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import slicer
+import vtk
+
+from .workflow import blend, difference, roi_statistics
+
+__all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "blended_volume",
+           "roi_statistics_for_roi_node", "looks_like_ct"]
+
+
+def _ijk_to_ras(node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def same_grid(a, b, tol: float = 1e-4) -> bool:
+    """Same dimensions and IJK-to-RAS matrix (spacing, origin, direction)."""
+    dims_a = a.GetImageData().GetDimensions() if a.GetImageData() else None
+    dims_b = b.GetImageData().GetDimensions() if b.GetImageData() else None
+    return dims_a == dims_b and np.allclose(_ijk_to_ras(a), _ijk_to_ras(b), atol=tol)
+
+
+def _align_to(node, reference, tol: float = 1e-4) -> bool:
+    """Make ``node`` use ``reference``'s voxel order when both hold the same voxels.
+
+    Slicer's file reader keeps the IJK-to-RAS matrix right-handed: a volume written from a left-handed (mirrored)
+    grid comes back with the last axis reversed and the origin at the other end. Same voxel centres, other index
+    order; the array is flipped back here so that voxel (k, j, i) means the same point in both nodes. False when
+    the grids really differ (size, spacing, direction or position).
+    """
+    if same_grid(node, reference, tol):
+        return True
+    dims_n = node.GetImageData().GetDimensions() if node.GetImageData() else None
+    dims_r = reference.GetImageData().GetDimensions() if reference.GetImageData() else None
+    if dims_n != dims_r or dims_n is None:
+        return False
+    m_n, m_r = _ijk_to_ras(node), _ijk_to_ras(reference)
+    flips = []
+    expected_origin = m_r[:3, 3].copy()
+    for axis in range(3):
+        if np.allclose(m_n[:3, axis], m_r[:3, axis], atol=tol):
+            continue
+        if not np.allclose(m_n[:3, axis], -m_r[:3, axis], atol=tol):
+            return False
+        flips.append(axis)
+        expected_origin += m_r[:3, axis] * (dims_r[axis] - 1)
+    if not np.allclose(m_n[:3, 3], expected_origin, atol=max(tol, 1e-3)):
+        return False
+    array = slicer.util.arrayFromVolume(node)
+    for axis in flips:  # IJK axis i, j, k is array axis 2, 1, 0
+        array = np.flip(array, axis=2 - axis)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array))
+    node.SetIJKToRASMatrix(_vtk_matrix(m_r))
+    return same_grid(node, reference, tol)
+
+
+def export_volume(node, path: str | os.PathLike) -> Path:
+    """Write a scalar volume node to NRRD with Slicer's storage node (geometry and values as in the scene)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(False)
+    if not storage.WriteData(node):
+        raise RuntimeError(f"could not write {node.GetName()} to {path}")
+    return path
+
+
+def load_result(scene, path: str | os.PathLike, reference, suffix: str = " denoised", name: str | None = None):
+    """Read a result file into a new scalar volume node named ``reference`` name + ``suffix``; the result must
+    be on the reference's grid (RuntimeError otherwise, and nothing is added to the scene)."""
+    node = slicer.vtkMRMLScalarVolumeNode()
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        raise RuntimeError(f"could not read the result {path}")
+    if not _align_to(node, reference):
+        raise RuntimeError("the result is not on the original's grid: refusing to show it")
+    node.SetName(name or (reference.GetName() + suffix))
+    scene.AddNode(node)
+    node.CreateDefaultDisplayNodes()
+    _copy_window(reference, node)
+    return node
+
+
+def _copy_window(source, target) -> None:
+    src, dst = source.GetDisplayNode(), target.GetDisplayNode()
+    if src is not None and dst is not None:
+        dst.SetAutoWindowLevel(False)
+        dst.SetWindowLevel(src.GetWindow(), src.GetLevel())
+
+
+def _array(node) -> np.ndarray:
+    return slicer.util.arrayFromVolume(node)
+
+
+def _new_like(scene, reference, array: np.ndarray, name: str, node=None):
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        node.CreateDefaultDisplayNodes()
+    node.SetIJKToRASMatrix(_vtk_matrix(_ijk_to_ras(reference)))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, np.float32))
+    return node
+
+
+def _vtk_matrix(array: np.ndarray):
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def difference_volume(scene, original, denoised, name: str | None = None):
+    """A new volume original - denoised on the same grid (what the denoiser removed)."""
+    if not same_grid(original, denoised):
+        raise RuntimeError("original and denoised volumes are not on the same grid")
+    node = _new_like(scene, original, difference(_array(original), _array(denoised)),
+                     name or f"{original.GetName()} removed (original - denoised)")
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevel(200.0, 0.0)
+    return node
+
+
+def blended_volume(scene, original, denoised, strength: float, node=None, name: str | None = None):
+    """strength * denoised + (1 - strength) * original, in ``node`` (updated in place) or a new node: the
+    volume a radiologist submits as a correction."""
+    if not same_grid(original, denoised):
+        raise RuntimeError("original and denoised volumes are not on the same grid")
+    array = blend(_array(original), _array(denoised), strength)
+    node = _new_like(scene, original, array, name or f"{original.GetName()} corrected", node=node)
+    _copy_window(original, node)
+    return node
+
+
+def roi_statistics_for_roi_node(original, denoised, roi_node) -> dict:
+    """:func:`workflow.roi_statistics` inside a markups ROI (box) placed by the user."""
+    if not same_grid(original, denoised):
+        raise RuntimeError("original and denoised volumes are not on the same grid")
+    center, radius = [0.0] * 3, [0.0] * 3
+    roi_node.GetXYZ(center)
+    roi_node.GetRadiusXYZ(radius)
+    ras_to_ijk = np.linalg.inv(_ijk_to_ras(original))
+    corners = np.array([[center[0] + sx * radius[0], center[1] + sy * radius[1], center[2] + sz * radius[2], 1.0]
+                        for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
+    ijk = (ras_to_ijk @ corners.T).T[:, :3]
+    shape = _array(original).shape  # (k, j, i)
+    low = np.clip(np.floor(ijk.min(axis=0) + 0.5).astype(int), 0, [shape[2] - 1, shape[1] - 1, shape[0] - 1])
+    high = np.clip(np.floor(ijk.max(axis=0) + 0.5).astype(int), 0, [shape[2] - 1, shape[1] - 1, shape[0] - 1])
+    mask = np.zeros(shape, bool)
+    mask[low[2]:high[2] + 1, low[1]:high[1] + 1, low[0]:high[0] + 1] = True
+    return roi_statistics(_array(original), _array(denoised), mask)
+
+
+def looks_like_ct(node) -> bool:
+    """CT when the volume's 1st percentile is air-like (HU), as the server guesses too."""
+    values = _array(node)
+    sample = values.reshape(-1)[:: max(1, values.size // 200000)]
+    return bool(sample.size and np.percentile(sample, 1.0) <= -500.0)
