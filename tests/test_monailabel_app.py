@@ -87,7 +87,8 @@ def served_version(client: MONAILabelClient, model: str = "adl", modality: str =
 # --------------------------------------------------------------------------------------------------- info
 def test_info_describes_both_models_with_weights_and_training(client):
     info = client.info()
-    assert set(info["models"]) == {"adl", "tddl_gcn"}
+    assert set(info["models"]) == {"adl", "tddl_gcn", "nlm"}
+    assert set(info["trainers"]) == {"adl", "tddl_gcn"}  # the classical baseline has nothing to train
     adl, gcn = info["models"]["adl"], info["models"]["tddl_gcn"]
     assert adl["type"] == "others" and adl["method"].startswith("ADL")
     assert gcn["method"].startswith("TDDL-GCN")
@@ -113,6 +114,19 @@ def test_infer_by_datastore_id_keeps_grid_and_hounsfield_units(client, server):
     # the audit note on the study names the weights
     audit = http(server, "GET", "/review/ct_slab_b")[1]
     assert audit["denoise_results"][-1]["weights_version"] == "pretrained"
+
+
+def test_classical_baseline_serves_without_weights_and_improves_the_low_dose_input(client, server, tmp_path):
+    from lib.evaluation import psnr
+
+    path, result = client.infer("nlm", "ct_slab_b", {})
+    assert result["weights_version"] == "classical-nlm" and result["modality"] == "CT"
+    reference = write_crop(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz", tmp_path / "ref.nii.gz", z=slice(40, 44))
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(reference))).astype(np.float32)
+    noisy, _ = read_array(server.studies / "ct_slab_b.nii.gz")
+    out, _ = read_array(path)
+    window = (-160.0, 240.0)
+    assert psnr(out, ref, window=window) > psnr(noisy.astype(np.float32), ref, window=window) + 2.0
 
 
 def test_infer_upload_of_a_non_ras_volume_comes_back_on_its_own_grid_unflipped(client, server, tmp_path):

@@ -3,8 +3,8 @@
     python -m monailabel.main start_server --app apps/adl_denoise --studies STUDIES -i 127.0.0.1 -p 8000 \
         --conf models all
 
-Conf keys (``--conf key value``; see README.md in this folder): ``models`` (all | adl | tddl_gcn | a comma
-list), ``model_dir`` (weights folder; default ``model/`` here, or ``ADL_MODEL_DIR``), ``device``, ``preload``,
+Conf keys (``--conf key value``; see README.md in this folder): ``models`` (all | adl | tddl_gcn | nlm | a
+comma list), ``model_dir`` (weights folder; default ``model/`` here, or ``ADL_MODEL_DIR``), ``device``, ``preload``,
 ``modality``, ``result_extension``, ``train_steps``, ``normal_dose``, ``max_voxels``.
 """
 from __future__ import annotations
@@ -65,7 +65,8 @@ class DenoisingApp(MONAILabelApp):
         return {name: config.infer() for name, config in self.models.items()}
 
     def init_trainers(self) -> Dict[str, TrainTask]:
-        return {name: config.trainer() for name, config in self.models.items()}
+        trainers = {name: config.trainer() for name, config in self.models.items()}
+        return {name: task for name, task in trainers.items() if task is not None}
 
     def init_strategies(self) -> Dict[str, Strategy]:
         return {"next_unreviewed": NextUnreviewed()}

@@ -38,7 +38,7 @@ class DenoiserTaskConfig(TaskConfig):
             result_extension=self.conf.get("result_extension", ".nii.gz"),
             preload=strtobool(self.conf.get("preload", "false")))
 
-    def trainer(self) -> TrainTask:
+    def trainer(self) -> TrainTask | None:
         defaults = {"steps": int(self.conf.get("train_steps", 200)), "device": self.conf.get("device", "auto")}
         if self.conf.get("normal_dose"):
             defaults["normal_dose"] = self.conf["normal_dose"]

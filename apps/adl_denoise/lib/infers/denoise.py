@@ -39,7 +39,7 @@ from ..inference.model_store import ModelStore, WeightsVersion
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DenoiseInferTask", "RESULT_EXTENSIONS", "http_error_for_image"]
+__all__ = ["DenoiseInferTask", "ClassicalInferTask", "RESULT_EXTENSIONS", "http_error_for_image"]
 
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", "dicom")
 RESULT_DTYPES = ("float32", "int16")
@@ -154,14 +154,9 @@ class DenoiseInferTask(InferTask):
         if result_extension == "dicom" and not volume.dicom_headers:
             raise HTTPException(status_code=422, detail="a DICOM result needs a DICOM input (a derived series is "
                                                         "built on the input's headers)")
-        served = self.store.served(self.model, modality)
-        if served is None:
-            raise HTTPException(status_code=404, detail=f"no {self.model} weights for {modality} are installed in "
-                                                        f"{self.store.model_dir}: train or fine-tune first")
         device = self._device(request.get("device"))
-        loaded = self._denoiser(served, device)
         try:
-            denoised = denoise_array(loaded, volume.array, modality, device=device)
+            denoised, version = self.denoise(volume.array, modality, device)
         except ValueError as error:
             raise http_error_for_image(error) from None
         out = volume.with_array(denoised)
@@ -171,14 +166,25 @@ class DenoiseInferTask(InferTask):
             raise HTTPException(status_code=422, detail=f"cannot write the result: {error}") from None
         seconds = time.perf_counter() - started
         result = {
-            "model": self.model, "method": self.method, "modality": modality, "weights_version": served.version,
-            "weights_sha256": served.sha256[:16], "device": str(device), "seconds": round(seconds, 3),
+            "model": self.model, "method": self.method, "modality": modality, **version, "device": str(device),
+            "seconds": round(seconds, 3),
             "shape": list(volume.array.shape), "spacing": list(volume.spacing), "result_dtype": result_dtype,
             "result_extension": result_extension,
         }
         log.info("denoised %s with %s (%s, weights %s) in %.2f s", Path(str(image)).name, self.model, modality,
-                 served.version, seconds)
+                 version["weights_version"], seconds)
         return str(path), result
+
+    def denoise(self, array: np.ndarray, modality: str, device) -> tuple[np.ndarray, dict]:
+        """Denoise ``array`` (modality units) with the weights served now; returns the result and
+        ``{"weights_version", "weights_sha256"}``. HTTP 404 when no weights are installed for ``modality``."""
+        served = self.store.served(self.model, modality)
+        if served is None:
+            raise HTTPException(status_code=404, detail=f"no {self.model} weights for {modality} are installed in "
+                                                        f"{self.store.model_dir}: train or fine-tune first")
+        loaded = self._denoiser(served, device)
+        return denoise_array(loaded, array, modality, device=device), {"weights_version": served.version,
+                                                                       "weights_sha256": served.sha256[:16]}
 
     # --- helpers
     def _modality(self, request: dict, volume) -> str:
@@ -239,3 +245,29 @@ class DenoiseInferTask(InferTask):
         os.close(fd)
         os.unlink(name)  # write_volume never overwrites
         return write_volume(out, name, output_dtype=np.int16 if result_dtype == "int16" else np.float32)
+
+
+class ClassicalInferTask(DenoiseInferTask):
+    """A classical denoiser (no learned weights) behind the same interface, so that the whole workflow works on
+    a machine where no learned weights are installed yet. The noise level is estimated blindly per slice
+    (:mod:`lib.denoisers.classical`); CPU only."""
+
+    def __init__(self, model: str, method: str, modalities: tuple[str, ...], store: ModelStore, algorithm: str,
+                 **kwargs) -> None:
+        super().__init__(model, method, modalities, store, **kwargs)
+        self.algorithm = algorithm
+        self._config["device"] = ["cpu"]
+
+    def describe_weights(self, modality: str) -> dict:
+        return {"available": True, "modality": modality.upper(), "version": f"classical-{self.algorithm}",
+                "sha256": "", "file": None, "network": None,
+                "training": {"steps": 0, "data": "none: a classical method with a blind noise estimate"}}
+
+    def denoise(self, array: np.ndarray, modality: str, device) -> tuple[np.ndarray, dict]:
+        from ..denoisers.classical import denoise_classical
+
+        return denoise_classical(self.algorithm, array, modality), {"weights_version": f"classical-{self.algorithm}",
+                                                                   "weights_sha256": ""}
+
+    def _device(self, asked):
+        return torch.device("cpu")
