@@ -197,11 +197,16 @@ def test_bad_inputs_get_4xx_with_reasons_and_the_server_keeps_answering(client, 
     nibabel.save(nibabel.Nifti1Image(np.zeros((16, 16, 4, 3), np.float32), np.eye(4)), str(four_d))
     blank = tmp_path / "blank.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.full((2, 32, 32), -1000, np.int16)), str(blank))
+    from pydicom.data import get_testdata_file
+
+    corrupt = tmp_path / "corrupt.dcm"  # a real CT DICOM file cut short in its pixel data
+    corrupt.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[:3000])
     huge = tmp_path / "huge.nrrd"
     sitk.WriteImage(sitk.Image([256, 256, 60], sitk.sitkInt16), str(huge))  # 3.9 M voxels > max_voxels 3 M
 
     cases = {
         "non-image": (lambda: client.infer("adl", "", {}, file=str(text)), 422, "cannot denoise"),
+        "corrupt DICOM": (lambda: client.infer("adl", "", {}, file=str(corrupt)), 422, "cannot denoise"),
         "nan": (lambda: client.infer("adl", "", {"modality": "ct"}, file=str(nan)), 422, "NaN"),
         "4d": (lambda: client.infer("adl", "", {}, file=str(four_d)), 422, "4D"),
         "blank": (lambda: client.infer("adl", "", {}, file=str(blank)), 422, "constant"),
