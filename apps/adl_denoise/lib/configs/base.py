@@ -19,7 +19,7 @@ class DenoiserTaskConfig(TaskConfig):
     Conf keys read here (``--conf key value``): ``device`` (auto | cpu | cuda), ``preload`` (true | false),
     ``modality`` (auto | ct | mr: for inputs without a DICOM modality), ``result_extension`` (.nii.gz | .nrrd |
     .nii | .mha | dicom), ``train_steps`` (default fine-tuning steps), ``normal_dose`` (normal-dose images for
-    TDDL adaptation).
+    TDDL adaptation), ``max_concurrent_infers`` (requests a model denoises at once; 2).
     """
 
     method: str = ""
@@ -36,7 +36,8 @@ class DenoiserTaskConfig(TaskConfig):
             self.name, self.method, self.modalities, self.store, device=self.conf.get("device", "auto"),
             default_modality=self.conf.get("modality", "auto"),
             result_extension=self.conf.get("result_extension", ".nii.gz"),
-            preload=strtobool(self.conf.get("preload", "false")))
+            preload=strtobool(self.conf.get("preload", "false")),
+            max_concurrent=int(self.conf.get("max_concurrent_infers", 2)))
 
     def trainer(self) -> TrainTask | None:
         defaults = {"steps": int(self.conf.get("train_steps", 200)), "device": self.conf.get("device", "auto")}
