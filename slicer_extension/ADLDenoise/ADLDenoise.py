@@ -193,8 +193,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.blendSlider.connect("valueChanged(double)", self.onBlend)
         self.ui.submitCorrectionButton.connect("clicked(bool)", self.onSubmitCorrection)
         self.ui.nextStudyButton.connect("clicked(bool)", self.onNextStudy)
-        self.ui.acceptButton.connect("clicked(bool)", lambda: self.onVerdict("accepted"))
-        self.ui.rejectButton.connect("clicked(bool)", lambda: self.onVerdict("rejected"))
+        self.ui.acceptButton.connect("clicked(bool)", lambda checked=False: self.onVerdict("accepted"))
+        self.ui.rejectButton.connect("clicked(bool)", lambda checked=False: self.onVerdict("rejected"))
         self.ui.trainButton.connect("clicked(bool)", self.onTrain)
         self.ui.stopTrainButton.connect("clicked(bool)", self.onStopTrain)
         self.ui.reviewerEdit.connect("editingFinished()", lambda: self.logic.set_setting("reviewer",
