@@ -205,7 +205,7 @@ def test_bad_inputs_get_4xx_with_reasons_and_the_server_keeps_answering(client, 
     sitk.WriteImage(sitk.Image([256, 256, 60], sitk.sitkInt16), str(huge))  # 3.9 M voxels > max_voxels 3 M
 
     cases = {
-        "non-image": (lambda: client.infer("adl", "", {}, file=str(text)), 422, "cannot denoise"),
+        "non-image": (lambda: client.infer("adl", "", {}, file=str(text)), 422, "cannot read the uploaded file"),
         "corrupt DICOM": (lambda: client.infer("adl", "", {}, file=str(corrupt)), 422, "cannot denoise"),
         "nan": (lambda: client.infer("adl", "", {"modality": "ct"}, file=str(nan)), 422, "NaN"),
         "4d": (lambda: client.infer("adl", "", {}, file=str(four_d)), 422, "4D"),
@@ -303,6 +303,18 @@ def test_fine_tune_from_corrections_publishes_hot_reloads_and_rolls_back(client,
     _, result = client.infer("adl", "ct_slab_b", {})
     assert result["weights_version"] == "pretrained"
     assert http(server, "POST", "/versions/adl/restore?modality=ct&version=19990101T000000-deadbeef")[0] == 404
+
+
+def test_tddl_gcn_fine_tunes_from_the_same_corrections(client, server, tmp_path):
+    save_corrections(client, server, tmp_path)
+    client.train_start("tddl_gcn", {"steps": 4, "patch_size": 32, "device": "cpu"})
+    assert wait_for_training(client)["status"] == "DONE", server.log_tail()
+    stats = client.info()["train_stats"]["tddl_gcn"]
+    assert stats["status"] == "done" and stats["mode"] == "corrections" and stats["modality"] == "CT"
+    decision = stats["decision"]
+    assert decision["baseline_psnr"] is not None and isinstance(decision["published"], bool)
+    history = http(server, "GET", "/versions/tddl_gcn?modality=ct")[1]["history"]
+    assert history[-1]["event"] == ("published" if decision["published"] else "rejected")
 
 
 def test_a_worse_model_is_never_published(client, server, tmp_path):

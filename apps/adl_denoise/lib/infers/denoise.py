@@ -151,7 +151,10 @@ class DenoiseInferTask(InferTask):
         try:
             volume = read_volume(image)
         except ImageReadError as error:
-            raise http_error_for_image(error) from None
+            # an upload sits in a server-side temporary file: name it as such, not by its temporary path
+            uploaded = Path(str(image)).parent == Path(tempfile.gettempdir())
+            raise http_error_for_image(ValueError(str(error).replace(str(image), "the uploaded file"))
+                                       if uploaded else error) from None
         if volume.is_constant:
             raise HTTPException(status_code=422, detail="cannot denoise this image: it is constant (empty or blank)")
         modality = self._modality(request, volume)
