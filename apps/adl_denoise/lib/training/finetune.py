@@ -3,9 +3,9 @@
 Used by the MONAI Label app's train tasks (clinician corrections; TDDL adaptation to a scanner's own low-dose
 noise), but free of server code so it can be tested and run alone:
 
-1. :func:`split_validation` fixes the validation images *before* the run, by a hash of each image's name: the
-   same image always lands on the same side, so a later run never trains on an earlier run's validation
-   images and the comparison is on images neither model saw.
+1. :func:`split_validation` fixes the validation images *before* the run, by a hash of each image's name, so
+   the comparison is on images neither model was fine-tuned on (and, beyond tiny sets, the split is stable
+   between runs).
 2. :func:`score_weights` scores the served weights and the candidate on those images (PSNR in the modality's
    window: CT [-160, 240] HU, MR 0..max of the target).
 3. :func:`fine_tune` starts from the served weights and trains on the rest: ADL with a discriminator warm-up
@@ -84,9 +84,11 @@ class FineTuneResult:
 
 def split_validation(names: Sequence[str], fraction: float = 0.25, salt: str = "adl-denoise-validation"
                      ) -> tuple[list[str], list[str]]:
-    """(train, validation) names. An image's side depends only on its name (a SHA-1 hash against
-    ``fraction``), so it never changes between runs; at least one image on each side (the one with the lowest
-    hash goes to validation when none does by the hash, the highest to training when all do).
+    """(train, validation) names. An image's side depends on its name alone (a SHA-1 hash against
+    ``fraction``), so adding images never moves an earlier image across, and a later run never trains on an
+    earlier run's validation image. The one exception is a tiny set: at least one image must be on each side, so
+    when no image hashes below ``fraction`` the lowest-hashing one validates (and when all do, the highest one
+    trains) until the set grows.
 
     Raises:
         ValueError: fewer than two images (one is needed to train and one to judge the result).
