@@ -218,7 +218,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.errorDisplay(message, windowTitle="ADL Denoise")
 
     def model(self) -> str:
-        return self.ui.modelsCombo.currentData or self.ui.modelsCombo.currentText
+        combo = self.ui.modelsCombo
+        return combo.itemData(combo.currentIndex) or combo.currentText if combo.count else ""
 
     def original_and_result(self):
         original = self.ui.inputVolumeSelector.currentNode()
