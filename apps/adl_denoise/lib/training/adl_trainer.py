@@ -38,7 +38,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -562,6 +562,101 @@ def _validate(generator: nn.Module, pairs: list[ValidationPair], config: ADLTrai
 
 
 # ----------------------------------------------------------------------------------------------- training
+class _TrainingLoop:
+    """The bookkeeping both trainers share around their own optimisation step: step count, per-step history and
+    log (``train_log.jsonl``), progress bar, validation and checkpoint cadence, the final validation and
+    checkpoint, and the DDP barrier at the end. The trainer keeps what differs: its networks, the step itself and
+    what its checkpoints hold (``checkpoint_state``, called with this loop).
+
+    Use as a context manager around the batch loop (it closes the bar, and the log on an error), then call
+    :meth:`finish`.
+    """
+
+    def __init__(self, config, dist_info: _Dist, device: torch.device, network: nn.Module, pairs: list,
+                 step: int, history: list, validation: list, best: float | None,
+                 checkpoint_state: Callable[["_TrainingLoop"], dict], checkpoint_format: str, checkpoint_version: int,
+                 progress: bool, description: str) -> None:
+        self.config, self.dist_info, self.device, self.network, self.pairs = config, dist_info, device, network, pairs
+        self.step, self.history, self.validation, self.best = step, history, validation, best
+        self.total = config.total_steps
+        self.checkpoint_state = checkpoint_state
+        self.checkpoint_format, self.checkpoint_version = checkpoint_format, checkpoint_version
+        self.ckpt_dir = Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
+        self.last_checkpoint: Path | None = None
+        self.log_file = None
+        if self.ckpt_dir is not None and dist_info.main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            self.log_file = open(self.ckpt_dir / "train_log.jsonl", "a", encoding="utf-8")
+        self.bar = None
+        if progress and dist_info.main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=min(step, self.total), desc=description, unit="step",
+                            dynamic_ncols=True)
+
+    def __enter__(self) -> "_TrainingLoop":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if error is not None and self.log_file is not None:
+            self.log_file.close()
+
+    def set_description(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+
+    def write_checkpoint(self) -> Path:
+        assert self.ckpt_dir is not None
+        state = self.checkpoint_state(self)
+        if self.config.keep_all_checkpoints:
+            save_checkpoint(self.ckpt_dir / f"step_{self.step:07d}.pt", state, self.checkpoint_format,
+                            self.checkpoint_version)
+        return save_checkpoint(self.ckpt_dir / "last.pt", state, self.checkpoint_format, self.checkpoint_version)
+
+    def run_validation(self) -> None:
+        if not self.pairs or not self.dist_info.main:
+            return
+        record = _validate(self.network, self.pairs, self.config, self.device, self.step)
+        self.validation.append(record)
+        self.best = record["psnr"] if self.best is None else max(self.best, record["psnr"])
+        if self.log_file is not None:
+            self.log_file.write(json.dumps({"validation": _plain(record)}) + "\n")
+            self.log_file.flush()
+        log.info("step %d: validation PSNR %.2f dB (noisy %.2f dB)", self.step, record["psnr"], record["psnr_noisy"])
+
+    def end_step(self, record: dict, postfix: dict[str, str]) -> None:
+        """Count the step just taken, record it, and validate / checkpoint when due."""
+        self.step += 1
+        self.history.append(record)
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+        config, step = self.config, self.step
+        if config.validation_every and step % config.validation_every == 0 and step < self.total:
+            self.run_validation()
+        if self.ckpt_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
+                and step < self.total and self.dist_info.main:
+            self.last_checkpoint = self.write_checkpoint()
+
+    def finish(self) -> None:
+        """After the batch loop: final validation and checkpoint when the run is complete, then the barrier."""
+        if self.step >= self.total:
+            if not self.validation or self.validation[-1]["step"] != self.step:
+                self.run_validation()
+            if self.ckpt_dir is not None and self.dist_info.main:
+                self.last_checkpoint = self.write_checkpoint()
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.dist_info.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 0 may still be validating / writing the last checkpoint
+
+
 class _Schedules:
     """Per-phase StepLR schedules of the two optimisers."""
 
@@ -688,22 +783,13 @@ def train_adl(
         loss_fn = ADLDenoiserLoss(lambda_l1=config.lambda_l1, lambda_pyramid=config.lambda_pyramid,
                                   lambda_histogram=config.lambda_histogram,
                                   lambda_adversarial=config.lambda_adversarial)
-        pairs = _as_pairs(val_pairs, config.modality)
-        total = config.total_steps
-        ckpt_dir = Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
-        last_ckpt: Path | None = None
-        log_file = None
-        if ckpt_dir is not None and dist_info.main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            log_file = open(ckpt_dir / "train_log.jsonl", "a", encoding="utf-8")
-
-        def checkpoint_state() -> dict:
+        def checkpoint_state(loop: _TrainingLoop) -> dict:
             return {
                 "config": config.to_dict(),
                 "network_kwargs": config.generator_kwargs(),
                 "discriminator_kwargs": config.discriminator_kwargs(),
-                "step": step,
-                "phase": config.phase_of(step),
+                "step": loop.step,
+                "phase": config.phase_of(loop.step),
                 "generator": generator_net.state_dict(),
                 "discriminator": discriminator_net.state_dict(),
                 "opt_g": opt_g.state_dict(),
@@ -712,31 +798,12 @@ def train_adl(
                 "scaler_g": scaler_g.state_dict(),
                 "scaler_d": scaler_d.state_dict(),
                 "rng": _rng_state(),
-                "history": _plain(history),
-                "validation": _plain(validation),
-                "best_psnr": best,
+                "history": _plain(loop.history),
+                "validation": _plain(loop.validation),
+                "best_psnr": loop.best,
                 "world_size": dist_info.world,
                 "scaling_rule": scaling_rule_for(config.modality),
             }
-
-        def write_checkpoint() -> Path:
-            assert ckpt_dir is not None
-            state = checkpoint_state()
-            if config.keep_all_checkpoints:
-                save_checkpoint(ckpt_dir / f"step_{step:07d}.pt", state)
-            return save_checkpoint(ckpt_dir / "last.pt", state)
-
-        def run_validation() -> None:
-            nonlocal best
-            if not pairs or not dist_info.main:
-                return
-            record = _validate(generator_net, pairs, config, device, step)
-            validation.append(record)
-            best = record["psnr"] if best is None else max(best, record["psnr"])
-            if log_file is not None:
-                log_file.write(json.dumps({"validation": _plain(record)}) + "\n")
-                log_file.flush()
-            log.info("step %d: validation PSNR %.2f dB (noisy %.2f dB)", step, record["psnr"], record["psnr_noisy"])
 
         def autocast():
             return torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp)
@@ -759,31 +826,27 @@ def train_adl(
                 logits = D(torch.cat([clean, fake.detach()]), torch.cat([noisy, noisy]))
             return discriminator_hinge_loss([l[:b].float() for l in logits], [l[b:].float() for l in logits])
 
-        bar = None
-        if progress and dist_info.main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, initial=min(step, total), desc=f"ADL {config.phase_of(step)}", unit="step",
-                       dynamic_ncols=True)
+        loop = _TrainingLoop(config, dist_info, device, generator_net, _as_pairs(val_pairs, config.modality), step,
+                             history, validation, best, checkpoint_state, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+                             progress, f"ADL {config.phase_of(step)}")
         first_batch = True
-        try:
-            batches = _dataset_batches(train_dataset, config, step, total, dist_info, device.type == "cuda")
+        with loop:
+            batches = _dataset_batches(train_dataset, config, loop.step, loop.total, dist_info, device.type == "cuda")
             for batch_step, batch in batches:
-                assert batch_step == step
-                phase = config.phase_of(step)
+                assert batch_step == loop.step
+                phase = config.phase_of(loop.step)
                 if schedules.phase != phase:
                     states = sched_states if (sched_states and sched_states.get("phase") == phase) else None
                     schedules.start(phase, states)
                     sched_states = None
-                    if bar is not None:
-                        bar.set_description(f"ADL {phase}")
+                    loop.set_description(f"ADL {phase}")
                 if first_batch:
                     _check_batch(batch, config)
                     first_batch = False
                 noisy = batch["noisy"].to(device, non_blocking=True)
                 clean = batch["clean"].to(device, non_blocking=True)
                 t0 = time.perf_counter()
-                record: dict[str, Any] = {"step": step + 1, "phase": phase}
+                record: dict[str, Any] = {"step": loop.step + 1, "phase": phase}
                 if phase == "g_warmup":
                     G.train()
                     with autocast():
@@ -825,36 +888,13 @@ def train_adl(
                 record["lr_g"] = schedules.lr("G")
                 record["lr_d"] = schedules.lr("D")
                 record["seconds"] = time.perf_counter() - t0
-                step += 1
-                history.append(record)
-                if log_file is not None:
-                    log_file.write(json.dumps(record) + "\n")
-                if bar is not None:
-                    shown = {k: v for k, v in record.items() if k in ("g_total", "g_l1", "g_adversarial", "d_loss")}
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
-                    bar.update(1)
-                if config.validation_every and step % config.validation_every == 0 and step < total:
-                    run_validation()
-                if ckpt_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
-                        and step < total and dist_info.main:
-                    last_ckpt = write_checkpoint()
-        finally:
-            if bar is not None:
-                bar.close()
-        if step >= total:
-            if not validation or validation[-1]["step"] != step:
-                run_validation()
-            if ckpt_dir is not None and dist_info.main:
-                last_ckpt = write_checkpoint()
-        if log_file is not None:
-            log_file.close()
-        if dist_info.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # rank 0 may still be validating / writing the last checkpoint
+                shown = {k: v for k, v in record.items() if k in ("g_total", "g_l1", "g_adversarial", "d_loss")}
+                loop.end_step(record, {k: f"{v:.4f}" for k, v in shown.items()})
+        loop.finish()
         generator_net.eval()
-        return TrainingResult(generator_net, discriminator_net, config, step, config.phase_of(max(step - 1, 0)),
-                              history, validation, best, last_ckpt, time.perf_counter() - started)
+        return TrainingResult(generator_net, discriminator_net, config, loop.step,
+                              config.phase_of(max(loop.step - 1, 0)), history, validation, loop.best,
+                              loop.last_checkpoint, time.perf_counter() - started)
     finally:
         if dist_info.initialised_here:
             import torch.distributed as dist

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 
 from ..networks import GCNDenoiser
 from .adl_trainer import (
+    _TrainingLoop,
     load_initial_weights,
     _as_pairs,
     _dataset_batches,
@@ -47,10 +48,8 @@ from .adl_trainer import (
     _rng_state,
     _set_rng_state,
     _setup,
-    _validate,
     describe_hardware,
     load_checkpoint,
-    save_checkpoint,
     scaling_rule_for,
 )
 
@@ -285,61 +284,36 @@ def train_gcn(
         else:
             model = network
         loss_fn = F.l1_loss if config.loss == "l1" else F.mse_loss
-        pairs = _as_pairs(val_pairs, config.modality)
-        total = config.total_steps
         centre = config.slice_context
-        ckpt_dir = Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
-        last_ckpt: Path | None = None
-        log_file = None
-        if ckpt_dir is not None and dist_info.main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            log_file = open(ckpt_dir / "train_log.jsonl", "a", encoding="utf-8")
 
-        def write_checkpoint() -> Path:
-            assert ckpt_dir is not None
-            state = {
+        def checkpoint_state(loop: _TrainingLoop) -> dict:
+            return {
                 "config": config.to_dict(),
                 "network_class": GCNTrainingConfig.network_class,
                 "network_kwargs": _plain(config.network_kwargs()),
-                "step": step,
+                "step": loop.step,
                 "denoiser": network.state_dict(),
                 "optimiser": optimiser.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": _rng_state(),
-                "history": _plain(history),
-                "validation": _plain(validation),
-                "best_psnr": best,
+                "history": _plain(loop.history),
+                "validation": _plain(loop.validation),
+                "best_psnr": loop.best,
                 "world_size": dist_info.world,
                 "scaling_rule": scaling_rule_for(config.modality),
             }
-            if config.keep_all_checkpoints:
-                save_checkpoint(ckpt_dir / f"step_{step:07d}.pt", state, GCN_CHECKPOINT_FORMAT, GCN_CHECKPOINT_VERSION)
-            return save_checkpoint(ckpt_dir / "last.pt", state, GCN_CHECKPOINT_FORMAT, GCN_CHECKPOINT_VERSION)
 
-        def run_validation() -> None:
-            nonlocal best
-            if not pairs or not dist_info.main:
-                return
-            record = _validate(network, pairs, config, device, step)  # type: ignore[arg-type]
-            validation.append(record)
-            best = record["psnr"] if best is None else max(best, record["psnr"])
-            if log_file is not None:
-                log_file.write(json.dumps({"validation": _plain(record)}) + "\n")
-                log_file.flush()
-            log.info("step %d: validation PSNR %.2f dB (noisy %.2f dB)", step, record["psnr"], record["psnr_noisy"])
-
-        bar = None
-        if progress and dist_info.main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, initial=min(step, total), desc="TDDL-GCN", unit="step", dynamic_ncols=True)
+        pairs = _as_pairs(val_pairs, config.modality)
+        loop = _TrainingLoop(config, dist_info, device, network, pairs, step,  # type: ignore[arg-type]
+                             history, validation, best, checkpoint_state, GCN_CHECKPOINT_FORMAT,
+                             GCN_CHECKPOINT_VERSION, progress, "TDDL-GCN")
         first_batch = True
-        try:
-            batches = _dataset_batches(train_dataset, config, step, total, dist_info,  # type: ignore[arg-type]
-                                       device.type == "cuda")
+        with loop:
+            batches = _dataset_batches(train_dataset, config, loop.step, loop.total,  # type: ignore[arg-type]
+                                       dist_info, device.type == "cuda")
             for batch_step, batch in batches:
-                assert batch_step == step
+                assert batch_step == loop.step
                 if first_batch:
                     _check_batch(batch, config)
                     first_batch = False
@@ -351,7 +325,7 @@ def train_gcn(
                     output = model(noisy)
                 loss = loss_fn(output.float(), target)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss at step {step + 1}")
+                    raise FloatingPointError(f"non-finite training loss at step {loop.step + 1}")
                 optimiser.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if config.grad_clip_norm:
@@ -360,37 +334,13 @@ def train_gcn(
                 scaler.step(optimiser)
                 scaler.update()
                 scheduler.step()
-                step += 1
-                record: dict[str, Any] = {"step": step, "loss": float(loss.detach()),
+                record: dict[str, Any] = {"step": loop.step + 1, "loss": float(loss.detach()),
                                           "lr": float(optimiser.param_groups[0]["lr"]),
                                           "seconds": time.perf_counter() - t0}
-                history.append(record)
-                if log_file is not None:
-                    log_file.write(json.dumps(record) + "\n")
-                if bar is not None:
-                    bar.set_postfix({"loss": f"{record['loss']:.5f}"}, refresh=False)
-                    bar.update(1)
-                if config.validation_every and step % config.validation_every == 0 and step < total:
-                    run_validation()
-                if ckpt_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
-                        and step < total and dist_info.main:
-                    last_ckpt = write_checkpoint()
-        finally:
-            if bar is not None:
-                bar.close()
-        if step >= total:
-            if not validation or validation[-1]["step"] != step:
-                run_validation()
-            if ckpt_dir is not None and dist_info.main:
-                last_ckpt = write_checkpoint()
-        if log_file is not None:
-            log_file.close()
-        if dist_info.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+                loop.end_step(record, {"loss": f"{record['loss']:.5f}"})
+        loop.finish()
         network.eval()
-        return GCNTrainingResult(network, config, step, history, validation, best, last_ckpt,
+        return GCNTrainingResult(network, config, loop.step, history, validation, loop.best, loop.last_checkpoint,
                                  time.perf_counter() - started)
     finally:
         if dist_info.initialised_here:
