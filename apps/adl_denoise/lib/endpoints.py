@@ -7,6 +7,7 @@ MONAI Label has no hook for app routes, so :func:`install` adds them to the runn
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Optional
@@ -62,8 +63,6 @@ def guarded_infer(
     if image and not file and not session_id and image not in set(app.datastore().list_images()):
         raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
     try:
-        import json
-
         json.loads(params or "{}")
     except ValueError:
         raise HTTPException(status_code=422, detail="params must be a JSON object") from None
