@@ -18,16 +18,35 @@ if _APP_DIR not in sys.path:
     sys.path.insert(0, _APP_DIR)
 
 
-def adl(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
-    """ADL (2D Efficient-UNet) with the app's weights for ``modality``, slice-wise, whole-slice window."""
-    from lib.inference import candidate_weights, denoise_array, find_weights, load_denoiser
+def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path: str) -> np.ndarray:
+    """The network of the weight file ``path`` (ADL or TDDL-GCN), slice-wise (2D) or by 3D patches.
 
-    path = find_weights("adl", modality)
-    if path is None:
-        raise FileNotFoundError(f"no ADL weights for {modality}: expected one of {candidate_weights('adl', modality)}")
+    Bind ``path`` with ``functools.partial`` (picklable, so the harness's worker process can run it)."""
+    from lib.inference import denoise_array, load_denoiser
+
     device = os.environ.get("BENCH_DEVICE", "cpu")
     model = load_denoiser(path, device=device)
     return denoise_array(model, np.asarray(noisy, np.float32), modality=modality, device=device)
 
 
-LEARNED = {"adl": adl}
+def _installed(model_name: str, modality: str) -> str:
+    from lib.inference import candidate_weights, find_weights
+
+    path = find_weights(model_name, modality)
+    if path is None:
+        raise FileNotFoundError(f"no {model_name} weights for {modality}: expected one of "
+                                f"{candidate_weights(model_name, modality)}")
+    return str(path)
+
+
+def adl(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
+    """ADL (2D Efficient-UNet) with the app's weights for ``modality``, slice-wise, whole-slice window."""
+    return from_weights(noisy, spacing, modality, path=_installed("adl", modality))
+
+
+def tddl_gcn(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
+    """TDDL-GCN with the app's weights for ``modality`` (CT), slice-wise, whole slices (windowed k-NN)."""
+    return from_weights(noisy, spacing, modality, path=_installed("tddl_gcn", modality))
+
+
+LEARNED = {"adl": adl, "tddl_gcn": tddl_gcn}

@@ -14,6 +14,7 @@ Prints the results table(s) and the machine description, and writes ``<out>/resu
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ for _p in (str(REPO_ROOT / "apps" / "adl_denoise"), str(REPO_ROOT)):
         sys.path.insert(0, _p)
 
 from bench.baselines import BASELINES  # noqa: E402
-from bench.learned import LEARNED  # noqa: E402
+from bench.learned import LEARNED, from_weights  # noqa: E402
 from bench.harness import CliDenoiser, describe_machine, evaluate, machine_line, pair_table  # noqa: E402
 from bench.pairs import DEFAULT_CACHE_DIR, sample_pairs, shared_pairs  # noqa: E402
 
@@ -36,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "--bm4d-ct is given)")
     ap.add_argument("--cli", action="append", default=[], metavar="NAME=TEMPLATE",
                     help="a command-line denoiser; placeholders {input} {output} {modality} {python} (repeatable)")
+    ap.add_argument("--weights", action="append", default=[], metavar="NAME=FILE",
+                    help="an ADL or TDDL-GCN weight file run in-process under NAME (repeatable)")
     ap.add_argument("--pairs", choices=("shared", "sample"), default="shared",
                     help="shared: the held-out split in ../shared/data; sample: sample_data/studies/manifest.json")
     ap.add_argument("--modalities", default="CT,MR", help="shared pairs to build: CT, MR or CT,MR")
@@ -52,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def build_denoisers(names: str, clis: list[str]) -> dict:
+def build_denoisers(names: str, clis: list[str], weights: list[str] = ()) -> dict:
     den: dict = {}
     known = {**BASELINES, **LEARNED}
     for name in [n.strip() for n in names.split(",") if n.strip()]:
@@ -64,6 +67,11 @@ def build_denoisers(names: str, clis: list[str]) -> dict:
             raise SystemExit(f"--cli expects NAME=TEMPLATE, got {spec!r}")
         name, template = spec.split("=", 1)
         den[name.strip()] = CliDenoiser(template.strip())
+    for spec in weights:
+        name, _, path = spec.partition("=")
+        if not name.strip() or not Path(path).is_file():
+            raise SystemExit(f"--weights expects NAME=FILE with an existing file, got {spec!r}")
+        den[name.strip()] = functools.partial(from_weights, path=str(Path(path).resolve()))
     if not den:
         raise SystemExit("no denoisers selected")
     return den
@@ -71,7 +79,7 @@ def build_denoisers(names: str, clis: list[str]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    denoisers = build_denoisers(args.denoisers, args.cli)
+    denoisers = build_denoisers(args.denoisers, args.cli, args.weights)
     machine = describe_machine()
     print(f"Machine: {machine_line(machine)}")
     ms_ct = args.max_slices_ct if args.max_slices_ct is not None else args.max_slices

@@ -84,6 +84,22 @@ def test_harness_end_to_end(tiny_pair, tmp_path):
     assert entries["gaussian"]["method"] == "spawn worker"
 
 
+def test_weight_file_denoiser_runs_in_the_worker(tiny_pair, tmp_path):
+    """`run_benchmark.py --weights NAME=FILE`: a learned model (here the shipped TDDL-GCN) scored in-process."""
+    from bench.harness import evaluate
+    from bench.run_benchmark import build_denoisers
+
+    shipped = REPO_ROOT / "apps" / "adl_denoise" / "model" / "pretrained_tddl_gcn_ct.pt"
+    denoisers = build_denoisers("noisy", [], [f"gcn={shipped}"])
+    res = evaluate([tiny_pair], denoisers, tmp_path, figures=False, log=None)
+    entries = res["pairs"][0]["denoisers"]
+    assert entries["gcn"]["ok"] and entries["gcn"]["method"] == "spawn worker", entries["gcn"].get("error")
+    gain = entries["gcn"]["windows"]["soft_tissue"]["psnr"] - entries["noisy"]["windows"]["soft_tissue"]["psnr"]
+    assert gain > 0.5, f"shipped TDDL-GCN gained {gain:.2f} dB"
+    with pytest.raises(SystemExit, match="NAME=FILE"):
+        build_denoisers("noisy", [], [f"gcn={tmp_path / 'missing.pt'}"])
+
+
 def test_failing_denoiser_is_reported_not_fatal(tiny_pair, tmp_path):
     from bench.baselines import noisy
     from bench.harness import CliDenoiser, evaluate

@@ -269,6 +269,20 @@ def test_learned_noise_source_feeds_the_adl_patch_dataset(stationary_case, tmp_p
     _write_nifti(heldout / "a.nii.gz", clean)
     with pytest.raises(ValueError, match="held-out"):
         LearnedNoiseSource(heldout, model_path, progress=False)
+    # a noise model learnt from held-out low-dose scans: refused unless the domain-shift benchmark opts in
+    saved_info = dict(model.info)
+    try:
+        model.info["inputs"] = [str(heldout / "a.nii.gz")]
+        learnt_on_heldout = model.save(tmp_path / "noise_heldout.pt")
+    finally:
+        model.info = saved_info  # the fixture is shared by the module
+    with pytest.raises(ValueError, match="held-out"):
+        LearnedNoiseSource(image, learnt_on_heldout, progress=False)
+    adapted = LearnedNoiseSource(image, learnt_on_heldout, realisations=1, progress=False,
+                                 allow_heldout_noise_inputs=True)
+    assert adapted.noisy_volume(0).shape == clean.shape
+    with pytest.raises(ValueError, match="held-out"):  # the clean images are still checked
+        LearnedNoiseSource(heldout, learnt_on_heldout, progress=False, allow_heldout_noise_inputs=True)
 
 
 # ------------------------------------------------------------------------------------------------- command line

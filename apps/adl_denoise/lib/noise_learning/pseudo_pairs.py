@@ -94,10 +94,14 @@ class LearnedNoiseSource(SyntheticNoiseSource):
         device: device of the noise model.
         progress: tqdm bar while the pool is made.
         build_pool: make the pool now (default) or at the first :meth:`set_epoch` / :meth:`noisy_volume`.
+        allow_heldout_noise_inputs: accept a noise model learnt from held-out LOW-DOSE images. Only for the
+            domain-shift benchmark (``bench/tddl_domain_shift.py``), which adapts to the test scans' own low-dose
+            images, reference never read, as a hospital would; its models are never shipped. The clean images
+            are still checked.
 
     Raises:
-        ValueError: non-CT modality, held-out files (clean images or the noise model's own training inputs), no
-            images, an unreadable noise model.
+        ValueError: non-CT modality, held-out files (clean images or, unless allowed, the noise model's own
+            training inputs), no images, an unreadable noise model.
     """
 
     def __init__(
@@ -115,13 +119,14 @@ class LearnedNoiseSource(SyntheticNoiseSource):
         device: str = "cpu",
         progress: bool = True,
         build_pool: bool = True,
+        allow_heldout_noise_inputs: bool = False,
     ) -> None:
         if modality is None or str(modality).upper() != "CT":
             raise ValueError(f"learned noise models are CT (HU) models; got modality {modality!r}")
         self.noise_model_path = Path(noise_model_path).expanduser()
         self.noise_model = NoiseModel.load(self.noise_model_path, device=device)
         inputs = self.noise_model.info.get("inputs") or []
-        if inputs:
+        if inputs and not allow_heldout_noise_inputs:
             check_not_heldout(inputs)  # a model learnt on held-out scans must not feed training either
         super().__init__(clean_paths, "CT", "ct-lowdose", spatial_dims=spatial_dims, realisations=realisations,
                          regenerate_each_epoch=regenerate_each_epoch, seed=seed, device=device, progress=progress,
