@@ -31,7 +31,8 @@ Held-out data: the noise model is learnt from held-out low-dose images (``Learne
 allow_heldout_noise_inputs=True)``): that IS the adaptation being measured. None of these models is shipped; the
 weight files stay in ``--out``. Simulated training pools are cached in ``--noise-cache``.
 
-Run (about 1.5 h on one CPU thread with the defaults; ``--steps``/``--adapt-steps`` scale it)::
+Run (the defaults are the measured run of ``bench/README.md``: about 1.5 h on one CPU thread; ``--steps`` and
+``--adapt-steps`` scale it; weight files already in ``--out`` are reused unless ``--retrain``)::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/tddl_domain_shift.py
 """
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--noise-cache", type=Path, default=DEFAULT_NOISE_CACHE)
     parser.add_argument("--source-noise-hu", type=float, default=CT_ADDED_NOISE_HU / np.sqrt(3.0))
-    parser.add_argument("--steps", type=int, default=2000, help="training steps of the source and oracle models")
-    parser.add_argument("--adapt-steps", type=int, default=1000, help="fine-tuning steps (adapted and control)")
+    parser.add_argument("--steps", type=int, default=1200, help="training steps of the source and oracle models")
+    parser.add_argument("--adapt-steps", type=int, default=600, help="fine-tuning steps (adapted and control)")
     parser.add_argument("--noise-steps", type=int, default=2000, help="noise-model (VAE) training steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
