@@ -28,7 +28,9 @@ def card(path: Path) -> str:
         f"- data: {', '.join(data.get('images', [])) or '?'}; noise: {data.get('noise', '?')}; "
         f"patch {data.get('patch_size', '?')}, batch {config.get('batch_size', '?')}",
         f"- steps: {record.get('steps', '?')} ({', '.join(f'{k} {v}' for k, v in record.get('steps_per_phase', {}).items())}); "
-        f"wall time {record.get('seconds', 0) / 3600:.2f} h",
+        f"wall time {record.get('seconds', 0) / 3600:.2f} h"
+        + (f" (last call; {record['step_seconds_total'] / 3600:.2f} h in training steps over the whole run)"
+           if "step_seconds_total" in record else ""),
         f"- hardware: {hardware.get('cpu', '?')} x{hardware.get('cpu_count', '?')} "
         f"({hardware.get('torch_threads', '?')} torch threads), GPUs {hardware.get('gpus') or 'none'}, torch {hardware.get('torch', '?')}"
         if hardware else "- hardware: not recorded in the file",

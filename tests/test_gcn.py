@@ -303,6 +303,10 @@ def test_train_resume_export_and_load(ct_source, tmp_path):
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight.history], rel=1e-5)
     with pytest.raises(ValueError, match="another network"):
         train_gcn(tiny_config(steps=5, features=12), dataset, resume=tmp_path / "ck", progress=False)
+    # the record's step time covers the steps before the resume too, not only this call
+    record = resumed.training_record()
+    before = sum(h["seconds"] for h in first.history)
+    assert record["step_seconds_total"] == pytest.approx(before + sum(h["seconds"] for h in resumed.history[2:]))
 
     path32 = export_weights(resumed.network, tmp_path / "w32.pt", resumed.config, None, resumed.training_record(),
                             half=False)

@@ -255,8 +255,15 @@ class TrainingResult:
             "validation": self.validation[-20:],
             "best_psnr": self.best_psnr,
             "seconds": self.seconds,
+            "step_seconds_total": step_seconds_total(self.history),
             "hardware": describe_hardware(),
         }
+
+
+def step_seconds_total(history: Sequence[dict]) -> float:
+    """Time spent in training steps over the whole run, resumed parts included (the history is checkpointed);
+    ``seconds`` of a result is only its own call's wall time."""
+    return float(sum(float(h.get("seconds", 0.0)) for h in history))
 
 
 def describe_hardware() -> dict:

@@ -51,6 +51,7 @@ from .adl_trainer import (
     describe_hardware,
     load_checkpoint,
     scaling_rule_for,
+    step_seconds_total,
 )
 
 __all__ = [
@@ -196,6 +197,7 @@ class GCNTrainingResult:
             "validation": self.validation[-20:],
             "best_psnr": self.best_psnr,
             "seconds": self.seconds,
+            "step_seconds_total": step_seconds_total(self.history),
             "hardware": describe_hardware(),
         }
 
