@@ -23,7 +23,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
 
-from lib.activelearning import NextUnreviewed, record_result
+from lib.activelearning import NextUnreviewed, has_image, record_result
 from lib.configs import MODEL_CONFIGS
 from lib.inference import MODEL_DIR
 from lib.inference.model_store import ModelStore
@@ -77,7 +77,7 @@ class DenoisingApp(MONAILabelApp):
         datastore image leaves an audit note (model, weights version)."""
         store = datastore or self.datastore()
         image_id = request.get("image")
-        known_id = isinstance(image_id, str) and not os.path.exists(image_id) and image_id in set(store.list_images())
+        known_id = isinstance(image_id, str) and not os.path.exists(image_id) and has_image(store, image_id)
         to_pacs = strtobool(str(request.get("store_to_pacs", "false")))
         source_folder = None
         if known_id and is_dicomweb(store):

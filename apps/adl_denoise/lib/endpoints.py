@@ -51,6 +51,8 @@ def guarded_infer(
 ):
     from monailabel.endpoints.infer import ResultType, run_inference
 
+    from .activelearning import has_image
+
     _model_task("infer", model)
     if not file and not image and not session_id:
         raise HTTPException(status_code=422, detail="give an image: a datastore id, a session id or an uploaded file")
@@ -60,7 +62,7 @@ def guarded_infer(
     if session_id and not file and not image and app.sessions() is not None:
         if app.sessions().get_session(session_id) is None:
             raise HTTPException(status_code=404, detail=f"no session {session_id!r} (expired or never created)")
-    if image and not file and not session_id and image not in set(app.datastore().list_images()):
+    if image and not file and not session_id and not has_image(app.datastore(), image):
         raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
     try:
         json.loads(params or "{}")
@@ -98,10 +100,10 @@ def api_audit() -> list:
 
 @review.get("/{image_id}", summary="One study's verdict, review history and results")
 def api_audit_one(image_id: str) -> dict:
-    from .activelearning import audit_trail
+    from .activelearning import audit_trail, has_image
 
     datastore = _app().datastore()
-    if image_id not in set(datastore.list_images()):
+    if not has_image(datastore, image_id):
         raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")
     return audit_trail(datastore, image_id)[0]
 

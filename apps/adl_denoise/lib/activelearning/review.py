@@ -17,7 +17,7 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-__all__ = ["VERDICTS", "NextUnreviewed", "record_result", "record_verdict", "review_of", "audit_trail"]
+__all__ = ["VERDICTS", "NextUnreviewed", "has_image", "record_result", "record_verdict", "review_of", "audit_trail"]
 
 VERDICTS = ("unreviewed", "accepted", "corrected", "rejected")
 MAX_RESULTS_KEPT = 50  # per image; the review history itself is never truncated
@@ -27,6 +27,11 @@ _lock = threading.Lock()  # read-modify-write of an image's info from concurrent
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def has_image(datastore: Datastore, image_id: str) -> bool:
+    """Whether ``image_id`` names an image of the datastore."""
+    return image_id in datastore.list_images()
 
 
 def record_result(datastore: Datastore, image_id: str, result: dict) -> dict:
@@ -52,7 +57,7 @@ def record_verdict(datastore: Datastore, image_id: str, verdict: str, reviewer: 
         raise ValueError("a verdict needs the reviewer's name")
     if verdict == "rejected" and not (reason and str(reason).strip()):
         raise ValueError("a rejection needs a reason")
-    if image_id not in set(datastore.list_images()):
+    if not has_image(datastore, image_id):
         raise KeyError(f"no image {image_id!r} in the datastore")
     with _lock:
         info = datastore.get_image_info(image_id) or {}
@@ -92,15 +97,15 @@ class NextUnreviewed(Strategy):
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any] | None:
         exclude = set(request.get("exclude") or [])
         modality = str(request.get("modality") or "").upper()
+        unreviewed = []  # (id, info), read once for the choice and the count
         for image_id in sorted(datastore.list_images()):
-            if image_id in exclude:
-                continue
             info = datastore.get_image_info(image_id) or {}
-            if review_of(info)["verdict"] != "unreviewed":
+            if review_of(info)["verdict"] == "unreviewed":
+                unreviewed.append((image_id, info))
+        for image_id, info in unreviewed:
+            if image_id in exclude:
                 continue
             if modality in ("CT", "MR") and info.get("modality") not in (None, modality):
                 continue
-            remaining = sum(1 for i in datastore.list_images()
-                            if review_of(datastore.get_image_info(i) or {})["verdict"] == "unreviewed")
-            return {"id": image_id, "remaining_unreviewed": remaining}
+            return {"id": image_id, "remaining_unreviewed": len(unreviewed)}
         return None
