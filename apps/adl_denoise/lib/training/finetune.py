@@ -121,14 +121,13 @@ def score_weights(weights, pairs: Sequence[ValidationPair], device: str = "cpu")
     for pair in pairs:
         window = validation_window(pair.modality, pair.clean)
         denoised = denoise_array(loaded, pair.noisy, pair.modality, device=device)
-        if not np.isfinite(denoised).all():  # a diverged network: the worst possible score, not a crash
-            images[pair.name] = {"psnr": float("-inf"), "non_finite_output": True,
-                                 "psnr_input": float(psnr(pair.noisy, pair.clean, window=window)),
-                                 "window": [float(w) for w in window]}
-            continue
-        images[pair.name] = {"psnr": float(psnr(denoised, pair.clean, window=window)),
-                             "psnr_input": float(psnr(pair.noisy, pair.clean, window=window)),
-                             "window": [float(w) for w in window]}
+        entry = {"psnr_input": float(psnr(pair.noisy, pair.clean, window=window)),
+                 "window": [float(w) for w in window]}
+        if np.isfinite(denoised).all():
+            entry["psnr"] = float(psnr(denoised, pair.clean, window=window))
+        else:  # a diverged network: the worst possible score, not a crash
+            entry.update(psnr=float("-inf"), non_finite_output=True)
+        images[pair.name] = entry
     if not images:
         raise ValueError("no validation images to score on")
     return {"psnr": float(np.mean([v["psnr"] for v in images.values()])),
@@ -196,33 +195,29 @@ def fine_tune(
     kwargs = dict(loaded.metadata.get("network", {}).get("kwargs") or {})
     network_class = loaded.metadata.get("network_class", "EfficientUNetDenoiser")
     modality = loaded.modality
-    baseline = score_weights(loaded, val_pairs, device="cpu" if settings.device == "auto" else settings.device)
+    score_device = "cpu" if settings.device == "auto" else settings.device
+    baseline = score_weights(loaded, val_pairs, device=score_device)
     if on_scored:
         on_scored("baseline", baseline)
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
     if network_class == "EfficientUNetDenoiser":
-        config = _adl_config(kwargs, modality, settings, ckpt)
-        slice_context = 0
+        config, train, slice_context = _adl_config(kwargs, modality, settings, ckpt), train_adl, 0
     elif network_class == "GCNDenoiser":
-        config = _gcn_config(kwargs, modality, settings, ckpt)
+        config, train = _gcn_config(kwargs, modality, settings, ckpt), train_gcn
         slice_context = config.slice_context
     else:
         raise ValueError(f"{initial_weights} holds a {network_class}, which cannot be fine-tuned here")
     patch = int(config.patch_size)
     dataset = ADLPatchDataset(train_source, config.spatial_dims, patch, samples_per_epoch=settings.samples_per_epoch,
                               seed=settings.seed, slice_context=slice_context)
-    if network_class == "EfficientUNetDenoiser":
-        result = train_adl(config, dataset, val_pairs=None, progress=progress, initial_weights=initial_weights)
-        network = result.generator
-    else:
-        result = train_gcn(config, dataset, val_pairs=None, progress=progress, initial_weights=initial_weights)
-        network = result.network
+    result = train(config, dataset, val_pairs=None, progress=progress, initial_weights=initial_weights)
+    network = result.generator  # the denoiser of either result type
     record = result.training_record()
     record["fine_tuned_from"] = {"path": str(initial_weights),
                                  "training": loaded.metadata.get("training", {}).get("data")}
     record["data"] = dict(data_description or {}, validation_images=[p.name for p in val_pairs])
     candidate = export_weights(network, output, config, scaling_rule_for(modality), record)
-    candidate_score = score_weights(candidate, val_pairs, device="cpu" if settings.device == "auto" else settings.device)
+    candidate_score = score_weights(candidate, val_pairs, device=score_device)
     if on_scored:
         on_scored("candidate", candidate_score)
     record["seconds_total"] = time.perf_counter() - started
