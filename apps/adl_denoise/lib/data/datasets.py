@@ -298,7 +298,10 @@ class PairedFolderSource:
             if only_clean:
                 parts.append(f"clean only: {', '.join(only_clean)}")
             raise ValueError(f"unmatched noisy/clean names ({'; '.join(parts)}); pairs are matched by file-name stem")
-        self.pairs: list[tuple[str, Path, Path]] = [(n, noisy[n], clean[n]) for n in sorted(noisy)]
+        self._use_pairs([(n, noisy[n], clean[n]) for n in sorted(noisy)], modality, load)
+
+    def _use_pairs(self, pairs: list[tuple[str, Path, Path]], modality: str | None, load: bool) -> None:
+        self.pairs = pairs
         check_not_heldout([p for _, a, b in self.pairs for p in (a, b)])
         self.modality = None if modality is None else modality.upper()
         self.volumes: list[TrainingVolume] = []
@@ -315,18 +318,14 @@ class PairedFolderSource:
         names = [str(n) for n, _, _ in pairs]
         if len(set(names)) != len(names):
             raise ValueError(f"pair names must be unique, got {names}")
-        self = cls.__new__(cls)
-        self.noisy_dir = self.clean_dir = None
-        self.pairs = [(str(n), Path(a).expanduser(), Path(b).expanduser()) for n, a, b in pairs]
-        for name, noisy, clean in self.pairs:
+        resolved = [(str(n), Path(a).expanduser(), Path(b).expanduser()) for n, a, b in pairs]
+        for name, noisy, clean in resolved:
             for path, what in ((noisy, "noisy"), (clean, "clean")):
                 if not path.exists():
                     raise ValueError(f"pair {name!r}: {what} image {path} does not exist")
-        check_not_heldout([p for _, a, b in self.pairs for p in (a, b)])
-        self.modality = None if modality is None else modality.upper()
-        self.volumes = []
-        if load:
-            self.load()
+        self = cls.__new__(cls)
+        self.noisy_dir = self.clean_dir = None
+        self._use_pairs(resolved, modality, load)
         return self
 
     @staticmethod

@@ -172,7 +172,7 @@ class DenoiserTrainTask(TrainTask):
             if len(pairs) < 2:
                 raise TrainingDataError(f"only {len(pairs)} corrected {asked} study: fine-tuning needs at least 2 (one "
                                         "is kept aside to check that the new model is no worse)")
-            count = len(pairs)
+            items = pairs
         else:
             if asked == "AUTO":
                 asked = "CT"
@@ -182,10 +182,11 @@ class DenoiserTrainTask(TrainTask):
             if len(images) < 2:
                 raise TrainingDataError(f"adapt_noise needs at least 2 low-dose CT images in the datastore, found "
                                         f"{len(images)}")
-            count = len(images)
+            items = images
         if self.store.served(self.model, asked) is None:
             raise TrainingDataError(f"no {self.model} weights for {asked} to fine-tune: install or train them first")
-        return {"mode": mode, "modality": asked, "settings": settings, "count": count, "params": params}
+        # items: the correction pairs, or the low-dose CT image ids: what the run then trains on
+        return {"mode": mode, "modality": asked, "settings": settings, "items": items, "params": params}
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         resolved = self.validate_request(request, datastore)
@@ -203,7 +204,7 @@ class DenoiserTrainTask(TrainTask):
         started = time.perf_counter()
         try:
             if mode == "corrections":
-                source, val_pairs, description = self._corrections_data(datastore, modality)
+                source, val_pairs, description = self._corrections_data(resolved["items"], modality)
             else:
                 source, val_pairs, description = self._adaptation_data(datastore, served.path, work, resolved)
             status.update(phase="training", data=description)
@@ -236,8 +237,7 @@ class DenoiserTrainTask(TrainTask):
             shutil.rmtree(work, ignore_errors=True)
 
     # --- data
-    def _corrections_data(self, datastore: Datastore, modality: str):
-        pairs = correction_pairs(datastore, modality)
+    def _corrections_data(self, pairs: list[dict], modality: str):
         by_id = {p["id"]: p for p in pairs}
         train_ids, val_ids = split_validation(list(by_id))
         source = PairedFolderSource.from_files([(i, by_id[i]["image"], by_id[i]["label"]) for i in train_ids],
@@ -253,8 +253,7 @@ class DenoiserTrainTask(TrainTask):
         from ..noise_learning.workflow import learn_noise_model
 
         params = resolved["params"]
-        low_dose = {i: datastore.get_image_uri(i) for i in sorted(datastore.list_images())
-                    if image_modality(datastore, i) == "CT"}
+        low_dose = {i: datastore.get_image_uri(i) for i in resolved["items"]}
         noise_model = learn_noise_model(list(low_dose.values()), steps=int(params.get("noise_steps", 500)),
                                         patch_size=int(params.get("noise_patch_size", 32)), force_ct=True,
                                         device="cpu", seed=int(params.get("seed", 0)), progress=False,
