@@ -195,8 +195,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class _RssPoller:
-    """Polls the RSS of a process (and optionally its children) in a thread; keeps the maximum (bytes)."""
+class RssPoller:
+    """Polls the RSS of a process (and optionally its children) in a thread; keeps the maximum (bytes).
+    :meth:`rss` is one reading."""
 
     def __init__(self, pid: int, interval_s: float, children: bool, include_root: bool = True) -> None:
         import psutil
@@ -209,7 +210,8 @@ class _RssPoller:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
+    def rss(self) -> int:
+        """Resident memory now (bytes), 0 when the process is gone."""
         import psutil
 
         try:
@@ -220,9 +222,12 @@ class _RssPoller:
                         total += ch.memory_info().rss
                     except psutil.Error:
                         pass
-            self.peak = max(self.peak, total)
+            return total
         except psutil.Error:
-            pass
+            return 0
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, self.rss())
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -255,7 +260,7 @@ def _worker_main(fn: Denoiser, in_path: str, out_path: str, result_path: str, sp
         arr = np.load(in_path)
         rss_before_kb = _proc_status_kb("VmRSS") or 0.0
         reset_ok = _reset_peak_rss()
-        with _RssPoller(os.getpid(), 0.01, children=False) as poller:
+        with RssPoller(os.getpid(), 0.01, children=False) as poller:
             t0 = time.perf_counter()
             out = fn(arr, tuple(spacing), modality)
             t1 = time.perf_counter()
@@ -341,7 +346,7 @@ def _run_cli(cli: CliDenoiser, pair: Pair, tmp: Path, timeout_s: float | None, l
         t0 = time.perf_counter()
         proc = subprocess.Popen(launcher + cmd, cwd=str(REPO_ROOT), env=env, stdout=so, stderr=se,
                                 start_new_session=True)
-        with _RssPoller(proc.pid, 0.02, children=True, include_root=False) as poller:
+        with RssPoller(proc.pid, 0.02, children=True, include_root=False) as poller:
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

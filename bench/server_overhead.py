@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -34,8 +33,9 @@ APP_DIR = REPO_ROOT / "apps" / "adl_denoise"
 sys.path[:0] = [str(APP_DIR), str(REPO_ROOT)]
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
+
+from bench.harness import RssPoller  # noqa: E402
 
 THORAX = REPO_ROOT.parent / "shared" / "data" / "ct_thorax_philips_2mm.nii.gz"
 
@@ -86,14 +86,6 @@ def start_server(studies: Path, model_dir: Path, work: Path) -> tuple[subprocess
         except OSError:
             time.sleep(0.5)
     raise RuntimeError("server did not start")
-
-
-def tree_rss(pid: int) -> int:
-    try:
-        parent = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
-    except psutil.Error:
-        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,27 +144,18 @@ def main(argv: list[str] | None = None) -> int:
               f"(task {result['seconds']:.1f} s): overhead {100 * record['overhead']:.1f} %", flush=True)
         if args.memory_slices:
             big = ct_volume(args.memory_slices, work / f"ct_{args.memory_slices}.nii.gz")
-            idle = tree_rss(process.pid)
-            peak = [idle]
-            done = threading.Event()
-
-            def sample() -> None:
-                while not done.is_set():
-                    peak[0] = max(peak[0], tree_rss(process.pid))
-                    time.sleep(0.05)
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            started = time.perf_counter()
-            result_path, _ = client.infer("adl", "", {"modality": "ct"}, file=str(big))
-            seconds = time.perf_counter() - started
-            done.set()
-            sampler.join()
+            poller = RssPoller(process.pid, 0.05, children=True)  # the server and its children
+            idle = poller.rss()
+            with poller:
+                started = time.perf_counter()
+                result_path, _ = client.infer("adl", "", {"modality": "ct"}, file=str(big))
+                seconds = time.perf_counter() - started
             os.unlink(result_path)
             volume_mb = args.memory_slices * 512 * 512 * 4 / 2**20
-            record.update(memory_slices=args.memory_slices, idle_rss_mb=idle / 2**20, peak_rss_mb=peak[0] / 2**20,
+            record.update(memory_slices=args.memory_slices, idle_rss_mb=idle / 2**20, peak_rss_mb=poller.peak / 2**20,
                           volume_float32_mb=volume_mb, memory_run_seconds=seconds)
-            print(f"512x512x{args.memory_slices}: server RSS idle {idle / 2**20:.0f} MB, peak {peak[0] / 2**20:.0f} MB "
+            print(f"512x512x{args.memory_slices}: server RSS idle {idle / 2**20:.0f} MB, "
+                  f"peak {poller.peak / 2**20:.0f} MB "
                   f"(the volume is {volume_mb:.0f} MB as float32), {seconds:.0f} s", flush=True)
     finally:
         os.killpg(process.pid, signal.SIGTERM)

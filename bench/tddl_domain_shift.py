@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -73,8 +74,10 @@ def simulated_source(clean: list[Path], noise_hu: float, cache: Path, seed: int)
                                 ct_settings={"noise_std_range_hu": (noise_hu, noise_hu), "filters": (CT_FILTER,)})
 
 
-def train(name: str, source, out: Path, args, steps: int, initial_weights: Path | None = None) -> Path:
-    """Train (or fine-tune) a GCN on ``source``; writes and returns ``out/<name>.pt`` (reused if present)."""
+def train(name: str, make_source: Callable[[], Any], out: Path, args, steps: int,
+          initial_weights: Path | None = None) -> Path:
+    """Train (or fine-tune) a GCN on ``make_source()``; writes and returns ``out/<name>.pt``. A file already there
+    is reused (unless ``--retrain``) without building its training pool."""
     from lib.data import ADLPatchDataset
     from lib.training import GCNTrainingConfig, export_weights, scaling_rule_for, train_gcn
 
@@ -82,6 +85,7 @@ def train(name: str, source, out: Path, args, steps: int, initial_weights: Path 
     if path.is_file() and not args.retrain:
         print(f"[domain-shift] {name}: reusing {path}", flush=True)
         return path
+    source = make_source()
     config = GCNTrainingConfig(modality="CT", batch_size=args.batch_size, steps=steps, lr=args.lr,
                                lr_step_size=max(1, steps // 2), seed=args.seed, device="cpu",
                                checkpoint_dir=str(out / "checkpoints" / name), checkpoint_every=500,
@@ -166,20 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     pair = heldout_ct_pair(max_slices=args.max_slices)
     source_hu, test_hu = float(args.source_noise_hu), float(CT_ADDED_NOISE_HU)
 
+    def source_dose():
+        return simulated_source(args.clean, source_hu, args.noise_cache, args.seed)
+
+    def test_dose():
+        return simulated_source(args.clean, test_hu, args.noise_cache, args.seed)
+
+    def pseudo_pairs():
+        return LearnedNoiseSource(args.clean, noise_model, realisations=1, seed=args.seed,
+                                  allow_heldout_noise_inputs=True, progress=not args.quiet)
+
     weights = {}
-    weights["gcn_source_dose"] = train("gcn_source_dose", simulated_source(args.clean, source_hu, args.noise_cache,
-                                                                           args.seed), out, args, args.steps)
-    weights["gcn_true_test_dose"] = train("gcn_true_test_dose", simulated_source(
-        args.clean, test_hu, args.noise_cache, args.seed), out, args, args.steps)
+    weights["gcn_source_dose"] = train("gcn_source_dose", source_dose, out, args, args.steps)
+    weights["gcn_true_test_dose"] = train("gcn_true_test_dose", test_dose, out, args, args.steps)
     noise_model = learn_test_noise(pair, out, args)
-    pseudo = LearnedNoiseSource(args.clean, noise_model, realisations=1, seed=args.seed,
-                                allow_heldout_noise_inputs=True, progress=not args.quiet)
-    weights["gcn_adapted"] = train("gcn_adapted", pseudo, out, args, args.adapt_steps,
+    weights["gcn_adapted"] = train("gcn_adapted", pseudo_pairs, out, args, args.adapt_steps,
                                    initial_weights=weights["gcn_source_dose"])
     if not args.no_control:
-        weights["gcn_source_dose_more"] = train("gcn_source_dose_more", simulated_source(
-            args.clean, source_hu, args.noise_cache, args.seed), out, args, args.adapt_steps,
-            initial_weights=weights["gcn_source_dose"])
+        weights["gcn_source_dose_more"] = train("gcn_source_dose_more", source_dose, out, args, args.adapt_steps,
+                                                initial_weights=weights["gcn_source_dose"])
     train_s = time.perf_counter() - started
     if args.only == "train":
         return 0
