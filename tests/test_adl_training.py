@@ -292,6 +292,8 @@ def test_export_and_load_round_trip(ct_dataset, tmp_path):
         assert value.dtype == reference[name].dtype
         assert torch.allclose(value.double(), reference[name].double(), rtol=2e-3, atol=1e-4), name
     assert not any(k.startswith("heads.1.") for k in half.network.state_dict())  # training-only heads dropped
+    fuse = half.network.enhancer.fuse.weight  # 2D networks are loaded NHWC (faster CPU kernels)
+    assert fuse.is_contiguous(memory_format=torch.channels_last) and not fuse.is_contiguous()
 
     image = np.random.default_rng(0).normal(40, 30, (40, 48)).astype(np.float32)
     out16, out32 = denoise_array(half, image), denoise_array(exact, image)
@@ -447,6 +449,56 @@ def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch):
     assert cli.main(denoise + ["--modality", "ct", "--weights", str(tmp_path / "nope.pt")]) == 2
     assert cli.main(["denoise", "--model", "bm3d", "--weights", str(weights), "-i", str(ct_crop), "-o",
                      str(tmp_path / "o.nii.gz")]) == 2  # --weights is for adl only
+
+
+def _load_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adl_cli_under_test", CLI)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cli_fine_tunes_from_initial_weights_on_one_ct_filter(tmp_path, ct_crop):
+    """`train --initial-weights` starts from the given network (here with a learning rate too small to move it),
+    `--ct-filters` restricts the simulated low-dose noise to one reconstruction filter; both go into the record."""
+    cli = _load_cli()
+    tiny = ["--modality", "ct", "--clean", str(ct_crop), "--patch-size", "32", "--batch-size", "2",
+            "--filters", "8,12,16,20", "--disc-filters", "4,8,8,8", "--enhancer-filters", "4", "--device", "cpu",
+            "--validation-every", "0", "--checkpoint-every", "0"]
+    start = tmp_path / "start.pt"
+    assert cli.main(["train", "--output", str(start), "--noise", "gaussian", "--steps-g-warmup", "3",
+                     "--steps-d-warmup", "0", "--steps-adversarial", "0", "--seed", "1", *tiny]) == 0
+    tuned = tmp_path / "tuned.pt"
+    ct_noise = ["--noise", "ct-lowdose", "--ct-filters", "shepp-logan", "--realisations", "1",
+                "--noise-cache", str(tmp_path / "pool")]
+    assert cli.main(["train", "--output", str(tuned), *ct_noise, "--initial-weights", str(start),
+                     "--steps-g-warmup", "1", "--steps-d-warmup", "1", "--steps-adversarial", "0",
+                     "--lr-warmup", "1e-12", "--seed", "2", *tiny]) == 0
+    before, after = load_denoiser(start).network.state_dict(), load_denoiser(tuned).network.state_dict()
+    # parameters only: batch-norm running statistics move with any forward pass in training mode
+    parameters = [k for k in before if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(parameters) > 20 and all(torch.equal(before[k], after[k]) for k in parameters)
+    record = load_denoiser(tuned).metadata["training"]["data"]
+    assert record["initial_weights"] == "start.pt" and record["ct_settings"]["filters"] == ["shepp-logan"]
+
+    fresh = tmp_path / "fresh.pt"  # the same run without --initial-weights starts elsewhere
+    assert cli.main(["train", "--output", str(fresh), *ct_noise, "--steps-g-warmup", "1", "--steps-d-warmup", "0",
+                     "--steps-adversarial", "0", "--lr-warmup", "1e-12", "--seed", "2", *tiny]) == 0
+    other = load_denoiser(fresh).network.state_dict()
+    assert not all(torch.equal(before[k], other[k]) for k in parameters)
+
+    bad = {"--ct-filters", "--initial-weights"}
+    wider = ["--filters", "8,12,16,24"]
+    for extra in (["--noise", "ct-lowdose", "--ct-filters", "sharp-ish"],  # unknown filter
+                  ["--noise", "gaussian", "--ct-filters", "shepp-logan"],  # not low-dose CT noise
+                  ["--noise", "gaussian", "--initial-weights", str(tmp_path / "none.pt")],  # missing file
+                  ["--noise", "gaussian", "--initial-weights", str(start), *wider]):  # another architecture
+        code = cli.main(["train", "--output", str(tmp_path / "w.pt"), "--steps-g-warmup", "1", "--steps-d-warmup",
+                         "0", "--steps-adversarial", "0", *tiny, *extra])
+        assert code == 2, [e for e in extra if e in bad]
+    assert not (tmp_path / "w.pt").exists()
 
 
 # ----------------------------------------------------------------------------------------------- multi-process

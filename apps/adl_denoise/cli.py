@@ -408,6 +408,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError:
             raise CommandError(f"--noise-level must be MIN,MAX, got {args.noise_level!r}") from None
         level_range = (lo, hi)
+    ct_settings = None
+    if args.ct_filters:
+        from lib.noise.projector import RECONSTRUCTION_FILTERS
+
+        if modality != "CT" or (args.noise or "auto") not in ("auto", "ct-lowdose") or paired \
+                or getattr(args, "noise_model", None) is not None:
+            raise CommandError("--ct-filters applies to simulated low-dose CT noise only (--modality ct --clean ...)")
+        names = tuple(name.strip() for name in args.ct_filters.split(",") if name.strip())
+        unknown = [name for name in names if name not in RECONSTRUCTION_FILTERS]
+        if unknown or not names:
+            raise CommandError(f"--ct-filters: unknown filter(s) {', '.join(unknown) or args.ct_filters!r}; "
+                               f"choose from {', '.join(RECONSTRUCTION_FILTERS)}")
+        ct_settings = {"filters": names}
+    initial_weights = None
+    if args.initial_weights:
+        if args.resume:
+            raise CommandError("give either --initial-weights (start a new run from a weight file) or --resume "
+                               "(continue a run from its checkpoint), not both")
+        initial_weights = Path(args.initial_weights).expanduser()
+        if not initial_weights.is_file():
+            raise CommandError(f"--initial-weights {args.initial_weights} not found")
 
     # every input is checked against the held-out benchmark split before anything is read
     check_not_heldout([p for p in (args.clean or []) + (args.val or [])])
@@ -428,7 +449,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         source = SyntheticNoiseSource(args.clean, modality, args.noise or "auto", spatial_dims=args.spatial_dims,
                                       realisations=args.realisations, noise_level_range=level_range,
-                                      cache_dir=args.noise_cache, regenerate_each_epoch=args.regenerate_noise,
+                                      ct_settings=ct_settings, cache_dir=args.noise_cache, regenerate_each_epoch=args.regenerate_noise,
                                       seed=args.seed, device=_rank_device(device), progress=main_rank)
         noise_kind = source.noise
     dataset = ADLPatchDataset(source, args.spatial_dims, patch_size, samples_per_epoch=args.samples_per_epoch,
@@ -455,7 +476,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         output.with_name(output.stem + "_checkpoints")
     if gcn:
         return _train_gcn(args, source, dataset, val_pairs, noise_kind, output, checkpoint_dir, modality, device,
-                          patch_size, main_rank)
+                          patch_size, main_rank, initial_weights)
     config = ADLTrainingConfig(
         modality=modality, spatial_dims=args.spatial_dims, filters=filters, disc_filters=disc_filters,
         enhancer_filters=args.enhancer_filters, norm=args.norm, patch_size=patch_size, batch_size=args.batch_size,
@@ -468,10 +489,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if main_rank:
         print(f"training ADL ({args.spatial_dims}D, {modality}, {noise_kind} noise) on {len(source.volumes)} image(s), "
               f"{config.total_steps} steps; checkpoints in {checkpoint_dir}", flush=True)
-    result = train_adl(config, dataset, val_pairs=val_pairs or None, resume=args.resume, progress=main_rank)
+    try:
+        result = train_adl(config, dataset, val_pairs=val_pairs or None, resume=args.resume, progress=main_rank,
+                           initial_weights=initial_weights)
+    except ValueError as error:
+        if initial_weights is None:
+            raise
+        raise CommandError(str(error)) from None
     if not main_rank:
         return 0
-    return _export_trained(result, result.generator, output, config, modality, source, noise_kind, patch_size, val_pairs)
+    return _export_trained(result, result.generator, output, config, modality, source, noise_kind, patch_size,
+                           val_pairs, initial_weights)
 
 
 #: TDDL-GCN options of 'train' (default None: refused with --model adl, GCN defaults otherwise)
@@ -496,7 +524,8 @@ def _check_gcn_train_arguments(args: argparse.Namespace, gcn: bool) -> None:
 
 
 def _train_gcn(args: argparse.Namespace, source, dataset, val_pairs: list, noise_kind: str, output: Path,
-               checkpoint_dir: Path, modality: str, device: str, patch_size, main_rank: bool) -> int:
+               checkpoint_dir: Path, modality: str, device: str, patch_size, main_rank: bool,
+               initial_weights: Path | None = None) -> int:
     """`train --model tddl_gcn`: the data were prepared by cmd_train (pseudo pairs from --noise-model, simulated
     noise or real pairs); supervised training (lib.training.train_gcn) and weight export."""
     from lib.training import GCNTrainingConfig, train_gcn
@@ -518,20 +547,32 @@ def _train_gcn(args: argparse.Namespace, source, dataset, val_pairs: list, noise
         slices = f", {config.slices} slices{' linked' if config.link_slices else ''}" if config.slices > 1 else ""
         print(f"training TDDL-GCN ({modality}{slices}, {noise_kind} noise) on {len(source.volumes)} image(s), "
               f"{config.total_steps} steps; checkpoints in {checkpoint_dir}", flush=True)
-    result = train_gcn(config, dataset, val_pairs=val_pairs or None, resume=args.resume, progress=main_rank)
+    try:
+        result = train_gcn(config, dataset, val_pairs=val_pairs or None, resume=args.resume, progress=main_rank,
+                           initial_weights=initial_weights)
+    except ValueError as error:
+        if initial_weights is None:
+            raise
+        raise CommandError(str(error)) from None
     if not main_rank:
         return 0
-    return _export_trained(result, result.network, output, config, modality, source, noise_kind, patch_size, val_pairs)
+    return _export_trained(result, result.network, output, config, modality, source, noise_kind, patch_size,
+                           val_pairs, initial_weights)
 
 
 def _export_trained(result, network, output: Path, config, modality: str, source, noise_kind: str, patch_size,
-                    val_pairs: list) -> int:
+                    val_pairs: list, initial_weights: Path | None = None) -> int:
     """Write the trained network as a small weight file with its training record, and report validation."""
     from lib.training import export_weights, scaling_rule_for
 
     record = result.training_record()
     record["data"] = {"noise": noise_kind, "images": [v.name for v in source.volumes],
                       "patch_size": patch_size, "validation_images": [p.name for p in val_pairs]}
+    if getattr(source, "ct_settings", None):
+        record["data"]["ct_settings"] = {k: list(v) if isinstance(v, tuple) else v
+                                         for k, v in source.ct_settings.items()}
+    if initial_weights is not None:
+        record["data"]["initial_weights"] = initial_weights.name
     path = export_weights(network, output, config, scaling_rule_for(modality), record)
     if result.validation:
         last = result.validation[-1]
@@ -573,6 +614,9 @@ def _add_train_parser(verbs) -> None:
                       help="range of the pixel-domain noise level: rician/gaussian(MR) %% of max, gaussian(CT) HU, "
                            "ct-lowdose added noise std in soft tissue in HU (default 10,60), poisson counts, "
                            "speckle relative std")
+    data.add_argument("--ct-filters", metavar="NAME[,NAME]",
+                      help="low-dose CT: reconstruction filters of the simulated noise, e.g. shepp-logan to match a "
+                           "scanner's kernel (default: all, drawn per slice)")
     data.add_argument("--realisations", type=_positive_int, default=2,
                       help="low-dose CT: noisy realisations per clean slice in the pool (default 2)")
     data.add_argument("--noise-cache", help="low-dose CT: folder caching simulated slices as .npy")
@@ -617,6 +661,9 @@ def _add_train_parser(verbs) -> None:
     g.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-4)")
     run = tr.add_argument_group("run")
     run.add_argument("--resume", help="checkpoint file or folder to continue from")
+    run.add_argument("--initial-weights", metavar="FILE",
+                     help="start the network from this weight file (same architecture) instead of at random: "
+                          "fine-tune shipped weights to other data or noise; the optimiser starts fresh")
     run.add_argument("--checkpoint-dir", help="checkpoint folder (default: <output stem>_checkpoints next to --output)")
     run.add_argument("--checkpoint-every", type=_non_negative_int, default=500, help="steps between checkpoints (500)")
     run.add_argument("--validation-every", type=_non_negative_int, default=500,
