@@ -18,15 +18,17 @@ if _APP_DIR not in sys.path:
     sys.path.insert(0, _APP_DIR)
 
 
-def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path: str) -> np.ndarray:
+def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path: str, amp: bool = True) -> np.ndarray:
     """The network of the weight file ``path`` (ADL or TDDL-GCN), slice-wise (2D) or by 3D patches.
 
-    Bind ``path`` with ``functools.partial`` (picklable, so the harness's worker process can run it)."""
+    ``amp``: mixed precision as the app uses it (:mod:`lib.precision`: bfloat16 on a CPU with native bfloat16, fp16
+    on CUDA); False runs float32 throughout (what a CPU without native bfloat16 gets).
+    Bind ``path`` (and ``amp``) with ``functools.partial`` (picklable, so the harness's worker process can run it)."""
     from lib.inference import denoise_array, load_denoiser
 
     device = os.environ.get("BENCH_DEVICE", "cpu")
     model = load_denoiser(path, device=device)
-    return denoise_array(model, np.asarray(noisy, np.float32), modality=modality, device=device)
+    return denoise_array(model, np.asarray(noisy, np.float32), modality=modality, device=device, amp=amp)
 
 
 def _installed(model_name: str, modality: str) -> str:
@@ -44,9 +46,28 @@ def adl(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
     return from_weights(noisy, spacing, modality, path=_installed("adl", modality))
 
 
+def adl_fp32(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
+    """:func:`adl` in float32 throughout: what a CPU without native bfloat16 runs."""
+    return from_weights(noisy, spacing, modality, path=_installed("adl", modality), amp=False)
+
+
+def adl_3d(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
+    """ADL's 3D Efficient-UNet with the app's ``adl_3d`` weights for ``modality``, by 96^3 patches."""
+    return from_weights(noisy, spacing, modality, path=_installed("adl_3d", modality))
+
+
 def tddl_gcn(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
     """TDDL-GCN with the app's weights for ``modality`` (CT), slice-wise, whole slices (windowed k-NN)."""
     return from_weights(noisy, spacing, modality, path=_installed("tddl_gcn", modality))
 
 
-LEARNED = {"adl": adl, "tddl_gcn": tddl_gcn}
+LEARNED = {"adl": adl, "adl_fp32": adl_fp32, "adl_3d": adl_3d, "tddl_gcn": tddl_gcn}
+#: the app's model name whose weights each learned denoiser uses
+LEARNED_MODEL_NAMES = {"adl": "adl", "adl_fp32": "adl", "adl_3d": "adl_3d", "tddl_gcn": "tddl_gcn"}
+
+
+def has_weights(name: str, modality: str) -> bool:
+    """Whether the learned denoiser ``name`` has installed weights for ``modality``."""
+    from lib.inference import find_weights
+
+    return find_weights(LEARNED_MODEL_NAMES[name], modality) is not None

@@ -24,7 +24,7 @@ for _p in (str(REPO_ROOT / "apps" / "adl_denoise"), str(REPO_ROOT)):
         sys.path.insert(0, _p)
 
 from bench.baselines import BASELINES  # noqa: E402
-from bench.learned import LEARNED, from_weights  # noqa: E402
+from bench.learned import LEARNED, from_weights, has_weights  # noqa: E402
 from bench.harness import CliDenoiser, describe_machine, evaluate, machine_line, pair_table  # noqa: E402
 from bench.pairs import DEFAULT_CACHE_DIR, sample_pairs, shared_pairs  # noqa: E402
 
@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="a command-line denoiser; placeholders {input} {output} {modality} {python} (repeatable)")
     ap.add_argument("--weights", action="append", default=[], metavar="NAME=FILE",
                     help="an ADL or TDDL-GCN weight file run in-process under NAME (repeatable)")
+    ap.add_argument("--weights-fp32", action="append", default=[], metavar="NAME=FILE",
+                    help="as --weights, in float32 throughout (no bfloat16 / fp16 autocast), e.g. next to the same "
+                         "file under --weights to time both on a CPU with native bfloat16 (repeatable)")
     ap.add_argument("--pairs", choices=("shared", "sample"), default="shared",
                     help="shared: the held-out split in ../shared/data; sample: sample_data/studies/manifest.json")
     ap.add_argument("--modalities", default="CT,MR", help="shared pairs to build: CT, MR or CT,MR")
@@ -55,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def build_denoisers(names: str, clis: list[str], weights: list[str] = ()) -> dict:
+def build_denoisers(names: str, clis: list[str], weights: list[str] = (), weights_fp32: list[str] = ()) -> dict:
     den: dict = {}
     known = {**BASELINES, **LEARNED}
     for name in [n.strip() for n in names.split(",") if n.strip()]:
@@ -67,11 +70,12 @@ def build_denoisers(names: str, clis: list[str], weights: list[str] = ()) -> dic
             raise SystemExit(f"--cli expects NAME=TEMPLATE, got {spec!r}")
         name, template = spec.split("=", 1)
         den[name.strip()] = CliDenoiser(template.strip())
-    for spec in weights:
-        name, _, path = spec.partition("=")
-        if not name.strip() or not Path(path).is_file():
-            raise SystemExit(f"--weights expects NAME=FILE with an existing file, got {spec!r}")
-        den[name.strip()] = functools.partial(from_weights, path=str(Path(path).resolve()))
+    for option, specs, amp in (("--weights", weights, True), ("--weights-fp32", weights_fp32, False)):
+        for spec in specs:
+            name, _, path = spec.partition("=")
+            if not name.strip() or not Path(path).is_file():
+                raise SystemExit(f"{option} expects NAME=FILE with an existing file, got {spec!r}")
+            den[name.strip()] = functools.partial(from_weights, path=str(Path(path).resolve()), amp=amp)
     if not den:
         raise SystemExit("no denoisers selected")
     return den
@@ -79,7 +83,7 @@ def build_denoisers(names: str, clis: list[str], weights: list[str] = ()) -> dic
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    denoisers = build_denoisers(args.denoisers, args.cli, args.weights)
+    denoisers = build_denoisers(args.denoisers, args.cli, args.weights, args.weights_fp32)
     machine = describe_machine()
     print(f"Machine: {machine_line(machine)}")
     ms_ct = args.max_slices_ct if args.max_slices_ct is not None else args.max_slices
@@ -93,7 +97,11 @@ def main(argv=None) -> int:
 
     def select(pair, name: str) -> bool:
         # bm4d is a 3D baseline meant for the MR volume; on CT slabs only with --bm4d-ct
-        return not (name == "bm4d" and pair.modality == "CT" and not args.bm4d_ct)
+        if name == "bm4d" and pair.modality == "CT" and not args.bm4d_ct:
+            return False
+        if denoisers[name] is LEARNED.get(name):  # the app's installed weights: only where it has them (tddl_gcn: CT)
+            return has_weights(name, pair.modality)
+        return True
 
     results = evaluate(pairs, denoisers, args.out, timeout_s=args.timeout, figures=not args.no_figures,
                        machine=machine, title=args.title, select=select,

@@ -127,7 +127,10 @@ def build(out_dir: Path, force: bool = False) -> dict:
     if manifest_path.is_file() and not force:
         manifest = json.loads(manifest_path.read_text())
         complete = all((out_dir / p[k]).is_file() for p in manifest.get("pairs", []) for k in ("noisy", "reference"))
-        if manifest.get("fingerprint") == fingerprint and complete and manifest.get("pairs"):
+        # a source installed since (e.g. the Debian packages after a first build without them) means a rebuild
+        was_skipped = {line.split(":", 1)[0] for line in manifest.get("skipped", [])}
+        now_available = [s.name for s in SOURCES if s.name in was_skipped and s.load() is not None]
+        if manifest.get("fingerprint") == fingerprint and complete and manifest.get("pairs") and not now_available:
             print(f"sample data up to date in {out_dir} ({len(manifest['pairs'])} pairs)")
             return manifest
     pairs, skipped = [], []

@@ -59,6 +59,36 @@ def test_residual_denoiser_starts_as_the_identity_and_learns_a_correction(dims):
     assert float((plain(x) - x).abs().mean()) > 1e-3  # the paper's plain heads start anywhere
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_bfloat16_autocast_output_stays_float32_and_close_to_float32(residual):
+    """lib.precision runs the network under bfloat16 autocast on CPUs with native bfloat16: the heads' sigmoid (and
+    the residual heads' input logit) must stay float32, or the image itself would be rounded to bfloat16 (8
+    mantissa bits: ~1/256 of the value, 4 HU in soft tissue)."""
+    model = EfficientUNetDenoiser(residual=residual, **TINY).eval()
+    with torch.no_grad():
+        nn.init.normal_(model.heads[0].out.weight, std=1.0)  # a non-trivial correction
+    x = 0.2 + 0.1 * torch.rand(2, 1, 32, 32)  # soft-tissue-like values of the CT scaling
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced = model(x)
+    assert reduced.dtype == torch.float32
+    # not rounded to bfloat16 as a whole: most values are not representable in it
+    assert float((reduced != reduced.bfloat16().float()).float().mean()) > 0.9
+    # the convolutions that read the image compute in float32 (autocast would round the image itself to
+    # bfloat16) and hand their features on in bfloat16: exactly the float32 result, rounded once
+    for conv in (model.backbone.enc0.conv1, model.backbone.enc0.shortcut, *model.enhancer.branches):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced_features = conv(x)
+        assert reduced_features.dtype == torch.bfloat16
+        with torch.no_grad():
+            assert torch.equal(reduced_features, conv(x).bfloat16())
+    correction = (reference - x).abs() if residual else reference.abs()
+    error = (reduced - reference).abs()
+    assert float(correction.mean()) > 1e-3  # the test would say nothing about a zero correction
+    assert float(error.mean()) < 0.05 * float(correction.mean())
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_denoiser_eval_mode_returns_full_resolution_tensor(dims):
     model = EfficientUNetDenoiser(spatial_dims=dims, in_channels=2, out_channels=3, residual=False, **TINY).eval()
@@ -196,3 +226,15 @@ def test_cuda_forward():
     outputs = model(x)
     assert all(o.is_cuda for o in outputs)
     assert all(l.is_cuda for l in disc(outputs[0], x))
+
+
+def test_precision_policy_per_device():
+    from lib.precision import autocast_dtype, autocast_for, cpu_has_native_bf16
+
+    assert autocast_dtype("cuda") == torch.float16
+    assert autocast_dtype("cpu") == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert autocast_dtype("cuda", enabled=False) is None and autocast_dtype("cpu", enabled=False) is None
+    with autocast_for("cpu", enabled=False):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_for("cpu"):
+        assert torch.is_autocast_enabled("cpu") == cpu_has_native_bf16()

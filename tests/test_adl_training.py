@@ -273,6 +273,74 @@ def test_3d_training_validation_and_inference(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- export / load
+def test_2p5d_network_starts_as_the_2d_one_and_learns_from_the_neighbouring_slices(tmp_path):
+    """--slices 3: adjacent slices as input channels. A 2D weight file starts it as exactly the 2D network (the
+    neighbours' input weights start at zero); training then uses the neighbours; inference feeds the stacks."""
+    from conftest import SAMPLE_STUDIES
+    from lib.training.adl_trainer import load_initial_weights
+
+    slab = sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz"))[96:160, 96:160, 40:46]
+    path = tmp_path / "slab.nii.gz"
+    sitk.WriteImage(slab, str(path))
+    source = SyntheticNoiseSource([path], "CT", noise="gaussian", noise_level_range=(20, 40), seed=0, progress=False)
+    single = train_adl(tiny_config(steps_d_warmup=0, steps_adversarial=0),
+                       ADLPatchDataset(source, 2, 32, samples_per_epoch=16, seed=0), progress=False)
+    weights_2d = export_weights(single.generator, tmp_path / "w2d.pt", single.config, half=False)
+    noisy = sitk.GetArrayFromImage(slab).astype(np.float32) + np.random.default_rng(1).normal(0, 30, (6, 64, 64)).astype(
+        np.float32)
+    out_2d = denoise_array(load_denoiser(weights_2d), noisy, "CT", amp=False)
+
+    config = tiny_config(slices=3, steps_g_warmup=15, lr_warmup=3e-3)  # enough to move off the 2D network
+    assert config.generator_kwargs()["in_channels"] == 3 and config.generator_kwargs()["slice_context"] == 1
+    inflated, _ = build_networks(config)
+    load_initial_weights(inflated, weights_2d)
+    assert inflated.backbone.enc0.conv1.weight.shape[1] == 3
+    np.testing.assert_allclose(denoise_array(inflated, noisy, "CT", amp=False), out_2d, atol=1e-3)
+
+    stacks = ADLPatchDataset(source, 2, 32, samples_per_epoch=16, seed=0, slice_context=1)
+    assert stacks[0]["noisy"].shape == (3, 32, 32)
+    result = train_adl(config, stacks, progress=False, initial_weights=weights_2d)  # all three phases
+    assert result.step == config.total_steps
+    loaded = load_denoiser(export_weights(result.generator, tmp_path / "w25d.pt", config, half=False))
+    assert loaded.network.slice_context == 1 and loaded.spatial_dims == 2
+    out = denoise_array(loaded, noisy, "CT", amp=False)
+    assert out.shape == noisy.shape and np.isfinite(out).all()
+    assert float(np.abs(out - out_2d).mean()) > 0.01  # trained on: no longer the 2D network
+    # training moved the neighbours' input weights off zero, and inference feeds slice z with z - 1 and z + 1
+    assert float(loaded.network.backbone.enc0.conv1.weight[:, [0, 2]].abs().max()) > 1e-4
+    from lib.data import intensity_scaling_for
+
+    network = loaded.network
+    with torch.no_grad():  # make the neighbours count as much as the centre, so that a wrong stack would show
+        for conv in (network.backbone.enc0.conv1, network.backbone.enc0.shortcut, *network.enhancer.branches):
+            conv.weight[:, 0] = conv.weight[:, 2] = conv.weight[:, 1]
+    out = denoise_array(loaded, noisy, "CT", amp=False)
+    scaling = intensity_scaling_for(noisy, "CT")
+
+    def manual(slices: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            stack = torch.from_numpy(scaling.normalise(noisy[slices]))[None]
+            return scaling.denormalise(network(stack)[0, 0].numpy())
+
+    np.testing.assert_allclose(out[3], manual([2, 3, 4]), atol=1e-3)
+    np.testing.assert_allclose(out[0], manual([0, 0, 1]), atol=1e-3)  # the end slice stands in for its missing one
+    assert float(np.abs(manual([3, 3, 3]) - out[3]).max()) > 0.1
+    assert denoise_array(loaded, noisy[3], "CT").shape == (64, 64)  # a single slice: itself as its neighbours
+
+    # the app's fine-tuning keeps the 2.5D network and trains it on slice stacks
+    from lib.training.finetune import FineTuneSettings, fine_tune
+
+    tuned = fine_tune(tmp_path / "w25d.pt", source, source.validation_pairs(), tmp_path / "tuned.pt",
+                      FineTuneSettings(steps=4, patch_size=32, batch_size=2, device="cpu"))
+    assert load_denoiser(tuned.candidate).network.slice_context == 1
+
+    with pytest.raises(ValueError, match="slice"):  # a single-slice dataset for a 3-slice network
+        train_adl(config, ADLPatchDataset(source, 2, 32, samples_per_epoch=16, seed=0), progress=False)
+    for bad in (dict(slices=2), dict(slices=3, spatial_dims=3)):
+        with pytest.raises(ValueError, match="slices"):
+            tiny_config(**bad)
+
+
 def test_export_and_load_round_trip(ct_dataset, tmp_path):
     result = train_adl(tiny_config(steps_d_warmup=0, steps_adversarial=0), ct_dataset, progress=False)
     config = result.config

@@ -100,6 +100,29 @@ def test_weight_file_denoiser_runs_in_the_worker(tiny_pair, tmp_path):
         build_denoisers("noisy", [], [f"gcn={tmp_path / 'missing.pt'}"])
 
 
+def test_table_states_psnr_gain_and_time_ratio_against_bm3d_of_the_same_run(tiny_pair, tmp_path):
+    from bench.baselines import bm3d, gaussian, noisy
+    from bench.harness import evaluate, pair_table
+
+    res = evaluate([tiny_pair], {"noisy": noisy, "gaussian": gaussian, "bm3d": bm3d}, tmp_path, figures=False,
+                   log=None)
+    pres = res["pairs"][0]
+    table = pair_table(pres)
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert header[-2:] == ["PSNR - bm3d (soft_tissue)", "time / bm3d"]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in table.splitlines()[2:])}
+    assert rows["bm3d"][-2:] == ["+0.00", "1.00"]
+    entries = pres["denoisers"]
+    gain = entries["gaussian"]["windows"]["soft_tissue"]["psnr"] - entries["bm3d"]["windows"]["soft_tissue"]["psnr"]
+    assert rows["gaussian"][-2] == f"{gain:+.2f}"
+    assert float(rows["gaussian"][-1]) == pytest.approx(entries["gaussian"]["time_s"] / entries["bm3d"]["time_s"],
+                                                        abs=0.01)
+    # without bm3d in the run there is nothing to compare with, and no such columns
+    del pres["denoisers"]["bm3d"]
+    assert "bm3d" not in pair_table(pres)
+
+
 def test_failing_denoiser_is_reported_not_fatal(tiny_pair, tmp_path):
     from bench.baselines import noisy
     from bench.harness import CliDenoiser, evaluate

@@ -61,6 +61,9 @@ _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _CACHE_VERSION = 1
 
 #: Default noise-level ranges per noise kind (and modality where the unit differs). See SyntheticNoiseSource.
+#: Rician level of validation pairs, % of the maximum: fixed (as CT's quarter dose) so validations compare
+RICIAN_VALIDATION_PERCENT = 5.0
+
 DEFAULT_NOISE_LEVELS: dict[str, tuple[float, float]] = {
     "rician": (1.0, 9.0),  # sigma in % of the volume maximum (BrainWeb convention)
     "gaussian-CT": (5.0, 50.0),  # sigma in HU
@@ -576,7 +579,8 @@ class SyntheticNoiseSource:
     def validation_pairs(self, seed: int | None = None) -> list[ValidationPair]:
         """One fixed noisy realisation of every whole image (deterministic for ``seed``; default the source's
         seed + 1_000_003, a stream the training pool never uses). Low-dose CT: the benchmark's quarter-dose
-        protocol (:func:`lib.noise.quarter_dose_settings`); other noise: a level drawn from the range."""
+        protocol (:func:`lib.noise.quarter_dose_settings`); Rician: 5 % of the image maximum; other noise: a level
+        drawn from the range."""
         from .. import noise as physics
 
         seed = self.seed + 1_000_003 if seed is None else int(seed)
@@ -589,6 +593,10 @@ class SyntheticNoiseSource:
                 settings = physics.quarter_dose_settings()
                 noisy = physics.simulate_low_dose_ct(_squeeze(vol.clean), vol.pixel_size_mm, settings,
                                                      seed=[seed, v, 1], device=self.device, progress=self.progress)
+            elif self.noise == "rician":
+                # likewise fixed: the benchmark's and the sample studies' 5 % of the maximum
+                noisy = physics.add_rician_noise(np.maximum(vol.clean, 0.0), RICIAN_VALIDATION_PERCENT, seed=rng,
+                                                 reference_max=max(float(vol.clean.max()), 0.0))
             else:
                 noisy = self.add_noise(v, vol.clean, rng)
             pairs.append(ValidationPair(vol.name, _squeeze(np.asarray(noisy, np.float32)), _squeeze(vol.clean),

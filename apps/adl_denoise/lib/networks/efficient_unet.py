@@ -139,7 +139,7 @@ class EfficientUNetBackbone(nn.Module):
         f0, f1, f2, f3 = (int(f) for f in filters)
         self.spatial_dims = spatial_dims
         self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2, stride=2)
-        self.enc0 = ResidualBlock(spatial_dims, in_channels, f0, norm=norm, act=act)
+        self.enc0 = ResidualBlock(spatial_dims, in_channels, f0, norm=norm, act=act, image_input=True)
         self.enc1 = ResidualBlock(spatial_dims, f0, f1, norm=norm, act=act)
         self.enc2 = ResidualBlock(spatial_dims, f1, f2, norm=norm, act=act)
         self.bridge = ResidualBlock(spatial_dims, f2, f3, norm=norm, act=act)
@@ -191,6 +191,11 @@ class EfficientUNetDenoiser(nn.Module):
             output range, and a CPU-length run left a +12 HU tissue bias and no gain over the noisy input.
             Residual (noise-predicting) learning is the standard cure (DnCNN, RED-CNN). Weight files written
             before this option load with ``residual=False``.
+        slice_context: 2D only: the input is a slice with ``slice_context`` neighbours on either side as channels
+            (``in_channels = 2 * slice_context + 1``; "2.5D"), the output its centre slice. The neighbours carry
+            independent noise over nearly the same anatomy, which a single slice cannot offer, at the cost of
+            the first convolutions only. :func:`lib.inference.denoise_array` feeds the stacks (reads this
+            attribute); 0 (default): plain 2D, as in the paper.
 
     Input: (B, in_channels, *spatial), intensities scaled to [0, 1], every spatial size divisible by 8
     (a ValueError otherwise; see :func:`pad_to_multiple`).
@@ -220,8 +225,14 @@ class EfficientUNetDenoiser(nn.Module):
         act: str | tuple = "relu",
         deep_supervision: bool = True,
         residual: bool = True,
+        slice_context: int = 0,
     ) -> None:
         super().__init__()
+        if slice_context and (spatial_dims != 2 or in_channels != 2 * slice_context + 1 or out_channels != 1):
+            raise ValueError(f"slice_context {slice_context} needs a 2D network with in_channels = "
+                             f"{2 * slice_context + 1} and one output channel, got {spatial_dims}D, "
+                             f"{in_channels} -> {out_channels}")
+        self.slice_context = int(slice_context)
         if residual and out_channels > in_channels:
             raise ValueError(f"residual output needs out_channels <= in_channels, got {out_channels} > {in_channels}")
         if enhancer_kernel_size is None:

@@ -42,7 +42,7 @@ class FineTuneSettings:
     """Settings of one fine-tuning run.
 
     ``steps``: optimiser steps (ADL: the first quarter warms the fresh discriminator up, the rest is adversarial);
-    ``patch_size`` (multiples of 8; default 96 for ADL, 48 for the GCN), ``batch_size``, ``lr`` (ADL's
+    ``patch_size`` (multiples of 8; default 96 for the 2D ADL network, 48 for the 3D one and the GCN), ``batch_size``, ``lr`` (ADL's
     adversarial learning rate, the GCN's rate), ``lambda_adversarial`` (ADL), ``samples_per_epoch``,
     ``device`` ("cpu", "cuda" or "auto"), ``seed``, ``validation_every`` (steps; 0 = only at the end).
     """
@@ -138,10 +138,13 @@ def _adl_config(kwargs: dict, modality: str, settings: FineTuneSettings, checkpo
                 ) -> ADLTrainingConfig:
     steps = int(settings.steps)
     d_warmup = max(1, steps // 4) if steps > 1 else 0
+    spatial_dims = int(kwargs.get("spatial_dims", 2))
+    # 3D: 48^3 patches by default (one 96^3 patch holds 24 times the voxels of a 2D batch of four 96^2 patches)
+    patch = int(settings.patch_size or (96 if spatial_dims == 2 else 48))
     return ADLTrainingConfig(
-        modality=modality, spatial_dims=int(kwargs.get("spatial_dims", 2)), filters=tuple(kwargs["filters"]),
+        modality=modality, spatial_dims=spatial_dims, filters=tuple(kwargs["filters"]),
         enhancer_filters=int(kwargs.get("enhancer_filters", 48)), norm=str(kwargs.get("norm", "batch")),
-        residual=bool(kwargs.get("residual", False)), patch_size=int(settings.patch_size or 96),
+        residual=bool(kwargs.get("residual", False)), slices=int(kwargs.get("in_channels", 1)), patch_size=patch,
         batch_size=int(settings.batch_size), steps_g_warmup=0, steps_d_warmup=d_warmup,
         steps_adversarial=steps - d_warmup, lr_warmup=float(settings.lr) * 2, lr_adversarial=float(settings.lr),
         lr_step_size=max(steps, 1), lambda_adversarial=float(settings.lambda_adversarial), seed=int(settings.seed),
@@ -201,7 +204,8 @@ def fine_tune(
         on_scored("baseline", baseline)
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
     if network_class == "EfficientUNetDenoiser":
-        config, train, slice_context = _adl_config(kwargs, modality, settings, ckpt), train_adl, 0
+        config, train = _adl_config(kwargs, modality, settings, ckpt), train_adl
+        slice_context = config.slices // 2  # a 2.5D network trains on slice stacks
     elif network_class == "GCNDenoiser":
         config, train = _gcn_config(kwargs, modality, settings, ckpt), train_gcn
         slice_context = config.slice_context
