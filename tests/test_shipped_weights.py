@@ -12,9 +12,14 @@ from lib.evaluation.metrics import CT_WINDOWS, psnr
 from lib.imaging import read_volume
 from lib.inference import denoise_array, load_denoiser
 from lib.noise_learning import NoiseModel
+from lib.precision import cpu_has_native_bf16
 
 MODEL_DIR = APP_DIR / "model"
 SOFT_TISSUE = CT_WINDOWS["soft_tissue"]
+# measured with the shipped files (apps/adl_denoise/model/README.md: CT +11.7 dB, MR +5.3 dB on these slices) minus
+# a margin for other CPUs' arithmetic (float32 where bfloat16 is not native)
+ADL_CT_SAMPLE_GAIN_DB = 10.0
+ADL_MR_SAMPLE_GAIN_DB = 4.5
 
 
 def _sample_ct_pair() -> tuple[np.ndarray, np.ndarray]:
@@ -38,6 +43,59 @@ def test_shipped_tddl_gcn_ct_weights_denoise_the_sample_quarter_dose_slice() -> 
     tissue = (reference > -100) & (reference < 200)  # brain and soft tissue of the head slice
     bias = float((denoised - reference)[tissue].mean())
     assert abs(bias) < 5.0, f"mean HU shift {bias:+.1f} HU in soft tissue"
+
+
+def _check_adl_record(loaded, modality: str, spatial_dims: int) -> dict:
+    assert loaded.metadata["network_class"] == "EfficientUNetDenoiser"
+    assert loaded.modality == modality and loaded.spatial_dims == spatial_dims
+    record = loaded.metadata["training"]
+    assert record["hardware"] and record["data"]["images"]
+    check_not_heldout(record["data"]["images"])
+    # all three phases of the paper ran: denoiser warm-up, discriminator warm-up, adversarial
+    phases = record["steps_per_phase"]
+    assert phases["g_warmup"] >= 1000 and phases["d_warmup"] > 0 and phases["adversarial"] > 0
+    assert record["steps"] == sum(phases.values()) and record["phase"] == "adversarial"
+    assert record["validation"] and record["validation"][-1]["psnr"] > record["validation"][-1]["psnr_noisy"]
+    return record
+
+
+def test_shipped_adl_ct_weights_denoise_the_sample_quarter_dose_slice() -> None:
+    loaded = load_denoiser(MODEL_DIR / "pretrained_adl_ct.pt", device="cpu")
+    _check_adl_record(loaded, "CT", 2)
+    noisy, reference = _sample_ct_pair()
+    denoised = denoise_array(loaded, noisy, modality="CT", device="cpu")
+    assert denoised.shape == noisy.shape and denoised.dtype == np.float32
+    gain = psnr(denoised, reference, SOFT_TISSUE) - psnr(noisy, reference, SOFT_TISSUE)
+    assert gain > ADL_CT_SAMPLE_GAIN_DB, f"the shipped ADL CT weights gain only {gain:.2f} dB on the sample slice"
+    tissue = (reference > -100) & (reference < 200)
+    bias = float((denoised - reference)[tissue].mean())
+    assert abs(bias) < 5.0, f"mean HU shift {bias:+.1f} HU in soft tissue"
+
+
+def test_shipped_adl_mr_weights_denoise_the_sample_rician_slice() -> None:
+    loaded = load_denoiser(MODEL_DIR / "pretrained_adl_mr.pt", device="cpu")
+    _check_adl_record(loaded, "MR", 2)
+    noisy = read_volume(SAMPLE_STUDIES / "mr_slice_pydicom_mr2_rician5.nii.gz", modality="MR").array
+    reference = read_volume(SAMPLE_STUDIES / "mr_slice_pydicom_mr2.nii.gz", modality="MR").array
+    window = (0.0, float(reference.max()))
+    denoised = denoise_array(loaded, noisy, modality="MR", device="cpu")
+    assert denoised.shape == noisy.shape and denoised.dtype == np.float32
+    gain = psnr(denoised, reference, window) - psnr(noisy, reference, window)
+    assert gain > ADL_MR_SAMPLE_GAIN_DB, f"the shipped ADL MR weights gain only {gain:.2f} dB on the sample slice"
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16 (AMX / AVX512-BF16): the "
+                    "app runs float32 here, so there is no bfloat16 path to check")
+def test_shipped_adl_ct_weights_give_the_same_hu_in_bfloat16_as_in_float32() -> None:
+    loaded = load_denoiser(MODEL_DIR / "pretrained_adl_ct.pt", device="cpu")
+    noisy, reference = _sample_ct_pair()
+    fast = denoise_array(loaded, noisy, modality="CT", device="cpu")  # bfloat16 autocast on this CPU
+    exact = denoise_array(loaded, noisy, modality="CT", device="cpu", amp=False)
+    difference = np.abs(fast - exact)
+    body = reference > -900
+    assert float(difference[body].mean()) < 0.5, f"mean |bf16 - fp32| {difference[body].mean():.2f} HU"
+    assert float(np.percentile(difference[body], 99.9)) < 5.0
+    assert psnr(fast, reference, SOFT_TISSUE) == pytest.approx(psnr(exact, reference, SOFT_TISSUE), abs=0.05)
 
 
 def test_shipped_ct_noise_model_makes_ct_like_noise() -> None:
