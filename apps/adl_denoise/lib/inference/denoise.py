@@ -18,7 +18,7 @@ shipped weights, tiling, intensity units.
 * undo the normalisation.
 
 Runs on CPU or CUDA under ``torch.inference_mode``; on CUDA the network runs under fp16 autocast, on a CPU with
-native bfloat16 the Efficient-UNet under bfloat16 autocast (``amp=False``: float32 everywhere).
+native bfloat16 the 2D Efficient-UNet under bfloat16 autocast (``amp=False``: float32 everywhere).
 """
 from __future__ import annotations
 
@@ -222,8 +222,8 @@ def denoise_array(
             bounded by ``sw_batch_size`` windows).
         progress: tqdm progress bar.
         mode: MONAI blending of overlapping windows, ``"gaussian"`` (default, no seams) or ``"constant"``.
-        amp: mixed precision: fp16 autocast on CUDA; bfloat16 for the Efficient-UNet on a CPU with native
-            bfloat16 (:mod:`lib.precision`; about 4x faster there, within a fraction of a HU of float32).
+        amp: mixed precision: fp16 autocast on CUDA; bfloat16 for the 2D Efficient-UNet on a CPU with native
+            bfloat16 (:mod:`lib.precision`; 2-4x faster there, within a fraction of a HU of float32).
 
     Raises:
         ValueError: NaN/inf values, wrong dimensionality, unknown modality, bad window settings, a 3D model
@@ -261,10 +261,12 @@ def denoise_array(
     network.to(dev).eval()
     if isinstance(model, LoadedDenoiser):
         model.device = dev
-    # reduced precision: fp16 on CUDA; bfloat16 on a CPU with native bfloat16 for the Efficient-UNet only (its
-    # residual heads keep the input's logit and the sigmoid in float32); the GCN's k-NN distances stay float32
+    # reduced precision: fp16 on CUDA; bfloat16 on a CPU with native bfloat16 for the 2D Efficient-UNet only (its
+    # residual heads keep the input's logit and the sigmoid in float32; validated against float32 on CT). The GCN's
+    # k-NN distances stay float32, and so does the 3D network: in the MONAI Label server on an AMD EPYC with
+    # AVX512-BF16 its bfloat16 output was all NaN for a 3-slice MR slab (float32 and in-process runs were fine)
     amp_dtype = autocast_dtype(dev, amp)
-    if dev.type == "cpu" and not isinstance(network, EfficientUNetDenoiser):
+    if dev.type == "cpu" and not (isinstance(network, EfficientUNetDenoiser) and network.spatial_dims == 2):
         amp_dtype = None
 
     scaling = intensity_scaling_for(image, modality)
