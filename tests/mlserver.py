@@ -33,9 +33,8 @@ def free_port() -> int:
 
 
 def make_tiny_weights(model_dir: Path, steps: int = 25) -> Path:
-    """pretrained_adl_ct.pt, pretrained_adl_mr.pt, pretrained_adl_3d_mr.pt and pretrained_tddl_gcn_ct.pt in
-    ``model_dir``, trained for ``steps`` steps on 32x32 patches of the sample CT / MR slices (the 3D one for
-    steps / 5 on 16^3 patches of the MR volume; seconds on a CPU)."""
+    """pretrained_adl_ct.pt, pretrained_adl_mr.pt and pretrained_tddl_gcn_ct.pt in ``model_dir``, trained for
+    ``steps`` steps on 32x32 patches of the sample CT / MR slices (seconds on a CPU)."""
     import torch
 
     from lib.data import ADLPatchDataset, SyntheticNoiseSource
@@ -60,15 +59,6 @@ def make_tiny_weights(model_dir: Path, steps: int = 25) -> Path:
             result = train_adl(config, dataset, progress=False)
             export_weights(result.generator, model_dir / f"pretrained_adl_{modality.lower()}.pt", config,
                            scaling_rule_for(modality), result.training_record())
-            if modality == "MR":  # ADL's 3D network, served as adl_3d
-                dataset_3d = ADLPatchDataset(source, 3, 16, samples_per_epoch=16, seed=0)
-                config_3d = ADLTrainingConfig(modality="MR", spatial_dims=3, patch_size=16, batch_size=2,
-                                              steps_g_warmup=max(steps // 5, 1), steps_d_warmup=0, steps_adversarial=0,
-                                              lr_warmup=1e-3, device="cpu", validation_every=0, checkpoint_every=0,
-                                              **TINY_ADL)
-                result_3d = train_adl(config_3d, dataset_3d, progress=False)
-                export_weights(result_3d.generator, model_dir / "pretrained_adl_3d_mr.pt", config_3d,
-                               scaling_rule_for("MR"), result_3d.training_record())
             if modality == "CT":
                 gcn = GCNTrainingConfig(modality="CT", patch_size=32, batch_size=4, steps=steps, lr=1e-3, device="cpu",
                                         validation_every=0, checkpoint_every=0, **TINY_GCN)

@@ -267,9 +267,24 @@ def test_3d_training_validation_and_inference(tmp_path):
     assert [h["phase"] for h in result.history] == ["g_warmup", "d_warmup", "adversarial"]
     window = result.validation[-1]["images"]["mr"]["window"]
     assert window[0] == 0.0 and window[1] == pytest.approx(float(volume.max()))  # MR window 0 .. max
-    model = load_denoiser(export_weights(result.generator, tmp_path / "w3d.pt", config))
+    weights = export_weights(result.generator, tmp_path / "w3d.pt", config)
+    model = load_denoiser(weights)
     assert model.spatial_dims == 3 and model.modality == "MR"
-    assert denoise_array(model, volume, roi_size=16, overlap=0.25).shape == volume.shape
+    expected = denoise_array(model, volume, roi_size=16, overlap=0.25)
+    assert expected.shape == volume.shape and np.isfinite(expected).all()
+    # the command line's 3D model: the same result from a file; a 2D weight file is refused for it
+    out = tmp_path / "mr_adl_3d.nii.gz"
+    done = run_cli("denoise", "--model", "adl_3d", "--weights", weights, "--input", path, "--output", out,
+                   "--modality", "mr", "--roi-size", "16")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), expected, rtol=1e-4,
+                               atol=1e-3 * float(np.abs(expected).max()))
+    config_2d = tiny_config(modality="MR", steps_d_warmup=0, steps_adversarial=0)
+    flat = export_weights(build_networks(config_2d)[0], tmp_path / "w2d.pt", config_2d)
+    refused = run_cli("denoise", "--model", "adl_3d", "--weights", flat, "--input", path, "--output",
+                      tmp_path / "never.nii.gz", "--modality", "mr")
+    assert refused.returncode == 2 and "2D network: use --model adl" in refused.stderr
+    assert not (tmp_path / "never.nii.gz").exists()
 
 
 # ----------------------------------------------------------------------------------------------- export / load

@@ -87,8 +87,8 @@ def served_version(client: MONAILabelClient, model: str = "adl", modality: str =
 # --------------------------------------------------------------------------------------------------- info
 def test_info_describes_both_models_with_weights_and_training(client):
     info = client.info()
-    assert set(info["models"]) == {"adl", "adl_3d", "tddl_gcn", "nlm"}
-    assert set(info["trainers"]) == {"adl", "adl_3d", "tddl_gcn"}  # the classical baseline has nothing to train
+    assert set(info["models"]) == {"adl", "tddl_gcn", "nlm"}
+    assert set(info["trainers"]) == {"adl", "tddl_gcn"}  # the classical baseline has nothing to train
     adl, gcn = info["models"]["adl"], info["models"]["tddl_gcn"]
     assert adl["type"] == "others" and adl["method"].startswith("ADL")
     assert gcn["method"].startswith("TDDL-GCN")
@@ -160,23 +160,6 @@ def test_infer_by_session_mr_nrrd_and_ct_int16(client, server):
     path, result = client.infer("tddl_gcn", "ct_slice_a", {"result_dtype": "int16"})
     out, _ = read_array(path)
     assert out.dtype == np.int16 and result["model"] == "tddl_gcn" and out.min() < -900  # HU: air stays air
-
-
-def test_infer_with_the_3d_model_on_an_mr_volume(client, server):
-    """adl_3d: the volumetric network by 3D sliding windows, on the study's own grid; it has MR weights only."""
-    from lib.inference import denoise_array, load_denoiser
-
-    path, result = client.infer("adl_3d", "mr_slab_d", {})
-    assert result["model"] == "adl_3d" and result["modality"] == "MR"
-    out, out_image = read_array(path)
-    study = sitk.ReadImage(str(server.studies / "mr_slab_d.nii.gz"))
-    assert_same_geometry(out_image, study)
-    loaded = load_denoiser(server.model_dir / "pretrained_adl_3d_mr.pt")
-    assert loaded.spatial_dims == 3
-    expected = denoise_array(loaded, sitk.GetArrayFromImage(study).astype(np.float32), "MR")
-    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-3 * float(np.abs(expected).max()))
-    status, message = error_of(lambda: client.infer("adl_3d", "ct_slab_b", {}))
-    assert status == 404 and "no adl_3d weights for CT" in message
 
 
 def test_infer_of_a_dicom_file_returns_a_derived_dicom_series(client, tmp_path):

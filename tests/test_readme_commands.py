@@ -88,7 +88,7 @@ def test_run_sh_then_serves_the_app_on_loopback(tmp_path):
             except OSError:
                 time.sleep(1)
         assert info is not None, (tmp_path / "run.log").read_text()[-3000:]
-        assert set(info["models"]) == {"adl", "adl_3d", "tddl_gcn", "nlm"}
+        assert set(info["models"]) == {"adl", "tddl_gcn", "nlm"}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/datastore/?output=all", timeout=10) as response:
             studies = set(json.loads(response.read())["objects"])
         assert "ct_head_pydicom693_ld25" in studies and not any(s.endswith(("693", "colin27")) for s in studies)

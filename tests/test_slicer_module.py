@@ -150,7 +150,7 @@ def server(tmp_path_factory):
 def test_client_lists_models_denoises_a_volume_file_and_reports_server_errors(server, tmp_path):
     client = DenoiseServerClient(server.url)
     models = {m["name"]: m for m in client.denoising_models()}
-    assert set(models) == {"adl", "adl_3d", "tddl_gcn", "nlm"}
+    assert set(models) == {"adl", "tddl_gcn", "nlm"}
     assert models["adl"]["weights"]["ct"]["available"] and models["adl"]["weights"]["ct"]["version"] == "pretrained"
     # a volume as the module exports it: NRRD
     volume = tmp_path / "head.nrrd"

@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="windows (2D: slices) per forward pass (default 4; tddl_gcn 1)")
     adl.add_argument("--fp32", action="store_true",
                      help="float32 throughout; by default ADL runs in bfloat16 on a CPU with native bfloat16 (AMX / "
-                          "AVX512-BF16, ~4x faster, within a fraction of a HU) and in fp16 on a GPU")
+                          "AVX512-BF16, 2-4x faster, within a fraction of a HU) and in fp16 on a GPU")
     adl.add_argument("--search-window", type=_odd_window,
                      help=f"{GCN_MODEL}: side of the non-local search window (odd; default: the one stored with the "
                           "weights, e.g. 21; up to 49 as in the TDDL code, ~1.5x the time on CPU)")

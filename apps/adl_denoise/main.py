@@ -3,7 +3,7 @@
     python -m monailabel.main start_server --app apps/adl_denoise --studies STUDIES -i 127.0.0.1 -p 8000 \
         --conf models all
 
-Conf keys (``--conf key value``; see README.md in this folder): ``models`` (all | adl | adl_3d | tddl_gcn | nlm | a
+Conf keys (``--conf key value``; see README.md in this folder): ``models`` (all | adl | tddl_gcn | nlm | a
 comma list), ``model_dir`` (weights folder; default ``model/`` here, or ``ADL_MODEL_DIR``), ``device``, ``preload``,
 ``modality``, ``result_extension``, ``train_steps``, ``normal_dose``, ``max_voxels``.
 """
