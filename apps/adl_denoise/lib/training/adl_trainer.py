@@ -19,7 +19,7 @@ exactly where it stopped: the data are addressed by global sample id (:class:`li
 items depend only on ``(seed, id)``), so no sampler state is needed.
 
 Mixed precision (``config.amp``, :mod:`lib.precision`): ``torch.autocast`` fp16 + ``GradScaler`` on CUDA, bfloat16
-on a CPU with native bfloat16 (AMX / AVX512-BF16: 3.6x faster steps there), float32 on other CPUs. Networks and
+on a CPU with native bfloat16 (3.6x faster steps with AMX, 2.1x with AVX512-BF16 alone), float32 on other CPUs. Networks and
 batches are kept channels-last (NHWC / NDHWC). Multi-GPU: launched with
 ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised (NCCL on CUDA, Gloo on CPU), G and D are
 wrapped in ``DistributedDataParallel``, every rank draws its own sample ids (rank r of W takes ids
