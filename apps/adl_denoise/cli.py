@@ -264,7 +264,7 @@ def _denoise_adl(volume: Volume, args: argparse.Namespace, device: str) -> np.nd
     roi = _int_list(args.roi_size, "--roi-size") if args.roi_size else None
     log.info("%s weights %s (%dD, %s)", label, path, model.spatial_dims, model.modality)
     # the GCN runs a whole slice per pass with bounded memory; one slice at a time keeps it at ~1 GB
-    sw_batch = args.sw_batch_size or (1 if args.model == GCN_MODEL else 4)
+    sw_batch = args.sw_batch_size or (1 if args.model == GCN_MODEL else None)  # None: 4 on CUDA, 1 on a CPU
     return denoise_array(model, volume.array, modality, device=device, roi_size=roi,
                          overlap=0.25 if args.overlap is None else args.overlap,
                          sw_batch_size=sw_batch, progress=True, amp=not args.fp32)
@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "2D network, 96^3 for a 3D one)")
     adl.add_argument("--overlap", type=_overlap, help="sliding-window overlap fraction in [0, 1) (default 0.25)")
     adl.add_argument("--sw-batch-size", type=_positive_int,
-                     help="windows (2D: slices) per forward pass (default 4; tddl_gcn 1)")
+                     help="windows (2D: slices) per forward pass (default 4 on a GPU, 1 on a CPU; tddl_gcn 1)")
     adl.add_argument("--fp32", action="store_true",
                      help="float32 throughout; by default ADL runs in bfloat16 on a CPU with native bfloat16 (AMX / "
                           "AVX512-BF16, 2-4x faster, within a fraction of a HU) and in fp16 on a GPU")
