@@ -270,8 +270,9 @@ def denoise_array(
         keep_freed_cpu_memory()  # large feature maps reuse heap memory instead of fresh mmaps (lib.cpu_memory)
     # reduced precision: fp16 on CUDA; bfloat16 on a CPU with native bfloat16 for the 2D Efficient-UNet only (its
     # residual heads keep the input's logit and the sigmoid in float32; validated against float32 on CT). The GCN's
-    # k-NN distances stay float32, and so does the 3D network: in the MONAI Label server on an AMD EPYC with
-    # AVX512-BF16 its bfloat16 output was all NaN for a 3-slice MR slab (float32 and in-process runs were fine)
+    # k-NN distances stay float32, and so does the 3D network, whose bfloat16 output was never validated: the all-NaN
+    # result it gave for a 3-slice MR slab in the MONAI Label server test sequence was first put down to bfloat16,
+    # but came back in float32 too (not explained; the app does not serve adl_3d, commit 33164b7)
     amp_dtype = autocast_dtype(dev, amp)
     if dev.type == "cpu" and not (isinstance(network, EfficientUNetDenoiser) and network.spatial_dims == 2):
         amp_dtype = None
