@@ -18,17 +18,22 @@ if _APP_DIR not in sys.path:
     sys.path.insert(0, _APP_DIR)
 
 
-def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path: str, amp: bool = True) -> np.ndarray:
+def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path: str, amp: bool = True,
+                 planes: str = "auto") -> np.ndarray:
     """The network of the weight file ``path`` (ADL or TDDL-GCN), slice-wise (2D) or by 3D patches.
 
     ``amp``: mixed precision as the app uses it (:mod:`lib.precision`: bfloat16 on a CPU with native bfloat16, fp16
     on CUDA); False runs float32 throughout (what a CPU without native bfloat16 gets).
+    ``planes``: "auto" averages the three orthogonal planes where the app does
+    (:func:`lib.inference.uses_orthogonal_planes`: 2D ADL on near-isotropic MR), "slices" never does.
     Bind ``path`` (and ``amp``) with ``functools.partial`` (picklable, so the harness's worker process can run it)."""
-    from lib.inference import denoise_array, load_denoiser
+    from lib.inference import denoise_array, load_denoiser, uses_orthogonal_planes
 
     device = os.environ.get("BENCH_DEVICE", "cpu")
     model = load_denoiser(path, device=device)
-    return denoise_array(model, np.asarray(noisy, np.float32), modality=modality, device=device, amp=amp)
+    noisy = np.asarray(noisy, np.float32)
+    orthogonal = planes == "auto" and uses_orthogonal_planes(model, modality, noisy.shape, spacing)
+    return denoise_array(model, noisy, modality=modality, device=device, amp=amp, orthogonal_planes=orthogonal)
 
 
 def _installed(model_name: str, modality: str) -> str:
@@ -42,8 +47,14 @@ def _installed(model_name: str, modality: str) -> str:
 
 
 def adl(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
-    """ADL (2D Efficient-UNet) with the app's weights for ``modality``, slice-wise, whole-slice window."""
+    """ADL (2D Efficient-UNet) with the app's weights for ``modality`` as the app runs it: slice-wise with a
+    whole-slice window, and on a near-isotropic MR volume the mean of its three orthogonal planes."""
     return from_weights(noisy, spacing, modality, path=_installed("adl", modality))
+
+
+def adl_slices(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
+    """:func:`adl` on axial slices alone (no orthogonal-plane average): a third of the time on MR."""
+    return from_weights(noisy, spacing, modality, path=_installed("adl", modality), planes="slices")
 
 
 def adl_fp32(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
@@ -61,9 +72,10 @@ def tddl_gcn(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarra
     return from_weights(noisy, spacing, modality, path=_installed("tddl_gcn", modality))
 
 
-LEARNED = {"adl": adl, "adl_fp32": adl_fp32, "adl_3d": adl_3d, "tddl_gcn": tddl_gcn}
+LEARNED = {"adl": adl, "adl_slices": adl_slices, "adl_fp32": adl_fp32, "adl_3d": adl_3d, "tddl_gcn": tddl_gcn}
 #: the app's model name whose weights each learned denoiser uses
-LEARNED_MODEL_NAMES = {"adl": "adl", "adl_fp32": "adl", "adl_3d": "adl_3d", "tddl_gcn": "tddl_gcn"}
+LEARNED_MODEL_NAMES = {"adl": "adl", "adl_slices": "adl", "adl_fp32": "adl", "adl_3d": "adl_3d",
+                       "tddl_gcn": "tddl_gcn"}
 
 
 def has_weights(name: str, modality: str) -> bool:

@@ -194,20 +194,20 @@ def test_heldout_and_missing_inputs_are_refused(tmp_path, ct_crop):
 # ----------------------------------------------------------------------------------------------- training
 def test_phases_run_in_order_and_freeze_the_right_network(ct_dataset, tmp_path):
     ckpt = tmp_path / "ck"
+    # (no batch-norm recalibration at the end of each leg: it would change G's statistics between the legs)
+    base = dict(checkpoint_dir=str(ckpt), bn_recalibration_batches=0)
     # phase 1 only: G changes, D stays at its initialisation
-    g_only = train_adl(tiny_config(steps_d_warmup=0, steps_adversarial=0, checkpoint_dir=str(ckpt)), ct_dataset,
-                       progress=False)
+    g_only = train_adl(tiny_config(steps_d_warmup=0, steps_adversarial=0, **base), ct_dataset, progress=False)
     torch.manual_seed(0)
     g_init, d_init = build_networks(tiny_config())
     assert _max_diff(g_only.generator, g_init) > 0
     assert _max_diff(g_only.discriminator, d_init) == 0
     # + discriminator warm-up: D changes, G (parameters AND batch-norm statistics) frozen
-    d_warm = train_adl(tiny_config(steps_adversarial=0, checkpoint_dir=str(ckpt)), ct_dataset, resume=ckpt,
-                       progress=False)
+    d_warm = train_adl(tiny_config(steps_adversarial=0, **base), ct_dataset, resume=ckpt, progress=False)
     assert _max_diff(d_warm.generator, g_only.generator) == 0
     assert _max_diff(d_warm.discriminator, g_only.discriminator) > 0
     # + adversarial: both change
-    full = train_adl(tiny_config(checkpoint_dir=str(ckpt)), ct_dataset, resume=ckpt, progress=False)
+    full = train_adl(tiny_config(**base), ct_dataset, resume=ckpt, progress=False)
     assert _max_diff(full.generator, d_warm.generator) > 0
     assert _max_diff(full.discriminator, d_warm.discriminator) > 0
 
@@ -242,6 +242,72 @@ def test_resume_continues_exactly(ct_dataset, tmp_path):
     with pytest.raises(ValueError, match="other networks"):
         train_adl(tiny_config(**{**config, "filters": (8, 12, 16, 24)}), ct_dataset, resume=tmp_path / "a",
                   progress=False)
+
+
+def test_batch_norm_recalibration_gives_the_plain_average_of_the_batch_statistics():
+    from lib.training.batch_norm import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1),
+                            nn.BatchNorm2d(2))
+    network[1].running_mean.fill_(7.0)  # stale statistics, as a training run leaves them
+    network[4].running_var.fill_(9.0)
+    network.eval()
+    weights = {k: v.clone() for k, v in network.state_dict().items() if "running" not in k and "tracked" not in k}
+    batches = [torch.randn(2, 1, 8, 8) * (1 + i) + i for i in range(5)]
+
+    assert recalibrate_batch_norm(network, iter(batches)) == 5
+    # the expected statistics: each layer's input batch by batch (layer 1 normalises by the batch's own statistics)
+    with torch.no_grad():
+        firsts = [network[0](x) for x in batches]
+        seconds = [network[3](torch.relu((f - f.mean((0, 2, 3), keepdim=True)) /
+                                         torch.sqrt(f.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+                                         * network[1].weight[None, :, None, None]
+                                         + network[1].bias[None, :, None, None])) for f in firsts]
+    for layer, inputs in ((network[1], firsts), (network[4], seconds)):
+        mean = torch.stack([x.mean((0, 2, 3)) for x in inputs]).mean(0)
+        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in inputs]).mean(0)
+        torch.testing.assert_close(layer.running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.running_var, var, rtol=1e-4, atol=1e-5)
+        assert layer.momentum == 0.1  # the training momentum is back
+    assert not network.training  # left in the mode it was in
+    for key, value in weights.items():
+        assert torch.equal(network.state_dict()[key], value)  # no weight touched
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    assert recalibrate_batch_norm(network, iter([])) == 0  # nothing seen: the statistics stay as they were
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in before.items())
+
+
+def test_training_ends_with_recalibrated_batch_norm_statistics_and_validates_them(ct_dataset, ct_source, tmp_path):
+    from lib.training.adl_trainer import _Dist, _dataset_batches
+    from lib.training.batch_norm import batch_norm_layers, recalibrate_batch_norm
+
+    pairs = ct_source.validation_pairs()
+    common = dict(steps_d_warmup=0, steps_adversarial=2, validation_every=1, amp=False)  # float32: exact comparison
+    plain = train_adl(tiny_config(**common, bn_recalibration_batches=0), ct_dataset, val_pairs=pairs, progress=False)
+    config = tiny_config(**common, bn_recalibration_batches=3, checkpoint_dir=str(tmp_path))
+    tuned = train_adl(config, ct_dataset, val_pairs=pairs, progress=False)
+    # the same weights; the statistics are those of the three batches after the last step, not the moving averages
+    params = lambda net: {k: v for k, v in net.state_dict().items() if "running" not in k and "tracked" not in k}  # noqa: E731
+    assert all(torch.equal(v, params(tuned.generator)[k]) for k, v in params(plain.generator).items())
+    moving_average = batch_norm_layers(plain.generator)[0].running_mean.clone()
+    expected = plain.generator  # recalibrated here by hand
+    extra = _dataset_batches(ct_dataset, config, config.total_steps, config.total_steps + 3, _Dist(), False)
+    assert recalibrate_batch_norm(expected, (b["noisy"] for _, b in extra)) == 3
+    for got, want in zip(batch_norm_layers(tuned.generator), batch_norm_layers(expected)):
+        torch.testing.assert_close(got.running_mean, want.running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.running_var, want.running_var, rtol=1e-4, atol=1e-5)
+    assert float((batch_norm_layers(tuned.generator)[0].running_mean - moving_average).abs().max()) > 1e-4
+    # the last step was validated twice: its record is the recalibrated network's, and the checkpoint holds it
+    steps = [v["step"] for v in tuned.validation]
+    assert steps == [1, 2, 3, 4] == [v["step"] for v in plain.validation]
+    assert tuned.validation[:3] == plain.validation[:3] and tuned.validation[-1] != plain.validation[-1]
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["validation"][-1]["psnr"] == pytest.approx(tuned.validation[-1]["psnr"])
+    assert all(torch.equal(v, checkpoint["generator"][k]) for k, v in tuned.generator.state_dict().items()
+               if k.endswith(("running_mean", "running_var")))
+    with pytest.raises(ValueError, match="bn_recalibration_batches"):
+        tiny_config(bn_recalibration_batches=-1)
 
 
 def test_validation_is_recorded_in_result_and_checkpoint(ct_dataset, ct_source, tmp_path):
@@ -354,6 +420,75 @@ def test_2p5d_network_starts_as_the_2d_one_and_learns_from_the_neighbouring_slic
     for bad in (dict(slices=2), dict(slices=3, spatial_dims=3)):
         with pytest.raises(ValueError, match="slices"):
             tiny_config(**bad)
+
+
+def test_a_3_slice_network_starts_a_5_slice_one_as_itself(tmp_path):
+    """--slices 5 fine-tuned from 3-slice weights: the kernels stay on the centre three channels, the outer two
+    start at zero, so before any training the wider network gives exactly the narrower one's output."""
+    from lib.training.adl_trainer import load_initial_weights
+
+    torch.manual_seed(0)
+    three = tiny_config(modality="MR", slices=3)
+    narrow = build_networks(three)[0]
+    with torch.no_grad():  # away from the residual identity, so that the channel placement shows
+        for parameter in narrow.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    weights = export_weights(narrow, tmp_path / "w3.pt", three, half=False)
+    wide = build_networks(tiny_config(modality="MR", slices=5))[0]
+    load_initial_weights(wide, weights)
+    conv = wide.backbone.enc0.conv1.weight
+    assert conv.shape[1] == 5 and float(conv[:, [0, 4]].abs().max()) == 0.0
+    torch.testing.assert_close(conv[:, 1:4], narrow.backbone.enc0.conv1.weight)
+    volume = 300 + 100 * np.random.default_rng(0).random((7, 32, 40)).astype(np.float32)
+    np.testing.assert_allclose(denoise_array(wide, volume, "MR", amp=False),
+                               denoise_array(load_denoiser(weights), volume, "MR", amp=False), atol=1e-3)
+
+
+def test_orthogonal_planes_average_the_axial_coronal_and_sagittal_passes():
+    from lib.data import intensity_scaling_for
+
+    torch.manual_seed(0)
+    network = build_networks(tiny_config(modality="MR"))[0].eval()
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    rng = np.random.default_rng(0)
+    volume = (200 + 400 * rng.random((16, 24, 32))).astype(np.float32)
+    scaling = intensity_scaling_for(volume, "MR")  # one scaling for the whole volume, every plane
+
+    def slice_pass(image: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return scaling.denormalise(network(torch.from_numpy(scaling.normalise(image))[None, None])[0, 0].numpy())
+
+    axial = np.stack([slice_pass(volume[z]) for z in range(16)])
+    coronal = np.stack([slice_pass(volume[:, y]) for y in range(24)], axis=1)
+    sagittal = np.stack([slice_pass(volume[:, :, x]) for x in range(32)], axis=2)
+    got = denoise_array(network, volume, "MR", amp=False, orthogonal_planes=True)
+    assert got.shape == volume.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, (axial + coronal + sagittal) / 3, rtol=1e-4, atol=1e-2)
+    assert float(np.abs(coronal - axial).mean()) > 0.1  # the planes really differ
+    with pytest.raises(ValueError, match="volume"):
+        denoise_array(network, volume[0], "MR", orthogonal_planes=True)
+    with pytest.raises(ValueError, match="3D model"):
+        denoise_array(build_networks(tiny_config(modality="MR", spatial_dims=3))[0], volume, "MR",
+                      orthogonal_planes=True)
+
+
+def test_the_app_averages_orthogonal_planes_only_for_2d_adl_on_near_isotropic_mr_volumes():
+    from lib.inference import uses_orthogonal_planes
+    from lib.networks import GCNDenoiser
+
+    adl_2d = build_networks(tiny_config(modality="MR", slices=3))[0]
+    adl_3d = build_networks(tiny_config(modality="MR", spatial_dims=3))[0]
+    assert uses_orthogonal_planes(adl_2d, "MR", (40, 96, 96), (1.0, 1.0, 1.2))
+    assert uses_orthogonal_planes(adl_2d, "mr", (32, 32, 32), (0.9, 0.9, 1.1))
+    assert not uses_orthogonal_planes(adl_2d, "CT", (40, 96, 96), (1.0, 1.0, 1.0))  # CT: axial FBP texture
+    assert not uses_orthogonal_planes(adl_2d, "MR", (40, 96, 96), (0.5, 0.5, 1.5))  # anisotropic voxels
+    assert not uses_orthogonal_planes(adl_2d, "MR", (5, 96, 96), (1.0, 1.0, 1.0))  # a thin slab
+    assert not uses_orthogonal_planes(adl_2d, "MR", (96, 96), (1.0, 1.0))  # a single slice
+    assert not uses_orthogonal_planes(adl_2d, "MR", (40, 96, 96), None)  # spacing unknown
+    assert not uses_orthogonal_planes(adl_3d, "MR", (40, 96, 96), (1.0, 1.0, 1.0))
+    assert not uses_orthogonal_planes(GCNDenoiser(), "MR", (40, 96, 96), (1.0, 1.0, 1.0))
 
 
 def test_export_and_load_round_trip(ct_dataset, tmp_path):
@@ -532,6 +667,32 @@ def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch):
     assert cli.main(denoise + ["--modality", "ct", "--weights", str(tmp_path / "nope.pt")]) == 2
     assert cli.main(["denoise", "--model", "bm3d", "--weights", str(weights), "-i", str(ct_crop), "-o",
                      str(tmp_path / "o.nii.gz")]) == 2  # --weights is for adl only
+    assert cli.main(denoise + ["--modality", "ct", "--weights", str(weights), "--planes", "orthogonal"]) == 2  # a slice
+    assert cli.main(["denoise", "--model", "nlm", "--planes", "slices", "-i", str(ct_crop), "-o",
+                     str(tmp_path / "o.nii.gz")]) == 2  # --planes is for the learned models
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_cli_planes_auto_averages_the_orthogonal_planes_of_a_1mm_mr_volume(tmp_path):
+    cli = _load_cli()
+    torch.manual_seed(0)
+    config = tiny_config(modality="MR")
+    network = build_networks(config)[0]
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    weights = export_weights(network, tmp_path / "mr.pt", config, half=False)
+    volume = (200 + 400 * np.random.default_rng(0).random((32, 40, 32))).astype(np.float32)
+    path = write_nifti(volume, tmp_path / "mr_1mm.nii.gz", spacing=(1.0, 1.0, 1.0))
+    model = load_denoiser(weights)
+    expected = {"auto": denoise_array(model, volume, "MR", orthogonal_planes=True),
+                "slices": denoise_array(model, volume, "MR")}
+    for planes, want in expected.items():
+        out = tmp_path / f"{planes}.nii.gz"
+        assert cli.main(["denoise", "--model", "adl", "--weights", str(weights), "--planes", planes,
+                         "--modality", "mr", "-i", str(path), "-o", str(out), "--device", "cpu"]) == 0
+        np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), want, rtol=1e-4, atol=1e-2)
+    assert float(np.abs(expected["auto"] - expected["slices"]).mean()) > 0.1
 
 
 def _load_cli():

@@ -110,7 +110,7 @@ def test_infer_by_datastore_id_keeps_grid_and_hounsfield_units(client, server):
     tissue = (source > 0) & (source < 80)
     assert abs(float(out[tissue].mean() - source[tissue].mean())) < 15  # still HU, same tissue level
     assert result["model"] == "adl" and result["modality"] == "CT" and result["weights_version"] == "pretrained"
-    assert result["shape"] == list(source.shape)
+    assert result["shape"] == list(source.shape) and result["planes"] == "slices"
     # the audit note on the study names the weights
     audit = http(server, "GET", "/review/ct_slab_b")[1]
     assert audit["denoise_results"][-1]["weights_version"] == "pretrained"
@@ -154,12 +154,28 @@ def test_infer_by_session_mr_nrrd_and_ct_int16(client, server):
     session = client.create_session(str(server.studies / "mr_slab_d.nii.gz"))
     path, result = client.infer("adl", "", {"result_extension": ".nrrd"}, session_id=session["session_id"])
     assert path.endswith(".nrrd") and result["modality"] == "MR"
+    assert result["planes"] == "slices"  # a 3-slice slab: too thin for the orthogonal planes
     out, out_image = read_array(path)
     assert_same_geometry(out_image, sitk.ReadImage(str(server.studies / "mr_slab_d.nii.gz")))
     assert out.dtype == np.float32
     path, result = client.infer("tddl_gcn", "ct_slice_a", {"result_dtype": "int16"})
     out, _ = read_array(path)
     assert out.dtype == np.int16 and result["model"] == "tddl_gcn" and out.min() < -900  # HU: air stays air
+
+
+def test_a_1mm_mr_block_is_denoised_over_its_three_orthogonal_planes(client, server, tmp_path):
+    from lib.inference import denoise_array, load_denoiser
+
+    block = write_crop(SAMPLE_STUDIES / "mr_head_colin27_rician5.nii.gz", tmp_path / "mr_block.nii.gz",
+                       z=slice(70, 102), yx=(slice(60, 108), slice(50, 90)))  # 32 x 48 x 40 at 1 mm
+    path, result = client.infer("adl", "", {"modality": "mr"}, file=str(block))
+    assert result["planes"] == "orthogonal" and result["modality"] == "MR"
+    out, out_image = read_array(path)
+    assert_same_geometry(out_image, sitk.ReadImage(str(block)))
+    noisy = sitk.GetArrayFromImage(sitk.ReadImage(str(block))).astype(np.float32)
+    model = load_denoiser(server.model_dir / "pretrained_adl_mr.pt")
+    np.testing.assert_allclose(out, denoise_array(model, noisy, "MR", orthogonal_planes=True), rtol=1e-4, atol=0.05)
+    assert float(np.abs(out - denoise_array(model, noisy, "MR")).mean()) > 0.05  # not the axial pass alone
 
 
 def test_infer_of_a_dicom_file_returns_a_derived_dicom_series(client, tmp_path):

@@ -237,7 +237,7 @@ def _adl_weights_for(args: argparse.Namespace, modality: str | None) -> Path:
 
 
 def _denoise_adl(volume: Volume, args: argparse.Namespace, device: str) -> np.ndarray:
-    from lib.inference import denoise_array, load_denoiser
+    from lib.inference import denoise_array, load_denoiser, uses_orthogonal_planes
 
     modality = volume.modality if volume.modality in ("CT", "MR") else None
     path = _adl_weights_for(args, modality)
@@ -262,12 +262,23 @@ def _denoise_adl(volume: Volume, args: argparse.Namespace, device: str) -> np.nd
         raise CommandError(f"the {label} weights {path.name} were trained for {model.modality} but the input is "
                            f"{modality}{hint}")
     roi = _int_list(args.roi_size, "--roi-size") if args.roi_size else None
-    log.info("%s weights %s (%dD, %s)", label, path, model.spatial_dims, model.modality)
+    planes = getattr(args, "planes", "auto")
+    if planes == "auto":
+        orthogonal = uses_orthogonal_planes(model, modality, volume.array.shape, volume.spacing)
+    else:
+        orthogonal = planes == "orthogonal"
+        if orthogonal and (model.spatial_dims != 2 or args.model == GCN_MODEL):
+            raise CommandError(f"--planes orthogonal is for the 2D {MODEL_LABELS[ADL_MODEL]} network, not {label}")
+        if orthogonal and (volume.array.ndim != 3 or min(volume.array.shape) < 2):
+            raise CommandError(f"--planes orthogonal needs a volume, but {args.input} is a single slice "
+                               f"{volume.array.shape}")
+    log.info("%s weights %s (%dD, %s)%s", label, path, model.spatial_dims, model.modality,
+             ", mean over the three orthogonal planes" if orthogonal else "")
     # the GCN runs a whole slice per pass with bounded memory; one slice at a time keeps it at ~1 GB
     sw_batch = args.sw_batch_size or (1 if args.model == GCN_MODEL else None)  # None: 4 on CUDA, 1 on a CPU
     return denoise_array(model, volume.array, modality, device=device, roi_size=roi,
                          overlap=0.25 if args.overlap is None else args.overlap,
-                         sw_batch_size=sw_batch, progress=True, amp=not args.fp32)
+                         sw_batch_size=sw_batch, progress=True, amp=not args.fp32, orthogonal_planes=orthogonal)
 
 
 def cmd_denoise(args: argparse.Namespace) -> int:
@@ -275,7 +286,8 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
     if args.model not in DENOISE_LEARNED_MODELS + (AUTO_MODEL,):
         given = [o for o, v in (("--weights", args.weights), ("--roi-size", args.roi_size), ("--overlap", args.overlap),
-                                ("--sw-batch-size", args.sw_batch_size), ("--fp32", args.fp32 or None))
+                                ("--sw-batch-size", args.sw_batch_size), ("--fp32", args.fp32 or None),
+                                ("--planes", None if args.planes == "auto" else args.planes))
                  if v is not None]
         if given:
             raise CommandError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to the learned models "
@@ -369,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     adl.add_argument("--fp32", action="store_true",
                      help="float32 throughout; by default ADL runs in bfloat16 on a CPU with native bfloat16 (AMX / "
                           "AVX512-BF16, 2-4x faster, within a fraction of a HU) and in fp16 on a GPU")
+    adl.add_argument("--planes", choices=("auto", "slices", "orthogonal"), default="auto",
+                     help=f"2D {ADL_MODEL} on a volume: 'slices' denoises slice by slice; 'orthogonal' averages the "
+                          "axial, coronal and sagittal passes (3x the time, better on near-isotropic MR); 'auto' "
+                          "(default) does that for MR with near-cubic voxels and at least 32 along every axis")
     adl.add_argument("--search-window", type=_odd_window,
                      help=f"{GCN_MODEL}: side of the non-local search window (odd; default: the one stored with the "
                           "weights, e.g. 21; up to 49 as in the TDDL code, ~1.5x the time on CPU)")
@@ -511,7 +527,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr_step_size=args.lr_step or 2000, lr_gamma=args.lr_gamma, lambda_adversarial=args.lambda_adversarial,
         slices=args.slices or 1, amp=not args.no_amp, seed=args.seed, device=device, checkpoint_dir=str(checkpoint_dir),
         checkpoint_every=args.checkpoint_every, keep_all_checkpoints=args.keep_checkpoints,
-        validation_every=args.validation_every,
+        validation_every=args.validation_every, bn_recalibration_batches=args.bn_recalibration_batches,
     )
     if main_rank:
         print(f"training ADL ({args.spatial_dims}D, {modality}, {noise_kind} noise) on {len(source.volumes)} image(s), "
@@ -679,6 +695,10 @@ def _add_train_parser(verbs) -> None:
     net.add_argument("--no-amp", action="store_true",
                      help="float32 throughout (default: mixed precision, fp16 on CUDA, bfloat16 on a CPU with native "
                           "bfloat16)")
+    net.add_argument("--bn-recalibration-batches", type=_non_negative_int, default=200,
+                     help="adl: after the last step, recompute the denoiser's batch-norm statistics over this many "
+                          "further training batches, at most the run's steps (default 200; 0: keep the moving "
+                          "averages)")
     net.add_argument("--slices", type=int, choices=(1, 3, 5),
                      help="2D: adjacent slices the network sees as input channels (default 1; adl: 3 or 5 = 2.5D, "
                           f"{GCN_MODEL}: 3)")

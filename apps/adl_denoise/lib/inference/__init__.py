@@ -1,6 +1,8 @@
 """Inference with trained learned denoisers (ADL): weight loading and whole-image sliding-window denoising."""
 from .denoise import (
     DEFAULT_ROI_2D,
+    ORTHOGONAL_MAX_ANISOTROPY,
+    ORTHOGONAL_MIN_VOXELS,
     DEFAULT_ROI_3D,
     WEIGHTS_FORMAT,
     MODEL_DIR,
@@ -10,10 +12,13 @@ from .denoise import (
     find_weights,
     load_denoiser,
     resolve_device,
+    uses_orthogonal_planes,
 )
 
 __all__ = [
     "DEFAULT_ROI_2D",
+    "ORTHOGONAL_MAX_ANISOTROPY",
+    "ORTHOGONAL_MIN_VOXELS",
     "DEFAULT_ROI_3D",
     "WEIGHTS_FORMAT",
     "MODEL_DIR",
@@ -23,4 +28,5 @@ __all__ = [
     "find_weights",
     "load_denoiser",
     "resolve_device",
+    "uses_orthogonal_planes",
 ]

@@ -174,6 +174,32 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return LoadedDenoiser(network, spatial_dims, modality, metadata, dev, p)
 
 
+# orthogonal-plane averaging (MR): only where the three planes look alike to a network trained on axial slices
+ORTHOGONAL_MIN_VOXELS = 32
+ORTHOGONAL_MAX_ANISOTROPY = 1.25
+
+
+def uses_orthogonal_planes(model: LoadedDenoiser | nn.Module, modality: str, shape: Sequence[int],
+                           spacing: Sequence[float] | None) -> bool:
+    """Whether the app denoises this image by averaging its three orthogonal planes
+    (``denoise_array(..., orthogonal_planes=True)``): a 2D Efficient-UNet (ADL) on an MR volume with at least
+    ``ORTHOGONAL_MIN_VOXELS`` voxels along every axis and near-cubic voxels (largest / smallest spacing at most
+    ``ORTHOGONAL_MAX_ANISOTROPY``), so the coronal and sagittal slices look like the axial ones the network learnt
+    on. Not for CT: its weights learnt the in-plane texture of axial FBP noise, which the other planes lack.
+
+    Measured with the shipped 5-slice MR weights (Rician 5 %, 2026-12-02): +0.26 dB in the held-out 1 mm brain
+    (33.78 -> 34.03 dB) and +0.30 dB on a 1 mm Colin27 block over axial slices alone, at 3x the time."""
+    network = model.network if isinstance(model, LoadedDenoiser) else model
+    dims = model.spatial_dims if isinstance(model, LoadedDenoiser) else int(getattr(model, "spatial_dims", 2))
+    if not isinstance(network, EfficientUNetDenoiser) or dims != 2 or str(modality).upper() != "MR":
+        return False
+    if len(shape) != 3 or min(int(n) for n in shape) < ORTHOGONAL_MIN_VOXELS:
+        return False
+    if spacing is None or len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
+        return False
+    return max(float(s) for s in spacing) / min(float(s) for s in spacing) <= ORTHOGONAL_MAX_ANISOTROPY
+
+
 def _roi(roi_size: int | Sequence[int] | None, spatial_dims: int, padded: Sequence[int]) -> tuple[int, ...]:
     if roi_size is None:
         roi = DEFAULT_ROI_2D if spatial_dims == 2 else DEFAULT_ROI_3D
@@ -202,6 +228,7 @@ def denoise_array(
     *,
     mode: str = "gaussian",
     amp: bool = True,
+    orthogonal_planes: bool = False,
 ) -> np.ndarray:
     """Denoise a 2D slice (H, W) or a volume (Z, H, W) given in its modality's units; returns float32 of the
     same shape and units (CT in HU).
@@ -227,10 +254,14 @@ def denoise_array(
         mode: MONAI blending of overlapping windows, ``"gaussian"`` (default, no seams) or ``"constant"``.
         amp: mixed precision: fp16 autocast on CUDA; bfloat16 for the 2D Efficient-UNet on a CPU with native
             bfloat16 (:mod:`lib.precision`; 2-4x faster there, within a fraction of a HU of float32).
+        orthogonal_planes: a 2D model on a volume: denoise it as stacks of axial, coronal and sagittal slices and
+            return the voxel-wise mean of the three (3x the time; each plane's errors are partly independent of the
+            others', so the mean is closer to the truth on near-isotropic volumes; see
+            :func:`uses_orthogonal_planes` for when the app does this).
 
     Raises:
         ValueError: NaN/inf values, wrong dimensionality, unknown modality, bad window settings, a 3D model
-            given a single slice that is too small.
+            given a single slice that is too small, ``orthogonal_planes`` with a 3D model or a single slice.
     """
     from monai.inferers import sliding_window_inference
     from tqdm.auto import tqdm
@@ -249,6 +280,21 @@ def denoise_array(
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if sw_batch_size is not None and int(sw_batch_size) < 1:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    if orthogonal_planes:
+        dims = model.spatial_dims if isinstance(model, LoadedDenoiser) else int(getattr(model, "spatial_dims", 2))
+        if dims != 2:
+            raise ValueError("orthogonal_planes needs a 2D (slice-wise) model; a 3D model sees all planes already")
+        if image.ndim != 3 or min(image.shape) < 2:
+            raise ValueError(f"orthogonal_planes needs a volume (Z, H, W) with at least 2 voxels along every axis, "
+                             f"got shape {image.shape}")
+        kwargs = dict(modality=modality, device=device, roi_size=roi_size, overlap=overlap,
+                      sw_batch_size=sw_batch_size, progress=progress, mode=mode, amp=amp)
+        # each plane in turn as the slice axis (slices of (Z, W), then of (Z, H)); one running sum bounds the memory
+        total = denoise_array(model, image, **kwargs)
+        total += denoise_array(model, image.transpose(1, 0, 2), **kwargs).transpose(1, 0, 2)
+        total += denoise_array(model, image.transpose(2, 0, 1), **kwargs).transpose(1, 2, 0)
+        total /= 3.0
+        return total
 
     if isinstance(model, LoadedDenoiser):
         network, spatial_dims = model.network, model.spatial_dims

@@ -26,7 +26,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..imaging import ImageReadError, ImageWriteError, guess_modality, read_volume, write_volume
-from ..inference import denoise_array, load_denoiser, resolve_device
+from ..inference import denoise_array, load_denoiser, resolve_device, uses_orthogonal_planes
 from ..inference.model_store import ModelStore, WeightsVersion
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class DenoiseInferTask(InferTask):
         device = self._device(request.get("device"))
         with self._slots:
             try:
-                denoised, version = self.denoise(volume.array, modality, device)
+                denoised, version = self.denoise(volume.array, modality, device, spacing=volume.spacing)
             except ValueError as error:
                 raise http_error_for_image(error) from None
         out = volume.with_array(denoised)
@@ -185,17 +185,22 @@ class DenoiseInferTask(InferTask):
                  version["weights_version"], seconds)
         return str(path), result
 
-    def denoise(self, array: np.ndarray, modality: str, device) -> tuple[np.ndarray, dict]:
-        """Denoise ``array`` (modality units) with the weights served now; returns the result and
-        ``{"weights_version", "weights_sha256"}``. HTTP 404 when no weights are installed for ``modality``."""
+    def denoise(self, array: np.ndarray, modality: str, device, spacing: Sequence[float] | None = None
+                ) -> tuple[np.ndarray, dict]:
+        """Denoise ``array`` (modality units, voxel ``spacing`` in mm) with the weights served now; returns the
+        result and ``{"weights_version", "weights_sha256", "planes"}`` (``planes``: "slices" slice by slice,
+        "orthogonal" the mean over the three orthogonal planes where :func:`lib.inference.uses_orthogonal_planes`
+        says so, "volume" for a 3D network). HTTP 404 when no weights are installed for ``modality``."""
         served = self.store.served(self.model, modality)
         if served is None:
             raise HTTPException(status_code=404, detail=f"no {self.model} weights for {modality} are installed in "
                                                         f"{self.store.model_dir}: train or fine-tune first")
         loaded = self._denoiser(served, device)
+        orthogonal = uses_orthogonal_planes(loaded, modality, array.shape, spacing)
+        planes = "volume" if loaded.spatial_dims == 3 else "orthogonal" if orthogonal else "slices"
         # denoise_array's default batch: 4 slices (or 3D windows) per pass on CUDA, 1 on a CPU
-        denoised = denoise_array(loaded, array, modality, device=device)
-        return denoised, {"weights_version": served.version, "weights_sha256": served.sha256[:16]}
+        denoised = denoise_array(loaded, array, modality, device=device, orthogonal_planes=orthogonal)
+        return denoised, {"weights_version": served.version, "weights_sha256": served.sha256[:16], "planes": planes}
 
     # --- helpers
     def _modality(self, request: dict, volume) -> str:
@@ -274,7 +279,8 @@ class ClassicalInferTask(DenoiseInferTask):
                 "sha256": "", "file": None, "network": None,
                 "training": {"steps": 0, "data": "none: a classical method with a blind noise estimate"}}
 
-    def denoise(self, array: np.ndarray, modality: str, device) -> tuple[np.ndarray, dict]:
+    def denoise(self, array: np.ndarray, modality: str, device, spacing: Sequence[float] | None = None
+                ) -> tuple[np.ndarray, dict]:
         from ..denoisers.classical import denoise_classical
 
         return denoise_classical(self.algorithm, array, modality), {"weights_version": f"classical-{self.algorithm}",

@@ -9,6 +9,9 @@ Phases, run in this order over one global step counter:
 3. ``adversarial`` - per step one D update (clean vs G(y) detached) and then one G update with the
    adversarial term added (D's parameters frozen for that update), both at ``lr_adversarial``.
 
+After the last step G's batch-norm statistics are recomputed over ``bn_recalibration_batches`` further training
+batches (:mod:`lib.training.batch_norm`: the moving averages trail the weights) and the run is validated again.
+
 Each phase starts a ``StepLR`` schedule (``lr_step_size`` steps, ``lr_gamma``) from its base learning rate;
 the Adam moments carry over between phases of the same network.
 
@@ -52,6 +55,7 @@ from ..data.intensity import CT_RANGE_HU, MR_HEADROOM, MR_PERCENTILE
 from ..losses import ADLDenoiserLoss, discriminator_hinge_loss, generator_adversarial_loss
 from ..networks import EfficientUNetDenoiser, EfficientUNetDiscriminator
 from ..precision import autocast_dtype, autocast_for
+from .batch_norm import batch_norm_layers, recalibrate_batch_norm
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -100,7 +104,9 @@ class ADLTrainingConfig:
     with native bfloat16, see :mod:`lib.precision`), ``seed``, ``device``
     ("auto", "cpu", "cuda", "cuda:1"), ``checkpoint_dir`` (None: no checkpoints), ``checkpoint_every``,
     ``keep_all_checkpoints`` (also keep ``step_0000500.pt`` ... besides ``last.pt``),
-    ``validation_every`` (steps; 0 = only at the end), ``val_roi_size`` (sliding window of validation).
+    ``validation_every`` (steps; 0 = only at the end), ``val_roi_size`` (sliding window of validation),
+    ``bn_recalibration_batches`` (after the last step, G's batch-norm statistics are recomputed over this many
+    further training batches, at most ``total_steps``: :mod:`lib.training.batch_norm`; 0 keeps the moving averages).
     """
 
     modality: str = "CT"
@@ -135,6 +141,7 @@ class ADLTrainingConfig:
     keep_all_checkpoints: bool = False
     validation_every: int = 500
     val_roi_size: int | tuple[int, ...] | None = None
+    bn_recalibration_batches: int = 200
 
     def __post_init__(self) -> None:
         self.modality = str(self.modality).upper()
@@ -167,6 +174,8 @@ class ADLTrainingConfig:
             raise ValueError("lr_step_size must be >= 1 and lr_gamma in (0, 1]")
         if self.checkpoint_every < 0 or self.validation_every < 0:
             raise ValueError("checkpoint_every and validation_every must be >= 0")
+        if self.bn_recalibration_batches < 0:
+            raise ValueError(f"bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}")
 
     @property
     def total_steps(self) -> int:
@@ -334,6 +343,15 @@ def _setup(config: ADLTrainingConfig) -> tuple[_Dist, torch.device]:
     return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, initialised_here), device
 
 
+def _broadcast_batch_norm(network: nn.Module) -> None:
+    """Every process takes rank 0's batch-norm statistics (recalibrated there alone)."""
+    import torch.distributed as dist
+
+    for layer in batch_norm_layers(network):
+        for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked):
+            dist.broadcast(buffer, src=0)
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
@@ -375,8 +393,8 @@ def load_initial_weights(network: nn.Module, path: str | os.PathLike,
                          optional_prefixes: Sequence[str] = ("heads.1.", "heads.2.")) -> dict:
     """Start ``network`` from a weight file (fine-tuning), not from a training checkpoint (use ``resume``).
 
-    The file's network must be the same class with the same arguments, except that a single-slice 2D network may
-    start a 2.5D one (more input slices: :func:`_inflated_input_channels`); parameters it lacks may only be under
+    The file's network must be the same class with the same arguments, except that a 2D network may
+    start one that takes more adjacent slices (:func:`_inflated_input_channels`); parameters it lacks may only be under
     ``optional_prefixes`` (ADL weight files drop the 1/2 and 1/4 deep-supervision heads, which then start
     fresh: with residual heads, as the identity). Returns the file's metadata (its training record etc.).
 
@@ -404,18 +422,21 @@ def load_initial_weights(network: nn.Module, path: str | os.PathLike,
 
 
 def _inflated_input_channels(state: dict, target: dict) -> dict:
-    """A single-slice network's weights for a network that takes 2k + 1 slices (2.5D): each convolution that reads
-    the image gets the 2D kernel on the centre slice's channel and zeros on the neighbours', so the 2.5D network
-    starts as exactly the 2D one and learns from there what the neighbours add."""
+    """A 2j + 1-slice network's weights for a network that takes 2k + 1 > 2j + 1 slices (1 -> 3, 3 -> 5, ...): each
+    convolution that reads the image keeps its kernels on the centre 2j + 1 channels and gets zeros on the outer
+    new ones, so the wider network starts as exactly the narrower one and learns from there what the further
+    neighbours add."""
     out = dict(state)
     for key, value in state.items():
         want = target.get(key)
         if want is None or value.ndim < 3 or value.shape == want.shape:
             continue
-        if value.shape[1] == 1 and want.shape[1] % 2 == 1 and value.shape[:1] + value.shape[2:] == \
-                want.shape[:1] + want.shape[2:]:
+        have, need = value.shape[1], want.shape[1]
+        if have % 2 == 1 and need % 2 == 1 and need > have and \
+                value.shape[:1] + value.shape[2:] == want.shape[:1] + want.shape[2:]:
             inflated = torch.zeros(want.shape, dtype=value.dtype)
-            inflated[:, want.shape[1] // 2] = value[:, 0]
+            first = (need - have) // 2
+            inflated[:, first:first + have] = value
             out[key] = inflated
     return out
 
@@ -684,9 +705,14 @@ class _TrainingLoop:
                 and step < self.total and self.dist_info.main:
             self.last_checkpoint = self.write_checkpoint()
 
-    def finish(self) -> None:
-        """After the batch loop: final validation and checkpoint when the run is complete, then the barrier."""
+    def finish(self, revalidate: bool = False) -> None:
+        """After the batch loop: final validation and checkpoint when the run is complete, then the barrier.
+        ``revalidate``: validate again even if the last step was just validated (the network changed since, e.g.
+        its batch-norm statistics were recalibrated; the new record replaces that step's)."""
         if self.step >= self.total:
+            if revalidate and self.validation and self.validation[-1]["step"] == self.step:
+                self.validation.pop()
+                self.best = max((r["psnr"] for r in self.validation), default=None)
             if not self.validation or self.validation[-1]["step"] != self.step:
                 self.run_validation()
             if self.ckpt_dir is not None and self.dist_info.main:
@@ -939,7 +965,20 @@ def train_adl(
                 record["seconds"] = time.perf_counter() - t0
                 shown = {k: v for k, v in record.items() if k in ("g_total", "g_l1", "g_adversarial", "d_loss")}
                 loop.end_step(record, {k: f"{v:.4f}" for k, v in shown.items()})
-        loop.finish()
+        recalibrated = 0
+        recalibrate = loop.step >= loop.total and config.bn_recalibration_batches > 0
+        if recalibrate and dist_info.main:
+            # the batches after the last step's: fresh patches, the same stream on every rerun
+            count = min(int(config.bn_recalibration_batches), loop.total)
+            extra = _dataset_batches(train_dataset, config, loop.total, loop.total + count, _Dist(), False)
+            loop.set_description("ADL batch-norm recalibration")
+            recalibrated = recalibrate_batch_norm(
+                generator_net, (b["noisy"].to(device, memory_format=memory_format) for _, b in extra), autocast)
+            if recalibrated:
+                log.info("recalibrated G's batch-norm statistics over %d training batches", recalibrated)
+        if recalibrate and dist_info.world > 1:
+            _broadcast_batch_norm(generator_net)
+        loop.finish(revalidate=bool(recalibrated))
         generator_net.eval()
         return TrainingResult(generator_net, discriminator_net, config, loop.step,
                               config.phase_of(max(loop.step - 1, 0)), history, validation, loop.best,
