@@ -298,7 +298,7 @@ def test_training_ends_with_recalibrated_batch_norm_statistics_and_validates_the
         torch.testing.assert_close(got.running_mean, want.running_mean, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got.running_var, want.running_var, rtol=1e-4, atol=1e-5)
     assert float((batch_norm_layers(tuned.generator)[0].running_mean - moving_average).abs().max()) > 1e-4
-    # the last step was validated twice: its record is the recalibrated network's, and the checkpoint holds it
+    # the final validation is the recalibrated network's (the earlier ones match), and the checkpoint holds it
     steps = [v["step"] for v in tuned.validation]
     assert steps == [1, 2, 3, 4] == [v["step"] for v in plain.validation]
     assert tuned.validation[:3] == plain.validation[:3] and tuned.validation[-1] != plain.validation[-1]
