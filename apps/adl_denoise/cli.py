@@ -262,11 +262,10 @@ def _denoise_adl(volume: Volume, args: argparse.Namespace, device: str) -> np.nd
         raise CommandError(f"the {label} weights {path.name} were trained for {model.modality} but the input is "
                            f"{modality}{hint}")
     roi = _int_list(args.roi_size, "--roi-size") if args.roi_size else None
-    planes = getattr(args, "planes", "auto")
-    if planes == "auto":
+    if args.planes == "auto":
         orthogonal = uses_orthogonal_planes(model, modality, volume.array.shape, volume.spacing)
     else:
-        orthogonal = planes == "orthogonal"
+        orthogonal = args.planes == "orthogonal"
         if orthogonal and (model.spatial_dims != 2 or args.model == GCN_MODEL):
             raise CommandError(f"--planes orthogonal is for the 2D {MODEL_LABELS[ADL_MODEL]} network, not {label}")
         if orthogonal and (volume.array.ndim != 3 or min(volume.array.shape) < 2):

@@ -174,6 +174,14 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return LoadedDenoiser(network, spatial_dims, modality, metadata, dev, p)
 
 
+def _network_and_dims(model: LoadedDenoiser | nn.Module) -> tuple[nn.Module, int]:
+    """The network of a :class:`LoadedDenoiser` or a bare network, and whether it is 2D or 3D (a bare network's
+    ``spatial_dims`` attribute, default 2)."""
+    if isinstance(model, LoadedDenoiser):
+        return model.network, model.spatial_dims
+    return model, int(getattr(model, "spatial_dims", 2))
+
+
 # orthogonal-plane averaging (MR): only where the three planes look alike to a network trained on axial slices
 ORTHOGONAL_MIN_VOXELS = 32
 ORTHOGONAL_MAX_ANISOTROPY = 1.25
@@ -189,8 +197,7 @@ def uses_orthogonal_planes(model: LoadedDenoiser | nn.Module, modality: str, sha
 
     Measured with the shipped 5-slice MR weights (Rician 5 %, 2026-12-02): +0.26 dB in the held-out 1 mm brain
     (33.78 -> 34.03 dB) and +0.30 dB on a 1 mm Colin27 block over axial slices alone, at 3x the time."""
-    network = model.network if isinstance(model, LoadedDenoiser) else model
-    dims = model.spatial_dims if isinstance(model, LoadedDenoiser) else int(getattr(model, "spatial_dims", 2))
+    network, dims = _network_and_dims(model)
     if not isinstance(network, EfficientUNetDenoiser) or dims != 2 or str(modality).upper() != "MR":
         return False
     if len(shape) != 3 or min(int(n) for n in shape) < ORTHOGONAL_MIN_VOXELS:
@@ -281,8 +288,7 @@ def denoise_array(
     if sw_batch_size is not None and int(sw_batch_size) < 1:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     if orthogonal_planes:
-        dims = model.spatial_dims if isinstance(model, LoadedDenoiser) else int(getattr(model, "spatial_dims", 2))
-        if dims != 2:
+        if _network_and_dims(model)[1] != 2:
             raise ValueError("orthogonal_planes needs a 2D (slice-wise) model; a 3D model sees all planes already")
         if image.ndim != 3 or min(image.shape) < 2:
             raise ValueError(f"orthogonal_planes needs a volume (Z, H, W) with at least 2 voxels along every axis, "
@@ -296,13 +302,11 @@ def denoise_array(
         total /= 3.0
         return total
 
+    network, spatial_dims = _network_and_dims(model)
     if isinstance(model, LoadedDenoiser):
-        network, spatial_dims = model.network, model.spatial_dims
         modality = modality or model.modality
-    else:
-        network, spatial_dims = model, int(getattr(model, "spatial_dims", 2))
-        if modality is None:
-            raise ValueError("modality is required with a bare network")
+    elif modality is None:
+        raise ValueError("modality is required with a bare network")
     modality = str(modality).upper()
     if modality not in ("CT", "MR", "OT"):
         raise ValueError(f"modality must be CT or MR, got {modality!r}")
