@@ -7,17 +7,11 @@ Every denoiser is a module-level callable (so that it can be pickled into a spaw
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-_APP_DIR = str(Path(__file__).resolve().parents[1] / "apps" / "adl_denoise")
-if _APP_DIR not in sys.path:
-    sys.path.insert(0, _APP_DIR)
-
-from lib.denoisers.classical import bm3d_denoise, bm4d_denoise, gaussian_denoise, nlm_denoise  # noqa: E402
+from lib.denoisers.classical import bm3d_denoise, bm4d_denoise, gaussian_denoise, nlm_denoise
 
 Denoiser = Callable[[np.ndarray, Sequence[float], str], np.ndarray]
 

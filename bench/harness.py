@@ -48,19 +48,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = REPO_ROOT / "apps" / "adl_denoise"
-for _p in (str(APP_DIR), str(REPO_ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from lib.evaluation import (  # noqa: E402
+from lib.evaluation import (
     CT_WINDOWS,
     evaluate_windows,
     find_uniform_regions,
     mr_window,
     uniform_region_statistics,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 Denoiser = Callable[[np.ndarray, Sequence[float], str], np.ndarray]
 

@@ -8,26 +8,20 @@ the app's weights for the pair's modality (published ``model/<name>_<m>.pt`` if 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
-
-_APP_DIR = str(Path(__file__).resolve().parents[1] / "apps" / "adl_denoise")
-if _APP_DIR not in sys.path:
-    sys.path.insert(0, _APP_DIR)
 
 
 def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path: str, amp: bool = True,
                  planes: str = "auto") -> np.ndarray:
     """The network of the weight file ``path`` (ADL or TDDL-GCN), slice-wise (2D) or by 3D patches.
 
-    ``amp``: mixed precision as the app uses it (:mod:`lib.precision`: bfloat16 on a CPU with native bfloat16, fp16
+    ``amp``: mixed precision as the app uses it (:mod:`lib.runtime.precision`: bfloat16 on a CPU with native bfloat16, fp16
     on CUDA); False runs float32 throughout (what a CPU without native bfloat16 gets).
     ``planes``: "auto" averages the three orthogonal planes where the app does
-    (:func:`lib.inference.uses_orthogonal_planes`: 2D ADL on near-isotropic MR), "slices" never does.
+    (:func:`lib.predict.uses_orthogonal_planes`: 2D ADL on near-isotropic MR), "slices" never does.
     Bind ``path`` (and ``amp``) with ``functools.partial`` (picklable, so the harness's worker process can run it)."""
-    from lib.inference import denoise_array, load_denoiser, uses_orthogonal_planes
+    from lib.predict import denoise_array, load_denoiser, uses_orthogonal_planes
 
     device = os.environ.get("BENCH_DEVICE", "cpu")
     model = load_denoiser(path, device=device)
@@ -37,7 +31,7 @@ def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path:
 
 
 def _installed(model_name: str, modality: str) -> str:
-    from lib.inference import candidate_weights, find_weights
+    from lib.weights import candidate_weights, find_weights
 
     path = find_weights(model_name, modality)
     if path is None:
@@ -80,6 +74,6 @@ LEARNED_MODEL_NAMES = {"adl": "adl", "adl_slices": "adl", "adl_fp32": "adl", "ad
 
 def has_weights(name: str, modality: str) -> bool:
     """Whether the learned denoiser ``name`` has installed weights for ``modality``."""
-    from lib.inference import find_weights
+    from lib.weights import find_weights
 
     return find_weights(LEARNED_MODEL_NAMES[name], modality) is not None

@@ -46,14 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
+
+from bench.heldout import assert_not_heldout, shared_data_dir
+from bench.pairs import cached_noisy
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = REPO_ROOT / "apps" / "adl_denoise"
-for _p in (str(APP_DIR), str(REPO_ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from bench.heldout import assert_not_heldout, shared_data_dir  # noqa: E402
-from bench.pairs import cached_noisy  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "noise_model"
 VOLUME = "ct_thorax_philips_2mm.nii.gz"

@@ -26,21 +26,17 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = REPO_ROOT / "apps" / "adl_denoise"
-for _p in (str(APP_DIR), str(REPO_ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
-from bench.harness import Pair  # noqa: E402
-from bench.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, shared_data_dir  # noqa: E402
+from bench.harness import Pair
+from bench.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, shared_data_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CACHE_DIR = REPO_ROOT / "bench" / "results" / "cache"
 SAMPLE_MANIFEST = REPO_ROOT / "sample_data" / "studies" / "manifest.json"

@@ -18,15 +18,13 @@ import functools
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(REPO_ROOT / "apps" / "adl_denoise"), str(REPO_ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
-from bench.baselines import BASELINES  # noqa: E402
-from bench.learned import LEARNED, from_weights, has_weights  # noqa: E402
-from bench.harness import CliDenoiser, describe_machine, evaluate, machine_line, pair_table  # noqa: E402
-from bench.pairs import DEFAULT_CACHE_DIR, sample_pairs, shared_pairs  # noqa: E402
+from bench.baselines import BASELINES
+from bench.learned import LEARNED, from_weights, has_weights
+from bench.harness import CliDenoiser, describe_machine, evaluate, machine_line, pair_table
+from bench.pairs import DEFAULT_CACHE_DIR, sample_pairs, shared_pairs
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 """MONAI Label app: server round trip vs the bare model, and the server's peak memory on a large volume.
 
 1. Overhead: a 512 x 512 x N CT volume (default N = 32, cut from the real thorax CT of ``../shared/data``) is
-   denoised (a) in-process by ``lib.inference.denoise_array`` and (b) through the server with the official client
+   denoised (a) in-process by ``lib.predict.denoise_array`` and (b) through the server with the official client
    (upload, infer, download of the float32 NIfTI result). Overhead = (b - a) / a, same weights, same machine,
    run one after the other (target < 15 %).
 2. Memory: the server's resident memory (process and children, sampled every 50 ms) while it denoises a
@@ -28,14 +28,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+
+import numpy as np
+import SimpleITK as sitk
+
+from bench.harness import RssPoller
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = REPO_ROOT / "apps" / "adl_denoise"
-sys.path[:0] = [str(APP_DIR), str(REPO_ROOT)]
-
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-
-from bench.harness import RssPoller  # noqa: E402
 
 THORAX = REPO_ROOT.parent / "shared" / "data" / "ct_thorax_philips_2mm.nii.gz"
 
@@ -57,7 +57,7 @@ def untrained_weights(model_dir: Path) -> Path:
     import torch
 
     from lib.networks import EfficientUNetDenoiser
-    from lib.training import ADLTrainingConfig, export_weights
+    from lib.engines import ADLTrainingConfig, export_weights
 
     torch.manual_seed(0)
     config = ADLTrainingConfig(modality="CT")
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from monailabel.client import MONAILabelClient
 
-    from lib.inference import denoise_array, find_weights, load_denoiser
+    from lib.weights import find_weights
+
+    from lib.predict import denoise_array, load_denoiser
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="server_bench_"))

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,15 +48,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = REPO_ROOT / "apps" / "adl_denoise"
-for _p in (str(APP_DIR), str(REPO_ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
-from bench.harness import describe_machine, evaluate, machine_line, results_markdown  # noqa: E402
-from bench.learned import from_weights  # noqa: E402
-from bench.pairs import CT_ADDED_NOISE_HU, CT_FILTER, heldout_ct_pair  # noqa: E402
+from bench.harness import describe_machine, evaluate, machine_line, results_markdown
+from bench.learned import from_weights
+from bench.pairs import CT_ADDED_NOISE_HU, CT_FILTER, heldout_ct_pair
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "tddl_domain_shift"
 DEFAULT_CLEAN = REPO_ROOT / ".cache" / "training" / "ct"
@@ -79,7 +75,7 @@ def train(name: str, make_source: Callable[[], Any], out: Path, args, steps: int
     """Train (or fine-tune) a GCN on ``make_source()``; writes and returns ``out/<name>.pt``. A file already there
     is reused (unless ``--retrain``) without building its training pool."""
     from lib.data import ADLPatchDataset
-    from lib.training import GCNTrainingConfig, export_weights, scaling_rule_for, train_gcn
+    from lib.engines import GCNTrainingConfig, export_weights, scaling_rule_for, train_gcn
 
     path = out / f"{name}.pt"
     if path.is_file() and not args.retrain:

@@ -30,11 +30,11 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "apps" / "adl_denoise"))
 
-from lib.imaging import Volume, read_volume, write_volume  # noqa: E402
-from lib.noise import LowDoseCTSettings, ParallelBeamGeometry, add_rician_noise, simulate_low_dose_ct  # noqa: E402
+from lib.imaging import Volume, read_volume, write_volume
+from lib.noise import LowDoseCTSettings, ParallelBeamGeometry, add_rician_noise, simulate_low_dose_ct
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_OUT = REPO_ROOT / "sample_data" / "studies"
 INVESALIUS_PROJECT = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")

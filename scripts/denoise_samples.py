@@ -15,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "apps" / "adl_denoise"))
 
-from lib.evaluation import CT_WINDOWS, psnr, ssim  # noqa: E402
-from lib.imaging import read_volume  # noqa: E402
-from lib.inference import find_weights  # noqa: E402
+from lib.evaluation import CT_WINDOWS, psnr, ssim
+from lib.imaging import read_volume
+from lib.weights import find_weights
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 STUDIES = REPO_ROOT / "sample_data" / "studies"
 OUTPUT = REPO_ROOT / "sample_data" / "output"

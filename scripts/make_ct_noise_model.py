@@ -21,13 +21,12 @@ Run (about 10 minutes on one CPU thread)::
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT / "apps" / "adl_denoise"), str(REPO_ROOT)]
 
-from bench.heldout import assert_not_heldout  # noqa: E402
+from bench.heldout import assert_not_heldout
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_INPUT = REPO_ROOT / ".cache" / "training" / "ct" / "ct_thorax_philips_2mm_every3.nii.gz"
 DEFAULT_OUTPUT = REPO_ROOT / "apps" / "adl_denoise" / "model" / "pretrained_noise_model_ct.pt"

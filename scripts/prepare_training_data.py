@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT / "apps" / "adl_denoise"), str(REPO_ROOT)]
 
-from bench.heldout import assert_not_heldout  # noqa: E402
-from lib.denoisers import denoise_classical  # noqa: E402
-from lib.imaging import read_volume, write_volume  # noqa: E402
+from bench.heldout import assert_not_heldout
+from lib.denoisers import denoise_classical
+from lib.imaging import read_volume, write_volume
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
 SAMPLES = REPO_ROOT / "sample_data" / "studies"

@@ -20,7 +20,7 @@ import sys
 sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)
 PY
 
-stamp_hash="$(cat "$ROOT/requirements.txt" "$ROOT/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1)"
+stamp_hash="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" "$ROOT/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$VENV/.installed" && "$(cat "$VENV/.installed")" == "$stamp_hash" ]]; then
   exit 0
 fi
@@ -46,5 +46,10 @@ fi
 echo "[setup] installing requirements.txt"
 "${PIP[@]}" install -q -r "$ROOT/requirements.txt"
 "${PIP[@]}" install -q --no-deps "monailabel==$MONAILABEL_VERSION"
+echo "[setup] installing this project in editable mode (pyproject.toml: lib, bench, ADLDenoiseLib)"
+# (setuptools' editable build prints a long warning about same-named folders; kept in a log unless it fails)
+"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT" >"$VENV/editable-install.log" 2>&1 \
+  || { cat "$VENV/editable-install.log" >&2; echo "error: the editable install of the project failed" >&2; exit 1; }
+"$VENV/bin/python" -c "import lib, bench, ADLDenoiseLib" || { echo "error: the editable install of the project failed" >&2; exit 1; }
 "$VENV/bin/python" -c "import torch, monai, SimpleITK, pydicom, monailabel; print('[setup] torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu', '| monai', monai.__version__, '| monailabel', monailabel.__version__)"
 echo "$stamp_hash" > "$VENV/.installed"

@@ -1,4 +1,4 @@
-"""Shared pytest set-up: the app package on sys.path, locations of real data.
+"""Shared pytest set-up: locations of real data (the project's packages are installed in editable mode).
 
 There is deliberately no tests/__init__.py: the monailabel wheel installs a top-level ``tests`` package
 into site-packages, and a package of the same name here would collide with it.
@@ -6,16 +6,12 @@ into site-packages, and a package of the same name here would collide with it.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = REPO_ROOT / "apps" / "adl_denoise"
-for path in (str(APP_DIR), str(REPO_ROOT)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
 # Keep the 2-core CI machine responsive: one BLAS/torch thread pool per test process.
 os.environ.setdefault("OMP_NUM_THREADS", "2")

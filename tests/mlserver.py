@@ -38,7 +38,7 @@ def make_tiny_weights(model_dir: Path, steps: int = 25) -> Path:
     import torch
 
     from lib.data import ADLPatchDataset, SyntheticNoiseSource
-    from lib.training import (ADLTrainingConfig, GCNTrainingConfig, export_weights, scaling_rule_for, train_adl,
+    from lib.engines import (ADLTrainingConfig, GCNTrainingConfig, export_weights, scaling_rule_for, train_adl,
                               train_gcn)
 
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ def test_residual_denoiser_starts_as_the_identity_and_learns_a_correction(dims):
 
 @pytest.mark.parametrize("residual", [True, False])
 def test_bfloat16_autocast_output_stays_float32_and_close_to_float32(residual):
-    """lib.precision runs the network under bfloat16 autocast on CPUs with native bfloat16: the heads' sigmoid (and
+    """lib.runtime.precision runs the network under bfloat16 autocast on CPUs with native bfloat16: the heads' sigmoid (and
     the residual heads' input logit) must stay float32, or the image itself would be rounded to bfloat16 (8
     mantissa bits: ~1/256 of the value, 4 HU in soft tissue)."""
     model = EfficientUNetDenoiser(residual=residual, **TINY).eval()
@@ -229,7 +229,7 @@ def test_cuda_forward():
 
 
 def test_precision_policy_per_device():
-    from lib.precision import autocast_dtype, autocast_for, cpu_has_native_bf16
+    from lib.runtime.precision import autocast_dtype, autocast_for, cpu_has_native_bf16
 
     assert autocast_dtype("cuda") == torch.float16
     assert autocast_dtype("cpu") == (torch.bfloat16 if cpu_has_native_bf16() else None)

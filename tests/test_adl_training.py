@@ -22,9 +22,9 @@ import torch.nn as nn
 from conftest import APP_DIR, REPO_ROOT
 
 from lib.data import ADLPatchDataset, PairedFolderSource, SyntheticNoiseSource, ValidationPair, discover_images
-from lib.inference import LoadedDenoiser, denoise_array, load_denoiser
+from lib.predict import LoadedDenoiser, denoise_array, load_denoiser
 from lib.networks import EfficientUNetDenoiser, pad_to_multiple
-from lib.training import ADLTrainingConfig, build_networks, export_weights, load_checkpoint, train_adl
+from lib.engines import ADLTrainingConfig, build_networks, export_weights, load_checkpoint, train_adl
 
 CLI = APP_DIR / "cli.py"
 TINY = dict(filters=(8, 12, 16, 20), disc_filters=(4, 8, 8, 8), enhancer_filters=4)
@@ -245,7 +245,7 @@ def test_resume_continues_exactly(ct_dataset, tmp_path):
 
 
 def test_batch_norm_recalibration_gives_the_plain_average_of_the_batch_statistics():
-    from lib.training.batch_norm import recalibrate_batch_norm
+    from lib.engines.batch_norm import recalibrate_batch_norm
 
     torch.manual_seed(0)
     network = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1),
@@ -279,8 +279,8 @@ def test_batch_norm_recalibration_gives_the_plain_average_of_the_batch_statistic
 
 
 def test_training_ends_with_recalibrated_batch_norm_statistics_and_validates_them(ct_dataset, ct_source, tmp_path):
-    from lib.training.adl_trainer import _Dist, _dataset_batches
-    from lib.training.batch_norm import batch_norm_layers, recalibrate_batch_norm
+    from lib.engines.adl_training import _Dist, _dataset_batches
+    from lib.engines.batch_norm import batch_norm_layers, recalibrate_batch_norm
 
     pairs = ct_source.validation_pairs()
     common = dict(steps_d_warmup=0, steps_adversarial=2, validation_every=1, amp=False)  # float32: exact comparison
@@ -358,7 +358,7 @@ def test_2p5d_network_starts_as_the_2d_one_and_learns_from_the_neighbouring_slic
     """--slices 3: adjacent slices as input channels. A 2D weight file starts it as exactly the 2D network (the
     neighbours' input weights start at zero); training then uses the neighbours; inference feeds the stacks."""
     from conftest import SAMPLE_STUDIES
-    from lib.training.adl_trainer import load_initial_weights
+    from lib.engines.adl_training import load_initial_weights
 
     slab = sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz"))[96:160, 96:160, 40:46]
     path = tmp_path / "slab.nii.gz"
@@ -409,7 +409,7 @@ def test_2p5d_network_starts_as_the_2d_one_and_learns_from_the_neighbouring_slic
     assert denoise_array(loaded, noisy[3], "CT").shape == (64, 64)  # a single slice: itself as its neighbours
 
     # the app's fine-tuning keeps the 2.5D network and trains it on slice stacks
-    from lib.training.finetune import FineTuneSettings, fine_tune
+    from lib.engines.gated_fine_tuning import FineTuneSettings, fine_tune
 
     tuned = fine_tune(tmp_path / "w25d.pt", source, source.validation_pairs(), tmp_path / "tuned.pt",
                       FineTuneSettings(steps=4, patch_size=32, batch_size=2, device="cpu"))
@@ -425,7 +425,7 @@ def test_2p5d_network_starts_as_the_2d_one_and_learns_from_the_neighbouring_slic
 def test_a_3_slice_network_starts_a_5_slice_one_as_itself(tmp_path):
     """--slices 5 fine-tuned from 3-slice weights: the kernels stay on the centre three channels, the outer two
     start at zero, so before any training the wider network gives exactly the narrower one's output."""
-    from lib.training.adl_trainer import load_initial_weights
+    from lib.engines.adl_training import load_initial_weights
 
     torch.manual_seed(0)
     three = tiny_config(modality="MR", slices=3)
@@ -475,7 +475,7 @@ def test_orthogonal_planes_average_the_axial_coronal_and_sagittal_passes():
 
 
 def test_the_app_averages_orthogonal_planes_only_for_2d_adl_on_near_isotropic_mr_volumes():
-    from lib.inference import uses_orthogonal_planes
+    from lib.predict import uses_orthogonal_planes
     from lib.networks import GCNDenoiser
 
     adl_2d = build_networks(tiny_config(modality="MR", slices=3))[0]
@@ -747,12 +747,11 @@ def test_cli_fine_tunes_from_initial_weights_on_one_ct_filter(tmp_path, ct_crop)
 
 # ----------------------------------------------------------------------------------------------- multi-process
 DDP_SCRIPT = textwrap.dedent("""
-    import os, sys
-    sys.path[:0] = [{app!r}, {repo!r}]
+    import os
     import torch
     torch.set_num_threads(1)
     from lib.data import ADLPatchDataset, SyntheticNoiseSource
-    from lib.training import ADLTrainingConfig, train_adl
+    from lib.engines import ADLTrainingConfig, train_adl
     source = SyntheticNoiseSource([{image!r}], "CT", noise="gaussian", seed=0, progress=False)
     dataset = ADLPatchDataset(source, 2, 32, samples_per_epoch=8, seed=0)
     config = ADLTrainingConfig(modality="CT", filters=(8, 12, 16, 20), disc_filters=(4, 8, 8, 8), enhancer_filters=4,

@@ -1,4 +1,4 @@
-"""lib.cpu_memory: the CPU path reuses freed feature-map memory instead of faulting in fresh pages.
+"""lib.runtime.cpu_memory: the CPU path reuses freed feature-map memory instead of faulting in fresh pages.
 
 Each check denoises the 512 x 512 sample quarter-dose CT slice twice with the shipped ADL weights in a fresh
 interpreter (the allocator settings are process-wide and applied once) and counts the page faults of the second
@@ -16,10 +16,9 @@ from conftest import APP_DIR, SAMPLE_STUDIES
 
 _PROBE = """
 import resource, sys
-sys.path.insert(0, sys.argv[1])
-from lib.cpu_memory import keep_freed_cpu_memory
+from lib.runtime.cpu_memory import keep_freed_cpu_memory
 from lib.imaging import read_volume
-from lib.inference import denoise_array, load_denoiser
+from lib.predict import denoise_array, load_denoiser
 model = load_denoiser(sys.argv[1] + "/model/pretrained_adl_ct.pt")
 noisy = read_volume(sys.argv[2], modality="CT").array
 first = denoise_array(model, noisy, device="cpu")

@@ -20,7 +20,7 @@ import torch.nn as nn
 from conftest import APP_DIR
 
 from lib.data import ADLPatchDataset, SyntheticNoiseSource
-from lib.inference import denoise_array, load_denoiser
+from lib.predict import denoise_array, load_denoiser
 from lib.networks import (
     DENOISER_NETWORKS,
     EdgeConditionedGraphConv,
@@ -29,7 +29,7 @@ from lib.networks import (
     window_offsets,
     windowed_knn,
 )
-from lib.training import GCNTrainingConfig, export_weights, load_gcn_checkpoint, train_gcn
+from lib.engines import GCNTrainingConfig, export_weights, load_gcn_checkpoint, train_gcn
 
 CLI = APP_DIR / "cli.py"
 TINY = dict(features=8, k=8, search_window=7, n_blocks=1, layers_per_block=1, rank=2)
@@ -464,12 +464,11 @@ def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- multi-process
 DDP_SCRIPT = """
-import os, sys
-sys.path[:0] = [{app!r}, {repo!r}]
+import os
 import torch
 torch.set_num_threads(1)
 from lib.data import ADLPatchDataset, SyntheticNoiseSource
-from lib.training import GCNTrainingConfig, train_gcn
+from lib.engines import GCNTrainingConfig, train_gcn
 source = SyntheticNoiseSource([{image!r}], "CT", noise="gaussian", seed=0, progress=False)
 dataset = ADLPatchDataset(source, 2, 24, samples_per_epoch=8, seed=0)
 config = GCNTrainingConfig(features=8, k=8, search_window=7, n_blocks=1, layers_per_block=1, rank=2, batch_size=2,

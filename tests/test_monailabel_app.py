@@ -130,7 +130,7 @@ def test_classical_baseline_serves_without_weights_and_improves_the_low_dose_inp
 
 
 def test_infer_upload_of_a_non_ras_volume_comes_back_on_its_own_grid_unflipped(client, server, tmp_path):
-    from lib.inference import denoise_array, load_denoiser
+    from lib.predict import denoise_array, load_denoiser
 
     image = sitk.ReadImage(str(server.studies / "ct_slab_b.nii.gz"))
     oblique = sitk.Image(image)
@@ -164,7 +164,7 @@ def test_infer_by_session_mr_nrrd_and_ct_int16(client, server):
 
 
 def test_a_1mm_mr_block_is_denoised_over_its_three_orthogonal_planes(client, server, tmp_path):
-    from lib.inference import denoise_array, load_denoiser
+    from lib.predict import denoise_array, load_denoiser
 
     block = write_crop(SAMPLE_STUDIES / "mr_head_colin27_rician5.nii.gz", tmp_path / "mr_block.nii.gz",
                        z=slice(70, 102), yx=(slice(60, 108), slice(50, 90)))  # 32 x 48 x 40 at 1 mm

@@ -10,9 +10,9 @@ from conftest import APP_DIR, SAMPLE_STUDIES
 from lib.data import check_not_heldout
 from lib.evaluation.metrics import CT_WINDOWS, psnr
 from lib.imaging import read_volume
-from lib.inference import denoise_array, load_denoiser, uses_orthogonal_planes
+from lib.predict import denoise_array, load_denoiser, uses_orthogonal_planes
 from lib.noise_learning import NoiseModel
-from lib.precision import cpu_has_native_bf16
+from lib.runtime.precision import cpu_has_native_bf16
 
 MODEL_DIR = APP_DIR / "model"
 SOFT_TISSUE = CT_WINDOWS["soft_tissue"]
@@ -88,7 +88,7 @@ def test_shipped_adl_mr_weights_denoise_the_sample_rician_slice() -> None:
 
 
 def test_shipped_adl_mr_weights_gain_from_the_orthogonal_plane_average_on_the_sample_mr_volume() -> None:
-    """The app's default for a 1 mm MR volume (lib.inference.uses_orthogonal_planes): the mean of the axial,
+    """The app's default for a 1 mm MR volume (lib.predict.uses_orthogonal_planes): the mean of the axial,
     coronal and sagittal passes beats the axial pass alone. Colin27 is a training subject (another noise
     realisation here); the held-out brain's figures are in bench/README.md."""
     loaded = load_denoiser(MODEL_DIR / "pretrained_adl_mr.pt", device="cpu")

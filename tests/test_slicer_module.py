@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -18,10 +17,8 @@ import SimpleITK as sitk
 from conftest import REPO_ROOT, SAMPLE_STUDIES
 from mlserver import assert_same_geometry, free_port, make_tiny_weights, start_server, stop_server, write_crop
 
-MODULE_DIR = REPO_ROOT / "slicer_extension" / "ADLDenoise"
-sys.path.insert(0, str(MODULE_DIR))
 
-from ADLDenoiseLib import (  # noqa: E402
+from ADLDenoiseLib import (
     BackgroundTask,
     DenoiseServerClient,
     DenoiseServerError,
@@ -31,6 +28,8 @@ from ADLDenoiseLib import (  # noqa: E402
     roi_statistics,
     window_for,
 )
+
+MODULE_DIR = REPO_ROOT / "slicer_extension" / "ADLDenoise"
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -205,8 +204,10 @@ def test_mrml_logic_with_real_mrml_from_slicer_core():
     python = REPO_ROOT / ".venv-slicer" / "bin" / "python"
     if not python.exists():
         pytest.skip("no .venv-slicer (scripts/setup_slicer_env.sh could not install PyPI's slicer-core here)")
+    # Slicer puts a module's folder on sys.path; outside Slicer, PYTHONPATH does
+    env = dict(os.environ, PYTHONPATH=str(MODULE_DIR))
     result = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              str(MODULE_DIR / "Testing" / "Python" / "test_mrml_logic.py")],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "3 passed" in result.stdout

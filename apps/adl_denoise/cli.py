@@ -21,13 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-APP_DIR = Path(__file__).resolve().parent
-if str(APP_DIR) not in sys.path:
-    sys.path.insert(0, str(APP_DIR))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from lib.imaging import ImageReadError, ImageWriteError, Volume, read_volume, write_volume  # noqa: E402
+from lib.imaging import ImageReadError, ImageWriteError, Volume, read_volume, write_volume
 
 EXIT_BAD_INPUT = 2
 MODALITY_CHOICES = ("auto", "ct", "mr", "other")
@@ -213,7 +209,7 @@ def _min_max(text: str | None, name: str) -> tuple[float, float] | None:
 
 def _adl_weights_for(args: argparse.Namespace, modality: str | None) -> Path:
     """The weight file of the learned model ``args.model`` (adl, tddl_gcn): --weights, else the published or
-    shipped default for the modality (:func:`lib.inference.find_weights`)."""
+    shipped default for the modality (:func:`lib.weights.find_weights`)."""
     label = MODEL_LABELS[args.model]
     if args.weights:
         path = Path(args.weights).expanduser()
@@ -222,7 +218,7 @@ def _adl_weights_for(args: argparse.Namespace, modality: str | None) -> Path:
         return path
     if modality not in ("CT", "MR"):
         raise CommandError(f"cannot tell whether {args.input} is CT or MR: give --modality ct|mr (or --weights)")
-    from lib.inference import candidate_weights, find_weights
+    from lib.weights import candidate_weights, find_weights
 
     path = find_weights(args.model, modality)
     if path is not None:
@@ -237,7 +233,7 @@ def _adl_weights_for(args: argparse.Namespace, modality: str | None) -> Path:
 
 
 def _denoise_adl(volume: Volume, args: argparse.Namespace, device: str) -> np.ndarray:
-    from lib.inference import denoise_array, load_denoiser, uses_orthogonal_planes
+    from lib.predict import denoise_array, load_denoiser, uses_orthogonal_planes
 
     modality = volume.modality if volume.modality in ("CT", "MR") else None
     path = _adl_weights_for(args, modality)
@@ -297,7 +293,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     volume = _read_input(args)
     device = _resolve_device(args.device)  # fail early on an unavailable GPU, before any work
     if args.model == AUTO_MODEL:
-        from lib.inference import find_weights
+        from lib.weights import find_weights
 
         has_adl = args.weights or (volume.modality in ("CT", "MR") and find_weights(ADL_MODEL, volume.modality))
         args.model = ADL_MODEL if has_adl else "bm3d"
@@ -399,7 +395,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from lib.data import ADLPatchDataset, PairedFolderSource, SyntheticNoiseSource, check_not_heldout
-    from lib.training import ADLTrainingConfig, train_adl
+    from lib.engines import ADLTrainingConfig, train_adl
 
     rank = int(os.environ.get("RANK", "0"))
     main_rank = rank == 0
@@ -574,8 +570,8 @@ def _train_gcn(args: argparse.Namespace, source, dataset, val_pairs: list, noise
                checkpoint_dir: Path, modality: str, device: str, patch_size, main_rank: bool,
                initial_weights: Path | None = None) -> int:
     """`train --model tddl_gcn`: the data were prepared by cmd_train (pseudo pairs from --noise-model, simulated
-    noise or real pairs); supervised training (lib.training.train_gcn) and weight export."""
-    from lib.training import GCNTrainingConfig, train_gcn
+    noise or real pairs); supervised training (lib.engines.train_gcn) and weight export."""
+    from lib.engines import GCNTrainingConfig, train_gcn
 
     try:
         config = GCNTrainingConfig(
@@ -610,7 +606,7 @@ def _train_gcn(args: argparse.Namespace, source, dataset, val_pairs: list, noise
 def _export_trained(result, network, output: Path, config, modality: str, source, noise_kind: str, patch_size,
                     val_pairs: list, initial_weights: Path | None = None) -> int:
     """Write the trained network as a small weight file with its training record, and report validation."""
-    from lib.training import export_weights, scaling_rule_for
+    from lib.engines import export_weights, scaling_rule_for
 
     record = result.training_record()
     record["data"] = {"noise": noise_kind, "images": [v.name for v in source.volumes],

@@ -25,8 +25,8 @@ from monailabel.utils.others.generic import strtobool
 
 from lib.activelearning import NextUnreviewed, has_image, record_result
 from lib.configs import MODEL_CONFIGS
-from lib.inference import MODEL_DIR
-from lib.inference.model_store import ModelStore
+from lib.weights import MODEL_DIR
+from lib.weights.store import ModelStore
 from lib.pacs import PacsStoreError, is_dicomweb, series_folder, store_derived_series
 
 logger = logging.getLogger(__name__)

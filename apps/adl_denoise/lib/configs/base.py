@@ -8,7 +8,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
 
-from ..inference.model_store import ModelStore
+from ..weights.store import ModelStore
 from ..infers.denoise import DenoiseInferTask
 from ..trainers.finetune import DenoiserTrainTask
 

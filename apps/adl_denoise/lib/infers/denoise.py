@@ -4,7 +4,7 @@ Image-to-image, so it does not use MONAI Label's segmentation pipeline (LoadImag
 Restored -> Writer): that pipeline needs workarounds for today's monai (``image_path`` under Spacingd, a
 non-RAS input coming back flipped, a uint8 cast requested by the official Slicer plugin; see
 ``shared/notes/monailabel.md``). Instead :func:`lib.imaging.read_volume` reads the request's image (NIfTI, NRRD,
-MHA, a DICOM file or series folder), :func:`lib.inference.denoise_array` denoises it with bounded memory
+MHA, a DICOM file or series folder), :func:`lib.predict.denoise_array` denoises it with bounded memory
 (slice-wise or 3D sliding window), and :func:`lib.imaging.write_volume` writes the result on exactly the input's
 grid (spacing, origin, direction, any orientation), CT in HU.
 
@@ -34,8 +34,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..imaging import ImageReadError, ImageWriteError, guess_modality, read_volume, write_volume
-from ..inference import denoise_array, load_denoiser, resolve_device, uses_orthogonal_planes
-from ..inference.model_store import ModelStore, WeightsVersion
+from ..predict import denoise_array, load_denoiser, resolve_device, uses_orthogonal_planes
+from ..weights.store import ModelStore, WeightsVersion
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class DenoiseInferTask(InferTask):
         model: ``"adl"`` or ``"tddl_gcn"``.
         method: what the method is, for ``/info``.
         modalities: the modalities this model may serve (weights are looked up per modality).
-        store: the :class:`~lib.inference.model_store.ModelStore` of the app's model folder.
+        store: the :class:`~lib.weights.store.ModelStore` of the app's model folder.
         device: ``auto`` (GPU when present), ``cpu`` or ``cuda``.
         default_modality: used when the request says ``auto`` and the file carries no DICOM modality
             (``auto``: guessed from the values, HU-like -> CT).
@@ -189,7 +189,7 @@ class DenoiseInferTask(InferTask):
                 ) -> tuple[np.ndarray, dict]:
         """Denoise ``array`` (modality units, voxel ``spacing`` in mm) with the weights served now; returns the
         result and ``{"weights_version", "weights_sha256", "planes"}`` (``planes``: "slices" slice by slice,
-        "orthogonal" the mean over the three orthogonal planes where :func:`lib.inference.uses_orthogonal_planes`
+        "orthogonal" the mean over the three orthogonal planes where :func:`lib.predict.uses_orthogonal_planes`
         says so, "volume" for a 3D network). HTTP 404 when no weights are installed for ``modality``."""
         served = self.store.served(self.model, modality)
         if served is None:

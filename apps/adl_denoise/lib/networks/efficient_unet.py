@@ -194,7 +194,7 @@ class EfficientUNetDenoiser(nn.Module):
         slice_context: 2D only: the input is a slice with ``slice_context`` neighbours on either side as channels
             (``in_channels = 2 * slice_context + 1``; "2.5D"), the output its centre slice. The neighbours carry
             independent noise over nearly the same anatomy, which a single slice cannot offer, at the cost of
-            the first convolutions only. :func:`lib.inference.denoise_array` feeds the stacks (reads this
+            the first convolutions only. :func:`lib.predict.denoise_array` feeds the stacks (reads this
             attribute); 0 (default): plain 2D, as in the paper.
 
     Input: (B, in_channels, *spatial), intensities scaled to [0, 1], every spatial size divisible by 8

@@ -47,7 +47,7 @@ tiling of the image (with its seams and halos) is needed; results do not depend 
 
 Cost of the defaults (features 32, 2 blocks x 2 layers, k 16, rank 4; 67.5 k parameters), measured on one
 CPU thread (AMD EPYC, the machine's other core busy, so these are upper bounds), one 512x512 CT slice
-through :func:`lib.inference.denoise_array`: search window 21: 9.5 s, peak RSS +0.56 GB over the loaded
+through :func:`lib.predict.denoise_array`: search window 21: 9.5 s, peak RSS +0.56 GB over the loaded
 libraries; window 49: 16 s, +0.54 GB; 3 linked slices (``link_slices``), window 21: 29 s per output slice,
 +1.5 GB. About 30 % of the time is the top-k selection of the k-NN search, 25 % the neighbour gathering of
 the graph convolutions. A training step (batch 8, 48x48 patches, window 21) takes 1.2 s and ~1.1 GB (3
@@ -283,7 +283,7 @@ class GCNDenoiser(nn.Module):
     """
 
     spatial_dims = 2
-    #: no down-sampling: any image size works (lib.inference pads to multiples of this)
+    #: no down-sampling: any image size works (lib.predict pads to multiples of this)
     size_multiple = 1
 
     def __init__(

@@ -2,10 +2,10 @@
 
 Design (documented deviation from ``BasicTrainTask``): MONAI Label's ignite trainer is built for segmentation
 (Dice metrics, label transforms, publishing whatever is best *within* a run). Denoising needs its own loop, so
-this task drives the project's trainers (:mod:`lib.training`), which already implement ADL's alternating
+this task drives the project's trainers (:mod:`lib.engines`), which already implement ADL's alternating
 G / D steps with the adversarial term reaching G (the role of ``train_iteration_update``), resumable checkpoints,
-mixed precision and DDP. Around them, :mod:`lib.training.finetune` fixes the validation set before the run and
-publishes through :class:`lib.inference.model_store.ModelStore` only a model no worse than the served one.
+mixed precision and DDP. Around them, :mod:`lib.engines.gated_fine_tuning` fixes the validation set before the run and
+publishes through :class:`lib.weights.store.ModelStore` only a model no worse than the served one.
 
 Modes (request ``mode``):
 
@@ -40,8 +40,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..data.datasets import PairedFolderSource
 from ..imaging import read_volume, write_volume
-from ..inference.model_store import ModelStore
-from ..training.finetune import (
+from ..weights.store import ModelStore
+from ..engines.gated_fine_tuning import (
     decide_publication,
     finite_or_none,
     fine_tune,
@@ -248,7 +248,7 @@ class DenoiserTrainTask(TrainTask):
                                    "validation_images": val_ids}
 
     def _adaptation_data(self, datastore: Datastore, served_path: Path, work: Path, resolved: dict):
-        from ..inference import denoise_array, load_denoiser
+        from ..predict import denoise_array, load_denoiser
         from ..noise_learning import LearnedNoiseSource
         from ..noise_learning.workflow import learn_noise_model
 

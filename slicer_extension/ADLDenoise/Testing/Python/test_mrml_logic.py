@@ -6,7 +6,6 @@ difference and blended volumes, ROI statistics inside a markups ROI. Run inside 
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import unittest
 from pathlib import Path
@@ -14,14 +13,12 @@ from pathlib import Path
 import numpy as np
 import slicer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the module folder (ADLDenoiseLib)
-
 if getattr(slicer, "mrmlScene", None) is None:  # slicer-core: no application, so make the scene slicer.util uses
     slicer.mrmlScene = slicer.vtkMRMLScene()
 
 import nrrd  # noqa: E402  (pynrrd: read what Slicer wrote, independently of Slicer)
 
-from ADLDenoiseLib.mrml import (  # noqa: E402
+from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene made above)
     blended_volume,
     difference_volume,
     export_volume,

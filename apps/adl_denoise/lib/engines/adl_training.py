@@ -10,7 +10,7 @@ Phases, run in this order over one global step counter:
    adversarial term added (D's parameters frozen for that update), both at ``lr_adversarial``.
 
 After the last step G's batch-norm statistics are recomputed over ``bn_recalibration_batches`` further training
-batches (:mod:`lib.training.batch_norm`: the moving averages trail the weights) and the run is validated again.
+batches (:mod:`lib.engines.batch_norm`: the moving averages trail the weights) and the run is validated again.
 
 Each phase starts a ``StepLR`` schedule (``lr_step_size`` steps, ``lr_gamma``) from its base learning rate;
 the Adam moments carry over between phases of the same network.
@@ -21,7 +21,7 @@ it), the RNG states, the loss history and the validation record; ``train_adl(...
 exactly where it stopped: the data are addressed by global sample id (:class:`lib.data.ADLPatchDataset`
 items depend only on ``(seed, id)``), so no sampler state is needed.
 
-Mixed precision (``config.amp``, :mod:`lib.precision`): ``torch.autocast`` fp16 + ``GradScaler`` on CUDA, bfloat16
+Mixed precision (``config.amp``, :mod:`lib.runtime.precision`): ``torch.autocast`` fp16 + ``GradScaler`` on CUDA, bfloat16
 on a CPU with native bfloat16 (3.6x faster steps with AMX, 2.1x with AVX512-BF16 alone), float32 on other CPUs. Networks and
 batches are kept channels-last (NHWC / NDHWC). Multi-GPU: launched with
 ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised (NCCL on CUDA, Gloo on CPU), G and D are
@@ -30,7 +30,7 @@ wrapped in ``DistributedDataParallel``, every rank draws its own sample ids (ran
 
 :func:`export_weights` writes the small file shipped to users (fp16 state dict of G without its training-only
 heads, network arguments, modality, intensity rule, version, training record); read it with
-:func:`lib.inference.load_denoiser`.
+:func:`lib.predict.load_denoiser`.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ from ..data.datasets import ValidationPair
 from ..data.intensity import CT_RANGE_HU, MR_HEADROOM, MR_PERCENTILE
 from ..losses import ADLDenoiserLoss, discriminator_hinge_loss, generator_adversarial_loss
 from ..networks import EfficientUNetDenoiser, EfficientUNetDiscriminator
-from ..precision import autocast_dtype, autocast_for
+from ..runtime.precision import autocast_dtype, autocast_for
 from .batch_norm import batch_norm_layers, recalibrate_batch_norm
 
 __all__ = [
@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 PHASES = ("g_warmup", "d_warmup", "adversarial")
 CHECKPOINT_FORMAT = "adl-training-checkpoint"
 CHECKPOINT_VERSION = 1
-WEIGHTS_FORMAT = "adl-denoiser-weights"  # same value as lib.inference.WEIGHTS_FORMAT
+WEIGHTS_FORMAT = "adl-denoiser-weights"  # same value as lib.weights.WEIGHTS_FORMAT
 WEIGHTS_VERSION = 1
 #: Display windows of the validation PSNR (CT in HU); MR uses 0 .. the clean image's maximum.
 CT_VALIDATION_WINDOW = (-160.0, 240.0)
@@ -101,12 +101,12 @@ class ADLTrainingConfig:
     Loss: ``lambda_l1``, ``lambda_pyramid``, ``lambda_histogram``, ``lambda_adversarial`` (see
     :class:`lib.losses.ADLDenoiserLoss`).
     Run: ``modality`` ("CT"/"MR"), ``amp`` (mixed precision: fp16 autocast + GradScaler on CUDA, bfloat16 on a CPU
-    with native bfloat16, see :mod:`lib.precision`), ``seed``, ``device``
+    with native bfloat16, see :mod:`lib.runtime.precision`), ``seed``, ``device``
     ("auto", "cpu", "cuda", "cuda:1"), ``checkpoint_dir`` (None: no checkpoints), ``checkpoint_every``,
     ``keep_all_checkpoints`` (also keep ``step_0000500.pt`` ... besides ``last.pt``),
     ``validation_every`` (steps; 0 = only at the end), ``val_roi_size`` (sliding window of validation),
     ``bn_recalibration_batches`` (after the last step, G's batch-norm statistics are recomputed over this many
-    further training batches, at most ``total_steps``: :mod:`lib.training.batch_norm`; 0 keeps the moving averages).
+    further training batches, at most ``total_steps``: :mod:`lib.engines.batch_norm`; 0 keeps the moving averages).
     """
 
     modality: str = "CT"
@@ -401,7 +401,7 @@ def load_initial_weights(network: nn.Module, path: str | os.PathLike,
     Raises:
         ValueError: the file holds another network.
     """
-    from ..inference.denoise import load_denoiser
+    from ..predict import load_denoiser
 
     loaded = load_denoiser(path, device="cpu")
     target = _unwrap(network)
@@ -481,7 +481,7 @@ def export_weights(
     training_record: dict | None = None,
     half: bool = True,
 ) -> Path:
-    """Write the weight file shipped to users; read it with :func:`lib.inference.load_denoiser`.
+    """Write the weight file shipped to users; read it with :func:`lib.predict.load_denoiser`.
 
     Contents (a ``torch.save`` dict, loadable with ``weights_only=True``): ``format``
     (``"adl-denoiser-weights"``), ``version``, ``model`` (``config.model_name``: "adl", "tddl_gcn"),
@@ -493,7 +493,7 @@ def export_weights(
 
     ``config`` is an :class:`ADLTrainingConfig` or any configuration with ``network_class``,
     ``network_kwargs()``, ``model_name``, ``modality`` and ``spatial_dims`` (e.g.
-    :class:`lib.training.GCNTrainingConfig`).
+    :class:`lib.engines.GCNTrainingConfig`).
     """
     import monai
 
@@ -607,7 +607,7 @@ def _as_pairs(val_pairs: Sequence | None, modality: str) -> list[ValidationPair]
 def _validate(generator: nn.Module, pairs: list[ValidationPair], config: ADLTrainingConfig, device: torch.device,
               step: int) -> dict:
     from ..evaluation import psnr
-    from ..inference import denoise_array
+    from ..predict import denoise_array
 
     was_training = generator.training
     images = {}
@@ -781,7 +781,7 @@ def train_adl(
             ``IterableDataset`` restarts on resume.
         val_pairs: full images for validation: :class:`lib.data.ValidationPair` objects or ``(noisy, clean)``
             tuples in the modality's units; PSNR in the modality's window (CT [-160, 240] HU, MR 0..max)
-            through :func:`lib.inference.denoise_array`, every ``validation_every`` steps and at the end.
+            through :func:`lib.predict.denoise_array`, every ``validation_every`` steps and at the end.
         resume: a checkpoint file, or a checkpoint folder (its ``last.pt``), to continue from. The network
             arguments must match ``config``; the step counts may be raised to train on.
         progress: tqdm progress bar (rank 0).

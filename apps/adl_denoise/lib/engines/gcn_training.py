@@ -13,13 +13,13 @@ metal, and penalises the over-smoothing that MSE rewards (GCDN trained with MSE;
 Optimisation: Adam (``lr``, ``adam_betas``), step decay (``StepLR``: ``lr_step_size`` steps, ``lr_gamma``),
 optional gradient clipping; fp16 autocast + ``GradScaler`` on CUDA (the k-NN search itself always runs in
 float32). Under ``torchrun`` the network is wrapped in ``DistributedDataParallel``, each rank draws its own
-sample ids and rank 0 validates, logs and checkpoints, as in :mod:`lib.training.adl_trainer`.
+sample ids and rank 0 validates, logs and checkpoints, as in :mod:`lib.engines.adl_training`.
 
 Checkpoints (``checkpoint_dir/last.pt``, format ``"gcn-training-checkpoint"``) hold the network (class,
 arguments, state), the optimiser, the scheduler, the AMP scaler, the step, the RNG states, the loss history
 and the validation record: ``train_gcn(..., resume=path)`` continues exactly (the data are addressed by global
-sample id). :func:`lib.inference.load_denoiser` reads them as well as the exported weight files
-(:func:`lib.training.export_weights`, format ``"adl-denoiser-weights"``, network class ``"GCNDenoiser"``).
+sample id). :func:`lib.predict.load_denoiser` reads them as well as the exported weight files
+(:func:`lib.engines.export_weights`, format ``"adl-denoiser-weights"``, network class ``"GCNDenoiser"``).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..networks import GCNDenoiser
-from .adl_trainer import (
+from .adl_training import (
     _TrainingLoop,
     load_initial_weights,
     _as_pairs,
@@ -186,7 +186,7 @@ class GCNTrainingResult:
         return self.network
 
     def training_record(self) -> dict:
-        """A compact summary for :func:`lib.training.export_weights`."""
+        """A compact summary for :func:`lib.engines.export_weights`."""
         last = self.history[-1] if self.history else {}
         return {
             "model": GCNTrainingConfig.model_name,
@@ -233,7 +233,7 @@ def train_gcn(
         train_dataset: yields ``{"noisy", "clean"}`` of (slices, *patch) tensors in [0, 1] (e.g.
             :class:`lib.data.ADLPatchDataset` with ``slice_context = config.slices // 2``).
         val_pairs: full images for validation (:class:`lib.data.ValidationPair` or ``(noisy, clean)`` in the
-            modality's units), PSNR through :func:`lib.inference.denoise_array` every ``validation_every``
+            modality's units), PSNR through :func:`lib.predict.denoise_array` every ``validation_every``
             steps and at the end.
         resume: a checkpoint file or folder to continue from; the network arguments must match ``config``
             (``steps`` may be raised to train on).

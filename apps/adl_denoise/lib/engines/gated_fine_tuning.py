@@ -12,7 +12,7 @@ noise), but free of server code so it can be tested and run alone:
    (weight files do not carry D) followed by the adversarial phase, i.e. the paper's G / D alternation with
    the adversarial term reaching G; the TDDL-GCN supervised.
 4. :func:`decide_publication` publishes the candidate only when it is no worse than what is served, through
-   :class:`lib.inference.model_store.ModelStore` (atomic replace, previous versions kept).
+   :class:`lib.weights.store.ModelStore` (atomic replace, previous versions kept).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..data.datasets import ADLPatchDataset, ValidationPair
-from .adl_trainer import ADLTrainingConfig, export_weights, scaling_rule_for, train_adl, validation_window
-from .gcn_trainer import GCNTrainingConfig, train_gcn
+from .adl_training import ADLTrainingConfig, export_weights, scaling_rule_for, train_adl, validation_window
+from .gcn_training import GCNTrainingConfig, train_gcn
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,11 @@ def split_validation(names: Sequence[str], fraction: float = 0.25, salt: str = "
 def score_weights(weights, pairs: Sequence[ValidationPair], device: str = "cpu") -> dict:
     """Mean PSNR (dB) of a denoiser on full validation images, in each modality's window.
 
-    ``weights``: a weight file or a :class:`lib.inference.LoadedDenoiser`. Returns ``{"psnr", "psnr_input",
+    ``weights``: a weight file or a :class:`lib.predict.LoadedDenoiser`. Returns ``{"psnr", "psnr_input",
     "images": {name: {...}}}``, ``psnr_input`` being the noisy input's own score.
     """
     from ..evaluation import psnr
-    from ..inference import LoadedDenoiser, denoise_array, load_denoiser
+    from ..predict import LoadedDenoiser, denoise_array, load_denoiser
 
     loaded = weights if isinstance(weights, LoadedDenoiser) else load_denoiser(weights, device=device)
     images = {}
@@ -190,7 +190,7 @@ def fine_tune(
         progress: tqdm progress bars.
         on_scored: called with ``("baseline" | "candidate", score)`` as soon as each score is known.
     """
-    from ..inference import load_denoiser
+    from ..predict import load_denoiser
 
     settings = settings or FineTuneSettings()
     started = time.perf_counter()
@@ -229,7 +229,7 @@ def fine_tune(
 
 
 def decide_publication(result: FineTuneResult, store, model: str, modality: str, **details) -> dict:
-    """Publish ``result.candidate`` through ``store`` (:class:`lib.inference.model_store.ModelStore`) only if
+    """Publish ``result.candidate`` through ``store`` (:class:`lib.weights.store.ModelStore`) only if
     it scores no worse than the baseline on the fixed validation set; record the decision either way.
 
     Returns ``{"published": bool, "version": id or None, "baseline_psnr", "candidate_psnr", ...}``.

@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .denoise import find_weights
+from .lookup import find_weights
 
 __all__ = ["ModelStore", "WeightsVersion", "file_sha256"]
 
@@ -141,7 +141,7 @@ class ModelStore:
     # --- changes
     def publish(self, candidate: str | os.PathLike, model: str, modality: str, **details) -> WeightsVersion:
         """Serve ``candidate`` from now on: keep a copy under ``versions/`` and replace the served file
-        atomically. The caller decides whether the candidate deserves it (see ``lib.training.finetune``)."""
+        atomically. The caller decides whether the candidate deserves it (see ``lib.engines.gated_fine_tuning``)."""
         source = Path(candidate)
         with self._lock:
             sha = file_sha256(source)

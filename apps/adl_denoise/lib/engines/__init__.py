@@ -1,6 +1,6 @@
 """Training of the learned denoisers: ADL's three-phase adversarial training, the TDDL-GCN's supervised training,
 checkpoints and weight export."""
-from .adl_trainer import (
+from .adl_training import (
     CHECKPOINT_FORMAT,
     PHASES,
     ADLTrainingConfig,
@@ -14,7 +14,7 @@ from .adl_trainer import (
     train_adl,
     validation_window,
 )
-from .gcn_trainer import (
+from .gcn_training import (
     GCN_CHECKPOINT_FORMAT,
     GCNTrainingConfig,
     GCNTrainingResult,

@@ -1,7 +1,7 @@
 """Whole-image inference with a trained learned denoiser (ADL's Efficient-UNet or the TDDL-GCN): loading
 shipped weights, tiling, intensity units.
 
-:func:`load_denoiser` reads the small weight file written by :func:`lib.training.export_weights`
+:func:`load_denoiser` reads the small weight file written by :func:`lib.engines.export_weights`
 (fp16 state dict + network class and arguments + modality + training record; the class is looked up in
 :data:`lib.networks.DENOISER_NETWORKS`); :func:`denoise_array` denoises a slice or a volume in its own units
 (CT stays in HU):
@@ -32,18 +32,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..cpu_memory import keep_freed_cpu_memory
-from ..data.intensity import intensity_scaling_for
-from ..networks import DENOISER_NETWORKS, EfficientUNetDenoiser, pad_to_multiple
-from ..precision import autocast_dtype
+from .data.intensity import intensity_scaling_for
+from .networks import DENOISER_NETWORKS, EfficientUNetDenoiser, pad_to_multiple
+from .runtime.cpu_memory import keep_freed_cpu_memory
+from .runtime.precision import autocast_dtype
+from .weights.format import TRAINING_CHECKPOINT_FORMATS, WEIGHTS_FORMAT, WEIGHTS_VERSION
 
 __all__ = [
-    "MODEL_DIR",
-    "candidate_weights",
-    "find_weights",
     "DEFAULT_ROI_2D",
     "DEFAULT_ROI_3D",
-    "WEIGHTS_FORMAT",
     "LoadedDenoiser",
     "denoise_array",
     "load_denoiser",
@@ -52,10 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FORMAT = "adl-denoiser-weights"
-WEIGHTS_VERSION = 1
-#: Training checkpoints that load_denoiser also accepts (ADL: lib.training.adl_trainer, GCN: gcn_trainer).
-TRAINING_CHECKPOINT_FORMATS = ("adl-training-checkpoint", "gcn-training-checkpoint")
 DEFAULT_ROI_2D = (512, 512)
 DEFAULT_ROI_3D = (96, 96, 96)
 
@@ -94,30 +87,12 @@ class LoadedDenoiser:
         return self
 
 
-# Shipped and published weights of the app: model/pretrained_<model>_<modality>.pt is committed with the repo;
-# model/<model>_<modality>.pt is what a fine-tuning run publishes, and wins when present. The environment
-# variable ADL_MODEL_DIR points elsewhere (e.g. a deployment's writable weights folder).
-MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
-
-
-def candidate_weights(model_name: str, modality: str, model_dir: Path | None = None) -> list[Path]:
-    """Weight files for ``model_name`` ("adl", ...) and ``modality`` ("CT"/"MR"), best first: published, pretrained."""
-    folder = Path(model_dir) if model_dir is not None else Path(os.environ.get("ADL_MODEL_DIR", MODEL_DIR))
-    stem = f"{model_name.lower()}_{modality.lower()}"
-    return [folder / f"{stem}.pt", folder / f"pretrained_{stem}.pt"]
-
-
-def find_weights(model_name: str, modality: str, model_dir: Path | None = None) -> Path | None:
-    """The first existing file of :func:`candidate_weights`, or None."""
-    return next((path for path in candidate_weights(model_name, modality, model_dir) if path.is_file()), None)
-
-
 def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedDenoiser:
-    """Read a weight file written by :func:`lib.training.export_weights` (no network access).
+    """Read a weight file written by :func:`lib.engines.export_weights` (no network access).
 
     The tensors are mapped to the CPU first, fp16 weights are converted to float32, the network is rebuilt
     from the stored keyword arguments and the state dict loaded strictly. A training checkpoint
-    (:mod:`lib.training.adl_trainer`) is accepted too (its generator is used).
+    (:mod:`lib.engines.adl_training`) is accepted too (its generator is used).
 
     Raises:
         FileNotFoundError: no such file.
@@ -168,7 +143,7 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     spatial_dims = int(kwargs.get("spatial_dims", 2))
     if network_class is EfficientUNetDenoiser:
         # channels-last weights make the convolutions pick faster kernels: a 512 x 512 CT slice took 5.8 s instead of
-        # 7.6 s on one CPU thread (2-core AMD EPYC), identical output; in bfloat16 (lib.precision) 1.3 s instead of
+        # 7.6 s on one CPU thread (2-core AMD EPYC), identical output; in bfloat16 (lib.runtime.precision) 1.3 s instead of
         # 4.4 s (Intel Xeon with AMX). The 3D network gained nothing in float32 but halved its bfloat16 step time.
         network.to(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
     return LoadedDenoiser(network, spatial_dims, modality, metadata, dev, p)
@@ -260,7 +235,7 @@ def denoise_array(
         progress: tqdm progress bar.
         mode: MONAI blending of overlapping windows, ``"gaussian"`` (default, no seams) or ``"constant"``.
         amp: mixed precision: fp16 autocast on CUDA; bfloat16 for the 2D Efficient-UNet on a CPU with native
-            bfloat16 (:mod:`lib.precision`; 2-4x faster there, within a fraction of a HU of float32).
+            bfloat16 (:mod:`lib.runtime.precision`; 2-4x faster there, within a fraction of a HU of float32).
         orthogonal_planes: a 2D model on a volume: denoise it as stacks of axial, coronal and sagittal slices and
             return the voxel-wise mean of the three (3x the time; each plane's errors are partly independent of the
             others', so the mean is closer to the truth on near-isotropic volumes; see
@@ -317,7 +292,7 @@ def denoise_array(
     if sw_batch_size is None:
         sw_batch_size = 4 if dev.type == "cuda" else 1
     if dev.type == "cpu":
-        keep_freed_cpu_memory()  # large feature maps reuse heap memory instead of fresh mmaps (lib.cpu_memory)
+        keep_freed_cpu_memory()  # large feature maps reuse heap memory instead of fresh mmaps (lib.runtime.cpu_memory)
     # reduced precision: fp16 on CUDA; bfloat16 on a CPU with native bfloat16 for the 2D Efficient-UNet only (its
     # residual heads keep the input's logit and the sigmoid in float32; validated against float32 on CT). The GCN's
     # k-NN distances stay float32, and so does the 3D network, whose bfloat16 output was never validated: the all-NaN
