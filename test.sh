@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command: set up .venv (if missing), build the sample data, run the whole test suite.
+# One command: set up .venv (if missing), build the sample data, run the whole test suite (what CI runs).
+# Arguments go to pytest: ./test.sh -m "not slow" is the fast local loop (markers: pytest.ini).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 scripts/setup_env.sh

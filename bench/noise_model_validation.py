@@ -30,7 +30,7 @@ Outputs in ``--out`` (default ``bench/results/noise_model/``, git-ignored): ``re
 ``noise_comparison.png`` (NPS curves and std by band, generated vs real), ``example_slice.png`` (clean, real
 low dose, pseudo low dose of one validation slice), ``noise_model.pt``; simulations are cached in ``--cache``.
 
-Run (about 5-8 minutes on 2 busy CPU cores with the defaults)::
+Run (its duration is in ``bench/README.md``)::
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/noise_model_validation.py
 """
@@ -41,13 +41,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-
-from bench.heldout import assert_not_heldout, shared_data_dir
+from lib.data.heldout import assert_not_heldout, shared_data_dir
 from bench.pairs import cached_noisy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +164,7 @@ def _fmt(v, pct=False) -> str:
 
 def write_markdown(results: dict, path: Path) -> str:
     cmp, lines = results["comparison"], []
-    lines += [f"# TDDL noise model validation", "", f"**{NOTE}**", "",
+    lines += ["# TDDL noise model validation", "", f"**{NOTE}**", "",
               f"Command: `{results['command']}`  ", f"Machine: {results['machine']}  ",
               f"Settings of the 'real' low dose (hidden from the model): `{results['simulation_settings']}`  ",
               f"Training slices {results['train_slices']}, validation slices {results['val_slices']}, "
@@ -224,16 +222,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from bench.harness import describe_machine, machine_line
+    from lib.runtime.clock import Stopwatch
+    from lib.runtime.machine import describe_machine, machine_line
     from lib.noise_learning import NoiseModel, compare_noise, plot_noise_comparison
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     args.out.mkdir(parents=True, exist_ok=True)
     print(NOTE, flush=True)
     times = {}
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     case = load_case(args)
-    times["data"] = round(time.perf_counter() - t0, 1)
+    times["data"] = round(watch.seconds, 1)
     pixel = case["pixel_size_mm"]
 
     # 1. learn the noise from the training slices' LOW-DOSE images only, through the command line
@@ -248,17 +247,17 @@ def main(argv=None) -> int:
                "--patch-size", str(args.patch_size), "--seed", str(args.seed), "--device", args.device,
                "--detrend", args.detrend, "--overwrite"]
     print("$ " + " ".join(command[1:]), flush=True)
-    t0 = time.perf_counter()
+    watch.restart()
     subprocess.run(command, check=True)
-    times["learn_noise"] = round(time.perf_counter() - t0, 1)
+    times["learn_noise"] = round(watch.seconds, 1)
     model = NoiseModel.load(model_path, device=args.device)
 
     # 2. generated vs real noise on the validation slices
-    t0 = time.perf_counter()
+    watch.restart()
     clean, low = case["val_clean"], case["val_low"]
     real = low - clean
     generated = model.synthesise_noise_field(clean, seed=args.seed, pixel_size_mm=pixel, progress=True)
-    times["synthesis"] = round(time.perf_counter() - t0, 1)
+    times["synthesis"] = round(watch.seconds, 1)
     comparison = compare_noise(generated, real, clean, pixel)
     rng = np.random.default_rng(args.seed)
     white = (rng.standard_normal(clean.shape) * model.training_stats["noise_std_hu"]).astype(np.float32)

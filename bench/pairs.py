@@ -1,6 +1,9 @@
-"""Build the benchmark's (noisy, reference) pairs.
+"""The benchmark's (noisy, reference) pairs: the :class:`Pair` type and the builders of the pairs.
 
-``shared`` pairs (``../shared/data`` present; the held-out split of ``bench/heldout.py``):
+A :class:`Pair` also states the intensity windows it is scored in (:meth:`Pair.windows`) and, for MR, the
+foreground mask of the "foreground" window (:meth:`Pair.masks`).
+
+``shared`` pairs (``../shared/data`` present; the held-out split of ``lib.data.heldout``):
 
 * ``ct_abdomen_siemens_quarter_dose``: the real Siemens abdomen slab (20 x 512 x 512, 0.977 mm, HU) is the
   normal-dose reference; the noisy input is a simulated QUARTER dose made from it in the sinogram domain by
@@ -25,16 +28,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-
-from bench.harness import Pair
-from bench.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, shared_data_dir
+from lib.data.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, shared_data_dir
+from lib.evaluation import CT_WINDOWS, mr_window
+from lib.runtime.atomic import atomic_numpy_save, atomic_write_json
+from lib.runtime.clock import Stopwatch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +56,74 @@ CT_ELECTRONIC_NOISE = 10.0
 # ---- MR: Rician noise -------------------------------------------------------------------------------------
 MR_SEED = 1996  # BrainWeb's publication year
 MR_NOISE_PERCENT = 5.0
+
+#: MR "foreground" mask: reference above this fraction of the window top
+MR_FOREGROUND_FRACTION = 0.05
+
+
+@dataclass
+class Pair:
+    """A (noisy, reference) pair. Arrays are (Z, H, W) float32 in the modality's units (HU for CT)."""
+
+    name: str
+    modality: str
+    noisy: np.ndarray
+    reference: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (x, y, z) mm
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    meta: dict = field(default_factory=dict)
+    #: MR window top; None -> max of ``reference`` (the builders set the whole volume's max, so that the window
+    #: does not change with --max-slices)
+    mr_window_max: float | None = None
+
+    def __post_init__(self) -> None:
+        self.modality = self.modality.upper()
+        self.noisy = _as_volume(self.noisy, "noisy")
+        self.reference = _as_volume(self.reference, "reference")
+        if self.noisy.shape != self.reference.shape:
+            raise ValueError(f"pair {self.name}: noisy {self.noisy.shape} and reference {self.reference.shape} differ")
+        if self.modality not in ("CT", "MR"):
+            raise ValueError(f"pair {self.name}: modality must be CT or MR, got {self.modality}")
+        self.spacing = tuple(float(s) for s in self.spacing)
+        if len(self.spacing) == 2:
+            self.spacing = (*self.spacing, 1.0)
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.noisy.shape[0])
+
+    def windows(self) -> dict[str, tuple[float, float]]:
+        """CT: soft_tissue [-160, 240] and wide [-1000, 1000] HU. MR: [0, max(reference)] over the whole
+        volume ("full") and over the foreground only ("foreground", see :meth:`masks`)."""
+        if self.modality == "CT":
+            return dict(CT_WINDOWS)
+        win = (0.0, float(self.mr_window_max)) if self.mr_window_max else mr_window(self.reference)
+        return {"full": win, "foreground": win}
+
+    def masks(self) -> dict[str, np.ndarray]:
+        """Masks restricting some windows' metrics. MR "foreground": reference > 5 % of its maximum, holes
+        filled per slice (the head/brain). Without it the Rician noise floor of the background (Rayleigh,
+        mean 1.25 sigma, which no denoiser here removes) dominates the MR error."""
+        if self.modality != "MR":
+            return {}
+        from scipy import ndimage
+
+        fg = self.reference > MR_FOREGROUND_FRACTION * self.windows()["full"][1]
+        fg = np.stack([ndimage.binary_fill_holes(s) for s in fg])
+        return {"foreground": fg} if fg.any() else {}
+
+    def display_window(self) -> tuple[float, float]:
+        return CT_WINDOWS["soft_tissue"] if self.modality == "CT" else self.windows()["full"]
+
+
+def _as_volume(a, what: str) -> np.ndarray:
+    arr = np.asarray(a, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"{what}: expected (H, W) or (Z, H, W), got {arr.shape}")
+    return np.ascontiguousarray(arr)
 
 
 def ct_settings(full_dose_photons: float = CT_FULL_DOSE_PHOTONS):
@@ -93,9 +164,9 @@ def cached_noisy(payload: dict, make: Callable[[], tuple[np.ndarray, dict]], cac
                  log=print) -> tuple[np.ndarray, dict]:
     """The array made by ``make() -> (array, info)``, cached as ``<cache_dir>/<key>.npy`` (+ .json: payload, info)."""
     if cache_dir is None:
-        t0 = time.perf_counter()
+        watch = Stopwatch()
         arr, extra = make()
-        return arr, {"cache": None, "simulation_s": time.perf_counter() - t0, **extra}
+        return arr, {"cache": None, "simulation_s": watch.seconds, **extra}
     cache_dir = Path(cache_dir)
     key = _cache_key({**payload, "cache_version": CACHE_VERSION})
     npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
@@ -103,15 +174,13 @@ def cached_noisy(payload: dict, make: Callable[[], tuple[np.ndarray, dict]], cac
         info = json.loads(meta.read_text())
         return np.load(npy), {"cache": str(npy), "cache_hit": True, "simulation_s": info.get("simulation_s"),
                               **info.get("info", {})}
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     arr, extra = make()
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    dt = time.perf_counter() - t0
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = npy.with_suffix(".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, npy)
-    meta.write_text(json.dumps({**payload, "simulation_s": dt, "info": extra}, indent=2, default=str))
+    dt = watch.seconds
+    # the array first: a cache entry counts only once its .json exists
+    atomic_numpy_save(npy, arr)
+    atomic_write_json(meta, {**payload, "simulation_s": dt, "info": extra}, indent=2)
     log(f"[pairs] simulated and cached {npy.name} in {dt:.1f} s")
     return arr, {"cache": str(npy), "cache_hit": False, "simulation_s": dt, **extra}
 

@@ -18,11 +18,13 @@ import functools
 import sys
 from pathlib import Path
 
-
 from bench.baselines import BASELINES
 from bench.learned import LEARNED, from_weights, has_weights
-from bench.harness import CliDenoiser, describe_machine, evaluate, machine_line, pair_table
+from bench.harness import evaluate
+from bench.isolation import CliDenoiser
 from bench.pairs import DEFAULT_CACHE_DIR, sample_pairs, shared_pairs
+from bench.report import pair_table
+from lib.runtime.machine import describe_machine, machine_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,11 +28,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-
 import numpy as np
 import SimpleITK as sitk
 
-from bench.harness import RssPoller
+from bench.isolation import RssPoller
+from lib.runtime.clock import Stopwatch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = REPO_ROOT / "apps" / "adl_denoise"
@@ -57,7 +57,8 @@ def untrained_weights(model_dir: Path) -> Path:
     import torch
 
     from lib.networks import EfficientUNetDenoiser
-    from lib.engines import ADLTrainingConfig, export_weights
+    from lib.engines import ADLTrainingConfig
+    from lib.weights import export_weights
 
     torch.manual_seed(0)
     config = ADLTrainingConfig(modality="CT")
@@ -123,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_denoiser(weights)
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(volume))).astype(np.float32)
     denoise_array(loaded, array[:1], "CT")  # warm-up
-    started = time.perf_counter()
+    watch = Stopwatch()
     denoise_array(loaded, array, "CT")
-    bare = time.perf_counter() - started
+    bare = watch.seconds
     del loaded
 
     process, url = start_server(studies, model_dir, work)
@@ -136,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = MONAILabelClient(url, tmpdir=str(work))
         client.infer("adl", "", {"modality": "ct"}, file=str(ct_volume(1, work / "warm.nii.gz")))  # warm-up
-        started = time.perf_counter()
+        watch.restart()
         result_path, result = client.infer("adl", "", {"modality": "ct"}, file=str(volume))
-        round_trip = time.perf_counter() - started
+        round_trip = watch.seconds
         os.unlink(result_path)
         record.update(bare_seconds=bare, round_trip_seconds=round_trip, server_task_seconds=result["seconds"],
                       overhead=(round_trip - bare) / bare)
@@ -149,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             poller = RssPoller(process.pid, 0.05, children=True)  # the server and its children
             idle = poller.rss()
             with poller:
-                started = time.perf_counter()
+                watch.restart()
                 result_path, _ = client.infer("adl", "", {"modality": "ct"}, file=str(big))
-                seconds = time.perf_counter() - started
+                seconds = watch.seconds
             os.unlink(result_path)
             volume_mb = args.memory_slices * 512 * 512 * 4 / 2**20
             record.update(memory_slices=args.memory_slices, idle_rss_mb=idle / 2**20, peak_rss_mb=poller.peak / 2**20,

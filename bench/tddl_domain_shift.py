@@ -31,8 +31,8 @@ Held-out data: the noise model is learnt from held-out low-dose images (``Learne
 allow_heldout_noise_inputs=True)``): that IS the adaptation being measured. None of these models is shipped; the
 weight files stay in ``--out``. Simulated training pools are cached in ``--noise-cache``.
 
-Run (the defaults are the measured run of ``bench/README.md``: about 1.5 h on one CPU thread; ``--steps`` and
-``--adapt-steps`` scale it; weight files already in ``--out`` are reused unless ``--retrain``)::
+Run (the defaults are the measured run of ``bench/README.md``, with its duration; ``--steps`` and
+``--adapt-steps`` scale the time; weight files already in ``--out`` are reused unless ``--retrain``)::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/tddl_domain_shift.py
 """
@@ -42,16 +42,17 @@ import argparse
 import functools
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-
-from bench.harness import describe_machine, evaluate, machine_line, results_markdown
+from bench.harness import evaluate
 from bench.learned import from_weights
 from bench.pairs import CT_ADDED_NOISE_HU, CT_FILTER, heldout_ct_pair
+from bench.report import results_markdown
+from lib.runtime.clock import Stopwatch
+from lib.runtime.machine import describe_machine, machine_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,8 @@ def train(name: str, make_source: Callable[[], Any], out: Path, args, steps: int
     """Train (or fine-tune) a GCN on ``make_source()``; writes and returns ``out/<name>.pt``. A file already there
     is reused (unless ``--retrain``) without building its training pool."""
     from lib.data import ADLPatchDataset
-    from lib.engines import GCNTrainingConfig, export_weights, scaling_rule_for, train_gcn
+    from lib.engines import GCNTrainingConfig, train_gcn
+    from lib.weights import export_weights, scaling_rule_for
 
     path = out / f"{name}.pt"
     if path.is_file() and not args.retrain:
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     check_not_heldout(args.clean)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    watch = Stopwatch()
     pair = heldout_ct_pair(max_slices=args.max_slices)
     source_hu, test_hu = float(args.source_noise_hu), float(CT_ADDED_NOISE_HU)
 
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_control:
         weights["gcn_source_dose_more"] = train("gcn_source_dose_more", source_dose, out, args, args.adapt_steps,
                                                 initial_weights=weights["gcn_source_dose"])
-    train_s = time.perf_counter() - started
+    train_s = watch.seconds
     if args.only == "train":
         return 0
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import plistlib
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,9 +28,9 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-
 from lib.imaging import Volume, read_volume, write_volume
 from lib.noise import LowDoseCTSettings, ParallelBeamGeometry, add_rician_noise, simulate_low_dose_ct
+from lib.runtime.atomic import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +76,7 @@ def load_invesalius_head_ct() -> Volume | None:
     """The InVesalius project is a tar.gz holding a raw int16 matrix and a plist with its shape and spacing."""
     if not INVESALIUS_PROJECT.is_file():
         return None
-    with tarfile.open(INVESALIUS_PROJECT) as archive, tempfile.TemporaryDirectory() as tmp:
+    with tarfile.open(INVESALIUS_PROJECT) as archive:
         members = {Path(m.name).name: m for m in archive.getmembers()}
         info = plistlib.load(archive.extractfile(members["main.plist"]))
         matrix = info["matrix"]
@@ -151,9 +149,7 @@ def build(out_dir: Path, force: bool = False) -> dict:
     if not pairs:
         raise SystemExit("no sample source is available: is pydicom-data installed in the environment?")
     manifest = {"fingerprint": fingerprint, "pairs": pairs, "skipped": skipped}
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     for line in skipped:
         print(f"[sample] skipped {line}")
     print(f"sample data: {len(pairs)} pairs in {out_dir}")

@@ -12,12 +12,11 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
-
 
 from lib.evaluation import CT_WINDOWS, psnr, ssim
 from lib.imaging import read_volume
+from lib.runtime.clock import Stopwatch
 from lib.weights import find_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, str(CLI), "denoise", "--model", model, "--input", str(noisy_path),
                    "--output", str(out_path), "--modality", pair["modality"].lower(), "--overwrite"]
         print(f"$ {' '.join(Path(c).name if c.startswith(str(REPO_ROOT)) else c for c in command)}", flush=True)
-        start = time.perf_counter()
+        watch = Stopwatch()
         subprocess.run(command, check=True)
-        seconds = time.perf_counter() - start
+        seconds = watch.seconds
         reference = read_volume(STUDIES / pair["reference"]).array
         noisy = read_volume(noisy_path).array
         denoised = read_volume(out_path).array

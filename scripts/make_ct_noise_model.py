@@ -23,8 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-from bench.heldout import assert_not_heldout
+from lib.data.heldout import assert_not_heldout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 """Prepare the clean training volumes of the shipped ADL weights (a record of what they were trained on).
 
 Reads the real CT and MR volumes of ``../shared/data`` that are NOT in the benchmark's held-out split
-(``bench/heldout.py`` refuses those) plus the package-built sample studies and writes NIfTI files for
+(``lib/data/heldout.py`` refuses those) plus the package-built sample studies and writes NIfTI files for
 ``cli.py train --clean``:
 
 * ``.cache/training/ct/``: every 3rd axial slice of each CT (neighbouring slices are nearly identical, and on a CPU
@@ -36,8 +36,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-
-from bench.heldout import assert_not_heldout
+from lib.data.heldout import assert_not_heldout
 from lib.denoisers import denoise_classical
 from lib.imaging import read_volume, write_volume
 

@@ -11,6 +11,19 @@ from pathlib import Path
 import torch
 
 
+def hardware_line(hardware: dict) -> str:
+    """Where the weights were trained. Files written before the training record used
+    :func:`lib.runtime.machine.describe_machine` hold ``cpu``, ``cpu_count`` and ``torch``; newer ones
+    ``cpu_model``, ``logical_cpus`` and ``versions["torch"]``."""
+    if not hardware:
+        return "- hardware: not recorded in the file"
+    cpu = hardware.get("cpu_model", hardware.get("cpu", "?"))
+    count = hardware.get("logical_cpus", hardware.get("cpu_count", "?"))
+    torch_version = (hardware.get("versions") or {}).get("torch") or hardware.get("torch", "?")
+    return (f"- hardware: {cpu} x{count} ({hardware.get('torch_threads', '?')} torch threads), "
+            f"GPUs {hardware.get('gpus') or 'none'}, torch {torch_version}")
+
+
 def card(path: Path) -> str:
     blob = torch.load(path, map_location="cpu", weights_only=True)
     record = blob.get("training", {})
@@ -31,9 +44,7 @@ def card(path: Path) -> str:
         f"wall time {record.get('seconds', 0) / 3600:.2f} h"
         + (f" (last call; {record['step_seconds_total'] / 3600:.2f} h in training steps over the whole run)"
            if "step_seconds_total" in record else ""),
-        f"- hardware: {hardware.get('cpu', '?')} x{hardware.get('cpu_count', '?')} "
-        f"({hardware.get('torch_threads', '?')} torch threads), GPUs {hardware.get('gpus') or 'none'}, torch {hardware.get('torch', '?')}"
-        if hardware else "- hardware: not recorded in the file",
+        hardware_line(hardware),
         f"- final losses: {', '.join(f'{k} {v:.4f}' for k, v in record.get('final_losses', {}).items())}",
     ]
     if validation:

@@ -1,4 +1,5 @@
-"""Shared pytest set-up: locations of real data (the project's packages are installed in editable mode).
+"""Shared pytest set-up: locations of real data (the project's packages are installed in editable mode), the
+``gpu`` marker's skip, and the session's tiny weights and MONAI Label server (see ``mlserver.py``).
 
 There is deliberately no tests/__init__.py: the monailabel wheel installs a top-level ``tests`` package
 into site-packages, and a package of the same name here would collide with it.
@@ -31,3 +32,40 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} not present")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu``-marked tests, saying why, where torch sees no CUDA device."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of small real weights (``mlserver.make_tiny_weights``), trained once per session. Read only:
+    a server that may publish weights gets a copy (``mlserver.copy_weights``)."""
+    from mlserver import make_tiny_weights
+
+    return make_tiny_weights(tmp_path_factory.mktemp("tiny_weights"))
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path):
+    """One MONAI Label server for the session (studies: ``mlserver.shared_studies``, ``max_voxels`` 3 M), for
+    tests that leave it as they found it: nothing may train, publish or restore weights, save labels or upload
+    images here (a test that does starts a server of its own), and a test that records reviews resets them."""
+    from mlserver import copy_weights, shared_studies, start_server, stop_server
+
+    root = tmp_path_factory.mktemp("shared_server")
+    server = start_server(shared_studies(root / "studies"), copy_weights(tiny_weights, root / "model"),
+                          root / "work", conf={"max_voxels": 3_000_000})
+    yield server
+    stop_server(server)

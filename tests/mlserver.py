@@ -1,25 +1,25 @@
 """Helpers for tests that need a real MONAI Label server process on loopback, and small real weights.
 
 The server is started as ``python -m monailabel.main start_server`` (the venv's Python, not the ``monailabel``
-shell script that runs whatever ``python`` is first on PATH), bound to 127.0.0.1 on a free port, and stopped
-by its PID. Weights come from the project's real trainers run for a few steps on a real CT / MR slice: small,
-fast, and the same file format as shipped weights.
+shell script that runs whatever ``python`` is first on PATH), bound to 127.0.0.1 on a free port, in a process
+group of its own (``processes.py``), and stopped as a group. Weights come from the project's real trainers run
+for a few steps on a real CT / MR slice: small, fast, and the same file format as shipped weights; the session
+makes them once (the ``tiny_weights`` fixture in ``conftest.py``) and every server gets its own copy.
 """
 from __future__ import annotations
 
 import os
-import signal
+import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+import processes
 from conftest import APP_DIR, REPO_ROOT, SAMPLE_STUDIES
 
 TINY_ADL = dict(filters=(8, 12, 16, 20), disc_filters=(4, 6, 8, 10), enhancer_filters=4)
@@ -38,8 +38,8 @@ def make_tiny_weights(model_dir: Path, steps: int = 25) -> Path:
     import torch
 
     from lib.data import ADLPatchDataset, SyntheticNoiseSource
-    from lib.engines import (ADLTrainingConfig, GCNTrainingConfig, export_weights, scaling_rule_for, train_adl,
-                              train_gcn)
+    from lib.engines import ADLTrainingConfig, GCNTrainingConfig, train_adl, train_gcn
+    from lib.weights import export_weights, scaling_rule_for
 
     model_dir.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -70,6 +70,12 @@ def make_tiny_weights(model_dir: Path, steps: int = 25) -> Path:
     return model_dir
 
 
+def copy_weights(source: Path, model_dir: Path) -> Path:
+    """A server's own copy of a weights folder: fine-tuning publishes into its model folder."""
+    shutil.copytree(source, model_dir)
+    return model_dir
+
+
 def write_crop(source: Path, target: Path, z: slice | None = None, yx: tuple[slice, slice] | None = None) -> Path:
     """A sub-volume of a real study (keeps its geometry), as NIfTI."""
     image = sitk.ReadImage(str(source))
@@ -83,6 +89,17 @@ def write_crop(source: Path, target: Path, z: slice | None = None, yx: tuple[sli
     return target
 
 
+def shared_studies(studies: Path) -> Path:
+    """Three real low-dose CT studies (a 512x512 slice and two 4-slice slabs of the head) and one MR slab:
+    ``ct_slice_a``, ``ct_slab_b``, ``ct_slab_c``, ``mr_slab_d`` (NIfTI)."""
+    studies.mkdir(parents=True)
+    shutil.copy(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz", studies / "ct_slice_a.nii.gz")
+    write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "ct_slab_b.nii.gz", z=slice(40, 44))
+    write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "ct_slab_c.nii.gz", z=slice(70, 74))
+    write_crop(SAMPLE_STUDIES / "mr_head_colin27_rician5.nii.gz", studies / "mr_slab_d.nii.gz", z=slice(80, 83))
+    return studies
+
+
 @dataclass
 class Server:
     url: str
@@ -92,18 +109,16 @@ class Server:
     model_dir: Path
 
     def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return processes.log_tail(self.log_path, chars)
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
 
 def start_server(studies: Path | str, model_dir: Path, work: Path, conf: dict | None = None,
-                 timeout: float = 180.0) -> Server:
-    """Start the app on a free loopback port; returns once ``/info/`` answers (RuntimeError otherwise)."""
+                 timeout: float = 600.0) -> Server:
+    """Start the app on a free loopback port; returns once ``/info/`` answers (RuntimeError otherwise, with the
+    server stopped)."""
     port = free_port()
     work.mkdir(parents=True, exist_ok=True)
     (work / "tmp").mkdir(exist_ok=True)
@@ -114,37 +129,14 @@ def start_server(studies: Path | str, model_dir: Path, work: Path, conf: dict | 
     env = dict(os.environ, TMPDIR=str(work / "tmp"), MONAI_LABEL_TRACKING_ENABLED="false", OMP_NUM_THREADS="1",
                MONAI_LABEL_SESSION_PATH=str(work / "sessions"),
                MONAI_LABEL_DICOMWEB_CACHE_PATH=str(work / "dicomweb_cache"))
-    log_path = work / "server.log"
-    log = open(log_path, "wb")
-    process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path, studies, model_dir)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/info/", timeout=5) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            time.sleep(1.0)
-    stop_server(server)
-    raise RuntimeError(f"server did not answer within {timeout} s:\n{server.log_tail()}")
+    url = f"http://127.0.0.1:{port}"
+    process = processes.start_service(args, work / "server.log", f"{url}/info/", timeout, cwd=REPO_ROOT, env=env)
+    return Server(url, process, work / "server.log", studies, model_dir)
 
 
-def stop_server(server: Server, timeout: float = 30.0) -> None:
-    """SIGTERM to the server we started (its own process group: its training subprocesses too), then SIGKILL."""
-    if server.process.poll() is None:
-        try:
-            os.killpg(server.process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            server.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait(10)
+def stop_server(server: Server) -> None:
+    """Stop the server and everything it started (its training subprocesses are in its process group)."""
+    processes.stop(server.process)
 
 
 def read_array(path: str | Path) -> tuple[np.ndarray, sitk.Image]:

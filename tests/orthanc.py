@@ -1,18 +1,18 @@
 """A real Orthanc PACS (Debian's orthanc + orthanc-dicomweb + orthanc-gdcm) on loopback, for tests.
 
 Runs in the foreground with its own configuration and storage in a temporary folder; no DICOM port, no remote
-access, no authentication. Stopped by its PID.
+access, no authentication. Started in a process group of its own and stopped as a group (``processes.py``).
 """
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import processes
 from mlserver import free_port
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -41,15 +41,17 @@ class Orthanc:
     def upload(self, path: Path) -> dict:
         request = urllib.request.Request(f"{self.url}/instances", data=path.read_bytes(), method="POST",
                                          headers={"Content-Type": "application/dicom"})
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())
 
     def get(self, path: str):
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as response:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=120) as response:
             return json.loads(response.read())
 
 
-def start_orthanc(work: Path, timeout: float = 60.0) -> Orthanc:
+def start_orthanc(work: Path, timeout: float = 300.0) -> Orthanc:
+    """Start Orthanc on a free loopback port; returns once ``/system`` answers (RuntimeError otherwise, with
+    Orthanc stopped)."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     plugins = [str(PLUGINS / name) for name in ("libOrthancDicomWeb.so", "libOrthancGdcm.so")
@@ -63,26 +65,9 @@ def start_orthanc(work: Path, timeout: float = 60.0) -> Orthanc:
     config_path = work / "orthanc.json"
     config_path.write_text(json.dumps(config))
     log_path = work / "orthanc.log"
-    process = subprocess.Popen([ORTHANC, str(config_path)], stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
-    server = Orthanc(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            server.get("/system")
-            return server
-        except OSError:
-            time.sleep(0.3)
-    stop_orthanc(server)
-    raise RuntimeError(f"Orthanc did not answer within {timeout} s")
+    url = f"http://127.0.0.1:{port}"
+    return Orthanc(url, processes.start_service([ORTHANC, config_path], log_path, f"{url}/system", timeout), log_path)
 
 
 def stop_orthanc(server: Orthanc) -> None:
-    if server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(30)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait(10)
+    processes.stop(server.process)

@@ -1,16 +1,19 @@
 """ADL training and inference plumbing: data sources, patches, the three phases, checkpoints and resume,
-weight export, sliding-window inference, the `train` / `denoise --model adl` command line, torchrun.
+weight export, sliding-window inference, the `train` / `denoise --model adl` command line, and the training
+engine under torchrun (ADL and TDDL-GCN).
 
-Everything runs on tiny networks (filters 8-20) and 32-pixel patches on real files in tmp_path, so the
-whole module takes well under two minutes on two CPU cores.
+Everything runs on tiny networks (filters 8-20) and 32-pixel patches on real files in tmp_path.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +22,13 @@ import SimpleITK as sitk
 import torch
 import torch.nn as nn
 
-from conftest import APP_DIR, REPO_ROOT
+from conftest import APP_DIR
 
 from lib.data import ADLPatchDataset, PairedFolderSource, SyntheticNoiseSource, ValidationPair, discover_images
 from lib.predict import LoadedDenoiser, denoise_array, load_denoiser
 from lib.networks import EfficientUNetDenoiser, pad_to_multiple
-from lib.engines import ADLTrainingConfig, build_networks, export_weights, load_checkpoint, train_adl
+from lib.engines import ADLTrainingConfig, build_networks, load_adl_checkpoint, load_gcn_checkpoint, train_adl
+from lib.weights import export_weights
 
 CLI = APP_DIR / "cli.py"
 TINY = dict(filters=(8, 12, 16, 20), disc_filters=(4, 8, 8, 8), enhancer_filters=4)
@@ -224,7 +228,7 @@ def test_resume_continues_exactly(ct_dataset, tmp_path):
     config = dict(steps_g_warmup=2, steps_d_warmup=2, steps_adversarial=2, lr_step_size=1, lr_gamma=0.9)
     straight = train_adl(tiny_config(**config, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=3,
                                      keep_all_checkpoints=True), ct_dataset, progress=False)
-    mid = load_checkpoint(tmp_path / "a" / "step_0000003.pt")
+    mid = load_adl_checkpoint(tmp_path / "a" / "step_0000003.pt")
     assert mid["step"] == 3 and mid["phase"] == "d_warmup"
     assert mid["schedulers"]["phase"] == "d_warmup" and mid["schedulers"]["D"]["last_epoch"] == 1
     assert {"generator", "discriminator", "opt_g", "opt_d", "scaler_g", "scaler_d", "rng"} <= set(mid)
@@ -279,7 +283,7 @@ def test_batch_norm_recalibration_gives_the_plain_average_of_the_batch_statistic
 
 
 def test_training_ends_with_recalibrated_batch_norm_statistics_and_validates_them(ct_dataset, ct_source, tmp_path):
-    from lib.engines.adl_training import _Dist, _dataset_batches
+    from lib.engines import DistributedContext, dataset_batches
     from lib.engines.batch_norm import batch_norm_layers, recalibrate_batch_norm
 
     pairs = ct_source.validation_pairs()
@@ -292,7 +296,8 @@ def test_training_ends_with_recalibrated_batch_norm_statistics_and_validates_the
     assert all(torch.equal(v, params(tuned.generator)[k]) for k, v in params(plain.generator).items())
     moving_average = batch_norm_layers(plain.generator)[0].running_mean.clone()
     expected = plain.generator  # recalibrated here by hand
-    extra = _dataset_batches(ct_dataset, config, config.total_steps, config.total_steps + 3, _Dist(), False)
+    extra = dataset_batches(ct_dataset, config, config.total_steps, config.total_steps + 3, DistributedContext(),
+                            False)
     assert recalibrate_batch_norm(expected, (b["noisy"] for _, b in extra)) == 3
     for got, want in zip(batch_norm_layers(tuned.generator), batch_norm_layers(expected)):
         torch.testing.assert_close(got.running_mean, want.running_mean, rtol=1e-4, atol=1e-5)
@@ -302,7 +307,7 @@ def test_training_ends_with_recalibrated_batch_norm_statistics_and_validates_the
     steps = [v["step"] for v in tuned.validation]
     assert steps == [1, 2, 3, 4] == [v["step"] for v in plain.validation]
     assert tuned.validation[:3] == plain.validation[:3] and tuned.validation[-1] != plain.validation[-1]
-    checkpoint = load_checkpoint(tmp_path)
+    checkpoint = load_adl_checkpoint(tmp_path)
     assert checkpoint["validation"][-1]["psnr"] == pytest.approx(tuned.validation[-1]["psnr"])
     assert all(torch.equal(v, checkpoint["generator"][k]) for k, v in tuned.generator.state_dict().items()
                if k.endswith(("running_mean", "running_var")))
@@ -317,9 +322,10 @@ def test_validation_is_recorded_in_result_and_checkpoint(ct_dataset, ct_source, 
     assert [v["step"] for v in result.validation] == [2, 3]
     assert np.isfinite(result.validation[-1]["psnr"]) and result.best_psnr == max(v["psnr"] for v in result.validation)
     assert result.validation[-1]["images"]["head_crop"]["window"] == [-160.0, 240.0]
-    assert load_checkpoint(tmp_path)["validation"][-1]["psnr"] == pytest.approx(result.validation[-1]["psnr"])
+    assert load_adl_checkpoint(tmp_path)["validation"][-1]["psnr"] == pytest.approx(result.validation[-1]["psnr"])
 
 
+@pytest.mark.slow
 def test_3d_training_validation_and_inference(tmp_path):
     rng = np.random.default_rng(0)
     volume = np.zeros((20, 40, 40), np.float32)
@@ -358,7 +364,7 @@ def test_2p5d_network_starts_as_the_2d_one_and_learns_from_the_neighbouring_slic
     """--slices 3: adjacent slices as input channels. A 2D weight file starts it as exactly the 2D network (the
     neighbours' input weights start at zero); training then uses the neighbours; inference feeds the stacks."""
     from conftest import SAMPLE_STUDIES
-    from lib.engines.adl_training import load_initial_weights
+    from lib.weights import load_initial_weights
 
     slab = sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz"))[96:160, 96:160, 40:46]
     path = tmp_path / "slab.nii.gz"
@@ -425,7 +431,7 @@ def test_2p5d_network_starts_as_the_2d_one_and_learns_from_the_neighbouring_slic
 def test_a_3_slice_network_starts_a_5_slice_one_as_itself(tmp_path):
     """--slices 5 fine-tuned from 3-slice weights: the kernels stay on the centre three channels, the outer two
     start at zero, so before any training the wider network gives exactly the narrower one's output."""
-    from lib.engines.adl_training import load_initial_weights
+    from lib.weights import load_initial_weights
 
     torch.manual_seed(0)
     three = tiny_config(modality="MR", slices=3)
@@ -610,6 +616,7 @@ def run_cli(*args, timeout: float = 240, **env_extra) -> subprocess.CompletedPro
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_cli_train_then_denoise_keeps_geometry(tmp_path, ct_crop):
     weights = tmp_path / "adl_tiny.pt"
     train = run_cli("train", "--model", "adl", "--output", weights, "--clean", ct_crop, "--modality", "ct",
@@ -746,49 +753,127 @@ def test_cli_fine_tunes_from_initial_weights_on_one_ct_filter(tmp_path, ct_crop)
 
 
 # ----------------------------------------------------------------------------------------------- multi-process
-DDP_SCRIPT = textwrap.dedent("""
-    import os
-    import torch
-    torch.set_num_threads(1)
-    from lib.data import ADLPatchDataset, SyntheticNoiseSource
-    from lib.engines import ADLTrainingConfig, train_adl
-    source = SyntheticNoiseSource([{image!r}], "CT", noise="gaussian", seed=0, progress=False)
-    dataset = ADLPatchDataset(source, 2, 32, samples_per_epoch=8, seed=0)
-    config = ADLTrainingConfig(modality="CT", filters=(8, 12, 16, 20), disc_filters=(4, 8, 8, 8), enhancer_filters=4,
-                               batch_size=2, steps_g_warmup=1, steps_d_warmup=1, steps_adversarial=1, device="cpu",
-                               checkpoint_dir={ckpt!r}, validation_every=0)
-    result = train_adl(config, dataset, progress=False)
-    rank = os.environ["RANK"]
-    torch.save({{n: p.detach() for n, p in result.generator.named_parameters()}}, {out!r} + f"/g{{rank}}.pt")
-    torch.save([h.get("g_total") for h in result.history], {out!r} + f"/h{{rank}}.pt")
+DDP_SCRIPTS = {
+    "adl": textwrap.dedent("""
+        import os
+        import torch
+        torch.set_num_threads(1)
+        from lib.data import ADLPatchDataset, SyntheticNoiseSource
+        from lib.engines import ADLTrainingConfig, train_adl
+        source = SyntheticNoiseSource([{image!r}], "CT", noise="gaussian", seed=0, progress=False)
+        dataset = ADLPatchDataset(source, 2, 32, samples_per_epoch=8, seed=0)
+        config = ADLTrainingConfig(modality="CT", filters=(8, 12, 16, 20), disc_filters=(4, 8, 8, 8),
+                                   enhancer_filters=4, batch_size=2, steps_g_warmup=1, steps_d_warmup=1,
+                                   steps_adversarial=1, device="cpu", checkpoint_dir={ckpt!r}, validation_every=0)
+        result = train_adl(config, dataset, progress=False)
+        rank = os.environ["RANK"]
+        torch.save({{n: p.detach() for n, p in result.generator.named_parameters()}}, {out!r} + f"/g{{rank}}.pt")
+        torch.save([h.get("g_total") for h in result.history], {out!r} + f"/h{{rank}}.pt")
+    """),
+    "tddl_gcn": textwrap.dedent("""
+        import os
+        import torch
+        torch.set_num_threads(1)
+        from lib.data import ADLPatchDataset, SyntheticNoiseSource
+        from lib.engines import GCNTrainingConfig, train_gcn
+        source = SyntheticNoiseSource([{image!r}], "CT", noise="gaussian", seed=0, progress=False)
+        dataset = ADLPatchDataset(source, 2, 24, samples_per_epoch=8, seed=0)
+        config = GCNTrainingConfig(features=8, k=8, search_window=7, n_blocks=1, layers_per_block=1, rank=2,
+                                   batch_size=2, steps=2, device="cpu", checkpoint_dir={ckpt!r}, validation_every=0,
+                                   patch_size=24)
+        result = train_gcn(config, dataset, progress=False)
+        rank = os.environ["RANK"]
+        torch.save({{n: p.detach() for n, p in result.network.named_parameters()}}, {out!r} + f"/g{{rank}}.pt")
+        torch.save([h["loss"] for h in result.history], {out!r} + f"/h{{rank}}.pt")
+    """),
+}
+CHECKPOINT_READERS = {"adl": load_adl_checkpoint, "tddl_gcn": load_gcn_checkpoint}
+#: Records every collective called from Python in a training script; the script fails if the engine called any (see
+#: the test's docstring).
+COLLECTIVE_GUARD = textwrap.dedent("""
+    import torch.distributed as dist
+    python_collectives = []
+    for name in ("broadcast", "all_reduce", "reduce", "all_gather", "gather", "scatter", "broadcast_object_list",
+                 "all_gather_object"):
+        def counted(*args, _name=name, _call=getattr(dist, name), **kwargs):
+            python_collectives.append(_name)
+            return _call(*args, **kwargs)
+        setattr(dist, name, counted)
 """)
+#: Seconds for the whole torchrun job: headroom for a slow, loaded CI machine (a hang fails the test, not the suite).
+TORCHRUN_TIMEOUT = 600
 
 
-def test_torchrun_two_processes_gloo(tmp_path, ct_crop):
+def run_torchrun(script: Path, cwd: Path, timeout: float = TORCHRUN_TIMEOUT) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 script`` in a session of its own. torchrun starts each worker in
+    a session of its own too, so the workers are tracked while the job runs; on a timeout torchrun's process group
+    and every worker's are killed (none is left running, orphaned, after the test) and ``TimeoutExpired`` raised."""
+    import psutil
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=cwd,
+                                   start_new_session=True)
+        seen: dict[int, psutil.Process] = {}
+        deadline = time.monotonic() + timeout
+        while process.poll() is None:
+            try:
+                seen.update({c.pid: c for c in psutil.Process(process.pid).children(recursive=True)})
+            except psutil.Error:
+                pass
+            if time.monotonic() > deadline:
+                groups = {process.pid}
+                for child in seen.values():
+                    try:
+                        if child.is_running():  # the same process (psutil compares start times), not a reused pid
+                            groups.add(os.getpgid(child.pid))
+                    except (psutil.Error, ProcessLookupError):
+                        pass
+                for group in groups:
+                    try:
+                        os.killpg(group, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                process.wait()
+                raise subprocess.TimeoutExpired(command, timeout)
+            time.sleep(0.5)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize("model", ["adl", "tddl_gcn"])
+def test_torchrun_two_processes_gloo(model, tmp_path, ct_crop):
+    """The training engine under torchrun (2 processes, gloo): DDP keeps the replicas identical while each rank
+    trains on its own samples, and rank 0's checkpoint records the world size. The engine calls no collective of
+    its own besides the final barrier (a tensor it handed to Gloo could deadlock the teardown: lib.engines.engine)."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT.format(app=str(APP_DIR), repo=str(REPO_ROOT), image=str(ct_crop),
-                                        ckpt=str(tmp_path / "ck"), out=str(tmp_path)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    script = tmp_path / f"ddp_{model}.py"
+    script.write_text(COLLECTIVE_GUARD + DDP_SCRIPTS[model].format(image=str(ct_crop), ckpt=str(tmp_path / "ck"),
+                                                                   out=str(tmp_path))
+                      + "assert not python_collectives, python_collectives\n")
+    result = run_torchrun(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     g0, g1 = torch.load(tmp_path / "g0.pt"), torch.load(tmp_path / "g1.pt")
     assert all(torch.equal(g0[k], g1[k]) for k in g0)  # DDP kept the replicas identical
     h0, h1 = torch.load(tmp_path / "h0.pt"), torch.load(tmp_path / "h1.pt")
     assert h0[0] != h1[0]  # ...while each rank trained on its own samples
-    assert load_checkpoint(tmp_path / "ck")["world_size"] == 2
+    assert CHECKPOINT_READERS[model](tmp_path / "ck")["world_size"] == 2
 
 
 # ----------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_amp_training_and_inference(ct_dataset, tmp_path):
     result = train_adl(tiny_config(device="cuda", amp=True, checkpoint_dir=str(tmp_path)), ct_dataset, progress=False)
     assert all(np.isfinite(h.get("g_total", 0.0)) for h in result.history)
-    assert load_checkpoint(tmp_path)["scaler_g"]  # the AMP scaler state is checkpointed
+    assert load_adl_checkpoint(tmp_path)["scaler_g"]  # the AMP scaler state is checkpointed
     path = export_weights(result.generator, tmp_path / "w.pt", result.config)
     model = load_denoiser(path, device="cuda")
     image = np.random.default_rng(0).normal(0, 50, (2, 64, 64)).astype(np.float32)

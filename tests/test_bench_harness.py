@@ -32,7 +32,7 @@ _CLI_GAUSS = (
 
 @pytest.fixture(scope="module")
 def tiny_pair():
-    from bench.harness import Pair
+    from bench.pairs import Pair
     from lib.noise import LowDoseCTSettings, simulate_low_dose_ct
 
     ref, px = _real_ct_crop()
@@ -48,7 +48,8 @@ def tiny_pair():
 
 def test_harness_end_to_end(tiny_pair, tmp_path):
     from bench.baselines import gaussian, nlm, noisy
-    from bench.harness import CliDenoiser, evaluate
+    from bench.harness import evaluate
+    from bench.isolation import CliDenoiser
 
     res = evaluate(
         [tiny_pair],
@@ -102,7 +103,8 @@ def test_weight_file_denoiser_runs_in_the_worker(tiny_pair, tmp_path):
 
 def test_table_states_psnr_gain_and_time_ratio_against_bm3d_of_the_same_run(tiny_pair, tmp_path):
     from bench.baselines import bm3d, gaussian, noisy
-    from bench.harness import evaluate, pair_table
+    from bench.harness import evaluate
+    from bench.report import pair_table
 
     res = evaluate([tiny_pair], {"noisy": noisy, "gaussian": gaussian, "bm3d": bm3d}, tmp_path, figures=False,
                    log=None)
@@ -125,7 +127,8 @@ def test_table_states_psnr_gain_and_time_ratio_against_bm3d_of_the_same_run(tiny
 
 def test_failing_denoiser_is_reported_not_fatal(tiny_pair, tmp_path):
     from bench.baselines import noisy
-    from bench.harness import CliDenoiser, evaluate
+    from bench.harness import evaluate
+    from bench.isolation import CliDenoiser
 
     res = evaluate([tiny_pair], {"noisy": noisy, "broken": CliDenoiser("python -c \"import sys; sys.exit(3)\"")},
                    tmp_path, figures=False, log=None)
@@ -136,7 +139,7 @@ def test_failing_denoiser_is_reported_not_fatal(tiny_pair, tmp_path):
 
 
 def test_heldout_guard(tmp_path):
-    from bench.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, assert_not_heldout, heldout_paths, is_heldout
+    from lib.data.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, assert_not_heldout, heldout_paths, is_heldout
 
     paths = heldout_paths(tmp_path)
     assert is_heldout(paths["CT"]) and is_heldout(paths["CT"] / "CT.1.2.3")

@@ -5,21 +5,21 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import processes
 from conftest import APP_DIR
 
 CLI = APP_DIR / "cli.py"
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, str(CLI), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def run_cli(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return processes.run([sys.executable, CLI, *args], timeout, env=dict(os.environ, OMP_NUM_THREADS="2"))
 
 
 def sha256(path: Path) -> str:
@@ -52,6 +52,7 @@ def test_help_for_every_verb():
         assert option in result.stdout and "--input" in result.stdout and "--overwrite" in result.stdout
 
 
+@pytest.mark.slow
 def test_simulate_low_dose_from_real_dicom_keeps_geometry_and_hu(tmp_path, ct_slice_dicom):
     out = tmp_path / "ld.nii.gz"
     result = run_cli("simulate", "--input", ct_slice_dicom, "--output", out, "--dose", "0.25",
@@ -70,6 +71,7 @@ def test_simulate_low_dose_from_real_dicom_keeps_geometry_and_hu(tmp_path, ct_sl
     assert 20.0 < float(added.std()) < 45.0, "added noise should be near the 30 HU asked for"
 
 
+@pytest.mark.slow
 def test_simulate_writes_derived_dicom_series(tmp_path, ct_slice_dicom):
     import pydicom
 
@@ -86,6 +88,7 @@ def test_simulate_writes_derived_dicom_series(tmp_path, ct_slice_dicom):
     assert "50% dose" in derived.SeriesDescription
 
 
+@pytest.mark.slow
 def test_rician_simulation_and_denoise_improve_psnr(tmp_path, ct_crop_nifti):
     noisy = tmp_path / "noisy.nii.gz"
     result = run_cli("simulate", "--input", ct_crop_nifti, "--output", noisy, "--noise", "gaussian", "--sigma", "40")
@@ -103,25 +106,52 @@ def test_rician_simulation_and_denoise_improve_psnr(tmp_path, ct_crop_nifti):
     assert psnr(denoised) > psnr(noisy) + 3.0
 
 
-def test_bad_inputs_exit_2_with_one_line_reason(tmp_path, ct_crop_nifti):
-    text = tmp_path / "notes.dcm"
-    text.write_text("this is not an image\n")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    nan_path = tmp_path / "nan.nii.gz"
+def _text_file(folder: Path) -> Path:
+    path = folder / "upload.dcm"
+    path.write_text("this is not an image\n")
+    return path
+
+
+def _empty_folder(folder: Path) -> Path:
+    path = folder / "folder"
+    path.mkdir()
+    return path
+
+
+def _nan_volume(folder: Path) -> Path:
     array = np.zeros((8, 16, 16), np.float32)
     array[2, 3, 4] = np.nan
-    sitk.WriteImage(sitk.GetImageFromArray(array), str(nan_path))
-    four_d = tmp_path / "four_d.nii.gz"
-    sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(np.ones((4, 8, 8), np.float32))] * 3), str(four_d))
-    cases = {text: "dicom", empty: "", nan_path: "nan", four_d: "4d", tmp_path / "missing.nii.gz": ""}
-    for path, word in cases.items():
-        result = run_cli("denoise", "--input", path, "--output", tmp_path / "out.nii.gz", "--model", "gaussian")
-        assert result.returncode == 2, (path, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), (path, result.stderr)
-        assert word in lines[0].lower(), (path, lines[0])
-        assert not (tmp_path / "out.nii.gz").exists()
+    path = folder / "values.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return path
+
+
+def _four_d_volume(folder: Path) -> Path:
+    path = folder / "series.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(np.ones((4, 8, 8), np.float32))] * 3), str(path))
+    return path
+
+
+# name: (input made in a folder, words of the reason); the inputs' names share no words with the reasons
+BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "non-image": (_text_file, "dicom"),
+    "empty folder": (_empty_folder, "empty folder"),
+    "NaN": (_nan_volume, "nan"),
+    "4D": (_four_d_volume, "4d"),
+    "missing": (lambda folder: folder / "absent.nii.gz", "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_reason(tmp_path, case):
+    make, word = BAD_INPUTS[case]
+    path = make(tmp_path)
+    result = run_cli("denoise", "--input", path, "--output", tmp_path / "out.nii.gz", "--model", "gaussian")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert word in lines[0].replace(str(tmp_path), "").lower(), lines[0]  # in the reason, not in a path
+    assert not (tmp_path / "out.nii.gz").exists()
 
 
 def test_never_overwrites_existing_output_or_input(tmp_path, ct_crop_nifti):
@@ -138,6 +168,7 @@ def test_never_overwrites_existing_output_or_input(tmp_path, ct_crop_nifti):
     assert sha256(copy) == before
 
 
+@pytest.mark.slow
 def test_auto_model_falls_back_to_bm3d_without_weights_and_says_so(tmp_path, ct_crop_nifti, monkeypatch):
     monkeypatch.setenv("ADL_MODEL_DIR", str(tmp_path / "no_weights_here"))
     out = tmp_path / "auto.nii.gz"

@@ -1,7 +1,8 @@
 """TDDL-GCN: windowed k-NN graphs, edge-conditioned graph convolution, the GCN denoiser, its training, weight
-export / loading, whole-image inference and the `train` / `denoise --model tddl_gcn` command line.
+export / loading, whole-image inference and the `train` / `denoise --model tddl_gcn` command line. The GCN trainer
+under torchrun: tests/test_adl_training.py (one test for both trainers of the engine).
 
-Tiny sizes on one thread: the whole module takes well under two minutes on two busy CPU cores.
+Tiny sizes on one thread.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from lib.networks import (
     window_offsets,
     windowed_knn,
 )
-from lib.engines import GCNTrainingConfig, export_weights, load_gcn_checkpoint, train_gcn
+from lib.engines import GCNTrainingConfig, load_gcn_checkpoint, train_gcn
+from lib.weights import export_weights
 
 CLI = APP_DIR / "cli.py"
 TINY = dict(features=8, k=8, search_window=7, n_blocks=1, layers_per_block=1, rank=2)
@@ -351,6 +353,7 @@ def run_cli(*args, timeout: float = 240) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_cli_train_then_denoise_keeps_geometry(tmp_path, ct_crop):
     weights = tmp_path / "gcn_tiny.pt"
     train = run_cli("train", "--model", "tddl_gcn", "--output", weights, "--clean", ct_crop, "--modality", "ct",
@@ -398,6 +401,7 @@ def test_cli_train_on_pseudo_pairs_from_a_learned_noise_model(tmp_path, ct_crop)
     assert isinstance(model.network, GCNDenoiser)
 
 
+@pytest.mark.slow
 def test_tddl_end_to_end_learn_noise_train_denoise_improves_psnr(tmp_path, ct_crop):
     """The TDDL workflow through the command line on a tiny volume: the noise is learnt from the LOW-DOSE image
     alone, the GCN is trained on the clean image + learnt noise, and denoising the low-dose image gets closer to
@@ -462,46 +466,8 @@ def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch):
                      "--modality", "mr", "--weights", str(mr_weights), "--device", "cpu"]) == 0
 
 
-# ----------------------------------------------------------------------------------------------- multi-process
-DDP_SCRIPT = """
-import os
-import torch
-torch.set_num_threads(1)
-from lib.data import ADLPatchDataset, SyntheticNoiseSource
-from lib.engines import GCNTrainingConfig, train_gcn
-source = SyntheticNoiseSource([{image!r}], "CT", noise="gaussian", seed=0, progress=False)
-dataset = ADLPatchDataset(source, 2, 24, samples_per_epoch=8, seed=0)
-config = GCNTrainingConfig(features=8, k=8, search_window=7, n_blocks=1, layers_per_block=1, rank=2, batch_size=2,
-                           steps=2, device="cpu", checkpoint_dir={ckpt!r}, validation_every=0, patch_size=24)
-result = train_gcn(config, dataset, progress=False)
-rank = os.environ["RANK"]
-torch.save({{n: p.detach() for n, p in result.network.named_parameters()}}, {out!r} + f"/g{{rank}}.pt")
-torch.save([h["loss"] for h in result.history], {out!r} + f"/h{{rank}}.pt")
-"""
-
-
-def test_torchrun_two_processes_gloo(tmp_path, ct_crop):
-    import torch.distributed as dist
-
-    from conftest import REPO_ROOT
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    script = tmp_path / "ddp_gcn.py"
-    script.write_text(DDP_SCRIPT.format(app=str(APP_DIR), repo=str(REPO_ROOT), image=str(ct_crop),
-                                        ckpt=str(tmp_path / "ck"), out=str(tmp_path)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    g0, g1 = torch.load(tmp_path / "g0.pt"), torch.load(tmp_path / "g1.pt")
-    assert all(torch.equal(g0[k], g1[k]) for k in g0)  # DDP kept the replicas identical
-    h0, h1 = torch.load(tmp_path / "h0.pt"), torch.load(tmp_path / "h1.pt")
-    assert h0[0] != h1[0]  # ...while each rank trained on its own samples
-    assert load_gcn_checkpoint(tmp_path / "ck")["world_size"] == 2
-
-
 # ----------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_knn_and_denoiser_agree_with_cpu():
     features = torch.randn(2, 16, 40, 36)

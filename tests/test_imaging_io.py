@@ -640,3 +640,15 @@ def test_oversized_images_are_refused_from_the_header(tmp_path, monkeypatch):
     for path, voxels in ((nifti, "81,920"), (folder, "49,152"), (source, "16,384")):
         with pytest.raises(ImageReadError, match=rf"too large: .*{voxels} voxels exceeds the limit of 10,000"):
             read_volume(path)
+
+
+def test_voxel_limit_argument_takes_precedence_over_the_environment(tmp_path, monkeypatch):
+    """read_volume(max_voxels=...) (how the server passes its conf setting) overrides ADL_MAX_VOXELS."""
+    nifti = tmp_path / "small.nii.gz"
+    sitk.WriteImage(sitk.Image(64, 64, 20, sitk.sitkInt16), str(nifti))
+    monkeypatch.setenv("ADL_MAX_VOXELS", "10000")
+    assert read_volume(nifti, max_voxels=100_000).array.size == 81_920
+    monkeypatch.delenv("ADL_MAX_VOXELS")
+    for path, voxels in ((nifti, "81,920"), (CT_SMALL, "16,384")):
+        with pytest.raises(ImageReadError, match=rf"{voxels} voxels exceeds the limit of 16,000"):
+            read_volume(path, max_voxels=16_000)

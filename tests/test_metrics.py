@@ -82,23 +82,41 @@ def test_clipping_to_window_matters():
     assert rmse(ref2 + 100.0, ref2, SOFT) == pytest.approx(40.0)
 
 
-def test_psnr_agrees_with_skimage_and_monai():
-    import torch
-    from monai.metrics import PSNRMetric
-    from skimage.metrics import peak_signal_noise_ratio
+def _checkerboard(shape=(32, 32)) -> np.ndarray:
+    """+1 / -1 in a checkerboard: an error pattern whose mean square is exactly its amplitude squared."""
+    return np.where(np.indices(shape).sum(0) % 2 == 0, 1.0, -1.0)
 
+
+def test_psnr_of_a_known_error_pattern_hand_computed():
+    sign = _checkerboard()
+    ref = np.full(sign.shape, 40.0, np.float32)
+    pred = ref + 25.0 * sign  # MSE 625 in any window holding 15..65 HU
+    assert rmse(pred, ref, SOFT) == pytest.approx(25.0)
+    assert psnr(pred, ref, SOFT) == pytest.approx(10 * math.log10(400.0**2 / 625.0))  # 24.08 dB
+    assert psnr(pred, ref, CT_WINDOWS["wide"]) == pytest.approx(10 * math.log10(2000.0**2 / 625.0))
+    # near the window top the prediction is clipped: at 230 HU, +25 -> 255 counts as 240 (error 10), -25 stays
+    top = np.full(sign.shape, 230.0, np.float32)
+    assert psnr(top + 25.0 * sign, top, SOFT) == pytest.approx(10 * math.log10(400.0**2 / ((10.0**2 + 25.0**2) / 2)))
+    # ... and so is the reference: 300 HU against 280 HU is 240 against 240 in the soft-tissue window
+    assert psnr(np.full_like(ref, 280.0), np.full_like(ref, 300.0), SOFT) == math.inf
+    assert rmse(np.full_like(ref, 280.0), np.full_like(ref, 300.0), CT_WINDOWS["wide"]) == pytest.approx(20.0)
+    # MR: the window is [0, max(reference)], so its width is the reference maximum
+    mr_ref = np.full(sign.shape, 400.0)
+    mr_ref[0, 0] = 1000.0
+    mr_pred = mr_ref + 10.0 * sign  # the +10 on the 1000 pixel is clipped away
+    mse = (10.0**2 * (sign.size - 1)) / sign.size
+    assert psnr(mr_pred, mr_ref, mr_window(mr_ref)) == pytest.approx(10 * math.log10(1000.0**2 / mse))
+
+
+def test_psnr_and_rmse_agree_on_random_errors():
+    """PSNR = 20 log10(W / RMSE) with the window width W, whatever the error."""
     rng = np.random.default_rng(3)
     ref = _phantom((48, 48))
     pred = ref + rng.normal(0, 25, ref.shape).astype(np.float32)
-    for win in (SOFT, CT_WINDOWS["wide"]):
-        lo, hi = win
-        pc, rc = np.clip(pred, lo, hi).astype(np.float64), np.clip(ref, lo, hi).astype(np.float64)
-        ours = psnr(pred, ref, win)
-        sk = peak_signal_noise_ratio(rc, pc, data_range=hi - lo)
-        assert ours == pytest.approx(sk, abs=1e-4)
-        m = PSNRMetric(max_val=hi - lo)
-        mo = float(m(torch.from_numpy(pc)[None, None], torch.from_numpy(rc)[None, None]).item())
-        assert ours == pytest.approx(mo, abs=1e-4)
+    for lo, hi in (SOFT, CT_WINDOWS["wide"]):
+        e = rmse(pred, ref, (lo, hi))
+        assert 0 < e < 25.0 * 1.2
+        assert psnr(pred, ref, (lo, hi)) == pytest.approx(20 * math.log10((hi - lo) / e))
 
 
 def test_ssim_identical_is_one_and_drops_with_noise():
@@ -114,18 +132,33 @@ def test_ssim_identical_is_one_and_drops_with_noise():
     assert ssim(vol, np.stack([ref, ref]), SOFT) == pytest.approx(np.mean(per))
 
 
-def test_ssim_matches_skimage_on_clipped_data():
-    from skimage.metrics import structural_similarity
+def test_ssim_of_constant_images_hand_computed():
+    """Flat images have no variance, so SSIM is the luminance term alone, (2ab + C1) / (a^2 + b^2 + C1) with
+    C1 = (0.01 W)^2 and W the window width: this pins the data range, K1 and the clipping to the window."""
+    def expected(a: float, b: float, width: float) -> float:
+        c1 = (0.01 * width) ** 2
+        return (2 * a * b + c1) / (a * a + b * b + c1)
 
-    rng = np.random.default_rng(1)
+    def flat(value: float) -> np.ndarray:
+        return np.full((2, 24, 24), value)
+
+    assert ssim(flat(40.0), flat(50.0), SOFT) == pytest.approx(expected(40.0, 50.0, 400.0), abs=1e-9)
+    assert ssim(flat(40.0), flat(50.0), CT_WINDOWS["wide"]) == pytest.approx(expected(40.0, 50.0, 2000.0), abs=1e-9)
+    # 1000 HU is clipped to the soft-tissue window's top, 240
+    assert ssim(flat(40.0), flat(1000.0), SOFT) == pytest.approx(expected(40.0, 240.0, 400.0), abs=1e-9)
+    assert ssim(flat(300.0), flat(1000.0), SOFT) == pytest.approx(1.0)
+
+
+def test_ssim_is_symmetric_and_negative_for_inverted_structure():
     ref = _phantom()
+    rng = np.random.default_rng(2)
     pred = ref + rng.normal(0, 30, ref.shape)
-    lo, hi = SOFT
-    expected = structural_similarity(
-        np.clip(pred, lo, hi), np.clip(ref, lo, hi), data_range=hi - lo,
-        gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-    )
-    assert ssim(pred, ref, SOFT) == pytest.approx(expected, abs=1e-12)
+    assert ssim(pred, ref, SOFT) == pytest.approx(ssim(ref, pred, SOFT), abs=1e-12)
+    # the same texture upside down around its mean: the structure term is -1, so SSIM < 0
+    yy, xx = np.mgrid[:48, :48]
+    texture = 60.0 * np.sin(xx / 1.5) * np.cos(yy / 2.0)
+    assert ssim(40.0 - texture, 40.0 + texture, SOFT) < -0.5
+    assert ssim(40.0 + 0.5 * texture, 40.0 + texture, SOFT) > 0.5
 
 
 def test_validation_errors():

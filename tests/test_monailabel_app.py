@@ -1,8 +1,9 @@
 """The MONAI Label app, as a real server process on 127.0.0.1 driven by the official client.
 
 Weights are small real models trained for a few steps by the project's trainers (see ``mlserver.py``); the
-studies are crops of the real sample CT / MR volumes. The server is started once for the module and stopped by
-its PID at the end.
+studies are crops of the real sample CT / MR volumes (``mlserver.shared_studies``). Inference, review and bad
+input go to the session's shared server; the training tests save corrections, publish and restore weights, so
+they share a server of their own, which no other module sees.
 """
 from __future__ import annotations
 
@@ -21,25 +22,25 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from conftest import SAMPLE_STUDIES
-from mlserver import assert_same_geometry, make_tiny_weights, read_array, start_server, stop_server, write_crop
+from mlserver import (assert_same_geometry, copy_weights, read_array, shared_studies, start_server, stop_server,
+                      write_crop)
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 CT_IDS = ("ct_slice_a", "ct_slab_b", "ct_slab_c")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("monailabel")
-    studies = root / "studies"
-    # three real low-dose CT studies (a 512x512 slice and two 4-slice slabs of the head) and one MR slab
-    studies.mkdir()
-    shutil.copy(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz", studies / "ct_slice_a.nii.gz")
-    write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "ct_slab_b.nii.gz", z=slice(40, 44))
-    write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "ct_slab_c.nii.gz", z=slice(70, 74))
-    write_crop(SAMPLE_STUDIES / "mr_head_colin27_rician5.nii.gz", studies / "mr_slab_d.nii.gz", z=slice(80, 83))
-    model_dir = make_tiny_weights(root / "model")
-    srv = start_server(studies, model_dir, root / "work", conf={"max_voxels": 3_000_000})
+def server(shared_server):
+    return shared_server
+
+
+@pytest.fixture(scope="module")
+def training_server(tmp_path_factory, tiny_weights):
+    """A server of this module's training tests, with the shared server's studies and configuration."""
+    root = tmp_path_factory.mktemp("monailabel_training")
+    srv = start_server(shared_studies(root / "studies"), copy_weights(tiny_weights, root / "model"), root / "work",
+                       conf={"max_voxels": 3_000_000})
     yield srv
     stop_server(srv)
     assert srv.process.returncode is not None
@@ -50,12 +51,17 @@ def client(server, tmp_path) -> MONAILabelClient:
     return MONAILabelClient(server.url, tmpdir=str(tmp_path))
 
 
+@pytest.fixture()
+def training_client(training_server, tmp_path) -> MONAILabelClient:
+    return MONAILabelClient(training_server.url, tmpdir=str(tmp_path))
+
+
 def http(server, method: str, path: str, body: dict | None = None) -> tuple[int, dict | list | str]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(server.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=300) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"null")
@@ -95,7 +101,7 @@ def test_info_describes_both_models_with_weights_and_training(client):
     assert set(adl["weights"]) == {"ct", "mr"} and set(gcn["weights"]) == {"ct"}
     ct = adl["weights"]["ct"]
     assert ct["available"] and ct["version"] == "pretrained" and len(ct["sha256"]) == 16
-    assert ct["training"]["steps"] == 25 and ct["training"]["hardware"]["cpu_count"] >= 1
+    assert ct["training"]["steps"] == 25 and ct["training"]["hardware"]["logical_cpus"] >= 1
     assert "next_unreviewed" in info["strategies"]
     assert info["train_stats"]["adl"]["key_metric"] == "PSNR (dB)"
 
@@ -200,44 +206,71 @@ def test_infer_of_a_dicom_file_returns_a_derived_dicom_series(client, tmp_path):
     assert derived.Rows == original.Rows and derived.ImagePositionPatient == original.ImagePositionPatient
 
 
-def test_bad_inputs_get_4xx_with_reasons_and_the_server_keeps_answering(client, server, tmp_path):
-    text = tmp_path / "notes.nii.gz"
-    text.write_text("this is not an image")
-    nan = tmp_path / "nan.nii.gz"
-    array = np.zeros((4, 32, 32), np.float32)
-    array[1, 2, 3] = np.nan
-    sitk.WriteImage(sitk.GetImageFromArray(array), str(nan))
-    four_d = tmp_path / "four_d.nii.gz"
-    import nibabel
+def _text_file(folder: Path) -> str:
+    path = folder / "notes.nii.gz"
+    path.write_text("this is not an image")
+    return str(path)
 
-    nibabel.save(nibabel.Nifti1Image(np.zeros((16, 16, 4, 3), np.float32), np.eye(4)), str(four_d))
-    blank = tmp_path / "blank.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(np.full((2, 32, 32), -1000, np.int16)), str(blank))
+
+def _corrupt_dicom(folder: Path) -> str:
     from pydicom.data import get_testdata_file
 
-    corrupt = tmp_path / "corrupt.dcm"  # a real CT DICOM file cut short in its pixel data
-    corrupt.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[:3000])
-    huge = tmp_path / "huge.nrrd"
-    sitk.WriteImage(sitk.Image([256, 256, 60], sitk.sitkInt16), str(huge))  # 3.9 M voxels > max_voxels 3 M
+    path = folder / "corrupt.dcm"  # a real CT DICOM file cut short in its pixel data
+    path.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[:3000])
+    return str(path)
 
-    cases = {
-        "non-image": (lambda: client.infer("adl", "", {}, file=str(text)), 422, "cannot read the uploaded file"),
-        "corrupt DICOM": (lambda: client.infer("adl", "", {}, file=str(corrupt)), 422, "cannot denoise"),
-        "nan": (lambda: client.infer("adl", "", {"modality": "ct"}, file=str(nan)), 422, "NaN"),
-        "4d": (lambda: client.infer("adl", "", {}, file=str(four_d)), 422, "4D"),
-        "blank": (lambda: client.infer("adl", "", {}, file=str(blank)), 422, "constant"),
-        "huge": (lambda: client.infer("adl", "", {}, file=str(huge)), 413, "too large"),
-        "unknown model": (lambda: client.infer("unet", "ct_slab_b", {}), 404, "unknown model"),
-        "unknown image": (lambda: client.infer("adl", "no_such_study", {}), 404, "no image"),
-        "bad dtype": (lambda: client.infer("adl", "ct_slab_b", {"result_dtype": "uint8"}), 422, "not a label map"),
-        "MR to a CT-only model": (lambda: client.infer("tddl_gcn", "mr_slab_d", {}), 422, "CT only"),
-        "train with no labels": (lambda: client.train_start("adl", {}), 422, "no corrected studies"),
-        "unknown train model": (lambda: client.train_start("unet", {}), 404, "unknown model"),
-    }
-    for name, (call, status, words) in cases.items():
-        code, message = error_of(call)
-        assert code == status, (name, code, message)
-        assert words.lower() in message.lower(), (name, message)
+
+def _nan_volume(folder: Path) -> str:
+    array = np.zeros((4, 32, 32), np.float32)
+    array[1, 2, 3] = np.nan
+    path = folder / "values.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return str(path)
+
+
+def _four_d_volume(folder: Path) -> str:
+    import nibabel
+
+    path = folder / "series.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.zeros((16, 16, 4, 3), np.float32), np.eye(4)), str(path))
+    return str(path)
+
+
+def _blank_volume(folder: Path) -> str:
+    path = folder / "volume.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((2, 32, 32), -1000, np.int16)), str(path))
+    return str(path)
+
+
+def _huge_volume(folder: Path) -> str:
+    path = folder / "volume.nrrd"
+    sitk.WriteImage(sitk.Image([256, 256, 60], sitk.sitkInt16), str(path))  # 3.9 M voxels > max_voxels 3 M
+    return str(path)
+
+
+# name: (request(client, folder for its upload), HTTP status, words of the reason); no upload's name holds them
+BAD_REQUESTS = {
+    "non-image": (lambda c, d: c.infer("adl", "", {}, file=_text_file(d)), 422, "cannot read the uploaded file"),
+    "corrupt DICOM": (lambda c, d: c.infer("adl", "", {}, file=_corrupt_dicom(d)), 422, "cannot denoise"),
+    "nan": (lambda c, d: c.infer("adl", "", {"modality": "ct"}, file=_nan_volume(d)), 422, "NaN"),
+    "4d": (lambda c, d: c.infer("adl", "", {}, file=_four_d_volume(d)), 422, "4D"),
+    "blank": (lambda c, d: c.infer("adl", "", {}, file=_blank_volume(d)), 422, "constant"),
+    "huge": (lambda c, d: c.infer("adl", "", {}, file=_huge_volume(d)), 413, "too large"),
+    "unknown model": (lambda c, d: c.infer("unet", "ct_slab_b", {}), 404, "unknown model"),
+    "unknown image": (lambda c, d: c.infer("adl", "no_such_study", {}), 404, "no image"),
+    "bad dtype": (lambda c, d: c.infer("adl", "ct_slab_b", {"result_dtype": "uint8"}), 422, "not a label map"),
+    "MR to a CT-only model": (lambda c, d: c.infer("tddl_gcn", "mr_slab_d", {}), 422, "CT only"),
+    "train with no labels": (lambda c, d: c.train_start("adl", {}), 422, "no corrected studies"),
+    "unknown train model": (lambda c, d: c.train_start("unet", {}), 404, "unknown model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_4xx_with_a_reason_and_the_server_keeps_answering(client, server, tmp_path, case):
+    request, status, words = BAD_REQUESTS[case]
+    code, message = error_of(lambda: request(client, tmp_path))
+    assert code == status, (code, message)
+    assert words.lower() in message.lower(), message
     assert server.alive()
     assert client.info()["models"]["adl"]["weights"]["ct"]["available"]
 
@@ -293,85 +326,85 @@ def save_corrections(client: MONAILabelClient, server, tmp_path) -> None:
         client.save_label(image_id, str(target), tag="final")
 
 
-def test_fine_tune_from_corrections_publishes_hot_reloads_and_rolls_back(client, server, tmp_path):
-    save_corrections(client, server, tmp_path)
-    before = served_version(client)
-    client.train_start("adl", {"steps": 8, "patch_size": 32, "device": "cpu", "lr": 1e-4})
-    status = wait_for_training(client)
-    assert status["status"] == "DONE", server.log_tail()
-    stats = client.info()["train_stats"]["adl"]
+def test_fine_tune_from_corrections_publishes_hot_reloads_and_rolls_back(training_client, training_server, tmp_path):
+    save_corrections(training_client, training_server, tmp_path)
+    before = served_version(training_client)
+    training_client.train_start("adl", {"steps": 8, "patch_size": 32, "device": "cpu", "lr": 1e-4})
+    status = wait_for_training(training_client)
+    assert status["status"] == "DONE", training_server.log_tail()
+    stats = training_client.info()["train_stats"]["adl"]
     assert stats["status"] == "done" and stats["mode"] == "corrections"
     decision = stats["decision"]
     assert set(decision["validation_images"]) | set(stats["data"]["train_images"]) == set(CT_IDS)
     assert not set(decision["validation_images"]) & set(stats["data"]["train_images"])
-    versions = http(server, "GET", "/versions/adl?modality=ct")[1]
+    versions = http(training_server, "GET", "/versions/adl?modality=ct")[1]
     if decision["published"]:
         assert decision["candidate_psnr"] >= decision["baseline_psnr"]
-        assert served_version(client) == decision["version"] != before
-        _, result = client.infer("adl", "ct_slab_b", {})
+        assert served_version(training_client) == decision["version"] != before
+        _, result = training_client.infer("adl", "ct_slab_b", {})
         assert result["weights_version"] == decision["version"]  # hot reload of the published file
         assert any(v["version"] == decision["version"] and v["served"] for v in versions["versions"])
     else:
-        assert served_version(client) == before
+        assert served_version(training_client) == before
         assert versions["history"][-1]["event"] == "rejected"
-    status, restored = http(server, "POST", "/versions/adl/restore?modality=ct&version=pretrained")
+    status, restored = http(training_server, "POST", "/versions/adl/restore?modality=ct&version=pretrained")
     assert status == 200 and restored["served"]["version"] == "pretrained"
-    _, result = client.infer("adl", "ct_slab_b", {})
+    _, result = training_client.infer("adl", "ct_slab_b", {})
     assert result["weights_version"] == "pretrained"
-    assert http(server, "POST", "/versions/adl/restore?modality=ct&version=19990101T000000-deadbeef")[0] == 404
+    assert http(training_server, "POST", "/versions/adl/restore?modality=ct&version=19990101T000000-deadbeef")[0] == 404
 
 
-def test_tddl_gcn_fine_tunes_from_the_same_corrections(client, server, tmp_path):
-    save_corrections(client, server, tmp_path)
-    client.train_start("tddl_gcn", {"steps": 4, "patch_size": 32, "device": "cpu"})
-    assert wait_for_training(client)["status"] == "DONE", server.log_tail()
-    stats = client.info()["train_stats"]["tddl_gcn"]
+def test_tddl_gcn_fine_tunes_from_the_same_corrections(training_client, training_server, tmp_path):
+    save_corrections(training_client, training_server, tmp_path)
+    training_client.train_start("tddl_gcn", {"steps": 4, "patch_size": 32, "device": "cpu"})
+    assert wait_for_training(training_client)["status"] == "DONE", training_server.log_tail()
+    stats = training_client.info()["train_stats"]["tddl_gcn"]
     assert stats["status"] == "done" and stats["mode"] == "corrections" and stats["modality"] == "CT"
     decision = stats["decision"]
     assert decision["baseline_psnr"] is not None and isinstance(decision["published"], bool)
-    history = http(server, "GET", "/versions/tddl_gcn?modality=ct")[1]["history"]
+    history = http(training_server, "GET", "/versions/tddl_gcn?modality=ct")[1]["history"]
     assert history[-1]["event"] == ("published" if decision["published"] else "rejected")
 
 
-def test_a_worse_model_is_never_published(client, server, tmp_path):
-    save_corrections(client, server, tmp_path)
-    before = client.info()["models"]["adl"]["weights"]["ct"]["sha256"]
+def test_a_worse_model_is_never_published(training_client, training_server, tmp_path):
+    save_corrections(training_client, training_server, tmp_path)
+    before = training_client.info()["models"]["adl"]["weights"]["ct"]["sha256"]
     # a learning rate 10 000 times too high wrecks the network: it must be measured worse and kept out
-    client.train_start("adl", {"steps": 6, "patch_size": 32, "device": "cpu", "lr": 1.0})
-    assert wait_for_training(client)["status"] == "DONE", server.log_tail()
-    decision = client.info()["train_stats"]["adl"]["decision"]
+    training_client.train_start("adl", {"steps": 6, "patch_size": 32, "device": "cpu", "lr": 1.0})
+    assert wait_for_training(training_client)["status"] == "DONE", training_server.log_tail()
+    decision = training_client.info()["train_stats"]["adl"]["decision"]
     assert decision["published"] is False
     # a diverged network (non-finite output) is reported without a score; otherwise it scored lower
     assert decision["candidate_psnr"] is None or decision["candidate_psnr"] < decision["baseline_psnr"]
-    assert client.info()["models"]["adl"]["weights"]["ct"]["sha256"] == before
-    assert http(server, "GET", "/versions/adl?modality=ct")[1]["history"][-1]["event"] == "rejected"
+    assert training_client.info()["models"]["adl"]["weights"]["ct"]["sha256"] == before
+    assert http(training_server, "GET", "/versions/adl?modality=ct")[1]["history"][-1]["event"] == "rejected"
 
 
-def test_training_killed_half_way_leaves_the_served_model_untouched(client, server, tmp_path):
-    save_corrections(client, server, tmp_path)
-    before = client.info()["models"]["adl"]["weights"]["ct"]["sha256"]
-    published = sorted(p.name for p in server.model_dir.glob("*.pt"))
-    client.train_start("adl", {"steps": 100000, "patch_size": 32, "device": "cpu"})
-    deadline = time.monotonic() + 180
-    while client.info()["train_stats"]["adl"].get("phase") != "training" or \
-            client.info()["train_stats"]["adl"].get("step") is None:
-        assert time.monotonic() < deadline, server.log_tail()
+def test_training_killed_half_way_leaves_the_served_model_untouched(training_client, training_server, tmp_path):
+    save_corrections(training_client, training_server, tmp_path)
+    before = training_client.info()["models"]["adl"]["weights"]["ct"]["sha256"]
+    published = sorted(p.name for p in training_server.model_dir.glob("*.pt"))
+    training_client.train_start("adl", {"steps": 100000, "patch_size": 32, "device": "cpu"})
+    deadline = time.monotonic() + 600
+    while training_client.info()["train_stats"]["adl"].get("phase") != "training" or \
+            training_client.info()["train_stats"]["adl"].get("step") is None:
+        assert time.monotonic() < deadline, training_server.log_tail()
         time.sleep(0.5)
-    client.train_stop()
-    assert wait_for_training(client, 60)["status"] in ("STOPPED", "ERROR", "DONE")
-    assert client.info()["models"]["adl"]["weights"]["ct"]["sha256"] == before
-    assert sorted(p.name for p in server.model_dir.glob("*.pt")) == published
-    assert not list(server.model_dir.glob(".*.tmp"))
-    path, _ = client.infer("adl", "ct_slab_b", {})
+    training_client.train_stop()
+    assert wait_for_training(training_client, 300)["status"] in ("STOPPED", "ERROR", "DONE")
+    assert training_client.info()["models"]["adl"]["weights"]["ct"]["sha256"] == before
+    assert sorted(p.name for p in training_server.model_dir.glob("*.pt")) == published
+    assert not list(training_server.model_dir.glob(".*.tmp"))
+    path, _ = training_client.infer("adl", "ct_slab_b", {})
     assert np.isfinite(read_array(path)[0]).all()
 
 
-def test_tddl_adaptation_learns_noise_from_unlabelled_low_dose_images(client, server):
-    client.train_start("tddl_gcn", {"mode": "adapt_noise", "steps": 4, "patch_size": 32, "noise_steps": 20,
-                                    "device": "cpu"})
-    assert wait_for_training(client)["status"] == "DONE", server.log_tail()
-    stats = client.info()["train_stats"]["tddl_gcn"]
+def test_tddl_adaptation_learns_noise_from_unlabelled_low_dose_images(training_client, training_server):
+    training_client.train_start("tddl_gcn", {"mode": "adapt_noise", "steps": 4, "patch_size": 32, "noise_steps": 20,
+                                             "device": "cpu"})
+    assert wait_for_training(training_client)["status"] == "DONE", training_server.log_tail()
+    stats = training_client.info()["train_stats"]["tddl_gcn"]
     assert stats["status"] == "done" and stats["mode"] == "adapt_noise"
     assert "learned noise" in stats["data"]["kind"] and len(stats["data"]["low_dose_images"]) == 3
     assert "published" in stats["decision"]
-    assert client.info()["models"]["tddl_gcn"]["weights"]["ct"]["available"]
+    assert training_client.info()["models"]["tddl_gcn"]["weights"]["ct"]["available"]

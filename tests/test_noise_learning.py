@@ -1,12 +1,11 @@
 """TDDL noise learning: extraction from low-dose images alone, the conditional noise VAE, noise fields, pseudo
 pairs, save/load, the `learn-noise` command and `train --noise-model`.
 
-Real arrays and files, no mocks; tiny networks and few steps so the module runs in about a minute on one thread.
+Real arrays and files, no mocks; tiny networks and few steps, so the module stays short on one thread.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+import processes
+from conftest import APP_DIR
 from lib.noise import LowDoseCTSettings, radial_noise_power_spectrum, simulate_low_dose_ct, soft_tissue_mask
 from lib.noise_learning import (
     LearnedNoiseSource,
@@ -33,7 +34,6 @@ from lib.noise_learning import (
 
 torch.set_num_threads(1)
 
-APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "adl_denoise"
 CLI = APP_DIR / "cli.py"
 TINY = dict(batch_size=32, width=16, progress=False)
 
@@ -160,6 +160,7 @@ def test_vae_samples_match_stationary_noise_level_and_texture(stationary_case) -
     assert float(mean_only.std()) * model.noise_scale_hu < 0.5 * samples.noise_std_hu
 
 
+@pytest.mark.slow
 def test_vae_reproduces_noise_that_depends_on_intensity() -> None:
     rng = np.random.default_rng(4)
     n = 600
@@ -236,7 +237,7 @@ def test_save_load_round_trip_gives_identical_samples(stationary_case, tmp_path)
         NoiseModel.load(_write_nifti(tmp_path / "x.nii.gz", np.zeros((8, 8))))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.gpu
 def test_sampling_on_cuda_matches_cpu(stationary_case) -> None:
     _, model = stationary_case
     cond = np.zeros(8, np.float32)
@@ -295,14 +296,14 @@ def _load_cli():
     return cli
 
 
-def test_cli_learn_noise_writes_a_model_and_refuses_bad_input(tmp_path, capsys) -> None:
+@pytest.mark.slow
+def test_cli_learn_noise_writes_a_model_and_refuses_a_non_image(tmp_path) -> None:
     _, low = _disc_phantom(128, 3, seed=6)
     low_path = _write_nifti(tmp_path / "low_dose.nii.gz", low)
     out = tmp_path / "noise.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(CLI), "learn-noise", "--input", str(low_path), "--output", str(out),
-                             "--modality", "ct", "--steps", "20", "--batch-size", "16", "--device", "cpu"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = processes.run([sys.executable, CLI, "learn-noise", "--input", low_path, "--output", out, "--modality",
+                            "ct", "--steps", "20", "--batch-size", "16", "--device", "cpu"], 600, env=env)
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "wrote" in result.stdout and "noise model" in result.stderr  # tqdm bar
     model = NoiseModel.load(out)
@@ -311,31 +312,45 @@ def test_cli_learn_noise_writes_a_model_and_refuses_bad_input(tmp_path, capsys) 
 
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
-    bad = subprocess.run([sys.executable, str(CLI), "learn-noise", "--input", str(text), "--output",
-                          str(tmp_path / "b.pt")], capture_output=True, text=True, timeout=120, env=env)
+    bad = processes.run([sys.executable, CLI, "learn-noise", "--input", text, "--output", tmp_path / "b.pt"], 600,
+                        env=env)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("error:")
 
+
+def _learn_noise_inputs(case: str, folder: Path) -> list[str]:
+    """``learn-noise`` arguments (after ``--input``) that it must refuse, made in ``folder``."""
+    _, low = _disc_phantom(128, 3, seed=6)
+    if case == "empty":
+        (folder / "empty").mkdir()
+        return [str(folder / "empty")]
+    if case == "non-CT":
+        return [str(_write_nifti(folder / "mr.nii.gz", np.abs(_correlated_noise((2, 64, 64), 100.0, 1.0, 7)) + 200.0))]
+    if case == "too few":
+        return [str(_write_nifti(folder / "tiny.nii.gz", low[:1, :40, :40])), "--patch-size", "32"]
+    if case == "held-out":
+        heldout = folder / "ct_abdomen_siemens_j2k_slab"
+        heldout.mkdir()
+        _write_nifti(heldout / "a.nii.gz", low)
+        return [str(heldout)]
+    if case == "output exists":
+        (folder / "noise.pt").write_bytes(b"an earlier model")  # no --overwrite
+        return [str(_write_nifti(folder / "low_dose.nii.gz", low))]
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case, words", [("empty", "no image files"), ("non-CT", "not ct"),
+                                         ("too few", "noise patches"), ("held-out", "held-out"),
+                                         ("output exists", "exists")])
+def test_cli_learn_noise_refuses_bad_input_with_one_line_reason(tmp_path, capsys, case, words) -> None:
+    arguments = _learn_noise_inputs(case, tmp_path)
     cli = _load_cli()
-    (tmp_path / "empty").mkdir()
-    mr = _write_nifti(tmp_path / "mr.nii.gz", np.abs(_correlated_noise((2, 64, 64), 100.0, 1.0, 7)) + 200.0)
-    tiny = _write_nifti(tmp_path / "tiny.nii.gz", low[:1, :40, :40])
-    heldout = tmp_path / "ct_abdomen_siemens_j2k_slab"
-    heldout.mkdir()
-    _write_nifti(heldout / "a.nii.gz", low)
-    cases = {
-        "empty": [str(tmp_path / "empty")],
-        "non-CT": [str(mr)],
-        "too few": [str(tiny), "--patch-size", "32"],
-        "held-out": [str(heldout)],
-    }
-    for name, extra in cases.items():
-        capsys.readouterr()
-        code = cli.main(["learn-noise", "--output", str(tmp_path / f"{name}.pt"), "--steps", "2", "--input", *extra])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(err) == 1 and err[0].startswith("error:"), (name, err)
-    assert "held-out" in err[0]
     capsys.readouterr()
-    assert cli.main(["learn-noise", "--input", str(low_path), "--output", str(out)]) == 2  # exists, no --overwrite
+    code = cli.main(["learn-noise", "--output", str(tmp_path / "noise.pt"), "--steps", "2", "--input", *arguments])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+    assert words in err[0].lower(), err[0]
+    if case == "output exists":
+        assert (tmp_path / "noise.pt").read_bytes() == b"an earlier model"
 
 
 def test_cli_train_adl_on_learned_noise_pairs(stationary_case, tmp_path) -> None:

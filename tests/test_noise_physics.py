@@ -427,7 +427,7 @@ def test_estimate_noise_sigma() -> None:
         estimate_noise_sigma(noisy, "nope")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.gpu
 def test_cuda_matches_cpu() -> None:
     phantom = _water_cylinder(96, 36.0)
     settings = _phantom_settings(0.25, geometry=ParallelBeamGeometry(n_views=180))

@@ -14,10 +14,11 @@ import pydicom
 import pytest
 from monailabel.client import MONAILabelClient
 
-from mlserver import make_tiny_weights, start_server, stop_server
+from mlserver import copy_weights, start_server, stop_server
 from orthanc import available, start_orthanc, stop_orthanc
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(available() is not None, reason=str(available()))]
+pytestmark = [pytest.mark.server, pytest.mark.slow,
+              pytest.mark.skipif(available() is not None, reason=str(available()))]
 
 
 def real_ct_series(folder: Path, slices: int = 3) -> list[Path]:
@@ -46,15 +47,15 @@ def real_ct_series(folder: Path, slices: int = 3) -> list[Path]:
     return paths
 
 
-def test_denoise_a_pacs_series_and_store_the_result_back(tmp_path):
+def test_denoise_a_pacs_series_and_store_the_result_back(tmp_path, tiny_weights):
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
         files = real_ct_series(tmp_path / "series")
         for path in files:
             pacs.upload(path)
         uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
-        model_dir = make_tiny_weights(tmp_path / "model", steps=5)
-        server = start_server(pacs.dicomweb, model_dir, tmp_path / "work")
+        # a server of its own: its studies are the PACS's DICOMweb root
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work")
         try:
             client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
             path, result = client.infer("adl", uid, {"store_to_pacs": True})
@@ -65,7 +66,7 @@ def test_denoise_a_pacs_series_and_store_the_result_back(tmp_path):
                       s["MainDicomTags"]["SeriesInstanceUID"] == stored["series_instance_uid"]]
             assert len(series) == 1 and len(series[0]["Instances"]) == 3
             instance = series[0]["Instances"][0]
-            with urllib.request.urlopen(f"{pacs.url}/instances/{instance}/file") as r:
+            with urllib.request.urlopen(f"{pacs.url}/instances/{instance}/file", timeout=60) as r:
                 derived = pydicom.dcmread(io.BytesIO(r.read()))
             original = pydicom.dcmread(files[0])
             assert derived.StudyInstanceUID == original.StudyInstanceUID and "DERIVED" in derived.ImageType

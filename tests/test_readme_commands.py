@@ -1,15 +1,19 @@
-"""The README's two commands exist, CI runs the test command, and the main job runs on the sample data."""
+"""The README's two commands exist, CI runs the test command, and ``run.sh`` runs the main job on the sample data
+and then serves the app."""
 from __future__ import annotations
 
 import json
 import os
 import re
-import subprocess
+import time
+import urllib.request
 
 import numpy as np
 import pytest
 
+import processes
 from conftest import REPO_ROOT, SAMPLE_STUDIES
+from mlserver import free_port
 
 
 def readme_commands() -> list[str]:
@@ -49,54 +53,31 @@ def test_sample_data_pairs_are_real_and_aligned():
             assert 0.03 < difference[bright].std() / reference.array.max() < 0.07
 
 
-@pytest.mark.timeout(600)
-def test_run_sh_main_job_on_sample_data():
-    """./run.sh end to end (set-up is idempotent, so this re-checks it) on the smallest sample study."""
-    result = subprocess.run(["./run.sh", "--no-server", "--only", "ct_head_pydicom693", "--model", "gaussian"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    row = next(line for line in result.stdout.splitlines() if line.startswith("ct_head_pydicom693"))
-    assert row.split()[1] == "gaussian"
-    psnr_noisy, psnr_denoised = (float(v) for v in row.split()[3:5])
-    assert psnr_denoised > psnr_noisy
-    assert (REPO_ROOT / "sample_data" / "output" / "ct_head_pydicom693_ld25_gaussian.nii.gz").is_file()
-
-
-@pytest.mark.timeout(600)
-def test_run_sh_then_serves_the_app_on_loopback(tmp_path):
-    """Without --no-server, ./run.sh ends by serving the MONAI Label app on 127.0.0.1 with the sample studies;
-    it answers /info and is stopped here by the PID of the process this test started."""
-    import signal
-    import time
-    import urllib.request
-
-    from mlserver import free_port
-
+@pytest.mark.server
+@pytest.mark.slow
+def test_run_sh_runs_the_main_job_then_serves_the_app_on_loopback(tmp_path):
+    """./run.sh end to end (set-up is idempotent, so this re-checks it) on the smallest sample study: it prints
+    the study's PSNR row and writes the denoised file, then serves the MONAI Label app on 127.0.0.1 with the
+    sample studies; the test stops it (and everything it started) as a process group."""
     port = free_port()
-    log = open(tmp_path / "run.log", "wb")
-    process = subprocess.Popen(["./run.sh", "--only", "ct_head_pydicom693", "--model", "gaussian"], cwd=REPO_ROOT,
-                               env=dict(os.environ, ADL_PORT=str(port)), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    log_path = tmp_path / "run.log"
+    output = REPO_ROOT / "sample_data" / "output" / "ct_head_pydicom693_ld25_gaussian.nii.gz"
+    started = time.time()
+    process = processes.start_service(["./run.sh", "--only", "ct_head_pydicom693", "--model", "gaussian"], log_path,
+                                      f"http://127.0.0.1:{port}/info/", 600, cwd=REPO_ROOT,
+                                      env=dict(os.environ, ADL_PORT=str(port)))
     try:
-        deadline = time.monotonic() + 540
-        info = None
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=5) as response:
-                    info = json.loads(response.read())
-                    break
-            except OSError:
-                time.sleep(1)
-        assert info is not None, (tmp_path / "run.log").read_text()[-3000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=30) as response:
+            info = json.loads(response.read())
         assert set(info["models"]) == {"adl", "tddl_gcn", "nlm"}
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/datastore/?output=all", timeout=10) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/datastore/?output=all", timeout=30) as response:
             studies = set(json.loads(response.read())["objects"])
         assert "ct_head_pydicom693_ld25" in studies and not any(s.endswith(("693", "colin27")) for s in studies)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+        processes.stop(process)
+    log = log_path.read_text(errors="replace")
+    row = next(line for line in log.splitlines() if line.startswith("ct_head_pydicom693"))
+    assert row.split()[1] == "gaussian"
+    psnr_noisy, psnr_denoised = (float(v) for v in row.split()[3:5])
+    assert psnr_denoised > psnr_noisy
+    assert output.is_file() and output.stat().st_mtime >= started - 1  # written by this run (it overwrites)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import os
 import re
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -13,11 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from conftest import REPO_ROOT, SAMPLE_STUDIES
-from mlserver import assert_same_geometry, free_port, make_tiny_weights, start_server, stop_server, write_crop
-
-
 from ADLDenoiseLib import (
     BackgroundTask,
     DenoiseServerClient,
@@ -29,9 +23,11 @@ from ADLDenoiseLib import (
     window_for,
 )
 
-MODULE_DIR = REPO_ROOT / "slicer_extension" / "ADLDenoise"
+import processes
+from conftest import REPO_ROOT, SAMPLE_STUDIES
+from mlserver import assert_same_geometry, copy_weights, free_port, start_server, stop_server, write_crop
 
-pytestmark = pytest.mark.timeout(900)
+MODULE_DIR = REPO_ROOT / "slicer_extension" / "ADLDenoise"
 
 
 # --------------------------------------------------------------------------------------------------- structure
@@ -135,25 +131,29 @@ def test_client_errors_are_clear_without_a_server():
 
 # --------------------------------------------------------------------------------------------------- server
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def training_server(tmp_path_factory, tiny_weights):
+    """A server of this module's own (it receives uploads and corrections and publishes weights), with two
+    3-slice head CT studies."""
     root = tmp_path_factory.mktemp("slicer_server")
     studies = root / "studies"
     studies.mkdir()
     write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "head_a.nii.gz", z=slice(50, 53))
     write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "head_b.nii.gz", z=slice(60, 63))
-    srv = start_server(studies, make_tiny_weights(root / "model"), root / "work")
+    srv = start_server(studies, copy_weights(tiny_weights, root / "model"), root / "work")
     yield srv
     stop_server(srv)
 
 
-def test_client_lists_models_denoises_a_volume_file_and_reports_server_errors(server, tmp_path):
+@pytest.mark.server
+@pytest.mark.slow
+def test_client_lists_models_denoises_a_volume_file_and_reports_server_errors(shared_server, tmp_path):
+    server = shared_server
     client = DenoiseServerClient(server.url)
     models = {m["name"]: m for m in client.denoising_models()}
     assert set(models) == {"adl", "tddl_gcn", "nlm"}
     assert models["adl"]["weights"]["ct"]["available"] and models["adl"]["weights"]["ct"]["version"] == "pretrained"
     # a volume as the module exports it: NRRD
-    volume = tmp_path / "head.nrrd"
-    sitk.WriteImage(sitk.ReadImage(str(server.studies / "head_a.nii.gz")), str(volume))
+    volume = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "head.nrrd", z=slice(50, 53))
     result_path, result = client.denoise("adl", volume, tmp_path / "out", {"modality": "ct", "result_extension": ".nrrd"})
     assert result_path.suffix == ".nrrd" and result["weights_version"] == "pretrained"
     assert_same_geometry(sitk.ReadImage(str(result_path)), sitk.ReadImage(str(volume)))
@@ -166,7 +166,10 @@ def test_client_lists_models_denoises_a_volume_file_and_reports_server_errors(se
         client.denoise("unet", volume, tmp_path / "out")
 
 
-def test_client_submits_corrections_reviews_and_watches_fine_tuning(server, tmp_path):
+@pytest.mark.server
+@pytest.mark.slow
+def test_client_submits_corrections_reviews_and_watches_fine_tuning(training_server, tmp_path):
+    server = training_server
     client = DenoiseServerClient(server.url)
     # a study loaded from a file (not from the server) is uploaded first, then its correction saved
     for image_id, z in (("slicer_study_1", slice(70, 73)), ("slicer_study_2", slice(80, 83))):
@@ -185,7 +188,7 @@ def test_client_submits_corrections_reviews_and_watches_fine_tuning(server, tmp_
         client.review(study["id"], "rejected", "dr_slicer")
 
     client.start_training("adl", {"steps": 4, "patch_size": 32, "device": "cpu"})
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     stats = {}
     while time.monotonic() < deadline:
         stats = client.training_stats("adl")
@@ -206,8 +209,7 @@ def test_mrml_logic_with_real_mrml_from_slicer_core():
         pytest.skip("no .venv-slicer (scripts/setup_slicer_env.sh could not install PyPI's slicer-core here)")
     # Slicer puts a module's folder on sys.path; outside Slicer, PYTHONPATH does
     env = dict(os.environ, PYTHONPATH=str(MODULE_DIR))
-    result = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             str(MODULE_DIR / "Testing" / "Python" / "test_mrml_logic.py")],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = processes.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            MODULE_DIR / "Testing" / "Python" / "test_mrml_logic.py"], 600, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "3 passed" in result.stdout

@@ -391,11 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------- train
+def _given(**values):
+    """The values the user gave (not None): the library's defaults apply to the rest."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from lib.data import ADLPatchDataset, PairedFolderSource, SyntheticNoiseSource, check_not_heldout
-    from lib.engines import ADLTrainingConfig, train_adl
+    from lib.data import TrainingDataRecipe, build_training_data
+    from lib.engines import train_adl, train_gcn
 
     rank = int(os.environ.get("RANK", "0"))
     main_rank = rank == 0
@@ -413,7 +418,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CommandError("no training data: give --clean FILES_OR_FOLDERS or --noisy-dir D --clean-dir C")
     if paired and args.noise not in (None, "auto"):
         raise CommandError("--noise applies to --clean (synthetic noise) only; paired data bring their own noise")
-    if getattr(args, "noise_model", None) is not None:  # TDDL: pseudo pairs from a learned noise model
+    if args.noise_model is not None:  # TDDL: pseudo pairs from a learned noise model
         if paired:
             raise CommandError("--noise-model makes pseudo pairs from --clean images; it does not apply to "
                                "--noisy-dir/--clean-dir")
@@ -423,41 +428,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CommandError("--noise-model is a CT noise model (learned in HU): use --modality ct")
         if not Path(args.noise_model).expanduser().is_file():
             raise CommandError(f"noise model {args.noise_model} not found (make one with 'cli.py learn-noise')")
+    if (args.val_noisy_dir is None) != (args.val_clean_dir is None):
+        raise CommandError("--val-noisy-dir and --val-clean-dir go together")
     gcn = args.model == GCN_MODEL
     _check_gcn_train_arguments(args, gcn)
     modality = args.modality.upper()
     device = _resolve_device(args.device)
-    filters = _int_list(args.filters, "--filters")
-    disc_filters = _int_list(args.disc_filters, "--disc-filters")
-    if len(filters) != 4 or len(disc_filters) != 4:
+    filters = _int_list(args.filters, "--filters") if args.filters else None
+    disc_filters = _int_list(args.disc_filters, "--disc-filters") if args.disc_filters else None
+    if any(f is not None and len(f) != 4 for f in (filters, disc_filters)):
         raise CommandError("--filters and --disc-filters take 4 channel counts, e.g. 96,128,160,192")
-    patch = _int_list(args.patch_size or ("48" if gcn else "96"), "--patch-size")
-    patch_size: int | tuple[int, ...] = patch[0] if len(patch) == 1 else patch
-    if any(p % 8 for p in patch) or len(patch) not in (1, args.spatial_dims):
-        raise CommandError(f"--patch-size must be one or {args.spatial_dims} multiples of 8, got {args.patch_size}")
-    level_range = _min_max(args.noise_level, "--noise-level")
-    ct_settings = None
-    if args.ct_filters or args.ct_cutoff:
-        if modality != "CT" or (args.noise or "auto") not in ("auto", "ct-lowdose") or paired \
-                or getattr(args, "noise_model", None) is not None:
-            raise CommandError("--ct-filters and --ct-cutoff apply to simulated low-dose CT noise only "
-                               "(--modality ct --clean ...)")
-        ct_settings = {}
-    if args.ct_filters:
-        from lib.noise.projector import RECONSTRUCTION_FILTERS
-
-        names = tuple(name.strip() for name in args.ct_filters.split(",") if name.strip())
-        unknown = [name for name in names if name not in RECONSTRUCTION_FILTERS]
-        if unknown or not names:
-            raise CommandError(f"--ct-filters: unknown filter(s) {', '.join(unknown) or args.ct_filters!r}; "
-                               f"choose from {', '.join(RECONSTRUCTION_FILTERS)}")
-        ct_settings["filters"] = names
-    if args.ct_cutoff:
-        cutoff = _min_max(args.ct_cutoff, "--ct-cutoff")
-        if not 0 < cutoff[0] <= cutoff[1] <= 1:
-            raise CommandError(f"--ct-cutoff must be MIN,MAX with 0 < MIN <= MAX <= 1 (fractions of Nyquist), "
-                               f"got {args.ct_cutoff!r}")
-        ct_settings["cutoff_range"] = cutoff
+    patch = _int_list(args.patch_size, "--patch-size") if args.patch_size else ()
+    ct_filters, ct_cutoff = _ct_noise_arguments(args, modality, paired)
     initial_weights = None
     if args.initial_weights:
         if args.resume:
@@ -466,78 +448,104 @@ def cmd_train(args: argparse.Namespace) -> int:
         initial_weights = Path(args.initial_weights).expanduser()
         if not initial_weights.is_file():
             raise CommandError(f"--initial-weights {args.initial_weights} not found")
-
-    # every input is checked against the held-out benchmark split before anything is read
-    check_not_heldout([p for p in (args.clean or []) + (args.val or [])])
-    for path in (args.noisy_dir, args.clean_dir, args.val_noisy_dir, args.val_clean_dir):
-        if path is not None:
-            check_not_heldout(path)
-
-    if paired:
-        source = PairedFolderSource(args.noisy_dir, args.clean_dir, modality=modality)
-        noise_kind = "paired"
-    elif getattr(args, "noise_model", None) is not None:
-        from lib.noise_learning import LearnedNoiseSource
-
-        source = LearnedNoiseSource(args.clean, args.noise_model, realisations=args.realisations, seed=args.seed,
-                                    spatial_dims=args.spatial_dims, regenerate_each_epoch=args.regenerate_noise,
-                                    device=_rank_device(device), progress=main_rank)
-        noise_kind = f"learned ({Path(args.noise_model).name})"
-    else:
-        source = SyntheticNoiseSource(args.clean, modality, args.noise or "auto", spatial_dims=args.spatial_dims,
-                                      realisations=args.realisations, noise_level_range=level_range,
-                                      ct_settings=ct_settings, cache_dir=args.noise_cache, regenerate_each_epoch=args.regenerate_noise,
-                                      seed=args.seed, device=_rank_device(device), progress=main_rank)
-        noise_kind = source.noise
-    dataset = ADLPatchDataset(source, args.spatial_dims, patch_size, samples_per_epoch=args.samples_per_epoch,
-                              seed=args.seed, slice_context=(args.slices or 1) // 2)
-    val_pairs = []
-    if args.val and getattr(args, "noise_model", None) is not None:
-        from lib.noise_learning import LearnedNoiseSource
-
-        val_pairs += LearnedNoiseSource(args.val, args.noise_model, seed=args.seed + 1,
-                                        spatial_dims=args.spatial_dims, device=_rank_device(device),
-                                        progress=main_rank, build_pool=False).validation_pairs()
-    elif args.val:
-        val_source = SyntheticNoiseSource(args.val, modality, "auto" if paired else (args.noise or "auto"),
-                                          spatial_dims=args.spatial_dims, noise_level_range=level_range,
-                                          seed=args.seed + 1, device=_rank_device(device), progress=main_rank,
-                                          build_pool=False)
-        val_pairs += val_source.validation_pairs()
-    if args.val_noisy_dir or args.val_clean_dir:
-        if not (args.val_noisy_dir and args.val_clean_dir):
-            raise CommandError("--val-noisy-dir and --val-clean-dir go together")
-        val_pairs += PairedFolderSource(args.val_noisy_dir, args.val_clean_dir, modality=modality).validation_pairs()
-
     checkpoint_dir = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else \
         output.with_name(output.stem + "_checkpoints")
+    run = _given(norm=args.norm, patch_size=(patch[0] if len(patch) == 1 else patch) if patch else None,
+                 batch_size=args.batch_size, num_workers=args.num_workers, lr_step_size=args.lr_step,
+                 lr_gamma=args.lr_gamma, slices=args.slices, seed=args.seed, amp=False if args.no_amp else None,
+                 checkpoint_every=args.checkpoint_every, validation_every=args.validation_every)
+    config = _gcn_config(args, modality, device, checkpoint_dir, run) if gcn else \
+        _adl_config(args, modality, device, checkpoint_dir, run, filters, disc_filters)
+    if patch and (any(p % 8 for p in patch) or len(patch) not in (1, config.spatial_dims)):
+        raise CommandError(f"--patch-size must be one or {config.spatial_dims} multiples of 8, got {args.patch_size}")
+
+    # every input is checked against the held-out benchmark split before anything is read
+    recipe = TrainingDataRecipe(modality, **_given(
+        clean=args.clean, noisy_dir=args.noisy_dir, clean_dir=args.clean_dir, noise=args.noise,
+        noise_model=args.noise_model, noise_level_range=_min_max(args.noise_level, "--noise-level"),
+        ct_filters=ct_filters, ct_cutoff_range=ct_cutoff, realisations=args.realisations,
+        noise_cache=args.noise_cache, regenerate_noise=args.regenerate_noise or None, val=args.val,
+        val_noisy_dir=args.val_noisy_dir, val_clean_dir=args.val_clean_dir, spatial_dims=config.spatial_dims,
+        seed=args.seed))
+    data = build_training_data(recipe, device=_rank_device(device), progress=main_rank)
+    dataset = data.patches(config.patch_size, slices=config.slices,
+                           **_given(samples_per_epoch=args.samples_per_epoch))
+    label = "TDDL-GCN" if gcn else "ADL"
     if gcn:
-        return _train_gcn(args, source, dataset, val_pairs, noise_kind, output, checkpoint_dir, modality, device,
-                          patch_size, main_rank, initial_weights)
-    config = ADLTrainingConfig(
-        modality=modality, spatial_dims=args.spatial_dims, filters=filters, disc_filters=disc_filters,
-        enhancer_filters=args.enhancer_filters, norm=args.norm, patch_size=patch_size, batch_size=args.batch_size,
-        num_workers=args.num_workers, steps_g_warmup=args.steps_g_warmup, steps_d_warmup=args.steps_d_warmup,
-        steps_adversarial=args.steps_adversarial, lr_warmup=args.lr_warmup, lr_adversarial=args.lr_adversarial,
-        lr_step_size=args.lr_step or 2000, lr_gamma=args.lr_gamma, lambda_adversarial=args.lambda_adversarial,
-        slices=args.slices or 1, amp=not args.no_amp, seed=args.seed, device=device, checkpoint_dir=str(checkpoint_dir),
-        checkpoint_every=args.checkpoint_every, keep_all_checkpoints=args.keep_checkpoints,
-        validation_every=args.validation_every, bn_recalibration_batches=args.bn_recalibration_batches,
-    )
+        slices = f", {config.slices} slices{' linked' if config.link_slices else ''}" if config.slices > 1 else ""
+        what = f"{modality}{slices}"
+    else:
+        what = f"{config.spatial_dims}D, {modality}"
     if main_rank:
-        print(f"training ADL ({args.spatial_dims}D, {modality}, {noise_kind} noise) on {len(source.volumes)} image(s), "
+        print(f"training {label} ({what}, {data.noise_kind} noise) on {len(data.source.volumes)} image(s), "
               f"{config.total_steps} steps; checkpoints in {checkpoint_dir}", flush=True)
+    train = train_gcn if gcn else train_adl
     try:
-        result = train_adl(config, dataset, val_pairs=val_pairs or None, resume=args.resume, progress=main_rank,
-                           initial_weights=initial_weights)
+        result = train(config, dataset, val_pairs=data.validation_pairs or None, resume=args.resume,
+                       progress=main_rank, initial_weights=initial_weights)
     except ValueError as error:
         if initial_weights is None:
             raise
         raise CommandError(str(error)) from None
     if not main_rank:
         return 0
-    return _export_trained(result, result.generator, output, config, modality, source, noise_kind, patch_size,
-                           val_pairs, initial_weights)
+    return _export_trained(result, result.network if gcn else result.generator, output, config, data,
+                           initial_weights)
+
+
+def _ct_noise_arguments(args: argparse.Namespace, modality: str, paired: bool
+                        ) -> tuple[tuple[str, ...] | None, tuple[float, float] | None]:
+    """``--ct-filters`` and ``--ct-cutoff`` checked: (filter names, (min, max) cut-off), None where not given."""
+    if not (args.ct_filters or args.ct_cutoff):
+        return None, None
+    if modality != "CT" or args.noise not in (None, "auto", "ct-lowdose") or paired or args.noise_model is not None:
+        raise CommandError("--ct-filters and --ct-cutoff apply to simulated low-dose CT noise only "
+                           "(--modality ct --clean ...)")
+    names = cutoff = None
+    if args.ct_filters:
+        from lib.noise.projector import RECONSTRUCTION_FILTERS
+
+        names = tuple(name.strip() for name in args.ct_filters.split(",") if name.strip())
+        unknown = [name for name in names if name not in RECONSTRUCTION_FILTERS]
+        if unknown or not names:
+            raise CommandError(f"--ct-filters: unknown filter(s) {', '.join(unknown) or args.ct_filters!r}; "
+                               f"choose from {', '.join(RECONSTRUCTION_FILTERS)}")
+    if args.ct_cutoff:
+        cutoff = _min_max(args.ct_cutoff, "--ct-cutoff")
+        if not 0 < cutoff[0] <= cutoff[1] <= 1:
+            raise CommandError(f"--ct-cutoff must be MIN,MAX with 0 < MIN <= MAX <= 1 (fractions of Nyquist), "
+                               f"got {args.ct_cutoff!r}")
+    return names, cutoff
+
+
+def _adl_config(args: argparse.Namespace, modality: str, device: str, checkpoint_dir: Path, run: dict,
+                filters: tuple[int, ...] | None, disc_filters: tuple[int, ...] | None):
+    """The ADL run: what the user gave on top of :class:`lib.engines.ADLTrainingConfig`'s defaults."""
+    from lib.engines import ADLTrainingConfig
+
+    return ADLTrainingConfig(
+        modality=modality, device=device, checkpoint_dir=str(checkpoint_dir), **run, **_given(
+            spatial_dims=args.spatial_dims, filters=filters, disc_filters=disc_filters,
+            enhancer_filters=args.enhancer_filters, steps_g_warmup=args.steps_g_warmup,
+            steps_d_warmup=args.steps_d_warmup, steps_adversarial=args.steps_adversarial, lr_warmup=args.lr_warmup,
+            lr_adversarial=args.lr_adversarial, lambda_adversarial=args.lambda_adversarial,
+            keep_all_checkpoints=args.keep_checkpoints or None,
+            bn_recalibration_batches=args.bn_recalibration_batches))
+
+
+def _gcn_config(args: argparse.Namespace, modality: str, device: str, checkpoint_dir: Path, run: dict):
+    """The TDDL-GCN run: what the user gave on top of :class:`lib.engines.GCNTrainingConfig`'s defaults."""
+    from lib.engines import GCNTrainingConfig
+
+    try:
+        return GCNTrainingConfig(
+            modality=modality, device=device, checkpoint_dir=str(checkpoint_dir), **run, **_given(
+                link_slices=args.link_slices or None, features=args.features, k=args.neighbours,
+                search_window=args.search_window, inference_search_window=args.inference_search_window,
+                n_blocks=args.blocks, layers_per_block=args.layers_per_block, rank=args.rank, steps=args.steps,
+                lr=args.lr, loss=args.loss))
+    except ValueError as error:
+        raise CommandError(f"TDDL-GCN settings: {error}") from None
 
 
 #: TDDL-GCN options of 'train' (default None: refused with --model adl, GCN defaults otherwise)
@@ -546,10 +554,10 @@ GCN_TRAIN_OPTIONS = ("link_slices", "features", "neighbours", "search_window", "
 
 
 def _check_gcn_train_arguments(args: argparse.Namespace, gcn: bool) -> None:
-    if (args.slices or 1) > 1 and args.spatial_dims != 2:
+    if args.slices not in (None, 1) and args.spatial_dims == 3:
         raise CommandError("--slices feeds adjacent slices to a 2D network: drop --spatial-dims 3 (a 3D network "
                            "sees them anyway)")
-    if gcn and (args.slices or 1) > 3:
+    if gcn and args.slices not in (None, 1, 3):
         raise CommandError(f"--model {GCN_MODEL} takes --slices 1 or 3")
     if not gcn:
         given = ["--" + name.replace("_", "-") for name in GCN_TRAIN_OPTIONS
@@ -557,66 +565,24 @@ def _check_gcn_train_arguments(args: argparse.Namespace, gcn: bool) -> None:
         if given:
             raise CommandError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to --model {GCN_MODEL}")
         return
-    if args.spatial_dims != 2:
+    if args.spatial_dims == 3:
         raise CommandError(f"--model {GCN_MODEL} is a 2D network (adjacent slices via --slices 3): "
                            "drop --spatial-dims 3")
-    if args.link_slices and (args.slices or 1) < 3:
+    if args.link_slices and args.slices not in (3, 5):
         raise CommandError("--link-slices needs adjacent slices: add --slices 3")
     if args.modality == "mr":
         log.warning("the TDDL-GCN was designed for low-dose CT; training it on MR works but is untested")
 
 
-def _train_gcn(args: argparse.Namespace, source, dataset, val_pairs: list, noise_kind: str, output: Path,
-               checkpoint_dir: Path, modality: str, device: str, patch_size, main_rank: bool,
-               initial_weights: Path | None = None) -> int:
-    """`train --model tddl_gcn`: the data were prepared by cmd_train (pseudo pairs from --noise-model, simulated
-    noise or real pairs); supervised training (lib.engines.train_gcn) and weight export."""
-    from lib.engines import GCNTrainingConfig, train_gcn
-
-    try:
-        config = GCNTrainingConfig(
-            modality=modality, slices=args.slices or 1, link_slices=bool(args.link_slices),
-            features=args.features or 32, k=args.neighbours or 16, search_window=args.search_window or 21,
-            inference_search_window=args.inference_search_window, n_blocks=args.blocks or 2,
-            layers_per_block=args.layers_per_block or 2, rank=args.rank or 4, norm=args.norm, patch_size=patch_size,
-            batch_size=args.batch_size, num_workers=args.num_workers, steps=args.steps or 20000, lr=args.lr or 1e-4,
-            lr_step_size=args.lr_step or 5000, lr_gamma=args.lr_gamma, loss=args.loss or "l1", amp=not args.no_amp,
-            seed=args.seed, device=device, checkpoint_dir=str(checkpoint_dir), checkpoint_every=args.checkpoint_every,
-            validation_every=args.validation_every,
-        )
-    except ValueError as error:
-        raise CommandError(f"TDDL-GCN settings: {error}") from None
-    if main_rank:
-        slices = f", {config.slices} slices{' linked' if config.link_slices else ''}" if config.slices > 1 else ""
-        print(f"training TDDL-GCN ({modality}{slices}, {noise_kind} noise) on {len(source.volumes)} image(s), "
-              f"{config.total_steps} steps; checkpoints in {checkpoint_dir}", flush=True)
-    try:
-        result = train_gcn(config, dataset, val_pairs=val_pairs or None, resume=args.resume, progress=main_rank,
-                           initial_weights=initial_weights)
-    except ValueError as error:
-        if initial_weights is None:
-            raise
-        raise CommandError(str(error)) from None
-    if not main_rank:
-        return 0
-    return _export_trained(result, result.network, output, config, modality, source, noise_kind, patch_size,
-                           val_pairs, initial_weights)
-
-
-def _export_trained(result, network, output: Path, config, modality: str, source, noise_kind: str, patch_size,
-                    val_pairs: list, initial_weights: Path | None = None) -> int:
+def _export_trained(result, network, output: Path, config, data, initial_weights: Path | None = None) -> int:
     """Write the trained network as a small weight file with its training record, and report validation."""
-    from lib.engines import export_weights, scaling_rule_for
+    from lib.weights import export_weights, scaling_rule_for
 
     record = result.training_record()
-    record["data"] = {"noise": noise_kind, "images": [v.name for v in source.volumes],
-                      "patch_size": patch_size, "validation_images": [p.name for p in val_pairs]}
-    if getattr(source, "ct_settings", None):
-        record["data"]["ct_settings"] = {k: list(v) if isinstance(v, tuple) else v
-                                         for k, v in source.ct_settings.items()}
+    record["data"] = data.record(config.patch_size)
     if initial_weights is not None:
         record["data"]["initial_weights"] = initial_weights.name
-    path = export_weights(network, output, config, scaling_rule_for(modality), record)
+    path = export_weights(network, output, config, scaling_rule_for(config.modality), record)
     if result.validation:
         last = result.validation[-1]
         print(f"validation PSNR {last['psnr']:.2f} dB (noisy input {last['psnr_noisy']:.2f} dB) at step {last['step']}")
@@ -663,34 +629,35 @@ def _add_train_parser(verbs) -> None:
     data.add_argument("--ct-filters", metavar="NAME[,NAME]",
                       help="low-dose CT: reconstruction filters of the simulated noise, e.g. shepp-logan to match a "
                            "scanner's kernel (default: all, drawn per slice)")
-    data.add_argument("--realisations", type=_positive_int, default=2,
+    data.add_argument("--realisations", type=_positive_int,
                       help="low-dose CT: noisy realisations per clean slice in the pool (default 2)")
     data.add_argument("--noise-cache", help="low-dose CT: folder caching simulated slices as .npy")
     data.add_argument("--regenerate-noise", action="store_true", help="low-dose CT: new noise pool every epoch")
-    data.add_argument("--samples-per-epoch", type=_positive_int, default=2000, help="patches per epoch (default 2000)")
+    data.add_argument("--samples-per-epoch", type=_positive_int, help="patches per epoch (default 2000)")
     data.add_argument("--val", nargs="+", metavar="PATH", help="clean validation images (fixed synthetic noise)")
     data.add_argument("--val-noisy-dir", help="folder of real noisy validation images")
     data.add_argument("--val-clean-dir", help="folder of the matching clean validation images")
     net = tr.add_argument_group("network and optimisation")
-    net.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2, help="2D (slices) or 3D network (default 2)")
+    net.add_argument("--spatial-dims", type=int, choices=(2, 3), help="2D (slices) or 3D network (default 2)")
     net.add_argument("--patch-size", help="patch size, multiple(s) of 8: N or N,N[,N] (default 96; tddl_gcn 48)")
+    # the command line's own default, for both models (the TDDL-GCN engine alone would take 8)
     net.add_argument("--batch-size", type=_positive_int, default=4, help="patches per step and process (default 4)")
-    net.add_argument("--filters", default="96,128,160,192", help="denoiser filters (default 96,128,160,192)")
-    net.add_argument("--disc-filters", default="16,32,64,128", help="discriminator filters (default 16,32,64,128)")
-    net.add_argument("--enhancer-filters", type=_positive_int, default=48, help="content-enhancer filters (default 48)")
-    net.add_argument("--norm", choices=("batch", "instance"), default="batch", help="normalisation layers (default batch)")
-    net.add_argument("--steps-g-warmup", type=_non_negative_int, default=2000, help="denoiser warm-up steps (2000)")
-    net.add_argument("--steps-d-warmup", type=_non_negative_int, default=500, help="discriminator warm-up steps (500)")
-    net.add_argument("--steps-adversarial", type=_non_negative_int, default=4000, help="adversarial steps (4000)")
-    net.add_argument("--lr-warmup", type=_positive_float, default=1e-4, help="learning rate of the warm-ups (1e-4)")
-    net.add_argument("--lr-adversarial", type=_positive_float, default=5e-5, help="adversarial learning rate (5e-5)")
+    net.add_argument("--filters", help="denoiser filters (default 96,128,160,192)")
+    net.add_argument("--disc-filters", help="discriminator filters (default 16,32,64,128)")
+    net.add_argument("--enhancer-filters", type=_positive_int, help="content-enhancer filters (default 48)")
+    net.add_argument("--norm", choices=("batch", "instance"), help="normalisation layers (default batch)")
+    net.add_argument("--steps-g-warmup", type=_non_negative_int, help="denoiser warm-up steps (2000)")
+    net.add_argument("--steps-d-warmup", type=_non_negative_int, help="discriminator warm-up steps (500)")
+    net.add_argument("--steps-adversarial", type=_non_negative_int, help="adversarial steps (4000)")
+    net.add_argument("--lr-warmup", type=_positive_float, help="learning rate of the warm-ups (1e-4)")
+    net.add_argument("--lr-adversarial", type=_positive_float, help="adversarial learning rate (5e-5)")
     net.add_argument("--lr-step", type=_positive_int, help="StepLR step size in steps (adl 2000, tddl_gcn 5000)")
-    net.add_argument("--lr-gamma", type=_positive_float, default=0.5, help="StepLR decay factor (0.5)")
-    net.add_argument("--lambda-adversarial", type=float, default=0.01, help="weight of the adversarial term (0.01)")
+    net.add_argument("--lr-gamma", type=_positive_float, help="StepLR decay factor (0.5)")
+    net.add_argument("--lambda-adversarial", type=float, help="weight of the adversarial term (0.01)")
     net.add_argument("--no-amp", action="store_true",
                      help="float32 throughout (default: mixed precision, fp16 on CUDA, bfloat16 on a CPU with native "
                           "bfloat16)")
-    net.add_argument("--bn-recalibration-batches", type=_non_negative_int, default=200,
+    net.add_argument("--bn-recalibration-batches", type=_non_negative_int,
                      help="adl: after the last step, recompute the denoiser's batch-norm statistics over this many "
                           "further training batches, at most the run's steps (default 200; 0: keep the moving "
                           "averages)")
@@ -719,14 +686,14 @@ def _add_train_parser(verbs) -> None:
                      help="start the network from this weight file (same architecture) instead of at random: "
                           "fine-tune shipped weights to other data or noise; the optimiser starts fresh")
     run.add_argument("--checkpoint-dir", help="checkpoint folder (default: <output stem>_checkpoints next to --output)")
-    run.add_argument("--checkpoint-every", type=_non_negative_int, default=500, help="steps between checkpoints (500)")
+    run.add_argument("--checkpoint-every", type=_non_negative_int, help="steps between checkpoints (500)")
     run.add_argument("--keep-checkpoints", action="store_true",
                      help="ADL: also keep step_NNNNNNN.pt at every checkpoint besides last.pt (to pick a step later)")
-    run.add_argument("--validation-every", type=_non_negative_int, default=500,
+    run.add_argument("--validation-every", type=_non_negative_int,
                      help="steps between validations (500; 0: only at the end)")
-    run.add_argument("--num-workers", type=_non_negative_int, default=0, help="data loader workers (default 0)")
+    run.add_argument("--num-workers", type=_non_negative_int, help="data loader workers (default 0)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
-    run.add_argument("--seed", type=int, default=0, help="random seed")
+    run.add_argument("--seed", type=int, help="random seed")
     run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     tr.set_defaults(func=cmd_train)
 
@@ -742,7 +709,7 @@ def cmd_learn_noise(args: argparse.Namespace) -> int:
         raise CommandError(f"--output must be a .pt noise-model file, got {args.output}")
     if output.exists() and not args.overwrite:
         raise CommandError(f"{args.output} already exists (add --overwrite to replace it)")
-    if args.patch_size % 8 or args.patch_size < 16:
+    if args.patch_size is not None and (args.patch_size % 8 or args.patch_size < 16):
         raise CommandError(f"--patch-size must be a multiple of 8 and >= 16, got {args.patch_size}")
     paths = discover_images(args.input)
     check_not_heldout(paths)
@@ -750,11 +717,12 @@ def cmd_learn_noise(args: argparse.Namespace) -> int:
         raise CommandError("--output is one of the inputs: refusing to overwrite it")
     device = _resolve_device(args.device)
     try:
-        model = learn_noise_model(paths, patch_size=args.patch_size, steps=args.steps, batch_size=args.batch_size,
-                                  lr=args.lr, max_patches=args.max_patches, detrend=args.detrend,
-                                  force_ct=args.modality == "ct", device=device, seed=args.seed, progress=True,
+        model = learn_noise_model(paths, force_ct=args.modality == "ct", device=device, progress=True,
                                   report=lambda line: print(line, flush=True),
-                                  info={"command": "learn-noise", "inputs": [str(p.resolve()) for p in paths]})
+                                  info={"command": "learn-noise", "inputs": [str(p.resolve()) for p in paths]},
+                                  **_given(patch_size=args.patch_size, steps=args.steps, batch_size=args.batch_size,
+                                           lr=args.lr, max_patches=args.max_patches, detrend=args.detrend,
+                                           seed=args.seed))
     except ValueError as error:
         message = str(error).replace("say it is CT if it is", "add --modality ct if it is")
         raise CommandError(message.replace("smaller patches", "a smaller --patch-size")) from None
@@ -776,17 +744,17 @@ def _add_learn_noise_parser(verbs) -> None:
     ln.add_argument("--output", "-o", required=True, help="noise-model file to write (.pt)")
     ln.add_argument("--modality", choices=("auto", "ct"), default="auto",
                     help="ct: treat the inputs as CT in HU (default: from DICOM, else guessed from the values)")
-    ln.add_argument("--patch-size", type=_positive_int, default=32, help="noise patch size, multiple of 8 (32)")
-    ln.add_argument("--steps", type=_positive_int, default=2000, help="training steps (2000)")
-    ln.add_argument("--batch-size", type=_positive_int, default=64, help="patches per step (64)")
-    ln.add_argument("--lr", type=_positive_float, default=2e-3, help="Adam learning rate (2e-3, cosine decay)")
-    ln.add_argument("--max-patches", type=_positive_int, default=20000,
+    ln.add_argument("--patch-size", type=_positive_int, help="noise patch size, multiple of 8 (32)")
+    ln.add_argument("--steps", type=_positive_int, help="training steps (2000)")
+    ln.add_argument("--batch-size", type=_positive_int, help="patches per step (64)")
+    ln.add_argument("--lr", type=_positive_float, help="Adam learning rate (2e-3, cosine decay)")
+    ln.add_argument("--max-patches", type=_positive_int,
                     help="at most this many noise patches (random subset; default 20000)")
-    ln.add_argument("--detrend", choices=("mean", "plane", "quadratic"), default="quadratic",
+    ln.add_argument("--detrend", choices=("mean", "plane", "quadratic"),
                     help="trend removed from each noise patch (default quadratic: right for filtered back-projection "
                          "noise; mean or plane for blotchy iterative-reconstruction noise)")
     ln.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
-    ln.add_argument("--seed", type=int, default=0, help="random seed")
+    ln.add_argument("--seed", type=int, help="random seed")
     ln.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ln.set_defaults(func=cmd_learn_noise)
 

@@ -6,6 +6,11 @@
 Conf keys (``--conf key value``; see README.md in this folder): ``models`` (all | adl | tddl_gcn | nlm | a
 comma list), ``model_dir`` (weights folder; default ``model/`` here, or ``ADL_MODEL_DIR``), ``device``, ``preload``,
 ``modality``, ``result_extension``, ``train_steps``, ``normal_dose``, ``max_voxels``.
+
+Settings reach the tasks through the conf (:class:`lib.configs.base.DenoiserTaskConfig` reads it and hands each
+task its values), not through environment variables set here. MONAI Label runs training in a subprocess that
+builds this app again from the same conf (the server exports it as ``MONAI_LABEL_APP_CONF``), so both processes
+resolve the same ``model_dir``.
 """
 from __future__ import annotations
 
@@ -38,10 +43,7 @@ class DenoisingApp(MONAILabelApp):
         unknown = [m for m in names if m != "all" and m not in MODEL_CONFIGS]
         if unknown:
             raise ValueError(f"unknown model(s) {unknown} in --conf models; available: all, {', '.join(MODEL_CONFIGS)}")
-        if conf.get("max_voxels"):
-            os.environ["ADL_MAX_VOXELS"] = str(int(float(conf["max_voxels"])))  # read by lib.imaging
         self.model_dir = os.path.abspath(conf.get("model_dir") or os.environ.get("ADL_MODEL_DIR") or str(MODEL_DIR))
-        os.environ["ADL_MODEL_DIR"] = self.model_dir  # the training subprocess looks weights up there too
         self.store = ModelStore(self.model_dir)
         self.models: Dict[str, TaskConfig] = {}
         for name, config_class in MODEL_CONFIGS.items():

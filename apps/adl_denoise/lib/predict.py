@@ -1,15 +1,15 @@
 """Whole-image inference with a trained learned denoiser (ADL's Efficient-UNet or the TDDL-GCN): loading
 shipped weights, tiling, intensity units.
 
-:func:`load_denoiser` reads the small weight file written by :func:`lib.engines.export_weights`
+:func:`load_denoiser` reads the small weight file written by :func:`lib.weights.export_weights`
 (fp16 state dict + network class and arguments + modality + training record; the class is looked up in
 :data:`lib.networks.DENOISER_NETWORKS`); :func:`denoise_array` denoises a slice or a volume in its own units
 (CT stays in HU):
 
 * normalise with :func:`lib.data.intensity_scaling_for` (the rule the model was trained with);
 * 2D model: slice by slice, ``sw_batch_size`` slices at a time, through MONAI ``sliding_window_inference``
-  with windows of ``roi_size`` (default 512x512, clamped to the image: a typical CT slice is one window;
-  256x256 windows with 25 % overlap cost 2.2x the compute on a 512x512 slice, measured on CPU). 3D model:
+  with windows of ``roi_size`` (default 512x512, clamped to the image: a typical CT slice is one window, since
+  smaller overlapping windows recompute their overlaps). 3D model:
   3D sliding window (default 96^3 windows). The image is first reflect-padded to multiples of 8 (the
   network down-samples three times) and the padding is cropped off again. The GCN
   (:class:`lib.networks.GCNDenoiser`) needs no padding (``size_multiple = 1``), gets each slice with its
@@ -88,7 +88,7 @@ class LoadedDenoiser:
 
 
 def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedDenoiser:
-    """Read a weight file written by :func:`lib.engines.export_weights` (no network access).
+    """Read a weight file written by :func:`lib.weights.export_weights` (no network access).
 
     The tensors are mapped to the CPU first, fp16 weights are converted to float32, the network is rebuilt
     from the stored keyword arguments and the state dict loaded strictly. A training checkpoint
@@ -142,9 +142,8 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     network.to(dev).eval()
     spatial_dims = int(kwargs.get("spatial_dims", 2))
     if network_class is EfficientUNetDenoiser:
-        # channels-last weights make the convolutions pick faster kernels: a 512 x 512 CT slice took 5.8 s instead of
-        # 7.6 s on one CPU thread (2-core AMD EPYC), identical output; in bfloat16 (lib.runtime.precision) 1.3 s instead of
-        # 4.4 s (Intel Xeon with AMX). The 3D network gained nothing in float32 but halved its bfloat16 step time.
+        # channels-last weights make the CPU convolutions pick faster kernels, with identical output
+        # (bench/README.md, "Measurements behind design choices")
         network.to(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
     return LoadedDenoiser(network, spatial_dims, modality, metadata, dev, p)
 
@@ -169,9 +168,7 @@ def uses_orthogonal_planes(model: LoadedDenoiser | nn.Module, modality: str, sha
     ``ORTHOGONAL_MIN_VOXELS`` voxels along every axis and near-cubic voxels (largest / smallest spacing at most
     ``ORTHOGONAL_MAX_ANISOTROPY``), so the coronal and sagittal slices look like the axial ones the network learnt
     on. Not for CT: its weights learnt the in-plane texture of axial FBP noise, which the other planes lack.
-
-    Measured with the shipped 5-slice MR weights (Rician 5 %, 2026-12-02): +0.26 dB in the held-out 1 mm brain
-    (33.78 -> 34.03 dB) and +0.30 dB on a 1 mm Colin27 block over axial slices alone, at 3x the time."""
+    The gain over axial slices alone, at 3x the time, is in bench/README.md."""
     network, dims = _network_and_dims(model)
     if not isinstance(network, EfficientUNetDenoiser) or dims != 2 or str(modality).upper() != "MR":
         return False
@@ -229,9 +226,8 @@ def denoise_array(
             model, 96^3 for a 3D model. An image no larger than the window is processed whole.
         overlap: window overlap fraction in [0, 1).
         sw_batch_size: windows per forward pass; a 2D model also takes this many slices at a time (memory is
-            bounded by ``sw_batch_size`` windows). Default 4 on CUDA, 1 on a CPU: there a batch of four 512 x 512
-            CT slices took 4.3 s per slice against 3.3 s one at a time (one thread, AMD EPYC), at four times the
-            activation memory.
+            bounded by ``sw_batch_size`` windows). Default 4 on CUDA, 1 on a CPU: there batching slices was slower
+            per slice, at several times the activation memory.
         progress: tqdm progress bar.
         mode: MONAI blending of overlapping windows, ``"gaussian"`` (default, no seams) or ``"constant"``.
         amp: mixed precision: fp16 autocast on CUDA; bfloat16 for the 2D Efficient-UNet on a CPU with native
@@ -295,9 +291,7 @@ def denoise_array(
         keep_freed_cpu_memory()  # large feature maps reuse heap memory instead of fresh mmaps (lib.runtime.cpu_memory)
     # reduced precision: fp16 on CUDA; bfloat16 on a CPU with native bfloat16 for the 2D Efficient-UNet only (its
     # residual heads keep the input's logit and the sigmoid in float32; validated against float32 on CT). The GCN's
-    # k-NN distances stay float32, and so does the 3D network, whose bfloat16 output was never validated: the all-NaN
-    # result it gave for a 3-slice MR slab in the MONAI Label server test sequence was first put down to bfloat16,
-    # but came back in float32 too (not explained; the app does not serve adl_3d, commit 33164b7)
+    # k-NN distances stay float32, and so does the 3D network, whose bfloat16 output was never validated.
     amp_dtype = autocast_dtype(dev, amp)
     if dev.type == "cpu" and not (isinstance(network, EfficientUNetDenoiser) and network.spatial_dims == 2):
         amp_dtype = None

@@ -10,12 +10,13 @@ studies), so it survives restarts and travels with the studies:
 """
 from __future__ import annotations
 
-import datetime as _dt
 import threading
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
+
+from ..runtime.clock import utc_timestamp
 
 __all__ = ["VERDICTS", "NextUnreviewed", "has_image", "record_result", "record_verdict", "review_of", "audit_trail"]
 
@@ -25,10 +26,6 @@ MAX_RESULTS_KEPT = 50  # per image; the review history itself is never truncated
 _lock = threading.Lock()  # read-modify-write of an image's info from concurrent requests
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def has_image(datastore: Datastore, image_id: str) -> bool:
     """Whether ``image_id`` names an image of the datastore."""
     return image_id in datastore.list_images()
@@ -36,7 +33,7 @@ def has_image(datastore: Datastore, image_id: str) -> bool:
 
 def record_result(datastore: Datastore, image_id: str, result: dict) -> dict:
     """Note that ``result`` (the infer task's JSON) was produced for ``image_id``."""
-    entry = {"time_utc": _now(), **{k: result.get(k) for k in ("model", "modality", "weights_version",
+    entry = {"time_utc": utc_timestamp(), **{k: result.get(k) for k in ("model", "modality", "weights_version",
                                                                  "weights_sha256", "device", "seconds")}}
     with _lock:
         info = datastore.get_image_info(image_id) or {}
@@ -64,7 +61,7 @@ def record_verdict(datastore: Datastore, image_id: str, verdict: str, reviewer: 
         results = [r for r in (info.get("denoise_results") or []) if model is None or r.get("model") == model]
         judged = results[-1] if results else None
         entry = {"verdict": verdict, "reviewer": reviewer, "reason": (str(reason).strip() if reason else None),
-                 "time_utc": _now(), "result": judged}
+                 "time_utc": utc_timestamp(), "result": judged}
         history = list(info.get("review_history") or []) + [entry]
         datastore.update_image_info(image_id, {"review": entry, "review_history": history})
     return entry

@@ -19,7 +19,8 @@ class DenoiserTaskConfig(TaskConfig):
     Conf keys read here (``--conf key value``): ``device`` (auto | cpu | cuda), ``preload`` (true | false),
     ``modality`` (auto | ct | mr: for inputs without a DICOM modality), ``result_extension`` (.nii.gz | .nrrd |
     .nii | .mha | dicom), ``train_steps`` (default fine-tuning steps), ``normal_dose`` (normal-dose images for
-    TDDL adaptation), ``max_concurrent_infers`` (requests a model denoises at once; 2).
+    TDDL adaptation), ``max_concurrent_infers`` (requests a model denoises at once; 2), ``max_voxels`` (largest
+    image a request may send; default :func:`lib.imaging.max_voxels`).
     """
 
     method: str = ""
@@ -31,13 +32,19 @@ class DenoiserTaskConfig(TaskConfig):
         self.path = [str(self.store.pretrained_path(name, m)) for m in self.modalities] + \
                     [str(self.store.published_path(name, m)) for m in self.modalities]
 
+    @property
+    def max_voxels(self) -> int | None:
+        """The ``max_voxels`` conf value (``1e9`` and ``1000000000`` alike), None when not set."""
+        value = self.conf.get("max_voxels")
+        return int(float(value)) if value not in (None, "") else None
+
     def infer(self) -> InferTask:
         return DenoiseInferTask(
             self.name, self.method, self.modalities, self.store, device=self.conf.get("device", "auto"),
             default_modality=self.conf.get("modality", "auto"),
             result_extension=self.conf.get("result_extension", ".nii.gz"),
             preload=strtobool(self.conf.get("preload", "false")),
-            max_concurrent=int(self.conf.get("max_concurrent_infers", 2)))
+            max_concurrent=int(self.conf.get("max_concurrent_infers", 2)), max_voxels=self.max_voxels)
 
     def trainer(self) -> TrainTask | None:
         defaults = {"steps": int(self.conf.get("train_steps", 200)), "device": self.conf.get("device", "auto")}

@@ -1,8 +1,8 @@
 """Non-local means: the classical baseline served next to the learned models, infer only.
 
 It needs no weights, so the workflow (Slicer, review queue, corrections) works on a fresh install before any
-learned weights are installed; on the benchmark it is the strongest classical method on quarter-dose CT
-(31.8 dB in [-160, 240] HU at 0.2 s per 512 x 512 slice on a CPU, ``bench/README.md``). Corrections saved while
+learned weights are installed; on the held-out quarter-dose CT it is the strongest classical method and one of the
+fastest (``bench/README.md``). Corrections saved while
 using it still train the learned models.
 """
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -18,7 +18,8 @@ class NLM(DenoiserTaskConfig):
     def infer(self) -> InferTask:
         return ClassicalInferTask(self.name, self.method, self.modalities, self.store, algorithm="nlm",
                                   default_modality=self.conf.get("modality", "auto"),
-                                  result_extension=self.conf.get("result_extension", ".nii.gz"))
+                                  result_extension=self.conf.get("result_extension", ".nii.gz"),
+                                  max_voxels=self.max_voxels)
 
     def trainer(self):
         return None  # nothing to train

@@ -1,43 +1,13 @@
-"""Training of the learned denoisers: ADL's three-phase adversarial training, the TDDL-GCN's supervised training,
-checkpoints and weight export."""
-from .adl_training import (
-    CHECKPOINT_FORMAT,
-    PHASES,
-    ADLTrainingConfig,
-    TrainingResult,
-    build_networks,
-    export_weights,
-    load_checkpoint,
-    load_initial_weights,
-    save_checkpoint,
-    scaling_rule_for,
-    train_adl,
-    validation_window,
-)
-from .gcn_training import (
-    GCN_CHECKPOINT_FORMAT,
-    GCNTrainingConfig,
-    GCNTrainingResult,
-    load_gcn_checkpoint,
-    train_gcn,
-)
+"""Training of the learned denoisers: the shared engine (process group, data stream, checkpoints, RNG state,
+validation, step bookkeeping: :mod:`.engine`), ADL's three-phase adversarial training (:mod:`.adl_training`), the
+TDDL-GCN's supervised training (:mod:`.gcn_training`), batch-norm recalibration (:mod:`.batch_norm`) and the gated
+fine-tuning the app runs (:mod:`.gated_fine_tuning`). Weight files: :mod:`lib.weights`.
 
-__all__ = [
-    "GCN_CHECKPOINT_FORMAT",
-    "GCNTrainingConfig",
-    "GCNTrainingResult",
-    "load_gcn_checkpoint",
-    "train_gcn",
-    "CHECKPOINT_FORMAT",
-    "PHASES",
-    "ADLTrainingConfig",
-    "TrainingResult",
-    "build_networks",
-    "export_weights",
-    "load_checkpoint",
-    "load_initial_weights",
-    "save_checkpoint",
-    "scaling_rule_for",
-    "train_adl",
-    "validation_window",
-]
+The package exports the public names of the engine and of both trainers (each module's ``__all__``).
+"""
+from . import adl_training, engine, gcn_training
+from .adl_training import *  # noqa: F401,F403
+from .engine import *  # noqa: F401,F403
+from .gcn_training import *  # noqa: F401,F403
+
+__all__ = [*adl_training.__all__, *engine.__all__, *gcn_training.__all__]

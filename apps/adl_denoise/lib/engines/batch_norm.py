@@ -3,9 +3,9 @@
 During training each batch-norm layer keeps an exponential moving average of its batch statistics (momentum 0.1:
 about the last 10 batches). The weights move under it at every step, so at the end of a run those averages describe
 a mix of the last few networks and of the last few batches, and at eval time the network normalises with statistics
-that are not its own. With batches of 4 small patches the mismatch is large: in the shipped 5-slice ADL MR run the
-validation PSNR jumped by up to 2.3 dB from one validation to the next. Recomputing the statistics of the final
-weights over many training batches ("precise BN") removes that noise at the cost of forward passes only.
+that are not its own. With batches of a few small patches the mismatch is large enough to make the validation PSNR
+jump from one validation to the next (bench/README.md). Recomputing the statistics of the final weights over many
+training batches ("precise BN") removes that noise at the cost of forward passes only.
 """
 from __future__ import annotations
 

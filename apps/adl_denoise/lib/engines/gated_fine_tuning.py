@@ -17,18 +17,18 @@ noise), but free of server code so it can be tested and run alone:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ..data.datasets import ADLPatchDataset, ValidationPair
-from .adl_training import ADLTrainingConfig, export_weights, scaling_rule_for, train_adl, validation_window
+from ..data import ADLPatchDataset, ValidationPair
+from ..runtime.clock import Stopwatch
+from ..weights.format import export_weights, scaling_rule_for
+from .adl_training import ADLTrainingConfig, train_adl
 from .gcn_training import GCNTrainingConfig, train_gcn
 
 log = logging.getLogger(__name__)
@@ -113,13 +113,13 @@ def score_weights(weights, pairs: Sequence[ValidationPair], device: str = "cpu")
     ``weights``: a weight file or a :class:`lib.predict.LoadedDenoiser`. Returns ``{"psnr", "psnr_input",
     "images": {name: {...}}}``, ``psnr_input`` being the noisy input's own score.
     """
-    from ..evaluation import psnr
+    from ..evaluation import psnr, window_for
     from ..predict import LoadedDenoiser, denoise_array, load_denoiser
 
     loaded = weights if isinstance(weights, LoadedDenoiser) else load_denoiser(weights, device=device)
     images = {}
     for pair in pairs:
-        window = validation_window(pair.modality, pair.clean)
+        window = window_for(pair.modality, pair.clean)
         denoised = denoise_array(loaded, pair.noisy, pair.modality, device=device)
         entry = {"psnr_input": float(psnr(pair.noisy, pair.clean, window=window)),
                  "window": [float(w) for w in window]}
@@ -193,7 +193,7 @@ def fine_tune(
     from ..predict import load_denoiser
 
     settings = settings or FineTuneSettings()
-    started = time.perf_counter()
+    stopwatch = Stopwatch()
     loaded = load_denoiser(initial_weights, device="cpu")
     kwargs = dict(loaded.metadata.get("network", {}).get("kwargs") or {})
     network_class = loaded.metadata.get("network_class", "EfficientUNetDenoiser")
@@ -224,7 +224,7 @@ def fine_tune(
     candidate_score = score_weights(candidate, val_pairs, device=score_device)
     if on_scored:
         on_scored("candidate", candidate_score)
-    record["seconds_total"] = time.perf_counter() - started
+    record["seconds_total"] = stopwatch.seconds
     return FineTuneResult(Path(candidate), baseline, candidate_score, record)
 
 
@@ -249,15 +249,6 @@ def decide_publication(result: FineTuneResult, store, model: str, modality: str,
 def finite_or_none(value: float) -> float | None:
     """JSON has no infinities: a diverged model's -inf score is reported as None."""
     return float(value) if np.isfinite(value) else None
-
-
-def write_json_atomic(payload: dict, path: str | os.PathLike) -> None:
-    """Write JSON so that a reader never sees half a file (status files polled by a server)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, p)
 
 
 def settings_from_dict(values: dict) -> FineTuneSettings:

@@ -1,5 +1,5 @@
 """Training of the TDDL-GCN denoiser (:class:`lib.networks.GCNDenoiser`): supervised, resumable, AMP and
-multi-GPU, sharing the ADL trainer's plumbing (data stream, checkpoints, RNG state, validation, export).
+multi-GPU, on the training engine (:mod:`lib.engines.engine`: data stream, checkpoints, RNG state, validation).
 
 Data: any dataset of ``{"noisy", "clean"}`` patches in [0, 1] (:class:`lib.data.ADLPatchDataset`, with
 ``slice_context`` when the network sees adjacent slices): pseudo-LDCT / NDCT pairs from a learned TDDL noise
@@ -13,49 +13,37 @@ metal, and penalises the over-smoothing that MSE rewards (GCDN trained with MSE;
 Optimisation: Adam (``lr``, ``adam_betas``), step decay (``StepLR``: ``lr_step_size`` steps, ``lr_gamma``),
 optional gradient clipping; fp16 autocast + ``GradScaler`` on CUDA (the k-NN search itself always runs in
 float32). Under ``torchrun`` the network is wrapped in ``DistributedDataParallel``, each rank draws its own
-sample ids and rank 0 validates, logs and checkpoints, as in :mod:`lib.engines.adl_training`.
+sample ids and rank 0 validates, logs and checkpoints (:mod:`lib.engines.engine`).
 
 Checkpoints (``checkpoint_dir/last.pt``, format ``"gcn-training-checkpoint"``) hold the network (class,
 arguments, state), the optimiser, the scheduler, the AMP scaler, the step, the RNG states, the loss history
 and the validation record: ``train_gcn(..., resume=path)`` continues exactly (the data are addressed by global
 sample id). :func:`lib.predict.load_denoiser` reads them as well as the exported weight files
-(:func:`lib.engines.export_weights`, format ``"adl-denoiser-weights"``, network class ``"GCNDenoiser"``).
+(:func:`lib.weights.export_weights`, format ``"adl-denoiser-weights"``, network class ``"GCNDenoiser"``).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import random
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..networks import GCNDenoiser
-from .adl_training import (
-    _TrainingLoop,
-    load_initial_weights,
-    _as_pairs,
-    _dataset_batches,
-    _plain,
-    _rng_state,
-    _set_rng_state,
-    _setup,
-    describe_hardware,
-    load_checkpoint,
-    scaling_rule_for,
-    step_seconds_total,
-)
+from ..runtime.clock import Stopwatch
+from ..runtime.machine import describe_machine
+from ..weights.format import load_initial_weights, plain_json
+from .engine import (TrainingLoop, as_validation_pairs, data_parallel, dataset_batches, distributed_run,
+                     load_checkpoint, optimiser_step, resume_progress, seed_everything, step_seconds_total)
 
 __all__ = [
     "GCN_CHECKPOINT_FORMAT",
+    "GCN_CHECKPOINT_VERSION",
     "GCNTrainingConfig",
     "GCNTrainingResult",
     "load_gcn_checkpoint",
@@ -186,7 +174,8 @@ class GCNTrainingResult:
         return self.network
 
     def training_record(self) -> dict:
-        """A compact summary for :func:`lib.engines.export_weights`."""
+        """A compact summary for :func:`lib.weights.export_weights` (``hardware``: where it was trained,
+        :func:`lib.runtime.machine.describe_machine`)."""
         last = self.history[-1] if self.history else {}
         return {
             "model": GCNTrainingConfig.model_name,
@@ -198,7 +187,7 @@ class GCNTrainingResult:
             "best_psnr": self.best_psnr,
             "seconds": self.seconds,
             "step_seconds_total": step_seconds_total(self.history),
-            "hardware": describe_hardware(),
+            "hardware": describe_machine(),
         }
 
 
@@ -240,13 +229,10 @@ def train_gcn(
         progress: tqdm progress bar (rank 0).
         initial_weights: a weight file to start from (fine-tuning); ignored when resuming.
     """
-    started = time.perf_counter()
-    dist_info, device = _setup(config)  # type: ignore[arg-type]
-    use_amp = bool(config.amp) and device.type == "cuda"
-    try:
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed % 2**32)
-        random.seed(config.seed)
+    stopwatch = Stopwatch()
+    with distributed_run(config) as (context, device):
+        use_amp = bool(config.amp) and device.type == "cuda"
+        seed_everything(config.seed)
         network = GCNDenoiser(**config.network_kwargs()).to(device)
         optimiser = torch.optim.Adam(network.parameters(), lr=config.lr, betas=config.adam_betas)
         for group in optimiser.param_groups:
@@ -259,7 +245,7 @@ def train_gcn(
             load_initial_weights(network, initial_weights, optional_prefixes=())
         if resume is not None:
             ckpt = load_gcn_checkpoint(resume)
-            if ckpt["network_kwargs"] != _plain(config.network_kwargs()):
+            if ckpt["network_kwargs"] != plain_json(config.network_kwargs()):
                 raise ValueError(f"checkpoint {ckpt['path']} holds another network ({ckpt['network_kwargs']}) "
                                  "than this configuration")
             if ckpt["config"].get("seed") != config.seed:
@@ -271,49 +257,31 @@ def train_gcn(
             for group, lr in zip(optimiser.param_groups, scheduler.get_last_lr()):
                 group["lr"] = lr
             scaler.load_state_dict(ckpt.get("scaler") or {})
-            step = int(ckpt["step"])
-            history = list(ckpt.get("history") or [])
-            validation = list(ckpt.get("validation") or [])
-            best = ckpt.get("best_psnr")
-            _set_rng_state(ckpt["rng"])
-            if dist_info.main:
+            step, history, validation, best = resume_progress(ckpt)
+            if context.main:
                 log.info("resumed from %s at step %d", ckpt["path"], step)
             del ckpt
 
-        if dist_info.world > 1:
-            ddp_args = {"device_ids": [device.index]} if device.type == "cuda" else {}
-            model: nn.Module = nn.parallel.DistributedDataParallel(network, **ddp_args)
-        else:
-            model = network
+        model = data_parallel(network, context, device)
         loss_fn = F.l1_loss if config.loss == "l1" else F.mse_loss
         centre = config.slice_context
 
-        def checkpoint_state(loop: _TrainingLoop) -> dict:
+        def checkpoint_state(loop: TrainingLoop) -> dict:
             return {
-                "config": config.to_dict(),
                 "network_class": GCNTrainingConfig.network_class,
-                "network_kwargs": _plain(config.network_kwargs()),
-                "step": loop.step,
+                "network_kwargs": plain_json(config.network_kwargs()),
                 "denoiser": network.state_dict(),
                 "optimiser": optimiser.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
-                "rng": _rng_state(),
-                "history": _plain(loop.history),
-                "validation": _plain(loop.validation),
-                "best_psnr": loop.best,
-                "world_size": dist_info.world,
-                "scaling_rule": scaling_rule_for(config.modality),
             }
 
-        pairs = _as_pairs(val_pairs, config.modality)
-        loop = _TrainingLoop(config, dist_info, device, network, pairs, step,  # type: ignore[arg-type]
-                             history, validation, best, checkpoint_state, GCN_CHECKPOINT_FORMAT,
-                             GCN_CHECKPOINT_VERSION, progress, "TDDL-GCN")
+        pairs = as_validation_pairs(val_pairs, config.modality)
+        loop = TrainingLoop(config, context, device, network, pairs, step, history, validation, best,
+                            checkpoint_state, GCN_CHECKPOINT_FORMAT, GCN_CHECKPOINT_VERSION, progress, "TDDL-GCN")
         first_batch = True
         with loop:
-            batches = _dataset_batches(train_dataset, config, loop.step, loop.total,  # type: ignore[arg-type]
-                                       dist_info, device.type == "cuda")
+            batches = dataset_batches(train_dataset, config, loop.step, loop.total, context, device.type == "cuda")
             for batch_step, batch in batches:
                 assert batch_step == loop.step
                 if first_batch:
@@ -321,31 +289,20 @@ def train_gcn(
                     first_batch = False
                 noisy = batch["noisy"].to(device, non_blocking=True)
                 target = batch["clean"][:, centre:centre + 1].to(device, non_blocking=True)
-                t0 = time.perf_counter()
+                step_time = Stopwatch()
                 model.train()
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
                     output = model(noisy)
                 loss = loss_fn(output.float(), target)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite training loss at step {loop.step + 1}")
-                optimiser.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip_norm:
-                    scaler.unscale_(optimiser)
-                    torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm)
-                scaler.step(optimiser)
-                scaler.update()
+                optimiser_step(loss, optimiser, scaler, network.parameters(), config.grad_clip_norm)
                 scheduler.step()
                 record: dict[str, Any] = {"step": loop.step + 1, "loss": float(loss.detach()),
                                           "lr": float(optimiser.param_groups[0]["lr"]),
-                                          "seconds": time.perf_counter() - t0}
+                                          "seconds": step_time.seconds}
                 loop.end_step(record, {"loss": f"{record['loss']:.5f}"})
         loop.finish()
         network.eval()
         return GCNTrainingResult(network, config, loop.step, history, validation, loop.best, loop.last_checkpoint,
-                                 time.perf_counter() - started)
-    finally:
-        if dist_info.initialised_here:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+                                 stopwatch.seconds)

@@ -2,8 +2,7 @@
 
 Image-to-image, so it does not use MONAI Label's segmentation pipeline (LoadImage -> Orientation -> ... ->
 Restored -> Writer): that pipeline needs workarounds for today's monai (``image_path`` under Spacingd, a
-non-RAS input coming back flipped, a uint8 cast requested by the official Slicer plugin; see
-``shared/notes/monailabel.md``). Instead :func:`lib.imaging.read_volume` reads the request's image (NIfTI, NRRD,
+non-RAS input coming back flipped, a uint8 cast requested by the official Slicer plugin). Instead :func:`lib.imaging.read_volume` reads the request's image (NIfTI, NRRD,
 MHA, a DICOM file or series folder), :func:`lib.predict.denoise_array` denoises it with bounded memory
 (slice-wise or 3D sliding window), and :func:`lib.imaging.write_volume` writes the result on exactly the input's
 grid (spacing, origin, direction, any orientation), CT in HU.
@@ -70,11 +69,13 @@ class DenoiseInferTask(InferTask):
         max_concurrent: requests denoised at the same time by this model; more wait their turn. Each running
             request holds its network activations (about 1 GB per 512 x 512 slice in flight for the full 2D ADL
             on a CPU) besides its volume, so a bound keeps 8 parallel requests from exhausting memory.
+        max_voxels: largest image a request may send (HTTP 413 above); None: the default of
+            :func:`lib.imaging.read_volume`.
     """
 
     def __init__(self, model: str, method: str, modalities: tuple[str, ...], store: ModelStore,
                  device: str = "auto", default_modality: str = "auto", result_extension: str = ".nii.gz",
-                 preload: bool = False, max_concurrent: int = 2) -> None:
+                 preload: bool = False, max_concurrent: int = 2, max_voxels: int | None = None) -> None:
         super().__init__(type=InferType.OTHERS, labels=[], dimension=3,
                          description=f"{method}: denoises {', '.join(modalities)} volumes, returns the denoised "
                                      f"volume on the input's grid (CT in HU)",
@@ -90,6 +91,7 @@ class DenoiseInferTask(InferTask):
         if result_extension not in RESULT_EXTENSIONS:
             raise ValueError(f"result_extension must be one of {RESULT_EXTENSIONS}, got {result_extension!r}")
         self.result_extension = result_extension
+        self.max_voxels = max_voxels
         self._cache: dict[tuple, Any] = {}
         self._lock = threading.Lock()
         if int(max_concurrent) < 1:
@@ -149,7 +151,7 @@ class DenoiseInferTask(InferTask):
             raise HTTPException(status_code=422, detail=f"result_dtype must be one of {', '.join(RESULT_DTYPES)} "
                                                         f"(a denoised volume is not a label map), got {result_dtype!r}")
         try:
-            volume = read_volume(image)
+            volume = read_volume(image, max_voxels=self.max_voxels)
         except ImageReadError as error:
             # an upload sits in a server-side temporary file: name it as such, not by its temporary path
             uploaded = Path(str(image)).parent == Path(tempfile.gettempdir())

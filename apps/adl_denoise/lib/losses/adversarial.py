@@ -63,16 +63,29 @@ def generator_adversarial_loss(fake_logits: Logits) -> torch.Tensor:
     return torch.stack([-f.mean() for f in _as_list(fake_logits)]).mean()
 
 
+def _real_and_fake_logits(
+    discriminator: nn.Module,
+    clean: torch.Tensor,
+    fake: torch.Tensor,
+    noisy: torch.Tensor | None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """D's logit maps for ``clean`` and ``fake`` judged in ONE concatenated batch, so that batch-normalisation
+    statistics are shared and cannot by themselves reveal which half is fake; as float32 (the hinge terms stay in
+    float32 when D runs under autocast)."""
+    batch = clean.shape[0]
+    candidates = torch.cat([clean, fake], dim=0)
+    condition = None if noisy is None else torch.cat([noisy, noisy], dim=0).detach()
+    logits = _as_list(discriminator(candidates) if condition is None else discriminator(candidates, condition))
+    return [l[:batch].float() for l in logits], [l[batch:].float() for l in logits]
+
+
 def discriminator_loss(
     discriminator: nn.Module,
     clean: torch.Tensor,
     denoised: torch.Tensor,
     noisy: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """D's hinge loss for one batch: runs D on clean and on ``denoised.detach()``.
-
-    Real and fake go through D in ONE concatenated batch, so that batch-normalisation statistics are
-    shared and cannot by themselves reveal which half is fake.
+    """D's hinge loss for one batch: runs D on clean and on ``denoised.detach()`` in one batch.
 
     Args:
         discriminator: e.g. :class:`lib.networks.EfficientUNetDiscriminator`.
@@ -80,20 +93,26 @@ def discriminator_loss(
         denoised: G(y), same shape (full-resolution output); detached here.
         noisy: the noisy inputs y for a conditional D (the same y conditions real and fake), else None.
     """
-    batch = clean.shape[0]
-    candidates = torch.cat([clean, denoised.detach()], dim=0)
-    condition = None if noisy is None else torch.cat([noisy, noisy], dim=0).detach()
-    logits = _as_list(discriminator(candidates) if condition is None else discriminator(candidates, condition))
-    return discriminator_hinge_loss([l[:batch] for l in logits], [l[batch:] for l in logits])
+    real, fake = _real_and_fake_logits(discriminator, clean, denoised.detach(), noisy)
+    return discriminator_hinge_loss(real, fake)
 
 
 def adversarial_generator_loss(
-    discriminator: nn.Module, denoised: torch.Tensor, noisy: torch.Tensor | None = None
+    discriminator: nn.Module,
+    denoised: torch.Tensor,
+    noisy: torch.Tensor | None = None,
+    clean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """G's adversarial term: :func:`generator_adversarial_loss` of D(G(y)[, y]), gradients reach G.
+
+    With ``clean`` (B, C, *spatial) given, D judges G(y) in the same concatenated batch with the clean images as in
+    :func:`discriminator_loss` (the batch-norm statistics D was trained with) and only the G(y) half counts.
 
     D's parameters also receive gradients here; the trainer steps only G's optimiser in G's update (and
     may set ``requires_grad_(False)`` on D to save the work).
     """
+    if clean is not None:
+        _, fake = _real_and_fake_logits(discriminator, clean, denoised, noisy)
+        return generator_adversarial_loss(fake)
     logits = discriminator(denoised) if noisy is None else discriminator(denoised, noisy.detach())
-    return generator_adversarial_loss(logits)
+    return generator_adversarial_loss([l.float() for l in _as_list(logits)])

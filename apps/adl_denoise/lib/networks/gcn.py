@@ -45,13 +45,10 @@ in eval mode (default: the same), or per call ``forward(x, search_window=...)``;
 (:mod:`lib.networks.graph`) and the graph convolution in chunks of pixels (``max_edges_per_chunk``), so no
 tiling of the image (with its seams and halos) is needed; results do not depend on the chunking.
 
-Cost of the defaults (features 32, 2 blocks x 2 layers, k 16, rank 4; 67.5 k parameters), measured on one
-CPU thread (AMD EPYC, the machine's other core busy, so these are upper bounds), one 512x512 CT slice
-through :func:`lib.predict.denoise_array`: search window 21: 9.5 s, peak RSS +0.56 GB over the loaded
-libraries; window 49: 16 s, +0.54 GB; 3 linked slices (``link_slices``), window 21: 29 s per output slice,
-+1.5 GB. About 30 % of the time is the top-k selection of the k-NN search, 25 % the neighbour gathering of
-the graph convolutions. A training step (batch 8, 48x48 patches, window 21) takes 1.2 s and ~1.1 GB (3
-linked slices: 4.3 s, ~3.1 GB).
+The defaults (features 32, 2 blocks x 2 layers, k 16, rank 4) have 67.5 k parameters. Most of the time goes to
+the top-k selection of the k-NN search and the neighbour gathering of the graph convolutions; their cost per
+slice and per training step, by search window and with linked slices, is in bench/README.md ("Measurements
+behind design choices").
 """
 from __future__ import annotations
 

@@ -20,11 +20,9 @@ the k nearest. Offsets that leave the image (a huge sentinel squared norm) and t
 constant bias) come out as +inf.
 
 Why not the shift-and-subtract loop over offsets (one whole-image ``sum_c (f - shift(f))^2`` per offset)?
-It is equally memory-bounded but memory-bandwidth bound: on one CPU thread it took ~11 ms per offset for a
-512x512 slice with 32 channels, i.e. ~26 s for a 49x49 window, and a running top-k over small chunks costs
-~15 ns per element. The tiled matrix product does the same arithmetic at BLAS speed: one search of a
-512x512 slice with 32 channels and k = 16 took 1.5 s for a 21x21 window and 3.3 s for 49x49 (one CPU thread,
-the other core busy); its memory is bounded by ``max_elements`` per batch of tiles plus the (B, H, W, k)
+It is equally memory-bounded but memory-bandwidth bound, one pass over the image per offset; the tiled matrix
+product does the same arithmetic at BLAS speed (an order of magnitude faster on a CPU for 21x21 to 49x49 windows;
+figures in bench/README.md). Its memory is bounded by ``max_elements`` per batch of tiles plus the (B, H, W, k)
 results.
 """
 from __future__ import annotations
@@ -58,7 +56,7 @@ def _check_window(search_window: int, exclude_radius: int) -> None:
 
 def _auto_tile(radius: int) -> int:
     # the wasted arithmetic is ((tile + 2R) / (2R + 1))^2: small tiles waste less but make small matrix
-    # products; about R/2 .. R balances both (measured on CPU for R = 10 and 24)
+    # products; about R/2 .. R balanced both in CPU timings for R = 10 and 24
     return int(min(max(8, radius), 32))
 
 

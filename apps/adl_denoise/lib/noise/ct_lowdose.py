@@ -547,7 +547,7 @@ def quarter_dose_settings(
     Dose fraction 0.25, Shepp-Logan-apodised FBP of the added noise (the filter whose noise texture is closest
     to real quarter-dose scans), electronic noise 10 counts, angular tube-current modulation, and the flux
     calibrated per slice so that the added noise has ``target_noise_std_hu`` (HU) in soft tissue; 30 HU lies
-    inside the 22-65 HU that real quarter-dose abdominal scans show (``shared/notes/ldct-simulation.md``).
+    inside the 22-65 HU (quarter minus full dose, soft tissue) that real quarter-dose abdominal scans show.
     ``full_dose_photons`` is only the calibration's starting flux.
     """
     return LowDoseCTSettings(dose_fraction=0.25, full_dose_photons=full_dose_photons, electronic_noise_std=10.0,
@@ -574,7 +574,7 @@ def sample_low_dose_settings(
 
     Wide ranges on purpose: a denoiser trained on one dose, one sharp filter and one grid learns that texture only
     and transfers poorly to real low-dose scans, whose noise is usually coarser (smooth clinical kernels, other
-    pixel sizes); see ``shared/notes/ldct-simulation.md``. Dose fraction, full-dose flux and (if given) the target
+    pixel sizes). Dose fraction, full-dose flux and (if given) the target
     noise std are drawn log-uniformly (they act multiplicatively on the noise variance); the filter uniformly from
     ``filters``; cutoff, electronic noise and the detector-bin/pixel ratio uniformly; the view count uniformly
     among integers.

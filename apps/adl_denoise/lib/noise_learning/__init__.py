@@ -1,6 +1,7 @@
 """TDDL noise learning: learn a scanner's CT noise from its low-dose images alone, make pseudo training pairs.
 
-Task-driven deep learning for LDCT denoising (Chen et al. 2020, see ``shared/notes/tddl-gcn.md``): noise patches
+Task-driven deep learning for LDCT denoising (K. Chen, J. Huang, J. Sun, Y. Ren, X. Pu, H. Qiu, ISICDM 2020; the
+graph-convolutional denoiser: K. Chen, X. Pu, Y. Ren et al., ICONIP 2020): noise patches
 are extracted from low-dose scans (no normal-dose scan needed), a conditional VAE learns their distribution
 (conditioned on the local intensity, so noise may depend on attenuation), and sampled noise is added to plentiful
 normal-dose scans to make pseudo low-dose / normal-dose pairs on which any denoiser trains.

@@ -22,7 +22,6 @@ Air policy (what the model does where the normal-dose image is air, HU < -900):
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import math
@@ -34,6 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from scipy import ndimage
+
+from ..runtime.atomic import atomic_torch_save
+from ..runtime.clock import utc_timestamp
 
 from .tiling import TileLayout
 from .vae import ConditionalNoiseVAE, VAEConfig
@@ -135,15 +137,11 @@ class NoiseModel:
             "clip_values_hu": [float(v) for v in self.clip_values_hu],
             "training_stats": _plain(self.training_stats),
             "info": _plain(self.info),
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_utc": utc_timestamp(),
             "software": {"torch": str(torch.__version__), "monai": str(monai.__version__)},
         }
         out = Path(path).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, out)
-        return out
+        return atomic_torch_save(payload, out)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "NoiseModel":

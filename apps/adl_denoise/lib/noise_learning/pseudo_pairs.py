@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data.datasets import SyntheticNoiseSource, ValidationPair, check_not_heldout
+from ..data import SyntheticNoiseSource, ValidationPair, check_not_heldout
 from .noise_model import NoiseModel
 
 __all__ = ["synthesise_pseudo_low_dose", "LearnedNoiseSource"]

@@ -1,24 +1,34 @@
-"""TDDL step 1 end to end: low-dose CT images -> noise patches -> a trained noise model.
+"""TDDL end to end: low-dose CT images -> a trained noise model -> pseudo training pairs.
 
-Shared by ``cli.py learn-noise`` and the MONAI Label app's adaptation task (no normal-dose image is needed).
+* :func:`learn_noise_model` - step 1: noise patches of low-dose CT images -> a trained :class:`NoiseModel` (no
+  normal-dose image is needed). Shared by ``cli.py learn-noise``, the MONAI Label app's adaptation task and the
+  bench.
+* :func:`adaptation_data` - adapt a denoiser to a scanner: learn the noise of its low-dose images and add it to
+  normal-dose images (given, or the current denoiser's outputs for the low-dose images themselves:
+  :func:`denoised_stand_ins`) to make pseudo low-dose / normal-dose training and validation pairs.
 """
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from ..data import ValidationPair
 from .extraction import NoiseSamples, extract_noise_samples
 from .noise_model import NoiseModel
+from .pseudo_pairs import LearnedNoiseSource
 from .training import MIN_TRAINING_SAMPLES, train_noise_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["learn_noise_model"]
+__all__ = ["AdaptationData", "adaptation_data", "denoised_stand_ins", "learn_noise_model"]
+
+PathLike = str | os.PathLike
 
 
 def learn_noise_model(
@@ -96,3 +106,111 @@ def learn_noise_model(
            f"{steps} steps on {device}")
     return train_noise_model(samples, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
                              device=device, info=info)
+
+
+@dataclass
+class AdaptationData:
+    """Pseudo pairs that adapt a denoiser to a scanner's noise (:func:`adaptation_data`).
+
+    Attributes:
+        source: the training pseudo pairs (a :class:`LearnedNoiseSource` over the training normal-dose images).
+        validation_pairs: one fixed pseudo low-dose realisation of each validation normal-dose image.
+        noise_model: the noise model learnt from the low-dose images (saved in the work folder).
+        description: for the training record and status: ``kind`` (in words), ``low_dose_images``,
+            ``train_images``, ``validation_images`` (ids or file names) and ``noise_model`` (its summary).
+    """
+
+    source: LearnedNoiseSource
+    validation_pairs: list[ValidationPair]
+    noise_model: NoiseModel
+    description: dict[str, Any]
+
+
+def denoised_stand_ins(low_dose: Mapping[str, PathLike], denoiser_weights: PathLike, out_dir: PathLike,
+                       device: str = "cpu") -> dict[str, str]:
+    """Self-adaptation without normal-dose scans: the denoiser's outputs for the low-dose CT images stand in for
+    normal-dose images.
+
+    Args:
+        low_dose: id -> low-dose CT image (file or DICOM series folder, HU).
+        denoiser_weights: weight file of the denoiser (:func:`lib.predict.load_denoiser`).
+        out_dir: where the denoised images are written, as float32 ``<id>.nii.gz`` on the input's grid.
+        device: compute device of the denoiser.
+
+    Returns:
+        id -> path of its denoised image.
+    """
+    from ..imaging import read_volume, write_volume
+    from ..predict import denoise_array, load_denoiser
+
+    loaded = load_denoiser(denoiser_weights, device=device)
+    stand_ins = {}
+    for image_id, path in low_dose.items():
+        volume = read_volume(path, modality="CT")
+        target = Path(out_dir) / f"{image_id}.nii.gz"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_volume(volume.with_array(denoise_array(loaded, volume.array, "CT", device=device)), target,
+                     output_dtype="float32")
+        stand_ins[image_id] = str(target)
+    return stand_ins
+
+
+def adaptation_data(
+    low_dose: Mapping[str, PathLike],
+    work_dir: PathLike,
+    *,
+    normal_dose: str | Sequence[PathLike] | None = None,
+    denoiser_weights: PathLike | None = None,
+    noise_steps: int = 500,
+    noise_patch_size: int = 32,
+    seed: int = 0,
+    device: str = "cpu",
+    noise_info: dict | None = None,
+    split: Callable[[list[str]], tuple[list[str], list[str]]] | None = None,
+) -> AdaptationData:
+    """TDDL adaptation data: learn the noise of the low-dose CT images, add it to normal-dose images.
+
+    Args:
+        low_dose: id -> low-dose CT image of the scanner (HU); at least 2 images in all.
+        work_dir: scratch folder: ``noise_model.pt`` and, for self-adaptation, ``pseudo_normal_dose/``.
+        normal_dose: normal-dose images (files or folders; a string may list several, comma-separated). None:
+            the denoiser's outputs for the low-dose images stand in (:func:`denoised_stand_ins`).
+        denoiser_weights: the denoiser being adapted; needed when ``normal_dose`` is None.
+        noise_steps, noise_patch_size: noise-model training steps and patch size (:func:`learn_noise_model`).
+        seed: seed of the noise model and of the pseudo pairs (validation: ``seed + 1``).
+        device: compute device of the noise model and of the denoiser.
+        noise_info: extra metadata stored with the noise model (besides the low-dose ``images`` ids).
+        split: names -> (training names, validation names); default
+            :func:`lib.engines.gated_fine_tuning.split_validation` (an image's side depends on its name alone).
+
+    Raises:
+        ValueError: no normal-dose image and no denoiser, too few images to split, unusable images (see
+            :func:`learn_noise_model`, :class:`LearnedNoiseSource`).
+    """
+    if not normal_dose and denoiser_weights is None:
+        raise ValueError("adaptation needs normal-dose images or the weights of the denoiser to adapt")
+    if split is None:
+        from ..engines.gated_fine_tuning import split_validation as split
+
+    work = Path(work_dir)
+    noise_model = learn_noise_model(list(low_dose.values()), steps=noise_steps, patch_size=noise_patch_size,
+                                    force_ct=True, device=device, seed=seed, progress=False,
+                                    info={**(noise_info or {}), "images": list(low_dose)})
+    noise_path = noise_model.save(work / "noise_model.pt")
+    if normal_dose:
+        from ..data import discover_images
+
+        inputs = str(normal_dose).split(",") if isinstance(normal_dose, str) else list(normal_dose)
+        clean = {Path(p).name: str(p) for p in discover_images(inputs)}
+        named = normal_dose if isinstance(normal_dose, str) else ", ".join(map(str, inputs))
+        kind = f"normal-dose images from {named}"
+    else:
+        clean = denoised_stand_ins(low_dose, denoiser_weights, work / "pseudo_normal_dose", device=device)
+        kind = "served model's denoised low-dose images (no normal-dose images given)"
+    train_ids, val_ids = split(list(clean))
+    source = LearnedNoiseSource([clean[i] for i in train_ids], noise_path, seed=seed, device=device, progress=False)
+    val_pairs = LearnedNoiseSource([clean[i] for i in val_ids], noise_path, seed=seed + 1, device=device,
+                                   progress=False, build_pool=False).validation_pairs()
+    description = {"kind": f"TDDL pseudo pairs: learned noise + {kind}", "low_dose_images": list(low_dose),
+                   "train_images": train_ids, "validation_images": val_ids, "noise_model": noise_model.summary()}
+    return AdaptationData(source, val_pairs, noise_model, description)

@@ -2,9 +2,9 @@
 
 glibc serves every allocation above its mmap threshold (at most 32 MB, dynamically) with a fresh ``mmap`` and
 unmaps it on free. The Efficient-UNet's full-resolution feature maps of a 512 x 512 slice are 25-75 MB each, so
-every layer's output was new memory that the kernel had to fault in and zero page by page. On one thread of a
-2-core AMD EPYC, a 512 x 512 CT slice took 3.9-4.0 s in the default allocator and 3.1 s with large blocks kept in
-the heap (same output: only where the memory comes from changes). PyTorch's CPU performance guide gets the same
+every layer's output was new memory that the kernel had to fault in and zero page by page; kept in the heap, a
+512 x 512 CT slice ran about a fifth faster (bench/README.md), with the same output: only where the memory comes
+from changes. PyTorch's CPU performance guide gets the same
 effect by preloading jemalloc or tcmalloc; this does it in-process, so the CLI, the benchmark and the MONAI Label
 server all get it without a launcher.
 

@@ -1,18 +1,16 @@
 """Mixed precision per device: fp16 on CUDA, bfloat16 on CPUs that compute it natively, float32 elsewhere.
 
 On a CPU with native bfloat16 (Intel AMX or AVX512-BF16: oneDNN runs the convolutions on those units), the 2D ADL
-denoiser in NHWC layout ran a 512 x 512 CT slice in 1.3 s instead of 5.5 s and a training step (batch 4 x 96^2)
-in 0.48 s instead of 1.73 s, on one thread of an Intel Xeon with AMX; on one thread of an AMD EPYC with
-AVX512-BF16 (no AMX) a step of batch 8 x 96^2 took 3.3 s instead of 7.0 s. Without native support bfloat16 is
-emulated and slower than float32, so it is never chosen there.
+denoiser runs two to four times faster than in float32 (bench/README.md, "Measurements behind design choices").
+Without native support bfloat16 is emulated and slower than float32, so it is never chosen there.
 
 What stays float32 under autocast, because bfloat16 keeps only 8 mantissa bits (a CT value of 0.25 on the
 [-1024, 3072] HU scale to 1/512 of itself, 8 HU): the convolutions that read the image
 (:class:`lib.networks.blocks._ImageInputConv2d`: without them the network saw the image rounded to 8 HU and
-its output moved by 1.4 HU on average from float32, 0.16 dB lower PSNR on a CT slice), the residual heads'
+its output moved by more than a HU on average from float32), the residual heads'
 ``logit`` of the input and the final ``sigmoid`` (the correction a head adds is small, so its bfloat16
 rounding is a fraction of a HU), and the losses (computed on ``.float()`` outputs). With those, a CT slice
-denoised in bfloat16 is within 0.11 HU (mean) of float32, same PSNR to 0.01 dB.
+denoised in bfloat16 stays within a fraction of a HU of float32 (tests/test_shipped_weights.py checks it).
 """
 from __future__ import annotations
 

@@ -11,10 +11,10 @@ Modes (request ``mode``):
 
 * ``corrections`` (default): every datastore image whose ``final`` label is a corrected denoised volume (float,
   same grid) is a pair: input = the original image, target = the correction.
-* ``adapt_noise`` (CT; TDDL): no labels at all. The datastore's low-dose CT images teach a noise model
-  (:func:`lib.noise_learning.workflow.learn_noise_model`); that noise is added to normal-dose images to make
-  pseudo pairs. Normal-dose images come from the ``normal_dose`` request/conf key (a folder or files); without
-  it, the served model's own denoised versions of the low-dose images stand in (self-adaptation).
+* ``adapt_noise`` (CT; TDDL): no labels at all. The datastore's low-dose CT images teach a noise model; that
+  noise is added to normal-dose images to make pseudo pairs (:func:`lib.noise_learning.workflow.adaptation_data`).
+  Normal-dose images come from the ``normal_dose`` request/conf key (a folder or files); without it, the served
+  model's own denoised versions of the low-dose images stand in (self-adaptation).
 
 Other request keys: ``modality`` (``auto``: the modality of the data; must be one), ``steps``, ``patch_size``,
 ``batch_size``, ``lr``, ``lambda_adversarial``, ``device``, ``seed``, ``noise_steps`` (noise-model training steps).
@@ -26,29 +26,29 @@ the very end).
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from ..data.datasets import PairedFolderSource
-from ..imaging import read_volume, write_volume
-from ..weights.store import ModelStore
+from ..data.sources import PairedFolderSource
 from ..engines.gated_fine_tuning import (
     decide_publication,
     finite_or_none,
     fine_tune,
     settings_from_dict,
     split_validation,
-    write_json_atomic,
 )
+from ..imaging import read_volume
+from ..noise_learning.workflow import adaptation_data
+from ..runtime.atomic import atomic_write_json
+from ..runtime.clock import Stopwatch, utc_compact_stamp, utc_timestamp
+from ..weights.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ MODES = ("corrections", "adapt_noise")
 
 class TrainingDataError(ValueError):
     """The datastore does not hold what the requested training needs (message says what is missing)."""
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def correction_pairs(datastore: Datastore, modality: str | None = None) -> list[dict]:
@@ -190,47 +186,47 @@ class DenoiserTrainTask(TrainTask):
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         resolved = self.validate_request(request, datastore)
-        run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        run_id = f"{utc_compact_stamp()}-{os.getpid()}"
         work = self.work_dir(run_id)
         work.mkdir(parents=True, exist_ok=True)
         modality, settings, mode = resolved["modality"], resolved["settings"], resolved["mode"]
         served = self.store.served(self.model, modality)
         status: dict[str, Any] = {
             "status": "running", "model": self.model, "mode": mode, "modality": modality, "run_id": run_id,
-            "started_utc": _now(), "pid": os.getpid(), "work_dir": str(work), "total_steps": settings.steps,
+            "started_utc": utc_timestamp(), "pid": os.getpid(), "work_dir": str(work), "total_steps": settings.steps,
             "key_metric": "PSNR (dB)", "starting_weights": served.version, "phase": "preparing data",
         }
-        write_json_atomic(status, self.status_path)
-        started = time.perf_counter()
+        atomic_write_json(self.status_path, status)
+        stopwatch = Stopwatch()
         try:
             if mode == "corrections":
                 source, val_pairs, description = self._corrections_data(resolved["items"], modality)
             else:
                 source, val_pairs, description = self._adaptation_data(datastore, served.path, work, resolved)
             status.update(phase="training", data=description)
-            write_json_atomic(status, self.status_path)
+            atomic_write_json(self.status_path, status)
 
             def on_scored(which: str, score: dict) -> None:
                 status[f"{which}_psnr"] = finite_or_none(score["psnr"])
                 status["input_psnr"] = finite_or_none(score["psnr_input"])
-                write_json_atomic(status, self.status_path)
+                atomic_write_json(self.status_path, status)
 
             result = fine_tune(served.path, source, val_pairs, work / "candidate.pt", settings,
                                checkpoint_dir=work / "checkpoints", data_description=description, on_scored=on_scored)
             decision = decide_publication(result, self.store, self.model, modality, mode=mode, run_id=run_id,
                                           started_from=served.version, images=description.get("train_images"))
-            status.update(status="done", phase="finished", finished_utc=_now(), decision=decision,
-                          seconds=round(time.perf_counter() - started, 1),
+            status.update(status="done", phase="finished", finished_utc=utc_timestamp(), decision=decision,
+                          seconds=round(stopwatch.seconds, 1),
                           serving=(self.store.served(self.model, modality) or served).version)
-            write_json_atomic(status, self.status_path)
+            atomic_write_json(self.status_path, status)
             log.info("%s %s fine-tuning: candidate %s dB vs served %s dB -> %s", self.model, modality,
                      decision["candidate_psnr"], decision["baseline_psnr"],
                      "published " + str(decision["version"]) if decision["published"] else "kept the served model")
             return status
         except BaseException as error:
-            status.update(status="failed", phase="failed", finished_utc=_now(),
+            status.update(status="failed", phase="failed", finished_utc=utc_timestamp(),
                           error=f"{type(error).__name__}: {error}".splitlines()[0])
-            write_json_atomic(status, self.status_path)
+            atomic_write_json(self.status_path, status)
             raise
         finally:
             # checkpoints and the candidate are scratch: published versions are kept by the model store
@@ -248,43 +244,13 @@ class DenoiserTrainTask(TrainTask):
                                    "validation_images": val_ids}
 
     def _adaptation_data(self, datastore: Datastore, served_path: Path, work: Path, resolved: dict):
-        from ..predict import denoise_array, load_denoiser
-        from ..noise_learning import LearnedNoiseSource
-        from ..noise_learning.workflow import learn_noise_model
-
+        """TDDL pseudo pairs from the datastore's low-dose CT images; the request's numbers where it gave them."""
         params = resolved["params"]
-        low_dose = {i: datastore.get_image_uri(i) for i in resolved["items"]}
-        noise_model = learn_noise_model(list(low_dose.values()), steps=int(params.get("noise_steps", 500)),
-                                        patch_size=int(params.get("noise_patch_size", 32)), force_ct=True,
-                                        device="cpu", seed=int(params.get("seed", 0)), progress=False,
-                                        info={"source": "datastore low-dose images", "images": list(low_dose)})
-        noise_path = noise_model.save(work / "noise_model.pt")
-        normal_dose = params.get("normal_dose")
-        if normal_dose:
-            from ..data import discover_images
-
-            clean = {Path(p).name: str(p) for p in discover_images(str(normal_dose).split(","))}
-            kind = f"normal-dose images from {normal_dose}"
-        else:
-            # self-adaptation: the served model's denoised low-dose images stand in for normal-dose scans
-            loaded = load_denoiser(served_path, device="cpu")
-            clean = {}
-            for image_id, path in low_dose.items():
-                volume = read_volume(path, modality="CT")
-                target = work / "pseudo_normal_dose" / f"{image_id}.nii.gz"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_volume(volume.with_array(denoise_array(loaded, volume.array, "CT", device="cpu")), target,
-                             output_dtype="float32")
-                clean[image_id] = str(target)
-            kind = "served model's denoised low-dose images (no normal-dose images given)"
-        train_ids, val_ids = split_validation(list(clean))
-        seed = int(params.get("seed", 0))
-        source = LearnedNoiseSource([clean[i] for i in train_ids], noise_path, seed=seed, progress=False)
-        val_pairs = LearnedNoiseSource([clean[i] for i in val_ids], noise_path, seed=seed + 1, progress=False,
-                                       build_pool=False).validation_pairs()
-        return source, val_pairs, {"kind": f"TDDL pseudo pairs: learned noise + {kind}",
-                                   "low_dose_images": list(low_dose), "train_images": train_ids,
-                                   "validation_images": val_ids, "noise_model": noise_model.summary()}
+        numbers = {key: int(params[key]) for key in ("noise_steps", "noise_patch_size", "seed") if key in params}
+        data = adaptation_data({i: datastore.get_image_uri(i) for i in resolved["items"]}, work,
+                               normal_dose=params.get("normal_dose") or None, denoiser_weights=served_path,
+                               noise_info={"source": "datastore low-dose images"}, **numbers)
+        return data.source, data.validation_pairs, data.description
 
 
 def _last_line(path: Path) -> dict | None:

@@ -1,8 +1,18 @@
-"""Weights of the learned denoisers: the file format, where the app finds them, and the versioned store that
-publishes fine-tuned weights atomically."""
-from .format import TRAINING_CHECKPOINT_FORMATS, WEIGHTS_FORMAT, WEIGHTS_VERSION
+"""Weights of the learned denoisers: the file format (export, initial weights for fine-tuning), where the app finds
+them, and the versioned store that publishes fine-tuned weights atomically."""
+from .format import (
+    TRAINING_CHECKPOINT_FORMATS,
+    WEIGHTS_FORMAT,
+    WEIGHTS_VERSION,
+    export_weights,
+    inflate_input_channels,
+    load_initial_weights,
+    plain_json,
+    scaling_rule_for,
+)
 from .lookup import MODEL_DIR, candidate_weights, find_weights
 from .store import ModelStore, WeightsVersion
 
-__all__ = ["TRAINING_CHECKPOINT_FORMATS", "WEIGHTS_FORMAT", "WEIGHTS_VERSION", "MODEL_DIR", "candidate_weights",
-           "find_weights", "ModelStore", "WeightsVersion"]
+__all__ = ["TRAINING_CHECKPOINT_FORMATS", "WEIGHTS_FORMAT", "WEIGHTS_VERSION", "export_weights",
+           "inflate_input_channels", "load_initial_weights", "plain_json", "scaling_rule_for", "MODEL_DIR",
+           "candidate_weights", "find_weights", "ModelStore", "WeightsVersion"]

@@ -1,9 +1,171 @@
-"""The weight-file format: the small file shipped to users and read by :func:`lib.predict.load_denoiser`."""
+"""The weight-file format: the small file shipped to users, written by :func:`export_weights` and read by
+:func:`lib.predict.load_denoiser`; the intensity rule it records (:func:`scaling_rule_for`); and starting a
+network from such a file for fine-tuning (:func:`load_initial_weights`), a 2D network possibly from one that saw
+fewer adjacent slices (:func:`inflate_input_channels`).
+
+torch is imported where it is used: finding weights (:mod:`lib.weights.lookup`) stays light.
+"""
 from __future__ import annotations
 
-__all__ = ["WEIGHTS_FORMAT", "WEIGHTS_VERSION", "TRAINING_CHECKPOINT_FORMATS"]
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..runtime.atomic import atomic_torch_save
+from ..runtime.clock import utc_timestamp
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+__all__ = [
+    "TRAINING_CHECKPOINT_FORMATS",
+    "WEIGHTS_FORMAT",
+    "WEIGHTS_VERSION",
+    "export_weights",
+    "inflate_input_channels",
+    "load_initial_weights",
+    "plain_json",
+    "scaling_rule_for",
+]
 
 WEIGHTS_FORMAT = "adl-denoiser-weights"
 WEIGHTS_VERSION = 1
 #: Training checkpoints that load_denoiser also accepts (ADL and TDDL-GCN, :mod:`lib.engines`).
 TRAINING_CHECKPOINT_FORMATS = ("adl-training-checkpoint", "gcn-training-checkpoint")
+#: The ADL denoiser's training-only deep-supervision heads (1/2 and 1/4 resolution): not in weight files.
+_TRAINING_ONLY_HEADS = ("heads.1.", "heads.2.")
+
+
+def plain_json(value: Any) -> Any:
+    """A JSON-able copy of ``value`` (numbers, strings, lists, dicts: what ``torch.load(weights_only=True)``
+    accepts); tensors and numpy scalars become numbers, anything else its text."""
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def scaling_rule_for(modality: str) -> dict:
+    """The intensity rule of :func:`lib.data.intensity_scaling_for` for ``modality``, as recorded in weights."""
+    from ..data.intensity import CT_RANGE_HU, MR_HEADROOM, MR_PERCENTILE
+
+    if modality.upper() == "CT":
+        return {"modality": "CT", "rule": "fixed-range", "range_hu": list(CT_RANGE_HU), "clip": [0.0, 1.0]}
+    return {"modality": modality.upper(), "rule": "robust-percentile", "low": "min(image minimum, 0)",
+            "percentile": MR_PERCENTILE, "headroom": MR_HEADROOM, "clip": [0.0, 1.0]}
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def export_weights(
+    generator: nn.Module,
+    path: str | os.PathLike,
+    config: Any,
+    scaling_rule: dict | None = None,
+    training_record: dict | None = None,
+    half: bool = True,
+) -> Path:
+    """Write the weight file shipped to users (atomically); read it with :func:`lib.predict.load_denoiser`.
+
+    Contents (a ``torch.save`` dict, loadable with ``weights_only=True``): ``format``
+    (:data:`WEIGHTS_FORMAT`), ``version``, ``model`` (``config.model_name``: "adl", "tddl_gcn"),
+    ``network`` (class name, a key of :data:`lib.networks.DENOISER_NETWORKS`, and keyword arguments; ADL's
+    with ``deep_supervision=False``), ``state_dict`` (ADL: G without its training-only 1/2 and 1/4 heads;
+    floating tensors in fp16 when ``half``), ``dtype``, ``modality``, ``spatial_dims``, ``scaling_rule``
+    (default :func:`scaling_rule_for`), ``training`` (the record, e.g.
+    :meth:`lib.engines.TrainingResult.training_record`), ``created_utc`` and library versions. About 9.5 MB for
+    the default 2D ADL network in fp16.
+
+    ``config`` is a :class:`lib.engines.ADLTrainingConfig` (``generator_kwargs()``) or any configuration with
+    ``network_class``, ``network_kwargs()``, ``model_name``, ``modality`` and ``spatial_dims`` (e.g.
+    :class:`lib.engines.GCNTrainingConfig`).
+    """
+    import monai
+    import torch
+
+    net = _unwrap(generator)
+    network_class = getattr(config, "network_class", "EfficientUNetDenoiser")
+    if hasattr(config, "network_kwargs"):
+        kwargs = dict(config.network_kwargs())
+    else:
+        kwargs = dict(config.generator_kwargs(), deep_supervision=False)
+    state = {}
+    for key, value in net.state_dict().items():
+        if network_class == "EfficientUNetDenoiser" and key.startswith(_TRAINING_ONLY_HEADS):
+            continue
+        value = value.detach().cpu().clone()
+        if half and value.is_floating_point():
+            value = value.half()
+        state[key] = value
+    payload = {
+        "format": WEIGHTS_FORMAT,
+        "version": WEIGHTS_VERSION,
+        "model": str(getattr(config, "model_name", "adl")),
+        "network": {"class": network_class, "kwargs": plain_json(kwargs)},
+        "state_dict": state,
+        "dtype": "float16" if half else "float32",
+        "modality": config.modality,
+        "spatial_dims": config.spatial_dims,
+        "scaling_rule": plain_json(scaling_rule if scaling_rule is not None else scaling_rule_for(config.modality)),
+        "training": plain_json(training_record or {}),
+        "created_utc": utc_timestamp(),
+        "software": {"torch": str(torch.__version__), "monai": str(monai.__version__)},
+    }
+    return atomic_torch_save(payload, Path(path).expanduser())
+
+
+def load_initial_weights(network: nn.Module, path: str | os.PathLike,
+                         optional_prefixes: Sequence[str] = _TRAINING_ONLY_HEADS) -> dict:
+    """Start ``network`` from a weight file (fine-tuning), not from a training checkpoint (trainers resume those).
+
+    The file's network must be the same class with the same arguments, except that a 2D network may start one
+    that takes more adjacent slices (:func:`inflate_input_channels`); parameters it lacks may only be under
+    ``optional_prefixes`` (ADL weight files drop the 1/2 and 1/4 deep-supervision heads, which then start
+    fresh: with residual heads, as the identity). Returns the file's metadata (its training record etc.).
+
+    Raises:
+        ValueError: the file holds another network.
+    """
+    from ..predict import load_denoiser
+
+    loaded = load_denoiser(path, device="cpu")
+    target = _unwrap(network)
+    if type(loaded.network) is not type(target):
+        raise ValueError(f"initial weights {path} hold a {type(loaded.network).__name__}, not a "
+                         f"{type(target).__name__}")
+    state = inflate_input_channels(loaded.network.state_dict(), target.state_dict())
+    try:
+        missing, unexpected = target.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(f"initial weights {path} do not fit this network ({first})") from None
+    missing = [k for k in missing if not k.startswith(tuple(optional_prefixes))]
+    if missing or unexpected:
+        raise ValueError(f"initial weights {path} do not fit this network (missing {missing[:3]}, "
+                         f"unexpected {list(unexpected)[:3]})")
+    return loaded.metadata
+
+
+def inflate_input_channels(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict:
+    """A 2j + 1-slice network's weights ``state`` for a network (state dict ``target``) that takes 2k + 1 > 2j + 1
+    slices (1 -> 3, 3 -> 5, ...): each convolution kernel (out, in, *kernel) that reads the image keeps its kernels
+    on the centre 2j + 1 input channels and gets zeros on the outer new ones, so the wider network starts as exactly
+    the narrower one and learns from there what the further neighbours add. Other entries are returned as given."""
+    import torch
+
+    out = dict(state)
+    for key, value in state.items():
+        want = target.get(key)
+        if want is None or value.ndim < 3 or value.shape == want.shape:
+            continue
+        have, need = value.shape[1], want.shape[1]
+        if have % 2 == 1 and need % 2 == 1 and need > have and \
+                value.shape[:1] + value.shape[2:] == want.shape[:1] + want.shape[2:]:
+            inflated = torch.zeros(want.shape, dtype=value.dtype)
+            first = (need - have) // 2
+            inflated[:, first:first + have] = value
+            out[key] = inflated
+    return out

@@ -14,16 +14,15 @@ it was. Servers pick a new file up by its modification time (hot reload).
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..runtime.atomic import atomic_copy
+from ..runtime.clock import utc_compact_stamp
 from .lookup import find_weights
 
 __all__ = ["ModelStore", "WeightsVersion", "file_sha256"]
@@ -65,10 +64,6 @@ class WeightsVersion:
     def to_dict(self) -> dict:
         return {"model": self.model, "modality": self.modality, "version": self.version, "path": str(self.path),
                 "sha256": self.sha256}
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 class ModelStore:
@@ -131,7 +126,8 @@ class ModelStore:
 
     def record(self, model: str, modality: str, event: str, **details) -> dict:
         """Append an event (e.g. ``rejected`` with the validation scores) to the model's history."""
-        entry = {"time_utc": _now(), "event": event, "model": model, "modality": modality.upper(), **details}
+        entry = {"time_utc": utc_compact_stamp(microseconds=True), "event": event, "model": model,
+                 "modality": modality.upper(), **details}
         folder = self.versions_dir(model, modality)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "history.jsonl", "a", encoding="utf-8") as f:
@@ -145,12 +141,12 @@ class ModelStore:
         source = Path(candidate)
         with self._lock:
             sha = file_sha256(source)
-            version = f"{_now()}-{sha[:8]}"
+            version = f"{utc_compact_stamp(microseconds=True)}-{sha[:8]}"
             folder = self.versions_dir(model, modality)
             folder.mkdir(parents=True, exist_ok=True)
             kept = folder / f"{version}.pt"
-            self._atomic_copy(source, kept)
-            self._atomic_copy(source, self.published_path(model, modality))
+            atomic_copy(source, kept)
+            atomic_copy(source, self.published_path(model, modality))
             self.record(model, modality, "published", version=version, sha256=sha, **details)
         return WeightsVersion(model, modality.upper(), version, self.published_path(model, modality), sha)
 
@@ -171,20 +167,7 @@ class ModelStore:
                 if not kept.is_file() or "/" in version or "\\" in version:
                     known = ", ".join(v["version"] for v in self.versions(model, modality)) or "none"
                     raise KeyError(f"{model} has no {modality.upper()} version {version!r} (known: {known})")
-                self._atomic_copy(kept, published)
+                atomic_copy(kept, published)
                 self.record(model, modality, "restored", version=version, sha256=file_sha256(kept))
         return self.served(model, modality)
-
-    @staticmethod
-    def _atomic_copy(source: Path, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 

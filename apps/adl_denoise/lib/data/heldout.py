@@ -13,7 +13,8 @@ Everything else in ``../shared/data`` may be used for training.
 Matching is by name, not by absolute path, so that a copy or another mount of the same data is still
 recognised: any path with a component named ``ct_abdomen_siemens_j2k_slab`` (the folder or a file in it),
 and any file whose name starts with ``mr_t1gd_brain_skullstripped.`` (any extension: .nii.gz, .nii, .mha,
-a cache .npy, ...). Training code calls :func:`assert_not_heldout` on every input path it reads.
+a cache .npy, ...). Training code calls :func:`assert_not_heldout` on every input path it reads (the data
+sources of :mod:`lib.data` do so through :func:`check_not_heldout`).
 """
 from __future__ import annotations
 
@@ -21,9 +22,24 @@ import os
 from pathlib import Path
 from typing import Iterable, Union
 
+__all__ = [
+    "HELDOUT_CT_SERIES",
+    "HELDOUT_DIR_NAMES",
+    "HELDOUT_FILE_STEMS",
+    "HELDOUT_MR_VOLUME",
+    "HELDOUT_RELATIVE_PATHS",
+    "REPO_ROOT",
+    "assert_not_heldout",
+    "check_not_heldout",
+    "heldout_paths",
+    "is_heldout",
+    "shared_data_dir",
+]
+
 PathLike = Union[str, os.PathLike]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The repository root: this file is ``<repo>/apps/adl_denoise/lib/data/heldout.py``.
+REPO_ROOT = Path(__file__).resolve().parents[4]
 
 #: Relative paths (inside the shared data folder) of the held-out data.
 HELDOUT_CT_SERIES = "dicom/ct_abdomen_siemens_j2k_slab"
@@ -66,6 +82,14 @@ def assert_not_heldout(paths: PathLike | Iterable[PathLike]) -> None:
     for path in paths:
         if is_heldout(path):
             raise ValueError(
-                f"{os.fspath(path)} belongs to the held-out benchmark split (bench/heldout.py) and must not be "
+                f"{os.fspath(path)} belongs to the held-out benchmark split (lib/data/heldout.py) and must not be "
                 "used for training, tuning or calibration"
             )
+
+
+def check_not_heldout(paths: PathLike | Iterable[PathLike]) -> None:
+    """:func:`assert_not_heldout` on one path or several (``ValueError`` naming the first held-out file).
+
+    The guard every training source of :mod:`lib.data` runs on its inputs before reading them.
+    """
+    assert_not_heldout(paths)

@@ -1,26 +1,18 @@
-"""Training data for the ADL denoiser: noisy/clean volumes, synthetic noise, and patches.
+"""Sources of noisy / clean training volumes for the denoisers, and full-image validation pairs.
 
-Two sources of (noisy, clean) volumes:
-
-* :class:`PairedFolderSource` - real pairs (e.g. low-dose / normal-dose scans) in two folders, matched by
-  file-name stem.
+* :class:`PairedFolderSource` - real pairs (e.g. low-dose / normal-dose scans) in two folders matched by file-name
+  stem, or given explicitly (a datastore's images and their corrected labels).
 * :class:`SyntheticNoiseSource` - clean images only; the noise is synthesised by the physics in
   :mod:`lib.noise` at randomly drawn levels: low-dose CT in the sinogram domain (dose, reconstruction filter,
   cut-off, view count and detector bin drawn per slice over wide ranges), Rician MR noise, or generic
-  Gaussian / Poisson / speckle noise. Low-dose CT costs ~2 s per 512x512 slice on a CPU, so it is generated
-  per whole slice into a POOL of ``realisations`` noisy versions per clean slice (optionally regenerated each
-  epoch and cached as .npy files keyed by a hash of the seed, the settings and the slice content); the cheap
-  pixel-domain noises are drawn on the fly for every patch.
+  Gaussian / Poisson / speckle noise. Low-dose CT is expensive to simulate, so it is generated per whole slice
+  into a POOL of ``realisations`` noisy versions per clean slice (optionally regenerated each epoch and cached
+  as .npy files keyed by a hash of the seed, the settings and the slice content); the cheap pixel-domain
+  noises are drawn on the fly for every patch (:class:`lib.data.patches.ADLPatchDataset`).
 
-:class:`ADLPatchDataset` (a map-style torch ``Dataset``) draws patches from a source with MONAI dictionary
-transforms (``RandSpatialCropd``, ``RandFlipd``, ``RandRotate90d``, applied identically to noisy and clean),
-normalised to [0, 1] by :func:`lib.data.intensity_scaling_for` (one scaling per volume for noisy and clean,
-derived from the CLEAN volume), skipping patches that are almost all air / background. Sample ``i`` depends
-only on ``(seed, i)`` and the source's current epoch, so training is reproducible and resumable without any
-sampler state, and ranks of a multi-GPU run draw disjoint sample ids.
-
-Every input path is checked against the held-out benchmark split (``bench/heldout.py``) when that module is
-importable.
+Every source holds :class:`TrainingVolume` objects (modality units, CT in HU, (Z, H, W)) with the intensity
+scaling of their clean image, and checks every input path against the held-out benchmark split
+(:func:`lib.data.heldout.check_not_heldout`) before reading it.
 """
 from __future__ import annotations
 
@@ -29,41 +21,41 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from ..imaging import READ_SUFFIXES, read_volume
+from ..imaging import read_volume
+from ..runtime.atomic import atomic_numpy_save
+from .files import discover_images, image_stem, list_folder_images
+from .heldout import check_not_heldout
 from .intensity import CT_RANGE_HU, MR_HEADROOM, IntensityScaling, intensity_scaling_for
 
 __all__ = [
+    "CT_FOREGROUND_HU",
+    "DEFAULT_NOISE_LEVELS",
+    "MR_FOREGROUND_FRACTION",
     "NOISE_KINDS",
-    "ADLPatchDataset",
+    "RICIAN_VALIDATION_PERCENT",
     "PairedFolderSource",
     "SyntheticNoiseSource",
     "TrainingVolume",
     "ValidationPair",
-    "check_not_heldout",
-    "discover_images",
-    "image_stem",
-    "list_folder_images",
+    "foreground_threshold",
 ]
 
 log = logging.getLogger(__name__)
 
+#: Synthetic noise kinds of :class:`SyntheticNoiseSource` (``auto``: low-dose CT for CT, Rician for MR).
 NOISE_KINDS = ("auto", "ct-lowdose", "rician", "gaussian", "poisson", "speckle")
-_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _CACHE_VERSION = 1
 
-#: Default noise-level ranges per noise kind (and modality where the unit differs). See SyntheticNoiseSource.
 #: Rician level of validation pairs, % of the maximum: fixed (as CT's quarter dose) so validations compare
 RICIAN_VALIDATION_PERCENT = 5.0
 
+#: Default noise-level ranges per noise kind (and modality where the unit differs). See SyntheticNoiseSource.
 DEFAULT_NOISE_LEVELS: dict[str, tuple[float, float]] = {
     "rician": (1.0, 9.0),  # sigma in % of the volume maximum (BrainWeb convention)
     "gaussian-CT": (5.0, 50.0),  # sigma in HU
@@ -80,106 +72,6 @@ CT_FOREGROUND_HU = -800.0
 MR_FOREGROUND_FRACTION = 0.05
 
 
-# ----------------------------------------------------------------------------------------------- held-out guard
-def check_not_heldout(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> None:
-    """``bench.heldout.assert_not_heldout(paths)`` when importable (ValueError on a held-out file), else nothing.
-
-    The repository root (four levels above this file) is appended to ``sys.path`` for the import; when the
-    app is deployed without the ``bench`` package the guard is skipped.
-    """
-    repo_root = str(Path(__file__).resolve().parents[4])
-    if repo_root not in sys.path:
-        sys.path.append(repo_root)
-    try:
-        from bench.heldout import assert_not_heldout
-    except ImportError:  # pragma: no cover - deployment without the benchmark package
-        log.debug("bench.heldout not importable: held-out guard skipped")
-        return
-    if isinstance(paths, (str, bytes, os.PathLike)):
-        paths = [paths]
-    assert_not_heldout([os.fspath(p) for p in paths])
-
-
-# ----------------------------------------------------------------------------------------------- file discovery
-def image_stem(path: str | os.PathLike) -> str:
-    """Name without the image suffix (``a.nii.gz`` -> ``a``, ``b.dcm`` -> ``b``); a folder keeps its name."""
-    p = Path(path)
-    name = p.name
-    if p.is_dir():
-        return name
-    lower = name.lower()
-    for suffix in sorted(READ_SUFFIXES + _DICOM_SUFFIXES, key=len, reverse=True):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _has_dicom_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _is_image_file(path: Path) -> bool:
-    if path.name.startswith("."):
-        return False
-    lower = path.name.lower()
-    if lower.endswith(READ_SUFFIXES) or lower.endswith(_DICOM_SUFFIXES):
-        return True
-    return "." not in path.name and _has_dicom_magic(path)
-
-
-def _is_dicom_folder(path: Path) -> bool:
-    return any(f.is_file() and _is_image_file(f) and not f.name.lower().endswith(READ_SUFFIXES) for f in path.iterdir())
-
-
-def list_folder_images(folder: str | os.PathLike) -> list[Path]:
-    """The images directly in ``folder``: image files (NIfTI, NRRD, MHA, DICOM files) and subfolders that hold
-    DICOM files (one series each), sorted by name."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: no such folder")
-    items = []
-    for entry in sorted(folder.iterdir()):
-        if entry.is_file() and _is_image_file(entry):
-            items.append(entry)
-        elif entry.is_dir() and not entry.name.startswith(".") and _is_dicom_folder(entry):
-            items.append(entry)
-    return items
-
-
-def discover_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders into a list of images.
-
-    A file is one image. A folder holding only DICOM files (no other images, no series subfolders) is one
-    DICOM series; any other folder contributes its images (:func:`list_folder_images`). Raises ValueError for
-    a missing path or when nothing is found.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if not p.exists():
-            raise ValueError(f"{p}: no such file or folder")
-        if p.is_file():
-            found.append(p)
-            continue
-        children = list_folder_images(p)
-        dicom_files = [c for c in children if c.is_file() and not c.name.lower().endswith(READ_SUFFIXES)]
-        if children and len(dicom_files) == len(children):
-            found.append(p)  # the folder is a DICOM series
-        else:
-            found.extend(children)
-    if not found:
-        raise ValueError(f"no image files found in {', '.join(os.fspath(i) for i in inputs) or '(nothing given)'}")
-    return found
-
-
-# ----------------------------------------------------------------------------------------------- volumes
 @dataclass
 class TrainingVolume:
     """One training image held in memory.
@@ -569,10 +461,7 @@ class SyntheticNoiseSource:
                                              device=self.device)
         noisy = np.asarray(noisy, dtype=np.float32).reshape(clean.shape)
         if cache_path is not None:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_name(f".{cache_path.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, noisy)
-            os.replace(tmp, cache_path)
+            atomic_numpy_save(cache_path, noisy)
         return noisy
 
     # --- validation
@@ -607,182 +496,3 @@ class SyntheticNoiseSource:
 def _settings_dict(settings) -> dict:
     d = asdict(settings)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-# ----------------------------------------------------------------------------------------------- patches
-def _as_patch_size(patch_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
-    size = (int(patch_size),) * spatial_dims if isinstance(patch_size, (int, np.integer)) else tuple(int(s) for s in patch_size)
-    if len(size) != spatial_dims:
-        raise ValueError(f"patch size {patch_size} does not have {spatial_dims} dimensions")
-    if any(s <= 0 or s % 8 for s in size):
-        raise ValueError(f"patch size {size} must be positive multiples of 8 (the network down-samples three times)")
-    return size
-
-
-def _pad_to(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Reflect-pad the trailing spatial dims of (C, *spatial) up to at least ``size``."""
-    spatial = array.shape[1:]
-    if all(s >= t for s, t in zip(spatial, size)):
-        return array
-    pad = [(0, 0)] + [((max(t - s, 0)) // 2, max(t - s, 0) - max(t - s, 0) // 2) for s, t in zip(spatial, size)]
-    mode = "reflect" if all(s > 1 for s in spatial) else "edge"
-    return np.pad(array, pad, mode=mode)
-
-
-class ADLPatchDataset(Dataset):
-    """Noisy / clean training patches from a :class:`PairedFolderSource` or :class:`SyntheticNoiseSource`.
-
-    Item ``i`` is a dict ``{"noisy": (1, *patch), "clean": (1, *patch)}`` of float32 tensors in [0, 1]
-    (:func:`lib.data.intensity_scaling_for` of the clean volume, applied to both). It depends only on
-    ``(seed, i)`` and the source's epoch: ``__getitem__`` accepts ANY non-negative index (``len`` is only the
-    nominal epoch length, ``samples_per_epoch``), so a trainer can address samples by a global counter and
-    resume exactly.
-
-    Sampling: a volume with probability proportional to its number of usable (not all-air) slices; in 2D a
-    slice of it; a low-dose CT realisation from the pool; then MONAI ``RandSpatialCropd`` (same crop of noisy
-    and clean), re-drawn up to ``max_tries`` times while less than ``min_foreground`` of the clean patch is
-    foreground (CT above -800 HU, MR above 5 % of the robust maximum; the best try is kept); pixel-domain
-    noise on the clean patch where the source makes noise on the fly; with ``augment``, ``RandFlipd`` on every
-    axis and ``RandRotate90d`` in-plane, identically for both keys. Images smaller than the patch are reflect-
-    padded.
-
-    Args:
-        source: the volumes.
-        spatial_dims: 2 (patches from slices) or 3 (patches from volumes).
-        patch_size: int or per-axis sizes, multiples of 8 (3D: (Z, H, W)).
-        samples_per_epoch: nominal length; also the epoch length over which a trainer regenerates the
-            low-dose CT pool (:meth:`set_epoch`).
-        seed: sampling seed.
-        augment: random flips and 90-degree rotations.
-        min_foreground: minimum foreground fraction of a patch.
-        max_tries: crop attempts per sample.
-        slice_context: 2D only: also give the ``slice_context`` slices on either side of the drawn slice as
-            extra channels, for networks that see adjacent slices (``{"noisy", "clean"}`` are then
-            (2 * slice_context + 1, *patch), the drawn slice in the middle; the volume's end slices are
-            repeated beyond its ends). Slices are drawn where the whole stack is usable, so that every slice of
-            a low-dose CT pool stack is a simulated one.
-    """
-
-    index_deterministic = True  # items depend on (seed, index) only: trainers may use global sample ids
-
-    def __init__(
-        self,
-        source: PairedFolderSource | SyntheticNoiseSource,
-        spatial_dims: int = 2,
-        patch_size: int | Sequence[int] = 96,
-        samples_per_epoch: int = 2000,
-        seed: int = 0,
-        augment: bool = True,
-        min_foreground: float = 0.2,
-        max_tries: int = 10,
-        slice_context: int = 0,
-    ) -> None:
-        from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd
-
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if not source.volumes:
-            raise ValueError("the training source holds no images")
-        self.source = source
-        self.spatial_dims = spatial_dims
-        self.patch_size = _as_patch_size(patch_size, spatial_dims)
-        self.samples_per_epoch = int(samples_per_epoch)
-        if self.samples_per_epoch < 1:
-            raise ValueError("samples_per_epoch must be >= 1")
-        self.seed = int(seed)
-        self.augment = bool(augment)
-        self.min_foreground = float(min_foreground)
-        self.max_tries = max(1, int(max_tries))
-        self.modality = source.modality
-        if spatial_dims == 3:
-            too_thin = [v.name for v in source.volumes if v.clean.shape[0] < 2]
-            if too_thin:
-                raise ValueError(f"3D training needs volumes, but {', '.join(too_thin)} are single 2D slices")
-        weights = np.array([len(v.usable_slices) for v in source.volumes], dtype=np.float64)
-        self._volume_p = weights / weights.sum()
-        self.slice_context = int(slice_context)
-        if self.slice_context < 0 or (self.slice_context and spatial_dims != 2):
-            raise ValueError(f"slice_context must be >= 0 and needs 2D patches, got {slice_context} ({spatial_dims}D)")
-        self._centres = [_stack_centres(v.usable_slices, v.clean.shape[0], self.slice_context)
-                         for v in source.volumes]
-        self._has_noisy = not source.noise_on_the_fly
-        keys = ["noisy", "clean"]
-        self._crop_both = RandSpatialCropd(keys=keys, roi_size=self.patch_size, random_size=False)
-        self._crop_clean = RandSpatialCropd(keys=["clean"], roi_size=self.patch_size, random_size=False)
-        augment_transforms = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
-        inplane = (0, 1) if spatial_dims == 2 else (1, 2)
-        augment_transforms.append(RandRotate90d(keys=keys, prob=0.75, max_k=3, spatial_axes=inplane))
-        self._augment = Compose(augment_transforms)
-
-    def __len__(self) -> int:
-        return self.samples_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Forwarded to the source (regenerates the low-dose CT pool when configured to)."""
-        self.source.set_epoch(epoch)
-
-    def _draw_window(self, rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray | None]:
-        v = int(rng.choice(len(self.source.volumes), p=self._volume_p))
-        vol = self.source.volumes[v]
-        noisy_full = None
-        if self._has_noisy:
-            if isinstance(self.source, SyntheticNoiseSource):
-                noisy_full = self.source.noisy_volume(v, int(rng.integers(self.source.realisations)))
-            else:
-                noisy_full = self.source.noisy_volume(v)
-        if self.spatial_dims == 2:
-            z = int(rng.choice(self._centres[v]))
-            zs = np.clip(np.arange(z - self.slice_context, z + self.slice_context + 1), 0, vol.clean.shape[0] - 1)
-            clean = vol.clean[zs]
-            noisy = None if noisy_full is None else noisy_full[zs]
-        else:
-            clean = vol.clean[None]
-            noisy = None if noisy_full is None else noisy_full[None]
-        return v, clean, noisy
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = int(index)
-        if index < 0:
-            raise IndexError(f"sample index must be >= 0, got {index}")
-        rng = np.random.default_rng([self.seed, index])
-        v, clean, noisy = self._draw_window(rng)
-        vol = self.source.volumes[v]
-        scaling = vol.scaling
-        threshold = foreground_threshold(scaling)
-        clean = _pad_to(clean, self.patch_size)
-        data = {"clean": clean} if noisy is None else {"clean": clean, "noisy": _pad_to(noisy, self.patch_size)}
-        crop = self._crop_clean if noisy is None else self._crop_both
-
-        best, best_fraction = None, -1.0
-        for _ in range(self.max_tries):
-            crop.set_random_state(seed=int(rng.integers(2**31 - 1)))
-            patch = {k: np.asarray(_to_numpy(t), dtype=np.float32) for k, t in crop(dict(data)).items()}
-            fraction = float((scaling.normalise(patch["clean"]) > threshold).mean())
-            if fraction > best_fraction:
-                best, best_fraction = patch, fraction
-            if fraction >= self.min_foreground:
-                break
-        assert best is not None
-        if "noisy" not in best:
-            best["noisy"] = self.source.add_noise(v, best["clean"], rng)
-        sample = {k: scaling.normalise(best[k]) for k in ("noisy", "clean")}
-        if self.augment:
-            self._augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
-            sample = self._augment(sample)
-        return {k: torch.as_tensor(np.ascontiguousarray(_to_numpy(sample[k]), dtype=np.float32)) for k in ("noisy", "clean")}
-
-
-def _stack_centres(usable: np.ndarray, depth: int, context: int) -> np.ndarray:
-    """Usable slices whose whole stack (+-``context``, clipped to the volume) is usable; all usable if none is."""
-    if context == 0:
-        return usable
-    allowed = set(int(z) for z in usable)
-    centres = [int(z) for z in usable
-               if all(int(c) in allowed for c in np.clip(np.arange(z - context, z + context + 1), 0, depth - 1))]
-    return np.asarray(centres, dtype=np.int64) if centres else usable
-
-
-def _to_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)

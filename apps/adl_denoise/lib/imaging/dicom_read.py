@@ -1,0 +1,541 @@
+"""Reading DICOM: a series from a folder, a single slice, or a multi-frame (enhanced) file, as a
+:class:`~lib.imaging.Volume`.
+
+pydicom decodes the pixels (JPEG 2000 too, via pylibjpeg); the stored values are rescaled to physical units
+(CT in HU), padding is set to air, and the geometry comes from :mod:`lib.imaging.dicom_geometry`. The headers
+(without pixel data) stay on the volume as templates for a derived series (:mod:`lib.imaging.dicom_write`).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.errors import InvalidDicomError
+
+from .dicom_geometry import orientation_direction, plane_geometry_2d, stack_geometry
+from .dicom_tags import as_signed_stored, first_number, float_list, float_or, sequence_item, str_or_empty
+from .errors import ImageReadError, one_line
+from .guards import check_size, check_values
+from .volume import Volume, fill_padding, integral_dtype_for
+
+__all__ = ["has_dicom_magic", "is_dicom_file", "list_dicom_series", "read_dicom_file", "read_dicom_folder"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finding DICOM files and series
+# --------------------------------------------------------------------------------------------------------------
+
+
+def has_dicom_magic(path: Path) -> bool:
+    """True when ``path`` has the 128-byte preamble followed by 'DICM'."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _read_dicom_header(path: Path) -> Dataset | None:
+    """The header (no pixel data) when ``path`` is a DICOM file, else None.
+
+    Files with the 'DICM' marker are DICOM; files without the 128-byte preamble are accepted only when they
+    start with a group 0002/0008 tag and parse into something with an SOP class or image size, so that junk
+    next to a series is ignored instead of being force-parsed into garbage."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return None
+    magic = len(head) == 132 and head[128:132] == b"DICM"
+    if not magic and head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return None
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=not magic)
+    except Exception:  # noqa: BLE001 - any parse failure means "not a usable DICOM file"
+        return None
+    if not magic and "SOPClassUID" not in ds and "Rows" not in ds:
+        return None
+    return ds
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True when ``path`` is a DICOM file (with the 'DICM' marker, or a header that parses without it)."""
+    return has_dicom_magic(path) or _read_dicom_header(path) is not None
+
+
+def _is_image_header(ds: Dataset) -> bool:
+    return "Rows" in ds and "Columns" in ds
+
+
+def _scan_dicom_folder(folder: Path) -> tuple[list[tuple[Path, Dataset]], int]:
+    """(path, header) of every DICOM image file directly in ``folder`` (sorted by name), and the number of
+    other files ignored (junk, DICOMDIR, non-image DICOM objects)."""
+    found: list[tuple[Path, Dataset]] = []
+    ignored = 0
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_file():
+            continue
+        header = _read_dicom_header(entry)
+        if header is None or not _is_image_header(header):
+            ignored += 1
+            continue
+        found.append((entry, header))
+    return found, ignored
+
+
+def _group_series(files: list[tuple[Path, Dataset]]) -> list[dict]:
+    groups: dict[str, list[tuple[Path, Dataset]]] = {}
+    for path, header in files:
+        # hard-anonymised data has an empty SeriesInstanceUID: those files form one series with uid ""
+        groups.setdefault(str_or_empty(header.get("SeriesInstanceUID")), []).append((path, header))
+    series = []
+    for uid, members in groups.items():
+        first = members[0][1]
+        number = first.get("SeriesNumber")
+        series.append(
+            {
+                "uid": uid,
+                "description": str_or_empty(first.get("SeriesDescription")),
+                "modality": str_or_empty(first.get("Modality")),
+                "n_files": len(members),
+                "series_number": int(number) if number not in (None, "") else None,
+                "files": [m[0] for m in members],
+                "_headers": [m[1] for m in members],
+            }
+        )
+    series.sort(key=lambda s: (s["series_number"] is None, s["series_number"] or 0, s["uid"]))
+    return series
+
+
+def _describe_series(s: dict) -> str:
+    uid = s["uid"] or '"" (empty SeriesInstanceUID)'
+    return f"{uid} ({s['description'] or 'no description'!r}, {s['modality'] or '?'}, {s['n_files']} files)"
+
+
+def list_dicom_series(folder: str | Path) -> list[dict]:
+    """The DICOM image series directly inside ``folder`` (subfolders are not searched).
+
+    Each entry: ``uid`` (SeriesInstanceUID, "" when empty), ``description``, ``modality``, ``n_files``,
+    ``series_number`` (int or None) and ``files`` (paths). Non-DICOM files are ignored.
+
+    Raises:
+        ImageReadError: the folder is missing, not a folder, or holds no DICOM image file.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise ImageReadError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise ImageReadError(f"{folder} is not a folder")
+    files, ignored = _scan_dicom_folder(folder)
+    if not files:
+        entries = list(folder.iterdir())
+        if not entries:
+            raise ImageReadError(f"{folder} is an empty folder (no DICOM files)")
+        subdirs = [e.name for e in entries if e.is_dir()]
+        hint = (
+            f"; subfolders are not searched, point to the one holding the slices (e.g. {subdirs[0]})" if subdirs else ""
+        )
+        raise ImageReadError(f"{folder} contains no DICOM image files ({ignored} other files ignored){hint}")
+    return [{k: v for k, v in s.items() if not k.startswith("_")} for s in _group_series(files)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pixel values
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_pixel_format(ds: Dataset, path: Path) -> None:
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise ImageReadError(
+            f"{path} has {samples} samples per pixel ({ds.get('PhotometricInterpretation', '?')}); 4D or "
+            f"multi-component (colour) images are not supported, give one 3D volume"
+        )
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageReadError(f"{path} is a DICOM file without pixel data ({ds.get('SOPClassUID', 'unknown class')})")
+
+
+def _decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
+    """Stored pixel values ((rows, cols) or (frames, rows, cols)); decoder failures become ImageReadError."""
+    try:
+        array = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - truncated data, missing decoder ... all mean "cannot read"
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax)) if syntax is not None else "unknown transfer syntax"
+        raise ImageReadError(f"cannot decode the pixel data of {path} ({name}): {one_line(exc)}") from exc
+    return np.asarray(array)
+
+
+def _rescale_of(item: Dataset | None, fallback: Dataset) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a per-frame item when it has them, else of ``fallback``."""
+    source = item if item is not None and "RescaleSlope" in item else fallback
+    slope = float_or(source.get("RescaleSlope", 1.0), 1.0)
+    intercept = float_or(source.get("RescaleIntercept", 0.0), 0.0)
+    return (slope if slope != 0 else 1.0), intercept
+
+
+def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Pixels equal to PixelPaddingValue (or within [PixelPaddingValue, PixelPaddingRangeLimit]), in stored
+    values (the tags are defined before rescale)."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    rep = int(ds.get("PixelRepresentation", 0) or 0)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    value = as_signed_stored(ds["PixelPaddingValue"].value, rep, bits)
+    if value is None:
+        return None
+    limit = as_signed_stored(ds["PixelPaddingRangeLimit"].value, rep, bits) if "PixelPaddingRangeLimit" in ds else None
+    if limit is None:
+        return stored == value
+    lo, hi = min(value, limit), max(value, limit)
+    return (stored >= lo) & (stored <= hi)
+
+
+def _modality_of(ds: Dataset, modality_arg: str | None) -> tuple[str, str]:
+    tag = str_or_empty(ds.get("Modality")).upper()
+    if tag in ("CT", "MR"):
+        return tag, "dicom"
+    if modality_arg is not None:
+        return modality_arg, "argument"
+    return "OT", "dicom"
+
+
+def _source_dtype_from_rescale(
+    rescales: Sequence[tuple[float, float]], stored_integer: bool, lo: float, hi: float
+) -> np.dtype:
+    """Values are integers when stored integers go through integer slopes and intercepts (the common CT case
+    slope 1, intercept -1024): then int16 if it fits (uint16 / int32 otherwise), else float32."""
+    integral = stored_integer and all(float(s).is_integer() and float(i).is_integer() for s, i in rescales)
+    return integral_dtype_for(lo, hi) if integral else np.dtype(np.float32)
+
+
+def _is_lossy_syntax(syntax: Any) -> bool:
+    try:
+        return syntax is not None and not syntax.is_lossless
+    except (AttributeError, ValueError):  # private or unknown transfer syntax: no claim either way
+        return False
+
+
+def _dicom_metadata(ds: Dataset) -> dict:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    meta = {
+        "format": "dicom",
+        "series_instance_uid": str_or_empty(ds.get("SeriesInstanceUID")),
+        "series_description": str_or_empty(ds.get("SeriesDescription")),
+        "series_number": ds.get("SeriesNumber"),
+        "study_instance_uid": str_or_empty(ds.get("StudyInstanceUID")),
+        "study_description": str_or_empty(ds.get("StudyDescription")),
+        "study_date": str_or_empty(ds.get("StudyDate")),
+        "patient_id": str_or_empty(ds.get("PatientID")),
+        "patient_name": str_or_empty(ds.get("PatientName")),
+        "frame_of_reference_uid": str_or_empty(ds.get("FrameOfReferenceUID")),
+        "dicom_modality": str_or_empty(ds.get("Modality")),
+        "manufacturer": str_or_empty(ds.get("Manufacturer")),
+        "convolution_kernel": str_or_empty(ds.get("ConvolutionKernel")),
+        "slice_thickness": first_number(ds.get("SliceThickness")),
+        "transfer_syntax": str(syntax) if syntax is not None else "",
+        "lossy_compressed": str_or_empty(ds.get("LossyImageCompression")) == "01" or _is_lossy_syntax(syntax),
+        "photometric_interpretation": str_or_empty(ds.get("PhotometricInterpretation")),
+    }
+    center, width = first_number(ds.get("WindowCenter")), first_number(ds.get("WindowWidth"))
+    if center is not None and width is not None and math.isfinite(center) and math.isfinite(width):
+        meta["window_center"], meta["window_width"] = center, width
+    tilt = ds.get("GantryDetectorTilt")
+    if tilt not in (None, ""):
+        meta["gantry_tilt_deg"] = float_or(tilt, 0.0)
+    return meta
+
+
+def _strip_pixels(ds: Dataset) -> Dataset:
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    return ds
+
+
+def _finish_dicom_volume(
+    stored_slices: list[np.ndarray],
+    rescales: list[tuple[float, float]],
+    pad_masks: list[np.ndarray | None],
+    ds0: Dataset,
+    path: Path,
+    modality_arg: str | None,
+    fill: bool,
+) -> tuple[np.ndarray, str, np.dtype, dict]:
+    """Rescale stored slices to physical values, fill padding; returns (float32 values, modality, source
+    dtype, metadata facts)."""
+    stored = np.stack(stored_slices)
+    stored_integer = np.issubdtype(stored.dtype, np.integer)
+    check_values(stored, path)
+    values = np.empty(stored.shape, dtype=np.float64)
+    for k, (slope, intercept) in enumerate(rescales):
+        values[k] = stored[k].astype(np.float64) * slope + intercept  # float math, exact for 16-bit integers
+    modality, modality_source = _modality_of(ds0, modality_arg)
+    mask = None
+    if any(m is not None for m in pad_masks):
+        mask = np.stack([m if m is not None else np.zeros(stored.shape[1:], dtype=bool) for m in pad_masks])
+    values, pad_info = fill_padding(values, modality, mask, fill)
+    lo, hi = float(values.min()), float(values.max())
+    source_dtype = _source_dtype_from_rescale(rescales, stored_integer, lo, hi)
+    info = {
+        "modality_source": modality_source,
+        "rescale_slope": rescales[0][0],
+        "rescale_intercept": rescales[0][1],
+        "input_min": lo,
+        "input_max": hi,
+        **pad_info,
+    }
+    return values.astype(np.float32), modality, source_dtype, info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A single file (2D slice or multi-frame)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dcmread_full(path: Path) -> FileDataset:
+    try:
+        return pydicom.dcmread(str(path), force=not has_dicom_magic(path))
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise ImageReadError(f"cannot parse the DICOM file {path}: {one_line(exc)}") from exc
+
+
+def read_dicom_file(
+    path: Path, series_uid: str | None, modality_arg: str | None, fill: bool, limit: int
+) -> Volume:
+    """One DICOM file: a 2D slice (y, x), or a 3D volume (z, y, x) when it is multi-frame.
+
+    ``series_uid`` (None: any) must match the file's series; ``modality_arg`` fills in when the Modality tag is
+    neither CT nor MR; ``fill`` sets padding to air / 0; ``limit`` is the voxel limit, checked before decoding."""
+    ds = _dcmread_full(path)
+    if not _is_image_header(ds):
+        raise ImageReadError(
+            f"{path} is a DICOM file without image attributes (no Rows/Columns: truncated, or not an image object; "
+            f"SOP class {ds.get('SOPClassUID', 'unknown')})"
+        )
+    if series_uid is not None and str_or_empty(ds.get("SeriesInstanceUID")) != series_uid:
+        raise ImageReadError(
+            f"{path} belongs to series {str_or_empty(ds.get('SeriesInstanceUID'))!r}, not the requested {series_uid!r}"
+        )
+    _check_pixel_format(ds, path)
+    n_frames = int(float_or(ds.get("NumberOfFrames", 1), 1.0))
+    check_size((n_frames, int(ds.Rows), int(ds.Columns)), path, limit)
+    if n_frames > 1:
+        return _read_multiframe(ds, path, modality_arg, fill)
+
+    stored = _decode_pixels(ds, path)
+    if stored.ndim != 2:
+        raise ImageReadError(f"{path}: unexpected pixel array shape {stored.shape} for a single-frame image")
+    rescale = _rescale_of(None, ds)
+    values, modality, source_dtype, info = _finish_dicom_volume(
+        [stored], [rescale], [_padding_mask(ds, stored)], ds, path, modality_arg, fill
+    )
+    ps = float_list(ds.get("PixelSpacing"), 2) or float_list(ds.get("ImagerPixelSpacing"), 2)
+    ipp = float_list(ds.get("ImagePositionPatient"), 3)
+    iop = float_list(ds.get("ImageOrientationPatient"), 6)
+    origin, direction, plane = plane_geometry_2d(ipp, iop, str(path))
+    metadata = _dicom_metadata(ds)
+    metadata.update(info)
+    # a slice's extent along its normal, for writing it as a one-slice 3D image (the order SimpleITK uses, then
+    # the nominal thickness)
+    slice_step = float_or(ds.get("SpacingBetweenSlices"), 0.0) or float_or(ds.get("SliceThickness"), 0.0) or 1.0
+    metadata.update(
+        {
+            "image_position_patient": ipp,
+            "image_orientation_patient": iop,
+            "plane_geometry": plane,
+            "slice_spacing": abs(slice_step),
+            "multiframe": False,
+        }
+    )
+    if ps is None:
+        metadata["spacing_note"] = "no PixelSpacing: 1 mm assumed"
+    header = _strip_pixels(ds)
+    return Volume(
+        array=values[0],
+        spacing=(ps[1], ps[0]) if ps else (1.0, 1.0),
+        origin=origin,
+        direction=direction,
+        modality=modality,
+        source_dtype=source_dtype,
+        source_path=path,
+        dicom_headers=[header],
+        metadata=metadata,
+    )
+
+
+def _read_multiframe(ds: FileDataset, path: Path, modality_arg: str | None, fill: bool) -> Volume:
+    """A multi-frame object (enhanced CT/MR or legacy multi-frame) as a 3D volume."""
+    frames = _decode_pixels(ds, path)
+    n = int(float_or(ds.get("NumberOfFrames", 1), 1.0))
+    if frames.ndim != 3 or frames.shape[0] != n:
+        raise ImageReadError(f"{path}: pixel array shape {frames.shape} does not match NumberOfFrames {n}")
+    shared = sequence_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+
+    def frame_item(k: int, *keywords: str) -> Dataset | None:
+        item = sequence_item(per_frame[k], *keywords) if k < len(per_frame) else None
+        return item if item is not None else (sequence_item(shared, *keywords) if shared is not None else None)
+
+    positions, orientations, spacings, rescales = [], [], [], []
+    geometry_complete = True
+    for k in range(n):
+        pos_item = frame_item(k, "PlanePositionSequence")
+        ori_item = frame_item(k, "PlaneOrientationSequence")
+        mea_item = frame_item(k, "PixelMeasuresSequence")
+        ipp = float_list(pos_item.get("ImagePositionPatient") if pos_item else None, 3)
+        iop = float_list(ori_item.get("ImageOrientationPatient") if ori_item else ds.get("ImageOrientationPatient"), 6)
+        ps = float_list(mea_item.get("PixelSpacing") if mea_item else ds.get("PixelSpacing"), 2)
+        if ipp is None or iop is None or ps is None:
+            geometry_complete = False
+        positions.append(ipp)
+        orientations.append(iop)
+        spacings.append(ps)
+        rescales.append(_rescale_of(frame_item(k, "PixelValueTransformationSequence"), ds))
+
+    metadata = _dicom_metadata(ds)
+    if geometry_complete:
+        geom = stack_geometry(
+            np.asarray(positions), np.asarray(orientations), np.asarray(spacings),
+            [float_or(ds.get("GantryDetectorTilt"), 0.0)], str(path), None,
+        )
+        order, spacing, origin, direction = geom
+        metadata["geometry_source"] = "per-frame functional groups"
+    else:
+        # legacy multi-frame (e.g. NM) or incomplete headers: frames in file order, spacing from the header
+        order = np.arange(n)
+        ps = float_list(ds.get("PixelSpacing"), 2) or [1.0, 1.0]
+        step = float_or(ds.get("SpacingBetweenSlices"), 0.0) or float_or(ds.get("SliceThickness"), 0.0) or 1.0
+        ipp = float_list(ds.get("ImagePositionPatient"), 3) or [0.0, 0.0, 0.0]
+        iop = float_list(ds.get("ImageOrientationPatient"), 6)
+        if iop is not None:
+            direction = orientation_direction(iop, str(path))
+        else:
+            direction = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+        spacing, origin = (ps[1], ps[0], abs(step)), tuple(ipp)
+        metadata["geometry_source"] = "header fallback (no per-frame positions): frames in file order"
+    stored = [frames[k] for k in order]
+    values, modality, source_dtype, info = _finish_dicom_volume(
+        stored, [rescales[k] for k in order], [_padding_mask(ds, s) for s in stored], ds, path, modality_arg,
+        fill,
+    )
+    metadata.update(info)
+    metadata.update({"multiframe": True, "frame_order": [int(k) for k in order]})
+    return Volume(
+        array=values,
+        spacing=spacing,
+        origin=origin,
+        direction=direction,
+        modality=modality,
+        source_dtype=source_dtype,
+        source_path=path,
+        dicom_headers=[_strip_pixels(ds)],
+        metadata=metadata,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A folder (one series)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_dicom_folder(
+    folder: Path, series_uid: str | None, modality_arg: str | None, fill: bool, limit: int
+) -> Volume:
+    """The one series in ``folder`` (or the one with ``series_uid``) as a 3D volume (z, y, x) sorted along the
+    slice normal (a series of one file: as :func:`read_dicom_file`). Arguments as :func:`read_dicom_file`."""
+    files, ignored = _scan_dicom_folder(folder)
+    if not files:
+        list_dicom_series(folder)  # raises the right "empty folder" / "no DICOM" message
+    series = _group_series(files)
+    if series_uid is None:
+        if len(series) > 1:
+            listing = "; ".join(_describe_series(s) for s in series)
+            raise ImageReadError(f"{folder} holds {len(series)} DICOM series, pass series_uid= one of: {listing}")
+        chosen = series[0]
+    else:
+        matches = [s for s in series if s["uid"] == series_uid]
+        if not matches:
+            listing = "; ".join(_describe_series(s) for s in series)
+            raise ImageReadError(f"{folder} has no series with uid {series_uid!r}; available: {listing}")
+        chosen = matches[0]
+
+    paths: list[Path] = chosen["files"]
+    headers: list[Dataset] = chosen["_headers"]
+    if len(paths) == 1:
+        volume = read_dicom_file(paths[0], None, modality_arg, fill, limit)
+        volume.metadata["n_files_ignored"] = ignored
+        return volume
+    multi = [p for p, h in zip(paths, headers) if int(float_or(h.get("NumberOfFrames", 1), 1.0)) > 1]
+    if multi:
+        raise ImageReadError(
+            f"{folder}: series {chosen['uid']!r} mixes {len(multi)} multi-frame files with other files; read one "
+            f"multi-frame file directly (e.g. {multi[0]})"
+        )
+    where = f"{folder} (series {chosen['uid'] or 'with empty SeriesInstanceUID'})"
+    sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
+    if len(sizes) > 1:
+        raise ImageReadError(f"{where}: slices have different sizes {sorted(sizes)}; not one volume")
+    check_size((len(paths), *next(iter(sizes))), folder, limit)
+
+    positions, orientations, spacings, tilts = [], [], [], []
+    for path, header in zip(paths, headers):
+        ipp = float_list(header.get("ImagePositionPatient"), 3)
+        iop = float_list(header.get("ImageOrientationPatient"), 6)
+        ps = float_list(header.get("PixelSpacing"), 2) or float_list(header.get("ImagerPixelSpacing"), 2)
+        if ipp is None or iop is None:
+            raise ImageReadError(
+                f"{where}: {path.name} has no ImagePositionPatient/ImageOrientationPatient, so the slices cannot be "
+                f"ordered; read files one by one as 2D"
+            )
+        positions.append(ipp)
+        orientations.append(iop)
+        spacings.append(ps or [1.0, 1.0])
+        tilt = header.get("GantryDetectorTilt")
+        tilts.append(float_or(tilt, 0.0) if tilt not in (None, "") else None)
+    geom = stack_geometry(
+        np.asarray(positions), np.asarray(orientations), np.asarray(spacings), tilts, where, paths[0]
+    )
+
+    stored_slices, rescales, masks, full_headers = [], [], [], []
+    for k in geom.order:
+        ds = _dcmread_full(paths[k])
+        _check_pixel_format(ds, paths[k])
+        stored = _decode_pixels(ds, paths[k])
+        if stored.shape != (int(ds.Rows), int(ds.Columns)):
+            raise ImageReadError(f"{paths[k]}: pixel array shape {stored.shape} does not match Rows x Columns")
+        stored_slices.append(stored)
+        rescales.append(_rescale_of(None, ds))
+        masks.append(_padding_mask(ds, stored))
+        full_headers.append(_strip_pixels(ds))
+    ds0 = full_headers[0]
+    values, modality, source_dtype, info = _finish_dicom_volume(
+        stored_slices, rescales, masks, ds0, folder, modality_arg, fill
+    )
+    metadata = _dicom_metadata(ds0)
+    metadata.update(info)
+    metadata.update(
+        {
+            "multiframe": False,
+            "n_files_ignored": ignored,
+            "files": [str(paths[k]) for k in geom.order],
+        }
+    )
+    if any(float_list(h.get("PixelSpacing"), 2) is None for h in headers):
+        metadata["spacing_note"] = "no PixelSpacing on some slices: ImagerPixelSpacing or 1 mm used"
+    return Volume(
+        array=values,
+        spacing=geom.spacing,
+        origin=geom.origin,
+        direction=geom.direction,
+        modality=modality,
+        source_dtype=source_dtype,
+        source_path=folder,
+        dicom_headers=full_headers,
+        metadata=metadata,
+    )

@@ -1,0 +1,27 @@
+"""The errors of image input/output, and the one-line messages they carry."""
+from __future__ import annotations
+
+import re
+
+__all__ = ["ImageReadError", "ImageWriteError", "one_line"]
+
+
+class ImageReadError(ValueError):
+    """An image could not be read or is not acceptable (message: what is wrong, which path; one line)."""
+
+
+class ImageWriteError(ValueError):
+    """An image could not be written (message: what is wrong, which path; one line)."""
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """A readable single line (at most ``limit`` characters) from an exception; SimpleITK's are multi-line with
+    C++ file names."""
+    text = str(exc)
+    if "ITK ERROR:" in text:
+        text = text.split("ITK ERROR:", 1)[1]
+        text = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", text)
+    text = " ".join(text.split())
+    if not text:
+        text = type(exc).__name__ if isinstance(exc, BaseException) else "unknown error"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
