@@ -33,6 +33,7 @@ class SettingsStore:
         values = self._load()
         values[key] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # write-then-rename by hand: the module runs inside Slicer, which has no lib.runtime.atomic
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(values, indent=1), encoding="utf-8")
         os.replace(tmp, self.path)
