@@ -102,7 +102,7 @@ def train(name: str, make_source: Callable[[], Any], out: Path, args, steps: int
 def learn_test_noise(pair, out: Path, args) -> Path:
     """The TDDL noise model of the test scans, from their low-dose images alone."""
     from lib.imaging import write_volume
-    from lib.imaging.io import Volume
+    from lib.imaging import Volume
     from lib.noise_learning.workflow import learn_noise_model
 
     path = out / "noise_model_test_scans.pt"

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from lib.imaging import read_volume, write_volume
-    from lib.imaging.io import Volume
+    from lib.imaging import Volume
     from lib.noise import quarter_dose_settings, simulate_low_dose_ct
     from lib.noise_learning.workflow import learn_noise_model
 

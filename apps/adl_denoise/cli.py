@@ -45,6 +45,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def _dose_fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -387,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parser(verbs)
     _add_learn_noise_parser(verbs)
+    _add_lesion_detector_parser(verbs)
     return parser
 
 
@@ -450,10 +458,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CommandError(f"--initial-weights {args.initial_weights} not found")
     checkpoint_dir = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else \
         output.with_name(output.stem + "_checkpoints")
+    lesion_args = _lesion_aware_arguments(args, modality, paired)
     run = _given(norm=args.norm, patch_size=(patch[0] if len(patch) == 1 else patch) if patch else None,
                  batch_size=args.batch_size, num_workers=args.num_workers, lr_step_size=args.lr_step,
                  lr_gamma=args.lr_gamma, slices=args.slices, seed=args.seed, amp=False if args.no_amp else None,
-                 checkpoint_every=args.checkpoint_every, validation_every=args.validation_every)
+                 checkpoint_every=args.checkpoint_every, validation_every=args.validation_every,
+                 **{k: v for k, v in lesion_args.items() if k != "lesions_per_slice"})
     config = _gcn_config(args, modality, device, checkpoint_dir, run) if gcn else \
         _adl_config(args, modality, device, checkpoint_dir, run, filters, disc_filters)
     if patch and (any(p % 8 for p in patch) or len(patch) not in (1, config.spatial_dims)):
@@ -466,7 +476,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ct_filters=ct_filters, ct_cutoff_range=ct_cutoff, realisations=args.realisations,
         noise_cache=args.noise_cache, regenerate_noise=args.regenerate_noise or None, val=args.val,
         val_noisy_dir=args.val_noisy_dir, val_clean_dir=args.val_clean_dir, spatial_dims=config.spatial_dims,
-        seed=args.seed))
+        lesions_per_slice=lesion_args.get("lesions_per_slice"), seed=args.seed))
     data = build_training_data(recipe, device=_rank_device(device), progress=main_rank)
     dataset = data.patches(config.patch_size, slices=config.slices,
                            **_given(samples_per_epoch=args.samples_per_epoch))
@@ -491,6 +501,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     return _export_trained(result, result.network if gcn else result.generator, output, config, data,
                            initial_weights)
+
+
+#: lesion-aware training defaults (``--lesion-aware``): see apps/adl_denoise/README.md and bench/README.md
+LESION_AWARE_DEFAULTS = {"lesions_per_slice": 4, "roi_l1_weight": 5.0, "roi_perceptual_weight": 0.1}
+
+
+def _lesion_aware_arguments(args: argparse.Namespace, modality: str, paired: bool) -> dict:
+    """The lesion-aware settings of a training run (empty without ``--lesion-aware``)."""
+    given = [name for name in ("lesions_per_slice", "roi_l1_weight", "roi_perceptual_weight", "lesion_detector",
+                               "collaborative_every") if getattr(args, name, None) is not None]
+    if not args.lesion_aware:
+        if given:
+            raise CommandError(f"--{given[0].replace('_', '-')} needs --lesion-aware")
+        return {}
+    if paired or args.noise_model is not None:
+        raise CommandError("--lesion-aware inserts synthetic lesions into --clean images before physics noise; it "
+                           "does not apply to real pairs or --noise-model")
+    if args.spatial_dims == 3:
+        raise CommandError("--lesion-aware trains 2D (and 2.5D) networks: drop --spatial-dims 3")
+    settings = dict(LESION_AWARE_DEFAULTS)
+    settings.update({name: getattr(args, name) for name in given})
+    if settings["roi_perceptual_weight"] > 0:
+        from lib.weights import MODEL_DIR
+
+        detector = Path(settings.get("lesion_detector") or MODEL_DIR / f"lesion_detector_{modality.lower()}.pt")
+        if not detector.expanduser().is_file():
+            raise CommandError(f"lesion detector {detector} not found: train one with 'cli.py train-lesion-detector', "
+                               "or give --roi-perceptual-weight 0")
+        settings["lesion_detector"] = str(detector.expanduser())
+    return settings
 
 
 def _ct_noise_arguments(args: argparse.Namespace, modality: str, paired: bool
@@ -664,6 +704,19 @@ def _add_train_parser(verbs) -> None:
     net.add_argument("--slices", type=int, choices=(1, 3, 5),
                      help="2D: adjacent slices the network sees as input channels (default 1; adl: 3 or 5 = 2.5D, "
                           f"{GCN_MODEL}: 3)")
+    les = tr.add_argument_group("lesion-aware training (LIDnet-style, both models)")
+    les.add_argument("--lesion-aware", action="store_true",
+                     help="insert synthetic low-contrast lesions into the clean slices before the noise and weight "
+                          "them in the loss: ROI L1 and a lesion detector's ROI perceptual loss")
+    les.add_argument("--lesions-per-slice", type=_positive_int, help="synthetic lesions per slice (default 4)")
+    les.add_argument("--roi-l1-weight", type=_non_negative_float, help="weight of the L1 inside lesions (default 5)")
+    les.add_argument("--roi-perceptual-weight", type=_non_negative_float,
+                     help="weight of the detector-feature loss inside lesions (default 0.1; 0 = no detector)")
+    les.add_argument("--lesion-detector", metavar="FILE",
+                     help="detector weight file (default model/lesion_detector_<modality>.pt)")
+    les.add_argument("--collaborative-every", type=_non_negative_int,
+                     help="LIDnet's collaborative schedule: update the detector on the denoiser's outputs every K "
+                          "steps (default 0: frozen detector)")
     g = tr.add_argument_group(f"TDDL-GCN (--model {GCN_MODEL}; the adl-only options above are ignored)")
     g.add_argument("--link-slices", action="store_true",
                    help="with --slices 3: link each pixel to the same pixel in the adjacent slices in every graph "
@@ -757,6 +810,63 @@ def _add_learn_noise_parser(verbs) -> None:
     ln.add_argument("--seed", type=int, help="random seed")
     ln.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ln.set_defaults(func=cmd_learn_noise)
+
+
+def cmd_train_lesion_detector(args: argparse.Namespace) -> int:
+    import torch
+
+    from lib.data import TrainingDataRecipe, build_training_data
+    from lib.lesions.detector import save_lesion_detector, train_lesion_detector
+
+    output = Path(args.output).expanduser()
+    if output.suffix not in (".pt", ".pth"):
+        raise CommandError(f"--output must be a .pt weight file, got {args.output}")
+    if output.exists() and not args.overwrite:
+        raise CommandError(f"{args.output} already exists (add --overwrite to replace it)")
+    if args.patch_size % 16:
+        raise CommandError(f"--patch-size must be a multiple of 16, got {args.patch_size}")
+    modality = args.modality.upper()
+    device = _resolve_device(args.device)
+    recipe = TrainingDataRecipe(modality, clean=args.clean, lesions_per_slice=args.lesions_per_slice,
+                                noise_cache=args.noise_cache, seed=args.seed)
+    data = build_training_data(recipe, device=device)
+    dataset = data.patches(args.patch_size, samples_per_epoch=args.steps * args.batch_size, min_foreground=0.5)
+
+    def batches():
+        for step in range(args.steps):
+            items = [dataset[step * args.batch_size + j] for j in range(args.batch_size)]
+            yield {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+    detector, record = train_lesion_detector(batches(), modality, args.steps, lr=args.lr, device=device,
+                                             seed=args.seed)
+    record["data"] = data.record(args.patch_size)
+    path = save_lesion_detector(detector, output, record)
+    print(f"lesion detector: Dice {record['dice_noisy_last50']:.3f} on noisy, {record['dice_clean_last50']:.3f} on "
+          f"clean patches (last 50 training batches)")
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_lesion_detector_parser(verbs) -> None:
+    det = verbs.add_parser(
+        "train-lesion-detector",
+        help="train the lesion detector of lesion-aware training (train --lesion-aware)",
+        description="Train a small lesion segmenter on synthetic low-contrast lesions inserted into clean images "
+                    "(and their simulated noisy versions). Its features give lesion-aware training's ROI "
+                    "perceptual loss (LIDnet-style).")
+    det.add_argument("--clean", nargs="+", required=True, metavar="PATH", help="clean images or folders")
+    det.add_argument("--modality", choices=("ct", "mr"), required=True, help="modality of the images")
+    det.add_argument("--output", "-o", required=True, help="detector weight file to write (.pt)")
+    det.add_argument("--steps", type=_positive_int, default=600, help="training steps (default 600)")
+    det.add_argument("--batch-size", type=_positive_int, default=8, help="patches per step (default 8)")
+    det.add_argument("--patch-size", type=_positive_int, default=64, help="patch side, multiple of 16 (default 64)")
+    det.add_argument("--lesions-per-slice", type=_positive_int, default=6, help="synthetic lesions per slice (6)")
+    det.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3, cosine decay)")
+    det.add_argument("--noise-cache", help="low-dose CT: folder caching simulated slices as .npy")
+    det.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
+    det.add_argument("--seed", type=int, default=0, help="random seed")
+    det.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    det.set_defaults(func=cmd_train_lesion_detector)
 
 
 def main(argv: list[str] | None = None) -> int:

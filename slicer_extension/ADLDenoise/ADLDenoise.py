@@ -31,6 +31,7 @@ from ADLDenoiseLib import (
     DenoiseServerError,
     window_for,
 )
+from ADLDenoiseLib.regions import CHOICES, MAX_STRENGTH, SegmentMarks, build_region_map, prepare_region_file
 from ADLDenoiseLib.settings import DEFAULT_SERVER_URL
 
 SETTINGS_PREFIX = "ADLDenoise/"
@@ -61,6 +62,7 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         self.work_dir = Path(tempfile.mkdtemp(prefix="ADLDenoise_"))
         self.study_ids: dict[str, str] = {}  # volume node ID -> datastore image id
         self.results: dict[str, str] = {}  # original node ID -> denoised node ID
+        self.study_files: dict[str, Path] = {}  # volume node ID -> the file the server holds for it (its grid)
 
     # settings remembered between sessions (Slicer's settings file)
     @staticmethod
@@ -122,9 +124,29 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
     def prepare_study(self, node) -> dict:
         """On the GUI thread: what the background upload needs (no MRML access happens off this thread)."""
         known = self.study_ids.get(node.GetID())
+        path = None if known else self.export_input(node)
         return {"node_id": node.GetID(), "image_id": known,
                 "name": re.sub(r"[^A-Za-z0-9_.-]+", "_", node.GetName()) or "study",
-                "path": None if known else self.export_input(node)}
+                "path": path, "grid_file": self.study_files.get(node.GetID()) or path}
+
+    def prepare_regions(self, segmentation_node, reference, marks: SegmentMarks, study: dict) -> dict | None:
+        """On the GUI thread: the marked segments as a label map on ``reference``'s grid and their declarations
+        (None when no segment is marked). Validation errors (empty segment, bad strength) are raised here,
+        before anything is uploaded."""
+        from ADLDenoiseLib.mrml import segment_masks, segments_of, volume_grid
+
+        if segmentation_node is None:
+            return None
+        marks.sync(segments_of(segmentation_node))
+        marked = marks.marked()
+        if not marked:
+            return None
+        grid = volume_grid(reference)
+        masks = segment_masks(segmentation_node, [segment_id for segment_id, _ in marked], reference)
+        region_map, _ = build_region_map(masks, [region for _, region in marked], grid.shape)
+        return {"map": region_map, "grid": grid, "regions": [region for _, region in marked],
+                "study_file": study.get("grid_file"),
+                "path": self.work_dir / "regions" / f"{study['name']}_{study['node_id'].replace(' ', '_')}.nii.gz"}
 
     def study_id_for(self, study: dict, report=None) -> str:
         """The datastore id of the original, uploading it first if it did not come from the server."""
@@ -136,9 +158,21 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         self.study_ids[study["node_id"]] = image_id
         return image_id
 
-    def submit_correction(self, study: dict, corrected_path: Path, reviewer: str, report=None, cancelled=None) -> dict:
+    def submit_correction(self, study: dict, corrected_path: Path, reviewer: str, regions: dict | None = None,
+                          report=None, cancelled=None) -> dict:
+        """Upload the original if needed, then the marked regions (``prepare_regions``), the correction, the
+        verdict. Regions go first, so that a correction is never stored without the regions sent with it.
+
+        A correction sent without regions leaves those of an earlier correction of the same image on the server:
+        MONAI Label 0.8.5's datastore keeps a deleted label listed (its file watcher does not watch label folders
+        made after start), which would make the app fail to read it, so they are not deleted from here."""
         client = self.require_client()
         image_id = self.study_id_for(study, report)
+        if regions is not None:
+            if report:
+                report(None, f"saving {len(regions['regions'])} marked region(s) ...")
+            path = prepare_region_file(regions["map"], regions["grid"], regions["path"], regions["study_file"])
+            client.save_regions(image_id, path, regions["regions"])
         if report:
             report(None, "saving the correction ...")
         client.save_correction(image_id, corrected_path)
@@ -156,6 +190,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.train_poll: BackgroundTask | None = None
         self.roi_node = None
         self.corrected_node = None
+        self.marks = SegmentMarks()
+        self.segmentation_node = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -178,6 +214,15 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.blendSlider.value = 1.0
         self.ui.presetCombo.addItems(list(WINDOW_PRESETS))
         self.ui.trainModeCombo.addItems(["corrections", "adapt_noise"])
+        self.ui.segmentationSelector.nodeTypes = ["vtkMRMLSegmentationNode"]
+        self.ui.segmentationSelector.addEnabled = False
+        self.ui.segmentationSelector.removeEnabled = False
+        self.ui.segmentationSelector.noneEnabled = True
+        self.ui.segmentationSelector.setMRMLScene(slicer.mrmlScene)
+        self.ui.regionsTable.setColumnCount(3)
+        self.ui.regionsTable.setHorizontalHeaderLabels(["Segment", "Intent", "Strength"])
+        self.ui.regionsTable.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
+        self.ui.regionsTable.verticalHeader().setVisible(False)
         self.ui.trainStepsSpin.minimum, self.ui.trainStepsSpin.maximum, self.ui.trainStepsSpin.value = 1, 100000, 200
 
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
@@ -192,6 +237,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.roiStatsButton.connect("clicked(bool)", self.onRoiStatistics)
         self.ui.blendSlider.connect("valueChanged(double)", self.onBlend)
         self.ui.submitCorrectionButton.connect("clicked(bool)", self.onSubmitCorrection)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.nextStudyButton.connect("clicked(bool)", self.onNextStudy)
         self.ui.acceptButton.connect("clicked(bool)", lambda checked=False: self.onVerdict("accepted"))
         self.ui.rejectButton.connect("clicked(bool)", lambda checked=False: self.onVerdict("rejected"))
@@ -209,6 +255,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.timer.stop()
+        self.segmentation_node = None
         self.train_timer.stop()
         self.removeObservers()
 
@@ -463,11 +510,63 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                               float(self.ui.blendSlider.value))
             path = export_volume(corrected, self.logic.work_dir / "corrections" / f"{original.GetID()}.nrrd")
             study = self.logic.prepare_study(original)
+            regions = self.logic.prepare_regions(self.ui.segmentationSelector.currentNode(), original, self.marks,
+                                                 study)
         except Exception as error:  # noqa: BLE001
             self.error(str(error))
             return
-        self.run(self.logic.submit_correction, study, path, reviewer,
-                 on_done=lambda entry: self.afterVerdict(entry, "correction saved"), busy_text="submitting ...")
+        what = "correction saved" + (f" with {len(regions['regions'])} marked region(s)" if regions else "")
+        self.run(self.logic.submit_correction, study, path, reviewer, regions,
+                 on_done=lambda entry: self.afterVerdict(entry, what), busy_text="submitting ...")
+
+    # --- marked regions
+    def onSegmentationChanged(self, node=None):
+        if self.segmentation_node is not None:
+            self.removeObservers(self.onSegmentsChanged)
+        self.segmentation_node = node
+        if node is not None:
+            segmentation = node.GetSegmentation()
+            for event in (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
+                          slicer.vtkSegmentation.SegmentModified, slicer.vtkSegmentation.SegmentsOrderModified):
+                self.addObserver(segmentation, event, self.onSegmentsChanged)
+        self.onSegmentsChanged()
+
+    def onSegmentsChanged(self, *_):
+        from ADLDenoiseLib.mrml import segments_of
+
+        segments = segments_of(self.segmentation_node)
+        if [(r["id"], r["name"]) for r in self.marks.rows()] == segments and \
+                self.ui.regionsTable.rowCount == len(segments):
+            return  # painting modifies segments all the time: rebuild only when ids, names or order change
+        self.marks.sync(segments)
+        self.fillRegionsTable()
+
+    def fillRegionsTable(self):
+        table = self.ui.regionsTable
+        table.setRowCount(0)
+        rows = self.marks.rows()
+        table.setRowCount(len(rows))
+        for index, row in enumerate(rows):
+            item = qt.QTableWidgetItem(row["name"])
+            item.setFlags(qt.Qt.ItemIsEnabled | qt.Qt.ItemIsSelectable)
+            table.setItem(index, 0, item)
+            combo = qt.QComboBox()
+            combo.addItems(list(CHOICES))
+            combo.setCurrentIndex(list(CHOICES).index(row["choice"]))
+            spin = qt.QDoubleSpinBox()
+            spin.minimum, spin.maximum, spin.singleStep, spin.decimals = 0.0, MAX_STRENGTH, 0.1, 2
+            spin.value = row["strength"]
+            spin.enabled = row["choice"] == "strength"
+            spin.toolTip = "0 = original input, 1 = as corrected, 2 = smoother"
+            combo.connect("currentIndexChanged(int)",
+                          lambda _, sid=row["id"], c=combo, s=spin: self.onRegionChoice(sid, c, s))
+            spin.connect("valueChanged(double)", lambda value, sid=row["id"]: self.marks.set_strength(sid, value))
+            table.setCellWidget(index, 1, combo)
+            table.setCellWidget(index, 2, spin)
+
+    def onRegionChoice(self, segment_id: str, combo, spin):
+        self.marks.choose(segment_id, combo.currentText)
+        spin.enabled = combo.currentText == "strength"
 
     # --- review queue
     def onNextStudy(self):
@@ -487,6 +586,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node = slicer.util.loadVolume(str(path))
             node.SetName(study["id"])
             self.logic.study_ids[node.GetID()] = study["id"]
+            self.logic.study_files[node.GetID()] = path
             self.ui.inputVolumeSelector.setCurrentNode(node)
             self.ui.reviewStatusLabel.text = (f"study {study['id']} ({study.get('remaining_unreviewed', '?')} "
                                               "unreviewed)")
@@ -606,7 +706,34 @@ class ADLDenoiseTest(ScriptedLoadableModuleTest):
         stats = roi_statistics_for_roi_node(original, denoised, roi)
         self.assertGreater(stats["voxels"], 10)
         corrected = blended_volume(slicer.mrmlScene, original, denoised, 0.7)
-        entry = logic.submit_correction(logic.prepare_study(original), export_volume(corrected, logic.work_dir / "c.nrrd"),
-                                        "slicer-test")
+
+        # marked regions: a "keep" lesion and a strength region that overlaps it (the later segment wins)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "marks")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(original)
+        lesion, soft = np.zeros(noisy.shape, np.uint8), np.zeros(noisy.shape, np.uint8)
+        lesion[3:5, 60:70, 60:70] = 1
+        soft[:, 66:90, 40:90] = 1
+        for name, mask in (("lesion 1", lesion), ("soft tissue", soft)):
+            segment_id = segmentation.GetSegmentation().AddEmptySegment("", name)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segment_id, original)
+        marks = SegmentMarks()
+        from ADLDenoiseLib.mrml import segments_of
+
+        (lesion_id, _), (soft_id, _) = segments_of(segmentation)
+        marks.sync(segments_of(segmentation))
+        marks.choose(lesion_id, "keep structure")
+        marks.choose(soft_id, "strength")
+        marks.set_strength(soft_id, 0.5)
+        study = logic.prepare_study(original)
+        regions = logic.prepare_regions(segmentation, original, marks, study)
+        self.assertEqual(int((regions["map"] == 1).sum()), int((lesion & (soft == 0)).sum()))
+        self.assertEqual(int((regions["map"] == 2).sum()), int(soft.sum()))
+        entry = logic.submit_correction(study, export_volume(corrected, logic.work_dir / "c.nrrd"), "slicer-test",
+                                        regions)
         self.assertEqual(entry["verdict"], "corrected")
+        info = logic.require_client().label_info(logic.study_ids[original.GetID()], "regions")
+        self.assertEqual(info["regions"], [{"value": 1, "name": "lesion 1", "intent": "keep"},
+                                           {"value": 2, "name": "soft tissue", "intent": "strength",
+                                            "strength": 0.5}])
         self.delayDisplay("ADL Denoise workflow passed")

@@ -3,16 +3,24 @@ that turn bad requests into 4xx answers before MONAI Label's own handlers (which
 
 MONAI Label has no hook for app routes, so :func:`install` adds them to the running FastAPI application
 (``monailabel.app.app``) when the app starts inside the server; the guards are placed in front of the stock
-``POST /infer/{model}`` and ``POST /train/{model}`` routes and hand valid requests on to the stock functions.
+``POST /infer/{model}``, ``POST /train/{model}`` and ``PUT /datastore/label`` routes and hand valid requests on to
+the stock functions. The label guard checks a region map (tag ``regions``, :mod:`lib.data.regions`) against its
+image and its ``params`` declaration before MONAI Label stores it (the stock route keeps ``params`` as the label's
+info); other tags pass unchanged.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
-from fastapi import APIRouter, BackgroundTasks, Body, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Body, Depends, File, Form, HTTPException, UploadFile
+from monailabel.config import settings as _settings
+from monailabel.endpoints.user.auth import RBAC, User
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,39 @@ def guarded_train(model: str, params: Optional[dict] = None, run_sync: Optional[
     except TrainingDataError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
     return run_model(model, params, run_sync, enqueue)
+
+
+@guards.put("/datastore/label", include_in_schema=False)
+def guarded_save_label(
+    background_tasks: BackgroundTasks,
+    image: str,
+    params: str = Form("{}"),
+    tag: str = "final",
+    label: UploadFile = File(...),
+    user: User = Depends(RBAC(_settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+):
+    """MONAI Label's save-label route; a ``regions`` label is validated first (422 naming the image and the
+    problem: not on the image's grid, undeclared values, unknown intent, strength outside [0, 2])."""
+    from monailabel.endpoints.datastore import save_label
+
+    from .activelearning import has_image
+    from .data.regions import REGIONS_TAG, RegionsError, load_correction_regions
+
+    if tag == REGIONS_TAG:
+        datastore = _app().datastore()
+        if not has_image(datastore, image):
+            raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
+        suffix = "".join(Path(label.filename or "regions.nii.gz").suffixes) or ".nii.gz"
+        with tempfile.TemporaryDirectory() as folder:
+            uploaded = Path(folder) / f"regions{suffix}"
+            with open(uploaded, "wb") as handle:
+                shutil.copyfileobj(label.file, handle)
+            try:
+                load_correction_regions(image, datastore.get_image_uri(image), uploaded, params)
+            except RegionsError as error:
+                raise HTTPException(status_code=422, detail=str(error)) from None
+        label.file.seek(0)
+    return save_label(background_tasks, image, params, tag, label, user.username)
 
 
 # ----------------------------------------------------------------------------------------------- review
@@ -165,7 +206,7 @@ def install(fastapi_app) -> None:
     before = len(routes)
     fastapi_app.include_router(guards, prefix=prefix)
     # whatever include_router added (routes, or one included-router entry in recent FastAPI) goes first, so the
-    # guards see POST /infer/{model} and /train/{model} before the stock handlers
+    # guards see POST /infer/{model}, /train/{model} and PUT /datastore/label before the stock handlers
     added = routes[before:]
     del routes[before:]
     routes[0:0] = added

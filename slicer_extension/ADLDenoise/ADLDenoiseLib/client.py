@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = ["DenoiseServerClient", "DenoiseServerError"]
 
@@ -162,6 +162,43 @@ class DenoiseServerClient:
         with self._request("PUT", "/datastore/label", {"image": image_id, "tag": "final"}, body,
                            content_type) as response:
             return json.loads(response.read() or b"{}")
+
+    def save_regions(self, image_id: str, labelmap_path: str | os.PathLike, regions: Sequence[Any]) -> dict:
+        """Save the marked regions of ``image_id``'s correction as its ``regions`` label.
+
+        Args:
+            image_id: the datastore image.
+            labelmap_path: uint8 label map on the image's grid, NIfTI (``regions.write_region_map``); value ``i``
+                is ``regions[i - 1]``, 0 no region.
+            regions: :class:`ADLDenoiseLib.regions.Region` objects (anything with ``to_params(value)``) in
+                label order.
+
+        The form field ``params`` is ``{"regions": [{"value", "name", "intent"[, "strength"]}, ...]}``.
+        """
+        path = Path(labelmap_path)
+        if not path.is_file():
+            raise DenoiseServerError(f"{path} does not exist")
+        if not path.name.endswith((".nii.gz", ".nii")):
+            raise DenoiseServerError(f"the region map must be NIfTI (.nii.gz), got {path.name}")
+        if not regions:
+            raise DenoiseServerError("no marked region to save")
+        params = {"regions": [region.to_params(value) for value, region in enumerate(regions, start=1)]}
+        body, content_type = _multipart({"params": json.dumps(params)}, {"label": path})
+        with self._request("PUT", "/datastore/label", {"image": image_id, "tag": "regions"}, body,
+                           content_type) as response:
+            return json.loads(response.read() or b"{}")
+
+    def label_info(self, image_id: str, tag: str) -> dict:
+        """The info the datastore keeps with ``image_id``'s label ``tag`` (the ``params`` it was saved with)."""
+        return self._json("GET", "/datastore/label/info", {"label": image_id, "tag": tag}) or {}
+
+    def download_label(self, image_id: str, tag: str, target: str | os.PathLike) -> Path:
+        """Download ``image_id``'s label ``tag`` to the file ``target``."""
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._request("GET", "/datastore/label", {"label": image_id, "tag": tag}) as response:
+            target.write_bytes(response.read())
+        return target
 
     def download_image(self, image_id: str, output_dir: str | os.PathLike) -> Path:
         info = self._json("GET", "/datastore/image/info", {"image": image_id})

@@ -14,10 +14,11 @@ import numpy as np
 import slicer
 import vtk
 
+from .regions import Grid, RegionsError
 from .workflow import blend, difference, roi_statistics
 
 __all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "blended_volume",
-           "roi_statistics_for_roi_node", "looks_like_ct"]
+           "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid"]
 
 
 def _ijk_to_ras(node) -> np.ndarray:
@@ -172,3 +173,60 @@ def looks_like_ct(node) -> bool:
     values = _array(node)
     sample = values.reshape(-1)[:: max(1, values.size // 200000)]
     return bool(sample.size and np.percentile(sample, 1.0) <= -500.0)
+
+
+# ------------------------------------------------------------------------------------------------- marked regions
+def segments_of(segmentation_node) -> list[tuple[str, str]]:
+    """(segment id, name) of a segmentation node's segments, in the segmentation's order."""
+    if segmentation_node is None:
+        return []
+    segmentation = segmentation_node.GetSegmentation()
+    return [(segmentation.GetNthSegmentID(i), segmentation.GetNthSegment(i).GetName())
+            for i in range(segmentation.GetNumberOfSegments())]
+
+
+def segment_masks(segmentation_node, segment_ids: list[str], reference) -> list[np.ndarray]:
+    """Each segment as a boolean (z, y, x) array on ``reference``'s grid (its full extent, any transform between
+    the two nodes applied), via ``vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode`` one segment
+    at a time (so overlaps survive; :func:`regions.build_region_map` decides who wins). The temporary labelmap
+    node and the colour table the export makes are removed again.
+
+    Raises:
+        RegionsError: a segment id not in the segmentation, or an export that fails or lands on another grid.
+    """
+    scene = segmentation_node.GetScene()
+    segmentation = segmentation_node.GetSegmentation()
+    shape = tuple(reversed(reference.GetImageData().GetDimensions()))
+    masks = []
+    for segment_id in segment_ids:
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None:
+            raise RegionsError(f"segment {segment_id!r} is not in {segmentation_node.GetName()}")
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__ADLDenoise_region__")
+        try:
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentation_node, ids, labelmap, reference):
+                raise RegionsError(f"could not export segment {segment.GetName()!r} on {reference.GetName()}'s grid")
+            array = slicer.util.arrayFromVolume(labelmap)
+            if array.shape != shape:
+                raise RegionsError(f"segment {segment.GetName()!r} exported with shape {array.shape}, not "
+                                   f"{reference.GetName()}'s {shape}")
+            masks.append(array != 0)
+        finally:
+            # the export gives a fresh labelmap node a colour table of its own (User type): remove it too, as
+            # slicer.util.arrayFromSegmentBinaryLabelmap does
+            display = labelmap.GetDisplayNode()
+            color = display.GetColorNode() if display is not None else None
+            if color is not None and color.GetType() == color.User:
+                scene.RemoveNode(color)
+            if display is not None:
+                scene.RemoveNode(display)
+            scene.RemoveNode(labelmap)
+    return masks
+
+
+def volume_grid(node) -> Grid:
+    """The node's voxel grid (shape and IJK-to-LPS) as :class:`regions.Grid`."""
+    return Grid.from_ijk_to_ras(_ijk_to_ras(node), tuple(reversed(node.GetImageData().GetDimensions())))

@@ -42,7 +42,8 @@ def _pad_to(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
 class ADLPatchDataset(Dataset):
     """Noisy / clean training patches from a :class:`PairedFolderSource` or :class:`SyntheticNoiseSource`.
 
-    Item ``i`` is a dict ``{"noisy": (1, *patch), "clean": (1, *patch)}`` of float32 tensors in [0, 1]
+    Item ``i`` is a dict ``{"noisy": (1, *patch), "clean": (1, *patch)}`` of float32 tensors in [0, 1], plus
+    ``"roi": (1, *patch)`` (lesion-aware weights in [0, 1] of the target slice) when any volume has a ``roi``
     (:func:`lib.data.intensity_scaling_for` of the clean volume, applied to both). It depends only on
     ``(seed, i)`` and the source's epoch: ``__getitem__`` accepts ANY non-negative index (``len`` is only the
     nominal epoch length, ``samples_per_epoch``), so a trainer can address samples by a global counter and
@@ -116,9 +117,12 @@ class ADLPatchDataset(Dataset):
         self._centres = [_stack_centres(v.usable_slices, v.clean.shape[0], self.slice_context)
                          for v in source.volumes]
         self._has_noisy = not source.noise_on_the_fly
-        keys = ["noisy", "clean"]
+        # "roi": lesion-aware training weights (TrainingVolume.roi), cropped and augmented with the images
+        self._has_roi = any(v.roi is not None for v in source.volumes)
+        keys = ["noisy", "clean", "roi"] if self._has_roi else ["noisy", "clean"]
         self._crop_both = RandSpatialCropd(keys=keys, roi_size=self.patch_size, random_size=False)
-        self._crop_clean = RandSpatialCropd(keys=["clean"], roi_size=self.patch_size, random_size=False)
+        self._crop_clean = RandSpatialCropd(keys=[k for k in keys if k != "noisy"], roi_size=self.patch_size,
+                                            random_size=False)
         augment_transforms = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
         inplane = (0, 1) if spatial_dims == 2 else (1, 2)
         augment_transforms.append(RandRotate90d(keys=keys, prob=0.75, max_k=3, spatial_axes=inplane))
@@ -131,7 +135,7 @@ class ADLPatchDataset(Dataset):
         """Forwarded to the source (regenerates the low-dose CT pool when configured to)."""
         self.source.set_epoch(epoch)
 
-    def _draw_window(self, rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray | None]:
+    def _draw_window(self, rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray | None, np.ndarray | None]:
         v = int(rng.choice(len(self.source.volumes), p=self._volume_p))
         vol = self.source.volumes[v]
         noisy_full = None
@@ -145,22 +149,27 @@ class ADLPatchDataset(Dataset):
             zs = np.clip(np.arange(z - self.slice_context, z + self.slice_context + 1), 0, vol.clean.shape[0] - 1)
             clean = vol.clean[zs]
             noisy = None if noisy_full is None else noisy_full[zs]
+            roi = None if vol.roi is None else vol.roi[z:z + 1]  # the target's (centre slice's) regions
         else:
             clean = vol.clean[None]
             noisy = None if noisy_full is None else noisy_full[None]
-        return v, clean, noisy
+            roi = None if vol.roi is None else vol.roi[None]
+        return v, clean, noisy, roi
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index = int(index)
         if index < 0:
             raise IndexError(f"sample index must be >= 0, got {index}")
         rng = np.random.default_rng([self.seed, index])
-        v, clean, noisy = self._draw_window(rng)
+        v, clean, noisy, roi = self._draw_window(rng)
         vol = self.source.volumes[v]
         scaling = vol.scaling
         threshold = foreground_threshold(scaling)
         clean = _pad_to(clean, self.patch_size)
         data = {"clean": clean} if noisy is None else {"clean": clean, "noisy": _pad_to(noisy, self.patch_size)}
+        if self._has_roi:
+            # the ROI has one channel (the target slice's) whatever the slice context of the images
+            data["roi"] = _pad_to(np.zeros((1, *clean.shape[1:]), np.float32) if roi is None else roi, self.patch_size)
         crop = self._crop_clean if noisy is None else self._crop_both
 
         best, best_fraction = None, -1.0
@@ -176,10 +185,14 @@ class ADLPatchDataset(Dataset):
         if "noisy" not in best:
             best["noisy"] = self.source.add_noise(v, best["clean"], rng)
         sample = {k: scaling.normalise(best[k]) for k in ("noisy", "clean")}
+        out_keys = ("noisy", "clean")
+        if self._has_roi:
+            sample["roi"] = np.clip(best["roi"], 0.0, 1.0)
+            out_keys = ("noisy", "clean", "roi")
         if self.augment:
             self._augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
             sample = self._augment(sample)
-        return {k: torch.as_tensor(np.ascontiguousarray(_to_numpy(sample[k]), dtype=np.float32)) for k in ("noisy", "clean")}
+        return {k: torch.as_tensor(np.ascontiguousarray(_to_numpy(sample[k]), dtype=np.float32)) for k in out_keys}
 
 
 def _stack_centres(usable: np.ndarray, depth: int, context: int) -> np.ndarray:

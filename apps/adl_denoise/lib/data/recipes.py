@@ -53,6 +53,8 @@ class TrainingDataRecipe:
             training: ``auto`` noise of the modality), seeded ``seed + 1``.
         val_noisy_dir, val_clean_dir: real validation pairs (both or neither).
         spatial_dims: 2 (slices) or 3 (volumes).
+        lesions_per_slice: lesion-aware training: synthetic lesions inserted per clean slice before the noise
+            (:class:`SyntheticNoiseSource`; 2D synthetic noise only); 0 = none.
         seed: root seed of the noise (and, in :meth:`TrainingData.patches`, of the patch sampling).
 
     Raises:
@@ -76,6 +78,7 @@ class TrainingDataRecipe:
     val_noisy_dir: PathLike | None = None
     val_clean_dir: PathLike | None = None
     spatial_dims: int = 2
+    lesions_per_slice: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,6 +102,9 @@ class TrainingDataRecipe:
             raise ValueError(f"noise {self.noise!r} applies to clean images with synthetic noise only")
         if self.noise_model is not None and self.modality != "CT":
             raise ValueError("a learned noise model is a CT noise model (learned in HU)")
+        if self.lesions_per_slice and (self.paired or self.noise_model is not None or self.spatial_dims != 2):
+            raise ValueError("synthetic lesions are inserted into clean slices before physics noise: they need "
+                             "2D training on clean images with synthetic noise (not real pairs or a noise model)")
         if self.ct_settings is not None and not self.simulated_low_dose_ct:
             raise ValueError("CT filters and cut-offs apply to simulated low-dose CT noise only")
 
@@ -161,6 +167,9 @@ class TrainingData:
         record: dict[str, Any] = {"noise": self.noise_kind, "images": [v.name for v in self.source.volumes],
                                   "patch_size": patch_size,
                                   "validation_images": [p.name for p in self.validation_pairs]}
+        lesions = sum(len(v.lesions.get(z, [])) for v in self.source.volumes for z in v.lesions)
+        if lesions:
+            record["synthetic_lesions"] = {"per_slice": self.recipe.lesions_per_slice, "inserted": lesions}
         if getattr(self.source, "ct_settings", None):
             record["ct_settings"] = {k: list(v) if isinstance(v, tuple) else v
                                      for k, v in self.source.ct_settings.items()}
@@ -194,7 +203,7 @@ def build_training_data(recipe: TrainingDataRecipe, *, device: str = "cpu", prog
         source = SyntheticNoiseSource(recipe.clean, recipe.modality, recipe.noise, realisations=recipe.realisations,
                                       noise_level_range=recipe.noise_level_range, ct_settings=recipe.ct_settings,
                                       cache_dir=recipe.noise_cache, regenerate_each_epoch=recipe.regenerate_noise,
-                                      seed=recipe.seed, **common)
+                                      seed=recipe.seed, lesions_per_slice=recipe.lesions_per_slice, **common)
         noise_kind = source.noise
     return TrainingData(recipe, source, validation_pairs(recipe, device=device, progress=progress), noise_kind)
 

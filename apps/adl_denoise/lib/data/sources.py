@@ -85,6 +85,9 @@ class TrainingVolume:
         scaling: intensity scaling of noisy and clean, from the clean image.
         path: where the clean image was read from.
         usable_slices: indices of slices with enough foreground to draw 2D patches from.
+        roi: optional (Z, H, W) float32 weights in [0, 1], the regions where lesion-aware losses apply: the
+            profiles of inserted synthetic lesions, or structures a clinician marked "keep"; None = none.
+        lesions: the synthetic lesions inserted into ``clean`` (per slice index), for the record.
     """
 
     name: str
@@ -95,6 +98,8 @@ class TrainingVolume:
     scaling: IntensityScaling
     path: Path | None = None
     usable_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    roi: np.ndarray | None = None
+    lesions: dict[int, list] = field(default_factory=dict)
 
     @property
     def pixel_size_mm(self) -> tuple[float, float]:
@@ -296,6 +301,11 @@ class SyntheticNoiseSource:
         progress: tqdm progress bar while the pool is simulated.
         build_pool: simulate the low-dose CT pool now (default); False defers it to the first
             :meth:`set_epoch` (e.g. a source used only for :meth:`validation_pairs`).
+        lesions_per_slice: lesion-aware training (2D only): insert up to this many synthetic low-contrast lesions
+            (:func:`lib.lesions.random_lesions`: 3-10 mm, CT -30..-5 and +10..+40 HU, MR +10..+40 %) into every
+            usable clean slice before any noise is simulated (so low-dose CT noise is the noise of the lesioned
+            anatomy) and record their profiles as each volume's ``roi``. The lesions are drawn from ``seed`` and
+            stay the same for the whole run; validation pairs keep the images without lesions. 0 = off.
     """
 
     def __init__(
@@ -314,6 +324,7 @@ class SyntheticNoiseSource:
         device: str = "cpu",
         progress: bool = True,
         build_pool: bool = True,
+        lesions_per_slice: int = 0,
     ) -> None:
         if modality is None or modality.upper() not in ("CT", "MR"):
             raise ValueError(f"modality must be CT or MR, got {modality!r}")
@@ -355,6 +366,15 @@ class SyntheticNoiseSource:
             volumes.append(TrainingVolume(image_stem(path), clean, None, self.modality, spacing, scaling, path,
                                           _usable_slices(clean, scaling)))
         self.volumes = volumes
+        self.lesions_per_slice = int(lesions_per_slice)
+        if self.lesions_per_slice < 0:
+            raise ValueError(f"lesions_per_slice must be >= 0, got {lesions_per_slice}")
+        if self.lesions_per_slice and spatial_dims != 2:
+            raise ValueError("synthetic lesions (lesions_per_slice) are inserted per slice: 2D training only")
+        self._lesion_free = [vol.clean for vol in volumes]  # what validation pairs are made of
+        if self.lesions_per_slice:
+            for v, vol in enumerate(volumes):
+                _insert_training_lesions(vol, self.lesions_per_slice, np.random.SeedSequence([self.seed, v, 7]))
         self.epoch: int | None = None
         self._pool: list[np.ndarray] = []  # per volume: (realisations, Z, H, W) noisy, modality units
         if self.noise == "ct-lowdose" and build_pool:
@@ -476,21 +496,40 @@ class SyntheticNoiseSource:
         pairs = []
         for v, vol in enumerate(self.volumes):
             rng = np.random.default_rng([seed, v])
+            clean = self._lesion_free[v]
             if self.noise == "ct-lowdose":
                 # one fixed clinical protocol, not a random draw: a drawn setting can be nearly noise-free and
                 # then says nothing about denoising
                 settings = physics.quarter_dose_settings()
-                noisy = physics.simulate_low_dose_ct(_squeeze(vol.clean), vol.pixel_size_mm, settings,
+                noisy = physics.simulate_low_dose_ct(_squeeze(clean), vol.pixel_size_mm, settings,
                                                      seed=[seed, v, 1], device=self.device, progress=self.progress)
             elif self.noise == "rician":
                 # likewise fixed: the benchmark's and the sample studies' 5 % of the maximum
-                noisy = physics.add_rician_noise(np.maximum(vol.clean, 0.0), RICIAN_VALIDATION_PERCENT, seed=rng,
-                                                 reference_max=max(float(vol.clean.max()), 0.0))
+                noisy = physics.add_rician_noise(np.maximum(clean, 0.0), RICIAN_VALIDATION_PERCENT, seed=rng,
+                                                 reference_max=max(float(clean.max()), 0.0))
             else:
-                noisy = self.add_noise(v, vol.clean, rng)
-            pairs.append(ValidationPair(vol.name, _squeeze(np.asarray(noisy, np.float32)), _squeeze(vol.clean),
+                noisy = self.add_noise(v, clean, rng)
+            pairs.append(ValidationPair(vol.name, _squeeze(np.asarray(noisy, np.float32)), _squeeze(clean),
                                         self.modality))
         return pairs
+
+
+def _insert_training_lesions(vol: TrainingVolume, per_slice: int, seed: np.random.SeedSequence) -> None:
+    """Insert synthetic lesions into every usable slice of ``vol.clean`` (a new array) and set ``vol.roi``."""
+    from ..lesions import insert_lesions, lesion_mask, random_lesions
+
+    clean = vol.clean.copy()
+    roi = np.zeros(clean.shape, dtype=np.float32)
+    pixel = vol.pixel_size_mm
+    for z, child in zip(vol.usable_slices, seed.spawn(len(vol.usable_slices))):
+        z = int(z)
+        lesions = random_lesions(clean[z], pixel, np.random.default_rng(child), modality=vol.modality, count=per_slice)
+        if lesions:
+            clean[z] = insert_lesions(clean[z], lesions, pixel, vol.modality)
+            roi[z] = lesion_mask(clean[z].shape, lesions, pixel)
+            vol.lesions[z] = [lesion.to_dict() for lesion in lesions]
+    vol.clean = clean
+    vol.roi = roi
 
 
 def _settings_dict(settings) -> dict:

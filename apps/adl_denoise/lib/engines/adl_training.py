@@ -51,6 +51,7 @@ from ..runtime.machine import describe_machine
 from ..runtime.precision import autocast_dtype, autocast_for
 from ..weights.format import load_initial_weights
 from .batch_norm import recalibrate_batch_norm
+from .lesion_aware import LesionAwareTerms, check_lesion_aware
 from .engine import (DistributedContext, TrainingLoop, as_validation_pairs, data_parallel, dataset_batches,
                      distributed_run, load_checkpoint, optimiser_step, resume_progress, seed_everything,
                      step_seconds_total)
@@ -98,6 +99,10 @@ class ADLTrainingConfig:
     ``validation_every`` (steps; 0 = only at the end), ``val_roi_size`` (sliding window of validation),
     ``bn_recalibration_batches`` (after the last step, G's batch-norm statistics are recomputed over this many
     further training batches, at most ``total_steps``: :mod:`lib.engines.batch_norm`; 0 keeps the moving averages).
+    Lesion-aware (LIDnet-style, :mod:`lib.engines.lesion_aware`; needs batches with an ``"roi"``): ``roi_l1_weight``,
+    ``roi_perceptual_weight`` (with ``lesion_detector``, a detector weight file), ``collaborative_every`` (k > 0:
+    the detector is updated every k-th step on G's outputs; 0: frozen). The terms act on G's full-resolution
+    output in every phase that updates G.
     """
 
     modality: str = "CT"
@@ -133,6 +138,10 @@ class ADLTrainingConfig:
     validation_every: int = 500
     val_roi_size: int | tuple[int, ...] | None = None
     bn_recalibration_batches: int = 200
+    roi_l1_weight: float = 0.0
+    roi_perceptual_weight: float = 0.0
+    lesion_detector: str | None = None
+    collaborative_every: int = 0
 
     def __post_init__(self) -> None:
         self.modality = str(self.modality).upper()
@@ -167,6 +176,7 @@ class ADLTrainingConfig:
             raise ValueError("checkpoint_every and validation_every must be >= 0")
         if self.bn_recalibration_batches < 0:
             raise ValueError(f"bn_recalibration_batches must be >= 0, got {self.bn_recalibration_batches}")
+        check_lesion_aware(self)
 
     @property
     def total_steps(self) -> int:
@@ -368,6 +378,7 @@ def train_adl(
         validation: list[dict] = []
         best: float | None = None
         sched_states: dict | None = None
+        lesion_state: dict | None = None
 
         if initial_weights is not None and resume is None:
             load_initial_weights(generator_net, initial_weights)
@@ -389,6 +400,7 @@ def train_adl(
             scaler_d.load_state_dict(ckpt.get("scaler_d") or {})
             sched_states = ckpt.get("schedulers") or None
             step, history, validation, best = resume_progress(ckpt)
+            lesion_state = ckpt.get("lesion_detector")
             if context.main:
                 log.info("resumed from %s at step %d (%s)", ckpt["path"], step, config.phase_of(step))
             del ckpt
@@ -398,6 +410,11 @@ def train_adl(
         loss_fn = ADLDenoiserLoss(lambda_l1=config.lambda_l1, lambda_pyramid=config.lambda_pyramid,
                                   lambda_histogram=config.lambda_histogram,
                                   lambda_adversarial=config.lambda_adversarial)
+        lesion_terms = LesionAwareTerms(config, device)
+        if lesion_terms.optimiser is not None and context.world > 1:
+            raise ValueError("the collaborative detector schedule (collaborative_every) runs in one process only")
+        if resume is not None:
+            lesion_terms.load_state_dict(lesion_state)
 
         def checkpoint_state(loop: TrainingLoop) -> dict:
             return {
@@ -411,6 +428,7 @@ def train_adl(
                 "schedulers": schedules.state_dict(),
                 "scaler_g": scaler_g.state_dict(),
                 "scaler_d": scaler_d.state_dict(),
+                "lesion_detector": lesion_terms.state_dict(),
             }
 
         def autocast():
@@ -442,6 +460,7 @@ def train_adl(
                     first_batch = False
                 noisy = batch["noisy"].to(device, non_blocking=True, memory_format=memory_format)
                 clean = batch["clean"].to(device, non_blocking=True, memory_format=memory_format)
+                roi = batch["roi"].to(device, non_blocking=True) if "roi" in batch else None
                 # the noisy slice stack goes to G; its centre slice is the target and D's condition
                 clean, condition = clean[:, centre:centre + 1], noisy[:, centre:centre + 1]
                 step_time = Stopwatch()
@@ -450,9 +469,13 @@ def train_adl(
                     G.train()
                     with autocast():
                         outputs = G(noisy)
-                    total_loss, terms = loss_fn([o.float() for o in outputs], clean)
-                    g_step(total_loss)
+                    outputs = [o.float() for o in outputs]
+                    total_loss, terms = loss_fn(outputs, clean)
+                    lesion_loss, lesion_logged = lesion_terms.loss(outputs[0], clean, roi)
+                    g_step(total_loss + lesion_loss)
                     record.update({f"g_{k}": v for k, v in terms.items()})
+                    record.update(lesion_logged)
+                    record.update(lesion_terms.detector_step(loop.step, outputs[0], roi))
                 elif phase == "d_warmup":
                     generator_net.eval()  # G frozen: no gradients, BN statistics untouched
                     with torch.no_grad(), autocast():
@@ -480,11 +503,14 @@ def train_adl(
                             adversarial = adversarial_generator_loss(discriminator_net, outputs[0], condition,
                                                                      clean=clean)
                         total_loss, terms = loss_fn(outputs, clean, adversarial=adversarial)
-                        g_step(total_loss)
+                        lesion_loss, lesion_logged = lesion_terms.loss(outputs[0], clean, roi)
+                        g_step(total_loss + lesion_loss)
                     finally:
                         discriminator_net.requires_grad_(True)
                     record["d_loss"] = float(d_loss.detach())
                     record.update({f"g_{k}": v for k, v in terms.items()})
+                    record.update(lesion_logged)
+                    record.update(lesion_terms.detector_step(loop.step, outputs[0], roi))
                 schedules.step()
                 record["lr_g"] = schedules.lr("G")
                 record["lr_d"] = schedules.lr("D")

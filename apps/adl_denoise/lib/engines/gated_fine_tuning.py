@@ -12,7 +12,10 @@ noise), but free of server code so it can be tested and run alone:
    (weight files do not carry D) followed by the adversarial phase, i.e. the paper's G / D alternation with
    the adversarial term reaching G; the TDDL-GCN supervised.
 4. :func:`decide_publication` publishes the candidate only when it is no worse than what is served, through
-   :class:`lib.weights.store.ModelStore` (atomic replace, previous versions kept).
+   :class:`lib.weights.store.ModelStore` (atomic replace, previous versions kept), and when every further check
+   passes: :func:`keep_region_check` (no structure a clinician marked "keep" is blurred more than by the served
+   model) and :func:`lib.engines.reference_set.reference_check` (no loss on a fixed reference set that the
+   corrections cannot move).
 """
 from __future__ import annotations
 
@@ -33,8 +36,12 @@ from .gcn_training import GCNTrainingConfig, train_gcn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FineTuneSettings", "FineTuneResult", "split_validation", "score_weights", "fine_tune",
-           "decide_publication"]
+__all__ = ["KEEP_TOLERANCE", "FineTuneSettings", "FineTuneResult", "KeepRegionCase", "split_validation",
+           "score_weights", "fine_tune", "keep_region_check", "decide_publication"]
+
+#: relative tolerance of :func:`keep_region_check`: a candidate's error inside a marked structure may exceed the
+#: served model's by at most 2 % (run-to-run jitter of a few fine-tuning steps), not more
+KEEP_TOLERANCE = 0.02
 
 
 @dataclass
@@ -44,7 +51,9 @@ class FineTuneSettings:
     ``steps``: optimiser steps (ADL: the first quarter warms the fresh discriminator up, the rest is adversarial);
     ``patch_size`` (multiples of 8; default 96 for the 2D ADL network, 48 for the 3D one and the GCN), ``batch_size``, ``lr`` (ADL's
     adversarial learning rate, the GCN's rate), ``lambda_adversarial`` (ADL), ``samples_per_epoch``,
-    ``device`` ("cpu", "cuda" or "auto"), ``seed``, ``validation_every`` (steps; 0 = only at the end).
+    ``device`` ("cpu", "cuda" or "auto"), ``seed``, ``validation_every`` (steps; 0 = only at the end),
+    ``roi_l1_weight`` (weight of the L1 inside the regions a clinician marked "keep", :func:`lib.losses.roi_l1_loss`,
+    added to the generator's loss; it acts only where a training volume has such regions).
     """
 
     steps: int = 200
@@ -56,6 +65,7 @@ class FineTuneSettings:
     device: str = "auto"
     seed: int = 0
     validation_every: int = 0
+    roi_l1_weight: float = 5.0
 
     def __post_init__(self) -> None:
         if int(self.steps) < 1:
@@ -66,6 +76,8 @@ class FineTuneSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not float(self.lr) > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= float(self.roi_l1_weight) < float("inf"):
+            raise ValueError(f"roi_l1_weight must be >= 0, got {self.roi_l1_weight}")
 
 
 @dataclass
@@ -149,7 +161,8 @@ def _adl_config(kwargs: dict, modality: str, settings: FineTuneSettings, checkpo
         steps_adversarial=steps - d_warmup, lr_warmup=float(settings.lr) * 2, lr_adversarial=float(settings.lr),
         lr_step_size=max(steps, 1), lambda_adversarial=float(settings.lambda_adversarial), seed=int(settings.seed),
         device=settings.device, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
-        checkpoint_every=max(steps, 1), validation_every=int(settings.validation_every) or steps + 1)
+        checkpoint_every=max(steps, 1), validation_every=int(settings.validation_every) or steps + 1,
+        roi_l1_weight=float(settings.roi_l1_weight))
 
 
 def _gcn_config(kwargs: dict, modality: str, settings: FineTuneSettings, checkpoint_dir: Path | None
@@ -162,7 +175,7 @@ def _gcn_config(kwargs: dict, modality: str, settings: FineTuneSettings, checkpo
         modality=modality, **fields_, patch_size=int(settings.patch_size or 48), batch_size=int(settings.batch_size),
         steps=steps, lr=float(settings.lr), lr_step_size=max(steps, 1), seed=int(settings.seed), device=settings.device,
         checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=max(steps, 1),
-        validation_every=int(settings.validation_every) or steps + 1)
+        validation_every=int(settings.validation_every) or steps + 1, roi_l1_weight=float(settings.roi_l1_weight))
 
 
 def fine_tune(
@@ -228,21 +241,101 @@ def fine_tune(
     return FineTuneResult(Path(candidate), baseline, candidate_score, record)
 
 
-def decide_publication(result: FineTuneResult, store, model: str, modality: str, **details) -> dict:
-    """Publish ``result.candidate`` through ``store`` (:class:`lib.weights.store.ModelStore`) only if
-    it scores no worse than the baseline on the fixed validation set; record the decision either way.
+@dataclass
+class KeepRegionCase:
+    """One correction with regions marked "keep", for :func:`keep_region_check`.
 
-    Returns ``{"published": bool, "version": id or None, "baseline_psnr", "candidate_psnr", ...}``.
+    ``noisy``: the original input; ``target``: the fine-tuning target (the correction inside keep regions);
+    ``region_map``: uint8 label map; all (Z, H, W) or (H, W) in the modality's units. ``regions``: the keep
+    regions (:class:`lib.data.regions.Region`); ``held_out``: True for a validation image (for the record).
+    """
+
+    name: str
+    noisy: np.ndarray
+    target: np.ndarray
+    region_map: np.ndarray
+    regions: list
+    modality: str
+    held_out: bool = False
+
+
+def _keep_crop(case: KeepRegionCase, margin: int = 4) -> tuple[slice, ...]:
+    """Slices of a volume around its keep regions (their z range +- ``margin`` slices; whole slices in-plane):
+    the denoisers see whole slices as they do when serving, but only the slices that matter are denoised."""
+    if case.region_map.ndim == 2:
+        return (slice(None), slice(None))
+    values = [r.value for r in case.regions]
+    zs = np.nonzero(np.isin(case.region_map, values).any(axis=(1, 2)))[0]
+    return (slice(max(0, int(zs.min()) - margin), int(zs.max()) + margin + 1), slice(None), slice(None))
+
+
+def keep_region_check(served, candidate, cases: Sequence[KeepRegionCase], device: str = "cpu",
+                      tolerance: float = KEEP_TOLERANCE) -> dict:
+    """Does the candidate blur any marked structure more than the served model?
+
+    Measure: for every keep region of every case (held-out AND training corrections), the mean absolute
+    difference between the denoised image and the target inside the region (modality units: HU for CT), for
+    the served and the candidate weights on the same input. A structure flattened, shifted or with invented
+    texture raises it; it needs no background ring (which would be ill-defined for a vessel next to another
+    marked region or an image border) and it measures what the clinician asked for: look like the correction
+    there. A region fails when ``candidate > served * (1 + tolerance)``; the check passes when none fails.
+    Regions are judged one by one, so a small lesion cannot hide behind a large region that improved.
+
+    Returns ``{"check": "keep_regions", "passed", "tolerance", "regions": [{"image", "region", "name",
+    "held_out", "voxels", "served_mae", "candidate_mae", "passed"}], "failed": [names]}``; with no case it
+    passes with an empty list.
+    """
+    from ..predict import LoadedDenoiser, denoise_array, load_denoiser
+
+    rows: list[dict] = []
+    if cases:
+        models = [w if isinstance(w, LoadedDenoiser) else load_denoiser(w, device=device) for w in (served, candidate)]
+        for case in cases:
+            crop = _keep_crop(case)
+            noisy, target, region_map = case.noisy[crop], case.target[crop], case.region_map[crop]
+            outputs = [denoise_array(m, noisy, case.modality, device=device, amp=False) for m in models]
+            for region in case.regions:
+                inside = region_map == region.value
+                if not inside.any():
+                    continue
+                errors = [float(np.mean(np.abs(o[inside] - target[inside]))) if np.isfinite(o[inside]).all()
+                          else float("inf") for o in outputs]
+                passed = errors[1] <= errors[0] * (1.0 + tolerance)
+                rows.append({"image": case.name, "region": int(region.value), "name": region.name,
+                             "held_out": bool(case.held_out), "voxels": int(inside.sum()),
+                             "served_mae": finite_or_none(errors[0]), "candidate_mae": finite_or_none(errors[1]),
+                             "passed": bool(passed)})
+    failed = [f"{r['image']}: {r['name']}" for r in rows if not r["passed"]]
+    return {"check": "keep_regions", "passed": not failed, "tolerance": tolerance, "unit": "mean |output - target| "
+            "inside the region, modality units (CT: HU)", "regions": rows, "failed": failed}
+
+
+def decide_publication(result: FineTuneResult, store, model: str, modality: str, checks: Sequence[dict] = (),
+                       **details) -> dict:
+    """Publish ``result.candidate`` through ``store`` (:class:`lib.weights.store.ModelStore`) only if
+    it scores no worse than the baseline on the fixed validation set AND every check in ``checks`` passed
+    (each a dict with ``"check"`` (its name) and ``"passed"``, e.g. :func:`keep_region_check`,
+    :func:`lib.engines.reference_set.reference_check`); record the decision either way.
+
+    Returns ``{"published": bool, "version": id or None, "baseline_psnr", "candidate_psnr", "checks": {name:
+    check}, "rejected_by": [names of what failed: "validation_psnr" and/or the checks], "reason", ...}``.
     """
     summary = {"baseline_psnr": finite_or_none(result.baseline_score["psnr"]),
                "candidate_psnr": finite_or_none(result.candidate_score["psnr"]),
                "input_psnr": finite_or_none(result.candidate_score["psnr_input"]),
                "validation_images": sorted(result.candidate_score["images"]), **details}
-    if result.no_worse:
+    rejected_by = [] if result.no_worse else ["validation_psnr"]
+    rejected_by += [str(c["check"]) for c in checks if not c["passed"]]
+    summary["checks"] = {str(c["check"]): dict(c) for c in checks}
+    summary["rejected_by"] = rejected_by
+    if not rejected_by:
         version = store.publish(result.candidate, model, modality, **summary)
         return {"published": True, "version": version.version, **summary}
-    store.record(model, modality, "rejected", reason="worse than the served model on the fixed validation set",
-                 **summary)
+    reasons = {"validation_psnr": "worse than the served model on the fixed validation set",
+               "keep_regions": "blurs a structure marked 'keep' more than the served model",
+               "reference_set": "worse than the served model on the fixed reference set"}
+    summary["reason"] = "; ".join(reasons.get(name, f"failed the {name} check") for name in rejected_by)
+    store.record(model, modality, "rejected", **summary)
     return {"published": False, "version": None, **summary}
 
 

@@ -38,6 +38,7 @@ from ..networks import GCNDenoiser
 from ..runtime.clock import Stopwatch
 from ..runtime.machine import describe_machine
 from ..weights.format import load_initial_weights, plain_json
+from .lesion_aware import LesionAwareTerms, check_lesion_aware
 from .engine import (TrainingLoop, as_validation_pairs, data_parallel, dataset_batches, distributed_run,
                      load_checkpoint, optimiser_step, resume_progress, seed_everything, step_seconds_total)
 
@@ -71,7 +72,8 @@ class GCNTrainingConfig:
     ``grad_clip_norm``, ``loss`` ("l1" or "mse").
     Run: ``modality`` (CT by default; MR works with MR data), ``amp``, ``seed``, ``device``, ``checkpoint_dir``,
     ``checkpoint_every``, ``keep_all_checkpoints``, ``validation_every`` (0 = only at the end),
-    ``val_roi_size``.
+    ``val_roi_size``. Lesion-aware terms as in :class:`lib.engines.adl_training.ADLTrainingConfig`:
+    ``roi_l1_weight``, ``roi_perceptual_weight``, ``lesion_detector``, ``collaborative_every``.
     """
 
     network_class: ClassVar[str] = "GCNDenoiser"
@@ -108,11 +110,16 @@ class GCNTrainingConfig:
     keep_all_checkpoints: bool = False
     validation_every: int = 500
     val_roi_size: int | tuple[int, ...] | None = None
+    roi_l1_weight: float = 0.0
+    roi_perceptual_weight: float = 0.0
+    lesion_detector: str | None = None
+    collaborative_every: int = 0
 
     def __post_init__(self) -> None:
         self.modality = str(self.modality).upper()
         if self.modality not in ("CT", "MR"):
             raise ValueError(f"modality must be CT or MR, got {self.modality!r}")
+        check_lesion_aware(self)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if isinstance(self.patch_size, (list, tuple)):
@@ -240,6 +247,7 @@ def train_gcn(
         scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=config.lr_step_size, gamma=config.lr_gamma)
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         step, history, validation, best = 0, [], [], None
+        lesion_state: dict | None = None
 
         if initial_weights is not None and resume is None:
             load_initial_weights(network, initial_weights, optional_prefixes=())
@@ -258,6 +266,7 @@ def train_gcn(
                 group["lr"] = lr
             scaler.load_state_dict(ckpt.get("scaler") or {})
             step, history, validation, best = resume_progress(ckpt)
+            lesion_state = ckpt.get("lesion_detector")
             if context.main:
                 log.info("resumed from %s at step %d", ckpt["path"], step)
             del ckpt
@@ -265,6 +274,10 @@ def train_gcn(
         model = data_parallel(network, context, device)
         loss_fn = F.l1_loss if config.loss == "l1" else F.mse_loss
         centre = config.slice_context
+        lesion_terms = LesionAwareTerms(config, device)
+        if lesion_terms.optimiser is not None and context.world > 1:
+            raise ValueError("the collaborative detector schedule (collaborative_every) runs in one process only")
+        lesion_terms.load_state_dict(lesion_state)
 
         def checkpoint_state(loop: TrainingLoop) -> dict:
             return {
@@ -274,6 +287,7 @@ def train_gcn(
                 "optimiser": optimiser.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
+                "lesion_detector": lesion_terms.state_dict(),
             }
 
         pairs = as_validation_pairs(val_pairs, config.modality)
@@ -289,18 +303,21 @@ def train_gcn(
                     first_batch = False
                 noisy = batch["noisy"].to(device, non_blocking=True)
                 target = batch["clean"][:, centre:centre + 1].to(device, non_blocking=True)
+                roi = batch["roi"].to(device, non_blocking=True) if "roi" in batch else None
                 step_time = Stopwatch()
                 model.train()
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
                     output = model(noisy)
                 loss = loss_fn(output.float(), target)
-                if not torch.isfinite(loss):
+                lesion_loss, lesion_logged = lesion_terms.loss(output.float(), target, roi)
+                if not torch.isfinite(loss + lesion_loss):
                     raise FloatingPointError(f"non-finite training loss at step {loop.step + 1}")
-                optimiser_step(loss, optimiser, scaler, network.parameters(), config.grad_clip_norm)
+                optimiser_step(loss + lesion_loss, optimiser, scaler, network.parameters(), config.grad_clip_norm)
                 scheduler.step()
                 record: dict[str, Any] = {"step": loop.step + 1, "loss": float(loss.detach()),
                                           "lr": float(optimiser.param_groups[0]["lr"]),
-                                          "seconds": step_time.seconds}
+                                          "seconds": step_time.seconds, **lesion_logged,
+                                          **lesion_terms.detector_step(loop.step, output.float(), roi)}
                 loop.end_step(record, {"loss": f"{record['loss']:.5f}"})
         loop.finish()
         network.eval()

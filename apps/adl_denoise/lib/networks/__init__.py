@@ -4,6 +4,9 @@
 padding helper for whole-image inference; `discriminator`: the conditional discriminator D; `blocks`:
 their residual, content-enhancer and output-head ("transformer") blocks. 2D and 3D alike.
 
+`lesion_detector`: the small lesion segmenter whose features give the lesion-aware (LIDnet-style) ROI
+perceptual loss.
+
 `gcn`: the graph-convolutional denoiser of TDDL-GCN (local 3x3 convolutions fused with edge-conditioned graph
 convolutions over non-local neighbours); `graph`: its memory-bounded windowed k-NN graph construction.
 
@@ -20,6 +23,7 @@ from .efficient_unet import (
 )
 from .gcn import EdgeConditionedGraphConv, GCNDenoiser, NeighbourGraph, build_neighbour_graph
 from .graph import window_offsets, windowed_knn
+from .lesion_detector import LesionDetector
 
 #: Denoiser classes by the name recorded in weight files and checkpoints (``network.class``).
 DENOISER_NETWORKS = {
@@ -31,6 +35,7 @@ __all__ = [
     "DENOISER_NETWORKS",
     "EdgeConditionedGraphConv",
     "GCNDenoiser",
+    "LesionDetector",
     "NeighbourGraph",
     "build_neighbour_graph",
     "window_offsets",

@@ -10,14 +10,26 @@ publishes through :class:`lib.weights.store.ModelStore` only a model no worse th
 Modes (request ``mode``):
 
 * ``corrections`` (default): every datastore image whose ``final`` label is a corrected denoised volume (float,
-  same grid) is a pair: input = the original image, target = the correction.
+  same grid) is a pair: input = the original image, target = the correction. An image may also carry a
+  ``regions`` label (corrections that say where, :mod:`lib.data.regions`): a uint8 label map on its grid,
+  saved with ``PUT /datastore/label?image=ID&tag=regions`` and the form field ``params`` =
+  ``{"regions": [{"value", "name", "intent": "keep" | "strength"[, "strength": 0..2]}]}``, which MONAI Label
+  stores as the label's info (read back with ``datastore.get_label_info(ID, "regions")``). Strength regions
+  blend the target locally; keep regions become the volume's ``roi`` (ROI L1 of weight ``roi_l1_weight``,
+  default 5) and are checked before publication (:func:`lib.engines.gated_fine_tuning.keep_region_check`).
 * ``adapt_noise`` (CT; TDDL): no labels at all. The datastore's low-dose CT images teach a noise model; that
   noise is added to normal-dose images to make pseudo pairs (:func:`lib.noise_learning.workflow.adaptation_data`).
   Normal-dose images come from the ``normal_dose`` request/conf key (a folder or files); without it, the served
   model's own denoised versions of the low-dose images stand in (self-adaptation).
 
 Other request keys: ``modality`` (``auto``: the modality of the data; must be one), ``steps``, ``patch_size``,
-``batch_size``, ``lr``, ``lambda_adversarial``, ``device``, ``seed``, ``noise_steps`` (noise-model training steps).
+``batch_size``, ``lr``, ``lambda_adversarial``, ``device``, ``seed``, ``noise_steps`` (noise-model training steps),
+``roi_l1_weight`` (weight of the L1 inside keep regions).
+
+Publication (both modes): the candidate must be no worse than the served model on the held-out images, must not
+blur a keep region more (held-out and training corrections), and must not lose on the fixed reference set
+(:mod:`lib.engines.reference_set`, cached under ``<model_dir>/reference_set``); the decision in the status
+names the checks that rejected it (``rejected_by``) with their numbers (``checks``).
 
 Progress and results: ``stats()`` (MONAI Label's ``train_stats`` in ``/info``) reads a status file the run
 writes (phase, step of total, scores, the publication decision). The run happens in MONAI Label's training
@@ -36,14 +48,18 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from ..data.regions import REGIONS_TAG, RegionsError, apply_regions, load_correction_regions
 from ..data.sources import PairedFolderSource
 from ..engines.gated_fine_tuning import (
+    KeepRegionCase,
     decide_publication,
     finite_or_none,
     fine_tune,
+    keep_region_check,
     settings_from_dict,
     split_validation,
 )
+from ..engines.reference_set import build_reference_set, reference_check
 from ..imaging import read_volume
 from ..noise_learning.workflow import adaptation_data
 from ..runtime.atomic import atomic_write_json
@@ -62,7 +78,9 @@ class TrainingDataError(ValueError):
 
 
 def correction_pairs(datastore: Datastore, modality: str | None = None) -> list[dict]:
-    """``[{"id", "image", "label", "modality"}]`` for every image with a ``final`` label (a correction)."""
+    """``[{"id", "image", "label", "modality", "regions", "regions_info"}]`` for every image with a ``final``
+    label (a correction); ``regions`` is the path of its region map (label tag ``regions``) or None, and
+    ``regions_info`` that label's info (the ``params`` it was saved with: ``{"regions": [...]}``)."""
     pairs = []
     for image_id in sorted(datastore.get_labeled_images()):
         image = datastore.get_image_uri(image_id)
@@ -70,8 +88,26 @@ def correction_pairs(datastore: Datastore, modality: str | None = None) -> list[
         volume_modality = image_modality(datastore, image_id, image)
         if modality and volume_modality != modality.upper():
             continue
-        pairs.append({"id": image_id, "image": image, "label": label, "modality": volume_modality})
+        has_regions = REGIONS_TAG in (datastore.get_labels_by_image_id(image_id) or {})
+        regions = datastore.get_label_uri(image_id, REGIONS_TAG) if has_regions else None
+        info = dict(datastore.get_label_info(image_id, REGIONS_TAG) or {}) if has_regions else None
+        pairs.append({"id": image_id, "image": image, "label": label, "modality": volume_modality,
+                      "regions": regions or None, "regions_info": info})
     return pairs
+
+
+def pair_regions(pair: dict):
+    """The validated :class:`lib.data.regions.CorrectionRegions` of a correction pair, or None without regions.
+
+    Raises:
+        TrainingDataError: the region map or its declaration is unusable (names the image and the problem).
+    """
+    if not pair.get("regions"):
+        return None
+    try:
+        return load_correction_regions(pair["id"], pair["image"], pair["regions"], pair.get("regions_info") or {})
+    except RegionsError as error:
+        raise TrainingDataError(str(error)) from None
 
 
 def image_modality(datastore: Datastore, image_id: str, path: str | None = None) -> str:
@@ -116,7 +152,7 @@ class DenoiserTrainTask(TrainTask):
     def config(self) -> dict[str, Any]:
         return {"mode": list(MODES), "modality": ["auto", *[m.lower() for m in self.modalities]],
                 "steps": int(self.defaults.get("steps", 200)), "device": ["auto", "cpu", "cuda"],
-                "patch_size": 0, "batch_size": 4, "lr": 5e-5, "normal_dose": ""}
+                "patch_size": 0, "batch_size": 4, "lr": 5e-5, "normal_dose": "", "roi_l1_weight": 5.0}
 
     def stats(self) -> dict[str, Any]:
         """The last run's status file, with the current step read from the trainer's log while it runs."""
@@ -168,6 +204,8 @@ class DenoiserTrainTask(TrainTask):
             if len(pairs) < 2:
                 raise TrainingDataError(f"only {len(pairs)} corrected {asked} study: fine-tuning needs at least 2 (one "
                                         "is kept aside to check that the new model is no worse)")
+            for pair in pairs:  # regions are checked before a run starts: a bad map is a 422, not a failed run
+                pair["regions_loaded"] = pair_regions(pair)
             items = pairs
         else:
             if asked == "AUTO":
@@ -199,8 +237,9 @@ class DenoiserTrainTask(TrainTask):
         atomic_write_json(self.status_path, status)
         stopwatch = Stopwatch()
         try:
+            keep_cases: list[KeepRegionCase] = []
             if mode == "corrections":
-                source, val_pairs, description = self._corrections_data(resolved["items"], modality)
+                source, val_pairs, description, keep_cases = self._corrections_data(resolved["items"], modality)
             else:
                 source, val_pairs, description = self._adaptation_data(datastore, served.path, work, resolved)
             status.update(phase="training", data=description)
@@ -213,8 +252,12 @@ class DenoiserTrainTask(TrainTask):
 
             result = fine_tune(served.path, source, val_pairs, work / "candidate.pt", settings,
                                checkpoint_dir=work / "checkpoints", data_description=description, on_scored=on_scored)
-            decision = decide_publication(result, self.store, self.model, modality, mode=mode, run_id=run_id,
-                                          started_from=served.version, images=description.get("train_images"))
+            status.update(phase="checking the candidate (marked regions, reference set)")
+            atomic_write_json(self.status_path, status)
+            checks = self._checks(served.path, result.candidate, keep_cases, modality, settings.device)
+            decision = decide_publication(result, self.store, self.model, modality, checks=checks, mode=mode,
+                                          run_id=run_id, started_from=served.version,
+                                          images=description.get("train_images"))
             status.update(status="done", phase="finished", finished_utc=utc_timestamp(), decision=decision,
                           seconds=round(stopwatch.seconds, 1),
                           serving=(self.store.served(self.model, modality) or served).version)
@@ -232,16 +275,45 @@ class DenoiserTrainTask(TrainTask):
             # checkpoints and the candidate are scratch: published versions are kept by the model store
             shutil.rmtree(work, ignore_errors=True)
 
+    # --- the checks beyond the validation PSNR
+    def _checks(self, served_path: Path, candidate: Path, keep_cases: list[KeepRegionCase], modality: str,
+                device: str) -> list[dict]:
+        """:func:`keep_region_check` on the corrections' keep regions and :func:`reference_check` on the fixed
+        reference set of the modality (built once, cached under the model folder)."""
+        device = "cpu" if device == "auto" else device
+        reference = build_reference_set(modality, self.store.model_dir / "reference_set")
+        return [keep_region_check(served_path, candidate, keep_cases, device=device),
+                reference_check(served_path, candidate, reference, device=device)]
+
     # --- data
     def _corrections_data(self, pairs: list[dict], modality: str):
+        """(training source, validation pairs, description, keep-region cases) of the corrections; regions
+        make each volume's target (:func:`lib.data.regions.apply_regions`) before anything is split into
+        patches or scored, so validation PSNR, training and the keep check all see the same targets."""
         by_id = {p["id"]: p for p in pairs}
         train_ids, val_ids = split_validation(list(by_id))
+        regions = {i: (by_id[i]["regions_loaded"] if "regions_loaded" in by_id[i] else pair_regions(by_id[i]))
+                   for i in by_id}
         source = PairedFolderSource.from_files([(i, by_id[i]["image"], by_id[i]["label"]) for i in train_ids],
                                                modality=modality)
-        val_pairs = PairedFolderSource.from_files([(i, by_id[i]["image"], by_id[i]["label"]) for i in val_ids],
-                                                  modality=modality).validation_pairs()
-        return source, val_pairs, {"kind": "clinician corrections", "train_images": train_ids,
-                                   "validation_images": val_ids}
+        val_source = PairedFolderSource.from_files([(i, by_id[i]["image"], by_id[i]["label"]) for i in val_ids],
+                                                   modality=modality)
+        keep_cases = []
+        for volumes, held_out in ((source.volumes, False), (val_source.volumes, True)):
+            for volume in volumes:
+                marked = regions.get(volume.name)
+                if marked is None:
+                    continue
+                apply_regions(volume, marked)
+                if marked.keep_regions:
+                    keep_cases.append(KeepRegionCase(volume.name, volume.noisy, volume.clean,
+                                                     marked.region_map.reshape(volume.clean.shape),
+                                                     marked.keep_regions, volume.modality, held_out))
+        description = {"kind": "clinician corrections", "train_images": train_ids, "validation_images": val_ids}
+        marked_ids = {i: r.describe() for i, r in regions.items() if r is not None}
+        if marked_ids:
+            description["regions"] = marked_ids
+        return source, val_source.validation_pairs(), description, keep_cases
 
     def _adaptation_data(self, datastore: Datastore, served_path: Path, work: Path, resolved: dict):
         """TDDL pseudo pairs from the datastore's low-dose CT images; the request's numbers where it gave them."""

@@ -111,6 +111,8 @@ class ModelStore:
         folder = self.versions_dir(model, modality)
         if folder.is_dir():
             for path in sorted(folder.glob("*.pt")):
+                if path.name.startswith("."):  # an atomic write's temporary file, not a version
+                    continue
                 out.append({"version": path.stem, "path": str(path), "sha256": file_sha256(path)})
         served = self.served(model, modality)
         for entry in out:

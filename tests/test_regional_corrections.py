@@ -1,0 +1,425 @@
+"""Corrections that say where (issue 18, part 3): region maps sent with a correction, the targets and ROI they
+make, and the publication gate (marked structures, fixed reference set).
+
+Unit tests use the science modules directly (:mod:`lib.data.regions`, :mod:`lib.engines.gated_fine_tuning`,
+:mod:`lib.engines.reference_set`). The end-to-end tests drive a real MONAI Label server on 127.0.0.1 with the
+official client: they save corrections (``final``) and region maps (``regions`` + ``params``), fine-tune, and
+read the decision. Their served CT model is a tiny ADL network trained for a few steps to BLUR (targets: the
+full-dose image smoothed by a 2-pixel Gaussian), so that a marked lesion is something the served model loses.
+Studies: three single slices of the real sample head CT (quarter-dose simulation) with synthetic +80 HU lesions
+inserted in input and correction alike.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from conftest import SAMPLE_STUDIES
+
+from lib.data.regions import (CorrectionRegions, Region, RegionsError, apply_regions, check_region_map, keep_mask,
+                              load_correction_regions, parse_regions, regional_target, smooth_in_plane)
+
+CASES = {"case_a": 40, "case_b": 55, "case_c": 70}  # image id -> slice of the sample head CT
+LESION_HU = 80.0
+LESION_MM = 7.0
+
+
+# ============================================================================================== unit: regions
+def test_params_are_parsed_and_every_bad_declaration_is_named():
+    regions = parse_regions(json.dumps({"regions": [{"value": 1, "name": "lesion 1", "intent": "keep"},
+                                                    {"value": 2, "name": "liver", "intent": "strength",
+                                                     "strength": 0.5}]}))
+    assert regions == [Region(1, "lesion 1", "keep"), Region(2, "liver", "strength", 0.5)]
+    bad = {
+        "not json": ("{regions", "not JSON"),
+        "no list": ({"regions": []}, "non-empty list"),
+        "value 0": ({"regions": [{"value": 0, "intent": "keep"}]}, "integers 1..255"),
+        "value 300": ({"regions": [{"value": 300, "intent": "keep"}]}, "integers 1..255"),
+        "twice": ({"regions": [{"value": 1, "intent": "keep"}, {"value": 1, "intent": "keep"}]}, "declared twice"),
+        "intent": ({"regions": [{"value": 1, "name": "x", "intent": "sharpen"}]}, "intent 'sharpen'"),
+        "strength high": ({"regions": [{"value": 1, "intent": "strength", "strength": 2.5}]}, "strength in [0, 2]"),
+        "strength negative": ({"regions": [{"value": 1, "intent": "strength", "strength": -0.1}]}, "[0, 2]"),
+        "strength missing": ({"regions": [{"value": 1, "intent": "strength"}]}, "needs a strength"),
+        "strength nan": ({"regions": [{"value": 1, "intent": "strength", "strength": math.nan}]}, "[0, 2]"),
+        "keep with strength": ({"regions": [{"value": 1, "intent": "keep", "strength": 1}]}, "keep region"),
+    }
+    for case, (params, words) in bad.items():
+        with pytest.raises(RegionsError, match="image 'ct_7'") as info:
+            parse_regions(params, "image 'ct_7', regions")
+        assert words in str(info.value), case
+
+
+def test_region_map_must_match_the_image_and_hold_only_declared_values():
+    regions = [Region(1, "lesion", "keep")]
+    good = np.zeros((2, 8, 8), np.uint8)
+    good[0, 2:4, 2:4] = 1
+    assert check_region_map(good, regions, (2, 8, 8)).dtype == np.uint8
+    with pytest.raises(RegionsError, match="shape"):
+        check_region_map(good, regions, (2, 8, 9))
+    undeclared = good.copy()
+    undeclared[1, 0, 0] = 3
+    with pytest.raises(RegionsError, match=r"\[3\]"):
+        check_region_map(undeclared, regions, (2, 8, 8))
+    with pytest.raises(RegionsError, match="integers"):
+        check_region_map(good + 0.5, regions, (2, 8, 8))
+
+
+def test_a_region_map_on_another_grid_is_refused_naming_the_image(tmp_path):
+    image = sitk.GetImageFromArray(np.zeros((2, 16, 16), np.float32))
+    image.SetSpacing((0.8, 0.8, 2.0))
+    sitk.WriteImage(image, str(tmp_path / "image.nii.gz"))
+    label = sitk.GetImageFromArray(np.ones((2, 16, 16), np.uint8))
+    label.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(label, str(tmp_path / "regions.nii.gz"))
+    params = {"regions": [{"value": 1, "name": "lesion", "intent": "keep"}]}
+    with pytest.raises(RegionsError, match="image 'ct_9'.*not on the image's grid"):
+        load_correction_regions("ct_9", tmp_path / "image.nii.gz", tmp_path / "regions.nii.gz", params)
+    label.SetSpacing((0.8, 0.8, 2.0))
+    sitk.WriteImage(label, str(tmp_path / "regions.nii.gz"))
+    loaded = load_correction_regions("ct_9", tmp_path / "image.nii.gz", tmp_path / "regions.nii.gz", params)
+    assert loaded.region_map.shape == (2, 16, 16) and loaded.keep_regions == [Region(1, "lesion", "keep")]
+
+
+def test_target_blends_by_local_strength_and_keeps_the_correction_elsewhere():
+    rng = np.random.default_rng(0)
+    noisy = rng.normal(40, 30, (2, 32, 32)).astype(np.float32)
+    correction = ndimage.gaussian_filter(noisy, (0, 2, 2)).astype(np.float32)
+    region_map = np.zeros(noisy.shape, np.uint8)
+    strengths = {2: 0.0, 3: 0.5, 4: 1.0, 5: 1.5, 6: 2.0}
+    for value in strengths:
+        region_map[:, (value - 2) * 6:(value - 2) * 6 + 6, :16] = value
+    region_map[:, :6, 16:] = 1  # keep
+    regions = [Region(1, "lesion", "keep")] + [Region(v, f"s{s}", "strength", s) for v, s in strengths.items()]
+    target = regional_target(noisy, correction, region_map, regions)
+    smooth = smooth_in_plane(correction)
+    at = {v: region_map == v for v in range(7)}
+    np.testing.assert_array_equal(target[at[0]], correction[at[0]])  # outside: the correction
+    np.testing.assert_array_equal(target[at[1]], correction[at[1]])  # keep: the correction
+    np.testing.assert_allclose(target[at[2]], noisy[at[2]], atol=1e-5)  # 0: the input unchanged
+    np.testing.assert_allclose(target[at[3]], (noisy[at[3]] + correction[at[3]]) / 2, atol=1e-4)
+    np.testing.assert_allclose(target[at[4]], correction[at[4]], atol=1e-5)
+    np.testing.assert_allclose(target[at[5]], (correction[at[5]] + smooth[at[5]]) / 2, atol=1e-4)
+    np.testing.assert_allclose(target[at[6]], smooth[at[6]], atol=1e-4)  # 2: smoother than the correction
+    assert np.abs(np.diff(smooth[0], axis=1)).mean() < np.abs(np.diff(correction[0], axis=1)).mean()
+    np.testing.assert_array_equal(keep_mask(region_map, regions), at[1].astype(np.float32))
+
+
+def test_regions_make_the_training_volume_target_and_roi():
+    from lib.data.intensity import intensity_scaling_for
+    from lib.data.sources import TrainingVolume
+
+    noisy = np.full((1, 16, 16), 100.0, np.float32)
+    clean = np.full((1, 16, 16), 40.0, np.float32)
+    volume = TrainingVolume("v", clean.copy(), noisy, "CT", (1.0, 1.0, 1.0), intensity_scaling_for(clean, "CT"))
+    region_map = np.zeros((1, 16, 16), np.uint8)
+    region_map[0, :4] = 1
+    region_map[0, 8:] = 2
+    apply_regions(volume, CorrectionRegions("v", region_map[0], [Region(1, "vessel", "keep"),
+                                                                 Region(2, "less", "strength", 0.25)]))
+    assert volume.roi is not None and volume.roi[0, :4].all() and not volume.roi[0, 4:].any()
+    np.testing.assert_allclose(volume.clean[0, 8:], 100 + 0.25 * (40 - 100))
+    np.testing.assert_allclose(volume.clean[0, :8], 40)
+
+
+# ============================================================================================== unit: the gate
+def _result(tmp_path: Path, baseline: float, candidate: float):
+    from lib.engines.gated_fine_tuning import FineTuneResult
+
+    weights = tmp_path / "candidate.pt"
+    weights.write_bytes(b"weights")
+    score = lambda p: {"psnr": p, "psnr_input": 20.0, "images": {"a": {}}}  # noqa: E731
+    return FineTuneResult(weights, score(baseline), score(candidate))
+
+
+@pytest.mark.parametrize("failing", [(), ("keep_regions",), ("reference_set",), ("keep_regions", "reference_set")])
+def test_publication_needs_every_check_and_names_the_ones_that_failed(tmp_path, failing):
+    from lib.engines.gated_fine_tuning import decide_publication
+    from lib.weights.store import ModelStore
+
+    store = ModelStore(tmp_path / "model")
+    checks = [{"check": name, "passed": name not in failing, "numbers": 1.0} for name in ("keep_regions",
+                                                                                          "reference_set")]
+    decision = decide_publication(_result(tmp_path, 30.0, 31.0), store, "adl", "CT", checks=checks)
+    assert decision["published"] is (not failing)
+    assert decision["rejected_by"] == list(failing)
+    assert set(decision["checks"]) == {"keep_regions", "reference_set"}
+    assert store.history("adl", "CT")[-1]["event"] == ("rejected" if failing else "published")
+    if failing:
+        assert store.history("adl", "CT")[-1]["rejected_by"] == list(failing)
+    worse = decide_publication(_result(tmp_path, 30.0, 29.0), store, "adl", "CT", checks=checks)
+    assert worse["published"] is False and worse["rejected_by"][0] == "validation_psnr"
+
+
+def test_reference_set_is_deterministic_cached_and_has_lesions_in_both_modalities(tmp_path):
+    from lib.engines.reference_set import build_reference_set
+
+    for modality in ("MR", "CT"):
+        first = build_reference_set(modality, tmp_path)
+        assert first.clean_present.shape == (3, 256, 256) and first.n_lesions >= 6
+        assert np.abs(first.clean_present - first.clean_absent).max() > (4.0 if modality == "CT" else 20.0)
+        noise = first.noisy_present - first.clean_present
+        assert 5.0 < float(np.std(noise[:, 100:150, 100:150])) < 80.0
+        cached = list(tmp_path.glob(f"reference_{modality.lower()}_*.npz"))
+        assert len(cached) == 1
+        again = build_reference_set(modality, tmp_path)
+        np.testing.assert_array_equal(again.noisy_present, first.noisy_present)
+        assert again.lesions == first.lesions
+
+
+# ============================================================================================== end to end
+def _insert(image: np.ndarray, lesions, spacing) -> np.ndarray:
+    from lib.lesions import insert_lesions
+
+    return np.stack([insert_lesions(s, lesions, spacing, "CT") for s in image])
+
+
+def _case_arrays(z: int) -> tuple[np.ndarray, np.ndarray, sitk.Image, list]:
+    """(noisy, full dose) single slices (1, H, W) of the sample head CT with +80 HU lesions inserted in both,
+    the slice as a SimpleITK image (its grid), and the lesions."""
+    from lib.lesions import Lesion, lesion_sites
+
+    full = sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz"))[:, :, z:z + 1]
+    low = sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz"))[:, :, z:z + 1]
+    spacing = full.GetSpacing()[1], full.GetSpacing()[0]
+    clean = sitk.GetArrayFromImage(full).astype(np.float32)
+    noisy = sitk.GetArrayFromImage(low).astype(np.float32)
+    sites = lesion_sites(clean[0], spacing, LESION_MM, 3, np.random.default_rng(z), max_local_std=40.0)
+    assert sites, f"no lesion site in slice {z}"
+    lesions = [Lesion(centre=(float(y), float(x)), diameter_mm=LESION_MM, contrast=LESION_HU) for y, x in sites]
+    return _insert(noisy, lesions, spacing), _insert(clean, lesions, spacing), full, lesions
+
+
+def _write(array: np.ndarray, grid: sitk.Image, path: Path, pixel=sitk.sitkFloat32) -> Path:
+    image = sitk.Cast(sitk.GetImageFromArray(array), pixel)
+    image.CopyInformation(grid)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _blurry_weights(path: Path) -> Path:
+    """A tiny ADL CT model taught to blur: quarter-dose input, full dose smoothed by a 2-pixel Gaussian as target."""
+    import torch
+    from mlserver import TINY_ADL
+
+    from lib.data import ADLPatchDataset, PairedFolderSource
+    from lib.engines import ADLTrainingConfig, train_adl
+    from lib.weights import export_weights, scaling_rule_for
+
+    folder = path.parent / "blur_data"
+    folder.mkdir()
+    full = sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz"))[:, :, 30:80:5]
+    low = sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz"))[:, :, 30:80:5]
+    blurred = ndimage.gaussian_filter(sitk.GetArrayFromImage(full).astype(np.float32), (0, 2.0, 2.0))
+    _write(blurred, full, folder / "clean.nii.gz")
+    sitk.WriteImage(low, str(folder / "noisy.nii.gz"))
+    source = PairedFolderSource.from_files([("blur", folder / "noisy.nii.gz", folder / "clean.nii.gz")], "CT")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = ADLTrainingConfig(modality="CT", patch_size=32, batch_size=4, steps_g_warmup=40, steps_d_warmup=0,
+                                   steps_adversarial=0, lr_warmup=2e-3, device="cpu", validation_every=0,
+                                   checkpoint_every=0, **TINY_ADL)
+        result = train_adl(config, ADLPatchDataset(source, 2, 32, samples_per_epoch=160, seed=0), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return export_weights(result.generator, path, config, scaling_rule_for("CT"), result.training_record())
+
+
+@pytest.fixture(scope="module")
+def regions_server(tmp_path_factory):
+    """A server whose CT ADL model blurs, with three single-slice CT studies carrying inserted lesions."""
+    from mlserver import start_server, stop_server
+
+    root = tmp_path_factory.mktemp("regional_corrections")
+    studies, data = root / "studies", root / "data"
+    studies.mkdir()
+    data.mkdir()
+    model_dir = root / "model"
+    model_dir.mkdir()
+    _blurry_weights(model_dir / "pretrained_adl_ct.pt")
+    cases = {}
+    for image_id, z in CASES.items():
+        noisy, clean, grid, lesions = _case_arrays(z)
+        _write(noisy, grid, studies / f"{image_id}.nii.gz", sitk.sitkInt16)
+        cases[image_id] = {"noisy": noisy, "clean": clean, "grid": grid, "lesions": lesions}
+    server = start_server(studies, model_dir, root / "work", conf={"models": "adl"})
+    server.cases = cases
+    server.data = data
+    yield server
+    stop_server(server)
+
+
+def _http(server, method: str, path: str) -> tuple[int, object]:
+    request = urllib.request.Request(server.url + path, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def _fresh_start(client, server) -> None:
+    """Serve the blurry pretrained model again and remove every label the previous test saved."""
+    status, _ = _http(server, "POST", "/versions/adl/restore?modality=ct&version=pretrained")
+    assert status == 200
+    for image_id in CASES:
+        for tag in ("final", "regions"):
+            _http(server, "DELETE", f"/datastore/label?id={image_id}&tag={tag}")
+    # the datastore notices removed files through its file watcher: wait until it lists no labels
+    deadline = time.monotonic() + 120
+    while any(_http(server, "GET", "/datastore/?output=all")[1]["objects"][i]["labels"] for i in CASES):
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.5)
+
+
+def _lesion_map(server, image_id: str) -> np.ndarray:
+    from lib.lesions import lesion_mask
+
+    case = server.cases[image_id]
+    spacing = case["grid"].GetSpacing()[1], case["grid"].GetSpacing()[0]
+    return (lesion_mask(case["noisy"].shape[1:], case["lesions"], spacing) > 0.1)[None].astype(np.uint8)
+
+
+def _save(client, server, image_id: str, correction: np.ndarray, region_map: np.ndarray | None = None,
+          params: dict | None = None) -> dict | None:
+    grid = server.cases[image_id]["grid"]
+    client.save_label(image_id, str(_write(correction, grid, server.data / f"{image_id}_final.nii.gz")), tag="final")
+    if region_map is None:
+        return None
+    path = _write(region_map, grid, server.data / f"{image_id}_regions.nii.gz", sitk.sitkUInt8)
+    return client.save_label(image_id, str(path), tag="regions", params=params)
+
+
+KEEP_LESIONS = {"regions": [{"value": 1, "name": "lesions", "intent": "keep"}]}
+
+
+def _train(client, server, request: dict) -> dict:
+    from test_monailabel_app import wait_for_training
+
+    client.train_start("adl", dict({"patch_size": 32, "device": "cpu", "batch_size": 4}, **request))
+    status = wait_for_training(client)
+    assert status["status"] == "DONE", server.log_tail()
+    stats = client.info()["train_stats"]["adl"]
+    assert stats["status"] == "done", stats
+    return stats
+
+
+@pytest.fixture()
+def regions_client(regions_server, tmp_path):
+    from monailabel.client import MONAILabelClient
+
+    client = MONAILabelClient(regions_server.url, tmpdir=str(tmp_path))
+    _fresh_start(client, regions_server)
+    return client
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_region_maps_are_stored_with_their_params_and_bad_ones_refused(regions_client, regions_server):
+    from monailabel.client.client import MONAILabelClientException
+
+    server, client = regions_server, regions_client
+    image_id = "case_a"
+    region_map = _lesion_map(server, image_id)
+    region_map[0, :10, :10] = 2
+    params = {"regions": [{"value": 1, "name": "lesion 1", "intent": "keep"},
+                          {"value": 2, "name": "corner", "intent": "strength", "strength": 0.5}]}
+    _save(client, server, image_id, server.cases[image_id]["clean"], region_map, params)
+    listing = _http(server, "GET", "/datastore/?output=all")[1]
+    info = listing["objects"][image_id]["labels"]["regions"]["info"]
+    assert info["regions"] == params["regions"]  # the stock route keeps params as the label's info
+    stored = sitk.GetArrayFromImage(sitk.ReadImage(str(server.studies / "labels" / "regions" / f"{image_id}.nii.gz")))
+    np.testing.assert_array_equal(stored, region_map)
+
+    def refused(array, declared, words):
+        with pytest.raises(MONAILabelClientException) as error:
+            path = _write(array, server.cases[image_id]["grid"], server.data / "bad.nii.gz", sitk.sitkUInt8)
+            client.save_label(image_id, str(path), tag="regions", params=declared)
+        assert "422" in error.value.msg and image_id in error.value.msg and words in error.value.msg, error.value.msg
+
+    refused(region_map, {"regions": [{"value": 1, "name": "lesion 1", "intent": "keep"}]}, "[2]")
+    refused(region_map, {"regions": [{"value": 1, "intent": "keep"}, {"value": 2, "intent": "strength",
+                                                                       "strength": 3}]}, "strength in [0, 2]")
+    refused(region_map, {"regions": [{"value": 1, "intent": "blur"}, {"value": 2, "intent": "keep"}]}, "intent")
+    with pytest.raises(MONAILabelClientException) as error:  # another grid: one pixel narrower
+        other = sitk.GetImageFromArray(region_map[:, :, :-1])
+        sitk.WriteImage(other, str(server.data / "narrow.nii.gz"))
+        client.save_label(image_id, str(server.data / "narrow.nii.gz"), tag="regions", params=params)
+    assert "422" in error.value.msg and "grid" in error.value.msg
+    # the refused uploads left the stored map as it was
+    info = _http(server, "GET", "/datastore/?output=all")[1]["objects"][image_id]["labels"]["regions"]["info"]
+    assert info["regions"] == params["regions"]
+
+
+def _keep_rows(decision: dict) -> list[dict]:
+    return decision["checks"]["keep_regions"]["regions"]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_marked_structure_the_served_model_blurs_is_kept_better_after_fine_tuning(regions_client, regions_server):
+    server, client = regions_server, regions_client
+    for image_id, case in server.cases.items():
+        _save(client, server, image_id, case["clean"], _lesion_map(server, image_id), KEEP_LESIONS)
+    stats = _train(client, server, {"steps": 40, "lr": 1e-3, "roi_l1_weight": 5})
+    decision = stats["decision"]
+    assert set(stats["data"]["regions"]) == set(CASES)  # the regions reached the training
+    rows = _keep_rows(decision)
+    assert {r["image"] for r in rows} == set(CASES) and any(r["held_out"] for r in rows)
+    for row in rows:  # every marked structure: closer to the correction than the served (blurring) model got
+        assert row["candidate_mae"] < row["served_mae"], rows
+    assert decision["published"] is True, decision
+    assert decision["rejected_by"] == [] and decision["checks"]["reference_set"]["passed"]
+    assert client.info()["models"]["adl"]["weights"]["ct"]["version"] == decision["version"]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_candidate_that_blurs_a_marked_structure_more_is_rejected(regions_client, regions_server):
+    server, client = regions_server, regions_client
+    before = client.info()["models"]["adl"]["weights"]["ct"]["sha256"]
+    for image_id, case in server.cases.items():
+        # the correction is smoothed far more than the served model smooths (4-pixel Gaussian), except on the
+        # marked lesions; without the ROI term (roi_l1_weight 0) the network learns to blur them too
+        region_map = _lesion_map(server, image_id)
+        smoothed = ndimage.gaussian_filter(case["clean"], (0, 4.0, 4.0))
+        correction = np.where(region_map > 0, case["clean"], smoothed).astype(np.float32)
+        _save(client, server, image_id, correction, region_map, KEEP_LESIONS)
+    stats = _train(client, server, {"steps": 40, "lr": 2e-3, "roi_l1_weight": 0})
+    decision = stats["decision"]
+    assert decision["published"] is False
+    assert "keep_regions" in decision["rejected_by"], decision
+    failed = [r for r in _keep_rows(decision) if not r["passed"]]
+    assert failed and all(r["candidate_mae"] > r["served_mae"] * 1.02 for r in failed)
+    assert decision["checks"]["keep_regions"]["failed"]
+    assert client.info()["models"]["adl"]["weights"]["ct"]["sha256"] == before
+    assert _http(server, "GET", "/versions/adl?modality=ct")[1]["history"][-1]["event"] == "rejected"
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_candidate_that_loses_on_the_reference_set_is_rejected(regions_client, regions_server):
+    server, client = regions_server, regions_client
+    before = client.info()["models"]["adl"]["weights"]["ct"]["sha256"]
+    for image_id, case in server.cases.items():
+        # "corrections" 100 HU too bright everywhere (a calibration or window slip). On the corrections themselves
+        # the candidate then looks better than the served model; only the fixed reference set shows the loss
+        _save(client, server, image_id, (case["noisy"] + 100.0).astype(np.float32))
+    stats = _train(client, server, {"steps": 40, "lr": 2e-3})
+    decision = stats["decision"]
+    # on the corrections themselves the candidate looks better: only the reference set can catch it
+    assert decision["candidate_psnr"] >= decision["baseline_psnr"], decision
+    assert decision["published"] is False and decision["rejected_by"] == ["reference_set"], decision["checks"]
+    reference = decision["checks"]["reference_set"]
+    assert "psnr" in reference["failed"]
+    assert reference["candidate"]["psnr"] < reference["served"]["psnr"] - reference["psnr_tolerance_db"]
+    assert client.info()["models"]["adl"]["weights"]["ct"]["sha256"] == before
