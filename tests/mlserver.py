@@ -116,9 +116,10 @@ class Server:
 
 
 def start_server(studies: Path | str, model_dir: Path, work: Path, conf: dict | None = None,
-                 timeout: float = 600.0) -> Server:
+                 timeout: float = 600.0, env: dict[str, str] | None = None) -> Server:
     """Start the app on a free loopback port; returns once ``/info/`` answers (RuntimeError otherwise, with the
-    server stopped)."""
+    server stopped). ``env``: extra environment variables of the server (e.g. ``MONAI_LABEL_AUTH_ENABLE``), over
+    the ones set here."""
     port = free_port()
     work.mkdir(parents=True, exist_ok=True)
     (work / "tmp").mkdir(exist_ok=True)
@@ -126,11 +127,15 @@ def start_server(studies: Path | str, model_dir: Path, work: Path, conf: dict | 
             "-i", "127.0.0.1", "-p", str(port), "--conf", "models", "all", "--conf", "model_dir", str(model_dir)]
     for key, value in (conf or {}).items():
         args += ["--conf", key, str(value)]
-    env = dict(os.environ, TMPDIR=str(work / "tmp"), MONAI_LABEL_TRACKING_ENABLED="false", OMP_NUM_THREADS="1",
-               MONAI_LABEL_SESSION_PATH=str(work / "sessions"),
-               MONAI_LABEL_DICOMWEB_CACHE_PATH=str(work / "dicomweb_cache"))
+    server_env = dict(os.environ, TMPDIR=str(work / "tmp"), MONAI_LABEL_TRACKING_ENABLED="false",
+                      OMP_NUM_THREADS="1", MONAI_LABEL_SESSION_PATH=str(work / "sessions"),
+                      MONAI_LABEL_DICOMWEB_CACHE_PATH=str(work / "dicomweb_cache"))
+    server_env.update({key: str(value) for key, value in (env or {}).items()})
     url = f"http://127.0.0.1:{port}"
-    process = processes.start_service(args, work / "server.log", f"{url}/info/", timeout, cwd=REPO_ROOT, env=env)
+    # with authentication on, /info/ needs a token: /auth/ (public) answers once the app is up
+    auth_on = server_env.get("MONAI_LABEL_AUTH_ENABLE", "").strip().lower() in ("1", "true", "yes", "on")
+    ready = f"{url}/auth/" if auth_on else f"{url}/info/"
+    process = processes.start_service(args, work / "server.log", ready, timeout, cwd=REPO_ROOT, env=server_env)
     return Server(url, process, work / "server.log", studies, model_dir)
 
 

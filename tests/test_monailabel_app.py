@@ -304,9 +304,18 @@ def test_review_verdicts_queue_and_audit_trail(client, server):
     assert status == 200 and entry["result"]["model"] == "adl" and entry["result"]["weights_version"]
     assert http(server, "POST", "/review/ct_slice_a", {"verdict": "great", "reviewer": "dr_b"})[0] == 422
     assert http(server, "POST", "/review/nothing_here", {"verdict": "accepted", "reviewer": "dr_b"})[0] == 404
+    status, answer = http(server, "POST", "/review/ct_slice_a",
+                          {"verdict": "rejected", "reviewer": "dr_b", "reason": "x" * 2001})
+    assert status == 422 and "2000" in str(answer)  # reasons are bounded: the log keeps every one for ever
     audit = {row["image"]: row for row in http(server, "GET", "/review/")[1]}
     assert audit["ct_slice_a"]["review"]["verdict"] == "rejected"
-    assert [h["reviewer"] for h in audit["ct_slice_a"]["review_history"]][-1] == "dr_b"
+    last = audit["ct_slice_a"]["review_history"][-1]
+    assert last["reviewer"] == "dr_b" and last["reviewer_from"] == "request body"  # auth off: the body names them
+    assert last["seq"] >= 0 and len(last["hash"]) == 64  # read back from the audit log
+    # the datastore info keeps the current verdict only; the history is in the log, not rewritten per verdict
+    datastore_json = (server.studies / "datastore_v2.json").read_text()
+    assert "review_history" not in datastore_json and "smoothed a small lesion" in datastore_json
+    assert http(server, "GET", "/review/audit/verify")[1]["ok"]
     # reset so that other tests see a fresh queue
     for image in audit:
         http(server, "POST", f"/review/{image}", {"verdict": "unreviewed", "reviewer": "test"})

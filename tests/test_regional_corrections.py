@@ -11,8 +11,10 @@ inserted in input and correction alike.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -251,6 +253,8 @@ def regions_server(tmp_path_factory):
         noisy, clean, grid, lesions = _case_arrays(z)
         _write(noisy, grid, studies / f"{image_id}.nii.gz", sitk.sitkInt16)
         cases[image_id] = {"noisy": noisy, "clean": clean, "grid": grid, "lesions": lesions}
+    for tag in ("final", "regions"):  # MONAI Label's file watcher misses removals in label folders made after start
+        (studies / "labels" / tag).mkdir(parents=True)
     server = start_server(studies, model_dir, root / "work", conf={"models": "adl"})
     server.cases = cases
     server.data = data
@@ -271,8 +275,10 @@ def _fresh_start(client, server) -> None:
     """Serve the blurry pretrained model again and remove every label the previous test saved."""
     status, _ = _http(server, "POST", "/versions/adl/restore?modality=ct&version=pretrained")
     assert status == 200
+    # regions first: the datastore refreshes on the file watcher's events, which reliably come for the final
+    # labels' folder; the refresh after the last final's removal then also drops the region maps already gone
     for image_id in CASES:
-        for tag in ("final", "regions"):
+        for tag in ("regions", "final"):
             _http(server, "DELETE", f"/datastore/label?id={image_id}&tag={tag}")
     # the datastore notices removed files through its file watcher: wait until it lists no labels
     deadline = time.monotonic() + 120
@@ -291,12 +297,17 @@ def _lesion_map(server, image_id: str) -> np.ndarray:
 
 def _save(client, server, image_id: str, correction: np.ndarray, region_map: np.ndarray | None = None,
           params: dict | None = None) -> dict | None:
+    """Save a correction the way the Slicer module does: its region map first (if any), then the correction naming
+    the map's SHA-256 (``params.regions_sha256``), which binds the two."""
     grid = server.cases[image_id]["grid"]
-    client.save_label(image_id, str(_write(correction, grid, server.data / f"{image_id}_final.nii.gz")), tag="final")
-    if region_map is None:
-        return None
-    path = _write(region_map, grid, server.data / f"{image_id}_regions.nii.gz", sitk.sitkUInt8)
-    return client.save_label(image_id, str(path), tag="regions", params=params)
+    answer, final_params = None, {}
+    if region_map is not None:
+        path = _write(region_map, grid, server.data / f"{image_id}_regions.nii.gz", sitk.sitkUInt8)
+        answer = client.save_label(image_id, str(path), tag="regions", params=params)
+        final_params = {"regions_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    final = _write(correction, grid, server.data / f"{image_id}_final.nii.gz")
+    client.save_label(image_id, str(final), tag="final", params=final_params)
+    return answer
 
 
 KEEP_LESIONS = {"regions": [{"value": 1, "name": "lesions", "intent": "keep"}]}
@@ -358,6 +369,36 @@ def test_region_maps_are_stored_with_their_params_and_bad_ones_refused(regions_c
     # the refused uploads left the stored map as it was
     info = _http(server, "GET", "/datastore/?output=all")[1]["objects"][image_id]["labels"]["regions"]["info"]
     assert info["regions"] == params["regions"]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_later_correction_sent_without_regions_does_not_reuse_the_earlier_map(regions_client, regions_server,
+                                                                                 tmp_path):
+    from monailabel.client.client import MONAILabelClientException
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.trainers.finetune import correction_pairs
+
+    server, client = regions_server, regions_client
+    image_id = "case_a"
+
+    def training_pairs() -> dict:  # what a training run would read: the server's datastore, copied as it is now
+        copy = tmp_path / f"studies_{time.monotonic_ns()}"
+        shutil.copytree(server.studies, copy)
+        return {pair["id"]: pair for pair in correction_pairs(LocalDatastore(str(copy), read_only=True))}
+
+    _save(client, server, image_id, server.cases[image_id]["clean"], _lesion_map(server, image_id), KEEP_LESIONS)
+    assert training_pairs()[image_id]["regions"]  # the map sent with the correction applies to it
+    _save(client, server, image_id, server.cases[image_id]["noisy"])  # a second correction, without regions
+    assert training_pairs()[image_id]["regions"] is None
+    # a correction naming a map the server does not hold is refused, and the stored correction stays
+    final = _write(server.cases[image_id]["clean"], server.cases[image_id]["grid"], server.data / "other_final.nii.gz")
+    with pytest.raises(MONAILabelClientException) as error:
+        client.save_label(image_id, str(final), tag="final", params={"regions_sha256": "0" * 64})
+    assert "422" in error.value.msg and "regions_sha256" in error.value.msg, error.value.msg
+    stored = sitk.GetArrayFromImage(sitk.ReadImage(str(server.studies / "labels" / "final" / f"{image_id}.nii.gz")))
+    np.testing.assert_allclose(stored, server.cases[image_id]["noisy"], atol=1e-3)
 
 
 def _keep_rows(decision: dict) -> list[dict]:

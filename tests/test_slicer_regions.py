@@ -217,8 +217,8 @@ def test_correction_and_its_marked_regions_are_stored_for_the_image_on_a_real_se
     region_map, params = build_region_map([lesion, liver], regions, grid.shape)
     path = prepare_region_file(region_map, grid, tmp_path / "regions.nii.gz", original)
 
-    client.save_regions(image_id, path, regions)
-    client.save_correction(image_id, corrected)
+    sent = client.save_regions(image_id, path, regions)
+    client.save_correction(image_id, corrected, regions_sha256=sent["sha256"])
 
     # read back through the server: the regions label, its declaration, and the correction next to it
     info = client.label_info(image_id, "regions")
@@ -232,6 +232,8 @@ def test_correction_and_its_marked_regions_are_stored_for_the_image_on_a_real_se
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(corrected))))
     labels = client._json("GET", "/datastore/", {"output": "all"})["objects"][image_id]["labels"]
     assert {"final", "regions"} <= set(labels)
+    # the correction is bound to the map sent with it (the server checked the hash against the stored map)
+    assert labels["final"]["info"]["regions_sha256"] == sent["sha256"] == labels["regions"]["info"]["sha256"]
     # the app's own loader accepts what the module sent: on the image's grid, every value declared
     image = client.download_image(image_id, tmp_path / "back")
     loaded = load_correction_regions(image_id, image, stored, info)

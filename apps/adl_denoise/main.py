@@ -5,7 +5,13 @@
 
 Conf keys (``--conf key value``; see README.md in this folder): ``models`` (all | adl | tddl_gcn | nlm | a
 comma list), ``model_dir`` (weights folder; default ``model/`` here, or ``ADL_MODEL_DIR``), ``device``, ``preload``,
-``modality``, ``result_extension``, ``train_steps``, ``normal_dose``, ``max_voxels``.
+``modality``, ``result_extension``, ``train_steps``, ``normal_dose``, ``max_voxels``, ``audit_dir`` (the audit log's
+folder; default ``<studies>/.audit``, or ``<model_dir>/audit/dicomweb-<hash of the URL>`` for a DICOMweb datastore).
+
+The audit trail (:mod:`lib.audit`): every result, verdict, datastore change and weights publication / restore is an
+entry of an append-only, hash-chained log, verified at start-up. A broken chain is logged as an ERROR, shown in
+``/info/`` (``audit.warning``) and ``GET /review/audit/verify``, and the server then refuses everything that must be
+recorded (503): it keeps serving reads, it does not produce unrecorded results.
 
 Settings reach the tasks through the conf (:class:`lib.configs.base.DenoiserTaskConfig` reads it and hands each
 task its values), not through environment variables set here. MONAI Label runs training in a subprocess that
@@ -17,7 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Dict
+from pathlib import Path
+from typing import Any, Dict
 
 import monailabel
 from fastapi import HTTPException
@@ -29,12 +36,31 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
 
 from lib.activelearning import NextUnreviewed, has_image, record_result
+from lib.audit import AuditBrokenError, AuditError, AuditLog, sanitise
+from lib.audit.identity import input_identity
+from lib.audit.location import default_audit_dir
+from lib.audit.recording import AuditedModelStore, RequestContextMiddleware, audited_datastore, request_actor
 from lib.configs import MODEL_CONFIGS
 from lib.weights import MODEL_DIR
-from lib.weights.store import ModelStore
 from lib.pacs import PacsStoreError, is_dicomweb, series_folder, store_derived_series
+from lib.runtime.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
+
+# request keys that are not the client's parameters (paths, sessions, routing): left out of the audit entry
+_NOT_PARAMS = ("image", "session", "description", "model", "label", "file", "result_file")
+
+
+def _install_request_context(fastapi_app) -> None:
+    """The request-context middleware (:mod:`lib.audit.recording`), inside the access control, once."""
+    if getattr(fastapi_app.state, "adl_denoise_request_context", False):
+        return
+    from starlette.middleware import Middleware
+
+    fastapi_app.user_middleware.append(Middleware(RequestContextMiddleware))
+    if fastapi_app.middleware_stack is not None:  # built already (the app is made during the server's start-up)
+        fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
+    fastapi_app.state.adl_denoise_request_context = True
 
 
 class DenoisingApp(MONAILabelApp):
@@ -44,7 +70,11 @@ class DenoisingApp(MONAILabelApp):
         if unknown:
             raise ValueError(f"unknown model(s) {unknown} in --conf models; available: all, {', '.join(MODEL_CONFIGS)}")
         self.model_dir = os.path.abspath(conf.get("model_dir") or os.environ.get("ADL_MODEL_DIR") or str(MODEL_DIR))
-        self.store = ModelStore(self.model_dir)
+        in_server = "monailabel.app" in sys.modules  # not the training subprocess
+        self.audit_dir = os.path.abspath(conf.get("audit_dir") or default_audit_dir(studies, self.model_dir))
+        self.audit = AuditLog(self.audit_dir)
+        self.audit_at_start = self._verify_audit(in_server)
+        self.store = AuditedModelStore(self.model_dir, self.audit)
         self.models: Dict[str, TaskConfig] = {}
         for name, config_class in MODEL_CONFIGS.items():
             if "all" in names or name in names:
@@ -56,12 +86,46 @@ class DenoisingApp(MONAILabelApp):
                          description="Deep-learning denoising of CT and MR volumes (ADL, TDDL-GCN) with "
                                      "fine-tuning from radiologists' corrections",
                          version=monailabel.__version__)
-        if "monailabel.app" in sys.modules:  # inside the server (not the training subprocess)
+        if in_server:
             from monailabel.app import app as fastapi_app
 
             from lib.endpoints import install
 
             install(fastapi_app)
+            _install_request_context(fastapi_app)
+            if self.audit.broken is None:
+                self.audit.append("server_started", {"studies": studies, "model_dir": self.model_dir,
+                                                     "models": sorted(self.models), "pid": os.getpid(),
+                                                     "entries_verified": self.audit_at_start["entries"]})
+
+    def _verify_audit(self, in_server: bool) -> dict[str, Any]:
+        """Verify the audit log's chain; a broken one is an ERROR in the log and makes the log refuse entries."""
+        report = self.audit.verify()
+        if report.ok:
+            logger.info("%s%s", report.summary(), f" ({'; '.join(report.warnings)})" if report.warnings else "")
+        else:
+            logger.error("AUDIT TRAIL BROKEN: %s. Nothing that needs a record (results, verdicts, datastore changes, "
+                         "weights) is done until an administrator has examined the log and moved it aside "
+                         "(keep it as evidence); GET /review/audit/verify reports it.", report.summary())
+            self.audit.refuse_appends(report)
+        return report.to_dict()
+
+    def init_datastore(self):
+        """MONAI Label's datastore, each change of it an audit entry (:func:`lib.audit.recording.audited_datastore`)."""
+        return audited_datastore(super().init_datastore(), self.audit)
+
+    def info(self):
+        """MONAI Label's app info plus ``audit``: the log's folder, its state at start-up and, when its chain is
+        broken, a ``warning``."""
+        meta = super().info()
+        audit: dict[str, Any] = {"dir": self.audit_dir, "ok_at_start": self.audit_at_start["ok"],
+                                 "entries_at_start": self.audit_at_start["entries"],
+                                 "refusing_entries": self.audit.broken is not None}
+        if self.audit.broken is not None:
+            audit["warning"] = ("AUDIT TRAIL BROKEN: " + self.audit.broken.summary() + ". Results, verdicts and "
+                                "datastore changes are refused until an administrator has dealt with it.")
+        meta["audit"] = audit
+        return meta
 
     def init_infers(self) -> Dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}
@@ -75,8 +139,13 @@ class DenoisingApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, plus: a DICOMweb study is denoised from its DICOM files (not the datastore's NIfTI
-        conversion); ``store_to_pacs`` sends the result back to the PACS as a derived series; every result on a
-        datastore image leaves an audit note (model, weights version)."""
+        conversion); ``store_to_pacs`` sends the result back to the PACS as a derived series; every result is an
+        audit entry (input identity, model, weights version and SHA-256, parameters, user, time) written before
+        the result is returned: when it cannot be written the request fails (5xx) and the result is deleted."""
+        try:
+            self.audit.check_writable()
+        except AuditBrokenError as error:
+            raise HTTPException(status_code=503, detail=f"not denoised: {error}") from None
         store = datastore or self.datastore()
         image_id = request.get("image")
         known_id = isinstance(image_id, str) and not os.path.exists(image_id) and has_image(store, image_id)
@@ -93,6 +162,15 @@ class DenoisingApp(MONAILabelApp):
                                                         "at an image format")
         result = super().infer(request, datastore)
         params = result.get("params") or {}
+        try:
+            entry = record_result(self.audit, self._result_fields(request, result, store, image_id if known_id
+                                                                   else None, source_folder))
+        except Exception as error:  # noqa: BLE001 - whatever stops the record stops the result
+            self._discard(result)
+            logger.error("result of %s not returned: %s", request.get("model"), error)
+            raise HTTPException(status_code=500, detail=f"denoised, but the result is not returned: its audit entry "
+                                                        f"could not be written ({error})") from None
+        params["audit_seq"] = entry["seq"]
         if to_pacs:
             try:
                 params["stored_series"] = store_derived_series(store, source_folder, result["file"],
@@ -100,9 +178,69 @@ class DenoisingApp(MONAILabelApp):
                                                                f"{params.get('weights_version')}")
             except PacsStoreError as error:
                 raise HTTPException(status_code=502, detail=f"denoised, but not stored in the PACS: {error}") from None
-        if known_id:
             try:
-                record_result(store, image_id, params)
-            except Exception:  # noqa: BLE001 - the result stands even if the audit note cannot be written
-                logger.exception("could not record the result of %s on %s", request.get("model"), image_id)
+                self.audit.append("result_stored_to_pacs", {"image": image_id, "result_seq": entry["seq"],
+                                                            "stored_series": params["stored_series"],
+                                                            **request_actor()})
+            except AuditError as error:
+                raise HTTPException(status_code=500, detail=f"stored in the PACS as "
+                                                            f"{params['stored_series'].get('series_instance_uid')}, "
+                                                            f"but its audit entry could not be written ({error})"
+                                    ) from None
         return result
+
+    @staticmethod
+    def _full_weights_sha256(weights_store, weights: dict) -> Any:
+        """The whole SHA-256 of the weights a result names (the infer task reports its first 16 hex digits):
+        the stored version of that id whose hash starts with them; the prefix as given when none does."""
+        short, version = weights.get("weights_sha256") or "", weights.get("weights_version")
+        if not short or not version or not weights.get("model") or not weights.get("modality"):
+            return short or None
+        try:
+            for entry in weights_store.versions(weights["model"], weights["modality"]):
+                if entry.get("version") == version and str(entry.get("sha256", "")).startswith(short):
+                    return entry["sha256"]
+        except OSError:
+            pass
+        return short
+
+    def _result_fields(self, request: dict, result: dict, store, image_id: str | None,
+                       source_folder) -> dict[str, Any]:
+        """The ``result`` entry: where the input came from and its identity, the weights, the request's
+        parameters (without paths and sessions), the result file's SHA-256 and who asked."""
+        params = result.get("params") or {}
+        session = request.get("session") if isinstance(request.get("session"), dict) else None
+        if source_folder is not None:
+            source, path = "dicomweb", str(source_folder)
+        elif image_id is not None:
+            source, path = "datastore", store.get_image_uri(image_id)
+        else:
+            source, path = ("session" if session else "upload"), str(request.get("image"))
+        try:
+            identity = input_identity(path)
+        except Exception as error:  # noqa: BLE001 - recorded as such: the denoiser read it, the hash could not
+            identity = {"identity_error": f"{type(error).__name__}: {error}"}
+        source_info: dict[str, Any] = {"source": source, "image": image_id, **identity}
+        if session:
+            source_info["session_id"] = session.get("name")  # MONAI Label's SessionInfo: the id is its name
+        result_file = result.get("file")
+        weights = {k: params.get(k) for k in ("model", "method", "modality", "weights_version", "weights_sha256",
+                                              "device", "seconds", "shape", "spacing", "result_dtype",
+                                              "result_extension")}
+        weights["weights_sha256"] = self._full_weights_sha256(self.store, weights)
+        return {
+            "input": source_info,
+            **weights,
+            "result_sha256": file_sha256(result_file) if result_file and os.path.isfile(result_file) else None,
+            "params": sanitise({k: v for k, v in request.items() if k not in _NOT_PARAMS}),
+            **request_actor(),
+        }
+
+    @staticmethod
+    def _discard(result: dict) -> None:
+        path = result.get("file")
+        if path and os.path.isfile(path):
+            try:
+                Path(path).unlink()
+            except OSError:
+                logger.warning("could not remove the unrecorded result %s", path)

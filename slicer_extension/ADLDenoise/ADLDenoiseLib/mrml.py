@@ -18,7 +18,15 @@ from .regions import Grid, RegionsError
 from .workflow import blend, difference, roi_statistics
 
 __all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "blended_volume",
-           "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid"]
+           "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid",
+           "study_identity", "sequence_frame", "dicom_series_of", "is_plain_scalar_volume", "EXCLUDED_VOLUME_TYPES",
+           "adopt_parent_transform", "match_orientation_and_link"]
+
+#: subclasses of vtkMRMLScalarVolumeNode that are not a CT / MR intensity volume (the selector hides them; Slicer's
+#: class tree: LabelMap, Tensor -> Vector / DiffusionImage -> DiffusionTensor, DiffusionWeighted)
+EXCLUDED_VOLUME_TYPES = ("vtkMRMLLabelMapVolumeNode", "vtkMRMLTensorVolumeNode", "vtkMRMLVectorVolumeNode",
+                         "vtkMRMLDiffusionImageVolumeNode", "vtkMRMLDiffusionTensorVolumeNode",
+                         "vtkMRMLDiffusionWeightedVolumeNode")
 
 
 def _ijk_to_ras(node) -> np.ndarray:
@@ -80,6 +88,110 @@ def export_volume(node, path: str | os.PathLike) -> Path:
     return path
 
 
+def is_plain_scalar_volume(node) -> bool:
+    """A single-component scalar volume (CT / MR intensities): not a label map, vector / RGB, tensor or
+    diffusion volume, and its image data has one component."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+        return False
+    if any(node.IsA(name) for name in EXCLUDED_VOLUME_TYPES):
+        return False
+    image = node.GetImageData()
+    return image is not None and image.GetNumberOfScalarComponents() == 1
+
+
+def adopt_parent_transform(node, original) -> None:
+    """Put ``node`` under ``original``'s parent transform (a DICOM acquisition / gantry-tilt transform, or one the
+    user applied), so both are shown in the same place; none when the original has none."""
+    node.SetAndObserveTransformNodeID(original.GetTransformNodeID())
+
+
+def _browser_of(node):
+    """The sequence browser whose proxy ``node`` is, or None (Slicer's Sequences logic when present; otherwise,
+    e.g. with slicer-core, the scene's browser nodes are asked directly)."""
+    scene = node.GetScene()
+    modules = getattr(slicer, "modules", None)
+    sequences = getattr(modules, "sequences", None) if modules is not None else None
+    if sequences is not None:
+        return sequences.logic().GetFirstBrowserNodeForProxyNode(node)
+    if scene is None:
+        return None
+    browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
+    browsers.UnRegister(scene)  # GetNodesByClass returns a new reference (as slicer.util.getNodesByClass does)
+    for index in range(browsers.GetNumberOfItems()):
+        browser = browsers.GetItemAsObject(index)
+        if browser.IsProxyNodeID(node.GetID()):
+            return browser
+    return None
+
+
+def sequence_frame(node) -> dict | None:
+    """For the proxy node of a 4D sequence: ``{"frame": 0-based item shown now, "count": items, "index": the
+    item's index value with its name and unit (e.g. "time = 12.5 s"), "sequence": the sequence node}``; None
+    for a plain 3D volume."""
+    browser = _browser_of(node)
+    if browser is None:
+        return None
+    sequence = browser.GetSequenceNode(node)
+    frame = int(browser.GetSelectedItemNumber())
+    index = ""
+    if sequence is not None and 0 <= frame < sequence.GetNumberOfDataNodes():
+        unit = sequence.GetIndexUnit()
+        index = f"{sequence.GetIndexName()} = {sequence.GetNthIndexValue(frame)}" + (f" {unit}" if unit else "")
+    return {"frame": frame, "count": int(browser.GetNumberOfItems()), "index": index, "sequence": sequence}
+
+
+def dicom_series_of(node) -> tuple[str, str]:
+    """(SeriesInstanceUID, Modality) from ``node``'s subject-hierarchy item, where Slicer's DICOM import stores
+    them (UID name "DICOM", attribute "DICOM.Modality"; ``node.GetAttribute("DICOM.Modality")`` is empty);
+    ("", "") when the volume did not come from DICOM."""
+    scene = node.GetScene()
+    if scene is None:
+        return "", ""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None:
+        return "", ""
+    item = hierarchy.GetItemByDataNode(node)
+    if not item:
+        return "", ""
+    uid_name = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMUIDName()
+    modality_name = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+    return hierarchy.GetItemUID(item, uid_name).strip(), hierarchy.GetItemAttribute(item, modality_name).strip()
+
+
+def study_identity(node):
+    """The :class:`review_session.StudyIdentity` of a volume node: its DICOM series (of the node or, for a
+    sequence's proxy node, of the sequence) plus the frame shown; else a content hash of its voxels and
+    IJK-to-RAS matrix (plus the frame)."""
+    from .review_session import content_identity, dicom_identity
+
+    if not is_plain_scalar_volume(node):
+        name = node.GetName() if node is not None else "nothing"
+        raise ValueError(f"{name} is not a scalar CT / MR volume (label map, "
+                         "vector / RGB, tensor or diffusion volumes cannot be denoised)")
+    frame_info = sequence_frame(node)
+    frame = frame_info["frame"] if frame_info else None
+    uid, modality = dicom_series_of(node)
+    if not uid and frame_info and frame_info["sequence"] is not None:
+        uid, modality = dicom_series_of(frame_info["sequence"])
+    if uid:
+        return dicom_identity(uid, modality, node.GetName(), frame)
+    return content_identity(slicer.util.arrayFromVolume(node), _ijk_to_ras(node), node.GetName(), frame)
+
+
+def match_orientation_and_link(reference_slice, other_slice, composites) -> None:
+    """Give ``other_slice`` (a vtkMRMLSliceNode, e.g. Yellow) ``reference_slice``'s orientation (Red's: a preset
+    name such as "Axial", or its exact slice-to-RAS matrix when it is oblique, "Reformat"), then link the views'
+    slice composite nodes (``composites``), so both show the same plane and follow each other. The order matters:
+    a layout's "Axial" applies to new views only, and linking first would push Yellow's sagittal onto Red."""
+    orientation = reference_slice.GetOrientation()
+    if not (orientation and orientation != "Reformat" and other_slice.SetOrientation(orientation)):
+        other_slice.GetSliceToRAS().DeepCopy(reference_slice.GetSliceToRAS())
+        other_slice.UpdateMatrices()
+    for composite in composites:
+        composite.SetLinkedControl(True)  # slice position, zoom and orientation follow each other
+        composite.SetHotLinkedControl(True)
+
+
 def load_result(scene, path: str | os.PathLike, reference, suffix: str = " denoised", name: str | None = None):
     """Read a result file into a new scalar volume node named ``reference`` name + ``suffix``; the result must
     be on the reference's grid (RuntimeError otherwise, and nothing is added to the scene)."""
@@ -93,6 +205,7 @@ def load_result(scene, path: str | os.PathLike, reference, suffix: str = " denoi
     node.SetName(name or (reference.GetName() + suffix))
     scene.AddNode(node)
     node.CreateDefaultDisplayNodes()
+    adopt_parent_transform(node, reference)
     _copy_window(reference, node)
     return node
 
@@ -114,6 +227,7 @@ def _new_like(scene, reference, array: np.ndarray, name: str, node=None):
         node.CreateDefaultDisplayNodes()
     node.SetIJKToRASMatrix(_vtk_matrix(_ijk_to_ras(reference)))
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, np.float32))
+    adopt_parent_transform(node, reference)
     return node
 
 

@@ -1,4 +1,6 @@
 """Active-learning strategies and the review records they read."""
-from .review import VERDICTS, NextUnreviewed, audit_trail, has_image, record_result, record_verdict
+from .review import (MAX_REASON_CHARS, VERDICTS, NextUnreviewed, audit_trail, has_image, record_result,
+                     record_verdict, results_of)
 
-__all__ = ["VERDICTS", "NextUnreviewed", "audit_trail", "has_image", "record_result", "record_verdict"]
+__all__ = ["MAX_REASON_CHARS", "VERDICTS", "NextUnreviewed", "audit_trail", "has_image", "record_result",
+           "record_verdict", "results_of"]

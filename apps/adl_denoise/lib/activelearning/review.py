@@ -1,29 +1,30 @@
-"""Radiologist review of denoised studies: verdicts with reviewer and time, an audit trail, a queue.
+"""Radiologist review of denoised studies: verdicts with reviewer and time, the review queue, and the trail of
+results and verdicts read back from the audit log (:mod:`lib.audit`).
 
-Everything lives in the datastore's per-image info (MONAI Label keeps it in ``datastore_v2.json`` next to the
-studies), so it survives restarts and travels with the studies:
-
-* ``denoise_results``: one entry per result produced for the image (model, modality, weights version, time).
-* ``review``: the current verdict, ``review_history``: every verdict ever given, oldest first. A verdict names
-  the result it judges (model and weights version of the latest result), so the audit trail says which
-  weights produced what a radiologist accepted or rejected.
+The full history lives in the append-only audit log, never in the datastore: every result (``result`` entries,
+written by the app's infer) and every verdict (``verdict`` entries) is one line there. The datastore's per-image
+info keeps only the CURRENT verdict (``review``: a few hundred bytes), which the review queue
+(:class:`NextUnreviewed`) reads; MONAI Label rewrites its whole ``datastore_v2.json`` on every info update, so
+nothing that grows with the history is kept in it. A verdict names the result it judges (model, weights version
+and SHA-256, audit entry of the latest result of the image), so the trail says which weights produced what a
+radiologist accepted or rejected.
 """
 from __future__ import annotations
 
-import threading
-from typing import Any
+from typing import Any, Optional
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from ..runtime.clock import utc_timestamp
+from ..audit import AuditLog
+from ..audit.context import request_actor
 
-__all__ = ["VERDICTS", "NextUnreviewed", "has_image", "record_result", "record_verdict", "review_of", "audit_trail"]
+__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "has_image", "record_result", "record_verdict",
+           "review_of", "audit_trail", "results_of"]
 
 VERDICTS = ("unreviewed", "accepted", "corrected", "rejected")
-MAX_RESULTS_KEPT = 50  # per image; the review history itself is never truncated
-
-_lock = threading.Lock()  # read-modify-write of an image's info from concurrent requests
+MAX_REASON_CHARS = 2000  # a reason is a sentence or two; the log keeps every one of them for ever
+MAX_REVIEWER_CHARS = 200
 
 
 def has_image(datastore: Datastore, image_id: str) -> bool:
@@ -31,40 +32,75 @@ def has_image(datastore: Datastore, image_id: str) -> bool:
     return image_id in datastore.list_images()
 
 
-def record_result(datastore: Datastore, image_id: str, result: dict) -> dict:
-    """Note that ``result`` (the infer task's JSON) was produced for ``image_id``."""
-    entry = {"time_utc": utc_timestamp(), **{k: result.get(k) for k in ("model", "modality", "weights_version",
-                                                                 "weights_sha256", "device", "seconds")}}
-    with _lock:
-        info = datastore.get_image_info(image_id) or {}
-        results = list(info.get("denoise_results") or [])[-(MAX_RESULTS_KEPT - 1):] + [entry]
-        datastore.update_image_info(image_id, {"denoise_results": results})
-    return entry
+def record_result(audit: AuditLog, fields: dict) -> dict:
+    """Append a ``result`` entry (the app's infer builds ``fields``: input identity, model, weights, params,
+    user); returns the entry. Raises :class:`lib.audit.AuditError` when it cannot be written."""
+    return audit.append("result", fields)
 
 
-def record_verdict(datastore: Datastore, image_id: str, verdict: str, reviewer: str, reason: str | None = None,
-                   model: str | None = None) -> dict:
-    """Store a verdict. ``rejected`` needs a reason; ``model`` picks which model's latest result is judged
-    (default: the latest result of any model). Raises ValueError / KeyError on bad input."""
+def _image_of(entry: dict) -> Optional[str]:
+    fields = entry.get("fields") or {}
+    if entry.get("event") == "result":
+        return (fields.get("input") or {}).get("image")
+    return fields.get("image")
+
+
+def _flat(entry: dict) -> dict:
+    """An entry as the trail shows it: its fields plus ``seq``, ``time_utc`` and ``hash``."""
+    return {**(entry.get("fields") or {}), "seq": entry.get("seq"), "time_utc": entry.get("time_utc"),
+            "hash": entry.get("hash")}
+
+
+def results_of(audit: AuditLog, image_id: str, model: Optional[str] = None) -> list[dict]:
+    """The ``result`` entries of ``image_id`` (optionally of one model), oldest first, flattened."""
+    return [_flat(e) for e in audit.entries("result", where=lambda e: _image_of(e) == image_id
+                                            and (model is None or (e.get("fields") or {}).get("model") == model))]
+
+
+def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict: Any, reviewer: Any,
+                   reason: Any = None, model: Any = None, reviewer_from: str = "request body") -> dict:
+    """Record a verdict: first its audit entry, then the current verdict in the image's info (for the queue).
+    ``rejected`` needs a reason (at most :data:`MAX_REASON_CHARS` characters); ``model`` picks which model's
+    latest result is judged (default: the latest result of any model); ``reviewer_from`` says where the
+    reviewer's name comes from (``token`` with authentication on). Returns the verdict (``verdict``,
+    ``reviewer``, ``reason``, ``time_utc``, ``result``, ``seq``). ValueError / KeyError on bad input,
+    :class:`lib.audit.AuditError` when the entry cannot be written (then nothing is changed)."""
     verdict = str(verdict or "").strip().lower()
     if verdict not in VERDICTS:
-        raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+        raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict[:40]!r}")
     reviewer = str(reviewer or "").strip()
     if not reviewer:
         raise ValueError("a verdict needs the reviewer's name")
-    if verdict == "rejected" and not (reason and str(reason).strip()):
+    if len(reviewer) > MAX_REVIEWER_CHARS:
+        raise ValueError(f"the reviewer's name is {len(reviewer)} characters long (at most {MAX_REVIEWER_CHARS})")
+    if reason is not None and not isinstance(reason, str):
+        raise ValueError(f"reason must be text, got {type(reason).__name__}")
+    reason = reason.strip() if reason else None
+    if reason and len(reason) > MAX_REASON_CHARS:
+        raise ValueError(f"reason is {len(reason)} characters long (at most {MAX_REASON_CHARS})")
+    if verdict == "rejected" and not reason:
         raise ValueError("a rejection needs a reason")
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"model must be a model name, got {type(model).__name__}")
     if not has_image(datastore, image_id):
         raise KeyError(f"no image {image_id!r} in the datastore")
-    with _lock:
-        info = datastore.get_image_info(image_id) or {}
-        results = [r for r in (info.get("denoise_results") or []) if model is None or r.get("model") == model]
-        judged = results[-1] if results else None
-        entry = {"verdict": verdict, "reviewer": reviewer, "reason": (str(reason).strip() if reason else None),
-                 "time_utc": utc_timestamp(), "result": judged}
-        history = list(info.get("review_history") or []) + [entry]
-        datastore.update_image_info(image_id, {"review": entry, "review_history": history})
-    return entry
+    results = results_of(audit, image_id, model)
+    judged = None
+    if results:
+        last = results[-1]
+        judged = {"model": last.get("model"), "modality": last.get("modality"),
+                  "weights_version": last.get("weights_version"), "weights_sha256": last.get("weights_sha256"),
+                  "result_seq": last.get("seq"), "time_utc": last.get("time_utc")}
+    fields = {"image": image_id, "verdict": verdict, "reviewer": reviewer, "reviewer_from": reviewer_from,
+              "reason": reason, "result": judged}
+    entry = audit.append("verdict", {**fields, **request_actor()})
+    current = {**fields, "time_utc": entry["time_utc"], "seq": entry["seq"]}
+    setter = getattr(datastore, "set_review", None)
+    if setter is not None:
+        setter(image_id, current)
+    else:  # a datastore without the audit wrapper (library use)
+        datastore.update_image_info(image_id, {"review": current})
+    return current
 
 
 def review_of(info: dict) -> dict:
@@ -72,14 +108,20 @@ def review_of(info: dict) -> dict:
     return info.get("review") or {"verdict": "unreviewed"}
 
 
-def audit_trail(datastore: Datastore, image_id: str | None = None) -> list[dict]:
-    """Per image: id, current verdict, full review history and the results produced (optionally one image)."""
+def audit_trail(audit: AuditLog, datastore: Datastore, image_id: str | None = None) -> list[dict]:
+    """Per image (all, or ``image_id``): ``review`` (the latest verdict in the log, else the info's),
+    ``review_history`` (every verdict in the log) and ``denoise_results`` (every result in the log), oldest
+    first. Entries of images no longer in the datastore are kept in the log (GET /review/audit/entries)."""
     ids = sorted(datastore.list_images()) if image_id is None else [image_id]
+    wanted = set(ids)
+    verdicts: dict[str, list] = {i: [] for i in ids}
+    results: dict[str, list] = {i: [] for i in ids}
+    for entry in audit.entries(where=lambda e: e.get("event") in ("verdict", "result") and _image_of(e) in wanted):
+        (verdicts if entry["event"] == "verdict" else results)[_image_of(entry)].append(_flat(entry))
     out = []
     for i in ids:
-        info = datastore.get_image_info(i) or {}
-        out.append({"image": i, "review": review_of(info), "review_history": info.get("review_history") or [],
-                    "denoise_results": info.get("denoise_results") or []})
+        current = verdicts[i][-1] if verdicts[i] else review_of(datastore.get_image_info(i) or {})
+        out.append({"image": i, "review": current, "review_history": verdicts[i], "denoise_results": results[i]})
     return out
 
 

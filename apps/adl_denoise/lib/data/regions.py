@@ -14,7 +14,7 @@ REGION MAP: a uint8 label map on the image's grid (0 = no region) and a declarat
 
 Everything here is plain numpy / SciPy on arrays in the modality's units (CT in HU), shape (Z, H, W) or (H, W);
 the server side (where the map and its declaration are stored) is in :mod:`lib.trainers.finetune` and
-:mod:`lib.endpoints`.
+:mod:`lib.endpoints.guards`.
 """
 from __future__ import annotations
 

@@ -1,9 +1,14 @@
-"""Refusals shared by the readers and the writers: the voxel limit, non-finite or empty values, writing onto
+"""Refusals shared by the readers and the writers: the voxel limit, a header that declares more data than its
+file holds (checked before any voxel is read), a cut gzip stream, non-finite or empty values, writing onto
 the input; and the temporary folder an output is written in before it is renamed into place."""
 from __future__ import annotations
 
+import gzip
 import os
+import re
+import struct
 import uuid
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -15,8 +20,10 @@ from .volume import Volume
 __all__ = [
     "MAX_VOXELS_DEFAULT",
     "check_finite",
+    "check_gzip_stream",
     "check_not_input",
     "check_size",
+    "check_stored_size",
     "check_values",
     "make_temp_dir",
     "max_voxels",
@@ -43,6 +50,124 @@ def check_size(shape: Sequence[int], path: Path, limit: int) -> None:
             f"of {limit:,} (raise it with ADL_MAX_VOXELS on the command line or --conf max_voxels on the server, "
             "or crop the volume)"
         )
+
+
+# deflate (gzip, zlib) cannot expand data more than 1032 : 1 (its longest match, 258 bytes, costs >= 2 bits), so
+# a compressed file of n bytes never holds more than ~1032 n bytes of voxels; 1100 leaves room for headers.
+_DEFLATE_MAX_RATIO = 1100
+# NIfTI headers: sizeof_hdr 348 (NIfTI-1, vox_offset float32 at byte 108) or 540 (NIfTI-2, int64 at byte 168)
+_NIFTI1_HEADER, _NIFTI2_HEADER = 348, 540
+_CHUNK = 1 << 20  # bytes decompressed at a time when a gzip stream is verified: memory stays O(1 MiB)
+
+
+def _nifti_vox_offset(header: bytes) -> int:
+    """Byte offset of the voxels from the first bytes of a NIfTI-1/-2 header (its size when unreadable)."""
+    for order in ("<", ">"):
+        if len(header) >= 4 and struct.unpack(order + "i", header[:4])[0] == _NIFTI1_HEADER and len(header) >= 112:
+            return max(_NIFTI1_HEADER, int(struct.unpack(order + "f", header[108:112])[0]))
+        if len(header) >= 4 and struct.unpack(order + "i", header[:4])[0] == _NIFTI2_HEADER and len(header) >= 176:
+            return max(_NIFTI2_HEADER, int(struct.unpack(order + "q", header[168:176])[0]))
+    return _NIFTI1_HEADER
+
+
+def _text_header(path: Path, limit: int = 65536) -> tuple[dict[str, str], int]:
+    """Fields (lower-case keys) and byte length of the text header of a NRRD or MetaImage file: NRRD ends it at
+    the first blank line, MetaImage at its ``ElementDataFile`` line."""
+    with open(path, "rb") as handle:
+        head = handle.read(limit)
+    fields: dict[str, str] = {}
+    position = 0
+    for raw in head.splitlines(keepends=True):
+        position += len(raw)
+        line = raw.decode("latin-1").strip()
+        if not line:
+            break  # NRRD: the data follows the blank line
+        if line.startswith("#"):
+            continue
+        match = re.match(r"^([^:=]+?)\s*(:=|:|=)\s*(.*)$", line)
+        if match:
+            fields[match.group(1).strip().lower()] = match.group(3).strip()
+            if match.group(1).strip().lower() == "elementdatafile":
+                break  # MetaImage: the data follows this line
+    return fields, position
+
+
+def _stored_bytes(path: Path) -> tuple[int, str] | None:
+    """(bytes that hold the voxels, encoding) of an image file: ``raw``, ``gzip``, ``bzip2``, ``ascii`` or ``hex``;
+    None when the layout is not one this check understands (a list of data files, a pattern)."""
+    name = path.name.lower()
+    size = path.stat().st_size
+    if name.endswith(".nii.gz") or name.endswith(".gz"):
+        return size, "gzip"
+    if name.endswith(".nii"):
+        with open(path, "rb") as handle:
+            return size - _nifti_vox_offset(handle.read(_NIFTI2_HEADER)), "raw"
+    if name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+        fields, header_length = _text_header(path)
+        if name.endswith((".nrrd", ".nhdr")):
+            encoding = fields.get("encoding", "raw").lower()
+            encoding = {"gz": "gzip", "bz2": "bzip2", "txt": "ascii", "text": "ascii"}.get(encoding, encoding)
+            data_file = fields.get("data file") or fields.get("datafile")
+        else:
+            compressed = fields.get("compresseddata", "false").lower() == "true"
+            encoding = "gzip" if compressed else "raw"
+            data_file = fields.get("elementdatafile", "LOCAL")
+            data_file = None if data_file.upper() == "LOCAL" else data_file
+        if data_file is None:
+            return size - header_length, encoding
+        if " " in data_file or "%" in data_file or data_file.upper() == "LIST":
+            return None  # several data files: ITK checks them while reading
+        detached = (path.parent / data_file) if not os.path.isabs(data_file) else Path(data_file)
+        return (detached.stat().st_size if detached.is_file() else 0), encoding
+    return None
+
+
+def check_stored_size(path: Path, shape: Sequence[int], bytes_per_voxel: int) -> None:
+    """Refuse a file whose header declares more voxel data (``shape`` x ``bytes_per_voxel``) than the file can
+    hold, before any voxel is read (a reader would allocate the declared size first, then fail or fill zeros).
+
+    Raw data must be all there; deflate-compressed data cannot expand more than ~1100 : 1; text data needs at
+    least one character per value, hex two per byte. bzip2 (NRRD) is left to the voxel limit.
+    """
+    declared = int(np.prod([int(v) for v in shape], dtype=np.float64)) * int(bytes_per_voxel)
+    try:
+        stored = _stored_bytes(path)
+    except OSError:
+        return  # the reader reports what it cannot open
+    if stored is None:
+        return
+    available, encoding = stored
+    needed = {"raw": declared, "gzip": -(-declared // _DEFLATE_MAX_RATIO), "hex": 2 * declared,
+              "ascii": declared // max(1, int(bytes_per_voxel))}.get(encoding)
+    if needed is not None and available < needed:
+        raise ImageReadError(
+            f"{path} is truncated or corrupt: its header declares {' x '.join(str(int(v)) for v in shape)} voxels "
+            f"({declared:,} bytes), but the file holds {max(available, 0):,} bytes of {encoding} data"
+        )
+
+
+def check_gzip_stream(path: Path, needed: int | None = None, nifti: bool = False) -> None:
+    """Refuse a gzip file whose stream is cut or corrupt (ITK's NIfTI reader fills the missing voxels with 0), or
+    that decompresses to fewer than ``needed`` voxel bytes (after the NIfTI header, with ``nifti``). Reads in
+    1 MiB chunks: memory stays small whatever the declared size."""
+    total = 0
+    head = b""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while True:
+                chunk = stream.read(_CHUNK)
+                if not chunk:
+                    break
+                if len(head) < _NIFTI2_HEADER:
+                    head += chunk[: _NIFTI2_HEADER - len(head)]
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise ImageReadError(f"{path} is truncated or corrupt: its gzip stream is broken ({one_line(exc)})") from exc
+    if needed is not None:
+        have = total - (_nifti_vox_offset(head) if nifti else 0)
+        if have < needed:
+            raise ImageReadError(f"{path} is truncated or corrupt: its header declares {needed:,} bytes of voxels, "
+                                 f"the file decompresses to {max(have, 0):,}")
 
 
 def check_values(values: np.ndarray, path: Path) -> None:

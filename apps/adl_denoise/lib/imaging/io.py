@@ -15,6 +15,8 @@ HU with padding set to air).
 
 Deliberate refusals (each an :class:`ImageReadError` with a one-line message naming the path):
   * 4D or multi-component images, NaN/Inf values, zero-size images, images above the voxel limit;
+  * a header that declares more voxel data than its file holds (refused from the header, before any voxel is
+    read and allocated), a cut or corrupt gzip stream (ITK's NIfTI reader would fill the missing slices with 0);
   * DICOM series with gantry tilt (sheared slice stack), uneven slice spacing, or several volumes in one
     series (duplicate slice positions). We never resample silently: the caller decides what to do.
 """
@@ -32,10 +34,11 @@ from .dicom_geometry import slice_as_3d_geometry
 from .dicom_read import is_dicom_file, read_dicom_file, read_dicom_folder
 from .dicom_write import write_dicom_derived_series
 from .errors import ImageReadError, ImageWriteError, one_line
-from .guards import check_finite, check_not_input, check_size, check_values, make_temp_dir
+from .guards import (check_finite, check_gzip_stream, check_not_input, check_size, check_stored_size, check_values,
+                     make_temp_dir)
 from .volume import Volume, fill_padding, guess_modality, integral_dtype_for, normalise_modality, values_for_output
 
-__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "read_volume", "write_volume"]
+__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "check_image_file", "read_volume", "write_volume"]
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -119,13 +122,56 @@ def _check_nifti_finite(path: Path) -> None:
     check_values(np.asarray(data), path)
 
 
+def _bytes_per_voxel(reader: sitk.ImageFileReader) -> int:
+    """Bytes of one voxel (all its components) of the image ``reader`` has read the header of; 1 if unknown
+    (a lower bound: the size checks then refuse less, never wrongly)."""
+    try:
+        probe = sitk.Image([1, 1], reader.GetPixelID(), max(1, reader.GetNumberOfComponents()))
+        return int(sitk.GetArrayViewFromImage(probe).dtype.itemsize) * max(1, reader.GetNumberOfComponents())
+    except (RuntimeError, TypeError, ValueError):
+        return 1
+
+
+def _header_checks(path: Path, limit: int) -> sitk.ImageFileReader:
+    """Read ``path``'s header only and refuse, before any voxel is read: more than ``limit`` voxels, more voxel
+    data declared than the file holds, a cut or corrupt gzip stream of a NIfTI file."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()  # header only: refuse a huge image before loading its pixels
+    except RuntimeError as exc:
+        raise ImageReadError(f"cannot read {path}: {one_line(exc)}") from exc
+    check_size(reader.GetSize(), path, limit)
+    per_voxel = _bytes_per_voxel(reader)
+    check_stored_size(path, reader.GetSize(), per_voxel)
+    if _suffix(path) == ".nii.gz":
+        # the stream is verified before ITK reads it: ITK's NIfTI reader turns a cut stream into zero slices
+        declared = int(np.prod([int(v) for v in reader.GetSize()], dtype=np.float64)) * per_voxel
+        check_gzip_stream(path, declared, nifti=True)
+    return reader
+
+
+def check_image_file(path: str | Path, max_voxels: int | None = None) -> tuple[int, ...]:
+    """Check an image file (NIfTI, NRRD, MetaImage) without reading its voxels: readable header, at most
+    ``max_voxels`` voxels (None: :func:`~lib.imaging.guards.max_voxels`), as much data as the header declares,
+    an intact gzip stream. Returns its size (x, y[, z]) in SimpleITK order. Memory: O(1 MiB).
+
+    Raises:
+        ImageReadError: unsupported suffix, unreadable header, too large, truncated or corrupt.
+    """
+    p = Path(path)
+    if _suffix(p) not in READ_SUFFIXES:
+        raise ImageReadError(f"{p}: unsupported file type {_suffix(p)!r} (supported: {', '.join(READ_SUFFIXES)})")
+    if not p.is_file():
+        raise ImageReadError(f"{p}: no such file")
+    limit = guards.max_voxels() if max_voxels is None else int(max_voxels)
+    return tuple(int(v) for v in _header_checks(p, limit).GetSize())
+
+
 def _read_with_sitk(path: Path, modality: str | None, fill: bool, limit: int) -> Volume:
     """A NIfTI/NRRD/MetaImage file through SimpleITK (arguments as :func:`read_volume`; ``limit`` in voxels)."""
+    reader = _header_checks(path, limit)
     try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()  # header only: refuse a huge image before loading its pixels
-        check_size(reader.GetSize(), path, limit)
         image = reader.Execute()
     except RuntimeError as exc:
         raise ImageReadError(f"cannot read {path}: {one_line(exc)}") from exc

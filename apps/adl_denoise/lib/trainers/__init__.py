@@ -1,4 +1,6 @@
-"""MONAI Label train tasks."""
-from .finetune import DenoiserTrainTask, TrainingDataError
+"""MONAI Label train tasks, and the stamp that makes a saved label a clinician's correction (training data)."""
+from .finetune import (CORRECTION_KEYS, DenoiserTrainTask, TrainingDataError, correction_stamp,
+                       is_clinician_correction, remove_stale_work)
 
-__all__ = ["DenoiserTrainTask", "TrainingDataError"]
+__all__ = ["CORRECTION_KEYS", "DenoiserTrainTask", "TrainingDataError", "correction_stamp", "is_clinician_correction",
+           "remove_stale_work"]

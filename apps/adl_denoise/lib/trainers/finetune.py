@@ -9,10 +9,14 @@ publishes through :class:`lib.weights.store.ModelStore` only a model no worse th
 
 Modes (request ``mode``):
 
-* ``corrections`` (default): every datastore image whose ``final`` label is a corrected denoised volume (float,
-  same grid) is a pair: input = the original image, target = the correction. An image may also carry a
-  ``regions`` label (corrections that say where, :mod:`lib.data.regions`): a uint8 label map on its grid,
-  saved with ``PUT /datastore/label?image=ID&tag=regions`` and the form field ``params`` =
+* ``corrections`` (default): every datastore image whose ``final`` label is a clinician's correction (a corrected
+  denoised volume, float, same grid) is a pair: input = the original image, target = the correction. A
+  correction is a label saved through the app's ``PUT /datastore/label`` route, which stamps its info with
+  :func:`correction_stamp` (``correction``, ``saved_by``, ``saved_utc`` and the file's ``sha256``; clients cannot
+  set these keys). A ``final`` label without the stamp, or whose file no longer has the stamped hash (an infer
+  result saved as a label, a file put into the datastore folder by hand), is not training data. An image may
+  also carry a ``regions`` label (corrections that say where, :mod:`lib.data.regions`): a uint8 label map on its
+  grid, saved with ``PUT /datastore/label?image=ID&tag=regions`` and the form field ``params`` =
   ``{"regions": [{"value", "name", "intent": "keep" | "strength"[, "strength": 0..2]}]}``, which MONAI Label
   stores as the label's info (read back with ``datastore.get_label_info(ID, "regions")``). Strength regions
   blend the target locally; keep regions become the volume's ``roi`` (ROI L1 of weight ``roi_l1_weight``,
@@ -64,36 +68,96 @@ from ..imaging import read_volume
 from ..noise_learning.workflow import adaptation_data
 from ..runtime.atomic import atomic_write_json
 from ..runtime.clock import Stopwatch, utc_compact_stamp, utc_timestamp
+from ..runtime.hashing import file_sha256
 from ..weights.store import ModelStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DenoiserTrainTask", "TrainingDataError", "correction_pairs"]
+__all__ = ["CORRECTION_KEYS", "DenoiserTrainTask", "TrainingDataError", "correction_pairs", "correction_stamp",
+           "is_clinician_correction", "remove_stale_work"]
 
 MODES = ("corrections", "adapt_noise")
+# label-info keys only the server writes (the label route's stamp); a client sending them is overridden / refused
+CORRECTION_KEYS = ("correction", "saved_by", "saved_utc", "sha256", "regions_sha256")
+
+
+def correction_stamp(label_path: str | os.PathLike, user: str | None) -> dict[str, Any]:
+    """The label-info stamp of a clinician's correction saved through the label route: ``{"correction": True,
+    "saved_by": user, "saved_utc": now, "sha256": hash of the label file}``."""
+    return {"correction": True, "saved_by": str(user or "anonymous"), "saved_utc": utc_timestamp(),
+            "sha256": file_sha256(label_path)}
+
+
+def is_clinician_correction(info: dict | None, label_path: str | os.PathLike | None) -> bool:
+    """Whether a label (its datastore ``info`` and file) is a stamped correction whose file is still the one
+    stamped (same SHA-256)."""
+    if not isinstance(info, dict) or info.get("correction") is not True or not info.get("saved_by"):
+        return False
+    if not label_path or not os.path.isfile(label_path):
+        return False
+    try:
+        return file_sha256(label_path) == info.get("sha256")
+    except OSError:
+        return False
+
+
+def remove_stale_work(work_root: Path) -> list[Path]:
+    """Remove the scratch folders ``<work_root>/<model>/<stamp>-<pid>`` of runs whose process is gone (a run
+    killed by ``DELETE /train`` or a crash never reaches its ``finally``); returns those removed. A folder of a
+    live process, or one whose name does not end in a pid, is kept."""
+    removed = []
+    for folder in sorted(Path(work_root).glob("*/*")):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if not folder.is_dir() or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+            log.info("removed the scratch folder %s of a run that was stopped or killed", folder)
+    return removed
 
 
 class TrainingDataError(ValueError):
     """The datastore does not hold what the requested training needs (message says what is missing)."""
 
 
-def correction_pairs(datastore: Datastore, modality: str | None = None) -> list[dict]:
-    """``[{"id", "image", "label", "modality", "regions", "regions_info"}]`` for every image with a ``final``
-    label (a correction); ``regions`` is the path of its region map (label tag ``regions``) or None, and
-    ``regions_info`` that label's info (the ``params`` it was saved with: ``{"regions": [...]}``)."""
+def correction_pairs(datastore: Datastore, modality: str | None = None, skipped: list | None = None) -> list[dict]:
+    """``[{"id", "image", "label", "modality", "regions", "regions_info"}]`` for every image whose ``final`` label
+    is a clinician's correction (:func:`is_clinician_correction`); ``regions`` is the path of its region map
+    (label tag ``regions``) or None, and ``regions_info`` that label's info (the ``params`` it was saved with:
+    ``{"regions": [...]}``). The ids of ``final`` labels that are not corrections are appended to ``skipped``."""
     pairs = []
     for image_id in sorted(datastore.get_labeled_images()):
         image = datastore.get_image_uri(image_id)
         label = datastore.get_label_uri(image_id, "final")
+        if not is_clinician_correction(datastore.get_label_info(image_id, "final"), label):
+            if skipped is not None:
+                skipped.append(image_id)
+            continue
         volume_modality = image_modality(datastore, image_id, image)
         if modality and volume_modality != modality.upper():
             continue
-        has_regions = REGIONS_TAG in (datastore.get_labels_by_image_id(image_id) or {})
-        regions = datastore.get_label_uri(image_id, REGIONS_TAG) if has_regions else None
-        info = dict(datastore.get_label_info(image_id, REGIONS_TAG) or {}) if has_regions else None
+        regions, info = _regions_of_correction(datastore, image_id)
         pairs.append({"id": image_id, "image": image, "label": label, "modality": volume_modality,
                       "regions": regions or None, "regions_info": info})
     return pairs
+
+
+def _regions_of_correction(datastore: Datastore, image_id: str) -> tuple[str | None, dict | None]:
+    """(path, info) of the region map that was sent WITH the image's current correction, else (None, None).
+
+    The correction's stamp names the SHA-256 of the region map it was saved with (``regions_sha256``, checked by
+    the label route against the stored map); a map stored for an earlier correction, or changed since, does not
+    match and is not applied to a later correction sent without regions."""
+    final_info = datastore.get_label_info(image_id, "final") or {}
+    wanted = final_info.get("regions_sha256")
+    if not wanted or REGIONS_TAG not in (datastore.get_labels_by_image_id(image_id) or {}):
+        return None, None
+    path = datastore.get_label_uri(image_id, REGIONS_TAG)
+    info = dict(datastore.get_label_info(image_id, REGIONS_TAG) or {})
+    if not is_clinician_correction(info, path) or info.get("sha256") != wanted:
+        return None, None
+    return path, info
 
 
 def pair_regions(pair: dict):
@@ -163,8 +227,10 @@ class DenoiserTrainTask(TrainTask):
         except (OSError, ValueError):
             return {"status": "unknown"}
         if stats.get("status") == "running" and not _pid_alive(stats.get("pid")):
-            # the run's process is gone without writing its end: stopped or killed (served weights untouched)
+            # the run's process is gone without writing its end: stopped or killed (served weights untouched);
+            # its scratch folder (checkpoints, candidate) goes now, not at the next run
             stats.update(status="interrupted", phase="interrupted")
+            remove_stale_work(self.store.model_dir / "work")
         if stats.get("status") == "running" and stats.get("work_dir"):
             log_file = Path(stats["work_dir"]) / "checkpoints" / "train_log.jsonl"
             last = _last_line(log_file)
@@ -189,11 +255,17 @@ class DenoiserTrainTask(TrainTask):
         if asked not in ("AUTO", *self.modalities):
             raise TrainingDataError(f"{self.model} serves {', '.join(self.modalities)}; modality {asked!r} is unknown")
         if mode == "corrections":
-            pairs = correction_pairs(datastore, None if asked == "AUTO" else asked)
+            skipped: list[str] = []
+            pairs = correction_pairs(datastore, None if asked == "AUTO" else asked, skipped)
             modalities = sorted({p["modality"] for p in pairs})
+            if skipped:
+                log.warning("final labels that are not clinician corrections (not saved through PUT /datastore/label,"
+                            " or changed since) are not training data: %s", ", ".join(skipped))
             if not pairs:
+                unstamped = (f" ({len(skipped)} 'final' label(s) were not saved as corrections through PUT "
+                             "/datastore/label and are not training data)") if skipped else ""
                 raise TrainingDataError("no corrected studies to learn from: save a corrected denoised volume as the "
-                                        "'final' label of at least 2 images first")
+                                        f"'final' label of at least 2 images first{unstamped}")
             if asked == "AUTO":
                 if len(modalities) > 1:
                     raise TrainingDataError(f"corrections of several modalities ({', '.join(modalities)}): say which "
@@ -225,6 +297,7 @@ class DenoiserTrainTask(TrainTask):
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         resolved = self.validate_request(request, datastore)
         run_id = f"{utc_compact_stamp()}-{os.getpid()}"
+        remove_stale_work(self.store.model_dir / "work")  # what killed runs left behind
         work = self.work_dir(run_id)
         work.mkdir(parents=True, exist_ok=True)
         modality, settings, mode = resolved["modality"], resolved["settings"], resolved["mode"]
@@ -344,4 +417,8 @@ def _pid_alive(pid) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed child its parent has not reaped yet is a zombie: gone, though os.kill still finds it
+        with open(f"/proc/{int(pid)}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -14,7 +14,6 @@ it was. Servers pick a new file up by its modification time (hot reload).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from ..runtime.atomic import atomic_copy
 from ..runtime.clock import utc_compact_stamp
+from ..runtime.hashing import file_sha256 as sha256_of_file
 from .lookup import find_weights
 
 __all__ = ["ModelStore", "WeightsVersion", "file_sha256"]
@@ -41,11 +41,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     with _hash_lock:
         if key in _hash_cache:
             return _hash_cache[key]
-    digest = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    value = digest.hexdigest()
+    value = sha256_of_file(p)
     with _hash_lock:
         _hash_cache[key] = value
     return value

@@ -1,7 +1,10 @@
 """MRML-side logic of the ADLDenoise module against real MRML (Slicer, or PyPI's slicer-core without Qt).
 
 Volume nodes out to NRRD and back (geometry, HU values, name suffix), refusal of a result on another grid,
-difference and blended volumes, ROI statistics inside a markups ROI. Run inside Slicer with
+difference and blended volumes, ROI statistics inside a markups ROI; the study identity from the subject hierarchy
+(SeriesInstanceUID, Modality) or the content, scalar-only volumes, the parent transform of results, the frame of a
+4D sequence, Yellow taking Red's orientation before the views are linked, and Close Scene making the review
+session forget. Needs neither a server nor pynrrd. Run inside Slicer with
 ``slicer_add_python_unittest`` or outside it with ``python -m pytest`` in a venv that has slicer-core.
 """
 from __future__ import annotations
@@ -16,17 +19,68 @@ import slicer
 if getattr(slicer, "mrmlScene", None) is None:  # slicer-core: no application, so make the scene slicer.util uses
     slicer.mrmlScene = slicer.vtkMRMLScene()
 
-import nrrd  # noqa: E402  (pynrrd: read what Slicer wrote, independently of Slicer)
+
+class nrrd:  # noqa: N801 - a minimal stand-in for pynrrd's read / write (Slicer does not bundle pynrrd)
+    """Raw (uncompressed) NRRD read and write, independent of Slicer: enough to check what Slicer's storage node
+    wrote (``export_volume`` writes uncompressed) and to hand it files. Data in C order (z, y, x)."""
+
+    TYPES = {"float": np.float32, "double": np.float64, "short": np.int16, "unsigned short": np.uint16,
+             "int": np.int32, "unsigned char": np.uint8, "uchar": np.uint8, "signed char": np.int8}
+
+    @staticmethod
+    def _vector(text: str) -> list[float]:
+        return [float(v) for v in text.strip().strip("()").split(",")]
+
+    @classmethod
+    def read(cls, path: str, index_order: str = "C"):
+        raw = Path(path).read_bytes()
+        end = raw.index(b"\n\n")
+        fields = {}
+        for line in raw[:end].decode("ascii").splitlines()[1:]:
+            if line.startswith("#") or ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.lstrip("=").strip()
+        if fields.get("encoding") != "raw":
+            raise ValueError(f"only raw NRRD is read here, got encoding {fields.get('encoding')}")
+        sizes = [int(v) for v in fields["sizes"].split()]
+        dtype = np.dtype(cls.TYPES[fields["type"]]).newbyteorder("<" if fields.get("endian", "little") == "little"
+                                                                else ">")
+        data = np.frombuffer(raw[end + 2:], dtype, count=int(np.prod(sizes))).reshape(sizes[::-1])
+        header = dict(fields)
+        header["space directions"] = np.array([cls._vector(v) for v in
+                                               fields["space directions"].replace(") (", ")|(").split("|")])
+        header["space origin"] = np.array(cls._vector(fields["space origin"]))
+        return data.astype(dtype.newbyteorder("=")), header
+
+    @classmethod
+    def write(cls, path: str, data: np.ndarray, header: dict, index_order: str = "C") -> None:
+        data = np.ascontiguousarray(data)
+        names = {np.dtype(t): n for n, t in reversed(list(cls.TYPES.items()))}
+        vectors = " ".join("(" + ",".join(repr(float(v)) for v in row) + ")" for row in header["space directions"])
+        text = ("NRRD0004\n"
+                f"type: {names[data.dtype.newbyteorder('=')]}\ndimension: 3\nspace: {header['space']}\n"
+                f"sizes: {' '.join(str(n) for n in data.shape[::-1])}\nspace directions: {vectors}\n"
+                "kinds: domain domain domain\nendian: little\nencoding: raw\n"
+                f"space origin: ({','.join(repr(float(v)) for v in header['space origin'])})\n\n")
+        Path(path).write_bytes(text.encode("ascii") + data.astype(data.dtype.newbyteorder("<")).tobytes())
+
 
 from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene made above)
+    adopt_parent_transform,
     blended_volume,
     difference_volume,
     export_volume,
+    is_plain_scalar_volume,
     load_result,
     looks_like_ct,
+    match_orientation_and_link,
     roi_statistics_for_roi_node,
     same_grid,
+    sequence_frame,
+    study_identity,
 )
+from ADLDenoiseLib.review_session import ReviewSession  # noqa: E402
 
 
 def oblique_ct_node(name: str = "chest CT"):
@@ -114,6 +168,139 @@ class MRMLLogicTest(unittest.TestCase):
         self.assertAlmostEqual(stats["std_denoised"], 0.0, places=3)
         self.assertAlmostEqual(stats["noise_reduction_percent"], 100.0, places=3)
         self.assertGreater(stats["std_original"], 10.0)
+
+
+def as_dicom_series(node, series_uid: str, modality: str):
+    """What Slicer's DICOM import does (DICOMLib/DICOMPlugin.addSeriesInSubjectHierarchy): a subject-hierarchy
+    item for the node with the UID "DICOM" and the attribute "DICOM.Modality"."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    item = hierarchy.GetItemByDataNode(node) or hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
+    hierarchy.SetItemUID(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMUIDName(), series_uid)
+    hierarchy.SetItemAttribute(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName(),
+                               modality)
+    return node
+
+
+class StudyIdentityTest(unittest.TestCase):
+    """Study identity, scalar-only volumes, parent transforms, sequence frames, linked views, scene close."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+        self.work = Path(tempfile.mkdtemp())
+
+    def test_identity_comes_from_the_subject_hierarchy_series_not_the_node_name(self):
+        a = as_dicom_series(oblique_ct_node("3: CT HEAD"), "1.2.840.99.1", "CT")
+        b = as_dicom_series(oblique_ct_node("3: CT HEAD"), "1.2.840.99.2", "CT")  # same name and voxels
+        self.assertEqual(a.GetAttribute("DICOM.Modality"), None)  # the node attribute is not where it lives
+        ida, idb = study_identity(a), study_identity(b)
+        self.assertEqual((ida.kind, ida.key, ida.modality), ("dicom", "1.2.840.99.1", "CT"))
+        self.assertNotEqual(ida.datastore_id(), idb.datastore_id())
+        # without DICOM: a content hash of voxels + geometry; same content -> same identity, moved -> another
+        c, d = oblique_ct_node("phantom"), oblique_ct_node("phantom")
+        self.assertEqual(study_identity(c).kind, "content")
+        self.assertEqual(study_identity(c), study_identity(d))
+        d.SetOrigin(0.0, 0.0, 0.0)
+        self.assertNotEqual(study_identity(c), study_identity(d))
+        values = slicer.util.arrayFromVolume(c)
+        values[0, 0, 0] += 1.0
+        slicer.util.arrayFromVolumeModified(c)
+        self.assertNotEqual(study_identity(c), study_identity(oblique_ct_node("phantom")))
+
+    def test_only_single_component_scalar_volumes_are_accepted(self):
+        self.assertTrue(is_plain_scalar_volume(oblique_ct_node()))
+        for cls in ("vtkMRMLLabelMapVolumeNode", "vtkMRMLVectorVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode",
+                    "vtkMRMLDiffusionTensorVolumeNode"):
+            node = slicer.mrmlScene.AddNewNodeByClass(cls)
+            self.assertIsNotNone(node, cls)
+            self.assertFalse(is_plain_scalar_volume(node), cls)
+        import vtk
+
+        image = vtk.vtkImageData()
+        image.SetDimensions(4, 3, 2)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)  # RGB voxels held in a plain scalar volume node
+        rgb = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "rgb in a scalar node")
+        rgb.SetAndObserveImageData(image)
+        self.assertFalse(is_plain_scalar_volume(rgb))
+        with self.assertRaises(ValueError):
+            study_identity(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode"))
+
+    def test_results_blends_and_differences_go_under_the_originals_parent_transform(self):
+        original = oblique_ct_node()
+        tilt = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "gantry tilt")
+        original.SetAndObserveTransformNodeID(tilt.GetID())
+        path = export_volume(original, self.work / "in.nrrd")
+        result = load_result(slicer.mrmlScene, path, original)
+        for node in (result, blended_volume(slicer.mrmlScene, original, result, 0.5),
+                     difference_volume(slicer.mrmlScene, original, result)):
+            self.assertIsNotNone(node.GetParentTransformNode())
+            self.assertEqual(node.GetParentTransformNode().GetID(), tilt.GetID())
+        plain = oblique_ct_node("no transform")
+        other = oblique_ct_node("was under a transform")
+        other.SetAndObserveTransformNodeID(tilt.GetID())
+        adopt_parent_transform(other, plain)
+        self.assertIsNone(other.GetParentTransformNode())
+
+    def test_a_sequence_frame_is_named_and_part_of_the_identity(self):
+        slicer.mrmlScene.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())
+        sequence = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceNode", "perfusion")
+        for frame in range(3):
+            volume = slicer.vtkMRMLScalarVolumeNode()
+            slicer.util.updateVolumeFromArray(volume, np.full((2, 3, 4), frame, np.float32))
+            sequence.SetDataNodeAtValue(volume, str(frame * 2.5))
+        browser = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode")
+        browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+        logic = slicer.vtkSlicerSequencesLogic()
+        logic.SetMRMLScene(slicer.mrmlScene)
+        browser.SetSelectedItemNumber(1)
+        logic.UpdateProxyNodesFromSequences(browser)
+        proxy = browser.GetProxyNode(sequence)
+        info = sequence_frame(proxy)
+        self.assertEqual((info["frame"], info["count"]), (1, 3))
+        self.assertEqual(info["index"], "time = 2.5 s")
+        self.assertIsNone(sequence_frame(oblique_ct_node()))
+        as_dicom_series(sequence, "1.2.840.99.7", "MR")  # the series item of a 4D DICOM load is the sequence's
+        frame1 = study_identity(proxy)
+        self.assertEqual((frame1.kind, frame1.key, frame1.frame, frame1.modality), ("dicom", "1.2.840.99.7", 1, "MR"))
+        browser.SetSelectedItemNumber(2)
+        logic.UpdateProxyNodesFromSequences(browser)
+        self.assertEqual(study_identity(proxy).frame, 2)
+        self.assertNotEqual(study_identity(proxy).datastore_id(), frame1.datastore_id())
+
+    def test_the_second_view_takes_the_first_views_orientation_then_both_are_linked(self):
+        slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(slicer.mrmlScene)
+        red = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode")
+        yellow = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode")
+        self.assertTrue(red.SetOrientationToAxial() and yellow.SetOrientationToSagittal())
+        composites = [slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(2)]
+        match_orientation_and_link(red, yellow, composites)
+        self.assertEqual((red.GetOrientation(), yellow.GetOrientation()), ("Axial", "Axial"))
+        self.assertTrue(all(c.GetLinkedControl() and c.GetHotLinkedControl() for c in composites))
+        # an oblique (reformatted) red view: yellow gets the same plane
+        red.GetSliceToRAS().SetElement(0, 1, 0.3)
+        red.UpdateMatrices()
+        match_orientation_and_link(red, yellow, composites)
+        for r in range(4):
+            for c in range(4):
+                self.assertAlmostEqual(yellow.GetSliceToRAS().GetElement(r, c), red.GetSliceToRAS().GetElement(r, c))
+
+    def test_scene_close_event_makes_the_session_forget_and_node_ids_restart(self):
+        session = ReviewSession(self.work / "tmp")
+        slicer.mrmlScene.AddObserver(slicer.vtkMRMLScene.EndCloseEvent, lambda *_: session.scene_closed())
+        first = oblique_ct_node("patient A")
+        session.select(study_identity(first))
+        session.result_arrived(session.study, first.GetID())
+        work = session.work_dir
+        first_id = first.GetID()
+        slicer.mrmlScene.Clear(0)
+        self.assertIsNone(session.study)
+        self.assertEqual(session.results, {})
+        self.assertFalse(work.exists())
+        second = oblique_ct_node("patient B")
+        second.SetOrigin(1.0, 2.0, 3.0)
+        self.assertEqual(second.GetID(), first_id)  # the reason nothing may be keyed by node ID
+        session.select(study_identity(second))
+        self.assertIsNone(session.result())
+        slicer.mrmlScene.RemoveObservers(slicer.vtkMRMLScene.EndCloseEvent)
 
 
 if __name__ == "__main__":

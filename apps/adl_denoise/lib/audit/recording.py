@@ -1,0 +1,142 @@
+"""What the server records in the audit log (:mod:`.log`), and who asked.
+
+* :func:`audited_datastore`: the app's datastore, of its own class still (``isinstance`` checks keep working), with
+  ``add_image``, ``remove_image``, ``save_label``, ``remove_label``, ``update_image_info`` and ``update_label_info``
+  recording an entry BEFORE they act (an action whose entry cannot be written does not happen; one that then
+  fails leaves a ``..._failed`` entry). MONAI Label's stock datastore routes call these methods, so they leave
+  records too. ``update_image_info`` refuses the keys the review keeps (:data:`PROTECTED_INFO_KEYS`): the current
+  verdict in the datastore info is written only through :meth:`set_review`, after its entry is in the log.
+* :class:`AuditedModelStore`: the weights store, each event of its history (published, rejected, restored) also an
+  audit entry; publishing and restoring are refused while the log refuses entries.
+* Who asked: :func:`.context.request_actor` (the authenticated user, the client's address), read from the request
+  that :class:`.context.RequestContextMiddleware` keeps in a context variable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict
+
+from ..runtime.hashing import file_sha256
+from ..weights.store import ModelStore
+from .context import RequestContextMiddleware, request_actor
+from .identity import input_identity
+from .log import AuditError, AuditLog
+
+__all__ = ["PROTECTED_INFO_KEYS", "AuditedModelStore", "RequestContextMiddleware", "audited_datastore",
+           "request_actor"]
+
+log = logging.getLogger(__name__)
+
+PROTECTED_INFO_KEYS = ("review", "review_history", "denoise_results")
+
+def _identity_or_error(path: str) -> Dict[str, Any]:
+    try:
+        return input_identity(path)
+    except Exception as error:  # noqa: BLE001 - the record says it could not identify the file, and why
+        return {"identity_error": f"{type(error).__name__}: {error}"}
+
+
+# ------------------------------------------------------------------------------------------------ datastore
+class AuditedDatastoreMixin:
+    """Mixed in front of the datastore's own class by :func:`audited_datastore` (see the module docstring)."""
+
+    _audit: AuditLog
+
+    def _recorded(self, event: str, fields: dict, action):
+        self._audit.append(event, {**fields, **request_actor()})
+        try:
+            return action()
+        except Exception as error:
+            try:
+                self._audit.append(f"{event}_failed", {**fields, "error": f"{type(error).__name__}: {error}"})
+            except AuditError:
+                log.exception("could not record the failure of %s", event)
+            raise
+
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        fields = {"image": image_id, "file_name": os.path.basename(str(image_filename)),
+                  "file_sha256": file_sha256(image_filename), **_identity_or_error(image_filename),
+                  "info": image_info}
+        return self._recorded("image_added", fields,
+                              lambda: super(AuditedDatastoreMixin, self).add_image(image_id, image_filename,
+                                                                                   image_info))
+
+    def remove_image(self, image_id: str) -> None:
+        fields: Dict[str, Any] = {"image": image_id}
+        try:
+            uri = super().get_image_uri(image_id)
+            if uri and os.path.isfile(uri):
+                fields["file_sha256"] = file_sha256(uri)
+        except Exception:  # noqa: BLE001 - an unknown id: the removal itself says so
+            pass
+        return self._recorded("image_removed", fields,
+                              lambda: super(AuditedDatastoreMixin, self).remove_image(image_id))
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        fields = {"image": image_id, "tag": label_tag, "file_sha256": file_sha256(label_filename),
+                  "info": label_info}
+        return self._recorded("label_saved", fields, lambda: super(AuditedDatastoreMixin, self).save_label(
+            image_id, label_filename, label_tag, label_info))
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        return self._recorded("label_removed", {"image": label_id, "tag": label_tag},
+                              lambda: super(AuditedDatastoreMixin, self).remove_label(label_id, label_tag))
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        protected = sorted(set(info or {}) & set(PROTECTED_INFO_KEYS))
+        if protected:
+            from fastapi import HTTPException
+
+            raise HTTPException(status_code=422, detail=(
+                f"image info may not set {', '.join(protected)}: verdicts are given with POST /review/{{id}} and "
+                "kept in the audit log"))
+        return self._recorded("image_info_updated", {"image": image_id, "info": info},
+                              lambda: super(AuditedDatastoreMixin, self).update_image_info(image_id, info))
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        return self._recorded("label_info_updated", {"image": label_id, "tag": label_tag, "info": info},
+                              lambda: super(AuditedDatastoreMixin, self).update_label_info(label_id, label_tag, info))
+
+    def set_review(self, image_id: str, review: Dict[str, Any]) -> None:
+        """Keep ``review`` (the current verdict, already in the audit log) in the image's info for the queue."""
+        super().update_image_info(image_id, {"review": review})
+
+
+_classes: Dict[type, type] = {}
+
+
+def audited_datastore(datastore, audit: AuditLog):
+    """``datastore`` itself, its class swapped for a subclass with :class:`AuditedDatastoreMixin` in front (so
+    every attribute, the file watcher and ``isinstance`` checks stay as they were)."""
+    cls = type(datastore)
+    if not issubclass(cls, AuditedDatastoreMixin):
+        if cls not in _classes:
+            _classes[cls] = type(f"Audited{cls.__name__}", (AuditedDatastoreMixin, cls), {})
+        datastore.__class__ = _classes[cls]
+    datastore._audit = audit
+    return datastore
+
+
+# ------------------------------------------------------------------------------------------------ weights
+class AuditedModelStore(ModelStore):
+    """The weights store (:class:`lib.weights.store.ModelStore`), every event of its history (published,
+    rejected, restored) also an audit entry ``weights_<event>``; publishing and restoring are refused while the
+    audit log refuses entries."""
+
+    def __init__(self, model_dir: str | os.PathLike, audit: AuditLog) -> None:
+        super().__init__(model_dir)
+        self.audit = audit
+
+    def publish(self, candidate, model: str, modality: str, **details):
+        self.audit.check_writable()
+        return super().publish(candidate, model, modality, **details)
+
+    def restore(self, model: str, modality: str, version: str):
+        self.audit.check_writable()
+        return super().restore(model, modality, version)
+
+    def record(self, model: str, modality: str, event: str, **details) -> dict:
+        self.audit.append(f"weights_{event}", {"model": model, "modality": str(modality).upper(), **details,
+                                               **request_actor()})
+        return super().record(model, modality, event, **details)

@@ -1,0 +1,42 @@
+"""HTTP routes the app adds to MONAI Label's server: review verdicts, model versions and rollback, and guards
+that turn bad requests into 4xx answers before MONAI Label's own handlers (which answer 500) see them.
+
+MONAI Label has no hook for app routes, so :func:`install` adds them to the running FastAPI application
+(``monailabel.app.app``) when the app starts inside the server; the guards (:mod:`.guards`) are placed in front of
+the stock routes they protect. With MONAI Label's authentication on, :mod:`.access` puts its access control in
+front of every route (stock and the app's) and its login in front of MONAI Label's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from . import access, guards, review, versions
+
+log = logging.getLogger(__name__)
+
+__all__ = ["install"]
+
+
+def install(fastapi_app) -> None:
+    """Add the routes to the server's FastAPI application; guards go in front of the stock routes."""
+    from monailabel.config import settings
+
+    prefix = settings.MONAI_LABEL_API_STR
+    if getattr(fastapi_app.state, "adl_denoise_routes", False):
+        return
+    for router in (review.router, versions.router):
+        fastapi_app.include_router(router, prefix=prefix)
+    routes = fastapi_app.router.routes
+    before = len(routes)
+    fastapi_app.include_router(guards.router, prefix=prefix)
+    if access.install_access_control(fastapi_app):  # auth on: the middleware, and the login in front of the stock one
+        fastapi_app.include_router(access.login_router, prefix=prefix)
+    # whatever include_router added (routes, or one included-router entry in recent FastAPI) goes first, so the
+    # guards see POST /infer/{model}, /train/{model} and PUT /datastore/label before the stock handlers
+    added = routes[before:]
+    del routes[before:]
+    routes[0:0] = added
+    fastapi_app.state.adl_denoise_routes = True
+    log.info("installed review, versions and request-guard routes%s (pid %d)",
+             ", access control" if access.auth_enabled() else "", os.getpid())

@@ -1,0 +1,505 @@
+"""Guards in front of MONAI Label's stock routes (``install`` places every route of :data:`router` before them):
+they refuse hostile or bad requests with a 4xx answer naming the parameter and the reason (the stock handlers
+answer 500, or act on them), and hand valid requests on to the stock functions. Each guard keeps its stock
+route's query / form parameters and its role (``RBAC``), so nothing is less protected than before.
+
+* Names (:mod:`.names`): image ids, label tags and session ids are plain names, never paths, in every
+  datastore, session and infer route (MONAI Label joins them with its folders).
+* ``POST /infer/{model}``: the URL picks the model, the image (``?image=``, ``?session_id=`` or the upload) and
+  nothing in ``params`` may override them; ``params`` cannot save labels (``save_label``, ``label_tag``);
+  ``params`` must be a JSON object, ``store_to_pacs`` a boolean. An uploaded file is removed whatever the answer.
+* ``PUT /datastore/image``: the upload must be an intact image (header, declared size, gzip stream checked before
+  any voxel is read); an id already taken answers as that study when the content is the same (same file, or same
+  voxels and geometry: 200, nothing replaced, labels kept) and 409 when it differs (MONAI Label would replace the
+  file and drop its labels).
+* ``PUT /datastore/label``: an intact image; a ``final`` correction on its image's grid; a ``regions`` map checked
+  against its image and declaration (:mod:`lib.data.regions`); the label's info gets the server's correction
+  stamp (:func:`lib.trainers.correction_stamp`: who saved it, when, the file's SHA-256), overriding any client
+  keys of the same names, and the label-info routes refuse those keys: only corrections saved here are training
+  data.
+* ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing).
+* ``PUT /session/``: no archive unpacking (``uncompress``): a session is one uploaded volume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, List, Optional
+
+from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from monailabel.config import settings as _settings
+from monailabel.endpoints.user.auth import RBAC, User
+
+from ..runtime.hashing import file_sha256
+from .common import app, model_task
+from .names import check_name
+
+__all__ = ["router", "DATASTORE_SUFFIXES", "FORBIDDEN_INFER_PARAMS"]
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+_USER = _settings.MONAI_LABEL_AUTH_ROLE_USER
+_ANNOTATOR = _settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR
+_ADMIN = _settings.MONAI_LABEL_AUTH_ROLE_ADMIN
+
+# image files the datastore keeps and this app reads (MONAI Label's local datastore lists *.nii.gz, *.nii, *.nrrd)
+DATASTORE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+
+# infer params that would pick another image, session or model than the URL's, or save a label: refused (422)
+_ROUTING = "the URL chooses the image (?image=, ?session_id= or the uploaded file) and the model (/infer/{model})"
+_SAVING = "an infer request does not save labels: corrections are saved with PUT /datastore/label"
+FORBIDDEN_INFER_PARAMS = {
+    "image": _ROUTING, "image_path": _ROUTING, "session_id": _ROUTING, "session": _ROUTING, "model": _ROUTING,
+    "model_filename": _ROUTING, "model_path": _ROUTING, "path": _ROUTING, "file": _ROUTING, "label": _ROUTING,
+    "description": _ROUTING, "save_label": _SAVING, "label_tag": _SAVING,
+}
+_BOOLEAN_WORDS = {"true", "false", "1", "0", "yes", "no", "y", "n", "t", "f", "on", "off"}
+
+# an id's check-then-add is one step: two uploads under one new id cannot both pass the check
+_add_lock = threading.Lock()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _json_object(text: Optional[str], parameter: str) -> dict:
+    """The JSON object of a form field; 422 saying why otherwise (not JSON, or JSON but not an object)."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError as error:
+        raise HTTPException(status_code=422, detail=f"{parameter} is not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise HTTPException(status_code=422, detail=f"{parameter} must be a JSON object ({{...}}), got "
+                                                    f"{type(value).__name__ if value is not None else 'null'}")
+    return value
+
+
+def _check_infer_params(params: dict) -> None:
+    for key in params:
+        if key in FORBIDDEN_INFER_PARAMS:
+            raise HTTPException(status_code=422, detail=f"params.{key} is not accepted: {FORBIDDEN_INFER_PARAMS[key]}")
+    if "store_to_pacs" in params:
+        value = params["store_to_pacs"]
+        if not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+                or (isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS)):
+            raise HTTPException(status_code=422, detail=f"params.store_to_pacs must be true or false, got {value!r}")
+    if "timeout" in params:
+        value = params["timeout"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+            raise HTTPException(status_code=422, detail=f"params.timeout must be a number of seconds, got {value!r}")
+
+
+def _upload_suffix(filename: Optional[str], parameter: str) -> str:
+    """The image suffix of an uploaded file's name (.nii.gz, .nii, .nrrd); 422 otherwise."""
+    name = os.path.basename(filename or "").lower()
+    for suffix in DATASTORE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise HTTPException(status_code=422, detail=f"{parameter} {os.path.basename(filename or '')!r} is not a "
+                                                f"{', '.join(DATASTORE_SUFFIXES)} file")
+
+
+def _save_upload(upload: UploadFile, suffix: str) -> Path:
+    """The upload in a new temporary file (the caller removes it)."""
+    fd, name = tempfile.mkstemp(suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            while True:
+                chunk = upload.file.read(1 << 20)
+                if not chunk:
+                    break
+                handle.write(chunk)
+    except BaseException:
+        _remove(Path(name))
+        raise
+    return Path(name)
+
+
+def _remove(path: Optional[Path]) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            log.warning("could not remove the temporary file %s", path)
+
+
+def _max_voxels() -> Optional[int]:
+    value = (getattr(app(), "conf", None) or {}).get("max_voxels")
+    try:
+        return int(float(value)) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _checked_image(path: Path, what: str) -> tuple[int, ...]:
+    """``path``'s size from its header after the reading checks; 422 (413 when too large) naming ``what``."""
+    from ..imaging import ImageReadError
+    from ..imaging.io import check_image_file
+
+    try:
+        return check_image_file(path, _max_voxels())
+    except ImageReadError as error:
+        message = str(error).replace(str(path), what)
+        raise HTTPException(status_code=413 if "too large" in message else 422,
+                            detail=f"cannot store {what}: {message}") from None
+
+
+def _same_study(existing: str, uploaded: Path) -> bool:
+    """Whether an upload holds the study stored at ``existing``: the same file, or the same voxels and geometry
+    (spacing, origin, direction to 1e-5 mm / 1e-6)."""
+    import numpy as np
+
+    from ..imaging import ImageReadError, read_volume
+
+    if not existing or not os.path.isfile(existing):
+        return False
+    if os.path.getsize(existing) == uploaded.stat().st_size and file_sha256(existing) == file_sha256(uploaded):
+        return True
+    try:
+        a = read_volume(existing, fill_padding=False, max_voxels=_max_voxels())
+        b = read_volume(uploaded, fill_padding=False, max_voxels=_max_voxels())
+    except ImageReadError:
+        return False
+    return (a.array.shape == b.array.shape and np.allclose(a.spacing, b.spacing, rtol=0, atol=1e-5)
+            and np.allclose(a.origin, b.origin, rtol=0, atol=1e-5)
+            and np.allclose(a.direction, b.direction, rtol=0, atol=1e-6)
+            and np.array_equal(a.array, b.array))
+
+
+def _need_image(image: str) -> None:
+    from ..activelearning import has_image
+
+    if not has_image(app().datastore(), image):
+        raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
+
+
+def _refuse_stamp_keys(info: dict, parameter: str) -> None:
+    from ..trainers import CORRECTION_KEYS
+
+    forged = sorted(set(info) & set(CORRECTION_KEYS))
+    if forged:
+        raise HTTPException(status_code=422, detail=f"{parameter} may not set {', '.join(forged)}: the server "
+                                                    "stamps corrections saved with PUT /datastore/label")
+
+
+# ------------------------------------------------------------------------------------------------ infer, train
+@router.post("/infer/{model}", include_in_schema=False)
+def guarded_infer(
+    background_tasks: BackgroundTasks,
+    model: str,
+    image: str = "",
+    session_id: str = "",
+    params: str = Form("{}"),
+    file: UploadFile = File(None),
+    label: UploadFile = File(None),
+    output: Optional[str] = None,
+    user: User = Depends(RBAC(_USER)),
+):
+    """MONAI Label's ``run_inference``, after the checks of the module docstring; the uploaded file is removed
+    whether the request succeeds or fails (the stock route leaves it behind on an error)."""
+    from monailabel.endpoints.infer import send_response
+
+    model_task("infer", model)
+    if image:
+        check_name(image, "image")
+    if session_id:
+        check_name(session_id, "session_id")
+    if not file and not image and not session_id:
+        raise HTTPException(status_code=422, detail="give an image: a datastore id, a session id or an uploaded file")
+    if label:
+        raise HTTPException(status_code=422, detail="label: the denoising models take no label input")
+    if output is not None and output not in ("image", "json", "all"):
+        raise HTTPException(status_code=422, detail=f"output must be image, json or all, got {output!r}")
+    request_params = _json_object(params, "params")
+    _check_infer_params(request_params)
+    running = app()
+    session = None
+    if session_id and not file:
+        if running.sessions() is None:
+            raise HTTPException(status_code=406, detail="sessions are not enabled on this server")
+        session = running.sessions().get_session(session_id)
+        if session is None:
+            raise HTTPException(status_code=404, detail=f"no session {session_id!r} (expired or never created)")
+    if image and not file and session is None:
+        _need_image(image)
+    request: dict[str, Any] = {"model": model, "image": image}
+    upload = None
+    try:
+        if file:
+            upload = _save_upload(file, "".join(Path(file.filename or "").suffixes) or ".nii.gz")
+            request["image"] = str(upload)
+        request.update(running.info().get("config", {}).get("infer", {}))
+        request.update(request_params)
+        if session is not None:
+            request["image"] = session.image
+            request["session"] = session.to_json()
+        result = running.infer(request)
+        if result is None:
+            raise HTTPException(status_code=500, detail="the inference produced no result")
+        response = send_response(running.datastore(), result, output, background_tasks)
+    except BaseException:
+        _remove(upload)
+        raise
+    if upload is not None:
+        background_tasks.add_task(_remove, upload)
+    return response
+
+
+@router.post("/train/{model}", include_in_schema=False)
+def guarded_train(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
+                  enqueue: Optional[bool] = False, user: User = Depends(RBAC(_ADMIN))):
+    from monailabel.endpoints.train import run_model
+
+    from ..trainers import TrainingDataError
+
+    task = model_task("train", model)
+    try:
+        task.validate_request(dict(params or {}), app().datastore())
+    except TrainingDataError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
+    return run_model(model, params, run_sync, enqueue)
+
+
+# ------------------------------------------------------------------------------------------------ images
+@router.put("/datastore/", include_in_schema=False)
+@router.put("/datastore/image", include_in_schema=False)
+def guarded_add_image(
+    background_tasks: BackgroundTasks,
+    image: Optional[str] = None,
+    params: str = Form("{}"),
+    file: UploadFile = File(...),
+    user: User = Depends(RBAC(_ANNOTATOR)),
+):
+    """Store an uploaded study under a plain id (the file name's stem without ``image``); the same study again
+    answers as the stored one, another study under a taken id is a 409."""
+    suffix = _upload_suffix(file.filename, "file")
+    image_id = image if image else os.path.basename(file.filename or "")[: -len(suffix)]
+    check_name(image_id, "image")
+    save_params = _json_object(params, "params")
+    upload = _save_upload(file, suffix)
+    try:
+        _checked_image(upload, "the uploaded image")
+        datastore = app().datastore()
+        with _add_lock:
+            if image_id in datastore.list_images():
+                if _same_study(datastore.get_image_uri(image_id), upload):
+                    log.info("upload of %s: same study as the stored one, kept as it is", image_id)
+                    return {"image": image_id, "existing": True}
+                raise HTTPException(status_code=409, detail=(
+                    f"image id {image_id!r} is taken by a different study (other voxels or geometry); nothing was "
+                    "replaced: upload it under another id (e.g. its SeriesInstanceUID or a content hash)"))
+            if user and user.username:
+                save_params["user"] = user.username
+            return {"image": datastore.add_image(image_id, str(upload), save_params)}
+    finally:
+        _remove(upload)
+
+
+@router.delete("/datastore/", include_in_schema=False)
+@router.delete("/datastore/image", include_in_schema=False)
+def guarded_remove_image(id: str, user: User = Depends(RBAC(_ADMIN))):
+    from monailabel.endpoints.datastore import remove_image
+
+    check_name(id, "id")
+    _need_image(id)
+    return remove_image(id, user.username)
+
+
+@router.head("/datastore/image", include_in_schema=False)
+def guarded_check_image(image: str, check_sum: Optional[str] = None, user: User = Depends(RBAC(_USER))):
+    from monailabel.endpoints.datastore import download_image
+
+    check_name(image, "image")
+    return download_image(image, check_only=True, check_sum=check_sum)
+
+
+@router.get("/datastore/image", include_in_schema=False)
+def guarded_download_image(image: str, user: User = Depends(RBAC(_USER))):
+    from monailabel.endpoints.datastore import download_image
+
+    check_name(image, "image")
+    return download_image(image)
+
+
+@router.get("/datastore/image/info", include_in_schema=False)
+def guarded_get_image_info(image: str, user: User = Depends(RBAC(_USER))):
+    from monailabel.endpoints.datastore import get_image_info
+
+    check_name(image, "image")
+    return get_image_info(image)
+
+
+@router.put("/datastore/image/info", include_in_schema=False)
+def guarded_put_image_info(image: str, info: str = Form("{}"), user: User = Depends(RBAC(_ANNOTATOR))):
+    from monailabel.endpoints.datastore import update_image_info
+
+    check_name(image, "image")
+    _json_object(info, "info")
+    _need_image(image)
+    return update_image_info(image, info, user.username)
+
+
+# ------------------------------------------------------------------------------------------------ labels
+@router.put("/datastore/label", include_in_schema=False)
+def guarded_save_label(
+    background_tasks: BackgroundTasks,
+    image: str,
+    params: str = Form("{}"),
+    tag: str = "final",
+    label: UploadFile = File(...),
+    user: User = Depends(RBAC(_ANNOTATOR)),
+):
+    """MONAI Label's save-label route for a checked upload: an intact image; a ``final`` correction on its
+    image's grid; a ``regions`` map validated against its image and ``params`` (422 naming the image and the
+    problem: not on the image's grid, undeclared values, unknown intent, strength outside [0, 2]). The label's
+    info is ``params`` plus the server's correction stamp."""
+    from ..data.regions import REGIONS_TAG, RegionsError, load_correction_regions
+    from ..trainers import correction_stamp
+
+    check_name(image, "image")
+    tag = check_name(tag or "final", "tag")
+    save_params = _json_object(params, "params")
+    _need_image(image)
+    datastore = app().datastore()
+    upload = _save_upload(label, _upload_suffix(label.filename, "label"))
+    try:
+        size = _checked_image(upload, "the uploaded label")
+        image_file = Path(datastore.get_image_uri(image) or "")
+        if tag == "final" and image_file.is_file():  # a local study (a DICOMweb one is a folder of DICOM files)
+            image_size = _checked_image(image_file, f"image {image!r}")
+            if tuple(size) != tuple(image_size):
+                raise HTTPException(status_code=422, detail=(
+                    f"the correction of image {image!r} is not on its grid: size {' x '.join(map(str, size))}, the "
+                    f"image is {' x '.join(map(str, image_size))}"))
+        if tag == REGIONS_TAG:
+            try:
+                load_correction_regions(image, datastore.get_image_uri(image), upload, params)
+            except RegionsError as error:
+                raise HTTPException(status_code=422, detail=str(error)) from None
+        stamp = correction_stamp(upload, user.username if user else None)
+        if tag == "final":
+            stamp["regions_sha256"] = _regions_sent_with(image, save_params.pop("regions_sha256", None))
+        save_params.update(stamp)
+        label_id = datastore.save_label(image, str(upload), tag, save_params)
+        answer = app().on_save_label(image, label_id) or {}
+        answer.update({"image": image, "label": label_id})
+        return answer
+    finally:
+        _remove(upload)
+
+
+def _regions_sent_with(image: str, regions_sha256: Any) -> Optional[str]:
+    """The SHA-256 of the region map a correction is sent with (the client sends the map first, then the
+    correction with ``params.regions_sha256``); 422 when no such map is stored for the image. None without one:
+    a correction sent without regions is then trained without any (an earlier correction's map is not reused)."""
+    from ..data.regions import REGIONS_TAG
+    from ..trainers import is_clinician_correction
+
+    if regions_sha256 in (None, ""):
+        return None
+    datastore = app().datastore()
+    has = REGIONS_TAG in (datastore.get_labels_by_image_id(image) or {})
+    info = datastore.get_label_info(image, REGIONS_TAG) if has else None
+    if not has or not is_clinician_correction(info, datastore.get_label_uri(image, REGIONS_TAG)) \
+            or info.get("sha256") != regions_sha256:
+        raise HTTPException(status_code=422, detail=(
+            f"params.regions_sha256: no region map with that SHA-256 is stored for image {image!r}; send the "
+            f"regions (tag {REGIONS_TAG!r}) again, then the correction"))
+    return str(regions_sha256)
+
+
+@router.delete("/datastore/label", include_in_schema=False)
+def guarded_remove_label(id: str, tag: str, user: User = Depends(RBAC(_ADMIN))):
+    from monailabel.endpoints.datastore import remove_label
+
+    check_name(id, "id")
+    check_name(tag, "tag")
+    return remove_label(id, tag, user.username)
+
+
+@router.head("/datastore/label", include_in_schema=False)
+def guarded_check_label(image: str, tag: str, user: User = Depends(RBAC(_USER))):
+    from monailabel.endpoints.datastore import download_label
+
+    check_name(image, "image")
+    check_name(tag, "tag")
+    return download_label(image, tag, check_only=True)
+
+
+@router.get("/datastore/label", include_in_schema=False)
+def guarded_download_label(label: str, tag: str, user: User = Depends(RBAC(_USER))):
+    from monailabel.endpoints.datastore import download_label
+
+    check_name(label, "label")
+    check_name(tag, "tag")
+    return download_label(label, tag)
+
+
+@router.get("/datastore/label/info", include_in_schema=False)
+def guarded_get_label_info(label: str, tag: str, user: User = Depends(RBAC(_USER))):
+    from monailabel.endpoints.datastore import get_label_info
+
+    check_name(label, "label")
+    check_name(tag, "tag")
+    return get_label_info(label, tag)
+
+
+@router.put("/datastore/label/info", include_in_schema=False)
+def guarded_put_label_info(label: str, tag: str, info: str = Form("{}"), user: User = Depends(RBAC(_ANNOTATOR))):
+    from monailabel.endpoints.datastore import update_label_info
+
+    check_name(label, "label")
+    check_name(tag, "tag")
+    _refuse_stamp_keys(_json_object(info, "info"), "info")
+    return update_label_info(label, tag, info, user.username)
+
+
+@router.put("/datastore/updatelabelinfo", include_in_schema=False)
+def guarded_update_label_info(label: str, tag: str, params: str = Form("{}"),
+                              user: User = Depends(RBAC(_ANNOTATOR))):
+    from monailabel.endpoints.datastore import update_label_info
+
+    check_name(label, "label")
+    check_name(tag, "tag")
+    _refuse_stamp_keys(_json_object(params, "params"), "params")
+    return update_label_info(label, tag, params, user.username)
+
+
+# ------------------------------------------------------------------------------------------------ sessions
+@router.put("/session/", include_in_schema=False)
+def guarded_create_session(
+    background_tasks: BackgroundTasks,
+    uncompress: bool = False,
+    expiry: int = 0,
+    files: List[UploadFile] = File(...),
+    user: User = Depends(RBAC(_USER)),
+):
+    from monailabel.endpoints.session import create_session
+
+    if uncompress:
+        raise HTTPException(status_code=422, detail="uncompress is not accepted: upload the volume file itself "
+                                                    "(archives could unpack outside the session folder)")
+    return create_session(background_tasks, uncompress, expiry, files)
+
+
+@router.get("/session/{session_id}", include_in_schema=False)
+def guarded_get_session(session_id: str, update_ts: bool = False, image: bool = False,
+                        user: User = Depends(RBAC(_USER))):
+    from monailabel.endpoints.session import get_session
+
+    check_name(session_id, "session_id")
+    return get_session(session_id, update_ts, image)
+
+
+@router.delete("/session/{session_id}", include_in_schema=False)
+def guarded_remove_session(session_id: str, user: User = Depends(RBAC(_USER))):
+    from monailabel.endpoints.session import remove_session
+
+    check_name(session_id, "session_id")
+    return remove_session(session_id)

@@ -1,0 +1,111 @@
+"""Routes of the radiologist review: verdicts, one study's history, the audit trail and its verification.
+
+The reviewer of a verdict is the authenticated user (:func:`.access.current_user`) whenever authentication is on;
+the ``reviewer`` of the body is used only when it is off (the single-user loopback demo). History is read from the
+audit log (:mod:`lib.audit`), which the datastore routes cannot rewrite.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from fastapi import APIRouter, Body, HTTPException, Request
+
+from .common import app
+
+__all__ = ["router", "audit_log", "audit_http_error"]
+
+router = APIRouter(prefix="/review", tags=["Review"])
+
+
+def audit_log():
+    """The running app's audit log (:class:`lib.audit.AuditLog`)."""
+    audit = getattr(app(), "audit", None)
+    if audit is None:
+        raise HTTPException(status_code=503, detail="this server keeps no audit log")
+    return audit
+
+
+def audit_http_error(error: Exception, what: str) -> HTTPException:
+    """503 when the log refuses entries (broken chain), 500 when an entry could not be written; ``what`` names
+    what was therefore not done (e.g. ``"the verdict was not recorded"``)."""
+    from ..audit import AuditBrokenError
+
+    status = 503 if isinstance(error, AuditBrokenError) else 500
+    return HTTPException(status_code=status, detail=f"{what}: {error}")
+
+
+@router.get("/", summary="Audit trail: every study's verdict, review history and the results produced")
+def api_audit() -> list:
+    from ..activelearning import audit_trail
+    from ..audit import AuditError
+
+    try:
+        return audit_trail(audit_log(), app().datastore())
+    except AuditError as error:
+        raise audit_http_error(error, "the audit trail cannot be shown") from None
+
+
+@router.get("/audit/verify", summary="Verify the audit log's hash chain; names the first broken entry")
+def api_audit_verify() -> dict:
+    audit = audit_log()
+    report = audit.verify().to_dict()
+    report["refusing_entries"] = audit.broken is not None
+    report["at_start_up"] = getattr(app(), "audit_at_start", None)
+    return report
+
+
+@router.get("/audit/entries", summary="Entries of the audit log, oldest first (filter by event or image)")
+def api_audit_entries(since: int = 0, limit: int = 1000, event: Optional[str] = None,
+                      image: Optional[str] = None) -> dict:
+    if limit < 1 or limit > 10000:
+        raise HTTPException(status_code=422, detail=f"limit must be 1 to 10000, got {limit}")
+
+    def about_image(entry: dict) -> bool:
+        fields = entry.get("fields") or {}
+        return image is None or fields.get("image") == image or (fields.get("input") or {}).get("image") == image
+
+    from ..audit import AuditError
+
+    try:
+        entries = audit_log().entries(event=event, where=about_image, since=max(0, since), limit=limit)
+    except AuditError as error:
+        raise audit_http_error(error, "the audit entries cannot be shown") from None
+    return {"entries": entries, "next_since": (entries[-1]["seq"] + 1) if entries else max(0, since)}
+
+
+@router.get("/{image_id}", summary="One study's verdict, review history and results")
+def api_audit_one(image_id: str) -> dict:
+    from ..activelearning import audit_trail, has_image
+
+    datastore = app().datastore()
+    if not has_image(datastore, image_id):
+        raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")
+    from ..audit import AuditError
+
+    try:
+        return audit_trail(audit_log(), datastore, image_id)[0]
+    except AuditError as error:
+        raise audit_http_error(error, f"the audit trail of {image_id!r} cannot be shown") from None
+
+
+@router.post("/{image_id}", summary="Record a verdict: accepted, corrected, rejected (with a reason) or unreviewed")
+def api_review(image_id: str, request: Request, body: dict = Body(...)) -> dict:
+    from ..activelearning import record_verdict
+    from ..audit import AuditError
+    from .access import current_user
+
+    if not isinstance(body, dict):
+        raise HTTPException(status_code=422, detail="the body must be a JSON object")
+    user = current_user(request)  # the token's user with auth on (401 without one); None with auth off
+    reviewer, source = (user, "token") if user is not None else (body.get("reviewer"), "request body")
+    if user is None and reviewer is not None and not isinstance(reviewer, str):
+        raise HTTPException(status_code=422, detail="reviewer must be a name (text)")
+    try:
+        return record_verdict(audit_log(), app().datastore(), image_id, body.get("verdict"), reviewer,
+                              body.get("reason"), body.get("model"), reviewer_from=source)
+    except KeyError as error:
+        raise HTTPException(status_code=404, detail=str(error).strip("'\"")) from None
+    except ValueError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
+    except AuditError as error:
+        raise audit_http_error(error, "the verdict was not recorded") from None

@@ -1,0 +1,371 @@
+"""The review workflow's state, free of Slicer and Qt: which study is selected (by a stable identity), its server
+datastore id, its denoised result, the blended correction made from that result, its verdict, the running
+fine-tuning, and the temporary files that hold patient volumes.
+
+Why a stable identity: MRML node IDs restart after Close Scene (``vtkMRMLScene::Clear``) and node names repeat
+("3: CT HEAD" for two series), so keying results, corrections or verdicts by either attaches them to the wrong
+patient. A study is identified by its DICOM SeriesInstanceUID (from the subject-hierarchy item; Slicer keeps the
+DICOM Modality there too) or, for a volume that did not come from DICOM, by a SHA-256 of its voxels and geometry;
+for a frame of a 4D sequence the frame index is part of the identity.
+
+The module only wires Qt to :class:`ReviewSession`; every transition below is tested without Slicer
+(``tests/test_slicer_workflow_state.py``).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["StudyIdentity", "ResultRecord", "BlendRecord", "ReviewSession", "TempFiles", "WorkflowError",
+           "content_identity", "dicom_identity", "describe_error", "VERDICTS"]
+
+VERDICTS = ("accepted", "rejected", "corrected")
+#: longest readable part of a datastore id (the hash part makes it unique)
+_PREFIX_CHARS = 40
+
+
+class WorkflowError(RuntimeError):
+    """A step the workflow refuses, with a message the user can act on."""
+
+
+@dataclass(frozen=True)
+class StudyIdentity:
+    """What a study *is*, independent of the scene: ``kind`` "dicom" (``key`` = SeriesInstanceUID) or "content"
+    (``key`` = SHA-256 hex of voxels + geometry); ``frame`` the 0-based item of a 4D sequence (None for a 3D
+    volume); ``modality`` the DICOM Modality of the series ("CT", "MR", ...) or ""; ``name`` a readable label
+    (never part of equality: two series may share a name)."""
+
+    kind: str
+    key: str
+    frame: int | None = None
+    modality: str = field(default="", compare=False)
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("dicom", "content"):
+            raise WorkflowError(f"unknown study identity kind {self.kind!r}")
+        if not self.key or not str(self.key).strip():
+            raise WorkflowError("a study identity needs a SeriesInstanceUID or a content hash")
+        if self.frame is not None and (not isinstance(self.frame, int) or self.frame < 0):
+            raise WorkflowError(f"a sequence frame index must be an integer >= 0, got {self.frame!r}")
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 hex of kind, key and frame (what the datastore id's unique part derives from)."""
+        text = f"{self.kind}:{self.key}:{'' if self.frame is None else self.frame}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def datastore_id(self) -> str:
+        """The id this study gets in the server's datastore: a readable prefix (its name, frame) + 20 hex
+        characters of :attr:`digest`, so two series with the same name never share an id while the same study
+        always maps to the same id."""
+        prefix = re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_")[:_PREFIX_CHARS] or "study"
+        if self.frame is not None:
+            prefix += f"_f{self.frame}"
+        return f"{prefix}_{self.digest[:20]}"
+
+    def describe(self) -> str:
+        what = f"series {self.key}" if self.kind == "dicom" else f"volume {self.key[:12]}"
+        return what + ("" if self.frame is None else f", frame {self.frame}")
+
+
+def dicom_identity(series_instance_uid: str, modality: str = "", name: str = "",
+                   frame: int | None = None) -> StudyIdentity:
+    """The identity of a volume loaded from DICOM (its subject-hierarchy item's UID "DICOM")."""
+    return StudyIdentity("dicom", str(series_instance_uid).strip(), frame, (modality or "").strip().upper(), name)
+
+
+def content_identity(voxels: np.ndarray, ijk_to_ras: np.ndarray, name: str = "",
+                     frame: int | None = None) -> StudyIdentity:
+    """The identity of a volume without DICOM UID: SHA-256 over the voxel dtype, the (z, y, x) shape, the 4x4
+    IJK-to-RAS matrix (mm; rounded to 1e-6 mm so float noise of a re-read file does not change it) and the voxel
+    bytes. Streams the array in slices, so no copy of a large volume is made."""
+    voxels = np.asarray(voxels)
+    matrix = np.asarray(ijk_to_ras, np.float64)
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise WorkflowError(f"the IJK-to-RAS matrix must be a finite 4x4 matrix, got shape {matrix.shape}")
+    if voxels.ndim != 3 or voxels.size == 0:
+        raise WorkflowError(f"a study volume must be a non-empty 3D array, got shape {voxels.shape}")
+    digest = hashlib.sha256()
+    digest.update(f"{voxels.dtype.str}|{voxels.shape}|".encode())
+    digest.update(np.round(matrix, 6).tobytes())
+    for plane in voxels:  # one slice at a time: a contiguous copy of at most one slice
+        digest.update(np.ascontiguousarray(plane).tobytes())
+    return StudyIdentity("content", digest.hexdigest(), frame, "", name)
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """A denoised result of ``identity``. ``node_id`` finds its node in the *current* scene only (the whole
+    record is forgotten when the scene closes); ``serial`` tells two results of the same study apart."""
+
+    identity: StudyIdentity
+    serial: int
+    node_id: str
+    model: str = ""
+    weights_version: str = ""
+
+
+@dataclass(frozen=True)
+class BlendRecord:
+    """A blended correction: made from ``result_serial`` of ``identity`` at ``strength`` (0..1), held in node
+    ``node_id``."""
+
+    identity: StudyIdentity
+    result_serial: int
+    strength: float
+    node_id: str
+
+
+class TempFiles:
+    """Folders holding patient volumes written for the server (exports, downloads, results); all deleted by
+    :meth:`cleanup` (scene closed, module closed)."""
+
+    def __init__(self, root: str | Path | None = None, prefix: str = "ADLDenoise_") -> None:
+        self._root = Path(root) if root else None
+        self._prefix = prefix
+        self._dirs: list[Path] = []
+
+    def new_dir(self, purpose: str = "work") -> Path:
+        """A fresh folder (``tempfile.mkdtemp``) that :meth:`cleanup` deletes."""
+        if self._root is not None:
+            self._root.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=f"{self._prefix}{purpose}_", dir=self._root))
+        self._dirs.append(path)
+        return path
+
+    @property
+    def dirs(self) -> list[Path]:
+        """The folders made so far that exist now."""
+        return [path for path in self._dirs if path.exists()]
+
+    def cleanup(self) -> list[Path]:
+        """Delete every folder ever made here; returns those that could not be deleted. All are remembered and
+        swept again by the next call: a request cancelled at scene close may still recreate its output folder
+        (the client makes it) after this call, and the next one (another scene close, the module closing)
+        deletes it then."""
+        left = []
+        for path in self._dirs:
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                left.append(path)
+        return left
+
+
+def describe_error(error: BaseException) -> str:
+    """The message to show for a failed request: 401 asks to log in again, 403 names the missing role, others
+    are shown as they are (the client keeps tokens out of its messages)."""
+    status = getattr(error, "status", None)
+    text = str(error) or error.__class__.__name__
+    if status == 401 and "log in" not in text:
+        return f"not logged in or the session expired: log in again ({text})"
+    if status == 403 and "role" not in text:
+        return f"your account lacks the role for this action: ask the server's administrator ({text})"
+    return text
+
+
+class ReviewSession:
+    """The workflow's state and its transitions (see the module docstring). Not thread-safe: the module calls it
+    on the GUI thread only; background tasks receive plain values and hand theirs back through the GUI thread.
+
+    Args:
+        temp_root: where temporary folders go (None: the system's temp folder).
+    """
+
+    def __init__(self, temp_root: str | Path | None = None) -> None:
+        self.temp = TempFiles(temp_root)
+        self._serials = itertools.count(1)
+        self._reset_studies()
+        self.training_model: str | None = None
+
+    def _reset_studies(self) -> None:
+        self.study: StudyIdentity | None = None
+        self.known_ids: dict[StudyIdentity, str] = {}  # identity -> datastore id the server holds it under
+        self.study_files: dict[StudyIdentity, Path] = {}  # identity -> file the server holds (its grid)
+        self.results: dict[StudyIdentity, ResultRecord] = {}
+        self.blend: BlendRecord | None = None
+        self.verdicts: dict[StudyIdentity, dict] = {}
+        self._work: Path | None = None
+
+    # ---------------------------------------------------------------------------------------------- files
+    @property
+    def work_dir(self) -> Path:
+        """The temporary folder for this scene's patient files (made on first use, deleted with the scene)."""
+        if self._work is None or not self._work.is_dir():
+            self._work = self.temp.new_dir("work")
+        return self._work
+
+    # ---------------------------------------------------------------------------------------------- studies
+    def select(self, identity: StudyIdentity | None) -> bool:
+        """The user selected a volume (None: none). Returns True when the study changed; then the blended
+        correction is dropped (it belongs to the previous study)."""
+        if identity is not None and not isinstance(identity, StudyIdentity):
+            raise WorkflowError("select() takes a StudyIdentity or None")
+        changed = identity != self.study
+        self.study = identity
+        if changed:
+            self.blend = None
+        return changed
+
+    def require_study(self) -> StudyIdentity:
+        if self.study is None:
+            raise WorkflowError("select a volume first")
+        return self.study
+
+    def datastore_id(self, identity: StudyIdentity | None = None) -> str:
+        """The id the server holds (or will hold) ``identity`` under: the id it came with from the review
+        queue, else the one derived from the identity."""
+        identity = identity or self.require_study()
+        return self.known_ids.get(identity) or identity.datastore_id()
+
+    def is_on_server(self, identity: StudyIdentity | None = None) -> bool:
+        return (identity or self.require_study()) in self.known_ids
+
+    def record_upload(self, identity: StudyIdentity, datastore_id: str, study_file: Path | None = None) -> None:
+        """The server holds ``identity`` as ``datastore_id`` (uploaded, or downloaded from the review queue)."""
+        if not datastore_id or not str(datastore_id).strip():
+            raise WorkflowError("the server answered the upload without a study id")
+        known = self.known_ids.get(identity)
+        if known is not None and known != datastore_id:
+            raise WorkflowError(f"{identity.describe()} is already stored as {known!r}, not {datastore_id!r}")
+        self.known_ids[identity] = str(datastore_id)
+        if study_file is not None:
+            self.study_files[identity] = Path(study_file)
+
+    # ---------------------------------------------------------------------------------------------- results
+    def result_arrived(self, identity: StudyIdentity, node_id: str, model: str = "",
+                       weights_version: str = "") -> ResultRecord | None:
+        """A denoising result for ``identity`` came back. Attached (and returned) only when ``identity`` is still
+        the selected study; a late result for another study returns None and the caller discards its node. A new
+        result drops the blend made from an older one."""
+        if identity != self.study:
+            return None
+        if not node_id:
+            raise WorkflowError("a result needs the node that shows it")
+        record = ResultRecord(identity, next(self._serials), node_id, model or "", weights_version or "")
+        self.results[identity] = record
+        self.blend = None
+        return record
+
+    def result(self, identity: StudyIdentity | None = None) -> ResultRecord | None:
+        """The result of ``identity`` (default: the selected study), or None."""
+        identity = identity if identity is not None else self.study
+        return self.results.get(identity) if identity is not None else None
+
+    def require_result(self) -> ResultRecord:
+        record = self.result(self.require_study())
+        if record is None:
+            raise WorkflowError("denoise the volume first")
+        return record
+
+    def forget_result(self, node_id: str) -> None:
+        """The node showing a result was removed from the scene: forget that result (and its blend)."""
+        for identity, record in list(self.results.items()):
+            if record.node_id == node_id:
+                del self.results[identity]
+                if self.blend is not None and self.blend.result_serial == record.serial:
+                    self.blend = None
+
+    # ---------------------------------------------------------------------------------------------- correction
+    def blended(self, strength: float, node_id: str) -> BlendRecord:
+        """The user blended the selected study's current result at ``strength`` into node ``node_id``."""
+        strength = float(strength)
+        if not 0.0 <= strength <= 1.0:
+            raise WorkflowError(f"blend strength must be within [0, 1], got {strength}")
+        record = self.require_result()
+        self.blend = BlendRecord(record.identity, record.serial, strength, node_id)
+        return self.blend
+
+    def correction_to_submit(self, identity: StudyIdentity | None = None) -> BlendRecord | None:
+        """The blend to submit for the selected study, or None (no blend made: the caller blends now at the
+        slider's strength). Refuses a blend of another study or of an older result."""
+        study = self.require_study()
+        if identity is not None and identity != study:
+            raise WorkflowError(f"the volume changed: {identity.describe()} is not the selected "
+                                f"{study.describe()}; select it again")
+        record = self.require_result()
+        blend = self.blend
+        if blend is None:
+            return None
+        if blend.identity != study:
+            raise WorkflowError(f"the blended correction belongs to {blend.identity.describe()}, not to the selected "
+                                f"{study.describe()}: blend again")
+        if blend.result_serial != record.serial:
+            raise WorkflowError("the blended correction was made from an earlier result of this study: blend again")
+        return blend
+
+    # ---------------------------------------------------------------------------------------------- verdicts
+    def verdict_request(self, verdict: str, reviewer: str, reason: str | None = None) -> dict:
+        """Validate a verdict on the selected study; returns what to send (identity captured now, so an answer
+        arriving after the user moved on is still recorded for the right study)."""
+        study = self.require_study()
+        if verdict not in VERDICTS:
+            raise WorkflowError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+        reviewer = (reviewer or "").strip()
+        if not reviewer:
+            raise WorkflowError("enter your name as reviewer first")
+        reason = (reason or "").strip() or None
+        if verdict == "rejected" and not reason:
+            raise WorkflowError("give a reason for the rejection")
+        return {"identity": study, "image_id": self.datastore_id(study), "verdict": verdict, "reviewer": reviewer,
+                "reason": reason}
+
+    def verdict_recorded(self, identity: StudyIdentity, entry: Any) -> dict:
+        """The server's answer to a verdict on ``identity``: refused when empty or not an object."""
+        entry = self.require_answer(entry, "the verdict")
+        if not isinstance(entry, dict) or not entry.get("verdict"):
+            raise WorkflowError("the server's answer to the verdict holds no verdict")
+        self.verdicts[identity] = entry  # keyed by the study it was sent for, whatever is selected now
+        return entry
+
+    # ---------------------------------------------------------------------------------------------- review queue
+    @staticmethod
+    def queue_answer(answer: Any) -> dict | None:
+        """The review queue's next study, or None when the queue is empty; a study without an id is refused."""
+        if answer is None or answer == {}:
+            return None
+        if not isinstance(answer, dict) or not str(answer.get("id") or "").strip():
+            raise WorkflowError("the review queue answered a study without an id")
+        return answer
+
+    @staticmethod
+    def require_answer(answer: Any, what: str) -> Any:
+        """``answer`` unless the server answered with an empty body (None, "" or {})."""
+        if answer is None or answer == "" or answer == {}:
+            raise WorkflowError(f"the server answered {what} with an empty body: is it the denoising app, "
+                                "and is it healthy?")
+        return answer
+
+    # ---------------------------------------------------------------------------------------------- fine-tuning
+    def start_training(self, model: str) -> None:
+        """A fine-tuning run of ``model`` is being started; refused while another one runs."""
+        if not model:
+            raise WorkflowError("connect to a server and choose a model first")
+        if self.training_model is not None:
+            raise WorkflowError(f"fine-tuning of {self.training_model} is still running: wait for it or press Stop")
+        self.training_model = model
+
+    def training_finished(self) -> None:
+        """The run ended (done, failed, interrupted), or starting it failed."""
+        self.training_model = None
+
+    # ---------------------------------------------------------------------------------------------- scene / module
+    def scene_closed(self) -> None:
+        """The scene was closed: node IDs restart, so every per-study record is forgotten and the patient files
+        are deleted. A fine-tuning run continues on the server and stays watched (it belongs to no scene)."""
+        self.temp.cleanup()
+        self._reset_studies()
+
+    def close(self) -> list[Path]:
+        """The module closes: forget everything and delete the temporary files; returns folders left behind."""
+        self._reset_studies()
+        self.training_model = None
+        return self.temp.cleanup()

@@ -1,0 +1,319 @@
+"""Access control of the server with MONAI Label's authentication on, against a realm stood up on loopback.
+
+A real server process (``MONAI_LABEL_AUTH_ENABLE=true``, ``MONAI_LABEL_AUTH_REALM_URI`` = the loopback realm of
+``realm.py``: an RSA key pair, the realm JSON with its public key, RS256 tokens with ``realm_access.roles``)
+is asked every route of :data:`ROUTES`, which is this test's own statement of the role model (not a copy of the
+server's table): without a token, with tokens the server must refuse (garbage, expired, another key, ``alg:
+none``, HS256 signed with the public key, no user name), with a token of every role. The routes MONAI Label
+publishes in ``/openapi.json`` must all be in :data:`ROUTES`; the hidden ones (the app's guards in front of the
+stock routes, OHIF, the DICOM proxy, the API pages) are listed there explicitly.
+
+Requests that a role may make are built to stop at validation (a missing query parameter, a body that is not
+JSON, an unknown model or image): the check is that access control lets them through (anything but 401 / 403),
+without training, deleting or publishing anything on the server.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import pytest
+import requests
+
+from mlserver import copy_weights, shared_studies, start_server, stop_server
+from realm import ROLE_ADMIN, ROLE_ANNOTATOR, ROLE_REVIEWER, ROLE_USER, USERS, Realm, new_key
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+LEVELS = ("user", "annotator", "reviewer", "admin")  # lowest first: each implies those before it
+PUBLIC, AUTHENTICATED = "public", "authenticated"
+NOT_JSON = b"{not json"
+
+# (method, path sent, role level, template as the server names it). Paths sent stop at validation (see above).
+ROUTES: list[tuple[str, str, str, str]] = [
+    # login
+    ("GET", "/auth/", PUBLIC, "/auth/"),
+    ("POST", "/auth/token", PUBLIC, "/auth/token"),
+    ("GET", "/auth/token/valid", AUTHENTICATED, "/auth/token/valid"),
+    # reads
+    ("GET", "/info/", "user", "/info/"),
+    ("HEAD", "/info/", "user", "/info/"),
+    ("GET", "/train/", "user", "/train/"),
+    ("GET", "/batch/infer", "user", "/batch/infer"),
+    ("GET", "/scoring/", "user", "/scoring/"),
+    ("GET", "/datastore/", "user", "/datastore/"),
+    ("GET", "/datastore/image", "user", "/datastore/image"),
+    ("HEAD", "/datastore/image", "user", "/datastore/image"),
+    ("GET", "/datastore/image/info", "user", "/datastore/image/info"),
+    ("GET", "/datastore/label", "user", "/datastore/label"),
+    ("HEAD", "/datastore/label", "user", "/datastore/label"),
+    ("GET", "/datastore/label/info", "user", "/datastore/label/info"),
+    ("GET", "/datastore/dataset", "admin", "/datastore/dataset"),
+    ("GET", "/review/", "user", "/review/"),
+    ("GET", "/review/audit/verify", "user", "/review/audit/verify"),
+    ("GET", "/review/audit/entries?limit=0", "admin", "/review/audit/entries"),
+    ("GET", "/review/ct_slice_a", "user", "/review/{image_id}"),
+    ("GET", "/versions/adl", "user", "/versions/{model}"),
+    ("GET", "/ohif/index.html", "user", "/ohif/{path}"),
+    ("GET", "/proxy/dicom/studies", "user", "/proxy/dicom/{path}"),
+    ("GET", "/proxy/dicom/wado/x", "user", "/proxy/dicom/wado/{path}"),
+    ("GET", "/proxy/dicom/qido/studies", "user", "/proxy/dicom/qido/{path}"),
+    ("GET", "/proxy/dicom/stow/x", "user", "/proxy/dicom/stow/{path}"),
+    ("POST", "/proxy/dicom/wado/x", "user", "/proxy/dicom/wado/{path}"),
+    ("POST", "/proxy/dicom/qido/x", "user", "/proxy/dicom/qido/{path}"),
+    ("POST", "/proxy/dicom/stow/studies", "annotator", "/proxy/dicom/stow/{path}"),
+    ("POST", "/proxy/dicom/studies", "annotator", "/proxy/dicom/{path}"),
+    ("GET", "/session/no_such_session", "user", "/session/{session_id}"),
+    ("DELETE", "/session/no_such_session", "user", "/session/{session_id}"),
+    ("GET", "/", "user", "/"),
+    ("GET", "/docs", "user", "/docs"),
+    ("GET", "/openapi.json", "user", "/openapi.json"),
+    ("GET", "/favicon.ico", "user", "/favicon.ico"),
+    ("GET", "/static/favicon.ico", "user", "/static/{path}"),
+    # inference
+    ("PUT", "/session/", "user", "/session/"),
+    ("POST", "/infer/no_such_model", "user", "/infer/{model}"),
+    ("POST", "/infer/wsi/no_such_model", "user", "/infer/wsi/{model}"),
+    ("POST", "/infer/wsi_v2/no_such_model", "user", "/infer/wsi_v2/{model}"),
+    # corrections and images
+    ("PUT", "/datastore/", "annotator", "/datastore/"),
+    ("PUT", "/datastore/image", "annotator", "/datastore/image"),
+    ("PUT", "/datastore/image/info", "annotator", "/datastore/image/info"),
+    ("PUT", "/datastore/label", "annotator", "/datastore/label"),
+    ("PUT", "/datastore/label/info", "annotator", "/datastore/label/info"),
+    ("PUT", "/datastore/updatelabelinfo", "annotator", "/datastore/updatelabelinfo"),
+    ("POST", "/scoring/", "annotator", "/scoring/"),
+    ("POST", "/scoring/no_such_method", "annotator", "/scoring/{method}"),
+    ("DELETE", "/scoring/", "annotator", "/scoring/"),
+    # verdicts and the queue
+    ("POST", "/review/ct_slice_a", "reviewer", "/review/{image_id}"),
+    ("POST", "/activelearning/next_unreviewed", "reviewer", "/activelearning/{strategy}"),
+    # training, stop, rollback, deletion, model files, logs, reload
+    ("POST", "/train/", "admin", "/train/"),
+    ("POST", "/train/no_such_model", "admin", "/train/{model}"),
+    ("POST", "/train/adl", "admin", "/train/{model}"),
+    ("DELETE", "/train/", "admin", "/train/"),
+    ("POST", "/versions/adl/restore", "admin", "/versions/{model}/restore"),
+    ("POST", "/batch/infer/no_such_model", "admin", "/batch/infer/{model}"),
+    ("DELETE", "/batch/infer", "admin", "/batch/infer"),
+    ("DELETE", "/datastore/", "admin", "/datastore/"),
+    ("DELETE", "/datastore/image?id=no_such_image", "admin", "/datastore/image"),
+    ("DELETE", "/datastore/image", "admin", "/datastore/image"),
+    ("DELETE", "/datastore/label", "admin", "/datastore/label"),
+    ("GET", "/model/no_such_model", "admin", "/model/{model}"),
+    ("PUT", "/model/no_such_model", "admin", "/model/{model}"),
+    ("DELETE", "/model/no_such_model", "admin", "/model/{model}"),
+    ("GET", "/model/info/no_such_model", "admin", "/model/info/{model}"),
+    ("GET", "/logs/", "admin", "/logs/"),
+    ("GET", "/logs/gpu", "admin", "/logs/gpu"),
+    ("POST", "/reload", "admin", "/reload"),
+    # not a route: closed to all but admin (who gets the router's 404)
+    ("GET", "/no/such/route", "admin", "(none)"),
+    ("PATCH", "/info/", "admin", "(none)"),
+]
+# allowed requests not sent: they would act on the server however they are written (no parameter to invalidate)
+NOT_SENT_ALLOWED = {("POST", "/reload"): "rebuilds the app (all its tasks)"}
+ROUTE_IDS = [f"{m} {p}" for m, p, _, _ in ROUTES]
+
+# tokens the server must refuse with 401, by what is wrong with them
+BAD_TOKENS = ("garbage", "expired", "other_key", "alg_none", "hs256_with_public_key", "no_username",
+              "no_exp", "tampered_roles")
+
+
+@pytest.fixture(scope="module")
+def realm() -> Iterator[Realm]:
+    r = Realm()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_weights, realm):
+    root = tmp_path_factory.mktemp("access_control")
+    srv = start_server(shared_studies(root / "studies"), copy_weights(tiny_weights, root / "model"), root / "work",
+                       conf={"max_voxels": 3_000_000},
+                       env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url})
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def tokens(realm) -> dict[str, str]:
+    """A valid token of every test user (by user name)."""
+    return {name: realm.token(name) for name in USERS}
+
+
+def bad_token(realm: Realm, kind: str) -> str:
+    if kind == "garbage":
+        return "not-a-jwt"
+    if kind == "expired":
+        return realm.token("adam", expires_in=-3600)
+    if kind == "other_key":
+        return realm.token("adam", key=new_key())
+    if kind == "alg_none":
+        return realm.token("adam", algorithm="none")
+    if kind == "hs256_with_public_key":
+        return realm.token("adam", algorithm="HS256")
+    if kind == "no_username":
+        return realm.token(None, roles=[ROLE_ADMIN])
+    if kind == "no_exp":
+        import jwt
+
+        payload = jwt.decode(realm.token("adam"), options={"verify_signature": False})
+        del payload["exp"]
+        return jwt.encode(payload, realm.key, algorithm="RS256")
+    if kind == "tampered_roles":  # uma's signed token with her roles replaced by admin: the signature breaks
+        import base64
+        import json
+
+        header, body, signature = realm.token("uma").split(".")
+        payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        payload["realm_access"]["roles"] = [ROLE_ADMIN]
+        forged = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
+        return f"{header}.{forged}.{signature}"
+    raise ValueError(kind)
+
+
+def call(server, method: str, path: str, token: str | None = None, scheme: str = "Bearer") -> requests.Response:
+    """``method path`` with a body that is not JSON on POST / PUT (requests stop at validation)."""
+    headers = {"Authorization": f"{scheme} {token}"} if token is not None else {}
+    data = None
+    if method in ("POST", "PUT", "PATCH"):
+        headers["Content-Type"] = "application/json"
+        data = NOT_JSON
+    return requests.request(method, server.url + path, headers=headers, data=data, timeout=300,
+                            allow_redirects=False)
+
+
+def rank(level: str) -> int:
+    return LEVELS.index(level)
+
+
+def user_level(name: str) -> int:
+    """The highest level a test user holds (-1: no role of this server)."""
+    names = {ROLE_USER: 0, ROLE_ANNOTATOR: 1, ROLE_REVIEWER: 2, ROLE_ADMIN: 3}
+    return max((names[r] for r in USERS[name][1] if r in names), default=-1)
+
+
+def detail(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    return str(body.get("detail") if isinstance(body, dict) else body)[:300]
+
+
+# ------------------------------------------------------------------------------------------------ every route
+def test_every_published_route_is_in_the_role_model(server, tokens):
+    """The routes of /openapi.json (read as admin) are all in ROUTES: a route added to MONAI Label or the app
+    is noticed here and given a role (until then the server closes it to all but admin)."""
+    response = requests.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {tokens['adam']}"},
+                            timeout=60)
+    assert response.status_code == 200, detail(response)
+    published = {(method.upper(), path) for path, ops in response.json()["paths"].items() for method in ops}
+    known = {(m, t) for m, _, _, t in ROUTES}
+    missing = sorted(published - known)
+    assert not missing, f"routes with no role in this test's model: {missing}"
+    assert ("POST", "/review/{image_id}") in published and ("POST", "/versions/{model}/restore") in published
+
+
+@pytest.mark.parametrize("method,path,level,template", ROUTES, ids=ROUTE_IDS)
+def test_no_token_or_a_bad_token_is_401(server, realm, method, path, level, template):
+    if level == PUBLIC:
+        assert call(server, method, path).status_code not in (401, 403)
+        return
+    response = call(server, method, path)
+    assert response.status_code == 401, f"{method} {path} without a token: {response.status_code} {detail(response)}"
+    assert response.headers.get("WWW-Authenticate", "").startswith("Bearer")
+    response = call(server, method, path, bad_token(realm, "expired"), scheme="Basic")
+    assert response.status_code == 401, f"{method} {path} with a Basic scheme: {response.status_code}"
+    for kind in BAD_TOKENS:
+        response = call(server, method, path, bad_token(realm, kind))
+        assert response.status_code == 401, f"{method} {path} with a {kind} token: {response.status_code} " \
+                                             f"{detail(response)}"
+
+
+@pytest.mark.parametrize("method,path,level,template", ROUTES, ids=ROUTE_IDS)
+def test_every_role_gets_in_exactly_where_the_role_model_says(server, tokens, method, path, level, template):
+    """403 for a token whose roles (expanded: admin > reviewer > annotator > user) do not reach the route's
+    level, anything but 401 / 403 for one that does."""
+    for name in USERS:
+        held = user_level(name)
+        if level == PUBLIC or level == AUTHENTICATED:
+            allowed = True
+        else:
+            allowed = held >= rank(level)
+        if allowed and (method, template) in NOT_SENT_ALLOWED:
+            continue
+        response = call(server, method, path, tokens[name])
+        if allowed:
+            assert response.status_code not in (401, 403), \
+                f"{name} ({USERS[name][1]}) refused {method} {path}: {response.status_code} {detail(response)}"
+        else:
+            assert response.status_code == 403, \
+                f"{name} ({USERS[name][1]}) on {method} {path}: {response.status_code} {detail(response)}"
+            assert method == "HEAD" or "required" in detail(response)
+
+
+def test_a_route_missing_from_the_table_is_closed_to_all_but_admin(server, tokens):
+    for name in ("uma", "anna", "rita"):
+        assert call(server, "GET", "/no/such/route", tokens[name]).status_code == 403
+    assert call(server, "GET", "/no/such/route", tokens["adam"]).status_code == 404
+
+
+# ------------------------------------------------------------------------------------------------ login
+def test_login_through_the_server_gives_a_working_token_of_that_user(server, realm):
+    response = requests.get(server.url + "/auth/", timeout=60)
+    assert response.status_code == 200 and response.json()["enabled"] is True
+    response = requests.post(server.url + "/auth/token", data={"username": "anna", "password": "anna-pass"},
+                             timeout=60)
+    assert response.status_code == 200, detail(response)
+    token = response.json()["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    who = requests.get(server.url + "/auth/token/valid", headers=headers, timeout=60)
+    assert who.status_code == 200 and who.json()["username"] == "anna"
+    assert set(who.json()["roles"]) >= {ROLE_ANNOTATOR, ROLE_USER}  # the implied role is there too
+    info = requests.get(server.url + "/info/", headers=headers, timeout=60)
+    assert info.status_code == 200 and "adl" in info.json()["models"]
+    assert requests.post(server.url + "/versions/adl/restore?version=x", headers=headers,
+                         timeout=60).status_code == 403
+
+
+def test_login_with_a_wrong_password_is_401_not_a_token(server):
+    for username, password in (("anna", "wrong"), ("nobody", "anna-pass"), ("anna", "")):
+        response = requests.post(server.url + "/auth/token", data={"username": username, "password": password},
+                                 timeout=60)
+        expected = (401, 422) if not password else (401,)  # an empty password is a missing form field
+        assert response.status_code in expected, (username, response.status_code, detail(response))
+        assert "access_token" not in response.text
+
+
+def test_a_token_stops_working_when_it_expires(server, realm):
+    token = realm.token("uma", expires_in=2)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert requests.get(server.url + "/info/", headers=headers, timeout=60).status_code == 200
+    time.sleep(2 + 30 + 2)  # its lifetime plus the server's clock leeway (access.CLOCK_LEEWAY_S)
+    response = requests.get(server.url + "/info/", headers=headers, timeout=60)
+    assert response.status_code == 401 and "expired" in detail(response)
+
+
+# ------------------------------------------------------------------------------------------------ identity
+def test_a_verdict_is_recorded_under_the_tokens_user_not_the_name_in_the_body(server, tokens):
+    headers = {"Authorization": f"Bearer {tokens['rita']}"}
+    response = requests.post(server.url + "/review/ct_slab_b", headers=headers, timeout=60,
+                             json={"verdict": "accepted", "reviewer": "mallory"})
+    assert response.status_code == 200, detail(response)
+    trail = requests.get(server.url + "/review/ct_slab_b", headers=headers, timeout=60).json()
+    recorded = trail["review"]["reviewer"]
+    assert recorded == "rita", f"the verdict was recorded under {recorded!r}, not the token's user 'rita'"
+    assert "mallory" not in str(trail.get("review_history"))
+
+
+# ------------------------------------------------------------------------------------------------ auth off
+def test_with_auth_off_the_demo_stays_open(shared_server):
+    """The default (``./run.sh``): no token needed, a stray Authorization header ignored, no login route."""
+    for path in ("/info/", "/datastore/?output=all", "/versions/adl", "/review/"):
+        assert requests.get(shared_server.url + path, timeout=120).status_code == 200, path
+        assert requests.get(shared_server.url + path, headers={"Authorization": "Bearer not-a-jwt"},
+                            timeout=120).status_code == 200, path
+    assert requests.get(shared_server.url + "/auth/token/valid", timeout=60).status_code == 404

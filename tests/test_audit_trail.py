@@ -1,0 +1,486 @@
+"""The audit trail (issue 19): an append-only, hash-chained log of results, verdicts, datastore changes and
+weights events, kept outside the datastore info, verified at start-up and by GET /review/audit/verify.
+
+Fast tests of the chain itself (no server), then a real MONAI Label server on loopback: results (datastore id and
+upload), verdicts, the stock image-info and delete routes, a restart on the same folders, tampering (an edited
+field, a deleted line) reported after a restart, and a result whose entry cannot be written is not returned.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+import SimpleITK as sitk
+
+from conftest import SAMPLE_STUDIES
+from lib.audit import GENESIS, AuditBrokenError, AuditLog, AuditWriteError, canonical_json, entry_hash, sanitise
+from lib.audit.identity import input_identity, volume_content_sha256
+
+# ------------------------------------------------------------------------------------------------ the chain
+def _log_with(tmp_path: Path, n: int) -> AuditLog:
+    audit = AuditLog(tmp_path / "audit")
+    for i in range(n):
+        audit.append("result" if i % 2 else "verdict", {"image": f"study_{i}", "reviewer": "dr_a", "i": i})
+    return audit
+
+
+def _lines(audit: AuditLog) -> list[bytes]:
+    return audit.path.read_bytes().splitlines(keepends=True)
+
+
+def test_entries_are_chained_by_sha256_of_their_canonical_json(tmp_path):
+    audit = _log_with(tmp_path, 4)
+    entries = [json.loads(line) for line in _lines(audit)]
+    assert [e["seq"] for e in entries] == [0, 1, 2, 3]
+    assert entries[0]["prev"] == GENESIS
+    for before, entry in zip(entries, entries[1:]):
+        assert entry["prev"] == before["hash"]
+    for entry in entries:
+        body = {k: v for k, v in entry.items() if k != "hash"}
+        assert entry["hash"] == hashlib.sha256(canonical_json(body)).hexdigest() == entry_hash(entry)
+        assert entry["time_utc"].endswith("+00:00")
+    report = audit.verify()
+    assert report.ok and report.entries == 4 and report.head_seq == 3 and report.problem is None
+    assert json.loads(audit.head_path.read_text()) == {"seq": 3, "hash": entries[-1]["hash"]}
+
+
+@pytest.mark.parametrize("damage, line, words", [
+    ("edit", 2, "does not match its hash"),
+    ("delete", 2, "expected 1"),
+    ("reorder", 2, "expected 1"),
+    ("cut", 4, "cut short"),
+    ("drop_last", 4, "removed from the end"),
+    ("garbage", 3, "not JSON"),
+    ("rehash", 3, "prev hash"),  # an edited entry given a fresh hash of its own: the next entry's prev breaks
+])
+def test_verification_names_the_first_broken_entry(tmp_path, damage, line, words):
+    audit = _log_with(tmp_path, 4)
+    lines = _lines(audit)
+    if damage == "edit":  # a field changed, the line otherwise intact
+        lines[1] = lines[1].replace(b'"dr_a"', b'"dr_x"')
+    elif damage == "delete":
+        del lines[1]
+    elif damage == "reorder":
+        lines[1], lines[2] = lines[2], lines[1]
+    elif damage == "cut":
+        lines[3] = lines[3][:-20]
+    elif damage == "drop_last":  # a valid chain, one entry short of its head
+        del lines[3]
+    elif damage == "garbage":
+        lines[2] = b"{not json\n"
+    elif damage == "rehash":
+        forged = json.loads(lines[1])
+        forged["fields"]["reviewer"] = "dr_x"
+        forged["hash"] = entry_hash(forged)
+        lines[1] = canonical_json(forged) + b"\n"
+    audit.path.write_bytes(b"".join(lines))
+    report = AuditLog(audit.folder).verify()
+    assert not report.ok
+    assert report.broken_line == line and words in report.problem, report
+    assert f"line {line}" in report.summary() and "BROKEN" in report.summary()
+
+
+def test_an_entry_is_never_chained_onto_a_damaged_last_line(tmp_path):
+    audit = _log_with(tmp_path, 3)
+    lines = _lines(audit)
+    lines[-1] = lines[-1].replace(b'"dr_a"', b'"dr_x"')
+    audit.path.write_bytes(b"".join(lines))
+    with pytest.raises(AuditWriteError, match="hash check"):
+        AuditLog(audit.folder).append("verdict", {"image": "x"})
+    audit.path.write_bytes(b"".join(lines)[:-5])  # a partial last line
+    with pytest.raises(AuditWriteError, match="partial line"):
+        AuditLog(audit.folder).append("verdict", {"image": "x"})
+
+
+def test_a_broken_log_refuses_entries_and_a_missing_folder_is_a_write_error(tmp_path):
+    audit = _log_with(tmp_path, 2)
+    audit.refuse_appends(audit.verify())
+    with pytest.raises(AuditBrokenError):
+        audit.append("verdict", {})
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "audit.jsonl").mkdir()  # a folder where the log should be: the write fails, saying where
+    with pytest.raises(AuditWriteError, match="audit.jsonl"):
+        AuditLog(blocked).append("verdict", {})
+
+
+def test_every_append_is_fsynced(tmp_path, monkeypatch):
+    """A spy on os.fsync (it still syncs): each append syncs the log file's descriptor before returning."""
+    audit = AuditLog(tmp_path / "audit")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    for i in range(3):
+        audit.append("verdict", {"i": i})
+        assert synced.count(str(audit.path)) == i + 1
+
+
+def test_concurrent_threads_append_one_unbroken_chain(tmp_path):
+    """Six writers and a reader verifying all along (as GET /review/audit/verify during requests): every
+    verification sees an intact chain, never a half-written line or a head ahead of the log."""
+    audit = AuditLog(tmp_path / "audit")
+    audit.append("server_started", {})
+    writers = [threading.Thread(target=lambda k=k: [audit.append("result", {"thread": k, "i": i}) for i in range(30)])
+               for k in range(6)]
+    seen: list = []
+
+    def reader() -> None:
+        while any(w.is_alive() for w in writers) or not seen:
+            seen.append(AuditLog(audit.folder).verify())
+
+    verifier = threading.Thread(target=reader)
+    for t in writers + [verifier]:
+        t.start()
+    for t in writers + [verifier]:
+        t.join()
+    assert all(report.ok for report in seen), next(r for r in seen if not r.ok)
+    report = audit.verify()
+    assert report.ok and report.entries == 181, report
+
+
+def test_reading_waits_for_an_append_in_progress(tmp_path):
+    """A reader takes a shared lock: while a writer (here the test, as another process would) holds the exclusive
+    lock of an append, verification waits instead of reading a half-written line or a head ahead of the log."""
+    import fcntl
+    import time
+
+    audit = _log_with(tmp_path, 2)
+    fd = os.open(audit.path, os.O_WRONLY | os.O_APPEND)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    reports: list = []
+    reader = threading.Thread(target=lambda: reports.append(AuditLog(audit.folder).verify()))
+    try:
+        reader.start()
+        time.sleep(1.0)
+        assert reader.is_alive() and not reports, "verification read the log during an append"
+    finally:
+        os.close(fd)  # releases the lock
+    reader.join(timeout=60)
+    assert reports and reports[0].ok
+
+
+def _append_many(folder: str, tag: str, n: int) -> None:
+    audit = AuditLog(folder)
+    for i in range(n):
+        audit.append("result", {"process": tag, "i": i})
+
+
+def test_concurrent_processes_append_one_unbroken_chain(tmp_path):
+    """Two processes (as the server and a training run) appending to one log: the fcntl lock keeps the chain."""
+    folder = str(tmp_path / "audit")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(folder, tag, 150)) for tag in ("a", "b", "c")]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+        assert w.exitcode == 0
+    report = AuditLog(folder).verify()
+    assert report.ok and report.entries == 450, report
+
+
+def test_sanitise_keeps_entries_plain_json():
+    value = sanitise({"nan": float("nan"), "long": "x" * 5000, "path": Path("/a"), 3: (1, 2)})
+    assert value["nan"] == "nan" and value["path"] == "/a" and value["3"] == [1, 2]
+    assert len(value["long"]) < 4100 and "more characters" in value["long"]
+    canonical_json(value)  # NaN-free
+
+
+def test_weights_publications_and_restores_are_audit_entries(tmp_path):
+    """The app's weights store (as the training subprocess uses it): every history event is also an entry, and
+    nothing is published while the log refuses entries."""
+    from lib.audit.recording import AuditedModelStore
+
+    audit = AuditLog(tmp_path / "audit")
+    store = AuditedModelStore(tmp_path / "model", audit)
+    candidate = tmp_path / "candidate.pt"
+    candidate.write_bytes(b"weights v1")
+    published = store.publish(candidate, "adl", "ct", psnr=31.5)
+    store.restore("adl", "ct", published.version)
+    events = [(e["event"], e["fields"]["version"]) for e in audit.entries()]
+    assert events == [("weights_published", published.version), ("weights_restored", published.version)]
+    assert audit.entries()[0]["fields"]["sha256"] == hashlib.sha256(b"weights v1").hexdigest()
+    assert audit.entries()[0]["fields"]["user"] is None  # no HTTP request: the training process
+    audit.refuse_appends(audit.verify())
+    with pytest.raises(AuditBrokenError):
+        store.publish(candidate, "adl", "ct")
+    assert len(store.history("adl", "ct")) == 2
+
+
+# ------------------------------------------------------------------------------------------------ identity
+def test_content_hash_is_voxels_and_geometry_not_the_file(tmp_path):
+    source = sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz"))
+    sitk.WriteImage(source, str(tmp_path / "a.nii.gz"))
+    sitk.WriteImage(source, str(tmp_path / "b.nrrd"))  # another format and name, the same volume
+    moved = sitk.Image(source)
+    moved.SetOrigin(tuple(o + 1.0 for o in source.GetOrigin()))
+    sitk.WriteImage(moved, str(tmp_path / "moved.nii.gz"))
+    edited = sitk.Image(source)
+    edited[10, 10, 0] = edited[10, 10, 0] + 1
+    sitk.WriteImage(edited, str(tmp_path / "edited.nii.gz"))
+    a = volume_content_sha256(tmp_path / "a.nii.gz")
+    assert a == volume_content_sha256(tmp_path / "b.nrrd")
+    assert a != volume_content_sha256(tmp_path / "moved.nii.gz")
+    assert a != volume_content_sha256(tmp_path / "edited.nii.gz")
+    assert input_identity(tmp_path / "a.nii.gz")["content_sha256"] == a
+
+
+def test_dicom_series_identity_is_its_series_instance_uid(tmp_path):
+    import pydicom
+
+    from pydicom.data import get_testdata_file
+
+    dicoms = [Path(get_testdata_file("CT_small.dcm"))]  # a real CT slice shipped with pydicom
+    shutil.copy(dicoms[0], tmp_path / "slice.dcm")
+    uid = pydicom.dcmread(str(dicoms[0]), stop_before_pixels=True).SeriesInstanceUID
+    identity = input_identity(tmp_path)
+    assert identity["kind"] == "dicom_series" and identity["series_instance_uid"] == uid
+
+
+def test_default_audit_folder_is_hidden_in_the_studies_and_not_a_study(tmp_path):
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.audit.location import default_audit_dir
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz", studies / "ct_a.nii.gz")
+    folder = Path(default_audit_dir(str(studies), str(tmp_path / "model")))
+    assert folder == studies / ".audit"
+    AuditLog(folder).append("server_started", {})
+    (folder / "copy.nii.gz").write_bytes((studies / "ct_a.nii.gz").read_bytes())  # even an image-named file
+    store = LocalDatastore(str(studies), extensions=("*.nii.gz", "*.nii", "*.nrrd"))
+    assert store.list_images() == ["ct_a"]
+    remote = default_audit_dir("https://pacs.example/dicom-web/", str(tmp_path / "model"))
+    assert remote.startswith(str(tmp_path / "model" / "audit" / "dicomweb-"))
+    assert remote == default_audit_dir("https://pacs.example/dicom-web", str(tmp_path / "model"))
+
+
+# ------------------------------------------------------------------------------------------------ real server
+@pytest.fixture()
+def folders(tmp_path, tiny_weights):
+    from mlserver import copy_weights, shared_studies
+
+    return {"studies": shared_studies(tmp_path / "studies"), "model": copy_weights(tiny_weights, tmp_path / "model"),
+            "audit": tmp_path / "audit_log", "work": tmp_path / "work", "root": tmp_path}
+
+
+def _start(folders, run: int):
+    from mlserver import start_server
+
+    return start_server(folders["studies"], folders["model"], folders["work"] / f"run{run}",
+                        conf={"audit_dir": folders["audit"], "max_voxels": 3_000_000})
+
+
+def _events(audit: AuditLog, event: str) -> list[dict]:
+    return [e["fields"] for e in audit.entries(event)]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_audit_trail_survives_a_restart_and_reports_tampering(folders):
+    from mlserver import stop_server
+
+    audit = AuditLog(folders["audit"])
+    study = folders["studies"] / "ct_slab_b.nii.gz"
+    upload = folders["root"] / "upload_crop.nii.gz"
+    shutil.copy(folders["studies"] / "ct_slab_c.nii.gz", upload)
+    long_reason = "r" * 2001
+    server = _start(folders, 1)
+    try:
+        url = server.url
+        by_id = requests.post(f"{url}/infer/adl", params={"image": "ct_slab_b", "output": "json"},
+                              data={"params": json.dumps({"result_dtype": "float32"})}, timeout=600)
+        assert by_id.status_code == 200, by_id.text
+        with open(upload, "rb") as handle:
+            uploaded = requests.post(f"{url}/infer/nlm", params={"output": "json"}, data={"params": "{}"},
+                                     files={"file": ("3: CT HEAD.nii.gz", handle)}, timeout=600)
+        assert uploaded.status_code == 200, uploaded.text
+        with open(upload, "rb") as handle:
+            created = requests.put(f"{url}/session/", files={"files": ("study.nii.gz", handle)}, timeout=120)
+        assert created.status_code == 200, created.text
+        session_id = created.json()["session_id"]
+        by_session = requests.post(f"{url}/infer/nlm", params={"session_id": session_id, "output": "json"},
+                                   data={"params": "{}"}, timeout=600)
+        assert by_session.status_code == 200, by_session.text
+        for verdict, reviewer, reason in (("accepted", "dr_a", None), ("rejected", "dr_b", "smoothed a lesion")):
+            answer = requests.post(f"{url}/review/ct_slab_b", json={"verdict": verdict, "reviewer": reviewer,
+                                                                    "reason": reason}, timeout=60)
+            assert answer.status_code == 200, answer.text
+        too_long = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "rejected", "reviewer": "dr_b",
+                                                                  "reason": long_reason}, timeout=60)
+        assert too_long.status_code == 422 and "2000" in too_long.text
+        # the stock routes: a forged verdict is refused; other info changes and a deletion leave entries
+        forged = requests.put(f"{url}/datastore/image/info", params={"image": "ct_slab_b"},
+                              data={"info": json.dumps({"review": {"verdict": "accepted", "reviewer": "mallory"}})},
+                              timeout=60)
+        assert forged.status_code == 422, forged.text
+        noted = requests.put(f"{url}/datastore/image/info", params={"image": "ct_slab_b"},
+                             data={"info": json.dumps({"note": "second opinion asked"})}, timeout=60)
+        assert noted.status_code == 200, noted.text
+        correction = folders["root"] / "ct_slab_b_final.nii.gz"
+        sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(study)), sitk.sitkFloat32), str(correction))
+        with open(correction, "rb") as handle:
+            saved = requests.put(f"{url}/datastore/label", params={"image": "ct_slab_b", "tag": "final"},
+                                 files={"label": ("ct_slab_b.nii.gz", handle)}, data={"params": "{}"}, timeout=120)
+        assert saved.status_code == 200, saved.text
+        restored = requests.post(f"{url}/versions/adl/restore", params={"modality": "ct", "version": "pretrained"},
+                                 timeout=60)
+        assert restored.status_code == 200, restored.text
+        deleted = requests.delete(f"{url}/datastore/image", params={"id": "ct_slab_c"}, timeout=60)
+        assert deleted.status_code == 200, deleted.text
+        trail = requests.get(f"{url}/review/ct_slab_b", timeout=60).json()
+        assert [h["reviewer"] for h in trail["review_history"]] == ["dr_a", "dr_b"]
+        assert trail["review"]["verdict"] == "rejected" and trail["denoise_results"][-1]["model"] == "adl"
+        assert requests.get(f"{url}/review/audit/verify", timeout=60).json()["ok"]
+    finally:
+        stop_server(server)
+
+    # the file itself, server stopped: an intact chain holding every record
+    report = audit.verify()
+    assert report.ok, report
+    results = _events(audit, "result")
+    assert [r["input"]["source"] for r in results] == ["datastore", "upload", "session"]
+    assert results[2]["input"]["session_id"] == session_id
+    assert results[2]["input"]["content_sha256"] == results[1]["input"]["content_sha256"]  # the same volume
+    assert results[0]["input"]["image"] == "ct_slab_b"
+    assert results[0]["input"]["content_sha256"] == volume_content_sha256(study)
+    assert results[1]["input"]["content_sha256"] == volume_content_sha256(upload) != volume_content_sha256(study)
+    assert results[0]["weights_version"] == "pretrained"
+    assert results[0]["weights_sha256"] == hashlib.sha256(
+        (folders["model"] / "pretrained_adl_ct.pt").read_bytes()).hexdigest()
+    assert results[0]["params"]["result_dtype"] == "float32" and "image" not in results[0]["params"]
+    assert results[0]["user"] is None and results[0]["client"] == "127.0.0.1"
+    assert by_id.json()["audit_seq"] == audit.entries("result")[0]["seq"]
+    verdicts = _events(audit, "verdict")
+    assert [(v["verdict"], v["reviewer"], v["reviewer_from"]) for v in verdicts] == [
+        ("accepted", "dr_a", "request body"), ("rejected", "dr_b", "request body")]
+    assert verdicts[1]["result"]["model"] == "adl" and verdicts[1]["result"]["weights_version"] == "pretrained"
+    assert _events(audit, "image_info_updated")[0]["info"]["note"] == "second opinion asked"
+    assert [e["image"] for e in _events(audit, "image_removed")] == ["ct_slab_c"]
+    label = _events(audit, "label_saved")[0]
+    assert label["image"] == "ct_slab_b" and label["tag"] == "final"
+    assert label["file_sha256"] == hashlib.sha256(correction.read_bytes()).hexdigest()
+    assert [(e["model"], e["version"]) for e in _events(audit, "weights_restored")] == [("adl", "pretrained")]
+    assert long_reason not in audit.path.read_text()
+    # the datastore info keeps the current verdict only, no history
+    datastore_json = (folders["studies"] / "datastore_v2.json").read_text()
+    assert "review_history" not in datastore_json and "denoise_results" not in datastore_json
+    assert "dr_a" not in datastore_json and "dr_b" in datastore_json
+    count = report.entries
+
+    # restart on the same folders: everything is there, verified
+    server = _start(folders, 2)
+    try:
+        verify = requests.get(f"{server.url}/review/audit/verify", timeout=60).json()
+        assert verify["ok"] and verify["entries"] == count + 1 and not verify["refusing_entries"]
+        assert requests.get(f"{server.url}/info/", timeout=60).json()["audit"]["refusing_entries"] is False
+        entries = requests.get(f"{server.url}/review/audit/entries", timeout=60).json()["entries"]
+        assert [e["seq"] for e in entries] == list(range(count + 1))
+        assert entries[-1]["event"] == "server_started"
+        trail = requests.get(f"{server.url}/review/ct_slab_b", timeout=60).json()
+        assert [h["reviewer"] for h in trail["review_history"]] == ["dr_a", "dr_b"]
+    finally:
+        stop_server(server)
+    intact = audit.path.read_bytes()
+
+    # tampering, then a restart: an edited field, then a deleted line
+    lines = intact.splitlines(keepends=True)
+    verdict_line = next(i for i, line in enumerate(lines) if b'"reviewer":"dr_a"' in line)
+    for run, damaged, expected_line in (
+            (3, lines[:verdict_line] + [lines[verdict_line].replace(b"dr_a", b"dr_x")] + lines[verdict_line + 1:],
+             verdict_line + 1),
+            (4, lines[:verdict_line] + lines[verdict_line + 1:], verdict_line + 1)):
+        audit.path.write_bytes(b"".join(damaged))
+        server = _start(folders, run)
+        try:
+            verify = requests.get(f"{server.url}/review/audit/verify", timeout=60).json()
+            assert not verify["ok"] and verify["broken_line"] == expected_line and verify["refusing_entries"]
+            assert not verify["at_start_up"]["ok"]
+            assert "AUDIT TRAIL BROKEN" in requests.get(f"{server.url}/info/", timeout=60).json()["audit"]["warning"]
+            refused = requests.post(f"{server.url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_a"},
+                                    timeout=60)
+            assert refused.status_code == 503 and "broken" in refused.text
+            refused = requests.post(f"{server.url}/infer/adl", params={"image": "ct_slab_b", "output": "json"},
+                                    data={"params": "{}"}, timeout=600)
+            assert refused.status_code == 503 and "not denoised" in refused.text
+            assert "AUDIT TRAIL BROKEN" in server.log_tail(200_000)
+        finally:
+            stop_server(server)
+        assert audit.path.read_bytes() == b"".join(damaged)  # nothing appended to a broken log
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_result_whose_audit_entry_cannot_be_written_is_not_returned(folders):
+    from mlserver import stop_server
+
+    server = _start(folders, 1)
+    try:
+        audit_file = folders["audit"] / "audit.jsonl"
+        kept = audit_file.read_bytes()
+        audit_file.unlink()
+        audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
+        response = requests.post(f"{server.url}/infer/adl", params={"image": "ct_slab_b", "output": "image"},
+                                 data={"params": "{}"}, timeout=600)
+        assert response.status_code == 500, response.status_code
+        assert "audit entry could not be written" in response.json()["detail"]
+        assert not list((folders["work"] / "run1" / "tmp").glob("adl_*")), "the unrecorded result was left behind"
+        verdict = requests.post(f"{server.url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_a"},
+                                timeout=60)
+        assert verdict.status_code == 500 and "not recorded" in verdict.text
+        info = requests.get(f"{server.url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
+        assert "review" not in info  # the queue did not move either
+        audit_file.rmdir()
+        audit_file.write_bytes(kept)
+        assert requests.post(f"{server.url}/infer/adl", params={"image": "ct_slab_b", "output": "json"},
+                             data={"params": "{}"}, timeout=600).status_code == 200
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_with_authentication_on_entries_name_the_tokens_user(folders):
+    """Auth on (a realm on loopback, tests/realm.py): the result's and the verdict's user is the token's user,
+    whatever name the body gives."""
+    from mlserver import start_server, stop_server
+    from realm import USER_OF_ROLE, Realm
+
+    realm = Realm()
+    try:
+        server = start_server(folders["studies"], folders["model"], folders["work"] / "auth",
+                              conf={"audit_dir": folders["audit"], "max_voxels": 3_000_000},
+                              env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url})
+        try:
+            user, reviewer = USER_OF_ROLE["user"], USER_OF_ROLE["reviewer"]
+            result = requests.post(f"{server.url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
+                                   data={"params": "{}"}, timeout=600,
+                                   headers={"Authorization": f"Bearer {realm.token(user)}"})
+            assert result.status_code == 200, result.text
+            verdict = requests.post(f"{server.url}/review/ct_slab_b",
+                                    json={"verdict": "accepted", "reviewer": "mallory"}, headers={"Authorization": f"Bearer {realm.token(reviewer)}"}, timeout=60)
+            assert verdict.status_code == 200, verdict.text
+        finally:
+            stop_server(server)
+    finally:
+        realm.stop()
+    audit = AuditLog(folders["audit"])
+    assert audit.verify().ok
+    recorded = _events(audit, "result")[-1]
+    assert recorded["user"] == user and recorded["authenticated"] is True
+    given = _events(audit, "verdict")[-1]
+    assert (given["reviewer"], given["reviewer_from"], given["user"]) == (reviewer, "token", reviewer)
+    assert "mallory" not in audit.path.read_text()

@@ -1,0 +1,507 @@
+"""Hostile clients (issue 19): plain HTTP requests against a real MONAI Label server on 127.0.0.1 that try to
+write, read or delete files outside the datastore, override the URL's image / session / model, save the model's
+own output as training data, send corrupt or lying files, overwrite another study, or leave scratch folders.
+
+Two servers for the module, auth off (``hostile``) and on (``hostile_auth``, an admin's token); tests reach them
+only through the ``api`` fixture (the server, its base URL and the headers to send), parametrised by
+:data:`SERVERS`, so every hostile request is tried against both.
+Every test checks afterwards (``untouched``) that nothing outside the datastore changed: a canary folder next to
+the studies folder (a victim study, a planted session ``meta.info``), the server's model folder, the server's
+temporary folder (no leaked uploads), and that the server still answers.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+
+from conftest import SAMPLE_STUDIES
+from mlserver import Server, copy_weights, shared_studies, start_server, stop_server, write_crop
+
+pytestmark = [pytest.mark.server]
+
+STUDY = "ct_slab_b"  # a 4-slice CT slab of the shared studies
+TIMEOUT = 300  # seconds per request: generous, a 2-core machine trains a model next to these tests
+
+
+@dataclass
+class Api:
+    """The server under test (``server``: its folders and process), where the requests go and what they carry
+    (``headers``: none with auth off; a bearer token with auth on)."""
+    server: Server
+    base_url: str
+    headers: dict = field(default_factory=dict)
+
+    def call(self, method: str, path: str, **kwargs) -> requests.Response:
+        headers = dict(self.headers, **kwargs.pop("headers", {}))
+        return requests.request(method, self.base_url + path, headers=headers, timeout=TIMEOUT, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _hostile_server(root: Path, tiny_weights: Path, env: dict | None = None) -> Server:
+    """A server of this module: shared studies, no ``max_voxels`` conf (the default limit, 1e9 voxels, so that a
+    lying header is refused by the declared-size check, not by the voxel limit); ``root/canary`` next to
+    ``root/studies`` holds what an attacker aims at."""
+    studies = shared_studies(root / "studies")
+    canary = root / "canary"
+    (canary / "session_dir").mkdir(parents=True)
+    shutil.copy(studies / f"{STUDY}.nii.gz", canary / "victim.nii.gz")
+    (canary / "notes.txt").write_text("not for the server")
+    # a session meta.info planted outside the session store: an infer with session_id=<this folder> used to
+    # find it, see its image missing and delete the whole folder
+    (canary / "session_dir" / "meta.info").write_text(json.dumps({"name": "x", "path": str(canary / "session_dir"),
+                                                                  "image": str(canary / "gone.nii.gz"),
+                                                                  "meta": {}, "create_ts": 0, "last_access_ts": 0,
+                                                                  "expiry": 3600}))
+    server = start_server(studies, copy_weights(tiny_weights, root / "model"), root / "work", env=env)
+    server.canary = canary
+    return server
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, tiny_weights) -> Server:
+    """Auth off (the loopback demo)."""
+    server = _hostile_server(tmp_path_factory.mktemp("hostile"), tiny_weights)
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def hostile_auth(tmp_path_factory, tiny_weights):
+    """MONAI Label's authentication on, against a realm stood up on loopback (``realm.py``); the requests carry
+    an admin's token, so that every check below is the content check, not the role check."""
+    from realm import USER_OF_ROLE, Realm
+
+    realm = Realm()
+    try:
+        server = _hostile_server(tmp_path_factory.mktemp("hostile_auth"), tiny_weights,
+                                 env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url})
+        server.token = realm.token(USER_OF_ROLE["admin"])
+        yield server
+        stop_server(server)
+    finally:
+        realm.stop()
+
+
+# param -> the server fixture of that variant
+SERVERS = {"auth_off": "hostile", "auth_on": "hostile_auth"}
+
+
+@pytest.fixture(scope="module", params=sorted(SERVERS))
+def api(request) -> Api:
+    """The server under test with its base URL and headers; every test reaches the server only through this."""
+    server = request.getfixturevalue(SERVERS[request.param])
+    token = getattr(server, "token", None)
+    return Api(server, server.url, {"Authorization": f"Bearer {token}"} if token else {})
+
+
+def _tree(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, str]]:
+    """{relative path: (mtime ns, sha256)} of every file under ``folder`` (folders as ``(0, "dir")``)."""
+    state: dict[str, tuple[int, str]] = {}
+    if not folder.exists():
+        return state
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if relative.split("/")[0] in skip:
+            continue
+        if path.is_dir():
+            state[relative + "/"] = (0, "dir")
+        else:
+            state[relative] = (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return state
+
+
+def _outside_state(server: Server, model_skip: tuple[str, ...] = ()) -> dict:
+    root = server.studies.parent
+    return {"canary": _tree(server.canary),
+            "root": sorted(p.name for p in root.iterdir()),
+            "model": _tree(server.model_dir, model_skip)}
+
+
+def _tmp_files(server: Server) -> set[str]:
+    return {p.name for p in (server.log_path.parent / "tmp").iterdir()}
+
+
+def _settled_tmp(server: Server, expected: set[str], wait: float = 20.0) -> set[str]:
+    """The server's temporary folder once background removals ran (they run after the answer is sent)."""
+    deadline = time.monotonic() + wait
+    while True:
+        now = _tmp_files(server)
+        if now <= expected or time.monotonic() > deadline:
+            return now
+        time.sleep(0.25)
+
+
+@pytest.fixture()
+def untouched(api):
+    """Nothing outside the datastore changes during the test: canary, model folder (scratch ``work`` and the
+    status files ``train_stats`` excepted: training tests check those themselves), no file left in the server's
+    TMPDIR; and the server still answers."""
+    hostile = api.server
+    skip = ("work", "train_stats")
+    before, tmp_before = _outside_state(hostile, skip), _tmp_files(hostile)
+    yield
+    assert _outside_state(hostile, skip) == before
+    assert _settled_tmp(hostile, tmp_before) <= tmp_before, "uploads left behind in the server's TMPDIR"
+    assert hostile.alive(), hostile.log_tail()
+    assert api.call("GET", "/info/").status_code == 200
+
+
+def _study_bytes(server: Server, image_id: str = STUDY) -> bytes:
+    return (server.studies / f"{image_id}.nii.gz").read_bytes()
+
+
+def _refused(response: requests.Response, status: int, *words: str) -> str:
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    detail = response.json().get("detail")
+    assert isinstance(detail, str), response.text[:500]
+    for word in words:
+        assert word.lower() in detail.lower(), (word, detail)
+    return detail
+
+
+def _labels(api: Api, image_id: str) -> dict:
+    return api.call("GET", "/datastore/", params={"output": "all"}).json()["objects"][image_id]["labels"]
+
+
+def _wait_labels(api: Api, image_id: str, present: set[str], absent: set[str] = frozenset(), wait: float = 60.0):
+    """The datastore sees label files through its file watcher: wait until ``present`` are listed, ``absent`` not."""
+    deadline = time.monotonic() + wait
+    while True:
+        labels = _labels(api, image_id)
+        if present <= set(labels) and not (absent & set(labels)):
+            return labels
+        assert time.monotonic() < deadline, labels
+        time.sleep(0.25)
+
+
+def _remove_labels(api: Api, image_id: str, tags=("final", "regions", "original")) -> None:
+    for tag in tags:
+        api.call("DELETE", "/datastore/label", params={"id": image_id, "tag": tag})
+    _wait_labels(api, image_id, set(), set(tags))
+
+
+def _correction(server: Server, image_id: str, folder: Path, offset: float = 0.0) -> Path:
+    """A float correction of ``image_id`` on its grid (the study itself, shifted by ``offset`` HU)."""
+    image = sitk.Cast(sitk.ReadImage(str(server.studies / f"{image_id}.nii.gz")), sitk.sitkFloat32)
+    path = folder / f"{image_id}_final_{offset:g}.nii.gz"
+    sitk.WriteImage(image + offset, str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ 1. plain names
+def _bad_names(canary: Path) -> dict[str, str]:
+    """A bad name -> a word of the reason the server must give."""
+    return {"../canary/victim": "path separator", str(canary / "victim"): "path separator", "..": "'..'",
+            "a..b": "'..'", ".hidden": "dot", "ct\\slab": "path separator", "ct\x00slab": "NUL",
+            "x" * 300: "characters long", "C:victim": "absolute", "na me": "not allowed"}
+
+
+def _name_routes(api: Api, study: bytes, bad: str) -> list[tuple[str, requests.Response]]:
+    """(parameter, answer) of every route that takes an image id, label tag or session id, given ``bad``."""
+    upload = {"file": ("upload.nii.gz", study)}
+    label = {"label": ("label.nii.gz", study)}
+    calls = [
+        ("image", "PUT", "/datastore/image", dict(params={"image": bad}, files=upload)),
+        ("image", "PUT", "/datastore/", dict(params={"image": bad}, files=upload)),
+        ("id", "DELETE", "/datastore/image", dict(params={"id": bad})),
+        ("id", "DELETE", "/datastore/", dict(params={"id": bad})),
+        ("image", "GET", "/datastore/image", dict(params={"image": bad})),
+        ("image", "HEAD", "/datastore/image", dict(params={"image": bad})),
+        ("image", "GET", "/datastore/image/info", dict(params={"image": bad})),
+        ("image", "PUT", "/datastore/image/info", dict(params={"image": bad}, data={"info": "{}"})),
+        ("image", "PUT", "/datastore/label", dict(params={"image": bad, "tag": "final"}, files=label)),
+        ("tag", "PUT", "/datastore/label", dict(params={"image": STUDY, "tag": bad}, files=label)),
+        ("id", "DELETE", "/datastore/label", dict(params={"id": bad, "tag": "final"})),
+        ("tag", "DELETE", "/datastore/label", dict(params={"id": STUDY, "tag": bad})),
+        ("label", "GET", "/datastore/label", dict(params={"label": bad, "tag": "final"})),
+        ("tag", "GET", "/datastore/label", dict(params={"label": STUDY, "tag": bad})),
+        ("tag", "HEAD", "/datastore/label", dict(params={"image": STUDY, "tag": bad})),
+        ("label", "GET", "/datastore/label/info", dict(params={"label": bad, "tag": "final"})),
+        ("tag", "PUT", "/datastore/label/info", dict(params={"label": STUDY, "tag": bad}, data={"info": "{}"})),
+        ("tag", "PUT", "/datastore/updatelabelinfo", dict(params={"label": STUDY, "tag": bad}, data={"params": "{}"})),
+        ("image", "POST", "/infer/adl", dict(params={"image": bad}, data={"params": "{}"})),
+        ("session_id", "POST", "/infer/adl", dict(params={"session_id": bad}, data={"params": "{}"})),
+    ]
+    return [(parameter, api.call(method, path, **kwargs)) for parameter, method, path, kwargs in calls]
+
+
+def test_ids_tags_and_session_ids_must_be_plain_names(api, untouched):
+    hostile = api.server
+    study = _study_bytes(hostile)
+    for bad, why in _bad_names(hostile.canary).items():
+        for parameter, response in _name_routes(api, study, bad):
+            where = (parameter, bad[:40], response.request.method, response.request.path_url[:80])
+            assert response.status_code == 422, (where, response.status_code, response.text[:300])
+            if response.request.method != "HEAD":  # HEAD answers carry no body
+                detail = response.json()["detail"]
+                assert detail.startswith(parameter + " ") and why in detail, (where, detail)
+    # session ids in the URL path: '..' would be the session store's parent folder
+    for bad in ("..", ".hidden"):
+        for method in ("GET", "DELETE"):
+            response = api.call(method, f"/session/{bad.replace('.', '%2E')}")
+            assert response.status_code == 422 and "session_id" in response.json()["detail"], response.text
+    # the planted session folder outside the store survives an infer naming it (checked by ``untouched`` too)
+    response = api.call("POST", "/infer/adl", params={"session_id": str(hostile.canary / "session_dir")})
+    _refused(response, 422, "session_id", "path separator")
+    assert (hostile.canary / "session_dir" / "meta.info").is_file()
+    # nothing was added to the datastore under any of these names
+    stored = set(api.call("GET", "/datastore/", params={"output": "all"}).json()["objects"])
+    assert {"ct_slab_b", "ct_slab_c", "ct_slice_a", "mr_slab_d"} <= stored
+    assert not [name for name in stored if any(c in name for c in "/\\\x00:") or ".." in name or name[0] == "."]
+    # a plain name still works end to end
+    assert api.call("GET", "/datastore/image", params={"image": STUDY}).content == study
+    assert api.call("HEAD", "/datastore/image", params={"image": STUDY}).status_code == 200
+
+
+def test_archive_sessions_are_refused_and_plain_ones_work(api, untouched):
+    hostile = api.server
+    study = _study_bytes(hostile)
+    response = api.call("PUT", "/session/", params={"uncompress": "true"},
+                        files={"files": ("study.nii.gz", study)})
+    _refused(response, 422, "uncompress")
+    created = api.call("PUT", "/session/", files={"files": ("study.nii.gz", study)})
+    assert created.status_code == 200, created.text
+    session_id = created.json()["session_id"]
+    response = api.call("POST", "/infer/nlm", params={"session_id": session_id, "output": "json"})
+    assert response.status_code == 200 and response.json()["modality"] == "CT", response.text[:300]
+    assert api.call("DELETE", f"/session/{session_id}").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ 2. URL decides
+def test_params_cannot_pick_another_image_session_or_model(api, untouched):
+    hostile = api.server
+    victim = str(hostile.canary / "victim.nii.gz")
+    folder = str(hostile.canary)
+    cases = {"image": victim, "image_path": victim, "session_id": "x", "session": {"image": victim},
+             "model": "adl", "model_filename": victim, "model_path": victim, "path": victim, "file": victim,
+             "label": victim}
+    for key, value in cases.items():
+        response = api.call("POST", "/infer/nlm", params={"image": STUDY, "output": "json"},
+                            data={"params": json.dumps({key: value})})
+        _refused(response, 422, f"params.{key}", "URL")
+    # a folder: refused without its listing in the answer
+    response = api.call("POST", "/infer/adl", params={"image": STUDY}, data={"params": json.dumps({"image": folder})})
+    detail = _refused(response, 422, "params.image")
+    assert not any(name in detail for name in ("victim", "notes.txt", "session_dir"))
+    # an uploaded file with params.image = another file: refused (the upload is not left behind: ``untouched``)
+    response = api.call("POST", "/infer/adl", data={"params": json.dumps({"image": victim})},
+                        files={"file": ("mine.nii.gz", _study_bytes(hostile))})
+    _refused(response, 422, "params.image")
+    # the URL's model is the one that runs; a device override is fine
+    response = api.call("POST", "/infer/nlm", params={"image": STUDY, "output": "json"},
+                        data={"params": json.dumps({"device": "cpu"})})
+    assert response.status_code == 200 and response.json()["model"] == "nlm", response.text[:300]
+
+
+# ------------------------------------------------------------------------------------------------ 3. training data
+def test_infer_cannot_save_labels_and_only_stamped_corrections_are_training_data(api, untouched, tmp_path):
+    hostile = api.server
+    for params in ({"save_label": True}, {"save_label": "true", "label_tag": "final"}, {"label_tag": "../../x"}):
+        response = api.call("POST", "/infer/nlm", params={"image": STUDY}, data={"params": json.dumps(params)})
+        _refused(response, 422, "not accepted", "PUT /datastore/label")
+    assert _labels(api, STUDY) == {}
+    # a correction saved through the label route is stamped by the server, whatever the client claims
+    forged = {"correction": False, "saved_by": "mallory", "sha256": "0" * 64, "note": "kept"}
+    correction = _correction(hostile, STUDY, tmp_path, 5.0)
+    saved = api.call("PUT", "/datastore/label", params={"image": STUDY, "tag": "final"},
+                     data={"params": json.dumps(forged)}, files={"label": (correction.name, correction.read_bytes())})
+    assert saved.status_code == 200, saved.text
+    info = api.call("GET", "/datastore/label/info", params={"label": STUDY, "tag": "final"}).json()
+    assert info["correction"] is True and info["saved_by"] != "mallory" and info["note"] == "kept"
+    assert info["sha256"] == hashlib.sha256(correction.read_bytes()).hexdigest()
+    # ... and the stamp cannot be forged or changed through the label-info routes
+    for path, field_name in (("/datastore/label/info", "info"), ("/datastore/updatelabelinfo", "params")):
+        for key in ("correction", "saved_by", "sha256"):
+            response = api.call("PUT", path, params={"label": STUDY, "tag": "final"},
+                                data={field_name: json.dumps({key: "x"})})
+            _refused(response, 422, key, "stamps corrections")
+    # a 'final' label that did not come through the route (the model's output written by another path) is
+    # not training data: one stamped correction + one unstamped label = only 1 corrected study
+    output = api.call("POST", "/infer/adl", params={"image": "ct_slab_c", "output": "image"})
+    assert output.status_code == 200
+    planted = hostile.studies / "labels" / "final" / "ct_slab_c.nii.gz"
+    planted.write_bytes(output.content)
+    try:
+        _wait_labels(api, "ct_slab_c", {"final"})
+        response = api.call("POST", "/train/adl", json={"steps": 2, "device": "cpu"})
+        _refused(response, 422, "only 1 corrected")
+        # a stamped correction whose file was changed behind the server's back is no longer one
+        stamped = hostile.studies / "labels" / "final" / f"{STUDY}.nii.gz"
+        stamped.write_bytes(output.content)
+        response = api.call("POST", "/train/adl", json={"steps": 2, "device": "cpu"})
+        _refused(response, 422, "no corrected studies", "not saved as corrections")
+    finally:
+        _remove_labels(api, "ct_slab_c")
+        _remove_labels(api, STUDY)
+
+
+# ------------------------------------------------------------------------------------------------ 4. corrupt input
+def _nifti_header(shape: tuple[int, ...], dtype=np.int16) -> bytes:
+    import nibabel
+
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    return header.binaryblock + b"\0" * 4  # 348-byte header + the 4-byte extension flag, no voxels
+
+
+def _server_memory_kib(server: Server) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def test_corrupt_and_lying_files_are_422_before_any_voxel_is_read(api, untouched):
+    hostile = api.server
+    study = _study_bytes(hostile)
+    truncated = study[: len(study) * 2 // 3]  # the gzip stream cut: ITK used to fill the missing slices with 0
+    lying_gz = gzip.compress(_nifti_header((1000, 1000, 250)))  # 2.5e8 voxels declared in ~60 bytes
+    assert len(lying_gz) < 100
+    lying_nii = _nifti_header((1000, 1000, 250))
+    lying_nrrd = (b"NRRD0004\ntype: short\ndimension: 3\nsizes: 1000 1000 250\nencoding: raw\nendian: little\n"
+                  b"spacings: 1 1 1\n\n" + b"\0" * 64)
+    memory_before = _server_memory_kib(hostile)
+    files = {"truncated.nii.gz": (truncated, "truncated or corrupt"), "lying.nii.gz": (lying_gz, "declares"),
+             "lying.nii": (lying_nii, "declares"), "lying.nrrd": (lying_nrrd, "declares")}
+    for name, (content, words) in files.items():
+        response = api.call("POST", "/infer/adl", files={"file": (name, content)})
+        _refused(response, 422, words)
+        response = api.call("PUT", "/datastore/image", params={"image": "corrupt_upload"},
+                            files={"file": (name, content)})
+        _refused(response, 422, words)
+        response = api.call("PUT", "/datastore/label", params={"image": STUDY, "tag": "final"},
+                            files={"label": (name, content)})
+        _refused(response, 422, words)
+    # refused from the header: no 2.5e8-voxel buffer (0.5 GB as int16, 1 GB as float32) was allocated
+    grown_mib = (_server_memory_kib(hostile)["VmHWM"] - memory_before["VmHWM"]) / 1024
+    assert grown_mib < 200, f"the server's peak memory grew by {grown_mib:.0f} MiB"
+    assert "corrupt_upload" not in api.call("GET", "/datastore/", params={"output": "all"}).json()["objects"]
+    assert _labels(api, STUDY) == {}
+    # params that are JSON but not an object, and a store_to_pacs that is not a boolean: 422 with the reason
+    for params, words in (("[1,2]", "got list"), ("5", "got int"), ("null", "got null"), ('"x"', "got str"),
+                          ("{not json", "not JSON")):
+        response = api.call("POST", "/infer/nlm", params={"image": STUDY}, data={"params": params})
+        _refused(response, 422, "params", words)
+    response = api.call("POST", "/infer/nlm", params={"image": STUDY},
+                        data={"params": json.dumps({"store_to_pacs": "maybe"})})
+    _refused(response, 422, "store_to_pacs", "true or false")
+    response = api.call("PUT", "/datastore/image", params={"image": "x"}, data={"params": "[1]"},
+                        files={"file": ("x.nii.gz", study)})
+    _refused(response, 422, "params must be a JSON object")
+    response = api.call("PUT", "/datastore/image", params={"image": "x"}, files={"file": ("x.txt", study)})
+    _refused(response, 422, "file", ".nii.gz")
+
+
+# ------------------------------------------------------------------------------------------------ 5. no overwrite
+def test_an_upload_never_replaces_another_study(api, untouched, tmp_path):
+    hostile = api.server
+    stored = hostile.studies / f"{STUDY}.nii.gz"
+    original = stored.read_bytes()
+    correction = _correction(hostile, STUDY, tmp_path, 3.0)
+    assert api.call("PUT", "/datastore/label", params={"image": STUDY, "tag": "final"},
+                    files={"label": (correction.name, correction.read_bytes())}).status_code == 200
+    try:
+        _wait_labels(api, STUDY, {"final"})
+        # the same file again: the existing study, nothing replaced, its label kept
+        response = api.call("PUT", "/datastore/image", params={"image": STUDY}, files={"file": ("a.nii.gz", original)})
+        assert response.status_code == 200 and response.json() == {"image": STUDY, "existing": True}, response.text
+        # the same voxels and geometry in other bytes (uncompressed NIfTI): the same study
+        same = tmp_path / "same.nii"
+        sitk.WriteImage(sitk.ReadImage(str(stored)), str(same))
+        response = api.call("PUT", "/datastore/image", params={"image": STUDY},
+                            files={"file": ("b.nii", same.read_bytes())})
+        assert response.status_code == 200 and response.json()["existing"] is True, response.text
+        # different content under the taken id (another series named alike; the same voxels moved 1 mm): 409
+        other = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "other.nii.gz",
+                           z=slice(50, 54))
+        moved = sitk.ReadImage(str(stored))
+        moved.SetOrigin(tuple(np.add(moved.GetOrigin(), (0.0, 0.0, 1.0))))
+        sitk.WriteImage(moved, str(tmp_path / "moved.nii.gz"))
+        for path in (other, tmp_path / "moved.nii.gz"):
+            response = api.call("PUT", "/datastore/image", params={"image": STUDY},
+                                files={"file": (path.name, path.read_bytes())})
+            _refused(response, 409, "taken by a different study", "another id")
+        assert stored.read_bytes() == original
+        assert "final" in _labels(api, STUDY)
+        assert [p.name for p in hostile.studies.glob(f"{STUDY}.*")] == [f"{STUDY}.nii.gz"]
+        # under a new id the other study is stored (and then removed again)
+        response = api.call("PUT", "/datastore/image", params={"image": "ct_slab_b_2"},
+                            files={"file": ("other.nii.gz", other.read_bytes())})
+        assert response.status_code == 200 and response.json() == {"image": "ct_slab_b_2"}, response.text
+        assert api.call("DELETE", "/datastore/image", params={"id": "ct_slab_b_2"}).status_code == 200
+        assert api.call("DELETE", "/datastore/image", params={"id": "no_such_study"}).status_code == 404
+    finally:
+        _remove_labels(api, STUDY)
+
+
+# ------------------------------------------------------------------------------------------------ 6. scratch folders
+def test_scratch_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    from lib.trainers import remove_stale_work
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    dead = tmp_path / "adl" / f"20260101T000000-{finished.pid}"
+    live = tmp_path / "adl" / f"20260101T000001-{os.getppid()}"
+    other = tmp_path / "tddl_gcn" / "notes"
+    for folder in (dead / "checkpoints", live, other):
+        folder.mkdir(parents=True)
+    (dead / "checkpoints" / "last.pt").write_bytes(b"x" * 10)
+    assert remove_stale_work(tmp_path) == [dead]
+    assert not dead.exists() and live.is_dir() and other.is_dir()
+
+
+@pytest.mark.slow
+def test_a_killed_training_run_leaves_no_work_folder(api, untouched, tmp_path):
+    hostile = api.server
+    for image_id in ("ct_slab_b", "ct_slab_c"):
+        correction = _correction(hostile, image_id, tmp_path, 2.0)
+        response = api.call("PUT", "/datastore/label", params={"image": image_id, "tag": "final"},
+                            files={"label": (correction.name, correction.read_bytes())})
+        assert response.status_code == 200, response.text
+    work = hostile.model_dir / "work" / "adl"
+    published = sorted(p.name for p in hostile.model_dir.glob("*.pt"))
+    try:
+        response = api.call("POST", "/train/adl", json={"steps": 100000, "patch_size": 32, "device": "cpu"})
+        assert response.status_code == 200, response.text
+        deadline = time.monotonic() + 600
+        while True:
+            stats = api.call("GET", "/info/").json()["train_stats"]["adl"]
+            if stats.get("phase") == "training" and stats.get("step") is not None:
+                break
+            assert time.monotonic() < deadline, hostile.log_tail()
+            time.sleep(0.5)
+        assert [p.name for p in work.iterdir()] == [stats["run_id"]]
+        api.call("DELETE", "/train/")
+        deadline = time.monotonic() + 300
+        while api.call("GET", "/train/").json().get("status") in ("RUNNING", "SUBMITTED", "QUEUED"):
+            assert time.monotonic() < deadline, hostile.log_tail()
+            time.sleep(0.5)
+        # the run was killed (no finally ran); the next status read notices and removes its scratch folder
+        deadline = time.monotonic() + 60
+        while True:
+            stats = api.call("GET", "/info/").json()["train_stats"]["adl"]
+            if not list(work.iterdir()):
+                break
+            assert time.monotonic() < deadline, (stats, list(work.iterdir()))
+            time.sleep(0.5)
+        assert stats["status"] == "interrupted"
+        assert sorted(p.name for p in hostile.model_dir.glob("*.pt")) == published
+    finally:
+        _remove_labels(api, "ct_slab_b")
+        _remove_labels(api, "ct_slab_c")

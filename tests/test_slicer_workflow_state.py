@@ -1,0 +1,247 @@
+"""The Slicer module's workflow state (ADLDenoiseLib.review_session), without Slicer: study identity, results keyed
+by identity, the blended correction's owner, verdicts, the review queue, empty answers, fine-tuning runs, scene
+close and the temporary patient files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ADLDenoiseLib import DenoiseServerError
+from ADLDenoiseLib.review_session import (
+    ReviewSession,
+    StudyIdentity,
+    TempFiles,
+    WorkflowError,
+    content_identity,
+    describe_error,
+    dicom_identity,
+)
+
+EYE = np.diag([0.8, 0.8, 2.0, 1.0])
+
+
+def volume(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 30, (3, 8, 9)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------- identity
+def test_identity_is_the_series_uid_or_the_content_and_never_the_name():
+    a = dicom_identity("1.2.840.1.1", "ct", name="3: CT HEAD")
+    b = dicom_identity("1.2.840.1.2", "CT", name="3: CT HEAD")  # another series, same name
+    assert a != b and a.datastore_id() != b.datastore_id()
+    assert a.datastore_id().startswith("3_CT_HEAD_") and a.modality == "CT"
+    assert a == dicom_identity("1.2.840.1.1", "CT", name="renamed")  # the name is no part of the identity
+    assert a.datastore_id() == dicom_identity("1.2.840.1.1", name="3: CT HEAD").datastore_id()
+
+    v = volume()
+    c = content_identity(v, EYE, "phantom")
+    assert c == content_identity(v.copy(), EYE, "other name")
+    assert c != content_identity(v + 1, EYE, "phantom")  # other voxels
+    last = v.copy()
+    last[-1, -1, -1] += 0.5  # one voxel of the last slice
+    assert c != content_identity(last, EYE, "phantom")
+    shifted = EYE.copy()
+    shifted[0, 3] = 5.0
+    assert c != content_identity(v, shifted, "phantom")  # other geometry
+    assert c != content_identity(v.astype(np.float64), EYE, "phantom")  # other dtype
+    assert c.datastore_id() != content_identity(v + 1, EYE, "phantom").datastore_id()
+    # a frame of a 4D sequence: the frame index is part of the identity and of the id
+    f0, f1 = dicom_identity("1.2.3", frame=0, name="perfusion"), dicom_identity("1.2.3", frame=1, name="perfusion")
+    assert f0 != f1 and f0.datastore_id() != f1.datastore_id() and "_f1_" in f1.datastore_id()
+    assert f0 != dicom_identity("1.2.3", name="perfusion")
+
+
+def test_bad_identities_are_refused_clearly():
+    with pytest.raises(WorkflowError, match="SeriesInstanceUID or a content hash"):
+        dicom_identity("  ")
+    with pytest.raises(WorkflowError, match="frame index"):
+        dicom_identity("1.2", frame=-1)
+    with pytest.raises(WorkflowError, match="4x4"):
+        content_identity(volume(), np.eye(3))
+    with pytest.raises(WorkflowError, match="3D"):
+        content_identity(np.zeros((4, 4)), EYE)
+    with pytest.raises(WorkflowError, match="kind"):
+        StudyIdentity("name", "x")
+
+
+# --------------------------------------------------------------------------------------------------- results
+def test_result_is_keyed_by_identity_and_a_late_result_is_not_attached():
+    session = ReviewSession()
+    a, b = content_identity(volume(0), EYE, "a"), content_identity(volume(1), EYE, "b")
+    assert session.select(a)
+    record = session.result_arrived(a, "vtkMRMLScalarVolumeNode2", "adl", "pretrained")
+    assert record is not None and session.result() == record and session.result(a) == record
+    assert session.select(b) and session.result() is None  # B has no result, A's is not shown for B
+    assert session.result_arrived(a, "vtkMRMLScalarVolumeNode3") is None  # late result for A while B is selected
+    assert session.result(a) == record  # A keeps its earlier result
+    assert not session.select(b)  # same study again: nothing changes
+    session.select(a)
+    assert session.result() == record
+    session.forget_result("vtkMRMLScalarVolumeNode2")  # its node was deleted
+    assert session.result() is None
+    with pytest.raises(WorkflowError, match="denoise the volume first"):
+        session.require_result()
+
+
+# --------------------------------------------------------------------------------------------------- correction
+def test_blend_belongs_to_its_study_and_result_and_is_reset_on_every_change():
+    session = ReviewSession()
+    a, b = dicom_identity("1.1", name="A"), dicom_identity("1.2", name="B")
+    with pytest.raises(WorkflowError, match="select a volume"):
+        session.blended(0.5, "n")
+    session.select(a)
+    with pytest.raises(WorkflowError, match="denoise the volume first"):
+        session.blended(0.5, "n")
+    session.result_arrived(a, "resA")
+    blend = session.blended(0.7, "blendA")
+    assert session.correction_to_submit() == blend and blend.strength == 0.7
+    with pytest.raises(WorkflowError, match="within"):
+        session.blended(1.5, "blendA")
+
+    # blend A, denoise B, submit: A's blend must never become B's label
+    session.select(b)
+    assert session.blend is None
+    session.result_arrived(b, "resB")
+    assert session.correction_to_submit() is None  # nothing blended for B: the caller blends B now
+    # the volume changed under the user's feet (identity recomputed at submit differs)
+    with pytest.raises(WorkflowError, match="the volume changed"):
+        session.correction_to_submit(a)
+
+    # a new result of the same study drops the blend made from the old one
+    session.blended(0.4, "blendB")
+    session.result_arrived(b, "resB2")
+    assert session.blend is None
+    # a blend forged for another study or an older result is refused, not submitted
+    session.blended(0.4, "blendB")
+    from dataclasses import replace
+
+    session.blend = replace(session.blend, identity=a)
+    with pytest.raises(WorkflowError, match="belongs to"):
+        session.correction_to_submit()
+    session.blended(0.4, "blendB")
+    session.blend = replace(session.blend, result_serial=session.blend.result_serial - 1)
+    with pytest.raises(WorkflowError, match="earlier result"):
+        session.correction_to_submit()
+    # deselecting drops it too
+    session.blended(0.4, "blendB")
+    session.select(None)
+    assert session.blend is None
+    with pytest.raises(WorkflowError, match="select a volume"):
+        session.correction_to_submit()
+
+
+# --------------------------------------------------------------------------------------------------- server ids
+def test_datastore_ids_derive_from_identity_unless_the_server_gave_one():
+    session = ReviewSession()
+    a = dicom_identity("1.1", name="3: CT HEAD")
+    session.select(a)
+    assert session.datastore_id() == a.datastore_id() and not session.is_on_server()
+    queue = content_identity(volume(), EYE, "head_a")
+    session.record_upload(queue, "head_a", None)  # came from the review queue under the server's id
+    assert session.datastore_id(queue) == "head_a" and session.is_on_server(queue)
+    session.record_upload(queue, "head_a")  # same again: fine
+    with pytest.raises(WorkflowError, match="already stored as"):
+        session.record_upload(queue, "head_b")
+    with pytest.raises(WorkflowError, match="without a study id"):
+        session.record_upload(a, "")
+
+
+# --------------------------------------------------------------------------------------------------- verdicts
+def test_verdicts_are_validated_and_recorded_for_the_study_they_were_sent_for():
+    session = ReviewSession()
+    with pytest.raises(WorkflowError, match="select a volume"):
+        session.verdict_request("accepted", "dr_a")
+    a, b = dicom_identity("1.1", name="A"), dicom_identity("1.2", name="B")
+    session.select(a)
+    with pytest.raises(WorkflowError, match="reviewer"):
+        session.verdict_request("accepted", "  ")
+    with pytest.raises(WorkflowError, match="reason"):
+        session.verdict_request("rejected", "dr_a", " ")
+    with pytest.raises(WorkflowError, match="verdict must be"):
+        session.verdict_request("maybe", "dr_a")
+    request = session.verdict_request("accepted", " dr_a ")
+    assert request["identity"] == a and request["image_id"] == a.datastore_id() and request["reviewer"] == "dr_a"
+    session.select(b)  # the user moves on before the answer comes
+    entry = session.verdict_recorded(request["identity"], {"verdict": "accepted", "reviewer": "dr_a"})
+    assert session.verdicts == {a: entry}
+    for empty in (None, "", {}):
+        with pytest.raises(WorkflowError, match="empty body"):
+            session.verdict_recorded(b, empty)
+    with pytest.raises(WorkflowError, match="holds no verdict"):
+        session.verdict_recorded(b, {"status": "ok"})
+
+
+def test_review_queue_empty_and_malformed_answers_and_empty_bodies():
+    assert ReviewSession.queue_answer(None) is None
+    assert ReviewSession.queue_answer({}) is None
+    assert ReviewSession.queue_answer({"id": "head_a", "remaining_unreviewed": 2})["id"] == "head_a"
+    with pytest.raises(WorkflowError, match="without an id"):
+        ReviewSession.queue_answer({"remaining_unreviewed": 2})
+    with pytest.raises(WorkflowError, match="without an id"):
+        ReviewSession.queue_answer(["head_a"])
+    with pytest.raises(WorkflowError, match="empty body"):
+        ReviewSession.require_answer(None, "the training request")
+    assert ReviewSession.require_answer({"ok": 1}, "x") == {"ok": 1}
+
+
+# --------------------------------------------------------------------------------------------------- training
+def test_a_second_fine_tuning_run_is_refused_while_one_runs():
+    session = ReviewSession()
+    with pytest.raises(WorkflowError, match="choose a model"):
+        session.start_training("")
+    session.start_training("adl")
+    with pytest.raises(WorkflowError, match="adl is still running"):
+        session.start_training("tddl_gcn")
+    session.scene_closed()  # the run goes on on the server: still watched
+    with pytest.raises(WorkflowError, match="still running"):
+        session.start_training("adl")
+    session.training_finished()
+    session.start_training("tddl_gcn")
+    assert session.training_model == "tddl_gcn"
+
+
+# --------------------------------------------------------------------------------------------------- scene close
+def test_scene_close_forgets_every_study_and_deletes_patient_files(tmp_path):
+    session = ReviewSession(tmp_path / "tmp")
+    a = dicom_identity("1.1", name="A")
+    session.select(a)
+    session.record_upload(a, a.datastore_id())
+    session.result_arrived(a, "vtkMRMLScalarVolumeNode1")
+    session.blended(0.5, "vtkMRMLScalarVolumeNode2")
+    session.verdicts[a] = {"verdict": "accepted"}
+    work = session.work_dir
+    (work / "studies").mkdir()
+    (work / "studies" / "patient.nrrd").write_bytes(b"PHI")
+    session.scene_closed()
+    assert not work.exists()
+    assert session.study is None and session.blend is None
+    assert session.results == {} and session.known_ids == {} and session.verdicts == {}
+    # after Clear, node IDs restart: the next patient's vtkMRMLScalarVolumeNode1 gets nothing of A's
+    b = dicom_identity("1.9", name="B")
+    session.select(b)
+    assert session.result() is None and not session.is_on_server()
+    assert session.work_dir != work and session.work_dir.is_dir()
+    # the module closes: everything goes
+    kept = session.work_dir
+    assert session.close() == [] and not kept.exists() and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_temp_files_cleanup_deletes_every_folder(tmp_path):
+    temp = TempFiles(tmp_path)
+    first, second = temp.new_dir("export"), temp.new_dir("download")
+    (first / "a.nrrd").write_bytes(b"x")
+    (second / "sub").mkdir()
+    (second / "sub" / "b.nrrd").write_bytes(b"y")
+    assert temp.cleanup() == []
+    assert not first.exists() and not second.exists() and temp.dirs == []
+    # a request cancelled at scene close recreates its output folder afterwards: the next cleanup removes it
+    (first / "results").mkdir(parents=True)
+    (first / "results" / "late.nrrd").write_bytes(b"z")
+    assert temp.dirs == [first]
+    assert temp.cleanup() == [] and not first.exists()
+
+
+def test_server_errors_say_log_in_again_or_name_the_missing_role():
+    assert "log in again" in describe_error(DenoiseServerError("server said 401: expired", 401))
+    assert "role" in describe_error(DenoiseServerError("server said 403: forbidden", 403))
+    assert describe_error(DenoiseServerError("server said 422: bad volume", 422)) == "server said 422: bad volume"
+    assert describe_error(WorkflowError("select a volume first")) == "select a volume first"
