@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any, Dict
 
 import monailabel
@@ -36,31 +35,15 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
 
 from lib.activelearning import NextUnreviewed, has_image, record_result
-from lib.audit import AuditBrokenError, AuditError, AuditLog, sanitise
-from lib.audit.identity import input_identity
+from lib.audit import AuditBrokenError, AuditError, AuditLog
 from lib.audit.location import default_audit_dir
-from lib.audit.recording import AuditedModelStore, RequestContextMiddleware, audited_datastore, request_actor
+from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_result, install_request_context,
+                                 request_actor, result_fields)
 from lib.configs import MODEL_CONFIGS
 from lib.weights import MODEL_DIR
 from lib.pacs import PacsStoreError, is_dicomweb, series_folder, store_derived_series
-from lib.runtime.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
-
-# request keys that are not the client's parameters (paths, sessions, routing): left out of the audit entry
-_NOT_PARAMS = ("image", "session", "description", "model", "label", "file", "result_file")
-
-
-def _install_request_context(fastapi_app) -> None:
-    """The request-context middleware (:mod:`lib.audit.recording`), inside the access control, once."""
-    if getattr(fastapi_app.state, "adl_denoise_request_context", False):
-        return
-    from starlette.middleware import Middleware
-
-    fastapi_app.user_middleware.append(Middleware(RequestContextMiddleware))
-    if fastapi_app.middleware_stack is not None:  # built already (the app is made during the server's start-up)
-        fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
-    fastapi_app.state.adl_denoise_request_context = True
 
 
 class DenoisingApp(MONAILabelApp):
@@ -92,7 +75,7 @@ class DenoisingApp(MONAILabelApp):
             from lib.endpoints import install
 
             install(fastapi_app)
-            _install_request_context(fastapi_app)
+            install_request_context(fastapi_app)
             if self.audit.broken is None:
                 self.audit.append("server_started", {"studies": studies, "model_dir": self.model_dir,
                                                      "models": sorted(self.models), "pid": os.getpid(),
@@ -163,10 +146,10 @@ class DenoisingApp(MONAILabelApp):
         result = super().infer(request, datastore)
         params = result.get("params") or {}
         try:
-            entry = record_result(self.audit, self._result_fields(request, result, store, image_id if known_id
-                                                                   else None, source_folder))
+            entry = record_result(self.audit, result_fields(request, result, store, image_id if known_id else None,
+                                                            source_folder))
         except Exception as error:  # noqa: BLE001 - whatever stops the record stops the result
-            self._discard(result)
+            discard_result(result)
             logger.error("result of %s not returned: %s", request.get("model"), error)
             raise HTTPException(status_code=500, detail=f"denoised, but the result is not returned: its audit entry "
                                                         f"could not be written ({error})") from None
@@ -188,59 +171,3 @@ class DenoisingApp(MONAILabelApp):
                                                             f"but its audit entry could not be written ({error})"
                                     ) from None
         return result
-
-    @staticmethod
-    def _full_weights_sha256(weights_store, weights: dict) -> Any:
-        """The whole SHA-256 of the weights a result names (the infer task reports its first 16 hex digits):
-        the stored version of that id whose hash starts with them; the prefix as given when none does."""
-        short, version = weights.get("weights_sha256") or "", weights.get("weights_version")
-        if not short or not version or not weights.get("model") or not weights.get("modality"):
-            return short or None
-        try:
-            for entry in weights_store.versions(weights["model"], weights["modality"]):
-                if entry.get("version") == version and str(entry.get("sha256", "")).startswith(short):
-                    return entry["sha256"]
-        except OSError:
-            pass
-        return short
-
-    def _result_fields(self, request: dict, result: dict, store, image_id: str | None,
-                       source_folder) -> dict[str, Any]:
-        """The ``result`` entry: where the input came from and its identity, the weights, the request's
-        parameters (without paths and sessions), the result file's SHA-256 and who asked."""
-        params = result.get("params") or {}
-        session = request.get("session") if isinstance(request.get("session"), dict) else None
-        if source_folder is not None:
-            source, path = "dicomweb", str(source_folder)
-        elif image_id is not None:
-            source, path = "datastore", store.get_image_uri(image_id)
-        else:
-            source, path = ("session" if session else "upload"), str(request.get("image"))
-        try:
-            identity = input_identity(path)
-        except Exception as error:  # noqa: BLE001 - recorded as such: the denoiser read it, the hash could not
-            identity = {"identity_error": f"{type(error).__name__}: {error}"}
-        source_info: dict[str, Any] = {"source": source, "image": image_id, **identity}
-        if session:
-            source_info["session_id"] = session.get("name")  # MONAI Label's SessionInfo: the id is its name
-        result_file = result.get("file")
-        weights = {k: params.get(k) for k in ("model", "method", "modality", "weights_version", "weights_sha256",
-                                              "device", "seconds", "shape", "spacing", "result_dtype",
-                                              "result_extension")}
-        weights["weights_sha256"] = self._full_weights_sha256(self.store, weights)
-        return {
-            "input": source_info,
-            **weights,
-            "result_sha256": file_sha256(result_file) if result_file and os.path.isfile(result_file) else None,
-            "params": sanitise({k: v for k, v in request.items() if k not in _NOT_PARAMS}),
-            **request_actor(),
-        }
-
-    @staticmethod
-    def _discard(result: dict) -> None:
-        path = result.get("file")
-        if path and os.path.isfile(path):
-            try:
-                Path(path).unlink()
-            except OSError:
-                logger.warning("could not remove the unrecorded result %s", path)

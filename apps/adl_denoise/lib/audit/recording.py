@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Dict
 
 from ..runtime.hashing import file_sha256
 from ..weights.store import ModelStore
 from .context import RequestContextMiddleware, request_actor
 from .identity import input_identity
-from .log import AuditError, AuditLog
+from .log import AuditError, AuditLog, sanitise
 
 __all__ = ["PROTECTED_INFO_KEYS", "AuditedModelStore", "RequestContextMiddleware", "audited_datastore",
-           "request_actor"]
+           "discard_result", "install_request_context", "request_actor", "result_fields"]
+
+# request keys that are not the client's parameters (paths, sessions, routing): left out of a result's entry
+_NOT_PARAMS = ("image", "session", "description", "model", "label", "file", "result_file")
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +144,56 @@ class AuditedModelStore(ModelStore):
         self.audit.append(f"weights_{event}", {"model": model, "modality": str(modality).upper(), **details,
                                                **request_actor()})
         return super().record(model, modality, event, **details)
+
+
+def install_request_context(fastapi_app) -> None:
+    """Add :class:`RequestContextMiddleware` to the server's FastAPI application (inside the access control), once."""
+    if getattr(fastapi_app.state, "adl_denoise_request_context", False):
+        return
+    from starlette.middleware import Middleware
+
+    fastapi_app.user_middleware.append(Middleware(RequestContextMiddleware))
+    if fastapi_app.middleware_stack is not None:  # built already (the app is made during the server's start-up)
+        fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
+    fastapi_app.state.adl_denoise_request_context = True
+
+
+def result_fields(request: dict, result: dict, datastore, image_id: str | None, source_folder) -> dict[str, Any]:
+    """The ``result`` entry of one inference: where the input came from (``datastore``, ``upload``, ``session``,
+    ``dicomweb``) and its identity (:func:`.identity.input_identity`), the weights (version, whole SHA-256), the
+    request's parameters (without paths and sessions), the result file's SHA-256 and who asked."""
+    params = result.get("params") or {}
+    session = request.get("session") if isinstance(request.get("session"), dict) else None
+    if source_folder is not None:
+        source, path = "dicomweb", str(source_folder)
+    elif image_id is not None:
+        source, path = "datastore", datastore.get_image_uri(image_id)
+    else:
+        source, path = ("session" if session else "upload"), str(request.get("image"))
+    try:
+        identity = input_identity(path)
+    except Exception as error:  # noqa: BLE001 - recorded as such: the denoiser read it, the hash could not
+        identity = {"identity_error": f"{type(error).__name__}: {error}"}
+    source_info: dict[str, Any] = {"source": source, "image": image_id, **identity}
+    if session:
+        source_info["session_id"] = session.get("name")  # MONAI Label's SessionInfo: the id is its name
+    result_file = result.get("file")
+    weights = {k: params.get(k) for k in ("model", "method", "modality", "weights_version", "weights_sha256",
+                                          "device", "seconds", "shape", "spacing", "result_dtype", "result_extension")}
+    return {
+        "input": source_info,
+        **weights,
+        "result_sha256": file_sha256(result_file) if result_file and os.path.isfile(result_file) else None,
+        "params": sanitise({k: v for k, v in request.items() if k not in _NOT_PARAMS}),
+        **request_actor(),
+    }
+
+
+def discard_result(result: dict) -> None:
+    """Delete the result file of an inference that must not be returned (its audit entry could not be written)."""
+    path = result.get("file")
+    if path and os.path.isfile(path):
+        try:
+            Path(path).unlink()
+        except OSError:
+            log.warning("could not remove the unrecorded result %s", path)

@@ -190,7 +190,7 @@ class DenoiseInferTask(InferTask):
     def denoise(self, array: np.ndarray, modality: str, device, spacing: Sequence[float] | None = None
                 ) -> tuple[np.ndarray, dict]:
         """Denoise ``array`` (modality units, voxel ``spacing`` in mm) with the weights served now; returns the
-        result and ``{"weights_version", "weights_sha256", "planes"}`` (``planes``: "slices" slice by slice,
+        result and ``{"weights_version", "weights_sha256" (whole, hex), "planes"}`` (``planes``: "slices" slice by slice,
         "orthogonal" the mean over the three orthogonal planes where :func:`lib.predict.uses_orthogonal_planes`
         says so, "volume" for a 3D network). HTTP 404 when no weights are installed for ``modality``."""
         served = self.store.served(self.model, modality)
@@ -202,7 +202,7 @@ class DenoiseInferTask(InferTask):
         planes = "volume" if loaded.spatial_dims == 3 else "orthogonal" if orthogonal else "slices"
         # denoise_array's default batch: 4 slices (or 3D windows) per pass on CUDA, 1 on a CPU
         denoised = denoise_array(loaded, array, modality, device=device, orthogonal_planes=orthogonal)
-        return denoised, {"weights_version": served.version, "weights_sha256": served.sha256[:16], "planes": planes}
+        return denoised, {"weights_version": served.version, "weights_sha256": served.sha256, "planes": planes}
 
     # --- helpers
     def _modality(self, request: dict, volume) -> str:
