@@ -8,6 +8,8 @@ Verbs:
   train      train an ADL or TDDL-GCN denoiser on clean images (synthetic physics noise or a learned noise
              model) or on noisy/clean pairs
   learn-noise  learn a CT scanner's noise from its low-dose images alone (TDDL noise model for train --noise-model)
+  adapt      adapt an ADL or TDDL-GCN model to a site's own low-dose CT scans alone (learn-noise, pseudo pairs,
+             fine-tune, then a self-supervised no-worse check on held-out low-dose slices)
 
 Every verb reads and writes DICOM series folders, NIfTI, NRRD and MHA, keeps the input's geometry and value
 convention (CT in HU), never overwrites without ``--overwrite`` and exits non-zero with a one-line reason
@@ -394,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parser(verbs)
     _add_learn_noise_parser(verbs)
+    _add_adapt_parser(verbs)
     _add_lesion_detector_parser(verbs)
     return parser
 
@@ -810,6 +813,100 @@ def _add_learn_noise_parser(verbs) -> None:
     ln.add_argument("--seed", type=int, help="random seed")
     ln.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ln.set_defaults(func=cmd_learn_noise)
+
+
+# --------------------------------------------------------------------------------------------- adapt
+#: exit status when the adapted model fails its no-worse check (nothing written)
+EXIT_CHECK_FAILED = 3
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    """TDDL self-adaptation (:func:`lib.noise_learning.adaptation.adapt_to_low_dose`): thin argument checking."""
+    from lib.data import discover_images
+    from lib.noise_learning.adaptation import (AdaptationRefused, AdaptSettings, adapt_to_low_dose, blocking_files,
+                                               report_path)
+
+    output = Path(args.output).expanduser()
+    if output.suffix not in (".pt", ".pth"):
+        raise CommandError(f"--output must be a .pt weight file, got {args.output}")
+    existing = blocking_files(output)
+    if existing and not args.overwrite:
+        raise CommandError(f"{existing[0]} already exists (add --overwrite to replace it)")
+    if args.initial_weights:
+        start = Path(args.initial_weights).expanduser()
+        if not start.is_file():
+            raise CommandError(f"--initial-weights {args.initial_weights} not found")
+    else:
+        from lib.weights import candidate_weights, find_weights
+
+        start = find_weights(args.model, "CT")
+        if start is None:
+            expected = candidate_weights(args.model, "CT")[0]
+            raise CommandError(f"no {MODEL_LABELS[args.model]} CT weights installed ({expected}): give "
+                               "--initial-weights FILE")
+    if start.resolve() == output.resolve():
+        raise CommandError("--output is the starting weight file: write the adapted model elsewhere")
+    if args.patch_size is not None and args.patch_size % 8:
+        raise CommandError(f"--patch-size must be a multiple of 8, got {args.patch_size}")
+    device = _resolve_device(args.device)
+    settings = AdaptSettings(device=device, **_given(
+        holdout_every=args.holdout_every, noise_steps=args.noise_steps, noise_patch_size=args.noise_patch_size,
+        steps=args.steps, patch_size=args.patch_size, batch_size=args.batch_size, lr=args.lr,
+        samples_per_epoch=args.samples_per_epoch, grid=args.grid, check_radius=args.check_radius,
+        check_shifts=args.check_shifts,
+        tolerance=args.tolerance, seed=args.seed))
+    try:
+        summary = adapt_to_low_dose(discover_images(args.lowdose), args.model, start, output, settings,
+                                    normal_dose=args.normal_dose, work_dir=args.work_dir, force=args.force,
+                                    overwrite=args.overwrite, report=lambda line: print(line, flush=True))
+    except AdaptationRefused as refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    check = summary["check"]
+    if not check["passed"]:
+        print("warning: the adapted model failed the check; written anyway (--force)", file=sys.stderr)
+    print(f"wrote {output} (report {report_path(output)}; J-invariant loss {check['baseline_loss']:.1f} -> "
+          f"{check['adapted_loss']:.1f} HU^2)")
+    return 0
+
+
+def _add_adapt_parser(verbs) -> None:
+    ad = verbs.add_parser(
+        "adapt", help="adapt ADL or TDDL-GCN to a site's own low-dose CT scans alone (TDDL)",
+        description="Learn the noise of the site's low-dose CT scans, add it to normal-dose images (given, or the "
+                    "starting model's denoised low-dose slices) to make pseudo pairs, fine-tune the starting "
+                    "weights on them, and write the result only if it is no worse than the start on held-out "
+                    "low-dose slices (every --holdout-every-th slice, never used before), judged by a "
+                    "self-supervised J-invariant (Noise2Self) loss: no model output is used as a reference. A "
+                    "JSON report goes next to the output (OUTPUT.adapt.json). Exit status 3 when the check fails.")
+    ad.add_argument("--lowdose", nargs="+", required=True, metavar="PATH",
+                    help="the site's low-dose CT images or folders (DICOM series, NIfTI, NRRD, MHA), in HU")
+    ad.add_argument("--model", choices=LEARNED_MODELS, required=True, help="model to adapt")
+    ad.add_argument("--output", "-o", required=True, help="adapted weight file to write (.pt)")
+    ad.add_argument("--initial-weights", metavar="FILE", help="weights to start from (default: the installed CT ones)")
+    ad.add_argument("--normal-dose", nargs="+", metavar="PATH",
+                    help="normal-dose CT images for the clean side of the pseudo pairs (default: the starting "
+                         "model's denoised low-dose training slices)")
+    ad.add_argument("--holdout-every", type=_positive_int, help="hold out every n-th low-dose slice for the check (5)")
+    ad.add_argument("--noise-steps", type=_positive_int, help="noise-model training steps (500)")
+    ad.add_argument("--noise-patch-size", type=_positive_int, help="noise patch size, multiple of 8 (32)")
+    ad.add_argument("--steps", type=_positive_int, help="fine-tuning steps (200)")
+    ad.add_argument("--patch-size", type=_positive_int, help="fine-tuning patch size (adl 96, tddl_gcn 48)")
+    ad.add_argument("--batch-size", type=_positive_int, help="fine-tuning patches per step (4)")
+    ad.add_argument("--lr", type=_positive_float, help="fine-tuning learning rate (5e-5)")
+    ad.add_argument("--samples-per-epoch", type=_positive_int, help="patches per epoch (512)")
+    ad.add_argument("--grid", type=_positive_int, help="check: masking grid spacing (4: 16 shifts)")
+    ad.add_argument("--check-radius", type=_non_negative_int,
+                    help="check: half-size of the blind square around each scored pixel (1; 0 = plain Noise2Self)")
+    ad.add_argument("--check-shifts", type=_positive_int, help="check: shifts scored (default all grid^2)")
+    ad.add_argument("--tolerance", type=_non_negative_float,
+                    help="check: relative loss increase still accepted (default 0: not worse)")
+    ad.add_argument("--force", action="store_true", help="write the adapted model even if it fails the check")
+    ad.add_argument("--work-dir", help="keep the scratch files (split slices, noise model, pseudo pairs) here")
+    ad.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
+    ad.add_argument("--seed", type=int, help="random seed")
+    ad.add_argument("--overwrite", action="store_true", help="replace an existing --output and its report")
+    ad.set_defaults(func=cmd_adapt)
 
 
 def cmd_train_lesion_detector(args: argparse.Namespace) -> int:

@@ -37,7 +37,8 @@ from .gcn_training import GCNTrainingConfig, train_gcn
 log = logging.getLogger(__name__)
 
 __all__ = ["KEEP_TOLERANCE", "FineTuneSettings", "FineTuneResult", "KeepRegionCase", "split_validation",
-           "score_weights", "fine_tune", "keep_region_check", "decide_publication"]
+           "score_weights", "fine_tune", "keep_region_check", "decide_publication", "adl_fine_tune_config",
+           "gcn_fine_tune_config"]
 
 #: relative tolerance of :func:`keep_region_check`: a candidate's error inside a marked structure may exceed the
 #: served model's by at most 2 % (run-to-run jitter of a few fine-tuning steps), not more
@@ -146,8 +147,10 @@ def score_weights(weights, pairs: Sequence[ValidationPair], device: str = "cpu")
             "psnr_input": float(np.mean([v["psnr_input"] for v in images.values()])), "images": images}
 
 
-def _adl_config(kwargs: dict, modality: str, settings: FineTuneSettings, checkpoint_dir: Path | None
-                ) -> ADLTrainingConfig:
+def adl_fine_tune_config(kwargs: dict, modality: str, settings: FineTuneSettings, checkpoint_dir: Path | None
+                         ) -> ADLTrainingConfig:
+    """The ADL training config of a fine-tuning run from weights built with ``kwargs`` (the file's network
+    arguments): discriminator warm-up, then adversarial steps, with ``settings``."""
     steps = int(settings.steps)
     d_warmup = max(1, steps // 4) if steps > 1 else 0
     spatial_dims = int(kwargs.get("spatial_dims", 2))
@@ -165,8 +168,9 @@ def _adl_config(kwargs: dict, modality: str, settings: FineTuneSettings, checkpo
         roi_l1_weight=float(settings.roi_l1_weight))
 
 
-def _gcn_config(kwargs: dict, modality: str, settings: FineTuneSettings, checkpoint_dir: Path | None
-                ) -> GCNTrainingConfig:
+def gcn_fine_tune_config(kwargs: dict, modality: str, settings: FineTuneSettings, checkpoint_dir: Path | None
+                         ) -> GCNTrainingConfig:
+    """The TDDL-GCN training config of a fine-tuning run from weights built with ``kwargs``, with ``settings``."""
     names = {"in_channels": "slices", "k": "k"}
     fields_ = {names.get(k, k): v for k, v in kwargs.items() if k not in ("spatial_dims",)}
     fields_.pop("size_multiple", None)
@@ -217,10 +221,10 @@ def fine_tune(
         on_scored("baseline", baseline)
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
     if network_class == "EfficientUNetDenoiser":
-        config, train = _adl_config(kwargs, modality, settings, ckpt), train_adl
+        config, train = adl_fine_tune_config(kwargs, modality, settings, ckpt), train_adl
         slice_context = config.slices // 2  # a 2.5D network trains on slice stacks
     elif network_class == "GCNDenoiser":
-        config, train = _gcn_config(kwargs, modality, settings, ckpt), train_gcn
+        config, train = gcn_fine_tune_config(kwargs, modality, settings, ckpt), train_gcn
         slice_context = config.slice_context
     else:
         raise ValueError(f"{initial_weights} holds a {network_class}, which cannot be fine-tuned here")

@@ -13,7 +13,9 @@ normal-dose scans to make pseudo low-dose / normal-dose pairs on which any denoi
   training       train_noise_model (Adam, tqdm) -> NoiseModel with training and fit statistics
   pseudo_pairs   synthesise_pseudo_low_dose, LearnedNoiseSource (plugs into lib.data.ADLPatchDataset)
   validation     patch_statistics, compare_noise (std by HU band, NPS), plot_noise_comparison
+  adaptation     adapt_to_low_dose: ``cli.py adapt`` (learn noise, pseudo pairs, fine-tune, J-invariant check)
 """
+from .adaptation import AdaptationRefused, AdaptSettings, adapt_to_low_dose, holdout_indices
 from .extraction import (
     DETREND_MODES,
     NoiseSamples,
@@ -30,6 +32,10 @@ from .vae import ConditionalNoiseVAE, VAEConfig, VAELoss
 from .validation import NOISE_BANDS, band_label, compare_noise, patch_statistics, plot_noise_comparison
 
 __all__ = [
+    "AdaptationRefused",
+    "AdaptSettings",
+    "adapt_to_low_dose",
+    "holdout_indices",
     "DETREND_MODES",
     "NoiseSamples",
     "SelectionThresholds",

@@ -1,0 +1,383 @@
+"""TDDL self-adaptation: adapt a denoiser to a site's own low-dose CT scans alone (``cli.py adapt``).
+
+Recipe (:func:`adapt_to_low_dose`):
+
+1. Split the low-dose slices: every ``holdout_every``-th slice (counted over all inputs, at least one) is held
+   out; nothing below ever reads it except the final check.
+2. Learn the scanner's noise from the remaining slices (:func:`learn_noise_model`).
+3. Pseudo pairs: the learnt noise added to normal-dose images, given, or else the starting model's denoised
+   training slices (:func:`denoised_stand_ins`; the clean side of *training* pairs only).
+4. Fine-tune the starting weights on those pairs (ADL: discriminator warm-up then adversarial; TDDL-GCN:
+   supervised; the settings of :mod:`lib.engines.gated_fine_tuning`).
+5. The no-worse check, not circular: the J-invariant (Noise2Self) loss
+   (:func:`lib.evaluation.self_supervised.j_invariant_loss`) of the adapted and of the starting network on the
+   held-out low-dose slices themselves. No model output is used as a reference anywhere in the check.
+   The adapted weights are written only when their loss is not higher (or with ``force``), atomically (temp file
+   in the output's folder, then rename), with a JSON report ``<output>.adapt.json`` either way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AdaptSettings", "AdaptationRefused", "adapt_to_low_dose", "blocking_files", "holdout_indices",
+           "report_path"]
+
+PathLike = str | os.PathLike
+#: network class held by the weight file of each model name
+NETWORK_CLASSES = {"adl": "EfficientUNetDenoiser", "tddl_gcn": "GCNDenoiser"}
+
+
+class AdaptationRefused(ValueError):
+    """The adapted model failed the no-worse check: nothing was written but the report."""
+
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class AdaptSettings:
+    """Settings of one adaptation.
+
+    ``holdout_every``: every n-th low-dose slice is held out for the check (>= 2); ``noise_steps``,
+    ``noise_patch_size``: noise-model training (:func:`learn_noise_model`); ``steps``, ``patch_size``, ``batch_size``,
+    ``lr``, ``samples_per_epoch``: fine-tuning (:class:`lib.engines.gated_fine_tuning.FineTuneSettings`);
+    ``grid``, ``check_radius``, ``check_shifts``: the J-invariant check (masking grid; half-size of the blind square
+    around each scored pixel, :func:`lib.evaluation.self_supervised.mask_pixels`; number of the ``grid**2`` shifts
+    scored, None = all); ``tolerance``: relative loss increase still accepted (0 = strictly not worse); ``seed``,
+    ``device``.
+    """
+
+    holdout_every: int = 5
+    noise_steps: int = 500
+    noise_patch_size: int = 32
+    steps: int = 200
+    patch_size: int | None = None
+    batch_size: int = 4
+    lr: float = 5e-5
+    samples_per_epoch: int = 512
+    grid: int = 4
+    check_radius: int = 1
+    check_shifts: int | None = None
+    tolerance: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if int(self.holdout_every) < 2:
+            raise ValueError(f"holdout_every must be >= 2, got {self.holdout_every}")
+        if int(self.check_radius) < 0 or int(self.grid) < 2 * int(self.check_radius) + 2:
+            raise ValueError(f"grid must be >= 2 check_radius + 2, got grid {self.grid}, radius {self.check_radius}")
+        if self.check_shifts is not None and not 1 <= int(self.check_shifts) <= int(self.grid) ** 2:
+            raise ValueError(f"check_shifts must be in 1..{int(self.grid) ** 2}, got {self.check_shifts}")
+        if not 0 <= float(self.tolerance) < 1:
+            raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
+
+
+def report_path(output: PathLike) -> Path:
+    """``<output>.adapt.json``: the JSON report next to the adapted weights."""
+    output = Path(output)
+    return output.with_name(output.name + ".adapt.json")
+
+
+def blocking_files(output: PathLike) -> list[Path]:
+    """The files an adaptation would replace: the output and its report, except a report of a refused run
+    (no weights written), which a new attempt may replace without ``--overwrite``."""
+    output, json_path = Path(output), report_path(output)
+    blocking = [output] if output.exists() else []
+    if json_path.exists():
+        try:
+            refused = json.loads(json_path.read_text()).get("written") is False and not output.exists()
+        except (OSError, ValueError):
+            refused = False
+        if not refused:
+            blocking.append(json_path)
+    return blocking
+
+
+def holdout_indices(slice_counts: Sequence[int], every: int) -> list[list[int]]:
+    """Held-out slice indices of each input: global slice k (counted over all inputs in order) is held out when
+    ``k % every == every - 1``; when that holds out nothing (fewer than ``every`` slices), the last slice is.
+
+    Raises:
+        ValueError: fewer than 2 slices in all (one is needed to adapt, one to check).
+    """
+    if sum(slice_counts) < 2:
+        raise ValueError(f"adaptation needs at least 2 low-dose slices (one is held out for the check), got "
+                         f"{sum(slice_counts)}")
+    held, k = [], 0
+    for count in slice_counts:
+        held.append([z for z in range(count) if (k + z) % every == every - 1])
+        k += count
+    if not any(held):
+        held[-1] = [slice_counts[-1] - 1] if slice_counts[-1] else held[-1]
+    return held
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Contiguous runs [start, stop) of sorted slice indices."""
+    runs: list[tuple[int, int]] = []
+    for z in indices:
+        if runs and runs[-1][1] == z:
+            runs[-1] = (runs[-1][0], z + 1)
+        else:
+            runs.append((z, z + 1))
+    return runs
+
+
+def _slice_denoiser(loaded, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    """(N, H, W) -> (N, H, W), one slice at a time: held-out slices are not neighbours, so a 2.5D network must not
+    see one as another's adjacent slice; full precision so both models are scored alike."""
+    from ..predict import denoise_array
+
+    def run(stack: np.ndarray) -> np.ndarray:
+        return np.stack([denoise_array(loaded, s, "CT", device=device, amp=False) for s in stack])
+
+    return run
+
+
+def _check_loss(weights: PathLike, slices: Sequence[np.ndarray], settings: AdaptSettings) -> dict:
+    """J-invariant loss (HU^2) of a weight file over the held-out slices (pixel-weighted mean)."""
+    from ..evaluation.self_supervised import grid_shifts, j_invariant_loss
+    from ..predict import load_denoiser
+
+    loaded = load_denoiser(weights, device=settings.device)
+    shifts = grid_shifts(settings.grid)
+    if settings.check_shifts is not None:  # an evenly spread subset (unbiased estimate of the full loss)
+        shifts = [shifts[i] for i in np.linspace(0, len(shifts) - 1, int(settings.check_shifts)).round().astype(int)]
+    run = _slice_denoiser(loaded, settings.device)
+    total = pixels = 0.0
+    per_slice = []
+    for s in slices:
+        scored = j_invariant_loss(run, s, grid=settings.grid, shifts=shifts, radius=int(settings.check_radius))
+        if not np.isfinite(scored["loss"]):
+            return {"loss": float("inf"), "per_slice": [], "non_finite_output": True}
+        total += scored["loss"] * scored["pixels"]
+        pixels += scored["pixels"]
+        per_slice.append(scored["loss"])
+    return {"loss": float(total / pixels), "per_slice": per_slice, "grid": settings.grid, "shifts": len(shifts)}
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapt_to_low_dose(
+    low_dose: Sequence[PathLike],
+    model: str,
+    initial_weights: PathLike,
+    output: PathLike,
+    settings: AdaptSettings | None = None,
+    *,
+    normal_dose: Sequence[PathLike] | None = None,
+    work_dir: PathLike | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    report: Callable[[str], None] = log.info,
+) -> dict:
+    """Adapt ``initial_weights`` to the noise of low-dose CT images (HU) and write ``output`` if it is no worse.
+
+    Args:
+        low_dose: the site's low-dose CT images (files or DICOM series folders), read as CT in HU.
+        model: ``adl`` or ``tddl_gcn``; must match the network of ``initial_weights``.
+        initial_weights: the weight file to start from (also the reference of the check).
+        output: the adapted weight file (.pt); its report goes to :func:`report_path`.
+        settings: :class:`AdaptSettings`.
+        normal_dose: normal-dose CT images for the clean side of the pseudo pairs; default the starting model's
+            denoised training slices.
+        work_dir: scratch folder (kept); default a temporary folder (removed).
+        force: write the output even when the check fails.
+        overwrite: replace an existing output / report.
+        report: receives progress lines.
+
+    Returns:
+        The report (also written as JSON): ``held_out`` slices, ``train_slices``, ``check`` (``criterion``,
+        ``baseline_loss``, ``adapted_loss``, ``relative_change``, ``passed``), ``settings``, ``seconds``.
+
+    Raises:
+        FileExistsError: output or report exist without ``overwrite`` (nothing is touched).
+        AdaptationRefused: the check failed (the report is written, the weights are not).
+        ValueError: bad inputs (model mismatch, too few slices or noise patches).
+    """
+    from ..data import check_not_heldout
+    from ..engines.gated_fine_tuning import FineTuneSettings, adl_fine_tune_config, gcn_fine_tune_config
+    from ..imaging import read_volume, write_volume
+    from ..predict import load_denoiser
+    from .pseudo_pairs import LearnedNoiseSource
+    from .workflow import denoised_stand_ins, learn_noise_model
+
+    settings = settings or AdaptSettings()
+    output, start_path = Path(output), Path(initial_weights)
+    json_path = report_path(output)
+    if model not in NETWORK_CLASSES:
+        raise ValueError(f"model must be one of {', '.join(NETWORK_CLASSES)}, got {model!r}")
+    existing = blocking_files(output)
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists (add --overwrite to replace it)")
+    inputs = [Path(p) for p in low_dose]
+    if any(p.resolve() == output.resolve() or p.resolve() == start_path.resolve() for p in inputs):
+        raise ValueError("the output or the initial weights are among the low-dose inputs")
+    check_not_heldout(inputs)
+    loaded = load_denoiser(start_path, device="cpu")
+    held_class = loaded.metadata.get("network_class")
+    if held_class != NETWORK_CLASSES[model]:
+        raise ValueError(f"{start_path.name} holds a {held_class} network, not the {model} model's "
+                         f"{NETWORK_CLASSES[model]}")
+    if loaded.modality != "CT":
+        raise ValueError(f"{start_path.name} is a {loaded.modality} model: adaptation learns CT noise in HU")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    # 1. the split, fixed before anything is learnt
+    volumes = [read_volume(p, modality="CT") for p in inputs]
+    for path, volume in zip(inputs, volumes):
+        if volume.array.ndim not in (2, 3):
+            raise ValueError(f"{path}: expected a slice or a volume, got shape {volume.array.shape}")
+    stacks = [v.array[None] if v.array.ndim == 2 else v.array for v in volumes]
+    held = holdout_indices([len(s) for s in stacks], int(settings.holdout_every))
+    scratch = tempfile.TemporaryDirectory(prefix="adapt-") if work_dir is None else None
+    work = Path(scratch.name if scratch else work_dir)
+    try:
+        train_dir = work / "train_low_dose"
+        train_dir.mkdir(parents=True, exist_ok=True)
+        train_files: dict[str, str] = {}
+        held_slices: list[np.ndarray] = []
+        held_record, train_record = [], []
+        for path, volume, stack, held_z in zip(inputs, volumes, stacks, held):
+            keep = [z for z in range(len(stack)) if z not in set(held_z)]
+            held_slices += [np.asarray(stack[z], dtype=np.float32) for z in held_z]
+            held_record.append({"input": str(path), "slices": held_z})
+            train_record.append({"input": str(path), "slices": keep})
+            stem = path.name.split(".")[0]
+            for start, stop in _runs(keep):  # contiguous training slices only, so 2.5D neighbours are real ones
+                name = f"{stem}_z{start:04d}-{stop - 1:04d}"
+                part = dataclasses.replace(volume, array=np.ascontiguousarray(stack[start:stop]),
+                                           metadata=dict(volume.metadata))
+                target = train_dir / f"{name}.nii.gz"
+                write_volume(part, target, output_dtype="float32")
+                train_files[name] = str(target)
+        if not train_files:
+            raise ValueError("no low-dose slice left to adapt on after holding out the check slices")
+        report(f"{sum(len(h) for h in held)} held-out slice(s) for the check, "
+               f"{sum(len(t['slices']) for t in train_record)} for adaptation")
+
+        # 2. the scanner's noise, from the training slices only
+        t0 = time.perf_counter()
+        noise_model = learn_noise_model(list(train_files.values()), patch_size=int(settings.noise_patch_size),
+                                        steps=int(settings.noise_steps), force_ct=True, device=settings.device,
+                                        seed=int(settings.seed), progress=False, report=report,
+                                        info={"command": "adapt", "images": list(train_files)})
+        noise_path = noise_model.save(work / "noise_model.pt")
+        seconds["learn_noise"] = time.perf_counter() - t0
+
+        # 3. pseudo pairs
+        t0 = time.perf_counter()
+        if normal_dose:
+            from ..data import discover_images
+
+            clean = [str(p) for p in discover_images([str(p) for p in normal_dose])]
+            clean_kind = "given normal-dose images"
+        else:
+            clean = list(denoised_stand_ins(train_files, start_path, work / "pseudo_normal_dose",
+                                            device=settings.device).values())
+            clean_kind = "starting model's denoised training slices"
+        source = LearnedNoiseSource(clean, noise_path, seed=int(settings.seed), device=settings.device,
+                                    progress=False)
+        seconds["pseudo_pairs"] = time.perf_counter() - t0
+
+        # 4. fine-tuning from the starting weights
+        t0 = time.perf_counter()
+        tune = FineTuneSettings(steps=int(settings.steps), patch_size=settings.patch_size,
+                                batch_size=int(settings.batch_size), lr=float(settings.lr),
+                                samples_per_epoch=int(settings.samples_per_epoch), device=settings.device,
+                                seed=int(settings.seed))
+        kwargs = dict(loaded.metadata.get("network", {}).get("kwargs") or {})
+        if model == "adl":
+            from ..engines import train_adl as train
+
+            config = adl_fine_tune_config(kwargs, "CT", tune, None)
+            slice_context = config.slices // 2
+        else:
+            from ..engines import train_gcn as train
+
+            config = gcn_fine_tune_config(kwargs, "CT", tune, None)
+            slice_context = config.slice_context
+        from ..data import ADLPatchDataset
+        from ..weights.format import export_weights, scaling_rule_for
+
+        dataset = ADLPatchDataset(source, config.spatial_dims, int(config.patch_size),
+                                  samples_per_epoch=tune.samples_per_epoch, seed=tune.seed,
+                                  slice_context=slice_context)
+        result = train(config, dataset, val_pairs=None, progress=False, initial_weights=start_path)
+        seconds["fine_tune"] = time.perf_counter() - t0
+        record = result.training_record()
+        record["adapted_from"] = {"path": str(start_path)}
+        record["data"] = {"kind": f"TDDL pseudo pairs: learned noise + {clean_kind}",
+                          "low_dose_train": train_record, "held_out": held_record}
+        candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record)
+
+        # 5. the non-circular check on the held-out low-dose slices
+        t0 = time.perf_counter()
+        baseline = _check_loss(start_path, held_slices, settings)
+        adapted = _check_loss(candidate, held_slices, settings)
+        seconds["check"] = time.perf_counter() - t0
+        change = (adapted["loss"] - baseline["loss"]) / baseline["loss"] if baseline["loss"] > 0 else float("nan")
+        passed = bool(np.isfinite(adapted["loss"]) and adapted["loss"] <= baseline["loss"] * (1 + settings.tolerance))
+        seconds["total"] = time.perf_counter() - clock
+        summary = {
+            "model": model, "initial_weights": str(start_path), "output": str(output),
+            "low_dose": [str(p) for p in inputs], "held_out": held_record, "train_slices": train_record,
+            "pseudo_pairs": {"clean_side": clean_kind, "clean_images": clean},
+            "noise_model": noise_model.summary(),
+            "check": {"criterion": "J-invariant (Noise2Self, Batson & Royer 2019) loss on held-out low-dose "
+                                   "slices: mean squared difference, at grid pixels blinded with the square of "
+                                   "radius check_radius around them, between the network's output for the masked "
+                                   "slice and the noisy slice; lower is better",
+                      "unit": "HU^2", "baseline_loss": baseline["loss"], "adapted_loss": adapted["loss"],
+                      "relative_change": change, "tolerance": settings.tolerance, "passed": passed,
+                      "baseline_per_slice": baseline["per_slice"], "adapted_per_slice": adapted["per_slice"]},
+            "settings": dataclasses.asdict(settings), "forced": bool(force and not passed),
+            "written": bool(passed or force), "seconds": seconds,
+        }
+        report(f"check (J-invariant loss on {len(held_slices)} held-out slice(s)): start {baseline['loss']:.1f} "
+               f"HU^2, adapted {adapted['loss']:.1f} HU^2 ({100 * change:+.2f} %)")
+        if not (passed or force):
+            _atomic_write_json(json_path, summary)
+            raise AdaptationRefused(
+                f"the adapted model is worse than the starting one on the held-out low-dose slices (J-invariant "
+                f"loss {adapted['loss']:.1f} vs {baseline['loss']:.1f} HU^2, {100 * change:+.2f} %): nothing "
+                f"written (report {json_path}; --force writes it anyway)", summary)
+        # atomic: a temp file in the output's folder, renamed over the target
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+        os.close(fd)
+        try:
+            Path(tmp).write_bytes(Path(candidate).read_bytes())
+            os.replace(tmp, output)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _atomic_write_json(json_path, summary)
+        return summary
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
