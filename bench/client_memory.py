@@ -39,6 +39,7 @@ CLIENT = REPO_ROOT / "slicer_extension" / "ADLDenoise" / "ADLDenoiseLib" / "clie
 
 
 # ------------------------------------------------------------------------------------------------ the child
+# (/proc readers of its own, not bench.isolation's: that module imports numpy, which would count as the client's)
 def _vm(field: str) -> float:
     """A ``/proc/self/status`` memory field in MiB (VmHWM: peak RSS, VmRSS: current RSS)."""
     with open("/proc/self/status") as handle:

@@ -399,15 +399,12 @@ def _regions_sent_with(image: str, regions_sha256: Any) -> Optional[str]:
     correction with ``params.regions_sha256``); 422 when no such map is stored for the image. None without one:
     a correction sent without regions is then trained without any (an earlier correction's map is not reused)."""
     from ..data.regions import REGIONS_TAG
-    from ..trainers import is_clinician_correction
+    from ..trainers import stored_regions
 
     if regions_sha256 in (None, ""):
         return None
-    datastore = app().datastore()
-    has = REGIONS_TAG in (datastore.get_labels_by_image_id(image) or {})
-    info = datastore.get_label_info(image, REGIONS_TAG) if has else None
-    if not has or not is_clinician_correction(info, datastore.get_label_uri(image, REGIONS_TAG)) \
-            or info.get("sha256") != regions_sha256:
+    path, _ = stored_regions(app().datastore(), image, regions_sha256)
+    if path is None:
         raise HTTPException(status_code=422, detail=(
             f"params.regions_sha256: no region map with that SHA-256 is stored for image {image!r}; send the "
             f"regions (tag {REGIONS_TAG!r}) again, then the correction"))

@@ -74,7 +74,7 @@ from ..weights.store import ModelStore
 log = logging.getLogger(__name__)
 
 __all__ = ["CORRECTION_KEYS", "DenoiserTrainTask", "TrainingDataError", "correction_pairs", "correction_stamp",
-           "is_clinician_correction", "remove_stale_work"]
+           "is_clinician_correction", "remove_stale_work", "stored_regions"]
 
 MODES = ("corrections", "adapt_noise")
 # label-info keys only the server writes (the label route's stamp); a client sending them is overridden / refused
@@ -150,12 +150,18 @@ def _regions_of_correction(datastore: Datastore, image_id: str) -> tuple[str | N
     the label route against the stored map); a map stored for an earlier correction, or changed since, does not
     match and is not applied to a later correction sent without regions."""
     final_info = datastore.get_label_info(image_id, "final") or {}
-    wanted = final_info.get("regions_sha256")
-    if not wanted or REGIONS_TAG not in (datastore.get_labels_by_image_id(image_id) or {}):
+    return stored_regions(datastore, image_id, final_info.get("regions_sha256"))
+
+
+def stored_regions(datastore: Datastore, image_id: str, regions_sha256: Any) -> tuple[str | None, dict | None]:
+    """(path, info) of ``image_id``'s stored region map (label tag ``regions``) when it is a stamped correction
+    whose stamp and file both have SHA-256 ``regions_sha256``; (None, None) otherwise (no hash, no map, another
+    map, or a file changed since it was stamped)."""
+    if not regions_sha256 or REGIONS_TAG not in (datastore.get_labels_by_image_id(image_id) or {}):
         return None, None
     path = datastore.get_label_uri(image_id, REGIONS_TAG)
     info = dict(datastore.get_label_info(image_id, REGIONS_TAG) or {})
-    if not is_clinician_correction(info, path) or info.get("sha256") != wanted:
+    if not is_clinician_correction(info, path) or info.get("sha256") != regions_sha256:
         return None, None
     return path, info
 
