@@ -19,6 +19,7 @@ from scipy import ndimage
 import processes
 from conftest import APP_DIR, SAMPLE_STUDIES
 
+from lib.evaluation.planted_lesions import lesion_contrast_check, plant_lesions, planted_contrast_kept
 from lib.evaluation.self_supervised import blind_spot, grid_mask, grid_shifts, j_invariant_loss, mask_pixels
 from lib.noise_learning.adaptation import holdout_indices
 
@@ -107,6 +108,78 @@ def test_a_real_denoiser_beats_the_identity_on_real_low_dose_ct(slab_array):
     assert flat > 10 * j_invariant_loss(lambda a: a, whole)["loss"]
 
 
+# ------------------------------------------------------------------------------------------ the lesion check
+SPACING = (0.957, 0.957)  # the sample CT's pixel (mm)
+
+
+def _gaussian(sigma: float):
+    return lambda stack: ndimage.gaussian_filter(stack, (0, sigma, sigma)) if sigma else stack
+
+
+def test_lesions_are_planted_in_uniform_soft_tissue_deterministically(slab_array):
+    slices = list(slab_array[[4, 9]])
+    planted = plant_lesions(slices, SPACING, seed=3)
+    assert planted.count >= 8 and planted == plant_lesions(slices, SPACING, seed=3)
+    assert planted != plant_lesions(slices, SPACING, seed=4)
+    kinds = {(l.diameter_mm, l.contrast) for per in planted.lesions for l in per}
+    assert {d for d, _ in kinds} == {4.0, 6.0, 10.0} and {c for _, c in kinds} == {-25.0, 25.0}
+    for image, per in zip(slices, planted.lesions):
+        smooth = ndimage.gaussian_filter(image, 1.5 / SPACING[0])
+        for lesion in per:  # brain tissue of the head CT, never air, bone or the skull's edge
+            y, x = (int(c) for c in lesion.centre)
+            assert 0 <= smooth[y, x] <= 120
+        centres = [np.array(l.centre) for l in per]
+        assert all(np.hypot(*(a - b)) * SPACING[0] >= 15 for i, a in enumerate(centres) for b in centres[i + 1:])
+
+
+def test_planted_contrast_kept_ranks_blurring_and_size(slab_array):
+    """On the real quarter-dose noise: doing nothing keeps 100 %, more smoothing keeps less, and a small lesion
+    loses more of its contrast than a large one under the same blur."""
+    slices = list(slab_array[[4, 9]])
+    planted = plant_lesions(slices, SPACING)
+    identity = planted_contrast_kept(_gaussian(0), slices, planted)
+    assert identity["mean_percent"] == pytest.approx(100.0, abs=1e-3)
+    mild, strong = (planted_contrast_kept(_gaussian(s), slices, planted) for s in (0.7, 2.0))
+    assert strong["mean_percent"] < mild["mean_percent"] - 10 < 90
+    assert strong["by_diameter_percent"]["4"] < strong["by_diameter_percent"]["10"]
+    # a denoiser that ignores the lesions (the output without them, whatever the input) keeps nothing
+    erasing = planted_contrast_kept(lambda stack: np.stack([s for s in slices]), slices, planted)
+    assert erasing["mean_percent"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lesion_check_refuses_a_candidate_that_blurs_lesions_more(slab_array):
+    groups = [(list(slab_array[[4, 9]]), SPACING)]
+    worse = lesion_contrast_check(_gaussian(0.7), _gaussian(1.5), groups)
+    assert not worse["passed"] and worse["candidate_percent"] < worse["baseline_percent"] - 2
+    better = lesion_contrast_check(_gaussian(1.5), _gaussian(0.7), groups)
+    assert better["passed"] and better["lesions"] == worse["lesions"] >= 8
+    same = lesion_contrast_check(_gaussian(1.0), _gaussian(1.0), groups)
+    assert same["passed"] and same["candidate_percent"] == same["baseline_percent"]
+    nan = lesion_contrast_check(_gaussian(1.0), lambda stack: stack * np.nan, groups)
+    assert not nan["passed"]
+    # nowhere to put a lesion (air only): nothing is known, so the check fails
+    air = lesion_contrast_check(_gaussian(1.0), _gaussian(1.0), [([np.full((64, 64), -1000.0, np.float32)], SPACING)])
+    assert air["lesions"] == 0 and not air["passed"]
+
+
+def test_the_gate_refuses_an_over_smoother_that_the_j_invariant_loss_alone_would_publish(slab_array):
+    """Brain tissue of the real quarter-dose CT: a Gaussian of sigma 3 px has a LOWER J-invariant loss than one of
+    sigma 1 (the loss rewards smoothing flat tissue) but erases half of a small lesion's contrast: the adapted
+    model must not be published."""
+    from lib.noise_learning.adaptation import AdaptSettings, no_worse_checks
+
+    held_out = [(list(slab_array[[4, 9], 96:160, 96:160]), SPACING)]
+    verdict = no_worse_checks(_gaussian(1.0), _gaussian(3.0), held_out, AdaptSettings(check_shifts=4))
+    assert verdict["check"]["passed"] and verdict["check"]["adapted_loss"] < verdict["check"]["baseline_loss"]
+    lesions = verdict["lesion_check"]
+    assert not lesions["passed"] and lesions["lesions"] >= 4
+    assert lesions["candidate_percent"] < lesions["baseline_percent"] - 20
+    assert not verdict["passed"]
+    # the other way round both checks pass
+    assert no_worse_checks(_gaussian(3.0), _gaussian(1.0), held_out, AdaptSettings(check_shifts=4))["lesion_check"][
+        "passed"]
+
+
 def test_holdout_split_every_fifth_slice_at_least_one():
     assert holdout_indices([10], 5) == [[4, 9]]
     assert holdout_indices([3, 4], 5) == [[], [1]]  # counted over all inputs
@@ -130,10 +203,14 @@ def test_adapt_end_to_end_writes_weights_and_report_held_out_slices_unused(tmp_p
     done = run_cli("adapt", "--lowdose", low_dose_slab.parent, "--model", "adl", "--initial-weights", start,
                    "--output", output, "--work-dir", work, "--tolerance", "0.05", *TINY)
     assert done.returncode == 0, done.stderr
-    assert output.is_file() and "wrote" in done.stdout
+    assert output.is_file() and "wrote" in done.stdout and "planted-lesion contrast kept" in done.stdout
     report = json.loads((output.parent / "adl_site.pt.adapt.json").read_text())
     check = report["check"]
     assert check["passed"] and report["written"] and "J-invariant" in check["criterion"]
+    lesions = report["lesion_check"]  # the same held-out slices, lesions planted in their real noise
+    assert lesions["passed"] and report["passed"] and lesions["lesions"] >= 8
+    assert lesions["candidate_percent"] >= lesions["baseline_percent"] - lesions["tolerance_pp"]
+    assert "lesion check (contrast kept of" in done.stdout
     assert check["adapted_loss"] <= check["baseline_loss"] * 1.05
     assert check["relative_change"] == pytest.approx((check["adapted_loss"] - check["baseline_loss"])
                                                      / check["baseline_loss"])
@@ -165,7 +242,9 @@ def test_adapt_refuses_a_worse_model_and_writes_nothing(tmp_path, tiny_weights, 
     assert not output.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adl_site.pt")]  # no temp file left
     report = json.loads((tmp_path / "adl_site.pt.adapt.json").read_text())
-    assert not report["check"]["passed"] and not report["written"]
+    assert not report["passed"] and not report["written"]
+    assert report["passed"] == (report["check"]["passed"] and report["lesion_check"]["passed"])
+    assert not report["check"]["passed"]
     assert report["check"]["adapted_loss"] > report["check"]["baseline_loss"]
     # the report of a refused run does not block the next attempt; weights that exist do
     from lib.noise_learning.adaptation import blocking_files
@@ -173,6 +252,36 @@ def test_adapt_refuses_a_worse_model_and_writes_nothing(tmp_path, tiny_weights, 
     assert blocking_files(output) == []
     output.write_bytes(b"weights")
     assert blocking_files(output)[0] == output
+
+
+@pytest.mark.slow
+def test_adapt_tddl_gcn_to_a_real_abdomen_ct_at_simulated_lower_dose(tmp_path, tiny_weights, shared_data):
+    """Another scanner (Philips, upper abdomen of the thorax scan in ../shared/data), its dose lowered to a quarter by
+    the sinogram-domain simulation; the TDDL-GCN adapted to it end to end, both checks reported."""
+    image = sitk.ReadImage(str(shared_data / "ct_thorax_philips_2mm.nii.gz"))[160:352, 150:342, 2:12]
+    full = tmp_path / "full.nii.gz"
+    sitk.WriteImage(image, str(full))
+    site = tmp_path / "site"
+    site.mkdir()
+    simulated = run_cli("simulate", "--input", full, "--output", site / "ld.nii.gz", "--dose", "0.25", "--seed", "1")
+    assert simulated.returncode == 0, simulated.stderr
+    output = tmp_path / "gcn_site.pt"
+    done = run_cli("adapt", "--lowdose", site, "--model", "tddl_gcn", "--initial-weights",
+                   tiny_weights / "pretrained_tddl_gcn_ct.pt", "--output", output, "--force", "--lesion-tolerance", "5",
+                   "--lesions-per-slice", "4", *TINY)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "gcn_site.pt.adapt.json").read_text())
+    assert report["held_out"][0]["slices"] == [4, 9] and report["written"]
+    assert np.isfinite(report["check"]["baseline_loss"]) and np.isfinite(report["check"]["adapted_loss"])
+    lesions = report["lesion_check"]
+    assert lesions["tolerance_pp"] == 5.0 and report["settings"]["lesions_per_slice"] == 4
+    assert lesions["lesions"] >= 4 and 0 < lesions["baseline_percent"] <= 110 and 0 < lesions["candidate_percent"] <= 110
+    assert report["passed"] == (report["check"]["passed"] and lesions["passed"])
+    assert report["forced"] == (not report["passed"])
+    from lib.predict import load_denoiser
+
+    adapted = load_denoiser(output)
+    assert adapted.metadata["network_class"] == "GCNDenoiser" and adapted.modality == "CT"
 
 
 def test_existing_output_without_overwrite_is_a_clear_error_and_nothing_changes(tmp_path, tiny_weights,

@@ -640,7 +640,7 @@ def test_cli_train_then_denoise_keeps_geometry(tmp_path, ct_crop):
     assert np.isfinite(values).all() and -1100 <= values.min() and values.max() <= 3100  # HU
 
 
-def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch):
+def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch, capsys):
     heldout = tmp_path / "ct_abdomen_siemens_j2k_slab"
     heldout.mkdir()
     shutil.copy(ct_crop, heldout / "a.nii.gz")
@@ -677,6 +677,13 @@ def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch):
     assert cli.main(denoise + ["--modality", "ct", "--weights", str(weights), "--planes", "orthogonal"]) == 2  # a slice
     assert cli.main(["denoise", "--model", "nlm", "--planes", "slices", "-i", str(ct_crop), "-o",
                      str(tmp_path / "o.nii.gz")]) == 2  # --planes is for the learned models
+    damaged = build_networks(tiny_config())[0]  # a negative batch-norm variance: NaN everywhere
+    next(v for k, v in damaged.state_dict().items() if k.endswith("running_var")).fill_(-1.0)
+    damaged_weights = export_weights(damaged, tmp_path / "damaged.pt", tiny_config())
+    capsys.readouterr()
+    assert cli.main(denoise + ["--modality", "ct", "--weights", str(damaged_weights)]) == 2
+    err = capsys.readouterr().err
+    assert "not denoised" in err and "NaN" in err, err
     assert not (tmp_path / "o.nii.gz").exists()
 
 

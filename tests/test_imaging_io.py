@@ -652,3 +652,24 @@ def test_voxel_limit_argument_takes_precedence_over_the_environment(tmp_path, mo
     for path, voxels in ((nifti, "81,920"), (CT_SMALL, "16,384")):
         with pytest.raises(ImageReadError, match=rf"{voxels} voxels exceeds the limit of 16,000"):
             read_volume(path, max_voxels=16_000)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_scaled_uint8_nifti_is_read_and_a_cut_one_refused(tmp_path, suffix):
+    """A NIfTI file stores uint8 with scl_slope 2: ITK reads it as float32, but the file holds one byte per voxel. The
+    size check must count the stored bytes (it once refused the real held-out MR as truncated), and still refuse
+    the same file cut short."""
+    nibabel = pytest.importorskip("nibabel")
+    data = (np.arange(32 * 40 * 24) % 251).astype(np.uint8).reshape(32, 40, 24)
+    image = nibabel.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0]))
+    image.header.set_slope_inter(2.0, 0.0)
+    path = tmp_path / f"scaled{suffix}"
+    nibabel.save(image, str(path))
+    volume = read_volume(path, modality="MR")
+    assert volume.array.shape == (24, 40, 32)
+    assert float(volume.array.max()) == 2.0 * 250
+    cut = tmp_path / f"cut{suffix}"
+    raw = path.read_bytes()
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ImageReadError, match="truncated or corrupt|cannot read"):
+        read_volume(cut, modality="MR")

@@ -109,6 +109,39 @@ def test_patches_carry_the_roi_aligned_with_the_lesions_through_crop_and_augment
     assert seen >= 5
 
 
+def test_roi_fraction_draws_patches_around_a_small_marked_region(tmp_path):
+    """A 3 x 3-pixel marked structure on one slice of three 192 x 192 slices: random 32-pixel patches almost never
+    hold it; with roi_fraction 0.5 about half do, aligned with the structure through crop and augmentation."""
+    path = _phantom(tmp_path / "phantom.nii.gz", slices=3, size=192)
+    source = SyntheticNoiseSource([path], "CT", "gaussian", noise_level_range=(5.0, 5.0), seed=2, progress=False)
+    vol = source.volumes[0]
+    vol.clean[1, 120:123, 70:73] = 400.0  # the structure, and the clinician's mark on it
+    vol.roi = np.zeros(vol.clean.shape, np.float32)
+    vol.roi[1, 120:123, 70:73] = 1.0
+    structure = float(vol.scaling.normalise(np.float32(400.0)))
+
+    def hits(fraction: float) -> int:
+        dataset = ADLPatchDataset(source, patch_size=32, augment=True, seed=0, roi_fraction=fraction)
+        count = 0
+        for i in range(60):
+            item = dataset[i]
+            marked = item["roi"] > 0.5
+            if marked.any():
+                count += 1
+                assert torch.equal(marked, (item["clean"] - structure).abs() < 1e-4)  # aligned
+                assert int(marked.sum()) <= 9
+        return count
+
+    assert hits(0.0) <= 6
+    assert 20 <= hits(0.5) <= 45
+    assert hits(1.0) == 60
+    plain = ADLPatchDataset(source, patch_size=32, seed=0)
+    off = ADLPatchDataset(source, patch_size=32, seed=0, roi_fraction=0.0)
+    assert all(torch.equal(plain[i]["noisy"], off[i]["noisy"]) for i in range(5))  # off: the same samples
+    with pytest.raises(ValueError, match="roi_fraction"):
+        ADLPatchDataset(source, patch_size=32, roi_fraction=1.5)
+
+
 def test_lesions_need_synthetic_2d_training(tmp_path):
     path = _phantom(tmp_path / "phantom.nii.gz")
     with pytest.raises(ValueError, match="2D"):

@@ -418,7 +418,7 @@ def test_a_marked_structure_the_served_model_blurs_is_kept_better_after_fine_tun
     assert {r["image"] for r in rows} == set(CASES) and any(r["held_out"] for r in rows)
     for row in rows:  # every marked structure: closer to the correction than the served (blurring) model got
         assert row["candidate_mae"] < row["served_mae"], rows
-    assert decision["published"] is True, decision
+    assert decision["published"] is True, (decision.get("rejected_by"), decision.get("checks"))
     assert decision["rejected_by"] == [] and decision["checks"]["reference_set"]["passed"]
     assert client.info()["models"]["adl"]["weights"]["ct"]["version"] == decision["version"]
 

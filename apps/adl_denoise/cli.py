@@ -5,6 +5,7 @@ Verbs:
   simulate   make a noisy version of a volume (low-dose CT in the sinogram domain, MR Rician, generic noise)
   denoise    denoise a volume with one of the available models (classical baselines or a trained ADL or
              TDDL-GCN network)
+  denoise-batch  denoise every series of a folder tree or DICOMweb server (resumable; one process or torchrun)
   train      train an ADL or TDDL-GCN denoiser on clean images (synthetic physics noise or a learned noise
              model) or on noisy/clean pairs
   learn-noise  learn a CT scanner's noise from its low-dose images alone (TDDL noise model for train --noise-model)
@@ -25,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.model_dispatch import (ADL_3D_MODEL, ADL_MODEL, AUTO_MODEL, DENOISE_LEARNED_MODELS, GCN_MODEL,
+                           LEARNED_MODELS, MODEL_LABELS, DenoiseOptions, choose_model, denoise_volume,
+                           refuse_constant)
 from lib.imaging import ImageReadError, ImageWriteError, Volume, read_volume, write_volume
 
 EXIT_BAD_INPUT = 2
@@ -110,8 +114,7 @@ def _read_input(args: argparse.Namespace) -> Volume:
     volume = read_volume(args.input, series_uid=getattr(args, "series_uid", None), modality=modality)
     if modality is not None:
         volume.modality = modality
-    if float(np.ptp(volume.array)) == 0.0:
-        raise CommandError(f"{args.input} holds a constant image (every voxel {float(volume.array.flat[0]):g}): nothing to process")
+    refuse_constant(volume, str(args.input))
     log.info("read %s: %s %s, spacing %s mm", args.input, volume.modality, volume.array.shape,
              tuple(round(s, 4) for s in volume.spacing))
     return volume
@@ -183,18 +186,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------- denoise
-ADL_MODEL = "adl"
-AUTO_MODEL = "auto"
-GCN_MODEL = "tddl_gcn"
-LEARNED_MODELS = (ADL_MODEL, GCN_MODEL)
-#: the app's 3D ADL weights (model/pretrained_adl_3d_<modality>.pt); trained with 'train --model adl --spatial-dims 3'
-ADL_3D_MODEL = "adl_3d"
-DENOISE_LEARNED_MODELS = (ADL_MODEL, ADL_3D_MODEL, GCN_MODEL)
-#: what each learned model is called in messages, and the network class its weight files must hold
-MODEL_LABELS = {ADL_MODEL: "ADL", ADL_3D_MODEL: "ADL 3D", GCN_MODEL: "TDDL-GCN"}
-MODEL_NETWORKS = {ADL_MODEL: "EfficientUNetDenoiser", ADL_3D_MODEL: "EfficientUNetDenoiser", GCN_MODEL: "GCNDenoiser"}
-
-
 def _int_list(text: str, name: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
@@ -216,78 +207,16 @@ def _min_max(text: str | None, name: str) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _adl_weights_for(args: argparse.Namespace, modality: str | None) -> Path:
-    """The weight file of the learned model ``args.model`` (adl, tddl_gcn): --weights, else the published or
-    shipped default for the modality (:func:`lib.weights.find_weights`)."""
-    label = MODEL_LABELS[args.model]
-    if args.weights:
-        path = Path(args.weights).expanduser()
-        if not path.is_file():
-            raise CommandError(f"{label} weights {path} not found")
-        return path
-    if modality not in ("CT", "MR"):
-        raise CommandError(f"cannot tell whether {args.input} is CT or MR: give --modality ct|mr (or --weights)")
-    from lib.weights import candidate_weights, find_weights
-
-    path = find_weights(args.model, modality)
-    if path is not None:
-        return path
-    candidates = candidate_weights(args.model, modality)
-    hint = ""
-    if args.model == GCN_MODEL and modality == "MR":
-        hint = " (the TDDL-GCN is a CT model; for MR train one on MR data)"
-    train = f"--model {ADL_MODEL} --spatial-dims 3" if args.model == ADL_3D_MODEL else f"--model {args.model}"
-    raise CommandError(f"no {label} weights for {modality}: neither {candidates[0]} nor {candidates[1]} exists; "
-                       f"pass --weights PATH or train one with 'cli.py train {train}'{hint}")
+def _denoise_options(args: argparse.Namespace, model: str) -> DenoiseOptions:
+    """The denoising options of ``denoise`` / ``denoise-batch`` for ``model`` (``args.model``, or it resolved)."""
+    return DenoiseOptions(model=model, weights=Path(args.weights) if args.weights else None,
+                          roi_size=_int_list(args.roi_size, "--roi-size") if args.roi_size else None,
+                          overlap=args.overlap, sw_batch_size=args.sw_batch_size, fp32=args.fp32, planes=args.planes,
+                          search_window=args.search_window)
 
 
-def _denoise_adl(volume: Volume, args: argparse.Namespace, device: str) -> np.ndarray:
-    from lib.predict import denoise_array, load_denoiser, uses_orthogonal_planes
-
-    modality = volume.modality if volume.modality in ("CT", "MR") else None
-    path = _adl_weights_for(args, modality)
-    model = load_denoiser(path, device=device)
-    label = MODEL_LABELS[args.model]
-    held = model.metadata.get("network_class")
-    if held != MODEL_NETWORKS[args.model]:
-        other = next((m for m, c in MODEL_NETWORKS.items() if c == held), None)
-        raise CommandError(f"{path.name} holds a {held} network, not {label}"
-                           + (f": use --model {other}" if other else ""))
-    if args.model == ADL_3D_MODEL and model.spatial_dims != 3:  # (--model adl takes either)
-        raise CommandError(f"{path.name} holds a {model.spatial_dims}D network: use --model {ADL_MODEL}")
-    if getattr(args, "search_window", None) is not None:
-        model.network.inference_search_window = args.search_window
-    if modality is None:
-        log.info("modality of %s unknown: using the weights' modality %s", args.input, model.modality)
-        modality = model.modality
-    if model.modality != modality:
-        guessed = volume.metadata.get("modality_source") == "guessed"
-        hint = (f" (guessed from its values; add --modality {model.modality.lower()} if it is {model.modality})"
-                if guessed else "")
-        raise CommandError(f"the {label} weights {path.name} were trained for {model.modality} but the input is "
-                           f"{modality}{hint}")
-    roi = _int_list(args.roi_size, "--roi-size") if args.roi_size else None
-    if args.planes == "auto":
-        orthogonal = uses_orthogonal_planes(model, modality, volume.array.shape, volume.spacing)
-    else:
-        orthogonal = args.planes == "orthogonal"
-        if orthogonal and (model.spatial_dims != 2 or args.model == GCN_MODEL):
-            raise CommandError(f"--planes orthogonal is for the 2D {MODEL_LABELS[ADL_MODEL]} network, not {label}")
-        if orthogonal and (volume.array.ndim != 3 or min(volume.array.shape) < 2):
-            raise CommandError(f"--planes orthogonal needs a volume, but {args.input} is a single slice "
-                               f"{volume.array.shape}")
-    log.info("%s weights %s (%dD, %s)%s", label, path, model.spatial_dims, model.modality,
-             ", mean over the three orthogonal planes" if orthogonal else "")
-    # the GCN runs a whole slice per pass with bounded memory; one slice at a time keeps it at ~1 GB
-    sw_batch = args.sw_batch_size or (1 if args.model == GCN_MODEL else None)  # None: 4 on CUDA, 1 on a CPU
-    return denoise_array(model, volume.array, modality, device=device, roi_size=roi,
-                         overlap=0.25 if args.overlap is None else args.overlap,
-                         sw_batch_size=sw_batch, progress=True, amp=not args.fp32, orthogonal_planes=orthogonal)
-
-
-def cmd_denoise(args: argparse.Namespace) -> int:
-    from lib.denoisers import denoise_classical
-
+def _check_denoise_arguments(args: argparse.Namespace) -> None:
+    """Refuse learned-model options given with a classical model, and --search-window without the TDDL-GCN."""
     if args.model not in DENOISE_LEARNED_MODELS + (AUTO_MODEL,):
         given = [o for o, v in (("--weights", args.weights), ("--roi-size", args.roi_size), ("--overlap", args.overlap),
                                 ("--sw-batch-size", args.sw_batch_size), ("--fp32", args.fp32 or None),
@@ -298,27 +227,20 @@ def cmd_denoise(args: argparse.Namespace) -> int:
                                f"({', '.join(DENOISE_LEARNED_MODELS)})")
     if args.search_window is not None and args.model != GCN_MODEL:
         raise CommandError(f"--search-window only applies to --model {GCN_MODEL}")
+
+
+def cmd_denoise(args: argparse.Namespace) -> int:
+    _check_denoise_arguments(args)
     _check_output(args)
     volume = _read_input(args)
     device = _resolve_device(args.device)  # fail early on an unavailable GPU, before any work
     if args.model == AUTO_MODEL:
-        from lib.weights import find_weights
-
-        has_adl = args.weights or (volume.modality in ("CT", "MR") and find_weights(ADL_MODEL, volume.modality))
-        args.model = ADL_MODEL if has_adl else "bm3d"
-        print(f"model: {args.model}" + ("" if has_adl else f" (no ADL weights installed for {volume.modality})"))
-    if args.model in DENOISE_LEARNED_MODELS:
-        start = time.perf_counter()
-        denoised = _denoise_adl(volume, args, device)
-        log.info("denoised with %s in %.1f s", args.model, time.perf_counter() - start)
-        _write_output(volume.with_array(denoised), args, f" [denoised {args.model}]")
-        return 0
-    if volume.modality not in ("CT", "MR"):
-        raise CommandError(f"cannot tell whether {args.input} is CT or MR: give --modality ct|mr")
+        args.model, note = choose_model(_denoise_options(args, AUTO_MODEL), volume)
+        print(f"model: {args.model}" + (f" ({note})" if note else ""))
     start = time.perf_counter()
-    denoised = denoise_classical(args.model, volume.array, modality=volume.modality, progress=True)
+    result = denoise_volume(volume, _denoise_options(args, args.model), device, name=str(args.input))
     log.info("denoised with %s in %.1f s", args.model, time.perf_counter() - start)
-    _write_output(volume.with_array(denoised), args, f" [denoised {args.model}]")
+    _write_output(volume.with_array(result.array), args, f" [denoised {args.model}]")
     return 0
 
 
@@ -333,6 +255,32 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists (never the input)")
 
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and the learned models' options (``denoise`` and ``denoise-batch``)."""
+    parser.add_argument("--model", default=AUTO_MODEL,
+                     choices=(AUTO_MODEL, "bm3d", "nlm", "gaussian", "bm4d") + DENOISE_LEARNED_MODELS,
+                     help="denoising model (default auto: adl where weights for the input's modality are installed, "
+                          f"else bm3d; {ADL_3D_MODEL}: ADL's 3D network; {GCN_MODEL}: the graph-convolutional "
+                          "TDDL-GCN, a CT model)")
+    adl = parser.add_argument_group("learned models (ADL, TDDL-GCN)")
+    adl.add_argument("--weights", help="weight file (default by model and modality: model/<model>_ct.pt or "
+                                       "<model>_mr.pt, else model/pretrained_<model>_ct.pt / _mr.pt)")
+    adl.add_argument("--roi-size", help="sliding-window size, multiples of 8: N or N,N[,N] (default 512x512 for a "
+                                        "2D network, 96^3 for a 3D one)")
+    adl.add_argument("--overlap", type=_overlap, help="sliding-window overlap fraction in [0, 1) (default 0.25)")
+    adl.add_argument("--sw-batch-size", type=_positive_int,
+                     help="windows (2D: slices) per forward pass (default 4 on a GPU, 1 on a CPU; tddl_gcn 1)")
+    adl.add_argument("--fp32", action="store_true",
+                     help="float32 throughout; by default ADL runs in bfloat16 on a CPU with native bfloat16 (AMX / "
+                          "AVX512-BF16, 2-4x faster, within a fraction of a HU) and in fp16 on a GPU")
+    adl.add_argument("--planes", choices=("auto", "slices", "orthogonal"), default="auto",
+                     help=f"2D {ADL_MODEL} on a volume: 'slices' denoises slice by slice; 'orthogonal' averages the "
+                          "axial, coronal and sagittal passes (3x the time, better on near-isotropic MR); 'auto' "
+                          "(default) does that for MR with near-cubic voxels and at least 32 along every axis")
+    adl.add_argument("--search-window", type=_odd_window,
+                     help=f"{GCN_MODEL}: side of the non-local search window (odd; default: the one stored with the "
+                          "weights, e.g. 21; up to 49 as in the TDDL code, ~1.5x the time on CPU)")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -369,36 +317,81 @@ def build_parser() -> argparse.ArgumentParser:
     den = verbs.add_parser("denoise", help="denoise a volume",
                            description="Denoise a CT or MR volume; the output keeps the input's geometry, CT stays in HU.")
     _add_io_arguments(den)
-    den.add_argument("--model", default=AUTO_MODEL,
-                     choices=(AUTO_MODEL, "bm3d", "nlm", "gaussian", "bm4d") + DENOISE_LEARNED_MODELS,
-                     help="denoising model (default auto: adl where weights for the input's modality are installed, "
-                          f"else bm3d; {ADL_3D_MODEL}: ADL's 3D network; {GCN_MODEL}: the graph-convolutional "
-                          "TDDL-GCN, a CT model)")
-    adl = den.add_argument_group("learned models (ADL, TDDL-GCN)")
-    adl.add_argument("--weights", help="weight file (default by model and modality: model/<model>_ct.pt or "
-                                       "<model>_mr.pt, else model/pretrained_<model>_ct.pt / _mr.pt)")
-    adl.add_argument("--roi-size", help="sliding-window size, multiples of 8: N or N,N[,N] (default 512x512 for a "
-                                        "2D network, 96^3 for a 3D one)")
-    adl.add_argument("--overlap", type=_overlap, help="sliding-window overlap fraction in [0, 1) (default 0.25)")
-    adl.add_argument("--sw-batch-size", type=_positive_int,
-                     help="windows (2D: slices) per forward pass (default 4 on a GPU, 1 on a CPU; tddl_gcn 1)")
-    adl.add_argument("--fp32", action="store_true",
-                     help="float32 throughout; by default ADL runs in bfloat16 on a CPU with native bfloat16 (AMX / "
-                          "AVX512-BF16, 2-4x faster, within a fraction of a HU) and in fp16 on a GPU")
-    adl.add_argument("--planes", choices=("auto", "slices", "orthogonal"), default="auto",
-                     help=f"2D {ADL_MODEL} on a volume: 'slices' denoises slice by slice; 'orthogonal' averages the "
-                          "axial, coronal and sagittal passes (3x the time, better on near-isotropic MR); 'auto' "
-                          "(default) does that for MR with near-cubic voxels and at least 32 along every axis")
-    adl.add_argument("--search-window", type=_odd_window,
-                     help=f"{GCN_MODEL}: side of the non-local search window (odd; default: the one stored with the "
-                          "weights, e.g. 21; up to 49 as in the TDDL code, ~1.5x the time on CPU)")
+    _add_model_arguments(den)
     den.set_defaults(func=cmd_denoise)
 
+    _add_batch_parser(verbs)
     _add_train_parser(verbs)
     _add_learn_noise_parser(verbs)
     _add_adapt_parser(verbs)
     _add_lesion_detector_parser(verbs)
     return parser
+
+
+# --------------------------------------------------------------------------------------------- denoise-batch
+#: exit status of denoise-batch when some series failed (the others were denoised; see the manifest)
+EXIT_SERIES_FAILED = 1
+
+
+def cmd_denoise_batch(args: argparse.Namespace) -> int:
+    """Every series of a folder tree or DICOMweb server (:mod:`lib.batch`): thin argument checking."""
+    from lib.batch.discovery import SeriesFilter, parse_date_range
+    from lib.batch.dicomweb import is_dicomweb_url
+    from lib.batch.runner import BatchSettings, run_batch
+
+    _check_denoise_arguments(args)
+    if args.store_to_pacs and not is_dicomweb_url(args.input):
+        raise CommandError("--store-to-pacs sends the results back to the DICOMweb server they came from: give a "
+                           "DICOMweb --input URL (http://HOST/dicom-web)")
+    if not is_dicomweb_url(args.input) and not Path(args.input).expanduser().is_dir():
+        raise CommandError(f"--input {args.input} is neither a folder nor a DICOMweb URL (http://...)")
+    series_filter = SeriesFilter(modality=args.modality, description=args.series_description,
+                                 study_dates=parse_date_range(args.study_date) if args.study_date else None)
+    settings = BatchSettings(source=args.input, output=Path(args.output).expanduser(),
+                             options=_denoise_options(args, args.model), device=args.device,
+                             series_filter=series_filter, store_to_pacs=args.store_to_pacs,
+                             progress=not args.no_progress,
+                             file_modality=args.file_modality.upper() if args.file_modality else None)
+    try:
+        summary, main_rank = run_batch(settings, report=lambda line: print(line, flush=True))
+    except RuntimeError as error:  # e.g. the ranks do not see the same series
+        raise CommandError(str(error)) from None
+    if not main_rank:
+        return 0  # rank 0 reports the job and sets its exit status
+    print(f"summary: {summary.line()}; manifest {Path(args.output) / '_denoise_batch' / 'manifest.jsonl'}",
+          flush=True)
+    return EXIT_SERIES_FAILED if summary.failed else 0
+
+
+def _add_batch_parser(verbs) -> None:
+    bat = verbs.add_parser(
+        "denoise-batch", help="denoise every series of a folder tree or a DICOMweb server (resumable, torchrun)",
+        description="Denoise every series of a folder tree (DICOM series folders, several series per folder, "
+                    "NIfTI, NRRD, MHA) or of a DICOMweb server, each written as 'denoise' would: a derived DICOM "
+                    "series for DICOM input, the same file type otherwise, under --output mirroring the input. "
+                    "A manifest (--output/_denoise_batch/) records every series; a rerun skips what is done and "
+                    "retries what failed. Under 'torchrun --nproc_per_node N' the series are shared out over the "
+                    "processes (largest first, balanced by voxels), one GPU each when there are GPUs. Exit status "
+                    "1 when some series failed.")
+    bat.add_argument("--input", "-i", required=True, metavar="FOLDER_OR_URL",
+                     help="folder tree, or a DICOMweb service root (http://HOST:PORT/dicom-web)")
+    bat.add_argument("--output", "-o", required=True, help="output folder (shared by all machines of a job)")
+    _add_model_arguments(bat)
+    flt = bat.add_argument_group("which series (DICOM tags; NIfTI/NRRD/MHA files are left out when a filter is set)")
+    flt.add_argument("--modality", help="only series of this Modality (e.g. CT, MR)")
+    flt.add_argument("--study-date", metavar="FIRST-LAST",
+                     help="only studies dated within YYYYMMDD-YYYYMMDD (inclusive; either end may be left out)")
+    flt.add_argument("--series-description", metavar="PATTERN",
+                     help="only series whose SeriesDescription matches this pattern (* and ?, case-insensitive)")
+    bat.add_argument("--file-modality", choices=("ct", "mr"),
+                     help="modality of the NIfTI/NRRD/MHA files, which carry no tag (default: guessed from the values; "
+                          "DICOM series use their Modality tag)")
+    bat.add_argument("--store-to-pacs", action="store_true",
+                     help="DICOMweb input: also send each derived series back to the server (STOW-RS)")
+    bat.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="compute device (default: GPU when present; under torchrun the GPU of LOCAL_RANK)")
+    bat.add_argument("--no-progress", action="store_true", help="no progress bars (they show on a terminal only)")
+    bat.set_defaults(func=cmd_denoise_batch)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -853,8 +846,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         holdout_every=args.holdout_every, noise_steps=args.noise_steps, noise_patch_size=args.noise_patch_size,
         steps=args.steps, patch_size=args.patch_size, batch_size=args.batch_size, lr=args.lr,
         samples_per_epoch=args.samples_per_epoch, grid=args.grid, check_radius=args.check_radius,
-        check_shifts=args.check_shifts,
-        tolerance=args.tolerance, seed=args.seed))
+        check_shifts=args.check_shifts, tolerance=args.tolerance, lesions_per_slice=args.lesions_per_slice,
+        lesion_tolerance_pp=args.lesion_tolerance, seed=args.seed))
     try:
         summary = adapt_to_low_dose(discover_images(args.lowdose), args.model, start, output, settings,
                                     normal_dose=args.normal_dose, work_dir=args.work_dir, force=args.force,
@@ -862,11 +855,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     except AdaptationRefused as refused:
         print(f"error: {refused}", file=sys.stderr)
         return EXIT_CHECK_FAILED
-    check = summary["check"]
-    if not check["passed"]:
-        print("warning: the adapted model failed the check; written anyway (--force)", file=sys.stderr)
+    check, lesions = summary["check"], summary["lesion_check"]
+    if not summary["passed"]:
+        print("warning: the adapted model failed the checks; written anyway (--force)", file=sys.stderr)
     print(f"wrote {output} (report {report_path(output)}; J-invariant loss {check['baseline_loss']:.1f} -> "
-          f"{check['adapted_loss']:.1f} HU^2)")
+          f"{check['adapted_loss']:.1f} HU^2; planted-lesion contrast kept {lesions['baseline_percent']:.1f} -> "
+          f"{lesions['candidate_percent']:.1f} %)")
     return 0
 
 
@@ -877,8 +871,9 @@ def _add_adapt_parser(verbs) -> None:
                     "starting model's denoised low-dose slices) to make pseudo pairs, fine-tune the starting "
                     "weights on them, and write the result only if it is no worse than the start on held-out "
                     "low-dose slices (every --holdout-every-th slice, never used before), judged by a "
-                    "self-supervised J-invariant (Noise2Self) loss: no model output is used as a reference. A "
-                    "JSON report goes next to the output (OUTPUT.adapt.json). Exit status 3 when the check fails.")
+                    "self-supervised J-invariant (Noise2Self) loss, and keeps the contrast of synthetic 4-10 mm "
+                    "lesions planted in those slices' real noise as well: no model output is used as a reference. "
+                    "A JSON report goes next to the output (OUTPUT.adapt.json). Exit status 3 when a check fails.")
     ad.add_argument("--lowdose", nargs="+", required=True, metavar="PATH",
                     help="the site's low-dose CT images or folders (DICOM series, NIfTI, NRRD, MHA), in HU")
     ad.add_argument("--model", choices=LEARNED_MODELS, required=True, help="model to adapt")
@@ -901,7 +896,12 @@ def _add_adapt_parser(verbs) -> None:
     ad.add_argument("--check-shifts", type=_positive_int, help="check: shifts scored (default all grid^2)")
     ad.add_argument("--tolerance", type=_non_negative_float,
                     help="check: relative loss increase still accepted (default 0: not worse)")
-    ad.add_argument("--force", action="store_true", help="write the adapted model even if it fails the check")
+    ad.add_argument("--lesions-per-slice", type=_positive_int,
+                    help="lesion check: synthetic lesions planted per held-out slice (6)")
+    ad.add_argument("--lesion-tolerance", type=_non_negative_float,
+                    help="lesion check: percentage points of planted-lesion contrast the adapted model may lose "
+                         "against the starting one (default 2)")
+    ad.add_argument("--force", action="store_true", help="write the adapted model even if it fails a check")
     ad.add_argument("--work-dir", help="keep the scratch files (split slices, noise model, pseudo pairs) here")
     ad.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
     ad.add_argument("--seed", type=int, help="random seed")

@@ -3,8 +3,10 @@
     python -m monailabel.main start_server --app apps/adl_denoise --studies STUDIES -i 127.0.0.1 -p 8000 \
         --conf models all
 
-Conf keys (``--conf key value``; see README.md in this folder): ``models`` (all | adl | tddl_gcn | nlm | a
-comma list), ``model_dir`` (weights folder; default ``model/`` here, or ``ADL_MODEL_DIR``), ``device``, ``preload``,
+Conf keys (``--conf key value``; see README.md in this folder): ``models`` (all | adl | adl_3d | tddl_gcn | nlm |
+a comma list; ``all`` is adl, tddl_gcn and nlm: ``adl_3d``, the 3D network, infers only and is served only when
+named, e.g. ``all,adl_3d``), ``model_dir`` (weights folder; default ``model/`` here, or
+``ADL_MODEL_DIR``), ``device``, ``preload``,
 ``modality``, ``result_extension``, ``train_steps``, ``normal_dose``, ``max_voxels``, ``audit_dir`` (the audit log's
 folder; default ``<studies>/.audit``, or ``<model_dir>/audit/dicomweb-<hash of the URL>`` for a DICOMweb datastore).
 
@@ -39,7 +41,7 @@ from lib.audit import AuditBrokenError, AuditError, AuditLog
 from lib.audit.location import default_audit_dir
 from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_result, install_request_context,
                                  request_actor, result_fields)
-from lib.configs import MODEL_CONFIGS
+from lib.configs import MODEL_CONFIGS, OPT_IN_MODELS
 from lib.weights import MODEL_DIR
 from lib.pacs import PacsStoreError, is_dicomweb, series_folder, store_derived_series
 
@@ -60,7 +62,7 @@ class DenoisingApp(MONAILabelApp):
         self.store = AuditedModelStore(self.model_dir, self.audit)
         self.models: Dict[str, TaskConfig] = {}
         for name, config_class in MODEL_CONFIGS.items():
-            if "all" in names or name in names:
+            if name in names or ("all" in names and name not in OPT_IN_MODELS):
                 config = config_class()
                 config.init(name, self.model_dir, conf, None, store=self.store)
                 self.models[name] = config

@@ -21,11 +21,28 @@ from .imaging import read_volume, write_dicom_derived_series
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_dicomweb", "series_folder", "store_derived_series", "PacsStoreError"]
+__all__ = ["is_dicomweb", "series_folder", "stow_datasets", "store_derived_series", "PacsStoreError"]
 
 
 class PacsStoreError(RuntimeError):
     """The PACS did not store the derived series (message: how many instances failed, and why if known)."""
+
+
+def stow_datasets(client, datasets: list, server: str = "the DICOMweb server") -> dict:
+    """STOW-RS ``datasets`` (one series) with a ``dicomweb_client.DICOMwebClient`` and check the answer instance by
+    instance. Returns ``{"series_instance_uid", "instances"}``.
+
+    Raises:
+        PacsStoreError: ``server`` did not store every instance (how many did, and the failure reasons).
+    """
+    response = client.store_instances(datasets=datasets)
+    failed = getattr(response, "FailedSOPSequence", None) or []
+    stored = getattr(response, "ReferencedSOPSequence", None) or []
+    if failed or len(stored) != len(datasets):
+        reasons = sorted({str(getattr(entry, "FailureReason", "?")) for entry in failed})
+        raise PacsStoreError(f"{server} stored {len(stored)} of {len(datasets)} instances"
+                             + (f" (failure reasons {', '.join(reasons)})" if reasons else ""))
+    return {"series_instance_uid": str(datasets[0].SeriesInstanceUID), "instances": len(datasets)}
 
 
 def is_dicomweb(datastore) -> bool:
@@ -57,15 +74,9 @@ def store_derived_series(datastore, source_folder: Path, denoised_path: str | Pa
                                          series_description_suffix=f" [{description}]")
         datasets = [pydicom.dcmread(p) for p in sorted(out.iterdir())]  # FileDatasets, preamble included
         client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
-        response = client.store_instances(datasets=datasets)
+        stored = stow_datasets(client, datasets, "the PACS")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    failed = getattr(response, "FailedSOPSequence", None) or []
-    stored = getattr(response, "ReferencedSOPSequence", None) or []
-    if failed or len(stored) != len(datasets):
-        reasons = sorted({str(getattr(item, "FailureReason", "?")) for item in failed})
-        raise PacsStoreError(f"the PACS stored {len(stored)} of {len(datasets)} instances"
-                             + (f" (failure reasons {', '.join(reasons)})" if reasons else ""))
-    uid = str(datasets[0].SeriesInstanceUID)
-    log.info("stored derived series %s (%d instances) to %s", uid, len(datasets), client.base_url)
-    return {"series_instance_uid": uid, "instances": len(datasets)}
+    log.info("stored derived series %s (%d instances) to %s", stored["series_instance_uid"], stored["instances"],
+             client.base_url)
+    return stored

@@ -42,6 +42,8 @@ __all__ = [
     "DEFAULT_ROI_2D",
     "DEFAULT_ROI_3D",
     "LoadedDenoiser",
+    "NonFiniteOutputError",
+    "check_finite_output",
     "denoise_array",
     "load_denoiser",
     "resolve_device",
@@ -146,6 +148,22 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
         # (bench/README.md, "Measurements behind design choices")
         network.to(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
     return LoadedDenoiser(network, spatial_dims, modality, metadata, dev, p)
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A denoiser's output holds NaN or infinite values: an error, never a result (the input was checked finite, so
+    the fault is the model's or the arithmetic's, not the image's)."""
+
+
+def check_finite_output(result: np.ndarray, source: str) -> np.ndarray:
+    """``result`` itself when every value is finite; else :class:`NonFiniteOutputError` naming ``source`` (e.g. the
+    model and its weights) and how many of the ``result.size`` values are NaN and how many infinite."""
+    values = np.asarray(result)
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        nan = int(np.isnan(values).sum())
+        inf = int(np.isinf(values).sum())
+        raise NonFiniteOutputError(f"{source} returned {nan} NaN and {inf} infinite values of {values.size}")
+    return result
 
 
 def _network_and_dims(model: LoadedDenoiser | nn.Module) -> tuple[nn.Module, int]:

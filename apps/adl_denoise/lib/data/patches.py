@@ -72,6 +72,10 @@ class ADLPatchDataset(Dataset):
             (2 * slice_context + 1, *patch), the drawn slice in the middle; the volume's end slices are
             repeated beyond its ends). Slices are drawn where the whole stack is usable, so that every slice of
             a low-dose CT pool stack is a simulated one.
+        roi_fraction: the fraction of samples (0..1) drawn around a region of interest (a lesion or a region a
+            clinician marked "keep", ``TrainingVolume.roi`` > 0.5): a volume and a slice holding one, and a crop
+            containing a random pixel of it, anywhere in the patch. A small marked structure would otherwise
+            rarely fall in a random patch and its ROI loss would hardly act. 0 (default): plain random crops.
     """
 
     index_deterministic = True  # items depend on (seed, index) only: trainers may use global sample ids
@@ -87,6 +91,7 @@ class ADLPatchDataset(Dataset):
         min_foreground: float = 0.2,
         max_tries: int = 10,
         slice_context: int = 0,
+        roi_fraction: float = 0.0,
     ) -> None:
         from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd
 
@@ -119,6 +124,13 @@ class ADLPatchDataset(Dataset):
         self._has_noisy = not source.noise_on_the_fly
         # "roi": lesion-aware training weights (TrainingVolume.roi), cropped and augmented with the images
         self._has_roi = any(v.roi is not None for v in source.volumes)
+        if not 0.0 <= float(roi_fraction) <= 1.0:
+            raise ValueError(f"roi_fraction must be in [0, 1], got {roi_fraction}")
+        self.roi_fraction = float(roi_fraction)
+        # per volume, the slices (2D: centre slices) holding a region of interest
+        self._roi_slices = [np.flatnonzero(v.roi.reshape(v.roi.shape[0], -1).max(axis=1) > 0.5)
+                            if v.roi is not None else np.zeros(0, dtype=np.int64) for v in source.volumes]
+        self._roi_volumes = np.array([i for i, z in enumerate(self._roi_slices) if z.size], dtype=np.int64)
         keys = ["noisy", "clean", "roi"] if self._has_roi else ["noisy", "clean"]
         self._crop_both = RandSpatialCropd(keys=keys, roi_size=self.patch_size, random_size=False)
         self._crop_clean = RandSpatialCropd(keys=[k for k in keys if k != "noisy"], roi_size=self.patch_size,
@@ -135,8 +147,12 @@ class ADLPatchDataset(Dataset):
         """Forwarded to the source (regenerates the low-dose CT pool when configured to)."""
         self.source.set_epoch(epoch)
 
-    def _draw_window(self, rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        v = int(rng.choice(len(self.source.volumes), p=self._volume_p))
+    def _draw_window(self, rng: np.random.Generator, around_roi: bool = False
+                     ) -> tuple[int, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        if around_roi:
+            v = int(rng.choice(self._roi_volumes))
+        else:
+            v = int(rng.choice(len(self.source.volumes), p=self._volume_p))
         vol = self.source.volumes[v]
         noisy_full = None
         if self._has_noisy:
@@ -145,7 +161,7 @@ class ADLPatchDataset(Dataset):
             else:
                 noisy_full = self.source.noisy_volume(v)
         if self.spatial_dims == 2:
-            z = int(rng.choice(self._centres[v]))
+            z = int(rng.choice(self._roi_slices[v] if around_roi else self._centres[v]))
             zs = np.clip(np.arange(z - self.slice_context, z + self.slice_context + 1), 0, vol.clean.shape[0] - 1)
             clean = vol.clean[zs]
             noisy = None if noisy_full is None else noisy_full[zs]
@@ -161,7 +177,9 @@ class ADLPatchDataset(Dataset):
         if index < 0:
             raise IndexError(f"sample index must be >= 0, got {index}")
         rng = np.random.default_rng([self.seed, index])
-        v, clean, noisy, roi = self._draw_window(rng)
+        # the extra draw only when ROI sampling is on, so that plain datasets keep their samples
+        around_roi = bool(self.roi_fraction and self._roi_volumes.size and rng.random() < self.roi_fraction)
+        v, clean, noisy, roi = self._draw_window(rng, around_roi)
         vol = self.source.volumes[v]
         scaling = vol.scaling
         threshold = foreground_threshold(scaling)
@@ -173,7 +191,9 @@ class ADLPatchDataset(Dataset):
         crop = self._crop_clean if noisy is None else self._crop_both
 
         best, best_fraction = None, -1.0
-        for _ in range(self.max_tries):
+        if around_roi:
+            best = _crop_around(data, np.argwhere(data["roi"][0] > 0.5), self.patch_size, rng)
+        for _ in range(0 if around_roi else self.max_tries):
             crop.set_random_state(seed=int(rng.integers(2**31 - 1)))
             patch = {k: np.asarray(_to_numpy(t), dtype=np.float32) for k, t in crop(dict(data)).items()}
             fraction = float((scaling.normalise(patch["clean"]) > threshold).mean())
@@ -193,6 +213,17 @@ class ADLPatchDataset(Dataset):
             self._augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
             sample = self._augment(sample)
         return {k: torch.as_tensor(np.ascontiguousarray(_to_numpy(sample[k]), dtype=np.float32)) for k in out_keys}
+
+
+def _crop_around(data: dict[str, np.ndarray], points: np.ndarray, size: Sequence[int],
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The same ``size`` crop of every (C, *spatial) array of ``data``, placed so that it contains one of ``points``
+    (N, spatial_dims), drawn at random, at a random position within the patch."""
+    point = points[int(rng.integers(len(points)))]
+    spatial = next(iter(data.values())).shape[1:]
+    starts = [int(np.clip(int(p) - int(rng.integers(t)), 0, n - t)) for p, t, n in zip(point, size, spatial)]
+    window = (slice(None),) + tuple(slice(a, a + t) for a, t in zip(starts, size))
+    return {k: np.ascontiguousarray(a[window], dtype=np.float32) for k, a in data.items()}
 
 
 def _stack_centres(usable: np.ndarray, depth: int, context: int) -> np.ndarray:

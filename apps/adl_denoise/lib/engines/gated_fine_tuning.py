@@ -54,7 +54,10 @@ class FineTuneSettings:
     adversarial learning rate, the GCN's rate), ``lambda_adversarial`` (ADL), ``samples_per_epoch``,
     ``device`` ("cpu", "cuda" or "auto"), ``seed``, ``validation_every`` (steps; 0 = only at the end),
     ``roi_l1_weight`` (weight of the L1 inside the regions a clinician marked "keep", :func:`lib.losses.roi_l1_loss`,
-    added to the generator's loss; it acts only where a training volume has such regions).
+    added to the generator's loss; it acts only where a training volume has such regions),
+    ``keep_region_fraction`` (fraction of the patches drawn around a marked "keep" region where a training volume
+    has one, :class:`lib.data.ADLPatchDataset` ``roi_fraction``: a few-millimetre structure would otherwise rarely be
+    in a random patch).
     """
 
     steps: int = 200
@@ -67,6 +70,7 @@ class FineTuneSettings:
     seed: int = 0
     validation_every: int = 0
     roi_l1_weight: float = 5.0
+    keep_region_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if int(self.steps) < 1:
@@ -79,6 +83,8 @@ class FineTuneSettings:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= float(self.roi_l1_weight) < float("inf"):
             raise ValueError(f"roi_l1_weight must be >= 0, got {self.roi_l1_weight}")
+        if not 0 <= float(self.keep_region_fraction) <= 1:
+            raise ValueError(f"keep_region_fraction must be in [0, 1], got {self.keep_region_fraction}")
 
 
 @dataclass
@@ -230,7 +236,8 @@ def fine_tune(
         raise ValueError(f"{initial_weights} holds a {network_class}, which cannot be fine-tuned here")
     patch = int(config.patch_size)
     dataset = ADLPatchDataset(train_source, config.spatial_dims, patch, samples_per_epoch=settings.samples_per_epoch,
-                              seed=settings.seed, slice_context=slice_context)
+                              seed=settings.seed, slice_context=slice_context,
+                              roi_fraction=float(settings.keep_region_fraction))
     result = train(config, dataset, val_pairs=None, progress=progress, initial_weights=initial_weights)
     network = result.generator  # the denoiser of either result type
     record = result.training_record()

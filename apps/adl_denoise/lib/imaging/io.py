@@ -122,9 +122,28 @@ def _check_nifti_finite(path: Path) -> None:
     check_values(np.asarray(data), path)
 
 
+def _nifti_stored_bytes_per_voxel(path: Path) -> int | None:
+    """Bytes of one stored voxel of a NIfTI file (``bitpix``, times the vector components), read with nibabel; None
+    if its header cannot be read. ITK reports the *scaled* type instead: a uint8 volume with a ``scl_slope`` is
+    float32 to ITK, four times the bytes the file stores."""
+    try:
+        import nibabel
+
+        header = nibabel.load(str(path)).header
+        per_voxel = max(1, int(header["bitpix"]) // 8)
+        dims = header["dim"]
+        return per_voxel * (max(1, int(dims[5])) if int(dims[0]) >= 5 else 1)
+    except Exception:  # noqa: BLE001 - any unreadable header: ITK's own answer (or error) stands
+        return None
+
+
 def _bytes_per_voxel(reader: sitk.ImageFileReader) -> int:
-    """Bytes of one voxel (all its components) of the image ``reader`` has read the header of; 1 if unknown
+    """Bytes of one STORED voxel (all its components) of the image ``reader`` has read the header of; 1 if unknown
     (a lower bound: the size checks then refuse less, never wrongly)."""
+    if _suffix(Path(reader.GetFileName())) in (".nii", ".nii.gz"):
+        stored = _nifti_stored_bytes_per_voxel(Path(reader.GetFileName()))
+        if stored is not None:
+            return stored
     try:
         probe = sitk.Image([1, 1], reader.GetPixelID(), max(1, reader.GetNumberOfComponents()))
         return int(sitk.GetArrayViewFromImage(probe).dtype.itemsize) * max(1, reader.GetNumberOfComponents())

@@ -13,7 +13,10 @@ DICOM input, zipped), ``result_dtype`` (``float32``, or ``int16`` for CT in whol
 (``auto`` | ``cpu`` | ``cuda``).
 
 Bad input raises ``fastapi.HTTPException`` with a 4xx status and a one-line reason; the server keeps
-serving.
+serving. A result holding NaN or infinite values is never returned (HTTP 500, nothing written or recorded).
+
+Concurrent requests share one cached network per (weights file, device): inference only reads it (eval mode,
+``torch.inference_mode``), so its parameters and batch-norm statistics are never written while it serves.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..imaging import ImageReadError, ImageWriteError, guess_modality, read_volume, write_volume
-from ..predict import denoise_array, load_denoiser, resolve_device, uses_orthogonal_planes
+from ..predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser, resolve_device,
+                       uses_orthogonal_planes)
 from ..weights.store import ModelStore, WeightsVersion
 
 log = logging.getLogger(__name__)
@@ -169,8 +173,13 @@ class DenoiseInferTask(InferTask):
         with self._slots:
             try:
                 denoised, version = self.denoise(volume.array, modality, device, spacing=volume.spacing)
+                # the input was checked finite: a NaN / Inf result is the model's fault, an error, never a result
+                check_finite_output(denoised, f"{self.model} (weights {version.get('weights_version')})")
             except ValueError as error:
                 raise http_error_for_image(error) from None
+            except NonFiniteOutputError as error:
+                log.error("no result returned: %s", error)
+                raise HTTPException(status_code=500, detail=f"not denoised: {error}; no result returned") from None
         out = volume.with_array(denoised)
         try:
             path = self._write(out, volume, result_extension, result_dtype)

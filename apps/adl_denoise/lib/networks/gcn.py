@@ -191,6 +191,8 @@ class EdgeConditionedGraphConv(nn.Module):
         N, K, R, Hd = H * W, graph.k, self.rank, self.hidden
         flat = h.permute(0, 2, 3, 1).reshape(B * N, C)  # channels last: one row per node
         proj = self.project(flat)  # (B*N, Hd + R (Hd + 1))
+        # W_1 h_i - b_1 once per pixel, so that each edge's z_ij = LeakyReLU(W_1 h_j - that) is one pass
+        centre = proj[:, :Hd] - self.edge_bias
         weights = self.edge_weights(graph).to(proj.dtype)
         index = graph.index.reshape(B * N, K)
         chunk = max(1, self.max_edges_per_chunk // K)
@@ -199,7 +201,7 @@ class EdgeConditionedGraphConv(nn.Module):
             e = min(B * N, s + chunk)
             n = e - s
             neighbours = proj.index_select(0, index[s:e].reshape(-1)).view(n, K, -1)
-            z = F.leaky_relu(neighbours[..., :Hd] - proj[s:e, None, :Hd] + self.edge_bias, self.negative_slope)
+            z = F.leaky_relu(neighbours[..., :Hd] - centre[s:e, None], self.negative_slope)
             z1 = torch.cat([z, torch.ones_like(z[..., :1])], dim=-1)  # (n, K, Hd + 1)
             right = torch.einsum("nkrh,nkh->nkr", neighbours[..., Hd:].reshape(n, K, R, Hd + 1), z1)
             coeff = weights[s:e, :, None] * self.kappa(z) * right  # (n, K, R)

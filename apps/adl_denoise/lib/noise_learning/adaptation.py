@@ -12,8 +12,13 @@ Recipe (:func:`adapt_to_low_dose`):
 5. The no-worse check, not circular: the J-invariant (Noise2Self) loss
    (:func:`lib.evaluation.self_supervised.j_invariant_loss`) of the adapted and of the starting network on the
    held-out low-dose slices themselves. No model output is used as a reference anywhere in the check.
-   The adapted weights are written only when their loss is not higher (or with ``force``), atomically (temp file
-   in the output's folder, then rename), with a JSON report ``<output>.adapt.json`` either way.
+6. The lesion check: synthetic low-contrast lesions (4-10 mm, +-25 HU) planted in the same held-out slices
+   (:mod:`lib.evaluation.planted_lesions`: the scanner's real noise around them, the same for both models); the
+   adapted network must keep their contrast as well as the starting one (at most ``lesion_tolerance_pp``
+   percentage points less, mean over the lesions). A lower J-invariant loss bought by erasing small lesions does
+   not count. When no lesion site can be found in the held-out slices the check fails (nothing is known).
+   The adapted weights are written only when both checks pass (or with ``force``), atomically (temp file in the
+   output's folder, then rename), with a JSON report ``<output>.adapt.json`` either way.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 __all__ = ["AdaptSettings", "AdaptationRefused", "adapt_to_low_dose", "blocking_files", "holdout_indices",
-           "report_path"]
+           "no_worse_checks", "report_path"]
 
 PathLike = str | os.PathLike
 #: network class held by the weight file of each model name
@@ -56,8 +61,9 @@ class AdaptSettings:
     ``lr``, ``samples_per_epoch``: fine-tuning (:class:`lib.engines.gated_fine_tuning.FineTuneSettings`);
     ``grid``, ``check_radius``, ``check_shifts``: the J-invariant check (masking grid; half-size of the blind square
     around each scored pixel, :func:`lib.evaluation.self_supervised.mask_pixels`; number of the ``grid**2`` shifts
-    scored, None = all); ``tolerance``: relative loss increase still accepted (0 = strictly not worse); ``seed``,
-    ``device``.
+    scored, None = all); ``tolerance``: relative loss increase still accepted (0 = strictly not worse);
+    ``lesions_per_slice``, ``lesion_tolerance_pp``: the lesion check (lesions planted per held-out slice;
+    percentage points of contrast kept the adapted model may lose against the starting one); ``seed``, ``device``.
     """
 
     holdout_every: int = 5
@@ -72,6 +78,8 @@ class AdaptSettings:
     check_radius: int = 1
     check_shifts: int | None = None
     tolerance: float = 0.0
+    lesions_per_slice: int = 6
+    lesion_tolerance_pp: float = 2.0
     seed: int = 0
     device: str = "cpu"
 
@@ -84,6 +92,10 @@ class AdaptSettings:
             raise ValueError(f"check_shifts must be in 1..{int(self.grid) ** 2}, got {self.check_shifts}")
         if not 0 <= float(self.tolerance) < 1:
             raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        if int(self.lesions_per_slice) < 1:
+            raise ValueError(f"lesions_per_slice must be >= 1, got {self.lesions_per_slice}")
+        if not 0 <= float(self.lesion_tolerance_pp) <= 100:
+            raise ValueError(f"lesion_tolerance_pp must be in [0, 100], got {self.lesion_tolerance_pp}")
 
 
 def report_path(output: PathLike) -> Path:
@@ -148,16 +160,14 @@ def _slice_denoiser(loaded, device: str) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def _check_loss(weights: PathLike, slices: Sequence[np.ndarray], settings: AdaptSettings) -> dict:
-    """J-invariant loss (HU^2) of a weight file over the held-out slices (pixel-weighted mean)."""
+def _check_loss(run: Callable[[np.ndarray], np.ndarray], slices: Sequence[np.ndarray],
+                settings: AdaptSettings) -> dict:
+    """J-invariant loss (HU^2) of a slice denoiser over the held-out slices (pixel-weighted mean)."""
     from ..evaluation.self_supervised import grid_shifts, j_invariant_loss
-    from ..predict import load_denoiser
 
-    loaded = load_denoiser(weights, device=settings.device)
     shifts = grid_shifts(settings.grid)
     if settings.check_shifts is not None:  # an evenly spread subset (unbiased estimate of the full loss)
         shifts = [shifts[i] for i in np.linspace(0, len(shifts) - 1, int(settings.check_shifts)).round().astype(int)]
-    run = _slice_denoiser(loaded, settings.device)
     total = pixels = 0.0
     per_slice = []
     for s in slices:
@@ -168,6 +178,47 @@ def _check_loss(weights: PathLike, slices: Sequence[np.ndarray], settings: Adapt
         pixels += scored["pixels"]
         per_slice.append(scored["loss"])
     return {"loss": float(total / pixels), "per_slice": per_slice, "grid": settings.grid, "shifts": len(shifts)}
+
+
+def no_worse_checks(start: Callable[[np.ndarray], np.ndarray], adapted: Callable[[np.ndarray], np.ndarray],
+                    held_out: Sequence[tuple[Sequence[np.ndarray], tuple[float, float]]],
+                    settings: AdaptSettings) -> dict:
+    """Steps 5 and 6 of the recipe: the starting vs the adapted slice denoiser ((N, H, W) -> (N, H, W), HU) on the
+    held-out low-dose slices, given as (slices, (row, column) spacing in mm) per input volume.
+
+    Returns ``{"check": J-invariant loss verdict, "lesion_check": planted-lesion verdict, "passed": both}``.
+    """
+    from ..evaluation.planted_lesions import lesion_contrast_check
+
+    slices = [s for group, _ in held_out for s in group]
+    baseline, candidate = _check_loss(start, slices, settings), _check_loss(adapted, slices, settings)
+    change = (candidate["loss"] - baseline["loss"]) / baseline["loss"] if baseline["loss"] > 0 else float("nan")
+    loss_passed = bool(np.isfinite(candidate["loss"])
+                       and candidate["loss"] <= baseline["loss"] * (1 + settings.tolerance))
+    lesion_check = lesion_contrast_check(start, adapted, [(list(g), sp) for g, sp in held_out],
+                                         per_slice=int(settings.lesions_per_slice),
+                                         tolerance_pp=float(settings.lesion_tolerance_pp), seed=int(settings.seed))
+    check = {"criterion": "J-invariant (Noise2Self, Batson & Royer 2019) loss on held-out low-dose slices: mean "
+                          "squared difference, at grid pixels blinded with the square of radius check_radius around "
+                          "them, between the network's output for the masked slice and the noisy slice; lower is "
+                          "better",
+             "unit": "HU^2", "baseline_loss": baseline["loss"], "adapted_loss": candidate["loss"],
+             "relative_change": change, "tolerance": settings.tolerance, "passed": loss_passed,
+             "baseline_per_slice": baseline["per_slice"], "adapted_per_slice": candidate["per_slice"]}
+    return {"check": check, "lesion_check": lesion_check, "passed": loss_passed and lesion_check["passed"]}
+
+
+def _loss_line(check: dict) -> str:
+    return (f"start {check['baseline_loss']:.1f} HU^2, adapted {check['adapted_loss']:.1f} HU^2 "
+            f"({100 * check['relative_change']:+.2f} %)")
+
+
+def _lesion_line(check: dict) -> str:
+    """One line on the lesion check for the log and the refusal."""
+    if not check["lesions"]:
+        return "no site for a synthetic lesion in the held-out slices: lesion contrast unknown"
+    return (f"contrast kept of {check['lesions']} planted 4-10 mm lesions: start {check['baseline_percent']:.1f} %, "
+            f"adapted {check['candidate_percent']:.1f} %, at most {check['tolerance_pp']:g} points less allowed")
 
 
 def _atomic_write_json(path: Path, data: dict) -> None:
@@ -211,7 +262,8 @@ def adapt_to_low_dose(
 
     Returns:
         The report (also written as JSON): ``held_out`` slices, ``train_slices``, ``check`` (``criterion``,
-        ``baseline_loss``, ``adapted_loss``, ``relative_change``, ``passed``), ``settings``, ``seconds``.
+        ``baseline_loss``, ``adapted_loss``, ``relative_change``, ``passed``), ``lesion_check`` (baseline and
+        candidate contrast kept, ``passed``), ``passed`` (both), ``written``, ``settings``, ``seconds``.
 
     Raises:
         FileExistsError: output or report exist without ``overwrite`` (nothing is touched).
@@ -261,10 +313,13 @@ def adapt_to_low_dose(
         train_dir.mkdir(parents=True, exist_ok=True)
         train_files: dict[str, str] = {}
         held_slices: list[np.ndarray] = []
+        held_groups: list[tuple[list[np.ndarray], tuple[float, float]]] = []  # per volume, for the lesion check
         held_record, train_record = [], []
         for path, volume, stack, held_z in zip(inputs, volumes, stacks, held):
             keep = [z for z in range(len(stack)) if z not in set(held_z)]
             held_slices += [np.asarray(stack[z], dtype=np.float32) for z in held_z]
+            held_groups.append(([np.asarray(stack[z], dtype=np.float32) for z in held_z],
+                                (float(volume.spacing[1]), float(volume.spacing[0]))))  # (row, column) mm
             held_record.append({"input": str(path), "slices": held_z})
             train_record.append({"input": str(path), "slices": keep})
             stem = path.name.split(".")[0]
@@ -335,37 +390,36 @@ def adapt_to_low_dose(
                           "low_dose_train": train_record, "held_out": held_record}
         candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record)
 
-        # 5. the non-circular check on the held-out low-dose slices
+        # 5. the non-circular checks on the held-out low-dose slices
         t0 = time.perf_counter()
-        baseline = _check_loss(start_path, held_slices, settings)
-        adapted = _check_loss(candidate, held_slices, settings)
+        verdict = no_worse_checks(_slice_denoiser(load_denoiser(start_path, device=settings.device), settings.device),
+                                  _slice_denoiser(load_denoiser(candidate, device=settings.device), settings.device),
+                                  held_groups, settings)
         seconds["check"] = time.perf_counter() - t0
-        change = (adapted["loss"] - baseline["loss"]) / baseline["loss"] if baseline["loss"] > 0 else float("nan")
-        passed = bool(np.isfinite(adapted["loss"]) and adapted["loss"] <= baseline["loss"] * (1 + settings.tolerance))
+        check, lesion_check, passed = verdict["check"], verdict["lesion_check"], verdict["passed"]
         seconds["total"] = time.perf_counter() - clock
         summary = {
             "model": model, "initial_weights": str(start_path), "output": str(output),
             "low_dose": [str(p) for p in inputs], "held_out": held_record, "train_slices": train_record,
             "pseudo_pairs": {"clean_side": clean_kind, "clean_images": clean},
             "noise_model": noise_model.summary(),
-            "check": {"criterion": "J-invariant (Noise2Self, Batson & Royer 2019) loss on held-out low-dose "
-                                   "slices: mean squared difference, at grid pixels blinded with the square of "
-                                   "radius check_radius around them, between the network's output for the masked "
-                                   "slice and the noisy slice; lower is better",
-                      "unit": "HU^2", "baseline_loss": baseline["loss"], "adapted_loss": adapted["loss"],
-                      "relative_change": change, "tolerance": settings.tolerance, "passed": passed,
-                      "baseline_per_slice": baseline["per_slice"], "adapted_per_slice": adapted["per_slice"]},
+            "check": check,
+            "lesion_check": lesion_check, "passed": passed,
             "settings": dataclasses.asdict(settings), "forced": bool(force and not passed),
             "written": bool(passed or force), "seconds": seconds,
         }
-        report(f"check (J-invariant loss on {len(held_slices)} held-out slice(s)): start {baseline['loss']:.1f} "
-               f"HU^2, adapted {adapted['loss']:.1f} HU^2 ({100 * change:+.2f} %)")
+        report(f"check (J-invariant loss on {len(held_slices)} held-out slice(s)): {_loss_line(check)}")
+        report(f"lesion check ({_lesion_line(lesion_check)})")
         if not (passed or force):
             _atomic_write_json(json_path, summary)
+            reasons = []
+            if not check["passed"]:
+                reasons.append(f"J-invariant loss {_loss_line(check)}")
+            if not lesion_check["passed"]:
+                reasons.append(_lesion_line(lesion_check))
             raise AdaptationRefused(
-                f"the adapted model is worse than the starting one on the held-out low-dose slices (J-invariant "
-                f"loss {adapted['loss']:.1f} vs {baseline['loss']:.1f} HU^2, {100 * change:+.2f} %): nothing "
-                f"written (report {json_path}; --force writes it anyway)", summary)
+                f"the adapted model is worse than the starting one on the held-out low-dose slices "
+                f"({'; '.join(reasons)}): nothing written (report {json_path}; --force writes it anyway)", summary)
         # atomic: a temp file in the output's folder, renamed over the target
         output.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)

@@ -222,7 +222,8 @@ class DenoiserTrainTask(TrainTask):
     def config(self) -> dict[str, Any]:
         return {"mode": list(MODES), "modality": ["auto", *[m.lower() for m in self.modalities]],
                 "steps": int(self.defaults.get("steps", 200)), "device": ["auto", "cpu", "cuda"],
-                "patch_size": 0, "batch_size": 4, "lr": 5e-5, "normal_dose": "", "roi_l1_weight": 5.0}
+                "patch_size": 0, "batch_size": 4, "lr": 5e-5, "normal_dose": "", "roi_l1_weight": 5.0,
+                "keep_region_fraction": 0.0}
 
     def stats(self) -> dict[str, Any]:
         """The last run's status file, with the current step read from the trainer's log while it runs."""

@@ -1,0 +1,115 @@
+"""A DICOMweb server as a batch source and sink, through the ``dicomweb-client`` library: the series to denoise
+(QIDO-RS, with filters), their instances (WADO-RS, streamed one instance at a time into a folder) and the
+derived series sent back (STOW-RS, checked instance by instance: a server can answer 200 and store nothing).
+
+Outputs of a DICOMweb source go to ``OUT/<StudyInstanceUID>/<SeriesInstanceUID>/`` (a derived DICOM series,
+as for a DICOM folder). Series this app derived (SeriesDescription holding "[denoised") are never taken as
+inputs, so a rerun after STOW-RS does not denoise its own results.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+
+from ..imaging.errors import one_line
+from ..pacs import PacsStoreError, stow_datasets
+from .discovery import SeriesFilter, SeriesItem, refuse_collisions
+
+__all__ = ["DERIVED_MARK", "PacsStoreError", "discover_dicomweb", "download_series", "is_dicomweb_url", "make_client",
+           "store_series"]
+
+#: what the SeriesDescription of a series written by this app contains (" [denoised <model>]")
+DERIVED_MARK = "[denoised"
+#: voxels per instance assumed for sharding (series-level QIDO does not return Rows and Columns)
+VOXELS_PER_INSTANCE = 512 * 512
+
+
+
+def is_dicomweb_url(text: str) -> bool:
+    return str(text).lower().startswith(("http://", "https://"))
+
+
+def make_client(url: str):
+    """A ``DICOMwebClient`` for the service root ``url`` (e.g. ``http://pacs:8042/dicom-web``)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(url=url.rstrip("/"))
+
+
+def _value(result: dict, keyword: str, default=""):
+    from pydicom.datadict import tag_for_keyword
+
+    element = result.get(f"{tag_for_keyword(keyword):08X}") or {}
+    values = element.get("Value") or []
+    if not values:
+        return default
+    value = values[0]
+    if isinstance(value, dict):  # PN: {"Alphabetic": ...}
+        value = value.get("Alphabetic", "")
+    return value
+
+
+def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None = None) -> list[SeriesItem]:
+    """Every series the server lists (QIDO-RS ``/series``, all pages), filtered, sorted by key, with its output
+    folder. Modality and the StudyDate range go to the server and are checked again here (a server may ignore a
+    filter it does not support); the description pattern is matched here only, case-insensitively (DICOM
+    wildcard matching of SeriesDescription is case-sensitive)."""
+    series_filter = series_filter or SeriesFilter()
+    filters: dict[str, str] = {}
+    if series_filter.modality:
+        filters["Modality"] = series_filter.modality.upper()
+    if series_filter.study_dates:
+        first, last = series_filter.study_dates
+        filters["StudyDate"] = f"{first or ''}-{last or ''}"
+    try:
+        results = client.search_for_series(
+            search_filters=filters or None, get_remaining=True,
+            fields=["StudyDate", "SeriesDescription", "Modality", "SeriesNumber", "NumberOfSeriesRelatedInstances"])
+    except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, not a DICOMweb answer
+        raise ValueError(f"cannot list the series of {client.base_url} (QIDO-RS): {one_line(error)}") from None
+    items = []
+    for result in results:
+        study, series = str(_value(result, "StudyInstanceUID")), str(_value(result, "SeriesInstanceUID"))
+        description = str(_value(result, "SeriesDescription"))
+        if not study or not series or DERIVED_MARK in description:
+            continue
+        if not series_filter.accepts(str(_value(result, "Modality")), str(_value(result, "StudyDate")), description):
+            continue
+        instances = int(_value(result, "NumberOfSeriesRelatedInstances", 0) or 0)
+        items.append(SeriesItem(key=f"dicomweb:{study}/{series}", kind="dicomweb",
+                                source=f"{client.base_url}/studies/{study}/series/{series}",
+                                output=out_root / study / series, voxels=instances * VOXELS_PER_INSTANCE,
+                                series_uid=series, study_uid=study))
+    return refuse_collisions(sorted(items, key=lambda item: item.key), out_root)
+
+
+def download_series(client, item: SeriesItem, folder: Path) -> Path:
+    """The instances of ``item`` (WADO-RS), one file each in ``folder`` (created), one instance in memory at a
+    time. Returns ``folder``.
+
+    Raises:
+        ValueError: the server returned no instance.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for count, dataset in enumerate(client.iter_series(item.study_uid, item.series_uid), start=1):
+        if not getattr(dataset, "file_meta", None) or "TransferSyntaxUID" not in dataset.file_meta:
+            dataset.file_meta = dataset.file_meta if getattr(dataset, "file_meta", None) else pydicom.Dataset()
+            dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        dataset.save_as(str(folder / f"{count:06d}.dcm"), write_like_original=False)
+    if count == 0:
+        raise ValueError(f"the DICOMweb server returned no instance for series {item.series_uid}")
+    return folder
+
+
+def store_series(client, folder: Path) -> dict:
+    """STOW-RS every DICOM file of ``folder`` (one derived series). Returns ``{"series_instance_uid",
+    "instances"}``.
+
+    Raises:
+        PacsStoreError: the server did not store every instance (how many did, and the failure reasons).
+    """
+    datasets = [pydicom.dcmread(str(p)) for p in sorted(folder.iterdir()) if p.is_file()]
+    return stow_datasets(client, datasets)
+

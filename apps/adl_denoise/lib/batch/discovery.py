@@ -1,0 +1,222 @@
+"""The series of a folder tree and where each one's denoised result goes.
+
+A folder's DICOM image files are grouped by SeriesInstanceUID (:func:`lib.imaging.list_dicom_series`: several
+series may share a folder, hard-anonymised files with an empty UID form one series); every NIfTI, NRRD or
+MetaImage file is a series of its own. Hidden files and folders (name starting with ".") and the output folder,
+when it lies inside the input tree, are not searched.
+
+Output paths mirror the tree under the output root, and are unique per series:
+
+* ``ROOT/a/b/x.nii.gz`` -> ``OUT/a/b/x.nii.gz`` (same file type; ``.nhdr`` -> ``.nrrd``, which ITK cannot write
+  as a detached header);
+* a DICOM series in ``ROOT/a/b/`` -> the derived-series folder ``OUT/a/b/series_<SeriesNumber>_<8 hex of the
+  SHA-1 of its SeriesInstanceUID>/`` (a folder per series, so that several series of one folder, and the series
+  of its subfolders, never land in the same place).
+
+Two series whose outputs would be the same path, or one inside the other, are both refused
+(:attr:`SeriesItem.problem`) rather than written over each other. Sizes (voxels) come from the headers only.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pydicom
+
+from ..imaging import READ_SUFFIXES, ImageReadError, list_dicom_series
+from ..imaging.io import check_image_file
+
+__all__ = ["MANIFEST_DIR", "SeriesFilter", "SeriesItem", "check_roots", "discover_tree", "refuse_collisions"]
+
+#: the batch's own folder inside the output root (manifests); no series output may go there
+MANIFEST_DIR = "_denoise_batch"
+_NHDR = ".nhdr"
+
+
+@dataclass(frozen=True)
+class SeriesFilter:
+    """Which DICOM series to take, by their tags: ``modality`` (e.g. "CT"), ``study_dates`` (first, last) as
+    YYYYMMDD, inclusive (either may be None), ``description`` (shell pattern, case-insensitive, on
+    SeriesDescription). Files without DICOM tags (NIfTI, NRRD, MHA) are left out when any filter is set."""
+
+    modality: str | None = None
+    study_dates: tuple[str | None, str | None] | None = None
+    description: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.modality or self.study_dates or self.description)
+
+    def accepts(self, modality: str, study_date: str, description: str) -> bool:
+        if self.modality and modality.upper() != self.modality.upper():
+            return False
+        if self.study_dates:
+            first, last = self.study_dates
+            if not study_date or (first and study_date < first) or (last and study_date > last):
+                return False
+        if self.description and not fnmatch.fnmatch(description.lower(), self.description.lower()):
+            return False
+        return True
+
+
+def parse_date_range(text: str) -> tuple[str | None, str | None]:
+    """``"20200101-20201231"``, ``"20200101-"``, ``"-20201231"`` or ``"20200101"`` (one day) -> (first, last).
+
+    Raises:
+        ValueError: not YYYYMMDD dates.
+    """
+    parts = text.split("-") if "-" in text else [text, text]
+    if len(parts) != 2 or not all(re.fullmatch(r"\d{8}", p) for p in parts if p) or not any(parts):
+        raise ValueError(f"--study-date must be YYYYMMDD-YYYYMMDD (either end may be left out), got {text!r}")
+    return parts[0] or None, parts[1] or None
+
+
+@dataclass(frozen=True)
+class SeriesItem:
+    """One series to denoise.
+
+    ``key``: stable name within the input ("file:<relative path>", "dicom:<relative folder>#<uid>",
+    "dicomweb:<study>/<series>"); ``kind``: "file", "dicom" or "dicomweb"; ``source``: the file or folder (or
+    the DICOMweb series URL); ``series_uid`` / ``study_uid``: the DICOM UIDs ("" when empty, None for files);
+    ``voxels``: size for sharding (0 when the header could not be read: the series then fails when it is
+    read, with the reader's message); ``output``: the result's path; ``problem``: why the series is refused
+    before reading (e.g. an output collision), else None.
+    """
+
+    key: str
+    kind: str
+    source: str
+    output: Path
+    voxels: int = 0
+    series_uid: str | None = None
+    study_uid: str | None = None
+    files: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    problem: str | None = None
+
+
+def check_roots(root: Path, out: Path) -> None:
+    """Refuse an output root that is the input root or holds it (outputs mirror the tree: they could land on
+    the inputs). An output root inside the input tree is fine: it is not searched.
+
+    Raises:
+        ValueError: as said.
+    """
+    root, out = root.resolve(), out.resolve()
+    if out == root:
+        raise ValueError("--output is the input folder itself: choose another folder (inputs are never overwritten)")
+    if out in root.parents:
+        raise ValueError(f"--output {out} holds the input folder {root}: choose a folder outside it")
+
+
+def _dicom_label(uid: str, number: int | None) -> str:
+    digest = hashlib.sha1(uid.encode()).hexdigest()[:8] if uid else "nouid"
+    return f"series_{number if number is not None else 'na'}_{digest}"
+
+
+def _file_output(rel: Path, out_root: Path) -> Path:
+    if rel.name.lower().endswith(_NHDR):
+        rel = rel.with_name(rel.name[: -len(_NHDR)] + ".nrrd")
+    return out_root / rel
+
+
+def _image_suffix(name: str) -> bool:
+    lower = name.lower()
+    return any(lower.endswith(s) for s in READ_SUFFIXES)
+
+
+def _file_voxels(path: Path) -> int:
+    try:
+        size = check_image_file(path)
+    except (ImageReadError, OSError):
+        return 0
+    voxels = 1
+    for v in size:
+        voxels *= int(v)
+    return voxels
+
+
+def _dicom_items(folder: Path, rel: Path, out_root: Path, series_filter: SeriesFilter) -> list[SeriesItem]:
+    try:
+        series = list_dicom_series(folder)
+    except ImageReadError:
+        return []  # no DICOM image file here
+    items = []
+    for s in series:
+        try:
+            head = pydicom.dcmread(str(s["files"][0]), stop_before_pixels=True, force=True)
+            frames = int(float(head.get("NumberOfFrames", 1) or 1))
+            voxels = len(s["files"]) * frames * int(head.get("Rows", 0) or 0) * int(head.get("Columns", 0) or 0)
+            study_date = str(head.get("StudyDate", "") or "")
+            study_uid = str(head.get("StudyInstanceUID", "") or "")
+        except Exception:  # noqa: BLE001 - an unreadable header: the series fails later with the reader's message
+            voxels, study_date, study_uid = 0, "", ""
+        if not series_filter.accepts(s["modality"], study_date, s["description"]):
+            continue
+        rel_folder = rel.as_posix() or "."
+        items.append(SeriesItem(key=f"dicom:{rel_folder}#{s['uid']}", kind="dicom", source=str(folder),
+                                output=out_root / rel / _dicom_label(s["uid"], s["series_number"]), voxels=voxels,
+                                series_uid=s["uid"], study_uid=study_uid,
+                                files=tuple(str(f) for f in s["files"])))
+    return items
+
+
+def discover_tree(root: str | os.PathLike, out_root: str | os.PathLike,
+                  series_filter: SeriesFilter | None = None) -> list[SeriesItem]:
+    """Every series under ``root`` with its output path under ``out_root``, in a deterministic order (sorted
+    by key), the same on every rank that sees the same files. Reads headers only (memory O(one header)).
+
+    Raises:
+        ValueError: ``root`` is not a folder, or ``out_root`` is or holds ``root``.
+    """
+    root, out_root = Path(root).expanduser(), Path(out_root).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"--input {root} is not a folder (or a DICOMweb URL)")
+    check_roots(root, out_root)
+    series_filter = series_filter or SeriesFilter()
+    out_resolved = out_root.resolve()
+    items: list[SeriesItem] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        # never search the output (when it lies inside the input tree) nor hidden folders (temporary outputs)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != out_resolved)
+        rel = here.relative_to(root)
+        items.extend(_dicom_items(here, rel, out_root, series_filter))
+        if series_filter.active:
+            continue  # image files carry no tags to filter on
+        for name in sorted(filenames):
+            if name.startswith(".") or not _image_suffix(name):
+                continue
+            path = here / name
+            items.append(SeriesItem(key=f"file:{(rel / name).as_posix()}", kind="file", source=str(path),
+                                    output=_file_output(rel / name, out_root), voxels=_file_voxels(path)))
+    return refuse_collisions(sorted(items, key=lambda item: item.key), out_root)
+
+
+def refuse_collisions(items: list[SeriesItem], out_root: Path) -> list[SeriesItem]:
+    """``items`` with :attr:`SeriesItem.problem` set on every series whose output is another's, lies inside
+    another's, or lies in the batch's own folder: none of them is written (never one over another)."""
+    outputs = {item.key: item.output.resolve() for item in items}
+    owners: dict[Path, list[str]] = {}
+    holders: dict[Path, list[str]] = {}  # folder -> the series whose outputs lie inside it
+    for key, path in outputs.items():
+        owners.setdefault(path, []).append(key)
+        for parent in path.parents:
+            holders.setdefault(parent, []).append(key)
+    reserved = (out_root / MANIFEST_DIR).resolve()
+    checked = []
+    for item in items:
+        path = outputs[item.key]
+        clash = [k for k in owners[path] if k != item.key]
+        clash += [k for p in path.parents if p in owners for k in owners[p]]
+        clash += holders.get(path, [])
+        problem = None
+        if clash:
+            problem = f"its output {item.output} collides with the output of {sorted(set(clash))[0]}"
+        elif path == reserved or reserved in path.parents:
+            problem = f"its output {item.output} would lie in the batch's own folder {MANIFEST_DIR}"
+        checked.append(replace(item, problem=problem) if problem else item)
+    return checked

@@ -1,0 +1,104 @@
+"""The batch manifest: what was done to which series, so that a rerun skips it.
+
+Layout under the output root: ``_denoise_batch/rank-<rank>.jsonl``, one file per rank, each appended to by that
+rank alone, and ``_denoise_batch/manifest.jsonl``, the merge (the latest record of every job), written
+atomically (temporary file + rename) by rank 0 at the end of a run.
+
+Why one file per rank rather than one file with ``fcntl`` locks: a rank's appends then need no lock at all
+(one writer per file), which holds on every shared file system a multi-machine job may write to (``fcntl``
+locks are unreliable or slow on some NFS and Lustre set-ups). Each record is one ``write`` of a whole line,
+flushed and fsync'ed; a process killed mid-write leaves at most a cut last line, which readers skip and the
+next append starts after (a newline is written first).
+
+Record (one JSON object per line): ``job`` (identity + model asked for + weights asked for), ``identity``
+(``dicom:<SeriesInstanceUID>``, or ``sha256:<hex>`` of the file(s) when there is no UID), ``key`` (the series in
+the input, see :class:`~lib.batch.discovery.SeriesItem`), ``input``, ``output``, ``model`` (the model run),
+``model_requested``, ``weights_version``, ``weights_sha256``, ``status`` ("started", "done" or "failed"),
+``seconds``, ``error``, ``rank``, ``world``, ``host``, ``time`` (Unix seconds), plus e.g. ``stored`` (STOW-RS).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterable
+
+from ..runtime.atomic import atomic_write_text
+from .discovery import MANIFEST_DIR
+
+__all__ = ["MERGED_NAME", "Manifest", "job_key", "latest_by_job", "read_records"]
+
+MERGED_NAME = "manifest.jsonl"
+
+
+def job_key(identity: str, model_requested: str, weights_requested: str | None) -> str:
+    """What makes two runs the same job: the same series content, model and weight file asked for."""
+    return f"{identity}|{model_requested}|{weights_requested or ''}"
+
+
+def read_records(folder: Path) -> list[dict]:
+    """Every readable record of the per-rank files in ``folder``, oldest first (cut or corrupt lines skipped)."""
+    records = []
+    for path in sorted(folder.glob("rank-*.jsonl")):
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a killed process
+            if isinstance(record, dict) and "job" in record and "status" in record:
+                records.append(record)
+    records.sort(key=lambda r: float(r.get("time", 0.0)))
+    return records
+
+
+def latest_by_job(records: Iterable[dict]) -> dict[str, dict]:
+    """The last record of each job (records oldest first)."""
+    latest: dict[str, dict] = {}
+    for record in records:
+        latest[record["job"]] = record
+    return latest
+
+
+class Manifest:
+    """This rank's manifest file under ``out_root`` and the records of every rank."""
+
+    def __init__(self, out_root: str | os.PathLike, rank: int = 0, world: int = 1) -> None:
+        self.folder = Path(out_root).expanduser() / MANIFEST_DIR
+        self.rank, self.world = rank, world
+        self.path = self.folder / f"rank-{rank:05d}.jsonl"
+        self.host = socket.gethostname()
+        self._checked_end = False
+
+    def append(self, record: dict) -> dict:
+        """Append ``record`` (with rank, world, host and time added) as one line; returns the full record."""
+        full = {**record, "rank": self.rank, "world": self.world, "host": self.host, "time": time.time()}
+        line = json.dumps(full, default=str) + "\n"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: the last byte
+        try:
+            if not self._checked_end:  # a previous run killed mid-line: start on a line of our own
+                self._checked_end = True
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = "\n" + line
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return full
+
+    def records(self) -> list[dict]:
+        """Every rank's records, oldest first."""
+        return read_records(self.folder)
+
+    def merge(self) -> Path:
+        """Write ``manifest.jsonl`` (the latest record of every job) atomically; returns its path."""
+        latest = latest_by_job(self.records())
+        text = "".join(json.dumps(r, default=str) + "\n" for r in sorted(latest.values(), key=lambda r: r["key"]))
+        return atomic_write_text(self.folder / MERGED_NAME, text)

@@ -1,0 +1,331 @@
+"""One rank's batch loop, and the job around it (process group, plan check, merged summary).
+
+Per rank: find every series (the same list on every rank), keep this rank's share (:mod:`.sharding`), and for
+each series in turn: its identity, skip it when the manifest says it is done and its output exists, else read
+it, denoise it (:func:`lib.model_dispatch.denoise_volume`), write it with the app's writers (a temporary file or
+folder next to the output, renamed into place: a killed run leaves no half-written output) and record the
+outcome. Any error of one series is recorded as failed with its message and the loop goes on. One series is in
+memory at a time.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is the training engine's
+(:func:`lib.engines.engine.setup_distributed`: Gloo on CPU, NCCL with one GPU per ``LOCAL_RANK``), and the only
+collectives are two barriers: after planning (then every rank checks that all ranks planned the same series
+list, through files in the shared output folder) and at the end (then rank 0 merges the manifests and the
+ranks' summaries). The barriers wait up to :data:`BATCH_TIMEOUT`: ranks finish at different times (a resumed
+run may leave one rank with nothing to do).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from ..model_dispatch import DenoiseOptions, ModelCache, denoise_volume
+from ..imaging import read_volume, write_dicom_derived_series, write_volume
+from ..imaging.errors import one_line
+from ..runtime.atomic import atomic_write_text
+from ..runtime.hashing import file_sha256
+from . import dicomweb
+from .discovery import SeriesFilter, SeriesItem, discover_tree
+from .manifest import Manifest, job_key, latest_by_job
+from .sharding import shard_items
+
+__all__ = ["BATCH_TIMEOUT", "BatchSettings", "BatchSummary", "plan_series", "run_batch", "run_rank"]
+
+log = logging.getLogger(__name__)
+
+#: how long a rank waits at a barrier for the others (a whole archive can take days)
+BATCH_TIMEOUT = _dt.timedelta(days=7)
+
+
+@dataclass
+class BatchSettings:
+    """A batch: ``source`` (folder or DICOMweb service root URL), ``output`` root, denoising ``options``
+    (``options.model`` is the model asked for, e.g. "auto"), ``device`` ("auto", "cpu", "cuda"),
+    ``series_filter``, ``store_to_pacs`` (STOW-RS the derived series back; DICOMweb source only), ``progress``
+    (one bar per rank, on a terminal only), ``file_modality`` ("CT" or "MR" for NIfTI/NRRD/MHA files, which carry
+    no modality tag; None guesses it from the values as ``denoise`` does)."""
+
+    source: str
+    output: Path
+    options: DenoiseOptions
+    device: str = "auto"
+    series_filter: SeriesFilter = field(default_factory=SeriesFilter)
+    store_to_pacs: bool = False
+    progress: bool = True
+    file_modality: str | None = None
+
+
+@dataclass
+class BatchSummary:
+    """Counts of a rank (or, on rank 0 after the end, of the whole job) and its wall time in seconds."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    ranks: int = 1
+    #: (series key, error) of this rank's failed series (not merged)
+    failures: list = field(default_factory=list, repr=False)
+
+    @property
+    def total(self) -> int:
+        return self.done + self.skipped + self.failed
+
+    @property
+    def series_per_hour(self) -> float:
+        """Series denoised (not skipped) per hour of wall time."""
+        return 3600.0 * self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"{self.total} series: {self.done} done, {self.skipped} skipped, {self.failed} failed in "
+                f"{self.seconds:.1f} s ({self.series_per_hour:.1f} series/hour, {self.ranks} process"
+                f"{'es' if self.ranks > 1 else ''})")
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def plan_series(settings: BatchSettings, client=None) -> list[SeriesItem]:
+    """Every series of the source with its output (the same list on every rank)."""
+    if dicomweb.is_dicomweb_url(settings.source):
+        return dicomweb.discover_dicomweb(client, Path(settings.output), settings.series_filter)
+    if settings.store_to_pacs:
+        raise ValueError("--store-to-pacs sends the results back to the DICOMweb server they came from: it needs a "
+                         "DICOMweb --input URL")
+    return discover_tree(settings.source, settings.output, settings.series_filter)
+
+
+def _plan_digest(items: list[SeriesItem]) -> str:
+    text = "\n".join(f"{i.key}\t{i.output}\t{i.voxels}" for i in items)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _identity(item: SeriesItem) -> str:
+    """``dicom:<SeriesInstanceUID>``, or the SHA-256 of the file (of the series' files, in name order, when
+    the UID is empty)."""
+    if item.series_uid:
+        return f"dicom:{item.series_uid}"
+    if item.kind == "dicom":
+        digest = hashlib.sha256()
+        for path in sorted(item.files):
+            digest.update(file_sha256(path).encode())
+        return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{file_sha256(item.source)}"
+
+
+# ------------------------------------------------------------------------------------------------ one rank
+def _remove_stale_temporaries(output: Path) -> None:
+    """Temporary files and folders of a write of ``output`` cut short by a killed run (the writers use
+    ``.<name>.tmp-*`` and ``.<name>.old-*`` next to the output)."""
+    if not output.parent.is_dir():
+        return
+    for pattern in (f".{output.name}.tmp-*", f".{output.name}.old-*"):
+        for stale in output.parent.glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+class _Rank:
+    """State of one rank's loop: manifest, what earlier runs did, loaded models, DICOMweb client."""
+
+    def __init__(self, settings: BatchSettings, rank: int, world: int, device: str, client) -> None:
+        self.settings, self.rank, self.world, self.device, self.client = settings, rank, world, device, client
+        self.manifest = Manifest(settings.output, rank, world)
+        records = self.manifest.records()
+        self.latest = latest_by_job(records)
+        # outputs some run of this batch wrote or started to write: a rerun may replace them
+        self.ours = {str(r["output"]) for r in records if r.get("output")}
+        self.cache = ModelCache()
+        self.options = replace(settings.options, progress=False)  # the rank's own bar is the progress shown
+        self.weights_requested = str(settings.options.weights) if settings.options.weights else None
+        self.scratch = Path(settings.output) / ".denoise_batch_download" / f"rank-{rank:05d}"
+        self.last_error = ""
+
+    def run(self, items: list[SeriesItem], bar) -> BatchSummary:
+        summary = BatchSummary(ranks=1)
+        start = time.perf_counter()
+        for item in items:
+            outcome = self.one(item)
+            if outcome == "failed":
+                summary.failures.append((item.key, self.last_error))
+            setattr(summary, outcome, getattr(summary, outcome) + 1)
+            bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed, refresh=False)
+            bar.update(1)
+        summary.seconds = time.perf_counter() - start
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        return summary
+
+    def one(self, item: SeriesItem) -> str:
+        """Denoise one series; returns "done", "skipped" or "failed"."""
+        base = {"key": item.key, "input": item.source, "output": str(item.output.resolve()),
+                "model_requested": self.settings.options.model, "weights_requested": self.weights_requested,
+                "voxels": item.voxels}
+        started = time.perf_counter()
+        try:
+            identity = _identity(item)
+        except OSError as error:
+            identity = f"unreadable:{item.key}"
+            return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
+        job = job_key(identity, self.settings.options.model, self.weights_requested)
+        base.update(job=job, identity=identity)
+        previous = self.latest.get(job)
+        if previous and previous.get("status") == "done" and item.output.exists():
+            return "skipped"
+        if item.problem:
+            return self._failed(base, identity, started, item.problem)
+        ours = base["output"] in self.ours
+        if item.output.exists() and not ours:
+            return self._failed(base, identity, started,
+                                f"{item.output} exists and was not written by this batch (no manifest record): "
+                                "move it away or choose another --output")
+        self.manifest.append({**base, "status": "started"})
+        self.ours.add(base["output"])
+        try:
+            extra = self._denoise(item, overwrite=item.output.exists())
+        except Exception as error:  # noqa: BLE001 - one bad series is recorded, never stops the batch
+            log.debug("series %s failed", item.key, exc_info=True)
+            return self._failed(base, identity, started, one_line(error) or type(error).__name__)
+        finally:
+            gc.collect()  # the series' arrays go now: one series in memory at a time
+        self.manifest.append({**base, **extra, "status": "done", "seconds": round(time.perf_counter() - started, 3),
+                              "error": None})
+        return "done"
+
+    def _failed(self, base: dict, identity: str, started: float, error: str) -> str:
+        self.last_error = error
+        self.manifest.append({**base, "job": job_key(identity, self.settings.options.model, self.weights_requested),
+                              "identity": identity, "status": "failed",
+                              "seconds": round(time.perf_counter() - started, 3), "error": error})
+        return "failed"
+
+    def _read(self, item: SeriesItem):
+        if item.kind == "file":
+            volume = read_volume(item.source, modality=self.settings.file_modality)
+            if self.settings.file_modality:
+                volume.modality = self.settings.file_modality
+            return volume
+        if item.kind == "dicom":
+            return read_volume(item.source, series_uid=item.series_uid)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        return read_volume(dicomweb.download_series(self.client, item, self.scratch / "series"))
+
+    def _denoise(self, item: SeriesItem, overwrite: bool) -> dict:
+        volume = self._read(item)
+        result = denoise_volume(volume, self.options, self.device, name=item.source, cache=self.cache)
+        denoised = volume.with_array(result.array)
+        del volume
+        _remove_stale_temporaries(item.output)
+        suffix = f" [denoised {result.model}]"
+        if item.kind == "file":
+            write_volume(denoised, item.output, overwrite=overwrite, series_description_suffix=suffix)
+        else:  # a folder named by UIDs (dots: not a file suffix), built on the input's own headers
+            write_dicom_derived_series(denoised, item.output, denoised, series_description_suffix=suffix,
+                                       overwrite=overwrite)
+        extra = {"model": result.model, "weights_version": result.weights_version or f"classical-{result.model}",
+                 "weights_sha256": result.weights_sha256, "shape": list(denoised.array.shape)}
+        del denoised, result
+        if self.settings.store_to_pacs:
+            extra["stored"] = dicomweb.store_series(self.client, item.output)
+        return extra
+
+
+def run_rank(settings: BatchSettings, items: list[SeriesItem], rank: int, world: int, device: str,
+             client=None) -> BatchSummary:
+    """Denoise this rank's share of ``items`` (all ranks' list) with one progress bar (position ``rank``,
+    shown on a terminal only). Returns this rank's summary."""
+    from tqdm.auto import tqdm
+
+    mine = shard_items(items, rank, world)
+    with tqdm(total=len(mine), position=rank, desc=f"rank {rank}", unit="series", leave=True, dynamic_ncols=True,
+              disable=None if settings.progress else True) as bar:
+        return _Rank(settings, rank, world, device, client).run(mine, bar)
+
+
+# ------------------------------------------------------------------------------------------------ the job
+@dataclass(frozen=True)
+class _DeviceConfig:
+    """What :func:`lib.engines.engine.setup_distributed` reads from a configuration."""
+
+    device: str
+
+
+def _check_same_plan(folder: Path, digest: str, rank: int, world: int) -> None:
+    """After the first barrier: every rank wrote the digest of its series list; all must be the same."""
+    for other in range(world):
+        path = folder / f"plan-rank-{other:05d}.sha256"
+        try:
+            theirs = path.read_text().strip()
+        except OSError:
+            raise RuntimeError(f"rank {rank} cannot read {path}: the --output folder must be one folder shared by "
+                               "all machines (a network file system)") from None
+        if theirs != digest:
+            raise RuntimeError(f"ranks {rank} and {other} found different series lists (is the input the same "
+                               "on every machine, and not changing?): nothing was denoised")
+
+
+def _merged_summary(manifest: Manifest, world: int, seconds: float) -> BatchSummary:
+    total = BatchSummary(seconds=seconds, ranks=world)
+    for rank in range(world):
+        path = manifest.folder / f"summary-rank-{rank:05d}.json"
+        part = json.loads(path.read_text())
+        total.done += part["done"]
+        total.skipped += part["skipped"]
+        total.failed += part["failed"]
+    return total
+
+
+def run_batch(settings: BatchSettings, report: Callable[[str], None] = print) -> tuple[BatchSummary, bool]:
+    """The whole job on this process: one process, or one rank of a ``torchrun`` job. Returns (summary, main):
+    on rank 0 the merged summary of all ranks (``main`` True), elsewhere this rank's own.
+
+    Raises:
+        ValueError: bad source or output (before any work), CUDA asked for but absent.
+        RuntimeError: the ranks do not see the same series (checked before any work).
+    """
+    from ..engines.engine import setup_distributed
+
+    wall = time.perf_counter()
+    context, device = setup_distributed(_DeviceConfig(settings.device), timeout=BATCH_TIMEOUT)
+    outcome = _job(settings, context, device, report, wall)
+    if context.initialised_here:  # only after a normal end: see lib.engines.engine on tearing down after errors
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return outcome
+
+
+def _job(settings: BatchSettings, context, device, report: Callable[[str], None], wall: float
+         ) -> tuple[BatchSummary, bool]:
+    import torch.distributed as dist
+
+    client = dicomweb.make_client(settings.source) if dicomweb.is_dicomweb_url(settings.source) else None
+    items = plan_series(settings, client)
+    manifest = Manifest(settings.output, context.rank, context.world)
+    manifest.folder.mkdir(parents=True, exist_ok=True)
+    if context.distributed:
+        atomic_write_text(manifest.folder / f"plan-rank-{context.rank:05d}.sha256", _plan_digest(items))
+        dist.barrier()  # every rank has planned: nothing is written yet
+        _check_same_plan(manifest.folder, _plan_digest(items), context.rank, context.world)
+    if context.main:
+        report(f"{len(items)} series found in {settings.source}; {context.world} process"
+               f"{'es' if context.world > 1 else ''} on {device.type}")
+    own = run_rank(settings, items, context.rank, context.world, str(device), client)
+    counts = {k: v for k, v in asdict(own).items() if k != "failures"}
+    atomic_write_text(manifest.folder / f"summary-rank-{context.rank:05d}.json", json.dumps(counts))
+    for key, error in own.failures:
+        report(f"failed: {key}: {error}")
+    if context.distributed:
+        report(f"rank {context.rank}: {own.line()}")
+        dist.barrier()  # every rank's records and summary are on disk
+    if not context.main:
+        return own, False
+    manifest.merge()
+    return _merged_summary(manifest, context.world, time.perf_counter() - wall), True

@@ -1,0 +1,353 @@
+"""``cli.py denoise-batch`` on a real mixed folder tree: one process, ``torchrun --nproc_per_node 2`` (Gloo, CPU),
+a run killed half way and resumed.
+
+The tree (built in tmp_path; the shared data is symlinked, never copied into the repository): the real
+JPEG 2000 CT slab (hard-anonymised: empty UIDs), the real gantry-tilted head series (refused by the reader),
+a folder holding two DICOM series, a NIfTI crop and an NRRD crop of a real CT, a 4D NIfTI, a NIfTI holding a NaN
+and a corrupt file.
+The fast classical ``gaussian`` model: what is tested here is the batch, not a network.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+import processes
+from conftest import APP_DIR
+
+from lib.batch.discovery import MANIFEST_DIR, discover_tree
+from lib.batch.manifest import Manifest, read_records
+from lib.batch.sharding import assign_ranks, shard_items
+from lib.imaging import read_volume
+
+CLI = APP_DIR / "cli.py"
+TIMEOUT = 600  # generous: a loaded 2-core machine
+#: the series of the tree that denoise, and the three that must fail, with a word of their error
+GOOD = {"dicom:pacs/slab#", "dicom:pacs/two_series#A", "dicom:pacs/two_series#B", "file:nifti/ct_crop.nii.gz",
+        "file:nifti/ct_small.nrrd"}
+BAD = {"dicom:pacs/tilted#": "gantry tilt", "file:nifti/four_d.nii.gz": "4D", "file:nifti/corrupt.nii.gz": "cannot read",
+       "file:nifti/has_nan.nii.gz": "NaN"}
+#: the summary of a first run over the whole tree
+FIRST_RUN = f"summary: {len(GOOD) + len(BAD)} series: {len(GOOD)} done, 0 skipped, {len(BAD)} failed"
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def make_tree(root: Path, shared: Path) -> Path:
+    """The mixed tree under ``root`` (see the module docstring). Series UIDs of the two-series folder: A and B
+    prefixes are recorded in ``root/uids.json`` for the tests."""
+    from pydicom.uid import generate_uid
+
+    (root / "pacs").mkdir(parents=True)
+    (root / "pacs" / "slab").symlink_to(shared / "dicom" / "ct_abdomen_siemens_j2k_slab")
+    (root / "pacs" / "tilted").symlink_to(shared / "dicom" / "ct_head_ge_tilted")
+    two = root / "pacs" / "two_series"
+    two.mkdir()
+    files = sorted((shared / "dicom" / "ct_abdomen_siemens_j2k_slab").iterdir())
+    study, uids = generate_uid(), {}
+    for s, name in enumerate("AB"):
+        series = generate_uid()
+        uids[name] = series
+        for k, f in enumerate(files[s * 6:(s + 1) * 6]):
+            ds = pydicom.dcmread(f)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.SeriesNumber, ds.PatientID = s + 1, "BATCH"
+            ds.save_as(two / f"{name}{k}.dcm")
+    image = sitk.ReadImage(str(shared / "ct_abdomen_pelvis_resampled_3mm.nii.gz"))
+    nifti = root / "nifti"
+    nifti.mkdir()
+    sitk.WriteImage(image[20:84, 20:84, 40:48], str(nifti / "ct_crop.nii.gz"))
+    sitk.WriteImage(sitk.Cast(image[30:94, 10:74, 50:54], sitk.sitkInt16), str(nifti / "ct_small.nrrd"))
+    four_d = np.random.default_rng(0).normal(0, 1, (2, 4, 16, 16)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(four_d), str(nifti / "four_d.nii.gz"))
+    (nifti / "corrupt.nii.gz").write_bytes(b"\x1f\x8b" + b"not a gzip stream" * 20)
+    with_nan = np.full((4, 16, 16), 100.0, np.float32)
+    with_nan[2, 3, 4] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(with_nan), str(nifti / "has_nan.nii.gz"))
+    (root / "notes.txt").write_text("not an image: ignored")
+    (root.parent / f"{root.name}_uids.json").write_text(json.dumps(uids))
+    return root
+
+
+def short_key(key: str, uids: dict[str, str]) -> str:
+    """A series key with the generated UIDs of the two-series folder replaced by A and B, other UIDs left out."""
+    if "#" not in key:
+        return key
+    folder, uid = key.split("#", 1)
+    names = {u: n for n, u in uids.items()}
+    return f"{folder}#{names.get(uid, '')}"
+
+
+def batch_args(tree: Path, out: Path, *extra: str) -> list[str]:
+    return ["denoise-batch", "--input", str(tree), "--output", str(out), "--model", "gaussian", *extra]
+
+
+def run_single(tree: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return processes.run([sys.executable, CLI, *batch_args(tree, out, *extra)], TIMEOUT, env=_env())
+
+
+def torchrun_command(tree: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CLI),
+            *batch_args(tree, out)]
+
+
+def latest(out: Path, uids: dict[str, str]) -> dict[str, dict]:
+    """The merged manifest by short key."""
+    rows = [json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()]
+    return {short_key(r["key"], uids): r for r in rows}
+
+
+def volume_of(path: Path) -> tuple[np.ndarray, tuple, tuple]:
+    v = read_volume(path)
+    return v.array, tuple(np.round(v.spacing, 5)), tuple(np.round(v.origin, 4))
+
+
+def assert_same_outputs(a: dict[str, dict], b: dict[str, dict]) -> None:
+    """Same voxels and geometry for every denoised series of two manifests (UIDs of derived series differ)."""
+    for key in GOOD:
+        va, vb = volume_of(Path(a[key]["output"])), volume_of(Path(b[key]["output"]))
+        np.testing.assert_array_equal(va[0], vb[0], err_msg=key)
+        assert va[1:] == vb[1:], key
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory, shared_data) -> tuple[Path, dict[str, str]]:
+    root = make_tree(tmp_path_factory.mktemp("batch") / "tree", shared_data)
+    return root, json.loads((root.parent / "tree_uids.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tree, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One single-process run of the whole tree."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    return out, run_single(tree[0], out)
+
+
+# ------------------------------------------------------------------------------------------------ fast parts
+def test_sharding_is_largest_first_balanced_deterministic_and_disjoint():
+    sizes = [5, 100, 7, 7, 60, 40, 0, 0, 33, 1]
+    for world in (1, 2, 3, 4):
+        ranks = assign_ranks(sizes, world)
+        assert ranks == assign_ranks(sizes, world)  # deterministic
+        loads = [sum(max(s, 1) for s, r in zip(sizes, ranks) if r == k) for k in range(world)]
+        # greedy largest-first: no rank is over the ideal share by more than the largest series
+        assert max(loads) <= sum(max(s, 1) for s in sizes) / world + max(sizes)
+        items = list(range(len(sizes)))
+        shards = [shard_items(items, k, world, size=lambda i: sizes[i]) for k in range(world)]
+        taken = [i for shard in shards for i in shard]
+        assert sorted(taken) == items  # every series exactly once: no two ranks take the same one
+        for shard in shards:
+            assert [sizes[i] for i in shard] == sorted((sizes[i] for i in shard), reverse=True)
+    assert assign_ranks([100, 60, 40], 2) == [0, 1, 1]
+
+
+def test_discovery_mirrors_the_tree_with_unique_outputs_and_skips_its_own_output(tree, tmp_path):
+    root, uids = tree
+    out = root / "denoised"  # inside the input tree: never searched
+    out.mkdir()
+    (out / "old.nii.gz").write_bytes(b"")
+    try:
+        items = discover_tree(root, out)
+    finally:
+        shutil.rmtree(out)  # the tree is shared by the module's tests
+    keys = {short_key(i.key, uids) for i in items}
+    assert keys == GOOD | set(BAD)
+    outputs = [i.output for i in items]
+    assert len(set(outputs)) == len(outputs)
+    assert all(out in o.parents for o in outputs) and not any(o.exists() for o in outputs)
+    by_key = {short_key(i.key, uids): i for i in items}
+    assert by_key["file:nifti/ct_small.nrrd"].output == out / "nifti" / "ct_small.nrrd"
+    assert by_key["dicom:pacs/two_series#A"].output.parent == out / "pacs" / "two_series"
+    assert by_key["dicom:pacs/slab#"].voxels == 20 * 512 * 512
+    with pytest.raises(ValueError, match="input folder itself"):
+        discover_tree(root, root)
+    with pytest.raises(ValueError, match="holds the input"):
+        discover_tree(root, root.parent)
+
+
+def test_manifest_survives_a_line_cut_by_a_kill(tmp_path):
+    manifest = Manifest(tmp_path, rank=1, world=2)
+    manifest.append({"job": "a", "key": "a", "status": "done"})
+    with open(manifest.path, "a") as handle:
+        handle.write('{"job": "b", "key": "b", "sta')  # a process killed in the middle of a line
+    Manifest(tmp_path, rank=1, world=2).append({"job": "c", "key": "c", "status": "failed"})
+    assert [r["job"] for r in read_records(manifest.folder)] == ["a", "c"]
+
+
+def test_bad_arguments_are_refused_with_one_line(tmp_path):
+    result = run_single(tmp_path / "missing", tmp_path / "out")
+    assert result.returncode == 2 and "neither a folder nor a DICOMweb URL" in result.stderr
+    result = run_single(tmp_path, tmp_path / "out", "--store-to-pacs")
+    assert result.returncode == 2 and "--store-to-pacs" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ real runs
+@pytest.mark.slow
+def test_one_process_denoises_the_good_series_and_reports_the_bad_ones(tree, reference, tmp_path):
+    root, uids = tree
+    out, result = reference
+    assert result.returncode == 1, result.stderr  # some series failed: non-zero, the rest done
+    assert FIRST_RUN in result.stdout
+    rows = latest(out, uids)
+    assert {k for k, r in rows.items() if r["status"] == "done"} == GOOD
+    for key, word in BAD.items():
+        assert rows[key]["status"] == "failed" and word in rows[key]["error"], rows[key]
+        assert f"failed: {rows[key]['key']}: " in result.stdout
+    slab = rows["dicom:pacs/slab#"]
+    assert slab["identity"].startswith("sha256:")  # no SeriesInstanceUID: identified by content
+    assert rows["dicom:pacs/two_series#A"]["identity"] == f"dicom:{uids['A']}"
+    assert slab["model"] == "gaussian" and slab["weights_version"] == "classical-gaussian" and slab["seconds"] > 0
+    # DICOM in, derived DICOM series out; files keep their type; inputs untouched
+    derived = pydicom.dcmread(next(Path(slab["output"]).iterdir()))
+    assert "DERIVED" in derived.ImageType and "[denoised gaussian]" in derived.SeriesDescription
+    assert len(list(Path(slab["output"]).iterdir())) == 20
+    assert Path(rows["file:nifti/ct_small.nrrd"]["output"]).suffix == ".nrrd"
+    assert not list((root / "nifti").glob("*denoised*")) and not (root / MANIFEST_DIR).exists()
+    # the same as 'cli.py denoise' on that file
+    single = tmp_path / "crop.nii.gz"
+    done = processes.run([sys.executable, CLI, "denoise", "--model", "gaussian", "--input",
+                          root / "nifti" / "ct_crop.nii.gz", "--output", single], TIMEOUT, env=_env())
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(volume_of(single)[0], volume_of(Path(rows["file:nifti/ct_crop.nii.gz"]["output"]))[0])
+    # a rerun skips what is done and retries what failed
+    again = run_single(root, out)
+    assert again.returncode == 1 and f"{len(GOOD)} skipped, {len(BAD)} failed" in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_torchrun_two_processes_match_one_process(tree, reference, tmp_path):
+    root, uids = tree
+    out = tmp_path / "out"
+    result = processes.run(torchrun_command(root, out), TIMEOUT, env=_env())
+    assert FIRST_RUN in result.stdout, result.stdout + result.stderr[-3000:]
+    assert result.returncode != 0  # failed series: non-zero through torchrun too
+    rows = latest(out, uids)
+    assert_same_outputs(rows, latest(reference[0], uids))
+    # every series handled by exactly one rank, and both ranks worked
+    handled: dict[str, set[int]] = {}
+    for record in read_records(out / MANIFEST_DIR):
+        handled.setdefault(record["key"], set()).add(record["rank"])
+    assert all(len(r) == 1 for r in handled.values()), handled
+    assert {r for ranks in handled.values() for r in ranks} == {0, 1}
+    assert "rank 0:" in result.stdout and "rank 1:" in result.stdout
+
+
+def _process_groups(process: subprocess.Popen) -> set[int]:
+    """The process groups of torchrun and its workers (each worker runs in a session of its own)."""
+    import psutil
+
+    groups = {process.pid}
+    try:
+        for child in psutil.Process(process.pid).children(recursive=True):
+            try:
+                groups.add(os.getpgid(child.pid))
+            except ProcessLookupError:
+                pass
+    except psutil.Error:
+        pass
+    return groups
+
+
+def _kill(groups: set[int]) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _done_count(out: Path) -> int:
+    return sum(1 for r in read_records(out / MANIFEST_DIR) if r["status"] == "done")
+
+
+def _writing(out: Path, series_folders: list[Path]) -> bool:
+    """A derived DICOM series (many files: a write that takes a while) is being written: its temporary folder
+    exists, or its folder exists but is not recorded done."""
+    for folder in series_folders:
+        if folder.parent.is_dir() and any(p.name.startswith(f".{folder.name}.tmp-") for p in folder.parent.iterdir()):
+            return True
+    present = [folder for folder in series_folders if folder.exists()]
+    if not present:
+        return False
+    done = {r["output"] for r in read_records(out / MANIFEST_DIR) if r["status"] == "done"}
+    return any(str(folder.resolve()) not in done for folder in present)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_a_run_killed_half_way_leaves_no_partial_output_and_resumes(tree, reference, tmp_path):
+    root, uids = tree
+    reference_rows = latest(reference[0], uids)
+    out = tmp_path / "out"
+    expected = {k: out / Path(reference_rows[k]["output"]).relative_to(reference[0]) for k in GOOD}
+    series_folders = [p for k, p in expected.items() if k.startswith("dicom:")]
+    process = processes.start(torchrun_command(root, out), tmp_path / "killed.log", env=_env())
+    groups = {process.pid}
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        # kill in the middle of writing a derived DICOM series, after at least one series is done
+        while time.monotonic() < deadline and process.poll() is None and not (
+                (out / MANIFEST_DIR).is_dir() and _done_count(out) >= 1):
+            groups |= _process_groups(process)
+            time.sleep(0.01)
+        groups |= _process_groups(process)  # known before the kill, so that it is immediate
+        while time.monotonic() < deadline and process.poll() is None and not _writing(out, series_folders):
+            time.sleep(0.0005)
+        alive = process.poll() is None
+        _kill(groups)
+        assert alive, "the run ended before it could be killed:\n" + processes.log_tail(tmp_path / "killed.log")
+    finally:
+        _kill(groups | _process_groups(process))
+        process.wait(60)
+    done_before = _done_count(out)
+    assert 1 <= done_before < len(GOOD)
+    # what exists under its final name is complete and right; the rest is absent or hidden
+    for key, path in expected.items():
+        if path.exists():
+            np.testing.assert_array_equal(volume_of(path)[0], volume_of(Path(reference_rows[key]["output"]))[0])
+    resumed = run_single(root, out)
+    assert resumed.returncode == 1, resumed.stderr
+    assert f"{len(GOOD) - done_before} done, {done_before} skipped, {len(BAD)} failed" in resumed.stdout, resumed.stdout
+    assert_same_outputs(latest(out, uids), reference_rows)
+    leftovers = [name for _, dirs, files in os.walk(out) for name in dirs + files if ".tmp-" in name]
+    assert not leftovers  # a killed write's temporary files are cleaned up on the rerun
+
+
+@pytest.mark.slow
+def test_a_learned_model_records_its_weights_and_matches_denoise(tree, tiny_weights, tmp_path):
+    """ADL (tiny real weights) through the batch: the same result as 'cli.py denoise', the weight file's version
+    and SHA-256 in the manifest."""
+    from lib.runtime.hashing import file_sha256
+
+    root, _ = tree
+    weights = tiny_weights / "pretrained_adl_ct.pt"
+    out = tmp_path / "out"
+    result = processes.run([sys.executable, CLI, "denoise-batch", "--input", root / "nifti", "--output", out,
+                            "--model", "adl", "--weights", weights, "--file-modality", "ct"], TIMEOUT, env=_env())
+    rows = {r["key"]: r for r in (json.loads(line) for line in
+                                  (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines())}
+    assert result.returncode == 1 and "2 done" in result.stdout, result.stdout + result.stderr
+    crop = rows["file:ct_crop.nii.gz"]
+    assert crop["model"] == "adl" and crop["weights_version"] == "file:pretrained_adl_ct.pt"
+    assert crop["weights_sha256"] == file_sha256(weights) == rows["file:ct_small.nrrd"]["weights_sha256"]
+    single = tmp_path / "crop.nii.gz"
+    done = processes.run([sys.executable, CLI, "denoise", "--model", "adl", "--weights", weights, "--modality", "ct",
+                          "--input", root / "nifti" / "ct_crop.nii.gz", "--output", single], TIMEOUT, env=_env())
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(volume_of(single)[0], volume_of(Path(crop["output"]))[0])

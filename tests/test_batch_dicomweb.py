@@ -1,0 +1,101 @@
+"""``cli.py denoise-batch`` with a DICOMweb server as source and sink: the real Orthanc of the PACS test
+(``orthanc.py``), real CT slices (the shared JPEG 2000 slab, given UIDs, dates and descriptions of their own).
+
+QIDO-RS finds the series (filtered by modality, study date and description), WADO-RS downloads each, the derived
+series is written locally and sent back with STOW-RS; a rerun skips it and never takes the derived series as
+an input.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+import processes
+from conftest import APP_DIR
+from orthanc import available, start_orthanc, stop_orthanc
+
+from lib.batch.dicomweb import discover_dicomweb, make_client
+from lib.batch.discovery import MANIFEST_DIR, SeriesFilter
+from lib.imaging import read_volume
+
+pytestmark = [pytest.mark.server, pytest.mark.slow,
+              pytest.mark.skipif(available() is not None, reason=str(available()))]
+
+CLI = APP_DIR / "cli.py"
+TIMEOUT = 600
+
+
+def make_series(shared: Path, folder: Path, slices: range, description: str, study_uid: str, date: str) -> str:
+    """Real CT slices of the slab as a new series (decompressed: no transcoding asked of the server)."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True)
+    series = generate_uid()
+    files = sorted((shared / "dicom" / "ct_abdomen_siemens_j2k_slab").iterdir())
+    for k in slices:
+        ds = pydicom.dcmread(files[k])
+        ds.decompress()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.StudyDate = study_uid, series, date
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesDescription, ds.SeriesNumber, ds.PatientID = description, 2, "BATCH"
+        ds.save_as(folder / f"{k:03d}.dcm", write_like_original=False)
+    return series
+
+
+def run_batch(url: str, out: Path, *extra: str):
+    command = [sys.executable, CLI, "denoise-batch", "--input", url, "--output", out, "--model", "gaussian",
+               "--modality", "CT", "--study-date", "20200101-20201231", "--series-description", "*low dose*", *extra]
+    return processes.run(command, TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_dicomweb_source_and_sink(tmp_path, shared_data):
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        study, old_study = generate_uid(), generate_uid()
+        wanted = make_series(shared_data, tmp_path / "wanted", range(0, 4), "Abdomen LOW DOSE", study, "20200115")
+        make_series(shared_data, tmp_path / "scout", range(4, 6), "Scout", study, "20200115")
+        make_series(shared_data, tmp_path / "old", range(6, 8), "abdomen low dose", old_study, "20190101")
+        for folder in ("wanted", "scout", "old"):
+            for path in sorted((tmp_path / folder).iterdir()):
+                pacs.upload(path)
+        out = tmp_path / "out"
+        result = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "summary: 1 series: 1 done, 0 skipped, 0 failed" in result.stdout, result.stdout
+        record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+        assert record["identity"] == f"dicom:{wanted}" and record["status"] == "done"
+        stored = record["stored"]
+        assert stored["instances"] == 4 and stored["series_instance_uid"] != wanted
+        # the local derived series: the server's series, denoised, on its grid
+        local = read_volume(Path(record["output"]))
+        assert Path(record["output"]) == out / study / wanted and local.shape == (4, 512, 512)
+        original = read_volume(tmp_path / "wanted")
+        assert 0 < float(np.abs(local.array - original.array).mean()) < 50  # smoothed, still HU
+        # and on the server: a new series of the same study
+        series = [s for s in pacs.get("/series?expand")
+                  if s["MainDicomTags"]["SeriesInstanceUID"] == stored["series_instance_uid"]]
+        assert len(series) == 1 and len(series[0]["Instances"]) == 4
+        with urllib.request.urlopen(f"{pacs.url}/instances/{series[0]['Instances'][0]}/file", timeout=60) as r:
+            derived = pydicom.dcmread(io.BytesIO(r.read()))
+        assert derived.StudyInstanceUID == study and "DERIVED" in derived.ImageType
+        assert "[denoised gaussian]" in derived.SeriesDescription
+        # a rerun skips it and stores nothing more; the derived series is never an input
+        count = len(pacs.get("/series"))
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert again.returncode == 0 and "1 series: 0 done, 1 skipped, 0 failed" in again.stdout, again.stdout
+        assert len(pacs.get("/series")) == count == 4
+        everything = discover_dicomweb(make_client(pacs.dicomweb), out, SeriesFilter())
+        assert len(everything) == 3 and stored["series_instance_uid"] not in {i.series_uid for i in everything}
+    finally:
+        stop_orthanc(pacs)
