@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from lib.model_dispatch import (ADL_3D_MODEL, ADL_MODEL, AUTO_MODEL, DENOISE_LEARNED_MODELS, GCN_MODEL,
-                           LEARNED_MODELS, MODEL_LABELS, DenoiseOptions, choose_model, denoise_volume,
-                           refuse_constant)
+                                LEARNED_MODELS, MODEL_LABELS, DenoiseOptions, choose_model, denoise_volume,
+                                refuse_constant)
 from lib.imaging import ImageReadError, ImageWriteError, Volume, read_volume, write_volume
 
 EXIT_BAD_INPUT = 2
@@ -259,10 +259,10 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model and the learned models' options (``denoise`` and ``denoise-batch``)."""
     parser.add_argument("--model", default=AUTO_MODEL,
-                     choices=(AUTO_MODEL, "bm3d", "nlm", "gaussian", "bm4d") + DENOISE_LEARNED_MODELS,
-                     help="denoising model (default auto: adl where weights for the input's modality are installed, "
-                          f"else bm3d; {ADL_3D_MODEL}: ADL's 3D network; {GCN_MODEL}: the graph-convolutional "
-                          "TDDL-GCN, a CT model)")
+                        choices=(AUTO_MODEL, "bm3d", "nlm", "gaussian", "bm4d") + DENOISE_LEARNED_MODELS,
+                        help="denoising model (default auto: adl where weights for the input's modality are "
+                             f"installed, else bm3d; {ADL_3D_MODEL}: ADL's 3D network; {GCN_MODEL}: the graph-"
+                             "convolutional TDDL-GCN, a CT model)")
     adl = parser.add_argument_group("learned models (ADL, TDDL-GCN)")
     adl.add_argument("--weights", help="weight file (default by model and modality: model/<model>_ct.pt or "
                                        "<model>_mr.pt, else model/pretrained_<model>_ct.pt / _mr.pt)")
