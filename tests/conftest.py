@@ -48,6 +48,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (restored after): tiny convolutions gain nothing from threads, an OpenMP
+    pool competing with other processes for two cores can be an order of magnitude slower, and one thread keeps
+    runs bit-for-bit repeatable. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of small real weights (``mlserver.make_tiny_weights``), trained once per session. Read only:

@@ -34,14 +34,7 @@ CLI = APP_DIR / "cli.py"
 TINY = dict(filters=(8, 12, 16, 20), disc_filters=(4, 8, 8, 8), enhancer_filters=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions gain nothing from threads, and an OpenMP pool competing with other processes for the
-    # two cores can be slower by an order of magnitude
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**overrides) -> ADLTrainingConfig:

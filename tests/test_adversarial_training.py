@@ -27,13 +27,7 @@ from lib.networks import EfficientUNetDenoiser, EfficientUNetDiscriminator
 TINY = dict(filters=(8, 12, 16, 20), disc_filters=(4, 8, 8, 8), enhancer_filters=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions gain nothing from threads; one thread also keeps the runs bit-for-bit repeatable
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(**overrides) -> ADLTrainingConfig:

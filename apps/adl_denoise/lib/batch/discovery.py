@@ -123,11 +123,6 @@ def _file_output(rel: Path, out_root: Path) -> Path:
     return out_root / rel
 
 
-def _image_suffix(name: str) -> bool:
-    lower = name.lower()
-    return any(lower.endswith(s) for s in READ_SUFFIXES)
-
-
 def _file_voxels(path: Path) -> int:
     try:
         size = check_image_file(path)
@@ -188,7 +183,7 @@ def discover_tree(root: str | os.PathLike, out_root: str | os.PathLike,
         if series_filter.active:
             continue  # image files carry no tags to filter on
         for name in sorted(filenames):
-            if name.startswith(".") or not _image_suffix(name):
+            if name.startswith(".") or not name.lower().endswith(READ_SUFFIXES):
                 continue
             path = here / name
             items.append(SeriesItem(key=f"file:{(rel / name).as_posix()}", kind="file", source=str(path),

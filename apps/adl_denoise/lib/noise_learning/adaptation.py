@@ -34,6 +34,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..runtime.atomic import atomic_copy, atomic_write_json
+
 log = logging.getLogger(__name__)
 
 __all__ = ["AdaptSettings", "AdaptationRefused", "adapt_to_low_dose", "blocking_files", "holdout_indices",
@@ -221,17 +223,6 @@ def _lesion_line(check: dict) -> str:
             f"adapted {check['candidate_percent']:.1f} %, at most {check['tolerance_pp']:g} points less allowed")
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def adapt_to_low_dose(
     low_dose: Sequence[PathLike],
     model: str,
@@ -312,12 +303,10 @@ def adapt_to_low_dose(
         train_dir = work / "train_low_dose"
         train_dir.mkdir(parents=True, exist_ok=True)
         train_files: dict[str, str] = {}
-        held_slices: list[np.ndarray] = []
         held_groups: list[tuple[list[np.ndarray], tuple[float, float]]] = []  # per volume, for the lesion check
         held_record, train_record = [], []
         for path, volume, stack, held_z in zip(inputs, volumes, stacks, held):
             keep = [z for z in range(len(stack)) if z not in set(held_z)]
-            held_slices += [np.asarray(stack[z], dtype=np.float32) for z in held_z]
             held_groups.append(([np.asarray(stack[z], dtype=np.float32) for z in held_z],
                                 (float(volume.spacing[1]), float(volume.spacing[0]))))  # (row, column) mm
             held_record.append({"input": str(path), "slices": held_z})
@@ -408,10 +397,10 @@ def adapt_to_low_dose(
             "settings": dataclasses.asdict(settings), "forced": bool(force and not passed),
             "written": bool(passed or force), "seconds": seconds,
         }
-        report(f"check (J-invariant loss on {len(held_slices)} held-out slice(s)): {_loss_line(check)}")
+        report(f"check (J-invariant loss on {sum(len(group) for group, _ in held_groups)} held-out slice(s)): {_loss_line(check)}")
         report(f"lesion check ({_lesion_line(lesion_check)})")
         if not (passed or force):
-            _atomic_write_json(json_path, summary)
+            atomic_write_json(json_path, summary, indent=2)
             reasons = []
             if not check["passed"]:
                 reasons.append(f"J-invariant loss {_loss_line(check)}")
@@ -420,17 +409,8 @@ def adapt_to_low_dose(
             raise AdaptationRefused(
                 f"the adapted model is worse than the starting one on the held-out low-dose slices "
                 f"({'; '.join(reasons)}): nothing written (report {json_path}; --force writes it anyway)", summary)
-        # atomic: a temp file in the output's folder, renamed over the target
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-        os.close(fd)
-        try:
-            Path(tmp).write_bytes(Path(candidate).read_bytes())
-            os.replace(tmp, output)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _atomic_write_json(json_path, summary)
+        atomic_copy(candidate, output)  # a temp file in the output's folder, renamed over the target
+        atomic_write_json(json_path, summary, indent=2)
         return summary
     finally:
         if scratch is not None:
