@@ -4,6 +4,10 @@ for like: no interpreter start-up or file I/O in the figure; use ``--cli`` for t
 Each is a module-level callable ``denoise(noisy (Z, H, W) float32, spacing, modality) -> array`` that loads
 the app's weights for the pair's modality (published ``model/<name>_<m>.pt`` if present, else the shipped
 ``model/pretrained_<name>_<m>.pt``) and denoises on the CPU (or the GPU when ``BENCH_DEVICE=cuda``).
+
+``adl`` and ``tddl_gcn`` are the networks' own output; ``adl_lfr`` and ``tddl_gcn_lfr`` add the modality's default
+low-frequency restoration (:mod:`lib.lesions.low_frequency_restoration`), i.e. what ``cli.py denoise`` and the
+app return.
 """
 from __future__ import annotations
 
@@ -13,21 +17,26 @@ import numpy as np
 
 
 def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path: str, amp: bool = True,
-                 planes: str = "auto") -> np.ndarray:
+                 planes: str = "auto", low_frequency_restoration: float | None = 0.0) -> np.ndarray:
     """The network of the weight file ``path`` (ADL or TDDL-GCN), slice-wise (2D) or by 3D patches.
 
     ``amp``: mixed precision as the app uses it (:mod:`lib.runtime.precision`: bfloat16 on a CPU with native bfloat16, fp16
     on CUDA); False runs float32 throughout (what a CPU without native bfloat16 gets).
     ``planes``: "auto" averages the three orthogonal planes where the app does
     (:func:`lib.predict.uses_orthogonal_planes`: 2D ADL on near-isotropic MR), "slices" never does.
+    ``low_frequency_restoration``: in-plane Gaussian width in pixels of the removed content given back; 0 (default)
+    = the network alone, None = the modality's default as served.
     Bind ``path`` (and ``amp``) with ``functools.partial`` (picklable, so the harness's worker process can run it)."""
+    from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
     from lib.predict import denoise_array, load_denoiser, uses_orthogonal_planes
 
     device = os.environ.get("BENCH_DEVICE", "cpu")
     model = load_denoiser(path, device=device)
     noisy = np.asarray(noisy, np.float32)
     orthogonal = planes == "auto" and uses_orthogonal_planes(model, modality, noisy.shape, spacing)
-    return denoise_array(model, noisy, modality=modality, device=device, amp=amp, orthogonal_planes=orthogonal)
+    out = denoise_array(model, noisy, modality=modality, device=device, amp=amp, orthogonal_planes=orthogonal)
+    sigma = default_sigma_px(modality) if low_frequency_restoration is None else low_frequency_restoration
+    return restore_low_frequencies(noisy, out, sigma) if sigma > 0 else out
 
 
 def _installed(model_name: str, modality: str) -> str:
@@ -66,10 +75,23 @@ def tddl_gcn(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarra
     return from_weights(noisy, spacing, modality, path=_installed("tddl_gcn", modality))
 
 
-LEARNED = {"adl": adl, "adl_slices": adl_slices, "adl_fp32": adl_fp32, "adl_3d": adl_3d, "tddl_gcn": tddl_gcn}
+def adl_lfr(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
+    """:func:`adl` with the modality's default low-frequency restoration: what the app and ``cli.py denoise``
+    return."""
+    return from_weights(noisy, spacing, modality, path=_installed("adl", modality), low_frequency_restoration=None)
+
+
+def tddl_gcn_lfr(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
+    """:func:`tddl_gcn` with the default low-frequency restoration for CT, as served."""
+    return from_weights(noisy, spacing, modality, path=_installed("tddl_gcn", modality),
+                        low_frequency_restoration=None)
+
+
+LEARNED = {"adl": adl, "adl_slices": adl_slices, "adl_fp32": adl_fp32, "adl_3d": adl_3d, "tddl_gcn": tddl_gcn,
+           "adl_lfr": adl_lfr, "tddl_gcn_lfr": tddl_gcn_lfr}
 #: the app's model name whose weights each learned denoiser uses
 LEARNED_MODEL_NAMES = {"adl": "adl", "adl_slices": "adl", "adl_fp32": "adl", "adl_3d": "adl_3d",
-                       "tddl_gcn": "tddl_gcn"}
+                       "tddl_gcn": "tddl_gcn", "adl_lfr": "adl", "tddl_gcn_lfr": "tddl_gcn"}
 
 
 def has_weights(name: str, modality: str) -> bool:

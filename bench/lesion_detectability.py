@@ -101,7 +101,7 @@ PER_SLICE = {"CT": 10, "MR": 3}
 CHO_CHANNELS = 6
 MIN_SITES_NPW = 3
 #: which denoisers run on which modality (the app's learned models also need installed weights)
-MODALITY_ONLY = {"bm4d": "MR", "tddl_gcn": "CT"}
+MODALITY_ONLY = {"bm4d": "MR", "tddl_gcn": "CT", "tddl_gcn_lfr": "CT"}
 DEFAULT_DENOISERS = "noisy,nlm,bm3d,bm4d,adl,tddl_gcn"
 #: the method every other is compared with, site by site, by default (the low-dose input); --compare-to adds more
 REFERENCE_METHOD = "noisy"

@@ -275,6 +275,34 @@ def test_graph_conv_chunking_does_not_change_the_result():
     assert torch.allclose(conv(h, graph), whole, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [2**17, 7, 40])  # one chunk; one pixel per chunk; chunks with a short last one
+def test_graph_conv_inference_path_equals_the_autograd_path(chunk, monkeypatch):
+    """Without autograd, forward takes the inference-only path (fewer passes over the per-edge tensors); it
+    must give the autograd path's result, with linked slices (K = k + 2, missing edges at the stack ends),
+    whatever the chunking, and in no_grad as in inference_mode."""
+    import lib.networks.gcn as gcn_module
+
+    torch.manual_seed(5)
+    h = torch.randn(6, 5, 7, 6, dtype=torch.float64)  # 2 stacks of 3 slices
+    conv = EdgeConditionedGraphConv(5, 4, rank=3, edge_hidden=6).double()
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    graph = build_neighbour_graph(h, 5, 5, slices=3)
+    assert torch.isinf(graph.distance).any()
+    expected = conv(h, graph)  # autograd path (parameters require grad)
+    assert expected.requires_grad
+    monkeypatch.setattr(gcn_module, "INFERENCE_EDGES_PER_CHUNK", chunk)
+    calls = []
+    monkeypatch.setattr(conv, "_forward_inference",
+                        lambda *a, f=conv._forward_inference: calls.append(1) or f(*a))
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out = conv(h, graph)
+        assert torch.allclose(out, expected.detach(), rtol=1e-12, atol=1e-12)
+    assert len(calls) == 2  # the inference path really ran
+
+
 def test_graph_conv_drops_missing_edges():
     h = torch.randn(1, 3, 3, 3)  # 9 - 9 = no in-window candidate survives a 3x3 exclusion: all edges missing
     conv = EdgeConditionedGraphConv(3, 2)

@@ -136,6 +136,7 @@ def test_classical_baseline_serves_without_weights_and_improves_the_low_dose_inp
 
 
 def test_infer_upload_of_a_non_ras_volume_comes_back_on_its_own_grid_unflipped(client, server, tmp_path):
+    from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
     from lib.predict import denoise_array, load_denoiser
 
     image = sitk.ReadImage(str(server.studies / "ct_slab_b.nii.gz"))
@@ -151,9 +152,45 @@ def test_infer_upload_of_a_non_ras_volume_comes_back_on_its_own_grid_unflipped(c
     path, result = client.infer("adl", "", {"modality": "ct"}, file=str(upload))
     out, out_image = read_array(path)
     assert_same_geometry(out_image, sitk.ReadImage(str(upload)))
-    expected = denoise_array(load_denoiser(server.model_dir / "pretrained_adl_ct.pt"),
-                             sitk.GetArrayFromImage(oblique).astype(np.float32), "CT")
+    noisy = sitk.GetArrayFromImage(oblique).astype(np.float32)
+    # the network's output with CT's default low-frequency restoration, in the image's own slice planes
+    expected = restore_low_frequencies(noisy, denoise_array(load_denoiser(server.model_dir / "pretrained_adl_ct.pt"),
+                                                            noisy, "CT"), default_sigma_px("CT"))
     np.testing.assert_allclose(out, expected, atol=0.05)  # voxel for voxel: not flipped, not resampled
+    assert result["low_frequency_restoration"] == default_sigma_px("CT") > 0
+
+
+def test_low_frequency_restoration_is_the_modality_default_can_be_set_and_is_audited(client, server):
+    """``low_frequency_restoration``: auto = the modality's default, a width in pixels, 0 = the network alone; bad
+    values and a width asked of a classical model are 422; the width applied is in the answer and the audit."""
+    from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
+    from lib.predict import denoise_array, load_denoiser
+
+    noisy, _ = read_array(server.studies / "ct_slab_c.nii.gz")
+    noisy = noisy.astype(np.float32)
+    network = denoise_array(load_denoiser(server.model_dir / "pretrained_tddl_gcn_ct.pt"), noisy, "CT")
+    outputs = {}
+    for asked, width in (("auto", default_sigma_px("CT")), (0, 0.0), ("2.5", 2.5)):
+        path, result = client.infer("tddl_gcn", "ct_slab_c", {"low_frequency_restoration": asked})
+        assert result["low_frequency_restoration"] == width
+        outputs[width], _ = read_array(path)
+        expected = restore_low_frequencies(noisy, network, width) if width else network
+        np.testing.assert_allclose(outputs[width], expected, atol=0.05)
+    assert float(np.abs(outputs[default_sigma_px("CT")] - outputs[0.0]).max()) > 0.5  # HU
+    audit = http(server, "GET", "/review/ct_slab_c")[1]
+    assert [r["low_frequency_restoration"] for r in audit["denoise_results"][-3:]] == [default_sigma_px("CT"), 0.0, 2.5]
+    # MR: off unless asked for
+    _, result = client.infer("adl", "mr_slab_d", {})
+    assert result["low_frequency_restoration"] == default_sigma_px("MR") == 0.0
+    for bad in (-1, 17, "wide", float("nan")):
+        status, message = error_of(lambda: client.infer("adl", "ct_slab_c", {"low_frequency_restoration": bad}))
+        assert status == 422 and "low_frequency_restoration" in message, message
+    status, message = error_of(lambda: client.infer("nlm", "ct_slab_c", {"low_frequency_restoration": 1}))
+    assert status == 422 and "classical" in message
+    path, result = client.infer("nlm", "ct_slab_c", {"low_frequency_restoration": 0})  # nothing to give back
+    assert "low_frequency_restoration" not in result
+    assert client.info()["models"]["adl"]["config"]["low_frequency_restoration"] == "auto"
+    assert "low_frequency_restoration" not in client.info()["models"]["nlm"]["config"]
 
 
 def test_infer_by_session_mr_nrrd_and_ct_int16(client, server):

@@ -22,9 +22,16 @@ import pytest
 import SimpleITK as sitk
 from ADLDenoiseLib import DenoiseServerClient, DenoiseServerError
 from ADLDenoiseLib import client as client_module
+from ADLDenoiseLib.settings import (
+    RESTORATION_SPIN_AUTO,
+    applied_restoration,
+    denoise_params,
+    restoration_from_spin,
+    supports_restoration,
+)
 
 from conftest import REPO_ROOT, SAMPLE_STUDIES
-from mlserver import assert_same_geometry, start_server, stop_server, write_crop
+from mlserver import assert_same_geometry, read_array, start_server, stop_server, write_crop
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 import client_memory  # noqa: E402  (bench/: the measuring child, shared with the benchmark)
@@ -102,6 +109,50 @@ def test_streamed_upload_download_and_denoise_match_the_server_and_monai_labels_
     with pytest.raises(DenoiseServerError, match="404") as info:
         client.denoise("unet", volume, tmp_path / "out404")
     assert info.value.status == 404 and not (tmp_path / "out404").exists()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_lesion_contrast_restoration_is_sent_to_learned_models_only_and_the_width_applied_comes_back(
+        shared_server, tmp_path):
+    """Through the module's client and its Lib (spin box value -> request params, as ``denoise_file`` does) against
+    the real app: "auto" and 0 give different results, each answer reports the width applied, and the difference
+    is exactly the server's restoration at that width; a classical model is never sent the option."""
+    from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
+
+    client = DenoiseServerClient(shared_server.url)
+    models = {m["name"]: m for m in client.denoising_models()}
+    assert supports_restoration(models["adl"]) and supports_restoration(models["tddl_gcn"])
+    assert not supports_restoration(models["nlm"])
+    volume = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "head.nrrd", z=slice(50, 52))
+    noisy, _ = read_array(volume)
+    auto_width = default_sigma_px("CT")
+    assert auto_width > 0  # CT's default is on: "auto" and "off" must differ
+    for model in ("adl", "tddl_gcn"):
+        outputs = {}
+        for spin_value in (RESTORATION_SPIN_AUTO, 0.0):  # the spin box's "auto", and one step up: off
+            params = denoise_params(models[model], "ct", restoration_from_spin(spin_value))
+            assert "low_frequency_restoration" in params
+            path, result = client.denoise(model, volume, tmp_path / f"{model}_{spin_value}", params)
+            outputs[spin_value] = (read_array(path)[0], applied_restoration(result))
+        (restored, width_auto), (network, width_off) = outputs[RESTORATION_SPIN_AUTO], outputs[0.0]
+        assert width_off == 0.0 and width_auto == auto_width, (model, width_auto, width_off)
+        assert float(np.abs(restored - network).max()) > 1.0, model  # HU: the results differ
+        # what "auto" added is the server's low-frequency restoration of what the network removed, at that width
+        np.testing.assert_allclose(restored, restore_low_frequencies(noisy, network, width_auto), rtol=0, atol=1e-2)
+    # an explicit width is applied as asked
+    _, result = client.denoise("adl", volume, tmp_path / "adl_4", denoise_params(models["adl"], "ct", 4.0))
+    assert applied_restoration(result) == 4.0
+
+    # classical: a width chosen in the panel is not sent (the server refuses a width > 0 for nlm with 422) ...
+    params = denoise_params(models["nlm"], "ct", restoration_from_spin(2.0))
+    assert "low_frequency_restoration" not in params
+    path, result = client.denoise("nlm", volume, tmp_path / "nlm", params)
+    assert result["model"] == "nlm" and applied_restoration(result) is None and path.is_file()
+    # ... which the server would have refused, had it been sent
+    with pytest.raises(DenoiseServerError, match="422.*classical") as info:
+        client.denoise("nlm", volume, tmp_path / "nlm_sent", dict(params, low_frequency_restoration=2.0))
+    assert info.value.status == 422
 
 
 @pytest.mark.server

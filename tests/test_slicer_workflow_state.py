@@ -1,6 +1,7 @@
 """The Slicer module's workflow state (ADLDenoiseLib.review_session), without Slicer: study identity, results keyed
 by identity, the blended correction's owner, verdicts, the review queue, empty answers, fine-tuning runs, scene
-close and the temporary patient files."""
+close and the temporary patient files; and the options of a denoising request (ADLDenoiseLib.settings: lesion
+contrast restoration, from the panel's spin box to the request's params and back from the answer)."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,6 +15,16 @@ from ADLDenoiseLib.review_session import (
     content_identity,
     describe_error,
     dicom_identity,
+)
+from ADLDenoiseLib.settings import (
+    MAX_RESTORATION_PX,
+    RESTORATION_SPIN_AUTO,
+    applied_restoration,
+    denoise_params,
+    describe_restoration,
+    restoration_choice,
+    restoration_from_spin,
+    supports_restoration,
 )
 
 EYE = np.diag([0.8, 0.8, 2.0, 1.0])
@@ -245,3 +256,73 @@ def test_server_errors_say_log_in_again_or_name_the_missing_role():
     assert "role" in describe_error(DenoiseServerError("server said 403: forbidden", 403))
     assert describe_error(DenoiseServerError("server said 422: bad volume", 422)) == "server said 422: bad volume"
     assert describe_error(WorkflowError("select a volume first")) == "select a volume first"
+
+
+# --------------------------------------------------------------------------------------------------- request options
+LEARNED = {"name": "adl", "config": {"modality": ["auto", "ct", "mr"], "low_frequency_restoration": "auto"}}
+CLASSICAL = {"name": "nlm", "config": {"modality": ["auto", "ct", "mr"]}}
+
+
+def test_lesion_contrast_restoration_choice_is_validated_as_the_server_does():
+    from lib.lesions.low_frequency_restoration import MAX_SIGMA_PX, check_sigma_px
+
+    assert MAX_RESTORATION_PX == MAX_SIGMA_PX  # the panel's range is the server's
+    assert restoration_choice("auto") == restoration_choice(" AUTO ") == restoration_choice(None) == "auto"
+    assert restoration_choice(0) == 0.0 and isinstance(restoration_choice(0), float)
+    assert restoration_choice("1.5") == 1.5 and restoration_choice(16) == 16.0
+    # every number either side of the limits: accepted here exactly when the server accepts it
+    for value in (0.0, 0.25, 1.0, 15.99, 16.0, -0.01, -0.25, 16.01, 1e9, float("nan"), float("inf"), -float("inf")):
+        try:
+            check_sigma_px(value)
+            server_ok = True
+        except ValueError:
+            server_ok = False
+        if server_ok:
+            assert restoration_choice(value) == value
+        else:
+            with pytest.raises(ValueError, match="0 to 16 pixels"):
+                restoration_choice(value)
+    for bad in (True, "strong", [1.0], {}):
+        with pytest.raises(ValueError, match="'auto' or"):
+            restoration_choice(bad)
+
+
+def test_the_spin_box_minimum_reads_auto_and_one_step_up_is_off():
+    assert RESTORATION_SPIN_AUTO < 0.0  # "auto" sits below 0 = off, both reachable with the arrows
+    assert restoration_from_spin(RESTORATION_SPIN_AUTO) == "auto"
+    assert restoration_from_spin(RESTORATION_SPIN_AUTO + 0.25) == 0.0  # one step (0.25 px) up: off
+    assert restoration_from_spin(2.5) == 2.5 and restoration_from_spin(16.0) == 16.0
+    assert restoration_from_spin(-1.0, minimum=-1.0) == "auto"
+    with pytest.raises(ValueError):  # a typed value between "auto" and 0 is refused, not guessed
+        restoration_from_spin(-0.1)
+    with pytest.raises(ValueError):
+        restoration_from_spin(16.25)
+
+
+def test_restoration_is_sent_to_models_that_list_it_only():
+    assert supports_restoration(LEARNED) and not supports_restoration(CLASSICAL)
+    assert not supports_restoration(None) and not supports_restoration({"name": "x"})
+    assert not supports_restoration({"name": "x", "config": None})
+    assert denoise_params(LEARNED, "ct") == {"modality": "ct", "result_extension": ".nrrd",
+                                             "low_frequency_restoration": "auto"}
+    assert denoise_params(LEARNED, "mr", 0)["low_frequency_restoration"] == 0.0
+    assert denoise_params(LEARNED, "ct", restoration_from_spin(1.25))["low_frequency_restoration"] == 1.25
+    assert denoise_params(LEARNED, "ct", restoration_from_spin(RESTORATION_SPIN_AUTO))[
+        "low_frequency_restoration"] == "auto"
+    for choice in ("auto", 0, 4.0):  # a classical model never gets it (the server refuses a width > 0)
+        assert denoise_params(CLASSICAL, "ct", choice) == {"modality": "ct", "result_extension": ".nrrd"}
+    assert "low_frequency_restoration" not in denoise_params(None, "ct", 2.0)  # an unknown model: not sent
+    with pytest.raises(ValueError):  # a bad value is refused even where it would not be sent
+        denoise_params(CLASSICAL, "ct", 17)
+
+
+def test_the_width_applied_is_read_from_the_answer_and_described():
+    assert applied_restoration({"low_frequency_restoration": 1.5}) == 1.5
+    assert applied_restoration({"low_frequency_restoration": 0}) == 0.0
+    assert applied_restoration({"model": "nlm"}) is None and applied_restoration({}) is None
+    assert applied_restoration({"low_frequency_restoration": "x"}) is None
+    assert applied_restoration({"low_frequency_restoration": float("nan")}) is None
+    assert describe_restoration({"low_frequency_restoration": 1.5}) == "lesion contrast restoration 1.5 px"
+    assert describe_restoration({"low_frequency_restoration": 0.0}) == \
+        "lesion contrast restoration off (network output only)"
+    assert describe_restoration({"model": "nlm"}) == ""

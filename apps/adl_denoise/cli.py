@@ -92,6 +92,15 @@ def _odd_window(text: str) -> int:
     return value
 
 
+def _restoration_width(text: str) -> float:
+    from lib.lesions.low_frequency_restoration import check_sigma_px
+
+    try:
+        return check_sigma_px(float(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _overlap(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
@@ -212,7 +221,8 @@ def _denoise_options(args: argparse.Namespace, model: str) -> DenoiseOptions:
     return DenoiseOptions(model=model, weights=Path(args.weights) if args.weights else None,
                           roi_size=_int_list(args.roi_size, "--roi-size") if args.roi_size else None,
                           overlap=args.overlap, sw_batch_size=args.sw_batch_size, fp32=args.fp32, planes=args.planes,
-                          search_window=args.search_window)
+                          search_window=args.search_window,
+                          low_frequency_restoration=args.low_frequency_restoration)
 
 
 def _check_denoise_arguments(args: argparse.Namespace) -> None:
@@ -220,7 +230,8 @@ def _check_denoise_arguments(args: argparse.Namespace) -> None:
     if args.model not in DENOISE_LEARNED_MODELS + (AUTO_MODEL,):
         given = [o for o, v in (("--weights", args.weights), ("--roi-size", args.roi_size), ("--overlap", args.overlap),
                                 ("--sw-batch-size", args.sw_batch_size), ("--fp32", args.fp32 or None),
-                                ("--planes", None if args.planes == "auto" else args.planes))
+                                ("--planes", None if args.planes == "auto" else args.planes),
+                                ("--low-frequency-restoration", args.low_frequency_restoration))
                  if v is not None]
         if given:
             raise CommandError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to the learned models "
@@ -281,6 +292,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     adl.add_argument("--search-window", type=_odd_window,
                      help=f"{GCN_MODEL}: side of the non-local search window (odd; default: the one stored with the "
                           "weights, e.g. 21; up to 49 as in the TDDL code, ~1.5x the time on CPU)")
+    adl.add_argument("--low-frequency-restoration", type=_restoration_width, metavar="SIGMA_PX",
+                     help="give back the low-pass (in-plane Gaussian of this width in pixels) of what the network "
+                          "removed, where a small low-contrast lesion's lost contrast lies, for some noise (default: "
+                          "1 for CT, off for MR; 0 = the network alone; larger restores less; see bench/README.md)")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

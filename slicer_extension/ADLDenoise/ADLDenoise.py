@@ -31,10 +31,22 @@ from ADLDenoiseLib import (
 )
 from ADLDenoiseLib.regions import CHOICES, MAX_STRENGTH, SegmentMarks, build_region_map, prepare_region_file
 from ADLDenoiseLib.review_session import ReviewSession, StudyIdentity, WorkflowError, describe_error
-from ADLDenoiseLib.settings import DEFAULT_SERVER_URL
+from ADLDenoiseLib.settings import (
+    DEFAULT_SERVER_URL,
+    MAX_RESTORATION_PX,
+    RESTORATION_AUTO,
+    RESTORATION_SPIN_AUTO,
+    applied_restoration,
+    denoise_params,
+    describe_restoration,
+    restoration_from_spin,
+    supports_restoration,
+)
 
 SETTINGS_PREFIX = "ADLDenoise/"
 RESULT_SUFFIX = " denoised"
+#: node attribute of a result: the lesion contrast restoration width the server applied, pixels ("0.0" = off)
+RESTORATION_ATTRIBUTE = "ADLDenoise.lowFrequencyRestoration"
 
 
 class ADLDenoise(ScriptedLoadableModule):
@@ -61,6 +73,8 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.client: DenoiseServerClient | None = None
+        #: the connected server's denoising models by name (``DenoiseServerClient.denoising_models``)
+        self.models: dict[str, dict] = {}
         self.session = ReviewSession()
 
     @property
@@ -86,6 +100,7 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
             client.login(username, password)
         models = client.denoising_models()
         self.client = client
+        self.models = {m["name"]: m for m in models}
         return models
 
     def require_client(self) -> DenoiseServerClient:
@@ -111,13 +126,15 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
 
         return export_volume(node, self.work_dir / "exports" / f"{identity.datastore_id()}.nrrd")
 
-    def denoise_file(self, model: str, path: Path, modality: str, output_dir: Path, report=None, cancelled=None):
-        """Background."""
+    def denoise_file(self, model: str, path: Path, modality: str, output_dir: Path,
+                     restoration: str | float = RESTORATION_AUTO, report=None, cancelled=None):
+        """Background. ``restoration``: lesion contrast restoration, "auto" or a width in pixels (0 = off); sent
+        only when ``model`` takes it (``ADLDenoiseLib.settings.denoise_params``)."""
         client = self.require_client()
+        params = denoise_params(self.models.get(model), modality, restoration)
         if report:
             report(None, f"denoising with {model} on {client.server_url} ...")
-        result_path, result = client.denoise(model, path, output_dir, {"modality": modality,
-                                                                        "result_extension": ".nrrd"})
+        result_path, result = client.denoise(model, path, output_dir, params)
         if cancelled and cancelled():
             return None
         return result_path, result
@@ -132,6 +149,9 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         node = load_result(slicer.mrmlScene, result_path, original, RESULT_SUFFIX)
         node.SetAttribute("ADLDenoise.model", str(result.get("model")))
         node.SetAttribute("ADLDenoise.weightsVersion", str(result.get("weights_version")))
+        width = applied_restoration(result)
+        if width is not None:  # learned models only: a classical model's result has no such width
+            node.SetAttribute(RESTORATION_ATTRIBUTE, str(width))
         node.SetAttribute("ADLDenoise.study", identity.datastore_id())
         self.session.result_arrived(identity, node.GetID(), str(result.get("model") or ""),
                                     str(result.get("weights_version") or ""))
@@ -272,6 +292,13 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.regionsTable.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
         self.ui.regionsTable.verticalHeader().setVisible(False)
         self.ui.trainStepsSpin.minimum, self.ui.trainStepsSpin.maximum, self.ui.trainStepsSpin.value = 1, 100000, 200
+        # lesion contrast restoration: the minimum, one step below 0 = off, reads "auto" (specialValueText)
+        spin = self.ui.restorationSpin
+        spin.decimals, spin.singleStep = 2, 0.25
+        spin.minimum, spin.maximum = RESTORATION_SPIN_AUTO, MAX_RESTORATION_PX
+        spin.specialValueText = RESTORATION_AUTO
+        spin.value = RESTORATION_SPIN_AUTO
+        spin.enabled = False  # until a model that takes it is chosen (onModelChanged)
 
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
         self.ui.modelsCombo.connect("currentIndexChanged(int)", self.onModelChanged)
@@ -470,6 +497,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelChanged(self, *_):
         model = getattr(self, "models", {}).get(self.model())
+        self.ui.restorationSpin.enabled = supports_restoration(model)  # learned models only
         if not model:
             self.ui.modelInfoLabel.text = "no model"
             return
@@ -496,6 +524,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             modality = self.logic.modality_of(original, identity)
             output_dir = self.logic.work_dir / "results"
             frame = self.frameText(original)
+            restoration = restoration_from_spin(self.ui.restorationSpin.value, self.ui.restorationSpin.minimum)
         except Exception as error:  # noqa: BLE001
             self.error(error)
             return
@@ -509,13 +538,15 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = f"a result for {identity.describe()} arrived late and was discarded"
                 return None
             self.corrected_node = None  # a new result: a blend of the old one is no correction of this one
+            restored = describe_restoration(result)  # the width the server applied (learned models)
             self.ui.statusLabel.text = (f"denoised with {result.get('model')} ({result.get('modality')}, weights "
                                         f"{result.get('weights_version')}) in {result.get('seconds')} s"
+                                        + (f"; {restored}" if restored else "")
                                         + (f"; {frame}" if frame else ""))
             self.onCompare()
             return node
 
-        self.run(self.logic.denoise_file, model, path, modality, output_dir, on_done=done,
+        self.run(self.logic.denoise_file, model, path, modality, output_dir, restoration, on_done=done,
                  busy_text=f"denoising with {model} ..." + (f" ({frame})" if frame else ""))
 
     def onCancel(self):
@@ -904,6 +935,9 @@ class ADLDenoiseTest(ScriptedLoadableModuleTest):
         self.assertEqual(logic.session.result().node_id, denoised.GetID())
         self.assertEqual(denoised.GetName(), "phantom CT" + RESULT_SUFFIX)
         self.assertEqual(slicer.util.arrayFromVolume(denoised).shape, noisy.shape)
+        if supports_restoration(logic.models[model]):  # the width applied is kept on the result
+            self.assertEqual(denoised.GetAttribute(RESTORATION_ATTRIBUTE),
+                             str(float(result["low_frequency_restoration"])))
 
         difference_volume(slicer.mrmlScene, original, denoised)
         roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode")

@@ -60,7 +60,9 @@ class DenoiseOptions:
     a classical name (bm3d, nlm, gaussian, bm4d) or a learned one (adl, adl_3d, tddl_gcn). The other fields apply
     to the learned models only: ``weights`` (file; None = the installed default for the modality), ``roi_size``
     (sliding window in pixels), ``overlap`` (fraction in [0, 1)), ``sw_batch_size``, ``fp32`` (no reduced
-    precision), ``planes`` ("auto", "slices", "orthogonal"), ``search_window`` (TDDL-GCN, odd)."""
+    precision), ``planes`` ("auto", "slices", "orthogonal"), ``search_window`` (TDDL-GCN, odd),
+    ``low_frequency_restoration`` (in-plane Gaussian width in pixels of the removed content given back,
+    :mod:`lib.lesions.low_frequency_restoration`; None = the modality's default, 0 = off)."""
 
     model: str = AUTO_MODEL
     weights: Path | None = None
@@ -70,19 +72,22 @@ class DenoiseOptions:
     fp32: bool = False
     planes: str = "auto"
     search_window: int | None = None
+    low_frequency_restoration: float | None = None
     progress: bool = True
 
 
 @dataclass
 class DenoiseResult:
     """The denoised array (input shape and units), the model that ran (``auto`` resolved), and for a learned
-    model its weight file, version id and SHA-256 (None for the classical ones)."""
+    model its weight file, version id and SHA-256 and the low-frequency restoration width applied in pixels (None
+    for the classical ones)."""
 
     array: np.ndarray
     model: str
     weights: Path | None = None
     weights_version: str | None = None
     weights_sha256: str | None = None
+    low_frequency_restoration: float | None = None
 
 
 @dataclass
@@ -159,6 +164,7 @@ def _weights_version(model: str, path: Path, modality: str | None, given: bool) 
 
 def _denoise_learned(volume: Volume, model_name: str, options: DenoiseOptions, device: str, name: str,
                      cache: ModelCache | None) -> DenoiseResult:
+    from .lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
     from .predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser,
                           uses_orthogonal_planes)
 
@@ -206,7 +212,11 @@ def _denoise_learned(volume: Volume, model_name: str, options: DenoiseOptions, d
         check_finite_output(array, f"{label} (weights {path.name}, version {version})")
     except NonFiniteOutputError as error:
         raise DenoiseRefused(f"not denoised: {error}") from None
-    return DenoiseResult(array, model_name, path, version, sha)
+    sigma = options.low_frequency_restoration
+    sigma = default_sigma_px(modality) if sigma is None else sigma
+    if sigma > 0:  # give back the lesion contrast the network removed with the noise (lesions before PSNR)
+        array = restore_low_frequencies(volume.array, array, sigma)
+    return DenoiseResult(array, model_name, path, version, sha, sigma)
 
 
 def denoise_volume(volume: Volume, options: DenoiseOptions, device: str, *, name: str = "the input",

@@ -412,12 +412,15 @@ class DenoiseServerClient:
         return info
 
     def denoising_models(self) -> list[dict]:
-        """``[{"name", "method", "weights": {modality: {"available", "version", ...}}}]`` of the server's
-        denoising models (MONAI Label type ``others`` with a ``weights`` description)."""
+        """``[{"name", "method", "weights": {modality: {"available", "version", ...}}, "config": {...}}]`` of the
+        server's denoising models (MONAI Label type ``others`` with a ``weights`` description). ``config`` is the
+        model's request options with their defaults (e.g. ``low_frequency_restoration``, learned models only)."""
         models = []
         for name, model in sorted(self.info()["models"].items()):
             if model.get("type") == "others" and "weights" in model:
-                models.append({"name": name, "method": model.get("method", name), "weights": model["weights"]})
+                config = model.get("config")
+                models.append({"name": name, "method": model.get("method", name), "weights": model["weights"],
+                               "config": config if isinstance(config, dict) else {}})
         return models
 
     # --- denoising

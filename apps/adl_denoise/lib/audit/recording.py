@@ -179,7 +179,8 @@ def result_fields(request: dict, result: dict, datastore, image_id: str | None, 
         source_info["session_id"] = session.get("name")  # MONAI Label's SessionInfo: the id is its name
     result_file = result.get("file")
     weights = {k: params.get(k) for k in ("model", "method", "modality", "weights_version", "weights_sha256",
-                                          "device", "seconds", "shape", "spacing", "result_dtype", "result_extension")}
+                                          "low_frequency_restoration", "device", "seconds", "shape", "spacing",
+                                          "result_dtype", "result_extension")}
     return {
         "input": source_info,
         **weights,

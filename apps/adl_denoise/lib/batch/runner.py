@@ -146,6 +146,9 @@ class _Rank:
         self.cache = ModelCache()
         self.options = replace(settings.options, progress=False)  # the rank's own bar is the progress shown
         self.weights_requested = str(settings.options.weights) if settings.options.weights else None
+        # an explicit restoration width is part of the job: a rerun with another width redoes the series
+        restoration = settings.options.low_frequency_restoration
+        self.model_requested = settings.options.model + ("" if restoration is None else f"|lfr={restoration:g}")
         self.scratch = Path(settings.output) / ".denoise_batch_download" / f"rank-{rank:05d}"
         self.last_error = ""
 
@@ -174,7 +177,7 @@ class _Rank:
         except OSError as error:
             identity = f"unreadable:{item.key}"
             return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
-        job = job_key(identity, self.settings.options.model, self.weights_requested)
+        job = job_key(identity, self.model_requested, self.weights_requested)
         base.update(job=job, identity=identity)
         previous = self.latest.get(job)
         if previous and previous.get("status") == "done" and item.output.exists():
@@ -201,7 +204,7 @@ class _Rank:
 
     def _failed(self, base: dict, identity: str, started: float, error: str) -> str:
         self.last_error = error
-        self.manifest.append({**base, "job": job_key(identity, self.settings.options.model, self.weights_requested),
+        self.manifest.append({**base, "job": job_key(identity, self.model_requested, self.weights_requested),
                               "identity": identity, "status": "failed",
                               "seconds": round(time.perf_counter() - started, 3), "error": error})
         return "failed"
@@ -230,7 +233,9 @@ class _Rank:
             write_dicom_derived_series(denoised, item.output, denoised, series_description_suffix=suffix,
                                        overwrite=overwrite)
         extra = {"model": result.model, "weights_version": result.weights_version or f"classical-{result.model}",
-                 "weights_sha256": result.weights_sha256, "shape": list(denoised.array.shape)}
+                 "weights_sha256": result.weights_sha256,
+                 "low_frequency_restoration": result.low_frequency_restoration,
+                 "shape": list(denoised.array.shape)}
         del denoised, result
         if self.settings.store_to_pacs:
             extra["stored"] = dicomweb.store_series(self.client, item.output)

@@ -10,7 +10,9 @@ grid (spacing, origin, direction, any orientation), CT in HU.
 Request keys (all optional, besides MONAI Label's own ``image``): ``modality`` (``auto`` | ``ct`` | ``mr``),
 ``result_extension`` (``.nii.gz`` | ``.nii`` | ``.nrrd`` | ``.mha`` | ``dicom``: a derived DICOM series of a
 DICOM input, zipped), ``result_dtype`` (``float32``, or ``int16`` for CT in whole HU), ``device``
-(``auto`` | ``cpu`` | ``cuda``).
+(``auto`` | ``cpu`` | ``cuda``), ``low_frequency_restoration`` (learned models: ``auto`` = the modality's default,
+or the in-plane Gaussian width in pixels of the removed content given back, 0 = the network's output alone;
+:mod:`lib.lesions.low_frequency_restoration`). The response says which width was applied.
 
 Bad input raises ``fastapi.HTTPException`` with a 4xx status and a one-line reason; the server keeps
 serving. A result holding NaN or infinite values is never returned (HTTP 500, nothing written or recorded).
@@ -36,6 +38,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..imaging import ImageReadError, ImageWriteError, guess_modality, read_volume, write_volume
+from ..lesions.low_frequency_restoration import check_sigma_px, default_sigma_px, restore_low_frequencies
 from ..predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser, resolve_device,
                        uses_orthogonal_planes)
 from ..weights.store import ModelStore, WeightsVersion
@@ -77,6 +80,9 @@ class DenoiseInferTask(InferTask):
             :func:`lib.imaging.read_volume`.
     """
 
+    #: learned models give back the low-frequency content they removed (lesion contrast); classical ones do not
+    restores_low_frequencies = True
+
     def __init__(self, model: str, method: str, modalities: tuple[str, ...], store: ModelStore,
                  device: str = "auto", default_modality: str = "auto", result_extension: str = ".nii.gz",
                  preload: bool = False, max_concurrent: int = 2, max_voxels: int | None = None) -> None:
@@ -85,7 +91,8 @@ class DenoiseInferTask(InferTask):
                                      f"volume on the input's grid (CT in HU)",
                          config={"modality": ["auto", *[m.lower() for m in modalities]],
                                  "result_extension": list(RESULT_EXTENSIONS),
-                                 "result_dtype": list(RESULT_DTYPES), "device": ["auto", "cpu", "cuda"]})
+                                 "result_dtype": list(RESULT_DTYPES), "device": ["auto", "cpu", "cuda"],
+                                 **({"low_frequency_restoration": "auto"} if self.restores_low_frequencies else {})})
         self.model = model
         self.method = method
         self.modalities = tuple(m.upper() for m in modalities)
@@ -170,6 +177,7 @@ class DenoiseInferTask(InferTask):
             raise HTTPException(status_code=422, detail="a DICOM result needs a DICOM input (a derived series is "
                                                         "built on the input's headers)")
         device = self._device(request.get("device"))
+        restoration = self._restoration(request, modality)
         with self._slots:
             try:
                 denoised, version = self.denoise(volume.array, modality, device, spacing=volume.spacing)
@@ -180,6 +188,8 @@ class DenoiseInferTask(InferTask):
             except NonFiniteOutputError as error:
                 log.error("no result returned: %s", error)
                 raise HTTPException(status_code=500, detail=f"not denoised: {error}; no result returned") from None
+            if restoration > 0:
+                denoised = restore_low_frequencies(volume.array, denoised, restoration)
         out = volume.with_array(denoised)
         try:
             path = self._write(out, volume, result_extension, result_dtype)
@@ -191,6 +201,7 @@ class DenoiseInferTask(InferTask):
             "seconds": round(seconds, 3),
             "shape": list(volume.array.shape), "spacing": list(volume.spacing), "result_dtype": result_dtype,
             "result_extension": result_extension,
+            **({"low_frequency_restoration": restoration} if self.restores_low_frequencies else {}),
         }
         log.info("denoised %s with %s (%s, weights %s) in %.2f s", Path(str(image)).name, self.model, modality,
                  version["weights_version"], seconds)
@@ -214,6 +225,21 @@ class DenoiseInferTask(InferTask):
         return denoised, {"weights_version": served.version, "weights_sha256": served.sha256, "planes": planes}
 
     # --- helpers
+    def _restoration(self, request: dict, modality: str) -> float:
+        """The low-frequency restoration width (pixels) asked for, ``auto`` = the modality's default; HTTP 422 for
+        a bad value or a width asked of a classical model."""
+        asked = request.get("low_frequency_restoration")
+        if asked is None or (isinstance(asked, str) and asked.strip().lower() in ("", "auto")):
+            return default_sigma_px(modality) if self.restores_low_frequencies else 0.0
+        try:
+            sigma = check_sigma_px(float(asked) if isinstance(asked, str) else asked)
+        except ValueError as error:
+            raise HTTPException(status_code=422, detail=f"low_frequency_restoration: {error}") from None
+        if sigma > 0 and not self.restores_low_frequencies:
+            raise HTTPException(status_code=422, detail=f"low_frequency_restoration applies to the learned models; "
+                                                        f"{self.model} is a classical method")
+        return sigma
+
     def _modality(self, request: dict, volume) -> str:
         asked = str(request.get("modality") or "auto").upper()
         if asked == "AUTO":
@@ -278,6 +304,8 @@ class ClassicalInferTask(DenoiseInferTask):
     """A classical denoiser (no learned weights) behind the same interface, so that the whole workflow works on
     a machine where no learned weights are installed yet. The noise level is estimated blindly per slice
     (:mod:`lib.denoisers.classical`); CPU only."""
+
+    restores_low_frequencies = False
 
     def __init__(self, model: str, method: str, modalities: tuple[str, ...], store: ModelStore, algorithm: str,
                  **kwargs) -> None:
