@@ -23,12 +23,12 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["DEFAULT_SIGMA_PX", "default_sigma_px", "restore_low_frequencies"]
+__all__ = ["DEFAULT_SIGMA_PX", "MAX_SIGMA_PX", "check_sigma_px", "default_sigma_px", "restore_low_frequencies"]
 
 #: the default in-plane Gaussian width (pixels) per modality for the learned denoisers' output; 0 = off.
 #: Chosen on the lesion detectability benchmark (bench/README.md, "Low-frequency restoration").
 DEFAULT_SIGMA_PX: dict[str, float] = {"CT": 1.0, "MR": 0.0}
-#: widest accepted filter: beyond this the restored band holds most of the removed noise as well
+#: widest accepted filter: at 16 px only the local mean over tens of pixels comes back (wider means nothing new)
 MAX_SIGMA_PX = 16.0
 
 
