@@ -2,10 +2,10 @@
 
 The app stopped serving it after the served 3D network once returned an all-NaN volume for a 3-slice MR slab in the
 app's test sequence (commit 33164b7; not alone, not in-process). Cause, found when it recurred in CI on 2026-12-04:
-the WEIGHTS were NaN. This module's 5-step training of the tiny 3D network drew its initialisation from torch's
-global generator, whose state depended on the tests run before; one initialisation in six (seeds 0-5 tried)
-diverges to NaN within those steps, export_weights wrote the NaN network and the app served it. Now the fixture
-seeds its training, and export_weights refuses a network holding NaN or infinite values. What these tests hold:
+the WEIGHTS were NaN. Some runs of this module's 5-step training of the tiny 3D network end with NaN weights
+(about one in six, depending on the seed and on what the process ran before; losses finite throughout; the cause
+in training is not found), export_weights wrote them and the app served them. Now export_weights refuses a network
+holding NaN or infinite values, and the fixture trains again from another seed when that happens. These tests hold:
 
 - ``adl_3d`` answers MR volumes on their own grid with what :func:`lib.predict.denoise_array` gives in-process;
 - concurrent requests to one served 3D network (and the 2D one beside it) give the sequential results, and serving
@@ -42,26 +42,34 @@ def make_tiny_3d_weights(model_dir: Path) -> tuple[Path, Path]:
     from conftest import SAMPLE_STUDIES
     from lib.data import ADLPatchDataset, SyntheticNoiseSource
     from lib.engines import ADLTrainingConfig, train_adl
-    from lib.weights import export_weights, scaling_rule_for
+    from lib.weights import NonFiniteWeightsError, export_weights, scaling_rule_for
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    # the network's initialisation draws on torch's global generator: without a seed it depended on the tests run
-    # before, and one initialisation in six (seeds 0-5) diverged to NaN within these 5 steps, which the app then
-    # served as all-NaN volumes (the issue-20 report); export_weights now refuses such a network
-    torch.manual_seed(0)
+    # Some of these 5-step trainings end with NaN weights (seen: 1 run in 6, depending on the seed AND on what the
+    # process ran before; the losses stay finite; cause not found, see apps/adl_denoise/model/README.md); served,
+    # such weights gave the all-NaN volumes of the issue-20 report. export_weights refuses them now; this fixture
+    # needs sound weights to test serving, so it trains again from another seed (the refusal has its own test).
     try:
-        source = SyntheticNoiseSource([SAMPLE_STUDIES / "mr_head_colin27.nii.gz"], "MR", "rician", seed=0,
-                                      progress=False)
-        dataset = ADLPatchDataset(source, 3, 16, samples_per_epoch=16, seed=0)
-        config = ADLTrainingConfig(modality="MR", spatial_dims=3, patch_size=16, batch_size=2, steps_g_warmup=5,
-                                   steps_d_warmup=0, steps_adversarial=0, lr_warmup=1e-3, device="cpu",
-                                   validation_every=0, checkpoint_every=0, **TINY_ADL)
-        result = train_adl(config, dataset, progress=False)
+        for seed in range(5):
+            torch.manual_seed(seed)
+            source = SyntheticNoiseSource([SAMPLE_STUDIES / "mr_head_colin27.nii.gz"], "MR", "rician", seed=0,
+                                          progress=False)
+            dataset = ADLPatchDataset(source, 3, 16, samples_per_epoch=16, seed=0)
+            config = ADLTrainingConfig(modality="MR", spatial_dims=3, patch_size=16, batch_size=2, steps_g_warmup=5,
+                                       steps_d_warmup=0, steps_adversarial=0, lr_warmup=1e-3, device="cpu",
+                                       validation_every=0, checkpoint_every=0, **TINY_ADL)
+            result = train_adl(config, dataset, progress=False)
+            try:
+                mr = export_weights(result.generator, model_dir / "pretrained_adl_3d_mr.pt", config,
+                                    scaling_rule_for("MR"), result.training_record())
+                break
+            except NonFiniteWeightsError as error:
+                print(f"tiny 3D training, seed {seed}: {error}; training again")
+        else:
+            raise AssertionError("five tiny 3D trainings in a row ended with non-finite weights")
     finally:
         torch.set_num_threads(threads)
-    mr = export_weights(result.generator, model_dir / "pretrained_adl_3d_mr.pt", config, scaling_rule_for("MR"),
-                        result.training_record())
     broken = copy.deepcopy(result.generator)
     broken.state_dict()[BROKEN_LAYER].fill_(-1.0)  # sqrt of a negative variance: NaN at every voxel
     config_ct = ADLTrainingConfig(**{**config.to_dict(), "modality": "CT"})
