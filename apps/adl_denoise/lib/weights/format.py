@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 __all__ = [
-    "NonFiniteWeightsError",
     "TRAINING_CHECKPOINT_FORMATS",
     "WEIGHTS_FORMAT",
     "WEIGHTS_VERSION",
@@ -30,10 +29,6 @@ __all__ = [
     "plain_json",
     "scaling_rule_for",
 ]
-
-class NonFiniteWeightsError(ValueError):
-    """A network to be written holds NaN or infinite values (training diverged, or values beyond float16)."""
-
 
 WEIGHTS_FORMAT = "adl-denoiser-weights"
 WEIGHTS_VERSION = 1
@@ -87,10 +82,6 @@ def export_weights(
     ``config`` is a :class:`lib.engines.ADLTrainingConfig` (``generator_kwargs()``) or any configuration with
     ``network_class``, ``network_kwargs()``, ``model_name``, ``modality`` and ``spatial_dims`` (e.g.
     :class:`lib.engines.GCNTrainingConfig`).
-
-    Raises:
-        NonFiniteWeightsError: a parameter or buffer (after the fp16 cast) holds NaN or infinite values; nothing
-            is written.
     """
     import monai
     import torch
@@ -109,14 +100,6 @@ def export_weights(
         if half and value.is_floating_point():
             value = value.half()
         state[key] = value
-    # a diverged network is never written: served, it would answer NaN for every voxel (the cause of the app's
-    # all-NaN 3D results of issue 20: a 5-step test training that diverged for one random initialisation)
-    broken = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if broken:
-        raise NonFiniteWeightsError(
-            f"{Path(path).name} not written: {len(broken)} tensor(s) of the network hold NaN or infinite values "
-            f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): training diverged"
-            + (" or values exceed float16" if half else ""))
     payload = {
         "format": WEIGHTS_FORMAT,
         "version": WEIGHTS_VERSION,
