@@ -27,7 +27,7 @@ def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path:
     ``low_frequency_restoration``: in-plane Gaussian width in pixels of the removed content given back; 0 (default)
     = the network alone, None = the modality's default as served.
     Bind ``path`` (and ``amp``) with ``functools.partial`` (picklable, so the harness's worker process can run it)."""
-    from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
+    from lib.lesions.low_frequency_restoration import apply_restoration
     from lib.predict import denoise_array, load_denoiser, uses_orthogonal_planes
 
     device = os.environ.get("BENCH_DEVICE", "cpu")
@@ -35,8 +35,7 @@ def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path:
     noisy = np.asarray(noisy, np.float32)
     orthogonal = planes == "auto" and uses_orthogonal_planes(model, modality, noisy.shape, spacing)
     out = denoise_array(model, noisy, modality=modality, device=device, amp=amp, orthogonal_planes=orthogonal)
-    sigma = default_sigma_px(modality) if low_frequency_restoration is None else low_frequency_restoration
-    return restore_low_frequencies(noisy, out, sigma) if sigma > 0 else out
+    return apply_restoration(noisy, out, modality, low_frequency_restoration)[0]
 
 
 def _installed(model_name: str, modality: str) -> str:

@@ -234,9 +234,10 @@ def test_adapt_end_to_end_writes_weights_and_report_held_out_slices_unused(tmp_p
 @pytest.mark.slow
 def test_adapt_refuses_a_worse_model_and_writes_nothing(tmp_path, tiny_weights, low_dose_slab):
     output = tmp_path / "adl_site.pt"
-    # a learning rate far too high wrecks the network: the check must catch it on the held-out slices
+    # a learning rate far too high wrecks the network (finite, but worse): the check must catch it on the held-out
+    # slices
     done = run_cli("adapt", "--lowdose", low_dose_slab, "--model", "adl", "--initial-weights",
-                   tiny_weights / "pretrained_adl_ct.pt", "--output", output, *TINY, "--lr", "0.5")
+                   tiny_weights / "pretrained_adl_ct.pt", "--output", output, *TINY, "--lr", "0.05")
     assert done.returncode == 3, done.stdout + done.stderr
     assert "worse than the starting one on the held-out low-dose slices" in done.stderr
     assert not output.exists()
@@ -252,6 +253,21 @@ def test_adapt_refuses_a_worse_model_and_writes_nothing(tmp_path, tiny_weights, 
     assert blocking_files(output) == []
     output.write_bytes(b"weights")
     assert blocking_files(output)[0] == output
+
+
+@pytest.mark.slow
+def test_adapt_never_writes_a_diverged_model_even_when_forced(tmp_path, tiny_weights, low_dose_slab):
+    """A run whose weights end up NaN or infinite (here: Adam at lr 1e6 moves every trained weight by about 1e6,
+    beyond float16) would answer NaN for every voxel: refused with exit 3 and nothing written, even with --force."""
+    output = tmp_path / "adl_site.pt"
+    done = run_cli("adapt", "--lowdose", low_dose_slab, "--model", "adl", "--initial-weights",
+                   tiny_weights / "pretrained_adl_ct.pt", "--output", output, *TINY, "--lr", "1e6", "--force")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "training diverged" in done.stderr and "NaN or infinite" in done.stderr
+    assert not output.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adl_site.pt")]
+    report = json.loads((tmp_path / "adl_site.pt.adapt.json").read_text())
+    assert not report["passed"] and not report["written"] and "not written" in report["diverged"]
 
 
 @pytest.mark.slow

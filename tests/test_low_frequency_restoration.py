@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 import processes
-from conftest import APP_DIR
+from conftest import APP_DIR, SAMPLE_STUDIES
 
 CLI = APP_DIR / "cli.py"
 PIXEL_MM = 0.7
@@ -161,3 +161,115 @@ def test_batch_records_the_width_and_redoes_a_series_when_it_changes(lesion_case
     rows = [json.loads(line) for line in (out / "_denoise_batch" / "manifest.jsonl").read_text().splitlines()]
     widths = [r.get("low_frequency_restoration") for r in rows if r["status"] == "done"]
     assert widths == [1.0, 0.0]
+
+
+# ---- one helper for every caller; MR restored inside the head only ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def mr_head_case():
+    """A real head (sample Colin27 T1, 7 axial slices at 1 mm, 217 x 181) with six 6 mm +20 % lesions in its
+    central slice, Rician 5 % from the same seed with and without them, and the shipped ADL MR weights' outputs:
+    (clean, noisy present, noisy absent, network present, network absent, lesion core (H, W), far air (H, W))."""
+    from scipy import ndimage
+
+    from lib.lesions import Lesion, insert_lesions, lesion_mask, lesion_sites
+    from lib.noise import add_rician_noise
+    from lib.predict import denoise_array, load_denoiser
+    from lib.weights import find_weights
+
+    clean = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_STUDIES / "mr_head_colin27.nii.gz")))
+    clean = np.ascontiguousarray(clean[87:94], dtype=np.float32)
+    mid, spacing = 3, (1.0, 1.0, 1.0)
+    sites = lesion_sites(clean[mid], 1.0, 6.0, 6, np.random.default_rng(0), modality="MR")
+    assert len(sites) >= 4
+    lesions = [Lesion((mid, y, x), 6.0, 0.2) for y, x in sites]
+    present = insert_lesions(clean, lesions, spacing, "MR")
+    top = float(clean.max())
+    noisy_p = add_rician_noise(present, 5.0, seed=7, reference_max=top)
+    noisy_a = add_rician_noise(clean, 5.0, seed=7, reference_max=top)
+    model = load_denoiser(find_weights("adl", "MR"))
+    net_p, net_a = denoise_array(model, noisy_p, "MR"), denoise_array(model, noisy_a, "MR")
+    core = lesion_mask(clean.shape, lesions, spacing)[mid] > 0.5
+    air = ndimage.distance_transform_edt(clean[mid] < 0.02 * top) > 15  # air, 15 px or more from the head
+    return clean, noisy_p, noisy_a, net_p, net_a, core, air
+
+
+def test_mr_restoration_gives_lesion_contrast_back_inside_the_head_and_leaves_the_air_alone(mr_head_case):
+    from lib.lesions.low_frequency_restoration import apply_restoration, restore_low_frequencies
+
+    clean, noisy_p, noisy_a, net_p, net_a, core, air = mr_head_case
+    mid = 3
+
+    def kept(present: np.ndarray, absent: np.ndarray) -> float:
+        return float(np.mean((present - absent)[mid][core]) / np.mean((noisy_p - noisy_a)[mid][core]))
+
+    # the network removes the Rician floor in the air (mean ~1.25 sigma = 11 of 255 here) and part of the lesions
+    floor = float(noisy_a[mid][air].mean())
+    assert floor > 8.0 and abs(float(net_a[mid][air].mean())) < 1.0
+    assert kept(net_p, net_a) < 0.9
+    restored_p, width = apply_restoration(noisy_p, net_p, "MR", 1.0)
+    restored_a, _ = apply_restoration(noisy_a, net_a, "MR", 1.0)
+    assert width == 1.0 and restored_p.shape == noisy_p.shape and restored_p.dtype == np.float32
+    # inside the head the lesions get their contrast back (0.85 -> 0.91 when written) ...
+    assert kept(restored_p, restored_a) > kept(net_p, net_a) + 0.04
+    # ... while the air stays as the network left it, where an unmasked restoration gives the floor back
+    np.testing.assert_allclose(restored_a[mid][air], net_a[mid][air], atol=1e-3)
+    assert float(restore_low_frequencies(noisy_a, net_a, 1.0)[mid][air].mean()) > 0.9 * floor
+
+
+def test_foreground_threshold_keeps_dark_tissue_and_skips_slices_of_air():
+    """A real shoulder MR slice (fat bright, muscle dark): the mask holds the muscle, which Otsu's threshold alone
+    cuts off (a third of the tissue kept when written); a slice of air above an object gets no mask."""
+    from lib.lesions.low_frequency_restoration import foreground_threshold, foreground_weight
+    from lib.noise import add_rician_noise
+
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_STUDIES / "mr_slice_pydicom_mr2.nii.gz")))[0]
+    noisy = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_STUDIES / "mr_slice_pydicom_mr2_rician5.nii.gz")))[0]
+    noisy = noisy.astype(np.float32)
+    weight = foreground_weight(noisy, foreground_threshold(noisy))
+    assert weight.shape == noisy.shape and weight.dtype == np.float32
+    assert 0.0 <= float(weight.min()) and float(weight.max()) <= 1.0
+    tissue = reference > 0.1 * reference.max()
+    assert float(np.mean(weight[tissue] > 0.95)) > 0.9
+    assert float(np.mean(weight[reference < 0.01 * reference.max()] < 0.05)) > 0.8  # the air outside: off
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    disc = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 20 ** 2, 1000.0, 0.0).astype(np.float32)
+    volume = add_rician_noise(np.stack([disc, np.zeros_like(disc)]), 5.0, seed=1, reference_max=1000.0)
+    threshold = foreground_threshold(volume)
+    assert float(foreground_weight(volume[1], threshold).max()) == 0.0
+    assert float(foreground_weight(volume[0], threshold)[32, 32]) > 0.99
+    assert float(foreground_weight(volume[0], threshold)[1, 1]) == 0.0
+    # a dark hole (ventricles, CSF at the floor's level) is inside; a second piece of 1/13 of the first's
+    # area (a slice through the skull base) is kept too
+    ring = np.where((yy - 32) ** 2 + (xx - 24) ** 2 < 8 ** 2, 0.0, disc).astype(np.float32)
+    ring[54:63, 1:10] = 1000.0
+    noisy_ring = add_rician_noise(ring, 5.0, seed=2, reference_max=1000.0)
+    weight = foreground_weight(noisy_ring, foreground_threshold(noisy_ring))
+    assert float(weight[32, 24]) > 0.99 and float(weight[58, 5]) > 0.99
+
+
+def test_apply_restoration_is_the_modality_default_ct_unmasked_and_zero_is_the_network_itself():
+    from lib.lesions.low_frequency_restoration import (apply_restoration, default_sigma_px, foreground_only,
+                                                       restore_low_frequencies)
+
+    # the mask is for magnitude images (MR); on HU its floor rule would take everything in, but say it plainly
+    assert foreground_only("MR") and not foreground_only("CT") and not foreground_only(None)
+    rng = np.random.default_rng(0)
+    # CT: air at -1000 HU around a body; restored everywhere, air included (zero-mean noise, nothing to mask)
+    noisy = np.full((2, 48, 48), -1000.0, np.float32)
+    noisy[:, 12:36, 12:36] = 40.0
+    noisy += rng.normal(0, 20, noisy.shape).astype(np.float32)
+    denoised = noisy - rng.normal(0, 5, noisy.shape).astype(np.float32) - 3.0
+    out, width = apply_restoration(noisy, denoised, "CT")
+    assert width == default_sigma_px("CT") == 1.0
+    np.testing.assert_array_equal(out, restore_low_frequencies(noisy, denoised, 1.0))
+    out, width = apply_restoration(noisy, denoised, "ct", 2.5)
+    assert width == 2.5
+    np.testing.assert_array_equal(out, restore_low_frequencies(noisy, denoised, 2.5))
+    same, width = apply_restoration(noisy, denoised, "CT", 0)
+    assert same is denoised and width == 0.0
+    mr, width = apply_restoration(noisy, denoised, "MR")
+    assert width == default_sigma_px("MR") and (mr is denoised) == (width == 0.0)
+    with pytest.raises(ValueError, match="pixels"):
+        apply_restoration(noisy, denoised, "CT", -1.0)

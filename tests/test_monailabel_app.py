@@ -420,8 +420,12 @@ def test_a_worse_model_is_never_published(training_client, training_server, tmp_
     assert wait_for_training(training_client)["status"] == "DONE", training_server.log_tail()
     decision = training_client.info()["train_stats"]["adl"]["decision"]
     assert decision["published"] is False
-    # a diverged network (non-finite output) is reported without a score; otherwise it scored lower
-    assert decision["candidate_psnr"] is None or decision["candidate_psnr"] < decision["baseline_psnr"]
+    # a diverged network (NaN weights: no candidate file; or non-finite output) is reported without a score and
+    # rejected as such; otherwise it scored lower
+    if decision["candidate_psnr"] is None:
+        assert decision["rejected_by"][0] in ("finite_weights", "validation_psnr"), decision
+    else:
+        assert decision["candidate_psnr"] < decision["baseline_psnr"] and decision["rejected_by"][0] == "validation_psnr"
     assert training_client.info()["models"]["adl"]["weights"]["ct"]["sha256"] == before
     assert http(training_server, "GET", "/versions/adl?modality=ct")[1]["history"][-1]["event"] == "rejected"
 

@@ -627,13 +627,16 @@ def _check_gcn_train_arguments(args: argparse.Namespace, gcn: bool) -> None:
 
 def _export_trained(result, network, output: Path, config, data, initial_weights: Path | None = None) -> int:
     """Write the trained network as a small weight file with its training record, and report validation."""
-    from lib.weights import export_weights, scaling_rule_for
+    from lib.weights import NonFiniteWeightsError, export_weights, scaling_rule_for
 
     record = result.training_record()
     record["data"] = data.record(config.patch_size)
     if initial_weights is not None:
         record["data"]["initial_weights"] = initial_weights.name
-    path = export_weights(network, output, config, scaling_rule_for(config.modality), record)
+    try:
+        path = export_weights(network, output, config, scaling_rule_for(config.modality), record)
+    except NonFiniteWeightsError as error:
+        raise CommandError(f"{error}; train again with a lower learning rate or another --seed") from None
     if result.validation:
         last = result.validation[-1]
         print(f"validation PSNR {last['psnr']:.2f} dB (noisy input {last['psnr_noisy']:.2f} dB) at step {last['step']}")
@@ -916,7 +919,8 @@ def _add_adapt_parser(verbs) -> None:
     ad.add_argument("--lesion-tolerance", type=_non_negative_float,
                     help="lesion check: percentage points of planted-lesion contrast the adapted model may lose "
                          "against the starting one (default 2)")
-    ad.add_argument("--force", action="store_true", help="write the adapted model even if it fails a check")
+    ad.add_argument("--force", action="store_true",
+                    help="write the adapted model even if it fails a check (never one whose training diverged to NaN)")
     ad.add_argument("--work-dir", help="keep the scratch files (split slices, noise model, pseudo pairs) here")
     ad.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
     ad.add_argument("--seed", type=int, help="random seed")

@@ -164,7 +164,7 @@ def _weights_version(model: str, path: Path, modality: str | None, given: bool) 
 
 def _denoise_learned(volume: Volume, model_name: str, options: DenoiseOptions, device: str, name: str,
                      cache: ModelCache | None) -> DenoiseResult:
-    from .lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
+    from .lesions.low_frequency_restoration import apply_restoration
     from .predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser,
                           uses_orthogonal_planes)
 
@@ -212,10 +212,8 @@ def _denoise_learned(volume: Volume, model_name: str, options: DenoiseOptions, d
         check_finite_output(array, f"{label} (weights {path.name}, version {version})")
     except NonFiniteOutputError as error:
         raise DenoiseRefused(f"not denoised: {error}") from None
-    sigma = options.low_frequency_restoration
-    sigma = default_sigma_px(modality) if sigma is None else sigma
-    if sigma > 0:  # give back the lesion contrast the network removed with the noise (lesions before PSNR)
-        array = restore_low_frequencies(volume.array, array, sigma)
+    # give back the lesion contrast the network removed with the noise (lesions before PSNR); None = the default
+    array, sigma = apply_restoration(volume.array, array, modality, options.low_frequency_restoration)
     return DenoiseResult(array, model_name, path, version, sha, sigma)
 
 

@@ -36,7 +36,8 @@ from .data.intensity import intensity_scaling_for
 from .networks import DENOISER_NETWORKS, EfficientUNetDenoiser, pad_to_multiple
 from .runtime.cpu_memory import keep_freed_cpu_memory
 from .runtime.precision import autocast_dtype
-from .weights.format import TRAINING_CHECKPOINT_FORMATS, WEIGHTS_FORMAT, WEIGHTS_VERSION
+from .weights.format import (TRAINING_CHECKPOINT_FORMATS, WEIGHTS_FORMAT, WEIGHTS_VERSION, NonFiniteWeightsError,
+                             describe_non_finite, non_finite_tensors)
 
 __all__ = [
     "DEFAULT_ROI_2D",
@@ -99,6 +100,8 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     Raises:
         FileNotFoundError: no such file.
         ValueError: not an ADL weight file, or weights that do not fit the stored network arguments.
+        NonFiniteWeightsError: (a ValueError) the weights hold NaN or infinite values: served, they would answer
+            NaN for every voxel.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -130,6 +133,10 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     if network_class is None:
         raise ValueError(f"{p} holds an unknown network {class_name!r} (known: {', '.join(DENOISER_NETWORKS)})")
     metadata["network_class"] = class_name
+    broken = non_finite_tensors(state)
+    if broken:
+        raise NonFiniteWeightsError(f"{p} is not usable: {describe_non_finite(broken)}; the training that wrote it "
+                                    "diverged")
     if network_class is EfficientUNetDenoiser:
         kwargs["deep_supervision"] = any(k.startswith("heads.1.") for k in state)
         kwargs.setdefault("residual", False)  # files written before the residual heads existed

@@ -15,7 +15,8 @@ noise), but free of server code so it can be tested and run alone:
    :class:`lib.weights.store.ModelStore` (atomic replace, previous versions kept), and when every further check
    passes: :func:`keep_region_check` (no structure a clinician marked "keep" is blurred more than by the served
    model) and :func:`lib.engines.reference_set.reference_check` (no loss on a fixed reference set that the
-   corrections cannot move).
+   corrections cannot move). A run whose training diverged (NaN or infinite weights) writes no candidate and is
+   rejected as "finite_weights".
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import numpy as np
 
 from ..data import ADLPatchDataset, ValidationPair
 from ..runtime.clock import Stopwatch
-from ..weights.format import export_weights, scaling_rule_for
+from ..weights.format import NonFiniteWeightsError, export_weights, scaling_rule_for
 from .adl_training import ADLTrainingConfig, train_adl
 from .gcn_training import GCNTrainingConfig, train_gcn
 
@@ -89,15 +90,22 @@ class FineTuneSettings:
 
 @dataclass
 class FineTuneResult:
-    """What a run produced: the ``candidate`` weight file, both models' validation scores, the record."""
+    """What a run produced: the ``candidate`` weight file, both models' validation scores, the record.
 
-    candidate: Path
+    ``candidate`` is None when training diverged (``diverged`` says how): no file was written, its score is -inf.
+    """
+
+    candidate: Path | None
     baseline_score: dict
     candidate_score: dict
     record: dict = field(default_factory=dict)
+    diverged: str | None = None
 
     @property
     def no_worse(self) -> bool:
+        # explicit, not left to comparisons with NaN: a diverged run is never "no worse"
+        if self.candidate is None or not np.isfinite(self.candidate_score["psnr"]):
+            return False
         return self.candidate_score["psnr"] >= self.baseline_score["psnr"]
 
 
@@ -244,7 +252,16 @@ def fine_tune(
     record["fine_tuned_from"] = {"path": str(initial_weights),
                                  "training": loaded.metadata.get("training", {}).get("data")}
     record["data"] = dict(data_description or {}, validation_images=[p.name for p in val_pairs])
-    candidate = export_weights(network, output, config, scaling_rule_for(modality), record)
+    try:
+        candidate = export_weights(network, output, config, scaling_rule_for(modality), record)
+    except NonFiniteWeightsError as error:  # diverged: nothing written, the worst score, never published
+        candidate_score = {"psnr": float("-inf"), "psnr_input": baseline["psnr_input"], "non_finite_weights": True,
+                           "images": {name: {**entry, "psnr": float("-inf"), "non_finite_weights": True}
+                                      for name, entry in baseline["images"].items()}}
+        if on_scored:
+            on_scored("candidate", candidate_score)
+        record["seconds_total"] = stopwatch.seconds
+        return FineTuneResult(None, baseline, candidate_score, record, diverged=str(error))
     candidate_score = score_weights(candidate, val_pairs, device=score_device)
     if on_scored:
         on_scored("candidate", candidate_score)
@@ -329,20 +346,26 @@ def decide_publication(result: FineTuneResult, store, model: str, modality: str,
     :func:`lib.engines.reference_set.reference_check`); record the decision either way.
 
     Returns ``{"published": bool, "version": id or None, "baseline_psnr", "candidate_psnr", "checks": {name:
-    check}, "rejected_by": [names of what failed: "validation_psnr" and/or the checks], "reason", ...}``.
+    check}, "rejected_by": [names of what failed: "finite_weights" (training diverged, no candidate file),
+    "validation_psnr" and/or the checks], "reason", ...}``.
     """
     summary = {"baseline_psnr": finite_or_none(result.baseline_score["psnr"]),
                "candidate_psnr": finite_or_none(result.candidate_score["psnr"]),
                "input_psnr": finite_or_none(result.candidate_score["psnr_input"]),
                "validation_images": sorted(result.candidate_score["images"]), **details}
-    rejected_by = [] if result.no_worse else ["validation_psnr"]
+    if result.candidate is None:
+        rejected_by = ["finite_weights"]
+        summary["diverged"] = result.diverged
+    else:
+        rejected_by = [] if result.no_worse else ["validation_psnr"]
     rejected_by += [str(c["check"]) for c in checks if not c["passed"]]
     summary["checks"] = {str(c["check"]): dict(c) for c in checks}
     summary["rejected_by"] = rejected_by
     if not rejected_by:
         version = store.publish(result.candidate, model, modality, **summary)
         return {"published": True, "version": version.version, **summary}
-    reasons = {"validation_psnr": "worse than the served model on the fixed validation set",
+    reasons = {"finite_weights": "training diverged: the candidate's weights hold NaN or infinite values (not written)",
+               "validation_psnr": "worse than the served model on the fixed validation set",
                "keep_regions": "blurs a structure marked 'keep' more than the served model",
                "reference_set": "worse than the served model on the fixed reference set"}
     summary["reason"] = "; ".join(reasons.get(name, f"failed the {name} check") for name in rejected_by)

@@ -38,9 +38,10 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..imaging import ImageReadError, ImageWriteError, guess_modality, read_volume, write_volume
-from ..lesions.low_frequency_restoration import check_sigma_px, default_sigma_px, restore_low_frequencies
+from ..lesions.low_frequency_restoration import apply_restoration, check_sigma_px
 from ..predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser, resolve_device,
                        uses_orthogonal_planes)
+from ..weights.format import NonFiniteWeightsError
 from ..weights.store import ModelStore, WeightsVersion
 
 log = logging.getLogger(__name__)
@@ -177,19 +178,22 @@ class DenoiseInferTask(InferTask):
             raise HTTPException(status_code=422, detail="a DICOM result needs a DICOM input (a derived series is "
                                                         "built on the input's headers)")
         device = self._device(request.get("device"))
-        restoration = self._restoration(request, modality)
+        restoration = self._restoration(request)
         with self._slots:
             try:
                 denoised, version = self.denoise(volume.array, modality, device, spacing=volume.spacing)
                 # the input was checked finite: a NaN / Inf result is the model's fault, an error, never a result
                 check_finite_output(denoised, f"{self.model} (weights {version.get('weights_version')})")
+            except NonFiniteWeightsError as error:  # the server's fault, not the image's (a ValueError too)
+                log.error("no result returned: %s", error)
+                raise HTTPException(status_code=500, detail=f"not denoised: the served {self.model} weights are "
+                                                            f"unusable: {error}") from None
             except ValueError as error:
                 raise http_error_for_image(error) from None
             except NonFiniteOutputError as error:
                 log.error("no result returned: %s", error)
                 raise HTTPException(status_code=500, detail=f"not denoised: {error}; no result returned") from None
-            if restoration > 0:
-                denoised = restore_low_frequencies(volume.array, denoised, restoration)
+            denoised, restoration = apply_restoration(volume.array, denoised, modality, restoration)
         out = volume.with_array(denoised)
         try:
             path = self._write(out, volume, result_extension, result_dtype)
@@ -225,12 +229,13 @@ class DenoiseInferTask(InferTask):
         return denoised, {"weights_version": served.version, "weights_sha256": served.sha256, "planes": planes}
 
     # --- helpers
-    def _restoration(self, request: dict, modality: str) -> float:
-        """The low-frequency restoration width (pixels) asked for, ``auto`` = the modality's default; HTTP 422 for
-        a bad value or a width asked of a classical model."""
+    def _restoration(self, request: dict) -> float | None:
+        """The low-frequency restoration width (pixels) asked for, None for ``auto`` (the modality's default, as
+        :func:`apply_restoration` takes it), 0 for a classical model; HTTP 422 for a bad value or a width asked of
+        a classical model."""
         asked = request.get("low_frequency_restoration")
         if asked is None or (isinstance(asked, str) and asked.strip().lower() in ("", "auto")):
-            return default_sigma_px(modality) if self.restores_low_frequencies else 0.0
+            return None if self.restores_low_frequencies else 0.0
         try:
             sigma = check_sigma_px(float(asked) if isinstance(asked, str) else asked)
         except ValueError as error:

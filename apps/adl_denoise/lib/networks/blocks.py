@@ -36,6 +36,32 @@ class _ImageInputConv3d(nn.Conv3d):
         return _float32_convolution(self, x)
 
 
+class _NarrowInputSafeConv3d(nn.Conv3d):
+    """A 3D convolution that runs in float32 under CPU autocast when its input is narrower than its kernel.
+
+    oneDNN's bfloat16 weight-gradient kernel for 3D convolutions (PyTorch 2.13 CPU) reads and writes outside its
+    buffers when a spatial axis of the input is smaller than the kernel (measured: 3x3x3 on a 2-voxel axis, 5x5x5
+    on 1-4 voxels, 7x7x7 on 1-6; the depth axis triggers it; 2D, 1x1x1 and dilated kernels were clean): the
+    gradient then holds whatever the heap held, NaN in some runs, and the heap can be corrupted ("double free").
+    The 3D network meets it at its 1/8 bridge on 16^3 patches (2^3 voxels), where Adam turned a NaN gradient into
+    NaN weights that batch-norm recalibration spread to the running statistics, with every loss finite.
+    Such layers have a handful of voxels, so float32 costs little there; the output goes on in the autocast type.
+    Same parameters and state-dict keys as the plain convolution.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and narrower_than_kernel(self, x):
+            return _float32_convolution(self, x)
+        return super().forward(x)
+
+
+def narrower_than_kernel(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> bool:
+    """True when a spatial axis of ``x`` (B, C, *spatial) is shorter than ``conv``'s kernel extent
+    ((kernel - 1) * dilation + 1 voxels) on that axis."""
+    extents = [(k - 1) * d + 1 for k, d in zip(conv.kernel_size, conv.dilation)]
+    return any(s < e for s, e in zip(x.shape[2:], extents))
+
+
 def _float32_convolution(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     device = x.device.type
     with torch.autocast(device, enabled=False):
@@ -56,9 +82,12 @@ def _conv(
     image_input: bool = False,
 ) -> nn.Module:
     """'Same' convolution (odd ``kernel_size``): the output has the input's spatial size. ``image_input``: it reads
-    the image, so it runs in float32 under autocast (:class:`_ImageInputConv2d`)."""
-    conv_type = (_ImageInputConv2d if spatial_dims == 2 else _ImageInputConv3d) if image_input \
-        else Conv[Conv.CONV, spatial_dims]
+    the image, so it runs in float32 under autocast (:class:`_ImageInputConv2d`). 3D convolutions run in float32
+    under CPU autocast where their input is narrower than the kernel (:class:`_NarrowInputSafeConv3d`)."""
+    if image_input:
+        conv_type = _ImageInputConv2d if spatial_dims == 2 else _ImageInputConv3d
+    else:  # 3D: float32 where the input is narrower than the kernel (a oneDNN bfloat16 bug, see the class)
+        conv_type = Conv[Conv.CONV, spatial_dims] if spatial_dims == 2 else _NarrowInputSafeConv3d
     return conv_type(
         in_channels,
         out_channels,

@@ -17,8 +17,9 @@ Recipe (:func:`adapt_to_low_dose`):
    adapted network must keep their contrast as well as the starting one (at most ``lesion_tolerance_pp``
    percentage points less, mean over the lesions). A lower J-invariant loss bought by erasing small lesions does
    not count. When no lesion site can be found in the held-out slices the check fails (nothing is known).
-   The adapted weights are written only when both checks pass (or with ``force``), atomically (temp file in the
-   output's folder, then rename), with a JSON report ``<output>.adapt.json`` either way.
+   The adapted weights are written only when both checks pass (or with ``force``; never when training diverged to
+   NaN or infinite weights), atomically (temp file in the output's folder, then rename), with a JSON report
+   ``<output>.adapt.json`` either way.
 """
 from __future__ import annotations
 
@@ -258,7 +259,8 @@ def adapt_to_low_dose(
 
     Raises:
         FileExistsError: output or report exist without ``overwrite`` (nothing is touched).
-        AdaptationRefused: the check failed (the report is written, the weights are not).
+        AdaptationRefused: the check failed, or training diverged to NaN or infinite weights (the report is
+            written, the weights are not; a diverged model not even with ``force``).
         ValueError: bad inputs (model mismatch, too few slices or noise patches).
     """
     from ..data import check_not_heldout
@@ -366,7 +368,7 @@ def adapt_to_low_dose(
             config = gcn_fine_tune_config(kwargs, "CT", tune, None)
             slice_context = config.slice_context
         from ..data import ADLPatchDataset
-        from ..weights.format import export_weights, scaling_rule_for
+        from ..weights.format import NonFiniteWeightsError, export_weights, scaling_rule_for
 
         dataset = ADLPatchDataset(source, config.spatial_dims, int(config.patch_size),
                                   samples_per_epoch=tune.samples_per_epoch, seed=tune.seed,
@@ -377,7 +379,18 @@ def adapt_to_low_dose(
         record["adapted_from"] = {"path": str(start_path)}
         record["data"] = {"kind": f"TDDL pseudo pairs: learned noise + {clean_kind}",
                           "low_dose_train": train_record, "held_out": held_record}
-        candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record)
+        try:
+            candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record)
+        except NonFiniteWeightsError as error:  # never written, not even with force: it would answer NaN
+            seconds["total"] = time.perf_counter() - clock
+            summary = {"model": model, "initial_weights": str(start_path), "output": str(output),
+                       "low_dose": [str(p) for p in inputs], "held_out": held_record, "train_slices": train_record,
+                       "noise_model": noise_model.summary(), "diverged": str(error), "check": None,
+                       "lesion_check": None, "passed": False, "settings": dataclasses.asdict(settings),
+                       "forced": False, "written": False, "seconds": seconds}
+            atomic_write_json(json_path, summary, indent=2)
+            raise AdaptationRefused(f"the adaptation's training diverged ({error}): nothing written, not even with "
+                                    f"--force (report {json_path})", summary) from None
 
         # 5. the non-circular checks on the held-out low-dose slices
         t0 = time.perf_counter()

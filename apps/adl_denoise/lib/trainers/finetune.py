@@ -334,7 +334,9 @@ class DenoiserTrainTask(TrainTask):
                                checkpoint_dir=work / "checkpoints", data_description=description, on_scored=on_scored)
             status.update(phase="checking the candidate (marked regions, reference set)")
             atomic_write_json(self.status_path, status)
-            checks = self._checks(served.path, result.candidate, keep_cases, modality, settings.device)
+            # a diverged run left no candidate file: nothing to check, decide_publication rejects it
+            checks = ([] if result.candidate is None
+                      else self._checks(served.path, result.candidate, keep_cases, modality, settings.device))
             decision = decide_publication(result, self.store, self.model, modality, checks=checks, mode=mode,
                                           run_id=run_id, started_from=served.version,
                                           images=description.get("train_images"))

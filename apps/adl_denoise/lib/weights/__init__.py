@@ -2,17 +2,19 @@
 them, and the versioned store that publishes fine-tuned weights atomically."""
 from .format import (
     TRAINING_CHECKPOINT_FORMATS,
+    NonFiniteWeightsError,
     WEIGHTS_FORMAT,
     WEIGHTS_VERSION,
     export_weights,
     inflate_input_channels,
     load_initial_weights,
+    non_finite_tensors,
     plain_json,
     scaling_rule_for,
 )
 from .lookup import MODEL_DIR, candidate_weights, find_weights
 from .store import ModelStore, WeightsVersion
 
-__all__ = ["TRAINING_CHECKPOINT_FORMATS", "WEIGHTS_FORMAT", "WEIGHTS_VERSION", "export_weights",
-           "inflate_input_channels", "load_initial_weights", "plain_json", "scaling_rule_for", "MODEL_DIR",
+__all__ = ["NonFiniteWeightsError", "TRAINING_CHECKPOINT_FORMATS", "WEIGHTS_FORMAT", "WEIGHTS_VERSION", "export_weights",
+           "inflate_input_channels", "load_initial_weights", "non_finite_tensors", "plain_json", "scaling_rule_for", "MODEL_DIR",
            "candidate_weights", "find_weights", "ModelStore", "WeightsVersion"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..runtime.atomic import atomic_torch_save
 from ..runtime.clock import utc_timestamp
@@ -20,15 +20,24 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 __all__ = [
+    "NonFiniteWeightsError",
     "TRAINING_CHECKPOINT_FORMATS",
     "WEIGHTS_FORMAT",
     "WEIGHTS_VERSION",
+    "describe_non_finite",
     "export_weights",
     "inflate_input_channels",
     "load_initial_weights",
+    "non_finite_tensors",
     "plain_json",
     "scaling_rule_for",
 ]
+
+
+class NonFiniteWeightsError(ValueError):
+    """A network holds NaN or infinite values (its training diverged, or values beyond float16): never written,
+    never loaded, since served it would answer NaN for every voxel."""
+
 
 WEIGHTS_FORMAT = "adl-denoiser-weights"
 WEIGHTS_VERSION = 1
@@ -52,6 +61,20 @@ def scaling_rule_for(modality: str) -> dict:
         return {"modality": "CT", "rule": "fixed-range", "range_hu": list(CT_RANGE_HU), "clip": [0.0, 1.0]}
     return {"modality": modality.upper(), "rule": "robust-percentile", "low": "min(image minimum, 0)",
             "percentile": MR_PERCENTILE, "headroom": MR_HEADROOM, "clip": [0.0, 1.0]}
+
+
+def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` (a state dict) that hold NaN or infinite values."""
+    import torch
+
+    return [key for key, value in state.items()
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
+def describe_non_finite(names: Sequence[str]) -> str:
+    """``"N tensor(s) hold NaN or infinite values (a, b, c, ...)"`` for error messages and records."""
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{len(names)} tensor(s) hold NaN or infinite values ({shown})"
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -82,6 +105,10 @@ def export_weights(
     ``config`` is a :class:`lib.engines.ADLTrainingConfig` (``generator_kwargs()``) or any configuration with
     ``network_class``, ``network_kwargs()``, ``model_name``, ``modality`` and ``spatial_dims`` (e.g.
     :class:`lib.engines.GCNTrainingConfig`).
+
+    Raises:
+        NonFiniteWeightsError: a parameter or buffer holds NaN or infinite values (after the float16 cast when
+            ``half``: values beyond float16 count too); nothing is written.
     """
     import monai
     import torch
@@ -100,6 +127,12 @@ def export_weights(
         if half and value.is_floating_point():
             value = value.half()
         state[key] = value
+    # a diverged network is never written: served, it answers NaN for every voxel (issue 20's all-NaN 3D volumes)
+    broken = non_finite_tensors(state)
+    if broken:
+        raise NonFiniteWeightsError(
+            f"{Path(path).name} not written: {describe_non_finite(broken)}: training diverged"
+            + (" or values exceed float16" if half else ""))
     payload = {
         "format": WEIGHTS_FORMAT,
         "version": WEIGHTS_VERSION,
