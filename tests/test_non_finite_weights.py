@@ -14,7 +14,6 @@ gradient by about the learning rate, beyond float16's 65504.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
