@@ -15,6 +15,6 @@ from .format import (
 from .lookup import MODEL_DIR, candidate_weights, find_weights
 from .store import ModelStore, WeightsVersion
 
-__all__ = ["NonFiniteWeightsError", "TRAINING_CHECKPOINT_FORMATS", "WEIGHTS_FORMAT", "WEIGHTS_VERSION", "export_weights",
-           "inflate_input_channels", "load_initial_weights", "non_finite_tensors", "plain_json", "scaling_rule_for", "MODEL_DIR",
-           "candidate_weights", "find_weights", "ModelStore", "WeightsVersion"]
+__all__ = ["NonFiniteWeightsError", "TRAINING_CHECKPOINT_FORMATS", "WEIGHTS_FORMAT", "WEIGHTS_VERSION",
+           "export_weights", "inflate_input_channels", "load_initial_weights", "non_finite_tensors", "plain_json",
+           "scaling_rule_for", "MODEL_DIR", "candidate_weights", "find_weights", "ModelStore", "WeightsVersion"]
