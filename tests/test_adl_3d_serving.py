@@ -44,7 +44,7 @@ def make_tiny_3d_weights(model_dir: Path) -> tuple[Path, Path]:
     from conftest import SAMPLE_STUDIES
     from lib.data import ADLPatchDataset, SyntheticNoiseSource
     from lib.engines import ADLTrainingConfig, train_adl
-    from lib.weights import export_weights, scaling_rule_for
+    from lib.weights import export_weights, non_finite_tensors, scaling_rule_for
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -60,8 +60,7 @@ def make_tiny_3d_weights(model_dir: Path) -> tuple[Path, Path]:
     finally:
         torch.set_num_threads(threads)
     # served NaN weights gave the all-NaN volumes of the issue-20 report: say so here rather than in a serving test
-    non_finite = [k for k, v in result.generator.state_dict().items()
-                  if v.is_floating_point() and not torch.isfinite(v).all()]
+    non_finite = non_finite_tensors(result.generator.state_dict())
     assert not non_finite, f"the tiny 3D training ended with non-finite {non_finite[:3]} (test_training_finite.py)"
     mr = export_weights(result.generator, model_dir / "pretrained_adl_3d_mr.pt", config, scaling_rule_for("MR"),
                         result.training_record())

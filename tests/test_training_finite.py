@@ -81,6 +81,8 @@ def test_tiny_3d_trainings_in_one_process_end_finite_and_identical():
     weights for seeds 1 and 3), NaN left in the freed heap before each: every state tensor (weights, batch-norm
     statistics) is finite, and every run equals the first (the trainer seeds itself from its config, so an
     earlier run's leftovers must not change anything)."""
+    from lib.weights import non_finite_tensors
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -88,7 +90,7 @@ def test_tiny_3d_trainings_in_one_process_end_finite_and_identical():
         for seed in range(6):
             poison_freed_heap()
             state, losses = train_tiny_3d(seed)
-            broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            broken = non_finite_tensors(state)
             assert not broken, f"run {seed}: non-finite {len(broken)} tensors, e.g. {broken[:4]}; losses {losses}"
             if first_state is None:
                 first_state, first_losses = state, losses

@@ -379,14 +379,16 @@ def adapt_to_low_dose(
         record["adapted_from"] = {"path": str(start_path)}
         record["data"] = {"kind": f"TDDL pseudo pairs: learned noise + {clean_kind}",
                           "low_dose_train": train_record, "held_out": held_record}
+        # what the report says about the run, whatever the verdict
+        run = {"model": model, "initial_weights": str(start_path), "output": str(output),
+               "low_dose": [str(p) for p in inputs], "held_out": held_record, "train_slices": train_record,
+               "pseudo_pairs": {"clean_side": clean_kind, "clean_images": clean},
+               "noise_model": noise_model.summary(), "settings": dataclasses.asdict(settings)}
         try:
             candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record)
         except NonFiniteWeightsError as error:  # never written, not even with force: it would answer NaN
             seconds["total"] = time.perf_counter() - clock
-            summary = {"model": model, "initial_weights": str(start_path), "output": str(output),
-                       "low_dose": [str(p) for p in inputs], "held_out": held_record, "train_slices": train_record,
-                       "noise_model": noise_model.summary(), "diverged": str(error), "check": None,
-                       "lesion_check": None, "passed": False, "settings": dataclasses.asdict(settings),
+            summary = {**run, "diverged": str(error), "check": None, "lesion_check": None, "passed": False,
                        "forced": False, "written": False, "seconds": seconds}
             atomic_write_json(json_path, summary, indent=2)
             raise AdaptationRefused(f"the adaptation's training diverged ({error}): nothing written, not even with "
@@ -400,16 +402,8 @@ def adapt_to_low_dose(
         seconds["check"] = time.perf_counter() - t0
         check, lesion_check, passed = verdict["check"], verdict["lesion_check"], verdict["passed"]
         seconds["total"] = time.perf_counter() - clock
-        summary = {
-            "model": model, "initial_weights": str(start_path), "output": str(output),
-            "low_dose": [str(p) for p in inputs], "held_out": held_record, "train_slices": train_record,
-            "pseudo_pairs": {"clean_side": clean_kind, "clean_images": clean},
-            "noise_model": noise_model.summary(),
-            "check": check,
-            "lesion_check": lesion_check, "passed": passed,
-            "settings": dataclasses.asdict(settings), "forced": bool(force and not passed),
-            "written": bool(passed or force), "seconds": seconds,
-        }
+        summary = {**run, "check": check, "lesion_check": lesion_check, "passed": passed,
+                   "forced": bool(force and not passed), "written": bool(passed or force), "seconds": seconds}
         report(f"check (J-invariant loss on {sum(len(group) for group, _ in held_groups)} held-out slice(s)): {_loss_line(check)}")
         report(f"lesion check ({_lesion_line(lesion_check)})")
         if not (passed or force):
