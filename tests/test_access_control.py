@@ -117,7 +117,7 @@ ROUTE_IDS = [f"{m} {p}" for m, p, _, _ in ROUTES]
 
 # tokens the server must refuse with 401, by what is wrong with them
 BAD_TOKENS = ("garbage", "expired", "other_key", "alg_none", "hs256_with_public_key", "no_username",
-              "no_exp", "tampered_roles")
+              "no_exp", "tampered_roles", "other_issuer", "no_issuer", "other_client", "no_client")
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,16 @@ def bad_token(realm: Realm, kind: str) -> str:
         payload = jwt.decode(realm.token("adam"), options={"verify_signature": False})
         del payload["exp"]
         return jwt.encode(payload, realm.key, algorithm="RS256")
+    if kind == "other_issuer":  # signed by the realm's key, but naming another realm (a shared key)
+        return realm.token("adam", claims={"iss": "http://127.0.0.1:1/realms/other"})
+    if kind in ("no_issuer", "no_client"):
+        import jwt
+
+        payload = jwt.decode(realm.token("adam"), options={"verify_signature": False})
+        del payload["iss" if kind == "no_issuer" else "azp"]
+        return jwt.encode(payload, realm.key, algorithm="RS256")
+    if kind == "other_client":  # the realm's token for another application of the site
+        return realm.token("adam", claims={"azp": "radiology-dashboard"})
     if kind == "tampered_roles":  # uma's signed token with her roles replaced by admin: the signature breaks
         import base64
         import json
@@ -289,12 +299,67 @@ def test_login_with_a_wrong_password_is_401_not_a_token(server):
 
 
 def test_a_token_stops_working_when_it_expires(server, realm):
-    token = realm.token("uma", expires_in=2)
+    from lib.endpoints.access import CLOCK_LEEWAY_S
+
+    # past its exp by all but 4 s of the clock leeway: still valid now, expired in a few seconds
+    token = realm.token("uma", expires_in=-(CLOCK_LEEWAY_S - 4))
     headers = {"Authorization": f"Bearer {token}"}
     assert requests.get(server.url + "/info/", headers=headers, timeout=60).status_code == 200
-    time.sleep(2 + 30 + 2)  # its lifetime plus the server's clock leeway (access.CLOCK_LEEWAY_S)
+    time.sleep(4 + 2)
     response = requests.get(server.url + "/info/", headers=headers, timeout=60)
     assert response.status_code == 401 and "expired" in detail(response)
+
+
+def test_the_issuer_and_client_are_named_in_the_refusal_and_the_issuer_can_be_set(realm, monkeypatch):
+    """A realm reached at another address than the one its tokens name (a proxy): ``ADL_AUTH_TOKEN_ISSUER``
+    names the issuer; without it the realm URI is the issuer. Checked in-process against the loopback realm's key."""
+    from monailabel.config import settings
+
+    from lib.endpoints.access import ISSUER_ENV, AccessDenied, verify_token
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_REALM_URI", realm.url + "/")  # a trailing slash is the same URI
+    monkeypatch.delenv(ISSUER_ENV, raising=False)
+    assert verify_token(realm.token("uma")).username == "uma"
+    public = "https://keycloak.hospital.example/realms/monailabel"
+    proxied = realm.token("uma", claims={"iss": public})
+    with pytest.raises(AccessDenied, match=f"not issued by this server's realm \\({realm.url}\\)"):
+        verify_token(proxied)
+    monkeypatch.setenv(ISSUER_ENV, public)
+    assert verify_token(proxied).username == "uma"
+    with pytest.raises(AccessDenied, match="not issued by this server's realm"):
+        verify_token(realm.token("uma"))
+    with pytest.raises(AccessDenied, match="issued to client 'radiology-dashboard', not to this server's client "
+                                           "'monailabel-app'"):
+        verify_token(realm.token("uma", claims={"iss": public, "azp": "radiology-dashboard"}))
+
+
+def test_a_rotated_realm_key_works_without_a_restart_and_refetches_are_rate_limited(server, realm):
+    """The realm rotates its signing key: a token of the new key works at once (a signature that fails against the
+    cached key makes the server fetch the realm's key again), the old key's tokens stop working, and forged tokens
+    cannot make the server fetch the key more than once per ``KEY_REFRESH_MIN_INTERVAL_S``."""
+    from lib.endpoints.access import KEY_REFRESH_MIN_INTERVAL_S
+
+    def status(token: str) -> int:
+        return requests.get(server.url + "/info/", headers={"Authorization": f"Bearer {token}"},
+                            timeout=60).status_code
+
+    def key_fetches() -> int:
+        return sum(1 for method, path in list(realm.requests) if method == "GET" and path.rstrip("/") == realm.path)
+
+    original, old_token = realm.key, realm.token("uma")
+    time.sleep(KEY_REFRESH_MIN_INTERVAL_S + 1)  # past any refetch that earlier tests' forged tokens caused
+    realm.key = new_key()
+    try:
+        before = key_fetches()
+        assert status(realm.token("uma")) == 200
+        assert key_fetches() == before + 1
+        assert [status(old_token) for _ in range(3)] == [401] * 3
+        assert [status(realm.token("uma", key=new_key())) for _ in range(3)] == [401] * 3
+        assert key_fetches() == before + 1  # no refetch per forged token within the interval
+    finally:
+        realm.key = original
+        time.sleep(KEY_REFRESH_MIN_INTERVAL_S + 1)
+    assert status(old_token) == 200  # rotated back: the next tests' tokens work again
 
 
 # ------------------------------------------------------------------------------------------------ identity

@@ -332,22 +332,48 @@ def test_a_run_killed_half_way_leaves_no_partial_output_and_resumes(tree, refere
 @pytest.mark.slow
 def test_a_learned_model_records_its_weights_and_matches_denoise(tree, tiny_weights, tmp_path):
     """ADL (tiny real weights) through the batch: the same result as 'cli.py denoise', the weight file's version
-    and SHA-256 in the manifest."""
+    and SHA-256 in the manifest; a rerun skips the series, but not once other weights sit under the same file name
+    (an upgrade or a published fine-tune): an archive is denoised by one model, not by whichever was installed when
+    each series ran."""
+    from lib.engines import ADLTrainingConfig, build_networks
+    from lib.lesions.low_frequency_restoration import DEFAULT_SIGMA_PX
     from lib.runtime.hashing import file_sha256
+    from lib.weights import export_weights
+    from mlserver import TINY_ADL
 
     root, _ = tree
-    weights = tiny_weights / "pretrained_adl_ct.pt"
+    weights = Path(shutil.copy(tiny_weights / "pretrained_adl_ct.pt", tmp_path / "pretrained_adl_ct.pt"))
     out = tmp_path / "out"
-    result = processes.run([sys.executable, CLI, "denoise-batch", "--input", root / "nifti", "--output", out,
-                            "--model", "adl", "--weights", weights, "--file-modality", "ct"], TIMEOUT, env=_env())
-    rows = {r["key"]: r for r in (json.loads(line) for line in
-                                  (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines())}
+    batch = [sys.executable, CLI, "denoise-batch", "--input", root / "nifti", "--output", out, "--model", "adl",
+             "--weights", weights, "--file-modality", "ct"]
+
+    def manifest() -> dict[str, dict]:
+        return {r["key"]: r for r in (json.loads(line) for line in
+                                      (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines())}
+
+    result = processes.run(batch, TIMEOUT, env=_env())
+    rows = manifest()
     assert result.returncode == 1 and "2 done" in result.stdout, result.stdout + result.stderr
     crop = rows["file:ct_crop.nii.gz"]
     assert crop["model"] == "adl" and crop["weights_version"] == "file:pretrained_adl_ct.pt"
+    assert crop["modality"] == "CT" and crop["low_frequency_restoration"] == DEFAULT_SIGMA_PX["CT"]
     assert crop["weights_sha256"] == file_sha256(weights) == rows["file:ct_small.nrrd"]["weights_sha256"]
     single = tmp_path / "crop.nii.gz"
     done = processes.run([sys.executable, CLI, "denoise", "--model", "adl", "--weights", weights, "--modality", "ct",
                           "--input", root / "nifti" / "ct_crop.nii.gz", "--output", single], TIMEOUT, env=_env())
     assert done.returncode == 0, done.stderr
-    np.testing.assert_array_equal(volume_of(single)[0], volume_of(Path(crop["output"]))[0])
+    first = volume_of(Path(crop["output"]))[0]
+    np.testing.assert_array_equal(volume_of(single)[0], first)
+
+    again = processes.run(batch, TIMEOUT, env=_env())
+    assert "0 done, 2 skipped" in again.stdout, again.stdout + again.stderr
+    old_sha = file_sha256(weights)
+    config = ADLTrainingConfig(modality="CT", device="cpu", **TINY_ADL)
+    export_weights(build_networks(config)[0], weights, config)  # untrained: same name, other weights
+    upgraded = processes.run(batch, TIMEOUT, env=_env())
+    assert "2 done, 0 skipped" in upgraded.stdout, upgraded.stdout + upgraded.stderr
+    assert "denoising again: the adl weights changed" in upgraded.stderr, upgraded.stderr
+    rows = manifest()
+    assert rows["file:ct_crop.nii.gz"]["weights_sha256"] == file_sha256(weights) != old_sha
+    assert not np.array_equal(volume_of(Path(rows["file:ct_crop.nii.gz"]["output"]))[0], first)
+    assert "0 done, 2 skipped" in processes.run(batch, TIMEOUT, env=_env()).stdout

@@ -13,8 +13,10 @@ next append starts after (a newline is written first).
 Record (one JSON object per line): ``job`` (identity + model asked for + weights asked for), ``identity``
 (``dicom:<SeriesInstanceUID>``, or ``sha256:<hex>`` of the file(s) when there is no UID), ``key`` (the series in
 the input, see :class:`~lib.batch.discovery.SeriesItem`), ``input``, ``output``, ``model`` (the model run),
-``model_requested``, ``weights_version``, ``weights_sha256``, ``status`` ("started", "done" or "failed"),
-``seconds``, ``error``, ``rank``, ``world``, ``host``, ``time`` (Unix seconds), plus e.g. ``stored`` (STOW-RS).
+``model_requested``, ``weights_version``, ``weights_sha256``, ``low_frequency_restoration`` (pixels),
+``modality``, ``status`` ("started", "done" or "failed"), ``seconds``, ``error``, ``rank``, ``world``, ``host``,
+``time`` (Unix seconds), plus e.g. ``stored`` (STOW-RS). A done job is skipped by a rerun unless the weights it
+would run now (same name, other contents) or the default restoration width differ from the record's.
 """
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from ..model_dispatch import DenoiseOptions, ModelCache, denoise_volume
+from ..model_dispatch import (DENOISE_LEARNED_MODELS, DenoiseOptions, DenoiseRefused, ModelCache, denoise_volume,
+                              weights_for)
 from ..imaging import read_volume, write_dicom_derived_series, write_volume
 from ..imaging.errors import one_line
 from ..runtime.atomic import atomic_write_text
@@ -151,6 +152,7 @@ class _Rank:
         self.model_requested = settings.options.model + ("" if restoration is None else f"|lfr={restoration:g}")
         self.scratch = Path(settings.output) / ".denoise_batch_download" / f"rank-{rank:05d}"
         self.last_error = ""
+        self._sha256: dict[str, str] = {}  # weight file -> SHA-256, read once per run
 
     def run(self, items: list[SeriesItem], bar) -> BatchSummary:
         summary = BatchSummary(ranks=1)
@@ -181,7 +183,10 @@ class _Rank:
         base.update(job=job, identity=identity)
         previous = self.latest.get(job)
         if previous and previous.get("status") == "done" and item.output.exists():
-            return "skipped"
+            changed = self._changed_since(previous)
+            if not changed:
+                return "skipped"
+            log.warning("%s: denoising again: %s", item.key, changed)
         if item.problem:
             return self._failed(base, identity, started, item.problem)
         ours = base["output"] in self.ours
@@ -201,6 +206,32 @@ class _Rank:
         self.manifest.append({**base, **extra, "status": "done", "seconds": round(time.perf_counter() - started, 3),
                               "error": None})
         return "done"
+
+    def _changed_since(self, record: dict) -> str:
+        """Why a series that an earlier run denoised must be denoised again ("" when it need not): the weight file
+        this run would use for the record's model and modality holds other weights than the record's (new shipped
+        or published weights under the same name), or the default restoration width changed. An archive then ends
+        up denoised by one model, not by whichever was installed when each series happened to run."""
+        from ..lesions.low_frequency_restoration import default_sigma_px
+
+        model, modality, sha = record.get("model"), record.get("modality"), record.get("weights_sha256")
+        if model not in DENOISE_LEARNED_MODELS or not sha or modality not in ("CT", "MR"):
+            return ""  # classical models have no weights; records of older runs carry no modality
+        try:
+            path = weights_for(model, modality, self.settings.options.weights, record.get("key", "the series"))
+        except DenoiseRefused:
+            return ""  # no weights to run now: keep what was done
+        key = str(Path(path).resolve())
+        if key not in self._sha256:
+            self._sha256[key] = file_sha256(path)
+        if self._sha256[key] != sha:
+            return f"the {model} weights changed since ({sha[:12]} -> {self._sha256[key][:12]} in {path})"
+        asked = self.settings.options.low_frequency_restoration
+        width = default_sigma_px(modality) if asked is None else float(asked)
+        done_width = record.get("low_frequency_restoration")
+        if done_width is not None and abs(float(done_width) - width) > 1e-9:
+            return f"the low-frequency restoration width changed since ({float(done_width):g} -> {width:g} px)"
+        return ""
 
     def _failed(self, base: dict, identity: str, started: float, error: str) -> str:
         self.last_error = error
@@ -235,7 +266,7 @@ class _Rank:
         extra = {"model": result.model, "weights_version": result.weights_version or f"classical-{result.model}",
                  "weights_sha256": result.weights_sha256,
                  "low_frequency_restoration": result.low_frequency_restoration,
-                 "shape": list(denoised.array.shape)}
+                 "modality": denoised.modality, "shape": list(denoised.array.shape)}
         del denoised, result
         if self.settings.store_to_pacs:
             extra["stored"] = dicomweb.store_series(self.client, item.output)

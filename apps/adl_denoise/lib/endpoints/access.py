@@ -8,9 +8,10 @@ returns None. On with MONAI Label's own settings, ``MONAI_LABEL_AUTH_ENABLE=true
 * :class:`AccessControlMiddleware` sits in front of the whole router (stock routes, the app's routes and the
   guards that ``install`` places before the stock routes), so no route can be reached without passing it. It
   matches (method, path) against :data:`ROUTE_ROLES`, verifies the bearer token (RS256 signature with the realm's
-  public key, expiry, a user name), and answers ``401`` (no token, bad signature, expired, another algorithm,
-  ``alg: none``) or ``403`` (role missing) itself, as JSON ``{"detail": ...}``. A (method, path) missing from the
-  table needs the admin role: a route added later is closed until someone decides who may use it.
+  public key, expiry, issuer, the client it was issued to, a user name), and answers ``401`` (no token, bad
+  signature, expired, another algorithm, ``alg: none``, another realm or client) or ``403`` (role missing)
+  itself, as JSON ``{"detail": ...}``. A (method, path) missing from the table needs the admin role: a route added
+  later is closed until someone decides who may use it.
 * Roles are ordered, each implying the ones below it: ``admin > reviewer > annotator > user`` (MONAI Label's role
   names, ``MONAI_LABEL_AUTH_ROLE_*``). A token's roles are expanded along that order (:func:`effective_roles`)
   before any check, here and in MONAI Label's own ``RBAC`` dependencies, which get the same verified user through
@@ -27,7 +28,10 @@ pins RS256 and keeps MONAI Label's claim settings (``MONAI_LABEL_AUTH_TOKEN_USER
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, List, Optional, Sequence
 
@@ -36,8 +40,9 @@ from fastapi.security import OAuth2PasswordRequestForm
 
 __all__ = [
     "ADMIN", "ANNOTATOR", "AUTHENTICATED", "PUBLIC", "REVIEWER", "ROLE_ORDER", "ROUTE_ROLES", "TOKEN_ALGORITHMS",
-    "USER", "AccessControlMiddleware", "AccessDenied", "auth_enabled", "current_user", "effective_roles",
-    "install_access_control", "login_router", "required_role", "role_name", "verify_token",
+    "USER", "AccessControlMiddleware", "AccessDenied", "ISSUER_ENV", "auth_enabled", "current_user",
+    "effective_roles", "expected_issuer", "install_access_control", "login_router", "required_role", "role_name",
+    "verify_token",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,12 @@ ROLE_ORDER = (USER, ANNOTATOR, REVIEWER, ADMIN)  # lowest first; a role implies 
 TOKEN_ALGORITHMS = ("RS256",)
 # clock difference between the realm and this server tolerated on exp / nbf / iat, seconds
 CLOCK_LEEWAY_S = 30
+# the issuer tokens must name, where it differs from MONAI_LABEL_AUTH_REALM_URI (see expected_issuer)
+ISSUER_ENV = "ADL_AUTH_TOKEN_ISSUER"
+# a signature that fails against the cached realm key triggers a refetch of the key at most this often, seconds
+KEY_REFRESH_MIN_INTERVAL_S = 10.0
+_key_refresh_lock = threading.Lock()
+_key_refreshed_at: dict[str, float] = {}
 
 # (methods, path template relative to MONAI_LABEL_API_STR, level); first match wins, so specific templates come
 # before general ones. HEAD is allowed where GET is. The templates use Starlette's syntax ({name} is one path
@@ -231,9 +242,66 @@ def _claim(payload: dict, path: str) -> Any:
     return value
 
 
+def expected_issuer() -> str:
+    """The ``iss`` a token must carry: ``ADL_AUTH_TOKEN_ISSUER`` when set (a realm that this server reaches at
+    another address than the one its tokens name, e.g. an internal host name behind a proxy), else
+    ``MONAI_LABEL_AUTH_REALM_URI`` (Keycloak's issuer is the realm's URL), without a trailing slash."""
+    issuer = os.environ.get(ISSUER_ENV, "").strip() or str(_settings().MONAI_LABEL_AUTH_REALM_URI or "")
+    return issuer.rstrip("/")
+
+
+def _decode(token: str, key: str) -> dict:
+    """The claims of ``token`` checked against ``key`` (see :func:`verify_token`); :class:`AccessDenied` 401 for
+    anything wrong but the signature, whose ``jwt.InvalidSignatureError`` is left to the caller (a rotated key)."""
+    import jwt
+
+    issuer = expected_issuer()
+    try:
+        return jwt.decode(token, key, algorithms=list(TOKEN_ALGORITHMS), leeway=CLOCK_LEEWAY_S,
+                          issuer=[issuer, issuer + "/"],
+                          options={"verify_signature": True, "verify_exp": True, "verify_aud": False,
+                                   "verify_iss": True, "require": ["exp", "iss"]})
+    except jwt.InvalidSignatureError:
+        raise
+    except jwt.ExpiredSignatureError:
+        raise AccessDenied(401, "the token has expired: log in again") from None
+    except jwt.InvalidAlgorithmError:
+        raise AccessDenied(401, f"the token is not signed with {', '.join(TOKEN_ALGORITHMS)}") from None
+    except jwt.InvalidIssuerError:
+        raise AccessDenied(401, f"the token was not issued by this server's realm ({issuer})") from None
+    except jwt.InvalidTokenError as error:
+        raise AccessDenied(401, f"invalid token ({type(error).__name__})") from None
+
+
+def _refreshed_public_key(realm_uri: str) -> str | None:
+    """The realm's public key fetched again and put in MONAI Label's cache (a key rotated in Keycloak works without
+    a restart), or None when the last refetch was less than :data:`KEY_REFRESH_MIN_INTERVAL_S` ago (a flood of
+    forged tokens must not become a flood of requests to the realm) or the realm cannot be reached (the cached
+    key stays)."""
+    from monailabel.endpoints.user.auth import get_public_key
+
+    with _key_refresh_lock:
+        now = time.monotonic()
+        last = _key_refreshed_at.get(realm_uri)
+        if last is not None and now - last < KEY_REFRESH_MIN_INTERVAL_S:
+            return None
+        _key_refreshed_at[realm_uri] = now
+        try:
+            key = get_public_key.__wrapped__(realm_uri)  # the fetch itself, past the cache
+        except Exception as error:  # noqa: BLE001 - unreachable or malformed: keep the cached key
+            log.warning("cannot fetch the public key of the realm %s again: %s", realm_uri, error)
+            return None
+        get_public_key.cache[get_public_key.cache_key(realm_uri)] = key
+        log.info("public key of the realm %s fetched again after a signature mismatch", realm_uri)
+        return key
+
+
 def verify_token(token: str):
     """The user of a bearer token (MONAI Label's ``User``, roles expanded by :func:`effective_roles`), after
-    checking its RS256 signature with the realm's public key, its expiry (required) and its user name;
+    checking its RS256 signature with the realm's public key (fetched again once when the signature does not match
+    it: :func:`_refreshed_public_key`), its expiry (required), its issuer (the realm:
+    :func:`expected_issuer`), the client it was issued to (``azp``: ``MONAI_LABEL_AUTH_CLIENT_ID``; a token the
+    realm issued to another application of the site is not a token for this server) and its user name;
     :class:`AccessDenied` 401 otherwise, 503 when the realm's key cannot be fetched."""
     import jwt
     from monailabel.endpoints.user.auth import User, get_public_key
@@ -242,21 +310,26 @@ def verify_token(token: str):
     if not token:
         raise AccessDenied(401, "not authenticated: send 'Authorization: Bearer <token>' "
                                 "(log in with POST /auth/token)")
+    realm_uri = s.MONAI_LABEL_AUTH_REALM_URI
     try:
-        key = get_public_key(s.MONAI_LABEL_AUTH_REALM_URI)  # fetched once, then cached by MONAI Label
+        key = get_public_key(realm_uri)  # fetched once, then cached by MONAI Label
     except Exception as error:  # noqa: BLE001 - any failure to reach the realm is the same answer
-        log.error("cannot fetch the public key of the realm %s: %s", s.MONAI_LABEL_AUTH_REALM_URI, error)
+        log.error("cannot fetch the public key of the realm %s: %s", realm_uri, error)
         raise AccessDenied(503, "the sign-in service (realm) cannot be reached: tokens cannot be checked") from None
     try:
-        payload = jwt.decode(token, key, algorithms=list(TOKEN_ALGORITHMS), leeway=CLOCK_LEEWAY_S,
-                             options={"verify_signature": True, "verify_exp": True, "verify_aud": False,
-                                      "require": ["exp"]})
-    except jwt.ExpiredSignatureError:
-        raise AccessDenied(401, "the token has expired: log in again") from None
-    except jwt.InvalidAlgorithmError:
-        raise AccessDenied(401, f"the token is not signed with {', '.join(TOKEN_ALGORITHMS)}") from None
-    except jwt.InvalidTokenError as error:
-        raise AccessDenied(401, f"invalid token ({type(error).__name__})") from None
+        payload = _decode(token, key)
+    except jwt.InvalidSignatureError:
+        fresh = _refreshed_public_key(realm_uri)  # the realm may have rotated its key
+        if fresh is None or fresh == key:
+            raise AccessDenied(401, "invalid token (InvalidSignatureError)") from None
+        try:
+            payload = _decode(token, fresh)
+        except jwt.InvalidSignatureError:
+            raise AccessDenied(401, "invalid token (InvalidSignatureError)") from None
+    client = str(s.MONAI_LABEL_AUTH_CLIENT_ID or "")
+    if payload.get("azp") != client:
+        raise AccessDenied(401, f"the token was issued to client {payload.get('azp')!r}, not to this server's "
+                                f"client {client!r} (MONAI_LABEL_AUTH_CLIENT_ID)")
     username = _claim(payload, s.MONAI_LABEL_AUTH_TOKEN_USERNAME)
     if not isinstance(username, str) or not username.strip():
         raise AccessDenied(401, f"the token names no user (claim {s.MONAI_LABEL_AUTH_TOKEN_USERNAME!r})")
