@@ -152,7 +152,6 @@ class _Rank:
         self.model_requested = settings.options.model + ("" if restoration is None else f"|lfr={restoration:g}")
         self.scratch = Path(settings.output) / ".denoise_batch_download" / f"rank-{rank:05d}"
         self.last_error = ""
-        self._sha256: dict[str, str] = {}  # weight file -> SHA-256, read once per run
 
     def run(self, items: list[SeriesItem], bar) -> BatchSummary:
         summary = BatchSummary(ranks=1)
@@ -212,7 +211,8 @@ class _Rank:
         this run would use for the record's model and modality holds other weights than the record's (new shipped
         or published weights under the same name), or the default restoration width changed. An archive then ends
         up denoised by one model, not by whichever was installed when each series happened to run."""
-        from ..lesions.low_frequency_restoration import default_sigma_px
+        from ..lesions.low_frequency_restoration import restoration_width
+        from ..weights.store import file_sha256 as cached_file_sha256  # read once per file version, not per series
 
         model, modality, sha = record.get("model"), record.get("modality"), record.get("weights_sha256")
         if model not in DENOISE_LEARNED_MODELS or not sha or modality not in ("CT", "MR"):
@@ -221,13 +221,10 @@ class _Rank:
             path = weights_for(model, modality, self.settings.options.weights, record.get("key", "the series"))
         except DenoiseRefused:
             return ""  # no weights to run now: keep what was done
-        key = str(Path(path).resolve())
-        if key not in self._sha256:
-            self._sha256[key] = file_sha256(path)
-        if self._sha256[key] != sha:
-            return f"the {model} weights changed since ({sha[:12]} -> {self._sha256[key][:12]} in {path})"
-        asked = self.settings.options.low_frequency_restoration
-        width = default_sigma_px(modality) if asked is None else float(asked)
+        now = cached_file_sha256(path)
+        if now != sha:
+            return f"the {model} weights changed since ({sha[:12]} -> {now[:12]} in {path})"
+        width = restoration_width(modality, self.settings.options.low_frequency_restoration)
         done_width = record.get("low_frequency_restoration")
         if done_width is not None and abs(float(done_width) - width) > 1e-9:
             return f"the low-frequency restoration width changed since ({float(done_width):g} -> {width:g} px)"

@@ -34,7 +34,7 @@ from scipy import ndimage
 
 __all__ = ["DEFAULT_SIGMA_PX", "FOREGROUND_ONLY", "MAX_SIGMA_PX", "apply_restoration", "check_sigma_px",
            "default_sigma_px", "foreground_only", "foreground_threshold", "foreground_weight",
-           "restore_low_frequencies"]
+           "restoration_width", "restore_low_frequencies"]
 
 #: the default in-plane Gaussian width (pixels) per modality for the learned denoisers' output; 0 = off.
 #: Chosen on the lesion detectability benchmark (bench/README.md, "Low-frequency restoration"); MR off: even
@@ -188,6 +188,12 @@ def restore_low_frequencies(noisy: np.ndarray, denoised: np.ndarray, sigma_px: f
     return restored
 
 
+def restoration_width(modality: str | None, sigma_px: float | None = None) -> float:
+    """The width in pixels that :func:`apply_restoration` applies: ``sigma_px`` checked, or the modality's default
+    when None (0 = off)."""
+    return default_sigma_px(modality) if sigma_px is None else check_sigma_px(sigma_px)
+
+
 def apply_restoration(noisy: np.ndarray, denoised: np.ndarray, modality: str | None,
                       sigma_px: float | None = None) -> tuple[np.ndarray, float]:
     """The restoration as the app, the CLI and the benchmark apply it to a learned denoiser's output.
@@ -207,7 +213,7 @@ def apply_restoration(noisy: np.ndarray, denoised: np.ndarray, modality: str | N
     Raises:
         ValueError: a width outside [0, 16], or what :func:`restore_low_frequencies` refuses.
     """
-    sigma = default_sigma_px(modality) if sigma_px is None else check_sigma_px(sigma_px)
+    sigma = restoration_width(modality, sigma_px)
     if sigma == 0.0:
         return denoised, 0.0
     return restore_low_frequencies(noisy, denoised, sigma, foreground=foreground_only(modality)), sigma
