@@ -295,7 +295,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     adl.add_argument("--low-frequency-restoration", type=_restoration_width, metavar="SIGMA_PX",
                      help="give back the low-pass (in-plane Gaussian of this width in pixels) of what the network "
                           "removed, where a small low-contrast lesion's lost contrast lies, for some noise (default: "
-                          "1 for CT, off for MR, where a width is applied inside the imaged body only; 0 = the network "
+                          "0.8 for CT, off for MR, where a width is applied inside the imaged body only; 0 = the network "
                           "alone; larger restores less; see bench/README.md)")
 
 def build_parser() -> argparse.ArgumentParser:

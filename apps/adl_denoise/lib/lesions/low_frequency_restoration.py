@@ -37,9 +37,10 @@ __all__ = ["DEFAULT_SIGMA_PX", "FOREGROUND_ONLY", "MAX_SIGMA_PX", "apply_restora
            "restoration_width", "restore_low_frequencies"]
 
 #: the default in-plane Gaussian width (pixels) per modality for the learned denoisers' output; 0 = off.
-#: Chosen on the lesion detectability benchmark (bench/README.md, "Low-frequency restoration"); MR off: even
+#: Chosen on the lesion detectability benchmark with the shipped CT network (bench/README.md, "Low-frequency
+#: restoration" and "Longer lesion-aware fine-tunes": a new CT file needs its own width); MR off: even
 #: inside the imaged body only it costs far more whole-image PSNR than issue 18 allows (0.3 dB).
-DEFAULT_SIGMA_PX: dict[str, float] = {"CT": 1.0, "MR": 0.0}
+DEFAULT_SIGMA_PX: dict[str, float] = {"CT": 0.8, "MR": 0.0}
 #: widest accepted filter: at 16 px only the local mean over tens of pixels comes back (wider means nothing new)
 MAX_SIGMA_PX = 16.0
 #: modalities restored inside the imaged object only (MR: the Rician floor in air is a bias not to give back)
