@@ -210,18 +210,34 @@ class _Rank:
         """Why a series that an earlier run denoised must be denoised again ("" when it need not): the weight file
         this run would use for the record's model and modality holds other weights than the record's (new shipped
         or published weights under the same name), or the default restoration width changed. An archive then ends
-        up denoised by one model, not by whichever was installed when each series happened to run."""
+        up denoised by one model, not by whichever was installed when each series happened to run. Records of runs
+        before the modality was recorded are matched to the modality whose weight file holds their weights."""
         from ..lesions.low_frequency_restoration import restoration_width
         from ..weights.store import file_sha256 as cached_file_sha256  # read once per file version, not per series
 
         model, modality, sha = record.get("model"), record.get("modality"), record.get("weights_sha256")
-        if model not in DENOISE_LEARNED_MODELS or not sha or modality not in ("CT", "MR"):
-            return ""  # classical models have no weights; records of older runs carry no modality
-        try:
-            path = weights_for(model, modality, self.settings.options.weights, record.get("key", "the series"))
-        except DenoiseRefused:
-            return ""  # no weights to run now: keep what was done
-        now = cached_file_sha256(path)
+        if model not in DENOISE_LEARNED_MODELS or not sha:
+            return ""  # classical models have no weights
+        installed = {}  # modality -> (file, SHA-256) this run would use
+        for candidate in ((modality,) if modality in ("CT", "MR") else ("CT", "MR")):
+            try:
+                path = weights_for(model, candidate, self.settings.options.weights, record.get("key", "the series"))
+            except DenoiseRefused:
+                continue  # no weights to run now: keep what was done
+            installed[candidate] = (path, cached_file_sha256(path))
+        if not installed:
+            return ""
+        if modality not in ("CT", "MR"):
+            # a record of a run before records named the modality: the one whose file holds the record's weights;
+            # none of them does: the weights changed
+            matching = [m for m, (_, now) in installed.items() if now == sha]
+            if not matching:
+                files = ", ".join(sorted({str(path) for path, _ in installed.values()}))
+                return f"the {model} weights changed since ({sha[:12]} is in none of {files})"
+            if len(matching) > 1:
+                return ""  # one file for both (--weights): the width's modality is unknown; keep what was done
+            modality = matching[0]
+        path, now = installed[modality]
         if now != sha:
             return f"the {model} weights changed since ({sha[:12]} -> {now[:12]} in {path})"
         width = restoration_width(modality, self.settings.options.low_frequency_restoration)
