@@ -19,6 +19,7 @@ from ADLDenoiseLib.review_session import (
 from ADLDenoiseLib.settings import (
     MAX_RESTORATION_PX,
     RESTORATION_SPIN_AUTO,
+    RESTORATION_SPIN_STEP,
     applied_restoration,
     denoise_params,
     describe_restoration,
@@ -290,11 +291,16 @@ def test_lesion_contrast_restoration_choice_is_validated_as_the_server_does():
 def test_the_spin_box_minimum_reads_auto_and_one_step_up_is_off():
     assert RESTORATION_SPIN_AUTO < 0.0  # "auto" sits below 0 = off, both reachable with the arrows
     assert restoration_from_spin(RESTORATION_SPIN_AUTO) == "auto"
-    assert restoration_from_spin(RESTORATION_SPIN_AUTO + 0.25) == 0.0  # one step (0.25 px) up: off
+    assert restoration_from_spin(RESTORATION_SPIN_AUTO + RESTORATION_SPIN_STEP) == 0.0  # one step up: off
+    # the CT default width is on the arrows' grid (from 0 = off), so the arrows reach it and its neighbours
+    from lib.lesions.low_frequency_restoration import default_sigma_px
+
+    ct = default_sigma_px("CT")
+    assert abs(round(ct / RESTORATION_SPIN_STEP) * RESTORATION_SPIN_STEP - ct) < 1e-9
     assert restoration_from_spin(2.5) == 2.5 and restoration_from_spin(16.0) == 16.0
     assert restoration_from_spin(-1.0, minimum=-1.0) == "auto"
     with pytest.raises(ValueError):  # a typed value between "auto" and 0 is refused, not guessed
-        restoration_from_spin(-0.1)
+        restoration_from_spin(RESTORATION_SPIN_AUTO / 2)
     with pytest.raises(ValueError):
         restoration_from_spin(16.25)
 

@@ -36,6 +36,7 @@ from ADLDenoiseLib.settings import (
     MAX_RESTORATION_PX,
     RESTORATION_AUTO,
     RESTORATION_SPIN_AUTO,
+    RESTORATION_SPIN_STEP,
     applied_restoration,
     denoise_params,
     describe_restoration,
@@ -294,7 +295,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainStepsSpin.minimum, self.ui.trainStepsSpin.maximum, self.ui.trainStepsSpin.value = 1, 100000, 200
         # lesion contrast restoration: the minimum, one step below 0 = off, reads "auto" (specialValueText)
         spin = self.ui.restorationSpin
-        spin.decimals, spin.singleStep = 2, 0.25
+        spin.decimals, spin.singleStep = 2, RESTORATION_SPIN_STEP
         spin.minimum, spin.maximum = RESTORATION_SPIN_AUTO, MAX_RESTORATION_PX
         spin.specialValueText = RESTORATION_AUTO
         spin.value = RESTORATION_SPIN_AUTO

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 __all__ = ["DEFAULT_SERVER_URL", "MAX_RESTORATION_PX", "RESTORATION_AUTO", "RESTORATION_KEY", "RESTORATION_SPIN_AUTO",
+           "RESTORATION_SPIN_STEP",
            "SettingsStore", "applied_restoration", "denoise_params", "describe_restoration", "restoration_choice",
            "restoration_from_spin", "supports_restoration"]
 
@@ -52,9 +53,11 @@ RESTORATION_KEY = "low_frequency_restoration"
 RESTORATION_AUTO = "auto"
 #: widest width the server accepts, pixels (the server's ``MAX_SIGMA_PX``)
 MAX_RESTORATION_PX = 16.0
-#: the spin box's minimum, shown as "auto" (Qt ``specialValueText``); one step (0.25 px) below 0 = off, so that
-#: both "auto" and "off" can be chosen with the arrows
-RESTORATION_SPIN_AUTO = -0.25
+#: the spin box's step, pixels: fine enough to reach the CT default (0.8 px) and its neighbours with the arrows
+RESTORATION_SPIN_STEP = 0.1
+#: the spin box's minimum, shown as "auto" (Qt ``specialValueText``); one step below 0 = off, so that both "auto"
+#: and "off" can be chosen with the arrows
+RESTORATION_SPIN_AUTO = -RESTORATION_SPIN_STEP
 
 
 def supports_restoration(model: dict | None) -> bool:
