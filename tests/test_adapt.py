@@ -227,6 +227,10 @@ def test_adapt_end_to_end_writes_weights_and_report_held_out_slices_unused(tmp_p
     from lib.predict import load_denoiser
 
     assert load_denoiser(output).metadata["training"]["data"]["held_out"] == report["held_out"]
+    # the starting file's record is carried in the adapted file's lineage (the start last, by name and sha256)
+    lineage = load_denoiser(output).metadata["training"]["lineage"]
+    assert [e["file"] for e in lineage] == ["pretrained_adl_ct.pt"] and lineage[-1]["model"] == "adl"
+    assert lineage[-1]["sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
     # the starting weights are never touched
     assert start.is_file()
 

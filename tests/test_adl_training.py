@@ -752,6 +752,47 @@ def test_cli_fine_tunes_from_initial_weights_on_one_ct_filter(tmp_path, ct_crop)
     assert not (tmp_path / "w.pt").exists()
 
 
+def test_cli_train_from_a_file_with_a_lineage_carries_it_and_grows_it(tmp_path, ct_crop):
+    """`train --initial-weights` keeps the start file's record in the new record's `lineage` (oldest first, the
+    start last, named by file name and sha256) after the start's own lineage: a chain of three runs reads back."""
+    import hashlib
+    import json
+
+    cli = _load_cli()
+    tiny = ["--modality", "ct", "--clean", str(ct_crop), "--noise", "gaussian", "--patch-size", "32",
+            "--batch-size", "2", "--filters", "8,12,16,20", "--disc-filters", "4,8,8,8", "--enhancer-filters", "4",
+            "--device", "cpu", "--checkpoint-every", "0", "--steps-g-warmup", "1", "--steps-d-warmup", "0",
+            "--steps-adversarial", "0"]
+    first, middle, last = tmp_path / "first.pt", tmp_path / "middle.pt", tmp_path / "last.pt"
+    assert cli.main(["train", "--output", str(first), "--seed", "1", "--val", str(ct_crop),
+                     "--validation-every", "1", *tiny]) == 0
+    assert "lineage" not in load_denoiser(first).metadata["training"]  # a fresh run has none
+    assert cli.main(["train", "--output", str(middle), "--initial-weights", str(first), "--seed", "2",
+                     "--validation-every", "0", *tiny]) == 0
+    assert cli.main(["train", "--output", str(last), "--initial-weights", str(middle), "--seed", "3",
+                     "--validation-every", "0", *tiny]) == 0
+    sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (first, middle)}
+    first_record = load_denoiser(first).metadata
+    middle_record = load_denoiser(middle).metadata["training"]
+    assert [e["file"] for e in middle_record["lineage"]] == ["first.pt"]
+    entry = middle_record["lineage"][0]
+    assert entry["sha256"] == sha["first.pt"] and entry["created_utc"] == first_record["created_utc"]
+    assert entry["model"] == "adl" and entry["modality"] == "CT" and entry["steps"] == 1
+    assert entry["steps_per_phase"] == {"g_warmup": 1, "d_warmup": 0, "adversarial": 0}
+    assert entry["config"]["filters"] == [8, 12, 16, 20] and "checkpoint_dir" not in entry["config"]
+    assert entry["data"] == first_record["training"]["data"]
+    assert entry["best_psnr"] == first_record["training"]["best_psnr"]
+    assert entry["validation_best"]["step"] == 1 and entry["validation_best"]["psnr"] == entry["best_psnr"]
+    assert middle_record["initial_weights"] == f"first.pt (sha256 {sha['first.pt'][:12]})"
+    record = load_denoiser(last).metadata["training"]
+    # the start (middle.pt) last, after its own lineage (first.pt): the chain grows by one entry per run
+    assert [e["file"] for e in record["lineage"]] == ["first.pt", "middle.pt"]
+    assert record["lineage"][-1]["sha256"] == sha["middle.pt"]
+    assert record["lineage"][:-1] == middle_record["lineage"]
+    assert record["data"]["initial_weights"] == "middle.pt"
+    assert str(tmp_path) not in json.dumps(record["lineage"])  # file names only, no path of this machine
+
+
 # ----------------------------------------------------------------------------------------------- multi-process
 DDP_SCRIPTS = {
     "adl": textwrap.dedent("""

@@ -536,6 +536,30 @@ def test_cli_train_on_pseudo_pairs_from_a_learned_noise_model(tmp_path, ct_crop)
     assert isinstance(model.network, GCNDenoiser)
 
 
+def test_cli_train_from_initial_weights_with_a_lineage_carries_it(tmp_path, ct_crop):
+    """`train --model tddl_gcn --initial-weights` keeps the start's record in `lineage` after the start's own
+    lineage (oldest first, the start last, by file name and sha256)."""
+    import hashlib
+
+    cli = load_cli()
+    tiny = ["train", "--model", "tddl_gcn", "--clean", str(ct_crop), "--modality", "ct", "--noise", "gaussian",
+            "--patch-size", "24", "--batch-size", "2", "--steps", "1", "--features", "8", "--neighbours", "8",
+            "--search-window", "7", "--blocks", "1", "--layers-per-block", "1", "--device", "cpu",
+            "--validation-every", "0", "--checkpoint-every", "0"]
+    first, middle, last = tmp_path / "first.pt", tmp_path / "middle.pt", tmp_path / "last.pt"
+    assert cli.main([*tiny, "--output", str(first), "--seed", "1"]) == 0
+    assert cli.main([*tiny, "--output", str(middle), "--seed", "2", "--initial-weights", str(first)]) == 0
+    assert cli.main([*tiny, "--output", str(last), "--seed", "3", "--initial-weights", str(middle)]) == 0
+    middle_record = load_denoiser(middle).metadata["training"]
+    record = load_denoiser(last).metadata["training"]
+    assert [e["file"] for e in record["lineage"]] == ["first.pt", "middle.pt"]
+    assert record["lineage"][-1]["sha256"] == hashlib.sha256(middle.read_bytes()).hexdigest()
+    assert record["lineage"][:-1] == middle_record["lineage"]
+    assert middle_record["lineage"][0]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert record["lineage"][-1]["model"] == "tddl_gcn" and record["lineage"][-1]["config"]["features"] == 8
+    assert record["initial_weights"].startswith("middle.pt (sha256 ")
+
+
 @pytest.mark.slow
 def test_tddl_end_to_end_learn_noise_train_denoise_improves_psnr(tmp_path, ct_crop):
     """The TDDL workflow through the command line on a tiny volume: the noise is learnt from the LOW-DOSE image

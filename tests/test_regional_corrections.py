@@ -161,6 +161,38 @@ def test_publication_needs_every_check_and_names_the_ones_that_failed(tmp_path, 
     assert worse["published"] is False and worse["rejected_by"][0] == "validation_psnr"
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_published_candidate_carries_the_lineage_of_the_weights_it_was_fine_tuned_from(tmp_path, tiny_weights):
+    """Gated fine-tuning writes the served file's record into the candidate's `lineage` (after the served file's
+    own lineage, the start last, by file name and sha256); published (here directly through the store, which
+    :func:`decide_publication` calls when the gate passes: a tiny run's score is a coin toss), the served weights
+    carry it, and the next fine-tune from them grows the chain. ``fine_tuned_from`` stays as it was."""
+    from lib.data import SyntheticNoiseSource
+    from lib.engines.gated_fine_tuning import FineTuneSettings, fine_tune
+    from lib.predict import load_denoiser
+    from lib.weights import ModelStore
+    from mlserver import copy_weights
+
+    source = SyntheticNoiseSource([SAMPLE_STUDIES / "ct_head_pydicom693.nii.gz"], "CT", "gaussian",
+                                  noise_level_range=(20, 40), seed=0, progress=False)
+    store = ModelStore(copy_weights(tiny_weights, tmp_path / "model"))
+    settings = FineTuneSettings(steps=2, patch_size=32, batch_size=2, lr=1e-4, device="cpu")
+    pretrained = store.served("adl", "CT")
+    first = fine_tune(pretrained.path, source, source.validation_pairs(), tmp_path / "first.pt", settings)
+    published = store.publish(first.candidate, "adl", "CT")
+    served = store.served("adl", "CT")
+    assert served.sha256 == published.sha256 != pretrained.sha256
+    record = load_denoiser(served.path).metadata["training"]
+    assert record["fine_tuned_from"]["path"] == str(pretrained.path)
+    assert [e["file"] for e in record["lineage"]] == ["pretrained_adl_ct.pt"]
+    assert record["lineage"][0]["sha256"] == pretrained.sha256 and record["lineage"][0]["model"] == "adl"
+    second = fine_tune(served.path, source, source.validation_pairs(), tmp_path / "second.pt", settings)
+    chain = load_denoiser(second.candidate).metadata["training"]["lineage"]
+    assert [e["file"] for e in chain] == ["pretrained_adl_ct.pt", "adl_ct.pt"]
+    assert chain[-1]["sha256"] == served.sha256 and chain[:-1] == record["lineage"]
+    assert second.record["lineage"] == chain
+
+
 def test_reference_set_is_deterministic_cached_and_has_lesions_in_both_modalities(tmp_path):
     from lib.engines.reference_set import build_reference_set
 

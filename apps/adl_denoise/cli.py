@@ -628,12 +628,15 @@ def _check_gcn_train_arguments(args: argparse.Namespace, gcn: bool) -> None:
 
 def _export_trained(result, network, output: Path, config, data, initial_weights: Path | None = None) -> int:
     """Write the trained network as a small weight file with its training record, and report validation."""
-    from lib.weights import NonFiniteWeightsError, export_weights, scaling_rule_for
+    from lib.weights import NonFiniteWeightsError, export_weights, scaling_rule_for, start_lineage
 
     record = result.training_record()
     record["data"] = data.record(config.patch_size)
     if initial_weights is not None:
         record["data"]["initial_weights"] = initial_weights.name
+        # the start file's record and its own lineage travel with the new file (oldest first, the start last)
+        record["lineage"] = start_lineage(initial_weights)
+        record["initial_weights"] = f"{initial_weights.name} (sha256 {record['lineage'][-1]['sha256'][:12]})"
     try:
         path = export_weights(network, output, config, scaling_rule_for(config.modality), record)
     except NonFiniteWeightsError as error:

@@ -32,6 +32,7 @@ import numpy as np
 from ..data import ADLPatchDataset, ValidationPair
 from ..runtime.clock import Stopwatch
 from ..weights.format import NonFiniteWeightsError, export_weights, scaling_rule_for
+from ..weights.lineage import start_lineage
 from .adl_training import ADLTrainingConfig, train_adl
 from .gcn_training import GCNTrainingConfig, train_gcn
 
@@ -251,6 +252,7 @@ def fine_tune(
     record = result.training_record()
     record["fine_tuned_from"] = {"path": str(initial_weights),
                                  "training": loaded.metadata.get("training", {}).get("data")}
+    record["lineage"] = start_lineage(initial_weights)  # the start's record and its own lineage, start last
     record["data"] = dict(data_description or {}, validation_images=[p.name for p in val_pairs])
     try:
         candidate = export_weights(network, output, config, scaling_rule_for(modality), record)

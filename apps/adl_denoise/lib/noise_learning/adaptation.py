@@ -369,6 +369,7 @@ def adapt_to_low_dose(
             slice_context = config.slice_context
         from ..data import ADLPatchDataset
         from ..weights.format import NonFiniteWeightsError, export_weights, scaling_rule_for
+        from ..weights.lineage import start_lineage
 
         dataset = ADLPatchDataset(source, config.spatial_dims, int(config.patch_size),
                                   samples_per_epoch=tune.samples_per_epoch, seed=tune.seed,
@@ -377,6 +378,7 @@ def adapt_to_low_dose(
         seconds["fine_tune"] = time.perf_counter() - t0
         record = result.training_record()
         record["adapted_from"] = {"path": str(start_path)}
+        record["lineage"] = start_lineage(start_path)  # the start's record and its own lineage, start last
         record["data"] = {"kind": f"TDDL pseudo pairs: learned noise + {clean_kind}",
                           "low_dose_train": train_record, "held_out": held_record}
         # what the report says about the run, whatever the verdict

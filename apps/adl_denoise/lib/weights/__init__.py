@@ -12,9 +12,10 @@ from .format import (
     plain_json,
     scaling_rule_for,
 )
+from .lineage import MAX_LINEAGE, start_lineage
 from .lookup import MODEL_DIR, candidate_weights, find_weights
 from .store import ModelStore, WeightsVersion
 
 __all__ = ["NonFiniteWeightsError", "TRAINING_CHECKPOINT_FORMATS", "WEIGHTS_FORMAT", "WEIGHTS_VERSION",
            "export_weights", "inflate_input_channels", "load_initial_weights", "non_finite_tensors", "plain_json",
-           "scaling_rule_for", "MODEL_DIR", "candidate_weights", "find_weights", "ModelStore", "WeightsVersion"]
+           "scaling_rule_for", "MAX_LINEAGE", "start_lineage", "MODEL_DIR", "candidate_weights", "find_weights", "ModelStore", "WeightsVersion"]
