@@ -87,6 +87,33 @@ def test_lesion_aware_source_inserts_lesions_before_the_noise_and_keeps_validati
     assert set(np.unique(pair.clean)) <= {TISSUE_HU, -1000.0}  # validation images carry no synthetic lesion
 
 
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_lesion_aware_training_data_has_darker_and_brighter_lesions(tmp_path, modality):
+    """Both signs of contrast in the training lesions: an ROI loss on brighter lesions only teaches the network
+    that bright blobs are likely, and it then brightens uniform tissue (measured on MR: bench/README.md)."""
+    size = 160
+    yy, xx = np.mgrid[:size, :size]
+    r2 = (yy - size / 2) ** 2 + (xx - size / 2) ** 2
+    if modality == "CT":
+        volume = np.where(r2 < (0.46 * size) ** 2, TISSUE_HU, -1000.0)
+    else:  # brain-like tissue at 200 inside a bright rim (scalp fat at 400), air 0
+        volume = np.where(r2 < (0.40 * size) ** 2, 200.0, np.where(r2 < (0.46 * size) ** 2, 400.0, 0.0))
+    image = sitk.GetImageFromArray(np.repeat(volume.astype(np.float32)[None], 4, axis=0))
+    image.SetSpacing((0.8, 0.8, 2.0))
+    path = tmp_path / "phantom.nii.gz"
+    sitk.WriteImage(image, str(path))
+    noise = "gaussian" if modality == "CT" else "rician"
+    source = SyntheticNoiseSource([path], modality, noise, noise_level_range=(5.0, 5.0), lesions_per_slice=6,
+                                  seed=4, progress=False)
+    vol = source.volumes[0]
+    contrasts = [lesion["contrast"] for lesions in vol.lesions.values() for lesion in lesions]
+    assert len(contrasts) >= 8
+    assert min(contrasts) < 0 < max(contrasts), contrasts
+    tissue = TISSUE_HU if modality == "CT" else 200.0
+    inside = vol.roi > 0.9
+    assert (vol.clean[inside] < tissue - 1.0).any() and (vol.clean[inside] > tissue + 1.0).any()
+
 def test_patches_carry_the_roi_aligned_with_the_lesions_through_crop_and_augmentation(tmp_path):
     path = _phantom(tmp_path / "phantom.nii.gz")
     source = SyntheticNoiseSource([path], "CT", "gaussian", noise_level_range=(5.0, 5.0), lesions_per_slice=4,

@@ -169,7 +169,11 @@ class TrainingData:
                                   "validation_images": [p.name for p in self.validation_pairs]}
         lesions = sum(len(v.lesions.get(z, [])) for v in self.source.volumes for z in v.lesions)
         if lesions:
-            record["synthetic_lesions"] = {"per_slice": self.recipe.lesions_per_slice, "inserted": lesions}
+            from ..lesions import training_contrast_ranges
+
+            record["synthetic_lesions"] = {"per_slice": self.recipe.lesions_per_slice, "inserted": lesions,
+                                           "contrast_ranges": [list(r) for r in
+                                                               training_contrast_ranges(self.source.modality)]}
         if getattr(self.source, "ct_settings", None):
             record["ct_settings"] = {k: list(v) if isinstance(v, tuple) else v
                                      for k, v in self.source.ct_settings.items()}

@@ -302,7 +302,7 @@ class SyntheticNoiseSource:
         build_pool: simulate the low-dose CT pool now (default); False defers it to the first
             :meth:`set_epoch` (e.g. a source used only for :meth:`validation_pairs`).
         lesions_per_slice: lesion-aware training (2D only): insert up to this many synthetic low-contrast lesions
-            (:func:`lib.lesions.random_lesions`: 3-10 mm, CT -30..-5 and +10..+40 HU, MR +10..+40 %) into every
+            (:func:`lib.lesions.random_lesions`: 3-10 mm, CT -30..-5 and +10..+40 HU, MR -40..-10 and +10..+40 %) into every
             usable clean slice before any noise is simulated (so low-dose CT noise is the noise of the lesioned
             anatomy) and record their profiles as each volume's ``roi``. The lesions are drawn from ``seed`` and
             stay the same for the whole run; validation pairs keep the images without lesions. 0 = off.
@@ -516,14 +516,16 @@ class SyntheticNoiseSource:
 
 def _insert_training_lesions(vol: TrainingVolume, per_slice: int, seed: np.random.SeedSequence) -> None:
     """Insert synthetic lesions into every usable slice of ``vol.clean`` (a new array) and set ``vol.roi``."""
-    from ..lesions import insert_lesions, lesion_mask, random_lesions
+    from ..lesions import insert_lesions, lesion_mask, random_lesions, training_contrast_ranges
 
+    ranges = training_contrast_ranges(vol.modality)
     clean = vol.clean.copy()
     roi = np.zeros(clean.shape, dtype=np.float32)
     pixel = vol.pixel_size_mm
     for z, child in zip(vol.usable_slices, seed.spawn(len(vol.usable_slices))):
         z = int(z)
-        lesions = random_lesions(clean[z], pixel, np.random.default_rng(child), modality=vol.modality, count=per_slice)
+        lesions = random_lesions(clean[z], pixel, np.random.default_rng(child), modality=vol.modality, count=per_slice,
+                                 contrast_ranges=ranges)
         if lesions:
             clean[z] = insert_lesions(clean[z], lesions, pixel, vol.modality)
             roi[z] = lesion_mask(clean[z].shape, lesions, pixel)

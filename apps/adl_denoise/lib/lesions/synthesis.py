@@ -4,7 +4,8 @@ The lesion model is the one of CT detectability studies (e.g. the low-contrast i
 phantoms and the lesion-insertion studies behind model observers): a sphere of diameter ``d`` whose edge
 falls off over ``edge_mm`` (a logistic profile, so no ringing after resampling or reconstruction), with a
 constant contrast ``c`` inside. CT contrast is in HU (hypodense liver-lesion-like -5..-30, hyperdense
-+10..+40); MR contrast is relative to the local tissue intensity (a Gd-enhancing blob of +10..+40 %).
++10..+40); MR contrast is relative to the local tissue intensity (a Gd-enhancing blob of +10..+40 %; training also uses
+hypointense ones, -40..-10 %: :func:`training_contrast_ranges`).
 
 Lesions are inserted into the CLEAN image before any noise is simulated: for CT, the low-dose simulator then
 projects the lesion with the anatomy (:func:`lib.noise.simulate_low_dose_ct` works in the sinogram domain), so
@@ -28,18 +29,22 @@ __all__ = [
     "CT_HYPODENSE_HU",
     "CT_HYPERDENSE_HU",
     "MR_ENHANCING_FRACTION",
+    "MR_HYPOINTENSE_FRACTION",
     "Lesion",
     "lesion_profile",
     "lesion_sites",
     "insert_lesions",
     "lesion_mask",
     "random_lesions",
+    "training_contrast_ranges",
 ]
 
 #: Contrast ranges of the synthetic lesions: CT in HU, MR as a fraction of the local tissue intensity.
 CT_HYPODENSE_HU: tuple[float, float] = (-30.0, -5.0)
 CT_HYPERDENSE_HU: tuple[float, float] = (10.0, 40.0)
 MR_ENHANCING_FRACTION: tuple[float, float] = (0.10, 0.40)
+#: MR lesions darker than their tissue (T1-hypointense: necrotic cores, cysts, chronic lesions), same fraction.
+MR_HYPOINTENSE_FRACTION: tuple[float, float] = (-0.40, -0.10)
 #: Soft tissue where CT lesions may sit (liver ~50-70 HU, kidney cortex, spleen, muscle), HU of the clean image.
 CT_SITE_HU: tuple[float, float] = (0.0, 120.0)
 
@@ -199,6 +204,18 @@ def lesion_sites(
             if len(chosen) == count:
                 break
     return chosen
+
+
+def training_contrast_ranges(modality: str) -> list[tuple[float, float]]:
+    """The contrast ranges of lesion-aware training data: darker and brighter lesions for both modalities (CT in
+    HU, MR as a fraction of the local tissue). Both signs matter: a lesion loss on brighter lesions only teaches
+    the network that bright blobs are likely, and it brightens uniform tissue (bench/README.md, "Lesion-aware
+    ADL MR")."""
+    if modality.upper() == "CT":
+        return [CT_HYPODENSE_HU, CT_HYPERDENSE_HU]
+    if modality.upper() == "MR":
+        return [MR_HYPOINTENSE_FRACTION, MR_ENHANCING_FRACTION]
+    raise ValueError(f"modality must be CT or MR, got {modality!r}")
 
 
 def random_lesions(
