@@ -172,8 +172,12 @@ def test_batch_records_the_width_and_redoes_a_series_when_it_changes(lesion_case
 @pytest.fixture(scope="module")
 def mr_head_case():
     """A real head (sample Colin27 T1, 7 axial slices at 1 mm, 217 x 181) with six 6 mm +20 % lesions in its
-    central slice, Rician 5 % from the same seed with and without them, and the shipped ADL MR weights' outputs:
-    (clean, noisy present, noisy absent, network present, network absent, lesion core (H, W), far air (H, W))."""
+    central slice, Rician 5 % from the same seed with and without them, and a denoiser that loses lesion contrast:
+    the shipped ADL MR weights' outputs smoothed in-plane by 1.5 px. The shipped MR network is lesion-aware and keeps
+    about 95 % of these lesions' contrast on its own (bench/README.md "Lesion-aware ADL MR"), so the smoothing stands
+    in for a denoiser that does not (the MR network before it kept 85 % here); like the network it leaves the air at
+    ~0, which is what the mask is for.
+    (clean, noisy present, noisy absent, denoised present, denoised absent, lesion core (H, W), far air (H, W))."""
     from scipy import ndimage
 
     from lib.lesions import Lesion, insert_lesions, lesion_mask, lesion_sites
@@ -193,6 +197,7 @@ def mr_head_case():
     noisy_a = add_rician_noise(clean, 5.0, seed=7, reference_max=top)
     model = load_denoiser(find_weights("adl", "MR"))
     net_p, net_a = denoise_array(model, noisy_p, "MR"), denoise_array(model, noisy_a, "MR")
+    net_p, net_a = (ndimage.gaussian_filter(v, (0, 1.5, 1.5)).astype(np.float32) for v in (net_p, net_a))
     core = lesion_mask(clean.shape, lesions, spacing)[mid] > 0.5
     air = ndimage.distance_transform_edt(clean[mid] < 0.02 * top) > 15  # air, 15 px or more from the head
     return clean, noisy_p, noisy_a, net_p, net_a, core, air
@@ -214,7 +219,7 @@ def test_mr_restoration_gives_lesion_contrast_back_inside_the_head_and_leaves_th
     restored_p, width = apply_restoration(noisy_p, net_p, "MR", 1.0)
     restored_a, _ = apply_restoration(noisy_a, net_a, "MR", 1.0)
     assert width == 1.0 and restored_p.shape == noisy_p.shape and restored_p.dtype == np.float32
-    # inside the head the lesions get their contrast back (0.85 -> 0.91 when written) ...
+    # inside the head the lesions get their contrast back (0.66 -> 0.85 when written) ...
     assert kept(restored_p, restored_a) > kept(net_p, net_a) + 0.04
     # ... while the air stays as the network left it, where an unmasked restoration gives the floor back
     np.testing.assert_allclose(restored_a[mid][air], net_a[mid][air], atol=1e-3)

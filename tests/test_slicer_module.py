@@ -157,19 +157,19 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
 def test_lesion_contrast_restoration_widget_matches_the_lib_and_is_wired_to_the_request():
     """The .ui spin box ("auto" at its minimum, then 0 = off .. 16 px), its enabling per model, the request's
     param from the Lib, and the width applied kept on the result node and shown (static: no Qt here)."""
-    from ADLDenoiseLib.settings import MAX_RESTORATION_PX, RESTORATION_SPIN_AUTO
+    from ADLDenoiseLib.settings import MAX_RESTORATION_PX, RESTORATION_SPIN_AUTO, RESTORATION_SPIN_STEP
 
     tree = ET.parse(MODULE_DIR / "Resources" / "UI" / "ADLDenoise.ui")
     spin = next(w for w in tree.iter("widget") if w.get("name") == "restorationSpin")
     assert spin.get("class") == "QDoubleSpinBox"
     prop = {p.get("name"): p[0].text for p in spin.findall("property")}
     assert float(prop["minimum"]) == RESTORATION_SPIN_AUTO and float(prop["maximum"]) == MAX_RESTORATION_PX
-    assert float(prop["singleStep"]) == 0.25 and prop["decimals"] == "2"
+    assert float(prop["singleStep"]) == RESTORATION_SPIN_STEP and prop["decimals"] == "2"
     assert float(prop["minimum"]) + float(prop["singleStep"]) == 0.0  # one step above "auto" is 0 = off
     assert prop["specialValueText"] == "auto" and float(prop["value"]) == RESTORATION_SPIN_AUTO  # default: auto
     assert prop["enabled"] == "false"  # until a model that takes it is chosen
     assert "low spatial frequencies" in prop["toolTip"] and "0: the network" in prop["toolTip"]
-    # property order matters to uic: decimals and the range before the value (else -0.25 is clamped to 0)
+    # property order matters to uic: decimals and the range before the value (else the negative "auto" value is clamped to 0)
     order = [p.get("name") for p in spin.findall("property")]
     assert order.index("decimals") < order.index("minimum") < order.index("value")
 
