@@ -7,11 +7,12 @@ with the file's ``file`` name and ``sha256`` in front.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
 from typing import Any
+
+from ..runtime.hashing import file_sha256
 
 __all__ = ["MAX_LINEAGE", "start_lineage"]
 
@@ -22,14 +23,6 @@ MAX_LINEAGE = 20
 _HOUSEKEEPING = ("device", "checkpoint_dir", "checkpoint_every", "keep_all_checkpoints", "num_workers",
                  "validation_every")
 _ABSOLUTE = re.compile(r"^(/|~|\\\\|[A-Za-z]:[\\/])")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _portable(value: Any) -> Any:
@@ -92,7 +85,7 @@ def start_lineage(start: str | os.PathLike) -> list[dict]:
     record = payload.get("training") if isinstance(payload, dict) else None
     earlier = [dict(e) for e in (record or {}).get("lineage") or [] if isinstance(e, dict)] \
         if isinstance(record, dict) else []
-    chain = earlier + [_summary(path.name, _sha256(path), payload)]
+    chain = earlier + [_summary(path.name, file_sha256(path), payload)]
     dropped = len(chain) - MAX_LINEAGE
     if dropped > 0:
         already = int(chain[0].get("older_entries_dropped", 0))
