@@ -692,8 +692,11 @@ def run(modalities: Sequence[str], methods: Sequence[Method], out_dir: Path, *, 
         max_slices: int | None = None, max_slices_mr: int | None = None, realisations: int = 1,
         realisations_mr: int = 1, per_slice: Mapping[str, int] | None = None, n_boot: int = 2000,
         cache_dir: Path | None = DEFAULT_CACHE_DIR, reuse_outputs: bool = False, title: str | None = None,
-        command: str = "", figures: bool = True, compare_to: Sequence[str] = (REFERENCE_METHOD,), log=print) -> dict:
-    """The whole benchmark; returns the results dict (also written as ``<out_dir>/results.json``)."""
+        command: str = "", figures: bool = True, compare_to: Sequence[str] = (REFERENCE_METHOD,),
+        contrasts: Mapping[str, Sequence[float]] | None = None, log=print) -> dict:
+    """The whole benchmark; returns the results dict (also written as ``<out_dir>/results.json``).
+    ``contrasts``: per modality, the lesion contrasts instead of the defaults (CT in HU, MR as a fraction of the
+    local intensity: -0.2 is a lesion 20 % darker than its tissue)."""
     watch = Stopwatch()
     machine = describe_machine()
     out_dir = Path(out_dir)
@@ -714,7 +717,8 @@ def run(modalities: Sequence[str], methods: Sequence[Method], out_dir: Path, *, 
         clean, spacing, source = (heldout_volume if data == "shared" else phantom_volume)(modality, ms)
         n_real = realisations if modality == "CT" else realisations_mr
         trials = [make_trial(clean, spacing, modality, r, source=source, cache_dir=cache_dir, log=log,
-                             per_slice=(per_slice or {}).get(modality)) for r in range(int(n_real))]
+                             per_slice=(per_slice or {}).get(modality), contrasts=(contrasts or {}).get(modality))
+                  for r in range(int(n_real))]
         log(f"[lesions] {modality}: {sum(len(t.lesions) for t in trials)} lesions in {len(trials)} realisation(s) "
             f"of {clean.shape} (z, y, x)")
         mres = {"modality": modality, "source": source.get("name"), "shape_zyx": list(clean.shape),
@@ -741,6 +745,17 @@ def run(modalities: Sequence[str], methods: Sequence[Method], out_dir: Path, *, 
     return results
 
 
+def _contrast_list(text: str) -> tuple[float, ...]:
+    """``"-20,-10"`` -> (-20.0, -10.0); a lesion of zero contrast is no lesion."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v == 0 or not math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-zero finite contrasts, got {text!r}")
+    return values
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--denoisers", default=DEFAULT_DENOISERS,
@@ -758,6 +773,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--realisations-mr", type=int, default=1, help="MR noise realisations (new sites each)")
     ap.add_argument("--per-slice", type=int, default=None,
                     help=f"at most N lesions of each size per slice (default CT {PER_SLICE['CT']}, MR {PER_SLICE['MR']})")
+    ap.add_argument("--contrasts-ct", type=_contrast_list, default=None, metavar="HU[,HU]",
+                    help=f"CT lesion contrasts in HU (default {','.join(f'{c:g}' for c in CT_CONTRASTS_HU)})")
+    ap.add_argument("--contrasts-mr", type=_contrast_list, default=None, metavar="PERCENT[,PERCENT]",
+                    help="MR lesion contrasts in %% of the local intensity, negative for lesions darker than their "
+                         f"tissue (default {','.join(f'{100 * c:g}' for c in MR_CONTRASTS)}: Gd-enhancing-like); "
+                         "write a list that starts with a minus as --contrasts-mr=-20,-10")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the confidence intervals")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     ap.add_argument("--no-cache", action="store_true", help="do not read or write the simulated-image cache")
@@ -778,6 +799,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"--modalities takes CT and/or MR, got {args.modalities!r}")
     methods = build_methods(args.denoisers, args.weights, modalities)
     per_slice = {m: args.per_slice for m in modalities} if args.per_slice else None
+    if args.contrasts_mr is not None and any(c <= -100 for c in args.contrasts_mr):
+        raise SystemExit(f"--contrasts-mr: a lesion cannot be 100 % or more darker than its tissue, got "
+                         f"{args.contrasts_mr}")
+    contrasts = {"CT": args.contrasts_ct, "MR": None if args.contrasts_mr is None
+                 else tuple(c / 100.0 for c in args.contrasts_mr)}
     command = " ".join([Path(sys.executable).name, *([sys.argv[0]] if argv is None else ["bench/lesion_detectability.py"]),
                         *(sys.argv[1:] if argv is None else argv)])
     print(f"Machine: {machine_line(describe_machine())}")
@@ -786,7 +812,8 @@ def main(argv=None) -> int:
                   realisations_mr=args.realisations_mr, per_slice=per_slice, n_boot=args.n_boot,
                   cache_dir=None if args.no_cache else DEFAULT_CACHE_DIR, reuse_outputs=args.reuse_outputs,
                   title=args.title, command=command, figures=not args.no_figure,
-                  compare_to=[n.strip() for n in args.compare_to.split(",") if n.strip()])
+                  compare_to=[n.strip() for n in args.compare_to.split(",") if n.strip()],
+                  contrasts={m: c for m, c in contrasts.items() if c is not None})
     print(results_markdown(results))
     print(f"Results in {args.out}/results.md (wall time {results['wall_s']:.0f} s)")
     return 0

@@ -6,6 +6,7 @@ Everything runs on tiny networks (filters 8-20) and 32-pixel patches on real fil
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -520,6 +521,16 @@ def test_export_and_load_round_trip(ct_dataset, tmp_path):
                             ct_dataset, progress=False)
     from_checkpoint = load_denoiser(tmp_path / "ck" / "last.pt")  # a training checkpoint loads too
     assert np.array_equal(denoise_array(from_checkpoint, image), denoise_array(result_ckpt.generator, image, "CT"))
+    # a weight file travels: its record names files, never the folders of the machine that trained it
+    record = dict(result_ckpt.training_record(), data={"inputs": [{"input": "/data/DOE_JOHN/ct_low.nii.gz"},
+                                                                    {"input": "C:\\scans\\DOE_JANE\\low.nii"}],
+                                                         "kind": "ct-lowdose", "initial_weights": "adl_ct.pt"})
+    portable = load_denoiser(export_weights(result_ckpt.generator, tmp_path / "w.pt", config, None, record))
+    training = portable.metadata["training"]
+    assert training["config"]["checkpoint_dir"] == "ck"
+    assert [i["input"] for i in training["data"]["inputs"]] == ["ct_low.nii.gz", "low.nii"]
+    assert training["data"]["kind"] == "ct-lowdose" and training["data"]["initial_weights"] == "adl_ct.pt"
+    assert str(tmp_path) not in json.dumps(training) and "DOE_" not in json.dumps(training)
 
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="not a readable ADL weight file"):

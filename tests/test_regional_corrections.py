@@ -183,7 +183,7 @@ def test_a_published_candidate_carries_the_lineage_of_the_weights_it_was_fine_tu
     served = store.served("adl", "CT")
     assert served.sha256 == published.sha256 != pretrained.sha256
     record = load_denoiser(served.path).metadata["training"]
-    assert record["fine_tuned_from"]["path"] == str(pretrained.path)
+    assert record["fine_tuned_from"]["file"] == pretrained.path.name  # a file name: the record travels
     assert [e["file"] for e in record["lineage"]] == ["pretrained_adl_ct.pt"]
     assert record["lineage"][0]["sha256"] == pretrained.sha256 and record["lineage"][0]["model"] == "adl"
     second = fine_tune(served.path, source, source.validation_pairs(), tmp_path / "second.pt", settings)

@@ -250,7 +250,7 @@ def fine_tune(
     result = train(config, dataset, val_pairs=None, progress=progress, initial_weights=initial_weights)
     network = result.generator  # the denoiser of either result type
     record = result.training_record()
-    record["fine_tuned_from"] = {"path": str(initial_weights),
+    record["fine_tuned_from"] = {"file": Path(initial_weights).name,
                                  "training": loaded.metadata.get("training", {}).get("data")}
     record["lineage"] = start_lineage(initial_weights)  # the start's record and its own lineage, start last
     record["data"] = dict(data_description or {}, validation_images=[p.name for p in val_pairs])

@@ -377,10 +377,13 @@ def adapt_to_low_dose(
         result = train(config, dataset, val_pairs=None, progress=False, initial_weights=start_path)
         seconds["fine_tune"] = time.perf_counter() - t0
         record = result.training_record()
-        record["adapted_from"] = {"path": str(start_path)}
+        record["adapted_from"] = {"file": Path(start_path).name}
         record["lineage"] = start_lineage(start_path)  # the start's record and its own lineage, start last
+        # the weight file names inputs by file name (it travels; the site's folders may name patients), the
+        # report next to it keeps the full paths
         record["data"] = {"kind": f"TDDL pseudo pairs: learned noise + {clean_kind}",
-                          "low_dose_train": train_record, "held_out": held_record}
+                          "low_dose_train": [dict(t, input=Path(t["input"]).name) for t in train_record],
+                          "held_out": [dict(h, input=Path(h["input"]).name) for h in held_record]}
         # what the report says about the run, whatever the verdict
         run = {"model": model, "initial_weights": str(start_path), "output": str(output),
                "low_dose": [str(p) for p in inputs], "held_out": held_record, "train_slices": train_record,

@@ -10,6 +10,7 @@ from .format import (
     load_initial_weights,
     non_finite_tensors,
     plain_json,
+    portable_record,
     scaling_rule_for,
 )
 from .lineage import MAX_LINEAGE, start_lineage
@@ -18,4 +19,4 @@ from .store import ModelStore, WeightsVersion
 
 __all__ = ["NonFiniteWeightsError", "TRAINING_CHECKPOINT_FORMATS", "WEIGHTS_FORMAT", "WEIGHTS_VERSION",
            "export_weights", "inflate_input_channels", "load_initial_weights", "non_finite_tensors", "plain_json",
-           "scaling_rule_for", "MAX_LINEAGE", "start_lineage", "MODEL_DIR", "candidate_weights", "find_weights", "ModelStore", "WeightsVersion"]
+           "portable_record", "scaling_rule_for", "MAX_LINEAGE", "start_lineage", "MODEL_DIR", "candidate_weights", "find_weights", "ModelStore", "WeightsVersion"]

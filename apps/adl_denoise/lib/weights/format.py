@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -30,6 +31,7 @@ __all__ = [
     "load_initial_weights",
     "non_finite_tensors",
     "plain_json",
+    "portable_record",
     "scaling_rule_for",
 ]
 
@@ -51,6 +53,30 @@ def plain_json(value: Any) -> Any:
     """A JSON-able copy of ``value`` (numbers, strings, lists, dicts: what ``torch.load(weights_only=True)``
     accepts); tensors and numpy scalars become numbers, anything else its text."""
     return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+_WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
+
+
+def _is_absolute_path(text: str) -> bool:
+    return text.startswith(("/", "~")) or bool(_WINDOWS_ABSOLUTE.match(text))
+
+
+def portable_record(value: Any) -> Any:
+    """``value`` (a JSON-able training record) with every absolute path cut to its last component, at any depth.
+
+    A weight file travels (published to every user of a site, copied to another one); the folders it was trained
+    from do not, and a site's folder names may name people (``/data/DOE_JOHN/...``). The file name is kept so a
+    site can still match the record with its own training report, which keeps the full paths.
+    """
+    if isinstance(value, dict):
+        return {key: portable_record(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable_record(item) for item in value]
+    if isinstance(value, str) and _is_absolute_path(value):
+        name = re.split(r"[\\/]", value.rstrip("/\\"))[-1]
+        return name or value[:1]
+    return value
 
 
 def scaling_rule_for(modality: str) -> dict:
@@ -99,7 +125,8 @@ def export_weights(
     with ``deep_supervision=False``), ``state_dict`` (ADL: G without its training-only 1/2 and 1/4 heads;
     floating tensors in fp16 when ``half``), ``dtype``, ``modality``, ``spatial_dims``, ``scaling_rule``
     (default :func:`scaling_rule_for`), ``training`` (the record, e.g.
-    :meth:`lib.engines.TrainingResult.training_record`), ``created_utc`` and library versions. About 9.5 MB for
+    :meth:`lib.engines.TrainingResult.training_record`; absolute paths cut to their last component,
+    :func:`portable_record`), ``created_utc`` and library versions. About 9.5 MB for
     the default 2D ADL network in fp16.
 
     ``config`` is a :class:`lib.engines.ADLTrainingConfig` (``generator_kwargs()``) or any configuration with
@@ -143,7 +170,7 @@ def export_weights(
         "modality": config.modality,
         "spatial_dims": config.spatial_dims,
         "scaling_rule": plain_json(scaling_rule if scaling_rule is not None else scaling_rule_for(config.modality)),
-        "training": plain_json(training_record or {}),
+        "training": portable_record(plain_json(training_record or {})),
         "created_utc": utc_timestamp(),
         "software": {"torch": str(torch.__version__), "monai": str(monai.__version__)},
     }
