@@ -246,7 +246,8 @@ def test_lesion_placement_keeps_lesions_apart_and_contrasts_balanced():
 @pytest.mark.slow
 def test_benchmark_end_to_end_on_a_phantom(tmp_path):
     """The command line on the synthetic phantoms (no ../shared/data needed): identity, a blur, and a weight file
-    given as --weights NAME=FILE (the shipped CT ADL: runs on CT only)."""
+    given as --weights NAME=FILE (the shipped CT ADL: runs on CT only); MR lesions darker than their tissue
+    (--contrasts-mr)."""
     from bench.lesion_detectability import main
     from lib.weights import find_weights
 
@@ -255,7 +256,7 @@ def test_benchmark_end_to_end_on_a_phantom(tmp_path):
         pytest.skip("no ADL CT weights installed")
     out = tmp_path / "lesions"
     rc = main(["--data", "phantom", "--denoisers", "noisy,gaussian", "--weights", f"adl_lesion={weights}",
-               "--n-boot", "200", "--per-slice", "4", "--no-cache", "--out", str(out)])
+               "--n-boot", "200", "--per-slice", "4", "--no-cache", "--contrasts-mr=-20,-10", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert (out / "results.md").read_text().count("CHO d'") >= 2
@@ -263,6 +264,10 @@ def test_benchmark_end_to_end_on_a_phantom(tmp_path):
     ct, mr = res["modalities"]["CT"], res["modalities"]["MR"]
     assert set(ct["methods"]) == {"noisy", "gaussian", "adl_lesion"}
     assert set(mr["methods"]) == {"noisy", "gaussian"}  # a CT weight file is not run on MR
+    assert mr["contrasts"] == [-0.2, -0.1] and {l["contrast"] for t in mr["trials"] for l in t["lesions"]} == {-0.2, -0.1}
+    dark = {(c["size_mm"], c["contrast"]): c["contrast_kept"]["mean"] for c in mr["methods"]["gaussian"]["cells"]}
+    assert all(0.3 < kept < 0.8 for (size, _), kept in dark.items() if size == 3.0)  # a darker lesion blurred
+    assert all(c["contrast_kept"]["mean"] == pytest.approx(1.0, abs=0.02) for c in mr["methods"]["noisy"]["cells"])
     cells = {(c["size_mm"], c["contrast"]): c for c in ct["methods"]["noisy"]["cells"]}
     assert len(cells) == 12 and all(c["n"] >= 8 for c in cells.values())
     assert all(c["contrast_kept"]["mean"] == pytest.approx(1.0, abs=0.02) for c in cells.values())
