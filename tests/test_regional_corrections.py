@@ -200,6 +200,9 @@ def test_reference_set_is_deterministic_cached_and_has_lesions_in_both_modalitie
         first = build_reference_set(modality, tmp_path)
         assert first.clean_present.shape == (3, 256, 256) and first.n_lesions >= 6
         assert np.abs(first.clean_present - first.clean_absent).max() > (4.0 if modality == "CT" else 20.0)
+        # lesions darker and brighter than their tissue: a candidate that erases either kind is caught
+        signs = {np.sign(lesion["contrast"]) for slice_lesions in first.lesions for lesion in slice_lesions}
+        assert signs == {-1.0, 1.0}, (modality, first.lesions)
         noise = first.noisy_present - first.clean_present
         assert 5.0 < float(np.std(noise[:, 100:150, 100:150])) < 80.0
         cached = list(tmp_path.glob(f"reference_{modality.lower()}_*.npz"))

@@ -7,8 +7,9 @@ no worse than the served model on images the corrections cannot touch, built det
 * a numerical abdomen-like phantom (:func:`phantom_slices`): 3 slices of 256 x 256 pixels of 1.5 mm (body
   outline, fat layer, muscle, liver, spleen, kidneys, aorta, spine, bowel gas), piecewise constant with
   half-pixel-smooth edges, organ sizes changing from slice to slice;
-* fixed-seed synthetic low-contrast lesions (:func:`lib.lesions.random_lesions`, 5-10 mm, CT -30..-5 HU and
-  +10..+40 HU, MR +10..+40 %) in its soft tissue;
+* fixed-seed synthetic low-contrast lesions (:func:`lib.lesions.random_lesions`, 5-10 mm, darker and brighter
+  than their tissue as in lesion-aware training, :func:`lib.lesions.training_contrast_ranges`: CT -30..-5 HU and
+  +10..+40 HU, MR -40..-10 % and +10..+40 %) in its soft tissue: a candidate that erases one kind is caught;
 * the modality's simulated noise with a fixed seed: CT the benchmark's quarter-dose sinogram-domain protocol
   (:func:`lib.noise.quarter_dose_settings`), MR Rician noise of 5 % of the maximum. Each slice is made with and
   without its lesions from the SAME noise seed (the paired design of :mod:`lib.evaluation.detectability`), so a
@@ -44,7 +45,7 @@ PSNR_TOLERANCE_DB = 0.1
 #: ... and at most this many percentage points of the reference lesions' contrast kept
 CONTRAST_TOLERANCE_PP = 2.0
 #: bump when anything below changes what the set holds (invalidates caches)
-REFERENCE_VERSION = 1
+REFERENCE_VERSION = 2  # 2: MR lesions of both signs (1: enhancing only)
 PIXEL_MM = 1.5
 SHAPE = (256, 256)
 SLICES = 3
@@ -125,15 +126,18 @@ def phantom_slices(modality: str) -> np.ndarray:
 
 
 def _definition(modality: str) -> dict:
+    from ..lesions import training_contrast_ranges
+
     return {"version": REFERENCE_VERSION, "modality": modality, "pixel_mm": PIXEL_MM, "shape": list(SHAPE),
             "slices": SLICES, "lesions_per_slice": LESIONS_PER_SLICE, "diameters_mm": list(LESION_DIAMETERS_MM),
-            "seed": SEED, "noise": "quarter-dose sinogram" if modality == "CT" else f"rician {MR_RICIAN_PERCENT}%"}
+            "seed": SEED, "noise": "quarter-dose sinogram" if modality == "CT" else f"rician {MR_RICIAN_PERCENT}%",
+            "contrast_ranges": [list(r) for r in training_contrast_ranges(modality)]}
 
 
 def build_reference_set(modality: str, cache_dir: str | os.PathLike | None = None) -> ReferenceSet:
     """The reference set of ``modality`` ("CT" or "MR"): read from ``cache_dir`` when a file of the same
     definition is there, else simulated (CT: a few seconds per slice on a CPU) and cached there."""
-    from ..lesions import insert_lesions, random_lesions
+    from ..lesions import insert_lesions, random_lesions, training_contrast_ranges
     from ..noise import add_rician_noise, quarter_dose_settings, simulate_low_dose_ct
 
     modality = modality.upper()
@@ -153,7 +157,7 @@ def build_reference_set(modality: str, cache_dir: str | os.PathLike | None = Non
     for s in range(SLICES):
         rng = np.random.default_rng([SEED, s])
         drawn = random_lesions(absent[s], PIXEL_MM, rng, modality=modality, count=LESIONS_PER_SLICE,
-                               diameters_mm=LESION_DIAMETERS_MM)
+                               diameters_mm=LESION_DIAMETERS_MM, contrast_ranges=training_contrast_ranges(modality))
         if not drawn:
             raise RuntimeError(f"reference phantom slice {s} has no room for lesions (a bug in the phantom)")
         present[s] = insert_lesions(absent[s], drawn, PIXEL_MM, modality)
