@@ -339,7 +339,8 @@ def test_cli_trains_a_detector_and_a_lesion_aware_model(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     record = torch.load(output, map_location="cpu", weights_only=True)["training"]
     assert record["data"]["synthetic_lesions"]["inserted"] >= 2
-    assert record["config"]["roi_l1_weight"] > 0 and record["config"]["lesion_detector"] == detector.name  # a file name: records never hold folders
+    # the detector by file name: a weight file's record never holds folders (lib.weights.portable_record)
+    assert record["config"]["roi_l1_weight"] > 0 and record["config"]["lesion_detector"] == detector.name
     refused = subprocess.run([env_python, str(APP / "cli.py"), "train", "--model", "adl", "--modality", "ct",
                               "--clean", str(phantom), "--output", str(tmp_path / "x.pt"), "--roi-l1-weight", "3"],
                              capture_output=True, text=True, timeout=600)
