@@ -71,7 +71,7 @@ def portable_record(value: Any) -> Any:
     """
     if isinstance(value, dict):
         return {key: portable_record(item) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [portable_record(item) for item in value]
     if isinstance(value, str) and _is_absolute_path(value):
         name = re.split(r"[\\/]", value.rstrip("/\\"))[-1]

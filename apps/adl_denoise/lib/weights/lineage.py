@@ -8,11 +8,11 @@ with the file's ``file`` name and ``sha256`` in front.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from ..runtime.hashing import file_sha256
+from .format import portable_record
 
 __all__ = ["MAX_LINEAGE", "start_lineage"]
 
@@ -22,19 +22,6 @@ MAX_LINEAGE = 20
 #: training machine besides)
 _HOUSEKEEPING = ("device", "checkpoint_dir", "checkpoint_every", "keep_all_checkpoints", "num_workers",
                  "validation_every")
-_ABSOLUTE = re.compile(r"^(/|~|\\\\|[A-Za-z]:[\\/])")
-
-
-def _portable(value: Any) -> Any:
-    """``value`` with every absolute path (POSIX, ``~``, Windows) cut to its file name: a record travels with
-    the weights and must not carry the layout of the machine that trained them."""
-    if isinstance(value, dict):
-        return {k: _portable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_portable(v) for v in value]
-    if isinstance(value, str) and _ABSOLUTE.match(value):
-        return re.split(r"[\\/]", value.rstrip("\\/"))[-1]
-    return value
 
 
 def _summary(name: str, sha256: str, payload: Any) -> dict:
@@ -91,4 +78,4 @@ def start_lineage(start: str | os.PathLike) -> list[dict]:
         already = int(chain[0].get("older_entries_dropped", 0))
         chain = chain[dropped:]
         chain[0]["older_entries_dropped"] = dropped + already
-    return _portable(chain)
+    return portable_record(chain)  # the record travels with the weights: file names, no folders
