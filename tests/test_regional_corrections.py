@@ -30,7 +30,9 @@ from conftest import SAMPLE_STUDIES
 from lib.data.regions import (CorrectionRegions, Region, RegionsError, apply_regions, check_region_map, keep_mask,
                               load_correction_regions, parse_regions, regional_target, smooth_in_plane)
 
-CASES = {"case_a": 40, "case_b": 55, "case_c": 70}  # image id -> slice of the sample head CT
+# image id -> slice of the sample head CT. The ids name patients, as a local datastore's file names may; the
+# validation split (a hash of the ids) holds out the middle slice, as the runs below were sized on
+CASES = {"DOE_JANE_1961": 40, "ROE_RICHARD_1958": 55, "POE_ANNA_1970": 70}
 LESION_HU = 80.0
 LESION_MM = 7.0
 
@@ -292,6 +294,7 @@ def regions_server(tmp_path_factory):
         (studies / "labels" / tag).mkdir(parents=True)
     server = start_server(studies, model_dir, root / "work", conf={"models": "adl"})
     server.cases = cases
+    server.model_dir = model_dir
     server.data = data
     yield server
     stop_server(server)
@@ -374,7 +377,7 @@ def test_region_maps_are_stored_with_their_params_and_bad_ones_refused(regions_c
     from monailabel.client.client import MONAILabelClientException
 
     server, client = regions_server, regions_client
-    image_id = "case_a"
+    image_id = "DOE_JANE_1961"
     region_map = _lesion_map(server, image_id)
     region_map[0, :10, :10] = 2
     params = {"regions": [{"value": 1, "name": "lesion 1", "intent": "keep"},
@@ -416,7 +419,7 @@ def test_a_later_correction_sent_without_regions_does_not_reuse_the_earlier_map(
     from lib.trainers.finetune import correction_pairs
 
     server, client = regions_server, regions_client
-    image_id = "case_a"
+    image_id = "DOE_JANE_1961"
 
     def training_pairs() -> dict:  # what a training run would read: the server's datastore, copied as it is now
         copy = tmp_path / f"studies_{time.monotonic_ns()}"
@@ -456,6 +459,27 @@ def test_a_marked_structure_the_served_model_blurs_is_kept_better_after_fine_tun
     assert decision["published"] is True, (decision.get("rejected_by"), decision.get("checks"))
     assert decision["rejected_by"] == [] and decision["checks"]["reference_set"]["passed"]
     assert client.info()["models"]["adl"]["weights"]["ct"]["version"] == decision["version"]
+    _assert_published_record_names_no_image(server, decision)
+
+
+def _assert_published_record_names_no_image(server, decision: dict) -> None:
+    """The published file (it travels) names the datastore images only by this server's keyed pseudonyms; the
+    server's version history maps them back."""
+    from lib.predict import load_denoiser
+    from lib.weights.pseudonyms import KEY_FILE, pseudonym
+
+    record = load_denoiser(server.model_dir / "adl_ct.pt").metadata["training"]
+    text = json.dumps(record)
+    assert not [i for i in CASES if i in text], text
+    key = (server.model_dir / KEY_FILE).read_bytes()
+    assert oct((server.model_dir / KEY_FILE).stat().st_mode & 0o777) == "0o600"
+    expected = {pseudonym(key, i): i for i in CASES}
+    named = set(record["data"]["train_images"]) | set(record["data"]["validation_images"]) | set(
+        record["data"]["regions"])
+    assert named == set(expected)
+    history = _http(server, "GET", "/versions/adl?modality=ct")[1]["history"]
+    published = [e for e in history if e.get("version") == decision["version"] and e["event"] == "published"]
+    assert published and published[-1]["record_pseudonyms"] == expected
 
 
 @pytest.mark.server

@@ -25,7 +25,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from ..data import ADLPatchDataset, ValidationPair
 from ..runtime.clock import Stopwatch
 from ..weights.format import NonFiniteWeightsError, export_weights, scaling_rule_for
 from ..weights.lineage import start_lineage
+from ..weights.pseudonyms import pseudonymise_record
 from .adl_training import ADLTrainingConfig, train_adl
 from .gcn_training import GCNTrainingConfig, train_gcn
 
@@ -207,6 +208,7 @@ def fine_tune(
     data_description: dict | None = None,
     progress: bool = False,
     on_scored: Callable[[str, dict], None] | None = None,
+    pseudonyms: Mapping[str, str] | None = None,
 ) -> FineTuneResult:
     """Fine-tune the network of ``initial_weights`` on ``train_source`` and score it against the start.
 
@@ -221,6 +223,8 @@ def fine_tune(
         data_description: stored in the candidate's training record (e.g. the image ids).
         progress: tqdm progress bars.
         on_scored: called with ``("baseline" | "candidate", score)`` as soon as each score is known.
+        pseudonyms: ``{image id: pseudonym}``: the ids the candidate's training record must not name (datastore ids,
+            :mod:`lib.weights.pseudonyms`), replaced wherever they appear in it. The scores keep the ids.
     """
     from ..predict import load_denoiser
 
@@ -254,6 +258,8 @@ def fine_tune(
                                  "training": loaded.metadata.get("training", {}).get("data")}
     record["lineage"] = start_lineage(initial_weights)  # the start's record and its own lineage, start last
     record["data"] = dict(data_description or {}, validation_images=[p.name for p in val_pairs])
+    if pseudonyms:
+        record = pseudonymise_record(record, pseudonyms)
     try:
         candidate = export_weights(network, output, config, scaling_rule_for(modality), record)
     except NonFiniteWeightsError as error:  # diverged: nothing written, the worst score, never published

@@ -35,6 +35,10 @@ blur a keep region more (held-out and training corrections), and must not lose o
 (:mod:`lib.engines.reference_set`, cached under ``<model_dir>/reference_set``); the decision in the status
 names the checks that rejected it (``rejected_by``) with their numbers (``checks``).
 
+Identity: the published file's training record names the datastore images (which may be patient-named file names or
+series UIDs) only by keyed pseudonyms (:mod:`lib.weights.pseudonyms`); the model's version history on this server
+(``GET /versions/{model}``) keeps the ids and ``record_pseudonyms`` ({pseudonym: id}) of each run.
+
 Progress and results: ``stats()`` (MONAI Label's ``train_stats`` in ``/info``) reads a status file the run
 writes (phase, step of total, scores, the publication decision). The run happens in MONAI Label's training
 subprocess: killing it leaves the served weights untouched (they are only ever replaced by an atomic rename at
@@ -69,6 +73,7 @@ from ..noise_learning.workflow import adaptation_data
 from ..runtime.atomic import atomic_write_json
 from ..runtime.clock import Stopwatch, utc_compact_stamp, utc_timestamp
 from ..runtime.hashing import file_sha256
+from ..weights.pseudonyms import pseudonym_map, site_key
 from ..weights.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -330,8 +335,11 @@ class DenoiserTrainTask(TrainTask):
                 status["input_psnr"] = finite_or_none(score["psnr_input"])
                 atomic_write_json(self.status_path, status)
 
+            # the candidate file names datastore images by pseudonyms; this server's history keeps the ids
+            pseudonyms = pseudonym_map(site_key(self.store.model_dir), _datastore_ids(resolved))
             result = fine_tune(served.path, source, val_pairs, work / "candidate.pt", settings,
-                               checkpoint_dir=work / "checkpoints", data_description=description, on_scored=on_scored)
+                               checkpoint_dir=work / "checkpoints", data_description=description, on_scored=on_scored,
+                               pseudonyms=pseudonyms)
             status.update(phase="checking the candidate (marked regions, reference set)")
             atomic_write_json(self.status_path, status)
             # a diverged run left no candidate file: nothing to check, decide_publication rejects it
@@ -339,7 +347,8 @@ class DenoiserTrainTask(TrainTask):
                       else self._checks(served.path, result.candidate, keep_cases, modality, settings.device))
             decision = decide_publication(result, self.store, self.model, modality, checks=checks, mode=mode,
                                           run_id=run_id, started_from=served.version,
-                                          images=description.get("train_images"))
+                                          images=description.get("train_images"),
+                                          record_pseudonyms={v: k for k, v in sorted(pseudonyms.items())})
             status.update(status="done", phase="finished", finished_utc=utc_timestamp(), decision=decision,
                           seconds=round(stopwatch.seconds, 1),
                           serving=(self.store.served(self.model, modality) or served).version)
@@ -405,6 +414,11 @@ class DenoiserTrainTask(TrainTask):
                                normal_dose=params.get("normal_dose") or None, denoiser_weights=served_path,
                                noise_info={"source": "datastore low-dose images"}, **numbers)
         return data.source, data.validation_pairs, data.description
+
+
+def _datastore_ids(resolved: dict) -> list[str]:
+    """The datastore ids a run trains or validates on: the corrections' images, or the low-dose CT images."""
+    return [str(item["id"] if isinstance(item, dict) else item) for item in resolved["items"]]
 
 
 def _last_line(path: Path) -> dict | None:
