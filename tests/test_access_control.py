@@ -333,6 +333,28 @@ def test_the_issuer_and_client_are_named_in_the_refusal_and_the_issuer_can_be_se
         verify_token(realm.token("uma", claims={"iss": public, "azp": "radiology-dashboard"}))
 
 
+def test_the_audience_is_checked_when_one_is_set(realm, monkeypatch):
+    """``ADL_AUTH_TOKEN_AUDIENCE`` (a realm with an audience mapper): a token must name it in ``aud`` (a string or
+    one of a list); without the setting, ``aud`` is not checked (Keycloak's default tokens carry "account")."""
+    from monailabel.config import settings
+
+    from lib.endpoints.access import AUDIENCE_ENV, ISSUER_ENV, AccessDenied, verify_token
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_REALM_URI", realm.url)
+    monkeypatch.delenv(ISSUER_ENV, raising=False)
+    monkeypatch.delenv(AUDIENCE_ENV, raising=False)
+    account = realm.token("uma", claims={"aud": "account"})
+    assert verify_token(account).username == "uma"
+    monkeypatch.setenv(AUDIENCE_ENV, "monailabel-app")
+    for refused, why in ((account, "does not name 'monailabel-app'"), (realm.token("uma"), "no 'aud' claim"),
+                         (realm.token("uma", claims={"aud": ["account", "pacs"]}), "does not name")):
+        with pytest.raises(AccessDenied, match=why) as denied:
+            verify_token(refused)
+        assert denied.value.status == 401
+    assert verify_token(realm.token("uma", claims={"aud": "monailabel-app"})).username == "uma"
+    assert verify_token(realm.token("uma", claims={"aud": ["account", "monailabel-app"]})).username == "uma"
+
+
 def test_a_rotated_realm_key_works_without_a_restart_and_refetches_are_rate_limited(server, realm):
     """The realm rotates its signing key: a token of the new key works at once (a signature that fails against the
     cached key makes the server fetch the realm's key again), the old key's tokens stop working, and forged tokens

@@ -8,7 +8,8 @@ returns None. On with MONAI Label's own settings, ``MONAI_LABEL_AUTH_ENABLE=true
 * :class:`AccessControlMiddleware` sits in front of the whole router (stock routes, the app's routes and the
   guards that ``install`` places before the stock routes), so no route can be reached without passing it. It
   matches (method, path) against :data:`ROUTE_ROLES`, verifies the bearer token (RS256 signature with the realm's
-  public key, expiry, issuer, the client it was issued to, a user name), and answers ``401`` (no token, bad
+  public key, expiry, issuer, the client it was issued to, the audience where ``ADL_AUTH_TOKEN_AUDIENCE`` sets one,
+  a user name), and answers ``401`` (no token, bad
   signature, expired, another algorithm, ``alg: none``, another realm or client) or ``403`` (role missing)
   itself, as JSON ``{"detail": ...}``. A (method, path) missing from the table needs the admin role: a route added
   later is closed until someone decides who may use it.
@@ -40,9 +41,9 @@ from fastapi.security import OAuth2PasswordRequestForm
 
 __all__ = [
     "ADMIN", "ANNOTATOR", "AUTHENTICATED", "PUBLIC", "REVIEWER", "ROLE_ORDER", "ROUTE_ROLES", "TOKEN_ALGORITHMS",
-    "USER", "AccessControlMiddleware", "AccessDenied", "ISSUER_ENV", "auth_enabled", "current_user",
-    "effective_roles", "expected_issuer", "install_access_control", "login_router", "required_role", "role_name",
-    "verify_token",
+    "USER", "AUDIENCE_ENV", "AccessControlMiddleware", "AccessDenied", "ISSUER_ENV", "auth_enabled", "current_user",
+    "effective_roles", "expected_audience", "expected_issuer", "install_access_control", "login_router",
+    "required_role", "role_name", "verify_token",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ TOKEN_ALGORITHMS = ("RS256",)
 CLOCK_LEEWAY_S = 30
 # the issuer tokens must name, where it differs from MONAI_LABEL_AUTH_REALM_URI (see expected_issuer)
 ISSUER_ENV = "ADL_AUTH_TOKEN_ISSUER"
+# the audience tokens must name (``aud``), when set: Keycloak puts the client in ``aud`` only with an audience mapper
+# (its default access tokens carry "account"), so the check is on where the realm is configured for it (RFC 9068)
+AUDIENCE_ENV = "ADL_AUTH_TOKEN_AUDIENCE"
 # a signature that fails against the cached realm key triggers a refetch of the key at most this often, seconds
 KEY_REFRESH_MIN_INTERVAL_S = 10.0
 _key_refresh_lock = threading.Lock()
@@ -250,17 +254,23 @@ def expected_issuer() -> str:
     return issuer.rstrip("/")
 
 
+def expected_audience() -> str | None:
+    """The ``aud`` a token must carry (one of its audiences): ``ADL_AUTH_TOKEN_AUDIENCE`` when set, else None (not
+    checked; the client a token was issued to, ``azp``, always is)."""
+    return os.environ.get(AUDIENCE_ENV, "").strip() or None
+
+
 def _decode(token: str, key: str) -> dict:
     """The claims of ``token`` checked against ``key`` (see :func:`verify_token`); :class:`AccessDenied` 401 for
     anything wrong but the signature, whose ``jwt.InvalidSignatureError`` is left to the caller (a rotated key)."""
     import jwt
 
-    issuer = expected_issuer()
+    issuer, audience = expected_issuer(), expected_audience()
     try:
         return jwt.decode(token, key, algorithms=list(TOKEN_ALGORITHMS), leeway=CLOCK_LEEWAY_S,
-                          issuer=[issuer, issuer + "/"],
-                          options={"verify_signature": True, "verify_exp": True, "verify_aud": False,
-                                   "verify_iss": True, "require": ["exp", "iss"]})
+                          issuer=[issuer, issuer + "/"], audience=audience,
+                          options={"verify_signature": True, "verify_exp": True, "verify_aud": audience is not None,
+                                   "verify_iss": True, "require": ["exp", "iss"] + (["aud"] if audience else [])})
     except jwt.InvalidSignatureError:
         raise
     except jwt.ExpiredSignatureError:
@@ -269,6 +279,11 @@ def _decode(token: str, key: str) -> dict:
         raise AccessDenied(401, f"the token is not signed with {', '.join(TOKEN_ALGORITHMS)}") from None
     except jwt.InvalidIssuerError:
         raise AccessDenied(401, f"the token was not issued by this server's realm ({issuer})") from None
+    except jwt.InvalidAudienceError:
+        raise AccessDenied(401, f"the token is not meant for this server: its audience (aud) does not name "
+                                f"{audience!r} ({AUDIENCE_ENV})") from None
+    except jwt.MissingRequiredClaimError as error:
+        raise AccessDenied(401, f"the token has no {error.claim!r} claim") from None
     except jwt.InvalidTokenError as error:
         raise AccessDenied(401, f"invalid token ({type(error).__name__})") from None
 
@@ -301,7 +316,8 @@ def verify_token(token: str):
     checking its RS256 signature with the realm's public key (fetched again once when the signature does not match
     it: :func:`_refreshed_public_key`), its expiry (required), its issuer (the realm:
     :func:`expected_issuer`), the client it was issued to (``azp``: ``MONAI_LABEL_AUTH_CLIENT_ID``; a token the
-    realm issued to another application of the site is not a token for this server) and its user name;
+    realm issued to another application of the site is not a token for this server), its audience where
+    :func:`expected_audience` names one, and its user name;
     :class:`AccessDenied` 401 otherwise, 503 when the realm's key cannot be fetched."""
     import jwt
     from monailabel.endpoints.user.auth import User, get_public_key
