@@ -168,6 +168,28 @@ def test_never_overwrites_existing_output_or_input(tmp_path, ct_crop_nifti):
     assert sha256(copy) == before
 
 
+def test_a_guessed_modality_is_said_with_the_option_that_overrides_it(tmp_path, ct_slice_dicom, ct_crop_nifti):
+    """A NIfTI carries no modality: the values decide (air near -1000 HU: CT). A CT stored without its rescale
+    (air near 0) or cropped inside the body (no air) looks like MR: the user must see the guess and how to override
+    it, not only a model name."""
+    image = sitk.Cast(sitk.ReadImage(str(ct_slice_dicom)), sitk.sitkInt16)
+    sitk.WriteImage(image, str(tmp_path / "hu.nii.gz"))
+    raw = sitk.GetImageFromArray(np.clip(sitk.GetArrayFromImage(image).astype(np.int32) + 1024, 0, 4095)
+                                 .astype(np.uint16))
+    raw.CopyInformation(image)
+    sitk.WriteImage(raw, str(tmp_path / "raw.nii.gz"))
+    for name, source, guess, other in (("a", tmp_path / "hu.nii.gz", "CT", "mr"),
+                                       ("b", tmp_path / "raw.nii.gz", "MR", "ct"),
+                                       ("c", ct_crop_nifti, "MR", "ct")):
+        result = run_cli("denoise", "--input", source, "--output", tmp_path / f"{name}.nii.gz", "--model", "gaussian")
+        assert result.returncode == 0, result.stderr
+        assert f"modality: {guess} (guessed from the values" in result.stdout, result.stdout
+        assert f"add --modality {other} if it is {other.upper()}" in result.stdout, result.stdout
+    result = run_cli("denoise", "--input", tmp_path / "raw.nii.gz", "--output", tmp_path / "d.nii.gz",
+                     "--model", "gaussian", "--modality", "ct")
+    assert result.returncode == 0 and "modality:" not in result.stdout, result.stdout
+
+
 @pytest.mark.slow
 def test_auto_model_falls_back_to_bm3d_without_weights_and_says_so(tmp_path, ct_crop_nifti, monkeypatch):
     monkeypatch.setenv("ADL_MODEL_DIR", str(tmp_path / "no_weights_here"))

@@ -116,6 +116,7 @@ def test_infer_by_datastore_id_keeps_grid_and_hounsfield_units(client, server):
     tissue = (source > 0) & (source < 80)
     assert abs(float(out[tissue].mean() - source[tissue].mean())) < 15  # still HU, same tissue level
     assert result["model"] == "adl" and result["modality"] == "CT" and result["weights_version"] == "pretrained"
+    assert result["modality_from"] == "guessed from the values"  # a NIfTI has no modality; the client sees the guess
     assert result["shape"] == list(source.shape) and result["planes"] == "slices"
     # the audit note on the study names the weights
     audit = http(server, "GET", "/review/ct_slab_b")[1]
@@ -125,8 +126,9 @@ def test_infer_by_datastore_id_keeps_grid_and_hounsfield_units(client, server):
 def test_classical_baseline_serves_without_weights_and_improves_the_low_dose_input(client, server, tmp_path):
     from lib.evaluation import psnr
 
-    path, result = client.infer("nlm", "ct_slab_b", {})
+    path, result = client.infer("nlm", "ct_slab_b", {"modality": "ct"})
     assert result["weights_version"] == "classical-nlm" and result["modality"] == "CT"
+    assert result["modality_from"] == "request"
     reference = write_crop(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz", tmp_path / "ref.nii.gz", z=slice(40, 44))
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(reference))).astype(np.float32)
     noisy, _ = read_array(server.studies / "ct_slab_b.nii.gz")

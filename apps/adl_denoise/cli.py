@@ -245,6 +245,11 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     _check_output(args)
     volume = _read_input(args)
     device = _resolve_device(args.device)  # fail early on an unavailable GPU, before any work
+    if volume.metadata.get("modality_source") == "guessed":
+        # the choice of model, weights and CT's HU handling follow it: say so where a wrong guess can be seen
+        other = "mr" if volume.modality == "CT" else "ct"
+        print(f"modality: {volume.modality} (guessed from the values: the file carries no modality; "
+              f"add --modality {other} if it is {other.upper()})")
     if args.model == AUTO_MODEL:
         args.model, note = choose_model(_denoise_options(args, AUTO_MODEL), volume)
         print(f"model: {args.model}" + (f" ({note})" if note else ""))

@@ -171,7 +171,7 @@ class DenoiseInferTask(InferTask):
                                        if uploaded else error) from None
         if volume.is_constant:
             raise HTTPException(status_code=422, detail="cannot denoise this image: it is constant (empty or blank)")
-        modality = self._modality(request, volume)
+        modality, modality_from = self._modality(request, volume)
         if result_dtype == "int16" and modality != "CT":
             raise HTTPException(status_code=422, detail="result_dtype int16 is for CT in HU; MR results are float32")
         if result_extension == "dicom" and not volume.dicom_headers:
@@ -201,7 +201,8 @@ class DenoiseInferTask(InferTask):
             raise HTTPException(status_code=422, detail=f"cannot write the result: {error}") from None
         seconds = time.perf_counter() - started
         result = {
-            "model": self.model, "method": self.method, "modality": modality, **version, "device": str(device),
+            "model": self.model, "method": self.method, "modality": modality, "modality_from": modality_from,
+            **version, "device": str(device),
             "seconds": round(seconds, 3),
             "shape": list(volume.array.shape), "spacing": list(volume.spacing), "result_dtype": result_dtype,
             "result_extension": result_extension,
@@ -245,21 +246,22 @@ class DenoiseInferTask(InferTask):
                                                         f"{self.model} is a classical method")
         return sigma
 
-    def _modality(self, request: dict, volume) -> str:
-        asked = str(request.get("modality") or "auto").upper()
+    def _modality(self, request: dict, volume) -> tuple[str, str]:
+        """(modality, where it came from: "request", "DICOM Modality", "server conf" or "guessed from the values")."""
+        asked, source = str(request.get("modality") or "auto").upper(), "request"
         if asked == "AUTO":
             if volume.dicom_headers and volume.modality in MODALITIES:
-                asked = volume.modality  # the DICOM Modality tag
+                asked, source = volume.modality, "DICOM Modality"
             elif self.default_modality in MODALITIES:
-                asked = self.default_modality  # the server's conf
+                asked, source = self.default_modality, "server conf"
             else:
-                asked = guess_modality(volume.array)  # HU-like values -> CT
+                asked, source = guess_modality(volume.array), "guessed from the values"  # HU-like values -> CT
         if asked not in MODALITIES:
             raise HTTPException(status_code=422, detail=f"modality must be auto, ct or mr, got {request.get('modality')!r}")
         if asked not in self.modalities:
             raise HTTPException(status_code=422, detail=f"{self.model} denoises {', '.join(self.modalities)} only, "
                                                         f"this image is {asked}")
-        return asked
+        return asked, source
 
     def _device(self, asked: Any) -> Any:
         name = str(asked or self.device or "auto")
