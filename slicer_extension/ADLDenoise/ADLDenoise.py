@@ -540,8 +540,10 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return None
             self.corrected_node = None  # a new result: a blend of the old one is no correction of this one
             restored = describe_restoration(result)  # the width the server applied (learned models)
-            self.ui.statusLabel.text = (f"denoised with {result.get('model')} ({result.get('modality')}, weights "
-                                        f"{result.get('weights_version')}) in {result.get('seconds')} s"
+            # a volume without a DICOM Modality was sent as CT or MR by its values: a CT crop with no air looks MR
+            guessed = "" if identity.modality in ("CT", "MR") else " guessed from the values"
+            self.ui.statusLabel.text = (f"denoised with {result.get('model')} ({result.get('modality')}{guessed}, "
+                                        f"weights {result.get('weights_version')}) in {result.get('seconds')} s"
                                         + (f"; {restored}" if restored else "")
                                         + (f"; {frame}" if frame else ""))
             self.onCompare()
