@@ -217,6 +217,8 @@ def test_one_process_denoises_the_good_series_and_reports_the_bad_ones(tree, ref
     assert "DERIVED" in derived.ImageType and "[denoised gaussian]" in derived.SeriesDescription
     assert len(list(Path(slab["output"]).iterdir())) == 20
     assert Path(rows["file:nifti/ct_small.nrrd"]["output"]).suffix == ".nrrd"
+    # where each modality came from: the DICOM tag, or the values of a file that carries none
+    assert slab["modality_from"] == "dicom" and rows["file:nifti/ct_crop.nii.gz"]["modality_from"] == "guessed"
     assert not list((root / "nifti").glob("*denoised*")) and not (root / MANIFEST_DIR).exists()
     # the same as 'cli.py denoise' on that file
     single = tmp_path / "crop.nii.gz"
@@ -357,6 +359,7 @@ def test_a_learned_model_records_its_weights_and_matches_denoise(tree, tiny_weig
     crop = rows["file:ct_crop.nii.gz"]
     assert crop["model"] == "adl" and crop["weights_version"] == "file:pretrained_adl_ct.pt"
     assert crop["modality"] == "CT" and crop["low_frequency_restoration"] == DEFAULT_SIGMA_PX["CT"]
+    assert crop["modality_from"] == "argument"  # --file-modality
     assert crop["weights_sha256"] == file_sha256(weights) == rows["file:ct_small.nrrd"]["weights_sha256"]
     single = tmp_path / "crop.nii.gz"
     done = processes.run([sys.executable, CLI, "denoise", "--model", "adl", "--weights", weights, "--modality", "ct",

@@ -279,7 +279,9 @@ class _Rank:
         extra = {"model": result.model, "weights_version": result.weights_version or f"classical-{result.model}",
                  "weights_sha256": result.weights_sha256,
                  "low_frequency_restoration": result.low_frequency_restoration,
-                 "modality": denoised.modality, "shape": list(denoised.array.shape)}
+                 "modality": denoised.modality, "shape": list(denoised.array.shape),
+                 # "dicom" (the Modality tag), "argument" (--modality), "guessed" (from the values: check those)
+                 "modality_from": denoised.metadata.get("modality_source")}
         del denoised, result
         if self.settings.store_to_pacs:
             extra["stored"] = dicomweb.store_series(self.client, item.output)
