@@ -43,6 +43,7 @@ from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_r
                                  request_actor, result_fields)
 from lib.configs import MODEL_CONFIGS, OPT_IN_MODELS
 from lib.weights import MODEL_DIR
+from lib.weights.pseudonyms import site_key
 from lib.pacs import PacsStoreError, is_dicomweb, series_folder, store_derived_series
 
 logger = logging.getLogger(__name__)
@@ -78,10 +79,21 @@ class DenoisingApp(MONAILabelApp):
 
             install(fastapi_app)
             install_request_context(fastapi_app)
+            self._make_pseudonym_key()
             if self.audit.broken is None:
                 self.audit.append("server_started", {"studies": studies, "model_dir": self.model_dir,
                                                      "models": sorted(self.models), "pid": os.getpid(),
                                                      "entries_verified": self.audit_at_start["entries"]})
+
+    def _make_pseudonym_key(self) -> None:
+        """The key of the pseudonyms that fine-tuned files name images by (:mod:`lib.weights.pseudonyms`), made at
+        start-up: a training run (which may be killed) then never adds files to the model folder. Without it (a
+        folder this server cannot write) fine-tuning fails rather than write a file that names patients."""
+        try:
+            site_key(self.model_dir)
+        except (OSError, ValueError) as error:
+            logger.error("no pseudonym key in %s (%s): fine-tuning from corrections will fail until it can be made",
+                         self.model_dir, error)
 
     def _verify_audit(self, in_server: bool) -> dict[str, Any]:
         """Verify the audit log's chain; a broken one is an ERROR in the log and makes the log refuse entries."""

@@ -11,8 +11,8 @@ replace, PS3.15 Annex E: anyone holding the study can link a UID back to the pat
 * the server keeps the ids next to the pseudonyms where only the site reads them (the model's version history,
   ``versions/<model>_<modality>/history.jsonl``), and can recompute the pseudonym of any id with its key.
 
-The key is 32 random bytes in ``<model folder>/.record_pseudonym_key`` (mode 0600), made on first use; it must stay
-with the server and never be copied with the weight files.
+The key is 32 random bytes in ``<model folder>/.record_pseudonym_key`` (mode 0600), made when the server starts (or on
+first use); it must stay with the server and never be copied with the weight files.
 """
 from __future__ import annotations
 
