@@ -258,8 +258,7 @@ def fine_tune(
                                  "training": loaded.metadata.get("training", {}).get("data")}
     record["lineage"] = start_lineage(initial_weights)  # the start's record and its own lineage, start last
     record["data"] = dict(data_description or {}, validation_images=[p.name for p in val_pairs])
-    if pseudonyms:
-        record = pseudonymise_record(record, pseudonyms)
+    record = pseudonymise_record(record, pseudonyms or {})
     try:
         candidate = export_weights(network, output, config, scaling_rule_for(modality), record)
     except NonFiniteWeightsError as error:  # diverged: nothing written, the worst score, never published

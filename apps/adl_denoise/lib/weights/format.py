@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..runtime.atomic import atomic_torch_save
 from ..runtime.clock import utc_timestamp
@@ -69,13 +69,24 @@ def portable_record(value: Any) -> Any:
     from do not, and a site's folder names may name people (``/data/DOE_JOHN/...``). The file name is kept so a
     site can still match the record with its own training report, which keeps the full paths.
     """
+    def cut(text: str) -> str:
+        if not _is_absolute_path(text):
+            return text
+        return re.split(r"[\\/]", text.rstrip("/\\"))[-1] or text[:1]
+
+    return map_record_strings(value, cut)
+
+
+def map_record_strings(value: Any, fn: Callable[[str], str], keys: bool = False) -> Any:
+    """``value`` (a JSON-able record) with ``fn`` applied to every string at any depth (and to dict keys that are
+    strings when ``keys``); tuples become lists, as JSON has them."""
     if isinstance(value, dict):
-        return {key: portable_record(item) for key, item in value.items()}
+        return {(fn(k) if keys and isinstance(k, str) else k): map_record_strings(v, fn, keys)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [portable_record(item) for item in value]
-    if isinstance(value, str) and _is_absolute_path(value):
-        name = re.split(r"[\\/]", value.rstrip("/\\"))[-1]
-        return name or value[:1]
+        return [map_record_strings(v, fn, keys) for v in value]
+    if isinstance(value, str):
+        return fn(value)
     return value
 
 

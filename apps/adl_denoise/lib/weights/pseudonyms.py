@@ -24,6 +24,8 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .format import map_record_strings
+
 __all__ = ["KEY_FILE", "PSEUDONYM_PREFIX", "pseudonym", "pseudonym_map", "pseudonymise_record", "site_key"]
 
 KEY_FILE = ".record_pseudonym_key"
@@ -81,16 +83,4 @@ def pseudonymise_record(value: Any, pseudonyms: Mapping[str, str]) -> Any:
     ids = sorted(pseudonyms, key=len, reverse=True)
     pattern = re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(map(re.escape, ids)) + r")(?![A-Za-z0-9])")
 
-    def text(s: str) -> str:
-        return pattern.sub(lambda match: pseudonyms[match.group(0)], s)
-
-    def walk(item: Any) -> Any:
-        if isinstance(item, dict):
-            return {text(k) if isinstance(k, str) else k: walk(v) for k, v in item.items()}
-        if isinstance(item, (list, tuple)):
-            return [walk(v) for v in item]
-        if isinstance(item, str):
-            return text(item)
-        return item
-
-    return walk(value)
+    return map_record_strings(value, lambda s: pattern.sub(lambda match: pseudonyms[match.group(0)], s), keys=True)
