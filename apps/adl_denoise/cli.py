@@ -795,7 +795,7 @@ def cmd_learn_noise(args: argparse.Namespace) -> int:
     try:
         model = learn_noise_model(paths, force_ct=args.modality == "ct", device=device, progress=True,
                                   report=lambda line: print(line, flush=True),
-                                  info={"command": "learn-noise", "inputs": [str(p.resolve()) for p in paths]},
+                                  info={"command": "learn-noise", "inputs": [p.name for p in paths]},
                                   **_given(patch_size=args.patch_size, steps=args.steps, batch_size=args.batch_size,
                                            lr=args.lr, max_patches=args.max_patches, detrend=args.detrend,
                                            seed=args.seed))

@@ -60,7 +60,8 @@ def learn_noise_model(
         seed: seed of the patch subset and the training.
         progress: tqdm progress bar.
         report: receives one line per input and one before training (print for a CLI).
-        info: stored in the model's metadata.
+        info: stored in the model's metadata. The model names its inputs by file name only (a noise-model file
+            may travel; a site's folders may name patients): keep folder paths out of ``info`` too.
 
     Raises:
         ValueError: an input is not CT, constant, smaller than a patch, or too few smooth patches were found.
@@ -84,7 +85,7 @@ def learn_noise_model(
                              "noise patches")
         pixel = (float(volume.spacing[1]), float(volume.spacing[0]))  # (row, column) = (y, x) mm
         samples = extract_noise_samples(volume.array, patch_size, max_patches=max_patches, seed=seed,
-                                        pixel_size_mm=pixel, source_name=str(path), detrend=detrend)
+                                        pixel_size_mm=pixel, source_name=path.name, detrend=detrend)
         st = samples.stats
         report(f"{path.name}: {len(samples)} noise patches ({st['accepted']} smooth of {st['candidates']} "
                f"candidates), noise std {samples.noise_std_hu:.1f} HU")
