@@ -17,7 +17,8 @@ import numpy as np
 
 
 def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path: str, amp: bool = True,
-                 planes: str = "auto", low_frequency_restoration: float | None = 0.0) -> np.ndarray:
+                 planes: str = "auto", low_frequency_restoration: float | None = 0.0,
+                 model_name: str | None = None) -> np.ndarray:
     """The network of the weight file ``path`` (ADL or TDDL-GCN), slice-wise (2D) or by 3D patches.
 
     ``amp``: mixed precision as the app uses it (:mod:`lib.runtime.precision`: bfloat16 on a CPU with native bfloat16, fp16
@@ -25,7 +26,7 @@ def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path:
     ``planes``: "auto" averages the three orthogonal planes where the app does
     (:func:`lib.predict.uses_orthogonal_planes`: 2D ADL on near-isotropic MR), "slices" never does.
     ``low_frequency_restoration``: in-plane Gaussian width in pixels of the removed content given back; 0 (default)
-    = the network alone, None = the modality's default as served.
+    = the network alone, None = the default of the modality and ``model_name`` (the app's model name) as served.
     Bind ``path`` (and ``amp``) with ``functools.partial`` (picklable, so the harness's worker process can run it)."""
     from lib.lesions.low_frequency_restoration import apply_restoration
     from lib.predict import denoise_array, load_denoiser, uses_orthogonal_planes
@@ -35,7 +36,7 @@ def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path:
     noisy = np.asarray(noisy, np.float32)
     orthogonal = planes == "auto" and uses_orthogonal_planes(model, modality, noisy.shape, spacing)
     out = denoise_array(model, noisy, modality=modality, device=device, amp=amp, orthogonal_planes=orthogonal)
-    return apply_restoration(noisy, out, modality, low_frequency_restoration)[0]
+    return apply_restoration(noisy, out, modality, low_frequency_restoration, model=model_name)[0]
 
 
 def _installed(model_name: str, modality: str) -> str:
@@ -77,13 +78,14 @@ def tddl_gcn(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarra
 def adl_lfr(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
     """:func:`adl` with the modality's default low-frequency restoration: what the app and ``cli.py denoise``
     return."""
-    return from_weights(noisy, spacing, modality, path=_installed("adl", modality), low_frequency_restoration=None)
+    return from_weights(noisy, spacing, modality, path=_installed("adl", modality), low_frequency_restoration=None,
+                        model_name="adl")
 
 
 def tddl_gcn_lfr(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
     """:func:`tddl_gcn` with the default low-frequency restoration for CT, as served."""
     return from_weights(noisy, spacing, modality, path=_installed("tddl_gcn", modality),
-                        low_frequency_restoration=None)
+                        low_frequency_restoration=None, model_name="tddl_gcn")
 
 
 LEARNED = {"adl": adl, "adl_slices": adl_slices, "adl_fp32": adl_fp32, "adl_3d": adl_3d, "tddl_gcn": tddl_gcn,

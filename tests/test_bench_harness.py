@@ -101,6 +101,20 @@ def test_weight_file_denoiser_runs_in_the_worker(tiny_pair, tmp_path):
         build_denoisers("noisy", [], [f"gcn={tmp_path / 'missing.pt'}"])
 
 
+def test_served_learned_denoisers_apply_each_models_own_default_width(tiny_pair):
+    """``adl_lfr`` / ``tddl_gcn_lfr`` are what the app serves: the network plus the restoration at that model's
+    default width for the modality (the TDDL-GCN's differs from ADL's on CT)."""
+    from bench.learned import adl, adl_lfr, tddl_gcn, tddl_gcn_lfr
+    from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
+
+    noisy = tiny_pair.noisy
+    assert default_sigma_px("CT", "tddl_gcn") != default_sigma_px("CT", "adl")
+    for served, network, model in ((tddl_gcn_lfr, tddl_gcn, "tddl_gcn"), (adl_lfr, adl, "adl")):
+        expected = restore_low_frequencies(noisy, network(noisy, tiny_pair.spacing, "CT"),
+                                           default_sigma_px("CT", model))
+        np.testing.assert_allclose(served(noisy, tiny_pair.spacing, "CT"), expected, atol=1e-3, err_msg=model)
+
+
 def test_table_states_psnr_gain_and_time_ratio_against_bm3d_of_the_same_run(tiny_pair, tmp_path):
     from bench.baselines import bm3d, gaussian, noisy
     from bench.harness import evaluate

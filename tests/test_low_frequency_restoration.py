@@ -143,6 +143,39 @@ def test_cli_denoise_restores_by_default_for_ct_and_can_turn_it_off(lesion_case,
     assert not (tmp_path / "x.nii.gz").exists() and not (tmp_path / "y.nii.gz").exists()
 
 
+def test_tddl_gcn_gets_its_own_default_width_in_the_cli_and_the_batch(lesion_case, tmp_path):
+    """The TDDL-GCN's CT default width (not ADL's) in ``cli.py denoise`` and ``denoise-batch``; a batch run again
+    with the same settings skips the series (its recorded width is the one this run would apply)."""
+    from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
+    from lib.predict import denoise_array, load_denoiser
+    from lib.weights import find_weights
+
+    _, low_present, _, _, _ = lesion_case
+    slab = low_present[None, 64:192, 64:192]
+    gcn_width = default_sigma_px("CT", "tddl_gcn")
+    assert gcn_width != default_sigma_px("CT")
+    source = tmp_path / "in" / "ct.nii.gz"
+    source.parent.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(slab), str(source))
+    done = run_cli("denoise", "--model", "tddl_gcn", "--modality", "ct", "--device", "cpu", "--input", source,
+                   "--output", tmp_path / "gcn.nii.gz")
+    assert done.returncode == 0, done.stderr
+    network = denoise_array(load_denoiser(find_weights("tddl_gcn", "CT")), slab, "CT")
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "gcn.nii.gz"))),
+                               restore_low_frequencies(slab, network, gcn_width), atol=1e-2)
+
+    def batch() -> str:
+        run = run_cli("denoise-batch", "--input", source.parent, "--output", tmp_path / "out", "--model", "tddl_gcn",
+                      "--file-modality", "ct")
+        assert run.returncode == 0, run.stdout + run.stderr
+        return run.stdout
+
+    assert "1 done" in batch()
+    assert "1 skipped" in batch()
+    rows = (tmp_path / "out" / "_denoise_batch" / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line).get("low_frequency_restoration") for line in rows][0] == gcn_width
+
+
 @pytest.mark.slow
 def test_batch_records_the_width_and_redoes_a_series_when_it_changes(lesion_case, tmp_path):
     from lib.lesions.low_frequency_restoration import default_sigma_px
@@ -258,7 +291,7 @@ def test_foreground_threshold_keeps_dark_tissue_and_skips_slices_of_air():
     assert float(weight[32, 24]) > 0.99 and float(weight[58, 5]) > 0.99
 
 
-def test_apply_restoration_is_the_modality_default_ct_unmasked_and_zero_is_the_network_itself():
+def test_apply_restoration_is_the_model_or_modality_default_ct_unmasked_and_zero_is_the_network_itself():
     from lib.lesions.low_frequency_restoration import (apply_restoration, default_sigma_px, foreground_only,
                                                        restore_low_frequencies)
 
@@ -273,6 +306,13 @@ def test_apply_restoration_is_the_modality_default_ct_unmasked_and_zero_is_the_n
     out, width = apply_restoration(noisy, denoised, "CT")
     assert width == default_sigma_px("CT") > 0.0
     np.testing.assert_array_equal(out, restore_low_frequencies(noisy, denoised, default_sigma_px("CT")))
+    # a model with its own default (the TDDL-GCN on CT) gets it; ADL and unknown names the modality's
+    out, width = apply_restoration(noisy, denoised, "CT", model="tddl_gcn")
+    assert width == default_sigma_px("CT", "tddl_gcn") == 0.6 != default_sigma_px("CT")
+    np.testing.assert_array_equal(out, restore_low_frequencies(noisy, denoised, 0.6))
+    assert default_sigma_px("ct", "adl") == default_sigma_px("CT", "nlm") == default_sigma_px("CT")
+    assert default_sigma_px("MR", "tddl_gcn") == default_sigma_px("MR")
+    assert apply_restoration(noisy, denoised, "CT", 2.5, model="tddl_gcn")[1] == 2.5  # asked beats default
     out, width = apply_restoration(noisy, denoised, "ct", 2.5)
     assert width == 2.5
     np.testing.assert_array_equal(out, restore_low_frequencies(noisy, denoised, 2.5))

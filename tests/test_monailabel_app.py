@@ -163,24 +163,27 @@ def test_infer_upload_of_a_non_ras_volume_comes_back_on_its_own_grid_unflipped(c
 
 
 def test_low_frequency_restoration_is_the_modality_default_can_be_set_and_is_audited(client, server):
-    """``low_frequency_restoration``: auto = the modality's default, a width in pixels, 0 = the network alone; bad
-    values and a width asked of a classical model are 422; the width applied is in the answer and the audit."""
+    """``low_frequency_restoration``: auto = the model's default for the modality (the TDDL-GCN's own for CT, not
+    ADL's), a width in pixels, 0 = the network alone; bad values and a width asked of a classical model are 422; the
+    width applied is in the answer and the audit."""
     from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
     from lib.predict import denoise_array, load_denoiser
 
     noisy, _ = read_array(server.studies / "ct_slab_c.nii.gz")
     noisy = noisy.astype(np.float32)
     network = denoise_array(load_denoiser(server.model_dir / "pretrained_tddl_gcn_ct.pt"), noisy, "CT")
+    gcn_width = default_sigma_px("CT", "tddl_gcn")
+    assert gcn_width != default_sigma_px("CT", "adl")  # so that the model's own default is what is checked
     outputs = {}
-    for asked, width in (("auto", default_sigma_px("CT")), (0, 0.0), ("2.5", 2.5)):
+    for asked, width in (("auto", gcn_width), (0, 0.0), ("2.5", 2.5)):
         path, result = client.infer("tddl_gcn", "ct_slab_c", {"low_frequency_restoration": asked})
         assert result["low_frequency_restoration"] == width
         outputs[width], _ = read_array(path)
         expected = restore_low_frequencies(noisy, network, width) if width else network
         np.testing.assert_allclose(outputs[width], expected, atol=0.05)
-    assert float(np.abs(outputs[default_sigma_px("CT")] - outputs[0.0]).max()) > 0.5  # HU
+    assert float(np.abs(outputs[gcn_width] - outputs[0.0]).max()) > 0.5  # HU
     audit = http(server, "GET", "/review/ct_slab_c")[1]
-    assert [r["low_frequency_restoration"] for r in audit["denoise_results"][-3:]] == [default_sigma_px("CT"), 0.0, 2.5]
+    assert [r["low_frequency_restoration"] for r in audit["denoise_results"][-3:]] == [gcn_width, 0.0, 2.5]
     # MR: off unless asked for
     _, result = client.infer("adl", "mr_slab_d", {})
     assert result["low_frequency_restoration"] == default_sigma_px("MR") == 0.0

@@ -126,9 +126,9 @@ def test_lesion_contrast_restoration_is_sent_to_learned_models_only_and_the_widt
     assert not supports_restoration(models["nlm"])
     volume = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "head.nrrd", z=slice(50, 52))
     noisy, _ = read_array(volume)
-    auto_width = default_sigma_px("CT")
-    assert auto_width > 0  # CT's default is on: "auto" and "off" must differ
     for model in ("adl", "tddl_gcn"):
+        auto_width = default_sigma_px("CT", model)  # each model's own default
+        assert auto_width > 0  # CT's default is on: "auto" and "off" must differ
         outputs = {}
         for spin_value in (RESTORATION_SPIN_AUTO, 0.0):  # the spin box's "auto", and one step up: off
             params = denoise_params(models[model], "ct", restoration_from_spin(spin_value))

@@ -213,7 +213,8 @@ def _denoise_learned(volume: Volume, model_name: str, options: DenoiseOptions, d
     except NonFiniteOutputError as error:
         raise DenoiseRefused(f"not denoised: {error}") from None
     # give back the lesion contrast the network removed with the noise (lesions before PSNR); None = the default
-    array, sigma = apply_restoration(volume.array, array, modality, options.low_frequency_restoration)
+    array, sigma = apply_restoration(volume.array, array, modality, options.low_frequency_restoration,
+                                     model=model_name)
     return DenoiseResult(array, model_name, path, version, sha, sigma)
 
 

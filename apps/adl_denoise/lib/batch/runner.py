@@ -240,7 +240,7 @@ class _Rank:
         path, now = installed[modality]
         if now != sha:
             return f"the {model} weights changed since ({sha[:12]} -> {now[:12]} in {path})"
-        width = restoration_width(modality, self.settings.options.low_frequency_restoration)
+        width = restoration_width(modality, self.settings.options.low_frequency_restoration, model)
         done_width = record.get("low_frequency_restoration")
         if done_width is not None and abs(float(done_width) - width) > 1e-9:
             return f"the low-frequency restoration width changed since ({float(done_width):g} -> {width:g} px)"

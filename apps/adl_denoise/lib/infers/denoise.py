@@ -10,8 +10,8 @@ grid (spacing, origin, direction, any orientation), CT in HU.
 Request keys (all optional, besides MONAI Label's own ``image``): ``modality`` (``auto`` | ``ct`` | ``mr``),
 ``result_extension`` (``.nii.gz`` | ``.nii`` | ``.nrrd`` | ``.mha`` | ``dicom``: a derived DICOM series of a
 DICOM input, zipped), ``result_dtype`` (``float32``, or ``int16`` for CT in whole HU), ``device``
-(``auto`` | ``cpu`` | ``cuda``), ``low_frequency_restoration`` (learned models: ``auto`` = the modality's default,
-or the in-plane Gaussian width in pixels of the removed content given back, 0 = the network's output alone;
+(``auto`` | ``cpu`` | ``cuda``), ``low_frequency_restoration`` (learned models: ``auto`` = the model's default for
+the modality, or the in-plane Gaussian width in pixels of the removed content given back, 0 = the network's output alone;
 :mod:`lib.lesions.low_frequency_restoration`). The response says which width was applied.
 
 Bad input raises ``fastapi.HTTPException`` with a 4xx status and a one-line reason; the server keeps
@@ -193,7 +193,8 @@ class DenoiseInferTask(InferTask):
             except NonFiniteOutputError as error:
                 log.error("no result returned: %s", error)
                 raise HTTPException(status_code=500, detail=f"not denoised: {error}; no result returned") from None
-            denoised, restoration = apply_restoration(volume.array, denoised, modality, restoration)
+            denoised, restoration = apply_restoration(volume.array, denoised, modality, restoration,
+                                                      model=self.model)
         out = volume.with_array(denoised)
         try:
             path = self._write(out, volume, result_extension, result_dtype)
@@ -231,7 +232,7 @@ class DenoiseInferTask(InferTask):
 
     # --- helpers
     def _restoration(self, request: dict) -> float | None:
-        """The low-frequency restoration width (pixels) asked for, None for ``auto`` (the modality's default, as
+        """The low-frequency restoration width (pixels) asked for, None for ``auto`` (the model's default, as
         :func:`apply_restoration` takes it), 0 for a classical model; HTTP 422 for a bad value or a width asked of
         a classical model."""
         asked = request.get("low_frequency_restoration")
