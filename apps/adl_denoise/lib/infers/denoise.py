@@ -11,8 +11,8 @@ Request keys (all optional, besides MONAI Label's own ``image``): ``modality`` (
 ``result_extension`` (``.nii.gz`` | ``.nii`` | ``.nrrd`` | ``.mha`` | ``dicom``: a derived DICOM series of a
 DICOM input, zipped), ``result_dtype`` (``float32``, or ``int16`` for CT in whole HU), ``device``
 (``auto`` | ``cpu`` | ``cuda``), ``low_frequency_restoration`` (learned models: ``auto`` = the model's default for
-the modality, or the in-plane Gaussian width in pixels of the removed content given back, 0 = the network's output alone;
-:mod:`lib.lesions.low_frequency_restoration`). The response says which width was applied.
+the modality, or the in-plane Gaussian width in pixels of the removed content given back, 0 = the network's output
+alone; :mod:`lib.lesions.low_frequency_restoration`). The response says which width was applied.
 
 Bad input raises ``fastapi.HTTPException`` with a 4xx status and a one-line reason; the server keeps
 serving. A result holding NaN or infinite values is never returned (HTTP 500, nothing written or recorded).

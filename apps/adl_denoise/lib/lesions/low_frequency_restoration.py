@@ -32,8 +32,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["DEFAULT_SIGMA_PX", "FOREGROUND_ONLY", "MAX_SIGMA_PX", "MODEL_SIGMA_PX", "apply_restoration", "check_sigma_px",
-           "default_sigma_px", "foreground_only", "foreground_threshold", "foreground_weight",
+__all__ = ["DEFAULT_SIGMA_PX", "FOREGROUND_ONLY", "MAX_SIGMA_PX", "MODEL_SIGMA_PX", "apply_restoration",
+           "check_sigma_px", "default_sigma_px", "foreground_only", "foreground_threshold", "foreground_weight",
            "restoration_width", "restore_low_frequencies"]
 
 #: the default in-plane Gaussian width (pixels) per modality for the learned denoisers' output; 0 = off.
