@@ -157,3 +157,25 @@ def test_shipped_ct_noise_model_makes_ct_like_noise() -> None:
     assert abs(float(field[tissue].mean())) < 3.0
     again = model.synthesise_noise_field(reference, np.random.SeedSequence(7), pixel_size_mm=(0.488, 0.488))
     assert np.array_equal(field, again)
+
+
+def test_shipped_files_name_no_folders_of_the_machine_they_were_trained_on() -> None:
+    """A shipped file goes to every site: its record names its inputs and checkpoints by file name only (what
+    ``lib.weights.portable_record`` writes), never a folder of the machine it was trained on."""
+    import re
+
+    import torch
+
+    from lib.weights.format import map_record_strings
+
+    absolute = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
+    files = sorted(MODEL_DIR.glob("*.pt"))
+    assert len(files) >= 5
+    for path in files:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        found: list[str] = []
+        for key, value in payload.items():
+            if key != "state_dict":
+                map_record_strings(value, lambda text: found.append(text) if absolute.match(text) else text,
+                                   keys=True)
+        assert not found, f"{path.name} names folders: {found[:3]}"
