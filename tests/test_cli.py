@@ -112,6 +112,12 @@ def _text_file(folder: Path) -> Path:
     return path
 
 
+def _text_named_nifti(folder: Path) -> Path:
+    path = folder / "scan.nii.gz"
+    path.write_text("this is not an image\n")
+    return path
+
+
 def _empty_folder(folder: Path) -> Path:
     path = folder / "folder"
     path.mkdir()
@@ -135,6 +141,7 @@ def _four_d_volume(folder: Path) -> Path:
 # name: (input made in a folder, words of the reason); the inputs' names share no words with the reasons
 BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "non-image": (_text_file, "dicom"),
+    "non-image named .nii.gz": (_text_named_nifti, "not a nifti, nrrd or metaimage image"),
     "empty folder": (_empty_folder, "empty folder"),
     "NaN": (_nan_volume, "nan"),
     "4D": (_four_d_volume, "4d"),
@@ -151,6 +158,7 @@ def test_bad_input_exits_2_with_one_line_reason(tmp_path, case):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert word in lines[0].replace(str(tmp_path), "").lower(), lines[0]  # in the reason, not in a path
+    assert ".cxx" not in lines[0], lines[0]  # no library internals (SimpleITK's source file names)
     assert not (tmp_path / "out.nii.gz").exists()
 
 

@@ -159,6 +159,9 @@ def _header_checks(path: Path, limit: int) -> sitk.ImageFileReader:
     try:
         reader.ReadImageInformation()  # header only: refuse a huge image before loading its pixels
     except RuntimeError as exc:
+        if "Unable to determine ImageIO reader" in str(exc):  # no reader recognises the bytes, whatever the name
+            raise ImageReadError(f"cannot read {path}: its content is not a NIfTI, NRRD or MetaImage image "
+                                 "(no image reader recognises it)") from exc
         raise ImageReadError(f"cannot read {path}: {one_line(exc)}") from exc
     check_size(reader.GetSize(), path, limit)
     per_voxel = _bytes_per_voxel(reader)
