@@ -20,7 +20,7 @@ from .workflow import blend, difference, roi_statistics
 __all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "blended_volume",
            "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid",
            "study_identity", "sequence_frame", "dicom_series_of", "is_plain_scalar_volume", "EXCLUDED_VOLUME_TYPES",
-           "adopt_parent_transform", "match_orientation_and_link"]
+           "adopt_parent_transform", "adopt_study_folder", "match_orientation_and_link"]
 
 #: subclasses of vtkMRMLScalarVolumeNode that are not a CT / MR intensity volume (the selector hides them; Slicer's
 #: class tree: LabelMap, Tensor -> Vector / DiffusionImage -> DiffusionTensor, DiffusionWeighted)
@@ -103,6 +103,28 @@ def adopt_parent_transform(node, original) -> None:
     """Put ``node`` under ``original``'s parent transform (a DICOM acquisition / gantry-tilt transform, or one the
     user applied), so both are shown in the same place; none when the original has none."""
     node.SetAndObserveTransformNodeID(original.GetTransformNodeID())
+
+
+def adopt_study_folder(node, original) -> None:
+    """Put ``node``'s subject-hierarchy item under ``original``'s parent item: for a DICOM series its study, under
+    its patient. A derived volume (result, correction, difference) then stays with the patient and study it was
+    made from in the Data module and in Slicer's DICOM export, instead of at the top level where it could be
+    filed under another patient. Only the parent is set: the node does not take the original's series UID or
+    modality (it is not that series; :func:`study_identity` hashes its content). Nothing happens where the
+    original has no subject-hierarchy item."""
+    scene = node.GetScene()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene) if scene is not None else None
+    if hierarchy is None:
+        return
+    original_item = hierarchy.GetItemByDataNode(original)
+    if not original_item:
+        return
+    parent = hierarchy.GetItemParent(original_item) or hierarchy.GetSceneItemID()
+    item = hierarchy.GetItemByDataNode(node)
+    if not item:  # Slicer's subject-hierarchy plugins create the item when the node is added; slicer-core has none
+        hierarchy.CreateItem(parent, node)
+    elif hierarchy.GetItemParent(item) != parent:
+        hierarchy.SetItemParent(item, parent)
 
 
 def _browser_of(node):
@@ -206,6 +228,7 @@ def load_result(scene, path: str | os.PathLike, reference, suffix: str = " denoi
     scene.AddNode(node)
     node.CreateDefaultDisplayNodes()
     adopt_parent_transform(node, reference)
+    adopt_study_folder(node, reference)
     _copy_window(reference, node)
     return node
 
@@ -228,6 +251,7 @@ def _new_like(scene, reference, array: np.ndarray, name: str, node=None):
     node.SetIJKToRASMatrix(_vtk_matrix(_ijk_to_ras(reference)))
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, np.float32))
     adopt_parent_transform(node, reference)
+    adopt_study_folder(node, reference)
     return node
 
 

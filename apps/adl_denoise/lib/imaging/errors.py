@@ -18,7 +18,7 @@ def one_line(exc: BaseException | str, limit: int = 300) -> str:
     """A readable single line (at most ``limit`` characters) from an exception; SimpleITK's are multi-line with
     C++ file names."""
     text = str(exc)
-    if "sitk::ERROR:" in text:  # SimpleITK's own: "Exception thrown in SimpleITK ...: /src/....cxx:99: sitk::ERROR: ..."
+    if "sitk::ERROR:" in text:  # SimpleITK's own: "Exception thrown in SimpleITK ...: .../x.cxx:99: sitk::ERROR: ..."
         text = text.split("sitk::ERROR:", 1)[1]
     if "ITK ERROR:" in text:
         text = text.split("ITK ERROR:", 1)[1]

@@ -2,10 +2,10 @@
 
 Volume nodes out to NRRD and back (geometry, HU values, name suffix), refusal of a result on another grid,
 difference and blended volumes, ROI statistics inside a markups ROI; the study identity from the subject hierarchy
-(SeriesInstanceUID, Modality) or the content, scalar-only volumes, the parent transform of results, the frame of a
-4D sequence, Yellow taking Red's orientation before the views are linked, and Close Scene making the review
-session forget. Needs neither a server nor pynrrd. Run inside Slicer with
-``slicer_add_python_unittest`` or outside it with ``python -m pytest`` in a venv that has slicer-core.
+(SeriesInstanceUID, Modality) or the content, scalar-only volumes, the parent transform and the study (subject-
+hierarchy parent) of results, the frame of a 4D sequence, Yellow taking Red's orientation before the views are
+linked, and Close Scene making the review session forget. Needs neither a server nor pynrrd. Run inside Slicer
+with ``slicer_add_python_unittest`` or outside it with ``python -m pytest`` in a venv that has slicer-core.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ class nrrd:  # noqa: N801 - a minimal stand-in for pynrrd's read / write (Slicer
 
 from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene made above)
     adopt_parent_transform,
+    adopt_study_folder,
     blended_volume,
     difference_volume,
     export_volume,
@@ -239,6 +240,38 @@ class StudyIdentityTest(unittest.TestCase):
         other.SetAndObserveTransformNodeID(tilt.GetID())
         adopt_parent_transform(other, plain)
         self.assertIsNone(other.GetParentTransformNode())
+
+    def test_results_blends_and_differences_stay_in_the_originals_study_without_its_series_uid(self):
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        studies = {}
+        for patient in ("patient A", "patient B"):  # two patients loaded from DICOM, one series each
+            subject = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), patient)
+            studies[patient] = hierarchy.CreateStudyItem(subject, f"CT study of {patient}")
+        other = as_dicom_series(oblique_ct_node("2: CT CHEST"), "1.2.840.99.8", "CT")
+        hierarchy.SetItemParent(hierarchy.GetItemByDataNode(other), studies["patient B"])
+        original = as_dicom_series(oblique_ct_node("3: CT HEAD"), "1.2.840.99.7", "CT")
+        hierarchy.SetItemParent(hierarchy.GetItemByDataNode(original), studies["patient A"])
+        result = load_result(slicer.mrmlScene, export_volume(original, self.work / "in.nrrd"), original)
+        blend = blended_volume(slicer.mrmlScene, original, result, 0.5)
+        derived = (result, blend, difference_volume(slicer.mrmlScene, original, result),
+                   blended_volume(slicer.mrmlScene, original, result, 0.7, node=blend))  # updated in place
+        for node in derived:
+            item = hierarchy.GetItemByDataNode(node)
+            self.assertTrue(item, node.GetName())
+            self.assertEqual(hierarchy.GetItemParent(item), studies["patient A"], node.GetName())
+            # not that series: no series UID or modality of the original, so its identity is its content
+            self.assertEqual(hierarchy.GetItemUID(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMUIDName()), "")
+            self.assertEqual(study_identity(node).kind, "content")
+        # in Slicer the subject-hierarchy plugins give every added volume an item at the top level first: moved
+        moved = oblique_ct_node("item made on adding")
+        hierarchy.CreateItem(hierarchy.GetSceneItemID(), moved)
+        adopt_study_folder(moved, original)
+        self.assertEqual(hierarchy.GetItemParent(hierarchy.GetItemByDataNode(moved)), studies["patient A"])
+        # an original outside any study (loaded from a file): the derived volume goes to the top level
+        plain = oblique_ct_node("from a file")
+        hierarchy.CreateItem(hierarchy.GetSceneItemID(), plain)
+        difference = difference_volume(slicer.mrmlScene, plain, plain)
+        self.assertEqual(hierarchy.GetItemParent(hierarchy.GetItemByDataNode(difference)), hierarchy.GetSceneItemID())
 
     def test_a_sequence_frame_is_named_and_part_of_the_identity(self):
         slicer.mrmlScene.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())
