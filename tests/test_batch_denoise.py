@@ -215,6 +215,7 @@ def test_one_process_denoises_the_good_series_and_reports_the_bad_ones(tree, ref
     # DICOM in, derived DICOM series out; files keep their type; inputs untouched
     derived = pydicom.dcmread(next(Path(slab["output"]).iterdir()))
     assert "DERIVED" in derived.ImageType and "[denoised gaussian]" in derived.SeriesDescription
+    assert derived.DerivationDescription.startswith("Denoised with gaussian from series ")  # what made it
     assert len(list(Path(slab["output"]).iterdir())) == 20
     assert Path(rows["file:nifti/ct_small.nrrd"]["output"]).suffix == ".nrrd"
     # where each modality came from: the DICOM tag, or the values of a file that carries none

@@ -86,6 +86,28 @@ def test_simulate_writes_derived_dicom_series(tmp_path, ct_slice_dicom):
     assert derived.StudyInstanceUID == source.StudyInstanceUID and derived.PatientID == source.PatientID
     assert "DERIVED" in derived.ImageType
     assert "50% dose" in derived.SeriesDescription
+    # a simulated series never reads as a denoised one
+    assert derived.ImageType[-1] == "SIMULATED" and derived.DerivationDescription == (
+        f"Noise simulation: simulated 50% dose from series {source.SeriesInstanceUID}")
+
+
+@pytest.mark.slow
+def test_denoised_dicom_series_names_the_model_weights_and_restoration(tmp_path, ct_slice_dicom):
+    import pydicom
+
+    from lib.lesions.low_frequency_restoration import default_sigma_px
+
+    weights = APP_DIR / "model" / "pretrained_adl_ct.pt"
+    result = run_cli("denoise", "--input", ct_slice_dicom, "--output", tmp_path / "denoised", "--model", "adl",
+                     "--modality", "ct", "--weights", weights)
+    assert result.returncode == 0, result.stderr
+    derived = pydicom.dcmread(next((tmp_path / "denoised").iterdir()))
+    source = pydicom.dcmread(ct_slice_dicom)
+    assert derived.ImageType[-1] == "DENOISED" and derived.SeriesDescription.endswith(" [denoised adl]")
+    text = derived.DerivationDescription
+    assert text.startswith("Denoised with adl (weights ") and text.endswith(f" from series {source.SeriesInstanceUID}")
+    assert f"sha256 {sha256(weights)[:16]}" in text
+    assert f"low-frequency restoration {default_sigma_px('CT', 'adl'):g} px" in text
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from lib.imaging import (
     ImageReadError,
     ImageWriteError,
     Volume,
+    denoising_derivation,
     guess_modality,
     list_dicom_series,
     read_volume,
@@ -673,3 +674,24 @@ def test_a_scaled_uint8_nifti_is_read_and_a_cut_one_refused(tmp_path, suffix):
     cut.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ImageReadError, match="truncated or corrupt|cannot read"):
         read_volume(cut, modality="MR")
+
+
+def test_derived_series_says_what_made_it_and_keeps_its_suffix_after_a_long_description(tmp_path):
+    """A derived series must read as derived in a PACS list: the suffix survives a 64-character original
+    description (the original is cut), and DerivationDescription names the method and weights it came from."""
+    long_description = "CT ABDOMEN PELVIS W CONTRAST PORTAL VENOUS 1.0 B30f iDose 3 AX!!"
+    assert len(long_description) == 64
+    series = _make_series(tmp_path / "in", n=3, description=long_description)
+    volume = read_volume(tmp_path / "in")
+    derivation = denoising_derivation("tddl_gcn", "file:pretrained_tddl_gcn_ct.pt", "ab" * 32, 0.6)
+    out = write_volume(volume.with_array(volume.array + 1.0), tmp_path / "out",
+                       series_description_suffix=" [denoised tddl_gcn]", derivation=derivation)
+    for path in sorted(out.iterdir()):
+        ds = pydicom.dcmread(path)
+        assert len(ds.SeriesDescription) <= 64 and ds.SeriesDescription.endswith(" [denoised tddl_gcn]")
+        assert ds.SeriesDescription.startswith("CT ABDOMEN PELVIS")
+        assert ds.DerivationDescription == (
+            "Denoised with tddl_gcn (weights file:pretrained_tddl_gcn_ct.pt sha256 abababababababab; low-frequency "
+            f"restoration 0.6 px) from series {series['uid']}")
+        assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"] and ds.ImageType[-1] == "DENOISED"
+    assert denoising_derivation("bm3d") == "Denoised with bm3d"

@@ -246,6 +246,11 @@ def test_infer_of_a_dicom_file_returns_a_derived_dicom_series(client, tmp_path):
     assert derived.SeriesInstanceUID != original.SeriesInstanceUID
     assert derived.StudyInstanceUID == original.StudyInstanceUID and "DERIVED" in derived.ImageType
     assert derived.Rows == original.Rows and derived.ImagePositionPatient == original.ImagePositionPatient
+    # what made it, as the answer says: model, weights (version, sha256) and the restoration width
+    assert derived.DerivationDescription == (
+        f"Denoised with adl (weights {result['weights_version']} sha256 {result['weights_sha256'][:16]}; "
+        f"low-frequency restoration {result['low_frequency_restoration']:g} px) from series "
+        f"{original.SeriesInstanceUID}")
 
 
 def _text_file(folder: Path) -> str:

@@ -71,6 +71,9 @@ def test_denoise_a_pacs_series_and_store_the_result_back(tmp_path, tiny_weights)
             original = pydicom.dcmread(files[0])
             assert derived.StudyInstanceUID == original.StudyInstanceUID and "DERIVED" in derived.ImageType
             assert "denoised adl" in derived.SeriesDescription
+            assert derived.DerivationDescription.startswith(
+                f"Denoised with adl (weights {result['weights_version']} sha256 {result['weights_sha256'][:16]}; "
+                f"low-frequency restoration {result['low_frequency_restoration']:g} px)")
             hu = derived.pixel_array * float(derived.RescaleSlope) + float(derived.RescaleIntercept)
             assert np.isfinite(hu).all() and hu.min() < -900 and 0 < np.median(hu[hu > -500]) < 100  # still HU
             assert result["modality"] == "CT" and result["weights_version"] == "pretrained"

@@ -29,7 +29,7 @@ import numpy as np
 from lib.model_dispatch import (ADL_3D_MODEL, ADL_MODEL, AUTO_MODEL, DENOISE_LEARNED_MODELS, GCN_MODEL,
                                 LEARNED_MODELS, MODEL_LABELS, DenoiseOptions, choose_model, denoise_volume,
                                 refuse_constant)
-from lib.imaging import ImageReadError, ImageWriteError, Volume, read_volume, write_volume
+from lib.imaging import ImageReadError, ImageWriteError, Volume, denoising_derivation, read_volume, write_volume
 
 EXIT_BAD_INPUT = 2
 MODALITY_CHOICES = ("auto", "ct", "mr", "other")
@@ -137,8 +137,11 @@ def _check_output(args: argparse.Namespace) -> None:
         raise CommandError(f"{args.output} already exists (add --overwrite to replace it)")
 
 
-def _write_output(volume: Volume, args: argparse.Namespace, description_suffix: str) -> None:
-    path = write_volume(volume, args.output, overwrite=args.overwrite, series_description_suffix=description_suffix)
+def _write_output(volume: Volume, args: argparse.Namespace, description_suffix: str, derivation: str,
+                  derived_image_type: str = "DENOISED") -> None:
+    """Write the result; ``derivation`` and ``derived_image_type`` go to a derived DICOM series (what made it)."""
+    path = write_volume(volume, args.output, overwrite=args.overwrite, series_description_suffix=description_suffix,
+                        derivation=derivation, derived_image_type=derived_image_type)
     print(f"wrote {path}")
 
 
@@ -190,7 +193,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     noisy, suffix = simulate_noise(volume, args)
     log.info("simulated in %.1f s", time.perf_counter() - start)
-    _write_output(volume.with_array(noisy), args, suffix)
+    _write_output(volume.with_array(noisy), args, suffix, f"Noise simulation: {suffix.strip(' []')}", "SIMULATED")
     return 0
 
 
@@ -256,7 +259,9 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = denoise_volume(volume, _denoise_options(args, args.model), device, name=str(args.input))
     log.info("denoised with %s in %.1f s", args.model, time.perf_counter() - start)
-    _write_output(volume.with_array(result.array), args, f" [denoised {args.model}]")
+    _write_output(volume.with_array(result.array), args, f" [denoised {args.model}]",
+                  denoising_derivation(result.model, result.weights_version, result.weights_sha256,
+                                       result.low_frequency_restoration))
     return 0
 
 

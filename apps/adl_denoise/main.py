@@ -42,6 +42,7 @@ from lib.audit.location import default_audit_dir
 from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_result, install_request_context,
                                  request_actor, result_fields)
 from lib.configs import MODEL_CONFIGS, OPT_IN_MODELS
+from lib.imaging import denoising_derivation
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
 from lib.pacs import PacsStoreError, is_dicomweb, series_folder, store_derived_series
@@ -170,9 +171,11 @@ class DenoisingApp(MONAILabelApp):
         params["audit_seq"] = entry["seq"]
         if to_pacs:
             try:
-                params["stored_series"] = store_derived_series(store, source_folder, result["file"],
-                                                               f"denoised {params.get('model')} "
-                                                               f"{params.get('weights_version')}")
+                description = f"denoised {params.get('model')} {params.get('weights_version')}"
+                params["stored_series"] = store_derived_series(
+                    store, source_folder, result["file"], description,
+                    denoising_derivation(params.get("model"), params.get("weights_version"),
+                                         params.get("weights_sha256"), params.get("low_frequency_restoration")))
             except PacsStoreError as error:
                 raise HTTPException(status_code=502, detail=f"denoised, but not stored in the PACS: {error}") from None
             try:

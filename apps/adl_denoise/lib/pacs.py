@@ -60,10 +60,13 @@ def series_folder(datastore, image_id: str) -> Path:
     return folder
 
 
-def store_derived_series(datastore, source_folder: Path, denoised_path: str | Path, description: str) -> dict:
+def store_derived_series(datastore, source_folder: Path, denoised_path: str | Path, description: str,
+                         derivation: str = "Denoised") -> dict:
     """Write the denoised volume (a result file on the source's grid) as a derived series of the DICOM series in
     ``source_folder`` and STOW it to the datastore's DICOMweb server. Returns ``{"series_instance_uid",
-    "instances"}``; raises :class:`PacsStoreError` when the server did not store every instance."""
+    "instances"}``; raises :class:`PacsStoreError` when the server did not store every instance. ``description``
+    ends the series description; ``derivation`` (what made it: :func:`lib.imaging.dicom_write.denoising_derivation`)
+    begins its DerivationDescription."""
     reference = read_volume(source_folder)
     denoised = read_volume(denoised_path, modality=reference.modality)
     if denoised.array.shape != reference.array.shape:
@@ -71,7 +74,7 @@ def store_derived_series(datastore, source_folder: Path, denoised_path: str | Pa
     work = Path(tempfile.mkdtemp(prefix="derived_series_"))
     try:
         out = write_dicom_derived_series(reference.with_array(denoised.array), work / "series", reference,
-                                         series_description_suffix=f" [{description}]")
+                                         series_description_suffix=f" [{description}]", derivation=derivation)
         datasets = [pydicom.dcmread(p) for p in sorted(out.iterdir())]  # FileDatasets, preamble included
         client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
         stored = stow_datasets(client, datasets, "the PACS")

@@ -29,7 +29,7 @@ from typing import Callable
 
 from ..model_dispatch import (DENOISE_LEARNED_MODELS, DenoiseOptions, DenoiseRefused, ModelCache, denoise_volume,
                               weights_for)
-from ..imaging import read_volume, write_dicom_derived_series, write_volume
+from ..imaging import denoising_derivation, read_volume, write_dicom_derived_series, write_volume
 from ..imaging.errors import one_line
 from ..runtime.atomic import atomic_write_text
 from ..runtime.hashing import file_sha256
@@ -271,11 +271,14 @@ class _Rank:
         del volume
         _remove_stale_temporaries(item.output)
         suffix = f" [denoised {result.model}]"
+        derivation = denoising_derivation(result.model, result.weights_version, result.weights_sha256,
+                                          result.low_frequency_restoration)
         if item.kind == "file":
-            write_volume(denoised, item.output, overwrite=overwrite, series_description_suffix=suffix)
+            write_volume(denoised, item.output, overwrite=overwrite, series_description_suffix=suffix,
+                         derivation=derivation)
         else:  # a folder named by UIDs (dots: not a file suffix), built on the input's own headers
             write_dicom_derived_series(denoised, item.output, denoised, series_description_suffix=suffix,
-                                       overwrite=overwrite)
+                                       derivation=derivation, overwrite=overwrite)
         extra = {"model": result.model, "weights_version": result.weights_version or f"classical-{result.model}",
                  "weights_sha256": result.weights_sha256,
                  "low_frequency_restoration": result.low_frequency_restoration,

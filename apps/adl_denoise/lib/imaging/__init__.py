@@ -12,7 +12,7 @@ order, CT values in Hounsfield units. Modules, one job each:
   onto the input), the error types.
 """
 from .dicom_read import list_dicom_series
-from .dicom_write import write_dicom_derived_series
+from .dicom_write import denoising_derivation, write_dicom_derived_series
 from .errors import ImageReadError, ImageWriteError
 from .guards import max_voxels
 from .io import READ_SUFFIXES, WRITE_SUFFIXES, read_volume, write_volume
@@ -26,6 +26,7 @@ __all__ = [
     "ImageWriteError",
     "OutputValueRange",
     "Volume",
+    "denoising_derivation",
     "guess_modality",
     "list_dicom_series",
     "max_voxels",

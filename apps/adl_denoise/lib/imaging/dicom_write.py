@@ -30,7 +30,8 @@ from .errors import ImageWriteError, one_line
 from .guards import check_finite, check_not_input, make_temp_dir
 from .volume import Volume, value_range_for_output
 
-__all__ = ["DERIVED_SERIES_NUMBER_OFFSET", "write_dicom_derived_series"]
+__all__ = ["DERIVED_SERIES_NUMBER_OFFSET", "denoising_derivation", "derived_series_description",
+           "write_dicom_derived_series"]
 
 #: Derived DICOM series get SeriesNumber = original + this (1000 when the original has none), capped to IS range.
 DERIVED_SERIES_NUMBER_OFFSET = 1000
@@ -148,7 +149,30 @@ def _derived_series_number(value: Any) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str) -> list[tuple[str, FileDataset]]:
+def denoising_derivation(model: str, weights_version: str | None = None, weights_sha256: str | None = None,
+                         restoration_px: float | None = None) -> str:
+    """What made a denoised series, for its DerivationDescription: the model, and for a learned one the weights
+    (version, first 16 hex digits of the file's SHA-256) and the low-frequency restoration width in pixels, so that
+    a reader of the series in a PACS can tell which network and settings produced it."""
+    details = []
+    if weights_version or weights_sha256:
+        details.append("weights " + " ".join(filter(None, [weights_version, weights_sha256 and
+                                                           f"sha256 {weights_sha256[:16]}"])))
+    if restoration_px is not None:
+        details.append(f"low-frequency restoration {restoration_px:g} px")
+    return f"Denoised with {model}" + (f" ({'; '.join(details)})" if details else "")
+
+
+def derived_series_description(original: str, suffix: str) -> str:
+    """``original + suffix`` within the 64 characters of a LO value: the ORIGINAL is cut, never the suffix, which
+    is what tells a reader that the series is derived (denoised, simulated) and not the acquired one."""
+    suffix = suffix[:64]
+    room = 64 - len(suffix)
+    return (original if len(original) <= room else original[:room].rstrip()) + suffix
+
+
+def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str, derivation: str, image_type: str
+                            ) -> list[tuple[str, FileDataset]]:
     """(file name, dataset) per slice of the derived series, in array z order."""
     headers = reference.dicom_headers or []
     n_slices = 1 if volume.ndim == 2 else int(volume.array.shape[0])
@@ -172,7 +196,7 @@ def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str) -> l
     frame_uid = str_or_empty(first.get("FrameOfReferenceUID")) or generate_uid()
     patient_id = str_or_empty(first.get("PatientID")) or "ANONYMOUS"
     source_series = str_or_empty(first.get("SeriesInstanceUID")) or "(empty SeriesInstanceUID)"
-    description = (str_or_empty(first.get("SeriesDescription")) + suffix)[:64]
+    description = derived_series_description(str_or_empty(first.get("SeriesDescription")), suffix)
     series_number = _derived_series_number(first.get("SeriesNumber"))
     # DICOM dates and times are the local time of the creating site (the standard has no time zone by default)
     now = _dt.datetime.now()
@@ -208,8 +232,8 @@ def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str) -> l
         ds.SeriesNumber = series_number
         ds.InstanceNumber = k + 1
         original_type = [str(v) for v in (src.get("ImageType") or [])]
-        ds.ImageType = ["DERIVED", "SECONDARY"] + original_type[2:3] + ["DENOISED"]
-        ds.DerivationDescription = f"Denoised (ADL denoising) from series {source_series}"[:1024]
+        ds.ImageType = ["DERIVED", "SECONDARY"] + original_type[2:3] + [image_type]
+        ds.DerivationDescription = f"{derivation} from series {source_series}"[:1024]
         if src_uid and src_class:
             item = Dataset()
             item.ReferencedSOPClassUID = src_class
@@ -290,6 +314,8 @@ def write_dicom_derived_series(
     reference: Volume,
     *,
     series_description_suffix: str = " [denoised]",
+    derivation: str = "Denoised",
+    derived_image_type: str = "DENOISED",
     overwrite: bool = False,
 ) -> Path:
     """Write ``volume`` as a new DICOM series derived from ``reference`` (read from DICOM) into ``out_dir``.
@@ -299,8 +325,11 @@ def write_dicom_derived_series(
     the values exceed int16); float MR uses the full 16-bit range (see ``_encode_dicom_values``). New
     SeriesInstanceUID and SOPInstanceUIDs; patient, study and frame of reference kept (empty ones in
     hard-anonymised data are filled once per write: generated StudyInstanceUID/FrameOfReferenceUID, PatientID
-    'ANONYMOUS'); ImageType DERIVED\\SECONDARY; SeriesDescription + suffix; SeriesNumber + 1000; private tags
-    and pixel-specific tags (padding, LUTs, icon) dropped; SourceImageSequence points at the source slices.
+    'ANONYMOUS'); ImageType DERIVED\\SECONDARY\\<original's third value>\\``derived_image_type``;
+    SeriesDescription + suffix (:func:`derived_series_description`: the original is cut to fit, not the suffix);
+    DerivationDescription ``derivation`` + " from series <source SeriesInstanceUID>" (e.g. from
+    :func:`denoising_derivation`); SeriesNumber + 1000; private tags and pixel-specific tags (padding, LUTs, icon)
+    dropped; SourceImageSequence points at the source slices.
 
     ``volume`` must be on the reference grid (same shape, spacing, origin, direction): the slices reuse the
     reference's positions. Written atomically (temporary folder renamed into place).
@@ -333,7 +362,7 @@ def write_dicom_derived_series(
                 f"refusing to replace {out_dir}: it holds non-DICOM entries (e.g. {foreign[0].name})"
             )
 
-    datasets = _build_derived_datasets(volume, reference, series_description_suffix)
+    datasets = _build_derived_datasets(volume, reference, series_description_suffix, derivation, derived_image_type)
     parent = out_dir.parent
     temp = make_temp_dir(out_dir, f"cannot create a folder next to {out_dir}")
     backup: Path | None = None

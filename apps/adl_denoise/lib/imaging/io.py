@@ -320,6 +320,8 @@ def write_volume(
     output_dtype: str | np.dtype | None = None,
     overwrite: bool = False,
     series_description_suffix: str = " [denoised]",
+    derivation: str = "Denoised",
+    derived_image_type: str = "DENOISED",
     reference: Volume | None = None,
     dicom_slice_as_3d: bool = True,
 ) -> Path:
@@ -327,8 +329,9 @@ def write_volume(
 
     Format by path: .nii/.nii.gz/.nrrd/.mha/.mhd -> SimpleITK with origin, spacing and direction as in the
     volume (NIfTI stores them as float32: exact to ~1e-6 mm); a folder (existing, or a new name without
-    extension) -> derived DICOM series (:func:`write_dicom_derived_series`) built on ``reference`` or, by
-    default, on the volume's own ``dicom_headers``.
+    extension) -> derived DICOM series (:func:`write_dicom_derived_series`, which the series description suffix,
+    ``derivation`` and ``derived_image_type`` go to) built on ``reference`` or, by default, on the volume's own
+    ``dicom_headers``.
 
     A 2D slice read from a DICOM file is written (with ``dicom_slice_as_3d``, the default) as a one-slice 3D
     image in patient coordinates (origin ImagePositionPatient, direction from ImageOrientationPatient, z
@@ -359,7 +362,8 @@ def write_volume(
                 f"write .nii.gz instead"
             )
         return write_dicom_derived_series(
-            volume, out, ref, series_description_suffix=series_description_suffix, overwrite=overwrite
+            volume, out, ref, series_description_suffix=series_description_suffix, derivation=derivation,
+            derived_image_type=derived_image_type, overwrite=overwrite
         )
     if suffix not in WRITE_SUFFIXES:
         raise ImageWriteError(

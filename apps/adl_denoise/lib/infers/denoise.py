@@ -37,7 +37,8 @@ import torch
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from ..imaging import ImageReadError, ImageWriteError, guess_modality, read_volume, write_volume
+from ..imaging import (ImageReadError, ImageWriteError, denoising_derivation, guess_modality, read_volume,
+                       write_volume)
 from ..lesions.low_frequency_restoration import apply_restoration, check_sigma_px
 from ..predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser, resolve_device,
                        uses_orthogonal_planes)
@@ -197,7 +198,9 @@ class DenoiseInferTask(InferTask):
                                                       model=self.model)
         out = volume.with_array(denoised)
         try:
-            path = self._write(out, volume, result_extension, result_dtype)
+            derivation = denoising_derivation(self.model, version.get("weights_version"), version.get("weights_sha256"),
+                                              restoration if self.restores_low_frequencies else None)
+            path = self._write(out, volume, result_extension, result_dtype, derivation)
         except ImageWriteError as error:
             raise HTTPException(status_code=422, detail=f"cannot write the result: {error}") from None
         seconds = time.perf_counter() - started
@@ -289,11 +292,12 @@ class DenoiseInferTask(InferTask):
                 log.info("loaded %s weights %s (%s) on %s", self.model, served.version, served.path.name, device)
             return loaded
 
-    def _write(self, out, source, result_extension: str, result_dtype: str) -> Path:
+    def _write(self, out, source, result_extension: str, result_dtype: str, derivation: str) -> Path:
         if result_extension == "dicom":
             folder = Path(tempfile.mkdtemp(prefix=f"{self.model}_result_"))
             try:
-                series = write_volume(out, folder / "series", series_description_suffix=f" [denoised {self.model}]")
+                series = write_volume(out, folder / "series", series_description_suffix=f" [denoised {self.model}]",
+                                      derivation=derivation)
                 fd, name = tempfile.mkstemp(prefix=f"{self.model}_", suffix=".zip")
                 os.close(fd)
                 with zipfile.ZipFile(name, "w", zipfile.ZIP_DEFLATED) as zf:
