@@ -64,3 +64,69 @@ def test_every_id_is_replaced_at_any_depth_and_nothing_else():
     assert out["lineage"][0]["data"]["train_images"] == [names["DOE_JANE"]]
     assert record["train_images"] == ["DOE_JANE", "DOE_JANE_2"]  # the input is not changed
     assert pseudonymise_record(record, {}) == record
+
+
+def test_share_weights_writes_a_copy_naming_no_image_id_or_folder(tmp_path):
+    """cli.py share-weights on a file published before records were pseudonymised: the copy names the images by
+    the server's pseudonyms (ids from the version histories and the datastore), paths by file names, keeps the
+    shipped lineage's names,
+    holds the source's weights bit for bit and loads; the source is untouched; refusals write nothing."""
+    import os
+    import sys
+
+    import processes
+    import torch
+    from conftest import APP_DIR
+
+    from lib.predict import load_denoiser
+
+    model_dir, studies = tmp_path / "model", tmp_path / "studies"
+    studies.mkdir()
+    (studies / "SMITH_JOHN_chest.nii.gz").write_bytes(b"")  # an image of the datastore, not in the history
+    key = site_key(model_dir)
+    history = model_dir / "versions" / "tddl_gcn_ct" / "history.jsonl"
+    history.parent.mkdir(parents=True)
+    history.write_text(json.dumps({"event": "published", "images": ["DOE_JANE_abdomen"], "validation_images": [UID]})
+                       + "\n" + json.dumps({"event": "rejected", "record_pseudonyms": {"image-0": "ROE_RICHARD"}})
+                       + "\n")
+    payload = torch.load(APP_DIR / "model" / "pretrained_tddl_gcn_ct.pt", map_location="cpu", weights_only=True)
+    payload["training"] = dict(payload["training"], data={
+        "train_images": ["DOE_JANE_abdomen", "ROE_RICHARD"], "validation_images": [UID],
+        "files": ["/data/DOE_JANE_abdomen/final.nii.gz", "SMITH_JOHN_chest_final.nrrd"],
+        "regions": {"DOE_JANE_abdomen": {"keep": 1}}})
+    source = tmp_path / "tddl_gcn_ct.pt"
+    torch.save(payload, source)
+    before = source.read_bytes()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def share(*args):
+        return processes.run([sys.executable, APP_DIR / "cli.py", "share-weights", *map(str, args)], 300, env=env)
+
+    output = tmp_path / "shared.pt"
+    result = share("--input", source, "--output", output, "--model-dir", model_dir, "--studies", studies)
+    assert result.returncode == 0, result.stderr
+    # DOE_JANE_abdomen, ROE_RICHARD and the UID from the history, SMITH_JOHN_chest from the datastore
+    assert "4 image id(s)" in result.stdout and "4 known" in result.stdout
+    copy = torch.load(output, map_location="cpu", weights_only=True)
+    text = json.dumps({k: v for k, v in copy.items() if k != "state_dict"})
+    for identifier in ("DOE_JANE", "ROE_RICHARD", UID, "SMITH_JOHN", "/data"):
+        assert identifier not in text, identifier
+    data = copy["training"]["data"]
+    assert data["train_images"] == [pseudonym(key, "DOE_JANE_abdomen"), pseudonym(key, "ROE_RICHARD")]
+    assert data["validation_images"] == [pseudonym(key, UID)]
+    assert data["files"] == ["final.nii.gz", pseudonym(key, "SMITH_JOHN_chest") + "_final.nrrd"]
+    assert copy["training"]["lineage"] == payload["training"]["lineage"]  # the shipped file's own history, kept
+    assert set(copy["state_dict"]) == set(payload["state_dict"])
+    assert all(torch.equal(copy["state_dict"][k], v) for k, v in payload["state_dict"].items())
+    assert load_denoiser(output).metadata["training"]["data"]["regions"] == {pseudonym(key, "DOE_JANE_abdomen"):
+                                                                            {"keep": 1}}
+    assert source.read_bytes() == before
+    # refusals, nothing written: an existing output, a folder without the server's key, not a weight file
+    again = share("--input", source, "--output", output, "--model-dir", model_dir)
+    assert again.returncode == 2 and "exists" in again.stderr
+    elsewhere = share("--input", source, "--output", tmp_path / "b.pt", "--model-dir", tmp_path / "typo")
+    assert elsewhere.returncode == 2 and "no pseudonym key" in elsewhere.stderr
+    assert not (tmp_path / "b.pt").exists() and not (tmp_path / "typo").exists()
+    (tmp_path / "notes.pt").write_text("not a weight file")
+    wrong = share("--input", tmp_path / "notes.pt", "--output", tmp_path / "c.pt", "--model-dir", model_dir)
+    assert wrong.returncode == 2 and "weight file" in wrong.stderr and not (tmp_path / "c.pt").exists()

@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_learn_noise_parser(verbs)
     _add_adapt_parser(verbs)
     _add_lesion_detector_parser(verbs)
+    _add_share_weights_parser(verbs)
     return parser
 
 
@@ -997,6 +998,53 @@ def _add_lesion_detector_parser(verbs) -> None:
     det.add_argument("--seed", type=int, default=0, help="random seed")
     det.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     det.set_defaults(func=cmd_train_lesion_detector)
+
+
+#: image suffixes cut from a datastore file's name to give its id (MONAI Label's local datastore ids)
+_DATASTORE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm")
+
+
+def _datastore_ids(folder: Path) -> list[str]:
+    """The ids of a local datastore's images: its files' names without an image suffix."""
+    if not folder.is_dir():
+        raise CommandError(f"--studies {folder}: no such folder")
+    ids = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            name = path.name
+            for suffix in _DATASTORE_SUFFIXES:
+                if name.lower().endswith(suffix):
+                    name = name[: -len(suffix)]
+                    break
+            ids.append(name)
+    return ids
+
+
+def cmd_share_weights(args: argparse.Namespace) -> int:
+    from lib.weights.sharing import shareable_copy
+
+    extra = _datastore_ids(Path(args.studies)) if args.studies else []
+    summary = shareable_copy(args.input, args.output, args.model_dir, extra)
+    print(f"wrote {summary['output']} ({summary['ids_replaced']} image id(s) of the record replaced by pseudonyms, "
+          f"{summary['ids_known']} known; weights unchanged)")
+    return 0
+
+
+def _add_share_weights_parser(verbs) -> None:
+    sh = verbs.add_parser(
+        "share-weights", help="copy a weight file for another site: its record names no image id and no folder",
+        description="Write a copy of a weight file whose training record names every image the site trained on by "
+                    "its keyed pseudonym (the key of the server's model folder, as fine-tuning does since "
+                    "2026-12-05) and every path by its file name; the weights are copied bit for bit and the "
+                    "source is not changed (the audit trail names its SHA-256). The ids replaced: those of the "
+                    "model folder's version histories and, with --studies, every image of the datastore. Refused "
+                    "(nothing written) if an id would remain.")
+    sh.add_argument("--input", "-i", required=True, help="the weight file to share (.pt)")
+    sh.add_argument("--output", "-o", required=True, help="the copy to write (.pt; must not exist)")
+    sh.add_argument("--model-dir", required=True,
+                    help="the server's model folder (its .record_pseudonym_key and versions/ histories)")
+    sh.add_argument("--studies", help="the server's local datastore folder: its images' ids are replaced too")
+    sh.set_defaults(func=cmd_share_weights)
 
 
 def main(argv: list[str] | None = None) -> int:
