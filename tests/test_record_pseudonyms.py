@@ -103,7 +103,7 @@ def test_share_weights_writes_a_copy_naming_no_image_id_or_folder(tmp_path):
         return processes.run([sys.executable, APP_DIR / "cli.py", "share-weights", *map(str, args)], 300, env=env)
 
     output = tmp_path / "shared.pt"
-    result = share("--input", source, "--output", output, "--model-dir", model_dir, "--studies", studies)
+    result = share("--input", source, "--output", output, "--model-dir", model_dir, "--names-from", studies)
     assert result.returncode == 0, result.stderr
     # DOE_JANE_abdomen, ROE_RICHARD and the UID from the history, SMITH_JOHN_chest from the datastore
     assert "4 image id(s)" in result.stdout and "4 known" in result.stdout

@@ -1007,7 +1007,7 @@ _DATASTORE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm")
 def _datastore_ids(folder: Path) -> list[str]:
     """The ids of a local datastore's images: its files' names without an image suffix."""
     if not folder.is_dir():
-        raise CommandError(f"--studies {folder}: no such folder")
+        raise CommandError(f"--names-from {folder}: no such folder")
     ids = []
     for path in sorted(folder.iterdir()):
         if path.is_file() and not path.name.startswith("."):
@@ -1023,7 +1023,7 @@ def _datastore_ids(folder: Path) -> list[str]:
 def cmd_share_weights(args: argparse.Namespace) -> int:
     from lib.weights.sharing import shareable_copy
 
-    extra = _datastore_ids(Path(args.studies)) if args.studies else []
+    extra = [name for folder in args.names_from or [] for name in _datastore_ids(Path(folder))]
     summary = shareable_copy(args.input, args.output, args.model_dir, extra)
     print(f"wrote {summary['output']} ({summary['ids_replaced']} image id(s) of the record replaced by pseudonyms, "
           f"{summary['ids_known']} known; weights unchanged)")
@@ -1037,13 +1037,15 @@ def _add_share_weights_parser(verbs) -> None:
                     "its keyed pseudonym (the key of the server's model folder, as fine-tuning does since "
                     "2026-12-05) and every path by its file name; the weights are copied bit for bit and the "
                     "source is not changed (the audit trail names its SHA-256). The ids replaced: those of the "
-                    "model folder's version histories and, with --studies, every image of the datastore. Refused "
+                    "model folder's version histories and the file names of the --names-from folders. Refused "
                     "(nothing written) if an id would remain.")
     sh.add_argument("--input", "-i", required=True, help="the weight file to share (.pt)")
     sh.add_argument("--output", "-o", required=True, help="the copy to write (.pt; must not exist)")
     sh.add_argument("--model-dir", required=True,
                     help="the server's model folder (its .record_pseudonym_key and versions/ histories)")
-    sh.add_argument("--studies", help="the server's local datastore folder: its images' ids are replaced too")
+    sh.add_argument("--names-from", nargs="+", metavar="FOLDER",
+                    help="folders whose files' names (without image suffix) are replaced too: the server's local "
+                         "datastore, the low-dose or training folders given to adapt / train")
     sh.set_defaults(func=cmd_share_weights)
 
 
