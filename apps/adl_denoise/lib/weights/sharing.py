@@ -27,6 +27,7 @@ from .pseudonyms import KEY_FILE, PSEUDONYM_PREFIX, pseudonym_map, pseudonymise_
 
 __all__ = ["history_image_ids", "shareable_copy"]
 
+
 def _is_id(text: Any) -> bool:
     return isinstance(text, str) and bool(text.strip()) and not text.startswith(PSEUDONYM_PREFIX)
 
