@@ -9,7 +9,8 @@ import stat
 
 import pytest
 
-from lib.weights.pseudonyms import KEY_FILE, pseudonym, pseudonym_map, pseudonymise_record, site_key
+from lib.weights.pseudonyms import (KEY_FILE, MIN_EMBEDDED_ID, ids_in_record, pseudonym, pseudonym_map,
+                                    pseudonymise_record, site_key)
 
 UID = "1.2.826.0.1.3680043.8.498.10246"
 
@@ -64,6 +65,22 @@ def test_every_id_is_replaced_at_any_depth_and_nothing_else():
     assert out["lineage"][0]["data"]["train_images"] == [names["DOE_JANE"]]
     assert record["train_images"] == ["DOE_JANE", "DOE_JANE_2"]  # the input is not changed
     assert pseudonymise_record(record, {}) == record
+
+
+def test_a_short_id_is_replaced_only_where_a_whole_string_is_that_id():
+    """A datastore of numbered images (``1.nii.gz``): the id ``1`` must not rewrite the digits of UIDs and version
+    numbers in the record; a name that short cannot name a person, so a file name holding it may stay."""
+    names = pseudonym_map(b"k" * 32, ["1", "DOE_JANE"])
+    record = {"train_images": ["1", "DOE_JANE"], "regions": {"1": {"keep": 1}},
+              "validation_images": ["1.2.840.10008.5.1"], "software": {"torch": "2.1.0"},
+              "files": ["1.nii.gz", "DOE_JANE.nii.gz"]}
+    out = pseudonymise_record(record, names)
+    assert out["train_images"] == [names["1"], names["DOE_JANE"]] and out["regions"] == {names["1"]: {"keep": 1}}
+    assert out["validation_images"] == ["1.2.840.10008.5.1"] and out["software"] == {"torch": "2.1.0"}
+    assert out["files"] == ["1.nii.gz", names["DOE_JANE"] + ".nii.gz"]
+    assert ids_in_record(record, ["1", "DOE_JANE", "ROE"]) == ["1", "DOE_JANE"]
+    assert ids_in_record(out, ["1", "DOE_JANE"]) == []
+    assert MIN_EMBEDDED_ID > len("1")
 
 
 def test_share_weights_writes_a_copy_naming_no_image_id_or_folder(tmp_path):

@@ -26,9 +26,13 @@ from typing import Any, Iterable, Mapping
 
 from .format import map_record_strings
 
-__all__ = ["KEY_FILE", "PSEUDONYM_PREFIX", "pseudonym", "pseudonym_map", "pseudonymise_record", "site_key"]
+__all__ = ["KEY_FILE", "MIN_EMBEDDED_ID", "PSEUDONYM_PREFIX", "ids_in_record", "pseudonym", "pseudonym_map",
+           "pseudonymise_record", "site_key"]
 
 KEY_FILE = ".record_pseudonym_key"
+#: an id shorter than this is replaced only where a whole string or key is the id: inside longer text so short an id
+#: (``1``, ``ct``) matches digits of UIDs and version numbers and parts of words, and cannot name a person
+MIN_EMBEDDED_ID = 4
 PSEUDONYM_PREFIX = "image-"
 KEY_BYTES = 32
 
@@ -77,10 +81,27 @@ def pseudonymise_record(value: Any, pseudonyms: Mapping[str, str]) -> Any:
     """``value`` (a JSON-able record) with every id of ``pseudonyms`` replaced by its pseudonym, at any depth, in
     dict keys and in strings: a string that is the id, or holds it between non-alphanumeric characters
     (``<id>.nii.gz``, ``<id>_final``; an id inside a word, ``ct`` in ``corrections``, is left alone). Longer ids are
-    replaced first, so an id that begins another one does not cut it in two."""
+    replaced first, so an id that begins another one does not cut it in two. Ids shorter than
+    :data:`MIN_EMBEDDED_ID` characters are replaced only where a whole string or key is the id."""
     if not pseudonyms:
         return value
-    ids = sorted(pseudonyms, key=len, reverse=True)
-    pattern = re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(map(re.escape, ids)) + r")(?![A-Za-z0-9])")
+    embedded = sorted((i for i in pseudonyms if len(i) >= MIN_EMBEDDED_ID), key=len, reverse=True)
+    pattern = (re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(map(re.escape, embedded)) + r")(?![A-Za-z0-9])")
+               if embedded else None)
 
-    return map_record_strings(value, lambda s: pattern.sub(lambda match: pseudonyms[match.group(0)], s), keys=True)
+    def replace(text: str) -> str:
+        if text in pseudonyms:
+            return pseudonyms[text]
+        return pattern.sub(lambda match: pseudonyms[match.group(0)], text) if pattern is not None else text
+
+    return map_record_strings(value, replace, keys=True)
+
+
+def ids_in_record(value: Any, ids: Iterable[str]) -> list[str]:
+    """Those of ``ids`` that ``value`` (a JSON-able record) still holds: an id of :data:`MIN_EMBEDDED_ID` characters
+    or more anywhere inside a string or key, a shorter one as a whole string or key (where
+    :func:`pseudonymise_record` replaces it). Sorted."""
+    strings: set[str] = set()
+    map_record_strings(value, lambda text: strings.add(text) or text, keys=True)
+    return sorted(i for i in set(ids) if (i in strings if len(i) < MIN_EMBEDDED_ID
+                                           else any(i in text for text in strings)))

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from ..runtime.atomic import atomic_torch_save
 from .format import WEIGHTS_FORMAT, portable_record
-from .pseudonyms import KEY_FILE, PSEUDONYM_PREFIX, pseudonym_map, pseudonymise_record, site_key
+from .pseudonyms import KEY_FILE, PSEUDONYM_PREFIX, ids_in_record, pseudonym_map, pseudonymise_record, site_key
 
 __all__ = ["history_image_ids", "shareable_copy"]
 
@@ -68,9 +68,9 @@ def shareable_copy(source: str | os.PathLike, output: str | os.PathLike, model_d
 
     Returns ``{"output", "ids_known", "ids_replaced"}`` (``ids_replaced``: the ids that the source's record held).
     Raises ``ValueError`` (nothing written) when ``model_dir`` holds no pseudonym key, ``source`` is not a weight
-    file, ``output`` exists or is the source, or a known id is still anywhere in the copy's record (an id inside a
-    longer word is left alone by :func:`~lib.weights.pseudonyms.pseudonymise_record`; such a copy is refused rather
-    than shared).
+    file, ``output`` exists or is the source, or a known id is still in the copy's record
+    (:func:`~lib.weights.pseudonyms.ids_in_record`: e.g. an id inside a longer word, which
+    :func:`~lib.weights.pseudonyms.pseudonymise_record` leaves alone; such a copy is refused rather than shared).
     """
     import torch
 
@@ -87,12 +87,10 @@ def shareable_copy(source: str | os.PathLike, output: str | os.PathLike, model_d
         raise ValueError(f"{source} is not a denoiser weight file (format {WEIGHTS_FORMAT!r})")
     record = {k: v for k, v in payload.items() if k != "state_dict"}
     ids = history_image_ids(model_dir) | {str(i) for i in extra_ids if _is_id(str(i))}
-    text = json.dumps(record, default=str)
-    held = sorted(i for i in ids if i in text)
+    held = ids_in_record(record, ids)
     names = pseudonym_map(site_key(model_dir), ids)
     clean = portable_record(pseudonymise_record(record, names))
-    copy_text = json.dumps(clean, default=str)
-    left = [i for i in held if i in copy_text]
+    left = ids_in_record(clean, held)
     if left:
         raise ValueError(f"{source}: {len(left)} image id(s) could not be replaced in the record; not shared")
     atomic_torch_save({**clean, "state_dict": payload["state_dict"]}, output)
