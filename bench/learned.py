@@ -17,8 +17,7 @@ import numpy as np
 
 
 def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path: str, amp: bool = True,
-                 planes: str = "auto", low_frequency_restoration: float | None = 0.0,
-                 model_name: str | None = None) -> np.ndarray:
+                 planes: str = "auto", low_frequency_restoration: float | None = 0.0) -> np.ndarray:
     """The network of the weight file ``path`` (ADL or TDDL-GCN), slice-wise (2D) or by 3D patches.
 
     ``amp``: mixed precision as the app uses it (:mod:`lib.runtime.precision`: bfloat16 on a CPU with native bfloat16, fp16
@@ -26,17 +25,19 @@ def from_weights(noisy: np.ndarray, spacing=None, modality: str = "CT", *, path:
     ``planes``: "auto" averages the three orthogonal planes where the app does
     (:func:`lib.predict.uses_orthogonal_planes`: 2D ADL on near-isotropic MR), "slices" never does.
     ``low_frequency_restoration``: in-plane Gaussian width in pixels of the removed content given back; 0 (default)
-    = the network alone, None = the default of the modality and ``model_name`` (the app's model name) as served.
+    = the network alone, None = the default as served (the weight file's own width, else the modality's).
     Bind ``path`` (and ``amp``) with ``functools.partial`` (picklable, so the harness's worker process can run it)."""
     from lib.lesions.low_frequency_restoration import apply_restoration
     from lib.predict import denoise_array, load_denoiser, uses_orthogonal_planes
+    from lib.weights.format import restoration_of
 
     device = os.environ.get("BENCH_DEVICE", "cpu")
     model = load_denoiser(path, device=device)
     noisy = np.asarray(noisy, np.float32)
     orthogonal = planes == "auto" and uses_orthogonal_planes(model, modality, noisy.shape, spacing)
     out = denoise_array(model, noisy, modality=modality, device=device, amp=amp, orthogonal_planes=orthogonal)
-    return apply_restoration(noisy, out, modality, low_frequency_restoration, model=model_name)[0]
+    return apply_restoration(noisy, out, modality, low_frequency_restoration,
+                             weights_sigma_px=restoration_of(model.metadata))[0]
 
 
 def _installed(model_name: str, modality: str) -> str:
@@ -76,16 +77,15 @@ def tddl_gcn(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarra
 
 
 def adl_lfr(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
-    """:func:`adl` with the modality's default low-frequency restoration: what the app and ``cli.py denoise``
-    return."""
-    return from_weights(noisy, spacing, modality, path=_installed("adl", modality), low_frequency_restoration=None,
-                        model_name="adl")
+    """:func:`adl` with the default low-frequency restoration (the weight file's own width, else the modality's):
+    what the app and ``cli.py denoise`` return."""
+    return from_weights(noisy, spacing, modality, path=_installed("adl", modality), low_frequency_restoration=None)
 
 
 def tddl_gcn_lfr(noisy: np.ndarray, spacing=None, modality: str = "CT") -> np.ndarray:
     """:func:`tddl_gcn` with the default low-frequency restoration for CT, as served."""
     return from_weights(noisy, spacing, modality, path=_installed("tddl_gcn", modality),
-                        low_frequency_restoration=None, model_name="tddl_gcn")
+                        low_frequency_restoration=None)
 
 
 LEARNED = {"adl": adl, "adl_slices": adl_slices, "adl_fp32": adl_fp32, "adl_3d": adl_3d, "tddl_gcn": tddl_gcn,

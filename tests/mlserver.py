@@ -24,6 +24,8 @@ from conftest import APP_DIR, REPO_ROOT, SAMPLE_STUDIES
 
 TINY_ADL = dict(filters=(8, 12, 16, 20), disc_filters=(4, 6, 8, 10), enhancer_filters=4)
 TINY_GCN = dict(features=8, k=4, search_window=7, n_blocks=1, layers_per_block=1, rank=2)
+#: the tiny GCN file's own restoration width (lib.weights.format.RESTORATION_KEY); the tiny ADL files name none
+TINY_GCN_RESTORATION = {"sigma_px": 0.6, "chosen": "test weights"}
 
 
 def free_port() -> int:
@@ -63,8 +65,9 @@ def make_tiny_weights(model_dir: Path, steps: int = 25) -> Path:
                 gcn = GCNTrainingConfig(modality="CT", patch_size=32, batch_size=4, steps=steps, lr=1e-3, device="cpu",
                                         validation_every=0, checkpoint_every=0, **TINY_GCN)
                 trained = train_gcn(gcn, dataset, progress=False)
+                # a restoration width of its own, as the shipped GCN file has (another than the CT default)
                 export_weights(trained.network, model_dir / "pretrained_tddl_gcn_ct.pt", gcn, scaling_rule_for("CT"),
-                               trained.training_record())
+                               trained.training_record(), low_frequency_restoration=TINY_GCN_RESTORATION)
     finally:
         torch.set_num_threads(threads)
     return model_dir

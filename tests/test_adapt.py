@@ -22,6 +22,9 @@ from conftest import APP_DIR, SAMPLE_STUDIES
 from lib.evaluation.planted_lesions import lesion_contrast_check, plant_lesions, planted_contrast_kept
 from lib.evaluation.self_supervised import blind_spot, grid_mask, grid_shifts, j_invariant_loss, mask_pixels
 from lib.noise_learning.adaptation import holdout_indices
+from lib.predict import load_denoiser
+from lib.weights.format import RESTORATION_KEY
+from mlserver import TINY_GCN_RESTORATION
 
 CLI = APP_DIR / "cli.py"
 LOW_DOSE = SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz"
@@ -224,7 +227,6 @@ def test_adapt_end_to_end_writes_weights_and_report_held_out_slices_unused(tmp_p
     for z in (4, 9):
         assert not any(np.array_equal(s, slab_array[z]) for s in seen)
     assert np.array_equal(seen, slab_array[[0, 1, 2, 3, 5, 6, 7, 8]])
-    from lib.predict import load_denoiser
 
     # the weight file names the inputs by file name only (it travels); the report keeps the full paths
     held_in_weights = load_denoiser(output).metadata["training"]["data"]["held_out"]
@@ -295,14 +297,16 @@ def test_adapt_tddl_gcn_to_a_real_abdomen_ct_at_simulated_lower_dose(tmp_path, t
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "gcn_site.pt.adapt.json").read_text())
     assert report["held_out"][0]["slices"] == [4, 9] and report["written"]
+    # served at the start file's own restoration width (the lesion check compared the networks alone)
+    inherited = load_denoiser(output).metadata[RESTORATION_KEY]
+    assert inherited["sigma_px"] == TINY_GCN_RESTORATION["sigma_px"]
+    assert inherited["inherited_from"].startswith("pretrained_tddl_gcn_ct.pt (sha256 ")
     assert np.isfinite(report["check"]["baseline_loss"]) and np.isfinite(report["check"]["adapted_loss"])
     lesions = report["lesion_check"]
     assert lesions["tolerance_pp"] == 5.0 and report["settings"]["lesions_per_slice"] == 4
     assert lesions["lesions"] >= 4 and 0 < lesions["baseline_percent"] <= 110 and 0 < lesions["candidate_percent"] <= 110
     assert report["passed"] == (report["check"]["passed"] and lesions["passed"])
     assert report["forced"] == (not report["passed"])
-    from lib.predict import load_denoiser
-
     adapted = load_denoiser(output)
     assert adapted.metadata["network_class"] == "GCNDenoiser" and adapted.modality == "CT"
 

@@ -30,6 +30,7 @@ from lib.predict import LoadedDenoiser, denoise_array, load_denoiser
 from lib.networks import EfficientUNetDenoiser, pad_to_multiple
 from lib.engines import ADLTrainingConfig, build_networks, load_adl_checkpoint, load_gcn_checkpoint, train_adl
 from lib.weights import export_weights
+from lib.weights.format import RESTORATION_KEY, restoration_of
 
 CLI = APP_DIR / "cli.py"
 TINY = dict(filters=(8, 12, 16, 20), disc_filters=(4, 8, 8, 8), enhancer_filters=4)
@@ -382,7 +383,8 @@ def test_2p5d_network_starts_as_the_2d_one_and_learns_from_the_neighbouring_slic
     assert stacks[0]["noisy"].shape == (3, 32, 32)
     result = train_adl(config, stacks, progress=False, initial_weights=weights_2d)  # all three phases
     assert result.step == config.total_steps
-    loaded = load_denoiser(export_weights(result.generator, tmp_path / "w25d.pt", config, half=False))
+    loaded = load_denoiser(export_weights(result.generator, tmp_path / "w25d.pt", config, half=False,
+                                          low_frequency_restoration={"sigma_px": 1.2, "chosen": "test"}))
     assert loaded.network.slice_context == 1 and loaded.spatial_dims == 2
     out = denoise_array(loaded, noisy, "CT", amp=False)
     assert out.shape == noisy.shape and np.isfinite(out).all()
@@ -414,6 +416,9 @@ def test_2p5d_network_starts_as_the_2d_one_and_learns_from_the_neighbouring_slic
     tuned = fine_tune(tmp_path / "w25d.pt", source, source.validation_pairs(), tmp_path / "tuned.pt",
                       FineTuneSettings(steps=4, patch_size=32, batch_size=2, device="cpu"))
     assert load_denoiser(tuned.candidate).network.slice_context == 1
+    # served at its start file's restoration width, saying where it came from
+    inherited = load_denoiser(tuned.candidate).metadata[RESTORATION_KEY]
+    assert inherited["sigma_px"] == 1.2 and inherited["inherited_from"].startswith("w25d.pt (sha256 ")
 
     with pytest.raises(ValueError, match="slice"):  # a single-slice dataset for a 3-slice network
         train_adl(config, ADLPatchDataset(source, 2, 32, samples_per_epoch=16, seed=0), progress=False)
@@ -744,6 +749,16 @@ def test_cli_fine_tunes_from_initial_weights_on_one_ct_filter(tmp_path, ct_crop)
     assert len(parameters) > 20 and all(torch.equal(before[k], after[k]) for k in parameters)
     record = load_denoiser(tuned).metadata["training"]["data"]
     assert record["initial_weights"] == "start.pt" and record["ct_settings"]["filters"] == ["shepp-logan"]
+    # a file trained from scratch names no restoration width (its modality's default serves it); one trained from
+    # a file that names one inherits it
+    assert restoration_of(load_denoiser(start).metadata) is None
+    assert restoration_of(load_denoiser(tuned).metadata) is None
+    payload = torch.load(start, map_location="cpu", weights_only=True)
+    torch.save(dict(payload, **{RESTORATION_KEY: {"sigma_px": 1.3, "chosen": "test"}}), tmp_path / "start_w.pt")
+    assert cli.main(["train", "--output", str(tmp_path / "tuned_w.pt"), *ct_noise, "--initial-weights",
+                     str(tmp_path / "start_w.pt"), "--steps-g-warmup", "1", "--steps-d-warmup", "0",
+                     "--steps-adversarial", "0", "--lr-warmup", "1e-12", "--seed", "2", *tiny]) == 0
+    assert restoration_of(load_denoiser(tmp_path / "tuned_w.pt").metadata) == 1.3
 
     fresh = tmp_path / "fresh.pt"  # the same run without --initial-weights starts elsewhere
     assert cli.main(["train", "--output", str(fresh), *ct_noise, "--steps-g-warmup", "1", "--steps-d-warmup", "0",

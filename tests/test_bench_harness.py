@@ -101,17 +101,19 @@ def test_weight_file_denoiser_runs_in_the_worker(tiny_pair, tmp_path):
         build_denoisers("noisy", [], [f"gcn={tmp_path / 'missing.pt'}"])
 
 
-def test_served_learned_denoisers_apply_each_models_own_default_width(tiny_pair):
-    """``adl_lfr`` / ``tddl_gcn_lfr`` are what the app serves: the network plus the restoration at that model's
-    default width for the modality (the TDDL-GCN's differs from ADL's on CT)."""
-    from bench.learned import adl, adl_lfr, tddl_gcn, tddl_gcn_lfr
+def test_served_learned_denoisers_apply_each_weight_files_own_default_width(tiny_pair):
+    """``adl_lfr`` / ``tddl_gcn_lfr`` are what the app serves: the network plus the restoration at the width its
+    weight file names (the TDDL-GCN CT file's differs from ADL's)."""
+    from bench.learned import _installed, adl, adl_lfr, tddl_gcn, tddl_gcn_lfr
     from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
+    from lib.weights.format import restoration_of_file
 
     noisy = tiny_pair.noisy
-    assert default_sigma_px("CT", "tddl_gcn") != default_sigma_px("CT", "adl")
+    widths = {model: default_sigma_px("CT", restoration_of_file(_installed(model, "CT")))
+              for model in ("adl", "tddl_gcn")}
+    assert widths["tddl_gcn"] != widths["adl"]
     for served, network, model in ((tddl_gcn_lfr, tddl_gcn, "tddl_gcn"), (adl_lfr, adl, "adl")):
-        expected = restore_low_frequencies(noisy, network(noisy, tiny_pair.spacing, "CT"),
-                                           default_sigma_px("CT", model))
+        expected = restore_low_frequencies(noisy, network(noisy, tiny_pair.spacing, "CT"), widths[model])
         np.testing.assert_allclose(served(noisy, tiny_pair.spacing, "CT"), expected, atol=1e-3, err_msg=model)
 
 

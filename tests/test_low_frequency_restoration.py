@@ -113,6 +113,7 @@ def test_cli_denoise_restores_by_default_for_ct_and_can_turn_it_off(lesion_case,
     from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
     from lib.predict import denoise_array, load_denoiser
     from lib.weights import find_weights
+    from lib.weights.format import restoration_of_file
 
     _, low_present, _, _, _ = lesion_case
     source = tmp_path / "ld.nii.gz"
@@ -129,8 +130,9 @@ def test_cli_denoise_restores_by_default_for_ct_and_can_turn_it_off(lesion_case,
         assert done.returncode == 0, done.stderr
         outputs[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     np.testing.assert_allclose(outputs["off"], network, atol=1e-3)
-    np.testing.assert_allclose(outputs["default"], restore_low_frequencies(low_present[None], network,
-                                                                           default_sigma_px("CT")), atol=1e-2)
+    width = default_sigma_px("CT", restoration_of_file(find_weights("adl", "CT")))  # the shipped file's own
+    np.testing.assert_allclose(outputs["default"], restore_low_frequencies(low_present[None], network, width),
+                               atol=1e-2)
     np.testing.assert_allclose(outputs["wide"], restore_low_frequencies(low_present[None], network, 2.5), atol=1e-2)
     assert float(np.abs(outputs["default"] - outputs["off"]).max()) > 1.0  # HU: not a rounding difference
 
@@ -144,17 +146,22 @@ def test_cli_denoise_restores_by_default_for_ct_and_can_turn_it_off(lesion_case,
 
 
 @pytest.mark.slow
-def test_tddl_gcn_gets_its_own_default_width_in_the_cli_and_the_batch(lesion_case, tmp_path):
-    """The TDDL-GCN's CT default width (not ADL's) in ``cli.py denoise`` and ``denoise-batch``; a batch run again
-    with the same settings skips the series (its recorded width is the one this run would apply)."""
+def test_tddl_gcn_gets_its_files_own_default_width_in_the_cli_and_the_batch(lesion_case, tmp_path):
+    """The shipped TDDL-GCN CT file's own width (not the modality's) in ``cli.py denoise`` and ``denoise-batch``; a
+    batch run again with the same settings skips the series (its recorded width is the one this run would apply).
+    A GCN file that names no width (a site's file fine-tuned from the earlier GCN file, which was measured at the
+    CT default) gets the modality's default, not the shipped file's: the width belongs to the file, not the name."""
+    import torch
+
     from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
     from lib.predict import denoise_array, load_denoiser
     from lib.weights import find_weights
+    from lib.weights.format import RESTORATION_KEY, restoration_of_file
 
     _, low_present, _, _, _ = lesion_case
     slab = low_present[None, 64:192, 64:192]
-    gcn_width = default_sigma_px("CT", "tddl_gcn")
-    assert gcn_width != default_sigma_px("CT")
+    gcn_width = restoration_of_file(find_weights("tddl_gcn", "CT"))
+    assert gcn_width is not None and gcn_width != default_sigma_px("CT")
     source = tmp_path / "in" / "ct.nii.gz"
     source.parent.mkdir()
     sitk.WriteImage(sitk.GetImageFromArray(slab), str(source))
@@ -175,6 +182,17 @@ def test_tddl_gcn_gets_its_own_default_width_in_the_cli_and_the_batch(lesion_cas
     assert "1 skipped" in batch()
     rows = (tmp_path / "out" / "_denoise_batch" / "manifest.jsonl").read_text().splitlines()
     assert json.loads(rows[0]).get("low_frequency_restoration") == gcn_width
+
+    # the same network in a file that names no width of its own: the modality's default
+    payload = torch.load(find_weights("tddl_gcn", "CT"), map_location="cpu", weights_only=True)
+    del payload[RESTORATION_KEY]
+    unnamed = tmp_path / "site_tddl_gcn_ct.pt"
+    torch.save(payload, unnamed)
+    done = run_cli("denoise", "--model", "tddl_gcn", "--modality", "ct", "--device", "cpu", "--input", source,
+                   "--output", tmp_path / "site.nii.gz", "--weights", unnamed)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "site.nii.gz"))),
+                               restore_low_frequencies(slab, network, default_sigma_px("CT")), atol=1e-2)
 
 
 @pytest.mark.slow
@@ -292,7 +310,7 @@ def test_foreground_threshold_keeps_dark_tissue_and_skips_slices_of_air():
     assert float(weight[32, 24]) > 0.99 and float(weight[58, 5]) > 0.99
 
 
-def test_apply_restoration_is_the_model_or_modality_default_ct_unmasked_and_zero_is_the_network_itself():
+def test_apply_restoration_is_the_weight_files_or_modality_default_ct_unmasked_and_zero_is_the_network_itself():
     from lib.lesions.low_frequency_restoration import (apply_restoration, default_sigma_px, foreground_only,
                                                        restore_low_frequencies)
 
@@ -307,13 +325,15 @@ def test_apply_restoration_is_the_model_or_modality_default_ct_unmasked_and_zero
     out, width = apply_restoration(noisy, denoised, "CT")
     assert width == default_sigma_px("CT") > 0.0
     np.testing.assert_array_equal(out, restore_low_frequencies(noisy, denoised, default_sigma_px("CT")))
-    # a model with its own default (the TDDL-GCN on CT) gets it; ADL and unknown names the modality's
-    out, width = apply_restoration(noisy, denoised, "CT", model="tddl_gcn")
-    assert width == default_sigma_px("CT", "tddl_gcn") == 0.6 != default_sigma_px("CT")
+    # a weight file that names its own width (the TDDL-GCN CT file: 0.6) gets it; one that names none the modality's
+    out, width = apply_restoration(noisy, denoised, "CT", weights_sigma_px=0.6)
+    assert width == default_sigma_px("CT", 0.6) == 0.6 != default_sigma_px("CT")
     np.testing.assert_array_equal(out, restore_low_frequencies(noisy, denoised, 0.6))
-    assert default_sigma_px("ct", "adl") == default_sigma_px("CT", "nlm") == default_sigma_px("CT")
-    assert default_sigma_px("MR", "tddl_gcn") == default_sigma_px("MR")
-    assert apply_restoration(noisy, denoised, "CT", 2.5, model="tddl_gcn")[1] == 2.5  # asked beats default
+    assert default_sigma_px("ct", None) == default_sigma_px("CT") and default_sigma_px("MR", 1.5) == 1.5
+    assert apply_restoration(noisy, denoised, "CT", 2.5, weights_sigma_px=0.6)[1] == 2.5  # asked beats default
+    assert apply_restoration(noisy, denoised, "CT", weights_sigma_px=0.0)[0] is denoised  # a file may say off
+    with pytest.raises(ValueError, match="pixels"):
+        default_sigma_px("CT", 40.0)  # a file naming a width out of range is refused, not served
     out, width = apply_restoration(noisy, denoised, "ct", 2.5)
     assert width == 2.5
     np.testing.assert_array_equal(out, restore_low_frequencies(noisy, denoised, 2.5))

@@ -163,17 +163,21 @@ def test_infer_upload_of_a_non_ras_volume_comes_back_on_its_own_grid_unflipped(c
 
 
 def test_low_frequency_restoration_is_the_modality_default_can_be_set_and_is_audited(client, server):
-    """``low_frequency_restoration``: auto = the model's default for the modality (the TDDL-GCN's own for CT, not
-    ADL's), a width in pixels, 0 = the network alone; bad values and a width asked of a classical model are 422; the
-    width applied is in the answer and the audit."""
+    """``low_frequency_restoration``: auto = the served weight file's own width where it names one (the TDDL-GCN's),
+    else the modality's default (ADL's here), a width in pixels, 0 = the network alone; bad values and a width asked
+    of a classical model are 422; the width applied is in the answer and the audit."""
     from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
     from lib.predict import denoise_array, load_denoiser
+    from lib.weights.format import restoration_of_file
 
     noisy, _ = read_array(server.studies / "ct_slab_c.nii.gz")
     noisy = noisy.astype(np.float32)
     network = denoise_array(load_denoiser(server.model_dir / "pretrained_tddl_gcn_ct.pt"), noisy, "CT")
-    gcn_width = default_sigma_px("CT", "tddl_gcn")
-    assert gcn_width != default_sigma_px("CT", "adl")  # so that the model's own default is what is checked
+    gcn_width = restoration_of_file(server.model_dir / "pretrained_tddl_gcn_ct.pt")
+    assert gcn_width is not None and gcn_width != default_sigma_px("CT")  # the file's own width is what is checked
+    assert restoration_of_file(server.model_dir / "pretrained_adl_ct.pt") is None  # ADL: the modality's default
+    _, result = client.infer("adl", "ct_slab_c", {})
+    assert result["low_frequency_restoration"] == default_sigma_px("CT")
     outputs = {}
     for asked, width in (("auto", gcn_width), (0, 0.0), ("2.5", 2.5)):
         path, result = client.infer("tddl_gcn", "ct_slab_c", {"low_frequency_restoration": asked})

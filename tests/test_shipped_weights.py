@@ -179,3 +179,16 @@ def test_shipped_files_name_no_folders_of_the_machine_they_were_trained_on() -> 
                 map_record_strings(value, lambda text: found.append(text) if absolute.match(text) else text,
                                    keys=True)
         assert not found, f"{path.name} names folders: {found[:3]}"
+
+
+def test_shipped_files_name_the_restoration_width_chosen_for_them():
+    """Each shipped denoiser file carries the low-frequency restoration width it is served with by default, the one
+    the lesion benchmark chose for that network (bench/README.md): the TDDL-GCN CT file's differs from ADL's."""
+    from lib.weights.format import RESTORATION_KEY, restoration_of_file
+
+    widths = {path.name: restoration_of_file(path) for path in sorted(MODEL_DIR.glob("pretrained_*.pt"))
+              if "noise_model" not in path.name}
+    assert widths == {"pretrained_adl_3d_mr.pt": 0.0, "pretrained_adl_ct.pt": 0.8, "pretrained_adl_mr.pt": 0.0,
+                      "pretrained_tddl_gcn_ct.pt": 0.6}
+    gcn = load_denoiser(MODEL_DIR / "pretrained_tddl_gcn_ct.pt").metadata[RESTORATION_KEY]
+    assert "bench/README.md" in gcn["chosen"]

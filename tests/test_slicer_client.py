@@ -119,6 +119,7 @@ def test_lesion_contrast_restoration_is_sent_to_learned_models_only_and_the_widt
     the real app: "auto" and 0 give different results, each answer reports the width applied, and the difference
     is exactly the server's restoration at that width; a classical model is never sent the option."""
     from lib.lesions.low_frequency_restoration import default_sigma_px, restore_low_frequencies
+    from lib.weights.format import restoration_of_file
 
     client = DenoiseServerClient(shared_server.url)
     models = {m["name"]: m for m in client.denoising_models()}
@@ -127,7 +128,8 @@ def test_lesion_contrast_restoration_is_sent_to_learned_models_only_and_the_widt
     volume = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "head.nrrd", z=slice(50, 52))
     noisy, _ = read_array(volume)
     for model in ("adl", "tddl_gcn"):
-        auto_width = default_sigma_px("CT", model)  # each model's own default
+        # each served file's own width where it names one (the tiny GCN file does), else CT's default (ADL's)
+        auto_width = default_sigma_px("CT", restoration_of_file(shared_server.model_dir / f"pretrained_{model}_ct.pt"))
         assert auto_width > 0  # CT's default is on: "auto" and "off" must differ
         outputs = {}
         for spin_value in (RESTORATION_SPIN_AUTO, 0.0):  # the spin box's "auto", and one step up: off

@@ -292,10 +292,15 @@ def test_the_spin_box_minimum_reads_auto_and_one_step_up_is_off():
     assert RESTORATION_SPIN_AUTO < 0.0  # "auto" sits below 0 = off, both reachable with the arrows
     assert restoration_from_spin(RESTORATION_SPIN_AUTO) == "auto"
     assert restoration_from_spin(RESTORATION_SPIN_AUTO + RESTORATION_SPIN_STEP) == 0.0  # one step up: off
-    # the CT default widths are on the arrows' grid (from 0 = off), so the arrows reach them and their neighbours
-    from lib.lesions.low_frequency_restoration import default_sigma_px
+    # the CT default widths (the modality's, and the shipped CT files' own) are on the arrows' grid (from 0 = off),
+    # so the arrows reach them and their neighbours
+    from conftest import APP_DIR
 
-    for ct in (default_sigma_px("CT", "adl"), default_sigma_px("CT", "tddl_gcn")):
+    from lib.lesions.low_frequency_restoration import default_sigma_px
+    from lib.weights.format import restoration_of_file
+
+    files = [APP_DIR / "model" / f"pretrained_{model}_ct.pt" for model in ("adl", "tddl_gcn")]
+    for ct in (default_sigma_px("CT"), *(restoration_of_file(path) for path in files)):
         assert abs(round(ct / RESTORATION_SPIN_STEP) * RESTORATION_SPIN_STEP - ct) < 1e-9
     assert restoration_from_spin(2.5) == 2.5 and restoration_from_spin(16.0) == 16.0
     assert restoration_from_spin(-1.0, minimum=-1.0) == "auto"

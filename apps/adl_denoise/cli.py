@@ -640,6 +640,7 @@ def _check_gcn_train_arguments(args: argparse.Namespace, gcn: bool) -> None:
 def _export_trained(result, network, output: Path, config, data, initial_weights: Path | None = None) -> int:
     """Write the trained network as a small weight file with its training record, and report validation."""
     from lib.weights import NonFiniteWeightsError, export_weights, scaling_rule_for, start_lineage
+    from lib.weights.format import restoration_inherited_from
 
     record = result.training_record()
     record["data"] = data.record(config.patch_size)
@@ -649,7 +650,11 @@ def _export_trained(result, network, output: Path, config, data, initial_weights
         record["lineage"] = start_lineage(initial_weights)
         record["initial_weights"] = f"{initial_weights.name} (sha256 {record['lineage'][-1]['sha256'][:12]})"
     try:
-        path = export_weights(network, output, config, scaling_rule_for(config.modality), record)
+        # a file trained from another serves at that file's restoration width; one trained from scratch at the
+        # modality's (no lesion measurement of its own)
+        path = export_weights(network, output, config, scaling_rule_for(config.modality), record,
+                              low_frequency_restoration=(restoration_inherited_from(initial_weights)
+                                                         if initial_weights is not None else None))
     except NonFiniteWeightsError as error:
         raise CommandError(f"{error}; train again with a lower learning rate or another --seed") from None
     if result.validation:

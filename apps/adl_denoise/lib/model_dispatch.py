@@ -165,6 +165,7 @@ def _weights_version(model: str, path: Path, modality: str | None, given: bool) 
 def _denoise_learned(volume: Volume, model_name: str, options: DenoiseOptions, device: str, name: str,
                      cache: ModelCache | None) -> DenoiseResult:
     from .lesions.low_frequency_restoration import apply_restoration
+    from .weights.format import restoration_of
     from .predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser,
                           uses_orthogonal_planes)
 
@@ -214,7 +215,7 @@ def _denoise_learned(volume: Volume, model_name: str, options: DenoiseOptions, d
         raise DenoiseRefused(f"not denoised: {error}") from None
     # give back the lesion contrast the network removed with the noise (lesions before PSNR); None = the default
     array, sigma = apply_restoration(volume.array, array, modality, options.low_frequency_restoration,
-                                     model=model_name)
+                                     weights_sigma_px=restoration_of(model.metadata))
     return DenoiseResult(array, model_name, path, version, sha, sigma)
 
 

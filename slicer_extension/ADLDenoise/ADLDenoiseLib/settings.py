@@ -49,7 +49,7 @@ class SettingsStore:
 
 #: the request key (and the key of a learned model's /info ``config`` that says it is understood)
 RESTORATION_KEY = "low_frequency_restoration"
-#: "the default of the model and modality" (the server's ``DEFAULT_SIGMA_PX`` and ``MODEL_SIGMA_PX``: CT on, MR off)
+#: "the served weight file's default" (its own width, else the server's ``DEFAULT_SIGMA_PX``: CT on, MR off)
 RESTORATION_AUTO = "auto"
 #: widest width the server accepts, pixels (the server's ``MAX_SIGMA_PX``)
 MAX_RESTORATION_PX = 16.0

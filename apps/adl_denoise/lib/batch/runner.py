@@ -145,6 +145,7 @@ class _Rank:
         # outputs some run of this batch wrote or started to write: a rerun may replace them
         self.ours = {str(r["output"]) for r in records if r.get("output")}
         self.cache = ModelCache()
+        self.file_widths: dict[str, float | None] = {}  # weight file SHA-256 -> the restoration width it names
         self.options = replace(settings.options, progress=False)  # the rank's own bar is the progress shown
         self.weights_requested = str(settings.options.weights) if settings.options.weights else None
         # an explicit restoration width is part of the job: a rerun with another width redoes the series
@@ -213,6 +214,7 @@ class _Rank:
         up denoised by one model, not by whichever was installed when each series happened to run. Records of runs
         before the modality was recorded are matched to the modality whose weight file holds their weights."""
         from ..lesions.low_frequency_restoration import restoration_width
+        from ..weights.format import restoration_of_file
         from ..weights.store import file_sha256 as cached_file_sha256  # read once per file version, not per series
 
         model, modality, sha = record.get("model"), record.get("modality"), record.get("weights_sha256")
@@ -240,7 +242,9 @@ class _Rank:
         path, now = installed[modality]
         if now != sha:
             return f"the {model} weights changed since ({sha[:12]} -> {now[:12]} in {path})"
-        width = restoration_width(modality, self.settings.options.low_frequency_restoration, model)
+        if now not in self.file_widths:
+            self.file_widths[now] = restoration_of_file(path)
+        width = restoration_width(modality, self.settings.options.low_frequency_restoration, self.file_widths[now])
         done_width = record.get("low_frequency_restoration")
         if done_width is not None and abs(float(done_width) - width) > 1e-9:
             return f"the low-frequency restoration width changed since ({float(done_width):g} -> {width:g} px)"

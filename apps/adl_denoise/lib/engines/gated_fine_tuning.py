@@ -31,7 +31,8 @@ import numpy as np
 
 from ..data import ADLPatchDataset, ValidationPair
 from ..runtime.clock import Stopwatch
-from ..weights.format import NonFiniteWeightsError, export_weights, scaling_rule_for
+from ..weights.format import (NonFiniteWeightsError, export_weights, restoration_inherited_from,
+                              scaling_rule_for)
 from ..weights.lineage import start_lineage
 from ..weights.pseudonyms import pseudonymise_record
 from .adl_training import ADLTrainingConfig, train_adl
@@ -260,7 +261,8 @@ def fine_tune(
     record["data"] = dict(data_description or {}, validation_images=[p.name for p in val_pairs])
     record = pseudonymise_record(record, pseudonyms or {})
     try:
-        candidate = export_weights(network, output, config, scaling_rule_for(modality), record)
+        candidate = export_weights(network, output, config, scaling_rule_for(modality), record,
+                                   low_frequency_restoration=restoration_inherited_from(initial_weights))
     except NonFiniteWeightsError as error:  # diverged: nothing written, the worst score, never published
         candidate_score = {"psnr": float("-inf"), "psnr_input": baseline["psnr_input"], "non_finite_weights": True,
                            "images": {name: {**entry, "psnr": float("-inf"), "non_finite_weights": True}

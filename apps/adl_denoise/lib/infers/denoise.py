@@ -10,9 +10,10 @@ grid (spacing, origin, direction, any orientation), CT in HU.
 Request keys (all optional, besides MONAI Label's own ``image``): ``modality`` (``auto`` | ``ct`` | ``mr``),
 ``result_extension`` (``.nii.gz`` | ``.nii`` | ``.nrrd`` | ``.mha`` | ``dicom``: a derived DICOM series of a
 DICOM input, zipped), ``result_dtype`` (``float32``, or ``int16`` for CT in whole HU), ``device``
-(``auto`` | ``cpu`` | ``cuda``), ``low_frequency_restoration`` (learned models: ``auto`` = the model's default for
-the modality, or the in-plane Gaussian width in pixels of the removed content given back, 0 = the network's output
-alone; :mod:`lib.lesions.low_frequency_restoration`). The response says which width was applied.
+(``auto`` | ``cpu`` | ``cuda``), ``low_frequency_restoration`` (learned models: ``auto`` = the served weight file's
+own width, else the modality's default, or the in-plane Gaussian width in pixels of the removed content given back,
+0 = the network's output alone; :mod:`lib.lesions.low_frequency_restoration`). The response says which width was
+applied.
 
 Bad input raises ``fastapi.HTTPException`` with a 4xx status and a one-line reason; the server keeps
 serving. A result holding NaN or infinite values is never returned (HTTP 500, nothing written or recorded).
@@ -42,7 +43,7 @@ from ..imaging import (ImageReadError, ImageWriteError, denoising_derivation, gu
 from ..lesions.low_frequency_restoration import apply_restoration, check_sigma_px
 from ..predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser, resolve_device,
                        uses_orthogonal_planes)
-from ..weights.format import NonFiniteWeightsError
+from ..weights.format import NonFiniteWeightsError, restoration_of
 from ..weights.store import ModelStore, WeightsVersion
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,9 @@ class DenoiseInferTask(InferTask):
             except NonFiniteOutputError as error:
                 log.error("no result returned: %s", error)
                 raise HTTPException(status_code=500, detail=f"not denoised: {error}; no result returned") from None
+            # "auto": the served file's own width where it names one, else the modality's (never another file's)
             denoised, restoration = apply_restoration(volume.array, denoised, modality, restoration,
-                                                      model=self.model)
+                                                      weights_sigma_px=version.pop("weights_restoration_px", None))
         out = volume.with_array(denoised)
         try:
             derivation = denoising_derivation(self.model, version.get("weights_version"), version.get("weights_sha256"),
@@ -219,9 +221,11 @@ class DenoiseInferTask(InferTask):
     def denoise(self, array: np.ndarray, modality: str, device, spacing: Sequence[float] | None = None
                 ) -> tuple[np.ndarray, dict]:
         """Denoise ``array`` (modality units, voxel ``spacing`` in mm) with the weights served now; returns the
-        result and ``{"weights_version", "weights_sha256" (whole, hex), "planes"}`` (``planes``: "slices" slice by slice,
-        "orthogonal" the mean over the three orthogonal planes where :func:`lib.predict.uses_orthogonal_planes`
-        says so, "volume" for a 3D network). HTTP 404 when no weights are installed for ``modality``."""
+        result and ``{"weights_version", "weights_sha256" (whole, hex), "planes", "weights_restoration_px"}``
+        (``planes``: "slices" slice by slice, "orthogonal" the mean over the three orthogonal planes where
+        :func:`lib.predict.uses_orthogonal_planes` says so, "volume" for a 3D network; ``weights_restoration_px``:
+        the served file's own restoration width, None where it names none). HTTP 404 when no weights are installed
+        for ``modality``."""
         served = self.store.served(self.model, modality)
         if served is None:
             raise HTTPException(status_code=404, detail=f"no {self.model} weights for {modality} are installed in "
@@ -231,11 +235,12 @@ class DenoiseInferTask(InferTask):
         planes = "volume" if loaded.spatial_dims == 3 else "orthogonal" if orthogonal else "slices"
         # denoise_array's default batch: 4 slices (or 3D windows) per pass on CUDA, 1 on a CPU
         denoised = denoise_array(loaded, array, modality, device=device, orthogonal_planes=orthogonal)
-        return denoised, {"weights_version": served.version, "weights_sha256": served.sha256, "planes": planes}
+        return denoised, {"weights_version": served.version, "weights_sha256": served.sha256, "planes": planes,
+                          "weights_restoration_px": restoration_of(loaded.metadata)}
 
     # --- helpers
     def _restoration(self, request: dict) -> float | None:
-        """The low-frequency restoration width (pixels) asked for, None for ``auto`` (the model's default, as
+        """The low-frequency restoration width (pixels) asked for, None for ``auto`` (the served file's default, as
         :func:`apply_restoration` takes it), 0 for a classical model; HTTP 422 for a bad value or a width asked of
         a classical model."""
         asked = request.get("low_frequency_restoration")

@@ -32,19 +32,17 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["DEFAULT_SIGMA_PX", "FOREGROUND_ONLY", "MAX_SIGMA_PX", "MODEL_SIGMA_PX", "apply_restoration",
+__all__ = ["DEFAULT_SIGMA_PX", "FOREGROUND_ONLY", "MAX_SIGMA_PX", "apply_restoration",
            "check_sigma_px", "default_sigma_px", "foreground_only", "foreground_threshold", "foreground_weight",
            "restoration_width", "restore_low_frequencies"]
 
-#: the default in-plane Gaussian width (pixels) per modality for the learned denoisers' output; 0 = off.
-#: Chosen on the lesion detectability benchmark with the shipped CT network (bench/README.md, "Low-frequency
-#: restoration" and "Longer lesion-aware fine-tunes": a new CT file needs its own width); MR off: even
-#: inside the imaged body only it costs far more whole-image PSNR than issue 18 allows (0.3 dB).
+#: the default in-plane Gaussian width (pixels) per modality for the learned denoisers' output where the weight file
+#: names none of its own (``lib.weights.format.RESTORATION_KEY``: a network measured to need another width carries
+#: it, e.g. the TDDL-GCN CT file shipped 2026-12-05, 0.6 px); 0 = off. Chosen on the lesion detectability benchmark
+#: with the shipped CT networks (bench/README.md, "Low-frequency restoration", "Longer lesion-aware fine-tunes" and
+#: "TDDL-GCN, lesion-aware fine-tune": the earlier GCN file needed 0.8 as well); MR off: even inside the imaged body
+#: only it costs far more whole-image PSNR than issue 18 allows (0.3 dB).
 DEFAULT_SIGMA_PX: dict[str, float] = {"CT": 0.8, "MR": 0.0}
-#: a model's own default where its network needs another width than the modality's: the TDDL-GCN CT file shipped
-#: 2026-12-05 removes less lesion contrast than ADL's, and at 0.6 px keeps more of it than the earlier GCN at 0.8
-#: with a higher PSNR (bench/README.md, "TDDL-GCN, lesion-aware fine-tune")
-MODEL_SIGMA_PX: dict[tuple[str, str], float] = {("tddl_gcn", "CT"): 0.6}
 #: widest accepted filter: at 16 px only the local mean over tens of pixels comes back (wider means nothing new)
 MAX_SIGMA_PX = 16.0
 #: modalities restored inside the imaged object only (MR: the Rician floor in air is a bias not to give back)
@@ -66,11 +64,12 @@ FOREGROUND_FLOOR_FACTOR = 1.6
 FOREGROUND_BINS = 512
 
 
-def default_sigma_px(modality: str | None, model: str | None = None) -> float:
-    """The default restoration width for ``modality`` ("CT", "MR"; anything else: 0 = off) and, where it has its
-    own (:data:`MODEL_SIGMA_PX`), the app's ``model`` ("adl", "tddl_gcn", ...)."""
-    modality = str(modality or "").upper()
-    return MODEL_SIGMA_PX.get((str(model or ""), modality), DEFAULT_SIGMA_PX.get(modality, 0.0))
+def default_sigma_px(modality: str | None, weights_sigma_px: float | None = None) -> float:
+    """The default restoration width: the one the weight file names (``weights_sigma_px``,
+    :func:`lib.weights.format.restoration_of`), else that of ``modality`` ("CT", "MR"; anything else: 0 = off)."""
+    if weights_sigma_px is not None:
+        return check_sigma_px(weights_sigma_px)
+    return DEFAULT_SIGMA_PX.get(str(modality or "").upper(), 0.0)
 
 
 def foreground_only(modality: str | None) -> bool:
@@ -195,14 +194,16 @@ def restore_low_frequencies(noisy: np.ndarray, denoised: np.ndarray, sigma_px: f
     return restored
 
 
-def restoration_width(modality: str | None, sigma_px: float | None = None, model: str | None = None) -> float:
-    """The width in pixels that :func:`apply_restoration` applies: ``sigma_px`` checked, or the default of the
-    modality (and ``model``) when None (0 = off)."""
-    return default_sigma_px(modality, model) if sigma_px is None else check_sigma_px(sigma_px)
+def restoration_width(modality: str | None, sigma_px: float | None = None,
+                      weights_sigma_px: float | None = None) -> float:
+    """The width in pixels that :func:`apply_restoration` applies: ``sigma_px`` checked, or when None the weight
+    file's own default (``weights_sigma_px``) or the modality's (0 = off)."""
+    return default_sigma_px(modality, weights_sigma_px) if sigma_px is None else check_sigma_px(sigma_px)
 
 
 def apply_restoration(noisy: np.ndarray, denoised: np.ndarray, modality: str | None,
-                      sigma_px: float | None = None, *, model: str | None = None) -> tuple[np.ndarray, float]:
+                      sigma_px: float | None = None, *, weights_sigma_px: float | None = None
+                      ) -> tuple[np.ndarray, float]:
     """The restoration as the app, the CLI and the benchmark apply it to a learned denoiser's output.
 
     Args:
@@ -210,9 +211,10 @@ def apply_restoration(noisy: np.ndarray, denoised: np.ndarray, modality: str | N
         denoised: its output, same shape and units.
         modality: "CT" or "MR" (anything else: default off, unmasked); picks the default width and whether the
             restoration is limited to the foreground (:data:`FOREGROUND_ONLY`).
-        sigma_px: in-plane Gaussian width in pixels; None = the default of the modality
-            (:data:`DEFAULT_SIGMA_PX`) or of ``model`` where it has its own (:data:`MODEL_SIGMA_PX`), 0 = off.
-        model: the app's model name of the denoiser ("adl", "tddl_gcn", ...), for its default width.
+        sigma_px: in-plane Gaussian width in pixels; None = the default: the weight file's own
+            (``weights_sigma_px``) where it names one, else the modality's (:data:`DEFAULT_SIGMA_PX`); 0 = off.
+        weights_sigma_px: the width the denoiser's weight file names (:func:`lib.weights.format.restoration_of`
+            of its metadata), None where it names none.
 
     Returns:
         ``(image, width applied in pixels)``: with width 0, ``denoised`` itself (not copied); otherwise a float32
@@ -221,7 +223,7 @@ def apply_restoration(noisy: np.ndarray, denoised: np.ndarray, modality: str | N
     Raises:
         ValueError: a width outside [0, 16], or what :func:`restore_low_frequencies` refuses.
     """
-    sigma = restoration_width(modality, sigma_px, model)
+    sigma = restoration_width(modality, sigma_px, weights_sigma_px)
     if sigma == 0.0:
         return denoised, 0.0
     return restore_low_frequencies(noisy, denoised, sigma, foreground=foreground_only(modality)), sigma

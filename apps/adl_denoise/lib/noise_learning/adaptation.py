@@ -368,7 +368,8 @@ def adapt_to_low_dose(
             config = gcn_fine_tune_config(kwargs, "CT", tune, None)
             slice_context = config.slice_context
         from ..data import ADLPatchDataset
-        from ..weights.format import NonFiniteWeightsError, export_weights, scaling_rule_for
+        from ..weights.format import (NonFiniteWeightsError, export_weights, restoration_inherited_from,
+                                      scaling_rule_for)
         from ..weights.lineage import start_lineage
 
         dataset = ADLPatchDataset(source, config.spatial_dims, int(config.patch_size),
@@ -390,7 +391,8 @@ def adapt_to_low_dose(
                "pseudo_pairs": {"clean_side": clean_kind, "clean_images": clean},
                "noise_model": noise_model.summary(), "settings": dataclasses.asdict(settings)}
         try:
-            candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record)
+            candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record,
+                                       low_frequency_restoration=restoration_inherited_from(start_path))
         except NonFiniteWeightsError as error:  # never written, not even with force: it would answer NaN
             seconds["total"] = time.perf_counter() - clock
             summary = {**run, "diverged": str(error), "check": None, "lesion_check": None, "passed": False,

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 __all__ = [
+    "RESTORATION_KEY",
     "NonFiniteWeightsError",
     "TRAINING_CHECKPOINT_FORMATS",
     "WEIGHTS_FORMAT",
@@ -32,6 +33,9 @@ __all__ = [
     "non_finite_tensors",
     "plain_json",
     "portable_record",
+    "restoration_of",
+    "restoration_of_file",
+    "restoration_inherited_from",
     "scaling_rule_for",
 ]
 
@@ -45,6 +49,12 @@ WEIGHTS_FORMAT = "adl-denoiser-weights"
 WEIGHTS_VERSION = 1
 #: Training checkpoints that load_denoiser also accepts (ADL and TDDL-GCN, :mod:`lib.engines`).
 TRAINING_CHECKPOINT_FORMATS = ("adl-training-checkpoint", "gcn-training-checkpoint")
+#: The weight-file entry of the low-frequency restoration width (pixels) that the network is served with when a request
+#: names none (``lib.lesions.low_frequency_restoration``): ``{"sigma_px": 0.6, "chosen": "<where it was measured>"}``,
+#: or ``{"sigma_px": ..., "inherited_from": "<start file> (sha256 ...)"}`` in a file trained from one that had it. A
+#: file without it is served at its modality's default. Per file, not per model name: a network fine-tuned from an
+#: older file of the same model keeps that file's width, not the width measured for a newer one.
+RESTORATION_KEY = "low_frequency_restoration"
 #: The ADL denoiser's training-only deep-supervision heads (1/2 and 1/4 resolution): not in weight files.
 _TRAINING_ONLY_HEADS = ("heads.1.", "heads.2.")
 
@@ -90,6 +100,45 @@ def map_record_strings(value: Any, fn: Callable[[str], str], keys: bool = False)
     return value
 
 
+def restoration_of(payload: Mapping[str, Any] | None) -> float | None:
+    """The restoration width in pixels that a weight file's payload (or a loaded denoiser's ``metadata``) names under
+    :data:`RESTORATION_KEY`, or None when it names none. ``ValueError`` when the entry is not a width in [0, 16]."""
+    from ..lesions.low_frequency_restoration import check_sigma_px
+
+    entry = payload.get(RESTORATION_KEY) if isinstance(payload, Mapping) else None
+    if entry is None:
+        return None
+    if not isinstance(entry, Mapping) or "sigma_px" not in entry:
+        raise ValueError(f"the weight file's {RESTORATION_KEY} entry {entry!r} names no width (sigma_px)")
+    return check_sigma_px(entry["sigma_px"])
+
+
+def restoration_of_file(path: str | os.PathLike) -> float | None:
+    """:func:`restoration_of` of the weight file at ``path`` (read without building its network)."""
+    import torch
+
+    return restoration_of(torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True))
+
+
+def restoration_inherited_from(start: str | os.PathLike) -> dict | None:
+    """The :data:`RESTORATION_KEY` entry of a file trained from the weight file ``start``: ``start``'s width with
+    ``inherited_from`` naming it (file name and the first 12 hex digits of its SHA-256); None when ``start`` names
+    no width (or is not a weight file), so that the new file gets its modality's default."""
+    import torch
+
+    from ..runtime.hashing import file_sha256
+
+    path = Path(start).expanduser()
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        sigma = restoration_of(payload)
+    except Exception:  # noqa: BLE001 - unreadable, or no valid width: no width to inherit
+        return None
+    if sigma is None:
+        return None
+    return {"sigma_px": sigma, "inherited_from": f"{path.name} (sha256 {file_sha256(path)[:12]})"}
+
+
 def scaling_rule_for(modality: str) -> dict:
     """The intensity rule of :func:`lib.data.intensity_scaling_for` for ``modality``, as recorded in weights."""
     from ..data.intensity import CT_RANGE_HU, MR_HEADROOM, MR_PERCENTILE
@@ -127,6 +176,7 @@ def export_weights(
     scaling_rule: dict | None = None,
     training_record: dict | None = None,
     half: bool = True,
+    low_frequency_restoration: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the weight file shipped to users (atomically); read it with :func:`lib.predict.load_denoiser`.
 
@@ -137,8 +187,9 @@ def export_weights(
     floating tensors in fp16 when ``half``), ``dtype``, ``modality``, ``spatial_dims``, ``scaling_rule``
     (default :func:`scaling_rule_for`), ``training`` (the record, e.g.
     :meth:`lib.engines.TrainingResult.training_record`; absolute paths cut to their last component,
-    :func:`portable_record`), ``created_utc`` and library versions. About 9.5 MB for
-    the default 2D ADL network in fp16.
+    :func:`portable_record`), ``created_utc`` and library versions, and, when ``low_frequency_restoration`` is
+    given, its default restoration width (:data:`RESTORATION_KEY`; e.g. :func:`restoration_inherited_from` for a
+    file trained from another one). About 9.5 MB for the default 2D ADL network in fp16.
 
     ``config`` is a :class:`lib.engines.ADLTrainingConfig` (``generator_kwargs()``) or any configuration with
     ``network_class``, ``network_kwargs()``, ``model_name``, ``modality`` and ``spatial_dims`` (e.g.
@@ -185,6 +236,10 @@ def export_weights(
         "created_utc": utc_timestamp(),
         "software": {"torch": str(torch.__version__), "monai": str(monai.__version__)},
     }
+    if low_frequency_restoration is not None:
+        entry = plain_json(dict(low_frequency_restoration))
+        restoration_of({RESTORATION_KEY: entry})  # a valid width, or ValueError before anything is written
+        payload[RESTORATION_KEY] = entry
     return atomic_torch_save(payload, Path(path).expanduser())
 
 
