@@ -96,6 +96,7 @@ def test_denoised_dicom_series_names_the_model_weights_and_restoration(tmp_path,
     import pydicom
 
     from lib.lesions.low_frequency_restoration import default_sigma_px
+    from lib.weights.format import restoration_of_file
 
     weights = APP_DIR / "model" / "pretrained_adl_ct.pt"
     result = run_cli("denoise", "--input", ct_slice_dicom, "--output", tmp_path / "denoised", "--model", "adl",
@@ -107,7 +108,8 @@ def test_denoised_dicom_series_names_the_model_weights_and_restoration(tmp_path,
     text = derived.DerivationDescription
     assert text.startswith("Denoised with adl (weights ") and text.endswith(f" from series {source.SeriesInstanceUID}")
     assert f"sha256 {sha256(weights)[:16]}" in text
-    assert f"low-frequency restoration {default_sigma_px('CT', 'adl'):g} px" in text
+    width = default_sigma_px("CT", restoration_of_file(weights))  # the file's own width
+    assert f"low-frequency restoration {width:g} px" in text
 
 
 @pytest.mark.slow
