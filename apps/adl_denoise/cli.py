@@ -1005,24 +1005,13 @@ def _add_lesion_detector_parser(verbs) -> None:
     det.set_defaults(func=cmd_train_lesion_detector)
 
 
-#: image suffixes cut from a datastore file's name to give its id (MONAI Label's local datastore ids)
-_DATASTORE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm")
-
-
 def _datastore_ids(folder: Path) -> list[str]:
-    """The ids of a local datastore's images: its files' names without an image suffix."""
+    """The ids of a local datastore's images: its files' names without an image suffix (``lib.data.image_stem``)."""
+    from lib.data import image_stem
+
     if not folder.is_dir():
         raise CommandError(f"--names-from {folder}: no such folder")
-    ids = []
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith("."):
-            name = path.name
-            for suffix in _DATASTORE_SUFFIXES:
-                if name.lower().endswith(suffix):
-                    name = name[: -len(suffix)]
-                    break
-            ids.append(name)
-    return ids
+    return [image_stem(path) for path in sorted(folder.iterdir()) if path.is_file() and not path.name.startswith(".")]
 
 
 def cmd_share_weights(args: argparse.Namespace) -> int:

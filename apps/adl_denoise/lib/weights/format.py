@@ -124,14 +124,11 @@ def restoration_inherited_from(start: str | os.PathLike) -> dict | None:
     """The :data:`RESTORATION_KEY` entry of a file trained from the weight file ``start``: ``start``'s width with
     ``inherited_from`` naming it (file name and the first 12 hex digits of its SHA-256); None when ``start`` names
     no width (or is not a weight file), so that the new file gets its modality's default."""
-    import torch
-
     from ..runtime.hashing import file_sha256
 
     path = Path(start).expanduser()
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        sigma = restoration_of(payload)
+        sigma = restoration_of_file(path)
     except Exception:  # noqa: BLE001 - unreadable, or no valid width: no width to inherit
         return None
     if sigma is None:
