@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn as nn
 
-from conftest import APP_DIR
+from conftest import APP_DIR, SAMPLE_STUDIES
 
 from lib.data import ADLPatchDataset, PairedFolderSource, SyntheticNoiseSource, ValidationPair, discover_images
 from lib.predict import LoadedDenoiser, denoise_array, load_denoiser
@@ -776,6 +776,41 @@ def test_cli_fine_tunes_from_initial_weights_on_one_ct_filter(tmp_path, ct_crop)
                          "0", "--steps-adversarial", "0", *tiny, *extra])
         assert code == 2, [e for e in extra if e in bad]
     assert not (tmp_path / "w.pt").exists()
+
+
+def test_cli_train_from_scratch_measures_its_own_restoration_width(tmp_path, ct_crop):
+    """A CT network trained from scratch is served at a width measured for it, not at the CT default chosen for
+    other networks: the widest width at which lesions planted in its noisy validation slice keep 90 % of a 6 mm
+    lesion's contrast; the file records the figures it was chosen on."""
+    from lib.evaluation.restoration_width import CANDIDATE_WIDTHS_PX
+
+    cli = _load_cli()
+    out = tmp_path / "scratch.pt"
+    assert cli.main(["train", "--output", str(out), "--modality", "ct", "--clean", str(ct_crop),
+                     "--noise", "ct-lowdose", "--ct-filters", "shepp-logan", "--realisations", "1",
+                     "--val", str(SAMPLE_STUDIES / "ct_head_pydicom693.nii.gz"), "--patch-size", "32",
+                     "--batch-size", "4", "--filters", "8,12,16,20", "--disc-filters", "4,8,8,8",
+                     "--enhancer-filters", "4", "--device", "cpu", "--validation-every", "0", "--checkpoint-every",
+                     "0", "--steps-g-warmup", "80", "--lr-warmup", "3e-3", "--steps-d-warmup", "0",
+                     "--steps-adversarial", "0", "--seed", "4"]) == 0
+    metadata = load_denoiser(out).metadata
+    entry = metadata[RESTORATION_KEY]
+    width = restoration_of(metadata)
+    assert entry["chosen"].startswith("cli.py train") and "1 noisy validation slice" in entry["chosen"]
+    assert entry["lesions"] >= 6 and entry["target"]["diameter_mm"] == 6.0 and entry["target"]["kept_percent"] == 90.0
+    six_mm = {w: by_diameter["6"] for w, by_diameter in entry["kept_percent"].items()}
+    assert six_mm["0"] < 90.0 or width == 0.0
+    if width > 0:  # the widest meeting the target: every wider width tried misses it
+        assert entry["lesion_target_met"] == (six_mm[f"{width:g}"] >= 90.0)
+        assert all(six_mm[f"{w:g}"] < 90.0 for w in CANDIDATE_WIDTHS_PX if w > width)
+        assert entry["lesion_target_met"] or width == min(CANDIDATE_WIDTHS_PX)
+    # MR, or no validation image to plant lesions in: no width of its own (the modality's default serves it)
+    no_val = tmp_path / "no_val.pt"
+    assert cli.main(["train", "--output", str(no_val), "--modality", "ct", "--clean", str(ct_crop), "--noise",
+                     "gaussian", "--patch-size", "32", "--batch-size", "2", "--filters", "8,12,16,20",
+                     "--disc-filters", "4,8,8,8", "--enhancer-filters", "4", "--device", "cpu", "--checkpoint-every",
+                     "0", "--steps-g-warmup", "1", "--steps-d-warmup", "0", "--steps-adversarial", "0"]) == 0
+    assert RESTORATION_KEY not in load_denoiser(no_val).metadata
 
 
 def test_cli_train_from_a_file_with_a_lineage_carries_it_and_grows_it(tmp_path, ct_crop):

@@ -147,5 +147,16 @@ def test_the_app_answers_500_naming_the_weights_when_the_served_file_holds_nan(t
         assert "served adl weights are unusable" in detail and "adl_ct.pt" in detail and "NaN" in detail, detail
         assert infer("adl", "mr_slab_d")[0] == 200  # the MR weights are sound
         assert infer("tddl_gcn", "ct_slab_b")[0] == 200
+        # likewise a file whose restoration entry names no width (edited by hand) and a damaged file: 500 naming
+        # the file, never a 4xx that reads as if the image were wrong
+        gcn = torch.load(model_dir / "pretrained_tddl_gcn_ct.pt", weights_only=True)
+        torch.save(dict(gcn, low_frequency_restoration={"sigma_px": "wide"}), model_dir / "tddl_gcn_ct.pt")
+        (model_dir / "adl_mr.pt").write_bytes(b"not a weight file" * 100)
+        for model, image, words in (("tddl_gcn", "ct_slab_b", ("tddl_gcn_ct.pt", "restoration width")),
+                                    ("adl", "mr_slab_d", ("adl_mr.pt", "not a readable"))):
+            status, body = infer(model, image)
+            detail = json.loads(body)["detail"]
+            assert status == 500 and f"served {model} weights are unusable" in detail, (status, detail)
+            assert all(word in detail for word in words), detail
     finally:
         stop_server(server)

@@ -26,7 +26,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from .networks import DENOISER_NETWORKS, EfficientUNetDenoiser, pad_to_multiple
 from .runtime.cpu_memory import keep_freed_cpu_memory
 from .runtime.precision import autocast_dtype
 from .weights.format import (TRAINING_CHECKPOINT_FORMATS, WEIGHTS_FORMAT, WEIGHTS_VERSION, NonFiniteWeightsError,
-                             describe_non_finite, non_finite_tensors)
+                             UnusableWeightsError, describe_non_finite, non_finite_tensors, restoration_of)
 
 __all__ = [
     "DEFAULT_ROI_2D",
@@ -48,6 +48,7 @@ __all__ = [
     "denoise_array",
     "load_denoiser",
     "resolve_device",
+    "slice_denoiser",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
         ValueError: not an ADL weight file, or weights that do not fit the stored network arguments.
         NonFiniteWeightsError: (a ValueError) the weights hold NaN or infinite values: served, they would answer
             NaN for every voxel.
+        UnusableWeightsError: (a ValueError) the file's restoration entry names no valid width.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -129,6 +131,10 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     else:
         raise ValueError(f"{p} is not an ADL weight file (format {payload.get('format')!r})")
 
+    try:  # served without a valid width, it would fail on every request as if the image were at fault
+        restoration_of(metadata)
+    except ValueError as error:
+        raise UnusableWeightsError(f"{p} is not usable: {error}") from None
     network_class = DENOISER_NETWORKS.get(class_name)
     if network_class is None:
         raise ValueError(f"{p} holds an unknown network {class_name!r} (known: {', '.join(DENOISER_NETWORKS)})")
@@ -218,6 +224,19 @@ def _roi(roi_size: int | Sequence[int] | None, spatial_dims: int, padded: Sequen
     if any(r <= 0 or r % 8 for r in roi):
         raise ValueError(f"roi_size {roi} must be positive multiples of 8")
     return tuple(min(r, s) for r, s in zip(roi, padded))  # both multiples of 8
+
+
+def slice_denoiser(loaded: LoadedDenoiser, modality: str, device: str | torch.device = "cpu"
+                   ) -> Callable[[np.ndarray], np.ndarray]:
+    """``loaded`` as a function (N, H, W) -> (N, H, W) in ``modality``'s units that denoises each slice alone.
+
+    For checks on slices that are not neighbours (held-out or validation slices of several volumes): a 2.5D
+    network must not see one as another's adjacent slice. Full precision, so that two networks are scored alike.
+    """
+    def run(stack: np.ndarray) -> np.ndarray:
+        return np.stack([denoise_array(loaded, s, modality, device=device, amp=False) for s in stack])
+
+    return run
 
 
 def denoise_array(

@@ -109,12 +109,14 @@ class TrainingVolume:
 
 @dataclass
 class ValidationPair:
-    """A full noisy / clean image (modality units, (H, W) or (Z, H, W)) for validation."""
+    """A full noisy / clean image (modality units, (H, W) or (Z, H, W)) for validation; ``pixel_size_mm``: its
+    in-plane (row, column) pixel size, None where unknown (arrays given without their image)."""
 
     name: str
     noisy: np.ndarray
     clean: np.ndarray
     modality: str
+    pixel_size_mm: tuple[float, float] | None = None
 
 
 def foreground_threshold(scaling: IntensityScaling) -> float:
@@ -266,7 +268,8 @@ class PairedFolderSource:
 
     def validation_pairs(self) -> list[ValidationPair]:
         """Every pair as a full-image :class:`ValidationPair` (2D images as (H, W))."""
-        return [ValidationPair(v.name, _squeeze(v.noisy), _squeeze(v.clean), v.modality) for v in self.volumes]
+        return [ValidationPair(v.name, _squeeze(v.noisy), _squeeze(v.clean), v.modality, v.pixel_size_mm)
+                for v in self.volumes]
 
 
 def _squeeze(array: np.ndarray) -> np.ndarray:
@@ -510,7 +513,7 @@ class SyntheticNoiseSource:
             else:
                 noisy = self.add_noise(v, clean, rng)
             pairs.append(ValidationPair(vol.name, _squeeze(np.asarray(noisy, np.float32)), _squeeze(clean),
-                                        self.modality))
+                                        self.modality, vol.pixel_size_mm))
         return pairs
 
 

@@ -43,7 +43,7 @@ from ..imaging import (ImageReadError, ImageWriteError, denoising_derivation, gu
 from ..lesions.low_frequency_restoration import apply_restoration, check_sigma_px
 from ..predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser, resolve_device,
                        uses_orthogonal_planes)
-from ..weights.format import NonFiniteWeightsError, restoration_of
+from ..weights.format import UnusableWeightsError, restoration_of
 from ..weights.store import ModelStore, WeightsVersion
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class DenoiseInferTask(InferTask):
                 denoised, version = self.denoise(volume.array, modality, device, spacing=volume.spacing)
                 # the input was checked finite: a NaN / Inf result is the model's fault, an error, never a result
                 check_finite_output(denoised, f"{self.model} (weights {version.get('weights_version')})")
-            except NonFiniteWeightsError as error:  # the server's fault, not the image's (a ValueError too)
+            except UnusableWeightsError as error:  # the server's fault, not the image's (a ValueError too)
                 log.error("no result returned: %s", error)
                 raise HTTPException(status_code=500, detail=f"not denoised: the served {self.model} weights are "
                                                             f"unusable: {error}") from None
@@ -290,7 +290,12 @@ class DenoiseInferTask(InferTask):
         with self._lock:
             loaded = self._cache.get(key)
             if loaded is None:
-                loaded = load_denoiser(served.path, device=device)
+                try:
+                    loaded = load_denoiser(served.path, device=device)
+                except UnusableWeightsError:
+                    raise
+                except (ValueError, OSError) as error:  # a damaged served file: the server's fault, not the image's
+                    raise UnusableWeightsError(f"version {served.version}: {error}") from None
                 # keep one entry per (file, device): the old network of a replaced file is released
                 self._cache = {k: v for k, v in self._cache.items() if (k[0], k[3]) != (key[0], key[3])}
                 self._cache[key] = loaded

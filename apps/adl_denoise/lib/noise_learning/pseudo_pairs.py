@@ -193,5 +193,6 @@ class LearnedNoiseSource(SyntheticNoiseSource):
         for v, vol in enumerate(self.volumes):
             noisy = self._pseudo(vol, vol.clean, np.random.SeedSequence([seed, v]))
             squeeze = (lambda a: a[0] if a.ndim == 3 and a.shape[0] == 1 else a)
-            pairs.append(ValidationPair(vol.name, squeeze(noisy), squeeze(vol.clean), self.modality))
+            pairs.append(ValidationPair(vol.name, squeeze(noisy), squeeze(vol.clean), self.modality,
+                                        vol.pixel_size_mm))
         return pairs

@@ -3,6 +3,7 @@ them, and the versioned store that publishes fine-tuned weights atomically."""
 from .format import (
     TRAINING_CHECKPOINT_FORMATS,
     NonFiniteWeightsError,
+    UnusableWeightsError,
     WEIGHTS_FORMAT,
     WEIGHTS_VERSION,
     export_weights,
@@ -17,6 +18,6 @@ from .lineage import MAX_LINEAGE, start_lineage
 from .lookup import MODEL_DIR, candidate_weights, find_weights
 from .store import ModelStore, WeightsVersion
 
-__all__ = ["NonFiniteWeightsError", "TRAINING_CHECKPOINT_FORMATS", "WEIGHTS_FORMAT", "WEIGHTS_VERSION",
+__all__ = ["NonFiniteWeightsError", "UnusableWeightsError", "TRAINING_CHECKPOINT_FORMATS", "WEIGHTS_FORMAT", "WEIGHTS_VERSION",
            "export_weights", "inflate_input_channels", "load_initial_weights", "non_finite_tensors", "plain_json",
            "portable_record", "scaling_rule_for", "MAX_LINEAGE", "start_lineage", "MODEL_DIR", "candidate_weights", "find_weights", "ModelStore", "WeightsVersion"]

@@ -24,6 +24,7 @@ __all__ = [
     "RESTORATION_KEY",
     "NonFiniteWeightsError",
     "TRAINING_CHECKPOINT_FORMATS",
+    "UnusableWeightsError",
     "WEIGHTS_FORMAT",
     "WEIGHTS_VERSION",
     "describe_non_finite",
@@ -40,7 +41,12 @@ __all__ = [
 ]
 
 
-class NonFiniteWeightsError(ValueError):
+class UnusableWeightsError(ValueError):
+    """A weight file that cannot be served as it is (the file's fault, not the image's): e.g. an entry that names no
+    valid restoration width."""
+
+
+class NonFiniteWeightsError(UnusableWeightsError):
     """A network holds NaN or infinite values (its training diverged, or values beyond float16): never written,
     never loaded, since served it would answer NaN for every voxel."""
 
