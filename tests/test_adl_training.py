@@ -602,6 +602,48 @@ def test_tiled_sliding_window_blends_without_seams(spatial_dims, shape, roi):
         assert np.abs(tiled - whole).max() / np.abs(whole).max() < 1e-4
 
 
+@pytest.mark.parametrize("size", [(1024, 1024), (768, 640), (520, 1030), (2048, 600), (513, 9000)])
+def test_even_windows_cover_a_large_slice_in_the_fewest_bounded_windows(size):
+    """A slice larger than the 512-pixel window: the windows MONAI places with the returned sizes and overlaps are at
+    most 512 pixels (memory bound), cover the slice, overlap by at least 128 pixels (0.25) and are the fewest that
+    can (MONAI's own placement at 0.25 takes 3 x 3 of 512 for a 1024 slice: 2.25 times its pixels)."""
+    import math
+
+    from monai.data.utils import dense_patch_slices
+
+    from lib.predict import even_windows
+
+    roi, overlaps = even_windows((512, 512), size, 0.25)
+    intervals = [r if r == n else int(r * (1 - o)) for r, n, o in zip(roi, size, overlaps)]
+    windows = dense_patch_slices(size, roi, intervals)
+    for axis, (r, n) in enumerate(zip(roi, size)):
+        assert r <= 512 and r % 8 == 0 or r == n
+        starts = sorted({w[axis].start for w in windows})
+        assert starts[0] == 0 and starts[-1] + r == n  # covered, the last window flush with the end
+        assert all(b - a <= r - 128 for a, b in zip(starts, starts[1:]))  # overlap >= 128 pixels
+        assert len(starts) == (1 if n <= 512 else math.ceil((n - 128) / (512 - 128)))  # the fewest that can
+    monai_default = math.prod(1 if n <= 512 else math.ceil((n - 512) / 384) + 1 for n in size)
+    assert math.prod(r for r in roi) * len(windows) <= 512 * 512 * monai_default
+
+
+def test_denoise_array_tiles_with_even_windows():
+    """denoise_array places the even windows (not MONAI's default 0.25 steps): a (200, 136) slice in 64-pixel windows
+    takes 4 x 3 windows of 64 x 56 instead of 4 x 3 of 64 x 64, with the same seamless result."""
+    seen = []
+
+    class Recording(_Pointwise):
+        def forward(self, x):
+            seen.append(tuple(x.shape[2:]))
+            return super().forward(x)
+
+    network = Recording(2)
+    image = np.random.default_rng(3).uniform(0, 800, (200, 136)).astype(np.float32)
+    tiled = denoise_array(network, image, "MR", roi_size=64, overlap=0.25, mode="gaussian")
+    assert seen == [(64, 56)] * 12
+    whole = _whole_image(network, image[None], "MR")[0]
+    assert np.abs(tiled - whole).max() / np.abs(whole).max() < 1e-4
+
+
 def test_denoise_array_rejects_bad_input():
     network = EfficientUNetDenoiser(spatial_dims=2, filters=(8, 12, 16, 20), enhancer_filters=4)
     bad = np.zeros((16, 16), np.float32)

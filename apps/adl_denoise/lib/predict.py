@@ -8,8 +8,8 @@ shipped weights, tiling, intensity units.
 
 * normalise with :func:`lib.data.intensity_scaling_for` (the rule the model was trained with);
 * 2D model: slice by slice, ``sw_batch_size`` slices at a time, through MONAI ``sliding_window_inference``
-  with windows of ``roi_size`` (default 512x512, clamped to the image: a typical CT slice is one window, since
-  smaller overlapping windows recompute their overlaps). 3D model:
+  with windows of at most ``roi_size`` (default 512x512, clamped to the image: a typical CT slice is one window, since
+  smaller overlapping windows recompute their overlaps; a larger slice is tiled by :func:`even_windows`). 3D model:
   3D sliding window (default 96^3 windows). The image is first reflect-padded to multiples of 8 (the
   network down-samples three times) and the padding is cropped off again. The GCN
   (:class:`lib.networks.GCNDenoiser`) needs no padding (``size_multiple = 1``), gets each slice with its
@@ -23,6 +23,7 @@ native bfloat16 the 2D Efficient-UNet under bfloat16 autocast (``amp=False``: fl
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
     "NonFiniteOutputError",
     "check_finite_output",
     "denoise_array",
+    "even_windows",
     "load_denoiser",
     "resolve_device",
     "slice_denoiser",
@@ -226,6 +228,33 @@ def _roi(roi_size: int | Sequence[int] | None, spatial_dims: int, padded: Sequen
     return tuple(min(r, s) for r, s in zip(roi, padded))  # both multiples of 8
 
 
+def even_windows(roi: Sequence[int], size: Sequence[int], overlap: float) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Windows of at most ``roi`` (multiples of 8) that cover ``size`` in as few as ``overlap`` allows, spread evenly.
+
+    MONAI's sliding window steps by ``roi * (1 - overlap)`` and adds a last window flush with the end: a 1024-pixel
+    slice in 512-pixel windows at 0.25 overlap takes 3 x 3 windows (2.25 times the slice's pixels). Here each axis
+    longer than its window gets the fewest windows that still overlap by at least ``roi * overlap`` pixels, each one
+    shrunk to what they need (a multiple of 8, never larger than ``roi``: memory stays bounded), and the overlap
+    fraction per axis that makes MONAI place exactly those: 3 x 3 windows of 432 pixels for the 1024-pixel slice
+    (1.6 times its pixels), which overlap by at least 128 pixels as before. Returns ``(roi, overlap per axis)`` for
+    ``sliding_window_inference``.
+    """
+    windows, overlaps = [], []
+    for r, n_pixels in zip(roi, size):
+        r, n_pixels = int(r), int(n_pixels)
+        shared = int(round(r * overlap))
+        if n_pixels <= r or shared >= r:
+            windows.append(min(r, n_pixels))
+            overlaps.append(float(overlap))
+            continue
+        count = math.ceil((n_pixels - shared) / (r - shared))
+        width = min(r, 8 * math.ceil(math.ceil((n_pixels + (count - 1) * shared) / count) / 8))
+        step = math.ceil((n_pixels - width) / (count - 1))
+        windows.append(width)
+        overlaps.append(1.0 - (step + 0.5) / width)  # MONAI takes int(width * (1 - overlap)) = step
+    return tuple(windows), tuple(overlaps)
+
+
 def slice_denoiser(loaded: LoadedDenoiser, modality: str, device: str | torch.device = "cpu"
                    ) -> Callable[[np.ndarray], np.ndarray]:
     """``loaded`` as a function (N, H, W) -> (N, H, W) in ``modality``'s units that denoises each slice alone.
@@ -365,8 +394,8 @@ def denoise_array(
                 stack = np.clip(centres[:, None] + np.arange(-context, context + 1), 0, volume.shape[0] - 1)
                 chunk = torch.from_numpy(np.ascontiguousarray(volume[stack])).to(dev)
                 padded, crop = pad_to_multiple(chunk, multiple)
-                roi = _roi(roi_size, 2, padded.shape[2:])
-                result = sliding_window_inference(padded, roi, step, predictor, overlap=float(overlap), mode=mode)
+                roi, overlaps = even_windows(_roi(roi_size, 2, padded.shape[2:]), padded.shape[2:], float(overlap))
+                result = sliding_window_inference(padded, roi, step, predictor, overlap=overlaps, mode=mode)
                 out[start:start + step] = result[crop][:, 0].cpu().numpy()
         else:
             tensor = torch.from_numpy(np.ascontiguousarray(volume))[None, None].to(dev)
