@@ -416,9 +416,12 @@ def test_2p5d_network_starts_as_the_2d_one_and_learns_from_the_neighbouring_slic
     tuned = fine_tune(tmp_path / "w25d.pt", source, source.validation_pairs(), tmp_path / "tuned.pt",
                       FineTuneSettings(steps=4, patch_size=32, batch_size=2, device="cpu"))
     assert load_denoiser(tuned.candidate).network.slice_context == 1
-    # served at its start file's restoration width, saying where it came from
-    inherited = load_denoiser(tuned.candidate).metadata[RESTORATION_KEY]
-    assert inherited["sigma_px"] == 1.2 and inherited["inherited_from"].startswith("w25d.pt (sha256 ")
+    # served at its start file's restoration width (saying where it came from), or at the width measured on lesions
+    # planted in its validation images where that gives more back
+    served = load_denoiser(tuned.candidate).metadata[RESTORATION_KEY]
+    assert served["inherited_from"].startswith("w25d.pt (sha256 ")
+    measured = served["measured_on"]["sigma_px"]
+    assert served["sigma_px"] == (1.2 if measured in (None, 0) else min(1.2, measured))
 
     with pytest.raises(ValueError, match="slice"):  # a single-slice dataset for a 3-slice network
         train_adl(config, ADLPatchDataset(source, 2, 32, samples_per_epoch=16, seed=0), progress=False)
@@ -828,13 +831,12 @@ def test_cli_train_from_scratch_measures_its_own_restoration_width(tmp_path, ct_
 
     cli = _load_cli()
     out = tmp_path / "scratch.pt"
-    assert cli.main(["train", "--output", str(out), "--modality", "ct", "--clean", str(ct_crop),
-                     "--noise", "ct-lowdose", "--ct-filters", "shepp-logan", "--realisations", "1",
-                     "--val", str(SAMPLE_STUDIES / "ct_head_pydicom693.nii.gz"), "--patch-size", "32",
-                     "--batch-size", "4", "--filters", "8,12,16,20", "--disc-filters", "4,8,8,8",
-                     "--enhancer-filters", "4", "--device", "cpu", "--validation-every", "0", "--checkpoint-every",
-                     "0", "--steps-g-warmup", "80", "--lr-warmup", "3e-3", "--steps-d-warmup", "0",
-                     "--steps-adversarial", "0", "--seed", "4"]) == 0
+    common = ["--modality", "ct", "--clean", str(ct_crop), "--noise", "ct-lowdose", "--ct-filters", "shepp-logan",
+              "--realisations", "1", "--val", str(SAMPLE_STUDIES / "ct_head_pydicom693.nii.gz"), "--patch-size",
+              "32", "--batch-size", "4", "--filters", "8,12,16,20", "--disc-filters", "4,8,8,8",
+              "--enhancer-filters", "4", "--device", "cpu", "--validation-every", "0", "--checkpoint-every", "0"]
+    assert cli.main(["train", "--output", str(out), *common, "--steps-g-warmup", "80", "--lr-warmup", "3e-3",
+                     "--steps-d-warmup", "0", "--steps-adversarial", "0", "--seed", "4"]) == 0
     metadata = load_denoiser(out).metadata
     entry = metadata[RESTORATION_KEY]
     width = restoration_of(metadata)
@@ -846,6 +848,17 @@ def test_cli_train_from_scratch_measures_its_own_restoration_width(tmp_path, ct_
         assert entry["lesion_target_met"] == (six_mm[f"{width:g}"] >= 90.0)
         assert all(six_mm[f"{w:g}"] < 90.0 for w in CANDIDATE_WIDTHS_PX if w > width)
         assert entry["lesion_target_met"] or width == min(CANDIDATE_WIDTHS_PX)
+    # trained from that file with validation images: its width, or the one measured for the new network where that
+    # gives more back (never less restoration than the start file)
+    tuned = tmp_path / "tuned.pt"
+    assert cli.main(["train", "--output", str(tuned), "--initial-weights", str(out), *common, "--steps-g-warmup",
+                     "5", "--lr-warmup", "1e-4", "--steps-d-warmup", "0", "--steps-adversarial", "0",
+                     "--seed", "5"]) == 0
+    entry = load_denoiser(tuned).metadata[RESTORATION_KEY]
+    assert entry["inherited_from"].startswith("scratch.pt (sha256 ")
+    assert entry["measured_on"]["slices"] == "1 noisy validation slice(s)" and entry["measured_on"]["lesions"] >= 6
+    giving_back = [w for w in (width, entry["measured_on"]["sigma_px"]) if w]  # 0 = off gives nothing back
+    assert entry["sigma_px"] == (min(giving_back) if giving_back else 0.0)
     # MR, or no validation image to plant lesions in: no width of its own (the modality's default serves it)
     no_val = tmp_path / "no_val.pt"
     assert cli.main(["train", "--output", str(no_val), "--modality", "ct", "--clean", str(ct_crop), "--noise",

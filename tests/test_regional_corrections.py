@@ -188,7 +188,15 @@ def test_a_published_candidate_carries_the_lineage_of_the_weights_it_was_fine_tu
     assert record["fine_tuned_from"]["file"] == pretrained.path.name  # a file name: the record travels
     assert [e["file"] for e in record["lineage"]] == ["pretrained_adl_ct.pt"]
     assert record["lineage"][0]["sha256"] == pretrained.sha256 and record["lineage"][0]["model"] == "adl"
+    # the tiny start file names no restoration width (served at the CT default, 0.8 px): the candidate serves at
+    # that or at the width measured on lesions planted in its validation image, whichever gives more back
+    entry = load_denoiser(first.candidate).metadata["low_frequency_restoration"]
+    measured = entry["measured_on"]
+    assert measured["lesions"] >= 6 and measured["slices"] == "validation images' noisy side"
+    assert entry["sigma_px"] == (0.8 if measured["sigma_px"] == 0 else min(0.8, measured["sigma_px"]))
     second = fine_tune(served.path, source, source.validation_pairs(), tmp_path / "second.pt", settings)
+    assert load_denoiser(second.candidate).metadata["low_frequency_restoration"]["inherited_from"].startswith(
+        "adl_ct.pt (sha256 ")
     chain = load_denoiser(second.candidate).metadata["training"]["lineage"]
     assert [e["file"] for e in chain] == ["pretrained_adl_ct.pt", "adl_ct.pt"]
     assert chain[-1]["sha256"] == served.sha256 and chain[:-1] == record["lineage"]

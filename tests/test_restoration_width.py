@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from lib.data import ValidationPair
 from lib.evaluation.planted_lesions import plant_lesions, planted_contrast_kept
-from lib.evaluation.restoration_width import (CANDIDATE_WIDTHS_PX, choose_restoration_width,
+from lib.evaluation.restoration_width import (CANDIDATE_WIDTHS_PX, choose_restoration_width, served_restoration,
                                               validation_slice_groups)
 from lib.lesions.low_frequency_restoration import apply_restoration
 
@@ -29,6 +29,10 @@ def _blur(sigma_px: float):
     return lambda stack: np.stack([ndimage.gaussian_filter(s, sigma_px) for s in stack])
 
 
+#: erases enough of a 6 mm lesion that it needs a narrower width than the CT default (0.8 px) to keep 90 %
+_BLUR = _blur(3.0)
+
+
 def _served_kept(denoise, slices, width: float, diameter: str = "6") -> float:
     """Contrast kept of the 6 mm lesions planted as the chooser plants them, served as the app serves CT."""
     planted = plant_lesions(slices, SPACING, per_slice=12, seed=0)
@@ -41,7 +45,7 @@ def _served_kept(denoise, slices, width: float, diameter: str = "6") -> float:
 
 def test_the_widest_width_that_keeps_90_percent_of_a_6_mm_lesion_is_chosen():
     slices = _body_slices()
-    network = _blur(2.0)
+    network = _BLUR
     choice = choose_restoration_width(network, [(slices, SPACING)])
     assert choice["met"] and choice["lesions"] >= 6
     width = choice["sigma_px"]
@@ -71,7 +75,7 @@ def test_an_unreachable_target_gives_the_narrowest_width_and_says_so():
 
 def test_too_few_lesion_sites_chooses_nothing():
     air = [np.full((128, 128), -1000.0, np.float32) + np.random.default_rng(0).normal(0, 5, (128, 128))]
-    choice = choose_restoration_width(_blur(2.0), [(air, SPACING)])
+    choice = choose_restoration_width(_BLUR, [(air, SPACING)])
     assert choice["sigma_px"] is None and not choice["met"] and "site" in choice["reason"]
 
 
@@ -88,23 +92,29 @@ def test_validation_groups_take_central_slices_and_need_a_pixel_size():
     assert validation_slice_groups(pairs[2:]) == []
 
 
-def test_an_adapted_file_serves_the_width_that_gives_more_back():
-    """`adapt`: the start file's width or the width measured on the site's held-out low-dose slices, whichever keeps
-    more of a lesion's contrast (the narrower Gaussian; 0 = off counts as the widest); never less than the start's."""
-    from lib.noise_learning.adaptation import served_restoration
-
+def test_a_file_made_from_another_serves_the_width_that_gives_more_back():
+    """`adapt` (and fine-tuning): the start file's width, or its modality's default when it names none, or the width
+    measured on the site's slices, whichever keeps more of a lesion's contrast (the narrower Gaussian; 0 = off
+    counts as the widest): never less restoration than the start served with."""
     held_out = [(_body_slices(), SPACING)]
-    measured = choose_restoration_width(_blur(2.0), held_out)["sigma_px"]
-    assert 0.3 < measured < 1.2
-    start = lambda width: {"sigma_px": width, "inherited_from": "start.pt (sha256 0123456789ab)"}
-    wide = served_restoration(start(1.2), _blur(2.0), held_out)
+    measured = choose_restoration_width(_BLUR, held_out)["sigma_px"]
+    assert 0.3 < measured < 0.8
+
+    def served(start_width, network=_BLUR, groups=held_out):
+        start = None if start_width is None else {"sigma_px": start_width, "inherited_from": "start.pt (sha256 0)"}
+        return served_restoration(start, 0.8, network, groups, "held-out slices")
+
+    wide = served(1.2)
     assert wide["sigma_px"] == measured and wide["inherited_from"].startswith("start.pt")
-    assert wide["measured_on_held_out"]["sigma_px"] == measured and "held-out slices'" in wide["chosen"]
-    assert served_restoration(start(0.3), _blur(2.0), held_out)["sigma_px"] == 0.3
-    assert served_restoration(start(0.0), _blur(2.0), held_out)["sigma_px"] == measured  # off gives nothing back
-    assert served_restoration(None, _blur(2.0), held_out)["sigma_px"] == measured
-    # a network that keeps lesions on its own (measured 0) never switches a start file's restoration off
-    assert served_restoration(start(0.8), lambda stack: np.array(stack, copy=True), held_out)["sigma_px"] == 0.8
+    assert wide["measured_on"]["sigma_px"] == measured and wide["measured_on"]["slices"] == "held-out slices"
+    assert wide["chosen"].startswith(f"{measured:g} px measured")
+    assert served(0.3)["sigma_px"] == 0.3 and served(0.3)["chosen"].startswith("the start file's 0.3 px")
+    assert served(0.0)["sigma_px"] == measured  # off gives nothing back
+    assert served(None)["sigma_px"] == measured  # below the default (0.8) at which the start served
+    identity = lambda stack: np.array(stack, copy=True)
+    # a network that keeps lesions on its own (measured 0) never switches the start's restoration off
+    assert served(0.8, identity)["sigma_px"] == 0.8
+    default = served(None, identity)
+    assert default["sigma_px"] == 0.8 and "default" in default["chosen"] and "inherited_from" not in default
     air = [([np.full((128, 128), -1000.0, np.float32)], SPACING)]
-    assert served_restoration(start(0.8), _blur(2.0), air)["sigma_px"] == 0.8
-    assert served_restoration(None, _blur(2.0), air) is None
+    assert served(0.8, groups=air)["sigma_px"] == 0.8 and served(None, groups=air) is None

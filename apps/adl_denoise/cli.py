@@ -640,7 +640,6 @@ def _check_gcn_train_arguments(args: argparse.Namespace, gcn: bool) -> None:
 def _export_trained(result, network, output: Path, config, data, initial_weights: Path | None = None) -> int:
     """Write the trained network as a small weight file with its training record, and report validation."""
     from lib.weights import NonFiniteWeightsError, export_weights, scaling_rule_for, start_lineage
-    from lib.weights.format import restoration_inherited_from
 
     record = result.training_record()
     record["data"] = data.record(config.patch_size)
@@ -650,10 +649,7 @@ def _export_trained(result, network, output: Path, config, data, initial_weights
         record["lineage"] = start_lineage(initial_weights)
         record["initial_weights"] = f"{initial_weights.name} (sha256 {record['lineage'][-1]['sha256'][:12]})"
     try:
-        # a file trained from another serves at that file's restoration width; one trained from scratch at a width
-        # measured for it on lesions planted in its validation slices (CT), else at its modality's default
-        restoration = (restoration_inherited_from(initial_weights) if initial_weights is not None
-                       else _measured_restoration(network, config, data, record))
+        restoration = _served_restoration(network, config, data, record, initial_weights)
         path = export_weights(network, output, config, scaling_rule_for(config.modality), record,
                               low_frequency_restoration=restoration)
     except NonFiniteWeightsError as error:
@@ -665,29 +661,45 @@ def _export_trained(result, network, output: Path, config, data, initial_weights
     return 0
 
 
-def _measured_restoration(network, config, data, record: dict) -> dict | None:
-    """The restoration width of a CT 2D network trained from scratch, chosen on lesions planted in its noisy
-    validation slices (:func:`lib.evaluation.restoration_width.choose_restoration_width`: the widest width keeping
-    90 % of a 6 mm lesion's contrast); None (the modality's default) for MR, a 3D network, no validation images or
-    too few lesion sites. The network is measured as served: written in fp16 and read back."""
+def _served_restoration(network, config, data, record: dict, initial_weights: Path | None) -> dict | None:
+    """The restoration entry of a trained file (``lib.weights.format.RESTORATION_KEY``), for a CT 2D network with
+    validation images measured on lesions planted in their noisy slices
+    (:mod:`lib.evaluation.restoration_width`, the network as served: written in fp16 and read back):
+
+    * trained from scratch: the widest width keeping 90 % of a 6 mm lesion's contrast;
+    * trained from ``initial_weights``: that file's width (its modality's default where it names none) or the
+      measured one, whichever gives more back.
+
+    Otherwise (MR, a 3D network, no validation images, too few lesion sites) the start file's entry, or None (the
+    modality's default)."""
     import tempfile
 
-    from lib.evaluation.restoration_width import choose_restoration_width, validation_slice_groups
+    from lib.evaluation.restoration_width import (choose_restoration_width, served_restoration,
+                                                  validation_slice_groups)
+    from lib.lesions.low_frequency_restoration import default_sigma_px
     from lib.predict import load_denoiser, slice_denoiser
     from lib.weights import export_weights, scaling_rule_for
+    from lib.weights.format import restoration_inherited_from
 
+    inherited = restoration_inherited_from(initial_weights) if initial_weights is not None else None
     if config.modality != "CT" or config.spatial_dims != 2:
-        return None
+        return inherited
     groups = validation_slice_groups(data.validation_pairs)
     if not groups:
         print("restoration width: no CT validation images (--val or --val-noisy-dir) to plant lesions in; the file "
-              "is served at the CT default")
-        return None
+              "is served at " + ("its start file's width" if initial_weights is not None else "the CT default"))
+        return inherited
+    slices = sum(len(group) for group, _ in groups)
     with tempfile.TemporaryDirectory(prefix="adl-width-") as folder:
         served = export_weights(network, Path(folder) / "measured.pt", config, scaling_rule_for("CT"), record)
-        choice = choose_restoration_width(slice_denoiser(load_denoiser(served, device=config.device), "CT",
-                                                         config.device), groups)
-    slices = sum(len(group) for group, _ in groups)
+        denoise = slice_denoiser(load_denoiser(served, device=config.device), "CT", config.device)
+        if initial_weights is not None:
+            entry = served_restoration(inherited, default_sigma_px("CT"), denoise, groups,
+                                       f"{slices} noisy validation slice(s)")
+            if entry is not None:
+                print(f"restoration width {entry['sigma_px']:g} px: {entry['chosen']}")
+            return entry
+        choice = choose_restoration_width(denoise, groups)
     if choice["sigma_px"] is None:
         print(f"restoration width: {choice['reason']}; the file is served at the CT default")
         return None

@@ -15,7 +15,8 @@ noise), but free of server code so it can be tested and run alone:
    :class:`lib.weights.store.ModelStore` (atomic replace, previous versions kept), and when every further check
    passes: :func:`keep_region_check` (no structure a clinician marked "keep" is blurred more than by the served
    model) and :func:`lib.engines.reference_set.reference_check` (no loss on a fixed reference set that the
-   corrections cannot move). A run whose training diverged (NaN or infinite weights) writes no candidate and is
+   corrections cannot move). A CT candidate is served at its start's restoration width or at the width measured
+   for it on lesions planted in the validation images, whichever gives more back. A run whose training diverged (NaN or infinite weights) writes no candidate and is
    rejected as "finite_weights".
 """
 from __future__ import annotations
@@ -260,9 +261,10 @@ def fine_tune(
     record["lineage"] = start_lineage(initial_weights)  # the start's record and its own lineage, start last
     record["data"] = dict(data_description or {}, validation_images=[p.name for p in val_pairs])
     record = pseudonymise_record(record, pseudonyms or {})
+    restoration = restoration_inherited_from(initial_weights)
     try:
         candidate = export_weights(network, output, config, scaling_rule_for(modality), record,
-                                   low_frequency_restoration=restoration_inherited_from(initial_weights))
+                                   low_frequency_restoration=restoration)
     except NonFiniteWeightsError as error:  # diverged: nothing written, the worst score, never published
         candidate_score = {"psnr": float("-inf"), "psnr_input": baseline["psnr_input"], "non_finite_weights": True,
                            "images": {name: {**entry, "psnr": float("-inf"), "non_finite_weights": True}
@@ -271,11 +273,33 @@ def fine_tune(
             on_scored("candidate", candidate_score)
         record["seconds_total"] = stopwatch.seconds
         return FineTuneResult(None, baseline, candidate_score, record, diverged=str(error))
+    measured = _measured_restoration(candidate, restoration, val_pairs, config, score_device, settings.seed)
+    if measured != restoration:
+        candidate = export_weights(network, output, config, scaling_rule_for(modality), record,
+                                   low_frequency_restoration=measured)
     candidate_score = score_weights(candidate, val_pairs, device=score_device)
     if on_scored:
         on_scored("candidate", candidate_score)
     record["seconds_total"] = stopwatch.seconds
     return FineTuneResult(Path(candidate), baseline, candidate_score, record)
+
+
+def _measured_restoration(candidate: Path, inherited: dict | None, val_pairs: Sequence[ValidationPair], config,
+                          device: str, seed: int) -> dict | None:
+    """The restoration entry a fine-tuned CT 2D candidate is served with: its start's width, or the width measured
+    for it on lesions planted in the noisy side of the validation images (the site's own scans), whichever gives
+    more back (:func:`lib.evaluation.restoration_width.served_restoration`). ``inherited`` as it is for MR, a 3D
+    network or validation images without a pixel size."""
+    from ..evaluation.restoration_width import served_restoration, validation_slice_groups
+    from ..lesions.low_frequency_restoration import default_sigma_px
+    from ..predict import load_denoiser, slice_denoiser
+
+    groups = validation_slice_groups(val_pairs) if config.modality == "CT" and config.spatial_dims == 2 else []
+    if not groups:
+        return inherited
+    network = slice_denoiser(load_denoiser(candidate, device=device), "CT", device)
+    return served_restoration(inherited, default_sigma_px("CT"), network, groups, "validation images' noisy side",
+                              seed=seed)
 
 
 @dataclass

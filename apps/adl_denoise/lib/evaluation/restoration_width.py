@@ -1,21 +1,23 @@
 """Choosing a CT network's low-frequency restoration width from lesions planted in noisy slices.
 
 A weight file names the width it is served with (``lib.weights.format.RESTORATION_KEY``); the shipped files' widths
-were chosen on the lesion detectability benchmark (``bench/README.md``). A network trained elsewhere (``cli.py train``
-from scratch) needs a width measured for it, not the default chosen for another network: this module measures the
+were chosen on the lesion detectability benchmark (``bench/README.md``). A network trained at a site (``cli.py train``,
+``cli.py adapt``, the app's fine-tuning) needs a width measured for it, not one chosen for another network: this
+module measures the
 contrast that synthetic lesions planted in its noisy validation slices keep
 (:mod:`lib.evaluation.planted_lesions`: output with minus output without the lesion, over the lesion signal) after
 the network plus the restoration at each of several widths, and takes the **widest** width (the least noise given
 back, so the most PSNR) at which lesions of the target diameter keep at least the target share of their contrast
 (issue 18's 90 % of a 6 mm lesion). A narrower width gives more of the removed content back (0 is the convention for
-"off", i.e. the network alone, taken when the network meets the target without any restoration).
+"off", i.e. the network alone, taken when the network meets the target without any restoration). A file made from
+another one serves the start's width or the measured one, whichever gives more back (:func:`served_restoration`).
 
 Pure numpy / scipy over a slice denoiser: no server, no CLI, no GUI.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -23,7 +25,7 @@ from ..lesions.low_frequency_restoration import restore_low_frequencies
 from .planted_lesions import plant_lesions, planted_contrast_kept
 
 __all__ = ["CANDIDATE_WIDTHS_PX", "TARGET_DIAMETER_MM", "TARGET_KEPT_PERCENT", "choose_restoration_width",
-           "more_protective", "spread_slices", "validation_slice_groups"]
+           "more_protective", "served_restoration", "spread_slices", "validation_slice_groups"]
 
 #: widths tried (pixels), widest first: from above the shipped files' (0.6 and 0.8) down to where the output is
 #: nearly the input again
@@ -176,3 +178,32 @@ def _per_diameter(scored: dict, lesions) -> dict[str, list[float]]:
     for d, value in zip(diameters, scored["per_lesion_percent"]):
         grouped.setdefault(d, []).append(value)
     return grouped
+
+
+def served_restoration(start: Mapping[str, Any] | None, start_default_px: float,
+                       denoise: Callable[[np.ndarray], np.ndarray],
+                       groups: Sequence[tuple[Sequence[np.ndarray], Sequence[float]]], measured_on: str, *,
+                       seed: int = 0) -> dict | None:
+    """The restoration entry of a file made from another one (adapted, fine-tuned): the start's width or the width
+    measured for the new network (``denoise``) on lesions planted in ``groups`` (e.g. a site's held-out low-dose
+    slices: its scanner's own noise), whichever gives more back (:func:`more_protective`), so that the new file
+    never restores less than its start did.
+
+    ``start``: the start file's entry with ``inherited_from`` (:func:`lib.weights.format.restoration_inherited_from`),
+    None when it names none, in which case it was served at ``start_default_px`` (its modality's default) and that
+    is what the measurement is held to. ``measured_on`` names the slices (for the record). Returns the entry, with
+    the measurement under ``measured_on`` and ``chosen`` saying which one serves; None when the start names none and
+    nothing could be measured (the default serves, as for the start).
+    """
+    measured = choose_restoration_width(denoise, groups, seed=seed)
+    figures = {key: measured[key] for key in ("sigma_px", "met", "reason", "lesions", "kept_percent")}
+    figures["slices"] = measured_on
+    if measured["sigma_px"] is None:
+        return None if start is None else {**start, "measured_on": figures}
+    start_px = float(start["sigma_px"]) if start is not None else float(start_default_px)
+    width = more_protective(start_px, measured["sigma_px"])
+    what = "the start file's" if start is not None else "the modality's default, at which the start served,"
+    source = f"{what} {start_px:g} px" if width == start_px else f"{measured['sigma_px']:g} px measured"
+    return {**(start or {}), "sigma_px": width, "measured_on": figures,
+            "chosen": f"{source}: the one giving more back of {measured['sigma_px']:g} px measured on the "
+                      f"{measured_on} ({measured['reason']}) and {what} {start_px:g} px"}

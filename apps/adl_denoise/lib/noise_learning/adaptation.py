@@ -17,7 +17,7 @@ Recipe (:func:`adapt_to_low_dose`):
    adapted network must keep their contrast as well as the starting one (at most ``lesion_tolerance_pp``
    percentage points less, mean over the lesions). A lower J-invariant loss bought by erasing small lesions does
    not count. When no lesion site can be found in the held-out slices the check fails (nothing is known).
-7. The restoration width it is served at (:func:`served_restoration`): measured for the adapted network on lesions
+7. The restoration width it is served at (:func:`lib.evaluation.restoration_width.served_restoration`): measured for the adapted network on lesions
    planted in (at most 8 of) the same held-out slices, the widest that keeps 90 % of a 6 mm lesion's contrast in
    the scanner's own noise, or the start file's width, whichever gives more back.
    The adapted weights are written only when both checks pass (or with ``force``; never when training diverged to
@@ -203,32 +203,6 @@ def no_worse_checks(start: Callable[[np.ndarray], np.ndarray], adapted: Callable
     return {"check": check, "lesion_check": lesion_check, "passed": loss_passed and lesion_check["passed"]}
 
 
-def served_restoration(inherited: dict | None, adapted: Callable[[np.ndarray], np.ndarray],
-                       held_out: Sequence[tuple[Sequence[np.ndarray], tuple[float, float]]], seed: int = 0
-                       ) -> dict | None:
-    """The restoration entry of an adapted file: the start file's width (``inherited``,
-    :func:`lib.weights.format.restoration_inherited_from`) or the width measured for the adapted network on lesions
-    planted in the site's held-out low-dose slices (:func:`lib.evaluation.restoration_width.choose_restoration_width`,
-    at most 8 slices), whichever gives more back: the site's own noise may need more restoration than the noise the
-    start file's width was chosen on, and never less protection than the start file's. None where neither exists
-    (the modality's default serves it)."""
-    from ..evaluation.restoration_width import choose_restoration_width, more_protective, spread_slices
-
-    measured = choose_restoration_width(adapted, spread_slices(held_out), seed=seed)
-    figures = {key: measured[key] for key in ("sigma_px", "met", "reason", "lesions", "kept_percent")}
-    if measured["sigma_px"] is None:
-        return None if inherited is None else {**inherited, "measured_on_held_out": figures}
-    if inherited is None:
-        return {"sigma_px": measured["sigma_px"], "chosen": f"measured on the held-out low-dose slices: "
-                                                            f"{measured['reason']}", "measured_on_held_out": figures}
-    width = more_protective(inherited["sigma_px"], measured["sigma_px"])
-    source = "the start file's" if width == float(inherited["sigma_px"]) else "the held-out slices'"
-    return {**inherited, "sigma_px": width, "measured_on_held_out": figures,
-            "chosen": f"{source} ({measured['sigma_px']:g} px measured on the held-out low-dose slices: "
-                      f"{measured['reason']}; {float(inherited['sigma_px']):g} px inherited; the one giving more "
-                      "back serves)"}
-
-
 def _loss_line(check: dict) -> str:
     return (f"start {check['baseline_loss']:.1f} HU^2, adapted {check['adapted_loss']:.1f} HU^2 "
             f"({100 * check['relative_change']:+.2f} %)")
@@ -284,6 +258,8 @@ def adapt_to_low_dose(
     from ..data import check_not_heldout
     from ..engines.gated_fine_tuning import FineTuneSettings, adl_fine_tune_config, gcn_fine_tune_config
     from ..imaging import read_volume, write_volume
+    from ..evaluation.restoration_width import served_restoration, spread_slices
+    from ..lesions.low_frequency_restoration import default_sigma_px
     from ..predict import load_denoiser, slice_denoiser
     from .pseudo_pairs import LearnedNoiseSource
     from .workflow import denoised_stand_ins, learn_noise_model
@@ -442,8 +418,9 @@ def adapt_to_low_dose(
                 f"({'; '.join(reasons)}): nothing written (report {json_path}; --force writes it anyway)", summary)
         # 6. the width it is served at, on the site's own noise: lesions planted in held-out low-dose slices
         t0 = time.perf_counter()
-        restoration = served_restoration(restoration_inherited_from(start_path), adapted_net, held_groups,
-                                         int(settings.seed))
+        restoration = served_restoration(restoration_inherited_from(start_path), default_sigma_px("CT"),
+                                         adapted_net, spread_slices(held_groups), "held-out low-dose slices",
+                                         seed=int(settings.seed))
         candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record,
                                    low_frequency_restoration=restoration)
         seconds["restoration"] = time.perf_counter() - t0
