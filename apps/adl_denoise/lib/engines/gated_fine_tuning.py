@@ -16,8 +16,8 @@ noise), but free of server code so it can be tested and run alone:
    passes: :func:`keep_region_check` (no structure a clinician marked "keep" is blurred more than by the served
    model) and :func:`lib.engines.reference_set.reference_check` (no loss on a fixed reference set that the
    corrections cannot move). A CT candidate is served at its start's restoration width or at the width measured
-   for it on lesions planted in the validation images, whichever gives more back. A run whose training diverged (NaN or infinite weights) writes no candidate and is
-   rejected as "finite_weights".
+   for it on lesions planted in the validation images, whichever gives more back. A run whose training diverged
+   (NaN or infinite weights) writes no candidate and is rejected as "finite_weights".
 """
 from __future__ import annotations
 
