@@ -859,7 +859,7 @@ def test_cli_train_from_scratch_measures_its_own_restoration_width(tmp_path, ct_
     assert entry["measured_on"]["slices"] == "1 noisy validation slice(s)" and entry["measured_on"]["lesions"] >= 6
     giving_back = [w for w in (width, entry["measured_on"]["sigma_px"]) if w]  # 0 = off gives nothing back
     assert entry["sigma_px"] == (min(giving_back) if giving_back else 0.0)
-    # MR, or no validation image to plant lesions in: no width of its own (the modality's default serves it)
+    # no validation image to plant lesions in: no width of its own (the CT default serves it)
     no_val = tmp_path / "no_val.pt"
     assert cli.main(["train", "--output", str(no_val), "--modality", "ct", "--clean", str(ct_crop), "--noise",
                      "gaussian", "--patch-size", "32", "--batch-size", "2", "--filters", "8,12,16,20",
