@@ -222,6 +222,65 @@ def test_reference_set_is_deterministic_cached_and_has_lesions_in_both_modalitie
         assert again.lesions == first.lesions
 
 
+def _same_network_served_at(start: Path, sigma_px: float, path: Path) -> Path:
+    """``start``'s network in a file of its own that names another restoration width (0 = off)."""
+    import torch
+
+    payload = torch.load(start, map_location="cpu", weights_only=True)
+    torch.save(dict(payload, low_frequency_restoration={"sigma_px": sigma_px, "chosen": "test"}), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_publication_checks_score_each_file_as_it_is_served(tmp_path):
+    """The gate compares what a reader would be given: each file's network AND its own restoration width. Three
+    files hold the shipped CT ADL network, so every check of bare networks would find them equal: served at the
+    shipped file's own width, with the restoration off, and at 0.3 px (nearly all the removed noise given back)."""
+    from lib.data import ValidationPair
+    from lib.engines.gated_fine_tuning import KeepRegionCase, keep_region_check, score_weights
+    from lib.engines.reference_set import build_reference_set, reference_check
+    from lib.evaluation import psnr, window_for
+    from lib.lesions.low_frequency_restoration import apply_restoration
+    from lib.predict import denoise_array, load_denoiser
+    from lib.weights.format import restoration_of_file
+
+    default = Path(__file__).resolve().parents[1] / "apps" / "adl_denoise" / "model" / "pretrained_adl_ct.pt"
+    off = _same_network_served_at(default, 0.0, tmp_path / "off.pt")
+    noisy_back = _same_network_served_at(default, 0.3, tmp_path / "narrow.pt")
+    noisy, clean, grid, lesions = _case_arrays(CASES["ROE_RICHARD_1958"])
+    spacing = grid.GetSpacing()[1], grid.GetSpacing()[0]
+    pair = ValidationPair("slice", noisy, clean, "CT", spacing)
+
+    # validation PSNR: the served output, i.e. the network plus the file's own width
+    network = denoise_array(load_denoiser(default), noisy, "CT", amp=True)
+    window = window_for("CT", clean)
+    for path, width in ((default, restoration_of_file(default)), (off, 0.0), (noisy_back, 0.3)):
+        served, _ = apply_restoration(noisy, network, "CT", weights_sigma_px=width)
+        assert score_weights(path, [pair])["psnr"] == pytest.approx(psnr(served, clean, window=window), abs=0.02)
+    assert score_weights(noisy_back, [pair])["psnr"] < score_weights(off, [pair])["psnr"] - 1.0
+
+    # a marked structure: the candidate served at 0.3 px gives the noise back inside it
+    case = KeepRegionCase("slice", noisy, clean, _lesion_map_of(noisy, lesions, spacing), [Region(1, "lesions",
+                                                                                                 "keep")], "CT")
+    check = keep_region_check(off, noisy_back, [case])
+    assert check["passed"] is False and check["regions"][0]["candidate_mae"] > 1.1 * check["regions"][0]["served_mae"]
+    assert keep_region_check(noisy_back, off, [case])["passed"] is True
+
+    # the reference set: noise given back costs PSNR; the restoration switched off costs lesion contrast
+    reference = build_reference_set("CT", tmp_path / "reference")
+    assert reference_check(off, noisy_back, reference)["failed"] == ["psnr"]
+    dropped = reference_check(default, off, reference)
+    assert "contrast_kept" in dropped["failed"], dropped
+    assert dropped["candidate"]["contrast_kept_percent"] < dropped["served"]["contrast_kept_percent"] - 2.0
+
+
+def _lesion_map_of(noisy: np.ndarray, lesions, spacing) -> np.ndarray:
+    from lib.lesions import lesion_mask
+
+    return (lesion_mask(noisy.shape[1:], lesions, spacing) > 0.1)[None].astype(np.uint8)
+
+
 # ============================================================================================== end to end
 def _insert(image: np.ndarray, lesions, spacing) -> np.ndarray:
     from lib.lesions import insert_lesions
@@ -253,7 +312,9 @@ def _write(array: np.ndarray, grid: sitk.Image, path: Path, pixel=sitk.sitkFloat
 
 
 def _blurry_weights(path: Path) -> Path:
-    """A tiny ADL CT model taught to blur: quarter-dose input, full dose smoothed by a 2-pixel Gaussian as target."""
+    """A tiny ADL CT model taught to blur: quarter-dose input, full dose smoothed by a 2-pixel Gaussian as target.
+    Its file switches the low-frequency restoration off, so that it blurs as served too (the publication checks
+    compare served outputs; at the CT default width the restoration would give the blurred lesions back)."""
     import torch
     from mlserver import TINY_ADL
 
@@ -278,7 +339,8 @@ def _blurry_weights(path: Path) -> Path:
         result = train_adl(config, ADLPatchDataset(source, 2, 32, samples_per_epoch=160, seed=0), progress=False)
     finally:
         torch.set_num_threads(threads)
-    return export_weights(result.generator, path, config, scaling_rule_for("CT"), result.training_record())
+    return export_weights(result.generator, path, config, scaling_rule_for("CT"), result.training_record(),
+                          low_frequency_restoration={"sigma_px": 0.0, "chosen": "test: a served model that blurs"})
 
 
 @pytest.fixture(scope="module")
@@ -334,11 +396,8 @@ def _fresh_start(client, server) -> None:
 
 
 def _lesion_map(server, image_id: str) -> np.ndarray:
-    from lib.lesions import lesion_mask
-
     case = server.cases[image_id]
-    spacing = case["grid"].GetSpacing()[1], case["grid"].GetSpacing()[0]
-    return (lesion_mask(case["noisy"].shape[1:], case["lesions"], spacing) > 0.1)[None].astype(np.uint8)
+    return _lesion_map_of(case["noisy"], case["lesions"], (case["grid"].GetSpacing()[1], case["grid"].GetSpacing()[0]))
 
 
 def _save(client, server, image_id: str, correction: np.ndarray, region_map: np.ndarray | None = None,

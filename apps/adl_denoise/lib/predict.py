@@ -47,6 +47,7 @@ __all__ = [
     "NonFiniteOutputError",
     "check_finite_output",
     "denoise_array",
+    "denoise_as_served",
     "even_windows",
     "load_denoiser",
     "resolve_device",
@@ -406,3 +407,27 @@ def denoise_array(
             out[:] = result[crop][0, 0].cpu().numpy()
     denoised = scaling.denormalise(out)
     return denoised.reshape(image.shape).astype(np.float32)
+
+
+def denoise_as_served(loaded: LoadedDenoiser, array: np.ndarray, modality: str | None = None,
+                      device: str | torch.device | None = "cpu", **kwargs) -> np.ndarray:
+    """What the app, ``cli.py denoise`` and the batch runner return by default for ``array`` with ``loaded``:
+    :func:`denoise_array` (``kwargs`` go to it), then the low-frequency restoration at the width the weight file
+    names, else its modality's default (CT 0.8 px; MR off), as :func:`lib.lesions.low_frequency_restoration.
+    apply_restoration` gives it back.
+
+    For checks that decide what is served (fine-tuning's publication gate): two files are compared as a reader
+    would see them, each at its own width, not as bare networks. A non-finite network output is returned as it is
+    (the caller scores it as the worst; the restoration refuses it).
+
+    Returns:
+        float32 array of ``array``'s shape, in the modality's units.
+    """
+    from .lesions.low_frequency_restoration import apply_restoration
+
+    modality = modality or loaded.modality
+    denoised = denoise_array(loaded, array, modality, device=device, **kwargs)
+    if not np.isfinite(denoised).all():
+        return denoised
+    served, _ = apply_restoration(array, denoised, modality, weights_sigma_px=restoration_of(loaded.metadata))
+    return np.asarray(served, dtype=np.float32)

@@ -7,7 +7,8 @@ noise), but free of server code so it can be tested and run alone:
    the comparison is on images neither model was fine-tuned on (and, beyond tiny sets, the split is stable
    between runs).
 2. :func:`score_weights` scores the served weights and the candidate on those images (PSNR in the modality's
-   window: CT [-160, 240] HU, MR 0..max of the target).
+   window: CT [-160, 240] HU, MR 0..max of the target). Every check scores a file as it is served: its network
+   and its own low-frequency restoration width (:func:`lib.predict.denoise_as_served`), not the bare network.
 3. :func:`fine_tune` starts from the served weights and trains on the rest: ADL with a discriminator warm-up
    (weight files do not carry D) followed by the adversarial phase, i.e. the paper's G / D alternation with
    the adversarial term reaching G; the TDDL-GCN supervised.
@@ -139,19 +140,20 @@ def split_validation(names: Sequence[str], fraction: float = 0.25, salt: str = "
 
 
 def score_weights(weights, pairs: Sequence[ValidationPair], device: str = "cpu") -> dict:
-    """Mean PSNR (dB) of a denoiser on full validation images, in each modality's window.
+    """Mean PSNR (dB) of a denoiser's served output (:func:`lib.predict.denoise_as_served`: the network and the
+    file's own restoration width) on full validation images, in each modality's window.
 
     ``weights``: a weight file or a :class:`lib.predict.LoadedDenoiser`. Returns ``{"psnr", "psnr_input",
     "images": {name: {...}}}``, ``psnr_input`` being the noisy input's own score.
     """
     from ..evaluation import psnr, window_for
-    from ..predict import LoadedDenoiser, denoise_array, load_denoiser
+    from ..predict import LoadedDenoiser, denoise_as_served, load_denoiser
 
     loaded = weights if isinstance(weights, LoadedDenoiser) else load_denoiser(weights, device=device)
     images = {}
     for pair in pairs:
         window = window_for(pair.modality, pair.clean)
-        denoised = denoise_array(loaded, pair.noisy, pair.modality, device=device)
+        denoised = denoise_as_served(loaded, pair.noisy, pair.modality, device=device)
         entry = {"psnr_input": float(psnr(pair.noisy, pair.clean, window=window)),
                  "window": [float(w) for w in window]}
         if np.isfinite(denoised).all():
@@ -336,7 +338,10 @@ def keep_region_check(served, candidate, cases: Sequence[KeepRegionCase], device
 
     Measure: for every keep region of every case (held-out AND training corrections), the mean absolute
     difference between the denoised image and the target inside the region (modality units: HU for CT), for
-    the served and the candidate weights on the same input. A structure flattened, shifted or with invented
+    the served and the candidate weights on the same input, each as served
+    (:func:`lib.predict.denoise_as_served`: a structure the network blurs but its file's restoration gives back
+    is not blurred for the reader, and a candidate served at a narrower width is judged with the noise that
+    width gives back). A structure flattened, shifted or with invented
     texture raises it; it needs no background ring (which would be ill-defined for a vessel next to another
     marked region or an image border) and it measures what the clinician asked for: look like the correction
     there. A region fails when ``candidate > served * (1 + tolerance)``; the check passes when none fails.
@@ -346,7 +351,7 @@ def keep_region_check(served, candidate, cases: Sequence[KeepRegionCase], device
     "held_out", "voxels", "served_mae", "candidate_mae", "passed"}], "failed": [names]}``; with no case it
     passes with an empty list.
     """
-    from ..predict import LoadedDenoiser, denoise_array, load_denoiser
+    from ..predict import LoadedDenoiser, denoise_as_served, load_denoiser
 
     rows: list[dict] = []
     if cases:
@@ -354,7 +359,7 @@ def keep_region_check(served, candidate, cases: Sequence[KeepRegionCase], device
         for case in cases:
             crop = _keep_crop(case)
             noisy, target, region_map = case.noisy[crop], case.target[crop], case.region_map[crop]
-            outputs = [denoise_array(m, noisy, case.modality, device=device, amp=False) for m in models]
+            outputs = [denoise_as_served(m, noisy, case.modality, device=device, amp=False) for m in models]
             for region in case.regions:
                 inside = region_map == region.value
                 if not inside.any():

@@ -15,12 +15,12 @@ no worse than the served model on images the corrections cannot touch, built det
   without its lesions from the SAME noise seed (the paired design of :mod:`lib.evaluation.detectability`), so a
   denoiser's response to the lesions alone is ``out(present) - out(absent)``.
 
-:func:`reference_check` scores served and candidate weights on it: PSNR (dB, in the modality's window, mean
-over the lesion-present slices) and the lesions' contrast kept (:func:`lib.evaluation.detectability.contrast_kept`,
-mean over lesions, in %), and rejects a candidate that loses more than :data:`PSNR_TOLERANCE_DB` (0.1 dB) or
-more than :data:`CONTRAST_TOLERANCE_PP` (2 percentage points) against the served model. The set takes seconds
-to simulate (CT), so it is cached as ``.npz`` under the model folder, keyed by a hash of everything that
-defines it.
+:func:`reference_check` scores served and candidate weights on it, each as served (the network and its file's
+restoration width): PSNR (dB, in the modality's window, mean over the lesion-present slices) and the lesions'
+contrast kept (:func:`lib.evaluation.detectability.contrast_kept`, mean over lesions, in %), and rejects a
+candidate that loses more than :data:`PSNR_TOLERANCE_DB` (0.1 dB) or more than :data:`CONTRAST_TOLERANCE_PP` (2
+percentage points) against the served model. The set takes seconds to simulate (CT), so it is cached as ``.npz``
+under the model folder, keyed by a hash of everything that defines it.
 """
 from __future__ import annotations
 
@@ -190,7 +190,8 @@ def build_reference_set(modality: str, cache_dir: str | os.PathLike | None = Non
 
 
 def score_on_reference(weights: Any, reference: ReferenceSet, device: str = "cpu") -> dict:
-    """PSNR and lesion contrast kept of a denoiser (a weight file or :class:`lib.predict.LoadedDenoiser`).
+    """PSNR and lesion contrast kept of a denoiser (a weight file or :class:`lib.predict.LoadedDenoiser`) as it
+    is served: the network and its file's restoration width (:func:`lib.predict.denoise_as_served`).
 
     Every slice is denoised alone as a 2D image (the phantom's slices are not neighbours), in float32 (no mixed
     precision: bfloat16 rounding alone moves CT values by a few HU, more than the tolerances allow).
@@ -199,14 +200,14 @@ def score_on_reference(weights: Any, reference: ReferenceSet, device: str = "cpu
     from ..evaluation import psnr, window_for
     from ..evaluation.detectability import contrast_kept
     from ..lesions import Lesion, lesion_profile
-    from ..predict import LoadedDenoiser, denoise_array, load_denoiser
+    from ..predict import LoadedDenoiser, denoise_as_served, load_denoiser
 
     loaded = weights if isinstance(weights, LoadedDenoiser) else load_denoiser(weights, device=device)
     psnrs, inputs, kept = [], [], []
     for s in range(reference.clean_present.shape[0]):
         clean_p, clean_a = reference.clean_present[s], reference.clean_absent[s]
-        out_p = denoise_array(loaded, reference.noisy_present[s], reference.modality, device=device, amp=False)
-        out_a = denoise_array(loaded, reference.noisy_absent[s], reference.modality, device=device, amp=False)
+        out_p = denoise_as_served(loaded, reference.noisy_present[s], reference.modality, device=device, amp=False)
+        out_a = denoise_as_served(loaded, reference.noisy_absent[s], reference.modality, device=device, amp=False)
         window = window_for(reference.modality, clean_p)
         if not (np.isfinite(out_p).all() and np.isfinite(out_a).all()):
             return {"psnr": float("-inf"), "contrast_kept_percent": float("-inf"), "non_finite_output": True}
