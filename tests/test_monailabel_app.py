@@ -470,5 +470,14 @@ def test_tddl_adaptation_learns_noise_from_unlabelled_low_dose_images(training_c
     stats = training_client.info()["train_stats"]["tddl_gcn"]
     assert stats["status"] == "done" and stats["mode"] == "adapt_noise"
     assert "learned noise" in stats["data"]["kind"] and len(stats["data"]["low_dose_images"]) == 3
-    assert "published" in stats["decision"]
+    decision = stats["decision"]
+    # no normal-dose images: the validation targets are the served model's own outputs, so the held-out low-dose
+    # images decide (J-invariant loss, planted lesions), and the circular PSNR is only reported
+    assert stats["data"]["held_out_low_dose"] == decision["validation_images"] == stats["data"]["validation_images"]
+    assert "validation_psnr" not in decision["rejected_by"] and "served model's own" in decision["validation_psnr_role"]
+    held_out = decision["checks"]["held_out_low_dose"]
+    assert held_out["slices"] >= 1 and held_out["j_invariant"]["baseline_loss"] > 0
+    assert held_out["lesions"]["lesions"] > 0
+    assert decision["published"] is (not decision["rejected_by"])
+    assert ("held_out_low_dose" in decision["rejected_by"]) is (not held_out["passed"])
     assert training_client.info()["models"]["tddl_gcn"]["weights"]["ct"]["available"]

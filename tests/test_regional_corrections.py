@@ -163,6 +163,31 @@ def test_publication_needs_every_check_and_names_the_ones_that_failed(tmp_path, 
     assert worse["published"] is False and worse["rejected_by"][0] == "validation_psnr"
 
 
+def test_self_adaptation_is_decided_by_its_held_out_check_not_by_the_circular_validation_psnr(tmp_path):
+    """Self-adaptation validates against the served model's own outputs: its PSNR is reported, not a criterion;
+    the held-out low-dose check decides, and without a check nothing can be published."""
+    from lib.engines.gated_fine_tuning import decide_publication
+    from lib.weights.store import ModelStore
+
+    store = ModelStore(tmp_path / "model")
+    passed = [{"check": "held_out_low_dose", "passed": True}]
+    lower = decide_publication(_result(tmp_path, 30.0, 29.0), store, "tddl_gcn", "CT", checks=passed,
+                               validation_psnr_decides=False)
+    assert lower["published"] is True and lower["rejected_by"] == [] and "served model's own" in lower[
+        "validation_psnr_role"]
+    failed = [{"check": "held_out_low_dose", "passed": False}]
+    higher = decide_publication(_result(tmp_path, 30.0, 31.0), store, "tddl_gcn", "CT", checks=failed,
+                                validation_psnr_decides=False)
+    assert higher["published"] is False and higher["rejected_by"] == ["held_out_low_dose"]
+    assert "held-out low-dose" in higher["reason"]
+    with pytest.raises(ValueError, match="another check"):
+        decide_publication(_result(tmp_path, 30.0, 31.0), store, "tddl_gcn", "CT", validation_psnr_decides=False)
+    diverged = _result(tmp_path, 30.0, float("-inf"))
+    diverged.candidate, diverged.diverged = None, "NaN weights"  # nothing to check: rejected as such
+    decision = decide_publication(diverged, store, "tddl_gcn", "CT", validation_psnr_decides=False)
+    assert decision["published"] is False and decision["rejected_by"] == ["finite_weights"]
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_published_candidate_carries_the_lineage_of_the_weights_it_was_fine_tuned_from(tmp_path, tiny_weights):
     """Gated fine-tuning writes the served file's record into the candidate's `lineage` (after the served file's

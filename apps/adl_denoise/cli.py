@@ -960,7 +960,8 @@ def _add_adapt_parser(verbs) -> None:
                     "weights on them, and write the result only if it is no worse than the start on held-out "
                     "low-dose slices (every --holdout-every-th slice, never used before), judged by a "
                     "self-supervised J-invariant (Noise2Self) loss, and keeps the contrast of synthetic 4-10 mm "
-                    "lesions planted in those slices' real noise as well: no model output is used as a reference. "
+                    "lesions planted in those slices' real noise as well, as served (each file with its low-"
+                    "frequency restoration width): no model output is used as a reference. "
                     "A JSON report goes next to the output (OUTPUT.adapt.json). Exit status 3 when a check fails.")
     ad.add_argument("--lowdose", nargs="+", required=True, metavar="PATH",
                     help="the site's low-dose CT images or folders (DICOM series, NIfTI, NRRD, MHA), in HU")

@@ -256,15 +256,19 @@ def even_windows(roi: Sequence[int], size: Sequence[int], overlap: float) -> tup
     return tuple(windows), tuple(overlaps)
 
 
-def slice_denoiser(loaded: LoadedDenoiser, modality: str, device: str | torch.device = "cpu"
-                   ) -> Callable[[np.ndarray], np.ndarray]:
+def slice_denoiser(loaded: LoadedDenoiser, modality: str, device: str | torch.device = "cpu", *,
+                   served: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """``loaded`` as a function (N, H, W) -> (N, H, W) in ``modality``'s units that denoises each slice alone.
 
     For checks on slices that are not neighbours (held-out or validation slices of several volumes): a 2.5D
     network must not see one as another's adjacent slice. Full precision, so that two networks are scored alike.
+    ``served``: each slice as served (:func:`denoise_as_served`: with the file's restoration width), else the
+    network alone.
     """
+    denoise = denoise_as_served if served else denoise_array
+
     def run(stack: np.ndarray) -> np.ndarray:
-        return np.stack([denoise_array(loaded, s, modality, device=device, amp=False) for s in stack])
+        return np.stack([denoise(loaded, s, modality, device=device, amp=False) for s in stack])
 
     return run
 

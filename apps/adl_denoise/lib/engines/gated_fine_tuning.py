@@ -377,11 +377,16 @@ def keep_region_check(served, candidate, cases: Sequence[KeepRegionCase], device
 
 
 def decide_publication(result: FineTuneResult, store, model: str, modality: str, checks: Sequence[dict] = (),
-                       **details) -> dict:
+                       validation_psnr_decides: bool = True, **details) -> dict:
     """Publish ``result.candidate`` through ``store`` (:class:`lib.weights.store.ModelStore`) only if
     it scores no worse than the baseline on the fixed validation set AND every check in ``checks`` passed
     (each a dict with ``"check"`` (its name) and ``"passed"``, e.g. :func:`keep_region_check`,
     :func:`lib.engines.reference_set.reference_check`); record the decision either way.
+
+    ``validation_psnr_decides``: False where the validation pairs' clean side is the served model's own output
+    (the app's self-adaptation): the PSNR is then reported (``validation_psnr_role`` says why it does not count)
+    and a check in ``checks`` must judge the candidate instead
+    (:func:`lib.noise_learning.adaptation.held_out_low_dose_check`).
 
     Returns ``{"published": bool, "version": id or None, "baseline_psnr", "candidate_psnr", "checks": {name:
     check}, "rejected_by": [names of what failed: "finite_weights" (training diverged, no candidate file),
@@ -391,11 +396,16 @@ def decide_publication(result: FineTuneResult, store, model: str, modality: str,
                "candidate_psnr": finite_or_none(result.candidate_score["psnr"]),
                "input_psnr": finite_or_none(result.candidate_score["psnr_input"]),
                "validation_images": sorted(result.candidate_score["images"]), **details}
+    if not validation_psnr_decides:
+        if not checks and result.candidate is not None:
+            raise ValueError("a candidate whose validation PSNR does not decide needs another check to judge it")
+        summary["validation_psnr_role"] = ("reported only: the validation targets are the served model's own "
+                                           "outputs, which cannot judge it")
     if result.candidate is None:
         rejected_by = ["finite_weights"]
         summary["diverged"] = result.diverged
     else:
-        rejected_by = [] if result.no_worse else ["validation_psnr"]
+        rejected_by = [] if result.no_worse or not validation_psnr_decides else ["validation_psnr"]
     rejected_by += [str(c["check"]) for c in checks if not c["passed"]]
     summary["checks"] = {str(c["check"]): dict(c) for c in checks}
     summary["rejected_by"] = rejected_by
@@ -405,7 +415,9 @@ def decide_publication(result: FineTuneResult, store, model: str, modality: str,
     reasons = {"finite_weights": "training diverged: the candidate's weights hold NaN or infinite values (not written)",
                "validation_psnr": "worse than the served model on the fixed validation set",
                "keep_regions": "blurs a structure marked 'keep' more than the served model",
-               "reference_set": "worse than the served model on the fixed reference set"}
+               "reference_set": "worse than the served model on the fixed reference set",
+               "held_out_low_dose": "worse than the served model on the held-out low-dose images (J-invariant loss "
+                                    "or planted lesions' contrast)"}
     summary["reason"] = "; ".join(reasons.get(name, f"failed the {name} check") for name in rejected_by)
     store.record(model, modality, "rejected", **summary)
     return {"published": False, "version": None, **summary}

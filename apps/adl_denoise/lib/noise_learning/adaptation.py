@@ -9,17 +9,18 @@ Recipe (:func:`adapt_to_low_dose`):
    training slices (:func:`denoised_stand_ins`; the clean side of *training* pairs only).
 4. Fine-tune the starting weights on those pairs (ADL: discriminator warm-up then adversarial; TDDL-GCN:
    supervised; the settings of :mod:`lib.engines.gated_fine_tuning`).
-5. The no-worse check, not circular: the J-invariant (Noise2Self) loss
+5. The restoration width it is served at (:func:`lib.evaluation.restoration_width.served_restoration`): measured
+   for the adapted network on lesions planted in (at most 8 of) the held-out slices, the widest that keeps 90 % of
+   a 6 mm lesion's contrast in the scanner's own noise, or the start file's width, whichever gives more back.
+6. The no-worse check, not circular: the J-invariant (Noise2Self) loss
    (:func:`lib.evaluation.self_supervised.j_invariant_loss`) of the adapted and of the starting network on the
    held-out low-dose slices themselves. No model output is used as a reference anywhere in the check.
-6. The lesion check: synthetic low-contrast lesions (4-10 mm, +-25 HU) planted in the same held-out slices
+7. The lesion check: synthetic low-contrast lesions (4-10 mm, +-25 HU) planted in the same held-out slices
    (:mod:`lib.evaluation.planted_lesions`: the scanner's real noise around them, the same for both models); the
-   adapted network must keep their contrast as well as the starting one (at most ``lesion_tolerance_pp``
-   percentage points less, mean over the lesions). A lower J-invariant loss bought by erasing small lesions does
-   not count. When no lesion site can be found in the held-out slices the check fails (nothing is known).
-7. The restoration width it is served at (:func:`lib.evaluation.restoration_width.served_restoration`): measured for the adapted network on lesions
-   planted in (at most 8 of) the same held-out slices, the widest that keeps 90 % of a 6 mm lesion's contrast in
-   the scanner's own noise, or the start file's width, whichever gives more back.
+   adapted file must keep their contrast as well as the starting one, both as served (each with its restoration
+   width; at most ``lesion_tolerance_pp`` percentage points less, mean over the lesions). A lower J-invariant
+   loss bought by erasing small lesions does not count. When no lesion site can be found in the held-out slices
+   the check fails (nothing is known).
    The adapted weights are written only when both checks pass (or with ``force``; never when training diverged to
    NaN or infinite weights), atomically (temp file in the output's folder, then rename), with a JSON report
    ``<output>.adapt.json`` either way.
@@ -42,8 +43,8 @@ from ..runtime.atomic import atomic_copy, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdaptSettings", "AdaptationRefused", "adapt_to_low_dose", "blocking_files", "holdout_indices",
-           "no_worse_checks", "report_path"]
+__all__ = ["AdaptSettings", "AdaptationRefused", "adapt_to_low_dose", "blocking_files", "held_out_low_dose_check",
+           "holdout_indices", "no_worse_checks", "report_path"]
 
 PathLike = str | os.PathLike
 #: network class held by the weight file of each model name
@@ -177,9 +178,15 @@ def _check_loss(run: Callable[[np.ndarray], np.ndarray], slices: Sequence[np.nda
 
 def no_worse_checks(start: Callable[[np.ndarray], np.ndarray], adapted: Callable[[np.ndarray], np.ndarray],
                     held_out: Sequence[tuple[Sequence[np.ndarray], tuple[float, float]]],
-                    settings: AdaptSettings) -> dict:
+                    settings: AdaptSettings,
+                    lesion_denoisers: tuple[Callable[[np.ndarray], np.ndarray],
+                                            Callable[[np.ndarray], np.ndarray]] | None = None) -> dict:
     """Steps 5 and 6 of the recipe: the starting vs the adapted slice denoiser ((N, H, W) -> (N, H, W), HU) on the
     held-out low-dose slices, given as (slices, (row, column) spacing in mm) per input volume.
+
+    ``lesion_denoisers``: (start, adapted) for the lesion check where it should see other outputs than the
+    J-invariant loss (e.g. both as served, with their restoration; the loss needs the bare networks, whose output
+    at a pixel does not depend on that pixel's input). Default: ``start`` and ``adapted``.
 
     Returns ``{"check": J-invariant loss verdict, "lesion_check": planted-lesion verdict, "passed": both}``.
     """
@@ -190,7 +197,8 @@ def no_worse_checks(start: Callable[[np.ndarray], np.ndarray], adapted: Callable
     change = (candidate["loss"] - baseline["loss"]) / baseline["loss"] if baseline["loss"] > 0 else float("nan")
     loss_passed = bool(np.isfinite(candidate["loss"])
                        and candidate["loss"] <= baseline["loss"] * (1 + settings.tolerance))
-    lesion_check = lesion_contrast_check(start, adapted, [(list(g), sp) for g, sp in held_out],
+    lesion_start, lesion_adapted = lesion_denoisers or (start, adapted)
+    lesion_check = lesion_contrast_check(lesion_start, lesion_adapted, [(list(g), sp) for g, sp in held_out],
                                          per_slice=int(settings.lesions_per_slice),
                                          tolerance_pp=float(settings.lesion_tolerance_pp), seed=int(settings.seed))
     check = {"criterion": "J-invariant (Noise2Self, Batson & Royer 2019) loss on held-out low-dose slices: mean "
@@ -201,6 +209,38 @@ def no_worse_checks(start: Callable[[np.ndarray], np.ndarray], adapted: Callable
              "relative_change": change, "tolerance": settings.tolerance, "passed": loss_passed,
              "baseline_per_slice": baseline["per_slice"], "adapted_per_slice": candidate["per_slice"]}
     return {"check": check, "lesion_check": lesion_check, "passed": loss_passed and lesion_check["passed"]}
+
+
+def held_out_low_dose_check(start: PathLike, candidate: PathLike,
+                            held_out: Sequence[tuple[np.ndarray, tuple[float, float]]],
+                            settings: AdaptSettings | None = None, max_slices: int = 4) -> dict:
+    """Steps 5 and 6 as a publication check of gated fine-tuning (:func:`lib.engines.gated_fine_tuning.
+    decide_publication`), for the app's self-adaptation: there the validation pairs' clean side is the served
+    model's own output, which cannot judge it, so the held-out low-dose images themselves do.
+
+    Args:
+        start, candidate: the served and the candidate weight files (CT).
+        held_out: the held-out low-dose images, each ((Z, H, W) or (H, W) in HU, (row, column) pixel size in mm);
+            at most ``max_slices`` slices in all are scored, spread over them
+            (:func:`lib.evaluation.restoration_width.spread_slices`).
+        settings: the J-invariant loss and lesion settings of :class:`AdaptSettings`.
+
+    The loss compares the bare networks (the restoration would give each pixel's own noise back); the lesion check
+    compares both files as served (each with its restoration width). Returns ``{"check": "held_out_low_dose",
+    "passed", "slices", "j_invariant": the loss verdict, "lesions": the lesion verdict}``.
+    """
+    from ..evaluation.restoration_width import spread_slices
+    from ..predict import load_denoiser, slice_denoiser
+
+    settings = settings or AdaptSettings()
+    groups = spread_slices([(list(image[None] if image.ndim == 2 else image), spacing) for image, spacing in held_out],
+                           max_slices)
+    loaded = [load_denoiser(path, device=settings.device) for path in (start, candidate)]
+    networks = [slice_denoiser(m, "CT", settings.device) for m in loaded]
+    served = tuple(slice_denoiser(m, "CT", settings.device, served=True) for m in loaded)
+    verdict = no_worse_checks(networks[0], networks[1], groups, settings, lesion_denoisers=served)
+    return {"check": "held_out_low_dose", "passed": verdict["passed"], "slices": sum(len(g) for g, _ in groups),
+            "j_invariant": verdict["check"], "lesions": verdict["lesion_check"]}
 
 
 def _loss_line(check: dict) -> str:
@@ -394,18 +434,35 @@ def adapt_to_low_dose(
             raise AdaptationRefused(f"the adaptation's training diverged ({error}): nothing written, not even with "
                                     f"--force (report {json_path})", summary) from None
 
-        # 5. the non-circular checks on the held-out low-dose slices
+        # 5. the width it is served at, on the site's own noise: lesions planted in held-out low-dose slices (first,
+        # so that the lesion check compares what each file serves)
         t0 = time.perf_counter()
-        start_net, adapted_net = (slice_denoiser(load_denoiser(path, device=settings.device), "CT", settings.device)
-                                  for path in (start_path, candidate))
-        verdict = no_worse_checks(start_net, adapted_net, held_groups, settings)
+        adapted_net = slice_denoiser(load_denoiser(candidate, device=settings.device), "CT", settings.device)
+        restoration = served_restoration(restoration_inherited_from(start_path), default_sigma_px("CT"),
+                                         adapted_net, spread_slices(held_groups), "held-out low-dose slices",
+                                         seed=int(settings.seed))
+        candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record,
+                                   low_frequency_restoration=restoration)
+        seconds["restoration"] = time.perf_counter() - t0
+        if restoration is not None:
+            report(f"restoration width {restoration['sigma_px']:g} px ({restoration['chosen']})")
+
+        # 6. the non-circular checks on the held-out low-dose slices: the loss on the bare networks, the lesions as
+        # served (each file with its restoration width)
+        t0 = time.perf_counter()
+        loaded = [load_denoiser(path, device=settings.device) for path in (start_path, candidate)]
+        start_net = slice_denoiser(loaded[0], "CT", settings.device)
+        served = tuple(slice_denoiser(m, "CT", settings.device, served=True) for m in loaded)
+        verdict = no_worse_checks(start_net, adapted_net, held_groups, settings, lesion_denoisers=served)
         seconds["check"] = time.perf_counter() - t0
         check, lesion_check, passed = verdict["check"], verdict["lesion_check"], verdict["passed"]
         seconds["total"] = time.perf_counter() - clock
         summary = {**run, "check": check, "lesion_check": lesion_check, "passed": passed,
-                   "forced": bool(force and not passed), "written": bool(passed or force), "seconds": seconds}
-        report(f"check (J-invariant loss on {sum(len(group) for group, _ in held_groups)} held-out slice(s)): {_loss_line(check)}")
-        report(f"lesion check ({_lesion_line(lesion_check)})")
+                   "forced": bool(force and not passed), "written": bool(passed or force), "seconds": seconds,
+                   "low_frequency_restoration": restoration}
+        report(f"check (J-invariant loss on {sum(len(group) for group, _ in held_groups)} held-out slice(s)): "
+               f"{_loss_line(check)}")
+        report(f"lesion check, as served ({_lesion_line(lesion_check)})")
         if not (passed or force):
             atomic_write_json(json_path, summary, indent=2)
             reasons = []
@@ -416,18 +473,6 @@ def adapt_to_low_dose(
             raise AdaptationRefused(
                 f"the adapted model is worse than the starting one on the held-out low-dose slices "
                 f"({'; '.join(reasons)}): nothing written (report {json_path}; --force writes it anyway)", summary)
-        # 6. the width it is served at, on the site's own noise: lesions planted in held-out low-dose slices
-        t0 = time.perf_counter()
-        restoration = served_restoration(restoration_inherited_from(start_path), default_sigma_px("CT"),
-                                         adapted_net, spread_slices(held_groups), "held-out low-dose slices",
-                                         seed=int(settings.seed))
-        candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record,
-                                   low_frequency_restoration=restoration)
-        seconds["restoration"] = time.perf_counter() - t0
-        seconds["total"] = time.perf_counter() - clock
-        summary["low_frequency_restoration"] = restoration
-        if restoration is not None:
-            report(f"restoration width {restoration['sigma_px']:g} px ({restoration['chosen']})")
         atomic_copy(candidate, output)  # a temp file in the output's folder, renamed over the target
         atomic_write_json(json_path, summary, indent=2)
         return summary

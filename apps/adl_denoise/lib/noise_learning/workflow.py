@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -119,12 +119,17 @@ class AdaptationData:
         noise_model: the noise model learnt from the low-dose images (saved in the work folder).
         description: for the training record and status: ``kind`` (in words), ``low_dose_images``,
             ``train_images``, ``validation_images`` (ids or file names) and ``noise_model`` (its summary).
+        held_out_low_dose: self-adaptation only (no normal-dose images): id -> the low-dose images of the
+            validation ids, which neither the noise model nor the pseudo pairs used. The validation pairs' clean side
+            is then the served model's own output, so these images, not the pairs, must judge the result
+            (:func:`lib.noise_learning.adaptation.held_out_low_dose_check`). Empty with normal-dose images.
     """
 
     source: LearnedNoiseSource
     validation_pairs: list[ValidationPair]
     noise_model: NoiseModel
     description: dict[str, Any]
+    held_out_low_dose: dict[str, PathLike] = field(default_factory=dict)
 
 
 def denoised_stand_ins(low_dose: Mapping[str, PathLike], denoiser_weights: PathLike, out_dir: PathLike,
@@ -171,6 +176,10 @@ def adaptation_data(
 ) -> AdaptationData:
     """TDDL adaptation data: learn the noise of the low-dose CT images, add it to normal-dose images.
 
+    Without normal-dose images (self-adaptation) the low-dose ids are split first: the noise model and the pseudo
+    pairs use the training ids only, and the validation ids' low-dose images are returned as
+    ``held_out_low_dose`` for the check that must judge the result.
+
     Args:
         low_dose: id -> low-dose CT image of the scanner (HU); at least 2 images in all.
         work_dir: scratch folder: ``noise_model.pt`` and, for self-adaptation, ``pseudo_normal_dose/``.
@@ -194,9 +203,13 @@ def adaptation_data(
         from ..engines.gated_fine_tuning import split_validation as split
 
     work = Path(work_dir)
-    noise_model = learn_noise_model(list(low_dose.values()), steps=noise_steps, patch_size=noise_patch_size,
+    if normal_dose:
+        noise_ids = list(low_dose)
+    else:  # self-adaptation: the held-out low-dose images judge the result, so nothing learns from them
+        noise_ids, held_out_ids = split(list(low_dose))
+    noise_model = learn_noise_model([low_dose[i] for i in noise_ids], steps=noise_steps, patch_size=noise_patch_size,
                                     force_ct=True, device=device, seed=seed, progress=False,
-                                    info={**(noise_info or {}), "images": list(low_dose)})
+                                    info={**(noise_info or {}), "images": noise_ids})
     noise_path = noise_model.save(work / "noise_model.pt")
     if normal_dose:
         from ..data import discover_images
@@ -205,13 +218,17 @@ def adaptation_data(
         clean = {Path(p).name: str(p) for p in discover_images(inputs)}
         named = normal_dose if isinstance(normal_dose, str) else ", ".join(map(str, inputs))
         kind = f"normal-dose images from {named}"
+        train_ids, val_ids = split(list(clean))
     else:
         clean = denoised_stand_ins(low_dose, denoiser_weights, work / "pseudo_normal_dose", device=device)
         kind = "served model's denoised low-dose images (no normal-dose images given)"
-    train_ids, val_ids = split(list(clean))
+        train_ids, val_ids = noise_ids, held_out_ids
     source = LearnedNoiseSource([clean[i] for i in train_ids], noise_path, seed=seed, device=device, progress=False)
     val_pairs = LearnedNoiseSource([clean[i] for i in val_ids], noise_path, seed=seed + 1, device=device,
                                    progress=False, build_pool=False).validation_pairs()
     description = {"kind": f"TDDL pseudo pairs: learned noise + {kind}", "low_dose_images": list(low_dose),
                    "train_images": train_ids, "validation_images": val_ids, "noise_model": noise_model.summary()}
-    return AdaptationData(source, val_pairs, noise_model, description)
+    if normal_dose:
+        return AdaptationData(source, val_pairs, noise_model, description)
+    description["held_out_low_dose"] = held_out_ids
+    return AdaptationData(source, val_pairs, noise_model, description, {i: low_dose[i] for i in held_out_ids})

@@ -32,8 +32,12 @@ Other request keys: ``modality`` (``auto``: the modality of the data; must be on
 
 Publication (both modes): the candidate must be no worse than the served model on the held-out images, must not
 blur a keep region more (held-out and training corrections), and must not lose on the fixed reference set
-(:mod:`lib.engines.reference_set`, cached under ``<model_dir>/reference_set``); the decision in the status
-names the checks that rejected it (``rejected_by``) with their numbers (``checks``).
+(:mod:`lib.engines.reference_set`, cached under ``<model_dir>/reference_set``), each file scored as it is served
+(with its restoration width); the decision in the status names the checks that rejected it (``rejected_by``) with
+their numbers (``checks``). Self-adaptation (``adapt_noise`` without ``normal_dose``) validates against the served
+model's own outputs, which cannot judge it: there the held-out low-dose images decide instead
+(:func:`lib.noise_learning.adaptation.held_out_low_dose_check`: J-invariant loss and planted lesions, as
+``cli.py adapt``), and neither the noise model nor the pseudo pairs learn from them.
 
 Identity: the published file's training record names the datastore images (which may be patient-named file names or
 series UIDs) only by keyed pseudonyms (:mod:`lib.weights.pseudonyms`); the model's version history on this server
@@ -69,6 +73,7 @@ from ..engines.gated_fine_tuning import (
 )
 from ..engines.reference_set import build_reference_set, reference_check
 from ..imaging import read_volume
+from ..noise_learning.adaptation import AdaptSettings, held_out_low_dose_check
 from ..noise_learning.workflow import adaptation_data
 from ..runtime.atomic import atomic_write_json
 from ..runtime.clock import Stopwatch, utc_compact_stamp, utc_timestamp
@@ -323,10 +328,12 @@ class DenoiserTrainTask(TrainTask):
         stopwatch = Stopwatch()
         try:
             keep_cases: list[KeepRegionCase] = []
+            held_out_low_dose: dict = {}  # self-adaptation: the low-dose images that judge the candidate
             if mode == "corrections":
                 source, val_pairs, description, keep_cases = self._corrections_data(resolved["items"], modality)
             else:
-                source, val_pairs, description = self._adaptation_data(datastore, served.path, work, resolved)
+                source, val_pairs, description, held_out_low_dose = self._adaptation_data(datastore, served.path,
+                                                                                          work, resolved)
             status.update(phase="training", data=description)
             atomic_write_json(self.status_path, status)
 
@@ -340,12 +347,17 @@ class DenoiserTrainTask(TrainTask):
             result = fine_tune(served.path, source, val_pairs, work / "candidate.pt", settings,
                                checkpoint_dir=work / "checkpoints", data_description=description, on_scored=on_scored,
                                pseudonyms=pseudonyms)
-            status.update(phase="checking the candidate (marked regions, reference set)")
+            status.update(phase="checking the candidate (marked regions, reference set"
+                                + (", held-out low-dose images)" if held_out_low_dose else ")"))
             atomic_write_json(self.status_path, status)
             # a diverged run left no candidate file: nothing to check, decide_publication rejects it
             checks = ([] if result.candidate is None
                       else self._checks(served.path, result.candidate, keep_cases, modality, settings.device))
-            decision = decide_publication(result, self.store, self.model, modality, checks=checks, mode=mode,
+            if held_out_low_dose and result.candidate is not None:
+                checks.append(self._held_out_low_dose_check(served.path, result.candidate, held_out_low_dose,
+                                                            settings))
+            decision = decide_publication(result, self.store, self.model, modality, checks=checks,
+                                          validation_psnr_decides=not held_out_low_dose, mode=mode,
                                           run_id=run_id, started_from=served.version,
                                           images=description.get("train_images"),
                                           record_pseudonyms={v: k for k, v in sorted(pseudonyms.items())})
@@ -375,6 +387,18 @@ class DenoiserTrainTask(TrainTask):
         reference = build_reference_set(modality, self.store.model_dir / "reference_set")
         return [keep_region_check(served_path, candidate, keep_cases, device=device),
                 reference_check(served_path, candidate, reference, device=device)]
+
+    @staticmethod
+    def _held_out_low_dose_check(served_path: Path, candidate: Path, held_out: dict, settings) -> dict:
+        """:func:`held_out_low_dose_check` on the self-adaptation's held-out low-dose CT images (read in HU), the
+        J-invariant loss at 4 of its 16 mask shifts (both networks on the same pixels; a quarter of the passes)."""
+        device = "cpu" if settings.device == "auto" else settings.device
+        images = []
+        for path in held_out.values():
+            volume = read_volume(path, modality="CT")
+            images.append((volume.array, (float(volume.spacing[1]), float(volume.spacing[0]))))  # (row, column) mm
+        return held_out_low_dose_check(served_path, candidate, images,
+                                       AdaptSettings(seed=settings.seed, device=device, check_shifts=4))
 
     # --- data
     def _corrections_data(self, pairs: list[dict], modality: str):
@@ -407,13 +431,15 @@ class DenoiserTrainTask(TrainTask):
         return source, val_source.validation_pairs(), description, keep_cases
 
     def _adaptation_data(self, datastore: Datastore, served_path: Path, work: Path, resolved: dict):
-        """TDDL pseudo pairs from the datastore's low-dose CT images; the request's numbers where it gave them."""
+        """TDDL pseudo pairs from the datastore's low-dose CT images; the request's numbers where it gave them.
+        Returns (source, validation pairs, description, held-out low-dose images: id -> path, self-adaptation
+        only)."""
         params = resolved["params"]
         numbers = {key: int(params[key]) for key in ("noise_steps", "noise_patch_size", "seed") if key in params}
         data = adaptation_data({i: datastore.get_image_uri(i) for i in resolved["items"]}, work,
                                normal_dose=params.get("normal_dose") or None, denoiser_weights=served_path,
                                noise_info={"source": "datastore low-dose images"}, **numbers)
-        return data.source, data.validation_pairs, data.description
+        return data.source, data.validation_pairs, data.description, data.held_out_low_dose
 
 
 def _datastore_ids(resolved: dict) -> list[str]:
