@@ -478,6 +478,8 @@ def test_tddl_adaptation_learns_noise_from_unlabelled_low_dose_images(training_c
     held_out = decision["checks"]["held_out_low_dose"]
     assert held_out["slices"] >= 1 and held_out["j_invariant"]["baseline_loss"] > 0
     assert held_out["lesions"]["lesions"] > 0
+    # ... and give the width the candidate is served at (lesions planted in the scanner's own noise)
+    assert decision["candidate_restoration"]["measured_on"]["slices"] == "held-out low-dose images"
     assert decision["published"] is (not decision["rejected_by"])
     assert ("held_out_low_dose" in decision["rejected_by"]) is (not held_out["passed"])
     assert training_client.info()["models"]["tddl_gcn"]["weights"]["ct"]["available"]

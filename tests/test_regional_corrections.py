@@ -550,6 +550,8 @@ def test_a_marked_structure_the_served_model_blurs_is_kept_better_after_fine_tun
         assert row["candidate_mae"] < row["served_mae"], rows
     assert decision["published"] is True, (decision.get("rejected_by"), decision.get("checks"))
     assert decision["rejected_by"] == [] and decision["checks"]["reference_set"]["passed"]
+    # the served file switched the restoration off; the candidate's width was measured on its validation image
+    assert decision["candidate_restoration"]["measured_on"]["slices"] == "validation images' noisy side"
     assert client.info()["models"]["adl"]["weights"]["ct"]["version"] == decision["version"]
     _assert_published_record_names_no_image(server, decision)
 

@@ -213,6 +213,7 @@ def fine_tune(
     progress: bool = False,
     on_scored: Callable[[str, dict], None] | None = None,
     pseudonyms: Mapping[str, str] | None = None,
+    width_images: tuple[str, Sequence[tuple[Sequence[np.ndarray], tuple[float, float]]]] | None = None,
 ) -> FineTuneResult:
     """Fine-tune the network of ``initial_weights`` on ``train_source`` and score it against the start.
 
@@ -229,6 +230,9 @@ def fine_tune(
         on_scored: called with ``("baseline" | "candidate", score)`` as soon as each score is known.
         pseudonyms: ``{image id: pseudonym}``: the ids the candidate's training record must not name (datastore ids,
             :mod:`lib.weights.pseudonyms`), replaced wherever they appear in it. The scores keep the ids.
+        width_images: (what they are, in words; (noisy CT slices (H, W) in HU, (row, column) pixel size in mm) per
+            image, e.g. :func:`lib.evaluation.restoration_width.spread_slices` of a scanner's held-out low-dose
+            images) to measure a CT 2D candidate's restoration width on; default the noisy side of ``val_pairs``.
     """
     from ..predict import load_denoiser
 
@@ -275,7 +279,8 @@ def fine_tune(
             on_scored("candidate", candidate_score)
         record["seconds_total"] = stopwatch.seconds
         return FineTuneResult(None, baseline, candidate_score, record, diverged=str(error))
-    measured = _measured_restoration(candidate, restoration, val_pairs, config, score_device, settings.seed)
+    measured = _measured_restoration(candidate, restoration, width_images or _noisy_validation_side(val_pairs),
+                                     config, score_device, settings.seed)
     if measured != restoration:
         candidate = export_weights(network, output, config, scaling_rule_for(modality), record,
                                    low_frequency_restoration=measured)
@@ -286,22 +291,31 @@ def fine_tune(
     return FineTuneResult(Path(candidate), baseline, candidate_score, record)
 
 
-def _measured_restoration(candidate: Path, inherited: dict | None, val_pairs: Sequence[ValidationPair], config,
+def _noisy_validation_side(val_pairs: Sequence[ValidationPair]
+                           ) -> tuple[str, list[tuple[list[np.ndarray], tuple[float, float]]]]:
+    """``fine_tune``'s default ``width_images``: the noisy side of the validation images (at most 8 slices)."""
+    from ..evaluation.restoration_width import validation_slice_groups
+
+    return "validation images' noisy side", validation_slice_groups(val_pairs)
+
+
+def _measured_restoration(candidate: Path, inherited: dict | None,
+                          images: tuple[str, Sequence[tuple[Sequence[np.ndarray], tuple[float, float]]]], config,
                           device: str, seed: int) -> dict | None:
     """The restoration entry a fine-tuned CT 2D candidate is served with: its start's width, or the width measured
-    for it on lesions planted in the noisy side of the validation images (the site's own scans), whichever gives
+    for it on lesions planted in ``images`` ((what they are, slice groups): the site's own scans), whichever gives
     more back (:func:`lib.evaluation.restoration_width.served_restoration`). ``inherited`` as it is for MR, a 3D
-    network or validation images without a pixel size."""
-    from ..evaluation.restoration_width import served_restoration, validation_slice_groups
+    network or images without a pixel size."""
+    from ..evaluation.restoration_width import served_restoration
     from ..lesions.low_frequency_restoration import default_sigma_px
     from ..predict import load_denoiser, slice_denoiser
 
-    groups = validation_slice_groups(val_pairs) if config.modality == "CT" and config.spatial_dims == 2 else []
+    measured_on, groups = images
+    groups = list(groups) if config.modality == "CT" and config.spatial_dims == 2 else []
     if not groups:
         return inherited
     network = slice_denoiser(load_denoiser(candidate, device=device), "CT", device)
-    return served_restoration(inherited, default_sigma_px("CT"), network, groups, "validation images' noisy side",
-                              seed=seed)
+    return served_restoration(inherited, default_sigma_px("CT"), network, groups, measured_on, seed=seed)
 
 
 @dataclass

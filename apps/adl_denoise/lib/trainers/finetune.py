@@ -57,6 +57,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -72,12 +73,14 @@ from ..engines.gated_fine_tuning import (
     split_validation,
 )
 from ..engines.reference_set import build_reference_set, reference_check
+from ..evaluation.restoration_width import spread_slices
 from ..imaging import read_volume
 from ..noise_learning.adaptation import AdaptSettings, held_out_low_dose_check
 from ..noise_learning.workflow import adaptation_data
 from ..runtime.atomic import atomic_write_json
 from ..runtime.clock import Stopwatch, utc_compact_stamp, utc_timestamp
 from ..runtime.hashing import file_sha256
+from ..weights.format import restoration_entry_of_file
 from ..weights.pseudonyms import pseudonym_map, site_key
 from ..weights.store import ModelStore
 
@@ -344,20 +347,30 @@ class DenoiserTrainTask(TrainTask):
 
             # the candidate file names datastore images by pseudonyms; this server's history keeps the ids
             pseudonyms = pseudonym_map(site_key(self.store.model_dir), _datastore_ids(resolved))
+            # self-adaptation: slices of the held-out low-dose images (the scanner's own noise) judge the candidate
+            # and give the width it is served at
+            held_out_slices = _spread_low_dose_slices(held_out_low_dose)
             result = fine_tune(served.path, source, val_pairs, work / "candidate.pt", settings,
                                checkpoint_dir=work / "checkpoints", data_description=description, on_scored=on_scored,
-                               pseudonyms=pseudonyms)
+                               pseudonyms=pseudonyms,
+                               width_images=("held-out low-dose images", held_out_slices) if held_out_slices else None)
             status.update(phase="checking the candidate (marked regions, reference set"
                                 + (", held-out low-dose images)" if held_out_low_dose else ")"))
             atomic_write_json(self.status_path, status)
             # a diverged run left no candidate file: nothing to check, decide_publication rejects it
             checks = ([] if result.candidate is None
                       else self._checks(served.path, result.candidate, keep_cases, modality, settings.device))
-            if held_out_low_dose and result.candidate is not None:
-                checks.append(self._held_out_low_dose_check(served.path, result.candidate, held_out_low_dose,
-                                                            settings))
+            if held_out_slices and result.candidate is not None:
+                device = "cpu" if settings.device == "auto" else settings.device
+                # 4 of the 16 J-invariant mask shifts: both networks on the same pixels, a quarter of the passes
+                checks.append(held_out_low_dose_check(served.path, result.candidate,
+                                                      [(np.stack(group), px) for group, px in held_out_slices],
+                                                      AdaptSettings(seed=settings.seed, device=device, check_shifts=4)))
+            # the width the candidate would be served at, and what it was measured on
+            restoration = None if result.candidate is None else restoration_entry_of_file(result.candidate)
             decision = decide_publication(result, self.store, self.model, modality, checks=checks,
                                           validation_psnr_decides=not held_out_low_dose, mode=mode,
+                                          candidate_restoration=restoration,
                                           run_id=run_id, started_from=served.version,
                                           images=description.get("train_images"),
                                           record_pseudonyms={v: k for k, v in sorted(pseudonyms.items())})
@@ -387,18 +400,6 @@ class DenoiserTrainTask(TrainTask):
         reference = build_reference_set(modality, self.store.model_dir / "reference_set")
         return [keep_region_check(served_path, candidate, keep_cases, device=device),
                 reference_check(served_path, candidate, reference, device=device)]
-
-    @staticmethod
-    def _held_out_low_dose_check(served_path: Path, candidate: Path, held_out: dict, settings) -> dict:
-        """:func:`held_out_low_dose_check` on the self-adaptation's held-out low-dose CT images (read in HU), the
-        J-invariant loss at 4 of its 16 mask shifts (both networks on the same pixels; a quarter of the passes)."""
-        device = "cpu" if settings.device == "auto" else settings.device
-        images = []
-        for path in held_out.values():
-            volume = read_volume(path, modality="CT")
-            images.append((volume.array, (float(volume.spacing[1]), float(volume.spacing[0]))))  # (row, column) mm
-        return held_out_low_dose_check(served_path, candidate, images,
-                                       AdaptSettings(seed=settings.seed, device=device, check_shifts=4))
 
     # --- data
     def _corrections_data(self, pairs: list[dict], modality: str):
@@ -440,6 +441,21 @@ class DenoiserTrainTask(TrainTask):
                                normal_dose=params.get("normal_dose") or None, denoiser_weights=served_path,
                                noise_info={"source": "datastore low-dose images"}, **numbers)
         return data.source, data.validation_pairs, data.description, data.held_out_low_dose
+
+
+def _spread_low_dose_slices(images: dict, max_slices: int = 8) -> list[tuple[list[np.ndarray], tuple[float, float]]]:
+    """At most ``max_slices`` slices (HU) of the low-dose CT images ``images`` (id -> path), spread over them as
+    :func:`spread_slices` spreads them, each image's with its (row, column) pixel size in mm. Copies: one volume is
+    in memory at a time."""
+    paths = list(images.values())[:max_slices]
+    groups = []
+    for path in paths:
+        volume = read_volume(path, modality="CT")
+        stack = volume.array[None] if volume.array.ndim == 2 else volume.array
+        pixel = (float(volume.spacing[1]), float(volume.spacing[0]))
+        for slices, _ in spread_slices([(list(stack), pixel)], max(1, max_slices // len(paths))):
+            groups.append(([np.array(s, dtype=np.float32) for s in slices], pixel))
+    return groups
 
 
 def _datastore_ids(resolved: dict) -> list[str]:
