@@ -270,17 +270,17 @@ def test_publication_checks_score_each_file_as_it_is_served(tmp_path):
     from lib.predict import denoise_array, load_denoiser
     from lib.weights.format import restoration_of_file
 
-    default = Path(__file__).resolve().parents[1] / "apps" / "adl_denoise" / "model" / "pretrained_adl_ct.pt"
-    off = _same_network_served_at(default, 0.0, tmp_path / "off.pt")
-    noisy_back = _same_network_served_at(default, 0.3, tmp_path / "narrow.pt")
+    shipped = Path(__file__).resolve().parents[1] / "apps" / "adl_denoise" / "model" / "pretrained_adl_ct.pt"
+    off = _same_network_served_at(shipped, 0.0, tmp_path / "off.pt")
+    noisy_back = _same_network_served_at(shipped, 0.3, tmp_path / "narrow.pt")
     noisy, clean, grid, lesions = _case_arrays(CASES["ROE_RICHARD_1958"])
     spacing = grid.GetSpacing()[1], grid.GetSpacing()[0]
     pair = ValidationPair("slice", noisy, clean, "CT", spacing)
 
     # validation PSNR: the served output, i.e. the network plus the file's own width
-    network = denoise_array(load_denoiser(default), noisy, "CT", amp=True)
+    network = denoise_array(load_denoiser(shipped), noisy, "CT", amp=True)
     window = window_for("CT", clean)
-    for path, width in ((default, restoration_of_file(default)), (off, 0.0), (noisy_back, 0.3)):
+    for path, width in ((shipped, restoration_of_file(shipped)), (off, 0.0), (noisy_back, 0.3)):
         served, _ = apply_restoration(noisy, network, "CT", weights_sigma_px=width)
         assert score_weights(path, [pair])["psnr"] == pytest.approx(psnr(served, clean, window=window), abs=0.02)
     assert score_weights(noisy_back, [pair])["psnr"] < score_weights(off, [pair])["psnr"] - 1.0
@@ -295,7 +295,7 @@ def test_publication_checks_score_each_file_as_it_is_served(tmp_path):
     # the reference set: noise given back costs PSNR; the restoration switched off costs lesion contrast
     reference = build_reference_set("CT", tmp_path / "reference")
     assert reference_check(off, noisy_back, reference)["failed"] == ["psnr"]
-    dropped = reference_check(default, off, reference)
+    dropped = reference_check(shipped, off, reference)
     assert "contrast_kept" in dropped["failed"], dropped
     assert dropped["candidate"]["contrast_kept_percent"] < dropped["served"]["contrast_kept_percent"] - 2.0
 
