@@ -98,6 +98,8 @@ class FineTuneResult:
     """What a run produced: the ``candidate`` weight file, both models' validation scores, the record.
 
     ``candidate`` is None when training diverged (``diverged`` says how): no file was written, its score is -inf.
+    ``restoration``: the candidate file's restoration entry (the width it is served at, how it was chosen), None
+    where it names none.
     """
 
     candidate: Path | None
@@ -105,6 +107,7 @@ class FineTuneResult:
     candidate_score: dict
     record: dict = field(default_factory=dict)
     diverged: str | None = None
+    restoration: dict | None = None
 
     @property
     def no_worse(self) -> bool:
@@ -288,7 +291,7 @@ def fine_tune(
     if on_scored:
         on_scored("candidate", candidate_score)
     record["seconds_total"] = stopwatch.seconds
-    return FineTuneResult(Path(candidate), baseline, candidate_score, record)
+    return FineTuneResult(Path(candidate), baseline, candidate_score, record, restoration=measured)
 
 
 def _noisy_validation_side(val_pairs: Sequence[ValidationPair]

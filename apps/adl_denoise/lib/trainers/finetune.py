@@ -80,7 +80,6 @@ from ..noise_learning.workflow import adaptation_data
 from ..runtime.atomic import atomic_write_json
 from ..runtime.clock import Stopwatch, utc_compact_stamp, utc_timestamp
 from ..runtime.hashing import file_sha256
-from ..weights.format import restoration_entry_of_file
 from ..weights.pseudonyms import pseudonym_map, site_key
 from ..weights.store import ModelStore
 
@@ -366,11 +365,9 @@ class DenoiserTrainTask(TrainTask):
                 checks.append(held_out_low_dose_check(served.path, result.candidate,
                                                       [(np.stack(group), px) for group, px in held_out_slices],
                                                       AdaptSettings(seed=settings.seed, device=device, check_shifts=4)))
-            # the width the candidate would be served at, and what it was measured on
-            restoration = None if result.candidate is None else restoration_entry_of_file(result.candidate)
             decision = decide_publication(result, self.store, self.model, modality, checks=checks,
                                           validation_psnr_decides=not held_out_low_dose, mode=mode,
-                                          candidate_restoration=restoration,
+                                          candidate_restoration=result.restoration,
                                           run_id=run_id, started_from=served.version,
                                           images=description.get("train_images"),
                                           record_pseudonyms={v: k for k, v in sorted(pseudonyms.items())})

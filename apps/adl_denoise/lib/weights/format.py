@@ -126,15 +126,6 @@ def restoration_of_file(path: str | os.PathLike) -> float | None:
     return restoration_of(torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True))
 
 
-def restoration_entry_of_file(path: str | os.PathLike) -> dict | None:
-    """The whole :data:`RESTORATION_KEY` entry of the weight file at ``path`` (width, how it was chosen, what it was
-    measured on), None when it names none."""
-    import torch
-
-    entry = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True).get(RESTORATION_KEY)
-    return dict(entry) if isinstance(entry, Mapping) else None
-
-
 def restoration_inherited_from(start: str | os.PathLike) -> dict | None:
     """The :data:`RESTORATION_KEY` entry of a file trained from the weight file ``start``: ``start``'s width with
     ``inherited_from`` naming it (file name and the first 12 hex digits of its SHA-256); None when ``start`` names
