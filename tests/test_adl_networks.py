@@ -220,3 +220,38 @@ def test_precision_policy_per_device():
         assert not torch.is_autocast_enabled("cpu")
     with autocast_for("cpu"):
         assert torch.is_autocast_enabled("cpu") == cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize("name, spatial_dims", [("batch", 2), ("batch", 3), ("instance", 2), ("INSTANCE", 3),
+                                                ("batch", 1), (("group", {"num_groups": 2}), 2)])
+def test_norm_layers_are_the_ones_monai_makes(name, spatial_dims):
+    """The networks build their layers without importing MONAI where they can (lib.networks.layers): the same classes
+    and arguments as MONAI's factories, hence the same state-dict keys for weight files written either way."""
+    from monai.networks.layers.utils import get_norm_layer
+
+    from lib.networks.layers import norm_layer
+
+    ours, theirs = norm_layer(name, spatial_dims, 4), get_norm_layer(name, spatial_dims=spatial_dims, channels=4)
+    assert type(ours) is type(theirs) and repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
+@pytest.mark.parametrize("name", ["relu", "LeakyReLU", "prelu", ("leakyrelu", {"negative_slope": 0.2}), "gelu"])
+def test_activation_layers_are_the_ones_monai_makes(name):
+    from monai.networks.layers.utils import get_act_layer
+
+    from lib.networks.layers import act_layer
+
+    ours, theirs = act_layer(name), get_act_layer(name)
+    assert type(ours) is type(theirs) and repr(ours) == repr(theirs)
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_convolution_and_pooling_types_are_the_ones_monai_makes(spatial_dims):
+    from monai.networks.layers.factories import Conv, Pool
+
+    from lib.networks.layers import conv_transpose_type, conv_type, max_pool_type
+
+    assert conv_type(spatial_dims) is Conv[Conv.CONV, spatial_dims]
+    assert conv_transpose_type(spatial_dims) is Conv[Conv.CONVTRANS, spatial_dims]
+    assert max_pool_type(spatial_dims) is Pool[Pool.MAX, spatial_dims]

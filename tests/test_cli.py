@@ -112,6 +112,20 @@ def test_denoised_dicom_series_names_the_model_weights_and_restoration(tmp_path,
     assert f"low-frequency restoration {width:g} px" in text
 
 
+@pytest.mark.parametrize("model", ["adl", "tddl_gcn"])
+def test_denoising_ct_with_a_2d_network_does_not_import_monai(tmp_path, ct_crop_nifti, model):
+    """Importing any part of MONAI imports all of it, seconds per command on a small CPU (bench/cli_speed.py); a 2D
+    network on slices of up to 512 pixels needs none of it, so ``cli.py denoise`` must not load it."""
+    result = processes.run([sys.executable, "-X", "importtime", CLI, "denoise", "--input", ct_crop_nifti, "--output",
+                            tmp_path / "out.nii.gz", "--model", model, "--modality", "ct"], 600,
+                           env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert {"torch", "lib.predict", "lib.networks.efficient_unet"} <= imported  # the denoising path was seen
+    assert sorted(m for m in imported if m.split(".")[0] == "monai") == []
+
+
 @pytest.mark.slow
 def test_rician_simulation_and_denoise_improve_psnr(tmp_path, ct_crop_nifti):
     noisy = tmp_path / "noisy.nii.gz"

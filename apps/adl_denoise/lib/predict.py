@@ -7,9 +7,10 @@ shipped weights, tiling, intensity units.
 (CT stays in HU):
 
 * normalise with :func:`lib.data.intensity_scaling_for` (the rule the model was trained with);
-* 2D model: slice by slice, ``sw_batch_size`` slices at a time, through MONAI ``sliding_window_inference``
-  with windows of at most ``roi_size`` (default 512x512, clamped to the image: a typical CT slice is one window, since
-  smaller overlapping windows recompute their overlaps; a larger slice is tiled by :func:`even_windows`). 3D model:
+* 2D model: slice by slice, ``sw_batch_size`` slices at a time, in windows of at most ``roi_size`` (default
+  512x512, clamped to the image: a typical CT slice is one window, since smaller overlapping windows recompute their
+  overlaps, and one window goes to the network directly, without importing MONAI; a larger slice is tiled by
+  :func:`even_windows` and blended by MONAI's ``sliding_window_inference``). 3D model:
   3D sliding window (default 96^3 windows). The image is first reflect-padded to multiples of 8 (the
   network down-samples three times) and the padding is cropped off again. The GCN
   (:class:`lib.networks.GCNDenoiser`) needs no padding (``size_multiple = 1``), gets each slice with its
@@ -319,7 +320,6 @@ def denoise_array(
         ValueError: NaN/inf values, wrong dimensionality, unknown modality, bad window settings, a 3D model
             given a single slice that is too small, ``orthogonal_planes`` with a 3D model or a single slice.
     """
-    from monai.inferers import sliding_window_inference
     from tqdm.auto import tqdm
 
     image = np.asarray(array)
@@ -400,9 +400,16 @@ def denoise_array(
                 chunk = torch.from_numpy(np.ascontiguousarray(volume[stack])).to(dev)
                 padded, crop = pad_to_multiple(chunk, multiple)
                 roi, overlaps = even_windows(_roi(roi_size, 2, padded.shape[2:]), padded.shape[2:], float(overlap))
-                result = sliding_window_inference(padded, roi, step, predictor, overlap=overlaps, mode=mode)
+                if tuple(roi) == tuple(padded.shape[2:]):  # one window: what MONAI's blending would return
+                    result = predictor(padded)
+                else:
+                    from monai.inferers import sliding_window_inference
+
+                    result = sliding_window_inference(padded, roi, step, predictor, overlap=overlaps, mode=mode)
                 out[start:start + step] = result[crop][:, 0].cpu().numpy()
         else:
+            from monai.inferers import sliding_window_inference
+
             tensor = torch.from_numpy(np.ascontiguousarray(volume))[None, None].to(dev)
             padded, crop = pad_to_multiple(tensor, multiple)
             roi = _roi(roi_size, 3, padded.shape[2:])

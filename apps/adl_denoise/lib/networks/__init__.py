@@ -2,7 +2,8 @@
 
 `efficient_unet`: the denoiser G (Efficient-UNet with content enhancer and three output heads) and the
 padding helper for whole-image inference; `discriminator`: the conditional discriminator D; `blocks`:
-their residual, content-enhancer and output-head ("transformer") blocks. 2D and 3D alike.
+their residual, content-enhancer and output-head ("transformer") blocks. 2D and 3D alike. `layers`: layer classes by
+name and spatial dims, as MONAI's factories make them, without importing MONAI for the common ones.
 
 `lesion_detector`: the small lesion segmenter whose features give the lesion-aware (LIDnet-style) ROI
 perceptual loss.

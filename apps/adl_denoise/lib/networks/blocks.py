@@ -9,8 +9,8 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from monai.networks.layers.factories import Conv
-from monai.networks.layers.utils import get_act_layer, get_norm_layer
+
+from .layers import act_layer, conv_type, norm_layer
 
 __all__ = ["ResidualBlock", "ContentEnhancer", "TransformerHead"]
 
@@ -85,10 +85,10 @@ def _conv(
     the image, so it runs in float32 under autocast (:class:`_ImageInputConv2d`). 3D convolutions run in float32
     under CPU autocast where their input is narrower than the kernel (:class:`_NarrowInputSafeConv3d`)."""
     if image_input:
-        conv_type = _ImageInputConv2d if spatial_dims == 2 else _ImageInputConv3d
+        layer = _ImageInputConv2d if spatial_dims == 2 else _ImageInputConv3d
     else:  # 3D: float32 where the input is narrower than the kernel (a oneDNN bfloat16 bug, see the class)
-        conv_type = Conv[Conv.CONV, spatial_dims] if spatial_dims == 2 else _NarrowInputSafeConv3d
-    return conv_type(
+        layer = conv_type(spatial_dims) if spatial_dims == 2 else _NarrowInputSafeConv3d
+    return layer(
         in_channels,
         out_channels,
         kernel_size=kernel_size,
@@ -128,12 +128,12 @@ class ResidualBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.conv1 = _conv(spatial_dims, in_channels, out_channels, kernel_size, image_input=image_input)
-        self.norm1 = get_norm_layer(norm, spatial_dims=spatial_dims, channels=out_channels)
-        self.act1 = get_act_layer(act)
+        self.norm1 = norm_layer(norm, spatial_dims, out_channels)
+        self.act1 = act_layer(act)
         self.conv2 = _conv(spatial_dims, out_channels, out_channels, kernel_size)
-        self.norm2 = get_norm_layer(norm, spatial_dims=spatial_dims, channels=out_channels)
+        self.norm2 = norm_layer(norm, spatial_dims, out_channels)
         self.shortcut = _conv(spatial_dims, in_channels, out_channels, 1, image_input=image_input)
-        self.act2 = get_act_layer(act)
+        self.act2 = act_layer(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
@@ -176,12 +176,12 @@ class ContentEnhancer(nn.Module):
             for d in dilations
         )
         merged = out_channels * len(dilations)
-        self.norm1 = get_norm_layer(norm, spatial_dims=spatial_dims, channels=merged)
-        self.act1 = get_act_layer(act)
+        self.norm1 = norm_layer(norm, spatial_dims, merged)
+        self.act1 = act_layer(act)
         self.fuse = _conv(spatial_dims, merged, out_channels, kernel_size)
-        self.norm2 = get_norm_layer(norm, spatial_dims=spatial_dims, channels=out_channels)
+        self.norm2 = norm_layer(norm, spatial_dims, out_channels)
         self.shortcut = _conv(spatial_dims, merged, out_channels, 1)
-        self.act2 = get_act_layer(act)
+        self.act2 = act_layer(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         merged = torch.cat([branch(x) for branch in self.branches], dim=1)

@@ -10,9 +10,9 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from monai.networks.layers.factories import Conv
 
 from .efficient_unet import EfficientUNetBackbone, check_spatial_size
+from .layers import conv_type
 
 __all__ = ["EfficientUNetDiscriminator"]
 
@@ -68,7 +68,7 @@ class EfficientUNetDiscriminator(nn.Module):
             act=act,
         )
         # 1x1 mappers with bias: no normalisation follows, the bias sets each scale's decision threshold.
-        self.mappers = nn.ModuleList(Conv[Conv.CONV, spatial_dims](f, 1, kernel_size=1, bias=True) for f in filters)
+        self.mappers = nn.ModuleList(conv_type(spatial_dims)(f, 1, kernel_size=1, bias=True) for f in filters)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> list[torch.Tensor]:
         if self.conditional:

@@ -20,9 +20,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.layers.factories import Conv, Pool
 
 from .blocks import ContentEnhancer, ResidualBlock, TransformerHead
+from .layers import conv_transpose_type, max_pool_type
 
 # inputs are clamped to [eps, 1 - eps] before the logit: 1e-4 of the CT range is 0.4 HU
 _LOGIT_EPS = 1e-4
@@ -86,7 +86,7 @@ def pad_to_multiple(
 
 def _upsample(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int) -> nn.Module:
     """Stride-2 transposed convolution that exactly doubles every spatial size (any kernel size >= 2)."""
-    return Conv[Conv.CONVTRANS, spatial_dims](
+    return conv_transpose_type(spatial_dims)(
         in_channels,
         out_channels,
         kernel_size=kernel_size,
@@ -138,7 +138,7 @@ class EfficientUNetBackbone(nn.Module):
             raise ValueError(f"filters must list 4 channel counts (3 levels and the bridge), got {filters}")
         f0, f1, f2, f3 = (int(f) for f in filters)
         self.spatial_dims = spatial_dims
-        self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2, stride=2)
+        self.pool = max_pool_type(spatial_dims)(kernel_size=2, stride=2)
         self.enc0 = ResidualBlock(spatial_dims, in_channels, f0, norm=norm, act=act, image_input=True)
         self.enc1 = ResidualBlock(spatial_dims, f0, f1, norm=norm, act=act)
         self.enc2 = ResidualBlock(spatial_dims, f1, f2, norm=norm, act=act)

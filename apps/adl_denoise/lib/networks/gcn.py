@@ -58,9 +58,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.layers.utils import get_act_layer, get_norm_layer
 
 from .graph import windowed_knn
+from .layers import act_layer, norm_layer
 
 __all__ = ["EdgeConditionedGraphConv", "GCNDenoiser", "NeighbourGraph", "build_neighbour_graph"]
 
@@ -269,12 +269,12 @@ class _LocalNonLocalLayer(nn.Module):
     def __init__(self, features: int, rank: int, edge_hidden: int | None, norm, act, max_edges_per_chunk: int):
         super().__init__()
         self.local = nn.Conv2d(features, features, 3, padding=1, bias=False)
-        self.local_norm = get_norm_layer(norm, spatial_dims=2, channels=features)
+        self.local_norm = norm_layer(norm, 2, features)
         self.graph_conv = EdgeConditionedGraphConv(features, features, rank, edge_hidden, bias=False,
                                                    max_edges_per_chunk=max_edges_per_chunk)
-        self.graph_norm = get_norm_layer(norm, spatial_dims=2, channels=features)
+        self.graph_norm = norm_layer(norm, 2, features)
         self.beta_logit = nn.Parameter(torch.zeros(()))
-        self.act = get_act_layer(act)
+        self.act = act_layer(act)
 
     @property
     def beta(self) -> torch.Tensor:
@@ -379,11 +379,11 @@ class GCNDenoiser(nn.Module):
         first = 1 if self.link_slices else in_channels
         self.pre = nn.ModuleList(
             nn.Sequential(nn.Conv2d(first, features, size, padding=size // 2, bias=False),
-                          get_norm_layer(norm, spatial_dims=2, channels=features), get_act_layer(act))
+                          norm_layer(norm, 2, features), act_layer(act))
             for size in (3, 5, 7)
         )
         self.pre_fuse = nn.Sequential(nn.Conv2d(3 * features, features, 1, bias=False),
-                                      get_norm_layer(norm, spatial_dims=2, channels=features), get_act_layer(act))
+                                      norm_layer(norm, 2, features), act_layer(act))
         self.blocks = nn.ModuleList(
             _GraphBlock(features, layers_per_block, rank, edge_hidden, norm, act, max_edges_per_chunk)
             for _ in range(n_blocks)

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Whole ``cli.py denoise`` commands against BM3D's, side by side in one run: what a user waits for (issue 20).
+
+:mod:`bench.cpu_speed` times the denoising call per slice inside one process; a user (and the issue's own check)
+times the command: Python and library start-up, reading, the network, the restoration and writing. Start-up is
+paid once per command, so on a short series it weighs on the networks' ratio and barely on BM3D's.
+
+Protocol:
+
+* Input: ``--slices`` central slices (default 8, the issue's count) of the held-out CT pair
+  (:func:`bench.pairs.heldout_ct_pair`: the real 512 x 512 Siemens abdomen with simulated quarter-dose noise),
+  written once as a float32 NIfTI with the pair's spacing.
+* Each command: ``cli.py denoise -i IN -o OUT --model M --modality ct --overwrite`` in a fresh process, every
+  thread setting the CLI picks by default (all CPUs) unless ``--threads`` is given (then OMP / MKL_NUM_THREADS).
+  Wall time of the whole command (``time.perf_counter`` around the subprocess) and its CPU time (the child's
+  user + system time).
+* ``--repeats`` rounds; the order of the methods is rotated from round to round (so load changes hit all alike).
+* Ratio: a method's median wall time over BM3D's median in the same run; per slice = command time / slices.
+
+Example (from the repository root)::
+
+    .venv/bin/python bench/cli_speed.py --repeats 2
+
+Writes ``<out>/results.json`` and ``<out>/results.md`` (default ``bench/results/cli_speed``) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLI = REPO_ROOT / "apps" / "adl_denoise" / "cli.py"
+DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "cli_speed"
+METHODS = ("bm3d", "adl", "tddl_gcn")
+REFERENCE = "bm3d"
+#: the issue-20 targets: time as a fraction of BM3D's
+TARGETS = {"adl": 0.25, "tddl_gcn": 0.5}
+#: no command of 8 slices takes near this on a 2-core CPU; a hung one is stopped (its process group) and reported
+TIMEOUT_S = 3600
+
+
+def run_command(method: str, source: Path, output: Path, env: dict[str, str]) -> dict[str, float]:
+    """One ``cli.py denoise`` command; its wall and CPU seconds. Raises when it fails."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, str(CLI), "denoise", "-i", str(source), "-o", str(output), "--model",
+                                method, "--modality", "ct", "--overwrite"], cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.communicate()
+        raise RuntimeError(f"cli.py denoise --model {method} ran past {TIMEOUT_S} s") from None
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if process.returncode != 0:
+        raise RuntimeError(f"cli.py denoise --model {method} failed ({process.returncode}): {stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu}
+
+
+def summarise(calls: list[dict[str, Any]], methods: list[str], slices: int) -> dict[str, dict[str, float]]:
+    """Per method: median wall / CPU seconds of a command, per slice, and the ratio to BM3D's median wall time."""
+    table = {}
+    for name in methods:
+        walls = [c["wall_s"] for c in calls if c["method"] == name]
+        cpus = [c["cpu_s"] for c in calls if c["method"] == name]
+        table[name] = {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
+                       "wall_s_per_slice": statistics.median(walls) / slices, "runs": len(walls),
+                       "wall_s_all": walls}
+    if REFERENCE in table:
+        for name, row in table.items():
+            row["x_bm3d"] = row["wall_s"] / table[REFERENCE]["wall_s"]
+            row["cpu_x_bm3d"] = row["cpu_s"] / table[REFERENCE]["cpu_s"]
+    return table
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"`cli.py denoise` on {results['slices']} slices of 512 x 512 ({results['input']}), "
+             f"{results['repeats']} round(s), threads: {results['threads']}; {results['machine'].get('cpu_model')}, "
+             f"{results['machine'].get('usable_cpus')} usable CPUs; "
+             f"load average before / after: {results['load_before']} / {results['load_after']}", "",
+             "| method | command wall s (median) | per slice s | x BM3D (wall) | x BM3D (CPU) | target |",
+             "|---|---|---|---|---|---|"]
+    for name, row in results["table"].items():
+        target = TARGETS.get(name)
+        verdict = "" if target is None or "x_bm3d" not in row else (
+            f"<= {target} ({'met' if row['x_bm3d'] <= target else 'NOT met'})")
+        lines.append(f"| {name} | {row['wall_s']:.2f} | {row['wall_s_per_slice']:.2f} | "
+                     f"{row.get('x_bm3d', float('nan')):.3f} | {row.get('cpu_x_bm3d', float('nan')):.3f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=8, help="central slices of the held-out CT (default 8)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--threads", type=int, help="OMP / MKL_NUM_THREADS of every command (default: the CLI's own)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        parser.error(f"unknown or no method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.slices < 1 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--slices, --repeats and --threads must be >= 1")
+
+    sys.path.insert(0, str(REPO_ROOT / "apps" / "adl_denoise"))
+    import numpy as np
+    import SimpleITK as sitk
+
+    from bench.pairs import heldout_ct_pair
+    from lib.runtime.atomic import atomic_write_json, atomic_write_text
+    from lib.runtime.clock import utc_timestamp
+    from lib.runtime.machine import describe_machine
+
+    pair = heldout_ct_pair(max_slices=args.slices)
+    env = dict(os.environ)
+    if args.threads is not None:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    results: dict[str, Any] = {"started": utc_timestamp(), "slices": int(pair.noisy.shape[0]),
+                               "repeats": args.repeats, "methods": methods,
+                               "threads": args.threads or "the CLI's default (all CPUs)",
+                               "input": f"{pair.name}, slices {pair.meta.get('slices')} of {pair.meta.get('source')}",
+                               "machine": describe_machine(), "load_before": os.getloadavg()}
+    calls: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cli_speed_") as tmp:
+        source = Path(tmp) / "low_dose.nii.gz"
+        image = sitk.GetImageFromArray(np.ascontiguousarray(pair.noisy, dtype=np.float32))
+        image.SetSpacing(tuple(float(s) for s in pair.spacing))
+        sitk.WriteImage(image, str(source))
+        for r in range(args.repeats):
+            order = methods[r % len(methods):] + methods[:r % len(methods)]
+            for name in order:
+                print(f"round {r + 1}: cli.py denoise --model {name} ...", flush=True)
+                calls.append({"round": r, "method": name,
+                              **run_command(name, source, Path(tmp) / f"{name}.nii.gz", env)})
+    results.update(load_after=os.getloadavg(), calls=calls, table=summarise(calls, methods, results["slices"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "results.json", results, indent=2)
+    text = markdown(results)
+    atomic_write_text(args.out / "results.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
