@@ -26,7 +26,6 @@ Writes ``<out>/results.json`` and ``<out>/results.md`` (default ``bench/results/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
