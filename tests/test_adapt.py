@@ -22,7 +22,7 @@ from conftest import APP_DIR, SAMPLE_STUDIES
 from lib.evaluation.planted_lesions import lesion_contrast_check, plant_lesions, planted_contrast_kept
 from lib.evaluation.self_supervised import blind_spot, grid_mask, grid_shifts, j_invariant_loss, mask_pixels
 from lib.noise_learning.adaptation import holdout_indices
-from lib.predict import load_denoiser
+from lib.predict import denoise_array, load_denoiser
 from lib.weights.format import RESTORATION_KEY
 from mlserver import TINY_GCN_RESTORATION
 
@@ -225,6 +225,47 @@ def test_self_adaptation_data_learns_nothing_from_the_held_out_low_dose_images(t
     assert data.held_out_low_dose == {i: low_dose[i] for i in held}
     assert set(data.noise_model.info["images"]) == set(data.description["train_images"]) == set(low_dose) - held
     assert {v.name for v in data.source.volumes} == set(low_dose) - held  # stand-ins are named by their ids
+
+
+@pytest.mark.slow
+def test_self_adaptation_validates_on_central_slices_of_a_long_held_out_volume(tmp_path, tiny_weights):
+    """A held-out volume gives its circular validation PSNR on its central slices only (denoising whole volumes for a
+    figure that decides nothing would cost minutes per volume on a CPU); the check still gets the whole image."""
+    from lib.noise_learning.workflow import HELD_OUT_STAND_IN_SLICES, adaptation_data
+    from mlserver import write_crop
+
+    low_dose = {"short": tmp_path / "short.nii.gz", "long": tmp_path / "long.nii.gz"}
+    write_crop(LOW_DOSE, low_dose["short"], z=slice(40, 44))
+    write_crop(LOW_DOSE, low_dose["long"], z=slice(50, 50 + HELD_OUT_STAND_IN_SLICES + 4))
+    data = adaptation_data({k: str(v) for k, v in low_dose.items()}, tmp_path / "work", noise_steps=20,
+                           denoiser_weights=tiny_weights / "pretrained_tddl_gcn_ct.pt",
+                           split=lambda names: ([n for n in names if n != "long"], ["long"]))
+    [pair] = data.validation_pairs
+    assert pair.name == "long" and pair.clean.shape == (HELD_OUT_STAND_IN_SLICES, 256, 256)
+    assert data.held_out_low_dose == {"long": str(low_dose["long"])}
+    assert [v.name for v in data.source.volumes] == ["short"]
+
+
+@pytest.mark.parametrize("weights", ["tiny 2D CT", "shipped 2.5D MR"])
+def test_held_out_stand_ins_are_central_slices_denoised_with_their_neighbours(tmp_path, tiny_weights, low_dose_slab,
+                                                                              weights):
+    """The held-out images' stand-ins (they give only the circular validation PSNR) are a few central slices, not
+    whole volumes: each as denoising the whole volume gives it (a 2.5D network sees its real neighbours), written
+    where those slices lie."""
+    from lib.noise_learning.workflow import denoised_stand_ins
+
+    path = tiny_weights / "pretrained_adl_ct.pt" if weights == "tiny 2D CT" else APP_DIR / "model" / "pretrained_adl_mr.pt"
+    source = sitk.ReadImage(str(low_dose_slab))[64:192, 64:192, :]  # 10 slices of 128 x 128, origin moved
+    crop = tmp_path / "held_out.nii.gz"
+    sitk.WriteImage(source, str(crop))
+    central = sitk.ReadImage(denoised_stand_ins({"held": crop}, path, tmp_path / "few", max_slices=4)["held"])
+    whole = denoise_array(load_denoiser(path), sitk.GetArrayFromImage(source).astype(np.float32), "CT")
+    assert central.GetSize() == (128, 128, 4)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(central), whole[3:7], atol=1e-3)
+    assert np.allclose(central.GetOrigin(), source.TransformIndexToPhysicalPoint((0, 0, 3)), atol=1e-4)
+    assert central.GetSpacing() == pytest.approx(source.GetSpacing())
+    full = sitk.ReadImage(denoised_stand_ins({"held": crop}, path, tmp_path / "all")["held"])
+    np.testing.assert_allclose(sitk.GetArrayFromImage(full), whole, atol=1e-3)
 
 
 def test_holdout_split_every_fifth_slice_at_least_one():

@@ -30,6 +30,9 @@ __all__ = ["AdaptationData", "adaptation_data", "denoised_stand_ins", "learn_noi
 
 PathLike = str | os.PathLike
 
+#: central slices of each held-out image whose denoised stand-in gives self-adaptation's validation PSNR
+HELD_OUT_STAND_IN_SLICES = 8
+
 
 def learn_noise_model(
     inputs: Sequence[str | os.PathLike],
@@ -133,7 +136,7 @@ class AdaptationData:
 
 
 def denoised_stand_ins(low_dose: Mapping[str, PathLike], denoiser_weights: PathLike, out_dir: PathLike,
-                       device: str = "cpu") -> dict[str, str]:
+                       device: str = "cpu", max_slices: int | None = None) -> dict[str, str]:
     """Self-adaptation without normal-dose scans: the denoiser's outputs for the low-dose CT images stand in for
     normal-dose images.
 
@@ -142,6 +145,9 @@ def denoised_stand_ins(low_dose: Mapping[str, PathLike], denoiser_weights: PathL
         denoiser_weights: weight file of the denoiser (:func:`lib.predict.load_denoiser`).
         out_dir: where the denoised images are written, as float32 ``<id>.nii.gz`` on the input's grid.
         device: compute device of the denoiser.
+        max_slices: only that many central, contiguous slices of each volume (each denoised with its neighbours, so
+            a 2.5D network sees real ones), written on their own grid: for images that only give a figure to report,
+            where denoising whole volumes would cost minutes per volume on a CPU. None: whole images.
 
     Returns:
         id -> path of its denoised image.
@@ -150,15 +156,38 @@ def denoised_stand_ins(low_dose: Mapping[str, PathLike], denoiser_weights: PathL
     from ..predict import denoise_array, load_denoiser
 
     loaded = load_denoiser(denoiser_weights, device=device)
+    context = int(getattr(loaded.network, "slice_context", 0)) if loaded.spatial_dims == 2 else 0
     stand_ins = {}
     for image_id, path in low_dose.items():
         volume = read_volume(path, modality="CT")
+        if max_slices is not None and volume.array.ndim == 3 and volume.array.shape[0] > int(max_slices):
+            volume, denoised = _central_slices_denoised(volume, int(max_slices), context,
+                                                        lambda a: denoise_array(loaded, a, "CT", device=device))
+        else:
+            denoised = denoise_array(loaded, volume.array, "CT", device=device)
         target = Path(out_dir) / f"{image_id}.nii.gz"
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_volume(volume.with_array(denoise_array(loaded, volume.array, "CT", device=device)), target,
-                     output_dtype="float32")
+        write_volume(volume.with_array(denoised), target, output_dtype="float32")
         stand_ins[image_id] = str(target)
     return stand_ins
+
+
+def _central_slices_denoised(volume, count: int, context: int, denoise: Callable[[np.ndarray], np.ndarray]):
+    """(the ``count`` central slices of ``volume`` as a volume on their own grid, their denoised values): denoised
+    with ``context`` neighbouring slices on either side where the volume has them."""
+    import dataclasses
+
+    depth = volume.array.shape[0]
+    first = (depth - count) // 2
+    low, high = max(0, first - context), min(depth, first + count + context)
+    denoised = np.asarray(denoise(volume.array[low:high]))[first - low:first - low + count]
+    # the first kept slice's position: the origin moved along the slice axis (third column of the direction)
+    direction = np.asarray(volume.direction, dtype=float).reshape(3, 3)
+    origin = np.asarray(volume.origin, dtype=float) + direction[:, 2] * float(volume.spacing[2]) * first
+    part = dataclasses.replace(volume, array=np.ascontiguousarray(volume.array[first:first + count]),
+                               origin=tuple(float(v) for v in origin), dicom_headers=None,
+                               metadata=dict(volume.metadata))
+    return part, denoised
 
 
 def adaptation_data(
@@ -184,7 +213,9 @@ def adaptation_data(
         low_dose: id -> low-dose CT image of the scanner (HU); at least 2 images in all.
         work_dir: scratch folder: ``noise_model.pt`` and, for self-adaptation, ``pseudo_normal_dose/``.
         normal_dose: normal-dose images (files or folders; a string may list several, comma-separated). None:
-            the denoiser's outputs for the low-dose images stand in (:func:`denoised_stand_ins`).
+            the denoiser's outputs for the low-dose images stand in (:func:`denoised_stand_ins`; for the held-out
+            images, which give only the circular validation PSNR, their :data:`HELD_OUT_STAND_IN_SLICES` central
+            slices).
         denoiser_weights: the denoiser being adapted; needed when ``normal_dose`` is None.
         noise_steps, noise_patch_size: noise-model training steps and patch size (:func:`learn_noise_model`).
         seed: seed of the noise model and of the pseudo pairs (validation: ``seed + 1``).
@@ -220,7 +251,13 @@ def adaptation_data(
         kind = f"normal-dose images from {named}"
         train_ids, val_ids = split(list(clean))
     else:
-        clean = denoised_stand_ins(low_dose, denoiser_weights, work / "pseudo_normal_dose", device=device)
+        clean = denoised_stand_ins({i: low_dose[i] for i in noise_ids}, denoiser_weights, work / "pseudo_normal_dose",
+                                   device=device)
+        # the held-out images' stand-ins give only the validation PSNR, circular, reported and never deciding (the
+        # held-out low-dose images themselves judge): a few slices each, not whole volumes
+        clean.update(denoised_stand_ins({i: low_dose[i] for i in held_out_ids}, denoiser_weights,
+                                        work / "pseudo_normal_dose", device=device,
+                                        max_slices=HELD_OUT_STAND_IN_SLICES))
         kind = "served model's denoised low-dose images (no normal-dose images given)"
         train_ids, val_ids = noise_ids, held_out_ids
     source = LearnedNoiseSource([clean[i] for i in train_ids], noise_path, seed=seed, device=device, progress=False)
