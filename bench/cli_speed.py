@@ -9,7 +9,8 @@ Protocol:
 
 * Input: ``--slices`` central slices (default 8, the issue's count) of the held-out CT pair
   (:func:`bench.pairs.heldout_ct_pair`: the real 512 x 512 Siemens abdomen with simulated quarter-dose noise),
-  written once as a float32 NIfTI with the pair's spacing.
+  written once as a float32 NIfTI with the pair's spacing; or ``--input``: a CT file or DICOM series folder of
+  your own, used as it is (a DICOM input gives a derived DICOM series, as ``cli.py denoise`` writes it).
 * Each command: ``cli.py denoise -i IN -o OUT --model M --modality ct --overwrite`` in a fresh process, every
   thread setting the CLI picks by default (all CPUs) unless ``--threads`` is given (then OMP / MKL_NUM_THREADS).
   Wall time of the whole command (``time.perf_counter`` around the subprocess) and its CPU time (the child's
@@ -85,7 +86,7 @@ def summarise(calls: list[dict[str, Any]], methods: list[str], slices: int) -> d
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"`cli.py denoise` on {results['slices']} slices of 512 x 512 ({results['input']}), "
+    lines = [f"`cli.py denoise` on {results['slices']} slice(s) ({results['input']}), "
              f"{results['repeats']} round(s), threads: {results['threads']}; {results['machine'].get('cpu_model')}, "
              f"{results['machine'].get('usable_cpus')} usable CPUs; "
              f"load average before / after: {results['load_before']} / {results['load_after']}", "",
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, help="OMP / MKL_NUM_THREADS of every command (default: the CLI's own)")
+    parser.add_argument("--input", type=Path, help="a CT file or DICOM series folder to time instead of the "
+                                                  "held-out slices (--slices is then ignored)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -124,27 +127,35 @@ def main(argv: list[str] | None = None) -> int:
     from lib.runtime.clock import utc_timestamp
     from lib.runtime.machine import describe_machine
 
-    pair = heldout_ct_pair(max_slices=args.slices)
     env = dict(os.environ)
     if args.threads is not None:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    results: dict[str, Any] = {"started": utc_timestamp(), "slices": int(pair.noisy.shape[0]),
-                               "repeats": args.repeats, "methods": methods,
+    results: dict[str, Any] = {"started": utc_timestamp(), "repeats": args.repeats, "methods": methods,
                                "threads": args.threads or "the CLI's default (all CPUs)",
-                               "input": f"{pair.name}, slices {pair.meta.get('slices')} of {pair.meta.get('source')}",
                                "machine": describe_machine(), "load_before": os.getloadavg()}
     calls: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cli_speed_") as tmp:
-        source = Path(tmp) / "low_dose.nii.gz"
-        image = sitk.GetImageFromArray(np.ascontiguousarray(pair.noisy, dtype=np.float32))
-        image.SetSpacing(tuple(float(s) for s in pair.spacing))
-        sitk.WriteImage(image, str(source))
+        if args.input is not None:
+            from lib.imaging import read_volume
+
+            source = args.input.resolve()
+            shape = read_volume(source, modality="CT").array.shape
+            results.update(slices=int(shape[0]) if len(shape) == 3 else 1, input=str(source))
+            suffix = "" if source.is_dir() else "".join(source.suffixes)  # DICOM in: a derived series folder out
+        else:
+            pair = heldout_ct_pair(max_slices=args.slices)
+            source, suffix = Path(tmp) / "low_dose.nii.gz", ".nii.gz"
+            image = sitk.GetImageFromArray(np.ascontiguousarray(pair.noisy, dtype=np.float32))
+            image.SetSpacing(tuple(float(s) for s in pair.spacing))
+            sitk.WriteImage(image, str(source))
+            results.update(slices=int(pair.noisy.shape[0]),
+                           input=f"{pair.name}, slices {pair.meta.get('slices')} of {pair.meta.get('source')}")
         for r in range(args.repeats):
             order = methods[r % len(methods):] + methods[:r % len(methods)]
             for name in order:
                 print(f"round {r + 1}: cli.py denoise --model {name} ...", flush=True)
                 calls.append({"round": r, "method": name,
-                              **run_command(name, source, Path(tmp) / f"{name}.nii.gz", env)})
+                              **run_command(name, source, Path(tmp) / f"{name}{suffix}", env)})
     results.update(load_after=os.getloadavg(), calls=calls, table=summarise(calls, methods, results["slices"]))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "results.json", results, indent=2)
