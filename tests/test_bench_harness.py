@@ -193,3 +193,34 @@ def test_sample_manifest_pairs(tmp_path):
     np.testing.assert_allclose(p.noisy, noisy[1:4], atol=1e-3)
     assert p.spacing == pytest.approx((0.8, 0.8, 2.5))
     assert p.meta["simulation"] == {"sigma": 20}
+
+
+def test_cli_speed_times_whole_commands_on_a_dicom_series_and_states_ratios_to_bm3d(tmp_path):
+    """bench/cli_speed.py on a real one-slice DICOM series (a derived series written per command), and the ratio
+    arithmetic of its table: a method's median command time over BM3D's median in the same run."""
+    import subprocess
+    import sys
+
+    import data_store
+
+    from bench.cli_speed import REPO_ROOT, summarise
+
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "ct.dcm").write_bytes((Path(data_store.__file__).parent / "data" / "693_UNCR.dcm").read_bytes())
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "cli_speed.py"), "--input", str(series),
+                           "--methods", "nlm", "--repeats", "2", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["slices"] == 1 and [c["method"] for c in results["calls"]] == ["nlm", "nlm"]
+    assert all(c["wall_s"] > 0 and c["cpu_s"] > 0 for c in results["calls"])
+    assert "| nlm |" in (tmp_path / "out" / "results.md").read_text()
+
+    calls = [{"method": "bm3d", "wall_s": 10.0, "cpu_s": 20.0}, {"method": "bm3d", "wall_s": 12.0, "cpu_s": 22.0},
+             {"method": "bm3d", "wall_s": 30.0, "cpu_s": 21.0}, {"method": "adl", "wall_s": 3.0, "cpu_s": 5.0},
+             {"method": "adl", "wall_s": 4.0, "cpu_s": 5.5}, {"method": "adl", "wall_s": 100.0, "cpu_s": 6.0}]
+    table = summarise(calls, ["bm3d", "adl"], slices=4)
+    assert table["adl"]["x_bm3d"] == pytest.approx(4.0 / 12.0) and table["bm3d"]["x_bm3d"] == 1.0
+    assert table["adl"]["cpu_x_bm3d"] == pytest.approx(5.5 / 21.0)
+    assert table["adl"]["wall_s_per_slice"] == pytest.approx(1.0)
