@@ -206,7 +206,30 @@ def test_held_out_low_dose_check_scores_lesions_as_served_and_the_loss_on_the_ne
     lesions = worse["lesions"]
     assert lesions["lesions"] >= 4 and lesions["candidate_percent"] < lesions["baseline_percent"] - 5
     assert worse["passed"] is False
+    assert worse["reason"].startswith("worse than the served model on the held-out low-dose images (contrast kept")
     assert held_out_low_dose_check(off, shipped, held_out, settings, max_slices=1)["passed"] is True
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_held_out_slices_without_a_lesion_site_refuse_as_not_checkable_not_as_worse(tmp_path, tiny_weights,
+                                                                                   slab_array):
+    """Held-out slices with no site for a synthetic lesion (a corner of air): the check cannot measure lesion
+    contrast, so it refuses, and the decision says that, not that the candidate was worse."""
+    from lib.engines.gated_fine_tuning import FineTuneResult, decide_publication
+    from lib.noise_learning.adaptation import AdaptSettings, held_out_low_dose_check
+    from lib.weights.store import ModelStore
+
+    served = tiny_weights / "pretrained_adl_ct.pt"
+    held_out = [(slab_array[[3, 8], :32, :32], SPACING)]
+    check = held_out_low_dose_check(served, served, held_out, AdaptSettings(check_shifts=1))
+    assert check["j_invariant"]["passed"] and check["lesions"]["lesions"] == 0 and not check["passed"]
+    assert check["reason"].startswith("not checkable") and "no site for a synthetic lesion" in check["reason"]
+    assert "worse" not in check["reason"]
+    scores = {"psnr": 30.0, "psnr_input": 20.0, "images": {"a": {}}}
+    decision = decide_publication(FineTuneResult(served, scores, dict(scores)), ModelStore(tmp_path / "model"),
+                                  "adl", "CT", checks=[check], validation_psnr_decides=False)
+    assert decision["published"] is False and decision["rejected_by"] == ["held_out_low_dose"]
+    assert decision["reason"] == check["reason"]
 
 
 @pytest.mark.slow
@@ -254,7 +277,8 @@ def test_held_out_stand_ins_are_central_slices_denoised_with_their_neighbours(tm
     where those slices lie."""
     from lib.noise_learning.workflow import denoised_stand_ins
 
-    path = tiny_weights / "pretrained_adl_ct.pt" if weights == "tiny 2D CT" else APP_DIR / "model" / "pretrained_adl_mr.pt"
+    path = (tiny_weights / "pretrained_adl_ct.pt" if weights == "tiny 2D CT"
+            else APP_DIR / "model" / "pretrained_adl_mr.pt")
     source = sitk.ReadImage(str(low_dose_slab))[64:192, 64:192, :]  # 10 slices of 128 x 128, origin moved
     crop = tmp_path / "held_out.nii.gz"
     sitk.WriteImage(source, str(crop))

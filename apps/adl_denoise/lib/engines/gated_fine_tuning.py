@@ -435,7 +435,9 @@ def decide_publication(result: FineTuneResult, store, model: str, modality: str,
                "reference_set": "worse than the served model on the fixed reference set",
                "held_out_low_dose": "worse than the served model on the held-out low-dose images (J-invariant loss "
                                     "or planted lesions' contrast)"}
-    summary["reason"] = "; ".join(reasons.get(name, f"failed the {name} check") for name in rejected_by)
+    # a check that says why in its own words (e.g. what was worse, or that it could not measure) is quoted
+    summary["reason"] = "; ".join(summary["checks"].get(name, {}).get("reason")
+                                  or reasons.get(name, f"failed the {name} check") for name in rejected_by)
     store.record(model, modality, "rejected", **summary)
     return {"published": False, "version": None, **summary}
 

@@ -44,6 +44,7 @@ from ..runtime.atomic import atomic_copy, atomic_write_json
 log = logging.getLogger(__name__)
 
 __all__ = ["AdaptSettings", "AdaptationRefused", "adapt_to_low_dose", "blocking_files", "held_out_low_dose_check",
+           "held_out_refusal",
            "holdout_indices", "no_worse_checks", "report_path"]
 
 PathLike = str | os.PathLike
@@ -239,8 +240,25 @@ def held_out_low_dose_check(start: PathLike, candidate: PathLike,
     networks = [slice_denoiser(m, "CT", settings.device) for m in loaded]
     served = tuple(slice_denoiser(m, "CT", settings.device, served=True) for m in loaded)
     verdict = no_worse_checks(networks[0], networks[1], groups, settings, lesion_denoisers=served)
-    return {"check": "held_out_low_dose", "passed": verdict["passed"], "slices": sum(len(g) for g, _ in groups),
-            "j_invariant": verdict["check"], "lesions": verdict["lesion_check"]}
+    result = {"check": "held_out_low_dose", "passed": verdict["passed"], "slices": sum(len(g) for g, _ in groups),
+              "j_invariant": verdict["check"], "lesions": verdict["lesion_check"]}
+    if not verdict["passed"]:
+        result["reason"] = held_out_refusal(verdict["check"], verdict["lesion_check"], "the served model",
+                                            "held-out low-dose images")
+    return result
+
+
+def held_out_refusal(check: dict, lesion_check: dict, other: str, where: str) -> str:
+    """Why the held-out checks refuse a model, in one line: worse than ``other`` (on the J-invariant loss or the
+    planted lesions), or not checkable where no lesion site fits in the held-out slices (``where`` names them)."""
+    reasons = []
+    if not check["passed"]:
+        reasons.append(f"J-invariant loss {_loss_line(check)}")
+    if not lesion_check["passed"]:
+        reasons.append(_lesion_line(lesion_check))
+    measured_worse = not check["passed"] or bool(lesion_check["lesions"])
+    verdict = f"worse than {other}" if measured_worse else "not checkable, and nothing is published unchecked,"
+    return f"{verdict} on the {where} ({'; '.join(reasons)})"
 
 
 def _loss_line(check: dict) -> str:
@@ -251,7 +269,8 @@ def _loss_line(check: dict) -> str:
 def _lesion_line(check: dict) -> str:
     """One line on the lesion check for the log and the refusal."""
     if not check["lesions"]:
-        return "no site for a synthetic lesion in the held-out slices: lesion contrast unknown"
+        return ("no site for a synthetic lesion in the held-out slices (too small, or no uniform soft tissue): "
+                "lesion contrast unknown")
     return (f"contrast kept of {check['lesions']} planted 4-10 mm lesions: start {check['baseline_percent']:.1f} %, "
             f"adapted {check['candidate_percent']:.1f} %, at most {check['tolerance_pp']:g} points less allowed")
 
@@ -465,14 +484,9 @@ def adapt_to_low_dose(
         report(f"lesion check, as served ({_lesion_line(lesion_check)})")
         if not (passed or force):
             atomic_write_json(json_path, summary, indent=2)
-            reasons = []
-            if not check["passed"]:
-                reasons.append(f"J-invariant loss {_loss_line(check)}")
-            if not lesion_check["passed"]:
-                reasons.append(_lesion_line(lesion_check))
-            raise AdaptationRefused(
-                f"the adapted model is worse than the starting one on the held-out low-dose slices "
-                f"({'; '.join(reasons)}): nothing written (report {json_path}; --force writes it anyway)", summary)
+            refusal = held_out_refusal(check, lesion_check, "the starting one", "held-out low-dose slices")
+            raise AdaptationRefused(f"the adapted model is {refusal}: nothing written (report {json_path}; --force "
+                                    f"writes it anyway)", summary)
         atomic_copy(candidate, output)  # a temp file in the output's folder, renamed over the target
         atomic_write_json(json_path, summary, indent=2)
         return summary
