@@ -257,7 +257,7 @@ def held_out_refusal(check: dict, lesion_check: dict, other: str, where: str) ->
     if not lesion_check["passed"]:
         reasons.append(_lesion_line(lesion_check))
     measured_worse = not check["passed"] or bool(lesion_check["lesions"])
-    verdict = f"worse than {other}" if measured_worse else "not checkable, and nothing is published unchecked,"
+    verdict = f"worse than {other}" if measured_worse else "not checkable"
     return f"{verdict} on the {where} ({'; '.join(reasons)})"
 
 
