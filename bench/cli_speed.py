@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,35 +70,32 @@ def run_command(method: str, source: Path, output: Path, env: dict[str, str]) ->
     return {"wall_s": wall, "cpu_s": cpu}
 
 
-def summarise(calls: list[dict[str, Any]], methods: list[str], slices: int) -> dict[str, dict[str, float]]:
-    """Per method: median wall / CPU seconds of a command, per slice, and the ratio to BM3D's median wall time."""
-    table = {}
-    for name in methods:
-        walls = [c["wall_s"] for c in calls if c["method"] == name]
-        cpus = [c["cpu_s"] for c in calls if c["method"] == name]
-        table[name] = {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
-                       "wall_s_per_slice": statistics.median(walls) / slices, "runs": len(walls),
-                       "wall_s_all": walls}
-    if REFERENCE in table:
-        for name, row in table.items():
-            row["x_bm3d"] = row["wall_s"] / table[REFERENCE]["wall_s"]
-            row["cpu_x_bm3d"] = row["cpu_s"] / table[REFERENCE]["cpu_s"]
+def summarise(calls: list[dict[str, Any]], slices: int) -> dict[str, dict[str, float]]:
+    """Per method: :func:`bench.cpu_speed.summarise` of the commands (median / min / max wall and median CPU seconds
+    of a command, their ratios to BM3D's medians), and the median wall seconds per slice."""
+    from bench.cpu_speed import summarise as summarise_calls
+
+    table = summarise_calls({"calls": calls})
+    for row in table.values():
+        row["wall_s_per_slice"] = row["wall_median_s"] / slices
     return table
 
 
 def markdown(results: dict[str, Any]) -> str:
+    from lib.runtime.machine import machine_line
+
     lines = [f"`cli.py denoise` on {results['slices']} slice(s) ({results['input']}), "
-             f"{results['repeats']} round(s), threads: {results['threads']}; {results['machine'].get('cpu_model')}, "
-             f"{results['machine'].get('usable_cpus')} usable CPUs; "
+             f"{results['repeats']} round(s), threads: {results['threads']}; {machine_line(results['machine'])}; "
              f"load average before / after: {results['load_before']} / {results['load_after']}", "",
              "| method | command wall s (median) | per slice s | x BM3D (wall) | x BM3D (CPU) | target |",
              "|---|---|---|---|---|---|"]
     for name, row in results["table"].items():
         target = TARGETS.get(name)
-        verdict = "" if target is None or "x_bm3d" not in row else (
-            f"<= {target} ({'met' if row['x_bm3d'] <= target else 'NOT met'})")
-        lines.append(f"| {name} | {row['wall_s']:.2f} | {row['wall_s_per_slice']:.2f} | "
-                     f"{row.get('x_bm3d', float('nan')):.3f} | {row.get('cpu_x_bm3d', float('nan')):.3f} | {verdict} |")
+        ratio = row.get("wall_ratio_to_bm3d")
+        verdict = "" if target is None or ratio is None else f"<= {target} ({'met' if ratio <= target else 'NOT met'})"
+        lines.append(f"| {name} | {row['wall_median_s']:.2f} | {row['wall_s_per_slice']:.2f} | "
+                     f"{row.get('wall_ratio_to_bm3d', float('nan')):.3f} | "
+                     f"{row.get('cpu_ratio_to_bm3d', float('nan')):.3f} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r + 1}: cli.py denoise --model {name} ...", flush=True)
                 calls.append({"round": r, "method": name,
                               **run_command(name, source, Path(tmp) / f"{name}{suffix}", env)})
-    results.update(load_after=os.getloadavg(), calls=calls, table=summarise(calls, methods, results["slices"]))
+    results.update(load_after=os.getloadavg(), calls=calls, table=summarise(calls, results["slices"]))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "results.json", results, indent=2)
     text = markdown(results)
