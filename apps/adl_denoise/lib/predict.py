@@ -6,6 +6,8 @@ shipped weights, tiling, intensity units.
 :data:`lib.networks.DENOISER_NETWORKS`); :func:`denoise_array` denoises a slice or a volume in its own units
 (CT stays in HU):
 
+* CT with a 2D network: keep only :func:`body_crop`'s box (everything but the air around the patient, with a
+  margin; one box per volume); the air outside it is returned as acquired;
 * normalise with :func:`lib.data.intensity_scaling_for` (the rule the model was trained with);
 * 2D model: slice by slice, ``sw_batch_size`` slices at a time, in windows of at most ``roi_size`` (default
   512x512, clamped to the image: a typical CT slice is one window, since smaller overlapping windows recompute their
@@ -42,10 +44,13 @@ from .weights.format import (TRAINING_CHECKPOINT_FORMATS, WEIGHTS_FORMAT, WEIGHT
                              UnusableWeightsError, describe_non_finite, non_finite_tensors, restoration_of)
 
 __all__ = [
+    "AIR_MARGIN_PX",
+    "AIR_THRESHOLD_HU",
     "DEFAULT_ROI_2D",
     "DEFAULT_ROI_3D",
     "LoadedDenoiser",
     "NonFiniteOutputError",
+    "body_crop",
     "check_finite_output",
     "denoise_array",
     "denoise_as_served",
@@ -59,6 +64,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROI_2D = (512, 512)
 DEFAULT_ROI_3D = (96, 96, 96)
+
+#: CT: a pixel whose 5 x 5 mean lies above this (HU) is body, table or clothing, not air (air is about -1000 HU,
+#: lung parenchyma -900 to -700 lies inside the body's outline, fat and skin above -150)
+AIR_THRESHOLD_HU = -500.0
+#: air kept on every side of the body's bounding box when the 2D networks skip the air around it: wider than the
+#: reach of air beyond it on their output inside the body (tests/test_predict_air.py measures it)
+AIR_MARGIN_PX = 48
+#: the air crop is skipped when it would keep more than this fraction of the slice (no time to gain)
+AIR_CROP_MAX_FRACTION = 0.9
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -257,6 +271,38 @@ def even_windows(roi: Sequence[int], size: Sequence[int], overlap: float) -> tup
     return tuple(windows), tuple(overlaps)
 
 
+def body_crop(image_hu: np.ndarray, margin: int = AIR_MARGIN_PX,
+              max_fraction: float = AIR_CROP_MAX_FRACTION) -> tuple[slice, slice] | None:
+    """The in-plane box of a CT slice or volume that holds everything but the air around the patient, or None.
+
+    Args:
+        image_hu: (H, W) or (Z, H, W) in HU.
+        margin: pixels of air kept on every side of the bounding box of the non-air pixels (clamped to the image).
+        max_fraction: None when the box would keep more than this fraction of the slice.
+
+    Returns:
+        ``(rows, columns)`` slices of the box, one for the whole volume (the union of every slice's), or None when
+        nothing is above :data:`AIR_THRESHOLD_HU` (no body found: an image not in HU, or all air) or the box is
+        nearly the whole slice. A 5 x 5 mean is thresholded, so isolated noise or streak pixels in the air do not
+        count.
+    """
+    from scipy import ndimage
+
+    volume = np.asarray(image_hu, dtype=np.float32)
+    volume = volume[None] if volume.ndim == 2 else volume
+    above = np.zeros(volume.shape[1:], dtype=bool)
+    for plane in volume:
+        above |= ndimage.uniform_filter(plane, size=5, mode="nearest") > AIR_THRESHOLD_HU
+    rows, columns = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
+    if rows.size == 0:
+        return None
+    height, width = above.shape
+    box = (slice(max(0, int(rows[0]) - margin), min(height, int(rows[-1]) + 1 + margin)),
+           slice(max(0, int(columns[0]) - margin), min(width, int(columns[-1]) + 1 + margin)))
+    kept = (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
+    return None if kept > max_fraction * height * width else box
+
+
 def slice_denoiser(loaded: LoadedDenoiser, modality: str, device: str | torch.device = "cpu", *,
                    served: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """``loaded`` as a function (N, H, W) -> (N, H, W) in ``modality``'s units that denoises each slice alone.
@@ -287,6 +333,7 @@ def denoise_array(
     mode: str = "gaussian",
     amp: bool = True,
     orthogonal_planes: bool = False,
+    skip_air: bool = True,
 ) -> np.ndarray:
     """Denoise a 2D slice (H, W) or a volume (Z, H, W) given in its modality's units; returns float32 of the
     same shape and units (CT in HU).
@@ -315,6 +362,12 @@ def denoise_array(
             return the voxel-wise mean of the three (3x the time; each plane's errors are partly independent of the
             others', so the mean is closer to the truth on near-isotropic volumes; see
             :func:`uses_orthogonal_planes` for when the app does this).
+        skip_air: CT with a 2D network: the network sees only :func:`body_crop`'s box (the body, table and
+            clothing with :data:`AIR_MARGIN_PX` pixels of air around them; one box for the whole volume) and the
+            air outside it is returned as acquired. The network's time falls with the air it skips (a fifth of a
+            typical abdomen slice, more on heads and children), and its output inside the body is what a
+            whole-slice pass gives (the margin is wider than the reach of the air beyond it). False: every pixel.
+            MR (no fixed intensity for air) and the 3D network always see everything.
 
     Raises:
         ValueError: NaN/inf values, wrong dimensionality, unknown modality, bad window settings, a 3D model
@@ -343,7 +396,7 @@ def denoise_array(
             raise ValueError(f"orthogonal_planes needs a volume (Z, H, W) with at least 2 voxels along every axis, "
                              f"got shape {image.shape}")
         kwargs = dict(modality=modality, device=device, roi_size=roi_size, overlap=overlap,
-                      sw_batch_size=sw_batch_size, progress=progress, mode=mode, amp=amp)
+                      sw_batch_size=sw_batch_size, progress=progress, mode=mode, amp=amp, skip_air=skip_air)
         # each plane in turn as the slice axis (slices of (Z, W), then of (Z, H)); one running sum bounds the memory
         total = denoise_array(model, image, **kwargs)
         total += denoise_array(model, image.transpose(1, 0, 2), **kwargs).transpose(1, 0, 2)
@@ -374,8 +427,10 @@ def denoise_array(
     if dev.type == "cpu" and not (isinstance(network, EfficientUNetDenoiser) and network.spatial_dims == 2):
         amp_dtype = None
 
-    scaling = intensity_scaling_for(image, modality)
-    normalised = scaling.normalise(image)
+    box = body_crop(image) if skip_air and modality == "CT" and spatial_dims == 2 else None
+    region = image if box is None else image[(Ellipsis, *box)]
+    scaling = intensity_scaling_for(region, modality)
+    normalised = scaling.normalise(region)
     volume = normalised[None] if normalised.ndim == 2 else normalised  # (Z, H, W)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
@@ -416,8 +471,12 @@ def denoise_array(
             result = sliding_window_inference(padded, roi, int(sw_batch_size), predictor, overlap=float(overlap),
                                               mode=mode, progress=progress)
             out[:] = result[crop][0, 0].cpu().numpy()
-    denoised = scaling.denormalise(out)
-    return denoised.reshape(image.shape).astype(np.float32)
+    denoised = scaling.denormalise(out).reshape(region.shape).astype(np.float32)
+    if box is None:
+        return denoised
+    whole = image.copy()  # the air outside the box as acquired
+    whole[(Ellipsis, *box)] = denoised
+    return whole
 
 
 def denoise_as_served(loaded: LoadedDenoiser, array: np.ndarray, modality: str | None = None,
