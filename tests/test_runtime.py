@@ -55,3 +55,43 @@ def test_machine_description_is_plain_json_and_names_the_cpu():
     assert json.loads(json.dumps(machine)) == machine
     assert machine["logical_cpus"] == os.cpu_count() and machine["usable_cpus"] >= 1
     assert machine["cpu_model"] in machine_line(machine)
+
+
+def test_library_versions_come_from_the_installed_metadata_without_importing_the_library(tmp_path):
+    """Weight and noise-model files and training records name the torch and MONAI versions: read from the installed
+    metadata, since importing ``monai`` costs seconds to a command that needs nothing else of it (``learn-noise``).
+    In a fresh interpreter: describe the machine, write a noise model and a weight file; no MONAI module is loaded,
+    and each names the version that importing MONAI reports."""
+    import subprocess
+    import sys
+
+    import monai
+
+    from conftest import APP_DIR
+
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(APP_DIR)!r})
+import torch
+from lib.engines import GCNTrainingConfig
+from lib.networks import GCNDenoiser
+from lib.noise_learning.noise_model import NoiseModel
+from lib.noise_learning.vae import ConditionalNoiseVAE, VAEConfig
+from lib.runtime.machine import describe_machine
+from lib.weights.format import export_weights
+config = GCNTrainingConfig(features=4, n_blocks=1, layers_per_block=1)
+export_weights(GCNDenoiser(**config.network_kwargs()), {str(tmp_path / 'gcn.pt')!r}, config)
+NoiseModel(ConditionalNoiseVAE(VAEConfig())).save({str(tmp_path / 'noise.pt')!r})
+versions = describe_machine()["versions"]
+print(json.dumps({{"versions": versions, "monai_loaded": sorted(m for m in sys.modules if m.split(".")[0] == "monai")}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["monai_loaded"] == []
+    assert report["versions"]["monai"] == monai.__version__ and report["versions"]["numpy"] == np.__version__
+    import torch
+
+    for name in ("gcn.pt", "noise.pt"):
+        software = torch.load(tmp_path / name, map_location="cpu", weights_only=True)["software"]
+        assert software == {"torch": torch.__version__, "monai": monai.__version__}, (name, software)

@@ -36,6 +36,7 @@ from scipy import ndimage
 
 from ..runtime.atomic import atomic_torch_save
 from ..runtime.clock import utc_timestamp
+from ..runtime.machine import library_version
 
 from .tiling import TileLayout
 from .vae import ConditionalNoiseVAE, VAEConfig
@@ -125,7 +126,6 @@ class NoiseModel:
     # ------------------------------------------------------------------------------------------ file
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model (atomically) to ``path``; returns the path."""
-        import monai
 
         payload = {
             "format": NOISE_MODEL_FORMAT,
@@ -138,7 +138,7 @@ class NoiseModel:
             "training_stats": _plain(self.training_stats),
             "info": _plain(self.info),
             "created_utc": utc_timestamp(),
-            "software": {"torch": str(torch.__version__), "monai": str(monai.__version__)},
+            "software": {"torch": str(torch.__version__), "monai": str(library_version("monai"))},
         }
         out = Path(path).expanduser()
         return atomic_torch_save(payload, out)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..runtime.atomic import atomic_torch_save
 from ..runtime.clock import utc_timestamp
+from ..runtime.machine import library_version
 
 if TYPE_CHECKING:
     import torch
@@ -202,7 +203,6 @@ def export_weights(
         NonFiniteWeightsError: a parameter or buffer holds NaN or infinite values (after the float16 cast when
             ``half``: values beyond float16 count too); nothing is written.
     """
-    import monai
     import torch
 
     net = _unwrap(generator)
@@ -237,7 +237,7 @@ def export_weights(
         "scaling_rule": plain_json(scaling_rule if scaling_rule is not None else scaling_rule_for(config.modality)),
         "training": portable_record(plain_json(training_record or {})),
         "created_utc": utc_timestamp(),
-        "software": {"torch": str(torch.__version__), "monai": str(monai.__version__)},
+        "software": {"torch": str(torch.__version__), "monai": str(library_version("monai"))},
     }
     if low_frequency_restoration is not None:
         entry = plain_json(dict(low_frequency_restoration))
