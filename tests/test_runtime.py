@@ -83,7 +83,8 @@ config = GCNTrainingConfig(features=4, n_blocks=1, layers_per_block=1)
 export_weights(GCNDenoiser(**config.network_kwargs()), {str(tmp_path / 'gcn.pt')!r}, config)
 NoiseModel(ConditionalNoiseVAE(VAEConfig())).save({str(tmp_path / 'noise.pt')!r})
 versions = describe_machine()["versions"]
-print(json.dumps({{"versions": versions, "monai_loaded": sorted(m for m in sys.modules if m.split(".")[0] == "monai")}}))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "monai")
+print(json.dumps({{"versions": versions, "monai_loaded": loaded}}))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -157,14 +157,19 @@ def denoised_stand_ins(low_dose: Mapping[str, PathLike], denoiser_weights: PathL
 
     loaded = load_denoiser(denoiser_weights, device=device)
     context = int(getattr(loaded.network, "slice_context", 0)) if loaded.spatial_dims == 2 else 0
+
+    def denoise(array: np.ndarray) -> np.ndarray:
+        # every pixel: a stand-in is the clean side of pseudo pairs, so its air must be denoised too (left as acquired,
+        # patches of it would teach the network to keep the noise there)
+        return denoise_array(loaded, array, "CT", device=device, skip_air=False)
+
     stand_ins = {}
     for image_id, path in low_dose.items():
         volume = read_volume(path, modality="CT")
         if max_slices is not None and volume.array.ndim == 3 and volume.array.shape[0] > int(max_slices):
-            volume, denoised = _central_slices_denoised(volume, int(max_slices), context,
-                                                        lambda a: denoise_array(loaded, a, "CT", device=device))
+            volume, denoised = _central_slices_denoised(volume, int(max_slices), context, denoise)
         else:
-            denoised = denoise_array(loaded, volume.array, "CT", device=device)
+            denoised = denoise(volume.array)
         target = Path(out_dir) / f"{image_id}.nii.gz"
         target.parent.mkdir(parents=True, exist_ok=True)
         write_volume(volume.with_array(denoised), target, output_dtype="float32")
