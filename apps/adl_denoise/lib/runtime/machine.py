@@ -16,7 +16,7 @@ _DISTRIBUTIONS = {"skimage": "scikit-image"}
 def library_version(name: str) -> str | None:
     """The installed version of library ``name`` (its import name) from its distribution's metadata, or None where
     it is not installed. Read from the metadata, not by importing: importing ``monai`` alone takes about 3 s, which a
-    training or adaptation command would pay only to write the version into its file."""
+    command that needs nothing else of it (``learn-noise``) would pay only to write the version into its file."""
     from importlib import metadata
 
     try:
