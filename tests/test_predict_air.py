@@ -78,6 +78,33 @@ def test_the_air_skipped_changes_nothing_inside_the_body(abdomen_slices, whole_s
     assert not np.allclose(skipped[body], abdomen_slices[body], atol=1.0)  # and the body was denoised
 
 
+def test_a_body_that_reaches_the_image_edge_sees_that_edge_as_in_a_whole_slice_pass():
+    """The embedded quarter-dose head reaches the bottom and right edges of its 512 x 512 slice; put in the bottom right
+    corner of a 640 x 640 field of air (-1024 HU, as stored air), its box is grown inside the image to the network's
+    multiple of 8, so the network sees no padding at those edges (a reflect padding of the box there moved ADL's
+    output inside the head by up to 34 HU)."""
+    import SimpleITK as sitk
+
+    from conftest import SAMPLE_STUDIES
+
+    head = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz")))
+    image = np.full((1, 640, 640), -1024.0, np.float32)
+    image[:, 128:, 128:] = head
+    rows, columns = body_crop(image, multiple=8)
+    assert rows.stop == image.shape[1] and columns.stop == image.shape[2]  # at the edges
+    assert (rows.stop - rows.start) % 8 == 0 and (columns.stop - columns.start) % 8 == 0
+    loaded = load_denoiser(APP_DIR / "model" / "pretrained_adl_ct.pt")
+    with network_inputs(loaded) as shapes:
+        skipped = denoise_array(loaded, image, "CT")
+    assert shapes == [(rows.stop - rows.start, columns.stop - columns.start)]
+    whole = denoise_array(loaded, image, "CT", skip_air=False)
+    difference = np.abs(skipped - whole)[_body(image)]
+    # a few pixels on the head's outline depend on context beyond any margin (up to ~11 HU at ~160 of 92 000 here,
+    # a wider margin does not shrink it: bench/README); a reflect-padded box moved ~18 000 by more than 1 HU
+    assert (difference > 1.0).mean() < 0.01 and difference.mean() < 0.05, ((difference > 1.0).sum(),
+                                                                          difference.mean())
+
+
 def test_a_narrower_margin_would_change_the_body(abdomen_slices, whole_slice_outputs):
     """Why :data:`AIR_MARGIN_PX` is what it is: with a third of it the crop's edges reach into ADL's output inside
     the body (so the test above is able to fail)."""
@@ -112,6 +139,11 @@ def test_body_crop_finds_the_body_and_ignores_specks_in_the_air():
     assert (rows.start, rows.stop) == (120 - 39 - 10, 120 + 39 + 1 + 10)
     assert (columns.start, columns.stop) == (150 - 39 - 10, 150 + 39 + 1 + 10)
     assert body_crop(image[1], margin=10) == (rows, columns)  # one slice like a volume of one
+    # grown to multiples of 8 towards the start (rows 71..170 -> 99 rows -> 104), inside the image
+    assert body_crop(image, margin=10, multiple=8) == (slice(170 - 104, 170), slice(200 - 104, 200))
+    image[1, 200:, 100:200] = 40.0  # the body reaches the bottom edge: the box keeps that edge
+    rows, _ = body_crop(image, margin=10, multiple=8)
+    assert rows.stop == 256 and (rows.stop - rows.start) % 8 == 0 and rows.start <= 71
 
 
 def test_body_crop_declines_where_there_is_nothing_to_skip():

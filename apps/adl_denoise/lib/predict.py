@@ -68,8 +68,8 @@ DEFAULT_ROI_3D = (96, 96, 96)
 #: CT: a pixel whose 5 x 5 mean lies above this (HU) is body, table or clothing, not air (air is about -1000 HU,
 #: lung parenchyma -900 to -700 lies inside the body's outline, fat and skin above -150)
 AIR_THRESHOLD_HU = -500.0
-#: air kept on every side of the body's bounding box when the 2D networks skip the air around it: wider than the
-#: reach of air beyond it on their output inside the body (tests/test_predict_air.py measures it)
+#: air kept on every side of the body's bounding box when the 2D networks skip the air around it: with a third of it
+#: the crop's edges moved ADL's output inside the body by tens of HU (tests/test_predict_air.py, bench/README.md)
 AIR_MARGIN_PX = 48
 #: the air crop is skipped when it would keep more than this fraction of the slice (no time to gain)
 AIR_CROP_MAX_FRACTION = 0.9
@@ -271,14 +271,17 @@ def even_windows(roi: Sequence[int], size: Sequence[int], overlap: float) -> tup
     return tuple(windows), tuple(overlaps)
 
 
-def body_crop(image_hu: np.ndarray, margin: int = AIR_MARGIN_PX,
-              max_fraction: float = AIR_CROP_MAX_FRACTION) -> tuple[slice, slice] | None:
+def body_crop(image_hu: np.ndarray, margin: int = AIR_MARGIN_PX, max_fraction: float = AIR_CROP_MAX_FRACTION,
+              multiple: int = 1) -> tuple[slice, slice] | None:
     """The in-plane box of a CT slice or volume that holds everything but the air around the patient, or None.
 
     Args:
         image_hu: (H, W) or (Z, H, W) in HU.
         margin: pixels of air kept on every side of the bounding box of the non-air pixels (clamped to the image).
         max_fraction: None when the box would keep more than this fraction of the slice.
+        multiple: each side of the box is grown (inside the image) to a multiple of this, the network's size
+            multiple: then the network needs no padding of the box, and where the body reaches the image's edge
+            it sees that edge as in a whole-slice pass (a reflect padding there moved ADL's output by up to 34 HU).
 
     Returns:
         ``(rows, columns)`` slices of the box, one for the whole volume (the union of every slice's), or None when
@@ -297,10 +300,21 @@ def body_crop(image_hu: np.ndarray, margin: int = AIR_MARGIN_PX,
     if rows.size == 0:
         return None
     height, width = above.shape
-    box = (slice(max(0, int(rows[0]) - margin), min(height, int(rows[-1]) + 1 + margin)),
-           slice(max(0, int(columns[0]) - margin), min(width, int(columns[-1]) + 1 + margin)))
+    box = (_grown(int(rows[0]) - margin, int(rows[-1]) + 1 + margin, height, multiple),
+           _grown(int(columns[0]) - margin, int(columns[-1]) + 1 + margin, width, multiple))
     kept = (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
     return None if kept > max_fraction * height * width else box
+
+
+def _grown(start: int, stop: int, size: int, multiple: int) -> slice:
+    """[start, stop) clamped to [0, size) and grown to a multiple of ``multiple`` (the whole axis where that does not
+    fit), towards the start first: an end at the image's edge stays there."""
+    start, stop = max(0, start), min(size, stop)
+    length = -(-(stop - start) // max(1, int(multiple))) * max(1, int(multiple))
+    if length >= size:
+        return slice(0, size)
+    start = max(0, stop - length)
+    return slice(start, start + length)
 
 
 def slice_denoiser(loaded: LoadedDenoiser, modality: str, device: str | torch.device = "cpu", *,
@@ -366,7 +380,8 @@ def denoise_array(
             clothing with :data:`AIR_MARGIN_PX` pixels of air around them; one box for the whole volume) and the
             air outside it is returned as acquired. The network's time falls with the air it skips (a fifth of a
             typical abdomen slice, more on heads and children), and its output inside the body is what a
-            whole-slice pass gives (the margin is wider than the reach of the air beyond it). False: every pixel.
+            whole-slice pass gives but for float rounding and a few pixels on the body's outline whose output
+            depends on context beyond any margin (bench/README.md "Skipping the air"). False: every pixel.
             MR (no fixed intensity for air) and the 3D network always see everything.
 
     Raises:
@@ -427,7 +442,8 @@ def denoise_array(
     if dev.type == "cpu" and not (isinstance(network, EfficientUNetDenoiser) and network.spatial_dims == 2):
         amp_dtype = None
 
-    box = body_crop(image) if skip_air and modality == "CT" and spatial_dims == 2 else None
+    multiple = int(getattr(network, "size_multiple", 8))
+    box = body_crop(image, multiple=multiple) if skip_air and modality == "CT" and spatial_dims == 2 else None
     region = image if box is None else image[(Ellipsis, *box)]
     scaling = intensity_scaling_for(region, modality)
     normalised = scaling.normalise(region)
@@ -440,7 +456,6 @@ def denoise_array(
             y = network(x)
         return y.float()
 
-    multiple = int(getattr(network, "size_multiple", 8))
     context = int(getattr(network, "slice_context", 0)) if spatial_dims == 2 else 0
     out = np.empty_like(volume)
     with torch.inference_mode():
