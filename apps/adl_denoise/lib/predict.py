@@ -309,8 +309,8 @@ def body_crop(image_hu: np.ndarray, margin: int = AIR_MARGIN_PX, max_fraction: f
 def _grown(start: int, stop: int, size: int, multiple: int) -> slice:
     """[start, stop) clamped to [0, size) and grown to a multiple of ``multiple`` (the whole axis where that does not
     fit), towards the start first: an end at the image's edge stays there."""
-    start, stop = max(0, start), min(size, stop)
-    length = -(-(stop - start) // max(1, int(multiple))) * max(1, int(multiple))
+    start, stop, multiple = max(0, start), min(size, stop), max(1, int(multiple))
+    length = -(-(stop - start) // multiple) * multiple
     if length >= size:
         return slice(0, size)
     start = max(0, stop - length)

@@ -126,7 +126,6 @@ class NoiseModel:
     # ------------------------------------------------------------------------------------------ file
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model (atomically) to ``path``; returns the path."""
-
         payload = {
             "format": NOISE_MODEL_FORMAT,
             "version": NOISE_MODEL_VERSION,
