@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from .data.intensity import intensity_scaling_for
 from .networks import DENOISER_NETWORKS, EfficientUNetDenoiser, pad_to_multiple
+from .runtime.cpu_convolution import use_nnpack_convolutions
 from .runtime.cpu_memory import keep_freed_cpu_memory
 from .runtime.precision import autocast_dtype
 from .weights.format import (TRAINING_CHECKPOINT_FORMATS, WEIGHTS_FORMAT, WEIGHTS_VERSION, NonFiniteWeightsError,
@@ -175,9 +176,14 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     network.to(dev).eval()
     spatial_dims = int(kwargs.get("spatial_dims", 2))
     if network_class is EfficientUNetDenoiser:
-        # channels-last weights make the CPU convolutions pick faster kernels, with identical output
-        # (bench/README.md, "Measurements behind design choices")
-        network.to(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
+        # float32 on a CPU without native bfloat16: NNPACK's Winograd / FFT convolutions, which read NCHW
+        # (lib.runtime.cpu_convolution)
+        if spatial_dims == 2 and dev.type == "cpu" and autocast_dtype(dev) is None and use_nnpack_convolutions(network):
+            pass
+        else:
+            # channels-last weights make the CPU convolutions pick faster kernels, with identical output
+            # (bench/README.md, "Measurements behind design choices")
+            network.to(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
     return LoadedDenoiser(network, spatial_dims, modality, metadata, dev, p)
 
 
