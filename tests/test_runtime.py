@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from lib.runtime.atomic import atomic_copy, atomic_numpy_save, atomic_torch_save, atomic_write, atomic_write_json
+from lib.runtime.cpu_convolution import nnpack_available
 from lib.runtime.machine import describe_machine, machine_line
+from lib.runtime.precision import cpu_has_native_bf16
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
@@ -55,6 +57,9 @@ def test_machine_description_is_plain_json_and_names_the_cpu():
     assert json.loads(json.dumps(machine)) == machine
     assert machine["logical_cpus"] == os.cpu_count() and machine["usable_cpus"] >= 1
     assert machine["cpu_model"] in machine_line(machine)
+    expected = ("bfloat16 (native)" if cpu_has_native_bf16()
+                else "float32, NNPACK convolutions" if nnpack_available() else "float32")
+    assert machine["cpu_inference"] == expected and expected in machine_line(machine)
 
 
 def test_library_versions_come_from_the_installed_metadata_without_importing_the_library(tmp_path):

@@ -1,2 +1,2 @@
 """Process and machine concerns shared by the science, the app and the benchmarks: atomic file writes, time
-stamps, the machine description, CPU memory settings and mixed precision."""
+stamps, the machine description, CPU memory settings, mixed precision and NNPACK convolutions."""

@@ -68,6 +68,12 @@ def describe_machine() -> dict[str, Any]:
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
             if info["cuda_available"] else []
         info["torch_threads"] = torch.get_num_threads()
+        # which CPU path the 2D ADL network takes here: its time per slice differs about 2x between them
+        from .cpu_convolution import nnpack_available
+        from .precision import cpu_has_native_bf16
+
+        info["cpu_inference"] = ("bfloat16 (native)" if cpu_has_native_bf16()
+                                 else "float32, NNPACK convolutions" if nnpack_available() else "float32")
     except Exception:  # noqa: BLE001
         info["cuda_available"], info["gpus"] = False, []
     info["gpu"] = info["gpus"][0] if info["gpus"] else None
@@ -79,4 +85,5 @@ def machine_line(machine: Mapping[str, Any]) -> str:
     gpu = machine.get("gpu") or "no GPU (CUDA not available)"
     return (f"{machine.get('cpu_model')}, {machine.get('usable_cpus')} usable of {machine.get('logical_cpus')} "
             f"logical CPUs, {machine.get('ram_gb')} GB RAM, {gpu}; Python {machine.get('python')}, "
-            f"torch {(machine.get('versions') or {}).get('torch')}, OMP_NUM_THREADS={machine.get('omp_num_threads')}")
+            f"torch {(machine.get('versions') or {}).get('torch')}, OMP_NUM_THREADS={machine.get('omp_num_threads')}"
+            + (f"; CPU inference: {machine['cpu_inference']}" if machine.get("cpu_inference") else ""))

@@ -2,7 +2,8 @@
 
 On a CPU with native bfloat16 (Intel AMX or AVX512-BF16: oneDNN runs the convolutions on those units), the 2D ADL
 denoiser runs two to four times faster than in float32 (bench/README.md, "Measurements behind design choices").
-Without native support bfloat16 is emulated and slower than float32, so it is never chosen there.
+Without native support bfloat16 is emulated and slower than float32, so it is never chosen there; there the 2D ADL
+network's float32 convolutions go through NNPACK instead (:mod:`lib.runtime.cpu_convolution`).
 
 What stays float32 under autocast, because bfloat16 keeps only 8 mantissa bits (a CT value of 0.25 on the
 [-1024, 3072] HU scale to 1/512 of itself, 8 HU): the convolutions that read the image
