@@ -3,8 +3,8 @@
 Each check denoises the 512 x 512 sample quarter-dose CT slice twice with the shipped ADL weights in a fresh
 interpreter (the allocator settings are process-wide and applied once) and counts the page faults of the second
 pass: in glibc's default allocator every full-resolution feature map (25-75 MB) is a fresh mmap, faulted in page by
-page; kept in the heap, they are reused. With oneDNN's convolutions (NNPACK's, used on CPUs without native
-bfloat16, allocate buffers of their own whose faults depend on their order, not on these settings).
+page; kept in the heap, they are reused. The probe uses oneDNN's convolutions: NNPACK's (used on CPUs without
+native bfloat16) allocate buffers of their own, whose faults depend on their order more than on these settings.
 """
 from __future__ import annotations
 

@@ -176,13 +176,11 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     network.to(dev).eval()
     spatial_dims = int(kwargs.get("spatial_dims", 2))
     if network_class is EfficientUNetDenoiser:
-        # float32 on a CPU without native bfloat16: NNPACK's Winograd / FFT convolutions, which read NCHW
-        # (lib.runtime.cpu_convolution)
-        if spatial_dims == 2 and dev.type == "cpu" and autocast_dtype(dev) is None and use_nnpack_convolutions(network):
-            pass
-        else:
-            # channels-last weights make the CPU convolutions pick faster kernels, with identical output
-            # (bench/README.md, "Measurements behind design choices")
+        # float32 on a CPU without native bfloat16: NNPACK's Winograd / FFT convolutions, which read NCHW weights
+        # (lib.runtime.cpu_convolution); else channels-last weights, with which the convolutions pick faster
+        # kernels, identical output (bench/README.md, "Measurements behind design choices")
+        nnpack = spatial_dims == 2 and dev.type == "cpu" and autocast_dtype(dev) is None
+        if not (nnpack and use_nnpack_convolutions(network)):
             network.to(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
     return LoadedDenoiser(network, spatial_dims, modality, metadata, dev, p)
 

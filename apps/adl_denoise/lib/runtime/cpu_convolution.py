@@ -9,7 +9,7 @@ took about 45 % less time on such a CPU, its output within a thousandth of a HU 
 made here, for inference only (autograd off, float32, no autocast, on a CPU); anything else, and any input NNPACK
 declines, goes to the usual convolution. NNPACK reads NCHW tensors, so a network using it keeps its default
 (contiguous) memory format rather than channels-last. 1 x 1 convolutions stay with oneDNN (slower in NNPACK).
-The cost: NNPACK's transform buffers, about 350 MB more peak memory for a 512 x 512 slice. Set
+The cost: NNPACK's transform buffers, about 200-350 MB more peak memory for a 512 x 512 slice. Set
 ``ADL_NNPACK_CONVOLUTIONS=0`` to keep oneDNN's convolutions everywhere.
 """
 from __future__ import annotations
