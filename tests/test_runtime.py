@@ -67,11 +67,11 @@ def test_library_versions_come_from_the_installed_metadata_without_importing_the
     metadata, since importing ``monai`` costs seconds to a command that needs nothing else of it (``learn-noise``).
     In a fresh interpreter: describe the machine, write a noise model and a weight file; no MONAI module is loaded,
     and each names the version that importing MONAI reports."""
-    import subprocess
     import sys
 
     import monai
 
+    import processes
     from conftest import APP_DIR
 
     script = f"""
@@ -91,7 +91,7 @@ versions = describe_machine()["versions"]
 loaded = sorted(m for m in sys.modules if m.split(".")[0] == "monai")
 print(json.dumps({{"versions": versions, "monai_loaded": loaded}}))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    done = processes.run([sys.executable, "-c", script], 600)  # on a timeout its whole process group is killed
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["monai_loaded"] == []

@@ -15,10 +15,11 @@ The cost: NNPACK's transform buffers, about 200-350 MB more peak memory for a 51
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn as nn
+
+from .switches import switched_off
 
 __all__ = ["NNPACKConv2d", "nnpack_available", "use_nnpack_convolutions"]
 
@@ -27,7 +28,7 @@ __all__ = ["NNPACKConv2d", "nnpack_available", "use_nnpack_convolutions"]
 def nnpack_available() -> bool:
     """True when this PyTorch build has NNPACK, it runs on this CPU (the query also initialises it: NNPACK's calls
     fail before it) and ``ADL_NNPACK_CONVOLUTIONS`` does not switch it off."""
-    if os.environ.get("ADL_NNPACK_CONVOLUTIONS", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("ADL_NNPACK_CONVOLUTIONS"):
         return False
     try:
         return bool(torch.backends.nnpack.is_available())

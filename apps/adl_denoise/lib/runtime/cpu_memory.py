@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import sys
+
+from .switches import switched_off
 
 __all__ = ["keep_freed_cpu_memory"]
 
@@ -33,7 +34,7 @@ _ONE_GIB = 1 << 30
 @functools.lru_cache(maxsize=1)
 def keep_freed_cpu_memory() -> bool:
     """Apply the settings above once per process; True when glibc accepted all of them."""
-    if os.environ.get("ADL_KEEP_FREED_CPU_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("ADL_KEEP_FREED_CPU_MEMORY"):
         return False
     if not sys.platform.startswith("linux"):
         return False
