@@ -9,4 +9,7 @@ scripts/install_system_packages.sh orthanc orthanc-dicomweb orthanc-gdcm
 # .venv-slicer: PyPI's slicer-core (real MRML) for the Slicer module's MRML tests (they skip where it cannot install)
 scripts/setup_slicer_env.sh
 .venv/bin/python sample_data/build_sample_data.py
-exec .venv/bin/python -m pytest tests "$@"
+# two worker processes (pytest-xdist; each test module stays on one worker, so its module fixtures are built once):
+# most tests run one thread or wait on a server, so two halve the wall time on the 2-core CI machine.
+# ADL_TEST_WORKERS=N to change; "-n 0" (a later -n wins) runs in this process, e.g. for --pdb or -s.
+exec .venv/bin/python -m pytest tests -n "${ADL_TEST_WORKERS:-2}" --dist loadscope "$@"

@@ -392,7 +392,7 @@ def test_2p5d_network_starts_as_the_2d_one_and_learns_from_the_neighbouring_slic
     assert out.shape == noisy.shape and np.isfinite(out).all()
     assert float(np.abs(out - out_2d).mean()) > 0.01  # trained on: no longer the 2D network
     # training moved the neighbours' input weights off zero, and inference feeds slice z with z - 1 and z + 1
-    assert float(loaded.network.backbone.enc0.conv1.weight[:, [0, 2]].abs().max()) > 1e-4
+    assert float(loaded.network.backbone.enc0.conv1.weight.detach()[:, [0, 2]].abs().max()) > 1e-4
     from lib.data import intensity_scaling_for
 
     network = loaded.network
