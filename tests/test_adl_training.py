@@ -446,7 +446,7 @@ def test_a_3_slice_network_starts_a_5_slice_one_as_itself(tmp_path):
     weights = export_weights(narrow, tmp_path / "w3.pt", three, half=False)
     wide = build_networks(tiny_config(modality="MR", slices=5))[0]
     load_initial_weights(wide, weights)
-    conv = wide.backbone.enc0.conv1.weight
+    conv = wide.backbone.enc0.conv1.weight.detach()
     assert conv.shape[1] == 5 and float(conv[:, [0, 4]].abs().max()) == 0.0
     torch.testing.assert_close(conv[:, 1:4], narrow.backbone.enc0.conv1.weight)
     volume = 300 + 100 * np.random.default_rng(0).random((7, 32, 40)).astype(np.float32)
