@@ -9,6 +9,7 @@ makes them once (the ``tiny_weights`` fixture in ``conftest.py``) and every serv
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -28,10 +29,29 @@ TINY_GCN = dict(features=8, k=4, search_window=7, n_blocks=1, layers_per_block=1
 TINY_GCN_RESTORATION = {"sigma_px": 0.6, "chosen": "test weights"}
 
 
+#: ports already handed out by this process (never twice: a server started with one may not be listening yet)
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that nothing listens on now, for a server this process is about to start. Each pytest-xdist
+    worker (``./test.sh`` runs two) draws from its own block of 1000 ports below Linux's ephemeral range (32768 and
+    up, where client sockets are given theirs): with ``bind(("127.0.0.1", 0))`` two workers could be given the same
+    port in the seconds between this check and their servers' binds."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    first = 20000 + 1000 * (index % 12)
+    for port in random.Random().sample(range(first, first + 1000), 1000):
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use (or in TIME_WAIT without SO_REUSEADDR): another one
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {first}-{first + 999}")
 
 
 def make_tiny_weights(model_dir: Path, steps: int = 25) -> Path:
