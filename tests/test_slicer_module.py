@@ -112,6 +112,15 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert ("self.ui.inputVolumeSelector.connect('currentNodeChanged(vtkMRMLNode*)', self.onVolumeChanged)"
             in setup_src)
     assert "correction_to_submit" in _calls(functions["ADLDenoiseWidget.onSubmitCorrection"])
+    # the selected node changed in place (4D frame, edited voxels): watched, and identified again before use
+    changed = ast.unparse(functions["ADLDenoiseWidget.onVolumeChanged"])
+    assert "for event in INPUT_CHANGE_EVENTS" in changed and "self.addObserver(node, event, self.onInputModified)" \
+        in changed and changed.index("removeObservers(self.onInputModified)") < changed.index("addObserver(node")
+    assert "input_modified" in _calls(functions["ADLDenoiseWidget.onInputModified"])
+    for name in ("original_and_result", "onBlendSliderMoved", "onDenoise"):
+        assert "refreshStaleIdentity" in _calls(functions[f"ADLDenoiseWidget.{name}"]), name
+    assert "identify" in _calls(functions["ADLDenoiseWidget.refreshStaleIdentity"])
+    assert "removeObservers(self.onInputModified)" in ast.unparse(functions["ADLDenoiseWidget.onSceneEndClose"])
     # scalar volumes only
     assert "self.ui.inputVolumeSelector.showChildNodeTypes = False" in setup_src
     # the blend slider: no re-blend per drag step, and nothing (no dialog) without a volume
@@ -329,4 +338,4 @@ def test_mrml_logic_with_real_mrml_from_slicer_core():
     result = processes.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             MODULE_DIR / "Testing" / "Python" / "test_mrml_logic.py"], 600, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "10 passed" in result.stdout
+    assert "11 passed" in result.stdout

@@ -141,6 +141,29 @@ def test_blend_belongs_to_its_study_and_result_and_is_reset_on_every_change():
         session.correction_to_submit()
 
 
+def test_a_volume_changed_in_place_drops_the_blend_and_has_no_study_until_identified_again():
+    """A 4D sequence's browser copies another frame into the same proxy node (no other node is selected): the
+    blend made from frame 3's voxels must not be submitted as frame 3's correction after stepping back."""
+    session = ReviewSession()
+    frame3, frame5 = dicom_identity("1.9", name="perfusion", frame=3), dicom_identity("1.9", name="perfusion", frame=5)
+    session.select(frame3)
+    record = session.result_arrived(frame3, "res3")
+    session.blended(0.6, "blend3")
+    session.input_modified()  # the browser showed frame 5 in the same node
+    assert session.blend is None
+    assert session.result() is None  # nothing to compare, fade or blend until identified again
+    assert session.result(frame3) == record  # frame 3's result is kept for frame 3
+    for refused in (session.require_study, session.require_result, lambda: session.blended(0.5, "n"),
+                    session.correction_to_submit, lambda: session.verdict_request("accepted", "rita")):
+        with pytest.raises(WorkflowError, match="volume changed"):
+            refused()
+    assert session.select(frame5) is True and session.study_stale is False
+    assert session.result() is None
+    session.input_modified()  # back to frame 3: identified again, its result is there, its old blend is not
+    assert session.select(frame3) is True
+    assert session.result() == record and session.correction_to_submit() is None
+
+
 # --------------------------------------------------------------------------------------------------- server ids
 def test_datastore_ids_derive_from_identity_unless_the_server_gave_one():
     session = ReviewSession()

@@ -362,14 +362,23 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.corrected_node = None
         self.roi_node = None
         self.removeObservers(self.onOriginalWindowChanged)
+        self.removeObservers(self.onInputModified)
         self.ui.statusLabel.text = ""
         self.ui.reviewStatusLabel.text = ""
         self.ui.roiStatsLabel.text = ""
 
     def onVolumeChanged(self, node=None):
         """Another volume selected: a new study (its identity computed now); the blend of the last one is dropped."""
+        from ADLDenoiseLib.mrml import INPUT_CHANGE_EVENTS
+
         self.blend_timer.stop()
         self.corrected_node = None
+        # a 4D sequence's browser copies each frame into this same node, and modules may edit it in place: no
+        # other node is selected then, so the node itself is watched
+        self.removeObservers(self.onInputModified)
+        if node is not None:
+            for event in INPUT_CHANGE_EVENTS:
+                self.addObserver(node, event, self.onInputModified)
         if node is None:
             self.logic.session.select(None)
             return
@@ -380,6 +389,24 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.error(describe_error(error))
             return
         self.ui.statusLabel.text = self.frameText(node) or f"{identity.describe()}"
+
+    def onInputModified(self, caller=None, event=None):
+        """The selected volume's voxels, geometry or 4D frame changed: its result and blend may belong to other
+        voxels now. Only marked here (this runs for every frame of a playing sequence); the identity is computed
+        again by the next action that needs it (:meth:`refreshStaleIdentity`)."""
+        self.blend_timer.stop()
+        self.logic.session.input_modified()
+
+    def refreshStaleIdentity(self) -> None:
+        """Identify the selected volume again if it changed in place since it was identified (its study may now be
+        another frame or other voxels, with no result)."""
+        if self.logic.session.study_stale:
+            node = self.ui.inputVolumeSelector.currentNode()
+            if node is None:
+                self.logic.session.select(None)
+            else:
+                self.logic.identify(node)
+                self.ui.statusLabel.text = self.frameText(node) or self.logic.session.study.describe()
 
     @staticmethod
     def frameText(node) -> str:
@@ -412,10 +439,12 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The selected node and the node of its study's result (None when not denoised). Without
         ``reidentify`` the identity computed at selection is used (no hashing per slider step)."""
         original = self.ui.inputVolumeSelector.currentNode()
+        if reidentify and original is not None:
+            self.logic.identify(original)
+        else:
+            self.refreshStaleIdentity()
         if original is None or self.logic.session.study is None:
             raise WorkflowError("select a volume first")
-        if reidentify:
-            self.logic.identify(original)
         record = self.logic.session.result()
         result = slicer.mrmlScene.GetNodeByID(record.node_id) if record else None
         if record is not None and result is None:  # the user deleted the result node
@@ -534,6 +563,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if answer is None:
                 raise WorkflowError("the server answered the denoising request with an empty body")
             result_path, result = answer
+            self.refreshStaleIdentity()  # the node changed in place meanwhile (4D frame): is it still this study?
             node = self.logic.load_result(original, identity, result_path, result)
             if node is None:  # the user moved on (other volume, closed scene): not attached to another study
                 self.ui.statusLabel.text = f"a result for {identity.describe()} arrived late and was discarded"
@@ -589,7 +619,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onOriginalWindowChanged(self, *_):
         try:
             original, result = self.original_and_result()
-        except WorkflowError:
+        except Exception:  # noqa: BLE001 - no dialog per slider step or window change
             return
         if result is not None and original.GetDisplayNode() and result.GetDisplayNode():
             source, target = original.GetDisplayNode(), result.GetDisplayNode()
@@ -599,7 +629,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFade(self, value):
         try:
             original, result = self.original_and_result()
-        except WorkflowError:
+        except Exception:  # noqa: BLE001 - no dialog per slider step or window change
             return
         if result is None:
             return
@@ -668,6 +698,11 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onBlendSliderMoved(self, value=None):
         """Every slider change only (re)starts a short timer; :meth:`onBlend` runs once the slider rests. With
         no volume or no result there is nothing to blend: a hint, no dialog."""
+        try:
+            self.refreshStaleIdentity()
+        except Exception as error:  # noqa: BLE001 - no dialog per slider step
+            self.ui.statusLabel.text = describe_error(error)
+            return
         if self.ui.inputVolumeSelector.currentNode() is None or self.logic.session.result() is None:
             self.blend_timer.stop()
             self.ui.statusLabel.text = "select and denoise a volume to blend"

@@ -20,13 +20,18 @@ from .workflow import blend, difference, roi_statistics
 __all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "blended_volume",
            "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid",
            "study_identity", "sequence_frame", "dicom_series_of", "is_plain_scalar_volume", "EXCLUDED_VOLUME_TYPES",
-           "adopt_parent_transform", "adopt_study_folder", "match_orientation_and_link"]
+           "adopt_parent_transform", "adopt_study_folder", "match_orientation_and_link", "INPUT_CHANGE_EVENTS"]
 
 #: subclasses of vtkMRMLScalarVolumeNode that are not a CT / MR intensity volume (the selector hides them; Slicer's
 #: class tree: LabelMap, Tensor -> Vector / DiffusionImage -> DiffusionTensor, DiffusionWeighted)
 EXCLUDED_VOLUME_TYPES = ("vtkMRMLLabelMapVolumeNode", "vtkMRMLTensorVolumeNode", "vtkMRMLVectorVolumeNode",
                          "vtkMRMLDiffusionImageVolumeNode", "vtkMRMLDiffusionTensorVolumeNode",
                          "vtkMRMLDiffusionWeightedVolumeNode")
+
+#: events of a volume node after which what it holds may be another study: new voxels (also a 4D sequence's proxy
+#: node taking another frame: vtkSlicerSequencesLogic copies each frame into the same node, CopyContent ->
+#: SetAndObserveImageData) and a new grid (IJK-to-RAS, part of a content identity; vtkCommand::ModifiedEvent)
+INPUT_CHANGE_EVENTS = (slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent, vtk.vtkCommand.ModifiedEvent)
 
 
 def _ijk_to_ras(node) -> np.ndarray:

@@ -188,6 +188,7 @@ class ReviewSession:
 
     def _reset_studies(self) -> None:
         self.study: StudyIdentity | None = None
+        self.study_stale = False  # the selected volume changed in the scene since :attr:`study` was computed
         self.known_ids: dict[StudyIdentity, str] = {}  # identity -> datastore id the server holds it under
         self.study_files: dict[StudyIdentity, Path] = {}  # identity -> file the server holds (its grid)
         self.results: dict[StudyIdentity, ResultRecord] = {}
@@ -211,13 +212,25 @@ class ReviewSession:
             raise WorkflowError("select() takes a StudyIdentity or None")
         changed = identity != self.study
         self.study = identity
+        self.study_stale = False
         if changed:
             self.blend = None
         return changed
 
+    def input_modified(self) -> None:
+        """The selected volume's voxels, geometry or shown 4D frame changed in the scene (a sequence browser copies
+        each frame into the same proxy node, so no other volume is selected): :attr:`study` may no longer be what
+        the node holds. The blend is dropped (it was made from the old voxels) and nothing is done for the study
+        until it is identified again (:meth:`select`); :meth:`result` answers None until then."""
+        self.study_stale = True
+        self.blend = None
+
     def require_study(self) -> StudyIdentity:
         if self.study is None:
             raise WorkflowError("select a volume first")
+        if self.study_stale:
+            raise WorkflowError("the volume changed since it was selected (other voxels or 4D frame): select it "
+                                "again")
         return self.study
 
     def datastore_id(self, identity: StudyIdentity | None = None) -> str:
@@ -256,8 +269,11 @@ class ReviewSession:
         return record
 
     def result(self, identity: StudyIdentity | None = None) -> ResultRecord | None:
-        """The result of ``identity`` (default: the selected study), or None."""
-        identity = identity if identity is not None else self.study
+        """The result of ``identity`` (default: the selected study; None while it is stale), or None."""
+        if identity is None:
+            if self.study_stale:
+                return None
+            identity = self.study
         return self.results.get(identity) if identity is not None else None
 
     def require_result(self) -> ResultRecord:

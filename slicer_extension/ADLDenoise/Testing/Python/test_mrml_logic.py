@@ -67,6 +67,7 @@ class nrrd:  # noqa: N801 - a minimal stand-in for pynrrd's read / write (Slicer
 
 
 from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene made above)
+    INPUT_CHANGE_EVENTS,
     adopt_parent_transform,
     adopt_study_folder,
     blended_volume,
@@ -298,6 +299,68 @@ class StudyIdentityTest(unittest.TestCase):
         logic.UpdateProxyNodesFromSequences(browser)
         self.assertEqual(study_identity(proxy).frame, 2)
         self.assertNotEqual(study_identity(proxy).datastore_id(), frame1.datastore_id())
+
+    def test_a_frame_change_or_new_voxels_in_the_selected_node_make_the_session_identify_it_again(self):
+        """The widget watches the selected node for INPUT_CHANGE_EVENTS (the sequence browser copies each frame into
+        the same proxy node, so no other node is selected): frame 1's blend must not survive into frame 2, nor
+        be submitted as frame 1's after stepping back."""
+        slicer.mrmlScene.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())
+        sequence = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceNode", "perfusion")
+        for frame in range(3):
+            volume = slicer.vtkMRMLScalarVolumeNode()
+            slicer.util.updateVolumeFromArray(volume, np.full((2, 3, 4), frame, np.float32))
+            sequence.SetDataNodeAtValue(volume, str(frame))
+        browser = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode")
+        browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+        logic = slicer.vtkSlicerSequencesLogic()
+        logic.SetMRMLScene(slicer.mrmlScene)
+        browser.SetSelectedItemNumber(1)
+        logic.UpdateProxyNodesFromSequences(browser)
+        proxy = browser.GetProxyNode(sequence)
+
+        session = ReviewSession(self.work / "tmp")
+        fired = []
+
+        def modified(caller, event):  # what the widget's onInputModified does
+            fired.append(event)
+            session.input_modified()
+
+        tags = [proxy.AddObserver(event, modified) for event in INPUT_CHANGE_EVENTS]
+        session.select(study_identity(proxy))
+        self.assertEqual(session.study.frame, 1)
+        session.result_arrived(session.study, "result of frame 1")
+        session.blended(0.5, "blend of frame 1")
+        browser.SetSelectedItemNumber(2)
+        logic.UpdateProxyNodesFromSequences(browser)
+        self.assertTrue(fired, "a frame change fired none of INPUT_CHANGE_EVENTS on the proxy node")
+        self.assertIsNone(session.blend)
+        self.assertIsNone(session.result())
+        session.select(study_identity(proxy))  # what the widget's refreshStaleIdentity does
+        self.assertEqual((session.study.frame, session.result()), (2, None))
+        self.assertEqual(float(slicer.util.arrayFromVolume(proxy).max()), 2.0)
+
+        # a plain volume edited in place (voxels, then its grid): a content identity that no longer holds
+        for tag in tags:
+            proxy.RemoveObserver(tag)
+        plain = oblique_ct_node("edited in place")
+        for event in INPUT_CHANGE_EVENTS:
+            plain.AddObserver(event, modified)
+        session.select(study_identity(plain))
+        fired.clear()
+        slicer.util.updateVolumeFromArray(plain, slicer.util.arrayFromVolume(plain) + 1.0)
+        self.assertTrue(fired and session.study_stale)
+        self.assertNotEqual(study_identity(plain), session.study)
+        session.select(study_identity(plain))
+        fired.clear()
+        plain.SetOrigin(0.0, 0.0, 0.0)
+        self.assertTrue(fired and session.study_stale)
+        # voxels changed in the node's own array, then only its image data marked modified (a filter's output
+        # written in place): the node fires ImageDataModifiedEvent alone
+        session.select(study_identity(plain))
+        fired.clear()
+        slicer.util.arrayFromVolume(plain)[0, 0, 0] += 5.0
+        plain.GetImageData().Modified()
+        self.assertTrue(fired and session.study_stale)
 
     def test_the_second_view_takes_the_first_views_orientation_then_both_are_linked(self):
         slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(slicer.mrmlScene)
