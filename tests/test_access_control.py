@@ -59,8 +59,9 @@ ROUTES: list[tuple[str, str, str, str]] = [
     ("GET", "/proxy/dicom/wado/x", "user", "/proxy/dicom/wado/{path}"),
     ("GET", "/proxy/dicom/qido/studies", "user", "/proxy/dicom/qido/{path}"),
     ("GET", "/proxy/dicom/stow/x", "user", "/proxy/dicom/stow/{path}"),
-    ("POST", "/proxy/dicom/wado/x", "user", "/proxy/dicom/wado/{path}"),
-    ("POST", "/proxy/dicom/qido/x", "user", "/proxy/dicom/qido/{path}"),
+    # every POST through the proxy stores into the PACS (STOW-RS; MONAI Label's prefixes are empty by default)
+    ("POST", "/proxy/dicom/wado/studies", "annotator", "/proxy/dicom/wado/{path}"),
+    ("POST", "/proxy/dicom/qido/studies", "annotator", "/proxy/dicom/qido/{path}"),
     ("POST", "/proxy/dicom/stow/studies", "annotator", "/proxy/dicom/stow/{path}"),
     ("POST", "/proxy/dicom/studies", "annotator", "/proxy/dicom/{path}"),
     ("GET", "/session/no_such_session", "user", "/session/{session_id}"),
@@ -73,8 +74,9 @@ ROUTES: list[tuple[str, str, str, str]] = [
     # inference
     ("PUT", "/session/", "user", "/session/"),
     ("POST", "/infer/no_such_model", "user", "/infer/{model}"),
-    ("POST", "/infer/wsi/no_such_model", "user", "/infer/wsi/{model}"),
-    ("POST", "/infer/wsi_v2/no_such_model", "user", "/infer/wsi_v2/{model}"),
+    # whole-slide infer: refused (404) for everyone by the guards, and closed to all but admin before that
+    ("POST", "/infer/wsi/adl", "admin", "/infer/wsi/{model}"),
+    ("POST", "/infer/wsi_v2/adl", "admin", "/infer/wsi_v2/{model}"),
     # corrections and images
     ("PUT", "/datastore/", "annotator", "/datastore/"),
     ("PUT", "/datastore/image", "annotator", "/datastore/image"),

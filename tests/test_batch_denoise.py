@@ -395,3 +395,67 @@ def test_a_learned_model_records_its_weights_and_matches_denoise(tree, tiny_weig
     upgraded = processes.run(batch, TIMEOUT, env=_env())
     assert "2 done, 0 skipped" in upgraded.stdout, upgraded.stdout + upgraded.stderr
     assert f"{second_sha[:12]} is in none of" in upgraded.stderr, upgraded.stderr
+
+
+# ------------------------------------------------------------------------------------------------ damaged archives
+def _ct_small_series(folder: Path, n: int, uid: str, patient: str = "PAT_A", start: int = 0) -> list[Path]:
+    """Slices ``start`` .. ``start + n - 1`` of a series made of pydicom's real CT_small slice, 2.5 mm apart."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(start, start + n):
+        ds = base.copy()
+        ds.SeriesInstanceUID, ds.PatientID, ds.PatientName = uid, patient, f"{patient}^Test"
+        ds.StudyInstanceUID = f"1.2.826.0.1.3680043.8.498.77.{sum(map(ord, patient))}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [float(v) for v in ds.ImagePositionPatient[:2]] + \
+            [float(ds.ImagePositionPatient[2]) + 2.5 * k]
+        paths.append(folder / f"{patient}_{k:03d}.dcm")
+        ds.save_as(paths[-1])
+    return paths
+
+
+def test_damaged_split_mixed_and_grown_series_are_reported_or_redone_never_written_short(tmp_path):
+    """A cut slice is never left out of a series (nor its folder passed over), a UID found in two folders is not
+    written as two partial series, two patients' slices under one empty UID are not merged, and a series that got
+    another slice after it was denoised is denoised again on the rerun."""
+    from pydicom.uid import generate_uid
+
+    root, out = tmp_path / "archive", tmp_path / "out"
+    grown = _ct_small_series(root / "grown", 3, generate_uid())
+    damaged = _ct_small_series(root / "damaged", 4, generate_uid())
+    damaged[2].write_bytes(damaged[2].read_bytes()[:400])  # the header cut short, DICM marker intact
+    only = _ct_small_series(root / "only_damaged", 1, generate_uid())
+    only[0].write_bytes(only[0].read_bytes()[:400])
+    split = generate_uid()
+    _ct_small_series(root / "split" / "part1", 3, split)
+    _ct_small_series(root / "split" / "part2", 3, split, start=3)
+    _ct_small_series(root / "mixed", 3, "", "PAT_A")
+    _ct_small_series(root / "mixed", 3, "", "PAT_B", start=3)
+
+    result = run_single(root, out)
+    assert result.returncode == 1, result.stdout + result.stderr
+    rows = {r["key"].split("#")[0]: r for r in
+            (json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines())}
+    assert rows["dicom:grown"]["status"] == "done"
+    expected = {"dicom:damaged": ["cannot be read", damaged[2].name], "dicom:only_damaged": ["cannot be read"],
+                "dicom:split/part1": ["split over 2 folders"], "dicom:split/part2": ["split over 2 folders"],
+                "dicom:mixed": ["PatientID differs", "not one patient"]}
+    for key, words in expected.items():
+        assert rows[key]["status"] == "failed", rows[key]
+        for word in words:
+            assert word in rows[key]["error"], (word, rows[key]["error"])
+    written = [p for p in out.rglob("*.dcm")]
+    assert {p.parent.parent.relative_to(out).as_posix() for p in written} == {"grown"}  # nothing short or merged
+    assert len(written) == 3
+
+    # a fourth slice arrives: the rerun denoises the series again (4 slices), and says why
+    _ct_small_series(root / "grown", 1, pydicom.dcmread(grown[0]).SeriesInstanceUID, start=3)
+    again = run_single(root, out)
+    assert again.returncode == 1 and "1 done, 0 skipped" in again.stdout, again.stdout + again.stderr
+    assert "other slices since" in again.stderr
+    assert len(list(Path(rows["dicom:grown"]["output"]).iterdir())) == 4

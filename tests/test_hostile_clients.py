@@ -306,6 +306,22 @@ def test_params_cannot_pick_another_image_session_or_model(api, untouched):
     assert response.status_code == 200 and response.json()["model"] == "nlm", response.text[:300]
 
 
+def test_whole_slide_infer_routes_are_refused_and_read_or_write_nothing(api, untouched):
+    """MONAI Label's /infer/wsi and /infer/wsi_v2 take ``?image=`` as any path the server can read and save
+    labels from ``params`` under any tag: this app has no whole-slide model, so both answer 404 to everyone."""
+    hostile = api.server
+    victim = str(hostile.canary / "victim.nii.gz")
+    wsi = {"params": {"result_extension": ".nii.gz", "result_dtype": "float32", "modality": "ct", "device": "cpu"}}
+    saving = {"params": dict(wsi["params"], save_label=True, label_tag="../../canary/pwn")}
+    for image, body in ((victim, wsi), (STUDY, saving), (STUDY, wsi)):
+        answers = [api.call("POST", "/infer/wsi/adl", params={"image": image, "output": "json"}, json=body),
+                   api.call("POST", "/infer/wsi_v2/adl", params={"image": image, "output": "json"},
+                            data={"wsi": json.dumps(body)})]
+        for response in answers:
+            _refused(response, 404, "no whole-slide", "/infer/adl")
+    assert _labels(api, STUDY) == {}  # nothing saved (and ``untouched``: nothing written outside)
+
+
 # ------------------------------------------------------------------------------------------------ 3. training data
 def test_infer_cannot_save_labels_and_only_stamped_corrections_are_training_data(api, untouched, tmp_path):
     hostile = api.server
@@ -314,13 +330,14 @@ def test_infer_cannot_save_labels_and_only_stamped_corrections_are_training_data
         _refused(response, 422, "not accepted", "PUT /datastore/label")
     assert _labels(api, STUDY) == {}
     # a correction saved through the label route is stamped by the server, whatever the client claims
-    forged = {"correction": False, "saved_by": "mallory", "sha256": "0" * 64, "note": "kept"}
+    forged = {"correction": False, "saved_by": "mallory", "sha256": "0" * 64, "user": "mallory", "note": "kept"}
     correction = _correction(hostile, STUDY, tmp_path, 5.0)
     saved = api.call("PUT", "/datastore/label", params={"image": STUDY, "tag": "final"},
                      data={"params": json.dumps(forged)}, files={"label": (correction.name, correction.read_bytes())})
     assert saved.status_code == 200, saved.text
     info = api.call("GET", "/datastore/label/info", params={"label": STUDY, "tag": "final"}).json()
     assert info["correction"] is True and info["saved_by"] != "mallory" and info["note"] == "kept"
+    assert info.get("user") != "mallory"  # the token's user (auth on) or none: never the body's
     assert info["sha256"] == hashlib.sha256(correction.read_bytes()).hexdigest()
     # ... and the stamp cannot be forged or changed through the label-info routes
     for path, field_name in (("/datastore/label/info", "info"), ("/datastore/updatelabelinfo", "params")):

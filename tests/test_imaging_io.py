@@ -346,6 +346,44 @@ def test_multi_series_folder_lists_and_selects(tmp_path):
         read_volume(mixed, series_uid="1.2.3")
 
 
+@pytest.mark.parametrize("shared_uid", ["", "1.2.826.0.1.3680043.8.498.4242"])
+def test_two_patients_slices_under_one_series_uid_are_never_one_volume(tmp_path, shared_uid):
+    """Hard-anonymised series (empty SeriesInstanceUID) or copies with the same UID group together by that UID:
+    slices of two patients or studies in one folder must not become one volume, nor a derived series that gives
+    the second patient's slices the first's PatientID and study."""
+    a = _make_series(tmp_path / "a", n=3, series_uid=shared_uid or None)
+    b = _make_series(tmp_path / "b", n=3, gaps=[2.5, 2.5], series_uid=shared_uid or None)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for k, path in enumerate(a["paths"]):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = shared_uid
+        ds.save_as(mixed / f"a{k}.dcm")
+    for k, path in enumerate(b["paths"]):  # patient B: 7.5 mm further along, so the six slices stack evenly
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = shared_uid
+        ds.PatientID, ds.PatientName, ds.StudyInstanceUID = "PAT_B", "Beta^Bob", generate_uid()
+        ds.ImagePositionPatient = [float(v) for v in ds.ImagePositionPatient[:2]] + \
+            [float(ds.ImagePositionPatient[2]) + 7.5]
+        ds.save_as(mixed / f"b{k}.dcm")
+    with pytest.raises(ImageReadError, match=r"PatientID differs between slices .*PAT_B.* b\d\.dcm.*not one patient"):
+        read_volume(mixed)
+    # same patient, another study: refused too
+    for path in sorted(mixed.glob("b*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName = pydicom.dcmread(a["paths"][0]).PatientID, pydicom.dcmread(a["paths"][0]).PatientName
+        ds.save_as(path)
+    with pytest.raises(ImageReadError, match="StudyInstanceUID differs"):
+        read_volume(mixed)
+    # the writer refuses a reference whose headers disagree, however it was made
+    vol = read_volume(tmp_path / "a")
+    forged = copy.deepcopy(vol)
+    forged.dicom_headers[1].PatientID = "PAT_B"
+    with pytest.raises(ImageWriteError, match="not one patient's series: PatientID differs"):
+        write_dicom_derived_series(vol, tmp_path / "out", forged)
+    assert not (tmp_path / "out").exists()
+
+
 def test_sheared_series_refused_as_gantry_tilt(tmp_path):
     # positions move along z while the slice plane is tilted about x: a classic tilted CT stack
     tilt = np.deg2rad(12.0)

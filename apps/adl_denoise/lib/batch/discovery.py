@@ -28,6 +28,7 @@ from pathlib import Path
 import pydicom
 
 from ..imaging import READ_SUFFIXES, ImageReadError, list_dicom_series
+from ..imaging.errors import UnreadableDicomError
 from ..imaging.io import check_image_file
 
 __all__ = ["MANIFEST_DIR", "SeriesFilter", "SeriesItem", "check_roots", "discover_tree", "refuse_collisions"]
@@ -137,6 +138,9 @@ def _file_voxels(path: Path) -> int:
 def _dicom_items(folder: Path, rel: Path, out_root: Path, series_filter: SeriesFilter) -> list[SeriesItem]:
     try:
         series = list_dicom_series(folder)
+    except UnreadableDicomError as error:  # DICOM files, none readable: reported, not passed over
+        return [SeriesItem(key=f"dicom:{rel.as_posix() or '.'}#", kind="dicom", source=str(folder),
+                           output=out_root / rel / _dicom_label("", None), series_uid="", problem=str(error))]
     except ImageReadError:
         return []  # no DICOM image file here
     items = []
@@ -188,7 +192,26 @@ def discover_tree(root: str | os.PathLike, out_root: str | os.PathLike,
             path = here / name
             items.append(SeriesItem(key=f"file:{(rel / name).as_posix()}", kind="file", source=str(path),
                                     output=_file_output(rel / name, out_root), voxels=_file_voxels(path)))
-    return refuse_collisions(sorted(items, key=lambda item: item.key), out_root)
+    return refuse_split_series(refuse_collisions(sorted(items, key=lambda item: item.key), out_root))
+
+
+def refuse_split_series(items: list[SeriesItem]) -> list[SeriesItem]:
+    """``items`` with :attr:`SeriesItem.problem` set on every DICOM series whose SeriesInstanceUID is also found in
+    another folder: each folder would be written as a partial series of its own, both under one record. Series with
+    an empty UID (hard-anonymised) are told apart by their files' content instead."""
+    folders: dict[str, set[str]] = {}
+    for item in items:
+        if item.kind == "dicom" and item.series_uid:
+            folders.setdefault(item.series_uid, set()).add(item.source)
+    checked = []
+    for item in items:
+        where = folders.get(item.series_uid or "", set()) if item.kind == "dicom" else set()
+        if len(where) > 1 and not item.problem:
+            shown = ", ".join(sorted(where)[:3])
+            item = replace(item, problem=f"series {item.series_uid} is split over {len(where)} folders ({shown}): "
+                                         "put all its slices in one folder")
+        checked.append(item)
+    return checked
 
 
 def refuse_collisions(items: list[SeriesItem], out_root: Path) -> list[SeriesItem]:

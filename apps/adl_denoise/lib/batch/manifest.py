@@ -1,7 +1,7 @@
 """The batch manifest: what was done to which series, so that a rerun skips it.
 
 Layout under the output root: ``_denoise_batch/rank-<rank>.jsonl``, one file per rank, each appended to by that
-rank alone, and ``_denoise_batch/manifest.jsonl``, the merge (the latest record of every job), written
+rank alone, and ``_denoise_batch/manifest.jsonl``, the merge (the latest record of every job and series), written
 atomically (temporary file + rename) by rank 0 at the end of a run.
 
 Why one file per rank rather than one file with ``fcntl`` locks: a rank's appends then need no lock at all
@@ -100,7 +100,10 @@ class Manifest:
         return read_records(self.folder)
 
     def merge(self) -> Path:
-        """Write ``manifest.jsonl`` (the latest record of every job) atomically; returns its path."""
-        latest = latest_by_job(self.records())
+        """Write ``manifest.jsonl`` (the latest record of every job and series: one series found in two folders is
+        two lines under one job) atomically; returns its path."""
+        latest: dict[tuple[str, str], dict] = {}
+        for record in self.records():
+            latest[(record["job"], record["key"])] = record
         text = "".join(json.dumps(r, default=str) + "\n" for r in sorted(latest.values(), key=lambda r: r["key"]))
         return atomic_write_text(self.folder / MERGED_NAME, text)

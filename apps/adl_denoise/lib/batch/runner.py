@@ -181,14 +181,14 @@ class _Rank:
             return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
         job = job_key(identity, self.model_requested, self.weights_requested)
         base.update(job=job, identity=identity)
+        if item.problem:  # refused now, whatever an earlier run did
+            return self._failed(base, identity, started, item.problem)
         previous = self.latest.get(job)
         if previous and previous.get("status") == "done" and item.output.exists():
-            changed = self._changed_since(previous)
+            changed = self._changed_since(previous, item)
             if not changed:
                 return "skipped"
             log.warning("%s: denoising again: %s", item.key, changed)
-        if item.problem:
-            return self._failed(base, identity, started, item.problem)
         ours = base["output"] in self.ours
         if item.output.exists() and not ours:
             return self._failed(base, identity, started,
@@ -207,16 +207,20 @@ class _Rank:
                               "error": None})
         return "done"
 
-    def _changed_since(self, record: dict) -> str:
-        """Why a series that an earlier run denoised must be denoised again ("" when it need not): the weight file
-        this run would use for the record's model and modality holds other weights than the record's (new shipped
-        or published weights under the same name), or the default restoration width changed. An archive then ends
+    def _changed_since(self, record: dict, item: SeriesItem) -> str:
+        """Why a series that an earlier run denoised must be denoised again ("" when it need not): its slices
+        changed in number or size (a slice arrived late: the UID stays, the voxels do not), the weight file this run
+        would use for the record's model and modality holds other weights than the record's (new shipped or
+        published weights under the same name), or the default restoration width changed. An archive then ends
         up denoised by one model, not by whichever was installed when each series happened to run. Records of runs
         before the modality was recorded are matched to the modality whose weight file holds their weights."""
         from ..lesions.low_frequency_restoration import restoration_width
         from ..weights.format import restoration_of_file
         from ..weights.store import file_sha256 as cached_file_sha256  # read once per file version, not per series
 
+        done_voxels = record.get("voxels")
+        if item.voxels and isinstance(done_voxels, int) and done_voxels and done_voxels != item.voxels:
+            return f"the series has other slices since ({done_voxels} -> {item.voxels} voxels)"
         model, modality, sha = record.get("model"), record.get("modality"), record.get("weights_sha256")
         if model not in DENOISE_LEARNED_MODELS or not sha:
             return ""  # classical models have no weights

@@ -19,18 +19,28 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   data.
 * ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing).
 * ``PUT /session/``: no archive unpacking (``uncompress``): a session is one uploaded volume.
+* ``POST /infer/wsi/{model}``, ``/infer/wsi_v2/{model}``: 404 for everyone. This app serves no whole-slide images,
+  and the stock routes take ``image`` as any path the server can read and ``params`` that save labels under any
+  tag, none of the checks above.
+* ``/proxy/dicom/...`` (the PACS proxy): the path stays under the DICOMweb root (DICOMweb path segments only: no
+  ``.`` or ``..``, no empty segment, no percent sign or other characters that a PACS could decode into one); a
+  POST (STOW-RS stores into the PACS, whichever of ``wado/``, ``qido/`` or ``stow/`` it is sent to, since MONAI
+  Label's prefixes are empty by default) needs the annotator role; the caller's ``Authorization``, cookies and
+  ``Host`` are not forwarded to the PACS (the stock proxy copies every header of a POST, so a user's realm token
+  would reach a third party).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any, List, Optional
 
-from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from monailabel.config import settings as _settings
 from monailabel.endpoints.user.auth import RBAC, User
 
@@ -38,7 +48,8 @@ from ..runtime.hashing import file_sha256
 from .common import app, model_task
 from .names import check_name
 
-__all__ = ["router", "DATASTORE_SUFFIXES", "FORBIDDEN_INFER_PARAMS"]
+__all__ = ["router", "DATASTORE_SUFFIXES", "FORBIDDEN_INFER_PARAMS", "PROXY_HEADERS_NOT_FORWARDED",
+           "proxy_path_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +305,7 @@ def guarded_add_image(
                 raise HTTPException(status_code=409, detail=(
                     f"image id {image_id!r} is taken by a different study (other voxels or geometry); nothing was "
                     "replaced: upload it under another id (e.g. its SeriesInstanceUID or a content hash)"))
+            save_params.pop("user", None)  # the token's user, never the body's
             if user and user.username:
                 save_params["user"] = user.username
             return {"image": datastore.add_image(image_id, str(upload), save_params)}
@@ -383,6 +395,9 @@ def guarded_save_label(
             except RegionsError as error:
                 raise HTTPException(status_code=422, detail=str(error)) from None
         stamp = correction_stamp(upload, user.username if user else None)
+        save_params.pop("user", None)  # who saved it is the token's user (the stamp's saved_by), never the body's
+        if user and user.username:
+            stamp["user"] = user.username
         if tag == "final":
             stamp["regions_sha256"] = _regions_sent_with(image, save_params.pop("regions_sha256", None))
         save_params.update(stamp)
@@ -500,3 +515,75 @@ def guarded_remove_session(session_id: str, user: User = Depends(RBAC(_USER))):
 
     check_name(session_id, "session_id")
     return remove_session(session_id)
+
+
+# ------------------------------------------------------------------------------------------------ whole-slide infer
+@router.post("/infer/wsi/{model}", include_in_schema=False)
+@router.post("/infer/wsi_v2/{model}", include_in_schema=False)
+def refused_wsi_infer(model: str, user: User = Depends(RBAC(_USER))):
+    """Never handed on: the stock routes read ``?image=`` as any path on the server and save labels from
+    ``params`` under any tag (no role beyond infer's), and this app has no whole-slide model."""
+    raise HTTPException(status_code=404, detail="this app serves no whole-slide images: denoise with "
+                                                f"POST /infer/{model} (image = a datastore id, a session or an upload)")
+
+
+# ------------------------------------------------------------------------------------------------ PACS proxy
+# DICOMweb resource paths (studies/{uid}/series/{uid}/instances/{uid}/frames/1,2, .../metadata, .../rendered,
+# bulk data such as bulk/7fe00010): UIDs, keywords, numbers and commas
+_DICOMWEB_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._,\-]*")
+_PROXY_OPS = ("wado", "qido", "stow")
+#: request headers the proxy does not pass to the PACS: the caller's credentials for this server, and its Host
+PROXY_HEADERS_NOT_FORWARDED = frozenset({"authorization", "proxy-authorization", "cookie", "host"})
+
+
+def proxy_path_problem(path: str) -> Optional[str]:
+    """Why ``path`` (the part after ``/proxy/dicom/[wado|qido|stow/]``, percent-decoded by the server) is not a
+    DICOMweb resource path under the PACS's DICOMweb root, or None when it is one (empty: the root itself)."""
+    segments = path.split("/")
+    if segments and segments[-1] == "":
+        segments = segments[:-1]  # one trailing slash
+    for segment in segments:
+        if segment in (".", ".."):
+            return f"holds a {segment!r} segment: the proxy only reaches the PACS's DICOMweb resources"
+        if not segment:
+            return "holds an empty segment ('//')"
+        if segment.startswith("."):
+            return f"segment {segment[:40]!r} starts with a dot"
+        if not _DICOMWEB_SEGMENT.fullmatch(segment):
+            bad = sorted({c for c in segment if not re.match(r"[A-Za-z0-9._,\-]", c)})
+            return (f"segment {segment[:40]!r} holds characters that are not in DICOMweb paths"
+                    + (f" ({', '.join(repr(c) for c in bad)})" if bad else ""))
+    return None
+
+
+async def _proxy(request: Request, path: str):
+    from monailabel.endpoints.proxy import proxy_dicom
+
+    from ..pacs import is_dicomweb
+
+    if not is_dicomweb(app().datastore()):
+        raise HTTPException(status_code=404, detail="this server's studies are not on a PACS: there is no DICOMweb "
+                                                    "server to proxy (start it with --studies http://.../dicom-web)")
+    op, _, rest = path.partition("/")
+    if op not in _PROXY_OPS:  # the stock routes: /dicom/{wado|qido|stow}/{path} first, then /dicom/{path}
+        op, rest = "", path
+    problem = proxy_path_problem(rest)
+    if problem is not None:
+        raise HTTPException(status_code=422, detail=f"proxy path {rest[:80]!r} {problem}")
+    scope = dict(request.scope)
+    scope["headers"] = [(name, value) for name, value in request.scope.get("headers", [])
+                        if name.decode("latin-1").lower() not in PROXY_HEADERS_NOT_FORWARDED]
+    return await proxy_dicom(Request(scope, request.receive), op, rest)
+
+
+@router.get("/proxy/dicom/{path:path}", include_in_schema=False)
+async def guarded_proxy_get(request: Request, path: str, user: User = Depends(RBAC(_USER))):
+    """MONAI Label's DICOMweb proxy (QIDO-RS, WADO-RS) for a path checked by :func:`proxy_path_problem`."""
+    return await _proxy(request, path)
+
+
+@router.post("/proxy/dicom/{path:path}", include_in_schema=False)
+async def guarded_proxy_post(request: Request, path: str, user: User = Depends(RBAC(_ANNOTATOR))):
+    """A POST through the proxy is a STOW-RS store into the PACS, whatever prefix it names: annotators only,
+    without the caller's credentials."""
+    return await _proxy(request, path)

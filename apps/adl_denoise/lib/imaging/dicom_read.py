@@ -17,8 +17,9 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 
 from .dicom_geometry import orientation_direction, plane_geometry_2d, stack_geometry
-from .dicom_tags import as_signed_stored, first_number, float_list, float_or, sequence_item, str_or_empty
-from .errors import ImageReadError, one_line
+from .dicom_tags import (as_signed_stored, first_number, float_list, float_or, identity_conflict, sequence_item,
+                         str_or_empty)
+from .errors import ImageReadError, UnreadableDicomError, one_line
 from .guards import check_size, check_values
 from .volume import Volume, fill_padding, integral_dtype_for
 
@@ -40,27 +41,46 @@ def has_dicom_magic(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _read_dicom_header(path: Path) -> Dataset | None:
-    """The header (no pixel data) when ``path`` is a DICOM file, else None.
+def _probe_dicom_header(path: Path) -> tuple[Dataset | None, str | None]:
+    """(header without pixel data, None) for a DICOM file; (None, None) for a file that is not DICOM; (None,
+    why) for a file marked DICOM ('DICM' after the preamble) that cannot be read, or whose header stops before
+    the image size although it names an image SOP class (a cut or damaged slice: never silently left out).
 
-    Files with the 'DICM' marker are DICOM; files without the 128-byte preamble are accepted only when they
-    start with a group 0002/0008 tag and parse into something with an SOP class or image size, so that junk
-    next to a series is ignored instead of being force-parsed into garbage."""
+    Files without the 128-byte preamble are accepted only when they start with a group 0002/0008 tag and parse
+    into something with an SOP class or image size, so that junk next to a series is ignored instead of being
+    force-parsed into garbage."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError:
-        return None
+        return None, None
     magic = len(head) == 132 and head[128:132] == b"DICM"
     if not magic and head[:2] not in (b"\x02\x00", b"\x08\x00"):
-        return None
+        return None, None
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=not magic)
-    except Exception:  # noqa: BLE001 - any parse failure means "not a usable DICOM file"
-        return None
+    except Exception as error:  # noqa: BLE001 - any parse failure means "not a usable DICOM file"
+        return None, (f"cannot be read ({one_line(error, 120)})" if magic else None)
     if not magic and "SOPClassUID" not in ds and "Rows" not in ds:
-        return None
-    return ds
+        return None, None
+    if magic and not _is_image_header(ds):
+        sop_class = str_or_empty(ds.get("SOPClassUID")) or str_or_empty(
+            getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID"))
+        if "Image Storage" in _uid_name(sop_class):
+            return None, f"is a {_uid_name(sop_class)} file whose header ends before the image size (cut short?)"
+    return ds, None
+
+
+def _uid_name(uid: str) -> str:
+    try:
+        return pydicom.uid.UID(uid).name if uid else ""
+    except Exception:  # noqa: BLE001 - an odd UID is just not a known image class
+        return ""
+
+
+def _read_dicom_header(path: Path) -> Dataset | None:
+    """The header (no pixel data) when ``path`` is a readable DICOM file, else None."""
+    return _probe_dicom_header(path)[0]
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -72,20 +92,32 @@ def _is_image_header(ds: Dataset) -> bool:
     return "Rows" in ds and "Columns" in ds
 
 
-def _scan_dicom_folder(folder: Path) -> tuple[list[tuple[Path, Dataset]], int]:
-    """(path, header) of every DICOM image file directly in ``folder`` (sorted by name), and the number of
-    other files ignored (junk, DICOMDIR, non-image DICOM objects)."""
+def _scan_dicom_folder(folder: Path) -> tuple[list[tuple[Path, Dataset]], int, list[tuple[Path, str]]]:
+    """(path, header) of every DICOM image file directly in ``folder`` (sorted by name), the number of other
+    files ignored (junk, DICOMDIR, non-image DICOM objects), and (path, why) of the DICOM files that cannot be
+    read (:func:`_probe_dicom_header`)."""
     found: list[tuple[Path, Dataset]] = []
     ignored = 0
+    unreadable: list[tuple[Path, str]] = []
     for entry in sorted(folder.iterdir()):
         if not entry.is_file():
             continue
-        header = _read_dicom_header(entry)
-        if header is None or not _is_image_header(header):
+        header, problem = _probe_dicom_header(entry)
+        if problem is not None:
+            unreadable.append((entry, problem))
+        elif header is None or not _is_image_header(header):
             ignored += 1
-            continue
-        found.append((entry, header))
-    return found, ignored
+        else:
+            found.append((entry, header))
+    return found, ignored, unreadable
+
+
+def _unreadable_error(folder: Path, unreadable: list[tuple[Path, str]]) -> UnreadableDicomError:
+    shown = "; ".join(f"{path.name} {why}" for path, why in unreadable[:3])
+    more = f" (and {len(unreadable) - 3} more)" if len(unreadable) > 3 else ""
+    return UnreadableDicomError(f"{folder}: {len(unreadable)} DICOM file(s) cannot be read: {shown}{more}; a series "
+                                "with a damaged slice is not read (it would come out with the slice missing): "
+                                "replace or remove the file")
 
 
 def _group_series(files: list[tuple[Path, Dataset]]) -> list[dict]:
@@ -131,7 +163,9 @@ def list_dicom_series(folder: str | Path) -> list[dict]:
         raise ImageReadError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise ImageReadError(f"{folder} is not a folder")
-    files, ignored = _scan_dicom_folder(folder)
+    files, ignored, unreadable = _scan_dicom_folder(folder)
+    if not files and unreadable:
+        raise _unreadable_error(folder, unreadable)
     if not files:
         entries = list(folder.iterdir())
         if not entries:
@@ -141,7 +175,10 @@ def list_dicom_series(folder: str | Path) -> list[dict]:
             f"; subfolders are not searched, point to the one holding the slices (e.g. {subdirs[0]})" if subdirs else ""
         )
         raise ImageReadError(f"{folder} contains no DICOM image files ({ignored} other files ignored){hint}")
-    return [{k: v for k, v in s.items() if not k.startswith("_")} for s in _group_series(files)]
+    series = [{k: v for k, v in s.items() if not k.startswith("_")} for s in _group_series(files)]
+    for s in series:  # which series a damaged file belonged to is unknown: each of the folder's is suspect
+        s["unreadable_files"] = [path for path, _ in unreadable]
+    return series
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -449,7 +486,9 @@ def read_dicom_folder(
 ) -> Volume:
     """The one series in ``folder`` (or the one with ``series_uid``) as a 3D volume (z, y, x) sorted along the
     slice normal (a series of one file: as :func:`read_dicom_file`). Arguments as :func:`read_dicom_file`."""
-    files, ignored = _scan_dicom_folder(folder)
+    files, ignored, unreadable = _scan_dicom_folder(folder)
+    if unreadable:
+        raise _unreadable_error(folder, unreadable)
     if not files:
         list_dicom_series(folder)  # raises the right "empty folder" / "no DICOM" message
     series = _group_series(files)
@@ -478,6 +517,10 @@ def read_dicom_folder(
             f"multi-frame file directly (e.g. {multi[0]})"
         )
     where = f"{folder} (series {chosen['uid'] or 'with empty SeriesInstanceUID'})"
+    conflict = identity_conflict(headers, [p.name for p in paths])
+    if conflict is not None:
+        raise ImageReadError(f"{where}: {conflict}: these files are not one patient's series; put each series in "
+                             "a folder of its own")
     sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
     if len(sizes) > 1:
         raise ImageReadError(f"{where}: slices have different sizes {sorted(sizes)}; not one volume")

@@ -8,7 +8,11 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-__all__ = ["as_signed_stored", "first_number", "float_list", "float_or", "sequence_item", "str_or_empty"]
+__all__ = ["IDENTITY_KEYWORDS", "as_signed_stored", "first_number", "float_list", "float_or", "identity_conflict",
+           "sequence_item", "str_or_empty"]
+
+#: the tags that say whose images these are and where they lie: every slice of one volume must agree on them
+IDENTITY_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "FrameOfReferenceUID")
 
 
 def float_list(value: Any, n: int) -> list[float] | None:
@@ -72,3 +76,20 @@ def as_signed_stored(value: Any, pixel_representation: int, bits: int) -> int | 
     if pixel_representation == 1 and value >= 2 ** (bits - 1) and value < 2**bits:
         value -= 2**bits
     return value
+
+
+def identity_conflict(headers: list[Dataset], names: list[str] | None = None) -> str | None:
+    """Which identity tag (:data:`IDENTITY_KEYWORDS`) the ``headers`` of one volume disagree on, with the values and
+    a file of each (``names``: one per header, e.g. file names), or None when they all agree. Two patients' or
+    studies' slices in one volume are never merged: hard-anonymised series (empty SeriesInstanceUID) and series
+    copied with the same UID fall into one group by SeriesInstanceUID alone."""
+    names = names if names is not None else [f"slice {k + 1}" for k in range(len(headers))]
+    for keyword in IDENTITY_KEYWORDS:
+        first_seen: dict[str, str] = {}
+        for header, name in zip(headers, names):
+            first_seen.setdefault(str_or_empty(header.get(keyword)), name)
+        if len(first_seen) > 1:
+            shown = "; ".join(f"{value or '(empty)'!r} in {name}" for value, name in list(first_seen.items())[:4])
+            more = f" and {len(first_seen) - 4} more values" if len(first_seen) > 4 else ""
+            return f"{keyword} differs between slices ({shown}{more})"
+    return None

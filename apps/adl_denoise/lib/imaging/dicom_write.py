@@ -25,7 +25,7 @@ from pydicom.valuerep import DSfloat
 
 from .dicom_geometry import grid_slice_plane
 from .dicom_read import has_dicom_magic
-from .dicom_tags import str_or_empty
+from .dicom_tags import identity_conflict, str_or_empty
 from .errors import ImageWriteError, one_line
 from .guards import check_finite, check_not_input, make_temp_dir
 from .volume import Volume, value_range_for_output
@@ -181,6 +181,9 @@ def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str, deri
         raise ImageWriteError(
             f"the reference has {len(headers)} DICOM headers for {n_slices} slices; cannot derive a series"
         )
+    conflict = identity_conflict(headers) if not multiframe else None
+    if conflict is not None:  # the reader refuses such a series; a reference made some other way is refused here
+        raise ImageWriteError(f"the reference's DICOM headers are not one patient's series: {conflict}")
     first = headers[0]
     integral = volume.modality == "CT" or np.issubdtype(volume.source_dtype, np.integer)
     values = volume.array.astype(np.float64)

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ImageReadError", "ImageWriteError", "one_line"]
+__all__ = ["ImageReadError", "ImageWriteError", "UnreadableDicomError", "one_line"]
 
 
 class ImageReadError(ValueError):
     """An image could not be read or is not acceptable (message: what is wrong, which path; one line)."""
+
+
+class UnreadableDicomError(ImageReadError):
+    """A folder holds DICOM files that cannot be read (damaged, cut short): none of its series is read."""
 
 
 class ImageWriteError(ValueError):
