@@ -74,7 +74,8 @@ def make_tree(root: Path, shared: Path) -> Path:
     sitk.WriteImage(image[20:84, 20:84, 40:48], str(nifti / "ct_crop.nii.gz"))
     sitk.WriteImage(sitk.Cast(image[30:94, 10:74, 50:54], sitk.sitkInt16), str(nifti / "ct_small.nrrd"))
     four_d = np.random.default_rng(0).normal(0, 1, (2, 4, 16, 16)).astype(np.float32)
-    sitk.WriteImage(sitk.GetImageFromArray(four_d), str(nifti / "four_d.nii.gz"))
+    sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(volume) for volume in four_d]),
+                    str(nifti / "four_d.nii.gz"))  # (GetImageFromArray of the 4D array: 3D with 16 components)
     (nifti / "corrupt.nii.gz").write_bytes(b"\x1f\x8b" + b"not a gzip stream" * 20)
     with_nan = np.full((4, 16, 16), 100.0, np.float32)
     with_nan[2, 3, 4] = np.nan

@@ -176,6 +176,23 @@ def _four_d_volume(folder: Path) -> Path:
     return path
 
 
+def _vector_volume(folder: Path) -> Path:
+    """A valid NIfTI of 3-vectors (NIfTI's 5th axis): intact, but not one scalar volume."""
+    import nibabel
+
+    path = folder / "field.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.zeros((32, 32, 8, 1, 3), np.float32), np.eye(4)), str(path))
+    return path
+
+
+def _float64_beyond_float32(folder: Path) -> Path:
+    array = np.full((4, 16, 16), 50.0)
+    array[1, 2, 3] = 1e300
+    path = folder / "values64.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return path
+
+
 # name: (input made in a folder, words of the reason); the inputs' names share no words with the reasons
 BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "non-image": (_text_file, "dicom"),
@@ -184,6 +201,8 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "NaN": (_nan_volume, "nan"),
     "4D": (_four_d_volume, "4d"),
     "missing": (lambda folder: folder / "absent.nii.gz", "no such file"),
+    "vectors (5D NIfTI)": (_vector_volume, "only scalar 2d or 3d images"),
+    "float64 beyond float32": (_float64_beyond_float32, "beyond what float32 holds"),
 }
 
 
@@ -212,6 +231,54 @@ def test_never_overwrites_existing_output_or_input(tmp_path, ct_crop_nifti):
     result = run_cli("denoise", "--input", copy, "--output", copy, "--model", "gaussian", "--overwrite")
     assert result.returncode == 2 and "input" in result.stderr
     assert sha256(copy) == before
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, ct_crop_nifti):
+    """Reading and denoising a series can take hours: an output whose extension no writer takes, a folder (a
+    derived DICOM series) for a NIfTI input, or a parent that is a file is refused first, in one line."""
+    (tmp_path / "a_file").write_text("x")
+    cases = {tmp_path / "typo.nii.gz.png": "unsupported extension '.png'",
+             tmp_path / "series_folder": "is not dicom",
+             tmp_path / "a_file" / "out.nii.gz": "is a file, not a folder"}
+    for output, words in cases.items():
+        for verb, extra in (("denoise", ("--model", "bm3d")), ("simulate", ("--dose", "0.25"))):
+            result = run_cli(verb, "--input", ct_crop_nifti, "--output", output, *extra, timeout=120)
+            assert result.returncode == 2, (verb, output, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and words in lines[0].lower(), (verb, lines)
+            assert "modality:" not in result.stdout  # refused before the input was read
+            assert not output.exists()
+
+
+def test_modality_argument_contradicting_the_dicom_tag_is_refused(tmp_path, ct_slice_dicom):
+    """A CT forced through as MR would be denoised as MR and written as an MR object of a CT (or the reverse):
+    the Modality tag decides for DICOM input."""
+    from pydicom.data import get_testdata_file
+
+    for source, wrong, tag in ((ct_slice_dicom, "mr", "CT"), (Path(get_testdata_file("MR_small.dcm")), "ct", "MR")):
+        result = run_cli("denoise", "--input", source, "--output", tmp_path / f"{wrong}.nii.gz", "--model", "gaussian",
+                         "--modality", wrong)
+        assert result.returncode == 2 and f"is a DICOM {tag} (its Modality tag)" in result.stderr, result.stderr
+        assert not (tmp_path / f"{wrong}.nii.gz").exists()
+    agreeing = run_cli("denoise", "--input", ct_slice_dicom, "--output", tmp_path / "ok.nii.gz", "--model",
+                       "gaussian", "--modality", "ct")
+    assert agreeing.returncode == 0, agreeing.stderr
+
+
+def test_batch_output_that_is_a_file_or_a_tree_without_series_is_refused(tmp_path):
+    (tmp_path / "tree" / "notes").mkdir(parents=True)
+    (tmp_path / "tree" / "notes" / "readme.txt").write_text("no images here")
+    (tmp_path / "taken.nii.gz").write_text("x")
+    result = run_cli("denoise-batch", "--input", tmp_path / "tree", "--output", tmp_path / "taken.nii.gz",
+                     "--model", "gaussian")
+    assert result.returncode == 2 and "is a file: give a folder" in result.stderr, result.stderr
+    result = run_cli("denoise-batch", "--input", tmp_path / "tree", "--output", tmp_path / "out", "--model",
+                     "gaussian", "--no-progress")
+    assert result.returncode == 2 and "error: no series found" in result.stderr, result.stdout + result.stderr
+    # a filter that matches nothing today is a query, not a mistake
+    result = run_cli("denoise-batch", "--input", tmp_path / "tree", "--output", tmp_path / "out2", "--model",
+                     "gaussian", "--modality", "CT", "--no-progress")
+    assert result.returncode == 0 and "no series" in result.stderr, result.stdout + result.stderr
 
 
 def test_a_guessed_modality_is_said_with_the_option_that_overrides_it(tmp_path, ct_slice_dicom, ct_crop_nifti):

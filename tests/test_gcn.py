@@ -90,6 +90,24 @@ def test_windowed_knn_matches_brute_force():
         assert (indices[b, y, x, n:] == y * 13 + x).all()  # missing neighbours point at the pixel itself
 
 
+@pytest.mark.parametrize("height,width", [(1, 13), (13, 1), (1, 1), (2, 3)])
+def test_windowed_knn_matches_brute_force_on_images_one_pixel_thin(height, width):
+    """One row (or column) per tile: the window copy must not be the overlapping view of the dot products."""
+    features = torch.randn(1, 3, height, width, dtype=torch.float64)
+    k, window, exclude = 4, 7, 1
+    indices, distances = windowed_knn(features, k, window, exclude)
+    reference, candidates = brute_force_knn(features, k, window, exclude)
+    assert torch.equal(torch.isinf(distances), torch.isinf(reference))
+    finite = torch.isfinite(reference)
+    assert torch.allclose(distances[finite], reference[finite], rtol=1e-10, atol=1e-10)
+    for (b, y, x), found in candidates.items():
+        n = min(k, len(found))
+        if len(found) > n and abs(found[n][0] - found[n - 1][0]) < 1e-9:
+            continue
+        assert set(indices[b, y, x, :n].tolist()) == {i for _, i in found[:n]}, (y, x)
+        assert (indices[b, y, x, n:] == y * width + x).all()
+
+
 def test_windowed_knn_float32_agrees_with_float64():
     features = torch.randn(1, 8, 20, 17, dtype=torch.float64)
     i64, d64 = windowed_knn(features, 12, 9)

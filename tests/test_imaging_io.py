@@ -384,6 +384,13 @@ def test_two_patients_slices_under_one_series_uid_are_never_one_volume(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_slice_copied_twice_into_a_series_is_named_not_read_as_two_volumes(tmp_path):
+    made = _make_series(tmp_path / "s", n=4)
+    shutil.copy(made["paths"][1], tmp_path / "s" / "copy of a slice.dcm")
+    with pytest.raises(ImageReadError, match=r"copy of a slice\.dcm and slice_\d+\.dcm are the same image"):
+        read_volume(tmp_path / "s")
+
+
 def test_sheared_series_refused_as_gantry_tilt(tmp_path):
     # positions move along z while the slice plane is tilted about x: a classic tilted CT stack
     tilt = np.deg2rad(12.0)

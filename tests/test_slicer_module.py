@@ -163,6 +163,26 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert widgets["blendSlider"].find("property[@name='tracking']/bool").text == "false"
 
 
+def test_module_refuses_other_studies_regions_and_its_own_volumes_and_guards_missing_display_nodes():
+    """Static checks of the Qt glue around the MRML checks tested with slicer-core (test_mrml_logic.py): the marked
+    regions' segmentation is checked before its export, results are tagged with their study, the regions table
+    is reset when another volume is selected, and Compare works for a volume without a display node."""
+    functions = _functions(MODULE_DIR / "ADLDenoise.py")
+    regions = ast.unparse(functions["ADLDenoiseLogic.prepare_regions"])
+    assert "check_segmentation_reference(segmentation_node, reference, study['identity'].datastore_id())" in regions
+    assert regions.index("check_segmentation_reference(") < regions.index("segment_masks(")
+    load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
+    assert "RESULT_SUFFIX, study=identity.datastore_id())" in load  # tagged: refused as input, holds its regions
+    assert "study_identity" in _calls(functions["ADLDenoiseLogic.identify"])  # refuses the module's own volumes
+    changed = ast.unparse(functions["ADLDenoiseWidget.onVolumeChanged"])
+    assert "self.marks = SegmentMarks()" in changed
+    assert changed.index("self.marks = SegmentMarks()") < changed.index("self.onSegmentsChanged()")
+    assert changed.index("self.onSegmentsChanged()") < changed.index("if node is None")  # also when cleared
+    compare = ast.unparse(functions["ADLDenoiseWidget.onCompare"])
+    guard = "if original.GetDisplayNode() is not None:\n        self.addObserver(original.GetDisplayNode()"
+    assert guard in compare, compare
+
+
 def test_lesion_contrast_restoration_widget_matches_the_lib_and_is_wired_to_the_request():
     """The .ui spin box ("auto" at its minimum, then 0 = off .. 16 px), its enabling per model, the request's
     param from the Lib, and the width applied kept on the result node and shown (static: no Qt here)."""
@@ -338,4 +358,4 @@ def test_mrml_logic_with_real_mrml_from_slicer_core():
     result = processes.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             MODULE_DIR / "Testing" / "Python" / "test_mrml_logic.py"], 600, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "11 passed" in result.stdout
+    assert "14 passed" in result.stdout

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ from lib.model_dispatch import (ADL_3D_MODEL, ADL_MODEL, AUTO_MODEL, DENOISE_LEA
 from lib.imaging import ImageReadError, ImageWriteError, Volume, denoising_derivation, read_volume, write_volume
 
 EXIT_BAD_INPUT = 2
+#: exit status of an unexpected failure (a bug; --debug shows the traceback)
+EXIT_FAILURE = 1
 MODALITY_CHOICES = ("auto", "ct", "mr", "other")
 NOISE_KINDS = ("ct-lowdose", "rician", "gaussian", "poisson", "speckle")
 RECONSTRUCTION_FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann", "smooth")
@@ -121,6 +124,10 @@ def _resolve_device(name: str) -> str:
 def _read_input(args: argparse.Namespace) -> Volume:
     modality = None if args.modality == "auto" else {"ct": "CT", "mr": "MR", "other": "OT"}[args.modality]
     volume = read_volume(args.input, series_uid=getattr(args, "series_uid", None), modality=modality)
+    if modality is not None and volume.metadata.get("modality_source") == "dicom" and volume.modality != modality:
+        # the tag decides: a CT denoised as MR (or the reverse) would also be written as an object of the other kind
+        raise CommandError(f"{args.input} is a DICOM {volume.modality} (its Modality tag): --modality "
+                           f"{args.modality} contradicts it; leave --modality out for DICOM input")
     if modality is not None:
         volume.modality = modality
     refuse_constant(volume, str(args.input))
@@ -130,11 +137,38 @@ def _read_input(args: argparse.Namespace) -> Volume:
 
 
 def _check_output(args: argparse.Namespace) -> None:
-    out, inp = Path(args.output).resolve(), Path(args.input).resolve()
+    """Refuse an output that cannot be written before any work is done (reading and denoising a series can take
+    hours): the input itself, an existing file without --overwrite, an extension no writer takes, a folder (a
+    derived DICOM series) for an input that is not DICOM, a parent that is a file or cannot be written to."""
+    from lib.imaging import WRITE_SUFFIXES
+    from lib.imaging.dicom_read import is_dicom_file
+
+    out, inp = Path(args.output).expanduser().resolve(), Path(args.input).expanduser().resolve()
     if out == inp:
         raise CommandError("--output is the input itself: refusing to overwrite the original")
     if out.exists() and not args.overwrite:
         raise CommandError(f"{args.output} already exists (add --overwrite to replace it)")
+    name = out.name.lower()
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else out.suffix.lower()
+    if out.is_dir() or not suffix:
+        if inp.exists() and not inp.is_dir() and not is_dicom_file(inp):
+            raise CommandError(f"--output {args.output} is a folder (a derived DICOM series), but {args.input} is not "
+                               f"DICOM: give a file name ending in {', '.join(WRITE_SUFFIXES)}")
+    elif suffix not in WRITE_SUFFIXES:
+        raise CommandError(f"--output {args.output}: unsupported extension {suffix!r}; use {', '.join(WRITE_SUFFIXES)} "
+                           "or a folder for a derived DICOM series")
+    _check_writable_parent(out.parent, args.output)
+
+
+def _check_writable_parent(folder: Path, output: str) -> None:
+    """The nearest existing folder of ``folder`` (where the output's missing folders would be made) is a folder
+    this process can write to; CommandError naming ``output`` otherwise."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CommandError(f"--output {output}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CommandError(f"--output {output}: {folder} cannot be written to (permission denied)")
 
 
 def _write_output(volume: Volume, args: argparse.Namespace, description_suffix: str, derivation: str,
@@ -365,6 +399,7 @@ def cmd_denoise_batch(args: argparse.Namespace) -> int:
     from lib.batch.discovery import SeriesFilter, parse_date_range
     from lib.batch.dicomweb import is_dicomweb_url
     from lib.batch.runner import BatchSettings, run_batch
+    from lib.imaging import READ_SUFFIXES
 
     _check_denoise_arguments(args)
     if args.store_to_pacs and not is_dicomweb_url(args.input):
@@ -372,6 +407,10 @@ def cmd_denoise_batch(args: argparse.Namespace) -> int:
                            "DICOMweb --input URL (http://HOST/dicom-web)")
     if not is_dicomweb_url(args.input) and not Path(args.input).expanduser().is_dir():
         raise CommandError(f"--input {args.input} is neither a folder nor a DICOMweb URL (http://...)")
+    output = Path(args.output).expanduser().resolve()
+    if output.exists() and not output.is_dir():
+        raise CommandError(f"--output {args.output} is a file: give a folder (the results mirror the input tree)")
+    _check_writable_parent(output if output.exists() else output.parent, args.output)
     series_filter = SeriesFilter(modality=args.modality, description=args.series_description,
                                  study_dates=parse_date_range(args.study_date) if args.study_date else None)
     settings = BatchSettings(source=args.input, output=Path(args.output).expanduser(),
@@ -387,6 +426,13 @@ def cmd_denoise_batch(args: argparse.Namespace) -> int:
         return 0  # rank 0 reports the job and sets its exit status
     print(f"summary: {summary.line()}; manifest {Path(args.output) / '_denoise_batch' / 'manifest.jsonl'}",
           flush=True)
+    if summary.total == 0:
+        if series_filter.active or is_dicomweb_url(args.input):  # a query that matches nothing today can be right
+            print(f"warning: no series in {args.input} matched", file=sys.stderr)
+            return 0
+        print(f"error: no series found in {args.input} (DICOM series folders, {', '.join(READ_SUFFIXES)} files; "
+              "hidden folders are not searched)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return EXIT_SERIES_FAILED if summary.failed else 0
 
 
@@ -1100,7 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (CommandError, ImageReadError, ImageWriteError, ValueError, FileNotFoundError) as error:
+    except (CommandError, ImageReadError, ImageWriteError, ValueError, OSError) as error:
         if args.debug:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -1109,6 +1155,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - a bug: one line, not a traceback; --debug shows it
+        if args.debug:
+            raise
+        text = " ".join(str(error).split())[:300]
+        print(f"error: unexpected failure ({type(error).__name__}: {text}); run again with --debug for the "
+              "traceback and report it", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -147,13 +147,13 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
 
         if identity != self.session.study:
             return None
-        node = load_result(slicer.mrmlScene, result_path, original, RESULT_SUFFIX)
+        # tagged as this study's result: never taken for a study itself, and may hold its marked regions
+        node = load_result(slicer.mrmlScene, result_path, original, RESULT_SUFFIX, study=identity.datastore_id())
         node.SetAttribute("ADLDenoise.model", str(result.get("model")))
         node.SetAttribute("ADLDenoise.weightsVersion", str(result.get("weights_version")))
         width = applied_restoration(result)
         if width is not None:  # learned models only: a classical model's result has no such width
             node.SetAttribute(RESTORATION_ATTRIBUTE, str(width))
-        node.SetAttribute("ADLDenoise.study", identity.datastore_id())
         self.session.result_arrived(identity, node.GetID(), str(result.get("model") or ""),
                                     str(result.get("weights_version") or ""))
         return node
@@ -182,9 +182,9 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
 
     def prepare_regions(self, segmentation_node, reference, marks: SegmentMarks, study: dict) -> dict | None:
         """On the GUI thread: the marked segments as a label map on ``reference``'s grid and their declarations
-        (None when no segment is marked). Validation errors (empty segment, bad strength) are raised here,
-        before anything is uploaded."""
-        from ADLDenoiseLib.mrml import segment_masks, segments_of, volume_grid
+        (None when no segment is marked). Validation errors (a segmentation drawn on another study, empty
+        segment, bad strength) are raised here, before anything is uploaded."""
+        from ADLDenoiseLib.mrml import check_segmentation_reference, segment_masks, segments_of, volume_grid
 
         if segmentation_node is None:
             return None
@@ -192,6 +192,8 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         marked = marks.marked()
         if not marked:
             return None
+        # the export below would resample a segmentation of any study onto this one's grid
+        check_segmentation_reference(segmentation_node, reference, study["identity"].datastore_id())
         grid = volume_grid(reference)
         masks = segment_masks(segmentation_node, [segment_id for segment_id, _ in marked], reference)
         region_map, _ = build_region_map(masks, [region for _, region in marked], grid.shape)
@@ -368,11 +370,15 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.roiStatsLabel.text = ""
 
     def onVolumeChanged(self, node=None):
-        """Another volume selected: a new study (its identity computed now); the blend of the last one is dropped."""
+        """Another volume selected: a new study (its identity computed now; a volume this module made is refused
+        there); the blend and the regions table's choices of the last one are dropped."""
         from ADLDenoiseLib.mrml import INPUT_CHANGE_EVENTS
 
         self.blend_timer.stop()
         self.corrected_node = None
+        # the table's choices were made for the last study's segments: none is carried into this one
+        self.marks = SegmentMarks()
+        self.onSegmentsChanged()
         # a 4D sequence's browser copies each frame into this same node, and modules may edit it in place: no
         # other node is selected then, so the node itself is watched
         self.removeObservers(self.onInputModified)
@@ -613,7 +619,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             layout_manager.sliceWidget(view).sliceLogic().FitSliceToAll()
         # window/level of the denoised view follows the original's
         self.removeObservers(self.onOriginalWindowChanged)
-        self.addObserver(original.GetDisplayNode(), vtk.vtkCommand.ModifiedEvent, self.onOriginalWindowChanged)
+        if original.GetDisplayNode() is not None:  # a volume added without display nodes has no window to follow
+            self.addObserver(original.GetDisplayNode(), vtk.vtkCommand.ModifiedEvent, self.onOriginalWindowChanged)
         self.onOriginalWindowChanged()
 
     def onOriginalWindowChanged(self, *_):

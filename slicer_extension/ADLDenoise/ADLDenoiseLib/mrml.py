@@ -17,8 +17,10 @@ import vtk
 from .regions import Grid, RegionsError
 from .workflow import blend, difference, roi_statistics
 
-__all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "blended_volume",
+__all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "blended_volume", "roi_mask",
            "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid",
+           "check_segmentation_reference", "tag_derived", "derived_kind", "DERIVED_ATTRIBUTE", "STUDY_ATTRIBUTE",
+           "DERIVED_FROM_ROLE",
            "study_identity", "sequence_frame", "dicom_series_of", "is_plain_scalar_volume", "EXCLUDED_VOLUME_TYPES",
            "adopt_parent_transform", "adopt_study_folder", "match_orientation_and_link", "INPUT_CHANGE_EVENTS"]
 
@@ -33,11 +35,43 @@ EXCLUDED_VOLUME_TYPES = ("vtkMRMLLabelMapVolumeNode", "vtkMRMLTensorVolumeNode",
 #: SetAndObserveImageData) and a new grid (IJK-to-RAS, part of a content identity; vtkCommand::ModifiedEvent)
 INPUT_CHANGE_EVENTS = (slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent, vtk.vtkCommand.ModifiedEvent)
 
+#: attribute of every volume this module makes from a study: "result", "corrected" or "difference". Such a volume
+#: is no study of its own (:func:`study_identity` refuses it) but may hold a study's marked regions
+DERIVED_ATTRIBUTE = "ADLDenoise.derived"
+#: attribute of a result, and of the volumes made from it: the datastore id of the study (frame) it was made for
+STUDY_ATTRIBUTE = "ADLDenoise.study"
+#: node reference role from a derived volume to its original. A reference, not an attribute holding the ID: the
+#: scene rewrites references when it renames IDs on import and drops them when the original is removed, whereas
+#: a stale ID in an attribute would point at whatever node gets that ID next (IDs restart after Close Scene)
+DERIVED_FROM_ROLE = "ADLDenoise.derivedFrom"
+
+
+def _numpy(matrix) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
 
 def _ijk_to_ras(node) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return _numpy(matrix)
+
+
+def _local_to_world(node) -> np.ndarray:
+    """4x4 from ``node``'s own RAS to world: its parent transforms (a DICOM gantry-tilt / acquisition transform,
+    one the user applied), which must be linear: a warped volume has no box-shaped voxel region to measure.
+
+    Raises:
+        RuntimeError: the node is under a non-linear (grid, B-spline, thin-plate) transform.
+    """
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return np.eye(4)
+    if not transform.IsTransformToWorldLinear():
+        raise RuntimeError(f"{node.GetName()} is under the non-linear transform {transform.GetName()}: harden it "
+                           "(Data module, right-click, Harden transform) or remove it to measure in an ROI")
+    matrix = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(matrix)
+    return _numpy(matrix)
 
 
 def same_grid(a, b, tol: float = 1e-4) -> bool:
@@ -132,6 +166,26 @@ def adopt_study_folder(node, original) -> None:
         hierarchy.SetItemParent(item, parent)
 
 
+def tag_derived(node, original, kind: str, source=None) -> None:
+    """Mark ``node`` as made by this module from ``original`` (``kind``: "result", "corrected", "difference"),
+    so that it is never taken for a study of its own (:func:`study_identity`) and may hold the original's marked
+    regions (:func:`check_segmentation_reference`). The study it belongs to comes from ``source`` (the result it
+    was made from, which the module's logic tagged with :data:`STUDY_ATTRIBUTE`), when there is one."""
+    node.SetAttribute(DERIVED_ATTRIBUTE, kind)
+    node.SetNodeReferenceID(DERIVED_FROM_ROLE, original.GetID())
+    study = source.GetAttribute(STUDY_ATTRIBUTE) if source is not None else None
+    if study:
+        node.SetAttribute(STUDY_ATTRIBUTE, study)
+
+
+def derived_kind(node) -> str:
+    """"result", "corrected" or "difference" for a volume this module made; "" for anything else. A result of an
+    earlier version of the module carries only :data:`STUDY_ATTRIBUTE`: a "result" too."""
+    if node is None:
+        return ""
+    return node.GetAttribute(DERIVED_ATTRIBUTE) or ("result" if node.GetAttribute(STUDY_ATTRIBUTE) else "")
+
+
 def _browser_of(node):
     """The sequence browser whose proxy ``node`` is, or None (Slicer's Sequences logic when present; otherwise,
     e.g. with slicer-core, the scene's browser nodes are asked directly)."""
@@ -188,13 +242,26 @@ def dicom_series_of(node) -> tuple[str, str]:
 def study_identity(node):
     """The :class:`review_session.StudyIdentity` of a volume node: its DICOM series (of the node or, for a
     sequence's proxy node, of the sequence) plus the frame shown; else a content hash of its voxels and
-    IJK-to-RAS matrix (plus the frame)."""
-    from .review_session import content_identity, dicom_identity
+    IJK-to-RAS matrix (plus the frame).
+
+    Raises:
+        ValueError: not a single-component scalar volume.
+        WorkflowError: a volume this module made (result, corrected, difference: :func:`derived_kind`). Its
+            content hash would make it a new study, so denoising or submitting it would upload a derived image
+            as a patient's original.
+    """
+    from .review_session import WorkflowError, content_identity, dicom_identity
 
     if not is_plain_scalar_volume(node):
         name = node.GetName() if node is not None else "nothing"
         raise ValueError(f"{name} is not a scalar CT / MR volume (label map, "
                          "vector / RGB, tensor or diffusion volumes cannot be denoised)")
+    kind = derived_kind(node)
+    if kind:
+        original = node.GetNodeReference(DERIVED_FROM_ROLE)
+        hint = f" ({original.GetName()})" if original is not None else ""
+        raise WorkflowError(f"{node.GetName()} is a {kind} volume made by ADL Denoise, not a study: select the "
+                            f"original{hint}")
     frame_info = sequence_frame(node)
     frame = frame_info["frame"] if frame_info else None
     uid, modality = dicom_series_of(node)
@@ -219,9 +286,11 @@ def match_orientation_and_link(reference_slice, other_slice, composites) -> None
         composite.SetHotLinkedControl(True)
 
 
-def load_result(scene, path: str | os.PathLike, reference, suffix: str = " denoised", name: str | None = None):
+def load_result(scene, path: str | os.PathLike, reference, suffix: str = " denoised", name: str | None = None,
+                study: str = ""):
     """Read a result file into a new scalar volume node named ``reference`` name + ``suffix``; the result must
-    be on the reference's grid (RuntimeError otherwise, and nothing is added to the scene)."""
+    be on the reference's grid (RuntimeError otherwise, and nothing is added to the scene). The node is tagged
+    as ``reference``'s result (:func:`tag_derived`), for the study (frame) whose datastore id is ``study``."""
     node = slicer.vtkMRMLScalarVolumeNode()
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
@@ -230,7 +299,10 @@ def load_result(scene, path: str | os.PathLike, reference, suffix: str = " denoi
     if not _align_to(node, reference):
         raise RuntimeError("the result is not on the original's grid: refusing to show it")
     node.SetName(name or (reference.GetName() + suffix))
-    scene.AddNode(node)
+    scene.AddNode(node)  # before tagging: a node reference needs the scene
+    tag_derived(node, reference, "result")
+    if study:
+        node.SetAttribute(STUDY_ATTRIBUTE, study)
     node.CreateDefaultDisplayNodes()
     adopt_parent_transform(node, reference)
     adopt_study_folder(node, reference)
@@ -274,6 +346,7 @@ def difference_volume(scene, original, denoised, name: str | None = None):
         raise RuntimeError("original and denoised volumes are not on the same grid")
     node = _new_like(scene, original, difference(_array(original), _array(denoised)),
                      name or f"{original.GetName()} removed (original - denoised)")
+    tag_derived(node, original, "difference", source=denoised)
     display = node.GetDisplayNode()
     if display is not None:
         display.SetAutoWindowLevel(False)
@@ -288,27 +361,51 @@ def blended_volume(scene, original, denoised, strength: float, node=None, name: 
         raise RuntimeError("original and denoised volumes are not on the same grid")
     array = blend(_array(original), _array(denoised), strength)
     node = _new_like(scene, original, array, name or f"{original.GetName()} corrected", node=node)
+    tag_derived(node, original, "corrected", source=denoised)
     _copy_window(original, node)
     return node
 
 
+def roi_mask(volume, roi_node) -> np.ndarray:
+    """Boolean (k, j, i) mask of ``volume``'s voxels whose centres lie inside ``roi_node`` (a markups ROI box).
+
+    Both are placed in world coordinates, as Slicer shows them: the volume through its parent transforms (DICOM
+    import adds one for gantry-tilted CT; the module puts results under the original's), the ROI through its
+    ObjectToWorld matrix (its centre, its rotation and any transform of its own). Each voxel centre goes IJK ->
+    RAS -> world -> the ROI's object coordinates and is inside when every coordinate is within half the ROI's
+    size (boundary included, as vtkMRMLMarkupsROINode::IsPointInROIWorld). Only voxels within the IJK bounding
+    box of the ROI's 8 corners are tested, one slice at a time, so memory stays one slice's worth. An
+    inside-out ROI is measured as its box all the same.
+
+    Raises:
+        RuntimeError: the volume is under a non-linear transform.
+    """
+    dims = np.array(volume.GetImageData().GetDimensions())  # (i, j, k)
+    ijk_to_world = _local_to_world(volume) @ _ijk_to_ras(volume)
+    object_to_world = _numpy(roi_node.GetObjectToWorldMatrix())
+    half = np.asarray(roi_node.GetSize(), float) / 2.0
+    mask = np.zeros(tuple(dims[::-1]), bool)
+    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], float)
+    corners = np.c_[signs * half, np.ones(8)]
+    corners_ijk = (np.linalg.solve(ijk_to_world, object_to_world @ corners.T).T)[:, :3]
+    low = np.clip(np.floor(corners_ijk.min(axis=0)).astype(int), 0, dims - 1)
+    high = np.clip(np.ceil(corners_ijk.max(axis=0)).astype(int), 0, dims - 1)
+    ijk_to_object = np.linalg.solve(object_to_world, ijk_to_world)
+    ii, jj = (axis.ravel() for axis in np.meshgrid(np.arange(low[0], high[0] + 1), np.arange(low[1], high[1] + 1)))
+    in_plane = ijk_to_object[:3, :2] @ np.stack([ii, jj]) + ijk_to_object[:3, 3:4]
+    limit = (half + 1e-6)[:, None]  # a hair of tolerance: voxel centres on a face stay inside despite rounding
+    for k in range(low[2], high[2] + 1):
+        inside = np.all(np.abs(in_plane + ijk_to_object[:3, 2:3] * k) <= limit, axis=0)
+        mask[k, jj[inside], ii[inside]] = True
+    return mask
+
+
 def roi_statistics_for_roi_node(original, denoised, roi_node) -> dict:
-    """:func:`workflow.roi_statistics` inside a markups ROI (box) placed by the user."""
+    """:func:`workflow.roi_statistics` inside a markups ROI (box) placed by the user, with the voxels
+    :func:`roi_mask` finds (transforms and the ROI's rotation applied)."""
     if not same_grid(original, denoised):
         raise RuntimeError("original and denoised volumes are not on the same grid")
-    center, radius = [0.0] * 3, [0.0] * 3
-    roi_node.GetXYZ(center)
-    roi_node.GetRadiusXYZ(radius)
-    ras_to_ijk = np.linalg.inv(_ijk_to_ras(original))
-    corners = np.array([[center[0] + sx * radius[0], center[1] + sy * radius[1], center[2] + sz * radius[2], 1.0]
-                        for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
-    ijk = (ras_to_ijk @ corners.T).T[:, :3]
-    shape = _array(original).shape  # (k, j, i)
-    low = np.clip(np.floor(ijk.min(axis=0) + 0.5).astype(int), 0, [shape[2] - 1, shape[1] - 1, shape[0] - 1])
-    high = np.clip(np.floor(ijk.max(axis=0) + 0.5).astype(int), 0, [shape[2] - 1, shape[1] - 1, shape[0] - 1])
-    mask = np.zeros(shape, bool)
-    mask[low[2]:high[2] + 1, low[1]:high[1] + 1, low[0]:high[0] + 1] = True
-    return roi_statistics(_array(original), _array(denoised), mask)
+    return roi_statistics(_array(original), _array(denoised), roi_mask(original, roi_node))
 
 
 def looks_like_ct(node) -> bool:
@@ -368,6 +465,45 @@ def segment_masks(segmentation_node, segment_ids: list[str], reference) -> list[
                 scene.RemoveNode(display)
             scene.RemoveNode(labelmap)
     return masks
+
+
+def check_segmentation_reference(segmentation_node, original, study: str = "") -> None:
+    """Refuse a segmentation that was not drawn on ``original``: its segments would be sent as this study's
+    marked regions, since the export resamples any segmentation onto the original's grid.
+
+    What it was drawn on is its reference image geometry node (the Segment Editor's source volume; a DICOM SEG's
+    referenced series). Accepted: ``original`` itself; a volume this module made from it (result, corrected,
+    difference: they refer to it by :data:`DERIVED_FROM_ROLE`, and when both ``study`` and the volume's
+    :data:`STUDY_ATTRIBUTE` are known they must agree, so a result of another 4D frame does not pass); another
+    node of the same study (the same DICOM series and frame, or identical voxels on the same grid, e.g. a file
+    loaded twice). Refused: anything else, and a segmentation with no reference node (loaded from a file): its
+    geometry alone cannot tell this study from another one scanned with the same protocol. The message says how
+    to declare the original as its geometry (the Segment Editor's "Specify geometry" sets the reference).
+
+    Raises:
+        RegionsError: the segmentation was drawn on another volume, or on none known.
+    """
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    reference = segmentation_node.GetNodeReference(role)
+    name, target = segmentation_node.GetName(), original.GetName()
+    fix = (f"draw the regions on {target}, or, if they belong to it, set {target} as the segmentation's geometry "
+           "(Segment Editor, Specify geometry)")
+    if reference is None:
+        raise RegionsError(f"{name} names no volume it was drawn on, so its segments may belong to another study: "
+                           + fix)
+    if reference.GetID() == original.GetID():
+        return
+    if derived_kind(reference):
+        made_from = reference.GetNodeReference(DERIVED_FROM_ROLE)
+        made_for = reference.GetAttribute(STUDY_ATTRIBUTE) or ""
+        if made_from is not None and made_from.GetID() == original.GetID() and (
+                not study or not made_for or made_for == study):
+            return
+    elif is_plain_scalar_volume(reference) and same_grid(reference, original) and \
+            study_identity(reference) == study_identity(original):
+        return
+    raise RegionsError(f"{name} was drawn on {reference.GetName()}, not on {target} or a volume made from it: its "
+                       f"segments would be sent as another study's marked regions; {fix}")
 
 
 def volume_grid(node) -> Grid:

@@ -495,7 +495,8 @@ def read_dicom_folder(
     if series_uid is None:
         if len(series) > 1:
             listing = "; ".join(_describe_series(s) for s in series)
-            raise ImageReadError(f"{folder} holds {len(series)} DICOM series, pass series_uid= one of: {listing}")
+            raise ImageReadError(f"{folder} holds {len(series)} DICOM series; choose one with --series-uid "
+                                 f"(series_uid= in Python): {listing}")
         chosen = series[0]
     else:
         matches = [s for s in series if s["uid"] == series_uid]
@@ -517,6 +518,13 @@ def read_dicom_folder(
             f"multi-frame file directly (e.g. {multi[0]})"
         )
     where = f"{folder} (series {chosen['uid'] or 'with empty SeriesInstanceUID'})"
+    seen: dict[str, str] = {}
+    for path, header in zip(paths, headers):
+        sop = str_or_empty(header.get("SOPInstanceUID"))
+        if sop and sop in seen:
+            raise ImageReadError(f"{where}: {seen[sop]} and {path.name} are the same image (SOPInstanceUID {sop}): "
+                                 "remove the copy")
+        seen.setdefault(sop, path.name)
     conflict = identity_conflict(headers, [p.name for p in paths])
     if conflict is not None:
         raise ImageReadError(f"{where}: {conflict}: these files are not one patient's series; put each series in "

@@ -163,6 +163,12 @@ def _header_checks(path: Path, limit: int) -> sitk.ImageFileReader:
             raise ImageReadError(f"cannot read {path}: its content is not a NIfTI, NRRD or MetaImage image "
                                  "(no image reader recognises it)") from exc
         raise ImageReadError(f"cannot read {path}: {one_line(exc)}") from exc
+    if reader.GetDimension() > 4 or reader.GetNumberOfComponents() > 1:
+        # before the stored-size check: NIfTI's 5th axis (vector components) would read as a truncated file there
+        raise ImageReadError(f"{path} holds a {reader.GetDimension()}D image of size "
+                             f"{' x '.join(map(str, reader.GetSize()))} with {reader.GetNumberOfComponents()} "
+                             "component(s) per voxel (vectors, RGB or a time series of volumes): only scalar 2D or 3D "
+                             "images are denoised; save one scalar volume")
     check_size(reader.GetSize(), path, limit)
     per_voxel = _bytes_per_voxel(reader)
     check_stored_size(path, reader.GetSize(), per_voxel)
@@ -224,6 +230,11 @@ def _read_with_sitk(path: Path, modality: str | None, fill: bool, limit: int) ->
         source_dtype = np.dtype(array.dtype) if array.dtype != bool else np.dtype(np.uint8)
     else:
         source_dtype = np.dtype(np.float32)  # float64 NIfTI etc. are written back as float32
+    if array.dtype.itemsize > 4 and np.issubdtype(array.dtype, np.floating):
+        largest = float(np.abs(array).max())
+        if largest > float(np.finfo(np.float32).max):
+            raise ImageReadError(f"{path} holds values up to {largest:.3g}, beyond what float32 holds (3.4e38): "
+                                 "not image intensities; rescale them before denoising")
     values = array.astype(np.float32)
     if modality is None:
         modality = guess_modality(values)

@@ -193,7 +193,8 @@ def windowed_knn(
                     # contiguous copy the reductions and gathers below run several times faster than on the view
                     st = scores.stride()
                     window = scores.as_strided((n, Ty, Tx, S, S), (st[0], Tx * L + Lx, L + 1, Lx, 1))
-                    window = window.reshape(n, Ty * Tx, S, S)
+                    # contiguous: with one query row per tile (Ty = 1) reshape can return the overlapping view itself
+                    window = window.reshape(n, Ty * Tx, S, S).contiguous()
                     window[:, :, R - e:R + e + 1, R - e:R + e + 1] = _FAR  # the excluded centre block
                     window = window.view(n, Ty * Tx, S * S)
                     if g > 1:

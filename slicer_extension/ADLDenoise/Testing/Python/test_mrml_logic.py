@@ -1,7 +1,9 @@
 """MRML-side logic of the ADLDenoise module against real MRML (Slicer, or PyPI's slicer-core without Qt).
 
 Volume nodes out to NRRD and back (geometry, HU values, name suffix), refusal of a result on another grid,
-difference and blended volumes, ROI statistics inside a markups ROI; the study identity from the subject hierarchy
+difference and blended volumes, ROI statistics inside a markups ROI (rotated, the volume under a transform), the
+module's own volumes tagged and refused as a study, a segmentation of another study refused as marked regions;
+the study identity from the subject hierarchy
 (SeriesInstanceUID, Modality) or the content, scalar-only volumes, the parent transform and the study (subject-
 hierarchy parent) of results, the frame of a 4D sequence, Yellow taking Red's orientation before the views are
 linked, and Close Scene making the review session forget. Needs neither a server nor pynrrd. Run inside Slicer
@@ -67,22 +69,29 @@ class nrrd:  # noqa: N801 - a minimal stand-in for pynrrd's read / write (Slicer
 
 
 from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene made above)
+    DERIVED_ATTRIBUTE,
+    DERIVED_FROM_ROLE,
     INPUT_CHANGE_EVENTS,
+    STUDY_ATTRIBUTE,
     adopt_parent_transform,
     adopt_study_folder,
     blended_volume,
+    check_segmentation_reference,
     difference_volume,
     export_volume,
     is_plain_scalar_volume,
     load_result,
     looks_like_ct,
     match_orientation_and_link,
+    roi_mask,
     roi_statistics_for_roi_node,
     same_grid,
     sequence_frame,
     study_identity,
 )
-from ADLDenoiseLib.review_session import ReviewSession  # noqa: E402
+from ADLDenoiseLib.regions import RegionsError  # noqa: E402
+from ADLDenoiseLib.review_session import ReviewSession, WorkflowError  # noqa: E402
+from ADLDenoiseLib.workflow import roi_statistics  # noqa: E402
 
 
 def oblique_ct_node(name: str = "chest CT"):
@@ -170,6 +179,137 @@ class MRMLLogicTest(unittest.TestCase):
         self.assertAlmostEqual(stats["std_denoised"], 0.0, places=3)
         self.assertAlmostEqual(stats["noise_reduction_percent"], 100.0, places=3)
         self.assertGreater(stats["std_original"], 10.0)
+
+    def test_roi_statistics_follow_the_volumes_transform_and_the_rois_rotation(self):
+        """The voxels measured are those whose centres Slicer shows inside the ROI: checked voxel by voxel against
+        vtkMRMLMarkupsROINode.IsPointInROIWorld at each centre mapped to world by the transform node itself."""
+        import vtk
+
+        original = oblique_ct_node()
+        denoised = oblique_ct_node("denoised")  # the same grid, other values
+        slicer.util.updateVolumeFromArray(denoised, np.where(slicer.util.arrayFromVolume(original) > -500, 40.0,
+                                                             -1000.0).astype(np.float32))
+        tilt = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "acquisition transform")
+        to_parent = vtk.vtkTransform()
+        to_parent.Translate(7.3, -4.1, 12.6)
+        to_parent.RotateX(17.0)
+        to_parent.RotateZ(-9.0)
+        tilt.SetMatrixTransformToParent(to_parent.GetMatrix())
+        for node in (original, denoised):
+            node.SetAndObserveTransformNodeID(tilt.GetID())
+        ijk_to_ras = vtk.vtkMatrix4x4()
+        original.GetIJKToRASMatrix(ijk_to_ras)
+        to_world = vtk.vtkGeneralTransform()
+        tilt.GetTransformToWorld(to_world)
+        centre = to_world.TransformPoint(ijk_to_ras.MultiplyPoint((24.3, 19.6, 2.7, 1.0))[:3])
+        # a rotated box, itself under a transform of its own
+        shift = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "ROI shift")
+        moved = vtk.vtkTransform()
+        moved.Translate(-1.2, 0.7, 0.4)
+        shift.SetMatrixTransformToParent(moved.GetMatrix())
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+        roi.SetAndObserveTransformNodeID(shift.GetID())
+        object_to_node = vtk.vtkTransform()
+        object_to_node.Translate(centre[0] + 1.2, centre[1] - 0.7, centre[2] - 0.4)
+        object_to_node.RotateWXYZ(35.0, 1.0, 2.0, 3.0)
+        roi.SetAndObserveObjectToNodeMatrix(object_to_node.GetMatrix())
+        roi.SetSize(9.5, 5.5, 6.3)
+
+        shape = slicer.util.arrayFromVolume(original).shape
+        expected = np.zeros(shape, bool)
+        for k, j, i in np.ndindex(*shape):
+            ras = ijk_to_ras.MultiplyPoint((float(i), float(j), float(k), 1.0))[:3]
+            expected[k, j, i] = roi.IsPointInROIWorld(to_world.TransformPoint(ras))
+        self.assertGreater(int(expected.sum()), 30)
+        self.assertGreater(len(np.unique(np.nonzero(expected)[0])), 1)  # the box spans slices
+        np.testing.assert_array_equal(roi_mask(original, roi), expected)
+        stats = roi_statistics_for_roi_node(original, denoised, roi)
+        self.assertEqual(stats, roi_statistics(slicer.util.arrayFromVolume(original),
+                                               slicer.util.arrayFromVolume(denoised), expected))
+        # an ROI outside the volume: no voxel (too few to measure)
+        roi.SetCenterWorld(1000.0, 1000.0, 1000.0)
+        self.assertFalse(roi_mask(original, roi).any())
+        # a warped volume has no box of voxels to measure: refused, clearly
+        warp = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+        for node in (original, denoised):
+            node.SetAndObserveTransformNodeID(warp.GetID())
+        with self.assertRaisesRegex(RuntimeError, "non-linear transform warp"):
+            roi_statistics_for_roi_node(original, denoised, roi)
+
+    def test_volumes_made_by_the_module_are_tagged_and_refused_as_a_study(self):
+        """A result, correction or difference volume is a plain scalar volume the input selector offers: taken for
+        a study it would be uploaded as a patient's original (its content hash is a new identity)."""
+        original = as_dicom_series(oblique_ct_node("3: CT HEAD"), "1.2.840.99.7", "CT")
+        result = load_result(slicer.mrmlScene, export_volume(original, self.work / "in.nrrd"), original,
+                             study="3_CT_HEAD_study")
+        corrected = blended_volume(slicer.mrmlScene, original, result, 0.5)
+        made = ((result, "result"), (corrected, "corrected"),
+                (difference_volume(slicer.mrmlScene, original, result), "difference"))
+        for node, kind in made:
+            self.assertEqual(node.GetAttribute(DERIVED_ATTRIBUTE), kind)
+            self.assertEqual(node.GetNodeReference(DERIVED_FROM_ROLE).GetID(), original.GetID())
+            self.assertEqual(node.GetAttribute(STUDY_ATTRIBUTE), "3_CT_HEAD_study")  # from the result
+            with self.assertRaisesRegex(WorkflowError, rf"{kind} volume made by ADL Denoise, not a study: select the "
+                                                       r"original \(3: CT HEAD\)"):
+                study_identity(node)
+        self.assertEqual(study_identity(original).kind, "dicom")
+        self.assertEqual(study_identity(oblique_ct_node("plain")).kind, "content")
+        blended_volume(slicer.mrmlScene, original, result, 0.8, node=corrected)  # updated in place: still tagged
+        with self.assertRaises(WorkflowError):
+            study_identity(corrected)
+        legacy = oblique_ct_node("result of an earlier version")  # only the study attribute
+        legacy.SetAttribute(STUDY_ATTRIBUTE, "3_CT_HEAD_study")
+        with self.assertRaisesRegex(WorkflowError, "result volume made by ADL Denoise"):
+            study_identity(legacy)
+        # the original deleted: the reference goes with it (no stale ID), the refusal stays
+        slicer.mrmlScene.RemoveNode(original)
+        self.assertIsNone(result.GetNodeReference(DERIVED_FROM_ROLE))
+        with self.assertRaisesRegex(WorkflowError, "select the original$"):
+            study_identity(result)
+
+    def test_a_segmentation_drawn_on_another_study_is_refused_as_marked_regions(self):
+        """The export resamples any segmentation onto the original's grid: only one drawn on the original, on a
+        volume made from it for this study, or on another node of the same study may be sent as its regions."""
+        original = oblique_ct_node("patient A CT")
+        study = study_identity(original).datastore_id()
+        result = load_result(slicer.mrmlScene, export_volume(original, self.work / "a.nrrd"), original, study=study)
+
+        def drawn_on(volume=None):
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "marks")
+            if volume is not None:
+                segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            return segmentation
+
+        role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+        self.assertEqual(drawn_on(original).GetNodeReference(role).GetID(), original.GetID())
+        accepted = (original, result, blended_volume(slicer.mrmlScene, original, result, 0.5),
+                    difference_volume(slicer.mrmlScene, original, result),
+                    oblique_ct_node("patient A CT, loaded again"))  # identical voxels on the same grid
+        for volume in accepted:
+            check_segmentation_reference(drawn_on(volume), original, study)
+        series = as_dicom_series(oblique_ct_node("4: CT"), "1.2.840.99.4", "CT")
+        twin = as_dicom_series(oblique_ct_node("4: CT"), "1.2.840.99.4", "CT")  # the same series, loaded twice
+        twin.SetOrigin(0.0, 0.0, 0.0)
+        with self.assertRaisesRegex(RegionsError, "was drawn on 4: CT, not on 4: CT"):  # same UID, other grid
+            check_segmentation_reference(drawn_on(twin), series)
+        twin.SetOrigin(series.GetOrigin())
+        check_segmentation_reference(drawn_on(twin), series)
+
+        other = oblique_ct_node("patient B CT")
+        other.SetOrigin(3.0, -2.0, 40.0)
+        same_grid_other_voxels = oblique_ct_node("patient C CT")
+        slicer.util.updateVolumeFromArray(same_grid_other_voxels, slicer.util.arrayFromVolume(original) + 1.0)
+        result_of_other = load_result(slicer.mrmlScene, export_volume(other, self.work / "b.nrrd"), other)
+        refused = {other: "patient B CT", same_grid_other_voxels: "patient C CT",
+                   result_of_other: "patient B CT denoised"}
+        for volume, name in refused.items():
+            with self.assertRaisesRegex(RegionsError, f"was drawn on {name}, not on patient A CT or a volume made"):
+                check_segmentation_reference(drawn_on(volume), original, study)
+        # a result of the same node for another study (a 4D proxy node showing another frame now)
+        with self.assertRaisesRegex(RegionsError, "drawn on patient A CT denoised"):
+            check_segmentation_reference(drawn_on(result), original, "patient_A_frame_2")
+        with self.assertRaisesRegex(RegionsError, "names no volume it was drawn on.*Specify geometry"):
+            check_segmentation_reference(drawn_on(None), original, study)
 
 
 def as_dicom_series(node, series_uid: str, modality: str):
@@ -262,7 +402,8 @@ class StudyIdentityTest(unittest.TestCase):
             self.assertEqual(hierarchy.GetItemParent(item), studies["patient A"], node.GetName())
             # not that series: no series UID or modality of the original, so its identity is its content
             self.assertEqual(hierarchy.GetItemUID(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMUIDName()), "")
-            self.assertEqual(study_identity(node).kind, "content")
+            with self.assertRaises(WorkflowError):  # nor is it a study of its own
+                study_identity(node)
         # in Slicer the subject-hierarchy plugins give every added volume an item at the top level first: moved
         moved = oblique_ct_node("item made on adding")
         hierarchy.CreateItem(hierarchy.GetSceneItemID(), moved)
