@@ -250,9 +250,22 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
             assert not output.exists()
 
 
-def test_modality_argument_contradicting_the_dicom_tag_is_refused(tmp_path, ct_slice_dicom):
+def test_simulate_takes_a_one_slice_volume_and_names_a_bad_seed(tmp_path, ct_crop_nifti):
+    """A 3D file of one slice (what a single-slice series becomes) is simulated slice by slice like any volume."""
+    image = sitk.ReadImage(str(ct_crop_nifti))
+    one_slice = sitk.JoinSeries([image])  # (1, 192, 192)
+    sitk.WriteImage(one_slice, str(tmp_path / "one.nii.gz"))
+    result = run_cli("simulate", "--input", tmp_path / "one.nii.gz", "--output", tmp_path / "ld.nii.gz",
+                     "--dose", "0.25", "--modality", "ct")
+    assert result.returncode == 0, result.stderr
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ld.nii.gz"))).shape == (1, 192, 192)
+    result = run_cli("simulate", "--input", tmp_path / "one.nii.gz", "--output", tmp_path / "x.nii.gz", "--seed", "-1")
+    assert result.returncode == 2 and "--seed: must be 0 or more" in result.stderr, result.stderr
+
+
+def test_modality_argument_contradicting_the_dicom_tag_is_refused(tmp_path, ct_slice_dicom, ct_crop_nifti):
     """A CT forced through as MR would be denoised as MR and written as an MR object of a CT (or the reverse):
-    the Modality tag decides for DICOM input."""
+    the Modality tag decides for DICOM input. --series-uid on a file that is no DICOM folder is refused too."""
     from pydicom.data import get_testdata_file
 
     for source, wrong, tag in ((ct_slice_dicom, "mr", "CT"), (Path(get_testdata_file("MR_small.dcm")), "ct", "MR")):
@@ -260,6 +273,9 @@ def test_modality_argument_contradicting_the_dicom_tag_is_refused(tmp_path, ct_s
                          "--modality", wrong)
         assert result.returncode == 2 and f"is a DICOM {tag} (its Modality tag)" in result.stderr, result.stderr
         assert not (tmp_path / f"{wrong}.nii.gz").exists()
+    nifti = run_cli("denoise", "--input", ct_crop_nifti, "--output", tmp_path / "n.nii.gz", "--model", "gaussian",
+                    "--series-uid", "1.2.3")
+    assert nifti.returncode == 2 and "--series-uid picks a series of a DICOM folder" in nifti.stderr, nifti.stderr
     agreeing = run_cli("denoise", "--input", ct_slice_dicom, "--output", tmp_path / "ok.nii.gz", "--model",
                        "gaussian", "--modality", "ct")
     assert agreeing.returncode == 0, agreeing.stderr

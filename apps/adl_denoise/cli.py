@@ -123,7 +123,10 @@ def _resolve_device(name: str) -> str:
 
 def _read_input(args: argparse.Namespace) -> Volume:
     modality = None if args.modality == "auto" else {"ct": "CT", "mr": "MR", "other": "OT"}[args.modality]
-    volume = read_volume(args.input, series_uid=getattr(args, "series_uid", None), modality=modality)
+    series_uid = getattr(args, "series_uid", None)
+    if series_uid and not _is_dicom_source(Path(args.input).expanduser()):
+        raise CommandError(f"--series-uid picks a series of a DICOM folder, but {args.input} is not one")
+    volume = read_volume(args.input, series_uid=series_uid, modality=modality)
     if modality is not None and volume.metadata.get("modality_source") == "dicom" and volume.modality != modality:
         # the tag decides: a CT denoised as MR (or the reverse) would also be written as an object of the other kind
         raise CommandError(f"{args.input} is a DICOM {volume.modality} (its Modality tag): --modality "
@@ -134,6 +137,13 @@ def _read_input(args: argparse.Namespace) -> Volume:
     log.info("read %s: %s %s, spacing %s mm", args.input, volume.modality, volume.array.shape,
              tuple(round(s, 4) for s in volume.spacing))
     return volume
+
+
+def _is_dicom_source(path: Path) -> bool:
+    """A folder (of DICOM files: the reader says so if not) or a DICOM file."""
+    from lib.imaging.dicom_read import is_dicom_file
+
+    return path.is_dir() or (path.is_file() and is_dicom_file(path))
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -342,6 +352,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                           "0.8 for CT, off for MR, where a width is applied inside the imaged body only; 0 = the network "
                           "alone; larger restores less; see bench/README.md)")
 
+def _seed(text: str) -> int:
+    """A random seed: an integer >= 0 (numpy's generators take no negative seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", "-v", action="store_true", help="log details")
@@ -354,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "MR: Rician noise at a percentage of the maximum. Generic: Gaussian, Poisson, speckle.")
     _add_io_arguments(sim)
     sim.add_argument("--noise", choices=NOISE_KINDS, help="noise model (default: ct-lowdose for CT, rician for MR)")
-    sim.add_argument("--seed", type=int, default=0, help="random seed (same seed, same noise)")
+    sim.add_argument("--seed", type=_seed, default=0, help="random seed (same seed, same noise)")
     ct = sim.add_argument_group("low-dose CT")
     ct.add_argument("--dose", type=_dose_fraction, default=0.25, help="dose fraction of the input scan (default 0.25)")
     ct.add_argument("--full-dose-photons", type=_positive_float, default=1e6,
@@ -876,7 +897,7 @@ def _add_train_parser(verbs) -> None:
                      help="steps between validations (500; 0: only at the end)")
     run.add_argument("--num-workers", type=_non_negative_int, help="data loader workers (default 0)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
-    run.add_argument("--seed", type=int, help="random seed")
+    run.add_argument("--seed", type=_seed, help="random seed")
     run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     tr.set_defaults(func=cmd_train)
 
@@ -937,7 +958,7 @@ def _add_learn_noise_parser(verbs) -> None:
                     help="trend removed from each noise patch (default quadratic: right for filtered back-projection "
                          "noise; mean or plane for blotchy iterative-reconstruction noise)")
     ln.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
-    ln.add_argument("--seed", type=int, help="random seed")
+    ln.add_argument("--seed", type=_seed, help="random seed")
     ln.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ln.set_defaults(func=cmd_learn_noise)
 
@@ -1040,7 +1061,7 @@ def _add_adapt_parser(verbs) -> None:
                     help="write the adapted model even if it fails a check (never one whose training diverged to NaN)")
     ad.add_argument("--work-dir", help="keep the scratch files (split slices, noise model, pseudo pairs) here")
     ad.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
-    ad.add_argument("--seed", type=int, help="random seed")
+    ad.add_argument("--seed", type=_seed, help="random seed")
     ad.add_argument("--overwrite", action="store_true", help="replace an existing --output and its report")
     ad.set_defaults(func=cmd_adapt)
 
@@ -1097,7 +1118,7 @@ def _add_lesion_detector_parser(verbs) -> None:
     det.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3, cosine decay)")
     det.add_argument("--noise-cache", help="low-dose CT: folder caching simulated slices as .npy")
     det.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
-    det.add_argument("--seed", type=int, default=0, help="random seed")
+    det.add_argument("--seed", type=_seed, default=0, help="random seed")
     det.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     det.set_defaults(func=cmd_train_lesion_detector)
 

@@ -220,8 +220,8 @@ def _check_input(hu: np.ndarray, pixel_size_mm: float | Sequence[float]) -> tupl
     arr = np.asarray(hu)
     if arr.ndim not in (2, 3):
         raise ValueError(f"hu must be a 2D (H, W) slice or a 3D (Z, H, W) volume, got shape {arr.shape}")
-    if min(arr.shape) < 2:
-        raise ValueError(f"hu must have at least 2 pixels along each axis, got shape {arr.shape}")
+    if min(arr.shape[-2:]) < 2 or arr.shape[0] < 1:  # one slice of a volume is fine: slices are simulated alone
+        raise ValueError(f"hu must have at least 2 pixels along each in-plane axis, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise ValueError(f"hu must be a real numeric array, got dtype {arr.dtype}")
     if not np.all(np.isfinite(arr)):
