@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -484,3 +485,45 @@ def test_with_authentication_on_entries_name_the_tokens_user(folders):
     given = _events(audit, "verdict")[-1]
     assert (given["reviewer"], given["reviewer_from"], given["user"]) == (reviewer, "token", reviewer)
     assert "mallory" not in audit.path.read_text()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(folders):
+    """DELETE /datastore/image frees an id; another patient's upload under it must not inherit the old study's
+    verdict or results, nor have a new verdict recorded as judging the old study's result."""
+    from mlserver import stop_server
+
+    server = _start(folders, 1)
+    try:
+        url = server.url
+        first = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
+                              data={"params": "{}"}, timeout=600)
+        assert first.status_code == 200, first.text
+        verdict = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_first"},
+                                timeout=60)
+        assert verdict.status_code == 200 and verdict.json()["result"]["model"] == "nlm", verdict.text
+        removed = requests.delete(f"{url}/datastore/image", params={"id": "ct_slab_b"}, timeout=60)
+        assert removed.status_code == 200, removed.text
+        other = folders["studies"].parent / "other_patient.nii.gz"
+        shutil.copy(folders["studies"] / "ct_slab_c.nii.gz", other)
+        deadline = time.monotonic() + 120
+        while True:  # the datastore sees the removal through its file watcher
+            with open(other, "rb") as handle:
+                added = requests.put(f"{url}/datastore/image", params={"image": "ct_slab_b"},
+                                     files={"file": ("other_patient.nii.gz", handle)}, timeout=120)
+            if added.status_code != 409 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert added.status_code == 200 and not added.json().get("existing"), added.text
+        trail = requests.get(f"{url}/review/ct_slab_b", timeout=60).json()
+        assert trail["review"]["verdict"] == "unreviewed", trail
+        assert trail["review_history"] == [] and trail["denoise_results"] == [], trail
+        again = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_second"},
+                              timeout=60)
+        assert again.status_code == 200 and again.json()["result"] is None, again.text  # nothing denoised yet
+    finally:
+        stop_server(server)
+    # the log keeps the old study's entries
+    audit = AuditLog(folders["audit"])
+    assert [f["reviewer"] for f in _events(audit, "verdict")] == ["dr_first", "dr_second"]

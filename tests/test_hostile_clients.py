@@ -365,6 +365,77 @@ def test_infer_cannot_save_labels_and_only_stamped_corrections_are_training_data
         _remove_labels(api, STUDY)
 
 
+def _on_other_grid(server: Server, image_id: str, folder: Path, how: str) -> Path:
+    """A correction of ``image_id`` (the study + 5 HU) with its grid changed: ``shifted`` (origin + 100 mm),
+    ``coarse`` (double spacing), or ``reversed`` (the same voxel centres, slice order reversed, as a tool that keeps
+    the index-to-RAS matrix right-handed saves a left-handed grid)."""
+    image = sitk.Cast(sitk.ReadImage(str(server.studies / f"{image_id}.nii.gz")), sitk.sitkFloat32) + 5.0
+    if how == "shifted":
+        image.SetOrigin([v + 100.0 for v in image.GetOrigin()])
+    elif how == "coarse":
+        image.SetSpacing([2 * v for v in image.GetSpacing()])
+    else:
+        array = sitk.GetArrayFromImage(image)[::-1]
+        direction = np.array(image.GetDirection()).reshape(3, 3)
+        origin = np.array(image.GetOrigin()) + direction[:, 2] * image.GetSpacing()[2] * (array.shape[0] - 1)
+        direction[:, 2] *= -1
+        reversed_image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+        reversed_image.SetSpacing(image.GetSpacing())
+        reversed_image.SetOrigin(tuple(origin))
+        reversed_image.SetDirection(tuple(direction.ravel()))
+        image = reversed_image
+    path = folder / f"{image_id}_final_{how}.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_a_correction_on_another_grid_is_refused_or_put_on_the_images_grid(api, untouched, tmp_path):
+    """Same voxel count, other place or spacing: 422 (training would pair it voxel by voxel with other anatomy).
+    Same voxel centres in another index order: stored on the image's grid, voxels reordered."""
+    hostile = api.server
+    try:
+        for how in ("shifted", "coarse"):
+            path = _on_other_grid(hostile, STUDY, tmp_path, how)
+            response = api.call("PUT", "/datastore/label", params={"image": STUDY, "tag": "final"},
+                                files={"label": (path.name, path.read_bytes())})
+            _refused(response, 422, "not on its grid", "origin")
+        assert _labels(api, STUDY) == {}
+        path = _on_other_grid(hostile, STUDY, tmp_path, "reversed")
+        response = api.call("PUT", "/datastore/label", params={"image": STUDY, "tag": "final"},
+                            files={"label": (path.name, path.read_bytes())})
+        assert response.status_code == 200, response.text[:300]
+        _wait_labels(api, STUDY, {"final"})
+        stored = sitk.ReadImage(str(hostile.studies / "labels" / "final" / f"{STUDY}.nii.gz"))
+        study = sitk.ReadImage(str(hostile.studies / f"{STUDY}.nii.gz"))
+        np.testing.assert_allclose(stored.GetOrigin(), study.GetOrigin(), atol=1e-3)
+        np.testing.assert_allclose(stored.GetDirection(), study.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(stored), sitk.GetArrayFromImage(study) + 5.0, atol=1e-3)
+    finally:
+        _remove_labels(api, STUDY)
+
+
+def test_a_correction_is_no_training_data_once_its_image_is_replaced_on_disk(api, untouched, tmp_path):
+    """The stamp names the image file it corrects: another volume of the same size put under the id (an export
+    job, a restore) leaves the old correction behind, which training must not pair with the new voxels."""
+    hostile = api.server
+    victim = "ct_slab_c"
+    original = (hostile.studies / f"{victim}.nii.gz").read_bytes()
+    correction = _correction(hostile, victim, tmp_path, 5.0)
+    saved = api.call("PUT", "/datastore/label", params={"image": victim, "tag": "final"},
+                     files={"label": (correction.name, correction.read_bytes())})
+    assert saved.status_code == 200, saved.text
+    try:
+        info = api.call("GET", "/datastore/label/info", params={"label": victim, "tag": "final"}).json()
+        assert info["image_sha256"] == hashlib.sha256(original).hexdigest()
+        other = sitk.ReadImage(str(hostile.studies / f"{victim}.nii.gz")) * 0 + 40  # same grid, other voxels
+        sitk.WriteImage(sitk.Cast(other, sitk.sitkInt16), str(hostile.studies / f"{victim}.nii.gz"))
+        response = api.call("POST", "/train/adl", json={"steps": 2, "device": "cpu"})
+        _refused(response, 422, "no corrected studies")
+    finally:
+        (hostile.studies / f"{victim}.nii.gz").write_bytes(original)
+        _remove_labels(api, victim)
+
+
 # ------------------------------------------------------------------------------------------------ 4. corrupt input
 def _nifti_header(shape: tuple[int, ...], dtype=np.int16) -> bytes:
     import nibabel

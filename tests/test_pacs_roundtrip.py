@@ -82,3 +82,71 @@ def test_denoise_a_pacs_series_and_store_the_result_back(tmp_path, tiny_weights)
             stop_server(server)
     finally:
         stop_orthanc(pacs)
+
+
+def test_the_review_queue_hands_out_studies_never_results_or_a_uid_of_two_studies(tmp_path, tiny_weights):
+    """A DICOMweb datastore lists every series of the PACS: the app's own derived series (stored with
+    store_to_pacs) are results, not studies; a SeriesInstanceUID found in two studies names no one series. Neither
+    is handed out for review, given a verdict or denoised, and the queue keeps working. A hard-anonymised source
+    (empty PatientID) gets a derived series with an empty PatientID too, filed with its source."""
+    import requests
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        series = {name: real_ct_series(tmp_path / name) for name in ("plain", "anon", "dup1", "dup2")}
+        for path in series["anon"]:
+            ds = pydicom.dcmread(path)
+            ds.PatientID, ds.PatientName = "", ""
+            ds.save_as(path, write_like_original=False)
+        shared_uid = str(pydicom.dcmread(series["dup1"][0]).SeriesInstanceUID)
+        for path in series["dup2"]:  # another patient's study, the same series UID
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID, ds.PatientID, ds.PatientName = shared_uid, "OTHER", "Other^Patient"
+            ds.save_as(path, write_like_original=False)
+        for files in series.values():
+            for path in files:
+                pacs.upload(path)
+        uid = {name: str(pydicom.dcmread(files[0]).SeriesInstanceUID) for name, files in series.items()}
+        model = copy_weights(tiny_weights, tmp_path / "model")
+        server = start_server(pacs.dicomweb, model, tmp_path / "work1")
+        try:
+            client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+            _, result = client.infer("adl", uid["anon"], {"store_to_pacs": True})
+            derived_uid = result["stored_series"]["series_instance_uid"]
+            stored = [s for s in pacs.get("/series?expand")
+                      if s["MainDicomTags"]["SeriesInstanceUID"] == derived_uid]
+            source = [s for s in pacs.get("/series?expand") if s["MainDicomTags"]["SeriesInstanceUID"] == uid["anon"]]
+            assert stored[0]["ParentStudy"] == source[0]["ParentStudy"]  # filed with its source, same patient
+            ambiguous = requests.post(f"{server.url}/infer/adl", params={"image": shared_uid, "output": "json"},
+                                      data={"params": "{}"}, timeout=600)
+            assert ambiguous.status_code == 409 and "names several series" in ambiguous.text, ambiguous.text
+        finally:
+            stop_server(server)
+        # a new server (a fresh series list, the same audit log): the derived series is listed now
+        server = start_server(pacs.dicomweb, model, tmp_path / "work2")
+        try:
+            listed = requests.get(f"{server.url}/review/{derived_uid}", timeout=120)  # 404 for an unknown id
+            assert listed.status_code == 200, listed.text
+            handed, exclude = [], []
+            for _ in range(10):
+                answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"exclude": exclude},
+                                       timeout=600)
+                assert answer.status_code == 200, answer.text
+                picked = answer.json().get("id")
+                if not picked:
+                    break
+                handed.append(picked)
+                exclude.append(picked)
+            assert sorted(handed) == sorted([uid["plain"], uid["anon"]]), handed
+            for image_id, words in ((derived_uid, "denoised series this server stored"),
+                                    (shared_uid, "names several series")):
+                verdict = requests.post(f"{server.url}/review/{image_id}",
+                                        json={"verdict": "accepted", "reviewer": "dr_a"}, timeout=60)
+                assert verdict.status_code == 422 and words in verdict.text, verdict.text
+            again = requests.post(f"{server.url}/infer/adl", params={"image": derived_uid, "output": "json"},
+                                  data={"params": "{}"}, timeout=600)
+            assert again.status_code == 409 and "not a study" in again.text, again.text
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)

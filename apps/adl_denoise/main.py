@@ -36,7 +36,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
 
-from lib.activelearning import NextUnreviewed, has_image, record_result
+from lib.activelearning import NextUnreviewed, has_image, record_result, refuse_unreviewable
 from lib.audit import AuditBrokenError, AuditError, AuditLog
 from lib.audit.location import default_audit_dir
 from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_result, install_request_context,
@@ -133,7 +133,7 @@ class DenoisingApp(MONAILabelApp):
         return {name: task for name, task in trainers.items() if task is not None}
 
     def init_strategies(self) -> Dict[str, Strategy]:
-        return {"next_unreviewed": NextUnreviewed()}
+        return {"next_unreviewed": NextUnreviewed(self.audit)}
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, plus: a DICOMweb study is denoised from its DICOM files (not the datastore's NIfTI
@@ -147,6 +147,11 @@ class DenoisingApp(MONAILabelApp):
         store = datastore or self.datastore()
         image_id = request.get("image")
         known_id = isinstance(image_id, str) and not os.path.exists(image_id) and has_image(store, image_id)
+        if known_id:
+            try:
+                refuse_unreviewable(self.audit, store, image_id)
+            except ValueError as error:
+                raise HTTPException(status_code=409, detail=str(error)) from None
         to_pacs = strtobool(str(request.get("store_to_pacs", "false")))
         source_folder = None
         if known_id and is_dicomweb(store):

@@ -1,6 +1,6 @@
 """Active-learning strategies and the review records they read."""
-from .review import (MAX_REASON_CHARS, VERDICTS, NextUnreviewed, audit_trail, has_image, record_result,
-                     record_verdict, results_of)
+from .review import (MAX_REASON_CHARS, VERDICTS, NextUnreviewed, ambiguous_images, audit_trail, has_image,
+                     record_result, record_verdict, refuse_unreviewable, results_of, stored_results)
 
-__all__ = ["MAX_REASON_CHARS", "VERDICTS", "NextUnreviewed", "audit_trail", "has_image", "record_result",
-           "record_verdict", "results_of"]
+__all__ = ["MAX_REASON_CHARS", "VERDICTS", "NextUnreviewed", "ambiguous_images", "audit_trail", "has_image",
+           "record_result", "record_verdict", "refuse_unreviewable", "results_of", "stored_results"]

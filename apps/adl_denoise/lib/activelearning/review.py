@@ -11,6 +11,7 @@ radiologist accepted or rejected.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Optional
 
 from monailabel.interfaces.datastore import Datastore
@@ -19,8 +20,9 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from ..audit import AuditLog
 from ..audit.context import request_actor
 
-__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "has_image", "record_result", "record_verdict",
-           "review_of", "audit_trail", "results_of"]
+__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "ambiguous_images", "has_image", "record_result",
+           "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail", "results_of",
+           "stored_results"]
 
 VERDICTS = ("unreviewed", "accepted", "corrected", "rejected")
 MAX_REASON_CHARS = 2000  # a reason is a sentence or two; the log keeps every one of them for ever
@@ -30,6 +32,35 @@ MAX_REVIEWER_CHARS = 200
 def has_image(datastore: Datastore, image_id: str) -> bool:
     """Whether ``image_id`` names an image of the datastore."""
     return image_id in datastore.list_images()
+
+
+def ambiguous_images(datastore: Datastore) -> set[str]:
+    """Ids the datastore lists more than once: on a PACS, one SeriesInstanceUID in several studies (a copy, a
+    UID reused by a faulty modality or anonymiser). Which series such an id fetches is the PACS's choice, so it is
+    neither handed out for review nor denoised."""
+    return {image_id for image_id, count in Counter(datastore.list_images()).items() if count > 1}
+
+
+def stored_results(audit: AuditLog) -> set[str]:
+    """SeriesInstanceUIDs of the derived (denoised) series this app stored into the PACS (``result_stored_to_pacs``
+    entries): listed by a DICOMweb datastore like any series, but results, not studies to review or denoise."""
+    uids = set()
+    for entry in audit.entries("result_stored_to_pacs"):
+        stored = (entry.get("fields") or {}).get("stored_series") or {}
+        if isinstance(stored, dict) and stored.get("series_instance_uid"):
+            uids.add(str(stored["series_instance_uid"]))
+    return uids
+
+
+def refuse_unreviewable(audit: AuditLog, datastore: Datastore, image_id: str) -> None:
+    """ValueError naming why ``image_id`` is no study to review or denoise: a result this app stored, or an id
+    that names several series (:func:`ambiguous_images`)."""
+    if image_id in stored_results(audit):
+        raise ValueError(f"{image_id} is a denoised series this server stored in the PACS, not a study: review or "
+                         "denoise its source series")
+    if image_id in ambiguous_images(datastore):
+        raise ValueError(f"{image_id} names several series (one SeriesInstanceUID in more than one study of the "
+                         "PACS): which one it fetches is the PACS's choice; fix the duplicate UID first")
 
 
 def record_result(audit: AuditLog, fields: dict) -> dict:
@@ -51,9 +82,31 @@ def _flat(entry: dict) -> dict:
             "hash": entry.get("hash")}
 
 
+def removals(audit: AuditLog, image_ids: set[str]) -> dict[str, int]:
+    """Per image id, the ``seq`` of its last completed removal from the datastore (absent: never removed). The
+    entries of an id up to its removal belong to a study that is gone: an id freed by ``DELETE /datastore/image``
+    can be given to another patient's upload, which must not inherit the old study's results or verdicts."""
+    last: dict[str, int] = {}
+    before: dict[str, int | None] = {}
+    for entry in audit.entries(where=lambda e: e.get("event") in ("image_removed", "image_removed_failed")
+                               and _image_of(e) in image_ids):
+        image = _image_of(entry)
+        if entry["event"] == "image_removed":
+            before[image] = last.get(image)
+            last[image] = int(entry["seq"])
+        elif before.get(image) is None:  # the removal failed: the study stayed
+            last.pop(image, None)
+        else:
+            last[image] = before[image]
+    return last
+
+
 def results_of(audit: AuditLog, image_id: str, model: Optional[str] = None) -> list[dict]:
-    """The ``result`` entries of ``image_id`` (optionally of one model), oldest first, flattened."""
+    """The ``result`` entries of the study now stored as ``image_id`` (after the id's last removal; optionally of
+    one model), oldest first, flattened."""
+    since = removals(audit, {image_id}).get(image_id, -1)
     return [_flat(e) for e in audit.entries("result", where=lambda e: _image_of(e) == image_id
+                                            and int(e.get("seq", -1)) > since
                                             and (model is None or (e.get("fields") or {}).get("model") == model))]
 
 
@@ -84,6 +137,7 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
         raise ValueError(f"model must be a model name, got {type(model).__name__}")
     if not has_image(datastore, image_id):
         raise KeyError(f"no image {image_id!r} in the datastore")
+    refuse_unreviewable(audit, datastore, image_id)
     results = results_of(audit, image_id, model)
     judged = None
     if results:
@@ -111,13 +165,16 @@ def review_of(info: dict) -> dict:
 def audit_trail(audit: AuditLog, datastore: Datastore, image_id: str | None = None) -> list[dict]:
     """Per image (all, or ``image_id``): ``review`` (the latest verdict in the log, else the info's),
     ``review_history`` (every verdict in the log) and ``denoise_results`` (every result in the log), oldest
-    first. Entries of images no longer in the datastore are kept in the log (GET /review/audit/entries)."""
+    first, of the study stored under the id now (entries before the id's last removal belong to a study that is
+    gone). Entries of images no longer in the datastore are kept in the log (GET /review/audit/entries)."""
     ids = sorted(datastore.list_images()) if image_id is None else [image_id]
     wanted = set(ids)
+    since = removals(audit, wanted)
     verdicts: dict[str, list] = {i: [] for i in ids}
     results: dict[str, list] = {i: [] for i in ids}
     for entry in audit.entries(where=lambda e: e.get("event") in ("verdict", "result") and _image_of(e) in wanted):
-        (verdicts if entry["event"] == "verdict" else results)[_image_of(entry)].append(_flat(entry))
+        if int(entry.get("seq", -1)) > since.get(_image_of(entry), -1):
+            (verdicts if entry["event"] == "verdict" else results)[_image_of(entry)].append(_flat(entry))
     out = []
     for i in ids:
         current = verdicts[i][-1] if verdicts[i] else review_of(datastore.get_image_info(i) or {})
@@ -128,16 +185,20 @@ def audit_trail(audit: AuditLog, datastore: Datastore, image_id: str | None = No
 class NextUnreviewed(Strategy):
     """Active learning for review: the next study nobody has given a verdict yet (by id, so the queue is
     stable and shared by reviewers). Request keys: ``exclude`` (ids to skip, e.g. studies open elsewhere),
-    ``modality`` (ct | mr, only studies of that modality when known)."""
+    ``modality`` (ct | mr, only studies of that modality when known). With the app's ``audit`` log, the derived
+    series it stored into a PACS are no studies (:func:`stored_results`); ids that name several series
+    (:func:`ambiguous_images`) are left out too."""
 
-    def __init__(self) -> None:
+    def __init__(self, audit: AuditLog | None = None) -> None:
         super().__init__("Next study without a review verdict (radiologist review queue)")
+        self.audit = audit
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any] | None:
         exclude = set(request.get("exclude") or [])
         modality = str(request.get("modality") or "").upper()
+        not_studies = ambiguous_images(datastore) | (stored_results(self.audit) if self.audit is not None else set())
         unreviewed = []  # (id, info), read once for the choice and the count
-        for image_id in sorted(datastore.list_images()):
+        for image_id in sorted(set(datastore.list_images()) - not_studies):
             info = datastore.get_image_info(image_id) or {}
             if review_of(info)["verdict"] == "unreviewed":
                 unreviewed.append((image_id, info))

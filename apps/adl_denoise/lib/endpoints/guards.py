@@ -381,20 +381,15 @@ def guarded_save_label(
     datastore = app().datastore()
     upload = _save_upload(label, _upload_suffix(label.filename, "label"))
     try:
-        size = _checked_image(upload, "the uploaded label")
-        image_file = Path(datastore.get_image_uri(image) or "")
-        if tag == "final" and image_file.is_file():  # a local study (a DICOMweb one is a folder of DICOM files)
-            image_size = _checked_image(image_file, f"image {image!r}")
-            if tuple(size) != tuple(image_size):
-                raise HTTPException(status_code=422, detail=(
-                    f"the correction of image {image!r} is not on its grid: size {' x '.join(map(str, size))}, the "
-                    f"image is {' x '.join(map(str, image_size))}"))
+        _checked_image(upload, "the uploaded label")
+        if tag == "final":
+            upload = _on_image_grid(upload, image, datastore.get_image_uri(image) or "")
         if tag == REGIONS_TAG:
             try:
                 load_correction_regions(image, datastore.get_image_uri(image), upload, params)
             except RegionsError as error:
                 raise HTTPException(status_code=422, detail=str(error)) from None
-        stamp = correction_stamp(upload, user.username if user else None)
+        stamp = correction_stamp(upload, user.username if user else None, datastore.get_image_uri(image))
         save_params.pop("user", None)  # who saved it is the token's user (the stamp's saved_by), never the body's
         if user and user.username:
             stamp["user"] = user.username
@@ -407,6 +402,49 @@ def guarded_save_label(
         return answer
     finally:
         _remove(upload)
+
+
+def _on_image_grid(upload: Path, image: str, image_uri: str) -> Path:
+    """The uploaded correction of ``image`` on the image's grid: the upload itself when it is on it; a new file
+    with its voxels in the image's order when it holds the same voxel centres in another index order (a tool that
+    keeps the index-to-RAS matrix right-handed saves a left-handed grid reversed; the upload is removed); 422
+    naming both grids when it holds other voxel centres (shape, spacing, origin or direction), which training would
+    otherwise pair voxel by voxel with the wrong anatomy. A DICOM study (a folder of DICOM files) is compared with
+    the grid the app reads from its files."""
+    import numpy as np
+
+    from ..imaging import ImageReadError, Volume, read_volume, write_volume
+    from ..imaging.io import read_grid
+
+    if not image_uri or not os.path.exists(image_uri):
+        return upload
+    try:
+        image_grid = read_grid(image_uri, _max_voxels())
+        upload_grid = read_grid(upload, _max_voxels())
+    except ImageReadError as error:
+        raise HTTPException(status_code=422, detail=f"cannot compare the correction with image {image!r}: "
+                                                    f"{str(error).replace(str(upload), 'the upload')}") from None
+    flips = upload_grid.flips_onto(image_grid)
+    if flips is None:
+        raise HTTPException(status_code=422, detail=(
+            f"the correction of image {image!r} is not on its grid: the upload has {upload_grid.describe()}; the "
+            f"image has {image_grid.describe()}; save it on the image's grid"))
+    if not flips:
+        return upload
+    label = read_volume(upload, modality="OT", fill_padding=False, max_voxels=_max_voxels())
+    aligned = Volume(np.ascontiguousarray(np.flip(label.array, axis=flips)), image_grid.spacing, image_grid.origin,
+                     image_grid.direction, "OT", source_dtype=label.source_dtype)
+    fd, name = tempfile.mkstemp(suffix=".nii.gz")
+    os.close(fd)
+    os.unlink(name)  # the writer refuses to replace a file it did not make
+    try:
+        write_volume(aligned, name)
+    except BaseException:
+        _remove(Path(name))
+        raise
+    log.info("correction of %s: the upload's axes %s reversed onto the image's grid", image, flips)
+    _remove(upload)
+    return Path(name)
 
 
 def _regions_sent_with(image: str, regions_sha256: Any) -> Optional[str]:

@@ -197,7 +197,9 @@ def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str, deri
     series_uid = generate_uid()
     study_uid = str_or_empty(first.get("StudyInstanceUID")) or generate_uid()
     frame_uid = str_or_empty(first.get("FrameOfReferenceUID")) or generate_uid()
-    patient_id = str_or_empty(first.get("PatientID")) or "ANONYMOUS"
+    # kept as the source has it, empty included (type 2): a made-up ID would file the derived series under
+    # another patient (and pool every anonymised source's results under that one) in the PACS
+    patient_id = str_or_empty(first.get("PatientID"))
     source_series = str_or_empty(first.get("SeriesInstanceUID")) or "(empty SeriesInstanceUID)"
     description = derived_series_description(str_or_empty(first.get("SeriesDescription")), suffix)
     series_number = _derived_series_number(first.get("SeriesNumber"))
@@ -327,8 +329,8 @@ def write_dicom_derived_series(
     CT in HU as int16 with RescaleSlope 1 / RescaleIntercept 0 (a shifted intercept or integer slope only when
     the values exceed int16); float MR uses the full 16-bit range (see ``_encode_dicom_values``). New
     SeriesInstanceUID and SOPInstanceUIDs; patient, study and frame of reference kept (empty ones in
-    hard-anonymised data are filled once per write: generated StudyInstanceUID/FrameOfReferenceUID, PatientID
-    'ANONYMOUS'); ImageType DERIVED\\SECONDARY\\<original's third value>\\``derived_image_type``;
+    hard-anonymised data are filled once per write: generated StudyInstanceUID/FrameOfReferenceUID; an empty
+    PatientID stays empty); ImageType DERIVED\\SECONDARY\\<original's third value>\\``derived_image_type``;
     SeriesDescription + suffix (:func:`derived_series_description`: the original is cut to fit, not the suffix);
     DerivationDescription ``derivation`` + " from series <source SeriesInstanceUID>" (e.g. from
     :func:`denoising_derivation`); SeriesNumber + 1000; private tags and pixel-specific tags (padding, LUTs, icon)

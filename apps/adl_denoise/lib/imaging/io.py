@@ -36,9 +36,10 @@ from .dicom_write import write_dicom_derived_series
 from .errors import ImageReadError, ImageWriteError, one_line
 from .guards import (check_finite, check_gzip_stream, check_not_input, check_size, check_stored_size, check_values,
                      make_temp_dir)
-from .volume import Volume, fill_padding, guess_modality, integral_dtype_for, normalise_modality, values_for_output
+from .volume import (ImageGrid, Volume, fill_padding, guess_modality, integral_dtype_for, normalise_modality,
+                     values_for_output)
 
-__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "check_image_file", "read_volume", "write_volume"]
+__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "check_image_file", "read_grid", "read_volume", "write_volume"]
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -194,6 +195,29 @@ def check_image_file(path: str | Path, max_voxels: int | None = None) -> tuple[i
         raise ImageReadError(f"{p}: no such file")
     limit = guards.max_voxels() if max_voxels is None else int(max_voxels)
     return tuple(int(v) for v in _header_checks(p, limit).GetSize())
+
+
+def read_grid(path: str | Path, max_voxels: int | None = None) -> ImageGrid:
+    """The voxel grid of an image file from its header alone (after :func:`check_image_file`'s checks), or of a
+    DICOM series or file (read whole: DICOM geometry needs every slice's position) as :func:`read_volume` gives it.
+
+    Raises:
+        ImageReadError: as :func:`read_volume` / :func:`check_image_file`.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir() or is_dicom_file(p):
+        return read_volume(p, fill_padding=False, max_voxels=max_voxels).grid
+    check_image_file(p, max_voxels)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    reader.ReadImageInformation()
+    size = [int(v) for v in reader.GetSize()]
+    if len(size) == 4 and size[3] == 1:  # a 4D file of one volume reads as 3D
+        size = size[:3]
+    ndim = len(size)
+    direction = np.asarray(reader.GetDirection(), np.float64).reshape(len(reader.GetSize()), -1)[:ndim, :ndim]
+    return ImageGrid(tuple(size[::-1]), tuple(reader.GetSpacing()[:ndim]), tuple(reader.GetOrigin()[:ndim]),
+                     tuple(direction.ravel()))
 
 
 def _read_with_sitk(path: Path, modality: str | None, fill: bool, limit: int) -> Volume:

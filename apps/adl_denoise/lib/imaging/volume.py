@@ -22,6 +22,7 @@ from .errors import ImageWriteError
 __all__ = [
     "CT_AIR_HU",
     "CT_PADDING_THRESHOLD_HU",
+    "ImageGrid",
     "MODALITIES",
     "OutputValueRange",
     "Volume",
@@ -42,6 +43,46 @@ CT_AIR_HU = -1024.0
 CT_PADDING_THRESHOLD_HU = -2000.0
 #: The modalities a Volume knows; anything else is "OT" (other/unknown).
 MODALITIES = ("CT", "MR", "OT")
+
+
+class ImageGrid(NamedTuple):
+    """A voxel grid: ``shape`` in array order ((z,) y, x); ``spacing``, ``origin`` (mm) and the flattened
+    ``direction`` in SimpleITK (x, y, z) order."""
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    def flips_onto(self, other: "ImageGrid", tol: float = 1e-3) -> tuple[int, ...] | None:
+        """The array axes to reverse so that voxels on this grid lie on ``other``: () for the same grid, e.g.
+        (0,) when this grid holds the same voxel centres with the slice order reversed (Slicer and other tools
+        that keep the index-to-RAS matrix right-handed save a left-handed grid that way); None when the grids
+        hold different voxel centres (shape, spacing, origin or direction differ otherwise). ``tol`` in mm
+        (origin, spacing) and in direction cosines."""
+        ndim = len(self.shape)
+        if tuple(self.shape) != tuple(other.shape) or len(self.spacing) != ndim:
+            return None
+        if not np.allclose(self.spacing, other.spacing, atol=tol, rtol=0):
+            return None
+        mine = np.asarray(self.direction, np.float64).reshape(ndim, ndim)
+        theirs = np.asarray(other.direction, np.float64).reshape(ndim, ndim)
+        expected_origin = np.asarray(other.origin, np.float64).copy()
+        flips = []
+        for axis in range(ndim):  # SimpleITK axis (x, y, z) is array axis ndim - 1 - axis
+            if np.allclose(mine[:, axis], theirs[:, axis], atol=tol):
+                continue
+            if not np.allclose(mine[:, axis], -theirs[:, axis], atol=tol):
+                return None
+            flips.append(ndim - 1 - axis)
+            expected_origin += theirs[:, axis] * other.spacing[axis] * (other.shape[ndim - 1 - axis] - 1)
+        if not np.allclose(self.origin, expected_origin, atol=tol, rtol=0):
+            return None
+        return tuple(sorted(flips))
+
+    def describe(self) -> str:
+        return (f"size {' x '.join(map(str, self.shape[::-1]))}, spacing {[round(v, 4) for v in self.spacing]} mm, "
+                f"origin {[round(v, 2) for v in self.origin]} mm, direction {[round(v, 3) for v in self.direction]}")
 
 
 @dataclass
@@ -167,6 +208,11 @@ class Volume:
             and np.allclose(self.origin, other.origin, atol=tol, rtol=0)
             and np.allclose(self.direction, other.direction, atol=tol, rtol=0)
         )
+
+    @property
+    def grid(self) -> "ImageGrid":
+        """The voxel grid: array shape, spacing, origin, direction."""
+        return ImageGrid(tuple(self.array.shape), tuple(self.spacing), tuple(self.origin), tuple(self.direction))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -90,25 +90,37 @@ __all__ = ["CORRECTION_KEYS", "DenoiserTrainTask", "TrainingDataError", "correct
 
 MODES = ("corrections", "adapt_noise")
 # label-info keys only the server writes (the label route's stamp); a client sending them is overridden / refused
-CORRECTION_KEYS = ("correction", "saved_by", "saved_utc", "sha256", "regions_sha256")
+CORRECTION_KEYS = ("correction", "saved_by", "saved_utc", "sha256", "regions_sha256", "image_sha256")
 
 
-def correction_stamp(label_path: str | os.PathLike, user: str | None) -> dict[str, Any]:
+def correction_stamp(label_path: str | os.PathLike, user: str | None,
+                     image_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The label-info stamp of a clinician's correction saved through the label route: ``{"correction": True,
-    "saved_by": user, "saved_utc": now, "sha256": hash of the label file}``."""
-    return {"correction": True, "saved_by": str(user or "anonymous"), "saved_utc": utc_timestamp(),
-            "sha256": file_sha256(label_path)}
+    "saved_by": user, "saved_utc": now, "sha256": hash of the label file}``, plus ``image_sha256``, the hash of
+    the image file it corrects, when that is a file (a DICOMweb study is a folder): the correction belongs to those
+    voxels, not to whatever is stored under the id later."""
+    stamp = {"correction": True, "saved_by": str(user or "anonymous"), "saved_utc": utc_timestamp(),
+             "sha256": file_sha256(label_path)}
+    if image_path and os.path.isfile(image_path):
+        stamp["image_sha256"] = file_sha256(image_path)
+    return stamp
 
 
-def is_clinician_correction(info: dict | None, label_path: str | os.PathLike | None) -> bool:
+def is_clinician_correction(info: dict | None, label_path: str | os.PathLike | None,
+                            image_path: str | os.PathLike | None = None) -> bool:
     """Whether a label (its datastore ``info`` and file) is a stamped correction whose file is still the one
-    stamped (same SHA-256)."""
+    stamped (same SHA-256), of an image file that is still the one it was made for (where the stamp names one
+    and ``image_path`` is given: an image replaced on disk under the same id leaves its old correction behind)."""
     if not isinstance(info, dict) or info.get("correction") is not True or not info.get("saved_by"):
         return False
     if not label_path or not os.path.isfile(label_path):
         return False
     try:
-        return file_sha256(label_path) == info.get("sha256")
+        if file_sha256(label_path) != info.get("sha256"):
+            return False
+        if image_path is not None and info.get("image_sha256"):
+            return os.path.isfile(image_path) and file_sha256(image_path) == info["image_sha256"]
+        return True
     except OSError:
         return False
 
@@ -142,7 +154,7 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
     for image_id in sorted(datastore.get_labeled_images()):
         image = datastore.get_image_uri(image_id)
         label = datastore.get_label_uri(image_id, "final")
-        if not is_clinician_correction(datastore.get_label_info(image_id, "final"), label):
+        if not is_clinician_correction(datastore.get_label_info(image_id, "final"), label, image):
             if skipped is not None:
                 skipped.append(image_id)
             continue
@@ -173,7 +185,8 @@ def stored_regions(datastore: Datastore, image_id: str, regions_sha256: Any) -> 
         return None, None
     path = datastore.get_label_uri(image_id, REGIONS_TAG)
     info = dict(datastore.get_label_info(image_id, REGIONS_TAG) or {})
-    if not is_clinician_correction(info, path) or info.get("sha256") != regions_sha256:
+    if not is_clinician_correction(info, path, datastore.get_image_uri(image_id)) or \
+            info.get("sha256") != regions_sha256:
         return None, None
     return path, info
 
