@@ -17,7 +17,7 @@ from typing import Any, Optional
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from ..audit import AuditLog
+from ..audit import AuditError, AuditLog
 from ..audit.context import request_actor
 
 __all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "ambiguous_images", "has_image", "record_result",
@@ -45,7 +45,11 @@ def stored_results(audit: AuditLog) -> set[str]:
     """SeriesInstanceUIDs of the derived (denoised) series this app stored into the PACS (``result_stored_to_pacs``
     entries): listed by a DICOMweb datastore like any series, but results, not studies to review or denoise."""
     uids = set()
-    for entry in audit.entries("result_stored_to_pacs"):
+    try:
+        entries = audit.entries("result_stored_to_pacs")
+    except (AuditError, OSError):  # an unreadable log: whatever needs a record fails on its own, saying why
+        return uids
+    for entry in entries:
         stored = (entry.get("fields") or {}).get("stored_series") or {}
         if isinstance(stored, dict) and stored.get("series_instance_uid"):
             uids.add(str(stored["series_instance_uid"]))
