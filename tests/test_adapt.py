@@ -506,3 +506,19 @@ def test_model_must_match_the_starting_weights(tmp_path, tiny_weights, low_dose_
                    tiny_weights / "pretrained_adl_ct.pt", "--output", tmp_path / "x.pt", *TINY)
     assert done.returncode == 2 and "not the tddl_gcn model" in done.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_adapt_refuses_an_mr_or_values_that_cannot_be_hu(tmp_path, tiny_weights):
+    """Adaptation learns CT noise in HU: MR magnitudes (nothing below 0) are refused in one line before any work,
+    not adapted on as if they were HU."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder = tmp_path / "lowdose"
+    folder.mkdir()
+    magnitudes = np.random.default_rng(0).uniform(0, 400, (4, 48, 48)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(magnitudes), str(folder / "mr.nii.gz"))
+    result = run_cli("adapt", "--lowdose", folder, "--model", "adl", "--initial-weights",
+                     tiny_weights / "pretrained_adl_ct.pt", "--output", tmp_path / "out.pt", *TINY)
+    assert result.returncode == 2 and "holds no value below 0" in result.stderr, result.stderr
+    assert not (tmp_path / "out.pt").exists()

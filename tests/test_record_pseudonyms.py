@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +101,10 @@ def test_share_weights_writes_a_copy_naming_no_image_id_or_folder(tmp_path):
     model_dir, studies = tmp_path / "model", tmp_path / "studies"
     studies.mkdir()
     (studies / "SMITH_JOHN_chest.nii.gz").write_bytes(b"")  # an image of the datastore, not in the history
+    from pydicom.data import get_testdata_file
+
+    (studies / "DOE_JANE_MRN999").mkdir()  # a DICOM series folder: training names it by the folder
+    (studies / "DOE_JANE_MRN999" / "CT.1.2.840.99.1").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
     key = site_key(model_dir)
     history = model_dir / "versions" / "tddl_gcn_ct" / "history.jsonl"
     history.parent.mkdir(parents=True)
@@ -107,8 +112,10 @@ def test_share_weights_writes_a_copy_naming_no_image_id_or_folder(tmp_path):
                        + "\n" + json.dumps({"event": "rejected", "record_pseudonyms": {"image-0": "ROE_RICHARD"}})
                        + "\n")
     payload = torch.load(APP_DIR / "model" / "pretrained_tddl_gcn_ct.pt", map_location="cpu", weights_only=True)
-    payload["training"] = dict(payload["training"], data={
-        "train_images": ["DOE_JANE_abdomen", "ROE_RICHARD"], "validation_images": [UID],
+    payload["training"] = dict(payload["training"], config=dict(
+        payload["training"].get("config") or {}, checkpoint_dir="site/DOE_JOHN_MRN4711/adl_ct_checkpoints",
+        lesion_detector="site/DOE_JOHN_MRN4711/detector.pt"), data={
+        "train_images": ["DOE_JANE_abdomen", "ROE_RICHARD", "DOE_JANE_MRN999"], "validation_images": [UID],
         "files": ["/data/DOE_JANE_abdomen/final.nii.gz", "SMITH_JOHN_chest_final.nrrd"],
         "regions": {"DOE_JANE_abdomen": {"keep": 1}}})
     source = tmp_path / "tddl_gcn_ct.pt"
@@ -123,13 +130,17 @@ def test_share_weights_writes_a_copy_naming_no_image_id_or_folder(tmp_path):
     result = share("--input", source, "--output", output, "--model-dir", model_dir, "--names-from", studies)
     assert result.returncode == 0, result.stderr
     # DOE_JANE_abdomen, ROE_RICHARD and the UID from the history, SMITH_JOHN_chest from the datastore
-    assert "4 image id(s)" in result.stdout and "4 known" in result.stdout
+    assert "5 image id(s)" in result.stdout and "5 known" in result.stdout
     copy = torch.load(output, map_location="cpu", weights_only=True)
     text = json.dumps({k: v for k, v in copy.items() if k != "state_dict"})
-    for identifier in ("DOE_JANE", "ROE_RICHARD", UID, "SMITH_JOHN", "/data"):
+    for identifier in ("DOE_JANE", "ROE_RICHARD", UID, "SMITH_JOHN", "/data", "DOE_JOHN"):
         assert identifier not in text, identifier
+    # a relative path in the record (from a relative --output) keeps its file name only
+    assert copy["training"]["config"]["checkpoint_dir"] == "adl_ct_checkpoints"
+    assert copy["training"]["config"]["lesion_detector"] == "detector.pt"
     data = copy["training"]["data"]
-    assert data["train_images"] == [pseudonym(key, "DOE_JANE_abdomen"), pseudonym(key, "ROE_RICHARD")]
+    assert data["train_images"] == [pseudonym(key, "DOE_JANE_abdomen"), pseudonym(key, "ROE_RICHARD"),
+                                    pseudonym(key, "DOE_JANE_MRN999")]
     assert data["validation_images"] == [pseudonym(key, UID)]
     assert data["files"] == ["final.nii.gz", pseudonym(key, "SMITH_JOHN_chest") + "_final.nrrd"]
     assert copy["training"]["lineage"] == payload["training"]["lineage"]  # the shipped file's own history, kept

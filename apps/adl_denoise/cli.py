@@ -170,6 +170,13 @@ def _check_output(args: argparse.Namespace) -> None:
     _check_writable_parent(out.parent, args.output)
 
 
+def _check_weight_output(output: Path, given: str) -> None:
+    """Before any work: a weight-file output that is no folder and whose folder this process can write."""
+    if output.is_dir():
+        raise CommandError(f"--output {given} is a folder: give a .pt file name")
+    _check_writable_parent(output.parent, given)
+
+
 def _check_writable_parent(folder: Path, output: str) -> None:
     """The nearest existing folder of ``folder`` (where the output's missing folders would be made) is a folder
     this process can write to; CommandError naming ``output`` otherwise."""
@@ -505,8 +512,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser()
     if output.suffix not in (".pt", ".pth"):
         raise CommandError(f"--output must be a .pt weight file, got {args.output}")
-    if output.exists() and not args.overwrite and not args.resume:
+    if output.exists() and not args.overwrite:  # --resume too: it continues a run, it does not own this file
         raise CommandError(f"{args.output} already exists (add --overwrite to replace it)")
+    _check_weight_output(output, args.output)
+    if args.resume:
+        resume = Path(args.resume).expanduser()
+        if not (resume / "last.pt" if resume.is_dir() else resume).is_file():
+            raise CommandError(f"--resume {args.resume}: no checkpoint there (a run's checkpoint folder, holding "
+                               "last.pt, or a checkpoint file)")
     paired = args.noisy_dir is not None or args.clean_dir is not None
     if paired and args.clean:
         raise CommandError("give either --clean (synthetic noise) or --noisy-dir with --clean-dir (real pairs), not both")
@@ -548,6 +561,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CommandError(f"--initial-weights {args.initial_weights} not found")
     checkpoint_dir = Path(args.checkpoint_dir).expanduser() if args.checkpoint_dir else \
         output.with_name(output.stem + "_checkpoints")
+    if not args.resume and (checkpoint_dir / "last.pt").is_file() and not args.overwrite:
+        raise CommandError(f"{checkpoint_dir} holds the checkpoint of an earlier run: add --resume {checkpoint_dir} to "
+                           "continue it, --overwrite to start over (its checkpoints are replaced), or choose another "
+                           "--checkpoint-dir")
     lesion_args = _lesion_aware_arguments(args, modality, paired)
     run = _given(norm=args.norm, patch_size=(patch[0] if len(patch) == 1 else patch) if patch else None,
                  batch_size=args.batch_size, num_workers=args.num_workers, lr_step_size=args.lr_step,
@@ -898,7 +915,8 @@ def _add_train_parser(verbs) -> None:
     run.add_argument("--num-workers", type=_non_negative_int, help="data loader workers (default 0)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
     run.add_argument("--seed", type=_seed, help="random seed")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an existing --output (and start over where --checkpoint-dir holds an earlier run)")
     tr.set_defaults(func=cmd_train)
 
 
@@ -913,6 +931,7 @@ def cmd_learn_noise(args: argparse.Namespace) -> int:
         raise CommandError(f"--output must be a .pt noise-model file, got {args.output}")
     if output.exists() and not args.overwrite:
         raise CommandError(f"{args.output} already exists (add --overwrite to replace it)")
+    _check_weight_output(output, args.output)
     if args.patch_size is not None and (args.patch_size % 8 or args.patch_size < 16):
         raise CommandError(f"--patch-size must be a multiple of 8 and >= 16, got {args.patch_size}")
     paths = discover_images(args.input)
@@ -980,6 +999,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     existing = blocking_files(output)
     if existing and not args.overwrite:
         raise CommandError(f"{existing[0]} already exists (add --overwrite to replace it)")
+    _check_weight_output(output, args.output)
     if args.initial_weights:
         start = Path(args.initial_weights).expanduser()
         if not start.is_file():
@@ -1077,6 +1097,7 @@ def cmd_train_lesion_detector(args: argparse.Namespace) -> int:
         raise CommandError(f"--output must be a .pt weight file, got {args.output}")
     if output.exists() and not args.overwrite:
         raise CommandError(f"{args.output} already exists (add --overwrite to replace it)")
+    _check_weight_output(output, args.output)
     if args.patch_size % 16:
         raise CommandError(f"--patch-size must be a multiple of 16, got {args.patch_size}")
     modality = args.modality.upper()
@@ -1124,17 +1145,25 @@ def _add_lesion_detector_parser(verbs) -> None:
 
 
 def _datastore_ids(folder: Path) -> list[str]:
-    """The ids of a local datastore's images: its files' names without an image suffix (``lib.data.image_stem``)."""
+    """The ids of a folder's images as training and the datastore name them: its files' names without an image
+    suffix and its DICOM series subfolders' names (``lib.data.image_stem``), and any other file's name."""
     from lib.data import image_stem
+    from lib.data.files import list_folder_images
 
     if not folder.is_dir():
         raise CommandError(f"--names-from {folder}: no such folder")
-    return [image_stem(path) for path in sorted(folder.iterdir()) if path.is_file() and not path.name.startswith(".")]
+    names = {image_stem(path) for path in list_folder_images(folder)}
+    names |= {image_stem(path) for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")}
+    return sorted(names)
 
 
 def cmd_share_weights(args: argparse.Namespace) -> int:
     from lib.weights.sharing import shareable_copy
 
+    output = Path(args.output).expanduser()
+    if output.suffix not in (".pt", ".pth"):
+        raise CommandError(f"--output must be a .pt weight file, got {args.output}")
+    _check_weight_output(output, args.output)
     extra = [name for folder in args.names_from or [] for name in _datastore_ids(Path(folder))]
     summary = shareable_copy(args.input, args.output, args.model_dir, extra)
     print(f"wrote {summary['output']} ({summary['ids_replaced']} image id(s) of the record replaced by pseudonyms, "

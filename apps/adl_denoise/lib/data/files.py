@@ -46,7 +46,8 @@ def _is_image_file(path: Path) -> bool:
     lower = path.name.lower()
     if lower.endswith(READ_SUFFIXES) or lower.endswith(DICOM_SUFFIXES):
         return True
-    return "." not in path.name and _has_dicom_magic(path)
+    # DICOM exports are often named by UID (1.2.840..., CT.1.2.840...): the marker decides, whatever the dots
+    return _has_dicom_magic(path)
 
 
 def _is_dicom_folder(path: Path) -> bool:

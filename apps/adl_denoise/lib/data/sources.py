@@ -139,6 +139,10 @@ def _resolve_modality(modality: str | None, read_modality: str, path: Path) -> s
 
 def _load_volume(path: Path, modality: str | None) -> tuple[np.ndarray, str, tuple[float, float, float]]:
     volume = read_volume(path, modality=None if modality is None else modality.upper())
+    if modality is not None and volume.metadata.get("modality_source") == "dicom" and \
+            volume.modality != modality.upper():  # the tag decides: an MR trained as CT learns the wrong noise
+        raise ValueError(f"{path} is a DICOM {volume.modality} (its Modality tag), not {modality.upper()}: train "
+                         "one model per modality")
     mod = _resolve_modality(modality, volume.modality, path)
     array = volume.array.astype(np.float32)
     spacing = tuple(float(s) for s in volume.spacing)
@@ -248,6 +252,7 @@ class PairedFolderSource:
             if noisy.shape != clean.shape:
                 raise ValueError(f"pair {name!r}: noisy {noisy_path.name} has shape {noisy.shape[-3:]} but clean "
                                  f"{clean_path.name} has {clean.shape}")
+            _check_same_grid(name, noisy_path, clean_path)
             scaling = intensity_scaling_for(clean, modality)
             volumes.append(TrainingVolume(name, clean, noisy, modality, spacing, scaling, clean_path,
                                           _usable_slices(clean, scaling)))
@@ -270,6 +275,20 @@ class PairedFolderSource:
         """Every pair as a full-image :class:`ValidationPair` (2D images as (H, W))."""
         return [ValidationPair(v.name, _squeeze(v.noisy), _squeeze(v.clean), v.modality, v.pixel_size_mm)
                 for v in self.volumes]
+
+
+def _check_same_grid(name: str, noisy_path: Path, clean_path: Path) -> None:
+    """ValueError unless the two images of a pair lie on one grid (spacing, origin, direction within 1e-3): pairs
+    are trained voxel by voxel, so a mirrored or shifted partner teaches the network other anatomy."""
+    from ..imaging.io import read_grid
+
+    noisy, clean = read_grid(noisy_path), read_grid(clean_path)
+    flips = noisy.flips_onto(clean)
+    if flips == ():
+        return
+    how = (f"the same voxels in another order (array axes {list(flips)} reversed)" if flips is not None else
+           f"another grid ({noisy.describe()}; clean: {clean.describe()})")
+    raise ValueError(f"pair {name!r}: noisy {noisy_path.name} lies on {how}: save both on one grid")
 
 
 def _squeeze(array: np.ndarray) -> np.ndarray:

@@ -231,7 +231,11 @@ def load_checkpoint(path: str | os.PathLike, fmt: str, version: int, what: str |
         p = p / "last.pt"
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} not found")
-    payload = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - cut, empty or not a torch file: one clear message
+        raise ValueError(f"{p} cannot be read as a checkpoint ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:160]}): cut short or not a checkpoint") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         found = payload.get("format") if isinstance(payload, dict) else None
         raise ValueError(f"{p} is not {what or f'a {fmt!r} file'}" + (f" (its format is {found!r})" if found else ""))

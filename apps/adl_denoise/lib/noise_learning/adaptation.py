@@ -275,6 +275,24 @@ def _lesion_line(check: dict) -> str:
             f"adapted {check['candidate_percent']:.1f} %, at most {check['tolerance_pp']:g} points less allowed")
 
 
+def _read_low_dose_ct(path: Path):
+    """A low-dose input as CT in HU; ValueError for a DICOM series of another modality, or values that cannot be HU
+    (none below 0: MR magnitudes). A CT crop without air is guessed MR from its values: it is read as CT when it
+    holds negative values (fat, air)."""
+    from ..imaging import read_volume
+
+    volume = read_volume(path)
+    if volume.modality == "CT":
+        return volume
+    if volume.metadata.get("modality_source") == "dicom":
+        raise ValueError(f"{path} is a DICOM {volume.modality} (its Modality tag), not CT: adaptation learns CT "
+                         "noise in HU")
+    if float(np.min(volume.array)) >= 0.0:
+        raise ValueError(f"{path} holds no value below 0, so it is no CT in HU (MR magnitudes?): adaptation learns CT "
+                         "noise in HU")
+    return read_volume(path, modality="CT")
+
+
 def adapt_to_low_dose(
     low_dose: Sequence[PathLike],
     model: str,
@@ -314,9 +332,9 @@ def adapt_to_low_dose(
             written, the weights are not; a diverged model not even with ``force``).
         ValueError: bad inputs (model mismatch, too few slices or noise patches).
     """
-    from ..data import check_not_heldout
+    from ..data import check_not_heldout, image_stem
     from ..engines.gated_fine_tuning import FineTuneSettings, adl_fine_tune_config, gcn_fine_tune_config
-    from ..imaging import read_volume, write_volume
+    from ..imaging import write_volume
     from ..evaluation.restoration_width import served_restoration, spread_slices
     from ..lesions.low_frequency_restoration import default_sigma_px
     from ..predict import load_denoiser, slice_denoiser
@@ -346,7 +364,7 @@ def adapt_to_low_dose(
     clock = time.perf_counter()
 
     # 1. the split, fixed before anything is learnt
-    volumes = [read_volume(p, modality="CT") for p in inputs]
+    volumes = [_read_low_dose_ct(Path(p)) for p in inputs]
     for path, volume in zip(inputs, volumes):
         if volume.array.ndim not in (2, 3):
             raise ValueError(f"{path}: expected a slice or a volume, got shape {volume.array.shape}")
@@ -360,13 +378,13 @@ def adapt_to_low_dose(
         train_files: dict[str, str] = {}
         held_groups: list[tuple[list[np.ndarray], tuple[float, float]]] = []  # per volume, for the lesion check
         held_record, train_record = [], []
-        for path, volume, stack, held_z in zip(inputs, volumes, stacks, held):
+        for index, (path, volume, stack, held_z) in enumerate(zip(inputs, volumes, stacks, held)):
             keep = [z for z in range(len(stack)) if z not in set(held_z)]
             held_groups.append(([np.asarray(stack[z], dtype=np.float32) for z in held_z],
                                 (float(volume.spacing[1]), float(volume.spacing[0]))))  # (row, column) mm
             held_record.append({"input": str(path), "slices": held_z})
             train_record.append({"input": str(path), "slices": keep})
-            stem = path.name.split(".")[0]
+            stem = f"{index:04d}_{image_stem(path)}"  # unique: scan.2024 / scan.2025, or UID-named folders
             for start, stop in _runs(keep):  # contiguous training slices only, so 2.5D neighbours are real ones
                 name = f"{stem}_z{start:04d}-{stop - 1:04d}"
                 part = dataclasses.replace(volume, array=np.ascontiguousarray(stack[start:stop]),

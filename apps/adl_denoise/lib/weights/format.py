@@ -79,19 +79,36 @@ def _is_absolute_path(text: str) -> bool:
     return text.startswith(("/", "~")) or bool(_WINDOWS_ABSOLUTE.match(text))
 
 
+#: record keys whose values are paths (relative ones too: ``--output site/DOE_JOHN/adl.pt`` gives a relative
+#: ``checkpoint_dir``); :func:`portable_record` keeps only their last component
+PATH_KEYS = frozenset({"checkpoint_dir", "lesion_detector", "lineage", "initial_weights", "noise_model", "output",
+                       "clean", "val", "noisy_dir", "clean_dir", "normal_dose", "lowdose", "work_dir", "resume",
+                       "input", "weights", "path", "file", "source", "folder"})
+
+
 def portable_record(value: Any) -> Any:
-    """``value`` (a JSON-able training record) with every absolute path cut to its last component, at any depth.
+    """``value`` (a JSON-able training record) with every absolute path, and every relative one under a key of
+    :data:`PATH_KEYS`, cut to its last component, at any depth.
 
     A weight file travels (published to every user of a site, copied to another one); the folders it was trained
-    from do not, and a site's folder names may name people (``/data/DOE_JOHN/...``). The file name is kept so a
-    site can still match the record with its own training report, which keeps the full paths.
+    from do not, and a site's folder names may name people (``/data/DOE_JOHN/...``, ``site/DOE_JOHN/...``). The
+    file name is kept so a site can still match the record with its own training report, which keeps the full
+    paths.
     """
-    def cut(text: str) -> str:
-        if not _is_absolute_path(text):
-            return text
+    def last(text: str) -> str:
         return re.split(r"[\\/]", text.rstrip("/\\"))[-1] or text[:1]
 
-    return map_record_strings(value, cut)
+    def walk(item: Any, path_key: bool) -> Any:
+        if isinstance(item, dict):
+            return {k: walk(v, path_key or (isinstance(k, str) and k in PATH_KEYS)) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [walk(v, path_key) for v in item]
+        if isinstance(item, str) and (_is_absolute_path(item) or (
+                path_key and re.search(r"[\\/]", item) and not re.search(r"\s", item))):  # a path, not a sentence
+            return last(item)
+        return item
+
+    return walk(value, False)
 
 
 def map_record_strings(value: Any, fn: Callable[[str], str], keys: bool = False) -> Any:
