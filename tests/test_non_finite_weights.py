@@ -110,8 +110,10 @@ def test_cli_train_that_diverges_says_so_and_writes_no_file(tmp_path, capsys):
     assert cli.main(args + ["--lr-warmup", "1e6"]) == 2
     error = capsys.readouterr().err
     assert "w.pt not written" in error and "NaN or infinite" in error and "lower learning rate" in error, error
+    assert "--overwrite" in error and "holds the diverged run's checkpoint" in error, error
     assert not output.exists()
-    assert cli.main(args + ["--lr-warmup", "1e-4"]) == 0 and output.is_file()  # the same run, sound
+    # the same run, sound: over the diverged run's checkpoint, as the message says
+    assert cli.main(args + ["--lr-warmup", "1e-4", "--overwrite"]) == 0 and output.is_file()
 
 
 @pytest.mark.server

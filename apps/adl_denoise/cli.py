@@ -737,7 +737,8 @@ def _export_trained(result, network, output: Path, config, data, initial_weights
         path = export_weights(network, output, config, scaling_rule_for(config.modality), record,
                               low_frequency_restoration=restoration)
     except NonFiniteWeightsError as error:
-        raise CommandError(f"{error}; train again with a lower learning rate or another --seed") from None
+        raise CommandError(f"{error}; train again with a lower learning rate or another --seed, and --overwrite: "
+                           f"{config.checkpoint_dir} holds the diverged run's checkpoint") from None
     if result.validation:
         last = result.validation[-1]
         print(f"validation PSNR {last['psnr']:.2f} dB (noisy input {last['psnr_noisy']:.2f} dB) at step {last['step']}")

@@ -1,14 +1,21 @@
 """Run a slow call (denoising, uploading, training polls) off the GUI thread.
 
 The Qt side polls :meth:`BackgroundTask.poll` from a ``qt.QTimer`` and updates the progress bar; nothing here
-touches Qt or MRML, which must only be used from the GUI thread. A cancelled task's result is discarded when it
-arrives (an HTTP request already sent cannot be recalled; the server finishes it and the answer is dropped).
+touches Qt or MRML, which must only be used from the GUI thread.
+
+Cancelling: the task's state is ``cancelled`` at once, but it is :attr:`~BackgroundTask.finished` only once its
+thread has ended, so that the GUI starts no new request while the cancelled one still writes files. The function
+runs in a :func:`ADLDenoiseLib.client.cancel_scope`: the server client's calls stop at their next chunk, a call
+waiting for an answer has its connection shut down, and neither leaves a partial file (the server may still
+finish work it already had; its answer is dropped). A late result is discarded.
 """
 from __future__ import annotations
 
 import threading
 import time
 from typing import Any, Callable
+
+from .client import Cancellation, cancel_scope
 
 __all__ = ["BackgroundTask"]
 
@@ -17,7 +24,8 @@ class BackgroundTask:
     """``BackgroundTask(function, *args)``: ``function(*args, report=..., cancelled=...)`` runs in a daemon
     thread; ``report(fraction or None, message)`` records progress, ``cancelled()`` tells it to stop early.
 
-    States: ``running``, ``done`` (``result``), ``failed`` (``error``), ``cancelled``.
+    States: ``running``, ``done`` (``result``), ``failed`` (``error``), ``cancelled`` (set by :meth:`cancel`
+    while the thread may still be stopping: see :attr:`finished`).
     """
 
     def __init__(self, function: Callable[..., Any], *args: Any, name: str = "task") -> None:
@@ -28,22 +36,27 @@ class BackgroundTask:
         self.progress: float | None = None
         self.message = "starting"
         self.started = time.monotonic()
-        self._cancel = threading.Event()
+        self._cancel = Cancellation()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, args=(function, args), name=name, daemon=True)
         self._thread.start()
 
     def _run(self, function: Callable[..., Any], args: tuple) -> None:
         try:
-            result = function(*args, report=self._report, cancelled=self._cancel.is_set)
+            with cancel_scope(self._cancel):
+                result = function(*args, report=self._report, cancelled=self._cancel.is_set)
         except BaseException as error:  # noqa: BLE001 - handed to the GUI thread to display
             with self._lock:
                 if self.state == "running":
                     self.state, self.error = "failed", error
+                else:
+                    self.message = "cancelled"
             return
         with self._lock:
             if self.state == "running":
                 self.state, self.result, self.progress = "done", result, 1.0
+            else:
+                self.message = "cancelled"
 
     def _report(self, fraction: float | None, message: str) -> None:
         with self._lock:
@@ -52,8 +65,8 @@ class BackgroundTask:
     def cancel(self) -> None:
         with self._lock:
             if self.state == "running":
-                self.state, self.message = "cancelled", "cancelled"
-        self._cancel.set()
+                self.state, self.message = "cancelled", "cancelling: stopping the transfer"
+        self._cancel.cancel()
 
     def poll(self) -> dict:
         """A snapshot for the GUI: state, progress (0..1 or None), message, seconds elapsed."""
@@ -67,4 +80,5 @@ class BackgroundTask:
 
     @property
     def finished(self) -> bool:
-        return self.state != "running"
+        """True once the thread has ended (not merely once cancelled: a cancelled call may still be stopping)."""
+        return not self._thread.is_alive()

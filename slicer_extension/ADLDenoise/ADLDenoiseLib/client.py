@@ -12,24 +12,36 @@ float32 result needs a few MiB, not gigabytes (measured: ``bench/client_memory.p
 Authentication (MONAI Label's own, ``MONAI_LABEL_AUTH_ENABLE``): :meth:`DenoiseServerClient.login` fetches a token
 from the server's ``/auth/token`` (as MONAI Label's own client and Slicer plugin do), or a token is given; it is
 sent as ``Authorization: Bearer ...`` on every request and never appears in a message, ``repr`` or log line.
+Redirects are refused, not followed (urllib would forward the token to whatever host the ``Location`` names).
+
+Cancelling: the long calls take ``cancelled`` (a callable; by default the one of the :func:`cancel_scope` around
+the call, which :class:`ADLDenoiseLib.BackgroundTask` sets). They stop at their next chunk, remove their partial
+files and raise :class:`TransferCancelled`; a :class:`Cancellation` also shuts down the connections of its scope, so
+a call waiting for the server's answer stops at once.
 """
 from __future__ import annotations
 
+import contextlib
 import email.message
 import email.parser
 import email.policy
 import hashlib
+import http.client
 import json
 import logging
 import os
+import socket
+import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import weakref
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
-__all__ = ["CHUNK", "DenoiseServerClient", "DenoiseServerError"]
+__all__ = ["CHUNK", "Cancellation", "DenoiseServerClient", "DenoiseServerError", "TransferCancelled", "cancel_scope"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +65,147 @@ class DenoiseServerError(RuntimeError):
         self.status = status
 
 
+class TransferCancelled(DenoiseServerError):
+    """The call was cancelled: it stopped at its next chunk and left no partial file (a subclass of
+    :class:`DenoiseServerError`, so callers that handle failures handle it too)."""
+
+    def __init__(self) -> None:
+        super().__init__("cancelled", None)
+
+
+# --- cancellation
+class Cancellation:
+    """A flag another thread sets (the GUI's Cancel) to stop the transfers of a :func:`cancel_scope`.
+
+    :meth:`cancel` also shuts down the sockets the scope's requests opened: a call blocked waiting for the server
+    (denoising takes minutes) would otherwise notice the flag only when the answer comes."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._event.set()
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):  # already closed: nothing to wake
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _attach(self, sock: socket.socket) -> bool:
+        """Track ``sock``; False when already cancelled (the caller must not use it)."""
+        with self._lock:
+            if self._event.is_set():
+                return False
+            self._sockets.add(sock)
+            return True
+
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def cancel_scope(cancellation: Cancellation | None) -> Iterator[None]:
+    """Calls of any client made in this thread inside the block stop once ``cancellation`` is set (so code run in
+    a :class:`ADLDenoiseLib.BackgroundTask` needs not pass ``cancelled`` down itself)."""
+    previous = getattr(_scope, "cancellation", None)
+    _scope.cancellation = cancellation
+    try:
+        yield
+    finally:
+        _scope.cancellation = previous
+
+
+def _cancel_check(cancelled: Callable[[], bool] | None) -> Callable[[], bool] | None:
+    """The ``cancelled`` callable of a call: the one given, else its thread's :func:`cancel_scope`'s, else None."""
+    if cancelled is not None:
+        return cancelled
+    cancellation = getattr(_scope, "cancellation", None)
+    return cancellation.is_set if cancellation is not None else None
+
+
+def _stop_if(cancelled: Callable[[], bool] | None) -> None:
+    if cancelled is not None and cancelled():
+        raise TransferCancelled() from None  # (raised in an except clause: a cancel, not what it broke)
+
+
+# --- transport: urllib with connections that read an early answer, and no redirects
+class _EarlyAnswer:
+    """Mixed into http.client's connections: a server that refuses a request (401, 403, 413) before reading the
+    upload answers and closes, so sending the rest fails (EPIPE / ECONNRESET) although the answer is there to read.
+    The send error is kept and the answer read; the send error is raised when there is no such refusal to read.
+    The socket is also registered with the thread's :class:`Cancellation`."""
+
+    _send_error: OSError | None = None
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        cancellation = getattr(_scope, "cancellation", None)
+        if cancellation is not None and not cancellation._attach(self.sock):
+            raise TransferCancelled()
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        self._send_error = None
+        try:
+            super().request(*args, **kwargs)  # type: ignore[misc]
+        except (BrokenPipeError, ConnectionResetError) as error:
+            if self.sock is None:  # nothing was sent: there is no answer to read
+                raise
+            self._send_error = error
+
+    def getresponse(self) -> http.client.HTTPResponse:
+        if self._send_error is None:
+            return super().getresponse()  # type: ignore[misc]
+        try:
+            response = super().getresponse()  # type: ignore[misc]
+        except OSError:  # RemoteDisconnected included: no answer at all (an answer not HTTP is told as such)
+            raise self._send_error from None
+        if response.status < 400:  # the upload did not arrive whole: never a success
+            response.close()
+            raise self._send_error
+        return response
+
+
+class _HTTPConnection(_EarlyAnswer, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_EarlyAnswer, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def do_open(self, http_class, req, **kwargs):  # type: ignore[override]
+        return super().do_open(_HTTPConnection, req, **kwargs)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def do_open(self, http_class, req, **kwargs):  # type: ignore[override]
+        return super().do_open(_HTTPSConnection, req, **kwargs)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects come back as their 3xx HTTPError (see ``_request``): urllib would follow them with the
+    Authorization header to any host, and turn an upload into a GET."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect, _HTTPHandler, _HTTPSHandler)
+
+
 class _MultipartBody:
     """A ``multipart/form-data`` body streamed from its files: iterating yields the bytes in pieces of at most
     :data:`CHUNK` (urllib sends an iterable body piece by piece once Content-Length is set); ``len()`` is the
     exact byte count, known before anything is read."""
 
     def __init__(self, fields: dict[str, str], files: dict[str, Path]) -> None:
+        self.cancelled: Callable[[], bool] | None = None  # checked before each chunk (set by ``_request``)
         self.boundary = uuid.uuid4().hex
         self.content_type = f"multipart/form-data; boundary={self.boundary}"
         self._pieces: list[bytes | tuple[Path, int]] = []
@@ -88,6 +235,7 @@ class _MultipartBody:
             sent = 0
             with open(path, "rb") as handle:
                 while chunk := handle.read(CHUNK):
+                    _stop_if(self.cancelled)
                     sent += len(chunk)
                     yield chunk
             if sent != size:  # the Content-Length already sent would be wrong: fail rather than send garbage
@@ -105,20 +253,23 @@ def _safe_name(filename: str | None, default: str) -> str:
     return name if name not in ("", ".", "..") else default
 
 
-def _copy_to_file(response: BinaryIO, target: Path) -> Path:
-    """Write the body of ``response`` to ``target`` in :data:`CHUNK` pieces (via ``target.part``, so a failed
-    download never leaves a partial file under the final name); checks Content-Length when the server sent one."""
+def _write_atomically(target: Path, fill: Callable[[BinaryIO], None],
+                      cancelled: Callable[[], bool] | None) -> Path:
+    """``fill(file)`` writes a temporary file of its own in ``target``'s folder, renamed to ``target`` only once
+    complete: a failed or cancelled download leaves no partial file, and two downloads of one target (a retry
+    while a cancelled one still runs) never write into one file."""
+    _stop_if(cancelled)  # a cancelled call does not recreate a folder deleted meanwhile (scene closed)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
-    written = 0
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    partial = Path(name)
     try:
-        with open(partial, "wb") as out:
-            while chunk := response.read(CHUNK):
-                out.write(chunk)
-                written += len(chunk)
-        expected = getattr(response, "headers", {}).get("Content-Length")
-        if expected is not None and expected.isdigit() and int(expected) != written:
-            raise DenoiseServerError(f"the download of {target.name} was cut off ({written} of {expected} bytes)")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                fill(out)
+        except Exception:
+            _stop_if(cancelled)  # a cancel that shut the socket down shows as a body cut off
+            raise
+        _stop_if(cancelled)
         os.replace(partial, target)
     finally:
         if partial.exists():
@@ -126,16 +277,38 @@ def _copy_to_file(response: BinaryIO, target: Path) -> Path:
     return target
 
 
+def _copy_to_file(response: BinaryIO, target: Path, cancelled: Callable[[], bool] | None = None) -> Path:
+    """Write the body of ``response`` to ``target`` in :data:`CHUNK` pieces (``_write_atomically``); checks
+    Content-Length when the server sent one."""
+
+    def fill(out: BinaryIO) -> None:
+        written = 0
+        while True:
+            _stop_if(cancelled)
+            chunk = response.read(CHUNK)
+            if not chunk:
+                break
+            out.write(chunk)
+            written += len(chunk)
+        expected = getattr(response, "headers", {}).get("Content-Length")
+        if expected is not None and expected.isdigit() and int(expected) != written:
+            raise DenoiseServerError(f"the download of {target.name} was cut off ({written} of {expected} bytes)")
+
+    return _write_atomically(target, fill, cancelled)
+
+
 class _MultipartReader:
     """Reads a ``multipart/*`` answer from a stream, one part at a time, without holding a part whole: file parts
     go to disk chunk by chunk, other parts (JSON) are kept up to :data:`MAX_FIELD_BYTES`."""
 
-    def __init__(self, stream: BinaryIO, boundary: str) -> None:
+    def __init__(self, stream: BinaryIO, boundary: str, cancelled: Callable[[], bool] | None = None) -> None:
         self.stream = stream
         self.delimiter = b"--" + boundary.encode("latin-1")
         self.buffer = b""
+        self.cancelled = cancelled
 
     def _fill(self) -> bool:
+        _stop_if(self.cancelled)
         chunk = self.stream.read(CHUNK)
         if not chunk:
             return False
@@ -197,17 +370,8 @@ class _MultipartReader:
             name = headers.get_param("name", header="content-disposition")
             filename = headers.get_filename()
             if filename:
-                output_dir.mkdir(parents=True, exist_ok=True)
                 target = output_dir / _safe_name(filename, "result.nii.gz")
-                partial = target.with_name(target.name + ".part")
-                try:
-                    with open(partial, "wb") as out:
-                        self._body(out.write)
-                    os.replace(partial, target)
-                finally:
-                    if partial.exists():
-                        partial.unlink()
-                result_path = target
+                result_path = _write_atomically(target, lambda out: self._body(out.write), self.cancelled)
             else:
                 field = bytearray()
 
@@ -225,6 +389,59 @@ class _MultipartReader:
         return result_path, result_json
 
 
+def _check_server_url(server_url: str) -> str:
+    """The server's address without a trailing ``/``; refused when requests could not go where it says (a query,
+    a fragment, a bad port, spaces) or when it holds a user name or password (never echoed: log in instead)."""
+    url = (server_url or "").strip().rstrip("/")
+    if "@" in url:
+        raise DenoiseServerError("the server address must not hold a user name or password (the address is not "
+                                 "shown here for that reason): give http://host:port and log in")
+    shape = f"server address must look like http://host:port, got {url!r}"
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port  # noqa: B018 - raises ValueError on a port that is not a number in 0..65535
+    except ValueError as error:
+        raise DenoiseServerError(f"{shape} ({error})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise DenoiseServerError(shape)
+    if parsed.query or parsed.fragment or "?" in url or "#" in url:
+        raise DenoiseServerError(f"{shape}: without ?query or #fragment (requests add their own)")
+    if any(not "!" <= c <= "~" for c in url):
+        raise DenoiseServerError(f"{shape}: without spaces or characters outside ASCII (percent-encode them)")
+    return url
+
+
+def _shown_location(location: str | None) -> str:
+    """A redirect's target as shown to the user: scheme, host, port and path (no user info, query or fragment)."""
+    if not location:
+        return "(no Location)"
+    parts = urllib.parse.urlsplit(location)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", "")) or "(an empty Location)"
+
+
+def _error_detail(raw: bytes, content_type: str) -> str:
+    """What an error answer's body says, in one line: FastAPI's ``detail`` (a string, or the ``msg`` of each item
+    of a validation list), a short plain text; nothing for an HTML page (the status and reason say it)."""
+    text = raw.decode("utf-8", "replace").strip()
+    if not text or "html" in content_type.lower() or text[:1] == "<":
+        return ""
+    try:
+        detail = json.loads(text).get("detail")
+    except (ValueError, AttributeError):
+        return " ".join(text.split())[:300]
+    if isinstance(detail, list):
+        items = []
+        for item in detail:
+            if isinstance(item, dict) and "msg" in item:
+                where = [str(part) for part in item.get("loc") or () if part not in ("body", "query", "path")]
+                items.append(f"{'.'.join(where)}: {item['msg']}" if where else str(item["msg"]))
+            else:
+                items.append(str(item))
+        return "; ".join(items)[:1000]
+    return " ".join(str(detail).split())[:1000] if detail else ""
+
+
 class DenoiseServerClient:
     """Talks to the app at ``server_url`` (e.g. ``http://127.0.0.1:8000``).
 
@@ -236,11 +453,7 @@ class DenoiseServerClient:
     """
 
     def __init__(self, server_url: str, timeout: float = 1800.0, token: str | None = None) -> None:
-        url = (server_url or "").strip().rstrip("/")
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise DenoiseServerError(f"server address must look like http://host:port, got {server_url!r}")
-        self.server_url = url
+        self.server_url = _check_server_url(server_url)
         self.timeout = timeout
         self._token: str | None = None
         self.token = token
@@ -261,6 +474,8 @@ class DenoiseServerClient:
             value = value[7:].strip()
         if any(c in value for c in "\r\n\0"):
             raise DenoiseServerError("the access token holds a line break: paste it again")
+        if any(not "!" <= c <= "~" for c in value):  # HTTP headers are latin-1; tokens (JWT) are printable ASCII
+            raise DenoiseServerError("the access token holds a space or a character no token has: paste it again")
         self._token = value or None
 
     def auth_enabled(self) -> bool:
@@ -287,7 +502,7 @@ class DenoiseServerClient:
             with self._request("POST", "/auth/token", body=body.encode(), timeout=60,
                                content_type="application/x-www-form-urlencoded", action="logging in",
                                send_token=False, secrets=(password,)) as response:
-                raw = response.read(MAX_FIELD_BYTES)
+                raw = self._read(response, MAX_FIELD_BYTES, (password,))
         except DenoiseServerError as error:
             if error.status in (400, 401, 403):
                 raise DenoiseServerError(MSG_BAD_LOGIN, 401) from None
@@ -337,14 +552,18 @@ class DenoiseServerClient:
     def _request(self, method: str, path: str, query: dict | None = None,
                  body: bytes | _MultipartBody | None = None, content_type: str | None = None,
                  timeout: float | None = None, action: str = "this request", send_token: bool = True,
-                 secrets: Sequence[str] = ()):
+                 secrets: Sequence[str] = (), cancelled: Callable[[], bool] | None = None):
         """Send a request; returns the open response (a context manager; read it in chunks for large answers).
 
-        ``action`` names what the user tried, for the 403 message; ``secrets`` are hidden from error messages.
+        ``action`` names what the user tried, for the 403 message; ``secrets`` are hidden from error messages;
+        ``cancelled`` (default: the thread's :func:`cancel_scope`) stops a streamed upload at its next chunk.
         """
+        cancelled = _cancel_check(cancelled)
+        _stop_if(cancelled)  # a cancelled task sends no further request
         url = self.server_url + path + (("?" + urllib.parse.urlencode(query)) if query else "")
         request = urllib.request.Request(url, data=body, method=method)
         if isinstance(body, _MultipartBody):
+            body.cancelled = cancelled
             request.add_header("Content-Length", str(len(body)))  # streamed: urllib needs the length up front
         if content_type:
             request.add_header("Content-Type", content_type)
@@ -352,52 +571,97 @@ class DenoiseServerClient:
             request.add_header("Authorization", f"Bearer {self._token}")
         logger.debug("%s %s", method, path)  # never the headers: they hold the token
         try:
-            return urllib.request.urlopen(request, timeout=timeout or self.timeout)
+            return _OPENER.open(request, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as error:
+            _stop_if(cancelled)
+            raise self._http_error(error, method, path, action, secrets) from None
+        except DenoiseServerError:
+            raise
+        except Exception as error:  # noqa: BLE001 - urllib and http.client raise many kinds: all become ours
+            _stop_if(cancelled)  # a cancel shuts the socket down: whatever broke is the cancel
+            raise self._transport_error(error, secrets) from None
+
+    def _transport_error(self, error: BaseException, secrets: Sequence[str] = ()) -> DenoiseServerError:
+        """The message of a request that got no HTTP answer (``status`` None)."""
+        reason = error.reason if isinstance(error, urllib.error.URLError) else error
+        text = self._scrub(str(reason) or type(reason).__name__, secrets)
+        if not isinstance(reason, BaseException):  # urllib's own reasons are words
+            return DenoiseServerError(f"cannot reach the server at {self.server_url} ({text}); is it running?")
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            return DenoiseServerError(f"no answer from {self.server_url} ({text})")
+        if isinstance(reason, (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)):
+            return DenoiseServerError(f"{self.server_url} closed the connection ({text}): try again; if it "
+                                      "persists, look at the server's log")
+        if isinstance(reason, http.client.HTTPException):  # BadStatusLine, IncompleteRead, LineTooLong ...
+            return DenoiseServerError(f"{self.server_url} did not answer as an HTTP server does "
+                                      f"({type(reason).__name__}): is it the denoising app?")
+        if isinstance(reason, OSError):
+            return DenoiseServerError(f"cannot reach the server at {self.server_url} ({text}); is it running?")
+        return DenoiseServerError(f"the request to {self.server_url} failed ({type(reason).__name__}: {text})")
+
+    def _http_error(self, error: urllib.error.HTTPError, method: str, path: str, action: str,
+                    secrets: Sequence[str]) -> DenoiseServerError:
+        """The message of an HTTP error answer: 401 / 403 / redirects in words, else the server's reason."""
+        try:
             raw = error.read(MAX_ERROR_BYTES)
+        except (OSError, http.client.HTTPException):  # the error body itself was cut off
+            raw = b""
+        finally:
             error.close()
-            try:
-                detail = json.loads(raw).get("detail")
-            except (ValueError, AttributeError):
-                detail = raw.decode("utf-8", "replace").strip()[:300]
-            detail = self._scrub(str(detail), secrets) if detail else ""
-            logger.debug("%s %s -> %s", method, path, error.code)
-            if error.code == 401:
-                raise DenoiseServerError(MSG_UNAUTHORIZED, 401) from None
-            if error.code == 403:
-                raise DenoiseServerError(f"your account lacks the role needed for {action}: ask the server's "
-                                         f"administrator" + (f" (server: {detail})" if detail else ""), 403) from None
-            if error.code == 404 and not detail:
-                detail = f"{path} not found: is {self.server_url} the denoising app?"
-            reason = self._scrub(str(error.reason or ""), secrets)
-            raise DenoiseServerError(f"server said {error.code}: {detail or reason}", error.code) from None
-        except urllib.error.URLError as error:
-            raise DenoiseServerError(f"cannot reach the server at {self.server_url} "
-                                     f"({self._scrub(str(error.reason), secrets)}); is it running?") from None
-        except (TimeoutError, OSError) as error:
-            raise DenoiseServerError(f"no answer from {self.server_url} ({self._scrub(str(error), secrets)})"
-                                     ) from None
+        detail = self._scrub(_error_detail(raw, error.headers.get("Content-Type", "")), secrets)
+        logger.debug("%s %s -> %s", method, path, error.code)
+        if error.code == 401:
+            return DenoiseServerError(MSG_UNAUTHORIZED, 401)
+        if error.code == 403:
+            return DenoiseServerError(f"your account lacks the role needed for {action}: ask the server's "
+                                      f"administrator" + (f" (server: {detail})" if detail else ""), 403)
+        if 300 <= error.code < 400:
+            location = _shown_location(error.headers.get("Location"))
+            return DenoiseServerError(f"{self.server_url} redirects to {self._scrub(location, secrets)} (HTTP "
+                                      f"{error.code}); redirects are not followed: if that is the server, connect "
+                                      "to that address", error.code)
+        if error.code == 404 and not detail:
+            detail = f"{path} not found: is {self.server_url} the denoising app?"
+        reason = self._scrub(str(error.reason or ""), secrets)
+        return DenoiseServerError(f"server said {error.code}: {detail or reason}", error.code)
+
+    def _read(self, response: BinaryIO, limit: int | None = None, secrets: Sequence[str] = (),
+              cancelled: Callable[[], bool] | None = None) -> bytes:
+        """A small answer's body, whole or up to ``limit`` bytes (cut off bodies and broken connections as
+        DenoiseServerError)."""
+        try:
+            data = response.read() if limit is None else response.read(limit)
+        except (OSError, http.client.HTTPException) as error:
+            _stop_if(_cancel_check(cancelled))
+            if isinstance(error, http.client.IncompleteRead):
+                data = error.partial
+            else:
+                raise self._transport_error(error, secrets) from None
+        else:
+            # http.client's read(limit) returns a body cut short without a word: its Content-Length says so
+            if (limit is not None and len(data) >= limit) or not getattr(response, "length", None):
+                return data
+        raise DenoiseServerError(f"the answer of {self.server_url} was cut off ({len(data)} bytes arrived): "
+                                 "try again")
 
     def _json(self, method: str, path: str, query: dict | None = None, payload: Any = None,
               timeout: float | None = None, action: str = "this request", send_token: bool = True) -> Any:
         body = None if payload is None else json.dumps(payload).encode()
         with self._request(method, path, query, body, "application/json" if body is not None else None,
                            timeout, action, send_token) as response:
-            try:
-                raw = response.read()
-            except (TimeoutError, OSError) as error:
-                raise DenoiseServerError(f"no answer from {self.server_url} ({error})") from None
+            raw = self._read(response)
         try:
             return json.loads(raw) if raw else None
         except ValueError:
             raise DenoiseServerError(f"{self.server_url}{path} did not answer JSON: is it the denoising app?") from None
 
     def _send_file(self, method: str, path: str, query: dict, fields: dict[str, str], files: dict[str, Path],
-                   action: str) -> dict:
+                   action: str, cancelled: Callable[[], bool] | None = None) -> dict:
         """A streamed multipart upload whose answer is a small JSON object."""
         body = _MultipartBody(fields, files)
-        with self._request(method, path, query, body, body.content_type, action=action) as response:
-            raw = response.read(MAX_FIELD_BYTES)
+        with self._request(method, path, query, body, body.content_type, action=action,
+                           cancelled=cancelled) as response:
+            raw = self._read(response, MAX_FIELD_BYTES, cancelled=cancelled)
         try:
             answer = json.loads(raw or b"{}")
         except ValueError:
@@ -425,20 +689,24 @@ class DenoiseServerClient:
 
     # --- denoising
     def denoise(self, model: str, image_path: str | os.PathLike, output_dir: str | os.PathLike,
-                params: dict | None = None) -> tuple[Path, dict]:
+                params: dict | None = None, cancelled: Callable[[], bool] | None = None) -> tuple[Path, dict]:
         """Upload ``image_path`` (NRRD / NIfTI), denoise it with ``model``; returns the result file (written in
         ``output_dir``) and the server's JSON (model, modality, weights version, seconds ...). The upload and the
-        result are streamed (O(:data:`CHUNK`) memory whatever the volume's size)."""
+        result are streamed (O(:data:`CHUNK`) memory whatever the volume's size). ``cancelled``: see the module's
+        docstring (:class:`TransferCancelled`, and no result file, once it is True)."""
         path = Path(image_path)
         if not path.is_file():
             raise DenoiseServerError(f"{path} does not exist")
+        cancelled = _cancel_check(cancelled)
         body = _MultipartBody({"params": json.dumps(params or {})}, {"file": path})
         with self._request("POST", f"/infer/{urllib.parse.quote(model)}", {"output": "all"}, body,
-                           body.content_type, action="denoising") as response:
-            return self._save_multipart(response.headers.get("Content-Type", ""), response, Path(output_dir))
+                           body.content_type, action="denoising", cancelled=cancelled) as response:
+            return self._save_multipart(response.headers.get("Content-Type", ""), response, Path(output_dir),
+                                        cancelled)
 
     @staticmethod
-    def _save_multipart(content_type: str, stream: BinaryIO, output_dir: Path) -> tuple[Path, dict]:
+    def _save_multipart(content_type: str, stream: BinaryIO, output_dir: Path,
+                        cancelled: Callable[[], bool] | None = None) -> tuple[Path, dict]:
         """Parse the multipart answer of ``/infer?output=all`` from ``stream`` to a file in ``output_dir``."""
         if not content_type.startswith("multipart/"):
             raise DenoiseServerError("the server answered without a result image")
@@ -448,9 +716,13 @@ class DenoiseServerClient:
         if not boundary or not isinstance(boundary, str):
             raise DenoiseServerError("the server's multipart answer has no boundary")
         try:
-            result_path, result_json = _MultipartReader(stream, boundary).save(output_dir)
-        except (TimeoutError, OSError) as error:
-            raise DenoiseServerError(f"the result download failed ({error})") from None
+            result_path, result_json = _MultipartReader(stream, boundary, cancelled).save(output_dir)
+        except DenoiseServerError:
+            _stop_if(cancelled)  # "cut off" after a cancel shut the socket down is the cancel
+            raise
+        except (OSError, http.client.HTTPException) as error:
+            _stop_if(cancelled)
+            raise DenoiseServerError(f"the result download failed ({type(error).__name__}: {error})") from None
         if result_path is None:
             raise DenoiseServerError("the server's answer held no result image")
         return result_path, result_json
@@ -460,14 +732,15 @@ class DenoiseServerClient:
         return sorted((self._json("GET", "/datastore/", {"output": "all"}, action="listing studies") or {})
                       .get("objects", {}))
 
-    def upload_image(self, image_path: str | os.PathLike, image_id: str) -> str:
+    def upload_image(self, image_path: str | os.PathLike, image_id: str,
+                     cancelled: Callable[[], bool] | None = None) -> str:
         """Upload a volume file to the datastore as ``image_id`` (streamed); returns the id the server kept."""
         answer = self._send_file("PUT", "/datastore/image", {"image": image_id}, {"params": "{}"},
-                                 {"file": Path(image_path)}, "uploading studies")
+                                 {"file": Path(image_path)}, "uploading studies", cancelled)
         return str(answer.get("image", image_id))
 
     def save_correction(self, image_id: str, corrected_path: str | os.PathLike,
-                        regions_sha256: str | None = None) -> dict:
+                        regions_sha256: str | None = None, cancelled: Callable[[], bool] | None = None) -> dict:
         """Save a corrected denoised volume as the ``final`` label of ``image_id`` (a training pair).
 
         ``regions_sha256``: the ``sha256`` that :meth:`save_regions` returned for the region map sent with this
@@ -475,7 +748,8 @@ class DenoiseServerClient:
         without regions, whatever map an earlier correction of the image had."""
         params = {"regions_sha256": regions_sha256} if regions_sha256 else {}
         return self._send_file("PUT", "/datastore/label", {"image": image_id, "tag": "final"},
-                               {"params": json.dumps(params)}, {"label": Path(corrected_path)}, "saving corrections")
+                               {"params": json.dumps(params)}, {"label": Path(corrected_path)}, "saving corrections",
+                               cancelled)
 
     def save_regions(self, image_id: str, labelmap_path: str | os.PathLike, regions: Sequence[Any]) -> dict:
         """Save the marked regions of ``image_id``'s correction as its ``regions`` label.
@@ -511,26 +785,32 @@ class DenoiseServerClient:
         return self._json("GET", "/datastore/label/info", {"label": image_id, "tag": tag},
                           action="reading corrections") or {}
 
-    def download_label(self, image_id: str, tag: str, target: str | os.PathLike) -> Path:
+    def download_label(self, image_id: str, tag: str, target: str | os.PathLike,
+                       cancelled: Callable[[], bool] | None = None) -> Path:
         """Download ``image_id``'s label ``tag`` to the file ``target`` (streamed to disk)."""
+        cancelled = _cancel_check(cancelled)
         with self._request("GET", "/datastore/label", {"label": image_id, "tag": tag},
-                           action="downloading studies") as response:
-            return self._download(response, Path(target))
+                           action="downloading studies", cancelled=cancelled) as response:
+            return self._download(response, Path(target), cancelled)
 
-    def download_image(self, image_id: str, output_dir: str | os.PathLike) -> Path:
+    def download_image(self, image_id: str, output_dir: str | os.PathLike,
+                       cancelled: Callable[[], bool] | None = None) -> Path:
         """Download the datastore image ``image_id`` into ``output_dir`` under its datastore file name (streamed
-        to disk)."""
+        to disk; a temporary file of its own until complete, so concurrent downloads of one study do not mix)."""
+        cancelled = _cancel_check(cancelled)
         info = self._json("GET", "/datastore/image/info", {"image": image_id}, action="downloading studies")
         name = _safe_name((info or {}).get("name"), f"{_safe_name(image_id, 'image')}.nii.gz")
-        with self._request("GET", "/datastore/image", {"image": image_id}, action="downloading studies") as response:
-            return self._download(response, Path(output_dir) / name)
+        with self._request("GET", "/datastore/image", {"image": image_id}, action="downloading studies",
+                           cancelled=cancelled) as response:
+            return self._download(response, Path(output_dir) / name, cancelled)
 
-    def _download(self, response: BinaryIO, target: Path) -> Path:
+    def _download(self, response: BinaryIO, target: Path, cancelled: Callable[[], bool] | None) -> Path:
         try:
-            return _copy_to_file(response, target)
-        except (TimeoutError, OSError) as error:
-            raise DenoiseServerError(f"the download of {target.name} from {self.server_url} failed ({error})"
-                                     ) from None
+            return _copy_to_file(response, target, cancelled)
+        except (OSError, http.client.HTTPException) as error:
+            _stop_if(cancelled)
+            raise DenoiseServerError(f"the download of {target.name} from {self.server_url} failed "
+                                     f"({type(error).__name__}: {error})") from None
 
     def next_study(self, exclude: list[str] | None = None) -> dict | None:
         """The next study without a review verdict, or None when the queue is empty."""
