@@ -12,9 +12,10 @@ Modes (request ``mode``):
 * ``corrections`` (default): every datastore image whose ``final`` label is a clinician's correction (a corrected
   denoised volume, float, same grid) is a pair: input = the original image, target = the correction. A
   correction is a label saved through the app's ``PUT /datastore/label`` route, which stamps its info with
-  :func:`correction_stamp` (``correction``, ``saved_by``, ``saved_utc`` and the file's ``sha256``; clients cannot
-  set these keys). A ``final`` label without the stamp, or whose file no longer has the stamped hash (an infer
-  result saved as a label, a file put into the datastore folder by hand), is not training data. An image may
+  :func:`correction_stamp` (``correction``, ``saved_by``, ``saved_utc``, the file's ``sha256`` and its image
+  file's ``image_sha256``; clients cannot set these keys). A ``final`` label without the stamp, or whose file (or
+  image file) no longer has the stamped hash (an infer result saved as a label, a file put into the datastore
+  folder by hand, an image replaced under the same id), is not training data. An image may
   also carry a ``regions`` label (corrections that say where, :mod:`lib.data.regions`): a uint8 label map on its
   grid, saved with ``PUT /datastore/label?image=ID&tag=regions`` and the form field ``params`` =
   ``{"regions": [{"value", "name", "intent": "keep" | "strength"[, "strength": 0..2]}]}``, which MONAI Label
