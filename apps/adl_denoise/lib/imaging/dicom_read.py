@@ -153,7 +153,8 @@ def list_dicom_series(folder: str | Path) -> list[dict]:
     """The DICOM image series directly inside ``folder`` (subfolders are not searched).
 
     Each entry: ``uid`` (SeriesInstanceUID, "" when empty), ``description``, ``modality``, ``n_files``,
-    ``series_number`` (int or None) and ``files`` (paths). Non-DICOM files are ignored.
+    ``series_number`` (int or None), ``files`` (paths) and ``unreadable_files`` (the folder's files marked DICOM
+    that cannot be read: while there are any, reading any of its series fails). Non-DICOM files are ignored.
 
     Raises:
         ImageReadError: the folder is missing, not a folder, or holds no DICOM image file.
