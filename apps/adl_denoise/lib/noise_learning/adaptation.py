@@ -387,8 +387,8 @@ def adapt_to_low_dose(
             stem = f"{index:04d}_{image_stem(path)}"  # unique: scan.2024 / scan.2025, or UID-named folders
             for start, stop in _runs(keep):  # contiguous training slices only, so 2.5D neighbours are real ones
                 name = f"{stem}_z{start:04d}-{stop - 1:04d}"
-                part = dataclasses.replace(volume, array=np.ascontiguousarray(stack[start:stop]),
-                                           metadata=dict(volume.metadata))
+                block = stack[start:stop] if volume.array.ndim == 3 else stack[start]  # a 2D input stays 2D
+                part = dataclasses.replace(volume, array=np.ascontiguousarray(block), metadata=dict(volume.metadata))
                 target = train_dir / f"{name}.nii.gz"
                 write_volume(part, target, output_dtype="float32")
                 train_files[name] = str(target)
