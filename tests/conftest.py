@@ -82,3 +82,14 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path):
                           root / "work", conf={"max_voxels": 3_000_000})
     yield server
     stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def realm():
+    """A Keycloak-like realm on 127.0.0.1 (``realm.py``: an RSA key pair, the realm JSON, RS256 tokens), one per
+    test module, for servers started with MONAI Label's authentication on."""
+    from realm import Realm
+
+    r = Realm()
+    yield r
+    r.stop()

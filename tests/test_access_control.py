@@ -15,7 +15,6 @@ without training, deleting or publishing anything on the server.
 from __future__ import annotations
 
 import time
-from typing import Iterator
 
 import pytest
 import requests
@@ -120,13 +119,6 @@ ROUTE_IDS = [f"{m} {p}" for m, p, _, _ in ROUTES]
 # tokens the server must refuse with 401, by what is wrong with them
 BAD_TOKENS = ("garbage", "expired", "other_key", "alg_none", "hs256_with_public_key", "no_username",
               "no_exp", "tampered_roles", "other_issuer", "no_issuer", "other_client", "no_client")
-
-
-@pytest.fixture(scope="module")
-def realm() -> Iterator[Realm]:
-    r = Realm()
-    yield r
-    r.stop()
 
 
 @pytest.fixture(scope="module")

@@ -260,7 +260,7 @@ def test_simulate_takes_a_one_slice_volume_and_names_a_bad_seed(tmp_path, ct_cro
     assert result.returncode == 0, result.stderr
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ld.nii.gz"))).shape == (1, 192, 192)
     result = run_cli("simulate", "--input", tmp_path / "one.nii.gz", "--output", tmp_path / "x.nii.gz", "--seed", "-1")
-    assert result.returncode == 2 and "--seed: must be 0 or more" in result.stderr, result.stderr
+    assert result.returncode == 2 and "--seed: must be an integer >= 0, got -1" in result.stderr, result.stderr
 
 
 def test_modality_argument_contradicting_the_dicom_tag_is_refused(tmp_path, ct_slice_dicom, ct_crop_nifti):

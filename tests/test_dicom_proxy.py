@@ -84,13 +84,6 @@ def pacs() -> Iterator[RecordingPacs]:
 
 
 @pytest.fixture(scope="module")
-def realm() -> Iterator[Realm]:
-    r = Realm()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, pacs, realm):
     root = tmp_path_factory.mktemp("dicom_proxy")
     srv = start_server(pacs.dicomweb, copy_weights(tiny_weights, root / "model"), root / "work",

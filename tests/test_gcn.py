@@ -69,11 +69,10 @@ def brute_force_knn(features: torch.Tensor, k: int, window: int, exclude: int):
 
 
 # ----------------------------------------------------------------------------------------------- k-NN graph
-def test_windowed_knn_matches_brute_force():
-    features = torch.randn(2, 5, 12, 13, dtype=torch.float64)
-    k, window, exclude = 16, 7, 1
+def _assert_windowed_knn_matches_brute_force(features: torch.Tensor, k: int, window: int, exclude: int) -> None:
+    B, _, H, W = features.shape
     indices, distances = windowed_knn(features, k, window, exclude)
-    assert indices.shape == distances.shape == (2, 12, 13, k) and indices.dtype == torch.int64
+    assert indices.shape == distances.shape == (B, H, W, k) and indices.dtype == torch.int64
     reference, candidates = brute_force_knn(features, k, window, exclude)
     assert torch.equal(torch.isinf(distances), torch.isinf(reference))
     finite = torch.isfinite(reference)
@@ -85,27 +84,19 @@ def test_windowed_knn_matches_brute_force():
             continue  # a tie at the k-th place may be broken either way
         assert set(indices[b, y, x, :n].tolist()) == expected, (b, y, x)
         for i in indices[b, y, x, :n].tolist():  # inside the window, outside the excluded 3x3 block
-            dy, dx = i // 13 - y, i % 13 - x
+            dy, dx = i // W - y, i % W - x
             assert max(abs(dy), abs(dx)) <= window // 2 and max(abs(dy), abs(dx)) > exclude
-        assert (indices[b, y, x, n:] == y * 13 + x).all()  # missing neighbours point at the pixel itself
+        assert (indices[b, y, x, n:] == y * W + x).all()  # missing neighbours point at the pixel itself
+
+
+def test_windowed_knn_matches_brute_force():
+    _assert_windowed_knn_matches_brute_force(torch.randn(2, 5, 12, 13, dtype=torch.float64), 16, 7, 1)
 
 
 @pytest.mark.parametrize("height,width", [(1, 13), (13, 1), (1, 1), (2, 3)])
 def test_windowed_knn_matches_brute_force_on_images_one_pixel_thin(height, width):
     """One row (or column) per tile: the window copy must not be the overlapping view of the dot products."""
-    features = torch.randn(1, 3, height, width, dtype=torch.float64)
-    k, window, exclude = 4, 7, 1
-    indices, distances = windowed_knn(features, k, window, exclude)
-    reference, candidates = brute_force_knn(features, k, window, exclude)
-    assert torch.equal(torch.isinf(distances), torch.isinf(reference))
-    finite = torch.isfinite(reference)
-    assert torch.allclose(distances[finite], reference[finite], rtol=1e-10, atol=1e-10)
-    for (b, y, x), found in candidates.items():
-        n = min(k, len(found))
-        if len(found) > n and abs(found[n][0] - found[n - 1][0]) < 1e-9:
-            continue
-        assert set(indices[b, y, x, :n].tolist()) == {i for _, i in found[:n]}, (y, x)
-        assert (indices[b, y, x, n:] == y * width + x).all()
+    _assert_windowed_knn_matches_brute_force(torch.randn(1, 3, height, width, dtype=torch.float64), 4, 7, 1)
 
 
 def test_windowed_knn_float32_agrees_with_float64():

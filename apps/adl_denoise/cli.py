@@ -151,7 +151,6 @@ def _check_output(args: argparse.Namespace) -> None:
     hours): the input itself, an existing file without --overwrite, an extension no writer takes, a folder (a
     derived DICOM series) for an input that is not DICOM, a parent that is a file or cannot be written to."""
     from lib.imaging import WRITE_SUFFIXES
-    from lib.imaging.dicom_read import is_dicom_file
 
     out, inp = Path(args.output).expanduser().resolve(), Path(args.input).expanduser().resolve()
     if out == inp:
@@ -161,7 +160,7 @@ def _check_output(args: argparse.Namespace) -> None:
     name = out.name.lower()
     suffix = ".nii.gz" if name.endswith(".nii.gz") else out.suffix.lower()
     if out.is_dir() or not suffix:
-        if inp.exists() and not inp.is_dir() and not is_dicom_file(inp):
+        if inp.exists() and not _is_dicom_source(inp):
             raise CommandError(f"--output {args.output} is a folder (a derived DICOM series), but {args.input} is not "
                                f"DICOM: give a file name ending in {', '.join(WRITE_SUFFIXES)}")
     elif suffix not in WRITE_SUFFIXES:
@@ -359,16 +358,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                           "0.8 for CT, off for MR, where a width is applied inside the imaged body only; 0 = the network "
                           "alone; larger restores less; see bench/README.md)")
 
-def _seed(text: str) -> int:
-    """A random seed: an integer >= 0 (numpy's generators take no negative seed)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -382,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "MR: Rician noise at a percentage of the maximum. Generic: Gaussian, Poisson, speckle.")
     _add_io_arguments(sim)
     sim.add_argument("--noise", choices=NOISE_KINDS, help="noise model (default: ct-lowdose for CT, rician for MR)")
-    sim.add_argument("--seed", type=_seed, default=0, help="random seed (same seed, same noise)")
+    sim.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (same seed, same noise)")
     ct = sim.add_argument_group("low-dose CT")
     ct.add_argument("--dose", type=_dose_fraction, default=0.25, help="dose fraction of the input scan (default 0.25)")
     ct.add_argument("--full-dose-photons", type=_positive_float, default=1e6,
@@ -915,7 +904,7 @@ def _add_train_parser(verbs) -> None:
                      help="steps between validations (500; 0: only at the end)")
     run.add_argument("--num-workers", type=_non_negative_int, help="data loader workers (default 0)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
-    run.add_argument("--seed", type=_seed, help="random seed")
+    run.add_argument("--seed", type=_non_negative_int, help="random seed")
     run.add_argument("--overwrite", action="store_true",
                      help="replace an existing --output (and start over where --checkpoint-dir holds an earlier run)")
     tr.set_defaults(func=cmd_train)
@@ -978,7 +967,7 @@ def _add_learn_noise_parser(verbs) -> None:
                     help="trend removed from each noise patch (default quadratic: right for filtered back-projection "
                          "noise; mean or plane for blotchy iterative-reconstruction noise)")
     ln.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
-    ln.add_argument("--seed", type=_seed, help="random seed")
+    ln.add_argument("--seed", type=_non_negative_int, help="random seed")
     ln.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ln.set_defaults(func=cmd_learn_noise)
 
@@ -1082,7 +1071,7 @@ def _add_adapt_parser(verbs) -> None:
                     help="write the adapted model even if it fails a check (never one whose training diverged to NaN)")
     ad.add_argument("--work-dir", help="keep the scratch files (split slices, noise model, pseudo pairs) here")
     ad.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
-    ad.add_argument("--seed", type=_seed, help="random seed")
+    ad.add_argument("--seed", type=_non_negative_int, help="random seed")
     ad.add_argument("--overwrite", action="store_true", help="replace an existing --output and its report")
     ad.set_defaults(func=cmd_adapt)
 
@@ -1140,7 +1129,7 @@ def _add_lesion_detector_parser(verbs) -> None:
     det.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3, cosine decay)")
     det.add_argument("--noise-cache", help="low-dose CT: folder caching simulated slices as .npy")
     det.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device")
-    det.add_argument("--seed", type=_seed, default=0, help="random seed")
+    det.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
     det.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     det.set_defaults(func=cmd_train_lesion_detector)
 

@@ -58,7 +58,12 @@ def stored_results(audit: AuditLog) -> set[str]:
 
 def refuse_unreviewable(audit: AuditLog, datastore: Datastore, image_id: str) -> None:
     """ValueError naming why ``image_id`` is no study to review or denoise: a result this app stored, or an id
-    that names several series (:func:`ambiguous_images`)."""
+    that names several series (:func:`ambiguous_images`). Both exist on a PACS only (a local datastore's ids are
+    its files' names): elsewhere nothing is read, so an infer does not scan the audit log."""
+    from ..pacs import is_dicomweb
+
+    if not is_dicomweb(datastore):
+        return
     if image_id in stored_results(audit):
         raise ValueError(f"{image_id} is a denoised series this server stored in the PACS, not a study: review or "
                          "denoise its source series")
@@ -198,9 +203,14 @@ class NextUnreviewed(Strategy):
         self.audit = audit
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any] | None:
+        from ..pacs import is_dicomweb
+
         exclude = set(request.get("exclude") or [])
         modality = str(request.get("modality") or "").upper()
-        not_studies = ambiguous_images(datastore) | (stored_results(self.audit) if self.audit is not None else set())
+        not_studies = set()  # results and ambiguous ids exist on a PACS only (see refuse_unreviewable)
+        if is_dicomweb(datastore):
+            not_studies = ambiguous_images(datastore) | (
+                stored_results(self.audit) if self.audit is not None else set())
         unreviewed = []  # (id, info), read once for the choice and the count
         for image_id in sorted(set(datastore.list_images()) - not_studies):
             info = datastore.get_image_info(image_id) or {}

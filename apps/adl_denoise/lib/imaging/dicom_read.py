@@ -78,14 +78,9 @@ def _uid_name(uid: str) -> str:
         return ""
 
 
-def _read_dicom_header(path: Path) -> Dataset | None:
-    """The header (no pixel data) when ``path`` is a readable DICOM file, else None."""
-    return _probe_dicom_header(path)[0]
-
-
 def is_dicom_file(path: Path) -> bool:
     """True when ``path`` is a DICOM file (with the 'DICM' marker, or a header that parses without it)."""
-    return has_dicom_magic(path) or _read_dicom_header(path) is not None
+    return has_dicom_magic(path) or _probe_dicom_header(path)[0] is not None
 
 
 def _is_image_header(ds: Dataset) -> bool:

@@ -323,6 +323,24 @@ def as_dicom_series(node, series_uid: str, modality: str):
     return node
 
 
+def perfusion_sequence():
+    """A 3-frame sequence (frame k: voxels k, index "time" 0 / 2.5 / 5 s) in a browser showing frame 1: (sequence,
+    browser, the Sequences logic, the proxy node the browser copies the shown frame into)."""
+    slicer.mrmlScene.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())
+    sequence = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceNode", "perfusion")
+    for frame in range(3):
+        volume = slicer.vtkMRMLScalarVolumeNode()
+        slicer.util.updateVolumeFromArray(volume, np.full((2, 3, 4), frame, np.float32))
+        sequence.SetDataNodeAtValue(volume, str(frame * 2.5))
+    browser = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    logic = slicer.vtkSlicerSequencesLogic()
+    logic.SetMRMLScene(slicer.mrmlScene)
+    browser.SetSelectedItemNumber(1)
+    logic.UpdateProxyNodesFromSequences(browser)
+    return sequence, browser, logic, browser.GetProxyNode(sequence)
+
+
 class StudyIdentityTest(unittest.TestCase):
     """Study identity, scalar-only volumes, parent transforms, sequence frames, linked views, scene close."""
 
@@ -416,19 +434,7 @@ class StudyIdentityTest(unittest.TestCase):
         self.assertEqual(hierarchy.GetItemParent(hierarchy.GetItemByDataNode(difference)), hierarchy.GetSceneItemID())
 
     def test_a_sequence_frame_is_named_and_part_of_the_identity(self):
-        slicer.mrmlScene.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())
-        sequence = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceNode", "perfusion")
-        for frame in range(3):
-            volume = slicer.vtkMRMLScalarVolumeNode()
-            slicer.util.updateVolumeFromArray(volume, np.full((2, 3, 4), frame, np.float32))
-            sequence.SetDataNodeAtValue(volume, str(frame * 2.5))
-        browser = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode")
-        browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
-        logic = slicer.vtkSlicerSequencesLogic()
-        logic.SetMRMLScene(slicer.mrmlScene)
-        browser.SetSelectedItemNumber(1)
-        logic.UpdateProxyNodesFromSequences(browser)
-        proxy = browser.GetProxyNode(sequence)
+        sequence, browser, logic, proxy = perfusion_sequence()
         info = sequence_frame(proxy)
         self.assertEqual((info["frame"], info["count"]), (1, 3))
         self.assertEqual(info["index"], "time = 2.5 s")
@@ -445,19 +451,7 @@ class StudyIdentityTest(unittest.TestCase):
         """The widget watches the selected node for INPUT_CHANGE_EVENTS (the sequence browser copies each frame into
         the same proxy node, so no other node is selected): frame 1's blend must not survive into frame 2, nor
         be submitted as frame 1's after stepping back."""
-        slicer.mrmlScene.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())
-        sequence = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceNode", "perfusion")
-        for frame in range(3):
-            volume = slicer.vtkMRMLScalarVolumeNode()
-            slicer.util.updateVolumeFromArray(volume, np.full((2, 3, 4), frame, np.float32))
-            sequence.SetDataNodeAtValue(volume, str(frame))
-        browser = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode")
-        browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
-        logic = slicer.vtkSlicerSequencesLogic()
-        logic.SetMRMLScene(slicer.mrmlScene)
-        browser.SetSelectedItemNumber(1)
-        logic.UpdateProxyNodesFromSequences(browser)
-        proxy = browser.GetProxyNode(sequence)
+        sequence, browser, logic, proxy = perfusion_sequence()
 
         session = ReviewSession(self.work / "tmp")
         fired = []
