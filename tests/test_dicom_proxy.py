@@ -105,6 +105,19 @@ def test_a_user_searches_through_the_proxy_and_the_pacs_never_gets_the_callers_t
     assert "authorization" not in got[0].headers
 
 
+def test_a_search_for_one_patient_reaches_the_pacs_with_its_query_and_accept_header(server, pacs, realm):
+    # MONAI Label's stock proxy dropped the query string: a viewer's search for one patient got every study
+    start = len(pacs.received)
+    query = "PatientID=MRN%204711&StudyDate=20260101-20261231&includefield=00081030&limit=25"
+    response = requests.get(f"{server.url}/proxy/dicom/qido/studies?{query}",
+                            headers=_as(realm, "user", Accept="application/dicom+json"), timeout=120)
+    assert response.status_code == 200 and response.json() == [], response.text[:300]
+    got = pacs.received[start:]
+    assert [(r.method, r.path) for r in got] == [("GET", f"/dicom-web/studies?{query}")]
+    assert got[0].headers["accept"] == "application/dicom+json"
+    assert "authorization" not in got[0].headers
+
+
 @pytest.mark.parametrize("prefix", ["", "wado/", "qido/", "stow/"])
 def test_a_post_through_any_prefix_stores_into_the_pacs_so_a_user_is_refused(server, pacs, realm, prefix):
     start = len(pacs.received)

@@ -143,6 +143,18 @@ def test_the_review_queue_hands_out_studies_never_results_or_a_uid_of_two_studie
                 verdict = requests.post(f"{server.url}/review/{image_id}",
                                         json={"verdict": "accepted", "reviewer": "dr_a"}, timeout=60)
                 assert verdict.status_code == 422 and words in verdict.text, verdict.text
+            # a viewer's search through the app's PACS proxy finds that patient's study alone (the stock proxy
+            # dropped the query string and answered every study), and its series metadata comes back through it
+            found = requests.get(f"{server.url}/proxy/dicom/qido/studies", params={"PatientID": "OTHER"},
+                                 headers={"Accept": "application/dicom+json"}, timeout=120)
+            assert found.status_code == 200, found.text[:300]
+            assert [s.get("00100020", {}).get("Value") for s in found.json()] == [["OTHER"]], found.json()
+            plain = pydicom.dcmread(series["plain"][0])
+            metadata = requests.get(f"{server.url}/proxy/dicom/wado/studies/{plain.StudyInstanceUID}/series/"
+                                    f"{uid['plain']}/metadata", headers={"Accept": "application/dicom+json"},
+                                    timeout=120)
+            assert metadata.status_code == 200 and len(metadata.json()) == 3, metadata.text[:300]
+            assert {m["0020000E"]["Value"][0] for m in metadata.json()} == {uid["plain"]}
             again = requests.post(f"{server.url}/infer/adl", params={"image": derived_uid, "output": "json"},
                                   data={"params": "{}"}, timeout=600)
             assert again.status_code == 409 and "not a study" in again.text, again.text

@@ -27,7 +27,10 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   POST (STOW-RS stores into the PACS, whichever of ``wado/``, ``qido/`` or ``stow/`` it is sent to, since MONAI
   Label's prefixes are empty by default) needs the annotator role; the caller's ``Authorization``, cookies and
   ``Host`` are not forwarded to the PACS (the stock proxy copies every header of a POST, so a user's realm token
-  would reach a third party).
+  would reach a third party). The forwarding is the app's own (:func:`_forward_to_pacs`): it keeps a search's
+  query string and the viewer's ``Accept`` header (the stock proxy drops both: a QIDO search for one patient
+  answered every study), waits for the PACS in a worker thread with a timeout (502 when it does not answer), and
+  does not follow the PACS's redirects.
 """
 from __future__ import annotations
 
@@ -594,8 +597,54 @@ def proxy_path_problem(path: str) -> Optional[str]:
     return None
 
 
+#: response headers of the PACS that describe its connection to this server, not this server's answer
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                         "transfer-encoding", "upgrade"})
+#: seconds to connect to the PACS, and to wait for each part of its answer
+PROXY_TIMEOUT_S = (10.0, 300.0)
+
+
+def _pacs_url_and_auth(op: str, path: str) -> tuple[str, Any, dict[str, str]]:
+    """The PACS URL for ``op`` (``wado``, ``qido``, ``stow`` or ``""``) and ``path``, with the credentials MONAI
+    Label's stock proxy uses (its settings' user and password, or Google Cloud's token for a Healthcare API)."""
+    auth = ((_settings.MONAI_LABEL_DICOMWEB_USERNAME, _settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+            if _settings.MONAI_LABEL_DICOMWEB_USERNAME and _settings.MONAI_LABEL_DICOMWEB_PASSWORD else None)
+    headers: dict[str, str] = {}
+    if "googleapis.com" in _settings.MONAI_LABEL_STUDIES:
+        import google.auth
+        import google.auth.transport.requests
+
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        credentials.refresh(google.auth.transport.requests.Request())
+        headers["Authorization"] = f"Bearer {credentials.token}"
+        auth = None
+    prefix = {"wado": _settings.MONAI_LABEL_WADO_PREFIX, "qido": _settings.MONAI_LABEL_QIDO_PREFIX,
+              "stow": _settings.MONAI_LABEL_STOW_PREFIX}.get(op, "")
+    if op == "qido" and path.endswith("metadata"):  # some OHIF versions ask QIDO for metadata (stock behaviour)
+        prefix = _settings.MONAI_LABEL_WADO_PREFIX
+    proxy_path = f"{prefix}/{path}" if prefix else path
+    return f"{_settings.MONAI_LABEL_STUDIES.rstrip('/')}/{proxy_path}", auth, headers
+
+
+def _forward_to_pacs(method: str, url: str, query: str, auth: Any, headers: dict[str, str], body: bytes):
+    """One request to the PACS (blocking: run in a worker thread) and its answer as a response of this server."""
+    import requests
+    from fastapi.responses import Response
+
+    try:
+        answer = requests.request(method, url + (f"?{query}" if query else ""), auth=auth, headers=headers,
+                                  data=body if method == "POST" else None, stream=True, timeout=PROXY_TIMEOUT_S,
+                                  allow_redirects=False)
+        content = answer.raw.read()
+    except requests.RequestException as e:
+        log.warning("PACS proxy: %s %s failed: %s", method, url, e)
+        raise HTTPException(status_code=502, detail=f"the PACS did not answer ({type(e).__name__})") from None
+    kept = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_BY_HOP}
+    return Response(content=content, status_code=answer.status_code, headers=kept)
+
+
 async def _proxy(request: Request, path: str):
-    from monailabel.endpoints.proxy import proxy_dicom
+    from starlette.concurrency import run_in_threadpool
 
     from ..pacs import is_dicomweb
 
@@ -608,10 +657,17 @@ async def _proxy(request: Request, path: str):
     problem = proxy_path_problem(rest)
     if problem is not None:
         raise HTTPException(status_code=422, detail=f"proxy path {rest[:80]!r} {problem}")
-    scope = dict(request.scope)
-    scope["headers"] = [(name, value) for name, value in request.scope.get("headers", [])
-                        if name.decode("latin-1").lower() not in PROXY_HEADERS_NOT_FORWARDED]
-    return await proxy_dicom(Request(scope, request.receive), op, rest)
+    url, auth, headers = _pacs_url_and_auth(op, rest)
+    if request.method == "POST":  # a STOW-RS store: its content type (multipart boundary) must reach the PACS
+        forwarded = {k: v for k, v in request.headers.items() if k.lower() not in PROXY_HEADERS_NOT_FORWARDED}
+        body = await request.body()
+    else:  # a search or a retrieval: what the viewer accepts (JSON, a frame's transfer syntax, ...) and no more
+        forwarded = {k: v for k, v in request.headers.items() if k.lower() == "accept"}
+        body = b""
+    # The query string is forwarded (MONAI Label's stock proxy drops it, so a QIDO search for one patient answered
+    # every study on the PACS); the PACS's own credentials win over anything of the caller's.
+    return await run_in_threadpool(_forward_to_pacs, request.method, url, request.url.query, auth,
+                                   {**forwarded, **headers}, body)
 
 
 @router.get("/proxy/dicom/{path:path}", include_in_schema=False)
