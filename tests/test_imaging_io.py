@@ -263,6 +263,27 @@ def test_ct_small_slice_in_hu():
     assert len(vol.dicom_headers) == 1 and "PixelData" not in vol.dicom_headers[0]
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_bits_above_bits_stored_are_masked_and_signed_values_sign_extended(tmp_path, signed):
+    """12-bit pixels in 16-bit words: a signed value written without sign extension (-5 as 0x0FFB) and bits
+    above HighBit (old overlay planes) are read as GDCM (SimpleITK, Slicer) reads them, not as 4091 / 61416."""
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+    true_stored = np.full((int(ds.Rows), int(ds.Columns)), -5 if signed else 1000, dtype=np.int32)
+    true_stored[0, :8] = 2047 if signed else 4095
+    true_stored[1, :8] = -2048 if signed else 0
+    words = true_stored & 0x0FFF  # no sign extension
+    if not signed:
+        words |= 0xF000  # garbage in the unused high bits
+    ds.PixelData = words.astype("<u2").tobytes()
+    path = tmp_path / "bits12.dcm"
+    ds.save_as(path)
+    volume = read_volume(path, fill_padding=False)
+    expected = true_stored * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_array_equal(volume.array, expected.astype(np.float32))
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[0])
+
+
 @pytest.mark.filterwarnings("ignore:The \\(0028,0101\\) 'Bits Stored' value:UserWarning")  # header says 16, J2K 14
 def test_j2k_lossless_equals_uncompressed_and_padding_to_air():
     j2k = read_volume(_pydicom_data("693_J2KR.dcm"))

@@ -201,7 +201,31 @@ def _decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax)) if syntax is not None else "unknown transfer syntax"
         raise ImageReadError(f"cannot decode the pixel data of {path} ({name}): {one_line(exc)}") from exc
-    return np.asarray(array)
+    return _correct_unused_bits(ds, np.asarray(array))
+
+
+def _correct_unused_bits(ds: Dataset, array: np.ndarray) -> np.ndarray:
+    """Stored integers reduced to their BitsStored bits, sign-extended when PixelRepresentation is 1.
+
+    pydicom 2 returns the whole BitsAllocated word: a signed 12-bit value written without sign extension (-5 as
+    0x0FFB) read as 4091, and bits above HighBit (old overlay planes) made a -24 HU voxel 61416. GDCM (ITK,
+    Slicer), DCMTK and Orthanc mask and sign-extend like this. Values already within the BitsStored range (the
+    usual case, and what the JPEG decoders return) are left as they are, without a copy."""
+    if not np.issubdtype(array.dtype, np.integer):
+        return array
+    width = array.dtype.itemsize * 8
+    bits = int(float_or(ds.get("BitsStored"), width))
+    high_bit = int(float_or(ds.get("HighBit"), bits - 1))
+    if not 0 < bits < width or high_bit != bits - 1:
+        return array  # no unused bits, or data shifted within the word (not used by CT/MR): left to the handler
+    signed = int(float_or(ds.get("PixelRepresentation"), 0)) == 1
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if array.size == 0 or (int(array.min()) >= low and int(array.max()) <= high):
+        return array
+    values = array.astype(np.int64) & ((1 << bits) - 1)
+    if signed:
+        values = np.where(values > high, values - (1 << bits), values)
+    return values.astype(np.dtype(f"{'int' if signed else 'uint'}{width}"))
 
 
 def _rescale_of(item: Dataset | None, fallback: Dataset) -> tuple[float, float]:
