@@ -412,6 +412,47 @@ def test_a_slice_copied_twice_into_a_series_is_named_not_read_as_two_volumes(tmp
         read_volume(tmp_path / "s")
 
 
+def _set_on_slices(paths: list[Path], values: dict) -> None:
+    """Set ``{keyword: [value per slice]}`` on the files of a series (in slice order)."""
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        for keyword, per_slice in values.items():
+            setattr(ds, keyword, per_slice[k])
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        # a scout in the other orientation kept in the CT series: was "slices have different ImageOrientationPatient"
+        ({"ImageType": [["ORIGINAL", "PRIMARY", "LOCALIZER"]] + [["ORIGINAL", "PRIMARY", "AXIAL"]] * 5,
+          "ImageOrientationPatient": [[1, 0, 0, 0, 0, -1]] + [[1, 0, 0, 0, 1, 0]] * 5},
+         r"1 of 6 slices are localizer \(scout\) images \(slice_006\.dcm"),
+        # two echoes whose positions interleave evenly: were stacked into one volume, echo 2 between echo 1's slices
+        ({"Modality": ["MR"] * 6, "EchoNumbers": [1, 2] * 3, "EchoTime": [10, 40] * 3},
+         r"EchoNumbers differs between slices \('2' in slice_001\.dcm; '1' in slice_002\.dcm\).*several volumes"),
+        ({"ConvolutionKernel": ["B30f", "B70f"] * 3}, r"ConvolutionKernel differs between slices"),
+        ({"Modality": ["MR"] * 6, "ImageType": [["ORIGINAL", "PRIMARY", "M", "ND"], ["ORIGINAL", "PRIMARY", "P", "ND"]] * 3},
+         r"ImageType \(complex component\) differs"),
+        ({"TemporalPositionIdentifier": [1, 2] * 3}, r"TemporalPositionIdentifier differs"),
+        ({"Modality": ["CT", "MR"] * 3}, r"Modality differs"),
+    ],
+    ids=["localizer", "echoes", "kernels", "magnitude-phase", "time-points", "modalities"],
+)
+def test_several_volumes_under_one_series_uid_are_named_not_stacked(tmp_path, values, message):
+    series = _make_series(tmp_path / "s", n=6)
+    _set_on_slices(series["paths"], values)
+    with pytest.raises(ImageReadError, match=message):
+        read_volume(tmp_path / "s")
+
+
+def test_acquisition_numbers_may_change_within_a_series(tmp_path):
+    """Axial (step-and-shoot) CT numbers each rotation as an acquisition: still one volume."""
+    series = _make_series(tmp_path / "s", n=6)
+    _set_on_slices(series["paths"], {"AcquisitionNumber": [1, 1, 2, 2, 3, 3]})
+    assert read_volume(tmp_path / "s").shape[0] == 6
+
+
 def test_sheared_series_refused_as_gantry_tilt(tmp_path):
     # positions move along z while the slice plane is tilted about x: a classic tilted CT stack
     tilt = np.deg2rad(12.0)

@@ -501,6 +501,51 @@ def _read_multiframe(ds: FileDataset, path: Path, modality_arg: str | None, fill
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: MR ImageType values naming the complex component: magnitude and phase images are never one volume
+_COMPLEX_COMPONENTS = ("M", "P", "R", "I", "MAGNITUDE", "PHASE", "REAL", "IMAGINARY")
+
+
+def _volume_key(header: Dataset) -> dict[str, str]:
+    """The attributes that every slice of one 3D volume shares, as text: the modality, the echo (number and
+    time), the time point, the reconstruction kernel and the complex component (MR ImageType M/P/R/I)."""
+    echo_time = float_or(header.get("EchoTime"), float("nan"))
+    image_type = [str(v).strip().upper() for v in (header.get("ImageType") or [])]
+    return {
+        "Modality": str_or_empty(header.get("Modality")).upper(),
+        "EchoNumbers": str_or_empty(header.get("EchoNumbers")),
+        "EchoTime": f"{echo_time:.3f}" if math.isfinite(echo_time) else "",
+        "TemporalPositionIdentifier": str_or_empty(header.get("TemporalPositionIdentifier")),
+        "ConvolutionKernel": str_or_empty(header.get("ConvolutionKernel")),
+        "ImageType (complex component)": next((v for v in image_type[2:] if v in _COMPLEX_COMPONENTS), ""),
+    }
+
+
+def _mixed_volumes(headers: list[Dataset], names: list[str]) -> str | None:
+    """Why the slices of one SeriesInstanceUID are not one 3D volume, naming files, or None.
+
+    A localizer (scout) kept in a CT series, two MR echoes or a magnitude and a phase image, two time points or
+    two reconstruction kernels under one uid (or under the empty uid of hard-anonymised data) would otherwise be
+    stacked into one volume when their positions interleave, or be refused as "different sizes" or "share a
+    position" without saying what is mixed."""
+    localizers = [name for header, name in zip(headers, names)
+                  if "LOCALIZER" in [str(v).strip().upper() for v in (header.get("ImageType") or [])]]
+    if localizers and len(localizers) < len(headers):
+        shown = ", ".join(localizers[:3]) + (f" and {len(localizers) - 3} more" if len(localizers) > 3 else "")
+        return (f"{len(localizers)} of {len(headers)} slices are localizer (scout) images ({shown}, ImageType "
+                "LOCALIZER): they are not part of the volume; move them out of the folder")
+    keys = [_volume_key(header) for header in headers]
+    for attribute in keys[0]:
+        first_seen: dict[str, str] = {}
+        for key, name in zip(keys, names):
+            first_seen.setdefault(key[attribute], name)
+        if len(first_seen) > 1:
+            shown = "; ".join(f"{value or '(none)'!r} in {name}" for value, name in list(first_seen.items())[:4])
+            return (f"{attribute} differs between slices ({shown}): the series holds several volumes (echoes, "
+                    "time points, reconstructions, magnitude/phase), not one 3D volume; put the slices of one "
+                    "volume in a folder of their own")
+    return None
+
+
 def read_dicom_folder(
     folder: Path, series_uid: str | None, modality_arg: str | None, fill: bool, limit: int
 ) -> Volume:
@@ -549,6 +594,9 @@ def read_dicom_folder(
     if conflict is not None:
         raise ImageReadError(f"{where}: {conflict}: these files are not one patient's series; put each series in "
                              "a folder of its own")
+    mixed = _mixed_volumes(headers, [p.name for p in paths])
+    if mixed is not None:
+        raise ImageReadError(f"{where}: {mixed}")
     sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
     if len(sizes) > 1:
         raise ImageReadError(f"{where}: slices have different sizes {sorted(sizes)}; not one volume")
