@@ -322,6 +322,29 @@ def test_enhanced_multiframe_ct_is_3d_sorted_along_normal():
     np.testing.assert_array_equal(vol.array[0], ds.pixel_array[1].astype(np.float32) - 1024.0)
 
 
+def test_one_frame_enhanced_ct_takes_rescale_and_plane_from_its_functional_groups(tmp_path):
+    """An enhanced CT object of one frame keeps RescaleIntercept and its plane in the functional groups: it read
+    1024 above HU with 1 mm pixels at the origin, and its derived slice had no ImagePositionPatient."""
+    ds = pydicom.dcmread(_pydicom_data("eCT_Supplemental.dcm"))
+    frame = ds.pixel_array[0]
+    ds.NumberOfFrames = 1
+    ds.PerFrameFunctionalGroupsSequence = [ds.PerFrameFunctionalGroupsSequence[0]]
+    ds.PixelData = frame.astype("<u2").tobytes()
+    path = tmp_path / "one_frame.dcm"
+    ds.save_as(path)
+    vol = read_volume(path, fill_padding=False)
+    np.testing.assert_array_equal(vol.array, frame.astype(np.float32) - 1024.0)
+    assert vol.spacing == (0.388672, 0.388672) and vol.origin == (99.5, -301.5)
+    assert vol.metadata["image_position_patient"] == [99.5, -301.5, -159.0]
+    out = write_volume(vol, tmp_path / "derived")
+    derived = pydicom.dcmread(next(out.iterdir()))
+    assert [float(v) for v in derived.ImagePositionPatient] == [99.5, -301.5, -159.0]
+    assert [float(v) for v in derived.ImageOrientationPatient] == [-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    again = read_volume(out, fill_padding=False)
+    assert again.same_grid(vol)
+    np.testing.assert_array_equal(again.array, vol.array)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # DICOM series (synthetic, on disk)
 # ------------------------------------------------------------------------------------------------------------

@@ -388,19 +388,26 @@ def read_dicom_file(
     stored = _decode_pixels(ds, path)
     if stored.ndim != 2:
         raise ImageReadError(f"{path}: unexpected pixel array shape {stored.shape} for a single-frame image")
-    rescale = _rescale_of(None, ds)
+    # an enhanced (CT/MR) object of one frame keeps its rescale and geometry in the functional groups, not at the
+    # top level: without them its CT values came out 1024 above HU, with 1 mm pixels and no position
+    rescale = _rescale_of(_frame_item(ds, 0, "PixelValueTransformationSequence"), ds)
     values, modality, source_dtype, info = _finish_dicom_volume(
         [stored], [rescale], [_padding_mask(ds, stored)], ds, path, modality_arg, fill
     )
-    ps = float_list(ds.get("PixelSpacing"), 2) or float_list(ds.get("ImagerPixelSpacing"), 2)
-    ipp = float_list(ds.get("ImagePositionPatient"), 3)
-    iop = float_list(ds.get("ImageOrientationPatient"), 6)
+    measures = _frame_item(ds, 0, "PixelMeasuresSequence") or Dataset()
+    position = _frame_item(ds, 0, "PlanePositionSequence") or Dataset()
+    orientation = _frame_item(ds, 0, "PlaneOrientationSequence") or Dataset()
+    ps = (float_list(measures.get("PixelSpacing"), 2) or float_list(ds.get("PixelSpacing"), 2)
+          or float_list(ds.get("ImagerPixelSpacing"), 2))
+    ipp = float_list(position.get("ImagePositionPatient"), 3) or float_list(ds.get("ImagePositionPatient"), 3)
+    iop = float_list(orientation.get("ImageOrientationPatient"), 6) or float_list(ds.get("ImageOrientationPatient"), 6)
     origin, direction, plane = plane_geometry_2d(ipp, iop, str(path))
     metadata = _dicom_metadata(ds)
     metadata.update(info)
     # a slice's extent along its normal, for writing it as a one-slice 3D image (the order SimpleITK uses, then
     # the nominal thickness)
-    slice_step = float_or(ds.get("SpacingBetweenSlices"), 0.0) or float_or(ds.get("SliceThickness"), 0.0) or 1.0
+    slice_step = (float_or(ds.get("SpacingBetweenSlices"), 0.0) or float_or(measures.get("SpacingBetweenSlices"), 0.0)
+                  or float_or(ds.get("SliceThickness"), 0.0) or float_or(measures.get("SliceThickness"), 0.0) or 1.0)
     metadata.update(
         {
             "image_position_patient": ipp,
@@ -426,18 +433,24 @@ def read_dicom_file(
     )
 
 
+def _frame_item(ds: Dataset, k: int, *keywords: str) -> Dataset | None:
+    """The functional group item ``keywords`` of frame ``k`` (0-based) of an enhanced object: per-frame, else
+    shared; None when neither has it (classic objects)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    item = sequence_item(per_frame[k], *keywords) if k < len(per_frame) else None
+    if item is None and "SharedFunctionalGroupsSequence" in ds:
+        item = sequence_item(ds, "SharedFunctionalGroupsSequence", *keywords)
+    return item
+
+
 def _read_multiframe(ds: FileDataset, path: Path, modality_arg: str | None, fill: bool) -> Volume:
     """A multi-frame object (enhanced CT/MR or legacy multi-frame) as a 3D volume."""
     frames = _decode_pixels(ds, path)
     n = int(float_or(ds.get("NumberOfFrames", 1), 1.0))
     if frames.ndim != 3 or frames.shape[0] != n:
         raise ImageReadError(f"{path}: pixel array shape {frames.shape} does not match NumberOfFrames {n}")
-    shared = sequence_item(ds, "SharedFunctionalGroupsSequence")
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-
     def frame_item(k: int, *keywords: str) -> Dataset | None:
-        item = sequence_item(per_frame[k], *keywords) if k < len(per_frame) else None
-        return item if item is not None else (sequence_item(shared, *keywords) if shared is not None else None)
+        return _frame_item(ds, k, *keywords)
 
     positions, orientations, spacings, rescales = [], [], [], []
     geometry_complete = True

@@ -264,6 +264,10 @@ def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str, deri
                 ds.ImageOrientationPatient = [_ds_text(v) for v in orientation]
                 if "SliceThickness" not in ds:
                     ds.SliceThickness = _ds_text(volume.spacing[2])
+            elif volume.metadata.get("image_position_patient") and volume.metadata.get("image_orientation_patient"):
+                # a one-frame enhanced slice: its plane is in the functional groups, which are not copied
+                ds.ImagePositionPatient = [_ds_text(v) for v in volume.metadata["image_position_patient"]]
+                ds.ImageOrientationPatient = [_ds_text(v) for v in volume.metadata["image_orientation_patient"]]
         ds.PixelSpacing = [_ds_text(volume.spacing[1]), _ds_text(volume.spacing[0])]
         if ds.SOPClassUID == str(SecondaryCaptureImageStorage) and "ConversionType" not in ds:
             ds.ConversionType = "WSD"
