@@ -345,6 +345,25 @@ def test_one_frame_enhanced_ct_takes_rescale_and_plane_from_its_functional_group
     np.testing.assert_array_equal(again.array, vol.array)
 
 
+def test_a_series_of_one_frame_enhanced_files_reads_as_the_multiframe_object(tmp_path):
+    """Each file's plane and rescale are in its functional groups: the folder was refused ("no
+    ImagePositionPatient") although it is one regular volume."""
+    source = _pydicom_data("eCT_Supplemental.dcm")
+    ds = pydicom.dcmread(source)
+    frames = ds.pixel_array
+    (tmp_path / "s").mkdir()
+    for k in range(2):
+        one = copy.deepcopy(ds)
+        one.NumberOfFrames = 1
+        one.PerFrameFunctionalGroupsSequence = [ds.PerFrameFunctionalGroupsSequence[k]]
+        one.PixelData = frames[k].astype("<u2").tobytes()
+        one.SOPInstanceUID = one.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        one.save_as(tmp_path / "s" / f"frame{k}.dcm")
+    folder, whole = read_volume(tmp_path / "s", fill_padding=False), read_volume(source, fill_padding=False)
+    assert folder.same_grid(whole) and "spacing_note" not in folder.metadata
+    np.testing.assert_array_equal(folder.array, whole.array)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # DICOM series (synthetic, on disk)
 # ------------------------------------------------------------------------------------------------------------

@@ -394,13 +394,8 @@ def read_dicom_file(
     values, modality, source_dtype, info = _finish_dicom_volume(
         [stored], [rescale], [_padding_mask(ds, stored)], ds, path, modality_arg, fill
     )
+    ipp, iop, ps = _slice_plane(ds)
     measures = _frame_item(ds, 0, "PixelMeasuresSequence") or Dataset()
-    position = _frame_item(ds, 0, "PlanePositionSequence") or Dataset()
-    orientation = _frame_item(ds, 0, "PlaneOrientationSequence") or Dataset()
-    ps = (float_list(measures.get("PixelSpacing"), 2) or float_list(ds.get("PixelSpacing"), 2)
-          or float_list(ds.get("ImagerPixelSpacing"), 2))
-    ipp = float_list(position.get("ImagePositionPatient"), 3) or float_list(ds.get("ImagePositionPatient"), 3)
-    iop = float_list(orientation.get("ImageOrientationPatient"), 6) or float_list(ds.get("ImageOrientationPatient"), 6)
     origin, direction, plane = plane_geometry_2d(ipp, iop, str(path))
     metadata = _dicom_metadata(ds)
     metadata.update(info)
@@ -441,6 +436,19 @@ def _frame_item(ds: Dataset, k: int, *keywords: str) -> Dataset | None:
     if item is None and "SharedFunctionalGroupsSequence" in ds:
         item = sequence_item(ds, "SharedFunctionalGroupsSequence", *keywords)
     return item
+
+
+def _slice_plane(ds: Dataset) -> tuple[list[float] | None, list[float] | None, list[float] | None]:
+    """(ImagePositionPatient, ImageOrientationPatient, PixelSpacing (or ImagerPixelSpacing)) of a one-frame
+    object, each None when absent: from the top level, or from the functional groups of an enhanced object."""
+    position = _frame_item(ds, 0, "PlanePositionSequence") or Dataset()
+    orientation = _frame_item(ds, 0, "PlaneOrientationSequence") or Dataset()
+    measures = _frame_item(ds, 0, "PixelMeasuresSequence") or Dataset()
+    ipp = float_list(ds.get("ImagePositionPatient"), 3) or float_list(position.get("ImagePositionPatient"), 3)
+    iop = float_list(ds.get("ImageOrientationPatient"), 6) or float_list(orientation.get("ImageOrientationPatient"), 6)
+    ps = (float_list(ds.get("PixelSpacing"), 2) or float_list(measures.get("PixelSpacing"), 2)
+          or float_list(ds.get("ImagerPixelSpacing"), 2))
+    return ipp, iop, ps
 
 
 def _read_multiframe(ds: FileDataset, path: Path, modality_arg: str | None, fill: bool) -> Volume:
@@ -617,9 +625,7 @@ def read_dicom_folder(
 
     positions, orientations, spacings, tilts = [], [], [], []
     for path, header in zip(paths, headers):
-        ipp = float_list(header.get("ImagePositionPatient"), 3)
-        iop = float_list(header.get("ImageOrientationPatient"), 6)
-        ps = float_list(header.get("PixelSpacing"), 2) or float_list(header.get("ImagerPixelSpacing"), 2)
+        ipp, iop, ps = _slice_plane(header)
         if ipp is None or iop is None:
             raise ImageReadError(
                 f"{where}: {path.name} has no ImagePositionPatient/ImageOrientationPatient, so the slices cannot be "
@@ -642,7 +648,7 @@ def read_dicom_folder(
         if stored.shape != (int(ds.Rows), int(ds.Columns)):
             raise ImageReadError(f"{paths[k]}: pixel array shape {stored.shape} does not match Rows x Columns")
         stored_slices.append(stored)
-        rescales.append(_rescale_of(None, ds))
+        rescales.append(_rescale_of(_frame_item(ds, 0, "PixelValueTransformationSequence"), ds))
         masks.append(_padding_mask(ds, stored))
         full_headers.append(_strip_pixels(ds))
     ds0 = full_headers[0]
@@ -658,7 +664,9 @@ def read_dicom_folder(
             "files": [str(paths[k]) for k in geom.order],
         }
     )
-    if any(float_list(h.get("PixelSpacing"), 2) is None for h in headers):
+    if any(float_list(h.get("PixelSpacing"), 2) is None
+           and float_list((_frame_item(h, 0, "PixelMeasuresSequence") or Dataset()).get("PixelSpacing"), 2) is None
+           for h in headers):
         metadata["spacing_note"] = "no PixelSpacing on some slices: ImagerPixelSpacing or 1 mm used"
     return Volume(
         array=values,
