@@ -364,6 +364,21 @@ def test_a_series_of_one_frame_enhanced_files_reads_as_the_multiframe_object(tmp
     np.testing.assert_array_equal(folder.array, whole.array)
 
 
+def test_derived_series_of_an_enhanced_ct_keeps_its_window_and_slice_thickness(tmp_path):
+    """Both are in the functional groups of the source, which are not copied: the derived slices had no window and
+    the slice step (10 mm) as their thickness (5 mm)."""
+    ds = pydicom.dcmread(_pydicom_data("eCT_Supplemental.dcm"))
+    ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness = "5.0"
+    ds.save_as(tmp_path / "enhanced.dcm")
+    vol = read_volume(tmp_path / "enhanced.dcm")
+    assert (vol.metadata["window_center"], vol.metadata["window_width"]) == (49.0, 102.0)
+    out = write_volume(vol, tmp_path / "derived")
+    for path in sorted(out.iterdir()):
+        derived = pydicom.dcmread(path)
+        assert (float(derived.WindowCenter), float(derived.WindowWidth)) == (49.0, 102.0)
+        assert float(derived.SliceThickness) == 5.0
+
+
 # ------------------------------------------------------------------------------------------------------------
 # DICOM series (synthetic, on disk)
 # ------------------------------------------------------------------------------------------------------------

@@ -294,12 +294,15 @@ def _dicom_metadata(ds: Dataset) -> dict:
         "dicom_modality": str_or_empty(ds.get("Modality")),
         "manufacturer": str_or_empty(ds.get("Manufacturer")),
         "convolution_kernel": str_or_empty(ds.get("ConvolutionKernel")),
-        "slice_thickness": first_number(ds.get("SliceThickness")),
+        "slice_thickness": first_number(ds.get("SliceThickness") or (
+            _frame_item(ds, 0, "PixelMeasuresSequence") or Dataset()).get("SliceThickness")),
         "transfer_syntax": str(syntax) if syntax is not None else "",
         "lossy_compressed": str_or_empty(ds.get("LossyImageCompression")) == "01" or _is_lossy_syntax(syntax),
         "photometric_interpretation": str_or_empty(ds.get("PhotometricInterpretation")),
     }
-    center, width = first_number(ds.get("WindowCenter")), first_number(ds.get("WindowWidth"))
+    # an enhanced object has its window in the functional groups (FrameVOILUTSequence)
+    window = ds if "WindowCenter" in ds else (_frame_item(ds, 0, "FrameVOILUTSequence") or Dataset())
+    center, width = first_number(window.get("WindowCenter")), first_number(window.get("WindowWidth"))
     if center is not None and width is not None and math.isfinite(center) and math.isfinite(width):
         meta["window_center"], meta["window_width"] = center, width
     tilt = ds.get("GantryDetectorTilt")

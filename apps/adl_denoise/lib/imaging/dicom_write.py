@@ -262,8 +262,13 @@ def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str, deri
                 position, orientation = grid_slice_plane(volume.origin, volume.spacing, volume.direction, k)
                 ds.ImagePositionPatient = [_ds_text(v) for v in position]
                 ds.ImageOrientationPatient = [_ds_text(v) for v in orientation]
-                if "SliceThickness" not in ds:
-                    ds.SliceThickness = _ds_text(volume.spacing[2])
+                if "SliceThickness" not in ds:  # an enhanced source has it per frame; else the slice step
+                    thickness = reference.metadata.get("slice_thickness")
+                    ds.SliceThickness = _ds_text(thickness if thickness and math.isfinite(thickness)
+                                                 else volume.spacing[2])
+                if "WindowCenter" not in ds and "window_center" in reference.metadata:
+                    ds.WindowCenter = _ds_text(reference.metadata["window_center"])
+                    ds.WindowWidth = _ds_text(reference.metadata["window_width"])
             elif volume.metadata.get("image_position_patient") and volume.metadata.get("image_orientation_patient"):
                 # a one-frame enhanced slice: its plane is in the functional groups, which are not copied
                 ds.ImagePositionPatient = [_ds_text(v) for v in volume.metadata["image_position_patient"]]
