@@ -379,6 +379,17 @@ def test_derived_series_of_an_enhanced_ct_keeps_its_window_and_slice_thickness(t
         assert float(derived.SliceThickness) == 5.0
 
 
+def test_derived_slice_of_a_monochrome1_image_stays_monochrome1(tmp_path):
+    """The derived values are the source's: written as MONOCHROME2 the image showed inverted next to its source."""
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.Modality, ds.PhotometricInterpretation = "DX", "MONOCHROME1"
+    ds.save_as(tmp_path / "dx.dcm")
+    vol = read_volume(tmp_path / "dx.dcm", fill_padding=False)
+    derived = pydicom.dcmread(next(write_volume(vol, tmp_path / "derived").iterdir()))
+    assert derived.PhotometricInterpretation == "MONOCHROME1"
+    np.testing.assert_array_equal(read_volume(tmp_path / "derived", fill_padding=False).array, vol.array)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # DICOM series (synthetic, on disk)
 # ------------------------------------------------------------------------------------------------------------

@@ -292,7 +292,10 @@ def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str, deri
         pixels = np.ascontiguousarray(stored[k])
         ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
         ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
+        # MONOCHROME1 (e.g. CR/DX: low values white) is kept: the values are the source's, so MONOCHROME2 would
+        # show the derived image inverted next to its source
+        ds.PhotometricInterpretation = (
+            "MONOCHROME1" if str_or_empty(src.get("PhotometricInterpretation")) == "MONOCHROME1" else "MONOCHROME2")
         ds.BitsAllocated = 16
         ds.BitsStored = 16
         ds.HighBit = 15
