@@ -390,6 +390,23 @@ def test_derived_slice_of_a_monochrome1_image_stays_monochrome1(tmp_path):
     np.testing.assert_array_equal(read_volume(tmp_path / "derived", fill_padding=False).array, vol.array)
 
 
+def test_modality_lut_sequence_maps_the_stored_values(tmp_path):
+    """An image with a Modality LUT Sequence instead of RescaleSlope/Intercept (XA, DX, SC) was read in raw stored
+    values."""
+    ds = pydicom.dcmread(CT_SMALL)
+    del ds.RescaleSlope, ds.RescaleIntercept
+    ds.Modality, ds.PixelRepresentation = "DX", 0
+    lut = pydicom.Dataset()
+    lut.LUTDescriptor, lut.ModalityLUTType = [256, 0, 16], "OD"
+    lut.LUTData = [3 * i + 7 for i in range(256)]
+    lut["LUTDescriptor"].VR = lut["LUTData"].VR = "US"
+    ds.ModalityLUTSequence = [lut]
+    stored = (np.arange(128 * 128) % 256).reshape(128, 128).astype(np.uint16)
+    ds.PixelData = stored.astype("<u2").tobytes()
+    ds.save_as(tmp_path / "lut.dcm")
+    np.testing.assert_array_equal(read_volume(tmp_path / "lut.dcm", fill_padding=False).array, 3.0 * stored + 7)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # DICOM series (synthetic, on disk)
 # ------------------------------------------------------------------------------------------------------------

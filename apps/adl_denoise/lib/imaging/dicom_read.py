@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixel_data_handlers.util import apply_modality_lut
 
 from .dicom_geometry import orientation_direction, plane_geometry_2d, stack_geometry
 from .dicom_tags import (as_signed_stored, first_number, float_list, float_or, identity_conflict, sequence_item,
@@ -236,6 +237,17 @@ def _rescale_of(item: Dataset | None, fallback: Dataset) -> tuple[float, float]:
     return (slope if slope != 0 else 1.0), intercept
 
 
+def _modality_lut(ds: Dataset, stored: np.ndarray, path: Path) -> np.ndarray:
+    """Stored values through the Modality LUT Sequence when the object has one instead of RescaleSlope/Intercept
+    (XA, DX, SC): without it the values were the raw stored ones. Unchanged otherwise."""
+    if "ModalityLUTSequence" not in ds or "RescaleSlope" in ds:
+        return stored
+    try:
+        return np.asarray(apply_modality_lut(stored, ds))
+    except Exception as exc:  # noqa: BLE001 - a malformed LUT: refuse rather than read unmapped values
+        raise ImageReadError(f"{path}: its Modality LUT Sequence cannot be applied ({one_line(exc)})") from exc
+
+
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     """Pixels equal to PixelPaddingValue (or within [PixelPaddingValue, PixelPaddingRangeLimit]), in stored
     values (the tags are defined before rescale)."""
@@ -394,8 +406,9 @@ def read_dicom_file(
     # an enhanced (CT/MR) object of one frame keeps its rescale and geometry in the functional groups, not at the
     # top level: without them its CT values came out 1024 above HU, with 1 mm pixels and no position
     rescale = _rescale_of(_frame_item(ds, 0, "PixelValueTransformationSequence"), ds)
+    mask = _padding_mask(ds, stored)
     values, modality, source_dtype, info = _finish_dicom_volume(
-        [stored], [rescale], [_padding_mask(ds, stored)], ds, path, modality_arg, fill
+        [_modality_lut(ds, stored, path)], [rescale], [mask], ds, path, modality_arg, fill
     )
     ipp, iop, ps = _slice_plane(ds)
     measures = _frame_item(ds, 0, "PixelMeasuresSequence") or Dataset()
@@ -650,9 +663,9 @@ def read_dicom_folder(
         stored = _decode_pixels(ds, paths[k])
         if stored.shape != (int(ds.Rows), int(ds.Columns)):
             raise ImageReadError(f"{paths[k]}: pixel array shape {stored.shape} does not match Rows x Columns")
-        stored_slices.append(stored)
-        rescales.append(_rescale_of(_frame_item(ds, 0, "PixelValueTransformationSequence"), ds))
         masks.append(_padding_mask(ds, stored))
+        stored_slices.append(_modality_lut(ds, stored, paths[k]))
+        rescales.append(_rescale_of(_frame_item(ds, 0, "PixelValueTransformationSequence"), ds))
         full_headers.append(_strip_pixels(ds))
     ds0 = full_headers[0]
     values, modality, source_dtype, info = _finish_dicom_volume(
