@@ -531,6 +531,29 @@ def test_several_volumes_under_one_series_uid_are_named_not_stacked(tmp_path, va
         read_volume(tmp_path / "s")
 
 
+@pytest.mark.parametrize(
+    "keyword, value, message",
+    [
+        ("ImageOrientationPatient", [1, 0, 0, 0, 0, -1],
+         r"different ImageOrientationPatient \(\[1\.0, 0\.0, 0\.0, 0\.0, 1\.0, 0\.0\] in slice_\d+\.dcm; "
+         r"\[1\.0, 0\.0, 0\.0, 0\.0, 0\.0, -1\.0\] in slice_003\.dcm; 1 of 5 slices"),
+        ("PixelSpacing", [0.5, 0.5], r"different PixelSpacing \(.* in slice_\d+\.dcm; \[0\.5, 0\.5\] in slice_003\.dcm"),
+        ("Rows", 64, r"different sizes \(rows x columns: 128 x 128 in slice_\d+\.dcm; 64 x 128 in slice_003\.dcm\)"),
+    ],
+)
+def test_a_slice_that_does_not_fit_the_series_is_named(tmp_path, keyword, value, message):
+    """e.g. a scout or a dose report kept in the series without ImageType LOCALIZER: the message said only
+    "different sizes" / "different ImageOrientationPatient", not which file to move out."""
+    series = _make_series(tmp_path / "s", n=5)
+    odd = pydicom.dcmread(series["paths"][2])  # slice_003.dcm
+    setattr(odd, keyword, value)
+    if keyword == "Rows":
+        odd.PixelData = odd.PixelData[: 64 * 128 * 2]
+    odd.save_as(series["paths"][2])
+    with pytest.raises(ImageReadError, match=message):
+        read_volume(tmp_path / "s")
+
+
 def test_acquisition_numbers_may_change_within_a_series(tmp_path):
     """Axial (step-and-shoot) CT numbers each rotation as an acquisition: still one volume."""
     series = _make_series(tmp_path / "s", n=6)

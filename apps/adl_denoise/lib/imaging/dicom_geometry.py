@@ -92,13 +92,14 @@ def stack_geometry(
     tilts: Sequence[float | None],
     where: str,
     example_file: Path | None,
+    names: Sequence[str] | None = None,
 ) -> StackGeometry:
     """Order slices along the normal and validate that they form a regular 3D grid.
 
     positions (n, 3) ImagePositionPatient; orientations (n, 6) ImageOrientationPatient; pixel_spacings (n, 2)
     PixelSpacing (row spacing, column spacing) in mm; tilts: GantryDetectorTilt per slice (degrees or None).
     ``where`` names the source in error messages; ``example_file`` (a slice, or None) is suggested there as
-    something that can be read as 2D.
+    something that can be read as 2D; ``names`` (one per slice, e.g. file names) say which slices differ.
     Geometry as SimpleITK's series reader builds it: slices sorted by their projection on
     normal = row x col (ascending), origin = first slice's position, direction columns (row, col, normal),
     z spacing = (last - first projection) / (n - 1).
@@ -107,11 +108,14 @@ def stack_geometry(
     volumes), gantry tilt (a sheared stack, or a tilt tag the orientation does not show), uneven gaps.
     """
     n = positions.shape[0]
-    if not np.allclose(orientations, orientations[0], atol=1e-4, rtol=0):
-        raise ImageReadError(f"{where}: slices have different ImageOrientationPatient; not one volume")
-    if not np.allclose(pixel_spacings, pixel_spacings[0], atol=1e-4, rtol=0):
-        found = sorted({tuple(np.round(p, 4)) for p in pixel_spacings})
-        raise ImageReadError(f"{where}: slices have different PixelSpacing {found}; not one volume")
+    names = list(names) if names is not None else [f"slice {k + 1}" for k in range(n)]
+    for keyword, values in (("ImageOrientationPatient", orientations), ("PixelSpacing", pixel_spacings)):
+        differs = np.flatnonzero(np.any(np.abs(np.asarray(values) - values[0]) > 1e-4, axis=1))
+        if differs.size:
+            k = int(differs[0])
+            shown = "; ".join(f"{[round(float(v), 4) for v in values[i]]} in {names[i]}" for i in (0, k))
+            raise ImageReadError(f"{where}: slices have different {keyword} ({shown}; {differs.size} of {n} slices "
+                                 "differ from the first); not one volume")
     row, col, normal = orientation_axes(orientations[0], where)
     along = positions @ normal
     order = np.argsort(along, kind="stable")

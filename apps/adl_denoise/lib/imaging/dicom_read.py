@@ -634,9 +634,12 @@ def read_dicom_folder(
     mixed = _mixed_volumes(headers, [p.name for p in paths])
     if mixed is not None:
         raise ImageReadError(f"{where}: {mixed}")
-    sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
+    sizes: dict[tuple[int, int], str] = {}
+    for path, header in zip(paths, headers):
+        sizes.setdefault((int(header.Rows), int(header.Columns)), path.name)
     if len(sizes) > 1:
-        raise ImageReadError(f"{where}: slices have different sizes {sorted(sizes)}; not one volume")
+        shown = "; ".join(f"{rows} x {columns} in {name}" for (rows, columns), name in list(sizes.items())[:4])
+        raise ImageReadError(f"{where}: slices have different sizes (rows x columns: {shown}); not one volume")
     check_size((len(paths), *next(iter(sizes))), folder, limit)
 
     positions, orientations, spacings, tilts = [], [], [], []
@@ -653,7 +656,8 @@ def read_dicom_folder(
         tilt = header.get("GantryDetectorTilt")
         tilts.append(float_or(tilt, 0.0) if tilt not in (None, "") else None)
     geom = stack_geometry(
-        np.asarray(positions), np.asarray(orientations), np.asarray(spacings), tilts, where, paths[0]
+        np.asarray(positions), np.asarray(orientations), np.asarray(spacings), tilts, where, paths[0],
+        [p.name for p in paths],
     )
 
     stored_slices, rescales, masks, full_headers = [], [], [], []
