@@ -473,15 +473,13 @@ def _read_multiframe(ds: FileDataset, path: Path, modality_arg: str | None, fill
     n = int(float_or(ds.get("NumberOfFrames", 1), 1.0))
     if frames.ndim != 3 or frames.shape[0] != n:
         raise ImageReadError(f"{path}: pixel array shape {frames.shape} does not match NumberOfFrames {n}")
-    def frame_item(k: int, *keywords: str) -> Dataset | None:
-        return _frame_item(ds, k, *keywords)
 
     positions, orientations, spacings, rescales = [], [], [], []
     geometry_complete = True
     for k in range(n):
-        pos_item = frame_item(k, "PlanePositionSequence")
-        ori_item = frame_item(k, "PlaneOrientationSequence")
-        mea_item = frame_item(k, "PixelMeasuresSequence")
+        pos_item = _frame_item(ds, k, "PlanePositionSequence")
+        ori_item = _frame_item(ds, k, "PlaneOrientationSequence")
+        mea_item = _frame_item(ds, k, "PixelMeasuresSequence")
         ipp = float_list(pos_item.get("ImagePositionPatient") if pos_item else None, 3)
         iop = float_list(ori_item.get("ImageOrientationPatient") if ori_item else ds.get("ImageOrientationPatient"), 6)
         ps = float_list(mea_item.get("PixelSpacing") if mea_item else ds.get("PixelSpacing"), 2)
@@ -490,7 +488,7 @@ def _read_multiframe(ds: FileDataset, path: Path, modality_arg: str | None, fill
         positions.append(ipp)
         orientations.append(iop)
         spacings.append(ps)
-        rescales.append(_rescale_of(frame_item(k, "PixelValueTransformationSequence"), ds))
+        rescales.append(_rescale_of(_frame_item(ds, k, "PixelValueTransformationSequence"), ds))
 
     metadata = _dicom_metadata(ds)
     if geometry_complete:
