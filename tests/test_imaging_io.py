@@ -298,6 +298,26 @@ def test_j2k_lossless_equals_uncompressed_and_padding_to_air():
     assert unfilled.array.min() == -3024
 
 
+@pytest.mark.parametrize("compressed,reference", [
+    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),  # JPEG-LS lossless against the uncompressed original
+    ("emri_small_jpeg_ls_lossless.dcm", "emri_small.dcm"),  # the same, a 10-frame MR
+    ("JPEG-LL.dcm", None),  # JPEG Lossless, Process 14 SV1 (the usual PACS lossless syntax) against GDCM/ITK
+])
+def test_jpeg_lossless_and_jpeg_ls_dicom_are_read(compressed, reference):
+    # with pylibjpeg-openjpeg alone these failed ("pylibjpeg-libjpeg plugin is not installed"); python-gdcm reads them
+    def find(name: str) -> Path:
+        own = Path(pydicom.__file__).parent / "data" / "test_files" / name
+        return own if own.is_file() else _pydicom_data(name)
+
+    volume = read_volume(find(compressed))
+    if reference is not None:
+        np.testing.assert_array_equal(volume.array, read_volume(find(reference)).array)
+    else:
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(find(compressed)))).reshape(volume.shape)
+        np.testing.assert_array_equal(volume.array, expected.astype(np.float32))
+    assert np.ptp(volume.array) > 0
+
+
 def test_dicom_slice_written_with_patient_geometry(tmp_path):
     path = _pydicom_data("693_UNCR.dcm")
     vol = read_volume(path)
