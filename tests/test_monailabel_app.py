@@ -483,3 +483,20 @@ def test_tddl_adaptation_learns_noise_from_unlabelled_low_dose_images(training_c
     assert decision["published"] is (not decision["rejected_by"])
     assert ("held_out_low_dose" in decision["rejected_by"]) is (not held_out["passed"])
     assert training_client.info()["models"]["tddl_gcn"]["weights"]["ct"]["available"]
+
+
+@pytest.mark.parametrize("name", ["adl", "tddl_gcn", "nlm"])
+def test_every_served_model_takes_the_conf_concurrency_and_size_limits(name, tmp_path):
+    """``--conf max_concurrent_infers`` and ``max_voxels`` hold for every model the app serves (README: "requests one
+    model denoises at once"): nlm, the classical model, queued at its own fixed 2 whatever the conf said."""
+    from lib.configs import MODEL_CONFIGS
+    from lib.weights import ModelStore
+
+    config = MODEL_CONFIGS[name]()
+    config.init(name, str(tmp_path), {"max_concurrent_infers": "1", "max_voxels": "1e6"}, None,
+                store=ModelStore(tmp_path))
+    task = config.infer()
+    assert task.max_voxels == 1_000_000
+    assert task._slots.acquire(blocking=False)
+    assert not task._slots.acquire(blocking=False), f"{name}: a second request ran beside the first"
+    task._slots.release()

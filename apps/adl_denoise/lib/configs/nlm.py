@@ -19,6 +19,7 @@ class NLM(DenoiserTaskConfig):
         return ClassicalInferTask(self.name, self.method, self.modalities, self.store, algorithm="nlm",
                                   default_modality=self.conf.get("modality", "auto"),
                                   result_extension=self.conf.get("result_extension", ".nii.gz"),
+                                  max_concurrent=int(self.conf.get("max_concurrent_infers", 2)),
                                   max_voxels=self.max_voxels)
 
     def trainer(self):
