@@ -120,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import SimpleITK as sitk
 
-    from bench.pairs import heldout_ct_pair
+    from bench.pairs import heldout_ct_pair, require_shared_data
+    from lib.data.heldout import HELDOUT_CT_SERIES
     from lib.runtime.atomic import atomic_write_json, atomic_write_text
     from lib.runtime.clock import utc_timestamp
     from lib.runtime.machine import describe_machine
 
+    if args.input is None:
+        require_shared_data(HELDOUT_CT_SERIES, hint="or time a CT of your own with --input")
+    elif not args.input.exists():
+        parser.error(f"--input: no such file or folder: {args.input}")
     env = dict(os.environ)
     if args.threads is not None:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))

@@ -239,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.worker[1]).write_text(json.dumps(run))
         return 0
 
-    from bench.pairs import heldout_ct_pair
+    from bench.pairs import heldout_ct_pair, require_shared_data
+    from lib.data.heldout import HELDOUT_CT_SERIES
     from lib.runtime.atomic import atomic_write_json, atomic_write_text
     from lib.runtime.clock import utc_timestamp
 
+    require_shared_data(HELDOUT_CT_SERIES)
     pair = heldout_ct_pair(max_slices=args.slices)
     if pair.noisy.shape[1:] != (512, 512):
         raise SystemExit(f"expected 512 x 512 slices, the held-out CT has {pair.noisy.shape[1:]}")

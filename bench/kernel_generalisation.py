@@ -76,8 +76,8 @@ def main() -> int:
 
     import SimpleITK as sitk
 
-    from bench.pairs import heldout_ct_pair
-    from lib.data.heldout import shared_data_dir
+    from bench.pairs import heldout_ct_pair, require_shared_data
+    from lib.data.heldout import HELDOUT_CT_SERIES
     from lib.predict import denoise_array, load_denoiser
 
     held_out = [f.strip() for f in args.held_out_filters.split(",") if f.strip()]
@@ -85,13 +85,15 @@ def main() -> int:
     if unknown or not held_out or SEEN_TEST_FILTER in held_out:
         parser.error(f"--held-out-filters: choose from {RECONSTRUCTION_FILTERS} except {SEEN_TEST_FILTER}")
     seen = [f for f in RECONSTRUCTION_FILTERS if f not in held_out]
+    training = args.out / "training_ct.nii.gz"
+    # the test data (and the training CT unless cut out already) checked before minutes of training
+    shared = require_shared_data(HELDOUT_CT_SERIES, *([] if training.is_file() else [TRAINING_CT]))
     args.out.mkdir(parents=True, exist_ok=True)
 
     # training data: slices of the Philips thorax CT (upper abdomen and lower thorax), written once
-    training = args.out / "training_ct.nii.gz"
     if not training.is_file():
         start, stop, step = (int(v) for v in args.training_slices.split(":"))
-        image = sitk.ReadImage(str(shared_data_dir() / TRAINING_CT))
+        image = sitk.ReadImage(str(shared / TRAINING_CT))
         sitk.WriteImage(image[:, :, start:stop:step], str(training))
     arms = {"seen_all": train("seen_all", list(RECONSTRUCTION_FILTERS), training, args.out, args),
             "held_out": train("held_out", seen, training, args.out, args)}

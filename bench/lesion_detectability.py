@@ -797,6 +797,12 @@ def main(argv=None) -> int:
     modalities = [m.strip().upper() for m in args.modalities.split(",") if m.strip()]
     if any(m not in ("CT", "MR") for m in modalities):
         raise SystemExit(f"--modalities takes CT and/or MR, got {args.modalities!r}")
+    if args.data == "shared":
+        from bench.pairs import require_shared_data
+        from lib.data.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME
+
+        require_shared_data(*({"CT": HELDOUT_CT_SERIES, "MR": HELDOUT_MR_VOLUME}[m] for m in modalities),
+                            hint="or use --data phantom")
     methods = build_methods(args.denoisers, args.weights, modalities)
     per_slice = {m: args.per_slice for m in modalities} if args.per_slice else None
     if args.contrasts_mr is not None and any(c <= -100 for c in args.contrasts_mr):

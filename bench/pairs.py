@@ -185,6 +185,18 @@ def cached_noisy(payload: dict, make: Callable[[], tuple[np.ndarray, dict]], cac
     return arr, {"cache": str(npy), "cache_hit": False, "simulation_s": dt, **extra}
 
 
+def require_shared_data(*relative: str, hint: str = "") -> Path:
+    """The shared data folder (``$ADL_SHARED_DATA``, else ``../shared/data``) once every path of ``relative`` (inside
+    it) exists. A benchmark started without them stops at once with one line (SystemExit, status 1) naming what is
+    missing and how to point at it, not with a traceback, nor after minutes of work (training, a server's start-up)."""
+    root = shared_data_dir()
+    missing = [root] if not root.is_dir() else [root / r for r in relative if not (root / r).exists()]
+    if missing:
+        raise SystemExit(f"error: {', '.join(map(str, missing))} not found: this benchmark needs the data of "
+                         f"../shared/data (set ADL_SHARED_DATA to that folder{hint and ', ' + hint})")
+    return root
+
+
 def heldout_ct_pair(max_slices: int | None = None, cache_dir: Path | None = DEFAULT_CACHE_DIR,
                     full_dose_photons: float = CT_FULL_DOSE_PHOTONS, seed: int = CT_SEED,
                     root: Path | None = None, log=print) -> Pair:

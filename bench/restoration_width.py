@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the choice here")
     args = parser.parse_args(argv)
     check_not_heldout(args.val)
+    for path in (args.weights, *args.val):
+        if not Path(path).exists():
+            parser.error(f"no such file or folder: {path}")
     loaded = load_denoiser(args.weights)
     source = SyntheticNoiseSource(args.val, "CT", "ct-lowdose", seed=args.seed, progress=False)
     groups = validation_slice_groups(source.validation_pairs())

@@ -22,8 +22,9 @@ from bench.baselines import BASELINES
 from bench.learned import LEARNED, from_weights, has_weights
 from bench.harness import evaluate
 from bench.isolation import CliDenoiser
-from bench.pairs import DEFAULT_CACHE_DIR, sample_pairs, shared_pairs
+from bench.pairs import DEFAULT_CACHE_DIR, require_shared_data, sample_pairs, shared_pairs
 from bench.report import pair_table
+from lib.data.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME
 from lib.runtime.machine import describe_machine, machine_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -91,9 +92,17 @@ def main(argv=None) -> int:
     cache = None if args.no_cache else DEFAULT_CACHE_DIR
     if args.pairs == "shared":
         which = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
+        if not which or set(which) - {"CT", "MR"}:
+            raise SystemExit(f"--modalities takes CT and/or MR, got {args.modalities!r}")
+        require_shared_data(*({"CT": HELDOUT_CT_SERIES, "MR": HELDOUT_MR_VOLUME}[m] for m in which),
+                            hint="or use --pairs sample")
         pairs = shared_pairs(ms_ct, ms_mr, cache_dir=cache, which=which)
     else:
-        pairs = sample_pairs(args.manifest or REPO_ROOT / "sample_data" / "studies" / "manifest.json", args.max_slices)
+        manifest = args.manifest or REPO_ROOT / "sample_data" / "studies" / "manifest.json"
+        if not Path(manifest).is_file():
+            raise SystemExit(f"error: {manifest} not found (build the sample data: "
+                             ".venv/bin/python sample_data/build_sample_data.py)")
+        pairs = sample_pairs(manifest, args.max_slices)
 
     def select(pair, name: str) -> bool:
         # bm4d is a 3D baseline meant for the MR volume; on CT slabs only with --bm4d-ct

@@ -37,11 +37,13 @@ from lib.runtime.clock import Stopwatch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = REPO_ROOT / "apps" / "adl_denoise"
 
-THORAX = REPO_ROOT.parent / "shared" / "data" / "ct_thorax_philips_2mm.nii.gz"
+THORAX_NAME = "ct_thorax_philips_2mm.nii.gz"
 
 
 def ct_volume(slices: int, path: Path) -> Path:
-    image = sitk.ReadImage(str(THORAX))
+    from lib.data.heldout import shared_data_dir
+
+    image = sitk.ReadImage(str(shared_data_dir() / THORAX_NAME))
     array = sitk.GetArrayFromImage(image)
     order = np.concatenate([np.arange(array.shape[0]), np.arange(array.shape[0])[::-1]])
     index = np.resize(order, slices)
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     from lib.weights import find_weights
 
     from lib.predict import denoise_array, load_denoiser
+    from bench.pairs import require_shared_data
 
+    require_shared_data(THORAX_NAME)
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="server_bench_"))
     model_dir = work / "model"

@@ -49,8 +49,9 @@ import numpy as np
 
 from bench.harness import evaluate
 from bench.learned import from_weights
-from bench.pairs import CT_ADDED_NOISE_HU, CT_FILTER, heldout_ct_pair
+from bench.pairs import CT_ADDED_NOISE_HU, CT_FILTER, heldout_ct_pair, require_shared_data
 from bench.report import results_markdown
+from lib.data.heldout import HELDOUT_CT_SERIES
 from lib.runtime.clock import Stopwatch
 from lib.runtime.machine import describe_machine, machine_line
 
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from lib.noise_learning import LearnedNoiseSource
 
     check_not_heldout(args.clean)
+    require_shared_data(HELDOUT_CT_SERIES)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     watch = Stopwatch()

@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from lib.data.heldout import assert_not_heldout
+from lib.data.heldout import assert_not_heldout, shared_data_dir
 from lib.denoisers import denoise_classical
 from lib.imaging import read_volume, write_volume
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-SHARED = REPO_ROOT.parent / "shared" / "data"
+SHARED = shared_data_dir()  # $ADL_SHARED_DATA, else ../shared/data
 SAMPLES = REPO_ROOT / "sample_data" / "studies"
 CT_STRIDE = 3
 # (source, clean it with BM3D first)

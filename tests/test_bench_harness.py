@@ -225,3 +225,31 @@ def test_cli_speed_times_whole_commands_on_a_dicom_series_and_states_ratios_to_b
     assert table["bm3d"]["wall_ratio_to_bm3d"] == 1.0
     assert table["adl"]["cpu_ratio_to_bm3d"] == pytest.approx(5.5 / 21.0)
     assert table["adl"]["wall_s_per_slice"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("command", [
+    ["run_benchmark.py", "--modalities", "CT", "--max-slices-ct", "2", "--denoisers", "noisy"],
+    ["cli_speed.py", "--slices", "1", "--repeats", "1"],
+    ["cpu_speed.py", "--slices", "1", "--threads", "1", "--no-memory"],
+    ["lesion_detectability.py", "--modalities", "CT", "--max-slices", "2", "--denoisers", "noisy"],
+    ["kernel_generalisation.py", "--steps", "1"],
+    ["tddl_domain_shift.py", "--max-slices", "1"],
+    ["server_overhead.py", "--untrained"],
+], ids=lambda command: command[0])
+def test_a_benchmark_without_the_shared_data_says_so_in_one_line(command, tmp_path):
+    """Started without ``../shared/data`` (here: ``ADL_SHARED_DATA`` naming a missing folder), each benchmark that
+    needs it stops at once with one line naming the folder and the setting, not a traceback (some did so only
+    after minutes of training, or after starting a server)."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no_shared_data"
+    env = dict(os.environ, ADL_SHARED_DATA=str(missing), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / command[0]), *command[1:],
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and str(missing) in message and "ADL_SHARED_DATA" in message, done.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
