@@ -3,9 +3,12 @@
 # tests. Separate from .venv because slicer-core needs numpy 2 and monailabel's numpymaxflow needs numpy 1.
 # Idempotent (stamp file); prints a line and exits 0 when it cannot install, and the MRML tests then skip.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# the stamp hashes this script, found before the cd: "$0" relative to the caller's folder would name no file after it
+# (the hash of nothing: the venv removed and installed again when run as ./setup_slicer_env.sh from scripts/)
+SCRIPT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+cd "$(dirname "$SCRIPT")/.." || exit 0
 VENV=.venv-slicer
-STAMP="$VENV/.installed-$(cat "$0" | sha1sum | cut -c1-12)"
+STAMP="$VENV/.installed-$(sha1sum < "$SCRIPT" | cut -c1-12)"
 [[ -f "$STAMP" ]] && exit 0
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3

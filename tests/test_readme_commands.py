@@ -81,3 +81,31 @@ def test_run_sh_runs_the_main_job_then_serves_the_app_on_loopback(tmp_path):
     psnr_noisy, psnr_denoised = (float(v) for v in row.split()[3:5])
     assert psnr_denoised > psnr_noisy
     assert output.is_file() and output.stat().st_mtime >= started - 1  # written by this run (it overwrites)
+
+
+@pytest.mark.parametrize("cwd", ["scripts", "repo", "elsewhere"])
+def test_setup_slicer_env_recognises_its_venv_from_any_current_folder(cwd, tmp_path):
+    """``scripts/setup_slicer_env.sh`` keeps a complete .venv-slicer (its stamp names the script's hash) whatever
+    folder it is started from; run as ``./setup_slicer_env.sh`` inside scripts/ it hashed no file, so it removed the
+    1 GB environment and installed it again."""
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    script = repo / "scripts" / "setup_slicer_env.sh"
+    shutil.copy2(REPO_ROOT / "scripts" / "setup_slicer_env.sh", script)
+    digest = subprocess.run(["sha1sum", str(script)], capture_output=True, text=True, check=True).stdout[:12]
+    stamp = repo / ".venv-slicer" / f".installed-{digest}"
+    stamp.parent.mkdir()
+    stamp.touch()
+    (tmp_path / "elsewhere").mkdir()
+    folder = {"scripts": repo / "scripts", "repo": repo, "elsewhere": tmp_path / "elsewhere"}[cwd]
+    command = {"scripts": "./setup_slicer_env.sh", "repo": "scripts/setup_slicer_env.sh",
+               "elsewhere": str(script)}[cwd]
+    # PYTHON=false: a reinstall, had it been tried, fails at once instead of downloading slicer-core
+    done = subprocess.run(["bash", command], cwd=folder, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHON="false"))
+    assert done.returncode == 0
+    assert stamp.is_file(), done.stdout + done.stderr
+    assert done.stdout == "" and done.stderr == ""
