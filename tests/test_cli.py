@@ -384,3 +384,17 @@ def test_training_refuses_what_would_overwrite_a_run_or_pair_other_anatomy(tmp_p
                      "--output", tmp_path / "p.pt", *TINY_ADL)
     assert paired.returncode == 2 and "pair 'head'" in paired.stderr and "save both on one grid" in paired.stderr, \
         paired.stderr
+
+
+def test_top_level_help_lists_every_verb():
+    """``cli.py --help`` opens with a line per verb: every verb the parser has (train-lesion-detector and
+    share-weights were missing from it)."""
+    import argparse
+
+    import cli
+
+    parser = cli.build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    listed = cli.__doc__.split("Verbs:", 1)[1].split("\n\n", 1)[0]
+    named = {line.split()[0] for line in listed.splitlines() if line.startswith("  ") and not line.startswith("   ")}
+    assert named == set(verbs)

@@ -11,6 +11,8 @@ Verbs:
   learn-noise  learn a CT scanner's noise from its low-dose images alone (TDDL noise model for train --noise-model)
   adapt      adapt an ADL or TDDL-GCN model to a site's own low-dose CT scans alone (learn-noise, pseudo pairs,
              fine-tune, then a self-supervised no-worse check on held-out low-dose slices)
+  train-lesion-detector  train the lesion detector of lesion-aware training (train --lesion-aware)
+  share-weights  copy a weight file for another site: its training record names no image id and no folder
 
 Every verb reads and writes DICOM series folders, NIfTI, NRRD and MHA, keeps the input's geometry and value
 convention (CT in HU), never overwrites without ``--overwrite`` and exits non-zero with a one-line reason
