@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -56,5 +58,22 @@ def card(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", type=Path, help="denoiser weight files (.pt)")
+    args = parser.parse_args(argv)
+    for path in args.files:
+        if not path.is_file():
+            parser.error(f"no such file: {path}")
+    cards = []
+    for path in args.files:
+        try:
+            cards.append(card(path))
+        except (KeyError, AttributeError, RuntimeError, pickle.UnpicklingError) as error:  # a noise model, not a .pt
+            parser.error(f"{path}: not a denoiser weight file ({type(error).__name__}: {error})")
+    print("\n".join(cards))
+    return 0
+
+
 if __name__ == "__main__":
-    print("\n".join(card(Path(p)) for p in sys.argv[1:]))
+    sys.exit(main())

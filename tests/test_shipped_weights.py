@@ -192,3 +192,22 @@ def test_shipped_files_name_the_restoration_width_chosen_for_them():
                       "pretrained_tddl_gcn_ct.pt": 0.6}
     gcn = load_denoiser(MODEL_DIR / "pretrained_tddl_gcn_ct.pt").metadata[RESTORATION_KEY]
     assert "bench/README.md" in gcn["chosen"]
+
+
+def test_model_card_script_prints_the_shipped_denoisers_and_refuses_other_files_in_one_line():
+    """``scripts/write_model_card.py FILE`` (model/README.md) prints a card per shipped denoiser; a file that is not
+    one (the noise model) or ``--help`` gave a traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    model = REPO_ROOT / "apps" / "adl_denoise" / "model"
+    script = str(REPO_ROOT / "scripts" / "write_model_card.py")
+    done = subprocess.run([sys.executable, script, str(model / "pretrained_adl_ct.pt")], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("### `pretrained_adl_ct.pt`"), done.stderr
+    done = subprocess.run([sys.executable, script, str(model / "pretrained_noise_model_ct.pt")], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "not a denoiser weight file" in done.stderr
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage:")
