@@ -34,12 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="only the sample whose name contains this text")
     args = parser.parse_args(argv)
 
+    if not (STUDIES / "manifest.json").is_file():
+        parser.error(f"{STUDIES / 'manifest.json'} not found: build the sample data first "
+                     "(.venv/bin/python sample_data/build_sample_data.py)")
     manifest = json.loads((STUDIES / "manifest.json").read_text())
+    pairs = [pair for pair in manifest["pairs"] if not args.only or args.only in pair["name"]]
+    if not pairs:  # a typo must not look like a run that denoised nothing and succeeded
+        parser.error(f"--only {args.only!r} matches no sample study; the studies: "
+                     f"{', '.join(pair['name'] for pair in manifest['pairs'])}")
     OUTPUT.mkdir(parents=True, exist_ok=True)
     rows = []
-    for pair in manifest["pairs"]:
-        if args.only and args.only not in pair["name"]:
-            continue
+    for pair in pairs:
         model = args.model or ("adl" if find_weights("adl", pair["modality"]) else "bm3d")
         noisy_path = STUDIES / pair["noisy"]
         out_path = OUTPUT / pair["noisy"].replace(".nii.gz", f"_{model}.nii.gz")
@@ -47,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                    "--output", str(out_path), "--modality", pair["modality"].lower(), "--overwrite"]
         print(f"$ {' '.join(Path(c).name if c.startswith(str(REPO_ROOT)) else c for c in command)}", flush=True)
         watch = Stopwatch()
-        subprocess.run(command, check=True)
+        status = subprocess.run(command).returncode
+        if status != 0:  # cli.py printed why, in one line
+            print(f"error: cli.py denoise failed on {pair['name']} (exit status {status})", file=sys.stderr)
+            return status
         seconds = watch.seconds
         reference = read_volume(STUDIES / pair["reference"]).array
         noisy = read_volume(noisy_path).array

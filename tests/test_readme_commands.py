@@ -149,3 +149,20 @@ def test_every_cli_command_in_the_readmes_parses():
                 cli.build_parser().parse_args(shlex.split(arguments))
             except SystemExit:
                 raise AssertionError(f"{readme}: cli.py {arguments}\n{errors.getvalue()}") from None
+
+
+def test_run_sh_main_job_refuses_a_bad_model_or_an_unknown_study_in_one_line():
+    """``./run.sh --model X --only Y`` hands its arguments to ``scripts/denoise_samples.py``: a model cli.py refuses
+    gave a CalledProcessError traceback, and ``--only`` matching no study printed an empty table and went on to
+    serve as if the job had run."""
+    import subprocess
+    import sys
+
+    script = str(REPO_ROOT / "scripts" / "denoise_samples.py")
+    done = subprocess.run([sys.executable, script, "--only", "no_such_study"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "matches no sample study" in done.stderr and "ct_head_pydicom693" in done.stderr
+    done = subprocess.run([sys.executable, script, "--model", "no_such_model", "--only", "ct_head_pydicom693"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: cli.py denoise failed on ct_head_pydicom693 (exit status 2)"
