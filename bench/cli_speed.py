@@ -99,6 +99,19 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def command_environment(threads: int | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every timed command: ``threads`` as OMP / MKL_NUM_THREADS, else none of them, so that the
+    CLI picks its own default (all CPUs). Inherited from a shell that set ``OMP_NUM_THREADS=1`` (as the other
+    benchmarks are run), it gave the networks one thread while BM3D's own pthreads took every CPU, under a report
+    saying "the CLI's default (all CPUs)"."""
+    env = dict(os.environ if base is None else base)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(name, None)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=8, help="central slices of the held-out CT (default 8)")
@@ -130,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         require_shared_data(HELDOUT_CT_SERIES, hint="or time a CT of your own with --input")
     elif not args.input.exists():
         parser.error(f"--input: no such file or folder: {args.input}")
-    env = dict(os.environ)
-    if args.threads is not None:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = command_environment(args.threads)
     results: dict[str, Any] = {"started": utc_timestamp(), "repeats": args.repeats, "methods": methods,
                                "threads": args.threads or "the CLI's default (all CPUs)",
                                "machine": describe_machine(), "load_before": os.getloadavg()}

@@ -253,3 +253,15 @@ def test_a_benchmark_without_the_shared_data_says_so_in_one_line(command, tmp_pa
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith("error: ") and str(missing) in message and "ADL_SHARED_DATA" in message, done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_speed_commands_get_the_cli_default_threads_unless_told():
+    """``bench/cli_speed.py`` without ``--threads`` times each command with the CLI's own thread default, as its
+    report says: an ``OMP_NUM_THREADS=1`` of the calling shell no longer reaches the networks (BM3D ignores it)."""
+    from bench.cli_speed import command_environment
+
+    shell = {"PATH": "/usr/bin", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = command_environment(None, shell)
+    assert "OMP_NUM_THREADS" not in env and "MKL_NUM_THREADS" not in env and env["PATH"] == "/usr/bin"
+    assert command_environment(2, shell)["OMP_NUM_THREADS"] == "2" == command_environment(2, shell)["MKL_NUM_THREADS"]
+    assert shell["OMP_NUM_THREADS"] == "1"
