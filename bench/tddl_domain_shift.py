@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
     check_not_heldout(args.clean)
     require_shared_data(HELDOUT_CT_SERIES)
+    missing = [str(p) for p in args.clean if not p.exists()]
+    if missing:
+        parser.error(f"--clean: {', '.join(missing)} not found (the default is made by "
+                     ".venv/bin/python scripts/prepare_training_data.py)")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     watch = Stopwatch()

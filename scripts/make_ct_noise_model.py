@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000, help="VAE training steps")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    lowdose_path = args.lowdose_dir / (args.input.name.split(".")[0] + "_quarter_dose.nii.gz")
+    if not args.input.exists() and not lowdose_path.is_file():
+        parser.error(f"--input {args.input} not found (make it with: .venv/bin/python scripts/prepare_training_data.py)")
 
     import torch
 
@@ -50,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     from lib.noise_learning.workflow import learn_noise_model
 
     assert_not_heldout([args.input])
-    lowdose_path = args.lowdose_dir / (args.input.name.split(".")[0] + "_quarter_dose.nii.gz")
     if not lowdose_path.is_file():
         volume = read_volume(args.input, modality="CT")
         pixel = (float(volume.spacing[1]), float(volume.spacing[0]))
