@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,26 +92,15 @@ def start_server(studies: Path, model_dir: Path, work: Path) -> tuple[subprocess
     raise RuntimeError("server did not start")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=32)
-    parser.add_argument("--memory-slices", type=int, default=300, help="0 skips the memory run")
-    parser.add_argument("--weights", type=Path, help="ADL CT weight file (default: the served one)")
-    parser.add_argument("--untrained", action="store_true", help="full-size ADL with random weights")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "server")
-    args = parser.parse_args(argv)
-
+def measure(args: argparse.Namespace, parser: argparse.ArgumentParser, work: Path) -> dict:
+    """The measurements (bare call, round trip, the server's memory) with scratch files in ``work``."""
     import torch
     from monailabel.client import MONAILabelClient
 
     from lib.weights import find_weights
 
     from lib.predict import denoise_array, load_denoiser
-    from bench.pairs import require_shared_data
 
-    require_shared_data(THORAX_NAME)
-    args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="server_bench_"))
     model_dir = work / "model"
     model_dir.mkdir()
     if args.untrained:
@@ -167,6 +157,32 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(30)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=32)
+    parser.add_argument("--memory-slices", type=int, default=300, help="0 skips the memory run")
+    parser.add_argument("--weights", type=Path, help="ADL CT weight file (default: the served one)")
+    parser.add_argument("--untrained", action="store_true", help="full-size ADL with random weights")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "server")
+    args = parser.parse_args(argv)
+
+    from bench.pairs import require_shared_data
+
+    require_shared_data(THORAX_NAME)
+    if args.weights is not None and not args.weights.is_file():
+        parser.error(f"--weights: no such file: {args.weights}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="server_bench_"))
+    try:
+        record = measure(args, parser, work)
+    except BaseException:
+        print(f"kept the scratch folder {work}: its server.log says what the server did", file=sys.stderr)
+        raise
+    # the copies of the weights and the CT volumes (300 slices: 300 MB and its result) do not stay in /tmp
+    shutil.rmtree(work, ignore_errors=True)
     (args.out / "server_overhead.json").write_text(json.dumps(record, indent=1))
     return 0
 

@@ -288,3 +288,25 @@ def test_missing_training_slices_are_a_usage_error_naming_the_script_that_makes_
     if "shared" in last and "ADL_SHARED_DATA" in last:  # tddl_domain_shift checks the held-out data first
         pytest.skip("no ../shared/data here: the held-out check comes first (tested above)")
     assert values["missing"] in last and "prepare_training_data.py" in last, done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_server_overhead_leaves_no_scratch_folder(tmp_path):
+    """``bench/server_overhead.py`` copied the weights and its CT volumes (300 slices by default: 300 MB and the
+    result) into a ``server_bench_*`` folder of the temporary directory and never removed it."""
+    import subprocess
+    import sys
+
+    from lib.data.heldout import shared_data_dir
+
+    if not (shared_data_dir() / "ct_thorax_philips_2mm.nii.gz").is_file():
+        pytest.skip("needs ../shared/data (ct_thorax_philips_2mm.nii.gz)")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "server_overhead.py"), "--slices", "1",
+                           "--memory-slices", "0", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          env=dict(os.environ, TMPDIR=str(scratch), OMP_NUM_THREADS="1"), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "server_overhead.json").read_text())["slices"] == 1
+    assert not list(scratch.glob("server_bench_*"))
