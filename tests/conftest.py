@@ -34,6 +34,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def import_cli():
+    """``apps/adl_denoise/cli.py`` as a module (it is a script beside the ``lib`` package, not installed)."""
+    import importlib.util
+    import sys
+
+    if "adl_cli" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("adl_cli", APP_DIR / "cli.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["adl_cli"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["adl_cli"]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu``-marked tests, saying why, where torch sees no CUDA device."""
     if not any(item.get_closest_marker("gpu") for item in items):

@@ -391,7 +391,9 @@ def test_top_level_help_lists_every_verb():
     share-weights were missing from it)."""
     import argparse
 
-    import cli
+    from conftest import import_cli
+
+    cli = import_cli()
 
     parser = cli.build_parser()
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

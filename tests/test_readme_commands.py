@@ -113,7 +113,7 @@ def test_setup_slicer_env_recognises_its_venv_from_any_current_folder(cwd, tmp_p
 
 #: READMEs whose code blocks are checked below (the top-level README.md belongs in this list too once its
 #: ``train --model tddl_gcn`` example names ``--modality ct``, which ``train`` requires)
-CHECKED_READMES = ("apps/adl_denoise/README.md", "apps/adl_denoise/model/README.md", "slicer_extension/README.md",
+CHECKED_READMES = ("README.md", "apps/adl_denoise/README.md", "apps/adl_denoise/model/README.md", "slicer_extension/README.md",
                    "bench/README.md")
 
 
@@ -138,7 +138,9 @@ def test_every_cli_command_in_the_readmes_parses():
     import io
     import shlex
 
-    import cli
+    from conftest import import_cli
+
+    cli = import_cli()
 
     commands = readme_cli_commands()
     assert len(commands) >= 5
