@@ -460,3 +460,30 @@ def test_damaged_split_mixed_and_grown_series_are_reported_or_redone_never_writt
     assert again.returncode == 1 and "1 done, 0 skipped" in again.stdout, again.stdout + again.stderr
     assert "other slices since" in again.stderr
     assert len(list(Path(rows["dicom:grown"]["output"]).iterdir())) == 4
+
+
+def test_symlink_loops_other_runs_results_and_derived_series_are_not_inputs(tmp_path):
+    """A symlink back up the tree (or a second link to a folder) lists each folder once, so its series is denoised
+    and not refused as "split over N folders"; the output root of an earlier run inside the tree (``_denoise_batch``)
+    and a derived series of this app copied into the archive are not denoised a second time."""
+    from pydicom.uid import generate_uid
+
+    root = tmp_path / "archive"
+    ct = _ct_small_series(root / "pat" / "ct", 3, generate_uid())
+    (root / "pat" / "loop").symlink_to("..")
+    (root / "pat" / "ct_again").symlink_to("ct")
+    derived = root / "pat" / "copied_result"
+    derived.mkdir()
+    for path in ct:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SeriesDescription = "1.2.3.4.5", "abdomen [denoised adl]"
+        ds.save_as(derived / path.name)
+    earlier = root / "denoised_v1"  # an earlier run's --output inside the input tree
+    (earlier / MANIFEST_DIR).mkdir(parents=True)
+    _ct_small_series(earlier / "pat" / "ct" / "series_1_0123abcd", 3, generate_uid())
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 8, 8), np.float32)), str(earlier / "pat" / "x.nii.gz"))
+
+    items = discover_tree(root, tmp_path / "out")
+    assert [(i.key.split("#")[0], i.problem) for i in items] == [("dicom:pat/ct", None)]
+    assert len(items[0].files) == 3
+

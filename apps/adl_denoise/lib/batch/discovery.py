@@ -2,8 +2,10 @@
 
 A folder's DICOM image files are grouped by SeriesInstanceUID (:func:`lib.imaging.list_dicom_series`: several
 series may share a folder, hard-anonymised files with an empty UID form one series); every NIfTI, NRRD or
-MetaImage file is a series of its own. Hidden files and folders (name starting with ".") and the output folder,
-when it lies inside the input tree, are not searched.
+MetaImage file is a series of its own. Hidden files and folders (name starting with "."), the output folder when
+it lies inside the input tree, and the output folders of other runs (holding a ``_denoise_batch`` folder) are not
+searched; a folder reached twice (a symlink loop, two links to one folder) is searched once; DICOM series this app
+derived (SeriesDescription holding "[denoised") are never inputs.
 
 Output paths mirror the tree under the output root, and are unique per series:
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -31,11 +34,16 @@ from ..imaging import READ_SUFFIXES, ImageReadError, list_dicom_series
 from ..imaging.errors import UnreadableDicomError
 from ..imaging.io import check_image_file
 
-__all__ = ["MANIFEST_DIR", "SeriesFilter", "SeriesItem", "check_roots", "discover_tree", "refuse_collisions"]
+__all__ = ["DERIVED_MARK", "MANIFEST_DIR", "SeriesFilter", "SeriesItem", "check_roots", "discover_tree",
+           "refuse_collisions"]
 
 #: the batch's own folder inside the output root (manifests); no series output may go there
 MANIFEST_DIR = "_denoise_batch"
+#: what the SeriesDescription of a series written by this app contains (" [denoised <model>]"): never an input
+DERIVED_MARK = "[denoised"
 _NHDR = ".nhdr"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,10 @@ def _dicom_items(folder: Path, rel: Path, out_root: Path, series_filter: SeriesF
             voxels, study_date, study_uid = 0, "", ""
         if not series_filter.accepts(s["modality"], study_date, s["description"]):
             continue
+        if DERIVED_MARK in s["description"]:  # this app's result (copied into the archive): never denoised twice
+            log.warning("not denoised: series %s in %s is a result of this app (%r)", s["uid"], folder,
+                        s["description"])
+            continue
         rel_folder = rel.as_posix() or "."
         items.append(SeriesItem(key=f"dicom:{rel_folder}#{s['uid']}", kind="dicom", source=str(folder),
                                 output=out_root / rel / _dicom_label(s["uid"], s["series_number"]), voxels=voxels,
@@ -178,10 +190,25 @@ def discover_tree(root: str | os.PathLike, out_root: str | os.PathLike,
     series_filter = series_filter or SeriesFilter()
     out_resolved = out_root.resolve()
     items: list[SeriesItem] = []
+    # every folder is searched once, under the first path that reaches it (walk order: sorted): a symlink back up
+    # the tree (a loop) or a second link to one folder would list its series again under other paths, each then
+    # refused as "split over N folders" and never denoised
+    seen = {root.resolve()}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
         # never search the output (when it lies inside the input tree) nor hidden folders (temporary outputs)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != out_resolved)
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            real = (here / name).resolve()
+            if real == out_resolved or out_resolved in real.parents or real in seen:
+                continue
+            seen.add(real)
+            if (real / MANIFEST_DIR).is_dir():  # another run's output root: its series are this app's results
+                log.warning("not searched: %s holds the results of another denoise-batch run (%s/)", here / name,
+                            MANIFEST_DIR)
+                continue
+            kept.append(name)
+        dirnames[:] = kept
         rel = here.relative_to(root)
         items.extend(_dicom_items(here, rel, out_root, series_filter))
         if series_filter.active:
