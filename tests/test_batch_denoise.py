@@ -487,3 +487,21 @@ def test_symlink_loops_other_runs_results_and_derived_series_are_not_inputs(tmp_
     assert [(i.key.split("#")[0], i.problem) for i in items] == [("dicom:pat/ct", None)]
     assert len(items[0].files) == 3
 
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    """Two runs writing to one output would denoise every series twice and record each as failed over the first
+    run's results: while a run holds the output's lock (here this process), another is refused at once, naming it,
+    and writes nothing; once the lock is free the run goes ahead."""
+    from pydicom.uid import generate_uid
+
+    root, out = tmp_path / "archive", tmp_path / "out"
+    _ct_small_series(root / "ct", 3, generate_uid())
+    first = Manifest(out)
+    first.lock()
+    result = run_single(root, out)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "another denoise-batch run (pid " in result.stderr and "choose another --output" in result.stderr
+    assert not read_records(out / MANIFEST_DIR) and [p.name for p in out.iterdir()] == [MANIFEST_DIR]
+    os.close(first._lock_fd)  # the first run ends
+    result = run_single(root, out)
+    assert result.returncode == 0 and "1 done" in result.stdout, result.stdout + result.stderr

@@ -4,6 +4,11 @@ Layout under the output root: ``_denoise_batch/rank-<rank>.jsonl``, one file per
 rank alone, and ``_denoise_batch/manifest.jsonl``, the merge (the latest record of every job and series), written
 atomically (temporary file + rename) by rank 0 at the end of a run.
 
+Each rank holds an exclusive ``flock`` on ``_denoise_batch/lock-rank-<rank>`` while it runs: a second run on the
+same output (every job has a rank 0) is refused at once, naming the process that holds it, instead of denoising
+every series again and recording each as failed over the first run's results. (A file system without locks, e.g.
+an NFS mount with ``nolock``: the run goes on unlocked, with a warning.)
+
 Why one file per rank rather than one file with ``fcntl`` locks: a rank's appends then need no lock at all
 (one writer per file), which holds on every shared file system a multi-machine job may write to (``fcntl``
 locks are unreliable or slow on some NFS and Lustre set-ups). Each record is one ``write`` of a whole line,
@@ -20,7 +25,10 @@ would run now (same name, other contents) or the default restoration width diffe
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -30,9 +38,15 @@ from typing import Iterable
 from ..runtime.atomic import atomic_write_text
 from .discovery import MANIFEST_DIR
 
-__all__ = ["MERGED_NAME", "Manifest", "job_key", "latest_by_job", "read_records"]
+__all__ = ["MERGED_NAME", "Manifest", "OutputInUse", "job_key", "latest_by_job", "read_records"]
 
 MERGED_NAME = "manifest.jsonl"
+
+log = logging.getLogger(__name__)
+
+
+class OutputInUse(RuntimeError):
+    """Another batch run holds this rank's lock on the output folder."""
 
 
 def job_key(identity: str, model_requested: str, weights_requested: str | None) -> str:
@@ -76,6 +90,36 @@ class Manifest:
         self.path = self.folder / f"rank-{rank:05d}.jsonl"
         self.host = socket.gethostname()
         self._checked_end = False
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Take this rank's lock on the output folder for the life of the process (released when it ends, killed
+        too); the lock file names the holder.
+
+        Raises:
+            OutputInUse: another run holds it.
+        """
+        if self._lock_fd is not None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"lock-rank-{self.rank:05d}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise OutputInUse(f"another denoise-batch run ({holder}) is writing to {self.folder.parent}: wait "
+                                  "for it to end, or choose another --output") from None
+            log.warning("cannot lock %s (%s): make sure no other run writes to this output folder", path,
+                        error.strerror)
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {self.host}, rank {self.rank} of {self.world}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._lock_fd = fd  # kept open (and locked) until the process ends
 
     def append(self, record: dict) -> dict:
         """Append ``record`` (with rank, world, host and time added) as one line; returns the full record."""

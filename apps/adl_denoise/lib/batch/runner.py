@@ -350,7 +350,8 @@ def run_batch(settings: BatchSettings, report: Callable[[str], None] = print) ->
 
     Raises:
         ValueError: bad source or output (before any work), CUDA asked for but absent.
-        RuntimeError: the ranks do not see the same series (checked before any work).
+        RuntimeError: the ranks do not see the same series (checked before any work); another run is writing to
+            the same output (:class:`~lib.batch.manifest.OutputInUse`).
     """
     from ..engines.engine import setup_distributed
 
@@ -371,7 +372,7 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
     client = dicomweb.make_client(settings.source) if dicomweb.is_dicomweb_url(settings.source) else None
     items = plan_series(settings, client)
     manifest = Manifest(settings.output, context.rank, context.world)
-    manifest.folder.mkdir(parents=True, exist_ok=True)
+    manifest.lock()  # before reading what earlier runs did: a run still going on is refused, not raced
     if context.distributed:
         atomic_write_text(manifest.folder / f"plan-rank-{context.rank:05d}.sha256", _plan_digest(items))
         dist.barrier()  # every rank has planned: nothing is written yet
