@@ -95,6 +95,16 @@ def test_dicomweb_source_and_sink(tmp_path, shared_data):
         again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert again.returncode == 0 and "1 series: 0 done, 1 skipped, 0 failed" in again.stdout, again.stdout
         assert len(pacs.get("/series")) == count == 4
+        # series without images (a structured report, an RT structure set) are not inputs: never downloaded,
+        # never counted as failed on every run
+        from pydicom.data import get_testdata_file
+
+        for name in ("test-SR.dcm", "rtstruct.dcm"):
+            ds = pydicom.dcmread(get_testdata_file(name), force=True)
+            ds.StudyInstanceUID, ds.PatientID = study, "BATCH"
+            ds.save_as(tmp_path / name, write_like_original=False)
+            pacs.upload(tmp_path / name)
+        assert len(pacs.get("/series")) == 6
         everything = discover_dicomweb(make_client(pacs.dicomweb), out, SeriesFilter())
         assert len(everything) == 3 and stored["series_instance_uid"] not in {i.series_uid for i in everything}
     finally:

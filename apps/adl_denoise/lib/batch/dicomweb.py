@@ -4,7 +4,9 @@ derived series sent back (STOW-RS, checked instance by instance: a server can an
 
 Outputs of a DICOMweb source go to ``OUT/<StudyInstanceUID>/<SeriesInstanceUID>/`` (a derived DICOM series,
 as for a DICOM folder). Series this app derived (SeriesDescription holding "[denoised") are never taken as
-inputs, so a rerun after STOW-RS does not denoise its own results.
+inputs, so a rerun after STOW-RS does not denoise its own results; nor are series of a modality that holds no
+images (structured reports, presentation states, key-object selections, RT structure sets and plans, encapsulated
+documents...: :data:`NON_IMAGE_MODALITIES`), which a folder tree's discovery passes over too (no image size).
 """
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ import pydicom
 
 from ..imaging.errors import one_line
 from ..pacs import PacsStoreError, stow_datasets
-from .discovery import SeriesFilter, SeriesItem, refuse_collisions
+from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, refuse_collisions
 
-__all__ = ["DERIVED_MARK", "PacsStoreError", "discover_dicomweb", "download_series", "is_dicomweb_url", "make_client",
+__all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "PacsStoreError", "discover_dicomweb", "download_series", "is_dicomweb_url", "make_client",
            "store_series"]
 
-#: what the SeriesDescription of a series written by this app contains (" [denoised <model>]")
-DERIVED_MARK = "[denoised"
+#: Modality values (DICOM PS3.3 C.7.3.1.1.1) of series without images: never downloaded nor counted as failed
+NON_IMAGE_MODALITIES = frozenset({"AU", "DOC", "ECG", "EPS", "FID", "HD", "KO", "PLAN", "PR", "REG", "RESP",
+                                  "RTPLAN", "RTRECORD", "RTSTRUCT", "RWV", "SMR", "SR"})
 #: voxels per instance assumed for sharding (series-level QIDO does not return Rows and Columns)
 VOXELS_PER_INSTANCE = 512 * 512
 
@@ -73,6 +76,8 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
         study, series = str(_value(result, "StudyInstanceUID")), str(_value(result, "SeriesInstanceUID"))
         description = str(_value(result, "SeriesDescription"))
         if not study or not series or DERIVED_MARK in description:
+            continue
+        if str(_value(result, "Modality")).upper() in NON_IMAGE_MODALITIES:
             continue
         if not series_filter.accepts(str(_value(result, "Modality")), str(_value(result, "StudyDate")), description):
             continue
