@@ -163,6 +163,10 @@ def test_discovery_mirrors_the_tree_with_unique_outputs_and_skips_its_own_output
     out.mkdir()
     (out / "old.nii.gz").write_bytes(b"")
     try:
+        # a folder of the tree that holds other files: they would be passed over in silence, so it is refused
+        with pytest.raises(ValueError, match=r"lies inside the input folder and already holds 1 entry \(old.nii.gz\)"):
+            discover_tree(root, out)
+        (out / MANIFEST_DIR).mkdir()  # an earlier run's results: fine
         items = discover_tree(root, out)
     finally:
         shutil.rmtree(out)  # the tree is shared by the module's tests

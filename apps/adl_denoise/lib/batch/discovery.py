@@ -109,7 +109,9 @@ class SeriesItem:
 
 def check_roots(root: Path, out: Path) -> None:
     """Refuse an output root that is the input root or holds it (outputs mirror the tree: they could land on
-    the inputs). An output root inside the input tree is fine: it is not searched.
+    the inputs). An output root inside the input tree is fine when it is new, empty or a batch's output root (it is
+    not searched); one that already holds other files is refused: its series would be passed over in silence,
+    and the results mixed in with them.
 
     Raises:
         ValueError: as said.
@@ -119,6 +121,13 @@ def check_roots(root: Path, out: Path) -> None:
         raise ValueError("--output is the input folder itself: choose another folder (inputs are never overwritten)")
     if out in root.parents:
         raise ValueError(f"--output {out} holds the input folder {root}: choose a folder outside it")
+    if root in out.parents and out.is_dir() and not (out / MANIFEST_DIR).is_dir():
+        held = sorted(entry.name for entry in out.iterdir())
+        if held:
+            raise ValueError(f"--output {out} lies inside the input folder and already holds {len(held)} entr"
+                             f"{'y' if len(held) == 1 else 'ies'} ({', '.join(held[:3])}) that are not a batch's "
+                             "results: they would not be denoised (the output is not searched); choose a new or "
+                             "empty folder")
 
 
 def _dicom_label(uid: str, number: int | None) -> str:
