@@ -49,9 +49,9 @@ class Orthanc:
             return json.loads(response.read())
 
 
-def start_orthanc(work: Path, timeout: float = 300.0) -> Orthanc:
+def start_orthanc(work: Path, timeout: float = 300.0, extra_config: dict | None = None) -> Orthanc:
     """Start Orthanc on a free loopback port; returns once ``/system`` answers (RuntimeError otherwise, with
-    Orthanc stopped)."""
+    Orthanc stopped). ``extra_config``: more configuration entries (e.g. ``LuaScripts``)."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     plugins = [str(PLUGINS / name) for name in ("libOrthancDicomWeb.so", "libOrthancGdcm.so")
@@ -60,7 +60,7 @@ def start_orthanc(work: Path, timeout: float = 300.0) -> Orthanc:
         "Name": "adl-test-pacs", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
         "HttpServerEnabled": True, "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False, "SaveJobs": False, "Plugins": plugins,
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, **(extra_config or {}),
     }
     config_path = work / "orthanc.json"
     config_path.write_text(json.dumps(config))

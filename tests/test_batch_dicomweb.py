@@ -109,3 +109,47 @@ def test_dicomweb_source_and_sink(tmp_path, shared_data):
         assert len(everything) == 3 and stored["series_instance_uid"] not in {i.series_uid for i in everything}
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_series_the_server_stored_in_part_is_failed_and_completed_by_the_rerun(tmp_path, shared_data):
+    """Orthanc 1.10 answers a STOW-RS with every instance listed as stored even when its ReceivedInstanceFilter
+    (here a Lua script, while a flag file exists) dropped one: the batch asks the server what it holds, so the
+    derived series short of a slice is a failed series naming the missing instance, not "done". The rerun sends the
+    same derived series again (same UIDs): the server then holds one whole derived series, not a partial one beside
+    a second whole one."""
+    from pydicom.uid import generate_uid
+
+    flag = tmp_path / "reject_slice_3"
+    script = tmp_path / "filter.lua"
+    script.write_text(f"""
+function ReceivedInstanceFilter(dicom, origin, info)
+  local flag = io.open("{flag}", "r")
+  if flag == nil then return true end
+  io.close(flag)
+  return not (string.find(dicom.SeriesDescription or "", "[denoised", 1, true) and dicom.InstanceNumber == "3")
+end
+""")
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+    try:
+        make_series(shared_data, tmp_path / "wanted", range(0, 4), "Abdomen LOW DOSE", generate_uid(), "20200115")
+        for path in sorted((tmp_path / "wanted").iterdir()):
+            pacs.upload(path)
+        flag.write_text("")
+        out = tmp_path / "out"
+
+        def derived() -> dict[str, int]:
+            return {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"]) for s in pacs.get("/series?expand")
+                    if "[denoised" in s["MainDicomTags"].get("SeriesDescription", "")}
+
+        result = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert result.returncode == 1 and "1 failed" in result.stdout, result.stdout + result.stderr
+        assert "answered that it stored all 4 instances but lists 3 of them" in result.stdout, result.stdout
+        assert list(derived().values()) == [3]
+        flag.unlink()
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert again.returncode == 0 and "1 done" in again.stdout, again.stdout + again.stderr
+        record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+        assert derived() == {record["stored"]["series_instance_uid"]: 4}  # the same series, now whole
+        assert record["model"] == "gaussian" and record["status"] == "done"
+    finally:
+        stop_orthanc(pacs)

@@ -6,7 +6,8 @@ MONAI Label's DICOMweb datastore downloads a series into ``<cache>/<SeriesInstan
 MONAI Label only knows how to store segmentations back, so :func:`store_derived_series` writes the denoised
 volume as a new DICOM series derived from the original (new series UID, same study and patient, ImageType
 DERIVED) and sends it with STOW-RS, checking the answer's ``FailedSOPSequence`` / ``ReferencedSOPSequence``
-rather than the HTTP status (a PACS can answer 200 and store nothing).
+rather than the HTTP status (a PACS can answer 200 and store nothing), then that the server lists every instance
+(QIDO-RS: a PACS can also list an instance as stored in its answer and drop it).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import pydicom
 
 from .imaging import read_volume, write_dicom_derived_series
+from .imaging.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,30 @@ def stow_datasets(client, datasets: list, server: str = "the DICOMweb server") -
         reasons = sorted({str(getattr(entry, "FailureReason", "?")) for entry in failed})
         raise PacsStoreError(f"{server} stored {len(stored)} of {len(datasets)} instances"
                              + (f" (failure reasons {', '.join(reasons)})" if reasons else ""))
+    _check_listed(client, datasets, server)
     return {"series_instance_uid": str(datasets[0].SeriesInstanceUID), "instances": len(datasets)}
+
+
+def _check_listed(client, datasets: list, server: str) -> None:
+    """Ask the server (QIDO-RS) for the instances of the series just stored: an answer that lists every instance as
+    stored is not enough (Orthanc 1.10 does so for an instance its ``ReceivedInstanceFilter`` dropped), and a
+    derived series short of a slice must not pass for a whole one.
+
+    Raises:
+        PacsStoreError: the server does not list every instance sent (or cannot be asked).
+    """
+    first = datasets[0]
+    sent = {str(ds.SOPInstanceUID) for ds in datasets}
+    try:
+        listed = client.search_for_instances(study_instance_uid=str(first.StudyInstanceUID),
+                                             series_instance_uid=str(first.SeriesInstanceUID), get_remaining=True)
+    except Exception as error:  # noqa: BLE001 - HTTP or connection error: whether it is all there is unknown
+        raise PacsStoreError(f"{server} answered the store, but listing the stored series failed: {one_line(error)}") from None
+    found = {str((entry.get("00080018") or {}).get("Value", [""])[0]) for entry in listed}
+    missing = sorted(sent - found)
+    if missing:
+        raise PacsStoreError(f"{server} answered that it stored all {len(sent)} instances but lists "
+                             f"{len(sent) - len(missing)} of them (missing e.g. {missing[0]})")
 
 
 def is_dicomweb(datastore) -> bool:

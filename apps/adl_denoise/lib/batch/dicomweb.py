@@ -18,8 +18,8 @@ from ..imaging.errors import one_line
 from ..pacs import PacsStoreError, stow_datasets
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, refuse_collisions
 
-__all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "PacsStoreError", "discover_dicomweb", "download_series", "is_dicomweb_url", "make_client",
-           "store_series"]
+__all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "PacsStoreError", "discover_dicomweb", "download_series",
+           "is_dicomweb_url", "make_client", "store_series"]
 
 #: Modality values (DICOM PS3.3 C.7.3.1.1.1) of series without images: never downloaded nor counted as failed
 NON_IMAGE_MODALITIES = frozenset({"AU", "DOC", "ECG", "EPS", "FID", "HD", "KO", "PLAN", "PR", "REG", "RESP",

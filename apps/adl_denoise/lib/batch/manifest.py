@@ -20,7 +20,9 @@ Record (one JSON object per line): ``job`` (identity + model asked for + weights
 the input, see :class:`~lib.batch.discovery.SeriesItem`), ``input``, ``output``, ``model`` (the model run),
 ``model_requested``, ``weights_version``, ``weights_sha256``, ``low_frequency_restoration`` (pixels),
 ``modality``, ``status`` ("started", "done" or "failed"), ``seconds``, ``error``, ``rank``, ``world``, ``host``,
-``time`` (Unix seconds), plus e.g. ``stored`` (STOW-RS). A done job is skipped by a rerun unless the weights it
+``time`` (Unix seconds), plus e.g. ``stored`` (STOW-RS) and ``stage`` ("store" on a failed record: the series was
+denoised and written, the server did not store it all; a rerun sends the same files again, same UIDs, so that the
+server completes that derived series). A done job is skipped by a rerun unless the weights it
 would run now (same name, other contents) or the default restoration width differ from the record's.
 """
 from __future__ import annotations

@@ -134,6 +134,19 @@ def _remove_stale_temporaries(output: Path) -> None:
                 stale.unlink(missing_ok=True)
 
 
+class _StoreFailed(Exception):
+    """The derived series was written (``extra``: what :meth:`_Rank._denoise` records) but not stored."""
+
+    def __init__(self, extra: dict, message: str) -> None:
+        super().__init__(message)
+        self.extra = extra
+
+
+#: what a record keeps of the denoising of a series whose store failed, for the rerun that only re-sends it
+_DENOISED_FIELDS = ("model", "weights_version", "weights_sha256", "low_frequency_restoration", "modality", "shape",
+                    "modality_from")
+
+
 class _Rank:
     """State of one rank's loop: manifest, what earlier runs did, loaded models, DICOMweb client."""
 
@@ -197,7 +210,14 @@ class _Rank:
         self.manifest.append({**base, "status": "started"})
         self.ours.add(base["output"])
         try:
-            extra = self._denoise(item, overwrite=item.output.exists())
+            if self._store_only(previous, item):
+                # denoised, but the store failed: the same files (same UIDs) again, so that the server completes
+                # that derived series instead of keeping a partial one beside a second, whole one
+                extra = self._store({k: previous.get(k) for k in _DENOISED_FIELDS}, item)
+            else:
+                extra = self._denoise(item, overwrite=item.output.exists())
+        except _StoreFailed as error:
+            return self._failed(base, identity, started, str(error), {**error.extra, "stage": "store"})
         except Exception as error:  # noqa: BLE001 - one bad series is recorded, never stops the batch
             log.debug("series %s failed", item.key, exc_info=True)
             return self._failed(base, identity, started, one_line(error) or type(error).__name__)
@@ -254,9 +274,17 @@ class _Rank:
             return f"the low-frequency restoration width changed since ({float(done_width):g} -> {width:g} px)"
         return ""
 
-    def _failed(self, base: dict, identity: str, started: float, error: str) -> str:
+    def _store_only(self, previous: dict | None, item: SeriesItem) -> bool:
+        """Whether the series was denoised and written by an earlier run whose store to the server failed
+        (``stage`` "store"), with the same weights and slices as now: then only the store is done again."""
+        return bool(self.settings.store_to_pacs and previous and previous.get("status") == "failed"
+                    and previous.get("stage") == "store" and previous.get("model") and item.output.is_dir()
+                    and not self._changed_since(previous, item))
+
+    def _failed(self, base: dict, identity: str, started: float, error: str, extra: dict | None = None) -> str:
         self.last_error = error
-        self.manifest.append({**base, "job": job_key(identity, self.model_requested, self.weights_requested),
+        self.manifest.append({**base, **(extra or {}),
+                              "job": job_key(identity, self.model_requested, self.weights_requested),
                               "identity": identity, "status": "failed",
                               "seconds": round(time.perf_counter() - started, 3), "error": error})
         return "failed"
@@ -294,9 +322,18 @@ class _Rank:
                  # "dicom" (the Modality tag), "argument" (--modality), "guessed" (from the values: check those)
                  "modality_from": denoised.metadata.get("modality_source")}
         del denoised, result
-        if self.settings.store_to_pacs:
-            extra["stored"] = dicomweb.store_series(self.client, item.output)
-        return extra
+        return self._store(extra, item) if self.settings.store_to_pacs else extra
+
+    def _store(self, extra: dict, item: SeriesItem) -> dict:
+        """``extra`` with ``stored``: the derived series at ``item.output`` sent to the server (STOW-RS).
+
+        Raises:
+            _StoreFailed: the server did not store it all (or could not be reached).
+        """
+        try:
+            return {**extra, "stored": dicomweb.store_series(self.client, item.output)}
+        except Exception as error:  # noqa: BLE001 - recorded with what was written: a rerun re-sends it
+            raise _StoreFailed(extra, one_line(error) or type(error).__name__) from error
 
 
 def run_rank(settings: BatchSettings, items: list[SeriesItem], rank: int, world: int, device: str,
