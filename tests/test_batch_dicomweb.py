@@ -11,6 +11,7 @@ import io
 import json
 import os
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -151,5 +152,47 @@ end
         record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
         assert derived() == {record["stored"]["series_instance_uid"]: 4}  # the same series, now whole
         assert record["model"] == "gaussian" and record["status"] == "done"
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_server_that_goes_away_stops_the_run_and_a_rerun_resumes(tmp_path, shared_data):
+    """Orthanc stopped once the batch has listed the series: each download fails after the client's retries (about
+    30 s), so after 3 such series in a row the run stops, says so and how many series it did not try (rather than
+    spending 30 s on every series of the archive), exits 1; Orthanc restarted (on another port), the rerun denoises
+    every series."""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        study = generate_uid()
+        for k in range(6):
+            make_series(shared_data, tmp_path / f"s{k}", range(k, k + 2), "abdomen low dose", study, "20200115")
+            for path in sorted((tmp_path / f"s{k}").iterdir()):
+                pacs.upload(path)
+        out = tmp_path / "out"
+        command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
+                   "gaussian", "--no-progress"]
+        process = processes.start(command, tmp_path / "batch.log", env=dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            lock = out / MANIFEST_DIR / "lock-rank-00000"  # taken once the series are listed
+            deadline = time.monotonic() + TIMEOUT
+            while not lock.exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stop_orthanc(pacs)
+            process.wait(TIMEOUT)
+        finally:
+            processes.stop(process)
+        log = (tmp_path / "batch.log").read_text()
+        assert process.returncode == 1, log
+        assert "could not be reached for 3 series in a row" in log and "rerun to resume" in log, log
+        summary = next(line for line in log.splitlines() if line.startswith("summary: "))
+        done = int(summary.split(" done")[0].split()[-1])
+        assert f"{done} done, 0 skipped, 3 failed, {3 - done} not tried" in summary, summary
+        pacs = start_orthanc(tmp_path / "orthanc")  # the same storage, another port
+        again = processes.run([*command[:4], pacs.dicomweb, *command[5:]], TIMEOUT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert f"6 series: {6 - done} done, {done} skipped, 0 failed" in again.stdout, again.stdout
     finally:
         stop_orthanc(pacs)

@@ -4,8 +4,9 @@ Per rank: find every series (the same list on every rank), keep this rank's shar
 each series in turn: its identity, skip it when the manifest says it is done and its output exists, else read
 it, denoise it (:func:`lib.model_dispatch.denoise_volume`), write it with the app's writers (a temporary file or
 folder next to the output, renamed into place: a killed run leaves no half-written output) and record the
-outcome. Any error of one series is recorded as failed with its message and the loop goes on. One series is in
-memory at a time.
+outcome. Any error of one series is recorded as failed with its message and the loop goes on, except that a rank
+stops after :data:`UNREACHABLE_LIMIT` series in a row failed for want of the DICOMweb server (the rest are "not
+tried": a rerun does them). One series is in memory at a time.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is the training engine's
 (:func:`lib.engines.engine.setup_distributed`: Gloo on CPU, NCCL with one GPU per ``LOCAL_RANK``), and the only
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: how long a rank waits at a barrier for the others (a whole archive can take days)
 BATCH_TIMEOUT = _dt.timedelta(days=7)
+#: series in a row that failed because the DICOMweb server could not be reached, after which a rank stops: each
+#: costs the client's retries (about 30 s), so a server that is down would otherwise take hours per thousand series
+UNREACHABLE_LIMIT = 3
 
 
 @dataclass
@@ -73,12 +77,16 @@ class BatchSummary:
     failed: int = 0
     seconds: float = 0.0
     ranks: int = 1
+    #: series not tried: the rank stopped because the DICOMweb server could not be reached (a rerun tries them)
+    untried: int = 0
+    #: why this rank stopped before its last series ("" when it did not)
+    stopped: str = ""
     #: (series key, error) of this rank's failed series (not merged)
     failures: list = field(default_factory=list, repr=False)
 
     @property
     def total(self) -> int:
-        return self.done + self.skipped + self.failed
+        return self.done + self.skipped + self.failed + self.untried
 
     @property
     def series_per_hour(self) -> float:
@@ -86,7 +94,8 @@ class BatchSummary:
         return 3600.0 * self.done / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        return (f"{self.total} series: {self.done} done, {self.skipped} skipped, {self.failed} failed in "
+        untried = f", {self.untried} not tried (server unreachable: rerun)" if self.untried else ""
+        return (f"{self.total} series: {self.done} done, {self.skipped} skipped, {self.failed} failed{untried} in "
                 f"{self.seconds:.1f} s ({self.series_per_hour:.1f} series/hour, {self.ranks} process"
                 f"{'es' if self.ranks > 1 else ''})")
 
@@ -134,6 +143,19 @@ def _remove_stale_temporaries(output: Path) -> None:
                 stale.unlink(missing_ok=True)
 
 
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a failure to reach the server (connection refused,
+    reset, DNS...), not an answer: then the next series would fail the same way."""
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, (RequestsConnectionError, ConnectionError)):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 class _StoreFailed(Exception):
     """The derived series was written (``extra``: what :meth:`_Rank._denoise` records) but not stored."""
 
@@ -166,17 +188,27 @@ class _Rank:
         self.model_requested = settings.options.model + ("" if restoration is None else f"|lfr={restoration:g}")
         self.scratch = Path(settings.output) / ".denoise_batch_download" / f"rank-{rank:05d}"
         self.last_error = ""
+        self.last_unreachable = False  # the last failure: the server could not be reached
 
     def run(self, items: list[SeriesItem], bar) -> BatchSummary:
         summary = BatchSummary(ranks=1)
         start = time.perf_counter()
-        for item in items:
+        unreachable = 0  # failures in a row for want of the server
+        for index, item in enumerate(items):
+            self.last_unreachable = False
             outcome = self.one(item)
             if outcome == "failed":
                 summary.failures.append((item.key, self.last_error))
             setattr(summary, outcome, getattr(summary, outcome) + 1)
             bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed, refresh=False)
             bar.update(1)
+            unreachable = unreachable + 1 if outcome == "failed" and self.last_unreachable else 0
+            if unreachable >= UNREACHABLE_LIMIT and index + 1 < len(items):
+                summary.untried = len(items) - index - 1
+                summary.stopped = (f"{getattr(self.client, 'base_url', 'the server')} could not be reached for "
+                                   f"{unreachable} series in a row: the remaining {summary.untried} series were not "
+                                   "tried; rerun to resume")
+                break
         summary.seconds = time.perf_counter() - start
         shutil.rmtree(self.scratch, ignore_errors=True)
         return summary
@@ -217,9 +249,11 @@ class _Rank:
             else:
                 extra = self._denoise(item, overwrite=item.output.exists())
         except _StoreFailed as error:
+            self.last_unreachable = _unreachable(error)
             return self._failed(base, identity, started, str(error), {**error.extra, "stage": "store"})
         except Exception as error:  # noqa: BLE001 - one bad series is recorded, never stops the batch
             log.debug("series %s failed", item.key, exc_info=True)
+            self.last_unreachable = _unreachable(error)
             return self._failed(base, identity, started, one_line(error) or type(error).__name__)
         finally:
             gc.collect()  # the series' arrays go now: one series in memory at a time
@@ -378,6 +412,7 @@ def _merged_summary(manifest: Manifest, world: int, seconds: float) -> BatchSumm
         total.done += part["done"]
         total.skipped += part["skipped"]
         total.failed += part["failed"]
+        total.untried += part.get("untried", 0)
     return total
 
 
@@ -422,6 +457,8 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
     atomic_write_text(manifest.folder / f"summary-rank-{context.rank:05d}.json", json.dumps(counts))
     for key, error in own.failures:
         report(f"failed: {key}: {error}")
+    if own.stopped:
+        report(f"stopped: {own.stopped}")
     if context.distributed:
         report(f"rank {context.rank}: {own.line()}")
         dist.barrier()  # every rank's records and summary are on disk
