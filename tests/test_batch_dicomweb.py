@@ -146,11 +146,21 @@ end
         assert result.returncode == 1 and "1 failed" in result.stdout, result.stdout + result.stderr
         assert "answered that it stored all 4 instances but lists 3 of them" in result.stdout, result.stdout
         assert list(derived().values()) == [3]
+        partial = list(derived())
+        # still refused: the rerun sends the same files again (not a new series), and fails again
+        result = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert result.returncode == 1 and "lists 3 of them" in result.stdout, result.stdout + result.stderr
+        assert derived() == {partial[0]: 3}
+        # a run killed during the store leaves its last record "started" at the store stage
+        records = next((out / MANIFEST_DIR).glob("rank-*.jsonl"))
+        rows = [json.loads(line) for line in records.read_text().splitlines()]
+        assert rows[-2]["status"] == "started" and rows[-2]["stage"] == "store" and rows[-1]["status"] == "failed"
+        records.write_text("".join(json.dumps(row) + "\n" for row in rows[:-1]))
         flag.unlink()
         again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert again.returncode == 0 and "1 done" in again.stdout, again.stdout + again.stderr
         record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
-        assert derived() == {record["stored"]["series_instance_uid"]: 4}  # the same series, now whole
+        assert derived() == {record["stored"]["series_instance_uid"]: 4} == {partial[0]: 4}  # the same, now whole
         assert record["model"] == "gaussian" and record["status"] == "done"
     finally:
         stop_orthanc(pacs)

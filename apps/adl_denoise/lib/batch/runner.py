@@ -245,9 +245,9 @@ class _Rank:
             if self._store_only(previous, item):
                 # denoised, but the store failed: the same files (same UIDs) again, so that the server completes
                 # that derived series instead of keeping a partial one beside a second, whole one
-                extra = self._store({k: previous.get(k) for k in _DENOISED_FIELDS}, item)
+                extra = self._store({k: previous.get(k) for k in _DENOISED_FIELDS}, item, base)
             else:
-                extra = self._denoise(item, overwrite=item.output.exists())
+                extra = self._denoise(item, base, overwrite=item.output.exists())
         except _StoreFailed as error:
             self.last_unreachable = _unreachable(error)
             return self._failed(base, identity, started, str(error), {**error.extra, "stage": "store"})
@@ -309,9 +309,10 @@ class _Rank:
         return ""
 
     def _store_only(self, previous: dict | None, item: SeriesItem) -> bool:
-        """Whether the series was denoised and written by an earlier run whose store to the server failed
-        (``stage`` "store"), with the same weights and slices as now: then only the store is done again."""
-        return bool(self.settings.store_to_pacs and previous and previous.get("status") == "failed"
+        """Whether the series was denoised and written by an earlier run whose store to the server failed or was
+        cut short by a kill (``stage`` "store"), with the same weights and slices as now: then only the store is done
+        again."""
+        return bool(self.settings.store_to_pacs and previous and previous.get("status") in ("failed", "started")
                     and previous.get("stage") == "store" and previous.get("model") and item.output.is_dir()
                     and not self._changed_since(previous, item))
 
@@ -334,7 +335,7 @@ class _Rank:
         shutil.rmtree(self.scratch, ignore_errors=True)
         return read_volume(dicomweb.download_series(self.client, item, self.scratch / "series"))
 
-    def _denoise(self, item: SeriesItem, overwrite: bool) -> dict:
+    def _denoise(self, item: SeriesItem, base: dict, overwrite: bool) -> dict:
         volume = self._read(item)
         result = denoise_volume(volume, self.options, self.device, name=item.source, cache=self.cache)
         denoised = volume.with_array(result.array)
@@ -356,14 +357,17 @@ class _Rank:
                  # "dicom" (the Modality tag), "argument" (--modality), "guessed" (from the values: check those)
                  "modality_from": denoised.metadata.get("modality_source")}
         del denoised, result
-        return self._store(extra, item) if self.settings.store_to_pacs else extra
+        return self._store(extra, item, base) if self.settings.store_to_pacs else extra
 
-    def _store(self, extra: dict, item: SeriesItem) -> dict:
-        """``extra`` with ``stored``: the derived series at ``item.output`` sent to the server (STOW-RS).
+    def _store(self, extra: dict, item: SeriesItem, base: dict) -> dict:
+        """``extra`` with ``stored``: the derived series at ``item.output`` sent to the server (STOW-RS). Recorded
+        first as started at ``stage`` "store": a run killed during the store leaves a partial series on the server,
+        which the rerun completes with the same files.
 
         Raises:
             _StoreFailed: the server did not store it all (or could not be reached).
         """
+        self.manifest.append({**base, **extra, "status": "started", "stage": "store"})
         try:
             return {**extra, "stored": dicomweb.store_series(self.client, item.output)}
         except Exception as error:  # noqa: BLE001 - recorded with what was written: a rerun re-sends it
