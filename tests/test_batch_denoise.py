@@ -509,3 +509,26 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
     os.close(first._lock_fd)  # the first run ends
     result = run_single(root, out)
     assert result.returncode == 0 and "1 done" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_folder_that_cannot_be_listed_is_a_failed_series_not_passed_over(tmp_path, monkeypatch):
+    """A folder of the tree that cannot be listed (no read permission: tests run as root here, which reads any
+    folder, so the listing is refused by hand) is reported as failed, naming the folder and why, not left out of
+    the run in silence: its series would never be denoised and the run would exit 0."""
+    from pydicom.uid import generate_uid
+
+    root = tmp_path / "archive"
+    _ct_small_series(root / "readable", 2, generate_uid())
+    _ct_small_series(root / "locked", 2, generate_uid())
+    real_scandir = os.scandir
+
+    def scandir(path=None):
+        if Path(path) == root / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    items = {i.key.split("#")[0]: i for i in discover_tree(root, tmp_path / "out")}
+    assert set(items) == {"dicom:readable", "dicom:locked"}
+    assert items["dicom:readable"].problem is None
+    assert items["dicom:locked"].problem == f"cannot list the folder {root / 'locked'}: Permission denied"

@@ -5,7 +5,8 @@ series may share a folder, hard-anonymised files with an empty UID form one seri
 MetaImage file is a series of its own. Hidden files and folders (name starting with "."), the output folder when
 it lies inside the input tree, and the output folders of other runs (holding a ``_denoise_batch`` folder) are not
 searched; a folder reached twice (a symlink loop, two links to one folder) is searched once; DICOM series this app
-derived (SeriesDescription holding "[denoised") are never inputs.
+derived (SeriesDescription holding "[denoised") are never inputs. A folder that cannot be listed (permissions) is
+a failed series of its own, never passed over in silence.
 
 Output paths mirror the tree under the output root, and are unique per series:
 
@@ -203,7 +204,15 @@ def discover_tree(root: str | os.PathLike, out_root: str | os.PathLike,
     # the tree (a loop) or a second link to one folder would list its series again under other paths, each then
     # refused as "split over N folders" and never denoised
     seen = {root.resolve()}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unlisted(error: OSError) -> None:  # a folder that cannot be listed: reported, never passed over in silence
+        folder = Path(error.filename or root)
+        rel = folder.relative_to(root) if folder.is_relative_to(root) else Path(folder.name)
+        items.append(SeriesItem(key=f"dicom:{rel.as_posix() or '.'}#", kind="dicom", source=str(folder),
+                                output=out_root / rel / _dicom_label("", None), series_uid="",
+                                problem=f"cannot list the folder {folder}: {error.strerror or error}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted, followlinks=True):
         here = Path(dirpath)
         # never search the output (when it lies inside the input tree) nor hidden folders (temporary outputs)
         kept = []
