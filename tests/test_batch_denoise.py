@@ -532,3 +532,17 @@ def test_a_folder_that_cannot_be_listed_is_a_failed_series_not_passed_over(tmp_p
     assert set(items) == {"dicom:readable", "dicom:locked"}
     assert items["dicom:readable"].problem is None
     assert items["dicom:locked"].problem == f"cannot list the folder {root / 'locked'}: Permission denied"
+
+
+def test_a_series_neither_ct_nor_mr_names_its_modality_not_a_filter_as_the_fix(tmp_path):
+    """An RT dose grid (pydicom's real RTDOSE file: an image, Modality RTDOSE) fails saying its modality, not
+    denoise's "cannot tell whether it is CT or MR: give --modality ct|mr", which in denoise-batch is a filter."""
+    from pydicom.data import get_testdata_file
+
+    root = tmp_path / "archive"
+    (root / "dose").mkdir(parents=True)
+    shutil.copy(get_testdata_file("rtdose.dcm"), root / "dose" / "rtdose.dcm")
+    result = run_single(root, tmp_path / "out")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "its Modality is RTDOSE: only CT and MR series are denoised" in result.stdout, result.stdout
+    assert "cannot tell" not in result.stdout

@@ -337,6 +337,11 @@ class _Rank:
 
     def _denoise(self, item: SeriesItem, base: dict, overwrite: bool) -> dict:
         volume = self._read(item)
+        tag = volume.metadata.get("dicom_modality")
+        if item.kind != "file" and volume.modality not in ("CT", "MR"):
+            # "give --modality ct|mr" (denoise's advice) would mislead here: in denoise-batch it only picks series
+            raise DenoiseRefused(f"its Modality is {tag or 'empty'}: only CT and MR series are denoised "
+                                 "(--modality CT or MR takes only those)")
         result = denoise_volume(volume, self.options, self.device, name=item.source, cache=self.cache)
         denoised = volume.with_array(result.array)
         del volume
