@@ -206,3 +206,29 @@ def test_a_server_that_goes_away_stops_the_run_and_a_rerun_resumes(tmp_path, sha
         assert f"6 series: {6 - done} done, {done} skipped, 0 failed" in again.stdout, again.stdout
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_rerun_with_store_to_pacs_sends_what_an_earlier_run_only_wrote(tmp_path, shared_data):
+    """A first run without --store-to-pacs writes the derived series locally; the rerun with it used to skip the
+    series as done and store nothing (exit 0): it now sends the local derived series (not denoised again), once."""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
+        for path in sorted((tmp_path / "wanted").iterdir()):
+            pacs.upload(path)
+        out = tmp_path / "out"
+        first = run_batch(pacs.dicomweb, out)
+        assert first.returncode == 0 and "1 done" in first.stdout, first.stdout + first.stderr
+        assert len(pacs.get("/series")) == 1
+        local = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])["output"]
+        local_uid = pydicom.dcmread(next(Path(local).iterdir())).SeriesInstanceUID
+        stored = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert stored.returncode == 0 and "1 done" in stored.stdout, stored.stdout + stored.stderr
+        series = {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"]) for s in pacs.get("/series?expand")}
+        assert len(series) == 2 and series[local_uid] == 3  # the local files themselves
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert "0 done, 1 skipped" in again.stdout and len(pacs.get("/series")) == 2, again.stdout
+    finally:
+        stop_orthanc(pacs)

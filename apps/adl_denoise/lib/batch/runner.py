@@ -231,9 +231,10 @@ class _Rank:
         previous = self.latest.get(job)
         if previous and previous.get("status") == "done" and item.output.exists():
             changed = self._changed_since(previous, item)
-            if not changed:
+            if not changed and not (self.settings.store_to_pacs and not previous.get("stored")):
                 return "skipped"
-            log.warning("%s: denoising again: %s", item.key, changed)
+            if changed:
+                log.warning("%s: denoising again: %s", item.key, changed)
         ours = base["output"] in self.ours
         if item.output.exists() and not ours:
             return self._failed(base, identity, started,
@@ -310,11 +311,13 @@ class _Rank:
 
     def _store_only(self, previous: dict | None, item: SeriesItem) -> bool:
         """Whether the series was denoised and written by an earlier run whose store to the server failed or was
-        cut short by a kill (``stage`` "store"), with the same weights and slices as now: then only the store is done
-        again."""
-        return bool(self.settings.store_to_pacs and previous and previous.get("status") in ("failed", "started")
-                    and previous.get("stage") == "store" and previous.get("model") and item.output.is_dir()
-                    and not self._changed_since(previous, item))
+        cut short by a kill (``stage`` "store"), or that was run without ``--store-to-pacs``, with the same weights and
+        slices as now: then only the store is done (again)."""
+        if not (self.settings.store_to_pacs and previous and previous.get("model") and item.output.is_dir()):
+            return False
+        cut_short = previous.get("status") in ("failed", "started") and previous.get("stage") == "store"
+        unsent = previous.get("status") == "done" and not previous.get("stored")
+        return (cut_short or unsent) and not self._changed_since(previous, item)
 
     def _failed(self, base: dict, identity: str, started: float, error: str, extra: dict | None = None) -> str:
         self.last_error = error
