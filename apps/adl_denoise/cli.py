@@ -464,7 +464,7 @@ def _add_batch_parser(verbs) -> None:
                     "A manifest (--output/_denoise_batch/) records every series; a rerun skips what is done and "
                     "retries what failed. Under 'torchrun --nproc_per_node N' the series are shared out over the "
                     "processes (largest first, balanced by voxels), one GPU each when there are GPUs. Exit status "
-                    "1 when some series failed.")
+                    "1 when some series failed; 2 on bad arguments or while another run writes to the same --output.")
     bat.add_argument("--input", "-i", required=True, metavar="FOLDER_OR_URL",
                      help="folder tree, or a DICOMweb service root (http://HOST:PORT/dicom-web)")
     bat.add_argument("--output", "-o", required=True, help="output folder (shared by all machines of a job)")
@@ -479,7 +479,9 @@ def _add_batch_parser(verbs) -> None:
                      help="modality of the NIfTI/NRRD/MHA files, which carry no tag (default: guessed from the values; "
                           "DICOM series use their Modality tag)")
     bat.add_argument("--store-to-pacs", action="store_true",
-                     help="DICOMweb input: also send each derived series back to the server (STOW-RS)")
+                     help="DICOMweb input: also send each derived series back to the server (STOW-RS; checked by "
+                          "asking the server for it; a rerun re-sends series whose store failed, and sends those an "
+                          "earlier run without this option only wrote)")
     bat.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="compute device (default: GPU when present; under torchrun the GPU of LOCAL_RANK)")
     bat.add_argument("--no-progress", action="store_true", help="no progress bars (they show on a terminal only)")
