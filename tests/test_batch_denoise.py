@@ -482,6 +482,13 @@ def test_symlink_loops_other_runs_results_and_derived_series_are_not_inputs(tmp_
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID, ds.SeriesDescription = "1.2.3.4.5", "abdomen [denoised adl]"
         ds.save_as(derived / path.name)
+    anonymised = root / "pat" / "anonymised_result"  # the basic profile removes SeriesDescription, keeps ImageType
+    anonymised.mkdir()
+    for path in ct:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.ImageType = "1.2.3.4.6", ["DERIVED", "SECONDARY", "AXIAL", "DENOISED"]
+        ds.pop("SeriesDescription", None)
+        ds.save_as(anonymised / path.name)
     earlier = root / "denoised_v1"  # an earlier run's --output inside the input tree
     (earlier / MANIFEST_DIR).mkdir(parents=True)
     _ct_small_series(earlier / "pat" / "ct" / "series_1_0123abcd", 3, generate_uid())

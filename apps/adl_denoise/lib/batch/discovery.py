@@ -5,8 +5,8 @@ series may share a folder, hard-anonymised files with an empty UID form one seri
 MetaImage file is a series of its own. Hidden files and folders (name starting with "."), the output folder when
 it lies inside the input tree, and the output folders of other runs (holding a ``_denoise_batch`` folder) are not
 searched; a folder reached twice (a symlink loop, two links to one folder) is searched once; DICOM series this app
-derived (SeriesDescription holding "[denoised") are never inputs. A folder that cannot be listed (permissions) is
-a failed series of its own, never passed over in silence.
+derived (SeriesDescription holding "[denoised", or ImageType DERIVED/.../DENOISED once anonymised) are never
+inputs. A folder that cannot be listed (permissions) is a failed series of its own, never passed over in silence.
 
 Output paths mirror the tree under the output root, and are unique per series:
 
@@ -169,11 +169,14 @@ def _dicom_items(folder: Path, rel: Path, out_root: Path, series_filter: SeriesF
             voxels = len(s["files"]) * frames * int(head.get("Rows", 0) or 0) * int(head.get("Columns", 0) or 0)
             study_date = str(head.get("StudyDate", "") or "")
             study_uid = str(head.get("StudyInstanceUID", "") or "")
+            image_type = [str(v).upper() for v in (head.get("ImageType", None) or [])]
         except Exception:  # noqa: BLE001 - an unreadable header: the series fails later with the reader's message
-            voxels, study_date, study_uid = 0, "", ""
+            voxels, study_date, study_uid, image_type = 0, "", "", []
         if not series_filter.accepts(s["modality"], study_date, s["description"]):
             continue
-        if DERIVED_MARK in s["description"]:  # this app's result (copied into the archive): never denoised twice
+        # this app's result (copied into the archive): never denoised twice. ImageType tells it too once an
+        # anonymiser has removed SeriesDescription (the basic profile does; it keeps ImageType)
+        if DERIVED_MARK in s["description"] or image_type[:1] == ["DERIVED"] and "DENOISED" in image_type[3:]:
             log.warning("not denoised: series %s in %s is a result of this app (%r)", s["uid"], folder,
                         s["description"])
             continue
