@@ -425,15 +425,18 @@ def _ct_small_series(folder: Path, n: int, uid: str, patient: str = "PAT_A", sta
 
 
 def test_damaged_split_mixed_and_grown_series_are_reported_or_redone_never_written_short(tmp_path):
-    """A cut slice is never left out of a series (nor its folder passed over), a UID found in two folders is not
-    written as two partial series, two patients' slices under one empty UID are not merged, and a series that got
-    another slice after it was denoised is denoised again on the rerun."""
+    """A cut or emptied slice is never left out of a series (nor its folder passed over), a UID found in two folders is
+    not written as two partial series, two patients' slices under one empty UID are not merged, and a series that
+    got another slice after it was denoised is denoised again on the rerun."""
     from pydicom.uid import generate_uid
 
     root, out = tmp_path / "archive", tmp_path / "out"
     grown = _ct_small_series(root / "grown", 3, generate_uid())
     damaged = _ct_small_series(root / "damaged", 4, generate_uid())
     damaged[2].write_bytes(damaged[2].read_bytes()[:400])  # the header cut short, DICM marker intact
+    emptied = _ct_small_series(root / "emptied", 4, generate_uid())
+    emptied[-1].write_bytes(b"")  # an interrupted copy: the last slice's file is empty (the spacing check sees no gap)
+    (root / "grown" / "notes.txt").write_bytes(b"")  # an empty file not named as a slice is still no slice
     only = _ct_small_series(root / "only_damaged", 1, generate_uid())
     only[0].write_bytes(only[0].read_bytes()[:400])
     split = generate_uid()
@@ -448,6 +451,7 @@ def test_damaged_split_mixed_and_grown_series_are_reported_or_redone_never_writt
             (json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines())}
     assert rows["dicom:grown"]["status"] == "done"
     expected = {"dicom:damaged": ["cannot be read", damaged[2].name], "dicom:only_damaged": ["cannot be read"],
+                "dicom:emptied": ["holds 0 bytes", emptied[-1].name],
                 "dicom:split/part1": ["split over 2 folders"], "dicom:split/part2": ["split over 2 folders"],
                 "dicom:mixed": ["PatientID differs", "not one patient"]}
     for key, words in expected.items():

@@ -1,13 +1,15 @@
 """Reading DICOM: a series from a folder, a single slice, or a multi-frame (enhanced) file, as a
 :class:`~lib.imaging.Volume`.
 
-pydicom decodes the pixels (JPEG 2000 too, via pylibjpeg); the stored values are rescaled to physical units
-(CT in HU), padding is set to air, and the geometry comes from :mod:`lib.imaging.dicom_geometry`. The headers
-(without pixel data) stay on the volume as templates for a derived series (:mod:`lib.imaging.dicom_write`).
+pydicom decodes the pixels (JPEG 2000 via pylibjpeg, JPEG Lossless and JPEG-LS via python-gdcm); the stored values
+are rescaled to physical units (CT in HU), padding is set to air, and the geometry comes from
+:mod:`lib.imaging.dicom_geometry`. The headers (without pixel data) stay on the volume as templates for a derived
+series (:mod:`lib.imaging.dicom_write`).
 """
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,9 +55,11 @@ def _probe_dicom_header(path: Path) -> tuple[Dataset | None, str | None]:
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
-    except OSError:
-        return None, None
+    except OSError as error:  # a slice that cannot be opened must not leave its series one slice short
+        return None, f"cannot be opened ({one_line(error, 120)})"
     magic = len(head) == 132 and head[128:132] == b"DICM"
+    if not magic and len(head) < 132 and _named_like_dicom(path):
+        return None, f"holds {len(head)} bytes, too few for a DICOM image (an interrupted copy?)"
     if not magic and head[:2] not in (b"\x02\x00", b"\x08\x00"):
         return None, None
     try:
@@ -70,6 +74,15 @@ def _probe_dicom_header(path: Path) -> tuple[Dataset | None, str | None]:
         if "Image Storage" in _uid_name(sop_class):
             return None, f"is a {_uid_name(sop_class)} file whose header ends before the image size (cut short?)"
     return ds, None
+
+
+#: a name a DICOM slice file has: a DICOM suffix, or a UID (PACS exports name files by their SOPInstanceUID)
+_DICOM_FILE_NAME = re.compile(r"(?i).*\.(dcm|dicom|ima)|[0-9]+(\.[0-9]+){3,}")
+
+
+def _named_like_dicom(path: Path) -> bool:
+    """True for a file named as DICOM slices are: an empty or cut file of that name is a lost slice, not junk."""
+    return _DICOM_FILE_NAME.fullmatch(path.name) is not None
 
 
 def _uid_name(uid: str) -> str:
