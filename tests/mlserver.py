@@ -130,6 +130,7 @@ class Server:
     log_path: Path
     studies: Path
     model_dir: Path
+    cwd: Path = REPO_ROOT
 
     def log_tail(self, chars: int = 4000) -> str:
         return processes.log_tail(self.log_path, chars)
@@ -139,10 +140,10 @@ class Server:
 
 
 def start_server(studies: Path | str, model_dir: Path, work: Path, conf: dict | None = None,
-                 timeout: float = 600.0, env: dict[str, str] | None = None) -> Server:
+                 timeout: float = 600.0, env: dict[str, str] | None = None, cwd: Path | None = None) -> Server:
     """Start the app on a free loopback port; returns once ``/info/`` answers (RuntimeError otherwise, with the
     server stopped). ``env``: extra environment variables of the server (e.g. ``MONAI_LABEL_AUTH_ENABLE``), over
-    the ones set here."""
+    the ones set here; ``cwd``: the server's working directory (default the repository)."""
     port = free_port()
     work.mkdir(parents=True, exist_ok=True)
     (work / "tmp").mkdir(exist_ok=True)
@@ -158,8 +159,9 @@ def start_server(studies: Path | str, model_dir: Path, work: Path, conf: dict | 
     # with authentication on, /info/ needs a token: /auth/ (public) answers once the app is up
     auth_on = server_env.get("MONAI_LABEL_AUTH_ENABLE", "").strip().lower() in ("1", "true", "yes", "on")
     ready = f"{url}/auth/" if auth_on else f"{url}/info/"
-    process = processes.start_service(args, work / "server.log", ready, timeout, cwd=REPO_ROOT, env=server_env)
-    return Server(url, process, work / "server.log", studies, model_dir)
+    cwd = cwd or REPO_ROOT
+    process = processes.start_service(args, work / "server.log", ready, timeout, cwd=cwd, env=server_env)
+    return Server(url, process, work / "server.log", studies, model_dir, cwd)
 
 
 def stop_server(server: Server) -> None:

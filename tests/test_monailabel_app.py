@@ -37,10 +37,12 @@ def server(shared_server):
 
 @pytest.fixture(scope="module")
 def training_server(tmp_path_factory, tiny_weights):
-    """A server of this module's training tests, with the shared server's studies and configuration."""
+    """A server of this module's training tests, with the shared server's studies and configuration; its working
+    directory is a folder of its own (a test puts files there)."""
     root = tmp_path_factory.mktemp("monailabel_training")
+    (root / "cwd").mkdir()
     srv = start_server(shared_studies(root / "studies"), copy_weights(tiny_weights, root / "model"), root / "work",
-                       conf={"max_voxels": 3_000_000})
+                       conf={"max_voxels": 3_000_000}, cwd=root / "cwd")
     yield srv
     stop_server(srv)
     assert srv.process.returncode is not None
@@ -337,6 +339,26 @@ def test_eight_parallel_infer_requests_all_succeed(server, tmp_path):
     for path, result in results:
         out, _ = read_array(path)
         assert np.isfinite(out).all() and result["modality"] == "CT"
+
+
+def test_a_datastore_id_is_never_read_from_the_servers_working_directory(training_client, training_server):
+    """A file or folder named like a study in the server's working directory (here another patient's DICOM CT) is
+    not what ``image=<id>`` denoises: MONAI Label's infer tries the id as a path first."""
+    from pydicom.data import get_testdata_file
+
+    other_patient = training_server.cwd / "ct_slab_c"
+    other_patient.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), other_patient / "1.dcm")  # a 128 x 128 slice
+    try:
+        path, result = training_client.infer("adl", "ct_slab_c", {})
+    finally:
+        shutil.rmtree(other_patient)
+    out, out_image = read_array(path)
+    _, source_image = read_array(training_server.studies / "ct_slab_c.nii.gz")
+    assert_same_geometry(out_image, source_image)
+    assert result["shape"] == [4, 256, 256] and result["modality_from"] == "guessed from the values"
+    entry = http(training_server, "GET", "/review/ct_slab_c")[1]["denoise_results"][-1]
+    assert entry["seq"] == result["audit_seq"]  # recorded as this study's result, not an upload
 
 
 # --------------------------------------------------------------------------------------------------- review

@@ -146,7 +146,11 @@ class DenoisingApp(MONAILabelApp):
             raise HTTPException(status_code=503, detail=f"not denoised: {error}") from None
         store = datastore or self.datastore()
         image_id = request.get("image")
-        known_id = isinstance(image_id, str) and not os.path.exists(image_id) and has_image(store, image_id)
+        # a datastore id is a plain name (the routes check it); uploads and sessions come as absolute paths. An id is
+        # looked up in the datastore even when a file or folder of that name sits in the server's working
+        # directory: MONAI Label's infer would read that instead (another patient's series, recorded as an upload).
+        known_id = (isinstance(image_id, str) and bool(image_id) and not os.path.isabs(image_id)
+                    and os.sep not in image_id and has_image(store, image_id))
         if known_id:
             try:
                 refuse_unreviewable(self.audit, store, image_id)
@@ -157,6 +161,8 @@ class DenoisingApp(MONAILabelApp):
         if known_id and is_dicomweb(store):
             source_folder = series_folder(store, image_id)
             request = dict(request, image=str(source_folder))
+        elif known_id:
+            request = dict(request, image=store.get_image_uri(image_id))  # the datastore's file, by absolute path
         if to_pacs and source_folder is None:
             raise HTTPException(status_code=422, detail="store_to_pacs needs a study of a DICOMweb datastore "
                                                         "(start the server with --studies http://.../dicom-web)")
