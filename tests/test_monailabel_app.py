@@ -313,6 +313,10 @@ BAD_REQUESTS = {
     "unknown image": (lambda c, d: c.infer("adl", "no_such_study", {}), 404, "no image"),
     "bad dtype": (lambda c, d: c.infer("adl", "ct_slab_b", {"result_dtype": "uint8"}), 422, "not a label map"),
     "MR to a CT-only model": (lambda c, d: c.infer("tddl_gcn", "mr_slab_d", {}), 422, "CT only"),
+    # torch knows these names, the network fails on them half-way (was a 500)
+    "meta device": (lambda c, d: c.infer("adl", "ct_slab_b", {"device": "meta"}), 422, "auto, cpu, cuda or cuda:N"),
+    "mps device": (lambda c, d: c.infer("tddl_gcn", "ct_slab_b", {"device": "mps"}), 422, "auto, cpu, cuda"),
+    "no device": (lambda c, d: c.infer("nlm", "ct_slab_b", {"device": "gpu0"}), 422, "auto, cpu, cuda"),
     "train with no labels": (lambda c, d: c.train_start("adl", {}), 422, "no corrected studies"),
     "unknown train model": (lambda c, d: c.train_start("unet", {}), 404, "unknown model"),
 }

@@ -63,6 +63,16 @@ def http_error_for_image(error: Exception) -> HTTPException:
     return HTTPException(status_code=status, detail=f"cannot denoise this image: {message}")
 
 
+def device_name(asked: Any) -> str:
+    """``asked`` (a request's or the conf's ``device``; None = ``auto``) as ``auto``, ``cpu``, ``cuda`` or
+    ``cuda:N``; HTTP 422 naming the choices otherwise."""
+    name = str(asked or "auto").strip().lower()
+    kind, colon, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (colon and not (kind != "auto" and index.isdigit())):
+        raise HTTPException(status_code=422, detail=f"device must be auto, cpu, cuda or cuda:N, got {asked!r}")
+    return name
+
+
 class DenoiseInferTask(InferTask):
     """Denoise with a learned model; the weights follow the model store (published beats shipped).
 
@@ -273,13 +283,16 @@ class DenoiseInferTask(InferTask):
         return asked, source
 
     def _device(self, asked: Any) -> Any:
-        name = str(asked or self.device or "auto")
-        try:
-            device = resolve_device(name)
-        except (ValueError, RuntimeError) as error:
-            raise HTTPException(status_code=422, detail=f"device {name!r}: {error}") from None
+        """The torch device of a request's ``device`` (or the server's): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``
+        of a GPU this server has; HTTP 422 naming the choices otherwise (torch accepts more names, e.g. ``meta`` or
+        ``mps``, which fail half-way through the network)."""
+        name = device_name(asked or self.device)
+        device = resolve_device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise HTTPException(status_code=422, detail="device cuda asked for, but this server has no usable GPU")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise HTTPException(status_code=422, detail=f"device {name}: this server has {torch.cuda.device_count()} "
+                                                        f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         return device
 
     def _denoiser(self, served: WeightsVersion, device):
@@ -348,4 +361,5 @@ class ClassicalInferTask(DenoiseInferTask):
                                                                    "weights_sha256": ""}
 
     def _device(self, asked):
+        device_name(asked)  # 422 for a name that is no device; a GPU asked for is not an error
         return torch.device("cpu")
