@@ -212,7 +212,9 @@ def test_infer_by_session_mr_nrrd_and_ct_int16(client, server):
     out, out_image = read_array(path)
     assert_same_geometry(out_image, sitk.ReadImage(str(server.studies / "mr_slab_d.nii.gz")))
     assert out.dtype == np.float32
-    path, result = client.infer("tddl_gcn", "ct_slice_a", {"result_dtype": "int16"})
+    # keys MONAI Label's own clients send are ignored (only near-misses of the app's parameters are refused)
+    path, result = client.infer("tddl_gcn", "ct_slice_a", {"result_dtype": "int16", "result_compress": False,
+                                                          "client_id": "slicer", "restore_label_idx": False})
     out, _ = read_array(path)
     assert out.dtype == np.int16 and result["model"] == "tddl_gcn" and out.min() < -900  # HU: air stays air
 
@@ -317,6 +319,13 @@ BAD_REQUESTS = {
     "meta device": (lambda c, d: c.infer("adl", "ct_slab_b", {"device": "meta"}), 422, "auto, cpu, cuda or cuda:N"),
     "mps device": (lambda c, d: c.infer("tddl_gcn", "ct_slab_b", {"device": "mps"}), 422, "auto, cpu, cuda"),
     "no device": (lambda c, d: c.infer("nlm", "ct_slab_b", {"device": "gpu0"}), 422, "auto, cpu, cuda"),
+    # a misspelt parameter would be ignored: restoration on, the default, returned as if it had been turned off
+    "misspelt param": (lambda c, d: c.infer("adl", "ct_slab_b", {"low_frequency_restauration": 0}), 422,
+                       "did you mean low_frequency_restoration"),
+    "param case": (lambda c, d: c.infer("adl", "mr_slab_d", {"Modality": "ct"}), 422, "did you mean modality"),
+    "param part": (lambda c, d: c.infer("tddl_gcn", "ct_slab_b", {"dtype": "int16"}), 422, "did you mean result_dtype"),
+    "restoration word": (lambda c, d: c.infer("adl", "ct_slab_b", {"low_frequency_restoration": "off"}), 422,
+                         "auto or a width in pixels"),
     "train with no labels": (lambda c, d: c.train_start("adl", {}), 422, "no corrected studies"),
     "unknown train model": (lambda c, d: c.train_start("unet", {}), 404, "unknown model"),
 }

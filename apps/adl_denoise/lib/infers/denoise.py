@@ -23,6 +23,7 @@ Concurrent requests share one cached network per (weights file, device): inferen
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import shutil
@@ -48,9 +49,13 @@ from ..weights.store import ModelStore, WeightsVersion
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DenoiseInferTask", "ClassicalInferTask", "RESULT_EXTENSIONS", "http_error_for_image"]
+__all__ = ["DenoiseInferTask", "ClassicalInferTask", "RESULT_EXTENSIONS", "INFER_PARAMS", "http_error_for_image"]
 
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", "dicom")
+#: the request keys the app reads (``store_to_pacs`` in main.py, ``timeout`` by MONAI Label); other keys are
+#: ignored (MONAI Label's clients send their own), but one that looks like a misspelling of these is refused
+INFER_PARAMS = ("modality", "result_extension", "result_dtype", "device", "low_frequency_restoration",
+                "store_to_pacs", "timeout")
 RESULT_DTYPES = ("float32", "int16")
 MODALITIES = ("CT", "MR")
 
@@ -61,6 +66,21 @@ def http_error_for_image(error: Exception) -> HTTPException:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     status = 413 if "too large" in message else 422
     return HTTPException(status_code=status, detail=f"cannot denoise this image: {message}")
+
+
+def check_param_names(request: dict) -> None:
+    """HTTP 422 for a key that looks like a misspelling of one of :data:`INFER_PARAMS` (``Modality``,
+    ``low_frequency_restauration``, ``restoration``, ``dtype``): it would be ignored, and the result made with the
+    default the client meant to change (restoration on, a guessed modality) returned as if it had been honoured."""
+    for key in request:
+        if not isinstance(key, str) or key in INFER_PARAMS:
+            continue
+        word = key.strip().lower()
+        near = difflib.get_close_matches(word, INFER_PARAMS, n=1, cutoff=0.75) or \
+            [name for name in INFER_PARAMS if len(word) >= 4 and name.endswith("_" + word)]
+        if near:
+            raise HTTPException(status_code=422, detail=f"params.{key} is not a parameter of this app: did you mean "
+                                                        f"{near[0]}? (parameters: {', '.join(INFER_PARAMS)})")
 
 
 def device_name(asked: Any) -> str:
@@ -161,6 +181,7 @@ class DenoiseInferTask(InferTask):
 
     def __call__(self, request: dict) -> tuple[str | None, dict]:
         started = time.perf_counter()
+        check_param_names(request)
         image = request.get("image")
         if not isinstance(image, (str, os.PathLike)) or not str(image):
             raise HTTPException(status_code=422, detail="no image given (datastore id, session or uploaded file)")
@@ -256,8 +277,14 @@ class DenoiseInferTask(InferTask):
         asked = request.get("low_frequency_restoration")
         if asked is None or (isinstance(asked, str) and asked.strip().lower() in ("", "auto")):
             return None if self.restores_low_frequencies else 0.0
+        if isinstance(asked, str):
+            try:
+                asked = float(asked)
+            except ValueError:
+                raise HTTPException(status_code=422, detail=f"low_frequency_restoration must be auto or a width in "
+                                                            f"pixels, got {asked!r}") from None
         try:
-            sigma = check_sigma_px(float(asked) if isinstance(asked, str) else asked)
+            sigma = check_sigma_px(asked)
         except ValueError as error:
             raise HTTPException(status_code=422, detail=f"low_frequency_restoration: {error}") from None
         if sigma > 0 and not self.restores_low_frequencies:
