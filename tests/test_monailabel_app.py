@@ -259,6 +259,14 @@ def test_infer_of_a_dicom_file_returns_a_derived_dicom_series(client, tmp_path):
         f"Denoised with adl (weights {result['weights_version']} sha256 {result['weights_sha256'][:16]}; "
         f"low-frequency restoration {result['low_frequency_restoration']:g} px) from series "
         f"{original.SeriesInstanceUID}")
+    # a DICOM file named as a PACS or a CD names them, without a suffix (was read as .nii.gz: "gzip stream broken")
+    shutil.copy(source, tmp_path / "IM0001")
+    path, result = client.infer("adl", "", {}, file=str(tmp_path / "IM0001"))
+    assert result["modality_from"] == "DICOM Modality" and result["shape"] == [original.Rows, original.Columns]
+    # a NIfTI without a suffix is still read as one (by its gzip stream)
+    shutil.copy(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz", tmp_path / "scan")
+    path, result = client.infer("adl", "", {}, file=str(tmp_path / "scan"))
+    assert result["modality_from"] == "guessed from the values" and result["shape"] == [1, 512, 512]
 
 
 def _text_file(folder: Path) -> str:

@@ -133,6 +133,21 @@ def _save_upload(upload: UploadFile, suffix: str) -> Path:
     return Path(name)
 
 
+def _sniffed_suffix(upload: UploadFile) -> str:
+    """The suffix an upload named without one is read by, from its first bytes: a gzip stream is a .nii.gz, NRRD
+    and NIfTI-1 by their magic; anything else none, which the reader takes for a DICOM file (a PACS or a CD names
+    them IM0001 or by UID) or refuses as not DICOM."""
+    head = upload.file.read(348)
+    upload.file.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        return ".nii.gz"
+    if head[:4] == b"NRRD":
+        return ".nrrd"
+    if head[344:348] == b"n+1\x00":
+        return ".nii"
+    return ""
+
+
 def _remove(path: Optional[Path]) -> None:
     if path is not None:
         try:
@@ -246,7 +261,7 @@ def guarded_infer(
     upload = None
     try:
         if file:
-            upload = _save_upload(file, "".join(Path(file.filename or "").suffixes) or ".nii.gz")
+            upload = _save_upload(file, "".join(Path(file.filename or "").suffixes) or _sniffed_suffix(file))
             request["image"] = str(upload)
         request.update(running.info().get("config", {}).get("infer", {}))
         request.update(request_params)
