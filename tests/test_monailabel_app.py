@@ -283,6 +283,14 @@ def _corrupt_dicom(folder: Path) -> str:
     return str(path)
 
 
+def _ct_dicom(folder: Path) -> str:
+    from pydicom.data import get_testdata_file
+
+    path = folder / "slice.dcm"  # a real CT DICOM file (Modality CT)
+    shutil.copy(get_testdata_file("CT_small.dcm"), path)
+    return str(path)
+
+
 def _nan_volume(folder: Path) -> str:
     array = np.zeros((4, 32, 32), np.float32)
     array[1, 2, 3] = np.nan
@@ -323,6 +331,9 @@ BAD_REQUESTS = {
     "unknown image": (lambda c, d: c.infer("adl", "no_such_study", {}), 404, "no image"),
     "bad dtype": (lambda c, d: c.infer("adl", "ct_slab_b", {"result_dtype": "uint8"}), 422, "not a label map"),
     "MR to a CT-only model": (lambda c, d: c.infer("tddl_gcn", "mr_slab_d", {}), 422, "CT only"),
+    # a CT denoised as MR comes back with its soft tissue some 20 HU off
+    "MR asked of a CT series": (lambda c, d: c.infer("adl", "", {"modality": "mr"}, file=_ct_dicom(d)), 422,
+                                "this DICOM series is CT"),
     # torch knows these names, the network fails on them half-way (was a 500)
     "meta device": (lambda c, d: c.infer("adl", "ct_slab_b", {"device": "meta"}), 422, "auto, cpu, cuda or cuda:N"),
     "mps device": (lambda c, d: c.infer("tddl_gcn", "ct_slab_b", {"device": "mps"}), 422, "auto, cpu, cuda"),

@@ -304,6 +304,11 @@ class DenoiseInferTask(InferTask):
                 asked, source = guess_modality(volume.array), "guessed from the values"  # HU-like values -> CT
         if asked not in MODALITIES:
             raise HTTPException(status_code=422, detail=f"modality must be auto, ct or mr, got {request.get('modality')!r}")
+        if source == "request" and volume.dicom_headers and volume.modality in MODALITIES and asked != volume.modality:
+            # a CT denoised as MR comes back biased (soft tissue some 20 HU off), an MR as CT barely denoised
+            raise HTTPException(status_code=422, detail=f"modality {asked.lower()} asked for, but this DICOM series "
+                                                        f"is {volume.modality} (its Modality tag): leave modality at "
+                                                        f"auto")
         if asked not in self.modalities:
             raise HTTPException(status_code=422, detail=f"{self.model} denoises {', '.join(self.modalities)} only, "
                                                         f"this image is {asked}")
