@@ -327,6 +327,12 @@ BAD_REQUESTS = {
     "4d": (lambda c, d: c.infer("adl", "", {}, file=_four_d_volume(d)), 422, "4D"),
     "blank": (lambda c, d: c.infer("adl", "", {}, file=_blank_volume(d)), 422, "constant"),
     "huge": (lambda c, d: c.infer("adl", "", {}, file=_huge_volume(d)), 413, "too large"),
+    # parameters are checked before the image is read
+    "bad device, huge": (lambda c, d: c.infer("adl", "", {"device": "meta"}, file=_huge_volume(d)), 422, "device"),
+    "bad modality, huge": (lambda c, d: c.infer("adl", "", {"modality": "pet"}, file=_huge_volume(d)), 422,
+                           "modality must be auto, ct or mr"),
+    "bad width, huge": (lambda c, d: c.infer("adl", "", {"low_frequency_restoration": 99}, file=_huge_volume(d)), 422,
+                        "[0, 16]"),
     "unknown model": (lambda c, d: c.infer("unet", "ct_slab_b", {}), 404, "unknown model"),
     "unknown image": (lambda c, d: c.infer("adl", "no_such_study", {}), 404, "no image"),
     "bad dtype": (lambda c, d: c.infer("adl", "ct_slab_b", {"result_dtype": "uint8"}), 422, "not a label map"),

@@ -195,6 +195,11 @@ class DenoiseInferTask(InferTask):
         if result_dtype not in RESULT_DTYPES:
             raise HTTPException(status_code=422, detail=f"result_dtype must be one of {', '.join(RESULT_DTYPES)} "
                                                         f"(a denoised volume is not a label map), got {result_dtype!r}")
+        # every parameter is checked before the image is read (seconds for a large one)
+        if str(request.get("modality") or "auto").upper() not in ("AUTO", *MODALITIES):
+            raise HTTPException(status_code=422, detail=f"modality must be auto, ct or mr, got {request.get('modality')!r}")
+        device = self._device(request.get("device"))
+        restoration = self._restoration(request)
         try:
             volume = read_volume(image, max_voxels=self.max_voxels)
         except ImageReadError as error:
@@ -210,8 +215,6 @@ class DenoiseInferTask(InferTask):
         if result_extension == "dicom" and not volume.dicom_headers:
             raise HTTPException(status_code=422, detail="a DICOM result needs a DICOM input (a derived series is "
                                                         "built on the input's headers)")
-        device = self._device(request.get("device"))
-        restoration = self._restoration(request)
         with self._slots:
             try:
                 denoised, version = self.denoise(volume.array, modality, device, spacing=volume.spacing)
