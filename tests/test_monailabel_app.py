@@ -399,6 +399,43 @@ def test_a_datastore_id_is_never_read_from_the_servers_working_directory(trainin
     assert entry["seq"] == result["audit_seq"]  # recorded as this study's result, not an upload
 
 
+def test_weights_published_while_a_request_loads_them_are_never_reported_as_the_earlier_version(tiny_weights,
+                                                                                                    tmp_path):
+    """In-process, with the store's real files: the served file replaced (published, restored) between the store
+    hashing it and the task loading it is read again, so the answer (and the audit entry) names the weights that
+    made the result."""
+    import torch
+
+    from lib.infers.denoise import DenoiseInferTask
+    from lib.weights.store import ModelStore
+
+    store = ModelStore(copy_weights(tiny_weights, tmp_path / "model"))
+    payload = torch.load(store.pretrained_path("adl", "CT"), map_location="cpu", weights_only=True)
+    candidates = []
+    for scale in (0.5, 2.0):  # two other CT files: one layer's weights scaled
+        changed = dict(payload, state_dict=dict(payload["state_dict"]))
+        name = next(k for k, v in changed["state_dict"].items() if k.endswith("weight") and v.ndim == 4)
+        changed["state_dict"][name] = changed["state_dict"][name] * scale
+        torch.save(changed, tmp_path / f"candidate_{scale}.pt")
+        candidates.append(tmp_path / f"candidate_{scale}.pt")
+    task = DenoiseInferTask("adl", "ADL", ("CT", "MR"), store, device="cpu")
+    slab = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz")))
+    slab = slab.astype(np.float32)[:, 200:264, 200:264]
+    cpu = torch.device("cpu")
+    first = store.publish(candidates[0], "adl", "CT")
+    stale = store.served("adl", "CT")
+    second = store.publish(candidates[1], "adl", "CT")  # between the store's hash and the task's load
+    with pytest.raises(ValueError, match="replaced"):
+        task._denoiser(stale, cpu)
+    result, version = task.denoise(slab, "CT", cpu)
+    assert (version["weights_version"], version["weights_sha256"]) == (second.version, second.sha256)
+    assert first.sha256 != second.sha256
+    store.restore("adl", "CT", "pretrained")  # the published file removed: the shipped one serves
+    with pytest.raises(ValueError, match="replaced"):
+        task._denoiser(stale, cpu)
+    assert task.denoise(slab, "CT", cpu)[1]["weights_version"] == "pretrained"
+
+
 # --------------------------------------------------------------------------------------------------- review
 def test_review_verdicts_queue_and_audit_trail(client, server):
     client.infer("adl", "ct_slice_a", {})

@@ -44,6 +44,7 @@ from ..imaging import (ImageReadError, ImageWriteError, denoising_derivation, gu
 from ..lesions.low_frequency_restoration import apply_restoration, check_sigma_px
 from ..predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser, resolve_device,
                        uses_orthogonal_planes)
+from ..runtime.hashing import file_sha256
 from ..weights.format import UnusableWeightsError, restoration_of
 from ..weights.store import ModelStore, WeightsVersion
 
@@ -66,6 +67,10 @@ def http_error_for_image(error: Exception) -> HTTPException:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     status = 413 if "too large" in message else 422
     return HTTPException(status_code=status, detail=f"cannot denoise this image: {message}")
+
+
+class _WeightsReplaced(ValueError):
+    """The served weight file changed between hashing it and loading it."""
 
 
 def check_param_names(request: dict) -> None:
@@ -260,11 +265,19 @@ class DenoiseInferTask(InferTask):
         :func:`lib.predict.uses_orthogonal_planes` says so, "volume" for a 3D network; ``weights_restoration_px``:
         the served file's own restoration width, None where it names none). HTTP 404 when no weights are installed
         for ``modality``."""
-        served = self.store.served(self.model, modality)
-        if served is None:
-            raise HTTPException(status_code=404, detail=f"no {self.model} weights for {modality} are installed in "
-                                                        f"{self.store.model_dir}: train or fine-tune first")
-        loaded = self._denoiser(served, device)
+        for _ in range(3):
+            served = self.store.served(self.model, modality)
+            if served is None:
+                raise HTTPException(status_code=404, detail=f"no {self.model} weights for {modality} are installed in "
+                                                            f"{self.store.model_dir}: train or fine-tune first")
+            try:
+                loaded = self._denoiser(served, device)
+                break
+            except _WeightsReplaced:  # published or restored while being read: ask the store again
+                log.info("%s weights for %s replaced while loading; reading them again", self.model, modality)
+        else:
+            raise HTTPException(status_code=503, detail=f"not denoised: the {self.model} weights for {modality} are "
+                                                        f"being replaced; try again")
         orthogonal = uses_orthogonal_planes(loaded, modality, array.shape, spacing)
         planes = "volume" if loaded.spatial_dims == 3 else "orthogonal" if orthogonal else "slices"
         # denoise_array's default batch: 4 slices (or 3D windows) per pass on CUDA, 1 on a CPU
@@ -332,18 +345,29 @@ class DenoiseInferTask(InferTask):
 
     def _denoiser(self, served: WeightsVersion, device):
         """The loaded network of ``served`` on ``device``: cached, reloaded when the file changes (a new
-        version published by a training run is picked up by the next request)."""
-        mtime = served.path.stat().st_mtime_ns
+        version published by a training run is picked up by the next request). :class:`_WeightsReplaced` when the
+        file is no longer the one ``served`` hashed (a publication between the two): the network would be another
+        version than the answer and the audit entry name."""
+        try:
+            mtime = served.path.stat().st_mtime_ns
+        except FileNotFoundError:  # a restore removed the published file since
+            raise _WeightsReplaced(f"{served.path} was replaced since it was hashed") from None
         key = (str(served.path), mtime, served.sha256, str(device))
         with self._lock:
             loaded = self._cache.get(key)
             if loaded is None:
                 try:
                     loaded = load_denoiser(served.path, device=device)
+                    # the bytes read are the served ones: no rename over the file since ``mtime``, same content
+                    replaced = served.path.stat().st_mtime_ns != mtime or file_sha256(served.path) != served.sha256
                 except UnusableWeightsError:
                     raise
+                except FileNotFoundError:  # renamed away (a restore) between the two
+                    raise _WeightsReplaced(f"{served.path} was replaced since it was hashed") from None
                 except (ValueError, OSError) as error:  # a damaged served file: the server's fault, not the image's
                     raise UnusableWeightsError(f"version {served.version}: {error}") from None
+                if replaced:
+                    raise _WeightsReplaced(f"{served.path} was replaced since it was hashed")
                 # keep one entry per (file, device): the old network of a replaced file is released
                 self._cache = {k: v for k, v in self._cache.items() if (k[0], k[3]) != (key[0], key[3])}
                 self._cache[key] = loaded
