@@ -291,6 +291,15 @@ def _ct_dicom(folder: Path) -> str:
     return str(path)
 
 
+def _dicom_of(name: str, folder: Path) -> str:
+    """A copy of pydicom's test file ``name`` (e.g. ``rtdose.dcm``: an RT dose grid, Modality RTDOSE)."""
+    import pydicom.data
+
+    path = folder / name
+    shutil.copy(Path(pydicom.data.__file__).parent / "test_files" / name, path)
+    return str(path)
+
+
 def _nan_volume(folder: Path) -> str:
     array = np.zeros((4, 32, 32), np.float32)
     array[1, 2, 3] = np.nan
@@ -338,6 +347,10 @@ BAD_REQUESTS = {
     "bad dtype": (lambda c, d: c.infer("adl", "ct_slab_b", {"result_dtype": "uint8"}), 422, "not a label map"),
     "MR to a CT-only model": (lambda c, d: c.infer("tddl_gcn", "mr_slab_d", {}), 422, "CT only"),
     # a CT denoised as MR comes back with its soft tissue some 20 HU off
+    # the values of a dose grid or a segmentation look like MR: they were denoised as MR
+    "RT dose": (lambda c, d: c.infer("adl", "", {}, file=_dicom_of("rtdose.dcm", d)), 422, "Modality is RTDOSE"),
+    "segmentation": (lambda c, d: c.infer("nlm", "", {}, file=_dicom_of("liver_1frame.dcm", d)), 422,
+                     "Modality is SEG, not CT or MR"),
     "MR asked of a CT series": (lambda c, d: c.infer("adl", "", {"modality": "mr"}, file=_ct_dicom(d)), 422,
                                 "this DICOM series is CT"),
     # torch knows these names, the network fails on them half-way (was a 500)

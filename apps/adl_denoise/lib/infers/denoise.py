@@ -311,9 +311,13 @@ class DenoiseInferTask(InferTask):
     def _modality(self, request: dict, volume) -> tuple[str, str]:
         """(modality, where it came from: "request", "DICOM Modality", "server conf" or "guessed from the values")."""
         asked, source = str(request.get("modality") or "auto").upper(), "request"
+        tag = str(volume.metadata.get("dicom_modality") or "").strip().upper() if volume.dicom_headers else ""
         if asked == "AUTO":
             if volume.dicom_headers and volume.modality in MODALITIES:
                 asked, source = volume.modality, "DICOM Modality"
+            elif tag:  # a segmentation, a dose grid, NM ...: not an image these models denoise, whatever its values
+                raise HTTPException(status_code=422, detail=f"this DICOM file's Modality is {tag}, not CT or MR: send "
+                                                            f"modality ct or mr if it holds a CT or MR image")
             elif self.default_modality in MODALITIES:
                 asked, source = self.default_modality, "server conf"
             else:
