@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
 
 from mlserver import copy_weights, start_server, stop_server
 from orthanc import available, start_orthanc, stop_orthanc
@@ -58,6 +59,9 @@ def test_denoise_a_pacs_series_and_store_the_result_back(tmp_path, tiny_weights)
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work")
         try:
             client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+            for extension in ("dicom", "DICOM", "dcm"):  # each names the zipped DICOM result the task writes
+                with pytest.raises(MONAILabelClientException, match="store_to_pacs already writes DICOM"):
+                    client.infer("adl", uid, {"store_to_pacs": True, "result_extension": extension})
             path, result = client.infer("adl", uid, {"store_to_pacs": True})
             stored = result["stored_series"]
             assert stored["instances"] == 3 and stored["series_instance_uid"] != uid

@@ -166,7 +166,7 @@ class DenoisingApp(MONAILabelApp):
         if to_pacs and source_folder is None:
             raise HTTPException(status_code=422, detail="store_to_pacs needs a study of a DICOMweb datastore "
                                                         "(start the server with --studies http://.../dicom-web)")
-        if to_pacs and str(request.get("result_extension", "")) in ("dicom", ".dcm"):
+        if to_pacs and str(request.get("result_extension", "")).strip().lower() in ("dicom", ".dcm", "dcm"):
             raise HTTPException(status_code=422, detail="store_to_pacs already writes DICOM: leave result_extension "
                                                         "at an image format")
         result = super().infer(request, datastore)
