@@ -164,6 +164,23 @@ def test_infer_upload_of_a_non_ras_volume_comes_back_on_its_own_grid_unflipped(c
     assert result["low_frequency_restoration"] == default_sigma_px("CT") > 0
 
 
+def test_a_sheared_nrrd_is_denoised_on_its_own_grid_and_never_written_as_nifti(client, server, tmp_path):
+    """A gantry tilt kept in an NRRD: its result as NIfTI (the default) had other axes, each voxel of the 4th slice
+    some 2.7 mm from its input voxel; now that is refused before the work and NRRD / MHA keep the grid."""
+    image = sitk.ReadImage(str(server.studies / "ct_slab_b.nii.gz"))
+    image.SetDirection((1, 0, 0, 0, 1, 0.3162278, 0, 0, 0.9486833))  # the slice axis tilted by 18.4 degrees
+    upload = tmp_path / "tilted.nrrd"
+    sitk.WriteImage(image, str(upload))
+    code, message = error_of(lambda: client.infer("adl", "", {}, file=str(upload)))
+    assert code == 422 and "not perpendicular" in message and ".nrrd" in message, message
+    for extension in (".nrrd", ".mha"):
+        path, result = client.infer("adl", "", {"result_extension": extension}, file=str(upload))
+        _, out = read_array(path)
+        for index in ((0, 0, 0), (10, 20, 3), (255, 255, 3)):
+            np.testing.assert_allclose(out.TransformIndexToPhysicalPoint(index),
+                                       image.TransformIndexToPhysicalPoint(index), atol=1e-4)
+
+
 def test_low_frequency_restoration_is_the_modality_default_can_be_set_and_is_audited(client, server):
     """``low_frequency_restoration``: auto = the served weight file's own width where it names one (the TDDL-GCN's),
     else the modality's default (ADL's here), a width in pixels, 0 = the network alone; bad values and a width asked

@@ -40,7 +40,8 @@ from .guards import (check_finite, check_gzip_stream, check_not_input, check_siz
 from .volume import (ImageGrid, Volume, fill_padding, guess_modality, integral_dtype_for, normalise_modality,
                      values_for_output)
 
-__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "check_image_file", "read_grid", "read_volume", "write_volume"]
+__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "check_image_file", "nifti_grid_problem", "read_grid", "read_volume",
+           "write_volume"]
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -308,6 +309,19 @@ def _dicom_slice_geometry(volume: Volume) -> tuple[tuple, tuple, tuple] | None:
     return slice_as_3d_geometry(volume.spacing, ipp, iop, step)
 
 
+def nifti_grid_problem(direction) -> str | None:
+    """Why a NIfTI file cannot hold a grid of this direction matrix (SimpleITK order, 2x2 or 3x3), None if it can:
+    NIfTI keeps perpendicular axes only, so a sheared grid (a gantry tilt kept in an NRRD or MetaImage file) would be
+    written with other axes, every voxel but the first row at another place (millimetres off)."""
+    values = np.asarray(direction, dtype=float)
+    n = int(round(values.size ** 0.5))
+    d = values.reshape(n, n)
+    if np.abs(d.T @ d - np.eye(n)).max() > 1e-3:  # a tilt of 1 degree is 0.017; rounded DICOM vectors 1e-5
+        return ("its axes are not perpendicular (a sheared grid, e.g. a gantry tilt), which NIfTI cannot hold: "
+                "write .nrrd or .mha")
+    return None
+
+
 def _write_with_sitk(
     volume: Volume, out: Path, output_dtype: str | np.dtype | None, overwrite: bool, slice_geometry: bool = True
 ) -> Path:
@@ -320,6 +334,9 @@ def _write_with_sitk(
     patient_geometry = _dicom_slice_geometry(volume) if slice_geometry else None
     if patient_geometry is not None:
         array, geometry = array[np.newaxis], patient_geometry
+    problem = nifti_grid_problem(geometry[2]) if _suffix(out) in (".nii", ".nii.gz") else None
+    if problem:
+        raise ImageWriteError(f"cannot write {out}: {problem}")
     try:
         image = sitk.GetImageFromArray(array)
     except RuntimeError as exc:

@@ -41,6 +41,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..imaging import (ImageReadError, ImageWriteError, denoising_derivation, guess_modality, read_volume,
                        write_volume)
+from ..imaging.io import nifti_grid_problem
 from ..lesions.low_frequency_restoration import apply_restoration, check_sigma_px
 from ..predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser, resolve_device,
                        uses_orthogonal_planes)
@@ -217,6 +218,10 @@ class DenoiseInferTask(InferTask):
         modality, modality_from = self._modality(request, volume)
         if result_dtype == "int16" and modality != "CT":
             raise HTTPException(status_code=422, detail="result_dtype int16 is for CT in HU; MR results are float32")
+        problem = nifti_grid_problem(volume.direction) if result_extension in (".nii.gz", ".nii") else None
+        if problem:  # refused before the work, not when writing the result
+            raise HTTPException(status_code=422, detail=f"cannot write the result as {result_extension}: the input's "
+                                                        f"{problem}")
         if result_extension == "dicom" and not volume.dicom_headers:
             raise HTTPException(status_code=422, detail="a DICOM result needs a DICOM input (a derived series is "
                                                         "built on the input's headers)")
