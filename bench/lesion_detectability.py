@@ -756,6 +756,18 @@ def _contrast_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    """A count that must be at least 1 (realisations, slices, lesions per slice, bootstrap resamples): 0 used to
+    run with no trial (a raw IndexError), with every slice, or with intervals of nan, without saying so."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--denoisers", default=DEFAULT_DENOISERS,
@@ -767,11 +779,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--modalities", default="CT,MR", help="CT, MR or CT,MR")
     ap.add_argument("--data", choices=("shared", "phantom"), default="shared",
                     help="shared: the held-out split of ../shared/data; phantom: small synthetic volumes")
-    ap.add_argument("--max-slices", type=int, default=None, help="CT: only the N central slices")
-    ap.add_argument("--max-slices-mr", type=int, default=None, help="MR: only the N central slices")
-    ap.add_argument("--realisations", type=int, default=1, help="CT noise realisations (new sites each)")
-    ap.add_argument("--realisations-mr", type=int, default=1, help="MR noise realisations (new sites each)")
-    ap.add_argument("--per-slice", type=int, default=None,
+    ap.add_argument("--max-slices", type=_positive_int, default=None, help="CT: only the N central slices")
+    ap.add_argument("--max-slices-mr", type=_positive_int, default=None, help="MR: only the N central slices")
+    ap.add_argument("--realisations", type=_positive_int, default=1, help="CT noise realisations (new sites each)")
+    ap.add_argument("--realisations-mr", type=_positive_int, default=1, help="MR noise realisations (new sites each)")
+    ap.add_argument("--per-slice", type=_positive_int, default=None,
                     help=f"at most N lesions of each size per slice (default CT {PER_SLICE['CT']}, MR {PER_SLICE['MR']})")
     ap.add_argument("--contrasts-ct", type=_contrast_list, default=None, metavar="HU[,HU]",
                     help=f"CT lesion contrasts in HU (default {','.join(f'{c:g}' for c in CT_CONTRASTS_HU)})")
@@ -779,7 +791,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="MR lesion contrasts in %% of the local intensity, negative for lesions darker than their "
                          f"tissue (default {','.join(f'{100 * c:g}' for c in MR_CONTRASTS)}: Gd-enhancing-like); "
                          "write a list that starts with a minus as --contrasts-mr=-20,-10")
-    ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the confidence intervals")
+    ap.add_argument("--n-boot", type=_positive_int, default=2000,
+                    help="bootstrap resamples of the confidence intervals")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     ap.add_argument("--no-cache", action="store_true", help="do not read or write the simulated-image cache")
     ap.add_argument("--reuse-outputs", action="store_true",

@@ -278,3 +278,17 @@ def test_benchmark_end_to_end_on_a_phantom(tmp_path):
     some = next(c for c in ct["methods"]["gaussian"]["cells"] if c.get("cho"))
     assert "cho" in some["vs_noisy"] and len(some["vs_noisy"]["cho"]["ci"]) == 2
     assert ct["n_lesions"] == sum(len(t["lesions"]) for t in ct["trials"])
+
+
+@pytest.mark.parametrize("option", ["--realisations", "--realisations-mr", "--n-boot", "--per-slice", "--max-slices",
+                                    "--max-slices-mr"])
+def test_benchmark_refuses_a_count_of_zero(option, capsys):
+    """0 realisations used to end in a raw IndexError after the simulation, 0 resamples in intervals of nan, and 0
+    slices or lesions per slice silently in the defaults: each is now a usage error naming the option."""
+    from bench.lesion_detectability import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--data", "phantom", option, "0"])
+    assert exc.value.code == 2
+    assert option in capsys.readouterr().err
+    assert getattr(parse_args([option, "3"]), option.lstrip("-").replace("-", "_")) == 3
