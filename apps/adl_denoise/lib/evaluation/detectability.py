@@ -37,8 +37,9 @@ Figures of merit: ``d' = (mean_p - mean_a) / sqrt((var_p + var_a) / 2)`` of the 
 :func:`scipy.stats.bootstrap`) with the scores held fixed (the template's own sampling variability is not
 re-estimated per bootstrap sample). Measured coverage of the nominal 95 % (same Monte Carlo): NPW 93 % at 50
 sites, 83 % at 13; CHO 80 % at 50 sites, 37 % at 13 (its bias above, not only its spread); the paired
-difference of two methods' d' on the same sites 91-93 % (NPW) and 81-100 % (CHO) at 13-50 sites. Two methods read on the same sites and noise are compared by
-:func:`difference_ci` (their d' difference, all four score sets resampled together).
+difference of two methods' d' on the same sites 91-93 % (NPW) and 81-100 % (CHO) at 13-50 sites. Two methods
+read on the same sites and noise are compared by :func:`difference_ci` (their d' difference, all four score sets
+resampled together).
 
 Residual structure (:func:`residual_structure`): Pearson correlation of ``|input - output|`` (what the denoiser
 removed) with an edge map of the clean image and with the lesion masks. A denoiser that removes only noise leaves a
