@@ -141,6 +141,22 @@ def test_extraction_rejects_structure_and_clipped_air() -> None:
     assert abs(samples.noise_std_hu / 25.0 - 1) < 0.1
 
 
+def test_extraction_rejects_patches_holding_one_small_bright_dot() -> None:
+    """A calcification-sized dot lies in one block of a patch: the block-variance test must see that one block (the
+    former std of the log block variances let 18 % of the kept patches hold a dot)."""
+    noise = _correlated_noise((4, 256, 256), 25.0, 1.0, seed=4)
+    dots = np.zeros_like(noise)
+    rng = np.random.default_rng(1)
+    for z in range(4):
+        for _ in range(12):
+            y, x = rng.integers(0, 255, 2)
+            dots[z, y, x] = 300.0
+    samples = extract_noise_samples(noise + dots, 32, stride=8, max_patches=None, pixel_size_mm=1.0)
+    holding = sum(bool(dots[z, y:y + 32, x:x + 32].any()) for _, z, y, x in samples.positions)
+    assert len(samples) > 0.5 * samples.stats["candidates"]
+    assert holding < 0.1 * len(samples), f"{holding} of {len(samples)} kept patches hold a bright dot"
+
+
 # ------------------------------------------------------------------------------------------------- VAE
 def test_vae_samples_match_stationary_noise_level_and_texture(stationary_case) -> None:
     samples, model = stationary_case

@@ -23,14 +23,18 @@ given texture two scale-free statistics have a fixed distribution whatever the n
 
 * ``mean_spread = var(block means) / mean(block variances)``: a trend, an edge or an organ boundary inside the
   patch raises it;
-* ``var_spread = std(log(block variances))``: a small high-contrast object in one block raises it.
+* ``var_spread = max |log(block variance) - median(log(block variances))|``: a small high-contrast object in
+  one block raises it (the std of the log variances, used before, hardly moved for a single such block).
 
 The reference value of each statistic is its ``reference_quantile`` (default the 25th percentile) over all
 candidates of the input (noise-only patches are the lowest-scoring ones); a patch is kept when both statistics are
 below ``factor x`` their reference. ``factor`` (default 1.7 for both) trades structure rejection against selection
-bias. Measured on pure Gaussian-filtered (correlated) noise, 256 x 256 x 4, P = 32: it keeps 71-75 % of the
+bias. Measured on pure Gaussian-filtered (correlated) noise, 256 x 256 x 4, P = 32: it keeps 66-73 % of the
 patches, and the kept ones have a 1-2 % lower std and a 2-4 % higher NPS mean frequency than all patches (factor
-2.5: 95 % kept, < 1 % bias, but twice the structure leaking into soft-tissue samples of a real thorax). Patches
+2.5: 95 % kept, < 1 % bias, but twice the structure leaking into soft-tissue samples of a real thorax). With 25 HU
+noise holding 1-pixel +300 HU dots (calcification-like), 6 % of the kept patches hold a dot (18 % with the former
+std-of-log-variances statistic): such dots, learnt as noise, would be added to pseudo low-dose images and teach a
+denoiser to erase small bright findings. Patches
 touching clipped or padded values (a value that occurs in many pixels at the image minimum or maximum, e.g. air
 clipped at -1024 HU, or -3024 outside the field of view) and constant patches are rejected: clipped noise is not
 the scanner's noise.
@@ -225,7 +229,11 @@ def _block_statistics(patches: np.ndarray, blocks: int) -> tuple[np.ndarray, np.
     mean_var = block_var.mean(axis=1)
     tiny = 1e-12
     mean_spread = block_mean.var(axis=1, ddof=1) / np.maximum(mean_var, tiny)
-    var_spread = np.log(np.maximum(block_var, tiny)).std(axis=1, ddof=1)
+    # The largest deviation of one block's log variance from the median, not the std over all blocks: a small
+    # bright object (a calcification) lies in one block, and one outlier among b^2 blocks moves the std by only
+    # about 1/b of its size, so with the std 18 % of the patches accepted from noise with 1-pixel +300 HU dots held one.
+    log_var = np.log(np.maximum(block_var, tiny))
+    var_spread = np.abs(log_var - np.median(log_var, axis=1, keepdims=True)).max(axis=1)
     return mean_spread, var_spread
 
 
