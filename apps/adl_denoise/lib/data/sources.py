@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 #: Synthetic noise kinds of :class:`SyntheticNoiseSource` (``auto``: low-dose CT for CT, Rician for MR).
 NOISE_KINDS = ("auto", "ct-lowdose", "rician", "gaussian", "poisson", "speckle")
-_CACHE_VERSION = 1
+#: 2: the simulated low-dose CT noise lost its log bias (lib.noise.ct_lowdose), so version-1 slices are stale
+_CACHE_VERSION = 2
 
 #: Rician level of validation pairs, % of the maximum: fixed (as CT's quarter dose) so validations compare
 RICIAN_VALIDATION_PERCENT = 5.0

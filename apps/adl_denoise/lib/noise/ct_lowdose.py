@@ -2,7 +2,9 @@
 
 Model (Zeng et al. 2015, as in TIGRE / LoDoPaB): HU -> attenuation mu, parallel-beam forward projection to line
 integrals p, expected counts ``lambda = I0 exp(-p)``, Poisson photon noise plus Gaussian electronic noise, counts
-clipped to >= 1, ``-log``, filtered back-projection. Only the reconstructed *noise* is added to the input:
+clipped to >= 1, ``-log`` minus its second-order bias ``(lambda + sigma_e^2) / (2 lambda^2)`` (so the added noise is
+zero-mean wherever the counts are not starved), filtered back-projection. Only the reconstructed *noise* is added to
+the input:
 
     low_dose = hu + 1000 / mu_water * FBP(p_noisy - p_clean)
 
@@ -299,6 +301,11 @@ def poisson_by_inversion(expected: np.ndarray, uniform: np.ndarray) -> np.ndarra
     return counts
 
 
+# Relative count variance up to which the second-order log bias is removed exactly (relative std 0.2: the expansion
+# is then within ~10 % of the true bias, measured with and without 10 counts of electronic noise).
+_MAX_DEBIASED_RELATIVE_VARIANCE = 0.04
+
+
 def tube_current_modulation_factors(p_clean: np.ndarray) -> np.ndarray:
     """Relative flux per view, (..., n_views), mean 1: sqrt of the view's attenuation (Gies et al. 1999).
 
@@ -337,7 +344,13 @@ def _noise_sinograms(
             counts += float(electronic_std[k]) * gaussian
         # Clip to >= 1 count before the log (photon starvation); -log(counts / I0) - p = -log(counts / expected).
         # Where the expected count itself is below 1 the clean value is also starved: compare with the clipped one.
-        out[k] = -np.log(np.maximum(counts, 1.0) / np.maximum(expected, 1.0))
+        delta = -np.log(np.maximum(counts, 1.0) / np.maximum(expected, 1.0))
+        # -log of a noisy count is biased upwards by about half its relative variance, (lam + sigma_e^2) / (2 lam^2)
+        # (second-order Taylor term): uncorrected, the added noise is not zero-mean but brightens the centre of a
+        # large body (+6 HU at 60 HU of soft-tissue noise in a 38 x 28 cm pelvis) and a denoiser learns to darken
+        # it. Removed where the expansion holds (relative count std <= 0.2); starved rays keep the capped term.
+        relative_var = (np.maximum(expected, 1.0) + float(electronic_std[k]) ** 2) / np.maximum(expected, 1.0) ** 2
+        out[k] = delta - 0.5 * np.minimum(relative_var, _MAX_DEBIASED_RELATIVE_VARIANCE)
     return out
 
 
