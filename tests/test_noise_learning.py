@@ -141,6 +141,21 @@ def test_extraction_rejects_structure_and_clipped_air() -> None:
     assert abs(samples.noise_std_hu / 25.0 - 1) < 0.1
 
 
+def test_extraction_finds_clipped_air_behind_field_of_view_padding() -> None:
+    """Padding (-3024 HU) is the image minimum; air clipped at -1024 HU must still be found: clipped air passed as
+    noise before (air policy "learned", a half-rectified 21 HU instead of 25 HU, pseudo pairs not clipped like the
+    scanner's images)."""
+    n = 192
+    yy, xx = np.mgrid[0:n, 0:n] - (n - 1) / 2
+    clean = np.repeat(np.where(np.hypot(yy, xx) < 50, 0.0, -1000.0).astype(np.float32)[None], 3, axis=0)
+    low = np.maximum(clean + _correlated_noise(clean.shape, 25.0, 1.0, 3), -1024.0)
+    low[:, :, :2] = -3024.0  # padding outside the field of view
+    samples = extract_noise_samples(low, 32, stride=8, pixel_size_mm=0.8)
+    assert samples.stats["clip_values_hu"] == [-3024.0, -1024.0]
+    assert not any((low[z, y:y + 32, x:x + 32] == -1024.0).any() for _, z, y, x in samples.positions)
+    assert air_policy_for(samples) == "none"
+
+
 def test_extraction_rejects_patches_holding_one_small_bright_dot() -> None:
     """A calcification-sized dot lies in one block of a patch: the block-variance test must see that one block (the
     former std of the log block variances let 18 % of the kept patches hold a dot)."""

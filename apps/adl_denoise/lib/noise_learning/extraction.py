@@ -35,8 +35,8 @@ patches, and the kept ones have a 1-2 % lower std and a 2-4 % higher NPS mean fr
 noise holding 1-pixel +300 HU dots (calcification-like), 6 % of the kept patches hold a dot (18 % with the former
 std-of-log-variances statistic): such dots, learnt as noise, would be added to pseudo low-dose images and teach a
 denoiser to erase small bright findings. Patches
-touching clipped or padded values (a value that occurs in many pixels at the image minimum or maximum, e.g. air
-clipped at -1024 HU, or -3024 outside the field of view) and constant patches are rejected: clipped noise is not
+touching clipped or padded values (a value that occurs in many pixels at the image minimum or maximum, or next to
+such a value there, e.g. air clipped at -1024 HU, -3024 outside the field of view, or both) and constant patches are rejected: clipped noise is not
 the scanner's noise.
 
 The conditioning of each sample is the patch mean of the low-dose image in HU: in a structure-free patch it
@@ -180,20 +180,34 @@ def _merge_stats(stats: Sequence[dict]) -> dict:
 def detect_clip_values(image: np.ndarray, min_fraction: float = 1e-3, min_count: int = 20) -> list[float]:
     """Values where the image was clipped or padded: its minimum and/or maximum when held by many pixels.
 
+    A padding value found at an extreme is set aside and the next extreme value checked too: a scan padded at
+    -3024 HU outside the field of view may also have its air clipped at -1024 HU, and only the padding would be
+    found otherwise (the clipped air then passed as noise, half its distribution cut off).
+
     Args:
         image: (H, W) or (Z, H, W) HU.
         min_fraction: the extreme value must be held by at least this fraction of the pixels ...
         min_count: ... and by at least this many pixels.
 
     Returns:
-        The clip values found (0, 1 or 2 floats, HU).
+        The clip values found (0 to 4 floats, HU): at most two at each end.
     """
     arr = np.asarray(image)
     need = max(int(min_count), int(min_fraction * arr.size))
-    out = []
-    for value in (float(arr.min()), float(arr.max())):
-        if int(np.count_nonzero(arr == value)) >= need and value not in out:
-            out.append(value)
+    out: list[float] = []
+    for low_end in (True, False):
+        value = float(arr.min() if low_end else arr.max())
+        for level in range(2):
+            if level:  # the next extreme beyond the one found (no copy of a large volume)
+                beyond = arr > value if low_end else arr < value
+                if not beyond.any():
+                    break
+                value = float(np.min(arr, where=beyond, initial=np.inf) if low_end else
+                              np.max(arr, where=beyond, initial=-np.inf))
+            if int(np.count_nonzero(arr == value)) < need:
+                break
+            if value not in out:
+                out.append(value)
     return out
 
 
