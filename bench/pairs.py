@@ -43,7 +43,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CACHE_DIR = REPO_ROOT / "bench" / "results" / "cache"
 SAMPLE_MANIFEST = REPO_ROOT / "sample_data" / "studies" / "manifest.json"
-CACHE_VERSION = 2
+#: 3: the simulated low-dose CT noise lost its log bias (lib.noise.ct_lowdose), so earlier cached simulations are stale
+CACHE_VERSION = 3
 
 # ---- CT: simulated quarter dose ---------------------------------------------------------------------------
 CT_SEED = 2016  # the year of the Mayo / AAPM Low-Dose CT Grand Challenge
