@@ -382,6 +382,7 @@ BAD_REQUESTS = {
     "restoration word": (lambda c, d: c.infer("adl", "ct_slab_b", {"low_frequency_restoration": "off"}), 422,
                          "auto or a width in pixels"),
     "train with no labels": (lambda c, d: c.train_start("adl", {}), 422, "no corrected studies"),
+    "train on meta device": (lambda c, d: c.train_start("tddl_gcn", {"device": "meta"}), 422, "auto, cpu, cuda"),
     "unknown train model": (lambda c, d: c.train_start("unet", {}), 404, "unknown model"),
 }
 

@@ -76,6 +76,22 @@ AIR_MARGIN_PX = 48
 AIR_CROP_MAX_FRACTION = 0.9
 
 
+def check_device_name(asked: object, present: bool = True) -> str:
+    """``asked`` (a request's or a conf's ``device``; None = ``auto``) as ``auto``, ``cpu``, ``cuda`` or ``cuda:N``;
+    ValueError naming the choices otherwise (torch accepts more names, e.g. ``meta`` or ``mps``, which fail half-way
+    through a network), and with ``present`` for a GPU this machine does not have."""
+    name = str(asked or "auto").strip().lower()
+    kind, colon, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (colon and not (kind != "auto" and index.isdigit())):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {asked!r}")
+    if present and kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but this machine has no usable GPU")
+    if present and kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return name
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"``/None -> CUDA when available else CPU; anything else as given."""
     if device is None or str(device) == "auto":

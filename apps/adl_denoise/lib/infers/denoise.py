@@ -43,8 +43,8 @@ from ..imaging import (ImageReadError, ImageWriteError, denoising_derivation, gu
                        write_volume)
 from ..imaging.io import nifti_grid_problem
 from ..lesions.low_frequency_restoration import apply_restoration, check_sigma_px
-from ..predict import (NonFiniteOutputError, check_finite_output, denoise_array, load_denoiser, resolve_device,
-                       uses_orthogonal_planes)
+from ..predict import (NonFiniteOutputError, check_device_name, check_finite_output, denoise_array, load_denoiser,
+                       resolve_device, uses_orthogonal_planes)
 from ..runtime.hashing import file_sha256
 from ..weights.format import UnusableWeightsError, restoration_of
 from ..weights.store import ModelStore, WeightsVersion
@@ -89,14 +89,14 @@ def check_param_names(request: dict) -> None:
                                                         f"{near[0]}? (parameters: {', '.join(INFER_PARAMS)})")
 
 
-def device_name(asked: Any) -> str:
+def device_name(asked: Any, present: bool = True) -> str:
     """``asked`` (a request's or the conf's ``device``; None = ``auto``) as ``auto``, ``cpu``, ``cuda`` or
-    ``cuda:N``; HTTP 422 naming the choices otherwise."""
-    name = str(asked or "auto").strip().lower()
-    kind, colon, index = name.partition(":")
-    if kind not in ("auto", "cpu", "cuda") or (colon and not (kind != "auto" and index.isdigit())):
-        raise HTTPException(status_code=422, detail=f"device must be auto, cpu, cuda or cuda:N, got {asked!r}")
-    return name
+    ``cuda:N`` (with ``present``: of a GPU this server has); HTTP 422 naming the choices otherwise
+    (:func:`lib.predict.check_device_name`)."""
+    try:
+        return check_device_name(asked, present)
+    except ValueError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
 
 
 class DenoiseInferTask(InferTask):
@@ -343,14 +343,7 @@ class DenoiseInferTask(InferTask):
         """The torch device of a request's ``device`` (or the server's): ``auto``, ``cpu``, ``cuda`` or ``cuda:N``
         of a GPU this server has; HTTP 422 naming the choices otherwise (torch accepts more names, e.g. ``meta`` or
         ``mps``, which fail half-way through the network)."""
-        name = device_name(asked or self.device)
-        device = resolve_device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise HTTPException(status_code=422, detail="device cuda asked for, but this server has no usable GPU")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise HTTPException(status_code=422, detail=f"device {name}: this server has {torch.cuda.device_count()} "
-                                                        f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-        return device
+        return resolve_device(device_name(asked or self.device))
 
     def _denoiser(self, served: WeightsVersion, device):
         """The loaded network of ``served`` on ``device``: cached, reloaded when the file changes (a new
@@ -429,5 +422,5 @@ class ClassicalInferTask(DenoiseInferTask):
                                                                    "weights_sha256": ""}
 
     def _device(self, asked):
-        device_name(asked)  # 422 for a name that is no device; a GPU asked for is not an error
+        device_name(asked, present=False)  # 422 for a name that is no device; a GPU asked for is not an error
         return torch.device("cpu")

@@ -78,6 +78,7 @@ from ..evaluation.restoration_width import spread_slices
 from ..imaging import read_volume
 from ..noise_learning.adaptation import AdaptSettings, held_out_low_dose_check
 from ..noise_learning.workflow import adaptation_data
+from ..predict import check_device_name
 from ..runtime.atomic import atomic_write_json
 from ..runtime.clock import Stopwatch, utc_compact_stamp, utc_timestamp
 from ..runtime.hashing import file_sha256
@@ -281,6 +282,7 @@ class DenoiserTrainTask(TrainTask):
         if mode not in MODES:
             raise TrainingDataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         try:
+            check_device_name(params.get("device"))  # torch would take "meta" and fail at the first step
             settings = settings_from_dict(params)
         except (TypeError, ValueError) as error:
             raise TrainingDataError(f"bad training parameter: {error}") from None
