@@ -196,7 +196,7 @@ def _bootstrap(samples: tuple[np.ndarray, ...], stat: Callable[..., np.ndarray],
             warnings.simplefilter("ignore")  # degenerate resamples (no spread, AUC = 1): handled below
             try:
                 res = stats.bootstrap(samples, stat, paired=paired, vectorized=True, n_resamples=int(n_boot),
-                                      confidence_level=float(level), method=method, random_state=rng)
+                                      confidence_level=float(level), method=method, rng=rng)
             except (ValueError, FloatingPointError):
                 continue
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
