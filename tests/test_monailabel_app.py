@@ -467,6 +467,51 @@ def test_weights_published_while_a_request_loads_them_are_never_reported_as_the_
     assert task.denoise(slab, "CT", cpu)[1]["weights_version"] == "pretrained"
 
 
+def test_requests_waiting_for_a_slot_do_not_each_hold_a_volume(tiny_weights, tmp_path, monkeypatch):
+    """In-process: with one slot, while a request denoises only one more reads its image and waits with it; the
+    others wait before reading (each queued request held a whole volume, so the slots did not bound memory)."""
+    import threading
+    import time
+
+    import lib.infers.denoise as infer_module
+    from lib.infers.denoise import DenoiseInferTask
+    from lib.weights.store import ModelStore
+
+    slab = sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz"))[200:248, 200:248, :]
+    image = tmp_path / "slab.nii.gz"
+    sitk.WriteImage(slab, str(image))
+    gate, reads, real_read = threading.Event(), [], infer_module.read_volume
+
+    def counted_read(*args, **kwargs):
+        reads.append(time.monotonic())
+        return real_read(*args, **kwargs)
+
+    class GatedTask(DenoiseInferTask):
+        def denoise(self, *args, **kwargs):
+            gate.wait()
+            return super().denoise(*args, **kwargs)
+
+    monkeypatch.setattr(infer_module, "read_volume", counted_read)
+    task = GatedTask("adl", "ADL", ("CT",), ModelStore(copy_weights(tiny_weights, tmp_path / "model")),
+                     device="cpu", max_concurrent=1)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(task({"image": str(image), "modality": "ct"})))
+               for _ in range(5)]
+    try:
+        for thread in threads:
+            thread.start()
+        while len(reads) < 2:
+            time.sleep(0.05)
+        time.sleep(1.0)  # room for more reads, were they let through
+        assert len(reads) == 2, len(reads)
+    finally:
+        gate.set()
+        for thread in threads:
+            thread.join()
+    assert len(results) == 5 and len(reads) == 5
+    assert all(Path(path).is_file() and info["modality"] == "CT" for path, info in results)
+
+
 # --------------------------------------------------------------------------------------------------- review
 def test_review_verdicts_queue_and_audit_trail(client, server):
     client.infer("adl", "ct_slice_a", {})

@@ -114,7 +114,8 @@ class DenoiseInferTask(InferTask):
         preload: load the served weights at start-up instead of on the first request.
         max_concurrent: requests denoised at the same time by this model; more wait their turn. Each running
             request holds its network activations (about 1 GB per 512 x 512 slice in flight for the full 2D ADL
-            on a CPU) besides its volume, so a bound keeps 8 parallel requests from exhausting memory.
+            on a CPU) besides its volume, so a bound keeps 8 parallel requests from exhausting memory. As many
+            again may read their image and wait with it; the rest wait before reading theirs (a volume each).
         max_voxels: largest image a request may send (HTTP 413 above); None: the default of
             :func:`lib.imaging.read_volume`.
     """
@@ -147,6 +148,8 @@ class DenoiseInferTask(InferTask):
         if int(max_concurrent) < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self._slots = threading.BoundedSemaphore(int(max_concurrent))
+        # requests past their checks that may hold their volume: those denoising and as many reading or waiting
+        self._admitted = threading.BoundedSemaphore(2 * int(max_concurrent))
         if preload:
             for modality in self.modalities:
                 served = self.store.served(model, modality)
@@ -206,6 +209,14 @@ class DenoiseInferTask(InferTask):
             raise HTTPException(status_code=422, detail=f"modality must be auto, ct or mr, got {request.get('modality')!r}")
         device = self._device(request.get("device"))
         restoration = self._restoration(request)
+        # at most twice as many requests as denoise at once hold a volume: the others wait before reading theirs
+        with self._admitted:
+            return self._read_denoise_write(request, image, result_extension, result_dtype, device, restoration,
+                                            started)
+
+    def _read_denoise_write(self, request: dict, image: Any, result_extension: str, result_dtype: str, device: Any,
+                            restoration: Any, started: float) -> tuple[str, dict]:
+        """The checked request's image read, denoised in one of the model's slots and written; (path, result)."""
         try:
             volume = read_volume(image, max_voxels=self.max_voxels)
         except ImageReadError as error:
