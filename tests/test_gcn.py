@@ -186,9 +186,9 @@ def test_shipped_gcn_on_a_real_ct_slice_is_unchanged_by_the_fast_knn(monkeypatch
     sample_data/build_sample_data.py; a 128 x 128 crop: skull, brain and air): the library's k-NN against the plain
     definition (:func:`shifted_knn_reference`) in the whole network, in HU. Only float rounding may differ: near-ties
     in float32 distances (the library expands |f_i - f_j|^2 into dot products, the reference subtracts) may pick
-    another neighbour at the k-th place, so a few pixels may move by a fraction of a HU (the one-stage k-NN this
-    replaced gave the same 0.61 HU here, and equals the two-stage one to 0.0003 HU); a wrong selection moves most
-    pixels, by 13-70 HU."""
+    another neighbour at the k-th place, so a few pixels may move by a HU or so (the one-stage k-NN this replaced
+    gave the same figures here, and equals the two-stage one to 0.0003 HU); a wrong selection moves most pixels, by
+    13-70 HU."""
     import lib.networks.gcn as gcn_module
     from conftest import SAMPLE_STUDIES
 
@@ -202,8 +202,9 @@ def test_shipped_gcn_on_a_real_ct_slice_is_unchanged_by_the_fast_knn(monkeypatch
     plain = denoise_array(model, image, "CT")
     difference = np.abs(fast - plain)
     assert np.abs(fast - image).mean() > 5  # the model does denoise
-    # measured: max 0.61 HU, 0.2 % of the pixels over 0.05 HU (four wrong selections: 13-70 HU, 25-99 %)
-    assert difference.max() < 1.0, difference.max()
+    # a near-tie moves a pixel or two by up to a few HU (0.61 HU and 1.47 HU max on two noise realisations of this
+    # sample, 0.2 % of the pixels over 0.05 HU); four wrong selections moved 25-99 % of them by 13-70 HU
+    assert difference.max() < 5.0, difference.max()
     assert (difference > 0.05).mean() < 0.02, (difference > 0.05).mean()
 
 
