@@ -35,16 +35,14 @@ def shared_data() -> Path:
 
 
 def import_cli():
-    """``apps/adl_denoise/cli.py`` as a module (it is a script beside the ``lib`` package, not installed)."""
+    """``apps/adl_denoise/cli.py`` loaded afresh as a module, for in-process calls of its ``main`` (it is a script
+    beside the ``lib`` package, not installed)."""
     import importlib.util
-    import sys
 
-    if "adl_cli" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("adl_cli", APP_DIR / "cli.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["adl_cli"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["adl_cli"]
+    spec = importlib.util.spec_from_file_location("adl_cli_under_test", APP_DIR / "cli.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

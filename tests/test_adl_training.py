@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn as nn
 
-from conftest import APP_DIR, SAMPLE_STUDIES
+from conftest import APP_DIR, SAMPLE_STUDIES, import_cli
 
 from lib.data import ADLPatchDataset, PairedFolderSource, SyntheticNoiseSource, ValidationPair, discover_images
 from lib.predict import LoadedDenoiser, denoise_array, load_denoiser
@@ -708,11 +708,7 @@ def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch, capsys):
     result = run_cli("train", "--model", "adl", "--output", tmp_path / "w.pt", "--clean", heldout, "--modality", "ct")
     assert result.returncode == 2 and "held-out" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
-    import importlib.util  # in-process for the remaining cases (same main(), no interpreter start-up)
-
-    spec = importlib.util.spec_from_file_location("adl_cli_under_test", CLI)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = import_cli()  # in-process for the remaining cases (same main(), no interpreter start-up)
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "noisy").mkdir()
@@ -749,7 +745,7 @@ def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch, capsys):
 
 
 def test_cli_planes_auto_averages_the_orthogonal_planes_of_a_1mm_mr_volume(tmp_path):
-    cli = _load_cli()
+    cli = import_cli()
     torch.manual_seed(0)
     config = tiny_config(modality="MR")
     network = build_networks(config)[0]
@@ -770,19 +766,10 @@ def test_cli_planes_auto_averages_the_orthogonal_planes_of_a_1mm_mr_volume(tmp_p
     assert float(np.abs(expected["auto"] - expected["slices"]).mean()) > 0.1
 
 
-def _load_cli():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("adl_cli_under_test", CLI)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
 def test_cli_fine_tunes_from_initial_weights_on_one_ct_filter(tmp_path, ct_crop):
     """`train --initial-weights` starts from the given network (here with a learning rate too small to move it),
     `--ct-filters` restricts the simulated low-dose noise to one reconstruction filter; both go into the record."""
-    cli = _load_cli()
+    cli = import_cli()
     tiny = ["--modality", "ct", "--clean", str(ct_crop), "--patch-size", "32", "--batch-size", "2",
             "--filters", "8,12,16,20", "--disc-filters", "4,8,8,8", "--enhancer-filters", "4", "--device", "cpu",
             "--validation-every", "0", "--checkpoint-every", "0"]
@@ -836,7 +823,7 @@ def test_cli_train_from_scratch_measures_its_own_restoration_width(tmp_path, ct_
     lesion's contrast; the file records the figures it was chosen on."""
     from lib.evaluation.restoration_width import CANDIDATE_WIDTHS_PX
 
-    cli = _load_cli()
+    cli = import_cli()
     out = tmp_path / "scratch.pt"
     common = ["--modality", "ct", "--clean", str(ct_crop), "--noise", "ct-lowdose", "--ct-filters", "shepp-logan",
               "--realisations", "1", "--val", str(SAMPLE_STUDIES / "ct_head_pydicom693.nii.gz"), "--patch-size",
@@ -881,7 +868,7 @@ def test_cli_train_from_a_file_with_a_lineage_carries_it_and_grows_it(tmp_path, 
     import hashlib
     import json
 
-    cli = _load_cli()
+    cli = import_cli()
     tiny = ["--modality", "ct", "--clean", str(ct_crop), "--noise", "gaussian", "--patch-size", "32",
             "--batch-size", "2", "--filters", "8,12,16,20", "--disc-filters", "4,8,8,8", "--enhancer-filters", "4",
             "--device", "cpu", "--checkpoint-every", "0", "--steps-g-warmup", "1", "--steps-d-warmup", "0",

@@ -6,7 +6,6 @@ Tiny sizes on one thread.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn as nn
 
-from conftest import APP_DIR
+from conftest import APP_DIR, import_cli
 
 from lib.data import ADLPatchDataset, SyntheticNoiseSource
 from lib.predict import denoise_array, load_denoiser
@@ -520,16 +519,9 @@ def test_cli_train_then_denoise_keeps_geometry(tmp_path, ct_crop):
     assert np.isfinite(values).all() and -1100 <= values.min() and values.max() <= 3100  # HU
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("gcn_cli_under_test", CLI)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
 def test_cli_train_on_pseudo_pairs_from_a_learned_noise_model(tmp_path, ct_crop):
     """TDDL: learn-noise on a low-dose image, then train the GCN on NDCT + sampled noise (tiny, in-process)."""
-    cli = load_cli()
+    cli = import_cli()
     low_dose = tmp_path / "low_dose.nii.gz"
     assert cli.main(["simulate", "-i", str(ct_crop), "-o", str(low_dose), "--noise", "gaussian", "--sigma", "30",
                      "--modality", "ct"]) == 0
@@ -551,7 +543,7 @@ def test_cli_train_from_initial_weights_with_a_lineage_carries_it(tmp_path, ct_c
     lineage (oldest first, the start last, by file name and sha256)."""
     import hashlib
 
-    cli = load_cli()
+    cli = import_cli()
     tiny = ["train", "--model", "tddl_gcn", "--clean", str(ct_crop), "--modality", "ct", "--noise", "gaussian",
             "--patch-size", "24", "--batch-size", "2", "--steps", "1", "--features", "8", "--neighbours", "8",
             "--search-window", "7", "--blocks", "1", "--layers-per-block", "1", "--device", "cpu",
@@ -577,7 +569,7 @@ def test_tddl_end_to_end_learn_noise_train_denoise_improves_psnr(tmp_path, ct_cr
     the clean one."""
     from lib.evaluation.metrics import CT_WINDOWS, psnr
 
-    cli = load_cli()
+    cli = import_cli()
     low_dose = tmp_path / "low_dose.nii.gz"
     assert cli.main(["simulate", "-i", str(ct_crop), "-o", str(low_dose), "--noise", "gaussian", "--sigma", "40",
                      "--modality", "ct", "--seed", "5"]) == 0
@@ -601,7 +593,7 @@ def test_tddl_end_to_end_learn_noise_train_denoise_improves_psnr(tmp_path, ct_cr
 
 
 def test_cli_bad_inputs_exit_2(tmp_path, ct_crop, monkeypatch):
-    cli = load_cli()
+    cli = import_cli()
     train = ["train", "--output", str(tmp_path / "w.pt"), "--modality", "ct", "--clean", str(ct_crop)]
     cases = {
         "gcn option for adl": ["--model", "adl", "--features", "8"],

@@ -16,7 +16,7 @@ import torch
 from scipy import ndimage
 
 import processes
-from conftest import APP_DIR
+from conftest import APP_DIR, import_cli
 from lib.noise import LowDoseCTSettings, radial_noise_power_spectrum, simulate_low_dose_ct, soft_tissue_mask
 from lib.noise_learning import (
     LearnedNoiseSource,
@@ -318,15 +318,6 @@ def test_learned_noise_source_feeds_the_adl_patch_dataset(stationary_case, tmp_p
 
 
 # ------------------------------------------------------------------------------------------------- command line
-def _load_cli():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("adl_cli_under_test_noise", CLI)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
 @pytest.mark.slow
 def test_cli_learn_noise_writes_a_model_and_refuses_a_non_image(tmp_path) -> None:
     _, low = _disc_phantom(128, 3, seed=6)
@@ -379,7 +370,7 @@ def _learn_noise_inputs(case: str, folder: Path) -> list[str]:
                                          ("output exists", "exists")])
 def test_cli_learn_noise_refuses_bad_input_with_one_line_reason(tmp_path, capsys, case, words) -> None:
     arguments = _learn_noise_inputs(case, tmp_path)
-    cli = _load_cli()
+    cli = import_cli()
     capsys.readouterr()
     code = cli.main(["learn-noise", "--output", str(tmp_path / "noise.pt"), "--steps", "2", "--input", *arguments])
     err = capsys.readouterr().err.strip().splitlines()
@@ -394,7 +385,7 @@ def test_cli_train_adl_on_learned_noise_pairs(stationary_case, tmp_path) -> None
     model_path = model.save(tmp_path / "noise.pt")
     clean, _ = _disc_phantom(64, 2)
     clean_path = _write_nifti(tmp_path / "clean.nii.gz", clean)
-    cli = _load_cli()
+    cli = import_cli()
     weights = tmp_path / "adl.pt"
     code = cli.main(["train", "--model", "adl", "--output", str(weights), "--clean", str(clean_path), "--modality",
                      "ct", "--noise-model", str(model_path), "--patch-size", "32", "--batch-size", "2",

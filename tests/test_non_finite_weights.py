@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import APP_DIR, SAMPLE_STUDIES
+from conftest import SAMPLE_STUDIES, import_cli
 from mlserver import TINY_ADL, copy_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -97,11 +97,7 @@ def test_fine_tuning_that_diverges_writes_no_candidate_and_is_never_published(tm
 
 @pytest.mark.slow
 def test_cli_train_that_diverges_says_so_and_writes_no_file(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("adl_cli_non_finite", APP_DIR / "cli.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = import_cli()
     output = tmp_path / "w.pt"
     args = ["train", "--output", str(output), "--modality", "ct", "--clean", str(CT_SLICE), "--noise", "gaussian",
             "--patch-size", "32", "--batch-size", "2", "--filters", "8,12,16,20", "--disc-filters", "4,6,8,10",

@@ -62,7 +62,8 @@ def _check_listed(client, datasets: list, server: str) -> None:
         listed = client.search_for_instances(study_instance_uid=str(first.StudyInstanceUID),
                                              series_instance_uid=str(first.SeriesInstanceUID), get_remaining=True)
     except Exception as error:  # noqa: BLE001 - HTTP or connection error: whether it is all there is unknown
-        raise PacsStoreError(f"{server} answered the store, but listing the stored series failed: {one_line(error)}") from None
+        raise PacsStoreError(f"{server} answered the store, but listing the stored series failed: "
+                             f"{one_line(error)}") from None
     found = {str((entry.get("00080018") or {}).get("Value", [""])[0]) for entry in listed}
     missing = sorted(sent - found)
     if missing:

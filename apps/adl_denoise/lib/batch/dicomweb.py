@@ -77,9 +77,10 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
         description = str(_value(result, "SeriesDescription"))
         if not study or not series or DERIVED_MARK in description:
             continue
-        if str(_value(result, "Modality")).upper() in NON_IMAGE_MODALITIES:
+        modality = str(_value(result, "Modality"))
+        if modality.upper() in NON_IMAGE_MODALITIES:
             continue
-        if not series_filter.accepts(str(_value(result, "Modality")), str(_value(result, "StudyDate")), description):
+        if not series_filter.accepts(modality, str(_value(result, "StudyDate")), description):
             continue
         instances = int(_value(result, "NumberOfSeriesRelatedInstances", 0) or 0)
         items.append(SeriesItem(key=f"dicomweb:{study}/{series}", kind="dicomweb",

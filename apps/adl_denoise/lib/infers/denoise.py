@@ -325,7 +325,8 @@ class DenoiseInferTask(InferTask):
         return sigma
 
     def _modality(self, request: dict, volume) -> tuple[str, str]:
-        """(modality, where it came from: "request", "DICOM Modality", "server conf" or "guessed from the values")."""
+        """(modality, where it came from: "request", "DICOM Modality", "server conf" or "guessed from the values"),
+        for a request whose ``modality`` :meth:`__call__` has checked (auto, ct or mr)."""
         asked, source = str(request.get("modality") or "auto").upper(), "request"
         tag = str(volume.metadata.get("dicom_modality") or "").strip().upper() if volume.dicom_headers else ""
         if asked == "AUTO":
@@ -338,8 +339,6 @@ class DenoiseInferTask(InferTask):
                 asked, source = self.default_modality, "server conf"
             else:
                 asked, source = guess_modality(volume.array), "guessed from the values"  # HU-like values -> CT
-        if asked not in MODALITIES:
-            raise HTTPException(status_code=422, detail=f"modality must be auto, ct or mr, got {request.get('modality')!r}")
         if source == "request" and volume.dicom_headers and volume.modality in MODALITIES and asked != volume.modality:
             # a CT denoised as MR comes back biased (soft tissue some 20 HU off), an MR as CT barely denoised
             raise HTTPException(status_code=422, detail=f"modality {asked.lower()} asked for, but this DICOM series "

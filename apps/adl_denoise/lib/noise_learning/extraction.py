@@ -34,10 +34,9 @@ patches, and the kept ones have a 1-2 % lower std and a 2-4 % higher NPS mean fr
 2.5: 95 % kept, < 1 % bias, but twice the structure leaking into soft-tissue samples of a real thorax). With 25 HU
 noise holding 1-pixel +300 HU dots (calcification-like), 6 % of the kept patches hold a dot (18 % with the former
 std-of-log-variances statistic): such dots, learnt as noise, would be added to pseudo low-dose images and teach a
-denoiser to erase small bright findings. Patches
-touching clipped or padded values (a value that occurs in many pixels at the image minimum or maximum, or next to
-such a value there, e.g. air clipped at -1024 HU, -3024 outside the field of view, or both) and constant patches are rejected: clipped noise is not
-the scanner's noise.
+denoiser to erase small bright findings. Patches touching clipped or padded values (a value that occurs in many
+pixels at the image minimum or maximum, or next to such a value there, e.g. air clipped at -1024 HU, -3024 outside
+the field of view, or both) and constant patches are rejected: clipped noise is not the scanner's noise.
 
 The conditioning of each sample is the patch mean of the low-dose image in HU: in a structure-free patch it
 estimates the local normal-dose intensity (the noise has zero mean), the quantity the noise model is conditioned on
