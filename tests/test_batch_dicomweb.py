@@ -232,3 +232,151 @@ def test_a_rerun_with_store_to_pacs_sends_what_an_earlier_run_only_wrote(tmp_pat
         assert "0 done, 1 skipped" in again.stdout and len(pacs.get("/series")) == 2, again.stdout
     finally:
         stop_orthanc(pacs)
+
+
+def _held_store_pacs(tmp_path: Path):
+    """Orthanc whose Lua ReceivedInstanceFilter, while ``armed`` exists, holds the last slice (InstanceNumber 3) of
+    a derived series: it writes ``signal`` and waits for ``release`` before letting the slice in. The test kills the
+    batch while the slice is held, then releases it: the server ends up holding the whole derived series, and the
+    batch died after its STOW-RS and before its "done" record (deterministic, no timing guess)."""
+    armed, signal, release = tmp_path / "armed", tmp_path / "signal", tmp_path / "release"
+    script = tmp_path / "hold.lua"
+    script.write_text(f"""
+function ReceivedInstanceFilter(dicom, origin, info)
+  if not (string.find(dicom.SeriesDescription or "", "[denoised", 1, true) and dicom.InstanceNumber == "3") then
+    return true
+  end
+  local arm = io.open("{armed}", "r")
+  if arm == nil then return true end
+  io.close(arm)
+  os.remove("{armed}")
+  local s = io.open("{signal}", "w")
+  s:write("held")
+  io.close(s)
+  for i = 1, 3000 do
+    local r = io.open("{release}", "r")
+    if r ~= nil then
+      io.close(r)
+      break
+    end
+    os.execute("sleep 0.1")
+  end
+  return true
+end
+""")
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+    return pacs, armed, signal, release
+
+
+def _kill_after_store(tmp_path: Path, pacs, armed: Path, signal: Path, release: Path, out: Path) -> None:
+    """Run the batch with --store-to-pacs and kill it (SIGKILL, its whole group) once the server holds the last
+    slice of the derived series, before the batch hears back; then let the server store that slice."""
+    armed.write_text("")
+    command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
+               "gaussian", "--no-progress", "--store-to-pacs"]
+    process = processes.start(command, tmp_path / "killed.log", env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not signal.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert signal.exists(), (tmp_path / "killed.log").read_text()
+    finally:
+        processes.kill_group(process)
+    release.write_text("")
+    deadline = time.monotonic() + TIMEOUT  # the held slice goes in once released
+    while time.monotonic() < deadline and sorted(_derived(pacs).values()) != [3]:
+        time.sleep(0.1)
+
+
+def _derived(pacs) -> dict[str, int]:
+    return {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"]) for s in pacs.get("/series?expand")
+            if "[denoised" in s["MainDicomTags"].get("SeriesDescription", "")}
+
+
+@pytest.mark.parametrize("between", ["nothing", "local output deleted", "rerun without --store-to-pacs"])
+def test_a_run_killed_after_its_store_never_stores_a_second_derived_series(tmp_path, shared_data, between):
+    """Killed after the server stored the whole derived series and before the "done" record: whatever happens before
+    the rerun (nothing, the local output deleted, a rerun without --store-to-pacs that writes the result locally
+    again), the rerun with --store-to-pacs finds that series on the server (QIDO-RS) and records it as stored; it
+    never stores a second denoised copy of the same source beside it."""
+    import shutil
+
+    from pydicom.uid import generate_uid
+
+    pacs, armed, signal, release = _held_store_pacs(tmp_path)
+    try:
+        make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
+        for path in sorted((tmp_path / "wanted").iterdir()):
+            pacs.upload(path)
+        out = tmp_path / "out"
+        _kill_after_store(tmp_path, pacs, armed, signal, release, out)
+        first = _derived(pacs)
+        assert sorted(first.values()) == [3], first
+        rows = [json.loads(line) for line in next((out / MANIFEST_DIR).glob("rank-*.jsonl")).read_text().splitlines()]
+        assert rows[-1]["status"] == "started", rows  # killed before its "done" record
+        local = Path(rows[-1]["output"])
+        assert sorted(p.name for p in local.iterdir()) == ["IM00001.dcm", "IM00002.dcm", "IM00003.dcm"]
+        if between == "local output deleted":
+            shutil.rmtree(local)
+        elif between == "rerun without --store-to-pacs":
+            plain = run_batch(pacs.dicomweb, out)
+            assert plain.returncode == 0 and "1 series: 1 " in plain.stdout, plain.stdout + plain.stderr
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert _derived(pacs) == first, again.stdout  # the same series, whole, and no second one
+        record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+        assert record["status"] == "done" and record["stored"]["series_instance_uid"] == list(first)[0], record
+        last = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert last.returncode == 0 and "0 done, 1 skipped" in last.stdout, last.stdout + last.stderr
+        assert _derived(pacs) == first
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_partial_derived_series_whose_files_are_gone_is_not_stored_again_beside_it(tmp_path, shared_data):
+    """The server kept 2 of the 3 slices of a derived series (its filter dropped one) and the local output was
+    deleted before the rerun: the same UIDs cannot be sent again, and a second, whole derived series beside the
+    partial one would show the reader two denoised copies: the series fails, saying what to do; once that series is
+    deleted on the server, the rerun denoises and stores it (one derived series)."""
+    import shutil
+    import urllib.request as request
+
+    from pydicom.uid import generate_uid
+
+    flag = tmp_path / "reject_slice_3"
+    script = tmp_path / "filter.lua"
+    script.write_text(f"""
+function ReceivedInstanceFilter(dicom, origin, info)
+  local flag = io.open("{flag}", "r")
+  if flag == nil then return true end
+  io.close(flag)
+  return not (string.find(dicom.SeriesDescription or "", "[denoised", 1, true) and dicom.InstanceNumber == "3")
+end
+""")
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+    try:
+        make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
+        for path in sorted((tmp_path / "wanted").iterdir()):
+            pacs.upload(path)
+        flag.write_text("")
+        out = tmp_path / "out"
+        first = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert first.returncode == 1 and "lists 2 of them" in first.stdout, first.stdout + first.stderr
+        partial = _derived(pacs)
+        assert sorted(partial.values()) == [2]
+        flag.unlink()
+        record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+        shutil.rmtree(record["output"])
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert again.returncode == 1 and "1 failed" in again.stdout, again.stdout + again.stderr
+        assert "holds 2 of the 3 instances of the derived series" in again.stdout, again.stdout
+        assert "delete that series on the server, then rerun" in again.stdout, again.stdout
+        assert _derived(pacs) == partial  # no second derived series
+        orthanc_id = next(s["ID"] for s in pacs.get("/series?expand")
+                          if s["MainDicomTags"]["SeriesInstanceUID"] == list(partial)[0])
+        request.urlopen(request.Request(f"{pacs.url}/series/{orthanc_id}", method="DELETE"), timeout=60).close()
+        last = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert last.returncode == 0 and "1 done" in last.stdout, last.stdout + last.stderr
+        assert sorted(_derived(pacs).values()) == [3] and list(partial)[0] not in _derived(pacs)
+    finally:
+        stop_orthanc(pacs)

@@ -481,7 +481,8 @@ def _add_batch_parser(verbs) -> None:
     bat.add_argument("--store-to-pacs", action="store_true",
                      help="DICOMweb input: also send each derived series back to the server (STOW-RS; checked by "
                           "asking the server for it; a rerun re-sends series whose store failed, and sends those an "
-                          "earlier run without this option only wrote)")
+                          "earlier run without this option only wrote; a derived series an earlier run sent, even one "
+                          "killed before recording it, is found on the server and never stored twice)")
     bat.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="compute device (default: GPU when present; under torchrun the GPU of LOCAL_RANK)")
     bat.add_argument("--no-progress", action="store_true", help="no progress bars (they show on a terminal only)")

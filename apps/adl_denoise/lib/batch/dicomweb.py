@@ -7,6 +7,11 @@ as for a DICOM folder). Series this app derived (SeriesDescription holding "[den
 inputs, so a rerun after STOW-RS does not denoise its own results; nor are series of a modality that holds no
 images (structured reports, presentation states, key-object selections, RT structure sets and plans, encapsulated
 documents...: :data:`NON_IMAGE_MODALITIES`), which a folder tree's discovery passes over too (no image size).
+
+The derived series' UIDs are recorded before its STOW-RS; a rerun asks the server for a series an earlier run may
+have sent (:func:`instances_on_server`) before it stores anything, so that a run killed after the store and before
+its "done" record never leads to a second derived series of the same source on the server (see
+:meth:`lib.batch.runner._Rank._resume`).
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ from ..imaging.errors import one_line
 from ..pacs import PacsStoreError, stow_datasets
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, refuse_collisions
 
-__all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "PacsStoreError", "discover_dicomweb", "download_series",
-           "is_dicomweb_url", "make_client", "store_series"]
+__all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "PacsStoreError", "derived_series", "discover_dicomweb",
+           "download_series", "instances_on_server", "is_dicomweb_url", "make_client", "store_series"]
 
 #: Modality values (DICOM PS3.3 C.7.3.1.1.1) of series without images: never downloaded nor counted as failed
 NON_IMAGE_MODALITIES = frozenset({"AU", "DOC", "ECG", "EPS", "FID", "HD", "KO", "PLAN", "PR", "REG", "RESP",
@@ -107,6 +112,39 @@ def download_series(client, item: SeriesItem, folder: Path) -> Path:
     if count == 0:
         raise ValueError(f"the DICOMweb server returned no instance for series {item.series_uid}")
     return folder
+
+
+def derived_series(folder: Path) -> dict | None:
+    """``{"derived_study_uid", "derived_series_uid", "derived_instances"}`` of the derived series written in
+    ``folder`` (headers only), or None when the folder holds no DICOM file of one series."""
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    if not files:
+        return None
+    try:
+        heads = [pydicom.dcmread(str(p), stop_before_pixels=True,
+                                 specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]) for p in files]
+    except Exception:  # noqa: BLE001 - not (all) DICOM: not a derived series this batch wrote
+        return None
+    series = {str(h.get("SeriesInstanceUID", "")) for h in heads}
+    if len(series) != 1 or "" in series:
+        return None
+    return {"derived_study_uid": str(heads[0].get("StudyInstanceUID", "")), "derived_series_uid": series.pop(),
+            "derived_instances": len(files)}
+
+
+def instances_on_server(client, study_uid: str, series_uid: str) -> int:
+    """How many instances of the series the server lists (QIDO-RS; 0 when it holds none).
+
+    Raises:
+        PacsStoreError: the server cannot be asked (then whether it holds the series is unknown).
+    """
+    try:
+        listed = client.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid,
+                                             get_remaining=True)
+    except Exception as error:  # noqa: BLE001 - connection refused, HTTP error
+        raise PacsStoreError(f"cannot ask {client.base_url} whether it holds the derived series {series_uid} "
+                             f"(QIDO-RS): {one_line(error)}") from error
+    return len({str(((entry.get("00080018") or {}).get("Value") or [""])[0]) for entry in listed} - {""})
 
 
 def store_series(client, folder: Path) -> dict:

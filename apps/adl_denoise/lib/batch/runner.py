@@ -1,7 +1,9 @@
 """One rank's batch loop, and the job around it (process group, plan check, merged summary).
 
 Per rank: find every series (the same list on every rank), keep this rank's share (:mod:`.sharding`), and for
-each series in turn: its identity, skip it when the manifest says it is done and its output exists, else read
+each series in turn: its identity, skip it when the manifest says it is done and its output exists (or, with
+``--store-to-pacs``, the server still holds the derived series stored), resume it when an earlier run wrote (and
+perhaps sent) its derived series (:meth:`_Rank._resume`: nothing denoised again, nothing stored twice), else read
 it, denoise it (:func:`lib.model_dispatch.denoise_volume`), write it with the app's writers (a temporary file or
 folder next to the output, renamed into place: a killed run leaves no half-written output) and record the
 outcome. Any error of one series is recorded as failed with its message and the loop goes on, except that a rank
@@ -167,6 +169,8 @@ class _StoreFailed(Exception):
 #: what a record keeps of the denoising of a series whose store failed, for the rerun that only re-sends it
 _DENOISED_FIELDS = ("model", "weights_version", "weights_sha256", "low_frequency_restoration", "modality", "shape",
                     "modality_from")
+#: what a record names of the derived series written for a DICOMweb series (:func:`.dicomweb.derived_series`)
+_DERIVED_FIELDS = ("derived_study_uid", "derived_series_uid", "derived_instances")
 
 
 class _Rank:
@@ -179,6 +183,23 @@ class _Rank:
         self.latest = latest_by_job(records)
         # outputs some run of this batch wrote or started to write: a rerun may replace them
         self.ours = {str(r["output"]) for r in records if r.get("output")}
+        # per job, the derived series (DICOMweb sources) that earlier runs wrote (the last record naming each), and
+        # among them those that may be on the server: recorded before their STOW-RS (stage "store"), so that a run
+        # killed after the store and before its "done" record is known to have sent them
+        self.written: dict[str, dict[str, dict]] = {}
+        self.sent: dict[str, dict[str, dict]] = {}
+        for record in records:
+            stored = record.get("stored") or {}
+            if stored.get("series_instance_uid") and not record.get("derived_series_uid"):  # an older record
+                record = {**record, "derived_series_uid": stored["series_instance_uid"],
+                          "derived_instances": stored.get("instances")}
+            uid = record.get("derived_series_uid")
+            if uid and record.get("model"):
+                self.written.setdefault(record["job"], {}).pop(uid, None)
+                self.written[record["job"]][uid] = record  # insertion order: the newest last
+                if record.get("stage") == "store" or record.get("stored"):
+                    self.sent.setdefault(record["job"], {}).pop(uid, None)
+                    self.sent[record["job"]][uid] = record
         self.cache = ModelCache()
         self.file_widths: dict[str, float | None] = {}  # weight file SHA-256 -> the restoration width it names
         self.options = replace(settings.options, progress=False)  # the rank's own bar is the progress shown
@@ -229,7 +250,8 @@ class _Rank:
         if item.problem:  # refused now, whatever an earlier run did
             return self._failed(base, identity, started, item.problem)
         previous = self.latest.get(job)
-        if previous and previous.get("status") == "done" and item.output.exists():
+        if previous and previous.get("status") == "done" and (item.output.exists()
+                                                              or self._kept_on_server(previous, item)):
             changed = self._changed_since(previous, item)
             if not changed and not (self.settings.store_to_pacs and not previous.get("stored")):
                 return "skipped"
@@ -243,7 +265,10 @@ class _Rank:
         self.manifest.append({**base, "status": "started"})
         self.ours.add(base["output"])
         try:
-            if self._store_only(previous, item):
+            resumed = self._resume(job, item, base) if item.kind == "dicomweb" else None
+            if resumed is not None:
+                extra = resumed
+            elif self._store_only(previous, item):
                 # denoised, but the store failed: the same files (same UIDs) again, so that the server completes
                 # that derived series instead of keeping a partial one beside a second, whole one
                 extra = self._store({k: previous.get(k) for k in _DENOISED_FIELDS}, item, base)
@@ -309,6 +334,69 @@ class _Rank:
             return f"the low-frequency restoration width changed since ({float(done_width):g} -> {width:g} px)"
         return ""
 
+    def _kept_on_server(self, record: dict, item: SeriesItem) -> bool:
+        """Whether the server still holds the whole derived series that ``record`` (done) says was stored: then a
+        deleted local output is not a reason to denoise and store it again (a second copy on the server)."""
+        stored = record.get("stored") or {}
+        study = record.get("derived_study_uid") or item.study_uid  # the source's (older records do not name it)
+        if not (self.settings.store_to_pacs and item.kind == "dicomweb" and stored.get("series_instance_uid")
+                and study):
+            return False
+        try:
+            found = dicomweb.instances_on_server(self.client, str(study), str(stored["series_instance_uid"]))
+        except dicomweb.PacsStoreError:
+            return False  # asked again, and the failure recorded, on the way to storing it
+        return found >= int(stored.get("instances") or 1)
+
+    def _resume(self, job: str, item: SeriesItem, base: dict) -> dict | None:
+        """What to record as done for a DICOMweb series whose derived series an earlier run wrote (and perhaps sent)
+        with the weights and slices of now, without denoising it again; None when there is none (denoise it).
+
+        With ``--store-to-pacs`` the server is asked first (QIDO-RS) for every derived series of the job that an
+        earlier run may have sent, newest first: a run killed after its STOW-RS and before its "done" record left it
+        there, perhaps in part. Whole: recorded as stored, nothing sent. In part: completed by sending the same files
+        again (same UIDs) when the output still holds them, else the series fails (a second, whole derived series
+        beside the partial one would show the reader two denoised copies; new UIDs for the missing slices are not
+        possible). Else the derived series the output holds is sent (once more), or without ``--store-to-pacs``
+        recorded as done: never denoised again, so that the UIDs of what may be on the server stay those of the
+        output.
+
+        Raises:
+            _StoreFailed: the server holds part of it and the output no longer does, or cannot be asked.
+        """
+        local = dicomweb.derived_series(item.output)
+        if self.settings.store_to_pacs:
+            for prior in reversed(list(self.sent.get(job, {}).values())):
+                if self._changed_since(prior, item):
+                    continue  # an older result: denoised again (as a done one would be)
+                fields = {**{k: prior.get(k) for k in _DENOISED_FIELDS + _DERIVED_FIELDS},
+                          "derived_study_uid": prior.get("derived_study_uid") or item.study_uid}
+                uid, expected = prior["derived_series_uid"], int(prior.get("derived_instances") or 0)
+                try:
+                    found = dicomweb.instances_on_server(  # the source's study (older records do not name it)
+                        self.client, str(fields["derived_study_uid"]), uid)
+                except dicomweb.PacsStoreError as error:
+                    raise _StoreFailed(fields, str(error)) from error
+                if found and found >= expected:
+                    log.warning("%s: the server already holds its derived series %s (%d instances, sent by an "
+                                "earlier run): not stored again", item.key, uid, found)
+                    return {**fields, "stored": {"series_instance_uid": uid, "instances": found},
+                            "found_on_server": True}
+                if found and (local or {}).get("derived_series_uid") == uid:
+                    return self._store(fields, item, base)  # the same files: the server completes that series
+                if found:
+                    raise _StoreFailed(fields, f"the server holds {found} of the {expected} instances of the derived "
+                                               f"series {uid} that an earlier run sent, and {item.output} no longer "
+                                               "holds its files: delete that series on the server, then rerun")
+        if local is None:
+            return None
+        written = self.written.get(job, {}).get(local["derived_series_uid"])
+        if written is None or int(written.get("derived_instances") or 0) != local["derived_instances"] \
+                or self._changed_since(written, item):
+            return None
+        fields = {k: written.get(k) for k in _DENOISED_FIELDS + _DERIVED_FIELDS}
+        return self._store(fields, item, base) if self.settings.store_to_pacs else fields
+
     def _store_only(self, previous: dict | None, item: SeriesItem) -> bool:
         """Whether the series was denoised and written by an earlier run whose store to the server failed or was
         cut short by a kill (``stage`` "store"), or that was run without ``--store-to-pacs``, with the same weights and
@@ -364,6 +452,8 @@ class _Rank:
                  "modality": denoised.modality, "shape": list(denoised.array.shape),
                  # "dicom" (the Modality tag), "argument" (--modality), "guessed" (from the values: check those)
                  "modality_from": denoised.metadata.get("modality_source")}
+        if item.kind == "dicomweb":  # the derived series' UIDs, recorded before any store (see _resume)
+            extra.update(dicomweb.derived_series(item.output) or {})
         del denoised, result
         return self._store(extra, item, base) if self.settings.store_to_pacs else extra
 
@@ -375,6 +465,9 @@ class _Rank:
         Raises:
             _StoreFailed: the server did not store it all (or could not be reached).
         """
+        if not extra.get("derived_series_uid"):  # a record of a run before derived series were named
+            extra = {**extra, **(dicomweb.derived_series(item.output) or {})}
+        # written ahead of the STOW-RS: a run killed after it and before the "done" record is known to have sent it
         self.manifest.append({**base, **extra, "status": "started", "stage": "store"})
         try:
             return {**extra, "stored": dicomweb.store_series(self.client, item.output)}
