@@ -557,3 +557,68 @@ def test_a_series_neither_ct_nor_mr_names_its_modality_not_a_filter_as_the_fix(t
     assert result.returncode == 1, result.stdout + result.stderr
     assert "its Modality is RTDOSE: only CT and MR series are denoised" in result.stdout, result.stdout
     assert "cannot tell" not in result.stdout
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_a_run_killed_after_writing_and_before_its_done_record_leaves_one_whole_output(tmp_path, shared_data,
+                                                                                     kill_at):
+    """The batch process SIGKILLs itself as it is about to append the ``kill_at``-th "done" record (1: a DICOM
+    series, written as a derived-series folder; 2: a NIfTI file), after its output is in place: the rerun does
+    that series again and replaces the output in place (one output per series, no second copy, no temporary left,
+    the same values), and skips the one recorded as done."""
+    from pydicom.uid import generate_uid
+
+    root = tmp_path / "tree"
+    (root / "ct").mkdir(parents=True)
+    files = sorted((shared_data / "dicom" / "ct_abdomen_siemens_j2k_slab").iterdir())[:4]
+    study, series = generate_uid(), generate_uid()
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber, ds.PatientID = study, series, 3, "BATCH"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(root / "ct" / f"{k}.dcm")
+    image = sitk.ReadImage(str(shared_data / "ct_abdomen_pelvis_resampled_3mm.nii.gz"))
+    sitk.WriteImage(image[20:84, 20:84, 40:46], str(root / "crop.nii.gz"))
+    killer = tmp_path / "kill_at_done.py"  # the CLI, killed (SIGKILL, no clean-up) at the chosen record
+    killer.write_text(f"""
+import os, runpy, signal, sys
+from lib.batch.manifest import Manifest
+append, seen = Manifest.append, []
+def killing_append(self, record):
+    if record.get("status") == "done":
+        seen.append(record)
+        if len(seen) == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return append(self, record)
+Manifest.append = killing_append
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    out = tmp_path / "out"
+    killed = processes.run([sys.executable, killer, CLI, *batch_args(root, out, "--no-progress")], TIMEOUT,
+                           env=_env())
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    rows = read_records(out / MANIFEST_DIR)
+    assert [r["status"] for r in rows] == ["started", "done", "started"][:2 * kill_at - 1], rows
+    written = Path(rows[-1]["output"])
+    assert written.exists()  # in place, whole (renamed into place), but not recorded as done
+    before = volume_of(written)
+    again = run_single(root, out, "--no-progress")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"2 series: {3 - kill_at} done, {kill_at - 1} skipped, 0 failed" in again.stdout, again.stdout
+    after = volume_of(written)
+    np.testing.assert_array_equal(after[0], before[0])
+    assert after[1:] == before[1:]
+    outputs = sorted(str(p.relative_to(out)) for p in out.rglob("*") if MANIFEST_DIR not in p.relative_to(out).parts)
+    assert sorted(p.name for p in out.iterdir() if p.name != MANIFEST_DIR) == ["crop.nii.gz", "ct"], outputs
+    assert not [p for p in outputs if "/." in f"/{p}"], outputs  # no temporary or old copy left
+    derived = [p for p in (out / "ct").iterdir()]
+    assert len(derived) == 1 and sorted(f.name for f in derived[0].iterdir()) == [f"IM{k:05d}.dcm" for k in
+                                                                                  range(1, 5)], outputs
+    assert latest_statuses(out) == ["done", "done"]
+
+
+def latest_statuses(out: Path) -> list[str]:
+    rows = [json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()]
+    return [r["status"] for r in rows]
