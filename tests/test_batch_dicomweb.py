@@ -380,3 +380,46 @@ end
         assert sorted(_derived(pacs).values()) == [3] and list(partial)[0] not in _derived(pacs)
     finally:
         stop_orthanc(pacs)
+
+
+def test_an_anonymised_copy_of_a_derived_series_is_not_an_input(tmp_path, shared_data):
+    """A derived series copied back to the PACS through an anonymiser (basic profile: SeriesDescription and
+    DerivationDescription removed, new UIDs, ImageType kept) used to be listed as an input (QIDO-RS series answers
+    hold no ImageType) and denoised a second time: series without a description are now asked for the ImageType of
+    one instance, and DERIVED\\...\\DENOISED ones are passed over. A source series without a description is kept."""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        study = generate_uid()
+        wanted = make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", study, "20200115")
+        make_series(shared_data, tmp_path / "plain", range(3, 5), "", study, "20200115")  # no description: an input
+        for folder in ("wanted", "plain"):
+            for path in sorted((tmp_path / folder).iterdir()):
+                pacs.upload(path)
+        out = tmp_path / "out"
+        command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
+                   "gaussian", "--no-progress"]
+        first = processes.run(command, TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert first.returncode == 0 and "2 series: 2 done" in first.stdout, first.stdout + first.stderr
+        record = next(json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()
+                      if json.loads(line)["identity"] == f"dicom:{wanted}")
+        anonymised = tmp_path / "anonymised"
+        anonymised.mkdir()
+        study_copy, series_copy = generate_uid(), generate_uid()
+        for path in sorted(Path(record["output"]).iterdir()):
+            ds = pydicom.dcmread(path)
+            assert ds.ImageType[0] == "DERIVED" and ds.ImageType[-1] == "DENOISED"
+            for keyword in ("SeriesDescription", "DerivationDescription", "SourceImageSequence"):
+                if keyword in ds:
+                    delattr(ds, keyword)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = study_copy, series_copy, "ANON"
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(anonymised / path.name, write_like_original=False)
+            pacs.upload(anonymised / path.name)
+        items = discover_dicomweb(make_client(pacs.dicomweb), tmp_path / "out2", SeriesFilter())
+        assert series_copy not in {i.series_uid for i in items} and len(items) == 2, items
+        again = processes.run(command, TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert again.returncode == 0 and "2 series: 0 done, 2 skipped" in again.stdout, again.stdout + again.stderr
+    finally:
+        stop_orthanc(pacs)

@@ -3,8 +3,9 @@
 derived series sent back (STOW-RS, checked instance by instance: a server can answer 200 and store nothing).
 
 Outputs of a DICOMweb source go to ``OUT/<StudyInstanceUID>/<SeriesInstanceUID>/`` (a derived DICOM series,
-as for a DICOM folder). Series this app derived (SeriesDescription holding "[denoised") are never taken as
-inputs, so a rerun after STOW-RS does not denoise its own results; nor are series of a modality that holds no
+as for a DICOM folder). Series this app derived (SeriesDescription holding "[denoised", or, for a series without
+a description (an anonymised copy), ImageType DERIVED\\...\\DENOISED where the server returns it) are never taken
+as inputs, so a rerun after STOW-RS does not denoise its own results; nor are series of a modality that holds no
 images (structured reports, presentation states, key-object selections, RT structure sets and plans, encapsulated
 documents...: :data:`NON_IMAGE_MODALITIES`), which a folder tree's discovery passes over too (no image size).
 
@@ -15,16 +16,19 @@ its "done" record never leads to a second derived series of the same source on t
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pydicom
 
 from ..imaging.errors import one_line
 from ..pacs import PacsStoreError, stow_datasets
-from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, refuse_collisions
+from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions
 
 __all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "PacsStoreError", "derived_series", "discover_dicomweb",
            "download_series", "instances_on_server", "is_dicomweb_url", "make_client", "store_series"]
+
+log = logging.getLogger(__name__)
 
 #: Modality values (DICOM PS3.3 C.7.3.1.1.1) of series without images: never downloaded nor counted as failed
 NON_IMAGE_MODALITIES = frozenset({"AU", "DOC", "ECG", "EPS", "FID", "HD", "KO", "PLAN", "PR", "REG", "RESP",
@@ -58,6 +62,20 @@ def _value(result: dict, keyword: str, default=""):
     return value
 
 
+def _image_type(client, study: str, series: str) -> list:
+    """ImageType of one instance of the series (QIDO-RS, instance level), [] when the server does not return it
+    or cannot be asked. Asked only for series without a SeriesDescription (an anonymiser removes it and keeps
+    ImageType): ImageType is an instance attribute, which a server reads from a file, so asking it for every series
+    of an archive would cost one file read per series."""
+    try:
+        found = client.search_for_instances(study_instance_uid=study, series_instance_uid=series,
+                                            fields=["ImageType"], limit=1)
+    except Exception:  # noqa: BLE001 - unknown: the series stays an input (as before anonymised copies were told)
+        log.debug("cannot ask the ImageType of series %s", series, exc_info=True)
+        return []
+    return list(((found[0] if found else {}).get("00080008") or {}).get("Value") or [])
+
+
 def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None = None) -> list[SeriesItem]:
     """Every series the server lists (QIDO-RS ``/series``, all pages), filtered, sorted by key, with its output
     folder. Modality and the StudyDate range go to the server and are checked again here (a server may ignore a
@@ -80,12 +98,17 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
     for result in results:
         study, series = str(_value(result, "StudyInstanceUID")), str(_value(result, "SeriesInstanceUID"))
         description = str(_value(result, "SeriesDescription"))
-        if not study or not series or DERIVED_MARK in description:
+        if not study or not series or is_our_result(description, None):
             continue
         modality = str(_value(result, "Modality"))
         if modality.upper() in NON_IMAGE_MODALITIES:
             continue
         if not series_filter.accepts(modality, str(_value(result, "StudyDate")), description):
+            continue
+        image_type = _image_type(client, study, series) if not description else []
+        if is_our_result(description, image_type):  # an anonymised copy of a result (no description)
+            log.warning("not denoised: series %s is a result of this app (ImageType %s, no SeriesDescription)",
+                        series, "\\".join(str(v) for v in image_type))
             continue
         instances = int(_value(result, "NumberOfSeriesRelatedInstances", 0) or 0)
         items.append(SeriesItem(key=f"dicomweb:{study}/{series}", kind="dicomweb",

@@ -36,7 +36,7 @@ from ..imaging.errors import UnreadableDicomError
 from ..imaging.io import check_image_file
 
 __all__ = ["DERIVED_MARK", "MANIFEST_DIR", "SeriesFilter", "SeriesItem", "check_roots", "discover_tree",
-           "refuse_collisions"]
+           "is_our_result", "refuse_collisions"]
 
 #: the batch's own folder inside the output root (manifests); no series output may go there
 MANIFEST_DIR = "_denoise_batch"
@@ -45,6 +45,14 @@ DERIVED_MARK = "[denoised"
 _NHDR = ".nhdr"
 
 log = logging.getLogger(__name__)
+
+
+def is_our_result(description: str, image_type) -> bool:
+    """Whether a series is a result of this app: SeriesDescription holding "[denoised", or ImageType
+    DERIVED\\...\\DENOISED (DENOISED from the 4th value on, as this app writes), which anonymisers keep when they remove the
+    description (the basic profile does)."""
+    values = [str(v).upper() for v in (image_type or [])]
+    return DERIVED_MARK in (description or "") or (values[:1] == ["DERIVED"] and "DENOISED" in values[3:])
 
 
 @dataclass(frozen=True)
@@ -176,7 +184,7 @@ def _dicom_items(folder: Path, rel: Path, out_root: Path, series_filter: SeriesF
             continue
         # this app's result (copied into the archive): never denoised twice. ImageType tells it too once an
         # anonymiser has removed SeriesDescription (the basic profile does; it keeps ImageType)
-        if DERIVED_MARK in s["description"] or image_type[:1] == ["DERIVED"] and "DENOISED" in image_type[3:]:
+        if is_our_result(s["description"], image_type):
             log.warning("not denoised: series %s in %s is a result of this app (%r)", s["uid"], folder,
                         s["description"])
             continue
