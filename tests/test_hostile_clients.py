@@ -538,6 +538,39 @@ def test_an_upload_never_replaces_another_study(api, untouched, tmp_path):
         _remove_labels(api, STUDY)
 
 
+def test_a_removed_study_is_gone_at_once_and_the_listing_keeps_following_the_folder(api, untouched, tmp_path):
+    """MONAI Label's local datastore left a removed id to its file watcher: right after the DELETE an infer of it
+    answered a 422 and a new study under the id a 409; an upload during the watcher's reconciliation killed the
+    watcher thread, after which removed ids stayed listed for good. Now the removal is in the listing when its
+    answer comes, and the watcher still picks up a file copied into the folder afterwards."""
+    hostile = api.server
+    first, second = _study_bytes(hostile, STUDY), _study_bytes(hostile, "ct_slab_c")
+    try:
+        for round_ in range(6):
+            image_id = f"removed_{round_}"
+            response = api.call("PUT", "/datastore/image", params={"image": image_id},
+                                files={"file": ("a.nii.gz", first)})
+            assert response.status_code == 200, response.text
+            assert api.call("DELETE", "/datastore/image", params={"id": image_id}).status_code == 200
+            _refused(api.call("POST", "/infer/nlm", params={"image": image_id}), 404, "no image", image_id)
+            response = api.call("PUT", "/datastore/image", params={"image": image_id},
+                                files={"file": ("b.nii.gz", second)})
+            assert response.status_code == 200 and response.json() == {"image": image_id}, response.text
+            assert (hostile.studies / f"{image_id}.nii.gz").read_bytes() == second
+            assert api.call("DELETE", "/datastore/image", params={"id": image_id}).status_code == 200
+        shutil.copy(hostile.studies / f"{STUDY}.nii.gz", hostile.studies / "copied_in.nii.gz")
+        deadline = time.monotonic() + 60
+        while "copied_in" not in api.call("GET", "/datastore/", params={"output": "all"}).json()["objects"]:
+            assert time.monotonic() < deadline, "the datastore no longer follows its folder: " + hostile.log_tail()
+            time.sleep(0.5)
+        assert "dictionary changed size" not in hostile.log_tail(200_000)
+    finally:
+        for path in hostile.studies.glob("removed_*.nii.gz"):
+            path.unlink()
+        if (hostile.studies / "copied_in.nii.gz").exists():
+            assert api.call("DELETE", "/datastore/image", params={"id": "copied_in"}).status_code == 200
+
+
 # ------------------------------------------------------------------------------------------------ 6. scratch folders
 def test_scratch_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     from lib.trainers import remove_stale_work

@@ -42,6 +42,7 @@ from lib.audit.location import default_audit_dir
 from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_result, install_request_context,
                                  request_actor, result_fields)
 from lib.configs import MODEL_CONFIGS, OPT_IN_MODELS
+from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
@@ -109,8 +110,10 @@ class DenoisingApp(MONAILabelApp):
         return report.to_dict()
 
     def init_datastore(self):
-        """MONAI Label's datastore, each change of it an audit entry (:func:`lib.audit.recording.audited_datastore`)."""
-        return audited_datastore(super().init_datastore(), self.audit)
+        """MONAI Label's datastore, each change of it an audit entry (:func:`lib.audit.recording.audited_datastore`);
+        a local one lists a removed study no more once the removal is answered
+        (:func:`lib.datastore.steady_datastore`)."""
+        return audited_datastore(steady_datastore(super().init_datastore()), self.audit)
 
     def info(self):
         """MONAI Label's app info plus ``audit``: the log's folder, its state at start-up and, when its chain is

@@ -1,0 +1,105 @@
+"""MONAI Label's local datastore, kept in step with its folder at once and by one thread at a time.
+
+MONAI Label's ``LocalDatastore`` (``auto_reload``, the server's default) removes a study's file and leaves the
+id to its file watcher: for a moment after ``DELETE /datastore/?id=X`` the id stays listed, so an infer of X
+failed with a misleading 422 and a new study uploaded under X got a 409. The watcher reconciles the listing in
+its own thread while request threads add and remove studies in the same dictionary; when one changed it during
+the watcher's loop, the watcher thread died ("dictionary changed size during iteration") and from then on the
+listing never followed the folder again (deleted ids listed for good).
+
+:func:`steady_datastore` swaps a local datastore's class for a subclass that (1) reconciles the listing in the
+request that removes a study, before answering; (2) runs every change and reconciliation, and the lookups the
+app's routes make (``list_images``, ``get_image_uri``), under one lock; (3) logs and survives a failed watcher
+event instead of losing the watcher. Other datastores (DICOMweb) are returned unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Dict, List
+
+__all__ = ["steady_datastore"]
+
+log = logging.getLogger(__name__)
+
+
+class SteadyLocalDatastoreMixin:
+    """Mixed in front of ``LocalDatastore`` by :func:`steady_datastore` (see the module docstring)."""
+
+    _steady_lock: threading.RLock
+
+    def refresh(self) -> None:
+        with self._steady_lock:
+            super().refresh()
+
+    def _on_any_event(self, event) -> None:
+        try:
+            with self._steady_lock:
+                super()._on_any_event(event)
+        except Exception:  # noqa: BLE001 - an exception here would end the watcher thread for good
+            log.exception("datastore: reconciling after %s failed; the listing is reconciled again on the next "
+                          "change", event)
+
+    def _on_modify_event(self, event) -> None:
+        try:
+            with self._steady_lock:
+                super()._on_modify_event(event)
+        except Exception:  # noqa: BLE001 - as above
+            log.exception("datastore: reloading after %s failed", event)
+
+    def list_images(self) -> List[str]:
+        with self._steady_lock:
+            return super().list_images()
+
+    def get_image_uri(self, image_id: str) -> str:
+        with self._steady_lock:
+            return super().get_image_uri(image_id)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        with self._steady_lock:
+            return super().add_image(image_id, image_filename, image_info)
+
+    def remove_image(self, image_id: str) -> None:
+        with self._steady_lock:
+            super().remove_image(image_id)
+            if getattr(self, "_auto_reload", False):  # the stock code leaves it to the watcher: now, not later
+                super().refresh()
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        with self._steady_lock:
+            return super().save_label(image_id, label_filename, label_tag, label_info)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        with self._steady_lock:
+            super().remove_label(label_id, label_tag)
+            if getattr(self, "_auto_reload", False):
+                super().refresh()
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        with self._steady_lock:
+            super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        with self._steady_lock:
+            super().update_label_info(label_id, label_tag, info)
+
+
+_classes: Dict[type, type] = {}
+
+
+def steady_datastore(datastore):
+    """``datastore`` itself; a ``LocalDatastore`` (exactly: not DICOMweb, which lists the PACS's series) gets its
+    class swapped for one with :class:`SteadyLocalDatastoreMixin` in front."""
+    from monailabel.datastore.local import LocalDatastore
+
+    cls = type(datastore)
+    if cls is LocalDatastore:
+        if cls not in _classes:
+            _classes[cls] = type(f"Steady{cls.__name__}", (SteadyLocalDatastoreMixin, cls), {})
+        datastore._steady_lock = threading.RLock()
+        datastore.__class__ = _classes[cls]
+        handler = getattr(datastore, "_handler", None)
+        if handler is not None:  # the watcher holds the methods bound before the swap
+            handler.on_created = handler.on_deleted = datastore._on_any_event
+            handler.on_modified = datastore._on_modify_event
+    return datastore
