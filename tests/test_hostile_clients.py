@@ -571,6 +571,39 @@ def test_a_removed_study_is_gone_at_once_and_the_listing_keeps_following_the_fol
             assert api.call("DELETE", "/datastore/image", params={"id": "copied_in"}).status_code == 200
 
 
+def test_answers_never_show_the_servers_file_paths(api, untouched):
+    """A corrupt study in the datastore folder was refused with a message naming its absolute path on the server,
+    and the review queue and the image info answered the study's absolute path (MONAI Label's ``path``): now the
+    file is named by its name, and the study by its id."""
+    hostile = api.server
+    roots = {str(hostile.studies), str(hostile.studies.resolve()), str(hostile.studies.parent),
+             str(hostile.model_dir), str(hostile.log_path.parent)}
+
+    def no_path(text: str) -> None:
+        assert not [root for root in roots if root in text], text
+
+    corrupt = hostile.studies / "scrambled.nii.gz"
+    corrupt.write_bytes(gzip.compress(b"not an image " * 100))
+    try:
+        deadline = time.monotonic() + 60
+        while "scrambled" not in api.call("GET", "/datastore/", params={"output": "all"}).json()["objects"]:
+            assert time.monotonic() < deadline, hostile.log_tail()
+            time.sleep(0.5)
+        response = api.call("POST", "/infer/nlm", params={"image": "scrambled"})
+        no_path(_refused(response, 422, "cannot denoise", "scrambled.nii.gz"))
+        response = api.call("GET", "/datastore/image/info", params={"image": STUDY})
+        assert response.status_code == 200 and response.json()["name"] == f"{STUDY}.nii.gz", response.text
+        assert "path" not in response.json()
+        no_path(response.text)
+        response = api.call("POST", "/activelearning/next_unreviewed", json={})
+        assert response.status_code == 200 and response.json()["id"] and "path" not in response.json(), response.text
+        no_path(response.text)
+        _refused(api.call("POST", "/activelearning/no_such_strategy", json={}), 404, "unknown strategy",
+                 "next_unreviewed")
+    finally:
+        assert api.call("DELETE", "/datastore/image", params={"id": "scrambled"}).status_code == 200
+
+
 # ------------------------------------------------------------------------------------------------ 6. scratch folders
 def test_scratch_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     from lib.trainers import remove_stale_work

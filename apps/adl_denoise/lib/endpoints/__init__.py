@@ -5,6 +5,9 @@ MONAI Label has no hook for app routes, so :func:`install` adds them to the runn
 (``monailabel.app.app``) when the app starts inside the server; the guards (:mod:`.guards`) are placed in front of
 the stock routes they protect. With MONAI Label's authentication on, :mod:`.access` puts its access control in
 front of every route (stock and the app's) and its login in front of MONAI Label's.
+
+Every 4xx / 5xx answer's ``detail`` goes out without the server's file paths (:func:`.common.scrub_paths`: a corrupt
+study is named ``corrupt.nii.gz``, not by where the datastore keeps it), the stock routes' answers included.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import logging
 import os
 
 from . import access, guards, review, versions
+from .common import scrub_paths
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,22 @@ def install(fastapi_app) -> None:
     added = routes[before:]
     del routes[before:]
     routes[0:0] = added
+    _install_path_scrubbing(fastapi_app)
     fastapi_app.state.adl_denoise_routes = True
     log.info("installed review, versions and request-guard routes%s (pid %d)",
              ", access control" if access.auth_enabled() else "", os.getpid())
+
+
+def _install_path_scrubbing(fastapi_app) -> None:
+    """The HTTP errors' handler (FastAPI's), each message first without the server's file paths."""
+    from fastapi.exception_handlers import http_exception_handler
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    async def scrubbed(request, error: StarletteHTTPException):
+        if isinstance(error.detail, str):
+            error = StarletteHTTPException(error.status_code, scrub_paths(error.detail), getattr(error, "headers", None))
+        return await http_exception_handler(request, error)
+
+    fastapi_app.add_exception_handler(StarletteHTTPException, scrubbed)
+    if fastapi_app.middleware_stack is not None:  # built already: the handlers are read when the stack is built
+        fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()

@@ -18,6 +18,8 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   keys of the same names, and the label-info routes refuse those keys: only corrections saved here are training
   data.
 * ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing).
+* ``POST /activelearning/{strategy}``, ``GET /datastore/image/info``: the answer has no ``path`` (the server's
+  absolute file path; a study is downloaded by its id).
 * ``PUT /session/``: no archive unpacking (``uncompress``): a session is one uploaded volume.
 * ``POST /infer/wsi/{model}``, ``/infer/wsi_v2/{model}``: 404 for everyone. This app serves no whole-slide images,
   and the stock routes take ``image`` as any path the server can read and ``params`` that save labels under any
@@ -362,7 +364,30 @@ def guarded_get_image_info(image: str, user: User = Depends(RBAC(_USER))):
     from monailabel.endpoints.datastore import get_image_info
 
     check_name(image, "image")
-    return get_image_info(image)
+    return _without_path(get_image_info(image))
+
+
+def _without_path(answer: Any) -> Any:
+    """``answer`` without the ``path`` MONAI Label adds (the server's absolute file path): clients download a
+    study by its id (``GET /datastore/image?image=``), and a client that loaded the path when its own disk has a
+    file there (MONAI Label's Slicer module does) would open whatever that file is."""
+    if isinstance(answer, dict):
+        return {key: value for key, value in answer.items() if key != "path"}
+    return answer
+
+
+# ------------------------------------------------------------------------------------------------ active learning
+@router.post("/activelearning/{strategy}", include_in_schema=False)
+def guarded_sample(strategy: str, params: Optional[dict] = None, user: User = Depends(RBAC(_USER))):
+    """MONAI Label's active-learning route (the next study of ``strategy``): its answer without ``path``
+    (:func:`_without_path`); ``id`` names the study."""
+    from monailabel.endpoints.activelearning import sample
+
+    strategies = getattr(app(), "_strategies", None) or {}  # noqa: SLF001 - MONAI Label keeps them private
+    if strategy not in strategies:  # the stock route answers 500
+        raise HTTPException(status_code=404, detail=f"unknown strategy {strategy!r} (this server has: "
+                                                    f"{', '.join(sorted(strategies)) or 'none'})")
+    return _without_path(sample(strategy, params, user.username))
 
 
 @router.put("/datastore/image/info", include_in_schema=False)
