@@ -166,3 +166,36 @@ def test_the_review_queue_hands_out_studies_never_results_or_a_uid_of_two_studie
             stop_server(server)
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_series_over_the_voxel_limit_is_refused_before_it_is_downloaded(tmp_path, tiny_weights):
+    """The app refuses volumes over ``max_voxels`` (413); a PACS series was downloaded whole (and converted to
+    NIfTI) before that check could refuse it. Its size now comes from the PACS's QIDO-RS answer first: a series
+    over the limit is refused with nothing downloaded, one under it is denoised as before."""
+    import requests
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
+        for path in big + small:
+            pacs.upload(path)
+        big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
+        # 6 x 512 x 512 = 1.57 M voxels over the limit, 3 x 512 x 512 = 0.79 M under it
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"max_voxels": 1_000_000})
+        try:
+            cache = tmp_path / "work" / "dicomweb_cache"
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": big_uid, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 413, answer.text
+            detail = answer.json()["detail"]
+            assert "too large" in detail and "1,572,864" in detail and "nothing was downloaded" in detail, detail
+            assert not [p for p in cache.rglob(f"{big_uid}*")], sorted(map(str, cache.rglob("*")))
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 200 and answer.json()["shape"] == [3, 512, 512], answer.text[:500]
+            assert server.alive()
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)

@@ -43,10 +43,11 @@ from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_r
                                  request_actor, result_fields)
 from lib.configs import MODEL_CONFIGS, OPT_IN_MODELS
 from lib.datastore import steady_datastore
-from lib.imaging import denoising_derivation
+from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
-from lib.pacs import PacsStoreError, is_dicomweb, series_folder, store_derived_series
+from lib.pacs import (PacsStoreError, is_dicomweb, is_downloaded, series_folder, series_voxels,
+                      store_derived_series)
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,22 @@ class DenoisingApp(MONAILabelApp):
     def init_strategies(self) -> Dict[str, Strategy]:
         return {"next_unreviewed": NextUnreviewed(self.audit)}
 
+    def _refuse_oversized_series(self, store, image_id: str, model) -> None:
+        """413 before a PACS series over the model's voxel limit is downloaded: MONAI Label's DICOMweb datastore
+        fetches a series whole (and converts it to NIfTI) before the reader's size check could refuse it. The size
+        comes from the PACS's QIDO-RS answer; a series already downloaded, or one the PACS gives no size for, is
+        checked by the reader as any image."""
+        if is_downloaded(store, image_id):
+            return
+        task = self._infers.get(model) if isinstance(model, str) else None
+        limit = getattr(task, "max_voxels", None) or max_voxels()
+        size = series_voxels(store, image_id)
+        if size is not None and size[1] > limit:
+            raise HTTPException(status_code=413, detail=(
+                f"cannot denoise this image: series {image_id} is too large: {size[0]} instances, {size[1]:,} "
+                f"voxels exceed the limit of {limit:,} (raise it with --conf max_voxels on the server); nothing "
+                "was downloaded"))
+
     def infer(self, request, datastore=None):
         """MONAI Label's infer, plus: a DICOMweb study is denoised from its DICOM files (not the datastore's NIfTI
         conversion); ``store_to_pacs`` sends the result back to the PACS as a derived series; every result is an
@@ -162,6 +179,7 @@ class DenoisingApp(MONAILabelApp):
         to_pacs = strtobool(str(request.get("store_to_pacs", "false")))
         source_folder = None
         if known_id and is_dicomweb(store):
+            self._refuse_oversized_series(store, image_id, request.get("model"))
             source_folder = series_folder(store, image_id)
             request = dict(request, image=str(source_folder))
         elif known_id:

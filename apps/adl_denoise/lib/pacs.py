@@ -23,7 +23,8 @@ from .imaging.errors import one_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_dicomweb", "series_folder", "stow_datasets", "store_derived_series", "PacsStoreError"]
+__all__ = ["is_dicomweb", "series_folder", "series_voxels", "is_downloaded", "stow_datasets", "store_derived_series",
+           "PacsStoreError"]
 
 
 class PacsStoreError(RuntimeError):
@@ -75,6 +76,45 @@ def is_dicomweb(datastore) -> bool:
     from monailabel.datastore.dicom import DICOMWebDatastore
 
     return isinstance(datastore, DICOMWebDatastore)
+
+
+# QIDO-RS attributes of an instance that give its voxels: Rows, Columns, NumberOfFrames
+_SIZE_FIELDS = ("00280010", "00280011", "00280008")
+
+
+def _first_int(entry: dict, tag: str) -> int | None:
+    values = (entry.get(tag) or {}).get("Value") or []
+    try:
+        return int(float(values[0])) if values else None
+    except (TypeError, ValueError):
+        return None
+
+
+def series_voxels(datastore, image_id: str) -> tuple[int, int] | None:
+    """``(instances, voxels)`` of the series ``image_id`` on the datastore's PACS, from a QIDO-RS search of its
+    instances (``Rows x Columns x NumberOfFrames`` each): known before any instance is downloaded. None when the
+    PACS does not tell (an instance without Rows or Columns in its answer, or the search failed: the size is then
+    checked from the downloaded files, as for any image)."""
+    client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
+    try:
+        found = client.search_for_instances(search_filters={"SeriesInstanceUID": image_id},
+                                            fields=list(_SIZE_FIELDS), get_remaining=True)
+    except Exception as error:  # noqa: BLE001 - HTTP or connection error: the download checks the size instead
+        log.warning("series %s: the PACS did not give the series size (%s)", image_id, one_line(error))
+        return None
+    voxels = 0
+    for entry in found or []:
+        rows, columns = _first_int(entry, "00280010"), _first_int(entry, "00280011")
+        if not rows or not columns:
+            return None
+        voxels += rows * columns * max(1, _first_int(entry, "00280008") or 1)
+    return (len(found), voxels) if found else None
+
+
+def is_downloaded(datastore, image_id: str) -> bool:
+    """Whether the series' DICOM files are in the datastore's cache already."""
+    folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def series_folder(datastore, image_id: str) -> Path:
