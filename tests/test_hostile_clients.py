@@ -564,6 +564,15 @@ def test_a_removed_study_is_gone_at_once_and_the_listing_keeps_following_the_fol
             assert time.monotonic() < deadline, "the datastore no longer follows its folder: " + hostile.log_tail()
             time.sleep(0.5)
         assert "dictionary changed size" not in hostile.log_tail(200_000)
+        # a file removed from the folder by hand: until the watcher has seen it, infer answers 404 all the same
+        for round_ in range(12):
+            image_id = f"removed_by_hand_{round_}"
+            shutil.copy(hostile.studies / f"{STUDY}.nii.gz", hostile.studies / f"{image_id}.nii.gz")
+            while image_id not in api.call("GET", "/datastore/", params={"output": "all"}).json()["objects"]:
+                assert time.monotonic() < deadline + 60, hostile.log_tail()
+                time.sleep(0.2)
+            (hostile.studies / f"{image_id}.nii.gz").unlink()
+            _refused(api.call("POST", "/infer/nlm", params={"image": image_id}), 404, "no image", image_id)
     finally:
         for path in hostile.studies.glob("removed_*.nii.gz"):
             path.unlink()

@@ -169,8 +169,11 @@ class DenoisingApp(MONAILabelApp):
         # a datastore id is a plain name (the routes check it); uploads and sessions come as absolute paths. An id is
         # looked up in the datastore even when a file or folder of that name sits in the server's working
         # directory: MONAI Label's infer would read that instead (another patient's series, recorded as an upload).
-        known_id = (isinstance(image_id, str) and bool(image_id) and not os.path.isabs(image_id)
-                    and os.sep not in image_id and has_image(store, image_id))
+        plain_name = (isinstance(image_id, str) and bool(image_id) and not os.path.isabs(image_id)
+                      and os.sep not in image_id)
+        known_id = plain_name and has_image(store, image_id)
+        if plain_name and not known_id:  # removed since the route checked it (MONAI Label would answer 422)
+            raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")
         if known_id:
             try:
                 refuse_unreviewable(self.audit, store, image_id)
@@ -183,7 +186,11 @@ class DenoisingApp(MONAILabelApp):
             source_folder = series_folder(store, image_id)
             request = dict(request, image=str(source_folder))
         elif known_id:
-            request = dict(request, image=store.get_image_uri(image_id))  # the datastore's file, by absolute path
+            uri = store.get_image_uri(image_id)  # the datastore's file, by absolute path
+            if not uri or not os.path.exists(uri):  # removed from the folder, not yet from the listing
+                raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore (its file was "
+                                                            "removed)")
+            request = dict(request, image=uri)
         if to_pacs and source_folder is None:
             raise HTTPException(status_code=422, detail="store_to_pacs needs a study of a DICOMweb datastore "
                                                         "(start the server with --studies http://.../dicom-web)")
