@@ -586,7 +586,7 @@ def test_answers_never_show_the_servers_file_paths(api, untouched):
     file is named by its name, and the study by its id."""
     hostile = api.server
     roots = {str(hostile.studies), str(hostile.studies.resolve()), str(hostile.studies.parent),
-             str(hostile.model_dir), str(hostile.log_path.parent)}
+             str(hostile.model_dir), str(hostile.log_path.parent), "/sessions/"}
 
     def no_path(text: str) -> None:
         assert not [root for root in roots if root in text], text
@@ -609,6 +609,20 @@ def test_answers_never_show_the_servers_file_paths(api, untouched):
         no_path(response.text)
         _refused(api.call("POST", "/activelearning/no_such_strategy", json={}), 404, "unknown strategy",
                  "next_unreviewed")
+        # a session is used by its id: its answers name its folder and file by their last part
+        response = api.call("PUT", "/session/", files={"files": (f"{STUDY}.nii.gz", _study_bytes(hostile))})
+        assert response.status_code == 200, response.text
+        session_id = response.json()["session_id"]
+        try:
+            assert response.json()["session_info"]["image"] == f"{STUDY}.nii.gz", response.text
+            no_path(response.text)
+            response = api.call("GET", f"/session/{session_id}")
+            assert response.status_code == 200 and response.json()["path"] == session_id, response.text
+            no_path(response.text)
+            response = api.call("POST", "/infer/nlm", params={"session_id": session_id, "output": "json"})
+            assert response.status_code == 200, response.text[:300]
+        finally:
+            assert api.call("DELETE", f"/session/{session_id}").status_code == 200
     finally:
         assert api.call("DELETE", "/datastore/image", params={"id": "scrambled"}).status_code == 200
 

@@ -19,7 +19,8 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   data.
 * ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing).
 * ``POST /activelearning/{strategy}``, ``GET /datastore/image/info``: the answer has no ``path`` (the server's
-  absolute file path; a study is downloaded by its id).
+  absolute file path; a study is downloaded by its id); a session's ``path`` and ``image`` (``PUT /session/``,
+  ``GET /session/{id}``) are cut to their last part.
 * ``PUT /session/``: no archive unpacking (``uncompress``): a session is one uploaded volume.
 * ``POST /infer/wsi/{model}``, ``/infer/wsi_v2/{model}``: 404 for everyone. This app serves no whole-slide images,
   and the stock routes take ``image`` as any path the server can read and ``params`` that save labels under any
@@ -578,7 +579,17 @@ def guarded_create_session(
     if uncompress:
         raise HTTPException(status_code=422, detail="uncompress is not accepted: upload the volume file itself "
                                                     "(archives could unpack outside the session folder)")
-    return create_session(background_tasks, uncompress, expiry, files)
+    answer = create_session(background_tasks, uncompress, expiry, files)
+    if isinstance(answer, dict) and isinstance(answer.get("session_info"), dict):
+        answer = dict(answer, session_info=_session_info(answer["session_info"]))
+    return answer
+
+
+def _session_info(info: dict) -> dict:
+    """A session's info with its ``path`` and ``image`` (the server's folder and file) cut to their last part: a
+    session is used by its id (``?session_id=``), its image downloaded with ``GET /session/{id}?image=true``."""
+    return {key: (os.path.basename(str(value).rstrip("/")) if key in ("path", "image") and value else value)
+            for key, value in info.items()}
 
 
 @router.get("/session/{session_id}", include_in_schema=False)
@@ -587,7 +598,8 @@ def guarded_get_session(session_id: str, update_ts: bool = False, image: bool = 
     from monailabel.endpoints.session import get_session
 
     check_name(session_id, "session_id")
-    return get_session(session_id, update_ts, image)
+    answer = get_session(session_id, update_ts, image)
+    return _session_info(answer) if isinstance(answer, dict) else answer
 
 
 @router.delete("/session/{session_id}", include_in_schema=False)
