@@ -15,6 +15,7 @@ import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
+from conftest import SAMPLE_STUDIES
 from mlserver import copy_weights, start_server, stop_server
 from orthanc import available, start_orthanc, stop_orthanc
 
@@ -171,7 +172,8 @@ def test_the_review_queue_hands_out_studies_never_results_or_a_uid_of_two_studie
 def test_a_series_over_the_voxel_limit_is_refused_before_it_is_downloaded(tmp_path, tiny_weights):
     """The app refuses volumes over ``max_voxels`` (413); a PACS series was downloaded whole (and converted to
     NIfTI) before that check could refuse it. Its size now comes from the PACS's QIDO-RS answer first: a series
-    over the limit is refused with nothing downloaded, one under it is denoised as before."""
+    over the limit is refused with nothing downloaded, one under it is denoised as before. Uploads to and removals
+    from a PACS-backed datastore are refused (422), not answered 200 and left undone."""
     import requests
 
     pacs = start_orthanc(tmp_path / "orthanc")
@@ -194,6 +196,14 @@ def test_a_series_over_the_voxel_limit_is_refused_before_it_is_downloaded(tmp_pa
             answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
                                    timeout=600)
             assert answer.status_code == 200 and answer.json()["shape"] == [3, 512, 512], answer.text[:500]
+            # MONAI Label added an upload to its local cache only (200, then never listed: infer 404) and removed a
+            # series from that cache only (200, the PACS series still listed and denoised): both are refused
+            volume = SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz"
+            answer = requests.put(f"{server.url}/datastore/image", params={"image": "uploaded"},
+                                  files={"file": ("uploaded.nii.gz", volume.read_bytes())}, timeout=600)
+            assert answer.status_code == 422 and "PACS" in answer.json()["detail"], answer.text
+            answer = requests.delete(f"{server.url}/datastore/image", params={"id": small_uid}, timeout=600)
+            assert answer.status_code == 422 and "remove it in the PACS" in answer.json()["detail"], answer.text
             assert server.alive()
         finally:
             stop_server(server)

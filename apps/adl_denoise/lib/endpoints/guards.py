@@ -8,6 +8,8 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
 * ``POST /infer/{model}``: the URL picks the model, the image (``?image=``, ``?session_id=`` or the upload) and
   nothing in ``params`` may override them; ``params`` cannot save labels (``save_label``, ``label_tag``);
   ``params`` must be a JSON object, ``store_to_pacs`` a boolean. An uploaded file is removed whatever the answer.
+* ``PUT /datastore/image``, ``DELETE /datastore/image``: 422 on a DICOMweb datastore (MONAI Label would add or remove
+  the study in its local cache only, answer 200, and go on serving the PACS's series as before).
 * ``PUT /datastore/image``: the upload must be an intact image (header, declared size, gzip stream checked before
   any voxel is read); an id already taken answers as that study when the content is the same (same file, or same
   voxels and geometry: 200, nothing replaced, labels kept) and 409 when it differs (MONAI Label would replace the
@@ -310,6 +312,8 @@ def guarded_add_image(
 ):
     """Store an uploaded study under a plain id (the file name's stem without ``image``); the same study again
     answers as the stored one, another study under a taken id is a 409."""
+    _refuse_on_pacs("an upload would be kept in this server's cache, never listed, denoised or reviewed: store the "
+                    "series in the PACS, or denoise the file itself with POST /infer/{model} (file upload)")
     suffix = _upload_suffix(file.filename, "file")
     image_id = image if image else os.path.basename(file.filename or "")[: -len(suffix)]
     check_name(image_id, "image")
@@ -340,8 +344,18 @@ def guarded_remove_image(id: str, user: User = Depends(RBAC(_ADMIN))):
     from monailabel.endpoints.datastore import remove_image
 
     check_name(id, "id")
+    _refuse_on_pacs("the series stays in the PACS, listed and denoised as before: remove it in the PACS itself")
     _need_image(id)
     return remove_image(id, user.username)
+
+
+def _refuse_on_pacs(why: str) -> None:
+    """422 on a DICOMweb datastore, where MONAI Label adds and removes studies in its local cache only (answering
+    200 while the PACS's list of series, which is what the server serves, stays as it was)."""
+    from ..pacs import is_dicomweb
+
+    if is_dicomweb(app().datastore()):
+        raise HTTPException(status_code=422, detail=f"this server's studies are the PACS's series: {why}")
 
 
 @router.head("/datastore/image", include_in_schema=False)
