@@ -3,8 +3,8 @@ a run killed half way and resumed.
 
 The tree (built in tmp_path; the shared data is symlinked, never copied into the repository): the real
 JPEG 2000 CT slab (hard-anonymised: empty UIDs), the real gantry-tilted head series (refused by the reader),
-a folder holding two DICOM series, a NIfTI crop and an NRRD crop of a real CT, a 4D NIfTI, a NIfTI holding a NaN
-and a corrupt file.
+a folder holding two DICOM series, a NIfTI crop and an NRRD crop of a real CT, a 4D NIfTI, a NIfTI holding a NaN,
+one holding a voxel of 1e30 HU and a corrupt file.
 The fast classical ``gaussian`` model: what is tested here is the batch, not a network.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ TIMEOUT = 600  # generous: a loaded 2-core machine
 GOOD = {"dicom:pacs/slab#", "dicom:pacs/two_series#A", "dicom:pacs/two_series#B", "file:nifti/ct_crop.nii.gz",
         "file:nifti/ct_small.nrrd"}
 BAD = {"dicom:pacs/tilted#": "gantry tilt", "file:nifti/four_d.nii.gz": "4D", "file:nifti/corrupt.nii.gz": "cannot read",
-       "file:nifti/has_nan.nii.gz": "NaN"}
+       "file:nifti/has_nan.nii.gz": "NaN", "file:nifti/has_1e30.nii.gz": "the most extreme is 1e+30"}
 #: the summary of a first run over the whole tree
 FIRST_RUN = f"summary: {len(GOOD) + len(BAD)} series: {len(GOOD)} done, 0 skipped, {len(BAD)} failed"
 
@@ -80,6 +80,9 @@ def make_tree(root: Path, shared: Path) -> Path:
     with_nan = np.full((4, 16, 16), 100.0, np.float32)
     with_nan[2, 3, 4] = np.nan
     sitk.WriteImage(sitk.GetImageFromArray(with_nan), str(nifti / "has_nan.nii.gz"))
+    absurd = sitk.GetArrayFromImage(image[20:52, 20:52, 40:44]).astype(np.float32)
+    absurd[2, 3, 4] = 1e30  # one corrupt voxel: denoised, the restoration would spread it around
+    sitk.WriteImage(sitk.GetImageFromArray(absurd), str(nifti / "has_1e30.nii.gz"))
     (root / "notes.txt").write_text("not an image: ignored")
     (root.parent / f"{root.name}_uids.json").write_text(json.dumps(uids))
     return root

@@ -170,6 +170,16 @@ def _nan_volume(folder: Path) -> Path:
     return path
 
 
+def _absurd_value_volume(folder: Path) -> Path:
+    """A real CT crop with one voxel of 1e30 HU (a corrupt file): denoised, the restoration spread it around."""
+    array = np.full((8, 16, 16), 40.0, np.float32)
+    array[:, :4] = -1000.0
+    array[2, 8, 8] = 1e30
+    path = folder / "values.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return path
+
+
 def _four_d_volume(folder: Path) -> Path:
     path = folder / "series.nii.gz"
     sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(np.ones((4, 8, 8), np.float32))] * 3), str(path))
@@ -199,6 +209,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "non-image named .nii.gz": (_text_named_nifti, "not a nifti, nrrd or metaimage image"),
     "empty folder": (_empty_folder, "empty folder"),
     "NaN": (_nan_volume, "nan"),
+    "absurd value": (_absurd_value_volume, "far outside what a ct in hounsfield units can hold"),
     "4D": (_four_d_volume, "4d"),
     "missing": (lambda folder: folder / "absent.nii.gz", "no such file"),
     "vectors (5D NIfTI)": (_vector_volume, "only scalar 2d or 3d images"),

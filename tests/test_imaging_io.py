@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -253,6 +254,59 @@ def test_ct_padding_in_nifti_becomes_air(tmp_path):
     assert vol.array.min() == CT_AIR_HU and vol.metadata["n_padded"] == 2 * 20 * 6
     raw = read_volume(tmp_path / "pad.nii.gz", fill_padding=False)
     assert raw.array.min() == -3024 and raw.metadata["n_padded"] == 0
+
+
+def test_absurd_finite_values_are_refused_naming_count_extreme_and_range(tmp_path):
+    """A CT holding one voxel of 1e30 (or -1e20) HU was denoised: the restoration spread it over ~49 voxels (and
+    the padding fill silently made -1e20 air). Real extremes pass: padding (-3024, -32768), extended-HU metal
+    (30710, a 16-bit 65535)."""
+    for value, shown in ((1e30, "1e+30"), (-1e20, "-1e+20")):
+        array = _ct_like().astype(np.float32)
+        array[1, 2, 3] = value
+        path = _sitk_file(tmp_path / "absurd.nii.gz", array)
+        for modality in (None, "CT"):
+            with pytest.raises(ImageReadError, match=rf"holds 1 voxel\(s\).*CT in Hounsfield units.*-1e\+06 to "
+                                                     rf"1e\+06.*most extreme is {re.escape(shown)}"):
+                read_volume(path, modality=modality)
+    real = _ct_like().astype(np.int32)
+    real[0, :2, :] = -32768
+    real[0, 2, :] = -3024
+    real[1, 2, :3] = (30710, 65535, 64511)
+    volume = read_volume(_sitk_file(tmp_path / "metal.nii.gz", real))
+    assert volume.modality == "CT" and volume.array.max() == 65535
+    # MR has no physical scale: bright values pass, values beyond float32's arithmetic (squares overflow) do not
+    mr = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32) * 1e7
+    assert read_volume(_sitk_file(tmp_path / "mr.nii.gz", mr), modality="MR").array.max() > 1e6
+    mr[0, 1, 1] = 1e20
+    with pytest.raises(ImageReadError, match=r"1 voxel\(s\).*MR \(or other\) image.*-1e\+15 to 1e\+15"):
+        read_volume(_sitk_file(tmp_path / "mr.nii.gz", mr), modality="MR")
+
+
+def test_absurd_rescaled_dicom_values_are_refused_but_declared_padding_passes(tmp_path):
+    """DICOM values are checked after the rescale (a slope of 1e25 makes every voxel absurd); pixels the header
+    declares as padding (PixelPaddingValue) are air whatever their value."""
+    folder = tmp_path / "slope"
+    info = _make_series(folder, 3)
+    for path in info["paths"]:
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope = "1e25"
+        ds.save_as(path)
+    with pytest.raises(ImageReadError, match=r"voxel\(s\) with values far outside what a CT in Hounsfield units"):
+        read_volume(folder)
+    padded = tmp_path / "padded.dcm"
+    ds = pydicom.dcmread(CT_SMALL)
+    stored = ds.pixel_array.astype(np.int16)
+    stored[:4] = -32768
+    ds.PixelData = stored.astype("<i2").tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = 100, 0  # the padding is -3.3e6 after the rescale
+    ds.PixelPaddingValue = -32768
+    ds.save_as(padded)
+    volume = read_volume(padded)
+    assert volume.array.min() == CT_AIR_HU and volume.metadata["n_padded_by_tag"] == 4 * stored.shape[1]
+    ds.PixelPaddingValue = -32767  # declares another value: the -3.3e6 pixels are not padding then
+    ds.save_as(padded)
+    with pytest.raises(ImageReadError, match=r"holds 512 voxel\(s\).*most extreme is -3.277e\+06"):
+        read_volume(padded)
 
 
 def test_guess_modality():

@@ -325,6 +325,16 @@ def _nan_volume(folder: Path) -> str:
     return str(path)
 
 
+def _absurd_value_volume(folder: Path, value: float, positive: bool = False) -> str:
+    """A CT-like volume (or, ``positive``, one whose values are guessed MR) with one voxel of ``value``."""
+    array = np.full((4, 32, 32), 40.0, np.float32)
+    array[:, :8] = 0.0 if positive else -1000.0
+    array[1, 2, 3] = value
+    path = folder / "values.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return str(path)
+
+
 def _four_d_volume(folder: Path) -> str:
     import nibabel
 
@@ -351,6 +361,13 @@ BAD_REQUESTS = {
     "corrupt DICOM": (lambda c, d: c.infer("adl", "", {}, file=_corrupt_dicom(d)), 422, "cannot denoise"),
     "nan": (lambda c, d: c.infer("adl", "", {"modality": "ct"}, file=_nan_volume(d)), 422, "NaN"),
     "4d": (lambda c, d: c.infer("adl", "", {}, file=_four_d_volume(d)), 422, "4D"),
+    # one corrupt voxel of 1e30 HU was denoised and spread over its neighbours by the restoration
+    "absurd CT value": (lambda c, d: c.infer("adl", "", {}, file=_absurd_value_volume(d, 1e30)), 422,
+                        "1 voxel(s) with values far outside what a CT in Hounsfield units can hold"),
+    # read as MR (its values are >= 0), where 5e6 is a plausible intensity; denoised as CT it is not
+    "absurd value, CT asked": (lambda c, d: c.infer("nlm", "", {"modality": "ct"},
+                                                    file=_absurd_value_volume(d, 5e6, positive=True)), 422,
+                               "most extreme is 5e+06"),
     "blank": (lambda c, d: c.infer("adl", "", {}, file=_blank_volume(d)), 422, "constant"),
     "huge": (lambda c, d: c.infer("adl", "", {}, file=_huge_volume(d)), 413, "too large"),
     # parameters are checked before the image is read

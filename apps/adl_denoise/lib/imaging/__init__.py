@@ -8,8 +8,8 @@ order, CT values in Hounsfield units. Modules, one job each:
 * :mod:`.dicom_geometry`: DICOM geometry as plain maths (slice order, spacing, direction, tilt refusal);
 * :mod:`.dicom_read`: DICOM series, single files and multi-frame objects;
 * :mod:`.dicom_write`: derived DICOM series;
-* :mod:`.dicom_tags`, :mod:`.guards`, :mod:`.errors`: element values, refusals (voxel limit, NaN/Inf, writing
-  onto the input), the error types.
+* :mod:`.dicom_tags`, :mod:`.guards`, :mod:`.errors`: element values, refusals (voxel limit, NaN/Inf, absurd
+  values, writing onto the input), the error types.
 """
 from .dicom_read import list_dicom_series
 from .dicom_write import denoising_derivation, write_dicom_derived_series

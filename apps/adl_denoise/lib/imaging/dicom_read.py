@@ -23,7 +23,7 @@ from .dicom_geometry import orientation_direction, plane_geometry_2d, stack_geom
 from .dicom_tags import (as_signed_stored, first_number, float_list, float_or, identity_conflict, sequence_item,
                          str_or_empty)
 from .errors import ImageReadError, UnreadableDicomError, one_line
-from .guards import check_size, check_values
+from .guards import check_plausible, check_size, check_values
 from .volume import Volume, fill_padding, integral_dtype_for
 
 __all__ = ["has_dicom_magic", "is_dicom_file", "list_dicom_series", "read_dicom_file", "read_dicom_folder"]
@@ -364,6 +364,7 @@ def _finish_dicom_volume(
     mask = None
     if any(m is not None for m in pad_masks):
         mask = np.stack([m if m is not None else np.zeros(stored.shape[1:], dtype=bool) for m in pad_masks])
+    check_plausible(values, modality, path, exempt=mask)  # padding the header declares is air whatever its value
     values, pad_info = fill_padding(values, modality, mask, fill)
     lo, hi = float(values.min()), float(values.max())
     source_dtype = _source_dtype_from_rescale(rescales, stored_integer, lo, hi)

@@ -22,6 +22,7 @@ __all__ = [
     "check_finite",
     "check_gzip_stream",
     "check_not_input",
+    "check_plausible",
     "check_size",
     "check_stored_size",
     "check_values",
@@ -181,6 +182,43 @@ def check_values(values: np.ndarray, path: Path) -> None:
             parts = (f"{n_nan} NaN values" if n_nan else "", f"{n_inf} Inf values" if n_inf else "")
             what = " and ".join(part for part in parts if part)
             raise ImageReadError(f"{path} contains {what}; replace them before denoising")
+
+
+# The values a volume may hold, by modality. CT in HU: the physical scale runs from -1000 (air) to a few thousand
+# (bone, contrast); scanners' padding values (-3024, -2048, -32768 stored, -33792 HU with intercept -1024) and the
+# extended-HU metal scales (up to 30710, or a 16-bit stored 65535) stay far inside +-1e6, so only values that no
+# 16-bit scanner or converter writes (1e20, 1e30: a corrupt or mis-scaled file) are refused. They are not harmless:
+# the low-frequency restoration spreads such a voxel over its neighbours and nlm over thousands of voxels. MR has
+# arbitrary units (Philips floating-point values reach ~1e7): only values whose squares overflow float32 (1.8e19:
+# noise estimates, losses, PSNR) are beyond use, and 1e15 keeps a margin below that and far above any scanner's.
+CT_PLAUSIBLE_HU = 1e6
+MR_PLAUSIBLE_ABS = 1e15
+
+
+def check_plausible(values: np.ndarray, modality: str | None, path: Path | str,
+                    exempt: np.ndarray | None = None) -> None:
+    """Refuse finite values far outside anything ``modality`` holds (CT: beyond +-:data:`CT_PLAUSIBLE_HU` HU; MR
+    and others: beyond +-:data:`MR_PLAUSIBLE_ABS`), naming how many voxels, the extreme value and the accepted
+    range. ``exempt`` (bool, the shape of ``values``) marks padding declared by the header (PixelPaddingValue),
+    whatever its value: it is replaced by air before any use."""
+    limit, what = ((CT_PLAUSIBLE_HU, "a CT in Hounsfield units") if str(modality or "").upper() == "CT"
+                   else (MR_PLAUSIBLE_ABS, "an MR (or other) image"))
+    array = np.asarray(values)
+    if array.size == 0 or not np.issubdtype(array.dtype, np.number):
+        return
+    if float(np.max(array)) <= limit and float(np.min(array)) >= -limit:
+        return  # the usual case: two reductions, no temporary array
+    outside = np.abs(array.astype(np.float64, copy=False)) > limit
+    if exempt is not None:
+        outside &= ~exempt
+    n_outside = int(np.count_nonzero(outside))
+    if not n_outside:
+        return
+    extreme = array[outside].astype(np.float64)
+    worst = float(extreme[np.argmax(np.abs(extreme))])
+    raise ImageReadError(f"{path} holds {n_outside} voxel(s) with values far outside what {what} can hold "
+                         f"(accepted: {-limit:.0e} to {limit:.0e}; the most extreme is {worst:.4g}): a corrupt or "
+                         "mis-scaled file; fix or replace those values before denoising")
 
 
 def check_finite(volume: Volume, out: Path) -> None:

@@ -14,7 +14,9 @@ Conventions: see :mod:`lib.imaging.volume` (arrays (z, y, x) float32, SimpleITK-
 HU with padding set to air).
 
 Deliberate refusals (each an :class:`ImageReadError` with a one-line message naming the path):
-  * 4D or multi-component images, NaN/Inf values, zero-size images, images above the voxel limit;
+  * 4D or multi-component images, NaN/Inf values, finite values no scanner writes (a CT beyond +-1e6 HU, other
+    modalities beyond +-1e15: :func:`~lib.imaging.guards.check_plausible`), zero-size images, images above the
+    voxel limit;
   * a header that declares more voxel data than its file holds (refused from the header, before any voxel is
     read and allocated), a cut or corrupt gzip stream (ITK's NIfTI reader would fill the missing slices with 0);
   * DICOM series with gantry tilt (sheared slice stack), uneven slice spacing, or several volumes in one
@@ -35,8 +37,8 @@ from .dicom_geometry import slice_as_3d_geometry
 from .dicom_read import is_dicom_file, read_dicom_file, read_dicom_folder
 from .dicom_write import write_dicom_derived_series
 from .errors import ImageReadError, ImageWriteError, one_line
-from .guards import (check_finite, check_gzip_stream, check_not_input, check_size, check_stored_size, check_values,
-                     make_temp_dir)
+from .guards import (check_finite, check_gzip_stream, check_not_input, check_plausible, check_size, check_stored_size,
+                     check_values, make_temp_dir)
 from .volume import (ImageGrid, Volume, fill_padding, guess_modality, integral_dtype_for, normalise_modality,
                      values_for_output)
 
@@ -267,6 +269,7 @@ def _read_with_sitk(path: Path, modality: str | None, fill: bool, limit: int) ->
         modality_source = "guessed"
     else:
         modality_source = "argument"
+    check_plausible(values, modality, path)  # before the padding fill would turn -1e20 HU into air
     values, pad_info = fill_padding(values, modality, None, fill)
     metadata: dict = {
         "format": _suffix(path).lstrip("."),

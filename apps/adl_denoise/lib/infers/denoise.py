@@ -41,6 +41,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..imaging import (ImageReadError, ImageWriteError, denoising_derivation, guess_modality, read_volume,
                        write_volume)
+from ..imaging.guards import check_plausible
 from ..imaging.io import nifti_grid_problem
 from ..lesions.low_frequency_restoration import apply_restoration, check_sigma_px
 from ..predict import (NonFiniteOutputError, check_device_name, check_finite_output, denoise_array, load_denoiser,
@@ -227,6 +228,10 @@ class DenoiseInferTask(InferTask):
         if volume.is_constant:
             raise HTTPException(status_code=422, detail="cannot denoise this image: it is constant (empty or blank)")
         modality, modality_from = self._modality(request, volume)
+        try:  # read_volume checked the values for the modality it guessed; the request or the conf may name another
+            check_plausible(volume.array, modality, "the image")
+        except ImageReadError as error:
+            raise http_error_for_image(error) from None
         if result_dtype == "int16" and modality != "CT":
             raise HTTPException(status_code=422, detail="result_dtype int16 is for CT in HU; MR results are float32")
         problem = nifti_grid_problem(volume.direction) if result_extension in (".nii.gz", ".nii") else None
