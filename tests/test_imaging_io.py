@@ -309,6 +309,37 @@ def test_absurd_rescaled_dicom_values_are_refused_but_declared_padding_passes(tm
         read_volume(padded)
 
 
+@pytest.mark.parametrize("keyword, raw, words", [
+    ("RescaleSlope", b"0       ", "RescaleSlope is '0', not a usable value (a slope of 0 maps every pixel"),
+    ("RescaleSlope", b"abc.def ", "RescaleSlope is 'abc.def', not a usable value:"),
+    ("RescaleIntercept", b"nan     ", "RescaleIntercept is 'nan', not a usable value:"),
+    ("RescaleIntercept", b"inf     ", "RescaleIntercept is 'inf'"),
+])
+def test_a_broken_rescale_fails_the_series_instead_of_reading_as_1_and_0(tmp_path, keyword, raw, words):
+    """A RescaleSlope of 0 was read as 1 and a non-finite or unparseable slope or intercept as 1 / 0: the CT came
+    out 1024 HU off (or in another scale) and was denoised and written back as if right. The series fails, naming
+    the file; an absent rescale still reads as (1, 0)."""
+    info = _make_series(tmp_path / "series", 3)
+    broken = info["paths"][1]
+    ds = pydicom.dcmread(broken)
+    setattr(ds, keyword, "9.876543")  # a placeholder of the raw value's length, replaced in the bytes below
+    ds.save_as(broken)
+    data = broken.read_bytes()
+    assert data.count(b"9.876543") == 1
+    broken.write_bytes(data.replace(b"9.876543", raw))
+    with pytest.raises(ImageReadError) as err:
+        read_volume(tmp_path / "series")
+    assert words in str(err.value) and broken.name in str(err.value) and "physical units" in str(err.value)
+    with pytest.raises(ImageReadError, match=re.escape(words)):
+        read_volume(broken)
+    for path in info["paths"]:  # no rescale at all: stored values as they are
+        ds = pydicom.dcmread(path)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(path)
+    volume = read_volume(tmp_path / "series")
+    assert volume.metadata["rescale_slope"] == 1.0 and volume.metadata["rescale_intercept"] == 0.0
+
+
 def test_guess_modality():
     assert guess_modality(_ct_like().astype(np.float32)) == "CT"
     assert guess_modality(np.random.default_rng(0).random((8, 8)) * 1000) == "MR"

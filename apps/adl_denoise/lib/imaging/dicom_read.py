@@ -242,12 +242,32 @@ def _correct_unused_bits(ds: Dataset, array: np.ndarray) -> np.ndarray:
     return values.astype(np.dtype(f"{'int' if signed else 'uint'}{width}"))
 
 
-def _rescale_of(item: Dataset | None, fallback: Dataset) -> tuple[float, float]:
-    """(RescaleSlope, RescaleIntercept) of a per-frame item when it has them, else of ``fallback``."""
+def _rescale_value(source: Dataset, keyword: str, default: float, path: Path) -> float:
+    """``source``'s ``keyword`` (RescaleSlope / RescaleIntercept) as a float, ``default`` when absent or empty;
+    ImageReadError naming ``path`` for a value that is not a finite number, or a slope of 0."""
+    value = source.get(keyword)
+    if value is None or str_or_empty(value) == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    # a slope of 0 makes every pixel the intercept, a broken value leaves the units unknown: replacing them by 1 and 0
+    # gave a CT 1024 HU off or an image of another scale, denoised and written back as if it were right
+    if not math.isfinite(number) or (keyword == "RescaleSlope" and number == 0):
+        raise ImageReadError(f"{path}: {keyword} is {str_or_empty(value)!r}, not a usable value"
+                             f"{' (a slope of 0 maps every pixel to one value)' if math.isfinite(number) else ''}: "
+                             "the pixel values cannot be converted to physical units; fix the header or re-export "
+                             "the series")
+    return number
+
+
+def _rescale_of(item: Dataset | None, fallback: Dataset, path: Path) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a per-frame item when it has them, else of ``fallback``; (1, 0) when
+    absent. ImageReadError for a slope of 0, or a slope or intercept that is not a finite number."""
     source = item if item is not None and "RescaleSlope" in item else fallback
-    slope = float_or(source.get("RescaleSlope", 1.0), 1.0)
-    intercept = float_or(source.get("RescaleIntercept", 0.0), 0.0)
-    return (slope if slope != 0 else 1.0), intercept
+    return (_rescale_value(source, "RescaleSlope", 1.0, path),
+            _rescale_value(source, "RescaleIntercept", 0.0, path))
 
 
 def _modality_lut(ds: Dataset, stored: np.ndarray, path: Path) -> np.ndarray:
@@ -419,7 +439,7 @@ def read_dicom_file(
         raise ImageReadError(f"{path}: unexpected pixel array shape {stored.shape} for a single-frame image")
     # an enhanced (CT/MR) object of one frame keeps its rescale and geometry in the functional groups, not at the
     # top level: without them its CT values came out 1024 above HU, with 1 mm pixels and no position
-    rescale = _rescale_of(_frame_item(ds, 0, "PixelValueTransformationSequence"), ds)
+    rescale = _rescale_of(_frame_item(ds, 0, "PixelValueTransformationSequence"), ds, path)
     mask = _padding_mask(ds, stored)
     values, modality, source_dtype, info = _finish_dicom_volume(
         [_modality_lut(ds, stored, path)], [rescale], [mask], ds, path, modality_arg, fill
@@ -502,7 +522,7 @@ def _read_multiframe(ds: FileDataset, path: Path, modality_arg: str | None, fill
         positions.append(ipp)
         orientations.append(iop)
         spacings.append(ps)
-        rescales.append(_rescale_of(_frame_item(ds, k, "PixelValueTransformationSequence"), ds))
+        rescales.append(_rescale_of(_frame_item(ds, k, "PixelValueTransformationSequence"), ds, path))
 
     metadata = _dicom_metadata(ds)
     if geometry_complete:
@@ -681,7 +701,7 @@ def read_dicom_folder(
             raise ImageReadError(f"{paths[k]}: pixel array shape {stored.shape} does not match Rows x Columns")
         masks.append(_padding_mask(ds, stored))
         stored_slices.append(_modality_lut(ds, stored, paths[k]))
-        rescales.append(_rescale_of(_frame_item(ds, 0, "PixelValueTransformationSequence"), ds))
+        rescales.append(_rescale_of(_frame_item(ds, 0, "PixelValueTransformationSequence"), ds, paths[k]))
         full_headers.append(_strip_pixels(ds))
     ds0 = full_headers[0]
     values, modality, source_dtype, info = _finish_dicom_volume(
