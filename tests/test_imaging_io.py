@@ -644,14 +644,44 @@ def _set_on_slices(paths: list[Path], values: dict) -> None:
          r"ImageType \(complex component\) differs"),
         ({"TemporalPositionIdentifier": [1, 2] * 3}, r"TemporalPositionIdentifier differs"),
         ({"Modality": ["CT", "MR"] * 3}, r"Modality differs"),
+        # a 1 mm and a 5 mm reconstruction under one uid whose positions interleave evenly: were stacked into one
+        ({"SliceThickness": ["1", "5.0"] * 3},
+         r"SliceThickness differs between slices at interleaved positions \('5.0' mm in slice_001\.dcm; '1' mm in "
+         r"slice_002\.dcm\).*several reconstructions"),
+        ({"SliceThickness": ["1"] * 3 + ["5"] + ["1"] * 2}, r"SliceThickness differs .*'5' mm in slice_003\.dcm"),
     ],
-    ids=["localizer", "echoes", "kernels", "magnitude-phase", "time-points", "modalities"],
+    ids=["localizer", "echoes", "kernels", "magnitude-phase", "time-points", "modalities", "thicknesses",
+         "one thick slice"],
 )
 def test_several_volumes_under_one_series_uid_are_named_not_stacked(tmp_path, values, message):
     series = _make_series(tmp_path / "s", n=6)
     _set_on_slices(series["paths"], values)
     with pytest.raises(ImageReadError, match=message):
         read_volume(tmp_path / "s")
+
+
+def test_one_thickness_written_differently_is_one_volume(tmp_path):
+    """Scanners write one thickness as "1" and "1.0", 0.625 and 0.6250, or a rounded float: numerically one
+    thickness, one volume; a slice without the tag is no other thickness."""
+    series = _make_series(tmp_path / "s", n=6)
+    _set_on_slices(series["paths"], {"SliceThickness": ["0.625", "0.6250", "0.62500001", "0.625", ".625", "0.625"]})
+    ds = pydicom.dcmread(series["paths"][5])
+    del ds.SliceThickness
+    ds.save_as(series["paths"][5])
+    assert read_volume(tmp_path / "s").array.shape == (6, 128, 128)
+
+
+def test_thin_and_thick_blocks_of_one_sequential_scan_are_left_to_the_geometry(tmp_path):
+    """A sequential head CT: thin slices through the posterior fossa, thick ones above (the real GE head series
+    does this), one block each. Not two reconstructions: evenly spaced it reads, else its spacing is the reason."""
+    series = _make_series(tmp_path / "even", n=6)
+    _set_on_slices(series["paths"], {"SliceThickness": ["2.5"] * 3 + ["5"] * 3})
+    assert read_volume(tmp_path / "even").array.shape == (6, 128, 128)
+    series = _make_series(tmp_path / "uneven", n=6, gaps=[2.5, 2.5, 5, 5, 5])
+    _set_on_slices(series["paths"], {"SliceThickness": ["2.5"] * 3 + ["5"] * 3})
+    with pytest.raises(ImageReadError, match="uneven slice spacing") as err:
+        read_volume(tmp_path / "uneven")
+    assert "SliceThickness" not in str(err.value)
 
 
 @pytest.mark.parametrize(

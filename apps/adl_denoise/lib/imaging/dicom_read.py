@@ -612,7 +612,44 @@ def _mixed_volumes(headers: list[Dataset], names: list[str]) -> str | None:
             return (f"{attribute} differs between slices ({shown}): the series holds several volumes (echoes, "
                     "time points, reconstructions, magnitude/phase), not one 3D volume; put the slices of one "
                     "volume in a folder of their own")
-    return None
+    return _mixed_thickness(headers, names)
+
+
+#: slice thicknesses closer than this (mm) are one: scanners write "1" and "1.0", 0.625 and 0.6250, rounded floats
+_THICKNESS_TOLERANCE_MM = 0.01
+
+
+def _mixed_thickness(headers: list[Dataset], names: list[str]) -> str | None:
+    """Why slices of different SliceThickness are not one volume, or None. A 1 mm and a 5 mm reconstruction of
+    one acquisition under one series uid, whose positions interleave evenly, were stacked into one volume (thin and
+    thick slices alternating). Thicknesses are compared as numbers (an absent or unreadable value is left out), and
+    only groups whose ranges of positions along the slice normal overlap are refused: a sequential head CT has
+    thin slices through the posterior fossa and thick ones above, one block each (its uneven spacing is refused
+    by the geometry, with that reason)."""
+    groups: dict[float, dict] = {}  # thickness -> its text, the first file with it, its positions along the normal
+    normal = None
+    for header, name in zip(headers, names):
+        value = header.get("SliceThickness")
+        thickness = float_or(value, float("nan")) if str_or_empty(value) else float("nan")
+        ipp, iop, _ = _slice_plane(header)
+        if ipp is None or iop is None:
+            return None  # no order: the geometry refuses the series, naming the file
+        if normal is None:
+            normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+        if not math.isfinite(thickness):
+            continue
+        key = next((t for t in groups if abs(thickness - t) <= _THICKNESS_TOLERANCE_MM), thickness)
+        group = groups.setdefault(key, {"text": str_or_empty(value), "name": name, "positions": []})
+        group["positions"].append(float(np.dot(ipp, normal)))
+    ranges = [(min(g["positions"]), max(g["positions"])) for g in groups.values()]
+    # overlapping ranges (a single thick slice among thin ones too); blocks one after the other do not overlap
+    interleaved = any(max(a[0], b[0]) <= min(a[1], b[1]) for i, a in enumerate(ranges) for b in ranges[i + 1:])
+    if not interleaved:
+        return None
+    shown = "; ".join(f"{g['text']!r} mm in {g['name']}" for g in list(groups.values())[:4])
+    return (f"SliceThickness differs between slices at interleaved positions ({shown}): the series holds several "
+            "reconstructions (e.g. thin and thick slices of one acquisition), not one 3D volume; put the slices "
+            "of one reconstruction in a folder of their own")
 
 
 def read_dicom_folder(

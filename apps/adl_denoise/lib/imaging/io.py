@@ -20,8 +20,9 @@ Deliberate refusals (each an :class:`ImageReadError` with a one-line message nam
   * a header that declares more voxel data than its file holds (refused from the header, before any voxel is
     read and allocated), a cut or corrupt gzip stream (ITK's NIfTI reader would fill the missing slices with 0);
   * DICOM series with gantry tilt (sheared slice stack), uneven slice spacing, or several volumes in one
-    series (duplicate slice positions; slices that differ in modality, echo, time point, kernel or MR complex
-    component; a localizer among the slices). We never resample silently: the caller decides what to do.
+    series (duplicate slice positions; slices that differ in modality, echo, time point, kernel, slice
+    thickness or MR complex component; a localizer among the slices). We never resample silently: the caller
+    decides what to do.
 """
 from __future__ import annotations
 
