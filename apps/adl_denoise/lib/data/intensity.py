@@ -2,8 +2,8 @@
 
 Networks work on [0, 1] (ADL's heads end in a sigmoid). CT maps a fixed HU range, so a value means the
 same tissue in every scan and the output returns to HU; MR has no absolute scale, so each volume is
-scaled by a robust upper percentile of its own values, with headroom so bright structures are not
-clipped by the sigmoid.
+scaled from a robust low (a low percentile, at most 0) to a robust upper percentile of its own values, with
+headroom so bright structures are not clipped by the sigmoid.
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ MR_PERCENTILE = 99.5
 # the percentile maps to 1 / MR_HEADROOM, leaving room for brighter voxels: at 1.5 gadolinium-enhanced vessels
 # (often > 1.5x the 99.5th percentile of a brain) were squeezed against the sigmoid's ceiling and came out dimmed
 MR_HEADROOM = 2.0
+# the low end of an MR's scale: its minimum moved the whole image's scale, so that one stray negative voxel (a
+# resampling's ringing reaches -47 on a 0-700 abdomen) changed the denoising of every voxel (by up to 30 of 255)
+MR_LOW_PERCENTILE = 0.1
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ def intensity_scaling_for(image: np.ndarray, modality: str) -> IntensityScaling:
     values = np.asarray(image, np.float32)
     if not np.isfinite(values).all():
         raise ValueError("image contains NaN or infinite values")
-    low = min(float(values.min()), 0.0)
+    low = min(float(np.percentile(values, MR_LOW_PERCENTILE)), 0.0)  # 0 for magnitude images (the usual case)
     high = float(np.percentile(values, MR_PERCENTILE))
     if high <= low:
         high = float(values.max())

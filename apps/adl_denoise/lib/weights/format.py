@@ -162,11 +162,11 @@ def restoration_inherited_from(start: str | os.PathLike) -> dict | None:
 
 def scaling_rule_for(modality: str) -> dict:
     """The intensity rule of :func:`lib.data.intensity_scaling_for` for ``modality``, as recorded in weights."""
-    from ..data.intensity import CT_RANGE_HU, MR_HEADROOM, MR_PERCENTILE
+    from ..data.intensity import CT_RANGE_HU, MR_HEADROOM, MR_LOW_PERCENTILE, MR_PERCENTILE
 
     if modality.upper() == "CT":
         return {"modality": "CT", "rule": "fixed-range", "range_hu": list(CT_RANGE_HU), "clip": [0.0, 1.0]}
-    return {"modality": modality.upper(), "rule": "robust-percentile", "low": "min(image minimum, 0)",
+    return {"modality": modality.upper(), "rule": "robust-percentile", "low": f"min(percentile {MR_LOW_PERCENTILE}, 0)",
             "percentile": MR_PERCENTILE, "headroom": MR_HEADROOM, "clip": [0.0, 1.0]}
 
 
