@@ -332,12 +332,34 @@ def test_a_broken_rescale_fails_the_series_instead_of_reading_as_1_and_0(tmp_pat
     assert words in str(err.value) and broken.name in str(err.value) and "physical units" in str(err.value)
     with pytest.raises(ImageReadError, match=re.escape(words)):
         read_volume(broken)
-    for path in info["paths"]:  # no rescale at all: stored values as they are
+    for path in info["paths"]:  # no rescale at all: stored values as they are (signed, in HU)
         ds = pydicom.dcmread(path)
         del ds.RescaleSlope, ds.RescaleIntercept
+        ds.PixelData = (ds.pixel_array.astype(np.int16) - 1024).astype("<i2").tobytes()
         ds.save_as(path)
     volume = read_volume(tmp_path / "series")
     assert volume.metadata["rescale_slope"] == 1.0 and volume.metadata["rescale_intercept"] == 0.0
+
+
+def test_a_ct_without_rescale_whose_values_are_all_positive_is_refused(tmp_path):
+    """A CT that declares no rescale (Type 1 in a CT image; an anonymiser or converter dropped it) and holds only
+    values >= 0 is in the scanner's unsigned units (air near 0): read as HU it was denoised 1024 HU off, air taken
+    for water. Refused naming the file and the likely rescale; the same series with its rescale reads."""
+    info = _make_series(tmp_path / "series", 3)
+    assert read_volume(tmp_path / "series").array.min() < -500  # CT_small's air, in HU through its rescale
+    for path in info["paths"]:
+        ds = pydicom.dcmread(path)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(path)
+    with pytest.raises(ImageReadError, match=r"a CT without RescaleIntercept.*all >= 0.*RescaleIntercept -1024"):
+        read_volume(tmp_path / "series")
+    with pytest.raises(ImageReadError, match=r"a CT without RescaleIntercept"):
+        read_volume(info["paths"][0])
+    for path in info["paths"]:  # an MR's values have no such origin: read as they are
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    assert read_volume(tmp_path / "series").array.min() >= 0
 
 
 def test_guess_modality():

@@ -356,6 +356,22 @@ def _dicom_metadata(ds: Dataset) -> dict:
     return meta
 
 
+def _refuse_unscaled_ct(ds: Dataset, modality: str, stored: np.ndarray, path: Path) -> None:
+    """ImageReadError for a CT that declares no rescale (RescaleIntercept, the enhanced objects' Pixel Value
+    Transformation, a Modality LUT; Type 1 in a CT image) and whose stored values are all >= 0: its units are unknown
+    and most likely the scanner's unsigned ones (air near 0, water near 1024), which read as HU would be denoised
+    1024 HU off, as if air were water. A CT in HU holds air (-1000) or fat (-100) somewhere."""
+    if modality != "CT" or stored.size == 0 or float(stored.min()) < 0:
+        return
+    if ("RescaleIntercept" in ds or "ModalityLUTSequence" in ds
+            or _frame_item(ds, 0, "PixelValueTransformationSequence") is not None):
+        return
+    raise ImageReadError(f"{path}: a CT without RescaleIntercept / RescaleSlope whose stored values are all >= 0 "
+                         f"({int(stored.min())} to {int(stored.max())}): their units are unknown (air would read as "
+                         f"{int(stored.min())} HU, not -1000); add the scanner's rescale (usually RescaleIntercept "
+                         "-1024, RescaleSlope 1) or re-export the series")
+
+
 def _strip_pixels(ds: Dataset) -> Dataset:
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
@@ -385,6 +401,7 @@ def _finish_dicom_volume(
     if any(m is not None for m in pad_masks):
         mask = np.stack([m if m is not None else np.zeros(stored.shape[1:], dtype=bool) for m in pad_masks])
     check_plausible(values, modality, path, exempt=mask)  # padding the header declares is air whatever its value
+    _refuse_unscaled_ct(ds0, modality, stored, path)
     values, pad_info = fill_padding(values, modality, mask, fill)
     lo, hi = float(values.min()), float(values.max())
     source_dtype = _source_dtype_from_rescale(rescales, stored_integer, lo, hi)
