@@ -137,6 +137,10 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     test_source = "".join(ast.unparse(f) for name, f in functions.items() if name.startswith("ADLDenoiseTest."))
     assert not re.search(r"set_setting|QSettings|serverUrl", test_source)
     assert "set_setting" in _calls(functions["ADLDenoiseWidget.onConnect"])
+    # another server: the last one's datastore ids are forgotten before its client is used
+    connect = ast.unparse(functions["ADLDenoiseLogic.connect"])
+    assert "self.session.connected_to(client.server_url)" in connect
+    assert connect.index("connected_to(") < connect.index("self.client = client")
     # a late result is not attached to another study
     load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
     assert load.index("identity != self.session.study") < load.index("load_result(slicer.mrmlScene")

@@ -180,6 +180,24 @@ def test_datastore_ids_derive_from_identity_unless_the_server_gave_one():
         session.record_upload(a, "")
 
 
+def test_connecting_to_another_server_forgets_the_ids_the_last_one_gave():
+    """Review-queue ids are the server's own names: after connecting elsewhere, a study known as "case_07" on the
+    first server must be uploaded again (under its derived id), never sent to the second server's "case_07"."""
+    session = ReviewSession()
+    assert session.connected_to("http://10.0.0.1:8000") is False  # the first connection forgets nothing
+    queue = content_identity(volume(), EYE, "head_a")
+    session.select(queue)
+    session.record_upload(queue, "case_07", "/tmp/case_07.nii.gz")
+    session.verdict_recorded(queue, {"verdict": "accepted"})
+    assert session.connected_to("http://10.0.0.1:8000/") is False  # the same server again: kept
+    assert session.datastore_id(queue) == "case_07" and session.is_on_server(queue)
+    assert session.connected_to("http://10.0.0.2:8000") is True
+    assert not session.is_on_server(queue) and session.datastore_id(queue) == queue.datastore_id()
+    assert session.study_files == {} and session.verdicts == {}
+    assert session.study == queue  # the selection stays
+    session.record_upload(queue, queue.datastore_id())  # uploaded to the new server: no "already stored as"
+
+
 # --------------------------------------------------------------------------------------------------- verdicts
 def test_verdicts_are_validated_and_recorded_for_the_study_they_were_sent_for():
     session = ReviewSession()

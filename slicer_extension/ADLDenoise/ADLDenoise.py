@@ -100,6 +100,10 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         if username:
             client.login(username, password)
         models = client.denoising_models()
+        # another server: the datastore ids recorded on the last one are forgotten before the new client is used,
+        # so nothing is sent there under an id it may give another patient (the widget's run() lets no other
+        # request run meanwhile, so the session is not changed under a running task)
+        self.session.connected_to(client.server_url)
         self.client = client
         self.models = {m["name"]: m for m in models}
         return models

@@ -185,16 +185,35 @@ class ReviewSession:
         self._serials = itertools.count(1)
         self._reset_studies()
         self.training_model: str | None = None
+        #: the address of the server the datastore ids and verdicts below were recorded on (None: not connected)
+        self.server_url: str | None = None
 
     def _reset_studies(self) -> None:
         self.study: StudyIdentity | None = None
         self.study_stale = False  # the selected volume changed in the scene since :attr:`study` was computed
-        self.known_ids: dict[StudyIdentity, str] = {}  # identity -> datastore id the server holds it under
-        self.study_files: dict[StudyIdentity, Path] = {}  # identity -> file the server holds (its grid)
+        self._reset_server_records()
         self.results: dict[StudyIdentity, ResultRecord] = {}
         self.blend: BlendRecord | None = None
-        self.verdicts: dict[StudyIdentity, dict] = {}
         self._work: Path | None = None
+
+    def _reset_server_records(self) -> None:
+        """Forget what one server holds: its datastore ids of the studies, their files, the verdicts it recorded."""
+        self.known_ids: dict[StudyIdentity, str] = {}  # identity -> datastore id the server holds it under
+        self.study_files: dict[StudyIdentity, Path] = {}  # identity -> file the server holds (its grid)
+        self.verdicts: dict[StudyIdentity, dict] = {}
+
+    def connected_to(self, server_url: str) -> bool:
+        """The module (re)connected to ``server_url``. Returns True when that is another server than the one the
+        datastore ids were recorded on: they are forgotten then. Another server's datastore knows none of them,
+        or holds another patient under the same id (review-queue ids are the server's own names, e.g. "case_07"):
+        a verdict or correction must never be sent there without uploading the study first. Results and the
+        blend stay (they are images in this scene, whatever server made them)."""
+        url = str(server_url or "").strip().rstrip("/")
+        changed = self.server_url is not None and url != self.server_url
+        if changed:
+            self._reset_server_records()
+        self.server_url = url
+        return changed
 
     # ---------------------------------------------------------------------------------------------- files
     @property
