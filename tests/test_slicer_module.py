@@ -263,6 +263,13 @@ def test_background_task_done_failed_cancelled_and_settings(tmp_path):
     task = BackgroundTask(slow)
     task.cancel()
     assert task.wait(10) == "cancelled" and task.result is None  # the late result is dropped
+    # a result back but not yet taken by the GUI's poll (Close Scene in between) is dropped too
+    untaken = BackgroundTask(lambda report, cancelled: "study of the closed scene")
+    assert untaken.wait(10) == "done" and untaken.finished
+    untaken.cancel()
+    assert untaken.state == "cancelled" and untaken.result is None
+    failed.cancel()
+    assert failed.state == "failed"  # an error is still shown
 
     store = SettingsStore(tmp_path / "settings.json")
     assert store.get("serverUrl", "default") == "default"

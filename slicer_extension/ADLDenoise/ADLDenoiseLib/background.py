@@ -63,9 +63,14 @@ class BackgroundTask:
             self.progress, self.message = fraction, message
 
     def cancel(self) -> None:
+        """Stop the call. A result that came back but was not taken yet (the GUI polls every few hundred ms) is
+        dropped too: Close Scene cancels, and a study downloaded or denoised for the closing scene must not be
+        loaded into the next one (its files are deleted with the scene)."""
         with self._lock:
             if self.state == "running":
                 self.state, self.message = "cancelled", "cancelling: stopping the transfer"
+            elif self.state == "done":
+                self.state, self.result, self.message = "cancelled", None, "cancelled"
         self._cancel.cancel()
 
     def poll(self) -> dict:
