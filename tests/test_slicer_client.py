@@ -112,6 +112,38 @@ def test_streamed_upload_download_and_denoise_match_the_server_and_monai_labels_
 
 
 @pytest.mark.server
+def test_a_study_the_server_holds_is_denoised_by_id_and_the_verdict_judges_that_result(upload_server, tmp_path):
+    """The module denoises a study the server holds (review queue, uploaded) by its datastore id and names the
+    model in the verdict. An uploaded file's result belongs to no study, so the server judged the latest result
+    of any model (here another run's, with other parameters) as the one the reviewer accepted."""
+    import requests
+
+    client = DenoiseServerClient(upload_server.url)
+    volume = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "study.nrrd", z=slice(51, 54))
+    assert client.upload_image(volume, "verdict_study") == "verdict_study"
+    # a later run on the same study, by id (e.g. a batch job)
+    other = requests.post(f"{upload_server.url}/infer/nlm", params={"image": "verdict_study", "output": "json"},
+                          data={"params": json.dumps({"modality": "ct", "result_dtype": "float32"})}, timeout=600)
+    assert other.status_code == 200, other.text
+    # the reviewer's result: by id, nothing uploaded, on the study's grid
+    params = {"modality": "ct", "result_extension": ".nrrd"}
+    result_path, result = client.denoise("nlm", None, tmp_path / "out", params, image_id="verdict_study")
+    assert result["model"] == "nlm" and result_path.is_file()
+    assert_same_geometry(sitk.ReadImage(str(result_path)), sitk.ReadImage(str(volume)))
+    # an upload of the same voxels afterwards is no result of the study
+    client.denoise("nlm", volume, tmp_path / "uploaded", dict(params, result_dtype="float32"))
+    entry = client.review("verdict_study", "accepted", "dr_slicer", model="nlm")
+    assert entry["result"]["result_seq"] == result["audit_seq"], (entry, result)
+    assert entry["result"]["model"] == "nlm"
+    # no such model's result of the study: nothing judged, rather than another model's result
+    assert client.review("verdict_study", "accepted", "dr_slicer", model="adl")["result"] is None
+    with pytest.raises(DenoiseServerError, match="404"):
+        client.denoise("nlm", None, tmp_path / "none", params, image_id="no_such_study")
+    with pytest.raises(DenoiseServerError, match="does not exist"):
+        client.denoise("nlm", None, tmp_path / "none", params)
+
+
+@pytest.mark.server
 @pytest.mark.slow
 def test_lesion_contrast_restoration_is_sent_to_learned_models_only_and_the_width_applied_comes_back(
         shared_server, tmp_path):

@@ -141,6 +141,19 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     connect = ast.unparse(functions["ADLDenoiseLogic.connect"])
     assert "self.session.connected_to(client.server_url)" in connect
     assert connect.index("connected_to(") < connect.index("self.client = client")
+    # a study the server holds is denoised there by id (its result is recorded as the study's), and every verdict
+    # names the model of the result the reviewer saw (else the server judges another run's latest result)
+    denoise = ast.unparse(functions["ADLDenoiseWidget.onDenoise"])
+    assert "image_id = self.logic.session.server_id(identity)" in denoise
+    assert "path = None if image_id else self.logic.export_input(original, identity)" in denoise
+    assert "output_dir, restoration, image_id, on_done=done" in denoise
+    assert "client.denoise(model, path, output_dir, params, image_id=image_id)" in \
+        ast.unparse(functions["ADLDenoiseLogic.denoise_file"])
+    assert "request['reason'], model=request['model'])" in ast.unparse(functions["ADLDenoiseWidget.onVerdict"])
+    assert "client.review(image_id, 'corrected', reviewer, model=model)" in \
+        ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
+    submit = ast.unparse(functions["ADLDenoiseWidget.onSubmitCorrection"])
+    assert "model = self.logic.session.require_result().model" in submit and "regions, model or None" in submit
     # a late result is not attached to another study
     load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
     assert load.index("identity != self.session.study") < load.index("load_result(slicer.mrmlScene")
@@ -211,7 +224,7 @@ def test_lesion_contrast_restoration_widget_matches_the_lib_and_is_wired_to_the_
     assert "self.ui.restorationSpin.enabled" in ast.unparse(functions["ADLDenoiseWidget.onModelChanged"])
     on_denoise = ast.unparse(functions["ADLDenoiseWidget.onDenoise"])
     assert "restoration_from_spin" in _calls(functions["ADLDenoiseWidget.onDenoise"])
-    assert "output_dir, restoration, on_done=done" in on_denoise and "describe_restoration" in on_denoise
+    assert "output_dir, restoration, image_id, on_done=done" in on_denoise and "describe_restoration" in on_denoise
     assert "denoise_params" in _calls(functions["ADLDenoiseLogic.denoise_file"])  # no param built in Qt glue
     load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
     assert "SetAttribute(RESTORATION_ATTRIBUTE" in load and "applied_restoration" in load

@@ -170,9 +170,11 @@ def test_datastore_ids_derive_from_identity_unless_the_server_gave_one():
     a = dicom_identity("1.1", name="3: CT HEAD")
     session.select(a)
     assert session.datastore_id() == a.datastore_id() and not session.is_on_server()
+    assert session.server_id() is None  # not held by the server: denoised as an uploaded file
     queue = content_identity(volume(), EYE, "head_a")
     session.record_upload(queue, "head_a", None)  # came from the review queue under the server's id
     assert session.datastore_id(queue) == "head_a" and session.is_on_server(queue)
+    assert session.server_id(queue) == "head_a"  # denoised there by id: the server records it as head_a's result
     session.record_upload(queue, "head_a")  # same again: fine
     with pytest.raises(WorkflowError, match="already stored as"):
         session.record_upload(queue, "head_b")
@@ -211,8 +213,15 @@ def test_verdicts_are_validated_and_recorded_for_the_study_they_were_sent_for():
         session.verdict_request("rejected", "dr_a", " ")
     with pytest.raises(WorkflowError, match="verdict must be"):
         session.verdict_request("maybe", "dr_a")
+    # a verdict judges the result the reviewer looked at: none without one, and it names that result's model (the
+    # server otherwise judges the latest result of any model, e.g. a batch run's, as accepted)
+    for verdict, reason in (("accepted", None), ("rejected", "streaks")):
+        with pytest.raises(WorkflowError, match="denoise the volume first"):
+            session.verdict_request(verdict, "dr_a", reason)
+    session.result_arrived(a, "res_a", "tddl_gcn", "v3")
     request = session.verdict_request("accepted", " dr_a ")
     assert request["identity"] == a and request["image_id"] == a.datastore_id() and request["reviewer"] == "dr_a"
+    assert request["model"] == "tddl_gcn"
     session.select(b)  # the user moves on before the answer comes
     entry = session.verdict_recorded(request["identity"], {"verdict": "accepted", "reviewer": "dr_a"})
     assert session.verdicts == {a: entry}

@@ -131,15 +131,18 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
 
         return export_volume(node, self.work_dir / "exports" / f"{identity.datastore_id()}.nrrd")
 
-    def denoise_file(self, model: str, path: Path, modality: str, output_dir: Path,
-                     restoration: str | float = RESTORATION_AUTO, report=None, cancelled=None):
+    def denoise_file(self, model: str, path: Path | None, modality: str, output_dir: Path,
+                     restoration: str | float = RESTORATION_AUTO, image_id: str | None = None, report=None,
+                     cancelled=None):
         """Background. ``restoration``: lesion contrast restoration, "auto" or a width in pixels (0 = off); sent
-        only when ``model`` takes it (``ADLDenoiseLib.settings.denoise_params``)."""
+        only when ``model`` takes it (``ADLDenoiseLib.settings.denoise_params``). ``image_id``: the datastore id
+        of a study the server holds (``ReviewSession.server_id``): it is denoised there by id, so the server
+        records the result as that study's and a verdict judges it; otherwise the file ``path`` is uploaded."""
         client = self.require_client()
         params = denoise_params(self.models.get(model), modality, restoration)
         if report:
             report(None, f"denoising with {model} on {client.server_url} ...")
-        result_path, result = client.denoise(model, path, output_dir, params)
+        result_path, result = client.denoise(model, path, output_dir, params, image_id=image_id)
         if cancelled and cancelled():
             return None
         return result_path, result
@@ -218,11 +221,12 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         return image_id
 
     def submit_correction(self, study: dict, corrected_path: Path, reviewer: str, regions: dict | None = None,
-                          report=None, cancelled=None) -> tuple[str, dict]:
+                          model: str | None = None, report=None, cancelled=None) -> tuple[str, dict]:
         """Background: upload the original if needed, then the marked regions (``prepare_regions``), the
         correction, the verdict; returns (datastore id, verdict entry). Regions go first and the correction names
         their SHA-256, so that the server binds the two: a correction is never stored without the regions sent
-        with it, and a later correction sent without regions is not trained with this one's."""
+        with it, and a later correction sent without regions is not trained with this one's. ``model``: the
+        model of the result corrected (the verdict judges that model's latest result, not another run's)."""
         client = self.require_client()
         image_id = self.study_id_for(study, report)
         regions_sha256 = None
@@ -234,7 +238,7 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         if report:
             report(None, "saving the correction ...")
         client.save_correction(image_id, corrected_path, regions_sha256=regions_sha256)
-        return image_id, client.review(image_id, "corrected", reviewer)
+        return image_id, client.review(image_id, "corrected", reviewer, model=model)
 
 
 # ------------------------------------------------------------------------------------------------------ widget
@@ -560,7 +564,10 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not model:
                 raise DenoiseServerError("connect to a server and choose a model first")
             original, identity = self.selected()
-            path = self.logic.export_input(original, identity)
+            # a study the server holds (review queue, uploaded) is denoised there by id: its result is then
+            # recorded as that study's, which is what a verdict judges; any other volume is uploaded
+            image_id = self.logic.session.server_id(identity)
+            path = None if image_id else self.logic.export_input(original, identity)
             modality = self.logic.modality_of(original, identity)
             output_dir = self.logic.work_dir / "results"
             frame = self.frameText(original)
@@ -589,7 +596,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onCompare()
             return node
 
-        self.run(self.logic.denoise_file, model, path, modality, output_dir, restoration, on_done=done,
+        self.run(self.logic.denoise_file, model, path, modality, output_dir, restoration, image_id, on_done=done,
                  busy_text=f"denoising with {model} ..." + (f" ({frame})" if frame else ""))
 
     def onCancel(self):
@@ -750,6 +757,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if result is None:
                 raise WorkflowError("denoise the volume first")
             blend = self.logic.session.correction_to_submit(identity)
+            model = self.logic.session.require_result().model  # the verdict judges this model's result
             corrected = slicer.mrmlScene.GetNodeByID(blend.node_id) if blend is not None else None
             if corrected is None:  # nothing blended for this study and result: blend now at the slider's value
                 corrected = blended_volume(slicer.mrmlScene, original, result, float(self.ui.blendSlider.value),
@@ -771,7 +779,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.record_study(study, image_id)
             self.afterVerdict(identity, entry, what)
 
-        self.run(self.logic.submit_correction, study, path, reviewer, regions, on_done=done,
+        self.run(self.logic.submit_correction, study, path, reviewer, regions, model or None, on_done=done,
                  busy_text="submitting ...")
 
     # --- marked regions
@@ -867,7 +875,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def send(report, cancelled):
             image_id = self.logic.study_id_for(study, report)
             return image_id, self.logic.require_client().review(image_id, request["verdict"], request["reviewer"],
-                                                                request["reason"])
+                                                                request["reason"], model=request["model"])
 
         def done(answer):
             image_id, entry = ReviewSession.require_answer(answer, "the verdict")

@@ -688,18 +688,29 @@ class DenoiseServerClient:
         return models
 
     # --- denoising
-    def denoise(self, model: str, image_path: str | os.PathLike, output_dir: str | os.PathLike,
-                params: dict | None = None, cancelled: Callable[[], bool] | None = None) -> tuple[Path, dict]:
+    def denoise(self, model: str, image_path: str | os.PathLike | None, output_dir: str | os.PathLike,
+                params: dict | None = None, cancelled: Callable[[], bool] | None = None,
+                image_id: str | None = None) -> tuple[Path, dict]:
         """Upload ``image_path`` (NRRD / NIfTI), denoise it with ``model``; returns the result file (written in
         ``output_dir``) and the server's JSON (model, modality, weights version, seconds ...). The upload and the
         result are streamed (O(:data:`CHUNK`) memory whatever the volume's size). ``cancelled``: see the module's
-        docstring (:class:`TransferCancelled`, and no result file, once it is True)."""
-        path = Path(image_path)
-        if not path.is_file():
-            raise DenoiseServerError(f"{path} does not exist")
+        docstring (:class:`TransferCancelled`, and no result file, once it is True).
+
+        ``image_id``: denoise the datastore's study of that id instead (nothing is uploaded; ``image_path`` is
+        ignored). The server then records the result as that study's, so a verdict on the study with
+        ``review(..., model=model)`` judges this result; an uploaded file's result belongs to no study."""
+        query = {"output": "all"}
+        files: dict[str, Path] = {}
+        if image_id:
+            query["image"] = str(image_id)
+        else:
+            path = Path(image_path) if image_path else None
+            if path is None or not path.is_file():
+                raise DenoiseServerError(f"{path} does not exist")
+            files["file"] = path
         cancelled = _cancel_check(cancelled)
-        body = _MultipartBody({"params": json.dumps(params or {})}, {"file": path})
-        with self._request("POST", f"/infer/{urllib.parse.quote(model)}", {"output": "all"}, body,
+        body = _MultipartBody({"params": json.dumps(params or {})}, files)
+        with self._request("POST", f"/infer/{urllib.parse.quote(model)}", query, body,
                            body.content_type, action="denoising", cancelled=cancelled) as response:
             return self._save_multipart(response.headers.get("Content-Type", ""), response, Path(output_dir),
                                         cancelled)
@@ -820,6 +831,8 @@ class DenoiseServerClient:
 
     def review(self, image_id: str, verdict: str, reviewer: str, reason: str | None = None,
                model: str | None = None) -> dict:
+        """Record a verdict on ``image_id``. ``model``: the model whose latest result of this study is judged
+        (the server's default, None, judges the latest result of any model, which may be another run's)."""
         return self._json("POST", f"/review/{urllib.parse.quote(image_id)}",
                           payload={"verdict": verdict, "reviewer": reviewer, "reason": reason, "model": model},
                           action="recording verdicts")

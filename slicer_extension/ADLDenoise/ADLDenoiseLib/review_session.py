@@ -261,6 +261,11 @@ class ReviewSession:
     def is_on_server(self, identity: StudyIdentity | None = None) -> bool:
         return (identity or self.require_study()) in self.known_ids
 
+    def server_id(self, identity: StudyIdentity | None = None) -> str | None:
+        """The datastore id the connected server holds ``identity`` under, or None when it does not hold it (then
+        the study is uploaded: to be denoised as a file, or before a verdict)."""
+        return self.known_ids.get(identity or self.require_study())
+
     def record_upload(self, identity: StudyIdentity, datastore_id: str, study_file: Path | None = None) -> None:
         """The server holds ``identity`` as ``datastore_id`` (uploaded, or downloaded from the review queue)."""
         if not datastore_id or not str(datastore_id).strip():
@@ -340,7 +345,10 @@ class ReviewSession:
     # ---------------------------------------------------------------------------------------------- verdicts
     def verdict_request(self, verdict: str, reviewer: str, reason: str | None = None) -> dict:
         """Validate a verdict on the selected study; returns what to send (identity captured now, so an answer
-        arriving after the user moved on is still recorded for the right study)."""
+        arriving after the user moved on is still recorded for the right study), with ``model``: the model of
+        the study's result shown here, so that the server judges that model's result and not the latest of any
+        model (another run's). Refused without a result of the study: a verdict judges a denoised image the
+        reviewer saw."""
         study = self.require_study()
         if verdict not in VERDICTS:
             raise WorkflowError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
@@ -350,8 +358,11 @@ class ReviewSession:
         reason = (reason or "").strip() or None
         if verdict == "rejected" and not reason:
             raise WorkflowError("give a reason for the rejection")
+        record = self.result(study)
+        if record is None:
+            raise WorkflowError("denoise the volume first: a verdict judges the denoised result you looked at")
         return {"identity": study, "image_id": self.datastore_id(study), "verdict": verdict, "reviewer": reviewer,
-                "reason": reason}
+                "reason": reason, "model": record.model or None}
 
     def verdict_recorded(self, identity: StudyIdentity, entry: Any) -> dict:
         """The server's answer to a verdict on ``identity``: refused when empty or not an object."""
