@@ -157,6 +157,16 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     # a late result is not attached to another study
     load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
     assert load.index("identity != self.session.study") < load.index("load_result(slicer.mrmlScene")
+    # the end of a fine-tuning run refreshes the models with the connected client: Connect would log in again
+    # with the password field emptied at the last Connect ("enter a user name and a password" after every run)
+    poll = _calls(functions["ADLDenoiseWidget.onTrainPoll"])
+    assert "refreshModels" in poll and "onConnect" not in poll
+    refresh = ast.unparse(functions["ADLDenoiseWidget.refreshModels"])
+    assert "self.run(self.logic.refresh_models" in refresh
+    assert refresh.index("self.task.finished") < refresh.index("self.run(")  # no "still running" dialog
+    assert not _calls(functions["ADLDenoiseLogic.refresh_models"]) & {"login", "DenoiseServerClient", "connect"}
+    # a refilled model list keeps the chosen model selected
+    assert "findData" in _calls(functions["ADLDenoiseWidget.showModels"])
     # a second fine-tuning run is refused before anything is sent
     train = ast.unparse(functions["ADLDenoiseWidget.onTrain"])
     assert train.index("start_training(model)") < train.index("self.run(")

@@ -108,6 +108,13 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         self.models = {m["name"]: m for m in models}
         return models
 
+    def refresh_models(self, report=None, cancelled=None) -> list[dict]:
+        """Background: the connected server's denoising models again (the served weight versions after a
+        fine-tuning run), with the client already connected: no new login (the password is not kept for one)."""
+        models = self.require_client().denoising_models()
+        self.models = {m["name"]: m for m in models}
+        return models
+
     def require_client(self) -> DenoiseServerClient:
         if self.client is None:
             raise DenoiseServerError("connect to a server first")
@@ -527,17 +534,39 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.set_setting("serverUrl", url)
             self.logic.set_setting("username", username)
             self.ui.passwordEdit.text = ""  # not kept in the widget longer than needed
-            self.ui.modelsCombo.clear()
-            for model in models:
-                self.ui.modelsCombo.addItem(f"{model['name']}: {model['method']}", model["name"])
-            self.models = {m["name"]: m for m in models}
+            self.showModels(models)
             who = f" as {username}" if username else (" with a token" if token else "")
             self.ui.statusLabel.text = f"connected to {url}{who}: {len(models)} denoising model(s)"
-            self.onModelChanged()
-            self.showVersion()
 
         self.run(lambda report, cancelled: self.logic.connect(url, token, username, password), on_done=done,
                  busy_text=f"connecting to {url} ...")
+
+    def showModels(self, models: list[dict]) -> None:
+        """Fill the model list, keeping the model chosen so far selected when the server still offers it."""
+        chosen = self.model()
+        self.ui.modelsCombo.clear()
+        for model in models:
+            self.ui.modelsCombo.addItem(f"{model['name']}: {model['method']}", model["name"])
+        index = self.ui.modelsCombo.findData(chosen) if chosen else -1
+        if index >= 0:
+            self.ui.modelsCombo.setCurrentIndex(index)
+        self.models = {m["name"]: m for m in models}
+        self.onModelChanged()
+        self.showVersion()
+
+    def refreshModels(self):
+        """After a fine-tuning run: the served versions again, from the connected server without a new login (the
+        password field was emptied at Connect, so Connect again would fail with "enter a user name and a
+        password"). While another request runs nothing is started and no dialog pops up: the label says to press
+        Connect."""
+        if self.task is not None and not self.task.finished:
+            self.ui.versionLabel.text = "a new version may be served: press Connect to see it"
+            return
+
+        def done(models):
+            self.showModels(ReviewSession.require_answer(models, "the list of models"))
+
+        self.run(self.logic.refresh_models, on_done=done, busy_text="reading the served versions ...")
 
     def onModelChanged(self, *_):
         model = getattr(self, "models", {}).get(self.model())
@@ -939,7 +968,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.train_poll = None
                 self.logic.session.training_finished()
                 self.ui.stopTrainButton.enabled = False
-                self.onConnect()  # refresh the served versions
+                self.refreshModels()  # the served versions (no new login: the password is not kept)
                 return
         self.train_poll = BackgroundTask(lambda report, cancelled: self.logic.require_client().training_stats(model))
 
