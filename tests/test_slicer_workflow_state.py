@@ -60,6 +60,20 @@ def test_identity_is_the_series_uid_or_the_content_and_never_the_name():
     f0, f1 = dicom_identity("1.2.3", frame=0, name="perfusion"), dicom_identity("1.2.3", frame=1, name="perfusion")
     assert f0 != f1 and f0.datastore_id() != f1.datastore_id() and "_f1_" in f1.datastore_id()
     assert f0 != dicom_identity("1.2.3", name="perfusion")
+    # one series loaded as several volumes (Slicer's subseries: acquisition number, image type, orientation, time;
+    # or all files): the same SeriesInstanceUID, other files -> other studies, other ids
+    pre = dicom_identity("1.2.9", "CT", "4: CT ABDOMEN", instance_uids="1.2.9.1 1.2.9.2 1.2.9.3")
+    post = dicom_identity("1.2.9", "CT", "4: CT ABDOMEN", instance_uids="1.2.9.4 1.2.9.5 1.2.9.6")
+    assert pre != post and pre.datastore_id() != post.datastore_id() and pre.part != ""
+    assert pre == dicom_identity("1.2.9", instance_uids=["1.2.9.3", "1.2.9.1", " 1.2.9.2"])  # any order: same files
+    assert pre != dicom_identity("1.2.9", instance_uids="1.2.9.1 1.2.9.2 1.2.9.3 1.2.9.4")  # all files
+    assert "images" in pre.describe() and "images" not in a.describe()
+    # none known (not from Slicer's DICOM import): the id it always had
+    assert a == dicom_identity("1.2.840.1.1", instance_uids="  ") and a.part == ""
+    session = ReviewSession()
+    session.select(pre)
+    session.result_arrived(pre, "res_pre")
+    assert session.select(post) is True and session.result() is None  # pre's result is not post's
 
 
 def test_bad_identities_are_refused_clearly():

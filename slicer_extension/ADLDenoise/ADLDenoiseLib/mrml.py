@@ -21,7 +21,8 @@ __all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "bl
            "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid",
            "check_segmentation_reference", "tag_derived", "derived_kind", "DERIVED_ATTRIBUTE", "STUDY_ATTRIBUTE",
            "DERIVED_FROM_ROLE",
-           "study_identity", "sequence_frame", "dicom_series_of", "is_plain_scalar_volume", "EXCLUDED_VOLUME_TYPES",
+           "study_identity", "sequence_frame", "dicom_series_of", "dicom_instance_uids", "is_plain_scalar_volume",
+           "EXCLUDED_VOLUME_TYPES",
            "adopt_parent_transform", "adopt_study_folder", "match_orientation_and_link", "INPUT_CHANGE_EVENTS"]
 
 #: subclasses of vtkMRMLScalarVolumeNode that are not a CT / MR intensity volume (the selector hides them; Slicer's
@@ -239,10 +240,21 @@ def dicom_series_of(node) -> tuple[str, str]:
     return hierarchy.GetItemUID(item, uid_name).strip(), hierarchy.GetItemAttribute(item, modality_name).strip()
 
 
+def dicom_instance_uids(node) -> str:
+    """The SOP Instance UIDs of the files ``node`` was loaded from, space-separated, as Slicer's DICOM import stores
+    them on its subject-hierarchy item (UID name "DICOMInstanceUID"); "" when it has none."""
+    scene = node.GetScene()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene) if scene is not None else None
+    item = hierarchy.GetItemByDataNode(node) if hierarchy is not None else 0
+    if not item:
+        return ""
+    return hierarchy.GetItemUID(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMInstanceUIDName()).strip()
+
+
 def study_identity(node):
-    """The :class:`review_session.StudyIdentity` of a volume node: its DICOM series (of the node or, for a
-    sequence's proxy node, of the sequence) plus the frame shown; else a content hash of its voxels and
-    IJK-to-RAS matrix (plus the frame).
+    """The :class:`review_session.StudyIdentity` of a volume node: its DICOM series and the instances it was made
+    of (of the node or, for a sequence's proxy node, of the sequence) plus the frame shown; else a content hash
+    of its voxels and IJK-to-RAS matrix (plus the frame).
 
     Raises:
         ValueError: not a single-component scalar volume.
@@ -264,11 +276,13 @@ def study_identity(node):
                             f"original{hint}")
     frame_info = sequence_frame(node)
     frame = frame_info["frame"] if frame_info else None
+    source = node
     uid, modality = dicom_series_of(node)
     if not uid and frame_info and frame_info["sequence"] is not None:
-        uid, modality = dicom_series_of(frame_info["sequence"])
-    if uid:
-        return dicom_identity(uid, modality, node.GetName(), frame)
+        source = frame_info["sequence"]
+        uid, modality = dicom_series_of(source)
+    if uid:  # plus the files it was made of: Slicer may load one series as several volumes (subseries)
+        return dicom_identity(uid, modality, node.GetName(), frame, dicom_instance_uids(source))
     return content_identity(slicer.util.arrayFromVolume(node), _ijk_to_ras(node), node.GetName(), frame)
 
 

@@ -4,9 +4,10 @@ fine-tuning, and the temporary files that hold patient volumes.
 
 Why a stable identity: MRML node IDs restart after Close Scene (``vtkMRMLScene::Clear``) and node names repeat
 ("3: CT HEAD" for two series), so keying results, corrections or verdicts by either attaches them to the wrong
-patient. A study is identified by its DICOM SeriesInstanceUID (from the subject-hierarchy item; Slicer keeps the
-DICOM Modality there too) or, for a volume that did not come from DICOM, by a SHA-256 of its voxels and geometry;
-for a frame of a 4D sequence the frame index is part of the identity.
+patient. A study is identified by its DICOM SeriesInstanceUID and the SOP Instance UIDs of its files (from the
+subject-hierarchy item; Slicer keeps the DICOM Modality there too; one series may be loaded as several volumes)
+or, for a volume that did not come from DICOM, by a SHA-256 of its voxels and geometry; for a frame of a 4D
+sequence the frame index is part of the identity.
 
 The module only wires Qt to :class:`ReviewSession`; every transition below is tested without Slicer
 (``tests/test_slicer_workflow_state.py``).
@@ -20,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -48,6 +49,11 @@ class StudyIdentity:
     frame: int | None = None
     modality: str = field(default="", compare=False)
     name: str = field(default="", compare=False)
+    #: for a DICOM volume, a SHA-256 hex of the SOP Instance UIDs it was loaded from (""; unknown). Slicer loads one
+    #: series as several volumes (subseries split by acquisition number, image type, orientation, content or
+    #: trigger time, or all files besides): all carry the series' UID, so the UID alone would give, say, the
+    #: post-contrast volume the pre-contrast one's result, blend and server id
+    part: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in ("dicom", "content"):
@@ -61,6 +67,8 @@ class StudyIdentity:
     def digest(self) -> str:
         """SHA-256 hex of kind, key and frame (what the datastore id's unique part derives from)."""
         text = f"{self.kind}:{self.key}:{'' if self.frame is None else self.frame}"
+        if self.part:  # (an identity without one keeps the id it always had)
+            text += f":{self.part}"
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def datastore_id(self) -> str:
@@ -74,13 +82,21 @@ class StudyIdentity:
 
     def describe(self) -> str:
         what = f"series {self.key}" if self.kind == "dicom" else f"volume {self.key[:12]}"
+        if self.part:
+            what += f" (images {self.part[:8]})"
         return what + ("" if self.frame is None else f", frame {self.frame}")
 
 
 def dicom_identity(series_instance_uid: str, modality: str = "", name: str = "",
-                   frame: int | None = None) -> StudyIdentity:
-    """The identity of a volume loaded from DICOM (its subject-hierarchy item's UID "DICOM")."""
-    return StudyIdentity("dicom", str(series_instance_uid).strip(), frame, (modality or "").strip().upper(), name)
+                   frame: int | None = None, instance_uids: str | Sequence[str] = ()) -> StudyIdentity:
+    """The identity of a volume loaded from DICOM: its subject-hierarchy item's UID "DICOM" (the series) and
+    "DICOMInstanceUID" (the SOP Instance UIDs of its files, space-separated as Slicer stores them, in any order):
+    two volumes of one series made from different files are two studies (:attr:`StudyIdentity.part`)."""
+    uids = instance_uids.split() if isinstance(instance_uids, str) else [str(uid).strip() for uid in instance_uids]
+    uids = sorted(uid for uid in uids if uid)
+    part = hashlib.sha256(" ".join(uids).encode("utf-8")).hexdigest() if uids else ""
+    return StudyIdentity("dicom", str(series_instance_uid).strip(), frame, (modality or "").strip().upper(), name,
+                         part)
 
 
 def content_identity(voxels: np.ndarray, ijk_to_ras: np.ndarray, name: str = "",

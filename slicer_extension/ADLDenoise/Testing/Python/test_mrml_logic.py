@@ -312,14 +312,17 @@ class MRMLLogicTest(unittest.TestCase):
             check_segmentation_reference(drawn_on(None), original, study)
 
 
-def as_dicom_series(node, series_uid: str, modality: str):
+def as_dicom_series(node, series_uid: str, modality: str, instance_uids: str = ""):
     """What Slicer's DICOM import does (DICOMLib/DICOMPlugin.addSeriesInSubjectHierarchy): a subject-hierarchy
-    item for the node with the UID "DICOM" and the attribute "DICOM.Modality"."""
+    item for the node with the UID "DICOM", the attribute "DICOM.Modality" and, when given, the UID
+    "DICOMInstanceUID" (the SOP Instance UIDs of the loadable's files, space-separated)."""
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     item = hierarchy.GetItemByDataNode(node) or hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
     hierarchy.SetItemUID(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMUIDName(), series_uid)
     hierarchy.SetItemAttribute(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName(),
                                modality)
+    if instance_uids:
+        hierarchy.SetItemUID(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMInstanceUIDName(), instance_uids)
     return node
 
 
@@ -355,6 +358,14 @@ class StudyIdentityTest(unittest.TestCase):
         ida, idb = study_identity(a), study_identity(b)
         self.assertEqual((ida.kind, ida.key, ida.modality), ("dicom", "1.2.840.99.1", "CT"))
         self.assertNotEqual(ida.datastore_id(), idb.datastore_id())
+        # one series loaded as two volumes (subseries, e.g. two acquisitions): same series UID, other files
+        pre = as_dicom_series(oblique_ct_node("4: CT"), "1.2.840.99.3", "CT", "1.2.840.99.3.1 1.2.840.99.3.2")
+        post = as_dicom_series(oblique_ct_node("4: CT"), "1.2.840.99.3", "CT", "1.2.840.99.3.3 1.2.840.99.3.4")
+        again = as_dicom_series(oblique_ct_node("4: CT"), "1.2.840.99.3", "CT", "1.2.840.99.3.2 1.2.840.99.3.1")
+        self.assertEqual(study_identity(pre).key, study_identity(post).key)
+        self.assertNotEqual(study_identity(pre), study_identity(post))
+        self.assertNotEqual(study_identity(pre).datastore_id(), study_identity(post).datastore_id())
+        self.assertEqual(study_identity(pre), study_identity(again))  # the same files loaded again
         # without DICOM: a content hash of voxels + geometry; same content -> same identity, moved -> another
         c, d = oblique_ct_node("phantom"), oblique_ct_node("phantom")
         self.assertEqual(study_identity(c).kind, "content")
