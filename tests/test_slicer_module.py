@@ -167,6 +167,9 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert not _calls(functions["ADLDenoiseLogic.refresh_models"]) & {"login", "DenoiseServerClient", "connect"}
     # a refilled model list keeps the chosen model selected
     assert "findData" in _calls(functions["ADLDenoiseWidget.showModels"])
+    # a request that ended but was not yet delivered by the timer is delivered before the next one replaces it
+    run = ast.unparse(functions["ADLDenoiseWidget.run"])
+    assert run.index("self.onPoll()") < run.index("self.task = BackgroundTask(")
     # a second fine-tuning run is refused before anything is sent
     train = ast.unparse(functions["ADLDenoiseWidget.onTrain"])
     assert train.index("start_training(model)") < train.index("self.run(")

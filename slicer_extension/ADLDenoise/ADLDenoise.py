@@ -475,6 +475,10 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def run(self, function, *args, on_done=None, on_fail=None, busy_text="working ..."):
         """Start a background call; ``on_done(result)`` runs on the GUI thread when it succeeds (also with a None
         result: an empty answer is for ``on_done`` to judge), ``on_fail(error)`` when it fails."""
+        if self.task is not None and self.task.finished:
+            # the last request ended but the timer has not delivered it yet (a click within its 200 ms): deliver it
+            # now, or starting this one would replace its task and callbacks and drop its answer without a word
+            self.onPoll()
         if self.task is not None and not self.task.finished:
             self.error("another request is still running: wait for it or press Cancel")
             if on_fail is not None:
