@@ -170,6 +170,13 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     # a request that ended but was not yet delivered by the timer is delivered before the next one replaces it
     run = ast.unparse(functions["ADLDenoiseWidget.run"])
     assert run.index("self.onPoll()") < run.index("self.task = BackgroundTask(")
+    # an answer on_done refuses (an empty body to the training request) also runs on_fail: the session's running
+    # training is reset, else every later Start fine-tuning is refused as "still running" until Slicer restarts
+    poll = ast.unparse(functions["ADLDenoiseWidget.onPoll"])
+    handler = poll[poll.index("on_done(task.result)"):]
+    assert "on_fail(error)" in handler[:handler.index("self.error(error)")]
+    assert "on_fail=lambda error: self.logic.session.training_finished()" in \
+        ast.unparse(functions["ADLDenoiseWidget.onTrain"])
     # a second fine-tuning run is refused before anything is sent
     train = ast.unparse(functions["ADLDenoiseWidget.onTrain"])
     assert train.index("start_training(model)") < train.index("self.run(")

@@ -523,6 +523,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 on_done(task.result)
             except Exception as error:  # noqa: BLE001 - shown to the user; the scene keeps what it had
                 logging.error("ADLDenoise: %s", describe_error(error))  # the client's messages hold no token
+                if on_fail is not None:  # an answer refused (e.g. an empty body) is a failure too: undo the start
+                    on_fail(error)
                 self.error(error)
 
     # --- server
