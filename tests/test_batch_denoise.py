@@ -625,3 +625,22 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def latest_statuses(out: Path) -> list[str]:
     rows = [json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()]
     return [r["status"] for r in rows]
+
+
+def test_the_dicomweb_clients_first_retry_wait_comes_from_the_environment(monkeypatch):
+    """``ADL_DICOMWEB_RETRY_WAIT_S`` (the tests shorten the 30 s a request to a server that is down costs) sets the
+    first wait of the client's retries, later waits doubling; unset, dicomweb-client's own 2 s; not a number >= 0:
+    refused in one line naming the variable."""
+    from lib.batch.dicomweb import RETRY_WAIT_ENV, make_client
+
+    monkeypatch.delenv(RETRY_WAIT_ENV, raising=False)
+    default = make_client("http://127.0.0.1:9/dicom-web")
+    assert default._max_attempts == 5 and default._wait_exponential_multiplier * 2 == 2000  # ms
+    monkeypatch.setenv(RETRY_WAIT_ENV, "0.05")
+    short = make_client("http://127.0.0.1:9/dicom-web")
+    assert short._max_attempts == 5 and short._wait_exponential_multiplier * 2 == pytest.approx(50)
+    assert short._http_retrable_errors == default._http_retrable_errors
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv(RETRY_WAIT_ENV, bad)
+        with pytest.raises(ValueError, match=RETRY_WAIT_ENV):
+            make_client("http://127.0.0.1:9/dicom-web")

@@ -168,9 +168,9 @@ end
 
 def test_a_server_that_goes_away_stops_the_run_and_a_rerun_resumes(tmp_path, shared_data):
     """Orthanc stopped once the batch has listed the series: each download fails after the client's retries (about
-    30 s), so after 3 such series in a row the run stops, says so and how many series it did not try (rather than
-    spending 30 s on every series of the archive), exits 1; Orthanc restarted (on another port), the rerun denoises
-    every series."""
+    30 s by default; here ADL_DICOMWEB_RETRY_WAIT_S makes them under a second, the same 4 retries), so after 3 such
+    series in a row the run stops, says so and how many series it did not try (rather than spending 30 s on every
+    series of the archive), exits 1; Orthanc restarted (on another port), the rerun denoises every series."""
     from pydicom.uid import generate_uid
 
     pacs = start_orthanc(tmp_path / "orthanc")
@@ -183,7 +183,8 @@ def test_a_server_that_goes_away_stops_the_run_and_a_rerun_resumes(tmp_path, sha
         out = tmp_path / "out"
         command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
                    "gaussian", "--no-progress"]
-        process = processes.start(command, tmp_path / "batch.log", env=dict(os.environ, OMP_NUM_THREADS="1"))
+        env = dict(os.environ, OMP_NUM_THREADS="1", ADL_DICOMWEB_RETRY_WAIT_S="0.05")  # 0.75 s of waits per request
+        process = processes.start(command, tmp_path / "batch.log", env=env)
         try:
             lock = out / MANIFEST_DIR / "lock-rank-00000"  # taken once the series are listed
             deadline = time.monotonic() + TIMEOUT
@@ -200,8 +201,7 @@ def test_a_server_that_goes_away_stops_the_run_and_a_rerun_resumes(tmp_path, sha
         done = int(summary.split(" done")[0].split()[-1])
         assert f"{done} done, 0 skipped, 3 failed, {3 - done} not tried" in summary, summary
         pacs = start_orthanc(tmp_path / "orthanc")  # the same storage, another port
-        again = processes.run([*command[:4], pacs.dicomweb, *command[5:]], TIMEOUT,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        again = processes.run([*command[:4], pacs.dicomweb, *command[5:]], TIMEOUT, env=env)
         assert again.returncode == 0, again.stdout + again.stderr
         assert f"6 series: {6 - done} done, {done} skipped, 0 failed" in again.stdout, again.stdout
     finally:

@@ -17,6 +17,7 @@ its "done" record never leads to a second derived series of the same source on t
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pydicom
@@ -35,7 +36,9 @@ NON_IMAGE_MODALITIES = frozenset({"AU", "DOC", "ECG", "EPS", "FID", "HD", "KO", 
                                   "RTPLAN", "RTRECORD", "RTSTRUCT", "RWV", "SMR", "SR"})
 #: voxels per instance assumed for sharding (series-level QIDO does not return Rows and Columns)
 VOXELS_PER_INSTANCE = 512 * 512
-
+#: environment variable: the first wait (seconds) of the client's retries, each later wait twice the one before
+#: (dicomweb-client's default is 2 s: 2 + 4 + 8 + 16 = 30 s before a request to an unreachable server fails)
+RETRY_WAIT_ENV = "ADL_DICOMWEB_RETRY_WAIT_S"
 
 
 def is_dicomweb_url(text: str) -> bool:
@@ -43,10 +46,27 @@ def is_dicomweb_url(text: str) -> bool:
 
 
 def make_client(url: str):
-    """A ``DICOMwebClient`` for the service root ``url`` (e.g. ``http://pacs:8042/dicom-web``)."""
+    """A ``DICOMwebClient`` for the service root ``url`` (e.g. ``http://pacs:8042/dicom-web``). It retries a failed
+    request 4 times, waiting 2, 4, 8 then 16 s; ``ADL_DICOMWEB_RETRY_WAIT_S`` sets the first wait (the tests
+    shorten it; the number of tries stays).
+
+    Raises:
+        ValueError: ``ADL_DICOMWEB_RETRY_WAIT_S`` is not a number >= 0.
+    """
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(url=url.rstrip("/"))
+    client = DICOMwebClient(url=url.rstrip("/"))
+    value = os.environ.get(RETRY_WAIT_ENV, "").strip()
+    if value:
+        try:
+            first_wait = float(value)
+        except ValueError:
+            first_wait = -1.0
+        if not first_wait >= 0:
+            raise ValueError(f"{RETRY_WAIT_ENV}={value!r}: the first wait between retries must be seconds >= 0")
+        # retrying waits multiplier * 2**attempt milliseconds after each failed attempt (1, 2, ...)
+        client.set_http_retry_params(wait_exponential_multiplier=first_wait * 1000 / 2)
+    return client
 
 
 def _value(result: dict, keyword: str, default=""):
