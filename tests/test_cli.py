@@ -374,6 +374,7 @@ def test_training_refuses_what_would_overwrite_a_run_or_pair_other_anatomy(tmp_p
     cut = run_cli("train", "--model", "adl", "--modality", "ct", "--clean", clean, "--output", tmp_path / "c.pt",
                   "--resume", tmp_path / "cut", *TINY_ADL)
     assert cut.returncode == 2 and "cannot be read as a checkpoint" in cut.stderr, cut.stderr
+    assert "training ADL" not in cut.stdout, cut.stdout  # said before the training data are built, not after
     (tmp_path / "folder.pt").mkdir()
     folder = run_cli("train", "--model", "adl", "--modality", "ct", "--clean", clean, "--output", tmp_path / "folder.pt",
                      "--overwrite", *TINY_ADL)

@@ -537,6 +537,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CommandError("--val-noisy-dir and --val-clean-dir go together")
     gcn = args.model == GCN_MODEL
     _check_gcn_train_arguments(args, gcn)
+    if args.resume:  # a cut or foreign checkpoint: said now, not after the training data are built (minutes)
+        from lib.engines.adl_training import load_adl_checkpoint
+        from lib.engines.gcn_training import load_gcn_checkpoint
+
+        try:
+            (load_gcn_checkpoint if gcn else load_adl_checkpoint)(Path(args.resume).expanduser())
+        except ValueError as error:
+            raise CommandError(str(error)) from None
     modality = args.modality.upper()
     device = _resolve_device(args.device)
     filters = _int_list(args.filters, "--filters") if args.filters else None
