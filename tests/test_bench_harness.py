@@ -292,9 +292,11 @@ def test_missing_training_slices_are_a_usage_error_naming_the_script_that_makes_
 
 @pytest.mark.slow
 @pytest.mark.server
-def test_server_overhead_leaves_no_scratch_folder(tmp_path):
+def test_server_overhead_leaves_no_scratch_folder(tmp_path, tiny_weights):
     """``bench/server_overhead.py`` copied the weights and its CT volumes (300 slices by default: 300 MB and the
-    result) into a ``server_bench_*`` folder of the temporary directory and never removed it."""
+    result) into a ``server_bench_*`` folder of the temporary directory and never removed it. With the session's
+    tiny real ADL CT weights: the shipped network's four passes over a 512 x 512 slice took most of a minute on one
+    thread, and what is checked here does not depend on the weights."""
     import subprocess
     import sys
 
@@ -305,7 +307,8 @@ def test_server_overhead_leaves_no_scratch_folder(tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "server_overhead.py"), "--slices", "1",
-                           "--memory-slices", "0", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                           "--memory-slices", "0", "--out", str(tmp_path / "out"),
+                           "--weights", str(tiny_weights / "pretrained_adl_ct.pt")], capture_output=True, text=True,
                           env=dict(os.environ, TMPDIR=str(scratch), OMP_NUM_THREADS="1"), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "server_overhead.json").read_text())["slices"] == 1
