@@ -817,6 +817,7 @@ def test_cli_fine_tunes_from_initial_weights_on_one_ct_filter(tmp_path, ct_crop)
     assert not (tmp_path / "w.pt").exists()
 
 
+@pytest.mark.slow
 def test_cli_train_from_scratch_measures_its_own_restoration_width(tmp_path, ct_crop):
     """A CT network trained from scratch is served at a width measured for it, not at the CT default chosen for
     other networks: the widest width at which lesions planted in its noisy validation slice keep 90 % of a 6 mm

@@ -77,6 +77,7 @@ def test_the_air_skipped_changes_nothing_inside_the_body(abdomen_slices, whole_s
     assert not np.allclose(skipped[body], abdomen_slices[body], atol=1.0)  # and the body was denoised
 
 
+@pytest.mark.slow
 def test_a_body_that_reaches_the_image_edge_sees_that_edge_as_in_a_whole_slice_pass():
     """The embedded quarter-dose head reaches the bottom and right edges of its 512 x 512 slice; put in the bottom right
     corner of a 640 x 640 field of air (-1024 HU, as stored air), its box is grown inside the image to the network's
