@@ -566,7 +566,8 @@ def test_cli_train_from_initial_weights_with_a_lineage_carries_it(tmp_path, ct_c
 def test_tddl_end_to_end_learn_noise_train_denoise_improves_psnr(tmp_path, ct_crop):
     """The TDDL workflow through the command line on a tiny volume: the noise is learnt from the LOW-DOSE image
     alone, the GCN is trained on the clean image + learnt noise, and denoising the low-dose image gets closer to
-    the clean one."""
+    the clean one. (75 noise-learning and 100 training steps gain 6.8 dB here, 150 and 200 gave 7.2 dB; with the
+    learnt noise added at a tenth of its strength the gain falls below the 3 dB asked.)"""
     from lib.evaluation.metrics import CT_WINDOWS, psnr
 
     cli = import_cli()
@@ -575,11 +576,11 @@ def test_tddl_end_to_end_learn_noise_train_denoise_improves_psnr(tmp_path, ct_cr
                      "--modality", "ct", "--seed", "5"]) == 0
     noise_model = tmp_path / "noise.pt"
     assert cli.main(["learn-noise", "-i", str(low_dose), "-o", str(noise_model), "--patch-size", "16", "--steps",
-                     "150", "--batch-size", "32", "--device", "cpu", "--seed", "1"]) == 0
+                     "75", "--batch-size", "32", "--device", "cpu", "--seed", "1"]) == 0
     weights = tmp_path / "gcn.pt"
     assert cli.main(["train", "--model", "tddl_gcn", "--output", str(weights), "--clean", str(ct_crop), "--modality",
                      "ct", "--noise-model", str(noise_model), "--realisations", "4", "--patch-size", "32",
-                     "--batch-size", "4", "--steps", "200", "--lr", "2e-3", "--features", "16", "--neighbours", "8",
+                     "--batch-size", "4", "--steps", "100", "--lr", "2e-3", "--features", "16", "--neighbours", "8",
                      "--search-window", "9", "--blocks", "1", "--layers-per-block", "1", "--device", "cpu",
                      "--validation-every", "0", "--seed", "1"]) == 0
     denoised = tmp_path / "denoised.nii.gz"
