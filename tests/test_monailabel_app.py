@@ -654,7 +654,7 @@ def test_training_killed_half_way_leaves_the_served_model_untouched(training_cli
 
 
 def test_tddl_adaptation_learns_noise_from_unlabelled_low_dose_images(training_client, training_server):
-    training_client.train_start("tddl_gcn", {"mode": "adapt_noise", "steps": 4, "patch_size": 32, "noise_steps": 20,
+    training_client.train_start("tddl_gcn", {"mode": "adapt_noise", "steps": 4, "patch_size": 32, "noise_steps": 2,
                                              "device": "cpu"})
     assert wait_for_training(training_client)["status"] == "DONE", training_server.log_tail()
     stats = training_client.info()["train_stats"]["tddl_gcn"]
