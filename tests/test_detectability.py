@@ -244,16 +244,13 @@ def test_lesion_placement_keeps_lesions_apart_and_contrasts_balanced():
 
 
 @pytest.mark.slow
-def test_benchmark_end_to_end_on_a_phantom(tmp_path):
+def test_benchmark_end_to_end_on_a_phantom(tmp_path, tiny_weights):
     """The command line on the synthetic phantoms (no ../shared/data needed): identity, a blur, and a weight file
-    given as --weights NAME=FILE (the shipped CT ADL: runs on CT only); MR lesions darker than their tissue
-    (--contrasts-mr)."""
+    given as --weights NAME=FILE (a CT ADL file, the session's tiny real one: runs on CT only; what it scores is
+    not checked here); MR lesions darker than their tissue (--contrasts-mr)."""
     from bench.lesion_detectability import main
-    from lib.weights import find_weights
 
-    weights = find_weights("adl", "CT")
-    if weights is None:
-        pytest.skip("no ADL CT weights installed")
+    weights = tiny_weights / "pretrained_adl_ct.pt"
     out = tmp_path / "lesions"
     rc = main(["--data", "phantom", "--denoisers", "noisy,gaussian", "--weights", f"adl_lesion={weights}",
                "--n-boot", "200", "--per-slice", "4", "--no-cache", "--contrasts-mr=-20,-10", "--out", str(out)])
