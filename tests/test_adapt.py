@@ -242,7 +242,7 @@ def test_self_adaptation_data_learns_nothing_from_the_held_out_low_dose_images(t
     studies = shared_studies(tmp_path / "studies")
     low_dose = {i: str(studies / f"{i}.nii.gz") for i in ("ct_slice_a", "ct_slab_b", "ct_slab_c")}
     data = adaptation_data(low_dose, tmp_path / "work", denoiser_weights=tiny_weights / "pretrained_tddl_gcn_ct.pt",
-                           noise_steps=20)
+                           noise_steps=2)  # what is learnt is not checked here, only what it is learnt from
     held = set(data.held_out_low_dose)
     assert held and held == set(data.description["validation_images"]) == set(data.description["held_out_low_dose"])
     assert data.held_out_low_dose == {i: low_dose[i] for i in held}
@@ -260,7 +260,7 @@ def test_self_adaptation_validates_on_central_slices_of_a_long_held_out_volume(t
     low_dose = {"short": tmp_path / "short.nii.gz", "long": tmp_path / "long.nii.gz"}
     write_crop(LOW_DOSE, low_dose["short"], z=slice(40, 44))
     write_crop(LOW_DOSE, low_dose["long"], z=slice(50, 50 + HELD_OUT_STAND_IN_SLICES + 4))
-    data = adaptation_data({k: str(v) for k, v in low_dose.items()}, tmp_path / "work", noise_steps=20,
+    data = adaptation_data({k: str(v) for k, v in low_dose.items()}, tmp_path / "work", noise_steps=2,
                            denoiser_weights=tiny_weights / "pretrained_tddl_gcn_ct.pt",
                            split=lambda names: ([n for n in names if n != "long"], ["long"]))
     [pair] = data.validation_pairs
