@@ -259,6 +259,16 @@ def test_every_role_gets_in_exactly_where_the_role_model_says(server, tokens, me
             assert method == "HEAD" or "required" in detail(response)
 
 
+def test_the_run_all_training_route_starts_nothing_even_for_an_admin(server, tokens):
+    """MONAI Label's deprecated ``POST /train/`` started every model's fine-tune with none of the checks of
+    ``POST /train/{model}`` (request data, one run at a time, the audit entry of who asked): refused with 422."""
+    response = requests.post(f"{server.url}/train/", json={}, timeout=120,
+                             headers={"Authorization": f"Bearer {tokens['adam']}"})
+    assert response.status_code == 422 and "POST /train/{model}" in detail(response), detail(response)
+    status = call(server, "GET", "/train/", tokens["adam"])
+    assert status.status_code == 404 or status.json().get("status") not in ("SUBMITTED", "RUNNING"), status.text
+
+
 def test_a_route_missing_from_the_table_is_closed_to_all_but_admin(server, tokens):
     for name in ("uma", "anna", "rita"):
         assert call(server, "GET", "/no/such/route", tokens[name]).status_code == 403

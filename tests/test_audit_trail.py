@@ -527,3 +527,85 @@ def test_an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(f
     # the log keeps the old study's entries
     audit = AuditLog(folders["audit"])
     assert [f["reviewer"] for f in _events(audit, "verdict")] == ["dr_first", "dr_second"]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_fine_tune_names_the_admin_who_started_it_and_runs_alone(folders):
+    """Auth on: the training run has no HTTP request of its own, so its ``weights_published`` /
+    ``weights_rejected`` entry named no user. The train route records ``training_requested`` (the token's user)
+    and the run's weights entry names that user and entry; a ``requested_by`` in the params is not believed.
+    A run_sync run trains in the server process, where MONAI Label's "already running" check does not see it: a
+    second run was started beside it (two fine-tunes at once); it is refused (429) and recorded as not started."""
+    from mlserver import start_server, stop_server
+    from realm import USER_OF_ROLE, Realm
+
+    realm = Realm()
+    admin, annotator = USER_OF_ROLE["admin"], USER_OF_ROLE["annotator"]
+    try:
+        server = start_server(folders["studies"], folders["model"], folders["work"] / "train",
+                              conf={"audit_dir": folders["audit"], "max_voxels": 3_000_000},
+                              env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url})
+        try:
+            def auth(user: str) -> dict:
+                return {"Authorization": f"Bearer {realm.token(user)}"}
+
+            for image in ("ct_slab_b", "ct_slab_c"):  # the studies' full-dose slabs as the clinicians' corrections
+                corrected = write_full_dose(folders["root"] / f"{image}_final.nii.gz", image)
+                with open(corrected, "rb") as handle:
+                    saved = requests.put(f"{server.url}/datastore/label", params={"image": image, "tag": "final"},
+                                         files={"label": (corrected.name, handle)}, data={"params": "{}"},
+                                         headers=auth(annotator), timeout=120)
+                assert saved.status_code == 200, saved.text
+            params = {"steps": 150, "patch_size": 32, "device": "cpu", "requested_by": "mallory",
+                      "training_request_seq": 0}
+            answers: dict = {}
+
+            def sync_run() -> None:
+                answers["sync"] = requests.post(f"{server.url}/train/adl", params={"run_sync": "true"}, json=params,
+                                                headers=auth(admin), timeout=1800)
+
+            runner = threading.Thread(target=sync_run)
+            runner.start()
+            deadline = time.monotonic() + 600
+            while True:  # until the synchronous run trains
+                stats = requests.get(f"{server.url}/info/", headers=auth(admin), timeout=60).json()["train_stats"]
+                if stats.get("adl", {}).get("phase") == "training" or not runner.is_alive():
+                    break
+                assert time.monotonic() < deadline, server.log_tail()
+                time.sleep(0.2)
+            beside = requests.post(f"{server.url}/train/tddl_gcn", json={"steps": 2, "device": "cpu"},
+                                   headers=auth(admin), timeout=120)
+            still_running = runner.is_alive()
+            runner.join()
+            assert answers["sync"].status_code == 200, answers["sync"].text
+            assert still_running, "the synchronous run ended before the second request: give it more steps"
+            assert beside.status_code == 429 and "run_sync" in beside.json()["detail"], beside.text
+            stats = requests.get(f"{server.url}/info/", headers=auth(admin), timeout=60).json()["train_stats"]["adl"]
+            assert stats["status"] == "done", stats
+        finally:
+            stop_server(server)
+    finally:
+        realm.stop()
+    audit = AuditLog(folders["audit"])
+    assert audit.verify().ok
+    requests_made = audit.entries("training_requested")
+    assert [(e["fields"]["model"], e["fields"]["user"]) for e in requests_made] == [("adl", admin), ("tddl_gcn", admin)]
+    assert "requested_by" not in requests_made[0]["fields"]["params"]
+    decided = [e["fields"] for e in audit.entries() if e["event"] in ("weights_published", "weights_rejected")]
+    assert len(decided) == 1, decided
+    assert (decided[0]["requested_by"], decided[0]["training_request_seq"]) == (admin, requests_made[0]["seq"])
+    assert "mallory" not in audit.path.read_text()
+    not_started = _events(audit, "training_requested_failed")
+    assert [(f["model"], f["training_request_seq"]) for f in not_started] == [("tddl_gcn", requests_made[1]["seq"])]
+
+
+def write_full_dose(target: Path, image: str) -> Path:
+    """The full-dose slab of a shared study (``mlserver.shared_studies``: slices 40-43 or 70-73 of the head),
+    on its grid, as float: a clinician's correction of that study."""
+    from mlserver import write_crop
+
+    z = {"ct_slab_b": slice(40, 44), "ct_slab_c": slice(70, 74)}[image]
+    write_crop(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz", target, z=z)
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(target)), sitk.sitkFloat32), str(target))
+    return target

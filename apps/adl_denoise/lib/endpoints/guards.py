@@ -19,7 +19,9 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   stamp (:func:`lib.trainers.correction_stamp`: who saved it, when, the file's SHA-256), overriding any client
   keys of the same names, and the label-info routes refuse those keys: only corrections saved here are training
   data.
-* ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing).
+* ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing); one run
+  at a time (429, a ``run_sync`` run included); the request an audit entry naming who asked.
+  ``POST /train/`` (MONAI Label's run-all, none of those checks): 422 pointing to ``POST /train/{model}``.
 * ``POST /activelearning/{strategy}``, ``GET /datastore/image/info``: the answer has no ``path`` (the server's
   absolute file path; a study is downloaded by its id); a session's ``path`` and ``image`` (``PUT /session/``,
   ``GET /session/{id}``) are cut to their last part.
@@ -78,7 +80,14 @@ FORBIDDEN_INFER_PARAMS = {
     "model_filename": _ROUTING, "model_path": _ROUTING, "path": _ROUTING, "file": _ROUTING, "label": _ROUTING,
     "description": _ROUTING, "save_label": _SAVING, "label_tag": _SAVING,
 }
+#: training-request keys the server sets (who asked, and the audit entry of the request): a client's are dropped
+TRAINING_REQUEST_KEYS = ("requested_by", "training_request_seq")
 _BOOLEAN_WORDS = {"true", "false", "1", "0", "yes", "no", "y", "n", "t", "f", "on", "off"}
+
+# a training request's check that no other run is going on, and its start, are one step; a run_sync run (in the
+# server process, where MONAI Label does not see it) holds _sync_training while it trains
+_train_start_lock = threading.Lock()
+_sync_training = threading.Lock()
 
 # an id's check-then-add is one step: two uploads under one new id cannot both pass the check
 _add_lock = threading.Lock()
@@ -288,16 +297,85 @@ def guarded_infer(
 @router.post("/train/{model}", include_in_schema=False)
 def guarded_train(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
                   enqueue: Optional[bool] = False, user: User = Depends(RBAC(_ADMIN))):
-    from monailabel.endpoints.train import run_model
-
+    """MONAI Label's ``run_model`` after :meth:`DenoiserTrainTask.validate_request`, one run at a time
+    (:func:`_start_training`), the request an audit entry (``training_requested``, who asked) whose seq and user
+    the run's weights entry names."""
+    from ..audit import AuditError
+    from ..audit.context import request_actor
     from ..trainers import TrainingDataError
+    from .review import audit_http_error
 
     task = model_task("train", model)
+    params = {k: v for k, v in (params or {}).items() if k not in TRAINING_REQUEST_KEYS}
     try:
-        task.validate_request(dict(params or {}), app().datastore())
+        task.validate_request(dict(params), app().datastore())
     except TrainingDataError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
-    return run_model(model, params, run_sync, enqueue)
+    # The run (a subprocess of its own, outside this request) publishes or rejects weights: its entries name the
+    # admin who asked through this entry, whose seq and user travel with the request; a client's values of those
+    # keys were dropped above.
+    audit = app().audit
+    fields = {"model": model, "params": params, "run_sync": bool(run_sync), "enqueue": bool(enqueue)}
+    try:
+        entry = audit.append("training_requested", {**fields, **request_actor()})
+    except AuditError as error:
+        raise audit_http_error(error, f"{model}: the training was not started") from None
+    params.update({"requested_by": user.username if user else None, "training_request_seq": entry["seq"]})
+    try:
+        return _start_training(model, params, bool(run_sync), bool(enqueue))
+    except Exception as error:  # e.g. 429: another run is going on; the request entry must not stand alone
+        try:
+            audit.append("training_requested_failed", {**fields, "training_request_seq": entry["seq"],
+                                                       "error": getattr(error, "detail", None) or str(error)})
+        except AuditError:
+            log.exception("could not record that the training request %s was not started", entry["seq"])
+        raise
+
+
+@router.post("/train/", include_in_schema=False)
+def refused_train_all(user: User = Depends(RBAC(_ADMIN))):
+    """Never handed on: MONAI Label's (deprecated) run-all route starts every model's run with none of the checks
+    of ``POST /train/{model}`` (its request's data, one run at a time, the audit entry of who asked)."""
+    trainers = ", ".join(sorted(getattr(app(), "_trainers", None) or {})) or "none"  # noqa: SLF001
+    raise HTTPException(status_code=422, detail=f"train one model at a time: POST /train/{{model}} (this server "
+                                                f"has: {trainers})")
+
+
+def _training_going_on(queued_too: bool) -> Optional[str]:
+    """What training is going on in this server (a run in MONAI Label's subprocess, or a synchronous run in the
+    server itself; with ``queued_too`` also a subprocess run submitted but not started), or None."""
+    from monailabel.utils.async_tasks.utils import processes, tasks
+
+    if _sync_training.locked():
+        return "a synchronous training run (run_sync) is going on in the server"
+    if processes("train"):
+        return "a training run is going on"
+    if queued_too and any(task.get("status") == "SUBMITTED" for task in tasks("train")):
+        return "a training run is waiting to start"
+    return None
+
+
+def _start_training(model: str, params: dict, run_sync: bool, enqueue: bool):
+    """MONAI Label's ``run_model``, one fine-tune at a time: its own check sees only the runs of its subprocess,
+    so a ``run_sync`` run (in the server process itself) and a subprocess run, or two synchronous runs, trained
+    at once (each from the weights served at its start, publishing over the other). 429 while another run is
+    going on; ``enqueue`` still queues subprocess runs behind a subprocess run."""
+    from monailabel.endpoints.train import run_model
+
+    with _train_start_lock:
+        # subprocess runs queue one after the other (MONAI Label's executor has one worker): a synchronous run
+        # cannot join that queue
+        busy = _training_going_on(queued_too=run_sync)
+        if busy is not None and (run_sync or not enqueue or _sync_training.locked()):
+            raise HTTPException(status_code=429, detail=f"{model} not started: {busy}; wait for it to finish (GET "
+                                                        "/train/) or stop it (DELETE /train/)")
+        if not run_sync:
+            return run_model(model, params, False, enqueue)
+        _sync_training.acquire()
+    try:
+        return run_model(model, params, True, enqueue)
+    finally:
+        _sync_training.release()
 
 
 # ------------------------------------------------------------------------------------------------ images

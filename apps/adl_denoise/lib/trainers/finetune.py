@@ -342,6 +342,11 @@ class DenoiserTrainTask(TrainTask):
             "started_utc": utc_timestamp(), "pid": os.getpid(), "work_dir": str(work), "total_steps": settings.steps,
             "key_metric": "PSNR (dB)", "starting_weights": served.version, "phase": "preparing data",
         }
+        # who asked for the run, and the audit entry of the request (set by the server's train route): the
+        # publication's or rejection's entry names them, this process serves no HTTP request of its own
+        requested = {key: resolved["params"][key] for key in ("requested_by", "training_request_seq")
+                     if key in resolved["params"]}
+        status.update(requested)
         atomic_write_json(self.status_path, status)
         stopwatch = Stopwatch()
         try:
@@ -384,7 +389,7 @@ class DenoiserTrainTask(TrainTask):
             decision = decide_publication(result, self.store, self.model, modality, checks=checks,
                                           validation_psnr_decides=not held_out_low_dose, mode=mode,
                                           candidate_restoration=result.restoration,
-                                          run_id=run_id, started_from=served.version,
+                                          run_id=run_id, started_from=served.version, **requested,
                                           images=description.get("train_images"),
                                           record_pseudonyms={v: k for k, v in sorted(pseudonyms.items())})
             status.update(status="done", phase="finished", finished_utc=utc_timestamp(), decision=decision,
