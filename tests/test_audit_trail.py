@@ -500,9 +500,18 @@ def test_an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(f
         first = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
                               data={"params": "{}"}, timeout=600)
         assert first.status_code == 200, first.text
-        verdict = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_first"},
-                                timeout=60)
+        # a second result comes in while dr_first looks at the first: the verdict names the one it judges
+        second = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
+                               data={"params": "{}"}, timeout=600)
+        assert second.status_code == 200 and second.json()["audit_seq"] > first.json()["audit_seq"], second.text
+        verdict = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_first",
+                                                                 "result_seq": first.json()["audit_seq"]}, timeout=60)
         assert verdict.status_code == 200 and verdict.json()["result"]["model"] == "nlm", verdict.text
+        assert verdict.json()["result"]["result_seq"] == first.json()["audit_seq"], verdict.text
+        for bad in ("7", True, 1.5):
+            refused = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_first",
+                                                                     "result_seq": bad}, timeout=60)
+            assert refused.status_code == 422 and "result_seq" in refused.text, refused.text
         removed = requests.delete(f"{url}/datastore/image", params={"id": "ct_slab_b"}, timeout=60)
         assert removed.status_code == 200, removed.text
         other = folders["studies"].parent / "other_patient.nii.gz"
@@ -519,6 +528,10 @@ def test_an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(f
         trail = requests.get(f"{url}/review/ct_slab_b", timeout=60).json()
         assert trail["review"]["verdict"] == "unreviewed", trail
         assert trail["review_history"] == [] and trail["denoise_results"] == [], trail
+        # a verdict on the old study's result (a client that kept its audit_seq) is not the new study's
+        stale = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_first",
+                                                               "result_seq": first.json()["audit_seq"]}, timeout=60)
+        assert stale.status_code == 409 and "removed and stored again" in stale.json()["detail"], stale.text
         again = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_second"},
                               timeout=60)
         assert again.status_code == 200 and again.json()["result"] is None, again.text  # nothing denoised yet

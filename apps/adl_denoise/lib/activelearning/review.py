@@ -20,7 +20,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from ..audit import AuditError, AuditLog
 from ..audit.context import request_actor
 
-__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "ambiguous_images", "has_image", "record_result",
+__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResult", "ambiguous_images", "has_image", "record_result",
            "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail", "results_of",
            "stored_results"]
 
@@ -119,14 +119,22 @@ def results_of(audit: AuditLog, image_id: str, model: Optional[str] = None) -> l
                                             and (model is None or (e.get("fields") or {}).get("model") == model))]
 
 
+class NotThisStudysResult(ValueError):
+    """A verdict names a result (``result_seq``) that is not a result of the study stored under its id now."""
+
+
 def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict: Any, reviewer: Any,
-                   reason: Any = None, model: Any = None, reviewer_from: str = "request body") -> dict:
+                   reason: Any = None, model: Any = None, reviewer_from: str = "request body",
+                   result_seq: Any = None) -> dict:
     """Record a verdict: first its audit entry, then the current verdict in the image's info (for the queue).
-    ``rejected`` needs a reason (at most :data:`MAX_REASON_CHARS` characters); ``model`` picks which model's
-    latest result is judged (default: the latest result of any model); ``reviewer_from`` says where the
-    reviewer's name comes from (``token`` with authentication on). Returns the verdict (``verdict``,
-    ``reviewer``, ``reason``, ``time_utc``, ``result``, ``seq``). ValueError / KeyError on bad input,
-    :class:`lib.audit.AuditError` when the entry cannot be written (then nothing is changed)."""
+    ``rejected`` needs a reason (at most :data:`MAX_REASON_CHARS` characters); ``result_seq`` (the ``audit_seq``
+    infer answered) names the result judged, which must be a result of the study stored under ``image_id`` now
+    (:class:`NotThisStudysResult` otherwise: the study was removed and re-added since, or the number is another
+    study's); without it ``model`` picks which model's latest result is judged (default: the latest result of any
+    model), which may be newer than the one the reviewer saw. ``reviewer_from`` says where the reviewer's name
+    comes from (``token`` with authentication on). Returns the verdict (``verdict``, ``reviewer``, ``reason``,
+    ``time_utc``, ``result``, ``seq``). ValueError / KeyError on bad input, :class:`lib.audit.AuditError` when the
+    entry cannot be written (then nothing is changed)."""
     verdict = str(verdict or "").strip().lower()
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict[:40]!r}")
@@ -144,10 +152,21 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
         raise ValueError("a rejection needs a reason")
     if model is not None and not isinstance(model, str):
         raise ValueError(f"model must be a model name, got {type(model).__name__}")
+    if result_seq is not None and (isinstance(result_seq, bool) or not isinstance(result_seq, int)):
+        raise ValueError(f"result_seq must be the audit_seq of the result judged (a whole number), got "
+                         f"{str(result_seq)[:40]!r}")
     if not has_image(datastore, image_id):
         raise KeyError(f"no image {image_id!r} in the datastore")
     refuse_unreviewable(audit, datastore, image_id)
     results = results_of(audit, image_id, model)
+    if result_seq is not None:
+        results = [r for r in results if r.get("seq") == result_seq]
+        if not results:
+            raise NotThisStudysResult(
+                f"result {result_seq} is not a result of the study stored as {image_id!r} now"
+                + (f" by model {model!r}" if model else "")
+                + ": the study was removed and stored again since it was denoised, or the number names another "
+                "study's result; denoise the study again and judge that result")
     judged = None
     if results:
         last = results[-1]

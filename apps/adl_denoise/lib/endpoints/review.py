@@ -90,7 +90,7 @@ def api_audit_one(image_id: str) -> dict:
 
 @router.post("/{image_id}", summary="Record a verdict: accepted, corrected, rejected (with a reason) or unreviewed")
 def api_review(image_id: str, request: Request, body: dict = Body(...)) -> dict:
-    from ..activelearning import record_verdict
+    from ..activelearning import NotThisStudysResult, record_verdict
     from ..audit import AuditError
     from .access import current_user
 
@@ -102,9 +102,12 @@ def api_review(image_id: str, request: Request, body: dict = Body(...)) -> dict:
         raise HTTPException(status_code=422, detail="reviewer must be a name (text)")
     try:
         return record_verdict(audit_log(), app().datastore(), image_id, body.get("verdict"), reviewer,
-                              body.get("reason"), body.get("model"), reviewer_from=source)
+                              body.get("reason"), body.get("model"), reviewer_from=source,
+                              result_seq=body.get("result_seq"))
     except KeyError as error:
         raise HTTPException(status_code=404, detail=str(error).strip("'\"")) from None
+    except NotThisStudysResult as error:
+        raise HTTPException(status_code=409, detail=str(error)) from None
     except ValueError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
     except AuditError as error:
