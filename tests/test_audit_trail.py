@@ -220,6 +220,37 @@ def test_weights_publications_and_restores_are_audit_entries(tmp_path):
     assert len(store.history("adl", "ct")) == 2
 
 
+def test_weights_whose_audit_entry_cannot_be_written_are_not_served(tmp_path):
+    """A publication or restore whose entry cannot be written (disk full, the log's folder lost its rights) left
+    the new file served with no record anywhere (the file was replaced before the entry was written): the entry
+    comes first now, and the served file stays as it was."""
+    from lib.audit.recording import AuditedModelStore
+
+    audit = AuditLog(tmp_path / "audit")
+    store = AuditedModelStore(tmp_path / "model", audit)
+    candidate = tmp_path / "candidate.pt"
+    candidate.write_bytes(b"weights v1")
+    first = store.publish(candidate, "adl", "ct")
+    served = store.published_path("adl", "ct")
+    candidate.write_bytes(b"weights v2")
+    second = store.publish(candidate, "adl", "ct")
+    assert served.read_bytes() == b"weights v2"
+    kept = audit.path.read_bytes()
+    audit.path.unlink()
+    audit.path.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
+    candidate.write_bytes(b"weights v3")
+    with pytest.raises(AuditWriteError):
+        store.publish(candidate, "adl", "ct")
+    assert served.read_bytes() == b"weights v2"
+    with pytest.raises(AuditWriteError):
+        store.restore("adl", "ct", first.version)
+    assert served.read_bytes() == b"weights v2"
+    assert store.served("adl", "ct").version == second.version
+    audit.path.rmdir()
+    audit.path.write_bytes(kept)
+    assert audit.verify().ok and [e["event"] for e in audit.entries()] == ["weights_published"] * 2
+
+
 # ------------------------------------------------------------------------------------------------ identity
 def test_content_hash_is_voxels_and_geometry_not_the_file(tmp_path):
     source = sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz"))

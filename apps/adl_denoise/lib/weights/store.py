@@ -144,9 +144,21 @@ class ModelStore:
             folder.mkdir(parents=True, exist_ok=True)
             kept = folder / f"{version}.pt"
             atomic_copy(source, kept)
-            atomic_copy(source, self.published_path(model, modality))
+            # recorded BEFORE it is served: a record that cannot be written (the app's store writes the audit log)
+            # leaves the served file as it was; a copy that then fails is recorded too
             self.record(model, modality, "published", version=version, sha256=sha, **details)
+            self._act_or_record_failure(model, modality, "publish_failed", version,
+                                        lambda: atomic_copy(source, self.published_path(model, modality)))
         return WeightsVersion(model, modality.upper(), version, self.published_path(model, modality), sha)
+
+    def _act_or_record_failure(self, model: str, modality: str, failed_event: str, version: str, action) -> None:
+        """Run ``action`` (the change of the served file, after its record); when it fails, record
+        ``failed_event`` and raise."""
+        try:
+            action()
+        except Exception as error:
+            self.record(model, modality, failed_event, version=version, error=f"{type(error).__name__}: {error}")
+            raise
 
     def restore(self, model: str, modality: str, version: str) -> WeightsVersion | None:
         """Serve an earlier version again (``pretrained``: remove the published file so the shipped one
@@ -156,16 +168,18 @@ class ModelStore:
             if version == PRETRAINED_VERSION:
                 if not self.pretrained_path(model, modality).is_file():
                     raise KeyError(f"{model} has no shipped {modality.upper()} weights to restore")
-                if published.exists():
-                    published.unlink()
+                # recorded before the served file changes (see publish)
                 self.record(model, modality, "restored", version=version,
                             sha256=file_sha256(self.pretrained_path(model, modality)))
+                if published.exists():
+                    self._act_or_record_failure(model, modality, "restore_failed", version, published.unlink)
             else:
                 kept = self.versions_dir(model, modality) / f"{version}.pt"
                 if not kept.is_file() or "/" in version or "\\" in version:
                     known = ", ".join(v["version"] for v in self.versions(model, modality)) or "none"
                     raise KeyError(f"{model} has no {modality.upper()} version {version!r} (known: {known})")
-                atomic_copy(kept, published)
                 self.record(model, modality, "restored", version=version, sha256=file_sha256(kept))
+                self._act_or_record_failure(model, modality, "restore_failed", version,
+                                            lambda: atomic_copy(kept, published))
         return self.served(model, modality)
 
