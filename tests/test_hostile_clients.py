@@ -28,6 +28,7 @@ import requests
 import SimpleITK as sitk
 
 from conftest import SAMPLE_STUDIES
+from lib.audit import AuditLog
 from mlserver import Server, copy_weights, shared_studies, start_server, stop_server, write_crop
 
 pytestmark = [pytest.mark.server]
@@ -323,6 +324,21 @@ def test_whole_slide_infer_routes_are_refused_and_read_or_write_nothing(api, unt
 
 
 # ------------------------------------------------------------------------------------------------ 3. training data
+def test_label_routes_on_a_label_that_does_not_exist_are_404_and_leave_no_record(api, untouched):
+    """The label-info updates answered 500 for a label that does not exist (after writing an audit entry), and
+    a label removal answered 200, recorded in the audit log as the removal of a label that never was."""
+    audit = AuditLog(api.server.studies / ".audit")
+    before = len(audit.entries())
+    for method, path, extra in (("PUT", "/datastore/label/info", {"data": {"info": '{"note": "x"}'}}),
+                                ("PUT", "/datastore/updatelabelinfo", {"data": {"params": '{"note": "x"}'}}),
+                                ("DELETE", "/datastore/label", {})):
+        key = "id" if method == "DELETE" else "label"
+        response = api.call(method, path, params={key: STUDY, "tag": "never_saved"}, **extra)
+        _refused(response, 404, STUDY, "never_saved")
+    assert len(audit.entries()) == before
+    assert "never_saved" not in _labels(api, STUDY)
+
+
 def test_infer_cannot_save_labels_and_only_stamped_corrections_are_training_data(api, untouched, tmp_path):
     hostile = api.server
     for params in ({"save_label": True}, {"save_label": "true", "label_tag": "final"}, {"label_tag": "../../x"}):

@@ -222,6 +222,15 @@ def _need_image(image: str) -> None:
         raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
 
 
+def _need_label(image: str, tag: str) -> None:
+    """404 unless ``image`` has a label of ``tag``: MONAI Label's label-info update answers 500 for a missing label
+    (after its audit entry), and its label removal answers 200, recorded as the removal of a label that never
+    was."""
+    datastore = app().datastore()
+    if tag not in (datastore.get_labels_by_image_id(image) or {}):
+        raise HTTPException(status_code=404, detail=f"image {image!r} has no label of tag {tag!r}")
+
+
 def _refuse_stamp_keys(info: dict, parameter: str) -> None:
     from ..trainers import CORRECTION_KEYS
 
@@ -606,6 +615,7 @@ def guarded_remove_label(id: str, tag: str, user: User = Depends(RBAC(_ADMIN))):
 
     check_name(id, "id")
     check_name(tag, "tag")
+    _need_label(id, tag)
     return remove_label(id, tag, user.username)
 
 
@@ -642,6 +652,7 @@ def guarded_put_label_info(label: str, tag: str, info: str = Form("{}"), user: U
 
     check_name(label, "label")
     check_name(tag, "tag")
+    _need_label(label, tag)
     _refuse_stamp_keys(_json_object(info, "info"), "info")
     return update_label_info(label, tag, info, user.username)
 
@@ -653,6 +664,7 @@ def guarded_update_label_info(label: str, tag: str, params: str = Form("{}"),
 
     check_name(label, "label")
     check_name(tag, "tag")
+    _need_label(label, tag)
     _refuse_stamp_keys(_json_object(params, "params"), "params")
     return update_label_info(label, tag, params, user.username)
 
