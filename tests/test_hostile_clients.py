@@ -430,6 +430,33 @@ def test_a_correction_on_another_grid_is_refused_or_put_on_the_images_grid(api, 
         _remove_labels(api, STUDY)
 
 
+def test_a_segmentation_or_an_8_bit_export_saved_as_final_is_no_correction(api, untouched, tmp_path):
+    """MONAI Label's own clients save their label maps under ``final``: a body mask (0/1) of the study, or the study
+    squeezed to 8 bits, was stamped as a clinician's correction and trained on as target intensities (CT from HU to
+    0/1). Refused with 422 saying why; the study's own values (shifted 5 HU) pass."""
+    hostile = api.server
+    study = sitk.ReadImage(str(hostile.studies / f"{STUDY}.nii.gz"))
+    array = sitk.GetArrayFromImage(study).astype(np.float32)
+    try:
+        for name, values, words in (
+                ("mask", (array > -500).astype(np.uint8), ("distinct values", "segmentation")),
+                ("8bit", np.round((array - array.min()) / np.ptp(array) * 255).astype(np.uint8), ("other units",))):
+            image = sitk.GetImageFromArray(values)
+            image.CopyInformation(study)
+            path = tmp_path / f"{STUDY}_{name}.nii.gz"
+            sitk.WriteImage(image, str(path))
+            response = api.call("PUT", "/datastore/label", params={"image": STUDY, "tag": "final"},
+                                files={"label": (path.name, path.read_bytes())})
+            _refused(response, 422, "does not hold that image's values", *words)
+        assert _labels(api, STUDY) == {}
+        correction = _correction(hostile, STUDY, tmp_path, 5.0)
+        saved = api.call("PUT", "/datastore/label", params={"image": STUDY, "tag": "final"},
+                         files={"label": (correction.name, correction.read_bytes())})
+        assert saved.status_code == 200, saved.text[:300]
+    finally:
+        _remove_labels(api, STUDY)
+
+
 def test_a_correction_is_no_training_data_once_its_image_is_replaced_on_disk(api, untouched, tmp_path):
     """The stamp names the image file it corrects: another volume of the same size put under the id (an export
     job, a restore) leaves the old correction behind, which training must not pair with the new voxels."""

@@ -14,11 +14,11 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   any voxel is read); an id already taken answers as that study when the content is the same (same file, or same
   voxels and geometry: 200, nothing replaced, labels kept) and 409 when it differs (MONAI Label would replace the
   file and drop its labels).
-* ``PUT /datastore/label``: an intact image; a ``final`` correction on its image's grid; a ``regions`` map checked
-  against its image and declaration (:mod:`lib.data.regions`); the label's info gets the server's correction
-  stamp (:func:`lib.trainers.correction_stamp`: who saved it, when, the file's SHA-256), overriding any client
-  keys of the same names, and the label-info routes refuse those keys: only corrections saved here are training
-  data.
+* ``PUT /datastore/label``: an intact image; a ``final`` correction on its image's grid, holding its values (no
+  label map); a ``regions`` map checked against its image and declaration (:mod:`lib.data.regions`); the label's
+  info gets the server's correction stamp (:func:`lib.trainers.correction_stamp`: who saved it, when, the file's
+  SHA-256), overriding any client keys of the same names, and the label-info routes refuse those keys: only
+  corrections saved here are training data.
 * ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing); one run
   at a time (429, a ``run_sync`` run included); the request an audit entry naming who asked.
   ``POST /train/`` (MONAI Label's run-all, none of those checks): 422 pointing to ``POST /train/{model}``.
@@ -529,6 +529,7 @@ def guarded_save_label(
         _checked_image(upload, "the uploaded label")
         if tag == "final":
             upload = _on_image_grid(upload, image, datastore.get_image_uri(image) or "")
+            _refuse_values_not_of_the_image(upload, image, datastore.get_image_uri(image) or "")
         if tag == REGIONS_TAG:
             try:
                 load_correction_regions(image, datastore.get_image_uri(image), upload, params)
@@ -590,6 +591,58 @@ def _on_image_grid(upload: Path, image: str, image_uri: str) -> Path:
     log.info("correction of %s: the upload's axes %s reversed onto the image's grid", image, flips)
     _remove(upload)
     return Path(name)
+
+
+#: a correction's values against its image's, by least squares on a sample: a denoised volume follows them with a
+#: slope near 1 and no offset; a segmentation, probabilities or an 8-bit export do not (slope near 0, or offset)
+CORRECTION_SLOPE_RANGE = (0.5, 2.0)
+CORRECTION_MAX_OFFSET = 0.1  # of the image's 1st-99th percentile range
+_VALUE_SAMPLES = 1_000_000
+
+
+def _refuse_values_not_of_the_image(upload: Path, image: str, image_uri: str) -> None:
+    """422 when the ``final`` correction (on the image's grid) does not hold a denoised version of the image's
+    values: a segmentation saved as ``final`` (MONAI Label's own clients save their label maps under that tag),
+    probabilities, or the volume in other units (8-bit, stored values without the rescale) was stamped as a
+    clinician's correction and trained on as the target intensities. Judged on the whole volume (a median offset,
+    a least-squares slope), which local edits of a real correction do not move."""
+    import numpy as np
+
+    from ..imaging import ImageReadError, read_volume
+
+    if not image_uri or not os.path.exists(image_uri):
+        return
+    try:
+        study = read_volume(image_uri, fill_padding=False, max_voxels=_max_voxels()).array
+        label = read_volume(upload, modality="OT", fill_padding=False, max_voxels=_max_voxels()).array
+    except ImageReadError as error:
+        raise HTTPException(status_code=422, detail=f"cannot compare the correction with image {image!r}: "
+                                                    f"{str(error).replace(str(upload), 'the upload')}") from None
+    if study.shape != label.shape:  # _on_image_grid has put it on the grid: nothing to compare otherwise
+        return
+    step = max(1, study.size // _VALUE_SAMPLES)
+    x = study.reshape(-1)[::step].astype(np.float64)
+    y = label.reshape(-1)[::step].astype(np.float64)
+    finite = np.isfinite(x) & np.isfinite(y)
+    x, y = x[finite], y[finite]
+    if x.size < 2:
+        return
+    low, high = np.percentile(x, [1, 99])
+    spread = float(high - low)
+    variance = float(np.var(x))
+    if spread <= 0 or variance <= 0:
+        return
+    slope = float(np.mean((x - x.mean()) * (y - y.mean())) / variance)
+    offset = float(np.median(y - x))
+    if CORRECTION_SLOPE_RANGE[0] <= slope <= CORRECTION_SLOPE_RANGE[1] and abs(offset) <= CORRECTION_MAX_OFFSET * spread:
+        return
+    distinct = np.unique(y[: 100_000]).size
+    kind = (f"it holds {distinct} distinct values: a segmentation or label map?" if distinct <= 16
+            else "a segmentation, probabilities, or the volume in other units (8-bit, stored values)?")
+    raise HTTPException(status_code=422, detail=(
+        f"the correction of image {image!r} does not hold that image's values: they follow the image's with slope "
+        f"{slope:.3g} and offset {offset:.4g} (a corrected denoised volume: slope about 1, offset about 0, on the "
+        f"image's range of {spread:.4g}); {kind} Save the corrected volume in the image's own units (CT: HU)"))
 
 
 def _regions_sent_with(image: str, regions_sha256: Any) -> Optional[str]:
