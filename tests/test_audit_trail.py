@@ -424,6 +424,17 @@ def test_audit_trail_survives_a_restart_and_reports_tampering(folders):
         assert entries[-1]["event"] == "server_started"
         trail = requests.get(f"{server.url}/review/ct_slab_b", timeout=60).json()
         assert [h["reviewer"] for h in trail["review_history"]] == ["dr_a", "dr_b"]
+        # edited while the server runs: the verification that finds it stops the chain from growing on it, as a
+        # start-up verification does (entries went on being appended onto the tampered log)
+        before = audit.path.read_bytes()
+        audit.path.write_bytes(before.replace(b'"reviewer":"dr_a"', b'"reviewer":"dr_x"', 1))
+        verify = requests.get(f"{server.url}/review/audit/verify", timeout=60).json()
+        assert not verify["ok"] and verify["refusing_entries"], verify
+        assert "AUDIT TRAIL BROKEN" in requests.get(f"{server.url}/info/", timeout=60).json()["audit"]["warning"]
+        refused = requests.post(f"{server.url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_c"},
+                                timeout=60)
+        assert refused.status_code == 503 and "broken" in refused.text, refused.text
+        audit.path.write_bytes(before)
     finally:
         stop_server(server)
     intact = audit.path.read_bytes()

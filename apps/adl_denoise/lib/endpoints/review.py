@@ -6,6 +6,7 @@ audit log (:mod:`lib.audit`), which the datastore routes cannot rewrite.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from fastapi import APIRouter, Body, HTTPException, Request
@@ -13,6 +14,8 @@ from fastapi import APIRouter, Body, HTTPException, Request
 from .common import app
 
 __all__ = ["router", "audit_log", "audit_http_error"]
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/review", tags=["Review"])
 
@@ -48,7 +51,14 @@ def api_audit() -> list:
 @router.get("/audit/verify", summary="Verify the audit log's hash chain; names the first broken entry")
 def api_audit_verify() -> dict:
     audit = audit_log()
-    report = audit.verify().to_dict()
+    verification = audit.verify()
+    if not verification.ok and audit.broken is None:
+        # broken since start-up (edited, lines removed while the server ran): as at start-up, nothing more is
+        # chained onto it until an administrator has examined it
+        logger.error("AUDIT TRAIL BROKEN (found by GET /review/audit/verify): %s. Nothing that needs a record is "
+                     "done until an administrator has examined the log and moved it aside.", verification.summary())
+        audit.refuse_appends(verification)
+    report = verification.to_dict()
     report["refusing_entries"] = audit.broken is not None
     report["at_start_up"] = getattr(app(), "audit_at_start", None)
     return report
