@@ -577,11 +577,26 @@ def test_an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(f
         again = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_second"},
                               timeout=60)
         assert again.status_code == 200 and again.json()["result"] is None, again.text  # nothing denoised yet
+        # the file replaced on disk under the same name (an export job, a restore): another volume, whose verdict
+        # must not judge the earlier volume's result
+        denoised = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
+                                 data={"params": "{}"}, timeout=600)
+        assert denoised.status_code == 200, denoised.text
+        from mlserver import write_crop
+
+        stored = next(folders["studies"].glob("ct_slab_b.*"))
+        write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", stored, z=slice(50, 54))
+        replaced = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_third"},
+                                 timeout=60)
+        assert replaced.status_code == 200 and replaced.json()["result"] is None, replaced.text
+        stale = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_third",
+                                                               "result_seq": denoised.json()["audit_seq"]}, timeout=60)
+        assert stale.status_code == 409 and "file replaced" in stale.json()["detail"], stale.text
     finally:
         stop_server(server)
     # the log keeps the old study's entries
     audit = AuditLog(folders["audit"])
-    assert [f["reviewer"] for f in _events(audit, "verdict")] == ["dr_first", "dr_second"]
+    assert [f["reviewer"] for f in _events(audit, "verdict")] == ["dr_first", "dr_second", "dr_third"]
 
 
 @pytest.mark.server

@@ -11,6 +11,7 @@ radiologist accepted or rejected.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any, Optional
 
@@ -123,6 +124,26 @@ class NotThisStudysResult(ValueError):
     """A verdict names a result (``result_seq``) that is not a result of the study stored under its id now."""
 
 
+def _of_the_stored_volume(results: list[dict], datastore: Datastore, image_id: str) -> list[dict]:
+    """``results`` (of ``image_id``) less those made from other voxels than the image file stored under the id now:
+    a file replaced on disk under the same name (an export job, a restore) is another volume, whose verdict must
+    not judge the earlier volume's result. Results without a voxel hash (DICOM series, by their UID) and an image
+    that cannot be hashed now are kept."""
+    from ..audit.identity import volume_content_sha256
+
+    hashed = [r for r in results if ((r.get("input") or {}).get("content_sha256"))]
+    if not hashed:
+        return results
+    try:
+        uri = datastore.get_image_uri(image_id)
+        current = volume_content_sha256(uri) if uri and os.path.isfile(uri) else None
+    except Exception:  # noqa: BLE001 - unreadable now: the verdict is judged as before, infer will say why
+        current = None
+    if current is None:
+        return results
+    return [r for r in results if (r.get("input") or {}).get("content_sha256") in (None, current)]
+
+
 def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict: Any, reviewer: Any,
                    reason: Any = None, model: Any = None, reviewer_from: str = "request body",
                    result_seq: Any = None) -> dict:
@@ -158,15 +179,15 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
     if not has_image(datastore, image_id):
         raise KeyError(f"no image {image_id!r} in the datastore")
     refuse_unreviewable(audit, datastore, image_id)
-    results = results_of(audit, image_id, model)
+    results = _of_the_stored_volume(results_of(audit, image_id, model), datastore, image_id)
     if result_seq is not None:
         results = [r for r in results if r.get("seq") == result_seq]
         if not results:
             raise NotThisStudysResult(
                 f"result {result_seq} is not a result of the study stored as {image_id!r} now"
                 + (f" by model {model!r}" if model else "")
-                + ": the study was removed and stored again since it was denoised, or the number names another "
-                "study's result; denoise the study again and judge that result")
+                + ": the study was removed and stored again (or its file replaced) since it was denoised, or the "
+                "number names another study's result; denoise the study again and judge that result")
     judged = None
     if results:
         last = results[-1]
