@@ -329,7 +329,8 @@ def guarded_train(model: str, params: Optional[dict] = None, run_sync: Optional[
         entry = audit.append("training_requested", {**fields, **request_actor()})
     except AuditError as error:
         raise audit_http_error(error, f"{model}: the training was not started") from None
-    params.update({"requested_by": user.username if user else None, "training_request_seq": entry["seq"]})
+    # the verified token's user, None with authentication off (MONAI Label's placeholder user is called "admin")
+    params.update({"requested_by": entry["fields"].get("user"), "training_request_seq": entry["seq"]})
     try:
         return _start_training(model, params, bool(run_sync), bool(enqueue))
     except Exception as error:  # e.g. 429: another run is going on; the request entry must not stand alone
