@@ -14,11 +14,13 @@ without training, deleting or publishing anything on the server.
 """
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 import requests
 
+from conftest import SAMPLE_STUDIES
 from mlserver import copy_weights, shared_studies, start_server, stop_server
 from realm import ROLE_ADMIN, ROLE_ANNOTATOR, ROLE_REVIEWER, ROLE_USER, USERS, Realm, new_key
 
@@ -267,6 +269,35 @@ def test_the_run_all_training_route_starts_nothing_even_for_an_admin(server, tok
     assert response.status_code == 422 and "POST /train/{model}" in detail(response), detail(response)
     status = call(server, "GET", "/train/", tokens["adam"])
     assert status.status_code == 404 or status.json().get("status") not in ("SUBMITTED", "RUNNING"), status.text
+
+
+def test_only_an_admin_sets_a_studys_modality(server, tokens):
+    """The image info's ``modality`` decides which model a study's corrections fine-tune: an annotator's "MR" on a
+    CT study made its correction train the MR model (and filed it under MR in the review queue). 403 below admin;
+    other info keys stay the annotator's."""
+    def put_info(who: str, info: dict) -> requests.Response:
+        return requests.put(f"{server.url}/datastore/image/info", params={"image": "ct_slab_b"},
+                            data={"info": json.dumps(info)}, headers={"Authorization": f"Bearer {tokens[who]}"},
+                            timeout=120)
+
+    def modality() -> object:
+        return requests.get(f"{server.url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=120,
+                            headers={"Authorization": f"Bearer {tokens['adam']}"}).json().get("modality")
+
+    before = modality()
+    for who in ("anna", "rita"):
+        refused = put_info(who, {"modality": "MR", "note": "x"})
+        assert refused.status_code == 403 and "admin only" in detail(refused), detail(refused)
+    assert modality() == before
+    assert put_info("anna", {"note": "x"}).status_code == 200
+    upload = SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz"
+    with open(upload, "rb") as handle:
+        refused = requests.put(f"{server.url}/datastore/image", params={"image": "modality_probe"},
+                               data={"params": json.dumps({"modality": "MR"})},
+                               files={"file": (upload.name, handle)}, timeout=120,
+                               headers={"Authorization": f"Bearer {tokens['anna']}"})
+    assert refused.status_code == 403 and "admin only" in detail(refused), detail(refused)
+    assert put_info("adam", {"modality": "CT"}).status_code == 200 and modality() == "CT"
 
 
 def test_a_route_missing_from_the_table_is_closed_to_all_but_admin(server, tokens):

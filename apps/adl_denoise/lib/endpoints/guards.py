@@ -231,6 +231,17 @@ def _need_label(image: str, tag: str) -> None:
         raise HTTPException(status_code=404, detail=f"image {image!r} has no label of tag {tag!r}")
 
 
+def _refuse_modality_below_admin(info: dict, parameter: str, user: Optional[User]) -> None:
+    """403 when ``info`` sets ``modality`` and ``user`` is no admin: the image info's modality decides which model
+    and modality a study's corrections fine-tune (:func:`lib.trainers.finetune.image_modality`) and where the
+    review queue files it, so an annotator's ``"MR"`` on a CT study had its correction train the MR model. The
+    server reads it from the image itself; an admin may still correct a wrong guess."""
+    if "modality" in info and _ADMIN not in (getattr(user, "roles", None) or []):
+        raise HTTPException(status_code=403, detail=(
+            f"{parameter}.modality may be set by an admin only ({_ADMIN!r}): it decides which model a study's "
+            "corrections fine-tune; the server reads it from the image"))
+
+
 def _refuse_stamp_keys(info: dict, parameter: str) -> None:
     from ..trainers import CORRECTION_KEYS
 
@@ -406,6 +417,7 @@ def guarded_add_image(
     image_id = image if image else os.path.basename(file.filename or "")[: -len(suffix)]
     check_name(image_id, "image")
     save_params = _json_object(params, "params")
+    _refuse_modality_below_admin(save_params, "params", user)
     upload = _save_upload(file, suffix)
     try:
         _checked_image(upload, "the uploaded image")
@@ -498,7 +510,7 @@ def guarded_put_image_info(image: str, info: str = Form("{}"), user: User = Depe
     from monailabel.endpoints.datastore import update_image_info
 
     check_name(image, "image")
-    _json_object(info, "info")
+    _refuse_modality_below_admin(_json_object(info, "info"), "info", user)
     _need_image(image)
     return update_image_info(image, info, user.username)
 
