@@ -163,6 +163,30 @@ def test_publication_needs_every_check_and_names_the_ones_that_failed(tmp_path, 
     assert worse["published"] is False and worse["rejected_by"][0] == "validation_psnr"
 
 
+def test_a_candidate_is_not_published_over_weights_that_changed_while_it_trained(tmp_path):
+    """An admin rolls back (or another run publishes) while a fine-tune trains: the finished run published its
+    candidate, judged only against the weights it started from, over the rollback. Rejected now
+    (``served_changed``); the rollback stays served."""
+    from lib.engines.gated_fine_tuning import decide_publication
+    from lib.weights.store import ModelStore
+
+    store = ModelStore(tmp_path / "model")
+    start = tmp_path / "start.pt"
+    start.write_bytes(b"weights the run started from")
+    started = store.publish(start, "adl", "CT")
+    rollback = tmp_path / "rollback.pt"
+    rollback.write_bytes(b"weights an admin restored meanwhile")
+    restored = store.publish(rollback, "adl", "CT")
+    decision = decide_publication(_result(tmp_path, 30.0, 31.0), store, "adl", "CT",
+                                  started_from_sha256=started.sha256)
+    assert decision["published"] is False and decision["rejected_by"] == ["served_changed"], decision
+    assert "changed while it trained" in decision["reason"] and decision["served_now"] == restored.version
+    assert store.served("adl", "CT").version == restored.version
+    unchanged = decide_publication(_result(tmp_path, 30.0, 31.0), store, "adl", "CT",
+                                   started_from_sha256=restored.sha256)
+    assert unchanged["published"] is True
+
+
 def test_self_adaptation_is_decided_by_its_held_out_check_not_by_the_circular_validation_psnr(tmp_path):
     """Self-adaptation validates against the served model's own outputs: its PSNR is reported, not a criterion;
     the held-out low-dose check decides, and without a check nothing can be published."""

@@ -394,7 +394,8 @@ def keep_region_check(served, candidate, cases: Sequence[KeepRegionCase], device
 
 
 def decide_publication(result: FineTuneResult, store, model: str, modality: str, checks: Sequence[dict] = (),
-                       validation_psnr_decides: bool = True, **details) -> dict:
+                       validation_psnr_decides: bool = True, started_from_sha256: str | None = None,
+                       **details) -> dict:
     """Publish ``result.candidate`` through ``store`` (:class:`lib.weights.store.ModelStore`) only if
     it scores no worse than the baseline on the fixed validation set AND every check in ``checks`` passed
     (each a dict with ``"check"`` (its name) and ``"passed"``, e.g. :func:`keep_region_check`,
@@ -405,9 +406,14 @@ def decide_publication(result: FineTuneResult, store, model: str, modality: str,
     and a check in ``checks`` must judge the candidate instead
     (:func:`lib.noise_learning.adaptation.held_out_low_dose_check`).
 
+    ``started_from_sha256``: the SHA-256 of the served weights the run started from and was judged against; when
+    the store serves other weights now (an admin rolled back, or another run published, while this one trained),
+    the candidate is rejected (``served_changed``): publishing it would undo that change with weights never
+    compared with what is served.
+
     Returns ``{"published": bool, "version": id or None, "baseline_psnr", "candidate_psnr", "checks": {name:
     check}, "rejected_by": [names of what failed: "finite_weights" (training diverged, no candidate file),
-    "validation_psnr" and/or the checks], "reason", ...}``.
+    "validation_psnr" and/or the checks, "served_changed"], "reason", ...}``.
     """
     summary = {"baseline_psnr": finite_or_none(result.baseline_score["psnr"]),
                "candidate_psnr": finite_or_none(result.candidate_score["psnr"]),
@@ -424,6 +430,11 @@ def decide_publication(result: FineTuneResult, store, model: str, modality: str,
     else:
         rejected_by = [] if result.no_worse or not validation_psnr_decides else ["validation_psnr"]
     rejected_by += [str(c["check"]) for c in checks if not c["passed"]]
+    if started_from_sha256 is not None:
+        served = store.served(model, modality)
+        if served is None or served.sha256 != started_from_sha256:
+            rejected_by.append("served_changed")
+            summary["served_now"] = served.version if served is not None else None
     summary["checks"] = {str(c["check"]): dict(c) for c in checks}
     summary["rejected_by"] = rejected_by
     if not rejected_by:
@@ -434,7 +445,9 @@ def decide_publication(result: FineTuneResult, store, model: str, modality: str,
                "keep_regions": "blurs a structure marked 'keep' more than the served model",
                "reference_set": "worse than the served model on the fixed reference set",
                "held_out_low_dose": "worse than the served model on the held-out low-dose images (J-invariant loss "
-                                    "or planted lesions' contrast)"}
+                                    "or planted lesions' contrast)",
+               "served_changed": "the served weights changed while it trained (a rollback or another publication): "
+                                 "it was judged against weights no longer served; fine-tune again"}
     # a check that says why in its own words (e.g. what was worse, or that it could not measure) is quoted
     summary["reason"] = "; ".join(summary["checks"].get(name, {}).get("reason")
                                   or reasons.get(name, f"failed the {name} check") for name in rejected_by)

@@ -389,7 +389,8 @@ class DenoiserTrainTask(TrainTask):
             decision = decide_publication(result, self.store, self.model, modality, checks=checks,
                                           validation_psnr_decides=not held_out_low_dose, mode=mode,
                                           candidate_restoration=result.restoration,
-                                          run_id=run_id, started_from=served.version, **requested,
+                                          run_id=run_id, started_from=served.version,
+                                          started_from_sha256=served.sha256, **requested,
                                           images=description.get("train_images"),
                                           record_pseudonyms={v: k for k, v in sorted(pseudonyms.items())})
             status.update(status="done", phase="finished", finished_utc=utc_timestamp(), decision=decision,
