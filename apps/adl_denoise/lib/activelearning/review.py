@@ -21,7 +21,8 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from ..audit import AuditError, AuditLog
 from ..audit.context import request_actor
 
-__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResult", "ambiguous_images", "has_image", "record_result",
+__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResult", "ambiguous_images", "has_image",
+           "record_result",
            "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail", "results_of",
            "stored_results"]
 

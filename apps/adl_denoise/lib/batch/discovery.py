@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 
 def is_our_result(description: str, image_type) -> bool:
     """Whether a series is a result of this app: SeriesDescription holding "[denoised", or ImageType
-    DERIVED\\...\\DENOISED (DENOISED from the 4th value on, as this app writes), which anonymisers keep when they remove the
-    description (the basic profile does)."""
+    DERIVED\\...\\DENOISED (DENOISED from the 4th value on, as this app writes), which anonymisers keep when they
+    remove the description (the basic profile does)."""
     values = [str(v).upper() for v in (image_type or [])]
     return DERIVED_MARK in (description or "") or (values[:1] == ["DERIVED"] and "DENOISED" in values[3:])
 

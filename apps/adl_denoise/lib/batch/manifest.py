@@ -25,8 +25,9 @@ denoised and written, the server did not store it all; a rerun sends the same fi
 server completes that derived series), and for a DICOMweb series ``derived_study_uid``, ``derived_series_uid``,
 ``derived_instances`` (the derived series written; recorded before its STOW-RS, so that a rerun after a run killed
 between the store and its "done" record asks the server for that series rather than storing a second one) and
-``found_on_server`` (the rerun found it whole there and stored nothing). A done job is skipped by a rerun unless the weights it
-would run now (same name, other contents) or the default restoration width differ from the record's.
+``found_on_server`` (the rerun found it whole there and stored nothing). A done job is skipped by a rerun unless
+the weights it would run now (same name, other contents) or the default restoration width differ from the
+record's.
 """
 from __future__ import annotations
 

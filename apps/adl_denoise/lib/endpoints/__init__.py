@@ -54,7 +54,8 @@ def _install_path_scrubbing(fastapi_app) -> None:
 
     async def scrubbed(request, error: StarletteHTTPException):
         if isinstance(error.detail, str):
-            error = StarletteHTTPException(error.status_code, scrub_paths(error.detail), getattr(error, "headers", None))
+            error = StarletteHTTPException(error.status_code, scrub_paths(error.detail),
+                                           getattr(error, "headers", None))
         return await http_exception_handler(request, error)
 
     fastapi_app.add_exception_handler(StarletteHTTPException, scrubbed)

@@ -647,7 +647,8 @@ def _refuse_values_not_of_the_image(upload: Path, image: str, image_uri: str) ->
         return
     slope = float(np.mean((x - x.mean()) * (y - y.mean())) / variance)
     offset = float(np.median(y - x))
-    if CORRECTION_SLOPE_RANGE[0] <= slope <= CORRECTION_SLOPE_RANGE[1] and abs(offset) <= CORRECTION_MAX_OFFSET * spread:
+    low_slope, high_slope = CORRECTION_SLOPE_RANGE
+    if low_slope <= slope <= high_slope and abs(offset) <= CORRECTION_MAX_OFFSET * spread:
         return
     distinct = np.unique(y[: 100_000]).size
     kind = (f"it holds {distinct} distinct values: a segmentation or label map?" if distinct <= 16
