@@ -112,14 +112,10 @@ def test_dicomweb_source_and_sink(tmp_path, shared_data):
         stop_orthanc(pacs)
 
 
-def test_a_series_the_server_stored_in_part_is_failed_and_completed_by_the_rerun(tmp_path, shared_data):
-    """Orthanc 1.10 answers a STOW-RS with every instance listed as stored even when its ReceivedInstanceFilter
-    (here a Lua script, while a flag file exists) dropped one: the batch asks the server what it holds, so the
-    derived series short of a slice is a failed series naming the missing instance, not "done". The rerun sends the
-    same derived series again (same UIDs): the server then holds one whole derived series, not a partial one beside
-    a second whole one."""
-    from pydicom.uid import generate_uid
-
+def _orthanc_dropping_derived_slice_3(tmp_path: Path):
+    """A real Orthanc whose ReceivedInstanceFilter (a Lua script) drops instance 3 of any "[denoised" series while
+    the returned flag file exists (Orthanc 1.10 still lists it as stored in its STOW-RS answer). Returns (pacs,
+    flag)."""
     flag = tmp_path / "reject_slice_3"
     script = tmp_path / "filter.lua"
     script.write_text(f"""
@@ -130,7 +126,24 @@ function ReceivedInstanceFilter(dicom, origin, info)
   return not (string.find(dicom.SeriesDescription or "", "[denoised", 1, true) and dicom.InstanceNumber == "3")
 end
 """)
-    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+    return start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]}), flag
+
+
+def _derived(pacs) -> dict[str, int]:
+    """Derived ("[denoised") series on the server: SeriesInstanceUID -> number of instances."""
+    return {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"]) for s in pacs.get("/series?expand")
+            if "[denoised" in s["MainDicomTags"].get("SeriesDescription", "")}
+
+
+def test_a_series_the_server_stored_in_part_is_failed_and_completed_by_the_rerun(tmp_path, shared_data):
+    """Orthanc 1.10 answers a STOW-RS with every instance listed as stored even when its ReceivedInstanceFilter
+    (here a Lua script, while a flag file exists) dropped one: the batch asks the server what it holds, so the
+    derived series short of a slice is a failed series naming the missing instance, not "done". The rerun sends the
+    same derived series again (same UIDs): the server then holds one whole derived series, not a partial one beside
+    a second whole one."""
+    from pydicom.uid import generate_uid
+
+    pacs, flag = _orthanc_dropping_derived_slice_3(tmp_path)
     try:
         make_series(shared_data, tmp_path / "wanted", range(0, 4), "Abdomen LOW DOSE", generate_uid(), "20200115")
         for path in sorted((tmp_path / "wanted").iterdir()):
@@ -138,19 +151,15 @@ end
         flag.write_text("")
         out = tmp_path / "out"
 
-        def derived() -> dict[str, int]:
-            return {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"]) for s in pacs.get("/series?expand")
-                    if "[denoised" in s["MainDicomTags"].get("SeriesDescription", "")}
-
         result = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert result.returncode == 1 and "1 failed" in result.stdout, result.stdout + result.stderr
         assert "answered that it stored all 4 instances but lists 3 of them" in result.stdout, result.stdout
-        assert list(derived().values()) == [3]
-        partial = list(derived())
+        assert list(_derived(pacs).values()) == [3]
+        partial = list(_derived(pacs))
         # still refused: the rerun sends the same files again (not a new series), and fails again
         result = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert result.returncode == 1 and "lists 3 of them" in result.stdout, result.stdout + result.stderr
-        assert derived() == {partial[0]: 3}
+        assert _derived(pacs) == {partial[0]: 3}
         # a run killed during the store leaves its last record "started" at the store stage
         records = next((out / MANIFEST_DIR).glob("rank-*.jsonl"))
         rows = [json.loads(line) for line in records.read_text().splitlines()]
@@ -160,7 +169,7 @@ end
         again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert again.returncode == 0 and "1 done" in again.stdout, again.stdout + again.stderr
         record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
-        assert derived() == {record["stored"]["series_instance_uid"]: 4} == {partial[0]: 4}  # the same, now whole
+        assert _derived(pacs) == {record["stored"]["series_instance_uid"]: 4} == {partial[0]: 4}  # the same, now whole
         assert record["model"] == "gaussian" and record["status"] == "done"
     finally:
         stop_orthanc(pacs)
@@ -288,11 +297,6 @@ def _kill_after_store(tmp_path: Path, pacs, armed: Path, signal: Path, release: 
         time.sleep(0.1)
 
 
-def _derived(pacs) -> dict[str, int]:
-    return {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"]) for s in pacs.get("/series?expand")
-            if "[denoised" in s["MainDicomTags"].get("SeriesDescription", "")}
-
-
 @pytest.mark.parametrize("between", ["nothing", "local output deleted", "rerun without --store-to-pacs"])
 def test_a_run_killed_after_its_store_never_stores_a_second_derived_series(tmp_path, shared_data, between):
     """Killed after the server stored the whole derived series and before the "done" record: whatever happens before
@@ -343,17 +347,7 @@ def test_a_partial_derived_series_whose_files_are_gone_is_not_stored_again_besid
 
     from pydicom.uid import generate_uid
 
-    flag = tmp_path / "reject_slice_3"
-    script = tmp_path / "filter.lua"
-    script.write_text(f"""
-function ReceivedInstanceFilter(dicom, origin, info)
-  local flag = io.open("{flag}", "r")
-  if flag == nil then return true end
-  io.close(flag)
-  return not (string.find(dicom.SeriesDescription or "", "[denoised", 1, true) and dicom.InstanceNumber == "3")
-end
-""")
-    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+    pacs, flag = _orthanc_dropping_derived_slice_3(tmp_path)
     try:
         make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
         for path in sorted((tmp_path / "wanted").iterdir()):

@@ -48,8 +48,8 @@ def intensity_scaling_for(image: np.ndarray, modality: str) -> IntensityScaling:
     values = np.asarray(image, np.float32)
     if not np.isfinite(values).all():
         raise ValueError("image contains NaN or infinite values")
-    low = min(float(np.percentile(values, MR_LOW_PERCENTILE)), 0.0)  # 0 for magnitude images (the usual case)
-    high = float(np.percentile(values, MR_PERCENTILE))
+    low, high = (float(v) for v in np.percentile(values, [MR_LOW_PERCENTILE, MR_PERCENTILE]))  # one partition pass
+    low = min(low, 0.0)  # 0 for magnitude images (the usual case)
     if high <= low:
         high = float(values.max())
     if high <= low:
