@@ -165,6 +165,11 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "self.run(self.logic.refresh_models" in refresh
     assert refresh.index("self.task.finished") < refresh.index("self.run(")  # no "still running" dialog
     assert not _calls(functions["ADLDenoiseLogic.refresh_models"]) & {"login", "DenoiseServerClient", "connect"}
+    # a review-queue study is read from its file alone: Slicer's volume reader otherwise stacks a single-slice
+    # file with the numbered files beside it (other patients' studies) into one volume (qSlicerVolumesReader:
+    # "singleFile" -> vtkSlicerVolumesLogic::SingleFile -> the storage node's SingleFile)
+    assert "slicer.util.loadVolume(str(path), {'singleFile': True})" in \
+        ast.unparse(functions["ADLDenoiseWidget.onNextStudy"])
     # a refilled model list keeps the chosen model selected
     assert "findData" in _calls(functions["ADLDenoiseWidget.showModels"])
     # a request that ended but was not yet delivered by the timer is delivered before the next one replaces it
@@ -402,4 +407,4 @@ def test_mrml_logic_with_real_mrml_from_slicer_core():
     result = processes.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             MODULE_DIR / "Testing" / "Python" / "test_mrml_logic.py"], 600, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "14 passed" in result.stdout
+    assert "15 passed" in result.stdout

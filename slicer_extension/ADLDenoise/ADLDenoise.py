@@ -884,7 +884,9 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.reviewStatusLabel.text = "the review queue is empty"
                 return
             study, path = answer["study"], answer["path"]
-            node = slicer.util.loadVolume(str(path))
+            # this file only: without singleFile Slicer stacks a single-slice study with the numbered files beside
+            # it (case_07, case_08 ... downloaded earlier) into one volume of several patients
+            node = slicer.util.loadVolume(str(path), {"singleFile": True})
             node.SetName(study["id"])
             from ADLDenoiseLib.mrml import study_identity
 

@@ -308,6 +308,9 @@ def load_result(scene, path: str | os.PathLike, reference, suffix: str = " denoi
     node = slicer.vtkMRMLScalarVolumeNode()
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
+    # this file only: by default the archetype reader stacks a single-slice file with its numbered neighbours in
+    # the folder (adl_1.nrrd, adl_2.nrrd ...: other studies' results) into one volume
+    storage.SetSingleFile(1)
     if not storage.ReadData(node):
         raise RuntimeError(f"could not read the result {path}")
     if not _align_to(node, reference):

@@ -136,6 +136,18 @@ class MRMLLogicTest(unittest.TestCase):
         np.testing.assert_allclose(slicer.util.arrayFromVolume(result), data * 0.5, atol=1e-4)
         self.assertTrue(looks_like_ct(original))
 
+    def test_a_single_slice_result_loads_alone_not_stacked_with_numbered_files_beside_it(self):
+        """Slicer's archetype reader, unless told to read one file, stacks a single-slice file with the files of
+        its folder whose names differ only in a number (the results folder holds every study's result)."""
+        values = np.arange(80, dtype=np.float32).reshape(1, 8, 10)
+        original = slicer.util.addVolumeFromArray(values, name="MR slice")
+        path = export_volume(original, self.work / "in.nrrd")
+        data, header = nrrd.read(str(path), index_order="C")
+        for number in (1, 2, 3):  # adl_2 is this study's result; adl_1 and adl_3 are other studies'
+            nrrd.write(str(self.work / f"adl_{number}.nrrd"), data + 1000.0 * number, header, index_order="C")
+        result = load_result(slicer.mrmlScene, self.work / "adl_2.nrrd", original)
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(result), values + 2000.0, atol=1e-4)
+
     def test_a_result_on_another_grid_is_refused_and_nothing_is_added(self):
         original = oblique_ct_node()
         path = export_volume(original, self.work / "in.nrrd")
