@@ -133,14 +133,27 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "match_orientation_and_link" in _calls(functions["ADLDenoiseWidget.onCompare"])
     assert "SetLinkedControl" not in ast.unparse(functions["ADLDenoiseWidget.onCompare"])  # not before orienting
     # settings: written on the GUI thread only (never in what runs in a BackgroundTask), never by the self-test
-    assert not _calls(functions["ADLDenoiseLogic.connect"]) & {"set_setting", "setValue", "QSettings"}
+    for name in ("connect", "open_client", "use_client"):
+        assert not _calls(functions[f"ADLDenoiseLogic.{name}"]) & {"set_setting", "setValue", "QSettings"}
     test_source = "".join(ast.unparse(f) for name, f in functions.items() if name.startswith("ADLDenoiseTest."))
     assert not re.search(r"set_setting|QSettings|serverUrl", test_source)
     assert "set_setting" in _calls(functions["ADLDenoiseWidget.onConnect"])
     # another server: the last one's datastore ids are forgotten before its client is used
+    use = ast.unparse(functions["ADLDenoiseLogic.use_client"])
+    assert "self.session.connected_to(client.server_url)" in use
+    assert use.index("connected_to(") < use.index("self.client = client")
+    # ... on the GUI thread, once the answer is taken: what runs in the background changes nothing (neither the
+    # session, which is not thread-safe, nor the client), so a Connect cancelled or dropped by Close Scene after
+    # the server answered does not leave the module silently connected to the new server
+    opened = functions["ADLDenoiseLogic.open_client"]
+    assert not [n for n in ast.walk(opened) if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                and any(isinstance(t, ast.Attribute) for t in getattr(n, "targets", [getattr(n, "target", None)]))]
+    assert "session" not in ast.unparse(opened) and "use_client" not in _calls(opened)
+    on_connect = ast.unparse(functions["ADLDenoiseWidget.onConnect"])
+    assert "self.run(self.logic.open_client, url, token, username, password, on_done=done" in on_connect
+    assert "self.logic.use_client(client, models)" in on_connect and "logic.connect(" not in on_connect
     connect = ast.unparse(functions["ADLDenoiseLogic.connect"])
-    assert "self.session.connected_to(client.server_url)" in connect
-    assert connect.index("connected_to(") < connect.index("self.client = client")
+    assert connect.index("open_client(") < connect.index("self.use_client(client, models)")
     # a study the server holds is denoised there by id (its result is recorded as the study's), and every verdict
     # names the model of the result the reviewer saw (else the server judges another run's latest result)
     denoise = ast.unparse(functions["ADLDenoiseWidget.onDenoise"])

@@ -93,19 +93,30 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
     def set_setting(key: str, value: str) -> None:
         qt.QSettings().setValue(SETTINGS_PREFIX + key, value)
 
-    def connect(self, url: str, token: str | None = None, username: str = "", password: str = "") -> list[dict]:
-        """Background: connect (logging in first when a user name is given) and list the denoising models. Writes
-        no setting: the widget remembers the address on the GUI thread, and the self-test never does."""
+    def open_client(self, url: str, token: str | None = None, username: str = "", password: str = "",
+                    report=None, cancelled=None) -> tuple[DenoiseServerClient, list[dict]]:
+        """Background: a client of ``url`` (logged in first when a user name is given) and its denoising models.
+        Changes nothing: :meth:`use_client` makes it the connected one, on the GUI thread, once the answer is
+        taken, so that a Connect cancelled (or dropped by Close Scene) after the server answered leaves the
+        module on the server it showed, not silently on the new one."""
         client = DenoiseServerClient(url, token=token or None)
         if username:
             client.login(username, password)
-        models = client.denoising_models()
-        # another server: the datastore ids recorded on the last one are forgotten before the new client is used,
-        # so nothing is sent there under an id it may give another patient (the widget's run() lets no other
-        # request run meanwhile, so the session is not changed under a running task)
+        return client, client.denoising_models()
+
+    def use_client(self, client: DenoiseServerClient, models: list[dict]) -> None:
+        """GUI thread: ``client`` becomes the connected server. Another server: the datastore ids recorded on the
+        last one are forgotten before the new client is used, so nothing is sent there under an id it may give
+        another patient."""
         self.session.connected_to(client.server_url)
         self.client = client
         self.models = {m["name"]: m for m in models}
+
+    def connect(self, url: str, token: str | None = None, username: str = "", password: str = "") -> list[dict]:
+        """:meth:`open_client` then :meth:`use_client` in one call (the self-test; the widget runs the first in
+        the background). Writes no setting: the widget remembers the address, and the self-test never does."""
+        client, models = self.open_client(url, token, username, password)
+        self.use_client(client, models)
         return models
 
     def refresh_models(self, report=None, cancelled=None) -> list[dict]:
@@ -534,8 +545,10 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         password = self.ui.passwordEdit.text
         token = self.ui.tokenEdit.text.strip() or None
 
-        def done(models):
+        def done(answer):
+            client, models = ReviewSession.require_answer(answer, "the connection")
             models = ReviewSession.require_answer(models, "the list of models")
+            self.logic.use_client(client, models)  # only now, with the answer taken: Cancel leaves the last server
             # settings are written here, on the GUI thread, once the address proved right
             self.logic.set_setting("serverUrl", url)
             self.logic.set_setting("username", username)
@@ -544,7 +557,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             who = f" as {username}" if username else (" with a token" if token else "")
             self.ui.statusLabel.text = f"connected to {url}{who}: {len(models)} denoising model(s)"
 
-        self.run(lambda report, cancelled: self.logic.connect(url, token, username, password), on_done=done,
+        self.run(self.logic.open_client, url, token, username, password, on_done=done,
                  busy_text=f"connecting to {url} ...")
 
     def showModels(self, models: list[dict]) -> None:
