@@ -135,12 +135,87 @@ def test_a_study_the_server_holds_is_denoised_by_id_and_the_verdict_judges_that_
     entry = client.review("verdict_study", "accepted", "dr_slicer", model="nlm")
     assert entry["result"]["result_seq"] == result["audit_seq"], (entry, result)
     assert entry["result"]["model"] == "nlm"
-    # no such model's result of the study: nothing judged, rather than another model's result
-    assert client.review("verdict_study", "accepted", "dr_slicer", model="adl")["result"] is None
+    # no such model's result of the study: refused, rather than recorded as judging nothing
+    with pytest.raises(DenoiseServerError, match="409.*no result of model 'adl'") as info:
+        client.review("verdict_study", "accepted", "dr_slicer", model="adl")
+    assert info.value.status == 409
+    # a model this server does not know (a typo, another server's name): refused, saying so
+    with pytest.raises(DenoiseServerError, match="422.*unknown model 'unet'.*adl, nlm, tddl_gcn") as info:
+        client.review("verdict_study", "accepted", "dr_slicer", model="unet")
+    assert info.value.status == 422
     with pytest.raises(DenoiseServerError, match="404"):
         client.denoise("nlm", None, tmp_path / "none", params, image_id="no_such_study")
     with pytest.raises(DenoiseServerError, match="does not exist"):
         client.denoise("nlm", None, tmp_path / "none", params)
+
+
+@pytest.mark.server
+def test_the_modules_verdict_judges_the_result_on_screen_or_is_refused_and_says_whose_verdict_it_replaced(
+        upload_server, tmp_path):
+    """The module's verdict names the server's entry of the result shown (``result_seq``). A study the server holds
+    is judged on that result even when someone denoised it again meanwhile (the server judged the newer one); a
+    volume denoised as an uploaded file and stored with the verdict is judged on that upload's result (the same
+    voxels: it was recorded as judging nothing); a result of other voxels is refused (409) with a message saying
+    nothing was recorded, and the session then forgets the result and the server id. A second verdict says whose
+    verdict it replaced."""
+    import requests
+    from ADLDenoiseLib.review_session import (ReviewSession, VerdictRefused, content_identity, describe_verdict,
+                                              send_verdict)
+
+    client = DenoiseServerClient(upload_server.url)
+    session = ReviewSession(tmp_path / "session")
+    session.connected_to(client.server_url)
+    params = {"modality": "ct", "result_extension": ".nrrd"}
+    eye = np.eye(4)
+
+    # a study the server holds, denoised by id; a batch run denoises it again before the verdict is sent
+    held = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "held.nrrd", z=slice(52, 55))
+    assert client.upload_image(held, "module_held") == "module_held"
+    identity = content_identity(read_array(held)[0], eye, "held")
+    session.select(identity)
+    session.record_upload(identity, "module_held", held)
+    _, result = client.denoise("nlm", None, tmp_path / "out_held", params, image_id="module_held")
+    session.result_arrived(identity, "node_held", "nlm", "", result["audit_seq"])
+    newer = requests.post(f"{upload_server.url}/infer/nlm", params={"image": "module_held", "output": "json"},
+                          data={"params": json.dumps({"modality": "ct"})}, timeout=600)
+    assert newer.status_code == 200 and newer.json()["audit_seq"] > result["audit_seq"], newer.text
+    request = session.verdict_request("rejected", "dr_a", "blurred a small lesion")
+    entry = send_verdict(client, session.datastore_id(identity), request)
+    assert entry["result"]["result_seq"] == result["audit_seq"], entry  # not the batch run's newer result
+    assert entry["replaces"] is None
+    second = send_verdict(client, "module_held", session.verdict_request("accepted", "dr_b"))
+    assert second["replaces"]["reviewer"] == "dr_a" and second["replaces"]["verdict"] == "rejected", second
+    assert "replaces dr_a's 'rejected'" in describe_verdict(second)
+    trail = requests.get(f"{upload_server.url}/review/module_held", timeout=60).json()
+    assert [v["reviewer"] for v in trail["review_history"]] == ["dr_a", "dr_b"]  # both kept
+
+    # a local volume the server does not hold: denoised as an uploaded file, stored with the verdict
+    local = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "local.nrrd", z=slice(56, 59))
+    identity = content_identity(read_array(local)[0], eye, "local")
+    session.select(identity)
+    assert session.server_id(identity) is None
+    _, uploaded = client.denoise("nlm", local, tmp_path / "out_local", params)
+    session.result_arrived(identity, "node_local", "nlm", "", uploaded["audit_seq"])
+    request = session.verdict_request("accepted", "dr_a")
+    image_id = client.upload_image(local, request["image_id"])  # what study_id_for does before the verdict
+    entry = send_verdict(client, image_id, request)
+    assert entry["result"] is not None, entry  # a verdict that judged nothing
+    assert entry["result"]["result_seq"] == uploaded["audit_seq"] and entry["result"]["source"] == "upload"
+
+    # a result of other voxels (another volume's upload) is no result of this study: refused, nothing recorded
+    other = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "other.nrrd", z=slice(60, 63))
+    _, foreign = client.denoise("nlm", other, tmp_path / "out_other", params)
+    session.record_upload(identity, image_id, local)
+    session.result_arrived(identity, "node_local", "nlm", "", foreign["audit_seq"])
+    before = requests.get(f"{upload_server.url}/review/{image_id}", timeout=60).json()["review_history"]
+    with pytest.raises(VerdictRefused, match="NOT recorded.*no longer holds the result you looked at.*Denoise the "
+                                             "volume again") as info:
+        send_verdict(client, image_id, session.verdict_request("accepted", "dr_a"))
+    assert info.value.status == 409
+    after = requests.get(f"{upload_server.url}/review/{image_id}", timeout=60).json()["review_history"]
+    assert after == before
+    session.verdict_refused(identity)
+    assert session.result(identity) is None and session.server_id(identity) is None
 
 
 @pytest.mark.server

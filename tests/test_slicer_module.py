@@ -162,11 +162,18 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "output_dir, restoration, image_id, on_done=done" in denoise
     assert "client.denoise(model, path, output_dir, params, image_id=image_id)" in \
         ast.unparse(functions["ADLDenoiseLogic.denoise_file"])
-    assert "request['reason'], model=request['model'])" in ast.unparse(functions["ADLDenoiseWidget.onVerdict"])
-    assert "client.review(image_id, 'corrected', reviewer, model=model)" in \
-        ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
+    # ... and the server's entry of that result (result_seq), so the verdict is recorded against it or refused
+    load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
+    assert "str(result.get('weights_version') or ''), result.get('audit_seq'))" in load
+    verdict = ast.unparse(functions["ADLDenoiseWidget.onVerdict"])
+    assert "send_verdict(self.logic.require_client(), image_id, request)" in verdict
+    assert "on_fail=lambda error: self.verdictFailed(request['identity'], error)" in verdict
+    assert "send_verdict(client, image_id, request," in ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
     submit = ast.unparse(functions["ADLDenoiseWidget.onSubmitCorrection"])
-    assert "model = self.logic.session.require_result().model" in submit and "regions, model or None" in submit
+    assert "request = self.logic.session.verdict_request('corrected', reviewer)" in submit
+    assert "regions, request['model'], request['result_seq'], on_done=done" in submit
+    assert "self.verdictFailed(identity, error)" in submit
+    assert "self.logic.session.verdict_refused(identity)" in ast.unparse(functions["ADLDenoiseWidget.verdictFailed"])
     # a late result is not attached to another study
     load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
     assert load.index("identity != self.session.study") < load.index("load_result(slicer.mrmlScene")

@@ -14,6 +14,7 @@ from ADLDenoiseLib.review_session import (
     WorkflowError,
     content_identity,
     describe_error,
+    describe_verdict,
     dicom_identity,
 )
 from ADLDenoiseLib.settings import (
@@ -244,6 +245,47 @@ def test_verdicts_are_validated_and_recorded_for_the_study_they_were_sent_for():
             session.verdict_recorded(b, empty)
     with pytest.raises(WorkflowError, match="holds no verdict"):
         session.verdict_recorded(b, {"status": "ok"})
+
+
+def test_a_verdict_names_the_result_on_screen_and_a_refused_one_forgets_its_result_and_server_id():
+    """The verdict names the server's entry of the result shown (``result_seq``: judged or refused by the server,
+    never another run's); a result another server made is not judged here; after a refusal (the server's study
+    under that id is not what was denoised) the result and the server id are forgotten, so the next Denoise sends
+    the volume again instead of denoising whatever the server now holds under the id."""
+    session = ReviewSession()
+    session.connected_to("http://10.0.0.1:8000")
+    a = content_identity(volume(1), EYE, "head_a")
+    session.select(a)
+    session.record_upload(a, "case_07", "/tmp/case_07.nii.gz")
+    session.result_arrived(a, "res_a", "nlm", "", 41)
+    request = session.verdict_request("accepted", "dr_a")
+    assert (request["image_id"], request["model"], request["result_seq"]) == ("case_07", "nlm", 41)
+    for odd in (None, "41", True):  # an older server's answer without an entry number: the model only
+        session.result_arrived(a, "res_a", "nlm", "", odd)
+        assert session.verdict_request("accepted", "dr_a")["result_seq"] is None
+    session.result_arrived(a, "res_a", "nlm", "", 42)
+    session.blended(0.5, "blend_a")
+    session.verdict_refused(a)
+    assert session.result(a) is None and session.blend is None and not session.is_on_server(a)
+    assert session.datastore_id(a) == a.datastore_id()
+    with pytest.raises(WorkflowError, match="denoise the volume first"):
+        session.verdict_request("accepted", "dr_a")
+    # a result made by the server connected before: its entry numbers are other results on this one
+    session.record_upload(a, a.datastore_id())
+    session.result_arrived(a, "res_a", "nlm", "", 43)
+    session.connected_to("http://10.0.0.2:8000")
+    with pytest.raises(WorkflowError, match="made by http://10.0.0.1:8000.*denoise the volume again"):
+        session.verdict_request("accepted", "dr_a")
+
+
+def test_the_status_line_says_whose_verdict_a_verdict_replaced():
+    entry = {"verdict": "accepted", "time_utc": "2026-12-06T10:00:00Z"}
+    assert describe_verdict(entry) == "accepted (2026-12-06T10:00:00Z)"
+    entry["replaces"] = {"verdict": "rejected", "reviewer": "dr_a", "time_utc": "2026-12-06T09:00:00Z",
+                         "reason": "blurred a lesion"}
+    assert describe_verdict(entry, "correction saved") == (
+        "correction saved (2026-12-06T10:00:00Z); replaces dr_a's 'rejected' of 2026-12-06T09:00:00Z "
+        "(blurred a lesion)")
 
 
 def test_review_queue_empty_and_malformed_answers_and_empty_bodies():

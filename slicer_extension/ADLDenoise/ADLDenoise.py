@@ -30,7 +30,15 @@ from ADLDenoiseLib import (
     window_for,
 )
 from ADLDenoiseLib.regions import CHOICES, MAX_STRENGTH, SegmentMarks, build_region_map, prepare_region_file
-from ADLDenoiseLib.review_session import ReviewSession, StudyIdentity, WorkflowError, describe_error
+from ADLDenoiseLib.review_session import (
+    ReviewSession,
+    StudyIdentity,
+    VerdictRefused,
+    WorkflowError,
+    describe_error,
+    describe_verdict,
+    send_verdict,
+)
 from ADLDenoiseLib.settings import (
     DEFAULT_SERVER_URL,
     MAX_RESTORATION_PX,
@@ -179,8 +187,9 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         width = applied_restoration(result)
         if width is not None:  # learned models only: a classical model's result has no such width
             node.SetAttribute(RESTORATION_ATTRIBUTE, str(width))
+        # its audit entry: the verdict names it, so the server records the verdict against this very result
         self.session.result_arrived(identity, node.GetID(), str(result.get("model") or ""),
-                                    str(result.get("weights_version") or ""))
+                                    str(result.get("weights_version") or ""), result.get("audit_seq"))
         return node
 
     def modality_of(self, node, identity: StudyIdentity) -> str:
@@ -239,12 +248,14 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         return image_id
 
     def submit_correction(self, study: dict, corrected_path: Path, reviewer: str, regions: dict | None = None,
-                          model: str | None = None, report=None, cancelled=None) -> tuple[str, dict]:
+                          model: str | None = None, result_seq: int | None = None, report=None,
+                          cancelled=None) -> tuple[str, dict]:
         """Background: upload the original if needed, then the marked regions (``prepare_regions``), the
         correction, the verdict; returns (datastore id, verdict entry). Regions go first and the correction names
         their SHA-256, so that the server binds the two: a correction is never stored without the regions sent
-        with it, and a later correction sent without regions is not trained with this one's. ``model``: the
-        model of the result corrected (the verdict judges that model's latest result, not another run's)."""
+        with it, and a later correction sent without regions is not trained with this one's. ``result_seq`` and
+        ``model``: the server's entry and the model of the result corrected (``ReviewSession.verdict_request``):
+        the verdict judges that very result, or is refused (:class:`VerdictRefused`), never another run's."""
         client = self.require_client()
         image_id = self.study_id_for(study, report)
         regions_sha256 = None
@@ -256,7 +267,9 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         if report:
             report(None, "saving the correction ...")
         client.save_correction(image_id, corrected_path, regions_sha256=regions_sha256)
-        return image_id, client.review(image_id, "corrected", reviewer, model=model)
+        request = {"verdict": "corrected", "reviewer": reviewer, "model": model, "result_seq": result_seq}
+        return image_id, send_verdict(client, image_id, request,
+                                      done_before=f"the correction was saved as {image_id}'s final label")
 
 
 # ------------------------------------------------------------------------------------------------------ widget
@@ -805,7 +818,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if result is None:
                 raise WorkflowError("denoise the volume first")
             blend = self.logic.session.correction_to_submit(identity)
-            model = self.logic.session.require_result().model  # the verdict judges this model's result
+            # the verdict names the result corrected (its model and server entry): judged, or refused, never another
+            request = self.logic.session.verdict_request("corrected", reviewer)
             corrected = slicer.mrmlScene.GetNodeByID(blend.node_id) if blend is not None else None
             if corrected is None:  # nothing blended for this study and result: blend now at the slider's value
                 corrected = blended_volume(slicer.mrmlScene, original, result, float(self.ui.blendSlider.value),
@@ -827,7 +841,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.record_study(study, image_id)
             self.afterVerdict(identity, entry, what)
 
-        self.run(self.logic.submit_correction, study, path, reviewer, regions, model or None, on_done=done,
+        self.run(self.logic.submit_correction, study, path, request["reviewer"], regions, request["model"],
+                 request["result_seq"], on_done=done, on_fail=lambda error: self.verdictFailed(identity, error),
                  busy_text="submitting ...")
 
     # --- marked regions
@@ -924,20 +939,28 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def send(report, cancelled):
             image_id = self.logic.study_id_for(study, report)
-            return image_id, self.logic.require_client().review(image_id, request["verdict"], request["reviewer"],
-                                                                request["reason"], model=request["model"])
+            # names the result on screen (result_seq): a 409 (not the server's study's result) is VerdictRefused
+            return image_id, send_verdict(self.logic.require_client(), image_id, request)
 
         def done(answer):
             image_id, entry = ReviewSession.require_answer(answer, "the verdict")
             self.logic.record_study(study, image_id)
             self.afterVerdict(request["identity"], entry, verdict)
 
-        self.run(send, on_done=done, busy_text="recording the verdict ...")
+        self.run(send, on_done=done, on_fail=lambda error: self.verdictFailed(request["identity"], error),
+                 busy_text="recording the verdict ...")
 
     def afterVerdict(self, identity: StudyIdentity, entry, what):
         entry = self.logic.session.verdict_recorded(identity, entry)
-        self.ui.reviewStatusLabel.text = f"{what} ({entry.get('time_utc', '')}); press Next study to go on"
+        self.ui.reviewStatusLabel.text = f"{describe_verdict(entry, what)}; press Next study to go on"
         self.ui.rejectReasonEdit.text = ""
+
+    def verdictFailed(self, identity: StudyIdentity, error) -> None:
+        """A verdict was refused because the result on screen is not the server's study's result (any other
+        failure is only shown): its result and server id are forgotten, so Denoise sends the volume again."""
+        if isinstance(error, VerdictRefused):
+            self.logic.session.verdict_refused(identity)
+            self.ui.reviewStatusLabel.text = "verdict not recorded: denoise the volume again"
 
     # --- fine-tune
     def onTrain(self):
@@ -1076,9 +1099,15 @@ class ADLDenoiseTest(ScriptedLoadableModuleTest):
         regions = logic.prepare_regions(segmentation, original, marks, study)
         self.assertEqual(int((regions["map"] == 1).sum()), int((lesion & (soft == 0)).sum()))
         self.assertEqual(int((regions["map"] == 2).sum()), int(soft.sum()))
+        request = logic.session.verdict_request("corrected", "slicer-test")
+        self.assertEqual(request["result_seq"], result["audit_seq"])
         image_id, entry = logic.submit_correction(study, export_volume(corrected, logic.work_dir / "c.nrrd"),
-                                                  "slicer-test", regions)
+                                                  request["reviewer"], regions, request["model"],
+                                                  request["result_seq"])
         self.assertEqual(entry["verdict"], "corrected")
+        # the volume was denoised as an uploaded file, then stored with the correction: the verdict judges that
+        # result (the same voxels), not nothing
+        self.assertEqual(entry["result"]["result_seq"], result["audit_seq"])
         self.assertEqual(image_id, identity.datastore_id())
         logic.record_study(study, image_id)
         info = logic.require_client().label_info(logic.session.datastore_id(identity), "regions")

@@ -697,8 +697,9 @@ class DenoiseServerClient:
         docstring (:class:`TransferCancelled`, and no result file, once it is True).
 
         ``image_id``: denoise the datastore's study of that id instead (nothing is uploaded; ``image_path`` is
-        ignored). The server then records the result as that study's, so a verdict on the study with
-        ``review(..., model=model)`` judges this result; an uploaded file's result belongs to no study."""
+        ignored). The server then records the result as that study's; an uploaded file's result belongs to no
+        study until the same voxels are stored. The answer's ``audit_seq`` names the result: a verdict with
+        ``review(..., result_seq=audit_seq)`` judges it (or is refused), never another run's."""
         query = {"output": "all"}
         files: dict[str, Path] = {}
         if image_id:
@@ -830,11 +831,17 @@ class DenoiseServerClient:
         return answer if answer and answer.get("id") else None
 
     def review(self, image_id: str, verdict: str, reviewer: str, reason: str | None = None,
-               model: str | None = None) -> dict:
-        """Record a verdict on ``image_id``. ``model``: the model whose latest result of this study is judged
-        (the server's default, None, judges the latest result of any model, which may be another run's)."""
-        return self._json("POST", f"/review/{urllib.parse.quote(image_id)}",
-                          payload={"verdict": verdict, "reviewer": reviewer, "reason": reason, "model": model},
+               model: str | None = None, result_seq: int | None = None) -> dict:
+        """Record a verdict on ``image_id``. ``result_seq``: the ``audit_seq`` of the result judged (the answer of
+        :meth:`denoise`): the server records the verdict against that result or refuses it (409) when it is no
+        result of the study stored under ``image_id`` now (removed and stored again, its file replaced), never
+        against another. ``model``: without ``result_seq``, the model whose latest result of this study is judged
+        (the server's default, None, judges the latest result of any model, which may be another run's). The
+        answer's ``replaces`` names the study's earlier verdict that this one replaced (None: the first)."""
+        payload: dict[str, Any] = {"verdict": verdict, "reviewer": reviewer, "reason": reason, "model": model}
+        if result_seq is not None:
+            payload["result_seq"] = result_seq
+        return self._json("POST", f"/review/{urllib.parse.quote(image_id)}", payload=payload,
                           action="recording verdicts")
 
     # --- training and versions

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["StudyIdentity", "ResultRecord", "BlendRecord", "ReviewSession", "TempFiles", "WorkflowError",
-           "content_identity", "dicom_identity", "describe_error", "VERDICTS"]
+           "VerdictRefused", "content_identity", "dicom_identity", "describe_error", "describe_verdict", "send_verdict",
+           "VERDICTS"]
 
 VERDICTS = ("accepted", "rejected", "corrected")
 #: longest readable part of a datastore id (the hash part makes it unique)
@@ -35,6 +36,13 @@ _PREFIX_CHARS = 40
 
 class WorkflowError(RuntimeError):
     """A step the workflow refuses, with a message the user can act on."""
+
+
+class VerdictRefused(WorkflowError):
+    """The server refused a verdict because the result it names is not (or no longer) a result of the study it
+    holds under that id (HTTP 409): nothing was recorded. ``status`` is 409."""
+
+    status = 409
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,11 @@ class ResultRecord:
     node_id: str
     model: str = ""
     weights_version: str = ""
+    #: the server's audit entry of this result (``audit_seq`` of its answer; None: the server gave none): a verdict
+    #: names it as ``result_seq``, so the server records it against this result or refuses it
+    result_seq: int | None = None
+    #: the server that made it (a verdict is sent only there: another server's entry numbers are other results)
+    server_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +198,37 @@ def describe_error(error: BaseException) -> str:
         return f"not logged in or the session expired: log in again ({text})"
     if status == 403 and "role" not in text:
         return f"your account lacks the role for this action: ask the server's administrator ({text})"
+    return text
+
+
+def send_verdict(client: Any, image_id: str, request: dict, verdict: str | None = None,
+                 done_before: str = "") -> dict:
+    """Background: send the verdict of ``request`` (:meth:`ReviewSession.verdict_request`; ``verdict``
+    overrides its verdict, e.g. "corrected") on ``image_id`` with ``client`` (``DenoiseServerClient``). A 409
+    (the result named is no result of the study the server holds under that id now) becomes
+    :class:`VerdictRefused` with a message saying that nothing was recorded and what to do; ``done_before`` says
+    what was done before it (e.g. the correction saved)."""
+    try:
+        return client.review(image_id, verdict or request["verdict"], request["reviewer"], request.get("reason"),
+                             model=request.get("model"), result_seq=request.get("result_seq"))
+    except Exception as error:  # noqa: BLE001 - only a 409 is turned into words here
+        if getattr(error, "status", None) != 409:
+            raise
+        detail = re.sub(r"^server said 409: ", "", str(error))
+        raise VerdictRefused(
+            (f"{done_before}, but " if done_before else "") + f"the verdict was NOT recorded: the server's study "
+            f"{image_id} no longer holds the result you looked at (server: {detail}). Denoise the volume again, look "
+            "at the new result and give your verdict on it") from None
+
+
+def describe_verdict(entry: dict, what: str = "") -> str:
+    """The status line after a recorded verdict: ``what`` (default: the verdict), when, and whose earlier verdict
+    on the study it replaced (both stay in the server's history)."""
+    text = f"{what or entry.get('verdict')} ({entry.get('time_utc', '')})"
+    earlier = entry.get("replaces")
+    if isinstance(earlier, dict) and earlier.get("verdict"):
+        text += (f"; replaces {earlier.get('reviewer') or '?'}'s '{earlier['verdict']}' of "
+                 f"{earlier.get('time_utc') or '?'}" + (f" ({earlier['reason']})" if earlier.get("reason") else ""))
     return text
 
 
@@ -295,15 +339,19 @@ class ReviewSession:
 
     # ---------------------------------------------------------------------------------------------- results
     def result_arrived(self, identity: StudyIdentity, node_id: str, model: str = "",
-                       weights_version: str = "") -> ResultRecord | None:
-        """A denoising result for ``identity`` came back. Attached (and returned) only when ``identity`` is still
-        the selected study; a late result for another study returns None and the caller discards its node. A new
-        result drops the blend made from an older one."""
+                       weights_version: str = "", result_seq: Any = None) -> ResultRecord | None:
+        """A denoising result for ``identity`` came back (from the connected server; ``result_seq``: the
+        ``audit_seq`` of its answer). Attached (and returned) only when ``identity`` is still the selected study; a
+        late result for another study returns None and the caller discards its node. A new result drops the blend
+        made from an older one."""
         if identity != self.study:
             return None
         if not node_id:
             raise WorkflowError("a result needs the node that shows it")
-        record = ResultRecord(identity, next(self._serials), node_id, model or "", weights_version or "")
+        if isinstance(result_seq, bool) or not isinstance(result_seq, int):
+            result_seq = None  # an older server answers none: the verdict then names the model only
+        record = ResultRecord(identity, next(self._serials), node_id, model or "", weights_version or "",
+                              result_seq, self.server_url)
         self.results[identity] = record
         self.blend = None
         return record
@@ -361,10 +409,11 @@ class ReviewSession:
     # ---------------------------------------------------------------------------------------------- verdicts
     def verdict_request(self, verdict: str, reviewer: str, reason: str | None = None) -> dict:
         """Validate a verdict on the selected study; returns what to send (identity captured now, so an answer
-        arriving after the user moved on is still recorded for the right study), with ``model``: the model of
-        the study's result shown here, so that the server judges that model's result and not the latest of any
-        model (another run's). Refused without a result of the study: a verdict judges a denoised image the
-        reviewer saw."""
+        arriving after the user moved on is still recorded for the right study), with ``result_seq``: the server's
+        entry of the study's result shown here, so that the server records the verdict against that very result
+        (or refuses it) and never against a newer run's (someone denoised the study again meanwhile), and
+        ``model``: that result's model. Refused without a result of the study (a verdict judges a denoised image
+        the reviewer saw), and for a result another server made (its entry numbers name other results here)."""
         study = self.require_study()
         if verdict not in VERDICTS:
             raise WorkflowError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
@@ -377,8 +426,23 @@ class ReviewSession:
         record = self.result(study)
         if record is None:
             raise WorkflowError("denoise the volume first: a verdict judges the denoised result you looked at")
+        if record.server_url is not None and self.server_url is not None and record.server_url != self.server_url:
+            raise WorkflowError(f"the result on screen was made by {record.server_url}, not by {self.server_url} "
+                                "you are connected to now: denoise the volume again here, then give the verdict")
         return {"identity": study, "image_id": self.datastore_id(study), "verdict": verdict, "reviewer": reviewer,
-                "reason": reason, "model": record.model or None}
+                "reason": reason, "model": record.model or None, "result_seq": record.result_seq}
+
+    def verdict_refused(self, identity: StudyIdentity) -> None:
+        """The server refused a verdict on ``identity`` (:class:`VerdictRefused`): the result on screen is no result
+        of the study the server holds under that id now (removed and stored again, perhaps another patient's
+        volume, or its file replaced). The result record and the server id are forgotten: the next Denoise sends
+        this volume again instead of denoising what the server holds under the id, and the next verdict judges
+        that new result."""
+        record = self.results.pop(identity, None)
+        if record is not None and self.blend is not None and self.blend.result_serial == record.serial:
+            self.blend = None
+        self.known_ids.pop(identity, None)
+        self.study_files.pop(identity, None)
 
     def verdict_recorded(self, identity: StudyIdentity, entry: Any) -> dict:
         """The server's answer to a verdict on ``identity``: refused when empty or not an object."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -21,7 +21,8 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from ..audit import AuditError, AuditLog
 from ..audit.context import request_actor
 
-__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResult", "ambiguous_images", "has_image",
+__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResult", "NothingToJudge",
+           "ambiguous_images", "has_image",
            "record_result",
            "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail", "results_of",
            "stored_results"]
@@ -125,6 +126,43 @@ class NotThisStudysResult(ValueError):
     """A verdict names a result (``result_seq``) that is not a result of the study stored under its id now."""
 
 
+class NothingToJudge(ValueError):
+    """A verdict names the model whose result it judges, and the study stored under its id has no result of it."""
+
+
+def _upload_result_of_the_stored_volume(audit: AuditLog, datastore: Datastore, image_id: str,
+                                        result_seq: int) -> Optional[dict]:
+    """The ``result`` entry ``result_seq`` (flattened) when it was made from an uploaded file or a session (no
+    datastore id) whose voxels and geometry (``content_sha256``) are those of the image stored under ``image_id``
+    now, else None. The Slicer module denoises a volume the server does not hold by uploading it, and stores the
+    study itself only with the verdict: that result is what the reviewer saw, of these very voxels."""
+    from ..audit.identity import volume_content_sha256
+    from ..pacs import is_dicomweb
+
+    if is_dicomweb(datastore):  # a PACS series is known by its UID (and reading it here would download it)
+        return None
+    entries = audit.entries("result", where=lambda e: e.get("seq") == result_seq)
+    if not entries:
+        return None
+    entry = _flat(entries[0])
+    source = entry.get("input") or {}
+    if source.get("image") is not None or not source.get("content_sha256"):
+        return None  # a result of a datastore id is judged on that study only (results_of)
+    try:
+        uri = datastore.get_image_uri(image_id)
+        current = volume_content_sha256(uri) if uri and os.path.isfile(uri) else None
+    except Exception:  # noqa: BLE001 - unreadable now: not shown to be these voxels
+        current = None
+    return entry if current is not None and current == source["content_sha256"] else None
+
+
+def _current_verdict(audit: AuditLog, image_id: str) -> Optional[dict]:
+    """The latest ``verdict`` entry (flattened) of the study stored under ``image_id`` now, or None."""
+    since = removals(audit, {image_id}).get(image_id, -1)
+    entries = audit.entries("verdict", where=lambda e: _image_of(e) == image_id and int(e.get("seq", -1)) > since)
+    return _flat(entries[-1]) if entries else None
+
+
 def _of_the_stored_volume(results: list[dict], datastore: Datastore, image_id: str) -> list[dict]:
     """``results`` (of ``image_id``) less those made from other voxels than the image file stored under the id now:
     a file replaced on disk under the same name (an export job, a restore) is another volume, whose verdict must
@@ -147,16 +185,22 @@ def _of_the_stored_volume(results: list[dict], datastore: Datastore, image_id: s
 
 def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict: Any, reviewer: Any,
                    reason: Any = None, model: Any = None, reviewer_from: str = "request body",
-                   result_seq: Any = None) -> dict:
+                   result_seq: Any = None, models: Optional[Collection[str]] = None) -> dict:
     """Record a verdict: first its audit entry, then the current verdict in the image's info (for the queue).
     ``rejected`` needs a reason (at most :data:`MAX_REASON_CHARS` characters); ``result_seq`` (the ``audit_seq``
     infer answered) names the result judged, which must be a result of the study stored under ``image_id`` now
     (:class:`NotThisStudysResult` otherwise: the study was removed and re-added since, or the number is another
     study's); without it ``model`` picks which model's latest result is judged (default: the latest result of any
-    model), which may be newer than the one the reviewer saw. ``reviewer_from`` says where the reviewer's name
-    comes from (``token`` with authentication on). Returns the verdict (``verdict``, ``reviewer``, ``reason``,
-    ``time_utc``, ``result``, ``seq``). ValueError / KeyError on bad input, :class:`lib.audit.AuditError` when the
-    entry cannot be written (then nothing is changed)."""
+    model), which may be newer than the one the reviewer saw. ``result_seq`` may also name a result of an
+    uploaded file (or session) of the same voxels and geometry as the image stored under ``image_id`` now (a volume
+    denoised before it was stored). A verdict naming ``model`` judges that model's result: refused when
+    ``models`` (the server's model names) does not know the model and the study has no result of it (ValueError),
+    or when the study has no result of it (:class:`NothingToJudge`; ``unreviewed`` judges nothing and is
+    recorded). A verdict naming neither judges the latest result of the study, or none (``result`` null).
+    ``reviewer_from`` says where the reviewer's name comes from (``token`` with authentication on). Returns the
+    verdict (``verdict``, ``reviewer``, ``reason``, ``time_utc``, ``result``, ``seq``, ``replaces``: the study's
+    verdict it replaces as current one, or None; both stay in the history). ValueError / KeyError on bad input,
+    :class:`lib.audit.AuditError` when the entry cannot be written (then nothing is changed)."""
     verdict = str(verdict or "").strip().lower()
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict[:40]!r}")
@@ -184,27 +228,45 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
     if result_seq is not None:
         results = [r for r in results if r.get("seq") == result_seq]
         if not results:
+            uploaded = _upload_result_of_the_stored_volume(audit, datastore, image_id, result_seq)
+            if uploaded is not None and (model is None or uploaded.get("model") == model):
+                results = [uploaded]
+        if not results:
             raise NotThisStudysResult(
                 f"result {result_seq} is not a result of the study stored as {image_id!r} now"
                 + (f" by model {model!r}" if model else "")
                 + ": the study was removed and stored again (or its file replaced) since it was denoised, or the "
-                "number names another study's result; denoise the study again and judge that result")
+                "number names another study's result (or an upload of other voxels); denoise the study again and "
+                "judge that result")
+    if not results and model is not None:
+        if models is not None and model not in models:
+            raise ValueError(f"unknown model {model[:60]!r}: this server's models are {', '.join(sorted(models))}")
+        if verdict != "unreviewed":
+            raise NothingToJudge(f"the study stored as {image_id!r} has no result of model {model!r} to judge: "
+                                 f"denoise it with {model} (by its id) first, then give the verdict")
     judged = None
     if results:
         last = results[-1]
         judged = {"model": last.get("model"), "modality": last.get("modality"),
                   "weights_version": last.get("weights_version"), "weights_sha256": last.get("weights_sha256"),
-                  "result_seq": last.get("seq"), "time_utc": last.get("time_utc")}
+                  "result_seq": last.get("seq"), "time_utc": last.get("time_utc"),
+                  "source": (last.get("input") or {}).get("source")}
+    earlier = _current_verdict(audit, image_id)
+    replaces = None
+    if earlier is not None:  # said in the answer and the entry: a reviewer sees whose verdict they replaced
+        replaces = {"verdict": earlier.get("verdict"), "reviewer": earlier.get("reviewer"),
+                    "reason": earlier.get("reason"), "time_utc": earlier.get("time_utc"), "seq": earlier.get("seq"),
+                    "result_seq": (earlier.get("result") or {}).get("result_seq")}
     fields = {"image": image_id, "verdict": verdict, "reviewer": reviewer, "reviewer_from": reviewer_from,
               "reason": reason, "result": judged}
-    entry = audit.append("verdict", {**fields, **request_actor()})
+    entry = audit.append("verdict", {**fields, "replaces": replaces, **request_actor()})
     current = {**fields, "time_utc": entry["time_utc"], "seq": entry["seq"]}
     setter = getattr(datastore, "set_review", None)
-    if setter is not None:
+    if setter is not None:  # the info keeps the current verdict only (no history, so not whom it replaced)
         setter(image_id, current)
     else:  # a datastore without the audit wrapper (library use)
         datastore.update_image_info(image_id, {"review": current})
-    return current
+    return {**current, "replaces": replaces}
 
 
 def review_of(info: dict) -> dict:

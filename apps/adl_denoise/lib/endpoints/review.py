@@ -100,7 +100,7 @@ def api_audit_one(image_id: str) -> dict:
 
 @router.post("/{image_id}", summary="Record a verdict: accepted, corrected, rejected (with a reason) or unreviewed")
 def api_review(image_id: str, request: Request, body: dict = Body(...)) -> dict:
-    from ..activelearning import NotThisStudysResult, record_verdict
+    from ..activelearning import NothingToJudge, NotThisStudysResult, record_verdict
     from ..audit import AuditError
     from .access import current_user
 
@@ -110,13 +110,14 @@ def api_review(image_id: str, request: Request, body: dict = Body(...)) -> dict:
     reviewer, source = (user, "token") if user is not None else (body.get("reviewer"), "request body")
     if user is None and reviewer is not None and not isinstance(reviewer, str):
         raise HTTPException(status_code=422, detail="reviewer must be a name (text)")
+    served = getattr(app(), "models", None)  # the app's model names: a verdict naming another model is refused
     try:
         return record_verdict(audit_log(), app().datastore(), image_id, body.get("verdict"), reviewer,
                               body.get("reason"), body.get("model"), reviewer_from=source,
-                              result_seq=body.get("result_seq"))
+                              result_seq=body.get("result_seq"), models=None if served is None else sorted(served))
     except KeyError as error:
         raise HTTPException(status_code=404, detail=str(error).strip("'\"")) from None
-    except NotThisStudysResult as error:
+    except (NotThisStudysResult, NothingToJudge) as error:
         raise HTTPException(status_code=409, detail=str(error)) from None
     except ValueError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
