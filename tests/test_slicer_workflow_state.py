@@ -281,6 +281,8 @@ def test_a_verdict_names_the_result_on_screen_and_a_refused_one_forgets_its_resu
 def test_the_status_line_says_whose_verdict_a_verdict_replaced():
     entry = {"verdict": "accepted", "time_utc": "2026-12-06T10:00:00Z"}
     assert describe_verdict(entry) == "accepted (2026-12-06T10:00:00Z)"
+    entry["replaces"] = {"verdict": "unreviewed", "reviewer": "admin"}  # a reset of the queue judged nothing
+    assert describe_verdict(entry) == "accepted (2026-12-06T10:00:00Z)"
     entry["replaces"] = {"verdict": "rejected", "reviewer": "dr_a", "time_utc": "2026-12-06T09:00:00Z",
                          "reason": "blurred a lesion"}
     assert describe_verdict(entry, "correction saved") == (

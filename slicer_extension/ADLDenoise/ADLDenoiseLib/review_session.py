@@ -223,10 +223,10 @@ def send_verdict(client: Any, image_id: str, request: dict, verdict: str | None 
 
 def describe_verdict(entry: dict, what: str = "") -> str:
     """The status line after a recorded verdict: ``what`` (default: the verdict), when, and whose earlier verdict
-    on the study it replaced (both stay in the server's history)."""
+    on the study it replaced (both stay in the server's history; a reset to ``unreviewed`` judged nothing)."""
     text = f"{what or entry.get('verdict')} ({entry.get('time_utc', '')})"
     earlier = entry.get("replaces")
-    if isinstance(earlier, dict) and earlier.get("verdict"):
+    if isinstance(earlier, dict) and earlier.get("verdict") not in (None, "", "unreviewed"):
         text += (f"; replaces {earlier.get('reviewer') or '?'}'s '{earlier['verdict']}' of "
                  f"{earlier.get('time_utc') or '?'}" + (f" ({earlier['reason']})" if earlier.get("reason") else ""))
     return text
