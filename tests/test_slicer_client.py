@@ -426,6 +426,8 @@ class AuthServer(LoopbackServer):
                     return self._answer(403, {"detail": "role monailabel-admin required"})
                 if path == "/datastore/image":
                     return self._answer(200, {"image": "uploaded", "bytes": len(body)})
+                if path == "/review/annotators_study":  # the verdict after a correction, by an annotator
+                    return self._answer(403, {"detail": "role monailabel-reviewer required"})
                 if path.startswith("/review/"):
                     return self._answer(422, {"detail": f"reason missing (you sent token {TOKEN})"})
                 return self._answer(404, {"detail": "Not Found"})
@@ -477,6 +479,16 @@ def test_login_sends_the_bearer_token_and_401_403_messages_never_show_it(tmp_pat
         with pytest.raises(DenoiseServerError) as echoed:
             client.review("x", "accepted", "dr_a")
         assert echoed.value.status == 422 and "reason missing" in str(echoed.value)
+        # an annotator's correction is saved, its verdict needs a reviewer: the message says the correction stays
+        from ADLDenoiseLib.review_session import send_verdict
+
+        with pytest.raises(DenoiseServerError) as verdict:
+            send_verdict(client, "annotators_study", {"verdict": "corrected", "reviewer": "dr_a", "result_seq": 4},
+                         done_before="the correction was saved as annotators_study's final label")
+        assert verdict.value.status == 403 and str(verdict.value).startswith(
+            "the correction was saved as annotators_study's final label, but the verdict was NOT recorded: your "
+            "account lacks the role needed for recording verdicts"), str(verdict.value)
+        assert json.loads(server.requests[-1]["body"])["result_seq"] == 4
         # an expired or foreign token: 401, log in again
         client.token = "Bearer expired-token-value"
         assert client.token == "expired-token-value"

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .client import DenoiseServerError, TransferCancelled
+
 __all__ = ["StudyIdentity", "ResultRecord", "BlendRecord", "ReviewSession", "TempFiles", "WorkflowError",
            "VerdictRefused", "content_identity", "dicom_identity", "describe_error", "describe_verdict", "send_verdict",
            "VERDICTS"]
@@ -207,12 +209,17 @@ def send_verdict(client: Any, image_id: str, request: dict, verdict: str | None 
     overrides its verdict, e.g. "corrected") on ``image_id`` with ``client`` (``DenoiseServerClient``). A 409
     (the result named is no result of the study the server holds under that id now) becomes
     :class:`VerdictRefused` with a message saying that nothing was recorded and what to do; ``done_before`` says
-    what was done before it (e.g. the correction saved)."""
+    what was done before it (e.g. the correction saved): any other failure then says so too (an annotator may
+    save corrections but not give verdicts: their 403 must not read as if the correction was lost)."""
     try:
         return client.review(image_id, verdict or request["verdict"], request["reviewer"], request.get("reason"),
                              model=request.get("model"), result_seq=request.get("result_seq"))
-    except Exception as error:  # noqa: BLE001 - only a 409 is turned into words here
-        if getattr(error, "status", None) != 409:
+    except Exception as error:  # noqa: BLE001 - turned into words here, the type kept where it matters
+        status = getattr(error, "status", None)
+        if status != 409:
+            if done_before and isinstance(error, DenoiseServerError) and not isinstance(error, TransferCancelled):
+                raise DenoiseServerError(f"{done_before}, but the verdict was NOT recorded: {describe_error(error)}",
+                                         status) from None
             raise
         detail = re.sub(r"^server said 409: ", "", str(error))
         raise VerdictRefused(
