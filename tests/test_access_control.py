@@ -20,7 +20,7 @@ import time
 import pytest
 import requests
 
-from conftest import SAMPLE_STUDIES
+from conftest import APP_DIR, SAMPLE_STUDIES
 from mlserver import copy_weights, shared_studies, start_server, stop_server
 from realm import ROLE_ADMIN, ROLE_ANNOTATOR, ROLE_REVIEWER, ROLE_USER, USERS, Realm, new_key
 
@@ -419,6 +419,78 @@ def test_a_rotated_realm_key_works_without_a_restart_and_refetches_are_rate_limi
     assert status(old_token) == 200  # rotated back: the next tests' tokens work again
 
 
+# ------------------------------------------------------------------------------------------------ server internals
+def _wait_for_training(server, headers: dict, done, what: str, timeout: float = 600.0) -> dict:
+    """GET /train/ (as ``headers``) until ``done(status)``; fails naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = requests.get(server.url + "/train/", headers=headers, timeout=120)
+        status = response.json() if response.status_code == 200 else {}
+        if done(status):
+            return status
+        assert time.monotonic() < deadline, f"{what}: {response.status_code} {str(status)[:500]}"
+        time.sleep(1)
+
+
+def test_below_admin_no_answer_names_the_servers_files_or_logs(server, tokens):
+    """Every role was shown the server's files and folders: ``served.path`` and each version's ``path`` in
+    ``GET /versions/{model}``, the audit log's ``path`` in ``GET /review/audit/verify``, ``audit.dir`` and a
+    training run's ``work_dir`` and ``pid`` in ``GET /info/``, and in ``GET /train/`` the training subprocess's log
+    lines (the app folder, the studies and model folders, the conf; the logs are ``GET /logs/``, admin only).
+    Below admin none of that; an admin still sees it all."""
+    admin = {"Authorization": f"Bearer {tokens['adam']}"}
+    started = requests.post(f"{server.url}/train/adl", headers=admin, timeout=300,
+                            json={"mode": "adapt_noise", "modality": "ct", "steps": 3, "device": "cpu"})
+    assert started.status_code == 200, detail(started)
+    try:
+        # the run has logged its start (the app and its folders) and written its status (its work_dir)
+        _wait_for_training(server, admin, lambda status: any(str(server.studies) in line
+                                                             for line in status.get("details") or ()), "no log")
+        deadline = time.monotonic() + 600
+        while "work_dir" not in requests.get(server.url + "/info/", headers=admin,
+                                             timeout=120).json()["train_stats"]["adl"]:
+            assert time.monotonic() < deadline, "the run wrote no status with its work_dir"
+            time.sleep(1)
+    finally:
+        requests.delete(server.url + "/train/", headers=admin, timeout=300)  # stopped: the test needs its traces only
+        _wait_for_training(server, admin, lambda status: status.get("status") not in ("SUBMITTED", "RUNNING"),
+                           "the run did not stop")
+
+    def answers(who: str) -> dict[str, object]:
+        headers = {"Authorization": f"Bearer {tokens[who]}"}
+        out = {}
+        for path in ("/info/", "/train/", "/train/?all=true", "/versions/adl", "/versions/adl?modality=mr",
+                     "/review/audit/verify"):
+            response = requests.get(server.url + path, headers=headers, timeout=120)
+            assert response.status_code == 200, (who, path, detail(response))
+            out[path] = response.json()
+        return out
+
+    seen = answers("adam")
+    assert str(server.model_dir) in seen["/versions/adl"]["served"]["path"]
+    assert all(str(server.model_dir) in v["path"] for v in seen["/versions/adl"]["versions"])
+    assert str(server.studies) in seen["/review/audit/verify"]["path"]
+    assert str(server.studies) in seen["/info/"]["audit"]["dir"]
+    stats = seen["/info/"]["train_stats"]["adl"]
+    assert str(server.model_dir) in stats["work_dir"] and stats["pid"]
+    assert any(str(server.studies) in line for line in seen["/train/"]["details"])
+    folders = (str(server.studies.parent), str(APP_DIR))  # the test's folder (studies, model, work) and the app's
+    for who in ("uma", "anna", "rita"):
+        seen = answers(who)
+        for path, answer in seen.items():
+            text = json.dumps(answer)
+            assert not any(folder in text for folder in folders), f"{who} is shown a server folder by {path}: {text}"
+        assert "path" not in seen["/versions/adl"]["served"] and seen["/versions/adl"]["served"]["version"]
+        assert all("path" not in v and v["sha256"] for v in seen["/versions/adl"]["versions"])
+        assert "path" not in seen["/review/audit/verify"] and seen["/review/audit/verify"]["ok"] is True
+        assert "path" not in seen["/review/audit/verify"]["at_start_up"]
+        assert "dir" not in seen["/info/"]["audit"] and seen["/info/"]["audit"]["ok_at_start"] is True
+        stats = seen["/info/"]["train_stats"]["adl"]
+        assert "work_dir" not in stats and "pid" not in stats and stats["run_id"], stats  # the run's status, all but those
+        assert "details" not in seen["/train/"] and seen["/train/"]["status"] == "STOPPED", seen["/train/"]
+        assert all("details" not in task for task in seen["/train/?all=true"])
+
+
 # ------------------------------------------------------------------------------------------------ identity
 def test_a_verdict_is_recorded_under_the_tokens_user_not_the_name_in_the_body(server, tokens):
     headers = {"Authorization": f"Bearer {tokens['rita']}"}
@@ -439,3 +511,8 @@ def test_with_auth_off_the_demo_stays_open(shared_server):
         assert requests.get(shared_server.url + path, headers={"Authorization": "Bearer not-a-jwt"},
                             timeout=120).status_code == 200, path
     assert requests.get(shared_server.url + "/auth/token/valid", timeout=60).status_code == 404
+    # its one user runs the server: the answers still name the server's files, as before
+    versions = requests.get(shared_server.url + "/versions/adl", timeout=120).json()
+    assert str(shared_server.model_dir) in versions["served"]["path"]
+    assert str(shared_server.studies) in requests.get(shared_server.url + "/info/", timeout=120).json()["audit"]["dir"]
+    assert "path" in requests.get(shared_server.url + "/review/audit/verify", timeout=120).json()

@@ -118,7 +118,8 @@ class DenoisingApp(MONAILabelApp):
 
     def info(self):
         """MONAI Label's app info plus ``audit``: the log's folder, its state at start-up and, when its chain is
-        broken, a ``warning``."""
+        broken, a ``warning`` (``GET /info/`` shows the folder to admins only:
+        :func:`lib.endpoints.guards.guarded_app_info`)."""
         meta = super().info()
         audit: dict[str, Any] = {"dir": self.audit_dir, "ok_at_start": self.audit_at_start["ok"],
                                  "entries_at_start": self.audit_at_start["entries"],

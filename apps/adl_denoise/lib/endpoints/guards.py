@@ -25,6 +25,10 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
 * ``POST /activelearning/{strategy}``, ``GET /datastore/image/info``: the answer has no ``path`` (the server's
   absolute file path; a study is downloaded by its id); a session's ``path`` and ``image`` (``PUT /session/``,
   ``GET /session/{id}``) are cut to their last part.
+* ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``: below admin (with authentication on),
+  the answer names none of the server's folders and files (the audit log's ``audit.dir``, a training run's
+  ``work_dir``; paths in texts cut to their last part), no process id, and no task log lines (``details``: the
+  subprocess's log, which names the server's folders and configuration; ``GET /logs/`` is admin only).
 * ``PUT /session/``: no archive unpacking (``uncompress``): a session is one uploaded volume.
 * ``POST /infer/wsi/{model}``, ``/infer/wsi_v2/{model}``: 404 for everyone. This app serves no whole-slide images,
   and the stock routes take ``image`` as any path the server can read and ``params`` that save labels under any
@@ -55,7 +59,7 @@ from monailabel.config import settings as _settings
 from monailabel.endpoints.user.auth import RBAC, User
 
 from ..runtime.hashing import file_sha256
-from .common import app, model_task
+from .common import app, for_caller, model_task, sees_internals
 from .names import check_name
 
 __all__ = ["router", "DATASTORE_SUFFIXES", "FORBIDDEN_INFER_PARAMS", "PROXY_HEADERS_NOT_FORWARDED",
@@ -249,6 +253,58 @@ def _refuse_stamp_keys(info: dict, parameter: str) -> None:
     if forged:
         raise HTTPException(status_code=422, detail=f"{parameter} may not set {', '.join(forged)}: the server "
                                                     "stamps corrections saved with PUT /datastore/label")
+
+
+# ------------------------------------------------------------------------------------------------ info, task status
+#: what the app's info shows of a training run to admins only: its scratch folder and its process
+_TRAIN_STATS_INTERNAL = ("work_dir", "pid")
+#: what MONAI Label's task status shows to admins only: the last lines the task's subprocess logged (the server's
+#: folders, its configuration; the logs themselves are GET /logs/, admin only)
+_TASK_STATUS_INTERNAL = ("details",)
+
+
+@router.get("/info/", include_in_schema=False)
+def guarded_app_info(request: Request, user: User = Depends(RBAC(_USER))):
+    """MONAI Label's app info; below admin without the audit log's folder (``audit.dir``), a training run's
+    ``work_dir`` and ``pid``, and with the server's paths cut from every text (a broken log's warning names it)."""
+    from monailabel.endpoints.info import app_info
+
+    info = app_info()
+    if sees_internals(request):
+        return info
+    audit = info.get("audit")
+    info = dict(info, audit={k: v for k, v in audit.items() if k != "dir"} if isinstance(audit, dict) else audit)
+    return for_caller(request, info, internal_keys=_TRAIN_STATS_INTERNAL)
+
+
+def _task_status(request: Request, kind: str, all: bool, check_if_running: bool):
+    from monailabel.utils.async_tasks.task import AsyncTask
+
+    answer, why = AsyncTask.status(kind, all, check_if_running)
+    if answer is None:
+        raise HTTPException(status_code=404, detail=why)
+    return for_caller(request, answer, internal_keys=_TASK_STATUS_INTERNAL)
+
+
+@router.get("/train/", include_in_schema=False)
+def guarded_train_status(request: Request, all: bool = False, check_if_running: bool = False,
+                         user: User = Depends(RBAC(_USER))):
+    """MONAI Label's training status; below admin without the run's log lines (``details``)."""
+    return _task_status(request, "train", all, check_if_running)
+
+
+@router.get("/batch/infer", include_in_schema=False)
+def guarded_batch_infer_status(request: Request, all: bool = False, check_if_running: bool = False,
+                               user: User = Depends(RBAC(_USER))):
+    """MONAI Label's batch-inference status; below admin without the run's log lines (``details``)."""
+    return _task_status(request, "batch_infer", all, check_if_running)
+
+
+@router.get("/scoring/", include_in_schema=False)
+def guarded_scoring_status(request: Request, all: bool = False, check_if_running: bool = False,
+                           user: User = Depends(RBAC(_USER))):
+    """MONAI Label's scoring status; below admin without the run's log lines (``details``)."""
+    return _task_status(request, "scoring", all, check_if_running)
 
 
 # ------------------------------------------------------------------------------------------------ infer, train

@@ -2,7 +2,8 @@
 
 The reviewer of a verdict is the authenticated user (:func:`.access.current_user`) whenever authentication is on;
 the ``reviewer`` of the body is used only when it is off (the single-user loopback demo). History is read from the
-audit log (:mod:`lib.audit`), which the datastore routes cannot rewrite.
+audit log (:mod:`lib.audit`), which the datastore routes cannot rewrite. The verification names the log's ``path`` on
+the server to admins only (:func:`.common.for_caller`).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional
 
 from fastapi import APIRouter, Body, HTTPException, Request
 
-from .common import app
+from .common import app, for_caller
 
 __all__ = ["router", "audit_log", "audit_http_error"]
 
@@ -49,7 +50,7 @@ def api_audit() -> list:
 
 
 @router.get("/audit/verify", summary="Verify the audit log's hash chain; names the first broken entry")
-def api_audit_verify() -> dict:
+def api_audit_verify(request: Request) -> dict:
     audit = audit_log()
     verification = audit.verify()
     if not verification.ok and audit.broken is None:
@@ -61,7 +62,7 @@ def api_audit_verify() -> dict:
     report = verification.to_dict()
     report["refusing_entries"] = audit.broken is not None
     report["at_start_up"] = getattr(app(), "audit_at_start", None)
-    return report
+    return for_caller(request, report, internal_keys=("path",))
 
 
 @router.get("/audit/entries", summary="Entries of the audit log, oldest first (filter by event or image)")

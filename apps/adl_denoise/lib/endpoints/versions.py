@@ -1,5 +1,8 @@
 """Routes of the model versions: served, previous and history of decisions; rollback.
 
+``GET /versions/{model}`` names each file's ``path`` on the server to admins only (and to everyone with
+authentication off): lower roles get the versions without it (:func:`.common.for_caller`).
+
 The app's weights store is :class:`lib.audit.recording.AuditedModelStore`: a restore (and a publication by a
 training run) is an entry of the audit log, with the user who asked; none happens while the log refuses entries.
 """
@@ -8,9 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 
-from .common import model_task
+from .common import for_caller, model_task
 
 __all__ = ["router"]
 
@@ -28,11 +31,12 @@ def _store_and_modality(model: str, modality: str):
 
 
 @router.get("/{model}", summary="Weights versions of a model: served, previous, history of decisions")
-def api_versions(model: str, modality: str = "ct") -> dict[str, Any]:
+def api_versions(request: Request, model: str, modality: str = "ct") -> dict[str, Any]:
     store, modality = _store_and_modality(model, modality)
     served = store.served(model, modality)
-    return {"model": model, "modality": modality, "served": served.to_dict() if served else None,
-            "versions": store.versions(model, modality), "history": store.history(model, modality)}
+    return for_caller(request, {"model": model, "modality": modality, "served": served.to_dict() if served else None,
+                                "versions": store.versions(model, modality),
+                                "history": store.history(model, modality)}, internal_keys=("path",))
 
 
 @router.post("/{model}/restore", summary="Serve an earlier weights version again (rollback)")
