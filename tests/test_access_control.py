@@ -491,6 +491,36 @@ def test_below_admin_no_answer_names_the_servers_files_or_logs(server, tokens):
         assert all("details" not in task for task in seen["/train/?all=true"])
 
 
+def test_below_admin_the_training_list_names_files_not_the_servers_paths(server, tokens):
+    """``GET /datastore/?output=train`` (MONAI Label's training list, a user's read) gave every role the absolute
+    path on the server of each corrected image and its label: below admin, their file names; an admin, the paths."""
+    annotator = {"Authorization": f"Bearer {tokens['anna']}"}
+    admin = {"Authorization": f"Bearer {tokens['adam']}"}
+    study = server.studies / "ct_slab_c.nii.gz"  # the study itself is a correction holding its values
+    saved = requests.put(f"{server.url}/datastore/label", params={"image": "ct_slab_c", "tag": "final"},
+                         files={"label": ("ct_slab_c_corrected.nii.gz", study.read_bytes())}, headers=annotator,
+                         timeout=300)
+    assert saved.status_code == 200, detail(saved)
+    try:
+        listed = requests.get(f"{server.url}/datastore/", params={"output": "train"}, headers=admin, timeout=120)
+        assert listed.status_code == 200, detail(listed)
+        entry = next(e for e in listed.json() if "ct_slab_c" in e["image"])
+        assert entry["image"].startswith(str(server.studies)) and entry["label"].startswith(str(server.studies))
+        for who in ("uma", "anna", "rita"):
+            listed = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=120,
+                                  headers={"Authorization": f"Bearer {tokens[who]}"})
+            assert listed.status_code == 200, (who, detail(listed))
+            assert str(server.studies.parent) not in listed.text, f"{who} is shown the server's paths: {listed.text}"
+            assert {"image": "ct_slab_c.nii.gz", "label": "ct_slab_c.nii.gz"} in listed.json(), listed.text
+        stats = requests.get(f"{server.url}/datastore/", headers=annotator, timeout=120)
+        assert stats.status_code == 200 and stats.json()["completed"] >= 1, detail(stats)
+        refused = requests.get(f"{server.url}/datastore/", params={"output": "paths"}, headers=annotator, timeout=120)
+        assert refused.status_code == 422 and "output" in detail(refused), detail(refused)
+    finally:
+        requests.delete(f"{server.url}/datastore/label", params={"id": "ct_slab_c", "tag": "final"}, headers=admin,
+                        timeout=120)
+
+
 # ------------------------------------------------------------------------------------------------ identity
 def test_a_verdict_is_recorded_under_the_tokens_user_not_the_name_in_the_body(server, tokens):
     headers = {"Authorization": f"Bearer {tokens['rita']}"}

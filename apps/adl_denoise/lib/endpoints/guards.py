@@ -25,10 +25,11 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
 * ``POST /activelearning/{strategy}``, ``GET /datastore/image/info``: the answer has no ``path`` (the server's
   absolute file path; a study is downloaded by its id); a session's ``path`` and ``image`` (``PUT /session/``,
   ``GET /session/{id}``) are cut to their last part.
-* ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``: below admin (with authentication on),
-  the answer names none of the server's folders and files (the audit log's ``audit.dir``, a training run's
-  ``work_dir``; paths in texts cut to their last part), no process id, and no task log lines (``details``: the
-  subprocess's log, which names the server's folders and configuration; ``GET /logs/`` is admin only).
+* ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``, ``GET /datastore/?output=train``: below
+  admin (with authentication on), the answer names none of the server's folders and files (the audit log's
+  ``audit.dir``, a training run's ``work_dir``; the training list's files and paths in texts cut to their last
+  part), no process id, and no task log lines (``details``: the subprocess's log, which names the server's folders
+  and configuration; ``GET /logs/`` is admin only).
 * ``PUT /session/``: no archive unpacking (``uncompress``): a session is one uploaded volume.
 * ``POST /infer/wsi/{model}``, ``/infer/wsi_v2/{model}``: 404 for everyone. This app serves no whole-slide images,
   and the stock routes take ``image`` as any path the server can read and ``params`` that save labels under any
@@ -453,6 +454,22 @@ def _start_training(model: str, params: dict, run_sync: bool, enqueue: bool):
         return run_model(model, params, True, enqueue)
     finally:
         _sync_training.release()
+
+
+# ------------------------------------------------------------------------------------------------ images
+@router.get("/datastore/", include_in_schema=False)
+def guarded_datastore(request: Request, output: Optional[str] = None, user: User = Depends(RBAC(_USER))):
+    """MONAI Label's datastore listing; below admin, its training list (``output=train``: each corrected image's and
+    label's absolute file path on the server) names the files by their last part."""
+    from monailabel.endpoints.datastore import ResultType, datastore
+
+    try:
+        kind = ResultType(output) if output else None
+    except ValueError:
+        kinds = ", ".join(t.value for t in ResultType)
+        raise HTTPException(status_code=422, detail=f"output must be one of {kinds}, got {output!r}") from None
+    answer = datastore(kind)
+    return for_caller(request, answer) if kind == ResultType.train else answer
 
 
 # ------------------------------------------------------------------------------------------------ images
