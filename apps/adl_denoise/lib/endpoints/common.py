@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 from collections import deque
-
 from typing import Any, Collection
 
 from fastapi import HTTPException, Request

@@ -472,7 +472,6 @@ def guarded_datastore(request: Request, output: Optional[str] = None, user: User
     return for_caller(request, answer) if kind == ResultType.train else answer
 
 
-# ------------------------------------------------------------------------------------------------ images
 @router.put("/datastore/", include_in_schema=False)
 @router.put("/datastore/image", include_in_schema=False)
 def guarded_add_image(
