@@ -10,7 +10,7 @@ from conftest import APP_DIR, SAMPLE_STUDIES
 from lib.data import check_not_heldout
 from lib.evaluation.metrics import CT_WINDOWS, psnr
 from lib.imaging import read_volume
-from lib.predict import denoise_array, load_denoiser, uses_orthogonal_planes
+from lib.predict import denoise_array, denoise_as_served, load_denoiser, uses_orthogonal_planes
 from lib.noise_learning import NoiseModel
 from lib.runtime.precision import cpu_has_native_bf16
 
@@ -78,6 +78,31 @@ def test_shipped_adl_ct_weights_denoise_the_sample_quarter_dose_slice() -> None:
     tissue = (reference > -100) & (reference < 200)
     bias = float((denoised - reference)[tissue].mean())
     assert abs(bias) < 5.0, f"mean HU shift {bias:+.1f} HU in soft tissue"
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("model", ["adl", "tddl_gcn"])
+def test_metal_above_the_ct_range_keeps_its_value_and_adds_no_halo_around_it(model: str) -> None:
+    """A 3 x 3 pixel object at 8000 HU (metal on an extended-HU scale) in a real low-dose head slice, served as the
+    app serves it (network + the file's restoration width): it came out at about 7500 HU with +960 HU (ADL) added
+    to the tissue one pixel around it, the restoration spreading the excess above 3072 HU that the network never
+    saw. Now the object keeps its value and its surroundings change no more than around a 3000 HU object."""
+    loaded = load_denoiser(MODEL_DIR / f"pretrained_{model}_ct.pt", device="cpu")
+    head = read_volume(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", modality="CT").array[54, 80:176, 96:192]
+    head = head.astype(np.float32)  # 96 x 96 pixels of brain and skull
+    assert head.max() < 3072  # only the planted object lies above the range
+    ring = np.zeros(head.shape, bool)
+    ring[43:48, 43:48] = True
+    ring[44:47, 44:47] = False  # the pixels right around the object
+    served = {}
+    for value in (None, 3000.0, 8000.0):
+        image = head.copy()
+        if value is not None:
+            image[44:47, 44:47] = value
+        served[value] = denoise_as_served(loaded, image, "CT", device="cpu", amp=False)
+    halo = {v: float((served[v] - served[None])[ring].mean()) for v in (3000.0, 8000.0)}
+    assert abs(float(served[8000.0][45, 45]) - 8000.0) < 200.0, served[8000.0][44:47, 44:47]
+    assert halo[8000.0] < halo[3000.0] + 50.0, f"halo around the 8000 HU object {halo}"
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ shipped weights, tiling, intensity units.
   (:class:`lib.networks.GCNDenoiser`) needs no padding (``size_multiple = 1``), gets each slice with its
   ``slice_context`` neighbours as channels, and runs a whole 512x512 slice in one pass (its k-NN search and
   graph convolutions are chunked internally, so memory stays bounded without tiling seams);
-* undo the normalisation.
+* undo the normalisation; CT voxels above its range (3072 HU: metal on an extended-HU scale) get the part the
+  network never saw added back at their own voxels (:func:`_add_back_above_range`).
 
 Runs on CPU or CUDA under ``torch.inference_mode``; on CUDA the network runs under fp16 autocast, on a CPU with
 native bfloat16 the 2D Efficient-UNet under bfloat16 autocast (``amp=False``: float32 everywhere).
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data.intensity import intensity_scaling_for
+from .data.intensity import IntensityScaling, intensity_scaling_for
 from .networks import DENOISER_NETWORKS, EfficientUNetDenoiser, pad_to_multiple
 from .runtime.cpu_convolution import use_nnpack_convolutions
 from .runtime.cpu_memory import keep_freed_cpu_memory
@@ -507,11 +508,28 @@ def denoise_array(
                                               mode=mode, progress=progress)
             out[:] = result[crop][0, 0].cpu().numpy()
     denoised = scaling.denormalise(out).reshape(region.shape).astype(np.float32)
+    if modality == "CT":
+        _add_back_above_range(denoised, region, scaling)
     if box is None:
         return denoised
     whole = image.copy()  # the air outside the box as acquired
     whole[(Ellipsis, *box)] = denoised
     return whole
+
+
+def _add_back_above_range(denoised: np.ndarray, noisy: np.ndarray, scaling: IntensityScaling) -> None:
+    """Add to ``denoised`` (in place) the part of ``noisy`` above the top of the network's intensity range.
+
+    CT is normalised over [-1024, 3072] HU and clipped there, so a voxel above 3072 HU (metal on an extended-HU
+    scale, up to 30710) reaches the network as 3072 and comes out near 3072: the implant lost its value, and the
+    low-frequency restoration, which gives back a low-pass of ``noisy - denoised``, spread the lost excess over the
+    tissue around it (+960 HU one pixel beside a 3 x 3 pixel 8000 HU object with the shipped ADL file, +3000 HU at
+    20000 HU). With the excess added back at its own voxels the output keeps the implant's value and the removed
+    content the restoration sees is what the network removed. The bottom of the range is left alone: values below
+    -1024 HU are air whose noise the network removes. Shapes: ``denoised`` and ``noisy`` alike, modality units."""
+    ceiling = float(scaling.offset + scaling.scale)
+    if noisy.size and float(noisy.max()) > ceiling:  # one pass when nothing is above (every usual CT)
+        denoised += np.maximum(noisy - np.float32(ceiling), np.float32(0.0)).astype(np.float32, copy=False)
 
 
 def denoise_as_served(loaded: LoadedDenoiser, array: np.ndarray, modality: str | None = None,
