@@ -187,6 +187,47 @@ def test_a_candidate_is_not_published_over_weights_that_changed_while_it_trained
     assert unchanged["published"] is True
 
 
+def test_a_rollback_racing_a_publication_waits_for_it_and_stays_served(tmp_path):
+    """The served-weights check and the publication of a fine-tune (MONAI Label's training subprocess) shared no
+    lock with a rollback (the server process, its own store): a rollback between the two was published over. The
+    rollback, from a second store on the same folder (as the server's is), is started exactly in that window (after
+    the check, before the publication); it now waits for the publication and then stands."""
+    import threading
+
+    from lib.engines.gated_fine_tuning import decide_publication
+    from lib.weights.store import ModelStore
+
+    model_dir = tmp_path / "model"
+    start = tmp_path / "start.pt"
+    start.write_bytes(b"weights the run started from")
+    started = ModelStore(model_dir).publish(start, "adl", "CT")
+    earlier = tmp_path / "earlier.pt"
+    earlier.write_bytes(b"weights an admin rolls back to")
+    ModelStore(model_dir).publish(earlier, "adl", "CT")
+    rollback_to = ModelStore(model_dir).history("adl", "CT")[-1]["version"]
+    ModelStore(model_dir).publish(start, "adl", "CT")  # the run starts from `start`, served again
+    server_store = ModelStore(model_dir)
+    restored: dict = {}
+
+    class TrainingStore(ModelStore):
+        def publish(self, candidate, model, modality, **details):
+            # checked, not yet published: the admin's rollback comes now
+            restored["thread"] = threading.Thread(target=lambda: restored.setdefault(
+                "served", server_store.restore("adl", "CT", rollback_to)))
+            restored["thread"].start()
+            restored["thread"].join(timeout=5)  # without the lock it is done by now, before the publication
+            restored["before_publication"] = "served" in restored
+            return super().publish(candidate, model, modality, **details)
+
+    decision = decide_publication(_result(tmp_path, 30.0, 31.0), TrainingStore(model_dir), "adl", "CT",
+                                  started_from_sha256=started.sha256)
+    restored["thread"].join()
+    assert decision["published"] is True and not restored["before_publication"]
+    # the rollback came after the publication: it is what is served
+    assert ModelStore(model_dir).served("adl", "CT").version == rollback_to == restored["served"].version
+    assert [e["event"] for e in ModelStore(model_dir).history("adl", "CT")][-2:] == ["published", "restored"]
+
+
 def test_self_adaptation_is_decided_by_its_held_out_check_not_by_the_circular_validation_psnr(tmp_path):
     """Self-adaptation validates against the served model's own outputs: its PSNR is reported, not a criterion;
     the held-out low-dose check decides, and without a check nothing can be published."""

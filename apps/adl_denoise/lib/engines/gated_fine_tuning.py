@@ -430,16 +430,19 @@ def decide_publication(result: FineTuneResult, store, model: str, modality: str,
     else:
         rejected_by = [] if result.no_worse or not validation_psnr_decides else ["validation_psnr"]
     rejected_by += [str(c["check"]) for c in checks if not c["passed"]]
-    if started_from_sha256 is not None:
-        served = store.served(model, modality)
-        if served is None or served.sha256 != started_from_sha256:
-            rejected_by.append("served_changed")
-            summary["served_now"] = served.version if served is not None else None
     summary["checks"] = {str(c["check"]): dict(c) for c in checks}
-    summary["rejected_by"] = rejected_by
-    if not rejected_by:
-        version = store.publish(result.candidate, model, modality, **summary)
-        return {"published": True, "version": version.version, **summary}
+    # the check of what is served and the publication are one step: a rollback in the server (another process)
+    # between them would be undone by the publication
+    with store.changing():
+        if started_from_sha256 is not None:
+            served = store.served(model, modality)
+            if served is None or served.sha256 != started_from_sha256:
+                rejected_by.append("served_changed")
+                summary["served_now"] = served.version if served is not None else None
+        summary["rejected_by"] = rejected_by
+        if not rejected_by:
+            version = store.publish(result.candidate, model, modality, **summary)
+            return {"published": True, "version": version.version, **summary}
     reasons = {"finite_weights": "training diverged: the candidate's weights hold NaN or infinite values (not written)",
                "validation_psnr": "worse than the served model on the fixed validation set",
                "keep_regions": "blurs a structure marked 'keep' more than the served model",

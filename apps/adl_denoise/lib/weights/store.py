@@ -11,14 +11,22 @@ A version id is ``<UTC time>-<first 8 hex of the file's SHA-256>``; the shipped 
 Publishing writes the new file next to the served one and renames it over it (``os.replace``), so a reader
 sees the old file or the new one, never a partial one; a process killed half way leaves the served file as
 it was. Servers pick a new file up by its modification time (hot reload).
+
+Changes of what is served (publish, restore, and a fine-tune's check that the weights it started from are still
+served followed by its publication: :meth:`ModelStore.changing`) hold an exclusive lock on
+``versions/.lock`` (``fcntl``): the server (rollback) and MONAI Label's training subprocess (publication) are two
+processes, each with its own store.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..runtime.atomic import atomic_copy
 from ..runtime.clock import utc_compact_stamp
@@ -67,7 +75,8 @@ class ModelStore:
 
     def __init__(self, model_dir: str | os.PathLike) -> None:
         self.model_dir = Path(model_dir).expanduser()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._changing = False  # this store holds versions/.lock (read and set under _lock, by its holder)
 
     # --- paths
     def published_path(self, model: str, modality: str) -> Path:
@@ -133,11 +142,32 @@ class ModelStore:
         return entry
 
     # --- changes
+    @contextmanager
+    def changing(self) -> Iterator[None]:
+        """Hold the store's lock: no publication or restore, in this process or another one on the same folder,
+        changes what is served until the block ends. Re-entrant in one thread (:meth:`publish` inside it)."""
+        with self._lock:
+            if self._changing:
+                yield
+                return
+            folder = self.model_dir / "versions"
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._changing = True
+                try:
+                    yield
+                finally:
+                    self._changing = False
+            finally:
+                os.close(fd)  # releases the flock
+
     def publish(self, candidate: str | os.PathLike, model: str, modality: str, **details) -> WeightsVersion:
         """Serve ``candidate`` from now on: keep a copy under ``versions/`` and replace the served file
         atomically. The caller decides whether the candidate deserves it (see ``lib.engines.gated_fine_tuning``)."""
         source = Path(candidate)
-        with self._lock:
+        with self.changing():
             sha = file_sha256(source)
             version = f"{utc_compact_stamp(microseconds=True)}-{sha[:8]}"
             folder = self.versions_dir(model, modality)
@@ -163,7 +193,7 @@ class ModelStore:
     def restore(self, model: str, modality: str, version: str) -> WeightsVersion | None:
         """Serve an earlier version again (``pretrained``: remove the published file so the shipped one
         serves). Returns what is served afterwards. KeyError for an unknown version."""
-        with self._lock:
+        with self.changing():
             published = self.published_path(model, modality)
             if version == PRETRAINED_VERSION:
                 if not self.pretrained_path(model, modality).is_file():
