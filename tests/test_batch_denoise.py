@@ -9,6 +9,7 @@ The fast classical ``gaussian`` model: what is tested here is the batch, not a n
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -562,16 +563,11 @@ def test_a_series_neither_ct_nor_mr_names_its_modality_not_a_filter_as_the_fix(t
     assert "cannot tell" not in result.stdout
 
 
-@pytest.mark.parametrize("kill_at", [1, 2])
-def test_a_run_killed_after_writing_and_before_its_done_record_leaves_one_whole_output(tmp_path, shared_data,
-                                                                                     kill_at):
-    """The batch process SIGKILLs itself as it is about to append the ``kill_at``-th "done" record (1: a DICOM
-    series, written as a derived-series folder; 2: a NIfTI file), after its output is in place: the rerun does
-    that series again and replaces the output in place (one output per series, no second copy, no temporary left,
-    the same values), and skips the one recorded as done."""
+def _series_and_file_tree(root: Path, shared_data: Path) -> Path:
+    """``root/ct/``: a real CT series of 4 slices (written as a derived-series folder); ``root/crop.nii.gz``: a
+    small real CT volume (written as a file)."""
     from pydicom.uid import generate_uid
 
-    root = tmp_path / "tree"
     (root / "ct").mkdir(parents=True)
     files = sorted((shared_data / "dicom" / "ct_abdomen_siemens_j2k_slab").iterdir())[:4]
     study, series = generate_uid(), generate_uid()
@@ -583,6 +579,68 @@ def test_a_run_killed_after_writing_and_before_its_done_record_leaves_one_whole_
         ds.save_as(root / "ct" / f"{k}.dcm")
     image = sitk.ReadImage(str(shared_data / "ct_abdomen_pelvis_resampled_3mm.nii.gz"))
     sitk.WriteImage(image[20:84, 20:84, 40:46], str(root / "crop.nii.gz"))
+    return root
+
+
+def test_outputs_reach_the_disk_before_their_done_record_and_cut_ones_are_done_again(tmp_path, shared_data):
+    """A power cut soon after a batch renamed an output into place could leave an empty file under the final name
+    (written without fsync), which the rerun skipped as done. Each output file is now fsync'ed before its rename and
+    its folder after, all before the series' "done" record (a spy on os.fsync that still syncs), and a rerun
+    finds a real empty or cut output file, sets it aside and writes it again; whole outputs are still skipped."""
+    root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
+    spy, log = tmp_path / "fsync_spy.py", tmp_path / "fsynced.json"
+    spy.write_text(f"""
+import atexit, json, os, runpy, sys
+real, synced = os.fsync, []
+def fsync(fd):
+    synced.append(os.readlink(f"/proc/self/fd/{{fd}}"))
+    return real(fd)
+os.fsync = fsync
+atexit.register(lambda: open({str(log)!r}, "w").write(json.dumps(synced)))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    first = processes.run([sys.executable, spy, CLI, *batch_args(root, out, "--no-progress")], TIMEOUT, env=_env())
+    assert first.returncode == 0 and "2 series: 2 done" in first.stdout, first.stdout + first.stderr
+    synced = json.loads(log.read_text())
+    crop, (series,) = out / "crop.nii.gz", list((out / "ct").iterdir())
+    for files, folder, temp in ((["crop.nii.gz"], out, f".{crop.name}.tmp-*"),
+                                (sorted(f.name for f in series.iterdir()), out / "ct", f".{series.name}.tmp-*")):
+        assert len(files) in (1, 4), files
+        written = [max(i for i, path in enumerate(synced) if fnmatch.fnmatch(path, f"{folder}/{temp}/{name}"))
+                   for name in files]  # each file synced in the temporary folder, before its rename
+        renamed = [i for i, path in enumerate(synced) if path == str(folder)]  # the rename synced
+        assert renamed and max(written) < renamed[-1], (files, synced)
+        # the series' "done" record (the manifest's append, synced) comes after
+        assert str(out / MANIFEST_DIR / "rank-00000.jsonl") in synced[renamed[-1]:], synced
+    whole = {p: volume_of(p) for p in (crop, series)}
+    # a power cut: the NIfTI file empty, one slice of the series cut in half
+    crop.write_bytes(b"")
+    cut = sorted(series.iterdir())[1]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    again = run_single(root, out, "--no-progress")
+    assert again.returncode == 0 and "2 series: 2 done, 0 skipped, 0 failed" in again.stdout, \
+        again.stdout + again.stderr
+    assert "holds an empty file (crop.nii.gz)" in again.stderr and "cut short or changed since" in again.stderr
+    for path, (array, spacing, origin) in whole.items():
+        after = volume_of(path)
+        np.testing.assert_array_equal(after[0], array)
+        assert after[1:] == (spacing, origin)
+    assert sorted(p.name for p in out.iterdir() if p.name != MANIFEST_DIR) == ["crop.nii.gz", "ct"]
+    assert not [p for p in out.rglob(".*") if MANIFEST_DIR not in p.parts], list(out.rglob(".*"))  # nothing left
+    assert len(list((out / "ct").iterdir())) == 1 and len(list(series.iterdir())) == 4
+    whole_again = run_single(root, out, "--no-progress")
+    assert "2 series: 0 done, 2 skipped" in whole_again.stdout, whole_again.stdout + whole_again.stderr
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_a_run_killed_after_writing_and_before_its_done_record_leaves_one_whole_output(tmp_path, shared_data,
+                                                                                     kill_at):
+    """The batch process SIGKILLs itself as it is about to append the ``kill_at``-th "done" record (1: a DICOM
+    series, written as a derived-series folder; 2: a NIfTI file), after its output is in place: the rerun does
+    that series again and replaces the output in place (one output per series, no second copy, no temporary left,
+    the same values), and skips the one recorded as done."""
+    root = _series_and_file_tree(tmp_path / "tree", shared_data)
     killer = tmp_path / "kill_at_done.py"  # the CLI, killed (SIGKILL, no clean-up) at the chosen record
     killer.write_text(f"""
 import os, runpy, signal, sys

@@ -193,7 +193,7 @@ def _write_output(volume: Volume, args: argparse.Namespace, description_suffix: 
                   derived_image_type: str = "DENOISED") -> None:
     """Write the result; ``derivation`` and ``derived_image_type`` go to a derived DICOM series (what made it)."""
     path = write_volume(volume, args.output, overwrite=args.overwrite, series_description_suffix=description_suffix,
-                        derivation=derivation, derived_image_type=derived_image_type)
+                        derivation=derivation, derived_image_type=derived_image_type, durable=True)
     print(f"wrote {path}")
 
 

@@ -5,10 +5,12 @@ each series in turn: its identity, skip it when the manifest says it is done and
 ``--store-to-pacs``, the server still holds the derived series stored), resume it when an earlier run wrote (and
 perhaps sent) its derived series (:meth:`_Rank._resume`: nothing denoised again, nothing stored twice), else read
 it, denoise it (:func:`lib.model_dispatch.denoise_volume`), write it with the app's writers (a temporary file or
-folder next to the output, renamed into place: a killed run leaves no half-written output) and record the
-outcome. Any error of one series is recorded as failed with its message and the loop goes on, except that a rank
-stops after :data:`UNREACHABLE_LIMIT` series in a row failed for want of the DICOMweb server (the rest are "not
-tried": a rerun does them). One series is in memory at a time.
+folder next to the output, flushed to the disk and renamed into place: a killed run or a power cut leaves no
+half-written output under the final name) and record the outcome with the output's sizes. An output of this batch
+found empty or of other sizes than recorded (a write cut short before these flushes) is set aside and done again
+as a missing one. Any error of one series is recorded as failed with its message and the loop goes on, except
+that a rank stops after :data:`UNREACHABLE_LIMIT` series in a row failed for want of the DICOMweb server (the rest
+are "not tried": a rerun does them). One series is in memory at a time.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is the training engine's
 (:func:`lib.engines.engine.setup_distributed`: Gloo on CPU, NCCL with one GPU per ``LOCAL_RANK``), and the only
@@ -24,8 +26,10 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -145,6 +149,47 @@ def _remove_stale_temporaries(output: Path) -> None:
                 stale.unlink(missing_ok=True)
 
 
+def _output_files(output: Path) -> list[Path]:
+    """The files of an output: the file itself, or a derived series folder's files."""
+    return sorted(p for p in output.iterdir() if p.is_file()) if output.is_dir() else [output]
+
+
+def _output_size(output: Path) -> dict:
+    """``{"output_files", "output_bytes"}`` of an output just written, for a rerun to check it against
+    (:func:`_output_damage`)."""
+    files = _output_files(output)
+    return {"output_files": len(files), "output_bytes": sum(p.stat().st_size for p in files)}
+
+
+def _output_damage(record: dict, output: Path) -> str:
+    """Why the existing output of a series is not whole ("" when it looks so): an empty file (a write that a power
+    cut or a full disk cut short: the name reached the disk, the data did not), no file in a series folder, or
+    other sizes than the run that wrote it recorded (``record``'s ``output_files`` / ``output_bytes``; runs
+    before they were recorded are checked for empty files only)."""
+    try:
+        files = _output_files(output)
+        sizes = [p.stat().st_size for p in files]
+    except OSError as error:
+        return f"{output} cannot be read ({one_line(error)})"
+    if not files:
+        return f"{output} holds no file"
+    empty = [p.name for p, size in zip(files, sizes) if size == 0]
+    if empty:
+        return f"{output} holds an empty file ({empty[0]}): its write was cut short"
+    if record.get("output_bytes") is not None and record.get("output") == str(output.resolve()) and \
+            (len(files), sum(sizes)) != (record.get("output_files"), record["output_bytes"]):
+        return (f"{output} holds {len(files)} file(s) of {sum(sizes)} bytes, not the {record.get('output_files')} "
+                f"of {record['output_bytes']} bytes written: cut short or changed since")
+    return ""
+
+
+def _set_aside(output: Path) -> None:
+    """Move a damaged output of this batch out of the way (``.<name>.old-*``, removed before the series is written
+    again, :func:`_remove_stale_temporaries`): it is then redone as a missing output is, and nothing of it is sent
+    to a server or kept beside the new one."""
+    os.replace(output, output.parent / f".{output.name}.old-{uuid.uuid4().hex[:12]}")
+
+
 def _unreachable(error: BaseException) -> bool:
     """Whether ``error`` (or an error it was raised from) is a failure to reach the server (connection refused,
     reset, DNS...), not an answer: then the next series would fail the same way."""
@@ -250,6 +295,16 @@ class _Rank:
         if item.problem:  # refused now, whatever an earlier run did
             return self._failed(base, identity, started, item.problem)
         previous = self.latest.get(job)
+        ours = base["output"] in self.ours
+        if ours and item.output.exists():
+            damage = _output_damage(previous or {}, item.output)
+            if damage:  # a power cut or a copy cut short: done again as if it were missing, never skipped or sent
+                log.warning("%s: denoising again: %s", item.key, damage)
+                try:
+                    _set_aside(item.output)
+                except OSError as error:
+                    return self._failed(base, identity, started, f"{damage}; it cannot be moved aside to be "
+                                                                 f"written again: {one_line(error)}")
         if previous and previous.get("status") == "done" and (item.output.exists()
                                                               or self._kept_on_server(previous, item)):
             changed = self._changed_since(previous, item)
@@ -257,7 +312,6 @@ class _Rank:
                 return "skipped"
             if changed:
                 log.warning("%s: denoising again: %s", item.key, changed)
-        ours = base["output"] in self.ours
         if item.output.exists() and not ours:
             return self._failed(base, identity, started,
                                 f"{item.output} exists and was not written by this batch (no manifest record): "
@@ -440,18 +494,20 @@ class _Rank:
         suffix = f" [denoised {result.model}]"
         derivation = denoising_derivation(result.model, result.weights_version, result.weights_sha256,
                                           result.low_frequency_restoration)
+        # durable: on the disk before the "done" record (fsync'ed) that makes a rerun skip the series
         if item.kind == "file":
             write_volume(denoised, item.output, overwrite=overwrite, series_description_suffix=suffix,
-                         derivation=derivation)
+                         derivation=derivation, durable=True)
         else:  # a folder named by UIDs (dots: not a file suffix), built on the input's own headers
             write_dicom_derived_series(denoised, item.output, denoised, series_description_suffix=suffix,
-                                       derivation=derivation, overwrite=overwrite)
+                                       derivation=derivation, overwrite=overwrite, durable=True)
         extra = {"model": result.model, "weights_version": result.weights_version or f"classical-{result.model}",
                  "weights_sha256": result.weights_sha256,
                  "low_frequency_restoration": result.low_frequency_restoration,
                  "modality": denoised.modality, "shape": list(denoised.array.shape),
                  # "dicom" (the Modality tag), "argument" (--modality), "guessed" (from the values: check those)
-                 "modality_from": denoised.metadata.get("modality_source")}
+                 "modality_from": denoised.metadata.get("modality_source"),
+                 **_output_size(item.output)}
         if item.kind == "dicomweb":  # the derived series' UIDs, recorded before any store (see _resume)
             extra.update(dicomweb.derived_series(item.output) or {})
         del denoised, result

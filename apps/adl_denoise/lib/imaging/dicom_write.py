@@ -23,6 +23,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
+from ..runtime.atomic import fsync_path
 from .dicom_geometry import grid_slice_plane
 from .dicom_read import has_dicom_magic
 from .dicom_tags import identity_conflict, str_or_empty
@@ -334,6 +335,7 @@ def write_dicom_derived_series(
     derivation: str = "Denoised",
     derived_image_type: str = "DENOISED",
     overwrite: bool = False,
+    durable: bool = False,
 ) -> Path:
     """Write ``volume`` as a new DICOM series derived from ``reference`` (read from DICOM) into ``out_dir``.
 
@@ -349,7 +351,8 @@ def write_dicom_derived_series(
     dropped; SourceImageSequence points at the source slices.
 
     ``volume`` must be on the reference grid (same shape, spacing, origin, direction): the slices reuse the
-    reference's positions. Written atomically (temporary folder renamed into place).
+    reference's positions. Written atomically (temporary folder renamed into place); ``durable``: its files and
+    folder flushed to the disk before the rename and the parent folder after it (see :func:`lib.imaging.write_volume`).
 
     Raises:
         ImageWriteError: no DICOM reference, different grid, NaN/Inf, output exists (overwrite=False) or is the
@@ -386,6 +389,10 @@ def write_dicom_derived_series(
     try:
         for name, ds in datasets:
             ds.save_as(str(temp / name), write_like_original=False)
+            if durable:
+                fsync_path(temp / name)
+        if durable:
+            fsync_path(temp)
         if out_dir.exists():
             if existing:  # overwrite: move the old series aside, put the new one in place, then delete the old
                 backup = parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
@@ -393,6 +400,8 @@ def write_dicom_derived_series(
             else:
                 os.rmdir(out_dir)  # an empty folder given as the destination
         os.rename(temp, out_dir)
+        if durable:
+            fsync_path(parent)
     except ImageWriteError:
         raise
     except Exception as exc:  # noqa: BLE001 - report any failure uniformly, after cleaning up

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ..runtime.atomic import fsync_path
 from . import guards
 from .dicom_geometry import slice_as_3d_geometry
 from .dicom_read import is_dicom_file, read_dicom_file, read_dicom_folder
@@ -327,7 +328,8 @@ def nifti_grid_problem(direction) -> str | None:
 
 
 def _write_with_sitk(
-    volume: Volume, out: Path, output_dtype: str | np.dtype | None, overwrite: bool, slice_geometry: bool = True
+    volume: Volume, out: Path, output_dtype: str | np.dtype | None, overwrite: bool, slice_geometry: bool = True,
+    durable: bool = False,
 ) -> Path:
     if out.exists() and not overwrite:
         raise ImageWriteError(f"{out} already exists; pass overwrite=True to replace it")
@@ -362,9 +364,14 @@ def _write_with_sitk(
         clashes = [parent / p.name for p in produced if (parent / p.name).exists() and p.name != out.name]
         if clashes and not overwrite:
             raise ImageWriteError(f"{clashes[0]} (written with {out.name}) already exists; pass overwrite=True")
+        if durable:  # on the disk before their names point at them (see write_volume)
+            for item in produced:
+                fsync_path(item)
         # the data file first and the header last, so a reader never sees a header without its data
         for item in sorted(produced, key=lambda p: p.name == out.name):
             os.replace(item, parent / item.name)
+        if durable:
+            fsync_path(parent)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return out
@@ -381,6 +388,7 @@ def write_volume(
     derived_image_type: str = "DENOISED",
     reference: Volume | None = None,
     dicom_slice_as_3d: bool = True,
+    durable: bool = False,
 ) -> Path:
     """Write ``volume`` to ``path`` and return the path written.
 
@@ -402,7 +410,9 @@ def write_volume(
 
     Safety: an existing output is never replaced unless ``overwrite=True``; the input path is never
     overwritten; files are written in a temporary folder next to the output and renamed into place, so a
-    failure leaves no partial output.
+    failure leaves no partial output. ``durable``: the files are flushed to the disk (``fsync``) before they are
+    renamed into place and the folder after, so that a power cut never leaves an empty or partial file under the
+    final name (a batch rerun would take it for done); the batch and the command line write so.
 
     Raises:
         ImageWriteError: unsupported extension, output exists, output is the input, DICOM output without a
@@ -420,11 +430,11 @@ def write_volume(
             )
         return write_dicom_derived_series(
             volume, out, ref, series_description_suffix=series_description_suffix, derivation=derivation,
-            derived_image_type=derived_image_type, overwrite=overwrite
+            derived_image_type=derived_image_type, overwrite=overwrite, durable=durable
         )
     if suffix not in WRITE_SUFFIXES:
         raise ImageWriteError(
             f"{out}: unsupported output extension {suffix!r}; use {', '.join(WRITE_SUFFIXES)} or a folder for DICOM"
         )
     check_finite(volume, out)
-    return _write_with_sitk(volume, out, output_dtype, overwrite, dicom_slice_as_3d)
+    return _write_with_sitk(volume, out, output_dtype, overwrite, dicom_slice_as_3d, durable)

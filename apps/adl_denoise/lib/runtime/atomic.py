@@ -2,7 +2,10 @@
 ``os.replace`` over the target (atomic on POSIX and Windows within one file system).
 
 The one place for it: checkpoints, weight files, caches, status JSON polled by a server and published weights
-all go through :func:`atomic_write`.
+all go through :func:`atomic_write`. The temporary file is flushed to the disk (``fsync``) before the rename and
+the folder after it: without that, a power cut soon after the rename can leave the final name holding an empty or
+partial file (the rename reaches the disk before the data), e.g. a published weight file, or a batch output that
+its rerun would take as done (:func:`fsync_path` for writers that rename files of their own).
 """
 from __future__ import annotations
 
@@ -14,7 +17,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_copy", "atomic_torch_save",
-           "atomic_numpy_save"]
+           "atomic_numpy_save", "fsync_path"]
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a folder's entries (a rename, a new file), to the disk. A folder cannot be opened
+    for that on Windows: there it is left to the file system."""
+    if os.name == "nt" and os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _mode_for(target: Path) -> int:
@@ -55,7 +70,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         write(tmp)
         # mkstemp makes the file 0600; give it the mode a plain open() would (or the replaced file's)
         os.chmod(tmp, _mode_for(target))
+        fsync_path(tmp)  # the data on the disk before the name points at it
         os.replace(tmp, target)
+        fsync_path(target.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
