@@ -712,7 +712,7 @@ def test_a_killed_training_run_leaves_no_work_folder(api, untouched, tmp_path):
         while api.call("GET", "/train/").json().get("status") in ("RUNNING", "SUBMITTED", "QUEUED"):
             assert time.monotonic() < deadline, hostile.log_tail()
             time.sleep(0.5)
-        # the run was killed (no finally ran); the next status read notices and removes its scratch folder
+        # the run was killed (no finally ran); the stop (or else the next status read) removes its scratch folder
         deadline = time.monotonic() + 60
         while True:
             stats = api.call("GET", "/info/").json()["train_stats"]["adl"]
@@ -720,8 +720,86 @@ def test_a_killed_training_run_leaves_no_work_folder(api, untouched, tmp_path):
                 break
             assert time.monotonic() < deadline, (stats, list(work.iterdir()))
             time.sleep(0.5)
-        assert stats["status"] == "interrupted"
+        assert stats["status"] == "interrupted" and stats["phase"] == "stopped (DELETE /train/)", stats
         assert sorted(p.name for p in hostile.model_dir.glob("*.pt")) == published
     finally:
         _remove_labels(api, "ct_slab_b")
         _remove_labels(api, "ct_slab_c")
+
+
+@pytest.mark.slow
+def test_a_run_sync_training_is_stopped_by_delete_and_the_stop_names_who(api, tmp_path):
+    """A run_sync fine-tune trained in the server process, where DELETE /train/ (MONAI Label's stop: it kills its
+    training subprocess) did not reach it: the run went on to the end. It now trains in the training subprocess
+    with the request waiting: DELETE /train/ stops it, its request answers 409, its status says so and by whom,
+    and the audit trail records who stopped which run before it was killed. Nothing is published, no scratch left."""
+    import threading
+
+    from realm import USER_OF_ROLE
+
+    hostile = api.server
+    for image_id in ("ct_slab_b", "ct_slab_c"):
+        correction = _correction(hostile, image_id, tmp_path, 2.0)
+        response = api.call("PUT", "/datastore/label", params={"image": image_id, "tag": "final"},
+                            files={"label": (correction.name, correction.read_bytes())})
+        assert response.status_code == 200, response.text
+    work = hostile.model_dir / "work" / "adl"
+    published = {p.name: p.read_bytes() for p in hostile.model_dir.glob("*.pt")}
+    answers: dict = {}
+
+    def sync_run() -> None:
+        answers["sync"] = requests.post(f"{api.base_url}/train/adl", params={"run_sync": "true"},
+                                        json={"steps": 100000, "patch_size": 32, "device": "cpu"},
+                                        headers=api.headers, timeout=1800)  # it answers when the run ends
+
+    runner = threading.Thread(target=sync_run, daemon=True)
+    try:
+        runner.start()
+        deadline = time.monotonic() + 600
+        while True:
+            stats = api.call("GET", "/info/").json()["train_stats"]["adl"]
+            if stats.get("status") == "running" and stats.get("phase") == "training" or not runner.is_alive():
+                break
+            assert time.monotonic() < deadline, hostile.log_tail()
+            time.sleep(0.5)
+        assert runner.is_alive(), answers
+        stopped = api.call("DELETE", "/train/")
+        assert stopped.status_code == 200 and stopped.json()["status"] == "STOPPED", stopped.text
+        runner.join(timeout=300)
+        assert not runner.is_alive(), "DELETE /train/ did not stop the run_sync run"
+        answer = answers["sync"]
+        assert answer.status_code == 409 and "stopped" in answer.json()["detail"], answer.text
+        stats = api.call("GET", "/info/").json()["train_stats"]["adl"]
+        user = USER_OF_ROLE["admin"] if api.headers else None
+        assert (stats["status"], stats["phase"], stats["stopped_by"]) == ("interrupted", "stopped (DELETE /train/)",
+                                                                          user), stats
+        assert not list(work.iterdir())
+        assert {p.name: p.read_bytes() for p in hostile.model_dir.glob("*.pt")} == published
+        audit = AuditLog(hostile.studies / ".audit")
+        requested = audit.entries("training_requested")[-1]
+        stop = audit.entries("training_stopped")[-1]
+        assert stop["seq"] > requested["seq"] and stop["seq"] == stats["stop_seq"], (requested, stop)
+        assert (stop["fields"]["model"], stop["fields"]["training_request_seq"], stop["fields"]["user"]) == \
+            ("adl", requested["seq"], user), stop
+        assert stop["fields"]["pid"] == stats["pid"] and stop["fields"]["requested_by"] == user
+        # nothing going on: MONAI Label's answer, nothing recorded
+        assert api.call("DELETE", "/train/").status_code == 200
+        assert audit.entries("training_stopped")[-1]["seq"] == stop["seq"]
+    finally:
+        if runner.is_alive():
+            api.call("DELETE", "/train/")
+            runner.join(timeout=300)
+        _remove_labels(api, "ct_slab_b")
+        _remove_labels(api, "ct_slab_c")
+
+
+def test_model_files_cannot_be_uploaded_over_or_deleted_from_the_served_weights(api, untouched):
+    """MONAI Label's PUT /model/{model} answered 500 (and would copy an upload over a served file with no check,
+    version or audit entry where a model has one file); DELETE moved the file away. Both are 405 saying how weights
+    change here; the model folder is unchanged (``untouched``)."""
+    served = (api.server.model_dir / "pretrained_adl_ct.pt").read_bytes()
+    for method, kwargs in (("PUT", {"files": {"file": ("adl.pt", served)}}), ("DELETE", {})):
+        for model in ("adl", "no_such_model"):
+            response = api.call(method, f"/model/{model}", **kwargs)
+            detail = _refused(response, 405, "POST /versions/{model}/restore", "POST /train/{model}")
+            assert detail.startswith(f"{method} /model/{model}:") and response.headers["Allow"] == "GET", detail

@@ -20,8 +20,15 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   SHA-256), overriding any client keys of the same names, and the label-info routes refuse those keys: only
   corrections saved here are training data.
 * ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing); one run
-  at a time (429, a ``run_sync`` run included); the request an audit entry naming who asked.
-  ``POST /train/`` (MONAI Label's run-all, none of those checks): 422 pointing to ``POST /train/{model}``.
+  at a time (429, a ``run_sync`` run included); the request an audit entry naming who asked; a ``run_sync`` run
+  trains in MONAI Label's training subprocess (not in the server process), the request waiting for it, so that
+  ``DELETE /train/`` can stop it (then 409). ``POST /train/`` (MONAI Label's run-all, none of those checks): 422
+  pointing to ``POST /train/{model}``.
+* ``DELETE /train/``: the stop is an audit entry (``training_stopped``: who stopped which run) written before the
+  run is killed, and the run's status (``interrupted``) says it was stopped and by whom.
+* ``PUT /model/{model}``, ``DELETE /model/{model}``: 405. Served weights change only through a fine-tune that passed
+  its checks and the rollback route, each recorded; the stock routes would copy an upload over a served file (no
+  check, no version, no record) or move it away.
 * ``POST /activelearning/{strategy}``, ``GET /datastore/image/info``: the answer has no ``path`` (the server's
   absolute file path; a study is downloaded by its id); a session's ``path`` and ``image`` (``PUT /session/``,
   ``GET /session/{id}``) are cut to their last part.
@@ -89,8 +96,9 @@ FORBIDDEN_INFER_PARAMS = {
 TRAINING_REQUEST_KEYS = ("requested_by", "training_request_seq")
 _BOOLEAN_WORDS = {"true", "false", "1", "0", "yes", "no", "y", "n", "t", "f", "on", "off"}
 
-# a training request's check that no other run is going on, and its start, are one step; a run_sync run (in the
-# server process, where MONAI Label does not see it) holds _sync_training while it trains
+# a training request's check that no other run is going on, and its start, are one step (and a stop's record and
+# kill: no run starts between them); a run_sync run (whose request waits for its subprocess, outside MONAI Label's
+# executor queue) holds _sync_training while it trains
 _train_start_lock = threading.Lock()
 _sync_training = threading.Lock()
 
@@ -435,9 +443,11 @@ def _training_going_on(queued_too: bool) -> Optional[str]:
 
 def _start_training(model: str, params: dict, run_sync: bool, enqueue: bool):
     """MONAI Label's ``run_model``, one fine-tune at a time: its own check sees only the runs of its subprocess,
-    so a ``run_sync`` run (in the server process itself) and a subprocess run, or two synchronous runs, trained
-    at once (each from the weights served at its start, publishing over the other). 429 while another run is
-    going on; ``enqueue`` still queues subprocess runs behind a subprocess run."""
+    so a ``run_sync`` run and a subprocess run, or two synchronous runs, trained at once (each from the weights
+    served at its start, publishing over the other). 429 while another run is going on; ``enqueue`` still queues
+    subprocess runs behind a subprocess run. A ``run_sync`` run trains in the training subprocess too, the request
+    waiting for it (:func:`_run_and_wait`): MONAI Label trains it in the server process, where ``DELETE /train/``
+    cannot stop it."""
     from monailabel.endpoints.train import run_model
 
     with _train_start_lock:
@@ -451,9 +461,107 @@ def _start_training(model: str, params: dict, run_sync: bool, enqueue: bool):
             return run_model(model, params, False, enqueue)
         _sync_training.acquire()
     try:
-        return run_model(model, params, True, enqueue)
+        return _run_and_wait(model, params)
     finally:
         _sync_training.release()
+
+
+def _run_and_wait(model: str, params: dict) -> dict:
+    """A ``run_sync`` run: MONAI Label's training subprocess, started as for any run and waited for in this
+    request's thread, so that ``DELETE /train/`` stops it. Returns the run's status (``train_stats``); 409 when it
+    was stopped, 500 with the run's error when it failed."""
+    from monailabel.utils.async_tasks.utils import run_background_task
+
+    task = run_background_task({"model": model, **params}, "train", debug=True)  # returns when the process ends
+    stats = model_task("train", model).stats()
+    if task.get("status") == "STOPPED":
+        who = f" by {stats['stopped_by']}" if stats.get("stopped_by") else ""
+        raise HTTPException(status_code=409, detail=f"{model}: the training run was stopped (DELETE /train/){who} "
+                                                    f"before it finished; GET /versions/{model} shows what is served")
+    if task.get("status") != "DONE":
+        raise HTTPException(status_code=500, detail=f"{model}: the training run failed: "
+                                                    f"{stats.get('error') or 'see the server log'}")
+    return stats
+
+
+@router.delete("/train/", include_in_schema=False)
+def guarded_stop_training(user: User = Depends(RBAC(_ADMIN))):
+    """MONAI Label's stop of the training run (a ``run_sync`` one too, :func:`_run_and_wait`), recorded: the audit
+    entry ``training_stopped`` (who, which model and training request) is written before the run's process is
+    killed, and the run's status then says it was stopped and by whom. Nothing going on: MONAI Label's answer
+    (null)."""
+    import psutil
+    from monailabel.endpoints.train import stop
+    from monailabel.utils.async_tasks.utils import processes, tasks
+
+    from ..audit import AuditError
+    from ..audit.context import request_actor
+    from .review import audit_http_error
+
+    with _train_start_lock:
+        running = processes("train")
+        if not running:
+            return stop()
+        task_id, process = next(iter(running.items()))  # the one MONAI Label's stop kills
+        request = next((t.get("request") or {} for t in tasks("train") if t.get("id") == task_id), {})
+        fields = {"model": request.get("model"), "pid": process.pid,
+                  **{key: request.get(key) for key in TRAINING_REQUEST_KEYS}}
+        try:
+            entry = app().audit.append("training_stopped", {**fields, **request_actor()})
+        except AuditError as error:
+            raise audit_http_error(error, "the training run was not stopped") from None
+        try:
+            answer = stop()
+        except psutil.NoSuchProcess:  # it ended by itself since it was listed: nothing to kill
+            return {"status": "ENDED", "detail": "the training run ended before it could be stopped"}
+    try:
+        process.wait(timeout=60)  # killed: gone at once (its status file and scratch folder are updated next)
+    except Exception:  # noqa: BLE001 - a process that outlives SIGKILL: stats() notices it later
+        log.warning("training process %s still running after it was killed", process.pid)
+    _mark_stopped(request.get("model"), process.pid, entry)
+    return answer
+
+
+def _mark_stopped(model: Optional[str], pid: int, entry: dict) -> None:
+    """The stopped run's status file says ``interrupted``, phase ``stopped (DELETE /train/)``, by whom
+    (``stopped_by``, ``stop_seq``: the audit entry), and its scratch folder goes; only while the file is still that
+    process's running status."""
+    from ..runtime.atomic import atomic_write_json
+    from ..runtime.clock import utc_timestamp
+    from ..trainers.finetune import remove_stale_work
+
+    task = (getattr(app(), "_trainers", None) or {}).get(model)  # noqa: SLF001
+    if task is None or not hasattr(task, "status_path"):
+        return
+    try:
+        status = json.loads(task.status_path.read_text(encoding="utf-8"))
+        if status.get("status") != "running" or status.get("pid") != pid:
+            return
+        # "interrupted" as any run killed half way (clients wait for done, failed or interrupted)
+        status.update(status="interrupted", phase="stopped (DELETE /train/)", finished_utc=utc_timestamp(),
+                      stopped_by=entry["fields"].get("user"), stop_seq=entry["seq"])
+        atomic_write_json(task.status_path, status)
+        remove_stale_work(task.store.model_dir / "work")
+    except (OSError, ValueError) as error:
+        log.warning("could not mark the stopped %s run in its status file: %s", model, error)
+
+
+# ------------------------------------------------------------------------------------------------ model files
+_MODEL_FILES_REFUSED = (
+    "the served weights are not uploaded, replaced or deleted here: they change only when a fine-tune that passed its "
+    "checks publishes them (POST /train/{model}) or an admin rolls back to a version (POST "
+    "/versions/{model}/restore; GET /versions/{model} lists them), each kept as a version and recorded in the audit "
+    "trail; weights from elsewhere are placed in the model folder with the server stopped")
+
+
+@router.put("/model/{model}", include_in_schema=False)
+@router.delete("/model/{model}", include_in_schema=False)
+def refused_model_file(model: str, request: Request, user: User = Depends(RBAC(_ADMIN))):
+    """Never handed on: MONAI Label's routes would copy an upload over the served file (no check of the file, no
+    version kept, no audit entry, the fine-tune's publication gates bypassed) or move it away; with this app's
+    several files per model they answered 500 / 404."""
+    raise HTTPException(status_code=405, detail=f"{request.method} /model/{model}: {_MODEL_FILES_REFUSED}",
+                        headers={"Allow": "GET"})
 
 
 # ------------------------------------------------------------------------------------------------ images
