@@ -702,3 +702,25 @@ def test_the_dicomweb_clients_first_retry_wait_comes_from_the_environment(monkey
         monkeypatch.setenv(RETRY_WAIT_ENV, bad)
         with pytest.raises(ValueError, match=RETRY_WAIT_ENV):
             make_client("http://127.0.0.1:9/dicom-web")
+
+
+def test_a_metaimage_output_is_whole_only_with_its_data_file(tmp_path):
+    """A .mhd output keeps its voxels in a second file (.zraw): an empty data file beside a whole header is a cut
+    output too, and a missing one is one whose size differs from the record."""
+    from lib.batch.runner import _output_damage, _output_size
+    from lib.imaging import write_volume
+
+    image = sitk.GetImageFromArray(np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8) - 1000)
+    sitk.WriteImage(image, str(tmp_path / "in.nii.gz"))
+    output = write_volume(read_volume(tmp_path / "in.nii.gz", modality="CT"), tmp_path / "out" / "ct.mhd",
+                          durable=True)
+    record = {"output": str(output.resolve()), **_output_size(output)}
+    assert record["output_files"] == 2 and _output_damage(record, output) == ""
+    data = tmp_path / "out" / "ct.zraw"
+    whole = data.read_bytes()
+    data.write_bytes(b"")
+    assert "holds an empty file (ct.zraw)" in _output_damage(record, output)
+    data.write_bytes(whole[: len(whole) // 2])
+    assert "cut short or changed since" in _output_damage(record, output)
+    data.unlink()
+    assert "cannot be read" in _output_damage(record, output)

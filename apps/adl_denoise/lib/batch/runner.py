@@ -150,8 +150,17 @@ def _remove_stale_temporaries(output: Path) -> None:
 
 
 def _output_files(output: Path) -> list[Path]:
-    """The files of an output: the file itself, or a derived series folder's files."""
-    return sorted(p for p in output.iterdir() if p.is_file()) if output.is_dir() else [output]
+    """The files of an output: the file itself (a MetaImage header with its data file), or a derived series
+    folder's files."""
+    if output.is_dir():
+        return sorted(p for p in output.iterdir() if p.is_file())
+    if output.name.lower().endswith(".mhd"):  # the voxels are in the file its ElementDataFile line names
+        for line in output.read_text(encoding="latin-1").splitlines():
+            key, _, value = line.partition("=")
+            data = value.strip()
+            if key.strip() == "ElementDataFile" and data and data != "LOCAL" and " " not in data:
+                return [output, output.parent / data]
+    return [output]
 
 
 def _output_size(output: Path) -> dict:
