@@ -524,6 +524,9 @@ def test_below_admin_the_training_list_names_files_not_the_servers_paths(server,
 # ------------------------------------------------------------------------------------------------ identity
 def test_a_verdict_is_recorded_under_the_tokens_user_not_the_name_in_the_body(server, tokens):
     headers = {"Authorization": f"Bearer {tokens['rita']}"}
+    denoised = requests.post(server.url + "/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
+                             data={"params": "{}"}, headers=headers, timeout=600)  # a verdict judges a result
+    assert denoised.status_code == 200, detail(denoised)
     response = requests.post(server.url + "/review/ct_slab_b", headers=headers, timeout=60,
                              json={"verdict": "accepted", "reviewer": "mallory"})
     assert response.status_code == 200, detail(response)

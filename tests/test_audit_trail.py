@@ -576,22 +576,33 @@ def test_an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(f
         assert stale.status_code == 409 and "removed and stored again" in stale.json()["detail"], stale.text
         again = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_second"},
                               timeout=60)
-        assert again.status_code == 200 and again.json()["result"] is None, again.text  # nothing denoised yet
-        # the file replaced on disk under the same name (an export job, a restore): another volume, whose verdict
-        # must not judge the earlier volume's result
+        assert again.status_code == 409 and "denoise it first" in again.json()["detail"], again.text  # no result yet
         denoised = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
                                  data={"params": "{}"}, timeout=600)
         assert denoised.status_code == 200, denoised.text
+        again = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_second"},
+                              timeout=60)
+        assert again.status_code == 200, again.text
+        assert again.json()["result"]["result_seq"] == denoised.json()["audit_seq"], again.text  # the new study's
+        # the file replaced on disk under the same name (an export job, a restore): another volume, whose verdict
+        # must not judge the earlier volume's result
         from mlserver import write_crop
 
         stored = next(folders["studies"].glob("ct_slab_b.*"))
         write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", stored, z=slice(50, 54))
         replaced = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_third"},
                                  timeout=60)
-        assert replaced.status_code == 200 and replaced.json()["result"] is None, replaced.text
+        assert replaced.status_code == 409 and "denoise it first" in replaced.json()["detail"], replaced.text
         stale = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_third",
                                                                "result_seq": denoised.json()["audit_seq"]}, timeout=60)
         assert stale.status_code == 409 and "file replaced" in stale.json()["detail"], stale.text
+        redone = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
+                               data={"params": "{}"}, timeout=600)
+        assert redone.status_code == 200, redone.text
+        replaced = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_third"},
+                                 timeout=60)
+        assert replaced.status_code == 200, replaced.text
+        assert replaced.json()["result"]["result_seq"] == redone.json()["audit_seq"], replaced.text
     finally:
         stop_server(server)
     # the log keeps the old study's entries

@@ -534,6 +534,7 @@ def test_review_verdicts_queue_and_audit_trail(client, server):
     client.infer("adl", "ct_slice_a", {})
     first = client.next_sample("next_unreviewed", {})
     assert first["id"] in CT_IDS + ("mr_slab_d",)
+    client.infer("nlm", first["id"], {})  # a verdict judges a result: the study handed out is denoised first
     status, entry = http(server, "POST", f"/review/{first['id']}", {"verdict": "accepted", "reviewer": "dr_a"})
     assert status == 200 and entry["verdict"] == "accepted" and entry["time_utc"]
     following = client.next_sample("next_unreviewed", {})
@@ -560,6 +561,42 @@ def test_review_verdicts_queue_and_audit_trail(client, server):
     # reset so that other tests see a fresh queue
     for image in audit:
         http(server, "POST", f"/review/{image}", {"verdict": "unreviewed", "reviewer": "test"})
+
+
+def test_a_verdict_on_a_study_without_a_result_is_refused_but_a_reset_or_an_imported_correction_is_not(
+        client, server, tmp_path):
+    """A study nobody denoised: accepted / rejected judge nothing, so they are refused (409, "denoise it first")
+    and nothing is recorded (they were recorded with ``result: null`` and took the study off the queue). A reset
+    (``unreviewed``) and ``corrected`` once a correction is saved as its ``final`` label (corrections imported
+    without a recorded result, as the module's client does for a volume loaded from a file) are recorded."""
+    image_id = "no_result_yet"
+    original = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "original.nii.gz",
+                          z=slice(90, 93))
+    assert client.upload_image(str(original), image_id)["image"] == image_id
+    try:
+        for body in ({"verdict": "accepted", "reviewer": "dr_a"},
+                     {"verdict": "rejected", "reviewer": "dr_a", "reason": "blurred a lesion"},
+                     {"verdict": "corrected", "reviewer": "dr_a"}):
+            status, answer = http(server, "POST", f"/review/{image_id}", body)
+            assert status == 409 and "has no denoising result to judge" in answer["detail"], (body, answer)
+            assert "denoise it first" in answer["detail"], answer
+        assert "no saved correction" in answer["detail"], answer
+        assert http(server, "GET", f"/review/{image_id}")[1]["review_history"] == []  # nothing recorded
+        status, answer = http(server, "POST", f"/review/{image_id}", {"verdict": "unreviewed", "reviewer": "dr_a"})
+        assert status == 200 and answer["result"] is None, answer
+        corrected = tmp_path / "corrected.nii.gz"
+        full_dose = write_crop(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz", tmp_path / "full.nii.gz", z=slice(90, 93))
+        sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(full_dose)), sitk.sitkFloat32), str(corrected))
+        client.save_label(image_id, str(corrected), tag="final")
+        status, answer = http(server, "POST", f"/review/{image_id}", {"verdict": "corrected", "reviewer": "dr_a"})
+        assert status == 200 and answer["verdict"] == "corrected" and answer["result"] is None, answer
+        status, answer = http(server, "POST", f"/review/{image_id}", {"verdict": "accepted", "reviewer": "dr_a"})
+        assert status == 409, answer  # a correction is no result to accept
+        client.infer("nlm", image_id, {})
+        status, answer = http(server, "POST", f"/review/{image_id}", {"verdict": "accepted", "reviewer": "dr_a"})
+        assert status == 200 and answer["result"]["model"] == "nlm", answer
+    finally:
+        http(server, "DELETE", f"/datastore/image?id={image_id}")
 
 
 # --------------------------------------------------------------------------------------------------- training

@@ -127,7 +127,23 @@ class NotThisStudysResult(ValueError):
 
 
 class NothingToJudge(ValueError):
-    """A verdict names the model whose result it judges, and the study stored under its id has no result of it."""
+    """A verdict judges a result the study stored under its id does not have: none of the model it names, or none
+    at all (``accepted`` / ``rejected``, and ``corrected`` without a saved correction)."""
+
+
+def _has_correction(datastore: Datastore, image_id: str) -> bool:
+    """Whether ``image_id``'s ``final`` label is a clinician's correction of the image stored under it now
+    (:func:`lib.trainers.finetune.is_clinician_correction`)."""
+    from ..trainers.finetune import is_clinician_correction
+
+    try:
+        info = datastore.get_label_info(image_id, "final")
+        if not isinstance(info, dict) or info.get("correction") is not True:
+            return False  # before any path: a PACS study's image is fetched to be found
+        return is_clinician_correction(info, datastore.get_label_uri(image_id, "final"),
+                                       datastore.get_image_uri(image_id))
+    except (OSError, KeyError, ValueError):  # a label or image the datastore cannot resolve: no correction
+        return False
 
 
 def _upload_result_of_the_stored_volume(audit: AuditLog, datastore: Datastore, image_id: str,
@@ -196,7 +212,10 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
     denoised before it was stored). A verdict naming ``model`` judges that model's result: refused when
     ``models`` (the server's model names) does not know the model and the study has no result of it (ValueError),
     or when the study has no result of it (:class:`NothingToJudge`; ``unreviewed`` judges nothing and is
-    recorded). A verdict naming neither judges the latest result of the study, or none (``result`` null).
+    recorded). A verdict naming neither judges the latest result of the study; a study without one gets only
+    ``unreviewed`` (a reset) or ``corrected`` when its ``final`` label is a clinician's correction of the image
+    stored now (imported without a recorded result), both with ``result`` null (:class:`NothingToJudge`
+    otherwise: denoise it first).
     ``reviewer_from`` says where the reviewer's name comes from (``token`` with authentication on). Returns the
     verdict (``verdict``, ``reviewer``, ``reason``, ``time_utc``, ``result``, ``seq``, ``replaces``: the study's
     verdict it replaces as current one, or None; both stay in the history). ValueError / KeyError on bad input,
@@ -244,6 +263,15 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
         if verdict != "unreviewed":
             raise NothingToJudge(f"the study stored as {image_id!r} has no result of model {model!r} to judge: "
                                  f"denoise it with {model} (by its id) first, then give the verdict")
+    if not results and model is None and verdict != "unreviewed" \
+            and not (verdict == "corrected" and _has_correction(datastore, image_id)):
+        # a verdict judges a result: one with none would sit in the trail as if a result had been reviewed (and
+        # take the study off the queue); a correction saved without a recorded result (imported) is its own record
+        raise NothingToJudge(
+            f"the study stored as {image_id!r} has no denoising result to judge"
+            + (" and no saved correction" if verdict == "corrected" else "")
+            + ": denoise it first, then give the verdict"
+            + (" (or save its correction as the 'final' label first)" if verdict == "corrected" else ""))
     judged = None
     if results:
         last = results[-1]
