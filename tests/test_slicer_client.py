@@ -672,6 +672,23 @@ def test_the_client_against_a_real_server_with_authentication_on(tmp_path):
         for error in (info.value, refused.value, forbidden.value, forbidden_review.value, expired.value):
             assert token not in str(error) and "uma-pass" not in str(error)
         assert token not in repr(client)
+        # a reviewer signed in with the module leaves the reviewer name empty: the module sends the login's user
+        # and the server records the token's user (the module required a name the server then ignored)
+        from ADLDenoiseLib.review_session import ReviewSession, content_identity, send_verdict
+
+        reviewer = DenoiseServerClient(server.url, timeout=120)
+        reviewer.login("rita", "rita-pass")
+        session = ReviewSession(tmp_path / "session")
+        session.connected_to(reviewer.server_url, (reviewer.username or "") if reviewer.token else None)  # use_client
+        identity = content_identity(read_array(studies / "head_a.nii.gz")[0], np.eye(4), "head_a")
+        session.select(identity)
+        session.record_upload(identity, "head_a", studies / "head_a.nii.gz")
+        _, result = reviewer.denoise("nlm", None, tmp_path / "out", {"modality": "ct"}, image_id="head_a")
+        session.result_arrived(identity, "node", "nlm", "", result["audit_seq"])
+        entry = send_verdict(reviewer, "head_a", session.verdict_request("accepted", ""))
+        assert entry["reviewer"] == "rita" and entry["reviewer_from"] == "token", entry
+        reviewer.logout()
+        assert reviewer.username is None
     finally:
         stop_server(server)
         realm.stop()

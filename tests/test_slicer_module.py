@@ -140,7 +140,7 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "set_setting" in _calls(functions["ADLDenoiseWidget.onConnect"])
     # another server: the last one's datastore ids are forgotten before its client is used
     use = ast.unparse(functions["ADLDenoiseLogic.use_client"])
-    assert "self.session.connected_to(client.server_url)" in use
+    assert "self.session.connected_to(client.server_url, client.username or '' if client.token else None)" in use
     assert use.index("connected_to(") < use.index("self.client = client")
     # ... on the GUI thread, once the answer is taken: what runs in the background changes nothing (neither the
     # session, which is not thread-safe, nor the client), so a Connect cancelled or dropped by Close Scene after
@@ -171,6 +171,10 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "send_verdict(client, image_id, request," in ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
     submit = ast.unparse(functions["ADLDenoiseWidget.onSubmitCorrection"])
     assert "request = self.logic.session.verdict_request('corrected', reviewer)" in submit
+    # signed in, the reviewer name may be empty (the server records the token's user): the session decides, the
+    # widget does not refuse an empty field itself
+    assert "reviewer = self.logic.session.reviewer_name(self.ui.reviewerEdit.text)" in submit
+    assert "enter your name" not in source
     assert "regions, request['model'], request['result_seq'], on_done=done" in submit
     assert "self.verdictFailed(identity, error)" in submit
     assert "self.logic.session.verdict_refused(identity)" in ast.unparse(functions["ADLDenoiseWidget.verdictFailed"])
@@ -223,6 +227,49 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     selector = widgets["inputVolumeSelector"]
     assert selector.find("property[@name='showChildNodeTypes']/bool").text == "false"
     assert widgets["blendSlider"].find("property[@name='tracking']/bool").text == "false"
+
+
+def test_slice_views_are_found_through_one_guard_that_switches_to_a_layout_showing_them():
+    """A layout without the Yellow (or Red) view: Slicer's ``qMRMLLayoutManager::sliceWidget`` answers None for a
+    view never created (an AttributeError traceback in Blend / Compare / Fade / Place ROI), and a view created
+    earlier but not in the layout is hidden (a blend set there is never seen). Every slice view goes through
+    ``sliceView``, which switches to side by side (``SlicerLayoutSideBySideView``, Red and Yellow in
+    vtkMRMLLayoutLogic.cxx) when the view is not shown, and names the missing view otherwise."""
+    source = (MODULE_DIR / "ADLDenoise.py").read_text()
+    functions = _functions(MODULE_DIR / "ADLDenoise.py")
+    users = sorted(name for name, f in functions.items() if "sliceWidget(" in ast.unparse(f))
+    assert users == ["ADLDenoiseWidget.sliceView"], users
+    guard = ast.unparse(functions["ADLDenoiseWidget.sliceView"])
+    assert "widget is None or not widget.mrmlSliceNode().IsViewVisibleInLayout()" in guard
+    assert guard.index("IsViewVisibleInLayout") < guard.index(
+        "setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)") < guard.index("raise WorkflowError")
+    for name, view in (("onBlend", "Yellow"), ("onCompare", "Yellow"), ("onFade", "Red"), ("onPlaceRoi", "Red")):
+        function = ast.unparse(functions[f"ADLDenoiseWidget.{name}"])
+        assert "sliceView(" in function, name
+        # the guard's refusal is caught (a status line or a dialog), not a traceback
+        assert any(isinstance(node, ast.Try) and "sliceView(" in ast.unparse(node.body)
+                   and any(h.type is not None and ast.unparse(h.type) in ("WorkflowError", "Exception")
+                           for h in node.handlers)
+                   for node in ast.walk(functions[f"ADLDenoiseWidget.{name}"])), name
+    assert "'Yellow'" in ast.unparse(functions["ADLDenoiseWidget.onBlend"])
+    assert "slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView" in source
+    # the layout constant, the calls and their Slicer types as in Slicer's sources
+    slicer_repo = Path("/work/.mirror/Slicer+Slicer/repo")
+    if slicer_repo.is_dir():
+        import subprocess
+
+        def show(path: str) -> str:
+            return subprocess.run(["git", "-C", str(slicer_repo), "show", f"HEAD:{path}"], capture_output=True,
+                                  text=True, check=True).stdout
+
+        assert "SlicerLayoutSideBySideView = 29" in show("Libs/MRML/Core/vtkMRMLLayoutNode.h")
+        logic = show("Libs/MRML/Logic/vtkMRMLLayoutLogic.cxx")
+        side_by_side = logic[logic.index("const char* sideBySideView"):]
+        side_by_side = side_by_side[:side_by_side.index("</layout>")]
+        assert 'singletontag=\\"Red\\"' in side_by_side and 'singletontag=\\"Yellow\\"' in side_by_side
+        assert "bool IsViewVisibleInLayout();" in show("Libs/MRML/Core/vtkMRMLAbstractViewNode.h")
+        assert "Q_INVOKABLE qMRMLSliceWidget* sliceWidget(const QString& name) const;" in \
+            show("Libs/MRML/Widgets/qMRMLLayoutManager.h")
 
 
 def test_module_refuses_other_studies_regions_and_its_own_volumes_and_guards_missing_display_nodes():

@@ -247,6 +247,31 @@ def test_verdicts_are_validated_and_recorded_for_the_study_they_were_sent_for():
         session.verdict_recorded(b, {"status": "ok"})
 
 
+def test_signed_in_the_reviewer_name_may_be_empty_without_a_login_it_is_required():
+    """With a login (auth on) the server records the token's user and ignores the body's name: the module sends
+    the login's user name when the field is empty ("" with a token alone: the server decides). Without a login the
+    name entered is the only record of who judged: required."""
+    session = ReviewSession()
+    a = dicom_identity("1.1", name="A")
+    session.select(a)
+    session.result_arrived(a, "res_a", "nlm", "", 7)
+    session.connected_to("http://10.0.0.1:8000")
+    for empty in (None, "", "  "):
+        with pytest.raises(WorkflowError, match="enter your name as reviewer"):
+            session.verdict_request("accepted", empty)
+        with pytest.raises(WorkflowError, match="enter your name as reviewer"):
+            session.reviewer_name(empty)  # what Submit correction checks before exporting anything
+    session.connected_to("http://10.0.0.1:8000", login="rita")
+    assert session.verdict_request("accepted", "")["reviewer"] == "rita"
+    assert session.verdict_request("corrected", None)["reviewer"] == "rita"
+    assert session.verdict_request("accepted", " dr_a ")["reviewer"] == "dr_a"  # a name entered is sent as before
+    session.connected_to("http://10.0.0.1:8000", login="")  # a token given without a user name
+    assert session.verdict_request("accepted", "  ")["reviewer"] == ""
+    session.connected_to("http://10.0.0.1:8000")  # connected again without a login: required again
+    with pytest.raises(WorkflowError, match="enter your name as reviewer"):
+        session.verdict_request("accepted", "")
+
+
 def test_a_verdict_names_the_result_on_screen_and_a_refused_one_forgets_its_result_and_server_id():
     """The verdict names the server's entry of the result shown (``result_seq``: judged or refused by the server,
     never another run's); a result another server made is not judged here; after a refusal (the server's study

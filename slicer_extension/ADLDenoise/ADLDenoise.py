@@ -115,8 +115,9 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
     def use_client(self, client: DenoiseServerClient, models: list[dict]) -> None:
         """GUI thread: ``client`` becomes the connected server. Another server: the datastore ids recorded on the
         last one are forgotten before the new client is used, so nothing is sent there under an id it may give
-        another patient."""
-        self.session.connected_to(client.server_url)
+        another patient. Signed in (a login or a token), a verdict may leave the reviewer name empty: the server
+        records the token's user."""
+        self.session.connected_to(client.server_url, (client.username or "") if client.token else None)
         self.client = client
         self.models = {m["name"]: m for m in models}
 
@@ -480,6 +481,21 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         identity = self.logic.identify(original)
         return original, identity
 
+    def sliceView(self, name: str):
+        """The slice view ``name`` ("Red" or "Yellow") shown in the layout. A layout that does not show it (3D
+        only, one view, a custom layout) is switched to side by side, Red and Yellow
+        (``vtkMRMLLayoutNode::SlicerLayoutSideBySideView``): Slicer creates a view's widget only for a layout
+        that holds it (``sliceWidget`` is None before), and a volume set in a hidden view is never seen."""
+        layout_manager = slicer.app.layoutManager()
+        widget = layout_manager.sliceWidget(name)
+        if widget is None or not widget.mrmlSliceNode().IsViewVisibleInLayout():
+            layout_manager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+            widget = layout_manager.sliceWidget(name)
+        if widget is None:
+            raise WorkflowError(f"Slicer shows no {name} slice view: choose a layout with the {name} view "
+                                "(e.g. Conventional or Side by side)")
+        return widget
+
     def original_and_result(self, reidentify: bool = False):
         """The selected node and the node of its study's result (None when not denoised). Without
         ``reidentify`` the identity computed at selection is used (no hashing per slider step)."""
@@ -568,6 +584,9 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.passwordEdit.text = ""  # not kept in the widget longer than needed
             self.showModels(models)
             who = f" as {username}" if username else (" with a token" if token else "")
+            # signed in, the server records the login's user as reviewer: the name field may stay empty
+            self.ui.reviewerEdit.placeholderText = (f"optional: recorded as your login ({username})" if username else
+                                                   "optional: recorded as the token's user" if token else "your name")
             self.ui.statusLabel.text = f"connected to {url}{who}: {len(models)} denoising model(s)"
 
         self.run(self.logic.open_client, url, token, username, password, on_done=done,
@@ -675,20 +694,23 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except WorkflowError as error:
             self.error(error)
             return
-        layout_manager = slicer.app.layoutManager()
-        layout_manager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        try:
+            views = {name: self.sliceView(name) for name in ("Red", "Yellow")}
+        except WorkflowError as error:
+            self.error(error)
+            return
         composites = []
         for view, volume in (("Red", original), ("Yellow", result)):
-            composite = layout_manager.sliceWidget(view).mrmlSliceCompositeNode()
+            composite = views[view].mrmlSliceCompositeNode()
             composite.SetBackgroundVolumeID(volume.GetID())
             composite.SetForegroundVolumeID(None)
             composites.append(composite)
         # the layout's "Axial" applies to new views only: Yellow keeps e.g. sagittal. Give it Red's orientation
         # first, then link (slice position, zoom and orientation follow each other)
-        match_orientation_and_link(layout_manager.sliceWidget("Red").mrmlSliceNode(),
-                                   layout_manager.sliceWidget("Yellow").mrmlSliceNode(), composites)
+        match_orientation_and_link(views["Red"].mrmlSliceNode(), views["Yellow"].mrmlSliceNode(), composites)
         for view in ("Red", "Yellow"):
-            layout_manager.sliceWidget(view).sliceLogic().FitSliceToAll()
+            views[view].sliceLogic().FitSliceToAll()
         # window/level of the denoised view follows the original's
         self.removeObservers(self.onOriginalWindowChanged)
         if original.GetDisplayNode() is not None:  # a volume added without display nodes has no window to follow
@@ -712,7 +734,11 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if result is None:
             return
-        composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+        try:
+            composite = self.sliceView("Red").mrmlSliceCompositeNode()
+        except WorkflowError as error:  # no dialog per slider step
+            self.ui.statusLabel.text = describe_error(error)
+            return
         composite.SetBackgroundVolumeID(original.GetID())
         composite.SetForegroundVolumeID(result.GetID())
         composite.SetForegroundOpacity(float(value))
@@ -748,10 +774,14 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if original is None:
             self.error("select a volume first")
             return
+        try:
+            slice_node = self.sliceView("Red").mrmlSliceNode()
+        except WorkflowError as error:
+            self.error(error)
+            return
         if self.roi_node is None or slicer.mrmlScene.GetNodeByID(self.roi_node.GetID()) is None:
             self.roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "noise ROI")
         # a 20 mm box at the centre of the current red slice; the user drags it into a uniform region
-        slice_node = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
         center = [slice_node.GetSliceToRAS().GetElement(i, 3) for i in range(3)]
         self.roi_node.SetCenter(center)
         self.roi_node.SetSize(20.0, 20.0, 6.0)
@@ -799,19 +829,17 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.corrected_node = blended_volume(slicer.mrmlScene, original, result, strength,
                                                  node=self.corrected_node)
             self.logic.session.blended(strength, self.corrected_node.GetID())
+            view = self.sliceView("Yellow")
         except Exception as error:  # noqa: BLE001
             self.ui.statusLabel.text = describe_error(error)
             return
-        slicer.app.layoutManager().sliceWidget("Yellow").mrmlSliceCompositeNode().SetBackgroundVolumeID(
-            self.corrected_node.GetID())
+        view.mrmlSliceCompositeNode().SetBackgroundVolumeID(self.corrected_node.GetID())
 
     def onSubmitCorrection(self):
         from ADLDenoiseLib.mrml import blended_volume, export_volume
 
-        reviewer = self.ui.reviewerEdit.text.strip()
         try:
-            if not reviewer:
-                raise WorkflowError("enter your name as reviewer first")
+            reviewer = self.logic.session.reviewer_name(self.ui.reviewerEdit.text)  # optional when signed in
             self.blend_timer.stop()
             original, identity = self.selected()  # re-identified: a changed volume or frame drops the blend
             original, result = self.original_and_result()

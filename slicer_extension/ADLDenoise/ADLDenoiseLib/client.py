@@ -457,6 +457,8 @@ class DenoiseServerClient:
         self.timeout = timeout
         self._token: str | None = None
         self.token = token
+        #: the user name :meth:`login` logged in with (None: no login; a token given is anonymous here)
+        self.username: str | None = None
 
     def __repr__(self) -> str:
         return f"DenoiseServerClient({self.server_url!r}, token={'<set>' if self._token else None})"
@@ -522,12 +524,14 @@ class DenoiseServerClient:
         if not token:
             raise DenoiseServerError(MSG_NO_LOGIN)
         self.token = str(token)
+        self.username = username
         logger.info("logged in to %s as %s", self.server_url, username)
         return self._token
 
     def logout(self) -> None:
         """Forget the token (MONAI Label has no server-side logout; the token expires on its own)."""
         self._token = None
+        self.username = None
 
     def token_valid(self) -> bool:
         """Whether the server accepts the current token (``GET /auth/token/valid``; True when auth is off)."""

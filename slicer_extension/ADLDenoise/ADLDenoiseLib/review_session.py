@@ -254,6 +254,9 @@ class ReviewSession:
         self.training_model: str | None = None
         #: the address of the server the datastore ids and verdicts below were recorded on (None: not connected)
         self.server_url: str | None = None
+        #: how the module signed in to that server: the user name it logged in with, "" for a token given without
+        #: one, None for no login (the server then records the reviewer name the verdict gives)
+        self.login: str | None = None
 
     def _reset_studies(self) -> None:
         self.study: StudyIdentity | None = None
@@ -269,18 +272,29 @@ class ReviewSession:
         self.study_files: dict[StudyIdentity, Path] = {}  # identity -> file the server holds (its grid)
         self.verdicts: dict[StudyIdentity, dict] = {}
 
-    def connected_to(self, server_url: str) -> bool:
-        """The module (re)connected to ``server_url``. Returns True when that is another server than the one the
-        datastore ids were recorded on: they are forgotten then. Another server's datastore knows none of them,
-        or holds another patient under the same id (review-queue ids are the server's own names, e.g. "case_07"):
-        a verdict or correction must never be sent there without uploading the study first. Results and the
-        blend stay (they are images in this scene, whatever server made them)."""
+    def connected_to(self, server_url: str, login: str | None = None) -> bool:
+        """The module (re)connected to ``server_url``, signed in as ``login`` (see :attr:`login`). Returns True
+        when that is another server than the one the datastore ids were recorded on: they are forgotten then.
+        Another server's datastore knows none of them, or holds another patient under the same id (review-queue
+        ids are the server's own names, e.g. "case_07"): a verdict or correction must never be sent there without
+        uploading the study first. Results and the blend stay (they are images in this scene, whatever server
+        made them)."""
         url = str(server_url or "").strip().rstrip("/")
         changed = self.server_url is not None and url != self.server_url
         if changed:
             self._reset_server_records()
         self.server_url = url
+        self.login = None if login is None else str(login).strip()
         return changed
+
+    def reviewer_name(self, reviewer: str | None) -> str:
+        """The reviewer name a verdict sends: the one entered, else (signed in) the login's user name, or "" with a
+        token alone. With a login the server records the token's user whatever name is sent, so the field may stay
+        empty; without one the name entered is the only record of who judged, so it is required."""
+        reviewer = (reviewer or "").strip()
+        if not reviewer and self.login is None:
+            raise WorkflowError("enter your name as reviewer first")
+        return reviewer or self.login or ""
 
     # ---------------------------------------------------------------------------------------------- files
     @property
@@ -420,13 +434,12 @@ class ReviewSession:
         entry of the study's result shown here, so that the server records the verdict against that very result
         (or refuses it) and never against a newer run's (someone denoised the study again meanwhile), and
         ``model``: that result's model. Refused without a result of the study (a verdict judges a denoised image
-        the reviewer saw), and for a result another server made (its entry numbers name other results here)."""
+        the reviewer saw), and for a result another server made (its entry numbers name other results here).
+        ``reviewer``: see :meth:`reviewer_name` (may be empty when signed in)."""
         study = self.require_study()
         if verdict not in VERDICTS:
             raise WorkflowError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
-        reviewer = (reviewer or "").strip()
-        if not reviewer:
-            raise WorkflowError("enter your name as reviewer first")
+        reviewer = self.reviewer_name(reviewer)
         reason = (reason or "").strip() or None
         if verdict == "rejected" and not reason:
             raise WorkflowError("give a reason for the rejection")
