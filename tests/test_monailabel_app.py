@@ -564,11 +564,13 @@ def test_review_verdicts_queue_and_audit_trail(client, server):
 
 
 def test_a_verdict_on_a_study_without_a_result_is_refused_but_a_reset_or_an_imported_correction_is_not(
-        client, server, tmp_path):
+        training_client, training_server, tmp_path):
     """A study nobody denoised: accepted / rejected judge nothing, so they are refused (409, "denoise it first")
     and nothing is recorded (they were recorded with ``result: null`` and took the study off the queue). A reset
     (``unreviewed``) and ``corrected`` once a correction is saved as its ``final`` label (corrections imported
-    without a recorded result, as the module's client does for a volume loaded from a file) are recorded."""
+    without a recorded result, as the module's client does for a volume loaded from a file) are recorded. On this
+    module's own server (an upload and a correction), removed again so the training tests see their studies."""
+    client, server = training_client, training_server
     image_id = "no_result_yet"
     original = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "original.nii.gz",
                           z=slice(90, 93))
@@ -596,7 +598,7 @@ def test_a_verdict_on_a_study_without_a_result_is_refused_but_a_reset_or_an_impo
         status, answer = http(server, "POST", f"/review/{image_id}", {"verdict": "accepted", "reviewer": "dr_a"})
         assert status == 200 and answer["result"]["model"] == "nlm", answer
     finally:
-        http(server, "DELETE", f"/datastore/image?id={image_id}")
+        assert http(server, "DELETE", f"/datastore/image?id={image_id}")[0] == 200
 
 
 # --------------------------------------------------------------------------------------------------- training
