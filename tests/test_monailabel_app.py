@@ -414,6 +414,22 @@ def test_bad_request_gets_4xx_with_a_reason_and_the_server_keeps_answering(clien
     assert client.info()["models"]["adl"]["weights"]["ct"]["available"]
 
 
+def test_the_ohif_route_answers_404_for_a_folder_and_still_serves_the_viewer(server):
+    """``GET /ohif/..`` (or ``%2e%2e``, ``.``, a folder of the viewer) was a bare 500: the stock route sent the
+    folder as a file. Now a 404; the viewer's page and files are served as before."""
+    for path in ("/ohif/..", "/ohif/%2e%2e", "/ohif/.", "/ohif/assets"):
+        try:
+            with urllib.request.urlopen(server.url + path, timeout=120) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        assert status == 404 and b"Resource NOT Found" in body, (path, status, body[:200])
+    for path in ("/ohif/", "/ohif/index.html"):
+        with urllib.request.urlopen(server.url + path, timeout=120) as response:
+            assert response.status == 200 and b"<html" in response.read().lower(), path
+    assert server.alive()
+
+
 def test_eight_parallel_infer_requests_all_succeed(server, tmp_path):
     def one(i: int) -> tuple[str, dict]:
         own = MONAILabelClient(server.url, tmpdir=str(tmp_path / f"c{i}"))

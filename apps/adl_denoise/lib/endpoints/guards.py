@@ -50,6 +50,8 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   query string and the viewer's ``Accept`` header (the stock proxy drops both: a QIDO search for one patient
   answered every study), waits for the PACS in a worker thread with a timeout (502 when it does not answer), and
   does not follow the PACS's redirects.
+* ``GET /ohif/...``: a path naming a folder (``..``, ``.``, ``assets``) is a 404 (the stock route tried to send the
+  folder as a file: a bare 500).
 """
 from __future__ import annotations
 
@@ -1084,3 +1086,19 @@ async def guarded_proxy_post(request: Request, path: str, user: User = Depends(R
     """A POST through the proxy is a STOW-RS store into the PACS, whatever prefix it names: annotators only,
     without the caller's credentials."""
     return await _proxy(request, path)
+
+
+# ------------------------------------------------------------------------------------------------------ OHIF viewer
+@router.get("/ohif/{path:path}", include_in_schema=False)
+def guarded_ohif(path: str, user: User = Depends(RBAC(_USER))):
+    """MONAI Label's OHIF viewer files, except a folder: the stock route joins the path to its folder as it is and
+    answers a file response for a folder that exists (``/ohif/..``, ``/ohif/.``, ``/ohif/assets``), which fails as
+    a bare 500. Those are a 404, as a missing file of the stock route is; everything else is the stock route's."""
+    from monailabel.endpoints import ohif
+
+    folder = os.path.join(os.path.dirname(os.path.realpath(ohif.__file__)), "static", "ohif")
+    if path:  # the stock route's own resolution (it serves index.html for a path that does not exist)
+        candidate = os.path.join(folder, path.replace("/", os.pathsep))
+        if os.path.exists(candidate) and not os.path.isfile(candidate):
+            raise HTTPException(status_code=404, detail="Resource NOT Found")
+    return ohif.get_ohif(path)
