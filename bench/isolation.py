@@ -72,8 +72,9 @@ class DenoiserInput(Protocol):
 class CliDenoiser:
     """A denoiser run as a command line on temporary NIfTI files.
 
-    ``template`` is split with shlex; the placeholders ``{input}``, ``{output}``, ``{modality}`` and
-    ``{python}`` (this interpreter) are substituted in each token. A leading ``python``/``python3`` token is
+    ``template`` is split with shlex; the placeholders ``{input}``, ``{output}``, ``{modality}`` (``ct`` or
+    ``mr``, lower case: what the app's ``cli.py --modality`` takes) and ``{python}`` (this interpreter) are
+    substituted in each token. A leading ``python``/``python3`` token is
     replaced by this interpreter so that the project's virtual environment is used. The command runs in the
     repository root; its stdout/stderr go to log files kept next to the results when it fails.
     ``timeout_s`` (seconds) overrides the run's timeout; ``env`` is added to the environment.
@@ -89,7 +90,9 @@ class CliDenoiser:
             raise ValueError("empty CLI template")
         if tokens[0] in ("python", "python3"):
             tokens[0] = sys.executable
-        subs = {"input": input_path, "output": output_path, "modality": modality, "python": sys.executable}
+        # lower case: the app's CLI rejects "--modality CT" (its choices are ct, mr), so an upper-case value made
+        # every "--modality {modality}" command fail
+        subs = {"input": input_path, "output": output_path, "modality": modality.lower(), "python": sys.executable}
         out = []
         for tok in tokens:
             for key, val in subs.items():

@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "the app's weights for each pair's modality; bm4d is applied to MR pairs only unless "
                          "--bm4d-ct is given)")
     ap.add_argument("--cli", action="append", default=[], metavar="NAME=TEMPLATE",
-                    help="a command-line denoiser; placeholders {input} {output} {modality} {python} (repeatable)")
+                    help="a command-line denoiser; placeholders {input} {output} {modality} (ct or mr) {python} (repeatable)")
     ap.add_argument("--weights", action="append", default=[], metavar="NAME=FILE",
                     help="an ADL or TDDL-GCN weight file run in-process under NAME (repeatable)")
     ap.add_argument("--weights-fp32", action="append", default=[], metavar="NAME=FILE",

@@ -154,6 +154,25 @@ def test_failing_denoiser_is_reported_not_fatal(tiny_pair, tmp_path):
     assert "FAILED" in (tmp_path / "results.md").read_text()
 
 
+def test_app_cli_with_the_modality_placeholder_runs(tiny_pair, tmp_path):
+    """``--cli "...cli.py denoise --modality {modality} ..."``: the placeholder gave "CT", which the app's CLI
+    rejects (its choices are ct, mr), so every such command was a FAILED row."""
+    from bench.baselines import gaussian
+    from bench.harness import evaluate
+    from bench.isolation import CliDenoiser
+
+    template = ("python apps/adl_denoise/cli.py denoise --model gaussian --modality {modality} --device cpu "
+                "--input {input} --output {output}")
+    res = evaluate([tiny_pair], {"gaussian": gaussian, "app_cli": CliDenoiser(template)}, tmp_path, figures=False,
+                   log=None)
+    entries = res["pairs"][0]["denoisers"]
+    assert entries["app_cli"]["ok"], entries["app_cli"].get("error")
+    assert "--modality ct" in entries["app_cli"]["command"]
+    # the same filter as the in-process baseline, through the app's command line and NIfTI files
+    assert entries["app_cli"]["windows"]["soft_tissue"]["psnr"] == pytest.approx(
+        entries["gaussian"]["windows"]["soft_tissue"]["psnr"], abs=0.05)
+
+
 def test_heldout_guard(tmp_path):
     from lib.data.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, assert_not_heldout, heldout_paths, is_heldout
 
