@@ -318,10 +318,12 @@ def run_command(cli: CliDenoiser, pair: DenoiserInput, work_dir: Path, timeout_s
         return None, info
     out = _read_nifti(out_path)
     if out.shape != pair.noisy.shape:
-        if out.size == pair.noisy.size:
+        # only axes of length 1 may differ (a one-slice volume written as a 2D image): a reshape of permuted axes,
+        # e.g. a command that wrote its (x, y, z) array as (z, y, x), would scramble the voxels into a silent score
+        if [n for n in out.shape if n != 1] == [n for n in pair.noisy.shape if n != 1]:
             out = out.reshape(pair.noisy.shape)
         else:
-            info.update(ok=False, error=f"CLI output shape {out.shape} != input {pair.noisy.shape}")
+            info.update(ok=False, error=f"CLI output shape {out.shape} (z, y, x) != input {pair.noisy.shape}")
             return None, info
     info["ok"] = True
     return out, info

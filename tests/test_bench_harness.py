@@ -173,6 +173,29 @@ def test_app_cli_with_the_modality_placeholder_runs(tiny_pair, tmp_path):
         entries["gaussian"]["windows"]["soft_tissue"]["psnr"], abs=0.05)
 
 
+def test_cli_output_with_permuted_axes_fails_instead_of_being_reshaped(tmp_path):
+    """A command that wrote its output with the axes in another order (same voxel count) had it reshaped to the
+    input's shape: scrambled voxels scored as if they were a denoised volume. Only length-1 axes may differ."""
+    from bench.isolation import CliDenoiser, run_isolated
+    from bench.pairs import Pair
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(40.0, 5.0, (3, 16, 24)).astype(np.float32)
+    pair = Pair(name="tiny", modality="CT", noisy=ref + rng.normal(0, 10, ref.shape).astype(np.float32), reference=ref)
+    permute = ("python -c \"import sys, SimpleITK as s; a = s.GetArrayFromImage(s.ReadImage(sys.argv[1])); "
+               "s.WriteImage(s.GetImageFromArray(a.transpose({axes})), sys.argv[2])\" {{input}} {{output}}")
+    out, info = run_isolated(CliDenoiser(permute.format(axes="2, 1, 0")), pair, tmp_path, 120, None, "permuted")
+    (tmp_path / "output.nii.gz").unlink(missing_ok=True)
+    assert out is None and not info["ok"] and "(24, 16, 3)" in info["error"], info
+    # a one-slice volume written as a 2D image is still the same voxels
+    one = Pair(name="one", modality="CT", noisy=pair.noisy[:1], reference=ref[:1])
+    squeeze = ("python -c \"import sys, SimpleITK as s; a = s.GetArrayFromImage(s.ReadImage(sys.argv[1])); "
+               "s.WriteImage(s.GetImageFromArray(a[0]), sys.argv[2])\" {input} {output}")
+    out, info = run_isolated(CliDenoiser(squeeze), one, tmp_path, 120, None, "squeezed")
+    assert info["ok"], info
+    np.testing.assert_allclose(out, one.noisy, atol=1e-4)
+
+
 def test_heldout_guard(tmp_path):
     from lib.data.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, assert_not_heldout, heldout_paths, is_heldout
 
