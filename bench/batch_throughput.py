@@ -40,11 +40,15 @@ def make_series(folder: Path, count: int, size: int, slices: int) -> list[Path]:
 
     image = sitk.ReadImage(str(SOURCE))
     nx, ny, nz = image.GetSize()
+    if not (0 < size <= min(nx, ny) and 0 < slices <= nz):
+        raise SystemExit(f"error: --size {size} / --slices {slices} do not fit in {SOURCE.name} ({nx} x {ny} x {nz})")
     folder.mkdir(parents=True)
     paths = []
     for k in range(count):
-        x0 = (nx - size) // 2 + (k % 4 - 2) * size // 4
-        y0 = (ny - size) // 2 + (k // 4 % 4 - 2) * size // 4
+        # shifted by quarters of the crop around the centre, kept inside the image: a negative start (any --size
+        # above half the image) was read by SimpleITK as counted from the end and gave empty crops
+        x0 = min(max((nx - size) // 2 + (k % 4 - 2) * size // 4, 0), nx - size)
+        y0 = min(max((ny - size) // 2 + (k // 4 % 4 - 2) * size // 4, 0), ny - size)
         z0 = (k * slices) % max(1, nz - slices)
         crop = image[x0:x0 + size, y0:y0 + size, z0:z0 + slices]
         path = folder / f"patient{k:03d}" / "ct.nii.gz"

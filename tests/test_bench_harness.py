@@ -196,6 +196,24 @@ def test_cli_output_with_permuted_axes_fails_instead_of_being_reshaped(tmp_path)
     np.testing.assert_allclose(out, one.noisy, atol=1e-4)
 
 
+def test_batch_throughput_series_fit_in_the_source_at_any_size(tmp_path, monkeypatch):
+    """``bench/batch_throughput.py --size 512`` (whole CT slices) cut empty crops: a start left of the image was
+    taken by SimpleITK as counted from its end. Every crop now has the asked size; a size larger than the image is
+    a one-line error."""
+    import SimpleITK as sitk
+
+    import bench.batch_throughput as batch
+
+    source = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(6 * 64 * 64, dtype=np.int16).reshape(6, 64, 64)), str(source))
+    monkeypatch.setattr(batch, "SOURCE", source)
+    for size in (64, 40, 32):
+        paths = batch.make_series(tmp_path / f"tree{size}", 8, size, 2)
+        assert [sitk.ReadImage(str(p)).GetSize() for p in paths] == [(size, size, 2)] * 8
+    with pytest.raises(SystemExit, match="--size 65"):
+        batch.make_series(tmp_path / "too_big", 1, 65, 2)
+
+
 def test_heldout_guard(tmp_path):
     from lib.data.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, assert_not_heldout, heldout_paths, is_heldout
 
