@@ -254,6 +254,18 @@ def test_sample_manifest_pairs(tmp_path):
     assert p.spacing == pytest.approx((0.8, 0.8, 2.5))
     assert p.meta["simulation"] == {"sigma": 20}
 
+    # the README's command on it: run_benchmark.py --pairs sample --denoisers ... (here with --manifest)
+    from bench.run_benchmark import main
+
+    out = tmp_path / "out"
+    assert main(["--pairs", "sample", "--manifest", str(manifest), "--denoisers", "noisy,gaussian", "--max-slices",
+                 "3", "--no-figures", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    (pres,) = results["pairs"]
+    assert pres["name"] == "tiny_ct" and pres["shape_zyx"] == [3, 32, 32]
+    assert all(e["ok"] for e in pres["denoisers"].values())
+    assert "| gaussian |" in (out / "results.md").read_text()
+
 
 def test_cli_speed_times_whole_commands_on_a_dicom_series_and_states_ratios_to_bm3d(tmp_path):
     """bench/cli_speed.py on a real one-slice DICOM series (a derived series written per command), and the ratio
