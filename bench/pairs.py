@@ -264,7 +264,10 @@ def shared_pairs(max_slices_ct: int | None = None, max_slices_mr: int | None = N
     return pairs
 
 
-def sample_pairs(manifest: Path = SAMPLE_MANIFEST, max_slices: int | None = None) -> list[Pair]:
+def sample_pairs(manifest: Path = SAMPLE_MANIFEST, max_slices: int | None = None,
+                 max_slices_by_modality: dict[str, int | None] | None = None) -> list[Pair]:
+    """The pairs of a sample manifest; ``max_slices`` central slices of each, or per modality where
+    ``max_slices_by_modality`` ({"CT": n, "MR": m}) gives a number (``--max-slices-ct`` / ``--max-slices-mr``)."""
     from lib.imaging import read_volume
 
     manifest = Path(manifest)
@@ -281,7 +284,8 @@ def sample_pairs(manifest: Path = SAMPLE_MANIFEST, max_slices: int | None = None
         ref = np.asarray(ref_v.array, np.float32)
         if noisy.ndim == 2:
             noisy, ref = noisy[None], ref[None]
-        sl = central_slices(ref.shape[0], max_slices)
+        limit = (max_slices_by_modality or {}).get(modality)
+        sl = central_slices(ref.shape[0], max_slices if limit is None else limit)
         meta = {"noisy": str(base / entry["noisy"]), "reference": str(base / entry["reference"]),
                 "slices": [sl.start, sl.stop], "simulation": entry.get("simulation")}
         spacing = tuple(ref_v.spacing) + (1.0,) * (3 - len(ref_v.spacing))

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         if not Path(manifest).is_file():
             raise SystemExit(f"error: {manifest} not found (build the sample data: "
                              ".venv/bin/python sample_data/build_sample_data.py)")
-        pairs = sample_pairs(manifest, args.max_slices)
+        pairs = sample_pairs(manifest, args.max_slices, {"CT": ms_ct, "MR": ms_mr})
 
     def select(pair, name: str) -> bool:
         # bm4d is a 3D baseline meant for the MR volume; on CT slabs only with --bm4d-ct

@@ -265,6 +265,10 @@ def test_sample_manifest_pairs(tmp_path):
     assert pres["name"] == "tiny_ct" and pres["shape_zyx"] == [3, 32, 32]
     assert all(e["ok"] for e in pres["denoisers"].values())
     assert "| gaussian |" in (out / "results.md").read_text()
+    # --max-slices-ct applies to the sample pairs too (it was ignored: every slice was denoised and scored)
+    assert main(["--pairs", "sample", "--manifest", str(manifest), "--denoisers", "noisy", "--max-slices-ct", "1",
+                 "--no-figures", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["pairs"][0]["shape_zyx"] == [1, 32, 32]
 
 
 def test_cli_speed_times_whole_commands_on_a_dicom_series_and_states_ratios_to_bm3d(tmp_path):
