@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cli", action="append", default=[], metavar="NAME=TEMPLATE",
                     help="a command-line denoiser; placeholders {input} {output} {modality} (ct or mr) {python} (repeatable)")
     ap.add_argument("--weights", action="append", default=[], metavar="NAME=FILE",
-                    help="an ADL or TDDL-GCN weight file run in-process under NAME (repeatable)")
+                    help="an ADL or TDDL-GCN weight file run in-process under NAME, on the pairs of the modality it "
+                         "was trained for (repeatable)")
     ap.add_argument("--weights-fp32", action="append", default=[], metavar="NAME=FILE",
                     help="as --weights, in float32 throughout (no bfloat16 / fp16 autocast), e.g. next to the same "
                          "file under --weights to time both on a CPU with native bfloat16 (repeatable)")
@@ -82,9 +83,19 @@ def build_denoisers(names: str, clis: list[str], weights: list[str] = (), weight
     return den
 
 
+def weight_file_modalities(weights: list[str] = (), weights_fp32: list[str] = ()) -> dict[str, str]:
+    """``{NAME: "CT" | "MR"}``: the modality each ``--weights`` / ``--weights-fp32`` file was trained for (the file's
+    own record, as the app reads it), so that a CT network is not scored on the MR pair and the other way round."""
+    from lib.predict import load_denoiser
+
+    return {name.strip(): load_denoiser(path).modality.upper()
+            for name, _, path in (spec.partition("=") for spec in (*weights, *weights_fp32))}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     denoisers = build_denoisers(args.denoisers, args.cli, args.weights, args.weights_fp32)
+    trained_for = weight_file_modalities(args.weights, args.weights_fp32)
     machine = describe_machine()
     print(f"Machine: {machine_line(machine)}")
     ms_ct = args.max_slices_ct if args.max_slices_ct is not None else args.max_slices
@@ -110,6 +121,9 @@ def main(argv=None) -> int:
             return False
         if denoisers[name] is LEARNED.get(name):  # the app's installed weights: only where it has them (tddl_gcn: CT)
             return has_weights(name, pair.modality)
+        if name in trained_for and trained_for[name] != pair.modality:  # a weight file: on its own modality only
+            print(f"[bench] {name}: a {trained_for[name]} weight file, not run on the {pair.modality} pair {pair.name}")
+            return False
         return True
 
     results = evaluate(pairs, denoisers, args.out, timeout_s=args.timeout, figures=not args.no_figures,

@@ -271,6 +271,36 @@ def test_sample_manifest_pairs(tmp_path):
     assert json.loads((out / "results.json").read_text())["pairs"][0]["shape_zyx"] == [1, 32, 32]
 
 
+def test_a_weight_file_runs_only_on_the_pairs_of_its_modality(tmp_path):
+    """``run_benchmark.py --weights NAME=FILE`` without ``--modalities``: the shipped CT TDDL-GCN was also run on the
+    MR pair and scored there as if it were an MR denoiser."""
+    import SimpleITK as sitk
+
+    from bench.run_benchmark import main
+
+    rng = np.random.default_rng(0)
+    entries = []
+    for modality, level, sigma in (("CT", 40.0, 20.0), ("MR", 400.0, 20.0)):
+        ref = np.full((2, 32, 32), level, np.float32)
+        ref[:, :4] = 0.0 if modality == "MR" else -1000.0
+        noisy = (ref + rng.normal(0, sigma, ref.shape)).astype(np.float32)
+        if modality == "MR":  # magnitudes
+            noisy = np.abs(noisy)
+        for name, arr in (("ref", ref), ("noisy", noisy)):
+            sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / f"{modality}_{name}.nii.gz"))
+        entries.append({"name": f"tiny_{modality.lower()}", "noisy": f"{modality}_noisy.nii.gz",
+                        "reference": f"{modality}_ref.nii.gz", "modality": modality})
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"pairs": entries}))
+    shipped = REPO_ROOT / "apps" / "adl_denoise" / "model" / "pretrained_tddl_gcn_ct.pt"
+    out = tmp_path / "out"
+    assert main(["--pairs", "sample", "--manifest", str(manifest), "--denoisers", "noisy", "--weights",
+                 f"gcn={shipped}", "--no-figures", "--out", str(out)]) == 0
+    pairs = {p["name"]: p["denoisers"] for p in json.loads((out / "results.json").read_text())["pairs"]}
+    assert pairs["tiny_ct"]["gcn"]["ok"], pairs["tiny_ct"]["gcn"].get("error")
+    assert set(pairs["tiny_mr"]) == {"noisy"}
+
+
 def test_cli_speed_times_whole_commands_on_a_dicom_series_and_states_ratios_to_bm3d(tmp_path):
     """bench/cli_speed.py on a real one-slice DICOM series (a derived series written per command), and the ratio
     arithmetic of its table: a method's median command time over BM3D's median in the same run."""
