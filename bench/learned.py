@@ -1,5 +1,6 @@
 """Learned denoisers for the benchmark, run in-process like the baselines (so time per slice compares like
-for like: no interpreter start-up or file I/O in the figure; use ``--cli`` for the whole command's cost).
+for like: no interpreter start-up or image file I/O in the figure, but loading the weights (a fraction of a second)
+and the first forward pass are in it; use ``--cli`` for the whole command's cost).
 
 Each is a module-level callable ``denoise(noisy (Z, H, W) float32, spacing, modality) -> array`` that loads
 the app's weights for the pair's modality (published ``model/<name>_<m>.pt`` if present, else the shipped
