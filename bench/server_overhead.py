@@ -10,8 +10,8 @@
    own float32 size for scale.
 
 The weights default to the served ADL CT weights; ``--untrained`` uses a full-size ADL network with random
-weights instead (timing and memory do not depend on the weight values). Results: a JSON file and a markdown
-table in ``bench/results/server/``.
+weights instead (timing and memory do not depend on the weight values). Results: ``server_overhead.json`` in
+``bench/results/server/`` (``--out``); the figures are also printed.
 """
 from __future__ import annotations
 
