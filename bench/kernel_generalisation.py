@@ -45,10 +45,30 @@ TRAINING_CT = "ct_thorax_philips_2mm.nii.gz"
 SEEN_TEST_FILTER = "shepp-logan"
 
 
+def made_with(path: Path, settings: dict) -> bool:
+    """Whether ``path`` exists and was made with ``settings`` (recorded next to it by :func:`record_settings`): only
+    then may a later run reuse it. A file made with other settings (another ``--steps``, ``--training-slices``, ...)
+    was reused before, and its figures were reported under the new settings."""
+    sidecar = path.with_name(path.name + ".settings.json")
+    if not (path.is_file() and sidecar.is_file()):
+        return False
+    try:
+        return json.loads(sidecar.read_text()) == json.loads(json.dumps(settings))
+    except ValueError:
+        return False
+
+
+def record_settings(path: Path, settings: dict) -> None:
+    """Record the settings ``path`` was made with (see :func:`made_with`)."""
+    path.with_name(path.name + ".settings.json").write_text(json.dumps(settings, indent=1))
+
+
 def train(name: str, filters: list[str], training: Path, out: Path, args: argparse.Namespace) -> Path:
     """One ADL run through ``cli.py train`` (G warm-up only: the same for both arms, cheap on a CPU)."""
     weights = out / f"{name}.pt"
-    if weights.is_file() and not args.retrain:
+    settings = {"ct_filters": filters, "steps": args.steps, "filters": args.filters, "seed": args.seed,
+                "training_slices": args.training_slices}
+    if made_with(weights, settings) and not args.retrain:
         return weights
     command = [sys.executable, str(APP / "cli.py"), "train", "--model", "adl", "--modality", "ct",
                "--clean", str(training), "--ct-filters", ",".join(filters), "--output", str(weights),
@@ -58,6 +78,7 @@ def train(name: str, filters: list[str], training: Path, out: Path, args: argpar
                "--validation-every", "0"]
     start = time.perf_counter()
     subprocess.run(command, check=True)
+    record_settings(weights, settings)
     print(f"trained {name} in {time.perf_counter() - start:.0f} s")
     return weights
 
@@ -87,14 +108,17 @@ def main() -> int:
     seen = [f for f in RECONSTRUCTION_FILTERS if f not in held_out]
     training = args.out / "training_ct.nii.gz"
     # the test data (and the training CT unless cut out already) checked before minutes of training
-    shared = require_shared_data(HELDOUT_CT_SERIES, *([] if training.is_file() else [TRAINING_CT]))
+    training_settings = {"source": TRAINING_CT, "slices": args.training_slices}
+    shared = require_shared_data(HELDOUT_CT_SERIES,
+                                 *([] if made_with(training, training_settings) else [TRAINING_CT]))
     args.out.mkdir(parents=True, exist_ok=True)
 
-    # training data: slices of the Philips thorax CT (upper abdomen and lower thorax), written once
-    if not training.is_file():
+    # training data: slices of the Philips thorax CT (upper abdomen and lower thorax), written once per selection
+    if not made_with(training, training_settings):
         start, stop, step = (int(v) for v in args.training_slices.split(":"))
         image = sitk.ReadImage(str(shared / TRAINING_CT))
         sitk.WriteImage(image[:, :, start:stop:step], str(training))
+        record_settings(training, training_settings)
     arms = {"seen_all": train("seen_all", list(RECONSTRUCTION_FILTERS), training, args.out, args),
             "held_out": train("held_out", seen, training, args.out, args)}
 

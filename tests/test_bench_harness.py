@@ -214,6 +214,25 @@ def test_batch_throughput_series_fit_in_the_source_at_any_size(tmp_path, monkeyp
         batch.make_series(tmp_path / "too_big", 1, 65, 2)
 
 
+def test_kernel_generalisation_reuses_a_model_only_when_made_with_the_same_settings(tmp_path):
+    """``bench/kernel_generalisation.py`` reused ``<out>/seen_all.pt`` (and the training CT) whenever the file existed:
+    a second run with another ``--steps`` or ``--training-slices`` reported the first run's models under its own
+    settings. A file is now reused only with the settings it was made with."""
+    from bench.kernel_generalisation import made_with, record_settings
+
+    weights = tmp_path / "seen_all.pt"
+    weights.write_bytes(b"weights")
+    settings = {"ct_filters": ["hann", "ram-lak"], "steps": 300, "filters": "16,32,48,64", "seed": 0,
+                "training_slices": "0:40:2"}
+    assert not made_with(weights, settings)  # no record (a file of an earlier version): made again
+    record_settings(weights, settings)
+    assert made_with(weights, dict(settings))
+    assert not made_with(weights, {**settings, "steps": 1000})
+    assert not made_with(weights, {**settings, "training_slices": "0:80:2"})
+    weights.unlink()
+    assert not made_with(weights, settings)
+
+
 def test_heldout_guard(tmp_path):
     from lib.data.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, assert_not_heldout, heldout_paths, is_heldout
 
