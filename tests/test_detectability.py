@@ -58,6 +58,18 @@ def test_d_prime_of_known_gaussians_and_its_interval():
     assert d_prime(np.ones(3), np.ones(3)) == 0.0 and d_prime(np.ones(3) * 2, np.ones(3)) == math.inf
 
 
+def test_an_auc_at_the_edge_of_its_resamples_gets_an_interval_not_a_point():
+    """CHO scores of 8 paired sites from a phantom run of the benchmark (every present score above its own absent
+    one): the observed AUC lies at the bottom of the bootstrap distribution, BCa's bias correction is infinite and
+    its interval was [0.594, 0.594], "no uncertainty" from 8 sites. The percentile interval is given there."""
+    present = np.array([-37.237, -22.553, -13.701, 27.718, -649.823, -34.464, -95.498, 243.4])
+    absent = np.array([-48.44, -33.558, -31.013, 15.342, -842.491, -48.137, -120.124, 53.118])
+    value = auc(present, absent)
+    lo, hi = bootstrap_ci(present, absent, auc, paired=True, n_boot=2000, seed=0)
+    assert value == pytest.approx(0.59375)
+    assert lo <= value <= hi and hi - lo > 0.05, (lo, hi)
+
+
 # ---- NPW ----------------------------------------------------------------------------------------------------
 
 def test_npw_on_white_noise_matches_the_analytic_d_prime_and_auc():

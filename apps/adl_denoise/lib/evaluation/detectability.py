@@ -190,7 +190,8 @@ def auc(scores_present: np.ndarray, scores_absent: np.ndarray) -> float | np.nda
 
 def _bootstrap(samples: tuple[np.ndarray, ...], stat: Callable[..., np.ndarray], paired: bool, n_boot: int,
                level: float, rng: np.random.Generator) -> tuple[float, float]:
-    """BCa interval of :func:`scipy.stats.bootstrap`, the percentile one where BCa is undefined, else (nan, nan)."""
+    """BCa interval of :func:`scipy.stats.bootstrap`, the percentile one where BCa is undefined or collapses to a point
+    while the resamples spread, else (nan, nan)."""
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # degenerate resamples (no spread, AUC = 1): handled below
@@ -200,6 +201,10 @@ def _bootstrap(samples: tuple[np.ndarray, ...], stat: Callable[..., np.ndarray],
             except (ValueError, FloatingPointError):
                 continue
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if method == "BCa" and lo == hi and np.ptp(res.bootstrap_distribution) > 0:
+            # the estimate at the edge of the resampled values (few sites, an AUC's discrete values): BCa's bias
+            # correction is infinite and its interval a point, "no uncertainty" where the resamples spread
+            continue
         if math.isfinite(lo) and math.isfinite(hi):
             return (lo, hi)
     return (math.nan, math.nan)
