@@ -2,7 +2,7 @@
 
 Usage (repository root; starts its own MONAI Label server on 127.0.0.1 with the app's installed weights)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/client_memory.py [--shape 300 512 512] [--infer nlm] [--old]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/client_memory.py [--shape 300 512 512] [--infer nlm] [--old [REV]]
 
 What is measured, in a child process that imports only the client (stdlib only, as in Slicer):
 
@@ -14,8 +14,8 @@ What is measured, in a child process that imports only the client (stdlib only, 
 
 Per operation: wall seconds, the tracemalloc peak (Python allocations: every ``bytes`` object of the payload
 shows up here) and the growth of the process's peak RSS (``VmHWM``, reset before each operation through
-``/proc/self/clear_refs`` where the kernel allows it). ``--old`` also runs the client of ``git HEAD`` (the
-pre-streaming one while that is what HEAD holds) for comparison.
+``/proc/self/clear_refs`` where the kernel allows it). ``--old [REV]`` also runs the client of git revision REV (default
+``HEAD``; the pre-streaming client of ``bench/README.md``'s table is ``1f8fcf8^``) for comparison.
 
 The same child (``--child SPEC.json``) is used by ``tests/test_slicer_client.py`` with a smaller file.
 """
@@ -137,7 +137,9 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--shape", type=int, nargs=3, default=(300, 512, 512), metavar=("Z", "Y", "X"))
     parser.add_argument("--infer", default=None, help="also denoise with this model (nlm, adl, tddl_gcn)")
-    parser.add_argument("--old", action="store_true", help="also measure the client of git HEAD")
+    parser.add_argument("--old", nargs="?", const="HEAD", default=None, metavar="REV",
+                        help="also measure the client of this git revision (default HEAD; the pre-streaming client of "
+                             "the README's table: 1f8fcf8^)")
     parser.add_argument("--url", default=None, help="use this running server instead of starting one")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
@@ -148,15 +150,21 @@ def main() -> int:
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from mlserver import start_server, stop_server  # the tests' server helper: loopback, own process group
 
+    old_client = None
+    if args.old:  # before any work: a wrong revision is a usage error, not a traceback after writing the volume
+        shown = subprocess.run(["git", "show", f"{args.old}:slicer_extension/ADLDenoise/ADLDenoiseLib/client.py"],
+                               cwd=REPO_ROOT, capture_output=True, text=True)
+        if shown.returncode != 0:
+            parser.error(f"--old {args.old}: {shown.stderr.strip()}")
+        old_client = shown.stdout
     work = Path(tempfile.mkdtemp(prefix="client_memory_"))
     volume = write_volume(work / "big.nii", tuple(args.shape))
     size_mib = volume.stat().st_size / 2**20
     clients = {"new": str(CLIENT)}
     if args.old:
-        old = work / "client_head.py"
-        old.write_text(subprocess.run(["git", "show", "HEAD:slicer_extension/ADLDenoise/ADLDenoiseLib/client.py"],
-                                      cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout)
-        clients["old (git HEAD)"] = str(old)
+        old = work / "client_old.py"
+        old.write_text(old_client)
+        clients[f"old (git {args.old})"] = str(old)
     server = None
     if args.url:
         url = args.url

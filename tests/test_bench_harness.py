@@ -233,6 +233,26 @@ def test_kernel_generalisation_reuses_a_model_only_when_made_with_the_same_setti
     assert not made_with(weights, settings)
 
 
+@pytest.mark.slow
+@pytest.mark.server
+def test_client_memory_compares_with_the_client_of_a_given_revision(tmp_path):
+    """The README's "before" rows came from the pre-streaming client, but ``bench/client_memory.py --old`` could only
+    compare with the client of git HEAD, the streaming one since: the command as written no longer reproduced them.
+    ``--old REV`` takes the revision (here HEAD, which every checkout has)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "figures.json"
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "client_memory.py"), "--shape", "2", "32", "32",
+                           "--old", "HEAD", "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "old (git HEAD) client" in done.stdout
+    bad = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "client_memory.py"), "--old", "no-such-rev"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--old no-such-rev" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def test_heldout_guard(tmp_path):
     from lib.data.heldout import HELDOUT_CT_SERIES, HELDOUT_MR_VOLUME, assert_not_heldout, heldout_paths, is_heldout
 
