@@ -745,3 +745,82 @@ def test_every_served_model_takes_the_conf_concurrency_and_size_limits(name, tmp
     assert task._slots.acquire(blocking=False)
     assert not task._slots.acquire(blocking=False), f"{name}: a second request ran beside the first"
     task._slots.release()
+
+
+#: (conf, words its start-up error must contain): each a value an admin may give by mistake, which before was
+#: silently ignored or defaulted (device gpu: a 422 on every request; modality xray: guessed; max_voxels 0 or -5:
+#: every image refused; max_voxel: ignored, the limit stayed at 1e9; a missing model_dir: no weights, 404s) or
+#: stopped the start-up without naming the key ("could not convert string to float: 'abc'")
+BAD_CONFS = {
+    "device_gpu": ({"device": "gpu"}, ["--conf device", "gpu", "cuda"]),
+    "modality_xray": ({"modality": "xray"}, ["--conf modality", "xray", "auto, ct or mr"]),
+    "max_voxels_text": ({"max_voxels": "abc"}, ["--conf max_voxels", "not a number"]),
+    "max_voxels_zero": ({"max_voxels": "0"}, ["--conf max_voxels", "below 1"]),
+    "max_voxels_negative": ({"max_voxels": "-5"}, ["--conf max_voxels", "below 1"]),
+    "max_voxels_infinite": ({"max_voxels": "inf"}, ["--conf max_voxels", "not a whole number"]),
+    "train_steps_zero": ({"train_steps": "0"}, ["--conf train_steps", "below 1"]),
+    "train_steps_text": ({"train_steps": "many"}, ["--conf train_steps", "not a number"]),
+    "concurrency_text": ({"max_concurrent_infers": "two"}, ["--conf max_concurrent_infers", "not a number"]),
+    "concurrency_zero": ({"max_concurrent_infers": "0"}, ["--conf max_concurrent_infers", "below 1"]),
+    "preload_maybe": ({"preload": "maybe"}, ["--conf preload", "not a boolean"]),
+    "extension": ({"result_extension": "nii"}, ["--conf result_extension", ".nii.gz"]),
+    "unknown_model": ({"models": "adl,unet"}, ["--conf models", "unet"]),
+    "model_dir_missing": ({"model_dir": "{tmp}/no_such_folder"}, ["--conf model_dir", "no such folder"]),
+    "model_dir_empty": ({"model_dir": ""}, ["--conf model_dir", "empty"]),
+    "audit_dir_a_file": ({"audit_dir": "{tmp}/studies/a.nii.gz"}, ["--conf audit_dir", "not a folder"]),
+    "normal_dose_missing": ({"normal_dose": "{tmp}/nd1,{tmp}/nd2"}, ["--conf normal_dose", "nd2"]),
+    "misspelt_key": ({"max_voxel": "5e6"}, ["--conf max_voxel", "did you mean max_voxels"]),
+    "misspelt_key_case": ({"Model_Dir": "{tmp}"}, ["--conf Model_Dir", "did you mean model_dir"]),
+}
+
+
+def _conf_case(tmp_path: Path, conf: dict) -> tuple[Path, dict]:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLE_STUDIES / "mr_slice_pydicom_mr2.nii.gz", studies / "a.nii.gz")
+    (tmp_path / "nd1").mkdir()
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    return studies, {"model_dir": str(model_dir),
+                     **{key: value.replace("{tmp}", str(tmp_path)) for key, value in conf.items()}}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFS))
+def test_a_wrong_conf_value_stops_the_app_naming_the_key(case, tmp_path):
+    """Every conf key is checked when the app is built (lib/configs/conf.py): a wrong value or a misspelt key is an
+    error naming the key and what is wrong, before anything is written (no audit folder made)."""
+    from lib.configs.conf import ConfError
+    from main import DenoisingApp
+
+    conf, words = BAD_CONFS[case]
+    studies, conf = _conf_case(tmp_path, conf)
+    with pytest.raises(ConfError) as raised:
+        DenoisingApp(str(tmp_path / "app"), str(studies), conf)
+    for word in words:
+        assert word in str(raised.value), (case, str(raised.value))
+    assert not (studies / ".audit").exists()
+
+
+def test_good_conf_values_are_taken_and_an_unknown_key_is_a_warning(tmp_path, caplog):
+    """Values in every accepted spelling build the app; a key unlike any of the app's is logged, not fatal."""
+    from main import DenoisingApp
+
+    studies, conf = _conf_case(tmp_path, {"models": "adl, nlm", "device": "CPU", "modality": "CT",
+                                          "max_voxels": "2.5e6", "preload": "no", "train_steps": "12",
+                                          "max_concurrent_infers": "3", "normal_dose": "{tmp}/nd1",
+                                          "audit_dir": "{tmp}/audit/new", "site_colour": "blue"})
+    with caplog.at_level("WARNING", logger="lib.configs.conf"):
+        app = DenoisingApp(str(tmp_path / "app"), str(studies), conf)
+    assert sorted(app._infers) == ["adl", "nlm"]
+    assert app._infers["adl"].max_voxels == 2_500_000 and app._infers["adl"].default_modality == "CT"
+    assert app._trainers["adl"].defaults["steps"] == 12
+    assert any("--conf site_colour is not read by this app" in r.getMessage() for r in caplog.records)
+
+
+def test_a_server_with_a_wrong_conf_value_does_not_start_and_says_which(tmp_path):
+    """The real start-up: the process exits and its log's error names the key (not only a traceback)."""
+    studies, conf = _conf_case(tmp_path, {"max_voxels": "1e9x"})
+    with pytest.raises(RuntimeError, match="exited with"):
+        start_server(studies, Path(conf.pop("model_dir")), tmp_path / "work", conf=conf, timeout=300)
+    log = (tmp_path / "work" / "server.log").read_text(errors="replace")
+    assert "[ERROR] (main:" in log and "not started: --conf max_voxels '1e9x': not a number" in log, log[-4000:]

@@ -9,6 +9,8 @@ named, e.g. ``all,adl_3d``), ``model_dir`` (weights folder; default ``model/`` h
 ``ADL_MODEL_DIR``), ``device``, ``preload``,
 ``modality``, ``result_extension``, ``train_steps``, ``normal_dose``, ``max_voxels``, ``audit_dir`` (the audit log's
 folder; default ``<studies>/.audit``, or ``<model_dir>/audit/dicomweb-<hash of the URL>`` for a DICOMweb datastore).
+They are all checked before anything is built (:mod:`lib.configs.conf`): a wrong value, or a key that looks like a
+misspelling of one of them, stops the start-up with an error naming the key; another key is a warning.
 
 The audit trail (:mod:`lib.audit`): every result, verdict, datastore change and weights publication / restore is an
 entry of an append-only, hash-chained log, verified at start-up. A broken chain is logged as an ERROR, shown in
@@ -42,6 +44,7 @@ from lib.audit.location import default_audit_dir
 from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_result, install_request_context,
                                  request_actor, result_fields)
 from lib.configs import MODEL_CONFIGS, OPT_IN_MODELS
+from lib.configs.conf import ConfError, check_conf, model_names
 from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
@@ -54,10 +57,17 @@ logger = logging.getLogger(__name__)
 
 class DenoisingApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
-        names = [m.strip() for m in (conf.get("models") or "all").split(",") if m.strip()]
-        unknown = [m for m in names if m != "all" and m not in MODEL_CONFIGS]
-        if unknown:
-            raise ValueError(f"unknown model(s) {unknown} in --conf models; available: all, {', '.join(MODEL_CONFIGS)}")
+        conf = conf or {}
+        try:  # every key checked before anything is built: a wrong value stops the start-up, naming the key
+            check_conf(conf, MODEL_CONFIGS)
+            if not conf.get("model_dir") and os.environ.get("ADL_MODEL_DIR") and \
+                    not os.path.isdir(os.environ["ADL_MODEL_DIR"]):
+                raise ConfError(f"ADL_MODEL_DIR {os.environ['ADL_MODEL_DIR']!r}: no such folder (the weights folder "
+                                f"when --conf model_dir is not given)")
+        except ConfError as error:
+            logger.error("not started: %s", error)
+            raise
+        names = model_names(conf, MODEL_CONFIGS)
         self.model_dir = os.path.abspath(conf.get("model_dir") or os.environ.get("ADL_MODEL_DIR") or str(MODEL_DIR))
         in_server = "monailabel.app" in sys.modules  # not the training subprocess
         self.audit_dir = os.path.abspath(conf.get("audit_dir") or default_audit_dir(studies, self.model_dir))

@@ -6,9 +6,8 @@ from typing import Any
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.utils.others.generic import strtobool
-
 from ..weights.store import ModelStore
+from .conf import conf_bool, conf_int
 from ..infers.denoise import DenoiseInferTask
 from ..trainers.finetune import DenoiserTrainTask
 
@@ -20,7 +19,8 @@ class DenoiserTaskConfig(TaskConfig):
     ``modality`` (auto | ct | mr: for inputs without a DICOM modality), ``result_extension`` (.nii.gz | .nrrd |
     .nii | .mha | dicom), ``train_steps`` (default fine-tuning steps), ``normal_dose`` (normal-dose images for
     TDDL adaptation), ``max_concurrent_infers`` (requests a model denoises at once; 2), ``max_voxels`` (largest
-    image a request may send; default :func:`lib.imaging.max_voxels`).
+    image a request may send; default :func:`lib.imaging.max_voxels`). :func:`lib.configs.conf.check_conf` has
+    checked them all when the app was built.
     """
 
     method: str = ""
@@ -35,19 +35,18 @@ class DenoiserTaskConfig(TaskConfig):
     @property
     def max_voxels(self) -> int | None:
         """The ``max_voxels`` conf value (``1e9`` and ``1000000000`` alike), None when not set."""
-        value = self.conf.get("max_voxels")
-        return int(float(value)) if value not in (None, "") else None
+        return conf_int(self.conf, "max_voxels", 0) or None
 
     def infer(self) -> InferTask:
         return DenoiseInferTask(
             self.name, self.method, self.modalities, self.store, device=self.conf.get("device", "auto"),
-            default_modality=self.conf.get("modality", "auto"),
+            default_modality=str(self.conf.get("modality") or "auto").strip(),
             result_extension=self.conf.get("result_extension", ".nii.gz"),
-            preload=strtobool(self.conf.get("preload", "false")),
-            max_concurrent=int(self.conf.get("max_concurrent_infers", 2)), max_voxels=self.max_voxels)
+            preload=conf_bool(self.conf, "preload", False),
+            max_concurrent=conf_int(self.conf, "max_concurrent_infers", 2), max_voxels=self.max_voxels)
 
     def trainer(self) -> TrainTask | None:
-        defaults = {"steps": int(self.conf.get("train_steps", 200)), "device": self.conf.get("device", "auto")}
+        defaults = {"steps": conf_int(self.conf, "train_steps", 200), "device": self.conf.get("device", "auto")}
         if self.conf.get("normal_dose"):
             defaults["normal_dose"] = self.conf["normal_dose"]
         return DenoiserTrainTask(self.name, self.store, self.modalities, defaults)

@@ -9,6 +9,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from ..infers.denoise import ClassicalInferTask
 from .base import DenoiserTaskConfig
+from .conf import conf_int
 
 
 class NLM(DenoiserTaskConfig):
@@ -17,9 +18,9 @@ class NLM(DenoiserTaskConfig):
 
     def infer(self) -> InferTask:
         return ClassicalInferTask(self.name, self.method, self.modalities, self.store, algorithm="nlm",
-                                  default_modality=self.conf.get("modality", "auto"),
+                                  default_modality=str(self.conf.get("modality") or "auto").strip(),
                                   result_extension=self.conf.get("result_extension", ".nii.gz"),
-                                  max_concurrent=int(self.conf.get("max_concurrent_infers", 2)),
+                                  max_concurrent=conf_int(self.conf, "max_concurrent_infers", 2),
                                   max_voxels=self.max_voxels)
 
     def trainer(self):

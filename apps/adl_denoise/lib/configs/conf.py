@@ -1,0 +1,147 @@
+"""The app's conf keys (``--conf key value`` of ``monailabel start_server``), checked when the app is built.
+
+MONAI Label hands the app every ``--conf`` pair as a string and never checks them; read where they are used, a
+wrong value failed late (``device gpu``: a 422 on every request, as if the client had asked for it), fell back
+silently (``modality xray``: values guessed; ``max_voxels 0``: every image refused as too large) or stopped the
+start-up with a message that did not name the key (``could not convert string to float: 'abc'``).
+:func:`check_conf` checks them all before anything is built and raises :class:`ConfError` naming the key, the
+value and what is allowed; a key that looks like a misspelling of one of them (``max_voxel``, ``modle_dir``) is an
+error too (it would be ignored, e.g. a size limit that silently stays at its default), any other key the app does
+not read is a warning in the log. The readers (:class:`lib.configs.base.DenoiserTaskConfig`) use the same parsers.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+from typing import Mapping
+
+from monailabel.utils.others.generic import strtobool
+
+logger = logging.getLogger(__name__)
+
+#: every key this app reads, with what it takes (for the messages)
+CONF_KEYS: dict[str, str] = {
+    "models": "all, adl, adl_3d, tddl_gcn, nlm or a comma list of them",
+    "model_dir": "an existing folder of weights",
+    "device": "auto, cpu, cuda or cuda:N",
+    "preload": "true or false",
+    "modality": "auto, ct or mr",
+    "result_extension": ".nii.gz, .nii, .nrrd, .mha or dicom",
+    "train_steps": "a whole number >= 1",
+    "normal_dose": "normal-dose CT images: files or folders, comma-separated",
+    "max_voxels": "a number >= 1 (e.g. 1e9)",
+    "max_concurrent_infers": "a whole number >= 1",
+    "audit_dir": "a folder (made if missing)",
+}
+#: keys MONAI Label itself reads from the same conf
+MONAI_LABEL_KEYS = frozenset({"server_mode"})
+
+
+class ConfError(ValueError):
+    """A ``--conf`` value the app cannot run with; the message names the key."""
+
+
+def _fail(key: str, value: object, problem: str) -> ConfError:
+    return ConfError(f"--conf {key} {value!r}: {problem} (expected {CONF_KEYS[key]})")
+
+
+def conf_int(conf: Mapping[str, str], key: str, default: int, minimum: int = 1) -> int:
+    """``conf[key]`` as a whole number >= ``minimum`` (``1e9`` and ``1000000000`` alike); ``default`` when unset
+    or empty. :class:`ConfError` naming the key otherwise."""
+    value = conf.get(key)
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise _fail(key, value, "not a number") from None
+    if not math.isfinite(number) or number != int(number):
+        raise _fail(key, value, "not a whole number")
+    if number < minimum:
+        raise _fail(key, value, f"below {minimum}")
+    return int(number)
+
+
+def conf_bool(conf: Mapping[str, str], key: str, default: bool) -> bool:
+    """``conf[key]`` as a boolean (true / false, yes / no, 1 / 0, on / off); :class:`ConfError` otherwise."""
+    value = conf.get(key)
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        return bool(strtobool(str(value).strip()))
+    except ValueError:
+        raise _fail(key, value, "not a boolean") from None
+
+
+def model_names(conf: Mapping[str, str], available: Mapping[str, object]) -> list[str]:
+    """The ``models`` list (``all`` when unset); :class:`ConfError` for a name that is no model."""
+    names = [m.strip() for m in (conf.get("models") or "all").split(",") if m.strip()]
+    unknown = [m for m in names if m != "all" and m not in available]
+    if unknown:
+        raise ConfError(f"--conf models {conf.get('models')!r}: unknown model(s) {unknown}; available: all, "
+                        f"{', '.join(available)}")
+    return names or ["all"]
+
+
+def check_conf(conf: Mapping[str, str], available: Mapping[str, object]) -> None:
+    """Check every key of ``conf`` (see the module docstring); :class:`ConfError` at the first wrong one, a
+    warning in the log for keys the app does not read."""
+    from ..infers.denoise import RESULT_EXTENSIONS
+    from ..predict import check_device_name
+
+    for key in conf:
+        if key in CONF_KEYS or key in MONAI_LABEL_KEYS:
+            continue
+        word = str(key).strip().lower().replace("-", "_")
+        near = [word] if word in CONF_KEYS else difflib.get_close_matches(word, CONF_KEYS, n=1, cutoff=0.7)
+        if near:
+            raise ConfError(f"--conf {key}: not a conf key of this app, did you mean {near[0]}? (it would be "
+                            f"ignored; keys: {', '.join(CONF_KEYS)})")
+        logger.warning("--conf %s is not read by this app (ignored; its keys: %s)", key, ", ".join(CONF_KEYS))
+    model_names(conf, available)
+    for key in ("model_dir", "audit_dir"):
+        value = conf.get(key)
+        if value is not None and not str(value).strip():
+            raise _fail(key, value, "empty")
+    model_dir = conf.get("model_dir")
+    if model_dir:
+        path = os.path.expanduser(model_dir)
+        if not os.path.exists(path):
+            raise _fail("model_dir", model_dir, "no such folder")
+        if not os.path.isdir(path):
+            raise _fail("model_dir", model_dir, "not a folder")
+    audit_dir = conf.get("audit_dir")
+    if audit_dir:
+        path = os.path.abspath(os.path.expanduser(audit_dir))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise _fail("audit_dir", audit_dir, "not a folder")
+        parent = os.path.dirname(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise _fail("audit_dir", audit_dir, f"{parent} is not a folder")
+    if "device" in conf:
+        try:
+            check_device_name(conf["device"], present=True)
+        except ValueError as error:
+            raise ConfError(f"--conf device {conf['device']!r}: {error}") from None
+    conf_bool(conf, "preload", False)
+    modality = conf.get("modality")
+    if modality is not None and str(modality).strip().lower() not in ("auto", "ct", "mr"):
+        raise _fail("modality", modality, "not a modality these models denoise")
+    extension = conf.get("result_extension")
+    if extension is not None and extension not in RESULT_EXTENSIONS:
+        raise _fail("result_extension", extension, "not a result format")
+    conf_int(conf, "train_steps", 200)
+    conf_int(conf, "max_voxels", 1)
+    conf_int(conf, "max_concurrent_infers", 2)
+    normal_dose = conf.get("normal_dose")
+    if normal_dose is not None:
+        items = [item.strip() for item in str(normal_dose).split(",") if item.strip()]
+        if not items:
+            raise _fail("normal_dose", normal_dose, "empty")
+        missing = [item for item in items if not os.path.exists(os.path.expanduser(item))]
+        if missing:
+            raise _fail("normal_dose", normal_dose, f"no such file or folder: {', '.join(missing)}")
