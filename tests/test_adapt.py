@@ -533,6 +533,39 @@ def test_adapt_refuses_an_mr_or_values_that_cannot_be_hu(tmp_path, tiny_weights)
     assert not (tmp_path / "out.pt").exists()
 
 
+def test_adapt_refuses_a_scan_given_twice_before_any_work(tmp_path, tiny_weights, low_dose_slab):
+    """The same scan twice (its folder and the file in it, or a copy under another name): the held-out check slices
+    are counted over all inputs, so each copy's would be trained on through the other, and the no-worse check
+    would score slices the model was tuned on. Refused in one line, nothing written."""
+    copy = tmp_path / "copy_of_slab.nii.gz"
+    copy.write_bytes(low_dose_slab.read_bytes())
+    for given in ([low_dose_slab.parent, low_dose_slab], [low_dose_slab, copy]):
+        result = run_cli("adapt", "--lowdose", *given, "--model", "adl", "--initial-weights",
+                         tiny_weights / "pretrained_adl_ct.pt", "--output", tmp_path / "out.pt", *TINY)
+        assert result.returncode == 2 and "hold the same scan" in result.stderr, result.stderr
+        assert "noise patches" not in result.stdout  # refused before the noise model was learnt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy_of_slab.nii.gz"]
+
+
+def test_adapt_checks_the_normal_dose_images_before_learning_anything(tmp_path, tiny_weights, low_dose_slab):
+    """--normal-dose was read only after the noise model's training (minutes at the default steps): a missing or
+    MR folder failed then, and a normal-dose image that is a low-dose input was used as the clean side of the
+    pairs, its held-out check slices included. Now each is refused in one line before any work."""
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    magnitudes = np.random.default_rng(0).uniform(0, 400, (4, 48, 48)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(magnitudes), str(mr / "mr.nii.gz"))
+    cases = {"no such file or folder": tmp_path / "missing", "holds no value below 0": mr,
+             "is the low-dose input": low_dose_slab.parent}
+    for expected, normal_dose in cases.items():
+        result = run_cli("adapt", "--lowdose", low_dose_slab, "--model", "adl", "--initial-weights",
+                         tiny_weights / "pretrained_adl_ct.pt", "--output", tmp_path / "out.pt",
+                         "--normal-dose", normal_dose, *TINY)
+        assert result.returncode == 2 and expected in result.stderr, (expected, result.stderr)
+        assert "noise patches" not in result.stdout, expected
+        assert not (tmp_path / "out.pt").exists() and not (tmp_path / "out.pt.adapt.json").exists()
+
+
 @pytest.mark.slow
 def test_adapt_takes_single_slice_2d_inputs(tmp_path, tiny_weights):
     """Two 2D low-dose slices (single DICOM files, 2D NIfTI): adapted on, checked and answered (written or

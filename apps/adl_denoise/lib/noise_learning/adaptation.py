@@ -28,6 +28,7 @@ Recipe (:func:`adapt_to_low_dose`):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -293,6 +294,42 @@ def _read_low_dose_ct(path: Path):
     return read_volume(path, modality="CT")
 
 
+def _voxels_sha256(array: np.ndarray) -> str:
+    """SHA-256 of a volume's values as read (HU, float32) and shape: the same scan given as two files, or as a DICOM
+    series and its NIfTI conversion, has the same one."""
+    values = np.ascontiguousarray(array, dtype=np.float32)
+    return hashlib.sha256(repr(values.shape).encode() + values.tobytes()).hexdigest()
+
+
+def _refuse_repeated_scans(inputs: Sequence[Path], volumes: Sequence) -> dict[str, Path]:
+    """{voxel hash: input} of the low-dose inputs; ValueError when one scan is given twice. The held-out slices are
+    counted over all inputs in order, so the copies would hold out different slices and each copy's check slices
+    would be trained on through the other: the no-worse check would score slices the model was tuned on."""
+    seen: dict[str, Path] = {}
+    for path, volume in zip(inputs, volumes):
+        key = _voxels_sha256(volume.array)
+        if key in seen:
+            raise ValueError(f"{path} and {seen[key]} hold the same scan: give each low-dose scan once (its "
+                             "held-out check slices would be trained on through the other copy)")
+        seen[key] = path
+    return seen
+
+
+def _checked_normal_dose(normal_dose: Sequence[PathLike], low_dose: dict[str, Path]) -> list[Path]:
+    """The normal-dose images, each read once before anything is learnt (a missing, unreadable or non-CT one fails
+    in seconds, not after the noise model's training); ValueError for one that is a low-dose input: its held-out
+    check slices would become the clean side of the training pairs."""
+    from ..data import discover_images
+
+    files = discover_images([str(p) for p in normal_dose])
+    for path in files:
+        key = _voxels_sha256(_read_low_dose_ct(Path(path)).array)
+        if key in low_dose:
+            raise ValueError(f"normal-dose image {path} is the low-dose input {low_dose[key]}: the normal-dose "
+                             "images must be other scans (its held-out check slices would be trained on)")
+    return files
+
+
 def adapt_to_low_dose(
     low_dose: Sequence[PathLike],
     model: str,
@@ -330,7 +367,8 @@ def adapt_to_low_dose(
         FileExistsError: output or report exist without ``overwrite`` (nothing is touched).
         AdaptationRefused: the check failed, or training diverged to NaN or infinite weights (the report is
             written, the weights are not; a diverged model not even with ``force``).
-        ValueError: bad inputs (model mismatch, too few slices or noise patches).
+        ValueError: bad inputs (model mismatch, too few slices or noise patches, a low-dose scan given twice, a
+            normal-dose image that is a low-dose input or no CT), before anything is learnt where the inputs show it.
     """
     from ..data import check_not_heldout, image_stem
     from ..engines.gated_fine_tuning import FineTuneSettings, adl_fine_tune_config, gcn_fine_tune_config
@@ -368,6 +406,8 @@ def adapt_to_low_dose(
     for path, volume in zip(inputs, volumes):
         if volume.array.ndim not in (2, 3):
             raise ValueError(f"{path}: expected a slice or a volume, got shape {volume.array.shape}")
+    low_dose_scans = _refuse_repeated_scans(inputs, volumes)
+    normal_files = _checked_normal_dose(normal_dose, low_dose_scans) if normal_dose else []
     stacks = [v.array[None] if v.array.ndim == 2 else v.array for v in volumes]
     held = holdout_indices([len(s) for s in stacks], int(settings.holdout_every))
     scratch = tempfile.TemporaryDirectory(prefix="adapt-") if work_dir is None else None
@@ -408,10 +448,8 @@ def adapt_to_low_dose(
 
         # 3. pseudo pairs
         t0 = time.perf_counter()
-        if normal_dose:
-            from ..data import discover_images
-
-            clean = [str(p) for p in discover_images([str(p) for p in normal_dose])]
+        if normal_files:
+            clean = [str(p) for p in normal_files]
             clean_kind = "given normal-dose images"
         else:
             clean = list(denoised_stand_ins(train_files, start_path, work / "pseudo_normal_dose",
