@@ -820,7 +820,47 @@ def test_good_conf_values_are_taken_and_an_unknown_key_is_a_warning(tmp_path, ca
 def test_a_server_with_a_wrong_conf_value_does_not_start_and_says_which(tmp_path):
     """The real start-up: the process exits and its log's error names the key (not only a traceback)."""
     studies, conf = _conf_case(tmp_path, {"max_voxels": "1e9x"})
-    with pytest.raises(RuntimeError, match="exited with"):
-        start_server(studies, Path(conf.pop("model_dir")), tmp_path / "work", conf=conf, timeout=300)
+    try:
+        started = start_server(studies, Path(conf.pop("model_dir")), tmp_path / "work", conf=conf, timeout=300)
+    except RuntimeError as error:
+        assert "exited with" in str(error)
+    else:
+        stop_server(started)
+        pytest.fail("the server started")
     log = (tmp_path / "work" / "server.log").read_text(errors="replace")
     assert "[ERROR] (main:" in log and "not started: --conf max_voxels '1e9x': not a number" in log, log[-4000:]
+
+
+def test_a_misspelt_authentication_switch_does_not_start_an_open_server(tmp_path):
+    """MONAI Label's settings take exact, case-sensitive names and ignore others: MONAI_LABEL_AUTH_ENABLED=true
+    started a server without authentication, silently. It does not start now, and says which name was meant."""
+    studies, conf = _conf_case(tmp_path, {})
+    try:
+        started = start_server(studies, Path(conf.pop("model_dir")), tmp_path / "work", timeout=300,
+                               env={"MONAI_LABEL_AUTH_ENABLED": "true"})
+    except RuntimeError as error:
+        assert "exited with" in str(error)
+    else:
+        stop_server(started)
+        pytest.fail("the server started (without authentication)")
+    log = (tmp_path / "work" / "server.log").read_text(errors="replace")
+    assert "not started: environment variable MONAI_LABEL_AUTH_ENABLED='true' is not a MONAI Label setting" in log
+    assert "did you mean MONAI_LABEL_AUTH_ENABLE? The server would start without authentication" in log
+
+
+def test_other_unknown_monai_label_variables_are_warnings_and_auth_needs_a_realm_url(caplog):
+    from monailabel.config import Settings
+
+    from lib.configs.conf import ConfError, check_environment
+
+    with pytest.raises(ConfError, match="did you mean MONAI_LABEL_AUTH_ENABLE"):
+        check_environment({"monai_label_auth_enable": "yes"}, Settings(MONAI_LABEL_AUTH_ENABLE=False))
+    with caplog.at_level("WARNING", logger="lib.configs.conf"):
+        check_environment({"MONAI_LABEL_DICOMWEB_PASSWRD": "x", "MONAI_LABEL_AUTH_ENABLED": "false",
+                           "MONAI_LABEL_TRACKING_ENABLED": "false"}, Settings())
+    warned = " | ".join(r.getMessage() for r in caplog.records)
+    assert "MONAI_LABEL_DICOMWEB_PASSWRD is not a MONAI Label setting (ignored); did you mean " \
+           "MONAI_LABEL_DICOMWEB_PASSWORD?" in warned
+    assert "MONAI_LABEL_AUTH_ENABLED is not a MONAI Label setting" in warned and "TRACKING" not in warned
+    with pytest.raises(ConfError, match="MONAI_LABEL_AUTH_REALM_URI '' is no http"):
+        check_environment({}, Settings(MONAI_LABEL_AUTH_ENABLE=True, MONAI_LABEL_AUTH_REALM_URI=""))

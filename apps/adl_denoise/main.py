@@ -44,7 +44,7 @@ from lib.audit.location import default_audit_dir
 from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_result, install_request_context,
                                  request_actor, result_fields)
 from lib.configs import MODEL_CONFIGS, OPT_IN_MODELS
-from lib.configs.conf import ConfError, check_conf, model_names
+from lib.configs.conf import ConfError, check_conf, check_environment, model_names
 from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
@@ -58,8 +58,13 @@ logger = logging.getLogger(__name__)
 class DenoisingApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         conf = conf or {}
+        in_server = "monailabel.app" in sys.modules  # not the training subprocess
         try:  # every key checked before anything is built: a wrong value stops the start-up, naming the key
             check_conf(conf, MODEL_CONFIGS)
+            if in_server:
+                from monailabel.config import settings
+
+                check_environment(os.environ, settings)
             if not conf.get("model_dir") and os.environ.get("ADL_MODEL_DIR") and \
                     not os.path.isdir(os.environ["ADL_MODEL_DIR"]):
                 raise ConfError(f"ADL_MODEL_DIR {os.environ['ADL_MODEL_DIR']!r}: no such folder (the weights folder "
@@ -69,7 +74,6 @@ class DenoisingApp(MONAILabelApp):
             raise
         names = model_names(conf, MODEL_CONFIGS)
         self.model_dir = os.path.abspath(conf.get("model_dir") or os.environ.get("ADL_MODEL_DIR") or str(MODEL_DIR))
-        in_server = "monailabel.app" in sys.modules  # not the training subprocess
         self.audit_dir = os.path.abspath(conf.get("audit_dir") or default_audit_dir(studies, self.model_dir))
         self.audit = AuditLog(self.audit_dir)
         self.audit_at_start = self._verify_audit(in_server)

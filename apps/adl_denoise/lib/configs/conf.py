@@ -145,3 +145,33 @@ def check_conf(conf: Mapping[str, str], available: Mapping[str, object]) -> None
         missing = [item for item in items if not os.path.exists(os.path.expanduser(item))]
         if missing:
             raise _fail("normal_dose", normal_dose, f"no such file or folder: {', '.join(missing)}")
+
+
+#: environment variables MONAI Label reads that are not fields of its settings
+MONAI_LABEL_OTHER_ENV = frozenset({"MONAI_LABEL_RELOAD_APP_LIB"})
+
+
+def check_environment(environ: Mapping[str, str], settings: object) -> None:
+    """The ``MONAI_LABEL_*`` environment of the server: MONAI Label's settings take only exact, case-sensitive names
+    and ignore every other, so ``MONAI_LABEL_AUTH_ENABLED=true`` or ``monai_label_auth_enable=true`` left a
+    department server open without a word. A name that is no setting is a warning naming the setting it resembles;
+    :class:`ConfError` when it resembles ``MONAI_LABEL_AUTH_ENABLE`` while authentication is off (the server would
+    start open), and when authentication is on without a realm URL to check tokens against."""
+    fields = set(type(settings).model_fields) if hasattr(type(settings), "model_fields") else set()
+    for name, value in environ.items():
+        if not name.upper().startswith("MONAI_LABEL_") or name in fields or name in MONAI_LABEL_OTHER_ENV:
+            continue
+        near = [field for field in fields if field == name.upper()] or \
+            difflib.get_close_matches(name.upper(), fields, n=1, cutoff=0.85)
+        if near and near[0] == "MONAI_LABEL_AUTH_ENABLE" and not getattr(settings, near[0], False) and \
+                str(value).strip().lower() in ("1", "true", "yes", "on", "y", "t"):
+            raise ConfError(f"environment variable {name}={value!r} is not a MONAI Label setting (names are exact and "
+                            f"case-sensitive): did you mean {near[0]}? The server would start without "
+                            "authentication")
+        logger.warning("environment variable %s is not a MONAI Label setting (ignored)%s", name,
+                       f"; did you mean {near[0]}?" if near else "")
+    if getattr(settings, "MONAI_LABEL_AUTH_ENABLE", False):
+        realm = str(getattr(settings, "MONAI_LABEL_AUTH_REALM_URI", "") or "").strip()
+        if not realm.lower().startswith(("http://", "https://")):
+            raise ConfError(f"MONAI_LABEL_AUTH_ENABLE is on but MONAI_LABEL_AUTH_REALM_URI {realm!r} is no http(s) "
+                            "URL of the realm: no token could be checked")
