@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -864,3 +866,35 @@ def test_other_unknown_monai_label_variables_are_warnings_and_auth_needs_a_realm
     assert "MONAI_LABEL_AUTH_ENABLED is not a MONAI Label setting" in warned and "TRACKING" not in warned
     with pytest.raises(ConfError, match="MONAI_LABEL_AUTH_REALM_URI '' is no http"):
         check_environment({}, Settings(MONAI_LABEL_AUTH_ENABLE=True, MONAI_LABEL_AUTH_REALM_URI=""))
+
+
+def test_an_unreachable_pacs_is_a_start_up_warning_and_a_503_not_a_bare_500(tmp_path):
+    """--studies naming a DICOMweb root where nothing answers (a wrong URL, a PACS that is down): the server started
+    without a word and every route that lists the studies answered a bare 500 "Internal Server Error". Now the
+    start-up log warns, naming the URL, and those routes answer 503 saying the PACS cannot be reached."""
+    import processes
+    from conftest import APP_DIR
+    from mlserver import free_port
+
+    port, dead = free_port(), free_port()  # nothing listens on the second one
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    log_path = tmp_path / "server.log"
+    args = [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP_DIR, "--studies",
+            f"http://127.0.0.1:{dead}/dicom-web", "-i", "127.0.0.1", "-p", port, "--conf", "model_dir", model_dir]
+    env = dict(os.environ, MONAI_LABEL_TRACKING_ENABLED="false", OMP_NUM_THREADS="1",
+               MONAI_LABEL_DICOMWEB_CACHE_PATH=str(tmp_path / "cache"), MONAI_LABEL_SESSION_PATH=str(tmp_path / "s"))
+    process = processes.start(args, log_path, cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while "Application startup complete" not in processes.log_tail(log_path, 100_000):
+            assert process.poll() is None and time.monotonic() < deadline, processes.log_tail(log_path)
+            time.sleep(0.5)
+        log = processes.log_tail(log_path, 100_000)
+        assert f"the PACS at http://127.0.0.1:{dead}/dicom-web does not answer a QIDO-RS query" in log
+        with pytest.raises(urllib.error.HTTPError) as answered:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/datastore/?output=stats", timeout=600)
+        assert answered.value.code == 503
+        assert "the PACS (DICOMweb server) holding the studies cannot be reached" in answered.value.read().decode()
+    finally:
+        processes.stop(process)

@@ -42,6 +42,7 @@ def install(fastapi_app) -> None:
     del routes[before:]
     routes[0:0] = added
     _install_path_scrubbing(fastapi_app)
+    _install_unreachable_pacs_answer(fastapi_app)
     fastapi_app.state.adl_denoise_routes = True
     log.info("installed review, versions and request-guard routes%s (pid %d)",
              ", access control" if access.auth_enabled() else "", os.getpid())
@@ -60,4 +61,27 @@ def _install_path_scrubbing(fastapi_app) -> None:
 
     fastapi_app.add_exception_handler(StarletteHTTPException, scrubbed)
     if fastapi_app.middleware_stack is not None:  # built already: the handlers are read when the stack is built
+        fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
+
+
+#: what a client is told when a route needs the PACS and it does not answer
+PACS_UNREACHABLE = ("the PACS (DICOMweb server) holding the studies cannot be reached: try again when it is back "
+                    "(the server's log names the error)")
+
+
+def _install_unreachable_pacs_answer(fastapi_app) -> None:
+    """503 with a one-line reason when a route's call to the PACS fails to connect or times out (a DICOMweb
+    datastore whose PACS is down): MONAI Label's routes answered a bare 500 "Internal Server Error"."""
+    from fastapi.responses import JSONResponse
+    from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
+
+    async def unreachable(request, error: Exception):
+        target = getattr(getattr(error, "request", None), "url", None)
+        log.error("%s %s: the PACS cannot be reached (%s%s)", request.method, request.url.path,
+                  type(error).__name__, f", {target}" if target else "")
+        return JSONResponse(status_code=503, content={"detail": PACS_UNREACHABLE})
+
+    for kind in (RequestsConnectionError, Timeout):
+        fastapi_app.add_exception_handler(kind, unreachable)
+    if fastapi_app.middleware_stack is not None:
         fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
