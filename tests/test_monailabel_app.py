@@ -892,6 +892,8 @@ def test_an_unreachable_pacs_is_a_start_up_warning_and_a_503_not_a_bare_500(tmp_
             time.sleep(0.5)
         log = processes.log_tail(log_path, 100_000)
         assert f"the PACS at http://127.0.0.1:{dead}/dicom-web does not answer a QIDO-RS query" in log
+        # MONAI Label's default search filter lists CT series only: the MR ones are never offered, said once
+        assert "lists only the PACS's series with Modality CT" in log and "the MR series are not served" in log
         with pytest.raises(urllib.error.HTTPError) as answered:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/datastore/?output=stats", timeout=600)
         assert answered.value.code == 503

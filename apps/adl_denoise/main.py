@@ -121,6 +121,13 @@ class DenoisingApp(MONAILabelApp):
         session = getattr(client, "_session", None)
         if session is None or not is_dicomweb(self._datastore):
             return
+        listed = (getattr(self._datastore, "_search_filter", None) or {}).get("Modality")
+        if listed is not None and not {"CT", "MR"} <= set(str(listed).upper().replace("\\", ",").split(",")):
+            logger.warning("the DICOMweb datastore lists only the PACS's series with Modality %s "
+                           "(MONAI_LABEL_DICOMWEB_SEARCH_FILTER; MONAI Label's default is CT): the %s series are "
+                           "not served; a server for them needs MONAI_LABEL_DICOMWEB_SEARCH_FILTER='{\"Modality\": "
+                           "\"%s\"}'", listed, " and ".join(m for m in ("CT", "MR") if m not in str(listed).upper()),
+                           "MR" if "MR" not in str(listed).upper() else "CT")
         prefix = str(getattr(client, "qido_url_prefix", None) or "").strip("/")
         url = "/".join(part for part in (client.base_url.rstrip("/"), prefix, "studies") if part)
         try:
