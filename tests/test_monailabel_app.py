@@ -819,6 +819,17 @@ def test_good_conf_values_are_taken_and_an_unknown_key_is_a_warning(tmp_path, ca
     assert any("--conf site_colour is not read by this app" in r.getMessage() for r in caplog.records)
 
 
+def test_training_keys_with_no_trained_model_are_a_warning(tmp_path, caplog):
+    """train_steps / normal_dose with only infer-only models (nlm, adl_3d) served: said to be ignored."""
+    from main import DenoisingApp
+
+    studies, conf = _conf_case(tmp_path, {"models": "nlm", "train_steps": "50"})
+    with caplog.at_level("WARNING", logger="main"):
+        DenoisingApp(str(tmp_path / "app"), str(studies), conf)
+    assert any("--conf train_steps ignored: none of the served models (nlm) is trained" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_a_server_with_a_wrong_conf_value_does_not_start_and_says_which(tmp_path):
     """The real start-up: the process exits and its log's error names the key (not only a traceback)."""
     studies, conf = _conf_case(tmp_path, {"max_voxels": "1e9x"})

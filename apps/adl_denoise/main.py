@@ -89,6 +89,10 @@ class DenoisingApp(MONAILabelApp):
                          description="Deep-learning denoising of CT and MR volumes (ADL, TDDL-GCN) with "
                                      "fine-tuning from radiologists' corrections",
                          version=monailabel.__version__)
+        unused = [key for key in ("train_steps", "normal_dose") if key in conf]
+        if unused and not self._trainers:  # nlm and adl_3d infer only (or MONAI_LABEL_TASKS_TRAIN is off)
+            logger.warning("--conf %s ignored: none of the served models (%s) is trained by this server",
+                           ", ".join(unused), ", ".join(self.models))
         if in_server:
             from monailabel.app import app as fastapi_app
 
