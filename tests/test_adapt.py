@@ -547,6 +547,20 @@ def test_adapt_refuses_a_scan_given_twice_before_any_work(tmp_path, tiny_weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy_of_slab.nii.gz"]
 
 
+def test_adapt_refuses_a_work_dir_that_is_a_file_before_any_work(tmp_path, tiny_weights, low_dose_slab):
+    """--work-dir naming a file failed after the inputs were read with "[Errno 20] Not a directory:
+    '.../train_low_dose'", not naming the option; now a one-line error naming it, nothing written."""
+    scratch = tmp_path / "scratch"
+    scratch.write_text("not a folder")
+    for given, expected in ((scratch, "--work-dir {} is a file, not a folder"),
+                            (scratch / "sub", "--work-dir {}/sub: {} is a file, not a folder")):
+        result = run_cli("adapt", "--lowdose", low_dose_slab, "--model", "adl", "--initial-weights",
+                         tiny_weights / "pretrained_adl_ct.pt", "--output", tmp_path / "out.pt", "--work-dir",
+                         given, *TINY)
+        assert result.returncode == 2 and expected.format(scratch, scratch) in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]
+
+
 def test_adapt_checks_the_normal_dose_images_before_learning_anything(tmp_path, tiny_weights, low_dose_slab):
     """--normal-dose was read only after the noise model's training (minutes at the default steps): a missing or
     MR folder failed then, and a normal-dose image that is a low-dose input was used as the clean side of the

@@ -178,15 +178,15 @@ def _check_weight_output(output: Path, given: str) -> None:
     _check_writable_parent(output.parent, given)
 
 
-def _check_writable_parent(folder: Path, output: str) -> None:
+def _check_writable_parent(folder: Path, output: str, option: str = "--output") -> None:
     """The nearest existing folder of ``folder`` (where the output's missing folders would be made) is a folder
-    this process can write to; CommandError naming ``output`` otherwise."""
+    this process can write to; CommandError naming ``option`` and ``output`` otherwise."""
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise CommandError(f"--output {output}: {folder} is a file, not a folder")
+        raise CommandError(f"{option} {output}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise CommandError(f"--output {output}: {folder} cannot be written to (permission denied)")
+        raise CommandError(f"{option} {output}: {folder} cannot be written to (permission denied)")
 
 
 def _write_output(volume: Volume, args: argparse.Namespace, description_suffix: str, derivation: str,
@@ -1019,6 +1019,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise CommandError("--output is the starting weight file: write the adapted model elsewhere")
     if args.patch_size is not None and args.patch_size % 8:
         raise CommandError(f"--patch-size must be a multiple of 8, got {args.patch_size}")
+    if args.work_dir:  # before any work: the scratch files are written minutes into the run
+        work_dir = Path(args.work_dir).expanduser()
+        if work_dir.exists() and not work_dir.is_dir():
+            raise CommandError(f"--work-dir {args.work_dir} is a file, not a folder")
+        _check_writable_parent(work_dir, args.work_dir, "--work-dir")
     device = _resolve_device(args.device)
     settings = AdaptSettings(device=device, **_given(
         holdout_every=args.holdout_every, noise_steps=args.noise_steps, noise_patch_size=args.noise_patch_size,
