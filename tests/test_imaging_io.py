@@ -1033,6 +1033,17 @@ def test_oversized_images_are_refused_from_the_header(tmp_path, monkeypatch):
             read_volume(path)
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf"])
+def test_a_bad_voxel_limit_in_the_environment_is_an_error_naming_it(tmp_path, monkeypatch, value):
+    """ADL_MAX_VOXELS=abc failed every read with "could not convert string to float: 'abc'", and 0 or -1 refused
+    every image as too large: now the error names the variable."""
+    nifti = tmp_path / "small.nii.gz"
+    sitk.WriteImage(sitk.Image(8, 8, 2, sitk.sitkInt16), str(nifti))
+    monkeypatch.setenv("ADL_MAX_VOXELS", value)
+    with pytest.raises(ValueError, match=rf"ADL_MAX_VOXELS '{value}' is not a number >= 1"):
+        read_volume(nifti)
+
+
 def test_voxel_limit_argument_takes_precedence_over_the_environment(tmp_path, monkeypatch):
     """read_volume(max_voxels=...) (how the server passes its conf setting) overrides ADL_MAX_VOXELS."""
     nifti = tmp_path / "small.nii.gz"

@@ -803,6 +803,21 @@ def test_a_wrong_conf_value_stops_the_app_naming_the_key(case, tmp_path):
     assert not (studies / ".audit").exists()
 
 
+@pytest.mark.parametrize("variable,value,words", [("ADL_MAX_VOXELS", "1e9x", "ADL_MAX_VOXELS '1e9x' is not a number"),
+                                                  ("ADL_MODEL_DIR", "/no/such/folder", "ADL_MODEL_DIR '/no/such/folder': "
+                                                                                       "no such folder")])
+def test_a_wrong_adl_environment_variable_stops_the_app_naming_it(tmp_path, monkeypatch, variable, value, words):
+    from lib.configs.conf import ConfError
+    from main import DenoisingApp
+
+    studies, conf = _conf_case(tmp_path, {})
+    if variable == "ADL_MODEL_DIR":
+        conf.pop("model_dir")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfError, match=words):
+        DenoisingApp(str(tmp_path / "app"), str(studies), conf)
+
+
 def test_good_conf_values_are_taken_and_an_unknown_key_is_a_warning(tmp_path, caplog):
     """Values in every accepted spelling build the app; a key unlike any of the app's is logged, not fatal."""
     from main import DenoisingApp

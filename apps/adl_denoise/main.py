@@ -65,6 +65,10 @@ class DenoisingApp(MONAILabelApp):
                 from monailabel.config import settings
 
                 check_environment(os.environ, settings)
+            try:
+                max_voxels()  # the default limit of every read, from ADL_MAX_VOXELS
+            except ValueError as error:
+                raise ConfError(str(error)) from None
             if not conf.get("model_dir") and os.environ.get("ADL_MODEL_DIR") and \
                     not os.path.isdir(os.environ["ADL_MODEL_DIR"]):
                 raise ConfError(f"ADL_MODEL_DIR {os.environ['ADL_MODEL_DIR']!r}: no such folder (the weights folder "

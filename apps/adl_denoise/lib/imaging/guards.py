@@ -4,6 +4,7 @@ the input; and the temporary folder an output is written in before it is renamed
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import re
 import struct
@@ -39,7 +40,15 @@ def max_voxels() -> int:
     """The largest number of voxels :func:`~lib.imaging.read_volume` accepts by default (``ADL_MAX_VOXELS`` or
     :data:`MAX_VOXELS_DEFAULT`)."""
     value = os.environ.get("ADL_MAX_VOXELS", "").strip()
-    return int(float(value)) if value else MAX_VOXELS_DEFAULT
+    if not value:
+        return MAX_VOXELS_DEFAULT
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not (math.isfinite(number) and number >= 1):  # else every read failed with "could not convert string ..."
+        raise ValueError(f"ADL_MAX_VOXELS {value!r} is not a number >= 1 (e.g. 1e9): fix or unset it")
+    return int(number)
 
 
 def check_size(shape: Sequence[int], path: Path, limit: int) -> None:
