@@ -49,7 +49,7 @@ from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
-from lib.pacs import (PacsStoreError, is_dicomweb, is_downloaded, series_folder, series_voxels,
+from lib.pacs import (PacsStoreError, is_dicomweb, is_downloaded, series_folder, series_voxels, start_up_warnings,
                       store_derived_series)
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class DenoisingApp(MONAILabelApp):
             install(fastapi_app)
             install_request_context(fastapi_app)
             self._make_pseudonym_key()
-            self._check_pacs()
+            for problem in start_up_warnings(self._datastore):  # a PACS that is down, or lists one modality
+                logger.warning(problem)
             if self.audit.broken is None:
                 self.audit.append("server_started", {"studies": studies, "model_dir": self.model_dir,
                                                      "models": sorted(self.models), "pid": os.getpid(),
@@ -120,33 +121,6 @@ class DenoisingApp(MONAILabelApp):
         except (OSError, ValueError) as error:
             logger.error("no pseudonym key in %s (%s): fine-tuning from corrections will fail until it can be made",
                          self.model_dir, error)
-
-    def _check_pacs(self) -> None:
-        """A WARNING at start-up when the DICOMweb datastore's PACS does not answer a one-study QIDO-RS query within
-        10 s (MONAI Label starts without asking it, and a wrong URL or a PACS that is down showed only at the first
-        request). Not an error: the PACS may come up later; until then the routes that need it answer 503."""
-        client = getattr(self._datastore, "_client", None)
-        session = getattr(client, "_session", None)
-        if session is None or not is_dicomweb(self._datastore):
-            return
-        listed = (getattr(self._datastore, "_search_filter", None) or {}).get("Modality")
-        if listed is not None and not {"CT", "MR"} <= set(str(listed).upper().replace("\\", ",").split(",")):
-            logger.warning("the DICOMweb datastore lists only the PACS's series with Modality %s "
-                           "(MONAI_LABEL_DICOMWEB_SEARCH_FILTER; MONAI Label's default is CT): the %s series are "
-                           "not served; a server for them needs MONAI_LABEL_DICOMWEB_SEARCH_FILTER='{\"Modality\": "
-                           "\"%s\"}'", listed, " and ".join(m for m in ("CT", "MR") if m not in str(listed).upper()),
-                           "MR" if "MR" not in str(listed).upper() else "CT")
-        prefix = str(getattr(client, "qido_url_prefix", None) or "").strip("/")
-        url = "/".join(part for part in (client.base_url.rstrip("/"), prefix, "studies") if part)
-        try:
-            response = session.get(url, params={"limit": 1}, headers={"Accept": "application/dicom+json"}, timeout=10)
-            problem = None if response.status_code in (200, 204) else f"it answered HTTP {response.status_code}"
-        except Exception as error:  # noqa: BLE001 - whatever fails, the same warning
-            problem = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
-        if problem:
-            logger.warning("the PACS at %s does not answer a QIDO-RS query (%s): studies cannot be listed, denoised "
-                           "or reviewed until it does (those requests answer 503); check --studies and "
-                           "MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD", client.base_url, problem)
 
     def _verify_audit(self, in_server: bool) -> dict[str, Any]:
         """Verify the audit log's chain; a broken one is an ERROR in the log and makes the log refuse entries."""

@@ -23,8 +23,8 @@ from .imaging.errors import one_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_dicomweb", "series_folder", "series_voxels", "is_downloaded", "stow_datasets", "store_derived_series",
-           "PacsStoreError"]
+__all__ = ["is_dicomweb", "start_up_warnings", "series_folder", "series_voxels", "is_downloaded", "stow_datasets",
+           "store_derived_series", "PacsStoreError"]
 
 
 class PacsStoreError(RuntimeError):
@@ -80,6 +80,38 @@ def is_dicomweb(datastore) -> bool:
 
 # QIDO-RS attributes of an instance that give its voxels: Rows, Columns, NumberOfFrames
 _SIZE_FIELDS = ("00280010", "00280011", "00280008")
+
+
+def start_up_warnings(datastore) -> list[str]:
+    """What a server on ``datastore`` should warn about at start-up (nothing unless it is a DICOMweb datastore):
+    a search filter that lists only one of CT and MR (MONAI Label's default lists CT only), and a PACS that does not
+    answer a one-study QIDO-RS query within 10 s (MONAI Label starts without asking it, and a wrong URL or a PACS
+    that is down showed only at the first request). Warnings, not errors: the PACS may come up later; until then the
+    routes that need it answer 503."""
+    client = getattr(datastore, "_client", None)
+    session = getattr(client, "_session", None)
+    if session is None or not is_dicomweb(datastore):
+        return []
+    warnings: list[str] = []
+    listed = (getattr(datastore, "_search_filter", None) or {}).get("Modality")
+    if listed is not None and not {"CT", "MR"} <= set(str(listed).upper().replace("\\", ",").split(",")):
+        missing = [m for m in ("CT", "MR") if m not in str(listed).upper()]
+        warnings.append(f"the DICOMweb datastore lists only the PACS's series with Modality {listed} "
+                        f"(MONAI_LABEL_DICOMWEB_SEARCH_FILTER; MONAI Label's default is CT): the "
+                        f"{' and '.join(missing)} series are not served; a server for them needs "
+                        f"MONAI_LABEL_DICOMWEB_SEARCH_FILTER='{{\"Modality\": \"{missing[0]}\"}}'")
+    prefix = str(getattr(client, "qido_url_prefix", None) or "").strip("/")
+    url = "/".join(part for part in (client.base_url.rstrip("/"), prefix, "studies") if part)
+    try:
+        response = session.get(url, params={"limit": 1}, headers={"Accept": "application/dicom+json"}, timeout=10)
+        problem = None if response.status_code in (200, 204) else f"it answered HTTP {response.status_code}"
+    except Exception as error:  # noqa: BLE001 - whatever fails, the same warning
+        problem = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    if problem:
+        warnings.append(f"the PACS at {client.base_url} does not answer a QIDO-RS query ({problem}): studies cannot "
+                        "be listed, denoised or reviewed until it does (those requests answer 503); check --studies "
+                        "and MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD")
+    return warnings
 
 
 def _first_int(entry: dict, tag: str) -> int | None:
