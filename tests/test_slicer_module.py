@@ -120,6 +120,13 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     for name in ("original_and_result", "onBlendSliderMoved", "onDenoise"):
         assert "refreshStaleIdentity" in _calls(functions[f"ADLDenoiseWidget.{name}"]), name
     assert "identify" in _calls(functions["ADLDenoiseWidget.refreshStaleIdentity"])
+    # a DICOM volume edited in place keeps its UIDs: identified through as_loaded (a new study by content then),
+    # and the status line says so (ReviewSession.describe_study)
+    identify = ast.unparse(functions["ADLDenoiseLogic.identify"])
+    assert "as_loaded" in _calls(functions["ADLDenoiseLogic.identify"]) and "content_identity_of(node)" in identify
+    for name in ("onVolumeChanged", "refreshStaleIdentity"):
+        assert "studyText" in _calls(functions[f"ADLDenoiseWidget.{name}"]), name
+    assert "describe_study" in _calls(functions["ADLDenoiseWidget.studyText"])
     assert "removeObservers(self.onInputModified)" in ast.unparse(functions["ADLDenoiseWidget.onSceneEndClose"])
     # scalar volumes only
     assert "self.ui.inputVolumeSelector.showChildNodeTypes = False" in setup_src
@@ -474,4 +481,4 @@ def test_mrml_logic_with_real_mrml_from_slicer_core():
     result = processes.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             MODULE_DIR / "Testing" / "Python" / "test_mrml_logic.py"], 600, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "15 passed" in result.stdout
+    assert "16 passed" in result.stdout

@@ -179,6 +179,44 @@ def test_a_volume_changed_in_place_drops_the_blend_and_has_no_study_until_identi
     assert session.result() == record and session.correction_to_submit() is None
 
 
+def test_a_dicom_volume_edited_in_place_is_a_new_study_without_the_series_result_or_server_id():
+    """Segment Editor's "Mask volume" (or a filter) writing into a DICOM volume keeps its UIDs: the series' result
+    must not be compared or blended with the edited voxels, nor the server's unedited copy denoised by its id."""
+    session = ReviewSession()
+    series = dicom_identity("1.2.840.7", "ct", "3: CT HEAD", instance_uids="1.2.840.7.1 1.2.840.7.2")
+    loaded, masked = volume(1), volume(1)
+    masked[:, :4] = -1000.0
+    assert session.as_loaded(series, content_identity(loaded, EYE)) == series
+    session.select(series)
+    session.record_upload(series, "case_07")
+    record = session.result_arrived(series, "res1", "adl_ct")
+    session.blended(0.5, "blend1")
+    session.input_modified()  # the voxels were masked in place
+    edited = session.as_loaded(series, content_identity(masked, EYE, "3: CT HEAD"))
+    assert (edited.kind, edited.modality) == ("content", "CT") and edited != series
+    assert session.select(edited) is True
+    assert session.result() is None and session.blend is None
+    assert session.server_id() is None and session.datastore_id() != "case_07"
+    assert edited.datastore_id() != series.datastore_id()  # an upload never replaces the series' copy
+    with pytest.raises(WorkflowError, match="denoise the volume first"):
+        session.blended(0.5, "blend2")
+    assert "edited in place" in session.describe_study(edited) and series.key in session.describe_study(edited)
+    assert session.describe_study(series) == series.describe()
+    # another volume of the same series as loaded, or the edit undone: the series again, with its result and id
+    assert session.as_loaded(series, content_identity(loaded, EYE)) == series
+    session.select(series)
+    assert session.result() == record and session.server_id() == "case_07"
+    # per 4D frame: each frame's voxels are its own
+    frame2 = dicom_identity("1.9", frame=2)
+    assert session.as_loaded(frame2, content_identity(loaded, EYE, frame=2)) == frame2
+    assert session.as_loaded(frame2, content_identity(masked, EYE, frame=2)).kind == "content"
+    # a volume identified by content is left as it is; a scene close forgets what was loaded
+    plain = content_identity(loaded, EYE)
+    assert session.as_loaded(plain, content_identity(masked, EYE)) == plain
+    session.scene_closed()
+    assert session.as_loaded(series, content_identity(masked, EYE)) == series
+
+
 # --------------------------------------------------------------------------------------------------- server ids
 def test_datastore_ids_derive_from_identity_unless_the_server_gave_one():
     session = ReviewSession()

@@ -143,12 +143,15 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
     # --- identity (GUI thread)
     def identify(self, node) -> StudyIdentity:
         """The selected volume's identity (SeriesInstanceUID or content hash, plus the sequence frame); selecting
-        it in the session drops a blend made for another study."""
-        from ADLDenoiseLib.mrml import study_identity
+        it in the session drops a blend made for another study. A DICOM volume edited in place is a new study
+        identified by its content (``ReviewSession.as_loaded``)."""
+        from ADLDenoiseLib.mrml import content_identity_of, study_identity
 
         if node is None:
             raise WorkflowError("select a CT or MR volume first")
         identity = study_identity(node)
+        if identity.kind == "dicom":
+            identity = self.session.as_loaded(identity, content_identity_of(node))
         self.session.select(identity)
         return identity
 
@@ -434,7 +437,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.session.select(None)
             self.error(describe_error(error))
             return
-        self.ui.statusLabel.text = self.frameText(node) or f"{identity.describe()}"
+        self.ui.statusLabel.text = self.studyText(node, identity)
 
     def onInputModified(self, caller=None, event=None):
         """The selected volume's voxels, geometry or 4D frame changed: its result and blend may belong to other
@@ -451,8 +454,14 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if node is None:
                 self.logic.session.select(None)
             else:
-                self.logic.identify(node)
-                self.ui.statusLabel.text = self.frameText(node) or self.logic.session.study.describe()
+                self.ui.statusLabel.text = self.studyText(node, self.logic.identify(node))
+
+    def studyText(self, node, identity) -> str:
+        """The status line of a selected study: the 4D frame sent, else its identity; always the note that a
+        DICOM volume was edited in place (its earlier result and server copy are not used)."""
+        if identity in self.logic.session.edited_from:
+            return self.logic.session.describe_study(identity)
+        return self.frameText(node) or identity.describe()
 
     @staticmethod
     def frameText(node) -> str:

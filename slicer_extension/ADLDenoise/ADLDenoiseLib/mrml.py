@@ -21,7 +21,8 @@ __all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "bl
            "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid",
            "check_segmentation_reference", "tag_derived", "derived_kind", "DERIVED_ATTRIBUTE", "STUDY_ATTRIBUTE",
            "DERIVED_FROM_ROLE",
-           "study_identity", "sequence_frame", "dicom_series_of", "dicom_instance_uids", "is_plain_scalar_volume",
+           "study_identity", "content_identity_of", "sequence_frame", "dicom_series_of", "dicom_instance_uids",
+           "is_plain_scalar_volume",
            "EXCLUDED_VOLUME_TYPES",
            "adopt_parent_transform", "adopt_study_folder", "match_orientation_and_link", "INPUT_CHANGE_EVENTS"]
 
@@ -284,6 +285,17 @@ def study_identity(node):
     if uid:  # plus the files it was made of: Slicer may load one series as several volumes (subseries)
         return dicom_identity(uid, modality, node.GetName(), frame, dicom_instance_uids(source))
     return content_identity(slicer.util.arrayFromVolume(node), _ijk_to_ras(node), node.GetName(), frame)
+
+
+def content_identity_of(node):
+    """The content identity (:func:`review_session.content_identity`) of a volume node's voxels and grid, with
+    the sequence frame shown, even when it came from DICOM: what :meth:`ReviewSession.as_loaded` compares to
+    tell a DICOM volume edited in place."""
+    from .review_session import content_identity
+
+    frame_info = sequence_frame(node)
+    return content_identity(slicer.util.arrayFromVolume(node), _ijk_to_ras(node), node.GetName(),
+                            frame_info["frame"] if frame_info else None)
 
 
 def match_orientation_and_link(reference_slice, other_slice, composites) -> None:

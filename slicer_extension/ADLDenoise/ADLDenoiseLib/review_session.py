@@ -7,7 +7,10 @@ Why a stable identity: MRML node IDs restart after Close Scene (``vtkMRMLScene::
 patient. A study is identified by its DICOM SeriesInstanceUID and the SOP Instance UIDs of its files (from the
 subject-hierarchy item; Slicer keeps the DICOM Modality there too; one series may be loaded as several volumes)
 or, for a volume that did not come from DICOM, by a SHA-256 of its voxels and geometry; for a frame of a 4D
-sequence the frame index is part of the identity.
+sequence the frame index is part of the identity. A DICOM volume edited in place (Segment Editor's "Mask volume",
+a filter writing into the same node) keeps its UIDs but no longer holds the series' voxels:
+:meth:`ReviewSession.as_loaded` makes it a new study identified by its content then (no result of the series, never
+denoised by the series' id).
 
 The module only wires Qt to :class:`ReviewSession`; every transition below is tested without Slicer
 (``tests/test_slicer_workflow_state.py``).
@@ -19,7 +22,7 @@ import itertools
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -265,6 +268,10 @@ class ReviewSession:
         self.results: dict[StudyIdentity, ResultRecord] = {}
         self.blend: BlendRecord | None = None
         self._work: Path | None = None
+        #: DICOM identity -> content key of its voxels when first identified in this scene (:meth:`as_loaded`)
+        self.loaded_content: dict[StudyIdentity, str] = {}
+        #: content identity of a DICOM volume edited in place -> that DICOM identity (for the status line)
+        self.edited_from: dict[StudyIdentity, StudyIdentity] = {}
 
     def _reset_server_records(self) -> None:
         """Forget what one server holds: its datastore ids of the studies, their files, the verdicts it recorded."""
@@ -316,6 +323,32 @@ class ReviewSession:
         if changed:
             self.blend = None
         return changed
+
+    def as_loaded(self, identity: StudyIdentity, content: StudyIdentity) -> StudyIdentity:
+        """The study a DICOM volume is now: ``identity`` (its UIDs) while its voxels and grid (``content``, its
+        :func:`content_identity`) are those it had when that identity was first seen in this scene; else it was
+        edited in place (Segment Editor's "Mask volume", a filter writing into the same node), which keeps the
+        UIDs: ``content`` is returned then, a new study (keeping the DICOM modality), so the series' result is
+        neither compared nor blended with other voxels and the series' server id (the server's unedited copy) is
+        never denoised or corrected for it. Undoing the edit gives ``identity`` back. A volume identified by content
+        is returned as it is (an edit changes its identity anyway)."""
+        if identity.kind != "dicom":
+            return identity
+        loaded = self.loaded_content.setdefault(identity, content.key)
+        if content.key == loaded and content.frame == identity.frame:
+            return identity
+        edited = replace(content, modality=identity.modality, name=f"{identity.name or 'volume'} edited")
+        self.edited_from[edited] = identity
+        return edited
+
+    def describe_study(self, identity: StudyIdentity) -> str:
+        """The status line of ``identity``; for a DICOM volume edited in place, says that it is a new study now."""
+        original = self.edited_from.get(identity)
+        if original is None:
+            return identity.describe()
+        return (f"{identity.describe()}: the DICOM {original.describe()} was edited in place (its voxels are not "
+                "the series' any more), so it is a new study: the series' result and the server's copy are not "
+                "used for it; denoise it again")
 
     def input_modified(self) -> None:
         """The selected volume's voxels, geometry or shown 4D frame changed in the scene (a sequence browser copies

@@ -77,6 +77,7 @@ from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene mad
     adopt_study_folder,
     blended_volume,
     check_segmentation_reference,
+    content_identity_of,
     difference_volume,
     export_volume,
     is_plain_scalar_volume,
@@ -519,6 +520,45 @@ class StudyIdentityTest(unittest.TestCase):
         slicer.util.arrayFromVolume(plain)[0, 0, 0] += 5.0
         plain.GetImageData().Modified()
         self.assertTrue(fired and session.study_stale)
+
+    def test_a_dicom_volume_edited_in_place_is_a_new_study_without_the_series_result_or_server_id(self):
+        """Segment Editor's Mask volume with the input as output (SegmentEditorMaskVolumeEffect: "may be the same as
+        the input volume for cumulative masking") sets new image data into the DICOM node, whose subject-hierarchy
+        UIDs stay: the widget's identify (study_identity, then ReviewSession.as_loaded) makes it a new study."""
+        import vtk
+
+        node = as_dicom_series(oblique_ct_node("3: CT HEAD"), "1.2.840.99.7", "CT", "1.2.840.99.7.1")
+        session = ReviewSession(self.work / "tmp")
+
+        def identify():  # what ADLDenoiseLogic.identify does
+            identity = session.as_loaded(study_identity(node), content_identity_of(node))
+            session.select(identity)
+            return identity
+
+        tags = [node.AddObserver(event, lambda caller, event: session.input_modified())
+                for event in INPUT_CHANGE_EVENTS]
+        series = identify()
+        self.assertEqual(series.kind, "dicom")
+        session.record_upload(series, "case_07")
+        record = session.result_arrived(series, "result of the series")
+        loaded = slicer.util.arrayFromVolume(node).copy()
+        masked = vtk.vtkImageData()
+        masked.DeepCopy(node.GetImageData())
+        node.SetAndObserveImageData(masked)  # the effect's stencil output, set into the same node
+        slicer.util.arrayFromVolume(node)[:, :2] = -1000.0
+        slicer.util.arrayFromVolumeModified(node)
+        self.assertTrue(session.study_stale)
+        self.assertEqual(study_identity(node), series)  # the UIDs alone do not tell
+        edited = identify()
+        self.assertEqual((edited.kind, edited.modality), ("content", "CT"))
+        self.assertIsNone(session.result())
+        self.assertIsNone(session.server_id())
+        self.assertIn("edited in place", session.describe_study(edited))
+        slicer.util.updateVolumeFromArray(node, loaded)  # undone: the series again, with its result and id
+        self.assertEqual(identify(), series)
+        self.assertEqual((session.result(), session.server_id()), (record, "case_07"))
+        for tag in tags:
+            node.RemoveObserver(tag)
 
     def test_the_second_view_takes_the_first_views_orientation_then_both_are_linked(self):
         slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(slicer.mrmlScene)
