@@ -269,6 +269,24 @@ def test_self_adaptation_validates_on_central_slices_of_a_long_held_out_volume(t
     assert [v.name for v in data.source.volumes] == ["short"]
 
 
+def test_adaptation_data_keeps_normal_dose_images_of_the_same_file_name_apart(tmp_path):
+    """The app's ``adapt_noise`` with ``normal_dose`` folders of one patient each: two images both named
+    ``scan.nii.gz`` are two patients' scans, each used once; keyed by file name one silently replaced the other."""
+    from lib.noise_learning.workflow import adaptation_data
+    from mlserver import write_crop
+
+    low_dose = {"ld": str(write_crop(LOW_DOSE, tmp_path / "ld.nii.gz", z=slice(40, 42), yx=(slice(64, 192),) * 2))}
+    normal = [write_crop(LOW_DOSE, tmp_path / "normal" / folder / "scan.nii.gz", z=slice(z, z + 2),
+                         yx=(slice(64, 192),) * 2) for folder, z in (("A", 50), ("B", 60), ("C", 70))]
+    data = adaptation_data(low_dose, tmp_path / "work", noise_steps=2, noise_patch_size=32,
+                           normal_dose=",".join(str(p.parent) for p in normal))  # the conf's form
+    used = data.description["train_images"] + data.description["validation_images"]
+    assert len(used) == 3 and len(set(used)) == 3
+    for folder in ("A", "B", "C"):
+        assert sum(os.path.join(folder, "scan.nii.gz") in image for image in used) == 1
+    assert len(data.source.volumes) + len(data.validation_pairs) == 3
+
+
 @pytest.mark.parametrize("weights", ["tiny 2D CT", "shipped 2.5D MR"])
 def test_held_out_stand_ins_are_central_slices_denoised_with_their_neighbours(tmp_path, tiny_weights, low_dose_slab,
                                                                               weights):

@@ -251,7 +251,9 @@ def adaptation_data(
         from ..data import discover_images
 
         inputs = str(normal_dose).split(",") if isinstance(normal_dose, str) else list(normal_dose)
-        clean = {Path(p).name: str(p) for p in discover_images(inputs)}
+        # keyed by path: folders of one patient each often hold the same file name (A/scan.nii.gz, B/scan.nii.gz),
+        # and keyed by name one patient's image silently replaced the other's
+        clean = {str(p): str(p) for p in discover_images(inputs)}
         named = normal_dose if isinstance(normal_dose, str) else ", ".join(map(str, inputs))
         kind = f"normal-dose images from {named}"
         train_ids, val_ids = split(list(clean))
