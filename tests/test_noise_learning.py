@@ -359,6 +359,10 @@ def _learn_noise_inputs(case: str, folder: Path) -> list[str]:
         heldout.mkdir()
         _write_nifti(heldout / "a.nii.gz", low)
         return [str(heldout)]
+    if case == "NaN":
+        low = low.copy()
+        low[1, 5, 5] = np.nan
+        return [str(_write_nifti(folder / "nan.nii.gz", low))]
     if case == "output exists":
         (folder / "noise.pt").write_bytes(b"an earlier model")  # no --overwrite
         return [str(_write_nifti(folder / "low_dose.nii.gz", low))]
@@ -367,7 +371,8 @@ def _learn_noise_inputs(case: str, folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("case, words", [("empty", "no image files"), ("non-CT", "not ct"),
                                          ("too few", "noise patches"), ("held-out", "held-out"),
-                                         ("output exists", "exists")])
+                                         ("output exists", "exists"),
+                                         ("NaN", "1 nan values; replace them before learning noise")])
 def test_cli_learn_noise_refuses_bad_input_with_one_line_reason(tmp_path, capsys, case, words) -> None:
     arguments = _learn_noise_inputs(case, tmp_path)
     cli = import_cli()
@@ -378,6 +383,8 @@ def test_cli_learn_noise_refuses_bad_input_with_one_line_reason(tmp_path, capsys
     assert words in err[0].lower(), err[0]
     if case == "output exists":
         assert (tmp_path / "noise.pt").read_bytes() == b"an earlier model"
+    if case == "NaN":  # the reader's wording is for denoising; learn-noise denoises nothing
+        assert "denoising" not in err[0], err[0]
 
 
 def test_cli_train_adl_on_learned_noise_pairs(stationary_case, tmp_path) -> None:

@@ -951,6 +951,8 @@ def cmd_learn_noise(args: argparse.Namespace) -> int:
                                            seed=args.seed))
     except ValueError as error:
         message = str(error).replace("say it is CT if it is", "add --modality ct if it is")
+        # the image reader's refusals (NaN/Inf, implausible values) end "... before denoising": nothing is denoised here
+        message = message.replace("before denoising", "before learning noise from it")
         raise CommandError(message.replace("smaller patches", "a smaller --patch-size")) from None
     path = model.save(output)
     print(model.summary())
