@@ -460,6 +460,33 @@ def test_adapt_refuses_a_worse_model_and_writes_nothing(tmp_path, tiny_weights, 
     assert blocking_files(output)[0] == output
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_adapt_killed_after_writing_the_weights_leaves_no_earlier_report_beside_them(tmp_path, tiny_weights,
+                                                                                     low_dose_slab, monkeypatch):
+    """An earlier refused run left ``"written": false``; this run is killed (Ctrl-C) between writing its weights
+    and its report: that old report must not sit beside the new weights and describe them as never written."""
+    import lib.noise_learning.adaptation as adaptation
+
+    output = tmp_path / "adl_site.pt"
+    stale = adaptation.report_path(output)
+    stale.write_text(json.dumps({"passed": False, "written": False, "note": "an earlier refused run"}))
+    real_write = adaptation.atomic_write_json
+
+    def killed_at_the_report(path, *args, **kwargs):
+        if Path(path) == stale and output.exists():  # the weights are out: the kill comes now
+            raise KeyboardInterrupt
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(adaptation, "atomic_write_json", killed_at_the_report)
+    settings = adaptation.AdaptSettings(noise_steps=2, steps=2, patch_size=32, samples_per_epoch=8, check_shifts=1,
+                                        lesions_per_slice=1)
+    with pytest.raises(KeyboardInterrupt):
+        adaptation.adapt_to_low_dose([low_dose_slab], "adl", tiny_weights / "pretrained_adl_ct.pt", output,
+                                     settings, force=True, work_dir=tmp_path / "work")
+    assert load_denoiser(output).metadata["network_class"]  # the new weights were written
+    assert not stale.exists(), stale.read_text()
+
+
 @pytest.mark.slow
 def test_adapt_never_writes_a_diverged_model_even_when_forced(tmp_path, tiny_weights, low_dose_slab):
     """A run whose weights end up NaN or infinite (here: Adam at lr 1e6 moves every trained weight by about 1e6,

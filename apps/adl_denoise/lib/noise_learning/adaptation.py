@@ -543,6 +543,9 @@ def adapt_to_low_dose(
             refusal = held_out_refusal(check, lesion_check, "the starting one", "held-out low-dose slices")
             raise AdaptationRefused(f"the adapted model is {refusal}: nothing written (report {json_path}; --force "
                                     f"writes it anyway)", summary)
+        # an earlier run's report (a refused one's "written": false, or the replaced weights') goes first: a run
+        # killed between the two writes below then leaves new weights without a report, never with another's
+        json_path.unlink(missing_ok=True)
         atomic_copy(candidate, output)  # a temp file in the output's folder, renamed over the target
         atomic_write_json(json_path, summary, indent=2)
         return summary
