@@ -45,6 +45,21 @@ def import_cli():
     return module
 
 
+def import_app_main():
+    """The app's ``apps/adl_denoise/main.py`` (``DenoisingApp``) as a module, for building the app in-process (it is
+    MONAI Label's app script beside the ``lib`` package, not installed); loaded once per test process."""
+    import importlib.util
+    import sys
+
+    name = "adl_app_main_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, APP_DIR / "main.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu``-marked tests, saying why, where torch sees no CUDA device."""
     if not any(item.get_closest_marker("gpu") for item in items):

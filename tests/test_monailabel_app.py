@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from conftest import SAMPLE_STUDIES
+from conftest import SAMPLE_STUDIES, import_app_main
 from mlserver import (assert_same_geometry, copy_weights, read_array, shared_studies, start_server, stop_server,
                       write_crop)
 
@@ -792,7 +792,7 @@ def test_a_wrong_conf_value_stops_the_app_naming_the_key(case, tmp_path):
     """Every conf key is checked when the app is built (lib/configs/conf.py): a wrong value or a misspelt key is an
     error naming the key and what is wrong, before anything is written (no audit folder made)."""
     from lib.configs.conf import ConfError
-    from main import DenoisingApp
+    DenoisingApp = import_app_main().DenoisingApp
 
     conf, words = BAD_CONFS[case]
     studies, conf = _conf_case(tmp_path, conf)
@@ -808,7 +808,7 @@ def test_a_wrong_conf_value_stops_the_app_naming_the_key(case, tmp_path):
                                                                                        "no such folder")])
 def test_a_wrong_adl_environment_variable_stops_the_app_naming_it(tmp_path, monkeypatch, variable, value, words):
     from lib.configs.conf import ConfError
-    from main import DenoisingApp
+    DenoisingApp = import_app_main().DenoisingApp
 
     studies, conf = _conf_case(tmp_path, {})
     if variable == "ADL_MODEL_DIR":
@@ -820,7 +820,7 @@ def test_a_wrong_adl_environment_variable_stops_the_app_naming_it(tmp_path, monk
 
 def test_good_conf_values_are_taken_and_an_unknown_key_is_a_warning(tmp_path, caplog):
     """Values in every accepted spelling build the app; a key unlike any of the app's is logged, not fatal."""
-    from main import DenoisingApp
+    DenoisingApp = import_app_main().DenoisingApp
 
     studies, conf = _conf_case(tmp_path, {"models": "adl, nlm", "device": "CPU", "modality": "CT",
                                           "max_voxels": "2.5e6", "preload": "no", "train_steps": "12",
@@ -836,7 +836,7 @@ def test_good_conf_values_are_taken_and_an_unknown_key_is_a_warning(tmp_path, ca
 
 def test_training_keys_with_no_trained_model_are_a_warning(tmp_path, caplog):
     """train_steps / normal_dose with only infer-only models (nlm, adl_3d) served: said to be ignored."""
-    from main import DenoisingApp
+    DenoisingApp = import_app_main().DenoisingApp
 
     studies, conf = _conf_case(tmp_path, {"models": "nlm", "train_steps": "50"})
     with caplog.at_level("WARNING", logger="main"):
