@@ -531,6 +531,19 @@ def test_with_authentication_on_entries_name_the_tokens_user(folders):
 
 @pytest.mark.server
 @pytest.mark.slow
+def _denoised_then_accepted(url: str, image_id: str, reviewer: str) -> dict:
+    """Denoise ``image_id`` by its id (nlm), then accept it as ``reviewer``: the verdict judges that very result.
+    Returns infer's answer."""
+    denoised = requests.post(f"{url}/infer/nlm", params={"image": image_id, "output": "json"},
+                             data={"params": "{}"}, timeout=600)
+    assert denoised.status_code == 200, denoised.text
+    verdict = requests.post(f"{url}/review/{image_id}", json={"verdict": "accepted", "reviewer": reviewer},
+                            timeout=60)
+    assert verdict.status_code == 200, verdict.text
+    assert verdict.json()["result"]["result_seq"] == denoised.json()["audit_seq"], verdict.text
+    return denoised.json()
+
+
 def test_an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(folders):
     """DELETE /datastore/image frees an id; another patient's upload under it must not inherit the old study's
     verdict or results, nor have a new verdict recorded as judging the old study's result."""
@@ -577,13 +590,7 @@ def test_an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(f
         again = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_second"},
                               timeout=60)
         assert again.status_code == 409 and "denoise it first" in again.json()["detail"], again.text  # no result yet
-        denoised = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
-                                 data={"params": "{}"}, timeout=600)
-        assert denoised.status_code == 200, denoised.text
-        again = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_second"},
-                              timeout=60)
-        assert again.status_code == 200, again.text
-        assert again.json()["result"]["result_seq"] == denoised.json()["audit_seq"], again.text  # the new study's
+        denoised = _denoised_then_accepted(url, "ct_slab_b", "dr_second")  # the verdict judges the new study's result
         # the file replaced on disk under the same name (an export job, a restore): another volume, whose verdict
         # must not judge the earlier volume's result
         from mlserver import write_crop
@@ -594,15 +601,9 @@ def test_an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(f
                                  timeout=60)
         assert replaced.status_code == 409 and "denoise it first" in replaced.json()["detail"], replaced.text
         stale = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_third",
-                                                               "result_seq": denoised.json()["audit_seq"]}, timeout=60)
+                                                               "result_seq": denoised["audit_seq"]}, timeout=60)
         assert stale.status_code == 409 and "file replaced" in stale.json()["detail"], stale.text
-        redone = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
-                               data={"params": "{}"}, timeout=600)
-        assert redone.status_code == 200, redone.text
-        replaced = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_third"},
-                                 timeout=60)
-        assert replaced.status_code == 200, replaced.text
-        assert replaced.json()["result"]["result_seq"] == redone.json()["audit_seq"], replaced.text
+        _denoised_then_accepted(url, "ct_slab_b", "dr_third")
     finally:
         stop_server(server)
     # the log keeps the old study's entries

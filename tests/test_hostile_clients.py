@@ -686,14 +686,19 @@ def test_scratch_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     assert not dead.exists() and live.is_dir() and other.is_dir()
 
 
-@pytest.mark.slow
-def test_a_killed_training_run_leaves_no_work_folder(api, untouched, tmp_path):
-    hostile = api.server
+def _save_corrections(api, tmp_path: Path) -> None:
+    """Corrections of ct_slab_b and ct_slab_c saved as their ``final`` labels: what a fine-tune trains on."""
     for image_id in ("ct_slab_b", "ct_slab_c"):
-        correction = _correction(hostile, image_id, tmp_path, 2.0)
+        correction = _correction(api.server, image_id, tmp_path, 2.0)
         response = api.call("PUT", "/datastore/label", params={"image": image_id, "tag": "final"},
                             files={"label": (correction.name, correction.read_bytes())})
         assert response.status_code == 200, response.text
+
+
+@pytest.mark.slow
+def test_a_killed_training_run_leaves_no_work_folder(api, untouched, tmp_path):
+    hostile = api.server
+    _save_corrections(api, tmp_path)
     work = hostile.model_dir / "work" / "adl"
     published = sorted(p.name for p in hostile.model_dir.glob("*.pt"))
     try:
@@ -738,11 +743,7 @@ def test_a_run_sync_training_is_stopped_by_delete_and_the_stop_names_who(api, tm
     from realm import USER_OF_ROLE
 
     hostile = api.server
-    for image_id in ("ct_slab_b", "ct_slab_c"):
-        correction = _correction(hostile, image_id, tmp_path, 2.0)
-        response = api.call("PUT", "/datastore/label", params={"image": image_id, "tag": "final"},
-                            files={"label": (correction.name, correction.read_bytes())})
-        assert response.status_code == 200, response.text
+    _save_corrections(api, tmp_path)
     work = hostile.model_dir / "work" / "adl"
     published = {p.name: p.read_bytes() for p in hostile.model_dir.glob("*.pt")}
     answers: dict = {}

@@ -845,17 +845,23 @@ def test_training_keys_with_no_trained_model_are_a_warning(tmp_path, caplog):
                for r in caplog.records)
 
 
-def test_a_server_with_a_wrong_conf_value_does_not_start_and_says_which(tmp_path):
-    """The real start-up: the process exits and its log's error names the key (not only a traceback)."""
-    studies, conf = _conf_case(tmp_path, {"max_voxels": "1e9x"})
+def _log_of_a_server_that_does_not_start(tmp_path: Path, studies: Path, model_dir: Path, **settings) -> str:
+    """The log of a real server start-up (``settings``: ``conf`` / ``env`` of :func:`mlserver.start_server`) that
+    must end with the process exiting; fails the test if the server started."""
     try:
-        started = start_server(studies, Path(conf.pop("model_dir")), tmp_path / "work", conf=conf, timeout=300)
+        started = start_server(studies, model_dir, tmp_path / "work", timeout=300, **settings)
     except RuntimeError as error:
         assert "exited with" in str(error)
     else:
         stop_server(started)
         pytest.fail("the server started")
-    log = (tmp_path / "work" / "server.log").read_text(errors="replace")
+    return (tmp_path / "work" / "server.log").read_text(errors="replace")
+
+
+def test_a_server_with_a_wrong_conf_value_does_not_start_and_says_which(tmp_path):
+    """The real start-up: the process exits and its log's error names the key (not only a traceback)."""
+    studies, conf = _conf_case(tmp_path, {"max_voxels": "1e9x"})
+    log = _log_of_a_server_that_does_not_start(tmp_path, studies, Path(conf.pop("model_dir")), conf=conf)
     assert "[ERROR] (main:" in log and "not started: --conf max_voxels '1e9x': not a number" in log, log[-4000:]
 
 
@@ -863,15 +869,8 @@ def test_a_misspelt_authentication_switch_does_not_start_an_open_server(tmp_path
     """MONAI Label's settings take exact, case-sensitive names and ignore others: MONAI_LABEL_AUTH_ENABLED=true
     started a server without authentication, silently. It does not start now, and says which name was meant."""
     studies, conf = _conf_case(tmp_path, {})
-    try:
-        started = start_server(studies, Path(conf.pop("model_dir")), tmp_path / "work", timeout=300,
-                               env={"MONAI_LABEL_AUTH_ENABLED": "true"})
-    except RuntimeError as error:
-        assert "exited with" in str(error)
-    else:
-        stop_server(started)
-        pytest.fail("the server started (without authentication)")
-    log = (tmp_path / "work" / "server.log").read_text(errors="replace")
+    log = _log_of_a_server_that_does_not_start(tmp_path, studies, Path(conf.pop("model_dir")),
+                                               env={"MONAI_LABEL_AUTH_ENABLED": "true"})
     assert "not started: environment variable MONAI_LABEL_AUTH_ENABLED='true' is not a MONAI Label setting" in log
     assert "did you mean MONAI_LABEL_AUTH_ENABLE? The server would start without authentication" in log
 
