@@ -402,13 +402,14 @@ def test_client_errors_are_clear_without_a_server():
 @pytest.fixture(scope="module")
 def training_server(tmp_path_factory, tiny_weights):
     """A server of this module's own (it receives uploads and corrections and publishes weights), with two
-    3-slice head CT studies."""
+    3-slice head CT studies, and ``modality mr`` in its conf (the default for inputs without a DICOM Modality)."""
     root = tmp_path_factory.mktemp("slicer_server")
     studies = root / "studies"
     studies.mkdir()
     write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "head_a.nii.gz", z=slice(50, 53))
     write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "head_b.nii.gz", z=slice(60, 63))
-    srv = start_server(studies, copy_weights(tiny_weights, root / "model"), root / "work")
+    # a site whose volumes without a DICOM Modality are MR: the module must not override that default with a guess
+    srv = start_server(studies, copy_weights(tiny_weights, root / "model"), root / "work", conf={"modality": "mr"})
     yield srv
     stop_server(srv)
 
@@ -469,6 +470,74 @@ def test_client_submits_corrections_reviews_and_watches_fine_tuning(training_ser
     assert stats["baseline_psnr"] is not None
     versions = client.versions("adl", "ct")
     assert versions["served"]["version"] == (stats["decision"]["version"] or "pretrained")
+
+
+def test_modality_of_a_volume_without_dicom_modality_is_left_to_the_server_unless_chosen():
+    """The Lib's rule (no server): a DICOM CT / MR series is sent as its Modality whatever the panel says; any other
+    volume as the user's choice, "auto" by default (the server's default decides, never a guess of the module's);
+    the status phrase says which modality was used and why, and warns when the server's choice disagrees with the
+    values. The Qt glue goes through it (static: no Qt here)."""
+    from ADLDenoiseLib.settings import MODALITY_AUTO, MODALITY_CHOICES, describe_modality, request_modality
+
+    assert MODALITY_CHOICES[0] == MODALITY_AUTO == "auto"
+    assert request_modality("CT", "mr") == "ct" and request_modality(" mr ", MODALITY_AUTO) == "mr"
+    for series in ("", None, "OT", "PT"):  # no DICOM CT / MR Modality: the choice, "auto" by default
+        assert request_modality(series) == "auto" and request_modality(series, None) == "auto"
+        assert request_modality(series, "MR") == "mr" and request_modality(series, "ct") == "ct"
+    with pytest.raises(ValueError, match="auto, ct, mr"):
+        request_modality("", "xray")
+    conf_mr = {"modality": "MR", "modality_from": "server conf"}
+    assert describe_modality(conf_mr, "", "auto", looks_ct=False) == \
+        "MR: the server's default modality for volumes without a DICOM Modality"
+    warned = describe_modality(conf_mr, "", "auto", looks_ct=True)
+    assert "default modality" in warned and "look like CT" in warned and "choose CT under Modality" in warned
+    guessed = describe_modality({"modality": "CT", "modality_from": "guessed from the values"}, "", "auto", True)
+    assert guessed == "CT: guessed by the server from the values"
+    assert describe_modality({"modality": "MR", "modality_from": "request"}, "", "mr", True) == \
+        "MR: chosen under Modality"
+    assert describe_modality({"modality": "CT", "modality_from": "request"}, "CT", "ct") == \
+        "CT: the series' DICOM Modality"
+
+    functions = _functions(MODULE_DIR / "ADLDenoise.py")
+    modality_of = functions["ADLDenoiseLogic.modality_of"]
+    # the module's own guess is never sent: it overrode the server's default modality
+    assert "request_modality" in _calls(modality_of) and "looks_like_ct" not in _calls(modality_of)
+    denoise = ast.unparse(functions["ADLDenoiseWidget.onDenoise"])
+    assert "self.logic.modality_of(identity, self.ui.modalityCombo.itemData(self.ui.modalityCombo.currentIndex))" \
+        in denoise
+    assert "describe_modality(result, identity.modality, modality, looks_ct)" in denoise
+    assert "SetAttribute(MODALITY_ATTRIBUTE" in ast.unparse(functions["ADLDenoiseLogic.load_result"])
+    setup = ast.unparse(functions["ADLDenoiseWidget.setup"])
+    assert "self.ui.modalityCombo.addItem(MODALITY_LABELS[choice], choice)" in setup
+    changed = functions["ADLDenoiseWidget.onVolumeChanged"]
+    assert "showModality" in _calls(changed)
+    shown = ast.unparse(functions["ADLDenoiseWidget.showModality"])
+    assert "combo.findData(series.lower() if series else MODALITY_AUTO)" in shown and "combo.enabled = not series" \
+        in shown
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_volume_without_dicom_modality_gets_the_servers_default_modality(training_server, tmp_path):
+    """A NIfTI / NRRD volume whose values look like HU, on a server whose conf says ``modality mr``: the request the
+    module builds by default leaves the modality to the server (denoised as MR, "server conf", and the status says
+    so and warns that the values look like CT); choosing CT under Modality denoises it as CT. The module used to
+    send its own guess ("ct"), so the server's default was never used."""
+    from ADLDenoiseLib.settings import MODALITY_AUTO, denoise_params, describe_modality, request_modality
+
+    client = DenoiseServerClient(training_server.url)
+    models = {m["name"]: m for m in client.denoising_models()}
+    volume = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "head.nrrd", z=slice(50, 52))
+    sent = request_modality("", MODALITY_AUTO)  # a volume loaded from a file: no DICOM Modality
+    assert sent == "auto"
+    _, result = client.denoise("adl", volume, tmp_path / "auto", denoise_params(models["adl"], sent))
+    assert (result["modality"], result["modality_from"]) == ("MR", "server conf")
+    status = describe_modality(result, "", sent, looks_ct=True)  # HU-like values: the module warns
+    assert status.startswith("MR: the server's default modality") and "choose CT under Modality" in status
+    chosen = request_modality("", "ct")
+    _, result = client.denoise("adl", volume, tmp_path / "ct", denoise_params(models["adl"], chosen))
+    assert (result["modality"], result["modality_from"]) == ("CT", "request")
+    assert describe_modality(result, "", chosen, looks_ct=True) == "CT: chosen under Modality"
 
 
 # --------------------------------------------------------------------------------------------------- MRML

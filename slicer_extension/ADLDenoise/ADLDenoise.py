@@ -42,12 +42,16 @@ from ADLDenoiseLib.review_session import (
 from ADLDenoiseLib.settings import (
     DEFAULT_SERVER_URL,
     MAX_RESTORATION_PX,
+    MODALITY_AUTO,
+    MODALITY_CHOICES,
     RESTORATION_AUTO,
     RESTORATION_SPIN_AUTO,
     RESTORATION_SPIN_STEP,
     applied_restoration,
     denoise_params,
+    describe_modality,
     describe_restoration,
+    request_modality,
     restoration_from_spin,
     supports_restoration,
 )
@@ -56,6 +60,10 @@ SETTINGS_PREFIX = "ADLDenoise/"
 RESULT_SUFFIX = " denoised"
 #: node attribute of a result: the lesion contrast restoration width the server applied, pixels ("0.0" = off)
 RESTORATION_ATTRIBUTE = "ADLDenoise.lowFrequencyRestoration"
+#: node attribute of a result: the modality the server denoised it as ("CT" / "MR")
+MODALITY_ATTRIBUTE = "ADLDenoise.modality"
+#: the Modality combo box's text per choice (``ADLDenoiseLib.settings.MODALITY_CHOICES``, its item data)
+MODALITY_LABELS = {MODALITY_AUTO: "auto: the server decides", "ct": "CT", "mr": "MR"}
 
 
 class ADLDenoise(ScriptedLoadableModule):
@@ -191,18 +199,19 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         width = applied_restoration(result)
         if width is not None:  # learned models only: a classical model's result has no such width
             node.SetAttribute(RESTORATION_ATTRIBUTE, str(width))
+        if result.get("modality"):  # what it was denoised as: the server's default or guess, for a non-DICOM volume
+            node.SetAttribute(MODALITY_ATTRIBUTE, str(result["modality"]))
         # its audit entry: the verdict names it, so the server records the verdict against this very result
         self.session.result_arrived(identity, node.GetID(), str(result.get("model") or ""),
                                     str(result.get("weights_version") or ""), result.get("audit_seq"))
         return node
 
-    def modality_of(self, node, identity: StudyIdentity) -> str:
-        """CT / MR from the DICOM series' Modality (subject hierarchy), else guessed from the values."""
-        from ADLDenoiseLib.mrml import looks_like_ct
-
-        if identity.modality in ("CT", "MR"):
-            return identity.modality.lower()
-        return "ct" if looks_like_ct(node) else "mr"
+    @staticmethod
+    def modality_of(identity: StudyIdentity, choice: str = MODALITY_AUTO) -> str:
+        """The request's modality: "ct" / "mr" from the DICOM series' Modality (subject hierarchy), else the user's
+        choice under Modality, by default "auto": the server's own default modality decides (its conf ``modality``,
+        else its guess from the values), never a guess of the module's that would override it."""
+        return request_modality(identity.modality, choice)
 
     # --- corrections and review
     def prepare_study(self, node, identity: StudyIdentity) -> dict:
@@ -327,6 +336,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.blendSlider.value = 1.0
         self.ui.blendSlider.tracking = False  # ctkSliderWidget: valueChanged on release, not per drag step
         self.ui.presetCombo.addItems(list(WINDOW_PRESETS))
+        for choice in MODALITY_CHOICES:  # item data: the request's value
+            self.ui.modalityCombo.addItem(MODALITY_LABELS[choice], choice)
         self.ui.trainModeCombo.addItems(["corrections", "adapt_noise"])
         self.ui.segmentationSelector.nodeTypes = ["vtkMRMLSegmentationNode"]
         self.ui.segmentationSelector.addEnabled = False
@@ -430,14 +441,29 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.addObserver(node, event, self.onInputModified)
         if node is None:
             self.logic.session.select(None)
+            self.showModality(None)
             return
         try:
             identity = self.logic.identify(node)
         except Exception as error:  # noqa: BLE001
             self.logic.session.select(None)
+            self.showModality(None)
             self.error(describe_error(error))
             return
+        self.showModality(identity)
         self.ui.statusLabel.text = self.studyText(node, identity)
+
+    def showModality(self, identity) -> None:
+        """The Modality choice for a newly selected volume: a DICOM CT / MR series shows its Modality, fixed; any
+        other volume starts at "auto" (the server's default decides), never at the last volume's choice."""
+        combo = self.ui.modalityCombo
+        series = identity.modality if identity is not None and identity.modality in ("CT", "MR") else ""
+        combo.setCurrentIndex(combo.findData(series.lower() if series else MODALITY_AUTO))
+        combo.enabled = not series
+        combo.toolTip = (f"{series}: the series' DICOM Modality" if series else
+                         "This volume carries no DICOM Modality. auto: the server's default modality decides (its "
+                         "conf 'modality', else a guess from the values: HU-like CT); choose CT or MR to decide "
+                         "yourself. The status line says which one was used.")
 
     def onInputModified(self, caller=None, event=None):
         """The selected volume's voxels, geometry or 4D frame changed: its result and blend may belong to other
@@ -648,6 +674,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- denoise
     def onDenoise(self):
+        from ADLDenoiseLib.mrml import looks_like_ct
+
         model = self.model()
         try:
             if not model:
@@ -657,7 +685,10 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # recorded as that study's, which is what a verdict judges; any other volume is uploaded
             image_id = self.logic.session.server_id(identity)
             path = None if image_id else self.logic.export_input(original, identity)
-            modality = self.logic.modality_of(original, identity)
+            modality = self.logic.modality_of(identity, self.ui.modalityCombo.itemData(
+                self.ui.modalityCombo.currentIndex))
+            # the module's own look at the values, to warn when the server's default or guess disagrees with it
+            looks_ct = looks_like_ct(original) if modality == MODALITY_AUTO else None
             output_dir = self.logic.work_dir / "results"
             frame = self.frameText(original)
             restoration = restoration_from_spin(self.ui.restorationSpin.value, self.ui.restorationSpin.minimum)
@@ -676,9 +707,9 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return None
             self.corrected_node = None  # a new result: a blend of the old one is no correction of this one
             restored = describe_restoration(result)  # the width the server applied (learned models)
-            # a volume without a DICOM Modality was sent as CT or MR by its values: a CT crop with no air looks MR
-            guessed = "" if identity.modality in ("CT", "MR") else " guessed from the values"
-            self.ui.statusLabel.text = (f"denoised with {result.get('model')} ({result.get('modality')}{guessed}, "
+            # which modality was used and why (DICOM, the user's choice, the server's default or guess)
+            used = describe_modality(result, identity.modality, modality, looks_ct)
+            self.ui.statusLabel.text = (f"denoised with {result.get('model')} ({used}; "
                                         f"weights {result.get('weights_version')}) in {result.get('seconds')} s"
                                         + (f"; {restored}" if restored else "")
                                         + (f"; {frame}" if frame else ""))

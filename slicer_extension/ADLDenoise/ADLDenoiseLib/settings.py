@@ -11,10 +11,10 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["DEFAULT_SERVER_URL", "MAX_RESTORATION_PX", "RESTORATION_AUTO", "RESTORATION_KEY", "RESTORATION_SPIN_AUTO",
-           "RESTORATION_SPIN_STEP",
-           "SettingsStore", "applied_restoration", "denoise_params", "describe_restoration", "restoration_choice",
-           "restoration_from_spin", "supports_restoration"]
+__all__ = ["DEFAULT_SERVER_URL", "MAX_RESTORATION_PX", "MODALITY_AUTO", "MODALITY_CHOICES", "RESTORATION_AUTO",
+           "RESTORATION_KEY", "RESTORATION_SPIN_AUTO", "RESTORATION_SPIN_STEP",
+           "SettingsStore", "applied_restoration", "denoise_params", "describe_modality", "describe_restoration",
+           "request_modality", "restoration_choice", "restoration_from_spin", "supports_restoration"]
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
 
@@ -126,3 +126,50 @@ def describe_restoration(result: dict) -> str:
     if width == 0:
         return "lesion contrast restoration off (network output only)"
     return f"lesion contrast restoration {width:g} px"
+
+
+# --------------------------------------------------------------------------------------------------- modality
+# A DICOM series says what it is (its Modality); any other volume (NIfTI, NRRD, a review-queue study) does not. The
+# server then takes its own ``modality`` conf default (a site that only does MR sets "mr"), else guesses from the
+# values (HU-like -> CT). The module sends "auto" for such a volume unless the user chose CT or MR: a guess of its
+# own sent as "ct" / "mr" would override the server's default without anyone noticing.
+
+#: "the server decides" (its conf default, else its guess from the values)
+MODALITY_AUTO = "auto"
+#: the panel's Modality choices, in the order shown (item data of the combo box)
+MODALITY_CHOICES = (MODALITY_AUTO, "ct", "mr")
+
+
+def request_modality(series_modality: str | None, choice: str | None = MODALITY_AUTO) -> str:
+    """The ``modality`` of a denoising request: the series' DICOM Modality when it is CT or MR (the panel's choice
+    is ignored then: the module shows it and disables the choice), else the user's ``choice`` ("auto", "ct" or
+    "mr"; None or empty: "auto"). ValueError for another choice."""
+    series = (series_modality or "").strip().upper()
+    if series in ("CT", "MR"):
+        return series.lower()
+    chosen = (choice or MODALITY_AUTO).strip().lower()
+    if chosen not in MODALITY_CHOICES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITY_CHOICES)}, got {choice!r}")
+    return chosen
+
+
+def describe_modality(result: dict, series_modality: str | None, sent: str, looks_ct: bool | None = None) -> str:
+    """A phrase for the status line: the modality the server denoised as (its answer's ``modality``) and why: the
+    series' DICOM Modality, the user's choice (``sent`` "ct" / "mr", from :func:`request_modality`), or, for
+    ``sent`` "auto", the answer's ``modality_from`` (the server's default or its guess). With "auto" and
+    ``looks_ct`` (the module's own look at the values: True HU-like, False not, None unknown) disagreeing with the
+    server's choice, it says how to denoise as the other one."""
+    modality = str((result or {}).get("modality") or "").strip().upper() or "?"
+    if (series_modality or "").strip().upper() in ("CT", "MR"):
+        return f"{modality}: the series' DICOM Modality"
+    if sent != MODALITY_AUTO:
+        return f"{modality}: chosen under Modality"
+    source = str((result or {}).get("modality_from") or "")
+    why = {"server conf": "the server's default modality for volumes without a DICOM Modality",
+           "guessed from the values": "guessed by the server from the values",
+           "DICOM Modality": "the DICOM Modality of the study the server holds"}.get(source, "chosen by the server")
+    text = f"{modality}: {why}"
+    if looks_ct is not None and modality in ("CT", "MR") and (modality == "CT") != bool(looks_ct):
+        other = "CT" if looks_ct else "MR"
+        text += f"; the values look like {other}: if it is one, choose {other} under Modality and denoise again"
+    return text
