@@ -124,6 +124,13 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     # and the status line says so (ReviewSession.describe_study)
     identify = ast.unparse(functions["ADLDenoiseLogic.identify"])
     assert "as_loaded" in _calls(functions["ADLDenoiseLogic.identify"]) and "content_identity_of(node)" in identify
+    # ... compared with the series' files first, so that an edit made before the first selection is seen too
+    assert "lambda: self.matches_series_files(node, identity)" in identify
+    matches = ast.unparse(functions["ADLDenoiseLogic.matches_series_files"])
+    for call in ("database.fileForInstance(uid)", "dicom_instance_uids(node)", "read_series_values(files)",
+                 "values.matches(slicer.util.arrayFromVolume(node))", "not database.isOpen",
+                 "identity.frame is not None"):
+        assert call in matches, call
     for name in ("onVolumeChanged", "refreshStaleIdentity"):
         assert "studyText" in _calls(functions[f"ADLDenoiseWidget.{name}"]), name
     assert "describe_study" in _calls(functions["ADLDenoiseWidget.studyText"])
@@ -538,6 +545,66 @@ def test_volume_without_dicom_modality_gets_the_servers_default_modality(trainin
     _, result = client.denoise("adl", volume, tmp_path / "ct", denoise_params(models["adl"], chosen))
     assert (result["modality"], result["modality_from"]) == ("CT", "request")
     assert describe_modality(result, "", chosen, looks_ct=True) == "CT: chosen under Modality"
+
+
+#: loads a DICOM series as Slicer's DICOMScalarVolumePlugin does with its Archetype reader (loadFilesWithArchetype,
+#: then setVolumeNodeProperties: a left-handed series' slices reversed), in PyPI's slicer-core; saves the array
+_LOAD_LIKE_SLICER = """
+import sys
+import numpy as np
+import slicer, vtk
+files, out = sys.argv[1:-1], sys.argv[-1]
+node = slicer.vtkMRMLScalarVolumeNode()
+storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+storage.SetFileName(files[0])
+for name in files:
+    storage.AddFileName(name)
+storage.SetSingleFile(0)
+assert storage.ReadData(node)
+matrix = vtk.vtkMatrix4x4()
+node.GetIJKToRASMatrix(matrix)
+if not slicer.vtkMRMLVolumeNode.IsIJKCoordinateSystemRightHanded(matrix):
+    slicer.vtkMRMLVolumeNode.ReverseSliceOrder(node.GetImageData(), matrix)
+np.save(out, slicer.util.arrayFromVolume(node))
+"""
+
+
+def test_series_files_are_the_reference_of_a_dicom_volume_as_slicer_loads_it(shared_data, tmp_path):
+    """The reference a DICOM volume is compared with before its first identification (``series_files``): the
+    values of its files, read with pydicom, match the volume Slicer's reader makes of them (slicer-core's archetype
+    storage node, as the DICOM plugin loads a series: a real GE series with gantry tilt and a JPEG 2000 Siemens
+    slab); a "Mask volume" edit or one voxel changed does not, nor other files; any slice order matches."""
+    from ADLDenoiseLib.series_files import read_series_values
+
+    python = REPO_ROOT / ".venv-slicer" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv-slicer (scripts/setup_slicer_env.sh could not install PyPI's slicer-core here)")
+    series = {name: sorted(p for p in (shared_data / "dicom" / name).iterdir() if p.is_file())
+              for name in ("ct_head_ge_tilted", "ct_abdomen_siemens_j2k_slab")}
+    for name, files in series.items():
+        out = tmp_path / f"{name}.npy"
+        result = processes.run([python, "-c", _LOAD_LIKE_SLICER, *map(str, files), str(out)], 600, cwd=REPO_ROOT)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        loaded = np.load(out)
+        values = read_series_values(files)
+        assert values is not None and values.voxels == loaded.size
+        assert values.matches(loaded), name
+        assert values.matches(loaded[::-1]) and values.matches(loaded.astype(np.float32))  # order, float type
+        masked = loaded.copy()  # Segment Editor's Mask volume: outside a region set to the fill value
+        masked[:, :100] = -1000
+        assert not values.matches(masked)
+        touched = loaded.copy()
+        touched.flat[touched.size // 2] += 1
+        assert not values.matches(touched) and not values.matches(loaded[1:])
+        assert not values.matches(loaded.astype(np.float32) + 0.5)  # a value no stored value gives
+    tilted, slab = (read_series_values(files) for files in series.values())
+    assert not tilted.matches(np.load(tmp_path / "ct_abdomen_siemens_j2k_slab.npy"))
+    # files that cannot be read as Slicer reads them give no reference (the first voxels seen stay it)
+    assert read_series_values([]) is None
+    assert read_series_values([*series["ct_head_ge_tilted"], tmp_path / "missing.dcm"]) is None
+    not_dicom = tmp_path / "x.dcm"
+    not_dicom.write_bytes(b"not a DICOM file")
+    assert read_series_values([not_dicom]) is None
 
 
 # --------------------------------------------------------------------------------------------------- MRML

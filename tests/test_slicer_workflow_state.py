@@ -217,6 +217,42 @@ def test_a_dicom_volume_edited_in_place_is_a_new_study_without_the_series_result
     assert session.as_loaded(series, content_identity(masked, EYE)) == series
 
 
+def test_a_dicom_volume_edited_before_it_was_first_identified_is_told_by_the_series_files():
+    """An edit made before the module first saw a DICOM volume (Mask volume right after loading): the voxels seen
+    first are not the reference then, the series' files are (``files_match``, asked once per content). Files that
+    cannot tell (None) leave the first voxels seen as the reference, as before."""
+    session = ReviewSession()
+    series = dicom_identity("1.2.840.8", "CT", "4: CT CHEST", instance_uids="1.2.840.8.1 1.2.840.8.2")
+    loaded, masked = volume(2), volume(2)
+    masked[:, :4] = -1000.0
+    asked = []
+
+    def files(answer):
+        return lambda: asked.append(answer) or answer
+
+    edited = session.as_loaded(series, content_identity(masked, EYE, "4: CT CHEST"), files(False))
+    assert (edited.kind, edited.modality) == ("content", "CT") and edited != series
+    assert "edited in place" in session.describe_study(edited)
+    session.select(edited)
+    session.record_upload(edited, edited.datastore_id())  # denoised as what it is: its own id, not the series'
+    assert session.datastore_id(edited) != series.datastore_id()
+    # identified again (Denoise, Submit): the files are not read again for the same voxels
+    assert session.as_loaded(series, content_identity(masked, EYE, "4: CT CHEST"), files(False)) == edited
+    assert asked == [False]
+    # the edit undone: the files' voxels again, which become the reference; a later edit is told without the files
+    assert session.as_loaded(series, content_identity(loaded, EYE), files(True)) == series
+    assert session.as_loaded(series, content_identity(masked, EYE), files(True)).kind == "content"
+    assert asked == [False, True]
+    # files that cannot tell (not in the DICOM database, undecodable): the first voxels seen are the reference
+    other = dicom_identity("1.2.840.9", "CT")
+    assert session.as_loaded(other, content_identity(masked, EYE), files(None)) == other
+    assert session.as_loaded(other, content_identity(loaded, EYE), files(None)).kind == "content"
+    # a scene close forgets the answers
+    session.scene_closed()
+    assert session.as_loaded(series, content_identity(masked, EYE), files(True)) == series
+    assert asked == [False, True, None, True]
+
+
 # --------------------------------------------------------------------------------------------------- server ids
 def test_datastore_ids_derive_from_identity_unless_the_server_gave_one():
     session = ReviewSession()

@@ -159,9 +159,31 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
             raise WorkflowError("select a CT or MR volume first")
         identity = study_identity(node)
         if identity.kind == "dicom":
-            identity = self.session.as_loaded(identity, content_identity_of(node))
+            # the reference is the series' files, so that an edit made before this first look is seen too
+            identity = self.session.as_loaded(identity, content_identity_of(node),
+                                              lambda: self.matches_series_files(node, identity))
         self.session.select(identity)
         return identity
+
+    @staticmethod
+    def matches_series_files(node, identity: StudyIdentity) -> bool | None:
+        """GUI thread: whether ``node`` still holds the voxels of the DICOM files it was loaded from (found in
+        Slicer's DICOM database by the SOP Instance UIDs of its subject-hierarchy item; ``series_files``); None
+        when that cannot be told (a 4D sequence frame, no DICOM database, a file not in it or not readable here):
+        the voxels seen first are the reference then. Reads every file of the series: once per series and content
+        (``ReviewSession.as_loaded`` keeps the answer)."""
+        from ADLDenoiseLib.mrml import dicom_instance_uids
+        from ADLDenoiseLib.series_files import read_series_values
+
+        database = getattr(slicer, "dicomDatabase", None)
+        if identity.frame is not None or database is None or not database.isOpen:
+            return None
+        uids = dicom_instance_uids(node).split()
+        files = [database.fileForInstance(uid) for uid in uids]
+        if not files or not all(files):
+            return None
+        values = read_series_values(files)
+        return None if values is None else values.matches(slicer.util.arrayFromVolume(node))
 
     # --- denoise (export on the GUI thread, request in the background, load on the GUI thread)
     def export_input(self, node, identity: StudyIdentity) -> Path:

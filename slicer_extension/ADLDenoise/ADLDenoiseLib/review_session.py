@@ -10,7 +10,8 @@ or, for a volume that did not come from DICOM, by a SHA-256 of its voxels and ge
 sequence the frame index is part of the identity. A DICOM volume edited in place (Segment Editor's "Mask volume",
 a filter writing into the same node) keeps its UIDs but no longer holds the series' voxels:
 :meth:`ReviewSession.as_loaded` makes it a new study identified by its content then (no result of the series, never
-denoised by the series' id).
+denoised by the series' id), also when the edit was made before the module first saw the volume (its voxels are
+compared with the series' files on disk: :mod:`series_files`).
 
 The module only wires Qt to :class:`ReviewSession`; every transition below is tested without Slicer
 (``tests/test_slicer_workflow_state.py``).
@@ -24,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -270,6 +271,9 @@ class ReviewSession:
         self._work: Path | None = None
         #: DICOM identity -> content key of its voxels when first identified in this scene (:meth:`as_loaded`)
         self.loaded_content: dict[StudyIdentity, str] = {}
+        #: (DICOM identity, content hash) -> whether those voxels are the series' files' (True / False; None: could
+        #: not be told), so that the files are read once per content, not per click
+        self.files_checked: dict[tuple[StudyIdentity, str], bool | None] = {}
         #: content identity of a DICOM volume edited in place -> that DICOM identity (for the status line)
         self.edited_from: dict[StudyIdentity, StudyIdentity] = {}
 
@@ -324,19 +328,36 @@ class ReviewSession:
             self.blend = None
         return changed
 
-    def as_loaded(self, identity: StudyIdentity, content: StudyIdentity) -> StudyIdentity:
+    def as_loaded(self, identity: StudyIdentity, content: StudyIdentity,
+                  files_match: Callable[[], bool | None] | None = None) -> StudyIdentity:
         """The study a DICOM volume is now: ``identity`` (its UIDs) while its voxels and grid (``content``, its
         :func:`content_identity`) are those it had when that identity was first seen in this scene; else it was
         edited in place (Segment Editor's "Mask volume", a filter writing into the same node), which keeps the
         UIDs: ``content`` is returned then, a new study (keeping the DICOM modality), so the series' result is
         neither compared nor blended with other voxels and the series' server id (the server's unedited copy) is
         never denoised or corrected for it. Undoing the edit gives ``identity`` back. A volume identified by content
-        is returned as it is (an edit changes its identity anyway)."""
+        is returned as it is (an edit changes its identity anyway).
+
+        ``files_match``: asked (once per content) before the first voxels seen become the reference: whether the
+        node still holds the voxels of the series' files on disk (:mod:`series_files`). False: the volume was
+        edited before the module first saw it, and is a new study although no earlier content was seen; None (or
+        no ``files_match``): cannot be told, the voxels seen now are the reference."""
         if identity.kind != "dicom":
             return identity
-        loaded = self.loaded_content.setdefault(identity, content.key)
+        loaded = self.loaded_content.get(identity)
+        if loaded is None:
+            key = (identity, content.key)
+            if files_match is not None and key not in self.files_checked:
+                self.files_checked[key] = files_match()
+            if self.files_checked.get(key) is False:  # not the files' voxels: edited before first seen
+                return self._edited(identity, content)
+            loaded = self.loaded_content[identity] = content.key
         if content.key == loaded and content.frame == identity.frame:
             return identity
+        return self._edited(identity, content)
+
+    def _edited(self, identity: StudyIdentity, content: StudyIdentity) -> StudyIdentity:
+        """``content`` as the new study a DICOM volume ``identity`` edited in place is (see :meth:`as_loaded`)."""
         edited = replace(content, modality=identity.modality, name=f"{identity.name or 'volume'} edited")
         self.edited_from[edited] = identity
         return edited
