@@ -124,13 +124,27 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     # and the status line says so (ReviewSession.describe_study)
     identify = ast.unparse(functions["ADLDenoiseLogic.identify"])
     assert "as_loaded" in _calls(functions["ADLDenoiseLogic.identify"]) and "content_identity_of(node)" in identify
-    # ... compared with the series' files first, so that an edit made before the first selection is seen too
-    assert "lambda: self.matches_series_files(node, identity)" in identify
-    matches = ast.unparse(functions["ADLDenoiseLogic.matches_series_files"])
-    for call in ("database.fileForInstance(uid)", "dicom_instance_uids(node)", "read_series_values(files)",
-                 "values.matches(slicer.util.arrayFromVolume(node))", "not database.isOpen",
+    # ... compared with the series' files first, so that an edit made before the first selection is seen too: the
+    # files are found in Slicer's DICOM database and read in a BackgroundTask (Slicer-free), compared with the node
+    # on the GUI thread once read (polled by a timer), and nothing is sent for the volume meanwhile
+    assert "lambda series=identity: self.start_files_check(node, series, content.key)" in identify
+    files_of = ast.unparse(functions["ADLDenoiseLogic.series_files_of"])
+    for call in ("database.fileForInstance(uid)", "dicom_instance_uids(node)", "not database.isOpen",
                  "identity.frame is not None"):
-        assert call in matches, call
+        assert call in files_of, call
+    start = ast.unparse(functions["ADLDenoiseLogic.start_files_check"])
+    assert "BackgroundTask(lambda report, cancelled: read_series_values(files)" in start and "FILES_PENDING" in start
+    assert "slicer" not in start.replace("self.series_files_of", "")  # the thread touches no MRML
+    poll = ast.unparse(functions["ADLDenoiseLogic.poll_files_checks"])
+    assert "content_identity_of(node).key == content_key" in poll
+    assert "task.result.matches(slicer.util.arrayFromVolume(node))" in poll
+    assert "self.session.files_read(identity, content_key, answer)" in poll
+    assert "self.files_timer.connect('timeout()', self.onFilesChecked)" in setup_src
+    assert {"poll_files_checks", "identify", "studyText"} <= _calls(functions["ADLDenoiseWidget.onFilesChecked"])
+    assert "require_checked" in _calls(functions["ADLDenoiseWidget.selected"])
+    for name in ("onSceneStartClose", "cleanup"):
+        assert "cancel_files_checks" in _calls(functions[f"ADLDenoiseWidget.{name}"]), name
+    assert "checking" in _calls(functions["ADLDenoiseWidget.studyText"])
     for name in ("onVolumeChanged", "refreshStaleIdentity"):
         assert "studyText" in _calls(functions[f"ADLDenoiseWidget.{name}"]), name
     assert "describe_study" in _calls(functions["ADLDenoiseWidget.studyText"])

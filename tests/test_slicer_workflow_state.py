@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from ADLDenoiseLib import DenoiseServerError
 from ADLDenoiseLib.review_session import (
+    FILES_PENDING,
     ReviewSession,
     StudyIdentity,
     TempFiles,
@@ -251,6 +252,49 @@ def test_a_dicom_volume_edited_before_it_was_first_identified_is_told_by_the_ser
     session.scene_closed()
     assert session.as_loaded(series, content_identity(masked, EYE), files(True)) == series
     assert asked == [False, True, None, True]
+
+
+def test_a_dicom_volume_waits_for_its_files_read_in_the_background_before_anything_is_done_for_it():
+    """The module reads the series' files in the background (seconds for a large or JPEG 2000 series, which would
+    freeze Slicer): while they are read the volume is its series but nothing may be sent or judged for it; the
+    answer then decides (an edited volume becomes a new study), and the files are not read twice."""
+    session = ReviewSession()
+    series = dicom_identity("1.2.840.10", "CT", "5: CT ABDOMEN", instance_uids="1.2.840.10.1")
+    loaded, masked = volume(3), volume(3)
+    masked[:, :4] = -1000.0
+    asked = []
+
+    def pending():
+        asked.append(FILES_PENDING)
+        return FILES_PENDING
+
+    edited_content = content_identity(masked, EYE, "5: CT ABDOMEN")
+    assert session.as_loaded(series, edited_content, pending) == series
+    session.select(series)
+    assert session.checking(series) and not session.checking(None)
+    with pytest.raises(WorkflowError, match="being compared with its DICOM files"):
+        session.require_checked(series)
+    with pytest.raises(WorkflowError, match="being compared with its DICOM files"):
+        session.require_study()
+    assert session.as_loaded(series, edited_content, pending) == series and asked == [FILES_PENDING]
+    session.files_read(series, edited_content.key, False)  # the node was masked before its first selection
+    edited = session.as_loaded(series, edited_content, pending)
+    assert edited.kind == "content" and not session.checking(series) and asked == [FILES_PENDING]
+    session.select(edited)
+    assert session.require_study() == edited
+    # the unedited voxels (the edit undone): read again, then the series with these voxels as its reference
+    assert session.as_loaded(series, content_identity(loaded, EYE), pending) == series and session.checking(series)
+    session.files_read(series, content_identity(loaded, EYE).key, True)
+    assert session.as_loaded(series, content_identity(loaded, EYE), pending) == series
+    assert not session.checking(series) and session.require_checked(series) == series
+    # a read that could not tell (the node changed meanwhile, files unreadable): the voxels seen are the reference
+    other = dicom_identity("1.2.840.11", "MR")
+    assert session.as_loaded(other, content_identity(masked, EYE), pending) == other
+    session.files_read(other, content_identity(masked, EYE).key, None)
+    assert session.as_loaded(other, content_identity(masked, EYE), pending) == other
+    assert session.as_loaded(other, content_identity(loaded, EYE), pending).kind == "content"
+    session.scene_closed()
+    assert not session.files_pending and not session.checking(series)
 
 
 # --------------------------------------------------------------------------------------------------- server ids

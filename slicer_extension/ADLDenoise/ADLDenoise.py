@@ -31,6 +31,7 @@ from ADLDenoiseLib import (
 )
 from ADLDenoiseLib.regions import CHOICES, MAX_STRENGTH, SegmentMarks, build_region_map, prepare_region_file
 from ADLDenoiseLib.review_session import (
+    FILES_PENDING,
     ReviewSession,
     StudyIdentity,
     VerdictRefused,
@@ -93,6 +94,8 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         #: the connected server's denoising models by name (``DenoiseServerClient.denoising_models``)
         self.models: dict[str, dict] = {}
         self.session = ReviewSession()
+        #: background reads of DICOM series' files: (identity, content hash) -> (task, node ID) (``identify``)
+        self.files_checks: dict[tuple, tuple[BackgroundTask, str]] = {}
 
     @property
     def work_dir(self) -> Path:
@@ -159,31 +162,71 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
             raise WorkflowError("select a CT or MR volume first")
         identity = study_identity(node)
         if identity.kind == "dicom":
-            # the reference is the series' files, so that an edit made before this first look is seen too
-            identity = self.session.as_loaded(identity, content_identity_of(node),
-                                              lambda: self.matches_series_files(node, identity))
+            # the reference is the series' files, so that an edit made before this first look is seen too; they are
+            # read in the background (seconds for a large or compressed series), and nothing is done for the
+            # volume meanwhile (ReviewSession.require_checked)
+            content = content_identity_of(node)
+            identity = self.session.as_loaded(
+                identity, content, lambda series=identity: self.start_files_check(node, series, content.key))
         self.session.select(identity)
         return identity
 
     @staticmethod
-    def matches_series_files(node, identity: StudyIdentity) -> bool | None:
-        """GUI thread: whether ``node`` still holds the voxels of the DICOM files it was loaded from (found in
-        Slicer's DICOM database by the SOP Instance UIDs of its subject-hierarchy item; ``series_files``); None
-        when that cannot be told (a 4D sequence frame, no DICOM database, a file not in it or not readable here):
-        the voxels seen first are the reference then. Reads every file of the series: once per series and content
-        (``ReviewSession.as_loaded`` keeps the answer)."""
+    def series_files_of(node, identity: StudyIdentity) -> list[str] | None:
+        """GUI thread: the files a DICOM volume was loaded from, found in Slicer's DICOM database by the SOP
+        Instance UIDs of its subject-hierarchy item; None when they cannot be (a 4D sequence frame, no open DICOM
+        database, an instance not in it)."""
         from ADLDenoiseLib.mrml import dicom_instance_uids
-        from ADLDenoiseLib.series_files import read_series_values
 
         database = getattr(slicer, "dicomDatabase", None)
         if identity.frame is not None or database is None or not database.isOpen:
             return None
-        uids = dicom_instance_uids(node).split()
-        files = [database.fileForInstance(uid) for uid in uids]
-        if not files or not all(files):
+        files = [database.fileForInstance(uid) for uid in dicom_instance_uids(node).split()]
+        return files if files and all(files) else None
+
+    def start_files_check(self, node, identity: StudyIdentity, content_key: str):
+        """GUI thread (``ReviewSession.as_loaded``'s ``files_match``): start reading the series' files in the
+        background (``series_files.read_series_values``: pydicom and numpy only, nothing of Slicer or Qt);
+        FILES_PENDING, or None when the files cannot be found (the voxels seen now are the reference then).
+        :meth:`poll_files_checks` compares them with the node once read."""
+        from ADLDenoiseLib.series_files import read_series_values
+
+        files = self.series_files_of(node, identity)
+        if files is None:
             return None
-        values = read_series_values(files)
-        return None if values is None else values.matches(slicer.util.arrayFromVolume(node))
+        task = BackgroundTask(lambda report, cancelled: read_series_values(files), name="ADLDenoise series files")
+        self.files_checks[(identity, content_key)] = (task, node.GetID())
+        return FILES_PENDING
+
+    def poll_files_checks(self) -> list[str]:
+        """GUI thread: for each background read of series files that ended, compare the values with the node's
+        voxels (when the node still holds the voxels the read was started for) and give the answer to the session
+        (``ReviewSession.files_read``); returns the IDs of those nodes, to be identified again."""
+        from ADLDenoiseLib.mrml import content_identity_of
+
+        checked = []
+        for key, (task, node_id) in list(self.files_checks.items()):
+            if not task.finished:
+                continue
+            del self.files_checks[key]
+            identity, content_key = key
+            node = slicer.mrmlScene.GetNodeByID(node_id)
+            answer = None  # could not tell: the voxels seen are the reference
+            if task.state == "done" and task.result is not None and node is not None:
+                try:
+                    if content_identity_of(node).key == content_key:  # not changed while the files were read
+                        answer = task.result.matches(slicer.util.arrayFromVolume(node))
+                except Exception as error:  # noqa: BLE001 - a node that is no volume any more: cannot tell
+                    logging.warning("ADLDenoise: could not compare %s with its files: %s", node_id, error)
+            self.session.files_read(identity, content_key, answer)
+            checked.append(node_id)
+        return checked
+
+    def cancel_files_checks(self) -> None:
+        """Scene closed or module closed: the reads still running are dropped (node IDs restart)."""
+        for task, _ in self.files_checks.values():
+            task.cancel()
+        self.files_checks.clear()
 
     # --- denoise (export on the GUI thread, request in the background, load on the GUI thread)
     def export_input(self, node, identity: StudyIdentity) -> Path:
@@ -407,6 +450,11 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.train_timer = qt.QTimer()
         self.train_timer.setInterval(2000)
         self.train_timer.connect("timeout()", self.onTrainPoll)
+        # a DICOM volume's files are compared with it in the background at its first selection (logic.identify)
+        self.files_timer = qt.QTimer()
+        self.files_timer.setInterval(300)
+        self.files_timer.connect("timeout()", self.onFilesChecked)
+        self.files_timer.start()
         # typing a strength or pressing arrow keys also emits valueChanged: blend once the slider rests
         self.blend_timer = qt.QTimer()
         self.blend_timer.setSingleShot(True)
@@ -420,6 +468,9 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
         self.blend_timer.stop()
         self.train_timer.stop()
+        self.files_timer.stop()
+        if self.logic is not None:
+            self.logic.cancel_files_checks()
         if self.task is not None:
             self.task.cancel()
         self.segmentation_node = None
@@ -434,6 +485,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.task is not None:
             self.task.cancel()  # its answer belongs to a study of the closing scene
         self.blend_timer.stop()
+        self.logic.cancel_files_checks()  # node IDs restart: a late answer would name another scene's node
 
     def onSceneEndClose(self, caller=None, event=None):
         self.logic.session.scene_closed()
@@ -487,6 +539,22 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                          "conf 'modality', else a guess from the values: HU-like CT); choose CT or MR to decide "
                          "yourself. The status line says which one was used.")
 
+    def onFilesChecked(self):
+        """A background comparison of a DICOM volume with its files ended: the selected volume, if it was that one,
+        is identified again (a new study when it no longer holds its series' voxels) and the status line says so."""
+        if not self.logic.files_checks:
+            return
+        checked = self.logic.poll_files_checks()
+        node = self.ui.inputVolumeSelector.currentNode()
+        if node is None or node.GetID() not in checked:
+            return
+        try:
+            identity = self.logic.identify(node)
+        except Exception as error:  # noqa: BLE001 - no dialog from a timer
+            self.ui.statusLabel.text = describe_error(error)
+            return
+        self.ui.statusLabel.text = self.studyText(node, identity)
+
     def onInputModified(self, caller=None, event=None):
         """The selected volume's voxels, geometry or 4D frame changed: its result and blend may belong to other
         voxels now. Only marked here (this runs for every frame of a playing sequence); the identity is computed
@@ -509,6 +577,9 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         DICOM volume was edited in place (its earlier result and server copy are not used)."""
         if identity in self.logic.session.edited_from:
             return self.logic.session.describe_study(identity)
+        if self.logic.session.checking(identity):
+            return f"{identity.describe()}: comparing it with its DICOM files (an edit made before it was selected " \
+                   "would make it a new study) ..."
         return self.frameText(node) or identity.describe()
 
     @staticmethod
@@ -536,7 +607,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """(original node, its identity) of the selection, re-identified (content, frame may have changed)."""
         original = self.ui.inputVolumeSelector.currentNode()
         identity = self.logic.identify(original)
-        return original, identity
+        # a DICOM volume still being compared with its files may be an edited one: nothing is sent for it yet
+        return original, self.logic.session.require_checked(identity)
 
     def sliceView(self, name: str):
         """The slice view ``name`` ("Red" or "Yellow") shown in the layout. A layout that does not show it (3D

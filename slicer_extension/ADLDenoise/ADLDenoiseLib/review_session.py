@@ -31,11 +31,15 @@ import numpy as np
 
 from .client import DenoiseServerError, TransferCancelled
 
-__all__ = ["StudyIdentity", "ResultRecord", "BlendRecord", "ReviewSession", "TempFiles", "WorkflowError",
+__all__ = ["FILES_PENDING", "StudyIdentity", "ResultRecord", "BlendRecord", "ReviewSession", "TempFiles",
+           "WorkflowError",
            "VerdictRefused", "content_identity", "dicom_identity", "describe_error", "describe_verdict", "send_verdict",
            "VERDICTS"]
 
 VERDICTS = ("accepted", "rejected", "corrected")
+#: what a ``files_match`` of :meth:`ReviewSession.as_loaded` answers while the series' files are still being read
+#: in the background (:meth:`ReviewSession.files_read` gives the answer later)
+FILES_PENDING = "pending"
 #: longest readable part of a datastore id (the hash part makes it unique)
 _PREFIX_CHARS = 40
 
@@ -274,6 +278,8 @@ class ReviewSession:
         #: (DICOM identity, content hash) -> whether those voxels are the series' files' (True / False; None: could
         #: not be told), so that the files are read once per content, not per click
         self.files_checked: dict[tuple[StudyIdentity, str], bool | None] = {}
+        #: (DICOM identity, content hash) whose files are being read in the background (:data:`FILES_PENDING`)
+        self.files_pending: set[tuple[StudyIdentity, str]] = set()
         #: content identity of a DICOM volume edited in place -> that DICOM identity (for the status line)
         self.edited_from: dict[StudyIdentity, StudyIdentity] = {}
 
@@ -341,20 +347,50 @@ class ReviewSession:
         ``files_match``: asked (once per content) before the first voxels seen become the reference: whether the
         node still holds the voxels of the series' files on disk (:mod:`series_files`). False: the volume was
         edited before the module first saw it, and is a new study although no earlier content was seen; None (or
-        no ``files_match``): cannot be told, the voxels seen now are the reference."""
+        no ``files_match``): cannot be told, the voxels seen now are the reference; :data:`FILES_PENDING`: the
+        files are being read in the background: ``identity`` is returned, but nothing may be done for it
+        (:meth:`require_checked`) until :meth:`files_read` gives the answer and it is identified again."""
         if identity.kind != "dicom":
             return identity
         loaded = self.loaded_content.get(identity)
         if loaded is None:
             key = (identity, content.key)
-            if files_match is not None and key not in self.files_checked:
-                self.files_checked[key] = files_match()
+            if files_match is not None and key not in self.files_checked and key not in self.files_pending:
+                answer = files_match()
+                if answer == FILES_PENDING:
+                    self.files_pending.add(key)
+                else:
+                    self.files_checked[key] = answer
+            if key in self.files_pending:
+                return identity  # not a reference yet: require_checked refuses to act on it
             if self.files_checked.get(key) is False:  # not the files' voxels: edited before first seen
                 return self._edited(identity, content)
             loaded = self.loaded_content[identity] = content.key
         if content.key == loaded and content.frame == identity.frame:
             return identity
         return self._edited(identity, content)
+
+    def files_read(self, identity: StudyIdentity, content_key: str, answer: bool | None) -> None:
+        """The background read of ``identity``'s files for the voxels ``content_key`` ended: ``answer`` as
+        ``files_match`` would have given it (True, False, or None when it could not tell, e.g. the node changed
+        meanwhile). The caller identifies the volume again (:meth:`as_loaded`) to get its study."""
+        key = (identity, content_key)
+        self.files_pending.discard(key)
+        self.files_checked[key] = answer
+
+    def checking(self, identity: StudyIdentity | None) -> bool:
+        """Whether ``identity`` (a DICOM series seen for the first time) waits for its files to be compared."""
+        return identity is not None and identity not in self.loaded_content and \
+            any(key[0] == identity for key in self.files_pending)
+
+    def require_checked(self, identity: StudyIdentity) -> StudyIdentity:
+        """``identity``, unless its files are still being compared with the volume (:meth:`checking`): nothing is
+        denoised, uploaded or judged for a DICOM volume before it is known whether it still holds its series'
+        voxels."""
+        if self.checking(identity):
+            raise WorkflowError(f"{identity.name or 'the volume'} is being compared with its DICOM files (an edit made "
+                                "before it was selected would make it a new study): wait a moment, then try again")
+        return identity
 
     def _edited(self, identity: StudyIdentity, content: StudyIdentity) -> StudyIdentity:
         """``content`` as the new study a DICOM volume ``identity`` edited in place is (see :meth:`as_loaded`)."""
@@ -385,7 +421,7 @@ class ReviewSession:
         if self.study_stale:
             raise WorkflowError("the volume changed since it was selected (other voxels or 4D frame): select it "
                                 "again")
-        return self.study
+        return self.require_checked(self.study)
 
     def datastore_id(self, identity: StudyIdentity | None = None) -> str:
         """The id the server holds (or will hold) ``identity`` under: the id it came with from the review
