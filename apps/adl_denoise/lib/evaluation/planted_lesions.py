@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..lesions import Lesion, insert_lesions, lesion_profile, lesion_sites
+from ..lesions import Lesion, insert_lesions, lesion_profile
+from ..lesions.synthesis import pick_sites, site_candidates
 from .detectability import contrast_kept
 
 __all__ = ["DIAMETERS_MM", "CONTRASTS_HU", "PlantedLesions", "lesion_contrast_check", "plant_lesions",
@@ -57,20 +58,25 @@ def plant_lesions(slices: Sequence[np.ndarray], spacing_mm: float | Sequence[flo
                   seed: int = 0) -> PlantedLesions:
     """Choose lesion sites and contrasts in noisy CT slices (HU, each (H, W)).
 
-    Per slice up to ``per_slice`` lesions, cycling through every (diameter, contrast) combination so that each
-    appears about equally often; sites in uniform soft tissue (:func:`lib.lesions.lesion_sites` on a Gaussian-
-    smoothed copy, sigma :data:`SITE_SMOOTHING_MM`, local std up to :data:`SITE_MAX_LOCAL_STD_HU`), at least 3
-    diameters (>= 15 mm) apart. Deterministic for a given ``seed``.
+    Per slice up to ``per_slice`` lesions, cycling through the diameters (each one's contrasts in turn) so that every
+    (diameter, contrast) combination appears about equally often; a diameter with no room left in a slice loses its
+    turn there (the next one takes the slot), and a slice is done when none has room. Sites in uniform soft tissue
+    (:func:`lib.lesions.lesion_sites` on a Gaussian-smoothed copy, sigma :data:`SITE_SMOOTHING_MM`, local std up
+    to :data:`SITE_MAX_LOCAL_STD_HU`), at least 3 diameters (>= 15 mm) apart. Deterministic for a given ``seed``.
     """
     if isinstance(spacing_mm, (int, float, np.integer, np.floating)):
         spacing = (float(spacing_mm), float(spacing_mm))
     else:
         spacing = tuple(float(s) for s in spacing_mm)[-2:]
-    kinds = [(float(d), float(c)) for d in diameters_mm for c in contrasts_hu]
-    if not kinds:
+    contrasts = [float(c) for c in contrasts_hu]
+    # each diameter's turn comes once per contrast; its contrasts alternate over its own lesions (below), so both
+    # stay balanced where a size often finds room for only one lesion per slice
+    cycle = [float(d) for d in diameters_mm for _ in contrasts]
+    if not cycle:
         raise ValueError("plant_lesions needs at least one diameter and one contrast")
     planted: list[tuple[Lesion, ...]] = []
     turn = 0
+    placed = {diameter: 0 for diameter in cycle}
     for index, image in enumerate(slices):
         hu = np.asarray(image, dtype=np.float32)
         if hu.ndim != 2:
@@ -80,13 +86,25 @@ def plant_lesions(slices: Sequence[np.ndarray], spacing_mm: float | Sequence[flo
         smooth = ndimage.gaussian_filter(hu, [SITE_SMOOTHING_MM / s for s in spacing])
         rng = np.random.default_rng([int(seed), index])
         chosen: list[Lesion] = []
-        for _ in range(int(per_slice)):
-            diameter, contrast = kinds[turn % len(kinds)]
-            sites = lesion_sites(smooth, spacing, diameter, 1, rng, modality="CT",
-                                 max_local_std=SITE_MAX_LOCAL_STD_HU, avoid=[lesion.centre for lesion in chosen])
-            if not sites:
-                continue
+        candidates: dict[float, np.ndarray] = {}  # per diameter: the costly part of a site, the same all slice long
+        full: set[float] = set()  # diameters with no room left here (lesions are only added: it stays so)
+        while len(chosen) < int(per_slice) and len(full) < len(placed):
+            # the cycle moves on whether or not the size finds room, so that a size with none on this slice does
+            # not take every later turn (and slot) from the others
+            diameter = cycle[turn % len(cycle)]
             turn += 1
+            if diameter in full:
+                continue
+            if diameter not in candidates:
+                candidates[diameter] = site_candidates(smooth, spacing, diameter, modality="CT",
+                                                       max_local_std=SITE_MAX_LOCAL_STD_HU)
+            sites = pick_sites(candidates[diameter], spacing, diameter, 1, rng,
+                               avoid=[lesion.centre for lesion in chosen])
+            if not sites:
+                full.add(diameter)
+                continue
+            contrast = contrasts[placed[diameter] % len(contrasts)]
+            placed[diameter] += 1
             chosen.append(Lesion(centre=tuple(float(c) for c in sites[0]), diameter_mm=diameter, contrast=contrast))
         planted.append(tuple(chosen))
     return PlantedLesions(tuple(planted), spacing)

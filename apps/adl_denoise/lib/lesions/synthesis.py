@@ -33,6 +33,8 @@ __all__ = [
     "Lesion",
     "lesion_profile",
     "lesion_sites",
+    "site_candidates",
+    "pick_sites",
     "insert_lesions",
     "lesion_mask",
     "random_lesions",
@@ -164,12 +166,34 @@ def lesion_sites(
     (CT default 25 HU; MR 15 % of the robust maximum), so lesions are not put on vessels, edges or bowel gas.
     Centres are drawn at random among qualifying pixels, at least ``min_separation_mm`` (default 3 diameters,
     at least 15 mm) from each other and from ``avoid``. Fewer are returned when the slice has no room.
+    :func:`site_candidates` then :func:`pick_sites` (callers placing several lesions in one slice keep the first's
+    result: it is most of the cost).
     """
     hu = np.asarray(image, dtype=np.float32)
     if hu.ndim != 2:
         raise ValueError(f"lesion_sites expects a 2D slice, got shape {hu.shape}")
     if count < 1:
         return []
+    candidates = site_candidates(hu, spacing_mm, diameter_mm, modality=modality, intensity_range=intensity_range,
+                                 max_local_std=max_local_std)
+    return pick_sites(candidates, spacing_mm, diameter_mm, count, rng, min_separation_mm=min_separation_mm,
+                      avoid=avoid)
+
+
+def site_candidates(
+    image: np.ndarray,
+    spacing_mm: float | Sequence[float],
+    diameter_mm: float,
+    *,
+    modality: str = "CT",
+    intensity_range: tuple[float, float] | None = None,
+    max_local_std: float | None = None,
+) -> np.ndarray:
+    """The (N, 2) (y, x) pixels of a (H, W) clean slice where a lesion of ``diameter_mm`` qualifies as a site of
+    :func:`lesion_sites` (row-major order), before any separation from other lesions."""
+    hu = np.asarray(image, dtype=np.float32)
+    if hu.ndim != 2:
+        raise ValueError(f"lesion_sites expects a 2D slice, got shape {hu.shape}")
     dy, dx = _spacing(spacing_mm, 2)
     modality = modality.upper()
     if modality == "CT":
@@ -190,9 +214,24 @@ def lesion_sites(
     smooth = ndimage.uniform_filter(hu, size=(2 * ry + 1, 2 * rx + 1), mode="nearest")
     smooth_sq = ndimage.uniform_filter(hu * hu, size=(2 * ry + 1, 2 * rx + 1), mode="nearest")
     local_std = np.sqrt(np.maximum(smooth_sq - smooth * smooth, 0.0))
-    candidates = np.argwhere(inside & (local_std <= max_std))
-    if candidates.size == 0:
+    return np.argwhere(inside & (local_std <= max_std))
+
+
+def pick_sites(
+    candidates: np.ndarray,
+    spacing_mm: float | Sequence[float],
+    diameter_mm: float,
+    count: int,
+    rng: np.random.Generator,
+    *,
+    min_separation_mm: float | None = None,
+    avoid: Sequence[tuple[float, ...]] = (),
+) -> list[tuple[int, int]]:
+    """Up to ``count`` of ``candidates`` (:func:`site_candidates`) drawn at random, at least ``min_separation_mm``
+    (default 3 diameters, at least 15 mm) from each other and from ``avoid``; fewer when there is no room."""
+    if count < 1 or len(candidates) == 0:
         return []
+    dy, dx = _spacing(spacing_mm, 2)
     separation = float(min_separation_mm) if min_separation_mm is not None else max(15.0, 3.0 * diameter_mm)
     chosen: list[tuple[int, int]] = []
     taken = [tuple(float(v) for v in p[-2:]) for p in avoid]
