@@ -536,6 +536,30 @@ def test_a_verdict_is_recorded_under_the_tokens_user_not_the_name_in_the_body(se
     assert "mallory" not in str(trail.get("review_history"))
 
 
+def test_below_admin_the_review_trail_does_not_show_who_asked_from_where(server, tokens):
+    """``GET /review/{id}`` and ``GET /review/`` showed every role the network address (``client``) of whoever
+    denoised a study or gave a verdict: below admin the trail keeps who and what, not where from."""
+    denoised = requests.post(server.url + "/infer/nlm", params={"image": "ct_slice_a", "output": "json"},
+                             data={"params": "{}"}, headers={"Authorization": f"Bearer {tokens['rita']}"},
+                             timeout=600)
+    assert denoised.status_code == 200, detail(denoised)
+    for who in ("uma", "anna", "rita", "adam"):
+        headers = {"Authorization": f"Bearer {tokens[who]}"}
+        one = requests.get(server.url + "/review/ct_slice_a", headers=headers, timeout=60)
+        every = requests.get(server.url + "/review/", headers=headers, timeout=60)
+        assert one.status_code == 200 and every.status_code == 200, (who, detail(one), detail(every))
+        trail = next(t for t in every.json() if t["image"] == "ct_slice_a")
+        for answer in (one.json(), trail):
+            result = answer["denoise_results"][-1]
+            assert result["user"] == "rita" and result["model"] == "nlm", result
+            if who == "adam":
+                assert result["client"] == "127.0.0.1", result
+            else:
+                assert "client" not in result, f"{who} is shown the client address: {result}"
+        if who != "adam":
+            assert "127.0.0.1" not in one.text + every.text, who
+
+
 # ------------------------------------------------------------------------------------------------ auth off
 def test_with_auth_off_the_demo_stays_open(shared_server):
     """The default (``./run.sh``): no token needed, a stray Authorization header ignored, no login route."""

@@ -3,7 +3,8 @@
 The reviewer of a verdict is the authenticated user (:func:`.access.current_user`) whenever authentication is on;
 the ``reviewer`` of the body is used only when it is off (the single-user loopback demo). History is read from the
 audit log (:mod:`lib.audit`), which the datastore routes cannot rewrite. The verification names the log's ``path`` on
-the server to admins only (:func:`.common.for_caller`).
+the server to admins only (:func:`.common.for_caller`); so does the trail the address of each client that denoised
+or gave a verdict (:data:`TRAIL_INTERNAL`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ __all__ = ["router", "audit_log", "audit_http_error"]
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/review", tags=["Review"])
+
+#: what the trail's entries keep for admins only (:func:`.common.for_caller`): the client's network address of a
+#: result or verdict (an IP address is personal data, and tells where each colleague works from) and the
+#: ``process`` (pid) of one written outside an HTTP request
+TRAIL_INTERNAL = ("client", "process")
 
 
 def audit_log():
@@ -39,12 +45,12 @@ def audit_http_error(error: Exception, what: str) -> HTTPException:
 
 
 @router.get("/", summary="Audit trail: every study's verdict, review history and the results produced")
-def api_audit() -> list:
+def api_audit(request: Request) -> list:
     from ..activelearning import audit_trail
     from ..audit import AuditError
 
     try:
-        return audit_trail(audit_log(), app().datastore())
+        return for_caller(request, audit_trail(audit_log(), app().datastore()), internal_keys=TRAIL_INTERNAL)
     except AuditError as error:
         raise audit_http_error(error, "the audit trail cannot be shown") from None
 
@@ -85,7 +91,7 @@ def api_audit_entries(since: int = 0, limit: int = 1000, event: Optional[str] = 
 
 
 @router.get("/{image_id}", summary="One study's verdict, review history and results")
-def api_audit_one(image_id: str) -> dict:
+def api_audit_one(image_id: str, request: Request) -> dict:
     from ..activelearning import audit_trail, has_image
 
     datastore = app().datastore()
@@ -94,7 +100,7 @@ def api_audit_one(image_id: str) -> dict:
     from ..audit import AuditError
 
     try:
-        return audit_trail(audit_log(), datastore, image_id)[0]
+        return for_caller(request, audit_trail(audit_log(), datastore, image_id)[0], internal_keys=TRAIL_INTERNAL)
     except AuditError as error:
         raise audit_http_error(error, f"the audit trail of {image_id!r} cannot be shown") from None
 
