@@ -211,13 +211,57 @@ def test_weights_publications_and_restores_are_audit_entries(tmp_path):
     published = store.publish(candidate, "adl", "ct", psnr=31.5)
     store.restore("adl", "ct", published.version)
     events = [(e["event"], e["fields"]["version"]) for e in audit.entries()]
-    assert events == [("weights_published", published.version), ("weights_restored", published.version)]
-    assert audit.entries()[0]["fields"]["sha256"] == hashlib.sha256(b"weights v1").hexdigest()
-    assert audit.entries()[0]["fields"]["user"] is None  # no HTTP request: the training process
+    assert events == [(f"weights_{event}", published.version)
+                      for event in ("publishing", "published", "restoring", "restored")]
+    assert audit.entries()[1]["fields"]["sha256"] == hashlib.sha256(b"weights v1").hexdigest()
+    assert audit.entries()[1]["fields"]["user"] is None  # no HTTP request: the training process
     audit.refuse_appends(audit.verify())
     with pytest.raises(AuditBrokenError):
         store.publish(candidate, "adl", "ct")
-    assert len(store.history("adl", "ct")) == 2
+    assert len(store.history("adl", "ct")) == 4
+
+
+@pytest.mark.parametrize("killed", ["before the rename", "after the rename"])
+def test_a_publication_cut_short_never_records_weights_as_published_that_are_not_served(tmp_path, monkeypatch,
+                                                                                        killed):
+    """The entry ``weights_published`` was written before the new file was renamed over the served one: a run
+    killed in between left a publication on record of weights that were never served. Now ``weights_publishing``
+    comes first and ``weights_published`` only once they are served; a run killed after the rename leaves its
+    pending entry, which names the version now served."""
+    import lib.weights.store as store_module
+    from lib.audit.recording import AuditedModelStore
+
+    audit = AuditLog(tmp_path / "audit")
+    store = AuditedModelStore(tmp_path / "model", audit)
+    candidate = tmp_path / "candidate.pt"
+    candidate.write_bytes(b"weights v1")
+    first = store.publish(candidate, "adl", "ct")
+    served = store.published_path("adl", "ct")
+    real_copy = store_module.atomic_copy
+
+    def killed_at_the_rename(source, target, *args, **kwargs):
+        if Path(target) == served and killed == "before the rename":
+            raise KeyboardInterrupt  # the run is killed (Ctrl-C, not an error it records)
+        out = real_copy(source, target, *args, **kwargs)
+        if Path(target) == served:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(store_module, "atomic_copy", killed_at_the_rename)
+    candidate.write_bytes(b"weights v2")
+    with pytest.raises(KeyboardInterrupt):
+        store.publish(candidate, "adl", "ct")
+    monkeypatch.undo()
+    published = [e["fields"]["sha256"] for e in audit.entries("weights_published")]
+    assert published == [first.sha256], "a publication on record of weights that are not (yet) served"
+    pending = (audit.entries("weights_publishing") or [{}])[-1].get("fields") or {}
+    assert pending.get("sha256") == hashlib.sha256(b"weights v2").hexdigest(), "no pending entry"
+    if killed == "before the rename":
+        assert served.read_bytes() == b"weights v1" and store.served("adl", "ct").version == first.version
+        assert [e["event"] for e in store.history("adl", "ct")][-1] == "publishing"
+    else:  # served, and known by its version
+        assert served.read_bytes() == b"weights v2" and store.served("adl", "ct").version == pending["version"]
+    assert audit.verify().ok
 
 
 def test_weights_whose_audit_entry_cannot_be_written_are_not_served(tmp_path):
@@ -248,7 +292,8 @@ def test_weights_whose_audit_entry_cannot_be_written_are_not_served(tmp_path):
     assert store.served("adl", "ct").version == second.version
     audit.path.rmdir()
     audit.path.write_bytes(kept)
-    assert audit.verify().ok and [e["event"] for e in audit.entries()] == ["weights_published"] * 2
+    assert audit.verify().ok and [e["event"] for e in audit.entries()] == ["weights_publishing",
+                                                                           "weights_published"] * 2
 
 
 # ------------------------------------------------------------------------------------------------ identity

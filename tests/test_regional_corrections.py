@@ -225,7 +225,8 @@ def test_a_rollback_racing_a_publication_waits_for_it_and_stays_served(tmp_path)
     assert decision["published"] is True and not restored["before_publication"]
     # the rollback came after the publication: it is what is served
     assert ModelStore(model_dir).served("adl", "CT").version == rollback_to == restored["served"].version
-    assert [e["event"] for e in ModelStore(model_dir).history("adl", "CT")][-2:] == ["published", "restored"]
+    assert [e["event"] for e in ModelStore(model_dir).history("adl", "CT")][-4:] == ["publishing", "published",
+                                                                                     "restoring", "restored"]
 
 
 def test_self_adaptation_is_decided_by_its_held_out_check_not_by_the_circular_validation_psnr(tmp_path):

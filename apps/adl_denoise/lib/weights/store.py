@@ -5,12 +5,14 @@ Layout under a model folder (``apps/adl_denoise/model`` or ``ADL_MODEL_DIR``)::
     pretrained_<model>_<modality>.pt      shipped with the repository (never modified here)
     <model>_<modality>.pt                 published by fine-tuning; served when present
     versions/<model>_<modality>/<id>.pt   every file ever published, kept for rollback
-    versions/<model>_<modality>/history.jsonl   one line per event (published, rejected, restored)
+    versions/<model>_<modality>/history.jsonl   one line per event (publishing, published, rejected, restoring,
+                                                restored, publish_failed, restore_failed)
 
 A version id is ``<UTC time>-<first 8 hex of the file's SHA-256>``; the shipped file's id is ``pretrained``.
 Publishing writes the new file next to the served one and renames it over it (``os.replace``), so a reader
 sees the old file or the new one, never a partial one; a process killed half way leaves the served file as
-it was. Servers pick a new file up by its modification time (hot reload).
+it was. Each change of the served file is recorded before it (``publishing`` / ``restoring``) and confirmed after
+it (``published`` / ``restored``): a ``published`` event always names weights that were served. Servers pick a new file up by its modification time (hot reload).
 
 Changes of what is served (publish, restore, and a fine-tune's check that the weights it started from are still
 served followed by its publication: :meth:`ModelStore.changing`) hold an exclusive lock on
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import threading
 from contextlib import contextmanager
@@ -36,6 +39,8 @@ from .lookup import find_weights
 __all__ = ["ModelStore", "WeightsVersion", "file_sha256"]
 
 PRETRAINED_VERSION = "pretrained"
+
+log = logging.getLogger(__name__)
 
 _hash_cache: dict[tuple[str, int, int], str] = {}
 _hash_lock = threading.Lock()
@@ -174,21 +179,32 @@ class ModelStore:
             folder.mkdir(parents=True, exist_ok=True)
             kept = folder / f"{version}.pt"
             atomic_copy(source, kept)
-            # recorded BEFORE it is served: a record that cannot be written (the app's store writes the audit log)
-            # leaves the served file as it was; a copy that then fails is recorded too
-            self.record(model, modality, "published", version=version, sha256=sha, **details)
-            self._act_or_record_failure(model, modality, "publish_failed", version,
-                                        lambda: atomic_copy(source, self.published_path(model, modality)))
+            self._recorded_change(model, modality, "publish", version, sha,
+                                  lambda: atomic_copy(source, self.published_path(model, modality)), **details)
         return WeightsVersion(model, modality.upper(), version, self.published_path(model, modality), sha)
 
-    def _act_or_record_failure(self, model: str, modality: str, failed_event: str, version: str, action) -> None:
-        """Run ``action`` (the change of the served file, after its record); when it fails, record
-        ``failed_event`` and raise."""
+    def _recorded_change(self, model: str, modality: str, change: str, version: str, sha: str, action,
+                         **details) -> None:
+        """Change the served file (``action``) of a ``change`` (``publish`` or ``restore``) between two records:
+        ``publishing`` / ``restoring`` BEFORE it (a record that cannot be written, e.g. the app's audit log,
+        leaves the served file as it was), ``published`` / ``restored`` once it is done. A process killed in
+        between leaves the pending event alone, never a ``published`` for weights that are not served (the pending
+        event names the version and SHA-256, so a file served by a change cut short after the rename is still
+        known by its version). An action that fails is recorded as ``publish_failed`` / ``restore_failed`` and
+        raises; a confirmation that cannot be written after the change is logged (the pending event stands)."""
+        pending, done = {"publish": ("publishing", "published"), "restore": ("restoring", "restored")}[change]
+        self.record(model, modality, pending, version=version, sha256=sha, **details)
         try:
             action()
         except Exception as error:
-            self.record(model, modality, failed_event, version=version, error=f"{type(error).__name__}: {error}")
+            self.record(model, modality, f"{change}_failed", version=version,
+                        error=f"{type(error).__name__}: {error}")
             raise
+        try:
+            self.record(model, modality, done, version=version, sha256=sha, **details)
+        except Exception as error:  # noqa: BLE001 - done: the served file changed, its pending record names it
+            log.error("%s %s version %s is served, but the record confirming it (%s) could not be written: %s; "
+                      "its '%s' record names it", model, modality.upper(), version, done, error, pending)
 
     def restore(self, model: str, modality: str, version: str) -> WeightsVersion | None:
         """Serve an earlier version again (``pretrained``: remove the published file so the shipped one
@@ -198,18 +214,15 @@ class ModelStore:
             if version == PRETRAINED_VERSION:
                 if not self.pretrained_path(model, modality).is_file():
                     raise KeyError(f"{model} has no shipped {modality.upper()} weights to restore")
-                # recorded before the served file changes (see publish)
-                self.record(model, modality, "restored", version=version,
-                            sha256=file_sha256(self.pretrained_path(model, modality)))
-                if published.exists():
-                    self._act_or_record_failure(model, modality, "restore_failed", version, published.unlink)
+                self._recorded_change(model, modality, "restore", version,
+                                      file_sha256(self.pretrained_path(model, modality)),
+                                      lambda: published.unlink(missing_ok=True))
             else:
                 kept = self.versions_dir(model, modality) / f"{version}.pt"
                 if not kept.is_file() or "/" in version or "\\" in version:
                     known = ", ".join(v["version"] for v in self.versions(model, modality)) or "none"
                     raise KeyError(f"{model} has no {modality.upper()} version {version!r} (known: {known})")
-                self.record(model, modality, "restored", version=version, sha256=file_sha256(kept))
-                self._act_or_record_failure(model, modality, "restore_failed", version,
-                                            lambda: atomic_copy(kept, published))
+                self._recorded_change(model, modality, "restore", version, file_sha256(kept),
+                                      lambda: atomic_copy(kept, published))
         return self.served(model, modality)
 
