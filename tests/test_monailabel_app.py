@@ -858,6 +858,76 @@ def _log_of_a_server_that_does_not_start(tmp_path: Path, studies: Path, model_di
     return (tmp_path / "work" / "server.log").read_text(errors="replace")
 
 
+#: a folder the app writes, made a regular file (what stops root too; chmod would not), and what the refusal names
+UNWRITABLE_FOLDERS = {
+    "versions": ("model/versions", "the weights folder's versions/"),
+    "one_models_versions": ("model/versions/adl_ct", "the versions folder"),
+    "history": ("model/versions/adl_ct/history.jsonl/x", "the version history"),
+    "work": ("model/work", "the weights folder's work/"),
+    "corrections": ("studies/labels/final", "the datastore's final labels folder"),
+    "regions": ("studies/labels/regions", "the datastore's regions labels folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNWRITABLE_FOLDERS))
+def test_a_folder_the_app_writes_that_it_cannot_write_stops_the_app_naming_it(case, tmp_path):
+    """A folder the server writes (weights, versions, corrections, the audit log) that it cannot write started
+    a server that failed later with a raw traceback: at the first correction, rollback, or after minutes of
+    training, at the publication. The app does not start now, naming the folder; nothing in it is touched."""
+    from lib.configs.conf import ConfError
+    DenoisingApp = import_app_main().DenoisingApp
+
+    studies, conf = _conf_case(tmp_path, {})
+    place, named = UNWRITABLE_FOLDERS[case]
+    blocker = tmp_path / place
+    if case == "history":  # the history file is a folder: it cannot be appended to
+        blocker.mkdir(parents=True)
+        blocker = blocker.parent
+    else:
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("kept")
+    with pytest.raises(ConfError) as raised:
+        DenoisingApp(str(tmp_path / "app"), str(studies), conf)
+    message = str(raised.value)
+    assert f"{named} {blocker}:" in message and "make it a folder that the user running the server can write" \
+        in message, message
+    assert blocker.is_dir() if case == "history" else blocker.read_text() == "kept"
+
+
+def test_without_training_a_weights_folder_it_cannot_write_is_a_warning(tmp_path, caplog):
+    """A server that does not train (only nlm here) writes its weights folder only for a rollback: it starts, and
+    the log says rollbacks will fail."""
+    DenoisingApp = import_app_main().DenoisingApp
+
+    studies, conf = _conf_case(tmp_path, {"models": "nlm"})
+    (tmp_path / "model" / "versions").write_text("kept")
+    with caplog.at_level("WARNING", logger="main"):
+        DenoisingApp(str(tmp_path / "app"), str(studies), conf)
+    assert any("versions" in r.getMessage() and "rollbacks (POST /versions/{model}/restore) will fail"
+               in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_a_server_that_cannot_write_its_corrections_folder_does_not_start_and_says_which(tmp_path):
+    """The real start-up with the corrections folder unwritable (a regular file there; with ``chattr +i`` where
+    this machine allows it, an immutable folder, which stops root too): the log's error names the folder."""
+    import subprocess
+
+    studies, conf = _conf_case(tmp_path, {})
+    final = studies / "labels" / "final"
+    final.mkdir(parents=True)
+    immutable = subprocess.run(["chattr", "+i", str(final)], capture_output=True).returncode == 0
+    try:
+        if not immutable:
+            final.rmdir()
+            final.write_text("kept")
+        log = _log_of_a_server_that_does_not_start(tmp_path, studies, Path(conf.pop("model_dir")), conf=conf)
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(final)], check=True)
+    assert f"not started: the datastore's final labels folder {final}: " in log, log[-4000:]
+    assert ("Operation not permitted" if immutable else "not a folder") in log, log[-4000:]
+
+
 def test_a_server_with_a_wrong_conf_value_does_not_start_and_says_which(tmp_path):
     """The real start-up: the process exits and its log's error names the key (not only a traceback)."""
     studies, conf = _conf_case(tmp_path, {"max_voxels": "1e9x"})

@@ -44,7 +44,7 @@ from lib.audit.location import default_audit_dir
 from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_result, install_request_context,
                                  request_actor, result_fields)
 from lib.configs import MODEL_CONFIGS, OPT_IN_MODELS
-from lib.configs.conf import ConfError, check_conf, check_environment, model_names
+from lib.configs.conf import ConfError, check_conf, check_environment, check_writable, model_names
 from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
@@ -81,6 +81,11 @@ class DenoisingApp(MONAILabelApp):
         self.audit_dir = os.path.abspath(conf.get("audit_dir") or default_audit_dir(studies, self.model_dir))
         self.audit = AuditLog(self.audit_dir)
         self.audit_at_start = self._verify_audit(in_server)
+        try:  # the folders every request that leaves a record writes: before anything is built
+            check_writable(*self._written_folders(studies))
+        except ConfError as error:
+            logger.error("not started: %s", error)
+            raise
         self.store = AuditedModelStore(self.model_dir, self.audit)
         self.models: Dict[str, TaskConfig] = {}
         for name, config_class in MODEL_CONFIGS.items():
@@ -93,6 +98,7 @@ class DenoisingApp(MONAILabelApp):
                          description="Deep-learning denoising of CT and MR volumes (ADL, TDDL-GCN) with "
                                      "fine-tuning from radiologists' corrections",
                          version=monailabel.__version__)
+        self._check_model_dir_writable()
         unused = [key for key in ("train_steps", "normal_dose") if key in conf]
         if unused and not self._trainers:  # nlm and adl_3d infer only (or MONAI_LABEL_TASKS_TRAIN is off)
             logger.warning("--conf %s ignored: none of the served models (%s) is trained by this server",
@@ -111,6 +117,50 @@ class DenoisingApp(MONAILabelApp):
                 self.audit.append("server_started", {"studies": studies, "model_dir": self.model_dir,
                                                      "models": sorted(self.models), "pid": os.getpid(),
                                                      "entries_verified": self.audit_at_start["entries"]})
+
+    def _written_folders(self, studies: str) -> tuple[list, list]:
+        """The folders (and the files appended to) that results, verdicts and corrections write, for
+        :func:`lib.configs.conf.check_writable`: the audit log's (unless the log refuses entries anyway: broken), and
+        a local datastore's folder and its label folders (uploads, MONAI Label's index, corrections, region
+        maps)."""
+        folders, files = [], []
+        if self.audit.broken is None:
+            folders.append(("the audit log's folder (--conf audit_dir)", self.audit_dir,
+                            "the audit log (every result, verdict, datastore change and weights publication is "
+                            "recorded before it is done)"))
+            files.append(("the audit log", self.audit.path, "an entry per result, verdict and datastore change"))
+        if studies and not studies.startswith(("http://", "https://")):
+            folders.append(("the studies folder (--studies)", studies, "uploaded studies and MONAI Label's "
+                            "datastore index"))
+            for tag, purpose in (("final", "clinicians' corrections (PUT /datastore/label)"),
+                                 ("regions", "the regions marked on corrections")):
+                folders.append((f"the datastore's {tag} labels folder", os.path.join(studies, "labels", tag), purpose))
+        return folders, files
+
+    def _check_model_dir_writable(self) -> None:
+        """A server that fine-tunes writes its weights folder (published weights, ``versions/`` and their history,
+        ``work/``, ``train_stats/``, ``reference_set/``, the pseudonym key): one it cannot write does not start
+        (it failed after minutes of training, at the publication). Without training it is a warning: only
+        rollbacks (``POST /versions/{model}/restore``) need it."""
+        from pathlib import Path
+
+        root = Path(self.model_dir)
+        purpose = "fine-tuned weights, their versions and history, training runs' work and status"
+        folders = [("the weights folder (--conf model_dir)", root, purpose)]
+        folders += [(f"the weights folder's {name}/", root / name, purpose)
+                    for name in ("versions", "work", "train_stats", "reference_set")]
+        kept = [self.store.versions_dir(model, modality) for model in sorted(self.models) for modality in ("ct", "mr")]
+        folders += [("the versions folder", p, "the versions of one model and their history") for p in kept]
+        files = [("the version history", p / "history.jsonl", "one line per publication, rejection and rollback")
+                 for p in kept]
+        try:
+            check_writable(folders, files)
+        except ConfError as error:
+            if self._trainers:
+                error = ConfError(f"{error}; or start a server that does not train (MONAI_LABEL_TASKS_TRAIN=false)")
+                logger.error("not started: %s", error)
+                raise error from None
+            logger.warning("%s; rollbacks (POST /versions/{model}/restore) will fail", error)
 
     def _make_pseudonym_key(self) -> None:
         """The key of the pseudonyms that fine-tuned files name images by (:mod:`lib.weights.pseudonyms`), made at

@@ -175,3 +175,54 @@ def check_environment(environ: Mapping[str, str], settings: object) -> None:
         if not realm.lower().startswith(("http://", "https://")):
             raise ConfError(f"MONAI_LABEL_AUTH_ENABLE is on but MONAI_LABEL_AUTH_REALM_URI {realm!r} is no http(s) "
                             "URL of the realm: no token could be checked")
+
+
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why the server cannot write into ``folder`` (or, when it does not exist yet, make it: the nearest folder
+    above it is asked), or None when it can. Asked by making and removing a file there, the one test that root, a
+    read-only mount and an immutable folder (``chattr +i``) all answer truly (``os.access`` says yes to root)."""
+    import tempfile
+
+    path = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+    probe = path
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is not a folder" if probe != path else "not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-check-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as error:
+        where = "" if probe == path else f" (it does not exist yet, and {probe} above it"
+        return (f"cannot write there{where}{')' if where else ''}: "
+                f"{error.strerror or type(error).__name__}")
+    return None
+
+
+def unappendable(file: str | os.PathLike) -> str | None:
+    """Why an existing file the server appends to (an audit log, a version history) cannot be opened for appending
+    (None when it can, or when it does not exist yet: its folder is checked by :func:`unwritable`). Opened and
+    closed, nothing written."""
+    path = os.fspath(file)
+    if not os.path.lexists(path):
+        return None
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError as error:
+        return f"cannot append to it: {error.strerror or type(error).__name__}"
+    return None
+
+
+def check_writable(folders: list[tuple[str, str | os.PathLike, str]],
+                   files: list[tuple[str, str | os.PathLike, str]] = ()) -> None:
+    """Each ``(what, path, what the server writes there)``: :class:`ConfError` naming the first folder that the
+    server cannot write (:func:`unwritable`) or existing file it cannot append to (:func:`unappendable`), at
+    start-up rather than as a traceback at the first verdict, correction, training or rollback. Nothing is written
+    but the probe file, which is removed."""
+    checks = [(entry, unwritable) for entry in folders] + [(entry, unappendable) for entry in files]
+    for (what, place, purpose), problem_of in checks:
+        problem = problem_of(place)
+        if problem:
+            raise ConfError(f"{what} {os.fspath(place)}: {problem}. The server writes {purpose} there: make it "
+                            "a folder that the user running the server can write (or name another one)")

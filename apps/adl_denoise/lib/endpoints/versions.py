@@ -51,6 +51,9 @@ def api_restore(model: str, version: str, modality: str = "ct") -> dict[str, Any
         raise HTTPException(status_code=404, detail=str(error).strip("'\"")) from None
     except AuditError as error:
         raise audit_http_error(error, f"{model} {modality}: version {version!r} was not restored") from None
+    except OSError as error:  # a weights folder the server cannot write (a warning at start-up): not a bare 500
+        raise HTTPException(status_code=500, detail=f"{model} {modality}: version {version!r} was not restored: "
+                                                    f"the weights folder cannot be written ({error})") from None
     log.info("%s %s: restored version %s", model, modality, version)
     return {"model": model, "modality": modality, "served": served.to_dict() if served else None}
 
