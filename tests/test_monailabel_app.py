@@ -963,6 +963,41 @@ def test_other_unknown_monai_label_variables_are_warnings_and_auth_needs_a_realm
         check_environment({}, Settings(MONAI_LABEL_AUTH_ENABLE=True, MONAI_LABEL_AUTH_REALM_URI=""))
 
 
+def test_a_pacs_that_is_down_is_told_in_seconds_and_only_its_own_errors_are_the_pacss(tmp_path):
+    """MONAI Label's DICOMweb client tried a request to a PACS that is down 5 times (waits of 2, 4, 8, 16 s): 30 s
+    per request before the 503. Three tries now (2 + 4 s). And the 503 "the PACS cannot be reached" was the answer
+    to a failure to reach ANY server: only a request to the datastore's PACS (scheme, host, port) is the PACS's."""
+    import requests
+    from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+
+    from lib.pacs import PACS_TRIES, bound_waits, is_pacs_url
+    from mlserver import free_port
+
+    dead, other = free_port(), free_port()  # nothing listens on either
+    datastore = DICOMWebDatastore(DICOMwebClientX(url=f"http://127.0.0.1:{dead}/dicom-web"), {"Modality": "CT"},
+                                  cache_path=str(tmp_path / "cache"))
+    try:
+        bound_waits(datastore)
+        started = time.monotonic()
+        with pytest.raises(requests.exceptions.ConnectionError) as pacs_error:
+            datastore._client.search_for_series(search_filters={"Modality": "CT"})
+        elapsed = time.monotonic() - started
+        assert PACS_TRIES == 3 and 5 <= elapsed < 20, elapsed  # waits of 2 and 4 s (was 30 s)
+        with pytest.raises(requests.exceptions.ConnectionError) as other_error:
+            requests.get(f"http://127.0.0.1:{other}/realms/site", timeout=10)
+        assert is_pacs_url(pacs_error.value.request.url, datastore)
+        assert is_pacs_url(f"HTTP://127.0.0.1:{dead}/other/path", datastore)
+        assert not is_pacs_url(other_error.value.request.url, datastore)
+        assert not is_pacs_url(f"https://127.0.0.1:{dead}/dicom-web", datastore) and not is_pacs_url(None, datastore)
+    finally:
+        observer = getattr(datastore, "_observer", None)  # MONAI Label's file watcher of the cache
+        if observer is not None:
+            observer.stop()
+    from monailabel.datastore.local import LocalDatastore
+
+    assert not is_pacs_url(pacs_error.value.request.url, LocalDatastore(str(tmp_path / "local"), auto_reload=False))
+
+
 def test_an_unreachable_pacs_is_a_start_up_warning_and_a_503_not_a_bare_500(tmp_path):
     """--studies naming a DICOMweb root where nothing answers (a wrong URL, a PACS that is down): the server started
     without a word and every route that lists the studies answered a bare 500 "Internal Server Error". Now the

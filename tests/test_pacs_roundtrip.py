@@ -209,3 +209,33 @@ def test_a_series_over_the_voxel_limit_is_refused_before_it_is_downloaded(tmp_pa
             stop_server(server)
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_series_asked_while_the_pacs_is_down_is_a_503_in_seconds(tmp_path, tiny_weights):
+    """The PACS goes down while the server runs: an infer by id asked it twice (the series' size, then its files),
+    each request tried 5 times with waits of 2, 4, 8 and 16 s (MONAI Label's client): a minute before the 503. The
+    size query's failure to connect now answers at once, after 3 tries (2 + 4 s)."""
+    import time
+
+    import requests
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = real_ct_series(tmp_path / "series")
+        for path in files:
+            pacs.upload(path)
+        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work")
+    finally:
+        stop_orthanc(pacs)
+    try:
+        started = time.monotonic()
+        answer = requests.post(f"{server.url}/infer/adl", params={"image": uid, "output": "json"},
+                               data={"params": "{}"}, timeout=600)
+        elapsed = time.monotonic() - started
+        assert answer.status_code == 503 and "the PACS (DICOMweb server) holding the studies cannot be reached" \
+            in answer.json()["detail"], answer.text
+        assert elapsed < 25, f"{elapsed:.0f} s before the 503 (was 60 s)"
+        assert server.alive()
+    finally:
+        stop_server(server)

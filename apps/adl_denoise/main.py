@@ -49,8 +49,8 @@ from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
-from lib.pacs import (PacsStoreError, is_dicomweb, is_downloaded, series_folder, series_voxels, start_up_warnings,
-                      store_derived_series)
+from lib.pacs import (PacsStoreError, bound_waits, is_dicomweb, is_downloaded, series_folder, series_voxels,
+                      start_up_warnings, store_derived_series)
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +187,11 @@ class DenoisingApp(MONAILabelApp):
     def init_datastore(self):
         """MONAI Label's datastore, each change of it an audit entry (:func:`lib.audit.recording.audited_datastore`);
         a local one lists a removed study no more once the removal is answered
-        (:func:`lib.datastore.steady_datastore`)."""
-        return audited_datastore(steady_datastore(super().init_datastore()), self.audit)
+        (:func:`lib.datastore.steady_datastore`); a DICOMweb one tells a PACS that is down in seconds
+        (:func:`lib.pacs.bound_waits`)."""
+        datastore = steady_datastore(super().init_datastore())
+        bound_waits(datastore)  # a PACS that is down: 503 in seconds, not 30 s per request
+        return audited_datastore(datastore, self.audit)
 
     def info(self):
         """MONAI Label's app info plus ``audit``: the log's folder, its state at start-up and, when its chain is

@@ -24,7 +24,17 @@ from .imaging.errors import one_line
 log = logging.getLogger(__name__)
 
 __all__ = ["is_dicomweb", "start_up_warnings", "series_folder", "series_voxels", "is_downloaded", "stow_datasets",
-           "store_derived_series", "PacsStoreError"]
+           "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
+           "PACS_CONNECT_TIMEOUT_S"]
+
+#: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
+#: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
+#: every request to a PACS that is down took 30 s to fail, and an infer by id, which asks it twice (the series'
+#: size, then its files), a minute
+PACS_TRIES = 3
+#: seconds to wait for a connection to the PACS (requests waits as long as the system does, minutes for a host that
+#: drops packets, on every try); how long the PACS then takes to answer is not bounded (a large series, a store)
+PACS_CONNECT_TIMEOUT_S = 10.0
 
 
 class PacsStoreError(RuntimeError):
@@ -78,6 +88,49 @@ def is_dicomweb(datastore) -> bool:
     return isinstance(datastore, DICOMWebDatastore)
 
 
+def bound_waits(datastore) -> None:
+    """A DICOMweb datastore's client (MONAI Label's) with :data:`PACS_TRIES` tries per request and
+    :data:`PACS_CONNECT_TIMEOUT_S` to connect, so that a PACS that is down is told in seconds (503), not after half
+    a minute per request. Nothing for another datastore."""
+    if not is_dicomweb(datastore):
+        return
+    client = datastore._client  # noqa: SLF001 - the datastore's DICOMweb client
+    client.set_http_retry_params(retry=True, max_attempts=PACS_TRIES)  # the same codes retried, the same waits
+    session = getattr(client, "_session", None)
+    if session is None or getattr(session, "adl_connect_timeout", None) is not None:
+        return
+    send = session.request
+
+    def request(method, url, **kwargs):
+        if kwargs.get("timeout") is None:  # dicomweb-client gives none
+            kwargs["timeout"] = (PACS_CONNECT_TIMEOUT_S, None)
+        return send(method, url, **kwargs)
+
+    session.request = request
+    session.adl_connect_timeout = PACS_CONNECT_TIMEOUT_S
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(str(url))
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def is_pacs_url(url: str | None, datastore) -> bool:
+    """Whether ``url`` (of a failed request) is on the server of the datastore's PACS (scheme, host and port of
+    its DICOMweb root), as opposed to another service (the sign-in realm, a download); False when the datastore is
+    no DICOMweb datastore or ``url`` is unknown."""
+    if not url or not is_dicomweb(datastore):
+        return False
+    return _origin(url) == _origin(datastore._client.base_url)  # noqa: SLF001 - the datastore's client
+
+
 # QIDO-RS attributes of an instance that give its voxels: Rows, Columns, NumberOfFrames
 _SIZE_FIELDS = ("00280010", "00280011", "00280008")
 
@@ -125,13 +178,18 @@ def _first_int(entry: dict, tag: str) -> int | None:
 def series_voxels(datastore, image_id: str) -> tuple[int, int] | None:
     """``(instances, voxels)`` of the series ``image_id`` on the datastore's PACS, from a QIDO-RS search of its
     instances (``Rows x Columns x NumberOfFrames`` each): known before any instance is downloaded. None when the
-    PACS does not tell (an instance without Rows or Columns in its answer, or the search failed: the size is then
-    checked from the downloaded files, as for any image)."""
+    PACS does not tell (an instance without Rows or Columns in its answer, or the search was answered with an
+    error: the size is then checked from the downloaded files, as for any image). A PACS that cannot be reached
+    raises (requests' ``ConnectionError`` / ``Timeout``): the download would only fail the same way, later."""
+    from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
+
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
     try:
         found = client.search_for_instances(search_filters={"SeriesInstanceUID": image_id},
                                             fields=list(_SIZE_FIELDS), get_remaining=True)
-    except Exception as error:  # noqa: BLE001 - HTTP or connection error: the download checks the size instead
+    except (RequestsConnectionError, Timeout):
+        raise  # the PACS cannot be reached: the download would try again for nothing (the route answers 503)
+    except Exception as error:  # noqa: BLE001 - an HTTP error answered: the download checks the size instead
         log.warning("series %s: the PACS did not give the series size (%s)", image_id, one_line(error))
         return None
     voxels = 0

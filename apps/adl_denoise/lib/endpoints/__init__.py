@@ -71,12 +71,19 @@ PACS_UNREACHABLE = ("the PACS (DICOMweb server) holding the studies cannot be re
 
 def _install_unreachable_pacs_answer(fastapi_app) -> None:
     """503 with a one-line reason when a route's call to the PACS fails to connect or times out (a DICOMweb
-    datastore whose PACS is down): MONAI Label's routes answered a bare 500 "Internal Server Error"."""
+    datastore whose PACS is down): MONAI Label's routes answered a bare 500 "Internal Server Error". Only a
+    request to the datastore's PACS (:func:`lib.pacs.is_pacs_url`): a failure to reach any other service is the
+    server's error (500) as before, not news about the PACS."""
     from fastapi.responses import JSONResponse
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
+    from ..pacs import is_pacs_url
+    from .common import app
+
     async def unreachable(request, error: Exception):
         target = getattr(getattr(error, "request", None), "url", None)
+        if not is_pacs_url(target, app().datastore()):
+            raise error  # to the server's own handling: a 500, logged with its traceback
         log.error("%s %s: the PACS cannot be reached (%s%s)", request.method, request.url.path,
                   type(error).__name__, f", {target}" if target else "")
         return JSONResponse(status_code=503, content={"detail": PACS_UNREACHABLE})
