@@ -6,8 +6,8 @@
   fails leaves a ``..._failed`` entry). MONAI Label's stock datastore routes call these methods, so they leave
   records too. ``update_image_info`` refuses the keys the review keeps (:data:`PROTECTED_INFO_KEYS`): the current
   verdict in the datastore info is written only through :meth:`set_review`, after its entry is in the log.
-* :class:`AuditedModelStore`: the weights store, each event of its history (published, rejected, restored) also an
-  audit entry; publishing and restoring are refused while the log refuses entries.
+* :class:`AuditedModelStore`: the weights store, each event of its history (publishing, published, rejected,
+  restoring, restored) also an audit entry; publishing and restoring are refused while the log refuses entries.
 * Who asked: :func:`.context.request_actor` (the authenticated user, the client's address), read from the request
   that :class:`.context.RequestContextMiddleware` keeps in a context variable.
 """
@@ -124,9 +124,9 @@ def audited_datastore(datastore, audit: AuditLog):
 
 # ------------------------------------------------------------------------------------------------ weights
 class AuditedModelStore(ModelStore):
-    """The weights store (:class:`lib.weights.store.ModelStore`), every event of its history (published,
-    rejected, restored) also an audit entry ``weights_<event>``; publishing and restoring are refused while the
-    audit log refuses entries."""
+    """The weights store (:class:`lib.weights.store.ModelStore`), every event of its history (publishing,
+    published, rejected, restoring, restored) also an audit entry ``weights_<event>``; publishing and restoring
+    are refused while the audit log refuses entries."""
 
     def __init__(self, model_dir: str | os.PathLike, audit: AuditLog) -> None:
         super().__init__(model_dir)
