@@ -1033,15 +1033,36 @@ def test_oversized_images_are_refused_from_the_header(tmp_path, monkeypatch):
             read_volume(path)
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf"])
-def test_a_bad_voxel_limit_in_the_environment_is_an_error_naming_it(tmp_path, monkeypatch, value):
+@pytest.mark.parametrize("value,problem", [("abc", "not a number"), ("0", "below 1"), ("-1", "below 1"),
+                                           ("nan", "not a number"), ("inf", "not a whole number"),
+                                           ("2.5", "not a whole number"), ("0.5", "not a whole number")])
+def test_a_bad_voxel_limit_in_the_environment_is_an_error_naming_it(tmp_path, monkeypatch, value, problem):
     """ADL_MAX_VOXELS=abc failed every read with "could not convert string to float: 'abc'", and 0 or -1 refused
-    every image as too large: now the error names the variable."""
+    every image as too large: now the error names the variable. A fraction (2.5) was cut to 2 voxels, every image
+    refused as "too large"; it is an error, with the message of the server's --conf max_voxels (one parser)."""
+    from lib.configs.conf import ConfError, conf_voxels
+
     nifti = tmp_path / "small.nii.gz"
     sitk.WriteImage(sitk.Image(8, 8, 2, sitk.sitkInt16), str(nifti))
     monkeypatch.setenv("ADL_MAX_VOXELS", value)
-    with pytest.raises(ValueError, match=rf"ADL_MAX_VOXELS '{value}' is not a number >= 1"):
+    with pytest.raises(ValueError) as raised:
         read_volume(nifti)
+    assert str(raised.value) == (f"ADL_MAX_VOXELS '{value}': {problem}; give a whole number of voxels >= 1, e.g. 1e9 "
+                                 "or 500000000")
+    with pytest.raises(ConfError) as conf_raised:
+        conf_voxels({"max_voxels": value})
+    assert str(conf_raised.value) == str(raised.value).replace("ADL_MAX_VOXELS", "--conf max_voxels")
+
+
+@pytest.mark.parametrize("value,limit", [("1.5e8", 150_000_000), ("1e9", 1_000_000_000), (" 250000 ", 250_000),
+                                         ("2.5e6", 2_500_000), ("1000.0", 1000)])
+def test_the_environment_and_the_conf_take_the_same_voxel_limits(monkeypatch, value, limit):
+    """ADL_MAX_VOXELS and --conf max_voxels are read by one parser: the same values, the same limits."""
+    from lib.configs.conf import conf_voxels
+    from lib.imaging import max_voxels
+
+    monkeypatch.setenv("ADL_MAX_VOXELS", value)
+    assert max_voxels() == conf_voxels({"max_voxels": value}) == limit
 
 
 def test_voxel_limit_argument_takes_precedence_over_the_environment(tmp_path, monkeypatch):

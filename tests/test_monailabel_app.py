@@ -803,7 +803,7 @@ def test_a_wrong_conf_value_stops_the_app_naming_the_key(case, tmp_path):
     assert not (studies / ".audit").exists()
 
 
-@pytest.mark.parametrize("variable,value,words", [("ADL_MAX_VOXELS", "1e9x", "ADL_MAX_VOXELS '1e9x' is not a number"),
+@pytest.mark.parametrize("variable,value,words", [("ADL_MAX_VOXELS", "1e9x", "ADL_MAX_VOXELS '1e9x': not a number"),
                                                   ("ADL_MODEL_DIR", "/no/such/folder", "ADL_MODEL_DIR '/no/such/folder': "
                                                                                        "no such folder")])
 def test_a_wrong_adl_environment_variable_stops_the_app_naming_it(tmp_path, monkeypatch, variable, value, words):

@@ -7,7 +7,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 from ..weights.store import ModelStore
-from .conf import conf_bool, conf_int
+from .conf import conf_bool, conf_int, conf_voxels
 from ..infers.denoise import DenoiseInferTask
 from ..trainers.finetune import DenoiserTrainTask
 
@@ -35,7 +35,7 @@ class DenoiserTaskConfig(TaskConfig):
     @property
     def max_voxels(self) -> int | None:
         """The ``max_voxels`` conf value (``1e9`` and ``1000000000`` alike), None when not set."""
-        return conf_int(self.conf, "max_voxels", 0) or None
+        return conf_voxels(self.conf, "max_voxels")
 
     def infer(self) -> InferTask:
         return DenoiseInferTask(

@@ -31,7 +31,7 @@ CONF_KEYS: dict[str, str] = {
     "result_extension": ".nii.gz, .nii, .nrrd, .mha or dicom",
     "train_steps": "a whole number >= 1",
     "normal_dose": "normal-dose CT images: files or folders, comma-separated",
-    "max_voxels": "a number >= 1 (e.g. 1e9)",
+    "max_voxels": "a whole number of voxels >= 1, e.g. 1e9",
     "max_concurrent_infers": "a whole number >= 1",
     "audit_dir": "a folder (made if missing)",
 }
@@ -62,6 +62,20 @@ def conf_int(conf: Mapping[str, str], key: str, default: int, minimum: int = 1) 
     if number < minimum:
         raise _fail(key, value, f"below {minimum}")
     return int(number)
+
+
+def conf_voxels(conf: Mapping[str, str], key: str = "max_voxels") -> int | None:
+    """``conf[key]`` as a voxel limit, parsed as ``ADL_MAX_VOXELS`` is (:func:`lib.imaging.guards.parse_voxel_limit`:
+    one parser, one message); None when unset or empty. :class:`ConfError` naming the key otherwise."""
+    from ..imaging.guards import parse_voxel_limit
+
+    value = conf.get(key)
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        return parse_voxel_limit(value, f"--conf {key}")
+    except ValueError as error:
+        raise ConfError(str(error)) from None
 
 
 def conf_bool(conf: Mapping[str, str], key: str, default: bool) -> bool:
@@ -135,7 +149,7 @@ def check_conf(conf: Mapping[str, str], available: Mapping[str, object]) -> None
     if extension is not None and extension not in RESULT_EXTENSIONS:
         raise _fail("result_extension", extension, "not a result format")
     conf_int(conf, "train_steps", 200)
-    conf_int(conf, "max_voxels", 1)
+    conf_voxels(conf, "max_voxels")
     conf_int(conf, "max_concurrent_infers", 2)
     normal_dose = conf.get("normal_dose")
     if normal_dose is not None:

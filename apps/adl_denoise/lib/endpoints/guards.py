@@ -188,10 +188,13 @@ def _remove(path: Optional[Path]) -> None:
 
 
 def _max_voxels() -> Optional[int]:
-    value = (getattr(app(), "conf", None) or {}).get("max_voxels")
+    """The server's ``--conf max_voxels`` (checked at start-up, :func:`lib.configs.conf.conf_voxels`), None when
+    unset."""
+    from ..configs.conf import ConfError, conf_voxels
+
     try:
-        return int(float(value)) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        return conf_voxels(getattr(app(), "conf", None) or {})
+    except ConfError:  # refused at start-up: not reached on a running server
         return None
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "check_values",
     "make_temp_dir",
     "max_voxels",
+    "parse_voxel_limit",
 ]
 
 # Largest image read (voxels), checked from the header before any pixel is loaded: 1e9 voxels is 4 GB as
@@ -36,19 +37,42 @@ __all__ = [
 MAX_VOXELS_DEFAULT = 1_000_000_000
 
 
+def parse_voxel_limit(value: object, name: str) -> int:
+    """``value`` (text or a number) as a voxel limit: a whole number >= 1, written ``1000000000``, ``1e9`` or
+    ``1.5e8`` alike. The one parser of ``ADL_MAX_VOXELS`` and of the server's ``--conf max_voxels`` (they disagreed:
+    ``2.5`` was a limit of 2 voxels from the environment, every image refused as too large, and an error from the
+    conf).
+
+    Raises:
+        ValueError: naming ``name`` and the value: not a number, not a whole number, or below 1.
+    """
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if math.isnan(number):
+        problem = "not a number"
+    elif not math.isfinite(number) or number != int(number):
+        problem = "not a whole number"
+    elif number < 1:
+        problem = "below 1"
+    else:
+        return int(number)
+    raise ValueError(f"{name} {text!r}: {problem}; give a whole number of voxels >= 1, e.g. 1e9 or 500000000")
+
+
 def max_voxels() -> int:
     """The largest number of voxels :func:`~lib.imaging.read_volume` accepts by default (``ADL_MAX_VOXELS`` or
-    :data:`MAX_VOXELS_DEFAULT`)."""
+    :data:`MAX_VOXELS_DEFAULT`).
+
+    Raises:
+        ValueError: ``ADL_MAX_VOXELS`` is set to something else than a whole number >= 1 (:func:`parse_voxel_limit`).
+    """
     value = os.environ.get("ADL_MAX_VOXELS", "").strip()
     if not value:
         return MAX_VOXELS_DEFAULT
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not (math.isfinite(number) and number >= 1):  # else every read failed with "could not convert string ..."
-        raise ValueError(f"ADL_MAX_VOXELS {value!r} is not a number >= 1 (e.g. 1e9): fix or unset it")
-    return int(number)
+    return parse_voxel_limit(value, "ADL_MAX_VOXELS")
 
 
 def check_size(shape: Sequence[int], path: Path, limit: int) -> None:
