@@ -26,6 +26,7 @@ Deliberate refusals (each an :class:`ImageReadError` with a one-line message nam
 """
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 from pathlib import Path
@@ -142,6 +143,70 @@ def _nifti_stored_bytes_per_voxel(path: Path) -> int | None:
         return per_voxel * (max(1, int(dims[5])) if int(dims[0]) >= 5 else 1)
     except Exception:  # noqa: BLE001 - any unreadable header: ITK's own answer (or error) stands
         return None
+
+
+#: the NIfTI header fields that place the voxels (both transforms, their codes, voxel sizes and units): kept from the
+#: input in an output on the same grid (see :func:`_nifti_geometry_of`)
+_NIFTI_GEOMETRY_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+                          "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")
+#: the header of a NIfTI-1 file (what ITK writes), in bytes
+_NIFTI1_HEADER_BYTES = 348
+
+
+def _nifti_geometry_of(path: Path) -> dict | None:
+    """The fields of ``path``'s NIfTI header that place its voxels (:data:`_NIFTI_GEOMETRY_FIELDS` and
+    ``pixdim[0:4]``, as plain numbers), None if nibabel cannot read its header.
+
+    ITK reads one transform of a NIfTI file (the qform or the sform) and writes it as both, with code 1 (scanner
+    anatomical): an input whose sform differs from its qform (a registration to a template, code 2 to 4) came back
+    with another sform and other codes, so that the viewers that use the sform (FSLeyes, nibabel, nilearn...) placed
+    the denoised output millimetres away from its input. The writer puts these fields back
+    (:func:`_restore_nifti_geometry`) when the output has the input's grid."""
+    try:
+        import nibabel
+
+        header = nibabel.load(str(path)).header
+        fields = {name: np.asarray(header[name]).tolist() for name in _NIFTI_GEOMETRY_FIELDS}
+        fields["pixdim"] = np.asarray(header["pixdim"], dtype=float)[:4].tolist()
+        return fields
+    except Exception:  # noqa: BLE001 - not a header nibabel reads: ITK's own transform is written, as before
+        return None
+
+
+def _restore_nifti_geometry(path: Path, fields: dict) -> None:
+    """Put the input's header ``fields`` (:func:`_nifti_geometry_of`) into the uncompressed NIfTI-1 file ``path``
+    that ITK just wrote, in place (the header only; the voxels are not read)."""
+    import io
+
+    import nibabel
+
+    with open(path, "r+b") as handle:
+        header = nibabel.Nifti1Header.from_fileobj(io.BytesIO(handle.read(_NIFTI1_HEADER_BYTES)))
+        for name in _NIFTI_GEOMETRY_FIELDS:
+            header[name] = fields[name]
+        pixdim = np.asarray(header["pixdim"], dtype=np.float32).copy()
+        pixdim[:4] = fields["pixdim"]
+        header["pixdim"] = pixdim
+        block = header.binaryblock
+        if len(block) != _NIFTI1_HEADER_BYTES:  # pragma: no cover - nibabel writes the NIfTI-1 header it read
+            raise ImageWriteError(f"cannot write {path}: unexpected NIfTI header size {len(block)}")
+        handle.seek(0)
+        handle.write(block)
+
+
+def _kept_nifti_geometry(volume: Volume, array: np.ndarray, geometry: tuple, out: Path) -> dict | None:
+    """The input's NIfTI header fields to write into ``out`` (:func:`_nifti_geometry_of`): only for a NIfTI output of a
+    volume read from a NIfTI file (``volume.metadata`` "nifti_geometry") whose values are on the grid read (same
+    shape, spacing, origin and direction), else None (ITK's header, from the volume's geometry)."""
+    fields, grid = volume.metadata.get("nifti_geometry"), volume.metadata.get("nifti_grid")
+    if not fields or not grid or _suffix(out) not in (".nii", ".nii.gz"):
+        return None
+    if list(array.shape) != list(grid["shape"]):
+        return None
+    for now, read in zip(geometry, (grid["spacing"], grid["origin"], grid["direction"])):
+        if len(now) != len(read) or not np.allclose(now, read, rtol=0, atol=1e-9):
+            return None
+    return fields
 
 
 def _bytes_per_voxel(reader: sitk.ImageFileReader) -> int:
@@ -280,6 +345,12 @@ def _read_with_sitk(path: Path, modality: str | None, fill: bool, limit: int) ->
         "input_max": float(values.max()),
         **pad_info,
     }
+    if _suffix(path) in (".nii", ".nii.gz"):
+        geometry = _nifti_geometry_of(path)
+        if geometry is not None:  # what a NIfTI output on this grid keeps of the header (_kept_nifti_geometry)
+            metadata["nifti_geometry"] = geometry
+            metadata["nifti_grid"] = {"shape": list(values.shape), "spacing": list(image.GetSpacing()),
+                                      "origin": list(image.GetOrigin()), "direction": list(image.GetDirection())}
     if pad_info["n_padded"] and np.issubdtype(source_dtype, np.integer):
         # the fill value must stay representable in the source dtype (e.g. -1024 in an unsigned CT file)
         lo, hi = float(values.min()), float(values.max())
@@ -354,11 +425,20 @@ def _write_with_sitk(
     # files are written under their final names in a temporary folder (not a temporary file name) and renamed.
     parent = out.parent
     temp = make_temp_dir(out, f"cannot create {parent} for {out}")
+    kept = _kept_nifti_geometry(volume, array, geometry, out)
+    # with the input's NIfTI header fields to put back: written uncompressed, the header patched, then gzipped
+    written = temp / (out.name[:-3] if kept and out.name.lower().endswith(".gz") else out.name)
     try:
         try:
             # compression: .nii.gz is gzipped by name; .nrrd/.mha/.mhd get zlib, .nii ignores the flag
-            sitk.WriteImage(image, str(temp / out.name), True)
-        except RuntimeError as exc:
+            sitk.WriteImage(image, str(written), True)
+            if kept:
+                _restore_nifti_geometry(written, kept)
+                if written.name != out.name:
+                    with open(written, "rb") as source, gzip.open(temp / out.name, "wb", compresslevel=6) as target:
+                        shutil.copyfileobj(source, target, 1 << 20)
+                    written.unlink()
+        except (RuntimeError, OSError) as exc:
             raise ImageWriteError(f"cannot write {out}: {one_line(exc)}") from exc
         produced = sorted(temp.iterdir())  # .mhd writes a companion .zraw/.raw
         clashes = [parent / p.name for p in produced if (parent / p.name).exists() and p.name != out.name]
@@ -393,7 +473,9 @@ def write_volume(
     """Write ``volume`` to ``path`` and return the path written.
 
     Format by path: .nii/.nii.gz/.nrrd/.mha/.mhd -> SimpleITK with origin, spacing and direction as in the
-    volume (NIfTI stores them as float32: exact to ~1e-6 mm); a folder (existing, or a new name without
+    volume (NIfTI stores them as float32: exact to ~1e-6 mm; a NIfTI output of a volume read from a NIfTI file, on
+    its grid, keeps that file's qform, sform, their codes, voxel sizes and units, so that every viewer places it
+    exactly on its input); a folder (existing, or a new name without
     extension) -> derived DICOM series (:func:`write_dicom_derived_series`, which the series description suffix,
     ``derivation`` and ``derived_image_type`` go to) built on ``reference`` or, by default, on the volume's own
     ``dicom_headers``.
