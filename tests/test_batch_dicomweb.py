@@ -417,3 +417,42 @@ def test_an_anonymised_copy_of_a_derived_series_is_not_an_input(tmp_path, shared
         assert again.returncode == 0 and "2 series: 0 done, 2 skipped" in again.stdout, again.stdout + again.stderr
     finally:
         stop_orthanc(pacs)
+
+
+def test_an_orthanc_that_cuts_its_search_answers_stops_the_batch_and_is_asked_counts_per_series(tmp_path,
+                                                                                               shared_data):
+    """Orthanc's LimitFindResults cuts every QIDO-RS answer to that many matches plus one, whatever the offset, and
+    says nothing: a batch over an archive of more series denoised part of it and reported success (exit 0). It now
+    stops before any work, naming the setting; narrowed below the limit, it runs. LimitFindInstances cut the list
+    of a derived series' instances: a rerun after the local output was deleted took the whole series stored on the
+    server for a partial one and failed ("the server holds 3 of the 4 instances"); it now asks the count per series
+    and skips it."""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LimitFindResults": 3, "LimitFindInstances": 2})
+    try:
+        series = [("a", range(0, 4), "20200115"), ("b", range(4, 8), "20200220"), ("c", range(8, 10), "20200601"),
+                  ("d", range(10, 12), "20200601"), ("e", range(12, 14), "20200601")]
+        for name, slices, date in series:
+            make_series(shared_data, tmp_path / name, slices, "abdomen low dose", generate_uid(), date)
+            for path in sorted((tmp_path / name).iterdir()):
+                pacs.upload(path)
+        out = tmp_path / "out"
+        cut = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert cut.returncode != 0, cut.stdout + cut.stderr
+        assert "lists only part of the series (4 given)" in cut.stderr and "LimitFindResults 3" in cut.stderr, \
+            cut.stdout + cut.stderr
+        assert len(pacs.get("/series")) == 5 and not any(p.is_dir() for p in out.glob("*/*"))  # nothing done
+        narrowed = run_batch(pacs.dicomweb, out, "--store-to-pacs", "--study-date", "20200101-20200131")
+        assert narrowed.returncode == 0 and "1 series: 1 done" in narrowed.stdout, narrowed.stdout + narrowed.stderr
+        assert list(_derived(pacs).values()) == [4]  # more instances than LimitFindInstances lists
+        record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+        import shutil
+
+        shutil.rmtree(record["output"])
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs", "--study-date", "20200101-20200131")
+        assert again.returncode == 0 and "1 series: 0 done, 1 skipped, 0 failed" in again.stdout, \
+            again.stdout + again.stderr
+        assert list(_derived(pacs).values()) == [4]  # nothing stored again
+    finally:
+        stop_orthanc(pacs)

@@ -9,6 +9,15 @@ as inputs, so a rerun after STOW-RS does not denoise its own results; nor are se
 images (structured reports, presentation states, key-object selections, RT structure sets and plans, encapsulated
 documents...: :data:`NON_IMAGE_MODALITIES`), which a folder tree's discovery passes over too (no image size).
 
+A server may answer a search with part of its matches: Orthanc's ``LimitFindResults`` (series, studies) and
+``LimitFindInstances`` cut every QIDO-RS answer to that many matches plus one, however the ``offset`` pages, and says
+nothing; other servers may say so in a ``Warning`` header (DICOM PS3.18 6.7.1.2). A batch over such an answer
+processed part of the archive and reported success. The series list is paged (``offset``) and checked: a
+``Warning`` that more matches exist, or an Orthanc server (its REST API beside the DICOMweb root) whose finds stop
+at or below the number of series answered, stops the batch before any work, saying how to get the whole list
+(:func:`discover_dicomweb`). How many instances the server holds of a derived series is asked at the series level
+(``NumberOfSeriesRelatedInstances``: one match, never cut) rather than by listing them (:func:`instances_on_server`).
+
 The derived series' UIDs are recorded before its STOW-RS; a rerun asks the server for a series an earlier run may
 have sent (:func:`instances_on_server`) before it stores anything, so that a run killed after the store and before
 its "done" record never leads to a second derived series of the same source on the server (see
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import pydicom
@@ -96,6 +106,78 @@ def _image_type(client, study: str, series: str) -> list:
     return list(((found[0] if found else {}).get("00080008") or {}).get("Value") or [])
 
 
+class _HeaderWarnings(logging.Handler):
+    """The ``Warning`` headers of the answers that dicomweb-client received while installed (it only logs them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+#: a ``Warning`` header that says the answer holds part of the matches (PS3.18: "There are N additional results
+#: that can be requested"; other servers: more matches than their maximum, a limit...)
+_MORE_MATCHES = re.compile(r"additional|remaining|more (results|matches)|exceed|limit|truncat|maximum", re.I)
+
+
+def _orthanc_find_limit(client, level: str, answered: int) -> int | None:
+    """For an Orthanc server (its REST API at the parent of the DICOMweb root) whose finds at ``level`` ("Series",
+    "Instance") stop at ``answered`` results or fewer while it holds more: the number its finds stop at
+    (``LimitFindResults`` / ``LimitFindInstances`` + 1). None when the answer is whole, or the server is no Orthanc
+    or its REST API cannot be asked (then only a ``Warning`` header tells a cut answer)."""
+    import requests
+
+    root = str(client.base_url).rstrip("/").rsplit("/", 1)[0]
+    session = getattr(client, "_session", None) or requests.Session()
+    try:
+        statistics = session.get(f"{root}/statistics", timeout=60)
+        held = int(statistics.json()["CountSeries" if level == "Series" else "CountInstances"]) \
+            if statistics.ok else -1
+        if held <= answered:
+            return None
+        found = session.post(f"{root}/tools/find", json={"Level": level, "Query": {}, "Limit": answered + 1},
+                             timeout=300)
+        listed = found.json() if found.ok else None
+    except Exception:  # noqa: BLE001 - no Orthanc REST API there (another server, a proxy): not known
+        log.debug("no Orthanc REST API at %s", root, exc_info=True)
+        return None
+    if isinstance(listed, list) and len(listed) <= answered:
+        return len(listed)
+    return None
+
+
+def _search_whole(client, search, level: str, what: str, outcome: str = "") -> list[dict]:
+    """The answer of ``search()`` (a QIDO-RS search of ``level`` matches, all pages), checked to hold every match;
+    ``what`` names the matches in a message, ``outcome`` says what it means for the run.
+
+    Raises:
+        ValueError: the server said, or its Orthanc configuration shows, that it answered part of the matches.
+    """
+    warnings = _HeaderWarnings()
+    client_log = logging.getLogger("dicomweb_client.web")
+    client_log.addHandler(warnings)
+    try:
+        results = search()
+    finally:
+        client_log.removeHandler(warnings)
+    cut = [message for message in warnings.messages if _MORE_MATCHES.search(message)]
+    if cut:
+        raise ValueError(f"{client.base_url} lists only part of {what} ({len(results)} given; its Warning: "
+                         f"{cut[0]}){outcome}: raise the server's limit on search results, or narrow the batch "
+                         "(--study-date, --modality) below it")
+    limit = _orthanc_find_limit(client, level, len(results))
+    if limit is not None:
+        option = "LimitFindInstances" if level == "Instance" else "LimitFindResults"
+        narrow = (f", or narrow the batch (--study-date, --modality) to at most {limit - 1} series"
+                  if level == "Series" else "")
+        raise ValueError(f"{client.base_url} lists only part of {what} ({len(results)} given): its Orthanc "
+                         f"configuration cuts every search at {limit} matches ({option} {limit - 1}){outcome}: set "
+                         f"{option} to 0 (no limit) or above the number it holds{narrow}")
+    return results
+
+
 def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None = None) -> list[SeriesItem]:
     """Every series the server lists (QIDO-RS ``/series``, all pages), filtered, sorted by key, with its output
     folder. Modality and the StudyDate range go to the server and are checked again here (a server may ignore a
@@ -108,12 +190,17 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
     if series_filter.study_dates:
         first, last = series_filter.study_dates
         filters["StudyDate"] = f"{first or ''}-{last or ''}"
-    try:
-        results = client.search_for_series(
-            search_filters=filters or None, get_remaining=True,
-            fields=["StudyDate", "SeriesDescription", "Modality", "SeriesNumber", "NumberOfSeriesRelatedInstances"])
-    except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, not a DICOMweb answer
-        raise ValueError(f"cannot list the series of {client.base_url} (QIDO-RS): {one_line(error)}") from None
+
+    def search() -> list[dict]:
+        try:
+            return client.search_for_series(
+                search_filters=filters or None, get_remaining=True,
+                fields=["StudyDate", "SeriesDescription", "Modality", "SeriesNumber",
+                        "NumberOfSeriesRelatedInstances"])
+        except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, not a DICOMweb answer
+            raise ValueError(f"cannot list the series of {client.base_url} (QIDO-RS): {one_line(error)}") from None
+
+    results = _search_whole(client, search, "Series", "the series", "; nothing was denoised")
     items = []
     for result in results:
         study, series = str(_value(result, "StudyInstanceUID")), str(_value(result, "SeriesInstanceUID"))
@@ -182,9 +269,22 @@ def instances_on_server(client, study_uid: str, series_uid: str) -> int:
         PacsStoreError: the server cannot be asked (then whether it holds the series is unknown).
     """
     try:
-        listed = client.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid,
-                                             get_remaining=True)
-    except Exception as error:  # noqa: BLE001 - connection refused, HTTP error
+        # one match at the series level: never cut by a server's limit on search results, as a list of its
+        # instances is (Orthanc's LimitFindInstances: a whole series then looked partial, and its rerun failed)
+        series = client.search_for_series(study_instance_uid=study_uid,
+                                          search_filters={"SeriesInstanceUID": series_uid},
+                                          fields=["NumberOfSeriesRelatedInstances"])
+        counts = [_value(entry, "NumberOfSeriesRelatedInstances", None) for entry in series
+                  if str(_value(entry, "SeriesInstanceUID")) == series_uid]
+        if not counts:
+            return 0
+        if counts[0] not in (None, ""):
+            return int(counts[0])
+        listed = _search_whole(  # a server that does not return the count: its instances, checked to be all
+            client, lambda: client.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid,
+                                                        get_remaining=True),
+            "Instance", f"the instances of the derived series {series_uid}")
+    except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, a cut answer
         raise PacsStoreError(f"cannot ask {client.base_url} whether it holds the derived series {series_uid} "
                              f"(QIDO-RS): {one_line(error)}") from error
     return len({str(((entry.get("00080018") or {}).get("Value") or [""])[0]) for entry in listed} - {""})
