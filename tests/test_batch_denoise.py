@@ -633,6 +633,98 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     assert "2 series: 0 done, 2 skipped" in whole_again.stdout, whole_again.stdout + whole_again.stderr
 
 
+def _merged(out: Path) -> dict[str, dict]:
+    """The merged manifest by key's last part ("crop.nii.gz", "ct")."""
+    rows = [json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()]
+    return {("crop.nii.gz" if r["key"].endswith("crop.nii.gz") else "ct"): r for r in rows}
+
+
+def test_a_rerun_checks_outputs_and_inputs_by_content_not_by_size(tmp_path, shared_data):
+    """A rerun judged an earlier output whole by its size: an output overwritten with other bytes of the same size
+    (a corrupted slice, another result copied over it) was skipped as done, and so was a DICOM series whose files
+    changed under the same UID and slices (a corrected series sent again). The done record now keeps the SHA-256
+    of the output and of the input it came from: a mismatch is denoised again, saying why; files whose stat (size,
+    times, inode) is as recorded are not read, and ones only touched are read once and skipped."""
+    root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
+    first = run_single(root, out, "--no-progress")
+    assert first.returncode == 0 and "2 series: 2 done" in first.stdout, first.stdout + first.stderr
+    records = _merged(out)
+    assert all(len(r["output_sha256"]) == len(r["input_sha256"]) == 64 for r in records.values()), records
+    crop, (series,) = out / "crop.nii.gz", list((out / "ct").iterdir())
+    whole = {p: volume_of(p) for p in (crop, series)}
+    # the same sizes, other contents: the tail of a slice's pixels zeroed, a byte of the NIfTI file changed
+    slice_file = sorted(series.iterdir())[1]
+    data = bytearray(slice_file.read_bytes())
+    data[-4000:] = bytes(4000)
+    slice_file.write_bytes(bytes(data))
+    data = bytearray(crop.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    crop.write_bytes(bytes(data))
+    again = run_single(root, out, "--no-progress")
+    assert again.returncode == 0 and "2 series: 2 done, 0 skipped, 0 failed" in again.stdout, \
+        again.stdout + again.stderr
+    assert again.stderr.count("does not hold what this batch wrote") == 2, again.stderr
+    for path, (array, spacing, origin) in whole.items():
+        after = volume_of(path)
+        np.testing.assert_array_equal(after[0], array)
+        assert after[1:] == (spacing, origin)
+    assert "does not hold what this batch wrote" in _merged(out)["ct"]["redone"]
+    # touched only (times changed, contents not): read once, skipped, and not read again by the next rerun
+    for path in (crop, *series.iterdir(), *(root / "ct").iterdir(), root / "crop.nii.gz"):
+        os.utime(path, ns=(time.time_ns(), time.time_ns()))
+    touched = run_single(root, out, "--no-progress")
+    assert "2 series: 0 done, 2 skipped" in touched.stdout and "denoising again" not in touched.stderr, \
+        touched.stdout + touched.stderr
+    refreshed = _merged(out)
+    for path in (crop, series):
+        assert refreshed["crop.nii.gz" if path == crop else "ct"]["output_stat"] != records[
+            "crop.nii.gz" if path == crop else "ct"]["output_stat"]
+    # the DICOM series changed under the same UID and slices (one slice's pixels): denoised again
+    ds = pydicom.dcmread(sorted((root / "ct").iterdir())[2])
+    ds.decompress()
+    pixels = ds.pixel_array.copy()
+    pixels[100:200, 100:200] = pixels.max()
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(sorted((root / "ct").iterdir())[2])
+    # and the NIfTI input replaced by another volume of the same grid
+    image = sitk.ReadImage(str(root / "crop.nii.gz"))
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16) + 50, str(root / "crop.nii.gz"))
+    changed = run_single(root, out, "--no-progress")
+    assert "2 series: 2 done, 0 skipped" in changed.stdout, changed.stdout + changed.stderr
+    assert "the series' files changed since (same SeriesInstanceUID and slices" in changed.stderr, changed.stderr
+    assert "its input changed since its output was written" in changed.stderr, changed.stderr
+    assert not np.array_equal(volume_of(series)[0], whole[series][0])
+    assert not np.array_equal(volume_of(crop)[0], whole[crop][0])
+    last = run_single(root, out, "--no-progress")
+    assert "2 series: 0 done, 2 skipped" in last.stdout, last.stdout + last.stderr
+
+
+def test_a_rerun_reads_no_input_or_output_whose_stat_is_as_recorded(tmp_path, shared_data, monkeypatch):
+    """The content checks cost no reading on a rerun of an untouched archive: nothing is hashed."""
+    from lib.batch import runner
+    from lib.batch.discovery import SeriesFilter
+    from lib.batch.runner import BatchSettings, run_rank
+    from lib.model_dispatch import DenoiseOptions
+
+    root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
+    settings = BatchSettings(source=str(root), output=out, options=DenoiseOptions(model="gaussian"), device="cpu",
+                             series_filter=SeriesFilter(), progress=False)
+    items = runner.plan_series(settings)
+    assert run_rank(settings, items, 0, 1, "cpu").done == 2
+    hashed: list[str] = []
+    real = runner.file_sha256
+    monkeypatch.setattr(runner, "file_sha256", lambda path: hashed.append(str(path)) or real(path))
+    summary = run_rank(settings, runner.plan_series(settings), 0, 1, "cpu")
+    assert summary.skipped == 2 and hashed == []
+    # touched (copied back, restored from a backup...): read once, found as recorded, then not read again
+    for path in (root / "crop.nii.gz", *(root / "ct").iterdir(), out / "crop.nii.gz"):
+        os.utime(path, ns=(time.time_ns(), time.time_ns()))
+    assert run_rank(settings, runner.plan_series(settings), 0, 1, "cpu").skipped == 2
+    assert sorted(Path(p).name for p in hashed) == ["0.dcm", "1.dcm", "2.dcm", "3.dcm", "crop.nii.gz", "crop.nii.gz"]
+    hashed.clear()
+    assert run_rank(settings, runner.plan_series(settings), 0, 1, "cpu").skipped == 2 and hashed == []
+
+
 @pytest.mark.parametrize("kill_at", [1, 2])
 def test_a_run_killed_after_writing_and_before_its_done_record_leaves_one_whole_output(tmp_path, shared_data,
                                                                                      kill_at):

@@ -6,9 +6,14 @@ each series in turn: its identity, skip it when the manifest says it is done and
 perhaps sent) its derived series (:meth:`_Rank._resume`: nothing denoised again, nothing stored twice), else read
 it, denoise it (:func:`lib.model_dispatch.denoise_volume`), write it with the app's writers (a temporary file or
 folder next to the output, flushed to the disk and renamed into place: a killed run or a power cut leaves no
-half-written output under the final name) and record the outcome with the output's sizes. An output of this batch
-found empty or of other sizes than recorded (a write cut short before these flushes) is set aside and done again
-as a missing one. Any error of one series is recorded as failed with its message and the loop goes on, except
+half-written output under the final name) and record the outcome with the output's sizes and SHA-256, and the
+SHA-256 of the input it came from. An output of this batch found empty, of other sizes than recorded (a write cut
+short before these flushes) or of other contents (overwritten, a slice replaced, another result copied over it) is
+set aside and done again as a missing one; a DICOM series whose files changed under the same UID and slices is
+denoised again (a file input is its contents: another content is another job); the record of the redone series
+says why (``redone``). A file is read for these checks only when its stat key (path, size, modification and change
+times, inode) differs from the recorded one, so that a rerun of an untouched archive reads none of it (and hashes no
+input file either, which it did before); one found unchanged gets its new key recorded. Any error of one series is recorded as failed with its message and the loop goes on, except
 that a rank stops after :data:`UNREACHABLE_LIMIT` series in a row failed for want of the DICOMweb server (the rest
 are "not tried": a rerun does them). One series is in memory at a time.
 
@@ -122,17 +127,29 @@ def _plan_digest(items: list[SeriesItem]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _identity(item: SeriesItem) -> str:
-    """``dicom:<SeriesInstanceUID>``, or the SHA-256 of the file (of the series' files, in name order, when
-    the UID is empty)."""
-    if item.series_uid:
-        return f"dicom:{item.series_uid}"
+def _stat_key(files: list[Path]) -> str:
+    """A digest of the files' paths, sizes, modification and change times and inodes: equal while no one wrote,
+    replaced or moved any of them (a file's change time cannot be set back), and cheap (no byte read). A rerun
+    compares it with the recorded one and reads a file again only when it differs."""
+    digest = hashlib.sha256()
+    for path in files:
+        info = os.stat(path)
+        digest.update(f"{path}\t{info.st_size}\t{info.st_mtime_ns}\t{info.st_ctime_ns}\t{info.st_ino}\n".encode())
+    return digest.hexdigest()
+
+
+def _input_sha256(item: SeriesItem) -> str:
+    """The SHA-256 of the file (of the series' files, in name order, when it is a DICOM series)."""
     if item.kind == "dicom":
         digest = hashlib.sha256()
         for path in sorted(item.files):
             digest.update(file_sha256(path).encode())
-        return f"sha256:{digest.hexdigest()}"
-    return f"sha256:{file_sha256(item.source)}"
+        return digest.hexdigest()
+    return file_sha256(item.source)
+
+
+def _input_files(item: SeriesItem) -> list[Path]:
+    return [Path(p) for p in sorted(item.files)] if item.kind == "dicom" else [Path(item.source)]
 
 
 # ------------------------------------------------------------------------------------------------ one rank
@@ -163,11 +180,23 @@ def _output_files(output: Path) -> list[Path]:
     return [output]
 
 
+def _output_sha256(output: Path, files: list[Path]) -> str:
+    """The SHA-256 of an output's files: of the file, or of the names and SHA-256 of each (a series folder, a
+    MetaImage header and its data file)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\t{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def _output_size(output: Path) -> dict:
-    """``{"output_files", "output_bytes"}`` of an output just written, for a rerun to check it against
-    (:func:`_output_damage`)."""
+    """``{"output_files", "output_bytes", "output_sha256", "output_stat"}`` of an output just written, for a rerun
+    to check it against (:func:`_output_damage`, :meth:`_Rank._output_changed`): the stat key first, so that a write
+    during the hashing shows as a change."""
     files = _output_files(output)
-    return {"output_files": len(files), "output_bytes": sum(p.stat().st_size for p in files)}
+    stat = _stat_key(files)
+    return {"output_files": len(files), "output_bytes": sum(p.stat().st_size for p in files),
+            "output_sha256": _output_sha256(output, files), "output_stat": stat}
 
 
 def _output_damage(record: dict, output: Path) -> str:
@@ -235,8 +264,13 @@ class _Rank:
         self.manifest = Manifest(settings.output, rank, world)
         records = self.manifest.records()
         self.latest = latest_by_job(records)
+        # :func:`_stat_key` of input files -> their SHA-256, as runs hashed them: a rerun reads only changed inputs
+        self.known_inputs = {str(r["input_stat"]): str(r["input_sha256"]) for r in records
+                             if r.get("input_stat") and r.get("input_sha256")}
         # outputs some run of this batch wrote or started to write: a rerun may replace them
         self.ours = {str(r["output"]) for r in records if r.get("output")}
+        # the last done record of each output: why an output of another job is written again (another input)
+        self.done_outputs = {str(r["output"]): r for r in records if r.get("output") and r.get("status") == "done"}
         # per job, the derived series (DICOMweb sources) that earlier runs wrote (the last record naming each), and
         # among them those that may be on the server: recorded before their STOW-RS (stage "store"), so that a run
         # killed after the store and before its "done" record is known to have sent them
@@ -294,8 +328,13 @@ class _Rank:
                 "model_requested": self.settings.options.model, "weights_requested": self.weights_requested,
                 "voxels": item.voxels}
         started = time.perf_counter()
+        digest: dict = {}
         try:
-            identity = _identity(item)
+            # a series with a UID is that UID (its contents are checked against a done record's, _input_changed);
+            # without one (a file, a hard-anonymised series), its contents
+            if not item.series_uid:
+                digest = self._input_digest(item)
+            identity = f"dicom:{item.series_uid}" if item.series_uid else f"sha256:{digest['input_sha256']}"
         except OSError as error:
             identity = f"unreadable:{item.key}"
             return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
@@ -305,10 +344,14 @@ class _Rank:
             return self._failed(base, identity, started, item.problem)
         previous = self.latest.get(job)
         ours = base["output"] in self.ours
+        refresh: dict = {}  # new stat keys of files whose contents were read again and found as recorded
         if ours and item.output.exists():
             damage = _output_damage(previous or {}, item.output)
+            if not damage and previous and previous.get("status") == "done":
+                damage = self._output_changed(previous, item.output, refresh)
             if damage:  # a power cut or a copy cut short: done again as if it were missing, never skipped or sent
                 log.warning("%s: denoising again: %s", item.key, damage)
+                base["redone"] = damage
                 try:
                     _set_aside(item.output)
                 except OSError as error:
@@ -316,15 +359,32 @@ class _Rank:
                                                                  f"written again: {one_line(error)}")
         if previous and previous.get("status") == "done" and (item.output.exists()
                                                               or self._kept_on_server(previous, item)):
-            changed = self._changed_since(previous, item)
+            try:
+                changed = self._changed_since(previous, item) or self._input_changed(previous, item, refresh)
+            except OSError as error:
+                return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
             if not changed and not (self.settings.store_to_pacs and not previous.get("stored")):
+                if digest and digest["input_stat"] != previous.get("input_stat"):  # read again (touched, moved)
+                    refresh.update(digest)
+                if refresh:  # the next rerun compares the files' stat keys again, reading none of them
+                    self.manifest.append({**previous, **refresh})
                 return "skipped"
             if changed:
                 log.warning("%s: denoising again: %s", item.key, changed)
+                base["redone"] = changed
+        prior = self.done_outputs.get(base["output"])
+        if prior and not previous and prior.get("identity") != identity and item.output.exists():
+            base["redone"] = (f"its input changed since its output was written ({prior.get('identity', '?')[:19]} -> "
+                              f"{identity[:19]})")
+            log.warning("%s: denoising again: %s", item.key, base["redone"])
         if item.output.exists() and not ours:
             return self._failed(base, identity, started,
                                 f"{item.output} exists and was not written by this batch (no manifest record): "
                                 "move it away or choose another --output")
+        try:  # what the output comes from, hashed before it is read, for a rerun to compare (_input_changed)
+            source = self._input_digest(item) if item.kind != "dicomweb" else {}
+        except OSError as error:
+            return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
         self.manifest.append({**base, "status": "started"})
         self.ours.add(base["output"])
         try:
@@ -337,6 +397,9 @@ class _Rank:
                 extra = self._store({k: previous.get(k) for k in _DENOISED_FIELDS}, item, base)
             else:
                 extra = self._denoise(item, base, overwrite=item.output.exists())
+            extra.update(source)
+            if "output_sha256" not in extra and item.output.exists():  # resumed or only stored: as it is now
+                extra.update(_output_size(item.output))
         except _StoreFailed as error:
             self.last_unreachable = _unreachable(error)
             return self._failed(base, identity, started, str(error), {**error.extra, "stage": "store"})
@@ -349,6 +412,56 @@ class _Rank:
         self.manifest.append({**base, **extra, "status": "done", "seconds": round(time.perf_counter() - started, 3),
                               "error": None})
         return "done"
+
+    def _input_digest(self, item: SeriesItem, stat: str | None = None) -> dict:
+        """``{"input_sha256", "input_stat"}`` of a file or DICOM series input: its files read (hashed) only when no
+        run hashed them as they are now (their :func:`_stat_key` ``stat``, computed when not given)."""
+        stat = stat or _stat_key(_input_files(item))
+        sha = self.known_inputs.get(stat) or _input_sha256(item)
+        self.known_inputs[stat] = sha
+        return {"input_sha256": sha, "input_stat": stat}
+
+    def _input_changed(self, record: dict, item: SeriesItem, refresh: dict) -> str:
+        """Why the input of a DICOM series with a UID is not the one ``record`` (done) denoised ("" when it is): the
+        same UID and slices with other contents (a series sent again after a correction, files replaced). Its files
+        are read only when their stat key differs from the record's; found unchanged, the new key goes to
+        ``refresh``. (A file or a series without a UID is its contents: another content is another job.)
+
+        Raises:
+            OSError: an input file cannot be read.
+        """
+        if item.kind != "dicom" or not item.series_uid or not record.get("input_sha256"):
+            return ""
+        stat = _stat_key(_input_files(item))
+        if stat == record.get("input_stat"):
+            return ""
+        now = self._input_digest(item, stat)["input_sha256"]
+        if now != record["input_sha256"]:
+            return (f"the series' files changed since (same SeriesInstanceUID and slices, other contents: SHA-256 "
+                    f"{now[:12]}, denoised {str(record['input_sha256'])[:12]})")
+        refresh["input_stat"] = stat
+        return ""
+
+    def _output_changed(self, record: dict, output: Path, refresh: dict) -> str:
+        """Why the output that ``record`` (done) says this batch wrote does not hold what it wrote ("" when it does):
+        another content of the same sizes (overwritten, a slice swapped, another series' result copied over it).
+        Read only when its stat key differs from the record's; found unchanged, the new key goes to ``refresh``."""
+        sha = record.get("output_sha256")
+        if not sha or record.get("output") != str(output.resolve()):
+            return ""  # a record of a run before outputs were hashed: its sizes were checked
+        try:
+            files = _output_files(output)
+            stat = _stat_key(files)
+            if stat == record.get("output_stat"):
+                return ""
+            now = _output_sha256(output, files)
+        except OSError as error:
+            return f"{output} cannot be read ({one_line(error)})"
+        if now != sha:
+            return (f"{output} does not hold what this batch wrote (SHA-256 {now[:12]}, written {str(sha)[:12]}): "
+                    "overwritten or replaced since")
+        refresh["output_stat"] = stat
+        return ""
 
     def _changed_since(self, record: dict, item: SeriesItem) -> str:
         """Why a series that an earlier run denoised must be denoised again ("" when it need not): its slices
