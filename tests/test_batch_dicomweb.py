@@ -456,3 +456,50 @@ def test_an_orthanc_that_cuts_its_search_answers_stops_the_batch_and_is_asked_co
         assert list(_derived(pacs).values()) == [4]  # nothing stored again
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_server_that_warns_of_more_matches_stops_the_batch(tmp_path):
+    """A DICOMweb server may answer part of the matches with a Warning header (DICOM PS3.18 6.7.1.2) that
+    dicomweb-client only logs: the series list is refused, naming the warning. A warning about something else
+    (an unsupported parameter) leaves the answer taken. (A real HTTP server on loopback; Orthanc sends none.)"""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mlserver import free_port
+
+    series = [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "0020000E": {"vr": "UI", "Value": ["1.2.3.4"]},
+               "00080060": {"vr": "CS", "Value": ["CT"]}, "0008103E": {"vr": "LO", "Value": ["abdomen"]},
+               "00201209": {"vr": "IS", "Value": [3]}}]
+    warning = {"text": ""}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if not self.path.startswith("/dicom-web/series"):
+                self.send_error(404)
+                return
+            body = json.dumps([] if "offset=0" not in self.path else series).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            if warning["text"] and "offset=0" in self.path:
+                self.send_header("Warning", warning["text"])
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = make_client(f"http://127.0.0.1:{server.server_port}/dicom-web")
+        warning["text"] = "299 pacs: There are 1200 additional results that can be requested"
+        with pytest.raises(ValueError, match="lists only part of the series .1 given; its Warning: 299 pacs: There "
+                                             "are 1200 additional results.*nothing was denoised"):
+            discover_dicomweb(client, tmp_path / "out", SeriesFilter())
+        warning["text"] = "299 pacs: the fuzzymatching parameter is not supported"
+        assert [i.series_uid for i in discover_dicomweb(client, tmp_path / "out", SeriesFilter())] == ["1.2.3.4"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -118,8 +118,9 @@ class _HeaderWarnings(logging.Handler):
 
 
 #: a ``Warning`` header that says the answer holds part of the matches (PS3.18: "There are N additional results
-#: that can be requested"; other servers: more matches than their maximum, a limit...)
-_MORE_MATCHES = re.compile(r"additional|remaining|more (results|matches)|exceed|limit|truncat|maximum", re.I)
+#: that can be requested"; other servers: more matches than their maximum, a cut answer), not one about a
+#: parameter ("the limit parameter is not supported": the whole answer)
+_MORE_MATCHES = re.compile(r"(additional|more|remaining) (results|matches)|exceed|truncat", re.I)
 
 
 def _orthanc_find_limit(client, level: str, answered: int) -> int | None:
