@@ -486,6 +486,31 @@ def test_adapt_refuses_a_worse_model_and_writes_nothing(tmp_path, tiny_weights, 
     assert blocking_files(output)[0] == output
 
 
+@pytest.mark.slow
+def test_a_refused_overwrite_leaves_the_weights_in_place_and_their_report(tmp_path, tiny_weights, low_dose_slab):
+    """Weights adapted earlier sit at the output with their report; a new run with --overwrite is refused (the
+    learning rate wrecks it): both files stay as they were, and the refusal's report goes to another name, printed.
+    (The refusal used to write its "written": false over the report of the weights still in place.)"""
+    output = tmp_path / "adl_site.pt"
+    output.write_bytes((tiny_weights / "pretrained_adl_ct.pt").read_bytes())  # stands for the earlier run's weights
+    in_place = tmp_path / "adl_site.pt.adapt.json"
+    in_place.write_text(json.dumps({"passed": True, "written": True, "note": "the report of the weights in place"}))
+    before = {p.name: p.read_bytes() for p in (output, in_place)}
+    done = run_cli("adapt", "--lowdose", low_dose_slab, "--model", "adl", "--initial-weights",
+                   tiny_weights / "pretrained_adl_ct.pt", "--output", output, *TINY, "--lr", "0.05",
+                   "--noise-steps", "2", "--overwrite")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert {p.name: p.read_bytes() for p in (output, in_place)} == before
+    refused = tmp_path / "adl_site.pt.adapt.refused.json"
+    assert f"report {refused}" in done.stderr and "kept as they were" in done.stderr
+    report = json.loads(refused.read_text())
+    assert not report["written"] and not report["check"]["passed"]
+    # that report blocks nothing: the weights and their report do
+    from lib.noise_learning.adaptation import blocking_files
+
+    assert blocking_files(output) == [output, in_place]
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_adapt_killed_after_writing_the_weights_leaves_no_earlier_report_beside_them(tmp_path, tiny_weights,
                                                                                      low_dose_slab, monkeypatch):

@@ -1059,7 +1059,9 @@ def _add_adapt_parser(verbs) -> None:
                     "self-supervised J-invariant (Noise2Self) loss, and keeps the contrast of synthetic 4-10 mm "
                     "lesions planted in those slices' real noise as well, as served (each file with its low-"
                     "frequency restoration width): no model output is used as a reference. "
-                    "A JSON report goes next to the output (OUTPUT.adapt.json). Exit status 3 when a check fails.")
+                    "A JSON report goes next to the output (OUTPUT.adapt.json; that of a refused --overwrite run whose "
+                    "OUTPUT already holds weights goes to OUTPUT.adapt.refused.json, leaving theirs as it was). "
+                    "Exit status 3 when a check fails.")
     ad.add_argument("--lowdose", nargs="+", required=True, metavar="PATH",
                     help="the site's low-dose CT images or folders (DICOM series, NIfTI, NRRD, MHA), in HU")
     ad.add_argument("--model", choices=LEARNED_MODELS, required=True, help="model to adapt")

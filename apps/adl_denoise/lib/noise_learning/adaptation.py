@@ -23,7 +23,8 @@ Recipe (:func:`adapt_to_low_dose`):
    the check fails (nothing is known).
    The adapted weights are written only when both checks pass (or with ``force``; never when training diverged to
    NaN or infinite weights), atomically (temp file in the output's folder, then rename), with a JSON report
-   ``<output>.adapt.json`` either way.
+   ``<output>.adapt.json`` either way; a refused run whose output already holds weights (``overwrite``) writes
+   its report to ``<output>.adapt.refused.json`` instead, leaving the report of the weights in place as it was.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AdaptSettings", "AdaptationRefused", "adapt_to_low_dose", "blocking_files", "held_out_low_dose_check",
            "held_out_refusal",
-           "holdout_indices", "no_worse_checks", "report_path"]
+           "holdout_indices", "no_worse_checks", "refused_report_path", "report_path"]
 
 PathLike = str | os.PathLike
 #: network class held by the weight file of each model name
@@ -111,6 +112,21 @@ def report_path(output: PathLike) -> Path:
     """``<output>.adapt.json``: the JSON report next to the adapted weights."""
     output = Path(output)
     return output.with_name(output.name + ".adapt.json")
+
+
+def refused_report_path(output: PathLike) -> Path:
+    """``<output>.adapt.refused.json``: the report of a refused run when ``output`` already holds weights (their
+    own report, :func:`report_path`, must keep describing them)."""
+    output = Path(output)
+    return output.with_name(output.name + ".adapt.refused.json")
+
+
+def _write_refusal(output: Path, summary: dict) -> Path:
+    """Write a refused run's report where it describes no weights in place: :func:`report_path` when ``output``
+    holds none, else :func:`refused_report_path` (an ``--overwrite`` run that is refused replaces nothing)."""
+    path = refused_report_path(output) if output.exists() else report_path(output)
+    atomic_write_json(path, summary, indent=2)
+    return path
 
 
 def blocking_files(output: PathLike) -> list[Path]:
@@ -366,7 +382,8 @@ def adapt_to_low_dose(
     Raises:
         FileExistsError: output or report exist without ``overwrite`` (nothing is touched).
         AdaptationRefused: the check failed, or training diverged to NaN or infinite weights (the report is
-            written, the weights are not; a diverged model not even with ``force``).
+            written, the weights are not; a diverged model not even with ``force``). Where ``output`` already
+            holds weights, the report goes to :func:`refused_report_path` and theirs is left alone.
         ValueError: bad inputs (model mismatch, too few slices or noise patches, a low-dose scan given twice, a
             normal-dose image that is a low-dose input or no CT), before anything is learnt where the inputs show it.
     """
@@ -505,9 +522,9 @@ def adapt_to_low_dose(
             seconds["total"] = time.perf_counter() - clock
             summary = {**run, "diverged": str(error), "check": None, "lesion_check": None, "passed": False,
                        "forced": False, "written": False, "seconds": seconds}
-            atomic_write_json(json_path, summary, indent=2)
+            written = _write_refusal(output, summary)
             raise AdaptationRefused(f"the adaptation's training diverged ({error}): nothing written, not even with "
-                                    f"--force (report {json_path})", summary) from None
+                                    f"--force (report {written})", summary) from None
 
         # 5. the width it is served at, on the site's own noise: lesions planted in held-out low-dose slices (first,
         # so that the lesion check compares what each file serves)
@@ -539,10 +556,11 @@ def adapt_to_low_dose(
                f"{_loss_line(check)}")
         report(f"lesion check, as served ({_lesion_line(lesion_check)})")
         if not (passed or force):
-            atomic_write_json(json_path, summary, indent=2)
+            written = _write_refusal(output, summary)
             refusal = held_out_refusal(check, lesion_check, "the starting one", "held-out low-dose slices")
-            raise AdaptationRefused(f"the adapted model is {refusal}: nothing written (report {json_path}; --force "
-                                    f"writes it anyway)", summary)
+            kept = f"; {output} and {json_path} kept as they were" if written != json_path else ""
+            raise AdaptationRefused(f"the adapted model is {refusal}: nothing written (report {written}{kept}; "
+                                    f"--force writes it anyway)", summary)
         # an earlier run's report (a refused one's "written": false, or the replaced weights') goes first: a run
         # killed between the two writes below then leaves new weights without a report, never with another's
         json_path.unlink(missing_ok=True)
