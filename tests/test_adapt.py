@@ -677,6 +677,27 @@ def test_adapt_checks_the_normal_dose_images_before_learning_anything(tmp_path, 
 
 
 @pytest.mark.slow
+def test_adapt_takes_the_noise_of_real_normal_dose_images_off_the_learnt_noise(tmp_path, tiny_weights, low_dose_slab,
+                                                                              shared_data):
+    """--normal-dose images are real scans with noise of their own (the Philips thorax about 30 HU): the learnt
+    noise (the scanner's whole low-dose noise) was added on top of it. The pseudo pairs now take each image's own
+    noise off (lib.noise_learning.LearnedNoiseSource(reference_noise_std_hu="estimate")), recorded in the report;
+    the mechanism is checked on the pseudo images in test_noise_learning.py."""
+    thorax = sitk.ReadImage(str(shared_data / "ct_thorax_philips_2mm.nii.gz"))
+    normal_dose = tmp_path / "nd" / "thorax.nii.gz"
+    normal_dose.parent.mkdir()
+    sitk.WriteImage(thorax[128:384, 128:384, 80:82], str(normal_dose))
+    output = tmp_path / "adl_site.pt"
+    done = run_cli("adapt", "--lowdose", low_dose_slab, "--normal-dose", normal_dose, "--model", "adl",
+                   "--initial-weights", tiny_weights / "pretrained_adl_ct.pt", "--output", output, *TINY,
+                   "--noise-steps", "2", "--steps", "1", "--check-shifts", "1", "--force")
+    assert done.returncode == 0, done.stdout + done.stderr
+    pairs = json.loads((tmp_path / "adl_site.pt.adapt.json").read_text())["pseudo_pairs"]
+    assert pairs["clean_side"] == "given normal-dose images" and len(pairs["clean_noise_std_hu"]) == 1
+    assert 24 < pairs["clean_noise_std_hu"][0] < 36, pairs
+
+
+@pytest.mark.slow
 def test_adapt_takes_single_slice_2d_inputs(tmp_path, tiny_weights):
     """Two 2D low-dose slices (single DICOM files, 2D NIfTI): adapted on, checked and answered (written or
     refused as worse), not failed with an internal geometry message."""

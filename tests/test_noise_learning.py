@@ -317,6 +317,45 @@ def test_learned_noise_source_feeds_the_adl_patch_dataset(stationary_case, tmp_p
         LearnedNoiseSource(heldout, learnt_on_heldout, progress=False, allow_heldout_noise_inputs=True)
 
 
+@pytest.mark.slow
+def test_pseudo_low_dose_from_real_normal_dose_scans_has_the_scanners_noise_not_more(tmp_path, shared_data) -> None:
+    """The learnt noise is the scanner's WHOLE low-dose noise; a real normal-dose scan carries noise of its own
+    (the Philips thorax about 30 HU). Added on top of it, the pseudo low-dose image had both: 46 HU where the
+    scanner's low-dose images have 33. The pseudo pairs made from real normal-dose images (the app's noise
+    adaptation with normal_dose, and 'train --noise-model') take the scan's own noise off the learnt noise, so
+    the pseudo low-dose image has the noise of the low-dose images the model learnt from (within 10 %)."""
+    from lib.data import TrainingDataRecipe, build_training_data
+    from lib.noise import estimate_ct_noise_std_hu
+    from lib.noise_learning.workflow import adaptation_data
+
+    studies = Path(__file__).resolve().parents[1] / "sample_data" / "studies"
+    low_dose_ct = studies / "ct_head_invesalius_ld25.nii.gz"  # the real head CT at a simulated quarter dose
+    if not low_dose_ct.is_file():
+        pytest.skip(f"{low_dose_ct} missing: build the sample data with ./run.sh")
+    low = sitk.ReadImage(str(low_dose_ct))
+    low_dose = _write_nifti(tmp_path / "low_dose.nii.gz", sitk.GetArrayFromImage(low)[40:70:5],
+                            low.GetSpacing())
+    scanner_noise = estimate_ct_noise_std_hu(sitk.GetArrayFromImage(sitk.ReadImage(str(low_dose))))
+    thorax = sitk.ReadImage(str(shared_data / "ct_thorax_philips_2mm.nii.gz"))
+    normal_dose = [_write_nifti(tmp_path / f"thorax_z{z}.nii.gz",
+                                sitk.GetArrayFromImage(thorax)[z:z + 2, 128:384, 128:384], thorax.GetSpacing())
+                   for z in (80, 90)]
+    own_noise = estimate_ct_noise_std_hu(sitk.GetArrayFromImage(sitk.ReadImage(str(normal_dose[0]))))
+    assert 24 < own_noise < 36 and 28 < scanner_noise < 38, (own_noise, scanner_noise)
+
+    data = adaptation_data({"site": low_dose}, tmp_path / "work", normal_dose=normal_dose, noise_steps=150)
+    train_recipe = build_training_data(TrainingDataRecipe("CT", clean=[str(p) for p in normal_dose],
+                                                          noise_model=str(tmp_path / "work" / "noise_model.pt")),
+                                       progress=False)
+    pseudo = {"adaptation": data.source.noisy_volume(0, 0), "adaptation validation": data.validation_pairs[0].noisy,
+              "train --noise-model": train_recipe.source.noisy_volume(0, 0)}
+    for where, image in pseudo.items():
+        measured = estimate_ct_noise_std_hu(image)
+        assert abs(measured / scanner_noise - 1) < 0.10, (where, measured, scanner_noise, own_noise)
+    assert 24 < data.source.reference_noise_std_per_volume[0] < 36  # what was taken off is recorded
+    assert train_recipe.record(32)["clean_noise_std_hu"] == train_recipe.source.reference_noise_std_per_volume
+
+
 # ------------------------------------------------------------------------------------------------- command line
 @pytest.mark.slow
 def test_cli_learn_noise_writes_a_model_and_refuses_a_non_image(tmp_path) -> None:

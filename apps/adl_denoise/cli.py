@@ -829,7 +829,8 @@ def _add_train_parser(verbs) -> None:
                       help="synthetic noise (default auto: ct-lowdose for CT, rician for MR)")
     data.add_argument("--noise-model", metavar="FILE",
                       help="CT: add noise sampled from a learned TDDL noise model ('cli.py learn-noise') to the "
-                           "--clean images instead of physics noise (pseudo low-dose / normal-dose pairs)")
+                           "--clean images instead of physics noise (pseudo low-dose / normal-dose pairs), less the "
+                           "noise each image already carries (estimated in its soft tissue)")
     data.add_argument("--noise-level", metavar="MIN,MAX",
                       help="range of the pixel-domain noise level: rician/gaussian(MR) %% of max, gaussian(CT) HU, "
                            "ct-lowdose added noise std in soft tissue in HU (default 10,60), poisson counts, "
@@ -1068,8 +1069,9 @@ def _add_adapt_parser(verbs) -> None:
     ad.add_argument("--output", "-o", required=True, help="adapted weight file to write (.pt)")
     ad.add_argument("--initial-weights", metavar="FILE", help="weights to start from (default: the installed CT ones)")
     ad.add_argument("--normal-dose", nargs="+", metavar="PATH",
-                    help="normal-dose CT images for the clean side of the pseudo pairs (default: the starting "
-                         "model's denoised low-dose training slices)")
+                    help="normal-dose CT images for the clean side of the pseudo pairs; the noise each already "
+                         "carries (estimated in its soft tissue) is taken off the learnt noise (default: the "
+                         "starting model's denoised low-dose training slices)")
     ad.add_argument("--holdout-every", type=_positive_int, help="hold out every n-th low-dose slice for the check (5)")
     ad.add_argument("--noise-steps", type=_positive_int, help="noise-model training steps (500)")
     ad.add_argument("--noise-patch-size", type=_positive_int, help="noise patch size, multiple of 8 (32)")

@@ -174,6 +174,10 @@ class TrainingData:
             record["synthetic_lesions"] = {"per_slice": self.recipe.lesions_per_slice, "inserted": lesions,
                                            "contrast_ranges": [list(r) for r in
                                                                training_contrast_ranges(self.source.modality)]}
+        reference = getattr(self.source, "reference_noise_std_per_volume", None)
+        if reference:  # learned noise: the noise each clean image carried, taken off the added noise (in the order
+            # of "images": a list, so that no image name is a key that a pseudonymised copy would have to rewrite)
+            record["clean_noise_std_hu"] = list(reference)
         if getattr(self.source, "ct_settings", None):
             record["ct_settings"] = {k: list(v) if isinstance(v, tuple) else v
                                      for k, v in self.source.ct_settings.items()}
@@ -200,8 +204,11 @@ def build_training_data(recipe: TrainingDataRecipe, *, device: str = "cpu", prog
     elif recipe.noise_model is not None:
         from ..noise_learning import LearnedNoiseSource
 
+        # the clean images are scans (normal-dose, or cleaned ones): the noise each carries is taken off the learnt
+        # low-dose noise, which is the scanner's whole noise
         source = LearnedNoiseSource(recipe.clean, recipe.noise_model, realisations=recipe.realisations,
-                                    seed=recipe.seed, regenerate_each_epoch=recipe.regenerate_noise, **common)
+                                    seed=recipe.seed, regenerate_each_epoch=recipe.regenerate_noise,
+                                    reference_noise_std_hu="estimate", **common)
         noise_kind = f"learned ({Path(recipe.noise_model).name})"
     else:
         source = SyntheticNoiseSource(recipe.clean, recipe.modality, recipe.noise, realisations=recipe.realisations,
@@ -222,7 +229,8 @@ def validation_pairs(recipe: TrainingDataRecipe, *, device: str = "cpu", progres
     if recipe.val and recipe.noise_model is not None:
         from ..noise_learning import LearnedNoiseSource
 
-        pairs += LearnedNoiseSource(recipe.val, recipe.noise_model, **common).validation_pairs()
+        pairs += LearnedNoiseSource(recipe.val, recipe.noise_model, reference_noise_std_hu="estimate",
+                                    **common).validation_pairs()
     elif recipe.val:
         pairs += SyntheticNoiseSource(recipe.val, recipe.modality, recipe.noise,
                                       noise_level_range=recipe.noise_level_range, **common).validation_pairs()

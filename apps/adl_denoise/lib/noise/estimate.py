@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from ._validation import check_image
 
-__all__ = ["estimate_noise_sigma"]
+__all__ = ["estimate_ct_noise_std_hu", "estimate_noise_sigma"]
 
 # MAD -> std for a Gaussian: sigma = median(|x|) / Phi^-1(3/4).
 _MAD_TO_STD = 1.0 / 0.6744897501960817
@@ -87,3 +87,37 @@ def estimate_noise_sigma(
     else:
         raise ValueError(f"unknown method {method!r}; use 'wavelet' or 'local_std'")
     return float(np.median(values))
+
+
+def estimate_ct_noise_std_hu(image_hu: np.ndarray, *, max_slices: int = 32, min_pixels: int = 500) -> float | None:
+    """Soft-tissue pixel noise std (HU) of a CT image: the noise a normal-dose scan already carries.
+
+    Per slice, ``estimate_noise_sigma(method="local_std", window=5, quantile=0.5)`` in the slice's eroded soft-tissue
+    mask (:func:`lib.noise.soft_tissue_mask`, -100..200 HU); the median over at most ``max_slices`` slices spread
+    over the volume, skipping those with fewer than ``min_pixels`` soft-tissue pixels (an empty mask would count
+    as 0 HU). Not the default wavelet estimate: it sees only the finest frequencies and gives a third to a half
+    of CT noise (11.9 HU where the thorax scan of shared/data carries about 30 HU).
+
+    Calibrated on real scans of shared/data with sinogram-domain noise of a known std added
+    (:func:`lib.noise.simulate_low_dose_ct`, quarter-dose protocol, 20 and 32 HU in soft tissue): the head phantom
+    (~3 HU of its own) + 20 / 32 HU gave 20.4 / 32.0 HU (truth 20.2 / 32.1); for the Philips thorax and the
+    InVesalius head, estimate(scan + noise)^2 - added^2 gave 31.2 / 31.9 and 6.9 / 5.4 HU against 30.5 and 7.0 HU
+    for the scans alone: within about 1-2 HU.
+
+    Returns:
+        The estimate in HU, or None where no slice has enough soft tissue to measure it.
+    """
+    from .ct_lowdose import soft_tissue_mask
+
+    arr = check_image(image_hu, "image_hu")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or min(arr.shape[1:]) < 8:
+        raise ValueError(f"image_hu must be (H, W) or (Z, H, W) with H, W >= 8, got shape {np.shape(image_hu)}")
+    picked = np.unique(np.linspace(0, arr.shape[0] - 1, min(arr.shape[0], int(max_slices))).round().astype(int))
+    values = []
+    for z in picked:
+        mask = soft_tissue_mask(arr[z])
+        if np.count_nonzero(mask) >= int(min_pixels):
+            values.append(_local_std_sigma(arr[z], 5, 0.5, mask))
+    return float(np.median(values)) if values else None

@@ -5,8 +5,9 @@ Recipe (:func:`adapt_to_low_dose`):
 1. Split the low-dose slices: every ``holdout_every``-th slice (counted over all inputs, at least one) is held
    out; nothing below ever reads it except the final check.
 2. Learn the scanner's noise from the remaining slices (:func:`learn_noise_model`).
-3. Pseudo pairs: the learnt noise added to normal-dose images, given, or else the starting model's denoised
-   training slices (:func:`denoised_stand_ins`; the clean side of *training* pairs only).
+3. Pseudo pairs: the learnt noise added to normal-dose images, given (less the noise each already carries,
+   estimated in its soft tissue: the learnt noise is the scanner's whole low-dose noise), or else the starting
+   model's denoised training slices (:func:`denoised_stand_ins`; the clean side of *training* pairs only).
 4. Fine-tune the starting weights on those pairs (ADL: discriminator warm-up then adversarial; TDDL-GCN:
    supervised; the settings of :mod:`lib.engines.gated_fine_tuning`).
 5. The restoration width it is served at (:func:`lib.evaluation.restoration_width.served_restoration`): measured
@@ -472,8 +473,9 @@ def adapt_to_low_dose(
             clean = list(denoised_stand_ins(train_files, start_path, work / "pseudo_normal_dose",
                                             device=settings.device).values())
             clean_kind = "starting model's denoised training slices"
+        # a real normal-dose scan carries noise of its own: only the rest of the learnt low-dose noise is added
         source = LearnedNoiseSource(clean, noise_path, seed=int(settings.seed), device=settings.device,
-                                    progress=False)
+                                    progress=False, reference_noise_std_hu="estimate" if normal_files else None)
         seconds["pseudo_pairs"] = time.perf_counter() - t0
 
         # 4. fine-tuning from the starting weights
@@ -514,7 +516,8 @@ def adapt_to_low_dose(
         # what the report says about the run, whatever the verdict
         run = {"model": model, "initial_weights": str(start_path), "output": str(output),
                "low_dose": [str(p) for p in inputs], "held_out": held_record, "train_slices": train_record,
-               "pseudo_pairs": {"clean_side": clean_kind, "clean_images": clean},
+               "pseudo_pairs": {"clean_side": clean_kind, "clean_images": clean,
+                                "clean_noise_std_hu": source.reference_noise_std_per_volume},
                "noise_model": noise_model.summary(), "settings": dataclasses.asdict(settings)}
         try:
             candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record)

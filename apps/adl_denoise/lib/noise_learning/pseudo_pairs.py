@@ -89,7 +89,12 @@ class LearnedNoiseSource(SyntheticNoiseSource):
             noise: the model is 2D).
         regenerate_each_epoch: a new pool each epoch (:meth:`set_epoch`).
         reference_noise_std_hu: noise std of the clean images, removed from the added noise (see
-            :func:`synthesise_pseudo_low_dose`).
+            :func:`synthesise_pseudo_low_dose`): a number for all, ``"estimate"`` for each image's own
+            (:func:`lib.noise.estimate_ct_noise_std_hu`; :attr:`reference_noise_std_per_volume` keeps them), or None
+            (the whole learnt noise is added). ``"estimate"`` where the clean images are real scans (normal-dose
+            images carry noise of their own: added to it, the learnt noise, itself the scanner's whole low-dose
+            noise, would give more noise than the scanner's, e.g. 36 HU for a learnt 32 HU over 17 HU); None where
+            they are a denoiser's outputs (denoised stand-ins hold residual texture, not noise).
         clip_to_scanner_range: see :func:`synthesise_pseudo_low_dose`.
         device: device of the noise model.
         progress: tqdm bar while the pool is made.
@@ -114,7 +119,7 @@ class LearnedNoiseSource(SyntheticNoiseSource):
         modality: str = "CT",
         spatial_dims: int = 2,
         regenerate_each_epoch: bool = False,
-        reference_noise_std_hu: float | None = None,
+        reference_noise_std_hu: float | str | None = None,
         clip_to_scanner_range: bool = True,
         device: str = "cpu",
         progress: bool = True,
@@ -132,7 +137,21 @@ class LearnedNoiseSource(SyntheticNoiseSource):
                          regenerate_each_epoch=regenerate_each_epoch, seed=seed, device=device, progress=progress,
                          build_pool=False)
         self.noise = "learned"
+        if isinstance(reference_noise_std_hu, str) and reference_noise_std_hu != "estimate":
+            raise ValueError(f"reference_noise_std_hu must be a number, 'estimate' or None, got "
+                             f"{reference_noise_std_hu!r}")
         self.reference_noise_std_hu = reference_noise_std_hu
+        #: per volume (the order of ``volumes``): the noise std (HU) taken off the added noise (None: none)
+        self.reference_noise_std_per_volume: list[float | None] = []
+        for vol in self.volumes:
+            if reference_noise_std_hu == "estimate":
+                from ..noise import estimate_ct_noise_std_hu
+
+                std = estimate_ct_noise_std_hu(vol.clean)
+            else:
+                std = None if reference_noise_std_hu is None else float(reference_noise_std_hu)
+            self.reference_noise_std_per_volume.append(std)
+        self._reference_std = {id(vol): std for vol, std in zip(self.volumes, self.reference_noise_std_per_volume)}
         self.clip_to_scanner_range = bool(clip_to_scanner_range)
         if build_pool:
             self.set_epoch(0)
@@ -163,7 +182,7 @@ class LearnedNoiseSource(SyntheticNoiseSource):
 
     def _pseudo(self, vol, clean: np.ndarray, seed: np.random.SeedSequence) -> np.ndarray:
         return synthesise_pseudo_low_dose(clean, self.noise_model, seed, pixel_size_mm=vol.pixel_size_mm,
-                                          reference_noise_std_hu=self.reference_noise_std_hu,
+                                          reference_noise_std_hu=self._reference_std.get(id(vol)),
                                           clip_to_scanner_range=self.clip_to_scanner_range)
 
     def _make_pool(self, epoch: int) -> list[np.ndarray]:

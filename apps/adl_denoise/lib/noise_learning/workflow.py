@@ -267,9 +267,13 @@ def adaptation_data(
                                         max_slices=HELD_OUT_STAND_IN_SLICES))
         kind = "served model's denoised low-dose images (no normal-dose images given)"
         train_ids, val_ids = noise_ids, held_out_ids
-    source = LearnedNoiseSource([clean[i] for i in train_ids], noise_path, seed=seed, device=device, progress=False)
+    # real normal-dose scans carry noise of their own, taken off the learnt noise; the stand-ins are denoised
+    reference = "estimate" if normal_dose else None
+    source = LearnedNoiseSource([clean[i] for i in train_ids], noise_path, seed=seed, device=device, progress=False,
+                                reference_noise_std_hu=reference)
     val_pairs = LearnedNoiseSource([clean[i] for i in val_ids], noise_path, seed=seed + 1, device=device,
-                                   progress=False, build_pool=False).validation_pairs()
+                                   progress=False, build_pool=False,
+                                   reference_noise_std_hu=reference).validation_pairs()
     description = {"kind": f"TDDL pseudo pairs: learned noise + {kind}", "low_dose_images": list(low_dose),
                    "train_images": train_ids, "validation_images": val_ids, "noise_model": noise_model.summary()}
     if normal_dose:
