@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 import processes
-from conftest import APP_DIR, SAMPLE_STUDIES
+from conftest import APP_DIR, SAMPLE_STUDIES, import_cli
 
 from lib.evaluation.planted_lesions import lesion_contrast_check, plant_lesions, planted_contrast_kept
 from lib.evaluation.self_supervised import blind_spot, grid_mask, grid_shifts, j_invariant_loss, mask_pixels
@@ -674,6 +674,30 @@ def test_adapt_checks_the_normal_dose_images_before_learning_anything(tmp_path, 
         assert result.returncode == 2 and expected in result.stderr, (expected, result.stderr)
         assert "noise patches" not in result.stdout, expected
         assert not (tmp_path / "out.pt").exists() and not (tmp_path / "out.pt.adapt.json").exists()
+
+
+def test_a_nan_or_implausible_input_is_refused_without_naming_denoising(tmp_path, capsys, tiny_weights, slab_array):
+    """The image reader's refusals end "replace them before denoising": 'adapt' said so of its low-dose and
+    normal-dose inputs, a step it never takes. Now it names what it does with them."""
+    for name, value in (("nan", np.nan), ("huge", 1e20)):
+        bad = slab_array.copy()
+        bad[2, 5, 5] = value
+        sitk.WriteImage(sitk.GetImageFromArray(bad), str(tmp_path / f"{name}.nii.gz"))
+    good = tmp_path / "good.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(slab_array), str(good))
+    cli = import_cli()
+    common = ["--model", "adl", "--initial-weights", str(tiny_weights / "pretrained_adl_ct.pt"),
+              "--output", str(tmp_path / "out.pt"), *TINY]
+    for given, expected in ((["--lowdose", str(tmp_path / "nan.nii.gz")], "1 NaN values; replace them"),
+                            (["--lowdose", str(tmp_path / "huge.nii.gz")], "fix or replace those values"),
+                            (["--lowdose", str(good), "--normal-dose", str(tmp_path / "nan.nii.gz")],
+                             "1 NaN values; replace them")):
+        capsys.readouterr()
+        code = cli.main(["adapt", *given, *common])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], err
+        assert "denoising" not in err[0] and err[0].endswith("before adaptation uses it"), err[0]
+    assert not (tmp_path / "out.pt").exists()
 
 
 @pytest.mark.slow

@@ -443,3 +443,20 @@ def test_cli_train_adl_on_learned_noise_pairs(stationary_case, tmp_path) -> None
     assert record["data"]["noise"].startswith("learned")
     assert cli.main(["train", "--output", str(tmp_path / "w2.pt"), "--clean", str(clean_path), "--modality", "ct",
                      "--noise-model", str(model_path), "--noise", "gaussian"]) == 2
+
+
+def test_cli_train_noise_model_refuses_a_nan_clean_image_without_naming_denoising(stationary_case, tmp_path,
+                                                                                   capsys) -> None:
+    """The image reader's refusal ends "replace them before denoising": 'train --noise-model' said so of its clean
+    images, a step it never takes."""
+    _, model = stationary_case
+    model_path = model.save(tmp_path / "noise.pt")
+    clean, _ = _disc_phantom(64, 2)
+    clean[1, 5, 5] = np.nan
+    clean_path = _write_nifti(tmp_path / "clean.nii.gz", clean)
+    cli = import_cli()
+    capsys.readouterr()
+    code = cli.main(["train", "--model", "adl", "--output", str(tmp_path / "adl.pt"), "--clean", str(clean_path),
+                     "--modality", "ct", "--noise-model", str(model_path), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "1 NaN values; replace them before training on it" in err[0], err

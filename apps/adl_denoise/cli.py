@@ -1204,6 +1204,13 @@ def _add_share_weights_parser(verbs) -> None:
     sh.set_defaults(func=cmd_share_weights)
 
 
+#: what a command does with the images it reads, for the image reader's refusals (NaN/Inf, implausible or
+#: out-of-range values), which end "... before denoising": said to 'adapt' or 'train', that blamed a step they never take
+READ_PURPOSE = {"simulate": "simulating noise on it", "train": "training on it",
+                "train-lesion-detector": "training on it", "learn-noise": "learning noise from it",
+                "adapt": "adaptation uses it"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1214,6 +1221,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if args.verb in READ_PURPOSE:
+            message = message.replace("before denoising", f"before {READ_PURPOSE[args.verb]}")
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
