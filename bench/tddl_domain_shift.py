@@ -32,7 +32,9 @@ allow_heldout_noise_inputs=True)``): that IS the adaptation being measured. None
 weight files stay in ``--out``. Simulated training pools are cached in ``--noise-cache``.
 
 Run (the defaults are the measured run of ``bench/README.md``, with its duration; ``--steps`` and
-``--adapt-steps`` scale the time; weight files already in ``--out`` are reused unless ``--retrain``)::
+``--adapt-steps`` scale the time; a weight file already in ``--out`` is reused only when its
+``<name>.settings.json`` says it was made with the same settings (steps, batch, learning rate, seed, training
+images, noise, and the very file it started from or the noise model it used), unless ``--retrain``)::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/tddl_domain_shift.py
 """
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -72,18 +75,59 @@ def simulated_source(clean: list[Path], noise_hu: float, cache: Path, seed: int)
                                 ct_settings={"noise_std_range_hu": (noise_hu, noise_hu), "filters": (CT_FILTER,)})
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def settings_path(path: Path) -> Path:
+    """``<name>.settings.json`` beside ``<name>.pt``: the settings that made it."""
+    return path.with_name(path.stem + ".settings.json")
+
+
+def reusable(path: Path, settings: dict) -> tuple[bool, str]:
+    """(whether ``path`` was made with ``settings``, why not): a file without its settings, or made with others
+    (other ``--steps``, another start file...), is not reused: the results would describe another run."""
+    if not path.is_file():
+        return False, "not there"
+    try:
+        made_with = json.loads(settings_path(path).read_text())
+    except (OSError, ValueError):
+        return False, f"no readable {settings_path(path).name} says how it was made"
+    changed = sorted(k for k in set(made_with) | set(settings) if made_with.get(k) != settings.get(k))
+    if changed:
+        return False, "made with other " + ", ".join(f"{k} ({made_with.get(k)!r}, now {settings.get(k)!r})"
+                                                     for k in changed)
+    return True, ""
+
+
+def _reuse(name: str, path: Path, settings: dict, args) -> bool:
+    """Whether to reuse ``path`` (said either way, unless it is simply not there)."""
+    if args.retrain:
+        return False
+    ok, why = reusable(path, settings)
+    if ok:
+        print(f"[domain-shift] {name}: reusing {path}", flush=True)
+    elif path.is_file():
+        print(f"[domain-shift] {name}: not reusing {path}: {why}", flush=True)
+    return ok
+
+
 def train(name: str, make_source: Callable[[], Any], out: Path, args, steps: int,
-          initial_weights: Path | None = None) -> Path:
-    """Train (or fine-tune) a GCN on ``make_source()``; writes and returns ``out/<name>.pt``. A file already there
-    is reused (unless ``--retrain``) without building its training pool."""
+          initial_weights: Path | None = None, data: dict | None = None) -> Path:
+    """Train (or fine-tune) a GCN on ``make_source()``; writes and returns ``out/<name>.pt`` with the settings that
+    made it (:func:`settings_path`; ``data`` describes the training noise). A file already there is reused
+    (unless ``--retrain``) without building its training pool, when it was made with the same settings."""
     from lib.data import ADLPatchDataset
     from lib.engines import GCNTrainingConfig, train_gcn
     from lib.weights import export_weights, scaling_rule_for
 
     path = out / f"{name}.pt"
-    if path.is_file() and not args.retrain:
-        print(f"[domain-shift] {name}: reusing {path}", flush=True)
+    settings = {"steps": int(steps), "batch_size": int(args.batch_size), "lr": float(args.lr), "seed": int(args.seed),
+                "clean": [str(p) for p in args.clean], "data": data or {},
+                "initial_weights_sha256": _sha256(initial_weights) if initial_weights else None}
+    if _reuse(name, path, settings, args):
         return path
+    settings_path(path).unlink(missing_ok=True)  # until the new file is written, nothing claims to describe it
     source = make_source()
     config = GCNTrainingConfig(modality="CT", batch_size=args.batch_size, steps=steps, lr=args.lr,
                                lr_step_size=max(1, steps // 2), seed=args.seed, device="cpu",
@@ -97,6 +141,7 @@ def train(name: str, make_source: Callable[[], Any], out: Path, args, steps: int
     record["data"] = {"noise": getattr(source, "noise", "?"), "images": [v.name for v in source.volumes],
                       "initial_weights": initial_weights.name if initial_weights else None}
     export_weights(result.network, path, config, scaling_rule_for("CT"), record)
+    settings_path(path).write_text(json.dumps(settings, indent=2))
     return path
 
 
@@ -107,9 +152,11 @@ def learn_test_noise(pair, out: Path, args) -> Path:
     from lib.noise_learning.workflow import learn_noise_model
 
     path = out / "noise_model_test_scans.pt"
-    if path.is_file() and not args.retrain:
-        print(f"[domain-shift] noise model: reusing {path}", flush=True)
+    settings = {"noise_steps": int(args.noise_steps), "seed": int(args.seed), "max_slices": args.max_slices,
+                "test_scans_lowdose_sha256": hashlib.sha256(np.ascontiguousarray(pair.noisy, np.float32)).hexdigest()}
+    if _reuse("noise model", path, settings, args):
         return path
+    settings_path(path).unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="tddl_shift_") as td:
         lowdose = Path(td) / "test_scans_lowdose.nii.gz"
         write_volume(Volume(pair.noisy, spacing=pair.spacing, origin=pair.origin, direction=pair.direction,
@@ -119,6 +166,7 @@ def learn_test_noise(pair, out: Path, args) -> Path:
                                   info={"inputs": [pair.meta["source"]], "purpose": "domain-shift benchmark: "
                                         "low-dose images of the held-out test scans (reference not read)"})
     model.save(path)
+    settings_path(path).write_text(json.dumps(settings, indent=2))
     return path
 
 
@@ -185,14 +233,18 @@ def main(argv: list[str] | None = None) -> int:
                                   allow_heldout_noise_inputs=True, progress=not args.quiet)
 
     weights = {}
-    weights["gcn_source_dose"] = train("gcn_source_dose", source_dose, out, args, args.steps)
-    weights["gcn_true_test_dose"] = train("gcn_true_test_dose", test_dose, out, args, args.steps)
+    weights["gcn_source_dose"] = train("gcn_source_dose", source_dose, out, args, args.steps,
+                                       data={"simulated_noise_hu": source_hu, "filter": CT_FILTER})
+    weights["gcn_true_test_dose"] = train("gcn_true_test_dose", test_dose, out, args, args.steps,
+                                          data={"simulated_noise_hu": test_hu, "filter": CT_FILTER})
     noise_model = learn_test_noise(pair, out, args)
     weights["gcn_adapted"] = train("gcn_adapted", pseudo_pairs, out, args, args.adapt_steps,
-                                   initial_weights=weights["gcn_source_dose"])
+                                   initial_weights=weights["gcn_source_dose"],
+                                   data={"noise_model_sha256": _sha256(noise_model)})
     if not args.no_control:
         weights["gcn_source_dose_more"] = train("gcn_source_dose_more", source_dose, out, args, args.adapt_steps,
-                                                initial_weights=weights["gcn_source_dose"])
+                                                initial_weights=weights["gcn_source_dose"],
+                                                data={"simulated_noise_hu": source_hu, "filter": CT_FILTER})
     train_s = watch.seconds
     if args.only == "train":
         return 0

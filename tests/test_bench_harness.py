@@ -458,3 +458,46 @@ def test_server_overhead_leaves_no_scratch_folder(tmp_path, tiny_weights):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "server_overhead.json").read_text())["slices"] == 1
     assert not list(scratch.glob("server_bench_*"))
+
+
+def test_domain_shift_bench_reuses_a_model_only_when_made_with_the_same_settings(tmp_path):
+    """bench/tddl_domain_shift.py reused any weight file in --out ('reusing ...'), whatever --steps said: a run
+    with other settings reported the numbers of the old models. Now a file is reused only when its
+    <name>.settings.json says the same settings made it; otherwise it is trained again (and says why)."""
+    import argparse
+
+    import SimpleITK as sitk
+    from lib.data import SyntheticNoiseSource
+
+    from bench import tddl_domain_shift as bench
+
+    from conftest import SAMPLE_STUDIES
+
+    head = SAMPLE_STUDIES / "ct_head_invesalius.nii.gz"
+    if not head.is_file():
+        pytest.skip(f"{head} missing: build the sample data with ./run.sh")
+    clean = tmp_path / "clean.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(head))[80:176, 80:176, 50:52], str(clean))
+    built = []
+
+    def make_source():
+        built.append(1)
+        return SyntheticNoiseSource(clean, "CT", "gaussian", seed=0, progress=False)
+
+    args = argparse.Namespace(batch_size=1, lr=2e-4, seed=0, clean=[clean], retrain=False, quiet=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    first = bench.train("gcn_source_dose", make_source, out, args, 1, data={"simulated_noise_hu": 17.3})
+    made = first.read_bytes()
+    assert len(built) == 1 and bench.settings_path(first).is_file()
+    assert bench.train("gcn_source_dose", make_source, out, args, 1, data={"simulated_noise_hu": 17.3}) == first
+    assert len(built) == 1 and first.read_bytes() == made  # the same settings: reused, no training pool built
+    for steps, data in ((2, {"simulated_noise_hu": 17.3}), (2, {"simulated_noise_hu": 30.0})):
+        bench.train("gcn_source_dose", make_source, out, args, steps, data=data)  # other steps, then other noise
+    assert len(built) == 3
+    assert json.loads(bench.settings_path(first).read_text())["steps"] == 2
+    # a file that no settings describe (an earlier version of the script wrote none) is not reused either
+    bench.settings_path(first).unlink()
+    assert bench.reusable(first, {"steps": 2})[0] is False
+    bench.train("gcn_source_dose", make_source, out, args, 2, data={"simulated_noise_hu": 30.0})
+    assert len(built) == 4
