@@ -907,6 +907,30 @@ def test_without_training_a_weights_folder_it_cannot_write_is_a_warning(tmp_path
                in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
+def test_without_training_a_pseudonym_key_that_cannot_be_made_is_no_error(tmp_path, caplog):
+    """A server that does not train logged "no pseudonym key ... fine-tuning from corrections will fail" as an
+    ERROR when its weights folder could not hold the key: noise on a server that never fine-tunes (the folder's
+    warning says what fails there). A server that trains still says it as an ERROR."""
+    from lib.weights.pseudonyms import KEY_FILE
+
+    main = import_app_main()
+
+    studies, conf = _conf_case(tmp_path, {"models": "nlm"})
+    app = main.DenoisingApp(str(tmp_path / "app"), str(studies), conf)
+    (tmp_path / "model" / KEY_FILE).mkdir()  # the key cannot be made or read (as in a folder it cannot write)
+    with caplog.at_level("INFO", logger=main.__name__):
+        app._make_pseudonym_key()  # noqa: SLF001 - the start-up step, run by a real server only
+    said = [r for r in caplog.records if "no pseudonym key" in r.getMessage()]
+    assert said and all(r.levelname not in ("ERROR", "WARNING") for r in said), [
+        (r.levelname, r.getMessage()) for r in said]
+    app._trainers = {"adl": object()}  # noqa: SLF001 - the same folder on a server that trains
+    caplog.clear()
+    with caplog.at_level("INFO", logger=main.__name__):
+        app._make_pseudonym_key()  # noqa: SLF001
+    assert any(r.levelname == "ERROR" and "fine-tuning from corrections will fail" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_a_server_that_cannot_write_its_corrections_folder_does_not_start_and_says_which(tmp_path):
     """The real start-up with the corrections folder unwritable (a regular file there; with ``chattr +i`` where
     this machine allows it, an immutable folder, which stops root too): the log's error names the folder."""

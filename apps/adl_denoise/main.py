@@ -165,10 +165,20 @@ class DenoisingApp(MONAILabelApp):
     def _make_pseudonym_key(self) -> None:
         """The key of the pseudonyms that fine-tuned files name images by (:mod:`lib.weights.pseudonyms`), made at
         start-up: a training run (which may be killed) then never adds files to the model folder. Without it (a
-        folder this server cannot write) fine-tuning fails rather than write a file that names patients."""
+        folder this server cannot write) fine-tuning fails rather than write a file that names patients. A server
+        that does not train never needs it: a folder it cannot write is said once (:meth:`_check_model_dir_writable`),
+        not again as an ERROR about fine-tuning; a damaged key stays an ERROR (a server that trains may share the
+        folder)."""
         try:
             site_key(self.model_dir)
-        except (OSError, ValueError) as error:
+        except OSError as error:
+            if not self._trainers:
+                logger.info("no pseudonym key in %s (%s): not needed, this server does not fine-tune", self.model_dir,
+                            error)
+                return
+            logger.error("no pseudonym key in %s (%s): fine-tuning from corrections will fail until it can be made",
+                         self.model_dir, error)
+        except ValueError as error:
             logger.error("no pseudonym key in %s (%s): fine-tuning from corrections will fail until it can be made",
                          self.model_dir, error)
 
