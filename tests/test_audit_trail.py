@@ -388,6 +388,93 @@ def test_a_verdict_reads_the_audit_log_once(tmp_path):
     assert second["result"]["model"] == "nlm" and second["replaces"]["seq"] == first["seq"]
 
 
+class _Killed(BaseException):
+    """The server killed at this point (no ``except Exception`` of the app runs, as with SIGKILL)."""
+
+
+def _killable_datastore(tmp_path: Path, audit: AuditLog, kill: dict):
+    """An audited local datastore on real files whose ``remove_image`` / ``save_label`` raise :class:`_Killed`
+    before (``kill[name] == "before"``) or after (``"after"``) the stock method does its work."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.audit.recording import audited_datastore
+
+    class KillableDatastore(LocalDatastore):
+        def remove_image(self, image_id):
+            if kill.get("remove_image") == "before":
+                raise _Killed()
+            super().remove_image(image_id)
+            if kill.get("remove_image") == "after":
+                raise _Killed()
+
+        def save_label(self, image_id, label_filename, label_tag, label_info):
+            if kill.get("save_label") == "before":
+                raise _Killed()
+            return super().save_label(image_id, label_filename, label_tag, label_info)
+
+    return audited_datastore(KillableDatastore(str(tmp_path / "studies"), extensions=("*.nii.gz",),
+                                               auto_reload=False), audit)
+
+
+def test_a_server_killed_between_a_datastore_entry_and_its_action_leaves_no_false_record(tmp_path):
+    """The datastore's entries were written BEFORE it acted: a server killed between the entry and the removal of
+    a study left ``image_removed`` for a study still stored, which hid its results and verdicts (and took the
+    verdict's result away: "no result to judge"); one killed before a correction was stored left ``label_saved``
+    for a correction that is not there. A pending entry comes first now, the entry of what was done after it; a
+    removal cut short after the files went is settled by the id's next upload, which never inherits the trail."""
+    from lib.activelearning import audit_trail, record_verdict
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz", studies / "ct_a.nii.gz")
+    audit = AuditLog(tmp_path / "audit")
+    kill: dict = {}
+    store = _killable_datastore(tmp_path, audit, kill)
+    voxels = volume_content_sha256(studies / "ct_a.nii.gz")
+    result = audit.append("result", {"input": {"source": "datastore", "image": "ct_a", "content_sha256": voxels},
+                                      "model": "adl"})
+    verdict = record_verdict(audit, store, "ct_a", "accepted", "dr_a")
+
+    # killed before the files went: the study is there, with its trail
+    kill["remove_image"] = "before"
+    with pytest.raises(_Killed):
+        store.remove_image("ct_a")
+    store = _killable_datastore(tmp_path, audit, kill)  # the restarted server
+    assert store.list_images() == ["ct_a"] and (studies / "ct_a.nii.gz").is_file()
+    trail = audit_trail(audit, store, "ct_a")[0]
+    assert [r["seq"] for r in trail["denoise_results"]] == [result["seq"]]
+    assert [v["seq"] for v in trail["review_history"]] == [verdict["seq"]]
+    again = record_verdict(audit, store, "ct_a", "rejected", "dr_b", reason="smoothed a lesion")
+    assert again["result"]["result_seq"] == result["seq"] and again["replaces"]["seq"] == verdict["seq"]
+    assert not _events(audit, "image_removed") and [e["image"] for e in _events(audit, "image_removing")] == ["ct_a"]
+
+    # killed before the correction was stored: no correction on record
+    correction = tmp_path / "ct_a_final.nii.gz"
+    shutil.copy(studies / "ct_a.nii.gz", correction)
+    kill["save_label"] = "before"
+    with pytest.raises(_Killed):
+        store.save_label("ct_a", str(correction), "final", {"correction": True})
+    assert not _events(audit, "label_saved") and len(_events(audit, "label_saving")) == 1
+    kill.pop("save_label")
+    store.save_label("ct_a", str(correction), "final", {"correction": True})
+    saved = audit.entries("label_saved")
+    assert len(saved) == 1 and saved[0]["fields"]["pending_seq"] == audit.entries("label_saving")[-1]["seq"]
+
+    # killed after the files went, before the removal was confirmed: another patient's study under the freed id
+    # does not inherit the removed study's results and verdicts
+    kill["remove_image"] = "after"
+    with pytest.raises(_Killed):
+        store.remove_image("ct_a")
+    store = _killable_datastore(tmp_path, audit, kill)
+    assert store.list_images() == [] and not _events(audit, "image_removed")
+    other = tmp_path / "other.nii.gz"
+    shutil.copy(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", other)
+    store.add_image("ct_a", str(other), {})
+    trail = audit_trail(audit, store, "ct_a")[0]
+    assert trail["denoise_results"] == [] and trail["review_history"] == [], trail
+    assert trail["review"]["verdict"] == "unreviewed"
+
+
 # ------------------------------------------------------------------------------------------------ real server
 @pytest.fixture()
 def folders(tmp_path, tiny_weights):

@@ -24,8 +24,8 @@ from ..audit.context import request_actor
 __all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResult", "NothingToJudge",
            "ambiguous_images", "has_image",
            "record_result",
-           "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail", "results_of",
-           "stored_results"]
+           "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail",
+           "results_of", "stored_results"]
 
 VERDICTS = ("unreviewed", "accepted", "corrected", "rejected")
 MAX_REASON_CHARS = 2000  # a reason is a sentence or two; the log keeps every one of them for ever
@@ -104,25 +104,38 @@ def _verdict_entries(audit: AuditLog, image_id: str, result_seq: Optional[int]) 
     """What a verdict on ``image_id`` reads of the log, in one read: the image's removals, results and verdicts,
     and the entry ``result_seq`` (a result of an upload names no image). The log was read four times per verdict,
     each read parsing every entry (0.1 s per 5000 entries)."""
-    events = ("image_removed", "image_removed_failed", "result", "verdict")
+    events = (*_STUDY_CHANGES, "result", "verdict")
     return audit.entries(where=lambda e: (e.get("event") in events and _image_of(e) == image_id)
                          or (result_seq is not None and e.get("seq") == result_seq))
 
 
+_STUDY_CHANGES = ("image_removed", "image_removed_failed", "image_added")  # the entries :func:`removals` reads
+
+
 def removals(audit: AuditLog, image_ids: set[str], entries: Optional[list[dict]] = None) -> dict[str, int]:
-    """Per image id, the ``seq`` of its last completed removal from the datastore (absent: never removed). The
-    entries of an id up to its removal belong to a study that is gone: an id freed by ``DELETE /datastore/image``
-    can be given to another patient's upload, which must not inherit the old study's results or verdicts.
-    ``entries``: the log's entries already read (:func:`_selected`)."""
+    """Per image id, the ``seq`` from which the study stored under it now has its entries (absent: since the
+    start): its last completed removal from the datastore, or its last completed upload (``image_added``), which
+    only a free id takes. The entries of an id up to then belong to a study that is gone: an id freed by
+    ``DELETE /datastore/image`` can be given to another patient's upload, which must not inherit the old study's
+    results or verdicts. ``image_removed`` is written once the files are gone (after an ``image_removing`` entry,
+    whose ``seq`` it names as ``pending_seq``): a server killed half way leaves a pending entry, not a removal
+    that hides a study still stored; a removal cut short after the files went is settled by the id's next
+    upload. Logs written before that (``image_removed`` first, ``image_removed_failed`` after it when the removal
+    failed) are read as they were meant. ``entries``: the log's entries already read (:func:`_selected`)."""
     last: dict[str, int] = {}
     before: dict[str, int | None] = {}
-    for entry in _selected(audit, entries, lambda e: e.get("event") in ("image_removed", "image_removed_failed")
+    for entry in _selected(audit, entries, lambda e: e.get("event") in _STUDY_CHANGES
                            and _image_of(e) in image_ids):
-        image = _image_of(entry)
-        if entry["event"] == "image_removed":
+        image, fields = _image_of(entry), entry.get("fields") or {}
+        if entry["event"] == "image_added":
+            if "pending_seq" in fields:  # confirmed once stored (older logs: written before, maybe not stored)
+                last[image] = int(entry["seq"])
+        elif entry["event"] == "image_removed":
             before[image] = last.get(image)
             last[image] = int(entry["seq"])
-        elif before.get(image) is None:  # the removal failed: the study stayed
+        elif "pending_seq" in fields:  # a failure after its pending entry: nothing was recorded as removed
+            continue
+        elif before.get(image) is None:  # an older log's removal that then failed: the study stayed
             last.pop(image, None)
         else:
             last[image] = before[image]

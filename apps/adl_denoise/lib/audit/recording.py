@@ -2,10 +2,13 @@
 
 * :func:`audited_datastore`: the app's datastore, of its own class still (``isinstance`` checks keep working), with
   ``add_image``, ``remove_image``, ``save_label``, ``remove_label``, ``update_image_info`` and ``update_label_info``
-  recording an entry BEFORE they act (an action whose entry cannot be written does not happen; one that then
-  fails leaves a ``..._failed`` entry). MONAI Label's stock datastore routes call these methods, so they leave
-  records too. ``update_image_info`` refuses the keys the review keeps (:data:`PROTECTED_INFO_KEYS`): the current
-  verdict in the datastore info is written only through :meth:`set_review`, after its entry is in the log.
+  recording a pending entry BEFORE they act (``image_removing``, ``label_saving``...: an action whose entry cannot
+  be written does not happen) and the entry of what was done AFTER (``image_removed``, ``label_saved``...; one
+  that fails leaves a ``..._failed`` entry instead), so a server killed in between never leaves a removal or a
+  saved correction on record that did not happen. MONAI Label's stock datastore routes call these methods, so
+  they leave records too. ``update_image_info`` refuses the keys the review keeps (:data:`PROTECTED_INFO_KEYS`):
+  the current verdict in the datastore info is written only through :meth:`set_review`, after its entry is in
+  the log.
 * :class:`AuditedModelStore`: the weights store, each event of its history (publishing, published, rejected,
   restoring, restored) also an audit entry; publishing and restoring are refused while the log refuses entries.
 * Who asked: :func:`.context.request_actor` (the authenticated user, the client's address), read from the request
@@ -24,8 +27,8 @@ from .context import RequestContextMiddleware, request_actor
 from .identity import input_identity
 from .log import AuditError, AuditLog, sanitise
 
-__all__ = ["PROTECTED_INFO_KEYS", "AuditedModelStore", "RequestContextMiddleware", "audited_datastore",
-           "discard_result", "install_request_context", "request_actor", "result_fields"]
+__all__ = ["PENDING_EVENTS", "PROTECTED_INFO_KEYS", "AuditedModelStore", "RequestContextMiddleware",
+           "audited_datastore", "discard_result", "install_request_context", "request_actor", "result_fields"]
 
 # request keys that are not the client's parameters (paths, sessions, routing): left out of a result's entry
 _NOT_PARAMS = ("image", "session", "description", "model", "label", "file", "result_file")
@@ -33,6 +36,12 @@ _NOT_PARAMS = ("image", "session", "description", "model", "label", "file", "res
 log = logging.getLogger(__name__)
 
 PROTECTED_INFO_KEYS = ("review", "review_history", "denoise_results")
+
+# each datastore change: the entry written before it (pending) -> the one written once it is done
+PENDING_EVENTS = {"image_added": "image_adding", "image_removed": "image_removing", "label_saved": "label_saving",
+                  "label_removed": "label_removing", "image_info_updated": "image_info_updating",
+                  "label_info_updated": "label_info_updating"}
+
 
 def _identity_or_error(path: str) -> Dict[str, Any]:
     try:
@@ -48,15 +57,30 @@ class AuditedDatastoreMixin:
     _audit: AuditLog
 
     def _recorded(self, event: str, fields: dict, action):
-        self._audit.append(event, {**fields, **request_actor()})
+        """Do ``action`` between two entries: the pending one (``image_removing`` for ``image_removed``, see
+        :data:`PENDING_EVENTS`) BEFORE it (an action whose entry cannot be written does not happen), ``event``
+        once it is done (naming the pending entry's seq, ``pending_seq``), ``<event>_failed`` if it fails. A server
+        killed in between leaves the pending entry alone: ``event`` is only ever on record for what was done (a
+        removal for a study that is still stored hid its results and verdicts; a correction on record that was
+        never stored). A confirmation that cannot be written after the action is logged (the pending entry
+        stands)."""
+        actor = request_actor()
+        pending = self._audit.append(PENDING_EVENTS[event], {**fields, **actor})
         try:
-            return action()
+            result = action()
         except Exception as error:
             try:
-                self._audit.append(f"{event}_failed", {**fields, "error": f"{type(error).__name__}: {error}"})
+                self._audit.append(f"{event}_failed", {**fields, "pending_seq": pending["seq"],
+                                                       "error": f"{type(error).__name__}: {error}"})
             except AuditError:
                 log.exception("could not record the failure of %s", event)
             raise
+        try:
+            self._audit.append(event, {**fields, **actor, "pending_seq": pending["seq"]})
+        except AuditError:
+            log.exception("%s of %s is done, but the entry confirming it could not be written; the pending entry "
+                          "%s (%s) names it", event, fields.get("image"), pending["seq"], pending["event"])
+        return result
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         fields = {"image": image_id, "file_name": os.path.basename(str(image_filename)),
