@@ -393,7 +393,8 @@ class _Killed(BaseException):
 
 
 def _killable_datastore(tmp_path: Path, audit: AuditLog, kill: dict):
-    """An audited local datastore on real files whose ``remove_image`` / ``save_label`` raise :class:`_Killed`
+    """An audited local datastore on real files whose ``remove_image`` / ``save_label`` / ``update_image_info``
+    (which writes the review queue's copy of a verdict) raise :class:`_Killed`
     before (``kill[name] == "before"``) or after (``"after"``) the stock method does its work."""
     from monailabel.datastore.local import LocalDatastore
 
@@ -411,6 +412,11 @@ def _killable_datastore(tmp_path: Path, audit: AuditLog, kill: dict):
             if kill.get("save_label") == "before":
                 raise _Killed()
             return super().save_label(image_id, label_filename, label_tag, label_info)
+
+        def update_image_info(self, image_id, info):
+            if kill.get("update_image_info") == "before":
+                raise _Killed()
+            super().update_image_info(image_id, info)
 
     return audited_datastore(KillableDatastore(str(tmp_path / "studies"), extensions=("*.nii.gz",),
                                                auto_reload=False), audit)
@@ -475,6 +481,40 @@ def test_a_server_killed_between_a_datastore_entry_and_its_action_leaves_no_fals
     assert trail["review"]["verdict"] == "unreviewed"
 
 
+def test_a_verdict_cut_short_before_the_queues_copy_is_set_from_the_log_at_start_up(tmp_path):
+    """A verdict is written to the log, then to the study's info (the review queue's copy): a server killed between
+    the two left the queue handing out a study already judged (and a reset to ``unreviewed`` kept the study off the
+    queue). The start-up sets the info from the log where they differ."""
+    from lib.activelearning import NextUnreviewed, reconcile_reviews, record_verdict
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name in ("ct_a", "ct_b"):
+        shutil.copy(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz", studies / f"{name}.nii.gz")
+    audit = AuditLog(tmp_path / "audit")
+    kill: dict = {}
+    store = _killable_datastore(tmp_path, audit, kill)
+    for name in ("ct_a", "ct_b"):
+        audit.append("result", {"input": {"source": "datastore", "image": name}, "model": "adl"})
+    record_verdict(audit, store, "ct_b", "accepted", "dr_a")
+    kill["update_image_info"] = "before"
+    with pytest.raises(_Killed):
+        record_verdict(audit, store, "ct_a", "accepted", "dr_a")
+    with pytest.raises(_Killed):
+        record_verdict(audit, store, "ct_b", "unreviewed", "dr_b")  # a reset, to be reviewed again
+    kill.clear()
+    store = _killable_datastore(tmp_path, audit, kill)  # the restarted server
+    fixed = reconcile_reviews(audit, store)
+    queue = NextUnreviewed(audit)
+    assert queue({}, store) == {"id": "ct_b", "remaining_unreviewed": 1}
+    assert fixed == ["ct_a", "ct_b"]
+    judged = audit.entries("verdict")[1]
+    assert store.get_image_info("ct_a")["review"] == {**{k: judged["fields"][k] for k in (
+        "image", "verdict", "reviewer", "reviewer_from", "reason", "result")}, "time_utc": judged["time_utc"],
+        "seq": judged["seq"]}
+    assert reconcile_reviews(audit, store) == []  # in step: nothing written
+
+
 # ------------------------------------------------------------------------------------------------ real server
 @pytest.fixture()
 def folders(tmp_path, tiny_weights):
@@ -493,6 +533,28 @@ def _start(folders, run: int):
 
 def _events(audit: AuditLog, event: str) -> list[dict]:
     return [e["fields"] for e in audit.entries(event)]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_server_started_after_a_verdict_cut_short_does_not_hand_the_study_out_again(folders):
+    """The real start-up sets the review queue's copy of a verdict from the log (a server killed between the two
+    writes): the judged study is not handed out for review again."""
+    from mlserver import stop_server
+
+    from lib.activelearning import record_verdict
+
+    audit = AuditLog(folders["audit"])
+    store = _killable_datastore(folders["root"], audit, {"update_image_info": "before"})
+    audit.append("result", {"input": {"source": "datastore", "image": "ct_slab_b"}, "model": "adl"})
+    with pytest.raises(_Killed):
+        record_verdict(audit, store, "ct_slab_b", "accepted", "dr_a")
+    server = _start(folders, 1)
+    try:
+        answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["id"] == "ct_slab_c", answer.text
+    finally:
+        stop_server(server)
 
 
 @pytest.mark.server

@@ -38,7 +38,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
 
-from lib.activelearning import NextUnreviewed, has_image, record_result, refuse_unreviewable
+from lib.activelearning import NextUnreviewed, has_image, reconcile_reviews, record_result, refuse_unreviewable
 from lib.audit import AuditBrokenError, AuditError, AuditLog
 from lib.audit.location import default_audit_dir
 from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_result, install_request_context,
@@ -114,6 +114,7 @@ class DenoisingApp(MONAILabelApp):
             for problem in start_up_warnings(self._datastore):  # a PACS that is down, or lists one modality
                 logger.warning(problem)
             if self.audit.broken is None:
+                self._reconcile_reviews()
                 self.audit.append("server_started", {"studies": studies, "model_dir": self.model_dir,
                                                      "models": sorted(self.models), "pid": os.getpid(),
                                                      "entries_verified": self.audit_at_start["entries"]})
@@ -181,6 +182,21 @@ class DenoisingApp(MONAILabelApp):
         except ValueError as error:
             logger.error("no pseudonym key in %s (%s): fine-tuning from corrections will fail until it can be made",
                          self.model_dir, error)
+
+    def _reconcile_reviews(self) -> None:
+        """The review queue's copy of each study's verdict (its info) made the log's again where a server killed
+        between writing a verdict to the log and to the info left them apart (:func:`lib.activelearning
+        .reconcile_reviews`). A local datastore only: on a PACS it would list and read every series at start-up."""
+        if is_dicomweb(self._datastore):
+            return
+        try:
+            fixed = reconcile_reviews(self.audit, self._datastore)
+        except Exception as error:  # noqa: BLE001 - the server still starts; the trail (the log) is right anyway
+            logger.warning("could not check the review queue's verdicts against the audit log: %s", error)
+            return
+        if fixed:
+            logger.warning("the review queue's verdict of %s was not the audit log's latest (a server stopped between "
+                           "the two writes): set from the log", ", ".join(fixed))
 
     def _verify_audit(self, in_server: bool) -> dict[str, Any]:
         """Verify the audit log's chain; a broken one is an ERROR in the log and makes the log refuse entries."""

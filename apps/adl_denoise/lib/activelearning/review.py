@@ -24,7 +24,7 @@ from ..audit.context import request_actor
 __all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResult", "NothingToJudge",
            "ambiguous_images", "has_image",
            "record_result",
-           "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail",
+           "reconcile_reviews", "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail",
            "results_of", "stored_results"]
 
 VERDICTS = ("unreviewed", "accepted", "corrected", "rejected")
@@ -327,6 +327,36 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
     else:  # a datastore without the audit wrapper (library use)
         datastore.update_image_info(image_id, {"review": current})
     return {**current, "replaces": replaces}
+
+
+def reconcile_reviews(audit: AuditLog, datastore: Datastore) -> list[str]:
+    """Put in each study's info the current verdict the log holds for it when the info holds another (an older
+    verdict, or none); returns the ids set. A verdict is written to the log first, then to the info (the review
+    queue's copy): a server killed between the two left the queue handing out a study already judged, or keeping
+    off it a study whose verdict was reset to ``unreviewed``. Run at start-up (one read of the log)."""
+    ids = set(datastore.list_images())
+    if not ids:
+        return []
+    read = audit.entries(where=lambda e: e.get("event") in (*_STUDY_CHANGES, "verdict") and _image_of(e) in ids)
+    since = removals(audit, ids, read)
+    latest: dict[str, dict] = {}
+    for entry in read:
+        if entry.get("event") == "verdict" and int(entry.get("seq", -1)) > since.get(_image_of(entry), -1):
+            latest[_image_of(entry)] = entry
+    fixed = []
+    for image_id, entry in sorted(latest.items()):
+        if (review_of(datastore.get_image_info(image_id) or {})).get("seq") == entry["seq"]:
+            continue
+        fields = entry.get("fields") or {}
+        current = {**{k: fields.get(k) for k in ("image", "verdict", "reviewer", "reviewer_from", "reason", "result")},
+                   "time_utc": entry.get("time_utc"), "seq": entry["seq"]}
+        setter = getattr(datastore, "set_review", None)
+        if setter is not None:
+            setter(image_id, current)
+        else:
+            datastore.update_image_info(image_id, {"review": current})
+        fixed.append(image_id)
+    return fixed
 
 
 def review_of(info: dict) -> dict:
