@@ -515,6 +515,71 @@ def test_a_verdict_cut_short_before_the_queues_copy_is_set_from_the_log_at_start
     assert reconcile_reviews(audit, store) == []  # in step: nothing written
 
 
+def test_a_stop_of_a_training_run_is_on_record_once_the_run_is_killed(tmp_path, monkeypatch):
+    """``DELETE /train/`` wrote ``training_stopped`` BEFORE it killed the run: a server killed in between left a stop
+    on record for a run that went on (and could publish weights), and a run that had ended by itself ("ENDED") was
+    on record as stopped too. ``training_stopping`` comes first now, ``training_stopped`` once the run (a real
+    process here) is killed, ``training_stopped_failed`` when it had ended."""
+    import subprocess
+    import sys
+
+    import monailabel.endpoints.train as train_routes
+    from monailabel.config import settings
+    from monailabel.interfaces.utils import app as app_utils
+    from monailabel.utils.async_tasks import utils as async_utils
+
+    from conftest import import_app_main
+    from lib.endpoints.guards import guarded_stop_training
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLE_STUDIES / "mr_slice_pydicom_mr2.nii.gz", studies / "a.nii.gz")
+    (tmp_path / "model").mkdir()
+    app = import_app_main().DenoisingApp(str(tmp_path / "app"), str(studies),
+                                         {"models": "nlm", "model_dir": str(tmp_path / "model")})
+    monkeypatch.setitem(app_utils.apps, f"{settings.MONAI_LABEL_APP_DIR}{settings.MONAI_LABEL_STUDIES}", app)
+    request = {"model": "nlm", "requested_by": "admin_a", "training_request_seq": 0}
+    runs = []
+
+    def running(code: str) -> subprocess.Popen:
+        run = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        runs.append(run)
+        monkeypatch.setitem(async_utils.background_processes, "train", {"t1": run})
+        monkeypatch.setitem(async_utils.background_tasks, "train", [{"id": "t1", "request": request}])
+        return run
+
+    def killed(*args, **kwargs):
+        raise _Killed()
+
+    stop = train_routes.stop
+    try:
+        run = running("import time; time.sleep(600)")
+        monkeypatch.setattr(train_routes, "stop", killed)  # the server killed before it killed the run
+        with pytest.raises(_Killed):
+            guarded_stop_training(user=None)
+        assert run.poll() is None
+        assert not _events(app.audit, "training_stopped")
+        assert [e["pid"] for e in _events(app.audit, "training_stopping")] == [run.pid]
+        monkeypatch.setattr(train_routes, "stop", stop)
+        guarded_stop_training(user=None)
+        assert run.wait(timeout=60) is not None
+        stopped = app.audit.entries("training_stopped")
+        assert len(stopped) == 1 and stopped[0]["fields"]["pid"] == run.pid
+        assert stopped[0]["fields"]["pending_seq"] == app.audit.entries("training_stopping")[-1]["seq"]
+
+        ended = running("pass")  # a run that ends by itself before the stop
+        ended.wait(timeout=60)
+        answer = guarded_stop_training(user=None)
+        assert answer["status"] == "ENDED", answer
+        assert len(app.audit.entries("training_stopped")) == 1
+        assert _events(app.audit, "training_stopped_failed")[-1]["pid"] == ended.pid
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait(timeout=60)
+
+
 # ------------------------------------------------------------------------------------------------ real server
 @pytest.fixture()
 def folders(tmp_path, tiny_weights):

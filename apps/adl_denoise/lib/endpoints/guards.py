@@ -24,8 +24,9 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   trains in MONAI Label's training subprocess (not in the server process), the request waiting for it, so that
   ``DELETE /train/`` can stop it (then 409). ``POST /train/`` (MONAI Label's run-all, none of those checks): 422
   pointing to ``POST /train/{model}``.
-* ``DELETE /train/``: the stop is an audit entry (``training_stopped``: who stopped which run) written before the
-  run is killed, and the run's status (``interrupted``) says it was stopped and by whom.
+* ``DELETE /train/``: the stop is an audit entry (``training_stopping``: who stops which run) written before the
+  run is killed, confirmed (``training_stopped``) once it is, and the run's status (``interrupted``) says it was
+  stopped and by whom.
 * ``PUT /model/{model}``, ``DELETE /model/{model}``: 405. Served weights change only through a fine-tune that passed
   its checks and the rollback route, each recorded; the stock routes would copy an upload over a served file (no
   check, no version, no record) or move it away.
@@ -492,8 +493,10 @@ def _run_and_wait(model: str, params: dict) -> dict:
 @router.delete("/train/", include_in_schema=False)
 def guarded_stop_training(user: User = Depends(RBAC(_ADMIN))):
     """MONAI Label's stop of the training run (a ``run_sync`` one too, :func:`_run_and_wait`), recorded: the audit
-    entry ``training_stopped`` (who, which model and training request) is written before the run's process is
-    killed, and the run's status then says it was stopped and by whom. Nothing going on: MONAI Label's answer
+    entry ``training_stopping`` (who, which model and training request) is written before the run's process is
+    killed (a stop whose entry cannot be written is refused), ``training_stopped`` once it is killed
+    (``training_stopped_failed`` when it was not: it had ended by itself, or the kill failed), and the run's status
+    then says it was stopped and by whom. Nothing going on: MONAI Label's answer
     (null)."""
     import psutil
     from monailabel.endpoints.train import stop
@@ -511,14 +514,30 @@ def guarded_stop_training(user: User = Depends(RBAC(_ADMIN))):
         request = next((t.get("request") or {} for t in tasks("train") if t.get("id") == task_id), {})
         fields = {"model": request.get("model"), "pid": process.pid,
                   **{key: request.get(key) for key in TRAINING_REQUEST_KEYS}}
+        audit, actor = app().audit, request_actor()
         try:
-            entry = app().audit.append("training_stopped", {**fields, **request_actor()})
+            pending = audit.append("training_stopping", {**fields, **actor})
         except AuditError as error:
             raise audit_http_error(error, "the training run was not stopped") from None
         try:
             answer = stop()
-        except psutil.NoSuchProcess:  # it ended by itself since it was listed: nothing to kill
-            return {"status": "ENDED", "detail": "the training run ended before it could be stopped"}
+        except Exception as error:  # a run that ended by itself, or a stop that failed: it was not stopped
+            ended = isinstance(error, psutil.NoSuchProcess)
+            try:
+                audit.append("training_stopped_failed", {**fields, "pending_seq": pending["seq"], "error": (
+                    "the training run ended before it could be stopped" if ended
+                    else f"{type(error).__name__}: {error}")})
+            except AuditError:
+                log.exception("could not record that the training run %s was not stopped", process.pid)
+            if ended:  # nothing to kill
+                return {"status": "ENDED", "detail": "the training run ended before it could be stopped"}
+            raise
+        try:  # once killed: a server killed before leaves the pending entry, never a stop that did not happen
+            entry = audit.append("training_stopped", {**fields, **actor, "pending_seq": pending["seq"]})
+        except AuditError:
+            log.exception("the training run %s was stopped, but the entry confirming it could not be written; the "
+                          "pending entry %s (training_stopping) names it", process.pid, pending["seq"])
+            entry = pending
     try:
         process.wait(timeout=60)  # killed: gone at once (its status file and scratch folder are updated next)
     except Exception:  # noqa: BLE001 - a process that outlives SIGKILL: stats() notices it later
