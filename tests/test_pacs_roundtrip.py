@@ -239,3 +239,54 @@ def test_a_series_asked_while_the_pacs_is_down_is_a_503_in_seconds(tmp_path, tin
         assert server.alive()
     finally:
         stop_server(server)
+
+
+class _Killed(BaseException):
+    """The server killed at this point (no ``except Exception`` of the app runs, as with SIGKILL)."""
+
+
+def test_a_derived_series_stored_by_a_server_killed_before_its_record_is_no_study(tmp_path, tiny_weights,
+                                                                                  monkeypatch):
+    """The derived series was recorded (``result_stored_to_pacs``) only AFTER the STOW: a server killed in between
+    (or a store that failed half way, 502) left the app's result in the PACS unrecorded, and the next server listed
+    it as a study, handed out for review and denoised as one. ``result_storing_to_pacs`` names its UID before the
+    STOW now."""
+    from monailabel.config import settings
+
+    from conftest import import_app_main
+    from lib.activelearning import NextUnreviewed
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = real_ct_series(tmp_path / "series")
+        for path in files:
+            pacs.upload(path)
+        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        model = copy_weights(tiny_weights, tmp_path / "model")
+        monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
+        for name in ("app", "app2"):  # MONAI Label downloads dcmqi's converter unless the app has it
+            (tmp_path / name / "bin").mkdir(parents=True)
+            (tmp_path / name / "bin" / "itkimage2segimage").write_text("")
+        main = import_app_main()
+        app = main.DenoisingApp(str(tmp_path / "app"), pacs.dicomweb, {"model_dir": str(model)})
+        append = app.audit.append
+
+        def killed_before_the_record(event, fields=None):
+            if event == "result_stored_to_pacs":
+                raise _Killed()
+            return append(event, fields)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(app.audit, "append", killed_before_the_record)
+            with pytest.raises(_Killed):
+                app.infer({"model": "adl", "image": uid, "store_to_pacs": True})
+        derived = [s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.get("/series?expand")
+                   if s["MainDicomTags"]["SeriesInstanceUID"] != uid]
+        assert len(derived) == 1, derived  # stored, its record never written
+        restarted = main.DenoisingApp(str(tmp_path / "app2"), pacs.dicomweb, {"model_dir": str(model)})
+        assert sorted(restarted.datastore().list_images()) == sorted([uid, derived[0]])
+        queue = NextUnreviewed(restarted.audit)
+        assert queue({}, restarted.datastore())["id"] == uid
+        assert queue({"exclude": [uid]}, restarted.datastore()) is None
+    finally:
+        stop_orthanc(pacs)

@@ -313,18 +313,29 @@ class DenoisingApp(MONAILabelApp):
                                                         f"could not be written ({error})") from None
         params["audit_seq"] = entry["seq"]
         if to_pacs:
+            pending: dict = {}
+
+            def storing(series_uid: str) -> None:  # before the STOW: a store cut short is known as a result
+                pending.update(self.audit.append("result_storing_to_pacs", {
+                    "image": image_id, "result_seq": entry["seq"], "series_instance_uid": series_uid,
+                    **request_actor()}))
+
             try:
                 description = f"denoised {params.get('model')} {params.get('weights_version')}"
                 params["stored_series"] = store_derived_series(
                     store, source_folder, result["file"], description,
                     denoising_derivation(params.get("model"), params.get("weights_version"),
-                                         params.get("weights_sha256"), params.get("low_frequency_restoration")))
+                                         params.get("weights_sha256"), params.get("low_frequency_restoration")),
+                    before_store=storing)
             except PacsStoreError as error:
                 raise HTTPException(status_code=502, detail=f"denoised, but not stored in the PACS: {error}") from None
+            except AuditError as error:
+                raise HTTPException(status_code=500, detail=f"denoised, but not stored in the PACS: its audit entry "
+                                                            f"could not be written ({error})") from None
             try:
                 self.audit.append("result_stored_to_pacs", {"image": image_id, "result_seq": entry["seq"],
                                                             "stored_series": params["stored_series"],
-                                                            **request_actor()})
+                                                            "pending_seq": pending.get("seq"), **request_actor()})
             except AuditError as error:
                 raise HTTPException(status_code=500, detail=f"stored in the PACS as "
                                                             f"{params['stored_series'].get('series_instance_uid')}, "

@@ -15,6 +15,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pydicom
 
@@ -230,12 +231,15 @@ def series_folder(datastore, image_id: str) -> Path:
 
 
 def store_derived_series(datastore, source_folder: Path, denoised_path: str | Path, description: str,
-                         derivation: str = "Denoised") -> dict:
+                         derivation: str = "Denoised", before_store: Callable[[str], None] | None = None) -> dict:
     """Write the denoised volume (a result file on the source's grid) as a derived series of the DICOM series in
     ``source_folder`` and STOW it to the datastore's DICOMweb server. Returns ``{"series_instance_uid",
     "instances"}``; raises :class:`PacsStoreError` when the server did not store every instance. ``description``
     ends the series description; ``derivation`` (what made it: :func:`lib.imaging.dicom_write.denoising_derivation`)
-    begins its DerivationDescription."""
+    begins its DerivationDescription. ``before_store``: called with the derived series' SeriesInstanceUID once its
+    files are written, before the STOW (the app records it there: a store cut short, or a server killed after it,
+    leaves a series in the PACS that must be known as a result, not listed as a study); what it raises stops the
+    store."""
     reference = read_volume(source_folder)
     denoised = read_volume(denoised_path, modality=reference.modality)
     if denoised.array.shape != reference.array.shape:
@@ -245,6 +249,8 @@ def store_derived_series(datastore, source_folder: Path, denoised_path: str | Pa
         out = write_dicom_derived_series(reference.with_array(denoised.array), work / "series", reference,
                                          series_description_suffix=f" [{description}]", derivation=derivation)
         datasets = [pydicom.dcmread(p) for p in sorted(out.iterdir())]  # FileDatasets, preamble included
+        if before_store is not None and datasets:
+            before_store(str(datasets[0].SeriesInstanceUID))
         client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
         stored = stow_datasets(client, datasets, "the PACS")
     finally:

@@ -46,16 +46,21 @@ def ambiguous_images(datastore: Datastore) -> set[str]:
 
 def stored_results(audit: AuditLog) -> set[str]:
     """SeriesInstanceUIDs of the derived (denoised) series this app stored into the PACS (``result_stored_to_pacs``
-    entries): listed by a DICOMweb datastore like any series, but results, not studies to review or denoise."""
+    entries) or began to store (``result_storing_to_pacs``, written before the STOW: a store cut short by a failure
+    or by a server killed before its confirmation leaves instances in the PACS): listed by a DICOMweb datastore
+    like any series, but results, not studies to review or denoise."""
     uids = set()
     try:
-        entries = audit.entries("result_stored_to_pacs")
+        entries = audit.entries(where=lambda e: e.get("event") in ("result_stored_to_pacs", "result_storing_to_pacs"))
     except (AuditError, OSError):  # an unreadable log: whatever needs a record fails on its own, saying why
         return uids
     for entry in entries:
-        stored = (entry.get("fields") or {}).get("stored_series") or {}
+        fields = entry.get("fields") or {}
+        stored = fields.get("stored_series") or {}
         if isinstance(stored, dict) and stored.get("series_instance_uid"):
             uids.add(str(stored["series_instance_uid"]))
+        if fields.get("series_instance_uid"):
+            uids.add(str(fields["series_instance_uid"]))
     return uids
 
 
