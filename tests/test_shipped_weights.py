@@ -105,6 +105,40 @@ def test_metal_above_the_ct_range_keeps_its_value_and_adds_no_halo_around_it(mod
     assert halo[8000.0] < halo[3000.0] + 50.0, f"halo around the 8000 HU object {halo}"
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize(("model", "orthogonal"), [("adl", True), ("adl", False), ("adl_3d", False)])
+def test_mr_vessel_above_the_mr_range_keeps_its_value_and_adds_no_halo_around_it(model: str, orthogonal: bool) -> None:
+    """A 3 x 3 x 3 voxel vessel at three times the top of MR's range (2 x the block's 99.5th percentile: a bright
+    gadolinium-enhanced vessel) in a real Rician head block, through every MR path (the 2.5D file over the three
+    orthogonal planes and slice by slice, the 3D file), then the restoration a reader may ask for (1 px): it was
+    served at the ceiling (846 -> 282 on this block, all three paths) and the restoration spread the lost excess
+    over the tissue around it (+55 to +57 on average one voxel out, against +2 to +3.5 around a vessel just under
+    the ceiling). Now the vessel keeps its value and its surroundings change no more than around the dimmer one."""
+    from lib.lesions.low_frequency_restoration import apply_restoration
+
+    loaded = load_denoiser(MODEL_DIR / f"pretrained_{model}_mr.pt", device="cpu")
+    study = read_volume(SAMPLE_STUDIES / "mr_head_colin27_rician5.nii.gz", modality="MR").array.astype(np.float32)
+    head = study[74:106, 60:124, 56:120].copy()  # 32 x 64 x 64 voxels of brain
+    ceiling = 2.0 * float(np.percentile(head, 99.5))  # intensity_scaling_for's top: offset 0 for a magnitude image
+    assert head.max() < ceiling  # only the planted vessel lies above the range
+    vessel = (slice(15, 18), slice(31, 34), slice(31, 34))
+    ring = np.zeros(head.shape, bool)
+    ring[14:19, 30:35, 30:35] = True
+    ring[vessel] = False  # the voxels right around the vessel
+    served = {}
+    for value in (None, 0.95 * ceiling, 3.0 * ceiling):
+        image = head.copy()
+        if value is not None:
+            image[vessel] = value
+        denoised = denoise_array(loaded, image, "MR", device="cpu", amp=False, orthogonal_planes=orthogonal)
+        served[value] = (denoised, apply_restoration(image, denoised, "MR", 1.0)[0])
+    bright = 3.0 * ceiling
+    halo = {v: float((served[v][1] - served[None][1])[ring].mean()) for v in (0.95 * ceiling, bright)}
+    assert halo[bright] < halo[0.95 * ceiling] + 10.0, f"halo around the vessel {halo} (ceiling {ceiling:.0f})"
+    assert abs(float(served[bright][0][16, 32, 32]) - bright) < 0.05 * bright, served[bright][0][vessel]
+    assert abs(float(served[bright][1][16, 32, 32]) - bright) < 0.05 * bright, served[bright][1][vessel]
+
+
 @pytest.mark.slow
 def test_shipped_adl_mr_weights_denoise_the_sample_rician_slice() -> None:
     loaded = load_denoiser(MODEL_DIR / "pretrained_adl_mr.pt", device="cpu")

@@ -18,8 +18,9 @@ shipped weights, tiling, intensity units.
   (:class:`lib.networks.GCNDenoiser`) needs no padding (``size_multiple = 1``), gets each slice with its
   ``slice_context`` neighbours as channels, and runs a whole 512x512 slice in one pass (its k-NN search and
   graph convolutions are chunked internally, so memory stays bounded without tiling seams);
-* undo the normalisation; CT voxels above its range (3072 HU: metal on an extended-HU scale) get the part the
-  network never saw added back at their own voxels (:func:`_add_back_above_range`).
+* undo the normalisation; voxels above the top of the range (CT: 3072 HU, metal on an extended-HU scale; MR: twice
+  the volume's 99.5th percentile, a bright gadolinium-enhanced vessel) get the part the network never saw added back
+  at their own voxels (:func:`_add_back_above_range`).
 
 Runs on CPU or CUDA under ``torch.inference_mode``; on CUDA the network runs under fp16 autocast, on a CPU with
 native bfloat16 the 2D Efficient-UNet under bfloat16 autocast (``amp=False``: float32 everywhere).
@@ -508,8 +509,7 @@ def denoise_array(
                                               mode=mode, progress=progress)
             out[:] = result[crop][0, 0].cpu().numpy()
     denoised = scaling.denormalise(out).reshape(region.shape).astype(np.float32)
-    if modality == "CT":
-        _add_back_above_range(denoised, region, scaling)
+    _add_back_above_range(denoised, region, scaling)  # every modality: MR is clipped at its ceiling as CT is
     if box is None:
         return denoised
     whole = image.copy()  # the air outside the box as acquired
@@ -520,13 +520,18 @@ def denoise_array(
 def _add_back_above_range(denoised: np.ndarray, noisy: np.ndarray, scaling: IntensityScaling) -> None:
     """Add to ``denoised`` (in place) the part of ``noisy`` above the top of the network's intensity range.
 
-    CT is normalised over [-1024, 3072] HU and clipped there, so a voxel above 3072 HU (metal on an extended-HU
-    scale, up to 30710) reaches the network as 3072 and comes out near 3072: the implant lost its value, and the
-    low-frequency restoration, which gives back a low-pass of ``noisy - denoised``, spread the lost excess over the
-    tissue around it (+960 HU one pixel beside a 3 x 3 pixel 8000 HU object with the shipped ADL file, +3000 HU at
-    20000 HU). With the excess added back at its own voxels the output keeps the implant's value and the removed
-    content the restoration sees is what the network removed. The bottom of the range is left alone: values below
-    -1024 HU are air whose noise the network removes. Shapes: ``denoised`` and ``noisy`` alike, modality units."""
+    The normalisation (:class:`lib.data.intensity.IntensityScaling`) clips to [0, 1], whose top is ``offset +
+    scale`` in the modality's units, so a voxel above it reaches the network at the ceiling and comes out at most
+    there: it lost its value, and the low-frequency restoration, which gives back a low-pass of ``noisy - denoised``,
+    spread the lost excess over the tissue around it. CT is normalised over [-1024, 3072] HU, so metal on an
+    extended-HU scale (up to 30710) came out near 3072 (+960 HU one pixel beside a 3 x 3 pixel 8000 HU object after
+    the restoration with the shipped ADL file, +3000 HU at 20000 HU). MR's top is offset + 2 x (p99.5 - offset) of
+    the volume, offset = min(p0.1, 0) (:func:`lib.data.intensity.intensity_scaling_for`), so a gadolinium-enhanced
+    vessel brighter than twice the 99.5th percentile was capped there (a 546 voxel served as 314). With the excess
+    added back at its own voxels the output keeps the structure's value and the removed content the restoration
+    sees is what the network removed. The bottom of the range is left alone: CT values below -1024 HU are air whose
+    noise the network removes; MR values below min(p0.1, 0) are the lowest 0.1 % of a volume with negative values
+    (a resampling's ringing), not anatomy. Shapes: ``denoised`` and ``noisy`` alike, modality units."""
     ceiling = float(scaling.offset + scaling.scale)
     if noisy.size and float(noisy.max()) > ceiling:  # one pass when nothing is above (every usual CT)
         denoised += np.maximum(noisy - np.float32(ceiling), np.float32(0.0)).astype(np.float32, copy=False)

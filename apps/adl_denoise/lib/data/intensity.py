@@ -3,7 +3,9 @@
 Networks work on [0, 1] (ADL's heads end in a sigmoid). CT maps a fixed HU range, so a value means the
 same tissue in every scan and the output returns to HU; MR has no absolute scale, so each volume is
 scaled from a robust low (a low percentile, at most 0) to a robust upper percentile of its own values, with
-headroom so bright structures are not clipped by the sigmoid.
+headroom so bright structures are not squeezed by the sigmoid. Values outside [offset, offset + scale] are clipped
+on the way in; :func:`lib.predict.denoise_array` adds the part above the top back at its own voxels on the way out
+(metal above 3072 HU, an MR vessel above twice the 99.5th percentile), so no bright structure is capped.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import numpy as np
 CT_RANGE_HU = (-1024.0, 3072.0)
 MR_PERCENTILE = 99.5
 # the percentile maps to 1 / MR_HEADROOM, leaving room for brighter voxels: at 1.5 gadolinium-enhanced vessels
-# (often > 1.5x the 99.5th percentile of a brain) were squeezed against the sigmoid's ceiling and came out dimmed
+# (often > 1.5x the 99.5th percentile of a brain) were squeezed against the sigmoid's ceiling and came out dimmed;
+# what lies above 2x still reaches the network clipped, and lib.predict adds that excess back after it
 MR_HEADROOM = 2.0
 # the low end of an MR's scale: its minimum moved the whole image's scale, so that one stray negative voxel (a
 # resampling's ringing reaches -47 on a 0-700 abdomen) changed the denoising of every voxel (by up to 30 of 255)
