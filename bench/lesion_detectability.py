@@ -341,6 +341,16 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+#: the code between a learned model's weights and its output (normalisation, the add-back above the range, the
+#: orthogonal planes): a cached output made before a change to it is not the output of the code that now runs
+LEARNED_CODE = ("apps/adl_denoise/lib/predict.py", "apps/adl_denoise/lib/data/intensity.py", "bench/learned.py")
+
+
+def learned_code_id() -> str:
+    """Short hash of :data:`LEARNED_CODE`, part of every learned method's ``--reuse-outputs`` identity."""
+    return hashlib.sha256("".join(_file_sha256(REPO_ROOT / f) for f in LEARNED_CODE).encode()).hexdigest()[:16]
+
+
 def build_methods(names: str, weights: Sequence[str] = (), modalities: Sequence[str] = ("CT", "MR"),
                   log=print) -> list[Method]:
     """The run's denoisers: ``names`` (comma-separated, from :data:`bench.baselines.BASELINES` and
@@ -351,6 +361,7 @@ def build_methods(names: str, weights: Sequence[str] = (), modalities: Sequence[
 
     methods: list[Method] = []
     code_id = _file_sha256(REPO_ROOT / "apps" / "adl_denoise" / "lib" / "denoisers" / "classical.py")[:16]
+    learned_id = learned_code_id()
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         allowed = tuple(m for m in modalities if MODALITY_ONLY.get(name, m) == m)
         if name in BASELINES:
@@ -360,8 +371,8 @@ def build_methods(names: str, weights: Sequence[str] = (), modalities: Sequence[
             for m in set(allowed) - set(have):
                 log(f"[lesions] {name}: no installed weights for {m}, skipped there")
             if have:
-                ids = {m: f"learned:{name}:{_file_sha256(find_weights(LEARNED_MODEL_NAMES[name], m))[:16]}"
-                       for m in have}
+                ids = {m: f"learned:{name}:{_file_sha256(find_weights(LEARNED_MODEL_NAMES[name], m))[:16]}:"
+                          f"{learned_id}" for m in have}
                 methods.append(Method(name, LEARNED[name], have, ids))
         else:
             raise SystemExit(f"unknown denoiser {name!r}; choose from {sorted(BASELINES) + sorted(LEARNED)}")
@@ -378,7 +389,7 @@ def build_methods(names: str, weights: Sequence[str] = (), modalities: Sequence[
             log(f"[lesions] {name.strip()}: a {modality} model, not in this run's modalities; skipped")
             continue
         methods.append(Method(name.strip(), functools.partial(from_weights, path=str(p.resolve())), allowed,
-                              {modality: f"weights:{_file_sha256(p)}"}))
+                              {modality: f"weights:{_file_sha256(p)}:{learned_id}"}))
     if not methods:
         raise SystemExit("no denoisers selected")
     return methods

@@ -301,3 +301,20 @@ def test_benchmark_refuses_a_count_of_zero(option, capsys):
     assert exc.value.code == 2
     assert option in capsys.readouterr().err
     assert getattr(parse_args([option, "3"]), option.lstrip("-").replace("-", "_")) == 3
+
+
+def test_reused_outputs_of_a_learned_model_are_keyed_by_the_code_that_made_them(tmp_path, monkeypatch):
+    """``--reuse-outputs`` keyed a learned model's cached outputs by its weight file alone: after a change to
+    lib/predict.py (the add-back of MR voxels above the network's range, 2026-12-06) a rerun silently scored the
+    outputs of the code before it. Now the code between the weights and the output is part of the key."""
+    import bench.lesion_detectability as L
+
+    assert "apps/adl_denoise/lib/predict.py" in L.LEARNED_CODE
+    code = tmp_path / "predict.py"
+    code.write_text("before")
+    monkeypatch.setattr(L, "LEARNED_CODE", (*L.LEARNED_CODE, str(code)))
+    before = {m.name: m.identity["MR"] for m in L.build_methods("noisy,adl", (), ("MR",), log=lambda *a: None)}
+    code.write_text("after")
+    after = {m.name: m.identity["MR"] for m in L.build_methods("noisy,adl", (), ("MR",), log=lambda *a: None)}
+    assert set(before) == {"noisy", "adl"}
+    assert after["noisy"] == before["noisy"] and after["adl"] != before["adl"]
