@@ -954,12 +954,19 @@ COLLECTIVE_GUARD = textwrap.dedent("""
 """)
 #: Seconds for the whole torchrun job: headroom for a slow, loaded CI machine (a hang fails the test, not the suite).
 TORCHRUN_TIMEOUT = 600
+#: Each worker prints every thread's Python stack to its stderr a minute before the job is killed, so that a hang
+#: (once seen on a heavily loaded machine, not reproduced) says where it waits in the test's failure message.
+HANG_DUMP = textwrap.dedent(f"""
+    import faulthandler
+    faulthandler.dump_traceback_later({TORCHRUN_TIMEOUT - 60}, exit=False)
+""")
 
 
 def run_torchrun(script: Path, cwd: Path, timeout: float = TORCHRUN_TIMEOUT) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 script`` in a session of its own. torchrun starts each worker in
     a session of its own too, so the workers are tracked while the job runs; on a timeout torchrun's process group
-    and every worker's are killed (none is left running, orphaned, after the test) and ``TimeoutExpired`` raised."""
+    and every worker's are killed (none is left running, orphaned, after the test) and the test fails with the job's
+    output (:data:`HANG_DUMP` in the script puts the workers' stacks there)."""
     import psutil
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -988,7 +995,10 @@ def run_torchrun(script: Path, cwd: Path, timeout: float = TORCHRUN_TIMEOUT) -> 
                     except ProcessLookupError:
                         pass
                 process.wait()
-                raise subprocess.TimeoutExpired(command, timeout)
+                out.seek(0)
+                err.seek(0)
+                pytest.fail(f"torchrun did not end in {timeout:.0f} s (killed); stdout:\n{out.read()[-3000:]}\n"
+                            f"stderr (each worker's stacks a minute before):\n{err.read()[-12000:]}")
             time.sleep(0.5)
         out.seek(0)
         err.seek(0)
@@ -1007,7 +1017,7 @@ def test_torchrun_two_processes_gloo(model, tmp_path, ct_crop):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     script = tmp_path / f"ddp_{model}.py"
-    script.write_text(COLLECTIVE_GUARD + DDP_SCRIPTS[model].format(image=str(ct_crop), ckpt=str(tmp_path / "ck"),
+    script.write_text(HANG_DUMP + COLLECTIVE_GUARD + DDP_SCRIPTS[model].format(image=str(ct_crop), ckpt=str(tmp_path / "ck"),
                                                                    out=str(tmp_path))
                       + "assert not python_collectives, python_collectives\n")
     result = run_torchrun(script, tmp_path)
