@@ -221,6 +221,19 @@ def test_weights_publications_and_restores_are_audit_entries(tmp_path):
     assert len(store.history("adl", "ct")) == 4
 
 
+def _store_with_weights_v1(tmp_path: Path):
+    """An audited weights store under ``tmp_path`` that has published ``candidate.pt`` (b"weights v1") for adl / CT:
+    (audit log, store, candidate file, that publication's entry, the served file)."""
+    from lib.audit.recording import AuditedModelStore
+
+    audit = AuditLog(tmp_path / "audit")
+    store = AuditedModelStore(tmp_path / "model", audit)
+    candidate = tmp_path / "candidate.pt"
+    candidate.write_bytes(b"weights v1")
+    first = store.publish(candidate, "adl", "ct")
+    return audit, store, candidate, first, store.published_path("adl", "ct")
+
+
 @pytest.mark.parametrize("killed", ["before the rename", "after the rename"])
 def test_a_publication_cut_short_never_records_weights_as_published_that_are_not_served(tmp_path, monkeypatch,
                                                                                         killed):
@@ -229,14 +242,8 @@ def test_a_publication_cut_short_never_records_weights_as_published_that_are_not
     comes first and ``weights_published`` only once they are served; a run killed after the rename leaves its
     pending entry, which names the version now served."""
     import lib.weights.store as store_module
-    from lib.audit.recording import AuditedModelStore
 
-    audit = AuditLog(tmp_path / "audit")
-    store = AuditedModelStore(tmp_path / "model", audit)
-    candidate = tmp_path / "candidate.pt"
-    candidate.write_bytes(b"weights v1")
-    first = store.publish(candidate, "adl", "ct")
-    served = store.published_path("adl", "ct")
+    audit, store, candidate, first, served = _store_with_weights_v1(tmp_path)
     real_copy = store_module.atomic_copy
 
     def killed_at_the_rename(source, target, *args, **kwargs):
@@ -268,14 +275,7 @@ def test_weights_whose_audit_entry_cannot_be_written_are_not_served(tmp_path):
     """A publication or restore whose entry cannot be written (disk full, the log's folder lost its rights) left
     the new file served with no record anywhere (the file was replaced before the entry was written): the entry
     comes first now, and the served file stays as it was."""
-    from lib.audit.recording import AuditedModelStore
-
-    audit = AuditLog(tmp_path / "audit")
-    store = AuditedModelStore(tmp_path / "model", audit)
-    candidate = tmp_path / "candidate.pt"
-    candidate.write_bytes(b"weights v1")
-    first = store.publish(candidate, "adl", "ct")
-    served = store.published_path("adl", "ct")
+    audit, store, candidate, first, served = _store_with_weights_v1(tmp_path)
     candidate.write_bytes(b"weights v2")
     second = store.publish(candidate, "adl", "ct")
     assert served.read_bytes() == b"weights v2"

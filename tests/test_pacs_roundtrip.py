@@ -49,6 +49,14 @@ def real_ct_series(folder: Path, slices: int = 3) -> list[Path]:
     return paths
 
 
+def upload_real_ct_series(pacs, folder: Path) -> str:
+    """:func:`real_ct_series` written to ``folder`` and uploaded to ``pacs``; its SeriesInstanceUID."""
+    files = real_ct_series(folder)
+    for path in files:
+        pacs.upload(path)
+    return str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+
+
 def test_denoise_a_pacs_series_and_store_the_result_back(tmp_path, tiny_weights):
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
@@ -221,10 +229,7 @@ def test_a_series_asked_while_the_pacs_is_down_is_a_503_in_seconds(tmp_path, tin
 
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
-        files = real_ct_series(tmp_path / "series")
-        for path in files:
-            pacs.upload(path)
-        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        uid = upload_real_ct_series(pacs, tmp_path / "series")
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work")
     finally:
         stop_orthanc(pacs)
@@ -258,10 +263,7 @@ def test_a_derived_series_stored_by_a_server_killed_before_its_record_is_no_stud
 
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
-        files = real_ct_series(tmp_path / "series")
-        for path in files:
-            pacs.upload(path)
-        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        uid = upload_real_ct_series(pacs, tmp_path / "series")
         model = copy_weights(tiny_weights, tmp_path / "model")
         monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
         for name in ("app", "app2"):  # MONAI Label downloads dcmqi's converter unless the app has it
