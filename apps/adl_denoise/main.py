@@ -172,14 +172,11 @@ class DenoisingApp(MONAILabelApp):
         folder)."""
         try:
             site_key(self.model_dir)
-        except OSError as error:
-            if not self._trainers:
+        except (OSError, ValueError) as error:
+            if isinstance(error, OSError) and not self._trainers:  # cannot be made here: never needed here
                 logger.info("no pseudonym key in %s (%s): not needed, this server does not fine-tune", self.model_dir,
                             error)
                 return
-            logger.error("no pseudonym key in %s (%s): fine-tuning from corrections will fail until it can be made",
-                         self.model_dir, error)
-        except ValueError as error:
             logger.error("no pseudonym key in %s (%s): fine-tuning from corrections will fail until it can be made",
                          self.model_dir, error)
 

@@ -99,6 +99,9 @@ def _flat(entry: dict) -> dict:
             "hash": entry.get("hash")}
 
 
+_STUDY_CHANGES = ("image_removed", "image_removed_failed", "image_added")  # the entries :func:`removals` reads
+
+
 def _selected(audit: AuditLog, entries: Optional[list[dict]], where) -> list[dict]:
     """``audit.entries(where=where)``, or the same selection from ``entries`` already read from the log (a verdict
     reads the log once: :func:`_verdict_entries`)."""
@@ -112,9 +115,6 @@ def _verdict_entries(audit: AuditLog, image_id: str, result_seq: Optional[int]) 
     events = (*_STUDY_CHANGES, "result", "verdict")
     return audit.entries(where=lambda e: (e.get("event") in events and _image_of(e) == image_id)
                          or (result_seq is not None and e.get("seq") == result_seq))
-
-
-_STUDY_CHANGES = ("image_removed", "image_removed_failed", "image_added")  # the entries :func:`removals` reads
 
 
 def removals(audit: AuditLog, image_ids: set[str], entries: Optional[list[dict]] = None) -> dict[str, int]:

@@ -180,7 +180,7 @@ def _output_files(output: Path) -> list[Path]:
     return [output]
 
 
-def _output_sha256(output: Path, files: list[Path]) -> str:
+def _output_sha256(files: list[Path]) -> str:
     """The SHA-256 of an output's files: of the file, or of the names and SHA-256 of each (a series folder, a
     MetaImage header and its data file)."""
     digest = hashlib.sha256()
@@ -196,7 +196,7 @@ def _output_size(output: Path) -> dict:
     files = _output_files(output)
     stat = _stat_key(files)
     return {"output_files": len(files), "output_bytes": sum(p.stat().st_size for p in files),
-            "output_sha256": _output_sha256(output, files), "output_stat": stat}
+            "output_sha256": _output_sha256(files), "output_stat": stat}
 
 
 def _output_damage(record: dict, output: Path) -> str:
@@ -454,7 +454,7 @@ class _Rank:
             stat = _stat_key(files)
             if stat == record.get("output_stat"):
                 return ""
-            now = _output_sha256(output, files)
+            now = _output_sha256(files)
         except OSError as error:
             return f"{output} cannot be read ({one_line(error)})"
         if now != sha:
