@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ADLDenoiseLib import DenoiseServerError
+from ADLDenoiseLib import BackgroundTask, DenoiseServerError
 from ADLDenoiseLib.review_session import (
     FILES_PENDING,
     ReviewSession,
     StudyIdentity,
     TempFiles,
+    VolumeSnapshot,
     WorkflowError,
     content_identity,
     describe_error,
     describe_verdict,
     dicom_identity,
+    snapshot_matches_files,
 )
 from ADLDenoiseLib.settings import (
     MAX_RESTORATION_PX,
@@ -295,6 +297,207 @@ def test_a_dicom_volume_waits_for_its_files_read_in_the_background_before_anythi
     assert session.as_loaded(other, content_identity(loaded, EYE), pending).kind == "content"
     session.scene_closed()
     assert not session.files_pending and not session.checking(series)
+
+
+# --------------------------------------------------------------------------------------------------- background hash
+def identify(session: ReviewSession, node_id: str, voxels: np.ndarray, series: StudyIdentity | None = None,
+             name: str = "") -> tuple[int, BackgroundTask, VolumeSnapshot]:
+    """What ADLDenoiseLogic.identify does on the GUI thread: copy the voxels (mrml.volume_snapshot), tell the
+    session, hash the copy in a real background thread."""
+    snapshot = VolumeSnapshot(np.array(voxels, copy=True), EYE, name, None, series)
+    ticket = session.identifying(node_id, series, name)
+    return ticket, BackgroundTask(snapshot.content, name="identity"), snapshot
+
+
+def hashed(task: BackgroundTask) -> StudyIdentity:
+    assert task.wait(120) == "done", task.error
+    return task.result
+
+
+def big_volume(seed: int) -> np.ndarray:
+    """Large enough that its hash takes a while (a 512 x 512 x 400 CT takes 0.2-0.8 s)."""
+    return np.random.default_rng(seed).integers(-1024, 3000, (40, 256, 256), dtype=np.int16)
+
+
+def test_a_volume_being_identified_has_no_study_and_nothing_is_sent_or_attached_for_it():
+    """The content hash runs in the background (it froze Slicer 0.2-0.8 s at every selection, denoise and verdict):
+    until it is in, the selected volume has no identity, so nothing may be denoised, uploaded, judged, blended or
+    attached for it under the identity of the volume selected before."""
+    session = ReviewSession()
+    patient_a, patient_b = big_volume(1), big_volume(2)
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode1", patient_a, name="patient A")
+    a = session.identified(ticket, hashed(task))
+    assert a == content_identity(patient_a, EYE) and session.require_study() == a
+    session.record_upload(a, "case_a")
+    record = session.result_arrived(a, "result of A")
+    session.blended(0.5, "blend of A")
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode2", patient_b, name="patient B")
+    assert session.identifying_node("vtkMRMLScalarVolumeNode2") and session.study is None
+    assert session.blend is None and session.result() is None
+    refused = (session.require_study, session.require_identified, session.require_result, session.datastore_id,
+               session.server_id, session.correction_to_submit, lambda: session.blended(0.5, "n"),
+               lambda: session.verdict_request("accepted", "rita"))
+    for action in refused:  # whether or not the hash has ended: only its delivery on the GUI thread counts
+        with pytest.raises(WorkflowError, match="patient B is still being identified.*wait a moment"):
+            action()
+    assert session.result_arrived(a, "late result of A") is None  # A's late result is not B's
+    hashed(task)
+    with pytest.raises(WorkflowError, match="still being identified"):
+        session.verdict_request("accepted", "rita")
+    b = session.identified(ticket, task.result)
+    assert b == content_identity(patient_b, EYE) != a and session.require_study() == b
+    assert session.result() is None and session.server_id() is None and session.datastore_id() == b.datastore_id()
+    assert session.result(a) == record and session.known_ids[a] == "case_a"  # A keeps its own
+    # a hash that failed: nothing selected, and the reason is what every action says
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode3", patient_a, name="patient C")
+    assert session.identification_failed(ticket, MemoryError("out of memory")) is True
+    with pytest.raises(WorkflowError, match="could not identify patient C: out of memory"):
+        session.verdict_request("accepted", "rita")
+    assert session.identified(ticket, hashed(task)) is None and session.study is None
+
+
+def test_a_hash_for_a_volume_no_longer_selected_is_never_applied_to_the_next_one():
+    """Selection changed while hashing (another volume, none, the scene closed and node IDs restarted): the old
+    volume's identity must not become the new selection's, whatever order the answers come back in."""
+    session = ReviewSession()
+    patient_a, patient_b = big_volume(3), big_volume(4)
+    ticket_a, task_a, _ = identify(session, "vtkMRMLScalarVolumeNode1", patient_a, name="A")
+    ticket_b, task_b, _ = identify(session, "vtkMRMLScalarVolumeNode2", patient_b, name="B")
+    assert ticket_a != ticket_b
+    assert session.identified(ticket_a, hashed(task_a)) is None  # A's answer, B selected: dropped
+    assert session.identification_failed(ticket_a, "late") is False
+    with pytest.raises(WorkflowError, match="B is still being identified"):
+        session.require_study()
+    b = session.identified(ticket_b, hashed(task_b))
+    assert b == content_identity(patient_b, EYE) and session.study == b
+    assert session.identified(ticket_a, task_a.result) is None and session.study == b  # later still: dropped
+    # nothing selected while hashing
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode1", patient_a, name="A")
+    session.select(None)
+    assert session.identified(ticket, hashed(task)) is None and session.study is None
+    # the scene closed while hashing: node IDs restart, the next scene's first node has the same ID
+    ticket_old, task_old, _ = identify(session, "vtkMRMLScalarVolumeNode1", patient_a, name="A")
+    session.scene_closed()
+    ticket_new, task_new, _ = identify(session, "vtkMRMLScalarVolumeNode1", patient_b, name="B")
+    assert session.identified(ticket_old, hashed(task_old)) is None
+    assert session.identified(ticket_new, hashed(task_new)) == b
+
+
+def test_a_volume_edited_while_its_copy_was_hashed_is_identified_again_from_its_new_voxels():
+    """The node changed (an edit in place, another 4D frame) after its voxels were copied for the hash: that hash
+    names the old voxels and is dropped; the study comes from a hash of the new ones. A DICOM volume edited that
+    way is a new study (its series' result and server id are not used for it)."""
+    session = ReviewSession()
+    loaded = big_volume(5)
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode1", loaded, name="A")
+    masked = loaded.copy()
+    masked[:, :100] = -1000  # edited in the node after the copy (the copy is untouched)
+    session.input_modified()  # the widget's observer of INPUT_CHANGE_EVENTS
+    assert session.identified(ticket, hashed(task)) is None and session.study is None
+    assert task.result == content_identity(loaded, EYE)  # the copy's hash: the old voxels
+    with pytest.raises(WorkflowError, match="volume changed since it was identified.*identified again"):
+        session.require_study()
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode1", masked, name="A")
+    assert session.identified(ticket, hashed(task)) == content_identity(masked, EYE)
+    # a DICOM series: identified as its series, edited while being identified again: a new study by content
+    series = dicom_identity("1.2.840.77", "CT", "3: CT HEAD", instance_uids="1.2.840.77.1")
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode2", loaded, series, "3: CT HEAD")
+    assert session.identified(ticket, hashed(task)) == series
+    session.record_upload(series, "case_07")
+    record = session.result_arrived(series, "result of the series")
+    session.input_modified()
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode2", loaded, series, "3: CT HEAD")
+    session.input_modified()  # masked again during that hash
+    assert session.identified(ticket, hashed(task)) is None
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode2", masked, series, "3: CT HEAD")
+    edited = session.identified(ticket, hashed(task))
+    assert (edited.kind, edited.modality) == ("content", "CT") and "edited in place" in session.describe_study(edited)
+    assert session.result() is None and session.server_id() is None and session.result(series) == record
+
+
+def write_series(folder, voxels: np.ndarray) -> list[str]:
+    """A small CT series (one file per slice, int16, rescale -1024) written with pydicom."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, plane in enumerate(voxels):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"{index}.dcm"
+        dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        dataset.SOPClassUID, dataset.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        dataset.Modality, dataset.PhotometricInterpretation, dataset.SamplesPerPixel = "CT", "MONOCHROME2", 1
+        dataset.Rows, dataset.Columns = plane.shape
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
+        dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1024
+        dataset.PixelData = (plane + 1024).astype("<i2").tobytes()
+        dataset.is_little_endian, dataset.is_implicit_VR = True, False
+        dataset.save_as(path, write_like_original=False)
+        paths.append(str(path))
+    return paths
+
+
+def test_a_dicom_volume_is_compared_with_its_files_from_the_copy_hashed_and_decided_without_a_second_hash(
+        tmp_path):
+    """The series' files are compared in the background with the very copy whose hash identified the volume (not
+    with the node, which may have changed meanwhile, nor hashed again on the GUI thread): the answer decides the
+    study as soon as it is in, and nothing is sent for the volume before."""
+    voxels = np.random.default_rng(6).integers(-1000, 1000, (4, 16, 12), dtype=np.int16).astype(np.float32)
+    files = write_series(tmp_path / "series", voxels)
+    masked = voxels.copy()
+    masked[:, :5] = -1000.0  # Mask volume, before the module first saw the volume
+    series = dicom_identity("1.2.840.88", "CT", "4: CT CHEST", instance_uids="1.2.840.88.1")
+    for held, expected in ((voxels, "series"), (masked, "edited")):
+        session = ReviewSession()
+        ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", held, series, "4: CT CHEST")
+        checks = []
+
+        def files_match():  # what ADLDenoiseLogic.start_files_check does
+            checks.append(BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files)))
+            return FILES_PENDING
+
+        content = hashed(task)
+        assert session.identified(ticket, content, files_match) == series and len(checks) == 1
+        with pytest.raises(WorkflowError, match="being compared with its DICOM files"):
+            session.require_study()
+        assert checks[0].wait(120) == "done" and checks[0].result is (expected == "series")
+        study = session.files_read(series, content.key, checks[0].result)
+        assert study == session.require_study()
+        assert (study == series) if expected == "series" else (study.kind == "content" and study != series)
+    # an answer for voxels the selection no longer holds is kept for them, and selects nothing
+    session = ReviewSession()
+    ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", masked, series, "4: CT CHEST")
+    content = hashed(task)
+    session.identified(ticket, content, lambda: FILES_PENDING)
+    session.input_modified()
+    assert session.files_read(series, content.key, False) is None and session.study_stale
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode1", masked, series, "4: CT CHEST")
+    assert session.identified(ticket, hashed(task), lambda: pytest.fail("read twice")).kind == "content"
+
+
+def test_the_content_hash_of_a_copy_is_the_identity_the_volume_always_had():
+    """Hashing a contiguous copy in one call gives the key the slice-by-slice hash gave (server ids derive from
+    it: a study stored before must keep its id), for any dtype, byte order and memory layout."""
+    import hashlib
+
+    def slice_by_slice(voxels, matrix):
+        digest = hashlib.sha256()
+        digest.update(f"{voxels.dtype.str}|{voxels.shape}|".encode())
+        digest.update(np.round(np.asarray(matrix, np.float64), 6).tobytes())
+        for plane in voxels:
+            digest.update(np.ascontiguousarray(plane).tobytes())
+        return digest.hexdigest()
+
+    rng = np.random.default_rng(7)
+    for dtype in ("<i2", ">i2", "u1", "<f4", ">f8", "bool"):
+        values = rng.normal(0, 100, (5, 7, 9)).astype(dtype)
+        for voxels in (values, values[:, ::-1], np.asfortranarray(values), values[::2]):
+            key = slice_by_slice(voxels, EYE)
+            assert content_identity(voxels, EYE).key == key, dtype
+            assert VolumeSnapshot(np.array(voxels, copy=True), EYE).content().key == key, dtype
 
 
 # --------------------------------------------------------------------------------------------------- server ids

@@ -2,8 +2,9 @@
 fine-tune.
 
 Thin Qt glue over ``ADLDenoiseLib`` (Slicer-free client, background runner, workflow maths, MRML helpers). Every
-network call runs in a :class:`ADLDenoiseLib.BackgroundTask` polled by a ``qt.QTimer``, so Slicer never freezes;
-MRML is only touched on the GUI thread.
+network call, the content hash of the selected volume (of a copy of its voxels) and the reading of a DICOM series'
+files run in a :class:`ADLDenoiseLib.BackgroundTask` polled by a ``qt.QTimer``, so Slicer never freezes; MRML is
+only touched on the GUI thread.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from ADLDenoiseLib.review_session import (
     describe_error,
     describe_verdict,
     send_verdict,
+    snapshot_matches_files,
 )
 from ADLDenoiseLib.settings import (
     DEFAULT_SERVER_URL,
@@ -94,6 +96,8 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         #: the connected server's denoising models by name (``DenoiseServerClient.denoising_models``)
         self.models: dict[str, dict] = {}
         self.session = ReviewSession()
+        #: background hashes of selected volumes (``identify``): ticket -> (task, node ID, snapshot, server id, file)
+        self.identifications: dict[int, tuple] = {}
         #: background reads of DICOM series' files: (identity, content hash) -> (task, node ID) (``identify``)
         self.files_checks: dict[tuple, tuple[BackgroundTask, str]] = {}
 
@@ -151,25 +155,65 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
             raise DenoiseServerError("connect to a server first")
         return self.client
 
-    # --- identity (GUI thread)
-    def identify(self, node) -> StudyIdentity:
-        """The selected volume's identity (SeriesInstanceUID or content hash, plus the sequence frame); selecting
-        it in the session drops a blend made for another study. A DICOM volume edited in place is a new study
-        identified by its content (``ReviewSession.as_loaded``)."""
-        from ADLDenoiseLib.mrml import content_identity_of, study_identity
+    # --- identity (GUI thread; the hashing and the reading of files run in the background)
+    def identify(self, node, server_id: str | None = None, study_file=None) -> int:
+        """Start identifying ``node`` (SeriesInstanceUID or content hash, plus the sequence frame): its voxels are
+        copied here (``mrml.volume_snapshot``: Slicer's array may change under a thread) and hashed in a
+        :class:`BackgroundTask` (0.2-0.8 s for 512 x 512 x 400 voxels, which froze Slicer at every selection); the
+        session has no study until :meth:`poll_identifications` gives it the answer, and refuses to act meanwhile.
+        A DICOM volume edited in place is a new study identified by its content (``ReviewSession.as_loaded``).
+        ``server_id`` / ``study_file``: a review-queue study just loaded: the server holds these voxels under that id
+        (recorded once hashed). Returns the session's ticket."""
+        from ADLDenoiseLib.mrml import volume_snapshot
 
         if node is None:
             raise WorkflowError("select a CT or MR volume first")
-        identity = study_identity(node)
-        if identity.kind == "dicom":
-            # the reference is the series' files, so that an edit made before this first look is seen too; they are
-            # read in the background (seconds for a large or compressed series), and nothing is done for the
-            # volume meanwhile (ReviewSession.require_checked)
-            content = content_identity_of(node)
-            identity = self.session.as_loaded(
-                identity, content, lambda series=identity: self.start_files_check(node, series, content.key))
-        self.session.select(identity)
-        return identity
+        snapshot = volume_snapshot(node)
+        ticket = self.session.identifying(node.GetID(), snapshot.series, snapshot.name)
+        task = BackgroundTask(snapshot.content, name="ADLDenoise identity")
+        self.identifications[ticket] = (task, node.GetID(), snapshot, server_id, study_file)
+        return ticket
+
+    def identify_and_wait(self, node, timeout: float = 600.0) -> StudyIdentity:
+        """:meth:`identify`, then wait for the answer (the self-test; the widget polls instead)."""
+        task = self.identifications[self.identify(node)][0]
+        task.wait(timeout)
+        self.poll_identifications()
+        return self.session.require_study()
+
+    def poll_identifications(self) -> list[str]:
+        """GUI thread: hand the session the identities hashed in the background (``ReviewSession.identified``: an
+        answer for a volume no longer selected, or changed since its copy, is dropped there) and the answers of the
+        series' files read (``ReviewSession.files_read``); returns the IDs of the nodes concerned."""
+        ended = []
+        for ticket, (task, node_id, snapshot, server_id, study_file) in list(self.identifications.items()):
+            if not task.finished:
+                continue
+            del self.identifications[ticket]
+            if task.state != "done":
+                if self.session.identification_failed(ticket, task.error or "cancelled"):
+                    ended.append(node_id)
+                continue
+            content = task.result
+            if server_id:  # the copy was taken right after loading the server's file: these are its voxels
+                try:
+                    self.session.record_upload(content, server_id, study_file)
+                except WorkflowError as error:
+                    logging.warning("ADLDenoise: %s", error)
+            # the reference of a DICOM volume seen for the first time is its series' files, compared with the same
+            # copy in the background, so that an edit made before this first look is seen too
+            if self.session.identified(ticket, content, lambda: self.start_files_check(node_id, snapshot,
+                                                                                       content.key)) is not None:
+                ended.append(node_id)
+        for key, (task, node_id) in list(self.files_checks.items()):
+            if not task.finished:
+                continue
+            del self.files_checks[key]
+            if task.state == "failed":
+                logging.warning("ADLDenoise: could not compare %s with its files: %s", node_id, task.error)
+            self.session.files_read(*key, task.result if task.state == "done" else None)
+            ended.append(node_id)
+        return ended
 
     @staticmethod
     def series_files_of(node, identity: StudyIdentity) -> list[str] | None:
@@ -184,48 +228,25 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         files = [database.fileForInstance(uid) for uid in dicom_instance_uids(node).split()]
         return files if files and all(files) else None
 
-    def start_files_check(self, node, identity: StudyIdentity, content_key: str):
-        """GUI thread (``ReviewSession.as_loaded``'s ``files_match``): start reading the series' files in the
-        background (``series_files.read_series_values``: pydicom and numpy only, nothing of Slicer or Qt);
-        FILES_PENDING, or None when the files cannot be found (the voxels seen now are the reference then).
-        :meth:`poll_files_checks` compares them with the node once read."""
-        from ADLDenoiseLib.series_files import read_series_values
-
-        files = self.series_files_of(node, identity)
+    def start_files_check(self, node_id: str, snapshot, content_key: str):
+        """GUI thread (``ReviewSession.as_loaded``'s ``files_match``): compare the series' files with the copy of
+        the voxels hashed (``snapshot``) in the background (``snapshot_matches_files``: pydicom and numpy only);
+        FILES_PENDING, or None when the files cannot be found (the voxels seen now are the reference then)."""
+        node = slicer.mrmlScene.GetNodeByID(node_id)
+        files = self.series_files_of(node, snapshot.series) if node is not None else None
         if files is None:
             return None
-        task = BackgroundTask(lambda report, cancelled: read_series_values(files), name="ADLDenoise series files")
-        self.files_checks[(identity, content_key)] = (task, node.GetID())
+        task = BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files),
+                              name="ADLDenoise series files")
+        self.files_checks[(snapshot.series, content_key)] = (task, node_id)
         return FILES_PENDING
 
-    def poll_files_checks(self) -> list[str]:
-        """GUI thread: for each background read of series files that ended, compare the values with the node's
-        voxels (when the node still holds the voxels the read was started for) and give the answer to the session
-        (``ReviewSession.files_read``); returns the IDs of those nodes, to be identified again."""
-        from ADLDenoiseLib.mrml import content_identity_of
-
-        checked = []
-        for key, (task, node_id) in list(self.files_checks.items()):
-            if not task.finished:
-                continue
-            del self.files_checks[key]
-            identity, content_key = key
-            node = slicer.mrmlScene.GetNodeByID(node_id)
-            answer = None  # could not tell: the voxels seen are the reference
-            if task.state == "done" and task.result is not None and node is not None:
-                try:
-                    if content_identity_of(node).key == content_key:  # not changed while the files were read
-                        answer = task.result.matches(slicer.util.arrayFromVolume(node))
-                except Exception as error:  # noqa: BLE001 - a node that is no volume any more: cannot tell
-                    logging.warning("ADLDenoise: could not compare %s with its files: %s", node_id, error)
-            self.session.files_read(identity, content_key, answer)
-            checked.append(node_id)
-        return checked
-
     def cancel_files_checks(self) -> None:
-        """Scene closed or module closed: the reads still running are dropped (node IDs restart)."""
-        for task, _ in self.files_checks.values():
+        """Scene closed or module closed: the identifications and reads still running are dropped (node IDs
+        restart)."""
+        for task, *_ in [*self.identifications.values(), *self.files_checks.values()]:
             task.cancel()
+        self.identifications.clear()
         self.files_checks.clear()
 
     # --- denoise (export on the GUI thread, request in the background, load on the GUI thread)
@@ -356,6 +377,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     #: ms the blend slider must rest before the volume is re-blended (no re-blend per drag step)
     BLEND_DELAY_MS = 300
+    #: ms a selected volume changed in place must rest before it is identified again
+    REIDENTIFY_DELAY_MS = 500
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -369,6 +392,9 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.corrected_node = None
         self.marks = SegmentMarks()
         self.segmentation_node = None
+        #: what to do once the selected volume is identified (``whenIdentified``): a review-queue study's Denoise, a
+        #: result that came back while the volume was being identified again
+        self.identity_waiters = []
 
     def setup(self):
         from ADLDenoiseLib.mrml import EXCLUDED_VOLUME_TYPES
@@ -450,11 +476,18 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.train_timer = qt.QTimer()
         self.train_timer.setInterval(2000)
         self.train_timer.connect("timeout()", self.onTrainPoll)
-        # a DICOM volume's files are compared with it in the background at its first selection (logic.identify)
+        # the selected volume is hashed, and a DICOM volume's files compared with it, in the background
+        # (logic.identify): their answers are collected here
         self.files_timer = qt.QTimer()
-        self.files_timer.setInterval(300)
-        self.files_timer.connect("timeout()", self.onFilesChecked)
+        self.files_timer.setInterval(200)
+        self.files_timer.connect("timeout()", self.onIdentified)
         self.files_timer.start()
+        # a volume changed in place (4D frame, edit) is identified again once it rests (not per frame of a playing
+        # sequence)
+        self.reidentify_timer = qt.QTimer()
+        self.reidentify_timer.setSingleShot(True)
+        self.reidentify_timer.setInterval(self.REIDENTIFY_DELAY_MS)
+        self.reidentify_timer.connect("timeout()", self.onReidentify)
         # typing a strength or pressing arrow keys also emits valueChanged: blend once the slider rests
         self.blend_timer = qt.QTimer()
         self.blend_timer.setSingleShot(True)
@@ -469,6 +502,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.blend_timer.stop()
         self.train_timer.stop()
         self.files_timer.stop()
+        self.reidentify_timer.stop()
+        self.identity_waiters = []
         if self.logic is not None:
             self.logic.cancel_files_checks()
         if self.task is not None:
@@ -485,6 +520,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.task is not None:
             self.task.cancel()  # its answer belongs to a study of the closing scene
         self.blend_timer.stop()
+        self.reidentify_timer.stop()
+        self.identity_waiters = []
         self.logic.cancel_files_checks()  # node IDs restart: a late answer would name another scene's node
 
     def onSceneEndClose(self, caller=None, event=None):
@@ -503,6 +540,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from ADLDenoiseLib.mrml import INPUT_CHANGE_EVENTS
 
         self.blend_timer.stop()
+        self.reidentify_timer.stop()
+        self.identity_waiters = []  # they were for the volume selected before
         self.corrected_node = None
         # the table's choices were made for the last study's segments: none is carried into this one
         self.marks = SegmentMarks()
@@ -518,14 +557,15 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showModality(None)
             return
         try:
-            identity = self.logic.identify(node)
+            if not self.logic.session.identifying_node(node.GetID()):  # (a review-queue study is already)
+                self.logic.identify(node)  # in the background: the status line says so meanwhile
         except Exception as error:  # noqa: BLE001
             self.logic.session.select(None)
             self.showModality(None)
             self.error(describe_error(error))
             return
-        self.showModality(identity)
-        self.ui.statusLabel.text = self.studyText(node, identity)
+        self.showModality(self.logic.session.pending.series)  # a DICOM series' Modality is known before its hash
+        self.ui.statusLabel.text = self.studyText(node, None)
 
     def showModality(self, identity) -> None:
         """The Modality choice for a newly selected volume: a DICOM CT / MR series shows its Modality, fixed; any
@@ -539,42 +579,76 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                          "conf 'modality', else a guess from the values: HU-like CT); choose CT or MR to decide "
                          "yourself. The status line says which one was used.")
 
-    def onFilesChecked(self):
-        """A background comparison of a DICOM volume with its files ended: the selected volume, if it was that one,
-        is identified again (a new study when it no longer holds its series' voxels) and the status line says so."""
-        if not self.logic.files_checks:
+    def onIdentified(self):
+        """A background identification (or comparison of a DICOM volume with its files) ended: for the selected
+        volume the status line says what it is now (a new study when it no longer holds its series' voxels), and
+        what waited for its identity runs (``whenIdentified``)."""
+        if not (self.logic.identifications or self.logic.files_checks):
             return
-        checked = self.logic.poll_files_checks()
+        ended = self.logic.poll_identifications()
         node = self.ui.inputVolumeSelector.currentNode()
-        if node is None or node.GetID() not in checked:
+        if node is None or node.GetID() not in ended:
             return
+        session = self.logic.session
         try:
-            identity = self.logic.identify(node)
-        except Exception as error:  # noqa: BLE001 - no dialog from a timer
+            identity = session.require_identified()
+        except WorkflowError as error:  # its hash failed: no dialog from a timer, actions refuse with the reason
+            self.identity_waiters = []
             self.ui.statusLabel.text = describe_error(error)
             return
         self.ui.statusLabel.text = self.studyText(node, identity)
+        if session.checking(identity):
+            return  # its files are still compared with it: nothing is done for it before the answer
+        waiting, self.identity_waiters = self.identity_waiters, []
+        for action in waiting:
+            try:
+                action()
+            except Exception as error:  # noqa: BLE001 - shown like any failed action
+                self.error(error)
+
+    def whenIdentified(self, action) -> None:
+        """Run ``action`` once the selected volume's identity is known (now if it is): dropped when another volume
+        is selected or the scene closes."""
+        session = self.logic.session
+        if session.pending is None and not session.study_stale and not session.checking(session.study):
+            action()
+        else:
+            self.identity_waiters.append(action)
 
     def onInputModified(self, caller=None, event=None):
         """The selected volume's voxels, geometry or 4D frame changed: its result and blend may belong to other
-        voxels now. Only marked here (this runs for every frame of a playing sequence); the identity is computed
-        again by the next action that needs it (:meth:`refreshStaleIdentity`)."""
+        voxels now. Marked here (this runs for every frame of a playing sequence); the volume is identified again
+        in the background once it rests (or by the next action that needs it: :meth:`refreshStaleIdentity`)."""
         self.blend_timer.stop()
         self.logic.session.input_modified()
+        self.reidentify_timer.start()
+
+    def onReidentify(self):
+        try:
+            self.refreshStaleIdentity()
+        except Exception as error:  # noqa: BLE001 - no dialog from a timer
+            self.ui.statusLabel.text = describe_error(error)
 
     def refreshStaleIdentity(self) -> None:
-        """Identify the selected volume again if it changed in place since it was identified (its study may now be
-        another frame or other voxels, with no result)."""
-        if self.logic.session.study_stale:
+        """Start identifying the selected volume again (in the background) if it changed in place since it was
+        identified (its study may now be another frame or other voxels, with no result); nothing is done for it
+        until the answer is in (``ReviewSession.require_study``)."""
+        session = self.logic.session
+        if session.study_stale and session.pending is None:
             node = self.ui.inputVolumeSelector.currentNode()
             if node is None:
-                self.logic.session.select(None)
+                session.select(None)
             else:
-                self.ui.statusLabel.text = self.studyText(node, self.logic.identify(node))
+                self.logic.identify(node)
+                self.ui.statusLabel.text = self.studyText(node, None)
 
     def studyText(self, node, identity) -> str:
         """The status line of a selected study: the 4D frame sent, else its identity; always the note that a
-        DICOM volume was edited in place (its earlier result and server copy are not used)."""
+        DICOM volume was edited in place (its earlier result and server copy are not used). ``identity`` None:
+        being identified."""
+        if identity is None:
+            pending = self.logic.session.pending
+            return f"identifying {pending.name if pending else node.GetName()} (hashing its voxels) ..."
         if identity in self.logic.session.edited_from:
             return self.logic.session.describe_study(identity)
         if self.logic.session.checking(identity):
@@ -604,11 +678,14 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return combo.itemData(combo.currentIndex) or combo.currentText if combo.count else ""
 
     def selected(self):
-        """(original node, its identity) of the selection, re-identified (content, frame may have changed)."""
+        """(original node, its identity) of the selection; refused while it is being identified (also again, after
+        it changed in place: content, frame) and while a DICOM volume is compared with its files (it may be an
+        edited one): nothing is sent for it with an identity not its own."""
         original = self.ui.inputVolumeSelector.currentNode()
-        identity = self.logic.identify(original)
-        # a DICOM volume still being compared with its files may be an edited one: nothing is sent for it yet
-        return original, self.logic.session.require_checked(identity)
+        if original is None:
+            raise WorkflowError("select a CT or MR volume first")
+        self.refreshStaleIdentity()
+        return original, self.logic.session.require_study()
 
     def sliceView(self, name: str):
         """The slice view ``name`` ("Red" or "Yellow") shown in the layout. A layout that does not show it (3D
@@ -625,16 +702,14 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                 "(e.g. Conventional or Side by side)")
         return widget
 
-    def original_and_result(self, reidentify: bool = False):
-        """The selected node and the node of its study's result (None when not denoised). Without
-        ``reidentify`` the identity computed at selection is used (no hashing per slider step)."""
+    def original_and_result(self):
+        """The selected node and the node of its study's result (None when not denoised); refused while the volume
+        is being identified (no hashing here: this runs per slider step)."""
         original = self.ui.inputVolumeSelector.currentNode()
-        if reidentify and original is not None:
-            self.logic.identify(original)
-        else:
-            self.refreshStaleIdentity()
-        if original is None or self.logic.session.study is None:
+        self.refreshStaleIdentity()
+        if original is None:
             raise WorkflowError("select a volume first")
+        self.logic.session.require_identified()
         record = self.logic.session.result()
         result = slicer.mrmlScene.GetNodeByID(record.node_id) if record else None
         if record is not None and result is None:  # the user deleted the result node
@@ -795,6 +870,10 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise WorkflowError("the server answered the denoising request with an empty body")
             result_path, result = answer
             self.refreshStaleIdentity()  # the node changed in place meanwhile (4D frame): is it still this study?
+            if self.logic.session.pending is not None:  # being identified: attached once known to be this study
+                self.ui.statusLabel.text = f"{self.studyText(original, None)} (a result came back for it)"
+                self.whenIdentified(lambda: done(answer))
+                return None
             node = self.logic.load_result(original, identity, result_path, result)
             if node is None:  # the user moved on (other volume, closed scene): not attached to another study
                 self.ui.statusLabel.text = f"a result for {identity.describe()} arrived late and was discarded"
@@ -881,7 +960,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from ADLDenoiseLib.mrml import difference_volume
 
         try:
-            original, result = self.original_and_result(reidentify=True)
+            original, result = self.original_and_result()
             if result is None:
                 raise WorkflowError("denoise the volume first")
             node = difference_volume(slicer.mrmlScene, original, result)
@@ -946,9 +1025,11 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as error:  # noqa: BLE001 - no dialog per slider step
             self.ui.statusLabel.text = describe_error(error)
             return
-        if self.ui.inputVolumeSelector.currentNode() is None or self.logic.session.result() is None:
+        node = self.ui.inputVolumeSelector.currentNode()
+        if node is None or self.logic.session.result() is None:
             self.blend_timer.stop()
-            self.ui.statusLabel.text = "select and denoise a volume to blend"
+            self.ui.statusLabel.text = (self.studyText(node, None) if node is not None and self.logic.session.pending
+                                        else "select and denoise a volume to blend")
             return
         self.blend_timer.start()
 
@@ -1078,14 +1159,12 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # it (case_07, case_08 ... downloaded earlier) into one volume of several patients
             node = slicer.util.loadVolume(str(path), {"singleFile": True})
             node.SetName(study["id"])
-            from ADLDenoiseLib.mrml import study_identity
-
-            # the server's id is kept for this content: corrections and verdicts go to that study
-            self.logic.session.record_upload(study_identity(node), study["id"], path)
-            self.ui.inputVolumeSelector.setCurrentNode(node)  # -> onVolumeChanged: identity, blend dropped
+            # the server's id is kept for this content (recorded once hashed): corrections and verdicts go there
+            self.logic.identify(node, server_id=study["id"], study_file=path)
+            self.ui.inputVolumeSelector.setCurrentNode(node)  # -> onVolumeChanged: blend dropped
             self.ui.reviewStatusLabel.text = (f"study {study['id']} ({study.get('remaining_unreviewed', '?')} "
                                               "unreviewed)")
-            self.onDenoise()
+            self.whenIdentified(self.onDenoise)
 
         self.run(fetch, on_done=done, busy_text="asking for the next study ...")
 
@@ -1219,7 +1298,7 @@ class ADLDenoiseTest(ScriptedLoadableModuleTest):
         original = slicer.util.addVolumeFromArray(noisy, name="phantom CT")
         original.SetSpacing(0.8, 0.8, 2.0)
 
-        identity = logic.identify(original)
+        identity = logic.identify_and_wait(original)
         self.assertEqual(identity.kind, "content")  # not from DICOM: keyed by voxels + geometry
         path = logic.export_input(original, identity)
         result_path, result = logic.denoise_file(model, path, "ct", logic.work_dir / "results")

@@ -21,7 +21,7 @@ __all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "bl
            "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid",
            "check_segmentation_reference", "tag_derived", "derived_kind", "DERIVED_ATTRIBUTE", "STUDY_ATTRIBUTE",
            "DERIVED_FROM_ROLE",
-           "study_identity", "content_identity_of", "sequence_frame", "dicom_series_of", "dicom_instance_uids",
+           "study_identity", "content_identity_of", "volume_snapshot", "sequence_frame", "dicom_series_of", "dicom_instance_uids",
            "is_plain_scalar_volume",
            "EXCLUDED_VOLUME_TYPES",
            "adopt_parent_transform", "adopt_study_folder", "match_orientation_and_link", "INPUT_CHANGE_EVENTS"]
@@ -263,7 +263,30 @@ def study_identity(node):
             content hash would make it a new study, so denoising or submitting it would upload a derived image
             as a patient's original.
     """
-    from .review_session import WorkflowError, content_identity, dicom_identity
+    from .review_session import content_identity
+
+    series, frame = _series_and_frame(node)
+    if series is not None:
+        return series
+    return content_identity(slicer.util.arrayFromVolume(node), _ijk_to_ras(node), node.GetName(), frame)
+
+
+def volume_snapshot(node):
+    """GUI thread: a :class:`review_session.VolumeSnapshot` of a volume node: a copy of its voxels (Slicer's array
+    may change or be freed while a thread hashes it), its IJK-to-RAS matrix, name, sequence frame and DICOM
+    identity (as :func:`study_identity` finds it; None: identified by content). Its ``content()`` is
+    :func:`content_identity_of` the node as it was, computed in the background. Raises as :func:`study_identity`."""
+    from .review_session import VolumeSnapshot
+
+    series, frame = _series_and_frame(node)
+    return VolumeSnapshot(np.array(slicer.util.arrayFromVolume(node), copy=True), _ijk_to_ras(node), node.GetName(),
+                          frame, series)
+
+
+def _series_and_frame(node):
+    """(DICOM identity or None, sequence frame or None) of a volume node, refusing what is no study (see
+    :func:`study_identity`)."""
+    from .review_session import WorkflowError, dicom_identity
 
     if not is_plain_scalar_volume(node):
         name = node.GetName() if node is not None else "nothing"
@@ -283,8 +306,8 @@ def study_identity(node):
         source = frame_info["sequence"]
         uid, modality = dicom_series_of(source)
     if uid:  # plus the files it was made of: Slicer may load one series as several volumes (subseries)
-        return dicom_identity(uid, modality, node.GetName(), frame, dicom_instance_uids(source))
-    return content_identity(slicer.util.arrayFromVolume(node), _ijk_to_ras(node), node.GetName(), frame)
+        return dicom_identity(uid, modality, node.GetName(), frame, dicom_instance_uids(source)), frame
+    return None, frame
 
 
 def content_identity_of(node):

@@ -13,6 +13,10 @@ a filter writing into the same node) keeps its UIDs but no longer holds the seri
 denoised by the series' id), also when the edit was made before the module first saw the volume (its voxels are
 compared with the series' files on disk: :mod:`series_files`).
 
+The content hash is computed in the background from a copy of the voxels (:class:`VolumeSnapshot`); until it is in
+the volume has no identity (:meth:`ReviewSession.identifying`, :meth:`ReviewSession.identified`), and an answer for
+a volume no longer selected, or changed since its copy, is dropped.
+
 The module only wires Qt to :class:`ReviewSession`; every transition below is tested without Slicer
 (``tests/test_slicer_workflow_state.py``).
 """
@@ -32,7 +36,7 @@ import numpy as np
 from .client import DenoiseServerError, TransferCancelled
 
 __all__ = ["FILES_PENDING", "StudyIdentity", "ResultRecord", "BlendRecord", "ReviewSession", "TempFiles",
-           "WorkflowError",
+           "WorkflowError", "VolumeSnapshot", "PendingIdentity", "snapshot_matches_files",
            "VerdictRefused", "content_identity", "dicom_identity", "describe_error", "describe_verdict", "send_verdict",
            "VERDICTS"]
 
@@ -131,9 +135,53 @@ def content_identity(voxels: np.ndarray, ijk_to_ras: np.ndarray, name: str = "",
     digest = hashlib.sha256()
     digest.update(f"{voxels.dtype.str}|{voxels.shape}|".encode())
     digest.update(np.round(matrix, 6).tobytes())
-    for plane in voxels:  # one slice at a time: a contiguous copy of at most one slice
-        digest.update(np.ascontiguousarray(plane).tobytes())
+    if voxels.flags.c_contiguous:  # the same bytes in one call, without a copy; hashlib lets other threads run
+        digest.update(voxels.reshape(-1).view(np.uint8))
+    else:
+        for plane in voxels:  # one slice at a time: a contiguous copy of at most one slice
+            digest.update(np.ascontiguousarray(plane).tobytes())
     return StudyIdentity("content", digest.hexdigest(), frame, "", name)
+
+
+@dataclass(frozen=True, eq=False)
+class VolumeSnapshot:
+    """A copy of a volume node's voxels and grid, taken on the GUI thread (``mrml.volume_snapshot``) so that its
+    content identity is computed in the background (:meth:`content`; 0.2-0.8 s for 512 x 512 x 400 voxels, which
+    froze Slicer at every selection): Slicer's own array may change, be replaced or be freed (a 4D frame copied into
+    the node, an edit in place) while a thread reads it, and a hash of half-old half-new voxels would name no
+    study. Copying takes about a tenth of the hash's time. ``series``: the volume's DICOM identity (its UIDs), None
+    for a volume identified by its content alone."""
+
+    voxels: np.ndarray = field(repr=False)
+    ijk_to_ras: np.ndarray = field(repr=False)
+    name: str = ""
+    frame: int | None = None
+    series: StudyIdentity | None = None
+
+    def content(self, report: Any = None, cancelled: Any = None) -> StudyIdentity:
+        """Background: the :func:`content_identity` of the copy (``report``, ``cancelled``: a
+        :class:`~ADLDenoiseLib.background.BackgroundTask`'s, unused)."""
+        return content_identity(self.voxels, self.ijk_to_ras, self.name, self.frame)
+
+
+def snapshot_matches_files(snapshot: VolumeSnapshot, files: Sequence[str]) -> bool | None:
+    """Background: whether ``snapshot`` holds the voxel values of its series' DICOM ``files``
+    (:mod:`series_files`); None when the files cannot tell. Compares the copy the identity was computed from, not
+    the node, so the answer is that of those very voxels (the node may have changed meanwhile)."""
+    from .series_files import read_series_values
+
+    values = read_series_values(files)
+    return None if values is None else values.matches(snapshot.voxels)
+
+
+@dataclass(frozen=True)
+class PendingIdentity:
+    """A volume whose identity is being computed in the background (:meth:`ReviewSession.identifying`)."""
+
+    ticket: int
+    node_id: str
+    series: StudyIdentity | None = None
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -258,6 +306,9 @@ class ReviewSession:
     def __init__(self, temp_root: str | Path | None = None) -> None:
         self.temp = TempFiles(temp_root)
         self._serials = itertools.count(1)
+        #: tickets of background identifications (:meth:`identifying`); never restarted, so that the late answer of a
+        #: closed scene's volume never matches a ticket of the next scene
+        self._tickets = itertools.count(1)
         self._reset_studies()
         self.training_model: str | None = None
         #: the address of the server the datastore ids and verdicts below were recorded on (None: not connected)
@@ -269,6 +320,12 @@ class ReviewSession:
     def _reset_studies(self) -> None:
         self.study: StudyIdentity | None = None
         self.study_stale = False  # the selected volume changed in the scene since :attr:`study` was computed
+        #: the content identity :attr:`study` was identified from (its voxels and grid; :meth:`identified`)
+        self.study_content: StudyIdentity | None = None
+        #: the selected volume whose identity is being computed in the background (:meth:`identifying`)
+        self.pending: PendingIdentity | None = None
+        #: why the last background identification of the selected volume failed (:meth:`identification_failed`)
+        self.identify_error: str | None = None
         self._reset_server_records()
         self.results: dict[StudyIdentity, ResultRecord] = {}
         self.blend: BlendRecord | None = None
@@ -330,9 +387,75 @@ class ReviewSession:
         changed = identity != self.study
         self.study = identity
         self.study_stale = False
+        self.study_content = None
+        self.pending = None  # an identification still running is for what was selected before: dropped
+        self.identify_error = None
         if changed:
             self.blend = None
         return changed
+
+    def identifying(self, node_id: str, series: StudyIdentity | None = None, name: str = "") -> int:
+        """The selected volume, node ``node_id``, is being identified in the background: its content hashed from a
+        :class:`VolumeSnapshot` (``series``: its DICOM identity, None when its content is its identity; ``name``: its
+        label). Returns the ticket that :meth:`identified` must bring back. Until then no study is selected: nothing
+        is denoised, uploaded, judged or blended for the volume (:meth:`require_study` says to wait) and a result
+        arriving meanwhile is not attached (:meth:`result_arrived`). A new ticket (another selection, the node
+        changed again) replaces the last one, whose answer is then dropped."""
+        if not node_id or not str(node_id).strip():
+            raise WorkflowError("identifying a volume needs its node ID")
+        if series is not None and (not isinstance(series, StudyIdentity) or series.kind != "dicom"):
+            raise WorkflowError("the series of a volume being identified must be a DICOM StudyIdentity")
+        self.select(None)
+        self.pending = PendingIdentity(next(self._tickets), str(node_id), series,
+                                       name or (series.name if series is not None else ""))
+        return self.pending.ticket
+
+    def identifying_node(self, node_id: str | None) -> bool:
+        """Whether node ``node_id`` is being identified now (and has not changed since its snapshot)."""
+        return self.pending is not None and node_id is not None and self.pending.node_id == node_id
+
+    def identified(self, ticket: int, content: StudyIdentity,
+                   files_match: Callable[[], bool | None] | None = None) -> StudyIdentity | None:
+        """The background hash of ticket ``ticket`` (:meth:`identifying`) gave ``content``. The volume's study
+        (``content``, or for a DICOM volume its series unless it was edited: :meth:`as_loaded`, with
+        ``files_match``) is selected and returned, when that ticket is still the one awaited. Else None, and nothing
+        changes: another volume was selected meanwhile, the node changed after its voxels were copied
+        (:meth:`input_modified`), or the scene closed; those voxels are not the selection's any more."""
+        pending = self.pending
+        if pending is None or ticket != pending.ticket:
+            return None
+        if not isinstance(content, StudyIdentity) or content.kind != "content":
+            raise WorkflowError("identified() takes the content identity of the volume's voxels")
+        study = content if pending.series is None else self.as_loaded(pending.series, content, files_match)
+        self.select(study)
+        self.study_content = content
+        return study
+
+    def identification_failed(self, ticket: int, error: BaseException | str) -> bool:
+        """The background hash of ticket ``ticket`` failed (or was cancelled): nothing is selected, and
+        :meth:`require_study` says why. False (nothing changes) when that ticket is no longer awaited."""
+        pending = self.pending
+        if pending is None or ticket != pending.ticket:
+            return False
+        self.select(None)
+        reason = describe_error(error) if isinstance(error, BaseException) else str(error)
+        self.identify_error = f"could not identify {pending.name or 'the volume'}: {reason}"
+        return True
+
+    def require_identified(self) -> StudyIdentity:
+        """The selected study, or a :class:`WorkflowError` that says why there is none: being identified (wait),
+        its identification failed, changed since it was identified, nothing selected."""
+        if self.pending is not None:
+            raise WorkflowError(f"{self.pending.name or 'the volume'} is still being identified (its voxels are hashed "
+                                "in the background): wait a moment, then try again")
+        if self.identify_error:
+            raise WorkflowError(self.identify_error)
+        if self.study_stale:
+            raise WorkflowError("the volume changed since it was identified (other voxels or 4D frame): it is being "
+                                "identified again, wait a moment, then try again")
+        if self.study is None:
+            raise WorkflowError("select a volume first")
+        return self.study
 
     def as_loaded(self, identity: StudyIdentity, content: StudyIdentity,
                   files_match: Callable[[], bool | None] | None = None) -> StudyIdentity:
@@ -370,13 +493,23 @@ class ReviewSession:
             return identity
         return self._edited(identity, content)
 
-    def files_read(self, identity: StudyIdentity, content_key: str, answer: bool | None) -> None:
+    def files_read(self, identity: StudyIdentity, content_key: str, answer: bool | None) -> StudyIdentity | None:
         """The background read of ``identity``'s files for the voxels ``content_key`` ended: ``answer`` as
-        ``files_match`` would have given it (True, False, or None when it could not tell, e.g. the node changed
-        meanwhile). The caller identifies the volume again (:meth:`as_loaded`) to get its study."""
+        ``files_match`` would have given it (True, False, or None when it could not tell). When the selected study
+        is ``identity`` identified from those very voxels (:meth:`identified`), its study is decided now (the series,
+        or a new study when edited: :meth:`as_loaded`), selected and returned; else None (the answer is kept for
+        the next identification of those voxels)."""
         key = (identity, content_key)
         self.files_pending.discard(key)
         self.files_checked[key] = answer
+        content = self.study_content
+        if self.study == identity and content is not None and content.key == content_key and \
+                self.pending is None and not self.study_stale:
+            # the selected volume is these voxels: its study follows from the answer now (no second hash)
+            self.select(self.as_loaded(identity, content))
+            self.study_content = content
+            return self.study
+        return None
 
     def checking(self, identity: StudyIdentity | None) -> bool:
         """Whether ``identity`` (a DICOM series seen for the first time) waits for its files to be compared."""
@@ -411,17 +544,16 @@ class ReviewSession:
         """The selected volume's voxels, geometry or shown 4D frame changed in the scene (a sequence browser copies
         each frame into the same proxy node, so no other volume is selected): :attr:`study` may no longer be what
         the node holds. The blend is dropped (it was made from the old voxels) and nothing is done for the study
-        until it is identified again (:meth:`select`); :meth:`result` answers None until then."""
+        until it is identified again (:meth:`identifying`, :meth:`select`); :meth:`result` answers None until then."""
         self.study_stale = True
         self.blend = None
+        # an identification still running hashes a copy taken before the change: its answer names other voxels
+        self.pending = None
 
     def require_study(self) -> StudyIdentity:
-        if self.study is None:
-            raise WorkflowError("select a volume first")
-        if self.study_stale:
-            raise WorkflowError("the volume changed since it was selected (other voxels or 4D frame): select it "
-                                "again")
-        return self.require_checked(self.study)
+        """The selected study, identified and checked against its DICOM files (:meth:`require_identified`,
+        :meth:`require_checked`): what anything sent to the server is sent for."""
+        return self.require_checked(self.require_identified())
 
     def datastore_id(self, identity: StudyIdentity | None = None) -> str:
         """The id the server holds (or will hold) ``identity`` under: the id it came with from the review

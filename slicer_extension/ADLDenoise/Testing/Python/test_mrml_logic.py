@@ -89,8 +89,10 @@ from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene mad
     same_grid,
     sequence_frame,
     study_identity,
+    volume_snapshot,
 )
 from ADLDenoiseLib.regions import RegionsError  # noqa: E402
+from ADLDenoiseLib.background import BackgroundTask  # noqa: E402
 from ADLDenoiseLib.review_session import ReviewSession, WorkflowError  # noqa: E402
 from ADLDenoiseLib.workflow import roi_statistics  # noqa: E402
 
@@ -559,6 +561,53 @@ class StudyIdentityTest(unittest.TestCase):
         self.assertEqual((session.result(), session.server_id()), (record, "case_07"))
         for tag in tags:
             node.RemoveObserver(tag)
+
+    def test_a_volume_is_hashed_in_the_background_from_a_copy_and_an_edit_meanwhile_drops_that_hash(self):
+        """ADLDenoiseLogic.identify copies the node's voxels on the GUI thread (volume_snapshot) and hashes the copy
+        in a thread: the identity is the one the node always had (content_identity_of, study_identity), an edit of
+        the node's own array after the copy changes neither the copy nor its hash, and the edit (observed through
+        INPUT_CHANGE_EVENTS, as the widget does) makes the session drop that hash and wait for the new one."""
+        session = ReviewSession(self.work / "tmp")
+        node = oblique_ct_node("phantom CT")
+        tags = [node.AddObserver(event, lambda caller, event: session.input_modified())
+                for event in INPUT_CHANGE_EVENTS]
+        before = content_identity_of(node)
+        snapshot = volume_snapshot(node)
+        self.assertIsNone(snapshot.series)
+        self.assertFalse(np.shares_memory(snapshot.voxels, slicer.util.arrayFromVolume(node)))
+        ticket = session.identifying(node.GetID(), snapshot.series, snapshot.name)
+        task = BackgroundTask(snapshot.content)
+        slicer.util.arrayFromVolume(node)[:, :10] = -1000.0  # Mask volume, written while the copy is hashed
+        slicer.util.arrayFromVolumeModified(node)
+        self.assertEqual(task.wait(120), "done")
+        self.assertEqual(task.result, before)  # the copy's voxels: the node's before the edit
+        self.assertEqual(study_identity(oblique_ct_node("phantom CT")), before)
+        self.assertIsNone(session.identified(ticket, task.result))  # not the node's voxels any more
+        with self.assertRaisesRegex(WorkflowError, "volume changed since it was identified"):
+            session.require_study()
+        snapshot = volume_snapshot(node)
+        ticket = session.identifying(node.GetID(), snapshot.series, snapshot.name)
+        task = BackgroundTask(snapshot.content)
+        self.assertEqual(task.wait(120), "done")
+        self.assertEqual(session.identified(ticket, task.result), content_identity_of(node))
+        self.assertNotEqual(session.require_study(), before)
+        for tag in tags:
+            node.RemoveObserver(tag)
+        # a DICOM volume: its series (UIDs) is known from the copy, its content hashed; a 4D frame is part of both
+        series = as_dicom_series(oblique_ct_node("3: CT HEAD"), "1.2.840.99.8", "CT", "1.2.840.99.8.1")
+        snapshot = volume_snapshot(series)
+        self.assertEqual(snapshot.series, study_identity(series))
+        self.assertEqual(snapshot.content(), content_identity_of(series))
+        _, _, _, proxy = perfusion_sequence()
+        self.assertEqual(volume_snapshot(proxy).content(), content_identity_of(proxy))
+        self.assertEqual(volume_snapshot(proxy).frame, 1)
+        # the module's own volumes and non-scalar volumes are refused before anything is copied
+        result = oblique_ct_node("phantom CT denoised")
+        result.SetAttribute(DERIVED_ATTRIBUTE, "result")
+        with self.assertRaisesRegex(WorkflowError, "made by ADL Denoise"):
+            volume_snapshot(result)
+        with self.assertRaises(ValueError):
+            volume_snapshot(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode"))
 
     def test_the_second_view_takes_the_first_views_orientation_then_both_are_linked(self):
         slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(slicer.mrmlScene)
