@@ -163,6 +163,20 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "self.logic.identify(node, server_id=study['id'], study_file=path)" in queue
     assert "self.whenIdentified(self.onDenoise)" in queue and "self.onDenoise()" not in queue
     assert queue.index("self.logic.identify(node") < queue.index("setCurrentNode(node)")
+    # voxels changed without Slicer being told (no event): every request hashes the copy taken with its export
+    # first, in its background task, and sends nothing when it is not the content identified
+    denoise_file = ast.unparse(functions["ADLDenoiseLogic.denoise_file"])
+    assert denoise_file.index("verify_snapshot(*check") < denoise_file.index("client.denoise(")
+    study_id_for = ast.unparse(functions["ADLDenoiseLogic.study_id_for"])
+    assert study_id_for.index("verify_snapshot(*study['check']") < study_id_for.index("if study['on_server']")
+    assert "'check': self.request_check(node)" in ast.unparse(functions["ADLDenoiseLogic.prepare_study"])
+    assert "return (volume_snapshot(node), self.session.study_content)" in \
+        ast.unparse(functions["ADLDenoiseLogic.request_check"])
+    denoise = ast.unparse(functions["ADLDenoiseWidget.onDenoise"])
+    assert "check = self.logic.request_check(original)" in denoise
+    assert "image_id, check, on_done=done, on_fail=self.requestFailed" in denoise
+    assert {"input_modified", "start"} <= _calls(functions["ADLDenoiseWidget.requestFailed"])
+    assert "requestFailed" in _calls(functions["ADLDenoiseWidget.verdictFailed"])
     for name in ("onVolumeChanged", "onSceneStartClose", "cleanup"):
         assert "self.identity_waiters = []" in ast.unparse(functions[f"ADLDenoiseWidget.{name}"]), name
     for name in ("onSceneStartClose", "cleanup"):
@@ -210,7 +224,7 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     denoise = ast.unparse(functions["ADLDenoiseWidget.onDenoise"])
     assert "image_id = self.logic.session.server_id(identity)" in denoise
     assert "path = None if image_id else self.logic.export_input(original, identity)" in denoise
-    assert "output_dir, restoration, image_id, on_done=done" in denoise
+    assert "output_dir, restoration, image_id, check, on_done=done" in denoise
     assert "client.denoise(model, path, output_dir, params, image_id=image_id)" in \
         ast.unparse(functions["ADLDenoiseLogic.denoise_file"])
     # ... and the server's entry of that result (result_seq), so the verdict is recorded against it or refused
@@ -367,7 +381,7 @@ def test_lesion_contrast_restoration_widget_matches_the_lib_and_is_wired_to_the_
     assert "self.ui.restorationSpin.enabled" in ast.unparse(functions["ADLDenoiseWidget.onModelChanged"])
     on_denoise = ast.unparse(functions["ADLDenoiseWidget.onDenoise"])
     assert "restoration_from_spin" in _calls(functions["ADLDenoiseWidget.onDenoise"])
-    assert "output_dir, restoration, image_id, on_done=done" in on_denoise and "describe_restoration" in on_denoise
+    assert "output_dir, restoration, image_id, check, on_done=done" in on_denoise and "describe_restoration" in on_denoise
     assert "denoise_params" in _calls(functions["ADLDenoiseLogic.denoise_file"])  # no param built in Qt glue
     load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
     assert "SetAttribute(RESTORATION_ATTRIBUTE" in load and "applied_restoration" in load

@@ -12,6 +12,7 @@ from ADLDenoiseLib.review_session import (
     ReviewSession,
     StudyIdentity,
     TempFiles,
+    VolumeChanged,
     VolumeSnapshot,
     WorkflowError,
     content_identity,
@@ -19,6 +20,7 @@ from ADLDenoiseLib.review_session import (
     describe_verdict,
     dicom_identity,
     snapshot_matches_files,
+    verify_snapshot,
 )
 from ADLDenoiseLib.settings import (
     MAX_RESTORATION_PX,
@@ -413,6 +415,43 @@ def test_a_volume_edited_while_its_copy_was_hashed_is_identified_again_from_its_
     edited = session.identified(ticket, hashed(task))
     assert (edited.kind, edited.modality) == ("content", "CT") and "edited in place" in session.describe_study(edited)
     assert session.result() is None and session.server_id() is None and session.result(series) == record
+
+
+def test_voxels_changed_without_slicer_being_told_are_never_sent_under_the_identity_of_the_old_ones():
+    """A script writing into the node's array without arrayFromVolumeModified fires no event, so the module does not
+    identify the volume again; the hash used to be recomputed on the GUI thread at every Denoise and verdict for
+    this. Now the copy taken when a request starts (with its export) is hashed first in the request's own
+    background task: other voxels than those identified stop it before anything is sent."""
+    session = ReviewSession()
+    voxels = big_volume(8)
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode1", voxels, name="A")
+    study = session.identified(ticket, hashed(task))
+    assert session.study_content == study  # what the request's check compares with
+    sent = []
+
+    def request(check, report=None, cancelled=None):  # what ADLDenoiseLogic.denoise_file / study_id_for do
+        verify_snapshot(*check, report=report)
+        sent.append("uploaded")
+        return "done"
+
+    unchanged = BackgroundTask(request, (VolumeSnapshot(voxels.copy(), EYE, "A"), session.study_content))
+    assert unchanged.wait(120) == "done" and sent == ["uploaded"]
+    voxels[:, :40] = -1000  # written into the node's array, Slicer not told: no input_modified
+    assert session.require_study() == study
+    changed = BackgroundTask(request, (VolumeSnapshot(voxels.copy(), EYE, "A"), session.study_content))
+    assert changed.wait(120) == "failed" and sent == ["uploaded"]
+    assert isinstance(changed.error, VolumeChanged) and "nothing was sent" in str(changed.error)
+    # another 4D frame with the same voxels is another study too
+    with pytest.raises(VolumeChanged):
+        verify_snapshot(VolumeSnapshot(voxels.copy(), EYE, "A", frame=2), content_identity(voxels, EYE))
+    verify_snapshot(None, study)  # nothing to compare: the module always has both
+    # a DICOM series identified from its voxels: the same check
+    series = dicom_identity("1.2.840.99", "CT", "S", instance_uids="1.2.840.99.1")
+    ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode2", voxels, series, "S")
+    assert session.identified(ticket, hashed(task)) == series
+    verify_snapshot(snapshot, session.study_content)
+    with pytest.raises(VolumeChanged):
+        verify_snapshot(VolumeSnapshot(voxels + 1, EYE, "S", None, series), session.study_content)
 
 
 def write_series(folder, voxels: np.ndarray) -> list[str]:

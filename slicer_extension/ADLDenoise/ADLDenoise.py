@@ -36,11 +36,13 @@ from ADLDenoiseLib.review_session import (
     ReviewSession,
     StudyIdentity,
     VerdictRefused,
+    VolumeChanged,
     WorkflowError,
     describe_error,
     describe_verdict,
     send_verdict,
     snapshot_matches_files,
+    verify_snapshot,
 )
 from ADLDenoiseLib.settings import (
     DEFAULT_SERVER_URL,
@@ -255,14 +257,24 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
 
         return export_volume(node, self.work_dir / "exports" / f"{identity.datastore_id()}.nrrd")
 
+    def request_check(self, node) -> tuple:
+        """GUI thread, when a request for the selected study starts: a copy of ``node``'s voxels now (with the file
+        exported now) and the content the study was identified from, for ``verify_snapshot`` in the background."""
+        from ADLDenoiseLib.mrml import volume_snapshot
+
+        return volume_snapshot(node), self.session.study_content
+
     def denoise_file(self, model: str, path: Path | None, modality: str, output_dir: Path,
-                     restoration: str | float = RESTORATION_AUTO, image_id: str | None = None, report=None,
-                     cancelled=None):
+                     restoration: str | float = RESTORATION_AUTO, image_id: str | None = None, check=None,
+                     report=None, cancelled=None):
         """Background. ``restoration``: lesion contrast restoration, "auto" or a width in pixels (0 = off); sent
         only when ``model`` takes it (``ADLDenoiseLib.settings.denoise_params``). ``image_id``: the datastore id
         of a study the server holds (``ReviewSession.server_id``): it is denoised there by id, so the server
-        records the result as that study's and a verdict judges it; otherwise the file ``path`` is uploaded."""
+        records the result as that study's and a verdict judges it; otherwise the file ``path`` is uploaded.
+        ``check``: :meth:`request_check`'s, verified before anything is sent."""
         client = self.require_client()
+        if check is not None:
+            verify_snapshot(*check, report=report)
         params = denoise_params(self.models.get(model), modality, restoration)
         if report:
             report(None, f"denoising with {model} on {client.server_url} ...")
@@ -307,7 +319,7 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         path = None if on_server else self.export_input(node, identity)
         return {"identity": identity, "image_id": session.datastore_id(identity), "on_server": on_server,
                 "name": identity.datastore_id(), "path": path,
-                "grid_file": session.study_files.get(identity) or path}
+                "grid_file": session.study_files.get(identity) or path, "check": self.request_check(node)}
 
     def record_study(self, study: dict, image_id: str) -> None:
         """GUI thread: the server holds the study as ``image_id`` (after an upload done in the background)."""
@@ -336,7 +348,10 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
 
     def study_id_for(self, study: dict, report=None) -> str:
         """Background: the datastore id of the original, uploading it first (under the id derived from its
-        identity) when the server does not hold it. The server answers 409 when that id holds other content."""
+        identity) when the server does not hold it. The server answers 409 when that id holds other content. First
+        of all, the volume must still hold the voxels it was identified from (``study["check"]``)."""
+        if study.get("check") is not None:
+            verify_snapshot(*study["check"], report=report)
         if study["on_server"]:
             return study["image_id"]
         if report:
@@ -861,6 +876,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             output_dir = self.logic.work_dir / "results"
             frame = self.frameText(original)
             restoration = restoration_from_spin(self.ui.restorationSpin.value, self.ui.restorationSpin.minimum)
+            check = self.logic.request_check(original)  # the voxels exported now, verified before they are sent
         except Exception as error:  # noqa: BLE001
             self.error(error)
             return
@@ -889,8 +905,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onCompare()
             return node
 
-        self.run(self.logic.denoise_file, model, path, modality, output_dir, restoration, image_id, on_done=done,
-                 busy_text=f"denoising with {model} ..." + (f" ({frame})" if frame else ""))
+        self.run(self.logic.denoise_file, model, path, modality, output_dir, restoration, image_id, check,
+                 on_done=done, on_fail=self.requestFailed, busy_text=f"denoising with {model} ..." + (f" ({frame})" if frame else ""))
 
     def onCancel(self):
         if self.task is not None:
@@ -1196,9 +1212,17 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reviewStatusLabel.text = f"{describe_verdict(entry, what)}; press Next study to go on"
         self.ui.rejectReasonEdit.text = ""
 
+    def requestFailed(self, error) -> None:
+        """A request refused because the volume's voxels changed without Slicer being told (``VolumeChanged``):
+        identified again, as for a change Slicer reports (any other failure is only shown)."""
+        if isinstance(error, VolumeChanged):
+            self.logic.session.input_modified()
+            self.reidentify_timer.start()
+
     def verdictFailed(self, identity: StudyIdentity, error) -> None:
         """A verdict was refused because the result on screen is not the server's study's result (any other
         failure is only shown): its result and server id are forgotten, so Denoise sends the volume again."""
+        self.requestFailed(error)
         if isinstance(error, VerdictRefused):
             self.logic.session.verdict_refused(identity)
             self.ui.reviewStatusLabel.text = "verdict not recorded: denoise the volume again"

@@ -36,7 +36,8 @@ import numpy as np
 from .client import DenoiseServerError, TransferCancelled
 
 __all__ = ["FILES_PENDING", "StudyIdentity", "ResultRecord", "BlendRecord", "ReviewSession", "TempFiles",
-           "WorkflowError", "VolumeSnapshot", "PendingIdentity", "snapshot_matches_files",
+           "WorkflowError", "VolumeSnapshot", "PendingIdentity", "VolumeChanged", "snapshot_matches_files",
+           "verify_snapshot",
            "VerdictRefused", "content_identity", "dicom_identity", "describe_error", "describe_verdict", "send_verdict",
            "VERDICTS"]
 
@@ -172,6 +173,31 @@ def snapshot_matches_files(snapshot: VolumeSnapshot, files: Sequence[str]) -> bo
 
     values = read_series_values(files)
     return None if values is None else values.matches(snapshot.voxels)
+
+
+class VolumeChanged(WorkflowError):
+    """The voxels a request was about to send are not those the selected study was identified from
+    (:func:`verify_snapshot`): nothing was sent."""
+
+
+def verify_snapshot(snapshot: VolumeSnapshot | None, identified_from: StudyIdentity | None,
+                    report: Any = None) -> None:
+    """Background, first step of a request sent for a study (Denoise, a verdict, a correction): ``snapshot``, the
+    copy of the volume taken on the GUI thread when the user started it (with the file exported then), must hash to
+    ``identified_from``, the content the study was identified from (:attr:`ReviewSession.study_content`). The
+    module identifies a volume again when Slicer says it changed (:meth:`ReviewSession.input_modified`); a script
+    writing into the node's array without telling Slicer (no ``arrayFromVolumeModified``) fires nothing, and the
+    export would send other voxels under the study's identity. Raises :class:`VolumeChanged` then; nothing to
+    check without both."""
+    if snapshot is None or identified_from is None:
+        return
+    if report:
+        report(None, f"checking that {snapshot.name or 'the volume'} still holds the voxels identified ...")
+    content = snapshot.content()
+    if content.key != identified_from.key or content.frame != identified_from.frame:
+        raise VolumeChanged(f"{snapshot.name or 'the volume'} no longer holds the voxels it was identified from (they "
+                            "were changed without Slicer being told): nothing was sent; it is being identified again, "
+                            "try again in a moment")
 
 
 @dataclass(frozen=True)
