@@ -955,7 +955,8 @@ COLLECTIVE_GUARD = textwrap.dedent("""
 #: Seconds for the whole torchrun job: headroom for a slow, loaded CI machine (a hang fails the test, not the suite).
 TORCHRUN_TIMEOUT = 600
 #: Each worker prints every thread's Python stack to its stderr a minute before the job is killed, so that a hang
-#: (once seen on a heavily loaded machine, not reproduced) says where it waits in the test's failure message.
+#: says where it waits in the test's failure message (one seen on a heavily loaded machine was a teardown deadlock:
+#: test_torchrun_ends_while_gloo_still_holds_a_work_of_the_backward).
 HANG_DUMP = textwrap.dedent(f"""
     import faulthandler
     faulthandler.dump_traceback_later({TORCHRUN_TIMEOUT - 60}, exit=False)
@@ -1027,6 +1028,54 @@ def test_torchrun_two_processes_gloo(model, tmp_path, ct_crop):
     h0, h1 = torch.load(tmp_path / "h0.pt"), torch.load(tmp_path / "h1.pt")
     assert h0[0] != h1[0]  # ...while each rank trained on its own samples
     assert CHECKPOINT_READERS[model](tmp_path / "ck")["world_size"] == 2
+
+
+#: The state a loaded machine left a rank in when a torchrun job hung after its last step: Gloo's worker thread still
+#: held a work from DDP's backward (its thread-local state carries a Python object, the backward's context) when the
+#: process group was torn down. Here, after the engine's final barrier, each rank hands Gloo such a work and drops it,
+#: rank 0 three seconds late, so rank 1's Gloo thread can release it only after rank 1 went on to its teardown. Set
+#: before COLLECTIVE_GUARD, so that these collectives are not counted as the engine's.
+LATE_GLOO_WORK = textwrap.dedent("""
+    import contextvars
+    import time
+    import torch
+    import torch.distributed as dist
+    _barrier, _all_reduce = dist.barrier, dist.all_reduce
+    def barrier_then_a_late_work(*args, **kwargs):
+        _barrier(*args, **kwargs)
+        if dist.get_rank() == 0:
+            time.sleep(3)
+        torch._C._stash_obj_in_tls("context", contextvars.copy_context())  # as torch's backward does
+        try:
+            _all_reduce(torch.zeros(1), async_op=True)  # not waited for: Gloo's thread releases it
+        finally:
+            torch._C._remove_obj_from_tls("context")
+        print("left a work to Gloo", flush=True)
+    dist.barrier = barrier_then_a_late_work
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize("model", ["adl", "tddl_gcn"])
+def test_torchrun_ends_while_gloo_still_holds_a_work_of_the_backward(model, tmp_path, ct_crop):
+    """A torchrun job hung after its last step on a loaded machine (rank 1 never ended; each worker's stacks: the
+    main thread joining Gloo's threads in the process group's destructor, reached from the DDP wrapper's reducer as
+    the trainer's frame was cleared, with the GIL held; Gloo's thread waiting for the GIL to release a work of the
+    last backward). The trainers now drop their DDP wrappers before the engine destroys the group, whose Python
+    handle releases the GIL while it waits: the job ends. :data:`LATE_GLOO_WORK` makes the state certain."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    script = tmp_path / f"ddp_{model}.py"
+    script.write_text(HANG_DUMP + LATE_GLOO_WORK + COLLECTIVE_GUARD
+                      + DDP_SCRIPTS[model].format(image=str(ct_crop), ckpt=str(tmp_path / "ck"), out=str(tmp_path))
+                      + "assert not python_collectives, python_collectives\n")
+    result = run_torchrun(script, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("left a work to Gloo") == 2  # the state was set up on both ranks
+    assert (tmp_path / "g0.pt").is_file() and (tmp_path / "g1.pt").is_file()
 
 
 # ----------------------------------------------------------------------------------------------- CUDA

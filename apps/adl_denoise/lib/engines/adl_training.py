@@ -525,6 +525,7 @@ def train_adl(
             if recalibrated and context.main:
                 log.info("recalibrated G's batch-norm statistics over %d training batches", recalibrated)
         loop.finish(revalidate=bool(recalibrated))
+        del G, D  # before the process group goes (lib.engines.engine: a live DDP wrapper can deadlock its teardown)
         generator_net.eval()
         return TrainingResult(generator_net, discriminator_net, config, loop.step,
                               config.phase_of(max(loop.step - 1, 0)), history, validation, loop.best,

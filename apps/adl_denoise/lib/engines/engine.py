@@ -15,18 +15,28 @@ the other ranks wait for it in their next one. Work that every replica needs (e.
 is done by every rank on the same data rather than on rank 0 and then broadcast: a tensor that Python also holds,
 handed to a Gloo collective, is released by one of Gloo's worker threads, which needs the GIL for it; when that
 happens as the process group is torn down (the main thread joins those threads while holding the GIL) the rank
-deadlocks after its last step, with its peers already gone. :func:`distributed_run` takes the process group down
-only after a run that ended normally on this rank: after an error a peer may still be inside a collective, and
-tearing down under it can block (the launcher stops the other ranks when one fails).
+deadlocks after its last step, with its peers already gone. The works of DDP's own all-reduces carry a Python
+object too (the thread-local state of the backward that made them), and Gloo's thread may release one after the
+last step (the final barrier's work keeps the works in flight when it was made), so the group is taken down through
+its Python handle (:func:`distributed_run`), which releases the GIL while it waits for Gloo's threads. A DDP
+wrapper's C++ reducer holds the group as well: a wrapper still alive when :func:`distributed_run` destroyed the
+group took it down with the GIL held as the trainer's frame was cleared (a rank of a torchrun job on a loaded
+machine hung after its last step). The trainers drop their wrappers (:func:`data_parallel`) before leaving
+:func:`distributed_run`, which refuses to go on with one alive.
+:func:`distributed_run` takes the process group down only after a run that ended normally on this rank: after an
+error a peer may still be inside a collective, and tearing down under it can block (the launcher stops the other
+ranks when one fails).
 """
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import logging
 import math
 import os
 import random
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,24 +158,42 @@ def setup_distributed(config: EngineConfig, timeout: _dt.timedelta = COLLECTIVE_
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, initialised_here), device
 
 
+#: The ``DistributedDataParallel`` wrappers :func:`data_parallel` made that are still alive.
+_live_wrappers: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
 @contextmanager
 def distributed_run(config: EngineConfig) -> Iterator[tuple[DistributedContext, torch.device]]:
     """:func:`setup_distributed` for the body of a training run; on leaving it normally, the process group
-    initialised here is destroyed (after an error it is left to the process's exit: see the module docstring)."""
+    initialised here is destroyed (after an error it is left to the process's exit: see the module docstring).
+
+    Raises:
+        RuntimeError: on leaving normally, a ``DistributedDataParallel`` wrapper of :func:`data_parallel` is still
+            alive: the body must drop its wrappers first (a programming error; see the module docstring).
+    """
     context, device = setup_distributed(config)
     yield context, device
     if context.initialised_here:
         import torch.distributed as dist
 
+        if _live_wrappers:
+            gc.collect()  # a wrapper held only by a reference cycle
+        if _live_wrappers:
+            raise RuntimeError(f"{len(_live_wrappers)} DistributedDataParallel wrapper(s) still alive as the process "
+                               "group is destroyed: drop them first, else the last one to go takes the group down "
+                               "with the GIL held and can deadlock with Gloo's threads (lib.engines.engine)")
         dist.destroy_process_group()
 
 
 def data_parallel(module: nn.Module, context: DistributedContext, device: torch.device) -> nn.Module:
-    """``module`` wrapped in ``DistributedDataParallel`` in a distributed run, else ``module`` itself."""
+    """``module`` wrapped in ``DistributedDataParallel`` in a distributed run, else ``module`` itself. The caller
+    drops the wrapper before leaving :func:`distributed_run` (see the module docstring)."""
     if not context.distributed:
         return module
     ddp_args = {"device_ids": [device.index]} if device.type == "cuda" else {}
-    return nn.parallel.DistributedDataParallel(module, **ddp_args)
+    wrapper = nn.parallel.DistributedDataParallel(module, **ddp_args)
+    _live_wrappers.add(wrapper)
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------- RNG state

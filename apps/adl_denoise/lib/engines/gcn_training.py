@@ -320,6 +320,7 @@ def train_gcn(
                                           **lesion_terms.detector_step(loop.step, output.float(), roi)}
                 loop.end_step(record, {"loss": f"{record['loss']:.5f}"})
         loop.finish()
+        del model  # before the process group goes (lib.engines.engine: a live DDP wrapper can deadlock its teardown)
         network.eval()
         return GCNTrainingResult(network, config, loop.step, history, validation, loop.best, loop.last_checkpoint,
                                  stopwatch.seconds)
