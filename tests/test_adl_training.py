@@ -1078,6 +1078,35 @@ def test_torchrun_ends_while_gloo_still_holds_a_work_of_the_backward(model, tmp_
     assert (tmp_path / "g0.pt").is_file() and (tmp_path / "g1.pt").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_torchrun_job_fails_with_the_error_of_one_rank(tmp_path, ct_crop):
+    """One rank that raises mid-run (here rank 1 cannot read a sample of its second step, while rank 0 waits for it
+    in DDP's collectives) ends the whole job with that error, at once: not after Gloo's 30 min timeout (the job
+    would be killed at TORCHRUN_TIMEOUT and the test fail)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    failing = textwrap.dedent("""
+        class RankOneCannotRead(type(dataset)):
+            def __getitem__(self, index):
+                if os.environ["RANK"] == "1" and index >= 6:  # rank 1's samples of the second step: 6, 7
+                    raise OSError(f"sample {index} cannot be read")
+                return super().__getitem__(index)
+        dataset.__class__ = RankOneCannotRead
+    """)
+    text = DDP_SCRIPTS["tddl_gcn"].format(image=str(ct_crop), ckpt=str(tmp_path / "ck"), out=str(tmp_path))
+    text = text.replace("steps=2,", "steps=3,").replace("config = GCNTrainingConfig",
+                                                        failing + "config = GCNTrainingConfig")
+    script = tmp_path / "ddp_failing.py"
+    script.write_text(HANG_DUMP + text)
+    result = run_torchrun(script, tmp_path)
+    assert result.returncode != 0
+    assert "OSError: sample 6 cannot be read" in result.stdout + result.stderr
+    assert not (tmp_path / "g0.pt").exists()  # rank 0 did not end as if the run were complete
+
+
 # ----------------------------------------------------------------------------------------------- CUDA
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
