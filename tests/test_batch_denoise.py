@@ -816,3 +816,112 @@ def test_a_metaimage_output_is_whole_only_with_its_data_file(tmp_path):
     assert "cut short or changed since" in _output_damage(record, output)
     data.unlink()
     assert "cannot be read" in _output_damage(record, output)
+
+
+# ------------------------------------------------------------------------------------------------ rerun cases
+def _in_process(root: Path, out: Path):
+    """``run()``: one in-process run of the batch over ``root`` (gaussian, CPU) -> its summary."""
+    from lib.batch import runner
+    from lib.batch.discovery import SeriesFilter
+    from lib.batch.runner import BatchSettings, run_rank
+    from lib.model_dispatch import DenoiseOptions
+
+    settings = BatchSettings(source=str(root), output=out, options=DenoiseOptions(model="gaussian"), device="cpu",
+                             series_filter=SeriesFilter(), progress=False)
+    return lambda: run_rank(settings, runner.plan_series(settings), 0, 1, "cpu")
+
+
+def _last_records(out: Path) -> dict[str, dict]:
+    """The last record of each series (this rank's file: what a rerun reads), by key's first part."""
+    return {r["key"].split("#")[0]: r for r in read_records(out / MANIFEST_DIR)}
+
+
+def test_a_rerun_denoises_again_a_deleted_output_and_refuses_an_output_it_did_not_write(tmp_path, shared_data):
+    """A done series whose output was deleted (a file, a derived-series folder) is denoised again, not skipped; an
+    output under a series' output name that no run of this batch wrote (a user's own file, on a first run) fails
+    the series naming it, and the file is left as it was."""
+    root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
+    run = _in_process(root, out)
+    assert run().done == 2
+    crop, (series,) = out / "crop.nii.gz", list((out / "ct").iterdir())
+    whole = {p: volume_of(p) for p in (crop, series)}
+    crop.unlink()
+    shutil.rmtree(series)
+    summary = run()
+    assert (summary.done, summary.skipped, summary.failed) == (2, 0, 0), summary
+    for path, (array, spacing, origin) in whole.items():
+        np.testing.assert_array_equal(volume_of(path)[0], array)
+    assert not any(r.get("redone") for r in _last_records(out).values())  # missing: nothing to say
+    assert (run().skipped, run().done) == (2, 0)
+
+    other = tmp_path / "other_out"
+    other.mkdir()
+    (other / "crop.nii.gz").write_bytes(b"a user's own file")
+    summary = _in_process(root, other)()
+    assert (summary.done, summary.failed) == (1, 1), summary
+    assert "exists and was not written by this batch (no manifest record)" in summary.failures[0][1]
+    assert (other / "crop.nii.gz").read_bytes() == b"a user's own file"
+
+
+def test_records_of_a_runner_that_kept_no_hashes_still_skip_whole_outputs_and_redo_empty_ones(tmp_path, shared_data):
+    """Done records written before outputs and inputs were hashed (no ``output_sha256`` / ``input_sha256``, no stat
+    keys, no sizes) still skip their whole outputs (nothing denoised again after an upgrade), still redo an empty
+    one (a write cut short), and get the input's keys recorded once read."""
+    root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
+    run = _in_process(root, out)
+    assert run().done == 2
+    newer = ("output_sha256", "output_stat", "input_sha256", "input_stat", "output_bytes", "output_files")
+    for records in (out / MANIFEST_DIR).glob("rank-*.jsonl"):
+        rows = [json.loads(line) for line in records.read_text().splitlines()]
+        records.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in newer}) + "\n" for r in rows))
+    summary = run()
+    assert (summary.done, summary.skipped, summary.failed) == (0, 2, 0), summary
+    assert _last_records(out)["file:crop.nii.gz"]["input_stat"]  # the file input was hashed: its keys recorded
+    (out / "crop.nii.gz").write_bytes(b"")
+    summary = run()
+    assert (summary.done, summary.skipped) == (1, 1), summary
+    assert "holds an empty file (crop.nii.gz)" in _last_records(out)["file:crop.nii.gz"]["redone"]
+    assert run().skipped == 2
+
+
+def test_a_series_without_uid_is_its_contents_on_a_rerun(tmp_path, shared_data, monkeypatch):
+    """A hard-anonymised DICOM series (empty SeriesInstanceUID) is known by its contents: touched only, it is read
+    once, skipped, and its new stat key recorded (the next rerun reads none of it); with other contents of the
+    same slices it is another input, denoised again over its output, saying why."""
+    from lib.batch import runner
+
+    root, out = tmp_path / "tree", tmp_path / "out"
+    (root / "anon").mkdir(parents=True)
+    for k, path in enumerate(sorted((shared_data / "dicom" / "ct_abdomen_siemens_j2k_slab").iterdir())[:3]):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = ""
+        ds.save_as(root / "anon" / f"{k}.dcm")
+    run = _in_process(root, out)
+    assert run().done == 1
+    (key, first), = _last_records(out).items()
+    assert key == "dicom:anon" and first["identity"].startswith("sha256:")
+    (output,) = list((out / "anon").iterdir())
+    before = volume_of(output)[0]
+    hashed: list[str] = []
+    real = runner.file_sha256
+    monkeypatch.setattr(runner, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    for path in (root / "anon").iterdir():
+        os.utime(path, ns=(time.time_ns(), time.time_ns()))
+    assert run().skipped == 1
+    assert sorted(hashed) == ["0.dcm", "1.dcm", "2.dcm"]
+    assert _last_records(out)["dicom:anon"]["input_stat"] != first["input_stat"]
+    hashed.clear()
+    assert run().skipped == 1 and hashed == []
+    ds = pydicom.dcmread(root / "anon" / "1.dcm")
+    ds.decompress()
+    pixels = ds.pixel_array.copy()
+    pixels[100:200, 100:200] = pixels.max()
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(root / "anon" / "1.dcm")
+    summary = run()
+    assert (summary.done, summary.skipped, summary.failed) == (1, 0, 0), summary
+    record = _last_records(out)["dicom:anon"]
+    assert "its input changed since its output was written" in record["redone"] and record["identity"] != \
+        first["identity"]
+    assert not np.array_equal(volume_of(output)[0], before)
+    assert run().skipped == 1

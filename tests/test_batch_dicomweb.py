@@ -503,3 +503,31 @@ def test_a_server_that_warns_of_more_matches_stops_the_batch(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_series_the_server_got_more_instances_of_is_denoised_again(tmp_path, shared_data):
+    """A DICOMweb series is known by its UID and its size by the server's instance count (series-level QIDO-RS:
+    none of its files is read before it is downloaded): a rerun skips it while the count is as denoised, and denoises
+    it again, saying why, once the server holds another instance of it (a slice that arrived late)."""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        make_series(shared_data, tmp_path / "late", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
+        files = sorted((tmp_path / "late").iterdir())
+        for path in files[:2]:
+            pacs.upload(path)
+        out = tmp_path / "out"
+        first = run_batch(pacs.dicomweb, out)
+        assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
+        record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+        assert len(list(Path(record["output"]).iterdir())) == 2
+        again = run_batch(pacs.dicomweb, out)
+        assert "1 series: 0 done, 1 skipped" in again.stdout, again.stdout + again.stderr
+        pacs.upload(files[2])
+        grown = run_batch(pacs.dicomweb, out)
+        assert grown.returncode == 0 and "1 series: 1 done, 0 skipped" in grown.stdout, grown.stdout + grown.stderr
+        assert "denoising again: the series has other slices since" in grown.stderr, grown.stderr
+        assert len(list(Path(record["output"]).iterdir())) == 3
+    finally:
+        stop_orthanc(pacs)
