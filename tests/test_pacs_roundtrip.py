@@ -219,6 +219,42 @@ def test_a_series_over_the_voxel_limit_is_refused_before_it_is_downloaded(tmp_pa
         stop_orthanc(pacs)
 
 
+def test_a_pacs_that_lists_part_of_a_series_instances_does_not_let_an_oversized_series_through(tmp_path,
+                                                                                                tiny_weights):
+    """The size check before a PACS series is downloaded summed the instances the PACS listed; Orthanc's
+    LimitFindInstances lists that many plus one and says nothing, so a series of any length looked small and was
+    downloaded whole (into memory) and converted before the reader refused it. Its instance count is now asked at the
+    series level (never cut) and the size estimated from it: refused with nothing downloaded, saying it is an
+    estimate; a series the PACS lists whole is denoised as before."""
+    import requests
+
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LimitFindInstances": 2})
+    try:
+        big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
+        for path in big + small:
+            pacs.upload(path)
+        big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
+        # the PACS lists 3 of the big series' 6 instances: 3 x 512 x 512 = 0.79 M voxels, under the limit
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"max_voxels": 1_000_000})
+        try:
+            cache = tmp_path / "work" / "dicomweb_cache"
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": big_uid, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 413, answer.text[:500]
+            detail = answer.json()["detail"]
+            assert "6 instances, 1,572,864 voxels (estimated: the PACS lists 3 of its instances)" in detail, detail
+            assert "nothing was downloaded" in detail, detail
+            assert not [p for p in cache.rglob(f"{big_uid}*")], sorted(map(str, cache.rglob("*")))
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 200 and answer.json()["shape"] == [3, 512, 512], answer.text[:500]
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
 def test_a_series_asked_while_the_pacs_is_down_is_a_503_in_seconds(tmp_path, tiny_weights):
     """The PACS goes down while the server runs: an infer by id asked it twice (the series' size, then its files),
     each request tried 5 times with waits of 2, 4, 8 and 16 s (MONAI Label's client): a minute before the 503. The

@@ -244,17 +244,21 @@ class DenoisingApp(MONAILabelApp):
         """413 before a PACS series over the model's voxel limit is downloaded: MONAI Label's DICOMweb datastore
         fetches a series whole (and converts it to NIfTI) before the reader's size check could refuse it. The size
         comes from the PACS's QIDO-RS answer; a series already downloaded, or one the PACS gives no size for, is
-        checked by the reader as any image."""
+        checked by the reader as any image. A PACS that lists part of a series' instances (a limit on search
+        results) gives its instance count: the size is then estimated from those listed
+        (:func:`lib.pacs.series_voxels`)."""
         if is_downloaded(store, image_id):
             return
         task = self._infers.get(model) if isinstance(model, str) else None
         limit = getattr(task, "max_voxels", None) or max_voxels()
         size = series_voxels(store, image_id)
-        if size is not None and size[1] > limit:
+        if size is not None and size.voxels > limit:
+            estimate = (f" (estimated: the PACS lists {size.listed} of its instances)"
+                        if size.listed < size.instances else "")
             raise HTTPException(status_code=413, detail=(
-                f"cannot denoise this image: series {image_id} is too large: {size[0]} instances, {size[1]:,} "
-                f"voxels exceed the limit of {limit:,} (raise it with --conf max_voxels on the server); nothing "
-                "was downloaded"))
+                f"cannot denoise this image: series {image_id} is too large: {size.instances} instances, "
+                f"{size.voxels:,} voxels{estimate} exceed the limit of {limit:,} (raise it with --conf max_voxels on "
+                "the server); nothing was downloaded"))
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, plus: a DICOMweb study is denoised from its DICOM files (not the datastore's NIfTI

@@ -15,7 +15,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import pydicom
 
@@ -24,8 +24,8 @@ from .imaging.errors import one_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_dicomweb", "start_up_warnings", "series_folder", "series_voxels", "is_downloaded", "stow_datasets",
-           "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
+__all__ = ["is_dicomweb", "start_up_warnings", "series_folder", "series_voxels", "SeriesSize", "is_downloaded",
+           "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
@@ -189,30 +189,76 @@ def _first_int(entry: dict, tag: str) -> int | None:
         return None
 
 
-def series_voxels(datastore, image_id: str) -> tuple[int, int] | None:
-    """``(instances, voxels)`` of the series ``image_id`` on the datastore's PACS, from a QIDO-RS search of its
-    instances (``Rows x Columns x NumberOfFrames`` each): known before any instance is downloaded. None when the
+class SeriesSize(NamedTuple):
+    """What :func:`series_voxels` tells of a PACS series before it is downloaded."""
+
+    #: instances the series holds (the PACS's series-level count, or the number listed when it gives none)
+    instances: int
+    #: its voxels; when the PACS listed fewer instances than it holds (a limit on search results), estimated as
+    #: ``instances`` times the largest instance listed
+    voxels: int
+    #: instances the PACS listed with their size
+    listed: int
+
+
+def series_voxels(datastore, image_id: str) -> SeriesSize | None:
+    """``(instances, voxels, listed)`` of the series ``image_id`` on the datastore's PACS, from a QIDO-RS search of
+    its instances (``Rows x Columns x NumberOfFrames`` each): known before any instance is downloaded. None when the
     PACS does not tell (an instance without Rows or Columns in its answer, or the search was answered with an
     error: the size is then checked from the downloaded files, as for any image). A PACS that cannot be reached
-    raises (requests' ``ConnectionError`` / ``Timeout``): the download would only fail the same way, later."""
+    raises (requests' ``ConnectionError`` / ``Timeout``): the download would only fail the same way, later.
+
+    A PACS may list part of a series' instances and say nothing (Orthanc's ``LimitFindInstances``: that many plus
+    one, whatever the ``offset``): a series of thousands of slices then looked small, and was downloaded whole (into
+    memory, by MONAI Label's client) and converted before the reader refused it. The series' instance count is asked
+    at the series level (``NumberOfSeriesRelatedInstances``: one match, never cut); when it is above the number
+    listed, the voxels are that count times the largest instance listed (logged as an estimate)."""
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
     try:
         found = client.search_for_instances(search_filters={"SeriesInstanceUID": image_id},
                                             fields=list(_SIZE_FIELDS), get_remaining=True)
+        held = _instances_held(client, image_id) if found else None  # (raises only when the PACS is unreachable)
     except (RequestsConnectionError, Timeout):
         raise  # the PACS cannot be reached: the download would try again for nothing (the route answers 503)
     except Exception as error:  # noqa: BLE001 - an HTTP error answered: the download checks the size instead
         log.warning("series %s: the PACS did not give the series size (%s)", image_id, one_line(error))
         return None
-    voxels = 0
+    sizes = []
     for entry in found or []:
         rows, columns = _first_int(entry, "00280010"), _first_int(entry, "00280011")
         if not rows or not columns:
             return None
-        voxels += rows * columns * max(1, _first_int(entry, "00280008") or 1)
-    return (len(found), voxels) if found else None
+        sizes.append(rows * columns * max(1, _first_int(entry, "00280008") or 1))
+    if not sizes:
+        return None
+    if held is not None and held > len(sizes):
+        voxels = held * max(sizes)
+        log.warning("series %s: the PACS lists %d of its %d instances (a limit on search results, e.g. Orthanc's "
+                    "LimitFindInstances): its size is estimated as %d x the largest listed, %s voxels", image_id,
+                    len(sizes), held, held, f"{voxels:,}")
+        return SeriesSize(held, voxels, len(sizes))
+    return SeriesSize(len(sizes), sum(sizes), len(sizes))
+
+
+def _instances_held(client, image_id: str) -> int | None:
+    """How many instances the PACS holds of the series (series-level QIDO-RS ``NumberOfSeriesRelatedInstances``);
+    None when it does not say."""
+    from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
+
+    try:
+        matches = client.search_for_series(search_filters={"SeriesInstanceUID": image_id},
+                                           fields=["NumberOfSeriesRelatedInstances"])
+    except (RequestsConnectionError, Timeout):
+        raise
+    except Exception as error:  # noqa: BLE001 - an HTTP error answered: the listed instances are the size
+        log.warning("series %s: the PACS did not give its instance count (%s)", image_id, one_line(error))
+        return None
+    for entry in matches or []:
+        if str(((entry.get("0020000E") or {}).get("Value") or [""])[0]) == image_id:
+            return _first_int(entry, "00201209")
+    return None
 
 
 def is_downloaded(datastore, image_id: str) -> bool:
