@@ -249,6 +249,22 @@ class _StoreFailed(Exception):
         self.extra = extra
 
 
+@dataclass
+class _Recheck:
+    """What a rerun found of a series' earlier output and done record (:meth:`_Rank._recheck`)."""
+
+    #: why the output this batch wrote is not whole or not what it wrote: set aside, then written again
+    damaged: str = ""
+    #: why the done record no longer holds for this input (other slices, weights or contents; another input)
+    stale: str = ""
+    #: why an input file could not be compared (the series fails)
+    unreadable: str = ""
+    #: the done record holds for this input and output: the series is skipped
+    holds: bool = False
+    #: new stat keys of files read again and found as recorded, for the skip to record
+    refresh: dict = field(default_factory=dict)
+
+
 #: what a record keeps of the denoising of a series whose store failed, for the rerun that only re-sends it
 _DENOISED_FIELDS = ("model", "weights_version", "weights_sha256", "low_frequency_restoration", "modality", "shape",
                     "modality_from")
@@ -344,39 +360,24 @@ class _Rank:
             return self._failed(base, identity, started, item.problem)
         previous = self.latest.get(job)
         ours = base["output"] in self.ours
-        refresh: dict = {}  # new stat keys of files whose contents were read again and found as recorded
-        if ours and item.output.exists():
-            damage = _output_damage(previous or {}, item.output)
-            if not damage and previous and previous.get("status") == "done":
-                damage = self._output_changed(previous, item.output, refresh)
-            if damage:  # a power cut or a copy cut short: done again as if it were missing, never skipped or sent
-                log.warning("%s: denoising again: %s", item.key, damage)
-                base["redone"] = damage
-                try:
-                    _set_aside(item.output)
-                except OSError as error:
-                    return self._failed(base, identity, started, f"{damage}; it cannot be moved aside to be "
-                                                                 f"written again: {one_line(error)}")
-        if previous and previous.get("status") == "done" and (item.output.exists()
-                                                              or self._kept_on_server(previous, item)):
+        recheck = self._recheck(item, identity, previous, digest, ours)
+        if recheck.damaged:  # a power cut or a copy cut short: done again as if it were missing, never skipped or sent
+            log.warning("%s: denoising again: %s", item.key, recheck.damaged)
+            base["redone"] = recheck.damaged
             try:
-                changed = self._changed_since(previous, item) or self._input_changed(previous, item, refresh)
+                _set_aside(item.output)
             except OSError as error:
-                return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
-            if not changed and not (self.settings.store_to_pacs and not previous.get("stored")):
-                if digest and digest["input_stat"] != previous.get("input_stat"):  # read again (touched, moved)
-                    refresh.update(digest)
-                if refresh:  # the next rerun compares the files' stat keys again, reading none of them
-                    self.manifest.append({**previous, **refresh})
-                return "skipped"
-            if changed:
-                log.warning("%s: denoising again: %s", item.key, changed)
-                base["redone"] = changed
-        prior = self.done_outputs.get(base["output"])
-        if prior and not previous and prior.get("identity") != identity and item.output.exists():
-            base["redone"] = (f"its input changed since its output was written ({prior.get('identity', '?')[:19]} -> "
-                              f"{identity[:19]})")
-            log.warning("%s: denoising again: %s", item.key, base["redone"])
+                return self._failed(base, identity, started, f"{recheck.damaged}; it cannot be moved aside to be "
+                                                             f"written again: {one_line(error)}")
+        if recheck.unreadable:
+            return self._failed(base, identity, started, recheck.unreadable)
+        if recheck.holds and not (self.settings.store_to_pacs and not previous.get("stored")):
+            if recheck.refresh:  # the next rerun compares the files' stat keys again, reading none of them
+                self.manifest.append({**previous, **recheck.refresh})
+            return "skipped"
+        if recheck.stale:
+            log.warning("%s: denoising again: %s", item.key, recheck.stale)
+            base["redone"] = recheck.stale
         if item.output.exists() and not ours:
             return self._failed(base, identity, started,
                                 f"{item.output} exists and was not written by this batch (no manifest record): "
@@ -420,6 +421,55 @@ class _Rank:
         sha = self.known_inputs.get(stat) or _input_sha256(item)
         self.known_inputs[stat] = sha
         return {"input_sha256": sha, "input_stat": stat}
+
+    def _recheck(self, item: SeriesItem, identity: str, previous: dict | None, digest: dict, ours: bool
+                 ) -> _Recheck:
+        """Whether the done record ``previous`` (the last record of the series' job, if any) still holds for this input
+        and its output, and if not why not. The one place a rerun decides it; in this order:
+
+        1. The output exists and some run of this batch wrote it (``ours``): it is ``damaged`` when it is not whole
+           (unreadable, no file in a series folder, an empty file, other file count or bytes than the record's;
+           records before sizes were kept: empty files only, :func:`_output_damage`) or, for a done record that
+           hashed it, holds other contents (:meth:`_output_changed`). A damaged output is no output: the record holds
+           only if the server still holds its stored derived series.
+        2. A done record whose output is there (or, with ``--store-to-pacs``, whose derived series the server still
+           holds whole, :meth:`_kept_on_server`) is ``stale`` when the series has other slices (a DICOM series' voxels,
+           a DICOMweb series' instance count), other weights or restoration width would be used
+           (:meth:`_changed_since`), or a DICOM series with a UID has other contents under the same slices
+           (:meth:`_input_changed`; records before inputs were hashed: not compared). An input that cannot be read
+           for this is ``unreadable``. Else it ``holds``; a file or a series without a UID is its contents (``digest``,
+           its job's identity): another content is another job, with no done record.
+        3. No record of this job, but a done record of another input at the same output (a file replaced by another
+           volume, a series without a UID whose contents changed): ``stale``, the output is written again.
+
+        Files are read (hashed) only when their stat keys differ from the record's; those found as recorded have their
+        new keys in ``refresh``, for the skip to record (a file input's or a series without UID's ``digest`` when its
+        key changed)."""
+        recheck = _Recheck()
+        present = item.output.exists()
+        done = bool(previous and previous.get("status") == "done")
+        if ours and present:
+            recheck.damaged = _output_damage(previous or {}, item.output)
+            if not recheck.damaged and done:
+                recheck.damaged = self._output_changed(previous, item.output, recheck.refresh)
+            present = not recheck.damaged  # set aside: redone as a missing one
+        if done and (present or self._kept_on_server(previous, item)):
+            try:
+                recheck.stale = self._changed_since(previous, item) or self._input_changed(previous, item,
+                                                                                           recheck.refresh)
+            except OSError as error:
+                recheck.unreadable = f"cannot read {item.source}: {one_line(error)}"
+                return recheck
+            if not recheck.stale:
+                recheck.holds = True
+                if digest and digest["input_stat"] != previous.get("input_stat"):  # read again (touched, moved)
+                    recheck.refresh.update(digest)
+            return recheck
+        prior = self.done_outputs.get(str(item.output.resolve()))
+        if prior and not previous and prior.get("identity") != identity and present:
+            recheck.stale = (f"its input changed since its output was written ({prior.get('identity', '?')[:19]} -> "
+                             f"{identity[:19]})")
+        return recheck
 
     def _input_changed(self, record: dict, item: SeriesItem, refresh: dict) -> str:
         """Why the input of a DICOM series with a UID is not the one ``record`` (done) denoised ("" when it is): the
