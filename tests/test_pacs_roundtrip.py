@@ -255,6 +255,44 @@ def test_a_pacs_that_lists_part_of_a_series_instances_does_not_let_an_oversized_
         stop_orthanc(pacs)
 
 
+def test_a_pacs_that_lists_part_of_its_series_is_an_error_not_studies_missing_in_silence(tmp_path, tiny_weights):
+    """MONAI Label's DICOMweb datastore lists one answer of the PACS: Orthanc's LimitFindResults cuts it to that many
+    series plus one and says nothing, so the app listed part of the studies (here 3 of 5): the others answered 404
+    "no image" to an infer and were never handed out for review. The listing now fails loudly: an ERROR in the
+    server's log and a 503 naming the setting from the routes that list (``/info/`` included), until the PACS lists
+    them all. (The server starts while the PACS holds 2 series, all listed; 3 more arrive while it runs.)"""
+    import time
+
+    import requests
+
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LimitFindResults": 2})
+    try:
+        uids = [upload_real_ct_series(pacs, tmp_path / f"series{k}") for k in range(2)]
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              env={"MONAI_LABEL_DICOMWEB_CACHE_EXPIRY": "1"})  # each listing asks the PACS
+        try:
+            answer = requests.get(f"{server.url}/datastore/", timeout=600)
+            assert answer.status_code == 200 and answer.json()["total"] == 2, answer.text[:500]
+            uids += [upload_real_ct_series(pacs, tmp_path / f"series{k}") for k in range(2, 5)]
+            time.sleep(2)
+            answer = requests.get(f"{server.url}/datastore/", timeout=600)
+            assert answer.status_code == 503, answer.text[:500]
+            detail = answer.json()["detail"]
+            assert "lists only part of its series (3 given)" in detail and "LimitFindResults 2" in detail, detail
+            assert "no study is listed, denoised or reviewed" in detail, detail
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": uids[-1], "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 503 and "LimitFindResults 2" in answer.text, answer.text[:500]
+            answer = requests.get(f"{server.url}/info/", timeout=600)
+            assert answer.status_code == 503 and "LimitFindResults 2" in answer.text, answer.text[:500]
+            assert "cannot list the PACS's studies" in server.log_path.read_text()
+            assert server.alive()
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
 def test_a_series_asked_while_the_pacs_is_down_is_a_503_in_seconds(tmp_path, tiny_weights):
     """The PACS goes down while the server runs: an infer by id asked it twice (the series' size, then its files),
     each request tried 5 times with waits of 2, 4, 8 and 16 s (MONAI Label's client): a minute before the 503. The

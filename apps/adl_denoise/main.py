@@ -50,7 +50,7 @@ from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
 from lib.pacs import (PacsStoreError, bound_waits, is_dicomweb, is_downloaded, series_folder, series_voxels,
-                      start_up_warnings, store_derived_series)
+                      start_up_warnings, store_derived_series, whole_listing)
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +211,10 @@ class DenoisingApp(MONAILabelApp):
         """MONAI Label's datastore, each change of it an audit entry (:func:`lib.audit.recording.audited_datastore`);
         a local one lists a removed study no more once the removal is answered
         (:func:`lib.datastore.steady_datastore`); a DICOMweb one tells a PACS that is down in seconds
-        (:func:`lib.pacs.bound_waits`)."""
+        (:func:`lib.pacs.bound_waits`) and lists every series or fails (:func:`lib.pacs.whole_listing`)."""
         datastore = steady_datastore(super().init_datastore())
         bound_waits(datastore)  # a PACS that is down: 503 in seconds, not 30 s per request
+        whole_listing(datastore)  # a PACS that lists part of its series: an error, not studies missing in silence
         return audited_datastore(datastore, self.audit)
 
     def info(self):

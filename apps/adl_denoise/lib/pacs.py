@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
+import time
 import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["is_dicomweb", "start_up_warnings", "series_folder", "series_voxels", "SeriesSize", "is_downloaded",
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
-           "PACS_CONNECT_TIMEOUT_S"]
+           "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "whole_listing", "LISTING_CUT_RETRY_S"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -122,6 +124,61 @@ def bound_waits(datastore) -> None:
 
     session.request = request
     session.adl_connect_timeout = PACS_CONNECT_TIMEOUT_S
+
+
+#: seconds a listing found cut is answered with its error before the PACS is asked again (its limit may be raised)
+LISTING_CUT_RETRY_S = 60.0
+
+
+class PacsListingCut(RuntimeError):
+    """The PACS answered the datastore's series search with part of its matches (the routes answer 503)."""
+
+
+def whole_listing(datastore) -> None:
+    """A DICOMweb datastore's ``list_images`` that lists every series its search filter matches, or fails. MONAI
+    Label's asks the PACS for one page of series: a PACS that caps its search answers (Orthanc's
+    ``LimitFindResults``, which says nothing; others with a ``Warning`` header or by paging) had the app list part of
+    its studies in silence: the others answered 404 "no image" to an infer, were never handed out for review, and
+    the review counts looked complete. The listing is now paged (``offset``) and checked as the batch's is
+    (:func:`lib.batch.dicomweb._search_whole`); a cut one raises :class:`PacsListingCut`, logged as an ERROR, and the
+    routes that list answer 503 naming the PACS setting. A whole listing is kept as long as MONAI Label keeps its
+    own (``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY``), a cut one :data:`LISTING_CUT_RETRY_S`. Nothing for another
+    datastore."""
+    if not is_dicomweb(datastore) or getattr(datastore, "adl_whole_listing", False):
+        return
+    from monailabel.config import settings
+    from pydicom import Dataset
+
+    from .batch.dicomweb import _search_whole
+
+    client = datastore._client  # noqa: SLF001 - the datastore's DICOMweb client
+    search_filter = getattr(datastore, "_search_filter", None) or None
+    lock = threading.Lock()
+    kept: dict = {}  # "until": monotonic time, then "ids" or "error"
+
+    def list_images() -> list:
+        with lock:
+            if kept and time.monotonic() < kept["until"]:
+                if "error" in kept:
+                    raise PacsListingCut(kept["error"])
+                return list(kept["ids"])
+            kept.clear()
+            try:
+                found = _search_whole(
+                    client, lambda: client.search_for_series(search_filters=search_filter, get_remaining=True),
+                    "Series", "its series", "; until then no study is listed, denoised or reviewed (a part of the "
+                    "list would hide the others)", batch=False)
+            except ValueError as error:
+                log.error("the datastore cannot list the PACS's studies: %s", error)
+                kept.update(until=time.monotonic() + LISTING_CUT_RETRY_S, error=str(error))
+                raise PacsListingCut(str(error)) from None
+            # as MONAI Label's own listing: every match, a SeriesInstanceUID listed twice kept twice (ambiguous)
+            ids = [str(Dataset.from_json(entry)["SeriesInstanceUID"].value) for entry in found]
+            kept.update(until=time.monotonic() + settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY, ids=ids)
+            return list(ids)
+
+    datastore.list_images = list_images
+    datastore.adl_whole_listing = True
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

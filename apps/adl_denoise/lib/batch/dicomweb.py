@@ -149,9 +149,10 @@ def _orthanc_find_limit(client, level: str, answered: int) -> int | None:
     return None
 
 
-def _search_whole(client, search, level: str, what: str, outcome: str = "") -> list[dict]:
+def _search_whole(client, search, level: str, what: str, outcome: str = "", batch: bool = True) -> list[dict]:
     """The answer of ``search()`` (a QIDO-RS search of ``level`` matches, all pages), checked to hold every match;
-    ``what`` names the matches in a message, ``outcome`` says what it means for the run.
+    ``what`` names the matches in a message, ``outcome`` says what it means for the run, ``batch`` whether to advise
+    narrowing the batch (a listing of the app's datastore has no filters to narrow).
 
     Raises:
         ValueError: the server said, or its Orthanc configuration shows, that it answered part of the matches.
@@ -166,13 +167,13 @@ def _search_whole(client, search, level: str, what: str, outcome: str = "") -> l
     cut = [message for message in warnings.messages if _MORE_MATCHES.search(message)]
     if cut:
         raise ValueError(f"{client.base_url} lists only part of {what} ({len(results)} given; its Warning: "
-                         f"{cut[0]}){outcome}: raise the server's limit on search results, or narrow the batch "
-                         "(--study-date, --modality) below it")
+                         f"{cut[0]}){outcome}: raise the server's limit on search results"
+                         + (", or narrow the batch (--study-date, --modality) below it" if batch else ""))
     limit = _orthanc_find_limit(client, level, len(results))
     if limit is not None:
         option = "LimitFindInstances" if level == "Instance" else "LimitFindResults"
         narrow = (f", or narrow the batch (--study-date, --modality) to at most {limit - 1} series"
-                  if level == "Series" else "")
+                  if level == "Series" and batch else "")
         raise ValueError(f"{client.base_url} lists only part of {what} ({len(results)} given): its Orthanc "
                          f"configuration cuts every search at {limit} matches ({option} {limit - 1}){outcome}: set "
                          f"{option} to 0 (no limit) or above the number it holds{narrow}")

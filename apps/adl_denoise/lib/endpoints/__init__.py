@@ -73,11 +73,12 @@ def _install_unreachable_pacs_answer(fastapi_app) -> None:
     """503 with a one-line reason when a route's call to the PACS fails to connect or times out (a DICOMweb
     datastore whose PACS is down): MONAI Label's routes answered a bare 500 "Internal Server Error". Only a
     request to the datastore's PACS (:func:`lib.pacs.is_pacs_url`): a failure to reach any other service is the
-    server's error (500) as before, not news about the PACS."""
+    server's error (500) as before, not news about the PACS. A PACS that lists part of its series
+    (:class:`lib.pacs.PacsListingCut`) is a 503 too, with the reason."""
     from fastapi.responses import JSONResponse
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
-    from ..pacs import is_pacs_url
+    from ..pacs import PacsListingCut, is_pacs_url
     from .common import app
 
     async def unreachable(request, error: Exception):
@@ -88,7 +89,11 @@ def _install_unreachable_pacs_answer(fastapi_app) -> None:
                   type(error).__name__, f", {target}" if target else "")
         return JSONResponse(status_code=503, content={"detail": PACS_UNREACHABLE})
 
+    async def listing_cut(request, error: Exception):  # logged where found (lib.pacs.whole_listing)
+        return JSONResponse(status_code=503, content={"detail": f"the PACS's studies cannot be listed: {error}"})
+
     for kind in (RequestsConnectionError, Timeout):
         fastapi_app.add_exception_handler(kind, unreachable)
+    fastapi_app.add_exception_handler(PacsListingCut, listing_cut)
     if fastapi_app.middleware_stack is not None:
         fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
