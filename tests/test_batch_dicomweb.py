@@ -531,3 +531,47 @@ def test_a_series_the_server_got_more_instances_of_is_denoised_again(tmp_path, s
         assert len(list(Path(record["output"]).iterdir())) == 3
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_server_that_ignores_offset_is_listed_once_not_asked_for_ever(tmp_path):
+    """dicomweb-client's ``get_remaining`` asks page after page (``offset``) until an empty one: a server that
+    ignores ``offset`` answers its first page again, and the series list grew until memory ran out (here the server
+    stops answering after 20 requests, so that the old way fails instead of hanging). A page of matches already
+    listed now ends the list. (A real HTTP server on loopback.)"""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mlserver import free_port
+
+    series = [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "0020000E": {"vr": "UI", "Value": [f"1.2.3.{k}"]},
+               "00080060": {"vr": "CS", "Value": ["CT"]}, "0008103E": {"vr": "LO", "Value": ["abdomen"]},
+               "00201209": {"vr": "IS", "Value": [3]}} for k in (4, 5)]
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            asked.append(self.path)
+            if not self.path.startswith("/dicom-web/series") or len(asked) > 20:
+                self.send_error(500 if len(asked) > 20 else 404)
+                return
+            body = json.dumps(series).encode()  # whatever the offset
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = make_client(f"http://127.0.0.1:{server.server_port}/dicom-web")
+        found = discover_dicomweb(client, tmp_path / "out", SeriesFilter())
+        assert [i.series_uid for i in found] == ["1.2.3.4", "1.2.3.5"]
+        assert len([path for path in asked if path.startswith("/dicom-web/series")]) == 2, asked
+    finally:
+        server.shutdown()
+        server.server_close()

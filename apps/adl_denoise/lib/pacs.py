@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["is_dicomweb", "start_up_warnings", "series_folder", "series_voxels", "SeriesSize", "is_downloaded",
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
-           "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "whole_listing", "LISTING_CUT_RETRY_S"]
+           "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "whole_listing", "LISTING_CUT_RETRY_S"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -38,6 +38,24 @@ PACS_TRIES = 3
 #: seconds to wait for a connection to the PACS (requests waits as long as the system does, minutes for a host that
 #: drops packets, on every try); how long the PACS then takes to answer is not bounded (a large series, a store)
 PACS_CONNECT_TIMEOUT_S = 10.0
+
+
+def all_pages(search: Callable[[int], list]) -> list:
+    """Every match of a QIDO-RS search, ``search(offset)`` answering one page from ``offset``: page after page until
+    an empty one, or one that holds only matches of earlier pages (a server that ignores ``offset`` answers its first
+    page again: dicomweb-client's ``get_remaining`` then asked it for ever, its list growing until memory ran out). A
+    match listed twice within one page (a SeriesInstanceUID in two studies) is kept twice."""
+    import json
+
+    results: list = []
+    seen: set[str] = set()
+    while True:
+        page = search(len(results))
+        keys = [json.dumps(entry, sort_keys=True) for entry in page or []]
+        if not keys or seen.issuperset(keys):
+            return results
+        seen.update(keys)
+        results.extend(page)
 
 
 class PacsStoreError(RuntimeError):
@@ -73,8 +91,9 @@ def _check_listed(client, datasets: list, server: str) -> None:
     first = datasets[0]
     sent = {str(ds.SOPInstanceUID) for ds in datasets}
     try:
-        listed = client.search_for_instances(study_instance_uid=str(first.StudyInstanceUID),
-                                             series_instance_uid=str(first.SeriesInstanceUID), get_remaining=True)
+        listed = all_pages(lambda offset: client.search_for_instances(
+            study_instance_uid=str(first.StudyInstanceUID), series_instance_uid=str(first.SeriesInstanceUID),
+            offset=offset))
     except Exception as error:  # noqa: BLE001 - HTTP or connection error: whether it is all there is unknown
         raise PacsStoreError(f"{server} answered the store, but listing the stored series failed: "
                              f"{one_line(error)}") from None
@@ -165,7 +184,8 @@ def whole_listing(datastore) -> None:
             kept.clear()
             try:
                 found = _search_whole(
-                    client, lambda: client.search_for_series(search_filters=search_filter, get_remaining=True),
+                    client, lambda: all_pages(lambda offset: client.search_for_series(search_filters=search_filter,
+                                                                                      offset=offset)),
                     "Series", "its series", "; until then no study is listed, denoised or reviewed (a part of the "
                     "list would hide the others)", batch=False)
             except ValueError as error:
@@ -274,8 +294,8 @@ def series_voxels(datastore, image_id: str) -> SeriesSize | None:
 
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
     try:
-        found = client.search_for_instances(search_filters={"SeriesInstanceUID": image_id},
-                                            fields=list(_SIZE_FIELDS), get_remaining=True)
+        found = all_pages(lambda offset: client.search_for_instances(
+            search_filters={"SeriesInstanceUID": image_id}, fields=list(_SIZE_FIELDS), offset=offset))
         held = _instances_held(client, image_id) if found else None  # (raises only when the PACS is unreachable)
     except (RequestsConnectionError, Timeout):
         raise  # the PACS cannot be reached: the download would try again for nothing (the route answers 503)

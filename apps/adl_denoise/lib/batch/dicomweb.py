@@ -12,9 +12,10 @@ documents...: :data:`NON_IMAGE_MODALITIES`), which a folder tree's discovery pas
 A server may answer a search with part of its matches: Orthanc's ``LimitFindResults`` (series, studies) and
 ``LimitFindInstances`` cut every QIDO-RS answer to that many matches plus one, however the ``offset`` pages, and says
 nothing; other servers may say so in a ``Warning`` header (DICOM PS3.18 6.7.1.2). A batch over such an answer
-processed part of the archive and reported success. The series list is paged (``offset``) and checked: a
-``Warning`` that more matches exist, or an Orthanc server (its REST API beside the DICOMweb root) whose finds stop
-at or below the number of series answered, stops the batch before any work, saying how to get the whole list
+processed part of the archive and reported success. The series list is paged (``offset``; a page of matches
+already listed ends it: a server that ignores ``offset`` was asked for ever, :func:`lib.pacs.all_pages`) and
+checked: a ``Warning`` that more matches exist, or an Orthanc server (its REST API beside the DICOMweb root) whose
+finds stop at or below the number of series answered, stops the batch before any work, saying how to get the whole list
 (:func:`discover_dicomweb`). How many instances the server holds of a derived series is asked at the series level
 (``NumberOfSeriesRelatedInstances``: one match, never cut) rather than by listing them (:func:`instances_on_server`).
 
@@ -33,7 +34,7 @@ from pathlib import Path
 import pydicom
 
 from ..imaging.errors import one_line
-from ..pacs import PacsStoreError, stow_datasets
+from ..pacs import PacsStoreError, all_pages, stow_datasets
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions
 
 __all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "PacsStoreError", "derived_series", "discover_dicomweb",
@@ -195,10 +196,10 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
 
     def search() -> list[dict]:
         try:
-            return client.search_for_series(
-                search_filters=filters or None, get_remaining=True,
+            return all_pages(lambda offset: client.search_for_series(
+                search_filters=filters or None, offset=offset,
                 fields=["StudyDate", "SeriesDescription", "Modality", "SeriesNumber",
-                        "NumberOfSeriesRelatedInstances"])
+                        "NumberOfSeriesRelatedInstances"]))
         except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, not a DICOMweb answer
             raise ValueError(f"cannot list the series of {client.base_url} (QIDO-RS): {one_line(error)}") from None
 
@@ -283,8 +284,8 @@ def instances_on_server(client, study_uid: str, series_uid: str) -> int:
         if counts[0] not in (None, ""):
             return int(counts[0])
         listed = _search_whole(  # a server that does not return the count: its instances, checked to be all
-            client, lambda: client.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid,
-                                                        get_remaining=True),
+            client, lambda: all_pages(lambda offset: client.search_for_instances(
+                study_instance_uid=study_uid, series_instance_uid=series_uid, offset=offset)),
             "Instance", f"the instances of the derived series {series_uid}")
     except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, a cut answer
         raise PacsStoreError(f"cannot ask {client.base_url} whether it holds the derived series {series_uid} "
