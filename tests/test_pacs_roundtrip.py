@@ -366,3 +366,60 @@ def test_a_derived_series_stored_by_a_server_killed_before_its_record_is_no_stud
         assert queue({"exclude": [uid]}, restarted.datastore()) is None
     finally:
         stop_orthanc(pacs)
+
+
+def test_the_review_queue_of_a_pacs_follows_the_audit_log_whatever_the_cache(tmp_path, tiny_weights, monkeypatch):
+    """A PACS series' info (the review queue's copy of its verdict) lives in the server's local cache of the
+    series it downloaded. The queue read it there alone: a server started with another cache folder (a cache
+    cleared, a server moved) handed out series already judged; with ``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false``
+    (no series is ever added to the cache) a verdict answered a bare 500 after it was recorded, and the queue never
+    moved; the start-up did not set a verdict cut short (a server killed between the log and the info) on a PACS.
+    The queue reads a PACS's verdicts from the log now, and the start-up sets the cached series' info from it."""
+    from monailabel.config import settings
+
+    from conftest import import_app_main
+    from lib.activelearning import NextUnreviewed, record_verdict
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        a, b, c = sorted(upload_real_ct_series(pacs, tmp_path / name) for name in ("a", "b", "c"))
+        model = copy_weights(tiny_weights, tmp_path / "model")
+        main = import_app_main()
+
+        def app(name: str, cache: str, convert: bool = True):
+            (tmp_path / name / "bin").mkdir(parents=True)  # MONAI Label downloads dcmqi's converter otherwise
+            (tmp_path / name / "bin" / "itkimage2segimage").write_text("")
+            monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / cache))
+            monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI", convert)
+            return main.DenoisingApp(str(tmp_path / name), pacs.dicomweb, {"model_dir": str(model), "models": "nlm"})
+
+        first = app("app1", "cache1")
+        for uid in (a, b):
+            first.infer({"model": "nlm", "image": uid})
+        record_verdict(first.audit, first.datastore(), a, "accepted", "dr_a")
+        store = first.datastore()
+        with monkeypatch.context() as patch:  # the server killed between the verdict's entry and its copy
+            patch.setattr(store, "set_review", lambda image_id, review: (_ for _ in ()).throw(_Killed()))
+            with pytest.raises(_Killed):
+                record_verdict(first.audit, store, b, "accepted", "dr_a")
+        assert NextUnreviewed(first.audit)({}, store)["id"] == c
+        # restarted on the same cache: the cut-short verdict is set in the cached series' info
+        again = app("app2", "cache1")
+        assert "review" not in again.datastore().get_image_info(b)
+        again._reconcile_reviews()
+        assert again.datastore().get_image_info(b)["review"]["verdict"] == "accepted"
+        assert NextUnreviewed(again.audit)({}, again.datastore()) == {"id": c, "remaining_unreviewed": 1}
+        # another cache folder: nothing cached, the judged series are not handed out again
+        moved = app("app3", "cache2")
+        assert NextUnreviewed(moved.audit)({}, moved.datastore()) == {"id": c, "remaining_unreviewed": 1}
+        # no NIfTI conversion, so no series in the cache: the verdict is recorded and answered, the queue moves
+        plain = app("app4", "cache3", convert=False)
+        plain.infer({"model": "nlm", "image": c})
+        verdict = record_verdict(plain.audit, plain.datastore(), c, "rejected", "dr_b", reason="streaks")
+        assert verdict["verdict"] == "rejected"
+        assert NextUnreviewed(plain.audit)({}, plain.datastore()) is None
+        # a reset to unreviewed puts the series back in the queue
+        record_verdict(plain.audit, plain.datastore(), a, "unreviewed", "dr_b")
+        assert NextUnreviewed(plain.audit)({}, plain.datastore()) == {"id": a, "remaining_unreviewed": 1}
+    finally:
+        stop_orthanc(pacs)

@@ -183,9 +183,8 @@ class DenoisingApp(MONAILabelApp):
     def _reconcile_reviews(self) -> None:
         """The review queue's copy of each study's verdict (its info) made the log's again where a server killed
         between writing a verdict to the log and to the info left them apart (:func:`lib.activelearning
-        .reconcile_reviews`). A local datastore only: on a PACS it would list and read every series at start-up."""
-        if is_dicomweb(self._datastore):
-            return
+        .reconcile_reviews`). On a PACS: the series in the server's local cache, which hold their info (no request
+        to the PACS); its review queue reads the verdicts from the log in any case."""
         try:
             fixed = reconcile_reviews(self.audit, self._datastore)
         except Exception as error:  # noqa: BLE001 - the server still starts; the trail (the log) is right anyway

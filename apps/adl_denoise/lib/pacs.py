@@ -26,9 +26,10 @@ from .imaging.errors import one_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_dicomweb", "start_up_warnings", "series_folder", "series_voxels", "SeriesSize", "is_downloaded",
-           "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
-           "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "whole_listing", "LISTING_CUT_RETRY_S"]
+__all__ = ["is_dicomweb", "cached_images", "start_up_warnings", "series_folder", "series_voxels", "SeriesSize",
+           "is_downloaded", "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url",
+           "PACS_TRIES", "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "whole_listing",
+           "LISTING_CUT_RETRY_S"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -121,6 +122,15 @@ def is_dicomweb(datastore) -> bool:
     from monailabel.datastore.dicom import DICOMWebDatastore
 
     return isinstance(datastore, DICOMWebDatastore)
+
+
+def cached_images(datastore) -> list[str]:
+    """The series of a DICOMweb datastore that are in the server's local cache (downloaded, and converted to NIfTI,
+    MONAI Label's ``MONAI_LABEL_DICOMWEB_CACHE_PATH``): the only ones with an info of their own (a review's copy),
+    listed without a request to the PACS."""
+    from monailabel.datastore.local import LocalDatastore
+
+    return LocalDatastore.list_images(datastore)
 
 
 def bound_waits(datastore) -> None:

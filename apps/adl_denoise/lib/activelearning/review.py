@@ -44,14 +44,17 @@ def ambiguous_images(datastore: Datastore) -> set[str]:
     return {image_id for image_id, count in Counter(datastore.list_images()).items() if count > 1}
 
 
-def stored_results(audit: AuditLog) -> set[str]:
+_STORED_TO_PACS = ("result_stored_to_pacs", "result_storing_to_pacs")  # the entries :func:`stored_results` reads
+
+
+def stored_results(audit: AuditLog, entries: Optional[list[dict]] = None) -> set[str]:
     """SeriesInstanceUIDs of the derived (denoised) series this app stored into the PACS (``result_stored_to_pacs``
     entries) or began to store (``result_storing_to_pacs``, written before the STOW: a store cut short by a failure
     or by a server killed before its confirmation leaves instances in the PACS): listed by a DICOMweb datastore
-    like any series, but results, not studies to review or denoise."""
+    like any series, but results, not studies to review or denoise. ``entries``: the log's entries already read."""
     uids = set()
     try:
-        entries = audit.entries(where=lambda e: e.get("event") in ("result_stored_to_pacs", "result_storing_to_pacs"))
+        entries = _selected(audit, entries, lambda e: e.get("event") in _STORED_TO_PACS)
     except (AuditError, OSError):  # an unreadable log: whatever needs a record fails on its own, saying why
         return uids
     for entry in entries:
@@ -334,20 +337,33 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
     return {**current, "replaces": replaces}
 
 
-def reconcile_reviews(audit: AuditLog, datastore: Datastore) -> list[str]:
-    """Put in each study's info the current verdict the log holds for it when the info holds another (an older
-    verdict, or none); returns the ids set. A verdict is written to the log first, then to the info (the review
-    queue's copy): a server killed between the two left the queue handing out a study already judged, or keeping
-    off it a study whose verdict was reset to ``unreviewed``. Run at start-up (one read of the log)."""
-    ids = set(datastore.list_images())
-    if not ids:
-        return []
-    read = audit.entries(where=lambda e: e.get("event") in (*_STUDY_CHANGES, "verdict") and _image_of(e) in ids)
-    since = removals(audit, ids, read)
+def _latest_verdicts(audit: AuditLog, image_ids: set[str], entries: Optional[list[dict]] = None) -> dict[str, dict]:
+    """Per image id of ``image_ids``, the log's latest ``verdict`` entry of the study stored under it now (after the
+    id's last removal); ids without one are absent. ``entries``: the log's entries already read."""
+    read = _selected(audit, entries, lambda e: e.get("event") in (*_STUDY_CHANGES, "verdict")
+                     and _image_of(e) in image_ids)
+    since = removals(audit, image_ids, read)
     latest: dict[str, dict] = {}
     for entry in read:
         if entry.get("event") == "verdict" and int(entry.get("seq", -1)) > since.get(_image_of(entry), -1):
             latest[_image_of(entry)] = entry
+    return latest
+
+
+def reconcile_reviews(audit: AuditLog, datastore: Datastore) -> list[str]:
+    """Put in each study's info the current verdict the log holds for it when the info holds another (an older
+    verdict, or none); returns the ids set. A verdict is written to the log first, then to the info (the review
+    queue's copy): a server killed between the two left the queue handing out a study already judged, or keeping
+    off it a study whose verdict was reset to ``unreviewed``. Run at start-up (one read of the log). On a PACS
+    (DICOMweb datastore) a series' info lives in the server's local cache of the series it has downloaded
+    (:func:`lib.pacs.cached_images`): those are set, without a request to the PACS; the review queue there reads
+    the verdicts from the log anyway (:class:`NextUnreviewed`), so a series not in the cache needs nothing."""
+    from ..pacs import cached_images, is_dicomweb
+
+    ids = set(cached_images(datastore) if is_dicomweb(datastore) else datastore.list_images())
+    if not ids:
+        return []
+    latest = _latest_verdicts(audit, ids)
     fixed = []
     for image_id, entry in sorted(latest.items()):
         if (review_of(datastore.get_image_info(image_id) or {})).get("seq") == entry["seq"]:
@@ -394,7 +410,10 @@ class NextUnreviewed(Strategy):
     stable and shared by reviewers). Request keys: ``exclude`` (ids to skip, e.g. studies open elsewhere),
     ``modality`` (ct | mr, only studies of that modality when known). With the app's ``audit`` log, the derived
     series it stored into a PACS are no studies (:func:`stored_results`); ids that name several series
-    (:func:`ambiguous_images`) are left out too."""
+    (:func:`ambiguous_images`) are left out too. On a PACS the current verdict of each series is the log's (its
+    info, the queue's copy, lives in the server's local cache: a cache cleared, a server moved or started with
+    another cache folder, or a series never downloaded into it (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false``)
+    had the queue hand out series already judged); the info's only where the log has no verdict of the series."""
 
     def __init__(self, audit: AuditLog | None = None) -> None:
         super().__init__("Next study without a review verdict (radiologist review queue)")
@@ -405,14 +424,27 @@ class NextUnreviewed(Strategy):
 
         exclude = set(request.get("exclude") or [])
         modality = str(request.get("modality") or "").upper()
+        listed = set(datastore.list_images())
         not_studies = set()  # results and ambiguous ids exist on a PACS only (see refuse_unreviewable)
+        logged: dict[str, dict] = {}  # a PACS's verdicts, from the log
         if is_dicomweb(datastore):
-            not_studies = ambiguous_images(datastore) | (
-                stored_results(self.audit) if self.audit is not None else set())
+            read: Optional[list[dict]] = None
+            if self.audit is not None:
+                try:  # one read of the log for both
+                    read = self.audit.entries(where=lambda e: e.get("event") in (
+                        *_STORED_TO_PACS, *_STUDY_CHANGES, "verdict"))
+                except (AuditError, OSError):  # unreadable: the info's verdicts, as on a local datastore
+                    read = None
+            not_studies = ambiguous_images(datastore) | (stored_results(self.audit, read) if read is not None
+                                                         else set())
+            if read is not None:
+                logged = {image_id: (entry.get("fields") or {})
+                          for image_id, entry in _latest_verdicts(self.audit, listed, read).items()}
         unreviewed = []  # (id, info), read once for the choice and the count
-        for image_id in sorted(set(datastore.list_images()) - not_studies):
+        for image_id in sorted(listed - not_studies):
             info = datastore.get_image_info(image_id) or {}
-            if review_of(info)["verdict"] == "unreviewed":
+            current = logged[image_id] if image_id in logged else review_of(info)
+            if current.get("verdict") == "unreviewed":
                 unreviewed.append((image_id, info))
         for image_id, info in unreviewed:
             if image_id in exclude:

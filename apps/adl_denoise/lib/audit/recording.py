@@ -127,8 +127,22 @@ class AuditedDatastoreMixin:
                               lambda: super(AuditedDatastoreMixin, self).update_label_info(label_id, label_tag, info))
 
     def set_review(self, image_id: str, review: Dict[str, Any]) -> None:
-        """Keep ``review`` (the current verdict, already in the audit log) in the image's info for the queue."""
-        super().update_image_info(image_id, {"review": review})
+        """Keep ``review`` (the current verdict, already in the audit log) in the image's info for the queue. A
+        PACS series that is not in the server's local cache has no info to keep it in (MONAI Label adds a series to
+        its cache only once converted to NIfTI: never with ``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false``): the
+        queue reads a PACS's verdicts from the log (:class:`lib.activelearning.NextUnreviewed`), so nothing is
+        lost; the verdict answered a bare 500 after it was recorded."""
+        from monailabel.interfaces.exception import ImageNotFoundException
+
+        try:
+            super().update_image_info(image_id, {"review": review})
+        except ImageNotFoundException:
+            from ..pacs import is_dicomweb
+
+            if not is_dicomweb(self):
+                raise
+            log.info("verdict on %s recorded in the audit log; the series is not in the local cache (no info to "
+                     "copy it to)", image_id)
 
 
 _classes: Dict[type, type] = {}
