@@ -30,6 +30,9 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
 * ``PUT /model/{model}``, ``DELETE /model/{model}``: 405. Served weights change only through a fine-tune that passed
   its checks and the rollback route, each recorded; the stock routes would copy an upload over a served file (no
   check, no version, no record) or move it away.
+* ``GET /model/{model}``, ``GET /model/info/{model}`` (admin, as the stock routes): the weight file the model serves
+  for ``?modality=`` (needed where it serves several) and its details; the stock routes answered 404 for every
+  model (they ask the infer task for a single file, which these tasks do not name).
 * ``POST /activelearning/{strategy}``, ``GET /datastore/image/info``: the answer has no ``path`` (the server's
   absolute file path; a study is downloaded by its id); a session's ``path`` and ``image`` (``PUT /session/``,
   ``GET /session/{id}``) are cut to their last part.
@@ -586,6 +589,78 @@ def refused_model_file(model: str, request: Request, user: User = Depends(RBAC(_
     several files per model they answered 500 / 404."""
     raise HTTPException(status_code=405, detail=f"{request.method} /model/{model}: {_MODEL_FILES_REFUSED}",
                         headers={"Allow": "GET"})
+
+
+def _served_weights(model: str, modality: Optional[str]):
+    """(store, the :class:`lib.weights.store.WeightsVersion` that ``model`` serves for ``modality``): 404 for an
+    unknown model, a classical one (no weight file) or a modality without weights; 422 for a modality the model
+    does not serve, or none named where it serves several."""
+    from ..infers.denoise import ClassicalInferTask
+
+    task = model_task("infer", model)
+    if isinstance(task, ClassicalInferTask):
+        raise HTTPException(status_code=404, detail=f"{model} is a classical method ({task.method}): it has no "
+                                                    "weight file")
+    served_modalities = tuple(task.modalities)
+    if modality is None or not str(modality).strip():
+        if len(served_modalities) != 1:
+            raise HTTPException(status_code=422, detail=(
+                f"{model} serves {' and '.join(served_modalities)}, one weight file each: name one with "
+                + " or ".join(f"?modality={m.lower()}" for m in served_modalities)))
+        modality = served_modalities[0]
+    modality = str(modality).strip().upper()
+    if modality not in served_modalities:
+        raise HTTPException(status_code=422, detail=f"{model} serves {', '.join(served_modalities)}, not "
+                                                    f"{modality[:20]!r}")
+    served = task.store.served(model, modality)
+    if served is None:
+        raise HTTPException(status_code=404, detail=f"{model} has no {modality} weights on this server: none "
+                                                    "published and none shipped (GET /versions/{model} lists them)")
+    return task.store, served
+
+
+@router.get("/model/{model}", include_in_schema=False)
+def served_model_file(model: str, modality: Optional[str] = None, user: User = Depends(RBAC(_ADMIN))):
+    """The weight file ``model`` serves for ``modality`` now, as the server reads it: the published
+    ``<model>_<modality>.pt`` or else the shipped ``pretrained_<model>_<modality>.pt`` (the stock route asked the
+    infer task for a single file, which these tasks do not name, and answered 404 for every model). The headers
+    name its version and SHA-256; the bytes sent are those hashed (a publication renaming a new file over it
+    while it is read is read again). A published file may name the images it was fine-tuned on (files published
+    before 2026-12-05): ``cli.py share-weights`` writes a copy to give away."""
+    import hashlib
+
+    from fastapi.responses import Response
+
+    for _ in range(3):
+        _, served = _served_weights(model, modality)
+        try:
+            content = served.path.read_bytes()
+        except FileNotFoundError:  # renamed away between the look-up and the read: look again
+            continue
+        if hashlib.sha256(content).hexdigest() == served.sha256:
+            return Response(content=content, media_type="application/octet-stream", headers={
+                "Content-Disposition": f'attachment; filename="{served.path.name}"',
+                "X-Weights-Version": served.version, "X-Weights-SHA256": served.sha256})
+    raise HTTPException(status_code=503, detail=f"{model}: the served weight file changed while it was read (a "
+                                                "publication or rollback going on): try again")
+
+
+@router.get("/model/info/{model}", include_in_schema=False)
+def served_model_info(model: str, modality: Optional[str] = None, user: User = Depends(RBAC(_ADMIN))):
+    """What the stock route says of a model's file (``checksum``, ``modified_time``, the training status), for the
+    weight file ``model`` serves for ``modality`` (see :func:`served_model_file`), with its version and name; the
+    stock route answered 404 for every model."""
+    from monailabel.utils.others.generic import file_checksum
+
+    _, served = _served_weights(model, modality)
+    task = (getattr(app(), "_trainers", None) or {}).get(model)  # noqa: SLF001 - MONAI Label keeps them private
+    info = {"model": model, "modality": served.modality, "version": served.version, "file": served.path.name,
+            "sha256": served.sha256, "checksum": file_checksum(served.path),
+            "modified_time": int(served.path.stat().st_mtime)}
+    stats = task.stats() if task is not None else None
+    if stats:
+        info["train_stats"] = stats
+    return info
 
 
 # ------------------------------------------------------------------------------------------------ images
