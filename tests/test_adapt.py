@@ -311,6 +311,15 @@ def test_adaptation_data_keeps_normal_dose_images_of_the_same_file_name_apart(tm
     for folder in ("A", "B", "C"):
         assert sum(os.path.join(folder, "scan.nii.gz") in image for image in used) == 1
     assert len(data.source.volumes) + len(data.validation_pairs) == 3
+    # each image's own noise, taken off the learnt noise, and what was added, in the status the server shows
+    rows = data.description["noise_per_image"]
+    assert sorted(row["image"] for row in rows) == sorted(used)
+    for row in rows:
+        assert row["own_noise_std_hu"] > 5 and row["learnt_noise_std_hu"] > 5, row
+        expected = np.sqrt(max(0.0, row["learnt_noise_std_hu"] ** 2 - row["own_noise_std_hu"] ** 2))
+        assert abs(row["added_noise_std_hu"] - expected) < 0.15, row
+    assert data.description["noise_added"].startswith("pseudo pairs: learnt noise ") and \
+        "less each clean image's own noise" in data.description["noise_added"], data.description["noise_added"]
 
 
 @pytest.mark.parametrize("weights", ["tiny 2D CT", "shipped 2.5D MR"])
@@ -719,6 +728,12 @@ def test_adapt_takes_the_noise_of_real_normal_dose_images_off_the_learnt_noise(t
     pairs = json.loads((tmp_path / "adl_site.pt.adapt.json").read_text())["pseudo_pairs"]
     assert pairs["clean_side"] == "given normal-dose images" and len(pairs["clean_noise_std_hu"]) == 1
     assert 24 < pairs["clean_noise_std_hu"][0] < 36, pairs
+    # the report (and the console) say the learnt noise, the image's own noise taken off it and the noise added
+    [row] = pairs["noise_per_image"]
+    assert row["image"] == str(normal_dose) and row["own_noise_std_hu"] == round(pairs["clean_noise_std_hu"][0], 1)
+    assert row["added_noise_std_hu"] == pytest.approx(
+        np.sqrt(max(0.0, row["learnt_noise_std_hu"] ** 2 - row["own_noise_std_hu"] ** 2)), abs=0.15)
+    assert pairs["noise_added"] in done.stdout, done.stdout
 
 
 @pytest.mark.slow

@@ -717,6 +717,10 @@ def test_tddl_adaptation_learns_noise_from_unlabelled_low_dose_images(training_c
     stats = training_client.info()["train_stats"]["tddl_gcn"]
     assert stats["status"] == "done" and stats["mode"] == "adapt_noise"
     assert "learned noise" in stats["data"]["kind"] and len(stats["data"]["low_dose_images"]) == 3
+    # the noise added to each clean image (the served model's outputs here: nothing of their own taken off)
+    assert "added whole" in stats["data"]["noise_added"], stats["data"]
+    for row in stats["data"]["noise_per_image"]:
+        assert row["own_noise_std_hu"] is None and row["added_noise_std_hu"] == row["learnt_noise_std_hu"] > 0, row
     decision = stats["decision"]
     # no normal-dose images: the validation targets are the served model's own outputs, so the held-out low-dose
     # images decide (J-invariant loss, planted lesions), and the circular PSNR is only reported

@@ -394,7 +394,7 @@ def adapt_to_low_dose(
     from ..evaluation.restoration_width import served_restoration, spread_slices
     from ..lesions.low_frequency_restoration import default_sigma_px
     from ..predict import load_denoiser, slice_denoiser
-    from .pseudo_pairs import LearnedNoiseSource
+    from .pseudo_pairs import LearnedNoiseSource, noise_added_line
     from .workflow import denoised_stand_ins, learn_noise_model
 
     settings = settings or AdaptSettings()
@@ -476,6 +476,8 @@ def adapt_to_low_dose(
         # a real normal-dose scan carries noise of its own: only the rest of the learnt low-dose noise is added
         source = LearnedNoiseSource(clean, noise_path, seed=int(settings.seed), device=settings.device,
                                     progress=False, reference_noise_std_hu="estimate" if normal_files else None)
+        noise_per_image = source.noise_per_image()
+        report(noise_added_line(noise_per_image))
         seconds["pseudo_pairs"] = time.perf_counter() - t0
 
         # 4. fine-tuning from the starting weights
@@ -517,7 +519,8 @@ def adapt_to_low_dose(
         run = {"model": model, "initial_weights": str(start_path), "output": str(output),
                "low_dose": [str(p) for p in inputs], "held_out": held_record, "train_slices": train_record,
                "pseudo_pairs": {"clean_side": clean_kind, "clean_images": clean,
-                                "clean_noise_std_hu": source.reference_noise_std_per_volume},
+                                "clean_noise_std_hu": source.reference_noise_std_per_volume,
+                                "noise_per_image": noise_per_image, "noise_added": noise_added_line(noise_per_image)},
                "noise_model": noise_model.summary(), "settings": dataclasses.asdict(settings)}
         try:
             candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record)

@@ -22,7 +22,7 @@ import numpy as np
 from ..data import SyntheticNoiseSource, ValidationPair, check_not_heldout
 from .noise_model import NoiseModel
 
-__all__ = ["synthesise_pseudo_low_dose", "LearnedNoiseSource"]
+__all__ = ["synthesise_pseudo_low_dose", "LearnedNoiseSource", "noise_added_line"]
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,26 @@ class LearnedNoiseSource(SyntheticNoiseSource):
             bar.close()
         return pool
 
+    def noise_per_image(self) -> list[dict]:
+        """Per clean image (the order of ``volumes``), in HU: ``learnt_noise_std_hu``, the learnt low-dose noise
+        std at the image's soft tissue (the model's std-vs-intensity curve at the median of its -100..200 HU
+        voxels, the pooled std where it has none); ``own_noise_std_hu``, the noise the image already carries, taken
+        off (None: nothing taken off); ``added_noise_std_hu``, what is added there, ``sqrt(learnt^2 - own^2)`` (0
+        where the image is as noisy already: its pseudo pairs then hold no noise to learn to remove). What
+        ``cli.py adapt`` reports (``pseudo_pairs.noise_per_image``) and the server's ``adapt_noise`` status."""
+        lo, hi = self.noise_model.condition_range_hu
+        pooled = float(self.noise_model.training_stats.get("noise_std_hu", self.noise_model.noise_scale_hu))
+        rows = []
+        for vol, own in zip(self.volumes, self.reference_noise_std_per_volume):
+            tissue = vol.clean[(vol.clean >= -100.0) & (vol.clean <= 200.0)]
+            learnt = (float(self.noise_model.noise_std_at(np.clip(np.median(tissue), lo, hi)))
+                      if tissue.size else pooled)
+            added = learnt if own is None else float(np.sqrt(max(0.0, learnt ** 2 - float(own) ** 2)))
+            rows.append({"image": str(vol.path), "learnt_noise_std_hu": round(learnt, 1),
+                         "own_noise_std_hu": None if own is None else round(float(own), 1),
+                         "added_noise_std_hu": round(added, 1)})
+        return rows
+
     def validation_pairs(self, seed: int | None = None) -> list[ValidationPair]:
         """One fixed pseudo low-dose realisation of every whole image (default seed: the source's + 1_000_003)."""
         seed = self.seed + 1_000_003 if seed is None else int(seed)
@@ -215,3 +235,30 @@ class LearnedNoiseSource(SyntheticNoiseSource):
             pairs.append(ValidationPair(vol.name, squeeze(noisy), squeeze(vol.clean), self.modality,
                                         vol.pixel_size_mm))
         return pairs
+
+
+def noise_added_line(rows: Sequence[dict]) -> str:
+    """One line of :meth:`LearnedNoiseSource.noise_per_image` rows: the learnt noise, the images' own noise taken
+    off and the noise added (ranges over the images, HU), and the images to which nothing is added (as noisy as the
+    learnt noise already: low-dose scans given as normal-dose ones?)."""
+    if not rows:
+        return "no clean images"
+
+    def span(key: str) -> str:
+        values = sorted(float(r[key]) for r in rows if r.get(key) is not None)
+        return f"{values[0]:.1f}" if values[0] == values[-1] else f"{values[0]:.1f}-{values[-1]:.1f}"
+
+    learnt = span("learnt_noise_std_hu")
+    if all(r.get("own_noise_std_hu") is None for r in rows):
+        return f"pseudo pairs: learnt noise {learnt} HU added whole (nothing taken off: the clean images are a " \
+               f"denoiser's outputs, or carry no soft tissue to measure their own noise in)"
+    line = (f"pseudo pairs: learnt noise {learnt} HU in soft tissue, less each clean image's own noise "
+            f"{span('own_noise_std_hu')} HU: {span('added_noise_std_hu')} HU added ({len(rows)} image(s))")
+    unmeasured = sum(r.get("own_noise_std_hu") is None for r in rows)
+    if unmeasured:
+        line += f"; {unmeasured} image(s) with no soft tissue to measure their own noise in: the whole noise added"
+    nothing = [Path(str(r["image"])).name for r in rows if float(r["added_noise_std_hu"]) == 0.0]
+    if nothing:
+        line += (f"; WARNING: nothing added to {len(nothing)} image(s) as noisy as the learnt noise already "
+                 f"({', '.join(nothing[:3])}{', ...' if len(nothing) > 3 else ''}): are they low-dose scans?")
+    return line

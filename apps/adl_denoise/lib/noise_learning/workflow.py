@@ -21,7 +21,7 @@ import torch
 from ..data import ValidationPair
 from .extraction import NoiseSamples, extract_noise_samples
 from .noise_model import NoiseModel
-from .pseudo_pairs import LearnedNoiseSource
+from .pseudo_pairs import LearnedNoiseSource, noise_added_line
 from .training import MIN_TRAINING_SAMPLES, train_noise_model
 
 log = logging.getLogger(__name__)
@@ -271,11 +271,15 @@ def adaptation_data(
     reference = "estimate" if normal_dose else None
     source = LearnedNoiseSource([clean[i] for i in train_ids], noise_path, seed=seed, device=device, progress=False,
                                 reference_noise_std_hu=reference)
-    val_pairs = LearnedNoiseSource([clean[i] for i in val_ids], noise_path, seed=seed + 1, device=device,
-                                   progress=False, build_pool=False,
-                                   reference_noise_std_hu=reference).validation_pairs()
+    val_source = LearnedNoiseSource([clean[i] for i in val_ids], noise_path, seed=seed + 1, device=device,
+                                    progress=False, build_pool=False, reference_noise_std_hu=reference)
+    val_pairs = val_source.validation_pairs()
+    # the noise each clean image carried, taken off the learnt noise, and what was added: as cli.py adapt reports it
+    noise_per_image = source.noise_per_image() + val_source.noise_per_image()
     description = {"kind": f"TDDL pseudo pairs: learned noise + {kind}", "low_dose_images": list(low_dose),
-                   "train_images": train_ids, "validation_images": val_ids, "noise_model": noise_model.summary()}
+                   "train_images": train_ids, "validation_images": val_ids, "noise_model": noise_model.summary(),
+                   "noise_added": noise_added_line(noise_per_image), "noise_per_image": noise_per_image}
+    log.info("%s", description["noise_added"])
     if normal_dose:
         return AdaptationData(source, val_pairs, noise_model, description)
     description["held_out_low_dose"] = held_out_ids
