@@ -956,6 +956,32 @@ def test_a_server_that_cannot_write_its_corrections_folder_does_not_start_and_sa
     assert ("Operation not permitted" if immutable else "not a folder") in log, log[-4000:]
 
 
+def test_the_write_check_leaves_no_probe_unexplained(tmp_path):
+    """The start-up's write check makes and removes a ``.write-check-*`` file in each folder. In an append-only
+    folder (``chattr +a``: files can be made, never removed or replaced) it said "cannot write there: Operation not
+    permitted" and left one more probe behind at every start; it says now that files cannot be removed there (what
+    the server does: atomic replacements) and names the probe left. A folder it can write keeps nothing."""
+    import subprocess
+
+    from lib.configs.conf import unwritable
+
+    writable = tmp_path / "writable"
+    writable.mkdir()
+    assert unwritable(writable) is None and unwritable(writable / "not" / "yet") is None
+    assert list(writable.iterdir()) == []
+    append_only = tmp_path / "append_only"
+    append_only.mkdir()
+    if subprocess.run(["chattr", "+a", str(append_only)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +a is not allowed here")
+    try:
+        problem = unwritable(append_only)
+        left = [p.name for p in append_only.iterdir()]
+    finally:
+        subprocess.run(["chattr", "-a", str(append_only)], check=True)
+    assert problem is not None and "files can be made there but not removed or replaced" in problem, problem
+    assert len(left) == 1 and left[0].startswith(".write-check-") and left[0] in problem, (left, problem)
+
+
 def test_a_server_with_a_wrong_conf_value_does_not_start_and_says_which(tmp_path):
     """The real start-up: the process exits and its log's error names the key (not only a traceback)."""
     studies, conf = _conf_case(tmp_path, {"max_voxels": "1e9x"})

@@ -203,14 +203,24 @@ def unwritable(folder: str | os.PathLike) -> str | None:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         return f"{probe} is not a folder" if probe != path else "not a folder"
+    where = "" if probe == path else f" (it does not exist yet, and {probe} above it)"
     try:
         fd, name = tempfile.mkstemp(prefix=".write-check-", dir=probe)
+    except OSError as error:
+        return f"cannot write there{where}: {error.strerror or type(error).__name__}"
+    try:
         os.close(fd)
+    except OSError:  # the removal below says whether the folder is usable
+        pass
+    try:
         os.unlink(name)
     except OSError as error:
-        where = "" if probe == path else f" (it does not exist yet, and {probe} above it"
-        return (f"cannot write there{where}{')' if where else ''}: "
-                f"{error.strerror or type(error).__name__}")
+        # an append-only folder (chattr +a) takes new files but refuses to remove or replace them, which the
+        # server does there (atomic replacements, removed studies and scratch files); the probe cannot be removed
+        # either: named, so that it is not left unexplained
+        return (f"files can be made there{where} but not removed or replaced ({error.strerror or type(error).__name__}"
+                f"; an append-only folder?), which the server does there; remove the probe file "
+                f"{os.path.basename(name)} it left there once the folder is fixed")
     return None
 
 
