@@ -423,3 +423,44 @@ def test_the_review_queue_of_a_pacs_follows_the_audit_log_whatever_the_cache(tmp
         assert NextUnreviewed(plain.audit)({}, plain.datastore()) == {"id": a, "remaining_unreviewed": 1}
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_series_sent_to_the_pacs_after_the_listing_is_found_and_queued(tmp_path, tiny_weights, monkeypatch):
+    """MONAI Label keeps a DICOMweb datastore's series list for MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (2 hours): a series
+    that reached the PACS after the server had listed it (a scan of the day) was "no image in the datastore" (404)
+    to infer and to a verdict, and absent from the review queue, for up to 2 hours. An id not in the list has the
+    PACS asked again (at most every few seconds), and the queue lists the PACS afresh after a minute."""
+    from fastapi import HTTPException
+    from monailabel.config import settings
+
+    from conftest import import_app_main
+    from lib.activelearning import NextUnreviewed, has_image
+    from lib.pacs import LISTING_MAX_AGE_S
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        first = upload_real_ct_series(pacs, tmp_path / "first")
+        model = copy_weights(tiny_weights, tmp_path / "model")
+        monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
+        (tmp_path / "app" / "bin").mkdir(parents=True)  # MONAI Label downloads dcmqi's converter otherwise
+        (tmp_path / "app" / "bin" / "itkimage2segimage").write_text("")
+        app = import_app_main().DenoisingApp(str(tmp_path / "app"), pacs.dicomweb,
+                                             {"model_dir": str(model), "models": "nlm"})
+        store = app.datastore()
+        queue = NextUnreviewed(app.audit)
+        assert queue({}, store)["id"] == first  # listed now
+        later = upload_real_ct_series(pacs, tmp_path / "later")
+        assert has_image(store, later)
+        result = app.infer({"model": "nlm", "image": later})
+        assert result["params"]["shape"] == [3, 512, 512], result
+        with pytest.raises(HTTPException) as unknown:
+            app.infer({"model": "nlm", "image": "1.2.3.4.5.6.7.8.9"})
+        assert unknown.value.status_code == 404
+        third = upload_real_ct_series(pacs, tmp_path / "third")
+        import lib.pacs
+
+        monkeypatch.setattr(lib.pacs, "LISTING_MAX_AGE_S", 0.0)  # the minute gone by
+        assert queue({"exclude": [first, later]}, store)["id"] == third
+        assert LISTING_MAX_AGE_S <= 120
+    finally:
+        stop_orthanc(pacs)

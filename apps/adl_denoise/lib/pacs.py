@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import threading
 import time
-import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -26,10 +26,10 @@ from .imaging.errors import one_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_dicomweb", "cached_images", "start_up_warnings", "series_folder", "series_voxels", "SeriesSize",
-           "is_downloaded", "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url",
-           "PACS_TRIES", "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "whole_listing",
-           "LISTING_CUT_RETRY_S"]
+__all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S", "LISTING_RETRY_S",
+           "start_up_warnings", "series_folder", "series_voxels", "SeriesSize", "is_downloaded", "stow_datasets",
+           "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
+           "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "whole_listing", "LISTING_CUT_RETRY_S"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -124,6 +124,40 @@ def is_dicomweb(datastore) -> bool:
     return isinstance(datastore, DICOMWebDatastore)
 
 
+#: seconds the review queue uses a DICOMweb datastore's series list before it asks the PACS again. MONAI Label keeps
+#: the list for MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (2 hours by default): a series that reached the PACS after it was
+#: listed (the day's scans) was missing from the queue, and 404 to infer and to a verdict, for up to that long
+LISTING_MAX_AGE_S = 60.0
+#: at least this many seconds between two new listings asked for an id that is not in the list (a client asking for
+#: ids the PACS does not hold must not have the server list the whole PACS on every request)
+LISTING_RETRY_S = 10.0
+
+
+def refresh_listing(datastore, max_age_s: float, missing_id: bool = False) -> bool:
+    """Have a DICOMweb datastore's next ``list_images`` ask the PACS again (MONAI Label's cached series list of it
+    is dropped) when this was last done more than ``max_age_s`` ago (or never); returns whether it was. With
+    ``missing_id`` (asked for an id not in the list) only such refreshes count: a listing made for the queue a
+    moment before a series reached the PACS does not make a request for that series wait. Nothing for another
+    datastore."""
+    if not is_dicomweb(datastore):
+        return False
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    now = time.monotonic()
+    last = getattr(datastore, "_adl_listing_for_missing_id" if missing_id else "_adl_listing_refreshed", None)
+    if last is not None and now - last < max_age_s:
+        return False
+    listing = DICOMWebDatastore.list_images  # cachetools' wrapper: its cache is keyed by the datastore
+    listing.cache.pop(listing.cache_key(datastore), None)
+    forget = getattr(datastore, "adl_forget_listing", None)  # the paged listing's own (whole_listing)
+    if forget is not None:
+        forget()
+    datastore._adl_listing_refreshed = now
+    if missing_id:
+        datastore._adl_listing_for_missing_id = now
+    return True
+
+
 def cached_images(datastore) -> list[str]:
     """The series of a DICOMweb datastore that are in the server's local cache (downloaded, and converted to NIfTI,
     MONAI Label's ``MONAI_LABEL_DICOMWEB_CACHE_PATH``): the only ones with an info of their own (a review's copy),
@@ -207,7 +241,12 @@ def whole_listing(datastore) -> None:
             kept.update(until=time.monotonic() + settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY, ids=ids)
             return list(ids)
 
+    def forget() -> None:  # refresh_listing: the next listing asks the PACS
+        with lock:
+            kept.clear()
+
     datastore.list_images = list_images
+    datastore.adl_forget_listing = forget
     datastore.adl_whole_listing = True
 
 

@@ -33,8 +33,15 @@ MAX_REVIEWER_CHARS = 200
 
 
 def has_image(datastore: Datastore, image_id: str) -> bool:
-    """Whether ``image_id`` names an image of the datastore."""
-    return image_id in datastore.list_images()
+    """Whether ``image_id`` names an image of the datastore. On a PACS an id missing from the series list made
+    earlier has the PACS asked again (at most every :data:`lib.pacs.LISTING_RETRY_S`): a series may have reached
+    it since."""
+    if image_id in datastore.list_images():
+        return True
+    from .. import pacs
+
+    return pacs.refresh_listing(datastore, pacs.LISTING_RETRY_S, missing_id=True) and \
+        image_id in datastore.list_images()
 
 
 def ambiguous_images(datastore: Datastore) -> set[str]:
@@ -422,8 +429,11 @@ class NextUnreviewed(Strategy):
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any] | None:
         from ..pacs import is_dicomweb
 
+        from .. import pacs
+
         exclude = set(request.get("exclude") or [])
         modality = str(request.get("modality") or "").upper()
+        pacs.refresh_listing(datastore, pacs.LISTING_MAX_AGE_S)  # a PACS's series sent since the last listing
         listed = set(datastore.list_images())
         not_studies = set()  # results and ambiguous ids exist on a PACS only (see refuse_unreviewable)
         logged: dict[str, dict] = {}  # a PACS's verdicts, from the log
