@@ -212,6 +212,16 @@ def test_a_series_over_the_voxel_limit_is_refused_before_it_is_downloaded(tmp_pa
             assert answer.status_code == 422 and "PACS" in answer.json()["detail"], answer.text
             answer = requests.delete(f"{server.url}/datastore/image", params={"id": small_uid}, timeout=600)
             assert answer.status_code == 422 and "remove it in the PACS" in answer.json()["detail"], answer.text
+            # the info of a series never downloaded has nowhere to go (the server's local cache): a bare 500 was
+            # answered; the info of one in the cache is set
+            answer = requests.put(f"{server.url}/datastore/image/info", params={"image": big_uid},
+                                  data={"info": '{"note": "x"}'}, timeout=600)
+            assert answer.status_code == 409 and "local cache" in answer.json()["detail"], answer.text
+            answer = requests.put(f"{server.url}/datastore/image/info", params={"image": small_uid},
+                                  data={"info": '{"note": "x"}'}, timeout=600)
+            assert answer.status_code == 200, answer.text
+            answer = requests.get(f"{server.url}/datastore/image/info", params={"image": small_uid}, timeout=600)
+            assert answer.json()["note"] == "x", answer.text
             assert server.alive()
         finally:
             stop_server(server)

@@ -791,7 +791,21 @@ def guarded_put_image_info(image: str, info: str = Form("{}"), user: User = Depe
     check_name(image, "image")
     _refuse_modality_below_admin(_json_object(info, "info"), "info", user)
     _need_image(image)
+    _need_cached_series(image)
     return update_image_info(image, info, user.username)
+
+
+def _need_cached_series(image: str) -> None:
+    """409 for a PACS series not in the server's local cache: its info is kept there (MONAI Label adds a series
+    once it is downloaded and converted to NIfTI), and the stock update answered a bare 500."""
+    from ..pacs import cached_images, is_dicomweb
+
+    datastore = app().datastore()
+    if is_dicomweb(datastore) and image not in cached_images(datastore):
+        raise HTTPException(status_code=409, detail=(
+            f"series {image} has no info on this server yet: a PACS series' info is kept in the server's local "
+            "cache, which holds a series once it has been denoised or handed out for review (never with "
+            "MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false); nothing was changed"))
 
 
 # ------------------------------------------------------------------------------------------------ labels
