@@ -427,8 +427,6 @@ class NextUnreviewed(Strategy):
         self.audit = audit
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any] | None:
-        from ..pacs import is_dicomweb
-
         from .. import pacs
 
         exclude = set(request.get("exclude") or [])
@@ -437,7 +435,7 @@ class NextUnreviewed(Strategy):
         listed = set(datastore.list_images())
         not_studies = set()  # results and ambiguous ids exist on a PACS only (see refuse_unreviewable)
         logged: dict[str, dict] = {}  # a PACS's verdicts, from the log
-        if is_dicomweb(datastore):
+        if pacs.is_dicomweb(datastore):
             read: Optional[list[dict]] = None
             if self.audit is not None:
                 try:  # one read of the log for both
