@@ -205,8 +205,8 @@ def whole_listing(datastore) -> None:
     the review counts looked complete. The listing is now paged (``offset``) and checked as the batch's is
     (:func:`lib.batch.dicomweb._search_whole`); a cut one raises :class:`PacsListingCut`, logged as an ERROR, and the
     routes that list answer 503 naming the PACS setting. A whole listing is kept as long as MONAI Label keeps its
-    own (``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY``), a cut one :data:`LISTING_CUT_RETRY_S`. Nothing for another
-    datastore."""
+    own (``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY``) or until :func:`refresh_listing` drops it, a cut one
+    :data:`LISTING_CUT_RETRY_S`. Nothing for another datastore."""
     if not is_dicomweb(datastore) or getattr(datastore, "adl_whole_listing", False):
         return
     from monailabel.config import settings
