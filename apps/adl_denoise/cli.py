@@ -966,7 +966,8 @@ def _add_learn_noise_parser(verbs) -> None:
         "learn-noise", help="learn a CT scanner's noise from low-dose images alone (TDDL)",
         description="TDDL noise learning: cut noise patches out of uniform regions of LOW-DOSE CT images (no "
                     "normal-dose images needed), learn their distribution with a conditional VAE (noise depends on "
-                    "the local intensity), and write a noise model. 'train --model adl --noise-model FILE' then "
+                    "the local intensity), scale its level so that its soft-tissue noise is the one measured in the "
+                    "images' soft tissue (both levels are printed), and write a noise model. 'train --model adl --noise-model FILE' then "
                     "adds sampled noise to normal-dose images to make pseudo low-dose / normal-dose pairs.")
     ln.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH",
                     help="low-dose CT images or folders (DICOM series, NIfTI, NRRD, MHA)")

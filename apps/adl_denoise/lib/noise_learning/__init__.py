@@ -9,7 +9,8 @@ normal-dose scans to make pseudo low-dose / normal-dose pairs on which any denoi
   extraction     smooth-patch selection in the low-dose image, trend removed -> NoiseSamples
   vae            ConditionalNoiseVAE: FiLM-conditioned conv VAE with a learned coloured (spectral) decoder noise
   tiling         variance-preserving overlap-add of independent noise tiles (no seams, right std)
-  noise_model    NoiseModel: VAE + metadata, save/load, synthesise_noise_field for whole images
+  noise_model    NoiseModel: VAE + metadata, save/load, synthesise_noise_field for whole images, level calibration
+                 to the low-dose scans' measured soft-tissue noise (calibrate_level; done by learn_noise_model)
   training       train_noise_model (Adam, tqdm) -> NoiseModel with training and fit statistics
   pseudo_pairs   synthesise_pseudo_low_dose, LearnedNoiseSource (plugs into lib.data.ADLPatchDataset)
   validation     patch_statistics, compare_noise (std by HU band, NPS), plot_noise_comparison

@@ -521,7 +521,10 @@ def adapt_to_low_dose(
                "pseudo_pairs": {"clean_side": clean_kind, "clean_images": clean,
                                 "clean_noise_std_hu": source.reference_noise_std_per_volume,
                                 "noise_per_image": noise_per_image, "noise_added": noise_added_line(noise_per_image)},
-               "noise_model": noise_model.summary(), "settings": dataclasses.asdict(settings)}
+               "noise_model": noise_model.summary(),
+               # the learnt soft-tissue level and the low-dose scans' measured one (None: not calibrated)
+               "noise_level": noise_model.training_stats.get("level_calibration"),
+               "settings": dataclasses.asdict(settings)}
         try:
             candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record)
         except NonFiniteWeightsError as error:  # never written, not even with force: it would answer NaN

@@ -9,7 +9,17 @@ well the model's samples reproduce them). It synthesises whole noise fields for 
 File format (``torch.save`` of a dict, loadable with ``torch.load(weights_only=True)``; no code, no network):
 ``format`` = ``"tddl-noise-model"``, ``version``, ``vae_config`` (plain dict), ``state_dict`` (float32 tensors),
 ``pixel_size_mm``, ``air_policy``, ``clip_values_hu``, ``training_stats`` and ``info`` (JSON-like values),
-``created_utc`` and library versions.
+``created_utc`` and library versions; since level calibration, ``level_correction`` (a float, 1.0 when absent).
+
+Level calibration (:meth:`NoiseModel.calibrate_level`, done by :func:`lib.noise_learning.learn_noise_model`): the
+smooth patches of real scans still hold anatomy weaker than the noise (fat/muscle texture, vessels) and sit where
+the noise is higher than the band's average, so the learnt soft-tissue noise came out 1.1-2x too high (real Philips
+thorax: 59 HU learnt where the scan carries 29 HU). The soft-tissue noise of the low-dose scans themselves is
+measured with :func:`lib.noise.estimate_ct_noise_std_hu` (within 1-2 HU on real scans with known added noise), the
+model's samples at soft-tissue conditions are measured with the same local-std estimator, and the ratio is stored
+as ``level_correction``: every sample is multiplied by it (all HU bands alike: the texture, i.e. the normalised
+NPS, and the ratios between bands are the learnt ones; only soft tissue is calibrated in absolute terms). Files
+without the key sample exactly as before.
 
 Air policy (what the model does where the normal-dose image is air, HU < -900):
 
@@ -93,8 +103,12 @@ class NoiseModel:
     clip_values_hu: list[float] = field(default_factory=list)
     training_stats: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    level_correction: float = 1.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(float(self.level_correction)) and float(self.level_correction) > 0):
+            raise ValueError(f"level_correction must be finite and > 0, got {self.level_correction!r}")
+        self.level_correction = float(self.level_correction)
         if self.air_policy not in AIR_POLICIES:
             raise ValueError(f"air_policy must be one of {AIR_POLICIES}, got {self.air_policy!r}")
         if self.pixel_size_mm is not None:
@@ -136,6 +150,7 @@ class NoiseModel:
             "clip_values_hu": [float(v) for v in self.clip_values_hu],
             "training_stats": _plain(self.training_stats),
             "info": _plain(self.info),
+            "level_correction": float(self.level_correction),
             "created_utc": utc_timestamp(),
             "software": {"torch": str(torch.__version__), "monai": str(library_version("monai"))},
         }
@@ -168,7 +183,7 @@ class NoiseModel:
         pixel = payload.get("pixel_size_mm")
         model = cls(vae, None if pixel is None else tuple(pixel), payload.get("air_policy", "nearest"),
                     list(payload.get("clip_values_hu", [])), dict(payload.get("training_stats", {})),
-                    dict(payload.get("info", {})))
+                    dict(payload.get("info", {})), float(payload.get("level_correction", 1.0)))
         return model.to(device)
 
     # ------------------------------------------------------------------------------------------ sampling
@@ -189,7 +204,46 @@ class NoiseModel:
                 out[start:start + c.shape[0]] = self.vae.sample(c, gen).cpu().numpy()
         finally:
             self.vae.train(was_training)
+        if self.level_correction != 1.0:  # 1.0 (files without calibration): bit-identical to before
+            out *= np.float32(self.level_correction)
         return out
+
+    def soft_tissue_level_hu(self, condition_hu: np.ndarray | Sequence[float] | None = None, n: int = 512,
+                             seed: int = 12345) -> float:
+        """The model's soft-tissue noise level as :func:`lib.noise.estimate_ct_noise_std_hu` would measure it: the
+        median 5 x 5 local std of ``n`` sampled patches (their inner pixels, no border effects), at the given soft-
+        tissue conditions (cycled; default 0..100 HU), clamped to the trained range; level correction included."""
+        lo, hi = self.condition_range_hu
+        cond = np.asarray(condition_hu if condition_hu is not None and len(condition_hu) else
+                          np.linspace(0.0, 100.0, 11), dtype=np.float32).reshape(-1)
+        cond = np.clip(np.resize(cond, int(n)), lo, hi)
+        patches = self.sample_patches(cond, seed=seed).astype(np.float64)
+        mean = ndimage.uniform_filter(patches, size=(1, 5, 5), mode="reflect")
+        sq = ndimage.uniform_filter(patches * patches, size=(1, 5, 5), mode="reflect")
+        local = np.sqrt(np.maximum(sq - mean * mean, 0.0) * 25.0 / 24.0)[:, 2:-2, 2:-2]
+        return float(np.median(local))
+
+    def calibrate_level(self, measured_soft_tissue_std_hu: float,
+                        condition_hu: np.ndarray | Sequence[float] | None = None) -> dict:
+        """Set :attr:`level_correction` so that the model's soft-tissue level (:meth:`soft_tissue_level_hu`)
+        equals ``measured_soft_tissue_std_hu`` (the low-dose scans' own, from
+        :func:`lib.noise.estimate_ct_noise_std_hu`); the record is stored in ``training_stats["level_calibration"]``
+        and returned. The std-vs-condition curve of the training statistics (used to take a normal-dose scan's own
+        noise off, :meth:`noise_std_at`) is scaled alike."""
+        measured = float(measured_soft_tissue_std_hu)
+        if not (math.isfinite(measured) and measured > 0):
+            raise ValueError(f"measured soft-tissue noise must be finite and > 0 HU, got {measured_soft_tissue_std_hu!r}")
+        self.level_correction = 1.0
+        learnt = self.soft_tissue_level_hu(condition_hu)
+        if not learnt > 0:
+            raise ValueError("the noise model samples no noise at soft-tissue conditions: cannot calibrate its level")
+        self.level_correction = measured / learnt
+        record = {"measured_soft_tissue_std_hu": measured, "learnt_soft_tissue_std_hu": learnt,
+                  "calibrated_soft_tissue_std_hu": self.soft_tissue_level_hu(condition_hu),
+                  "level_correction": self.level_correction,
+                  "estimator": "median 5x5 local std (lib.noise.estimate_ct_noise_std_hu)"}
+        self.training_stats["level_calibration"] = record
+        return record
 
     def noise_std_at(self, condition_hu: np.ndarray) -> np.ndarray:
         """Training-noise std (HU) at the given conditions, interpolated from the std-vs-condition curve of the
@@ -199,8 +253,9 @@ class NoiseModel:
         s = np.asarray(curve.get("std_hu", []), dtype=np.float64)
         cond = np.asarray(condition_hu, dtype=np.float64)
         if c.size == 0:
-            return np.full(cond.shape, float(self.training_stats.get("noise_std_hu", self.noise_scale_hu)))
-        return np.interp(cond, c, s)
+            return np.full(cond.shape, float(self.training_stats.get("noise_std_hu", self.noise_scale_hu)) *
+                           self.level_correction)
+        return np.interp(cond, c, s) * self.level_correction
 
     def synthesise_noise_field(
         self,
@@ -294,6 +349,13 @@ class NoiseModel:
         nps = st.get("nps") or {}
         if "mean_frequency_cycles_per_pixel" in nps:
             parts.append(f"NPS mean frequency {nps['mean_frequency_cycles_per_pixel']:.3f} cycles/pixel")
+        cal = st.get("level_calibration") or {}
+        if cal:
+            parts.append(f"soft-tissue noise {cal['calibrated_soft_tissue_std_hu']:.1f} HU = the low-dose scans' "
+                         f"measured {cal['measured_soft_tissue_std_hu']:.1f} HU (learnt "
+                         f"{cal['learnt_soft_tissue_std_hu']:.1f} HU, level x{cal['level_correction']:.2f})")
+        elif st.get("level_calibration_skipped"):
+            parts.append(f"soft-tissue level not calibrated ({st['level_calibration_skipped']})")
         fit = st.get("fit") or {}
         if fit:
             parts.append(f"samples vs training: std {100 * fit.get('std_relative_error', float('nan')):+.1f} %, "

@@ -49,8 +49,15 @@ def learn_noise_model(
     progress: bool = True,
     report: Callable[[str], None] = log.info,
     info: dict | None = None,
+    calibrate_level: bool = True,
 ) -> NoiseModel:
     """Learn the noise of low-dose CT images (files or DICOM series folders, in HU).
+
+    The learnt level is then calibrated (``calibrate_level``): the smooth patches of real scans hold weak anatomy
+    and sit in noisier places, so the model's soft-tissue noise came out 1.1-2x what the scans carry; the scans'
+    own soft-tissue noise (:func:`lib.noise.estimate_ct_noise_std_hu`, median over the inputs) sets the model's
+    ``level_correction`` (:meth:`NoiseModel.calibrate_level`; all HU bands are scaled alike, the texture is kept).
+    ``report`` gets the learnt and the measured level.
 
     Args:
         inputs: the low-dose images.
@@ -65,15 +72,18 @@ def learn_noise_model(
         report: receives one line per input and one before training (print for a CLI).
         info: stored in the model's metadata. The model names its inputs by file name only (a noise-model file
             may travel; a site's folders may name patients): keep folder paths out of ``info`` too.
+        calibrate_level: scale the model's noise so that its soft-tissue level is the scans' measured one (skipped,
+            with a line to ``report``, where no input has enough soft tissue to measure it).
 
     Raises:
         ValueError: an input is not CT, constant, smaller than a patch, or too few smooth patches were found.
     """
     from ..imaging import read_volume
+    from ..noise import estimate_ct_noise_std_hu
 
     if patch_size % 8 or patch_size < 16:
         raise ValueError(f"patch size must be a multiple of 8 and >= 16, got {patch_size}")
-    per_file = []
+    per_file, measured_levels = [], []
     for path in map(Path, inputs):
         volume = read_volume(path, modality="CT" if force_ct else None)
         if volume.modality != "CT":
@@ -90,8 +100,12 @@ def learn_noise_model(
         samples = extract_noise_samples(volume.array, patch_size, max_patches=max_patches, seed=seed,
                                         pixel_size_mm=pixel, source_name=path.name, detrend=detrend)
         st = samples.stats
+        level = estimate_ct_noise_std_hu(volume.array) if calibrate_level else None
+        if level is not None:
+            measured_levels.append(level)
+        measured = "" if level is None else f"; soft-tissue noise of the scan {level:.1f} HU"
         report(f"{path.name}: {len(samples)} noise patches ({st['accepted']} smooth of {st['candidates']} "
-               f"candidates), noise std {samples.noise_std_hu:.1f} HU")
+               f"candidates), noise std {samples.noise_std_hu:.1f} HU{measured}")
         per_file.append(samples)
     if not per_file:
         raise ValueError("no low-dose images given")
@@ -108,8 +122,21 @@ def learn_noise_model(
                          f"{MIN_TRAINING_SAMPLES}): give more or larger low-dose images, or smaller patches")
     report(f"learning the noise from {len(samples)} patches ({100 * samples.air_fraction:.0f} % in air), "
            f"{steps} steps on {device}")
-    return train_noise_model(samples, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                             device=device, info=info)
+    model = train_noise_model(samples, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+                              device=device, info=info)
+    if not calibrate_level:
+        model.training_stats["level_calibration_skipped"] = "not asked for"
+        return model
+    if not measured_levels:
+        model.training_stats["level_calibration_skipped"] = "no input has enough soft tissue to measure its noise"
+        report("soft-tissue level NOT calibrated: no input has enough soft tissue (-100..200 HU) to measure its "
+               "noise; the learnt level may be too high")
+        return model
+    soft = samples.condition_hu[(samples.condition_hu >= -100.0) & (samples.condition_hu < 200.0)]
+    cal = model.calibrate_level(float(np.median(measured_levels)), soft if soft.size >= 16 else None)
+    report(f"soft-tissue noise: learnt {cal['learnt_soft_tissue_std_hu']:.1f} HU, measured in the low-dose scans "
+           f"{cal['measured_soft_tissue_std_hu']:.1f} HU: level scaled x{cal['level_correction']:.2f} (all HU bands)")
+    return model
 
 
 @dataclass
