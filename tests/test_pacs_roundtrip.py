@@ -229,6 +229,44 @@ def test_a_series_over_the_voxel_limit_is_refused_before_it_is_downloaded(tmp_pa
         stop_orthanc(pacs)
 
 
+def test_the_review_queue_skips_a_series_over_the_voxel_limit_without_downloading_it(tmp_path, tiny_weights):
+    """The review queue handed out a PACS series over ``max_voxels`` like any other, and MONAI Label then
+    downloaded it whole (into memory) and converted it, the download infer by id refuses (413). It is skipped now
+    (the same size check, before any download), with a warning, and listed in the answer as too large to review
+    here, also when no other study is left: the reviewer keeps working and the study is not lost from sight."""
+    import requests
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
+        for path in big + small:
+            pacs.upload(path)
+        big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
+        # 6 x 512 x 512 = 1.57 M voxels over the limit, 3 x 512 x 512 = 0.79 M under it
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"max_voxels": 1_000_000})
+        try:
+            cache = tmp_path / "work" / "dicomweb_cache"
+            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=600)
+            assert answer.status_code == 200 and answer.json().get("id") == small_uid, answer.text
+            assert answer.json()["remaining_unreviewed"] == 2, answer.text
+            # the small series handed out, the big one left: nothing but the small one reviewable
+            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"exclude": [small_uid]},
+                                   timeout=600)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert not body.get("id") and body["remaining_unreviewed"] == 2, body
+            assert body["too_large_to_review"] == [{"id": big_uid, "instances": 6, "voxels": 1_572_864,
+                                                    "estimated": False, "limit": 1_000_000}], body
+            assert not [p for p in cache.rglob(f"{big_uid}*")], sorted(map(str, cache.rglob("*")))
+            assert f"review queue: series {big_uid} skipped, not downloaded" in server.log_tail(20000)
+            assert server.alive()
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
 def test_a_pacs_that_lists_part_of_a_series_instances_does_not_let_an_oversized_series_through(tmp_path,
                                                                                                 tiny_weights):
     """The size check before a PACS series is downloaded summed the instances the PACS listed; Orthanc's

@@ -49,8 +49,8 @@ from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
-from lib.pacs import (PacsStoreError, bound_waits, is_dicomweb, is_downloaded, series_folder, series_voxels,
-                      start_up_warnings, store_derived_series, whole_listing)
+from lib.pacs import (PacsStoreError, bound_waits, is_dicomweb, oversized, series_folder, start_up_warnings,
+                      store_derived_series, whole_listing)
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,13 @@ class DenoisingApp(MONAILabelApp):
         return {name: task for name, task in trainers.items() if task is not None}
 
     def init_strategies(self) -> Dict[str, Strategy]:
-        return {"next_unreviewed": NextUnreviewed(self.audit)}
+        return {"next_unreviewed": NextUnreviewed(self.audit, self._queue_voxel_limit)}
+
+    def _queue_voxel_limit(self) -> int:
+        """The largest image the review queue hands out of a PACS: the largest any served model denoises
+        (``--conf max_voxels``, else :func:`lib.imaging.max_voxels`); a series over it is skipped, not downloaded."""
+        return max((getattr(task, "max_voxels", None) or max_voxels() for task in self._infers.values()),
+                   default=max_voxels())
 
     def _refuse_oversized_series(self, store, image_id: str, model) -> None:
         """413 before a PACS series over the model's voxel limit is downloaded: MONAI Label's DICOMweb datastore
@@ -247,12 +253,10 @@ class DenoisingApp(MONAILabelApp):
         checked by the reader as any image. A PACS that lists part of a series' instances (a limit on search
         results) gives its instance count: the size is then estimated from those listed
         (:func:`lib.pacs.series_voxels`)."""
-        if is_downloaded(store, image_id):
-            return
         task = self._infers.get(model) if isinstance(model, str) else None
         limit = getattr(task, "max_voxels", None) or max_voxels()
-        size = series_voxels(store, image_id)
-        if size is not None and size.voxels > limit:
+        size = oversized(store, image_id, limit)
+        if size is not None:
             estimate = (f" (estimated: the PACS lists {size.listed} of its instances)"
                         if size.listed < size.instances else "")
             raise HTTPException(status_code=413, detail=(

@@ -27,7 +27,7 @@ from .imaging.errors import one_line
 log = logging.getLogger(__name__)
 
 __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S", "LISTING_RETRY_S",
-           "start_up_warnings", "series_folder", "series_voxels", "SeriesSize", "is_downloaded", "stow_datasets",
+           "start_up_warnings", "series_folder", "series_voxels", "oversized", "SeriesSize", "is_downloaded", "stow_datasets",
            "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "whole_listing", "LISTING_CUT_RETRY_S"]
 
@@ -366,6 +366,17 @@ def series_voxels(datastore, image_id: str) -> SeriesSize | None:
                     len(sizes), held, held, f"{voxels:,}")
         return SeriesSize(held, voxels, len(sizes))
     return SeriesSize(len(sizes), sum(sizes), len(sizes))
+
+
+def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
+    """The size of the series ``image_id`` (:func:`series_voxels`) when it is over ``limit`` voxels and not
+    downloaded yet, else None (under the limit, in the cache already, or a size the PACS does not tell: the reader
+    checks those). MONAI Label's DICOMweb datastore downloads a series whole, into memory, and converts it on its
+    first use, before any reader could refuse it: infer by id and the review queue ask this first."""
+    if is_downloaded(datastore, image_id):
+        return None
+    size = series_voxels(datastore, image_id)
+    return size if size is not None and size.voxels > limit else None
 
 
 def _instances_held(client, image_id: str) -> int | None:

@@ -11,9 +11,11 @@ radiologist accepted or rejected.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
-from typing import Any, Collection, Optional
+from contextvars import ContextVar
+from typing import Any, Callable, Collection, Optional
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -21,7 +23,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from ..audit import AuditError, AuditLog
 from ..audit.context import request_actor
 
-__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResult", "NothingToJudge",
+__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResult", "NothingToJudge", "QUEUE_LEFT",
            "ambiguous_images", "has_image",
            "record_result",
            "reconcile_reviews", "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail",
@@ -30,6 +32,14 @@ __all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResul
 VERDICTS = ("unreviewed", "accepted", "corrected", "rejected")
 MAX_REASON_CHARS = 2000  # a reason is a sentence or two; the log keeps every one of them for ever
 MAX_REVIEWER_CHARS = 200
+
+log = logging.getLogger(__name__)
+
+#: What the review queue has left when it hands out no study (``remaining_unreviewed``, ``too_large_to_review``),
+#: set by :class:`NextUnreviewed` for its request: MONAI Label answers ``{}`` whenever a strategy picks no id, so the
+#: route (:func:`lib.endpoints.guards.guarded_sample`) answers this instead, and series skipped as too large are not
+#: lost from sight when nothing else is left.
+QUEUE_LEFT: ContextVar[Optional[dict]] = ContextVar("QUEUE_LEFT", default=None)
 
 
 def has_image(datastore: Datastore, image_id: str) -> bool:
@@ -420,11 +430,36 @@ class NextUnreviewed(Strategy):
     (:func:`ambiguous_images`) are left out too. On a PACS the current verdict of each series is the log's (its
     info, the queue's copy, lives in the server's local cache: a cache cleared, a server moved or started with
     another cache folder, or a series never downloaded into it (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false``)
-    had the queue hand out series already judged); the info's only where the log has no verdict of the series."""
+    had the queue hand out series already judged); the info's only where the log has no verdict of the series.
+    With ``voxel_limit`` (the app's largest ``max_voxels``), a PACS series over it that is not downloaded yet is
+    skipped, not downloaded (:meth:`_too_large`): the answer lists each one skipped on the way in
+    ``too_large_to_review`` (id, instances, voxels, limit), also when no other study is left (:data:`QUEUE_LEFT`);
+    ``remaining_unreviewed`` still counts them."""
 
-    def __init__(self, audit: AuditLog | None = None) -> None:
+    def __init__(self, audit: AuditLog | None = None, voxel_limit: Optional[Callable[[], int]] = None) -> None:
         super().__init__("Next study without a review verdict (radiologist review queue)")
         self.audit = audit
+        self.voxel_limit = voxel_limit
+
+    def _too_large(self, datastore: Datastore, image_id: str) -> Optional[dict]:
+        """What the answer says of a PACS series over :attr:`voxel_limit` not downloaded yet, else None. MONAI
+        Label downloads the series handed out whole, into memory, and converts it (``next_sample`` asks for its
+        path): one over the limit is skipped instead (the size check of infer by id, :func:`lib.pacs.oversized`),
+        with a warning, and listed in the answer."""
+        from .. import pacs
+
+        if self.voxel_limit is None or not pacs.is_dicomweb(datastore):
+            return None
+        limit = self.voxel_limit()
+        size = pacs.oversized(datastore, image_id, limit)
+        if size is None:
+            return None
+        estimated = size.listed < size.instances
+        log.warning("review queue: series %s skipped, not downloaded: %d instances, %s voxels%s over the limit of %s "
+                    "(--conf max_voxels); it stays unreviewed and is listed in the queue's too_large_to_review",
+                    image_id, size.instances, f"{size.voxels:,}", " (estimated)" if estimated else "", f"{limit:,}")
+        return {"id": image_id, "instances": size.instances, "voxels": size.voxels, "estimated": estimated,
+                "limit": limit}
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any] | None:
         from .. import pacs
@@ -454,10 +489,18 @@ class NextUnreviewed(Strategy):
             current = logged[image_id] if image_id in logged else review_of(info)
             if current.get("verdict") == "unreviewed":
                 unreviewed.append((image_id, info))
+        too_large = []  # series over the voxel limit, skipped: listed in the answer (never dropped in silence)
         for image_id, info in unreviewed:
             if image_id in exclude:
                 continue
             if modality in ("CT", "MR") and info.get("modality") not in (None, modality):
                 continue
-            return {"id": image_id, "remaining_unreviewed": len(unreviewed)}
+            skipped = self._too_large(datastore, image_id)
+            if skipped is not None:
+                too_large.append(skipped)
+                continue
+            return {"id": image_id, "remaining_unreviewed": len(unreviewed),
+                    **({"too_large_to_review": too_large} if too_large else {})}
+        if too_large:
+            QUEUE_LEFT.set({"remaining_unreviewed": len(unreviewed), "too_large_to_review": too_large})
         return None

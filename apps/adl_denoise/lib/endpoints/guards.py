@@ -774,14 +774,24 @@ def _without_path(answer: Any) -> Any:
 @router.post("/activelearning/{strategy}", include_in_schema=False)
 def guarded_sample(strategy: str, params: Optional[dict] = None, user: User = Depends(RBAC(_USER))):
     """MONAI Label's active-learning route (the next study of ``strategy``): its answer without ``path``
-    (:func:`_without_path`); ``id`` names the study."""
+    (:func:`_without_path`); ``id`` names the study. When the review queue hands out none but skipped series too
+    large to review here, the answer (no ``id``) lists them (:data:`lib.activelearning.review.QUEUE_LEFT`), where
+    MONAI Label answered ``{}``, as for an empty queue."""
     from monailabel.endpoints.activelearning import sample
+
+    from ..activelearning.review import QUEUE_LEFT
 
     strategies = getattr(app(), "_strategies", None) or {}  # noqa: SLF001 - MONAI Label keeps them private
     if strategy not in strategies:  # the stock route answers 500
         raise HTTPException(status_code=404, detail=f"unknown strategy {strategy!r} (this server has: "
                                                     f"{', '.join(sorted(strategies)) or 'none'})")
-    return _without_path(sample(strategy, params, user.username))
+    token = QUEUE_LEFT.set(None)
+    try:
+        answer = _without_path(sample(strategy, params, user.username))
+        left = QUEUE_LEFT.get()
+    finally:
+        QUEUE_LEFT.reset(token)
+    return answer if answer or left is None else left
 
 
 @router.put("/datastore/image/info", include_in_schema=False)
