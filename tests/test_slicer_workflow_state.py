@@ -681,6 +681,14 @@ def test_review_queue_empty_and_malformed_answers_and_empty_bodies():
     assert ReviewSession.queue_answer({"id": "head_a", "remaining_unreviewed": 2})["id"] == "head_a"
     with pytest.raises(WorkflowError, match="without an id"):
         ReviewSession.queue_answer({"remaining_unreviewed": 2})
+    # only series too large for the server are left (skipped by the queue, not downloaded): nothing to load, and
+    # the reviewer is told they exist
+    too_large = {"remaining_unreviewed": 2, "too_large_to_review": [
+        {"id": "1.2.3.4", "instances": 6, "voxels": 1572864, "estimated": False, "limit": 1000000}]}
+    assert ReviewSession.queue_answer(too_large) is None
+    assert "1 unreviewed series too large" in ReviewSession.describe_too_large(too_large)
+    assert "1.2.3.4" in ReviewSession.describe_too_large(too_large)
+    assert ReviewSession.describe_too_large({"id": "head_a"}) == ""
     with pytest.raises(WorkflowError, match="without an id"):
         ReviewSession.queue_answer(["head_a"])
     with pytest.raises(WorkflowError, match="empty body"):

@@ -1159,16 +1159,18 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def fetch(report, cancelled):
             client = self.logic.require_client()
-            study = ReviewSession.queue_answer(client.next_study())
+            answer = client.next_study()
+            study = ReviewSession.queue_answer(answer)
             if study is None:
-                return {"empty": True}
+                return {"empty": True, "too_large": ReviewSession.describe_too_large(answer)}
             report(None, f"downloading {study['id']} ...")
             return {"study": study, "path": client.download_image(study["id"], studies_dir)}
 
         def done(answer):
             answer = ReviewSession.require_answer(answer, "the review queue")
             if answer.get("empty"):
-                self.ui.reviewStatusLabel.text = "the review queue is empty"
+                self.ui.reviewStatusLabel.text = (f"nothing to review here: {answer['too_large']}"
+                                                  if answer.get("too_large") else "the review queue is empty")
                 return
             study, path = answer["study"], answer["path"]
             # this file only: without singleFile Slicer stacks a single-slice study with the numbered files beside
@@ -1178,8 +1180,9 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # the server's id is kept for this content (recorded once hashed): corrections and verdicts go there
             self.logic.identify(node, server_id=study["id"], study_file=path)
             self.ui.inputVolumeSelector.setCurrentNode(node)  # -> onVolumeChanged: blend dropped
+            skipped = ReviewSession.describe_too_large(study)
             self.ui.reviewStatusLabel.text = (f"study {study['id']} ({study.get('remaining_unreviewed', '?')} "
-                                              "unreviewed)")
+                                              "unreviewed)" + (f"; {skipped}" if skipped else ""))
             self.whenIdentified(self.onDenoise)
 
         self.run(fetch, on_done=done, busy_text="asking for the next study ...")

@@ -829,10 +829,12 @@ class DenoiseServerClient:
                                      f"({type(error).__name__}: {error})") from None
 
     def next_study(self, exclude: list[str] | None = None) -> dict | None:
-        """The next study without a review verdict, or None when the queue is empty."""
+        """The next study without a review verdict, or None when the queue is empty. An answer without ``id`` that
+        lists ``too_large_to_review`` (PACS series over the server's voxel limit, skipped: nothing else is left) is
+        returned as it is (``ReviewSession.queue_answer`` / ``describe_too_large``)."""
         answer = self._json("POST", "/activelearning/next_unreviewed", payload={"exclude": exclude or []},
                             action="the review queue")
-        return answer if answer and answer.get("id") else None
+        return answer if answer and (answer.get("id") or answer.get("too_large_to_review")) else None
 
     def review(self, image_id: str, verdict: str, reviewer: str, reason: str | None = None,
                model: str | None = None, result_seq: int | None = None) -> dict:

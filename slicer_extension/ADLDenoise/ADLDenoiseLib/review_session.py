@@ -723,12 +723,26 @@ class ReviewSession:
     # ---------------------------------------------------------------------------------------------- review queue
     @staticmethod
     def queue_answer(answer: Any) -> dict | None:
-        """The review queue's next study, or None when the queue is empty; a study without an id is refused."""
+        """The review queue's next study, or None when the queue is empty or holds only series too large to review
+        here (``too_large_to_review``: :meth:`describe_too_large`); a study without an id is refused."""
         if answer is None or answer == {}:
+            return None
+        if isinstance(answer, dict) and not answer.get("id") and answer.get("too_large_to_review"):
             return None
         if not isinstance(answer, dict) or not str(answer.get("id") or "").strip():
             raise WorkflowError("the review queue answered a study without an id")
         return answer
+
+    @staticmethod
+    def describe_too_large(answer: Any) -> str:
+        """What the review queue skipped: PACS series over the server's voxel limit, not downloaded (they stay
+        unreviewed: a reviewer must know they exist); "" when none."""
+        skipped = answer.get("too_large_to_review") if isinstance(answer, dict) else None
+        if not skipped:
+            return ""
+        names = ", ".join(str(entry.get("id")) for entry in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        return (f"{len(skipped)} unreviewed series too large for this server (over its max_voxels), skipped: {names}; "
+                "ask the server's administrator")
 
     @staticmethod
     def require_answer(answer: Any, what: str) -> Any:
