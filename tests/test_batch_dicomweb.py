@@ -7,6 +7,7 @@ an input.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -458,30 +459,33 @@ def test_an_orthanc_that_cuts_its_search_answers_stops_the_batch_and_is_asked_co
         stop_orthanc(pacs)
 
 
-def test_a_server_that_warns_of_more_matches_stops_the_batch(tmp_path):
-    """A DICOMweb server may answer part of the matches with a Warning header (DICOM PS3.18 6.7.1.2) that
-    dicomweb-client only logs: the series list is refused, naming the warning. A warning about something else
-    (an unsupported parameter) leaves the answer taken. (A real HTTP server on loopback; Orthanc sends none.)"""
+def _series_match(uid: str) -> dict:
+    """One series of a QIDO-RS series search answer (CT, 3 instances), as a DICOMweb server sends it."""
+    return {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "0020000E": {"vr": "UI", "Value": [uid]},
+            "00080060": {"vr": "CS", "Value": ["CT"]}, "0008103E": {"vr": "LO", "Value": ["abdomen"]},
+            "00201209": {"vr": "IS", "Value": [3]}}
+
+
+@contextlib.contextmanager
+def _loopback_qido(answer):
+    """A real HTTP server on 127.0.0.1 whose GETs are answered by ``answer(path) -> (status, matches, headers)``
+    (``matches`` sent as application/dicom+json when the status is 200); yields its DICOMweb root URL."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from mlserver import free_port
 
-    series = [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "0020000E": {"vr": "UI", "Value": ["1.2.3.4"]},
-               "00080060": {"vr": "CS", "Value": ["CT"]}, "0008103E": {"vr": "LO", "Value": ["abdomen"]},
-               "00201209": {"vr": "IS", "Value": [3]}}]
-    warning = {"text": ""}
-
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
-            if not self.path.startswith("/dicom-web/series"):
-                self.send_error(404)
+            status, matches, headers = answer(self.path)
+            if status != 200:
+                self.send_error(status)
                 return
-            body = json.dumps([] if "offset=0" not in self.path else series).encode()
+            body = json.dumps(matches).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/dicom+json")
-            if warning["text"] and "offset=0" in self.path:
-                self.send_header("Warning", warning["text"])
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -490,19 +494,35 @@ def test_a_server_that_warns_of_more_matches_stops_the_batch(tmp_path):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        client = make_client(f"http://127.0.0.1:{server.server_port}/dicom-web")
+        yield f"http://127.0.0.1:{server.server_port}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_that_warns_of_more_matches_stops_the_batch(tmp_path):
+    """A DICOMweb server may answer part of the matches with a Warning header (DICOM PS3.18 6.7.1.2) that
+    dicomweb-client only logs: the series list is refused, naming the warning. A warning about something else
+    (an unsupported parameter) leaves the answer taken. (A real HTTP server on loopback; Orthanc sends none.)"""
+    warning = {"text": ""}
+
+    def answer(path: str):
+        if not path.startswith("/dicom-web/series"):
+            return 404, None, {}
+        first_page = "offset=0" in path
+        return 200, [_series_match("1.2.3.4")] if first_page else [], (
+            {"Warning": warning["text"]} if warning["text"] and first_page else {})
+
+    with _loopback_qido(answer) as root:
+        client = make_client(root)
         warning["text"] = "299 pacs: There are 1200 additional results that can be requested"
         with pytest.raises(ValueError, match="lists only part of the series .1 given; its Warning: 299 pacs: There "
                                              "are 1200 additional results.*nothing was denoised"):
             discover_dicomweb(client, tmp_path / "out", SeriesFilter())
         warning["text"] = "299 pacs: the fuzzymatching parameter is not supported"
         assert [i.series_uid for i in discover_dicomweb(client, tmp_path / "out", SeriesFilter())] == ["1.2.3.4"]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_series_the_server_got_more_instances_of_is_denoised_again(tmp_path, shared_data):
@@ -538,40 +558,17 @@ def test_a_server_that_ignores_offset_is_listed_once_not_asked_for_ever(tmp_path
     ignores ``offset`` answers its first page again, and the series list grew until memory ran out (here the server
     stops answering after 20 requests, so that the old way fails instead of hanging). A page of matches already
     listed now ends the list. (A real HTTP server on loopback.)"""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from mlserver import free_port
-
-    series = [{"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "0020000E": {"vr": "UI", "Value": [f"1.2.3.{k}"]},
-               "00080060": {"vr": "CS", "Value": ["CT"]}, "0008103E": {"vr": "LO", "Value": ["abdomen"]},
-               "00201209": {"vr": "IS", "Value": [3]}} for k in (4, 5)]
     asked: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            asked.append(self.path)
-            if not self.path.startswith("/dicom-web/series") or len(asked) > 20:
-                self.send_error(500 if len(asked) > 20 else 404)
-                return
-            body = json.dumps(series).encode()  # whatever the offset
-            self.send_response(200)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(path: str):
+        asked.append(path)
+        if len(asked) > 20:
+            return 500, None, {}
+        if not path.startswith("/dicom-web/series"):
+            return 404, None, {}
+        return 200, [_series_match("1.2.3.4"), _series_match("1.2.3.5")], {}  # whatever the offset
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        client = make_client(f"http://127.0.0.1:{server.server_port}/dicom-web")
-        found = discover_dicomweb(client, tmp_path / "out", SeriesFilter())
+    with _loopback_qido(answer) as root:
+        found = discover_dicomweb(make_client(root), tmp_path / "out", SeriesFilter())
         assert [i.series_uid for i in found] == ["1.2.3.4", "1.2.3.5"]
         assert len([path for path in asked if path.startswith("/dicom-web/series")]) == 2, asked
-    finally:
-        server.shutdown()
-        server.server_close()
