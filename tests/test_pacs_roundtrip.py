@@ -5,6 +5,7 @@ stored back to Orthanc as a derived series, which is then read back from Orthanc
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import urllib.request
 from pathlib import Path
@@ -177,6 +178,27 @@ def test_the_review_queue_hands_out_studies_never_results_or_a_uid_of_two_studie
         stop_orthanc(pacs)
 
 
+@contextlib.contextmanager
+def _big_and_small_series(tmp_path: Path, tiny_weights: Path, orthanc_config: dict | None = None):
+    """A real Orthanc (``orthanc_config`` added to its configuration) holding two real CT series, 6 and 3 slices of
+    512 x 512 (1.57 M and 0.79 M voxels), and the app serving it with ``max_voxels`` 1,000,000, between the two;
+    yields (server, the big series' UID, the small one's, the server's DICOMweb download cache)."""
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config=orthanc_config)
+    try:
+        big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
+        for path in big + small:
+            pacs.upload(path)
+        big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"max_voxels": 1_000_000})
+        try:
+            yield server, big_uid, small_uid, tmp_path / "work" / "dicomweb_cache"
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
 def test_a_series_over_the_voxel_limit_is_refused_before_it_is_downloaded(tmp_path, tiny_weights):
     """The app refuses volumes over ``max_voxels`` (413); a PACS series was downloaded whole (and converted to
     NIfTI) before that check could refuse it. Its size now comes from the PACS's QIDO-RS answer first: a series
@@ -184,49 +206,36 @@ def test_a_series_over_the_voxel_limit_is_refused_before_it_is_downloaded(tmp_pa
     from a PACS-backed datastore are refused (422), not answered 200 and left undone."""
     import requests
 
-    pacs = start_orthanc(tmp_path / "orthanc")
-    try:
-        big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
-        for path in big + small:
-            pacs.upload(path)
-        big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
-        # 6 x 512 x 512 = 1.57 M voxels over the limit, 3 x 512 x 512 = 0.79 M under it
-        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
-                              conf={"max_voxels": 1_000_000})
-        try:
-            cache = tmp_path / "work" / "dicomweb_cache"
-            answer = requests.post(f"{server.url}/infer/nlm", params={"image": big_uid, "output": "json"},
-                                   timeout=600)
-            assert answer.status_code == 413, answer.text
-            detail = answer.json()["detail"]
-            assert "too large" in detail and "1,572,864" in detail and "nothing was downloaded" in detail, detail
-            assert not [p for p in cache.rglob(f"{big_uid}*")], sorted(map(str, cache.rglob("*")))
-            answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
-                                   timeout=600)
-            assert answer.status_code == 200 and answer.json()["shape"] == [3, 512, 512], answer.text[:500]
-            # MONAI Label added an upload to its local cache only (200, then never listed: infer 404) and removed a
-            # series from that cache only (200, the PACS series still listed and denoised): both are refused
-            volume = SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz"
-            answer = requests.put(f"{server.url}/datastore/image", params={"image": "uploaded"},
-                                  files={"file": ("uploaded.nii.gz", volume.read_bytes())}, timeout=600)
-            assert answer.status_code == 422 and "PACS" in answer.json()["detail"], answer.text
-            answer = requests.delete(f"{server.url}/datastore/image", params={"id": small_uid}, timeout=600)
-            assert answer.status_code == 422 and "remove it in the PACS" in answer.json()["detail"], answer.text
-            # the info of a series never downloaded has nowhere to go (the server's local cache): a bare 500 was
-            # answered; the info of one in the cache is set
-            answer = requests.put(f"{server.url}/datastore/image/info", params={"image": big_uid},
-                                  data={"info": '{"note": "x"}'}, timeout=600)
-            assert answer.status_code == 409 and "local cache" in answer.json()["detail"], answer.text
-            answer = requests.put(f"{server.url}/datastore/image/info", params={"image": small_uid},
-                                  data={"info": '{"note": "x"}'}, timeout=600)
-            assert answer.status_code == 200, answer.text
-            answer = requests.get(f"{server.url}/datastore/image/info", params={"image": small_uid}, timeout=600)
-            assert answer.json()["note"] == "x", answer.text
-            assert server.alive()
-        finally:
-            stop_server(server)
-    finally:
-        stop_orthanc(pacs)
+    # 6 x 512 x 512 = 1.57 M voxels over the limit, 3 x 512 x 512 = 0.79 M under it
+    with _big_and_small_series(tmp_path, tiny_weights) as (server, big_uid, small_uid, cache):
+        answer = requests.post(f"{server.url}/infer/nlm", params={"image": big_uid, "output": "json"},
+                               timeout=600)
+        assert answer.status_code == 413, answer.text
+        detail = answer.json()["detail"]
+        assert "too large" in detail and "1,572,864" in detail and "nothing was downloaded" in detail, detail
+        assert not [p for p in cache.rglob(f"{big_uid}*")], sorted(map(str, cache.rglob("*")))
+        answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
+                               timeout=600)
+        assert answer.status_code == 200 and answer.json()["shape"] == [3, 512, 512], answer.text[:500]
+        # MONAI Label added an upload to its local cache only (200, then never listed: infer 404) and removed a
+        # series from that cache only (200, the PACS series still listed and denoised): both are refused
+        volume = SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz"
+        answer = requests.put(f"{server.url}/datastore/image", params={"image": "uploaded"},
+                              files={"file": ("uploaded.nii.gz", volume.read_bytes())}, timeout=600)
+        assert answer.status_code == 422 and "PACS" in answer.json()["detail"], answer.text
+        answer = requests.delete(f"{server.url}/datastore/image", params={"id": small_uid}, timeout=600)
+        assert answer.status_code == 422 and "remove it in the PACS" in answer.json()["detail"], answer.text
+        # the info of a series never downloaded has nowhere to go (the server's local cache): a bare 500 was
+        # answered; the info of one in the cache is set
+        answer = requests.put(f"{server.url}/datastore/image/info", params={"image": big_uid},
+                              data={"info": '{"note": "x"}'}, timeout=600)
+        assert answer.status_code == 409 and "local cache" in answer.json()["detail"], answer.text
+        answer = requests.put(f"{server.url}/datastore/image/info", params={"image": small_uid},
+                              data={"info": '{"note": "x"}'}, timeout=600)
+        assert answer.status_code == 200, answer.text
+        answer = requests.get(f"{server.url}/datastore/image/info", params={"image": small_uid}, timeout=600)
+        assert answer.json()["note"] == "x", answer.text
+        assert server.alive()
 
 
 def test_the_review_queue_skips_a_series_over_the_voxel_limit_without_downloading_it(tmp_path, tiny_weights):
@@ -236,35 +245,22 @@ def test_the_review_queue_skips_a_series_over_the_voxel_limit_without_downloadin
     here, also when no other study is left: the reviewer keeps working and the study is not lost from sight."""
     import requests
 
-    pacs = start_orthanc(tmp_path / "orthanc")
-    try:
-        big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
-        for path in big + small:
-            pacs.upload(path)
-        big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
-        # 6 x 512 x 512 = 1.57 M voxels over the limit, 3 x 512 x 512 = 0.79 M under it
-        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
-                              conf={"max_voxels": 1_000_000})
-        try:
-            cache = tmp_path / "work" / "dicomweb_cache"
-            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=600)
-            assert answer.status_code == 200 and answer.json().get("id") == small_uid, answer.text
-            assert answer.json()["remaining_unreviewed"] == 2, answer.text
-            # the small series handed out, the big one left: nothing but the small one reviewable
-            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"exclude": [small_uid]},
-                                   timeout=600)
-            assert answer.status_code == 200, answer.text
-            body = answer.json()
-            assert not body.get("id") and body["remaining_unreviewed"] == 2, body
-            assert body["too_large_to_review"] == [{"id": big_uid, "instances": 6, "voxels": 1_572_864,
-                                                    "estimated": False, "limit": 1_000_000}], body
-            assert not [p for p in cache.rglob(f"{big_uid}*")], sorted(map(str, cache.rglob("*")))
-            assert f"review queue: series {big_uid} skipped, not downloaded" in server.log_tail(20000)
-            assert server.alive()
-        finally:
-            stop_server(server)
-    finally:
-        stop_orthanc(pacs)
+    # 6 x 512 x 512 = 1.57 M voxels over the limit, 3 x 512 x 512 = 0.79 M under it
+    with _big_and_small_series(tmp_path, tiny_weights) as (server, big_uid, small_uid, cache):
+        answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=600)
+        assert answer.status_code == 200 and answer.json().get("id") == small_uid, answer.text
+        assert answer.json()["remaining_unreviewed"] == 2, answer.text
+        # the small series handed out, the big one left: nothing but the small one reviewable
+        answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"exclude": [small_uid]},
+                               timeout=600)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert not body.get("id") and body["remaining_unreviewed"] == 2, body
+        assert body["too_large_to_review"] == [{"id": big_uid, "instances": 6, "voxels": 1_572_864,
+                                                "estimated": False, "limit": 1_000_000}], body
+        assert not [p for p in cache.rglob(f"{big_uid}*")], sorted(map(str, cache.rglob("*")))
+        assert f"review queue: series {big_uid} skipped, not downloaded" in server.log_tail(20000)
+        assert server.alive()
 
 
 def test_a_pacs_that_lists_part_of_a_series_instances_does_not_let_an_oversized_series_through(tmp_path,
@@ -276,31 +272,19 @@ def test_a_pacs_that_lists_part_of_a_series_instances_does_not_let_an_oversized_
     estimate; a series the PACS lists whole is denoised as before."""
     import requests
 
-    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LimitFindInstances": 2})
-    try:
-        big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
-        for path in big + small:
-            pacs.upload(path)
-        big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
-        # the PACS lists 3 of the big series' 6 instances: 3 x 512 x 512 = 0.79 M voxels, under the limit
-        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
-                              conf={"max_voxels": 1_000_000})
-        try:
-            cache = tmp_path / "work" / "dicomweb_cache"
-            answer = requests.post(f"{server.url}/infer/nlm", params={"image": big_uid, "output": "json"},
-                                   timeout=600)
-            assert answer.status_code == 413, answer.text[:500]
-            detail = answer.json()["detail"]
-            assert "6 instances, 1,572,864 voxels (estimated: the PACS lists 3 of its instances)" in detail, detail
-            assert "nothing was downloaded" in detail, detail
-            assert not [p for p in cache.rglob(f"{big_uid}*")], sorted(map(str, cache.rglob("*")))
-            answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
-                                   timeout=600)
-            assert answer.status_code == 200 and answer.json()["shape"] == [3, 512, 512], answer.text[:500]
-        finally:
-            stop_server(server)
-    finally:
-        stop_orthanc(pacs)
+    # the PACS lists 3 of the big series' 6 instances: 3 x 512 x 512 = 0.79 M voxels, under the limit
+    with _big_and_small_series(tmp_path, tiny_weights, {"LimitFindInstances": 2}) as found:
+        server, big_uid, small_uid, cache = found
+        answer = requests.post(f"{server.url}/infer/nlm", params={"image": big_uid, "output": "json"},
+                               timeout=600)
+        assert answer.status_code == 413, answer.text[:500]
+        detail = answer.json()["detail"]
+        assert "6 instances, 1,572,864 voxels (estimated: the PACS lists 3 of its instances)" in detail, detail
+        assert "nothing was downloaded" in detail, detail
+        assert not [p for p in cache.rglob(f"{big_uid}*")], sorted(map(str, cache.rglob("*")))
+        answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
+                               timeout=600)
+        assert answer.status_code == 200 and answer.json()["shape"] == [3, 512, 512], answer.text[:500]
 
 
 def test_a_pacs_that_lists_part_of_its_series_is_an_error_not_studies_missing_in_silence(tmp_path, tiny_weights):
