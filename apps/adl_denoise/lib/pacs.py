@@ -12,6 +12,7 @@ rather than the HTTP status (a PACS can answer 200 and store nothing), then that
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -27,9 +28,10 @@ from .imaging.errors import one_line
 log = logging.getLogger(__name__)
 
 __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S", "LISTING_RETRY_S",
-           "start_up_warnings", "series_folder", "series_voxels", "oversized", "SeriesSize", "is_downloaded", "stow_datasets",
-           "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
-           "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "whole_listing", "LISTING_CUT_RETRY_S"]
+           "start_up_warnings", "series_folder", "series_voxels", "oversized", "SeriesSize", "is_downloaded",
+           "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
+           "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
+           "LISTING_CUT_RETRY_S"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -189,6 +191,82 @@ def bound_waits(datastore) -> None:
     session.adl_connect_timeout = PACS_CONNECT_TIMEOUT_S
 
 
+class _HeaderWarnings(logging.Handler):
+    """The ``Warning`` headers of the answers that dicomweb-client received while installed (it only logs them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+#: a ``Warning`` header that says the answer holds part of the matches (PS3.18: "There are N additional results
+#: that can be requested"; other servers: more matches than their maximum, a cut answer), not one about a
+#: parameter ("the limit parameter is not supported": the whole answer)
+_MORE_MATCHES = re.compile(r"(additional|more|remaining) (results|matches)|exceed|truncat", re.I)
+
+
+def _orthanc_find_limit(client, level: str, answered: int) -> int | None:
+    """For an Orthanc server (its REST API at the parent of the DICOMweb root) whose finds at ``level`` ("Series",
+    "Instance") stop at ``answered`` results or fewer while it holds more: the number its finds stop at
+    (``LimitFindResults`` / ``LimitFindInstances`` + 1). None when the answer is whole, or the server is no Orthanc
+    or its REST API cannot be asked (then only a ``Warning`` header tells a cut answer)."""
+    import requests
+
+    root = str(client.base_url).rstrip("/").rsplit("/", 1)[0]
+    session = getattr(client, "_session", None) or requests.Session()
+    try:
+        statistics = session.get(f"{root}/statistics", timeout=60)
+        held = int(statistics.json()["CountSeries" if level == "Series" else "CountInstances"]) \
+            if statistics.ok else -1
+        if held <= answered:
+            return None
+        found = session.post(f"{root}/tools/find", json={"Level": level, "Query": {}, "Limit": answered + 1},
+                             timeout=300)
+        listed = found.json() if found.ok else None
+    except Exception:  # noqa: BLE001 - no Orthanc REST API there (another server, a proxy): not known
+        log.debug("no Orthanc REST API at %s", root, exc_info=True)
+        return None
+    if isinstance(listed, list) and len(listed) <= answered:
+        return len(listed)
+    return None
+
+
+def search_whole(client, search, level: str, what: str, outcome: str = "", batch: bool = True) -> list[dict]:
+    """The answer of ``search()`` (a QIDO-RS search of ``level`` matches, all pages), checked to hold every match;
+    ``what`` names the matches in a message, ``outcome`` says what it means for the run, ``batch`` whether to advise
+    narrowing the batch (a listing of the app's datastore has no filters to narrow).
+
+    Used by the batch's searches (:mod:`lib.batch.dicomweb`) and the app's datastore listing (:func:`whole_listing`).
+
+    Raises:
+        ValueError: the server said, or its Orthanc configuration shows, that it answered part of the matches.
+    """
+    warnings = _HeaderWarnings()
+    client_log = logging.getLogger("dicomweb_client.web")
+    client_log.addHandler(warnings)
+    try:
+        results = search()
+    finally:
+        client_log.removeHandler(warnings)
+    cut = [message for message in warnings.messages if _MORE_MATCHES.search(message)]
+    if cut:
+        raise ValueError(f"{client.base_url} lists only part of {what} ({len(results)} given; its Warning: "
+                         f"{cut[0]}){outcome}: raise the server's limit on search results"
+                         + (", or narrow the batch (--study-date, --modality) below it" if batch else ""))
+    limit = _orthanc_find_limit(client, level, len(results))
+    if limit is not None:
+        option = "LimitFindInstances" if level == "Instance" else "LimitFindResults"
+        narrow = (f", or narrow the batch (--study-date, --modality) to at most {limit - 1} series"
+                  if level == "Series" and batch else "")
+        raise ValueError(f"{client.base_url} lists only part of {what} ({len(results)} given): its Orthanc "
+                         f"configuration cuts every search at {limit} matches ({option} {limit - 1}){outcome}: set "
+                         f"{option} to 0 (no limit) or above the number it holds{narrow}")
+    return results
+
+
 #: seconds a listing found cut is answered with its error before the PACS is asked again (its limit may be raised)
 LISTING_CUT_RETRY_S = 60.0
 
@@ -203,7 +281,7 @@ def whole_listing(datastore) -> None:
     ``LimitFindResults``, which says nothing; others with a ``Warning`` header or by paging) had the app list part of
     its studies in silence: the others answered 404 "no image" to an infer, were never handed out for review, and
     the review counts looked complete. The listing is now paged (``offset``) and checked as the batch's is
-    (:func:`lib.batch.dicomweb._search_whole`); a cut one raises :class:`PacsListingCut`, logged as an ERROR, and the
+    (:func:`search_whole`); a cut one raises :class:`PacsListingCut`, logged as an ERROR, and the
     routes that list answer 503 naming the PACS setting. A whole listing is kept as long as MONAI Label keeps its
     own (``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY``) or until :func:`refresh_listing` drops it, a cut one
     :data:`LISTING_CUT_RETRY_S`. Nothing for another datastore."""
@@ -211,8 +289,6 @@ def whole_listing(datastore) -> None:
         return
     from monailabel.config import settings
     from pydicom import Dataset
-
-    from .batch.dicomweb import _search_whole
 
     client = datastore._client  # noqa: SLF001 - the datastore's DICOMweb client
     search_filter = getattr(datastore, "_search_filter", None) or None
@@ -227,7 +303,7 @@ def whole_listing(datastore) -> None:
                 return list(kept["ids"])
             kept.clear()
             try:
-                found = _search_whole(
+                found = search_whole(
                     client, lambda: all_pages(lambda offset: client.search_for_series(search_filters=search_filter,
                                                                                       offset=offset)),
                     "Series", "its series", "; until then no study is listed, denoised or reviewed (a part of the "

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import pydicom
 
 from ..imaging.errors import one_line
-from ..pacs import PacsStoreError, all_pages, stow_datasets
+from ..pacs import PacsStoreError, all_pages, search_whole, stow_datasets
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions
 
 __all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "PacsStoreError", "derived_series", "discover_dicomweb",
@@ -107,80 +106,6 @@ def _image_type(client, study: str, series: str) -> list:
     return list(((found[0] if found else {}).get("00080008") or {}).get("Value") or [])
 
 
-class _HeaderWarnings(logging.Handler):
-    """The ``Warning`` headers of the answers that dicomweb-client received while installed (it only logs them)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-#: a ``Warning`` header that says the answer holds part of the matches (PS3.18: "There are N additional results
-#: that can be requested"; other servers: more matches than their maximum, a cut answer), not one about a
-#: parameter ("the limit parameter is not supported": the whole answer)
-_MORE_MATCHES = re.compile(r"(additional|more|remaining) (results|matches)|exceed|truncat", re.I)
-
-
-def _orthanc_find_limit(client, level: str, answered: int) -> int | None:
-    """For an Orthanc server (its REST API at the parent of the DICOMweb root) whose finds at ``level`` ("Series",
-    "Instance") stop at ``answered`` results or fewer while it holds more: the number its finds stop at
-    (``LimitFindResults`` / ``LimitFindInstances`` + 1). None when the answer is whole, or the server is no Orthanc
-    or its REST API cannot be asked (then only a ``Warning`` header tells a cut answer)."""
-    import requests
-
-    root = str(client.base_url).rstrip("/").rsplit("/", 1)[0]
-    session = getattr(client, "_session", None) or requests.Session()
-    try:
-        statistics = session.get(f"{root}/statistics", timeout=60)
-        held = int(statistics.json()["CountSeries" if level == "Series" else "CountInstances"]) \
-            if statistics.ok else -1
-        if held <= answered:
-            return None
-        found = session.post(f"{root}/tools/find", json={"Level": level, "Query": {}, "Limit": answered + 1},
-                             timeout=300)
-        listed = found.json() if found.ok else None
-    except Exception:  # noqa: BLE001 - no Orthanc REST API there (another server, a proxy): not known
-        log.debug("no Orthanc REST API at %s", root, exc_info=True)
-        return None
-    if isinstance(listed, list) and len(listed) <= answered:
-        return len(listed)
-    return None
-
-
-def _search_whole(client, search, level: str, what: str, outcome: str = "", batch: bool = True) -> list[dict]:
-    """The answer of ``search()`` (a QIDO-RS search of ``level`` matches, all pages), checked to hold every match;
-    ``what`` names the matches in a message, ``outcome`` says what it means for the run, ``batch`` whether to advise
-    narrowing the batch (a listing of the app's datastore has no filters to narrow).
-
-    Raises:
-        ValueError: the server said, or its Orthanc configuration shows, that it answered part of the matches.
-    """
-    warnings = _HeaderWarnings()
-    client_log = logging.getLogger("dicomweb_client.web")
-    client_log.addHandler(warnings)
-    try:
-        results = search()
-    finally:
-        client_log.removeHandler(warnings)
-    cut = [message for message in warnings.messages if _MORE_MATCHES.search(message)]
-    if cut:
-        raise ValueError(f"{client.base_url} lists only part of {what} ({len(results)} given; its Warning: "
-                         f"{cut[0]}){outcome}: raise the server's limit on search results"
-                         + (", or narrow the batch (--study-date, --modality) below it" if batch else ""))
-    limit = _orthanc_find_limit(client, level, len(results))
-    if limit is not None:
-        option = "LimitFindInstances" if level == "Instance" else "LimitFindResults"
-        narrow = (f", or narrow the batch (--study-date, --modality) to at most {limit - 1} series"
-                  if level == "Series" and batch else "")
-        raise ValueError(f"{client.base_url} lists only part of {what} ({len(results)} given): its Orthanc "
-                         f"configuration cuts every search at {limit} matches ({option} {limit - 1}){outcome}: set "
-                         f"{option} to 0 (no limit) or above the number it holds{narrow}")
-    return results
-
-
 def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None = None) -> list[SeriesItem]:
     """Every series the server lists (QIDO-RS ``/series``, all pages), filtered, sorted by key, with its output
     folder. Modality and the StudyDate range go to the server and are checked again here (a server may ignore a
@@ -203,7 +128,7 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
         except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, not a DICOMweb answer
             raise ValueError(f"cannot list the series of {client.base_url} (QIDO-RS): {one_line(error)}") from None
 
-    results = _search_whole(client, search, "Series", "the series", "; nothing was denoised")
+    results = search_whole(client, search, "Series", "the series", "; nothing was denoised")
     items = []
     for result in results:
         study, series = str(_value(result, "StudyInstanceUID")), str(_value(result, "SeriesInstanceUID"))
@@ -283,7 +208,7 @@ def instances_on_server(client, study_uid: str, series_uid: str) -> int:
             return 0
         if counts[0] not in (None, ""):
             return int(counts[0])
-        listed = _search_whole(  # a server that does not return the count: its instances, checked to be all
+        listed = search_whole(  # a server that does not return the count: its instances, checked to be all
             client, lambda: all_pages(lambda offset: client.search_for_instances(
                 study_instance_uid=study_uid, series_instance_uid=series_uid, offset=offset)),
             "Instance", f"the instances of the derived series {series_uid}")
