@@ -163,17 +163,34 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "self.logic.identify(node, server_id=study['id'], study_file=path)" in queue
     assert "self.whenIdentified(self.onDenoise)" in queue and "self.onDenoise()" not in queue
     assert queue.index("self.logic.identify(node") < queue.index("setCurrentNode(node)")
-    # voxels changed without Slicer being told (no event): every request hashes the copy taken with its export
-    # first, in its background task, and sends nothing when it is not the content identified
+    # voxels changed without Slicer being told (no event): every request hashes the copy taken on the GUI thread
+    # first, in its background task, and sends nothing when it is not the content identified; the file sent is
+    # written there too, from that very copy (prepare_upload: verify_snapshot, then VolumeExport.write), never on
+    # the GUI thread (an uncompressed NRRD of 512 x 512 x 400 voxels froze Slicer at every request)
     denoise_file = ast.unparse(functions["ADLDenoiseLogic.denoise_file"])
-    assert denoise_file.index("verify_snapshot(*check") < denoise_file.index("client.denoise(")
+    assert denoise_file.index("path = prepare_upload(check, upload, report, cancelled)") < \
+        denoise_file.index("client.denoise(")
     study_id_for = ast.unparse(functions["ADLDenoiseLogic.study_id_for"])
-    assert study_id_for.index("verify_snapshot(*study['check']") < study_id_for.index("if study['on_server']")
-    assert "'check': self.request_check(node)" in ast.unparse(functions["ADLDenoiseLogic.prepare_study"])
+    assert study_id_for.index("path = prepare_upload(study.get('check'), study['path'], report)") < \
+        study_id_for.index("if study['on_server']") < study_id_for.index("upload_image(path, ")
+    prepare = ast.unparse(functions["ADLDenoiseLogic.prepare_study"])
+    assert "check = self.request_check(node)" in prepare and "'check': check" in prepare
+    assert "upload = None if on_server else self.export_input(identity, check[0])" in prepare
     assert "return (volume_snapshot(node), self.session.study_content)" in \
         ast.unparse(functions["ADLDenoiseLogic.request_check"])
     denoise = ast.unparse(functions["ADLDenoiseWidget.onDenoise"])
     assert "check = self.logic.request_check(original)" in denoise
+    # ... the GUI thread only copies: no storage node writes a file there (export_volume, WriteData), and every
+    # file sent is a VolumeExport made of a copy, written by prepare_upload in the background
+    assert not re.search(r"export_volume\(|WriteData\(|\.write\(|write_nrrd\(", source)
+    assert "VolumeExport(snapshot, " in ast.unparse(functions["ADLDenoiseLogic.export_input"])
+    assert "VolumeExport(volume_copy(node), " in ast.unparse(functions["ADLDenoiseLogic.export_correction"])
+    submit_correction = ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
+    assert submit_correction.index("corrected_path = prepare_upload(None, corrected, report, cancelled)") < \
+        submit_correction.index("self.study_id_for(study, report)")  # a failed write sends nothing
+    assert "client.save_correction(image_id, corrected_path, " in submit_correction
+    assert "path = self.logic.export_correction(corrected, identity)" in \
+        ast.unparse(functions["ADLDenoiseWidget.onSubmitCorrection"])
     assert "image_id, check, on_done=done, on_fail=self.requestFailed" in denoise
     assert {"input_modified", "start"} <= _calls(functions["ADLDenoiseWidget.requestFailed"])
     assert "requestFailed" in _calls(functions["ADLDenoiseWidget.verdictFailed"])
@@ -223,7 +240,7 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     # names the model of the result the reviewer saw (else the server judges another run's latest result)
     denoise = ast.unparse(functions["ADLDenoiseWidget.onDenoise"])
     assert "image_id = self.logic.session.server_id(identity)" in denoise
-    assert "path = None if image_id else self.logic.export_input(original, identity)" in denoise
+    assert "path = None if image_id else self.logic.export_input(identity, check[0])" in denoise
     assert "output_dir, restoration, image_id, check, on_done=done" in denoise
     assert "client.denoise(model, path, output_dir, params, image_id=image_id)" in \
         ast.unparse(functions["ADLDenoiseLogic.denoise_file"])
@@ -668,4 +685,4 @@ def test_mrml_logic_with_real_mrml_from_slicer_core():
     result = processes.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             MODULE_DIR / "Testing" / "Python" / "test_mrml_logic.py"], 600, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "17 passed" in result.stdout
+    assert "18 passed" in result.stdout

@@ -2,9 +2,9 @@
 fine-tune.
 
 Thin Qt glue over ``ADLDenoiseLib`` (Slicer-free client, background runner, workflow maths, MRML helpers). Every
-network call, the content hash of the selected volume (of a copy of its voxels) and the reading of a DICOM series'
-files run in a :class:`ADLDenoiseLib.BackgroundTask` polled by a ``qt.QTimer``, so Slicer never freezes; MRML is
-only touched on the GUI thread.
+network call, the content hash of the selected volume (of a copy of its voxels), the writing of the volume files
+sent (from such a copy) and the reading of a DICOM series' files run in a :class:`ADLDenoiseLib.BackgroundTask`
+polled by a ``qt.QTimer``, so Slicer never freezes; MRML is only touched on the GUI thread.
 """
 from __future__ import annotations
 
@@ -42,7 +42,6 @@ from ADLDenoiseLib.review_session import (
     describe_verdict,
     send_verdict,
     snapshot_matches_files,
-    verify_snapshot,
 )
 from ADLDenoiseLib.settings import (
     DEFAULT_SERVER_URL,
@@ -60,6 +59,7 @@ from ADLDenoiseLib.settings import (
     restoration_from_spin,
     supports_restoration,
 )
+from ADLDenoiseLib.volume_files import VolumeExport, prepare_upload
 
 SETTINGS_PREFIX = "ADLDenoise/"
 RESULT_SUFFIX = " denoised"
@@ -251,30 +251,40 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         self.identifications.clear()
         self.files_checks.clear()
 
-    # --- denoise (export on the GUI thread, request in the background, load on the GUI thread)
-    def export_input(self, node, identity: StudyIdentity) -> Path:
-        from ADLDenoiseLib.mrml import export_volume
+    # --- denoise (a copy of the voxels on the GUI thread; check, file and request in the background; load on the
+    # GUI thread)
+    def export_input(self, identity: StudyIdentity, snapshot) -> VolumeExport:
+        """GUI thread, no file written: the file the original is sent as, written in the background
+        (``prepare_upload``) from ``snapshot``, the copy of its voxels the request's check hashes
+        (:meth:`request_check`): the file holds the very voxels verified."""
+        return VolumeExport(snapshot, self.work_dir / "exports" / f"{identity.datastore_id()}.nrrd")
 
-        return export_volume(node, self.work_dir / "exports" / f"{identity.datastore_id()}.nrrd")
+    def export_correction(self, node, identity: StudyIdentity) -> VolumeExport:
+        """GUI thread, no file written: a copy of the corrected volume's voxels and grid (the blend slider updates
+        the node in place meanwhile), written in the background by :meth:`submit_correction`."""
+        from ADLDenoiseLib.mrml import volume_copy
+
+        return VolumeExport(volume_copy(node), self.work_dir / "corrections" / f"{identity.datastore_id()}.nrrd")
 
     def request_check(self, node) -> tuple:
-        """GUI thread, when a request for the selected study starts: a copy of ``node``'s voxels now (with the file
-        exported now) and the content the study was identified from, for ``verify_snapshot`` in the background."""
+        """GUI thread, when a request for the selected study starts: a copy of ``node``'s voxels now (the file sent
+        is written from it) and the content the study was identified from, for ``verify_snapshot`` in the
+        background (``prepare_upload``)."""
         from ADLDenoiseLib.mrml import volume_snapshot
 
         return volume_snapshot(node), self.session.study_content
 
-    def denoise_file(self, model: str, path: Path | None, modality: str, output_dir: Path,
+    def denoise_file(self, model: str, upload: VolumeExport | Path | None, modality: str, output_dir: Path,
                      restoration: str | float = RESTORATION_AUTO, image_id: str | None = None, check=None,
                      report=None, cancelled=None):
         """Background. ``restoration``: lesion contrast restoration, "auto" or a width in pixels (0 = off); sent
         only when ``model`` takes it (``ADLDenoiseLib.settings.denoise_params``). ``image_id``: the datastore id
         of a study the server holds (``ReviewSession.server_id``): it is denoised there by id, so the server
-        records the result as that study's and a verdict judges it; otherwise the file ``path`` is uploaded.
-        ``check``: :meth:`request_check`'s, verified before anything is sent."""
+        records the result as that study's and a verdict judges it; otherwise ``upload`` is written
+        (:meth:`export_input`) and uploaded. ``check``: :meth:`request_check`'s, verified before the file is
+        written and anything is sent."""
         client = self.require_client()
-        if check is not None:
-            verify_snapshot(*check, report=report)
+        path = prepare_upload(check, upload, report, cancelled)
         params = denoise_params(self.models.get(model), modality, restoration)
         if report:
             report(None, f"denoising with {model} on {client.server_url} ...")
@@ -316,10 +326,11 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         """On the GUI thread: what the background upload needs (no MRML access happens off this thread)."""
         session = self.session
         on_server = session.is_on_server(identity)
-        path = None if on_server else self.export_input(node, identity)
+        check = self.request_check(node)
+        upload = None if on_server else self.export_input(identity, check[0])  # written in the background
         return {"identity": identity, "image_id": session.datastore_id(identity), "on_server": on_server,
-                "name": identity.datastore_id(), "path": path,
-                "grid_file": session.study_files.get(identity) or path, "check": self.request_check(node)}
+                "name": identity.datastore_id(), "path": upload,
+                "grid_file": session.study_files.get(identity) or (upload.path if upload else None), "check": check}
 
     def record_study(self, study: dict, image_id: str) -> None:
         """GUI thread: the server holds the study as ``image_id`` (after an upload done in the background)."""
@@ -348,29 +359,31 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
 
     def study_id_for(self, study: dict, report=None) -> str:
         """Background: the datastore id of the original, uploading it first (under the id derived from its
-        identity) when the server does not hold it. The server answers 409 when that id holds other content. First
-        of all, the volume must still hold the voxels it was identified from (``study["check"]``)."""
-        if study.get("check") is not None:
-            verify_snapshot(*study["check"], report=report)
+        identity, its file written here: ``prepare_study``) when the server does not hold it. The server answers 409
+        when that id holds other content. First of all, the volume must still hold the voxels it was identified from
+        (``study["check"]``)."""
+        path = prepare_upload(study.get("check"), study["path"], report)
         if study["on_server"]:
             return study["image_id"]
         if report:
             report(None, f"uploading the original as {study['image_id']} ...")
-        image_id = self.require_client().upload_image(study["path"], study["image_id"])
+        image_id = self.require_client().upload_image(path, study["image_id"])
         if image_id != study["image_id"]:
             raise DenoiseServerError(f"the server stored the upload as {image_id!r}, not {study['image_id']!r}")
         return image_id
 
-    def submit_correction(self, study: dict, corrected_path: Path, reviewer: str, regions: dict | None = None,
-                          model: str | None = None, result_seq: int | None = None, report=None,
-                          cancelled=None) -> tuple[str, dict]:
-        """Background: upload the original if needed, then the marked regions (``prepare_regions``), the
-        correction, the verdict; returns (datastore id, verdict entry). Regions go first and the correction names
-        their SHA-256, so that the server binds the two: a correction is never stored without the regions sent
-        with it, and a later correction sent without regions is not trained with this one's. ``result_seq`` and
-        ``model``: the server's entry and the model of the result corrected (``ReviewSession.verdict_request``):
-        the verdict judges that very result, or is refused (:class:`VerdictRefused`), never another run's."""
+    def submit_correction(self, study: dict, corrected: VolumeExport | Path, reviewer: str,
+                          regions: dict | None = None, model: str | None = None, result_seq: int | None = None,
+                          report=None, cancelled=None) -> tuple[str, dict]:
+        """Background: write the correction's file (:meth:`export_correction`) before anything is sent, upload the
+        original if needed, then the marked regions (``prepare_regions``), the correction, the verdict; returns
+        (datastore id, verdict entry). Regions go first and the correction names their SHA-256, so that the server
+        binds the two: a correction is never stored without the regions sent with it, and a later correction sent
+        without regions is not trained with this one's. ``result_seq`` and ``model``: the server's entry and the
+        model of the result corrected (``ReviewSession.verdict_request``): the verdict judges that very result, or
+        is refused (:class:`VerdictRefused`), never another run's."""
         client = self.require_client()
+        corrected_path = prepare_upload(None, corrected, report, cancelled)
         image_id = self.study_id_for(study, report)
         regions_sha256 = None
         if regions is not None:
@@ -868,7 +881,9 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # a study the server holds (review queue, uploaded) is denoised there by id: its result is then
             # recorded as that study's, which is what a verdict judges; any other volume is uploaded
             image_id = self.logic.session.server_id(identity)
-            path = None if image_id else self.logic.export_input(original, identity)
+            # a copy of the voxels now; the background task checks it, writes the file from it and sends it
+            check = self.logic.request_check(original)
+            path = None if image_id else self.logic.export_input(identity, check[0])
             modality = self.logic.modality_of(identity, self.ui.modalityCombo.itemData(
                 self.ui.modalityCombo.currentIndex))
             # the module's own look at the values, to warn when the server's default or guess disagrees with it
@@ -876,7 +891,6 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             output_dir = self.logic.work_dir / "results"
             frame = self.frameText(original)
             restoration = restoration_from_spin(self.ui.restorationSpin.value, self.ui.restorationSpin.minimum)
-            check = self.logic.request_check(original)  # the voxels exported now, verified before they are sent
         except Exception as error:  # noqa: BLE001
             self.error(error)
             return
@@ -1067,7 +1081,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         view.mrmlSliceCompositeNode().SetBackgroundVolumeID(self.corrected_node.GetID())
 
     def onSubmitCorrection(self):
-        from ADLDenoiseLib.mrml import blended_volume, export_volume
+        from ADLDenoiseLib.mrml import blended_volume
 
         try:
             reviewer = self.logic.session.reviewer_name(self.ui.reviewerEdit.text)  # optional when signed in
@@ -1085,7 +1099,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                            node=self.corrected_node)
                 self.corrected_node = corrected
                 blend = self.logic.session.blended(float(self.ui.blendSlider.value), corrected.GetID())
-            path = export_volume(corrected, self.logic.work_dir / "corrections" / f"{identity.datastore_id()}.nrrd")
+            path = self.logic.export_correction(corrected, identity)  # a copy: written in the background
             study = self.logic.prepare_study(original, identity)
             regions = self.logic.prepare_regions(self.ui.segmentationSelector.currentNode(), original, self.marks,
                                                  study)
@@ -1301,7 +1315,7 @@ class ADLDenoiseTest(ScriptedLoadableModuleTest):
     def test_workflow(self):
         import numpy as np
 
-        from ADLDenoiseLib.mrml import blended_volume, difference_volume, export_volume, roi_statistics_for_roi_node
+        from ADLDenoiseLib.mrml import blended_volume, difference_volume, roi_statistics_for_roi_node
 
         url = os.environ.get("ADL_DENOISE_SERVER", DEFAULT_SERVER_URL)
         logic = ADLDenoiseLogic()
@@ -1327,8 +1341,10 @@ class ADLDenoiseTest(ScriptedLoadableModuleTest):
 
         identity = logic.identify_and_wait(original)
         self.assertEqual(identity.kind, "content")  # not from DICOM: keyed by voxels + geometry
-        path = logic.export_input(original, identity)
-        result_path, result = logic.denoise_file(model, path, "ct", logic.work_dir / "results")
+        check = logic.request_check(original)  # written in the background by the widget; here, by denoise_file
+        upload = logic.export_input(identity, check[0])
+        result_path, result = logic.denoise_file(model, upload, "ct", logic.work_dir / "results", check=check)
+        self.assertTrue(upload.path.is_file())
         denoised = logic.load_result(original, identity, result_path, result)
         self.assertEqual(logic.session.result().node_id, denoised.GetID())
         self.assertEqual(denoised.GetName(), "phantom CT" + RESULT_SUFFIX)
@@ -1369,7 +1385,7 @@ class ADLDenoiseTest(ScriptedLoadableModuleTest):
         self.assertEqual(int((regions["map"] == 2).sum()), int(soft.sum()))
         request = logic.session.verdict_request("corrected", "slicer-test")
         self.assertEqual(request["result_seq"], result["audit_seq"])
-        image_id, entry = logic.submit_correction(study, export_volume(corrected, logic.work_dir / "c.nrrd"),
+        image_id, entry = logic.submit_correction(study, logic.export_correction(corrected, identity),
                                                   request["reviewer"], regions, request["model"],
                                                   request["result_seq"])
         self.assertEqual(entry["verdict"], "corrected")

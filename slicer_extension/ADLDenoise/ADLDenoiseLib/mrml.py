@@ -15,13 +15,14 @@ import slicer
 import vtk
 
 from .regions import Grid, RegionsError
-from .workflow import blend, difference, roi_statistics
+from .workflow import blend, difference, roi_statistics, strided_sample
 
 __all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "blended_volume", "roi_mask",
            "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid",
            "check_segmentation_reference", "tag_derived", "derived_kind", "DERIVED_ATTRIBUTE", "STUDY_ATTRIBUTE",
            "DERIVED_FROM_ROLE",
-           "study_identity", "content_identity_of", "volume_snapshot", "sequence_frame", "dicom_series_of", "dicom_instance_uids",
+           "study_identity", "content_identity_of", "volume_snapshot", "volume_copy", "sequence_frame",
+           "dicom_series_of", "dicom_instance_uids",
            "is_plain_scalar_volume",
            "EXCLUDED_VOLUME_TYPES",
            "adopt_parent_transform", "adopt_study_folder", "match_orientation_and_link", "INPUT_CHANGE_EVENTS"]
@@ -276,9 +277,16 @@ def volume_snapshot(node):
     may change or be freed while a thread hashes it), its IJK-to-RAS matrix, name, sequence frame and DICOM
     identity (as :func:`study_identity` finds it; None: identified by content). Its ``content()`` is
     :func:`content_identity_of` the node as it was, computed in the background. Raises as :func:`study_identity`."""
+    series, frame = _series_and_frame(node)
+    return volume_copy(node, series, frame)
+
+
+def volume_copy(node, series=None, frame: int | None = None):
+    """GUI thread: a :class:`review_session.VolumeSnapshot` of any scalar volume node (a correction too: no check
+    that it is a study), a copy of its voxels ((z, y, x), the node's scalar type) and its IJK-to-RAS matrix, to be
+    hashed or written to a file in the background (``volume_files.VolumeExport``) while the node may change."""
     from .review_session import VolumeSnapshot
 
-    series, frame = _series_and_frame(node)
     return VolumeSnapshot(np.array(slicer.util.arrayFromVolume(node), copy=True), _ijk_to_ras(node), node.GetName(),
                           frame, series)
 
@@ -462,8 +470,7 @@ def roi_statistics_for_roi_node(original, denoised, roi_node) -> dict:
 
 def looks_like_ct(node) -> bool:
     """CT when the volume's 1st percentile is air-like (HU), as the server guesses too."""
-    values = _array(node)
-    sample = values.reshape(-1)[:: max(1, values.size // 200000)]
+    sample = strided_sample(_array(node), 200000)
     return bool(sample.size and np.percentile(sample, 1.0) <= -500.0)
 
 

@@ -1,6 +1,7 @@
 """MRML-side logic of the ADLDenoise module against real MRML (Slicer, or PyPI's slicer-core without Qt).
 
-Volume nodes out to NRRD and back (geometry, HU values, name suffix), refusal of a result on another grid,
+Volume nodes out to NRRD and back (geometry, HU values, name suffix), the file written in the background from a
+copy taken on the GUI thread equal to the one Slicer's storage node writes, refusal of a result on another grid,
 difference and blended volumes, ROI statistics inside a markups ROI (rotated, the volume under a transform), the
 module's own volumes tagged and refused as a study, a segmentation of another study refused as marked regions;
 the study identity from the subject hierarchy
@@ -89,11 +90,13 @@ from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene mad
     same_grid,
     sequence_frame,
     study_identity,
+    volume_copy,
     volume_snapshot,
 )
 from ADLDenoiseLib.regions import RegionsError  # noqa: E402
 from ADLDenoiseLib.background import BackgroundTask  # noqa: E402
-from ADLDenoiseLib.review_session import ReviewSession, WorkflowError  # noqa: E402
+from ADLDenoiseLib.review_session import ReviewSession, VolumeChanged, WorkflowError  # noqa: E402
+from ADLDenoiseLib.volume_files import VolumeExport, prepare_upload  # noqa: E402
 from ADLDenoiseLib.workflow import roi_statistics  # noqa: E402
 
 
@@ -138,6 +141,64 @@ class MRMLLogicTest(unittest.TestCase):
         self.assertTrue(same_grid(result, original))
         np.testing.assert_allclose(slicer.util.arrayFromVolume(result), data * 0.5, atol=1e-4)
         self.assertTrue(looks_like_ct(original))
+
+    def test_the_file_written_in_the_background_from_a_copy_is_the_volume_as_slicers_storage_node_writes_it(self):
+        """The module copies a volume's voxels and grid on the GUI thread (volume_snapshot / volume_copy: no file
+        made) and writes the NRRD from the copy in its BackgroundTask (prepare_upload, after the identity check):
+        Slicer's storage node reads that file back exactly as it reads its own export of the node (voxels in the
+        node's scalar type, IJK-to-RAS: oblique, left-handed, a single slice), and load_result puts it on the
+        node's grid; a change made to the node after the copy is not in the file; a node no longer holding the
+        voxels identified gets no file."""
+        def read(path):
+            node = slicer.vtkMRMLScalarVolumeNode()
+            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetFileName(str(path))
+            storage.SetSingleFile(1)
+            self.assertTrue(storage.ReadData(node), path)
+            matrix = vtk.vtkMatrix4x4()
+            node.GetIJKToRASMatrix(matrix)
+            return (slicer.util.arrayFromVolume(node).copy(),
+                    np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]))
+
+        import vtk
+
+        ct = oblique_ct_node()  # float32, oblique, left-handed
+        short = slicer.util.addVolumeFromArray(np.arange(2 * 30 * 20, dtype=np.int16).reshape(2, 30, 20) - 600,
+                                               name="MR short")
+        short.SetSpacing(0.9, 0.9, 3.0)
+        short.SetOrigin(5.0, -7.5, 20.0)
+        single = slicer.util.addVolumeFromArray(np.arange(80, dtype=np.uint16).reshape(1, 8, 10), name="slice")
+        for number, node in enumerate((ct, short, single)):
+            reference = read(export_volume(node, self.work / f"slicer_{number}.nrrd"))
+            snapshot = volume_snapshot(node)  # GUI thread: a copy, no file
+            identified = snapshot.content()  # (hashed in the background when the volume is selected)
+            export = VolumeExport(snapshot, self.work / f"exports_{number}" / "study.nrrd")
+            self.assertFalse(export.path.exists() or export.path.parent.exists())
+            expected = slicer.util.arrayFromVolume(node).copy()
+            slicer.util.arrayFromVolume(node)[:] = 0  # the node changes after the copy (a 4D frame, an edit)
+            slicer.util.arrayFromVolumeModified(node)
+            task = BackgroundTask(lambda report, cancelled, s=snapshot, e=export:
+                                  prepare_upload((s, identified), e, report, cancelled), name="export")
+            self.assertEqual(task.wait(120), "done", task.error)
+            self.assertEqual(task.result, export.path)
+            voxels, matrix = read(export.path)
+            self.assertEqual(voxels.dtype, reference[0].dtype)
+            np.testing.assert_array_equal(voxels, reference[0])
+            np.testing.assert_allclose(matrix, reference[1], atol=1e-9)
+            slicer.util.updateVolumeFromArray(node, expected)  # load_result checks the grid against the node's
+            result = load_result(slicer.mrmlScene, export.path, node)
+            self.assertTrue(same_grid(result, node))
+            np.testing.assert_array_equal(slicer.util.arrayFromVolume(result), expected)
+        # a corrected volume (no study of its own) is copied all the same; a copy of other voxels than those
+        # identified is refused before anything is written
+        corrected = blended_volume(slicer.mrmlScene, node, result, 0.5)
+        copy = volume_copy(corrected)
+        np.testing.assert_array_equal(copy.voxels, slicer.util.arrayFromVolume(corrected))
+        self.assertEqual(copy.name, corrected.GetName())
+        changed = VolumeExport(copy, self.work / "changed.nrrd")
+        with self.assertRaises(VolumeChanged):
+            prepare_upload((copy, volume_snapshot(ct).content()), changed)
+        self.assertEqual(list(self.work.glob("changed*")) + list(self.work.glob(".changed*")), [])
 
     def test_a_single_slice_result_loads_alone_not_stacked_with_numbered_files_beside_it(self):
         """Slicer's archetype reader, unless told to read one file, stacks a single-slice file with the files of
