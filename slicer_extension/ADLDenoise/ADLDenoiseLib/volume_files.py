@@ -11,7 +11,9 @@ uncompressed): raw little-endian voxels in the node's scalar type, x fastest; ``
 ``space directions`` the IJK-to-LPS columns (direction times spacing, mm) of index axes i, j, k; ``space origin``
 the first voxel's centre (LPS, mm). Slicer, ITK / SimpleITK and the server read it as the node's geometry and values.
 It is written to a temporary file beside the target and renamed once complete: a failed or cancelled write leaves
-no partial file.
+no partial file. Not SimpleITK (which ``regions`` uses for the small region files): ``GetImageFromArray`` would add a
+second full copy of the volume, and ``WriteImage`` can be neither cancelled nor interleaved with the GUI mid-file;
+a raw NRRD is a short text header and the voxels.
 """
 from __future__ import annotations
 
