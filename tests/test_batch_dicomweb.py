@@ -459,6 +459,69 @@ def test_an_orthanc_that_cuts_its_search_answers_stops_the_batch_and_is_asked_co
         stop_orthanc(pacs)
 
 
+def _orthanc_logging_requests(tmp_path: Path):
+    """A real Orthanc whose IncomingHttpRequestFilter (a Lua script) appends the method and URI of every HTTP request
+    it gets, DICOMweb included, to the returned file: what a batch downloaded is read there. Returns (pacs, log)."""
+    requests_log = tmp_path / "requests.log"
+    script = tmp_path / "log_requests.lua"
+    script.write_text(f"""
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  local log = io.open("{requests_log}", "a")
+  log:write(method .. " " .. uri .. "\\n")
+  io.close(log)
+  return true
+end
+""")
+    return start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]}), requests_log
+
+
+def test_a_series_over_the_voxel_limit_is_refused_before_its_download_and_the_batch_goes_on(tmp_path, shared_data):
+    """A DICOMweb series was downloaded whole (a series of thousands of slices filled the disk) before the reader's
+    voxel limit could refuse it. Its size now comes from the server's QIDO-RS answer first (its instances' Rows and
+    Columns, its series-level instance count): with ADL_MAX_VOXELS 1,000,000 the 6-slice series (6 x 512 x 512 =
+    1.57 M voxels) fails as too large, with nothing downloaded (the server's request log holds no WADO-RS retrieval
+    of it), and the 3-slice one (0.79 M) is denoised; a rerun refuses it again and keeps the other's result."""
+    from pydicom.uid import generate_uid
+
+    pacs, requests_log = _orthanc_logging_requests(tmp_path)
+    try:
+        study = generate_uid()
+        big = make_series(shared_data, tmp_path / "big", range(0, 6), "abdomen low dose", study, "20200115")
+        small = make_series(shared_data, tmp_path / "small", range(6, 9), "abdomen low dose", study, "20200115")
+        for folder in ("big", "small"):
+            for path in sorted((tmp_path / folder).iterdir()):
+                pacs.upload(path)
+        out = tmp_path / "out"
+        command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
+                   "gaussian", "--no-progress"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", ADL_MAX_VOXELS="1000000")
+        first = processes.run(command, TIMEOUT, env=env)
+        assert first.returncode == 1, first.stdout + first.stderr
+        assert "2 series: 1 done, 0 skipped, 1 failed" in first.stdout, first.stdout + first.stderr
+        refusal = (f"failed: dicomweb:{study}/{big}: series {big} is too large: 6 instances, 1,572,864 voxels exceed "
+                   "the limit of 1,000,000 (raise it with ADL_MAX_VOXELS); nothing was downloaded")
+        assert refusal in first.stdout, first.stdout
+        records = {r["identity"]: r for r in map(json.loads,
+                                                  (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines())}
+        assert records[f"dicom:{big}"]["status"] == "failed", records
+        assert "is too large" in records[f"dicom:{big}"]["error"], records
+        assert records[f"dicom:{small}"]["status"] == "done", records
+        assert not (out / study / big).exists()
+        done = Path(records[f"dicom:{small}"]["output"])
+        assert len(list(done.iterdir())) == 3
+        requested = requests_log.read_text()
+        assert f"/series/{small}" in requested, requested  # its WADO-RS retrieval (the log works)
+        assert f"/series/{big}" not in requested, requested  # never retrieved (asked by QIDO-RS only)
+        written = {p.name: p.read_bytes() for p in done.iterdir()}
+        again = processes.run(command, TIMEOUT, env=env)
+        assert again.returncode == 1 and "2 series: 0 done, 1 skipped, 1 failed" in again.stdout, \
+            again.stdout + again.stderr
+        assert refusal in again.stdout and f"/series/{big}" not in requests_log.read_text()
+        assert {p.name: p.read_bytes() for p in done.iterdir()} == written  # the done series kept as it was
+    finally:
+        stop_orthanc(pacs)
+
+
 def _series_match(uid: str) -> dict:
     """One series of a QIDO-RS series search answer (CT, 3 instances), as a DICOMweb server sends it."""
     return {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "0020000E": {"vr": "UI", "Value": [uid]},
@@ -572,3 +635,43 @@ def test_a_server_that_ignores_offset_is_listed_once_not_asked_for_ever(tmp_path
         found = discover_dicomweb(make_client(root), tmp_path / "out", SeriesFilter())
         assert [i.series_uid for i in found] == ["1.2.3.4", "1.2.3.5"]
         assert len([path for path in asked if path.startswith("/dicom-web/series")]) == 2, asked
+
+
+def test_a_series_larger_than_the_free_disk_space_is_refused_before_its_download(tmp_path):
+    """The download folder's free space is checked against the series' size (the download, uncompressed as WADO-RS
+    sends it, and the derived series written from it) before any instance is fetched: a series the server describes
+    (QIDO-RS) as 3 instances of 4096 x 4096 x 100,000 frames of 16 bits, within ADL_MAX_VOXELS, fails saying it does
+    not fit and how much is free, and no WADO-RS retrieval is sent. (A real HTTP server on loopback, the batch's CLI
+    in a subprocess, the real disk of tmp_path.)"""
+    asked: list[str] = []
+    instance = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "0020000E": {"vr": "UI", "Value": ["1.2.3.4"]},
+                "00280010": {"vr": "US", "Value": [4096]}, "00280011": {"vr": "US", "Value": [4096]},
+                "00280008": {"vr": "IS", "Value": [100_000]}, "00280100": {"vr": "US", "Value": [16]},
+                "00280002": {"vr": "US", "Value": [1]}}
+
+    def answer(path: str):
+        asked.append(path)
+        first_page = "offset=" not in path or "offset=0" in path
+        if path.startswith("/dicom-web/series") or path.startswith("/dicom-web/studies/1.2.3/series?"):
+            return 200, [_series_match("1.2.3.4")] if first_page else [], {}
+        if path.startswith("/dicom-web/studies/1.2.3/instances?"):
+            return 200, [dict(instance, **{"00080018": {"vr": "UI", "Value": [f"1.2.3.4.{k}"]}}) for k in range(3)] \
+                if first_page else [], {}
+        return 404, None, {}
+
+    with _loopback_qido(answer) as root:
+        out = tmp_path / "out"
+        command = [sys.executable, CLI, "denoise-batch", "--input", root, "--output", out, "--model", "gaussian",
+                   "--no-progress"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", ADL_MAX_VOXELS="1e13", ADL_DICOMWEB_RETRY_WAIT_S="0.05")
+        result = processes.run(command, TIMEOUT, env=env)
+    assert result.returncode == 1 and "1 series: 0 done, 0 skipped, 1 failed" in result.stdout, \
+        result.stdout + result.stderr
+    needed = 3 * 4096 * 4096 * 100_000 * (2 + 2)  # the download and the derived series, 16 bits each
+    failed = next(line for line in result.stdout.splitlines() if line.startswith("failed: "))
+    assert "series 1.2.3.4 does not fit on the disk of" in failed, failed
+    assert int(failed.split("3 instances need about ")[1].split(" bytes")[0].replace(",", "")) >= needed, failed
+    assert "are free; nothing was downloaded" in failed, failed
+    record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["status"] == "failed" and "does not fit on the disk" in record["error"], record
+    assert not [path for path in asked if path.startswith("/dicom-web/studies/1.2.3/series/1.2.3.4")], asked

@@ -28,7 +28,8 @@ from .imaging.errors import one_line
 log = logging.getLogger(__name__)
 
 __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S", "LISTING_RETRY_S",
-           "start_up_warnings", "series_folder", "series_voxels", "oversized", "SeriesSize", "is_downloaded",
+           "start_up_warnings", "series_folder", "series_voxels", "series_size", "series_instance_count",
+           "oversized", "SeriesSize", "is_downloaded",
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
            "LISTING_CUT_RETRY_S"]
@@ -347,8 +348,8 @@ def is_pacs_url(url: str | None, datastore) -> bool:
     return _origin(url) == _origin(datastore._client.base_url)  # noqa: SLF001 - the datastore's client
 
 
-# QIDO-RS attributes of an instance that give its voxels: Rows, Columns, NumberOfFrames
-_SIZE_FIELDS = ("00280010", "00280011", "00280008")
+# QIDO-RS attributes of an instance that give its size: Rows, Columns, NumberOfFrames, SamplesPerPixel, BitsAllocated
+_SIZE_FIELDS = ("00280010", "00280011", "00280008", "00280002", "00280100")
 
 
 def start_up_warnings(datastore) -> list[str]:
@@ -392,7 +393,7 @@ def _first_int(entry: dict, tag: str) -> int | None:
 
 
 class SeriesSize(NamedTuple):
-    """What :func:`series_voxels` tells of a PACS series before it is downloaded."""
+    """What :func:`series_size` tells of a PACS series before it is downloaded."""
 
     #: instances the series holds (the PACS's series-level count, or the number listed when it gives none)
     instances: int
@@ -401,47 +402,88 @@ class SeriesSize(NamedTuple):
     voxels: int
     #: instances the PACS listed with their size
     listed: int
+    #: bytes of its pixel data uncompressed (``Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated / 8``
+    #: per instance; 1 sample of 16 bits where the PACS does not say), estimated as ``voxels`` is
+    pixel_bytes: int = 0
 
 
-def series_voxels(datastore, image_id: str) -> SeriesSize | None:
-    """``(instances, voxels, listed)`` of the series ``image_id`` on the datastore's PACS, from a QIDO-RS search of
-    its instances (``Rows x Columns x NumberOfFrames`` each): known before any instance is downloaded. None when the
-    PACS does not tell (an instance without Rows or Columns in its answer, or the search was answered with an
-    error: the size is then checked from the downloaded files, as for any image). A PACS that cannot be reached
-    raises (requests' ``ConnectionError`` / ``Timeout``): the download would only fail the same way, later.
+def series_instance_count(client, series_uid: str, study_uid: str | None = None) -> int | None:
+    """How many instances the server holds of the series ``series_uid`` (in the study ``study_uid`` when given): its
+    series-level QIDO-RS ``NumberOfSeriesRelatedInstances``. One match, never cut by a server's limit on search
+    results, as a list of its instances is (Orthanc's ``LimitFindInstances``: that many plus one, whatever the
+    ``offset``). 0 when no series matches; None when the server matches it without the count. The one way the app
+    (:func:`series_size`) and the batch (:func:`lib.batch.dicomweb.instances_on_server`) ask it.
 
-    A PACS may list part of a series' instances and say nothing (Orthanc's ``LimitFindInstances``: that many plus
-    one, whatever the ``offset``): a series of thousands of slices then looked small, and was downloaded whole (into
-    memory, by MONAI Label's client) and converted before the reader refused it. The series' instance count is asked
-    at the series level (``NumberOfSeriesRelatedInstances``: one match, never cut); when it is above the number
-    listed, the voxels are that count times the largest instance listed (logged as an estimate)."""
+    Raises:
+        Exception: what the client raises (requests' ``ConnectionError`` / ``Timeout``, ``HTTPError``).
+    """
+    matches = client.search_for_series(study_instance_uid=study_uid, search_filters={"SeriesInstanceUID": series_uid},
+                                       fields=["NumberOfSeriesRelatedInstances"])
+    for entry in matches or []:
+        if str(((entry.get("0020000E") or {}).get("Value") or [""])[0]) == series_uid:
+            return _first_int(entry, "00201209")
+    return 0
+
+
+def series_size(client, series_uid: str, study_uid: str | None = None) -> SeriesSize | None:
+    """``(instances, voxels, listed, pixel_bytes)`` of the series ``series_uid`` (in the study ``study_uid`` when
+    given) on the DICOMweb server of ``client``, from a QIDO-RS search of its instances (``Rows x Columns x
+    NumberOfFrames`` voxels each): known before any instance is downloaded. None when the server does not tell (an
+    instance without Rows or Columns in its answer, or the search was answered with an error: the size is then
+    checked from the downloaded files, as for any image). A server that cannot be reached raises (requests'
+    ``ConnectionError`` / ``Timeout``): the download would only fail the same way, later.
+
+    A server may list part of a series' instances and say nothing (Orthanc's ``LimitFindInstances``: that many plus
+    one, whatever the ``offset``): a series of thousands of slices then looked small, and was downloaded whole before
+    the reader refused it. The series' instance count is asked at the series level (:func:`series_instance_count`);
+    when it is above the number listed, the voxels (and bytes) are that count times the largest instance listed
+    (logged as an estimate)."""
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
-    client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
+    def held() -> int | None:
+        try:
+            return series_instance_count(client, series_uid, study_uid)
+        except (RequestsConnectionError, Timeout):
+            raise
+        except Exception as error:  # noqa: BLE001 - an HTTP error answered: the listed instances are the size
+            log.warning("series %s: the PACS did not give its instance count (%s)", series_uid, one_line(error))
+            return None
+
     try:
         found = all_pages(lambda offset: client.search_for_instances(
-            search_filters={"SeriesInstanceUID": image_id}, fields=list(_SIZE_FIELDS), offset=offset))
-        held = _instances_held(client, image_id) if found else None  # (raises only when the PACS is unreachable)
+            study_instance_uid=study_uid, search_filters={"SeriesInstanceUID": series_uid}, fields=list(_SIZE_FIELDS),
+            offset=offset))
+        count = held() if found else None  # (raises only when the PACS is unreachable)
     except (RequestsConnectionError, Timeout):
-        raise  # the PACS cannot be reached: the download would try again for nothing (the route answers 503)
+        raise  # the PACS cannot be reached: the download would try again for nothing
     except Exception as error:  # noqa: BLE001 - an HTTP error answered: the download checks the size instead
-        log.warning("series %s: the PACS did not give the series size (%s)", image_id, one_line(error))
+        log.warning("series %s: the PACS did not give the series size (%s)", series_uid, one_line(error))
         return None
-    sizes = []
+    sizes, sizes_bytes = [], []
     for entry in found or []:
         rows, columns = _first_int(entry, "00280010"), _first_int(entry, "00280011")
         if not rows or not columns:
             return None
-        sizes.append(rows * columns * max(1, _first_int(entry, "00280008") or 1))
+        voxels = rows * columns * max(1, _first_int(entry, "00280008") or 1)
+        sizes.append(voxels)
+        bits = _first_int(entry, "00280100") or 16
+        sizes_bytes.append(voxels * max(1, _first_int(entry, "00280002") or 1) * -(-bits // 8))
     if not sizes:
         return None
-    if held is not None and held > len(sizes):
-        voxels = held * max(sizes)
+    if count is not None and count > len(sizes):
+        voxels = count * max(sizes)
         log.warning("series %s: the PACS lists %d of its %d instances (a limit on search results, e.g. Orthanc's "
-                    "LimitFindInstances): its size is estimated as %d x the largest listed, %s voxels", image_id,
-                    len(sizes), held, held, f"{voxels:,}")
-        return SeriesSize(held, voxels, len(sizes))
-    return SeriesSize(len(sizes), sum(sizes), len(sizes))
+                    "LimitFindInstances): its size is estimated as %d x the largest listed, %s voxels", series_uid,
+                    len(sizes), count, count, f"{voxels:,}")
+        return SeriesSize(count, voxels, len(sizes), count * max(sizes_bytes))
+    return SeriesSize(len(sizes), sum(sizes), len(sizes), sum(sizes_bytes))
+
+
+def series_voxels(datastore, image_id: str) -> SeriesSize | None:
+    """:func:`series_size` of the series ``image_id`` on the datastore's PACS (its authenticated DICOMweb client).
+    MONAI Label's datastore downloads a series whole (into memory) and converts it before any reader could refuse
+    it: infer by id and the review queue ask this first (:func:`oversized`)."""
+    return series_size(datastore._client, image_id)  # noqa: SLF001 - the datastore's authenticated DICOMweb client
 
 
 def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
@@ -453,25 +495,6 @@ def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
         return None
     size = series_voxels(datastore, image_id)
     return size if size is not None and size.voxels > limit else None
-
-
-def _instances_held(client, image_id: str) -> int | None:
-    """How many instances the PACS holds of the series (series-level QIDO-RS ``NumberOfSeriesRelatedInstances``);
-    None when it does not say."""
-    from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
-
-    try:
-        matches = client.search_for_series(search_filters={"SeriesInstanceUID": image_id},
-                                           fields=["NumberOfSeriesRelatedInstances"])
-    except (RequestsConnectionError, Timeout):
-        raise
-    except Exception as error:  # noqa: BLE001 - an HTTP error answered: the listed instances are the size
-        log.warning("series %s: the PACS did not give its instance count (%s)", image_id, one_line(error))
-        return None
-    for entry in matches or []:
-        if str(((entry.get("0020000E") or {}).get("Value") or [""])[0]) == image_id:
-            return _first_int(entry, "00201209")
-    return None
 
 
 def is_downloaded(datastore, image_id: str) -> bool:

@@ -23,21 +23,30 @@ The derived series' UIDs are recorded before its STOW-RS; a rerun asks the serve
 have sent (:func:`instances_on_server`) before it stores anything, so that a run killed after the store and before
 its "done" record never leads to a second derived series of the same source on the server (see
 :meth:`lib.batch.runner._Rank._resume`).
+
+A series is downloaded only once the server's QIDO-RS answer shows it within the readers' voxel limit
+(``ADL_MAX_VOXELS``) and the free disk space of the download folder (:func:`check_download`): a series of thousands of
+slices filled the disk, or was downloaded whole before the reader refused it. A refused series fails with its reason
+(nothing downloaded) and the batch goes on.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pydicom
 
 from ..imaging.errors import one_line
-from ..pacs import PacsStoreError, all_pages, search_whole, stow_datasets
+from ..imaging.guards import max_voxels
+from ..pacs import (PacsStoreError, SeriesSize, all_pages, search_whole, series_instance_count, series_size,
+                    stow_datasets)
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions
 
-__all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "PacsStoreError", "derived_series", "discover_dicomweb",
-           "download_series", "instances_on_server", "is_dicomweb_url", "make_client", "store_series"]
+__all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "DownloadRefused", "PacsStoreError", "check_download",
+           "derived_series", "discover_dicomweb", "download_series", "instances_on_server", "is_dicomweb_url",
+           "make_client", "store_series"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,9 @@ NON_IMAGE_MODALITIES = frozenset({"AU", "DOC", "ECG", "EPS", "FID", "HD", "KO", 
                                   "RTPLAN", "RTRECORD", "RTSTRUCT", "RWV", "SMR", "SR"})
 #: voxels per instance assumed for sharding (series-level QIDO does not return Rows and Columns)
 VOXELS_PER_INSTANCE = 512 * 512
+#: bytes allowed for the header of each downloaded or written file (beside its pixel data) when the disk space a
+#: download needs is estimated
+HEADER_BYTES = 64 * 1024
 #: environment variable: the first wait (seconds) of the client's retries, each later wait twice the one before
 #: (dicomweb-client's default is 2 s: 2 + 4 + 8 + 16 = 30 s before a request to an unreachable server fails)
 RETRY_WAIT_ENV = "ADL_DICOMWEB_RETRY_WAIT_S"
@@ -153,14 +165,54 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
     return refuse_collisions(sorted(items, key=lambda item: item.key), out_root)
 
 
-def download_series(client, item: SeriesItem, folder: Path) -> Path:
-    """The instances of ``item`` (WADO-RS), one file each in ``folder`` (created), one instance in memory at a
-    time. Returns ``folder``.
+class DownloadRefused(ValueError):
+    """A series not downloaded: over the voxel limit, or more than the free disk space holds (message: why)."""
+
+
+def check_download(client, item: SeriesItem, folder: Path, limit: int | None = None) -> SeriesSize | None:
+    """Refuse to download ``item`` into ``folder`` (an existing folder) when the server's QIDO-RS answer
+    (:func:`lib.pacs.series_size`: its instances' Rows, Columns and frames, its series-level instance count) shows it
+    over ``limit`` voxels (None: :func:`lib.imaging.guards.max_voxels`, the readers' limit, ``ADL_MAX_VOXELS``) or
+    larger than the free space of ``folder``'s file system: the download (uncompressed, as WADO-RS sends it by
+    default) and the derived series written from it (16 bits a voxel) beside it. Returns the size, None when the
+    server does not tell it (then the series is downloaded and the reader checks it, as before).
 
     Raises:
+        DownloadRefused: too large, or it does not fit (nothing was downloaded).
+        requests.exceptions.ConnectionError, Timeout: the server cannot be reached.
+    """
+    limit = max_voxels() if limit is None else int(limit)
+    size = series_size(client, item.series_uid, item.study_uid or None)
+    if size is None:
+        log.warning("series %s: the server does not tell its size (QIDO-RS Rows, Columns): downloaded unchecked",
+                    item.series_uid)
+        return None
+    estimate = (f" (estimated: the server lists {size.listed} of its instances)"
+                if size.listed < size.instances else "")
+    if size.voxels > limit:
+        raise DownloadRefused(f"series {item.series_uid} is too large: {size.instances} instances, {size.voxels:,} "
+                              f"voxels{estimate} exceed the limit of {limit:,} (raise it with ADL_MAX_VOXELS); "
+                              "nothing was downloaded")
+    needed = size.pixel_bytes + 2 * size.voxels + size.instances * HEADER_BYTES * 2
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DownloadRefused(f"series {item.series_uid} does not fit on the disk of {folder}: {size.instances} "
+                              f"instances need about {needed:,} bytes{estimate} (the download and its derived "
+                              f"series), {free:,} are free; nothing was downloaded: free some space or choose "
+                              "another --output")
+    return size
+
+
+def download_series(client, item: SeriesItem, folder: Path, limit: int | None = None) -> Path:
+    """The instances of ``item`` (WADO-RS), one file each in ``folder`` (created), one instance in memory at a
+    time, after :func:`check_download` (``limit``: the voxel limit, None: the readers'). Returns ``folder``.
+
+    Raises:
+        DownloadRefused: too large for the voxel limit or the free disk space (nothing was downloaded).
         ValueError: the server returned no instance.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    check_download(client, item, folder, limit)
     count = 0
     for count, dataset in enumerate(client.iter_series(item.study_uid, item.series_uid), start=1):
         if not getattr(dataset, "file_meta", None) or "TransferSyntaxUID" not in dataset.file_meta:
@@ -191,23 +243,17 @@ def derived_series(folder: Path) -> dict | None:
 
 
 def instances_on_server(client, study_uid: str, series_uid: str) -> int:
-    """How many instances of the series the server lists (QIDO-RS; 0 when it holds none).
+    """How many instances of the series the server lists (0 when it holds none): its series-level count
+    (:func:`lib.pacs.series_instance_count`), else, from a server that does not return it, its instances listed
+    (checked to be all of them).
 
     Raises:
         PacsStoreError: the server cannot be asked (then whether it holds the series is unknown).
     """
     try:
-        # one match at the series level: never cut by a server's limit on search results, as a list of its
-        # instances is (Orthanc's LimitFindInstances: a whole series then looked partial, and its rerun failed)
-        series = client.search_for_series(study_instance_uid=study_uid,
-                                          search_filters={"SeriesInstanceUID": series_uid},
-                                          fields=["NumberOfSeriesRelatedInstances"])
-        counts = [_value(entry, "NumberOfSeriesRelatedInstances", None) for entry in series
-                  if str(_value(entry, "SeriesInstanceUID")) == series_uid]
-        if not counts:
-            return 0
-        if counts[0] not in (None, ""):
-            return int(counts[0])
+        count = series_instance_count(client, series_uid, study_uid)
+        if count is not None:
+            return count
         listed = search_whole(  # a server that does not return the count: its instances, checked to be all
             client, lambda: all_pages(lambda offset: client.search_for_instances(
                 study_instance_uid=study_uid, series_instance_uid=series_uid, offset=offset)),
