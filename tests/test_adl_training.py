@@ -670,6 +670,108 @@ def test_denoise_array_rejects_bad_input():
         denoise_array(network, np.zeros((16, 16), np.float32))
 
 
+def _ct_volume_with_air(slices: int = 7, size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy, clean) CT volumes (slices, size, size) in HU: a body whose extent and intensity change from slice to
+    slice, in air, so that a body box or an intensity scaling taken from some of the slices differs from the whole
+    volume's."""
+    rng = np.random.default_rng(4)
+    clean = np.full((slices, size, size), -1000.0, np.float32)
+    for z in range(slices):
+        clean[z, 80:140, 60 + 8 * z:150 - z] = 40.0 + 30.0 * z
+    return (clean + rng.normal(0, 40, clean.shape)).astype(np.float32), clean
+
+
+class _NeighbourMean(nn.Module):
+    """A per-pixel 2.5D network: a weighted mean of a slice and its two neighbours."""
+
+    spatial_dims = 2
+    slice_context = 1
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([0.3, 0.4, 0.3]).reshape(1, 3, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_denoise_array_on_a_share_of_the_slices_gives_them_as_the_whole_volume_pass():
+    """``denoise_array(..., slices=...)`` (one rank's share of a validation volume) gives those slices as the whole
+    volume's pass gives them: the body box, the intensity scaling and a 2.5D network's neighbouring slices are the
+    whole volume's, and a share of whole batches goes through the network in the whole pass's batches."""
+    torch.manual_seed(0)
+    unet = EfficientUNetDenoiser(spatial_dims=2, filters=(8, 12, 16, 20), enhancer_filters=4)
+    unet.train()
+    with torch.no_grad():  # give batch norm non-trivial running statistics
+        unet(torch.rand((2, 1, 16, 16)))
+    noisy, _ = _ct_volume_with_air()
+    mr = np.abs(noisy + 1000.0)
+    for network in (unet, _NeighbourMean()):
+        for image, modality in ((noisy, "CT"), (mr, "MR")):
+            for batch, share in ((1, [2, 3, 4, 6]), (2, [2, 3, 6]), (3, [6])):
+                whole = denoise_array(network, image, modality, sw_batch_size=batch)
+                part = denoise_array(network, image, modality, sw_batch_size=batch, slices=share)
+                assert part.shape == (len(share), *image.shape[1:]) and part.dtype == np.float32
+                assert np.array_equal(part, whole[share]), (type(network).__name__, modality, batch, share)
+            # a share that cuts the whole pass's batches: smaller batches, the same values but for float rounding
+            cut = denoise_array(network, image, modality, sw_batch_size=2, slices=[1, 2])
+            assert np.abs(cut - denoise_array(network, image, modality, sw_batch_size=2)[[1, 2]]).max() < 1e-2
+    with pytest.raises(ValueError, match="increasing"):
+        denoise_array(unet, noisy, "CT", slices=[3, 1])
+    with pytest.raises(ValueError, match="increasing"):
+        denoise_array(unet, noisy, "CT", slices=[7])
+    with pytest.raises(ValueError, match="volume"):
+        denoise_array(unet, noisy[0], "CT", slices=[0])
+
+
+def test_validation_shares_give_every_slice_batch_and_image_to_exactly_one_rank():
+    from lib.engines.engine import validation_shares
+
+    def pair(shape):
+        return ValidationPair("p", np.zeros(shape, np.float32), np.zeros(shape, np.float32), "CT")
+
+    pairs = [pair((7, 8, 8)), pair((8, 8)), pair((3, 8, 8)), pair((8, 8))]
+    for world in (1, 2, 3, 5):
+        shares = [validation_shares(pairs, 2, 2, rank, world) for rank in range(world)]
+        for k, p in enumerate(pairs):
+            if p.noisy.ndim == 3:
+                taken = [set(s.tolist()) for rank in range(world) if (s := shares[rank][k]) is not False]
+                assert sorted(i for t in taken for i in t) == list(range(p.noisy.shape[0]))
+                batches = [set(range(i, min(i + 2, p.noisy.shape[0]))) for i in range(0, p.noisy.shape[0], 2)]
+                assert all(b <= t or not b & t for t in taken for b in batches)  # whole batches of 2 slices
+            else:
+                assert [shares[rank][k] for rank in range(world)].count(True) == 1
+    # 8 units (4 + 1 + 2 + 1 batches and images) go round: 6 slices each on 2 ranks
+    assert [sum(1 if s is True else 0 if s is False else len(s) for s in validation_shares(pairs, 2, 2, r, 2))
+            for r in range(2)] == [6, 6]
+    # a 3D network validates whole images
+    assert validation_shares(pairs, 3, 2, 0, 2) == [True, False, True, False]
+
+
+def test_one_process_validation_gives_each_image_its_pooled_psnr():
+    """:func:`lib.engines.engine.validate` in one process: each image's PSNR is :func:`lib.evaluation.psnr` of the
+    whole image's denoising (the MSE pooled over all its voxels), whatever the shares' sums are made of."""
+    from lib.engines.engine import validate
+    from lib.evaluation import psnr, window_for
+
+    torch.manual_seed(0)
+    network = EfficientUNetDenoiser(spatial_dims=2, filters=(8, 12, 16, 20), enhancer_filters=4)
+    noisy, clean = _ct_volume_with_air()
+    pairs = [ValidationPair("volume", noisy, clean, "CT"), ValidationPair("slice", noisy[2], clean[2], "CT")]
+    record = validate(network, pairs, tiny_config(), torch.device("cpu"), 5)
+    assert record["step"] == 5 and list(record["images"]) == ["volume", "slice"]
+    for p in pairs:
+        window = window_for("CT")
+        got = record["images"][p.name]
+        assert got["psnr"] == pytest.approx(psnr(denoise_array(network, p.noisy, "CT"), p.clean, window), abs=1e-5)
+        assert got["psnr_noisy"] == pytest.approx(psnr(p.noisy, p.clean, window), abs=1e-5)
+        assert got["window"] == [-160.0, 240.0]
+    assert record["psnr"] == pytest.approx(np.mean([v["psnr"] for v in record["images"].values()]))
+
+
 # ----------------------------------------------------------------------------------------------- command line
 def run_cli(*args, timeout: float = 240, **env_extra) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
@@ -1011,8 +1113,9 @@ def run_torchrun(script: Path, cwd: Path, timeout: float = TORCHRUN_TIMEOUT) -> 
 @pytest.mark.parametrize("model", ["adl", "tddl_gcn"])
 def test_torchrun_two_processes_gloo(model, tmp_path, ct_crop):
     """The training engine under torchrun (2 processes, gloo): DDP keeps the replicas identical while each rank
-    trains on its own samples, and rank 0's checkpoint records the world size. The engine calls no collective of
-    its own besides the final barrier (a tensor it handed to Gloo could deadlock the teardown: lib.engines.engine)."""
+    trains on its own samples, and rank 0's checkpoint records the world size. Without validation images the engine
+    calls no collective of its own besides the final barrier (a tensor it handed to Gloo could deadlock the teardown:
+    lib.engines.engine)."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
@@ -1105,6 +1208,131 @@ def test_torchrun_job_fails_with_the_error_of_one_rank(tmp_path, ct_crop):
     assert result.returncode != 0
     assert "OSError: sample 6 cannot be read" in result.stdout + result.stderr
     assert not (tmp_path / "g0.pt").exists()  # rank 0 did not end as if the run were complete
+
+
+#: Put before a DDP_SCRIPTS script: the validation images from {pairs!r} (an .npz), the collective timeout from {env!r},
+#: and every validation forward of either network ({delay!r} s) made slower, as on full-size validation volumes.
+VALIDATION_HEADER = textwrap.dedent("""
+    import json
+    import os
+    import time
+    import numpy as np
+    import torch
+    from lib.data import ValidationPair
+    from lib.networks import EfficientUNetDenoiser, GCNDenoiser
+    os.environ.update({env!r})
+    validation_forwards = []
+    for network_class in (EfficientUNetDenoiser, GCNDenoiser):
+        def slow_in_validation(self, *args, _forward=network_class.forward, **kwargs):
+            if torch.is_inference_mode_enabled():  # denoise_array's passes: validation (training never runs in it)
+                validation_forwards.append(1)
+                time.sleep({delay!r})
+            return _forward(self, *args, **kwargs)
+        network_class.forward = slow_in_validation
+    arrays = np.load({pairs!r})
+    pairs = [ValidationPair("volume", arrays["noisy_volume"], arrays["clean_volume"], "CT"),
+             ValidationPair("slice", arrays["noisy_slice"], arrays["clean_slice"], "CT")]
+""")
+VALIDATION_FOOTER = textwrap.dedent("""
+    print(f"rank {{rank}}: {{len(validation_forwards)}} validation forwards", flush=True)
+    with open({out!r} + f"/v{{rank}}.json", "w") as f:
+        json.dump(result.validation, f)
+""")
+
+
+def _validation_script(model: str, tmp_path: Path, ct_crop: Path, delay: float = 0.0, env: dict | None = None,
+                       **config) -> Path:
+    """A DDP_SCRIPTS training script that validates on a 7-slice CT volume and one slice (8 units of validation
+    work for a 2D network on a CPU: 4 per rank) every ``validation_every`` steps and at the end; ``config``: more
+    configuration arguments."""
+    clean = sitk.GetArrayFromImage(sitk.ReadImage(str(ct_crop))).astype(np.float32)
+    clean = clean[0] if clean.ndim == 3 else clean
+    rng = np.random.default_rng(0)
+    volume = np.stack([np.roll(clean, 3 * z, axis=1) for z in range(7)])
+    np.savez(tmp_path / "pairs.npz", clean_volume=volume, noisy_volume=volume + rng.normal(0, 40, volume.shape),
+             clean_slice=clean, noisy_slice=clean + rng.normal(0, 40, clean.shape))
+    text = DDP_SCRIPTS[model].format(image=str(ct_crop), ckpt=str(tmp_path / "ck"), out=str(tmp_path))
+    extra = "".join(f"{k}={v!r}, " for k, v in config.items())
+    text = text.replace("validation_every=0", extra.rstrip(", ")).replace("dataset, progress=False)",
+                                                                           "dataset, val_pairs=pairs, progress=False)")
+    header = VALIDATION_HEADER.format(env=dict(env or {}), delay=float(delay), pairs=str(tmp_path / "pairs.npz"))
+    script = tmp_path / f"ddp_validation_{model}.py"
+    script.write_text(HANG_DUMP + header + text + VALIDATION_FOOTER.format(out=str(tmp_path)))
+    return script
+
+
+def _one_process_validation(model: str, checkpoint: Path) -> dict:
+    """:func:`lib.engines.engine.validate` in this process, of the network in a training checkpoint, on the images
+    of :func:`_validation_script`."""
+    from lib.engines import GCNTrainingConfig
+    from lib.engines.engine import validate
+    from lib.networks import GCNDenoiser
+
+    state = CHECKPOINT_READERS[model](checkpoint)
+    if model == "adl":
+        config = ADLTrainingConfig.from_dict(state["config"])
+        network = build_networks(config)[0].to(memory_format=torch.channels_last)  # as train_adl keeps it
+        network.load_state_dict(state["generator"])
+    else:
+        config = GCNTrainingConfig.from_dict(state["config"])
+        network = GCNDenoiser(**config.network_kwargs())
+        network.load_state_dict(state["denoiser"])
+    arrays = np.load(checkpoint.parent.parent / "pairs.npz")
+    pairs = [ValidationPair("volume", arrays["noisy_volume"], arrays["clean_volume"], "CT"),
+             ValidationPair("slice", arrays["noisy_slice"], arrays["clean_slice"], "CT")]
+    return validate(network, pairs, config, torch.device("cpu"), int(state["step"]))
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize("model", ["adl", "tddl_gcn"])
+def test_torchrun_validation_is_shared_out_and_equals_one_process_on_the_same_weights(model, tmp_path, ct_crop):
+    """Under torchrun every rank validates its share of the slices (4 of the 8 units each) and gets the whole
+    record, which is what one process gets on the same weights (rank 0's checkpoint of that step) at every
+    validation: mid-run too, when each rank's batch-norm statistics are those of its own last batch (the ranks
+    validate with rank 0's, as rank 0 alone did)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    script = _validation_script(model, tmp_path, ct_crop, validation_every=1, checkpoint_every=1,
+                                keep_all_checkpoints=True)
+    result = run_torchrun(script, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = 3 if model == "adl" else 2
+    per_rank = steps * 4  # validations x this rank's 4 units
+    assert f"rank 0: {per_rank} validation forwards" in result.stdout, result.stdout[-2000:]
+    assert f"rank 1: {per_rank} validation forwards" in result.stdout, result.stdout[-2000:]
+    v0 = json.loads((tmp_path / "v0.json").read_text())
+    v1 = json.loads((tmp_path / "v1.json").read_text())
+    assert [r["step"] for r in v0] == list(range(1, steps + 1)) and v1 == v0
+    for record in v0:
+        alone = _one_process_validation(model, tmp_path / "ck" / f"step_{record['step']:07d}.pt")
+        for name in ("volume", "slice"):
+            for key in ("psnr", "psnr_noisy"):
+                assert record["images"][name][key] == pytest.approx(alone["images"][name][key], abs=1e-9), \
+                    (record["step"], name, key)
+        assert record["psnr"] == pytest.approx(alone["psnr"], abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_torchrun_validation_longer_than_the_collective_timeout(tmp_path, ct_crop):
+    """A validation that takes longer than the process group's timeout (here 10 s from ADL_COLLECTIVE_TIMEOUT_S,
+    30 min by default; each validation forward made 2.5 s slower: 20 s for the 8 units) killed the job when rank 0
+    validated alone: rank 1 timed out waiting in its next collective. Shared out, each rank does half the work
+    and they wait for each other only for the difference: the job ends, with the record on both ranks."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    script = _validation_script("adl", tmp_path, ct_crop, delay=2.5, env={"ADL_COLLECTIVE_TIMEOUT_S": "10"},
+                                validation_every=0)
+    result = run_torchrun(script, tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "rank 0: 4 validation forwards" in result.stdout and "rank 1: 4 validation forwards" in result.stdout
+    v0 = json.loads((tmp_path / "v0.json").read_text())
+    assert [r["step"] for r in v0] == [3] and json.loads((tmp_path / "v1.json").read_text()) == v0
 
 
 # ----------------------------------------------------------------------------------------------- CUDA

@@ -12,7 +12,9 @@ from lib.evaluation import (
     find_uniform_regions,
     mr_window,
     psnr,
+    psnr_from_squared_error,
     rmse,
+    squared_error_sum,
     ssim,
     uniform_region_statistics,
     window_for,
@@ -117,6 +119,21 @@ def test_psnr_and_rmse_agree_on_random_errors():
         e = rmse(pred, ref, (lo, hi))
         assert 0 < e < 25.0 * 1.2
         assert psnr(pred, ref, (lo, hi)) == pytest.approx(20 * math.log10((hi - lo) / e))
+
+
+def test_psnr_from_the_squared_errors_of_shares_of_the_slices():
+    """The squared-error sums of shares of a volume's slices (each rank's share of a validation volume) add up to
+    :func:`psnr` of the whole volume: the MSE is pooled over all voxels, not averaged per slice."""
+    rng = np.random.default_rng(5)
+    ref = np.stack([_phantom(seed=z) for z in range(5)])
+    pred = ref + rng.normal(0, 25, ref.shape).astype(np.float32) * np.arange(1, 6, dtype=np.float32)[:, None, None]
+    total = sum(squared_error_sum(pred[share], ref[share], SOFT) for share in ([0, 3], [1, 2, 4]))
+    assert psnr_from_squared_error(total, ref.size, SOFT) == pytest.approx(psnr(pred, ref, SOFT), abs=1e-5)
+    per_slice = np.mean([psnr(pred[z], ref[z], SOFT) for z in range(5)])
+    assert abs(psnr_from_squared_error(total, ref.size, SOFT) - per_slice) > 0.1  # pooled, not a mean of slices
+    assert psnr_from_squared_error(squared_error_sum(ref, ref, SOFT), ref.size, SOFT) == math.inf
+    with pytest.raises(ValueError, match="count"):
+        psnr_from_squared_error(1.0, 0, SOFT)
 
 
 def test_ssim_identical_is_one_and_drops_with_noise():

@@ -60,6 +60,7 @@ __all__ = [
     "even_windows",
     "load_denoiser",
     "resolve_device",
+    "slice_batch_size",
     "slice_denoiser",
 ]
 
@@ -370,9 +371,10 @@ def denoise_array(
     amp: bool = True,
     orthogonal_planes: bool = False,
     skip_air: bool = True,
+    slices: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Denoise a 2D slice (H, W) or a volume (Z, H, W) given in its modality's units; returns float32 of the
-    same shape and units (CT in HU).
+    same shape and units (CT in HU), or with ``slices`` of shape (len(slices), H, W).
 
     Args:
         model: a :class:`LoadedDenoiser`, or a bare network such as :class:`~lib.networks.EfficientUNetDenoiser`
@@ -405,6 +407,11 @@ def denoise_array(
             whole-slice pass gives but for float rounding and a few pixels on the body's outline whose output
             depends on context beyond any margin (bench/README.md "Skipping the air"). False: every pixel.
             MR (no fixed intensity for air) and the 3D network always see everything.
+        slices: a 2D model on a volume: denoise only these slices (indices along Z, increasing), e.g. one rank's
+            share of a validation volume. Each comes out as in the whole volume's pass: the body box, the
+            intensity scaling and the neighbouring slices a 2.5D network sees are the whole volume's, and the
+            slices go through the network in the whole pass's batches of ``sw_batch_size`` (those of them that
+            were asked for), so a share made of whole batches (:func:`slice_batch_size`) gives the same values.
 
     Raises:
         ValueError: NaN/inf values, wrong dimensionality, unknown modality, bad window settings, a 3D model
@@ -432,6 +439,8 @@ def denoise_array(
         if image.ndim != 3 or min(image.shape) < 2:
             raise ValueError(f"orthogonal_planes needs a volume (Z, H, W) with at least 2 voxels along every axis, "
                              f"got shape {image.shape}")
+        if slices is not None:
+            raise ValueError("slices and orthogonal_planes cannot be combined")
         kwargs = dict(modality=modality, device=device, roi_size=roi_size, overlap=overlap,
                       sw_batch_size=sw_batch_size, progress=progress, mode=mode, amp=amp, skip_air=skip_air)
         # each plane in turn as the slice axis (slices of (Z, W), then of (Z, H)); one running sum bounds the memory
@@ -449,12 +458,19 @@ def denoise_array(
     modality = str(modality).upper()
     if modality not in ("CT", "MR", "OT"):
         raise ValueError(f"modality must be CT or MR, got {modality!r}")
+    chosen = None
+    if slices is not None:
+        chosen = np.asarray(slices, dtype=np.int64).reshape(-1)
+        if spatial_dims != 2 or image.ndim != 3:
+            raise ValueError("slices needs a 2D (slice-wise) model and a volume (Z, H, W)")
+        if chosen.size and (chosen.min() < 0 or chosen.max() >= image.shape[0] or np.any(np.diff(chosen) <= 0)):
+            raise ValueError(f"slices must be increasing indices in [0, {image.shape[0]}), got {chosen.tolist()}")
     dev = next(network.parameters()).device if device is None else resolve_device(device)
     network.to(dev).eval()
     if isinstance(model, LoadedDenoiser):
         model.device = dev
     if sw_batch_size is None:
-        sw_batch_size = 4 if dev.type == "cuda" else 1
+        sw_batch_size = slice_batch_size(dev)
     if dev.type == "cpu":
         keep_freed_cpu_memory()  # large feature maps reuse heap memory instead of fresh mmaps (lib.runtime.cpu_memory)
     # reduced precision: fp16 on CUDA; bfloat16 on a CPU with native bfloat16 for the 2D Efficient-UNet only (its
@@ -479,14 +495,19 @@ def denoise_array(
         return y.float()
 
     context = int(getattr(network, "slice_context", 0)) if spatial_dims == 2 else 0
-    out = np.empty_like(volume)
+    wanted = np.arange(volume.shape[0]) if chosen is None else chosen
+    out = np.empty((len(wanted), *volume.shape[1:]), volume.dtype)
     with torch.inference_mode():
         if spatial_dims == 2:
             step = int(sw_batch_size)
-            starts = range(0, volume.shape[0], step)
+            batches = []  # the whole pass's batches (slices start .. start + step - 1), cut to the wanted slices
+            for start in range(0, volume.shape[0], step):
+                first, stop = (int(i) for i in np.searchsorted(wanted, [start, start + step]))
+                if stop > first:
+                    batches.append((first, stop))
             desc = "TDDL-GCN denoise" if type(network).__name__ == "GCNDenoiser" else "ADL denoise"
-            for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
-                centres = np.arange(start, min(start + step, volume.shape[0]))
+            for first, stop in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+                centres = wanted[first:stop]
                 # (n, 2 * context + 1, H, W): each slice with its neighbours, end slices repeated
                 stack = np.clip(centres[:, None] + np.arange(-context, context + 1), 0, volume.shape[0] - 1)
                 chunk = torch.from_numpy(np.ascontiguousarray(volume[stack])).to(dev)
@@ -498,7 +519,7 @@ def denoise_array(
                     from monai.inferers import sliding_window_inference
 
                     result = sliding_window_inference(padded, roi, step, predictor, overlap=overlaps, mode=mode)
-                out[start:start + step] = result[crop][:, 0].cpu().numpy()
+                out[first:stop] = result[crop][:, 0].cpu().numpy()
         else:
             from monai.inferers import sliding_window_inference
 
@@ -508,6 +529,8 @@ def denoise_array(
             result = sliding_window_inference(padded, roi, int(sw_batch_size), predictor, overlap=float(overlap),
                                               mode=mode, progress=progress)
             out[:] = result[crop][0, 0].cpu().numpy()
+    if chosen is not None:
+        region, image = region[chosen], image[chosen]
     denoised = scaling.denormalise(out).reshape(region.shape).astype(np.float32)
     _add_back_above_range(denoised, region, scaling)  # every modality: MR is clipped at its ceiling as CT is
     if box is None:
@@ -515,6 +538,12 @@ def denoise_array(
     whole = image.copy()  # the air outside the box as acquired
     whole[(Ellipsis, *box)] = denoised
     return whole
+
+
+def slice_batch_size(device: torch.device) -> int:
+    """:func:`denoise_array`'s default ``sw_batch_size`` on ``device``: 4 on CUDA, 1 on a CPU (there batching slices
+    was slower per slice, at several times the activation memory)."""
+    return 4 if torch.device(device).type == "cuda" else 1
 
 
 def _add_back_above_range(denoised: np.ndarray, noisy: np.ndarray, scaling: IntensityScaling) -> None:

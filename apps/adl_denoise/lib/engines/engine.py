@@ -7,18 +7,22 @@ Data: the batches are addressed by global sample id. Under ``torchrun`` rank r o
 its step count alone (:func:`dataset_batches`).
 
 Distributed runs (``WORLD_SIZE > 1``): the process group is initialised here (NCCL on CUDA, Gloo on CPU) with
-:data:`COLLECTIVE_TIMEOUT`, so that a rank left waiting in a collective raises instead of waiting forever. Every
-rank enters the same collectives in the same order: only the DDP wrappers' own (construction, forward buffer
-broadcast, backward all-reduce, all on tensors DDP allocates itself) and the final barrier of
-:meth:`TrainingLoop.finish`. Rank 0 alone validates, logs and writes checkpoints; that work holds no collective,
-the other ranks wait for it in their next one. Work that every replica needs (e.g. ADL's batch-norm recalibration)
-is done by every rank on the same data rather than on rank 0 and then broadcast: a tensor that Python also holds,
-handed to a Gloo collective, is released by one of Gloo's worker threads, which needs the GIL for it; when that
-happens as the process group is torn down (the main thread joins those threads while holding the GIL) the rank
-deadlocks after its last step, with its peers already gone. The works of DDP's own all-reduces carry a Python
-object too (the thread-local state of the backward that made them), and Gloo's thread may release one after the
-last step (the final barrier's work keeps the works in flight when it was made), so the group is taken down through
-its Python handle (:func:`distributed_run`), which releases the GIL while it waits for Gloo's threads. A DDP
+:data:`COLLECTIVE_TIMEOUT` (or :data:`COLLECTIVE_TIMEOUT_ENV` seconds), so that a rank left waiting in a collective
+raises instead of waiting forever. Every rank enters the same collectives in the same order: the DDP wrappers' own
+(construction, forward buffer broadcast, backward all-reduce, all on tensors DDP allocates itself), validation's
+(:func:`validate`: rank 0's batch-norm statistics to every rank, then the sums of the shares) and the final barrier
+of :meth:`TrainingLoop.finish`. Validation is shared out over the ranks, slice batches of a 2D network and whole
+images of a 3D one, so that no rank waits for a whole validation in its next collective (one longer than the
+timeout killed the job). Rank 0 alone logs and writes checkpoints; that work holds no collective, the other ranks
+wait for it in their next one. Work that every replica needs (e.g. ADL's batch-norm recalibration) is done by every
+rank on the same data rather than on rank 0 and then broadcast: a tensor that Python also holds, handed to a Gloo
+collective, is released by one of Gloo's worker threads, which needs the GIL for it; when that happens as the
+process group is torn down (the main thread joins those threads while holding the GIL) the rank deadlocks after
+its last step, with its peers already gone. The works of DDP's own all-reduces carry a Python object too (the
+thread-local state of the backward that made them), and Gloo's thread may release one after the last step (the
+final barrier's work keeps the works in flight when it was made), so the group is taken down through its Python
+handle (:func:`distributed_run`), which releases the GIL while it waits for Gloo's threads (validation's tensors
+are released the same way). A DDP
 wrapper's C++ reducer holds the group as well: a wrapper still alive when :func:`distributed_run` destroyed the
 group took it down with the GIL held as the trainer's frame was cleared (a rank of a torchrun job on a loaded
 machine hung after its last step). The trainers drop their wrappers (:func:`data_parallel`) before leaving
@@ -53,10 +57,12 @@ from ..weights.format import plain_json, scaling_rule_for
 
 __all__ = [
     "COLLECTIVE_TIMEOUT",
+    "COLLECTIVE_TIMEOUT_ENV",
     "DistributedContext",
     "EngineConfig",
     "TrainingLoop",
     "as_validation_pairs",
+    "collective_timeout",
     "data_parallel",
     "dataset_batches",
     "distributed_run",
@@ -70,13 +76,17 @@ __all__ = [
     "setup_distributed",
     "step_seconds_total",
     "validate",
+    "validation_shares",
 ]
 
 log = logging.getLogger(__name__)
 
-#: How long a rank waits in a collective (for a slower rank, or for rank 0's validation and checkpoints) before
+#: How long a rank waits in a collective (for a slower rank, or for rank 0's checkpoints) before
 #: the collective raises.
 COLLECTIVE_TIMEOUT = _dt.timedelta(minutes=30)
+#: Environment variable: that wait in seconds instead (a rank's checkpoint on slow storage, or a 3D network's largest
+#: validation volume, may take longer).
+COLLECTIVE_TIMEOUT_ENV = "ADL_COLLECTIVE_TIMEOUT_S"
 
 
 class EngineConfig(Protocol):
@@ -114,7 +124,7 @@ class DistributedContext:
 
     @property
     def main(self) -> bool:
-        """Rank 0: the process that validates, logs and writes checkpoints."""
+        """Rank 0: the process that logs and writes checkpoints."""
         return self.rank == 0
 
     @property
@@ -158,20 +168,41 @@ def setup_distributed(config: EngineConfig, timeout: _dt.timedelta = COLLECTIVE_
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, initialised_here), device
 
 
+def collective_timeout() -> _dt.timedelta:
+    """How long a rank of a training run waits in a collective: :data:`COLLECTIVE_TIMEOUT_ENV` seconds when set,
+    else :data:`COLLECTIVE_TIMEOUT`.
+
+    Raises:
+        ValueError: the variable is not a positive number of seconds.
+    """
+    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    if not value:
+        return COLLECTIVE_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
+    return _dt.timedelta(seconds=seconds)
+
+
 #: The ``DistributedDataParallel`` wrappers :func:`data_parallel` made that are still alive.
 _live_wrappers: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 @contextmanager
 def distributed_run(config: EngineConfig) -> Iterator[tuple[DistributedContext, torch.device]]:
-    """:func:`setup_distributed` for the body of a training run; on leaving it normally, the process group
-    initialised here is destroyed (after an error it is left to the process's exit: see the module docstring).
+    """:func:`setup_distributed` for the body of a training run, with the collective timeout of
+    :func:`collective_timeout`; on leaving it normally, the process group initialised here is destroyed (after an
+    error it is left to the process's exit: see the module docstring).
 
     Raises:
+        ValueError: a bad :data:`COLLECTIVE_TIMEOUT_ENV`.
         RuntimeError: on leaving normally, a ``DistributedDataParallel`` wrapper of :func:`data_parallel` is still
             alive: the body must drop its wrappers first (a programming error; see the module docstring).
     """
-    context, device = setup_distributed(config)
+    context, device = setup_distributed(config, collective_timeout())
     yield context, device
     if context.initialised_here:
         import torch.distributed as dist
@@ -364,30 +395,99 @@ def as_validation_pairs(val_pairs: Sequence | None, modality: str) -> list[Valid
     return pairs
 
 
+def validation_shares(pairs: Sequence[ValidationPair], spatial_dims: int, batch: int, rank: int, world: int
+                      ) -> list[np.ndarray | bool]:
+    """What rank ``rank`` of ``world`` validates of each pair: the slice indices (Z) of a volume for a 2D network,
+    ``True`` (the whole image: a single slice, or any image of a 3D network) or ``False`` (nothing). The units (the
+    batches of ``batch`` slices :func:`lib.predict.denoise_array` takes together, and whole images) go to the ranks
+    in turn, over all pairs, so every unit is validated by exactly one rank."""
+    shares: list[np.ndarray | bool] = []
+    unit = 0
+    for pair in pairs:
+        if spatial_dims == 2 and np.ndim(pair.noisy) == 3:
+            z = int(pair.noisy.shape[0])
+            mine = [np.arange(s, min(s + batch, z)) for k, s in enumerate(range(0, z, batch))
+                    if (unit + k) % world == rank]
+            unit += math.ceil(z / batch)
+            shares.append(np.concatenate(mine) if mine else False)
+        else:
+            shares.append(unit % world == rank)
+            unit += 1
+    return shares
+
+
 def validate(network: nn.Module, pairs: Sequence[ValidationPair], config: EngineConfig, device: torch.device,
-             step: int) -> dict:
+             step: int, context: DistributedContext | None = None) -> dict:
     """PSNR (dB) of ``network`` on full images through :func:`lib.predict.denoise_array`, in each modality's window
-    (:func:`lib.evaluation.window_for`: CT [-160, 240] HU, MR 0 .. the clean image's maximum).
+    (:func:`lib.evaluation.window_for`: CT [-160, 240] HU, MR 0 .. the clean image's maximum), pooled over all
+    voxels of an image.
 
-    Returns ``{"step", "psnr", "psnr_noisy", "images": {name: {"psnr", "psnr_noisy", "window"}}}``, the means over
-    the images; the network is left in the train / eval mode it was in.
+    In a distributed ``context`` every rank calls this (a collective): rank 0's buffers (batch-norm statistics,
+    which DDP leaves as each rank's last forward set them) are copied to every rank's ``network`` first (the
+    parameters are the same on every rank), each rank denoises its share (:func:`validation_shares`) and the
+    squared-error sums are added up, so every rank gets what one process gets.
+
+    Returns:
+        ``{"step", "psnr", "psnr_noisy", "images": {name: {"psnr", "psnr_noisy", "window"}}}``, the means over
+        the images; the network is left in the train / eval mode it was in.
     """
-    from ..evaluation import psnr, window_for
-    from ..predict import denoise_array
+    from ..evaluation import psnr_from_squared_error, squared_error_sum, window_for
+    from ..predict import denoise_array, slice_batch_size
 
+    rank, world = (context.rank, context.world) if context is not None and context.distributed else (0, 1)
+    if world > 1:
+        _broadcast_buffers(network)
+    spatial_dims = int(getattr(network, "spatial_dims", 2))
+    shares = validation_shares(pairs, spatial_dims, slice_batch_size(device), rank, world)
     was_training = network.training
-    images = {}
+    sums = np.zeros((len(pairs), 2), np.float64)  # per pair: squared error of the denoised and of the noisy image
+    windows = []
     try:
-        for pair in pairs:
+        for k, (pair, share) in enumerate(zip(pairs, shares)):
             window = window_for(pair.modality, pair.clean)
-            denoised = denoise_array(network, pair.noisy, pair.modality, device=device,
-                                     roi_size=config.val_roi_size, amp=config.amp)
-            images[pair.name] = {"psnr": psnr(denoised, pair.clean, window=window),
-                                 "psnr_noisy": psnr(pair.noisy, pair.clean, window=window), "window": list(window)}
+            windows.append(window)
+            if share is False:
+                continue
+            slices = None if share is True else share
+            noisy, clean = (pair.noisy, pair.clean) if slices is None else (pair.noisy[slices], pair.clean[slices])
+            denoised = denoise_array(network, pair.noisy, pair.modality, device=device, roi_size=config.val_roi_size,
+                                     amp=config.amp, slices=slices)
+            sums[k] = squared_error_sum(denoised, clean, window), squared_error_sum(noisy, clean, window)
     finally:
         network.train(was_training)
+    if world > 1:
+        import torch.distributed as dist
+
+        totals = torch.from_numpy(sums).to(device)
+        dist.all_reduce(totals)
+        sums = totals.cpu().numpy()
+        del totals
+    images = {}
+    for pair, window, (denoised_sum, noisy_sum) in zip(pairs, windows, sums):
+        count = int(np.size(pair.clean))
+        images[pair.name] = {"psnr": psnr_from_squared_error(float(denoised_sum), count, window),
+                             "psnr_noisy": psnr_from_squared_error(float(noisy_sum), count, window),
+                             "window": list(window)}
     mean = lambda key: float(np.mean([v[key] for v in images.values()]))  # noqa: E731
     return {"step": step, "psnr": mean("psnr"), "psnr_noisy": mean("psnr_noisy"), "images": images}
+
+
+def _broadcast_buffers(network: nn.Module) -> None:
+    """Rank 0's buffers of ``network`` copied into every rank's (one broadcast per dtype)."""
+    import torch.distributed as dist
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in network.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    with torch.no_grad():
+        for buffers in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset:offset + b.numel()].reshape(b.shape))
+                offset += b.numel()
+            del flat
 
 
 # ----------------------------------------------------------------------------------------------- training loop
@@ -470,19 +570,21 @@ class TrainingLoop:
         return save_checkpoint(self.ckpt_dir / "last.pt", state, self.checkpoint_format, self.checkpoint_version)
 
     def run_validation(self) -> None:
-        """Rank 0: validate now and record it (other ranks return at once)."""
-        if not self.pairs or not self.context.main:
+        """Every rank: validate now (each rank its share: :func:`validate`) and record it (rank 0 logs it)."""
+        if not self.pairs:
             return
-        record = validate(self.network, self.pairs, self.config, self.device, self.step)
+        record = validate(self.network, self.pairs, self.config, self.device, self.step, self.context)
         self.validation.append(record)
         self.best = record["psnr"] if self.best is None else max(self.best, record["psnr"])
         if self.log_file is not None:
             self.log_file.write(json.dumps({"validation": plain_json(record)}) + "\n")
             self.log_file.flush()
-        log.info("step %d: validation PSNR %.2f dB (noisy %.2f dB)", self.step, record["psnr"], record["psnr_noisy"])
+        if self.context.main:
+            log.info("step %d: validation PSNR %.2f dB (noisy %.2f dB)", self.step, record["psnr"],
+                     record["psnr_noisy"])
 
     def end_step(self, record: dict, postfix: dict[str, str]) -> None:
-        """Count the step just taken, record it, and validate / checkpoint when due (rank 0)."""
+        """Count the step just taken, record it, and validate (every rank) / checkpoint (rank 0) when due."""
         self.step += 1
         self.history.append(record)
         if self.log_file is not None:
@@ -498,8 +600,8 @@ class TrainingLoop:
             self.last_checkpoint = self.write_checkpoint()
 
     def finish(self, revalidate: bool = False) -> None:
-        """After the batch loop, on every rank: the final validation and checkpoint (rank 0) when the run is
-        complete, then the final barrier, so that no rank leaves (and takes the process group down) while rank 0
+        """After the batch loop, on every rank: the final validation (every rank) and checkpoint (rank 0) when the
+        run is complete, then the final barrier, so that no rank leaves (and takes the process group down) while rank 0
         still works. ``revalidate``: validate again even if the last step was just validated (the network changed
         since, e.g. its batch-norm statistics were recalibrated; the new record replaces that step's)."""
         if self.complete:

@@ -13,7 +13,8 @@ metal, and penalises the over-smoothing that MSE rewards (GCDN trained with MSE;
 Optimisation: Adam (``lr``, ``adam_betas``), step decay (``StepLR``: ``lr_step_size`` steps, ``lr_gamma``),
 optional gradient clipping; fp16 autocast + ``GradScaler`` on CUDA (the k-NN search itself always runs in
 float32). Under ``torchrun`` the network is wrapped in ``DistributedDataParallel``, each rank draws its own
-sample ids and rank 0 validates, logs and checkpoints (:mod:`lib.engines.engine`).
+sample ids, every rank validates its share of the validation images and rank 0 logs and checkpoints
+(:mod:`lib.engines.engine`).
 
 Checkpoints (``checkpoint_dir/last.pt``, format ``"gcn-training-checkpoint"``) hold the network (class,
 arguments, state), the optimiser, the scheduler, the AMP scaler, the step, the RNG states, the loss history

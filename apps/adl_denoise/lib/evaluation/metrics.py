@@ -32,6 +32,8 @@ __all__ = [
     "mr_window",
     "window_for",
     "psnr",
+    "psnr_from_squared_error",
+    "squared_error_sum",
     "ssim",
     "rmse",
     "find_uniform_regions",
@@ -159,6 +161,27 @@ def psnr(pred, ref, window, mask=None) -> float:
     if mse == 0.0:
         return math.inf
     return float(10.0 * np.log10(width * width / mse))
+
+
+def squared_error_sum(pred, ref, window) -> float:
+    """Sum over all voxels of the squared difference of ``pred`` and ``ref`` (same shape, modality units) after
+    clipping both to ``window``, accumulated in float64: the part of :func:`psnr`'s pooled MSE that a share of a
+    volume's slices contributes (:func:`psnr_from_squared_error` turns the shares' total into the PSNR)."""
+    p, r, _ = _clip_pair(pred, ref, window)
+    d = p.astype(np.float64) - r.astype(np.float64)
+    return float(np.square(d).sum())
+
+
+def psnr_from_squared_error(total: float, count: int, window) -> float:
+    """:func:`psnr` (dB) from the :func:`squared_error_sum` ``total`` over ``count`` voxels in ``window``
+    (``math.inf`` for a zero total, as :func:`psnr`)."""
+    lo, hi = _check_window(window)
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if total == 0.0:
+        return math.inf
+    width = hi - lo
+    return float(10.0 * np.log10(width * width / (total / count)))
 
 
 def ssim(pred, ref, window, mask=None) -> float:
