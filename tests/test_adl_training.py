@@ -1315,6 +1315,21 @@ def test_torchrun_validation_is_shared_out_and_equals_one_process_on_the_same_we
         assert record["psnr"] == pytest.approx(alone["psnr"], abs=1e-9)
 
 
+def test_collective_timeout_is_read_from_its_environment_variable(monkeypatch):
+    import datetime
+
+    from lib.engines.engine import COLLECTIVE_TIMEOUT, collective_timeout
+
+    monkeypatch.delenv("ADL_COLLECTIVE_TIMEOUT_S", raising=False)
+    assert collective_timeout() == COLLECTIVE_TIMEOUT == datetime.timedelta(minutes=30)
+    monkeypatch.setenv("ADL_COLLECTIVE_TIMEOUT_S", " 7200 ")
+    assert collective_timeout() == datetime.timedelta(hours=2)
+    for bad in ("0", "-5", "nan", "inf", "2h"):
+        monkeypatch.setenv("ADL_COLLECTIVE_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="ADL_COLLECTIVE_TIMEOUT_S"):
+            collective_timeout()
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_torchrun_validation_longer_than_the_collective_timeout(tmp_path, ct_crop):
