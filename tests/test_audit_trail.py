@@ -515,6 +515,37 @@ def test_a_verdict_cut_short_before_the_queues_copy_is_set_from_the_log_at_start
     assert reconcile_reviews(audit, store) == []  # in step: nothing written
 
 
+def test_the_review_queue_of_a_local_datastore_hands_out_the_modality_asked(tmp_path):
+    """On a local datastore a study's modality is its info's: this app's ``modality`` (read from the image, where
+    fine-tuning and the admin put it) or the DICOM-named ``Modality`` (what MONAI Label writes for a DICOM series,
+    and importers too). The queue read ``modality`` alone: a study whose info said ``Modality: MR`` was handed out
+    to a request for CT."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.activelearning import NextUnreviewed
+    from lib.trainers.finetune import image_modality
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz", studies / "a_ct.nii.gz")
+    shutil.copy(SAMPLE_STUDIES / "mr_slice_pydicom_mr2_rician5.nii.gz", studies / "b_mr.nii.gz")
+    shutil.copy(SAMPLE_STUDIES / "mr_slice_pydicom_mr2.nii.gz", studies / "c_mr.nii.gz")
+    store = LocalDatastore(str(studies), auto_reload=False)
+    assert image_modality(store, "a_ct") == "CT" and image_modality(store, "b_mr") == "MR"  # read, kept in the info
+    store.update_image_info("c_mr", {"Modality": "MR"})
+    queue = NextUnreviewed()
+
+    def handed_out(modality: str) -> list[str]:
+        handed: list[str] = []
+        while (answer := queue({"modality": modality, "exclude": handed}, store)) is not None:
+            handed.append(answer["id"])
+        return handed
+
+    assert handed_out("ct") == ["a_ct"]
+    assert handed_out("mr") == ["b_mr", "c_mr"]
+    assert handed_out("") == ["a_ct", "b_mr", "c_mr"]
+
+
 def test_a_stop_of_a_training_run_is_on_record_once_the_run_is_killed(tmp_path, monkeypatch):
     """``DELETE /train/`` wrote ``training_stopped`` BEFORE it killed the run: a server killed in between left a stop
     on record for a run that went on (and could publish weights), and a run that had ended by itself ("ENDED") was

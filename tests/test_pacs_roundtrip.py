@@ -28,9 +28,23 @@ def real_ct_series(folder: Path, slices: int = 3) -> list[Path]:
     """A 3-slice CT series made of the real pydicom-data head slice (693_UNCR), positioned 5 mm apart, with
     proper UIDs (the file itself is a single real CT image)."""
     import data_store
+
+    return real_series(Path(data_store.__file__).parent / "data" / "693_UNCR.dcm", folder, slices)
+
+
+def real_mr_series(folder: Path, slices: int = 3) -> list[Path]:
+    """A 3-slice MR series made of pydicom's real MR slice (MR_small, 64 x 64), as :func:`real_ct_series`."""
+    from pydicom.data import get_testdata_file
+
+    return real_series(Path(get_testdata_file("MR_small.dcm")), folder, slices)
+
+
+def real_series(slice_file: Path, folder: Path, slices: int = 3) -> list[Path]:
+    """A series of ``slices`` copies of the real DICOM image ``slice_file``, positioned 5 mm apart, with proper
+    UIDs, written to ``folder``."""
     from pydicom.uid import generate_uid
 
-    source = pydicom.dcmread(Path(data_store.__file__).parent / "data" / "693_UNCR.dcm")
+    source = pydicom.dcmread(slice_file)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     folder.mkdir(parents=True)
     paths = []
@@ -494,5 +508,178 @@ def test_a_series_sent_to_the_pacs_after_the_listing_is_found_and_queued(tmp_pat
         monkeypatch.setattr(lib.pacs, "LISTING_MAX_AGE_S", 0.0)  # the minute gone by
         assert queue({"exclude": [first, later]}, store)["id"] == third
         assert LISTING_MAX_AGE_S <= 120
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_the_review_queue_asked_for_one_modality_hands_out_that_modality_only(tmp_path, tiny_weights):
+    """The queue's ``modality`` read the info's ``modality``, which a PACS series never has (MONAI Label keeps a
+    downloaded series' DICOM attributes under their own names, ``Modality``; one not downloaded has no info): a
+    request for MR handed out CT series. It reads the series' Modality now (the info's, else the PACS's listing):
+    a PACS holding a CT and an MR series hands out the MR one alone to MR, the CT one alone to CT, before and after
+    both are downloaded (denoised by id)."""
+    import requests
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        uid = {"CT": upload_real_ct_series(pacs, tmp_path / "ct")}
+        for path in real_mr_series(tmp_path / "mr"):
+            pacs.upload(path)
+        uid["MR"] = str(pydicom.dcmread(next((tmp_path / "mr").iterdir())).SeriesInstanceUID)
+        # the datastore lists both modalities (MONAI Label's default filter lists CT only)
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": "{}"})
+        try:
+            def handed_out(modality: str) -> list[str]:
+                handed: list[str] = []
+                for _ in range(5):
+                    answer = requests.post(f"{server.url}/activelearning/next_unreviewed",
+                                           json={"modality": modality, "exclude": handed}, timeout=600)
+                    assert answer.status_code == 200, answer.text
+                    if not answer.json().get("id"):
+                        return handed
+                    handed.append(answer.json()["id"])
+                return handed
+
+            answer = requests.get(f"{server.url}/datastore/", timeout=600)
+            assert answer.status_code == 200 and answer.json()["total"] == 2, answer.text[:500]
+            assert handed_out("mr") == [uid["MR"]] and handed_out("ct") == [uid["CT"]]
+            for series in uid.values():  # downloaded into the server's cache: their info is MONAI Label's now
+                answer = requests.post(f"{server.url}/infer/nlm", params={"image": series, "output": "json"},
+                                       timeout=600)
+                assert answer.status_code == 200, answer.text[:500]
+            answer = requests.get(f"{server.url}/datastore/image/info", params={"image": uid["MR"]}, timeout=600)
+            assert answer.json().get("Modality") == "MR", answer.text[:500]
+            assert handed_out("mr") == [uid["MR"]] and handed_out("ct") == [uid["CT"]]
+            assert sorted(handed_out("")) == sorted(uid.values())
+            assert server.alive()
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
+def _counting_orthanc(tmp_path: Path):
+    """A real Orthanc that appends ``METHOD URI`` of every HTTP request it receives to a file (an
+    IncomingHttpRequestFilter Lua script); returns (pacs, a function answering the QIDO-RS searches so far)."""
+    requests_log = tmp_path / "orthanc_requests.log"
+    script = tmp_path / "count.lua"
+    script.write_text(f"""
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  local log = io.open("{requests_log}", "a")
+  log:write(method .. " " .. uri .. "\\n")
+  log:close()
+  return true
+end
+""")
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+
+    def qido_searches() -> list[str]:
+        lines = requests_log.read_text().splitlines() if requests_log.exists() else []
+        return [line for line in lines if line.startswith("GET /dicom-web/")
+                and line.rstrip("/").endswith(("/studies", "/series", "/instances"))]
+
+    return pacs, qido_searches
+
+
+def test_the_review_queue_asks_the_pacs_the_size_of_an_oversized_series_once(tmp_path, tiny_weights, monkeypatch):
+    """Each queue request passing a PACS series over the voxel limit asked the PACS its size again (QIDO-RS
+    searches of its instances and of the series): a queue with many of them ahead made every request a burst of
+    searches. The verdict is remembered per series and instance count: a second request asks the PACS nothing,
+    and says the same; a series that grows (listed with another count) is asked again."""
+    from monailabel.config import settings
+
+    import lib.pacs
+    from conftest import import_app_main
+    from lib.activelearning import NextUnreviewed
+    from lib.activelearning.review import QUEUE_LEFT
+
+    pacs, qido_searches = _counting_orthanc(tmp_path)
+    try:
+        big = real_ct_series(tmp_path / "big", slices=6)  # 6 x 512 x 512 = 1.57 M voxels, over the limit
+        for path in big:
+            pacs.upload(path)
+        big_uid = str(pydicom.dcmread(big[0]).SeriesInstanceUID)
+        small_uid = upload_real_ct_series(pacs, tmp_path / "small")  # 0.79 M voxels, under it
+        monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
+        (tmp_path / "app" / "bin").mkdir(parents=True)  # MONAI Label downloads dcmqi's converter otherwise
+        (tmp_path / "app" / "bin" / "itkimage2segimage").write_text("")
+        app = import_app_main().DenoisingApp(str(tmp_path / "app"), pacs.dicomweb,
+                                             {"model_dir": str(copy_weights(tiny_weights, tmp_path / "model")),
+                                              "models": "nlm", "max_voxels": "1000000"})
+        store = app.datastore()
+        queue = NextUnreviewed(app.audit, app._queue_voxel_limit)  # noqa: SLF001 - the app's own limit
+
+        def ask() -> tuple[list, list[str]]:
+            """One queue request that passes the big series: (its too_large_to_review, the QIDO-RS searches)."""
+            before = len(qido_searches())
+            QUEUE_LEFT.set(None)
+            assert queue({"exclude": [small_uid]}, store) is None
+            return QUEUE_LEFT.get()["too_large_to_review"], qido_searches()[before:]
+
+        too_large, searched = ask()
+        assert [(s["id"], s["instances"], s["voxels"]) for s in too_large] == [(big_uid, 6, 1_572_864)], too_large
+        assert any("/instances" in line for line in searched), searched  # its size asked (and counted here)
+        again, searched = ask()
+        assert again == too_large and searched == [], searched
+        # the series grows: listed afresh (the minute gone by) with 7 instances, its size is asked again
+        grown = real_ct_series(tmp_path / "more", slices=1)[0]
+        ds = pydicom.dcmread(grown)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.dcmread(big[0]).StudyInstanceUID, big_uid
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 30.0]
+        ds.save_as(grown, write_like_original=False)
+        pacs.upload(grown)
+        monkeypatch.setattr(lib.pacs, "LISTING_MAX_AGE_S", 0.0)
+        too_large, searched = ask()
+        assert [(s["id"], s["instances"]) for s in too_large] == [(big_uid, 7)], too_large
+        assert any("/instances" in line for line in searched), searched
+        assert not [p for p in (tmp_path / "dicomweb_cache").rglob(f"{big_uid}*")]  # never downloaded
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_server_that_cannot_write_its_dicomweb_cache_does_not_start_and_says_which(tmp_path, tiny_weights):
+    """MONAI Label's DICOMweb datastore downloads every series denoised or reviewed into its cache folder
+    (``<MONAI_LABEL_DICOMWEB_CACHE_PATH>/<hash of the URL>``) first: that folder was missing from the start-up's
+    write check, so a server whose cache (made by an earlier start) had become read-only started, and failed every
+    series it was asked for. The real start-up with that folder read-only (``chattr +i`` where this machine allows
+    it, which stops root too; else a regular file there) exits, its error naming the folder."""
+    import shutil
+    import subprocess
+
+    from dicomweb_client import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+    from monailabel.utils.others.generic import md5_digest
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        upload_real_ct_series(pacs, tmp_path / "series")
+        cache = tmp_path / "dicomweb_cache"
+        earlier = DICOMWebDatastore(DICOMwebClient(pacs.dicomweb), {}, cache_path=str(cache))  # an earlier start's
+        earlier._observer.stop()  # noqa: SLF001 - its file watcher, not needed here
+        earlier._observer.join()  # noqa: SLF001
+        folder = cache / md5_digest(pacs.dicomweb)  # MONAI Label's cache of this PACS
+        assert folder.is_dir()
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        try:
+            if not immutable:
+                shutil.rmtree(folder)
+                folder.write_text("kept")
+            try:
+                started = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"),
+                                       tmp_path / "work", timeout=300,
+                                       env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache)})
+            except RuntimeError as error:
+                assert "exited with" in str(error)
+            else:
+                stop_server(started)
+                pytest.fail("the server started")
+        finally:
+            if immutable:
+                subprocess.run(["chattr", "-i", str(folder)], check=True)
+        log = (tmp_path / "work" / "server.log").read_text(errors="replace")
+        assert f"not started: the DICOMweb datastore's cache folder (MONAI_LABEL_DICOMWEB_CACHE_PATH) {folder}: " \
+            in log, log[-4000:]
+        assert ("Operation not permitted" if immutable else "not a folder") in log, log[-4000:]
     finally:
         stop_orthanc(pacs)

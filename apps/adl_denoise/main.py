@@ -49,8 +49,8 @@ from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
-from lib.pacs import (PacsStoreError, bound_waits, is_dicomweb, oversized, series_folder, start_up_warnings,
-                      store_derived_series, whole_listing)
+from lib.pacs import (PacsStoreError, bound_waits, cache_folder, is_dicomweb, oversized, series_folder,
+                      start_up_warnings, store_derived_series, whole_listing)
 
 logger = logging.getLogger(__name__)
 
@@ -123,14 +123,22 @@ class DenoisingApp(MONAILabelApp):
         """The folders (and the files appended to) that results, verdicts and corrections write, for
         :func:`lib.configs.conf.check_writable`: the audit log's (unless the log refuses entries anyway: broken), and
         a local datastore's folder and its label folders (uploads, MONAI Label's index, corrections, region
-        maps)."""
+        maps), or a DICOMweb datastore's cache folder (:func:`lib.pacs.cache_folder`: every series denoised or
+        reviewed is downloaded there first; one it cannot write failed each of them with a traceback)."""
         folders, files = [], []
         if self.audit.broken is None:
             folders.append(("the audit log's folder (--conf audit_dir)", self.audit_dir,
                             "the audit log (every result, verdict, datastore change and weights publication is "
                             "recorded before it is done)"))
             files.append(("the audit log", self.audit.path, "an entry per result, verdict and datastore change"))
-        if studies and not studies.startswith(("http://", "https://")):
+        if studies and studies.startswith(("http://", "https://")):
+            from monailabel.config import settings
+
+            if settings.MONAI_LABEL_DATASTORE.lower() not in ("xnat", "dsa"):  # MONAI Label's choice of datastore
+                folders.append(("the DICOMweb datastore's cache folder (MONAI_LABEL_DICOMWEB_CACHE_PATH)",
+                                cache_folder(studies), "the series downloaded from the PACS, their NIfTI conversions "
+                                "and info (the review queue's copy of each verdict)"))
+        elif studies:
             folders.append(("the studies folder (--studies)", studies, "uploaded studies and MONAI Label's "
                             "datastore index"))
             for tag, purpose in (("final", "clinicians' corrections (PUT /datastore/label)"),

@@ -12,11 +12,13 @@ rather than the HTTP status (a PACS can answer 200 and store nothing), then that
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -32,7 +34,7 @@ __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S
            "oversized", "SeriesSize", "is_downloaded",
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
-           "LISTING_CUT_RETRY_S"]
+           "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "cache_folder"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -285,7 +287,8 @@ def whole_listing(datastore) -> None:
     (:func:`search_whole`); a cut one raises :class:`PacsListingCut`, logged as an ERROR, and the
     routes that list answer 503 naming the PACS setting. A whole listing is kept as long as MONAI Label keeps its
     own (``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY``) or until :func:`refresh_listing` drops it, a cut one
-    :data:`LISTING_CUT_RETRY_S`. Nothing for another datastore."""
+    :data:`LISTING_CUT_RETRY_S`. What the listing says of each series (its Modality and instance count, asked with
+    it: no request more) is kept with it for :func:`listed_series`. Nothing for another datastore."""
     if not is_dicomweb(datastore) or getattr(datastore, "adl_whole_listing", False):
         return
     from monailabel.config import settings
@@ -294,7 +297,7 @@ def whole_listing(datastore) -> None:
     client = datastore._client  # noqa: SLF001 - the datastore's DICOMweb client
     search_filter = getattr(datastore, "_search_filter", None) or None
     lock = threading.Lock()
-    kept: dict = {}  # "until": monotonic time, then "ids" or "error"
+    kept: dict = {}  # "until": monotonic time, then "ids" and "series" (listed_series), or "error"
 
     def list_images() -> list:
         with lock:
@@ -305,8 +308,8 @@ def whole_listing(datastore) -> None:
             kept.clear()
             try:
                 found = search_whole(
-                    client, lambda: all_pages(lambda offset: client.search_for_series(search_filters=search_filter,
-                                                                                      offset=offset)),
+                    client, lambda: all_pages(lambda offset: client.search_for_series(
+                        search_filters=search_filter, fields=list(_LISTED_FIELDS), offset=offset)),
                     "Series", "its series", "; until then no study is listed, denoised or reviewed (a part of the "
                     "list would hide the others)", batch=False)
             except ValueError as error:
@@ -315,16 +318,49 @@ def whole_listing(datastore) -> None:
                 raise PacsListingCut(str(error)) from None
             # as MONAI Label's own listing: every match, a SeriesInstanceUID listed twice kept twice (ambiguous)
             ids = [str(Dataset.from_json(entry)["SeriesInstanceUID"].value) for entry in found]
-            kept.update(until=time.monotonic() + settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY, ids=ids)
+            series = {uid: {"modality": _first_str(entry, "00080060"), "instances": _first_int(entry, "00201209")}
+                      for uid, entry in zip(ids, found)}
+            kept.update(until=time.monotonic() + settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY, ids=ids, series=series)
             return list(ids)
 
     def forget() -> None:  # refresh_listing: the next listing asks the PACS
         with lock:
             kept.clear()
 
+    def listed(image_id: str) -> dict:
+        with lock:
+            return dict((kept.get("series") or {}).get(image_id) or {})
+
     datastore.list_images = list_images
     datastore.adl_forget_listing = forget
+    datastore.adl_listed_series = listed
     datastore.adl_whole_listing = True
+
+
+#: what the datastore's series listing asks of each series besides its UID (Modality is a default return key of a
+#: series search, asked anyway for a PACS that returns only what it is asked)
+_LISTED_FIELDS = ("Modality", "NumberOfSeriesRelatedInstances")
+
+
+def listed_series(datastore, image_id: str) -> dict:
+    """What the datastore's latest listing of its PACS said of the series ``image_id`` (:func:`whole_listing`):
+    ``modality`` (its DICOM Modality) and ``instances`` (NumberOfSeriesRelatedInstances), each None when the PACS
+    did not say; ``{}`` for a series not in that listing, or a datastore without it (local, or MONAI Label's own
+    listing). No request to the PACS."""
+    listed = getattr(datastore, "adl_listed_series", None)
+    return listed(image_id) if listed is not None else {}
+
+
+def cache_folder(studies: str) -> str:
+    """The local folder where MONAI Label's DICOMweb datastore for the PACS at ``studies`` (its URL) keeps the series
+    it downloads, their NIfTI conversions and their info (the review queue's copy of each verdict):
+    ``<MONAI_LABEL_DICOMWEB_CACHE_PATH or ~/.cache/monailabel/dicom>/<MD5 of the URL>``, as MONAI Label names it."""
+    from monailabel.config import settings
+    from monailabel.utils.others.generic import md5_digest
+
+    root = str(settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or \
+        os.path.join(Path.home(), ".cache", "monailabel", "dicom")
+    return os.path.join(root, md5_digest(studies.rstrip("/").strip()))
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -382,6 +418,11 @@ def start_up_warnings(datastore) -> list[str]:
                         "be listed, denoised or reviewed until it does (those requests answer 503); check --studies "
                         "and MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD")
     return warnings
+
+
+def _first_str(entry: dict, tag: str) -> str | None:
+    values = (entry.get(tag) or {}).get("Value") or []
+    return (str(values[0]).strip() or None) if values else None
 
 
 def _first_int(entry: dict, tag: str) -> int | None:
@@ -486,15 +527,52 @@ def series_voxels(datastore, image_id: str) -> SeriesSize | None:
     return series_size(datastore._client, image_id)  # noqa: SLF001 - the datastore's authenticated DICOMweb client
 
 
+#: series found over a voxel limit that :func:`oversized` remembers per datastore (the least recently asked go first)
+OVERSIZED_REMEMBERED = 4096
+_memo_lock = threading.Lock()
+
+
 def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
     """The size of the series ``image_id`` (:func:`series_voxels`) when it is over ``limit`` voxels and not
     downloaded yet, else None (under the limit, in the cache already, or a size the PACS does not tell: the reader
     checks those). MONAI Label's DICOMweb datastore downloads a series whole, into memory, and converts it on its
-    first use, before any reader could refuse it: infer by id and the review queue ask this first."""
+    first use, before any reader could refuse it: infer by id and the review queue ask this first.
+
+    A series found too large is remembered (at most :data:`OVERSIZED_REMEMBERED`) under its UID and the instance
+    count the datastore's listing gives it (:func:`listed_series`): the review queue passes every oversized series
+    ahead of the next study on each request, and asked the PACS its size (QIDO-RS, instance and series level) every
+    time. A series whose count changes is asked again; one the listing gives no count for is asked every time."""
     if is_downloaded(datastore, image_id):
         return None
+    instances = listed_series(datastore, image_id).get("instances")
+    key = (image_id, instances) if instances else None
+    memo = _oversized_memo(datastore)
+    if key is not None:
+        with _memo_lock:
+            known = memo.get(key)
+            if known is not None:
+                memo.move_to_end(key)
+        if known is not None and known.voxels > limit:
+            return known
     size = series_voxels(datastore, image_id)
-    return size if size is not None and size.voxels > limit else None
+    if size is None or size.voxels <= limit:
+        return None
+    if key is not None:
+        with _memo_lock:
+            memo[key] = size
+            memo.move_to_end(key)
+            while len(memo) > OVERSIZED_REMEMBERED:
+                memo.popitem(last=False)
+    return size
+
+
+def _oversized_memo(datastore) -> OrderedDict:
+    """The datastore's remembered oversized series (:func:`oversized`): ``(uid, instances)`` -> :class:`SeriesSize`."""
+    with _memo_lock:
+        memo = getattr(datastore, "_adl_oversized", None)
+        if memo is None:
+            memo = datastore._adl_oversized = OrderedDict()
+        return memo
 
 
 def is_downloaded(datastore, image_id: str) -> bool:

@@ -27,7 +27,7 @@ __all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResul
            "ambiguous_images", "has_image",
            "record_result",
            "reconcile_reviews", "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail",
-           "results_of", "stored_results"]
+           "results_of", "stored_results", "study_modality"]
 
 VERDICTS = ("unreviewed", "accepted", "corrected", "rejected")
 MAX_REASON_CHARS = 2000  # a reason is a sentence or two; the log keeps every one of them for ever
@@ -397,6 +397,26 @@ def reconcile_reviews(audit: AuditLog, datastore: Datastore) -> list[str]:
     return fixed
 
 
+def _known_modality(value: Any) -> Optional[str]:
+    """A modality value as the queue compares it (upper case); None for none or MONAI Label's ``UNK``."""
+    text = str(value or "").strip().upper()
+    return None if text in ("", "UNK", "NONE") else text
+
+
+def study_modality(datastore: Datastore, image_id: str, info: Optional[dict] = None) -> Optional[str]:
+    """The modality of the study ``image_id`` (``CT``, ``MR``, another DICOM Modality), None when unknown: the
+    info's ``modality`` (this app's: read from the image, :func:`lib.trainers.finetune.image_modality`, or set by
+    an admin), else its ``Modality`` (MONAI Label's DICOMweb datastore writes the series' DICOM attributes into the
+    info of a series it downloaded, under their DICOM names), else, for a PACS series, the Modality its listing
+    gave (:func:`lib.pacs.listed_series`: a series not downloaded has no info). ``info``: the image's info already
+    read. No file is read and no request made."""
+    from ..pacs import listed_series
+
+    info = (datastore.get_image_info(image_id) or {}) if info is None else info
+    return (_known_modality(info.get("modality")) or _known_modality(info.get("Modality"))
+            or _known_modality(listed_series(datastore, image_id).get("modality")))
+
+
 def review_of(info: dict) -> dict:
     """The current review of an image's info (``unreviewed`` when it has none)."""
     return info.get("review") or {"verdict": "unreviewed"}
@@ -425,16 +445,19 @@ def audit_trail(audit: AuditLog, datastore: Datastore, image_id: str | None = No
 class NextUnreviewed(Strategy):
     """Active learning for review: the next study nobody has given a verdict yet (by id, so the queue is
     stable and shared by reviewers). Request keys: ``exclude`` (ids to skip, e.g. studies open elsewhere),
-    ``modality`` (ct | mr, only studies of that modality when known). With the app's ``audit`` log, the derived
-    series it stored into a PACS are no studies (:func:`stored_results`); ids that name several series
-    (:func:`ambiguous_images`) are left out too. On a PACS the current verdict of each series is the log's (its
-    info, the queue's copy, lives in the server's local cache: a cache cleared, a server moved or started with
-    another cache folder, or a series never downloaded into it (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false``)
-    had the queue hand out series already judged); the info's only where the log has no verdict of the series.
+    ``modality`` (ct | mr, only studies of that modality when known: :func:`study_modality`; it read the info's
+    ``modality`` alone, which a PACS series never has, so a request for MR had CT series handed out). With the
+    app's ``audit`` log, the derived series it stored into a PACS are no studies (:func:`stored_results`); ids that
+    name several series (:func:`ambiguous_images`) are left out too. On a PACS the current verdict of each series
+    is the log's (its info, the queue's copy, lives in the server's local cache: a cache cleared, a server moved or
+    started with another cache folder, or a series never downloaded into it
+    (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false``) had the queue hand out series already judged); the info's
+    only where the log has no verdict of the series.
     With ``voxel_limit`` (the app's largest ``max_voxels``), a PACS series over it that is not downloaded yet is
     skipped, not downloaded (:meth:`_too_large`): the answer lists each one skipped on the way in
     ``too_large_to_review`` (id, instances, voxels, limit), also when no other study is left (:data:`QUEUE_LEFT`);
-    ``remaining_unreviewed`` still counts them."""
+    ``remaining_unreviewed`` still counts them; a series found too large is not asked again on the next request
+    while the PACS lists it with the same instance count (:func:`lib.pacs.oversized`)."""
 
     def __init__(self, audit: AuditLog | None = None, voxel_limit: Optional[Callable[[], int]] = None) -> None:
         super().__init__("Next study without a review verdict (radiologist review queue)")
@@ -493,7 +516,7 @@ class NextUnreviewed(Strategy):
         for image_id, info in unreviewed:
             if image_id in exclude:
                 continue
-            if modality in ("CT", "MR") and info.get("modality") not in (None, modality):
+            if modality in ("CT", "MR") and study_modality(datastore, image_id, info) not in (None, modality):
                 continue
             skipped = self._too_large(datastore, image_id)
             if skipped is not None:
