@@ -41,7 +41,8 @@ import weakref
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
-__all__ = ["CHUNK", "Cancellation", "DenoiseServerClient", "DenoiseServerError", "TransferCancelled", "cancel_scope"]
+__all__ = ["CHUNK", "Cancellation", "DenoiseServerClient", "DenoiseServerError", "TransferCancelled", "cancel_check",
+           "cancel_scope", "stop_if", "write_atomically"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def cancel_scope(cancellation: Cancellation | None) -> Iterator[None]:
         _scope.cancellation = previous
 
 
-def _cancel_check(cancelled: Callable[[], bool] | None) -> Callable[[], bool] | None:
+def cancel_check(cancelled: Callable[[], bool] | None) -> Callable[[], bool] | None:
     """The ``cancelled`` callable of a call: the one given, else its thread's :func:`cancel_scope`'s, else None."""
     if cancelled is not None:
         return cancelled
@@ -128,7 +129,9 @@ def _cancel_check(cancelled: Callable[[], bool] | None) -> Callable[[], bool] | 
     return cancellation.is_set if cancellation is not None else None
 
 
-def _stop_if(cancelled: Callable[[], bool] | None) -> None:
+def stop_if(cancelled: Callable[[], bool] | None) -> None:
+    """Raise :class:`TransferCancelled` once ``cancelled`` (a :func:`cancel_check`) says so; called before each
+    chunk of a long call."""
     if cancelled is not None and cancelled():
         raise TransferCancelled() from None  # (raised in an except clause: a cancel, not what it broke)
 
@@ -235,7 +238,7 @@ class _MultipartBody:
             sent = 0
             with open(path, "rb") as handle:
                 while chunk := handle.read(CHUNK):
-                    _stop_if(self.cancelled)
+                    stop_if(self.cancelled)
                     sent += len(chunk)
                     yield chunk
             if sent != size:  # the Content-Length already sent would be wrong: fail rather than send garbage
@@ -253,12 +256,12 @@ def _safe_name(filename: str | None, default: str) -> str:
     return name if name not in ("", ".", "..") else default
 
 
-def _write_atomically(target: Path, fill: Callable[[BinaryIO], None],
-                      cancelled: Callable[[], bool] | None) -> Path:
+def write_atomically(target: Path, fill: Callable[[BinaryIO], None],
+                     cancelled: Callable[[], bool] | None) -> Path:
     """``fill(file)`` writes a temporary file of its own in ``target``'s folder, renamed to ``target`` only once
-    complete: a failed or cancelled download leaves no partial file, and two downloads of one target (a retry
-    while a cancelled one still runs) never write into one file."""
-    _stop_if(cancelled)  # a cancelled call does not recreate a folder deleted meanwhile (scene closed)
+    complete: a failed or cancelled download (or volume file: ``volume_files``) leaves no partial file, and two
+    writes of one target (a retry while a cancelled one still runs) never write into one file."""
+    stop_if(cancelled)  # a cancelled call does not recreate a folder deleted meanwhile (scene closed)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     partial = Path(name)
@@ -267,9 +270,9 @@ def _write_atomically(target: Path, fill: Callable[[BinaryIO], None],
             with os.fdopen(handle, "wb") as out:
                 fill(out)
         except Exception:
-            _stop_if(cancelled)  # a cancel that shut the socket down shows as a body cut off
+            stop_if(cancelled)  # a cancel that shut the socket down shows as a body cut off
             raise
-        _stop_if(cancelled)
+        stop_if(cancelled)
         os.replace(partial, target)
     finally:
         if partial.exists():
@@ -278,13 +281,13 @@ def _write_atomically(target: Path, fill: Callable[[BinaryIO], None],
 
 
 def _copy_to_file(response: BinaryIO, target: Path, cancelled: Callable[[], bool] | None = None) -> Path:
-    """Write the body of ``response`` to ``target`` in :data:`CHUNK` pieces (``_write_atomically``); checks
+    """Write the body of ``response`` to ``target`` in :data:`CHUNK` pieces (``write_atomically``); checks
     Content-Length when the server sent one."""
 
     def fill(out: BinaryIO) -> None:
         written = 0
         while True:
-            _stop_if(cancelled)
+            stop_if(cancelled)
             chunk = response.read(CHUNK)
             if not chunk:
                 break
@@ -294,7 +297,7 @@ def _copy_to_file(response: BinaryIO, target: Path, cancelled: Callable[[], bool
         if expected is not None and expected.isdigit() and int(expected) != written:
             raise DenoiseServerError(f"the download of {target.name} was cut off ({written} of {expected} bytes)")
 
-    return _write_atomically(target, fill, cancelled)
+    return write_atomically(target, fill, cancelled)
 
 
 class _MultipartReader:
@@ -308,7 +311,7 @@ class _MultipartReader:
         self.cancelled = cancelled
 
     def _fill(self) -> bool:
-        _stop_if(self.cancelled)
+        stop_if(self.cancelled)
         chunk = self.stream.read(CHUNK)
         if not chunk:
             return False
@@ -371,7 +374,7 @@ class _MultipartReader:
             filename = headers.get_filename()
             if filename:
                 target = output_dir / _safe_name(filename, "result.nii.gz")
-                result_path = _write_atomically(target, lambda out: self._body(out.write), self.cancelled)
+                result_path = write_atomically(target, lambda out: self._body(out.write), self.cancelled)
             else:
                 field = bytearray()
 
@@ -562,8 +565,8 @@ class DenoiseServerClient:
         ``action`` names what the user tried, for the 403 message; ``secrets`` are hidden from error messages;
         ``cancelled`` (default: the thread's :func:`cancel_scope`) stops a streamed upload at its next chunk.
         """
-        cancelled = _cancel_check(cancelled)
-        _stop_if(cancelled)  # a cancelled task sends no further request
+        cancelled = cancel_check(cancelled)
+        stop_if(cancelled)  # a cancelled task sends no further request
         url = self.server_url + path + (("?" + urllib.parse.urlencode(query)) if query else "")
         request = urllib.request.Request(url, data=body, method=method)
         if isinstance(body, _MultipartBody):
@@ -577,12 +580,12 @@ class DenoiseServerClient:
         try:
             return _OPENER.open(request, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as error:
-            _stop_if(cancelled)
+            stop_if(cancelled)
             raise self._http_error(error, method, path, action, secrets) from None
         except DenoiseServerError:
             raise
         except Exception as error:  # noqa: BLE001 - urllib and http.client raise many kinds: all become ours
-            _stop_if(cancelled)  # a cancel shuts the socket down: whatever broke is the cancel
+            stop_if(cancelled)  # a cancel shuts the socket down: whatever broke is the cancel
             raise self._transport_error(error, secrets) from None
 
     def _transport_error(self, error: BaseException, secrets: Sequence[str] = ()) -> DenoiseServerError:
@@ -636,7 +639,7 @@ class DenoiseServerClient:
         try:
             data = response.read() if limit is None else response.read(limit)
         except (OSError, http.client.HTTPException) as error:
-            _stop_if(_cancel_check(cancelled))
+            stop_if(cancel_check(cancelled))
             if isinstance(error, http.client.IncompleteRead):
                 data = error.partial
             else:
@@ -713,7 +716,7 @@ class DenoiseServerClient:
             if path is None or not path.is_file():
                 raise DenoiseServerError(f"{path} does not exist")
             files["file"] = path
-        cancelled = _cancel_check(cancelled)
+        cancelled = cancel_check(cancelled)
         body = _MultipartBody({"params": json.dumps(params or {})}, files)
         with self._request("POST", f"/infer/{urllib.parse.quote(model)}", query, body,
                            body.content_type, action="denoising", cancelled=cancelled) as response:
@@ -734,10 +737,10 @@ class DenoiseServerClient:
         try:
             result_path, result_json = _MultipartReader(stream, boundary, cancelled).save(output_dir)
         except DenoiseServerError:
-            _stop_if(cancelled)  # "cut off" after a cancel shut the socket down is the cancel
+            stop_if(cancelled)  # "cut off" after a cancel shut the socket down is the cancel
             raise
         except (OSError, http.client.HTTPException) as error:
-            _stop_if(cancelled)
+            stop_if(cancelled)
             raise DenoiseServerError(f"the result download failed ({type(error).__name__}: {error})") from None
         if result_path is None:
             raise DenoiseServerError("the server's answer held no result image")
@@ -804,7 +807,7 @@ class DenoiseServerClient:
     def download_label(self, image_id: str, tag: str, target: str | os.PathLike,
                        cancelled: Callable[[], bool] | None = None) -> Path:
         """Download ``image_id``'s label ``tag`` to the file ``target`` (streamed to disk)."""
-        cancelled = _cancel_check(cancelled)
+        cancelled = cancel_check(cancelled)
         with self._request("GET", "/datastore/label", {"label": image_id, "tag": tag},
                            action="downloading studies", cancelled=cancelled) as response:
             return self._download(response, Path(target), cancelled)
@@ -813,7 +816,7 @@ class DenoiseServerClient:
                        cancelled: Callable[[], bool] | None = None) -> Path:
         """Download the datastore image ``image_id`` into ``output_dir`` under its datastore file name (streamed
         to disk; a temporary file of its own until complete, so concurrent downloads of one study do not mix)."""
-        cancelled = _cancel_check(cancelled)
+        cancelled = cancel_check(cancelled)
         info = self._json("GET", "/datastore/image/info", {"image": image_id}, action="downloading studies")
         name = _safe_name((info or {}).get("name"), f"{_safe_name(image_id, 'image')}.nii.gz")
         with self._request("GET", "/datastore/image", {"image": image_id}, action="downloading studies",
@@ -824,7 +827,7 @@ class DenoiseServerClient:
         try:
             return _copy_to_file(response, target, cancelled)
         except (OSError, http.client.HTTPException) as error:
-            _stop_if(cancelled)
+            stop_if(cancelled)
             raise DenoiseServerError(f"the download of {target.name} from {self.server_url} failed "
                                      f"({type(error).__name__}: {error})") from None
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .client import _cancel_check, _stop_if, _write_atomically
+from .client import cancel_check, stop_if, write_atomically
 from .review_session import StudyIdentity, VolumeSnapshot, WorkflowError, verify_snapshot
 
 __all__ = ["NRRD_TYPES", "ExportFailed", "VolumeExport", "nrrd_header", "prepare_upload", "write_nrrd"]
@@ -89,17 +89,17 @@ def write_nrrd(voxels: np.ndarray, ijk_to_ras: np.ndarray, path: str | os.PathLi
     path = Path(path)
     voxels = np.asarray(voxels)
     header = nrrd_header(voxels.dtype, voxels.shape, ijk_to_ras)
-    cancelled = _cancel_check(cancelled)
+    cancelled = cancel_check(cancelled)
     little = voxels.dtype.newbyteorder("<")
 
     def fill(out) -> None:
         out.write(header)
         for plane in voxels:
-            _stop_if(cancelled)
+            stop_if(cancelled)
             out.write(memoryview(np.ascontiguousarray(plane, little)).cast("B"))
 
     try:
-        return _write_atomically(path, fill, cancelled)
+        return write_atomically(path, fill, cancelled)
     except OSError as error:
         raise ExportFailed(f"could not write {path.name} to {path.parent}: {error.strerror or error}") from error
 
