@@ -22,6 +22,7 @@ from ADLDenoiseLib import (
     roi_statistics,
     window_for,
 )
+from ADLDenoiseLib.volume_files import read_result
 
 import processes
 from conftest import REPO_ROOT, SAMPLE_STUDIES
@@ -263,6 +264,27 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     # a late result is not attached to another study
     load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
     assert load.index("identity != self.session.study") < load.index("load_result(slicer.mrmlScene")
+    # the result file is read in the request's background task, after the download, on the grid of the request's
+    # copy of the original; the GUI thread only makes the node from the array read (no reader there: reading a
+    # 512 x 512 x 400 result with Slicer's storage node froze Slicer)
+    denoise_file = ast.unparse(functions["ADLDenoiseLogic.denoise_file"])
+    assert denoise_file.index("client.denoise(") < denoise_file.index(
+        "return (read_result(result_path, grid, report, cancelled), result)")
+    assert "grid = (snapshot.voxels.shape, snapshot.ijk_to_ras) if snapshot is not None else None" in denoise_file
+    assert "load_result(slicer.mrmlScene, loaded, original, RESULT_SUFFIX" in load
+    assert "loaded, result = answer" in ast.unparse(functions["ADLDenoiseWidget.onDenoise"])
+    assert "self.logic.load_result(original, identity, loaded, result)" in \
+        ast.unparse(functions["ADLDenoiseWidget.onDenoise"])
+    assert not re.search(r"ArchetypeStorageNode|ReadData\(|read_volume\(|read_nrrd\(|sitk\.", glue)
+    assert [name for name, f in functions.items() if "read_result(" in ast.unparse(f)] == \
+        ["ADLDenoiseLogic.denoise_file"]
+    # the difference volume: copies on the GUI thread, subtracted in a background task, the node made from the
+    # answer (never computed from the nodes on the GUI thread)
+    diff = ast.unparse(functions["ADLDenoiseWidget.onDifference"])
+    assert "copies = difference_inputs(original, result)" in diff
+    assert "self.run(lambda report, cancelled: difference(*copies), on_done=done" in diff
+    assert "difference_volume(slicer.mrmlScene, original, result, values=values)" in diff
+    assert diff.index("now = self.original_and_result()") < diff.index("difference_volume(slicer.mrmlScene")
     # the end of a fine-tuning run refreshes the models with the connected client: Connect would log in again
     # with the password field emptied at the last Connect ("enter a user name and a password" after every run)
     poll = _calls(functions["ADLDenoiseWidget.onTrainPoll"])
@@ -502,6 +524,15 @@ def test_client_lists_models_denoises_a_volume_file_and_reports_server_errors(sh
     result_path, result = client.denoise("adl", volume, tmp_path / "out", {"modality": "ct", "result_extension": ".nrrd"})
     assert result_path.suffix == ".nrrd" and result["weights_version"] == "pretrained"
     assert_same_geometry(sitk.ReadImage(str(result_path)), sitk.ReadImage(str(volume)))
+    # the module reads the server's result file in the background as SimpleITK does (voxels, type, grid)
+    image = sitk.ReadImage(str(result_path))
+    loaded = read_result(result_path)
+    assert loaded.error == ""
+    np.testing.assert_array_equal(loaded.volume.voxels, sitk.GetArrayFromImage(image))
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(loaded.volume.ijk_to_ras[:3, :3], lps_to_ras @ np.reshape(image.GetDirection(), (3, 3))
+                               @ np.diag(image.GetSpacing()), atol=1e-9)
+    np.testing.assert_allclose(loaded.volume.ijk_to_ras[:3, 3], lps_to_ras @ image.GetOrigin(), atol=1e-9)
     with pytest.raises(DenoiseServerError, match="422.*MR|CT only") as info:
         mr = tmp_path / "mr.nii.gz"
         write_crop(SAMPLE_STUDIES / "mr_head_colin27_rician5.nii.gz", mr, z=slice(90, 91))
@@ -685,4 +716,4 @@ def test_mrml_logic_with_real_mrml_from_slicer_core():
     result = processes.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             MODULE_DIR / "Testing" / "Python" / "test_mrml_logic.py"], 600, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "18 passed" in result.stdout
+    assert "21 passed" in result.stdout

@@ -1,13 +1,17 @@
-"""The Slicer module's volume files written off the GUI thread (ADLDenoiseLib.volume_files), without Slicer: the
-NRRD written from a copy of a volume's voxels and IJK-to-RAS matrix holds those voxels and that grid (read back
-with SimpleITK, as the server reads it), is written in the request's background task after the identity check
-(nothing is written on the calling thread, which keeps running meanwhile), and a failed or cancelled write says
-why and leaves no file; and the "MR auto" window preset looks at a capped sample of the voxels only.
+"""The Slicer module's volume files written and read off the GUI thread (ADLDenoiseLib.volume_files), without
+Slicer: the NRRD written from a copy of a volume's voxels and IJK-to-RAS matrix holds those voxels and that grid
+(read back with SimpleITK, as the server reads it), is written in the request's background task after the identity
+check (nothing is written on the calling thread, which keeps running meanwhile), and a failed or cancelled write
+says why and leaves no file; the result file the server writes (SimpleITK: gzip or raw NRRD, NIfTI) is read in the
+background into the voxels and grid SimpleITK reads, put in the original's voxel order, and a damaged or cut-off
+one gives a clear message; and the "MR auto" window preset looks at a capped sample of the voxels only.
 
-(That the file equals what Slicer's own storage node writes for the node is checked against real MRML in
-``Testing/Python/test_mrml_logic.py``, run by ``test_slicer_module.py``.)"""
+(That the file written equals what Slicer's own storage node writes for the node, and that the file read equals
+what Slicer's own loader reads, is checked against real MRML in ``Testing/Python/test_mrml_logic.py``, run by
+``test_slicer_module.py``.)"""
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import tracemalloc
@@ -19,8 +23,18 @@ from ADLDenoiseLib import BackgroundTask
 from ADLDenoiseLib.client import TransferCancelled
 from ADLDenoiseLib.regions import Grid
 from ADLDenoiseLib.review_session import VolumeChanged, VolumeSnapshot, content_identity, describe_error
-from ADLDenoiseLib.volume_files import ExportFailed, VolumeExport, prepare_upload, write_nrrd
-from ADLDenoiseLib.workflow import WINDOW_SAMPLE_VOXELS, strided_sample, window_for
+from ADLDenoiseLib.volume_files import (
+    ExportFailed,
+    VolumeExport,
+    VolumeUnreadable,
+    align_to_grid,
+    prepare_upload,
+    read_nrrd,
+    read_result,
+    read_volume,
+    write_nrrd,
+)
+from ADLDenoiseLib.workflow import WINDOW_SAMPLE_VOXELS, blend, difference, strided_sample, window_for
 
 import processes
 from conftest import REPO_ROOT
@@ -198,3 +212,189 @@ def test_mr_auto_window_looks_at_a_capped_strided_sample_only():
     assert window_for("CT lung") == (1500.0, -600.0)
     with pytest.raises(ValueError, match="at least one voxel"):
         strided_sample(small, 0)
+
+
+# --------------------------------------------------------------------------------------------------- reading back
+def sitk_image(voxels: np.ndarray, ijk_to_ras: np.ndarray):
+    """A SimpleITK image of ``voxels`` ((z, y, x)) on the grid ``ijk_to_ras`` (RAS, as a Slicer node's)."""
+    image = sitk.GetImageFromArray(voxels)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ ijk_to_ras[:3, :4]
+    spacing = np.linalg.norm(lps[:, :3], axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((lps[:, :3] / spacing).reshape(-1).tolist())
+    image.SetOrigin(lps[:, 3].tolist())
+    return image
+
+
+def sitk_read(path) -> tuple[np.ndarray, np.ndarray]:
+    """(voxels, IJK-to-RAS) of a file as SimpleITK (the server's reader) reads it."""
+    image = sitk.ReadImage(str(path))
+    matrix = np.eye(4)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    matrix[:3, :3] = lps_to_ras @ np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = lps_to_ras @ np.array(image.GetOrigin())
+    return sitk.GetArrayFromImage(image), matrix
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.uint16, np.float64])
+@pytest.mark.parametrize("left_handed", [False, True])
+def test_the_result_file_is_read_as_simpleitk_reads_it(tmp_path, dtype, left_handed):
+    """The result as the server writes it (SimpleITK's WriteImage with compression: gzip NRRD; and raw NRRD,
+    NIfTI) reads back with the voxels, type and grid SimpleITK reads; a big-endian NRRD too."""
+    rng = np.random.default_rng(1)
+    voxels = rng.normal(0, 400, (4, 11, 13)).astype(dtype)
+    matrix = oblique_ijk_to_ras(left_handed)
+    files = {}
+    for name, compress in (("gzip.nrrd", True), ("raw.nrrd", False), ("result.nii.gz", True)):
+        files[name] = tmp_path / name
+        sitk.WriteImage(sitk_image(voxels, matrix), str(files[name]), compress)
+    assert b"encoding: gzip" in files["gzip.nrrd"].read_bytes()[:1000]
+    assert b"encoding: raw" in files["raw.nrrd"].read_bytes()[:1000]
+    for name, path in files.items():
+        expected, grid = sitk_read(path)
+        read = read_volume(path)
+        assert read.voxels.dtype == expected.dtype == voxels.dtype, name
+        assert read.voxels.flags.c_contiguous
+        np.testing.assert_array_equal(read.voxels, expected, err_msg=name)
+        np.testing.assert_allclose(read.ijk_to_ras, grid, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(read.ijk_to_ras, matrix, atol=1e-5, err_msg=name)
+    # big-endian data (NRRD's "endian: big"): swapped to this machine's order
+    header, data = files["raw.nrrd"].read_bytes().split(b"\n\n", 1)
+    if voxels.dtype.itemsize > 1:
+        swapped = header.replace(b"endian: little", b"endian: big") + b"\n\n" + \
+            np.frombuffer(data, voxels.dtype.newbyteorder("<")).astype(voxels.dtype.newbyteorder(">")).tobytes()
+        (tmp_path / "big.nrrd").write_bytes(swapped)
+        big = read_nrrd(tmp_path / "big.nrrd")
+        assert big.voxels.dtype == voxels.dtype and big.voxels.dtype.isnative
+        np.testing.assert_array_equal(big.voxels, voxels)
+    # the module's own file (write_nrrd) reads back as written
+    own = read_nrrd(write_nrrd(voxels, matrix, tmp_path / "own.nrrd"))
+    np.testing.assert_array_equal(own.voxels, voxels)
+    np.testing.assert_allclose(own.ijk_to_ras, matrix, atol=1e-12)
+
+
+def test_the_result_is_put_in_the_originals_voxel_order_and_another_grid_is_not():
+    """align_to_grid: a result on the original's grid is taken as it is; one written right-handed from a
+    left-handed original (Slicer's reader reverses such a grid's last axis) is flipped back; other grids give
+    None (size, spacing, direction, position)."""
+    voxels = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    left = oblique_ijk_to_ras(left_handed=True)
+    assert align_to_grid(voxels, left + 1e-6, voxels.shape, left) is voxels
+    right = left.copy()  # the same centres, k reversed: the origin at the other end
+    right[:3, 2] *= -1
+    right[:3, 3] = left[:3, 3] + left[:3, 2] * (voxels.shape[0] - 1)
+    aligned = align_to_grid(voxels[::-1].copy(), right, voxels.shape, left)
+    assert aligned.flags.c_contiguous
+    np.testing.assert_array_equal(aligned, voxels)
+    shifted = left.copy()
+    shifted[:3, 3] += 0.5
+    scaled = left.copy()
+    scaled[:3, 0] *= 1.01
+    for other in (shifted, scaled, right[[0, 1, 2, 3]][:, [1, 0, 2, 3]]):
+        assert align_to_grid(voxels, other, voxels.shape, left) is None
+    assert align_to_grid(voxels, left, (3, 4, 6), left) is None
+    unflipped = right.copy()  # k reversed but the origin left where it was: other centres
+    unflipped[:3, 3] = left[:3, 3]
+    assert align_to_grid(voxels, unflipped, voxels.shape, left) is None
+
+
+def test_the_result_is_read_in_the_background_task_on_the_originals_grid(tmp_path):
+    """read_result runs in the request's BackgroundTask (the caller runs on while it reads, held here mid-file),
+    and puts a right-handed file of a left-handed original in the original's voxel order and grid."""
+    voxels = np.arange(6 * 32 * 40, dtype=np.int16).reshape(6, 32, 40) - 3000
+    left = oblique_ijk_to_ras(left_handed=True)
+    right = left.copy()
+    right[:3, 2] *= -1
+    right[:3, 3] = left[:3, 3] + left[:3, 2] * (voxels.shape[0] - 1)
+    path = tmp_path / "results" / "study.nrrd"
+    write_nrrd(voxels[::-1], right, path)
+    reading, release = threading.Event(), threading.Event()
+    asked = []
+
+    def hold() -> bool:  # asked before each chunk: holds the reader in its thread
+        asked.append(threading.current_thread())
+        reading.set()
+        assert release.wait(60)
+        return False
+
+    task = BackgroundTask(lambda report, cancelled: read_result(path, (voxels.shape, left), report, hold),
+                          name="read")
+    assert reading.wait(60)
+    assert task.state == "running" and threading.current_thread() not in asked  # the caller runs on
+    release.set()
+    assert task.wait(120) == "done", task.error
+    loaded = task.result
+    assert loaded.error == "" and loaded.path == path
+    np.testing.assert_array_equal(loaded.volume.voxels, voxels)
+    np.testing.assert_allclose(loaded.volume.ijk_to_ras, left, atol=1e-12)
+    # on another grid: read all the same (the GUI thread refuses it after the identity check), left as it is
+    other = read_result(path, (voxels.shape, np.eye(4)))
+    np.testing.assert_allclose(other.volume.ijk_to_ras, right, atol=1e-9)
+
+
+def test_a_damaged_or_cut_off_result_gives_a_clear_message_not_an_exception(tmp_path):
+    """What cannot be read is kept as a message (raised on the GUI thread once the result is known to be for the
+    study selected): cut-off raw and gzip data, damaged gzip data, a damaged header, a missing file, a format
+    without a reader. Cancel still stops the reading."""
+    rng = np.random.default_rng(2)
+    voxels = rng.normal(0, 400, (5, 40, 50)).astype(np.float32)
+    matrix = oblique_ijk_to_ras()
+    raw, packed = tmp_path / "raw.nrrd", tmp_path / "gzip.nrrd"
+    sitk.WriteImage(sitk_image(voxels, matrix), str(raw), False)
+    sitk.WriteImage(sitk_image(voxels, matrix), str(packed), True)
+    cases = {}
+    data = raw.read_bytes()
+    cases["cut_raw.nrrd"] = (data[: len(data) - 1000], f"the file is cut off: {voxels.nbytes - 1000} of the "
+                                                       f"{voxels.nbytes} bytes of 50 x 40 x 5 float32 voxels")
+    data = packed.read_bytes()
+    cases["cut_gzip.nrrd"] = (data[: len(data) // 2], "the file is cut off")
+    middle = len(data) // 2
+    cases["bad_gzip.nrrd"] = (data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 64]) +
+                              data[middle + 64:], "gzip data is damaged|the file is cut off")
+    cases["bad_header.nrrd"] = (data.replace(b"sizes: 50 40 5", b"sizes: 50 x 5"), "sizes")
+    cases["not_nrrd.nrrd"] = (b"<html>502 Bad Gateway</html>", "not a NRRD file")
+    cases["header_only.nrrd"] = (data[:200], "header ends before its data")
+    cases["zip.nrrd"] = (data.replace(b"encoding: gzip", b"encoding: bzip2"), "encoding 'bzip2' is not read here")
+    cases["vector.nrrd"] = (data.replace(b"dimension: 3", b"dimension: 4"), "3D scalar volume")
+    cases["cut.nii.gz"] = (b"\x1f\x8b\x08" + bytes(40), "Unable to determine ImageIO reader")
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        loaded = read_result(tmp_path / name, (voxels.shape, matrix))
+        assert loaded.volume is None, name
+        assert re.search(match, loaded.error), (name, loaded.error)
+        with pytest.raises(VolumeUnreadable):
+            read_volume(tmp_path / name)
+    missing = read_result(tmp_path / "gone.nrrd")
+    assert missing.volume is None and "No such file" in missing.error
+    # cancelled mid-file (more than one chunk of gzip and of raw data): TransferCancelled, nothing kept
+    big = rng.normal(0, 400, (8, 256, 256)).astype(np.float32)
+    for compress in (True, False):
+        sitk.WriteImage(sitk_image(big, matrix), str(tmp_path / "big.nrrd"), compress)
+        asked = []
+        with pytest.raises(TransferCancelled):
+            read_result(tmp_path / "big.nrrd", None, None, lambda: bool(asked.append(1)) or len(asked) > 1)
+        assert len(asked) == 2
+
+
+def test_the_blend_goes_into_the_nodes_own_array_without_a_volume_sized_allocation():
+    """The blend slider's update: into the corrected volume's float32 voxels, slice by slice, the very values of
+    a new blend, with no array of the volume's size made (tracemalloc); the difference, computed in the
+    background from copies, casts as it reads (int16 - int16 does not wrap around)."""
+    rng = np.random.default_rng(3)
+    original = rng.integers(-1024, 3000, (40, 64, 64)).astype(np.int16)
+    denoised = rng.normal(0, 500, original.shape).astype(np.float32)
+    out = np.zeros(original.shape, np.float32)
+    for strength in (0.0, 0.35, 1.0):
+        expected = blend(original, denoised, strength)
+        tracemalloc.start()
+        assert blend(original, denoised, strength, out=out) is out
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        np.testing.assert_array_equal(out, expected)
+        assert peak < out.nbytes / 10, peak
+    np.testing.assert_array_equal(blend(original, denoised, 1.0, out=out), denoised)
+    np.testing.assert_array_equal(blend(original, denoised, 0.0, out=out), original.astype(np.float32))
+    with pytest.raises(ValueError, match="float32 array of shape"):
+        blend(original, denoised, 0.5, out=np.zeros(original.shape, np.float64))
+    low = np.full((2, 3, 4), -30000, np.int16)
+    np.testing.assert_array_equal(difference(low, -low), np.full(low.shape, -60000.0, np.float32))

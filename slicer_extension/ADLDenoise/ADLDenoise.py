@@ -3,8 +3,9 @@ fine-tune.
 
 Thin Qt glue over ``ADLDenoiseLib`` (Slicer-free client, background runner, workflow maths, MRML helpers). Every
 network call, the content hash of the selected volume (of a copy of its voxels), the writing of the volume files
-sent (from such a copy) and the reading of a DICOM series' files run in a :class:`ADLDenoiseLib.BackgroundTask`
-polled by a ``qt.QTimer``, so Slicer never freezes; MRML is only touched on the GUI thread.
+sent (from such a copy), the reading of the result file, the difference volume's values (from copies) and the
+reading of a DICOM series' files run in a :class:`ADLDenoiseLib.BackgroundTask` polled by a ``qt.QTimer``, so
+Slicer never freezes; MRML is only touched on the GUI thread.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ from ADLDenoiseLib.settings import (
     restoration_from_spin,
     supports_restoration,
 )
-from ADLDenoiseLib.volume_files import VolumeExport, prepare_upload
+from ADLDenoiseLib.volume_files import ResultRead, VolumeExport, prepare_upload, read_result
+from ADLDenoiseLib.workflow import difference
 
 SETTINGS_PREFIX = "ADLDenoise/"
 RESULT_SUFFIX = " denoised"
@@ -251,8 +253,8 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         self.identifications.clear()
         self.files_checks.clear()
 
-    # --- denoise (a copy of the voxels on the GUI thread; check, file and request in the background; load on the
-    # GUI thread)
+    # --- denoise (a copy of the voxels on the GUI thread; check, file, request and reading of the result in the
+    # background; a new node from the result's array on the GUI thread)
     def export_input(self, identity: StudyIdentity, snapshot) -> VolumeExport:
         """GUI thread, no file written: the file the original is sent as, written in the background
         (``prepare_upload``) from ``snapshot``, the copy of its voxels the request's check hashes
@@ -282,7 +284,8 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         of a study the server holds (``ReviewSession.server_id``): it is denoised there by id, so the server
         records the result as that study's and a verdict judges it; otherwise ``upload`` is written
         (:meth:`export_input`) and uploaded. ``check``: :meth:`request_check`'s, verified before the file is
-        written and anything is sent."""
+        written and anything is sent; its copy's grid is the one the result is put on when read. Returns the
+        result file read here (:class:`ResultRead`, for :meth:`load_result`) and the server's JSON."""
         client = self.require_client()
         path = prepare_upload(check, upload, report, cancelled)
         params = denoise_params(self.models.get(model), modality, restoration)
@@ -291,17 +294,20 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         result_path, result = client.denoise(model, path, output_dir, params, image_id=image_id)
         if cancelled and cancelled():
             return None
-        return result_path, result
+        snapshot = check[0] if check is not None else None
+        grid = (snapshot.voxels.shape, snapshot.ijk_to_ras) if snapshot is not None else None
+        return read_result(result_path, grid, report, cancelled), result
 
-    def load_result(self, original, identity: StudyIdentity, result_path: Path, result: dict):
+    def load_result(self, original, identity: StudyIdentity, loaded: ResultRead, result: dict):
         """GUI thread: show the result of ``identity`` when that study is still selected; a late result of another
-        study is not loaded (returns None)."""
+        study is not loaded (returns None). ``loaded``: the result file read in the background
+        (:meth:`denoise_file`); no file is read here, its array is copied into a new node."""
         from ADLDenoiseLib.mrml import load_result
 
         if identity != self.session.study:
             return None
         # tagged as this study's result: never taken for a study itself, and may hold its marked regions
-        node = load_result(slicer.mrmlScene, result_path, original, RESULT_SUFFIX, study=identity.datastore_id())
+        node = load_result(slicer.mrmlScene, loaded, original, RESULT_SUFFIX, study=identity.datastore_id())
         node.SetAttribute("ADLDenoise.model", str(result.get("model")))
         node.SetAttribute("ADLDenoise.weightsVersion", str(result.get("weights_version")))
         width = applied_restoration(result)
@@ -898,13 +904,13 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def done(answer):
             if answer is None:
                 raise WorkflowError("the server answered the denoising request with an empty body")
-            result_path, result = answer
+            loaded, result = answer  # the result file, read in the background
             self.refreshStaleIdentity()  # the node changed in place meanwhile (4D frame): is it still this study?
             if self.logic.session.pending is not None:  # being identified: attached once known to be this study
                 self.ui.statusLabel.text = f"{self.studyText(original, None)} (a result came back for it)"
                 self.whenIdentified(lambda: done(answer))
                 return None
-            node = self.logic.load_result(original, identity, result_path, result)
+            node = self.logic.load_result(original, identity, loaded, result)
             if node is None:  # the user moved on (other volume, closed scene): not attached to another study
                 self.ui.statusLabel.text = f"a result for {identity.describe()} arrived late and was discarded"
                 return None
@@ -987,17 +993,30 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         composite.SetForegroundOpacity(float(value))
 
     def onDifference(self):
-        from ADLDenoiseLib.mrml import difference_volume
+        """Copies of both volumes' voxels here; their difference in the background; a new node from it here."""
+        from ADLDenoiseLib.mrml import difference_inputs, difference_volume
 
         try:
             original, result = self.original_and_result()
             if result is None:
                 raise WorkflowError("denoise the volume first")
-            node = difference_volume(slicer.mrmlScene, original, result)
+            copies = difference_inputs(original, result)
         except Exception as error:  # noqa: BLE001
             self.error(error)
             return
-        slicer.util.setSliceViewerLayers(background=node)
+        ids = (original.GetID(), result.GetID())
+
+        def done(values):
+            now = self.original_and_result()
+            if (now[0].GetID(), now[1].GetID() if now[1] is not None else None) != ids:
+                self.ui.statusLabel.text = "the volumes changed meanwhile: press Difference again"
+                return
+            node = difference_volume(slicer.mrmlScene, original, result, values=values)
+            slicer.util.setSliceViewerLayers(background=node)
+            self.ui.statusLabel.text = f"{node.GetName()}: what the denoiser removed"
+
+        self.run(lambda report, cancelled: difference(*copies), on_done=done,
+                 busy_text="computing the difference ...")
 
     def onPreset(self, *_):
         preset = self.ui.presetCombo.currentText
@@ -1343,9 +1362,10 @@ class ADLDenoiseTest(ScriptedLoadableModuleTest):
         self.assertEqual(identity.kind, "content")  # not from DICOM: keyed by voxels + geometry
         check = logic.request_check(original)  # written in the background by the widget; here, by denoise_file
         upload = logic.export_input(identity, check[0])
-        result_path, result = logic.denoise_file(model, upload, "ct", logic.work_dir / "results", check=check)
+        loaded, result = logic.denoise_file(model, upload, "ct", logic.work_dir / "results", check=check)
         self.assertTrue(upload.path.is_file())
-        denoised = logic.load_result(original, identity, result_path, result)
+        self.assertEqual(loaded.error, "")  # read in the background (here: by denoise_file)
+        denoised = logic.load_result(original, identity, loaded, result)
         self.assertEqual(logic.session.result().node_id, denoised.GetID())
         self.assertEqual(denoised.GetName(), "phantom CT" + RESULT_SUFFIX)
         self.assertEqual(slicer.util.arrayFromVolume(denoised).shape, noisy.shape)

@@ -1,9 +1,10 @@
 """MRML-side logic: volume nodes out to files and back, difference and blended volumes, ROI statistics.
 
 Needs Slicer's MRML only (``slicer.vtkMRML...`` and ``slicer.util``), not its GUI, so it runs inside Slicer and
-with PyPI's ``slicer-core``. Volumes travel as NRRD written by Slicer's own storage node, so the server gets
-exactly the node's geometry (spacing, origin, any direction) and values (CT in HU); the result is read back
-by the same storage node and checked to be on the original's grid before it is shown.
+with PyPI's ``slicer-core``. Volumes travel as NRRD, the one Slicer's own storage node writes, so the server gets
+exactly the node's geometry (spacing, origin, any direction) and values (CT in HU); the result is read back in the
+background (``volume_files.read_result``, as Slicer's reader reads it) and checked here, on the GUI thread, to be
+on the original's grid before its voxels are put into a new node.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import vtk
 from .regions import Grid, RegionsError
 from .workflow import blend, difference, roi_statistics, strided_sample
 
-__all__ = ["export_volume", "load_result", "same_grid", "difference_volume", "blended_volume", "roi_mask",
-           "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid",
+__all__ = ["export_volume", "load_result", "same_grid", "difference_inputs", "difference_volume", "blended_volume",
+           "roi_mask", "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid",
            "check_segmentation_reference", "tag_derived", "derived_kind", "DERIVED_ATTRIBUTE", "STUDY_ATTRIBUTE",
            "DERIVED_FROM_ROLE",
            "study_identity", "content_identity_of", "volume_snapshot", "volume_copy", "sequence_frame",
@@ -82,40 +83,6 @@ def same_grid(a, b, tol: float = 1e-4) -> bool:
     dims_a = a.GetImageData().GetDimensions() if a.GetImageData() else None
     dims_b = b.GetImageData().GetDimensions() if b.GetImageData() else None
     return dims_a == dims_b and np.allclose(_ijk_to_ras(a), _ijk_to_ras(b), atol=tol)
-
-
-def _align_to(node, reference, tol: float = 1e-4) -> bool:
-    """Make ``node`` use ``reference``'s voxel order when both hold the same voxels.
-
-    Slicer's file reader keeps the IJK-to-RAS matrix right-handed: a volume written from a left-handed (mirrored)
-    grid comes back with the last axis reversed and the origin at the other end. Same voxel centres, other index
-    order; the array is flipped back here so that voxel (k, j, i) means the same point in both nodes. False when
-    the grids really differ (size, spacing, direction or position).
-    """
-    if same_grid(node, reference, tol):
-        return True
-    dims_n = node.GetImageData().GetDimensions() if node.GetImageData() else None
-    dims_r = reference.GetImageData().GetDimensions() if reference.GetImageData() else None
-    if dims_n != dims_r or dims_n is None:
-        return False
-    m_n, m_r = _ijk_to_ras(node), _ijk_to_ras(reference)
-    flips = []
-    expected_origin = m_r[:3, 3].copy()
-    for axis in range(3):
-        if np.allclose(m_n[:3, axis], m_r[:3, axis], atol=tol):
-            continue
-        if not np.allclose(m_n[:3, axis], -m_r[:3, axis], atol=tol):
-            return False
-        flips.append(axis)
-        expected_origin += m_r[:3, axis] * (dims_r[axis] - 1)
-    if not np.allclose(m_n[:3, 3], expected_origin, atol=max(tol, 1e-3)):
-        return False
-    array = slicer.util.arrayFromVolume(node)
-    for axis in flips:  # IJK axis i, j, k is array axis 2, 1, 0
-        array = np.flip(array, axis=2 - axis)
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array))
-    node.SetIJKToRASMatrix(_vtk_matrix(m_r))
-    return same_grid(node, reference, tol)
 
 
 def export_volume(node, path: str | os.PathLike) -> Path:
@@ -343,31 +310,57 @@ def match_orientation_and_link(reference_slice, other_slice, composites) -> None
         composite.SetHotLinkedControl(True)
 
 
-def load_result(scene, path: str | os.PathLike, reference, suffix: str = " denoised", name: str | None = None,
-                study: str = ""):
-    """Read a result file into a new scalar volume node named ``reference`` name + ``suffix``; the result must
-    be on the reference's grid (RuntimeError otherwise, and nothing is added to the scene). The node is tagged
-    as ``reference``'s result (:func:`tag_derived`), for the study (frame) whose datastore id is ``study``."""
-    node = slicer.vtkMRMLScalarVolumeNode()
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(path))
-    # this file only: by default the archetype reader stacks a single-slice file with its numbered neighbours in
-    # the folder (adl_1.nrrd, adl_2.nrrd ...: other studies' results) into one volume
-    storage.SetSingleFile(1)
-    if not storage.ReadData(node):
-        raise RuntimeError(f"could not read the result {path}")
-    if not _align_to(node, reference):
+def load_result(scene, result, reference, suffix: str = " denoised", name: str | None = None, study: str = ""):
+    """GUI thread: a new scalar volume node named ``reference`` name + ``suffix`` holding the result read in the
+    background (``result``: a :class:`volume_files.ResultRead`; no file is touched here). A path is read first,
+    on the caller's thread (scripts, tests). The result must have been readable, then be on the reference's grid
+    (RuntimeError otherwise, in that order, and nothing is added to the scene). The node is tagged as
+    ``reference``'s result (:func:`tag_derived`), for the study (frame) whose datastore id is ``study``."""
+    from .volume_files import ResultRead, align_to_grid, read_result
+
+    if not isinstance(result, ResultRead):
+        result = read_result(result)
+    if result.volume is None:
+        raise RuntimeError(f"could not read the result {result.path}: {result.error}")
+    grid = _ijk_to_ras(reference)
+    image = reference.GetImageData()
+    shape = tuple(reversed(image.GetDimensions())) if image is not None else ()
+    voxels = align_to_grid(result.volume.voxels, result.volume.ijk_to_ras, shape, grid)
+    if voxels is None:
         raise RuntimeError("the result is not on the original's grid: refusing to show it")
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetIJKToRASMatrix(_vtk_matrix(grid))
+    slicer.util.updateVolumeFromArray(node, voxels)  # one copy into the node's image data
     node.SetName(name or (reference.GetName() + suffix))
     scene.AddNode(node)  # before tagging: a node reference needs the scene
     tag_derived(node, reference, "result")
     if study:
         node.SetAttribute(STUDY_ATTRIBUTE, study)
-    node.CreateDefaultDisplayNodes()
+    _add_display(node, _window_of(reference))  # the original's window, as _copy_window sets it
     adopt_parent_transform(node, reference)
     adopt_study_folder(node, reference)
     _copy_window(reference, node)
     return node
+
+
+def _window_of(node) -> tuple[float, float] | None:
+    display = node.GetDisplayNode() if node is not None else None
+    return (display.GetWindow(), display.GetLevel()) if display is not None else None
+
+
+def _add_display(node, window: tuple[float, float] | None = None) -> None:
+    """``node.CreateDefaultDisplayNodes()`` (``node`` in a scene); with ``window`` ((width, level)) the display
+    node gets it, automatic window/level off, before it observes the voxels: the automatic one computes a
+    histogram of the whole volume on the GUI thread (seconds for 512 x 512 x 400 voxels), only to be replaced."""
+    if window is None or node.GetDisplayNode() is not None:
+        node.CreateDefaultDisplayNodes()
+        return
+    display = node.GetScene().AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+    if not display.GetColorNodeID():  # as vtkMRMLScalarVolumeNode::CreateDefaultDisplayNodes
+        display.SetDefaultColorMap()
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevel(*window)
+    node.SetAndObserveDisplayNodeID(display.GetID())
 
 
 def _copy_window(source, target) -> None:
@@ -381,10 +374,11 @@ def _array(node) -> np.ndarray:
     return slicer.util.arrayFromVolume(node)
 
 
-def _new_like(scene, reference, array: np.ndarray, name: str, node=None):
+def _new_like(scene, reference, array: np.ndarray, name: str, node=None,
+              window: tuple[float, float] | None = None):
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        node.CreateDefaultDisplayNodes()
+        _add_display(node, window)
     node.SetIJKToRASMatrix(_vtk_matrix(_ijk_to_ras(reference)))
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, np.float32))
     adopt_parent_transform(node, reference)
@@ -400,12 +394,27 @@ def _vtk_matrix(array: np.ndarray):
     return matrix
 
 
-def difference_volume(scene, original, denoised, name: str | None = None):
-    """A new volume original - denoised on the same grid (what the denoiser removed)."""
+def difference_inputs(original, denoised) -> tuple[np.ndarray, np.ndarray]:
+    """GUI thread: copies of the voxels of ``original`` and ``denoised`` (same grid, else RuntimeError), for
+    :func:`workflow.difference` in the background while the nodes may change; :func:`difference_volume` then takes
+    its answer."""
     if not same_grid(original, denoised):
         raise RuntimeError("original and denoised volumes are not on the same grid")
-    node = _new_like(scene, original, difference(_array(original), _array(denoised)),
-                     name or f"{original.GetName()} removed (original - denoised)")
+    return np.array(_array(original), copy=True), np.array(_array(denoised), copy=True)
+
+
+def difference_volume(scene, original, denoised, name: str | None = None, values: np.ndarray | None = None):
+    """A new volume original - denoised on the same grid (what the denoiser removed). ``values``: that difference
+    computed already (in the background, from :func:`difference_inputs`), only copied into the node here;
+    computed here when None."""
+    if not same_grid(original, denoised):
+        raise RuntimeError("original and denoised volumes are not on the same grid")
+    if values is None:
+        values = difference(_array(original), _array(denoised))
+    elif values.shape != _array(original).shape:
+        raise RuntimeError(f"the difference has shape {values.shape}, the volumes {_array(original).shape}")
+    node = _new_like(scene, original, values, name or f"{original.GetName()} removed (original - denoised)",
+                     window=(200.0, 0.0))
     tag_derived(node, original, "difference", source=denoised)
     display = node.GetDisplayNode()
     if display is not None:
@@ -415,12 +424,23 @@ def difference_volume(scene, original, denoised, name: str | None = None):
 
 
 def blended_volume(scene, original, denoised, strength: float, node=None, name: str | None = None):
-    """strength * denoised + (1 - strength) * original, in ``node`` (updated in place) or a new node: the
-    volume a radiologist submits as a correction."""
+    """strength * denoised + (1 - strength) * original, in ``node`` (its float32 voxels overwritten in place, no
+    new volume-sized array: the blend slider updates it) or a new node: the volume a radiologist submits as a
+    correction."""
     if not same_grid(original, denoised):
         raise RuntimeError("original and denoised volumes are not on the same grid")
-    array = blend(_array(original), _array(denoised), strength)
-    node = _new_like(scene, original, array, name or f"{original.GetName()} corrected", node=node)
+    target = _array(node) if node is not None and node.GetImageData() is not None else None
+    if target is not None and target.shape == _array(original).shape and target.dtype == np.float32:
+        blend(_array(original), _array(denoised), strength, out=target)
+        node.SetIJKToRASMatrix(_vtk_matrix(_ijk_to_ras(original)))
+        slicer.util.arrayFromVolumeModified(node)
+        adopt_parent_transform(node, original)
+        adopt_study_folder(node, original)
+        if name:
+            node.SetName(name)
+    else:
+        node = _new_like(scene, original, blend(_array(original), _array(denoised), strength),
+                         name or f"{original.GetName()} corrected", node=node, window=_window_of(original))
     tag_derived(node, original, "corrected", source=denoised)
     _copy_window(original, node)
     return node

@@ -31,20 +31,38 @@ def _same_shape(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def blend(original: np.ndarray, denoised: np.ndarray, strength: float) -> np.ndarray:
+def blend(original: np.ndarray, denoised: np.ndarray, strength: float, out: np.ndarray | None = None) -> np.ndarray:
     """``strength`` * denoised + (1 - ``strength``) * original, float32: 0 = original, 1 = fully denoised.
-    Radiologists use it to take back part of the smoothing (noise texture they are used to)."""
+    Radiologists use it to take back part of the smoothing (noise texture they are used to).
+
+    ``out``: a float32 array of the volumes' shape to write the blend into (a corrected node's own voxels, updated
+    in place at each slider move), computed one slice (first axis) at a time with a one-slice scratch array, so no
+    volume-sized array is made; returned. Without it a new array is returned. Same values either way."""
     original, denoised = _same_shape(original, denoised)
     s = float(strength)
     if not 0.0 <= s <= 1.0:
         raise ValueError(f"blend strength must be within [0, 1], got {strength}")
-    return (s * denoised.astype(np.float32) + (1.0 - s) * original.astype(np.float32)).astype(np.float32)
+    if out is None:
+        out = np.empty(original.shape, np.float32)
+    elif out.shape != original.shape or out.dtype != np.float32:
+        raise ValueError(f"the blend goes into a float32 array of shape {original.shape}, got {out.dtype} "
+                         f"{out.shape}")
+    if out.ndim == 0 or out.size == 0:
+        out[...] = s * denoised.astype(np.float32) + (1.0 - s) * original.astype(np.float32)
+        return out
+    scratch = np.empty(out.shape[1:], np.float32)
+    for index in range(out.shape[0]):  # in float32, as s * d + (1 - s) * o of float32 copies: the same values
+        np.multiply(denoised[index], s, out=out[index], dtype=np.float32)
+        np.multiply(original[index], 1.0 - s, out=scratch, dtype=np.float32)
+        np.add(out[index], scratch, out=out[index])
+    return out
 
 
 def difference(original: np.ndarray, denoised: np.ndarray) -> np.ndarray:
-    """original - denoised (what was removed: noise, and any structure that should not have been), float32."""
+    """original - denoised (what was removed: noise, and any structure that should not have been), float32 (both
+    cast to float32 as they are read, without float32 copies of the volumes)."""
     original, denoised = _same_shape(original, denoised)
-    return (original.astype(np.float32) - denoised.astype(np.float32)).astype(np.float32)
+    return np.subtract(original, denoised, dtype=np.float32)
 
 
 def roi_statistics(original: np.ndarray, denoised: np.ndarray, mask: np.ndarray) -> dict:

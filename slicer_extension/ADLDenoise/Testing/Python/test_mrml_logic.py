@@ -1,8 +1,10 @@
 """MRML-side logic of the ADLDenoise module against real MRML (Slicer, or PyPI's slicer-core without Qt).
 
 Volume nodes out to NRRD and back (geometry, HU values, name suffix), the file written in the background from a
-copy taken on the GUI thread equal to the one Slicer's storage node writes, refusal of a result on another grid,
-difference and blended volumes, ROI statistics inside a markups ROI (rotated, the volume under a transform), the
+copy taken on the GUI thread equal to the one Slicer's storage node writes, the result file read in the background
+equal to what Slicer's loader reads (the GUI step then reads no file; a damaged one is refused, the scene
+unchanged), refusal of a result on another grid, difference (computed from copies) and blended (updated in place)
+volumes, ROI statistics inside a markups ROI (rotated, the volume under a transform), the
 module's own volumes tagged and refused as a study, a segmentation of another study refused as marked regions;
 the study identity from the subject hierarchy
 (SeriesInstanceUID, Modality) or the content, scalar-only volumes, the parent transform and the study (subject-
@@ -12,7 +14,9 @@ with ``slicer_add_python_unittest`` or outside it with ``python -m pytest`` in a
 """
 from __future__ import annotations
 
+import sys
 import tempfile
+import tracemalloc
 import unittest
 from pathlib import Path
 
@@ -79,6 +83,7 @@ from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene mad
     blended_volume,
     check_segmentation_reference,
     content_identity_of,
+    difference_inputs,
     difference_volume,
     export_volume,
     is_plain_scalar_volume,
@@ -96,8 +101,19 @@ from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene mad
 from ADLDenoiseLib.regions import RegionsError  # noqa: E402
 from ADLDenoiseLib.background import BackgroundTask  # noqa: E402
 from ADLDenoiseLib.review_session import ReviewSession, VolumeChanged, WorkflowError  # noqa: E402
-from ADLDenoiseLib.volume_files import VolumeExport, prepare_upload  # noqa: E402
-from ADLDenoiseLib.workflow import roi_statistics  # noqa: E402
+from ADLDenoiseLib.volume_files import VolumeExport, prepare_upload, read_result, read_volume  # noqa: E402
+from ADLDenoiseLib.workflow import difference, roi_statistics  # noqa: E402
+
+#: Python file and OS events seen while ``_WATCH`` is set (an audit hook cannot be removed: it stays, idle)
+_WATCH: list = []
+
+
+def _audit(event: str, args) -> None:
+    if _WATCH and (event == "open" or event.startswith(("os.", "shutil.", "tempfile."))):
+        _WATCH[0].append((event, args))
+
+
+sys.addaudithook(_audit)
 
 
 def oblique_ct_node(name: str = "chest CT"):
@@ -222,6 +238,138 @@ class MRMLLogicTest(unittest.TestCase):
         with self.assertRaises(RuntimeError):
             load_result(slicer.mrmlScene, self.work / "shifted.nrrd", original)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+
+    def test_the_result_read_in_the_background_is_what_slicers_loader_reads_and_the_gui_step_reads_no_file(self):
+        """The result file (written here by Slicer's own storage node, raw and gzip: float32 oblique left-handed,
+        int16, uint16 single slice) read in a BackgroundTask (read_result, on the grid of the request's copy of
+        the original) holds the voxels and grid Slicer's loader reads (which turns a left-handed grid right-handed
+        by reversing k); load_result on the GUI thread then opens no file (the file is gone by then, and no Python
+        file or OS call happens) and makes the node load_result made from the file: the original's grid, the
+        voxels in its order, its window."""
+        import vtk
+
+        def slicer_read(path):
+            node = slicer.vtkMRMLScalarVolumeNode()
+            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetFileName(str(path))
+            storage.SetSingleFile(1)
+            self.assertTrue(storage.ReadData(node), path)
+            matrix = vtk.vtkMatrix4x4()
+            node.GetIJKToRASMatrix(matrix)
+            return (slicer.util.arrayFromVolume(node).copy(),
+                    np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]))
+
+        ct = oblique_ct_node()
+        short = slicer.util.addVolumeFromArray(np.arange(3 * 30 * 20, dtype=np.int16).reshape(3, 30, 20) - 600,
+                                               name="MR short")
+        short.SetSpacing(0.9, 0.9, 3.0)
+        short.SetOrigin(5.0, -7.5, 20.0)
+        single = slicer.util.addVolumeFromArray(np.arange(80, dtype=np.uint16).reshape(1, 8, 10), name="slice")
+        for node in (ct, short, single):
+            node.CreateDefaultDisplayNodes()
+            node.GetDisplayNode().SetAutoWindowLevel(False)
+            node.GetDisplayNode().SetWindowLevel(345.0, 67.0)
+            for compress in (False, True):
+                path = self.work / f"{node.GetName()}_{compress}.nrrd"
+                storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+                storage.SetFileName(str(path))
+                storage.SetUseCompression(compress)
+                self.assertTrue(storage.WriteData(node))
+                self.assertIn(b"encoding: gzip" if compress else b"encoding: raw", path.read_bytes()[:1000])
+                voxels, matrix = slicer_read(path)
+                read = read_volume(path)  # the file's own grid
+                expected, grid = read.voxels, read.ijk_to_ras.copy()
+                if np.linalg.det(grid[:3, :3]) < 0:  # as vtkMRMLVolumeNode::SetIJKCoordinateSystemToRightHanded
+                    expected = read.voxels[::-1]
+                    grid[:3, 3] += grid[:3, 2] * (read.voxels.shape[0] - 1)
+                    grid[:3, 2] *= -1
+                self.assertEqual(read.voxels.dtype, voxels.dtype)
+                np.testing.assert_array_equal(expected, voxels)
+                np.testing.assert_allclose(grid, matrix, atol=1e-6)
+
+                snapshot = volume_snapshot(node)  # the request's copy, taken on the GUI thread
+                task = BackgroundTask(lambda report, cancelled, p=path, s=snapshot: read_result(
+                    p, (s.voxels.shape, s.ijk_to_ras), report, cancelled), name="read")
+                self.assertEqual(task.wait(120), "done", task.error)
+                path.unlink()
+                seen = []
+                _WATCH.append(seen)
+                try:
+                    before = slicer.mrmlScene.GetNumberOfNodes()
+                    result = load_result(slicer.mrmlScene, task.result, node)
+                finally:
+                    _WATCH.clear()
+                self.assertEqual(seen, [])
+                self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), before)
+                self.assertTrue(same_grid(result, node))
+                self.assertEqual(slicer.util.arrayFromVolume(result).dtype, voxels.dtype)
+                np.testing.assert_array_equal(slicer.util.arrayFromVolume(result), slicer.util.arrayFromVolume(node))
+                display = result.GetDisplayNode()
+                self.assertFalse(display.GetAutoWindowLevel())
+                self.assertEqual((display.GetWindow(), display.GetLevel()), (345.0, 67.0))
+
+    def test_a_damaged_or_cut_off_result_is_refused_with_a_clear_message_and_the_scene_unchanged(self):
+        """A result file cut off (raw, gzip) or damaged is read in the background without an exception (the GUI
+        thread first checks the result is for the study selected); load_result then refuses it, saying which file
+        and why, and adds nothing to the scene."""
+        original = oblique_ct_node()
+        cases = {}
+        for compress in (False, True):
+            path = self.work / f"full_{compress}.nrrd"
+            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetFileName(str(path))
+            storage.SetUseCompression(compress)
+            self.assertTrue(storage.WriteData(original))
+            data = path.read_bytes()
+            cases[f"cut_{compress}.nrrd"] = (data[: len(data) - 300], "the file is cut off: ")
+        middle = len(data) // 2
+        cases["damaged.nrrd"] = (data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 64])
+                                 + data[middle + 64:], "the gzip data is damaged|the file is cut off")
+        cases["empty.nrrd"] = (b"", "not a NRRD file")
+        for name, (content, match) in cases.items():
+            path = self.work / name
+            path.write_bytes(content)
+            task = BackgroundTask(lambda report, cancelled, p=path: read_result(p, None, report, cancelled))
+            self.assertEqual(task.wait(120), "done", task.error)
+            before = slicer.mrmlScene.GetNumberOfNodes()
+            with self.assertRaisesRegex(RuntimeError, f"could not read the result {path}: ({match})"):
+                load_result(slicer.mrmlScene, task.result, original)
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before, name)
+
+    def test_the_difference_comes_from_copies_and_the_blend_is_updated_in_place(self):
+        """The difference volume: copies of both volumes taken on the GUI thread (later edits do not reach them),
+        subtracted in the background, the node made from the answer equal to the one computed from the nodes; the
+        blend slider overwrites the corrected volume's own voxels (the same image data) with the new blend."""
+        original = oblique_ct_node()
+        values = slicer.util.arrayFromVolume(original).copy()
+        smooth = np.where(values > -500, 40.0, -1000.0).astype(np.float32)
+        denoised = oblique_ct_node("denoised")
+        slicer.util.updateVolumeFromArray(denoised, smooth)
+        copies = difference_inputs(original, denoised)
+        slicer.util.arrayFromVolume(original)[:] = 0  # an edit after the copies: not in the difference
+        slicer.util.arrayFromVolumeModified(original)
+        task = BackgroundTask(lambda report, cancelled: difference(*copies), name="difference")
+        self.assertEqual(task.wait(120), "done", task.error)
+        slicer.util.updateVolumeFromArray(original, values)
+        node = difference_volume(slicer.mrmlScene, original, denoised, values=task.result)
+        reference = difference_volume(slicer.mrmlScene, original, denoised)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), slicer.util.arrayFromVolume(reference))
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(node), values - smooth, atol=1e-4)
+        self.assertTrue(same_grid(node, original))
+        self.assertEqual((node.GetDisplayNode().GetWindow(), node.GetDisplayNode().GetLevel()), (200.0, 0.0))
+        with self.assertRaises(RuntimeError):
+            difference_volume(slicer.mrmlScene, original, denoised, values=task.result[1:])
+        blended = blended_volume(slicer.mrmlScene, original, denoised, 0.25)
+        image = blended.GetImageData()
+        for strength in (0.6, 0.0, 1.0):
+            tracemalloc.start()
+            self.assertIs(blended_volume(slicer.mrmlScene, original, denoised, strength, node=blended), blended)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            self.assertLess(peak, values.nbytes / 2)  # no volume-sized array: one slice's scratch
+            self.assertIs(blended.GetImageData(), image)
+            np.testing.assert_array_equal(slicer.util.arrayFromVolume(blended), (
+                strength * smooth + (1.0 - strength) * values).astype(np.float32))
 
     def test_difference_blend_and_roi_statistics(self):
         original = oblique_ct_node()
