@@ -675,3 +675,50 @@ def test_a_series_larger_than_the_free_disk_space_is_refused_before_its_download
     record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
     assert record["status"] == "failed" and "does not fit on the disk" in record["error"], record
     assert not [path for path in asked if path.startswith("/dicom-web/studies/1.2.3/series/1.2.3.4")], asked
+
+
+def test_a_series_that_grows_past_the_voxel_limit_during_its_download_is_stopped(tmp_path, shared_data):
+    """The size check (QIDO-RS) and the download (WADO-RS) are two requests: a series still being sent to the PACS
+    (a scanner sending slice by slice) grows in between, and was then downloaded whole, however large, with only the
+    reader's limit refusing it after the download. Here the real Orthanc's request filter (Lua) stores 3 more slices
+    of the series when its WADO-RS retrieval arrives: 3 slices (0.79 M voxels) pass the check under ADL_MAX_VOXELS
+    1,000,000, the retrieval sends 6 (1.57 M). The download stops at the instance that takes it over the limit and
+    says the series grew."""
+    from pydicom.uid import generate_uid
+
+    study = generate_uid()
+    series = make_series(shared_data, tmp_path / "series", range(0, 6), "abdomen low dose", study, "20200115")
+    files = sorted((tmp_path / "series").iterdir())
+    late = "".join(f'"{path}", ' for path in files[3:])
+    script = tmp_path / "grow_on_retrieval.lua"
+    script.write_text(f"""
+grown = false
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  if method == "GET" and not grown and string.sub(uri, -string.len("/series/{series}")) == "/series/{series}" then
+    grown = true
+    for _, path in ipairs({{{late}}}) do
+      local f = io.open(path, "rb")
+      RestApiPost("/instances", f:read("*a"))
+      f:close()
+    end
+  end
+  return true
+end
+""")
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+    try:
+        for path in files[:3]:
+            pacs.upload(path)
+        out = tmp_path / "out"
+        command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
+                   "gaussian", "--no-progress"]
+        result = processes.run(command, TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1",
+                                                          ADL_MAX_VOXELS="1000000"))
+        assert len(pacs.get(f"/series/{pacs.get('/series')[0]}")["Instances"]) == 6  # it grew (the filter ran)
+        assert result.returncode == 1 and "1 series: 0 done, 0 skipped, 1 failed" in result.stdout, \
+            result.stdout + result.stderr
+        failed = next(line for line in result.stdout.splitlines() if line.startswith("failed: "))
+        assert (f"series {series} grew during its download: 3 instances when its size was checked, 4 sent so far "
+                "hold 1,048,576 voxels, over the limit of 1,000,000") in failed, failed
+    finally:
+        stop_orthanc(pacs)

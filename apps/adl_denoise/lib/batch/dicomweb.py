@@ -208,13 +208,23 @@ def download_series(client, item: SeriesItem, folder: Path, limit: int | None = 
     time, after :func:`check_download` (``limit``: the voxel limit, None: the readers'). Returns ``folder``.
 
     Raises:
-        DownloadRefused: too large for the voxel limit or the free disk space (nothing was downloaded).
+        DownloadRefused: too large for the voxel limit or the free disk space (nothing was downloaded), or the
+            series grew past the voxel limit during the download (stopped at the instance that took it over).
         ValueError: the server returned no instance.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    check_download(client, item, folder, limit)
-    count = 0
+    limit = max_voxels() if limit is None else int(limit)
+    size = check_download(client, item, folder, limit)
+    count, voxels = 0, 0
     for count, dataset in enumerate(client.iter_series(item.study_uid, item.series_uid), start=1):
+        # the check and the retrieval are two requests: a series still arriving at the server grows in between
+        voxels += int(dataset.get("Rows", 0) or 0) * int(dataset.get("Columns", 0) or 0) * \
+            max(1, int(dataset.get("NumberOfFrames", 1) or 1))
+        if voxels > limit:
+            checked = f"{size.instances} instances when its size was checked, " if size is not None else ""
+            raise DownloadRefused(f"series {item.series_uid} grew during its download: {checked}{count} sent so far "
+                                  f"hold {voxels:,} voxels, over the limit of {limit:,} (raise it with "
+                                  "ADL_MAX_VOXELS); the download was stopped")
         if not getattr(dataset, "file_meta", None) or "TransferSyntaxUID" not in dataset.file_meta:
             dataset.file_meta = dataset.file_meta if getattr(dataset, "file_meta", None) else pydicom.Dataset()
             dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
