@@ -175,7 +175,7 @@ def check_download(client, item: SeriesItem, folder: Path, limit: int | None = N
     over ``limit`` voxels (None: :func:`lib.imaging.guards.max_voxels`, the readers' limit, ``ADL_MAX_VOXELS``) or
     larger than the free space of ``folder``'s file system: the download (uncompressed, as WADO-RS sends it by
     default) and the derived series written from it (16 bits a voxel) beside it. Returns the size, None when the
-    server does not tell it (then the series is downloaded and the reader checks it, as before).
+    server does not tell it (then :func:`download_series` counts its voxels as they arrive).
 
     Raises:
         DownloadRefused: too large, or it does not fit (nothing was downloaded).
@@ -184,8 +184,8 @@ def check_download(client, item: SeriesItem, folder: Path, limit: int | None = N
     limit = max_voxels() if limit is None else int(limit)
     size = series_size(client, item.series_uid, item.study_uid or None)
     if size is None:
-        log.warning("series %s: the server does not tell its size (QIDO-RS Rows, Columns): downloaded unchecked",
-                    item.series_uid)
+        log.warning("series %s: the server does not tell its size (QIDO-RS Rows, Columns): its voxels are counted "
+                    "as it is downloaded", item.series_uid)
         return None
     estimate = (f" (estimated: the server lists {size.listed} of its instances)"
                 if size.listed < size.instances else "")
@@ -221,10 +221,10 @@ def download_series(client, item: SeriesItem, folder: Path, limit: int | None = 
         voxels += int(dataset.get("Rows", 0) or 0) * int(dataset.get("Columns", 0) or 0) * \
             max(1, int(dataset.get("NumberOfFrames", 1) or 1))
         if voxels > limit:
-            checked = f"{size.instances} instances when its size was checked, " if size is not None else ""
-            raise DownloadRefused(f"series {item.series_uid} grew during its download: {checked}{count} sent so far "
-                                  f"hold {voxels:,} voxels, over the limit of {limit:,} (raise it with "
-                                  "ADL_MAX_VOXELS); the download was stopped")
+            what = (f"grew during its download: {size.instances} instances when its size was checked, {count}"
+                    if size is not None else f"is too large (the server did not tell its size): the {count} instances")
+            raise DownloadRefused(f"series {item.series_uid} {what} sent so far hold {voxels:,} voxels, over the "
+                                  f"limit of {limit:,} (raise it with ADL_MAX_VOXELS); the download was stopped")
         if not getattr(dataset, "file_meta", None) or "TransferSyntaxUID" not in dataset.file_meta:
             dataset.file_meta = dataset.file_meta if getattr(dataset, "file_meta", None) else pydicom.Dataset()
             dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
