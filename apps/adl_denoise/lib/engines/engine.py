@@ -458,7 +458,7 @@ def validate(network: nn.Module, pairs: Sequence[ValidationPair], config: Engine
     if world > 1:
         import torch.distributed as dist
 
-        totals = torch.from_numpy(sums).to(device)
+        totals = torch.tensor(sums, dtype=torch.float64, device=device)  # torch-owned: no numpy array for Gloo to free
         dist.all_reduce(totals)
         sums = totals.cpu().numpy()
         del totals
