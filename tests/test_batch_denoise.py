@@ -925,3 +925,61 @@ def test_a_series_without_uid_is_its_contents_on_a_rerun(tmp_path, shared_data, 
         first["identity"]
     assert not np.array_equal(volume_of(output)[0], before)
     assert run().skipped == 1
+
+
+def test_a_header_input_whose_data_file_changed_is_denoised_again(tmp_path, shared_data):
+    """A MetaImage (.mhd) or detached NRRD (.nhdr) input keeps its voxels in a data file (.raw) that its header names:
+    the input was known by its header alone, so new voxels under the same header were skipped as done and the
+    archive kept the denoised old data. Its identity (stat key, SHA-256) now covers the data file: voxels changed
+    with the header left as it was, the series is denoised again, saying why; touched only, it is skipped."""
+    root, out = tmp_path / "tree", tmp_path / "out"
+    root.mkdir()
+    image = sitk.ReadImage(str(shared_data / "ct_abdomen_pelvis_resampled_3mm.nii.gz"))
+    crop = sitk.Cast(image[20:84, 20:84, 40:46], sitk.sitkInt16)
+    sitk.WriteImage(crop, str(root / "ct.mhd"))  # uncompressed: ct.raw beside it, named by ElementDataFile
+    sitk.WriteImage(crop, str(root / "mr.nhdr"))  # mr.raw, named by its "data file" line
+    run = _in_process(root, out)
+    summary = run()
+    assert (summary.done, summary.failed) == (2, 0), summary
+    first = _last_records(out)
+    assert set(first) == {"file:ct.mhd", "file:mr.nhdr"}, first
+    outputs = {key: Path(record["output"]) for key, record in first.items()}
+    before = {key: volume_of(path)[0] for key, path in outputs.items()}
+    assert run().skipped == 2
+    headers = {name: (root / name).read_bytes() for name in ("ct.mhd", "mr.nhdr")}
+    for name in ("ct.raw", "mr.raw"):  # other voxels, same size; the headers untouched
+        voxels = np.fromfile(root / name, dtype="<i2").reshape(6, 64, 64)
+        voxels[:, 16:48, 16:48] = 1500
+        voxels.tofile(root / name)
+    assert {name: (root / name).read_bytes() for name in headers} == headers
+    summary = run()
+    assert (summary.done, summary.skipped, summary.failed) == (2, 0, 0), summary
+    for key, record in _last_records(out).items():
+        assert "its input changed since its output was written" in record["redone"], record
+        assert record["identity"] != first[key]["identity"]
+        assert not np.array_equal(volume_of(outputs[key])[0], before[key]), key
+    assert run().skipped == 2
+    for name in ("ct.raw", "mr.raw"):  # touched only: read once, same contents, skipped
+        os.utime(root / name, ns=(time.time_ns(), time.time_ns()))
+    assert run().skipped == 2
+
+
+def test_the_data_files_a_header_names_are_found_in_every_layout(tmp_path):
+    """:func:`lib.imaging.guards.image_files`: a header with its voxels in the file itself, in one data file, in a
+    LIST of files (the lines after the field) or in a numbered pattern (``fmt min max step``); NIfTI is one file."""
+    from lib.imaging.guards import image_files
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), str(tmp_path / "a.mhd"))
+    header = (tmp_path / "a.mhd").read_text()
+    assert image_files(tmp_path / "a.mhd") == [tmp_path / "a.mhd", tmp_path / "a.raw"]
+    layouts = {"local.mhd": ("LOCAL", []), "list.mhd": ("LIST\ns1.raw\nsub/s2.raw", ["s1.raw", "sub/s2.raw"]),
+               "pattern.mhd": ("s%02d.raw 1 5 2", ["s01.raw", "s03.raw", "s05.raw"])}
+    for name, (value, files) in layouts.items():
+        (tmp_path / name).write_text(header.replace("ElementDataFile = a.raw", f"ElementDataFile = {value}"))
+        assert image_files(tmp_path / name) == [tmp_path / name, *(tmp_path / f for f in files)], name
+    (tmp_path / "b.nhdr").write_text("NRRD0004\ntype: short\ndimension: 1\nsizes: 4\nencoding: raw\n"
+                                     "data file: LIST\nb1.raw\nb2.raw\n")
+    assert image_files(tmp_path / "b.nhdr") == [tmp_path / "b.nhdr", tmp_path / "b1.raw", tmp_path / "b2.raw"]
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), str(tmp_path / "c.nrrd"))
+    assert image_files(tmp_path / "c.nrrd") == [tmp_path / "c.nrrd"]
+    assert image_files(tmp_path / "d.nii.gz") == [tmp_path / "d.nii.gz"]

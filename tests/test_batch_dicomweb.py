@@ -722,3 +722,97 @@ end
                 "hold 1,048,576 voxels, over the limit of 1,000,000") in failed, failed
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_series_whose_instances_the_server_replaced_under_the_same_count_is_denoised_again(tmp_path, shared_data):
+    """A DICOMweb series was known by its UID and instance count: a corrected series sent again (other SOP Instance
+    UIDs, or the same UIDs stored again with new pixels) under the same count was skipped as done, and the archive
+    kept a denoised copy of data the PACS no longer holds. The done record now keeps the SHA-256 of its SOP Instance
+    UIDs and of their InstanceCreationDate/Time (QIDO-RS, before the download): on a real Orthanc, an instance
+    deleted and another stored (same count), then an instance stored again under its UID with new pixels and a new
+    creation time, are each denoised again, saying why, and the output holds the new pixels. A record of a run that
+    kept no identity is checked against the SOP Instance UIDs its output names (SourceImageSequence): replaced,
+    denoised again; unchanged, skipped and the identity recorded."""
+    import urllib.request as request
+
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        study = generate_uid()
+        make_series(shared_data, tmp_path / "series", range(0, 3), "abdomen low dose", study, "20200115")
+        files = sorted((tmp_path / "series").iterdir())
+        for k, path in enumerate(files):
+            ds = pydicom.dcmread(path)
+            ds.InstanceCreationDate, ds.InstanceCreationTime = "20200115", f"10000{k}"
+            ds.save_as(path, write_like_original=False)
+            pacs.upload(path)
+        out = tmp_path / "out"
+
+        def replace_instance(k: int, new_uid: bool, time_of_creation: str) -> None:
+            """Instance k deleted on the server and stored again with brighter pixels (a new SOP Instance UID or
+            the same one, created at ``time_of_creation``): the series keeps its count."""
+            ds = pydicom.dcmread(files[k])
+            orthanc_id = next(i["ID"] for i in pacs.get("/instances?expand")
+                              if i["MainDicomTags"]["SOPInstanceUID"] == ds.SOPInstanceUID)
+            request.urlopen(request.Request(f"{pacs.url}/instances/{orthanc_id}", method="DELETE"), timeout=60).close()
+            pixels = ds.pixel_array.copy()
+            pixels[100:300, 100:300] = pixels.max()
+            ds.PixelData = pixels.tobytes()
+            if new_uid:
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.InstanceCreationTime = time_of_creation
+            ds.save_as(files[k], write_like_original=False)
+            pacs.upload(files[k])
+            assert len(pacs.get("/instances")) == 3
+
+        def last_record() -> dict:
+            return json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+
+        def strip_identities() -> None:  # the records of a run before identities were kept
+            for path in (out / MANIFEST_DIR).glob("rank-*.jsonl"):
+                rows = [json.loads(line) for line in path.read_text().splitlines()]
+                path.write_text("".join(json.dumps({k: v for k, v in row.items() if k not in (
+                    "input_instances_sha256", "input_created_sha256")}) + "\n" for row in rows))
+
+        first = run_batch(pacs.dicomweb, out)
+        assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
+        record = last_record()
+        assert len(record["input_instances_sha256"]) == len(record["input_created_sha256"]) == 64, record
+        output = Path(record["output"])
+        before = read_volume(output).array
+        again = run_batch(pacs.dicomweb, out)
+        assert "1 series: 0 done, 1 skipped" in again.stdout, again.stdout + again.stderr
+
+        replace_instance(0, new_uid=True, time_of_creation="110000")
+        replaced = run_batch(pacs.dicomweb, out)
+        assert replaced.returncode == 0 and "1 series: 1 done, 0 skipped" in replaced.stdout, \
+            replaced.stdout + replaced.stderr
+        assert "denoising again: the server holds other instances of the series since" in replaced.stderr, \
+            replaced.stderr
+        after = read_volume(output).array
+        assert not np.array_equal(after, before)
+        assert last_record()["input_instances_sha256"] != record["input_instances_sha256"]
+
+        replace_instance(1, new_uid=False, time_of_creation="120000")
+        restored = run_batch(pacs.dicomweb, out)
+        assert restored.returncode == 0 and "1 series: 1 done, 0 skipped" in restored.stdout, \
+            restored.stdout + restored.stderr
+        assert "the server holds the series' instances stored again since" in restored.stderr, restored.stderr
+        again_after = read_volume(output).array
+        assert not np.array_equal(again_after, after)
+
+        strip_identities()
+        replace_instance(2, new_uid=True, time_of_creation="130000")
+        older = run_batch(pacs.dicomweb, out)
+        assert older.returncode == 0 and "1 series: 1 done, 0 skipped" in older.stdout, older.stdout + older.stderr
+        assert "than its output was made from" in older.stderr, older.stderr
+        assert not np.array_equal(read_volume(output).array, again_after)  # denoised, not the earlier output kept
+        strip_identities()
+        kept = run_batch(pacs.dicomweb, out)
+        assert "1 series: 0 done, 1 skipped" in kept.stdout, kept.stdout + kept.stderr
+        assert last_record()["input_instances_adopted"] is True and last_record()["input_instances_sha256"]
+        last = run_batch(pacs.dicomweb, out)
+        assert "1 series: 0 done, 1 skipped" in last.stdout, last.stdout + last.stderr
+    finally:
+        stop_orthanc(pacs)

@@ -24,6 +24,10 @@ have sent (:func:`instances_on_server`) before it stores anything, so that a run
 its "done" record never leads to a second derived series of the same source on the server (see
 :meth:`lib.batch.runner._Rank._resume`).
 
+A series is known by its UID and, beyond its instance count, by its SOP Instance UIDs and their creation dates and
+times as the server lists them (:func:`series_identity`, recorded before its download): a rerun denoises again a
+series whose instances were replaced (a corrected series sent again) or stored again under the same count.
+
 A series is downloaded only once the server's QIDO-RS answer shows it within the readers' voxel limit
 (``ADL_MAX_VOXELS``) and the free disk space of the download folder (:func:`check_download`): a series of thousands of
 slices filled the disk, or was downloaded whole before the reader refused it. A refused series fails with its reason
@@ -31,6 +35,7 @@ slices filled the disk, or was downloaded whole before the reader refused it. A 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -46,7 +51,7 @@ from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, re
 
 __all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "DownloadRefused", "PacsStoreError", "check_download",
            "derived_series", "discover_dicomweb", "download_series", "instances_on_server", "is_dicomweb_url",
-           "make_client", "store_series"]
+           "make_client", "series_identity", "source_instances_sha256", "store_series"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,9 @@ VOXELS_PER_INSTANCE = 512 * 512
 #: bytes allowed for the header of each downloaded or written file (beside its pixel data) when the disk space a
 #: download needs is estimated
 HEADER_BYTES = 64 * 1024
+#: instance attributes of a series' identity (:func:`series_identity`): SOPInstanceUID, InstanceCreationDate,
+#: InstanceCreationTime (standard; kept in a server's index, e.g. among Orthanc's main DICOM tags: no file read)
+IDENTITY_FIELDS = ("00080018", "00080012", "00080013")
 #: environment variable: the first wait (seconds) of the client's retries, each later wait twice the one before
 #: (dicomweb-client's default is 2 s: 2 + 4 + 8 + 16 = 30 s before a request to an unreachable server fails)
 RETRY_WAIT_ENV = "ADL_DICOMWEB_RETRY_WAIT_S"
@@ -163,6 +171,64 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
                                 output=out_root / study / series, voxels=instances * VOXELS_PER_INSTANCE,
                                 series_uid=series, study_uid=study))
     return refuse_collisions(sorted(items, key=lambda item: item.key), out_root)
+
+
+def _uids_sha256(uids) -> str:
+    """The SHA-256 of a set of UIDs: sorted, one a line (the same whatever order a server lists them in)."""
+    return hashlib.sha256("".join(f"{uid}\n" for uid in sorted(set(uids))).encode()).hexdigest()
+
+
+def series_identity(client, item: SeriesItem) -> dict:
+    """What the server holds of the series ``item`` now, beyond its instance count: ``input_instances_sha256``, the
+    SHA-256 of its SOP Instance UIDs (sorted), and, when the server returns InstanceCreationDate or
+    InstanceCreationTime, ``input_created_sha256``, of each UID with them. Recorded before the series is downloaded
+    and compared by a rerun, they tell a series whose instances were replaced under the same count (a corrected series
+    sent again: other UIDs; the same UIDs stored again, with new creation times) from the one denoised. One QIDO-RS
+    search of its instances (all pages, standard attributes only). {} when the server cannot list them all (an error
+    answered, a search cut by its limit on results: :func:`lib.pacs.search_whole`): the series is then known by its
+    instance count only, with a warning.
+
+    Raises:
+        requests.exceptions.ConnectionError, Timeout: the server cannot be reached.
+    """
+    from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
+
+    try:
+        found = search_whole(client, lambda: all_pages(lambda offset: client.search_for_instances(
+            study_instance_uid=item.study_uid or None, search_filters={"SeriesInstanceUID": item.series_uid},
+            fields=list(IDENTITY_FIELDS), offset=offset)), "Instance", f"the instances of series {item.series_uid}")
+    except (RequestsConnectionError, Timeout):
+        raise  # the download would fail the same way: the series fails as unreachable
+    except Exception as error:  # noqa: BLE001 - an HTTP error answered, a cut listing
+        log.warning("series %s: its instances cannot be listed whole (%s): a rerun tells a change by its instance "
+                    "count only", item.series_uid, one_line(error))
+        return {}
+    instances = [(str(_value(entry, "SOPInstanceUID")), str(_value(entry, "InstanceCreationDate")),
+                  str(_value(entry, "InstanceCreationTime"))) for entry in found or []]
+    instances = [entry for entry in instances if entry[0]]
+    if not instances:
+        return {}
+    identity = {"input_instances_sha256": _uids_sha256(uid for uid, _, _ in instances)}
+    if any(date or time for _, date, time in instances):
+        identity["input_created_sha256"] = _uids_sha256("\t".join(entry) for entry in instances)
+    return identity
+
+
+def source_instances_sha256(folder: Path) -> str | None:
+    """:func:`series_identity`'s ``input_instances_sha256`` of the instances that the derived series in ``folder``
+    was made from (their SOP Instance UIDs, which each file names in its SourceImageSequence; headers only): what a
+    run that recorded no identity denoised. None when the folder holds no file naming one."""
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    uids = set()
+    try:
+        for path in files:
+            head = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SourceImageSequence"])
+            for source in head.get("SourceImageSequence", None) or []:
+                uids.add(str(source.get("ReferencedSOPInstanceUID", "") or ""))
+    except Exception:  # noqa: BLE001 - not (all) DICOM: unknown
+        return None
+    uids.discard("")
+    return _uids_sha256(uids) if uids else None
 
 
 class DownloadRefused(ValueError):

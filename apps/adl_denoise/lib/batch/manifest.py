@@ -22,7 +22,11 @@ the input, see :class:`~lib.batch.discovery.SeriesItem`), ``input``, ``output``,
 ``modality``, ``status`` ("started", "done" or "failed"), ``seconds``, ``error``, ``rank``, ``world``, ``host``,
 ``time`` (Unix seconds), on a done record ``output_files``, ``output_bytes``, ``output_sha256`` and ``output_stat``
 (the output's stat key, :func:`lib.batch.runner._stat_key`) and, for a file or DICOM folder input, ``input_sha256``
-and ``input_stat``, with ``redone`` (why an earlier output was not kept) where it applies, plus e.g. ``stored`` (STOW-RS) and ``stage`` ("store" on a failed record: the series was
+and ``input_stat`` (a MetaImage or detached NRRD header with its data files), for a DICOMweb series (on each of its
+records) ``input_instances_sha256`` and, where the server returns them, ``input_created_sha256`` (its SOP Instance
+UIDs, and their InstanceCreationDate/Time, listed before the download: :func:`lib.batch.dicomweb.series_identity`;
+``input_instances_adopted`` when a rerun recorded them for an older record), with ``redone`` (why an earlier output
+was not kept) where it applies, plus e.g. ``stored`` (STOW-RS) and ``stage`` ("store" on a failed record: the series was
 denoised and written, the server did not store it all; a rerun sends the same files again, same UIDs, so that the
 server completes that derived series), and for a DICOMweb series ``derived_study_uid``, ``derived_series_uid``,
 ``derived_instances`` (the derived series written; recorded before its STOW-RS, so that a rerun after a run killed

@@ -10,12 +10,16 @@ half-written output under the final name) and record the outcome with the output
 SHA-256 of the input it came from. An output of this batch found empty, of other sizes than recorded (a write cut
 short before these flushes) or of other contents (overwritten, a slice replaced, another result copied over it) is
 set aside and done again as a missing one; a DICOM series whose files changed under the same UID and slices is
-denoised again (a file input is its contents: another content is another job); the record of the redone series
-says why (``redone``). A file is read for these checks only when its stat key (path, size, modification and change
-times, inode) differs from the recorded one, so that a rerun of an untouched archive reads none of it (and hashes no
-input file either, which it did before); one found unchanged gets its new key recorded. Any error of one series is recorded as failed with its message and the loop goes on, except
-that a rank stops after :data:`UNREACHABLE_LIMIT` series in a row failed for want of the DICOMweb server (the rest
-are "not tried": a rerun does them). One series is in memory at a time.
+denoised again (a file input is its contents, a MetaImage or detached NRRD header with its data files: another content
+is another job), and so is a DICOMweb series whose instances the server replaced or stored again under the same count
+(its SOP Instance UIDs and creation dates and times, :func:`.dicomweb.series_identity`, asked once per series and run);
+the record of the redone series says why (``redone``). A file is read for these checks only when its stat key
+(path, size, modification and change times, inode) differs from the recorded one, so that a rerun of an untouched
+archive reads none of it (and hashes no input file either, which it did before; the header of a NRRD or MetaImage
+input is read to find its data files); one found unchanged gets its new key recorded. Any error of one series is
+recorded as failed with its message and the loop goes on, except that a rank stops after :data:`UNREACHABLE_LIMIT`
+series in a row failed for want of the DICOMweb server (the rest are "not tried": a rerun does them). One series is
+in memory at a time.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is the training engine's
 (:func:`lib.engines.engine.setup_distributed`: Gloo on CPU, NCCL with one GPU per ``LOCAL_RANK``), and the only
@@ -43,6 +47,7 @@ from ..model_dispatch import (DENOISE_LEARNED_MODELS, DenoiseOptions, DenoiseRef
                               weights_for)
 from ..imaging import denoising_derivation, read_volume, write_dicom_derived_series, write_volume
 from ..imaging.errors import one_line
+from ..imaging.guards import image_files
 from ..runtime.atomic import atomic_write_text
 from ..runtime.hashing import file_sha256
 from . import dicomweb
@@ -139,17 +144,21 @@ def _stat_key(files: list[Path]) -> str:
 
 
 def _input_sha256(item: SeriesItem) -> str:
-    """The SHA-256 of the file (of the series' files, in name order, when it is a DICOM series)."""
+    """The SHA-256 of the file; of the series' files, in name order, when it is a DICOM series; of a header and its
+    data file(s) (:func:`_files_sha256`) when the voxels are in other files (a MetaImage ``.mhd``, a NRRD ``.nhdr``):
+    a header alone left a changed ``.raw`` taken for the input denoised."""
     if item.kind == "dicom":
         digest = hashlib.sha256()
         for path in sorted(item.files):
             digest.update(file_sha256(path).encode())
         return digest.hexdigest()
-    return file_sha256(item.source)
+    files = image_files(item.source)
+    return file_sha256(item.source) if len(files) == 1 else _files_sha256(files)
 
 
 def _input_files(item: SeriesItem) -> list[Path]:
-    return [Path(p) for p in sorted(item.files)] if item.kind == "dicom" else [Path(item.source)]
+    """The files an input is read from: a DICOM series' files, an image file with its data file(s)."""
+    return [Path(p) for p in sorted(item.files)] if item.kind == "dicom" else image_files(item.source)
 
 
 # ------------------------------------------------------------------------------------------------ one rank
@@ -171,18 +180,13 @@ def _output_files(output: Path) -> list[Path]:
     folder's files."""
     if output.is_dir():
         return sorted(p for p in output.iterdir() if p.is_file())
-    if output.name.lower().endswith(".mhd"):  # the voxels are in the file its ElementDataFile line names
-        for line in output.read_text(encoding="latin-1").splitlines():
-            key, _, value = line.partition("=")
-            data = value.strip()
-            if key.strip() == "ElementDataFile" and data and data != "LOCAL" and " " not in data:
-                return [output, output.parent / data]
-    return [output]
+    # this app writes a detached data file for .mhd only (its ElementDataFile line names it)
+    return image_files(output) if output.name.lower().endswith(".mhd") else [output]
 
 
-def _output_sha256(files: list[Path]) -> str:
-    """The SHA-256 of an output's files: of the file, or of the names and SHA-256 of each (a series folder, a
-    MetaImage header and its data file)."""
+def _files_sha256(files: list[Path]) -> str:
+    """The SHA-256 of the names and SHA-256 of each file (an output's files: a series folder, a MetaImage header
+    and its data file; an input header and its data files)."""
     digest = hashlib.sha256()
     for path in files:
         digest.update(f"{path.name}\t{file_sha256(path)}\n".encode())
@@ -196,7 +200,7 @@ def _output_size(output: Path) -> dict:
     files = _output_files(output)
     stat = _stat_key(files)
     return {"output_files": len(files), "output_bytes": sum(p.stat().st_size for p in files),
-            "output_sha256": _output_sha256(files), "output_stat": stat}
+            "output_sha256": _files_sha256(files), "output_stat": stat}
 
 
 def _output_damage(record: dict, output: Path) -> str:
@@ -314,6 +318,8 @@ class _Rank:
         self.scratch = Path(settings.output) / ".denoise_batch_download" / f"rank-{rank:05d}"
         self.last_error = ""
         self.last_unreachable = False  # the last failure: the server could not be reached
+        self._identity: tuple[str, dict] | None = None  # (series key, its _series_identity): asked once a series
+        self._sources: tuple[str, str | None] | None = None  # (series key, its _made_from)
 
     def run(self, items: list[SeriesItem], bar) -> BatchSummary:
         summary = BatchSummary(ranks=1)
@@ -382,9 +388,14 @@ class _Rank:
             return self._failed(base, identity, started,
                                 f"{item.output} exists and was not written by this batch (no manifest record): "
                                 "move it away or choose another --output")
-        try:  # what the output comes from, hashed before it is read, for a rerun to compare (_input_changed)
-            source = self._input_digest(item) if item.kind != "dicomweb" else {}
-        except OSError as error:
+        try:  # what the output comes from, taken before it is read, for a rerun to compare (_input_changed)
+            if item.kind == "dicomweb":  # on every record of the series: _resume compares those it finds too
+                base.update(self._series_identity(item))
+                source = {}
+            else:
+                source = self._input_digest(item)
+        except OSError as error:  # (requests' errors are OSErrors)
+            self.last_unreachable = _unreachable(error)
             return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
         self.manifest.append({**base, "status": "started"})
         self.ours.add(base["output"])
@@ -422,6 +433,17 @@ class _Rank:
         self.known_inputs[stat] = sha
         return {"input_sha256": sha, "input_stat": stat}
 
+    def _series_identity(self, item: SeriesItem) -> dict:
+        """:func:`.dicomweb.series_identity` of a DICOMweb series, asked once per series and run (before its
+        download): what a rerun compares with the done record, and what a new record keeps.
+
+        Raises:
+            requests.exceptions.ConnectionError, Timeout: the server cannot be reached.
+        """
+        if self._identity is None or self._identity[0] != item.key:
+            self._identity = (item.key, dicomweb.series_identity(self.client, item))
+        return self._identity[1]
+
     def _recheck(self, item: SeriesItem, identity: str, previous: dict | None, digest: dict, ours: bool
                  ) -> _Recheck:
         """Whether the done record ``previous`` (the last record of the series' job, if any) still holds for this input
@@ -434,17 +456,19 @@ class _Rank:
            only if the server still holds its stored derived series.
         2. A done record whose output is there (or, with ``--store-to-pacs``, whose derived series the server still
            holds whole, :meth:`_kept_on_server`) is ``stale`` when the series has other slices (a DICOM series' voxels,
-           a DICOMweb series' instance count), other weights or restoration width would be used
+           a DICOMweb series' instance count), a DICOMweb series other instances (other SOP Instance UIDs, or stored
+           again: :meth:`_instances_changed`), other weights or restoration width would be used
            (:meth:`_changed_since`), or a DICOM series with a UID has other contents under the same slices
            (:meth:`_input_changed`; records before inputs were hashed: not compared). An input that cannot be read
-           for this is ``unreadable``. Else it ``holds``; a file or a series without a UID is its contents (``digest``,
-           its job's identity): another content is another job, with no done record.
+           (or a server that cannot be reached) for this is ``unreadable``. Else it ``holds``; a file (with the data
+           files its header names) or a series without a UID is its contents (``digest``, its job's identity): another
+           content is another job, with no done record.
         3. No record of this job, but a done record of another input at the same output (a file replaced by another
            volume, a series without a UID whose contents changed): ``stale``, the output is written again.
 
         Files are read (hashed) only when their stat keys differ from the record's; those found as recorded have their
         new keys in ``refresh``, for the skip to record (a file input's or a series without UID's ``digest`` when its
-        key changed)."""
+        key changed; a DICOMweb series' identity when its record kept none)."""
         recheck = _Recheck()
         present = item.output.exists()
         done = bool(previous and previous.get("status") == "done")
@@ -457,8 +481,9 @@ class _Rank:
             try:
                 recheck.stale = self._changed_since(previous, item) or self._input_changed(previous, item,
                                                                                            recheck.refresh)
-            except OSError as error:
+            except OSError as error:  # (a DICOMweb server that cannot be reached too: requests' errors are OSErrors)
                 recheck.unreadable = f"cannot read {item.source}: {one_line(error)}"
+                self.last_unreachable = _unreachable(error)
                 return recheck
             if not recheck.stale:
                 recheck.holds = True
@@ -475,11 +500,19 @@ class _Rank:
         """Why the input of a DICOM series with a UID is not the one ``record`` (done) denoised ("" when it is): the
         same UID and slices with other contents (a series sent again after a correction, files replaced). Its files
         are read only when their stat key differs from the record's; found unchanged, the new key goes to
-        ``refresh``. (A file or a series without a UID is its contents: another content is another job.)
+        ``refresh``. (A file or a series without a UID is its contents: another content is another job. A DICOMweb
+        series is compared by :meth:`_changed_since`; a record of it that keeps no identity gets the one found now.)
 
         Raises:
-            OSError: an input file cannot be read.
+            OSError: an input file cannot be read, the DICOMweb server cannot be reached.
         """
+        if item.kind == "dicomweb" and not record.get("input_instances_sha256"):
+            # a record without the identity, found to hold (_instances_changed): the identity found now is recorded,
+            # so that a later change is told by it (input_instances_adopted: recorded by a rerun, not the download)
+            now = self._series_identity(item)
+            if now:
+                refresh.update(now, input_instances_adopted=True)
+            return ""
         if item.kind != "dicom" or not item.series_uid or not record.get("input_sha256"):
             return ""
         stat = _stat_key(_input_files(item))
@@ -491,6 +524,47 @@ class _Rank:
                     f"{now[:12]}, denoised {str(record['input_sha256'])[:12]})")
         refresh["input_stat"] = stat
         return ""
+
+    def _instances_changed(self, record: dict, item: SeriesItem) -> str:
+        """Why the instances the server holds of a DICOMweb series are not those ``record`` says were downloaded (""
+        when they are, or when it cannot be told): other SOP Instance UIDs under the same count (a corrected series
+        sent again, an instance deleted and another stored), or the same UIDs with other InstanceCreationDate or
+        InstanceCreationTime (stored again): its ``input_instances_sha256`` and ``input_created_sha256`` against
+        :func:`.dicomweb.series_identity` now. A record without them (a run before identities were kept, a server that
+        did not list the instances whole) is told by the SOP Instance UIDs that its output names as its sources
+        (SourceImageSequence, :func:`.dicomweb.source_instances_sha256`; the output at ``item.output`` is the latest
+        any run wrote); no output: only its instance count tells, as before.
+
+        Raises:
+            requests.exceptions.ConnectionError, Timeout: the server cannot be reached.
+        """
+        if item.kind != "dicomweb":
+            return ""
+        now = self._series_identity(item)
+        if not now:
+            return ""  # not listed whole now (warned): its instance count only, as before
+        if not record.get("input_instances_sha256"):
+            made_from = self._made_from(item)
+            if made_from and made_from != now["input_instances_sha256"]:
+                return ("the server holds other instances of the series than its output was made from (the SOP "
+                        "Instance UIDs its SourceImageSequence names: instances replaced or a corrected series sent "
+                        "again)")
+            return ""
+        if now["input_instances_sha256"] != record["input_instances_sha256"]:
+            return ("the server holds other instances of the series since (other SOP Instance UIDs: instances "
+                    "replaced or a corrected series sent again)")
+        created = record.get("input_created_sha256")
+        if created and now.get("input_created_sha256") and now["input_created_sha256"] != created:
+            return ("the server holds the series' instances stored again since (same SOP Instance UIDs, other "
+                    "InstanceCreationDate/Time)")
+        return ""
+
+    def _made_from(self, item: SeriesItem) -> str | None:
+        """:func:`.dicomweb.source_instances_sha256` of the output of a DICOMweb series, read once per series and
+        run (only for records that keep no identity)."""
+        if self._sources is None or self._sources[0] != item.key:
+            self._sources = (item.key, dicomweb.source_instances_sha256(item.output))
+        return self._sources[1]
 
     def _output_changed(self, record: dict, output: Path, refresh: dict) -> str:
         """Why the output that ``record`` (done) says this batch wrote does not hold what it wrote ("" when it does):
@@ -504,7 +578,7 @@ class _Rank:
             stat = _stat_key(files)
             if stat == record.get("output_stat"):
                 return ""
-            now = _output_sha256(files)
+            now = _files_sha256(files)
         except OSError as error:
             return f"{output} cannot be read ({one_line(error)})"
         if now != sha:
@@ -515,7 +589,8 @@ class _Rank:
 
     def _changed_since(self, record: dict, item: SeriesItem) -> str:
         """Why a series that an earlier run denoised must be denoised again ("" when it need not): its slices
-        changed in number or size (a slice arrived late: the UID stays, the voxels do not), the weight file this run
+        changed in number or size (a slice arrived late: the UID stays, the voxels do not), a DICOMweb series' instances
+        are other ones (:meth:`_instances_changed`), the weight file this run
         would use for the record's model and modality holds other weights than the record's (new shipped or
         published weights under the same name), or the default restoration width changed. An archive then ends
         up denoised by one model, not by whichever was installed when each series happened to run. Records of runs
@@ -527,6 +602,9 @@ class _Rank:
         done_voxels = record.get("voxels")
         if item.voxels and isinstance(done_voxels, int) and done_voxels and done_voxels != item.voxels:
             return f"the series has other slices since ({done_voxels} -> {item.voxels} voxels)"
+        instances = self._instances_changed(record, item)
+        if instances:
+            return instances
         model, modality, sha = record.get("model"), record.get("modality"), record.get("weights_sha256")
         if model not in DENOISE_LEARNED_MODELS or not sha:
             return ""  # classical models have no weights

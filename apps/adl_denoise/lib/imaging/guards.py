@@ -27,6 +27,7 @@ __all__ = [
     "check_size",
     "check_stored_size",
     "check_values",
+    "image_files",
     "make_temp_dir",
     "max_voxels",
     "parse_voxel_limit",
@@ -124,6 +125,49 @@ def _text_header(path: Path, limit: int = 65536) -> tuple[dict[str, str], int]:
             if match.group(1).strip().lower() == "elementdatafile":
                 break  # MetaImage: the data follows this line
     return fields, position
+
+
+def image_files(path: str | os.PathLike) -> list[Path]:
+    """The files that hold an image: ``path`` itself, then, for a MetaImage (``.mhd``, ``.mha``) or NRRD (``.nhdr``,
+    ``.nrrd``) header that keeps its voxels in other files (``ElementDataFile`` / ``data file``), those files in
+    the header's order: one file, a ``LIST`` of files (the lines after the field), or a pattern ``fmt min max step``
+    (``slice%03d.raw 1 40 1``). Relative names are relative to the header's folder. Headers only are read; the data
+    files need not exist.
+
+    Raises:
+        OSError: ``path`` cannot be read.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+        return [path]
+    fields, _ = _text_header(path)
+    if path.name.lower().endswith((".nrrd", ".nhdr")):
+        named = fields.get("data file") or fields.get("datafile") or ""
+    else:
+        named = fields.get("elementdatafile", "")
+    if not named or named.upper() == "LOCAL":
+        return [path]
+    parts = named.split()
+    if parts[0].upper() == "LIST":  # the names follow the field, one a line (the field is the header's last)
+        with open(path, "rb") as handle:
+            lines = handle.read(65536).decode("latin-1").splitlines()
+        start = next(k for k, line in enumerate(lines)
+                     if re.match(r"^\s*(elementdatafile|data ?file)\s*(:=|:|=)", line, re.I)) + 1
+        names = []
+        for line in lines[start:]:
+            if not line.strip():
+                break
+            names.append(line.strip())
+    elif "%" in parts[0] and len(parts) >= 3:
+        try:
+            first, last = int(parts[1]), int(parts[2])
+            step = int(parts[3]) if len(parts) > 3 else 1
+            names = [parts[0] % k for k in range(first, last + (1 if step > 0 else -1), step or 1)]
+        except (TypeError, ValueError):
+            names = [named]
+    else:
+        names = [named]
+    return [path] + [Path(name) if os.path.isabs(name) else path.parent / name for name in names]
 
 
 def _stored_bytes(path: Path) -> tuple[int, str] | None:
