@@ -21,7 +21,7 @@ from .ct_lowdose import (
     soft_tissue_mask,
     tube_current_modulation_factors,
 )
-from .estimate import estimate_ct_noise_std_hu, estimate_noise_sigma
+from .estimate import estimate_ct_noise_std_hu, estimate_noise_sigma, flat_window_noise_std
 from .generic import add_gaussian_noise, add_poisson_noise, add_speckle_noise
 from .mr import add_rician_noise, rician_bias_corrected, rician_expected_magnitude
 from .projector import (
@@ -54,6 +54,7 @@ __all__ = [
     "tube_current_modulation_factors",
     "estimate_ct_noise_std_hu",
     "estimate_noise_sigma",
+    "flat_window_noise_std",
     "add_gaussian_noise",
     "add_poisson_noise",
     "add_speckle_noise",

@@ -6,10 +6,18 @@ from scipy import ndimage
 
 from ._validation import check_image
 
-__all__ = ["estimate_ct_noise_std_hu", "estimate_noise_sigma"]
+__all__ = ["CT_NOISE_WINDOW", "estimate_ct_noise_std_hu", "estimate_noise_sigma", "flat_window_noise_std"]
 
 # MAD -> std for a Gaussian: sigma = median(|x|) / Phi^-1(3/4).
 _MAD_TO_STD = 1.0 / 0.6744897501960817
+
+#: window side (pixels) of the CT soft-tissue noise estimate (:func:`flat_window_noise_std`): wide enough that the
+#: plane removed with each window's mean takes little of the noise of smooth reconstruction kernels
+CT_NOISE_WINDOW = 25
+#: fewer window positions than this inside the mask: try the next smaller window (see :func:`flat_window_noise_std`)
+MIN_WINDOWS = 500
+#: the smaller windows tried, in turn, where the mask holds too few of the wide one (thin or small soft tissue)
+_FALLBACK_WINDOWS = (19, 15, 9, 5)
 
 
 def _haar_hh_sigma(slice_2d: np.ndarray, mask: np.ndarray | None) -> float:
@@ -37,6 +45,79 @@ def _local_std_sigma(slice_2d: np.ndarray, window: int, quantile: float, mask: n
     return float(np.quantile(local, quantile)) if local.size else 0.0
 
 
+def _plane_fit_variances(images: np.ndarray, window: int, mask: np.ndarray | None) -> np.ndarray:
+    """Residual variance about a least-squares plane in each ``window`` x ``window`` window lying entirely inside
+    ``mask`` (entirely inside each image without one), unbiased for white noise (divided by ``window**2 - 3``).
+
+    Args:
+        images: (N, H, W) float array; windows never straddle two images.
+        window: odd window side, <= H and W.
+        mask: (N, H, W) bool or None.
+
+    Returns:
+        1-D array of the variances, one per window position (image units squared).
+    """
+    a = images.astype(np.float64, copy=False)
+    size = (1, window, window)
+    mean = ndimage.uniform_filter(a, size, mode="reflect")
+    var = ndimage.uniform_filter(a * a, size, mode="reflect") - mean * mean
+    # the window's offsets -r..r are centred, so x and y fits are independent: remove cov(a, x)^2 / var(x) each
+    offsets = np.arange(window, dtype=np.float64) - window // 2
+    var_offset = float(np.mean(offsets ** 2))
+    for axis in (1, 2):
+        shape = [1, 1, 1]
+        shape[axis] = a.shape[axis]
+        coord = np.broadcast_to(np.arange(a.shape[axis], dtype=np.float64).reshape(shape), a.shape)
+        cov = ndimage.uniform_filter(a * coord, size, mode="reflect") - mean * coord
+        var -= cov * cov / var_offset
+    var = np.maximum(var, 0.0) * (window * window / (window * window - 3.0))
+    inside = np.ones(a.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    # centres whose whole window lies inside: the mask eroded by the window (border_value=0 drops image edges)
+    inside = ndimage.binary_erosion(inside, np.ones(size, dtype=bool), border_value=0)
+    return var[inside]
+
+
+def flat_window_noise_std(images: np.ndarray, mask: np.ndarray | None = None, *, window: int = CT_NOISE_WINDOW,
+                          min_windows: int = MIN_WINDOWS) -> float | None:
+    """Noise std of flat regions: the square root of the median residual variance about a plane fitted in each
+    ``window`` x ``window`` window lying entirely inside ``mask``, pooled over the images.
+
+    Correlated noise (smooth reconstruction kernels) keeps much of its variance at low spatial frequencies, which a
+    small window's own mean takes away (the median 5 x 5 local std read it low; bench/README.md, "Level
+    calibration"). A wide window with a plane fit keeps almost all of it while still removing the anatomy's
+    gradients; the median over windows ignores those that hold edges or vessels. Where the mask holds fewer than
+    ``min_windows`` positions of the window, the next of 19, 15, 9, 5 pixels that fits is used: the few wide windows
+    of a narrow region (the mediastinum) sit in one or two organs and read their anatomy; small regions read low
+    again on correlated noise.
+
+    Args:
+        images: (H, W) or (N, H, W) image(s), e.g. HU.
+        mask: bool array of the same shape (e.g. soft tissue), or None for everywhere.
+        window: odd window side in pixels (>= 3).
+        min_windows: fewest window positions an estimate needs.
+
+    Returns:
+        The std in image units, or None where no window size fits ``min_windows`` times.
+    """
+    arr = np.asarray(images)
+    if arr.ndim == 2:
+        arr = arr[None]
+        mask = None if mask is None else np.asarray(mask)[None]
+    if arr.ndim != 3:
+        raise ValueError(f"images must be (H, W) or (N, H, W), got shape {np.shape(images)}")
+    if mask is not None and np.shape(mask) != arr.shape:
+        raise ValueError(f"mask shape {np.shape(mask)} differs from the images' {arr.shape}")
+    if int(window) < 3 or int(window) % 2 == 0:
+        raise ValueError(f"window must be odd and >= 3, got {window}")
+    for side in (int(window),) + tuple(w for w in _FALLBACK_WINDOWS if w < int(window)):
+        if side > min(arr.shape[1:]):
+            continue
+        variances = _plane_fit_variances(arr, side, mask)
+        if variances.size >= int(min_windows):
+            return float(np.sqrt(np.median(variances)))
+    return None
+
+
 def estimate_noise_sigma(
     image: np.ndarray,
     method: str = "wavelet",
@@ -59,8 +140,9 @@ def estimate_noise_sigma(
         quantile: quantile for "local_std", in (0, 1).
         mask: optional boolean array of the image's shape: estimate only from these pixels (e.g. soft tissue from
             :func:`lib.noise.soft_tissue_mask`). For a CT slice, ``method="local_std", window=5, quantile=0.5`` in
-            a soft-tissue mask gives close to the pixel noise std (27 HU on the thorax scan of shared/data, where
-            the wavelet estimate says 10 HU because the noise is correlated).
+            a soft-tissue mask is far closer to the pixel noise std than the wavelet estimate (27 HU on the thorax
+            scan of shared/data, where the wavelet estimate says 10 HU because the noise is correlated) but still
+            reads correlated noise low: :func:`estimate_ct_noise_std_hu` gives the pixel std.
 
     Returns:
         Estimated sigma (float >= 0).
@@ -92,17 +174,13 @@ def estimate_noise_sigma(
 def estimate_ct_noise_std_hu(image_hu: np.ndarray, *, max_slices: int = 32, min_pixels: int = 500) -> float | None:
     """Soft-tissue pixel noise std (HU) of a CT image: the noise a normal-dose scan already carries.
 
-    Per slice, ``estimate_noise_sigma(method="local_std", window=5, quantile=0.5)`` in the slice's eroded soft-tissue
-    mask (:func:`lib.noise.soft_tissue_mask`, -100..200 HU); the median over at most ``max_slices`` slices spread
-    over the volume, skipping those with fewer than ``min_pixels`` soft-tissue pixels (an empty mask would count
-    as 0 HU). Not the default wavelet estimate: it sees only the finest frequencies and gives a third to a half
-    of CT noise (11.9 HU where the thorax scan of shared/data carries about 30 HU).
-
-    Calibrated on real scans of shared/data with sinogram-domain noise of a known std added
-    (:func:`lib.noise.simulate_low_dose_ct`, quarter-dose protocol, 20 and 32 HU in soft tissue): the head phantom
-    (~3 HU of its own) + 20 / 32 HU gave 20.4 / 32.0 HU (truth 20.2 / 32.1); for the Philips thorax and the
-    InVesalius head, estimate(scan + noise)^2 - added^2 gave 31.2 / 31.9 and 6.9 / 5.4 HU against 30.5 and 7.0 HU
-    for the scans alone: within about 1-2 HU.
+    Per slice, :func:`flat_window_noise_std` (median residual variance about a plane in 25 x 25 windows) in the
+    slice's eroded soft-tissue mask (:func:`lib.noise.soft_tissue_mask`, -100..200 HU); the median over at most
+    ``max_slices`` slices spread over the volume, skipping those with fewer than ``min_pixels`` soft-tissue pixels
+    or too few windows inside them. Unbiased on white noise, and on noise correlated by smooth reconstruction
+    kernels (FBP with smooth filters, noise low-pass filtered over a pixel or so); noise correlated over several
+    pixels still reads low (see bench/README.md, "Level calibration"). Not the wavelet estimate, which sees only the
+    finest frequencies, nor the median 5 x 5 local std this replaced, which read correlated noise low.
 
     Returns:
         The estimate in HU, or None where no slice has enough soft tissue to measure it.
@@ -119,5 +197,7 @@ def estimate_ct_noise_std_hu(image_hu: np.ndarray, *, max_slices: int = 32, min_
     for z in picked:
         mask = soft_tissue_mask(arr[z])
         if np.count_nonzero(mask) >= int(min_pixels):
-            values.append(_local_std_sigma(arr[z], 5, 0.5, mask))
+            value = flat_window_noise_std(arr[z], mask)
+            if value is not None:
+                values.append(value)
     return float(np.median(values)) if values else None

@@ -15,8 +15,9 @@ Level calibration (:meth:`NoiseModel.calibrate_level`, done by :func:`lib.noise_
 smooth patches of real scans still hold anatomy weaker than the noise (fat/muscle texture, vessels) and sit where
 the noise is higher than the band's average, so the learnt soft-tissue noise came out 1.1-2x too high (real Philips
 thorax: 59 HU learnt where the scan carries 29 HU). The soft-tissue noise of the low-dose scans themselves is
-measured with :func:`lib.noise.estimate_ct_noise_std_hu` (within 1-2 HU on real scans with known added noise), the
-model's samples at soft-tissue conditions are measured with the same local-std estimator, and the ratio is stored
+measured with :func:`lib.noise.estimate_ct_noise_std_hu` (median plane-fit variance in wide windows; see its
+notes for how close it reads), the model's samples at soft-tissue conditions are measured with the same estimator
+(:func:`lib.noise.flat_window_noise_std`), and the ratio is stored
 as ``level_correction``: every sample is multiplied by it (all HU bands alike: the texture, i.e. the normalised
 NPS, and the ratios between bands are the learnt ones; only soft tissue is calibrated in absolute terms). Files
 without the key sample exactly as before.
@@ -210,18 +211,20 @@ class NoiseModel:
 
     def soft_tissue_level_hu(self, condition_hu: np.ndarray | Sequence[float] | None = None, n: int = 512,
                              seed: int = 12345) -> float:
-        """The model's soft-tissue noise level as :func:`lib.noise.estimate_ct_noise_std_hu` would measure it: the
-        median 5 x 5 local std of ``n`` sampled patches (their inner pixels, no border effects), at the given soft-
-        tissue conditions (cycled; default 0..100 HU), clamped to the trained range; level correction included."""
+        """The model's soft-tissue noise level as :func:`lib.noise.estimate_ct_noise_std_hu` measures a scan's: its
+        estimator (:func:`lib.noise.flat_window_noise_std`, windows inside each patch) on ``n`` sampled patches at
+        the given soft-tissue conditions (cycled; default 0..100 HU), clamped to the trained range; level
+        correction included."""
+        from ..noise import flat_window_noise_std
+
         lo, hi = self.condition_range_hu
         cond = np.asarray(condition_hu if condition_hu is not None and len(condition_hu) else
                           np.linspace(0.0, 100.0, 11), dtype=np.float32).reshape(-1)
         cond = np.clip(np.resize(cond, int(n)), lo, hi)
-        patches = self.sample_patches(cond, seed=seed).astype(np.float64)
-        mean = ndimage.uniform_filter(patches, size=(1, 5, 5), mode="reflect")
-        sq = ndimage.uniform_filter(patches * patches, size=(1, 5, 5), mode="reflect")
-        local = np.sqrt(np.maximum(sq - mean * mean, 0.0) * 25.0 / 24.0)[:, 2:-2, 2:-2]
-        return float(np.median(local))
+        level = flat_window_noise_std(self.sample_patches(cond, seed=seed))
+        if level is None:  # a patch smaller than the smallest window: cannot happen for patch sizes >= 16
+            raise ValueError(f"patches of {self.patch_size} px are too small to measure the noise level")
+        return level
 
     def calibrate_level(self, measured_soft_tissue_std_hu: float,
                         condition_hu: np.ndarray | Sequence[float] | None = None) -> dict:
@@ -241,7 +244,7 @@ class NoiseModel:
         record = {"measured_soft_tissue_std_hu": measured, "learnt_soft_tissue_std_hu": learnt,
                   "calibrated_soft_tissue_std_hu": self.soft_tissue_level_hu(condition_hu),
                   "level_correction": self.level_correction,
-                  "estimator": "median 5x5 local std (lib.noise.estimate_ct_noise_std_hu)"}
+                  "estimator": "median plane-fit variance in 25 x 25 windows (lib.noise.estimate_ct_noise_std_hu)"}
         self.training_stats["level_calibration"] = record
         return record
 
