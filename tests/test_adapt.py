@@ -737,6 +737,29 @@ def test_adapt_takes_the_noise_of_real_normal_dose_images_off_the_learnt_noise(t
 
 
 @pytest.mark.slow
+def test_adapt_no_level_calibration_keeps_the_learnt_noise_level(tmp_path, tiny_weights, low_dose_slab, capsys):
+    """``adapt --no-level-calibration``: the noise model is used at its learnt level (level_correction 1.0), and
+    the report says so (settings and noise_level), as does the noise model kept in --work-dir."""
+    from lib.noise_learning.noise_model import NoiseModel
+    from lib.noise_learning.workflow import LEVEL_CALIBRATION_OFF
+
+    output, work = tmp_path / "adl_site.pt", tmp_path / "work"
+    code = import_cli().main(["adapt", "--lowdose", str(low_dose_slab), "--model", "adl", "--initial-weights",
+                              str(tiny_weights / "pretrained_adl_ct.pt"), "--output", str(output), "--work-dir",
+                              str(work), *TINY, "--noise-steps", "2", "--steps", "1", "--check-shifts", "1",
+                              "--force", "--no-level-calibration"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads((tmp_path / "adl_site.pt.adapt.json").read_text())
+    assert report["settings"]["calibrate_noise_level"] is False
+    assert report["noise_level"] == {"level_correction": 1.0, "skipped": LEVEL_CALIBRATION_OFF}
+    assert "NOT calibrated (turned off by request)" in out
+    model = NoiseModel.load(work / "noise_model.pt")
+    assert model.level_correction == 1.0
+    assert model.training_stats["level_calibration_skipped"] == LEVEL_CALIBRATION_OFF
+
+
+@pytest.mark.slow
 def test_adapt_takes_single_slice_2d_inputs(tmp_path, tiny_weights):
     """Two 2D low-dose slices (single DICOM files, 2D NIfTI): adapted on, checked and answered (written or
     refused as worse), not failed with an internal geometry message."""

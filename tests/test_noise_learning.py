@@ -16,7 +16,7 @@ import torch
 from scipy import ndimage
 
 import processes
-from conftest import APP_DIR, import_cli
+from conftest import APP_DIR, SAMPLE_STUDIES, import_cli
 from lib.noise import LowDoseCTSettings, radial_noise_power_spectrum, simulate_low_dose_ct, soft_tissue_mask
 from lib.noise_learning import (
     LearnedNoiseSource,
@@ -394,6 +394,40 @@ def test_learnt_soft_tissue_noise_level_matches_the_scans_known_noise(tmp_path) 
     assert old.level_correction == 1.0
     assert np.allclose(old.sample_patches([40.0], seed=3) * model.level_correction,
                        model.sample_patches([40.0], seed=3), rtol=1e-5, atol=1e-4)
+
+
+def test_cli_learn_noise_no_level_calibration_keeps_the_learnt_level(tmp_path, capsys) -> None:
+    """``learn-noise --no-level-calibration`` keeps the learnt level (level_correction 1.0) and the model file says
+    calibration was turned off by request; without it the same run calibrates (the level moves). Real anatomy: the
+    InVesalius head CT at a simulated quarter dose, 4 slices."""
+    from lib.noise_learning.workflow import LEVEL_CALIBRATION_OFF
+
+    low = SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz"
+    if not low.is_file():
+        pytest.skip(f"{low} missing: build the sample data with ./run.sh")
+    image = sitk.ReadImage(str(low))
+    path = _write_nifti(tmp_path / "low_dose.nii.gz", sitk.GetArrayFromImage(image)[40:60:5], image.GetSpacing())
+    cli = import_cli()
+    common = ["learn-noise", "--input", str(path), "--modality", "ct", "--steps", "20", "--batch-size", "16",
+              "--device", "cpu", "--seed", "0"]
+    models = {}
+    for name, extra in (("off", ["--no-level-calibration"]), ("on", [])):
+        capsys.readouterr()
+        assert cli.main([*common, "--output", str(tmp_path / f"{name}.pt"), *extra]) == 0
+        models[name] = (NoiseModel.load(tmp_path / f"{name}.pt"), capsys.readouterr().out)
+    off, out = models["off"]
+    assert off.level_correction == 1.0
+    assert off.training_stats["level_calibration_skipped"] == LEVEL_CALIBRATION_OFF
+    assert "level_calibration" not in off.training_stats
+    assert "NOT calibrated (turned off by request)" in out and "turned off by request" in off.summary()
+    payload = torch.load(tmp_path / "off.pt", map_location="cpu", weights_only=True)
+    assert payload["level_correction"] == 1.0
+    on, out = models["on"]
+    assert abs(on.level_correction - 1.0) > 0.02 and "level_calibration_skipped" not in on.training_stats
+    assert "measured in the low-dose scans" in out
+    # same seed, same training: the two differ by the level correction only
+    assert np.allclose(off.sample_patches([40.0], seed=3) * on.level_correction, on.sample_patches([40.0], seed=3),
+                       rtol=1e-4, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------- command line

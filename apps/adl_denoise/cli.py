@@ -947,6 +947,7 @@ def cmd_learn_noise(args: argparse.Namespace) -> int:
         model = learn_noise_model(paths, force_ct=args.modality == "ct", device=device, progress=True,
                                   report=lambda line: print(line, flush=True),
                                   info={"command": "learn-noise", "inputs": [p.name for p in paths]},
+                                  calibrate_level=not args.no_level_calibration,
                                   **_given(patch_size=args.patch_size, steps=args.steps, batch_size=args.batch_size,
                                            lr=args.lr, max_patches=args.max_patches, detrend=args.detrend,
                                            seed=args.seed))
@@ -967,7 +968,8 @@ def _add_learn_noise_parser(verbs) -> None:
         description="TDDL noise learning: cut noise patches out of uniform regions of LOW-DOSE CT images (no "
                     "normal-dose images needed), learn their distribution with a conditional VAE (noise depends on "
                     "the local intensity), scale its level so that its soft-tissue noise is the one measured in the "
-                    "images' soft tissue (both levels are printed), and write a noise model. 'train --model adl --noise-model FILE' then "
+                    "images' soft tissue (both levels are printed; --no-level-calibration keeps the learnt level), "
+                    "and write a noise model. 'train --model adl --noise-model FILE' then "
                     "adds sampled noise to normal-dose images to make pseudo low-dose / normal-dose pairs.")
     ln.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH",
                     help="low-dose CT images or folders (DICOM series, NIfTI, NRRD, MHA)")
@@ -983,6 +985,9 @@ def _add_learn_noise_parser(verbs) -> None:
     ln.add_argument("--detrend", choices=("mean", "plane", "quadratic"),
                     help="trend removed from each noise patch (default quadratic: right for filtered back-projection "
                          "noise; mean or plane for blotchy iterative-reconstruction noise)")
+    ln.add_argument("--no-level-calibration", action="store_true",
+                    help="keep the learnt noise level as it is: do not scale it to the soft-tissue noise measured in "
+                         "the images (the model file records that calibration was turned off)")
     ln.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="compute device (default: GPU when present)")
     ln.add_argument("--seed", type=_non_negative_int, help="random seed")
     ln.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -1029,7 +1034,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             raise CommandError(f"--work-dir {args.work_dir} is a file, not a folder")
         _check_writable_parent(work_dir, args.work_dir, "--work-dir")
     device = _resolve_device(args.device)
-    settings = AdaptSettings(device=device, **_given(
+    settings = AdaptSettings(device=device, calibrate_noise_level=not args.no_level_calibration, **_given(
         holdout_every=args.holdout_every, noise_steps=args.noise_steps, noise_patch_size=args.noise_patch_size,
         steps=args.steps, patch_size=args.patch_size, batch_size=args.batch_size, lr=args.lr,
         samples_per_epoch=args.samples_per_epoch, grid=args.grid, check_radius=args.check_radius,
@@ -1076,6 +1081,9 @@ def _add_adapt_parser(verbs) -> None:
     ad.add_argument("--holdout-every", type=_positive_int, help="hold out every n-th low-dose slice for the check (5)")
     ad.add_argument("--noise-steps", type=_positive_int, help="noise-model training steps (500)")
     ad.add_argument("--noise-patch-size", type=_positive_int, help="noise patch size, multiple of 8 (32)")
+    ad.add_argument("--no-level-calibration", action="store_true",
+                    help="keep the learnt noise level: do not scale it to the soft-tissue noise measured in the "
+                         "low-dose scans (as learn-noise --no-level-calibration; the report records it)")
     ad.add_argument("--steps", type=_positive_int, help="fine-tuning steps (200)")
     ad.add_argument("--patch-size", type=_positive_int, help="fine-tuning patch size (adl 96, tddl_gcn 48)")
     ad.add_argument("--batch-size", type=_positive_int, help="fine-tuning patches per step (4)")

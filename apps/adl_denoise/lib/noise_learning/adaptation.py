@@ -74,7 +74,9 @@ class AdaptSettings:
     around each scored pixel, :func:`lib.evaluation.self_supervised.mask_pixels`; number of the ``grid**2`` shifts
     scored, None = all); ``tolerance``: relative loss increase still accepted (0 = strictly not worse);
     ``lesions_per_slice``, ``lesion_tolerance_pp``: the lesion check (lesions planted per held-out slice;
-    percentage points of contrast kept the adapted model may lose against the starting one); ``seed``, ``device``.
+    percentage points of contrast kept the adapted model may lose against the starting one);
+    ``calibrate_noise_level``: scale the learnt noise to the low-dose scans' measured soft-tissue noise
+    (:func:`learn_noise_model`'s ``calibrate_level``); ``seed``, ``device``.
     """
 
     holdout_every: int = 5
@@ -91,6 +93,7 @@ class AdaptSettings:
     tolerance: float = 0.0
     lesions_per_slice: int = 6
     lesion_tolerance_pp: float = 2.0
+    calibrate_noise_level: bool = True
     seed: int = 0
     device: str = "cpu"
 
@@ -460,7 +463,8 @@ def adapt_to_low_dose(
         noise_model = learn_noise_model(list(train_files.values()), patch_size=int(settings.noise_patch_size),
                                         steps=int(settings.noise_steps), force_ct=True, device=settings.device,
                                         seed=int(settings.seed), progress=False, report=report,
-                                        info={"command": "adapt", "images": list(train_files)})
+                                        info={"command": "adapt", "images": list(train_files)},
+                                        calibrate_level=bool(settings.calibrate_noise_level))
         noise_path = noise_model.save(work / "noise_model.pt")
         seconds["learn_noise"] = time.perf_counter() - t0
 
@@ -522,8 +526,10 @@ def adapt_to_low_dose(
                                 "clean_noise_std_hu": source.reference_noise_std_per_volume,
                                 "noise_per_image": noise_per_image, "noise_added": noise_added_line(noise_per_image)},
                "noise_model": noise_model.summary(),
-               # the learnt soft-tissue level and the low-dose scans' measured one (None: not calibrated)
-               "noise_level": noise_model.training_stats.get("level_calibration"),
+               # the learnt soft-tissue level and the low-dose scans' measured one, or why it was not calibrated
+               "noise_level": noise_model.training_stats.get("level_calibration") or {
+                   "level_correction": noise_model.level_correction,
+                   "skipped": noise_model.training_stats.get("level_calibration_skipped")},
                "settings": dataclasses.asdict(settings)}
         try:
             candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record)

@@ -26,9 +26,12 @@ from .training import MIN_TRAINING_SAMPLES, train_noise_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdaptationData", "adaptation_data", "denoised_stand_ins", "learn_noise_model"]
+__all__ = ["LEVEL_CALIBRATION_OFF", "AdaptationData", "adaptation_data", "denoised_stand_ins", "learn_noise_model"]
 
 PathLike = str | os.PathLike
+
+#: ``training_stats["level_calibration_skipped"]`` of a model learnt with ``calibrate_level=False``
+LEVEL_CALIBRATION_OFF = "turned off by request"
 
 #: central slices of each held-out image whose denoised stand-in gives self-adaptation's validation PSNR
 HELD_OUT_STAND_IN_SLICES = 8
@@ -73,7 +76,9 @@ def learn_noise_model(
         info: stored in the model's metadata. The model names its inputs by file name only (a noise-model file
             may travel; a site's folders may name patients): keep folder paths out of ``info`` too.
         calibrate_level: scale the model's noise so that its soft-tissue level is the scans' measured one (skipped,
-            with a line to ``report``, where no input has enough soft tissue to measure it).
+            with a line to ``report``, where no input has enough soft tissue to measure it). False: the learnt level
+            is kept (``level_correction`` 1.0) and ``training_stats["level_calibration_skipped"]`` says
+            :data:`LEVEL_CALIBRATION_OFF`.
 
     Raises:
         ValueError: an input is not CT, constant, smaller than a patch, or too few smooth patches were found.
@@ -125,7 +130,8 @@ def learn_noise_model(
     model = train_noise_model(samples, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
                               device=device, info=info)
     if not calibrate_level:
-        model.training_stats["level_calibration_skipped"] = "not asked for"
+        model.training_stats["level_calibration_skipped"] = LEVEL_CALIBRATION_OFF
+        report(f"soft-tissue level NOT calibrated ({LEVEL_CALIBRATION_OFF}): the learnt level is kept")
         return model
     if not measured_levels:
         model.training_stats["level_calibration_skipped"] = "no input has enough soft tissue to measure its noise"
