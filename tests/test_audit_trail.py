@@ -655,6 +655,51 @@ def test_a_server_started_after_a_verdict_cut_short_does_not_hand_the_study_out_
 
 @pytest.mark.server
 @pytest.mark.slow
+def test_a_review_queue_hand_out_is_one_access_entry_and_info_updates_stay_recorded(folders):
+    """A study handed out by the review queue (MONAI Label's stock ``POST /activelearning/{strategy}``) is ONE
+    ``review_queue_handout`` entry: the study, the strategy, what the client asked and who asked. The stock route's
+    note of the hand-out in the image's info (``strategy``) left an ``image_info_updating`` / ``image_info_updated``
+    pair on every hand-out; the note is still kept, with no entries of its own. An info update of the stock route
+    (``PUT /datastore/image/info``) is still recorded as its pair, and the chain verifies."""
+    from mlserver import stop_server
+
+    from lib.activelearning import HANDOUT_EVENT
+
+    server = _start(folders, 1)
+    try:
+        url = server.url
+        handed = [requests.post(f"{url}/activelearning/next_unreviewed", json=body, timeout=60)
+                  for body in ({}, {"modality": "ct", "client_id": "reading-room-3"})]
+        for answer in handed:  # the queue's choice as before: the first unreviewed study, twice
+            assert answer.status_code == 200 and answer.json()["id"] == "ct_slab_b", answer.text
+        noted = requests.put(f"{url}/datastore/image/info", params={"image": "ct_slab_b"},
+                             data={"info": json.dumps({"note": "second opinion asked"})}, timeout=60)
+        assert noted.status_code == 200, noted.text
+        info = requests.get(f"{url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
+        assert info["note"] == "second opinion asked" and info["strategy"]["next_unreviewed"]["client_id"] == \
+            "reading-room-3", info
+        verify = requests.get(f"{url}/review/audit/verify", timeout=60).json()
+        assert verify["ok"] and not verify["refusing_entries"], verify
+    finally:
+        stop_server(server)
+    audit = AuditLog(folders["audit"])
+    assert audit.verify().ok
+    entries = [json.loads(line) for line in audit.path.read_text().splitlines()]  # the file the server wrote
+    assert [e["event"] for e in entries] == ["server_started", HANDOUT_EVENT, HANDOUT_EVENT, "image_info_updating",
+                                             "image_info_updated"]
+    handouts = [e["fields"] for e in entries[1:3]]
+    assert [(h["image"], h["strategy"], h["modality"], h["client_id"], h["remaining_unreviewed"]) for h in handouts] \
+        == [("ct_slab_b", "next_unreviewed", None, None, 4),
+            ("ct_slab_b", "next_unreviewed", "ct", "reading-room-3", 4)]
+    assert all(h["user"] is None and h["client"] == "127.0.0.1" and h["route"] == "POST /activelearning/next_unreviewed"
+               for h in handouts)
+    pending, updated = (e["fields"] for e in entries[3:])
+    assert pending["info"] == updated["info"] and updated["info"]["note"] == "second opinion asked"
+    assert updated["pending_seq"] == entries[3]["seq"]
+
+
+@pytest.mark.server
+@pytest.mark.slow
 def test_audit_trail_survives_a_restart_and_reports_tampering(folders):
     from mlserver import stop_server
 
@@ -792,6 +837,8 @@ def test_audit_trail_survives_a_restart_and_reports_tampering(folders):
             refused = requests.post(f"{server.url}/infer/adl", params={"image": "ct_slab_b", "output": "json"},
                                     data={"params": "{}"}, timeout=600)
             assert refused.status_code == 503 and "not denoised" in refused.text
+            handed = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=60)
+            assert handed.status_code == 200 and handed.json()["id"], handed.text  # a read: answered, not recorded
             assert "AUDIT TRAIL BROKEN" in server.log_tail(200_000)
         finally:
             stop_server(server)
@@ -849,6 +896,9 @@ def test_with_authentication_on_entries_name_the_tokens_user(folders):
             verdict = requests.post(f"{server.url}/review/ct_slab_b",
                                     json={"verdict": "accepted", "reviewer": "mallory"}, headers={"Authorization": f"Bearer {realm.token(reviewer)}"}, timeout=60)
             assert verdict.status_code == 200, verdict.text
+            handed = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"client_id": "ws-17"},
+                                   headers={"Authorization": f"Bearer {realm.token(reviewer)}"}, timeout=60)
+            assert handed.status_code == 200 and handed.json()["id"] == "ct_slab_c", handed.text
         finally:
             stop_server(server)
     finally:
@@ -859,6 +909,9 @@ def test_with_authentication_on_entries_name_the_tokens_user(folders):
     assert recorded["user"] == user and recorded["authenticated"] is True
     given = _events(audit, "verdict")[-1]
     assert (given["reviewer"], given["reviewer_from"], given["user"]) == (reviewer, "token", reviewer)
+    handout = _events(audit, "review_queue_handout")[-1]  # the user is the token's; client_id what the client said
+    assert (handout["image"], handout["user"], handout["authenticated"], handout["client_id"]) == (
+        "ct_slab_c", reviewer, True, "ws-17")
     assert "mallory" not in audit.path.read_text()
 
 

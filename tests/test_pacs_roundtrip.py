@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import urllib.request
 from pathlib import Path
 
@@ -469,6 +470,44 @@ def test_the_review_queue_of_a_pacs_follows_the_audit_log_whatever_the_cache(tmp
         assert NextUnreviewed(plain.audit)({}, plain.datastore()) == {"id": a, "remaining_unreviewed": 1}
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_hand_out_of_a_series_not_in_the_local_cache_is_one_access_entry_not_a_failure(tmp_path, tiny_weights):
+    """With ``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false`` a PACS series is never in the server's local cache (MONAI
+    Label adds one only once converted to NIfTI): it has no info. The stock active-learning route notes each
+    hand-out in the image's info, which failed there: every hand-out left an ``image_info_updating`` entry and an
+    ``image_info_updated_failed`` one (ImageNotFoundException), failures an auditor must chase that were none. Each
+    hand-out is now one ``review_queue_handout`` entry and nothing else, and the log verifies."""
+    import requests
+
+    from lib.activelearning import HANDOUT_EVENT
+    from lib.audit import AuditLog
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        uid = upload_real_ct_series(pacs, tmp_path / "ct")
+        audit_dir = tmp_path / "audit"
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"audit_dir": audit_dir},
+                              env={"MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI": "false"})
+        try:
+            for _ in range(2):  # the queue's choice as before: the one unreviewed series, each time
+                answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=600)
+                assert answer.status_code == 200 and answer.json()["id"] == uid, answer.text[:500]
+            verify = requests.get(f"{server.url}/review/audit/verify", timeout=60).json()
+            assert verify["ok"] and not verify["refusing_entries"], verify
+            server_log = server.log_tail(200_000)
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+    audit = AuditLog(audit_dir)
+    assert audit.verify().ok
+    entries = [json.loads(line) for line in audit.path.read_text().splitlines()]  # the file the server wrote
+    assert [e["event"] for e in entries] == ["server_started", HANDOUT_EVENT, HANDOUT_EVENT], \
+        [(e["event"], e["fields"].get("error")) for e in entries]
+    assert all(e["fields"]["image"] == uid and e["fields"]["strategy"] == "next_unreviewed" for e in entries[1:])
+    assert "Failed to update Image info" not in server_log  # the stock route's warning: nothing was attempted
 
 
 def test_a_series_sent_to_the_pacs_after_the_listing_is_found_and_queued(tmp_path, tiny_weights, monkeypatch):

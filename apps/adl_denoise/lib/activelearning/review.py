@@ -23,9 +23,9 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from ..audit import AuditError, AuditLog
 from ..audit.context import request_actor
 
-__all__ = ["VERDICTS", "MAX_REASON_CHARS", "NextUnreviewed", "NotThisStudysResult", "NothingToJudge", "QUEUE_LEFT",
-           "ambiguous_images", "has_image",
-           "record_result",
+__all__ = ["VERDICTS", "MAX_REASON_CHARS", "HANDOUT_EVENT", "NextUnreviewed", "NotThisStudysResult", "NothingToJudge",
+           "QUEUE_LEFT", "ambiguous_images", "has_image",
+           "record_handout", "record_result",
            "reconcile_reviews", "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail",
            "results_of", "stored_results", "study_modality"]
 
@@ -104,6 +104,23 @@ def record_result(audit: AuditLog, fields: dict) -> dict:
     """Append a ``result`` entry (the app's infer builds ``fields``: input identity, model, weights, params,
     user); returns the entry. Raises :class:`lib.audit.AuditError` when it cannot be written."""
     return audit.append("result", fields)
+
+
+#: the entry of a study handed out by the review queue (:func:`record_handout`)
+HANDOUT_EVENT = "review_queue_handout"
+
+
+def record_handout(audit: AuditLog, image_id: str, strategy: str, request: dict, answer: dict) -> dict:
+    """Append the ``review_queue_handout`` entry of the study ``image_id`` handed out by ``strategy`` (an access
+    record: who was given which study to review): the ``modality`` and ``client_id`` the client asked with (None when
+    not given), the queue's ``remaining_unreviewed`` (``answer``) and who asked (:func:`request_actor`). One entry per
+    hand-out; nothing the queue reads (which study it hands out next depends on the verdicts alone). Returns the
+    entry; raises :class:`lib.audit.AuditError` when it cannot be written."""
+    request = request if isinstance(request, dict) else {}
+    return audit.append(HANDOUT_EVENT, {
+        "image": image_id, "strategy": strategy, "modality": request.get("modality") or None,
+        "client_id": request.get("client_id"), "remaining_unreviewed": answer.get("remaining_unreviewed"),
+        **request_actor()})
 
 
 def _image_of(entry: dict) -> Optional[str]:

@@ -8,7 +8,11 @@
   saved correction on record that did not happen. MONAI Label's stock datastore routes call these methods, so
   they leave records too. ``update_image_info`` refuses the keys the review keeps (:data:`PROTECTED_INFO_KEYS`):
   the current verdict in the datastore info is written only through :meth:`set_review`, after its entry is in
-  the log.
+  the log. The one info update with no entries of its own is the note MONAI Label's active-learning route makes of
+  a hand-out (``strategy``: its time and client) while :func:`handing_out` is in force: the hand-out is recorded
+  once, as a ``review_queue_handout`` entry (:func:`lib.activelearning.record_handout`), and a PACS series not in
+  the server's local cache, which has no info to note it in, is not noted (the stock update failed there, leaving a
+  pending entry and a failed one on every hand-out).
 * :class:`AuditedModelStore`: the weights store, each event of its history (publishing, published, rejected,
   restoring, restored) also an audit entry; publishing and restoring are refused while the log refuses entries.
 * Who asked: :func:`.context.request_actor` (the authenticated user, the client's address), read from the request
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 from ..runtime.hashing import file_sha256
 from ..weights.store import ModelStore
@@ -27,8 +33,9 @@ from .context import RequestContextMiddleware, request_actor
 from .identity import input_identity
 from .log import AuditError, AuditLog, sanitise
 
-__all__ = ["PENDING_EVENTS", "PROTECTED_INFO_KEYS", "AuditedModelStore", "RequestContextMiddleware",
-           "audited_datastore", "discard_result", "install_request_context", "request_actor", "result_fields"]
+__all__ = ["PENDING_EVENTS", "PROTECTED_INFO_KEYS", "HANDOUT_NOTE_KEY", "AuditedModelStore",
+           "RequestContextMiddleware", "audited_datastore", "discard_result", "handing_out", "install_request_context",
+           "request_actor", "result_fields"]
 
 # request keys that are not the client's parameters (paths, sessions, routing): left out of a result's entry
 _NOT_PARAMS = ("image", "session", "description", "model", "label", "file", "result_file")
@@ -41,6 +48,26 @@ PROTECTED_INFO_KEYS = ("review", "review_history", "denoise_results")
 PENDING_EVENTS = {"image_added": "image_adding", "image_removed": "image_removing", "label_saved": "label_saving",
                   "label_removed": "label_removing", "image_info_updated": "image_info_updating",
                   "label_info_updated": "label_info_updating"}
+
+
+#: the key of the image info in which MONAI Label's active-learning route notes each hand-out (per strategy: time
+#: and client); written while :func:`handing_out` is in force, it is recorded by the hand-out's own entry
+HANDOUT_NOTE_KEY = "strategy"
+
+_handing_out: ContextVar[bool] = ContextVar("adl_denoise_handing_out", default=False)
+
+
+@contextmanager
+def handing_out() -> Iterator[None]:
+    """While MONAI Label's active-learning route hands out a study (:func:`lib.endpoints.guards.guarded_sample`):
+    its note of the hand-out in the image's info (:data:`HANDOUT_NOTE_KEY` alone) writes no ``image_info_updating``
+    / ``image_info_updated`` entries (the route records the hand-out once) and is skipped for a PACS series not in
+    the local cache, and while the log refuses entries. Any other info update is recorded as always."""
+    token = _handing_out.set(True)
+    try:
+        yield
+    finally:
+        _handing_out.reset(token)
 
 
 def _identity_or_error(path: str) -> Dict[str, Any]:
@@ -119,6 +146,10 @@ class AuditedDatastoreMixin:
             raise HTTPException(status_code=422, detail=(
                 f"image info may not set {', '.join(protected)}: verdicts are given with POST /review/{{id}} and "
                 "kept in the audit log"))
+        if _handing_out.get() and set(info or {}) == {HANDOUT_NOTE_KEY}:  # recorded as the hand-out (handing_out)
+            if self._audit.broken is None:  # a log that refuses entries: no hand-out entry, so no note either
+                self._update_cached_info(image_id, info, "the hand-out is recorded in the audit log")
+            return None
         return self._recorded("image_info_updated", {"image": image_id, "info": info},
                               lambda: super(AuditedDatastoreMixin, self).update_image_info(image_id, info))
 
@@ -132,17 +163,22 @@ class AuditedDatastoreMixin:
         its cache only once converted to NIfTI: never with ``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false``): the
         queue reads a PACS's verdicts from the log (:class:`lib.activelearning.NextUnreviewed`), so nothing is
         lost; the verdict answered a bare 500 after it was recorded."""
+        self._update_cached_info(image_id, {"review": review}, "the verdict is recorded in the audit log")
+
+    def _update_cached_info(self, image_id: str, info: Dict[str, Any], recorded: str) -> None:
+        """The datastore's own ``update_image_info`` (no entries: ``recorded`` says where the change is on record),
+        nothing for a PACS series not in the server's local cache (it has no info)."""
         from monailabel.interfaces.exception import ImageNotFoundException
 
         try:
-            super().update_image_info(image_id, {"review": review})
+            super().update_image_info(image_id, info)
         except ImageNotFoundException:
             from ..pacs import is_dicomweb
 
             if not is_dicomweb(self):
                 raise
-            log.info("verdict on %s recorded in the audit log; the series is not in the local cache (no info to "
-                     "copy it to)", image_id)
+            log.info("%s not kept in the info of %s: %s; the series is not in the local cache (no info to keep it in)",
+                     ", ".join(sorted(info)), image_id, recorded)
 
 
 _classes: Dict[type, type] = {}

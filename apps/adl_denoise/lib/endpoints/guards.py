@@ -36,6 +36,11 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
 * ``POST /activelearning/{strategy}``, ``GET /datastore/image/info``: the answer has no ``path`` (the server's
   absolute file path; a study is downloaded by its id); a session's ``path`` and ``image`` (``PUT /session/``,
   ``GET /session/{id}``) are cut to their last part.
+* ``POST /activelearning/{strategy}``: a study handed out is one audit entry, ``review_queue_handout`` (who was
+  given which study, by which strategy), written before the answer; the stock route's note of the hand-out in the
+  image's info (``strategy``) writes no info-update entries of its own, and is not attempted for a PACS series not
+  in the server's local cache (:func:`lib.audit.recording.handing_out`): every hand-out left two info-update
+  entries, and on such a series a pending entry and a failed one.
 * ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``, ``GET /datastore/?output=train``: below
   admin (with authentication on), the answer names none of the server's folders and files (the audit log's
   ``audit.dir``, a training run's ``work_dir``; the training list's files and paths in texts cut to their last
@@ -776,10 +781,17 @@ def guarded_sample(strategy: str, params: Optional[dict] = None, user: User = De
     """MONAI Label's active-learning route (the next study of ``strategy``): its answer without ``path``
     (:func:`_without_path`); ``id`` names the study. When the review queue hands out none but skipped series too
     large to review here, the answer (no ``id``) lists them (:data:`lib.activelearning.review.QUEUE_LEFT`), where
-    MONAI Label answered ``{}``, as for an empty queue."""
+    MONAI Label answered ``{}``, as for an empty queue. A study handed out is one ``review_queue_handout`` audit
+    entry (:func:`lib.activelearning.record_handout`), written before the answer; the stock route's note of it in
+    the image's info is not an entry of its own (:func:`lib.audit.recording.handing_out`). A hand-out whose entry
+    cannot be written (a log that refuses entries) is still answered, as reads are, with an ERROR in the server's
+    log: it changes no study and no record."""
     from monailabel.endpoints.activelearning import sample
 
+    from ..activelearning import record_handout
     from ..activelearning.review import QUEUE_LEFT
+    from ..audit import AuditError
+    from ..audit.recording import handing_out
 
     strategies = getattr(app(), "_strategies", None) or {}  # noqa: SLF001 - MONAI Label keeps them private
     if strategy not in strategies:  # the stock route answers 500
@@ -787,10 +799,18 @@ def guarded_sample(strategy: str, params: Optional[dict] = None, user: User = De
                                                     f"{', '.join(sorted(strategies)) or 'none'})")
     token = QUEUE_LEFT.set(None)
     try:
-        answer = _without_path(sample(strategy, params, user.username))
+        with handing_out():
+            answer = _without_path(sample(strategy, params, user.username))
         left = QUEUE_LEFT.get()
     finally:
         QUEUE_LEFT.reset(token)
+    audit = getattr(app(), "audit", None)
+    if isinstance(answer, dict) and answer.get("id") and audit is not None:
+        try:
+            record_handout(audit, answer["id"], strategy, params or {}, answer)
+        except AuditError as error:
+            log.error("review queue: %s handed out to %s without its audit entry: %s", answer["id"],
+                      user.username, error)
     return answer if answer or left is None else left
 
 
