@@ -22,7 +22,7 @@ from ADLDenoiseLib import (
     roi_statistics,
     window_for,
 )
-from ADLDenoiseLib.volume_files import read_result
+from ADLDenoiseLib.volume_files import align_to_grid, read_result, read_study
 
 import processes
 from conftest import REPO_ROOT, SAMPLE_STUDIES
@@ -161,9 +161,10 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "start" in _calls(functions["ADLDenoiseWidget.onInputModified"])
     assert "whenIdentified" in _calls(functions["ADLDenoiseWidget.onDenoise"])
     queue = ast.unparse(functions["ADLDenoiseWidget.onNextStudy"])
-    assert "self.logic.identify(node, server_id=study['id'], study_file=path)" in queue
+    load_study = ast.unparse(functions["ADLDenoiseLogic.load_study"])
+    assert "self.identify(node, server_id=study['id'], study_file=path)" in load_study
     assert "self.whenIdentified(self.onDenoise)" in queue and "self.onDenoise()" not in queue
-    assert queue.index("self.logic.identify(node") < queue.index("setCurrentNode(node)")
+    assert queue.index("node = self.logic.load_study(answer)") < queue.index("setCurrentNode(node)")
     # voxels changed without Slicer being told (no event): every request hashes the copy taken on the GUI thread
     # first, in its background task, and sends nothing when it is not the content identified; the file sent is
     # written there too, from that very copy (prepare_upload: verify_snapshot, then VolumeExport.write), never on
@@ -293,11 +294,21 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "self.run(self.logic.refresh_models" in refresh
     assert refresh.index("self.task.finished") < refresh.index("self.run(")  # no "still running" dialog
     assert not _calls(functions["ADLDenoiseLogic.refresh_models"]) & {"login", "DenoiseServerClient", "connect"}
-    # a review-queue study is read from its file alone: Slicer's volume reader otherwise stacks a single-slice
-    # file with the numbered files beside it (other patients' studies) into one volume (qSlicerVolumesReader:
-    # "singleFile" -> vtkSlicerVolumesLogic::SingleFile -> the storage node's SingleFile)
-    assert "slicer.util.loadVolume(str(path), {'singleFile': True})" in \
-        ast.unparse(functions["ADLDenoiseWidget.onNextStudy"])
+    # a review-queue study is downloaded and read in the request's background task (read_study: this file alone,
+    # never stacked with the numbered files beside it, on the grid Slicer's loader gives it), its window computed
+    # there too; the GUI thread only makes the node from the array (slicer.util.loadVolume froze Slicer for a large
+    # study), names it after the server's id, shows it as loadVolume did and identifies it with that id
+    next_study = ast.unparse(functions["ADLDenoiseLogic.next_study"])
+    assert next_study.index("client.download_image(study['id'], studies_dir)") < next_study.index(
+        "volume = read_study(path, study['id'], report, cancelled)") < next_study.index(
+        "'window': auto_window(volume.voxels)")
+    assert "node = load_study(slicer.mrmlScene, answer['volume'], study['id'], answer['window'])" in load_study
+    assert load_study.index("load_study(slicer.mrmlScene") < load_study.index("self.identify(node")
+    assert "self.run(self.logic.next_study, studies_dir, on_done=done" in queue
+    assert "PropagateVolumeSelection()" in queue and "SetActiveVolumeID(node.GetID())" in queue
+    assert not re.search(r"loadVolume\(|loadNodeFromFile\(|loadNodes\(", source)
+    assert [name for name, f in functions.items() if "read_study(" in ast.unparse(f)] == \
+        ["ADLDenoiseLogic.next_study"]
     # a refilled model list keeps the chosen model selected
     assert "findData" in _calls(functions["ADLDenoiseWidget.showModels"])
     # a request that ended but was not yet delivered by the timer is delivered before the next one replaces it
@@ -560,6 +571,16 @@ def test_client_submits_corrections_reviews_and_watches_fine_tuning(training_ser
     assert study is not None and study["id"] in ("head_a", "head_b")
     downloaded = client.download_image(study["id"], tmp_path / "dl")
     assert downloaded.is_file() and sitk.ReadImage(str(downloaded)).GetSize()[2] == 3
+    # Next study reads the downloaded file in its background task: SimpleITK's voxels and grid, right-handed
+    image = sitk.ReadImage(str(downloaded))
+    read = read_study(downloaded, study["id"])
+    file_grid = np.eye(4)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    file_grid[:3, :3] = lps_to_ras @ np.reshape(image.GetDirection(), (3, 3)) @ np.diag(image.GetSpacing())
+    file_grid[:3, 3] = lps_to_ras @ image.GetOrigin()
+    assert np.linalg.det(read.ijk_to_ras[:3, :3]) > 0
+    np.testing.assert_array_equal(align_to_grid(read.voxels, read.ijk_to_ras, read.voxels.shape, file_grid),
+                                  sitk.GetArrayFromImage(image))
     with pytest.raises(DenoiseServerError, match="reason"):
         client.review(study["id"], "rejected", "dr_slicer")
 
@@ -716,4 +737,4 @@ def test_mrml_logic_with_real_mrml_from_slicer_core():
     result = processes.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             MODULE_DIR / "Testing" / "Python" / "test_mrml_logic.py"], 600, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "21 passed" in result.stdout
+    assert "24 passed" in result.stdout

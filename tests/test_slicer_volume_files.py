@@ -4,7 +4,9 @@ Slicer: the NRRD written from a copy of a volume's voxels and IJK-to-RAS matrix 
 check (nothing is written on the calling thread, which keeps running meanwhile), and a failed or cancelled write
 says why and leaves no file; the result file the server writes (SimpleITK: gzip or raw NRRD, NIfTI) is read in the
 background into the voxels and grid SimpleITK reads, put in the original's voxel order, and a damaged or cut-off
-one gives a clear message; and the "MR auto" window preset looks at a capped sample of the voxels only.
+one gives a clear message; a review-queue study (NIfTI, NRRD) is read in the background on the right-handed grid
+Slicer's loader gives it, with Slicer's automatic window from a capped sample, and an unreadable one fails with a
+clear message; and the "MR auto" window preset looks at a capped sample of the voxels only.
 
 (That the file written equals what Slicer's own storage node writes for the node, and that the file read equals
 what Slicer's own loader reads, is checked against real MRML in ``Testing/Python/test_mrml_logic.py``, run by
@@ -31,10 +33,19 @@ from ADLDenoiseLib.volume_files import (
     prepare_upload,
     read_nrrd,
     read_result,
+    read_study,
     read_volume,
+    right_handed,
     write_nrrd,
 )
-from ADLDenoiseLib.workflow import WINDOW_SAMPLE_VOXELS, blend, difference, strided_sample, window_for
+from ADLDenoiseLib.workflow import (
+    WINDOW_SAMPLE_VOXELS,
+    auto_window,
+    blend,
+    difference,
+    strided_sample,
+    window_for,
+)
 
 import processes
 from conftest import REPO_ROOT
@@ -374,6 +385,85 @@ def test_a_damaged_or_cut_off_result_gives_a_clear_message_not_an_exception(tmp_
         with pytest.raises(TransferCancelled):
             read_result(tmp_path / "big.nrrd", None, None, lambda: bool(asked.append(1)) or len(asked) > 1)
         assert len(asked) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+@pytest.mark.parametrize("left_handed", [False, True])
+def test_a_review_queue_study_is_read_in_the_background_on_the_grid_slicers_loader_gives_it(tmp_path, dtype,
+                                                                                           left_handed):
+    """Next study: the downloaded file (the server's datastore keeps NIfTI, gzip NRRD) is read in the request's
+    BackgroundTask (read_study); a left-handed grid comes back right-handed as Slicer's loader makes it (slices
+    reversed, k column negated, origin at the last slice: the same voxel centres and values), a right-handed one
+    as it is; the window is Slicer's automatic one (0.1 / 99.9 percentiles)."""
+    rng = np.random.default_rng(4)
+    voxels = rng.normal(0, 400, (5, 11, 13)).astype(dtype)
+    matrix = oblique_ijk_to_ras(left_handed)
+    for name in ("case_07.nii.gz", "case_07.nrrd"):
+        path = tmp_path / name
+        sitk.WriteImage(sitk_image(voxels, matrix), str(path), True)
+        caller = threading.get_ident()
+        threads = []
+
+        def fetch(report, cancelled, p=path):
+            threads.append(threading.get_ident())
+            return read_study(p, "case_07", report, cancelled)
+
+        task = BackgroundTask(fetch, name="next study")
+        assert task.wait(60) == "done", task.error
+        assert threads and threads[0] != caller
+        study = task.result
+        assert study.voxels.dtype == voxels.dtype and study.voxels.flags.c_contiguous
+        assert np.linalg.det(study.ijk_to_ras[:3, :3]) > 0, name
+        if left_handed:
+            np.testing.assert_array_equal(study.voxels, voxels[::-1], err_msg=name)
+            expected = matrix.copy()
+            expected[:3, 3] += matrix[:3, 2] * (voxels.shape[0] - 1)
+            expected[:3, 2] *= -1
+        else:
+            np.testing.assert_array_equal(study.voxels, voxels, err_msg=name)
+            expected = matrix
+        np.testing.assert_allclose(study.ijk_to_ras, expected, atol=1e-5, err_msg=name)
+        # the same voxel centres: put back on the file's grid, the file's voxels
+        np.testing.assert_array_equal(align_to_grid(study.voxels, study.ijk_to_ras, voxels.shape, matrix), voxels)
+    low, high = np.percentile(voxels.astype(np.float64), [0.1, 99.9])
+    assert auto_window(voxels) == pytest.approx((high - low, (high + low) / 2.0))
+    # a single left-handed slice: k negated, the origin stays (as vtkMRMLVolumeNode::ReverseSliceOrder)
+    one = right_handed(read_volume(write_nrrd(voxels[:1], matrix, tmp_path / "one.nrrd")))
+    np.testing.assert_array_equal(one.voxels, voxels[:1])
+    np.testing.assert_allclose(one.ijk_to_ras[:3, 3], matrix[:3, 3], atol=1e-9)
+    # auto_window, like window_for's MR auto, looks at a capped sample only
+    big = rng.integers(0, 4096, (64, 512, 512), dtype=np.int16)
+    tracemalloc.start()
+    try:
+        auto_window(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 8 * WINDOW_SAMPLE_VOXELS, peak
+
+
+def test_an_unreadable_review_queue_study_fails_with_a_clear_message(tmp_path):
+    """A downloaded study that cannot be read fails the request's task saying which study, which file and why;
+    Cancel still stops the reading."""
+    voxels = np.zeros((3, 8, 9), np.float32)
+    good = tmp_path / "good.nii.gz"
+    sitk.WriteImage(sitk_image(voxels, oblique_ijk_to_ras()), str(good), True)
+    data = good.read_bytes()
+    cases = {"case_07.nii.gz": (data[: len(data) // 2], r"\(case_07\.nii\.gz\) the server sent: .+"),
+             "case_08.nrrd": (b"<html>502 Bad Gateway</html>", r"\(case_08\.nrrd\) the server sent: not a NRRD file"),
+             "case_09.nrrd": (None, r"\(case_09\.nrrd\) the server sent: .*No such file")}
+    for name, (content, match) in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        task = BackgroundTask(lambda report, cancelled, p=tmp_path / name: read_study(p, name[:7], report,
+                                                                                      cancelled))
+        assert task.wait(60) == "failed", name
+        assert isinstance(task.error, VolumeUnreadable)
+        assert re.match(f"could not read the study {name[:7]} {match}", describe_error(task.error)), task.error
+    sitk.WriteImage(sitk_image(np.zeros((8, 256, 256), np.float32), oblique_ijk_to_ras()), str(tmp_path / "big.nrrd"))
+    asked = []
+    with pytest.raises(TransferCancelled):
+        read_study(tmp_path / "big.nrrd", "big", None, lambda: bool(asked.append(1)) or len(asked) > 1)
 
 
 def test_the_blend_goes_into_the_nodes_own_array_without_a_volume_sized_allocation():

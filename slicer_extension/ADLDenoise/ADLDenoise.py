@@ -3,9 +3,10 @@ fine-tune.
 
 Thin Qt glue over ``ADLDenoiseLib`` (Slicer-free client, background runner, workflow maths, MRML helpers). Every
 network call, the content hash of the selected volume (of a copy of its voxels), the writing of the volume files
-sent (from such a copy), the reading of the result file, the difference volume's values (from copies) and the
-reading of a DICOM series' files run in a :class:`ADLDenoiseLib.BackgroundTask` polled by a ``qt.QTimer``, so
-Slicer never freezes; MRML is only touched on the GUI thread.
+sent (from such a copy), the reading of the result file and of a review-queue study's file, the difference
+volume's values (from copies) and the reading of a DICOM series' files run in a
+:class:`ADLDenoiseLib.BackgroundTask` polled by a ``qt.QTimer``, so Slicer never freezes; MRML is only touched on
+the GUI thread.
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ from ADLDenoiseLib.settings import (
     restoration_from_spin,
     supports_restoration,
 )
-from ADLDenoiseLib.volume_files import ResultRead, VolumeExport, prepare_upload, read_result
-from ADLDenoiseLib.workflow import difference
+from ADLDenoiseLib.volume_files import ResultRead, VolumeExport, prepare_upload, read_result, read_study
+from ADLDenoiseLib.workflow import auto_window, difference
 
 SETTINGS_PREFIX = "ADLDenoise/"
 RESULT_SUFFIX = " denoised"
@@ -377,6 +378,34 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         if image_id != study["image_id"]:
             raise DenoiseServerError(f"the server stored the upload as {image_id!r}, not {study['image_id']!r}")
         return image_id
+
+    def next_study(self, studies_dir: Path, report=None, cancelled=None) -> dict:
+        """Background: the review queue's next study, downloaded into ``studies_dir`` and read there
+        (``read_study``: the voxels and grid Slicer's loader gives the file, this file alone) with the window Slicer's
+        automatic window/level gives it (``auto_window``), for :meth:`load_study`. ``{"empty": True, "too_large":
+        ...}`` when nothing is left to review. An unreadable file raises ``VolumeUnreadable`` (nothing is loaded)."""
+        client = self.require_client()
+        answer = client.next_study()
+        study = ReviewSession.queue_answer(answer)
+        if study is None:
+            return {"empty": True, "too_large": ReviewSession.describe_too_large(answer)}
+        if report:
+            report(None, f"downloading {study['id']} ...")
+        path = client.download_image(study["id"], studies_dir)
+        volume = read_study(path, study["id"], report, cancelled)
+        return {"study": study, "path": path, "volume": volume, "window": auto_window(volume.voxels)}
+
+    def load_study(self, answer: dict):
+        """GUI thread: the node of a study :meth:`next_study` read (no file is read here), named after the server's
+        id, and its identification started with that id: the copy hashed is taken now, before anything can change
+        the node, so the server's id is recorded for the very voxels it sent (``poll_identifications``)."""
+        from ADLDenoiseLib.mrml import load_study
+
+        study, path = answer["study"], answer["path"]
+        node = load_study(slicer.mrmlScene, answer["volume"], study["id"], answer["window"])
+        # the server's id is kept for this content (recorded once hashed): corrections and verdicts go there
+        self.identify(node, server_id=study["id"], study_file=path)
+        return node
 
     def submit_correction(self, study: dict, corrected: VolumeExport | Path, reviewer: str,
                           regions: dict | None = None, model: str | None = None, result_seq: int | None = None,
@@ -1188,16 +1217,9 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- review queue
     def onNextStudy(self):
+        """The next study is downloaded and read in the background (``next_study``); here only its node is made
+        from the array read, shown, and denoised once identified."""
         studies_dir = self.logic.work_dir / "studies"  # made on the GUI thread; deleted with the scene
-
-        def fetch(report, cancelled):
-            client = self.logic.require_client()
-            answer = client.next_study()
-            study = ReviewSession.queue_answer(answer)
-            if study is None:
-                return {"empty": True, "too_large": ReviewSession.describe_too_large(answer)}
-            report(None, f"downloading {study['id']} ...")
-            return {"study": study, "path": client.download_image(study["id"], studies_dir)}
 
         def done(answer):
             answer = ReviewSession.require_answer(answer, "the review queue")
@@ -1205,20 +1227,19 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.reviewStatusLabel.text = (f"nothing to review here: {answer['too_large']}"
                                                   if answer.get("too_large") else "the review queue is empty")
                 return
-            study, path = answer["study"], answer["path"]
-            # this file only: without singleFile Slicer stacks a single-slice study with the numbered files beside
-            # it (case_07, case_08 ... downloaded earlier) into one volume of several patients
-            node = slicer.util.loadVolume(str(path), {"singleFile": True})
-            node.SetName(study["id"])
-            # the server's id is kept for this content (recorded once hashed): corrections and verdicts go there
-            self.logic.identify(node, server_id=study["id"], study_file=path)
+            study = answer["study"]
+            node = self.logic.load_study(answer)  # identified with the server's id before anything else sees it
             self.ui.inputVolumeSelector.setCurrentNode(node)  # -> onVolumeChanged: blend dropped
+            # shown in the slice views, as slicer.util.loadVolume shows a volume it loads (qSlicerVolumesReader)
+            application = slicer.app.applicationLogic()
+            application.GetSelectionNode().SetActiveVolumeID(node.GetID())
+            application.PropagateVolumeSelection()
             skipped = ReviewSession.describe_too_large(study)
             self.ui.reviewStatusLabel.text = (f"study {study['id']} ({study.get('remaining_unreviewed', '?')} "
                                               "unreviewed)" + (f"; {skipped}" if skipped else ""))
             self.whenIdentified(self.onDenoise)
 
-        self.run(fetch, on_done=done, busy_text="asking for the next study ...")
+        self.run(self.logic.next_study, studies_dir, on_done=done, busy_text="asking for the next study ...")
 
     def onVerdict(self, verdict: str):
         try:

@@ -4,7 +4,18 @@ Needs Slicer's MRML only (``slicer.vtkMRML...`` and ``slicer.util``), not its GU
 with PyPI's ``slicer-core``. Volumes travel as NRRD, the one Slicer's own storage node writes, so the server gets
 exactly the node's geometry (spacing, origin, any direction) and values (CT in HU); the result is read back in the
 background (``volume_files.read_result``, as Slicer's reader reads it) and checked here, on the GUI thread, to be
-on the original's grid before its voxels are put into a new node.
+on the original's grid before its voxels are put into a new node; a review-queue study likewise
+(``volume_files.read_study``, then :func:`load_study` here).
+
+The nodes made here from arrays (result, difference, corrected volume, a review-queue study) have no storage node,
+on purpose: Slicer gives a storable node without one its default storage node when it is saved
+(``vtkMRMLStorableNode::AddDefaultStorageNode``: in the Save dialog, ``qSlicerSaveDataDialog`` nodeFileInfo; when a
+node is written, ``qSlicerNodeWriter::write`` via ``qSlicerCoreIOManager::createAndAddDefaultStorageNode``; in a
+scene bundle, ``vtkMRMLScene::SaveStorableNodeToSlicerDataBundleDirectory``), for a scalar volume a
+``vtkMRMLVolumeArchetypeStorageNode`` writing NRRD, and the Save dialog ticks it (never stored, so modified since
+read). A storage node made now would change nothing; one naming the downloaded file (as Slicer's loader left on a
+review-queue study) is not ticked (not modified since read), so a saved scene pointed at that file in the module's
+temporary folder, which is deleted with the scene.
 """
 from __future__ import annotations
 
@@ -18,8 +29,9 @@ import vtk
 from .regions import Grid, RegionsError
 from .workflow import blend, difference, roi_statistics, strided_sample
 
-__all__ = ["export_volume", "load_result", "same_grid", "difference_inputs", "difference_volume", "blended_volume",
-           "roi_mask", "roi_statistics_for_roi_node", "looks_like_ct", "segments_of", "segment_masks", "volume_grid",
+__all__ = ["export_volume", "load_result", "load_study", "same_grid", "difference_inputs", "difference_volume",
+           "blended_volume", "roi_mask", "roi_statistics_for_roi_node", "looks_like_ct", "segments_of",
+           "segment_masks", "volume_grid",
            "check_segmentation_reference", "tag_derived", "derived_kind", "DERIVED_ATTRIBUTE", "STUDY_ATTRIBUTE",
            "DERIVED_FROM_ROLE",
            "study_identity", "content_identity_of", "volume_snapshot", "volume_copy", "sequence_frame",
@@ -340,6 +352,23 @@ def load_result(scene, result, reference, suffix: str = " denoised", name: str |
     adopt_parent_transform(node, reference)
     adopt_study_folder(node, reference)
     _copy_window(reference, node)
+    return node
+
+
+def load_study(scene, volume, name: str, window: tuple[float, float] | None = None):
+    """GUI thread: a new scalar volume node ``name`` holding a review-queue study read in the background
+    (``volume``: a :class:`volume_files.VolumeArray` from ``volume_files.read_study``; no file is touched here), with
+    ``window`` ((width, level), e.g. ``workflow.auto_window`` of its voxels, computed in the background too) set
+    before its voxels are seen (None: Slicer's automatic window/level, computed here). The node is made and filled
+    before it is added: an array Slicer refuses leaves the scene unchanged. Like any node made from an array it has
+    no storage node until it is saved: Slicer's Save dialog and scene bundle add the default one then
+    (``vtkMRMLStorableNode::AddDefaultStorageNode``)."""
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetIJKToRASMatrix(_vtk_matrix(volume.ijk_to_ras))
+    slicer.util.updateVolumeFromArray(node, volume.voxels)  # one copy into the node's image data
+    node.SetName(name)
+    scene.AddNode(node)
+    _add_display(node, window)
     return node
 
 

@@ -19,7 +19,9 @@ The denoised result comes back the same way round: reading it with Slicer's stor
 Slicer too, so the request's task reads it (:func:`read_result`: NRRD here, raw or gzip, as Slicer's reader and ITK
 read it, chunk by chunk straight into the array, so that Cancel is heard and no second copy is made; other formats
 with SimpleITK, which Slicer bundles) into an array and an IJK-to-RAS matrix, puts it in the original's voxel order
-(:func:`align_to_grid`), and the GUI thread only copies the array into a new node (``mrml.load_result``).
+(:func:`align_to_grid`), and the GUI thread only copies the array into a new node (``mrml.load_result``). A study
+of the review queue likewise: its downloaded file is read in the request's task (:func:`read_study`, on the grid
+Slicer's loader gives it) and the GUI thread makes its node from the array (``mrml.load_study``).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ from .client import CHUNK, cancel_check, stop_if, write_atomically
 from .review_session import StudyIdentity, VolumeSnapshot, WorkflowError, verify_snapshot
 
 __all__ = ["NRRD_TYPES", "ExportFailed", "ResultRead", "VolumeArray", "VolumeExport", "VolumeUnreadable",
-           "align_to_grid", "nrrd_header", "prepare_upload", "read_nrrd", "read_result", "read_volume", "write_nrrd"]
+           "align_to_grid", "nrrd_header", "prepare_upload", "read_nrrd", "read_result", "read_study", "read_volume",
+           "right_handed", "write_nrrd"]
 
 #: numpy dtype -> NRRD type name (the scalar types of a Slicer scalar volume)
 NRRD_TYPES = {np.dtype(np.int8): "signed char", np.dtype(np.uint8): "unsigned char", np.dtype(np.int16): "short",
@@ -411,3 +414,51 @@ def read_result(path: str | os.PathLike, grid: tuple[tuple[int, ...], np.ndarray
         if aligned is not None:
             volume = VolumeArray(aligned, np.array(grid[1], np.float64))
     return ResultRead(path, volume)
+
+
+def right_handed(volume: VolumeArray) -> VolumeArray:
+    """``volume`` on a right-handed IJK grid, as Slicer's loader gives every file it reads
+    (vtkMRMLVolumeArchetypeStorageNode's ForceRightHandedIJKCoordinateSystem, on by default:
+    vtkMRMLVolumeNode::SetIJKCoordinateSystemToRightHanded): a left-handed (mirrored) grid has its slice order (k,
+    array axis 0) reversed, its k column negated and its origin moved to the last slice; the same voxel centres
+    and values. The voxels are reversed in place, a slice at a time (no second volume); ``volume`` is returned as it
+    is when right-handed already."""
+    matrix = np.array(volume.ijk_to_ras, np.float64)
+    if np.linalg.det(matrix[:3, :3]) >= 0:
+        return volume
+    voxels = volume.voxels
+    count = voxels.shape[0]
+    scratch = np.empty_like(voxels[0])
+    for k in range(count // 2):
+        scratch[...] = voxels[k]
+        voxels[k] = voxels[count - 1 - k]
+        voxels[count - 1 - k] = scratch
+    matrix[:3, 3] += matrix[:3, 2] * (count - 1)
+    matrix[:3, 2] *= -1.0
+    return VolumeArray(voxels, matrix)
+
+
+def read_study(path: str | os.PathLike, study_id: str = "", report: Any = None,
+               cancelled: Callable[[], bool] | None = None) -> VolumeArray:
+    """Background, after the download of a review-queue study (``study_id``, the server's id): its file ``path``
+    read (:func:`read_volume`) on the grid Slicer's loader gives it (:func:`right_handed`), so that its node, made
+    on the GUI thread from the array (``mrml.load_study``), holds the voxels and grid ``slicer.util.loadVolume`` of
+    the file gave (the same content identity). Only this file is read: no numbered files beside it are stacked.
+
+    Raises:
+        VolumeUnreadable: "could not read the study <id> (<file>) the server sent: <reason>"; or its voxels are
+            64-bit integers, which Slicer's volume nodes made from arrays do not take.
+        TransferCancelled: cancelled.
+    """
+    path = Path(path)
+    what = f"the study {study_id} ({path.name})" if study_id else f"the study {path.name}"
+    if report:
+        report(None, f"reading {what} ...")
+    try:
+        volume = read_volume(path, cancelled)
+    except VolumeUnreadable as error:
+        raise VolumeUnreadable(f"could not read {what} the server sent: {error}") from None
+    if volume.voxels.dtype.kind in "iu" and volume.voxels.dtype.itemsize == 8:
+        raise VolumeUnreadable(f"could not read {what} the server sent: its voxels are "
+                               f"{volume.voxels.dtype.name}, a type Slicer does not show")
+    return right_handed(volume)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["WINDOW_PRESETS", "WINDOW_SAMPLE_VOXELS", "blend", "difference", "roi_statistics", "strided_sample",
-           "window_for"]
+__all__ = ["AUTO_WINDOW_PERCENTILES", "WINDOW_PRESETS", "WINDOW_SAMPLE_VOXELS", "auto_window", "blend", "difference",
+           "roi_statistics", "strided_sample", "window_for"]
 
 #: (window width, window level) per preset. CT in HU (the usual radiology presets); MR "auto" uses percentiles.
 WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
@@ -22,6 +22,9 @@ WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
 #: the GUI thread, where percentiles of a whole 512 x 512 x 400 volume (a float64 copy of it, then a partition) froze
 #: Slicer; a million evenly spread voxels estimate the 1st / 99th percentiles far closer than a window needs
 WINDOW_SAMPLE_VOXELS = 1 << 20
+#: lower / upper percentile of Slicer's automatic window/level (vtkMRMLScalarVolumeDisplayNode::CalculateAutoLevels:
+#: the range of the volume's histogram without its thinnest 0.1 % tails)
+AUTO_WINDOW_PERCENTILES = (0.1, 99.9)
 
 
 def _same_shape(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +106,21 @@ def window_for(preset: str, values: np.ndarray | None = None,
         return fixed
     if values is None or np.asarray(values).size == 0:
         raise ValueError("MR auto needs the volume's values")
+    return _percentile_window(values, (1.0, 99.0), sample_voxels)
+
+
+def auto_window(values: np.ndarray, sample_voxels: int = WINDOW_SAMPLE_VOXELS) -> tuple[float, float]:
+    """(width, level) that Slicer's automatic window/level gives a new volume of ``values``
+    (:data:`AUTO_WINDOW_PERCENTILES`), estimated on at most ``sample_voxels`` of them, so that it can be computed
+    in the background: the display node's own computation runs on the GUI thread, over the whole volume."""
+    if np.asarray(values).size == 0:
+        raise ValueError("an automatic window needs the volume's values")
+    return _percentile_window(values, AUTO_WINDOW_PERCENTILES, sample_voxels)
+
+
+def _percentile_window(values: np.ndarray, percentiles: tuple[float, float],
+                       sample_voxels: int) -> tuple[float, float]:
+    """(width, level) spanning the ``percentiles`` (low, high; %) of at most ``sample_voxels`` of ``values``."""
     sample = strided_sample(values, sample_voxels).astype(np.float64)
-    low, high = np.percentile(sample, [1.0, 99.0])
+    low, high = np.percentile(sample, list(percentiles))
     return float(max(high - low, 1e-6)), float((high + low) / 2.0)

@@ -3,8 +3,10 @@
 Volume nodes out to NRRD and back (geometry, HU values, name suffix), the file written in the background from a
 copy taken on the GUI thread equal to the one Slicer's storage node writes, the result file read in the background
 equal to what Slicer's loader reads (the GUI step then reads no file; a damaged one is refused, the scene
-unchanged), refusal of a result on another grid, difference (computed from copies) and blended (updated in place)
-volumes, ROI statistics inside a markups ROI (rotated, the volume under a transform), the
+unchanged), a review-queue study read in the background equal to what Slicer's loader makes of its file (the GUI
+step reads no file; an unreadable one fails with a clear message), the volumes made from arrays written by Slicer's
+Save through its default storage node, refusal of a result on another grid, difference (computed from copies) and
+blended (updated in place) volumes, ROI statistics inside a markups ROI (rotated, the volume under a transform), the
 module's own volumes tagged and refused as a study, a segmentation of another study refused as marked regions;
 the study identity from the subject hierarchy
 (SeriesInstanceUID, Modality) or the content, scalar-only volumes, the parent transform and the study (subject-
@@ -88,6 +90,7 @@ from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene mad
     export_volume,
     is_plain_scalar_volume,
     load_result,
+    load_study,
     looks_like_ct,
     match_orientation_and_link,
     roi_mask,
@@ -101,8 +104,17 @@ from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene mad
 from ADLDenoiseLib.regions import RegionsError  # noqa: E402
 from ADLDenoiseLib.background import BackgroundTask  # noqa: E402
 from ADLDenoiseLib.review_session import ReviewSession, VolumeChanged, WorkflowError  # noqa: E402
-from ADLDenoiseLib.volume_files import VolumeExport, prepare_upload, read_result, read_volume  # noqa: E402
-from ADLDenoiseLib.workflow import difference, roi_statistics  # noqa: E402
+from ADLDenoiseLib.volume_files import (  # noqa: E402
+    VolumeExport,
+    VolumeUnreadable,
+    align_to_grid,
+    prepare_upload,
+    read_result,
+    read_study,
+    read_volume,
+    write_nrrd,
+)
+from ADLDenoiseLib.workflow import auto_window, difference, roi_statistics  # noqa: E402
 
 #: Python file and OS events seen while ``_WATCH`` is set (an audit hook cannot be removed: it stays, idle)
 _WATCH: list = []
@@ -370,6 +382,180 @@ class MRMLLogicTest(unittest.TestCase):
             self.assertIs(blended.GetImageData(), image)
             np.testing.assert_array_equal(slicer.util.arrayFromVolume(blended), (
                 strength * smooth + (1.0 - strength) * values).astype(np.float32))
+
+    def _slicer_load(self, path, name: str):
+        """The node ``slicer.util.loadVolume(path, {"singleFile": True})`` makes (in the scene, read by Slicer's
+        archetype storage node: right-handed IJK, this file alone) with Slicer's automatic window/level."""
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(path))
+        storage.SetSingleFile(1)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        self.assertTrue(storage.ReadData(node), path)
+        node.CreateDefaultDisplayNodes()
+        return node
+
+    def test_a_review_queue_study_is_read_in_the_background_as_slicers_loader_reads_it(self):
+        """Next study: the downloaded file (written here by Slicer's storage node, raw and gzip: float32 oblique
+        left-handed, int16, a uint16 single slice with numbered files beside it) is read in a BackgroundTask
+        (read_study, and its window: auto_window); load_study on the GUI thread then opens no file (the file is
+        gone by then, no Python file or OS call happens) and makes the node slicer.util.loadVolume made of the
+        file: same voxels, scalar type, right-handed grid, so the same content identity (the server's id is
+        recorded for it), named after the server's id; its window is Slicer's automatic one, set, not computed
+        on the GUI thread."""
+        ct = oblique_ct_node()
+        short = slicer.util.addVolumeFromArray(np.arange(3 * 30 * 20, dtype=np.int16).reshape(3, 30, 20) - 600,
+                                               name="MR short")
+        short.SetSpacing(0.9, 0.9, 3.0)
+        short.SetOrigin(5.0, -7.5, 20.0)
+        single = slicer.util.addVolumeFromArray(np.arange(80, dtype=np.uint16).reshape(1, 8, 10), name="slice")
+        for number, node in enumerate((ct, short, single)):
+            for compress in (False, True):
+                path = self.work / f"studies_{number}_{compress}" / "case_07.nrrd"
+                path.parent.mkdir()
+                storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+                storage.SetUseCompression(compress)
+                if node is single:  # other studies' files beside it: the archetype reader would stack them
+                    for other, offset in (("case_06.nrrd", 1000), ("case_08.nrrd", 2000)):
+                        storage.SetFileName(str(path.with_name(other)))
+                        self.assertTrue(storage.WriteData(slicer.util.addVolumeFromArray(
+                            slicer.util.arrayFromVolume(node) + offset, name=other)))
+                storage.SetFileName(str(path))
+                self.assertTrue(storage.WriteData(node))
+                loaded = self._slicer_load(path, "case_07")
+                expected = volume_snapshot(loaded)
+
+                def fetch(report, cancelled, p=path):
+                    volume = read_study(p, "case_07", report, cancelled)
+                    return volume, auto_window(volume.voxels)
+
+                task = BackgroundTask(fetch, name="next study")
+                self.assertEqual(task.wait(120), "done", task.error)
+                path.unlink()
+                seen = []
+                _WATCH.append(seen)
+                try:
+                    before = slicer.mrmlScene.GetNumberOfNodes()
+                    study = load_study(slicer.mrmlScene, *task.result[:1], "case_07", task.result[1])
+                finally:
+                    _WATCH.clear()
+                self.assertEqual(seen, [])
+                self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before + 2)  # the volume and its display
+                self.assertEqual(study.GetName(), "case_07")
+                voxels = slicer.util.arrayFromVolume(study)
+                self.assertEqual(voxels.dtype, expected.voxels.dtype)
+                np.testing.assert_array_equal(voxels, expected.voxels)
+                np.testing.assert_allclose(volume_snapshot(study).ijk_to_ras, expected.ijk_to_ras, atol=1e-6)
+                self.assertEqual(volume_snapshot(study).content().key, expected.content().key)
+                display, auto = study.GetDisplayNode(), loaded.GetDisplayNode()
+                self.assertFalse(display.GetAutoWindowLevel())
+                self.assertTrue(auto.GetAutoWindowLevel())
+                span = float(expected.voxels.max()) - float(expected.voxels.min())
+                self.assertAlmostEqual(display.GetWindow(), auto.GetWindow(), delta=0.02 * span)
+                self.assertAlmostEqual(display.GetLevel(), auto.GetLevel(), delta=0.02 * span)
+
+    def test_an_unreadable_review_queue_study_fails_in_the_background_with_a_clear_message(self):
+        """A downloaded study cut off (raw, gzip), damaged, empty, missing or of 64-bit integers fails its
+        background task with "could not read the study <id> (<file>) the server sent: <reason>": nothing reaches
+        the GUI thread, so the scene is unchanged."""
+        original = oblique_ct_node()
+        cases = {}
+        for compress in (False, True):
+            path = self.work / f"full_{compress}.nrrd"
+            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetFileName(str(path))
+            storage.SetUseCompression(compress)
+            self.assertTrue(storage.WriteData(original))
+            data = path.read_bytes()
+            cases[f"cut_{compress}.nrrd"] = (data[: len(data) - 300], "the file is cut off: ")
+        middle = len(data) // 2
+        cases["damaged.nrrd"] = (data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 64])
+                                 + data[middle + 64:], "the gzip data is damaged|the file is cut off")
+        cases["empty.nrrd"] = (b"", "not a NRRD file")
+        cases["missing.nrrd"] = (None, "No such file")
+        write_nrrd(np.zeros((2, 3, 4), np.int64), np.eye(4), self.work / "wide.nrrd")
+        cases["wide.nrrd"] = (None, "its voxels are int64, a type Slicer does not show")
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        for name, (content, match) in cases.items():
+            path = self.work / name
+            if content is not None:
+                path.write_bytes(content)
+            task = BackgroundTask(lambda report, cancelled, p=path: read_study(p, "case_07", report, cancelled))
+            self.assertEqual(task.wait(120), "failed", name)
+            self.assertIsInstance(task.error, VolumeUnreadable)
+            self.assertRegex(str(task.error), f"^could not read the study case_07 \\({name}\\) the server sent: "
+                             f"({match})")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+
+    def _made_from_arrays(self):
+        """The volumes the module makes from arrays: a result (read in the background), a difference, a blended
+        correction, a review-queue study; with the original (an array too)."""
+        original = oblique_ct_node()
+        path = export_volume(original, self.work / "server" / "result.nrrd")
+        values = slicer.util.arrayFromVolume(original).copy()
+        data = np.where(values > -500, 40.0, -1000.0).astype(np.float32)
+        write_nrrd(data, read_volume(path).ijk_to_ras, path)
+        result = load_result(slicer.mrmlScene, read_result(path, (values.shape, volume_snapshot(original).ijk_to_ras)),
+                             original)
+        path.unlink()
+        made = {"result": result,
+                "difference": difference_volume(slicer.mrmlScene, original, result),
+                "corrected": blended_volume(slicer.mrmlScene, original, result, 0.5)}
+        export_volume(original, self.work / "server" / "case_07.nrrd")
+        volume = read_study(self.work / "server" / "case_07.nrrd", "case_07")
+        made["study"] = load_study(slicer.mrmlScene, volume, "case_07", auto_window(volume.voxels))
+        (self.work / "server" / "case_07.nrrd").unlink()
+        return original, made
+
+    def _same_volume_in(self, path, node) -> None:
+        """The file ``path`` holds ``node``'s voxels and grid (Slicer writes and reads it right-handed: put back in
+        the node's voxel order first)."""
+        read = read_volume(path)
+        voxels = slicer.util.arrayFromVolume(node)
+        aligned = align_to_grid(read.voxels, read.ijk_to_ras, voxels.shape, volume_copy(node).ijk_to_ras)
+        self.assertIsNotNone(aligned, path)
+        self.assertEqual(aligned.dtype, voxels.dtype)
+        np.testing.assert_array_equal(aligned, voxels)
+
+    def test_volumes_made_from_arrays_are_written_by_slicers_save_with_its_default_storage_node(self):
+        """A result, difference, corrected volume and review-queue study made from arrays have no storage node;
+        Slicer's Save gives them its default one and writes them (checked against Slicer's sources:
+        qSlicerSaveDataDialog lists a storable node unless hidden from editors or not saved with the scene,
+        nodeFileInfo calls AddDefaultStorageNode, the row is ticked when GetModifiedSinceRead, qSlicerNodeWriter
+        sets the file name and calls WriteData; a scene bundle (.mrb) calls AddDefaultStorageNode in
+        vtkMRMLScene::SaveStorableNodeToSlicerDataBundleDirectory): both write the volume the node holds. A node
+        Slicer's loader read is not ticked (not modified since read): what the review-queue study was before."""
+        original, made = self._made_from_arrays()
+        for kind, node in made.items():
+            self.assertIsNone(node.GetStorageNode(), kind)
+            self.assertFalse(node.GetHideFromEditors(), kind)
+            self.assertTrue(node.GetSaveWithScene(), kind)
+            self.assertTrue(node.GetModifiedSinceRead(), kind)  # ticked in the Save dialog
+        # the Save dialog, then the node writer
+        saved = self.work / "saved"
+        for kind, node in made.items():
+            self.assertTrue(node.AddDefaultStorageNode(), kind)
+            storage = node.GetStorageNode()
+            self.assertEqual(storage.GetClassName(), "vtkMRMLVolumeArchetypeStorageNode")
+            self.assertEqual(storage.GetDefaultWriteFileExtension(), "nrrd")
+            storage.SetFileName(str(saved / f"{kind}.nrrd"))
+            saved.mkdir(exist_ok=True)
+            self.assertTrue(storage.WriteData(node), kind)
+            self.assertFalse(node.GetModifiedSinceRead(), kind)
+            self._same_volume_in(saved / f"{kind}.nrrd", node)
+        # a scene bundle, from nodes with no storage node again
+        slicer.mrmlScene.Clear(0)
+        original, made = self._made_from_arrays()
+        bundle = self.work / "bundle"
+        bundle.mkdir()  # (the Save dialog's .mrb writer makes it in a temporary folder)
+        self.assertTrue(slicer.mrmlScene.SaveSceneToSlicerDataBundleDirectory(str(bundle)))
+        for kind, node in made.items():
+            self.assertIsNotNone(node.GetStorageNode(), kind)
+            self._same_volume_in(bundle / "Data" / f"{node.GetName()}.nrrd", node)
+        # what Slicer's loader made of the downloaded study: its storage node names the file, and it is not ticked
+        export_volume(original, self.work / "studies" / "case_07.nrrd")
+        loaded = self._slicer_load(self.work / "studies" / "case_07.nrrd", "case_07")
+        self.assertFalse(loaded.GetModifiedSinceRead())
 
     def test_difference_blend_and_roi_statistics(self):
         original = oblique_ct_node()
