@@ -442,6 +442,27 @@ def test_a_review_queue_study_is_read_in_the_background_on_the_grid_slicers_load
     assert peak < 3 * 8 * WINDOW_SAMPLE_VOXELS, peak
 
 
+@pytest.mark.parametrize("name", ["case_07.nii.gz", "case_07.nrrd", "case_07.mha"])
+def test_a_2d_review_queue_study_is_read_as_the_single_slice_slicers_loader_gives(tmp_path, name):
+    """The server keeps and denoises 2D images too: Next study reads a 2D file (NIfTI, NRRD, MetaImage) as one
+    slice on the grid Slicer's loader gives it (ITK's 3D reader: k spacing 1, origin 0, direction k; then made
+    right-handed), where it refused it ("a 3D scalar volume was expected") that slicer.util.loadVolume loaded. The
+    expected grid is what slicer-core's vtkMRMLVolumeArchetypeStorageNode reads from these files."""
+    voxels = np.arange(30 * 20, dtype=np.int16).reshape(30, 20) - 300
+    image = sitk.GetImageFromArray(voxels)
+    image.SetSpacing((0.7, 0.8))
+    image.SetOrigin((10.0, -5.0))  # LPS
+    image.SetDirection((-1.0, 0.0, 0.0, 1.0))  # x mirrored: left-handed once a k axis is added
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path), name.endswith(".gz"))
+    task = BackgroundTask(lambda report, cancelled: read_study(path, "case_07", report, cancelled))
+    assert task.wait(60) == "done", task.error
+    study = task.result
+    np.testing.assert_array_equal(study.voxels, voxels[None])
+    expected = np.array([[0.7, 0.0, 0.0, -10.0], [0.0, -0.8, 0.0, 5.0], [0.0, 0.0, -1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(study.ijk_to_ras, expected, atol=1e-6)
+
+
 def test_an_unreadable_review_queue_study_fails_with_a_clear_message(tmp_path):
     """A downloaded study that cannot be read fails the request's task saying which study, which file and why;
     Cancel still stops the reading."""

@@ -328,6 +328,9 @@ def _read_with_simpleitk(path: Path) -> VolumeArray:
         reason = str(error).strip().splitlines()
         raise VolumeUnreadable(reason[-1].removeprefix("sitk::ERROR: ") if reason else "SimpleITK could not read "
                                "it") from None
+    if image.GetDimension() == 2 and image.GetNumberOfComponentsPerPixel() == 1:
+        # a single slice, as Slicer's loader (ITK's 3D reader) gives a 2D file: k spacing 1, origin 0, direction k
+        image = sitk.JoinSeries(image)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeUnreadable(f"a 3D scalar volume was expected, the file holds a {image.GetDimension()}D image "
                                f"of {image.GetNumberOfComponentsPerPixel()} component(s)")
@@ -340,17 +343,28 @@ def _read_with_simpleitk(path: Path) -> VolumeArray:
 
 def read_volume(path: str | os.PathLike, cancelled: Callable[[], bool] | None = None) -> VolumeArray:
     """Background: a volume file as a :class:`VolumeArray`: NRRD with :func:`read_nrrd`, any other format ITK
-    reads (NIfTI, MetaImage) with SimpleITK.
+    reads (NIfTI, MetaImage) with SimpleITK. A 2D image (any of them) is one slice on the grid Slicer's loader gives
+    it (k spacing 1, origin 0 along k).
 
     Raises:
         VolumeUnreadable: as :func:`read_nrrd`, or a format that cannot be read here.
         TransferCancelled: cancelled.
     """
     path = Path(path)
-    if path.suffix.lower() == ".nrrd":
+    if path.suffix.lower() == ".nrrd" and not _nrrd_is_2d(path):
         return read_nrrd(path, cancelled)
     stop_if(cancel_check(cancelled))
     return _read_with_simpleitk(path)
+
+
+def _nrrd_is_2d(path: Path) -> bool:
+    """Whether ``path`` is a 2D NRRD (a single slice, read with SimpleITK as Slicer's loader reads it; the
+    server denoises 2D images too); False for anything else, which :func:`read_nrrd` reads or refuses."""
+    try:
+        with open(path, "rb") as stream:
+            return _nrrd_fields(stream).get("dimension") == "2"
+    except (OSError, VolumeUnreadable):
+        return False
 
 
 def align_to_grid(voxels: np.ndarray, ijk_to_ras: np.ndarray, shape: tuple[int, ...], reference: np.ndarray,
