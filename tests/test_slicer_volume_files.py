@@ -463,6 +463,32 @@ def test_a_2d_review_queue_study_is_read_as_the_single_slice_slicers_loader_give
     np.testing.assert_allclose(study.ijk_to_ras, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["ascii", "spacings"])
+def test_a_nrrd_study_slicers_loader_reads_is_read_though_read_nrrd_does_not_take_its_header(tmp_path, layout):
+    """A NRRD the server keeps (it reads NRRD with ITK) but read_nrrd does not take: ascii encoding, or Teem's
+    ``spacings`` without a ``space`` (axis-aligned, LPS as ITK reads it). Slicer's loader reads both; Next study
+    now reads them as it does (SimpleITK), where it failed ("NRRD encoding 'ascii' is not read here", "the NRRD
+    space None is none of LPS, RAS, LAS"). The expected grids are what slicer-core's
+    vtkMRMLVolumeArchetypeStorageNode reads from these files."""
+    voxels = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4) - 5
+    header = "NRRD0004\ntype: short\ndimension: 3\nsizes: 4 3 2\nendian: little\n"
+    path = tmp_path / "case_07.nrrd"
+    if layout == "ascii":
+        path.write_bytes((header + "space: left-posterior-superior\nspace directions: (0.5,0,0) (0,0.6,0) (0,0,2)\n"
+                          "space origin: (1,2,3)\nencoding: ascii\n\n" + " ".join(map(str, voxels.ravel())) + "\n"
+                          ).encode())
+        origin = [-1.0, -2.0, 3.0]
+    else:
+        path.write_bytes((header + "spacings: 0.5 0.6 2\nencoding: raw\n\n").encode() + voxels.astype("<i2").tobytes())
+        origin = [0.0, 0.0, 0.0]
+    task = BackgroundTask(lambda report, cancelled: read_study(path, "case_07", report, cancelled))
+    assert task.wait(60) == "done", task.error
+    np.testing.assert_array_equal(task.result.voxels, voxels)
+    expected = np.diag([-0.5, -0.6, 2.0, 1.0])
+    expected[:3, 3] = origin
+    np.testing.assert_allclose(task.result.ijk_to_ras, expected, atol=1e-6)
+
+
 def test_an_unreadable_review_queue_study_fails_with_a_clear_message(tmp_path):
     """A downloaded study that cannot be read fails the request's task saying which study, which file and why;
     Cancel still stops the reading."""

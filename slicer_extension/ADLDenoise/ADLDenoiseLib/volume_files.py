@@ -343,28 +343,40 @@ def _read_with_simpleitk(path: Path) -> VolumeArray:
 
 def read_volume(path: str | os.PathLike, cancelled: Callable[[], bool] | None = None) -> VolumeArray:
     """Background: a volume file as a :class:`VolumeArray`: NRRD with :func:`read_nrrd`, any other format ITK
-    reads (NIfTI, MetaImage) with SimpleITK. A 2D image (any of them) is one slice on the grid Slicer's loader gives
-    it (k spacing 1, origin 0 along k).
+    reads (NIfTI, MetaImage), and a NRRD :func:`read_nrrd` does not (2D, ascii, no space field), with SimpleITK,
+    as Slicer's loader reads them. A 2D image (any format) is one slice on the grid Slicer's loader gives it (k
+    spacing 1, origin 0 along k).
 
     Raises:
         VolumeUnreadable: as :func:`read_nrrd`, or a format that cannot be read here.
         TransferCancelled: cancelled.
     """
     path = Path(path)
-    if path.suffix.lower() == ".nrrd" and not _nrrd_is_2d(path):
-        return read_nrrd(path, cancelled)
+    if path.suffix.lower() == ".nrrd":
+        if _nrrd_read_here(path):
+            return read_nrrd(path, cancelled)
+        stop_if(cancel_check(cancelled))
+        try:  # a NRRD Slicer's loader (ITK) reads but read_nrrd does not: 2D, ascii, spacings without a space
+            return _read_with_simpleitk(path)
+        except VolumeUnreadable:
+            return read_nrrd(path, cancelled)  # read by neither: read_nrrd's reason
     stop_if(cancel_check(cancelled))
     return _read_with_simpleitk(path)
 
 
-def _nrrd_is_2d(path: Path) -> bool:
-    """Whether ``path`` is a 2D NRRD (a single slice, read with SimpleITK as Slicer's loader reads it; the
-    server denoises 2D images too); False for anything else, which :func:`read_nrrd` reads or refuses."""
+def _nrrd_read_here(path: Path) -> bool:
+    """Whether :func:`read_nrrd` takes the header of ``path`` (3D scalar, attached raw or gzip data, a space); also
+    True when the header cannot be read at all (missing, cut off, not NRRD), for :func:`read_nrrd` to say why."""
     try:
         with open(path, "rb") as stream:
-            return _nrrd_fields(stream).get("dimension") == "2"
+            fields = _nrrd_fields(stream)
     except (OSError, VolumeUnreadable):
+        return True
+    try:
+        _nrrd_geometry(fields)
+    except VolumeUnreadable:
         return False
+    return fields.get("encoding", "").lower() in ("raw", "gzip", "gz")
 
 
 def align_to_grid(voxels: np.ndarray, ijk_to_ras: np.ndarray, shape: tuple[int, ...], reference: np.ndarray,
