@@ -493,6 +493,26 @@ def test_flat_window_noise_std_on_a_flat_phantom() -> None:
         flat_window_noise_std(ramp, window=24)
 
 
+def test_flat_window_noise_std_ignores_nan_outside_its_windows() -> None:
+    """flat_window_noise_std uses the windows lying inside the mask only, so a NaN or inf outside them (padding
+    outside a reconstruction's field of view, left out of the mask) must not change the estimate; the running
+    sums of its box filters carried one along the whole row and the estimate came out NaN. A window holding one
+    inside the mask is left out."""
+    rng = np.random.default_rng(3)
+    image = 40.0 + rng.normal(0.0, 10.0, (2, 200, 200))
+    mask = np.ones(image.shape, bool)
+    mask[:, :, :8] = False
+    reference = flat_window_noise_std(image, mask)
+    padded = image.copy()
+    padded[:, :, :8] = np.nan
+    padded[1, 150:, :4] = np.inf
+    assert flat_window_noise_std(padded, mask) == pytest.approx(reference, rel=1e-9)
+    inside = image.copy()
+    inside[0, 100, 100] = np.nan  # inside the mask: its windows left out, the others read as before
+    value = flat_window_noise_std(inside, mask)
+    assert value is not None and abs(value / 10.0 - 1) < 0.03
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu() -> None:
     phantom = _water_cylinder(96, 36.0)

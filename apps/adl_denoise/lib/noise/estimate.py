@@ -47,7 +47,8 @@ def _local_std_sigma(slice_2d: np.ndarray, window: int, quantile: float, mask: n
 
 def _plane_fit_variances(images: np.ndarray, window: int, mask: np.ndarray | None) -> np.ndarray:
     """Residual variance about a least-squares plane in each ``window`` x ``window`` window lying entirely inside
-    ``mask`` (entirely inside each image without one), unbiased for white noise (divided by ``window**2 - 3``).
+    ``mask`` (entirely inside each image without one) and holding no NaN or infinite value, unbiased for white noise
+    (divided by ``window**2 - 3``).
 
     Args:
         images: (N, H, W) float array; windows never straddle two images.
@@ -58,6 +59,9 @@ def _plane_fit_variances(images: np.ndarray, window: int, mask: np.ndarray | Non
         1-D array of the variances, one per window position (image units squared).
     """
     a = images.astype(np.float64, copy=False)
+    finite = np.isfinite(a)
+    if not finite.all():  # one NaN / inf would spread along the filters' running sums: windows holding one are dropped
+        a = np.where(finite, a, 0.0)
     size = (1, window, window)
     mean = ndimage.uniform_filter(a, size, mode="reflect")
     var = ndimage.uniform_filter(a * a, size, mode="reflect") - mean * mean
@@ -71,7 +75,7 @@ def _plane_fit_variances(images: np.ndarray, window: int, mask: np.ndarray | Non
         cov = ndimage.uniform_filter(a * coord, size, mode="reflect") - mean * coord
         var -= cov * cov / var_offset
     var = np.maximum(var, 0.0) * (window * window / (window * window - 3.0))
-    inside = np.ones(a.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    inside = finite if mask is None else np.asarray(mask, dtype=bool) & finite
     # centres whose whole window lies inside: the mask eroded by the window (border_value=0 drops image edges)
     inside = ndimage.binary_erosion(inside, np.ones(size, dtype=bool), border_value=0)
     return var[inside]
@@ -92,7 +96,8 @@ def flat_window_noise_std(images: np.ndarray, mask: np.ndarray | None = None, *,
 
     Args:
         images: (H, W) or (N, H, W) image(s), e.g. HU.
-        mask: bool array of the same shape (e.g. soft tissue), or None for everywhere.
+        mask: bool array of the same shape (e.g. soft tissue), or None for everywhere; windows holding a NaN or
+            infinite value are left out either way (the filters would carry it along its whole row).
         window: odd window side in pixels (>= 3).
         min_windows: fewest window positions an estimate needs.
 
