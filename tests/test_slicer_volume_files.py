@@ -489,6 +489,21 @@ def test_a_nrrd_study_slicers_loader_reads_is_read_though_read_nrrd_does_not_tak
     np.testing.assert_allclose(task.result.ijk_to_ras, expected, atol=1e-6)
 
 
+def test_a_detached_nrrd_study_or_result_is_refused_not_read_from_the_file_it_names(tmp_path):
+    """A NRRD the server sends must hold its voxels: one naming a data file (a detached header) is refused, never
+    read from a file on this computer (another study's voxels beside it in the download folder would be shown and
+    recorded under this study's id), though SimpleITK, which reads the NRRDs read_nrrd does not, would read it."""
+    voxels = np.arange(24, dtype="<i2")
+    (tmp_path / "case_06.raw").write_bytes(voxels.tobytes())
+    path = tmp_path / "case_07.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 3 2\nendian: little\n"
+                     b"space: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\nencoding: raw\n"
+                     b"data file: case_06.raw\n\n")
+    with pytest.raises(VolumeUnreadable, match="'data file' are not read here"):
+        read_study(path, "case_07")
+    assert read_result(path).error and read_result(path).volume is None
+
+
 def test_an_unreadable_review_queue_study_fails_with_a_clear_message(tmp_path):
     """A downloaded study that cannot be read fails the request's task saying which study, which file and why;
     Cancel still stops the reading."""

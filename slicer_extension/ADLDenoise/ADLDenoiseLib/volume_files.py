@@ -366,11 +366,15 @@ def read_volume(path: str | os.PathLike, cancelled: Callable[[], bool] | None = 
 
 def _nrrd_read_here(path: Path) -> bool:
     """Whether :func:`read_nrrd` takes the header of ``path`` (3D scalar, attached raw or gzip data, a space); also
-    True when the header cannot be read at all (missing, cut off, not NRRD), for :func:`read_nrrd` to say why."""
+    True when the header cannot be read at all (missing, cut off, not NRRD), for :func:`read_nrrd` to say why, and
+    for a detached header: the file the server sent must hold the voxels, never name another file on this
+    computer."""
     try:
         with open(path, "rb") as stream:
             fields = _nrrd_fields(stream)
     except (OSError, VolumeUnreadable):
+        return True
+    if "data file" in fields or "datafile" in fields:
         return True
     try:
         _nrrd_geometry(fields)
