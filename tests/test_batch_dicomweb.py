@@ -816,3 +816,56 @@ def test_a_series_whose_instances_the_server_replaced_under_the_same_count_is_de
         assert "1 series: 0 done, 1 skipped" in last.stdout, last.stdout + last.stderr
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_series_moved_to_the_right_patient_on_the_server_is_denoised_again(tmp_path, shared_data):
+    """A misfiled series is corrected on the PACS in place: its patient (PatientID, PatientName, PatientBirthDate)
+    changed, its UIDs, instance count, InstanceCreationDate/Time and pixels kept (Orthanc: the instances deleted and
+    stored again). The rerun knew the series by its UIDs and creation times only and skipped it, so the denoised copy
+    kept (and, with --store-to-pacs, stored) the wrong patient's name and ID. The record now keeps the SHA-256 of the
+    patient the server lists for its instances (``input_patient_sha256``): the rerun denoises it again, saying why,
+    and the output names the right patient."""
+    import urllib.request as request
+
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        make_series(shared_data, tmp_path / "series", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
+        files = sorted((tmp_path / "series").iterdir())
+        for k, path in enumerate(files):
+            ds = pydicom.dcmread(path)
+            ds.PatientID, ds.PatientName, ds.PatientBirthDate = "WRONG-7", "Wrong^Patient", "19500101"
+            ds.InstanceCreationDate, ds.InstanceCreationTime = "20200115", f"10000{k}"
+            ds.save_as(path, write_like_original=False)
+            pacs.upload(path)
+        out = tmp_path / "out"
+        first = run_batch(pacs.dicomweb, out)
+        assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
+        record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+        output = Path(record["output"])
+
+        def patients_of_output() -> set:
+            return {(str(d.PatientID), str(d.PatientName)) for d in
+                    (pydicom.dcmread(p, stop_before_pixels=True) for p in output.iterdir())}
+
+        assert patients_of_output() == {("WRONG-7", "Wrong^Patient")}
+        assert "1 series: 0 done, 1 skipped" in run_batch(pacs.dicomweb, out).stdout
+
+        for instance in pacs.get("/instances"):  # the series filed under its right patient: same UIDs and times
+            request.urlopen(request.Request(f"{pacs.url}/instances/{instance}", method="DELETE"), timeout=60).close()
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.PatientID, ds.PatientName, ds.PatientBirthDate = "RIGHT-3", "Right^Patient", "19610203"
+            ds.save_as(path, write_like_original=False)
+            pacs.upload(path)
+        assert len(pacs.get("/instances")) == 3
+
+        moved = run_batch(pacs.dicomweb, out)
+        assert moved.returncode == 0 and "1 series: 1 done, 0 skipped" in moved.stdout, moved.stdout + moved.stderr
+        assert "denoising again: the server lists the series under another patient since" in moved.stderr, \
+            moved.stderr
+        assert patients_of_output() == {("RIGHT-3", "Right^Patient")}
+        assert "1 series: 0 done, 1 skipped" in run_batch(pacs.dicomweb, out).stdout
+    finally:
+        stop_orthanc(pacs)

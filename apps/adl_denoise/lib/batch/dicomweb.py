@@ -64,8 +64,9 @@ VOXELS_PER_INSTANCE = 512 * 512
 #: download needs is estimated
 HEADER_BYTES = 64 * 1024
 #: instance attributes of a series' identity (:func:`series_identity`): SOPInstanceUID, InstanceCreationDate,
-#: InstanceCreationTime (standard; kept in a server's index, e.g. among Orthanc's main DICOM tags: no file read)
-IDENTITY_FIELDS = ("00080018", "00080012", "00080013")
+#: InstanceCreationTime, and the patient's PatientID, PatientName, PatientBirthDate (standard; kept in a server's
+#: index, e.g. among Orthanc's main DICOM tags: no file read)
+IDENTITY_FIELDS = ("00080018", "00080012", "00080013", "00100020", "00100010", "00100030")
 #: environment variable: the first wait (seconds) of the client's retries, each later wait twice the one before
 #: (dicomweb-client's default is 2 s: 2 + 4 + 8 + 16 = 30 s before a request to an unreachable server fails)
 RETRY_WAIT_ENV = "ADL_DICOMWEB_RETRY_WAIT_S"
@@ -181,9 +182,12 @@ def _uids_sha256(uids) -> str:
 def series_identity(client, item: SeriesItem) -> dict:
     """What the server holds of the series ``item`` now, beyond its instance count: ``input_instances_sha256``, the
     SHA-256 of its SOP Instance UIDs (sorted), and, when the server returns InstanceCreationDate or
-    InstanceCreationTime, ``input_created_sha256``, of each UID with them. Recorded before the series is downloaded
-    and compared by a rerun, they tell a series whose instances were replaced under the same count (a corrected series
-    sent again: other UIDs; the same UIDs stored again, with new creation times) from the one denoised. One QIDO-RS
+    InstanceCreationTime, ``input_created_sha256``, of each UID with them; when it returns the patient,
+    ``input_patient_sha256``, of the PatientID, PatientName and PatientBirthDate its instances are filed under.
+    Recorded before the series is downloaded and compared by a rerun, they tell a series whose instances were
+    replaced under the same count (a corrected series sent again: other UIDs; the same UIDs stored again, with new
+    creation times), or that was filed under another patient (a misfiled series corrected in place: the derived
+    copy names its patient), from the one denoised. One QIDO-RS
     search of its instances (all pages, standard attributes only). {} when the server cannot list them all (an error
     answered, a search cut by its limit on results: :func:`lib.pacs.search_whole`): the series is then known by its
     instance count only, with a warning.
@@ -211,6 +215,10 @@ def series_identity(client, item: SeriesItem) -> dict:
     identity = {"input_instances_sha256": _uids_sha256(uid for uid, _, _ in instances)}
     if any(date or time for _, date, time in instances):
         identity["input_created_sha256"] = _uids_sha256("\t".join(entry) for entry in instances)
+    patients = {"\t".join(str(_value(entry, keyword)) for keyword in ("PatientID", "PatientName", "PatientBirthDate"))
+                for entry in found or [] if _value(entry, "SOPInstanceUID")}
+    if any(patient.strip("\t") for patient in patients):
+        identity["input_patient_sha256"] = _uids_sha256(patients)
     return identity
 
 

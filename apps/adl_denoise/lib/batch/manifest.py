@@ -23,8 +23,9 @@ the input, see :class:`~lib.batch.discovery.SeriesItem`), ``input``, ``output``,
 ``time`` (Unix seconds), on a done record ``output_files``, ``output_bytes``, ``output_sha256`` and ``output_stat``
 (the output's stat key, :func:`lib.batch.runner._stat_key`) and, for a file or DICOM folder input, ``input_sha256``
 and ``input_stat`` (a MetaImage or detached NRRD header with its data files), for a DICOMweb series (on each of its
-records) ``input_instances_sha256`` and, where the server returns them, ``input_created_sha256`` (its SOP Instance
-UIDs, and their InstanceCreationDate/Time, listed before the download: :func:`lib.batch.dicomweb.series_identity`;
+records) ``input_instances_sha256`` and, where the server returns them, ``input_created_sha256`` and
+``input_patient_sha256`` (its SOP Instance UIDs, their InstanceCreationDate/Time, the PatientID / PatientName /
+PatientBirthDate its instances are filed under, listed before the download: :func:`lib.batch.dicomweb.series_identity`;
 ``input_instances_adopted`` when a rerun recorded them for an older record), with ``redone`` (why an earlier output
 was not kept) where it applies, plus e.g. ``stored`` (STOW-RS) and ``stage`` ("store" on a failed record: the series was
 denoised and written, the server did not store it all; a rerun sends the same files again, same UIDs, so that the

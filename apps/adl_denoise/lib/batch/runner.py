@@ -513,6 +513,12 @@ class _Rank:
             if now:
                 refresh.update(now, input_instances_adopted=True)
             return ""
+        if item.kind == "dicomweb" and not record.get("input_patient_sha256"):
+            # a record of a run before patients were kept, found to hold: the patient listed now, likewise
+            patient = self._series_identity(item).get("input_patient_sha256")
+            if patient:
+                refresh["input_patient_sha256"] = patient
+            return ""
         if item.kind != "dicom" or not item.series_uid or not record.get("input_sha256"):
             return ""
         stat = _stat_key(_input_files(item))
@@ -529,8 +535,9 @@ class _Rank:
         """Why the instances the server holds of a DICOMweb series are not those ``record`` says were downloaded (""
         when they are, or when it cannot be told): other SOP Instance UIDs under the same count (a corrected series
         sent again, an instance deleted and another stored), or the same UIDs with other InstanceCreationDate or
-        InstanceCreationTime (stored again): its ``input_instances_sha256`` and ``input_created_sha256`` against
-        :func:`.dicomweb.series_identity` now. A record without them (a run before identities were kept, a server that
+        InstanceCreationTime (stored again), or filed under another patient (``input_patient_sha256``: the output
+        names its patient): its ``input_instances_sha256``, ``input_created_sha256`` and ``input_patient_sha256``
+        against :func:`.dicomweb.series_identity` now. A record without them (a run before identities were kept, a server that
         did not list the instances whole) is told by the SOP Instance UIDs that its output names as its sources
         (SourceImageSequence, :func:`.dicomweb.source_instances_sha256`; the output at ``item.output`` is the latest
         any run wrote); no output: only its instance count tells, as before.
@@ -557,6 +564,10 @@ class _Rank:
         if created and now.get("input_created_sha256") and now["input_created_sha256"] != created:
             return ("the server holds the series' instances stored again since (same SOP Instance UIDs, other "
                     "InstanceCreationDate/Time)")
+        patient = record.get("input_patient_sha256")
+        if patient and now.get("input_patient_sha256") and now["input_patient_sha256"] != patient:
+            return ("the server lists the series under another patient since (PatientID, PatientName or "
+                    "PatientBirthDate: a misfiled series corrected; the output named the earlier one)")
         return ""
 
     def _made_from(self, item: SeriesItem) -> str | None:
