@@ -660,7 +660,9 @@ def test_a_review_queue_hand_out_is_one_access_entry_and_info_updates_stay_recor
     ``review_queue_handout`` entry: the study, the strategy, what the client asked and who asked. The stock route's
     note of the hand-out in the image's info (``strategy``) left an ``image_info_updating`` / ``image_info_updated``
     pair on every hand-out; the note is still kept, with no entries of its own. An info update of the stock route
-    (``PUT /datastore/image/info``) is still recorded as its pair, and the chain verifies."""
+    (``PUT /datastore/image/info``) is still recorded as its pair, and so is the modality the queue reads once from
+    the image of a study whose info names none, for the request for CT (the request's route and client), and the
+    chain verifies."""
     from mlserver import stop_server
 
     from lib.activelearning import HANDOUT_EVENT
@@ -685,17 +687,74 @@ def test_a_review_queue_hand_out_is_one_access_entry_and_info_updates_stay_recor
     audit = AuditLog(folders["audit"])
     assert audit.verify().ok
     entries = [json.loads(line) for line in audit.path.read_text().splitlines()]  # the file the server wrote
-    assert [e["event"] for e in entries] == ["server_started", HANDOUT_EVENT, HANDOUT_EVENT, "image_info_updating",
+    assert [e["event"] for e in entries] == ["server_started", HANDOUT_EVENT, "image_info_updating",
+                                             "image_info_updated", HANDOUT_EVENT, "image_info_updating",
                                              "image_info_updated"]
-    handouts = [e["fields"] for e in entries[1:3]]
+    handouts = [entries[1]["fields"], entries[4]["fields"]]
     assert [(h["image"], h["strategy"], h["modality"], h["client_id"], h["remaining_unreviewed"]) for h in handouts] \
         == [("ct_slab_b", "next_unreviewed", None, None, 4),
             ("ct_slab_b", "next_unreviewed", "ct", "reading-room-3", 4)]
     assert all(h["user"] is None and h["client"] == "127.0.0.1" and h["route"] == "POST /activelearning/next_unreviewed"
                for h in handouts)
-    pending, updated = (e["fields"] for e in entries[3:])
+    pending, updated = (e["fields"] for e in entries[2:4])  # the modality read for the request for CT
+    assert pending["info"] == updated["info"] == {"modality": "CT"} and updated["image"] == "ct_slab_b"
+    assert updated["route"] == "POST /activelearning/next_unreviewed" and updated["client"] == "127.0.0.1"
+    pending, updated = (e["fields"] for e in entries[5:])
     assert pending["info"] == updated["info"] and updated["info"]["note"] == "second opinion asked"
-    assert updated["pending_seq"] == entries[3]["seq"]
+    assert updated["pending_seq"] == entries[5]["seq"]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_review_queue_reads_an_unknown_modality_from_the_image_once(tmp_path, tiny_weights):
+    """A local study whose info names no modality (a NIfTI uploaded without one) went to a request for CT and to
+    one for MR alike: a radiologist asking for MR got the CT. Its image is read once now (a real CT and a real MR
+    NIfTI here, no modality in their info), the modality kept in its info by an ordinary audited update; a study
+    whose file cannot be read is skipped for such requests (a warning in the server's log), not handed out, and the
+    queue goes on. A request for no modality hands out every study, as before."""
+    from mlserver import copy_weights, start_server, stop_server
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz", studies / "a_ct.nii.gz")
+    mr = (SAMPLE_STUDIES / "mr_slice_pydicom_mr2_rician5.nii.gz").read_bytes()
+    (studies / "b_broken.nii.gz").write_bytes(mr[:4000])  # cut short: not readable
+    shutil.copy(SAMPLE_STUDIES / "mr_slice_pydicom_mr2_rician5.nii.gz", studies / "c_mr.nii.gz")
+    audit_dir = tmp_path / "audit_log"
+    server = start_server(studies, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                          conf={"audit_dir": audit_dir, "max_voxels": 3_000_000})
+
+    def handed_out(modality: str) -> list[str]:
+        handed: list[str] = []
+        while True:
+            answer = requests.post(f"{server.url}/activelearning/next_unreviewed",
+                                   json={"modality": modality, "exclude": handed}, timeout=120)
+            assert answer.status_code == 200, answer.text
+            if not answer.json().get("id"):
+                return handed
+            handed.append(answer.json()["id"])
+
+    try:
+        for study in ("a_ct", "c_mr"):
+            info = requests.get(f"{server.url}/datastore/image/info", params={"image": study}, timeout=60).json()
+            assert "modality" not in info and "Modality" not in info, info
+        assert handed_out("mr") == ["c_mr"]
+        assert handed_out("ct") == ["a_ct"]
+        assert handed_out("mr") == ["c_mr"]  # from the info now
+        assert handed_out("") == ["a_ct", "b_broken", "c_mr"]
+        for study, modality in (("a_ct", "CT"), ("c_mr", "MR")):
+            info = requests.get(f"{server.url}/datastore/image/info", params={"image": study}, timeout=60).json()
+            assert info["modality"] == modality, info
+    finally:
+        stop_server(server)
+    assert "review queue: b_broken skipped for a request for MR" in server.log_tail(100_000)
+    audit = AuditLog(audit_dir)
+    assert audit.verify().ok
+    updated = _events(audit, "image_info_updated")  # each modality read once, on the request that needed it
+    assert sorted((e["image"], e["info"]) for e in updated) == [("a_ct", {"modality": "CT"}),
+                                                                ("c_mr", {"modality": "MR"})]
+    assert all(e["route"] == "POST /activelearning/next_unreviewed" for e in updated)
+    assert not _events(audit, "image_info_updated_failed")
 
 
 @pytest.mark.server

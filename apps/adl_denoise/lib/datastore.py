@@ -11,14 +11,20 @@ listing never followed the folder again (deleted ids listed for good).
 request that removes a study, before answering; (2) runs every change and reconciliation, and the lookups the
 app's routes make (``list_images``, ``get_image_uri``), under one lock; (3) logs and survives a failed watcher
 event instead of losing the watcher. Other datastores (DICOMweb) are returned unchanged.
+
+:func:`image_modality`: the modality of a datastore image, read from its file once and kept in its info (the
+fine-tuning data and the review queue's modality filter both ask for it).
 """
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List
 
-__all__ = ["steady_datastore"]
+if TYPE_CHECKING:
+    from monailabel.interfaces.datastore import Datastore
+
+__all__ = ["image_modality", "steady_datastore"]
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +109,27 @@ def steady_datastore(datastore):
             handler.on_created = handler.on_deleted = datastore._on_any_event
             handler.on_modified = datastore._on_modify_event
     return datastore
+
+
+def image_modality(datastore: Datastore, image_id: str, path: str | None = None) -> str:
+    """CT / MR (``OT`` for a DICOM image of another modality) of the datastore image ``image_id``: its info's
+    ``modality`` when CT or MR, else read from its file (``path``, default the image's URI;
+    :func:`lib.imaging.read_volume`: the DICOM Modality, else guessed from the values) and kept in the info as
+    ``modality``. The write is a datastore info update like any other (on the server an audited one: the value
+    decides which model a study's corrections fine-tune and which review requests get the study); a datastore that
+    cannot keep it (DICOMweb, an audit log that refuses entries) does not, and the file is read again next time.
+
+    Raises:
+        lib.imaging.ImageReadError: the file cannot be read as an image (missing, corrupt, over the voxel limit).
+    """
+    from .imaging import read_volume
+
+    info = datastore.get_image_info(image_id) or {}
+    if info.get("modality") in ("CT", "MR"):
+        return str(info["modality"])
+    volume = read_volume(path or datastore.get_image_uri(image_id))
+    try:
+        datastore.update_image_info(image_id, {"modality": volume.modality})
+    except Exception:  # noqa: BLE001 - a datastore that cannot keep it (see above): read again next time
+        log.debug("modality %s of %s not kept in its info", volume.modality, image_id, exc_info=True)
+    return volume.modality

@@ -420,18 +420,30 @@ def _known_modality(value: Any) -> Optional[str]:
     return None if text in ("", "UNK", "NONE") else text
 
 
-def study_modality(datastore: Datastore, image_id: str, info: Optional[dict] = None) -> Optional[str]:
+def study_modality(datastore: Datastore, image_id: str, info: Optional[dict] = None,
+                   read_image: bool = False) -> Optional[str]:
     """The modality of the study ``image_id`` (``CT``, ``MR``, another DICOM Modality), None when unknown: the
-    info's ``modality`` (this app's: read from the image, :func:`lib.trainers.finetune.image_modality`, or set by
-    an admin), else its ``Modality`` (MONAI Label's DICOMweb datastore writes the series' DICOM attributes into the
+    info's ``modality`` (this app's: read from the image, :func:`lib.datastore.image_modality`, or set by an
+    admin), else its ``Modality`` (MONAI Label's DICOMweb datastore writes the series' DICOM attributes into the
     info of a series it downloaded, under their DICOM names), else, for a PACS series, the Modality its listing
     gave (:func:`lib.pacs.listed_series`: a series not downloaded has no info). ``info``: the image's info already
-    read. No file is read and no request made."""
-    from ..pacs import listed_series
+    read. No request is made; no file is read unless ``read_image``: then a local study that none of these name
+    (a NIfTI uploaded without modality) has its file read once, the modality kept in its info
+    (:func:`lib.datastore.image_modality`). A PACS series is never downloaded for it.
+
+    Raises:
+        Exception: with ``read_image``, the local study's file cannot be read (:class:`lib.imaging.ImageReadError`
+            and whatever the reader raises).
+    """
+    from ..datastore import image_modality
+    from ..pacs import is_dicomweb, listed_series
 
     info = (datastore.get_image_info(image_id) or {}) if info is None else info
-    return (_known_modality(info.get("modality")) or _known_modality(info.get("Modality"))
-            or _known_modality(listed_series(datastore, image_id).get("modality")))
+    known = (_known_modality(info.get("modality")) or _known_modality(info.get("Modality"))
+             or _known_modality(listed_series(datastore, image_id).get("modality")))
+    if known is None and read_image and not is_dicomweb(datastore):
+        known = _known_modality(image_modality(datastore, image_id))
+    return known
 
 
 def review_of(info: dict) -> dict:
@@ -462,8 +474,11 @@ def audit_trail(audit: AuditLog, datastore: Datastore, image_id: str | None = No
 class NextUnreviewed(Strategy):
     """Active learning for review: the next study nobody has given a verdict yet (by id, so the queue is
     stable and shared by reviewers). Request keys: ``exclude`` (ids to skip, e.g. studies open elsewhere),
-    ``modality`` (ct | mr, only studies of that modality when known: :func:`study_modality`; it read the info's
-    ``modality`` alone, which a PACS series never has, so a request for MR had CT series handed out). With the
+    ``modality`` (ct | mr, only studies of that modality: :func:`study_modality`; it read the info's
+    ``modality`` alone, which a PACS series never has, so a request for MR had CT series handed out; a local study
+    whose info names none, a NIfTI uploaded without modality, went to CT and MR requests alike: its file is read
+    once now, the modality kept in its info, and one that cannot be read is skipped for such requests, with a
+    warning). With the
     app's ``audit`` log, the derived series it stored into a PACS are no studies (:func:`stored_results`); ids that
     name several series (:func:`ambiguous_images`) are left out too. On a PACS the current verdict of each series
     is the log's (its info, the queue's copy, lives in the server's local cache: a cache cleared, a server moved or
@@ -501,6 +516,22 @@ class NextUnreviewed(Strategy):
         return {"id": image_id, "instances": size.instances, "voxels": size.voxels, "estimated": estimated,
                 "limit": limit}
 
+    @staticmethod
+    def _of_modality(datastore: Datastore, image_id: str, info: dict, modality: str) -> bool:
+        """Whether the study ``image_id`` may go to a request for ``modality`` (CT | MR): its modality
+        (:func:`study_modality`, a local study's file read once when nothing names it) is that one, or unknown (a
+        PACS series whose listing names none). A local study whose file cannot be read is not: it is skipped, with
+        a warning, and the queue goes on."""
+        from ..imaging.errors import one_line
+
+        try:
+            found = study_modality(datastore, image_id, info, read_image=True)
+        except Exception as error:  # noqa: BLE001 - one unreadable study is no failure of the whole queue
+            log.warning("review queue: %s skipped for a request for %s: its modality is not known and its image "
+                        "cannot be read (%s: %s)", image_id, modality, type(error).__name__, one_line(error))
+            return False
+        return found in (None, modality)
+
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any] | None:
         from .. import pacs
 
@@ -533,7 +564,7 @@ class NextUnreviewed(Strategy):
         for image_id, info in unreviewed:
             if image_id in exclude:
                 continue
-            if modality in ("CT", "MR") and study_modality(datastore, image_id, info) not in (None, modality):
+            if modality in ("CT", "MR") and not self._of_modality(datastore, image_id, info, modality):
                 continue
             skipped = self._too_large(datastore, image_id)
             if skipped is not None:

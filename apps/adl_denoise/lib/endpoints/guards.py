@@ -260,7 +260,7 @@ def _need_label(image: str, tag: str) -> None:
 
 def _refuse_modality_below_admin(info: dict, parameter: str, user: Optional[User]) -> None:
     """403 when ``info`` sets ``modality`` and ``user`` is no admin: the image info's modality decides which model
-    and modality a study's corrections fine-tune (:func:`lib.trainers.finetune.image_modality`) and where the
+    and modality a study's corrections fine-tune (:func:`lib.datastore.image_modality`) and where the
     review queue files it, so an annotator's ``"MR"`` on a CT study had its correction train the MR model. The
     server reads it from the image itself; an admin may still correct a wrong guess."""
     if "modality" in info and _ADMIN not in (getattr(user, "roles", None) or []):

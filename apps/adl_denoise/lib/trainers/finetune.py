@@ -64,6 +64,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..data.regions import REGIONS_TAG, RegionsError, apply_regions, load_correction_regions
 from ..data.sources import PairedFolderSource
+from ..datastore import image_modality
 from ..engines.gated_fine_tuning import (
     KeepRegionCase,
     decide_publication,
@@ -205,19 +206,6 @@ def pair_regions(pair: dict):
         return load_correction_regions(pair["id"], pair["image"], pair["regions"], pair.get("regions_info") or {})
     except RegionsError as error:
         raise TrainingDataError(str(error)) from None
-
-
-def image_modality(datastore: Datastore, image_id: str, path: str | None = None) -> str:
-    """CT / MR of a datastore image: from its info (cached there after the first read), else its file."""
-    info = datastore.get_image_info(image_id) or {}
-    if info.get("modality") in ("CT", "MR"):
-        return str(info["modality"])
-    volume = read_volume(path or datastore.get_image_uri(image_id))
-    try:
-        datastore.update_image_info(image_id, {"modality": volume.modality})
-    except Exception:  # noqa: BLE001 - a read-only datastore (DICOMweb) just cannot cache it
-        pass
-    return volume.modality
 
 
 class DenoiserTrainTask(TrainTask):
