@@ -326,6 +326,30 @@ def test_adaptation_data_keeps_normal_dose_images_of_the_same_file_name_apart(tm
         "less each clean image's own noise" in data.description["noise_added"], data.description["noise_added"]
 
 
+@pytest.mark.slow
+def test_adaptation_data_keeps_the_learnt_noise_level_when_asked(tmp_path):
+    """The app's ``adapt_noise`` with ``calibrate_noise_level`` false: the noise model file written has
+    ``level_correction`` 1.0 and says why, and so does the description the run's status shows; by default the same
+    data calibrates the level."""
+    from lib.noise_learning.noise_model import NoiseModel
+    from lib.noise_learning.workflow import LEVEL_CALIBRATION_OFF, adaptation_data
+    from mlserver import write_crop
+
+    low_dose = {"ld": str(write_crop(LOW_DOSE, tmp_path / "ld.nii.gz", z=slice(40, 42)))}
+    normal = [str(write_crop(LOW_DOSE, tmp_path / "normal" / f"{z}.nii.gz", z=slice(z, z + 1))) for z in (50, 60)]
+    models = {}
+    for calibrate in (False, True):
+        work = tmp_path / f"work_{calibrate}"
+        data = adaptation_data(low_dose, work, noise_steps=2, noise_patch_size=32, normal_dose=normal,
+                               calibrate_noise_level=calibrate)
+        models[calibrate] = NoiseModel.load(work / "noise_model.pt")
+        assert data.description["noise_level"] == models[calibrate].level_record()
+    assert models[False].level_correction == 1.0
+    assert models[False].training_stats["level_calibration_skipped"] == LEVEL_CALIBRATION_OFF
+    assert models[False].level_record() == {"level_correction": 1.0, "skipped": LEVEL_CALIBRATION_OFF}
+    assert models[True].training_stats["level_calibration"]["level_correction"] == models[True].level_correction != 1.0
+
+
 @pytest.mark.parametrize("weights", ["tiny 2D CT", "shipped 2.5D MR"])
 def test_held_out_stand_ins_are_central_slices_denoised_with_their_neighbours(tmp_path, tiny_weights, low_dose_slab,
                                                                               weights):

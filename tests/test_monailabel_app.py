@@ -736,6 +736,25 @@ def test_tddl_adaptation_learns_noise_from_unlabelled_low_dose_images(training_c
     assert training_client.info()["models"]["tddl_gcn"]["weights"]["ct"]["available"]
 
 
+def test_tddl_adaptation_can_keep_the_learnt_noise_level(training_client, training_server):
+    """``calibrate_noise_level`` (default true; ``cli.py adapt --no-level-calibration`` on the server): false keeps
+    the learnt noise level, the noise model's ``level_correction`` 1.0 and why in the run's status. The request key
+    was ignored (the level calibrated). Anything but a boolean is a 422 naming the key."""
+    from lib.noise_learning.workflow import LEVEL_CALIBRATION_OFF
+
+    assert training_client.info()["trainers"]["tddl_gcn"]["config"]["calibrate_noise_level"] is True
+    request = {"mode": "adapt_noise", "steps": 2, "patch_size": 32, "noise_steps": 2, "device": "cpu"}
+    for bad in ("maybe", 2, [False]):
+        status, answer = http(training_server, "POST", "/train/tddl_gcn", {**request, "calibrate_noise_level": bad})
+        assert status == 422 and "calibrate_noise_level must be true or false" in answer["detail"], (bad, answer)
+    training_client.train_start("tddl_gcn", {**request, "calibrate_noise_level": "false"})  # a form's word
+    assert wait_for_training(training_client)["status"] == "DONE", training_server.log_tail()
+    stats = training_client.info()["train_stats"]["tddl_gcn"]
+    assert stats["status"] == "done" and stats["mode"] == "adapt_noise", stats
+    assert stats["data"]["noise_level"] == {"level_correction": 1.0, "skipped": LEVEL_CALIBRATION_OFF}, stats["data"]
+    assert f"soft-tissue level not calibrated ({LEVEL_CALIBRATION_OFF})" in stats["data"]["noise_model"]
+
+
 @pytest.mark.parametrize("name", ["adl", "tddl_gcn", "nlm"])
 def test_every_served_model_takes_the_conf_concurrency_and_size_limits(name, tmp_path):
     """``--conf max_concurrent_infers`` and ``max_voxels`` hold for every model the app serves (README: "requests one

@@ -527,9 +527,7 @@ def adapt_to_low_dose(
                                 "noise_per_image": noise_per_image, "noise_added": noise_added_line(noise_per_image)},
                "noise_model": noise_model.summary(),
                # the learnt soft-tissue level and the low-dose scans' measured one, or why it was not calibrated
-               "noise_level": noise_model.training_stats.get("level_calibration") or {
-                   "level_correction": noise_model.level_correction,
-                   "skipped": noise_model.training_stats.get("level_calibration_skipped")},
+               "noise_level": noise_model.level_record(),
                "settings": dataclasses.asdict(settings)}
         try:
             candidate = export_weights(result.generator, work / "adapted.pt", config, scaling_rule_for("CT"), record)

@@ -343,6 +343,14 @@ class NoiseModel:
                             self.pixel_size_mm[0] * self.pixel_size_mm[1]), math.sqrt(given[0] * given[1]),
                         "finer" if ratio < 1 else "coarser")
 
+    def level_record(self) -> dict:
+        """The soft-tissue level calibration as reports give it: ``training_stats["level_calibration"]`` (the
+        learnt and the scans' measured soft-tissue levels, HU, and ``level_correction``), else
+        ``{"level_correction": ..., "skipped": why it was not calibrated}``."""
+        return dict(self.training_stats.get("level_calibration") or {
+            "level_correction": float(self.level_correction),
+            "skipped": self.training_stats.get("level_calibration_skipped")})
+
     def summary(self) -> str:
         """One paragraph describing the model (for the command line)."""
         st = self.training_stats

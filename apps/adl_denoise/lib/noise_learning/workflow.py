@@ -240,6 +240,7 @@ def adaptation_data(
     device: str = "cpu",
     noise_info: dict | None = None,
     split: Callable[[list[str]], tuple[list[str], list[str]]] | None = None,
+    calibrate_noise_level: bool = True,
 ) -> AdaptationData:
     """TDDL adaptation data: learn the noise of the low-dose CT images, add it to normal-dose images.
 
@@ -261,6 +262,9 @@ def adaptation_data(
         noise_info: extra metadata stored with the noise model (besides the low-dose ``images`` ids).
         split: names -> (training names, validation names); default
             :func:`lib.engines.gated_fine_tuning.split_validation` (an image's side depends on its name alone).
+        calibrate_noise_level: scale the learnt noise to the low-dose images' measured soft-tissue noise
+            (:func:`learn_noise_model`'s ``calibrate_level``); the description's ``noise_level`` says what was done
+            (:meth:`NoiseModel.level_record`).
 
     Raises:
         ValueError: no normal-dose image and no denoiser, too few images to split, unusable images (see
@@ -278,7 +282,8 @@ def adaptation_data(
         noise_ids, held_out_ids = split(list(low_dose))
     noise_model = learn_noise_model([low_dose[i] for i in noise_ids], steps=noise_steps, patch_size=noise_patch_size,
                                     force_ct=True, device=device, seed=seed, progress=False,
-                                    info={**(noise_info or {}), "images": noise_ids})
+                                    info={**(noise_info or {}), "images": noise_ids},
+                                    calibrate_level=bool(calibrate_noise_level))
     noise_path = noise_model.save(work / "noise_model.pt")
     if normal_dose:
         from ..data import discover_images
@@ -311,6 +316,7 @@ def adaptation_data(
     noise_per_image = source.noise_per_image() + val_source.noise_per_image()
     description = {"kind": f"TDDL pseudo pairs: learned noise + {kind}", "low_dose_images": list(low_dose),
                    "train_images": train_ids, "validation_images": val_ids, "noise_model": noise_model.summary(),
+                   "noise_level": noise_model.level_record(),
                    "noise_added": noise_added_line(noise_per_image), "noise_per_image": noise_per_image}
     log.info("%s", description["noise_added"])
     if normal_dose:

@@ -29,7 +29,9 @@ Modes (request ``mode``):
 
 Other request keys: ``modality`` (``auto``: the modality of the data; must be one), ``steps``, ``patch_size``,
 ``batch_size``, ``lr``, ``lambda_adversarial``, ``device``, ``seed``, ``noise_steps`` (noise-model training steps),
-``roi_l1_weight`` (weight of the L1 inside keep regions).
+``roi_l1_weight`` (weight of the L1 inside keep regions), ``calibrate_noise_level`` (``adapt_noise``: scale the
+learnt noise to the low-dose images' measured soft-tissue noise; default true, ``cli.py adapt
+--no-level-calibration`` is false).
 
 Publication (both modes): the candidate must be no worse than the served model on the held-out images, must not
 blur a keep region more (held-out and training corrections), and must not lose on the fixed reference set
@@ -238,7 +240,7 @@ class DenoiserTrainTask(TrainTask):
         return {"mode": list(MODES), "modality": ["auto", *[m.lower() for m in self.modalities]],
                 "steps": int(self.defaults.get("steps", 200)), "device": ["auto", "cpu", "cuda"],
                 "patch_size": 0, "batch_size": 4, "lr": 5e-5, "normal_dose": "", "roi_l1_weight": 5.0,
-                "keep_region_fraction": 0.0}
+                "keep_region_fraction": 0.0, "calibrate_noise_level": True}
 
     def stats(self) -> dict[str, Any]:
         """The last run's status file, with the current step read from the trainer's log while it runs."""
@@ -274,6 +276,7 @@ class DenoiserTrainTask(TrainTask):
             settings = settings_from_dict(params)
         except (TypeError, ValueError) as error:
             raise TrainingDataError(f"bad training parameter: {error}") from None
+        calibrate = _request_bool(params, "calibrate_noise_level", True)
         asked = str(params.get("modality", "auto")).upper()
         if asked not in ("AUTO", *self.modalities):
             raise TrainingDataError(f"{self.model} serves {', '.join(self.modalities)}; modality {asked!r} is unknown")
@@ -315,7 +318,8 @@ class DenoiserTrainTask(TrainTask):
         if self.store.served(self.model, asked) is None:
             raise TrainingDataError(f"no {self.model} weights for {asked} to fine-tune: install or train them first")
         # items: the correction pairs, or the low-dose CT image ids: what the run then trains on
-        return {"mode": mode, "modality": asked, "settings": settings, "items": items, "params": params}
+        return {"mode": mode, "modality": asked, "settings": settings, "items": items, "params": params,
+                "calibrate_noise_level": calibrate}
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         resolved = self.validate_request(request, datastore)
@@ -446,8 +450,31 @@ class DenoiserTrainTask(TrainTask):
         numbers = {key: int(params[key]) for key in ("noise_steps", "noise_patch_size", "seed") if key in params}
         data = adaptation_data({i: datastore.get_image_uri(i) for i in resolved["items"]}, work,
                                normal_dose=params.get("normal_dose") or None, denoiser_weights=served_path,
-                               noise_info={"source": "datastore low-dose images"}, **numbers)
+                               noise_info={"source": "datastore low-dose images"},
+                               calibrate_noise_level=resolved["calibrate_noise_level"], **numbers)
         return data.source, data.validation_pairs, data.description, data.held_out_low_dose
+
+
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def _request_bool(params: dict, key: str, default: bool) -> bool:
+    """``params[key]`` as a boolean (``default`` when absent): JSON true / false, 1 / 0, or the words true /
+    false, yes / no, on / off, 1 / 0 (a form or query string).
+
+    Raises:
+        TrainingDataError: any other value (a 422 naming the key and the value).
+    """
+    value = params.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in _TRUE_WORDS or word in _FALSE_WORDS:
+        return word in _TRUE_WORDS
+    raise TrainingDataError(f"{key} must be true or false, got {value!r}")
 
 
 def _spread_low_dose_slices(images: dict, max_slices: int = 8) -> list[tuple[list[np.ndarray], tuple[float, float]]]:
