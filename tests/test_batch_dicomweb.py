@@ -869,3 +869,64 @@ def test_a_series_moved_to_the_right_patient_on_the_server_is_denoised_again(tmp
         assert "1 series: 0 done, 1 skipped" in run_batch(pacs.dicomweb, out).stdout
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_derived_series_stored_under_the_wrong_patient_is_reported_superseded(tmp_path, shared_data):
+    """The misfiled series of the test above, denoised with --store-to-pacs: its derived series is on the PACS under
+    the wrong patient. Corrected in place and rerun, it is denoised and stored again (a new derived series), and the
+    first one stays on the PACS (standard DICOMweb cannot delete). The rerun said nothing of it; it now checks that the
+    server still lists it (QIDO-RS) and reports it superseded, "stored under another patient", for the PACS
+    administrator to remove: a warning, the end-of-run report and the record's ``superseded_derived_series``. Nothing
+    is deleted."""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        make_series(shared_data, tmp_path / "series", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
+        files = sorted((tmp_path / "series").iterdir())
+        source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        for k, path in enumerate(files):
+            ds = pydicom.dcmread(path)
+            ds.PatientID, ds.PatientName, ds.PatientBirthDate = "WRONG-7", "Wrong^Patient", "19500101"
+            ds.InstanceCreationDate, ds.InstanceCreationTime = "20200115", f"10000{k}"
+            ds.save_as(path, write_like_original=False)
+            pacs.upload(path)
+        out = tmp_path / "out"
+        first = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
+        assert "superseded" not in first.stdout + first.stderr
+        old = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])["stored"]
+        old_uid = old["series_instance_uid"]
+
+        # the source series (only it: the derived one stays) filed under its right patient, same UIDs and times
+        for series in pacs.get("/series?expand"):
+            if series["MainDicomTags"]["SeriesInstanceUID"] == source_uid:
+                for instance in series["Instances"]:
+                    urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{instance}",
+                                                                  method="DELETE"), timeout=60).close()
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.PatientID, ds.PatientName, ds.PatientBirthDate = "RIGHT-3", "Right^Patient", "19610203"
+            ds.save_as(path, write_like_original=False)
+            pacs.upload(path)
+
+        moved = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        output = moved.stdout + moved.stderr
+        assert moved.returncode == 0 and "1 series: 1 done, 0 skipped" in moved.stdout, output
+        record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+        assert record["status"] == "done" and record["stored"]["series_instance_uid"] != old_uid
+        superseded = record["superseded_derived_series"]
+        assert superseded["series_instance_uid"] == old_uid and superseded["other_patient"] is True
+        assert superseded["instances_on_server"] == 3 and "stored under another patient" in superseded["why"]
+        report = [line for line in moved.stdout.splitlines() if line.startswith("superseded on the PACS:")]
+        assert len(report) == 1 and old_uid in report[0] and "stored under another patient" in report[0], output
+        assert "PACS administrator must remove it" in report[0] and "nothing was deleted" in report[0]
+        assert "WARNING" in moved.stderr and f"derived series {old_uid}" in moved.stderr, moved.stderr
+        # nothing deleted: both derived series on the PACS (the old one for the administrator to remove)
+        derived = {s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.get("/series?expand")} - {source_uid}
+        assert derived == {old_uid, record["stored"]["series_instance_uid"]}
+
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert "1 series: 0 done, 1 skipped" in again.stdout and "superseded" not in again.stdout, again.stdout
+    finally:
+        stop_orthanc(pacs)

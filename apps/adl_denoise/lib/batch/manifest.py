@@ -27,14 +27,15 @@ records) ``input_instances_sha256`` and, where the server returns them, ``input_
 ``input_patient_sha256`` (its SOP Instance UIDs, their InstanceCreationDate/Time, the PatientID / PatientName /
 PatientBirthDate its instances are filed under, listed before the download: :func:`lib.batch.dicomweb.series_identity`;
 ``input_instances_adopted`` when a rerun recorded them for an older record), with ``redone`` (why an earlier output
-was not kept) where it applies, plus e.g. ``stored`` (STOW-RS) and ``stage`` ("store" on a failed record: the series was
-denoised and written, the server did not store it all; a rerun sends the same files again, same UIDs, so that the
-server completes that derived series), and for a DICOMweb series ``derived_study_uid``, ``derived_series_uid``,
+was not kept) where it applies, ``superseded_derived_series`` on a redone one whose earlier derived series the server
+still lists (its UIDs, why, ``other_patient``, ``instances_on_server``: for the PACS administrator to remove,
+:meth:`lib.batch.runner._Rank._superseded`), plus e.g. ``stored`` (STOW-RS) and ``stage`` ("store" on a failed record:
+the series was denoised and written, the server did not store it all; a rerun sends the same files again, same UIDs, so
+that the server completes that derived series), and for a DICOMweb series ``derived_study_uid``, ``derived_series_uid``,
 ``derived_instances`` (the derived series written; recorded before its STOW-RS, so that a rerun after a run killed
 between the store and its "done" record asks the server for that series rather than storing a second one) and
-``found_on_server`` (the rerun found it whole there and stored nothing). A done job is skipped by a rerun unless
-the weights it would run now (same name, other contents) or the default restoration width differ from the
-record's.
+``found_on_server`` (the rerun found it whole there and stored nothing). A done job is skipped by a rerun unless the
+weights it would run now (same name, other contents) or the default restoration width differ from the record's.
 """
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ set aside and done again as a missing one; a DICOM series whose files changed un
 denoised again (a file input is its contents, a MetaImage or detached NRRD header with its data files: another content
 is another job), and so is a DICOMweb series whose instances the server replaced or stored again under the same count
 (its SOP Instance UIDs and creation dates and times, :func:`.dicomweb.series_identity`, asked once per series and run);
-the record of the redone series says why (``redone``). A file is read for these checks only when its stat key
+the record of the redone series says why (``redone``) and names an earlier derived series of it that the server still
+lists (``superseded_derived_series``, :meth:`_Rank._superseded`: reported at the end, never deleted). A file is read
+for these checks only when its stat key
 (path, size, modification and change times, inode) differs from the recorded one, so that a rerun of an untouched
 archive reads none of it (and hashes no input file either, which it did before; the header of a NRRD or MetaImage
 input is read to find its data files); one found unchanged gets its new key recorded. Any error of one series is
@@ -99,6 +101,9 @@ class BatchSummary:
     stopped: str = ""
     #: (series key, error) of this rank's failed series (not merged)
     failures: list = field(default_factory=list, repr=False)
+    #: (series key, :meth:`_Rank._superseded` entry) of derived series on the server that this rank's redone series
+    #: superseded (not merged): the PACS administrator removes them
+    superseded: list = field(default_factory=list, repr=False)
 
     @property
     def total(self) -> int:
@@ -318,6 +323,7 @@ class _Rank:
         self.scratch = Path(settings.output) / ".denoise_batch_download" / f"rank-{rank:05d}"
         self.last_error = ""
         self.last_unreachable = False  # the last failure: the server could not be reached
+        self.last_superseded: dict | None = None  # the last series' earlier derived series still on the server
         self._identity: tuple[str, dict] | None = None  # (series key, its _series_identity): asked once a series
         self._sources: tuple[str, str | None] | None = None  # (series key, its _made_from)
 
@@ -326,10 +332,12 @@ class _Rank:
         start = time.perf_counter()
         unreachable = 0  # failures in a row for want of the server
         for index, item in enumerate(items):
-            self.last_unreachable = False
+            self.last_unreachable, self.last_superseded = False, None
             outcome = self.one(item)
             if outcome == "failed":
                 summary.failures.append((item.key, self.last_error))
+            if self.last_superseded:
+                summary.superseded.append((item.key, self.last_superseded))
             setattr(summary, outcome, getattr(summary, outcome) + 1)
             bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed, refresh=False)
             bar.update(1)
@@ -384,6 +392,9 @@ class _Rank:
         if recheck.stale:
             log.warning("%s: denoising again: %s", item.key, recheck.stale)
             base["redone"] = recheck.stale
+            self.last_superseded = self._superseded(previous, item, recheck.stale)
+            if self.last_superseded:  # on every record of this redo, failed ones too
+                base["superseded_derived_series"] = self.last_superseded
         if item.output.exists() and not ours:
             return self._failed(base, identity, started,
                                 f"{item.output} exists and was not written by this batch (no manifest record): "
@@ -663,6 +674,42 @@ class _Rank:
             return False  # asked again, and the failure recorded, on the way to storing it
         return found >= int(stored.get("instances") or 1)
 
+    def _superseded(self, record: dict | None, item: SeriesItem, why: str) -> dict | None:
+        """The derived series that ``record`` (the done record of a DICOMweb series now redone for ``why``) says was
+        stored on the server, when the server still lists it (QIDO-RS, :func:`.dicomweb.instances_on_server`): made
+        from data (or weights) no longer current, it stays there beside the new one, and standard DICOMweb cannot
+        delete it, so it is reported for the PACS administrator to remove (warned, recorded, listed at the end);
+        nothing is deleted. ``{"series_instance_uid", "study_instance_uid", "why", "other_patient",
+        "instances_on_server"}`` (None when unknown: the server could not be asked); None when there is none or the
+        server lists none of it. ``other_patient``: the server lists the source under another patient than the
+        one the record's download had (``input_patient_sha256``), whose name and ID the derived series carries."""
+        stored = (record or {}).get("stored") or {}
+        uid = stored.get("series_instance_uid")
+        study = (record or {}).get("derived_study_uid") or item.study_uid  # the source's (older records: not named)
+        if item.kind != "dicomweb" or not uid or not study or self.client is None:
+            return None
+        try:
+            now = self._series_identity(item).get("input_patient_sha256")
+        except OSError:  # asked again, and a failure recorded, before the download
+            now = None
+        before = record.get("input_patient_sha256")
+        other_patient = bool(before and now and before != now)
+        if other_patient:
+            why = f"stored under another patient: {why}"
+        try:
+            found: int | None = dicomweb.instances_on_server(self.client, str(study), str(uid))
+        except dicomweb.PacsStoreError as error:
+            log.warning("%s: %s", item.key, error)
+            found = None  # unknown: reported, for the administrator to check
+        if found == 0:
+            return None  # removed already
+        entry = {"series_instance_uid": str(uid), "study_instance_uid": str(study), "why": why,
+                 "other_patient": other_patient, "instances_on_server": found}
+        log.warning("%s: the derived series %s (study %s) that an earlier run stored on the server is superseded "
+                    "and %s there: %s; the PACS administrator must remove it (DICOMweb cannot delete; nothing was "
+                    "deleted)", item.key, uid, study, "may still be" if found is None else "still", why)
+        return entry
+
     def _resume(self, job: str, item: SeriesItem, base: dict) -> dict | None:
         """What to record as done for a DICOMweb series whose derived series an earlier run wrote (and perhaps sent)
         with the weights and slices of now, without denoising it again; None when there is none (denoise it).
@@ -875,10 +922,15 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
         report(f"{len(items)} series found in {settings.source}; {context.world} process"
                f"{'es' if context.world > 1 else ''} on {device.type}")
     own = run_rank(settings, items, context.rank, context.world, str(device), client)
-    counts = {k: v for k, v in asdict(own).items() if k != "failures"}
+    counts = {k: v for k, v in asdict(own).items() if k not in ("failures", "superseded")}
     atomic_write_text(manifest.folder / f"summary-rank-{context.rank:05d}.json", json.dumps(counts))
     for key, error in own.failures:
         report(f"failed: {key}: {error}")
+    for key, entry in own.superseded:
+        held = "may still hold" if entry["instances_on_server"] is None else "still holds"
+        report(f"superseded on the PACS: {key}: the server {held} the derived series {entry['series_instance_uid']} "
+               f"(study {entry['study_instance_uid']}) stored by an earlier run, {entry['why']}; the PACS "
+               "administrator must remove it (DICOMweb cannot delete; nothing was deleted)")
     if own.stopped:
         report(f"stopped: {own.stopped}")
     if context.distributed:
