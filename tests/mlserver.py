@@ -169,6 +169,23 @@ def stop_server(server: Server) -> None:
     processes.stop(server.process)
 
 
+def queue_hand_outs(url: str, modality: str, timeout: float = 600.0, most: int = 50) -> list[str]:
+    """The ids the server's review queue (``POST /activelearning/next_unreviewed``) hands out in turn for
+    ``modality`` ("" for any), each request excluding those handed out before it, until it hands out none (at most
+    ``most``)."""
+    import requests
+
+    handed: list[str] = []
+    for _ in range(most):
+        answer = requests.post(f"{url}/activelearning/next_unreviewed",
+                               json={"modality": modality, "exclude": handed}, timeout=timeout)
+        assert answer.status_code == 200, answer.text
+        if not answer.json().get("id"):
+            break
+        handed.append(answer.json()["id"])
+    return handed
+
+
 def read_array(path: str | Path) -> tuple[np.ndarray, sitk.Image]:
     image = sitk.ReadImage(str(path))
     return sitk.GetArrayFromImage(image), image

@@ -69,5 +69,23 @@ def start_orthanc(work: Path, timeout: float = 300.0, extra_config: dict | None 
     return Orthanc(url, processes.start_service([ORTHANC, config_path], log_path, f"{url}/system", timeout), log_path)
 
 
+def start_orthanc_logging_requests(work: Path) -> tuple[Orthanc, Path]:
+    """A real Orthanc (in ``work / "orthanc"``) whose IncomingHttpRequestFilter (a Lua script) appends ``METHOD URI``
+    of every HTTP request it receives, DICOMweb included, to the returned file: what a client searched for or
+    downloaded is read there."""
+    work.mkdir(parents=True, exist_ok=True)
+    requests_log = work / "orthanc_requests.log"
+    script = work / "log_requests.lua"
+    script.write_text(f"""
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  local log = io.open("{requests_log}", "a")
+  log:write(method .. " " .. uri .. "\\n")
+  log:close()
+  return true
+end
+""")
+    return start_orthanc(work / "orthanc", extra_config={"LuaScripts": [str(script)]}), requests_log
+
+
 def stop_orthanc(server: Orthanc) -> None:
     processes.stop(server.process)

@@ -712,7 +712,7 @@ def test_the_review_queue_reads_an_unknown_modality_from_the_image_once(tmp_path
     NIfTI here, no modality in their info), the modality kept in its info by an ordinary audited update; a study
     whose file cannot be read is skipped for such requests (a warning in the server's log), not handed out, and the
     queue goes on. A request for no modality hands out every study, as before."""
-    from mlserver import copy_weights, start_server, stop_server
+    from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
 
     studies = tmp_path / "studies"
     studies.mkdir()
@@ -725,14 +725,7 @@ def test_the_review_queue_reads_an_unknown_modality_from_the_image_once(tmp_path
                           conf={"audit_dir": audit_dir, "max_voxels": 3_000_000})
 
     def handed_out(modality: str) -> list[str]:
-        handed: list[str] = []
-        while True:
-            answer = requests.post(f"{server.url}/activelearning/next_unreviewed",
-                                   json={"modality": modality, "exclude": handed}, timeout=120)
-            assert answer.status_code == 200, answer.text
-            if not answer.json().get("id"):
-                return handed
-            handed.append(answer.json()["id"])
+        return queue_hand_outs(server.url, modality)
 
     try:
         for study in ("a_ct", "c_mr"):

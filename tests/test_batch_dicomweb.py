@@ -22,7 +22,7 @@ import pytest
 
 import processes
 from conftest import APP_DIR
-from orthanc import available, start_orthanc, stop_orthanc
+from orthanc import available, start_orthanc, start_orthanc_logging_requests, stop_orthanc
 
 from lib.batch.dicomweb import discover_dicomweb, make_client
 from lib.batch.discovery import MANIFEST_DIR, SeriesFilter
@@ -459,21 +459,6 @@ def test_an_orthanc_that_cuts_its_search_answers_stops_the_batch_and_is_asked_co
         stop_orthanc(pacs)
 
 
-def _orthanc_logging_requests(tmp_path: Path):
-    """A real Orthanc whose IncomingHttpRequestFilter (a Lua script) appends the method and URI of every HTTP request
-    it gets, DICOMweb included, to the returned file: what a batch downloaded is read there. Returns (pacs, log)."""
-    requests_log = tmp_path / "requests.log"
-    script = tmp_path / "log_requests.lua"
-    script.write_text(f"""
-function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
-  local log = io.open("{requests_log}", "a")
-  log:write(method .. " " .. uri .. "\\n")
-  io.close(log)
-  return true
-end
-""")
-    return start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]}), requests_log
-
 
 def test_a_series_over_the_voxel_limit_is_refused_before_its_download_and_the_batch_goes_on(tmp_path, shared_data):
     """A DICOMweb series was downloaded whole (a series of thousands of slices filled the disk) before the reader's
@@ -483,7 +468,7 @@ def test_a_series_over_the_voxel_limit_is_refused_before_its_download_and_the_ba
     of it), and the 3-slice one (0.79 M) is denoised; a rerun refuses it again and keeps the other's result."""
     from pydicom.uid import generate_uid
 
-    pacs, requests_log = _orthanc_logging_requests(tmp_path)
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
     try:
         study = generate_uid()
         big = make_series(shared_data, tmp_path / "big", range(0, 6), "abdomen low dose", study, "20200115")

@@ -18,8 +18,8 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from conftest import SAMPLE_STUDIES
-from mlserver import copy_weights, start_server, stop_server
-from orthanc import available, start_orthanc, stop_orthanc
+from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
+from orthanc import available, start_orthanc, start_orthanc_logging_requests, stop_orthanc
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=str(available()))]
@@ -570,15 +570,7 @@ def test_the_review_queue_asked_for_one_modality_hands_out_that_modality_only(tm
                               env={"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": "{}"})
         try:
             def handed_out(modality: str) -> list[str]:
-                handed: list[str] = []
-                for _ in range(5):
-                    answer = requests.post(f"{server.url}/activelearning/next_unreviewed",
-                                           json={"modality": modality, "exclude": handed}, timeout=600)
-                    assert answer.status_code == 200, answer.text
-                    if not answer.json().get("id"):
-                        return handed
-                    handed.append(answer.json()["id"])
-                return handed
+                return queue_hand_outs(server.url, modality, most=5)
 
             answer = requests.get(f"{server.url}/datastore/", timeout=600)
             assert answer.status_code == 200 and answer.json()["total"] == 2, answer.text[:500]
@@ -599,19 +591,9 @@ def test_the_review_queue_asked_for_one_modality_hands_out_that_modality_only(tm
 
 
 def _counting_orthanc(tmp_path: Path):
-    """A real Orthanc that appends ``METHOD URI`` of every HTTP request it receives to a file (an
-    IncomingHttpRequestFilter Lua script); returns (pacs, a function answering the QIDO-RS searches so far)."""
-    requests_log = tmp_path / "orthanc_requests.log"
-    script = tmp_path / "count.lua"
-    script.write_text(f"""
-function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
-  local log = io.open("{requests_log}", "a")
-  log:write(method .. " " .. uri .. "\\n")
-  log:close()
-  return true
-end
-""")
-    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+    """A real Orthanc logging every HTTP request (:func:`orthanc.start_orthanc_logging_requests`); returns (pacs, a
+    function answering the QIDO-RS searches so far)."""
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
 
     def qido_searches() -> list[str]:
         lines = requests_log.read_text().splitlines() if requests_log.exists() else []

@@ -320,24 +320,30 @@ class MRMLLogicTest(unittest.TestCase):
                 self.assertFalse(display.GetAutoWindowLevel())
                 self.assertEqual((display.GetWindow(), display.GetLevel()), (345.0, 67.0))
 
-    def test_a_damaged_or_cut_off_result_is_refused_with_a_clear_message_and_the_scene_unchanged(self):
-        """A result file cut off (raw, gzip) or damaged is read in the background without an exception (the GUI
-        thread first checks the result is for the study selected); load_result then refuses it, saying which file
-        and why, and adds nothing to the scene."""
-        original = oblique_ct_node()
+    def _broken_nrrd_files(self, node) -> dict:
+        """NRRD files of ``node`` as Slicer writes them, cut off (raw and gzip), damaged (gzip) and empty: their
+        names -> (content, the reason a reader must give)."""
         cases = {}
         for compress in (False, True):
             path = self.work / f"full_{compress}.nrrd"
             storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
             storage.SetFileName(str(path))
             storage.SetUseCompression(compress)
-            self.assertTrue(storage.WriteData(original))
+            self.assertTrue(storage.WriteData(node))
             data = path.read_bytes()
             cases[f"cut_{compress}.nrrd"] = (data[: len(data) - 300], "the file is cut off: ")
         middle = len(data) // 2
         cases["damaged.nrrd"] = (data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 64])
                                  + data[middle + 64:], "the gzip data is damaged|the file is cut off")
         cases["empty.nrrd"] = (b"", "not a NRRD file")
+        return cases
+
+    def test_a_damaged_or_cut_off_result_is_refused_with_a_clear_message_and_the_scene_unchanged(self):
+        """A result file cut off (raw, gzip) or damaged is read in the background without an exception (the GUI
+        thread first checks the result is for the study selected); load_result then refuses it, saying which file
+        and why, and adds nothing to the scene."""
+        original = oblique_ct_node()
+        cases = self._broken_nrrd_files(original)
         for name, (content, match) in cases.items():
             path = self.work / name
             path.write_bytes(content)
@@ -459,19 +465,7 @@ class MRMLLogicTest(unittest.TestCase):
         background task with "could not read the study <id> (<file>) the server sent: <reason>": nothing reaches
         the GUI thread, so the scene is unchanged."""
         original = oblique_ct_node()
-        cases = {}
-        for compress in (False, True):
-            path = self.work / f"full_{compress}.nrrd"
-            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-            storage.SetFileName(str(path))
-            storage.SetUseCompression(compress)
-            self.assertTrue(storage.WriteData(original))
-            data = path.read_bytes()
-            cases[f"cut_{compress}.nrrd"] = (data[: len(data) - 300], "the file is cut off: ")
-        middle = len(data) // 2
-        cases["damaged.nrrd"] = (data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 64])
-                                 + data[middle + 64:], "the gzip data is damaged|the file is cut off")
-        cases["empty.nrrd"] = (b"", "not a NRRD file")
+        cases = self._broken_nrrd_files(original)
         cases["missing.nrrd"] = (None, "No such file")
         write_nrrd(np.zeros((2, 3, 4), np.int64), np.eye(4), self.work / "wide.nrrd")
         cases["wide.nrrd"] = (None, "its voxels are int64, a type Slicer does not show")
