@@ -803,6 +803,35 @@ def test_a_series_whose_instances_the_server_replaced_under_the_same_count_is_de
         stop_orthanc(pacs)
 
 
+def _store_misfiled_series(pacs, shared_data: Path, tmp_path: Path) -> list[Path]:
+    """A real 3-slice CT series stored on ``pacs`` under the wrong patient (WRONG-7, Wrong^Patient), with
+    InstanceCreationDate/Time set; returns its files (in ``tmp_path / "series"``)."""
+    from pydicom.uid import generate_uid
+
+    make_series(shared_data, tmp_path / "series", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
+    files = sorted((tmp_path / "series").iterdir())
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "WRONG-7", "Wrong^Patient", "19500101"
+        ds.InstanceCreationDate, ds.InstanceCreationTime = "20200115", f"10000{k}"
+        ds.save_as(path, write_like_original=False)
+        pacs.upload(path)
+    return files
+
+
+def _refile_under_the_right_patient(pacs, files: list[Path], instances: list[str]) -> None:
+    """The series of ``files`` corrected on ``pacs`` in place: ``instances`` (Orthanc ids) deleted, the files stored
+    again under the right patient (RIGHT-3, Right^Patient), with the same UIDs and creation times."""
+    for instance in instances:
+        urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{instance}", method="DELETE"),
+                               timeout=60).close()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "RIGHT-3", "Right^Patient", "19610203"
+        ds.save_as(path, write_like_original=False)
+        pacs.upload(path)
+
+
 def test_a_series_moved_to_the_right_patient_on_the_server_is_denoised_again(tmp_path, shared_data):
     """A misfiled series is corrected on the PACS in place: its patient (PatientID, PatientName, PatientBirthDate)
     changed, its UIDs, instance count, InstanceCreationDate/Time and pixels kept (Orthanc: the instances deleted and
@@ -810,20 +839,9 @@ def test_a_series_moved_to_the_right_patient_on_the_server_is_denoised_again(tmp
     kept (and, with --store-to-pacs, stored) the wrong patient's name and ID. The record now keeps the SHA-256 of the
     patient the server lists for its instances (``input_patient_sha256``): the rerun denoises it again, saying why,
     and the output names the right patient."""
-    import urllib.request as request
-
-    from pydicom.uid import generate_uid
-
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
-        make_series(shared_data, tmp_path / "series", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
-        files = sorted((tmp_path / "series").iterdir())
-        for k, path in enumerate(files):
-            ds = pydicom.dcmread(path)
-            ds.PatientID, ds.PatientName, ds.PatientBirthDate = "WRONG-7", "Wrong^Patient", "19500101"
-            ds.InstanceCreationDate, ds.InstanceCreationTime = "20200115", f"10000{k}"
-            ds.save_as(path, write_like_original=False)
-            pacs.upload(path)
+        files = _store_misfiled_series(pacs, shared_data, tmp_path)
         out = tmp_path / "out"
         first = run_batch(pacs.dicomweb, out)
         assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
@@ -837,13 +855,7 @@ def test_a_series_moved_to_the_right_patient_on_the_server_is_denoised_again(tmp
         assert patients_of_output() == {("WRONG-7", "Wrong^Patient")}
         assert "1 series: 0 done, 1 skipped" in run_batch(pacs.dicomweb, out).stdout
 
-        for instance in pacs.get("/instances"):  # the series filed under its right patient: same UIDs and times
-            request.urlopen(request.Request(f"{pacs.url}/instances/{instance}", method="DELETE"), timeout=60).close()
-        for path in files:
-            ds = pydicom.dcmread(path)
-            ds.PatientID, ds.PatientName, ds.PatientBirthDate = "RIGHT-3", "Right^Patient", "19610203"
-            ds.save_as(path, write_like_original=False)
-            pacs.upload(path)
+        _refile_under_the_right_patient(pacs, files, pacs.get("/instances"))
         assert len(pacs.get("/instances")) == 3
 
         moved = run_batch(pacs.dicomweb, out)
@@ -863,19 +875,10 @@ def test_a_derived_series_stored_under_the_wrong_patient_is_reported_superseded(
     server still lists it (QIDO-RS) and reports it superseded, "stored under another patient", for the PACS
     administrator to remove: a warning, the end-of-run report and the record's ``superseded_derived_series``. Nothing
     is deleted."""
-    from pydicom.uid import generate_uid
-
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
-        make_series(shared_data, tmp_path / "series", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
-        files = sorted((tmp_path / "series").iterdir())
+        files = _store_misfiled_series(pacs, shared_data, tmp_path)
         source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-        for k, path in enumerate(files):
-            ds = pydicom.dcmread(path)
-            ds.PatientID, ds.PatientName, ds.PatientBirthDate = "WRONG-7", "Wrong^Patient", "19500101"
-            ds.InstanceCreationDate, ds.InstanceCreationTime = "20200115", f"10000{k}"
-            ds.save_as(path, write_like_original=False)
-            pacs.upload(path)
         out = tmp_path / "out"
         first = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
@@ -884,16 +887,9 @@ def test_a_derived_series_stored_under_the_wrong_patient_is_reported_superseded(
         old_uid = old["series_instance_uid"]
 
         # the source series (only it: the derived one stays) filed under its right patient, same UIDs and times
-        for series in pacs.get("/series?expand"):
-            if series["MainDicomTags"]["SeriesInstanceUID"] == source_uid:
-                for instance in series["Instances"]:
-                    urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{instance}",
-                                                                  method="DELETE"), timeout=60).close()
-        for path in files:
-            ds = pydicom.dcmread(path)
-            ds.PatientID, ds.PatientName, ds.PatientBirthDate = "RIGHT-3", "Right^Patient", "19610203"
-            ds.save_as(path, write_like_original=False)
-            pacs.upload(path)
+        _refile_under_the_right_patient(pacs, files, [instance for series in pacs.get("/series?expand")
+                                                      if series["MainDicomTags"]["SeriesInstanceUID"] == source_uid
+                                                      for instance in series["Instances"]])
 
         moved = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         output = moved.stdout + moved.stderr

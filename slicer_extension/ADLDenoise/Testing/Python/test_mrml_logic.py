@@ -20,6 +20,7 @@ import sys
 import tempfile
 import tracemalloc
 import unittest
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,17 @@ def _audit(event: str, args) -> None:
 sys.addaudithook(_audit)
 
 
+@contextmanager
+def file_events():
+    """The Python file and OS events (``open``, ``os.*``, ``shutil.*``, ``tempfile.*``) of the block, in a list."""
+    seen: list = []
+    _WATCH.append(seen)
+    try:
+        yield seen
+    finally:
+        _WATCH.clear()
+
+
 def oblique_ct_node(name: str = "chest CT"):
     """A CT-like volume in HU on an oblique, non-RAS grid."""
     rng = np.random.default_rng(0)
@@ -146,6 +158,18 @@ def oblique_ct_node(name: str = "chest CT"):
             matrix.SetElement(r, c, directions[r, c])
     node.SetIJKToRASDirectionMatrix(matrix)
     return node
+
+
+def three_volumes(short_slices: int):
+    """Volumes of three scalar types and grids: the float32 oblique left-handed CT of :func:`oblique_ct_node`, an
+    int16 axial MR of ``short_slices`` slices, a single uint16 slice."""
+    ct = oblique_ct_node()
+    short = slicer.util.addVolumeFromArray(
+        np.arange(short_slices * 30 * 20, dtype=np.int16).reshape(short_slices, 30, 20) - 600, name="MR short")
+    short.SetSpacing(0.9, 0.9, 3.0)
+    short.SetOrigin(5.0, -7.5, 20.0)
+    single = slicer.util.addVolumeFromArray(np.arange(80, dtype=np.uint16).reshape(1, 8, 10), name="slice")
+    return ct, short, single
 
 
 class MRMLLogicTest(unittest.TestCase):
@@ -177,25 +201,8 @@ class MRMLLogicTest(unittest.TestCase):
         node's scalar type, IJK-to-RAS: oblique, left-handed, a single slice), and load_result puts it on the
         node's grid; a change made to the node after the copy is not in the file; a node no longer holding the
         voxels identified gets no file."""
-        def read(path):
-            node = slicer.vtkMRMLScalarVolumeNode()
-            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-            storage.SetFileName(str(path))
-            storage.SetSingleFile(1)
-            self.assertTrue(storage.ReadData(node), path)
-            matrix = vtk.vtkMatrix4x4()
-            node.GetIJKToRASMatrix(matrix)
-            return (slicer.util.arrayFromVolume(node).copy(),
-                    np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]))
-
-        import vtk
-
-        ct = oblique_ct_node()  # float32, oblique, left-handed
-        short = slicer.util.addVolumeFromArray(np.arange(2 * 30 * 20, dtype=np.int16).reshape(2, 30, 20) - 600,
-                                               name="MR short")
-        short.SetSpacing(0.9, 0.9, 3.0)
-        short.SetOrigin(5.0, -7.5, 20.0)
-        single = slicer.util.addVolumeFromArray(np.arange(80, dtype=np.uint16).reshape(1, 8, 10), name="slice")
+        read = self._slicer_read
+        ct, short, single = three_volumes(short_slices=2)
         for number, node in enumerate((ct, short, single)):
             reference = read(export_volume(node, self.work / f"slicer_{number}.nrrd"))
             snapshot = volume_snapshot(node)  # GUI thread: a copy, no file
@@ -258,37 +265,15 @@ class MRMLLogicTest(unittest.TestCase):
         by reversing k); load_result on the GUI thread then opens no file (the file is gone by then, and no Python
         file or OS call happens) and makes the node load_result made from the file: the original's grid, the
         voxels in its order, its window."""
-        import vtk
-
-        def slicer_read(path):
-            node = slicer.vtkMRMLScalarVolumeNode()
-            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-            storage.SetFileName(str(path))
-            storage.SetSingleFile(1)
-            self.assertTrue(storage.ReadData(node), path)
-            matrix = vtk.vtkMatrix4x4()
-            node.GetIJKToRASMatrix(matrix)
-            return (slicer.util.arrayFromVolume(node).copy(),
-                    np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]))
-
-        ct = oblique_ct_node()
-        short = slicer.util.addVolumeFromArray(np.arange(3 * 30 * 20, dtype=np.int16).reshape(3, 30, 20) - 600,
-                                               name="MR short")
-        short.SetSpacing(0.9, 0.9, 3.0)
-        short.SetOrigin(5.0, -7.5, 20.0)
-        single = slicer.util.addVolumeFromArray(np.arange(80, dtype=np.uint16).reshape(1, 8, 10), name="slice")
+        ct, short, single = three_volumes(short_slices=3)
         for node in (ct, short, single):
             node.CreateDefaultDisplayNodes()
             node.GetDisplayNode().SetAutoWindowLevel(False)
             node.GetDisplayNode().SetWindowLevel(345.0, 67.0)
             for compress in (False, True):
-                path = self.work / f"{node.GetName()}_{compress}.nrrd"
-                storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-                storage.SetFileName(str(path))
-                storage.SetUseCompression(compress)
-                self.assertTrue(storage.WriteData(node))
+                path = self._slicer_write(node, self.work / f"{node.GetName()}_{compress}.nrrd", compress)
                 self.assertIn(b"encoding: gzip" if compress else b"encoding: raw", path.read_bytes()[:1000])
-                voxels, matrix = slicer_read(path)
+                voxels, matrix = self._slicer_read(path)
                 read = read_volume(path)  # the file's own grid
                 expected, grid = read.voxels, read.ijk_to_ras.copy()
                 if np.linalg.det(grid[:3, :3]) < 0:  # as vtkMRMLVolumeNode::SetIJKCoordinateSystemToRightHanded
@@ -304,13 +289,9 @@ class MRMLLogicTest(unittest.TestCase):
                     p, (s.voxels.shape, s.ijk_to_ras), report, cancelled), name="read")
                 self.assertEqual(task.wait(120), "done", task.error)
                 path.unlink()
-                seen = []
-                _WATCH.append(seen)
-                try:
+                with file_events() as seen:
                     before = slicer.mrmlScene.GetNumberOfNodes()
                     result = load_result(slicer.mrmlScene, task.result, node)
-                finally:
-                    _WATCH.clear()
                 self.assertEqual(seen, [])
                 self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), before)
                 self.assertTrue(same_grid(result, node))
@@ -320,16 +301,20 @@ class MRMLLogicTest(unittest.TestCase):
                 self.assertFalse(display.GetAutoWindowLevel())
                 self.assertEqual((display.GetWindow(), display.GetLevel()), (345.0, 67.0))
 
+    def _slicer_write(self, node, path, compress: bool):
+        """``node`` written to ``path`` by Slicer's archetype storage node (gzip or raw NRRD); returns ``path``."""
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(compress)
+        self.assertTrue(storage.WriteData(node))
+        return path
+
     def _broken_nrrd_files(self, node) -> dict:
         """NRRD files of ``node`` as Slicer writes them, cut off (raw and gzip), damaged (gzip) and empty: their
         names -> (content, the reason a reader must give)."""
         cases = {}
         for compress in (False, True):
-            path = self.work / f"full_{compress}.nrrd"
-            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-            storage.SetFileName(str(path))
-            storage.SetUseCompression(compress)
-            self.assertTrue(storage.WriteData(node))
+            path = self._slicer_write(node, self.work / f"full_{compress}.nrrd", compress)
             data = path.read_bytes()
             cases[f"cut_{compress}.nrrd"] = (data[: len(data) - 300], "the file is cut off: ")
         middle = len(data) // 2
@@ -389,6 +374,21 @@ class MRMLLogicTest(unittest.TestCase):
             np.testing.assert_array_equal(slicer.util.arrayFromVolume(blended), (
                 strength * smooth + (1.0 - strength) * values).astype(np.float32))
 
+    def _slicer_read(self, path):
+        """(voxels, IJK-to-RAS 4x4) of the file ``path`` as Slicer's archetype storage node reads it (this file
+        alone), into a node outside the scene."""
+        import vtk
+
+        node = slicer.vtkMRMLScalarVolumeNode()
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetSingleFile(1)
+        self.assertTrue(storage.ReadData(node), path)
+        matrix = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(matrix)
+        return (slicer.util.arrayFromVolume(node).copy(),
+                np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]))
+
     def _slicer_load(self, path, name: str):
         """The node ``slicer.util.loadVolume(path, {"singleFile": True})`` makes (in the scene, read by Slicer's
         archetype storage node: right-handed IJK, this file alone) with Slicer's automatic window/level."""
@@ -409,12 +409,7 @@ class MRMLLogicTest(unittest.TestCase):
         file: same voxels, scalar type, right-handed grid, so the same content identity (the server's id is
         recorded for it), named after the server's id; its window is Slicer's automatic one, set, not computed
         on the GUI thread."""
-        ct = oblique_ct_node()
-        short = slicer.util.addVolumeFromArray(np.arange(3 * 30 * 20, dtype=np.int16).reshape(3, 30, 20) - 600,
-                                               name="MR short")
-        short.SetSpacing(0.9, 0.9, 3.0)
-        short.SetOrigin(5.0, -7.5, 20.0)
-        single = slicer.util.addVolumeFromArray(np.arange(80, dtype=np.uint16).reshape(1, 8, 10), name="slice")
+        ct, short, single = three_volumes(short_slices=3)
         for number, node in enumerate((ct, short, single)):
             for compress in (False, True):
                 path = self.work / f"studies_{number}_{compress}" / "case_07.nrrd"
@@ -438,13 +433,9 @@ class MRMLLogicTest(unittest.TestCase):
                 task = BackgroundTask(fetch, name="next study")
                 self.assertEqual(task.wait(120), "done", task.error)
                 path.unlink()
-                seen = []
-                _WATCH.append(seen)
-                try:
+                with file_events() as seen:
                     before = slicer.mrmlScene.GetNumberOfNodes()
                     study = load_study(slicer.mrmlScene, *task.result[:1], "case_07", task.result[1])
-                finally:
-                    _WATCH.clear()
                 self.assertEqual(seen, [])
                 self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before + 2)  # the volume and its display
                 self.assertEqual(study.GetName(), "case_07")
