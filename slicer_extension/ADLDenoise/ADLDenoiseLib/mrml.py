@@ -348,10 +348,9 @@ def load_result(scene, result, reference, suffix: str = " denoised", name: str |
     tag_derived(node, reference, "result")
     if study:
         node.SetAttribute(STUDY_ATTRIBUTE, study)
-    _add_display(node, _window_of(reference))  # the original's window, as _copy_window sets it
+    _add_display(node, _window_of(reference))  # the original's window, set before the voxels are seen
     adopt_parent_transform(node, reference)
     adopt_study_folder(node, reference)
-    _copy_window(reference, node)
     return node
 
 
