@@ -461,7 +461,7 @@ def series_instance_count(client, series_uid: str, study_uid: str | None = None)
     matches = client.search_for_series(study_instance_uid=study_uid, search_filters={"SeriesInstanceUID": series_uid},
                                        fields=["NumberOfSeriesRelatedInstances"])
     for entry in matches or []:
-        if str(((entry.get("0020000E") or {}).get("Value") or [""])[0]) == series_uid:
+        if _first_str(entry, "0020000E") == series_uid:
             return _first_int(entry, "00201209")
     return 0
 
