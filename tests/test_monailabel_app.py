@@ -739,15 +739,23 @@ def test_tddl_adaptation_learns_noise_from_unlabelled_low_dose_images(training_c
 def test_tddl_adaptation_can_keep_the_learnt_noise_level(training_client, training_server):
     """``calibrate_noise_level`` (default true; ``cli.py adapt --no-level-calibration`` on the server): false keeps
     the learnt noise level, the noise model's ``level_correction`` 1.0 and why in the run's status. The request key
-    was ignored (the level calibrated). Anything but a boolean is a 422 naming the key."""
+    was ignored (the level calibrated). Anything but a boolean is a 422 from the route's guard naming the key and
+    the words it takes, the words of ``store_to_pacs`` and ``--conf preload`` (one parser): ``t`` / ``f`` were a
+    422 here and taken by the others."""
     from lib.noise_learning.workflow import LEVEL_CALIBRATION_OFF
 
     assert training_client.info()["trainers"]["tddl_gcn"]["config"]["calibrate_noise_level"] is True
     request = {"mode": "adapt_noise", "steps": 2, "patch_size": 32, "noise_steps": 2, "device": "cpu"}
+    # a word it takes passes on to the request's next check (here a modality it refuses: no run started)
+    for word in (" T ", "Y", "n"):
+        status, answer = http(training_server, "POST", "/train/tddl_gcn",
+                              {**request, "calibrate_noise_level": word, "modality": "xray"})
+        assert status == 422 and "modality 'XRAY' is unknown" in answer["detail"], (word, answer)
     for bad in ("maybe", 2, [False]):
         status, answer = http(training_server, "POST", "/train/tddl_gcn", {**request, "calibrate_noise_level": bad})
         assert status == 422 and "calibrate_noise_level must be true or false" in answer["detail"], (bad, answer)
-    training_client.train_start("tddl_gcn", {**request, "calibrate_noise_level": "false"})  # a form's word
+        assert "y, yes, t, true, on, 1 / n, no, f, false, off, 0" in answer["detail"], (bad, answer)
+    training_client.train_start("tddl_gcn", {**request, "calibrate_noise_level": "F"})  # a form's word
     assert wait_for_training(training_client)["status"] == "DONE", training_server.log_tail()
     stats = training_client.info()["train_stats"]["tddl_gcn"]
     assert stats["status"] == "done" and stats["mode"] == "adapt_noise", stats
@@ -787,7 +795,7 @@ BAD_CONFS = {
     "train_steps_text": ({"train_steps": "many"}, ["--conf train_steps", "not a number"]),
     "concurrency_text": ({"max_concurrent_infers": "two"}, ["--conf max_concurrent_infers", "not a number"]),
     "concurrency_zero": ({"max_concurrent_infers": "0"}, ["--conf max_concurrent_infers", "below 1"]),
-    "preload_maybe": ({"preload": "maybe"}, ["--conf preload", "not a boolean"]),
+    "preload_maybe": ({"preload": "maybe"}, ["--conf preload must be true or false", "y, yes, t, true, on, 1 / n"]),
     "extension": ({"result_extension": "nii"}, ["--conf result_extension", ".nii.gz"]),
     "unknown_model": ({"models": "adl,unet"}, ["--conf models", "unet"]),
     "model_dir_missing": ({"model_dir": "{tmp}/no_such_folder"}, ["--conf model_dir", "no such folder"]),

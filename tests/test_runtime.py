@@ -101,3 +101,26 @@ print(json.dumps({{"versions": versions, "monai_loaded": loaded}}))
     for name in ("gcn.pt", "noise.pt"):
         software = torch.load(tmp_path / name, map_location="cpu", weights_only=True)["software"]
         assert software == {"torch": torch.__version__, "monai": monai.__version__}, (name, software)
+
+
+def test_one_boolean_parser_takes_the_strtobool_words_and_names_the_key_otherwise(monkeypatch):
+    """``lib.runtime.switches.parse_bool``: the words of requests, ``--conf`` and the environment switches, any case
+    and spaces around; real booleans and JSON's 1 / 0. Anything else is a ValueError naming the key and the words."""
+    from lib.runtime.switches import parse_bool, switched_off
+
+    for word in ("y", "Yes", " t ", "TRUE", "on", "1", 1, True):
+        assert parse_bool(word, "k") is True, word
+    for word in ("n", "NO", " f", "False ", "off", "0", 0, False):
+        assert parse_bool(word, "k") is False, word
+    for bad in ("maybe", "", "2", 2, 1.0, None, [False]):
+        with pytest.raises(ValueError) as raised:
+            parse_bool(bad, "params.flag")
+        message = str(raised.value)
+        assert message.startswith("params.flag must be true or false") and repr(bad) in message, message
+        assert "y, yes, t, true, on, 1 / n, no, f, false, off, 0" in message, message
+    # the environment switches read the same words as off
+    for word, off in (("F", True), (" n ", True), ("off", True), ("1", False), ("yes", False)):
+        monkeypatch.setenv("ADL_TEST_SWITCH", word)
+        assert switched_off("ADL_TEST_SWITCH") is off, word
+    monkeypatch.delenv("ADL_TEST_SWITCH")
+    assert not switched_off("ADL_TEST_SWITCH")

@@ -36,7 +36,6 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.utils.others.generic import strtobool
 
 from lib.activelearning import NextUnreviewed, has_image, reconcile_reviews, record_result, refuse_unreviewable
 from lib.audit import AuditBrokenError, AuditError, AuditLog
@@ -49,6 +48,7 @@ from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
+from lib.runtime.switches import parse_bool
 from lib.pacs import (PacsStoreError, bound_waits, cache_folder, is_dicomweb, oversized, series_folder,
                       start_up_warnings, store_derived_series, whole_listing)
 
@@ -296,7 +296,10 @@ class DenoisingApp(MONAILabelApp):
                 refuse_unreviewable(self.audit, store, image_id)
             except ValueError as error:
                 raise HTTPException(status_code=409, detail=str(error)) from None
-        to_pacs = strtobool(str(request.get("store_to_pacs", "false")))
+        try:  # checked by the route's guard already: this is the same parser
+            to_pacs = parse_bool(request.get("store_to_pacs", False), "store_to_pacs")
+        except ValueError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from None
         source_folder = None
         if known_id and is_dicomweb(store):
             self._refuse_oversized_series(store, image_id, request.get("model"))

@@ -17,7 +17,7 @@ import math
 import os
 from typing import Mapping
 
-from monailabel.utils.others.generic import strtobool
+from ..runtime.switches import TRUE_WORDS, parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +79,15 @@ def conf_voxels(conf: Mapping[str, str], key: str = "max_voxels") -> int | None:
 
 
 def conf_bool(conf: Mapping[str, str], key: str, default: bool) -> bool:
-    """``conf[key]`` as a boolean (true / false, yes / no, 1 / 0, on / off); :class:`ConfError` otherwise."""
+    """``conf[key]`` as a boolean (:func:`lib.runtime.switches.parse_bool`: y, yes, t, true, on, 1 / n, no, f,
+    false, off, 0); ``default`` when unset or empty. :class:`ConfError` naming the key and the words otherwise."""
     value = conf.get(key)
     if value is None or str(value).strip() == "":
         return default
     try:
-        return bool(strtobool(str(value).strip()))
-    except ValueError:
-        raise _fail(key, value, "not a boolean") from None
+        return parse_bool(value, f"--conf {key}")
+    except ValueError as error:
+        raise ConfError(str(error)) from None
 
 
 def model_names(conf: Mapping[str, str], available: Mapping[str, object]) -> list[str]:
@@ -177,8 +178,9 @@ def check_environment(environ: Mapping[str, str], settings: object) -> None:
             continue
         near = [field for field in fields if field == name.upper()] or \
             difflib.get_close_matches(name.upper(), fields, n=1, cutoff=0.85)
+        # TRUE_WORDS: the words MONAI Label's settings (pydantic) read as true, too
         if near and near[0] == "MONAI_LABEL_AUTH_ENABLE" and not getattr(settings, near[0], False) and \
-                str(value).strip().lower() in ("1", "true", "yes", "on", "y", "t"):
+                str(value).strip().lower() in TRUE_WORDS:
             raise ConfError(f"environment variable {name}={value!r} is not a MONAI Label setting (names are exact and "
                             f"case-sensitive): did you mean {near[0]}? The server would start without "
                             "authentication")

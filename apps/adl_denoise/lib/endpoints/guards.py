@@ -78,6 +78,7 @@ from monailabel.config import settings as _settings
 from monailabel.endpoints.user.auth import RBAC, User
 
 from ..runtime.hashing import file_sha256
+from ..runtime.switches import parse_bool
 from .common import app, for_caller, model_task, sees_internals
 from .names import check_name
 
@@ -105,7 +106,6 @@ FORBIDDEN_INFER_PARAMS = {
 }
 #: training-request keys the server sets (who asked, and the audit entry of the request): a client's are dropped
 TRAINING_REQUEST_KEYS = ("requested_by", "training_request_seq")
-_BOOLEAN_WORDS = {"true", "false", "1", "0", "yes", "no", "y", "n", "t", "f", "on", "off"}
 
 # a training request's check that no other run is going on, and its start, are one step (and a stop's record and
 # kill: no run starts between them); a run_sync run (whose request waits for its subprocess, outside MONAI Label's
@@ -135,10 +135,10 @@ def _check_infer_params(params: dict) -> None:
         if key in FORBIDDEN_INFER_PARAMS:
             raise HTTPException(status_code=422, detail=f"params.{key} is not accepted: {FORBIDDEN_INFER_PARAMS[key]}")
     if "store_to_pacs" in params:
-        value = params["store_to_pacs"]
-        if not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
-                or (isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS)):
-            raise HTTPException(status_code=422, detail=f"params.store_to_pacs must be true or false, got {value!r}")
+        try:
+            parse_bool(params["store_to_pacs"], "params.store_to_pacs")
+        except ValueError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from None
     if "timeout" in params:
         value = params["timeout"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:

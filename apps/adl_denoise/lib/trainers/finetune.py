@@ -85,6 +85,7 @@ from ..predict import check_device_name
 from ..runtime.atomic import atomic_write_json
 from ..runtime.clock import Stopwatch, utc_compact_stamp, utc_timestamp
 from ..runtime.hashing import file_sha256
+from ..runtime.switches import parse_bool
 from ..weights.pseudonyms import pseudonym_map, site_key
 from ..weights.store import ModelStore
 
@@ -276,7 +277,10 @@ class DenoiserTrainTask(TrainTask):
             settings = settings_from_dict(params)
         except (TypeError, ValueError) as error:
             raise TrainingDataError(f"bad training parameter: {error}") from None
-        calibrate = _request_bool(params, "calibrate_noise_level", True)
+        try:
+            calibrate = parse_bool(params.get("calibrate_noise_level", True), "calibrate_noise_level")
+        except ValueError as error:
+            raise TrainingDataError(str(error)) from None
         asked = str(params.get("modality", "auto")).upper()
         if asked not in ("AUTO", *self.modalities):
             raise TrainingDataError(f"{self.model} serves {', '.join(self.modalities)}; modality {asked!r} is unknown")
@@ -453,28 +457,6 @@ class DenoiserTrainTask(TrainTask):
                                noise_info={"source": "datastore low-dose images"},
                                calibrate_noise_level=resolved["calibrate_noise_level"], **numbers)
         return data.source, data.validation_pairs, data.description, data.held_out_low_dose
-
-
-_TRUE_WORDS = ("true", "yes", "on", "1")
-_FALSE_WORDS = ("false", "no", "off", "0")
-
-
-def _request_bool(params: dict, key: str, default: bool) -> bool:
-    """``params[key]`` as a boolean (``default`` when absent): JSON true / false, 1 / 0, or the words true /
-    false, yes / no, on / off, 1 / 0 (a form or query string).
-
-    Raises:
-        TrainingDataError: any other value (a 422 naming the key and the value).
-    """
-    value = params.get(key, default)
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    word = value.strip().lower() if isinstance(value, str) else None
-    if word in _TRUE_WORDS or word in _FALSE_WORDS:
-        return word in _TRUE_WORDS
-    raise TrainingDataError(f"{key} must be true or false, got {value!r}")
 
 
 def _spread_low_dose_slices(images: dict, max_slices: int = 8) -> list[tuple[list[np.ndarray], tuple[float, float]]]:
