@@ -873,8 +873,8 @@ def test_a_derived_series_stored_under_the_wrong_patient_is_reported_superseded(
     the wrong patient. Corrected in place and rerun, it is denoised and stored again (a new derived series), and the
     first one stays on the PACS (standard DICOMweb cannot delete). The rerun said nothing of it; it now checks that the
     server still lists it (QIDO-RS) and reports it superseded, "stored under another patient", for the PACS
-    administrator to remove: a warning, the end-of-run report and the record's ``superseded_derived_series``. Nothing
-    is deleted."""
+    administrator to remove: a warning and the end-of-run report (the same sentence), and the record's
+    ``superseded_derived_series``. Nothing is deleted."""
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
         files = _store_misfiled_series(pacs, shared_data, tmp_path)
@@ -903,6 +903,8 @@ def test_a_derived_series_stored_under_the_wrong_patient_is_reported_superseded(
         assert len(report) == 1 and old_uid in report[0] and "stored under another patient" in report[0], output
         assert "PACS administrator must remove it" in report[0] and "nothing was deleted" in report[0]
         assert "WARNING" in moved.stderr and f"derived series {old_uid}" in moved.stderr, moved.stderr
+        # the warning and the report say the same sentence (one function builds it)
+        assert report[0].removeprefix("superseded on the PACS: ") in moved.stderr, output
         # nothing deleted: both derived series on the PACS (the old one for the administrator to remove)
         derived = {s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.get("/series?expand")} - {source_uid}
         assert derived == {old_uid, record["stored"]["series_instance_uid"]}

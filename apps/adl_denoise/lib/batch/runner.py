@@ -250,6 +250,15 @@ def _unreachable(error: BaseException) -> bool:
     return False
 
 
+def superseded_sentence(key: str, entry: dict) -> str:
+    """What the run says of the derived series ``entry`` (:meth:`_Rank._superseded`) that series ``key``'s redo
+    superseded on the server: the same sentence in the warning when it is found and in the end-of-run report."""
+    held = "may still hold" if entry["instances_on_server"] is None else "still holds"
+    return (f"{key}: the server {held} the derived series {entry['series_instance_uid']} (study "
+            f"{entry['study_instance_uid']}) that an earlier run stored, superseded: {entry['why']}; the PACS "
+            "administrator must remove it (DICOMweb cannot delete; nothing was deleted)")
+
+
 class _StoreFailed(Exception):
     """The derived series was written (``extra``: what :meth:`_Rank._denoise` records) but not stored."""
 
@@ -705,9 +714,7 @@ class _Rank:
             return None  # removed already
         entry = {"series_instance_uid": str(uid), "study_instance_uid": str(study), "why": why,
                  "other_patient": other_patient, "instances_on_server": found}
-        log.warning("%s: the derived series %s (study %s) that an earlier run stored on the server is superseded "
-                    "and %s there: %s; the PACS administrator must remove it (DICOMweb cannot delete; nothing was "
-                    "deleted)", item.key, uid, study, "may still be" if found is None else "still", why)
+        log.warning("%s", superseded_sentence(item.key, entry))
         return entry
 
     def _resume(self, job: str, item: SeriesItem, base: dict) -> dict | None:
@@ -927,10 +934,7 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
     for key, error in own.failures:
         report(f"failed: {key}: {error}")
     for key, entry in own.superseded:
-        held = "may still hold" if entry["instances_on_server"] is None else "still holds"
-        report(f"superseded on the PACS: {key}: the server {held} the derived series {entry['series_instance_uid']} "
-               f"(study {entry['study_instance_uid']}) stored by an earlier run, {entry['why']}; the PACS "
-               "administrator must remove it (DICOMweb cannot delete; nothing was deleted)")
+        report(f"superseded on the PACS: {superseded_sentence(key, entry)}")
     if own.stopped:
         report(f"stopped: {own.stopped}")
     if context.distributed:
