@@ -44,6 +44,10 @@ class Orthanc:
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())
 
+    def upload_folder(self, folder: Path) -> list[dict]:
+        """Every file directly in ``folder``, in name order (:meth:`upload`)."""
+        return [self.upload(path) for path in sorted(folder.iterdir())]
+
     def get(self, path: str):
         with urllib.request.urlopen(f"{self.url}{path}", timeout=120) as response:
             return json.loads(response.read())

@@ -69,8 +69,7 @@ def test_dicomweb_source_and_sink(tmp_path, shared_data):
         make_series(shared_data, tmp_path / "scout", range(4, 6), "Scout", study, "20200115")
         make_series(shared_data, tmp_path / "old", range(6, 8), "abdomen low dose", old_study, "20190101")
         for folder in ("wanted", "scout", "old"):
-            for path in sorted((tmp_path / folder).iterdir()):
-                pacs.upload(path)
+            pacs.upload_folder(tmp_path / folder)
         out = tmp_path / "out"
         result = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert result.returncode == 0, result.stdout + result.stderr
@@ -147,8 +146,7 @@ def test_a_series_the_server_stored_in_part_is_failed_and_completed_by_the_rerun
     pacs, flag = _orthanc_dropping_derived_slice_3(tmp_path)
     try:
         make_series(shared_data, tmp_path / "wanted", range(0, 4), "Abdomen LOW DOSE", generate_uid(), "20200115")
-        for path in sorted((tmp_path / "wanted").iterdir()):
-            pacs.upload(path)
+        pacs.upload_folder(tmp_path / "wanted")
         flag.write_text("")
         out = tmp_path / "out"
 
@@ -188,8 +186,7 @@ def test_a_server_that_goes_away_stops_the_run_and_a_rerun_resumes(tmp_path, sha
         study = generate_uid()
         for k in range(6):
             make_series(shared_data, tmp_path / f"s{k}", range(k, k + 2), "abdomen low dose", study, "20200115")
-            for path in sorted((tmp_path / f"s{k}").iterdir()):
-                pacs.upload(path)
+            pacs.upload_folder(tmp_path / f"s{k}")
         out = tmp_path / "out"
         command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
                    "gaussian", "--no-progress"]
@@ -226,8 +223,7 @@ def test_a_rerun_with_store_to_pacs_sends_what_an_earlier_run_only_wrote(tmp_pat
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
         make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
-        for path in sorted((tmp_path / "wanted").iterdir()):
-            pacs.upload(path)
+        pacs.upload_folder(tmp_path / "wanted")
         out = tmp_path / "out"
         first = run_batch(pacs.dicomweb, out)
         assert first.returncode == 0 and "1 done" in first.stdout, first.stdout + first.stderr
@@ -311,8 +307,7 @@ def test_a_run_killed_after_its_store_never_stores_a_second_derived_series(tmp_p
     pacs, armed, signal, release = _held_store_pacs(tmp_path)
     try:
         make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
-        for path in sorted((tmp_path / "wanted").iterdir()):
-            pacs.upload(path)
+        pacs.upload_folder(tmp_path / "wanted")
         out = tmp_path / "out"
         _kill_after_store(tmp_path, pacs, armed, signal, release, out)
         first = _derived(pacs)
@@ -351,8 +346,7 @@ def test_a_partial_derived_series_whose_files_are_gone_is_not_stored_again_besid
     pacs, flag = _orthanc_dropping_derived_slice_3(tmp_path)
     try:
         make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
-        for path in sorted((tmp_path / "wanted").iterdir()):
-            pacs.upload(path)
+        pacs.upload_folder(tmp_path / "wanted")
         flag.write_text("")
         out = tmp_path / "out"
         first = run_batch(pacs.dicomweb, out, "--store-to-pacs")
@@ -390,8 +384,7 @@ def test_an_anonymised_copy_of_a_derived_series_is_not_an_input(tmp_path, shared
         wanted = make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", study, "20200115")
         make_series(shared_data, tmp_path / "plain", range(3, 5), "", study, "20200115")  # no description: an input
         for folder in ("wanted", "plain"):
-            for path in sorted((tmp_path / folder).iterdir()):
-                pacs.upload(path)
+            pacs.upload_folder(tmp_path / folder)
         out = tmp_path / "out"
         command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
                    "gaussian", "--no-progress"]
@@ -436,8 +429,7 @@ def test_an_orthanc_that_cuts_its_search_answers_stops_the_batch_and_is_asked_co
                   ("d", range(10, 12), "20200601"), ("e", range(12, 14), "20200601")]
         for name, slices, date in series:
             make_series(shared_data, tmp_path / name, slices, "abdomen low dose", generate_uid(), date)
-            for path in sorted((tmp_path / name).iterdir()):
-                pacs.upload(path)
+            pacs.upload_folder(tmp_path / name)
         out = tmp_path / "out"
         cut = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert cut.returncode != 0, cut.stdout + cut.stderr
@@ -474,8 +466,7 @@ def test_a_series_over_the_voxel_limit_is_refused_before_its_download_and_the_ba
         big = make_series(shared_data, tmp_path / "big", range(0, 6), "abdomen low dose", study, "20200115")
         small = make_series(shared_data, tmp_path / "small", range(6, 9), "abdomen low dose", study, "20200115")
         for folder in ("big", "small"):
-            for path in sorted((tmp_path / folder).iterdir()):
-                pacs.upload(path)
+            pacs.upload_folder(tmp_path / folder)
         out = tmp_path / "out"
         command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
                    "gaussian", "--no-progress"]
