@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 import processes
 from conftest import APP_DIR, REPO_ROOT, SAMPLE_STUDIES
+from lib.runtime.switches import TRUE_WORDS  # the words MONAI Label's settings read as true
 
 TINY_ADL = dict(filters=(8, 12, 16, 20), disc_filters=(4, 6, 8, 10), enhancer_filters=4)
 TINY_GCN = dict(features=8, k=4, search_window=7, n_blocks=1, layers_per_block=1, rank=2)
@@ -157,7 +158,7 @@ def start_server(studies: Path | str, model_dir: Path, work: Path, conf: dict | 
     server_env.update({key: str(value) for key, value in (env or {}).items()})
     url = f"http://127.0.0.1:{port}"
     # with authentication on, /info/ needs a token: /auth/ (public) answers once the app is up
-    auth_on = server_env.get("MONAI_LABEL_AUTH_ENABLE", "").strip().lower() in ("1", "true", "yes", "on")
+    auth_on = server_env.get("MONAI_LABEL_AUTH_ENABLE", "").strip().lower() in TRUE_WORDS
     ready = f"{url}/auth/" if auth_on else f"{url}/info/"
     cwd = cwd or REPO_ROOT
     process = processes.start_service(args, work / "server.log", ready, timeout, cwd=cwd, env=server_env)
