@@ -752,6 +752,68 @@ def test_the_review_queue_reads_an_unknown_modality_from_the_image_once(tmp_path
 
 @pytest.mark.server
 @pytest.mark.slow
+def test_the_review_queue_reads_an_unreadable_study_once_and_an_oversized_ones_modality_from_its_header(tmp_path,
+                                                                                                       tiny_weights):
+    """Two faults of the local review queue's ``modality`` filter, on real files and a real server (voxel limit
+    200,000 by ``ADL_MAX_VOXELS``). (1) A study whose file cannot be read (a cut NIfTI) was read again, with a
+    warning, by every request for CT or MR that passed it: it is read once (one warning in the server's log) until
+    its file changes, then read again (a changed, still cut file: a second warning; a readable MR put in its place:
+    handed out to MR); never handed out to CT or MR while it cannot be read. (2) A study over the voxel limit never
+    went to a CT or MR request (its modality was read from its voxels, refused as too large): a DICOM file's
+    modality is read from its header (a CT goes to CT requests, not to MR ones, as an unfiltered request hands it
+    out); a NIfTI's, known from its voxels alone, is not guessed but listed in ``too_large_to_review``, also when
+    nothing else is left, never left out in silence."""
+    import data_store  # pydicom-data: a real 512 x 512 CT slice, as a DICOM file
+
+    from mlserver import copy_weights, queue_hand_outs, start_server, stop_server, write_crop
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "a_ct.nii.gz", z=slice(40, 43))
+    write_crop(SAMPLE_STUDIES / "mr_head_colin27_rician5.nii.gz", studies / "c_mr.nii.gz", z=slice(80, 83))
+    cut = (studies / "c_mr.nii.gz").read_bytes()  # under the limit: its header reads, its voxels do not
+    (studies / "b_broken.nii.gz").write_bytes(cut[:len(cut) // 2])
+    write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / "d_big.nii.gz", z=slice(40, 44))
+    shutil.copy(Path(data_store.__file__).parent / "data" / "693_UNCR.dcm", studies / "e_big.dcm")
+    big = {"id": "d_big", "voxels": 256 * 256 * 4, "limit": 200_000}
+    server = start_server(studies, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                          conf={"audit_dir": tmp_path / "audit_log"},
+                          env={"ADL_MAX_VOXELS": "200000", "MONAI_LABEL_DATASTORE_FILE_EXT": '["*.nii.gz", "*.dcm"]'})
+
+    def ask(modality: str, exclude: list[str]) -> dict:
+        """The queue's answer: the study handed out (id), the count, the studies too large (no info fields)."""
+        answer = requests.post(f"{server.url}/activelearning/next_unreviewed",
+                               json={"modality": modality, "exclude": exclude}, timeout=600)
+        assert answer.status_code == 200, answer.text
+        return {k: v for k, v in answer.json().items() if k in ("id", "remaining_unreviewed", "too_large_to_review")}
+
+    def warnings(study: str) -> int:
+        return server.log_tail(1_000_000).count(f"review queue: {study} ")
+
+    try:
+        assert queue_hand_outs(server.url, "") == ["a_ct", "b_broken", "c_mr", "d_big", "e_big"]
+        for _ in range(3):  # each request passes the cut study and the oversized NIfTI
+            assert ask("ct", ["a_ct"]) == {"id": "e_big", "remaining_unreviewed": 5, "too_large_to_review": [big]}
+            assert ask("mr", ["c_mr"]) == {"remaining_unreviewed": 5, "too_large_to_review": [big]}
+            assert ask("ct", ["a_ct", "e_big"]) == {"remaining_unreviewed": 5, "too_large_to_review": [big]}
+        assert ask("mr", [])["id"] == "c_mr" and ask("ct", [])["id"] == "a_ct"
+        assert (warnings("b_broken"), warnings("d_big")) == (1, 1)
+        info = requests.get(f"{server.url}/datastore/image/info", params={"image": "e_big"}, timeout=60).json()
+        assert info["modality"] == "CT", info  # from the header, kept as a read modality is
+        (studies / "b_broken.nii.gz").write_bytes(cut[:len(cut) // 3])  # changed, still cut: read again
+        assert ask("mr", ["c_mr"]) == {"remaining_unreviewed": 5, "too_large_to_review": [big]}
+        assert ask("ct", ["a_ct", "e_big"]) == {"remaining_unreviewed": 5, "too_large_to_review": [big]}
+        assert warnings("b_broken") == 2
+        shutil.copy(studies / "c_mr.nii.gz", studies / "b_broken.nii.gz")  # a readable MR now
+        assert ask("ct", ["a_ct", "e_big"]) == {"remaining_unreviewed": 5, "too_large_to_review": [big]}
+        assert ask("mr", ["c_mr"]) == {"id": "b_broken", "remaining_unreviewed": 5}  # before d_big
+        assert warnings("b_broken") == 2
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.server
+@pytest.mark.slow
 def test_audit_trail_survives_a_restart_and_reports_tampering(folders):
     from mlserver import stop_server
 

@@ -1167,3 +1167,25 @@ def test_derived_series_says_what_made_it_and_keeps_its_suffix_after_a_long_desc
             f"restoration 0.6 px) from series {series['uid']}")
         assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"] and ds.ImageType[-1] == "DENOISED"
     assert denoising_derivation("bm3d") == "Denoised with bm3d"
+
+
+def test_header_modality_is_what_read_volume_gives_read_from_headers_alone(tmp_path):
+    """The review queue reads an oversized study's modality with :func:`header_modality`: a DICOM file's or
+    single-series folder's Modality, as :func:`read_volume` gives it, without its pixel data; None where the values
+    decide it (NIfTI) or the headers do not tell (a folder of two series)."""
+    from lib.imaging.io import header_modality
+
+    ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
+    assert header_modality(ct) == read_volume(ct).modality == "CT"
+    one = tmp_path / "one_series"
+    one.mkdir()
+    shutil.copy(mr, one / "a.dcm")
+    assert header_modality(one) == read_volume(one).modality == "MR"
+    two = tmp_path / "two_series"
+    two.mkdir()
+    shutil.copy(mr, two / "a.dcm")
+    shutil.copy(ct, two / "b.dcm")
+    assert header_modality(two) is None
+    nifti = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(ct), str(nifti))
+    assert header_modality(nifti) is None and read_volume(nifti).modality == "CT"

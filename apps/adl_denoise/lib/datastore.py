@@ -111,25 +111,38 @@ def steady_datastore(datastore):
     return datastore
 
 
-def image_modality(datastore: Datastore, image_id: str, path: str | None = None) -> str:
+def image_modality(datastore: Datastore, image_id: str, path: str | None = None,
+                   max_voxels: int | None = None) -> str:
     """CT / MR (``OT`` for a DICOM image of another modality) of the datastore image ``image_id``: its info's
     ``modality`` when CT or MR, else read from its file (``path``, default the image's URI;
     :func:`lib.imaging.read_volume`: the DICOM Modality, else guessed from the values) and kept in the info as
-    ``modality``. The write is a datastore info update like any other (on the server an audited one: the value
+    ``modality``. An image over ``max_voxels`` (None: :func:`lib.imaging.max_voxels`) has its modality read from
+    its headers alone (:func:`lib.imaging.io.header_modality`: a DICOM image's Modality), its voxels never loaded.
+    The write is a datastore info update like any other (on the server an audited one: the value
     decides which model a study's corrections fine-tune and which review requests get the study); a datastore that
     cannot keep it (DICOMweb, an audit log that refuses entries) does not, and the file is read again next time.
 
     Raises:
-        lib.imaging.ImageReadError: the file cannot be read as an image (missing, corrupt, over the voxel limit).
+        lib.imaging.ImageReadError: the file cannot be read as an image (missing, corrupt);
+            :class:`lib.imaging.errors.ImageTooLargeError` when it is over the voxel limit and its headers do not
+            name its modality (NIfTI, NRRD, MetaImage: the values decide it).
     """
     from .imaging import read_volume
+    from .imaging.errors import ImageTooLargeError
+    from .imaging.io import header_modality
 
     info = datastore.get_image_info(image_id) or {}
     if info.get("modality") in ("CT", "MR"):
         return str(info["modality"])
-    volume = read_volume(path or datastore.get_image_uri(image_id))
+    path = path or datastore.get_image_uri(image_id)
     try:
-        datastore.update_image_info(image_id, {"modality": volume.modality})
+        modality = read_volume(path, max_voxels=max_voxels).modality
+    except ImageTooLargeError:
+        modality = header_modality(path)
+        if modality is None:
+            raise
+    try:
+        datastore.update_image_info(image_id, {"modality": modality})
     except Exception:  # noqa: BLE001 - a datastore that cannot keep it (see above): read again next time
-        log.debug("modality %s of %s not kept in its info", volume.modality, image_id, exc_info=True)
-    return volume.modality
+        log.debug("modality %s of %s not kept in its info", modality, image_id, exc_info=True)
+    return modality

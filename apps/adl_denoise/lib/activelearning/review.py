@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any, Callable, Collection, Optional
 
 from monailabel.interfaces.datastore import Datastore
@@ -27,7 +29,7 @@ __all__ = ["VERDICTS", "MAX_REASON_CHARS", "HANDOUT_EVENT", "NextUnreviewed", "N
            "QUEUE_LEFT", "ambiguous_images", "has_image",
            "record_handout", "record_result",
            "reconcile_reviews", "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail",
-           "results_of", "stored_results", "study_modality"]
+           "results_of", "stored_results", "study_modality", "UNREADABLE_REMEMBERED"]
 
 VERDICTS = ("unreviewed", "accepted", "corrected", "rejected")
 MAX_REASON_CHARS = 2000  # a reason is a sentence or two; the log keeps every one of them for ever
@@ -421,7 +423,7 @@ def _known_modality(value: Any) -> Optional[str]:
 
 
 def study_modality(datastore: Datastore, image_id: str, info: Optional[dict] = None,
-                   read_image: bool = False) -> Optional[str]:
+                   read_image: bool = False, max_voxels: Optional[int] = None) -> Optional[str]:
     """The modality of the study ``image_id`` (``CT``, ``MR``, another DICOM Modality), None when unknown: the
     info's ``modality`` (this app's: read from the image, :func:`lib.datastore.image_modality`, or set by an
     admin), else its ``Modality`` (MONAI Label's DICOMweb datastore writes the series' DICOM attributes into the
@@ -429,11 +431,13 @@ def study_modality(datastore: Datastore, image_id: str, info: Optional[dict] = N
     gave (:func:`lib.pacs.listed_series`: a series not downloaded has no info). ``info``: the image's info already
     read. No request is made; no file is read unless ``read_image``: then a local study that none of these name
     (a NIfTI uploaded without modality) has its file read once, the modality kept in its info
-    (:func:`lib.datastore.image_modality`). A PACS series is never downloaded for it.
+    (:func:`lib.datastore.image_modality`; over ``max_voxels``, None: :func:`lib.imaging.max_voxels`, from its
+    headers alone). A PACS series is never downloaded for it.
 
     Raises:
         Exception: with ``read_image``, the local study's file cannot be read (:class:`lib.imaging.ImageReadError`
-            and whatever the reader raises).
+            and whatever the reader raises; :class:`lib.imaging.errors.ImageTooLargeError`: over ``max_voxels``,
+            and its headers name no modality).
     """
     from ..datastore import image_modality
     from ..pacs import is_dicomweb, listed_series
@@ -442,8 +446,28 @@ def study_modality(datastore: Datastore, image_id: str, info: Optional[dict] = N
     known = (_known_modality(info.get("modality")) or _known_modality(info.get("Modality"))
              or _known_modality(listed_series(datastore, image_id).get("modality")))
     if known is None and read_image and not is_dicomweb(datastore):
-        known = _known_modality(image_modality(datastore, image_id))
+        known = _known_modality(image_modality(datastore, image_id, max_voxels=max_voxels))
     return known
+
+
+#: local studies whose modality the queue could not read (unreadable, too large) that it remembers
+#: (:meth:`NextUnreviewed._of_modality`)
+UNREADABLE_REMEMBERED = 4096
+
+
+def _file_identity(path: str) -> tuple:
+    """What tells whether a study's file (or folder of DICOM files) changed: its resolved path, then size and
+    modification time (ns) of the file, or of each file under the folder."""
+    p = Path(path).resolve()
+    if not p.is_dir():
+        st = p.stat()
+        return str(p), st.st_size, st.st_mtime_ns
+    files = []
+    for root, _, names in os.walk(p):
+        for name in names:
+            st = os.stat(os.path.join(root, name))
+            files.append((os.path.relpath(os.path.join(root, name), p), st.st_size, st.st_mtime_ns))
+    return str(p), tuple(sorted(files))
 
 
 def review_of(info: dict) -> dict:
@@ -478,7 +502,8 @@ class NextUnreviewed(Strategy):
     ``modality`` alone, which a PACS series never has, so a request for MR had CT series handed out; a local study
     whose info names none, a NIfTI uploaded without modality, went to CT and MR requests alike: its file is read
     once now, the modality kept in its info, and one that cannot be read is skipped for such requests, with a
-    warning). With the
+    warning, and not read again until its file changes; one over the voxel limit has its modality read from its
+    headers, and is listed in ``too_large_to_review`` when they name none: :meth:`_of_modality`). With the
     app's ``audit`` log, the derived series it stored into a PACS are no studies (:func:`stored_results`); ids that
     name several series (:func:`ambiguous_images`) are left out too. On a PACS the current verdict of each series
     is the log's (its info, the queue's copy, lives in the server's local cache: a cache cleared, a server moved or
@@ -495,6 +520,9 @@ class NextUnreviewed(Strategy):
         super().__init__("Next study without a review verdict (radiologist review queue)")
         self.audit = audit
         self.voxel_limit = voxel_limit
+        # (id, limit, file identity) -> a local study's modality read that gave no modality (:meth:`_of_modality`)
+        self._outcomes: OrderedDict[tuple, bool | dict] = OrderedDict()
+        self._outcomes_lock = threading.Lock()
 
     def _too_large(self, datastore: Datastore, image_id: str) -> Optional[dict]:
         """What the answer says of a PACS series over :attr:`voxel_limit` not downloaded yet, else None. MONAI
@@ -516,21 +544,59 @@ class NextUnreviewed(Strategy):
         return {"id": image_id, "instances": size.instances, "voxels": size.voxels, "estimated": estimated,
                 "limit": limit}
 
-    @staticmethod
-    def _of_modality(datastore: Datastore, image_id: str, info: dict, modality: str) -> bool:
-        """Whether the study ``image_id`` may go to a request for ``modality`` (CT | MR): its modality
-        (:func:`study_modality`, a local study's file read once when nothing names it) is that one, or unknown (a
-        PACS series whose listing names none). A local study whose file cannot be read is not: it is skipped, with
-        a warning, and the queue goes on."""
-        from ..imaging.errors import one_line
+    def _queue_limit(self) -> int:
+        """The voxel limit of the studies the queue reads: :attr:`voxel_limit`, else :func:`lib.imaging.max_voxels`."""
+        from ..imaging import max_voxels
 
+        return self.voxel_limit() if self.voxel_limit is not None else max_voxels()
+
+    def _of_modality(self, datastore: Datastore, image_id: str, info: dict, modality: str) -> bool | dict:
+        """Whether the study ``image_id`` may go to a request for ``modality`` (CT | MR): its modality
+        (:func:`study_modality`) is that one, or unknown (a PACS series whose listing names none). A local study
+        that nothing names has its file read (:func:`lib.datastore.image_modality`): one that cannot be read is
+        not (skipped, with a warning, and the queue goes on); one over the voxel limit has its modality read from
+        its headers (a DICOM image's), and when they name none (NIfTI, NRRD: the values decide it) is answered
+        as the queue's entry of a study too large to review here (a dict: id, voxels, limit), as a PACS series
+        over the limit is (:meth:`_too_large`). The outcome of each such read is remembered under the file's
+        identity (:func:`_file_identity`), one warning per file: every request read such a study again, with a
+        warning each time. A changed file is read again."""
+        from ..imaging.errors import ImageTooLargeError, one_line
+        from ..pacs import is_dicomweb
+
+        found = study_modality(datastore, image_id, info)
+        if found is not None or is_dicomweb(datastore):
+            return found in (None, modality)
+        limit = self._queue_limit()
         try:
-            found = study_modality(datastore, image_id, info, read_image=True)
+            key: Optional[tuple] = (image_id, limit, *_file_identity(datastore.get_image_uri(image_id)))
+        except (OSError, TypeError, ValueError):  # no file to know it by: read (and fail) every time, as before
+            key = None
+        with self._outcomes_lock:
+            remembered = self._outcomes.get(key) if key is not None else None
+            if remembered is not None:
+                self._outcomes.move_to_end(key)
+        if remembered is not None:
+            return dict(remembered) if isinstance(remembered, dict) else remembered
+        try:
+            found = study_modality(datastore, image_id, info, read_image=True, max_voxels=limit)
+        except ImageTooLargeError as error:
+            log.warning("review queue: %s listed as too large to review for a request for %s: %s voxels over the "
+                        "limit of %s (--conf max_voxels, else ADL_MAX_VOXELS), and its modality is known from its "
+                        "voxels alone; it stays unreviewed", image_id, modality, f"{error.voxels:,}", f"{limit:,}")
+            outcome: bool | dict = {"id": image_id, "voxels": error.voxels, "limit": limit}
         except Exception as error:  # noqa: BLE001 - one unreadable study is no failure of the whole queue
             log.warning("review queue: %s skipped for a request for %s: its modality is not known and its image "
-                        "cannot be read (%s: %s)", image_id, modality, type(error).__name__, one_line(error))
-            return False
-        return found in (None, modality)
+                        "cannot be read (%s: %s); skipped for such requests until its file changes", image_id,
+                        modality, type(error).__name__, one_line(error))
+            outcome = False
+        else:
+            return found in (None, modality)
+        if key is not None:
+            with self._outcomes_lock:
+                self._outcomes[key] = outcome
+                while len(self._outcomes) > UNREADABLE_REMEMBERED:
+                    self._outcomes.popitem(last=False)
+        return outcome
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any] | None:
         from .. import pacs
@@ -564,8 +630,12 @@ class NextUnreviewed(Strategy):
         for image_id, info in unreviewed:
             if image_id in exclude:
                 continue
-            if modality in ("CT", "MR") and not self._of_modality(datastore, image_id, info, modality):
-                continue
+            if modality in ("CT", "MR"):
+                fits = self._of_modality(datastore, image_id, info, modality)
+                if isinstance(fits, dict):  # too large to read its modality: listed, as a PACS series over it is
+                    too_large.append(fits)
+                if fits is not True:
+                    continue
             skipped = self._too_large(datastore, image_id)
             if skipped is not None:
                 too_large.append(skipped)

@@ -3,11 +3,23 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ImageReadError", "ImageWriteError", "UnreadableDicomError", "one_line"]
+__all__ = ["ImageReadError", "ImageTooLargeError", "ImageWriteError", "UnreadableDicomError", "one_line"]
 
 
 class ImageReadError(ValueError):
     """An image could not be read or is not acceptable (message: what is wrong, which path; one line)."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image has more voxels than the limit (found from its header, before any voxel was read): ``shape`` as
+    the header gives it, ``voxels`` (their product) and ``limit``."""
+
+    def __init__(self, message: str, shape: tuple[int, ...], voxels: int, limit: int) -> None:
+        super().__init__(message)
+        self.shape, self.voxels, self.limit = shape, voxels, limit
+
+    def __reduce__(self):  # pickled whole (worker processes): the default passes the message alone to __init__
+        return type(self), (str(self), self.shape, self.voxels, self.limit)
 
 
 class UnreadableDicomError(ImageReadError):

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ImageReadError, ImageWriteError, one_line
+from .errors import ImageReadError, ImageTooLargeError, ImageWriteError, one_line
 from .volume import Volume
 
 __all__ = [
@@ -77,13 +77,15 @@ def max_voxels() -> int:
 
 
 def check_size(shape: Sequence[int], path: Path, limit: int) -> None:
-    """Refuse an image of ``shape`` (from its header) with more than ``limit`` voxels."""
+    """Refuse an image of ``shape`` (from its header) with more than ``limit`` voxels
+    (:class:`~lib.imaging.errors.ImageTooLargeError`)."""
     n_voxels = int(np.prod([int(v) for v in shape], dtype=np.float64))
     if n_voxels > limit:
-        raise ImageReadError(
+        raise ImageTooLargeError(
             f"{path} is too large: {' x '.join(str(int(v)) for v in shape)} = {n_voxels:,} voxels exceeds the limit "
             f"of {limit:,} (raise it with ADL_MAX_VOXELS on the command line or --conf max_voxels on the server, "
-            "or crop the volume)"
+            "or crop the volume)",
+            tuple(int(v) for v in shape), n_voxels, limit,
         )
 
 

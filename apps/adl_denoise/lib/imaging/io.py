@@ -37,7 +37,7 @@ import SimpleITK as sitk
 from ..runtime.atomic import fsync_path
 from . import guards
 from .dicom_geometry import slice_as_3d_geometry
-from .dicom_read import is_dicom_file, read_dicom_file, read_dicom_folder
+from .dicom_read import _probe_dicom_header, is_dicom_file, list_dicom_series, read_dicom_file, read_dicom_folder
 from .dicom_write import write_dicom_derived_series
 from .errors import ImageReadError, ImageWriteError, one_line
 from .guards import (check_finite, check_gzip_stream, check_not_input, check_plausible, check_size, check_stored_size,
@@ -45,8 +45,8 @@ from .guards import (check_finite, check_gzip_stream, check_not_input, check_pla
 from .volume import (ImageGrid, Volume, fill_padding, guess_modality, integral_dtype_for, normalise_modality,
                      values_for_output)
 
-__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "check_image_file", "nifti_grid_problem", "read_grid", "read_volume",
-           "write_volume"]
+__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "check_image_file", "header_modality", "nifti_grid_problem", "read_grid",
+           "read_volume", "write_volume"]
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -289,6 +289,32 @@ def read_grid(path: str | Path, max_voxels: int | None = None) -> ImageGrid:
     direction = np.asarray(reader.GetDirection(), np.float64).reshape(len(reader.GetSize()), -1)[:ndim, :ndim]
     return ImageGrid(tuple(size[::-1]), tuple(reader.GetSpacing()[:ndim]), tuple(reader.GetOrigin()[:ndim]),
                      tuple(direction.ravel()))
+
+
+def header_modality(path: str | Path) -> str | None:
+    """The modality :func:`read_volume` gives the image at ``path`` (no ``modality`` argument), from headers alone:
+    a DICOM file's or single-series folder's Modality (CT, MR; ``OT`` for another), read without pixel data; None
+    when the voxels decide it (NIfTI, NRRD, MetaImage: :func:`guess_modality`) or the headers do not tell (a folder
+    of several series, no DICOM file readable).
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        try:
+            series = list_dicom_series(p)
+        except ImageReadError:
+            return None
+        if len(series) != 1:
+            return None
+        tag = series[0]["modality"]
+    elif p.is_file() and _suffix(p) not in READ_SUFFIXES:
+        header, _ = _probe_dicom_header(p)
+        if header is None:
+            return None
+        tag = header.get("Modality")
+    else:
+        return None
+    tag = str(tag or "").strip().upper()
+    return tag if tag in ("CT", "MR") else "OT"  # as the DICOM readers decide it (dicom_read._modality_of)
 
 
 def _read_with_sitk(path: Path, modality: str | None, fill: bool, limit: int) -> Volume:
