@@ -162,7 +162,7 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "whenIdentified" in _calls(functions["ADLDenoiseWidget.onDenoise"])
     queue = ast.unparse(functions["ADLDenoiseWidget.onNextStudy"])
     load_study = ast.unparse(functions["ADLDenoiseLogic.load_study"])
-    assert "self.identify(node, server_id=study['id'], study_file=path)" in load_study
+    assert "self.identify(node, server_id=study['id'], study_file=path, content=content)" in load_study
     assert "self.whenIdentified(self.onDenoise)" in queue and "self.onDenoise()" not in queue
     assert queue.index("node = self.logic.load_study(answer)") < queue.index("setCurrentNode(node)")
     # voxels changed without Slicer being told (no event): every request hashes the copy taken on the GUI thread
@@ -302,6 +302,19 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert next_study.index("client.download_image(study['id'], studies_dir)") < next_study.index(
         "volume = read_study(path, study['id'], report, cancelled)") < next_study.index(
         "'window': auto_window(volume.voxels)")
+    # ... and its identity hashed there, from the array read; the GUI thread neither copies nor hashes the voxels:
+    # loaded_identity checks the node against what was hashed, and identify's branch for such an identity takes
+    # no snapshot (the node is copied and hashed as any volume only when loaded_identity refuses)
+    assert "'content': study_content(volume, study['id'])" in next_study
+    assert load_study.index("load_study(slicer.mrmlScene") < load_study.index(
+        "content = loaded_identity(node, answer['volume'], answer['content'])") < load_study.index("self.identify(")
+    branch = next(n for n in ast.walk(functions["ADLDenoiseLogic.identify"])
+                  if isinstance(n, ast.If) and ast.unparse(n.test) == "content is None")
+    assert "volume_snapshot(node)" in ast.unparse(branch.body)
+    handed = "".join(ast.unparse(n) for n in branch.orelse)
+    assert "BackgroundTask(lambda report, cancelled: content" in handed
+    assert not re.search(r"volume_snapshot|volume_copy|content|arrayFromVolume|copy", handed.replace(
+        "lambda report, cancelled: content", "").replace("content.name", ""))
     assert "node = load_study(slicer.mrmlScene, answer['volume'], study['id'], answer['window'])" in load_study
     assert load_study.index("load_study(slicer.mrmlScene") < load_study.index("self.identify(node")
     assert "self.run(self.logic.next_study, studies_dir, on_done=done" in queue
@@ -737,4 +750,4 @@ def test_mrml_logic_with_real_mrml_from_slicer_core():
     result = processes.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             MODULE_DIR / "Testing" / "Python" / "test_mrml_logic.py"], 600, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "24 passed" in result.stdout
+    assert "26 passed" in result.stdout

@@ -61,7 +61,7 @@ from ADLDenoiseLib.settings import (
     restoration_from_spin,
     supports_restoration,
 )
-from ADLDenoiseLib.volume_files import ResultRead, VolumeExport, prepare_upload, read_result, read_study
+from ADLDenoiseLib.volume_files import ResultRead, VolumeExport, prepare_upload, read_result, read_study, study_content
 from ADLDenoiseLib.workflow import auto_window, difference
 
 SETTINGS_PREFIX = "ADLDenoise/"
@@ -161,21 +161,29 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         return self.client
 
     # --- identity (GUI thread; the hashing and the reading of files run in the background)
-    def identify(self, node, server_id: str | None = None, study_file=None) -> int:
+    def identify(self, node, server_id: str | None = None, study_file=None,
+                 content: StudyIdentity | None = None) -> int:
         """Start identifying ``node`` (SeriesInstanceUID or content hash, plus the sequence frame): its voxels are
         copied here (``mrml.volume_snapshot``: Slicer's array may change under a thread) and hashed in a
         :class:`BackgroundTask` (0.2-0.8 s for 512 x 512 x 400 voxels, which froze Slicer at every selection); the
         session has no study until :meth:`poll_identifications` gives it the answer, and refuses to act meanwhile.
         A DICOM volume edited in place is a new study identified by its content (``ReviewSession.as_loaded``).
         ``server_id`` / ``study_file``: a review-queue study just loaded: the server holds these voxels under that id
-        (recorded once hashed). Returns the session's ticket."""
+        (recorded once hashed). ``content``: the node's content identity hashed already, in the background, from the
+        array the node was just made of (``mrml.loaded_identity``): nothing is copied or hashed here, the answer
+        goes through the same ticket. Returns the session's ticket."""
         from ADLDenoiseLib.mrml import volume_snapshot
 
         if node is None:
             raise WorkflowError("select a CT or MR volume first")
-        snapshot = volume_snapshot(node)
-        ticket = self.session.identifying(node.GetID(), snapshot.series, snapshot.name)
-        task = BackgroundTask(snapshot.content, name="ADLDenoise identity")
+        if content is None:
+            snapshot = volume_snapshot(node)
+            ticket = self.session.identifying(node.GetID(), snapshot.series, snapshot.name)
+            task = BackgroundTask(snapshot.content, name="ADLDenoise identity")
+        else:  # no DICOM series (loaded_identity checked it): no files check, so no snapshot is kept for one
+            snapshot = None
+            ticket = self.session.identifying(node.GetID(), None, content.name)
+            task = BackgroundTask(lambda report, cancelled: content, name="ADLDenoise identity (hashed when read)")
         self.identifications[ticket] = (task, node.GetID(), snapshot, server_id, study_file)
         return ticket
 
@@ -382,8 +390,9 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
     def next_study(self, studies_dir: Path, report=None, cancelled=None) -> dict:
         """Background: the review queue's next study, downloaded into ``studies_dir`` and read there
         (``read_study``: the voxels and grid Slicer's loader gives the file, this file alone) with the window Slicer's
-        automatic window/level gives it (``auto_window``), for :meth:`load_study`. ``{"empty": True, "too_large":
-        ...}`` when nothing is left to review. An unreadable file raises ``VolumeUnreadable`` (nothing is loaded)."""
+        automatic window/level gives it (``auto_window``) and the content identity of its node hashed from the array
+        read (``study_content``), for :meth:`load_study`. ``{"empty": True, "too_large": ...}`` when nothing is left
+        to review. An unreadable file raises ``VolumeUnreadable`` (nothing is loaded)."""
         client = self.require_client()
         answer = client.next_study()
         study = ReviewSession.queue_answer(answer)
@@ -393,18 +402,24 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
             report(None, f"downloading {study['id']} ...")
         path = client.download_image(study["id"], studies_dir)
         volume = read_study(path, study["id"], report, cancelled)
-        return {"study": study, "path": path, "volume": volume, "window": auto_window(volume.voxels)}
+        if report:
+            report(None, f"identifying {study['id']} (hashing its voxels) ...")
+        return {"study": study, "path": path, "volume": volume, "window": auto_window(volume.voxels),
+                "content": study_content(volume, study["id"])}
 
     def load_study(self, answer: dict):
         """GUI thread: the node of a study :meth:`next_study` read (no file is read here), named after the server's
-        id, and its identification started with that id: the copy hashed is taken now, before anything can change
-        the node, so the server's id is recorded for the very voxels it sent (``poll_identifications``)."""
-        from ADLDenoiseLib.mrml import load_study
+        id, and its identification started with that id, from the identity hashed in the background from the array
+        the node is made of (``loaded_identity``: no copy, no hash here; a copy of the node hashed as for any volume
+        when the node's grid reads back otherwise), so the server's id is recorded for the very voxels it sent
+        (``poll_identifications``)."""
+        from ADLDenoiseLib.mrml import load_study, loaded_identity
 
         study, path = answer["study"], answer["path"]
         node = load_study(slicer.mrmlScene, answer["volume"], study["id"], answer["window"])
-        # the server's id is kept for this content (recorded once hashed): corrections and verdicts go there
-        self.identify(node, server_id=study["id"], study_file=path)
+        content = loaded_identity(node, answer["volume"], answer["content"])
+        # the server's id is kept for this content (recorded once identified): corrections and verdicts go there
+        self.identify(node, server_id=study["id"], study_file=path, content=content)
         return node
 
     def submit_correction(self, study: dict, corrected: VolumeExport | Path, reviewer: str,

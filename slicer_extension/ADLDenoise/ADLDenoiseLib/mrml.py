@@ -34,7 +34,8 @@ __all__ = ["export_volume", "load_result", "load_study", "same_grid", "differenc
            "segment_masks", "volume_grid",
            "check_segmentation_reference", "tag_derived", "derived_kind", "DERIVED_ATTRIBUTE", "STUDY_ATTRIBUTE",
            "DERIVED_FROM_ROLE",
-           "study_identity", "content_identity_of", "volume_snapshot", "volume_copy", "sequence_frame",
+           "study_identity", "content_identity_of", "loaded_identity", "volume_snapshot", "volume_copy",
+           "sequence_frame",
            "dicom_series_of", "dicom_instance_uids",
            "is_plain_scalar_volume",
            "EXCLUDED_VOLUME_TYPES",
@@ -258,6 +259,29 @@ def volume_snapshot(node):
     :func:`content_identity_of` the node as it was, computed in the background. Raises as :func:`study_identity`."""
     series, frame = _series_and_frame(node)
     return volume_copy(node, series, frame)
+
+
+def loaded_identity(node, volume, content):
+    """GUI thread, without copying or hashing the voxels: ``content``, the identity
+    :func:`volume_files.study_content` hashed in the background from ``volume`` (the :class:`volume_files.VolumeArray`
+    :func:`load_study` has just filled ``node`` with), when it is the one :func:`content_identity_of` gives ``node``
+    now: ``node`` is a study (:func:`volume_snapshot`'s refusals raise here too), neither of a DICOM series nor a
+    sequence frame, has the name hashed, and its voxels' type and shape and its IJK-to-RAS matrix as the hash rounds
+    it (``review_session.hashed_grid``) are those hashed (``volume_files.node_grid`` of the array's). Should a Slicer
+    store the matrix otherwise than ``node_grid`` expects: None, and the caller identifies the node from a copy of its
+    voxels (:func:`volume_snapshot`), as any volume."""
+    from .review_session import hashed_grid
+    from .volume_files import node_grid
+
+    series, frame = _series_and_frame(node)
+    voxels = slicer.util.arrayFromVolume(node)  # a view: nothing copied
+    if series is not None or frame is not None or content is None or content.kind != "content" or \
+            content.frame is not None or content.name != node.GetName():
+        return None
+    if voxels.dtype.str != volume.voxels.dtype.str or voxels.shape != volume.voxels.shape or \
+            hashed_grid(_ijk_to_ras(node)) != hashed_grid(node_grid(volume.ijk_to_ras)):
+        return None
+    return content
 
 
 def volume_copy(node, series=None, frame: int | None = None):

@@ -39,7 +39,7 @@ __all__ = ["FILES_PENDING", "StudyIdentity", "ResultRecord", "BlendRecord", "Rev
            "WorkflowError", "VolumeSnapshot", "PendingIdentity", "VolumeChanged", "snapshot_matches_files",
            "verify_snapshot",
            "VerdictRefused", "content_identity", "dicom_identity", "describe_error", "describe_verdict", "send_verdict",
-           "VERDICTS"]
+           "VERDICTS", "hashed_grid"]
 
 VERDICTS = ("accepted", "rejected", "corrected")
 #: what a ``files_match`` of :meth:`ReviewSession.as_loaded` answers while the series' files are still being read
@@ -122,6 +122,12 @@ def dicom_identity(series_instance_uid: str, modality: str = "", name: str = "",
                          part)
 
 
+def hashed_grid(ijk_to_ras: np.ndarray) -> bytes:
+    """The bytes of the 4x4 IJK-to-RAS matrix (mm) that :func:`content_identity` hashes: float64, rounded to 1e-6 mm
+    (two matrices give the same identity exactly when these bytes are equal; -0.0 and 0.0 differ)."""
+    return np.round(np.asarray(ijk_to_ras, np.float64), 6).tobytes()
+
+
 def content_identity(voxels: np.ndarray, ijk_to_ras: np.ndarray, name: str = "",
                      frame: int | None = None) -> StudyIdentity:
     """The identity of a volume without DICOM UID: SHA-256 over the voxel dtype, the (z, y, x) shape, the 4x4
@@ -135,7 +141,7 @@ def content_identity(voxels: np.ndarray, ijk_to_ras: np.ndarray, name: str = "",
         raise WorkflowError(f"a study volume must be a non-empty 3D array, got shape {voxels.shape}")
     digest = hashlib.sha256()
     digest.update(f"{voxels.dtype.str}|{voxels.shape}|".encode())
-    digest.update(np.round(matrix, 6).tobytes())
+    digest.update(hashed_grid(matrix))
     if voxels.flags.c_contiguous:  # the same bytes in one call, without a copy; hashlib lets other threads run
         digest.update(voxels.reshape(-1).view(np.uint8))
     else:

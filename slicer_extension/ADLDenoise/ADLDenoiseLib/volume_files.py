@@ -21,7 +21,9 @@ read it, chunk by chunk straight into the array, so that Cancel is heard and no 
 with SimpleITK, which Slicer bundles) into an array and an IJK-to-RAS matrix, puts it in the original's voxel order
 (:func:`align_to_grid`), and the GUI thread only copies the array into a new node (``mrml.load_result``). A study
 of the review queue likewise: its downloaded file is read in the request's task (:func:`read_study`, on the grid
-Slicer's loader gives it) and the GUI thread makes its node from the array (``mrml.load_study``).
+Slicer's loader gives it), its content identity hashed there from the array read (:func:`study_content`, with the
+grid as the node will report it: :func:`node_grid`), and the GUI thread makes its node from the array
+(``mrml.load_study``).
 """
 from __future__ import annotations
 
@@ -34,11 +36,11 @@ from typing import Any, Callable
 import numpy as np
 
 from .client import CHUNK, cancel_check, stop_if, write_atomically
-from .review_session import StudyIdentity, VolumeSnapshot, WorkflowError, verify_snapshot
+from .review_session import StudyIdentity, VolumeSnapshot, WorkflowError, content_identity, verify_snapshot
 
 __all__ = ["NRRD_TYPES", "ExportFailed", "ResultRead", "VolumeArray", "VolumeExport", "VolumeUnreadable",
            "align_to_grid", "nrrd_header", "prepare_upload", "read_nrrd", "read_result", "read_study", "read_volume",
-           "right_handed", "write_nrrd"]
+           "node_grid", "right_handed", "study_content", "write_nrrd"]
 
 #: numpy dtype -> NRRD type name (the scalar types of a Slicer scalar volume)
 NRRD_TYPES = {np.dtype(np.int8): "signed char", np.dtype(np.uint8): "unsigned char", np.dtype(np.int16): "short",
@@ -492,3 +494,58 @@ def read_study(path: str | os.PathLike, study_id: str = "", report: Any = None,
         raise VolumeUnreadable(f"could not read {what} the server sent: its voxels are "
                                f"{volume.voxels.dtype.name}, a type Slicer does not show")
     return right_handed(volume)
+
+
+def node_grid(ijk_to_ras: np.ndarray) -> np.ndarray:
+    """The IJK-to-RAS matrix (4x4, mm) that a new Slicer volume node given ``ijk_to_ras`` through a
+    ``vtkMatrix4x4`` (``mrml.load_study``) reports, bit for bit: ``vtkMatrix4x4::SetElement`` keeps an element equal
+    to the identity's (a -0.0 off the diagonal stays 0.0); ``vtkMRMLVolumeNode::SetIJKToRASMatrix`` takes each
+    column's length as a spacing and the column divided by it as a direction, and keeps a direction element within
+    double epsilon of the new node's (the identity's), and all three spacings or origin coordinates when each is
+    within it of the new node's (1, 0) (``vtkMathUtilities::FuzzyCompare``); ``GetIJKToRASMatrix`` gives spacing
+    times direction, and the origin. The values of ``ijk_to_ras`` up to rounding, and the bits that
+    :func:`review_session.content_identity` hashes."""
+    given = np.eye(4)
+    for row in range(4):
+        for col in range(4):
+            value = float(np.asarray(ijk_to_ras, np.float64)[row, col])
+            if given[row, col] != value:
+                given[row, col] = value
+    eps = float(np.finfo(np.float64).eps)
+    directions = [[1.0 if row == col else 0.0 for col in range(3)] for row in range(3)]
+    spacing = []
+    for col in range(3):  # in the C++ code's order of operations, in doubles
+        length = np.float64(0.0)
+        for row in range(3):
+            length += given[row, col] * given[row, col]
+        length = np.sqrt(length)
+        spacing.append(float(length))
+        for row in range(3):
+            with np.errstate(all="ignore"):  # a zero column: NaN, as in C++
+                value = float(given[row, col] / length)
+            if not abs(directions[row][col] - value) < eps:
+                directions[row][col] = value
+    if all(abs(1.0 - value) < eps for value in spacing):
+        spacing = [1.0, 1.0, 1.0]
+    origin = [float(given[row, 3]) for row in range(3)]
+    if all(abs(value) < eps for value in origin):
+        origin = [0.0, 0.0, 0.0]
+    grid = np.eye(4)
+    for row in range(3):
+        for col in range(3):
+            grid[row, col] = spacing[col] * directions[row][col]
+        grid[row, 3] = origin[row]
+    return grid
+
+
+def study_content(volume: VolumeArray, name: str) -> StudyIdentity | None:
+    """Background, after :func:`read_study`: the content identity (``review_session.content_identity``) of the node
+    ``mrml.load_study`` makes of ``volume`` and names ``name`` (a new node: no DICOM series, no sequence frame; its
+    grid as the node reports it: :func:`node_grid`), hashed here from the array read, so that the GUI thread neither
+    copies nor hashes the study's voxels: there ``mrml.loaded_identity`` only checks that the node holds the type,
+    shape and grid hashed. None when it cannot be hashed (a degenerate grid): the node is identified as any volume
+    then, and refused there with the reason."""
+    try:
+        return content_identity(volume.voxels, node_grid(volume.ijk_to_ras), name)
+    except WorkflowError:
+        return None

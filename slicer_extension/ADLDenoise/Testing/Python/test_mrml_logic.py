@@ -92,6 +92,7 @@ from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene mad
     is_plain_scalar_volume,
     load_result,
     load_study,
+    loaded_identity,
     looks_like_ct,
     match_orientation_and_link,
     roi_mask,
@@ -105,6 +106,7 @@ from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene mad
 from ADLDenoiseLib.regions import RegionsError  # noqa: E402
 from ADLDenoiseLib.background import BackgroundTask  # noqa: E402
 from ADLDenoiseLib.review_session import ReviewSession, VolumeChanged, WorkflowError  # noqa: E402
+from ADLDenoiseLib.volume_files import VolumeArray as volume_files_array  # noqa: E402
 from ADLDenoiseLib.volume_files import (  # noqa: E402
     VolumeExport,
     VolumeUnreadable,
@@ -113,6 +115,7 @@ from ADLDenoiseLib.volume_files import (  # noqa: E402
     read_result,
     read_study,
     read_volume,
+    study_content,
     write_nrrd,
 )
 from ADLDenoiseLib.workflow import auto_window, difference, roi_statistics  # noqa: E402
@@ -450,6 +453,102 @@ class MRMLLogicTest(unittest.TestCase):
                 span = float(expected.voxels.max()) - float(expected.voxels.min())
                 self.assertAlmostEqual(display.GetWindow(), auto.GetWindow(), delta=0.02 * span)
                 self.assertAlmostEqual(display.GetLevel(), auto.GetLevel(), delta=0.02 * span)
+
+    def test_a_review_queue_studys_identity_is_hashed_when_read_and_the_gui_step_neither_copies_nor_hashes(self):
+        """Next study: the study's content identity is hashed in the background task that reads its file
+        (study_content, in the task's thread); on the GUI thread load_study makes the node and loaded_identity hands
+        on that identity after checking the node's type, shape and grid, without copying the voxels (peak of
+        Python allocations under half the volume's bytes) and without hashing them (no content_identity call, no
+        SHA-256 update on that thread). The identity is exactly the one the node was identified by before (a copy
+        of the node hashed: volume_snapshot, content_identity_of), name and datastore id included, for a float32
+        oblique left-handed CT, an int16 MR, a uint16 single slice, raw and gzip; a node whose name or grid is not
+        the one hashed gets None (identified from a copy then)."""
+        import hashlib
+        import threading
+
+        ct, short, single = three_volumes(short_slices=3)
+        big = slicer.util.addVolumeFromArray(np.arange(24 * 96 * 80, dtype=np.int16).reshape(24, 96, 80),
+                                             name="big MR")
+        big.SetSpacing(0.83, 0.83, 1.7)
+        hashing = []  # (thread name, what) of every content_identity call and SHA-256 update
+
+        def watch(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "content_identity":
+                hashing.append((threading.current_thread().name, "content_identity"))
+            elif event == "c_call" and getattr(arg, "__name__", "") == "update" and \
+                    isinstance(getattr(arg, "__self__", None), type(hashlib.sha256())):
+                hashing.append((threading.current_thread().name, "sha256.update"))
+
+        for number, node in enumerate((ct, short, single, big)):
+            for compress in (False, True):
+                path = self._slicer_write(node, self.work / f"queue_{number}_{compress}.nrrd", compress)
+                hashing.clear()
+                threading.setprofile(watch)
+                try:
+                    task = BackgroundTask(lambda report, cancelled, p=path: (
+                        lambda volume: (volume, study_content(volume, "case_07")))(
+                            read_study(p, "case_07", report, cancelled)), name="next study")
+                    self.assertEqual(task.wait(120), "done", task.error)
+                finally:
+                    threading.setprofile(None)
+                self.assertIn(("next study", "content_identity"), hashing)
+                volume, content = task.result
+                hashing.clear()
+                tracemalloc.start()
+                sys.setprofile(watch)
+                try:
+                    study = load_study(slicer.mrmlScene, volume, "case_07", (400.0, 40.0))
+                    identity = loaded_identity(study, volume, content)
+                finally:
+                    sys.setprofile(None)
+                    peak = tracemalloc.get_traced_memory()[1]
+                    tracemalloc.stop()
+                self.assertEqual(hashing, [], "the GUI step hashed the voxels")
+                if node is big:
+                    self.assertLess(peak, volume.voxels.nbytes / 2, "the GUI step copied the voxels")
+                self.assertIs(identity, content)
+                before = volume_snapshot(study).content()  # how the node was identified before: a copy, hashed
+                self.assertEqual(identity, before)
+                self.assertEqual(identity, content_identity_of(study))
+                self.assertEqual((identity.key, identity.frame, identity.name, identity.datastore_id()),
+                                 (before.key, before.frame, before.name, before.datastore_id()))
+                # not the node hashed: another name, another grid (the identity would not be the node's)
+                self.assertIsNone(loaded_identity(study, volume, study_content(volume, "case_08")))
+                moved = volume_files_array(volume.voxels, volume.ijk_to_ras.copy())
+                moved.ijk_to_ras[0, 3] += 0.01
+                self.assertIsNone(loaded_identity(study, moved, study_content(moved, "case_07")))
+                study.SetSpacing(2.0, 2.0, 2.0)
+                self.assertIsNone(loaded_identity(study, volume, content))
+
+    def test_node_grid_is_the_matrix_a_new_volume_node_reports_bit_for_bit(self):
+        """volume_files.node_grid (what the background hashes as a study's grid) equals, byte for byte, the
+        IJK-to-RAS matrix a new Slicer volume node reports once given a matrix: oblique, left-handed, with -0.0
+        (a reversed axis: right_handed), elements and spacings within double epsilon of the identity's, random."""
+        from ADLDenoiseLib.mrml import _ijk_to_ras, _vtk_matrix
+        from ADLDenoiseLib.review_session import hashed_grid
+        from ADLDenoiseLib.volume_files import node_grid
+
+        eps = np.finfo(np.float64).eps
+        flipped = np.diag([-0.7, -0.7, -2.5, 1.0])
+        flipped[:3, 3] = flipped[1, 0] = flipped[2, 1] = -0.0
+        matrices = [np.eye(4), flipped,
+                    np.array([[-0.0, 0.7, -0.0, -0.0], [0.8, -0.0, -0.0, 5.0], [-0.0, -0.0, -2.5, -0.0], [0, 0, 0, 1]]),
+                    np.array([[1 - eps / 4, eps / 8, -eps / 8, eps / 4], [-eps / 8, 1.0, 0.0, -eps / 4],
+                              [0.0, 0.0, 1 + eps, 0.0], [0, 0, 0, 1]])]
+        rng = np.random.default_rng(3)
+        for _ in range(200):
+            q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+            matrix = np.eye(4)
+            matrix[:3, :3] = q @ np.diag(rng.uniform(0.2, 5.0, 3))
+            matrix[:3, 3] = rng.uniform(-300, 300, 3).round(rng.integers(0, 8))
+            matrices.append(matrix)
+        for volume in three_volumes(short_slices=2):
+            matrices.append(read_study(self._slicer_write(volume, self.work / "grid.nrrd", False)).ijk_to_ras)
+        for matrix in matrices:
+            node = slicer.vtkMRMLScalarVolumeNode()
+            node.SetIJKToRASMatrix(_vtk_matrix(matrix))
+            self.assertEqual(node_grid(matrix).tobytes(), _ijk_to_ras(node).tobytes(), matrix)
+            self.assertEqual(hashed_grid(node_grid(matrix)), hashed_grid(_ijk_to_ras(node)))
 
     def test_an_unreadable_review_queue_study_fails_in_the_background_with_a_clear_message(self):
         """A downloaded study cut off (raw, gzip), damaged, empty, missing or of 64-bit integers fails its
