@@ -310,7 +310,8 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
     def load_result(self, original, identity: StudyIdentity, loaded: ResultRead, result: dict):
         """GUI thread: show the result of ``identity`` when that study is still selected; a late result of another
         study is not loaded (returns None). ``loaded``: the result file read in the background
-        (:meth:`denoise_file`); no file is read here, its array is copied into a new node."""
+        (:meth:`denoise_file`); no file is read here, its array becomes a new node's voxels (``take_voxels``: not
+        copied)."""
         from ADLDenoiseLib.mrml import load_result
 
         if identity != self.session.study:

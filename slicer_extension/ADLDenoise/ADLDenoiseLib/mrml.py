@@ -39,7 +39,8 @@ __all__ = ["export_volume", "load_result", "load_study", "same_grid", "differenc
            "dicom_series_of", "dicom_instance_uids",
            "is_plain_scalar_volume",
            "EXCLUDED_VOLUME_TYPES",
-           "adopt_parent_transform", "adopt_study_folder", "match_orientation_and_link", "INPUT_CHANGE_EVENTS"]
+           "adopt_parent_transform", "adopt_study_folder", "match_orientation_and_link", "INPUT_CHANGE_EVENTS",
+           "take_voxels", "SHAREABLE_TYPES"]
 
 #: subclasses of vtkMRMLScalarVolumeNode that are not a CT / MR intensity volume (the selector hides them; Slicer's
 #: class tree: LabelMap, Tensor -> Vector / DiffusionImage -> DiffusionTensor, DiffusionWeighted)
@@ -351,7 +352,9 @@ def load_result(scene, result, reference, suffix: str = " denoised", name: str |
     background (``result``: a :class:`volume_files.ResultRead`; no file is touched here). A path is read first,
     on the caller's thread (scripts, tests). The result must have been readable, then be on the reference's grid
     (RuntimeError otherwise, in that order, and nothing is added to the scene). The node is tagged as
-    ``reference``'s result (:func:`tag_derived`), for the study (frame) whose datastore id is ``study``."""
+    ``reference``'s result (:func:`tag_derived`), for the study (frame) whose datastore id is ``study``. The array
+    read becomes the node's voxels (:func:`take_voxels`: held once, not copied; read-only in ``result`` from then
+    on)."""
     from .volume_files import ResultRead, align_to_grid, read_result
 
     if not isinstance(result, ResultRead):
@@ -366,7 +369,7 @@ def load_result(scene, result, reference, suffix: str = " denoised", name: str |
         raise RuntimeError("the result is not on the original's grid: refusing to show it")
     node = slicer.vtkMRMLScalarVolumeNode()
     node.SetIJKToRASMatrix(_vtk_matrix(grid))
-    slicer.util.updateVolumeFromArray(node, voxels)  # one copy into the node's image data
+    take_voxels(node, voxels)  # the array read becomes the node's voxels: no second copy
     node.SetName(name or (reference.GetName() + suffix))
     scene.AddNode(node)  # before tagging: a node reference needs the scene
     tag_derived(node, reference, "result")
@@ -383,16 +386,51 @@ def load_study(scene, volume, name: str, window: tuple[float, float] | None = No
     (``volume``: a :class:`volume_files.VolumeArray` from ``volume_files.read_study``; no file is touched here), with
     ``window`` ((width, level), e.g. ``workflow.auto_window`` of its voxels, computed in the background too) set
     before its voxels are seen (None: Slicer's automatic window/level, computed here). The node is made and filled
-    before it is added: an array Slicer refuses leaves the scene unchanged. Like any node made from an array it has
+    before it is added: an array Slicer refuses leaves the scene unchanged. The array read becomes the node's voxels
+    (:func:`take_voxels`: not copied; read-only in ``volume`` from then on). Like any node made from an array it has
     no storage node until it is saved: Slicer's Save dialog and scene bundle add the default one then
     (``vtkMRMLStorableNode::AddDefaultStorageNode``)."""
     node = slicer.vtkMRMLScalarVolumeNode()
     node.SetIJKToRASMatrix(_vtk_matrix(volume.ijk_to_ras))
-    slicer.util.updateVolumeFromArray(node, volume.voxels)  # one copy into the node's image data
+    take_voxels(node, volume.voxels)  # the array read becomes the node's voxels: no second copy
     node.SetName(name)
     scene.AddNode(node)
     _add_display(node, window)
     return node
+
+
+#: value types a volume node takes as its own memory (``take_voxels``): those ``vtk.util.numpy_support`` maps to a
+#: VTK type one to one, without 64-bit integers ("long long", which ``slicer.util.updateVolumeFromArray`` refuses)
+SHAREABLE_TYPES = frozenset(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32,
+                                                  np.float32, np.float64))
+
+
+def take_voxels(node, voxels: np.ndarray) -> None:
+    """GUI thread: ``voxels`` ((z, y, x)) become ``node``'s voxels themselves, not a copy of them, so an array read or
+    computed in the background is held once, not twice: a new image data whose scalars point at the array's memory
+    (``vtk.util.numpy_support.numpy_to_vtk(deep=False)``, as ``slicer.util.updateVolumeFromITKImage(deepCopy=False)``
+    shares an ITK image's) is set on the node (``SetAndObserveImageData``: the notifications of
+    ``updateVolumeFromArray``). The array lives as long as the VTK array does: an observer of its DeleteEvent holds
+    it (not a Python attribute of the VTK array, which VTK's wrapping would keep until its next clean-up once the
+    array is gone). ``voxels`` is made read-only: nothing writes the node's voxels through it unseen, and handing it
+    to another node copies it. An array a node cannot take as it is (not a writable, aligned, C-contiguous 3D array
+    owning its memory, in this machine's byte order, of :data:`SHAREABLE_TYPES`) is copied
+    (``slicer.util.updateVolumeFromArray``, with Slicer's own checks)."""
+    if not (isinstance(voxels, np.ndarray) and voxels.ndim == 3 and voxels.size and voxels.dtype in SHAREABLE_TYPES
+            and voxels.dtype.isnative and voxels.flags.c_contiguous and voxels.flags.aligned
+            and voxels.flags.writeable and voxels.flags.owndata):
+        slicer.util.updateVolumeFromArray(node, voxels)
+        return
+    import vtk.util.numpy_support
+
+    scalars = vtk.util.numpy_support.numpy_to_vtk(voxels.reshape(-1), deep=False)
+    keep = scalars.__dict__.pop("_numpy_reference", voxels)
+    scalars.AddObserver(vtk.vtkCommand.DeleteEvent, lambda caller, event, keep=keep: None)
+    image = vtk.vtkImageData()  # origin 0, spacing 1, no direction: the node holds the geometry
+    image.SetDimensions(*reversed(voxels.shape))
+    image.GetPointData().SetScalars(scalars)
+    node.SetAndObserveImageData(image)
+    voxels.flags.writeable = False
 
 
 def _window_of(node) -> tuple[float, float] | None:
@@ -432,7 +470,7 @@ def _new_like(scene, reference, array: np.ndarray, name: str, node=None,
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
         _add_display(node, window)
     node.SetIJKToRASMatrix(_vtk_matrix(_ijk_to_ras(reference)))
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, np.float32))
+    take_voxels(node, np.ascontiguousarray(array, np.float32))
     adopt_parent_transform(node, reference)
     adopt_study_folder(node, reference)
     return node
@@ -457,7 +495,8 @@ def difference_inputs(original, denoised) -> tuple[np.ndarray, np.ndarray]:
 
 def difference_volume(scene, original, denoised, name: str | None = None, values: np.ndarray | None = None):
     """A new volume original - denoised on the same grid (what the denoiser removed). ``values``: that difference
-    computed already (in the background, from :func:`difference_inputs`), only copied into the node here;
+    computed already (in the background, from :func:`difference_inputs`), made the node's voxels here
+    (:func:`take_voxels`: not copied, and read-only for the caller from then on);
     computed here when None."""
     if not same_grid(original, denoised):
         raise RuntimeError("original and denoised volumes are not on the same grid")

@@ -19,7 +19,8 @@ The denoised result comes back the same way round: reading it with Slicer's stor
 Slicer too, so the request's task reads it (:func:`read_result`: NRRD here, raw or gzip, as Slicer's reader and ITK
 read it, chunk by chunk straight into the array, so that Cancel is heard and no second copy is made; other formats
 with SimpleITK, which Slicer bundles) into an array and an IJK-to-RAS matrix, puts it in the original's voxel order
-(:func:`align_to_grid`), and the GUI thread only copies the array into a new node (``mrml.load_result``). A study
+(:func:`align_to_grid`), and the GUI thread makes the array a new node's voxels, without copying it
+(``mrml.load_result``, ``mrml.take_voxels``). A study
 of the review queue likewise: its downloaded file is read in the request's task (:func:`read_study`, on the grid
 Slicer's loader gives it), its content identity hashed there from the array read (:func:`study_content`, with the
 grid as the node will report it: :func:`node_grid`), and the GUI thread makes its node from the array

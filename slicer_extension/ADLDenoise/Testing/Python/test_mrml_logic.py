@@ -326,6 +326,64 @@ class MRMLLogicTest(unittest.TestCase):
         cases["empty.nrrd"] = (b"", "not a NRRD file")
         return cases
 
+    def test_the_result_a_study_and_a_difference_become_their_nodes_voxels_without_a_second_copy(self):
+        """The array read in the background (a result, a review-queue study) or computed there (a difference) is
+        the new node's memory (take_voxels), not copied into it: the node's array shares it, the caller's array
+        turns read-only, the voxels survive every other reference being dropped (and memory being reused), Slicer's
+        storage node writes them, and the array is freed with the node's image data (no leak). Handing the same
+        array to a second node, or an array a node cannot take as it is (big-endian, a view), copies it."""
+        import gc
+        import weakref
+
+        original = oblique_ct_node()
+        original.CreateDefaultDisplayNodes()
+        path = self._slicer_write(original, self.work / "result.nrrd", compress=True)
+        snapshot = volume_snapshot(original)
+        task = BackgroundTask(lambda report, cancelled: read_result(path, (snapshot.voxels.shape,
+                                                                           snapshot.ijk_to_ras), report, cancelled))
+        self.assertEqual(task.wait(120), "done", task.error)
+        read = task.result.volume.voxels
+        expected = read.copy()
+        self.assertTrue(read.flags.writeable)
+        result = load_result(slicer.mrmlScene, task.result, original)
+        self.assertTrue(np.shares_memory(slicer.util.arrayFromVolume(result), read))
+        self.assertFalse(read.flags.writeable)  # written only through the node now
+        again = load_result(slicer.mrmlScene, task.result, original)  # the same array again: a copy
+        self.assertFalse(np.shares_memory(slicer.util.arrayFromVolume(again), read))
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(again), expected)
+        alive = weakref.ref(read)
+        del task, read
+        gc.collect()
+        self.assertIsNotNone(alive())  # held by the node's image data
+        reused = [np.full(expected.shape, 12345.0, expected.dtype) for _ in range(20)]
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(result), expected)
+        self.assertTrue(same_grid(result, original))
+        voxels, _ = nrrd.read(str(self._slicer_write(result, self.work / "saved.nrrd", compress=False)))
+        np.testing.assert_array_equal(voxels, expected)  # as written by Slicer's storage node
+        slicer.util.arrayFromVolume(result)[0, 0, 0] = 7.0  # the node's voxels stay writable through Slicer
+        slicer.util.arrayFromVolumeModified(result)
+        self.assertEqual(float(slicer.util.arrayFromVolume(result)[0, 0, 0]), 7.0)
+        slicer.mrmlScene.RemoveNode(result.GetDisplayNode())
+        slicer.mrmlScene.RemoveNode(result)
+        del result, reused
+        gc.collect()
+        self.assertIsNone(alive())  # freed with the node's image data
+
+        # a review-queue study, and a difference computed in the background
+        volume = read_study(self._slicer_write(original, self.work / "case_07.nrrd", compress=False), "case_07")
+        study = load_study(slicer.mrmlScene, volume, "case_07", (400.0, 40.0))
+        self.assertTrue(np.shares_memory(slicer.util.arrayFromVolume(study), volume.voxels))
+        denoised = oblique_ct_node("denoised")
+        values = difference(*difference_inputs(original, denoised))
+        node = difference_volume(slicer.mrmlScene, original, denoised, values=values)
+        self.assertTrue(np.shares_memory(slicer.util.arrayFromVolume(node), values))
+        # arrays a node cannot take as they are: copied, the same values
+        for other in (volume.voxels.astype(volume.voxels.dtype.newbyteorder(">")), np.arange(240.0)[::2].reshape(
+                2, 3, 20)):
+            copied = load_study(slicer.mrmlScene, type(volume)(other, volume.ijk_to_ras), "other")
+            self.assertFalse(np.shares_memory(slicer.util.arrayFromVolume(copied), other))
+            np.testing.assert_array_equal(slicer.util.arrayFromVolume(copied), other)
+
     def test_a_damaged_or_cut_off_result_is_refused_with_a_clear_message_and_the_scene_unchanged(self):
         """A result file cut off (raw, gzip) or damaged is read in the background without an exception (the GUI
         thread first checks the result is for the study selected); load_result then refuses it, saying which file
