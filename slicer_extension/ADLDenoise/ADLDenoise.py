@@ -30,6 +30,7 @@ from ADLDenoiseLib import (
     BackgroundTask,
     DenoiseServerClient,
     DenoiseServerError,
+    LocalTasks,
     window_for,
 )
 from ADLDenoiseLib.regions import CHOICES, MAX_STRENGTH, SegmentMarks, build_region_map, prepare_region_file
@@ -467,6 +468,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.on_done = None
         self.on_fail = None
         self.train_poll: BackgroundTask | None = None
+        #: what is computed locally from copies (the difference), beside the one request ``self.task``
+        self.local_tasks = LocalTasks()
         self.roi_node = None
         self.corrected_node = None
         self.marks = SegmentMarks()
@@ -555,6 +558,10 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.train_timer = qt.QTimer()
         self.train_timer.setInterval(2000)
         self.train_timer.connect("timeout()", self.onTrainPoll)
+        # the difference is computed beside a request (no server call): its answer is collected here
+        self.local_timer = qt.QTimer()
+        self.local_timer.setInterval(200)
+        self.local_timer.connect("timeout()", self.onLocalTasks)
         # the selected volume is hashed, and a DICOM volume's files compared with it, in the background
         # (logic.identify): their answers are collected here
         self.files_timer = qt.QTimer()
@@ -580,6 +587,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
         self.blend_timer.stop()
         self.train_timer.stop()
+        self.local_timer.stop()
+        self.local_tasks.cancel_all()
         self.files_timer.stop()
         self.reidentify_timer.stop()
         self.identity_waiters = []
@@ -598,6 +607,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller=None, event=None):
         if self.task is not None:
             self.task.cancel()  # its answer belongs to a study of the closing scene
+        self.local_tasks.cancel_all()  # so does a difference's
         self.blend_timer.stop()
         self.reidentify_timer.stop()
         self.identity_waiters = []
@@ -1038,10 +1048,14 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         composite.SetForegroundOpacity(float(value))
 
     def onDifference(self):
-        """Copies of both volumes' voxels here; their difference in the background; a new node from it here."""
+        """Copies of both volumes' voxels here; their difference in the background; a new node from it here. Nothing
+        is sent to a server and no workflow state changes, so it runs at once, also while a request runs, in a task of
+        its own (``LocalTasks``) that leaves the request's task, answer, progress bar and Cancel button alone."""
         from ADLDenoiseLib.mrml import difference_inputs, difference_volume
 
         try:
+            if self.local_tasks.running("difference"):
+                raise WorkflowError("the difference is still being computed: wait a moment")
             original, result = self.original_and_result()
             if result is None:
                 raise WorkflowError("denoise the volume first")
@@ -1052,16 +1066,34 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ids = (original.GetID(), result.GetID())
 
         def done(values):
-            now = self.original_and_result()
-            if (now[0].GetID(), now[1].GetID() if now[1] is not None else None) != ids:
-                self.ui.statusLabel.text = "the volumes changed meanwhile: press Difference again"
+            try:
+                now = self.original_and_result()
+            except WorkflowError:  # another volume, being identified (e.g. the next study loaded meanwhile)
+                now = (None, None)
+            if (now[0].GetID() if now[0] is not None else None, now[1].GetID() if now[1] is not None else None) != ids:
+                self.localStatus("the volumes changed meanwhile: press Difference again")
                 return
             node = difference_volume(slicer.mrmlScene, original, result, values=values)
             slicer.util.setSliceViewerLayers(background=node)
-            self.ui.statusLabel.text = f"{node.GetName()}: what the denoiser removed"
+            self.localStatus(f"{node.GetName()}: what the denoiser removed")
 
-        self.run(lambda report, cancelled: difference(*copies), on_done=done,
-                 busy_text="computing the difference ...")
+        self.local_tasks.start("difference", lambda report, cancelled: difference(*copies), done,
+                               name="ADLDenoise difference")
+        self.local_timer.start()
+        self.localStatus("computing the difference ...")
+
+    def onLocalTasks(self):
+        """The answers of what runs beside a request (``LocalTasks``): shown, failures in a dialog."""
+        errors = self.local_tasks.poll()
+        if not self.local_tasks.busy:
+            self.local_timer.stop()
+        for error in errors:
+            self.error(error)
+
+    def localStatus(self, text: str) -> None:
+        """The status line of a local task, unless a request runs: the request's progress is shown there then."""
+        if self.task is None:
+            self.ui.statusLabel.text = text
 
     def onPreset(self, *_):
         preset = self.ui.presetCombo.currentText

@@ -1,7 +1,8 @@
 """Run a slow call (denoising, uploading, training polls) off the GUI thread.
 
 The Qt side polls :meth:`BackgroundTask.poll` from a ``qt.QTimer`` and updates the progress bar; nothing here
-touches Qt or MRML, which must only be used from the GUI thread.
+touches Qt or MRML, which must only be used from the GUI thread. The widget runs one server request at a time;
+:class:`LocalTasks` runs what is computed locally from copies (the difference volume) beside it.
 
 Cancelling: the task's state is ``cancelled`` at once, but it is :attr:`~BackgroundTask.finished` only once its
 thread has ended, so that the GUI starts no new request while the cancelled one still writes files. The function
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 from .client import Cancellation, cancel_scope
 
-__all__ = ["BackgroundTask"]
+__all__ = ["BackgroundTask", "LocalTasks"]
 
 
 class BackgroundTask:
@@ -87,3 +88,57 @@ class BackgroundTask:
     def finished(self) -> bool:
         """True once the thread has ended (not merely once cancelled: a cancelled call may still be stopping)."""
         return not self._thread.is_alive()
+
+
+class LocalTasks:
+    """Computations made locally from copies taken on the GUI thread (the difference volume: no server request, no
+    workflow state), each in a :class:`BackgroundTask` of its own under a key, so that they run beside the one request
+    the widget allows at a time without touching it (its task, answer callbacks, progress bar, Cancel button). One
+    task per key at a time (:meth:`start` refuses a second); :meth:`poll` (GUI thread, from a timer) hands each
+    finished task's answer to its ``on_done``; :meth:`cancel_all` (Close Scene, module closed) drops every answer
+    not taken yet."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, tuple[BackgroundTask, Callable[[Any], None]]] = {}
+
+    def running(self, key: str) -> bool:
+        """Whether the task ``key`` was started and its answer not taken yet."""
+        return key in self._tasks
+
+    @property
+    def busy(self) -> bool:
+        """Whether any task's answer is still to be taken (the caller's timer may stop otherwise)."""
+        return bool(self._tasks)
+
+    def start(self, key: str, function: Callable[..., Any], on_done: Callable[[Any], None],
+              name: str = "local task") -> BackgroundTask:
+        """Run ``function(report=..., cancelled=...)`` in a :class:`BackgroundTask`; ``on_done(result)`` is called by
+        :meth:`poll` once it succeeded. Raises RuntimeError while the task ``key`` still runs."""
+        if key in self._tasks:
+            raise RuntimeError(f"the {key} is still being computed: wait a moment")
+        task = BackgroundTask(function, name=name)
+        self._tasks[key] = (task, on_done)
+        return task
+
+    def poll(self) -> list[BaseException]:
+        """GUI thread: the answers of the tasks that ended, to their ``on_done``; returns the errors (a task that
+        failed, an ``on_done`` that refused its answer) for the caller to show."""
+        errors: list[BaseException] = []
+        for key, (task, on_done) in list(self._tasks.items()):
+            if not task.finished:
+                continue
+            del self._tasks[key]
+            if task.state == "failed":
+                errors.append(task.error)
+            elif task.state == "done":
+                try:
+                    on_done(task.result)
+                except Exception as error:  # noqa: BLE001 - handed to the caller to display
+                    errors.append(error)
+        return errors
+
+    def cancel_all(self) -> None:
+        """Cancel every task; their answers are dropped, even one that came back but was not taken yet."""
+        for task, _ in self._tasks.values():
+            task.cancel()
+        self._tasks.clear()

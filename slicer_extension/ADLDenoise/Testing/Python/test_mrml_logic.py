@@ -435,6 +435,48 @@ class MRMLLogicTest(unittest.TestCase):
             np.testing.assert_array_equal(slicer.util.arrayFromVolume(blended), (
                 strength * smooth + (1.0 - strength) * values).astype(np.float32))
 
+    def test_the_difference_runs_beside_a_running_request_without_touching_it(self):
+        """Difference volume while a request runs (the widget allows one request at a time): the difference is
+        computed from copies in a LocalTasks task of its own, its node made when polled, while the request's task
+        keeps running untouched and ends with its own answer afterwards; a second difference is refused while the
+        first runs; Close Scene (cancel_all) drops a difference not taken yet."""
+        import threading
+
+        from ADLDenoiseLib.background import LocalTasks
+
+        original = oblique_ct_node()
+        denoised = oblique_ct_node("denoised")
+        slicer.util.updateVolumeFromArray(denoised, np.where(slicer.util.arrayFromVolume(original) > -500, 40.0,
+                                                             -1000.0).astype(np.float32))
+        expected = slicer.util.arrayFromVolume(original) - slicer.util.arrayFromVolume(denoised)
+        release = threading.Event()
+        request = BackgroundTask(lambda report, cancelled: release.wait(120) and "the request's answer",
+                                 name="request")
+        local = LocalTasks()
+        made = []
+        copies = difference_inputs(original, denoised)
+        local.start("difference", lambda report, cancelled: difference(*copies),
+                    lambda values: made.append(difference_volume(slicer.mrmlScene, original, denoised, values=values)))
+        with self.assertRaisesRegex(RuntimeError, "still being computed"):
+            local.start("difference", lambda report, cancelled: None, made.append)
+        for _ in range(1200):
+            if made or local.poll():
+                break
+            threading.Event().wait(0.1)
+        self.assertEqual(len(made), 1)
+        self.assertFalse(local.busy)
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(made[0]), expected, atol=1e-4)
+        self.assertEqual((request.state, request.result, request.error), ("running", None, None))
+        self.assertFalse(request.finished)
+        release.set()
+        self.assertEqual(request.wait(120), "done")
+        self.assertEqual(request.result, "the request's answer")
+        # Close Scene: a difference that came back but was not taken is dropped
+        late = local.start("difference", lambda report, cancelled: difference(*copies), made.append)
+        self.assertEqual(late.wait(120), "done")
+        local.cancel_all()
+        self.assertEqual((local.poll(), local.busy, len(made)), ([], False, 1))
+
     def _slicer_read(self, path):
         """(voxels, IJK-to-RAS 4x4) of the file ``path`` as Slicer's archetype storage node reads it (this file
         alone), into a node outside the scene."""
