@@ -11,5 +11,5 @@ from .settings import SettingsStore
 from .workflow import WINDOW_PRESETS, blend, difference, roi_statistics, window_for
 
 __all__ = ["BackgroundTask", "LocalTasks", "DenoiseServerClient", "DenoiseServerError", "Region", "RegionsError",
-           "ReviewSession", "SegmentMarks", "SettingsStore", "StudyIdentity", "WorkflowError", "WINDOW_PRESETS", "blend",
-           "difference", "roi_statistics", "window_for"]
+           "ReviewSession", "SegmentMarks", "SettingsStore", "StudyIdentity", "WorkflowError", "WINDOW_PRESETS",
+           "blend", "difference", "roi_statistics", "window_for"]

@@ -1,18 +1,20 @@
 """MRML-side logic of the ADLDenoise module against real MRML (Slicer, or PyPI's slicer-core without Qt).
 
-Volume nodes out to NRRD and back (geometry, HU values, name suffix), the file written in the background from a
-copy taken on the GUI thread equal to the one Slicer's storage node writes, the result file read in the background
-equal to what Slicer's loader reads (the GUI step then reads no file; a damaged one is refused, the scene
-unchanged), a review-queue study read in the background equal to what Slicer's loader makes of its file (the GUI
-step reads no file; an unreadable one fails with a clear message), the volumes made from arrays written by Slicer's
-Save through its default storage node, refusal of a result on another grid, difference (computed from copies) and
-blended (updated in place) volumes, ROI statistics inside a markups ROI (rotated, the volume under a transform), the
-module's own volumes tagged and refused as a study, a segmentation of another study refused as marked regions;
-the study identity from the subject hierarchy
-(SeriesInstanceUID, Modality) or the content, scalar-only volumes, the parent transform and the study (subject-
-hierarchy parent) of results, the frame of a 4D sequence, Yellow taking Red's orientation before the views are
-linked, and Close Scene making the review session forget. Needs neither a server nor pynrrd. Run inside Slicer
-with ``slicer_add_python_unittest`` or outside it with ``python -m pytest`` in a venv that has slicer-core.
+Volume nodes out to NRRD and back (geometry, HU values, name suffix), the file written in the background from a copy
+taken on the GUI thread equal to the one Slicer's storage node writes, the result file read in the background equal
+to what Slicer's loader reads (the GUI step then reads no file; a damaged one is refused, the scene unchanged), a
+review-queue study read in the background equal to what Slicer's loader makes of its file (the GUI step reads no
+file, neither copies nor hashes its voxels: its identity, hashed in the background, is the node's bit for bit; an
+unreadable one fails with a clear message), the arrays read or computed in the background becoming their nodes'
+voxels without a copy, the difference computed beside a running request, the volumes made from arrays written by
+Slicer's Save through its default storage node, refusal of a result on another grid, difference (computed from
+copies) and blended (updated in place) volumes, ROI statistics inside a markups ROI (rotated, the volume under a
+transform), the module's own volumes tagged and refused as a study, a segmentation of another study refused as
+marked regions; the study identity from the subject hierarchy (SeriesInstanceUID, Modality) or the content,
+scalar-only volumes, the parent transform and the study (subject-hierarchy parent) of results, the frame of a 4D
+sequence, Yellow taking Red's orientation before the views are linked, and Close Scene making the review session
+forget. Needs neither a server nor pynrrd. Run inside Slicer with ``slicer_add_python_unittest`` or outside it with
+``python -m pytest`` in a venv that has slicer-core.
 """
 from __future__ import annotations
 
