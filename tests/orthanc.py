@@ -91,5 +91,33 @@ end
     return start_orthanc(work / "orthanc", extra_config={"LuaScripts": [str(script)]}), requests_log
 
 
+def grow_on_retrieval(script: Path, late: dict[str, list[Path]]) -> Path:
+    """``script``: a Lua request filter for the real Orthanc that stores the files ``late[uid]`` when the WADO-RS
+    retrieval of the series ``uid`` first arrives, before it is answered: the series grows between a size check
+    (QIDO-RS) and its download, as a series still being sent to the PACS (a scanner sending slice by slice) does.
+    Returns ``script``."""
+    table = "".join(f'["{uid}"] = {{{"".join(f"{chr(34)}{path}{chr(34)}, " for path in paths)}}}, '
+                    for uid, paths in late.items())
+    script.write_text(f"""
+late = {{{table}}}
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  if method == "GET" then
+    for uid, paths in pairs(late) do
+      if string.sub(uri, -string.len("/series/" .. uid)) == "/series/" .. uid then
+        late[uid] = nil
+        for _, path in ipairs(paths) do
+          local f = io.open(path, "rb")
+          RestApiPost("/instances", f:read("*a"))
+          f:close()
+        end
+      end
+    end
+  end
+  return true
+end
+""")
+    return script
+
+
 def stop_orthanc(server: Orthanc) -> None:
     processes.stop(server.process)

@@ -19,7 +19,7 @@ from monailabel.client.client import MONAILabelClientException
 
 from conftest import SAMPLE_STUDIES
 from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
-from orthanc import available, start_orthanc, start_orthanc_logging_requests, stop_orthanc
+from orthanc import available, grow_on_retrieval, start_orthanc, start_orthanc_logging_requests, stop_orthanc
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=str(available()))]
@@ -300,6 +300,52 @@ def test_a_pacs_that_lists_part_of_a_series_instances_does_not_let_an_oversized_
         answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
                                timeout=600)
         assert answer.status_code == 200 and answer.json()["shape"] == [3, 512, 512], answer.text[:500]
+
+
+def test_a_series_that_grows_past_the_voxel_limit_during_its_download_is_stopped_with_nothing_kept(tmp_path,
+                                                                                                   tiny_weights):
+    """The size asked of the PACS (QIDO-RS) and MONAI Label's download (WADO-RS) are two requests: a series still
+    being sent to the PACS grows in between, and was then downloaded whole, into memory, saved into the cache and
+    converted before the reader refused it. Here the real Orthanc's request filter (Lua) stores 3 more slices of a
+    series when its retrieval arrives: 3 slices (0.79 M voxels) pass the check under ``max_voxels`` 1,000,000, the
+    retrieval sends 6 (1.57 M). The download stops at the instance that takes it over the limit: 413 saying so, for
+    infer by id and for the review queue's hand-out alike, and nothing of either series in the cache."""
+    import requests
+
+    growing = {}
+    for name in ("first", "second"):
+        files = real_ct_series(tmp_path / name, slices=6)
+        growing[str(pydicom.dcmread(files[0]).SeriesInstanceUID)] = files
+    script = grow_on_retrieval(tmp_path / "grow.lua", {uid: files[3:] for uid, files in growing.items()})
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+    try:
+        for files in growing.values():
+            for path in files[:3]:
+                pacs.upload(path)
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"max_voxels": 1_000_000})
+        cache = tmp_path / "work" / "dicomweb_cache"
+        try:
+            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=600)
+            assert answer.status_code == 413, answer.text[:500]
+            handed_out = next(uid for uid in growing if f"series {uid} is too large" in answer.json()["detail"])
+            other = next(uid for uid in growing if uid != handed_out)
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": other, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 413, answer.text[:500]
+            detail = answer.json()["detail"]
+            assert (f"cannot denoise this image: series {other} is too large: the 4 instances the PACS sent so far "
+                    "hold 1,048,576 voxels, over the limit of 1,000,000 (it grew since its size was asked, or the PACS "
+                    "did not tell it); the download was stopped and nothing of it was kept (raise the limit with "
+                    "--conf max_voxels on the server)") == detail, detail
+            assert len(pacs.get("/instances")) == 12  # both grew (the filter ran)
+            kept = sorted(str(p) for p in cache.rglob("*") if any(uid in p.name for uid in growing))
+            assert not kept, kept
+            assert server.alive()
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
 
 
 def test_a_pacs_that_lists_part_of_its_series_is_an_error_not_studies_missing_in_silence(tmp_path, tiny_weights):

@@ -48,9 +48,9 @@ from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
+from lib.pacs import (PacsStoreError, SeriesTooLarge, bound_waits, bounded_downloads, cache_folder, is_dicomweb,
+                      oversized, series_folder, start_up_warnings, store_derived_series, whole_listing)
 from lib.runtime.switches import parse_bool
-from lib.pacs import (PacsStoreError, bound_waits, cache_folder, is_dicomweb, oversized, series_folder,
-                      start_up_warnings, store_derived_series, whole_listing)
 
 logger = logging.getLogger(__name__)
 
@@ -218,10 +218,12 @@ class DenoisingApp(MONAILabelApp):
         """MONAI Label's datastore, each change of it an audit entry (:func:`lib.audit.recording.audited_datastore`);
         a local one lists a removed study no more once the removal is answered
         (:func:`lib.datastore.steady_datastore`); a DICOMweb one tells a PACS that is down in seconds
-        (:func:`lib.pacs.bound_waits`) and lists every series or fails (:func:`lib.pacs.whole_listing`)."""
+        (:func:`lib.pacs.bound_waits`), lists every series or fails (:func:`lib.pacs.whole_listing`), and stops a
+        download over the largest voxel limit of the served models (:func:`lib.pacs.bounded_downloads`)."""
         datastore = steady_datastore(super().init_datastore())
         bound_waits(datastore)  # a PACS that is down: 503 in seconds, not 30 s per request
         whole_listing(datastore)  # a PACS that lists part of its series: an error, not studies missing in silence
+        bounded_downloads(datastore, self._queue_voxel_limit)  # a series that grew: stopped, not held whole in memory
         return audited_datastore(datastore, self.audit)
 
     def info(self):
@@ -254,6 +256,12 @@ class DenoisingApp(MONAILabelApp):
         return max((getattr(task, "max_voxels", None) or max_voxels() for task in self._infers.values()),
                    default=max_voxels())
 
+    def _model_voxel_limit(self, model) -> int:
+        """The largest image the model ``model`` denoises (``--conf max_voxels``, else
+        :func:`lib.imaging.max_voxels`)."""
+        task = self._infers.get(model) if isinstance(model, str) else None
+        return getattr(task, "max_voxels", None) or max_voxels()
+
     def _refuse_oversized_series(self, store, image_id: str, model) -> None:
         """413 before a PACS series over the model's voxel limit is downloaded: MONAI Label's DICOMweb datastore
         fetches a series whole (and converts it to NIfTI) before the reader's size check could refuse it. The size
@@ -261,8 +269,7 @@ class DenoisingApp(MONAILabelApp):
         checked by the reader as any image. A PACS that lists part of a series' instances (a limit on search
         results) gives its instance count: the size is then estimated from those listed
         (:func:`lib.pacs.series_voxels`)."""
-        task = self._infers.get(model) if isinstance(model, str) else None
-        limit = getattr(task, "max_voxels", None) or max_voxels()
+        limit = self._model_voxel_limit(model)
         size = oversized(store, image_id, limit)
         if size is not None:
             estimate = (f" (estimated: the PACS lists {size.listed} of its instances)"
@@ -303,7 +310,12 @@ class DenoisingApp(MONAILabelApp):
         source_folder = None
         if known_id and is_dicomweb(store):
             self._refuse_oversized_series(store, image_id, request.get("model"))
-            source_folder = series_folder(store, image_id)
+            limit = self._model_voxel_limit(request.get("model"))
+            try:  # the series may have grown since its size was asked: the download stops over the limit
+                source_folder = series_folder(store, image_id, limit)
+            except SeriesTooLarge as error:
+                raise HTTPException(status_code=413, detail=f"cannot denoise this image: {error} (raise the limit "
+                                                            "with --conf max_voxels on the server)") from None
             request = dict(request, image=str(source_folder))
         elif known_id:
             uri = store.get_image_uri(image_id)  # the datastore's file, by absolute path

@@ -34,7 +34,8 @@ __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S
            "oversized", "SeriesSize", "is_downloaded",
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
-           "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "cache_folder"]
+           "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "cache_folder", "instance_voxels",
+           "save_instance", "SeriesTooLarge", "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -581,8 +582,112 @@ def is_downloaded(datastore, image_id: str) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
 
-def series_folder(datastore, image_id: str) -> Path:
-    """The downloaded DICOM files of a series (downloading them if needed)."""
+def instance_voxels(dataset) -> int:
+    """Voxels of one DICOM instance: ``Rows x Columns x NumberOfFrames`` (0 without Rows or Columns)."""
+    return int(dataset.get("Rows", 0) or 0) * int(dataset.get("Columns", 0) or 0) * \
+        max(1, int(dataset.get("NumberOfFrames", 1) or 1))
+
+
+def save_instance(dataset, path: Path) -> None:
+    """Write one instance received by WADO-RS to ``path`` as a DICOM file (Explicit VR Little Endian named in its
+    file meta when the server sent none)."""
+    if not getattr(dataset, "file_meta", None) or "TransferSyntaxUID" not in dataset.file_meta:
+        dataset.file_meta = dataset.file_meta if getattr(dataset, "file_meta", None) else pydicom.Dataset()
+        dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    dataset.save_as(str(path), write_like_original=False)
+
+
+class SeriesTooLarge(ValueError):
+    """A PACS series whose download was stopped: over the voxel limit (message: how many voxels, nothing kept)."""
+
+
+#: name prefix of the folder a series is downloaded into, in the datastore's cache, before it takes its own name
+PARTIAL_DOWNLOAD_PREFIX = ".partial-"
+
+
+def _study_of(client, series_uid: str) -> str:
+    """The StudyInstanceUID of the series ``series_uid`` (QIDO-RS; WADO-RS needs it).
+
+    Raises:
+        FileNotFoundError: the PACS lists no such series.
+    """
+    for entry in client.search_for_series(search_filters={"SeriesInstanceUID": series_uid},
+                                          fields=["StudyInstanceUID"]) or []:
+        if _first_str(entry, "0020000E") == series_uid and _first_str(entry, "0020000D"):
+            return str(_first_str(entry, "0020000D"))
+    raise FileNotFoundError(f"the PACS lists no series {series_uid}")
+
+
+def download_within(datastore, image_id: str, limit: int) -> Path:
+    """The folder of the series ``image_id`` in a DICOMweb datastore's cache (MONAI Label's layout,
+    ``<cache>/<SeriesInstanceUID>/``, one file per instance named by its SOP Instance UID), downloaded first when it
+    is not there: WADO-RS, one instance in memory at a time, into a folder of its own beside it
+    (:data:`PARTIAL_DOWNLOAD_PREFIX`) that takes the series' name once every instance is written. The voxels
+    (:func:`instance_voxels`) are counted as the instances arrive: a series over ``limit`` is stopped at the instance
+    that takes it over, and what it wrote removed. The size asked before a download (:func:`oversized`) and the
+    download are two requests, and a series still being sent to the PACS grows in between: MONAI Label's own
+    download holds the whole series in memory, and saves it into the cache folder, before any size is checked. A
+    datastore set to fetch frame by frame (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``) is left to MONAI Label's own
+    download, whose size the reader checks after it.
+
+    Raises:
+        SeriesTooLarge: over ``limit`` voxels (nothing of it left in the cache).
+        FileNotFoundError: the PACS lists no such series, or sent no instance of it.
+        requests.exceptions.ConnectionError, Timeout, HTTPError: the PACS cannot be reached or refused a request.
+    """
+    folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
+    if is_downloaded(datastore, image_id) or getattr(datastore, "_fetch_by_frame", False):
+        return folder
+    client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
+    study = _study_of(client, image_id)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_DOWNLOAD_PREFIX}{image_id}-", dir=folder.parent))
+    try:
+        count, voxels = 0, 0
+        for count, dataset in enumerate(client.iter_series(study, image_id), start=1):
+            voxels += instance_voxels(dataset)
+            if voxels > limit:
+                raise SeriesTooLarge(f"series {image_id} is too large: the {count} instances the PACS sent so far "
+                                     f"hold {voxels:,} voxels, over the limit of {limit:,} (it grew since its size "
+                                     "was asked, or the PACS did not tell it); the download was stopped and nothing "
+                                     "of it was kept")
+            save_instance(dataset, partial / f"{dataset.SOPInstanceUID}.dcm")
+        if count == 0:
+            raise FileNotFoundError(f"the PACS sent no instance of series {image_id}")
+        try:
+            partial.rename(folder)  # whole or not at all: MONAI Label takes a folder holding files as downloaded
+        except OSError:
+            if not is_downloaded(datastore, image_id):  # else another request's download took the name first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
+    """A DICOMweb datastore's ``get_image_uri`` (every route's and MONAI Label's way to a series' files) that
+    downloads a series not in the cache with :func:`download_within` (at most ``voxel_limit()`` voxels) before
+    MONAI Label's own, which then finds its files and converts them. Nothing for another datastore."""
+    if not is_dicomweb(datastore) or getattr(datastore, "adl_bounded_downloads", False):
+        return
+
+    def get_image_uri(image_id: str) -> str:
+        download_within(datastore, image_id, voxel_limit())
+        return type(datastore).get_image_uri(datastore, image_id)  # the class's as it is now (mixins swapped in)
+
+    datastore.get_image_uri = get_image_uri
+    datastore.adl_bounded_downloads = True
+
+
+def series_folder(datastore, image_id: str, limit: int | None = None) -> Path:
+    """The downloaded DICOM files of a series (downloading them if needed; with ``limit``, at most that many voxels:
+    :func:`download_within`).
+
+    Raises:
+        SeriesTooLarge: the download was stopped over ``limit``.
+    """
+    if limit is not None:
+        download_within(datastore, image_id, limit)
     datastore.get_image_uri(image_id)  # downloads (and converts) on first use
     folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
     if not folder.is_dir() or not any(folder.iterdir()):

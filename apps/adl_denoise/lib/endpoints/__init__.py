@@ -74,11 +74,12 @@ def _install_unreachable_pacs_answer(fastapi_app) -> None:
     datastore whose PACS is down): MONAI Label's routes answered a bare 500 "Internal Server Error". Only a
     request to the datastore's PACS (:func:`lib.pacs.is_pacs_url`): a failure to reach any other service is the
     server's error (500) as before, not news about the PACS. A PACS that lists part of its series
-    (:class:`lib.pacs.PacsListingCut`) is a 503 too, with the reason."""
+    (:class:`lib.pacs.PacsListingCut`) is a 503 too, with the reason; a series whose download was stopped over the
+    voxel limit (:class:`lib.pacs.SeriesTooLarge`: it grew since its size was asked) a 413, as one refused before."""
     from fastapi.responses import JSONResponse
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
-    from ..pacs import PacsListingCut, is_pacs_url
+    from ..pacs import PacsListingCut, SeriesTooLarge, is_pacs_url
     from .common import app
 
     async def unreachable(request, error: Exception):
@@ -92,8 +93,13 @@ def _install_unreachable_pacs_answer(fastapi_app) -> None:
     async def listing_cut(request, error: Exception):  # logged where found (lib.pacs.whole_listing)
         return JSONResponse(status_code=503, content={"detail": f"the PACS's studies cannot be listed: {error}"})
 
+    async def too_large(request, error: Exception):  # nothing of the series kept (lib.pacs.download_within)
+        return JSONResponse(status_code=413, content={"detail": f"{error} (raise the limit with --conf max_voxels "
+                                                                "on the server)"})
+
     for kind in (RequestsConnectionError, Timeout):
         fastapi_app.add_exception_handler(kind, unreachable)
     fastapi_app.add_exception_handler(PacsListingCut, listing_cut)
+    fastapi_app.add_exception_handler(SeriesTooLarge, too_large)
     if fastapi_app.middleware_stack is not None:
         fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
