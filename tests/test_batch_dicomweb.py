@@ -22,7 +22,7 @@ import pytest
 
 import processes
 from conftest import APP_DIR
-from orthanc import available, start_orthanc, start_orthanc_logging_requests, stop_orthanc
+from orthanc import available, grow_on_retrieval, start_orthanc, start_orthanc_logging_requests, stop_orthanc
 
 from lib.batch.dicomweb import discover_dicomweb, make_client
 from lib.batch.discovery import MANIFEST_DIR, SeriesFilter
@@ -665,22 +665,7 @@ def test_a_series_that_grows_past_the_voxel_limit_during_its_download_is_stopped
     study = generate_uid()
     series = make_series(shared_data, tmp_path / "series", range(0, 6), "abdomen low dose", study, "20200115")
     files = sorted((tmp_path / "series").iterdir())
-    late = "".join(f'"{path}", ' for path in files[3:])
-    script = tmp_path / "grow_on_retrieval.lua"
-    script.write_text(f"""
-grown = false
-function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
-  if method == "GET" and not grown and string.sub(uri, -string.len("/series/{series}")) == "/series/{series}" then
-    grown = true
-    for _, path in ipairs({{{late}}}) do
-      local f = io.open(path, "rb")
-      RestApiPost("/instances", f:read("*a"))
-      f:close()
-    end
-  end
-  return true
-end
-""")
+    script = grow_on_retrieval(tmp_path / "grow_on_retrieval.lua", {series: files[3:]})
     pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
     try:
         for path in files[:3]:
@@ -696,6 +681,109 @@ end
         failed = next(line for line in result.stdout.splitlines() if line.startswith("failed: "))
         assert (f"series {series} grew during its download: 3 instances when its size was checked, 4 sent so far "
                 "hold 1,048,576 voxels, over the limit of 1,000,000") in failed, failed
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_download_stopped_removes_the_files_it_wrote_and_nothing_else(tmp_path, shared_data):
+    """A download stopped part-way (here: two series of the real Orthanc that grow past the voxel limit when their
+    retrieval arrives, 3 slices checked, 6 sent) left the instances written so far in the download folder. They are
+    removed now, and the folder when the download created it; a file the download did not write stays."""
+    from pydicom.uid import generate_uid
+
+    from lib.batch.dicomweb import DownloadRefused, download_series
+
+    study = generate_uid()
+    first = make_series(shared_data, tmp_path / "first", range(0, 6), "abdomen low dose", study, "20200115")
+    second = make_series(shared_data, tmp_path / "second", range(6, 12), "abdomen low dose", study, "20200115")
+    files = {uid: sorted((tmp_path / name).iterdir()) for uid, name in ((first, "first"), (second, "second"))}
+    script = grow_on_retrieval(tmp_path / "grow.lua", {uid: paths[3:] for uid, paths in files.items()})
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+    try:
+        for paths in files.values():
+            for path in paths[:3]:
+                pacs.upload(path)
+        client = make_client(pacs.dicomweb)
+        items = {item.series_uid: item for item in discover_dicomweb(client, tmp_path / "out", SeriesFilter())}
+        fresh = tmp_path / "download" / "fresh"
+        with pytest.raises(DownloadRefused, match=f"series {first} grew during its download: .* the download was "
+                                                  "stopped and its files removed"):
+            download_series(client, items[first], fresh, limit=1_000_000)
+        assert not fresh.exists() and (tmp_path / "download").is_dir()
+        kept = tmp_path / "download" / "kept"
+        kept.mkdir()
+        (kept / "000001.dcm.other").write_bytes(b"not ours")
+        with pytest.raises(DownloadRefused, match=f"series {second} grew during its download"):
+            download_series(client, items[second], kept, limit=1_000_000)
+        assert [path.name for path in kept.iterdir()] == ["000001.dcm.other"]
+    finally:
+        stop_orthanc(pacs)
+
+
+def _private_tmpfs_problem() -> str | None:
+    """Why a test cannot mount a small tmpfs in a mount namespace of its own (``unshare``), None when it can."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if not shutil.which("unshare"):
+        return "no unshare command"
+    with tempfile.TemporaryDirectory() as folder:
+        tried = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c",
+                                'mount -t tmpfs -o size=1m tmpfs "$1"', "sh", folder],
+                               capture_output=True, text=True, timeout=60)
+    return None if tried.returncode == 0 else f"cannot mount a tmpfs in a private mount namespace: {tried.stderr}"
+
+
+@pytest.mark.skipif(_private_tmpfs_problem() is not None, reason=str(_private_tmpfs_problem()))
+def test_a_series_that_grows_past_the_free_disk_space_during_its_download_is_stopped_and_the_batch_goes_on(
+        tmp_path, shared_data):
+    """Free disk space was checked once, before the download, against the size the server gave (QIDO-RS); a series
+    that grew in between (still being sent to the PACS) under the voxel limit was downloaded until the disk was full
+    (the batch's error: "No space left on device", and every other writer on that disk failed too). Each instance is
+    now checked against the free space as it arrives. Here the batch's download folder is a real 6 MiB tmpfs (a
+    mount namespace of the batch's own) and the real Orthanc stores 17 more slices of a 3-slice series when its
+    retrieval arrives (20 x 0.5 MiB): the 3 slices fit (the download and its derived series, 3.4 MiB), the download
+    stops before the disk is full, saying the series grew and how many bytes were short, the series is recorded as
+    failed, and the next series is denoised."""
+    import re
+
+    from pydicom.uid import generate_uid
+
+    grows, other = sorted(generate_uid() for _ in range(2))  # the growing series is the first one tried
+    series = make_series(shared_data, tmp_path / "grows", range(0, 20), "abdomen low dose", grows, "20200115")
+    small = make_series(shared_data, tmp_path / "small", range(0, 2), "abdomen low dose", other, "20200115")
+    files = sorted((tmp_path / "grows").iterdir())
+    script = grow_on_retrieval(tmp_path / "grow.lua", {series: files[3:]})
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+    try:
+        for path in files[:3] + sorted((tmp_path / "small").iterdir()):
+            pacs.upload(path)
+        out = tmp_path / "out"
+        scratch = out / ".denoise_batch_download"  # the batch's download folder (lib.batch.runner)
+        scratch.mkdir(parents=True)
+        command = ["unshare", "--map-root-user", "--mount", "sh", "-c",
+                   'mount -t tmpfs -o size=6m tmpfs "$1" && shift && exec "$@"', "sh", scratch,
+                   sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
+                   "gaussian", "--no-progress"]
+        result = processes.run(command, TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert len(pacs.get("/instances")) == 22  # it grew (the filter ran)
+        assert result.returncode == 1 and "2 series: 1 done, 0 skipped, 1 failed" in result.stdout, \
+            result.stdout + result.stderr
+        failed = next(line for line in result.stdout.splitlines() if line.startswith("failed: "))
+        key, uid, folder = re.escape(f"{grows}/{series}"), re.escape(series), re.escape(str(scratch))
+        stopped = re.fullmatch(
+            rf"failed: dicomweb:{key}: series {uid} grew past the free disk space during its download \(3 instances "
+            r"when its size was checked, (\d+) sent so far\): instance \1 needs about [\d,]+ bytes with the derived "
+            rf"series of those downloaded, [\d,]+ are free on the disk of {folder}/\S+; the download was stopped and "
+            "its files removed: free some space or choose another --output", failed)
+        assert stopped and 3 < int(stopped.group(1)) < 20, failed
+        records = [json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()]
+        outcome = {r["identity"]: r for r in records if r["status"] != "started"}
+        assert outcome[f"dicom:{series}"]["status"] == "failed", outcome
+        assert outcome[f"dicom:{series}"]["error"] == failed.split(": ", 2)[2], outcome
+        assert outcome[f"dicom:{small}"]["status"] == "done", outcome
+        assert len(list((out / other / small).iterdir())) == 2
     finally:
         stop_orthanc(pacs)
 

@@ -31,7 +31,9 @@ series whose instances were replaced (a corrected series sent again) or stored a
 A series is downloaded only once the server's QIDO-RS answer shows it within the readers' voxel limit
 (``ADL_MAX_VOXELS``) and the free disk space of the download folder (:func:`check_download`): a series of thousands of
 slices filled the disk, or was downloaded whole before the reader refused it. A refused series fails with its reason
-(nothing downloaded) and the batch goes on.
+(nothing downloaded) and the batch goes on. The check and the download are two requests (a series still arriving
+at the server grows in between): each instance is counted again as it arrives, against the voxel limit and the free
+disk space as it is then; a series that grows past either is stopped there, its files removed, and fails the same way.
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ import pydicom
 
 from ..imaging.errors import one_line
 from ..imaging.guards import max_voxels
-from ..pacs import (PacsStoreError, SeriesSize, all_pages, search_whole, series_instance_count, series_size,
-                    stow_datasets)
+from ..pacs import (PacsStoreError, SeriesSize, all_pages, instance_voxels, save_instance, search_whole,
+                    series_instance_count, series_size, stow_datasets)
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions
 
 __all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "DownloadRefused", "PacsStoreError", "check_download",
@@ -277,35 +279,86 @@ def check_download(client, item: SeriesItem, folder: Path, limit: int | None = N
     return size
 
 
+def _pixel_bytes(dataset) -> int:
+    """Bytes of ``dataset``'s pixel data as received (uncompressed, as WADO-RS sends it by default); computed from
+    Rows, Columns, NumberOfFrames, SamplesPerPixel and BitsAllocated (16 when absent) without one."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        value = dataset.get(keyword, None)
+        if value is not None:
+            return len(value)
+    voxels = int(dataset.get("Rows", 0) or 0) * int(dataset.get("Columns", 0) or 0) * \
+        max(1, int(dataset.get("NumberOfFrames", 1) or 1)) * max(1, int(dataset.get("SamplesPerPixel", 1) or 1))
+    return voxels * -(-int(dataset.get("BitsAllocated", 16) or 16) // 8)
+
+
 def download_series(client, item: SeriesItem, folder: Path, limit: int | None = None) -> Path:
     """The instances of ``item`` (WADO-RS), one file each in ``folder`` (created), one instance in memory at a
     time, after :func:`check_download` (``limit``: the voxel limit, None: the readers'). Returns ``folder``.
 
+    The check and the retrieval are two requests: a series still arriving at the server grows in between. Each
+    instance is therefore counted before it is written: its voxels against ``limit``, and its bytes (and the
+    derived series of the instances so far, as :func:`check_download` reserves it) against the free space of
+    ``folder``'s file system as it is then (other processes, other ranks of the batch, write there too). A download
+    stopped, or failed, removes the files it wrote (and ``folder`` when it created it; nothing else).
+
     Raises:
         DownloadRefused: too large for the voxel limit or the free disk space (nothing was downloaded), or the
-            series grew past the voxel limit during the download (stopped at the instance that took it over).
+            series grew past the voxel limit, or past the free disk space, during the download (stopped at the
+            instance that took it over; the files written removed).
         ValueError: the server returned no instance.
     """
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    limit = max_voxels() if limit is None else int(limit)
-    size = check_download(client, item, folder, limit)
-    count, voxels = 0, 0
-    for count, dataset in enumerate(client.iter_series(item.study_uid, item.series_uid), start=1):
-        # the check and the retrieval are two requests: a series still arriving at the server grows in between
-        voxels += int(dataset.get("Rows", 0) or 0) * int(dataset.get("Columns", 0) or 0) * \
-            max(1, int(dataset.get("NumberOfFrames", 1) or 1))
-        if voxels > limit:
-            what = (f"grew during its download: {size.instances} instances when its size was checked, {count}"
-                    if size is not None else f"is too large (the server did not tell its size): the {count} instances")
-            raise DownloadRefused(f"series {item.series_uid} {what} sent so far hold {voxels:,} voxels, over the "
-                                  f"limit of {limit:,} (raise it with ADL_MAX_VOXELS); the download was stopped")
-        if not getattr(dataset, "file_meta", None) or "TransferSyntaxUID" not in dataset.file_meta:
-            dataset.file_meta = dataset.file_meta if getattr(dataset, "file_meta", None) else pydicom.Dataset()
-            dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-        dataset.save_as(str(folder / f"{count:06d}.dcm"), write_like_original=False)
-    if count == 0:
-        raise ValueError(f"the DICOMweb server returned no instance for series {item.series_uid}")
+    written: list[Path] = []
+    try:
+        limit = max_voxels() if limit is None else int(limit)
+        size = check_download(client, item, folder, limit)
+        count, voxels = 0, 0
+        for count, dataset in enumerate(client.iter_series(item.study_uid, item.series_uid), start=1):
+            voxels += instance_voxels(dataset)
+            if voxels > limit:
+                what = (f"grew during its download: {size.instances} instances when its size was checked, {count}"
+                        if size is not None else
+                        f"is too large (the server did not tell its size): the {count} instances")
+                raise DownloadRefused(f"series {item.series_uid} {what} sent so far hold {voxels:,} voxels, over "
+                                      f"the limit of {limit:,} (raise it with ADL_MAX_VOXELS); the download was "
+                                      "stopped and its files removed")
+            # this file, and the derived series of every instance so far (16 bits a voxel), as check_download counts
+            needed = _pixel_bytes(dataset) + HEADER_BYTES + 2 * voxels + count * HEADER_BYTES
+            free = shutil.disk_usage(folder).free
+            if needed > free:
+                what = (f"grew past the free disk space during its download ({size.instances} instances when its "
+                        f"size was checked, {count} sent so far)" if size is not None else
+                        f"is larger than the free disk space (the server did not tell its size; {count} instances "
+                        "sent so far)")
+                raise DownloadRefused(f"series {item.series_uid} {what}: instance {count} needs about {needed:,} "
+                                      f"bytes with the derived series of those downloaded, {free:,} are free on the "
+                                      f"disk of {folder}; the download was stopped and its files removed: free some "
+                                      "space or choose another --output")
+            path = folder / f"{count:06d}.dcm"
+            written.append(path)  # before the write: a write cut short (disk full) leaves part of a file
+            save_instance(dataset, path)
+        if count == 0:
+            raise ValueError(f"the DICOMweb server returned no instance for series {item.series_uid}")
+    except BaseException:
+        _remove_written(folder, written, created)
+        raise
     return folder
+
+
+def _remove_written(folder: Path, written: list[Path], created: bool) -> None:
+    """Remove the files ``written`` of a download stopped or failed, and ``folder`` when the download ``created``
+    it and it is then empty; logs what cannot be removed."""
+    for path in written:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("cannot remove %s of a stopped download: %s", path, one_line(error))
+    if created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else wrote there) or gone: left as it is
+            pass
 
 
 def derived_series(folder: Path) -> dict | None:

@@ -438,7 +438,9 @@ class _Rank:
         except Exception as error:  # noqa: BLE001 - one bad series is recorded, never stops the batch
             log.debug("series %s failed", item.key, exc_info=True)
             self.last_unreachable = _unreachable(error)
-            return self._failed(base, identity, started, one_line(error) or type(error).__name__)
+            # a refused download's reason whole: a 64-character UID and a folder took most of one_line's 300
+            limit = 1000 if isinstance(error, dicomweb.DownloadRefused) else 300
+            return self._failed(base, identity, started, one_line(error, limit) or type(error).__name__)
         finally:
             gc.collect()  # the series' arrays go now: one series in memory at a time
         self.manifest.append({**base, **extra, "status": "done", "seconds": round(time.perf_counter() - started, 3),
