@@ -8,6 +8,7 @@ an input.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -720,6 +721,7 @@ def test_a_download_stopped_removes_the_files_it_wrote_and_nothing_else(tmp_path
         stop_orthanc(pacs)
 
 
+@functools.cache  # asked twice by the skipif below
 def _private_tmpfs_problem() -> str | None:
     """Why a test cannot mount a small tmpfs in a mount namespace of its own (``unshare``), None when it can."""
     import shutil
