@@ -9,6 +9,7 @@ import copy
 import os
 import re
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from lib.imaging import (
     write_dicom_derived_series,
     write_volume,
 )
+from lib.imaging.errors import ImageTooLargeError
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 SLAB = "dicom/ct_abdomen_siemens_j2k_slab"
@@ -862,8 +864,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "missing": (tmp_path / "nope", "no such file or folder"),
         "4D": (four_d, "4D images are not supported, give one 3D volume"),
         "NaN": (nan, "contains 3 NaN values"),
-        "truncated": (truncated, "cannot decode the pixel data"),
-        "pydicom truncated": (Path(get_testdata_file("MR_truncated.dcm")), "doesn't match the expected length"),
+        "truncated": (truncated, "is truncated or corrupt: its header declares 1 x 128 x 128 voxels (32,768 bytes"),
+        "pydicom truncated": (Path(get_testdata_file("MR_truncated.dcm")),
+                              "is truncated or corrupt: its header declares 1 x 64 x 64 voxels (8,192 bytes"),
         "zero size": (zero_size, "empty image (shape (0, 4, 4))"),
         "header only": (header_only, "DICOM file without image attributes"),
         "unsupported": (unsupported, "unsupported file type '.png'"),
@@ -1125,6 +1128,120 @@ def test_voxel_limit_argument_takes_precedence_over_the_environment(tmp_path, mo
     for path, voxels in ((nifti, "81,920"), (CT_SMALL, "16,384")):
         with pytest.raises(ImageReadError, match=rf"{voxels} voxels exceeds the limit of 16,000"):
             read_volume(path, max_voxels=16_000)
+
+
+def _multiframe(path: Path, n_frames: int, declared: int | None = None) -> Path:
+    """A legacy multi-frame CT of ``n_frames`` real frames (CT_small's 128 x 128 stored values plus 10 k), whose
+    header declares ``declared`` frames (default: as many as it holds)."""
+    ds = pydicom.dcmread(CT_SMALL)
+    stored = ds.pixel_array.astype(np.int16)
+    ds.NumberOfFrames = n_frames if declared is None else declared
+    ds.PixelData = np.stack([stored + 10 * k for k in range(n_frames)]).astype("<i2").tobytes()
+    ds.save_as(path)
+    return path
+
+
+def _cut_after_pixel_header(path: Path, keep: int) -> Path:
+    """``path`` cut ``keep`` bytes into its pixel data: the header whole, the pixels almost all gone."""
+    raw = path.read_bytes()
+    start = raw.rindex(b"\xe0\x7f\x10\x00OW") + 12  # tag, VR, 2 reserved bytes, 4-byte length
+    path.write_bytes(raw[: start + keep])
+    return path
+
+
+def _peak_bytes(function) -> tuple[BaseException | None, int]:
+    """(what ``function()`` raised, None if nothing; the peak of Python's allocations while it ran, bytes)."""
+    tracemalloc.start()
+    try:
+        function()
+        raised = None
+    except Exception as exc:  # noqa: BLE001 - returned for the caller's assertions
+        raised = exc
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return raised, peak
+
+
+def test_a_multiframe_dicom_over_the_limit_is_refused_before_its_pixel_data_is_read(tmp_path, monkeypatch):
+    """A multi-frame file was read whole (its pixel data in memory) before Rows x Columns x NumberOfFrames was
+    compared with the limit: a huge one was loaded to be refused. The limit is now checked from the header: the
+    peak of memory stays far below the pixel data, as a file or as the one file of a folder, with the limit from
+    the argument or from ADL_MAX_VOXELS."""
+    path = _multiframe(tmp_path / "frames.dcm", 64)
+    pixel_bytes = 64 * 128 * 128 * 2
+    assert read_volume(path).shape == (64, 128, 128)  # within the default limit
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(path, folder / "frames.dcm")
+    expected = r"too large: 64 x 128 x 128 = 1,048,576 voxels exceeds the limit of 100,000"
+    for source in (path, folder):
+        raised, peak = _peak_bytes(lambda: read_volume(source, max_voxels=100_000))
+        assert isinstance(raised, ImageTooLargeError) and re.search(expected, str(raised)), (source, raised)
+        assert (raised.shape, raised.voxels, raised.limit) == ((64, 128, 128), 1_048_576, 100_000)
+        assert peak < pixel_bytes / 8, (source, peak, pixel_bytes)
+    monkeypatch.setenv("ADL_MAX_VOXELS", "100000")
+    raised, peak = _peak_bytes(lambda: read_volume(path))
+    assert isinstance(raised, ImageTooLargeError) and peak < pixel_bytes / 8, (raised, peak)
+
+
+def test_the_size_refusal_comes_before_the_pixel_data_is_looked_at(tmp_path):
+    """A file over the limit whose pixel data is cut away after the header (as a file, or as slices of a folder) is
+    refused for its size, not for its pixels: they are never read. Within the limit, the same files are refused as
+    cut, with the sizes."""
+    path = _cut_after_pixel_header(_multiframe(tmp_path / "frames.dcm", 8), keep=100)
+    with pytest.raises(ImageTooLargeError, match=r"too large: 8 x 128 x 128 = 131,072 voxels exceeds the limit"):
+        read_volume(path, max_voxels=100_000)
+    with pytest.raises(ImageReadError, match=r"frames.dcm is truncated or corrupt: its header declares 8 x 128 x 128 "
+                                             r"voxels \(262,144 bytes of pixel data at 16 bits\), but the file holds "
+                                             r"100 bytes") as raised:
+        read_volume(path)
+    assert not isinstance(raised.value, ImageTooLargeError)
+    series = _make_series(tmp_path / "series", n=3)
+    for slice_path in series["paths"]:
+        _cut_after_pixel_header(slice_path, keep=64)
+    with pytest.raises(ImageTooLargeError, match=r"too large: 3 x 128 x 128 = 49,152 voxels exceeds the limit"):
+        read_volume(tmp_path / "series", max_voxels=40_000)
+    with pytest.raises(ImageReadError, match=r"slice_\d+\.dcm is truncated or corrupt: its header declares "
+                                             r"1 x 128 x 128 voxels \(32,768 bytes"):
+        read_volume(tmp_path / "series")
+
+
+@pytest.mark.parametrize("case,words", [
+    ("cut", r"is truncated or corrupt: its header declares 4 x 128 x 128 voxels \(131,072 bytes of pixel data at "
+            r"16 bits\), but the file holds 111,072 bytes \(a cut copy, or NumberOfFrames / Rows / Columns are "
+            r"wrong\)"),
+    ("more frames declared", r"is truncated or corrupt: its header declares 6 x 128 x 128 voxels \(196,608 bytes "
+                             r"of pixel data at 16 bits\), but its pixel data element holds 131,072 bytes"),
+    ("fewer frames declared", r"is corrupt: its pixel data holds 131,072 bytes, 1 whole frame\(s\) more than its "
+                              r"header declares \(3 x 128 x 128 voxels, 98,304 bytes\): NumberOfFrames \(or Rows / "
+                              r"Columns\) is wrong, and reading it would leave frames out"),
+])
+def test_a_multiframe_whose_pixel_data_disagrees_with_its_header_is_refused_naming_both(tmp_path, case, words):
+    """Pixel data shorter than its header declares (a cut copy, a NumberOfFrames too large) was a pydicom decoder
+    message; longer by a whole frame (NumberOfFrames too small) was read without the last frame, which pydicom drops
+    as "excess padding" with a warning. Both are refused from the header and the element's length, naming the
+    declared shape and the bytes there are."""
+    path = tmp_path / "frames.dcm"
+    if case == "cut":
+        _cut_after_pixel_header(_multiframe(path, 4), keep=131_072 - 20_000)
+    else:
+        _multiframe(path, 4, declared=6 if case == "more frames declared" else 3)
+    with pytest.raises(ImageReadError, match=words) as raised:
+        read_volume(path)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_slice_holding_a_second_frame_is_refused_not_read_without_it(tmp_path):
+    """A slice of a series whose pixel data holds two frames (NumberOfFrames missing) was read as its first frame,
+    the second dropped as padding; it is refused, naming the slice."""
+    series = _make_series(tmp_path / "series", n=3)
+    ds = pydicom.dcmread(series["paths"][1])
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(series["paths"][1])
+    with pytest.raises(ImageReadError, match=rf"{series['paths'][1].name} is corrupt: its pixel data holds 65,536 "
+                                             r"bytes, 1 whole frame\(s\) more than its header declares"):
+        read_volume(tmp_path / "series")
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])

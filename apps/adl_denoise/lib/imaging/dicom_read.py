@@ -9,7 +9,9 @@ series (:mod:`lib.imaging.dicom_write`).
 from __future__ import annotations
 
 import math
+import os
 import re
+import struct
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -196,13 +198,17 @@ def list_dicom_series(folder: str | Path) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_pixel_format(ds: Dataset, path: Path) -> None:
+def _check_samples(ds: Dataset, path: Path) -> None:
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
         raise ImageReadError(
             f"{path} has {samples} samples per pixel ({ds.get('PhotometricInterpretation', '?')}); 4D or "
             f"multi-component (colour) images are not supported, give one 3D volume"
         )
+
+
+def _check_pixel_format(ds: Dataset, path: Path) -> None:
+    _check_samples(ds, path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(f"{path} is a DICOM file without pixel data ({ds.get('SOPClassUID', 'unknown class')})")
 
@@ -421,11 +427,119 @@ def _finish_dicom_volume(
 # --------------------------------------------------------------------------------------------------------------
 
 
+_PARSE_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, AttributeError, TypeError,
+                 struct.error)
+
+
 def _dcmread_full(path: Path) -> FileDataset:
     try:
         return pydicom.dcmread(str(path), force=not has_dicom_magic(path))
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, AttributeError, TypeError) as exc:
+    except _PARSE_ERRORS as exc:
         raise ImageReadError(f"cannot parse the DICOM file {path}: {one_line(exc)}") from exc
+
+
+#: the pixel data elements (PixelData, FloatPixelData, DoubleFloatPixelData)
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+#: explicit-VR VRs whose value length takes 4 bytes (after 2 reserved ones)
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def _native_syntax(ds: Dataset) -> bool:
+    """True when ``ds``'s pixel data is stored as it is (uncompressed, not deflated, or no transfer syntax given: read
+    as implicit little endian); False for encapsulated, deflated, private or unknown transfer syntaxes."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not str(syntax):
+        return True
+    try:
+        return not (syntax.is_encapsulated or syntax.is_deflated)
+    except ValueError:  # not a transfer syntax pydicom knows
+        return False
+
+
+def _dcmread_header(path: Path) -> tuple[FileDataset, tuple[int, int] | None]:
+    """(header without pixel data, (declared length, bytes the file holds after its header) of the pixel data
+    element, or None) of a DICOM file, without reading any pixel: pydicom stops in front of the pixel data element,
+    whose own 8 or 12 header bytes are read here. None when the element is absent, of undefined length
+    (encapsulated), or not where its bytes can be counted (a deflated transfer syntax)."""
+    try:
+        with open(path, "rb") as handle:
+            header = pydicom.dcmread(handle, stop_before_pixels=True, force=not has_dicom_magic(path))
+            if not _native_syntax(header):
+                return header, None  # deflated: parsed from an inflated copy, not at the handle's position
+            start = handle.tell()
+            element = handle.read(12)
+    except _PARSE_ERRORS as exc:
+        raise ImageReadError(f"cannot parse the DICOM file {path}: {one_line(exc)}") from exc
+    order = "<" if header.is_little_endian in (None, True) else ">"
+    if len(element) < 8:
+        return header, None
+    group, number = struct.unpack(order + "HH", element[:4])
+    if (group << 16 | number) not in _PIXEL_TAGS:
+        return header, None
+    if header.is_implicit_VR:
+        length, value_start = struct.unpack(order + "I", element[4:8])[0], start + 8
+    elif element[4:6] in _LONG_VRS:
+        if len(element) < 12:
+            return header, None
+        length, value_start = struct.unpack(order + "I", element[8:12])[0], start + 12
+    else:
+        length, value_start = struct.unpack(order + "H", element[6:8])[0], start + 8
+    if length == 0xFFFFFFFF:
+        return header, None  # encapsulated (compressed) frames: their decoder checks them
+    return header, (length, max(0, os.path.getsize(path) - value_start))
+
+
+def _loaded_pixel_bytes(ds: Dataset) -> tuple[int, int] | None:
+    """As :func:`_dcmread_header`'s element, for a dataset read whole: the length of its uncompressed pixel data."""
+    if not _native_syntax(ds):
+        return None
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        value = ds.get(keyword)
+        if isinstance(value, (bytes, bytearray)):
+            return len(value), len(value)
+    return None
+
+
+def _declared_shape(ds: Dataset, path: Path) -> tuple[int, ...]:
+    """(frames, rows, columns), with the samples per pixel last when more than 1, from a header. A NumberOfFrames
+    of 0 or empty is one frame, as pydicom decodes it."""
+    text = str_or_empty(ds.get("NumberOfFrames"))
+    frames = float_or(text, float("nan")) if text else 1.0
+    frames = 1.0 if frames == 0 else frames
+    if not (math.isfinite(frames) and frames >= 1 and float(frames).is_integer()):
+        raise ImageReadError(f"{path}: NumberOfFrames is {str_or_empty(ds.get('NumberOfFrames'))!r}, not a number "
+                             "of frames >= 1: the header is corrupt")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    return (int(frames), int(ds.Rows), int(ds.Columns)) + ((samples,) if samples > 1 else ())
+
+
+def _check_pixel_bytes(ds: Dataset, path: Path, shape: Sequence[int], element: tuple[int, int] | None) -> None:
+    """Refuse uncompressed pixel data (``element``: from :func:`_dcmread_header`) shorter than ``shape`` at
+    BitsAllocated bits a value (a file cut short, or a header declaring more frames than it holds), or longer by
+    one whole frame or more (NumberOfFrames too small: pydicom drops the excess as padding, frames were lost)."""
+    if element is None:
+        return
+    bits = int(float_or(ds.get("BitsAllocated"), 0.0))
+    if bits < 1:
+        return  # the decoder reports it
+    length, available = element
+    held = min(length, available)
+    frame_bits = int(np.prod([int(v) for v in shape[1:]], dtype=np.float64)) * bits
+    declared_bits = int(shape[0]) * frame_bits
+    size = " x ".join(str(int(v)) for v in shape)
+    declared = -(-declared_bits // 8)
+    if held < declared:
+        cut = f"the file holds {held:,}" if available < length else f"its pixel data element holds {held:,}"
+        raise ImageReadError(
+            f"{path} is truncated or corrupt: its header declares {size} voxels ({declared:,} bytes of pixel "
+            f"data at {bits} bits), but {cut} bytes (a cut copy, or NumberOfFrames / Rows / Columns are wrong)")
+    padded = declared + declared % 2  # an element's value has an even length: one byte may pad it
+    extra = (held - padded) * 8 // frame_bits if frame_bits and held > padded else 0
+    if extra >= 1:
+        raise ImageReadError(
+            f"{path} is corrupt: its pixel data holds {held:,} bytes, {extra} whole frame(s) more than its header "
+            f"declares ({size} voxels, {declared:,} bytes): NumberOfFrames (or Rows / Columns) is wrong, and "
+            "reading it would leave frames out; fix the header or re-export the image")
 
 
 def read_dicom_file(
@@ -434,20 +548,30 @@ def read_dicom_file(
     """One DICOM file: a 2D slice (y, x), or a 3D volume (z, y, x) when it is multi-frame.
 
     ``series_uid`` (None: any) must match the file's series; ``modality_arg`` fills in when the Modality tag is
-    neither CT nor MR; ``fill`` sets padding to air / 0; ``limit`` is the voxel limit, checked before decoding."""
-    ds = _dcmread_full(path)
-    if not _is_image_header(ds):
+    neither CT nor MR; ``fill`` sets padding to air / 0; ``limit`` is the voxel limit (Rows x Columns x
+    NumberOfFrames x SamplesPerPixel), checked from the header before any pixel data is read, as the length of
+    uncompressed pixel data (:func:`_check_pixel_bytes`)."""
+    header, element = _dcmread_header(path)
+    if not _is_image_header(header):
         raise ImageReadError(
             f"{path} is a DICOM file without image attributes (no Rows/Columns: truncated, or not an image object; "
-            f"SOP class {ds.get('SOPClassUID', 'unknown')})"
+            f"SOP class {header.get('SOPClassUID', 'unknown')})"
         )
-    if series_uid is not None and str_or_empty(ds.get("SeriesInstanceUID")) != series_uid:
+    if series_uid is not None and str_or_empty(header.get("SeriesInstanceUID")) != series_uid:
         raise ImageReadError(
-            f"{path} belongs to series {str_or_empty(ds.get('SeriesInstanceUID'))!r}, not the requested {series_uid!r}"
+            f"{path} belongs to series {str_or_empty(header.get('SeriesInstanceUID'))!r}, not the requested "
+            f"{series_uid!r}"
         )
+    shape = _declared_shape(header, path)
+    check_size(shape, path, limit)
+    _check_samples(header, path)
+    _check_pixel_bytes(header, path, shape, element)
+    ds = _dcmread_full(path)
+    if not _is_image_header(ds) or _declared_shape(ds, path) != shape:
+        raise ImageReadError(f"{path} changed while it was being read (its header no longer declares {shape}); "
+                             "read it again once it is complete")
     _check_pixel_format(ds, path)
     n_frames = int(float_or(ds.get("NumberOfFrames", 1), 1.0))
-    check_size((n_frames, int(ds.Rows), int(ds.Columns)), path, limit)
     if n_frames > 1:
         return _read_multiframe(ds, path, modality_arg, fill)
 
@@ -750,6 +874,7 @@ def read_dicom_folder(
     for k in geom.order:
         ds = _dcmread_full(paths[k])
         _check_pixel_format(ds, paths[k])
+        _check_pixel_bytes(ds, paths[k], _declared_shape(ds, paths[k]), _loaded_pixel_bytes(ds))
         stored = _decode_pixels(ds, paths[k])
         if stored.shape != (int(ds.Rows), int(ds.Columns)):
             raise ImageReadError(f"{paths[k]}: pixel array shape {stored.shape} does not match Rows x Columns")
