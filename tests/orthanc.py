@@ -91,16 +91,21 @@ end
     return start_orthanc(work / "orthanc", extra_config={"LuaScripts": [str(script)]}), requests_log
 
 
-def grow_on_retrieval(script: Path, late: dict[str, list[Path]]) -> Path:
+def grow_on_retrieval(script: Path, late: dict[str, list[Path]], requests_log: Path | None = None) -> Path:
     """``script``: a Lua request filter for the real Orthanc that stores the files ``late[uid]`` when the WADO-RS
     retrieval of the series ``uid`` first arrives, before it is answered: the series grows between a size check
     (QIDO-RS) and its download, as a series still being sent to the PACS (a scanner sending slice by slice) does.
-    Returns ``script``."""
+    With ``requests_log``, it also appends ``METHOD URI`` of every request to that file, as
+    :func:`start_orthanc_logging_requests` does (Orthanc has one request filter). Returns ``script``."""
     table = "".join(f'["{uid}"] = {{{"".join(f"{chr(34)}{path}{chr(34)}, " for path in paths)}}}, '
                     for uid, paths in late.items())
+    log_lines = "" if requests_log is None else f"""
+  local log = io.open("{requests_log}", "a")
+  log:write(method .. " " .. uri .. "\\n")
+  log:close()"""
     script.write_text(f"""
 late = {{{table}}}
-function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders){log_lines}
   if method == "GET" then
     for uid, paths in pairs(late) do
       if string.sub(uri, -string.len("/series/" .. uid)) == "/series/" .. uid then

@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
+from monailabel.utils.others.generic import md5_digest
 
 from conftest import SAMPLE_STUDIES
 from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
@@ -308,39 +309,129 @@ def test_a_series_that_grows_past_the_voxel_limit_during_its_download_is_stopped
     being sent to the PACS grows in between, and was then downloaded whole, into memory, saved into the cache and
     converted before the reader refused it. Here the real Orthanc's request filter (Lua) stores 3 more slices of a
     series when its retrieval arrives: 3 slices (0.79 M voxels) pass the check under ``max_voxels`` 1,000,000, the
-    retrieval sends 6 (1.57 M). The download stops at the instance that takes it over the limit: 413 saying so, for
-    infer by id and for the review queue's hand-out alike, and nothing of either series in the cache."""
+    retrieval sends 6 (1.57 M). The download stops at the instance that takes it over the limit: infer by id answers
+    413 saying so; the review queue's hand-out, which answered the same 413 for the whole request, skips the series,
+    lists it in ``too_large_to_review`` and hands out the next study; nothing of either series is in the cache. The
+    size where a download was stopped is remembered: the next queue request asks the PACS nothing of that series,
+    and infer by id refuses it without a download."""
     import requests
 
-    growing = {}
-    for name in ("first", "second"):
+    series = {}
+    for name in ("a", "b", "c"):
         files = real_ct_series(tmp_path / name, slices=6)
-        growing[str(pydicom.dcmread(files[0]).SeriesInstanceUID)] = files
-    script = grow_on_retrieval(tmp_path / "grow.lua", {uid: files[3:] for uid, files in growing.items()})
+        series[str(pydicom.dcmread(files[0]).SeriesInstanceUID)] = files
+    queued, inferred, small = sorted(series)  # the queue goes in id order: the two that grow come first
+    growing = (queued, inferred)
+    requests_log = tmp_path / "orthanc_requests.log"
+    script = grow_on_retrieval(tmp_path / "grow.lua", {uid: series[uid][3:] for uid in growing}, requests_log)
     pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
     try:
-        for files in growing.values():
+        for files in series.values():
             for path in files[:3]:
                 pacs.upload(path)
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
                               conf={"max_voxels": 1_000_000})
         cache = tmp_path / "work" / "dicomweb_cache"
+        queue = f"{server.url}/activelearning/next_unreviewed"
         try:
-            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=600)
-            assert answer.status_code == 413, answer.text[:500]
-            handed_out = next(uid for uid in growing if f"series {uid} is too large" in answer.json()["detail"])
-            other = next(uid for uid in growing if uid != handed_out)
-            answer = requests.post(f"{server.url}/infer/nlm", params={"image": other, "output": "json"},
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": inferred, "output": "json"},
                                    timeout=600)
             assert answer.status_code == 413, answer.text[:500]
             detail = answer.json()["detail"]
-            assert (f"cannot denoise this image: series {other} is too large: the 4 instances the PACS sent so far "
-                    "hold 1,048,576 voxels, over the limit of 1,000,000 (it grew since its size was asked, or the PACS "
-                    "did not tell it); the download was stopped and nothing of it was kept (raise the limit with "
-                    "--conf max_voxels on the server)") == detail, detail
-            assert len(pacs.get("/instances")) == 12  # both grew (the filter ran)
+            assert (f"cannot denoise this image: series {inferred} is too large: the 4 instances the PACS sent so "
+                    "far hold 1,048,576 voxels, over the limit of 1,000,000 (it grew since its size was asked, or the "
+                    "PACS did not tell it); the download was stopped and nothing of it was kept (raise the limit "
+                    "with --conf max_voxels on the server)") == detail, detail
+            # the queue: the first series passes the size check, grows during its download, is stopped and skipped;
+            # the one infer stopped is listed with 6 instances now (asked again); the small one is handed out
+            stopped = {"id": queued, "instances": 4, "voxels": 1_048_576, "estimated": False, "limit": 1_000_000,
+                       "download_stopped": True}
+            grown = {"id": inferred, "instances": 6, "voxels": 1_572_864, "estimated": False, "limit": 1_000_000}
+            answer = requests.post(queue, json={}, timeout=600)
+            assert answer.status_code == 200, answer.text[:500]
+            body = answer.json()
+            assert (body.get("id"), body["remaining_unreviewed"], body["too_large_to_review"]) == \
+                (small, 3, [stopped, grown]), body
+            assert f"review queue: series {queued} skipped: series {queued} is too large" in server.log_tail(20000)
+            # the next request asks the PACS nothing of the stopped series (neither its size nor its files)
+            before = len(requests_log.read_text().splitlines())
+            answer = requests.post(queue, json={"exclude": [small]}, timeout=600)
+            assert answer.status_code == 200, answer.text[:500]
+            assert answer.json() == {"remaining_unreviewed": 3, "too_large_to_review": [stopped, grown]}, answer.text
+            asked = [line for line in requests_log.read_text().splitlines()[before:]
+                     if queued in line or line.split("?")[0].rstrip("/").endswith("/instances")]
+            assert not asked, asked
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": queued, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 413, answer.text[:500]
+            detail = answer.json()["detail"]
+            assert (f"series {queued} is too large: at least 4 instances, 1,048,576 voxels (an earlier download of it "
+                    "was stopped there) exceed the limit of 1,000,000") in detail, detail
+            assert len(pacs.get("/instances")) == 15  # both grew (the filter ran)
             kept = sorted(str(p) for p in cache.rglob("*") if any(uid in p.name for uid in growing))
             assert not kept, kept
+            assert (cache / md5_digest(pacs.dicomweb) / small).is_dir()  # handed out: downloaded
+            assert server.alive()
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_partial_download_left_by_a_stopped_server_is_removed_at_the_next_start(tmp_path, tiny_weights):
+    """A server stopped during a PACS download (killed, a power cut) left its ``.partial-<uid>-*`` folder in the
+    cache folder for ever. The next start-up removes those whose newest write is older than
+    ``PARTIAL_DOWNLOAD_STALE_S`` (an hour), logging each; it keeps a younger one (a download in progress, of another
+    server sharing the cache, writes at every instance), a downloaded series' folder, and a file or a link of such
+    a name (the link's target too)."""
+    import os
+    import time
+
+    from lib.pacs import PARTIAL_DOWNLOAD_PREFIX, PARTIAL_DOWNLOAD_STALE_S
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        cache = tmp_path / "work" / "dicomweb_cache" / md5_digest(pacs.dicomweb)  # MONAI Label's cache of the PACS
+        old = time.time() - PARTIAL_DOWNLOAD_STALE_S - 600
+
+        def folder(name: str, files: dict[str, float], mtime: float) -> Path:
+            """``cache / name`` holding ``files`` (name: modification time), itself modified at ``mtime``."""
+            made = cache / name
+            made.mkdir(parents=True)
+            for file, when in files.items():
+                (made / file).write_bytes(b"DICM")
+                os.utime(made / file, (when, when))
+            os.utime(made, (mtime, mtime))  # last: a file written into it changes it
+            return made
+
+        uid = generate_uid()
+        stale = folder(f"{PARTIAL_DOWNLOAD_PREFIX}{uid}-k3j2x9", {"1.dcm": old, "2.dcm": old - 60}, old)
+        stale_empty = folder(f"{PARTIAL_DOWNLOAD_PREFIX}{generate_uid()}-a8c1q0", {}, old)
+        in_progress = folder(f"{PARTIAL_DOWNLOAD_PREFIX}{generate_uid()}-p0w7e2", {"1.dcm": old, "2.dcm": time.time()},
+                             old)
+        downloaded = folder(uid, {"1.dcm": old}, old)
+        other = folder(".other-w1", {"1.dcm": old}, old)
+        (cache / f"{PARTIAL_DOWNLOAD_PREFIX}file").write_bytes(b"kept")
+        os.utime(cache / f"{PARTIAL_DOWNLOAD_PREFIX}file", (old, old))
+        target = tmp_path / "elsewhere"
+        target.mkdir()
+        (target / "1.dcm").write_bytes(b"kept")
+        os.utime(target / "1.dcm", (old, old))
+        os.utime(target, (old, old))
+        (cache / f"{PARTIAL_DOWNLOAD_PREFIX}link").symlink_to(target, target_is_directory=True)
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work")
+        try:
+            assert not stale.exists() and not stale_empty.exists()
+            assert sorted(p.name for p in in_progress.iterdir()) == ["1.dcm", "2.dcm"]
+            assert [p.name for p in downloaded.iterdir()] == [p.name for p in other.iterdir()] == ["1.dcm"]
+            assert (cache / f"{PARTIAL_DOWNLOAD_PREFIX}file").read_bytes() == b"kept"
+            assert (cache / f"{PARTIAL_DOWNLOAD_PREFIX}link").is_symlink()
+            assert (target / "1.dcm").read_bytes() == b"kept"
+            log = server.log_tail(200000)
+            for removed in (stale, stale_empty):
+                assert f"removed the partial download {removed}: a server stopped during the download left it" in log
+            assert log.count("removed the partial download") == 2, log[-4000:]
             assert server.alive()
         finally:
             stop_server(server)
@@ -716,7 +807,6 @@ def test_a_server_that_cannot_write_its_dicomweb_cache_does_not_start_and_says_w
 
     from dicomweb_client import DICOMwebClient
     from monailabel.datastore.dicom import DICOMWebDatastore
-    from monailabel.utils.others.generic import md5_digest
 
     pacs = start_orthanc(tmp_path / "orthanc")
     try:

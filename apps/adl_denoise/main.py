@@ -49,7 +49,8 @@ from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
 from lib.pacs import (PacsStoreError, SeriesTooLarge, bound_waits, bounded_downloads, cache_folder, is_dicomweb,
-                      oversized, series_folder, start_up_warnings, store_derived_series, whole_listing)
+                      oversized, remove_stale_downloads, series_folder, start_up_warnings, store_derived_series,
+                      whole_listing)
 from lib.runtime.switches import parse_bool
 
 logger = logging.getLogger(__name__)
@@ -218,9 +219,12 @@ class DenoisingApp(MONAILabelApp):
         """MONAI Label's datastore, each change of it an audit entry (:func:`lib.audit.recording.audited_datastore`);
         a local one lists a removed study no more once the removal is answered
         (:func:`lib.datastore.steady_datastore`); a DICOMweb one tells a PACS that is down in seconds
-        (:func:`lib.pacs.bound_waits`), lists every series or fails (:func:`lib.pacs.whole_listing`), and stops a
-        download over the largest voxel limit of the served models (:func:`lib.pacs.bounded_downloads`)."""
+        (:func:`lib.pacs.bound_waits`), lists every series or fails (:func:`lib.pacs.whole_listing`), stops a
+        download over the largest voxel limit of the served models (:func:`lib.pacs.bounded_downloads`), and has the
+        partial downloads that a server stopped during them left in its cache folder removed
+        (:func:`lib.pacs.remove_stale_downloads`)."""
         datastore = steady_datastore(super().init_datastore())
+        remove_stale_downloads(datastore)  # a killed server's partial series, untouched for an hour or more
         bound_waits(datastore)  # a PACS that is down: 503 in seconds, not 30 s per request
         whole_listing(datastore)  # a PACS that lists part of its series: an error, not studies missing in silence
         bounded_downloads(datastore, self._queue_voxel_limit)  # a series that grew: stopped, not held whole in memory
@@ -274,10 +278,12 @@ class DenoisingApp(MONAILabelApp):
         if size is not None:
             estimate = (f" (estimated: the PACS lists {size.listed} of its instances)"
                         if size.listed < size.instances else "")
+            at_least = "at least " if size.stopped else ""  # where an earlier download was stopped: it holds more
+            stopped = " (an earlier download of it was stopped there)" if size.stopped else ""
             raise HTTPException(status_code=413, detail=(
-                f"cannot denoise this image: series {image_id} is too large: {size.instances} instances, "
-                f"{size.voxels:,} voxels{estimate} exceed the limit of {limit:,} (raise it with --conf max_voxels on "
-                "the server); nothing was downloaded"))
+                f"cannot denoise this image: series {image_id} is too large: {at_least}{size.instances} instances, "
+                f"{size.voxels:,} voxels{estimate}{stopped} exceed the limit of {limit:,} (raise it with --conf "
+                "max_voxels on the server); nothing was downloaded"))
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, plus: a DICOMweb study is denoised from its DICOM files (not the datastore's NIfTI

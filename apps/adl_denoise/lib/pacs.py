@@ -35,7 +35,8 @@ __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
            "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "cache_folder", "instance_voxels",
-           "save_instance", "SeriesTooLarge", "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads"]
+           "save_instance", "SeriesTooLarge", "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads",
+           "PARTIAL_DOWNLOAD_STALE_S", "remove_stale_downloads"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -447,6 +448,9 @@ class SeriesSize(NamedTuple):
     #: bytes of its pixel data uncompressed (``Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated / 8``
     #: per instance; 1 sample of 16 bits where the PACS does not say), estimated as ``voxels`` is
     pixel_bytes: int = 0
+    #: the size where a download was stopped over a limit (:func:`download_within`): ``instances`` and ``voxels`` are
+    #: those the PACS had sent by then, the series holds at least that many
+    stopped: bool = False
 
 
 def series_instance_count(client, series_uid: str, study_uid: str | None = None) -> int | None:
@@ -542,7 +546,9 @@ def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
     A series found too large is remembered (at most :data:`OVERSIZED_REMEMBERED`) under its UID and the instance
     count the datastore's listing gives it (:func:`listed_series`): the review queue passes every oversized series
     ahead of the next study on each request, and asked the PACS its size (QIDO-RS, instance and series level) every
-    time. A series whose count changes is asked again; one the listing gives no count for is asked every time."""
+    time. A series whose count changes is asked again; one the listing gives no count for is asked every time. A
+    series whose download was stopped over a limit (:func:`download_within`: it grew since its size was asked) is
+    remembered the same way, with the size where it was stopped (``stopped``): it is not downloaded again."""
     if is_downloaded(datastore, image_id):
         return None
     instances = listed_series(datastore, image_id).get("instances")
@@ -558,13 +564,22 @@ def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
     size = series_voxels(datastore, image_id)
     if size is None or size.voxels <= limit:
         return None
-    if key is not None:
-        with _memo_lock:
-            memo[key] = size
-            memo.move_to_end(key)
-            while len(memo) > OVERSIZED_REMEMBERED:
-                memo.popitem(last=False)
+    _remember_oversized(datastore, image_id, size)
     return size
+
+
+def _remember_oversized(datastore, image_id: str, size: SeriesSize) -> None:
+    """Keep ``size`` of the series ``image_id`` found over a limit for :func:`oversized`, under its UID and the
+    instance count the datastore's listing gives it (nothing when the listing gives none)."""
+    instances = listed_series(datastore, image_id).get("instances")
+    if not instances:
+        return
+    memo = _oversized_memo(datastore)
+    with _memo_lock:
+        memo[(image_id, instances)] = size
+        memo.move_to_end((image_id, instances))
+        while len(memo) > OVERSIZED_REMEMBERED:
+            memo.popitem(last=False)
 
 
 def _oversized_memo(datastore) -> OrderedDict:
@@ -598,11 +613,20 @@ def save_instance(dataset, path: Path) -> None:
 
 
 class SeriesTooLarge(ValueError):
-    """A PACS series whose download was stopped: over the voxel limit (message: how many voxels, nothing kept)."""
+    """A PACS series whose download was stopped: over the voxel limit (message: how many voxels, nothing kept).
+    ``size``: what the PACS had sent by then (:class:`SeriesSize` with ``stopped``), ``limit``: the limit."""
+
+    def __init__(self, message: str, size: SeriesSize, limit: int) -> None:
+        super().__init__(message)
+        self.size, self.limit = size, limit
 
 
 #: name prefix of the folder a series is downloaded into, in the datastore's cache, before it takes its own name
 PARTIAL_DOWNLOAD_PREFIX = ".partial-"
+#: seconds since its last write after which a partial download folder in the cache is left over from a server
+#: stopped during the download (:func:`remove_stale_downloads`); a download in progress, of this server or of another
+#: one sharing the cache folder, writes its folder at every instance
+PARTIAL_DOWNLOAD_STALE_S = 3600.0
 
 
 def _study_of(client, series_uid: str) -> str:
@@ -624,7 +648,10 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
     is not there: WADO-RS, one instance in memory at a time, into a folder of its own beside it
     (:data:`PARTIAL_DOWNLOAD_PREFIX`) that takes the series' name once every instance is written. The voxels
     (:func:`instance_voxels`) are counted as the instances arrive: a series over ``limit`` is stopped at the instance
-    that takes it over, and what it wrote removed. The size asked before a download (:func:`oversized`) and the
+    that takes it over, and what it wrote removed; its size then is remembered as :func:`oversized`'s are (the next
+    request for it is refused without a download while the PACS lists it with the same instance count). A partial
+    folder left by a server stopped during the download is removed at the next start-up
+    (:func:`remove_stale_downloads`). The size asked before a download (:func:`oversized`) and the
     download are two requests, and a series still being sent to the PACS grows in between: MONAI Label's own
     download holds the whole series in memory, and saves it into the cache folder, before any size is checked. A
     datastore set to fetch frame by frame (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``) is left to MONAI Label's own
@@ -647,10 +674,12 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
         for count, dataset in enumerate(client.iter_series(study, image_id), start=1):
             voxels += instance_voxels(dataset)
             if voxels > limit:
+                size = SeriesSize(count, voxels, count, stopped=True)
+                _remember_oversized(datastore, image_id, size)  # the next request does not download it again
                 raise SeriesTooLarge(f"series {image_id} is too large: the {count} instances the PACS sent so far "
                                      f"hold {voxels:,} voxels, over the limit of {limit:,} (it grew since its size "
                                      "was asked, or the PACS did not tell it); the download was stopped and nothing "
-                                     "of it was kept")
+                                     "of it was kept", size, limit)
             save_instance(dataset, partial / f"{dataset.SOPInstanceUID}.dcm")
         if count == 0:
             raise FileNotFoundError(f"the PACS sent no instance of series {image_id}")
@@ -662,6 +691,55 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return folder
+
+
+def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_S) -> list[Path]:
+    """Remove the partial download folders (:data:`PARTIAL_DOWNLOAD_PREFIX`, :func:`download_within`) in a DICOMweb
+    datastore's cache folder whose newest write (the folder's or any file's in it, modification time) is more than
+    ``max_age_s`` seconds old: a server stopped during a download (killed, a power cut) never removes its own, which
+    then held part of a series for ever. A younger one may be a download in progress, of another server sharing the
+    cache folder: kept. Only folders directly in the cache folder whose name has the prefix (not a link, not a file
+    of that name); each removal is logged. Returns those removed. Nothing for another datastore."""
+    if not is_dicomweb(datastore):
+        return []
+    cache = Path(datastore._datastore.image_path())  # noqa: SLF001 - MONAI Label's own cache layout
+    try:
+        entries = sorted(os.scandir(cache), key=lambda entry: entry.name)
+    except OSError:  # no cache folder yet: nothing left over
+        return []
+    removed = []
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith(PARTIAL_DOWNLOAD_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            idle_s = now - _newest_write(Path(entry.path))
+        except OSError:  # removed meanwhile (another server's start-up)
+            continue
+        if idle_s <= max_age_s:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if os.path.lexists(entry.path):
+            log.warning("could not remove the partial download %s (a server stopped during the download left it, "
+                        "%.1f h ago)", entry.path, idle_s / 3600)
+            continue
+        removed.append(Path(entry.path))
+        log.info("removed the partial download %s: a server stopped during the download left it (last written "
+                 "%.1f h ago)", entry.path, idle_s / 3600)
+    return removed
+
+
+def _newest_write(folder: Path) -> float:
+    """The latest modification time (seconds since the epoch) of ``folder`` and of everything in it, links not
+    followed."""
+    newest = folder.lstat().st_mtime
+    for root, folders, files in os.walk(folder):  # links to folders are not entered
+        for name in (*folders, *files):
+            try:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+            except FileNotFoundError:
+                continue
+    return newest
 
 
 def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:

@@ -514,7 +514,9 @@ class NextUnreviewed(Strategy):
     skipped, not downloaded (:meth:`_too_large`): the answer lists each one skipped on the way in
     ``too_large_to_review`` (id, instances, voxels, limit), also when no other study is left (:data:`QUEUE_LEFT`);
     ``remaining_unreviewed`` still counts them; a series found too large is not asked again on the next request
-    while the PACS lists it with the same instance count (:func:`lib.pacs.oversized`)."""
+    while the PACS lists it with the same instance count (:func:`lib.pacs.oversized`). A series whose download is
+    stopped over the limit (it grew since its size was asked) is skipped and listed the same way, and the next
+    study handed out."""
 
     def __init__(self, audit: AuditLog | None = None, voxel_limit: Optional[Callable[[], int]] = None) -> None:
         super().__init__("Next study without a review verdict (radiologist review queue)")
@@ -525,10 +527,15 @@ class NextUnreviewed(Strategy):
         self._outcomes_lock = threading.Lock()
 
     def _too_large(self, datastore: Datastore, image_id: str) -> Optional[dict]:
-        """What the answer says of a PACS series over :attr:`voxel_limit` not downloaded yet, else None. MONAI
-        Label downloads the series handed out whole, into memory, and converts it (``next_sample`` asks for its
-        path): one over the limit is skipped instead (the size check of infer by id, :func:`lib.pacs.oversized`),
-        with a warning, and listed in the answer."""
+        """What the answer says of a PACS series over :attr:`voxel_limit` not downloaded yet, else None (the series
+        then downloaded). MONAI Label downloads the series handed out whole, into memory, and
+        converts it (``next_sample`` asks for its path): one over the limit is skipped instead (the size check of
+        infer by id, :func:`lib.pacs.oversized`), with a warning, and listed in the answer. One under it is
+        downloaded here (:func:`lib.pacs.download_within`, which ``next_sample``'s download would call): a series
+        that grew past the limit since its size was asked is stopped there (:class:`lib.pacs.SeriesTooLarge`),
+        skipped and listed the same way (``download_stopped``: its ``instances`` and ``voxels`` are those the PACS
+        had sent by then), where the whole hand-out answered 413; its size is remembered, so the next requests
+        do not download it again."""
         from .. import pacs
 
         if self.voxel_limit is None or not pacs.is_dicomweb(datastore):
@@ -536,13 +543,22 @@ class NextUnreviewed(Strategy):
         limit = self.voxel_limit()
         size = pacs.oversized(datastore, image_id, limit)
         if size is None:
-            return None
-        estimated = size.listed < size.instances
-        log.warning("review queue: series %s skipped, not downloaded: %d instances, %s voxels%s over the limit of %s "
-                    "(--conf max_voxels); it stays unreviewed and is listed in the queue's too_large_to_review",
-                    image_id, size.instances, f"{size.voxels:,}", " (estimated)" if estimated else "", f"{limit:,}")
-        return {"id": image_id, "instances": size.instances, "voxels": size.voxels, "estimated": estimated,
-                "limit": limit}
+            try:
+                pacs.download_within(datastore, image_id, limit)
+                return None
+            except pacs.SeriesTooLarge as error:
+                size = error.size
+                log.warning("review queue: series %s skipped: %s; it stays unreviewed and is listed in the queue's "
+                            "too_large_to_review", image_id, error)
+        else:
+            log.warning("review queue: series %s skipped, not downloaded: %d instances, %s voxels%s%s over the limit "
+                        "of %s (--conf max_voxels); it stays unreviewed and is listed in the queue's "
+                        "too_large_to_review", image_id, size.instances, f"{size.voxels:,}",
+                        " (estimated)" if size.listed < size.instances else "",
+                        " (where an earlier download of it was stopped)" if size.stopped else "", f"{limit:,}")
+        return {"id": image_id, "instances": size.instances, "voxels": size.voxels,
+                "estimated": size.listed < size.instances, "limit": limit,
+                **({"download_stopped": True} if size.stopped else {})}
 
     def _queue_limit(self) -> int:
         """The voxel limit of the studies the queue reads: :attr:`voxel_limit`, else :func:`lib.imaging.max_voxels`."""
