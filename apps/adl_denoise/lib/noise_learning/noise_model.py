@@ -13,8 +13,8 @@ File format (``torch.save`` of a dict, loadable with ``torch.load(weights_only=T
 
 Level calibration (:meth:`NoiseModel.calibrate_level`, done by :func:`lib.noise_learning.learn_noise_model`): the
 smooth patches of real scans still hold anatomy weaker than the noise (fat/muscle texture, vessels) and sit where
-the noise is higher than the band's average, so the learnt soft-tissue noise came out 1.1-2x too high (real Philips
-thorax: 59 HU learnt where the scan carries 29 HU). The soft-tissue noise of the low-dose scans themselves is
+the noise is higher than the band's average, so the learnt soft-tissue noise comes out too high (figures: bench/README
+"Level calibration"). The soft-tissue noise of the low-dose scans themselves is
 measured with :func:`lib.noise.estimate_ct_noise_std_hu` (median plane-fit variance in wide windows; see its
 notes for how close it reads), the model's samples at soft-tissue conditions are measured with the same estimator
 (:func:`lib.noise.flat_window_noise_std`), and the ratio is stored
