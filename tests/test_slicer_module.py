@@ -755,6 +755,98 @@ def test_series_files_are_the_reference_of_a_dicom_volume_as_slicer_loads_it(sha
     assert read_series_values([not_dicom]) is None
 
 
+#: loads a DICOM series as the DICOM plugin's default reader approach does (``loadFilesWithSeriesReader("GDCM")``:
+#: vtkITKArchetypeImageSeriesScalarReader, native scalar type, GDCM's ImageIO), in PyPI's slicer-core; saves the array
+_LOAD_WITH_SERIES_READER = """
+import sys
+import numpy as np
+import slicer
+from vtk.util.numpy_support import vtk_to_numpy
+files, out = sys.argv[1:-1], sys.argv[-1]
+reader = slicer.vtkITKArchetypeImageSeriesScalarReader()
+reader.SetArchetype(files[0])
+for name in files:
+    reader.AddFileName(name)
+reader.SetSingleFile(0)
+reader.SetOutputScalarTypeToNative()
+reader.SetDesiredCoordinateOrientationToNative()
+reader.SetUseNativeOriginOn()
+reader.SetDICOMImageIOApproachToGDCM()
+reader.Update()
+assert reader.GetErrorCode() == 0
+image = reader.GetOutput()
+columns, rows, slices = image.GetDimensions()
+np.save(out, vtk_to_numpy(image.GetPointData().GetScalars()).reshape(slices, rows, columns))
+"""
+
+
+@pytest.mark.parametrize("rescales", ["fractional", "whole"])
+def test_series_files_with_one_rescale_per_file_are_the_reference_as_slicer_loads_them(shared_data, tmp_path,
+                                                                                         rescales):
+    """A series whose files each have their own slope and intercept (PET, some CT and MR exports): Slicer's readers
+    (the DICOM plugin's default GDCM series reader and the archetype storage node, in slicer-core) give each file's
+    ``slope * v + intercept`` in double precision, as doubles when a rescale is fractional, else integers; the
+    files' values (:class:`RescaledValues`) match that volume in any slice order, also when the multiply-add is
+    fused (Slicer built by clang for arm64); one voxel changed, one voxel given another file's value, a "Mask
+    volume" edit or a slice less do not."""
+    from fractions import Fraction
+
+    import pydicom
+    from ADLDenoiseLib.series_files import RescaledValues, read_series_values
+
+    python = REPO_ROOT / ".venv-slicer" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv-slicer (scripts/setup_slicer_env.sh could not install PyPI's slicer-core here)")
+    # the real GE series, each file given its own rescale
+    files, expected, fused = [], [], []
+    for k, source in enumerate(sorted(p for p in (shared_data / "dicom" / "ct_head_ge_tilted").iterdir()
+                                      if p.is_file())):
+        dataset = pydicom.dcmread(source)
+        if rescales == "fractional":
+            dataset.RescaleSlope, dataset.RescaleIntercept = f"{0.37 + 0.0131 * k:.6g}", f"{-1024.5 + 0.25 * k:.6g}"
+        else:
+            dataset.RescaleSlope, dataset.RescaleIntercept = str(1 + k % 3), str(-1024 + 3 * k)
+        files.append(tmp_path / source.name)
+        dataset.save_as(files[-1])
+        slope, intercept = float(dataset.RescaleSlope), float(dataset.RescaleIntercept)
+        stored = dataset.pixel_array
+        expected.append(slope * stored.astype(np.float64) + intercept)
+        # fma(slope, v, intercept): the exact product and sum, rounded once
+        distinct, inverse = np.unique(stored, return_inverse=True)
+        once = [float(Fraction(slope) * int(v) + Fraction(intercept)) for v in distinct]
+        fused.append(np.asarray(once)[inverse].reshape(stored.shape))
+    expected, fused = np.stack(expected), np.stack(fused)
+    values = read_series_values(files)
+    assert isinstance(values, RescaledValues) and values.voxels == expected.size
+    if rescales == "fractional":
+        assert np.any(fused != expected)  # the fused values differ in the last bit somewhere
+    assert values.matches(fused)
+    loads = {}
+    for script in (_LOAD_WITH_SERIES_READER, _LOAD_LIKE_SLICER):
+        out = tmp_path / f"loaded{len(loads)}.npy"
+        result = processes.run([python, "-c", script, *map(str, files), str(out)], 600, cwd=REPO_ROOT)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        loads[script] = loaded = np.load(out)
+        assert loaded.dtype == (np.float64 if rescales == "fractional" else np.int32)
+        # bit-exact: what Slicer's reader gives is the files' slope * v + intercept in double precision
+        assert np.array_equal(np.sort(loaded, axis=None), np.sort(expected, axis=None))
+        assert values.matches(loaded) and values.matches(loaded[::-1])
+        touched = loaded.copy()
+        touched.flat[touched.size // 2] += 1
+        assert not values.matches(touched)
+        swapped = loaded.copy()  # one voxel given a value of another file: the same values, counted otherwise
+        swapped.flat[0] = loaded.flat[np.flatnonzero(loaded.ravel() != loaded.flat[0])[-1]]
+        assert not values.matches(swapped)
+        masked = loaded.copy()
+        masked[:, :100] = -1000
+        assert not values.matches(masked) and not values.matches(loaded[1:])
+        assert not values.matches(loaded.astype(np.float64) + 0.5)
+    # the series' original files (one rescale) are another volume
+    original = read_series_values(sorted(p for p in (shared_data / "dicom" / "ct_head_ge_tilted").iterdir()
+                                         if p.is_file()))
+    assert not original.matches(loads[_LOAD_WITH_SERIES_READER])
+
+
 # --------------------------------------------------------------------------------------------------- MRML
 def test_mrml_logic_with_real_mrml_from_slicer_core():
     python = REPO_ROOT / ".venv-slicer" / "bin" / "python"
