@@ -847,6 +847,61 @@ def test_series_files_with_one_rescale_per_file_are_the_reference_as_slicer_load
     assert not original.matches(loads[_LOAD_WITH_SERIES_READER])
 
 
+@pytest.mark.parametrize("rescales", ["one", "per file"])
+def test_series_files_in_jpeg_lossless_are_decoded_by_gdcm_where_pydicom_has_no_decoder(shared_data, tmp_path,
+                                                                                         monkeypatch, rescales):
+    """JPEG Lossless files in Slicer's Python, whose pydicom has no decoder for them (no pylibjpeg-libjpeg, no GDCM
+    wrapping; here pydicom is given only the decoders Slicer's has): decoded by SimpleITK's GDCM, which Slicer
+    ships, their values match the volume Slicer's default reader (slicer-core) makes of them, with the series' one
+    rescale or one per file; one voxel changed does not."""
+    gdcm = pytest.importorskip("gdcm")  # python-gdcm writes the JPEG Lossless files here
+    pytest.importorskip("SimpleITK")
+    import pydicom
+    import pydicom.config
+    from pydicom.pixel_data_handlers import numpy_handler, pillow_handler, rle_handler
+    from ADLDenoiseLib.series_files import RescaledValues, SeriesValues, read_series_values
+
+    python = REPO_ROOT / ".venv-slicer" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv-slicer (scripts/setup_slicer_env.sh could not install PyPI's slicer-core here)")
+    files = []
+    for k, source in enumerate(sorted(p for p in (shared_data / "dicom" / "ct_head_ge_tilted").iterdir()
+                                      if p.is_file())):
+        dataset = pydicom.dcmread(source)
+        if rescales == "per file":
+            dataset.RescaleSlope, dataset.RescaleIntercept = f"{0.37 + 0.0131 * k:.6g}", f"{-1024.5 + 0.25 * k:.6g}"
+        plain = tmp_path / f"plain{k}.dcm"
+        dataset.save_as(plain)
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(plain))
+        assert reader.Read()
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+        change.SetInput(reader.GetImage())
+        assert change.Change()
+        writer = gdcm.ImageWriter()
+        files.append(tmp_path / source.name)
+        writer.SetFileName(str(files[-1]))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        assert writer.Write()
+        plain.unlink()
+    out = tmp_path / "loaded.npy"
+    result = processes.run([python, "-c", _LOAD_WITH_SERIES_READER, *map(str, files), str(out)], 600, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    loaded = np.load(out)
+    monkeypatch.setattr(pydicom.config, "pixel_data_handlers", [numpy_handler, pillow_handler, rle_handler])
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    with pytest.raises(Exception):
+        pydicom.dcmread(files[0]).pixel_array  # as in Slicer's Python: no decoder
+    values = read_series_values(files)
+    assert isinstance(values, SeriesValues if rescales == "one" else RescaledValues)
+    assert values.matches(loaded) and values.matches(loaded[::-1])
+    touched = loaded.copy()
+    touched.flat[touched.size // 2] += 1
+    assert not values.matches(touched) and not values.matches(loaded[1:])
+
+
 # --------------------------------------------------------------------------------------------------- MRML
 def test_mrml_logic_with_real_mrml_from_slicer_core():
     python = REPO_ROOT / ".venv-slicer" / "bin" / "python"

@@ -244,7 +244,8 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
 
     def start_files_check(self, node_id: str, snapshot, content_key: str):
         """GUI thread (``ReviewSession.as_loaded``'s ``files_match``): compare the series' files with the copy of
-        the voxels hashed (``snapshot``) in the background (``snapshot_matches_files``: pydicom and numpy only);
+        the voxels hashed (``snapshot``) in the background (``snapshot_matches_files``: pydicom and numpy, SimpleITK
+        for JPEG Lossless);
         FILES_PENDING, or None when the files cannot be found (the voxels seen now are the reference then)."""
         node = slicer.mrmlScene.GetNodeByID(node_id)
         files = self.series_files_of(node, snapshot.series) if node is not None else None

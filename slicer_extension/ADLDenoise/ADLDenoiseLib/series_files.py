@@ -9,6 +9,8 @@ rescale (slope, intercept), as a multiset (a count per stored value). Slicer's D
 order (a left-handed series) and order slices by position, so only the multiset, not the order, is compared; any
 edit that changes a voxel's value changes it. Slicer-free (pydicom, which Slicer ships, and numpy): the module
 finds the files in Slicer's DICOM database (the SOP Instance UIDs on the volume's subject-hierarchy item).
+Compressed pixel data pydicom has no decoder for (JPEG Lossless: Slicer's Python has neither pylibjpeg-libjpeg nor
+GDCM's Python wrapping) is decoded by SimpleITK's GDCM, which Slicer also ships.
 
 Files with different rescales (one per file: PET, some CT and MR exports): Slicer's scalar volume reader
 (vtkITKArchetypeImageSeriesScalarReader, GDCM's ImageIO) rescales each file with its own slope and intercept, in
@@ -124,9 +126,9 @@ class RescaledValues:
 def read_series_values(paths: Sequence[str | os.PathLike]) -> SeriesValues | RescaledValues | None:
     """The values of the DICOM files ``paths`` (one volume's files): a :class:`SeriesValues` when they share one
     rescale, a :class:`RescaledValues` when it differs between files; None when they cannot be read as Slicer's
-    scalar volume reader reads them: a file missing or unreadable, pixel data pydicom cannot decode here, an
-    enhanced multi-frame object (rescale per frame), MONOCHROME1 or colour images, pixels of 32 bits or floats, a
-    slope of 0 or a rescale that is not a finite number."""
+    scalar volume reader reads them: a file missing or unreadable, pixel data neither pydicom nor SimpleITK can
+    decode here, an enhanced multi-frame object (rescale per frame), MONOCHROME1 or colour images, pixels of 32 bits
+    or floats, a slope of 0 or a rescale that is not a finite number."""
     import pydicom  # shipped with Slicer; imported here so that the rest of the library does not need it
 
     # per file: its rescale, and the stored values it holds with their counts (only those present: a series of
@@ -143,11 +145,12 @@ def read_series_values(paths: Sequence[str | os.PathLike]) -> SeriesValues | Res
                 return None
             slope = float(dataset.get("RescaleSlope", 1) or 1)
             intercept = float(dataset.get("RescaleIntercept", 0) or 0)
-            pixels = dataset.pixel_array
+            if slope == 0 or not np.isfinite(slope) or not np.isfinite(intercept):
+                return None
+            pixels = _stored_values(dataset, os.fspath(path), slope, intercept)
         except Exception:  # noqa: BLE001 - unreadable or undecodable here: no reference, not an error
             return None
-        if slope == 0 or not np.isfinite(slope) or not np.isfinite(intercept) or \
-                pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2:
+        if pixels is None or pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2:
             return None
         histogram = np.bincount((pixels.astype(np.int64) + _OFFSET).ravel(), minlength=_BINS)
         present = np.flatnonzero(histogram)
@@ -170,3 +173,38 @@ def read_series_values(paths: Sequence[str | os.PathLike]) -> SeriesValues | Res
     largest = np.zeros(distinct.size)
     np.maximum.at(largest, index, magnitudes)
     return RescaledValues(voxels, distinct, summed, largest)
+
+
+def _stored_values(dataset, path: str, slope: float, intercept: float) -> np.ndarray | None:
+    """The stored values of one file's pixel data (rows x columns, its stored type): pydicom's decoders, else, for
+    compressed pixel data none of them decodes (JPEG Lossless in Slicer's Python, which has no such decoder),
+    SimpleITK's GDCM (shipped with Slicer; the library Slicer's reader decodes with), whose values come rescaled:
+    the stored values are recovered from them, and None when they are not ``slope * v + intercept`` of whole
+    ``v`` of the stored type (to a few units in the last place) or SimpleITK is missing."""
+    try:
+        return dataset.pixel_array
+    except Exception:  # noqa: BLE001 - no decoder here for it: GDCM may have one
+        if not dataset.file_meta.TransferSyntaxUID.is_compressed:
+            return None
+    bits, signed = int(dataset.BitsAllocated), int(dataset.get("PixelRepresentation", 0)) == 1
+    if bits not in (8, 16) or int(dataset.get("SamplesPerPixel", 1)) != 1:
+        return None
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(path)
+    image = reader.Execute()
+    values = sitk.GetArrayFromImage(image).astype(np.float64)
+    if image.GetNumberOfComponentsPerPixel() != 1 or values.size != int(dataset.Rows) * int(dataset.Columns):
+        return None
+    stored = np.rint((values - intercept) / slope)
+    # GDCM's rescale in double, perhaps with a fused multiply-add: exact, or a few units in the last place off
+    tolerance = 4 * np.finfo(np.float64).eps * (np.abs(slope * stored) + abs(intercept))
+    dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
+    if not np.all(np.abs(slope * stored + intercept - values) <= tolerance) or \
+            stored.min() < np.iinfo(dtype).min or stored.max() > np.iinfo(dtype).max:
+        return None
+    return stored.astype(dtype).reshape(int(dataset.Rows), int(dataset.Columns))
