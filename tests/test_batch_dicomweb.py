@@ -900,15 +900,17 @@ def _store_misfiled_series(pacs, shared_data: Path, tmp_path: Path) -> list[Path
     return files
 
 
-def _refile_under_the_right_patient(pacs, files: list[Path], instances: list[str]) -> None:
+def _refile_under_the_right_patient(pacs, files: list[Path], instances: list[str],
+                                    patient: tuple[str, str, str] = ("RIGHT-3", "Right^Patient", "19610203")) -> None:
     """The series of ``files`` corrected on ``pacs`` in place: ``instances`` (Orthanc ids) deleted, the files stored
-    again under the right patient (RIGHT-3, Right^Patient), with the same UIDs and creation times."""
+    again under the right ``patient`` (PatientID, PatientName, PatientBirthDate), with the same UIDs and creation
+    times."""
     for instance in instances:
         urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{instance}", method="DELETE"),
                                timeout=60).close()
     for path in files:
         ds = pydicom.dcmread(path)
-        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "RIGHT-3", "Right^Patient", "19610203"
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = patient
         ds.save_as(path, write_like_original=False)
         pacs.upload(path)
 
@@ -990,7 +992,142 @@ def test_a_derived_series_stored_under_the_wrong_patient_is_reported_superseded(
         derived = {s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.get("/series?expand")} - {source_uid}
         assert derived == {old_uid, record["stored"]["series_instance_uid"]}
 
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")  # reported until removed: see the tests below
+        assert "1 series: 0 done, 1 skipped" in again.stdout and old_uid in again.stdout, again.stdout
+    finally:
+        stop_orthanc(pacs)
+
+
+def _source_instances(pacs, source_uid: str) -> list[str]:
+    """The Orthanc ids of the instances of the series ``source_uid`` on ``pacs``."""
+    return [instance for series in pacs.get("/series?expand")
+            if series["MainDicomTags"]["SeriesInstanceUID"] == source_uid for instance in series["Instances"]]
+
+
+def _superseded_report(result) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.startswith("superseded on the PACS:")]
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for path in sorted((out / MANIFEST_DIR).glob("rank-*.jsonl"))
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_a_superseded_derived_series_is_reported_by_every_rerun_until_it_is_removed(tmp_path, shared_data):
+    """The superseded derived series of the test above was reported by the run that redid its series only: the next
+    rerun skipped the series and said nothing more, so a derived series under the wrong patient that nobody removed
+    after that run stayed on the PACS unmentioned. Every rerun now asks the server again (one QIDO-RS search per
+    superseded series recorded, none for a series found gone) and reports it, "still there, first reported at"
+    the redo's time, with the same warning and end-of-run line; once it is deleted on the server (Orthanc's REST
+    API), the next rerun reports it no more and records when it found it gone, and the runs after it do not ask. A
+    rerun whose filters leave the series out asks and reports it too."""
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
+    try:
+        files = _store_misfiled_series(pacs, shared_data, tmp_path)
+        source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        out = tmp_path / "out"
+        first = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
+        old_uid = _records(out)[-1]["stored"]["series_instance_uid"]
+        _refile_under_the_right_patient(pacs, files, _source_instances(pacs, source_uid))
+        moved = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert "1 series: 1 done, 0 skipped" in moved.stdout, moved.stdout + moved.stderr
+        assert len(_superseded_report(moved)) == 1 and "still there" not in moved.stdout, moved.stdout
+        redone = _records(out)[-1]
+        new_uid = redone["stored"]["series_instance_uid"]
+        [entry] = redone["superseded_on_server"]
+        assert entry["series_instance_uid"] == old_uid and entry["first_reported"] <= redone["time"]
+        assert "gone" not in entry
+
+        # a rerun without changes: skipped, and the derived series still on the PACS is reported again
+        requests_log.write_text("")
         again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
-        assert "1 series: 0 done, 1 skipped" in again.stdout and "superseded" not in again.stdout, again.stdout
+        output = again.stdout + again.stderr
+        assert again.returncode == 0 and "1 series: 0 done, 1 skipped" in again.stdout, output
+        report = _superseded_report(again)
+        assert len(report) == 1 and old_uid in report[0] and "stored under another patient" in report[0], output
+        first_reported = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(entry["first_reported"]))
+        assert f"still there, first reported at {first_reported}" in report[0], output
+        assert report[0].removeprefix("superseded on the PACS: ") in again.stderr and "WARNING" in again.stderr
+        assert new_uid not in report[0]  # the current derived series is not superseded
+        # asked once: the one series-level search of the rerun (Orthanc's log shows no query string)
+        search = f"GET /dicom-web/studies/{entry['study_instance_uid']}/series\n"
+        assert requests_log.read_text().count(search) == 1, requests_log.read_text()
+
+        # a rerun whose filter leaves the series out still asks and reports it (rank 0, from the records)
+        other = run_batch(pacs.dicomweb, out, "--store-to-pacs", "--series-description", "*no such series*")
+        assert "0 series found" in other.stdout, other.stdout + other.stderr
+        assert [line for line in _superseded_report(other) if old_uid in line] == report, other.stdout
+
+        # the administrator deletes it on the PACS: the next rerun reports it no more, and records it gone
+        [orthanc_id] = [s["ID"] for s in pacs.get("/series?expand")
+                        if s["MainDicomTags"]["SeriesInstanceUID"] == old_uid]
+        urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/series/{orthanc_id}", method="DELETE"),
+                               timeout=60).close()
+        before = time.time()
+        removed = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert "1 series: 0 done, 1 skipped" in removed.stdout, removed.stdout + removed.stderr
+        assert _superseded_report(removed) == [] and f"derived series {old_uid}" not in removed.stderr, \
+            removed.stdout + removed.stderr
+        [entry] = _records(out)[-1]["superseded_on_server"]
+        assert entry["series_instance_uid"] == old_uid and entry["gone"] >= before
+        merged = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+        assert merged["superseded_on_server"][0]["gone"] == entry["gone"]
+        # found gone: not asked again, no record added
+        requests_log.write_text("")
+        count = len(_records(out))
+        last = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert "1 series: 0 done, 1 skipped" in last.stdout and _superseded_report(last) == [], last.stdout
+        assert search not in requests_log.read_text() and len(_records(out)) == count, requests_log.read_text()
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_series_redone_twice_reports_both_superseded_derived_series(tmp_path, shared_data):
+    """A series corrected twice on the PACS (moved to one patient, then to another) is redone twice with
+    --store-to-pacs: the second redo superseded the second derived series, and reported only it, the first one (still
+    under the first wrong patient) being in no record the rerun read. Both are now reported by the second redo and by
+    every rerun after it, also from records as the previous version wrote them (each redo's record naming only the
+    one it superseded, ``superseded_derived_series``, without the list)."""
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = _store_misfiled_series(pacs, shared_data, tmp_path)
+        source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        out = tmp_path / "out"
+        assert "1 series: 1 done" in run_batch(pacs.dicomweb, out, "--store-to-pacs").stdout
+        first_uid = _records(out)[-1]["stored"]["series_instance_uid"]
+        _refile_under_the_right_patient(pacs, files, _source_instances(pacs, source_uid),
+                                        ("OTHER-5", "Other^Patient", "19700101"))
+        once = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert "1 series: 1 done" in once.stdout and len(_superseded_report(once)) == 1, once.stdout + once.stderr
+        second_uid = _records(out)[-1]["stored"]["series_instance_uid"]
+        _refile_under_the_right_patient(pacs, files, _source_instances(pacs, source_uid))
+        twice = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        output = twice.stdout + twice.stderr
+        assert twice.returncode == 0 and "1 series: 1 done, 0 skipped" in twice.stdout, output
+        report = _superseded_report(twice)
+        assert len(report) == 2, output
+        assert sum(first_uid in line for line in report) == 1 and sum(second_uid in line for line in report) == 1
+        record = _records(out)[-1]
+        assert record["superseded_derived_series"]["series_instance_uid"] == second_uid
+        assert {e["series_instance_uid"] for e in record["superseded_on_server"]} == {first_uid, second_uid}
+        # all three derived series on the PACS: nothing deleted
+        derived = {s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.get("/series?expand")} - {source_uid}
+        assert derived == {first_uid, second_uid, record["stored"]["series_instance_uid"]}
+
+        # records as the previous version wrote them (no list): a rerun reads the chain back from them
+        for path in (out / MANIFEST_DIR).glob("rank-*.jsonl"):
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            for line in lines:
+                line.pop("superseded_on_server", None)
+            path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        output = again.stdout + again.stderr
+        assert "1 series: 0 done, 1 skipped" in again.stdout, output
+        report = _superseded_report(again)
+        assert len(report) == 2 and all("still there, first reported at" in line for line in report), output
+        assert {first_uid, second_uid} == {uid for uid in (first_uid, second_uid) for line in report if uid in line}
+        assert {e["series_instance_uid"] for e in _records(out)[-1]["superseded_on_server"]} == {first_uid,
+                                                                                                 second_uid}
     finally:
         stop_orthanc(pacs)

@@ -29,7 +29,9 @@ PatientBirthDate its instances are filed under, listed before the download: :fun
 ``input_instances_adopted`` when a rerun recorded them for an older record), with ``redone`` (why an earlier output
 was not kept) where it applies, ``superseded_derived_series`` on a redone one whose earlier derived series the server
 still lists (its UIDs, why, ``other_patient``, ``instances_on_server``: for the PACS administrator to remove,
-:meth:`lib.batch.runner._Rank._superseded`), plus e.g. ``stored`` (STOW-RS) and ``stage`` ("store" on a failed record:
+:meth:`lib.batch.runner._Rank._superseded`) and, on every record of a series from then on, ``superseded_on_server``
+(every derived series its redos superseded, each such entry with ``first_reported`` and, once a rerun found it removed,
+``gone``, Unix seconds; records before it: read back from their ``superseded_derived_series``), plus e.g. ``stored`` (STOW-RS) and ``stage`` ("store" on a failed record:
 the series was denoised and written, the server did not store it all; a rerun sends the same files again, same UIDs, so
 that the server completes that derived series), and for a DICOMweb series ``derived_study_uid``, ``derived_series_uid``,
 ``derived_instances`` (the derived series written; recorded before its STOW-RS, so that a rerun after a run killed

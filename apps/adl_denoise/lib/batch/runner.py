@@ -14,7 +14,10 @@ denoised again (a file input is its contents, a MetaImage or detached NRRD heade
 is another job), and so is a DICOMweb series whose instances the server replaced or stored again under the same count
 (its SOP Instance UIDs and creation dates and times, :func:`.dicomweb.series_identity`, asked once per series and run);
 the record of the redone series says why (``redone``) and names an earlier derived series of it that the server still
-lists (``superseded_derived_series``, :meth:`_Rank._superseded`: reported at the end, never deleted). A file is read
+lists (``superseded_derived_series``, :meth:`_Rank._superseded`: reported at the end, never deleted). Every later
+run asks the server again for each superseded derived series its records name (``superseded_on_server``, a chain of
+redos whole: one QIDO-RS search per such series and run, none for one found gone), and reports it "still there" until
+the server lists it no more (:meth:`_Rank._recheck_superseded`). A file is read
 for these checks only when its stat key
 (path, size, modification and change times, inode) differs from the recorded one, so that a rerun of an untouched
 archive reads none of it (and hashes no input file either, which it did before; the header of a NRRD or MetaImage
@@ -252,11 +255,45 @@ def _unreachable(error: BaseException) -> bool:
 
 def superseded_sentence(key: str, entry: dict) -> str:
     """What the run says of the derived series ``entry`` (:meth:`_Rank._superseded`) that series ``key``'s redo
-    superseded on the server: the same sentence in the warning when it is found and in the end-of-run report."""
+    superseded on the server: the same sentence in the warning when it is found and in the end-of-run report. An
+    entry a later run found there again (``still``, :meth:`_Rank._recheck_superseded`) says so, with the time it was
+    first reported (``first_reported``, Unix seconds)."""
     held = "may still hold" if entry["instances_on_server"] is None else "still holds"
+    since = ""
+    if entry.get("still") and entry.get("first_reported"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(entry["first_reported"])))
+        since = f"; still there, first reported at {when}"
     return (f"{key}: the server {held} the derived series {entry['series_instance_uid']} (study "
-            f"{entry['study_instance_uid']}) that an earlier run stored, superseded: {entry['why']}; the PACS "
+            f"{entry['study_instance_uid']}) that an earlier run stored, superseded: {entry['why']}{since}; the PACS "
             "administrator must remove it (DICOMweb cannot delete; nothing was deleted)")
+
+
+def _superseded_ledgers(records: list[dict]) -> dict[str, dict[str, dict]]:
+    """Per job, every derived series that a redo of it superseded on the server (its UID -> the entry of
+    :meth:`_Rank._superseded` with ``first_reported``, and ``gone``, Unix seconds, once a run found it removed),
+    read from all ``records`` (oldest first): a record's ``superseded_on_server`` (the list a run keeps) and its
+    ``superseded_derived_series`` (the one its redo superseded: all that records before the list name, so that a
+    chain of redos is read back whole). The latest record naming a series gives its state; ``first_reported`` is
+    the earliest."""
+    ledgers: dict[str, dict[str, dict]] = {}
+    for record in records:
+        single = record.get("superseded_derived_series")
+        listed = record.get("superseded_on_server")
+        entries = ([single] if isinstance(single, dict) else []) + (listed if isinstance(listed, list) else [])
+        for entry in entries:
+            uid = entry.get("series_instance_uid") if isinstance(entry, dict) else None
+            if not uid:
+                continue
+            ledger = ledgers.setdefault(record["job"], {})
+            known = ledger.get(uid, {})
+            first = [t for t in (known.get("first_reported"), entry.get("first_reported"), record.get("time"))
+                     if isinstance(t, (int, float))]
+            state = {**entry} if entry is not single or not known else {**known}  # a copied dict keeps the list's
+            state.pop("still", None)
+            if first:
+                state["first_reported"] = min(first)
+            ledger[uid] = state
+    return ledgers
 
 
 class _StoreFailed(Exception):
@@ -322,6 +359,9 @@ class _Rank:
                 if record.get("stage") == "store" or record.get("stored"):
                     self.sent.setdefault(record["job"], {}).pop(uid, None)
                     self.sent[record["job"]][uid] = record
+        # per job, the derived series its redos superseded on the server (:func:`_superseded_ledgers`), re-checked by
+        # every run (:meth:`_recheck_superseded`) until the server lists them no more
+        self.ledgers = _superseded_ledgers(records)
         self.cache = ModelCache()
         self.file_widths: dict[str, float | None] = {}  # weight file SHA-256 -> the restoration width it names
         self.options = replace(settings.options, progress=False)  # the rank's own bar is the progress shown
@@ -332,21 +372,22 @@ class _Rank:
         self.scratch = Path(settings.output) / ".denoise_batch_download" / f"rank-{rank:05d}"
         self.last_error = ""
         self.last_unreachable = False  # the last failure: the server could not be reached
-        self.last_superseded: dict | None = None  # the last series' earlier derived series still on the server
+        self.last_superseded: list[dict] = []  # the last series' superseded derived series still on the server
         self._identity: tuple[str, dict] | None = None  # (series key, its _series_identity): asked once a series
         self._sources: tuple[str, str | None] | None = None  # (series key, its _made_from)
 
-    def run(self, items: list[SeriesItem], bar) -> BatchSummary:
+    def run(self, items: list[SeriesItem], bar, planned: list[SeriesItem] | None = None) -> BatchSummary:
+        """Denoise ``items`` (this rank's share of ``planned``, every rank's series); rank 0 then re-checks the
+        superseded derived series of the jobs outside this run's series (:meth:`_recheck_unplanned`)."""
         summary = BatchSummary(ranks=1)
         start = time.perf_counter()
         unreachable = 0  # failures in a row for want of the server
         for index, item in enumerate(items):
-            self.last_unreachable, self.last_superseded = False, None
+            self.last_unreachable, self.last_superseded = False, []
             outcome = self.one(item)
             if outcome == "failed":
                 summary.failures.append((item.key, self.last_error))
-            if self.last_superseded:
-                summary.superseded.append((item.key, self.last_superseded))
+            summary.superseded.extend((item.key, entry) for entry in self.last_superseded)
             setattr(summary, outcome, getattr(summary, outcome) + 1)
             bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed, refresh=False)
             bar.update(1)
@@ -357,6 +398,8 @@ class _Rank:
                                    f"{unreachable} series in a row: the remaining {summary.untried} series were not "
                                    "tried; rerun to resume")
                 break
+        if self.rank == 0 and not summary.stopped:
+            summary.superseded.extend(self._recheck_unplanned(items if planned is None else planned))
         summary.seconds = time.perf_counter() - start
         shutil.rmtree(self.scratch, ignore_errors=True)
         return summary
@@ -379,9 +422,13 @@ class _Rank:
             return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
         job = job_key(identity, self.model_requested, self.weights_requested)
         base.update(job=job, identity=identity)
+        previous = self.latest.get(job)
+        # every derived series an earlier redo superseded, asked again: reported while the server lists it
+        ledger = self._recheck_superseded(job, item.key, previous, item.kind == "dicomweb")
+        if ledger:  # on every record of the series from now on (the state of each: still there, or gone when)
+            base["superseded_on_server"] = ledger
         if item.problem:  # refused now, whatever an earlier run did
             return self._failed(base, identity, started, item.problem)
-        previous = self.latest.get(job)
         ours = base["output"] in self.ours
         recheck = self._recheck(item, identity, previous, digest, ours)
         if recheck.damaged:  # a power cut or a copy cut short: done again as if it were missing, never skipped or sent
@@ -395,15 +442,22 @@ class _Rank:
         if recheck.unreadable:
             return self._failed(base, identity, started, recheck.unreadable)
         if recheck.holds and not (self.settings.store_to_pacs and not previous.get("stored")):
+            if ledger != (previous.get("superseded_on_server") or []):  # one found gone, or an older record's list
+                recheck.refresh["superseded_on_server"] = ledger
             if recheck.refresh:  # the next rerun compares the files' stat keys again, reading none of them
                 self.manifest.append({**previous, **recheck.refresh})
             return "skipped"
         if recheck.stale:
             log.warning("%s: denoising again: %s", item.key, recheck.stale)
             base["redone"] = recheck.stale
-            self.last_superseded = self._superseded(previous, item, recheck.stale)
-            if self.last_superseded:  # on every record of this redo, failed ones too
-                base["superseded_derived_series"] = self.last_superseded
+            superseded = self._superseded(previous, item, recheck.stale)
+            if superseded:  # on every record of this redo, failed ones too
+                self.last_superseded.append(superseded)
+                base["superseded_derived_series"] = superseded
+                known = self.ledgers.setdefault(job, {}).get(superseded["series_instance_uid"], {})
+                self.ledgers[job][superseded["series_instance_uid"]] = {
+                    **superseded, "first_reported": known.get("first_reported") or time.time()}
+                base["superseded_on_server"] = list(self.ledgers[job].values())
         if item.output.exists() and not ours:
             return self._failed(base, identity, started,
                                 f"{item.output} exists and was not written by this batch (no manifest record): "
@@ -719,6 +773,60 @@ class _Rank:
         log.warning("%s", superseded_sentence(item.key, entry))
         return entry
 
+    def _recheck_superseded(self, job: str, key: str, latest: dict | None, asked: bool = True) -> list[dict]:
+        """Every derived series that a redo of ``job`` superseded (:meth:`_superseded`, as recorded:
+        :func:`_superseded_ledgers`), with what the server says of it now: one QIDO-RS search per series not yet
+        found gone (:func:`.dicomweb.instances_on_server`; those only, so that a rerun asks the server no more than
+        once for each superseded series recorded). One it still lists (or that cannot be asked) is warned of and
+        reported again, "still there" since it was first reported (``self.last_superseded``); one it lists no more
+        gets ``gone`` (Unix seconds) and is neither asked nor reported again. The derived series that ``latest`` (the
+        job's latest record) says is stored is its current one: not asked. ``asked`` False (the source is not this
+        server): the recorded state, unasked. [] when the job superseded none."""
+        ledger = self.ledgers.get(job)
+        if not ledger:
+            return []
+        current = ((latest or {}).get("stored") or {}).get("series_instance_uid")
+        for uid, entry in ledger.items():
+            if entry.get("gone") or uid == current or not asked or self.client is None:
+                continue
+            try:
+                found: int | None = dicomweb.instances_on_server(self.client, str(entry.get("study_instance_uid")),
+                                                                 uid)
+            except dicomweb.PacsStoreError as error:
+                log.warning("%s: %s", key, error)
+                found = None  # unknown: reported, for the administrator to check
+            if found == 0:
+                log.info("%s: the superseded derived series %s is no longer on the server", key, uid)
+                entry["gone"] = time.time()
+                continue
+            entry["instances_on_server"] = found
+            still = {**entry, "still": True}
+            log.warning("%s", superseded_sentence(key, still))
+            self.last_superseded.append(still)
+        return list(ledger.values())
+
+    def _recheck_unplanned(self, planned: list[SeriesItem]) -> list[tuple[str, dict]]:
+        """:meth:`_recheck_superseded` for every job with a superseded derived series not yet found gone that no
+        series of this run (``planned``: every rank's) is: its series no longer listed or filtered out, or asked with
+        another model; a job whose series came from another server is left. Each whose state changed gets a record
+        (its latest one, with ``superseded_on_server``). Returns (series key, entry) of those to report."""
+        jobs = {job_key(f"dicom:{item.series_uid}", self.model_requested, self.weights_requested)
+                for item in planned if item.series_uid}
+        base_url = str(getattr(self.client, "base_url", "") or "")
+        found: list[tuple[str, dict]] = []
+        for job, ledger in self.ledgers.items():
+            latest = self.latest.get(job)
+            if job in jobs or latest is None or not any(not entry.get("gone") for entry in ledger.values()):
+                continue
+            if not base_url or not str(latest.get("input", "")).startswith(base_url + "/"):
+                continue
+            self.last_superseded = []
+            entries = self._recheck_superseded(job, str(latest.get("key")), latest)
+            found.extend((str(latest.get("key")), entry) for entry in self.last_superseded)
+            if entries != (latest.get("superseded_on_server") or []):
+                self.manifest.append({**latest, "superseded_on_server": entries})
+        return found
+
     def _resume(self, job: str, item: SeriesItem, base: dict) -> dict | None:
         """What to record as done for a DICOMweb series whose derived series an earlier run wrote (and perhaps sent)
         with the weights and slices of now, without denoising it again; None when there is none (denoise it).
@@ -857,7 +965,7 @@ def run_rank(settings: BatchSettings, items: list[SeriesItem], rank: int, world:
     mine = shard_items(items, rank, world)
     with tqdm(total=len(mine), position=rank, desc=f"rank {rank}", unit="series", leave=True, dynamic_ncols=True,
               disable=None if settings.progress else True) as bar:
-        return _Rank(settings, rank, world, device, client).run(mine, bar)
+        return _Rank(settings, rank, world, device, client).run(mine, bar, items)
 
 
 # ------------------------------------------------------------------------------------------------ the job
