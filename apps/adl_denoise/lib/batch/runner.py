@@ -262,7 +262,7 @@ def superseded_sentence(key: str, entry: dict) -> str:
     since = ""
     if entry.get("still") and entry.get("first_reported"):
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(entry["first_reported"])))
-        since = f"; still there, first reported at {when}"
+        since = f"; {'still there, ' if entry['instances_on_server'] is not None else ''}first reported at {when}"
     return (f"{key}: the server {held} the derived series {entry['series_instance_uid']} (study "
             f"{entry['study_instance_uid']}) that an earlier run stored, superseded: {entry['why']}{since}; the PACS "
             "administrator must remove it (DICOMweb cannot delete; nothing was deleted)")
