@@ -493,6 +493,25 @@ def test_flat_window_noise_std_on_a_flat_phantom() -> None:
         flat_window_noise_std(ramp, window=24)
 
 
+def test_ct_noise_estimate_reads_the_whole_mask_where_the_noise_level_varies() -> None:
+    """Wide windows fit only in the wide parts of the soft-tissue mask; where the noise is higher there (FBP noise is
+    highest in the middle of the body) the wide windows alone read the wide part's level, not the mask's. Soft
+    tissue in air: a disc of 50 px radius and three 18 px rings around it (no 25 x 25 window fits in an eroded
+    ring), noise std falling from 40 HU at the centre to 25 HU at the outer ring, white and Gaussian-filtered over
+    1 px: within 8 % of the pixel std over the mask (the wide windows alone read it about 20 % high), and the
+    correlated noise is still read whole."""
+    yy, xx = np.mgrid[0:256, 0:256].astype(np.float32)
+    r = np.hypot(yy - 128, xx - 128)
+    tissue = (r < 50) | ((r > 58) & (r < 76)) | ((r > 84) & (r < 102)) | ((r > 108) & (r < 126))
+    std = 40.0 - 15.0 * np.minimum(r, 125.0) / 125.0
+    for sigma_px in (0.0, 1.0):
+        noise = _filtered_white_noise(tissue.shape, sigma_px, 1.0, 0) * std
+        image = np.where(tissue, 40.0 + 0.1 * xx, -1000.0) + noise
+        truth = float(noise[soft_tissue_mask(image) & tissue].std())
+        measured = estimate_ct_noise_std_hu(image)
+        assert measured is not None and abs(measured / truth - 1) < 0.08, (sigma_px, measured, truth)
+
+
 def test_flat_window_noise_std_ignores_nan_outside_its_windows() -> None:
     """flat_window_noise_std uses the windows lying inside the mask only, so a NaN or inf outside them (padding
     outside a reconstruction's field of view, left out of the mask) must not change the estimate; the running

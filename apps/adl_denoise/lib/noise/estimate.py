@@ -18,6 +18,8 @@ CT_NOISE_WINDOW = 25
 MIN_WINDOWS = 500
 #: the smaller windows tried, in turn, where the mask holds too few of the wide one (thin or small soft tissue)
 _FALLBACK_WINDOWS = (19, 15, 9, 5)
+#: window side of the level of the whole mask in :func:`flat_window_noise_std` (fits nearly everywhere in it)
+LEVEL_WINDOW = 5
 
 
 def _haar_hh_sigma(slice_2d: np.ndarray, mask: np.ndarray | None) -> float:
@@ -45,18 +47,17 @@ def _local_std_sigma(slice_2d: np.ndarray, window: int, quantile: float, mask: n
     return float(np.quantile(local, quantile)) if local.size else 0.0
 
 
-def _plane_fit_variances(images: np.ndarray, window: int, mask: np.ndarray | None) -> np.ndarray:
-    """Residual variance about a least-squares plane in each ``window`` x ``window`` window lying entirely inside
-    ``mask`` (entirely inside each image without one) and holding no NaN or infinite value, unbiased for white noise
-    (divided by ``window**2 - 3``).
+def _plane_fit_variance_map(images: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Residual variance about a least-squares plane in the ``window`` x ``window`` window centred on each pixel,
+    unbiased for white noise (divided by ``window**2 - 3``).
 
     Args:
         images: (N, H, W) float array; windows never straddle two images.
         window: odd window side, <= H and W.
-        mask: (N, H, W) bool or None.
 
     Returns:
-        1-D array of the variances, one per window position (image units squared).
+        The variances, (N, H, W) float64 (image units squared; meaningless where the window leaves the image or
+        holds a NaN or infinite value), and the (N, H, W) bool map of the finite pixels.
     """
     a = images.astype(np.float64, copy=False)
     finite = np.isfinite(a)
@@ -74,31 +75,47 @@ def _plane_fit_variances(images: np.ndarray, window: int, mask: np.ndarray | Non
         coord = np.broadcast_to(np.arange(a.shape[axis], dtype=np.float64).reshape(shape), a.shape)
         cov = ndimage.uniform_filter(a * coord, size, mode="reflect") - mean * coord
         var -= cov * cov / var_offset
-    var = np.maximum(var, 0.0) * (window * window / (window * window - 3.0))
-    inside = finite if mask is None else np.asarray(mask, dtype=bool) & finite
-    # centres whose whole window lies inside: the mask eroded by the window (border_value=0 drops image edges)
-    inside = ndimage.binary_erosion(inside, np.ones(size, dtype=bool), border_value=0)
-    return var[inside]
+    return np.maximum(var, 0.0) * (window * window / (window * window - 3.0)), finite
+
+
+def _window_centres(region: np.ndarray, window: int) -> np.ndarray:
+    """(N, H, W) bool: the pixels whose ``window`` x ``window`` window lies entirely inside ``region`` (the region
+    eroded by the window; border_value=0 drops image edges)."""
+    return ndimage.binary_erosion(region, np.ones((1, window, window), dtype=bool), border_value=0)
 
 
 def flat_window_noise_std(images: np.ndarray, mask: np.ndarray | None = None, *, window: int = CT_NOISE_WINDOW,
                           min_windows: int = MIN_WINDOWS) -> float | None:
-    """Noise std of flat regions: the square root of the median residual variance about a plane fitted in each
-    ``window`` x ``window`` window lying entirely inside ``mask``, pooled over the images.
+    """Noise std of flat regions in two scales: the wide windows' reading of correlated noise, at the level of the
+    whole mask, pooled over the images.
 
     Correlated noise (smooth reconstruction kernels) keeps much of its variance at low spatial frequencies, which a
     small window's own mean takes away (the median 5 x 5 local std read it low; bench/README.md, "Level
     calibration"). A wide window with a plane fit keeps almost all of it while still removing the anatomy's
-    gradients; the median over windows ignores those that hold edges or vessels. Where the mask holds fewer than
-    ``min_windows`` positions of the window, the next of 19, 15, 9, 5 pixels that fits is used: the few wide windows
-    of a narrow region (the mediastinum) sit in one or two organs and read their anatomy; small regions read low
-    again on correlated noise.
+    gradients, but wide windows fit only in wide regions, and there CT noise is not that of the whole mask (FBP
+    noise is highest in the middle of the body). So:
+
+    * ``wide``: the median residual variance about a plane in the ``window`` x ``window`` windows lying entirely
+      inside ``mask`` (the median ignores those that hold edges or vessels); where the mask holds fewer than
+      ``min_windows`` positions of it, the next of 19, 15, 9, 5 pixels that fits (the few wide windows of a narrow
+      region sit in one or two organs and read their anatomy; small windows read correlated noise low again);
+    * ``small``: the same with 5 x 5 windows, which fit nearly all over the mask: its median over all of them,
+      ``small(mask)``, and over those lying inside some wide window (the part of the mask the wide windows read),
+      ``small(wide)``;
+    * the estimate: ``sqrt(wide * small(mask) / small(wide))``. ``wide / small(wide)`` is how much of the variance
+      the small windows miss, measured in the same part of the mask (a property of the noise's correlation, i.e. of
+      the kernel, which changes far less across the body than the level); ``small(mask) / small(wide)`` carries
+      the wide windows' reading over to the whole mask. Where the wide windows cover (nearly) the whole mask, or the
+      noise is stationary, it is ``sqrt(wide)`` (in expectation).
+
+    The median over the wide windows still weighs the middle of a wide region more than its borders (every window
+    there holds the middle), so where the noise peaks in the middle it still reads somewhat high.
 
     Args:
         images: (H, W) or (N, H, W) image(s), e.g. HU.
         mask: bool array of the same shape (e.g. soft tissue), or None for everywhere; windows holding a NaN or
             infinite value are left out either way (the filters would carry it along its whole row).
-        window: odd window side in pixels (>= 3).
+        window: odd window side in pixels (>= 3); at most 5: one scale, no level correction.
         min_windows: fewest window positions an estimate needs.
 
     Returns:
@@ -117,10 +134,27 @@ def flat_window_noise_std(images: np.ndarray, mask: np.ndarray | None = None, *,
     for side in (int(window),) + tuple(w for w in _FALLBACK_WINDOWS if w < int(window)):
         if side > min(arr.shape[1:]):
             continue
-        variances = _plane_fit_variances(arr, side, mask)
-        if variances.size >= int(min_windows):
-            return float(np.sqrt(np.median(variances)))
-    return None
+        variances, finite = _plane_fit_variance_map(arr, side)
+        inside = finite if mask is None else np.asarray(mask, dtype=bool) & finite
+        centres = _window_centres(inside, side)
+        if np.count_nonzero(centres) >= int(min_windows):
+            break
+    else:
+        return None
+    wide = float(np.median(variances[centres]))
+    if side <= LEVEL_WINDOW:
+        return float(np.sqrt(wide))
+    small, _ = _plane_fit_variance_map(arr, LEVEL_WINDOW)
+    everywhere = _window_centres(inside, LEVEL_WINDOW)
+    # a small window lies inside some wide window where a wide window's centre is within (side - LEVEL_WINDOW) / 2
+    # pixels of its own: a box filter of the centres
+    reach = side - LEVEL_WINDOW + 1
+    held = everywhere & (ndimage.uniform_filter(centres.astype(np.float64), (1, reach, reach), mode="constant")
+                         * (reach * reach) > 0.5)
+    in_wide = float(np.median(small[held]))
+    if not in_wide > 0:  # no noise in the wide windows (a constant region): nothing to rescale
+        return float(np.sqrt(wide))
+    return float(np.sqrt(wide * float(np.median(small[everywhere])) / in_wide))
 
 
 def estimate_noise_sigma(
@@ -179,13 +213,15 @@ def estimate_noise_sigma(
 def estimate_ct_noise_std_hu(image_hu: np.ndarray, *, max_slices: int = 32, min_pixels: int = 500) -> float | None:
     """Soft-tissue pixel noise std (HU) of a CT image: the noise a normal-dose scan already carries.
 
-    Per slice, :func:`flat_window_noise_std` (median residual variance about a plane in 25 x 25 windows) in the
-    slice's eroded soft-tissue mask (:func:`lib.noise.soft_tissue_mask`, -100..200 HU); the median over at most
-    ``max_slices`` slices spread over the volume, skipping those with fewer than ``min_pixels`` soft-tissue pixels
-    or too few windows inside them. Unbiased on white noise, and on noise correlated by smooth reconstruction
-    kernels (FBP with smooth filters, noise low-pass filtered over a pixel or so); noise correlated over several
-    pixels still reads low (see bench/README.md, "Level calibration"). Not the wavelet estimate, which sees only the
-    finest frequencies, nor the median 5 x 5 local std this replaced, which read correlated noise low.
+    Per slice, :func:`flat_window_noise_std` (median residual variance about a plane in 25 x 25 windows, carried
+    over to the whole mask by 5 x 5 windows) in the slice's eroded soft-tissue mask
+    (:func:`lib.noise.soft_tissue_mask`, -100..200 HU); the median over at most ``max_slices`` slices spread over
+    the volume, skipping those with fewer than ``min_pixels`` soft-tissue pixels or too few windows inside them.
+    Unbiased on white noise, and on noise correlated by smooth reconstruction kernels (FBP with smooth filters, noise
+    low-pass filtered over a pixel or so); noise correlated over several pixels still reads low, and noise that
+    peaks where the soft tissue is widest still reads somewhat high (see bench/README.md, "Level calibration"). Not
+    the wavelet estimate, which sees only the finest frequencies, nor the median 5 x 5 local std, which read
+    correlated noise low, nor the 25 x 25 windows alone, which read the wide regions only.
 
     Returns:
         The estimate in HU, or None where no slice has enough soft tissue to measure it.

@@ -15,7 +15,7 @@ Level calibration (:meth:`NoiseModel.calibrate_level`, done by :func:`lib.noise_
 smooth patches of real scans still hold anatomy weaker than the noise (fat/muscle texture, vessels) and sit where
 the noise is higher than the band's average, so the learnt soft-tissue noise comes out too high (figures: bench/README
 "Level calibration"). The soft-tissue noise of the low-dose scans themselves is
-measured with :func:`lib.noise.estimate_ct_noise_std_hu` (median plane-fit variance in wide windows; see its
+measured with :func:`lib.noise.estimate_ct_noise_std_hu` (plane-fit variance in wide windows, over the mask; see its
 notes for how close it reads), the model's samples at soft-tissue conditions are measured with the same estimator
 (:func:`lib.noise.flat_window_noise_std`), and the ratio is stored
 as ``level_correction``: every sample is multiplied by it (all HU bands alike: the texture, i.e. the normalised
@@ -244,7 +244,8 @@ class NoiseModel:
         record = {"measured_soft_tissue_std_hu": measured, "learnt_soft_tissue_std_hu": learnt,
                   "calibrated_soft_tissue_std_hu": self.soft_tissue_level_hu(condition_hu),
                   "level_correction": self.level_correction,
-                  "estimator": "median plane-fit variance in 25 x 25 windows (lib.noise.estimate_ct_noise_std_hu)"}
+                  "estimator": "median plane-fit variance in 25 x 25 windows carried over the mask by 5 x 5 windows "
+                              "(lib.noise.estimate_ct_noise_std_hu)"}
         self.training_stats["level_calibration"] = record
         return record
 
