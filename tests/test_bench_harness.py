@@ -379,6 +379,7 @@ def test_cli_speed_times_whole_commands_on_a_dicom_series_and_states_ratios_to_b
     ["lesion_detectability.py", "--modalities", "CT", "--max-slices", "2", "--denoisers", "noisy"],
     ["kernel_generalisation.py", "--steps", "1"],
     ["tddl_domain_shift.py", "--max-slices", "1"],
+    ["noise_calibration_real.py", "--steps", "1"],
     ["server_overhead.py", "--untrained"],
 ], ids=lambda command: command[0])
 def test_a_benchmark_without_the_shared_data_says_so_in_one_line(command, tmp_path):
