@@ -11,6 +11,7 @@ import subprocess
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import processes
 from mlserver import free_port
@@ -44,9 +45,13 @@ class Orthanc:
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())
 
+    def upload_files(self, paths: Iterable[Path]) -> list[dict]:
+        """Each of ``paths``, in the order given (:meth:`upload`); Orthanc's answers."""
+        return [self.upload(path) for path in paths]
+
     def upload_folder(self, folder: Path) -> list[dict]:
         """Every file directly in ``folder``, in name order (:meth:`upload`)."""
-        return [self.upload(path) for path in sorted(folder.iterdir())]
+        return self.upload_files(sorted(folder.iterdir()))
 
     def get(self, path: str):
         with urllib.request.urlopen(f"{self.url}{path}", timeout=120) as response:

@@ -69,8 +69,7 @@ def real_series(slice_file: Path, folder: Path, slices: int = 3) -> list[Path]:
 def upload_real_ct_series(pacs, folder: Path) -> str:
     """:func:`real_ct_series` written to ``folder`` and uploaded to ``pacs``; its SeriesInstanceUID."""
     files = real_ct_series(folder)
-    for path in files:
-        pacs.upload(path)
+    pacs.upload_files(files)
     return str(pydicom.dcmread(files[0]).SeriesInstanceUID)
 
 
@@ -78,8 +77,7 @@ def test_denoise_a_pacs_series_and_store_the_result_back(tmp_path, tiny_weights)
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
         files = real_ct_series(tmp_path / "series")
-        for path in files:
-            pacs.upload(path)
+        pacs.upload_files(files)
         uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
         # a server of its own: its studies are the PACS's DICOMweb root
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work")
@@ -134,8 +132,7 @@ def test_the_review_queue_hands_out_studies_never_results_or_a_uid_of_two_studie
             ds.SeriesInstanceUID, ds.PatientID, ds.PatientName = shared_uid, "OTHER", "Other^Patient"
             ds.save_as(path, write_like_original=False)
         for files in series.values():
-            for path in files:
-                pacs.upload(path)
+            pacs.upload_files(files)
         uid = {name: str(pydicom.dcmread(files[0]).SeriesInstanceUID) for name, files in series.items()}
         model = copy_weights(tiny_weights, tmp_path / "model")
         server = start_server(pacs.dicomweb, model, tmp_path / "work1")
@@ -202,8 +199,7 @@ def _big_and_small_series(tmp_path: Path, tiny_weights: Path, orthanc_config: di
     pacs = start_orthanc(tmp_path / "orthanc", extra_config=orthanc_config)
     try:
         big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
-        for path in big + small:
-            pacs.upload(path)
+        pacs.upload_files(big + small)
         big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
                               conf={"max_voxels": 1_000_000})
@@ -327,8 +323,7 @@ def test_a_series_that_grows_past_the_voxel_limit_during_its_download_is_stopped
     pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
     try:
         for files in series.values():
-            for path in files[:3]:
-                pacs.upload(path)
+            pacs.upload_files(files[:3])
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
                               conf={"max_voxels": 1_000_000})
         cache = tmp_path / "work" / "dicomweb_cache"
@@ -699,8 +694,7 @@ def test_the_review_queue_asked_for_one_modality_hands_out_that_modality_only(tm
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
         uid = {"CT": upload_real_ct_series(pacs, tmp_path / "ct")}
-        for path in real_mr_series(tmp_path / "mr"):
-            pacs.upload(path)
+        pacs.upload_files(real_mr_series(tmp_path / "mr"))
         uid["MR"] = str(pydicom.dcmread(next((tmp_path / "mr").iterdir())).SeriesInstanceUID)
         # the datastore lists both modalities (MONAI Label's default filter lists CT only)
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
@@ -755,8 +749,7 @@ def test_the_review_queue_asks_the_pacs_the_size_of_an_oversized_series_once(tmp
     pacs, qido_searches = _counting_orthanc(tmp_path)
     try:
         big = real_ct_series(tmp_path / "big", slices=6)  # 6 x 512 x 512 = 1.57 M voxels, over the limit
-        for path in big:
-            pacs.upload(path)
+        pacs.upload_files(big)
         big_uid = str(pydicom.dcmread(big[0]).SeriesInstanceUID)
         small_uid = upload_real_ct_series(pacs, tmp_path / "small")  # 0.79 M voxels, under it
         monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
