@@ -36,6 +36,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "apps" / "adl_denoise"))
 
+from lib.data.heldout import shared_data_dir  # noqa: E402
 from lib.noise import (LowDoseCTSettings, ParallelBeamGeometry, estimate_ct_noise_std_hu,  # noqa: E402
                        estimate_noise_sigma, simulate_low_dose_ct, soft_tissue_mask)
 
@@ -65,12 +66,15 @@ def images(shared: Path) -> dict[str, tuple[np.ndarray, float]]:
     phantom = shared / "ct_head_phantom_philips_1mm.nii.gz"
     if phantom.is_file():
         out["phantom"] = (sitk.GetArrayFromImage(sitk.ReadImage(str(phantom)))[70].astype(np.float32), 0.451)
+    else:  # the table is still useful without it, but must not look complete
+        print(f"{phantom} not found: the phantom rows are left out (set ADL_SHARED_DATA or --shared)", flush=True)
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--shared", default=str(shared_data_dir()),
+                        help="the shared data folder ($ADL_SHARED_DATA, else ../shared/data)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "noise_level_estimate"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
