@@ -551,8 +551,7 @@ def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
     remembered the same way, with the size where it was stopped (``stopped``): it is not downloaded again."""
     if is_downloaded(datastore, image_id):
         return None
-    instances = listed_series(datastore, image_id).get("instances")
-    key = (image_id, instances) if instances else None
+    key = _oversized_key(datastore, image_id)
     memo = _oversized_memo(datastore)
     if key is not None:
         with _memo_lock:
@@ -564,20 +563,26 @@ def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
     size = series_voxels(datastore, image_id)
     if size is None or size.voxels <= limit:
         return None
-    _remember_oversized(datastore, image_id, size)
+    _remember_oversized(datastore, key, size)
     return size
 
 
-def _remember_oversized(datastore, image_id: str, size: SeriesSize) -> None:
-    """Keep ``size`` of the series ``image_id`` found over a limit for :func:`oversized`, under its UID and the
-    instance count the datastore's listing gives it (nothing when the listing gives none)."""
+def _oversized_key(datastore, image_id: str) -> tuple[str, int] | None:
+    """What :func:`oversized` remembers a series under: its UID and the instance count the datastore's listing gives
+    it (None when the listing gives none)."""
     instances = listed_series(datastore, image_id).get("instances")
-    if not instances:
+    return (image_id, instances) if instances else None
+
+
+def _remember_oversized(datastore, key: tuple[str, int] | None, size: SeriesSize) -> None:
+    """Keep ``size`` of a series found over a limit for :func:`oversized`, under ``key`` (:func:`_oversized_key`;
+    nothing when None)."""
+    if key is None:
         return
     memo = _oversized_memo(datastore)
     with _memo_lock:
-        memo[(image_id, instances)] = size
-        memo.move_to_end((image_id, instances))
+        memo[key] = size
+        memo.move_to_end(key)
         while len(memo) > OVERSIZED_REMEMBERED:
             memo.popitem(last=False)
 
@@ -675,7 +680,8 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
             voxels += instance_voxels(dataset)
             if voxels > limit:
                 size = SeriesSize(count, voxels, count, stopped=True)
-                _remember_oversized(datastore, image_id, size)  # the next request does not download it again
+                # the next request does not download it again
+                _remember_oversized(datastore, _oversized_key(datastore, image_id), size)
                 raise SeriesTooLarge(f"series {image_id} is too large: the {count} instances the PACS sent so far "
                                      f"hold {voxels:,} voxels, over the limit of {limit:,} (it grew since its size "
                                      "was asked, or the PACS did not tell it); the download was stopped and nothing "

@@ -286,9 +286,8 @@ def _pixel_bytes(dataset) -> int:
         value = dataset.get(keyword, None)
         if value is not None:
             return len(value)
-    voxels = int(dataset.get("Rows", 0) or 0) * int(dataset.get("Columns", 0) or 0) * \
-        max(1, int(dataset.get("NumberOfFrames", 1) or 1)) * max(1, int(dataset.get("SamplesPerPixel", 1) or 1))
-    return voxels * -(-int(dataset.get("BitsAllocated", 16) or 16) // 8)
+    samples = instance_voxels(dataset) * max(1, int(dataset.get("SamplesPerPixel", 1) or 1))
+    return samples * -(-int(dataset.get("BitsAllocated", 16) or 16) // 8)
 
 
 def download_series(client, item: SeriesItem, folder: Path, limit: int | None = None) -> Path:

@@ -296,6 +296,11 @@ def _superseded_ledgers(records: list[dict]) -> dict[str, dict[str, dict]]:
     return ledgers
 
 
+def _uid_identity(series_uid: str) -> str:
+    """The identity of a series that has a SeriesInstanceUID (the jobs of :func:`job_key` are keyed by it)."""
+    return f"dicom:{series_uid}"
+
+
 class _StoreFailed(Exception):
     """The derived series was written (``extra``: what :meth:`_Rank._denoise` records) but not stored."""
 
@@ -416,7 +421,7 @@ class _Rank:
             # without one (a file, a hard-anonymised series), its contents
             if not item.series_uid:
                 digest = self._input_digest(item)
-            identity = f"dicom:{item.series_uid}" if item.series_uid else f"sha256:{digest['input_sha256']}"
+            identity = _uid_identity(item.series_uid) if item.series_uid else f"sha256:{digest['input_sha256']}"
         except OSError as error:
             identity = f"unreadable:{item.key}"
             return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
@@ -761,17 +766,23 @@ class _Rank:
         other_patient = bool(before and now and before != now)
         if other_patient:
             why = f"stored under another patient: {why}"
-        try:
-            found: int | None = dicomweb.instances_on_server(self.client, str(study), str(uid))
-        except dicomweb.PacsStoreError as error:
-            log.warning("%s: %s", item.key, error)
-            found = None  # unknown: reported, for the administrator to check
+        found = self._instances_on_server(item.key, str(study), str(uid))
         if found == 0:
             return None  # removed already
         entry = {"series_instance_uid": str(uid), "study_instance_uid": str(study), "why": why,
                  "other_patient": other_patient, "instances_on_server": found}
         log.warning("%s", superseded_sentence(item.key, entry))
         return entry
+
+    def _instances_on_server(self, key: str, study_uid: str, series_uid: str) -> int | None:
+        """How many instances of the derived series ``series_uid`` the server lists
+        (:func:`.dicomweb.instances_on_server`); None, with a warning naming the series ``key``, when it cannot be
+        asked (the series is then reported, for the administrator to check)."""
+        try:
+            return dicomweb.instances_on_server(self.client, study_uid, series_uid)
+        except dicomweb.PacsStoreError as error:
+            log.warning("%s: %s", key, error)
+            return None
 
     def _recheck_superseded(self, job: str, key: str, latest: dict | None, asked: bool = True) -> list[dict]:
         """Every derived series that a redo of ``job`` superseded (:meth:`_superseded`, as recorded:
@@ -789,12 +800,7 @@ class _Rank:
         for uid, entry in ledger.items():
             if entry.get("gone") or uid == current or not asked or self.client is None:
                 continue
-            try:
-                found: int | None = dicomweb.instances_on_server(self.client, str(entry.get("study_instance_uid")),
-                                                                 uid)
-            except dicomweb.PacsStoreError as error:
-                log.warning("%s: %s", key, error)
-                found = None  # unknown: reported, for the administrator to check
+            found = self._instances_on_server(key, str(entry.get("study_instance_uid")), uid)
             if found == 0:
                 log.info("%s: the superseded derived series %s is no longer on the server", key, uid)
                 entry["gone"] = time.time()
@@ -810,7 +816,7 @@ class _Rank:
         series of this run (``planned``: every rank's) is: its series no longer listed or filtered out, or asked with
         another model; a job whose series came from another server is left. Each whose state changed gets a record
         (its latest one, with ``superseded_on_server``). Returns (series key, entry) of those to report."""
-        jobs = {job_key(f"dicom:{item.series_uid}", self.model_requested, self.weights_requested)
+        jobs = {job_key(_uid_identity(item.series_uid), self.model_requested, self.weights_requested)
                 for item in planned if item.series_uid}
         base_url = str(getattr(self.client, "base_url", "") or "")
         found: list[tuple[str, dict]] = []
