@@ -3,7 +3,8 @@ weights events, kept outside the datastore info, verified at start-up and by GET
 
 Fast tests of the chain itself (no server), then a real MONAI Label server on loopback: results (datastore id and
 upload), verdicts, the stock image-info and delete routes, a restart on the same folders, tampering (an edited
-field, a deleted line) reported after a restart, and a result whose entry cannot be written is not returned.
+field, a deleted line) reported after a restart, a result whose entry cannot be written is not returned, and a
+review-queue hand-out whose entry cannot be written is refused (503), nothing handed out.
 """
 from __future__ import annotations
 
@@ -952,7 +953,8 @@ def test_audit_trail_survives_a_restart_and_reports_tampering(folders):
                                     data={"params": "{}"}, timeout=600)
             assert refused.status_code == 503 and "not denoised" in refused.text
             handed = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=60)
-            assert handed.status_code == 200 and handed.json()["id"], handed.text  # a read: answered, not recorded
+            assert handed.status_code == 503 and "the audit log could not be written" in handed.text and \
+                "broken" in handed.text, handed.text  # access that cannot be recorded is refused
             assert "AUDIT TRAIL BROKEN" in server.log_tail(200_000)
         finally:
             stop_server(server)
@@ -986,6 +988,49 @@ def test_a_result_whose_audit_entry_cannot_be_written_is_not_returned(folders):
                              data={"params": "{}"}, timeout=600).status_code == 200
     finally:
         stop_server(server)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_review_queue_hand_out_whose_audit_entry_cannot_be_written_is_refused(folders):
+    """Access to patient data that cannot be audited is refused: with the log unwritable (a folder where the file
+    is: every append fails, for root too), the review queue's hand-out answers 503 saying the audit log could not be
+    written, names neither the study nor the log's folder, and hands nothing out (no note in the study's info, no
+    entry). It was answered 200 with the study and noted as handed out. Once the log is writable again the next
+    request is handed that same study, and the log is the one kept, one hand-out entry longer."""
+    from mlserver import stop_server
+
+    from lib.activelearning import HANDOUT_EVENT
+
+    server = _start(folders, 1)
+    try:
+        url = server.url
+        audit_file = folders["audit"] / "audit.jsonl"
+        index = folders["studies"] / "datastore_v2.json"
+        info_before = requests.get(f"{url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
+        assert "strategy" not in info_before, info_before
+        kept, index_before = audit_file.read_bytes(), index.read_bytes()
+        audit_file.unlink()
+        audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
+        refused = requests.post(f"{url}/activelearning/next_unreviewed", json={"client_id": "ws-9"}, timeout=60)
+        assert refused.status_code == 503, refused.text
+        detail = refused.json()["detail"]
+        assert "no study was handed out" in detail and "the audit log could not be written" in detail, detail
+        assert "audit.jsonl" in detail and str(folders["root"]) not in detail and "ct_slab_b" not in detail, detail
+        assert "access refused" in server.log_tail(200_000)
+        info = requests.get(f"{url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
+        assert info == info_before and index.read_bytes() == index_before  # not noted as handed out
+        audit_file.rmdir()
+        audit_file.write_bytes(kept)
+        handed = requests.post(f"{url}/activelearning/next_unreviewed", json={"client_id": "ws-9"}, timeout=60)
+        assert handed.status_code == 200 and handed.json()["id"] == "ct_slab_b", handed.text
+        info = requests.get(f"{url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
+        assert info["strategy"]["next_unreviewed"]["client_id"] == "ws-9", info
+    finally:
+        stop_server(server)
+    audit = AuditLog(folders["audit"])
+    assert audit.verify().ok and audit.path.read_bytes().startswith(kept)
+    assert [(h["image"], h["client_id"]) for h in _events(audit, HANDOUT_EVENT)] == [("ct_slab_b", "ws-9")]
 
 
 @pytest.mark.server

@@ -12,7 +12,8 @@
   a hand-out (``strategy``: its time and client) while :func:`handing_out` is in force: the hand-out is recorded
   once, as a ``review_queue_handout`` entry (:func:`lib.activelearning.record_handout`), and a PACS series not in
   the server's local cache, which has no info to note it in, is not noted (the stock update failed there, leaving a
-  pending entry and a failed one on every hand-out).
+  pending entry and a failed one on every hand-out). The note is held (:class:`HandOut`) until that entry is
+  written: a hand-out whose entry cannot be written is refused and leaves no note.
 * :class:`AuditedModelStore`: the weights store, each event of its history (publishing, published, rejected,
   restoring, restored) also an audit entry; publishing and restoring are refused while the log refuses entries.
 * Who asked: :func:`.context.request_actor` (the authenticated user, the client's address), read from the request
@@ -25,7 +26,7 @@ import os
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from ..runtime.hashing import file_sha256
 from ..weights.store import ModelStore
@@ -33,7 +34,7 @@ from .context import RequestContextMiddleware, request_actor
 from .identity import input_identity
 from .log import AuditError, AuditLog, sanitise
 
-__all__ = ["PENDING_EVENTS", "PROTECTED_INFO_KEYS", "HANDOUT_NOTE_KEY", "AuditedModelStore",
+__all__ = ["PENDING_EVENTS", "PROTECTED_INFO_KEYS", "HANDOUT_NOTE_KEY", "AuditedModelStore", "HandOut",
            "RequestContextMiddleware", "audited_datastore", "discard_result", "handing_out", "install_request_context",
            "request_actor", "result_fields"]
 
@@ -54,18 +55,45 @@ PENDING_EVENTS = {"image_added": "image_adding", "image_removed": "image_removin
 #: and client); written while :func:`handing_out` is in force, it is recorded by the hand-out's own entry
 HANDOUT_NOTE_KEY = "strategy"
 
-_handing_out: ContextVar[bool] = ContextVar("adl_denoise_handing_out", default=False)
+
+class HandOut:
+    """A study being handed out by MONAI Label's active-learning route (:func:`handing_out`): the route's note of
+    the hand-out in the image's info (:data:`HANDOUT_NOTE_KEY`), held until :meth:`keep_notes`, called once the
+    hand-out's own entry is written. A hand-out refused because its entry cannot be written leaves no note: nothing
+    says the study was handed out, and the queue hands it out to the next request as before."""
+
+    def __init__(self) -> None:
+        self._notes: List[Callable[[], None]] = []
+
+    def hold(self, keep: Callable[[], None]) -> None:
+        """Hold ``keep`` (writes one note) until :meth:`keep_notes`."""
+        self._notes.append(keep)
+
+    def keep_notes(self) -> None:
+        """Write the held notes (the hand-out is on record); one that fails is a warning, as in the stock route (a
+        note is no record: the hand-out's entry is)."""
+        notes, self._notes = self._notes, []
+        for keep in notes:
+            try:
+                keep()
+            except Exception:  # noqa: BLE001 - the stock route goes on without its note too
+                log.warning("review queue: the hand-out note could not be kept in the image's info", exc_info=True)
+
+
+_handing_out: ContextVar[Optional[HandOut]] = ContextVar("adl_denoise_handing_out", default=None)
 
 
 @contextmanager
-def handing_out() -> Iterator[None]:
+def handing_out() -> Iterator[HandOut]:
     """While MONAI Label's active-learning route hands out a study (:func:`lib.endpoints.guards.guarded_sample`):
     its note of the hand-out in the image's info (:data:`HANDOUT_NOTE_KEY` alone) writes no ``image_info_updating``
-    / ``image_info_updated`` entries (the route records the hand-out once) and is skipped for a PACS series not in
-    the local cache, and while the log refuses entries. Any other info update is recorded as always."""
-    token = _handing_out.set(True)
+    / ``image_info_updated`` entries (the route records the hand-out once) and is held in the :class:`HandOut`
+    yielded, written by :meth:`HandOut.keep_notes` once the hand-out's entry is (skipped for a PACS series not in
+    the local cache). Any other info update is recorded as always."""
+    handout = HandOut()
+    token = _handing_out.set(handout)
     try:
-        yield
+        yield handout
     finally:
         _handing_out.reset(token)
 
@@ -146,9 +174,9 @@ class AuditedDatastoreMixin:
             raise HTTPException(status_code=422, detail=(
                 f"image info may not set {', '.join(protected)}: verdicts are given with POST /review/{{id}} and "
                 "kept in the audit log"))
-        if _handing_out.get() and set(info or {}) == {HANDOUT_NOTE_KEY}:  # recorded as the hand-out (handing_out)
-            if self._audit.broken is None:  # a log that refuses entries: no hand-out entry, so no note either
-                self._update_cached_info(image_id, info, "the hand-out is recorded in the audit log")
+        handout = _handing_out.get()
+        if handout is not None and set(info or {}) == {HANDOUT_NOTE_KEY}:  # recorded as the hand-out (handing_out)
+            handout.hold(lambda: self._update_cached_info(image_id, info, "the hand-out is recorded in the audit log"))
             return None
         return self._recorded("image_info_updated", {"image": image_id, "info": info},
                               lambda: super(AuditedDatastoreMixin, self).update_image_info(image_id, info))

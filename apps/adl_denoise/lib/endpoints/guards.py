@@ -38,9 +38,10 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   ``GET /session/{id}``) are cut to their last part.
 * ``POST /activelearning/{strategy}``: a study handed out is one audit entry, ``review_queue_handout`` (who was
   given which study, by which strategy), written before the answer; the stock route's note of the hand-out in the
-  image's info (``strategy``) writes no info-update entries of its own, and is not attempted for a PACS series not
-  in the server's local cache (:func:`lib.audit.recording.handing_out`): every hand-out left two info-update
-  entries, and on such a series a pending entry and a failed one.
+  image's info (``strategy``) writes no info-update entries of its own, is kept only once that entry is written,
+  and is not attempted for a PACS series not in the server's local cache (:func:`lib.audit.recording.handing_out`):
+  every hand-out left two info-update entries, and on such a series a pending entry and a failed one. A hand-out
+  whose entry cannot be written is refused (503: access to patient data is never given unrecorded), no note kept.
 * ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``, ``GET /datastore/?output=train``: below
   admin (with authentication on), the answer names none of the server's folders and files (the audit log's
   ``audit.dir``, a training run's ``work_dir``; the training list's files and paths in texts cut to their last
@@ -782,16 +783,16 @@ def guarded_sample(strategy: str, params: Optional[dict] = None, user: User = De
     (:func:`_without_path`); ``id`` names the study. When the review queue hands out none but skipped series too
     large to review here, the answer (no ``id``) lists them (:data:`lib.activelearning.review.QUEUE_LEFT`), where
     MONAI Label answered ``{}``, as for an empty queue. A study handed out is one ``review_queue_handout`` audit
-    entry (:func:`lib.activelearning.record_handout`), written before the answer; the stock route's note of it in
-    the image's info is not an entry of its own (:func:`lib.audit.recording.handing_out`). A hand-out whose entry
-    cannot be written (a log that refuses entries) is still answered, as reads are, with an ERROR in the server's
-    log: it changes no study and no record."""
+    entry (:func:`lib.activelearning.record_handout`), written before the answer and before the stock route's note
+    of it in the image's info, which is not an entry of its own (:func:`lib.audit.recording.handing_out`). A
+    hand-out whose entry cannot be written is refused (503, :func:`.review.recorded_access`) and leaves no note: the
+    study is handed out to the next request once the log takes entries again."""
     from monailabel.endpoints.activelearning import sample
 
     from ..activelearning import record_handout
     from ..activelearning.review import QUEUE_LEFT
-    from ..audit import AuditError
     from ..audit.recording import handing_out
+    from .review import recorded_access
 
     strategies = getattr(app(), "_strategies", None) or {}  # noqa: SLF001 - MONAI Label keeps them private
     if strategy not in strategies:  # the stock route answers 500
@@ -799,18 +800,18 @@ def guarded_sample(strategy: str, params: Optional[dict] = None, user: User = De
                                                     f"{', '.join(sorted(strategies)) or 'none'})")
     token = QUEUE_LEFT.set(None)
     try:
-        with handing_out():
+        with handing_out() as handout:
             answer = _without_path(sample(strategy, params, user.username))
         left = QUEUE_LEFT.get()
     finally:
         QUEUE_LEFT.reset(token)
     audit = getattr(app(), "audit", None)
-    if isinstance(answer, dict) and answer.get("id") and audit is not None:
-        try:
-            record_handout(audit, answer["id"], strategy, params or {}, answer)
-        except AuditError as error:
-            log.error("review queue: %s handed out to %s without its audit entry: %s", answer["id"],
-                      user.username, error)
+    if isinstance(answer, dict) and answer.get("id"):
+        if audit is not None:  # a server without an audit log hands out as MONAI Label does
+            recorded_access(lambda: record_handout(audit, answer["id"], strategy, params or {}, answer),
+                            "no study was handed out for review",
+                            f"review queue: {answer['id']} not handed out to {user.username}")
+        handout.keep_notes()
     return answer if answer or left is None else left
 
 

@@ -9,13 +9,13 @@ or gave a verdict (:data:`TRAIL_INTERNAL`).
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 from fastapi import APIRouter, Body, HTTPException, Request
 
 from .common import app, for_caller
 
-__all__ = ["router", "audit_log", "audit_http_error"]
+__all__ = ["router", "audit_log", "audit_http_error", "recorded_access"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,25 @@ def audit_http_error(error: Exception, what: str) -> HTTPException:
 
     status = 503 if isinstance(error, AuditBrokenError) else 500
     return HTTPException(status_code=status, detail=f"{what}: {error}")
+
+
+def recorded_access(record: Callable[[], dict], refused: str, about: str) -> dict:
+    """The audit entry of an access to patient data, written by ``record`` (appends it, returns the entry) BEFORE
+    anything is handed out. Access that cannot be audited is refused, whatever stops the entry (a log that refuses
+    entries, a log file or folder the server cannot write): 503 ``<refused>: the audit log could not be written
+    (<why>)``, paths cut to their last part as in every error answer, and an ERROR in the server's log naming
+    ``about`` (which study, for whom), which the answer does not. Changes that cannot be recorded fail through
+    :func:`audit_http_error`; access to data (the review queue's hand-out) through this, never answered without its
+    entry."""
+    from ..audit import AuditError
+
+    try:
+        return record()
+    except AuditError as error:
+        logger.error("access refused, its audit entry could not be written: %s: %s", about, error)
+        raise HTTPException(status_code=503, detail=(
+            f"{refused}: the audit log could not be written ({error}); access to patient data is not given "
+            "unrecorded: ask an administrator to check the audit log's folder (GET /review/audit/verify)")) from None
 
 
 @router.get("/", summary="Audit trail: every study's verdict, review history and the results produced")
