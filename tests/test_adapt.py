@@ -498,24 +498,53 @@ def test_adapt_compares_planted_lesions_as_each_file_is_served(tmp_path, low_dos
     assert 0 < report["low_frequency_restoration"]["sigma_px"] <= 0.8
 
 
+#: the fine-tuned ADL network's output logit raised by this much (``_wreck``): soft tissue comes out hundreds of HU
+#: too bright, whatever the few fine-tuning steps did
+WRECK_LOGIT = 0.5
+
+
+def _wreck(generator) -> None:
+    """Make a fine-tuned ADL network worse by a known amount, whatever its training did: its full-resolution head's
+    last bias raised by :data:`WRECK_LOGIT` adds that to every output logit (the network is
+    ``sigmoid(logit(input) + head)``), a bright offset over the whole image."""
+    import torch
+
+    with torch.no_grad():
+        generator.heads[0].out.bias.add_(WRECK_LOGIT)
+
+
+def _run_wrecked(monkeypatch, capsys, *args: str | Path):
+    """``cli.py adapt *args`` in-process, the fine-tuned network wrecked (``_wreck``, through
+    ``adapt_to_low_dose``'s test hook) before it is exported and checked: (exit status, stdout, stderr)."""
+    import functools
+
+    import lib.noise_learning.adaptation as adaptation
+
+    monkeypatch.setattr(adaptation, "adapt_to_low_dose",
+                        functools.partial(adaptation.adapt_to_low_dose, tamper_for_tests=_wreck))
+    code = import_cli().main(["adapt", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.slow
-def test_adapt_refuses_a_worse_model_and_writes_nothing(tmp_path, tiny_weights, low_dose_slab):
+@pytest.mark.usefixtures("one_torch_thread")
+def test_adapt_refuses_a_worse_model_and_writes_nothing(tmp_path, tiny_weights, low_dose_slab, monkeypatch, capsys):
+    """A fine-tuned network made worse (``_wreck``; finite, so not the diverged refusal) is refused by the check on
+    the held-out slices: exit 3, nothing written but the report."""
     output = tmp_path / "adl_site.pt"
-    # a learning rate far too high wrecks the network (finite, but worse): the check must catch it on the held-out
-    # slices. 0.12: from 0.2 the training diverges (NaN, another refusal); at 0.05 the pseudo pairs' noise level
-    # decides whether the 6 steps wreck it at all (since the two-scale noise estimate they did not)
-    done = run_cli("adapt", "--lowdose", low_dose_slab, "--model", "adl", "--initial-weights",
-                   tiny_weights / "pretrained_adl_ct.pt", "--output", output, *TINY, "--lr", "0.12",
-                   "--noise-steps", "2")
-    assert done.returncode == 3, done.stdout + done.stderr
-    assert "worse than the starting one on the held-out low-dose slices" in done.stderr
+    code, out, err = _run_wrecked(monkeypatch, capsys, "--lowdose", low_dose_slab, "--model", "adl",
+                                  "--initial-weights", tiny_weights / "pretrained_adl_ct.pt", "--output", output,
+                                  *TINY, "--noise-steps", "2", "--steps", "2")
+    assert code == 3, out + err
+    assert "worse than the starting one on the held-out low-dose slices" in err
     assert not output.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adl_site.pt")]  # no temp file left
     report = json.loads((tmp_path / "adl_site.pt.adapt.json").read_text())
     assert not report["passed"] and not report["written"]
     assert report["passed"] == (report["check"]["passed"] and report["lesion_check"]["passed"])
     assert not report["check"]["passed"]
-    assert report["check"]["adapted_loss"] > report["check"]["baseline_loss"]
+    assert report["check"]["adapted_loss"] > 2 * report["check"]["baseline_loss"]  # the wreck, not a hair
     # the report of a refused run does not block the next attempt; weights that exist do
     from lib.noise_learning.adaptation import blocking_files
 
@@ -525,22 +554,24 @@ def test_adapt_refuses_a_worse_model_and_writes_nothing(tmp_path, tiny_weights, 
 
 
 @pytest.mark.slow
-def test_a_refused_overwrite_leaves_the_weights_in_place_and_their_report(tmp_path, tiny_weights, low_dose_slab):
-    """Weights adapted earlier sit at the output with their report; a new run with --overwrite is refused (the
-    learning rate wrecks it): both files stay as they were, and the refusal's report goes to another name, printed.
-    (The refusal used to write its "written": false over the report of the weights still in place.)"""
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_refused_overwrite_leaves_the_weights_in_place_and_their_report(tmp_path, tiny_weights, low_dose_slab,
+                                                                          monkeypatch, capsys):
+    """Weights adapted earlier sit at the output with their report; a new run with --overwrite is refused (its
+    fine-tuned network wrecked, ``_wreck``): both files stay as they were, and the refusal's report goes to another
+    name, printed. (The refusal used to write its "written": false over the report of the weights still in place.)"""
     output = tmp_path / "adl_site.pt"
     output.write_bytes((tiny_weights / "pretrained_adl_ct.pt").read_bytes())  # stands for the earlier run's weights
     in_place = tmp_path / "adl_site.pt.adapt.json"
     in_place.write_text(json.dumps({"passed": True, "written": True, "note": "the report of the weights in place"}))
     before = {p.name: p.read_bytes() for p in (output, in_place)}
-    done = run_cli("adapt", "--lowdose", low_dose_slab, "--model", "adl", "--initial-weights",
-                   tiny_weights / "pretrained_adl_ct.pt", "--output", output, *TINY, "--lr", "0.12",
-                   "--noise-steps", "2", "--overwrite")
-    assert done.returncode == 3, done.stdout + done.stderr
+    code, out, err = _run_wrecked(monkeypatch, capsys, "--lowdose", low_dose_slab, "--model", "adl",
+                                  "--initial-weights", tiny_weights / "pretrained_adl_ct.pt", "--output", output,
+                                  *TINY, "--noise-steps", "2", "--steps", "2", "--overwrite")
+    assert code == 3, out + err
     assert {p.name: p.read_bytes() for p in (output, in_place)} == before
     refused = tmp_path / "adl_site.pt.adapt.refused.json"
-    assert f"report {refused}" in done.stderr and "kept as they were" in done.stderr
+    assert f"report {refused}" in err and "kept as they were" in err
     report = json.loads(refused.read_text())
     assert not report["written"] and not report["check"]["passed"]
     # that report blocks nothing: the weights and their report do

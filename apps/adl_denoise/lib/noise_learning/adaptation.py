@@ -38,11 +38,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from ..runtime.atomic import atomic_copy, atomic_write_json
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +365,7 @@ def adapt_to_low_dose(
     force: bool = False,
     overwrite: bool = False,
     report: Callable[[str], None] = log.info,
+    tamper_for_tests: Callable[[nn.Module], None] | None = None,
 ) -> dict:
     """Adapt ``initial_weights`` to the noise of low-dose CT images (HU) and write ``output`` if it is no worse.
 
@@ -377,6 +381,9 @@ def adapt_to_low_dose(
         force: write the output even when the check fails.
         overwrite: replace an existing output / report.
         report: receives progress lines.
+        tamper_for_tests: test hook, None in use: called with the fine-tuned network (changed in place) after
+            training, before it is exported and checked, so that a test can make the candidate worse by a known
+            amount (the checks' refusal then does not hang on training dynamics).
 
     Returns:
         The report (also written as JSON): ``held_out`` slices, ``train_slices``, ``check`` (``criterion``,
@@ -510,6 +517,8 @@ def adapt_to_low_dose(
                                   samples_per_epoch=tune.samples_per_epoch, seed=tune.seed,
                                   slice_context=slice_context)
         result = train(config, dataset, val_pairs=None, progress=False, initial_weights=start_path)
+        if tamper_for_tests is not None:
+            tamper_for_tests(result.generator)
         seconds["fine_tune"] = time.perf_counter() - t0
         record = result.training_record()
         record["adapted_from"] = {"file": Path(start_path).name}
