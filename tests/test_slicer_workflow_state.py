@@ -22,6 +22,7 @@ from ADLDenoiseLib.review_session import (
     snapshot_matches_files,
     verify_snapshot,
 )
+from ADLDenoiseLib.series_files import NoReference
 from ADLDenoiseLib.settings import (
     MAX_RESTORATION_PX,
     RESTORATION_SPIN_AUTO,
@@ -515,6 +516,49 @@ def test_a_dicom_volume_is_compared_with_its_files_from_the_copy_hashed_and_deci
     assert session.files_read(series, content.key, False) is None and session.study_stale
     ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode1", masked, series, "4: CT CHEST")
     assert session.identified(ticket, hashed(task), lambda: pytest.fail("read twice")).kind == "content"
+
+
+def test_a_dicom_volume_whose_files_cannot_tell_says_why_on_its_status_line(tmp_path):
+    """Files that give no reference (here colour: Slicer loads them as a vector volume, not as the scalar volume
+    selected): the background comparison answers a NoReference; the voxels first seen become the reference, and the
+    status line says that the volume was not compared with its files, and why, instead of nothing."""
+    import pydicom
+
+    voxels = np.random.default_rng(7).integers(-1000, 1000, (3, 16, 12), dtype=np.int16).astype(np.float32)
+    files = write_series(tmp_path / "series", voxels)
+    for path in files:  # the same files in colour (RGB, 8 bits per sample)
+        dataset = pydicom.dcmread(path)
+        grey = np.clip((dataset.pixel_array.astype(np.int64) + 1000) // 8, 0, 255).astype(np.uint8)
+        dataset.SamplesPerPixel, dataset.PhotometricInterpretation, dataset.PlanarConfiguration = 3, "RGB", 0
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 8, 7, 0
+        dataset.PixelData = np.stack([grey, grey, grey], -1).tobytes()
+        dataset.save_as(path)
+    series = dicom_identity("1.2.840.77", "CT", "4: CT CHEST", instance_uids="1.2.840.77.1")
+    session = ReviewSession()
+    ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", voxels, series, "4: CT CHEST")
+    checks = []
+
+    def files_match():  # what ADLDenoiseLogic.start_files_check does
+        checks.append(BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files)))
+        return FILES_PENDING
+
+    content = hashed(task)
+    assert session.identified(ticket, content, files_match) == series
+    assert checks[0].wait(120) == "done" and isinstance(checks[0].result, NoReference)
+    assert session.files_read(series, content.key, checks[0].result) == series == session.require_study()
+    line = session.describe_study(series)
+    assert line.startswith(series.describe()) and "not compared with its DICOM files" in line
+    assert "colour" in line and "vector" in line
+    # the voxels first seen are the reference: a later edit is told without the files
+    edited = voxels.copy()
+    edited[:, :4] = -1000.0
+    assert session.as_loaded(series, content_identity(edited, EYE)).kind == "content"
+    # a series whose files tell says nothing of them; a scene close forgets the reason
+    told = dicom_identity("1.2.840.78", "CT")
+    assert session.as_loaded(told, content_identity(voxels, EYE), lambda: True) == told
+    assert session.describe_study(told) == told.describe()
+    session.scene_closed()
+    assert session.describe_study(series) == series.describe()
 
 
 def test_the_content_hash_of_a_copy_is_the_identity_the_volume_always_had():

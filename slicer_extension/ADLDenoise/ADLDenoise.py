@@ -46,6 +46,7 @@ from ADLDenoiseLib.review_session import (
     send_verdict,
     snapshot_matches_files,
 )
+from ADLDenoiseLib.series_files import NoReference
 from ADLDenoiseLib.settings import (
     DEFAULT_SERVER_URL,
     MAX_RESTORATION_PX,
@@ -225,6 +226,8 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
             del self.files_checks[key]
             if task.state == "failed":
                 logging.warning("ADLDenoise: could not compare %s with its files: %s", node_id, task.error)
+            elif isinstance(task.result, NoReference):  # the status line says it too (describe_study)
+                logging.info("ADLDenoise: %s not compared with its DICOM files: %s", node_id, task.result.reason)
             self.session.files_read(*key, task.result if task.state == "done" else None)
             ended.append(node_id)
         return ended
@@ -744,7 +747,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.session.checking(identity):
             return f"{identity.describe()}: comparing it with its DICOM files (an edit made before it was selected " \
                    "would make it a new study) ..."
-        return self.frameText(node) or identity.describe()
+        return self.frameText(node) or self.logic.session.describe_study(identity)
 
     @staticmethod
     def frameText(node) -> str:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .client import DenoiseServerError, TransferCancelled
+from .series_files import NoReference, read_series_values
 
 __all__ = ["FILES_PENDING", "StudyIdentity", "ResultRecord", "BlendRecord", "ReviewSession", "TempFiles",
            "WorkflowError", "VolumeSnapshot", "PendingIdentity", "VolumeChanged", "snapshot_matches_files",
@@ -171,14 +172,13 @@ class VolumeSnapshot:
         return content_identity(self.voxels, self.ijk_to_ras, self.name, self.frame)
 
 
-def snapshot_matches_files(snapshot: VolumeSnapshot, files: Sequence[str]) -> bool | None:
+def snapshot_matches_files(snapshot: VolumeSnapshot, files: Sequence[str]) -> bool | NoReference:
     """Background: whether ``snapshot`` holds the voxel values of its series' DICOM ``files``
-    (:mod:`series_files`); None when the files cannot tell. Compares the copy the identity was computed from, not
-    the node, so the answer is that of those very voxels (the node may have changed meanwhile)."""
-    from .series_files import read_series_values
-
+    (:mod:`series_files`); a :class:`~ADLDenoiseLib.series_files.NoReference` saying why when the files cannot
+    tell. Compares the copy the identity was computed from, not the node, so the answer is that of those very
+    voxels (the node may have changed meanwhile)."""
     values = read_series_values(files)
-    return None if values is None else values.matches(snapshot.voxels)
+    return values if isinstance(values, NoReference) else values.matches(snapshot.voxels)
 
 
 class VolumeChanged(WorkflowError):
@@ -369,6 +369,8 @@ class ReviewSession:
         self.files_checked: dict[tuple[StudyIdentity, str], bool | None] = {}
         #: (DICOM identity, content hash) whose files are being read in the background (:data:`FILES_PENDING`)
         self.files_pending: set[tuple[StudyIdentity, str]] = set()
+        #: DICOM identity -> why its files could not tell (:class:`NoReference`'s reason; for the status line)
+        self.files_untold: dict[StudyIdentity, str] = {}
         #: content identity of a DICOM volume edited in place -> that DICOM identity (for the status line)
         self.edited_from: dict[StudyIdentity, StudyIdentity] = {}
 
@@ -501,10 +503,11 @@ class ReviewSession:
 
         ``files_match``: asked (once per content) before the first voxels seen become the reference: whether the
         node still holds the voxels of the series' files on disk (:mod:`series_files`). False: the volume was
-        edited before the module first saw it, and is a new study although no earlier content was seen; None (or
-        no ``files_match``): cannot be told, the voxels seen now are the reference; :data:`FILES_PENDING`: the
-        files are being read in the background: ``identity`` is returned, but nothing may be done for it
-        (:meth:`require_checked`) until :meth:`files_read` gives the answer and it is identified again."""
+        edited before the module first saw it, and is a new study although no earlier content was seen; None, a
+        :class:`NoReference` (its reason kept for :meth:`describe_study`) or no ``files_match``: cannot be told,
+        the voxels seen now are the reference; :data:`FILES_PENDING`: the files are being read in the background:
+        ``identity`` is returned, but nothing may be done for it (:meth:`require_checked`) until :meth:`files_read`
+        gives the answer and it is identified again."""
         if identity.kind != "dicom":
             return identity
         loaded = self.loaded_content.get(identity)
@@ -515,7 +518,7 @@ class ReviewSession:
                 if answer == FILES_PENDING:
                     self.files_pending.add(key)
                 else:
-                    self.files_checked[key] = answer
+                    self.files_checked[key] = self._told(identity, answer)
             if key in self.files_pending:
                 return identity  # not a reference yet: require_checked refuses to act on it
             if self.files_checked.get(key) is False:  # not the files' voxels: edited before first seen
@@ -525,15 +528,16 @@ class ReviewSession:
             return identity
         return self._edited(identity, content)
 
-    def files_read(self, identity: StudyIdentity, content_key: str, answer: bool | None) -> StudyIdentity | None:
+    def files_read(self, identity: StudyIdentity, content_key: str,
+                   answer: bool | NoReference | None) -> StudyIdentity | None:
         """The background read of ``identity``'s files for the voxels ``content_key`` ended: ``answer`` as
-        ``files_match`` would have given it (True, False, or None when it could not tell). When the selected study
-        is ``identity`` identified from those very voxels (:meth:`identified`), its study is decided now (the series,
-        or a new study when edited: :meth:`as_loaded`), selected and returned; else None (the answer is kept for
-        the next identification of those voxels)."""
+        ``files_match`` would have given it (True, False, or a :class:`NoReference` or None when it could not
+        tell). When the selected study is ``identity`` identified from those very voxels (:meth:`identified`), its
+        study is decided now (the series, or a new study when edited: :meth:`as_loaded`), selected and returned;
+        else None (the answer is kept for the next identification of those voxels)."""
         key = (identity, content_key)
         self.files_pending.discard(key)
-        self.files_checked[key] = answer
+        self.files_checked[key] = self._told(identity, answer)
         content = self.study_content
         if self.study == identity and content is not None and content.key == content_key and \
                 self.pending is None and not self.study_stale:
@@ -542,6 +546,14 @@ class ReviewSession:
             self.study_content = content
             return self.study
         return None
+
+    def _told(self, identity: StudyIdentity, answer: bool | NoReference | None) -> bool | None:
+        """``answer`` of a files check as kept in :attr:`files_checked`; a :class:`NoReference`'s reason kept for
+        the status line (:meth:`describe_study`)."""
+        if isinstance(answer, NoReference):
+            self.files_untold[identity] = answer.reason
+            return None
+        return answer
 
     def checking(self, identity: StudyIdentity | None) -> bool:
         """Whether ``identity`` (a DICOM series seen for the first time) waits for its files to be compared."""
@@ -564,9 +576,14 @@ class ReviewSession:
         return edited
 
     def describe_study(self, identity: StudyIdentity) -> str:
-        """The status line of ``identity``; for a DICOM volume edited in place, says that it is a new study now."""
+        """The status line of ``identity``; for a DICOM volume edited in place, says that it is a new study now; for
+        one whose files could not be compared with it (:class:`NoReference`), why, and what stands in for them."""
         original = self.edited_from.get(identity)
         if original is None:
+            untold = self.files_untold.get(identity)
+            if untold is not None and identity in self.loaded_content:
+                return (f"{identity.describe()} (not compared with its DICOM files: {untold}; an edit made before "
+                        "it was first selected is not seen, later ones are)")
             return identity.describe()
         return (f"{identity.describe()}: the DICOM {original.describe()} was edited in place (its voxels are not "
                 "the series' any more), so it is a new study: the series' result and the server's copy are not "

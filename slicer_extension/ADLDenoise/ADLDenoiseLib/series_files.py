@@ -12,17 +12,34 @@ finds the files in Slicer's DICOM database (the SOP Instance UIDs on the volume'
 Compressed pixel data pydicom has no decoder for (JPEG Lossless: Slicer's Python has neither pylibjpeg-libjpeg nor
 GDCM's Python wrapping) is decoded by SimpleITK's GDCM, which Slicer also ships.
 
-Files with different rescales (one per file: PET, some CT and MR exports): Slicer's scalar volume reader
-(vtkITKArchetypeImageSeriesScalarReader, GDCM's ImageIO) rescales each file with its own slope and intercept, in
-double precision (``slope * v + intercept``), into one type for the whole volume: double when a slope or intercept is
-not a whole number, else an integer type wide enough. The reference is then the multiset of those real-world values
-(:class:`RescaledValues`), compared within a few units in the last place of ``|slope * v| + |intercept|`` (a build
-that fuses the multiply-add, as clang does on arm64, may differ from the unfused product in the last bit).
+What Slicer's scalar volume reader (vtkITKArchetypeImageSeriesScalarReader, ITK's GDCMImageIO) makes of the files,
+and so what the reference reproduces:
+
+- files with different rescales (one per file: PET, some CT and MR exports): each file is rescaled with its own
+  slope and intercept, in double precision (``slope * v + intercept``), into one type for the whole volume: double
+  when a slope or intercept is not a whole number, else an integer type wide enough. The reference is then the
+  multiset of those real-world values (:class:`RescaledValues`), compared within a few units in the last place of
+  ``|slope * v| + |intercept|`` (a build that fuses the multiply-add, as clang does on arm64, may differ from the
+  unfused product in the last bit);
+- a multi-frame file (enhanced CT / MR / PET, legacy converted): GDCM applies **one** rescale to all its frames:
+  for the enhanced classes the Pixel Value Transformation of the shared functional group, else that of the first
+  frame's per-frame group, else the top-level Rescale Slope / Intercept. Frames whose own per-frame rescale differs
+  are loaded through the first frame's (their values in Slicer are off by the difference): the reference does the
+  same, since it must be what the node holds, not what the frames mean;
+- MONOCHROME1: GDCM inverts the stored values to MONOCHROME2 before the rescale (``gdcm::ImageCodec``'s
+  DoInvertMonochrome: ``~v`` when signed, ``255 - v`` for 8 unsigned bits, ``2**BitsStored - 1 - v`` for 16, values
+  above that clamped first); the reference inverts them the same way.
+
+No reference (:class:`NoReference`, with the reason the module shows): colour (3 samples per pixel, PALETTE COLOR,
+YBR): Slicer's scalar reader refuses them and the DICOM plugin loads them as a vector volume, which the module does
+not take, so a scalar volume that names these files was made from them otherwise; Float / Double Float Pixel Data
+(parametric maps): no ImageIO of Slicer's scalar reader reads them (the Parametric Map plugin converts them with
+dcmqi, whose values this cannot reproduce here); 32-bit integer pixels; a file missing or unreadable; compressed
+pixel data neither pydicom nor SimpleITK decodes here; a rescale slope of 0 or a rescale that is not a finite
+number. The first voxels seen stay the reference then, as before.
 
 Not compared: the geometry (the node's IJK-to-RAS), which the content identity covers from the first
-identification on. Files this cannot read the same way as Slicer (compressed without a decoder, one rescale per
-frame, enhanced multi-frame, MONOCHROME1, colour, 32-bit or float pixels) give no reference (None): the first voxels
-seen stay the reference then, as before.
+identification on.
 """
 from __future__ import annotations
 
@@ -32,11 +49,39 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["RescaledValues", "SeriesValues", "read_series_values"]
+__all__ = ["NoReference", "RescaledValues", "SeriesValues", "read_series_values"]
 
 #: stored values are 8- or 16-bit, signed or not: -32768 .. 65535, counted at index value + _OFFSET
 _OFFSET = 32768
 _BINS = 65536 + _OFFSET
+
+#: SOP classes whose rescale GDCM reads from the functional groups (gdcm::ImageHelper::GetRescaleInterceptSlopeValue)
+_FUNCTIONAL_GROUP_RESCALE = frozenset({
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET
+    "1.2.840.10008.5.1.4.1.1.13.1.1",  # X-Ray 3D Angiographic
+    "1.2.840.10008.5.1.4.1.1.13.1.2",  # X-Ray 3D Craniofacial
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis
+    "1.2.840.10008.5.1.4.1.1.13.1.4",  # Breast Projection X-Ray, for presentation
+    "1.2.840.10008.5.1.4.1.1.13.1.5",  # Breast Projection X-Ray, for processing
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.128.1",  # Legacy Converted Enhanced PET
+})
+
+
+@dataclass(frozen=True)
+class NoReference:
+    """The series' files cannot be read as Slicer's scalar volume reader reads them: ``reason`` says why, in words
+    for the status line (the voxels first seen stay the reference)."""
+
+    reason: str
+
+    def matches(self, voxels: np.ndarray) -> None:
+        """Cannot tell (no reference)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -123,35 +168,43 @@ class RescaledValues:
         return bool(np.array_equal(counts, expected))
 
 
-def read_series_values(paths: Sequence[str | os.PathLike]) -> SeriesValues | RescaledValues | None:
-    """The values of the DICOM files ``paths`` (one volume's files): a :class:`SeriesValues` when they share one
-    rescale, a :class:`RescaledValues` when it differs between files; None when they cannot be read as Slicer's
-    scalar volume reader reads them: a file missing or unreadable, pixel data neither pydicom nor SimpleITK can
-    decode here, an enhanced multi-frame object (rescale per frame), MONOCHROME1 or colour images, pixels of 32 bits
-    or floats, a slope of 0 or a rescale that is not a finite number."""
+def read_series_values(paths: Sequence[str | os.PathLike]) -> SeriesValues | RescaledValues | NoReference:
+    """The values of the DICOM files ``paths`` (one volume's files; a multi-frame file holds all its frames) as
+    Slicer's scalar volume reader gives them: a :class:`SeriesValues` when the files share one rescale, a
+    :class:`RescaledValues` when it differs between files; a :class:`NoReference` saying why when they cannot be
+    read as that reader reads them (see the module's docstring)."""
     import pydicom  # shipped with Slicer; imported here so that the rest of the library does not need it
 
     # per file: its rescale, and the stored values it holds with their counts (only those present: a series of
     # hundreds of files with as many rescales must not hold a 98,304-bin histogram per file)
     files: list[tuple[float, float, np.ndarray, np.ndarray]] = []
     if not paths:
-        return None
+        return NoReference("no files")
     for path in paths:
+        name = os.path.basename(os.fspath(path))
         try:
             dataset = pydicom.dcmread(os.fspath(path))
-            if "PixelData" not in dataset or "PerFrameFunctionalGroupsSequence" in dataset or \
-                    int(dataset.get("NumberOfFrames", 1) or 1) != 1 or \
-                    str(dataset.get("PhotometricInterpretation", "")).strip() != "MONOCHROME2":
-                return None
-            slope = float(dataset.get("RescaleSlope", 1) or 1)
-            intercept = float(dataset.get("RescaleIntercept", 0) or 0)
-            if slope == 0 or not np.isfinite(slope) or not np.isfinite(intercept):
-                return None
+        except Exception as error:  # noqa: BLE001 - missing or not DICOM: no reference, not an error
+            return NoReference(f"its file {name} cannot be read ({type(error).__name__})")
+        try:
+            refused, rescale = _not_as_slicer_reads(dataset), _gdcm_rescale(dataset)
+        except (TypeError, ValueError, AttributeError, IndexError) as error:  # malformed image attributes
+            return NoReference(f"the image attributes of {name} cannot be read ({type(error).__name__})")
+        if refused:
+            return NoReference(refused)
+        if rescale is None:
+            return NoReference(f"{name} has an incomplete Pixel Value Transformation (rescale)")
+        slope, intercept = rescale
+        if slope == 0 or not np.isfinite(slope) or not np.isfinite(intercept):
+            return NoReference(f"{name} has a rescale slope of 0 or a rescale that is not a finite number")
+        try:
             pixels = _stored_values(dataset, os.fspath(path), slope, intercept)
-        except Exception:  # noqa: BLE001 - unreadable or undecodable here: no reference, not an error
-            return None
+        except Exception:  # noqa: BLE001 - undecodable here: no reference, not an error
+            pixels = None
         if pixels is None or pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2:
-            return None
+            syntax = dataset.file_meta.get("TransferSyntaxUID", "")
+            syntax = getattr(syntax, "name", "") or str(syntax) or "unknown transfer syntax"
+            return NoReference(f"the pixel data of {name} ({syntax}) cannot be decoded here as Slicer decodes it")
         histogram = np.bincount((pixels.astype(np.int64) + _OFFSET).ravel(), minlength=_BINS)
         present = np.flatnonzero(histogram)
         files.append((slope, intercept, present - _OFFSET, histogram[present]))
@@ -175,20 +228,69 @@ def read_series_values(paths: Sequence[str | os.PathLike]) -> SeriesValues | Res
     return RescaledValues(voxels, distinct, summed, largest)
 
 
+def _not_as_slicer_reads(dataset) -> str:
+    """Why Slicer's scalar volume reader cannot have made a scalar volume of ``dataset``'s pixels ("" when it
+    can): colour, float or 32-bit pixels, or none at all."""
+    if "FloatPixelData" in dataset or "DoubleFloatPixelData" in dataset:
+        return ("its files hold float pixel data (Float / Double Float Pixel Data, a parametric map): Slicer's "
+                "scalar volume reader cannot read it (the Parametric Map plugin converts it with dcmqi), so the "
+                "volume's values cannot be compared with the files")
+    if "PixelData" not in dataset:
+        return "its files hold no pixel data"
+    photometric = str(dataset.get("PhotometricInterpretation", "")).strip()
+    if int(dataset.get("SamplesPerPixel", 1) or 1) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return (f"its files are colour images ({photometric or 'no Photometric Interpretation'}): Slicer loads them "
+                "as a vector (RGB) volume, not as this scalar volume, so its values cannot be compared with the files")
+    if int(dataset.get("BitsAllocated", 0) or 0) not in (8, 16):
+        return f"its files have {dataset.get('BitsAllocated')}-bit pixels (only 8 and 16 bits are compared)"
+    return ""
+
+
+def _gdcm_rescale(dataset) -> tuple[float, float] | None:
+    """The (slope, intercept) GDCM (Slicer's reader) applies to every frame of ``dataset``: for the SOP classes of
+    :data:`_FUNCTIONAL_GROUP_RESCALE`, the Pixel Value Transformation of the shared functional group, else of the
+    first frame's per-frame group (one rescale for all frames, even where later frames have others); else, and
+    where neither has one, the top-level Rescale Slope / Intercept (1 and 0 when absent). None when the group
+    found gives only one of the two."""
+    if str(dataset.get("SOPClassUID", "")) in _FUNCTIONAL_GROUP_RESCALE:
+        for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            items = dataset.get(groups) or []
+            transformation = (items[0].get("PixelValueTransformationSequence") or []) if items else []
+            if transformation:
+                item = transformation[0]
+                if "RescaleSlope" not in item or "RescaleIntercept" not in item:
+                    return None
+                return float(item.RescaleSlope), float(item.RescaleIntercept)
+    return float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0)
+
+
+def _as_monochrome2(pixels: np.ndarray, dataset) -> np.ndarray:
+    """``pixels`` (stored values as pydicom decodes them) as GDCM hands them to the rescale: MONOCHROME1 inverted to
+    MONOCHROME2 (gdcm::ImageCodec::DoInvertMonochrome on the raw buffer: ``~v`` when signed, ``255 - v`` for 8
+    unsigned bits, ``2**BitsStored - 1 - min(v, 2**BitsStored - 1)`` for 16), MONOCHROME2 as it is."""
+    if str(dataset.get("PhotometricInterpretation", "")).strip() != "MONOCHROME1":
+        return pixels
+    if pixels.dtype.kind == "i":
+        return np.invert(pixels)
+    if pixels.dtype.itemsize == 1:
+        return (255 - pixels).astype(pixels.dtype)
+    mask = (1 << int(dataset.get("BitsStored", 16) or 16)) - 1
+    return (mask - np.minimum(pixels, mask)).astype(pixels.dtype)
+
+
 def _stored_values(dataset, path: str, slope: float, intercept: float) -> np.ndarray | None:
-    """The stored values of one file's pixel data (rows x columns, its stored type): pydicom's decoders, else, for
-    compressed pixel data none of them decodes (JPEG Lossless in Slicer's Python, which has no such decoder),
-    SimpleITK's GDCM (shipped with Slicer; the library Slicer's reader decodes with), whose values come rescaled:
-    the stored values are recovered from them, and None when they are not ``slope * v + intercept`` of whole
-    ``v`` of the stored type (to a few units in the last place) or SimpleITK is missing."""
+    """The stored values of one file's pixel data (frames x rows x columns or rows x columns, its stored type) as
+    GDCM hands them to the rescale (:func:`_as_monochrome2`): pydicom's decoders, else, for compressed pixel data
+    none of them decodes (JPEG Lossless in Slicer's Python, which has no such decoder), SimpleITK's GDCM (shipped
+    with Slicer; the library Slicer's reader decodes with), whose values come inverted and rescaled: the stored
+    values are recovered from them, and None when they are not ``slope * v + intercept`` of whole ``v`` of the
+    stored type (to a few units in the last place) or SimpleITK is missing."""
     try:
-        return dataset.pixel_array
+        return _as_monochrome2(dataset.pixel_array, dataset)
     except Exception:  # noqa: BLE001 - no decoder here for it: GDCM may have one
         if not dataset.file_meta.TransferSyntaxUID.is_compressed:
             return None
     bits, signed = int(dataset.BitsAllocated), int(dataset.get("PixelRepresentation", 0)) == 1
-    if bits not in (8, 16) or int(dataset.get("SamplesPerPixel", 1)) != 1:
-        return None
     try:
         import SimpleITK as sitk
     except ImportError:
@@ -198,7 +300,8 @@ def _stored_values(dataset, path: str, slope: float, intercept: float) -> np.nda
     reader.SetFileName(path)
     image = reader.Execute()
     values = sitk.GetArrayFromImage(image).astype(np.float64)
-    if image.GetNumberOfComponentsPerPixel() != 1 or values.size != int(dataset.Rows) * int(dataset.Columns):
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if image.GetNumberOfComponentsPerPixel() != 1 or values.size != frames * int(dataset.Rows) * int(dataset.Columns):
         return None
     stored = np.rint((values - intercept) / slope)
     # GDCM's rescale in double, perhaps with a fused multiply-add: exact, or a few units in the last place off
@@ -207,4 +310,4 @@ def _stored_values(dataset, path: str, slope: float, intercept: float) -> np.nda
     if not np.all(np.abs(slope * stored + intercept - values) <= tolerance) or \
             stored.min() < np.iinfo(dtype).min or stored.max() > np.iinfo(dtype).max:
         return None
-    return stored.astype(dtype).reshape(int(dataset.Rows), int(dataset.Columns))
+    return stored.astype(dtype)
