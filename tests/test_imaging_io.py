@@ -1290,10 +1290,13 @@ def test_header_modality_is_what_read_volume_gives_read_from_headers_alone(tmp_p
     """The review queue reads an oversized study's modality with :func:`header_modality`: a DICOM file's or
     single-series folder's Modality, as :func:`read_volume` gives it, without its pixel data; None where the values
     decide it (NIfTI) or the headers do not tell (a folder of two series)."""
+    from lib.imaging.dicom_read import probe_dicom_header
     from lib.imaging.io import header_modality
 
     ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
     assert header_modality(ct) == read_volume(ct).modality == "CT"
+    header, problem = probe_dicom_header(Path(ct))  # the public header read header_modality uses
+    assert problem is None and header.Modality == "CT" and "PixelData" not in header
     one = tmp_path / "one_series"
     one.mkdir()
     shutil.copy(mr, one / "a.dcm")
@@ -1306,3 +1309,114 @@ def test_header_modality_is_what_read_volume_gives_read_from_headers_alone(tmp_p
     nifti = tmp_path / "ct.nii.gz"
     sitk.WriteImage(sitk.ReadImage(ct), str(nifti))
     assert header_modality(nifti) is None and read_volume(nifti).modality == "CT"
+
+
+def _rle_multiframe(path: Path, n_frames: int, declared: int | None = None, table: str = "basic") -> Path:
+    """:func:`_multiframe`'s ``n_frames`` frames compressed by pydicom's RLE Lossless encoder, one fragment a frame,
+    with a Basic Offset Table (``table`` "basic"), an Extended one ("extended") or none ("none"); the header
+    declares ``declared`` frames (default: as many as it holds)."""
+    from pydicom.encaps import decode_data_sequence, encapsulate
+    from pydicom.uid import RLELossless
+
+    ds = pydicom.dcmread(_multiframe(path, n_frames))
+    ds.compress(RLELossless, encapsulate_ext=table == "extended")
+    if table == "none":
+        ds.PixelData = encapsulate(decode_data_sequence(ds.PixelData), has_bot=False)
+    if declared is not None:
+        ds.NumberOfFrames = declared
+    ds.save_as(path)
+    return path
+
+
+def _without_last_fragment(path: Path) -> Path:
+    """``path`` cut at the item tag of its last fragment: that frame's bytes and the sequence delimiter gone, every
+    other fragment whole (a copy cut at a fragment's boundary)."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: raw.rindex(b"\xfe\xff\x00\xe0")])
+    return path
+
+
+@pytest.mark.parametrize("table", ["basic", "extended", "none"])
+def test_compressed_pixel_data_with_fewer_frames_than_declared_is_refused_naming_both(tmp_path, table):
+    """The check of the pixel data's length covered uncompressed data only: an RLE Lossless multi-frame file cut
+    at a frame's fragment read as "a DICOM file without pixel data" (or the reshape error of the decoder), one whose
+    NumberOfFrames is larger than its frames as "cannot reshape array"; with an offset table listing more frames than
+    declared, the decoder would return the first ones. The frames are counted from the offset table (Basic or
+    Extended), or from the fragments without one, never decoded, and a file holding fewer is refused naming the
+    frames declared and those there; a whole file reads as its uncompressed twin."""
+    whole = _rle_multiframe(tmp_path / "whole.dcm", 4, table=table)
+    assert np.array_equal(read_volume(whole).array, read_volume(_multiframe(tmp_path / "raw.dcm", 4)).array)
+    counted = (r"holds 3 whole fragment\(s\)" if table == "none" else
+               r"holds 3 whole frame\(s\) of the 4 its offset table lists")
+    cut = _without_last_fragment(_rle_multiframe(tmp_path / "cut.dcm", 4, table=table))
+    with pytest.raises(ImageReadError, match=r"cut.dcm is truncated or corrupt: its header declares 4 frame\(s\) "
+                                             r"\(4 x 128 x 128 voxels\), but its compressed \(RLE Lossless\) pixel "
+                                             rf"data {counted}.*\(a cut copy, or NumberOfFrames is wrong\)"):
+        read_volume(cut)
+    more = _rle_multiframe(tmp_path / "more.dcm", 4, declared=5, table=table)
+    with pytest.raises(ImageReadError, match=r"more.dcm is truncated or corrupt: its header declares 5 frame\(s\) "
+                                             r"\(5 x 128 x 128 voxels\), but its compressed \(RLE Lossless\) pixel "
+                                             r"data holds 4 whole"):
+        read_volume(more)
+    if table != "none":  # without a table the fragments of 3 frames may be 4: left to the decoder
+        fewer = _rle_multiframe(tmp_path / "fewer.dcm", 4, declared=3, table=table)
+        with pytest.raises(ImageReadError, match=r"fewer.dcm is corrupt: its compressed \(RLE Lossless\) pixel data "
+                                                 r"holds 4 frames by its offset table, 1 more than its header "
+                                                 r"declares \(3 x 128 x 128 voxels\)"):
+            read_volume(fewer)
+
+
+def test_a_compressed_slice_without_its_fragment_is_refused_naming_it(tmp_path):
+    """A slice of a series whose compressed pixel data lost its one fragment (a copy cut at it) is refused naming
+    the slice and what its header declares, as a cut uncompressed slice is."""
+    from pydicom.uid import RLELossless
+
+    series = _make_series(tmp_path / "series", n=3)
+    for path in series["paths"]:
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless)
+        ds.save_as(path)
+    assert read_volume(tmp_path / "series").shape == (3, 128, 128)
+    _without_last_fragment(series["paths"][1])
+    with pytest.raises(ImageReadError, match=rf"{series['paths'][1].name} is truncated or corrupt: its header "
+                                             r"declares 1 frame\(s\) \(1 x 128 x 128 voxels\), but its compressed "
+                                             r"\(RLE Lossless\) pixel data holds 0 whole frame"):
+        read_volume(tmp_path / "series")
+
+
+def _colour(path: Path, position: bool = True) -> Path:
+    """CT_small made an RGB image (3 samples of 8 bits a pixel, 128 x 128), with its ImagePositionPatient or
+    without it, as a new instance."""
+    ds = pydicom.dcmread(CT_SMALL)
+    grey = (ds.pixel_array.astype(np.int32) % 256).astype(np.uint8)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.stack([grey] * 3, axis=-1).tobytes()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if not position:
+        del ds.ImagePositionPatient
+    ds.save_as(path)
+    return path
+
+
+def test_colour_is_refused_for_that_before_size_or_geometry(tmp_path):
+    """Colour (SamplesPerPixel 3) is refused whatever else holds, so it is said first, from the headers: a colour
+    file over the voxel limit only by its 3 samples (128 x 128 x 3 = 49,152 values, limit 20,000) was refused as
+    too large (raising the limit only led to the colour refusal); a folder of colour slices without
+    ImagePositionPatient was refused as slices that cannot be ordered. Both now name the colour. A grey file of
+    that size passes that limit; a folder over it by its slices is refused as too large."""
+    colour_message = r"has 3 samples per pixel \(RGB\); 4D or multi-component \(colour\) images are not supported"
+    path = _colour(tmp_path / "rgb.dcm")
+    with pytest.raises(ImageReadError, match=colour_message) as raised:
+        read_volume(path, max_voxels=20_000)
+    assert not isinstance(raised.value, ImageTooLargeError) and "rgb.dcm" in str(raised.value)
+    assert read_volume(CT_SMALL, max_voxels=20_000).shape == (128, 128)
+    folder = tmp_path / "colour_series"
+    folder.mkdir()
+    for k in range(3):
+        _colour(folder / f"slice_{k}.dcm", position=False)
+    with pytest.raises(ImageReadError, match=r"slice_0.dcm " + colour_message):
+        read_volume(folder)
+    _make_series(tmp_path / "grey_series", n=3)
+    with pytest.raises(ImageTooLargeError, match=r"too large: 3 x 128 x 128 = 49,152 voxels exceeds the limit"):
+        read_volume(tmp_path / "grey_series", max_voxels=20_000)

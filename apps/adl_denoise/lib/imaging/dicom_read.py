@@ -13,12 +13,14 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, NamedTuple, Sequence
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset
+from pydicom.encaps import get_frame_offsets
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomFileLike
 from pydicom.pixel_data_handlers.util import apply_modality_lut
 
 from .dicom_geometry import orientation_direction, plane_geometry_2d, stack_geometry
@@ -28,7 +30,8 @@ from .errors import ImageReadError, UnreadableDicomError, one_line
 from .guards import check_plausible, check_size, check_values
 from .volume import Volume, fill_padding, integral_dtype_for
 
-__all__ = ["has_dicom_magic", "is_dicom_file", "list_dicom_series", "read_dicom_file", "read_dicom_folder"]
+__all__ = ["has_dicom_magic", "is_dicom_file", "list_dicom_series", "probe_dicom_header", "read_dicom_file",
+           "read_dicom_folder"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -46,7 +49,7 @@ def has_dicom_magic(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _probe_dicom_header(path: Path) -> tuple[Dataset | None, str | None]:
+def probe_dicom_header(path: Path) -> tuple[Dataset | None, str | None]:
     """(header without pixel data, None) for a DICOM file; (None, None) for a file that is not DICOM; (None,
     why) for a file marked DICOM ('DICM' after the preamble) that cannot be read, or whose header stops before
     the image size although it names an image SOP class (a cut or damaged slice: never silently left out).
@@ -96,7 +99,7 @@ def _uid_name(uid: str) -> str:
 
 def is_dicom_file(path: Path) -> bool:
     """True when ``path`` is a DICOM file (with the 'DICM' marker, or a header that parses without it)."""
-    return has_dicom_magic(path) or _probe_dicom_header(path)[0] is not None
+    return has_dicom_magic(path) or probe_dicom_header(path)[0] is not None
 
 
 def _is_image_header(ds: Dataset) -> bool:
@@ -106,14 +109,14 @@ def _is_image_header(ds: Dataset) -> bool:
 def _scan_dicom_folder(folder: Path) -> tuple[list[tuple[Path, Dataset]], int, list[tuple[Path, str]]]:
     """(path, header) of every DICOM image file directly in ``folder`` (sorted by name), the number of other
     files ignored (junk, DICOMDIR, non-image DICOM objects), and (path, why) of the DICOM files that cannot be
-    read (:func:`_probe_dicom_header`)."""
+    read (:func:`probe_dicom_header`)."""
     found: list[tuple[Path, Dataset]] = []
     ignored = 0
     unreadable: list[tuple[Path, str]] = []
     for entry in sorted(folder.iterdir()):
         if not entry.is_file():
             continue
-        header, problem = _probe_dicom_header(entry)
+        header, problem = probe_dicom_header(entry)
         if problem is not None:
             unreadable.append((entry, problem))
         elif header is None or not _is_image_header(header):
@@ -456,18 +459,81 @@ def _native_syntax(ds: Dataset) -> bool:
         return False
 
 
-def _dcmread_header(path: Path) -> tuple[FileDataset, tuple[int, int] | None]:
-    """(header without pixel data, (declared length, bytes the file holds after its header) of the pixel data
-    element, or None) of a DICOM file, without reading any pixel: pydicom stops in front of the pixel data element,
-    whose own 8 or 12 header bytes are read here. None when the element is absent, of undefined length
-    (encapsulated), or not where its bytes can be counted (a deflated transfer syntax)."""
+class _Fragments(NamedTuple):
+    """The items of encapsulated (compressed) pixel data as they lie in a file, none of them decoded."""
+
+    #: where each frame starts (bytes from the first fragment's item tag) by the Basic or Extended Offset Table;
+    #: None when both are empty
+    offsets: list[int] | None
+    #: the end of each fragment item whose bytes are all there, bytes from the first fragment's item tag
+    ends: list[int]
+    #: the data ends inside an item (a cut copy)
+    cut: bool
+
+
+def _walk_fragments(stream: BinaryIO, end: int, header: Dataset) -> _Fragments | None:
+    """The items of encapsulated pixel data (PS3.5 A.4) read from ``stream``, positioned at the Basic Offset Table
+    item, up to ``end`` (bytes, the stream's end) or the sequence delimiter: offsets and fragment lengths only, the
+    fragments skipped. The Extended Offset Table, when the Basic one is empty, comes from ``header``. None when the
+    items are not laid out as the standard says (left to the decoder, which names it)."""
+    fp = DicomFileLike(stream)
+    fp.is_little_endian = True  # encapsulated transfer syntaxes are all explicit VR little endian
+    try:
+        listed, offsets = get_frame_offsets(fp)
+    except (EOFError, struct.error):  # the data ends inside the Basic Offset Table
+        return _Fragments(None, [], True)
+    except ValueError:  # no Basic Offset Table item first
+        return None
+    offsets = offsets if listed else []  # an empty table is given as one frame at 0
+    extended = header.get("ExtendedOffsetTable")
+    if not offsets and isinstance(extended, bytes) and len(extended) % 8 == 0:
+        offsets = list(struct.unpack(f"<{len(extended) // 8}Q", extended))
+    first = stream.tell()
+    ends: list[int] = []
+    while True:
+        item = stream.read(8)
+        if len(item) < 8:
+            return _Fragments(offsets or None, ends, len(item) > 0)  # no delimiter: the items end with the file
+        group, element, length = struct.unpack("<HHI", item)
+        tag = group << 16 | element
+        if tag == 0xFFFEE0DD:
+            return _Fragments(offsets or None, ends, False)
+        if tag != 0xFFFEE000 or length == 0xFFFFFFFF:
+            return None
+        if stream.tell() + length > end:
+            return _Fragments(offsets or None, ends, True)
+        stream.seek(length, os.SEEK_CUR)
+        ends.append(stream.tell() - first)
+
+
+def _encapsulated_syntax(ds: Dataset) -> bool:
+    """True when ``ds``'s transfer syntax is an encapsulated (compressed) one pydicom knows, not deflated."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        return syntax is not None and bool(str(syntax)) and syntax.is_encapsulated and not syntax.is_deflated
+    except ValueError:  # not a transfer syntax pydicom knows
+        return False
+
+
+def _dcmread_header(path: Path) -> tuple[FileDataset, tuple[int, int] | _Fragments | None]:
+    """(header without pixel data, its pixel data element) of a DICOM file, without reading any pixel: pydicom
+    stops in front of the pixel data element, whose own 8 or 12 header bytes are read here. The element, when
+    uncompressed: (declared length, bytes the file holds after its header); when encapsulated (compressed): its
+    items (:class:`_Fragments`, the fragments skipped, not read); None when the element is absent, or not where its
+    bytes can be counted (a deflated transfer syntax)."""
     try:
         with open(path, "rb") as handle:
             header = pydicom.dcmread(handle, stop_before_pixels=True, force=not has_dicom_magic(path))
-            if not _native_syntax(header):
+            encapsulated = _encapsulated_syntax(header)
+            if not (encapsulated or _native_syntax(header)):
                 return header, None  # deflated: parsed from an inflated copy, not at the handle's position
             start = handle.tell()
             element = handle.read(12)
+            if encapsulated:
+                group, number = struct.unpack("<HH", element[:4]) if len(element) == 12 else (0, 0)
+                if (group << 16 | number) != 0x7FE00010 or element[8:12] != b"\xff\xff\xff\xff":
+                    return header, None  # no pixel data, or not encapsulated as its transfer syntax says
+                return header, _walk_fragments(handle, os.path.getsize(path), header)
     except _PARSE_ERRORS as exc:
         raise ImageReadError(f"cannot parse the DICOM file {path}: {one_line(exc)}") from exc
     order = "<" if header.is_little_endian in (None, True) else ">"
@@ -489,17 +555,6 @@ def _dcmread_header(path: Path) -> tuple[FileDataset, tuple[int, int] | None]:
     return header, (length, max(0, os.path.getsize(path) - value_start))
 
 
-def _loaded_pixel_bytes(ds: Dataset) -> tuple[int, int] | None:
-    """As :func:`_dcmread_header`'s element, for a dataset read whole: the length of its uncompressed pixel data."""
-    if not _native_syntax(ds):
-        return None
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        value = ds.get(keyword)
-        if isinstance(value, (bytes, bytearray)):
-            return len(value), len(value)
-    return None
-
-
 def _declared_shape(ds: Dataset, path: Path) -> tuple[int, ...]:
     """(frames, rows, columns), with the samples per pixel last when more than 1, from a header. A NumberOfFrames
     of 0 or empty is one frame, as pydicom decodes it."""
@@ -513,10 +568,51 @@ def _declared_shape(ds: Dataset, path: Path) -> tuple[int, ...]:
     return (int(frames), int(ds.Rows), int(ds.Columns)) + ((samples,) if samples > 1 else ())
 
 
-def _check_pixel_bytes(ds: Dataset, path: Path, shape: Sequence[int], element: tuple[int, int] | None) -> None:
+def _check_frames(ds: Dataset, path: Path, shape: Sequence[int], items: _Fragments) -> None:
+    """Refuse encapsulated (compressed) pixel data (``items``: from :func:`_dcmread_header`) that holds fewer whole
+    frames than the ``shape[0]`` the header declares (a cut copy, a NumberOfFrames too large: the decoder's message
+    was a failed reshape, or "without pixel data"), whose offset table lists more frames than declared (the decoder
+    returns the first ones: frames lost), or whose last fragment is cut. Counted from the offset table (a frame is
+    whole when the next one's start, or for the last frame the end of the items, is in the file); without one,
+    from the fragments (each frame takes one or more: fewer fragments than frames is frames missing). The
+    fragments are never decoded."""
+    declared = int(shape[0])
+    size = " x ".join(str(int(v)) for v in shape)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    what = f"its compressed ({getattr(syntax, 'name', syntax)}) pixel data"
+    whole_bytes = items.ends[-1] if items.ends else 0
+    if items.offsets is not None:
+        bounds = [*items.offsets[1:], None]
+        held = sum(1 for start, stop in zip(items.offsets, bounds)
+                   if (stop is not None and stop <= whole_bytes) or (stop is None and not items.cut
+                                                                     and start < whole_bytes))
+        counted = f"holds {held} whole frame(s) of the {len(items.offsets)} its offset table lists"
+    else:
+        held = len(items.ends)
+        counted = f"holds {held} whole fragment(s), and a frame takes one or more"
+    if held < declared:
+        raise ImageReadError(
+            f"{path} is truncated or corrupt: its header declares {declared} frame(s) ({size} voxels), but {what} "
+            f"{counted} (a cut copy, or NumberOfFrames is wrong)")
+    if items.offsets is not None and len(items.offsets) > declared:
+        raise ImageReadError(
+            f"{path} is corrupt: {what} holds {len(items.offsets)} frames by its offset table, "
+            f"{len(items.offsets) - declared} more than its header declares ({size} voxels): NumberOfFrames is "
+            "wrong, and reading it would leave frames out; fix the header or re-export the image")
+    if items.cut:
+        raise ImageReadError(f"{path} is truncated: {what} ends inside a fragment (a cut copy); its header declares "
+                             f"{size} voxels")
+
+
+def _check_pixel_bytes(ds: Dataset, path: Path, shape: Sequence[int],
+                       element: tuple[int, int] | _Fragments | None) -> None:
     """Refuse uncompressed pixel data (``element``: from :func:`_dcmread_header`) shorter than ``shape`` at
     BitsAllocated bits a value (a file cut short, or a header declaring more frames than it holds), or longer by
-    one whole frame or more (NumberOfFrames too small: pydicom drops the excess as padding, frames were lost)."""
+    one whole frame or more (NumberOfFrames too small: pydicom drops the excess as padding, frames were lost);
+    encapsulated pixel data as :func:`_check_frames` does."""
+    if isinstance(element, _Fragments):
+        _check_frames(ds, path, shape, element)
+        return
     if element is None:
         return
     bits = int(float_or(ds.get("BitsAllocated"), 0.0))
@@ -549,8 +645,9 @@ def read_dicom_file(
 
     ``series_uid`` (None: any) must match the file's series; ``modality_arg`` fills in when the Modality tag is
     neither CT nor MR; ``fill`` sets padding to air / 0; ``limit`` is the voxel limit (Rows x Columns x
-    NumberOfFrames x SamplesPerPixel), checked from the header before any pixel data is read, as the length of
-    uncompressed pixel data (:func:`_check_pixel_bytes`)."""
+    NumberOfFrames x SamplesPerPixel), checked from the header before any pixel data is read, after the refusal of
+    colour (SamplesPerPixel other than 1, refused whatever the size), as the length of uncompressed pixel data and
+    the frames of compressed pixel data (:func:`_check_pixel_bytes`)."""
     header, element = _dcmread_header(path)
     if not _is_image_header(header):
         raise ImageReadError(
@@ -562,9 +659,10 @@ def read_dicom_file(
             f"{path} belongs to series {str_or_empty(header.get('SeriesInstanceUID'))!r}, not the requested "
             f"{series_uid!r}"
         )
+    # colour first: refused whatever its size, it was refused as too large when only its 3 samples took it over
+    _check_samples(header, path)
     shape = _declared_shape(header, path)
     check_size(shape, path, limit)
-    _check_samples(header, path)
     _check_pixel_bytes(header, path, shape, element)
     ds = _dcmread_full(path)
     if not _is_image_header(ds) or _declared_shape(ds, path) != shape:
@@ -819,6 +917,10 @@ def read_dicom_folder(
 
     paths: list[Path] = chosen["files"]
     headers: list[Dataset] = chosen["_headers"]
+    # colour first, from the headers: it was refused only once its slice was read, after the checks of the
+    # geometry and the size had refused it for another reason
+    for path, header in zip(paths, headers):
+        _check_samples(header, path)
     if len(paths) == 1:
         volume = read_dicom_file(paths[0], None, modality_arg, fill, limit)
         volume.metadata["n_files_ignored"] = ignored
@@ -850,7 +952,7 @@ def read_dicom_folder(
     if len(sizes) > 1:
         shown = "; ".join(f"{rows} x {columns} in {name}" for (rows, columns), name in list(sizes.items())[:4])
         raise ImageReadError(f"{where}: slices have different sizes (rows x columns: {shown}); not one volume")
-    check_size((len(paths), *next(iter(sizes))), folder, limit)
+    check_size((len(paths), *_declared_shape(headers[0], paths[0])[1:]), folder, limit)  # samples as a file's
 
     positions, orientations, spacings, tilts = [], [], [], []
     for path, header in zip(paths, headers):
@@ -872,9 +974,11 @@ def read_dicom_folder(
 
     stored_slices, rescales, masks, full_headers = [], [], [], []
     for k in geom.order:
+        # the pixel data element from the file, before it is read: pydicom drops compressed pixel data cut short
+        header, element = _dcmread_header(paths[k])
+        _check_pixel_bytes(header, paths[k], _declared_shape(header, paths[k]), element)
         ds = _dcmread_full(paths[k])
         _check_pixel_format(ds, paths[k])
-        _check_pixel_bytes(ds, paths[k], _declared_shape(ds, paths[k]), _loaded_pixel_bytes(ds))
         stored = _decode_pixels(ds, paths[k])
         if stored.shape != (int(ds.Rows), int(ds.Columns)):
             raise ImageReadError(f"{paths[k]}: pixel array shape {stored.shape} does not match Rows x Columns")

@@ -37,7 +37,7 @@ import SimpleITK as sitk
 from ..runtime.atomic import fsync_path
 from . import guards
 from .dicom_geometry import slice_as_3d_geometry
-from .dicom_read import _probe_dicom_header, is_dicom_file, list_dicom_series, read_dicom_file, read_dicom_folder
+from .dicom_read import is_dicom_file, list_dicom_series, probe_dicom_header, read_dicom_file, read_dicom_folder
 from .dicom_write import write_dicom_derived_series
 from .errors import ImageReadError, ImageWriteError, one_line
 from .guards import (check_finite, check_gzip_stream, check_not_input, check_plausible, check_size, check_stored_size,
@@ -307,7 +307,7 @@ def header_modality(path: str | Path) -> str | None:
             return None
         tag = series[0]["modality"]
     elif p.is_file() and _suffix(p) not in READ_SUFFIXES:
-        header, _ = _probe_dicom_header(p)
+        header, _ = probe_dicom_header(p)
         if header is None:
             return None
         tag = header.get("Modality")
