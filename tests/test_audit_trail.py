@@ -815,6 +815,52 @@ def test_the_review_queue_reads_an_unreadable_study_once_and_an_oversized_ones_m
 
 @pytest.mark.server
 @pytest.mark.slow
+def test_the_review_queue_reads_at_the_servers_conf_limit_above_the_environments(tmp_path, tiny_weights):
+    """``--conf max_voxels`` above ``ADL_MAX_VOXELS`` (300,000 and 200,000), on a real server: the server's limit is
+    its conf (the environment's is the default where the conf sets none, as ``read_volume(max_voxels=...)`` takes
+    precedence over it), for the queue as for the denoising of what it hands out. A NIfTI study between the two
+    (256 x 256 x 4 = 262,144 voxels), whose modality is known from its voxels alone, is read and handed out to a
+    CT request, not listed as too large by the environment's limit, and denoised by id; one over the conf
+    (393,216) is listed in ``too_large_to_review`` with the conf's limit, and its denoising refused (413)."""
+    from mlserver import copy_weights, start_server, stop_server, write_crop
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    source = SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz"
+    write_crop(source, studies / "a_ct.nii.gz", z=slice(40, 43))
+    write_crop(source, studies / "b_between.nii.gz", z=slice(40, 44))
+    write_crop(source, studies / "c_over.nii.gz", z=slice(40, 46))
+    server = start_server(studies, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                          conf={"audit_dir": tmp_path / "audit_log", "max_voxels": 300_000},
+                          env={"ADL_MAX_VOXELS": "200000"})
+
+    def ask(exclude: list[str]) -> dict:
+        answer = requests.post(f"{server.url}/activelearning/next_unreviewed",
+                               json={"modality": "ct", "exclude": exclude}, timeout=600)
+        assert answer.status_code == 200, answer.text
+        return {k: v for k, v in answer.json().items() if k in ("id", "remaining_unreviewed", "too_large_to_review")}
+
+    def denoise(image: str) -> requests.Response:
+        return requests.post(f"{server.url}/infer/adl", params={"image": image, "output": "json"},
+                             data={"params": json.dumps({"result_dtype": "float32"})}, timeout=600)
+
+    try:
+        assert ask(["a_ct"]) == {"id": "b_between", "remaining_unreviewed": 3}
+        over = {"id": "c_over", "voxels": 256 * 256 * 6, "limit": 300_000}
+        assert ask(["a_ct", "b_between"]) == {"remaining_unreviewed": 3, "too_large_to_review": [over]}
+        info = requests.get(f"{server.url}/datastore/image/info", params={"image": "b_between"}, timeout=60).json()
+        assert info["modality"] == "CT", info  # read from its voxels, at the conf's limit
+        denoised = denoise("b_between")
+        assert denoised.status_code == 200, denoised.text
+        refused = denoise("c_over")
+        assert refused.status_code == 413 and "300,000" in refused.text, refused.text
+        assert "review queue: b_between " not in server.log_tail(1_000_000)
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.server
+@pytest.mark.slow
 def test_audit_trail_survives_a_restart_and_reports_tampering(folders):
     from mlserver import stop_server
 

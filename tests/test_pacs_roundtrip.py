@@ -250,6 +250,35 @@ def test_a_series_over_the_voxel_limit_is_refused_before_it_is_downloaded(tmp_pa
         assert server.alive()
 
 
+def test_a_series_the_queue_hands_out_at_the_conf_limit_above_the_environments_is_denoised_and_stored(
+        tmp_path, tiny_weights):
+    """``--conf max_voxels`` (1,000,000) above ``ADL_MAX_VOXELS`` (500,000), on a real Orthanc and server: the
+    server's limit is its conf, for every read of a request. The queue hands out a 3 x 512 x 512 series (786,432
+    voxels, between the two) and infer by id denoises it; storing the result read the series again at the
+    environment's limit, so it was denoised (and recorded) and then refused as too large, nothing stored. It is
+    stored now."""
+    import requests
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = real_ct_series(tmp_path / "series", slices=3)
+        pacs.upload_files(files)
+        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"max_voxels": 1_000_000}, env={"ADL_MAX_VOXELS": "500000"})
+        try:
+            assert queue_hand_outs(server.url, "") == [uid]
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": uid, "output": "json"},
+                                   data={"params": json.dumps({"store_to_pacs": True})}, timeout=600)
+            assert answer.status_code == 200, answer.text
+            stored = answer.json()["stored_series"]
+            assert stored["instances"] == 3 and stored["series_instance_uid"] != uid, stored
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
 def test_the_review_queue_skips_a_series_over_the_voxel_limit_without_downloading_it(tmp_path, tiny_weights):
     """The review queue handed out a PACS series over ``max_voxels`` like any other, and MONAI Label then
     downloaded it whole (into memory) and converted it, the download infer by id refuses (413). It is skipped now

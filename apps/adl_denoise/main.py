@@ -360,7 +360,7 @@ class DenoisingApp(MONAILabelApp):
                     store, source_folder, result["file"], description,
                     denoising_derivation(params.get("model"), params.get("weights_version"),
                                          params.get("weights_sha256"), params.get("low_frequency_restoration")),
-                    before_store=storing)
+                    before_store=storing, max_voxels=self._model_voxel_limit(request.get("model")))
             except PacsStoreError as error:
                 raise HTTPException(status_code=502, detail=f"denoised, but not stored in the PACS: {error}") from None
             except AuditError as error:

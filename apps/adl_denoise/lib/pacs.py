@@ -780,7 +780,8 @@ def series_folder(datastore, image_id: str, limit: int | None = None) -> Path:
 
 
 def store_derived_series(datastore, source_folder: Path, denoised_path: str | Path, description: str,
-                         derivation: str = "Denoised", before_store: Callable[[str], None] | None = None) -> dict:
+                         derivation: str = "Denoised", before_store: Callable[[str], None] | None = None,
+                         max_voxels: int | None = None) -> dict:
     """Write the denoised volume (a result file on the source's grid) as a derived series of the DICOM series in
     ``source_folder`` and STOW it to the datastore's DICOMweb server. Returns ``{"series_instance_uid",
     "instances"}``; raises :class:`PacsStoreError` when the server did not store every instance. ``description``
@@ -788,9 +789,10 @@ def store_derived_series(datastore, source_folder: Path, denoised_path: str | Pa
     begins its DerivationDescription. ``before_store``: called with the derived series' SeriesInstanceUID once its
     files are written, before the STOW (the app records it there: a store cut short, or a server killed after it,
     leaves a series in the PACS that must be known as a result, not listed as a study); what it raises stops the
-    store."""
-    reference = read_volume(source_folder)
-    denoised = read_volume(denoised_path, modality=reference.modality)
+    store. ``max_voxels``: the voxel limit of both reads, the one the series was denoised under (None:
+    :func:`lib.imaging.max_voxels`); a server's conf above ``ADL_MAX_VOXELS`` had a series it denoised refused here."""
+    reference = read_volume(source_folder, max_voxels=max_voxels)
+    denoised = read_volume(denoised_path, modality=reference.modality, max_voxels=max_voxels)
     if denoised.array.shape != reference.array.shape:
         raise PacsStoreError(f"result shape {denoised.array.shape} differs from the series {reference.array.shape}")
     work = Path(tempfile.mkdtemp(prefix="derived_series_"))
