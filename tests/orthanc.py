@@ -6,18 +6,22 @@ access, no authentication. Started in a process group of its own and stopped as 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import processes
 from mlserver import free_port
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGINS = Path("/usr/share/orthanc/plugins")
+#: Orthanc's log options under which its DICOMweb plugin logs the arguments (query string) of every QIDO-RS search
+#: (:func:`qido_searches`); Orthanc's HTTP log and a Lua request filter see the path only
+QIDO_LOG = ("--verbose-plugins",)
 
 
 def available() -> str | None:
@@ -58,9 +62,11 @@ class Orthanc:
             return json.loads(response.read())
 
 
-def start_orthanc(work: Path, timeout: float = 300.0, extra_config: dict | None = None) -> Orthanc:
+def start_orthanc(work: Path, timeout: float = 300.0, extra_config: dict | None = None,
+                  log_options: Sequence[str] = ()) -> Orthanc:
     """Start Orthanc on a free loopback port; returns once ``/system`` answers (RuntimeError otherwise, with
-    Orthanc stopped). ``extra_config``: more configuration entries (e.g. ``LuaScripts``)."""
+    Orthanc stopped). ``extra_config``: more configuration entries (e.g. ``LuaScripts``); ``log_options``: Orthanc's
+    command-line log options (e.g. :data:`QIDO_LOG`). Its log is ``work / "orthanc.log"``."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     plugins = [str(PLUGINS / name) for name in ("libOrthancDicomWeb.so", "libOrthancGdcm.so")
@@ -75,7 +81,23 @@ def start_orthanc(work: Path, timeout: float = 300.0, extra_config: dict | None 
     config_path.write_text(json.dumps(config))
     log_path = work / "orthanc.log"
     url = f"http://127.0.0.1:{port}"
-    return Orthanc(url, processes.start_service([ORTHANC, config_path], log_path, f"{url}/system", timeout), log_path)
+    return Orthanc(url, processes.start_service([ORTHANC, *log_options, config_path], log_path, f"{url}/system",
+                                                timeout), log_path)
+
+
+def log_size(server: Orthanc) -> int:
+    """Bytes of ``server``'s log so far: where :func:`qido_searches` starts to read what comes next."""
+    return server.log_path.stat().st_size
+
+
+def qido_searches(server: Orthanc, offset: int = 0) -> list[str]:
+    """The arguments of every QIDO-RS search ``server`` (started with :data:`QIDO_LOG`) received, from byte
+    ``offset`` of its log on, one string a search, e.g. ``"SeriesInstanceUID=1.2.3 includefield=00201209"``."""
+    with open(server.log_path, "rb") as log:
+        log.seek(offset)
+        text = log.read().decode(errors="replace")
+    return [" ".join(re.findall(r"\[([^\]]*)\]", line.split("Arguments of QIDO-RS request:", 1)[1]))
+            for line in text.splitlines() if "Arguments of QIDO-RS request:" in line]
 
 
 def start_orthanc_logging_requests(work: Path) -> tuple[Orthanc, Path]:

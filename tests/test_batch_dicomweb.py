@@ -23,7 +23,8 @@ import pytest
 
 import processes
 from conftest import APP_DIR
-from orthanc import available, grow_on_retrieval, start_orthanc, start_orthanc_logging_requests, stop_orthanc
+from orthanc import (QIDO_LOG, available, grow_on_retrieval, log_size, qido_searches, start_orthanc,
+                     start_orthanc_logging_requests, stop_orthanc)
 
 from lib.batch.dicomweb import discover_dicomweb, make_client
 from lib.batch.discovery import MANIFEST_DIR, SeriesFilter
@@ -54,10 +55,14 @@ def make_series(shared: Path, folder: Path, slices: range, description: str, stu
     return series
 
 
+def batch_command(url: str, out: Path, *extra: str) -> list:
+    """``denoise-batch`` of the CT series "*low dose*" of 2020 on the DICOMweb server ``url`` into ``out``."""
+    return [sys.executable, CLI, "denoise-batch", "--input", url, "--output", out, "--model", "gaussian",
+            "--modality", "CT", "--study-date", "20200101-20201231", "--series-description", "*low dose*", *extra]
+
+
 def run_batch(url: str, out: Path, *extra: str):
-    command = [sys.executable, CLI, "denoise-batch", "--input", url, "--output", out, "--model", "gaussian",
-               "--modality", "CT", "--study-date", "20200101-20201231", "--series-description", "*low dose*", *extra]
-    return processes.run(command, TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return processes.run(batch_command(url, out, *extra), TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def test_dicomweb_source_and_sink(tmp_path, shared_data):
@@ -101,11 +106,12 @@ def test_dicomweb_source_and_sink(tmp_path, shared_data):
         # never counted as failed on every run
         from pydicom.data import get_testdata_file
 
-        for name in ("test-SR.dcm", "rtstruct.dcm"):
-            ds = pydicom.dcmread(get_testdata_file(name), force=True)
+        without_images = [tmp_path / name for name in ("test-SR.dcm", "rtstruct.dcm")]
+        for path in without_images:
+            ds = pydicom.dcmread(get_testdata_file(path.name), force=True)
             ds.StudyInstanceUID, ds.PatientID = study, "BATCH"
-            ds.save_as(tmp_path / name, write_like_original=False)
-            pacs.upload(tmp_path / name)
+            ds.save_as(path, write_like_original=False)
+        pacs.upload_files(without_images)
         assert len(pacs.get("/series")) == 6
         everything = discover_dicomweb(make_client(pacs.dicomweb), out, SeriesFilter())
         assert len(everything) == 3 and stored["series_instance_uid"] not in {i.series_uid for i in everything}
@@ -405,7 +411,7 @@ def test_an_anonymised_copy_of_a_derived_series_is_not_an_input(tmp_path, shared
             ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = study_copy, series_copy, "ANON"
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             ds.save_as(anonymised / path.name, write_like_original=False)
-            pacs.upload(anonymised / path.name)
+        pacs.upload_folder(anonymised)
         items = discover_dicomweb(make_client(pacs.dicomweb), tmp_path / "out2", SeriesFilter())
         assert series_copy not in {i.series_uid for i in items} and len(items) == 2, items
         again = processes.run(command, TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -575,8 +581,7 @@ def test_a_series_the_server_got_more_instances_of_is_denoised_again(tmp_path, s
     try:
         make_series(shared_data, tmp_path / "late", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
         files = sorted((tmp_path / "late").iterdir())
-        for path in files[:2]:
-            pacs.upload(path)
+        pacs.upload_files(files[:2])
         out = tmp_path / "out"
         first = run_batch(pacs.dicomweb, out)
         assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
@@ -669,8 +674,7 @@ def test_a_series_that_grows_past_the_voxel_limit_during_its_download_is_stopped
     script = grow_on_retrieval(tmp_path / "grow_on_retrieval.lua", {series: files[3:]})
     pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
     try:
-        for path in files[:3]:
-            pacs.upload(path)
+        pacs.upload_files(files[:3])
         out = tmp_path / "out"
         command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
                    "gaussian", "--no-progress"]
@@ -701,9 +705,7 @@ def test_a_download_stopped_removes_the_files_it_wrote_and_nothing_else(tmp_path
     script = grow_on_retrieval(tmp_path / "grow.lua", {uid: paths[3:] for uid, paths in files.items()})
     pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
     try:
-        for paths in files.values():
-            for path in paths[:3]:
-                pacs.upload(path)
+        pacs.upload_files(path for paths in files.values() for path in paths[:3])
         client = make_client(pacs.dicomweb)
         items = {item.series_uid: item for item in discover_dicomweb(client, tmp_path / "out", SeriesFilter())}
         fresh = tmp_path / "download" / "fresh"
@@ -759,8 +761,7 @@ def test_a_series_that_grows_past_the_free_disk_space_during_its_download_is_sto
     script = grow_on_retrieval(tmp_path / "grow.lua", {series: files[3:]})
     pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
     try:
-        for path in files[:3] + sorted((tmp_path / "small").iterdir()):
-            pacs.upload(path)
+        pacs.upload_files(files[:3] + sorted((tmp_path / "small").iterdir()))
         out = tmp_path / "out"
         scratch = out / ".denoise_batch_download"  # the batch's download folder (lib.batch.runner)
         scratch.mkdir(parents=True)
@@ -812,7 +813,7 @@ def test_a_series_whose_instances_the_server_replaced_under_the_same_count_is_de
             ds = pydicom.dcmread(path)
             ds.InstanceCreationDate, ds.InstanceCreationTime = "20200115", f"10000{k}"
             ds.save_as(path, write_like_original=False)
-            pacs.upload(path)
+        pacs.upload_files(files)
         out = tmp_path / "out"
 
         def replace_instance(k: int, new_uid: bool, time_of_creation: str) -> None:
@@ -896,7 +897,7 @@ def _store_misfiled_series(pacs, shared_data: Path, tmp_path: Path) -> list[Path
         ds.PatientID, ds.PatientName, ds.PatientBirthDate = "WRONG-7", "Wrong^Patient", "19500101"
         ds.InstanceCreationDate, ds.InstanceCreationTime = "20200115", f"10000{k}"
         ds.save_as(path, write_like_original=False)
-        pacs.upload(path)
+    pacs.upload_files(files)
     return files
 
 
@@ -912,7 +913,7 @@ def _refile_under_the_right_patient(pacs, files: list[Path], instances: list[str
         ds = pydicom.dcmread(path)
         ds.PatientID, ds.PatientName, ds.PatientBirthDate = patient
         ds.save_as(path, write_like_original=False)
-        pacs.upload(path)
+    pacs.upload_files(files)
 
 
 def test_a_series_moved_to_the_right_patient_on_the_server_is_denoised_again(tmp_path, shared_data):
@@ -951,53 +952,6 @@ def test_a_series_moved_to_the_right_patient_on_the_server_is_denoised_again(tmp
         stop_orthanc(pacs)
 
 
-def test_a_derived_series_stored_under_the_wrong_patient_is_reported_superseded(tmp_path, shared_data):
-    """The misfiled series of the test above, denoised with --store-to-pacs: its derived series is on the PACS under
-    the wrong patient. Corrected in place and rerun, it is denoised and stored again (a new derived series), and the
-    first one stays on the PACS (standard DICOMweb cannot delete). The rerun said nothing of it; it now checks that the
-    server still lists it (QIDO-RS) and reports it superseded, "stored under another patient", for the PACS
-    administrator to remove: a warning and the end-of-run report (the same sentence), and the record's
-    ``superseded_derived_series``. Nothing is deleted."""
-    pacs = start_orthanc(tmp_path / "orthanc")
-    try:
-        files = _store_misfiled_series(pacs, shared_data, tmp_path)
-        source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-        out = tmp_path / "out"
-        first = run_batch(pacs.dicomweb, out, "--store-to-pacs")
-        assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
-        assert "superseded" not in first.stdout + first.stderr
-        old = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])["stored"]
-        old_uid = old["series_instance_uid"]
-
-        # the source series (only it: the derived one stays) filed under its right patient, same UIDs and times
-        _refile_under_the_right_patient(pacs, files, [instance for series in pacs.get("/series?expand")
-                                                      if series["MainDicomTags"]["SeriesInstanceUID"] == source_uid
-                                                      for instance in series["Instances"]])
-
-        moved = run_batch(pacs.dicomweb, out, "--store-to-pacs")
-        output = moved.stdout + moved.stderr
-        assert moved.returncode == 0 and "1 series: 1 done, 0 skipped" in moved.stdout, output
-        record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
-        assert record["status"] == "done" and record["stored"]["series_instance_uid"] != old_uid
-        superseded = record["superseded_derived_series"]
-        assert superseded["series_instance_uid"] == old_uid and superseded["other_patient"] is True
-        assert superseded["instances_on_server"] == 3 and "stored under another patient" in superseded["why"]
-        report = [line for line in moved.stdout.splitlines() if line.startswith("superseded on the PACS:")]
-        assert len(report) == 1 and old_uid in report[0] and "stored under another patient" in report[0], output
-        assert "PACS administrator must remove it" in report[0] and "nothing was deleted" in report[0]
-        assert "WARNING" in moved.stderr and f"derived series {old_uid}" in moved.stderr, moved.stderr
-        # the warning and the report say the same sentence (one function builds it)
-        assert report[0].removeprefix("superseded on the PACS: ") in moved.stderr, output
-        # nothing deleted: both derived series on the PACS (the old one for the administrator to remove)
-        derived = {s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.get("/series?expand")} - {source_uid}
-        assert derived == {old_uid, record["stored"]["series_instance_uid"]}
-
-        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")  # reported until removed: see the tests below
-        assert "1 series: 0 done, 1 skipped" in again.stdout and old_uid in again.stdout, again.stdout
-    finally:
-        stop_orthanc(pacs)
-
-
 def _source_instances(pacs, source_uid: str) -> list[str]:
     """The Orthanc ids of the instances of the series ``source_uid`` on ``pacs``."""
     return [instance for series in pacs.get("/series?expand")
@@ -1013,6 +967,76 @@ def _records(out: Path) -> list[dict]:
             for line in path.read_text().splitlines() if line.strip()]
 
 
+def _misfiled_series_stored(pacs, shared_data: Path, tmp_path: Path) -> tuple[list[Path], str, Path, str]:
+    """The misfiled series of :func:`_store_misfiled_series` on ``pacs``, denoised with --store-to-pacs into
+    ``tmp_path / "out"`` (nothing superseded yet). Returns (its files, its SeriesInstanceUID, the output folder, the
+    SeriesInstanceUID of the derived series stored)."""
+    files = _store_misfiled_series(pacs, shared_data, tmp_path)
+    source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    out = tmp_path / "out"
+    first = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+    output = first.stdout + first.stderr
+    assert first.returncode == 0 and "1 series: 1 done" in first.stdout, output
+    assert _superseded_report(first) == [] and "stored, superseded" not in first.stderr, output
+    return files, source_uid, out, _records(out)[-1]["stored"]["series_instance_uid"]
+
+
+def _superseded_twice(pacs, shared_data: Path, tmp_path: Path) -> tuple[Path, str, str, object]:
+    """The misfiled series (:func:`_misfiled_series_stored`) corrected twice on ``pacs`` (moved to one patient, then to
+    another), each time denoised and stored again: two derived series superseded, both still on the PACS. Returns
+    (the output folder, the first and the second superseded derived series' UIDs, the second redo's result)."""
+    files, source_uid, out, first_uid = _misfiled_series_stored(pacs, shared_data, tmp_path)
+    _refile_under_the_right_patient(pacs, files, _source_instances(pacs, source_uid),
+                                    ("OTHER-5", "Other^Patient", "19700101"))
+    once = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+    assert "1 series: 1 done" in once.stdout and len(_superseded_report(once)) == 1, once.stdout + once.stderr
+    second_uid = _records(out)[-1]["stored"]["series_instance_uid"]
+    _refile_under_the_right_patient(pacs, files, _source_instances(pacs, source_uid))
+    return out, first_uid, second_uid, run_batch(pacs.dicomweb, out, "--store-to-pacs")
+
+
+def test_a_derived_series_stored_under_the_wrong_patient_is_reported_superseded(tmp_path, shared_data):
+    """The misfiled series of the test above, denoised with --store-to-pacs: its derived series is on the PACS under
+    the wrong patient. Corrected in place and rerun, it is denoised and stored again (a new derived series), and the
+    first one stays on the PACS (standard DICOMweb cannot delete). The rerun said nothing of it; it now checks that the
+    server still lists it (QIDO-RS) and reports it superseded, "stored under another patient", for the PACS
+    administrator to remove: a warning and the end-of-run report (the same sentence), and the record's
+    ``superseded_derived_series``. Nothing is deleted."""
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files, source_uid, out, old_uid = _misfiled_series_stored(pacs, shared_data, tmp_path)
+        # the source series (only it: the derived one stays) filed under its right patient, same UIDs and times
+        _refile_under_the_right_patient(pacs, files, _source_instances(pacs, source_uid))
+
+        moved = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        output = moved.stdout + moved.stderr
+        assert moved.returncode == 0 and "1 series: 1 done, 0 skipped" in moved.stdout, output
+        record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
+        assert record["status"] == "done" and record["stored"]["series_instance_uid"] != old_uid
+        superseded = record["superseded_derived_series"]
+        assert superseded["series_instance_uid"] == old_uid and superseded["other_patient"] is True
+        assert superseded["instances_on_server"] == 3 and "stored under another patient" in superseded["why"]
+        report = _superseded_report(moved)
+        assert len(report) == 1 and old_uid in report[0] and "stored under another patient" in report[0], output
+        assert "PACS administrator must remove it" in report[0] and "nothing was deleted" in report[0]
+        assert "WARNING" in moved.stderr and f"derived series {old_uid}" in moved.stderr, moved.stderr
+        # the warning and the report say the same sentence (one function builds it)
+        assert report[0].removeprefix("superseded on the PACS: ") in moved.stderr, output
+        # nothing deleted: both derived series on the PACS (the old one for the administrator to remove)
+        derived = {s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.get("/series?expand")} - {source_uid}
+        assert derived == {old_uid, record["stored"]["series_instance_uid"]}
+
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")  # reported until removed: see the tests below
+        assert "1 series: 0 done, 1 skipped" in again.stdout and old_uid in again.stdout, again.stdout
+    finally:
+        stop_orthanc(pacs)
+
+
+def _searches_naming(uid: str, searches: list[str]) -> int:
+    """How many of the QIDO-RS searches ``searches`` (:func:`orthanc.qido_searches`) ask for the series ``uid``."""
+    return sum(f"SeriesInstanceUID={uid}" in search.split() for search in searches)
+
+
 def test_a_superseded_derived_series_is_reported_by_every_rerun_until_it_is_removed(tmp_path, shared_data):
     """The superseded derived series of the test above was reported by the run that redid its series only: the next
     rerun skipped the series and said nothing more, so a derived series under the wrong patient that nobody removed
@@ -1020,15 +1044,11 @@ def test_a_superseded_derived_series_is_reported_by_every_rerun_until_it_is_remo
     superseded series recorded, none for a series found gone) and reports it, "still there, first reported at"
     the redo's time, with the same warning and end-of-run line; once it is deleted on the server (Orthanc's REST
     API), the next rerun reports it no more and records when it found it gone, and the runs after it do not ask. A
-    rerun whose filters leave the series out asks and reports it too."""
-    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
+    rerun whose filters leave the series out asks and reports it too. The searches naming the series are counted in
+    Orthanc's log (its DICOMweb plugin logs each search's arguments)."""
+    pacs = start_orthanc(tmp_path / "orthanc", log_options=QIDO_LOG)
     try:
-        files = _store_misfiled_series(pacs, shared_data, tmp_path)
-        source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-        out = tmp_path / "out"
-        first = run_batch(pacs.dicomweb, out, "--store-to-pacs")
-        assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
-        old_uid = _records(out)[-1]["stored"]["series_instance_uid"]
+        files, source_uid, out, old_uid = _misfiled_series_stored(pacs, shared_data, tmp_path)
         _refile_under_the_right_patient(pacs, files, _source_instances(pacs, source_uid))
         moved = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert "1 series: 1 done, 0 skipped" in moved.stdout, moved.stdout + moved.stderr
@@ -1040,7 +1060,7 @@ def test_a_superseded_derived_series_is_reported_by_every_rerun_until_it_is_remo
         assert "gone" not in entry
 
         # a rerun without changes: skipped, and the derived series still on the PACS is reported again
-        requests_log.write_text("")
+        start = log_size(pacs)
         again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         output = again.stdout + again.stderr
         assert again.returncode == 0 and "1 series: 0 done, 1 skipped" in again.stdout, output
@@ -1050,9 +1070,9 @@ def test_a_superseded_derived_series_is_reported_by_every_rerun_until_it_is_remo
         assert f"still there, first reported at {first_reported}" in report[0], output
         assert report[0].removeprefix("superseded on the PACS: ") in again.stderr and "WARNING" in again.stderr
         assert new_uid not in report[0]  # the current derived series is not superseded
-        # asked once: the one series-level search of the rerun (Orthanc's log shows no query string)
-        search = f"GET /dicom-web/studies/{entry['study_instance_uid']}/series\n"
-        assert requests_log.read_text().count(search) == 1, requests_log.read_text()
+        # asked once, by its UID; the current derived series not at all
+        searches = qido_searches(pacs, start)
+        assert _searches_naming(old_uid, searches) == 1 and _searches_naming(new_uid, searches) == 0, searches
 
         # a rerun whose filter leaves the series out still asks and reports it (rank 0, from the records)
         other = run_batch(pacs.dicomweb, out, "--store-to-pacs", "--series-description", "*no such series*")
@@ -1074,11 +1094,11 @@ def test_a_superseded_derived_series_is_reported_by_every_rerun_until_it_is_remo
         merged = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
         assert merged["superseded_on_server"][0]["gone"] == entry["gone"]
         # found gone: not asked again, no record added
-        requests_log.write_text("")
-        count = len(_records(out))
+        start, count = log_size(pacs), len(_records(out))
         last = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert "1 series: 0 done, 1 skipped" in last.stdout and _superseded_report(last) == [], last.stdout
-        assert search not in requests_log.read_text() and len(_records(out)) == count, requests_log.read_text()
+        searches = qido_searches(pacs, start)
+        assert _searches_naming(old_uid, searches) == 0 and len(_records(out)) == count, searches
     finally:
         stop_orthanc(pacs)
 
@@ -1091,18 +1111,7 @@ def test_a_series_redone_twice_reports_both_superseded_derived_series(tmp_path, 
     one it superseded, ``superseded_derived_series``, without the list)."""
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
-        files = _store_misfiled_series(pacs, shared_data, tmp_path)
-        source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-        out = tmp_path / "out"
-        assert "1 series: 1 done" in run_batch(pacs.dicomweb, out, "--store-to-pacs").stdout
-        first_uid = _records(out)[-1]["stored"]["series_instance_uid"]
-        _refile_under_the_right_patient(pacs, files, _source_instances(pacs, source_uid),
-                                        ("OTHER-5", "Other^Patient", "19700101"))
-        once = run_batch(pacs.dicomweb, out, "--store-to-pacs")
-        assert "1 series: 1 done" in once.stdout and len(_superseded_report(once)) == 1, once.stdout + once.stderr
-        second_uid = _records(out)[-1]["stored"]["series_instance_uid"]
-        _refile_under_the_right_patient(pacs, files, _source_instances(pacs, source_uid))
-        twice = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        out, first_uid, second_uid, twice = _superseded_twice(pacs, shared_data, tmp_path)
         output = twice.stdout + twice.stderr
         assert twice.returncode == 0 and "1 series: 1 done, 0 skipped" in twice.stdout, output
         report = _superseded_report(twice)
@@ -1112,6 +1121,7 @@ def test_a_series_redone_twice_reports_both_superseded_derived_series(tmp_path, 
         assert record["superseded_derived_series"]["series_instance_uid"] == second_uid
         assert {e["series_instance_uid"] for e in record["superseded_on_server"]} == {first_uid, second_uid}
         # all three derived series on the PACS: nothing deleted
+        source_uid = record["identity"].removeprefix("dicom:")
         derived = {s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.get("/series?expand")} - {source_uid}
         assert derived == {first_uid, second_uid, record["stored"]["series_instance_uid"]}
 
@@ -1129,5 +1139,88 @@ def test_a_series_redone_twice_reports_both_superseded_derived_series(tmp_path, 
         assert {first_uid, second_uid} == {uid for uid in (first_uid, second_uid) for line in report if uid in line}
         assert {e["series_instance_uid"] for e in _records(out)[-1]["superseded_on_server"]} == {first_uid,
                                                                                                  second_uid}
+    finally:
+        stop_orthanc(pacs)
+
+
+def _orthanc_holding_a_superseded_search(tmp_path: Path):
+    """Orthanc (QIDO-RS searches logged, :data:`orthanc.QIDO_LOG`) whose Lua IncomingHttpRequestFilter, while
+    ``armed`` exists, holds the first series-level search within a study that arrives (what a superseded derived series
+    is asked with; the series list is ``/series``): it writes ``held`` and never answers. The test kills Orthanc
+    meanwhile: the PACS goes down after the batch listed the series and before any superseded series is answered
+    (deterministic, no timing guess). Started again (the same storage, another port) with the same call. Returns
+    (pacs, armed, held)."""
+    armed, held = tmp_path / "armed", tmp_path / "held"
+    script = tmp_path / "hold_superseded_search.lua"
+    script.write_text(f"""
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  if method == "GET" and string.match(uri, "^/dicom%-web/studies/[^/]+/series$") then
+    local arm = io.open("{armed}", "r")
+    if arm ~= nil then
+      io.close(arm)
+      os.remove("{armed}")
+      local s = io.open("{held}", "w")
+      s:write("held")
+      io.close(s)
+      os.execute("sleep 600")
+    end
+  end
+  return true
+end
+""")
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]}, log_options=QIDO_LOG)
+    return pacs, armed, held
+
+
+def test_a_pacs_that_cannot_be_reached_is_not_asked_of_every_superseded_series(tmp_path, shared_data):
+    """Every rerun asks the PACS of each superseded derived series recorded (QIDO-RS). With the PACS down, each search
+    failed only after the client's retries (half a minute by default), one after the other, each with its warning,
+    before the series was reported "may still hold". Once one search finds the server unreachable, the others are no
+    longer asked in that run: one warning says so, and every superseded series is reported "may still hold (PACS
+    unreachable)". Here Orthanc is killed (by its process group) while it holds the first such search of a rerun, with
+    two superseded series recorded: one search fails (one warning naming the series it asked of), both are reported;
+    nothing is recorded as gone, and with Orthanc back the next rerun asks of both (each once) and reports them."""
+    pacs, armed, held = _orthanc_holding_a_superseded_search(tmp_path)
+    try:
+        out, first_uid, second_uid, twice = _superseded_twice(pacs, shared_data, tmp_path)
+        assert len(_superseded_report(twice)) == 2, twice.stdout + twice.stderr
+
+        armed.write_text("")
+        log_path = tmp_path / "unreachable.log"
+        env = dict(os.environ, OMP_NUM_THREADS="1", ADL_DICOMWEB_RETRY_WAIT_S="0.05")  # 0.75 s of waits a request
+        process = processes.start(batch_command(pacs.dicomweb, out, "--store-to-pacs", "--no-progress"), log_path,
+                                  env=env)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not held.exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert held.exists(), log_path.read_text()
+            processes.kill_group(pacs.process)  # the PACS gone with the first superseded series' search unanswered
+            process.wait(TIMEOUT)
+        finally:
+            processes.stop(process)
+        log = log_path.read_text()
+        # asked of one superseded series (the one failed search), not of each
+        failed = [line for line in log.splitlines() if "whether it holds the derived series" in line]
+        assert len(failed) == 1 and "are not asked in this run" in failed[0], log
+        assert sum(uid in failed[0] for uid in (first_uid, second_uid)) == 1, failed
+        report = [line for line in log.splitlines() if line.startswith("superseded on the PACS:")]
+        assert len(report) == 2 and all("may still hold (PACS unreachable)" in line for line in report), log
+        assert all(sum(uid in line for line in report) == 1 for uid in (first_uid, second_uid)), report
+        # the series itself fails (the server cannot be reached); its record keeps both, neither gone
+        assert process.returncode == 1 and "0 done, 0 skipped, 1 failed" in log, log
+        entries = _records(out)[-1]["superseded_on_server"]
+        assert {e["series_instance_uid"] for e in entries} == {first_uid, second_uid}
+        assert not any("gone" in e or "pacs_unreachable" in e for e in entries), entries
+
+        pacs, _, _ = _orthanc_holding_a_superseded_search(tmp_path)  # back: the same storage, another port
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")  # (the failed series recorded done, not stored again)
+        assert again.returncode == 0 and "1 series: 1 done, 0 skipped, 0 failed" in again.stdout, \
+            again.stdout + again.stderr
+        report = _superseded_report(again)
+        assert len(report) == 2 and all("still there" in line and "unreachable" not in line for line in report), \
+            again.stdout
+        searches = qido_searches(pacs)
+        assert _searches_naming(first_uid, searches) == 1 and _searches_naming(second_uid, searches) == 1, searches
     finally:
         stop_orthanc(pacs)

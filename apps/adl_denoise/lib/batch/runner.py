@@ -16,12 +16,12 @@ is another job), and so is a DICOMweb series whose instances the server replaced
 the record of the redone series says why (``redone``) and names an earlier derived series of it that the server still
 lists (``superseded_derived_series``, :meth:`_Rank._superseded`: reported at the end, never deleted). Every later
 run asks the server again for each superseded derived series its records name (``superseded_on_server``, a chain of
-redos whole: one QIDO-RS search per such series and run, none for one found gone), and reports it "still there" until
-the server lists it no more (:meth:`_Rank._recheck_superseded`). A file is read
-for these checks only when its stat key
-(path, size, modification and change times, inode) differs from the recorded one, so that a rerun of an untouched
-archive reads none of it (and hashes no input file either, which it did before; the header of a NRRD or MetaImage
-input is read to find its data files); one found unchanged gets its new key recorded. Any error of one series is
+redos whole: one QIDO-RS search per such series and run, none for one found gone, none after one found the server
+unreachable), and reports it "still there" until the server lists it no more (:meth:`_Rank._recheck_superseded`).
+A file is read for these checks only when its stat key (path, size, modification and change times, inode) differs
+from the recorded one, so that a rerun of an untouched archive reads none of it (and hashes no input file either,
+which it did before; the header of a NRRD or MetaImage input is read to find its data files); one found unchanged
+gets its new key recorded. Any error of one series is
 recorded as failed with its message and the loop goes on, except that a rank stops after :data:`UNREACHABLE_LIMIT`
 series in a row failed for want of the DICOMweb server (the rest are "not tried": a rerun does them). One series is
 in memory at a time.
@@ -242,12 +242,12 @@ def _set_aside(output: Path) -> None:
 
 def _unreachable(error: BaseException) -> bool:
     """Whether ``error`` (or an error it was raised from) is a failure to reach the server (connection refused,
-    reset, DNS...), not an answer: then the next series would fail the same way."""
-    from requests.exceptions import ConnectionError as RequestsConnectionError
+    reset, DNS, timed out...), not an answer: then the next series would fail the same way."""
+    from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
     seen = 0
     while error is not None and seen < 10:
-        if isinstance(error, (RequestsConnectionError, ConnectionError)):
+        if isinstance(error, (RequestsConnectionError, Timeout, ConnectionError, TimeoutError)):
             return True
         error, seen = error.__cause__ or error.__context__, seen + 1
     return False
@@ -257,8 +257,11 @@ def superseded_sentence(key: str, entry: dict) -> str:
     """What the run says of the derived series ``entry`` (:meth:`_Rank._superseded`) that series ``key``'s redo
     superseded on the server: the same sentence in the warning when it is found and in the end-of-run report. An
     entry a later run found there again (``still``, :meth:`_Rank._recheck_superseded`) says so, with the time it was
-    first reported (``first_reported``, Unix seconds)."""
+    first reported (``first_reported``, Unix seconds); one not asked for want of the server (``pacs_unreachable``)
+    says that."""
     held = "may still hold" if entry["instances_on_server"] is None else "still holds"
+    if entry["instances_on_server"] is None and entry.get("pacs_unreachable"):
+        held += " (PACS unreachable)"
     since = ""
     if entry.get("still") and entry.get("first_reported"):
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(entry["first_reported"])))
@@ -377,6 +380,8 @@ class _Rank:
         self.scratch = Path(settings.output) / ".denoise_batch_download" / f"rank-{rank:05d}"
         self.last_error = ""
         self.last_unreachable = False  # the last failure: the server could not be reached
+        # a superseded-series check found the server unreachable: no other is asked in this run (_instances_on_server)
+        self.pacs_unreachable = False
         self.last_superseded: list[dict] = []  # the last series' superseded derived series still on the server
         self._identity: tuple[str, dict] | None = None  # (series key, its _series_identity): asked once a series
         self._sources: tuple[str, str | None] | None = None  # (series key, its _made_from)
@@ -457,7 +462,7 @@ class _Rank:
             base["redone"] = recheck.stale
             superseded = self._superseded(previous, item, recheck.stale)
             if superseded:  # on every record of this redo, failed ones too
-                self.last_superseded.append(superseded)
+                self.last_superseded.append(self._as_reported(superseded))
                 base["superseded_derived_series"] = superseded
                 known = self.ledgers.setdefault(job, {}).get(superseded["series_instance_uid"], {})
                 self.ledgers[job][superseded["series_instance_uid"]] = {
@@ -771,26 +776,41 @@ class _Rank:
             return None  # removed already
         entry = {"series_instance_uid": str(uid), "study_instance_uid": str(study), "why": why,
                  "other_patient": other_patient, "instances_on_server": found}
-        log.warning("%s", superseded_sentence(item.key, entry))
+        log.warning("%s", superseded_sentence(item.key, self._as_reported(entry)))
         return entry
 
     def _instances_on_server(self, key: str, study_uid: str, series_uid: str) -> int | None:
         """How many instances of the derived series ``series_uid`` the server lists
         (:func:`.dicomweb.instances_on_server`); None, with a warning naming the series ``key``, when it cannot be
-        asked (the series is then reported, for the administrator to check)."""
+        asked (the series is then reported, for the administrator to check). Once one such check found the server
+        unreachable (:func:`_unreachable`: refused, timed out, after the client's retries), None at once for every
+        other one of this run (``pacs_unreachable``): each would spend the client's retries to fail the same way.
+        One warning says so; a rerun asks again."""
+        if self.pacs_unreachable:
+            return None
         try:
             return dicomweb.instances_on_server(self.client, study_uid, series_uid)
         except dicomweb.PacsStoreError as error:
-            log.warning("%s: %s", key, error)
+            self.pacs_unreachable = _unreachable(error)
+            log.warning("%s: %s%s", key, error, "; the server cannot be reached: the other superseded derived series "
+                        "recorded are not asked in this run, each reported as one the server may still hold (PACS "
+                        "unreachable)" if self.pacs_unreachable else "")
             return None
+
+    def _as_reported(self, entry: dict) -> dict:
+        """``entry`` (:meth:`_superseded`) as the run reports it: with ``pacs_unreachable`` when the server could not
+        be asked of it because it cannot be reached (never recorded: a rerun asks again)."""
+        return {**entry, "pacs_unreachable": True} if entry["instances_on_server"] is None and self.pacs_unreachable \
+            else entry
 
     def _recheck_superseded(self, job: str, key: str, latest: dict | None, asked: bool = True) -> list[dict]:
         """Every derived series that a redo of ``job`` superseded (:meth:`_superseded`, as recorded:
         :func:`_superseded_ledgers`), with what the server says of it now: one QIDO-RS search per series not yet
         found gone (:func:`.dicomweb.instances_on_server`; those only, so that a rerun asks the server no more than
-        once for each superseded series recorded). One it still lists (or that cannot be asked) is warned of and
-        reported again, "still there" since it was first reported (``self.last_superseded``); one it lists no more
-        gets ``gone`` (Unix seconds) and is neither asked nor reported again. The derived series that ``latest`` (the
+        once for each superseded series recorded; none once one check found the server unreachable,
+        :meth:`_instances_on_server`). One it still lists (or that cannot be asked) is warned of and reported again,
+        "still there" since it was first reported (``self.last_superseded``); one it lists no more gets ``gone``
+        (Unix seconds) and is neither asked nor reported again. The derived series that ``latest`` (the
         job's latest record) says is stored is its current one: not asked. ``asked`` False (the source is not this
         server): the recorded state, unasked. [] when the job superseded none."""
         ledger = self.ledgers.get(job)
@@ -806,7 +826,7 @@ class _Rank:
                 entry["gone"] = time.time()
                 continue
             entry["instances_on_server"] = found
-            still = {**entry, "still": True}
+            still = self._as_reported({**entry, "still": True})
             log.warning("%s", superseded_sentence(key, still))
             self.last_superseded.append(still)
         return list(ledger.values())
