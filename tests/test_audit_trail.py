@@ -4,7 +4,8 @@ weights events, kept outside the datastore info, verified at start-up and by GET
 Fast tests of the chain itself (no server), then a real MONAI Label server on loopback: results (datastore id and
 upload), verdicts, the stock image-info and delete routes, a restart on the same folders, tampering (an edited
 field, a deleted line) reported after a restart, a result whose entry cannot be written is not returned, and a
-review-queue hand-out whose entry cannot be written is refused (503), nothing handed out.
+review-queue hand-out or a download (image, label, session, dataset) whose entry cannot be written is refused
+(503), nothing handed out or sent.
 """
 from __future__ import annotations
 
@@ -1020,8 +1021,9 @@ def test_a_result_whose_audit_entry_cannot_be_written_is_not_returned(folders):
         audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
         response = requests.post(f"{server.url}/infer/adl", params={"image": "ct_slab_b", "output": "image"},
                                  data={"params": "{}"}, timeout=600)
-        assert response.status_code == 500, response.status_code
-        assert "audit entry could not be written" in response.json()["detail"]
+        assert response.status_code == 503, response.status_code
+        detail = response.json()["detail"]
+        assert "denoised, but the result is not returned: the audit log could not be written" in detail, detail
         assert not list((folders["work"] / "run1" / "tmp").glob("adl_*")), "the unrecorded result was left behind"
         verdict = requests.post(f"{server.url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_a"},
                                 timeout=60)
@@ -1081,6 +1083,77 @@ def test_a_review_queue_hand_out_whose_audit_entry_cannot_be_written_is_refused(
 
 @pytest.mark.server
 @pytest.mark.slow
+def test_downloads_of_patient_data_are_access_entries_and_refused_when_they_cannot_be_written(folders):
+    """Who read which patient's data: a download of an image, a label, a session's volume and the whole dataset
+    (MONAI Label's stock routes, which wrote no entry) is one access entry each (``image_downloaded``,
+    ``label_downloaded``, ``session_image_downloaded``, ``dataset_downloaded``: the study and who asked), written
+    before the file is sent; one of an id that is not there writes none. With the log unwritable (a folder where the
+    file is) each is refused, 503 "the audit log could not be written", and no file is sent; it was sent unrecorded.
+    The log written before is kept, and the chain verifies."""
+    from mlserver import stop_server
+
+    study = folders["studies"] / "ct_slab_b.nii.gz"
+    correction = folders["root"] / "ct_slab_b_final.nii.gz"
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(study)), sitk.sitkFloat32), str(correction))
+    server = _start(folders, 1)
+    try:
+        url = server.url
+        with open(correction, "rb") as handle:
+            saved = requests.put(f"{url}/datastore/label", params={"image": "ct_slab_b", "tag": "final"},
+                                 files={"label": ("ct_slab_b.nii.gz", handle)}, data={"params": "{}"}, timeout=120)
+        assert saved.status_code == 200, saved.text
+        with open(study, "rb") as handle:
+            created = requests.put(f"{url}/session/", files={"files": ("study.nii.gz", handle)}, timeout=120)
+        assert created.status_code == 200, created.text
+        session_id = created.json()["session_id"]
+        reads = {  # event: (route, query)
+            "image_downloaded": ("/datastore/image", {"image": "ct_slab_b"}),
+            "label_downloaded": ("/datastore/label", {"label": "ct_slab_b", "tag": "final"}),
+            "session_image_downloaded": (f"/session/{session_id}", {"image": "true"}),
+            "dataset_downloaded": ("/datastore/dataset", {}),
+        }
+        for route, query in reads.values():
+            answer = requests.get(url + route, params=query, timeout=120)
+            assert answer.status_code == 200 and len(answer.content) > 1000, (route, answer.status_code)
+        image = requests.get(f"{url}/datastore/image", params={"image": "ct_slab_b"}, timeout=120)
+        assert image.content == study.read_bytes()
+        assert requests.get(f"{url}/datastore/image", params={"image": "no_such"}, timeout=120).status_code == 404
+
+        audit_file = folders["audit"] / "audit.jsonl"
+        kept = audit_file.read_bytes()
+        audit_file.unlink()
+        audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
+        for route, query in reads.values():
+            refused = requests.get(url + route, params=query, timeout=120)
+            assert refused.status_code == 503, (route, refused.status_code, refused.text[:200])
+            assert refused.headers["content-type"] == "application/json", (route, refused.headers)
+            detail = refused.json()["detail"]
+            assert "was not sent: the audit log could not be written" in detail, detail
+            assert str(folders["root"]) not in detail, detail
+        audit_file.rmdir()
+        audit_file.write_bytes(kept)
+        again = requests.get(f"{url}/datastore/image", params={"image": "ct_slab_b"}, timeout=120)
+        assert again.status_code == 200 and again.content == study.read_bytes()
+    finally:
+        stop_server(server)
+    audit = AuditLog(folders["audit"])
+    assert audit.verify().ok and audit.path.read_bytes().startswith(kept)
+    for event, (route, _) in reads.items():
+        recorded = _events(audit, event)
+        assert len(recorded) == (3 if event == "image_downloaded" else 1), (event, recorded)
+        assert all(r["user"] is None and r["client"] == "127.0.0.1" and r["route"] == f"GET {route}"
+                   for r in recorded), recorded
+    assert [r["image"] for r in _events(audit, "image_downloaded")] == ["ct_slab_b"] * 3
+    assert (_events(audit, "label_downloaded")[0]["image"], _events(audit, "label_downloaded")[0]["tag"]) == (
+        "ct_slab_b", "final")
+    assert _events(audit, "session_image_downloaded")[0]["session_id"] == session_id
+    entries = audit.entries()
+    assert entries[-1]["event"] == "image_downloaded"  # the one after the log was writable again
+    assert audit.path.read_bytes()[len(kept):].count(b"\n") == 1  # nothing written while it was not
+
+
+@pytest.mark.server
+@pytest.mark.slow
 def test_with_authentication_on_entries_name_the_tokens_user(folders):
     """Auth on (a realm on loopback, tests/realm.py): the result's and the verdict's user is the token's user,
     whatever name the body gives."""
@@ -1104,6 +1177,9 @@ def test_with_authentication_on_entries_name_the_tokens_user(folders):
             handed = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"client_id": "ws-17"},
                                    headers={"Authorization": f"Bearer {realm.token(reviewer)}"}, timeout=60)
             assert handed.status_code == 200 and handed.json()["id"] == "ct_slab_c", handed.text
+            image = requests.get(f"{server.url}/datastore/image", params={"image": "ct_slab_c"},
+                                 headers={"Authorization": f"Bearer {realm.token(user)}"}, timeout=120)
+            assert image.status_code == 200, image.text[:300]
         finally:
             stop_server(server)
     finally:
@@ -1117,6 +1193,8 @@ def test_with_authentication_on_entries_name_the_tokens_user(folders):
     handout = _events(audit, "review_queue_handout")[-1]  # the user is the token's; client_id what the client said
     assert (handout["image"], handout["user"], handout["authenticated"], handout["client_id"]) == (
         "ct_slab_c", reviewer, True, "ws-17")
+    downloaded = _events(audit, "image_downloaded")[-1]
+    assert (downloaded["image"], downloaded["user"], downloaded["authenticated"]) == ("ct_slab_c", user, True)
     assert "mallory" not in audit.path.read_text()
 
 

@@ -154,3 +154,71 @@ def test_proxy_paths_stay_under_the_dicomweb_root(server, pacs, realm, method, p
     assert response.status_code == 422, (response.status_code, response.text[:300])
     assert "proxy path" in response.json()["detail"]
     assert pacs.received[start:] == []
+
+
+def _audit_of(server):
+    """The audit log of the server (a DICOMweb datastore's default folder, under its model folder)."""
+    from lib.audit import AuditLog
+
+    folders = list((server.model_dir / "audit").glob("dicomweb-*"))
+    assert len(folders) == 1, folders
+    return AuditLog(folders[0])
+
+
+def test_reads_through_the_proxy_are_one_access_entry_per_reader_and_series_and_refused_unrecorded(server, pacs,
+                                                                                                   realm):
+    """A viewer reads a series through the proxy one request per instance, frame and metadata file: who read which
+    study and series is one ``dicomweb_read`` entry per reader (the token's user) and series in the server process,
+    a search one per reader and query (its answer names patients); the proxy wrote none. With the log unwritable (a
+    folder where the file is) a series not yet on record is refused, 503 "the audit log could not be written", and
+    the PACS's answer is not sent; it is recorded once the log is writable again. The chain verifies."""
+    audit = _audit_of(server)
+    before = len(audit.entries("dicomweb_read"))
+    study, series, other = "1.2.826.0.1.77", "1.2.826.0.1.77.1", "1.2.826.0.1.77.2"
+    viewer = [f"wado/studies/{study}/series/{series}/metadata"] + [
+        f"wado/studies/{study}/series/{series}/instances/1.2.826.0.1.77.1.{i}/frames/1" for i in range(4)]
+    for path in viewer:
+        answer = requests.get(f"{server.url}/proxy/dicom/{path}", headers=_as(realm, "user"), timeout=120)
+        assert answer.status_code == 200, (path, answer.text[:300])
+    for who, path in (("reviewer", viewer[2]), ("user", f"wado/studies/{study}/series/{other}/metadata"),
+                      ("user", "qido/studies?PatientID=MRN%204711&limit=25")):
+        answer = requests.get(f"{server.url}/proxy/dicom/{path}", headers=_as(realm, who), timeout=120)
+        assert answer.status_code == 200, (path, answer.text[:300])
+    reads = [e["fields"] for e in audit.entries("dicomweb_read")][before:]
+    assert [(r["user"], r["study_instance_uid"], r["series_instance_uid"], r["search"]) for r in reads] == [
+        (USER_OF_ROLE["user"], study, series, None), (USER_OF_ROLE["reviewer"], study, series, None),
+        (USER_OF_ROLE["user"], study, other, None),
+        (USER_OF_ROLE["user"], None, None, "studies?PatientID=MRN%204711&limit=25")], reads
+    assert all(r["authenticated"] is True and r["client"] == "127.0.0.1" for r in reads), reads
+    assert reads[0]["path"] == viewer[0].removeprefix("wado/")
+
+    kept = audit.path.read_bytes()
+    audit.path.unlink()
+    audit.path.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
+    try:
+        new_series = f"wado/studies/{study}/series/1.2.826.0.1.77.3/metadata"
+        refused = requests.get(f"{server.url}/proxy/dicom/{new_series}", headers=_as(realm, "user"), timeout=120)
+        assert refused.status_code == 503, (refused.status_code, refused.text[:300])
+        assert "the PACS's answer was not sent: the audit log could not be written" in refused.json()["detail"]
+        # a series already on record in this process is read without a new entry
+        assert requests.get(f"{server.url}/proxy/dicom/{viewer[3]}", headers=_as(realm, "user"),
+                            timeout=120).status_code == 200
+    finally:
+        audit.path.rmdir()
+        audit.path.write_bytes(kept)
+    again = requests.get(f"{server.url}/proxy/dicom/{new_series}", headers=_as(realm, "user"), timeout=120)
+    assert again.status_code == 200, again.text[:300]
+    assert audit.verify().ok
+    last = audit.entries("dicomweb_read")[-1]["fields"]
+    assert (last["user"], last["series_instance_uid"]) == (USER_OF_ROLE["user"], "1.2.826.0.1.77.3")
+    assert len(audit.entries("dicomweb_read")) == before + 5
+
+
+def test_a_proxy_reads_key_is_the_study_and_series_it_names_or_the_search():
+    from lib.endpoints.guards import proxy_read_key
+
+    assert proxy_read_key("studies/1.2/series/3.4/instances/5.6/frames/1,2", "x=1") == ("1.2", "3.4", None)
+    assert proxy_read_key("studies/1.2/metadata", "") == ("1.2", None, None)
+    assert proxy_read_key("studies/1.2/series", "Modality=CT") == ("1.2", None, None)
+    assert proxy_read_key("series", "StudyInstanceUID=1.2") == (None, None, "series?StudyInstanceUID=1.2")
+    assert proxy_read_key("studies", "") == (None, None, "studies")

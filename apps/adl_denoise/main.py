@@ -12,10 +12,12 @@ folder; default ``<studies>/.audit``, or ``<model_dir>/audit/dicomweb-<hash of t
 They are all checked before anything is built (:mod:`lib.configs.conf`): a wrong value, or a key that looks like a
 misspelling of one of them, stops the start-up with an error naming the key; another key is a warning.
 
-The audit trail (:mod:`lib.audit`): every result, verdict, datastore change and weights publication / restore is an
-entry of an append-only, hash-chained log, verified at start-up. A broken chain is logged as an ERROR, shown in
-``/info/`` (``audit.warning``) and ``GET /review/audit/verify``, and the server then refuses everything that must be
-recorded (503): it keeps serving reads, it does not produce unrecorded results.
+The audit trail (:mod:`lib.audit`): every result, verdict, datastore change and weights publication / restore, and
+every access to patient data (review-queue hand-outs, downloads, reads through the PACS proxy), is an entry of an
+append-only, hash-chained log, verified at start-up. A broken chain is logged as an ERROR, shown in ``/info/``
+(``audit.warning``) and ``GET /review/audit/verify``, and the server then refuses everything that must be recorded
+(503): it keeps serving the reads that write no entry, it does not produce unrecorded results nor send patient data
+unrecorded.
 
 Settings reach the tasks through the conf (:class:`lib.configs.base.DenoiserTaskConfig` reads it and hands each
 task its values), not through environment variables set here. MONAI Label runs training in a subprocess that
@@ -289,7 +291,8 @@ class DenoisingApp(MONAILabelApp):
         """MONAI Label's infer, plus: a DICOMweb study is denoised from its DICOM files (not the datastore's NIfTI
         conversion); ``store_to_pacs`` sends the result back to the PACS as a derived series; every result is an
         audit entry (input identity, model, weights version and SHA-256, parameters, user, time) written before
-        the result is returned: when it cannot be written the request fails (5xx) and the result is deleted."""
+        the result is returned: when it cannot be written the request fails (503 when the log cannot take it,
+        :func:`lib.endpoints.review.recorded_access`) and the result is deleted."""
         try:
             self.audit.check_writable()
         except AuditBrokenError as error:
@@ -337,10 +340,18 @@ class DenoisingApp(MONAILabelApp):
                                                         "at an image format")
         result = super().infer(request, datastore)
         params = result.get("params") or {}
-        try:
-            entry = record_result(self.audit, result_fields(request, result, store, image_id if known_id else None,
-                                                            source_folder))
-        except Exception as error:  # noqa: BLE001 - whatever stops the record stops the result
+        from lib.endpoints.review import recorded_access
+
+        try:  # a result is access to patient data: never returned without its entry (503 when the log refuses it)
+            entry = recorded_access(
+                lambda: record_result(self.audit, result_fields(request, result, store,
+                                                                image_id if known_id else None, source_folder)),
+                "denoised, but the result is not returned",
+                f"result of {request.get('model')} for {image_id if known_id else 'an upload or session'}")
+        except HTTPException:
+            discard_result(result)
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever else stops the record stops the result
             discard_result(result)
             logger.error("result of %s not returned: %s", request.get("model"), error)
             raise HTTPException(status_code=500, detail=f"denoised, but the result is not returned: its audit entry "

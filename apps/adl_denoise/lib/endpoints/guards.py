@@ -42,6 +42,12 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   and is not attempted for a PACS series not in the server's local cache (:func:`lib.audit.recording.handing_out`):
   every hand-out left two info-update entries, and on such a series a pending entry and a failed one. A hand-out
   whose entry cannot be written is refused (503: access to patient data is never given unrecorded), no note kept.
+* ``GET /datastore/image``, ``GET /datastore/label``, ``GET /datastore/dataset``, ``GET /session/{id}?image=true``
+  and the PACS proxy's reads: who read which patient's data is an audit entry (``image_downloaded``,
+  ``label_downloaded``, ``dataset_downloaded``, ``session_image_downloaded``, ``dicomweb_read``) written before the
+  answer is sent, through :func:`.review.recorded_access`: a read whose entry cannot be written is refused (503),
+  nothing sent. The proxy, asked once per DICOM instance, frame and metadata file by a viewer, records one entry per
+  reader (user and client) and study / series (or search) per server process (:func:`proxy_read_key`).
 * ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``, ``GET /datastore/?output=train``: below
   admin (with authentication on), the answer names none of the server's folders and files (the audit log's
   ``audit.dir``, a training run's ``work_dir``; the training list's files and paths in texts cut to their last
@@ -268,6 +274,32 @@ def _refuse_modality_below_admin(info: dict, parameter: str, user: Optional[User
         raise HTTPException(status_code=403, detail=(
             f"{parameter}.modality may be set by an admin only ({_ADMIN!r}): it decides which model a study's "
             "corrections fine-tune; the server reads it from the image"))
+
+
+#: audit events of reads of patient data through the datastore, session and PACS-proxy routes (each written through
+#: :func:`_recorded_read` before the answer); the review queue's hand-out is ``review_queue_handout``
+IMAGE_DOWNLOADED = "image_downloaded"
+LABEL_DOWNLOADED = "label_downloaded"
+DATASET_DOWNLOADED = "dataset_downloaded"
+SESSION_IMAGE_DOWNLOADED = "session_image_downloaded"
+DICOMWEB_READ = "dicomweb_read"
+
+
+def _recorded_read(event: str, fields: dict, refused: str) -> Optional[dict]:
+    """Write the audit entry ``event`` of a read of patient data, ``fields`` and who asked
+    (:func:`lib.audit.context.request_actor`), before the answer is returned: a read whose entry cannot be written
+    is refused, 503 ``<refused>: the audit log could not be written (<why>)`` (:func:`.review.recorded_access`).
+    Returns the entry; None on a server without an audit log (no setting makes one), which reads as MONAI Label
+    does."""
+    from ..audit.context import request_actor
+    from .review import recorded_access
+
+    audit = getattr(app(), "audit", None)
+    if audit is None:
+        return None
+    actor = request_actor()
+    return recorded_access(lambda: audit.append(event, {**fields, **actor}), refused,
+                           f"{event} {fields} not given to {actor.get('user')} ({actor.get('client')})")
 
 
 def _refuse_stamp_keys(info: dict, parameter: str) -> None:
@@ -753,10 +785,14 @@ def guarded_check_image(image: str, check_sum: Optional[str] = None, user: User 
 
 @router.get("/datastore/image", include_in_schema=False)
 def guarded_download_image(image: str, user: User = Depends(RBAC(_USER))):
+    """MONAI Label's image download, one ``image_downloaded`` audit entry (who read which study) written once the
+    file is found and before it is sent; 503 and nothing sent when the entry cannot be written."""
     from monailabel.endpoints.datastore import download_image
 
     check_name(image, "image")
-    return download_image(image)
+    answer = download_image(image)  # 404 for an image that is not there: nothing read, nothing recorded
+    _recorded_read(IMAGE_DOWNLOADED, {"image": image}, "the image was not sent")
+    return answer
 
 
 @router.get("/datastore/image/info", include_in_schema=False)
@@ -1021,11 +1057,26 @@ def guarded_check_label(image: str, tag: str, user: User = Depends(RBAC(_USER)))
 
 @router.get("/datastore/label", include_in_schema=False)
 def guarded_download_label(label: str, tag: str, user: User = Depends(RBAC(_USER))):
+    """MONAI Label's label download (a correction, a region map), one ``label_downloaded`` entry written before it
+    is sent; 503 and nothing sent when the entry cannot be written."""
     from monailabel.endpoints.datastore import download_label
 
     check_name(label, "label")
     check_name(tag, "tag")
-    return download_label(label, tag)
+    answer = download_label(label, tag)
+    _recorded_read(LABEL_DOWNLOADED, {"image": label, "tag": tag}, "the label was not sent")
+    return answer
+
+
+@router.get("/datastore/dataset", include_in_schema=False)
+def guarded_download_dataset(limit_cases: Optional[int] = None, user: User = Depends(RBAC(_ANNOTATOR))):
+    """MONAI Label's whole datastore as one ZIP, one ``dataset_downloaded`` entry written before it is sent; 503 and
+    nothing sent when the entry cannot be written."""
+    from monailabel.endpoints.datastore import download_dataset
+
+    answer = download_dataset(limit_cases)
+    _recorded_read(DATASET_DOWNLOADED, {"limit_cases": limit_cases}, "the dataset was not sent")
+    return answer
 
 
 @router.get("/datastore/label/info", include_in_schema=False)
@@ -1094,7 +1145,11 @@ def guarded_get_session(session_id: str, update_ts: bool = False, image: bool = 
 
     check_name(session_id, "session_id")
     answer = get_session(session_id, update_ts, image)
-    return _session_info(answer) if isinstance(answer, dict) else answer
+    if isinstance(answer, dict):
+        return _session_info(answer)
+    # the session's volume (?image=true): one session_image_downloaded entry before it is sent, 503 without it
+    _recorded_read(SESSION_IMAGE_DOWNLOADED, {"session_id": session_id}, "the session's image was not sent")
+    return answer
 
 
 @router.delete("/session/{session_id}", include_in_schema=False)
@@ -1190,6 +1245,51 @@ def _forward_to_pacs(method: str, url: str, query: str, auth: Any, headers: dict
     return Response(content=content, status_code=answer.status_code, headers=kept)
 
 
+#: the reads through the proxy already on record in this server process, (user, client, study UID, series UID,
+#: search): a viewer asks the proxy once per DICOM instance, frame and metadata file, which is one entry per series
+#: and reader (a restart writes them again)
+_proxy_reads: set[tuple[Optional[str], ...]] = set()
+_proxy_reads_lock = threading.Lock()
+
+
+def proxy_read_key(path: str, query: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """What a proxy GET reads, as its audit entry names it: (StudyInstanceUID, SeriesInstanceUID, search) for
+    ``path`` (under the DICOMweb root, checked by :func:`proxy_path_problem`) and its ``query`` string. The UIDs are
+    the segments after ``studies/`` and ``series/`` (None where the path names none: ``studies/{uid}/metadata``
+    reads a whole study); a path that names no study (a search of the PACS's studies, series or instances, whose
+    answer names patients) is keyed by its ``search``, the path and query string as asked."""
+    segments = [segment for segment in path.split("/") if segment]
+
+    def after(keyword: str) -> Optional[str]:
+        for at, segment in enumerate(segments[:-1]):
+            if segment == keyword:
+                return segments[at + 1]
+        return None
+
+    study = after("studies")
+    if study is not None:
+        return study, after("series"), None
+    return None, None, path + (f"?{query}" if query else "")
+
+
+def _record_proxy_read(path: str, query: str) -> None:
+    """The ``dicomweb_read`` entry of a proxy GET the PACS answered, unless the same reader (user and client) has
+    already read the same study / series (or made the same search) in this server process. Written before the
+    answer is sent; 503 when it cannot be written (and that read is recorded at the next request)."""
+    from ..audit.context import request_actor
+
+    actor = request_actor()
+    study, series, search = proxy_read_key(path, query)
+    key = (actor.get("user"), actor.get("client"), study, series, search)
+    with _proxy_reads_lock:  # concurrent requests of one viewer for one series: one entry
+        if key in _proxy_reads:
+            return
+        _recorded_read(DICOMWEB_READ, {"study_instance_uid": study, "series_instance_uid": series,
+                                       "search": search, "path": path},
+                       "the PACS's answer was not sent")
+        _proxy_reads.add(key)
+
+
 async def _proxy(request: Request, path: str):
     from starlette.concurrency import run_in_threadpool
 
@@ -1213,8 +1313,11 @@ async def _proxy(request: Request, path: str):
         body = b""
     # The query string is forwarded (MONAI Label's stock proxy drops it, so a QIDO search for one patient answered
     # every study on the PACS); the PACS's own credentials win over anything of the caller's.
-    return await run_in_threadpool(_forward_to_pacs, request.method, url, request.url.query, auth,
-                                   {**forwarded, **headers}, body)
+    answer = await run_in_threadpool(_forward_to_pacs, request.method, url, request.url.query, auth,
+                                     {**forwarded, **headers}, body)
+    if request.method == "GET" and 200 <= answer.status_code < 300:  # patient data read: on record before it is sent
+        await run_in_threadpool(_record_proxy_read, rest, request.url.query)
+    return answer
 
 
 @router.get("/proxy/dicom/{path:path}", include_in_schema=False)
