@@ -222,3 +222,16 @@ def test_a_proxy_reads_key_is_the_study_and_series_it_names_or_the_search():
     assert proxy_read_key("studies/1.2/series", "Modality=CT") == ("1.2", None, None)
     assert proxy_read_key("series", "StudyInstanceUID=1.2") == (None, None, "series?StudyInstanceUID=1.2")
     assert proxy_read_key("studies", "") == (None, None, "studies")
+
+
+def test_the_proxy_forgets_its_oldest_reads_past_its_limit():
+    import collections
+
+    from lib.endpoints.guards import remember_recent
+
+    memo = collections.OrderedDict()
+    for key in ("a", "b", "c"):
+        remember_recent(memo, key, 3)
+    remember_recent(memo, "a", 3)  # read again: most recent
+    remember_recent(memo, "d", 3)
+    assert list(memo) == ["c", "a", "d"]

@@ -71,6 +71,7 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -1247,9 +1248,11 @@ def _forward_to_pacs(method: str, url: str, query: str, auth: Any, headers: dict
 
 #: the reads through the proxy already on record in this server process, (user, client, study UID, series UID,
 #: search): a viewer asks the proxy once per DICOM instance, frame and metadata file, which is one entry per series
-#: and reader (a restart writes them again)
-_proxy_reads: set[tuple[Optional[str], ...]] = set()
+#: and reader (a restart writes them again). Least recently read first; the oldest are forgotten past
+#: PROXY_READS_REMEMBERED (every distinct search is a key), which only writes their entry again when next read.
+_proxy_reads: "collections.OrderedDict[tuple[Optional[str], ...], None]" = collections.OrderedDict()
 _proxy_reads_lock = threading.Lock()
+PROXY_READS_REMEMBERED = 100_000
 
 
 def proxy_read_key(path: str, query: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
@@ -1272,6 +1275,14 @@ def proxy_read_key(path: str, query: str) -> tuple[Optional[str], Optional[str],
     return None, None, path + (f"?{query}" if query else "")
 
 
+def remember_recent(memo: "collections.OrderedDict", key: Any, limit: int) -> None:
+    """Put ``key`` last in ``memo`` (most recent) and forget the oldest keys past ``limit``."""
+    memo[key] = None
+    memo.move_to_end(key)
+    while len(memo) > limit:
+        memo.popitem(last=False)
+
+
 def _record_proxy_read(path: str, query: str) -> None:
     """The ``dicomweb_read`` entry of a proxy GET the PACS answered, unless the same reader (user and client) has
     already read the same study / series (or made the same search) in this server process. Written before the
@@ -1283,11 +1294,12 @@ def _record_proxy_read(path: str, query: str) -> None:
     key = (actor.get("user"), actor.get("client"), study, series, search)
     with _proxy_reads_lock:  # concurrent requests of one viewer for one series: one entry
         if key in _proxy_reads:
+            _proxy_reads.move_to_end(key)
             return
         _recorded_read(DICOMWEB_READ, {"study_instance_uid": study, "series_instance_uid": series,
                                        "search": search, "path": path},
                        "the PACS's answer was not sent")
-        _proxy_reads.add(key)
+        remember_recent(_proxy_reads, key, PROXY_READS_REMEMBERED)
 
 
 async def _proxy(request: Request, path: str):
