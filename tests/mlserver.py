@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -141,10 +142,12 @@ class Server:
 
 
 def start_server(studies: Path | str, model_dir: Path, work: Path, conf: dict | None = None,
-                 timeout: float = 600.0, env: dict[str, str] | None = None, cwd: Path | None = None) -> Server:
+                 timeout: float = 600.0, env: dict[str, str] | None = None, cwd: Path | None = None,
+                 wrap: Callable[[list], list] | None = None) -> Server:
     """Start the app on a free loopback port; returns once ``/info/`` answers (RuntimeError otherwise, with the
     server stopped). ``env``: extra environment variables of the server (e.g. ``MONAI_LABEL_AUTH_ENABLE``), over
-    the ones set here; ``cwd``: the server's working directory (default the repository)."""
+    the ones set here; ``cwd``: the server's working directory (default the repository); ``wrap``: the command that
+    runs the server's command (e.g. :func:`processes.on_tmpfs`), given it."""
     port = free_port()
     work.mkdir(parents=True, exist_ok=True)
     (work / "tmp").mkdir(exist_ok=True)
@@ -161,7 +164,8 @@ def start_server(studies: Path | str, model_dir: Path, work: Path, conf: dict | 
     auth_on = server_env.get("MONAI_LABEL_AUTH_ENABLE", "").strip().lower() in TRUE_WORDS
     ready = f"{url}/auth/" if auth_on else f"{url}/info/"
     cwd = cwd or REPO_ROOT
-    process = processes.start_service(args, work / "server.log", ready, timeout, cwd=cwd, env=server_env)
+    process = processes.start_service(wrap(args) if wrap else args, work / "server.log", ready, timeout, cwd=cwd,
+                                      env=server_env)
     return Server(url, process, work / "server.log", studies, model_dir, cwd)
 
 

@@ -5,14 +5,18 @@ access, no authentication. Started in a process group of its own and stopped as 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import subprocess
+import threading
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import processes
 from mlserver import free_port
@@ -100,10 +104,10 @@ def qido_searches(server: Orthanc, offset: int = 0) -> list[str]:
             for line in text.splitlines() if "Arguments of QIDO-RS request:" in line]
 
 
-def start_orthanc_logging_requests(work: Path) -> tuple[Orthanc, Path]:
-    """A real Orthanc (in ``work / "orthanc"``) whose IncomingHttpRequestFilter (a Lua script) appends ``METHOD URI``
-    of every HTTP request it receives, DICOMweb included, to the returned file: what a client searched for or
-    downloaded is read there."""
+def start_orthanc_logging_requests(work: Path, extra_config: dict | None = None) -> tuple[Orthanc, Path]:
+    """A real Orthanc (in ``work / "orthanc"``, ``extra_config`` added to its configuration) whose
+    IncomingHttpRequestFilter (a Lua script) appends ``METHOD URI`` of every HTTP request it receives, DICOMweb
+    included, to the returned file: what a client searched for or downloaded is read there."""
     work.mkdir(parents=True, exist_ok=True)
     requests_log = work / "orthanc_requests.log"
     script = work / "log_requests.lua"
@@ -115,7 +119,8 @@ function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
   return true
 end
 """)
-    return start_orthanc(work / "orthanc", extra_config={"LuaScripts": [str(script)]}), requests_log
+    return start_orthanc(work / "orthanc", extra_config={**(extra_config or {}), "LuaScripts": [str(script)]}), \
+        requests_log
 
 
 def grow_on_retrieval(script: Path, late: dict[str, list[Path]], requests_log: Path | None = None) -> Path:
@@ -149,6 +154,57 @@ function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders){log_l
 end
 """)
     return script
+
+
+@contextlib.contextmanager
+def without_instance_counts(server: Orthanc) -> Iterator[str]:
+    """A plain HTTP relay on loopback in front of the real Orthanc ``server`` whose JSON answers leave out
+    NumberOfSeriesRelatedInstances (0020,1209): a PACS that gives no series' instance count, which Orthanc always
+    gives (asked or not). Every other byte (WADO-RS retrievals, REST calls) passes unchanged. Yields the relay's
+    DICOMweb root (``http://127.0.0.1:PORT/dicom-web``)."""
+    target = server.url
+
+    class Relay(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def _relay(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            # answers uncompressed (urllib does not undo gzip): the relay reads and rewrites them
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("host", "connection", "accept-encoding")}
+            request = urllib.request.Request(f"{target}{self.path}", data=self.rfile.read(length) if length else None,
+                                             method=self.command, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=300) as answer:
+                    status, kept, body = answer.status, answer.headers, answer.read()
+            except urllib.error.HTTPError as error:
+                status, kept, body = error.code, error.headers, error.read()
+            if "json" in (kept.get("Content-Type") or ""):
+                found = json.loads(body or b"null")
+                for entry in found if isinstance(found, list) else []:
+                    if isinstance(entry, dict):
+                        entry.pop("00201209", None)
+                body = json.dumps(found).encode()
+            self.send_response(status)
+            for key, value in kept.items():
+                if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _relay  # noqa: N815 - http.server's names
+
+    relay = ThreadingHTTPServer(("127.0.0.1", free_port()), Relay)
+    thread = threading.Thread(target=relay.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{relay.server_address[1]}/dicom-web"
+    finally:
+        relay.shutdown()
+        relay.server_close()
+        thread.join(timeout=60)
 
 
 def stop_orthanc(server: Orthanc) -> None:

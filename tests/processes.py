@@ -8,7 +8,9 @@ Timeouts are the caller's; they are meant as generous limits for a loaded 2-core
 """
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -114,6 +116,29 @@ def start_service(args: Command, log_path: Path, ready_url: str, timeout: float,
         stop(process)
         raise
     return process
+
+
+@functools.cache  # asked by skipif marks, at collection
+def private_tmpfs_problem() -> str | None:
+    """Why a test cannot mount a small tmpfs in a mount namespace of its own (``unshare``, :func:`on_tmpfs`), None
+    when it can."""
+    import tempfile
+
+    if not shutil.which("unshare"):
+        return "no unshare command"
+    with tempfile.TemporaryDirectory() as folder:
+        tried = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c",
+                                'mount -t tmpfs -o size=1m tmpfs "$1"', "sh", folder],
+                               capture_output=True, text=True, timeout=60)
+    return None if tried.returncode == 0 else f"cannot mount a tmpfs in a private mount namespace: {tried.stderr}"
+
+
+def on_tmpfs(folder: Path, size_mib: int, args: Command) -> list[str | os.PathLike]:
+    """``args`` run with a real tmpfs of ``size_mib`` MiB mounted over ``folder`` (an existing folder) in a mount
+    namespace of their own (``unshare``; see :func:`private_tmpfs_problem`): a real small disk there, for them alone.
+    The command ``exec``s ``args``, so the process started is theirs."""
+    return ["unshare", "--map-root-user", "--mount", "sh", "-c",
+            f'mount -t tmpfs -o size={int(size_mib)}m tmpfs "$1" && shift && exec "$@"', "sh", folder, *args]
 
 
 def _wait_for_http(url: str, process: subprocess.Popen, timeout: float, log_path: Path) -> None:

@@ -8,7 +8,6 @@ an input.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import os
@@ -723,23 +722,8 @@ def test_a_download_stopped_removes_the_files_it_wrote_and_nothing_else(tmp_path
         stop_orthanc(pacs)
 
 
-@functools.cache  # asked twice by the skipif below
-def _private_tmpfs_problem() -> str | None:
-    """Why a test cannot mount a small tmpfs in a mount namespace of its own (``unshare``), None when it can."""
-    import shutil
-    import subprocess
-    import tempfile
-
-    if not shutil.which("unshare"):
-        return "no unshare command"
-    with tempfile.TemporaryDirectory() as folder:
-        tried = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c",
-                                'mount -t tmpfs -o size=1m tmpfs "$1"', "sh", folder],
-                               capture_output=True, text=True, timeout=60)
-    return None if tried.returncode == 0 else f"cannot mount a tmpfs in a private mount namespace: {tried.stderr}"
-
-
-@pytest.mark.skipif(_private_tmpfs_problem() is not None, reason=str(_private_tmpfs_problem()))
+@pytest.mark.skipif(processes.private_tmpfs_problem() is not None,
+                    reason=str(processes.private_tmpfs_problem()))
 def test_a_series_that_grows_past_the_free_disk_space_during_its_download_is_stopped_and_the_batch_goes_on(
         tmp_path, shared_data):
     """Free disk space was checked once, before the download, against the size the server gave (QIDO-RS); a series
@@ -765,10 +749,8 @@ def test_a_series_that_grows_past_the_free_disk_space_during_its_download_is_sto
         out = tmp_path / "out"
         scratch = out / ".denoise_batch_download"  # the batch's download folder (lib.batch.runner)
         scratch.mkdir(parents=True)
-        command = ["unshare", "--map-root-user", "--mount", "sh", "-c",
-                   'mount -t tmpfs -o size=6m tmpfs "$1" && shift && exec "$@"', "sh", scratch,
-                   sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
-                   "gaussian", "--no-progress"]
+        command = processes.on_tmpfs(scratch, 6, [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb,
+                                                  "--output", out, "--model", "gaussian", "--no-progress"])
         result = processes.run(command, TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert len(pacs.get("/instances")) == 22  # it grew (the filter ran)
         assert result.returncode == 1 and "2 series: 1 done, 0 skipped, 1 failed" in result.stdout, \

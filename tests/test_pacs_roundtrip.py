@@ -18,9 +18,11 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from monailabel.utils.others.generic import md5_digest
 
+import processes
 from conftest import SAMPLE_STUDIES
 from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
-from orthanc import available, grow_on_retrieval, start_orthanc, start_orthanc_logging_requests, stop_orthanc
+from orthanc import (available, grow_on_retrieval, start_orthanc, start_orthanc_logging_requests, stop_orthanc,
+                     without_instance_counts)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=str(available()))]
@@ -337,8 +339,8 @@ def test_a_series_that_grows_past_the_voxel_limit_during_its_download_is_stopped
     retrieval sends 6 (1.57 M). The download stops at the instance that takes it over the limit: infer by id answers
     413 saying so; the review queue's hand-out, which answered the same 413 for the whole request, skips the series,
     lists it in ``too_large_to_review`` and hands out the next study; nothing of either series is in the cache. The
-    size where a download was stopped is remembered: the next queue request asks the PACS nothing of that series,
-    and infer by id refuses it without a download."""
+    size a stopped download found (the PACS's, asked after the stop) is remembered: the next queue request asks the
+    PACS nothing of that series, and infer by id refuses it without a download."""
     import requests
 
     series = {}
@@ -367,10 +369,11 @@ def test_a_series_that_grows_past_the_voxel_limit_during_its_download_is_stopped
                     "PACS did not tell it); the download was stopped and nothing of it was kept (raise the limit "
                     "with --conf max_voxels on the server)") == detail, detail
             # the queue: the first series passes the size check, grows during its download, is stopped and skipped;
-            # the one infer stopped is listed with 6 instances now (asked again); the small one is handed out
-            stopped = {"id": queued, "instances": 4, "voxels": 1_048_576, "estimated": False, "limit": 1_000_000,
+            # both are listed with the size the PACS gave after the stop (6 instances), marked stopped; the small
+            # one is handed out
+            stopped = {"id": queued, "instances": 6, "voxels": 1_572_864, "estimated": False, "limit": 1_000_000,
                        "download_stopped": True}
-            grown = {"id": inferred, "instances": 6, "voxels": 1_572_864, "estimated": False, "limit": 1_000_000}
+            grown = dict(stopped, id=inferred)
             answer = requests.post(queue, json={}, timeout=600)
             assert answer.status_code == 200, answer.text[:500]
             body = answer.json()
@@ -389,8 +392,8 @@ def test_a_series_that_grows_past_the_voxel_limit_during_its_download_is_stopped
                                    timeout=600)
             assert answer.status_code == 413, answer.text[:500]
             detail = answer.json()["detail"]
-            assert (f"series {queued} is too large: at least 4 instances, 1,048,576 voxels (an earlier download of it "
-                    "was stopped there) exceed the limit of 1,000,000") in detail, detail
+            assert (f"series {queued} is too large: at least 6 instances, 1,572,864 voxels (an earlier download of it "
+                    "was stopped over the limit) exceed the limit of 1,000,000") in detail, detail
             assert len(pacs.get("/instances")) == 15  # both grew (the filter ran)
             kept = sorted(str(p) for p in cache.rglob("*") if any(uid in p.name for uid in growing))
             assert not kept, kept
@@ -814,6 +817,170 @@ def test_the_review_queue_asks_the_pacs_the_size_of_an_oversized_series_once(tmp
         assert [(s["id"], s["instances"]) for s in too_large] == [(big_uid, 7)], too_large
         assert any("/instances" in line for line in searched), searched
         assert not [p for p in (tmp_path / "dicomweb_cache").rglob(f"{big_uid}*")]  # never downloaded
+    finally:
+        stop_orthanc(pacs)
+
+
+def _in_process_app(tmp_path: Path, studies: str, tiny_weights: Path, monkeypatch, max_voxels: int = 1_000_000):
+    """The app (``DenoisingApp``, in this process) serving the DICOMweb root ``studies`` with ``max_voxels``, its
+    download cache in ``tmp_path / "dicomweb_cache"``; returns (its datastore, one review queue request: a function
+    of the ids to exclude answering the queue's ``too_large_to_review``, no study handed out)."""
+    from monailabel.config import settings
+
+    from conftest import import_app_main
+    from lib.activelearning import NextUnreviewed
+    from lib.activelearning.review import QUEUE_LEFT
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
+    (tmp_path / "app" / "bin").mkdir(parents=True)  # MONAI Label downloads dcmqi's converter otherwise
+    (tmp_path / "app" / "bin" / "itkimage2segimage").write_text("")
+    app = import_app_main().DenoisingApp(str(tmp_path / "app"), studies,
+                                         {"model_dir": str(copy_weights(tiny_weights, tmp_path / "model")),
+                                          "models": "nlm", "max_voxels": str(max_voxels)})
+    store = app.datastore()
+    queue = NextUnreviewed(app.audit, app._queue_voxel_limit)  # noqa: SLF001 - the app's own limit
+
+    def ask(exclude: list[str]) -> list[dict]:
+        QUEUE_LEFT.set(None)
+        assert queue({"exclude": exclude}, store) is None
+        return QUEUE_LEFT.get()["too_large_to_review"]
+
+    return store, ask
+
+
+def test_a_series_stopped_over_the_limit_is_not_downloaded_again_when_the_pacs_gives_no_instance_count(
+        tmp_path, tiny_weights, monkeypatch):
+    """A series whose download was stopped over the voxel limit is remembered under its UID and the instance count
+    the PACS's listing gives it; a PACS that gives no count had it downloaded again, up to the limit, on every review
+    queue request. Here the real Orthanc lists 3 of a series' 6 instances (LimitFindInstances 2: 0.79 M voxels, under
+    ``max_voxels`` 1,000,000) and, through a relay that drops NumberOfSeriesRelatedInstances from its answers, gives
+    no count: the first queue request downloads it and stops at the 4th instance; the second one lists it the same
+    way without a WADO-RS retrieval (counted in Orthanc's own request log), and after ``OVERSIZED_UNCOUNTED_S``
+    (no count tells a change) with one."""
+    import lib.pacs
+    from lib.pacs import listed_series
+
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path, {"LimitFindInstances": 2})
+    try:
+        big = real_ct_series(tmp_path / "big", slices=6)  # 6 x 512 x 512 = 1.57 M voxels
+        pacs.upload_files(big)
+        big_uid = str(pydicom.dcmread(big[0]).SeriesInstanceUID)
+        with without_instance_counts(pacs) as studies:
+            store, ask = _in_process_app(tmp_path, studies, tiny_weights, monkeypatch)
+
+            def retrievals() -> int:  # WADO-RS retrievals of the series: GET .../studies/X/series/<uid>
+                return sum(line.startswith("GET ") and line.rstrip("/").endswith(f"/series/{big_uid}")
+                           for line in requests_log.read_text().splitlines())
+
+            stopped = {"id": big_uid, "instances": 4, "voxels": 1_048_576, "estimated": False, "limit": 1_000_000,
+                       "download_stopped": True}
+            assert ask([]) == [stopped]
+            assert listed_series(store, big_uid) == {"modality": "CT", "instances": None}  # no count given
+            assert retrievals() == 1
+            assert ask([]) == [stopped]
+            assert retrievals() == 1, "downloaded again"
+            # no count tells whether it changed: it is checked again (downloaded up to the limit) now and then
+            monkeypatch.setattr(lib.pacs, "OVERSIZED_UNCOUNTED_S", 0.0)
+            assert ask([]) == [stopped]
+            assert retrievals() == 2
+        assert not [p for p in (tmp_path / "dicomweb_cache").rglob(f"*{big_uid}*")]
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_series_stopped_over_the_limit_is_listed_with_its_size_on_the_pacs_at_once(tmp_path, tiny_weights,
+                                                                                     monkeypatch):
+    """A series stopped during its download over the voxel limit (it grew since the listing) was listed in the
+    review queue's ``too_large_to_review`` with the counts where the download stopped (4 instances of the 6 the PACS
+    then held) until the queue's listing was made again (a minute later), when the series was asked again and listed
+    with 6, no longer marked ``download_stopped``. The PACS is asked its size once after the stop: the queue lists
+    it with 6 instances, marked stopped, at once, and neither the next request nor one after the listing is made
+    again asks the PACS anything of it (the real Orthanc's request filter stores 3 more slices when the retrieval
+    arrives, and logs every request)."""
+    import lib.pacs
+
+    files = real_ct_series(tmp_path / "grows", slices=6)
+    uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    requests_log = tmp_path / "orthanc_requests.log"
+    script = grow_on_retrieval(tmp_path / "grow.lua", {uid: files[3:]}, requests_log)
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
+    try:
+        pacs.upload_files(files[:3])  # 3 x 512 x 512 = 0.79 M voxels listed, under 1,000,000; 6 sent
+        _, ask = _in_process_app(tmp_path, pacs.dicomweb, tiny_weights, monkeypatch)
+
+        def asked_since(before: int) -> list[str]:
+            lines = requests_log.read_text().splitlines()[before:]
+            return [line for line in lines if uid in line or line.split("?")[0].rstrip("/").endswith("/instances")]
+
+        entry = {"id": uid, "instances": 6, "voxels": 1_572_864, "estimated": False, "limit": 1_000_000,
+                 "download_stopped": True}
+        assert ask([]) == [entry]
+        assert len(pacs.get("/instances")) == 6  # it grew (the filter ran)
+        before = len(requests_log.read_text().splitlines())
+        assert ask([]) == [entry]
+        monkeypatch.setattr(lib.pacs, "LISTING_MAX_AGE_S", 0.0)  # the listing made again: it lists 6 instances now
+        assert ask([]) == [entry]
+        assert asked_since(before) == [], asked_since(before)
+        assert not [p for p in (tmp_path / "dicomweb_cache").rglob(f"*{uid}*")]
+    finally:
+        stop_orthanc(pacs)
+
+
+@pytest.mark.skipif(processes.private_tmpfs_problem() is not None,
+                    reason=str(processes.private_tmpfs_problem()))
+def test_a_series_that_does_not_fit_on_the_cache_disk_is_stopped_before_the_disk_is_full(tmp_path, tiny_weights):
+    """The app's download of a PACS series counted voxels, not bytes: a series under ``max_voxels`` larger than the
+    free space of the DICOMweb cache's disk was written until the disk was full (a bare 500, and every other writer
+    on that disk failed too). The free space is now checked before each instance is written, as the batch's
+    download does: here the server's cache folder is a real 3 MiB tmpfs (a mount namespace of the server's own) and
+    a 6-slice series (6 x 0.5 MiB, the NIfTI conversion beside it) does not fit: infer by id and the review queue's
+    hand-out answer 507 saying how many bytes were needed and free, nothing of it is left in the cache, and a
+    1-slice series that fits is denoised."""
+    import re
+    import subprocess
+
+    import requests
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=1)
+        pacs.upload_files(big + small)
+        big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
+        cache = tmp_path / "work" / "dicomweb_cache"  # the server's MONAI_LABEL_DICOMWEB_CACHE_PATH (mlserver)
+        cache.mkdir(parents=True)
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"max_voxels": 10_000_000}, wrap=lambda args: processes.on_tmpfs(cache, 3, args))
+        def in_cache() -> list[str]:
+            """What the server's cache folder holds, seen from its mount namespace (the tmpfs is its alone)."""
+            found = subprocess.run(["nsenter", "--target", str(server.process.pid), "--mount", "find", str(cache)],
+                                   capture_output=True, text=True, timeout=60)
+            assert found.returncode == 0, found.stderr
+            return found.stdout.split()
+
+        try:
+            folder = re.escape(md5_digest(pacs.dicomweb))  # the cache folder's name: answers name no server path
+            refused = (rf"series {re.escape(big_uid)} does not fit on the disk of the server's DICOMweb cache "
+                       rf"{folder}: instance \d+ needs about [\d,]+ bytes with the conversion of those downloaded, "
+                       r"[\d,]+ are free; the download was stopped and nothing of it was kept: free some space there "
+                       r"\(MONAI_LABEL_DICOMWEB_CACHE_PATH\)")
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": big_uid, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 507, answer.text[:2000]
+            assert re.fullmatch(f"not denoised: {refused}", answer.json()["detail"]), answer.json()["detail"]
+            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"exclude": [small_uid]},
+                                   timeout=600)
+            assert answer.status_code == 507 and re.fullmatch(refused, answer.json()["detail"]), answer.text[:2000]
+            assert not [name for name in in_cache() if big_uid in name], in_cache()
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 200 and answer.json()["shape"] == [512, 512], answer.text[:2000]
+            assert [name for name in in_cache() if name.endswith(f"/{small_uid}")], in_cache()  # on the tmpfs
+            assert not [name for name in in_cache() if big_uid in name], in_cache()
+            log = server.log_tail(200000)
+            assert "No space left on device" not in log, log[-4000:]
+            assert server.alive()
+        finally:
+            stop_server(server)
     finally:
         stop_orthanc(pacs)
 

@@ -50,9 +50,9 @@ from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
-from lib.pacs import (PacsStoreError, SeriesTooLarge, bound_waits, bounded_downloads, cache_folder, is_dicomweb,
-                      oversized, remove_stale_downloads, series_folder, start_up_warnings, store_derived_series,
-                      whole_listing)
+from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesTooLarge, bound_waits, bounded_downloads, cache_folder,
+                      is_dicomweb, oversized, remove_stale_downloads, series_folder, start_up_warnings,
+                      store_derived_series, whole_listing)
 from lib.runtime.switches import parse_bool
 
 logger = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ class DenoisingApp(MONAILabelApp):
             estimate = (f" (estimated: the PACS lists {size.listed} of its instances)"
                         if size.listed < size.instances else "")
             at_least = "at least " if size.stopped else ""  # where an earlier download was stopped: it holds more
-            stopped = " (an earlier download of it was stopped there)" if size.stopped else ""
+            stopped = " (an earlier download of it was stopped over the limit)" if size.stopped else ""
             raise HTTPException(status_code=413, detail=(
                 f"cannot denoise this image: series {image_id} is too large: {at_least}{size.instances} instances, "
                 f"{size.voxels:,} voxels{estimate}{stopped} exceed the limit of {limit:,} (raise it with --conf "
@@ -325,6 +325,9 @@ class DenoisingApp(MONAILabelApp):
             except SeriesTooLarge as error:
                 raise HTTPException(status_code=413, detail=f"cannot denoise this image: {error} (raise the limit "
                                                             "with --conf max_voxels on the server)") from None
+            except SeriesDoesNotFit as error:  # the server's disk is short, not the series at fault
+                logger.error("infer %s: %s", image_id, error)
+                raise HTTPException(status_code=507, detail=f"not denoised: {error}") from None
             request = dict(request, image=str(source_folder))
         elif known_id:
             uri = store.get_image_uri(image_id)  # the datastore's file, by absolute path

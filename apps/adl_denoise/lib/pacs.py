@@ -11,6 +11,7 @@ rather than the HTTP status (a PACS can answer 200 and store nothing), then that
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import pydicom
 
@@ -34,8 +35,9 @@ __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S
            "oversized", "SeriesSize", "is_downloaded",
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
-           "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "cache_folder", "instance_voxels",
-           "save_instance", "SeriesTooLarge", "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads",
+           "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "OVERSIZED_UNCOUNTED_S", "cache_folder",
+           "instance_voxels", "instance_bytes", "HEADER_BYTES", "disk_shortfall", "save_instance", "SeriesTooLarge",
+           "SeriesDoesNotFit", "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads",
            "PARTIAL_DOWNLOAD_STALE_S", "remove_stale_downloads"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
@@ -448,8 +450,9 @@ class SeriesSize(NamedTuple):
     #: bytes of its pixel data uncompressed (``Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated / 8``
     #: per instance; 1 sample of 16 bits where the PACS does not say), estimated as ``voxels`` is
     pixel_bytes: int = 0
-    #: the size where a download was stopped over a limit (:func:`download_within`): ``instances`` and ``voxels`` are
-    #: those the PACS had sent by then, the series holds at least that many
+    #: a size found when a download was stopped over a limit (:func:`download_within`): ``instances`` and ``voxels``
+    #: are the PACS's answer after the stop, or those it had sent by then when it told fewer; the series holds at
+    #: least that many
     stopped: bool = False
 
 
@@ -534,6 +537,9 @@ def series_voxels(datastore, image_id: str) -> SeriesSize | None:
 
 #: series found over a voxel limit that :func:`oversized` remembers per datastore (the least recently asked go first)
 OVERSIZED_REMEMBERED = 4096
+#: seconds :func:`oversized` trusts a series' size where its download was stopped when the datastore's listing gives
+#: no instance count for it (a count tells a series that changed at once; without one it is checked again after this)
+OVERSIZED_UNCOUNTED_S = 3600.0
 _memo_lock = threading.Lock()
 
 
@@ -547,48 +553,56 @@ def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
     count the datastore's listing gives it (:func:`listed_series`): the review queue passes every oversized series
     ahead of the next study on each request, and asked the PACS its size (QIDO-RS, instance and series level) every
     time. A series whose count changes is asked again; one the listing gives no count for is asked every time. A
-    series whose download was stopped over a limit (:func:`download_within`: it grew since its size was asked) is
-    remembered the same way, with the size where it was stopped (``stopped``): it is not downloaded again."""
+    series whose download was stopped over a limit (:func:`download_within`: it grew since its size was asked, or the
+    PACS under-tells it) is remembered the same way, with its size then (``stopped``): it is not downloaded again.
+    Such a series is remembered also when the listing gives no count (its download, up to the limit, would otherwise
+    be repeated on every queue request): for :data:`OVERSIZED_UNCOUNTED_S`, after which it is downloaded again (it
+    may have changed, and no listed count tells)."""
     if is_downloaded(datastore, image_id):
         return None
     key = _oversized_key(datastore, image_id)
     memo = _oversized_memo(datastore)
-    if key is not None:
-        with _memo_lock:
-            known = memo.get(key)
-            if known is not None:
-                memo.move_to_end(key)
-        if known is not None and known.voxels > limit:
-            return known
+    with _memo_lock:
+        known, since = memo.get(key, (None, 0.0))
+        if known is not None and key[1] is None and time.monotonic() - since > OVERSIZED_UNCOUNTED_S:
+            del memo[key]  # no count to tell a change: checked again (downloaded up to the limit) now and then
+            known = None
+        if known is not None:
+            memo.move_to_end(key)
+    if known is not None and known.voxels > limit:
+        return known
     size = series_voxels(datastore, image_id)
     if size is None or size.voxels <= limit:
         return None
-    _remember_oversized(datastore, key, size)
+    _remember_oversized(datastore, [key], size)
     return size
 
 
-def _oversized_key(datastore, image_id: str) -> tuple[str, int] | None:
+def _oversized_key(datastore, image_id: str) -> tuple[str, int | None]:
     """What :func:`oversized` remembers a series under: its UID and the instance count the datastore's listing gives
     it (None when the listing gives none)."""
-    instances = listed_series(datastore, image_id).get("instances")
-    return (image_id, instances) if instances else None
+    return image_id, listed_series(datastore, image_id).get("instances") or None
 
 
-def _remember_oversized(datastore, key: tuple[str, int] | None, size: SeriesSize) -> None:
-    """Keep ``size`` of a series found over a limit for :func:`oversized`, under ``key`` (:func:`_oversized_key`;
-    nothing when None)."""
-    if key is None:
-        return
+def _remember_oversized(datastore, keys: Iterable[tuple[str, int | None]], size: SeriesSize) -> None:
+    """Keep ``size`` of a series found over a limit for :func:`oversized`, under each of ``keys``
+    (:func:`_oversized_key`). Under a key without a count, only a size where a download was stopped (``stopped``):
+    the one that costs a download to learn again."""
     memo = _oversized_memo(datastore)
+    now = time.monotonic()
     with _memo_lock:
-        memo[key] = size
-        memo.move_to_end(key)
+        for key in dict.fromkeys(keys):
+            if key[1] is None and not size.stopped:
+                continue
+            memo[key] = (size, now)
+            memo.move_to_end(key)
         while len(memo) > OVERSIZED_REMEMBERED:
             memo.popitem(last=False)
 
 
 def _oversized_memo(datastore) -> OrderedDict:
-    """The datastore's remembered oversized series (:func:`oversized`): ``(uid, instances)`` -> :class:`SeriesSize`."""
+    """The datastore's remembered oversized series (:func:`oversized`): ``(uid, instances or None)`` ->
+    ``(`` :class:`SeriesSize`, ``time.monotonic()`` when remembered ``)``."""
     with _memo_lock:
         memo = getattr(datastore, "_adl_oversized", None)
         if memo is None:
@@ -608,6 +622,35 @@ def instance_voxels(dataset) -> int:
         max(1, int(dataset.get("NumberOfFrames", 1) or 1))
 
 
+def instance_bytes(dataset) -> int:
+    """Bytes of ``dataset``'s pixel data as received (uncompressed, as WADO-RS sends it by default); computed from
+    Rows, Columns, NumberOfFrames, SamplesPerPixel and BitsAllocated (16 when absent) without one."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        value = dataset.get(keyword, None)
+        if value is not None:
+            return len(value)
+    samples = instance_voxels(dataset) * max(1, int(dataset.get("SamplesPerPixel", 1) or 1))
+    return samples * -(-int(dataset.get("BitsAllocated", 16) or 16) // 8)
+
+
+#: bytes allowed for the header of each downloaded or written file (beside its pixel data) when the disk space a
+#: download needs is estimated
+HEADER_BYTES = 64 * 1024
+
+
+def disk_shortfall(dataset, folder: Path, count: int, voxels: int) -> tuple[int, int] | None:
+    """``(needed, free)`` bytes when ``dataset``, the ``count``-th instance of a series being downloaded into
+    ``folder`` (``voxels``: those of the instances so far, its own included), does not fit on ``folder``'s file
+    system as it is now, else None. Needed: its file (:func:`instance_bytes` and :data:`HEADER_BYTES`) and a copy of
+    every instance so far at 16 bits a voxel, with a header each (the batch's derived series, the app's NIfTI
+    conversion of the series). The free space is read at each call: other processes write on that disk too. The
+    one check of the batch's downloads (:func:`lib.batch.dicomweb.download_series`) and the app's
+    (:func:`download_within`)."""
+    needed = instance_bytes(dataset) + HEADER_BYTES + 2 * voxels + count * HEADER_BYTES
+    free = shutil.disk_usage(folder).free
+    return (needed, free) if needed > free else None
+
+
 def save_instance(dataset, path: Path) -> None:
     """Write one instance received by WADO-RS to ``path`` as a DICOM file (Explicit VR Little Endian named in its
     file meta when the server sent none)."""
@@ -624,6 +667,12 @@ class SeriesTooLarge(ValueError):
     def __init__(self, message: str, size: SeriesSize, limit: int) -> None:
         super().__init__(message)
         self.size, self.limit = size, limit
+
+
+class SeriesDoesNotFit(RuntimeError):
+    """A PACS series whose download into the datastore's cache was stopped: the next instance would not fit on the
+    cache's disk (:func:`disk_shortfall`; message: how many bytes were needed and free, nothing kept). The routes
+    answer 507 Insufficient Storage: the server's disk, not the series, is at fault."""
 
 
 #: name prefix of the folder a series is downloaded into, in the datastore's cache, before it takes its own name
@@ -647,6 +696,40 @@ def _study_of(client, series_uid: str) -> str:
     raise FileNotFoundError(f"the PACS lists no series {series_uid}")
 
 
+def _disk_full(error: BaseException) -> bool:
+    """Whether ``error`` or one it was raised from is ENOSPC (pydicom raises a new OSError without errno, naming the
+    element whose write failed, from the one of the write)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if getattr(error, "errno", None) == errno.ENOSPC:
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _stopped_size(datastore, image_id: str, count: int, voxels: int) -> SeriesSize:
+    """The size of the series ``image_id`` whose download was stopped over a limit at its ``count``-th instance
+    (``voxels`` sent by then), remembered for :func:`oversized` (``stopped``). The PACS is asked its size once more
+    (:func:`series_voxels`): the series grew since it was listed, and what was sent is only part of it (the review
+    queue listed it with those partial counts until its listing was made again, a minute later); when the PACS
+    tells more than was sent, that size is kept, also under the instance count the next listing will give (the
+    series is then neither asked nor downloaded again when the listing is made again). What was sent otherwise (a
+    PACS that under-tells the size, or cannot be asked)."""
+    sent = SeriesSize(count, voxels, count, stopped=True)
+    keys = [_oversized_key(datastore, image_id)]
+    try:
+        now = series_voxels(datastore, image_id)
+    except Exception as error:  # noqa: BLE001 - the PACS gone meanwhile: what was sent is known
+        log.debug("series %s: its size after a stopped download not asked: %s", image_id, one_line(error))
+        now = None
+    size = now._replace(stopped=True) if now is not None and now.voxels > voxels else sent
+    if size is not sent and keys[0][1] is not None:  # a listing that gives counts will give the PACS's
+        keys.append((image_id, size.instances))
+    _remember_oversized(datastore, keys, size)
+    return size
+
+
 def download_within(datastore, image_id: str, limit: int) -> Path:
     """The folder of the series ``image_id`` in a DICOMweb datastore's cache (MONAI Label's layout,
     ``<cache>/<SeriesInstanceUID>/``, one file per instance named by its SOP Instance UID), downloaded first when it
@@ -656,14 +739,19 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
     that takes it over, and what it wrote removed; its size then is remembered as :func:`oversized`'s are (the next
     request for it is refused without a download while the PACS lists it with the same instance count). A partial
     folder left by a server stopped during the download is removed at the next start-up
-    (:func:`remove_stale_downloads`). The size asked before a download (:func:`oversized`) and the
-    download are two requests, and a series still being sent to the PACS grows in between: MONAI Label's own
-    download holds the whole series in memory, and saves it into the cache folder, before any size is checked. A
-    datastore set to fetch frame by frame (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``) is left to MONAI Label's own
-    download, whose size the reader checks after it.
+    (:func:`remove_stale_downloads`). Before each instance is written, the free space of the cache's disk is
+    checked (:func:`disk_shortfall`, as the batch's download does): a series that does not fit is stopped there,
+    and what it wrote removed, before the disk is full (every other writer on it would fail too); a write that
+    finds the disk full all the same (another writer took the space) is stopped the same way. The size asked
+    before a download (:func:`oversized`) and the download are two requests, and a series still being sent to the
+    PACS grows in between: MONAI Label's own download holds the whole series in memory, and saves it into the cache
+    folder, before any size is checked. A datastore set to fetch frame by frame
+    (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``) is left to MONAI Label's own download, whose size the reader checks
+    after it.
 
     Raises:
         SeriesTooLarge: over ``limit`` voxels (nothing of it left in the cache).
+        SeriesDoesNotFit: an instance would not fit on the cache's disk (nothing of it left in the cache).
         FileNotFoundError: the PACS lists no such series, or sent no instance of it.
         requests.exceptions.ConnectionError, Timeout, HTTPError: the PACS cannot be reached or refused a request.
     """
@@ -679,14 +767,27 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
         for count, dataset in enumerate(client.iter_series(study, image_id), start=1):
             voxels += instance_voxels(dataset)
             if voxels > limit:
-                size = SeriesSize(count, voxels, count, stopped=True)
-                # the next request does not download it again
-                _remember_oversized(datastore, _oversized_key(datastore, image_id), size)
+                size = _stopped_size(datastore, image_id, count, voxels)  # remembered: not downloaded again
                 raise SeriesTooLarge(f"series {image_id} is too large: the {count} instances the PACS sent so far "
                                      f"hold {voxels:,} voxels, over the limit of {limit:,} (it grew since its size "
                                      "was asked, or the PACS did not tell it); the download was stopped and nothing "
                                      "of it was kept", size, limit)
-            save_instance(dataset, partial / f"{dataset.SOPInstanceUID}.dcm")
+            short = disk_shortfall(dataset, partial, count, voxels)
+            if short is not None:
+                raise SeriesDoesNotFit(f"series {image_id} does not fit on the disk of the server's DICOMweb cache "
+                                       f"{folder.parent}: instance {count} needs about {short[0]:,} bytes with the "
+                                       f"conversion of those downloaded, {short[1]:,} are free; the download was "
+                                       "stopped and nothing of it was kept: free some space there "
+                                       "(MONAI_LABEL_DICOMWEB_CACHE_PATH)")
+            try:
+                save_instance(dataset, partial / f"{dataset.SOPInstanceUID}.dcm")
+            except OSError as error:
+                if not _disk_full(error):
+                    raise
+                raise SeriesDoesNotFit(f"series {image_id} does not fit on the disk of the server's DICOMweb cache "
+                                       f"{folder.parent}: the disk was full at instance {count}; the download was "
+                                       "stopped and nothing of it was kept: free some space there "
+                                       "(MONAI_LABEL_DICOMWEB_CACHE_PATH)") from None
         if count == 0:
             raise FileNotFoundError(f"the PACS sent no instance of series {image_id}")
         try:

@@ -533,9 +533,11 @@ class NextUnreviewed(Strategy):
         infer by id, :func:`lib.pacs.oversized`), with a warning, and listed in the answer. One under it is
         downloaded here (:func:`lib.pacs.download_within`, which ``next_sample``'s download would call): a series
         that grew past the limit since its size was asked is stopped there (:class:`lib.pacs.SeriesTooLarge`),
-        skipped and listed the same way (``download_stopped``: its ``instances`` and ``voxels`` are those the PACS
-        had sent by then), where the whole hand-out answered 413; its size is remembered, so the next requests
-        do not download it again."""
+        skipped and listed the same way (``download_stopped``: its ``instances`` and ``voxels`` are the size the
+        PACS gives after the stop, or those it had sent by then when it gives less: :func:`lib.pacs.download_within`),
+        where the whole hand-out answered 413; its size is remembered, so the next requests do not download it
+        again. A series that does not fit on the disk of the cache (:class:`lib.pacs.SeriesDoesNotFit`) fails the
+        request (507): the disk, not the series, is at fault, and the next series would not fit either."""
         from .. import pacs
 
         if self.voxel_limit is None or not pacs.is_dicomweb(datastore):

@@ -47,8 +47,8 @@ import pydicom
 
 from ..imaging.errors import one_line
 from ..imaging.guards import max_voxels
-from ..pacs import (PacsStoreError, SeriesSize, all_pages, instance_voxels, save_instance, search_whole,
-                    series_instance_count, series_size, stow_datasets)
+from ..pacs import (HEADER_BYTES, PacsStoreError, SeriesSize, all_pages, disk_shortfall, instance_voxels,
+                    save_instance, search_whole, series_instance_count, series_size, stow_datasets)
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions
 
 __all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "DownloadRefused", "PacsStoreError", "check_download",
@@ -62,9 +62,6 @@ NON_IMAGE_MODALITIES = frozenset({"AU", "DOC", "ECG", "EPS", "FID", "HD", "KO", 
                                   "RTPLAN", "RTRECORD", "RTSTRUCT", "RWV", "SMR", "SR"})
 #: voxels per instance assumed for sharding (series-level QIDO does not return Rows and Columns)
 VOXELS_PER_INSTANCE = 512 * 512
-#: bytes allowed for the header of each downloaded or written file (beside its pixel data) when the disk space a
-#: download needs is estimated
-HEADER_BYTES = 64 * 1024
 #: instance attributes of a series' identity (:func:`series_identity`): SOPInstanceUID, InstanceCreationDate,
 #: InstanceCreationTime, and the patient's PatientID, PatientName, PatientBirthDate (standard; kept in a server's
 #: index, e.g. among Orthanc's main DICOM tags: no file read)
@@ -279,17 +276,6 @@ def check_download(client, item: SeriesItem, folder: Path, limit: int | None = N
     return size
 
 
-def _pixel_bytes(dataset) -> int:
-    """Bytes of ``dataset``'s pixel data as received (uncompressed, as WADO-RS sends it by default); computed from
-    Rows, Columns, NumberOfFrames, SamplesPerPixel and BitsAllocated (16 when absent) without one."""
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        value = dataset.get(keyword, None)
-        if value is not None:
-            return len(value)
-    samples = instance_voxels(dataset) * max(1, int(dataset.get("SamplesPerPixel", 1) or 1))
-    return samples * -(-int(dataset.get("BitsAllocated", 16) or 16) // 8)
-
-
 def download_series(client, item: SeriesItem, folder: Path, limit: int | None = None) -> Path:
     """The instances of ``item`` (WADO-RS), one file each in ``folder`` (created), one instance in memory at a
     time, after :func:`check_download` (``limit``: the voxel limit, None: the readers'). Returns ``folder``.
@@ -323,9 +309,9 @@ def download_series(client, item: SeriesItem, folder: Path, limit: int | None = 
                                       f"the limit of {limit:,} (raise it with ADL_MAX_VOXELS); the download was "
                                       "stopped and its files removed")
             # this file, and the derived series of every instance so far (16 bits a voxel), as check_download counts
-            needed = _pixel_bytes(dataset) + HEADER_BYTES + 2 * voxels + count * HEADER_BYTES
-            free = shutil.disk_usage(folder).free
-            if needed > free:
+            short = disk_shortfall(dataset, folder, count, voxels)
+            if short is not None:
+                needed, free = short
                 what = (f"grew past the free disk space during its download ({size.instances} instances when its "
                         f"size was checked, {count} sent so far)" if size is not None else
                         f"is larger than the free disk space (the server did not tell its size; {count} instances "

@@ -75,11 +75,13 @@ def _install_unreachable_pacs_answer(fastapi_app) -> None:
     request to the datastore's PACS (:func:`lib.pacs.is_pacs_url`): a failure to reach any other service is the
     server's error (500) as before, not news about the PACS. A PACS that lists part of its series
     (:class:`lib.pacs.PacsListingCut`) is a 503 too, with the reason; a series whose download was stopped over the
-    voxel limit (:class:`lib.pacs.SeriesTooLarge`: it grew since its size was asked) a 413, as one refused before."""
+    voxel limit (:class:`lib.pacs.SeriesTooLarge`: it grew since its size was asked) a 413, as one refused before;
+    one stopped because it did not fit on the disk of the server's cache (:class:`lib.pacs.SeriesDoesNotFit`) a 507
+    Insufficient Storage (the review queue's hand-out, MONAI Label's own download)."""
     from fastapi.responses import JSONResponse
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
-    from ..pacs import PacsListingCut, SeriesTooLarge, is_pacs_url
+    from ..pacs import PacsListingCut, SeriesDoesNotFit, SeriesTooLarge, is_pacs_url
     from .common import app
 
     async def unreachable(request, error: Exception):
@@ -97,9 +99,14 @@ def _install_unreachable_pacs_answer(fastapi_app) -> None:
         return JSONResponse(status_code=413, content={"detail": f"{error} (raise the limit with --conf max_voxels "
                                                                 "on the server)"})
 
+    async def does_not_fit(request, error: Exception):  # nothing of the series kept (lib.pacs.download_within)
+        log.error("%s %s: %s", request.method, request.url.path, error)
+        return JSONResponse(status_code=507, content={"detail": scrub_paths(str(error))})  # names the cache folder
+
     for kind in (RequestsConnectionError, Timeout):
         fastapi_app.add_exception_handler(kind, unreachable)
     fastapi_app.add_exception_handler(PacsListingCut, listing_cut)
     fastapi_app.add_exception_handler(SeriesTooLarge, too_large)
+    fastapi_app.add_exception_handler(SeriesDoesNotFit, does_not_fit)
     if fastapi_app.middleware_stack is not None:
         fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
