@@ -1005,7 +1005,9 @@ def _enhanced_file(sources: list[Path], path: Path, sop_class: str, rescales: st
     """One multi-frame file of ``sop_class`` (Enhanced CT or MR) holding the frames of ``sources`` (signed 16-bit
     slices), with per-frame functional groups (plane positions) and its rescale: "per frame, fractional" or "per
     frame, whole" (each frame its own Pixel Value Transformation) or "shared" (one, in the shared functional
-    group). Returns each frame's (slope, intercept)."""
+    group), or "frames 4-5 their own" (per frame: 1, -1024 but frames 4 and 5, 1-based, 2 and -2048), or "shared,
+    frame 3 its own" (the shared group's 2, -1024, and a per-frame one for frame 3 only). Returns each frame's
+    (slope, intercept) as DICOM defines it (its per-frame transformation, else the shared one)."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -1027,6 +1029,10 @@ def _enhanced_file(sources: list[Path], path: Path, sop_class: str, rescales: st
         rescale = [(f"{0.37 + 0.0131 * k:.6g}", f"{-1024.5 + 0.25 * k:.6g}") for k in range(len(frames))]
     elif rescales == "per frame, whole":
         rescale = [(str(1 + k % 3), str(-1024 + 3 * k)) for k in range(len(frames))]
+    elif rescales == "frames 4-5 their own":
+        rescale = [("2", "-2048") if k in (3, 4) else ("1", "-1024") for k in range(len(frames))]
+    elif rescales == "shared, frame 3 its own":
+        rescale = [("1", "-1024") if k == 2 else ("2", "-1024") for k in range(len(frames))]
     else:
         rescale = [("2", "-1024")] * len(frames)
 
@@ -1039,15 +1045,15 @@ def _enhanced_file(sources: list[Path], path: Path, sop_class: str, rescales: st
     measures.PixelSpacing, measures.SliceThickness = [0.5, 0.5], 2.5
     orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
-    if rescales == "shared":
-        shared.PixelValueTransformationSequence = [transformation(*rescale[0])]
+    if rescales.startswith("shared"):
+        shared.PixelValueTransformationSequence = [transformation("2", "-1024")]
     dataset.SharedFunctionalGroupsSequence = [shared]
     per_frame = []
     for k in range(len(frames)):
         item, position = Dataset(), Dataset()
         position.ImagePositionPatient = [0, 0, 2.5 * k]
         item.PlanePositionSequence = [position]
-        if rescales != "shared":
+        if not rescales.startswith("shared") or rescale[k] != ("2", "-1024"):
             item.PixelValueTransformationSequence = [transformation(*rescale[k])]
         per_frame.append(item)
     dataset.PerFrameFunctionalGroupsSequence = per_frame
@@ -1088,6 +1094,88 @@ def test_an_enhanced_multiframe_file_is_the_reference_as_slicer_loads_it(shared_
     touched = loaded.copy()
     touched.flat[touched.size // 3] += 1
     assert not values.matches(touched) and not values.matches(loaded[1:])
+    # the frames whose own rescale was ignored (all but the first, each its own) are named, from the headers
+    ignored = [(item.file, item.frames, item.total, item.applied, len(item.rescales))
+               for item in values.ignored_rescales]
+    assert ignored == ([] if rescales == "shared" else [("enhanced.dcm", tuple(range(2, 9)), 8, rescale[0], 7)])
+
+
+@pytest.mark.parametrize("rescales", ["frames 4-5 their own", "shared, frame 3 its own"])
+def test_the_frames_whose_own_rescale_slicer_ignored_are_named_and_are_those_with_wrong_values(shared_data, tmp_path,
+                                                                                              rescales):
+    """The module warns of the frames of a multi-frame file that Slicer's reader loaded through another frame's (or
+    the shared group's) rescale: named from the headers the reference reads (no second read), they are exactly the
+    frames whose values in the volume slicer-core's default reader makes are not what their own rescale gives; the
+    others are right. Told even where the pixel data cannot be decoded here (Slicer's GDCM may decode it)."""
+    import pydicom
+    from ADLDenoiseLib.series_files import IgnoredRescale, NoReference, SeriesValues, read_series_values
+
+    path = tmp_path / "enhanced.dcm"
+    rescale = _enhanced_file(_ge_series(shared_data, 8), path, "1.2.840.10008.5.1.4.1.1.2.1", rescales)
+    values = read_series_values([path])
+    applied = (1.0, -1024.0) if rescales == "frames 4-5 their own" else (2.0, -1024.0)
+    wrong = (4, 5) if rescales == "frames 4-5 their own" else (3,)
+    assert isinstance(values, SeriesValues) and (values.slope, values.intercept) == applied
+    own = ((2.0, -2048.0),) if rescales == "frames 4-5 their own" else ((1.0, -1024.0),)
+    assert values.ignored_rescales == (IgnoredRescale("enhanced.dcm", wrong, 8, applied, own),)
+    # the volume Slicer makes of the file: the frames named are those whose values are not their own rescale's
+    loaded = _load_in_slicer_core(_LOAD_WITH_SERIES_READER, [path], tmp_path / "loaded.npy")
+    assert values.matches(loaded)
+    stored = pydicom.dcmread(path).pixel_array.astype(np.float64)
+    right = {number for number, (frame, (slope, intercept)) in enumerate(zip(stored, rescale), 1)
+             if any(np.array_equal(plane, slope * frame + intercept) for plane in loaded)}
+    assert set(range(1, 9)) - right == set(wrong)
+    text = values.ignored_rescales[0].describe()
+    expected = ("frames 4-5 of enhanced.dcm (2 of 8) carry their own rescale (slope 2, intercept -2048)"
+                if rescales == "frames 4-5 their own" else
+                "frame 3 of enhanced.dcm (1 of 8) carries its own rescale (slope 1, intercept -1024)")
+    assert text.startswith(expected + " that Slicer's reader ignored (it applied slope "
+                           f"{applied[0]:g}, intercept {applied[1]:g} to all the file's frames)"), text
+    # pixel data that cannot be decoded here: no reference, the frames still named
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    dataset.PixelData = encapsulate([b"\xff\x4f\xff\x51not a codestream"] * 8)
+    dataset["PixelData"].is_undefined_length = True
+    dataset.save_as(tmp_path / "undecodable.dcm")
+    undecodable = read_series_values([tmp_path / "undecodable.dcm"])
+    assert isinstance(undecodable, NoReference) and "cannot be decoded" in undecodable.reason
+    assert [item.frames for item in undecodable.ignored_rescales] == [wrong]
+
+
+def test_a_volume_with_frames_whose_rescale_slicer_ignored_is_warned_of_and_sent_only_once_confirmed():
+    """The Qt glue of the warning (the decision is ReviewSession's, tested without Slicer in
+    test_slicer_workflow_state): logged when the files check ends; said on the status line (the session's
+    describe_study); ``selected``, which Denoise, a verdict and a correction go through before anything is sent,
+    asks with Slicer's ``confirmOkCancelDisplay`` when ``require_study`` refuses with RescaleNotApplied, records the
+    confirmation and goes on, and a declined question is said on the status line without a second dialog."""
+    functions = _functions(MODULE_DIR / "ADLDenoise.py")
+    poll = ast.unparse(functions["ADLDenoiseLogic.poll_identifications"])
+    assert poll.index("self.session.files_read(") < poll.index("warning = self.session.rescale_warning(key[0])") < \
+        poll.index("logging.warning('ADLDenoise: %s: %s', node_id, warning)")
+    assert "describe_study" in _calls(functions["ADLDenoiseWidget.studyText"])
+    selected = ast.unparse(functions["ADLDenoiseWidget.selected"])
+    handler = selected[selected.index("except RescaleNotApplied as refusal:"):]
+    assert handler.index("if not slicer.util.confirmOkCancelDisplay(refusal.question, windowTitle='ADL Denoise'):") \
+        < handler.index("raise refusal.declined() from None") < \
+        handler.index("session.accept_ignored_rescale(refusal.identity)") < handler.index("session.require_study()")
+    for name in ("onDenoise", "onVerdict", "onSubmitCorrection"):
+        body = ast.unparse(functions[f"ADLDenoiseWidget.{name}"])
+        assert "self.selected()" in body and body.index("self.selected()") < body.index("self.run("), name
+    error = ast.unparse(functions["ADLDenoiseWidget.error"])
+    assert "declined = isinstance(message, NotConfirmed)" in error
+    assert error.index("self.ui.statusLabel.text = message") < error.index("if not declined:") < \
+        error.index("errorDisplay(")
+    slicer_repo = Path("/work/.mirror/Slicer+Slicer/repo")
+    if slicer_repo.is_dir():  # the call as Slicer defines it: True only for OK
+        import subprocess
+
+        util = subprocess.run(["git", "-C", str(slicer_repo), "show", "HEAD:Base/Python/slicer/util.py"],
+                              capture_output=True, text=True, check=True).stdout
+        definition = util[util.index("def confirmOkCancelDisplay(text, windowTitle=None, parent=None, **kwargs):"):]
+        assert "return result == qt.QMessageBox.Ok" in definition[:definition.index("\ndef ")]
 
 
 #: loads a colour series as the DICOM plugin does (``loadFilesWithSeriesReader`` with grayscale false: the vector

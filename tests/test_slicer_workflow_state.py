@@ -9,6 +9,8 @@ import pytest
 from ADLDenoiseLib import BackgroundTask, DenoiseServerError
 from ADLDenoiseLib.review_session import (
     FILES_PENDING,
+    NotConfirmed,
+    RescaleNotApplied,
     ReviewSession,
     StudyIdentity,
     TempFiles,
@@ -22,7 +24,6 @@ from ADLDenoiseLib.review_session import (
     snapshot_matches_files,
     verify_snapshot,
 )
-from ADLDenoiseLib.series_files import NoReference
 from ADLDenoiseLib.settings import (
     MAX_RESTORATION_PX,
     RESTORATION_SPIN_AUTO,
@@ -503,7 +504,8 @@ def test_a_dicom_volume_is_compared_with_its_files_from_the_copy_hashed_and_deci
         assert session.identified(ticket, content, files_match) == series and len(checks) == 1
         with pytest.raises(WorkflowError, match="being compared with its DICOM files"):
             session.require_study()
-        assert checks[0].wait(120) == "done" and checks[0].result is (expected == "series")
+        assert checks[0].wait(120) == "done" and checks[0].result.matches is (expected == "series")
+        assert checks[0].result.ignored_rescales == ()  # one file per slice, each with its own rescale: none ignored
         study = session.files_read(series, content.key, checks[0].result)
         assert study == session.require_study()
         assert (study == series) if expected == "series" else (study.kind == "content" and study != series)
@@ -544,7 +546,7 @@ def test_a_dicom_volume_whose_files_cannot_tell_says_why_on_its_status_line(tmp_
 
     content = hashed(task)
     assert session.identified(ticket, content, files_match) == series
-    assert checks[0].wait(120) == "done" and isinstance(checks[0].result, NoReference)
+    assert checks[0].wait(120) == "done" and checks[0].result.matches is None and checks[0].result.untold
     assert session.files_read(series, content.key, checks[0].result) == series == session.require_study()
     line = session.describe_study(series)
     assert line.startswith(series.describe()) and "not compared with its DICOM files" in line
@@ -559,6 +561,106 @@ def test_a_dicom_volume_whose_files_cannot_tell_says_why_on_its_status_line(tmp_
     assert session.describe_study(told) == told.describe()
     session.scene_closed()
     assert session.describe_study(series) == series.describe()
+
+
+def write_enhanced_ct(path, stored: np.ndarray, rescales: list[tuple[str, str]]) -> str:
+    """One Enhanced CT file (int16 frames ``stored``, frame x rows x columns) whose frames carry their own rescale
+    (per-frame Pixel Value Transformation), written with pydicom."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID, dataset.Modality = generate_uid(), "CT"
+    dataset.Rows, dataset.Columns, dataset.NumberOfFrames = stored.shape[1], stored.shape[2], stored.shape[0]
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
+    frames = []
+    for slope, intercept in rescales:
+        item, transformation = Dataset(), Dataset()
+        transformation.RescaleSlope, transformation.RescaleIntercept, transformation.RescaleType = \
+            slope, intercept, "HU"
+        item.PixelValueTransformationSequence = [transformation]
+        frames.append(item)
+    dataset.SharedFunctionalGroupsSequence = [Dataset()]
+    dataset.PerFrameFunctionalGroupsSequence = frames
+    dataset.PixelData = stored.astype("<i2").tobytes()
+    dataset.is_little_endian, dataset.is_implicit_VR = True, False
+    pydicom.dcmwrite(path, dataset, write_like_original=False)
+    return str(path)
+
+
+def test_a_dicom_volume_with_frames_whose_rescale_slicer_ignored_is_sent_only_once_the_user_confirms(tmp_path):
+    """An Enhanced CT file whose frames 3-4 carry their own rescale: Slicer's reader applies the first frame's to all,
+    so those frames' values are wrong in the volume. The comparison with the files (the same background read) names
+    them; the status line warns, and nothing is sent for the volume (Denoise, a verdict, a correction all go through
+    require_study) until the user confirms, once per files in the scene, also for the volume edited in place. Files
+    whose frames share one rescale say nothing; a scene close forgets both the warning and the confirmation."""
+    stored = np.random.default_rng(8).integers(0, 2000, (4, 16, 12), dtype=np.int16)
+    as_slicer_loads = (stored.astype(np.float32) - 1024.0)  # the first frame's rescale applied to every frame
+    own = [("1", "-1024"), ("1", "-1024"), ("2", "-1024"), ("2", "-1024")]
+    files = {"per frame": [write_enhanced_ct(tmp_path / "enhanced.dcm", stored, own)],
+             "one": [write_enhanced_ct(tmp_path / "one.dcm", stored, [("1", "-1024")] * 4)]}
+    series = dicom_identity("1.2.840.66", "CT", "5: Enhanced CT", instance_uids="1.2.840.66.1")
+    session = ReviewSession()
+    answers = {}
+    for kind in ("per frame", "one"):
+        if kind == "one":
+            session.scene_closed()
+        ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", as_slicer_loads, series, "Enhanced")
+        checks = []
+
+        def files_match():  # what ADLDenoiseLogic.start_files_check does
+            checks.append(BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files[kind])))
+            return FILES_PENDING
+
+        content = hashed(task)
+        assert session.identified(ticket, content, files_match) == series
+        assert checks[0].wait(120) == "done" and checks[0].result.matches is True
+        answers[kind] = checks[0].result
+        assert session.files_read(series, content.key, checks[0].result) == series == session.require_identified()
+    # files whose frames share one rescale: nothing to warn of, the volume is sent as before
+    assert answers["one"].ignored_rescales == () and session.rescale_warning(series) == ""
+    assert session.require_study() == series and session.describe_study(series) == series.describe()
+    # frames 3-4: named on the status line, and nothing is sent before the user confirms
+    session.scene_closed()
+    ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", as_slicer_loads, series, "Enhanced")
+    content = hashed(task)
+    assert session.identified(ticket, content, lambda: answers["per frame"]) == series
+    warning = session.rescale_warning(series)
+    assert warning.startswith("frames 3-4 of enhanced.dcm (2 of 4) carry their own rescale (slope 2, intercept "
+                              "-1024) that Slicer's reader ignored (it applied slope 1, intercept -1024")
+    assert "their values in this volume are wrong" in warning and "applies each frame's rescale" in warning
+    line = session.describe_study(series)
+    assert line.startswith(f"WARNING: {warning}") and "confirmation" in line and series.describe() in line
+    for send in (session.require_study, session.datastore_id, lambda: session.verdict_request("accepted", "dr")):
+        with pytest.raises(RescaleNotApplied, match="frames 3-4 of enhanced.dcm") as refused:
+            send()
+    assert "not sent" in str(refused.value) and refused.value.identity == series
+    assert "anyway?" in refused.value.question and warning in refused.value.question
+    declined = refused.value.declined()
+    assert isinstance(declined, NotConfirmed) and isinstance(declined, WorkflowError) and "not sent" in str(declined)
+    session.accept_ignored_rescale(refused.value.identity)
+    assert session.require_study() == series
+    assert session.describe_study(series).startswith("WARNING: frames 3-4")  # still wrong values: still said
+    # edited in place after the confirmation: a new study of the same wrong values, warned of, not asked again
+    edited_voxels = as_slicer_loads.copy()
+    edited_voxels[:, :4] = -1000.0
+    edited = session.as_loaded(series, content_identity(edited_voxels, EYE))
+    assert edited.kind == "content" and session.rescale_warning(edited) == warning
+    assert session.require_rescale_accepted(edited) == edited
+    assert session.describe_study(edited).startswith("WARNING: frames 3-4") and "edited in place" in \
+        session.describe_study(edited)
+    # a scene close forgets the confirmation (and the warning, until the files are read again)
+    session.scene_closed()
+    assert session.rescale_warning(series) == "" and not session.rescales_accepted
+    assert session.as_loaded(series, content, lambda: answers["per frame"]) == series
+    with pytest.raises(RescaleNotApplied):
+        session.require_rescale_accepted(series)
 
 
 def test_the_content_hash_of_a_copy_is_the_identity_the_volume_always_had():

@@ -36,6 +36,9 @@ from ADLDenoiseLib import (
 from ADLDenoiseLib.regions import CHOICES, MAX_STRENGTH, SegmentMarks, build_region_map, prepare_region_file
 from ADLDenoiseLib.review_session import (
     FILES_PENDING,
+    FilesCheck,
+    NotConfirmed,
+    RescaleNotApplied,
     ReviewSession,
     StudyIdentity,
     VerdictRefused,
@@ -46,7 +49,6 @@ from ADLDenoiseLib.review_session import (
     send_verdict,
     snapshot_matches_files,
 )
-from ADLDenoiseLib.series_files import NoReference
 from ADLDenoiseLib.settings import (
     DEFAULT_SERVER_URL,
     MAX_RESTORATION_PX,
@@ -226,9 +228,12 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
             del self.files_checks[key]
             if task.state == "failed":
                 logging.warning("ADLDenoise: could not compare %s with its files: %s", node_id, task.error)
-            elif isinstance(task.result, NoReference):  # the status line says it too (describe_study)
-                logging.info("ADLDenoise: %s not compared with its DICOM files: %s", node_id, task.result.reason)
+            elif isinstance(task.result, FilesCheck) and task.result.untold:  # said on the status line too
+                logging.info("ADLDenoise: %s not compared with its DICOM files: %s", node_id, task.result.untold)
             self.session.files_read(*key, task.result if task.state == "done" else None)
+            warning = self.session.rescale_warning(key[0])  # wrong values: on the status line too, and asked
+            if warning:  # before anything is sent (ReviewSession.require_study)
+                logging.warning("ADLDenoise: %s: %s", node_id, warning)
             ended.append(node_id)
         return ended
 
@@ -762,9 +767,11 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- helpers
     def error(self, message) -> None:
+        declined = isinstance(message, NotConfirmed)  # the user just answered a question: no second dialog
         message = describe_error(message) if isinstance(message, BaseException) else str(message)
         self.ui.statusLabel.text = message
-        slicer.util.errorDisplay(message, windowTitle="ADL Denoise")
+        if not declined:
+            slicer.util.errorDisplay(message, windowTitle="ADL Denoise")
 
     def model(self) -> str:
         combo = self.ui.modelsCombo
@@ -773,12 +780,22 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def selected(self):
         """(original node, its identity) of the selection; refused while it is being identified (also again, after
         it changed in place: content, frame) and while a DICOM volume is compared with its files (it may be an
-        edited one): nothing is sent for it with an identity not its own."""
+        edited one): nothing is sent for it with an identity not its own. A volume with frames whose rescale
+        Slicer's reader ignored (wrong values) is sent only once the user confirms (``RescaleNotApplied``)."""
         original = self.ui.inputVolumeSelector.currentNode()
         if original is None:
             raise WorkflowError("select a CT or MR volume first")
         self.refreshStaleIdentity()
-        return original, self.logic.session.require_study()
+        session = self.logic.session
+        try:
+            return original, session.require_study()
+        except RescaleNotApplied as refusal:
+            if not slicer.util.confirmOkCancelDisplay(refusal.question, windowTitle="ADL Denoise"):
+                raise refusal.declined() from None
+            session.accept_ignored_rescale(refusal.identity)
+            logging.warning("ADLDenoise: sending %s confirmed by the user although %s", refusal.identity.describe(),
+                            refusal.warning)
+            return original, session.require_study()
 
     def sliceView(self, name: str):
         """The slice view ``name`` ("Red" or "Yellow") shown in the layout. A layout that does not show it (3D

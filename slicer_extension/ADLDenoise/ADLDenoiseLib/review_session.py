@@ -11,7 +11,10 @@ sequence the frame index is part of the identity. A DICOM volume edited in place
 a filter writing into the same node) keeps its UIDs but no longer holds the series' voxels:
 :meth:`ReviewSession.as_loaded` makes it a new study identified by its content then (no result of the series, never
 denoised by the series' id), also when the edit was made before the module first saw the volume (its voxels are
-compared with the series' files on disk: :mod:`series_files`).
+compared with the series' files on disk: :mod:`series_files`). That comparison also tells the frames of a
+multi-frame file whose own rescale Slicer's reader ignored (their values in the volume are wrong): the status line
+says so, and nothing is sent for the volume until the user confirms (:meth:`ReviewSession.require_study`,
+:class:`RescaleNotApplied`).
 
 The content hash is computed in the background from a copy of the voxels (:class:`VolumeSnapshot`); until it is in
 the volume has no identity (:meth:`ReviewSession.identifying`, :meth:`ReviewSession.identified`), and an answer for
@@ -34,10 +37,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .client import DenoiseServerError, TransferCancelled
-from .series_files import NoReference, read_series_values
+from .series_files import IgnoredRescale, NoReference, read_series_values
 
 __all__ = ["FILES_PENDING", "StudyIdentity", "ResultRecord", "BlendRecord", "ReviewSession", "TempFiles",
            "WorkflowError", "VolumeSnapshot", "PendingIdentity", "VolumeChanged", "snapshot_matches_files",
+           "FilesCheck", "RescaleNotApplied", "NotConfirmed",
            "verify_snapshot",
            "VerdictRefused", "content_identity", "dicom_identity", "describe_error", "describe_verdict", "send_verdict",
            "VERDICTS", "hashed_grid"]
@@ -52,6 +56,34 @@ _PREFIX_CHARS = 40
 
 class WorkflowError(RuntimeError):
     """A step the workflow refuses, with a message the user can act on."""
+
+
+class NotConfirmed(WorkflowError):
+    """The user declined to confirm a step (:class:`RescaleNotApplied`): nothing was done. They have just answered
+    the question, so the module says it on the status line only, without another dialog."""
+
+
+class RescaleNotApplied(WorkflowError):
+    """Nothing is sent for a volume some of whose frames Slicer's reader loaded through another frame's rescale
+    (``warning``: which, :meth:`ReviewSession.rescale_warning`) until the user confirms
+    (:meth:`ReviewSession.accept_ignored_rescale` with ``identity``)."""
+
+    def __init__(self, identity: StudyIdentity, warning: str) -> None:
+        self.identity, self.warning = identity, warning
+        super().__init__(f"{identity.name or 'the volume'} was not sent: {warning}. Sending it needs your "
+                         "confirmation")
+
+    @property
+    def question(self) -> str:
+        """What the module asks before sending the volume anyway."""
+        return (f"{self.warning}.\n\nSend {self.identity.name or 'the volume'} to the server anyway? The denoiser "
+                "works on the values the volume holds (the CT model on its HU range), and its result, windows and "
+                "lesion contrast on those frames will be as wrong as they are.")
+
+    def declined(self) -> NotConfirmed:
+        """The refusal to raise when the user does not confirm."""
+        return NotConfirmed(f"not sent: {self.identity.name or 'the volume'} holds frames with wrong values (a "
+                            "rescale Slicer's reader ignored); load it with a reader that applies each frame's rescale")
 
 
 class VerdictRefused(WorkflowError):
@@ -172,13 +204,26 @@ class VolumeSnapshot:
         return content_identity(self.voxels, self.ijk_to_ras, self.name, self.frame)
 
 
-def snapshot_matches_files(snapshot: VolumeSnapshot, files: Sequence[str]) -> bool | NoReference:
+@dataclass(frozen=True)
+class FilesCheck:
+    """What the comparison of a DICOM volume with its files found (:func:`snapshot_matches_files`): ``matches``
+    True / False, None when the files cannot tell (``untold`` says why: a
+    :class:`~ADLDenoiseLib.series_files.NoReference`'s reason); ``ignored_rescales``: frames of its multi-frame
+    files whose own rescale Slicer's reader ignored (:class:`~ADLDenoiseLib.series_files.IgnoredRescale`)."""
+
+    matches: bool | None
+    untold: str = ""
+    ignored_rescales: tuple[IgnoredRescale, ...] = ()
+
+
+def snapshot_matches_files(snapshot: VolumeSnapshot, files: Sequence[str]) -> FilesCheck:
     """Background: whether ``snapshot`` holds the voxel values of its series' DICOM ``files``
-    (:mod:`series_files`); a :class:`~ADLDenoiseLib.series_files.NoReference` saying why when the files cannot
-    tell. Compares the copy the identity was computed from, not the node, so the answer is that of those very
-    voxels (the node may have changed meanwhile)."""
+    (:mod:`series_files`), why not when the files cannot tell, and which frames' rescales Slicer's reader ignored
+    (from the headers the same read holds). Compares the copy the identity was computed from, not the node, so
+    the answer is that of those very voxels (the node may have changed meanwhile)."""
     values = read_series_values(files)
-    return values if isinstance(values, NoReference) else values.matches(snapshot.voxels)
+    return FilesCheck(values.matches(snapshot.voxels), values.reason if isinstance(values, NoReference) else "",
+                      values.ignored_rescales)
 
 
 class VolumeChanged(WorkflowError):
@@ -371,6 +416,10 @@ class ReviewSession:
         self.files_pending: set[tuple[StudyIdentity, str]] = set()
         #: DICOM identity -> why its files could not tell (:class:`NoReference`'s reason; for the status line)
         self.files_untold: dict[StudyIdentity, str] = {}
+        #: DICOM identity -> frames of its files whose own rescale Slicer's reader ignored (:meth:`rescale_warning`)
+        self.rescales_ignored: dict[StudyIdentity, tuple[IgnoredRescale, ...]] = {}
+        #: DICOM identities the user confirmed sending despite :attr:`rescales_ignored` (:meth:`require_study`)
+        self.rescales_accepted: set[StudyIdentity] = set()
         #: content identity of a DICOM volume edited in place -> that DICOM identity (for the status line)
         self.edited_from: dict[StudyIdentity, StudyIdentity] = {}
 
@@ -503,8 +552,10 @@ class ReviewSession:
 
         ``files_match``: asked (once per content) before the first voxels seen become the reference: whether the
         node still holds the voxels of the series' files on disk (:mod:`series_files`). False: the volume was
-        edited before the module first saw it, and is a new study although no earlier content was seen; None, a
-        :class:`NoReference` (its reason kept for :meth:`describe_study`) or no ``files_match``: cannot be told,
+        edited before the module first saw it, and is a new study although no earlier content was seen (a
+        :class:`FilesCheck` answers the same in its ``matches``, and its ignored rescales are kept for
+        :meth:`rescale_warning`); None, a :class:`NoReference` (its reason kept for :meth:`describe_study`) or no
+        ``files_match``: cannot be told,
         the voxels seen now are the reference; :data:`FILES_PENDING`: the files are being read in the background:
         ``identity`` is returned, but nothing may be done for it (:meth:`require_checked`) until :meth:`files_read`
         gives the answer and it is identified again."""
@@ -529,12 +580,12 @@ class ReviewSession:
         return self._edited(identity, content)
 
     def files_read(self, identity: StudyIdentity, content_key: str,
-                   answer: bool | NoReference | None) -> StudyIdentity | None:
+                   answer: bool | FilesCheck | NoReference | None) -> StudyIdentity | None:
         """The background read of ``identity``'s files for the voxels ``content_key`` ended: ``answer`` as
-        ``files_match`` would have given it (True, False, or a :class:`NoReference` or None when it could not
-        tell). When the selected study is ``identity`` identified from those very voxels (:meth:`identified`), its
-        study is decided now (the series, or a new study when edited: :meth:`as_loaded`), selected and returned;
-        else None (the answer is kept for the next identification of those voxels)."""
+        ``files_match`` would have given it (a :class:`FilesCheck`; True, False, or a :class:`NoReference` or None
+        when it could not tell). When the selected study is ``identity`` identified from those very voxels
+        (:meth:`identified`), its study is decided now (the series, or a new study when edited: :meth:`as_loaded`),
+        selected and returned; else None (the answer is kept for the next identification of those voxels)."""
         key = (identity, content_key)
         self.files_pending.discard(key)
         self.files_checked[key] = self._told(identity, answer)
@@ -547,13 +598,45 @@ class ReviewSession:
             return self.study
         return None
 
-    def _told(self, identity: StudyIdentity, answer: bool | NoReference | None) -> bool | None:
+    def _told(self, identity: StudyIdentity, answer: bool | FilesCheck | NoReference | None) -> bool | None:
         """``answer`` of a files check as kept in :attr:`files_checked`; a :class:`NoReference`'s reason kept for
-        the status line (:meth:`describe_study`)."""
+        the status line (:meth:`describe_study`), and the frames whose rescale Slicer's reader ignored for
+        :meth:`rescale_warning`."""
+        if isinstance(answer, FilesCheck):
+            if answer.ignored_rescales:
+                self.rescales_ignored[identity] = answer.ignored_rescales
+            answer = NoReference(answer.untold) if answer.untold else answer.matches
         if isinstance(answer, NoReference):
             self.files_untold[identity] = answer.reason
             return None
         return answer
+
+    def rescale_warning(self, identity: StudyIdentity | None) -> str:
+        """"" unless ``identity`` (a DICOM volume, or a new study made of one by an edit in place) was loaded from
+        multi-frame files some of whose frames carry their own rescale that Slicer's reader ignored (it applies one
+        rescale to all the frames of a file): then which frames, and that their values in the volume are wrong
+        (in HU for CT: windows, lesion contrast and the CT model's HU range all see wrong values)."""
+        series = self.edited_from.get(identity, identity) if identity is not None else None
+        ignored = self.rescales_ignored.get(series) if series is not None else None
+        if not ignored:
+            return ""
+        return ("; ".join(item.describe() for item in ignored) + ": their values in this volume are wrong; load the "
+                "series with a reader that applies each frame's rescale (or convert the file to single-frame "
+                "images), or send it only knowing that those frames are wrong")
+
+    def require_rescale_accepted(self, identity: StudyIdentity) -> StudyIdentity:
+        """``identity``, unless some of its frames carry a rescale Slicer's reader ignored (:meth:`rescale_warning`)
+        and the user has not confirmed sending it anyway (:meth:`accept_ignored_rescale`):
+        :class:`RescaleNotApplied` then."""
+        warning = self.rescale_warning(identity)
+        if warning and self.edited_from.get(identity, identity) not in self.rescales_accepted:
+            raise RescaleNotApplied(identity, warning)
+        return identity
+
+    def accept_ignored_rescale(self, identity: StudyIdentity) -> None:
+        """The user confirmed sending ``identity`` although frames of its files carry a rescale Slicer's reader
+        ignored (:class:`RescaleNotApplied`): not asked again for these files in this scene (also once edited)."""
+        self.rescales_accepted.add(self.edited_from.get(identity, identity))
 
     def checking(self, identity: StudyIdentity | None) -> bool:
         """Whether ``identity`` (a DICOM series seen for the first time) waits for its files to be compared."""
@@ -577,16 +660,20 @@ class ReviewSession:
 
     def describe_study(self, identity: StudyIdentity) -> str:
         """The status line of ``identity``; for a DICOM volume edited in place, says that it is a new study now; for
-        one whose files could not be compared with it (:class:`NoReference`), why, and what stands in for them."""
+        one whose files could not be compared with it (:class:`NoReference`), why, and what stands in for them;
+        first of all, a warning when frames of its files carry a rescale Slicer's reader ignored
+        (:meth:`rescale_warning`)."""
+        warning = self.rescale_warning(identity)
+        warning = f"WARNING: {warning} (sending it asks for your confirmation). " if warning else ""
         original = self.edited_from.get(identity)
         if original is None:
             untold = self.files_untold.get(identity)
             if untold is not None and identity in self.loaded_content:
-                return (f"{identity.describe()} (not compared with its DICOM files: {untold}; an edit made before "
-                        "it was first selected is not seen, later ones are)")
-            return identity.describe()
-        return (f"{identity.describe()}: the DICOM {original.describe()} was edited in place (its voxels are not "
-                "the series' any more), so it is a new study: the series' result and the server's copy are not "
+                return (f"{warning}{identity.describe()} (not compared with its DICOM files: {untold}; an edit made "
+                        "before it was first selected is not seen, later ones are)")
+            return warning + identity.describe()
+        return (f"{warning}{identity.describe()}: the DICOM {original.describe()} was edited in place (its voxels are "
+                "not the series' any more), so it is a new study: the series' result and the server's copy are not "
                 "used for it; denoise it again")
 
     def input_modified(self) -> None:
@@ -601,8 +688,9 @@ class ReviewSession:
 
     def require_study(self) -> StudyIdentity:
         """The selected study, identified and checked against its DICOM files (:meth:`require_identified`,
-        :meth:`require_checked`): what anything sent to the server is sent for."""
-        return self.require_checked(self.require_identified())
+        :meth:`require_checked`), and confirmed by the user when frames of its files carry a rescale Slicer's
+        reader ignored (:meth:`require_rescale_accepted`): what anything sent to the server is sent for."""
+        return self.require_rescale_accepted(self.require_checked(self.require_identified()))
 
     def datastore_id(self, identity: StudyIdentity | None = None) -> str:
         """The id the server holds (or will hold) ``identity`` under: the id it came with from the review

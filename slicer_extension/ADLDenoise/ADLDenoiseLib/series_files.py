@@ -25,7 +25,9 @@ and so what the reference reproduces:
   for the enhanced classes the Pixel Value Transformation of the shared functional group, else that of the first
   frame's per-frame group, else the top-level Rescale Slope / Intercept. Frames whose own per-frame rescale differs
   are loaded through the first frame's (their values in Slicer are off by the difference): the reference does the
-  same, since it must be what the node holds, not what the frames mean;
+  same, since it must be what the node holds, not what the frames mean. Those frames are named
+  (:class:`IgnoredRescale`, in the ``ignored_rescales`` of what :func:`read_series_values` returns, from the headers
+  it reads anyway) so that the module warns that their values are wrong;
 - MONOCHROME1: GDCM inverts the stored values to MONOCHROME2 before the rescale (``gdcm::ImageCodec``'s
   DoInvertMonochrome: ``~v`` when signed, ``255 - v`` for 8 unsigned bits, ``2**BitsStored - 1 - v`` for 16, values
   above that clamped first); the reference inverts them the same way.
@@ -44,12 +46,12 @@ identification on.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["NoReference", "RescaledValues", "SeriesValues", "read_series_values"]
+__all__ = ["IgnoredRescale", "NoReference", "RescaledValues", "SeriesValues", "read_series_values"]
 
 #: stored values are 8- or 16-bit, signed or not: -32768 .. 65535, counted at index value + _OFFSET
 _OFFSET = 32768
@@ -73,11 +75,46 @@ _FUNCTIONAL_GROUP_RESCALE = frozenset({
 
 
 @dataclass(frozen=True)
+class IgnoredRescale:
+    """Frames of one multi-frame file whose own rescale (Pixel Value Transformation: per-frame functional group,
+    else shared, else top-level) is not the one Slicer's reader applied to all its frames (:func:`_gdcm_rescale`):
+    in the volume their values are ``applied`` slope * stored + intercept, not their own, so they are wrong (in HU
+    for CT). ``frames``: their 1-based frame numbers (as DICOM numbers frames; not the volume's slice order);
+    ``rescales``: their distinct own (slope, intercept), sorted; ``total``: the file's number of frames."""
+
+    file: str
+    frames: tuple[int, ...]
+    total: int
+    applied: tuple[float, float]
+    rescales: tuple[tuple[float, float], ...]
+
+    def describe(self) -> str:
+        """E.g. "frames 2-5, 8 of ct.dcm (5 of 8) carry their own rescale (slope 2, intercept -1024) ..."."""
+        runs, start = [], self.frames[0]
+        for previous, frame in zip(self.frames, self.frames[1:]):
+            if frame != previous + 1:  # a run of consecutive frames ends at previous
+                runs.append((start, previous))
+                start = frame
+        runs.append((start, self.frames[-1]))
+        named = ", ".join(f"{first}" if first == last else f"{first}-{last}" for first, last in runs[:6])
+        named += ", ..." if len(runs) > 6 else ""
+        own = "; ".join(f"slope {slope:g}, intercept {intercept:g}" for slope, intercept in self.rescales[:3])
+        if len(self.rescales) > 3:
+            own += f"; ... {len(self.rescales)} different ones"
+        several = len(self.frames) > 1
+        return (f"frame{'s' if several else ''} {named} of {self.file} ({len(self.frames)} of {self.total}) "
+                f"{'carry their' if several else 'carries its'} own rescale ({own}) that Slicer's reader ignored (it "
+                f"applied slope {self.applied[0]:g}, intercept {self.applied[1]:g} to all the file's frames)")
+
+
+@dataclass(frozen=True)
 class NoReference:
     """The series' files cannot be read as Slicer's scalar volume reader reads them: ``reason`` says why, in words
-    for the status line (the voxels first seen stay the reference)."""
+    for the status line (the voxels first seen stay the reference). ``ignored_rescales``: see
+    :attr:`SeriesValues.ignored_rescales` (of the files read before the one that gave no reference)."""
 
     reason: str
+    ignored_rescales: tuple[IgnoredRescale, ...] = ()
 
     def matches(self, voxels: np.ndarray) -> None:
         """Cannot tell (no reference)."""
@@ -93,6 +130,9 @@ class SeriesValues:
     intercept: float
     voxels: int
     counts: np.ndarray = field(repr=False, compare=False)
+    #: frames of multi-frame files whose own rescale Slicer's reader did not apply (their values in the volume are
+    #: wrong; :class:`IgnoredRescale`), one entry per such file; () when every frame is read with its own rescale
+    ignored_rescales: tuple[IgnoredRescale, ...] = ()
 
     def matches(self, voxels: np.ndarray) -> bool:
         """Whether ``voxels`` (a volume's array, any order of its voxels) holds exactly these values: as many
@@ -137,6 +177,8 @@ class RescaledValues:
     values: np.ndarray = field(repr=False, compare=False)
     counts: np.ndarray = field(repr=False, compare=False)
     magnitudes: np.ndarray = field(repr=False, compare=False)
+    #: see :attr:`SeriesValues.ignored_rescales`
+    ignored_rescales: tuple[IgnoredRescale, ...] = ()
 
     def matches(self, voxels: np.ndarray) -> bool:
         """Whether ``voxels`` (a volume's array, any order of its voxels) holds exactly these values, as many times
@@ -172,7 +214,16 @@ def read_series_values(paths: Sequence[str | os.PathLike]) -> SeriesValues | Res
     """The values of the DICOM files ``paths`` (one volume's files; a multi-frame file holds all its frames) as
     Slicer's scalar volume reader gives them: a :class:`SeriesValues` when the files share one rescale, a
     :class:`RescaledValues` when it differs between files; a :class:`NoReference` saying why when they cannot be
-    read as that reader reads them (see the module's docstring)."""
+    read as that reader reads them (see the module's docstring). Each carries the frames whose own rescale that
+    reader ignored (``ignored_rescales``), found in the headers read here."""
+    ignored: list[IgnoredRescale] = []
+    values = _read_series_values(paths, ignored)
+    return replace(values, ignored_rescales=tuple(ignored)) if ignored else values
+
+
+def _read_series_values(paths: Sequence[str | os.PathLike],
+                        ignored: list[IgnoredRescale]) -> SeriesValues | RescaledValues | NoReference:
+    """:func:`read_series_values`, the frames with an ignored rescale appended to ``ignored`` file by file."""
     import pydicom  # shipped with Slicer; imported here so that the rest of the library does not need it
 
     # per file: its rescale, and the stored values it holds with their counts (only those present: a series of
@@ -197,6 +248,12 @@ def read_series_values(paths: Sequence[str | os.PathLike]) -> SeriesValues | Res
         slope, intercept = rescale
         if slope == 0 or not np.isfinite(slope) or not np.isfinite(intercept):
             return NoReference(f"{name} has a rescale slope of 0 or a rescale that is not a finite number")
+        try:
+            frames = _ignored_rescale(dataset, name, rescale)
+        except (TypeError, ValueError, AttributeError, IndexError) as error:  # a malformed per-frame group
+            return NoReference(f"the functional groups of {name} cannot be read ({type(error).__name__})")
+        if frames is not None:  # told even when the pixel data cannot be decoded here: Slicer's GDCM may
+            ignored.append(frames)
         try:
             pixels = _stored_values(dataset, os.fspath(path), slope, intercept)
         except Exception:  # noqa: BLE001 - undecodable here: no reference, not an error
@@ -262,6 +319,38 @@ def _gdcm_rescale(dataset) -> tuple[float, float] | None:
                     return None
                 return float(item.RescaleSlope), float(item.RescaleIntercept)
     return float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0)
+
+
+def _ignored_rescale(dataset, name: str, applied: tuple[float, float]) -> IgnoredRescale | None:
+    """The frames of ``dataset`` (a file named ``name``) whose own rescale is not ``applied``, the one GDCM applies to
+    all (:func:`_gdcm_rescale`); None when there is none. A frame's own rescale, as DICOM defines it: its per-frame
+    functional group's Pixel Value Transformation, else the shared group's, else the top-level Rescale Slope /
+    Intercept (1 and 0 when absent; an item giving only one of the two takes the default for the other). From the
+    header already read: no pixel data is touched."""
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence") or []
+    if not per_frame:
+        return None
+
+    def transformation(group) -> tuple[float, float] | None:
+        items = (group.get("PixelValueTransformationSequence") or []) if group is not None else []
+        if not items:
+            return None
+        item = items[0]
+        slope, intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
+        return (float(1 if slope in (None, "") else slope), float(0 if intercept in (None, "") else intercept))
+
+    shared = dataset.get("SharedFunctionalGroupsSequence") or []
+    default = transformation(shared[0] if shared else None) or \
+        (float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0))
+    wrong: dict[int, tuple[float, float]] = {}
+    for number, group in enumerate(per_frame, 1):
+        own = transformation(group) or default
+        if own != applied:
+            wrong[number] = own
+    if not wrong:
+        return None
+    total = int(dataset.get("NumberOfFrames", len(per_frame)) or len(per_frame))
+    return IgnoredRescale(name, tuple(wrong), total, applied, tuple(sorted(set(wrong.values()))))
 
 
 def _as_monochrome2(pixels: np.ndarray, dataset) -> np.ndarray:
