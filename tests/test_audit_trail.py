@@ -860,6 +860,122 @@ def test_the_review_queue_reads_at_the_servers_conf_limit_above_the_environments
         stop_server(server)
 
 
+def _put_label(url: str, image: str, tag: str, path: Path, params: dict | None = None) -> requests.Response:
+    with open(path, "rb") as handle:
+        return requests.put(f"{url}/datastore/label", params={"image": image, "tag": tag},
+                            files={"label": (path.name, handle)}, data={"params": json.dumps(params or {})},
+                            timeout=120)
+
+
+def _slabs_between(studies: Path) -> list[str]:
+    """Two 4-slice CT slabs of the head (256 x 256 x 4 = 262,144 voxels: over 200,000 and 250,000, under 300,000)
+    in ``studies``, named as :func:`write_full_dose` knows them."""
+    from mlserver import write_crop
+
+    for image, z in (("ct_slab_b", slice(40, 44)), ("ct_slab_c", slice(70, 74))):
+        write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / f"{image}.nii.gz", z=z)
+        size = sitk.ReadImage(str(studies / f"{image}.nii.gz")).GetSize()
+        assert 250_000 < size[0] * size[1] * size[2] < 300_000, size
+    return ["ct_slab_b", "ct_slab_c"]
+
+
+def _wait_for_training(url: str, model: str = "adl", timeout: float = 900) -> dict:
+    """The model's train_stats once MONAI Label's training task has ended."""
+    deadline = time.monotonic() + timeout
+    while requests.get(f"{url}/train/", timeout=60).json().get("status") in ("RUNNING", "SUBMITTED", "QUEUED"):
+        assert time.monotonic() < deadline, "training did not end in time"
+        time.sleep(1.0)
+    return requests.get(f"{url}/info/", timeout=60).json()["train_stats"][model]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_fine_tune_reads_the_corrections_at_the_servers_conf_limit_above_the_environments(tmp_path, tiny_weights):
+    """Fine-tuning reads what it learns from at the server's limit, ``--conf max_voxels`` (300,000), as infer and
+    the review queue do, not at ``ADL_MAX_VOXELS`` (200,000). Two CT slabs between the two, each with a clinician's
+    correction, one with a keep region marked on it, are the run's training and validation images, its region read;
+    then ``adapt_noise`` learns from both slabs. They were refused: the region map by its route's reads (422), the
+    train request by the read of a correction's study for its modality (500), and with those read at the conf the
+    runs by their reads of the pairs, and of the low-dose images (failed runs)."""
+    import numpy as np
+
+    from mlserver import copy_weights, start_server, stop_server
+
+    studies = tmp_path / "studies"
+    images = _slabs_between(studies)
+    server = start_server(studies, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                          conf={"audit_dir": tmp_path / "audit_log", "max_voxels": 300_000},
+                          env={"ADL_MAX_VOXELS": "200000"})
+    try:
+        grid = sitk.ReadImage(str(studies / "ct_slab_b.nii.gz"))
+        marked = np.zeros(sitk.GetArrayFromImage(grid).shape, np.uint8)
+        marked[:, 100:140, 100:140] = 1
+        region_map = sitk.GetImageFromArray(marked)
+        region_map.CopyInformation(grid)
+        map_path = tmp_path / "ct_slab_b_regions.nii.gz"
+        sitk.WriteImage(region_map, str(map_path))
+        saved = _put_label(server.url, "ct_slab_b", "regions", map_path,
+                           {"regions": [{"value": 1, "name": "nodule", "intent": "keep"}]})
+        assert saved.status_code == 200, saved.text
+        for image in images:  # the full-dose slab as the correction; ct_slab_b's names its region map
+            sent_with = {"regions_sha256": hashlib.sha256(map_path.read_bytes()).hexdigest()} \
+                if image == "ct_slab_b" else {}
+            saved = _put_label(server.url, image, "final", write_full_dose(tmp_path / f"{image}_final.nii.gz", image),
+                               sent_with)
+            assert saved.status_code == 200, saved.text
+        started = requests.post(f"{server.url}/train/adl", json={"steps": 6, "patch_size": 32, "device": "cpu"},
+                                timeout=600)
+        assert started.status_code == 200, started.text
+        stats = _wait_for_training(server.url)
+        assert stats["status"] == "done", (stats, server.log_tail())
+        assert sorted(stats["data"]["train_images"] + stats["decision"]["validation_images"]) == images, stats
+        assert list(stats["data"].get("regions", {})) == ["ct_slab_b"], stats["data"]
+        started = requests.post(f"{server.url}/train/tddl_gcn", json={"mode": "adapt_noise", "steps": 2,
+                                                                      "patch_size": 32, "noise_steps": 2,
+                                                                      "device": "cpu"}, timeout=600)
+        assert started.status_code == 200, started.text
+        stats = _wait_for_training(server.url, "tddl_gcn")
+        assert stats["status"] == "done", (stats, server.log_tail())
+        assert sorted(stats["data"]["low_dose_images"]) == images, stats["data"]
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_read_over_the_voxel_limit_that_no_route_answers_is_a_413_with_the_readers_message(tmp_path, tiny_weights):
+    """An image over the voxel limit met by a read that its route does not answer itself is a 413 with the reader's
+    message (what, how large, the limit, how to raise it; no server path), by the app's one handler (which answers
+    a PACS store's refusal too): it was a bare 500. Here, on a real server: two CT slabs (262,144 voxels) corrected
+    under ``--conf max_voxels 300000``, the server restarted with 250,000; the train request reads a correction's
+    study for its modality: 413 naming the study, and the server answers on."""
+    from mlserver import copy_weights, start_server, stop_server
+
+    studies = tmp_path / "studies"
+    images = _slabs_between(studies)
+    model = copy_weights(tiny_weights, tmp_path / "model")
+    server = start_server(studies, model, tmp_path / "work1",
+                          conf={"audit_dir": tmp_path / "audit_log", "max_voxels": 300_000})
+    try:
+        for image in images:
+            saved = _put_label(server.url, image, "final", write_full_dose(tmp_path / f"{image}_final.nii.gz", image))
+            assert saved.status_code == 200, saved.text
+    finally:
+        stop_server(server)
+    server = start_server(studies, model, tmp_path / "work2",
+                          conf={"audit_dir": tmp_path / "audit_log", "max_voxels": 250_000})
+    try:
+        refused = requests.post(f"{server.url}/train/adl", json={"steps": 2, "patch_size": 32, "device": "cpu"},
+                                timeout=600)
+        assert refused.status_code == 413, (refused.status_code, refused.text)
+        detail = refused.json()["detail"]
+        assert detail.startswith("ct_slab_b.nii.gz is too large: 256 x 256 x 4 = 262,144 voxels exceeds the limit "
+                                 "of 250,000") and "--conf max_voxels" in detail, detail
+        assert requests.get(f"{server.url}/info/", timeout=60).status_code == 200
+    finally:
+        stop_server(server)
+
+
 @pytest.mark.server
 @pytest.mark.slow
 def test_audit_trail_survives_a_restart_and_reports_tampering(folders):

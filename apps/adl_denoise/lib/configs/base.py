@@ -49,4 +49,5 @@ class DenoiserTaskConfig(TaskConfig):
         defaults = {"steps": conf_int(self.conf, "train_steps", 200), "device": self.conf.get("device", "auto")}
         if self.conf.get("normal_dose"):
             defaults["normal_dose"] = self.conf["normal_dose"]
-        return DenoiserTrainTask(self.name, self.store, self.modalities, defaults)
+        # the infer task's limit: a correction of a study the server denoises is read for training alike
+        return DenoiserTrainTask(self.name, self.store, self.modalities, defaults, max_voxels=self.max_voxels)

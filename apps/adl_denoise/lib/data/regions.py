@@ -229,9 +229,10 @@ class CorrectionRegions:
 
 
 def load_correction_regions(image_id: str, image_path: str | os.PathLike, regions_path: str | os.PathLike,
-                            params: Any) -> CorrectionRegions:
+                            params: Any, max_voxels: int | None = None) -> CorrectionRegions:
     """Read and validate a region map against its image: same grid (shape, spacing, origin, direction within
-    1e-3 mm), values declared, intents known, strengths in [0, 2].
+    1e-3 mm), values declared, intents known, strengths in [0, 2]. ``max_voxels``: the voxel limit of both reads
+    (None: :func:`lib.imaging.max_voxels`).
 
     Raises:
         RegionsError: naming ``image_id`` and what is wrong (also for an unreadable map).
@@ -241,10 +242,10 @@ def load_correction_regions(image_id: str, image_path: str | os.PathLike, region
     where = f"image {image_id!r}, regions"
     regions = parse_regions(params, where)
     try:
-        label = read_volume(Path(regions_path), modality="OT", fill_padding=False)
+        label = read_volume(Path(regions_path), modality="OT", fill_padding=False, max_voxels=max_voxels)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same complaint
         raise RegionsError(f"{where}: cannot read the region map {Path(regions_path).name}: {error}") from None
-    image = read_volume(Path(image_path))
+    image = read_volume(Path(image_path), max_voxels=max_voxels)
     if not image.same_grid(label, tol=1e-3):
         raise RegionsError(f"{where}: the region map is not on the image's grid (map: shape {label.shape}, spacing "
                            f"{_rounded(label.spacing)}, origin {_rounded(label.origin)}; image: shape {image.shape}, "

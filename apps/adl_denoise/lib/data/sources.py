@@ -138,8 +138,9 @@ def _resolve_modality(modality: str | None, read_modality: str, path: Path) -> s
     raise ValueError(f"cannot tell whether {path} is CT or MR: give the modality")
 
 
-def _load_volume(path: Path, modality: str | None) -> tuple[np.ndarray, str, tuple[float, float, float]]:
-    volume = read_volume(path, modality=None if modality is None else modality.upper())
+def _load_volume(path: Path, modality: str | None,
+                 max_voxels: int | None = None) -> tuple[np.ndarray, str, tuple[float, float, float]]:
+    volume = read_volume(path, modality=None if modality is None else modality.upper(), max_voxels=max_voxels)
     if modality is not None and volume.metadata.get("modality_source") == "dicom" and \
             volume.modality != modality.upper():  # the tag decides: an MR trained as CT learns the wrong noise
         raise ValueError(f"{path} is a DICOM {volume.modality} (its Modality tag), not {modality.upper()}: train "
@@ -182,10 +183,12 @@ class PairedFolderSource:
         noisy_dir, clean_dir: the two folders.
         modality: "CT" or "MR"; None takes it from the files (DICOM tag, else guessed from the values).
         load: read the images now (default); ``volumes`` is empty until :meth:`load` otherwise.
+        max_voxels: the voxel limit of every read (None: :func:`lib.imaging.max_voxels`); a server's fine-tuning
+            reads at the server's limit (``--conf max_voxels``).
     """
 
     def __init__(self, noisy_dir: str | os.PathLike, clean_dir: str | os.PathLike, modality: str | None = None,
-                 load: bool = True) -> None:
+                 load: bool = True, max_voxels: int | None = None) -> None:
         self.noisy_dir, self.clean_dir = Path(noisy_dir).expanduser(), Path(clean_dir).expanduser()
         for folder, what in ((self.noisy_dir, "noisy"), (self.clean_dir, "clean")):
             if not folder.is_dir():
@@ -205,10 +208,12 @@ class PairedFolderSource:
             if only_clean:
                 parts.append(f"clean only: {', '.join(only_clean)}")
             raise ValueError(f"unmatched noisy/clean names ({'; '.join(parts)}); pairs are matched by file-name stem")
-        self._use_pairs([(n, noisy[n], clean[n]) for n in sorted(noisy)], modality, load)
+        self._use_pairs([(n, noisy[n], clean[n]) for n in sorted(noisy)], modality, load, max_voxels)
 
-    def _use_pairs(self, pairs: list[tuple[str, Path, Path]], modality: str | None, load: bool) -> None:
+    def _use_pairs(self, pairs: list[tuple[str, Path, Path]], modality: str | None, load: bool,
+                   max_voxels: int | None) -> None:
         self.pairs = pairs
+        self.max_voxels = max_voxels
         check_not_heldout([p for _, a, b in self.pairs for p in (a, b)])
         self.modality = None if modality is None else modality.upper()
         self.volumes: list[TrainingVolume] = []
@@ -217,9 +222,10 @@ class PairedFolderSource:
 
     @classmethod
     def from_files(cls, pairs: Sequence[tuple[str, str | os.PathLike, str | os.PathLike]],
-                   modality: str | None = None, load: bool = True) -> "PairedFolderSource":
+                   modality: str | None = None, load: bool = True,
+                   max_voxels: int | None = None) -> "PairedFolderSource":
         """Pairs given explicitly as ``(name, noisy_path, clean_path)``, e.g. a datastore's images and their
-        corrected labels, instead of two folders matched by name."""
+        corrected labels, instead of two folders matched by name; ``max_voxels`` as for the folders."""
         if not pairs:
             raise ValueError("no noisy/clean pairs given")
         names = [str(n) for n, _, _ in pairs]
@@ -232,7 +238,7 @@ class PairedFolderSource:
                     raise ValueError(f"pair {name!r}: {what} image {path} does not exist")
         self = cls.__new__(cls)
         self.noisy_dir = self.clean_dir = None
-        self._use_pairs(resolved, modality, load)
+        self._use_pairs(resolved, modality, load, max_voxels)
         return self
 
     @staticmethod
@@ -248,12 +254,12 @@ class PairedFolderSource:
     def load(self) -> list[TrainingVolume]:
         volumes = []
         for name, noisy_path, clean_path in self.pairs:
-            clean, modality, spacing = _load_volume(clean_path, self.modality)
-            noisy, _, _ = _load_volume(noisy_path, modality)
+            clean, modality, spacing = _load_volume(clean_path, self.modality, self.max_voxels)
+            noisy, _, _ = _load_volume(noisy_path, modality, self.max_voxels)
             if noisy.shape != clean.shape:
                 raise ValueError(f"pair {name!r}: noisy {noisy_path.name} has shape {noisy.shape[-3:]} but clean "
                                  f"{clean_path.name} has {clean.shape}")
-            _check_same_grid(name, noisy_path, clean_path)
+            _check_same_grid(name, noisy_path, clean_path, self.max_voxels)
             scaling = intensity_scaling_for(clean, modality)
             volumes.append(TrainingVolume(name, clean, noisy, modality, spacing, scaling, clean_path,
                                           _usable_slices(clean, scaling)))
@@ -278,12 +284,12 @@ class PairedFolderSource:
                 for v in self.volumes]
 
 
-def _check_same_grid(name: str, noisy_path: Path, clean_path: Path) -> None:
+def _check_same_grid(name: str, noisy_path: Path, clean_path: Path, max_voxels: int | None = None) -> None:
     """ValueError unless the two images of a pair lie on one grid (spacing, origin, direction within 1e-3): pairs
     are trained voxel by voxel, so a mirrored or shifted partner teaches the network other anatomy."""
     from ..imaging.io import read_grid
 
-    noisy, clean = read_grid(noisy_path), read_grid(clean_path)
+    noisy, clean = read_grid(noisy_path, max_voxels), read_grid(clean_path, max_voxels)
     flips = noisy.flips_onto(clean)
     if flips == ():
         return
@@ -329,6 +335,7 @@ class SyntheticNoiseSource:
             usable clean slice before any noise is simulated (so low-dose CT noise is the noise of the lesioned
             anatomy) and record their profiles as each volume's ``roi``. The lesions are drawn from ``seed`` and
             stay the same for the whole run; validation pairs keep the images without lesions. 0 = off.
+        max_voxels: the voxel limit of every read (None: :func:`lib.imaging.max_voxels`).
     """
 
     def __init__(
@@ -348,6 +355,7 @@ class SyntheticNoiseSource:
         progress: bool = True,
         build_pool: bool = True,
         lesions_per_slice: int = 0,
+        max_voxels: int | None = None,
     ) -> None:
         if modality is None or modality.upper() not in ("CT", "MR"):
             raise ValueError(f"modality must be CT or MR, got {modality!r}")
@@ -384,7 +392,7 @@ class SyntheticNoiseSource:
         check_not_heldout(self.paths)
         volumes = []
         for path in self.paths:
-            clean, modality_read, spacing = _load_volume(path, self.modality)
+            clean, modality_read, spacing = _load_volume(path, self.modality, max_voxels)
             scaling = intensity_scaling_for(clean, self.modality)
             volumes.append(TrainingVolume(image_stem(path), clean, None, self.modality, spacing, scaling, path,
                                           _usable_slices(clean, scaling)))

@@ -42,7 +42,7 @@ def install(fastapi_app) -> None:
     del routes[before:]
     routes[0:0] = added
     _install_path_scrubbing(fastapi_app)
-    _install_unreachable_pacs_answer(fastapi_app)
+    _install_read_failure_answers(fastapi_app)
     fastapi_app.state.adl_denoise_routes = True
     log.info("installed review, versions and request-guard routes%s (pid %d)",
              ", access control" if access.auth_enabled() else "", os.getpid())
@@ -69,7 +69,7 @@ PACS_UNREACHABLE = ("the PACS (DICOMweb server) holding the studies cannot be re
                     "(the server's log names the error)")
 
 
-def _install_unreachable_pacs_answer(fastapi_app) -> None:
+def _install_read_failure_answers(fastapi_app) -> None:
     """503 with a one-line reason when a route's call to the PACS fails to connect or times out (a DICOMweb
     datastore whose PACS is down): MONAI Label's routes answered a bare 500 "Internal Server Error". Only a
     request to the datastore's PACS (:func:`lib.pacs.is_pacs_url`): a failure to reach any other service is the
@@ -77,10 +77,14 @@ def _install_unreachable_pacs_answer(fastapi_app) -> None:
     (:class:`lib.pacs.PacsListingCut`) is a 503 too, with the reason; a series whose download was stopped over the
     voxel limit (:class:`lib.pacs.SeriesTooLarge`: it grew since its size was asked) a 413, as one refused before;
     one stopped because it did not fit on the disk of the server's cache (:class:`lib.pacs.SeriesDoesNotFit`) a 507
-    Insufficient Storage (the review queue's hand-out, MONAI Label's own download)."""
+    Insufficient Storage (the review queue's hand-out, MONAI Label's own download). Any read over the voxel limit
+    that a route does not answer itself (:class:`lib.imaging.errors.ImageTooLargeError`: the PACS store's reads, a
+    fine-tune request's correction of a study over a limit lowered since) is a 413 with the reader's message (what
+    is too large, the limit, how to raise it), without the server's paths; it was a bare 500."""
     from fastapi.responses import JSONResponse
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
+    from ..imaging.errors import ImageTooLargeError
     from ..pacs import PacsListingCut, SeriesDoesNotFit, SeriesTooLarge, is_pacs_url
     from .common import app
 
@@ -103,10 +107,15 @@ def _install_unreachable_pacs_answer(fastapi_app) -> None:
         log.error("%s %s: %s", request.method, request.url.path, error)
         return JSONResponse(status_code=507, content={"detail": scrub_paths(str(error))})  # names the cache folder
 
+    async def image_too_large(request, error: Exception):  # found from the header: no voxel of it was read
+        log.warning("%s %s: %s", request.method, request.url.path, error)
+        return JSONResponse(status_code=413, content={"detail": scrub_paths(str(error))})
+
     for kind in (RequestsConnectionError, Timeout):
         fastapi_app.add_exception_handler(kind, unreachable)
     fastapi_app.add_exception_handler(PacsListingCut, listing_cut)
     fastapi_app.add_exception_handler(SeriesTooLarge, too_large)
     fastapi_app.add_exception_handler(SeriesDoesNotFit, does_not_fit)
+    fastapi_app.add_exception_handler(ImageTooLargeError, image_too_large)
     if fastapi_app.middleware_stack is not None:
         fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()

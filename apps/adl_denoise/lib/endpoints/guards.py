@@ -906,7 +906,7 @@ def guarded_save_label(
             _refuse_values_not_of_the_image(upload, image, datastore.get_image_uri(image) or "")
         if tag == REGIONS_TAG:
             try:
-                load_correction_regions(image, datastore.get_image_uri(image), upload, params)
+                load_correction_regions(image, datastore.get_image_uri(image), upload, params, _max_voxels())
             except RegionsError as error:
                 raise HTTPException(status_code=422, detail=str(error)) from None
         stamp = correction_stamp(upload, user.username if user else None, datastore.get_image_uri(image))

@@ -103,6 +103,7 @@ class LearnedNoiseSource(SyntheticNoiseSource):
             domain-shift benchmark (``bench/tddl_domain_shift.py``), which adapts to the test scans' own low-dose
             images, reference never read, as a hospital would; its models are never shipped. The clean images
             are still checked.
+        max_voxels: the voxel limit of every read of a clean image (None: :func:`lib.imaging.max_voxels`).
 
     Raises:
         ValueError: non-CT modality, held-out files (clean images or, unless allowed, the noise model's own
@@ -125,6 +126,7 @@ class LearnedNoiseSource(SyntheticNoiseSource):
         progress: bool = True,
         build_pool: bool = True,
         allow_heldout_noise_inputs: bool = False,
+        max_voxels: int | None = None,
     ) -> None:
         if modality is None or str(modality).upper() != "CT":
             raise ValueError(f"learned noise models are CT (HU) models; got modality {modality!r}")
@@ -135,7 +137,7 @@ class LearnedNoiseSource(SyntheticNoiseSource):
             check_not_heldout(inputs)  # a model learnt on held-out scans must not feed training either
         super().__init__(clean_paths, "CT", "ct-lowdose", spatial_dims=spatial_dims, realisations=realisations,
                          regenerate_each_epoch=regenerate_each_epoch, seed=seed, device=device, progress=progress,
-                         build_pool=False)
+                         build_pool=False, max_voxels=max_voxels)
         self.noise = "learned"
         if isinstance(reference_noise_std_hu, str) and reference_noise_std_hu != "estimate":
             raise ValueError(f"reference_noise_std_hu must be a number, 'estimate' or None, got "

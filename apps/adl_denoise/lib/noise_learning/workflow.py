@@ -53,6 +53,7 @@ def learn_noise_model(
     report: Callable[[str], None] = log.info,
     info: dict | None = None,
     calibrate_level: bool = True,
+    max_voxels: int | None = None,
 ) -> NoiseModel:
     """Learn the noise of low-dose CT images (files or DICOM series folders, in HU).
 
@@ -79,6 +80,7 @@ def learn_noise_model(
             with a line to ``report``, where no input has enough soft tissue to measure it). False: the learnt level
             is kept (``level_correction`` 1.0) and ``training_stats["level_calibration_skipped"]`` says
             :data:`LEVEL_CALIBRATION_OFF`.
+        max_voxels: the voxel limit of every read (None: :func:`lib.imaging.max_voxels`).
 
     Raises:
         ValueError: an input is not CT, constant, smaller than a patch, or too few smooth patches were found.
@@ -90,7 +92,7 @@ def learn_noise_model(
         raise ValueError(f"patch size must be a multiple of 8 and >= 16, got {patch_size}")
     per_file, measured_levels = [], []
     for path in map(Path, inputs):
-        volume = read_volume(path, modality="CT" if force_ct else None)
+        volume = read_volume(path, modality="CT" if force_ct else None, max_voxels=max_voxels)
         if volume.modality != "CT":
             guessed = volume.metadata.get("modality_source") == "guessed"
             how = " (guessed from its values; say it is CT if it is a CT in HU)" if guessed else ""
@@ -169,7 +171,8 @@ class AdaptationData:
 
 
 def denoised_stand_ins(low_dose: Mapping[str, PathLike], denoiser_weights: PathLike, out_dir: PathLike,
-                       device: str = "cpu", max_slices: int | None = None) -> dict[str, str]:
+                       device: str = "cpu", max_slices: int | None = None,
+                       max_voxels: int | None = None) -> dict[str, str]:
     """Self-adaptation without normal-dose scans: the denoiser's outputs for the low-dose CT images stand in for
     normal-dose images.
 
@@ -181,6 +184,7 @@ def denoised_stand_ins(low_dose: Mapping[str, PathLike], denoiser_weights: PathL
         max_slices: only that many central, contiguous slices of each volume (each denoised with its neighbours, so
             a 2.5D network sees real ones), written on their own grid: for images that only give a figure to report,
             where denoising whole volumes would cost minutes per volume on a CPU. None: whole images.
+        max_voxels: the voxel limit of every read (None: :func:`lib.imaging.max_voxels`).
 
     Returns:
         id -> path of its denoised image.
@@ -198,7 +202,7 @@ def denoised_stand_ins(low_dose: Mapping[str, PathLike], denoiser_weights: PathL
 
     stand_ins = {}
     for image_id, path in low_dose.items():
-        volume = read_volume(path, modality="CT")
+        volume = read_volume(path, modality="CT", max_voxels=max_voxels)
         if max_slices is not None and volume.array.ndim == 3 and volume.array.shape[0] > int(max_slices):
             volume, denoised = _central_slices_denoised(volume, int(max_slices), context, denoise)
         else:
@@ -241,6 +245,7 @@ def adaptation_data(
     noise_info: dict | None = None,
     split: Callable[[list[str]], tuple[list[str], list[str]]] | None = None,
     calibrate_noise_level: bool = True,
+    max_voxels: int | None = None,
 ) -> AdaptationData:
     """TDDL adaptation data: learn the noise of the low-dose CT images, add it to normal-dose images.
 
@@ -265,6 +270,8 @@ def adaptation_data(
         calibrate_noise_level: scale the learnt noise to the low-dose images' measured soft-tissue noise
             (:func:`learn_noise_model`'s ``calibrate_level``); the description's ``noise_level`` says what was done
             (:meth:`NoiseModel.level_record`).
+        max_voxels: the voxel limit of every read, low-dose, normal-dose and stand-in images alike (None:
+            :func:`lib.imaging.max_voxels`); a server's adaptation reads at the server's limit.
 
     Raises:
         ValueError: no normal-dose image and no denoiser, too few images to split, unusable images (see
@@ -283,7 +290,7 @@ def adaptation_data(
     noise_model = learn_noise_model([low_dose[i] for i in noise_ids], steps=noise_steps, patch_size=noise_patch_size,
                                     force_ct=True, device=device, seed=seed, progress=False,
                                     info={**(noise_info or {}), "images": noise_ids},
-                                    calibrate_level=bool(calibrate_noise_level))
+                                    calibrate_level=bool(calibrate_noise_level), max_voxels=max_voxels)
     noise_path = noise_model.save(work / "noise_model.pt")
     if normal_dose:
         from ..data import discover_images
@@ -297,20 +304,21 @@ def adaptation_data(
         train_ids, val_ids = split(list(clean))
     else:
         clean = denoised_stand_ins({i: low_dose[i] for i in noise_ids}, denoiser_weights, work / "pseudo_normal_dose",
-                                   device=device)
+                                   device=device, max_voxels=max_voxels)
         # the held-out images' stand-ins give only the validation PSNR, circular, reported and never deciding (the
         # held-out low-dose images themselves judge): a few slices each, not whole volumes
         clean.update(denoised_stand_ins({i: low_dose[i] for i in held_out_ids}, denoiser_weights,
                                         work / "pseudo_normal_dose", device=device,
-                                        max_slices=HELD_OUT_STAND_IN_SLICES))
+                                        max_slices=HELD_OUT_STAND_IN_SLICES, max_voxels=max_voxels))
         kind = "served model's denoised low-dose images (no normal-dose images given)"
         train_ids, val_ids = noise_ids, held_out_ids
     # real normal-dose scans carry noise of their own, taken off the learnt noise; the stand-ins are denoised
     reference = "estimate" if normal_dose else None
     source = LearnedNoiseSource([clean[i] for i in train_ids], noise_path, seed=seed, device=device, progress=False,
-                                reference_noise_std_hu=reference)
+                                reference_noise_std_hu=reference, max_voxels=max_voxels)
     val_source = LearnedNoiseSource([clean[i] for i in val_ids], noise_path, seed=seed + 1, device=device,
-                                    progress=False, build_pool=False, reference_noise_std_hu=reference)
+                                    progress=False, build_pool=False, reference_noise_std_hu=reference,
+                                    max_voxels=max_voxels)
     val_pairs = val_source.validation_pairs()
     # the noise each clean image carried, taken off the learnt noise, and what was added: as cli.py adapt reports it
     noise_per_image = source.noise_per_image() + val_source.noise_per_image()

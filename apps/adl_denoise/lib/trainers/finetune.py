@@ -151,11 +151,13 @@ class TrainingDataError(ValueError):
     """The datastore does not hold what the requested training needs (message says what is missing)."""
 
 
-def correction_pairs(datastore: Datastore, modality: str | None = None, skipped: list | None = None) -> list[dict]:
+def correction_pairs(datastore: Datastore, modality: str | None = None, skipped: list | None = None,
+                     max_voxels: int | None = None) -> list[dict]:
     """``[{"id", "image", "label", "modality", "regions", "regions_info"}]`` for every image whose ``final`` label
     is a clinician's correction (:func:`is_clinician_correction`); ``regions`` is the path of its region map
     (label tag ``regions``) or None, and ``regions_info`` that label's info (the ``params`` it was saved with:
-    ``{"regions": [...]}``). The ids of ``final`` labels that are not corrections are appended to ``skipped``."""
+    ``{"regions": [...]}``). The ids of ``final`` labels that are not corrections are appended to ``skipped``.
+    ``max_voxels``: the voxel limit of an image read for its modality (None: :func:`lib.imaging.max_voxels`)."""
     pairs = []
     for image_id in sorted(datastore.get_labeled_images()):
         image = datastore.get_image_uri(image_id)
@@ -164,7 +166,7 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
             if skipped is not None:
                 skipped.append(image_id)
             continue
-        volume_modality = image_modality(datastore, image_id, image)
+        volume_modality = image_modality(datastore, image_id, image, max_voxels=max_voxels)
         if modality and volume_modality != modality.upper():
             continue
         regions, info = _regions_of_correction(datastore, image_id)
@@ -197,8 +199,9 @@ def stored_regions(datastore: Datastore, image_id: str, regions_sha256: Any) -> 
     return path, info
 
 
-def pair_regions(pair: dict):
-    """The validated :class:`lib.data.regions.CorrectionRegions` of a correction pair, or None without regions.
+def pair_regions(pair: dict, max_voxels: int | None = None):
+    """The validated :class:`lib.data.regions.CorrectionRegions` of a correction pair, or None without regions
+    (``max_voxels``: the limit of the reads, None: :func:`lib.imaging.max_voxels`).
 
     Raises:
         TrainingDataError: the region map or its declaration is unusable (names the image and the problem).
@@ -206,7 +209,8 @@ def pair_regions(pair: dict):
     if not pair.get("regions"):
         return None
     try:
-        return load_correction_regions(pair["id"], pair["image"], pair["regions"], pair.get("regions_info") or {})
+        return load_correction_regions(pair["id"], pair["image"], pair["regions"], pair.get("regions_info") or {},
+                                       max_voxels)
     except RegionsError as error:
         raise TrainingDataError(str(error)) from None
 
@@ -219,14 +223,18 @@ class DenoiserTrainTask(TrainTask):
         store: the app's :class:`ModelStore`.
         modalities: modalities the model serves.
         defaults: default request values (from the app's conf), e.g. ``{"steps": 200, "device": "auto"}``.
+        max_voxels: the voxel limit of every image the task reads, the server's (``--conf max_voxels``, as the
+            model's infer task has it); None: :func:`lib.imaging.max_voxels` (``ADL_MAX_VOXELS``).
     """
 
-    def __init__(self, model: str, store: ModelStore, modalities: tuple[str, ...], defaults: dict | None = None):
+    def __init__(self, model: str, store: ModelStore, modalities: tuple[str, ...], defaults: dict | None = None,
+                 max_voxels: int | None = None):
         super().__init__(f"Fine-tune {model} from clinician corrections, or adapt it to a scanner's low-dose noise")
         self.model = model
         self.store = store
         self.modalities = tuple(m.upper() for m in modalities)
         self.defaults = dict(defaults or {})
+        self.max_voxels = max_voxels
 
     # --- paths
     @property
@@ -286,7 +294,7 @@ class DenoiserTrainTask(TrainTask):
             raise TrainingDataError(f"{self.model} serves {', '.join(self.modalities)}; modality {asked!r} is unknown")
         if mode == "corrections":
             skipped: list[str] = []
-            pairs = correction_pairs(datastore, None if asked == "AUTO" else asked, skipped)
+            pairs = correction_pairs(datastore, None if asked == "AUTO" else asked, skipped, self.max_voxels)
             modalities = sorted({p["modality"] for p in pairs})
             if skipped:
                 log.warning("final labels that are not clinician corrections (not saved through PUT /datastore/label,"
@@ -307,14 +315,15 @@ class DenoiserTrainTask(TrainTask):
                 raise TrainingDataError(f"only {len(pairs)} corrected {asked} study: fine-tuning needs at least 2 (one "
                                         "is kept aside to check that the new model is no worse)")
             for pair in pairs:  # regions are checked before a run starts: a bad map is a 422, not a failed run
-                pair["regions_loaded"] = pair_regions(pair)
+                pair["regions_loaded"] = pair_regions(pair, self.max_voxels)
             items = pairs
         else:
             if asked == "AUTO":
                 asked = "CT"
             if asked != "CT":
                 raise TrainingDataError("adapt_noise learns CT noise in HU: modality must be ct")
-            images = [i for i in sorted(datastore.list_images()) if image_modality(datastore, i) == "CT"]
+            images = [i for i in sorted(datastore.list_images())
+                      if image_modality(datastore, i, max_voxels=self.max_voxels) == "CT"]
             if len(images) < 2:
                 raise TrainingDataError(f"adapt_noise needs at least 2 low-dose CT images in the datastore, found "
                                         f"{len(images)}")
@@ -365,7 +374,7 @@ class DenoiserTrainTask(TrainTask):
             pseudonyms = pseudonym_map(site_key(self.store.model_dir), _datastore_ids(resolved))
             # self-adaptation: slices of the held-out low-dose images (the scanner's own noise) judge the candidate
             # and give the width it is served at
-            held_out_slices = _spread_low_dose_slices(held_out_low_dose)
+            held_out_slices = _spread_low_dose_slices(held_out_low_dose, max_voxels=self.max_voxels)
             result = fine_tune(served.path, source, val_pairs, work / "candidate.pt", settings,
                                checkpoint_dir=work / "checkpoints", data_description=description, on_scored=on_scored,
                                pseudonyms=pseudonyms,
@@ -423,12 +432,12 @@ class DenoiserTrainTask(TrainTask):
         patches or scored, so validation PSNR, training and the keep check all see the same targets."""
         by_id = {p["id"]: p for p in pairs}
         train_ids, val_ids = split_validation(list(by_id))
-        regions = {i: (by_id[i]["regions_loaded"] if "regions_loaded" in by_id[i] else pair_regions(by_id[i]))
-                   for i in by_id}
+        regions = {i: (by_id[i]["regions_loaded"] if "regions_loaded" in by_id[i]
+                       else pair_regions(by_id[i], self.max_voxels)) for i in by_id}
         source = PairedFolderSource.from_files([(i, by_id[i]["image"], by_id[i]["label"]) for i in train_ids],
-                                               modality=modality)
+                                               modality=modality, max_voxels=self.max_voxels)
         val_source = PairedFolderSource.from_files([(i, by_id[i]["image"], by_id[i]["label"]) for i in val_ids],
-                                                   modality=modality)
+                                                   modality=modality, max_voxels=self.max_voxels)
         keep_cases = []
         for volumes, held_out in ((source.volumes, False), (val_source.volumes, True)):
             for volume in volumes:
@@ -455,18 +464,20 @@ class DenoiserTrainTask(TrainTask):
         data = adaptation_data({i: datastore.get_image_uri(i) for i in resolved["items"]}, work,
                                normal_dose=params.get("normal_dose") or None, denoiser_weights=served_path,
                                noise_info={"source": "datastore low-dose images"},
-                               calibrate_noise_level=resolved["calibrate_noise_level"], **numbers)
+                               calibrate_noise_level=resolved["calibrate_noise_level"], max_voxels=self.max_voxels,
+                               **numbers)
         return data.source, data.validation_pairs, data.description, data.held_out_low_dose
 
 
-def _spread_low_dose_slices(images: dict, max_slices: int = 8) -> list[tuple[list[np.ndarray], tuple[float, float]]]:
+def _spread_low_dose_slices(images: dict, max_slices: int = 8,
+                            max_voxels: int | None = None) -> list[tuple[list[np.ndarray], tuple[float, float]]]:
     """At most ``max_slices`` slices (HU) of the low-dose CT images ``images`` (id -> path), spread over them as
-    :func:`spread_slices` spreads them, each image's with its (row, column) pixel size in mm. Copies: one volume is
-    in memory at a time."""
+    :func:`spread_slices` spreads them, each image's with its (row, column) pixel size in mm, read under
+    ``max_voxels`` (None: :func:`lib.imaging.max_voxels`). Copies: one volume is in memory at a time."""
     paths = list(images.values())[:max_slices]
     groups = []
     for path in paths:
-        volume = read_volume(path, modality="CT")
+        volume = read_volume(path, modality="CT", max_voxels=max_voxels)
         stack = volume.array[None] if volume.array.ndim == 2 else volume.array
         pixel = (float(volume.spacing[1]), float(volume.spacing[0]))
         for slices, _ in spread_slices([(list(stack), pixel)], max(1, max_slices // len(paths))):
