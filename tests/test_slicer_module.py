@@ -143,8 +143,8 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     # files are found in Slicer's DICOM database, read and compared with the same copy in a BackgroundTask
     # (Slicer-free), and nothing is sent for the volume meanwhile
     files_of = ast.unparse(functions["ADLDenoiseLogic.series_files_of"])
-    for call in ("database.fileForInstance(uid)", "dicom_instance_uids(node)", "not database.isOpen",
-                 "identity.frame is not None"):
+    for call in ("lookup = database.fileForInstance if database is not None and database.isOpen else None",
+                 "find_series_files(dicom_instance_uids(node), lookup, identity.frame)"):
         assert call in files_of, call
     start = ast.unparse(functions["ADLDenoiseLogic.start_files_check"])
     assert "BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files)" in start
@@ -425,7 +425,7 @@ def test_module_refuses_other_studies_regions_and_its_own_volumes_and_guards_mis
     assert "check_segmentation_reference(segmentation_node, reference, study['identity'].datastore_id())" in regions
     assert regions.index("check_segmentation_reference(") < regions.index("segment_masks(")
     load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
-    assert "RESULT_SUFFIX, study=identity.datastore_id())" in load  # tagged: refused as input, holds its regions
+    assert "RESULT_SUFFIX, study=identity.datastore_id()," in load  # tagged: refused as input, holds its regions
     assert "volume_snapshot" in _calls(functions["ADLDenoiseLogic.identify"])  # refuses the module's own volumes
     changed = ast.unparse(functions["ADLDenoiseWidget.onVolumeChanged"])
     assert "self.marks = SegmentMarks()" in changed
@@ -1176,6 +1176,38 @@ def test_a_volume_with_frames_whose_rescale_slicer_ignored_is_warned_of_and_sent
                               capture_output=True, text=True, check=True).stdout
         definition = util[util.index("def confirmOkCancelDisplay(text, windowTitle=None, parent=None, **kwargs):"):]
         assert "return result == qt.QMessageBox.Ok" in definition[:definition.index("\ndef ")]
+
+
+def test_a_result_from_wrong_values_repeats_the_warning_and_files_not_found_say_why():
+    """The Qt glue of two decisions of the Slicer-free library (tested in test_slicer_workflow_state and, for the
+    node, test_mrml_logic): a result denoised from frames with wrong values notes the session's result_warning on
+    its node (mrml.load_result, beside its study) and its status line is the session's describe_result (the
+    warning first); a DICOM volume whose files cannot be found answers find_series_files' NoReference, not None, so
+    that the status line says why it was not compared with them (ReviewSession.describe_study)."""
+    functions = _functions(MODULE_DIR / "ADLDenoise.py")
+    load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
+    assert "load_result(slicer.mrmlScene, loaded, original, RESULT_SUFFIX, study=identity.datastore_id(), " \
+        "warning=self.session.result_warning(identity))" in load
+    denoise = ast.unparse(functions["ADLDenoiseWidget.onDenoise"])
+    done = denoise[denoise.index("def done(answer):"):]
+    assert done.index("node = self.logic.load_result(original, identity, loaded, result)") < \
+        done.index("self.ui.statusLabel.text = self.logic.session.describe_result(identity, line)") < \
+        done.index("self.onCompare()")
+    assert "self.ui.statusLabel.text = f'denoised with" not in done  # only through describe_result
+    start = ast.unparse(functions["ADLDenoiseLogic.start_files_check"])
+    assert "files = self.series_files_of(node, snapshot.series) if node is not None else None" in start
+    not_found = start[start.index("if not isinstance(files, list):"):start.index("task = BackgroundTask(")]
+    assert "return files" in not_found and "return None" not in not_found
+    assert "find_series_files(" in ast.unparse(functions["ADLDenoiseLogic.series_files_of"])
+    slicer_repo = Path("/work/.mirror/Slicer+Slicer/repo")
+    if slicer_repo.is_dir():  # the node calls of mrml's note exist in Slicer's vtkMRMLNode
+        import subprocess
+
+        header = subprocess.run(["git", "-C", str(slicer_repo), "show", "HEAD:Libs/MRML/Core/vtkMRMLNode.h"],
+                                capture_output=True, text=True, check=True).stdout
+        for declaration in ("vtkSetStringMacro(Description);", "vtkGetStringMacro(Description);",
+                            "void RemoveAttribute(const char* name);"):
+            assert declaration in header, declaration
 
 
 #: loads a colour series as the DICOM plugin does (``loadFilesWithSeriesReader`` with grayscale false: the vector

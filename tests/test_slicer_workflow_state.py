@@ -663,6 +663,136 @@ def test_a_dicom_volume_with_frames_whose_rescale_slicer_ignored_is_sent_only_on
         session.require_rescale_accepted(series)
 
 
+def test_a_result_denoised_from_frames_with_wrong_values_carries_the_warning_on_its_status_line(tmp_path):
+    """A result computed from a volume whose frames hold wrong values (their own rescale ignored by Slicer's reader)
+    is as wrong on those frames: once the user confirmed sending it, the result's status line starts with the
+    warning (ReviewSession.describe_result) and result_warning gives the note its node carries (mrml.load_result,
+    tested with slicer-core in test_mrml_logic); also for the volume edited in place. A result of files whose frames
+    share one rescale says nothing more than before."""
+    stored = np.random.default_rng(9).integers(0, 2000, (4, 16, 12), dtype=np.int16)
+    as_slicer_loads = stored.astype(np.float32) - 1024.0
+    own = [("1", "-1024"), ("1", "-1024"), ("2", "-1024"), ("2", "-1024")]
+    wrong = [write_enhanced_ct(tmp_path / "enhanced.dcm", stored, own)]
+    right = [write_enhanced_ct(tmp_path / "one.dcm", stored, [("1", "-1024")] * 4)]
+    series = dicom_identity("1.2.840.67", "CT", "5: Enhanced CT", instance_uids="1.2.840.67.1")
+    line = "denoised with adl (CT: the series' DICOM Modality; weights 3) in 2.1 s"
+    for files in (right, wrong):
+        session = ReviewSession()
+        ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", as_slicer_loads, series, "Enhanced")
+        check = BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files))
+        assert session.identified(ticket, hashed(task), lambda: FILES_PENDING) == series
+        assert check.wait(120) == "done", check.error
+        assert session.files_read(series, snapshot.content().key, check.result) == series
+        if files is right:  # nothing to warn of: the result's line is the module's
+            assert session.result_warning(series) == "" and session.describe_result(series, line) == line
+            continue
+        session.accept_ignored_rescale(session.require_identified())
+        assert session.result_arrived(session.require_study(), "vtkMRMLScalarVolumeNode2", "adl") is not None
+        warning = session.result_warning(series)
+        assert warning.startswith("WARNING: denoised from wrong values: frames 3-4 of enhanced.dcm (2 of 4) carry "
+                                  "their own rescale (slope 2, intercept -1024) that Slicer's reader ignored")
+        assert "this result's on those frames" in warning and "denoise it again" in warning
+        assert session.describe_result(series, line) == f"{warning}. {line}"
+        # edited in place: a new study of the same wrong values, its result warned of too
+        edited_voxels = as_slicer_loads.copy()
+        edited_voxels[:, :4] = -1000.0
+        edited = session.as_loaded(series, content_identity(edited_voxels, EYE))
+        assert edited.kind == "content" and session.result_warning(edited) == warning
+        assert session.describe_result(edited, line).startswith("WARNING: denoised from wrong values: frames 3-4")
+        # a volume not from those files: nothing
+        plain = content_identity(volume(3), EYE, "plain")
+        assert session.result_warning(plain) == "" and session.describe_result(plain, line) == line
+
+
+def test_the_frames_whose_rescale_slicer_ignored_are_named_whichever_file_stops_the_comparison(tmp_path):
+    """A series whose files include one that cannot be read (missing, not DICOM): no reference, and the reason names
+    that file, but the headers of every other file are still read, so that the frames whose own rescale Slicer's
+    reader ignored are named whatever the files' order (they were not when the unreadable file came first). One of
+    the files has a per-frame functional group sequence larger than what a header-only read loads at once (read
+    back when looked at). Through the background check and the session: the status line both warns and says why
+    the volume was not compared with its files, and nothing is sent before the user confirms."""
+    import pydicom
+    from ADLDenoiseLib import series_files
+    from ADLDenoiseLib.series_files import NoReference, read_series_values
+
+    rng = np.random.default_rng(10)
+    many = write_enhanced_ct(tmp_path / "many.dcm", rng.integers(0, 2000, (1200, 16, 12), dtype=np.int16),
+                             [("1", "-1024")] * 600 + [("2", "-1024")] * 600)
+    few = write_enhanced_ct(tmp_path / "few.dcm", rng.integers(0, 2000, (4, 16, 12), dtype=np.int16),
+                            [("1", "-1024"), ("1", "-1024"), ("2", "-1024"), ("2", "-1024")])
+    raw = dict(pydicom.dcmread(many, defer_size=series_files._HEADER_ONLY).items())  # elements as read, unconverted
+    assert raw[pydicom.tag.Tag("PerFrameFunctionalGroupsSequence")].value is None  # deferred: read when looked at
+    missing, not_dicom = str(tmp_path / "missing.dcm"), tmp_path / "not_dicom.dcm"
+    not_dicom.write_bytes(b"not a DICOM file")
+    expected = {"many.dcm": (tuple(range(601, 1201)), 1200), "few.dcm": ((3, 4), 4)}
+    for paths, bad in (([missing, many, few], "missing.dcm"), ([many, missing, few], "missing.dcm"),
+                       ([many, few, missing], "missing.dcm"), ([str(not_dicom), few, many], "not_dicom.dcm"),
+                       ([few, str(not_dicom), missing, many], "not_dicom.dcm")):
+        values = read_series_values(paths)
+        assert isinstance(values, NoReference) and values.reason.startswith(f"its file {bad} cannot be read"), paths
+        named = {item.file: (item.frames, item.total) for item in values.ignored_rescales}
+        assert named == expected, paths
+    # the comparison of a volume with those files, as the module runs it
+    series = dicom_identity("1.2.840.68", "CT", "6: Enhanced CT", instance_uids="1.2.840.68.1")
+    session = ReviewSession()
+    voxels = np.zeros((1204, 16, 12), np.float32)
+    ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", voxels, series, "Enhanced")
+    check = BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, [missing, few, many]))
+    assert session.identified(ticket, hashed(task), lambda: FILES_PENDING) == series
+    assert check.wait(120) == "done", check.error
+    assert check.result.matches is None and "missing.dcm cannot be read" in check.result.untold
+    assert session.files_read(series, snapshot.content().key, check.result) == series
+    line = session.describe_study(series)
+    assert line.startswith("WARNING: frames 3-4 of few.dcm (2 of 4) carry their own rescale") and \
+        "frames 601-1200 of many.dcm (600 of 1200)" in line
+    assert "not compared with its DICOM files: its file missing.dcm cannot be read" in line
+    with pytest.raises(RescaleNotApplied, match="frames 601-1200 of many.dcm"):
+        session.require_study()
+
+
+def test_a_dicom_volume_whose_files_cannot_be_found_says_why_on_its_status_line(tmp_path):
+    """The files of a DICOM volume are found in Slicer's DICOM database by the SOP Instance UIDs of its
+    subject-hierarchy item (find_series_files: what ADLDenoiseLogic.series_files_of hands the database's
+    fileForInstance to). When they cannot be found, the answer says why (a NoReference, as for files that cannot
+    tell), and the status line says that the volume was not compared with its DICOM files and why, instead of
+    nothing: a 4D sequence frame, a volume not loaded from DICOM files (no instance UIDs), no open DICOM database,
+    instances the database does not hold. Found, the files are the database's, in the instances' order."""
+    from ADLDenoiseLib.series_files import NoReference, find_series_files
+
+    files = write_series(tmp_path / "series", volume(4))
+    database = {f"1.2.840.69.{index}": path for index, path in enumerate(files)}  # instance UID -> its file
+    uids = " ".join(database)
+    assert find_series_files(uids, database.get) == files
+    assert find_series_files(list(database), database.get) == files
+    reasons = {
+        "frame": find_series_files(uids, database.get, frame=2),
+        "no instances": find_series_files("", database.get),
+        "no database": find_series_files(uids, None),
+        "not in it": find_series_files(uids + " 1.2.840.69.99", database.get),
+    }
+    assert all(isinstance(answer, NoReference) for answer in reasons.values()), reasons
+    assert "frame 3 of a 4D sequence" in reasons["frame"].reason
+    assert "not loaded from DICOM files" in reasons["no instances"].reason
+    assert "DICOM database is not open" in reasons["no database"].reason
+    assert "1 of its 4 DICOM instances are not in Slicer's DICOM database" in reasons["not in it"].reason
+    voxels = volume(5)
+    for why, answer in reasons.items():
+        if why == "frame":  # a 4D frame's status line names the frame sent (ADLDenoiseWidget.frameText)
+            continue
+        series = dicom_identity("1.2.840.69", "CT", "7: CT", instance_uids=uids)
+        session = ReviewSession()
+        ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode1", voxels, series, "7: CT")
+        # what ADLDenoiseLogic.start_files_check answers when the files cannot be found: the reason, at once
+        assert session.identified(ticket, hashed(task), lambda: answer) == series == session.require_study()
+        line = session.describe_study(series)
+        assert line.startswith(series.describe()) and \
+            f"(not compared with its DICOM files: {answer.reason}; an edit made before" in line, line
+        # the voxels first seen are the reference: a later edit is told without the files
+        edited = voxels.copy()
+        edited[:, :2] = -1000.0
+        assert session.as_loaded(series, content_identity(edited, EYE)).kind == "content"
+
+
 def test_the_content_hash_of_a_copy_is_the_identity_the_volume_always_had():
     """Hashing a contiguous copy in one call gives the key the slice-by-slice hash gave (server ids derive from
     it: a study stored before must keep its id), for any dtype, byte order and memory layout."""

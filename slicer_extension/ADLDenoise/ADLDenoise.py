@@ -49,6 +49,7 @@ from ADLDenoiseLib.review_session import (
     send_verdict,
     snapshot_matches_files,
 )
+from ADLDenoiseLib.series_files import NoReference, find_series_files
 from ADLDenoiseLib.settings import (
     DEFAULT_SERVER_URL,
     MAX_RESTORATION_PX,
@@ -238,27 +239,29 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         return ended
 
     @staticmethod
-    def series_files_of(node, identity: StudyIdentity) -> list[str] | None:
+    def series_files_of(node, identity: StudyIdentity) -> list[str] | NoReference:
         """GUI thread: the files a DICOM volume was loaded from, found in Slicer's DICOM database by the SOP
-        Instance UIDs of its subject-hierarchy item; None when they cannot be (a 4D sequence frame, no open DICOM
-        database, an instance not in it)."""
+        Instance UIDs of its subject-hierarchy item; a ``NoReference`` saying why when they cannot be
+        (``find_series_files``: a 4D sequence frame, not loaded from DICOM files, no open DICOM database, an
+        instance not in it)."""
         from ADLDenoiseLib.mrml import dicom_instance_uids
 
         database = getattr(slicer, "dicomDatabase", None)
-        if identity.frame is not None or database is None or not database.isOpen:
-            return None
-        files = [database.fileForInstance(uid) for uid in dicom_instance_uids(node).split()]
-        return files if files and all(files) else None
+        lookup = database.fileForInstance if database is not None and database.isOpen else None
+        return find_series_files(dicom_instance_uids(node), lookup, identity.frame)
 
     def start_files_check(self, node_id: str, snapshot, content_key: str):
         """GUI thread (``ReviewSession.as_loaded``'s ``files_match``): compare the series' files with the copy of
         the voxels hashed (``snapshot``) in the background (``snapshot_matches_files``: pydicom and numpy, SimpleITK
         for JPEG Lossless);
-        FILES_PENDING, or None when the files cannot be found (the voxels seen now are the reference then)."""
+        FILES_PENDING, or a ``NoReference`` saying why the files cannot be found (the voxels seen now are the
+        reference then, and the status line says why: ``ReviewSession.describe_study``; None: the node is gone)."""
         node = slicer.mrmlScene.GetNodeByID(node_id)
         files = self.series_files_of(node, snapshot.series) if node is not None else None
-        if files is None:
-            return None
+        if not isinstance(files, list):
+            if files is not None:
+                logging.info("ADLDenoise: %s not compared with its DICOM files: %s", node_id, files.reason)
+            return files
         task = BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files),
                               name="ADLDenoise series files")
         self.files_checks[(snapshot.series, content_key)] = (task, node_id)
@@ -327,7 +330,9 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         if identity != self.session.study:
             return None
         # tagged as this study's result: never taken for a study itself, and may hold its marked regions
-        node = load_result(slicer.mrmlScene, loaded, original, RESULT_SUFFIX, study=identity.datastore_id())
+        # denoised from frames with wrong values (a rescale Slicer's reader ignored): the result says so too
+        node = load_result(slicer.mrmlScene, loaded, original, RESULT_SUFFIX, study=identity.datastore_id(),
+                           warning=self.session.result_warning(identity))
         node.SetAttribute("ADLDenoise.model", str(result.get("model")))
         node.SetAttribute("ADLDenoise.weightsVersion", str(result.get("weights_version")))
         width = applied_restoration(result)
@@ -994,10 +999,11 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             restored = describe_restoration(result)  # the width the server applied (learned models)
             # which modality was used and why (DICOM, the user's choice, the server's default or guess)
             used = describe_modality(result, identity.modality, modality, looks_ct)
-            self.ui.statusLabel.text = (f"denoised with {result.get('model')} ({used}; "
-                                        f"weights {result.get('weights_version')}) in {result.get('seconds')} s"
-                                        + (f"; {restored}" if restored else "")
-                                        + (f"; {frame}" if frame else ""))
+            line = (f"denoised with {result.get('model')} ({used}; weights {result.get('weights_version')}) in "
+                    f"{result.get('seconds')} s" + (f"; {restored}" if restored else "")
+                    + (f"; {frame}" if frame else ""))
+            # first of all the warning of a result denoised from wrong values (ReviewSession.describe_result)
+            self.ui.statusLabel.text = self.logic.session.describe_result(identity, line)
             self.onCompare()
             return node
 

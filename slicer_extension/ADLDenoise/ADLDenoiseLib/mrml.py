@@ -33,7 +33,7 @@ __all__ = ["export_volume", "load_result", "load_study", "same_grid", "differenc
            "blended_volume", "roi_mask", "roi_statistics_for_roi_node", "looks_like_ct", "segments_of",
            "segment_masks", "volume_grid",
            "check_segmentation_reference", "tag_derived", "derived_kind", "DERIVED_ATTRIBUTE", "STUDY_ATTRIBUTE",
-           "DERIVED_FROM_ROLE",
+           "DERIVED_FROM_ROLE", "WRONG_VALUES_ATTRIBUTE",
            "study_identity", "content_identity_of", "loaded_identity", "volume_snapshot", "volume_copy",
            "sequence_frame",
            "dicom_series_of", "dicom_instance_uids",
@@ -58,6 +58,10 @@ INPUT_CHANGE_EVENTS = (slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent, vtk.vtkC
 DERIVED_ATTRIBUTE = "ADLDenoise.derived"
 #: attribute of a result, and of the volumes made from it: the datastore id of the study (frame) it was made for
 STUDY_ATTRIBUTE = "ADLDenoise.study"
+#: attribute of a result denoised from wrong values, and of the volumes made from it: the warning saying which
+#: frames (``ReviewSession.result_warning``: frames whose own rescale Slicer's reader ignored); also the node's
+#: description, which the Data module shows
+WRONG_VALUES_ATTRIBUTE = "ADLDenoise.wrongValues"
 #: node reference role from a derived volume to its original. A reference, not an attribute holding the ID: the
 #: scene rewrites references when it renames IDs on import and drops them when the original is removed, whereas
 #: a stale ID in an attribute would point at whatever node gets that ID next (IDs restart after Close Scene)
@@ -154,12 +158,28 @@ def tag_derived(node, original, kind: str, source=None) -> None:
     """Mark ``node`` as made by this module from ``original`` (``kind``: "result", "corrected", "difference"),
     so that it is never taken for a study of its own (:func:`study_identity`) and may hold the original's marked
     regions (:func:`check_segmentation_reference`). The study it belongs to comes from ``source`` (the result it
-    was made from, which the module's logic tagged with :data:`STUDY_ATTRIBUTE`), when there is one."""
+    was made from, which the module's logic tagged with :data:`STUDY_ATTRIBUTE`), when there is one, and so does
+    the warning of a result denoised from wrong values (:data:`WRONG_VALUES_ATTRIBUTE`)."""
     node.SetAttribute(DERIVED_ATTRIBUTE, kind)
     node.SetNodeReferenceID(DERIVED_FROM_ROLE, original.GetID())
     study = source.GetAttribute(STUDY_ATTRIBUTE) if source is not None else None
     if study:
         node.SetAttribute(STUDY_ATTRIBUTE, study)
+    if source is not None:  # made from a result denoised from wrong values: as wrong (a blend node is reused)
+        _note_wrong_values(node, source.GetAttribute(WRONG_VALUES_ATTRIBUTE) or "")
+
+
+def _note_wrong_values(node, warning: str) -> None:
+    """``warning`` (:data:`WRONG_VALUES_ATTRIBUTE`) on ``node``: its attribute and its description; "" removes a
+    warning noted before (and the description only when it is that warning)."""
+    noted = node.GetAttribute(WRONG_VALUES_ATTRIBUTE)
+    if warning:
+        node.SetAttribute(WRONG_VALUES_ATTRIBUTE, warning)
+        node.SetDescription(warning)
+    elif noted:
+        node.RemoveAttribute(WRONG_VALUES_ATTRIBUTE)
+        if node.GetDescription() == noted:
+            node.SetDescription("")
 
 
 def derived_kind(node) -> str:
@@ -347,12 +367,15 @@ def match_orientation_and_link(reference_slice, other_slice, composites) -> None
         composite.SetHotLinkedControl(True)
 
 
-def load_result(scene, result, reference, suffix: str = " denoised", name: str | None = None, study: str = ""):
+def load_result(scene, result, reference, suffix: str = " denoised", name: str | None = None, study: str = "",
+                warning: str = ""):
     """GUI thread: a new scalar volume node named ``reference`` name + ``suffix`` holding the result read in the
     background (``result``: a :class:`volume_files.ResultRead`; no file is touched here). A path is read first,
     on the caller's thread (scripts, tests). The result must have been readable, then be on the reference's grid
     (RuntimeError otherwise, in that order, and nothing is added to the scene). The node is tagged as
-    ``reference``'s result (:func:`tag_derived`), for the study (frame) whose datastore id is ``study``. The array
+    ``reference``'s result (:func:`tag_derived`), for the study (frame) whose datastore id is ``study``; ``warning``
+    (``ReviewSession.result_warning``: denoised from wrong values) is noted on it (:data:`WRONG_VALUES_ATTRIBUTE`,
+    and its description), when given. The array
     read becomes the node's voxels (:func:`take_voxels`: held once, not copied; read-only in ``result`` from then
     on)."""
     from .volume_files import ResultRead, align_to_grid, read_result
@@ -375,6 +398,8 @@ def load_result(scene, result, reference, suffix: str = " denoised", name: str |
     tag_derived(node, reference, "result")
     if study:
         node.SetAttribute(STUDY_ATTRIBUTE, study)
+    if warning:
+        _note_wrong_values(node, warning)
     _add_display(node, _window_of(reference))  # the original's window, set before the voxels are seen
     adopt_parent_transform(node, reference)
     adopt_study_folder(node, reference)

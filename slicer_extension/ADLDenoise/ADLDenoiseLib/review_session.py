@@ -13,8 +13,9 @@ a filter writing into the same node) keeps its UIDs but no longer holds the seri
 denoised by the series' id), also when the edit was made before the module first saw the volume (its voxels are
 compared with the series' files on disk: :mod:`series_files`). That comparison also tells the frames of a
 multi-frame file whose own rescale Slicer's reader ignored (their values in the volume are wrong): the status line
-says so, and nothing is sent for the volume until the user confirms (:meth:`ReviewSession.require_study`,
-:class:`RescaleNotApplied`).
+says so, nothing is sent for the volume until the user confirms (:meth:`ReviewSession.require_study`,
+:class:`RescaleNotApplied`), and a result denoised from it carries the warning too
+(:meth:`ReviewSession.result_warning`, :meth:`ReviewSession.describe_result`).
 
 The content hash is computed in the background from a copy of the voxels (:class:`VolumeSnapshot`); until it is in
 the volume has no identity (:meth:`ReviewSession.identifying`, :meth:`ReviewSession.identified`), and an answer for
@@ -616,13 +617,36 @@ class ReviewSession:
         multi-frame files some of whose frames carry their own rescale that Slicer's reader ignored (it applies one
         rescale to all the frames of a file): then which frames, and that their values in the volume are wrong
         (in HU for CT: windows, lesion contrast and the CT model's HU range all see wrong values)."""
+        frames = self._ignored_frames(identity)
+        if not frames:
+            return ""
+        return (frames + ": their values in this volume are wrong; load the series with a reader that applies each "
+                "frame's rescale (or convert the file to single-frame images), or send it only knowing that those "
+                "frames are wrong")
+
+    def result_warning(self, identity: StudyIdentity | None) -> str:
+        """"" unless ``identity``'s voxels hold frames with wrong values (:meth:`rescale_warning`): then the warning
+        a result denoised from them carries (its status line: :meth:`describe_result`; a note on its node), since
+        the denoiser saw those wrong values and its result on those frames is as wrong."""
+        frames = self._ignored_frames(identity)
+        if not frames:
+            return ""
+        return (f"WARNING: denoised from wrong values: {frames}: their values in the volume sent were wrong, and so "
+                "are this result's on those frames; load the series with a reader that applies each frame's rescale "
+                "(or convert the file to single-frame images) and denoise it again")
+
+    def describe_result(self, identity: StudyIdentity, line: str) -> str:
+        """The status line of a result of ``identity`` (``line``: what the module says of it): first of all the
+        warning when it was denoised from wrong values (:meth:`result_warning`)."""
+        warning = self.result_warning(identity)
+        return f"{warning}. {line}" if warning else line
+
+    def _ignored_frames(self, identity: StudyIdentity | None) -> str:
+        """Which frames of ``identity``'s files (of the series a volume edited in place came from) carry their own
+        rescale that Slicer's reader ignored, in words; "" when none."""
         series = self.edited_from.get(identity, identity) if identity is not None else None
         ignored = self.rescales_ignored.get(series) if series is not None else None
-        if not ignored:
-            return ""
-        return ("; ".join(item.describe() for item in ignored) + ": their values in this volume are wrong; load the "
-                "series with a reader that applies each frame's rescale (or convert the file to single-frame "
-                "images), or send it only knowing that those frames are wrong")
+        return "; ".join(item.describe() for item in ignored) if ignored else ""
 
     def require_rescale_accepted(self, identity: StudyIdentity) -> StudyIdentity:
         """``identity``, unless some of its frames carry a rescale Slicer's reader ignored (:meth:`rescale_warning`)

@@ -8,7 +8,8 @@ here is the series' files on disk instead: the stored pixel values of every file
 rescale (slope, intercept), as a multiset (a count per stored value). Slicer's DICOM readers may reverse the slice
 order (a left-handed series) and order slices by position, so only the multiset, not the order, is compared; any
 edit that changes a voxel's value changes it. Slicer-free (pydicom, which Slicer ships, and numpy): the module
-finds the files in Slicer's DICOM database (the SOP Instance UIDs on the volume's subject-hierarchy item).
+finds the files in Slicer's DICOM database (the SOP Instance UIDs on the volume's subject-hierarchy item:
+:func:`find_series_files`, which says why when they cannot be found).
 Compressed pixel data pydicom has no decoder for (JPEG Lossless: Slicer's Python has neither pylibjpeg-libjpeg nor
 GDCM's Python wrapping) is decoded by SimpleITK's GDCM, which Slicer also ships.
 
@@ -27,7 +28,8 @@ and so what the reference reproduces:
   are loaded through the first frame's (their values in Slicer are off by the difference): the reference does the
   same, since it must be what the node holds, not what the frames mean. Those frames are named
   (:class:`IgnoredRescale`, in the ``ignored_rescales`` of what :func:`read_series_values` returns, from the headers
-  it reads anyway) so that the module warns that their values are wrong;
+  it reads anyway; those of every file, also after one that gives no reference) so that the module warns that their
+  values are wrong;
 - MONOCHROME1: GDCM inverts the stored values to MONOCHROME2 before the rescale (``gdcm::ImageCodec``'s
   DoInvertMonochrome: ``~v`` when signed, ``255 - v`` for 8 unsigned bits, ``2**BitsStored - 1 - v`` for 16, values
   above that clamped first); the reference inverts them the same way.
@@ -47,15 +49,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["IgnoredRescale", "NoReference", "RescaledValues", "SeriesValues", "read_series_values"]
+__all__ = ["IgnoredRescale", "NoReference", "RescaledValues", "SeriesValues", "find_series_files",
+           "read_series_values"]
 
 #: stored values are 8- or 16-bit, signed or not: -32768 .. 65535, counted at index value + _OFFSET
 _OFFSET = 32768
 _BINS = 65536 + _OFFSET
+#: values larger than this (pixel data) are not read when only a file's header is needed (pydicom's defer_size:
+#: read from the file only if accessed)
+_HEADER_ONLY = "64 KB"
 
 #: SOP classes whose rescale GDCM reads from the functional groups (gdcm::ImageHelper::GetRescaleInterceptSlopeValue)
 _FUNCTIONAL_GROUP_RESCALE = frozenset({
@@ -111,7 +117,8 @@ class IgnoredRescale:
 class NoReference:
     """The series' files cannot be read as Slicer's scalar volume reader reads them: ``reason`` says why, in words
     for the status line (the voxels first seen stay the reference). ``ignored_rescales``: see
-    :attr:`SeriesValues.ignored_rescales` (of the files read before the one that gave no reference)."""
+    :attr:`SeriesValues.ignored_rescales` (of all the files whose header can be read, also those after the one
+    that gave no reference)."""
 
     reason: str
     ignored_rescales: tuple[IgnoredRescale, ...] = ()
@@ -210,6 +217,32 @@ class RescaledValues:
         return bool(np.array_equal(counts, expected))
 
 
+def find_series_files(instance_uids: str | Sequence[str], file_for_instance: Callable[[str], str] | None,
+                      frame: int | None = None) -> list[str] | NoReference:
+    """The files a DICOM volume was loaded from: ``file_for_instance`` (Slicer's DICOM database's
+    ``fileForInstance``; None when no database is open) of each of its SOP Instance UIDs (``instance_uids``, as
+    its subject-hierarchy item holds them: space-separated). A :class:`NoReference` saying why when they cannot be
+    found, so that the status line says the volume was not compared with its files: ``frame`` (0-based) of a 4D
+    sequence (the series' files hold all its frames), no instance UIDs (the volume was not loaded from DICOM files,
+    e.g. a scene file or a volume a module made, which keep the series' UID), no open database, instances the
+    database does not hold."""
+    uids = instance_uids.split() if isinstance(instance_uids, str) else [str(uid) for uid in instance_uids]
+    if frame is not None:
+        return NoReference(f"it is frame {frame + 1} of a 4D sequence, whose DICOM files hold all its frames")
+    if not uids:
+        return NoReference("it was not loaded from DICOM files (its subject-hierarchy item names no DICOM "
+                           "instances: e.g. loaded from a scene file, or made by a module)")
+    if file_for_instance is None:
+        return NoReference("Slicer's DICOM database is not open, so its files cannot be found")
+    files = [file_for_instance(uid) or "" for uid in uids]
+    missing = sum(1 for path in files if not path)
+    if missing:
+        return NoReference(f"{missing} of its {len(files)} DICOM instances are not in Slicer's DICOM database (e.g. "
+                           "loaded from a scene file, or removed from the database since), so its files cannot be "
+                           "found")
+    return files
+
+
 def read_series_values(paths: Sequence[str | os.PathLike]) -> SeriesValues | RescaledValues | NoReference:
     """The values of the DICOM files ``paths`` (one volume's files; a multi-frame file holds all its frames) as
     Slicer's scalar volume reader gives them: a :class:`SeriesValues` when the files share one rescale, a
@@ -223,7 +256,10 @@ def read_series_values(paths: Sequence[str | os.PathLike]) -> SeriesValues | Res
 
 def _read_series_values(paths: Sequence[str | os.PathLike],
                         ignored: list[IgnoredRescale]) -> SeriesValues | RescaledValues | NoReference:
-    """:func:`read_series_values`, the frames with an ignored rescale appended to ``ignored`` file by file."""
+    """:func:`read_series_values`, the frames with an ignored rescale appended to ``ignored`` file by file. Once a
+    file gives no reference (missing, unreadable, refused, undecodable here) the answer is that file's
+    :class:`NoReference`, but the headers of the files after it are still read (their pixel data neither read nor
+    decoded), so that the frames named do not depend on the files' order."""
     import pydicom  # shipped with Slicer; imported here so that the rest of the library does not need it
 
     # per file: its rescale, and the stored values it holds with their counts (only those present: a series of
@@ -231,29 +267,23 @@ def _read_series_values(paths: Sequence[str | os.PathLike],
     files: list[tuple[float, float, np.ndarray, np.ndarray]] = []
     if not paths:
         return NoReference("no files")
+    untold: NoReference | None = None  # the first file that gave no reference
     for path in paths:
         name = os.path.basename(os.fspath(path))
-        try:
-            dataset = pydicom.dcmread(os.fspath(path))
+        try:  # after a file without reference only its header is needed: large values (pixel data) are skipped
+            dataset = pydicom.dcmread(os.fspath(path), defer_size=None if untold is None else _HEADER_ONLY)
         except Exception as error:  # noqa: BLE001 - missing or not DICOM: no reference, not an error
-            return NoReference(f"its file {name} cannot be read ({type(error).__name__})")
-        try:
-            refused, rescale = _not_as_slicer_reads(dataset), _gdcm_rescale(dataset)
-        except (TypeError, ValueError, AttributeError, IndexError) as error:  # malformed image attributes
-            return NoReference(f"the image attributes of {name} cannot be read ({type(error).__name__})")
-        if refused:
-            return NoReference(refused)
-        if rescale is None:
-            return NoReference(f"{name} has an incomplete Pixel Value Transformation (rescale)")
-        slope, intercept = rescale
-        if slope == 0 or not np.isfinite(slope) or not np.isfinite(intercept):
-            return NoReference(f"{name} has a rescale slope of 0 or a rescale that is not a finite number")
-        try:
-            frames = _ignored_rescale(dataset, name, rescale)
-        except (TypeError, ValueError, AttributeError, IndexError) as error:  # a malformed per-frame group
-            return NoReference(f"the functional groups of {name} cannot be read ({type(error).__name__})")
+            if untold is None:
+                untold = NoReference(f"its file {name} cannot be read ({type(error).__name__})")
+            continue
+        refused, rescale, frames = _header_of(dataset, name)
         if frames is not None:  # told even when the pixel data cannot be decoded here: Slicer's GDCM may
             ignored.append(frames)
+        if untold is None and refused:
+            untold = NoReference(refused)
+        if untold is not None:
+            continue
+        slope, intercept = rescale
         try:
             pixels = _stored_values(dataset, os.fspath(path), slope, intercept)
         except Exception:  # noqa: BLE001 - undecodable here: no reference, not an error
@@ -261,10 +291,13 @@ def _read_series_values(paths: Sequence[str | os.PathLike],
         if pixels is None or pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2:
             syntax = dataset.file_meta.get("TransferSyntaxUID", "")
             syntax = getattr(syntax, "name", "") or str(syntax) or "unknown transfer syntax"
-            return NoReference(f"the pixel data of {name} ({syntax}) cannot be decoded here as Slicer decodes it")
+            untold = NoReference(f"the pixel data of {name} ({syntax}) cannot be decoded here as Slicer decodes it")
+            continue
         histogram = np.bincount((pixels.astype(np.int64) + _OFFSET).ravel(), minlength=_BINS)
         present = np.flatnonzero(histogram)
         files.append((slope, intercept, present - _OFFSET, histogram[present]))
+    if untold is not None:
+        return untold
     voxels = int(sum(int(counts.sum()) for *_, counts in files))
     rescales = {(slope, intercept) for slope, intercept, *_ in files}
     if len(rescales) == 1:
@@ -283,6 +316,29 @@ def _read_series_values(paths: Sequence[str | os.PathLike],
     largest = np.zeros(distinct.size)
     np.maximum.at(largest, index, magnitudes)
     return RescaledValues(voxels, distinct, summed, largest)
+
+
+def _header_of(dataset, name: str) -> tuple[str, tuple[float, float] | None, IgnoredRescale | None]:
+    """From the header of one file (``dataset``, named ``name``): why Slicer's scalar volume reader cannot have made
+    the volume of it, as the series' files are compared ("" when it can), the rescale it applies to all its frames
+    (:func:`_gdcm_rescale`; None when there is a reason) and the frames whose own rescale it ignored
+    (:func:`_ignored_rescale`; None when none, or when the file is refused before its rescale is known)."""
+    try:
+        refused, rescale = _not_as_slicer_reads(dataset), _gdcm_rescale(dataset)
+    except (TypeError, ValueError, AttributeError, IndexError) as error:  # malformed image attributes
+        return f"the image attributes of {name} cannot be read ({type(error).__name__})", None, None
+    if refused:
+        return refused, None, None
+    if rescale is None:
+        return f"{name} has an incomplete Pixel Value Transformation (rescale)", None, None
+    slope, intercept = rescale
+    if slope == 0 or not np.isfinite(slope) or not np.isfinite(intercept):
+        return f"{name} has a rescale slope of 0 or a rescale that is not a finite number", None, None
+    try:
+        frames = _ignored_rescale(dataset, name, rescale)
+    except (TypeError, ValueError, AttributeError, IndexError) as error:  # a malformed per-frame group
+        return f"the functional groups of {name} cannot be read ({type(error).__name__})", None, None
+    return "", rescale, frames
 
 
 def _not_as_slicer_reads(dataset) -> str:

@@ -8,13 +8,13 @@ file, neither copies nor hashes its voxels: its identity, hashed in the backgrou
 unreadable one fails with a clear message), the arrays read or computed in the background becoming their nodes'
 voxels without a copy, the difference computed beside a running request, the volumes made from arrays written by
 Slicer's Save through its default storage node, refusal of a result on another grid, difference (computed from
-copies) and blended (updated in place) volumes, ROI statistics inside a markups ROI (rotated, the volume under a
-transform), the module's own volumes tagged and refused as a study, a segmentation of another study refused as
-marked regions; the study identity from the subject hierarchy (SeriesInstanceUID, Modality) or the content,
-scalar-only volumes, the parent transform and the study (subject-hierarchy parent) of results, the frame of a 4D
-sequence, Yellow taking Red's orientation before the views are linked, and Close Scene making the review session
-forget. Needs neither a server nor pynrrd. Run inside Slicer with ``slicer_add_python_unittest`` or outside it with
-``python -m pytest`` in a venv that has slicer-core.
+copies) and blended (updated in place) volumes, a result denoised from wrong values noted as such (and the volumes
+made from it), ROI statistics inside a markups ROI (rotated, the volume under a transform), the module's own volumes
+tagged and refused as a study, a segmentation of another study refused as marked regions; the study identity from
+the subject hierarchy (SeriesInstanceUID, Modality) or the content, scalar-only volumes, the parent transform and the
+study (subject-hierarchy parent) of results, the frame of a 4D sequence, Yellow taking Red's orientation before the
+views are linked, and Close Scene making the review session forget. Needs neither a server nor pynrrd. Run inside
+Slicer with ``slicer_add_python_unittest`` or outside it with ``python -m pytest`` in a venv that has slicer-core.
 """
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene mad
     DERIVED_FROM_ROLE,
     INPUT_CHANGE_EVENTS,
     STUDY_ATTRIBUTE,
+    WRONG_VALUES_ATTRIBUTE,
     adopt_parent_transform,
     adopt_study_folder,
     blended_volume,
@@ -107,7 +108,8 @@ from ADLDenoiseLib.mrml import (  # noqa: E402  (slicer.util needs the scene mad
 )
 from ADLDenoiseLib.regions import RegionsError  # noqa: E402
 from ADLDenoiseLib.background import BackgroundTask  # noqa: E402
-from ADLDenoiseLib.review_session import ReviewSession, VolumeChanged, WorkflowError  # noqa: E402
+from ADLDenoiseLib.review_session import FilesCheck, ReviewSession, VolumeChanged, WorkflowError  # noqa: E402
+from ADLDenoiseLib.series_files import IgnoredRescale  # noqa: E402
 from ADLDenoiseLib.volume_files import VolumeArray as volume_files_array  # noqa: E402
 from ADLDenoiseLib.volume_files import (  # noqa: E402
     VolumeExport,
@@ -862,6 +864,46 @@ class MRMLLogicTest(unittest.TestCase):
         self.assertIsNone(result.GetNodeReference(DERIVED_FROM_ROLE))
         with self.assertRaisesRegex(WorkflowError, "select the original$"):
             study_identity(result)
+
+    def test_a_result_denoised_from_wrong_values_notes_it_and_so_do_the_volumes_made_from_it(self):
+        """A DICOM volume whose files' frames carry their own rescale that Slicer's reader ignored (the session
+        knows them from the files check) holds wrong values, and so does its result: ADLDenoiseLogic.load_result
+        hands the session's result_warning to load_result, which notes it on the node (WRONG_VALUES_ATTRIBUTE and
+        the description, which the Data module shows); the corrected and difference volumes made from it carry
+        it too. A result without the warning notes nothing, and the correction node blended again from it loses
+        the note (a description of the user's own is kept)."""
+        node = as_dicom_series(oblique_ct_node("5: Enhanced CT"), "1.2.840.99.9", "CT", "1.2.840.99.9.1")
+        session = ReviewSession(self.work / "tmp")
+        frames = IgnoredRescale("enhanced.dcm", (3, 4), 6, (1.0, -1024.0), ((2.0, -1024.0),))
+        identity = session.as_loaded(study_identity(node), content_identity_of(node),
+                                     lambda: FilesCheck(True, "", (frames,)))
+        self.assertEqual(identity.kind, "dicom")
+        warning = session.result_warning(identity)
+        self.assertTrue(warning.startswith("WARNING: denoised from wrong values: frames 3-4 of enhanced.dcm"))
+        path = export_volume(node, self.work / "in.nrrd")
+        result = load_result(slicer.mrmlScene, path, node, study=identity.datastore_id(), warning=warning)
+        corrected = blended_volume(slicer.mrmlScene, node, result, 0.5)
+        made = (result, corrected, difference_volume(slicer.mrmlScene, node, result))
+        for volume in made:
+            self.assertEqual(volume.GetAttribute(WRONG_VALUES_ATTRIBUTE), warning)
+            self.assertEqual(volume.GetDescription(), warning)
+        self.assertIsNone(node.GetAttribute(WRONG_VALUES_ATTRIBUTE))  # the original is noted by the status line
+        # a result of a volume without wrong values: nothing noted; the correction node reused loses the note
+        plain = oblique_ct_node("plain")
+        self.assertEqual(session.result_warning(study_identity(plain)), "")
+        clean = load_result(slicer.mrmlScene, path, node, study=identity.datastore_id(),
+                            warning=session.result_warning(study_identity(plain)))
+        self.assertIsNone(clean.GetAttribute(WRONG_VALUES_ATTRIBUTE))
+        self.assertFalse(clean.GetDescription())
+        blended_volume(slicer.mrmlScene, node, clean, 0.7, node=corrected)
+        self.assertIsNone(corrected.GetAttribute(WRONG_VALUES_ATTRIBUTE))
+        self.assertFalse(corrected.GetDescription())
+        blended_volume(slicer.mrmlScene, node, result, 0.7, node=corrected)  # from the wrong result again
+        self.assertEqual(corrected.GetAttribute(WRONG_VALUES_ATTRIBUTE), warning)
+        corrected.SetDescription("checked by Dr A")
+        blended_volume(slicer.mrmlScene, node, clean, 0.6, node=corrected)
+        self.assertIsNone(corrected.GetAttribute(WRONG_VALUES_ATTRIBUTE))
+        self.assertEqual(corrected.GetDescription(), "checked by Dr A")
 
     def test_a_segmentation_drawn_on_another_study_is_refused_as_marked_regions(self):
         """The export resamples any segmentation onto the original's grid: only one drawn on the original, on a
