@@ -663,7 +663,8 @@ def test_a_dicom_volume_with_frames_whose_rescale_slicer_ignored_is_sent_only_on
         session.require_rescale_accepted(series)
 
 
-def test_a_result_denoised_from_frames_with_wrong_values_carries_the_warning_on_its_status_line(tmp_path):
+def test_a_result_denoised_from_frames_with_wrong_values_carries_the_warning_and_is_never_sent_as_a_correction(
+        tmp_path):
     """A result computed from a volume whose frames hold wrong values (their own rescale ignored by Slicer's reader)
     is as wrong on those frames: once the user confirmed sending it, the result's status line starts with the
     warning (ReviewSession.describe_result) and result_warning gives the note its node carries (mrml.load_result,
@@ -683,8 +684,10 @@ def test_a_result_denoised_from_frames_with_wrong_values_carries_the_warning_on_
         assert session.identified(ticket, hashed(task), lambda: FILES_PENDING) == series
         assert check.wait(120) == "done", check.error
         assert session.files_read(series, snapshot.content().key, check.result) == series
-        if files is right:  # nothing to warn of: the result's line is the module's
+        if files is right:  # nothing to warn of: the result's line is the module's; a correction goes as before
             assert session.result_warning(series) == "" and session.describe_result(series, line) == line
+            assert session.result_arrived(session.require_study(), "vtkMRMLScalarVolumeNode2", "adl") is not None
+            assert session.correction_to_submit(series) is None  # no blend yet: the caller blends now
             continue
         session.accept_ignored_rescale(session.require_identified())
         assert session.result_arrived(session.require_study(), "vtkMRMLScalarVolumeNode2", "adl") is not None
@@ -693,6 +696,9 @@ def test_a_result_denoised_from_frames_with_wrong_values_carries_the_warning_on_
                                   "their own rescale (slope 2, intercept -1024) that Slicer's reader ignored")
         assert "this result's on those frames" in warning and "denoise it again" in warning
         assert session.describe_result(series, line) == f"{warning}. {line}"
+        # a correction of it is never sent, confirmed or not: fine-tuning would learn the wrong values
+        with pytest.raises(WorkflowError, match="a correction of this volume is not sent: frames 3-4 of enhanced.dcm"):
+            session.correction_to_submit(series)
         # edited in place: a new study of the same wrong values, its result warned of too
         edited_voxels = as_slicer_loads.copy()
         edited_voxels[:, :4] = -1000.0

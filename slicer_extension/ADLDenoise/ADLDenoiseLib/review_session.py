@@ -794,8 +794,15 @@ class ReviewSession:
 
     def correction_to_submit(self, identity: StudyIdentity | None = None) -> BlendRecord | None:
         """The blend to submit for the selected study, or None (no blend made: the caller blends now at the
-        slider's strength). Refuses a blend of another study or of an older result."""
+        slider's strength). Refuses a blend of another study or of an older result, and any correction of a
+        volume whose frames hold wrong values (a rescale Slicer's reader ignored, :meth:`rescale_warning`), also
+        once the user confirmed sending it: fine-tuning would learn those wrong values as a clinician's target."""
         study = self.require_study()
+        frames = self._ignored_frames(study)
+        if frames:
+            raise WorkflowError(f"a correction of this volume is not sent: {frames}; fine-tuning must not learn from "
+                                "wrong values. Load the series with a reader that applies each frame's rescale (or "
+                                "convert the file to single-frame images), denoise it again, then correct it")
         if identity is not None and identity != study:
             raise WorkflowError(f"the volume changed: {identity.describe()} is not the selected "
                                 f"{study.describe()}; select it again")
