@@ -1164,6 +1164,9 @@ def test_a_volume_with_frames_whose_rescale_slicer_ignored_is_warned_of_and_sent
     for name in ("onDenoise", "onVerdict", "onSubmitCorrection"):
         body = ast.unparse(functions[f"ADLDenoiseWidget.{name}"])
         assert "self.selected()" in body and body.index("self.selected()") < body.index("self.run("), name
+    # a correction of such a volume is refused whatever the answer: refused before the question is asked
+    submit = ast.unparse(functions["ADLDenoiseWidget.onSubmitCorrection"])
+    assert submit.index("self.logic.session.require_correctable()") < submit.index("self.selected()")
     error = ast.unparse(functions["ADLDenoiseWidget.error"])
     assert "declined = isinstance(message, NotConfirmed)" in error
     assert error.index("self.ui.statusLabel.text = message") < error.index("if not declined:") < \

@@ -687,6 +687,7 @@ def test_a_result_denoised_from_frames_with_wrong_values_carries_the_warning_and
         if files is right:  # nothing to warn of: the result's line is the module's; a correction goes as before
             assert session.result_warning(series) == "" and session.describe_result(series, line) == line
             assert session.result_arrived(session.require_study(), "vtkMRMLScalarVolumeNode2", "adl") is not None
+            assert session.require_correctable() == series
             assert session.correction_to_submit(series) is None  # no blend yet: the caller blends now
             continue
         session.accept_ignored_rescale(session.require_identified())
@@ -697,8 +698,9 @@ def test_a_result_denoised_from_frames_with_wrong_values_carries_the_warning_and
         assert "this result's on those frames" in warning and "denoise it again" in warning
         assert session.describe_result(series, line) == f"{warning}. {line}"
         # a correction of it is never sent, confirmed or not: fine-tuning would learn the wrong values
-        with pytest.raises(WorkflowError, match="a correction of this volume is not sent: frames 3-4 of enhanced.dcm"):
-            session.correction_to_submit(series)
+        for refuse in (session.require_correctable, lambda: session.correction_to_submit(series)):
+            with pytest.raises(WorkflowError, match="a correction of this volume is not sent: frames 3-4 of enhanced"):
+                refuse()
         # edited in place: a new study of the same wrong values, its result warned of too
         edited_voxels = as_slicer_loads.copy()
         edited_voxels[:, :4] = -1000.0

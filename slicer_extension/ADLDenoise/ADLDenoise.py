@@ -1209,6 +1209,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             reviewer = self.logic.session.reviewer_name(self.ui.reviewerEdit.text)  # optional when signed in
             self.blend_timer.stop()
+            self.logic.session.require_correctable()  # refused before selected() would ask to confirm sending it
             original, identity = self.selected()  # re-identified: a changed volume or frame drops the blend
             original, result = self.original_and_result()
             if result is None:

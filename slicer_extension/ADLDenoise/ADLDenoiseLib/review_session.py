@@ -792,17 +792,25 @@ class ReviewSession:
         self.blend = BlendRecord(record.identity, record.serial, strength, node_id)
         return self.blend
 
+    def require_correctable(self, identity: StudyIdentity | None = None) -> StudyIdentity | None:
+        """``identity`` (default: the selected study), unless frames of its files hold wrong values (a rescale
+        Slicer's reader ignored, :meth:`rescale_warning`): a correction of it is refused then, also once the user
+        confirmed sending the volume. Asked before anything else of a correction, so the user is not asked to
+        confirm sending a volume whose correction is refused anyway."""
+        identity = identity if identity is not None else self.study
+        frames = self._ignored_frames(identity)
+        if frames:
+            raise WorkflowError(f"a correction of this volume is not sent: {frames}; fine-tuning must not learn from "
+                                "wrong values. Load the series with a reader that applies each frame's rescale (or "
+                                "convert the file to single-frame images), denoise it again, then correct it")
+        return identity
+
     def correction_to_submit(self, identity: StudyIdentity | None = None) -> BlendRecord | None:
         """The blend to submit for the selected study, or None (no blend made: the caller blends now at the
         slider's strength). Refuses a blend of another study or of an older result, and any correction of a
         volume whose frames hold wrong values (a rescale Slicer's reader ignored, :meth:`rescale_warning`), also
         once the user confirmed sending it: fine-tuning would learn those wrong values as a clinician's target."""
-        study = self.require_study()
-        frames = self._ignored_frames(study)
-        if frames:
-            raise WorkflowError(f"a correction of this volume is not sent: {frames}; fine-tuning must not learn from "
-                                "wrong values. Load the series with a reader that applies each frame's rescale (or "
-                                "convert the file to single-frame images), denoise it again, then correct it")
+        study = self.require_correctable(self.require_study())
         if identity is not None and identity != study:
             raise WorkflowError(f"the volume changed: {identity.describe()} is not the selected "
                                 f"{study.describe()}; select it again")
