@@ -1270,6 +1270,73 @@ def test_downloads_of_patient_data_are_access_entries_and_refused_when_they_cann
 
 @pytest.mark.server
 @pytest.mark.slow
+def test_info_reads_and_the_whole_listing_are_access_entries_and_refused_when_they_cannot_be_written(folders):
+    """A study's info, a label's info and the whole datastore listing (``output=all``: every study's and label's
+    info; on a PACS MONAI Label keeps each series' PatientID, StudyInstanceUID and StudyDate there) are one access
+    entry per request (``image_info_read``, ``label_info_read``, ``datastore_listed`` naming the listing), written
+    before the answer; an id that is not there (``{}``), the counts (``stats``) and the training list write none,
+    nor does the review trail (verdicts and hashes). With the log unwritable (a folder where the file is) each
+    recorded read is refused, 503 "the audit log could not be written", no info sent; the unrecorded listings still
+    answer."""
+    from mlserver import stop_server
+
+    study = folders["studies"] / "ct_slab_b.nii.gz"
+    correction = folders["root"] / "ct_slab_b_final.nii.gz"
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(study)), sitk.sitkFloat32), str(correction))
+    server = _start(folders, 1)
+    try:
+        url = server.url
+        with open(correction, "rb") as handle:
+            saved = requests.put(f"{url}/datastore/label", params={"image": "ct_slab_b", "tag": "final"},
+                                 files={"label": ("ct_slab_b.nii.gz", handle)}, data={"params": "{}"}, timeout=120)
+        assert saved.status_code == 200, saved.text
+        recorded = {  # event: (route, query, a key of the answer)
+            "image_info_read": ("/datastore/image/info", {"image": "ct_slab_b"}, "name"),
+            "label_info_read": ("/datastore/label/info", {"label": "ct_slab_b", "tag": "final"}, "sha256"),
+            "datastore_listed": ("/datastore/", {"output": "all"}, "objects"),
+        }
+        unrecorded = [("/datastore/image/info", {"image": "no_such"}), ("/datastore/label/info",
+                      {"label": "ct_slab_c", "tag": "final"}), ("/datastore/", {}), ("/datastore/", {"output": "stats"}),
+                      ("/datastore/", {"output": "train"})]
+        trail = [("/review/", {}), ("/review/ct_slab_b", {})]  # read from the log itself: not while it is a folder
+        audit = AuditLog(folders["audit"])
+        before = len(audit.entries())
+        for route, query, key in recorded.values():
+            answer = requests.get(url + route, params=query, timeout=120)
+            assert answer.status_code == 200 and key in answer.json(), (route, answer.status_code, answer.text[:200])
+        for route, query in unrecorded + trail:
+            assert requests.get(url + route, params=query, timeout=120).status_code == 200, route
+        assert len(audit.entries()) == before + len(recorded)
+
+        audit_file = folders["audit"] / "audit.jsonl"
+        kept = audit_file.read_bytes()
+        audit_file.unlink()
+        audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
+        for route, query, key in recorded.values():
+            refused = requests.get(url + route, params=query, timeout=120)
+            assert refused.status_code == 503, (route, refused.status_code, refused.text[:200])
+            detail = refused.json()["detail"]
+            assert list(refused.json()) == ["detail"] and "not sent: the audit log could not be written" in detail
+            assert str(folders["root"]) not in detail, detail
+        for route, query in unrecorded:
+            assert requests.get(url + route, params=query, timeout=120).status_code == 200, route
+        audit_file.rmdir()
+        audit_file.write_bytes(kept)
+    finally:
+        stop_server(server)
+    audit = AuditLog(folders["audit"])
+    assert audit.verify().ok and audit.path.read_bytes() == kept  # nothing written while it was not
+    for event, (route, query, _) in recorded.items():
+        (entry,) = _events(audit, event)
+        assert entry["user"] is None and entry["client"] == "127.0.0.1" and entry["route"] == f"GET {route}", entry
+    assert _events(audit, "image_info_read")[0]["image"] == "ct_slab_b"
+    assert (_events(audit, "label_info_read")[0]["image"], _events(audit, "label_info_read")[0]["tag"]) == (
+        "ct_slab_b", "final")
+    assert _events(audit, "datastore_listed")[0]["output"] == "all"
+
+
+@pytest.mark.server
+@pytest.mark.slow
 def test_with_authentication_on_entries_name_the_tokens_user(folders):
     """Auth on (a realm on loopback, tests/realm.py): the result's and the verdict's user is the token's user,
     whatever name the body gives."""

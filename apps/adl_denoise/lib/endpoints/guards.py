@@ -42,11 +42,13 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   and is not attempted for a PACS series not in the server's local cache (:func:`lib.audit.recording.handing_out`):
   every hand-out left two info-update entries, and on such a series a pending entry and a failed one. A hand-out
   whose entry cannot be written is refused (503: access to patient data is never given unrecorded), no note kept.
-* ``GET /datastore/image``, ``GET /datastore/label``, ``GET /datastore/dataset``, ``GET /session/{id}?image=true``
-  and the PACS proxy's reads: who read which patient's data is an audit entry (``image_downloaded``,
-  ``label_downloaded``, ``dataset_downloaded``, ``session_image_downloaded``, ``dicomweb_read``) written before the
-  answer is sent, through :func:`.review.recorded_access`: a read whose entry cannot be written is refused (503),
-  nothing sent. The proxy, asked once per DICOM instance, frame and metadata file by a viewer, records one entry per
+* ``GET /datastore/image``, ``GET /datastore/label``, ``GET /datastore/dataset``, ``GET /session/{id}?image=true``,
+  the image and label info (``GET /datastore/image/info``, ``/datastore/label/info``), the whole datastore listing
+  (``GET /datastore/?output=all``) and the PACS proxy's reads: who read which patient's data is an audit entry
+  (``image_downloaded``, ``label_downloaded``, ``dataset_downloaded``, ``session_image_downloaded``,
+  ``image_info_read``, ``label_info_read``, ``datastore_listed``, ``dicomweb_read``) written before the answer is
+  sent, through :func:`.review.recorded_access`: a read whose entry cannot be written is refused (503), nothing
+  sent. The proxy, asked once per DICOM instance, frame and metadata file by a viewer, records one entry per
   reader (user and client) and study / series (or search) per server process (:func:`proxy_read_key`).
 * ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``, ``GET /datastore/?output=train``: below
   admin (with authentication on), the answer names none of the server's folders and files (the audit log's
@@ -284,6 +286,12 @@ LABEL_DOWNLOADED = "label_downloaded"
 DATASET_DOWNLOADED = "dataset_downloaded"
 SESSION_IMAGE_DOWNLOADED = "session_image_downloaded"
 DICOMWEB_READ = "dicomweb_read"
+#: reads of a study's or a label's stored info, and of the datastore listing that holds every study's info: on a
+#: PACS MONAI Label keeps each series' PatientID, StudyInstanceUID and StudyDate there, and clients may store any
+#: keys with PUT .../info
+IMAGE_INFO_READ = "image_info_read"
+LABEL_INFO_READ = "label_info_read"
+DATASTORE_LISTED = "datastore_listed"
 
 
 def _recorded_read(event: str, fields: dict, refused: str) -> Optional[dict]:
@@ -706,7 +714,10 @@ def served_model_info(model: str, modality: Optional[str] = None, user: User = D
 @router.get("/datastore/", include_in_schema=False)
 def guarded_datastore(request: Request, output: Optional[str] = None, user: User = Depends(RBAC(_USER))):
     """MONAI Label's datastore listing; below admin, its training list (``output=train``: each corrected image's and
-    label's absolute file path on the server) names the files by their last part."""
+    label's absolute file path on the server) names the files by their last part. The whole datastore
+    (``output=all``: every study's and label's info) is one ``datastore_listed`` entry written before it is sent
+    (503, nothing sent, when it cannot be written); the counts (``stats``, the default) and the training list
+    (ids and file names) hold no info and write none."""
     from monailabel.endpoints.datastore import ResultType, datastore
 
     try:
@@ -715,6 +726,8 @@ def guarded_datastore(request: Request, output: Optional[str] = None, user: User
         kinds = ", ".join(t.value for t in ResultType)
         raise HTTPException(status_code=422, detail=f"output must be one of {kinds}, got {output!r}") from None
     answer = datastore(kind)
+    if kind == ResultType.all:  # every study's and label's info (patient identity on a PACS): on record first
+        _recorded_read(DATASTORE_LISTED, {"output": kind.value}, "the datastore listing was not sent")
     return for_caller(request, answer) if kind == ResultType.train else answer
 
 
@@ -798,10 +811,16 @@ def guarded_download_image(image: str, user: User = Depends(RBAC(_USER))):
 
 @router.get("/datastore/image/info", include_in_schema=False)
 def guarded_get_image_info(image: str, user: User = Depends(RBAC(_USER))):
+    """MONAI Label's image info without ``path``; one ``image_info_read`` entry per request that finds the study,
+    written before the answer (503, nothing sent, when it cannot be written). An id that is not there answers
+    ``{}``: nothing read, nothing recorded."""
     from monailabel.endpoints.datastore import get_image_info
 
     check_name(image, "image")
-    return _without_path(get_image_info(image))
+    answer = _without_path(get_image_info(image))
+    if answer:
+        _recorded_read(IMAGE_INFO_READ, {"image": image}, "the image's info was not sent")
+    return answer
 
 
 def _without_path(answer: Any) -> Any:
@@ -1082,11 +1101,16 @@ def guarded_download_dataset(limit_cases: Optional[int] = None, user: User = Dep
 
 @router.get("/datastore/label/info", include_in_schema=False)
 def guarded_get_label_info(label: str, tag: str, user: User = Depends(RBAC(_USER))):
+    """MONAI Label's label info; one ``label_info_read`` entry per request that finds the label, written before the
+    answer (503, nothing sent, when it cannot be written); none for a label that is not there (``{}``)."""
     from monailabel.endpoints.datastore import get_label_info
 
     check_name(label, "label")
     check_name(tag, "tag")
-    return get_label_info(label, tag)
+    answer = get_label_info(label, tag)
+    if answer:
+        _recorded_read(LABEL_INFO_READ, {"image": label, "tag": tag}, "the label's info was not sent")
+    return answer
 
 
 @router.put("/datastore/label/info", include_in_schema=False)
