@@ -1125,18 +1125,23 @@ def test_a_series_redone_twice_reports_both_superseded_derived_series(tmp_path, 
         stop_orthanc(pacs)
 
 
-def _orthanc_holding_a_superseded_search(tmp_path: Path):
+#: the URI (a Lua pattern) of a series-level search within a study: what a superseded derived series is asked with
+#: (the series list is ``/series``)
+SUPERSEDED_SEARCH = "^/dicom%-web/studies/[^/]+/series$"
+
+
+def _orthanc_holding_a_superseded_search(tmp_path: Path, hold: str = SUPERSEDED_SEARCH):
     """Orthanc (QIDO-RS searches logged, :data:`orthanc.QIDO_LOG`) whose Lua IncomingHttpRequestFilter, while
-    ``armed`` exists, holds the first series-level search within a study that arrives (what a superseded derived series
-    is asked with; the series list is ``/series``): it writes ``held`` and never answers. The test kills Orthanc
-    meanwhile: the PACS goes down after the batch listed the series and before any superseded series is answered
+    ``armed`` exists, holds the first GET whose URI matches ``hold`` (a Lua pattern; by default the first superseded
+    series' search, :data:`SUPERSEDED_SEARCH`): it writes ``held`` and never answers. The test kills Orthanc
+    meanwhile: the PACS goes down after the batch listed the series and before that request is answered
     (deterministic, no timing guess). Started again (the same storage, another port) with the same call. Returns
     (pacs, armed, held)."""
     armed, held = tmp_path / "armed", tmp_path / "held"
     script = tmp_path / "hold_superseded_search.lua"
     script.write_text(f"""
 function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
-  if method == "GET" and string.match(uri, "^/dicom%-web/studies/[^/]+/series$") then
+  if method == "GET" and string.match(uri, "{hold}") then
     local arm = io.open("{armed}", "r")
     if arm ~= nil then
       io.close(arm)
@@ -1154,6 +1159,27 @@ end
     return pacs, armed, held
 
 
+def _rerun_while_the_pacs_dies(tmp_path: Path, pacs, armed: Path, held: Path, out: Path) -> tuple[int, str]:
+    """A rerun into ``out`` with --store-to-pacs on ``pacs`` (:func:`_orthanc_holding_a_superseded_search`, armed
+    here), Orthanc killed (its process group) once it holds the request: the PACS gone with that request
+    unanswered. The client's retries are short (``ADL_DICOMWEB_RETRY_WAIT_S``: 0.75 s of waits a request). Returns
+    the run's exit status and its output."""
+    armed.write_text("")
+    log_path = tmp_path / "unreachable.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", ADL_DICOMWEB_RETRY_WAIT_S="0.05")
+    process = processes.start(batch_command(pacs.dicomweb, out, "--store-to-pacs", "--no-progress"), log_path, env=env)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not held.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held.exists(), log_path.read_text()
+        processes.kill_group(pacs.process)
+        process.wait(TIMEOUT)
+    finally:
+        processes.stop(process)
+    return process.returncode, log_path.read_text()
+
+
 def test_a_pacs_that_cannot_be_reached_is_not_asked_of_every_superseded_series(tmp_path, shared_data):
     """Every rerun asks the PACS of each superseded derived series recorded (QIDO-RS). With the PACS down, each search
     failed only after the client's retries (half a minute by default), one after the other, each with its warning,
@@ -1167,21 +1193,7 @@ def test_a_pacs_that_cannot_be_reached_is_not_asked_of_every_superseded_series(t
         out, first_uid, second_uid, twice = _superseded_twice(pacs, shared_data, tmp_path)
         assert len(_superseded_report(twice)) == 2, twice.stdout + twice.stderr
 
-        armed.write_text("")
-        log_path = tmp_path / "unreachable.log"
-        env = dict(os.environ, OMP_NUM_THREADS="1", ADL_DICOMWEB_RETRY_WAIT_S="0.05")  # 0.75 s of waits a request
-        process = processes.start(batch_command(pacs.dicomweb, out, "--store-to-pacs", "--no-progress"), log_path,
-                                  env=env)
-        try:
-            deadline = time.monotonic() + TIMEOUT
-            while not held.exists() and process.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert held.exists(), log_path.read_text()
-            processes.kill_group(pacs.process)  # the PACS gone with the first superseded series' search unanswered
-            process.wait(TIMEOUT)
-        finally:
-            processes.stop(process)
-        log = log_path.read_text()
+        returncode, log = _rerun_while_the_pacs_dies(tmp_path, pacs, armed, held, out)
         # asked of one superseded series (the one failed search), not of each
         failed = [line for line in log.splitlines() if "whether it holds the derived series" in line]
         assert len(failed) == 1 and "are not asked in this run" in failed[0], log
@@ -1190,7 +1202,7 @@ def test_a_pacs_that_cannot_be_reached_is_not_asked_of_every_superseded_series(t
         assert len(report) == 2 and all("may still hold (PACS unreachable)" in line for line in report), log
         assert all(sum(uid in line for line in report) == 1 for uid in (first_uid, second_uid)), report
         # the series itself fails (the server cannot be reached); its record keeps both, neither gone
-        assert process.returncode == 1 and "0 done, 0 skipped, 1 failed" in log, log
+        assert returncode == 1 and "0 done, 0 skipped, 1 failed" in log, log
         entries = _records(out)[-1]["superseded_on_server"]
         assert {e["series_instance_uid"] for e in entries} == {first_uid, second_uid}
         assert not any("gone" in e or "pacs_unreachable" in e for e in entries), entries
@@ -1204,5 +1216,36 @@ def test_a_pacs_that_cannot_be_reached_is_not_asked_of_every_superseded_series(t
             again.stdout
         searches = qido_searches(pacs)
         assert _searches_naming(first_uid, searches) == 1 and _searches_naming(second_uid, searches) == 1, searches
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_pacs_found_unreachable_by_a_series_is_not_asked_of_the_superseded_series_after_it(tmp_path, shared_data):
+    """Not only a superseded-series check turns the others off: a series that fails because the PACS cannot be
+    reached does too, for the rest of the run. Here the series redone twice (two superseded derived series recorded)
+    comes second in the run; the first, a new series of study 1.1.1, has its first request held by Orthanc's Lua
+    filter while Orthanc is killed (its process group): that series fails for want of the server, and the second
+    series' superseded derived series are not asked (no search fails; one warning says they are not asked), both
+    reported "may still hold (PACS unreachable)", neither recorded gone. They were asked, each search failing after
+    the client's retries."""
+    pacs, armed, held = _orthanc_holding_a_superseded_search(tmp_path, hold="^/dicom%-web/studies/1%.1%.1/")
+    try:
+        out, first_uid, second_uid, twice = _superseded_twice(pacs, shared_data, tmp_path)
+        assert len(_superseded_report(twice)) == 2, twice.stdout + twice.stderr
+        # a series before it in the run (keys are sorted: "dicomweb:1.1.1/..." first)
+        make_series(shared_data, tmp_path / "first", range(3, 6), "abdomen low dose", "1.1.1", "20200116")
+        pacs.upload_folder(tmp_path / "first")
+
+        returncode, log = _rerun_while_the_pacs_dies(tmp_path, pacs, armed, held, out)
+        assert returncode == 1 and "2 series: 0 done, 0 skipped, 2 failed" in log, log
+        assert [line for line in log.splitlines() if "whether it holds the derived series" in line] == [], log
+        notice = [line for line in log.splitlines() if "are not asked in this run" in line]
+        assert len(notice) == 1 and "cannot be reached" in notice[0], log
+        report = [line for line in log.splitlines() if line.startswith("superseded on the PACS:")]
+        assert len(report) == 2 and all("may still hold (PACS unreachable)" in line for line in report), log
+        assert all(sum(uid in line for line in report) == 1 for uid in (first_uid, second_uid)), report
+        entries = [r for r in _records(out) if r.get("superseded_on_server")][-1]["superseded_on_server"]
+        assert {e["series_instance_uid"] for e in entries} == {first_uid, second_uid}
+        assert not any("gone" in e or "pacs_unreachable" in e for e in entries), entries
     finally:
         stop_orthanc(pacs)

@@ -16,8 +16,8 @@ is another job), and so is a DICOMweb series whose instances the server replaced
 the record of the redone series says why (``redone``) and names an earlier derived series of it that the server still
 lists (``superseded_derived_series``, :meth:`_Rank._superseded`: reported at the end, never deleted). Every later
 run asks the server again for each superseded derived series its records name (``superseded_on_server``, a chain of
-redos whole: one QIDO-RS search per such series and run, none for one found gone, none after one found the server
-unreachable), and reports it "still there" until the server lists it no more (:meth:`_Rank._recheck_superseded`).
+redos whole: one QIDO-RS search per such series and run, none for one found gone, none once any request of the
+run found the server unreachable), and reports it "still there" until the server lists it no more (:meth:`_Rank._recheck_superseded`).
 A file is read for these checks only when its stat key (path, size, modification and change times, inode) differs
 from the recorded one, so that a rerun of an untouched archive reads none of it (and hashes no input file either,
 which it did before; the header of a NRRD or MetaImage input is read to find its data files); one found unchanged
@@ -253,6 +253,11 @@ def _unreachable(error: BaseException) -> bool:
     return False
 
 
+#: what a run does of the superseded derived series once the server was found unreachable (:meth:`_Rank._instances_on_server`)
+_NOT_ASKED = ("superseded derived series recorded are not asked in this run, each reported as one the server may "
+              "still hold (PACS unreachable)")
+
+
 def superseded_sentence(key: str, entry: dict) -> str:
     """What the run says of the derived series ``entry`` (:meth:`_Rank._superseded`) that series ``key``'s redo
     superseded on the server: the same sentence in the warning when it is found and in the end-of-run report. An
@@ -380,7 +385,8 @@ class _Rank:
         self.scratch = Path(settings.output) / ".denoise_batch_download" / f"rank-{rank:05d}"
         self.last_error = ""
         self.last_unreachable = False  # the last failure: the server could not be reached
-        # a superseded-series check found the server unreachable: no other is asked in this run (_instances_on_server)
+        # a request of this run found the server unreachable (_note_unreachable): no superseded-series check asks it
+        # after that (_instances_on_server)
         self.pacs_unreachable = False
         self.last_superseded: list[dict] = []  # the last series' superseded derived series still on the server
         self._identity: tuple[str, dict] | None = None  # (series key, its _series_identity): asked once a series
@@ -479,7 +485,7 @@ class _Rank:
             else:
                 source = self._input_digest(item)
         except OSError as error:  # (requests' errors are OSErrors)
-            self.last_unreachable = _unreachable(error)
+            self.last_unreachable = self._note_unreachable(error)
             return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
         self.manifest.append({**base, "status": "started"})
         self.ours.add(base["output"])
@@ -497,11 +503,11 @@ class _Rank:
             if "output_sha256" not in extra and item.output.exists():  # resumed or only stored: as it is now
                 extra.update(_output_size(item.output))
         except _StoreFailed as error:
-            self.last_unreachable = _unreachable(error)
+            self.last_unreachable = self._note_unreachable(error)
             return self._failed(base, identity, started, str(error), {**error.extra, "stage": "store"})
         except Exception as error:  # noqa: BLE001 - one bad series is recorded, never stops the batch
             log.debug("series %s failed", item.key, exc_info=True)
-            self.last_unreachable = _unreachable(error)
+            self.last_unreachable = self._note_unreachable(error)
             # a refused download's reason whole: a 64-character UID and a folder took most of one_line's 300
             limit = 1000 if isinstance(error, dicomweb.DownloadRefused) else 300
             return self._failed(base, identity, started, one_line(error, limit) or type(error).__name__)
@@ -569,7 +575,7 @@ class _Rank:
                                                                                            recheck.refresh)
             except OSError as error:  # (a DICOMweb server that cannot be reached too: requests' errors are OSErrors)
                 recheck.unreadable = f"cannot read {item.source}: {one_line(error)}"
-                self.last_unreachable = _unreachable(error)
+                self.last_unreachable = self._note_unreachable(error)
                 return recheck
             if not recheck.stale:
                 recheck.holds = True
@@ -745,7 +751,8 @@ class _Rank:
             return False
         try:
             found = dicomweb.instances_on_server(self.client, str(study), str(stored["series_instance_uid"]))
-        except dicomweb.PacsStoreError:
+        except dicomweb.PacsStoreError as error:
+            self._note_unreachable(error)
             return False  # asked again, and the failure recorded, on the way to storing it
         return found >= int(stored.get("instances") or 1)
 
@@ -765,7 +772,8 @@ class _Rank:
             return None
         try:
             now = self._series_identity(item).get("input_patient_sha256")
-        except OSError:  # asked again, and a failure recorded, before the download
+        except OSError as error:  # asked again, and a failure recorded, before the download
+            self._note_unreachable(error)
             now = None
         before = record.get("input_patient_sha256")
         other_patient = bool(before and now and before != now)
@@ -782,20 +790,31 @@ class _Rank:
     def _instances_on_server(self, key: str, study_uid: str, series_uid: str) -> int | None:
         """How many instances of the derived series ``series_uid`` the server lists
         (:func:`.dicomweb.instances_on_server`); None, with a warning naming the series ``key``, when it cannot be
-        asked (the series is then reported, for the administrator to check). Once one such check found the server
-        unreachable (:func:`_unreachable`: refused, timed out, after the client's retries), None at once for every
-        other one of this run (``pacs_unreachable``): each would spend the client's retries to fail the same way.
-        One warning says so; a rerun asks again."""
+        asked (the series is then reported, for the administrator to check). Once any request of this run found the
+        server unreachable (:meth:`_note_unreachable`: this check, a series' download, search or store; refused, timed
+        out, after the client's retries), None at once for every other one (``pacs_unreachable``): each would spend
+        the client's retries to fail the same way. One warning says so; a rerun asks again."""
         if self.pacs_unreachable:
             return None
         try:
             return dicomweb.instances_on_server(self.client, study_uid, series_uid)
         except dicomweb.PacsStoreError as error:
-            self.pacs_unreachable = _unreachable(error)
-            log.warning("%s: %s%s", key, error, "; the server cannot be reached: the other superseded derived series "
-                        "recorded are not asked in this run, each reported as one the server may still hold (PACS "
-                        "unreachable)" if self.pacs_unreachable else "")
+            unreachable = self._note_unreachable(error, said=True)
+            log.warning("%s: %s%s", key, error, f"; the server cannot be reached: the other {_NOT_ASKED}"
+                        if unreachable else "")
             return None
+
+    def _note_unreachable(self, error: BaseException, said: bool = False) -> bool:
+        """Whether ``error`` is a failure to reach the server (:func:`_unreachable`); the first of the run turns the
+        superseded-series checks off for the rest of it (``pacs_unreachable``, :meth:`_instances_on_server`), with
+        one warning saying so (``said``: the caller's own warning says it)."""
+        unreachable = _unreachable(error)
+        if unreachable and not self.pacs_unreachable:
+            self.pacs_unreachable = True
+            if not said:
+                log.warning("%s cannot be reached (%s): the %s", getattr(self.client, "base_url", "the server"),
+                            one_line(error), _NOT_ASKED)
+        return unreachable
 
     def _as_reported(self, entry: dict) -> dict:
         """``entry`` (:meth:`_superseded`) as the run reports it: with ``pacs_unreachable`` when the server could not
