@@ -141,22 +141,33 @@ def _derived(pacs) -> dict[str, int]:
             if "[denoised" in s["MainDicomTags"].get("SeriesDescription", "")}
 
 
+def _stored_in_part(tmp_path: Path, shared_data: Path, slices: range, description: str):
+    """A real series of ``slices`` described ``description`` on an Orthanc that drops slice 3 of derived series
+    (:func:`_orthanc_dropping_derived_slice_3`, its flag set), denoised with --store-to-pacs into
+    ``tmp_path / "out"``: the server keeps the derived series without its slice 3. Returns (pacs, flag, the output
+    folder, the run's result); the caller stops the pacs."""
+    from pydicom.uid import generate_uid
+
+    pacs, flag = _orthanc_dropping_derived_slice_3(tmp_path)
+    try:
+        make_series(shared_data, tmp_path / "wanted", slices, description, generate_uid(), "20200115")
+        pacs.upload_folder(tmp_path / "wanted")
+        flag.write_text("")
+        out = tmp_path / "out"
+        return pacs, flag, out, run_batch(pacs.dicomweb, out, "--store-to-pacs")
+    except BaseException:
+        stop_orthanc(pacs)
+        raise
+
+
 def test_a_series_the_server_stored_in_part_is_failed_and_completed_by_the_rerun(tmp_path, shared_data):
     """Orthanc 1.10 answers a STOW-RS with every instance listed as stored even when its ReceivedInstanceFilter
     (here a Lua script, while a flag file exists) dropped one: the batch asks the server what it holds, so the
     derived series short of a slice is a failed series naming the missing instance, not "done". The rerun sends the
     same derived series again (same UIDs): the server then holds one whole derived series, not a partial one beside
     a second whole one."""
-    from pydicom.uid import generate_uid
-
-    pacs, flag = _orthanc_dropping_derived_slice_3(tmp_path)
+    pacs, flag, out, result = _stored_in_part(tmp_path, shared_data, range(0, 4), "Abdomen LOW DOSE")
     try:
-        make_series(shared_data, tmp_path / "wanted", range(0, 4), "Abdomen LOW DOSE", generate_uid(), "20200115")
-        pacs.upload_folder(tmp_path / "wanted")
-        flag.write_text("")
-        out = tmp_path / "out"
-
-        result = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert result.returncode == 1 and "1 failed" in result.stdout, result.stdout + result.stderr
         assert "answered that it stored all 4 instances but lists 3 of them" in result.stdout, result.stdout
         assert list(_derived(pacs).values()) == [3]
@@ -347,15 +358,8 @@ def test_a_partial_derived_series_whose_files_are_gone_is_not_stored_again_besid
     import shutil
     import urllib.request as request
 
-    from pydicom.uid import generate_uid
-
-    pacs, flag = _orthanc_dropping_derived_slice_3(tmp_path)
+    pacs, flag, out, first = _stored_in_part(tmp_path, shared_data, range(0, 3), "abdomen low dose")
     try:
-        make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
-        pacs.upload_folder(tmp_path / "wanted")
-        flag.write_text("")
-        out = tmp_path / "out"
-        first = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         assert first.returncode == 1 and "lists 2 of them" in first.stdout, first.stdout + first.stderr
         partial = _derived(pacs)
         assert sorted(partial.values()) == [2]
