@@ -1297,9 +1297,9 @@ def test_info_reads_and_the_whole_listing_are_access_entries_and_refused_when_th
             "label_info_read": ("/datastore/label/info", {"label": "ct_slab_b", "tag": "final"}, "sha256"),
             "datastore_listed": ("/datastore/", {"output": "all"}, "objects"),
         }
-        unrecorded = [("/datastore/image/info", {"image": "no_such"}), ("/datastore/label/info",
-                      {"label": "ct_slab_c", "tag": "final"}), ("/datastore/", {}), ("/datastore/", {"output": "stats"}),
-                      ("/datastore/", {"output": "train"})]
+        unrecorded = [("/datastore/image/info", {"image": "no_such"}),
+                      ("/datastore/label/info", {"label": "ct_slab_c", "tag": "final"}),
+                      ("/datastore/", {}), ("/datastore/", {"output": "stats"}), ("/datastore/", {"output": "train"})]
         trail = [("/review/", {}), ("/review/ct_slab_b", {})]  # read from the log itself: not while it is a folder
         audit = AuditLog(folders["audit"])
         before = len(audit.entries())

@@ -17,7 +17,8 @@ the record of the redone series says why (``redone``) and names an earlier deriv
 lists (``superseded_derived_series``, :meth:`_Rank._superseded`: reported at the end, never deleted). Every later
 run asks the server again for each superseded derived series its records name (``superseded_on_server``, a chain of
 redos whole: one QIDO-RS search per such series and run, none for one found gone, none once any request of the
-run found the server unreachable), and reports it "still there" until the server lists it no more (:meth:`_Rank._recheck_superseded`).
+run found the server unreachable), and reports it "still there" until the server lists it no more
+(:meth:`_Rank._recheck_superseded`).
 A file is read for these checks only when its stat key (path, size, modification and change times, inode) differs
 from the recorded one, so that a rerun of an untouched archive reads none of it (and hashes no input file either,
 which it did before; the header of a NRRD or MetaImage input is read to find its data files); one found unchanged
@@ -253,7 +254,8 @@ def _unreachable(error: BaseException) -> bool:
     return False
 
 
-#: what a run does of the superseded derived series once the server was found unreachable (:meth:`_Rank._instances_on_server`)
+#: what a run does of the superseded derived series once the server was found unreachable
+#: (:meth:`_Rank._instances_on_server`)
 _NOT_ASKED = ("superseded derived series recorded are not asked in this run, each reported as one the server may "
               "still hold (PACS unreachable)")
 
