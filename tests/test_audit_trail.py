@@ -943,13 +943,18 @@ def test_a_fine_tune_reads_the_corrections_at_the_servers_conf_limit_above_the_e
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_a_read_over_the_voxel_limit_that_no_route_answers_is_a_413_with_the_readers_message(tmp_path, tiny_weights):
+@pytest.mark.parametrize("modality_known", [False, True], ids=["modality-read", "modality-in-info"])
+def test_a_read_over_the_voxel_limit_that_no_route_answers_is_a_413_with_the_readers_message(tmp_path, tiny_weights,
+                                                                                            modality_known):
     """An image over the voxel limit met by a read that its route does not answer itself is a 413 with the reader's
     message (what, how large, the limit, how to raise it; no server path), by the app's one handler (which answers
     a PACS store's refusal too): it was a bare 500. Here, on a real server: two CT slabs (262,144 voxels) corrected
     under ``--conf max_voxels 300000``, the server restarted with 250,000; the train request reads a correction's
-    study for its modality: 413 naming the study, and the server answers on."""
-    from mlserver import copy_weights, start_server, stop_server
+    study for its modality: 413 naming the study, and the server answers on. With the studies' modality already in
+    their info (the review queue read it under 300,000), nothing was read for it: the request was accepted and its
+    run failed on the oversized study; each correction pair is now checked from its headers (image and label)
+    before a run is launched: the same 413, no run."""
+    from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
 
     studies = tmp_path / "studies"
     images = _slabs_between(studies)
@@ -957,9 +962,13 @@ def test_a_read_over_the_voxel_limit_that_no_route_answers_is_a_413_with_the_rea
     server = start_server(studies, model, tmp_path / "work1",
                           conf={"audit_dir": tmp_path / "audit_log", "max_voxels": 300_000})
     try:
+        if modality_known:  # the review queue reads each study's modality once and keeps it in its info
+            assert queue_hand_outs(server.url, "ct") == images
         for image in images:
             saved = _put_label(server.url, image, "final", write_full_dose(tmp_path / f"{image}_final.nii.gz", image))
             assert saved.status_code == 200, saved.text
+            info = requests.get(f"{server.url}/datastore/image/info", params={"image": image}, timeout=60).json()
+            assert info.get("modality") == ("CT" if modality_known else None), info
     finally:
         stop_server(server)
     server = start_server(studies, model, tmp_path / "work2",
@@ -967,11 +976,12 @@ def test_a_read_over_the_voxel_limit_that_no_route_answers_is_a_413_with_the_rea
     try:
         refused = requests.post(f"{server.url}/train/adl", json={"steps": 2, "patch_size": 32, "device": "cpu"},
                                 timeout=600)
-        assert refused.status_code == 413, (refused.status_code, refused.text)
+        assert refused.status_code == 413, (refused.status_code, refused.text, _wait_for_training(server.url))
         detail = refused.json()["detail"]
-        assert detail.startswith("ct_slab_b.nii.gz is too large: 256 x 256 x 4 = 262,144 voxels exceeds the limit "
-                                 "of 250,000") and "--conf max_voxels" in detail, detail
-        assert requests.get(f"{server.url}/info/", timeout=60).status_code == 200
+        assert detail.startswith("study ct_slab_b: ct_slab_b.nii.gz is too large: 256 x 256 x 4 = 262,144 voxels "
+                                 "exceeds the limit of 250,000") and "--conf max_voxels" in detail, detail
+        assert requests.get(f"{server.url}/info/", timeout=60).json()["train_stats"]["adl"]["status"] == \
+            "never trained"
     finally:
         stop_server(server)
 

@@ -1207,6 +1207,32 @@ def test_the_size_refusal_comes_before_the_pixel_data_is_looked_at(tmp_path):
         read_volume(tmp_path / "series")
 
 
+def test_the_header_only_size_check_refuses_what_the_reader_refuses_as_too_large(tmp_path):
+    """:func:`lib.imaging.io.check_voxels` (a fine-tune request's check of its correction pairs) refuses an image
+    over the limit with the reader's own error, from headers alone: a multi-frame DICOM file, a folder's series of
+    slices and a NIfTI file, each with its voxel data cut away after the header. Within the limit it gives their
+    sizes and reads nothing more (the cut data is not noticed)."""
+    from lib.imaging.io import check_voxels
+
+    frames = _cut_after_pixel_header(_multiframe(tmp_path / "frames.dcm", 8), keep=100)
+    series = _make_series(tmp_path / "series", n=3)
+    for slice_path in series["paths"]:
+        _cut_after_pixel_header(slice_path, keep=64)
+    nifti = tmp_path / "volume.nii"
+    sitk.WriteImage(sitk.Image(64, 64, 20, sitk.sitkInt16), str(nifti))
+    nifti.write_bytes(nifti.read_bytes()[:2000])
+    for path, shape, limit in ((frames, (8, 128, 128), 100_000), (tmp_path / "series", (3, 128, 128), 40_000),
+                               (nifti, (64, 64, 20), 80_000)):
+        with pytest.raises(ImageTooLargeError) as read:
+            read_volume(path, max_voxels=limit)
+        with pytest.raises(ImageTooLargeError) as checked:
+            check_voxels(path, max_voxels=limit)
+        assert str(checked.value) == str(read.value) and checked.value.shape == read.value.shape, (path, checked)
+        assert check_voxels(path, max_voxels=1_000_000) == shape
+    with pytest.raises(ImageReadError, match="no such"):
+        check_voxels(tmp_path / "missing.nii.gz")
+
+
 @pytest.mark.parametrize("case,words", [
     ("cut", r"is truncated or corrupt: its header declares 4 x 128 x 128 voxels \(131,072 bytes of pixel data at "
             r"16 bits\), but the file holds 111,072 bytes \(a cut copy, or NumberOfFrames / Rows / Columns are "

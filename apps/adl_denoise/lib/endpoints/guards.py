@@ -19,7 +19,8 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   info gets the server's correction stamp (:func:`lib.trainers.correction_stamp`: who saved it, when, the file's
   SHA-256), overriding any client keys of the same names, and the label-info routes refuse those keys: only
   corrections saved here are training data.
-* ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing); one run
+* ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing; 413 for
+  a correction or its study over the voxel limit, from their headers, naming the study); one run
   at a time (429, a ``run_sync`` run included); the request an audit entry naming who asked; a ``run_sync`` run
   trains in MONAI Label's training subprocess (not in the server process), the request waiting for it, so that
   ``DELETE /train/`` can stop it (then 409). ``POST /train/`` (MONAI Label's run-all, none of those checks): 422

@@ -30,8 +30,8 @@ from .errors import ImageReadError, UnreadableDicomError, one_line
 from .guards import check_plausible, check_size, check_values
 from .volume import Volume, fill_padding, integral_dtype_for
 
-__all__ = ["has_dicom_magic", "is_dicom_file", "list_dicom_series", "probe_dicom_header", "read_dicom_file",
-           "read_dicom_folder"]
+__all__ = ["declared_shape", "has_dicom_magic", "is_dicom_file", "list_dicom_series", "probe_dicom_header",
+           "read_dicom_file", "read_dicom_folder"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -555,7 +555,7 @@ def _dcmread_header(path: Path) -> tuple[FileDataset, tuple[int, int] | _Fragmen
     return header, (length, max(0, os.path.getsize(path) - value_start))
 
 
-def _declared_shape(ds: Dataset, path: Path) -> tuple[int, ...]:
+def declared_shape(ds: Dataset, path: Path) -> tuple[int, ...]:
     """(frames, rows, columns), with the samples per pixel last when more than 1, from a header. A NumberOfFrames
     of 0 or empty is one frame, as pydicom decodes it."""
     text = str_or_empty(ds.get("NumberOfFrames"))
@@ -661,11 +661,11 @@ def read_dicom_file(
         )
     # colour first: refused whatever its size, it was refused as too large when only its 3 samples took it over
     _check_samples(header, path)
-    shape = _declared_shape(header, path)
+    shape = declared_shape(header, path)
     check_size(shape, path, limit)
     _check_pixel_bytes(header, path, shape, element)
     ds = _dcmread_full(path)
-    if not _is_image_header(ds) or _declared_shape(ds, path) != shape:
+    if not _is_image_header(ds) or declared_shape(ds, path) != shape:
         raise ImageReadError(f"{path} changed while it was being read (its header no longer declares {shape}); "
                              "read it again once it is complete")
     _check_pixel_format(ds, path)
@@ -952,7 +952,7 @@ def read_dicom_folder(
     if len(sizes) > 1:
         shown = "; ".join(f"{rows} x {columns} in {name}" for (rows, columns), name in list(sizes.items())[:4])
         raise ImageReadError(f"{where}: slices have different sizes (rows x columns: {shown}); not one volume")
-    check_size((len(paths), *_declared_shape(headers[0], paths[0])[1:]), folder, limit)  # samples as a file's
+    check_size((len(paths), *declared_shape(headers[0], paths[0])[1:]), folder, limit)  # samples as a file's
 
     positions, orientations, spacings, tilts = [], [], [], []
     for path, header in zip(paths, headers):
@@ -976,7 +976,7 @@ def read_dicom_folder(
     for k in geom.order:
         # the pixel data element from the file, before it is read: pydicom drops compressed pixel data cut short
         header, element = _dcmread_header(paths[k])
-        _check_pixel_bytes(header, paths[k], _declared_shape(header, paths[k]), element)
+        _check_pixel_bytes(header, paths[k], declared_shape(header, paths[k]), element)
         ds = _dcmread_full(paths[k])
         _check_pixel_format(ds, paths[k])
         stored = _decode_pixels(ds, paths[k])

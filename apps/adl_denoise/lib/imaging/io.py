@@ -37,7 +37,8 @@ import SimpleITK as sitk
 from ..runtime.atomic import fsync_path
 from . import guards
 from .dicom_geometry import slice_as_3d_geometry
-from .dicom_read import is_dicom_file, list_dicom_series, probe_dicom_header, read_dicom_file, read_dicom_folder
+from .dicom_read import (declared_shape, is_dicom_file, list_dicom_series, probe_dicom_header, read_dicom_file,
+                         read_dicom_folder)
 from .dicom_write import write_dicom_derived_series
 from .errors import ImageReadError, ImageWriteError, one_line
 from .guards import (check_finite, check_gzip_stream, check_not_input, check_plausible, check_size, check_stored_size,
@@ -45,8 +46,8 @@ from .guards import (check_finite, check_gzip_stream, check_not_input, check_pla
 from .volume import (ImageGrid, Volume, fill_padding, guess_modality, integral_dtype_for, normalise_modality,
                      values_for_output)
 
-__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "check_image_file", "header_modality", "nifti_grid_problem", "read_grid",
-           "read_volume", "write_volume"]
+__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "check_image_file", "check_voxels", "header_modality",
+           "nifti_grid_problem", "read_grid", "read_volume", "write_volume"]
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -226,6 +227,19 @@ def _bytes_per_voxel(reader: sitk.ImageFileReader) -> int:
 def _header_checks(path: Path, limit: int) -> sitk.ImageFileReader:
     """Read ``path``'s header only and refuse, before any voxel is read: more than ``limit`` voxels, more voxel
     data declared than the file holds, a cut or corrupt gzip stream of a NIfTI file."""
+    reader = _sized_header(path, limit)
+    per_voxel = _bytes_per_voxel(reader)
+    check_stored_size(path, reader.GetSize(), per_voxel)
+    if _suffix(path) == ".nii.gz":
+        # the stream is verified before ITK reads it: ITK's NIfTI reader turns a cut stream into zero slices
+        declared = int(np.prod([int(v) for v in reader.GetSize()], dtype=np.float64)) * per_voxel
+        check_gzip_stream(path, declared, nifti=True)
+    return reader
+
+
+def _sized_header(path: Path, limit: int) -> sitk.ImageFileReader:
+    """Read ``path``'s header only and refuse an unreadable one, vectors and time series, more than ``limit``
+    voxels (the first of :func:`_header_checks`)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -242,12 +256,6 @@ def _header_checks(path: Path, limit: int) -> sitk.ImageFileReader:
                              "component(s) per voxel (vectors, RGB or a time series of volumes): only scalar 2D or 3D "
                              "images are denoised; save one scalar volume")
     check_size(reader.GetSize(), path, limit)
-    per_voxel = _bytes_per_voxel(reader)
-    check_stored_size(path, reader.GetSize(), per_voxel)
-    if _suffix(path) == ".nii.gz":
-        # the stream is verified before ITK reads it: ITK's NIfTI reader turns a cut stream into zero slices
-        declared = int(np.prod([int(v) for v in reader.GetSize()], dtype=np.float64)) * per_voxel
-        check_gzip_stream(path, declared, nifti=True)
     return reader
 
 
@@ -266,6 +274,46 @@ def check_image_file(path: str | Path, max_voxels: int | None = None) -> tuple[i
         raise ImageReadError(f"{p}: no such file")
     limit = guards.max_voxels() if max_voxels is None else int(max_voxels)
     return tuple(int(v) for v in _header_checks(p, limit).GetSize())
+
+
+def check_voxels(path: str | Path, max_voxels: int | None = None) -> tuple[int, ...]:
+    """Refuse, from headers alone (no voxel or pixel data read, no gzip stream verified), an image that
+    :func:`read_volume` would refuse as over ``max_voxels`` (None: :func:`~lib.imaging.guards.max_voxels`). Returns
+    its size as the header gives it: (x, y[, z]) of an image file (NIfTI, NRRD, MetaImage), (frames, rows,
+    columns[, samples]) of a DICOM file, (slices, rows, columns) of a folder's DICOM series (each series of the
+    folder checked). Memory: O(headers).
+
+    Raises:
+        lib.imaging.errors.ImageTooLargeError: over the limit (the reader's message);
+        ImageReadError: the headers cannot be read (missing, not an image, corrupt).
+    """
+    p = Path(path).expanduser()
+    limit = guards.max_voxels() if max_voxels is None else int(max_voxels)
+    if not p.exists():
+        raise ImageReadError(f"{p}: no such file or folder")
+    if p.is_dir():
+        shape: tuple[int, ...] = ()
+        for series in list_dicom_series(p):
+            header = _dicom_header(Path(series["files"][0]))
+            shape = declared_shape(header, Path(series["files"][0]))
+            if len(series["files"]) > 1:  # one frame a file: counted as read_dicom_folder counts it
+                shape = (len(series["files"]), *shape[1:])
+            check_size(shape, p, limit)
+        return shape
+    if p.is_file() and _suffix(p) in READ_SUFFIXES:
+        return tuple(int(v) for v in _sized_header(p, limit).GetSize())
+    header = _dicom_header(p)
+    shape = declared_shape(header, p)
+    check_size(shape, p, limit)
+    return shape
+
+
+def _dicom_header(path: Path):
+    """``path``'s DICOM header without pixel data (:func:`probe_dicom_header`); ImageReadError when it has none."""
+    header, problem = probe_dicom_header(path)
+    if header is None or "Rows" not in header or "Columns" not in header:
+        raise ImageReadError(f"{path} {problem or 'is not a DICOM image file'}")
+    return header
 
 
 def read_grid(path: str | Path, max_voxels: int | None = None) -> ImageGrid:

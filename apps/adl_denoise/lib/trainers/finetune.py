@@ -78,7 +78,9 @@ from ..engines.gated_fine_tuning import (
 )
 from ..engines.reference_set import build_reference_set, reference_check
 from ..evaluation.restoration_width import spread_slices
-from ..imaging import read_volume
+from ..imaging import ImageReadError, read_volume
+from ..imaging.errors import ImageTooLargeError
+from ..imaging.io import check_voxels
 from ..noise_learning.adaptation import AdaptSettings, held_out_low_dose_check
 from ..noise_learning.workflow import adaptation_data
 from ..predict import check_device_name
@@ -157,7 +159,14 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
     is a clinician's correction (:func:`is_clinician_correction`); ``regions`` is the path of its region map
     (label tag ``regions``) or None, and ``regions_info`` that label's info (the ``params`` it was saved with:
     ``{"regions": [...]}``). The ids of ``final`` labels that are not corrections are appended to ``skipped``.
-    ``max_voxels``: the voxel limit of an image read for its modality (None: :func:`lib.imaging.max_voxels`)."""
+    ``max_voxels``: the voxel limit of an image read for its modality, and of each pair's image and label, checked
+    from their headers (:func:`lib.imaging.io.check_voxels`; None: :func:`lib.imaging.max_voxels`).
+
+    Raises:
+        lib.imaging.errors.ImageTooLargeError: a pair's image or label is over the limit (the reader's message,
+            after the study it belongs to): a request is refused before a run is launched, also where the study's
+            modality comes from its info and nothing else is read here.
+    """
     pairs = []
     for image_id in sorted(datastore.get_labeled_images()):
         image = datastore.get_image_uri(image_id)
@@ -166,13 +175,28 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
             if skipped is not None:
                 skipped.append(image_id)
             continue
-        volume_modality = image_modality(datastore, image_id, image, max_voxels=max_voxels)
+        try:
+            volume_modality = image_modality(datastore, image_id, image, max_voxels=max_voxels)
+        except ImageTooLargeError as error:
+            raise _of_study(error, f"study {image_id}") from None
         if modality and volume_modality != modality.upper():
             continue
+        for path, what in ((image, f"study {image_id}"), (label, f"the correction of study {image_id}")):
+            try:
+                check_voxels(path, max_voxels)
+            except ImageTooLargeError as error:
+                raise _of_study(error, what) from None
+            except ImageReadError:
+                pass  # a file that cannot be read: the run's reader says why (the size is what is checked here)
         regions, info = _regions_of_correction(datastore, image_id)
         pairs.append({"id": image_id, "image": image, "label": label, "modality": volume_modality,
                       "regions": regions or None, "regions_info": info})
     return pairs
+
+
+def _of_study(error: ImageTooLargeError, what: str) -> ImageTooLargeError:
+    """``error`` with ``what`` (the study, or its correction) before the reader's message."""
+    return ImageTooLargeError(f"{what}: {error}", error.shape, error.voxels, error.limit)
 
 
 def _regions_of_correction(datastore: Datastore, image_id: str) -> tuple[str | None, dict | None]:
