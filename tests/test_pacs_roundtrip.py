@@ -932,20 +932,26 @@ def test_a_series_that_does_not_fit_on_the_cache_disk_is_stopped_before_the_disk
     """The app's download of a PACS series counted voxels, not bytes: a series under ``max_voxels`` larger than the
     free space of the DICOMweb cache's disk was written until the disk was full (a bare 500, and every other writer
     on that disk failed too). The free space is now checked before each instance is written, as the batch's
-    download does: here the server's cache folder is a real 3 MiB tmpfs (a mount namespace of the server's own) and
-    a 6-slice series (6 x 0.5 MiB, the NIfTI conversion beside it) does not fit: infer by id and the review queue's
-    hand-out answer 507 saying how many bytes were needed and free, nothing of it is left in the cache, and a
-    1-slice series that fits is denoised."""
+    download does, and, where the PACS gives the series' size (QIDO-RS), against the whole series before anything is
+    retrieved, as the batch's check_download does (the instance check alone downloaded part of it first). Here the
+    server's cache folder is a real 3 MiB tmpfs (a mount namespace of the server's own): a 6-slice series (6 x 0.5
+    MiB, the NIfTI conversion beside it) does not fit: infer by id and the review queue's hand-out answer 507 saying
+    how many bytes were needed and free, with no WADO-RS retrieval of it (the real Orthanc's request log); a series
+    listed with 1 slice that grows to 6 when its retrieval arrives (a Lua request filter) is stopped at the instance
+    that does not fit; nothing of either is left in the cache, and a 1-slice series that fits is denoised."""
     import re
     import subprocess
 
     import requests
 
-    pacs = start_orthanc(tmp_path / "orthanc")
+    big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=1)
+    grows = real_ct_series(tmp_path / "grows", slices=6)
+    big_uid, small_uid, grows_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small, grows))
+    requests_log = tmp_path / "orthanc_requests.log"
+    script = grow_on_retrieval(tmp_path / "grow.lua", {grows_uid: grows[1:]}, requests_log)
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
     try:
-        big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=1)
-        pacs.upload_files(big + small)
-        big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
+        pacs.upload_files(big + small + grows[:1])
         cache = tmp_path / "work" / "dicomweb_cache"  # the server's MONAI_LABEL_DICOMWEB_CACHE_PATH (mlserver)
         cache.mkdir(parents=True)
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
@@ -957,25 +963,41 @@ def test_a_series_that_does_not_fit_on_the_cache_disk_is_stopped_before_the_disk
             assert found.returncode == 0, found.stderr
             return found.stdout.split()
 
+        def retrieved(uid: str) -> list[str]:
+            """The WADO-RS requests of the series ``uid`` (paths ``.../series/<uid>[/...]``; searches name it in
+            their query string only)."""
+            return [line for line in requests_log.read_text().splitlines()
+                    if line.startswith("GET ") and f"/series/{uid}" in line.split("?")[0]]
+
         try:
             folder = re.escape(md5_digest(pacs.dicomweb))  # the cache folder's name: answers name no server path
             refused = (rf"series {re.escape(big_uid)} does not fit on the disk of the server's DICOMweb cache "
-                       rf"{folder}: instance \d+ needs about [\d,]+ bytes with the conversion of those downloaded, "
-                       r"[\d,]+ are free; the download was stopped and nothing of it was kept: free some space there "
-                       r"\(MONAI_LABEL_DICOMWEB_CACHE_PATH\)")
+                       rf"{folder}: its 6 instances need about [\d,]+ bytes with their conversion, [\d,]+ are free; "
+                       r"nothing of it was downloaded: free some space there \(MONAI_LABEL_DICOMWEB_CACHE_PATH\)")
             answer = requests.post(f"{server.url}/infer/nlm", params={"image": big_uid, "output": "json"},
                                    timeout=600)
             assert answer.status_code == 507, answer.text[:2000]
             assert re.fullmatch(f"not denoised: {refused}", answer.json()["detail"]), answer.json()["detail"]
-            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"exclude": [small_uid]},
-                                   timeout=600)
+            answer = requests.post(f"{server.url}/activelearning/next_unreviewed",
+                                   json={"exclude": [small_uid, grows_uid]}, timeout=600)
             assert answer.status_code == 507 and re.fullmatch(refused, answer.json()["detail"]), answer.text[:2000]
+            assert retrieved(big_uid) == [], retrieved(big_uid)
             assert not [name for name in in_cache() if big_uid in name], in_cache()
+            stopped = (rf"not denoised: series {re.escape(grows_uid)} does not fit on the disk of the server's "
+                       rf"DICOMweb cache {folder}: instance \d+ needs about [\d,]+ bytes with the conversion of those "
+                       r"downloaded, [\d,]+ are free; the download was stopped and nothing of it was kept: free some "
+                       r"space there \(MONAI_LABEL_DICOMWEB_CACHE_PATH\)")
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": grows_uid, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 507 and re.fullmatch(stopped, answer.json()["detail"]), answer.text[:2000]
+            assert len(pacs.get("/instances")) == 6 + 1 + 6  # it grew when its retrieval arrived (the filter ran)
+            assert retrieved(grows_uid), "the growing series was not retrieved"
+            assert not [name for name in in_cache() if grows_uid in name], in_cache()
             answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
                                    timeout=600)
             assert answer.status_code == 200 and answer.json()["shape"] == [512, 512], answer.text[:2000]
             assert [name for name in in_cache() if name.endswith(f"/{small_uid}")], in_cache()  # on the tmpfs
-            assert not [name for name in in_cache() if big_uid in name], in_cache()
+            assert not [name for name in in_cache() if big_uid in name or grows_uid in name], in_cache()
             log = server.log_tail(200000)
             assert "No space left on device" not in log, log[-4000:]
             assert server.alive()

@@ -36,9 +36,9 @@ __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
            "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "OVERSIZED_UNCOUNTED_S", "cache_folder",
-           "instance_voxels", "instance_bytes", "HEADER_BYTES", "disk_shortfall", "save_instance", "SeriesTooLarge",
-           "SeriesDoesNotFit", "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads",
-           "PARTIAL_DOWNLOAD_STALE_S", "remove_stale_downloads"]
+           "instance_voxels", "instance_bytes", "HEADER_BYTES", "disk_shortfall", "series_disk_shortfall",
+           "save_instance", "SeriesTooLarge", "SeriesDoesNotFit", "PARTIAL_DOWNLOAD_PREFIX", "download_within",
+           "bounded_downloads", "PARTIAL_DOWNLOAD_STALE_S", "remove_stale_downloads"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -651,6 +651,18 @@ def disk_shortfall(dataset, folder: Path, count: int, voxels: int) -> tuple[int,
     return (needed, free) if needed > free else None
 
 
+def series_disk_shortfall(size: SeriesSize, folder: Path) -> tuple[int, int] | None:
+    """``(needed, free)`` bytes when the series of ``size`` (:func:`series_size`, before any instance is downloaded)
+    does not fit on ``folder``'s file system as it is now, else None. Needed: its files (``pixel_bytes``, uncompressed
+    as WADO-RS sends them, and :data:`HEADER_BYTES` each) and a copy of them at 16 bits a voxel with a header each
+    (the batch's derived series, the app's NIfTI conversion), as :func:`disk_shortfall` counts them instance by
+    instance. The one check before a download starts, of the batch's (:func:`lib.batch.dicomweb.check_download`)
+    and of the app's (:func:`download_within`)."""
+    needed = size.pixel_bytes + 2 * size.voxels + size.instances * HEADER_BYTES * 2
+    free = shutil.disk_usage(folder).free
+    return (needed, free) if needed > free else None
+
+
 def save_instance(dataset, path: Path) -> None:
     """Write one instance received by WADO-RS to ``path`` as a DICOM file (Explicit VR Little Endian named in its
     file meta when the server sent none)."""
@@ -739,8 +751,12 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
     that takes it over, and what it wrote removed; its size then is remembered as :func:`oversized`'s are (the next
     request for it is refused without a download while the PACS lists it with the same instance count). A partial
     folder left by a server stopped during the download is removed at the next start-up
-    (:func:`remove_stale_downloads`). Before each instance is written, the free space of the cache's disk is
-    checked (:func:`disk_shortfall`, as the batch's download does): a series that does not fit is stopped there,
+    (:func:`remove_stale_downloads`). Before the download starts, the series' size the PACS gives
+    (:func:`series_size`: QIDO-RS, no instance retrieved) is checked against the free space of the cache's disk
+    (:func:`series_disk_shortfall`, as the batch's :func:`lib.batch.dicomweb.check_download`): a series that does not
+    fit is refused there, nothing of it downloaded. Before each instance is written, the free space is checked again
+    (:func:`disk_shortfall`, as the batch's download does; the series may have grown since, or its size is not
+    told): a series that does not fit is stopped there,
     and what it wrote removed, before the disk is full (every other writer on it would fail too); a write that
     finds the disk full all the same (another writer took the space) is stopped the same way. The size asked
     before a download (:func:`oversized`) and the download are two requests, and a series still being sent to the
@@ -751,7 +767,8 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
 
     Raises:
         SeriesTooLarge: over ``limit`` voxels (nothing of it left in the cache).
-        SeriesDoesNotFit: an instance would not fit on the cache's disk (nothing of it left in the cache).
+        SeriesDoesNotFit: the series, or an instance of it, would not fit on the cache's disk (nothing of it left in
+            the cache).
         FileNotFoundError: the PACS lists no such series, or sent no instance of it.
         requests.exceptions.ConnectionError, Timeout, HTTPError: the PACS cannot be reached or refused a request.
     """
@@ -761,6 +778,14 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
     study = _study_of(client, image_id)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    size = series_size(client, image_id, study)  # None when the PACS does not tell: checked instance by instance
+    short = series_disk_shortfall(size, folder.parent) if size is not None else None
+    if short is not None:
+        estimate = f" (estimated: the PACS lists {size.listed})" if size.listed < size.instances else ""
+        raise SeriesDoesNotFit(f"series {image_id} does not fit on the disk of the server's DICOMweb cache "
+                               f"{folder.parent}: its {size.instances} instances{estimate} need about {short[0]:,} "
+                               f"bytes with their conversion, {short[1]:,} are free; nothing of it was downloaded: "
+                               "free some space there (MONAI_LABEL_DICOMWEB_CACHE_PATH)")
     partial = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_DOWNLOAD_PREFIX}{image_id}-", dir=folder.parent))
     try:
         count, voxels = 0, 0

@@ -40,15 +40,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pydicom
 
 from ..imaging.errors import one_line
 from ..imaging.guards import max_voxels
-from ..pacs import (HEADER_BYTES, PacsStoreError, SeriesSize, all_pages, disk_shortfall, instance_voxels,
-                    save_instance, search_whole, series_instance_count, series_size, stow_datasets)
+from ..pacs import (PacsStoreError, SeriesSize, all_pages, disk_shortfall, instance_voxels, save_instance,
+                    search_whole, series_disk_shortfall, series_instance_count, series_size, stow_datasets)
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions
 
 __all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "DownloadRefused", "PacsStoreError", "check_download",
@@ -266,9 +265,9 @@ def check_download(client, item: SeriesItem, folder: Path, limit: int | None = N
         raise DownloadRefused(f"series {item.series_uid} is too large: {size.instances} instances, {size.voxels:,} "
                               f"voxels{estimate} exceed the limit of {limit:,} (raise it with ADL_MAX_VOXELS); "
                               "nothing was downloaded")
-    needed = size.pixel_bytes + 2 * size.voxels + size.instances * HEADER_BYTES * 2
-    free = shutil.disk_usage(folder).free
-    if needed > free:
+    short = series_disk_shortfall(size, folder)
+    if short is not None:
+        needed, free = short
         raise DownloadRefused(f"series {item.series_uid} does not fit on the disk of {folder}: {size.instances} "
                               f"instances need about {needed:,} bytes{estimate} (the download and its derived "
                               f"series), {free:,} are free; nothing was downloaded: free some space or choose "
