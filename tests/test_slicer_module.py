@@ -1167,6 +1167,9 @@ def test_a_volume_with_frames_whose_rescale_slicer_ignored_is_warned_of_and_sent
     # a correction of such a volume is refused whatever the answer: refused before the question is asked
     submit = ast.unparse(functions["ADLDenoiseWidget.onSubmitCorrection"])
     assert submit.index("self.logic.session.require_correctable()") < submit.index("self.selected()")
+    # and by the logic itself, for scripts and the self-test, before anything is written or sent
+    logic = ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
+    assert logic.index("self.session.require_correctable(study['identity'])") < logic.index("self.require_client()")
     error = ast.unparse(functions["ADLDenoiseWidget.error"])
     assert "declined = isinstance(message, NotConfirmed)" in error
     assert error.index("self.ui.statusLabel.text = message") < error.index("if not declined:") < \

@@ -447,7 +447,9 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         binds the two: a correction is never stored without the regions sent with it, and a later correction sent
         without regions is not trained with this one's. ``result_seq`` and ``model``: the server's entry and the
         model of the result corrected (``ReviewSession.verdict_request``): the verdict judges that very result, or
-        is refused (:class:`VerdictRefused`), never another run's."""
+        is refused (:class:`VerdictRefused`), never another run's. Nothing is sent for a study whose frames hold
+        wrong values (``ReviewSession.require_correctable``), whoever calls this (the widget asks it first)."""
+        self.session.require_correctable(study["identity"])
         client = self.require_client()
         corrected_path = prepare_upload(None, corrected, report, cancelled)
         image_id = self.study_id_for(study, report)
