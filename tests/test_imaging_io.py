@@ -1337,17 +1337,20 @@ def test_header_modality_is_what_read_volume_gives_read_from_headers_alone(tmp_p
     assert header_modality(nifti) is None and read_volume(nifti).modality == "CT"
 
 
-def _rle_multiframe(path: Path, n_frames: int, declared: int | None = None, table: str = "basic") -> Path:
-    """:func:`_multiframe`'s ``n_frames`` frames compressed by pydicom's RLE Lossless encoder, one fragment a frame,
-    with a Basic Offset Table (``table`` "basic"), an Extended one ("extended") or none ("none"); the header
-    declares ``declared`` frames (default: as many as it holds)."""
+def _rle_multiframe(path: Path, n_frames: int, declared: int | None = None, table: str = "basic",
+                   fragments: int = 1) -> Path:
+    """:func:`_multiframe`'s ``n_frames`` frames compressed by pydicom's RLE Lossless encoder, ``fragments``
+    fragments a frame, with a Basic Offset Table (``table`` "basic"), an Extended one ("extended", one fragment a
+    frame only) or none ("none"); the header declares ``declared`` frames (default: as many as it holds)."""
     from pydicom.encaps import decode_data_sequence, encapsulate
     from pydicom.uid import RLELossless
 
     ds = pydicom.dcmread(_multiframe(path, n_frames))
     ds.compress(RLELossless, encapsulate_ext=table == "extended")
-    if table == "none":
-        ds.PixelData = encapsulate(decode_data_sequence(ds.PixelData), has_bot=False)
+    if table == "none" or fragments > 1:
+        assert table != "extended"
+        ds.PixelData = encapsulate(decode_data_sequence(ds.PixelData), fragments_per_frame=fragments,
+                                   has_bot=table == "basic")
     if declared is not None:
         ds.NumberOfFrames = declared
     ds.save_as(path)
@@ -1390,6 +1393,51 @@ def test_compressed_pixel_data_with_fewer_frames_than_declared_is_refused_naming
                                                  r"holds 4 frames by its offset table, 1 more than its header "
                                                  r"declares \(3 x 128 x 128 voxels\)"):
             read_volume(fewer)
+
+
+def _without_delimiter(path: Path) -> Path:
+    """``path`` cut at its pixel data's Sequence Delimitation Item (FFFE,E0DD): every fragment whole, the file ending
+    without the delimiter (and whatever followed it)."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: raw.rindex(b"\xfe\xff\xdd\xe0")])
+    return path
+
+
+@pytest.mark.parametrize("table", ["basic", "none"])
+@pytest.mark.parametrize("cut", ["delimiter", "last fragment"])
+def test_compressed_pixel_data_ending_without_its_delimiter_is_refused_naming_the_frames(tmp_path, cut, table):
+    """A multi-frame RLE file of 3 frames, 2 fragments a frame, that ends before its Sequence Delimitation Item
+    (only the delimiter cut off, or the last fragment with it) was counted as holding its last frame whole; pydicom
+    then dropped the whole pixel data and the read failed as "a DICOM file without pixel data". The file is refused
+    as truncated, naming the frames declared and those whole (the last frame's end is the delimiter); as a slice
+    of a folder too. A whole file passes the check (pydicom's RLE decoder then refuses a frame in 2 fragments)."""
+    whole = _rle_multiframe(tmp_path / "whole.dcm", 3, table=table, fragments=2)
+    with pytest.raises(ImageReadError, match=r"cannot decode the pixel data of .*whole.dcm \(RLE Lossless\)"):
+        read_volume(whole)
+    path = _rle_multiframe(tmp_path / "cut.dcm", 3, table=table, fragments=2)
+    _without_delimiter(path) if cut == "delimiter" else _without_last_fragment(path)
+    counted = (rf"holds {6 if cut == 'delimiter' else 5} whole fragment\(s\)" if table == "none" else
+               r"holds 2 whole frame\(s\) of the 3 its offset table lists")
+    with pytest.raises(ImageReadError, match=r"cut.dcm is truncated or corrupt: its header declares 3 frame\(s\) "
+                                             r"\(3 x 128 x 128 voxels\), but its compressed \(RLE Lossless\) pixel "
+                                             rf"data {counted}.*; it ends without its sequence delimiter \(FFFE,E0DD\).*"
+                                             r"\(a cut copy"):
+        read_volume(path)
+    if cut == "delimiter" and table == "basic":
+        from pydicom.uid import RLELossless
+
+        series = _make_series(tmp_path / "series", n=3)
+        for slice_path in series["paths"]:
+            ds = pydicom.dcmread(slice_path)
+            ds.compress(RLELossless)
+            ds.save_as(slice_path)
+        _without_delimiter(series["paths"][1])
+        with pytest.raises(ImageReadError, match=rf"{series['paths'][1].name} is truncated or corrupt: its header "
+                                                 r"declares 1 frame\(s\) \(1 x 128 x 128 voxels\), but its "
+                                                 r"compressed \(RLE Lossless\) pixel data holds 0 whole frame\(s\) "
+                                                 r"of the 1 its offset table lists; it ends without its sequence "
+                                                 r"delimiter"):
+            read_volume(tmp_path / "series")
 
 
 def test_a_compressed_slice_without_its_fragment_is_refused_naming_it(tmp_path):

@@ -469,6 +469,8 @@ class _Fragments(NamedTuple):
     ends: list[int]
     #: the data ends inside an item (a cut copy)
     cut: bool
+    #: the items end with the Sequence Delimitation Item, not with the file (without it pydicom drops the element)
+    delimited: bool
 
 
 def _walk_fragments(stream: BinaryIO, end: int, header: Dataset) -> _Fragments | None:
@@ -481,7 +483,7 @@ def _walk_fragments(stream: BinaryIO, end: int, header: Dataset) -> _Fragments |
     try:
         listed, offsets = get_frame_offsets(fp)
     except (EOFError, struct.error):  # the data ends inside the Basic Offset Table
-        return _Fragments(None, [], True)
+        return _Fragments(None, [], True, False)
     except ValueError:  # no Basic Offset Table item first
         return None
     offsets = offsets if listed else []  # an empty table is given as one frame at 0
@@ -493,15 +495,15 @@ def _walk_fragments(stream: BinaryIO, end: int, header: Dataset) -> _Fragments |
     while True:
         item = stream.read(8)
         if len(item) < 8:
-            return _Fragments(offsets or None, ends, len(item) > 0)  # no delimiter: the items end with the file
+            return _Fragments(offsets or None, ends, len(item) > 0, False)  # the items end with the file
         group, element, length = struct.unpack("<HHI", item)
         tag = group << 16 | element
         if tag == 0xFFFEE0DD:
-            return _Fragments(offsets or None, ends, False)
+            return _Fragments(offsets or None, ends, False, True)
         if tag != 0xFFFEE000 or length == 0xFFFFFFFF:
             return None
         if stream.tell() + length > end:
-            return _Fragments(offsets or None, ends, True)
+            return _Fragments(offsets or None, ends, True, False)
         stream.seek(length, os.SEEK_CUR)
         ends.append(stream.tell() - first)
 
@@ -572,24 +574,28 @@ def _check_frames(ds: Dataset, path: Path, shape: Sequence[int], items: _Fragmen
     """Refuse encapsulated (compressed) pixel data (``items``: from :func:`_dcmread_header`) that holds fewer whole
     frames than the ``shape[0]`` the header declares (a cut copy, a NumberOfFrames too large: the decoder's message
     was a failed reshape, or "without pixel data"), whose offset table lists more frames than declared (the decoder
-    returns the first ones: frames lost), or whose last fragment is cut. Counted from the offset table (a frame is
-    whole when the next one's start, or for the last frame the end of the items, is in the file); without one,
-    from the fragments (each frame takes one or more: fewer fragments than frames is frames missing). The
-    fragments are never decoded."""
+    returns the first ones: frames lost), or whose last fragment is cut, or that ends without its Sequence
+    Delimitation Item (a copy cut at a fragment's boundary: pydicom drops the whole element, and the last frame may
+    have lost fragments). Counted from the offset table (a frame is whole when the next one's start, or for the
+    last frame the delimiter, is in the file); without one, from the fragments (each frame takes one or more: fewer
+    fragments than frames is frames missing). The fragments are never decoded."""
     declared = int(shape[0])
     size = " x ".join(str(int(v)) for v in shape)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     what = f"its compressed ({getattr(syntax, 'name', syntax)}) pixel data"
     whole_bytes = items.ends[-1] if items.ends else 0
+    truncated = items.cut or not items.delimited
     if items.offsets is not None:
         bounds = [*items.offsets[1:], None]
         held = sum(1 for start, stop in zip(items.offsets, bounds)
-                   if (stop is not None and stop <= whole_bytes) or (stop is None and not items.cut
+                   if (stop is not None and stop <= whole_bytes) or (stop is None and not truncated
                                                                      and start < whole_bytes))
         counted = f"holds {held} whole frame(s) of the {len(items.offsets)} its offset table lists"
     else:
         held = len(items.ends)
         counted = f"holds {held} whole fragment(s), and a frame takes one or more"
+    if not items.delimited and not items.cut:
+        counted += "; it ends without its sequence delimiter (FFFE,E0DD), so its last frame may lack fragments"
     if held < declared:
         raise ImageReadError(
             f"{path} is truncated or corrupt: its header declares {declared} frame(s) ({size} voxels), but {what} "
@@ -602,6 +608,10 @@ def _check_frames(ds: Dataset, path: Path, shape: Sequence[int], items: _Fragmen
     if items.cut:
         raise ImageReadError(f"{path} is truncated: {what} ends inside a fragment (a cut copy); its header declares "
                              f"{size} voxels")
+    if truncated:  # without a table: fragments enough, but the last frame's may be cut off after any of them
+        raise ImageReadError(
+            f"{path} is truncated or corrupt: its header declares {declared} frame(s) ({size} voxels), but {what} "
+            f"{counted} (a cut copy)")
 
 
 def _check_pixel_bytes(ds: Dataset, path: Path, shape: Sequence[int],
