@@ -114,6 +114,23 @@ def test_a_broken_log_refuses_entries_and_a_missing_folder_is_a_write_error(tmp_
         AuditLog(blocked).append("verdict", {})
 
 
+def test_a_log_that_would_refuse_an_entry_is_found_before_the_work_and_nothing_is_written(tmp_path):
+    """``check_appendable`` (a request's refusal before its work) raises what ``append`` would, writing nothing: a
+    folder where the log should be, a damaged last line; a healthy log and one not written yet pass unchanged."""
+    audit = _log_with(tmp_path, 2)
+    kept = audit.path.read_bytes()
+    audit.check_appendable()
+    AuditLog(tmp_path / "not_yet").check_appendable()
+    assert audit.path.read_bytes() == kept and not (tmp_path / "not_yet").exists()
+    audit.path.write_bytes(kept[:-5])  # the last line cut short
+    with pytest.raises(AuditWriteError, match="partial line"):
+        audit.check_appendable()
+    audit.path.unlink()
+    audit.path.mkdir()  # a folder where the log is (chmod would not stop root)
+    with pytest.raises(AuditWriteError, match="audit.jsonl"):
+        audit.check_appendable()
+
+
 def test_every_append_is_fsynced(tmp_path, monkeypatch):
     """A spy on os.fsync (it still syncs): each append syncs the log file's descriptor before returning."""
     audit = AuditLog(tmp_path / "audit")
@@ -1278,6 +1295,51 @@ def test_downloads_of_patient_data_are_access_entries_and_refused_when_they_cann
     entries = audit.entries()
     assert entries[-1]["event"] == "image_downloaded"  # the one after the log was writable again
     assert audit.path.read_bytes()[len(kept):].count(b"\n") == 1  # nothing written while it was not
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_dataset_download_leaves_no_copy_of_the_datastore_in_the_servers_temp_folder(folders):
+    """MONAI Label zips the whole datastore into the temp folder and never deletes the ZIP: the server (its TMPDIR a
+    folder of this test) deletes it once sent, and a download refused because the audit log cannot be written (a
+    folder where the file is) is refused before anything is zipped, leaving no copy of every patient's data."""
+    from mlserver import stop_server
+
+    study = folders["studies"] / "ct_slab_b.nii.gz"
+    correction = folders["root"] / "ct_slab_b_final.nii.gz"  # the ZIP holds the labelled studies: one at least
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(study)), sitk.sitkFloat32), str(correction))
+    server = _start(folders, 1)
+    temp = folders["work"] / "run1" / "tmp"  # the server's TMPDIR (mlserver.start_server)
+
+    def left_after(deadline: float) -> set[str]:
+        while True:  # the ZIP is deleted just after the answer's last byte: wait for it, generously
+            left = {p.name for p in temp.rglob("*")} - before
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.2)
+
+    try:
+        with open(correction, "rb") as handle:
+            saved = requests.put(f"{server.url}/datastore/label", params={"image": "ct_slab_b", "tag": "final"},
+                                 files={"label": ("ct_slab_b.nii.gz", handle)}, data={"params": "{}"}, timeout=120)
+        assert saved.status_code == 200, saved.text
+        before = {p.name for p in temp.rglob("*")}
+        sent = requests.get(f"{server.url}/datastore/dataset", timeout=300)
+        assert sent.status_code == 200 and sent.content[:2] == b"PK", (sent.status_code, sent.text[:200])
+        assert left_after(time.monotonic() + 60) == set()
+        audit_file = folders["audit"] / "audit.jsonl"
+        kept = audit_file.read_bytes()
+        audit_file.unlink()
+        audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
+        refused = requests.get(f"{server.url}/datastore/dataset", timeout=300)
+        assert refused.status_code == 503, (refused.status_code, refused.text[:200])
+        assert "the dataset was not sent: the audit log could not be written" in refused.json()["detail"]
+        assert left_after(time.monotonic() + 10) == set()
+        audit_file.rmdir()
+        audit_file.write_bytes(kept)
+    finally:
+        stop_server(server)
+    assert len(_events(AuditLog(folders["audit"]), "dataset_downloaded")) == 1
 
 
 @pytest.mark.server

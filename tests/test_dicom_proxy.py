@@ -235,3 +235,45 @@ def test_the_proxy_forgets_its_oldest_reads_past_its_limit():
     remember_recent(memo, "a", 3)  # read again: most recent
     remember_recent(memo, "d", 3)
     assert list(memo) == ["c", "a", "d"]
+
+
+def test_a_slow_audit_write_of_one_proxy_read_holds_up_no_other_read_and_a_refused_one_is_not_remembered():
+    """The proxy's once-per-key record (:class:`lib.endpoints.guards.OnceEach`) with real threads: while the entry
+    of one key is being written (blocked here), a read of a key already on record returns at once, and a second
+    read of the key being written waits and writes nothing once the first succeeded. A write that fails (a 503)
+    leaves its key unremembered: the next read of it writes."""
+    from lib.endpoints.guards import OnceEach
+
+    once = OnceEach(10)
+    writes: list[str] = []
+    once.run("other", lambda: writes.append("other"))
+    started, gate = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        started.set()
+        assert gate.wait(120)
+        writes.append("slow")
+
+    first = threading.Thread(target=once.run, args=("slow", slow_write), daemon=True)
+    first.start()
+    assert started.wait(60)
+    other = threading.Thread(target=once.run, args=("other", lambda: writes.append("other again")), daemon=True)
+    other.start()
+    other.join(30)
+    blocked = other.is_alive()
+    same = threading.Thread(target=once.run, args=("slow", lambda: writes.append("slow again")), daemon=True)
+    same.start()
+    gate.set()
+    first.join(60)
+    same.join(60)
+    other.join(60)
+    assert not blocked, "a read of a key on record waited for another key's audit write"
+    assert writes == ["other", "slow"]
+
+    def refused() -> None:
+        raise RuntimeError("the audit log could not be written")
+
+    with pytest.raises(RuntimeError):
+        once.run("refused", refused)
+    once.run("refused", lambda: writes.append("refused, then written"))
+    assert writes[-1] == "refused, then written" and list(once.done) == ["other", "slow", "refused"]

@@ -149,6 +149,25 @@ class AuditLog:
         if self._broken is not None:
             raise AuditBrokenError(f"the audit trail is broken, nothing can be recorded: {self._broken.summary()}")
 
+    def check_appendable(self) -> None:
+        """Raise what :meth:`append` would (:class:`AuditBrokenError`, :class:`AuditWriteError`) for a log that
+        refuses entries, a log file that cannot be opened for appending, or a damaged last line; writes nothing.
+        A cheap refusal before a request's work: the append after the work still decides."""
+        self.check_writable()
+        if not self.path.exists():  # the first append creates it (and its folder)
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as error:
+            raise AuditWriteError(f"cannot open the audit log {self.path}: {error}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # no append half-seen
+            self._tail()
+        except OSError as error:
+            raise AuditWriteError(f"cannot read the audit log {self.path}: {error}") from None
+        finally:
+            os.close(fd)
+
     # ------------------------------------------------------------------------------------------ writing
     def append(self, event: str, fields: dict | None = None) -> dict:
         """Write one entry (``event``: a short name such as ``result``; ``fields``: JSON-able, see

@@ -82,7 +82,7 @@ import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from monailabel.config import settings as _settings
@@ -310,6 +310,17 @@ def _recorded_read(event: str, fields: dict, refused: str) -> Optional[dict]:
     actor = request_actor()
     return recorded_access(lambda: audit.append(event, {**fields, **actor}), refused,
                            f"{event} {fields} not given to {actor.get('user')} ({actor.get('client')})")
+
+
+def _refuse_unrecordable(refused: str, about: str) -> None:
+    """503 as :func:`_recorded_read` answers when the audit log would refuse an entry now
+    (:meth:`lib.audit.AuditLog.check_appendable`), before a read's work (a PACS series retrieved, the datastore
+    zipped); the entry written after the work still decides."""
+    from .review import recorded_access
+
+    audit = getattr(app(), "audit", None)
+    if audit is not None:
+        recorded_access(lambda: audit.check_appendable() or {}, refused, about)
 
 
 def _refuse_stamp_keys(info: dict, parameter: str) -> None:
@@ -805,6 +816,7 @@ def guarded_download_image(image: str, user: User = Depends(RBAC(_USER))):
     from monailabel.endpoints.datastore import download_image
 
     check_name(image, "image")
+    _refuse_unrecordable("the image was not sent", f"image {image}")  # before a PACS series is retrieved
     answer = download_image(image)  # 404 for an image that is not there: nothing read, nothing recorded
     _recorded_read(IMAGE_DOWNLOADED, {"image": image}, "the image was not sent")
     return answer
@@ -855,6 +867,7 @@ def guarded_sample(strategy: str, params: Optional[dict] = None, user: User = De
     if strategy not in strategies:  # the stock route answers 500
         raise HTTPException(status_code=404, detail=f"unknown strategy {strategy!r} (this server has: "
                                                     f"{', '.join(sorted(strategies)) or 'none'})")
+    _refuse_unrecordable("no study was handed out for review", f"review queue: {strategy} for {user.username}")
     token = QUEUE_LEFT.set(None)
     try:
         with handing_out() as handout:
@@ -1092,11 +1105,19 @@ def guarded_download_label(label: str, tag: str, user: User = Depends(RBAC(_USER
 @router.get("/datastore/dataset", include_in_schema=False)
 def guarded_download_dataset(limit_cases: Optional[int] = None, user: User = Depends(RBAC(_ANNOTATOR))):
     """MONAI Label's whole datastore as one ZIP, one ``dataset_downloaded`` entry written before it is sent; 503 and
-    nothing sent when the entry cannot be written."""
+    nothing sent when the entry cannot be written (refused before zipping when the log refuses entries already).
+    The ZIP is deleted once sent or refused."""
     from monailabel.endpoints.datastore import download_dataset
+    from starlette.background import BackgroundTask
 
-    answer = download_dataset(limit_cases)
-    _recorded_read(DATASET_DOWNLOADED, {"limit_cases": limit_cases}, "the dataset was not sent")
+    _refuse_unrecordable("the dataset was not sent", "the dataset")  # before every study is zipped
+    answer = download_dataset(limit_cases)  # a ZIP in the temp folder, which MONAI Label never deletes
+    try:
+        _recorded_read(DATASET_DOWNLOADED, {"limit_cases": limit_cases}, "the dataset was not sent")
+    except BaseException:
+        Path(answer.path).unlink(missing_ok=True)
+        raise
+    answer.background = BackgroundTask(Path(answer.path).unlink, missing_ok=True)  # once sent
     return answer
 
 
@@ -1271,12 +1292,7 @@ def _forward_to_pacs(method: str, url: str, query: str, auth: Any, headers: dict
     return Response(content=content, status_code=answer.status_code, headers=kept)
 
 
-#: the reads through the proxy already on record in this server process, (user, client, study UID, series UID,
-#: search): a viewer asks the proxy once per DICOM instance, frame and metadata file, which is one entry per series
-#: and reader (a restart writes them again). Least recently read first; the oldest are forgotten past
-#: PROXY_READS_REMEMBERED (every distinct search is a key), which only writes their entry again when next read.
-_proxy_reads: "collections.OrderedDict[tuple[Optional[str], ...], None]" = collections.OrderedDict()
-_proxy_reads_lock = threading.Lock()
+#: how many reads through the proxy are remembered as on record (:data:`_proxy_reads`)
 PROXY_READS_REMEMBERED = 100_000
 
 
@@ -1308,23 +1324,60 @@ def remember_recent(memo: "collections.OrderedDict", key: Any, limit: int) -> No
         memo.popitem(last=False)
 
 
+class OnceEach:
+    """Run a write once per key, remembering the ``limit`` most recent keys written (:func:`remember_recent`).
+    The write runs outside the lock, so a slow one holds up only the requests of its own key: they wait for it
+    and return once it succeeded; after a failed one (nothing remembered) the next of them writes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.done: "collections.OrderedDict[Any, None]" = collections.OrderedDict()
+        self._writing: dict[Any, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def run(self, key: Any, write: Callable[[], Any]) -> None:
+        """``write()`` unless ``key`` is remembered; its exception propagates and ``key`` stays unremembered."""
+        while True:
+            with self._lock:
+                if key in self.done:
+                    self.done.move_to_end(key)
+                    return
+                writing = self._writing.get(key)
+                if writing is None:
+                    writing = self._writing[key] = threading.Event()
+                    break
+            writing.wait()  # another request writes this key: on record once it is set, else this one writes
+        written = False
+        try:
+            write()
+            written = True
+        finally:
+            with self._lock:
+                if written:
+                    remember_recent(self.done, key, self.limit)
+                del self._writing[key]
+            writing.set()
+
+
+#: the reads through the proxy already on record in this server process, (user, client, study UID, series UID,
+#: search): a viewer asks the proxy once per DICOM instance, frame and metadata file, which is one entry per series
+#: and reader (a restart writes them again). Least recently read first; the oldest are forgotten past
+#: PROXY_READS_REMEMBERED (every distinct search is a key), which only writes their entry again when next read.
+_proxy_reads = OnceEach(PROXY_READS_REMEMBERED)
+
+
 def _record_proxy_read(path: str, query: str) -> None:
     """The ``dicomweb_read`` entry of a proxy GET the PACS answered, unless the same reader (user and client) has
     already read the same study / series (or made the same search) in this server process. Written before the
-    answer is sent; 503 when it cannot be written (and that read is recorded at the next request)."""
+    answer is sent; 503 when it cannot be written (and that read is recorded at the next request). Concurrent
+    requests of one viewer for one series write one entry; a slow write holds up no other key's reads."""
     from ..audit.context import request_actor
 
     actor = request_actor()
     study, series, search = proxy_read_key(path, query)
-    key = (actor.get("user"), actor.get("client"), study, series, search)
-    with _proxy_reads_lock:  # concurrent requests of one viewer for one series: one entry
-        if key in _proxy_reads:
-            _proxy_reads.move_to_end(key)
-            return
-        _recorded_read(DICOMWEB_READ, {"study_instance_uid": study, "series_instance_uid": series,
-                                       "search": search, "path": path},
-                       "the PACS's answer was not sent")
-        remember_recent(_proxy_reads, key, PROXY_READS_REMEMBERED)
+    _proxy_reads.run((actor.get("user"), actor.get("client"), study, series, search), lambda: _recorded_read(
+        DICOMWEB_READ, {"study_instance_uid": study, "series_instance_uid": series, "search": search, "path": path},
+        "the PACS's answer was not sent"))
 
 
 async def _proxy(request: Request, path: str):
