@@ -639,6 +639,19 @@ def folders(tmp_path, tiny_weights):
             "audit": tmp_path / "audit_log", "work": tmp_path / "work", "root": tmp_path}
 
 
+def _save_final_label_of_slab_b(folders, url: str) -> Path:
+    """Store a final label of ``ct_slab_b`` (its own voxels as float) on the server at ``url``; returns the study's
+    file."""
+    study = folders["studies"] / "ct_slab_b.nii.gz"
+    correction = folders["root"] / "ct_slab_b_final.nii.gz"
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(study)), sitk.sitkFloat32), str(correction))
+    with open(correction, "rb") as handle:
+        saved = requests.put(f"{url}/datastore/label", params={"image": "ct_slab_b", "tag": "final"},
+                             files={"label": ("ct_slab_b.nii.gz", handle)}, data={"params": "{}"}, timeout=120)
+    assert saved.status_code == 200, saved.text
+    return study
+
+
 def _start(folders, run: int):
     from mlserver import start_server
 
@@ -1237,16 +1250,10 @@ def test_downloads_of_patient_data_are_access_entries_and_refused_when_they_cann
     The log written before is kept, and the chain verifies."""
     from mlserver import stop_server
 
-    study = folders["studies"] / "ct_slab_b.nii.gz"
-    correction = folders["root"] / "ct_slab_b_final.nii.gz"
-    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(study)), sitk.sitkFloat32), str(correction))
     server = _start(folders, 1)
     try:
         url = server.url
-        with open(correction, "rb") as handle:
-            saved = requests.put(f"{url}/datastore/label", params={"image": "ct_slab_b", "tag": "final"},
-                                 files={"label": ("ct_slab_b.nii.gz", handle)}, data={"params": "{}"}, timeout=120)
-        assert saved.status_code == 200, saved.text
+        study = _save_final_label_of_slab_b(folders, url)
         with open(study, "rb") as handle:
             created = requests.put(f"{url}/session/", files={"files": ("study.nii.gz", handle)}, timeout=120)
         assert created.status_code == 200, created.text
@@ -1354,16 +1361,10 @@ def test_info_reads_and_the_whole_listing_are_access_entries_and_refused_when_th
     answer."""
     from mlserver import stop_server
 
-    study = folders["studies"] / "ct_slab_b.nii.gz"
-    correction = folders["root"] / "ct_slab_b_final.nii.gz"
-    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(study)), sitk.sitkFloat32), str(correction))
     server = _start(folders, 1)
     try:
         url = server.url
-        with open(correction, "rb") as handle:
-            saved = requests.put(f"{url}/datastore/label", params={"image": "ct_slab_b", "tag": "final"},
-                                 files={"label": ("ct_slab_b.nii.gz", handle)}, data={"params": "{}"}, timeout=120)
-        assert saved.status_code == 200, saved.text
+        _save_final_label_of_slab_b(folders, url)
         recorded = {  # event: (route, query, a key of the answer)
             "image_info_read": ("/datastore/image/info", {"image": "ct_slab_b"}, "name"),
             "label_info_read": ("/datastore/label/info", {"label": "ct_slab_b", "tag": "final"}, "sha256"),

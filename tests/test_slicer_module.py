@@ -758,16 +758,9 @@ def test_series_files_are_the_reference_of_a_dicom_volume_as_slicer_loads_it(sha
     assert isinstance(read_series_values([not_dicom]), NoReference)
 
 
-#: loads a DICOM series as the DICOM plugin's default reader approach does (``loadFilesWithSeriesReader("GDCM")``:
-#: vtkITKArchetypeImageSeriesScalarReader, native scalar type, GDCM's ImageIO), in PyPI's slicer-core; saves the array
-_LOAD_WITH_SERIES_READER = """
-import sys
-import numpy as np
-import slicer
-from vtk.util.numpy_support import vtk_to_numpy
-files, out = sys.argv[1:-1], sys.argv[-1]
-reader = slicer.vtkITKArchetypeImageSeriesScalarReader()
-reader.SetArchetype(files[0])
+#: the DICOM plugin's default reader settings (``loadFilesWithSeriesReader("GDCM")``) of ``reader`` for ``files``,
+#: read and checked: shared by the scalar and vector series-reader scripts below
+_SERIES_READER_SETUP = """reader.SetArchetype(files[0])
 for name in files:
     reader.AddFileName(name)
 reader.SetSingleFile(0)
@@ -777,7 +770,19 @@ reader.SetUseNativeOriginOn()
 reader.SetDICOMImageIOApproachToGDCM()
 reader.Update()
 assert reader.GetErrorCode() == 0
-image = reader.GetOutput()
+"""
+
+
+#: loads a DICOM series as the DICOM plugin's default reader approach does (``loadFilesWithSeriesReader("GDCM")``:
+#: vtkITKArchetypeImageSeriesScalarReader, native scalar type, GDCM's ImageIO), in PyPI's slicer-core; saves the array
+_LOAD_WITH_SERIES_READER = """
+import sys
+import numpy as np
+import slicer
+from vtk.util.numpy_support import vtk_to_numpy
+files, out = sys.argv[1:-1], sys.argv[-1]
+reader = slicer.vtkITKArchetypeImageSeriesScalarReader()
+""" + _SERIES_READER_SETUP + """image = reader.GetOutput()
 columns, rows, slices = image.GetDimensions()
 np.save(out, vtk_to_numpy(image.GetPointData().GetScalars()).reshape(slices, rows, columns))
 """
@@ -1223,17 +1228,7 @@ import sys
 import slicer
 files = sys.argv[1:]
 reader = slicer.vtkITKArchetypeImageSeriesVectorReaderSeries()
-reader.SetArchetype(files[0])
-for name in files:
-    reader.AddFileName(name)
-reader.SetSingleFile(0)
-reader.SetOutputScalarTypeToNative()
-reader.SetDesiredCoordinateOrientationToNative()
-reader.SetUseNativeOriginOn()
-reader.SetDICOMImageIOApproachToGDCM()
-reader.Update()
-assert reader.GetErrorCode() == 0
-print("components", reader.GetOutput().GetNumberOfScalarComponents())
+""" + _SERIES_READER_SETUP + """print("components", reader.GetOutput().GetNumberOfScalarComponents())
 """
 
 
