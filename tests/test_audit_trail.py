@@ -640,8 +640,8 @@ def folders(tmp_path, tiny_weights):
 
 
 def _save_final_label_of_slab_b(folders, url: str) -> Path:
-    """Store a final label of ``ct_slab_b`` (its own voxels as float) on the server at ``url``; returns the study's
-    file."""
+    """Store a final label of ``ct_slab_b`` (its own voxels as float, written to ``folders["root"] /
+    "ct_slab_b_final.nii.gz"``) on the server at ``url``; returns the study's file."""
     study = folders["studies"] / "ct_slab_b.nii.gz"
     correction = folders["root"] / "ct_slab_b_final.nii.gz"
     sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(study)), sitk.sitkFloat32), str(correction))
@@ -1058,12 +1058,7 @@ def test_audit_trail_survives_a_restart_and_reports_tampering(folders):
         noted = requests.put(f"{url}/datastore/image/info", params={"image": "ct_slab_b"},
                              data={"info": json.dumps({"note": "second opinion asked"})}, timeout=60)
         assert noted.status_code == 200, noted.text
-        correction = folders["root"] / "ct_slab_b_final.nii.gz"
-        sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(study)), sitk.sitkFloat32), str(correction))
-        with open(correction, "rb") as handle:
-            saved = requests.put(f"{url}/datastore/label", params={"image": "ct_slab_b", "tag": "final"},
-                                 files={"label": ("ct_slab_b.nii.gz", handle)}, data={"params": "{}"}, timeout=120)
-        assert saved.status_code == 200, saved.text
+        _save_final_label_of_slab_b(folders, url)
         restored = requests.post(f"{url}/versions/adl/restore", params={"modality": "ct", "version": "pretrained"},
                                  timeout=60)
         assert restored.status_code == 200, restored.text
@@ -1100,6 +1095,7 @@ def test_audit_trail_survives_a_restart_and_reports_tampering(folders):
     assert [e["image"] for e in _events(audit, "image_removed")] == ["ct_slab_c"]
     label = _events(audit, "label_saved")[0]
     assert label["image"] == "ct_slab_b" and label["tag"] == "final"
+    correction = folders["root"] / "ct_slab_b_final.nii.gz"  # the label _save_final_label_of_slab_b stored
     assert label["file_sha256"] == hashlib.sha256(correction.read_bytes()).hexdigest()
     assert [(e["model"], e["version"]) for e in _events(audit, "weights_restored")] == [("adl", "pretrained")]
     assert long_reason not in audit.path.read_text()
