@@ -4,6 +4,8 @@ close and the temporary patient files; and the options of a denoising request (A
 contrast restoration, from the panel's spin box to the request's params and back from the answer)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 from ADLDenoiseLib import BackgroundTask, DenoiseServerError
@@ -318,6 +320,15 @@ def hashed(task: BackgroundTask) -> StudyIdentity:
     return task.result
 
 
+def files_check(checks: list, snapshot: VolumeSnapshot, files: list) -> Callable[[], object]:
+    """What ADLDenoiseLogic.start_files_check does, for ``session.identified``: start the comparison of ``snapshot``
+    with ``files`` in a real background thread (its task appended to ``checks``) and answer FILES_PENDING."""
+    def start():
+        checks.append(BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files)))
+        return FILES_PENDING
+    return start
+
+
 def big_volume(seed: int) -> np.ndarray:
     """Large enough that its hash takes a while (a 512 x 512 x 400 CT takes 0.2-0.8 s)."""
     return np.random.default_rng(seed).integers(-1024, 3000, (40, 256, 256), dtype=np.int16)
@@ -495,13 +506,8 @@ def test_a_dicom_volume_is_compared_with_its_files_from_the_copy_hashed_and_deci
         session = ReviewSession()
         ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", held, series, "4: CT CHEST")
         checks = []
-
-        def files_match():  # what ADLDenoiseLogic.start_files_check does
-            checks.append(BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files)))
-            return FILES_PENDING
-
         content = hashed(task)
-        assert session.identified(ticket, content, files_match) == series and len(checks) == 1
+        assert session.identified(ticket, content, files_check(checks, snapshot, files)) == series and len(checks) == 1
         with pytest.raises(WorkflowError, match="being compared with its DICOM files"):
             session.require_study()
         assert checks[0].wait(120) == "done" and checks[0].result.matches is (expected == "series")
@@ -539,13 +545,8 @@ def test_a_dicom_volume_whose_files_cannot_tell_says_why_on_its_status_line(tmp_
     session = ReviewSession()
     ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", voxels, series, "4: CT CHEST")
     checks = []
-
-    def files_match():  # what ADLDenoiseLogic.start_files_check does
-        checks.append(BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files)))
-        return FILES_PENDING
-
     content = hashed(task)
-    assert session.identified(ticket, content, files_match) == series
+    assert session.identified(ticket, content, files_check(checks, snapshot, files)) == series
     assert checks[0].wait(120) == "done" and checks[0].result.matches is None and checks[0].result.untold
     assert session.files_read(series, content.key, checks[0].result) == series == session.require_study()
     line = session.describe_study(series)
@@ -613,13 +614,8 @@ def test_a_dicom_volume_with_frames_whose_rescale_slicer_ignored_is_sent_only_on
             session.scene_closed()
         ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", as_slicer_loads, series, "Enhanced")
         checks = []
-
-        def files_match():  # what ADLDenoiseLogic.start_files_check does
-            checks.append(BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files[kind])))
-            return FILES_PENDING
-
         content = hashed(task)
-        assert session.identified(ticket, content, files_match) == series
+        assert session.identified(ticket, content, files_check(checks, snapshot, files[kind])) == series
         assert checks[0].wait(120) == "done" and checks[0].result.matches is True
         answers[kind] = checks[0].result
         assert session.files_read(series, content.key, checks[0].result) == series == session.require_identified()
