@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "apps" / "adl_denoise")]
 
 from bench.noise_level_estimate import before as five_by_five  # noqa: E402
+from bench.noise_model_validation import slice_indices  # noqa: E402
 from bench.pairs import require_shared_data  # noqa: E402
 
 VOLUME = "ct_thorax_philips_2mm.nii.gz"
@@ -63,13 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="device of the noise model (cpu, cuda)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     return ap.parse_args(argv)
-
-
-def _slices(text: str, n: int) -> list[int]:
-    parts = [int(p) if p else None for p in text.split(":")]
-    if len(parts) != 3:
-        raise SystemExit(f"error: slice ranges are START:STOP:STEP, got {text!r}")
-    return list(range(n))[slice(*parts)]
 
 
 def five_by_five_scan(image_hu: np.ndarray) -> float | None:
@@ -175,7 +169,7 @@ def main(argv=None) -> int:
     watch, times = Stopwatch(), {}
     volume = read_volume(path, modality="CT")
     n = volume.array.shape[0]
-    train, held = _slices(args.train_slices, n), _slices(args.held_slices, n)
+    train, held = slice_indices(args.train_slices, n), slice_indices(args.held_slices, n)
     if set(train) & set(held):
         raise SystemExit("error: training and held-apart slices overlap")
     pixel = (float(volume.spacing[1]), float(volume.spacing[0]))

@@ -78,10 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _slices(text: str, n: int) -> list[int]:
+def slice_indices(text: str, n: int) -> list[int]:
+    """The indices of ``n`` slices a ``START:STOP:STEP`` range (a command-line option) selects."""
     parts = [int(p) if p else None for p in text.split(":")]
     if len(parts) != 3:
-        raise SystemExit(f"slice ranges are START:STOP:STEP, got {text!r}")
+        raise SystemExit(f"error: slice ranges are START:STOP:STEP, got {text!r}")
     return list(range(n))[slice(*parts)]
 
 
@@ -109,7 +110,7 @@ def load_case(args, log=print) -> dict:
     volume = read_volume(path, modality="CT")
     pixel = (float(volume.spacing[1]), float(volume.spacing[0]))
     n = volume.array.shape[0]
-    train, val = _slices(args.train_slices, n), _slices(args.val_slices, n)
+    train, val = slice_indices(args.train_slices, n), slice_indices(args.val_slices, n)
     if set(train) & set(val):
         raise SystemExit("training and validation slices overlap")
     cache = args.cache or (args.out / "cache")
