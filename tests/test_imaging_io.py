@@ -1340,17 +1340,25 @@ def test_header_modality_is_what_read_volume_gives_read_from_headers_alone(tmp_p
 def _rle_multiframe(path: Path, n_frames: int, declared: int | None = None, table: str = "basic",
                    fragments: int = 1) -> Path:
     """:func:`_multiframe`'s ``n_frames`` frames compressed by pydicom's RLE Lossless encoder, ``fragments``
-    fragments a frame, with a Basic Offset Table (``table`` "basic"), an Extended one ("extended", one fragment a
-    frame only) or none ("none"); the header declares ``declared`` frames (default: as many as it holds)."""
-    from pydicom.encaps import decode_data_sequence, encapsulate
+    fragments a frame, with a Basic Offset Table (``table`` "basic"), an Extended one ("extended": the Basic one
+    empty) or none ("none"); the header declares ``declared`` frames (default: as many as it holds)."""
+    import struct
+
+    from pydicom.encaps import decode_data_sequence, encapsulate, get_frame_offsets
+    from pydicom.filebase import DicomBytesIO
     from pydicom.uid import RLELossless
 
     ds = pydicom.dcmread(_multiframe(path, n_frames))
     ds.compress(RLELossless, encapsulate_ext=table == "extended")
     if table == "none" or fragments > 1:
-        assert table != "extended"
-        ds.PixelData = encapsulate(decode_data_sequence(ds.PixelData), fragments_per_frame=fragments,
-                                   has_bot=table == "basic")
+        frames = decode_data_sequence(ds.PixelData)
+        ds.PixelData = encapsulate(frames, fragments_per_frame=fragments, has_bot=table == "basic")
+        if table == "extended":  # the frames' starts as a Basic table would list them (the same bytes follow it)
+            listed = DicomBytesIO(encapsulate(frames, fragments_per_frame=fragments))
+            listed.is_little_endian = True
+            offsets = get_frame_offsets(listed)[1]
+            ds.ExtendedOffsetTable = struct.pack(f"<{len(offsets)}Q", *offsets)
+            ds.ExtendedOffsetTableLengths = struct.pack(f"<{len(frames)}Q", *(len(f) for f in frames))
     if declared is not None:
         ds.NumberOfFrames = declared
     ds.save_as(path)
@@ -1410,10 +1418,18 @@ def test_compressed_pixel_data_ending_without_its_delimiter_is_refused_naming_th
     (only the delimiter cut off, or the last fragment with it) was counted as holding its last frame whole; pydicom
     then dropped the whole pixel data and the read failed as "a DICOM file without pixel data". The file is refused
     as truncated, naming the frames declared and those whole (the last frame's end is the delimiter); as a slice
-    of a folder too. A whole file passes the check (pydicom's RLE decoder then refuses a frame in 2 fragments)."""
+    of a folder too. The whole file reads as its uncompressed twin (its table says where each frame starts), or is
+    refused naming why without a table (the RLE decoder took each fragment for a frame: a message about segment
+    lengths)."""
     whole = _rle_multiframe(tmp_path / "whole.dcm", 3, table=table, fragments=2)
-    with pytest.raises(ImageReadError, match=r"cannot decode the pixel data of .*whole.dcm \(RLE Lossless\)"):
-        read_volume(whole)
+    if table == "basic":
+        assert np.array_equal(read_volume(whole).array, read_volume(_multiframe(tmp_path / "raw.dcm", 3)).array)
+    else:
+        with pytest.raises(ImageReadError, match=r"whole.dcm cannot be read: its compressed \(RLE Lossless\) pixel "
+                                                 r"data holds 6 fragments for the 3 frames its header declares "
+                                                 r"\(3 x 128 x 128 voxels\) and no offset table: RLE Lossless puts "
+                                                 r"each frame in one fragment"):
+            read_volume(whole)
     path = _rle_multiframe(tmp_path / "cut.dcm", 3, table=table, fragments=2)
     _without_delimiter(path) if cut == "delimiter" else _without_last_fragment(path)
     counted = (rf"holds {6 if cut == 'delimiter' else 5} whole fragment\(s\)" if table == "none" else
@@ -1456,6 +1472,99 @@ def test_a_compressed_slice_without_its_fragment_is_refused_naming_it(tmp_path):
                                              r"declares 1 frame\(s\) \(1 x 128 x 128 voxels\), but its compressed "
                                              r"\(RLE Lossless\) pixel data holds 0 whole frame"):
         read_volume(tmp_path / "series")
+
+
+def _fragment_items(path: Path) -> list[tuple[int, int]]:
+    """(file position of the item tag, value length) of each item of ``path``'s encapsulated pixel data, the Basic
+    Offset Table first, read from the bytes as they lie (not through pydicom)."""
+    import struct
+
+    raw = path.read_bytes()
+    # the pixel data's tag, VR (OB or OW), 2 reserved bytes and undefined length
+    position = re.search(rb"\xe0\x7f\x10\x00O[BW]\x00\x00\xff\xff\xff\xff", raw).end()
+    items = []
+    while raw[position:position + 4] == b"\xfe\xff\x00\xe0":
+        length = struct.unpack("<I", raw[position + 4:position + 8])[0]
+        items.append((position, length))
+        position += 8 + length
+    return items
+
+
+@pytest.mark.parametrize("table", ["basic", "extended"])
+def test_compressed_frames_in_several_fragments_are_read_by_their_offset_table(tmp_path, table):
+    """An RLE multi-frame file of 4 frames, 2 fragments a frame (3 with the Extended Offset Table), passed the frame
+    check and failed in pydicom's RLE decoder, which takes each fragment for a frame ("The amount of decoded RLE
+    segment data doesn't match"). The fragments of each frame are joined where the Basic or Extended Offset Table
+    says the frames start, and the file reads as its uncompressed twin; the frames are counted by the table (one
+    more declared than listed, or the last fragment cut off: refused naming both), and a table whose frame start is
+    not a fragment's is refused as corrupt, naming the frame."""
+    import struct
+
+    fragments = 2 if table == "basic" else 3
+    whole = _rle_multiframe(tmp_path / "whole.dcm", 4, table=table, fragments=fragments)
+    assert len(_fragment_items(whole)) == 1 + 4 * fragments
+    assert ("ExtendedOffsetTable" in pydicom.dcmread(whole)) == (table == "extended")
+    assert np.array_equal(read_volume(whole).array, read_volume(_multiframe(tmp_path / "raw.dcm", 4)).array)
+    more = _rle_multiframe(tmp_path / "more.dcm", 4, declared=5, table=table, fragments=fragments)
+    with pytest.raises(ImageReadError, match=r"more.dcm is truncated or corrupt: its header declares 5 frame\(s\) "
+                                             r"\(5 x 128 x 128 voxels\), but its compressed \(RLE Lossless\) pixel "
+                                             r"data holds 4 whole frame\(s\) of the 4 its offset table lists"):
+        read_volume(more)
+    cut = _without_last_fragment(_rle_multiframe(tmp_path / "cut.dcm", 4, table=table, fragments=fragments))
+    with pytest.raises(ImageReadError, match=r"cut.dcm is truncated or corrupt: its header declares 4 frame\(s\) "
+                                             r"\(4 x 128 x 128 voxels\), but its compressed \(RLE Lossless\) pixel "
+                                             r"data holds 3 whole frame\(s\) of the 4 its offset table lists; it ends "
+                                             r"without its sequence delimiter"):
+        read_volume(cut)
+    wrong = _rle_multiframe(tmp_path / "wrong.dcm", 4, table=table, fragments=fragments)
+    ds = pydicom.dcmread(wrong)
+    if table == "extended":
+        offsets = list(struct.unpack("<4Q", ds.ExtendedOffsetTable))
+        ds.ExtendedOffsetTable = struct.pack("<4Q", *offsets[:2], offsets[2] + 2, offsets[3])
+        ds.save_as(wrong)
+    else:  # the third entry of the Basic table 2 bytes on: inside the third frame's first fragment
+        raw = bytearray(wrong.read_bytes())
+        entry = _fragment_items(wrong)[0][0] + 8 + 4 * 2
+        raw[entry:entry + 4] = struct.pack("<I", struct.unpack("<I", raw[entry:entry + 4])[0] + 2)
+        wrong.write_bytes(bytes(raw))
+    with pytest.raises(ImageReadError, match=r"wrong.dcm is corrupt: its offset table puts frame 3 of 4 at byte "
+                                             r"\d+, not at the start of a fragment of its compressed pixel data "
+                                             r"after the previous frame's"):
+        read_volume(wrong)
+
+
+def test_jpeg_ls_frames_in_several_fragments_are_read_by_their_offset_table(tmp_path):
+    """A 10-frame JPEG-LS MR whose frames each lie in 2 fragments, listed by its Basic Offset Table, failed: GDCM's
+    handler took each fragment for a frame, pylibjpeg has no JPEG-LS plugin here ("'pylibjpeg-libjpeg' plugin is
+    not installed"). With each frame's fragments joined it reads as the file of one fragment a frame."""
+    from pydicom.encaps import decode_data_sequence, encapsulate
+
+    source = _pydicom_data("emri_small_jpeg_ls_lossless.dcm")
+    ds = pydicom.dcmread(source)
+    ds.PixelData = encapsulate(decode_data_sequence(ds.PixelData), fragments_per_frame=2)
+    ds.save_as(tmp_path / "split.dcm")
+    assert len(_fragment_items(tmp_path / "split.dcm")) == 1 + 10 * 2
+    np.testing.assert_array_equal(read_volume(tmp_path / "split.dcm").array, read_volume(source).array)
+
+
+@pytest.mark.parametrize("table", ["basic", "extended", "none"])
+def test_a_compressed_file_cut_inside_a_fragment_is_refused_naming_the_frame(tmp_path, table):
+    """A multi-frame RLE file cut in the middle of a fragment of its second frame was refused naming voxels only
+    ("ends inside a fragment (a cut copy); its header declares 3 x 128 x 128 voxels"), or, with an offset table, as
+    "a cut copy, or NumberOfFrames is wrong". The refusal names the frame the cut is in and the frames declared and
+    whole, by the offset table (Basic or Extended); without one, the fragment and at most how many frames are
+    whole."""
+    fragments = 1 if table == "none" else 2
+    path = _rle_multiframe(tmp_path / "cut.dcm", 3, table=table, fragments=fragments)
+    position, length = _fragment_items(path)[1 + 2 * fragments - 1]  # the second frame's last fragment
+    path.write_bytes(path.read_bytes()[:position + 8 + length // 2])
+    found = (r"ends inside its fragment 2, cut short \(a cut copy\): its header declares 3 frame\(s\) \(3 x 128 x "
+             r"128 voxels\), at most 1 of them whole \(without an offset table" if table == "none" else
+             r"ends inside frame 2 of the 3 its header declares \(3 x 128 x 128 voxels\), in a fragment cut short "
+             r"\(a cut copy\): 1 whole frame\(s\) found, by its offset table")
+    with pytest.raises(ImageReadError, match=rf"cut.dcm is truncated: its compressed \(RLE Lossless\) pixel data "
+                                             rf"{found}"):
+        read_volume(path)
 
 
 def _colour(path: Path, position: bool = True) -> Path:

@@ -8,6 +8,7 @@ series (:mod:`lib.imaging.dicom_write`).
 """
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import re
@@ -18,10 +19,11 @@ from typing import Any, BinaryIO, NamedTuple, Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.encaps import get_frame_offsets
+from pydicom.encaps import encapsulate, generate_pixel_data_fragment, get_frame_offsets
 from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomFileLike
+from pydicom.filebase import DicomBytesIO, DicomFileLike
 from pydicom.pixel_data_handlers.util import apply_modality_lut
+from pydicom.uid import RLELossless
 
 from .dicom_geometry import orientation_direction, plane_geometry_2d, stack_geometry
 from .dicom_tags import (as_signed_stored, first_number, float_list, float_or, identity_conflict, sequence_item,
@@ -473,6 +475,18 @@ class _Fragments(NamedTuple):
     delimited: bool
 
 
+def _table_offsets(listed: bool, basic: list[int], header: Dataset) -> list[int]:
+    """Where each frame starts (bytes from the first fragment's item tag): the Basic Offset Table (``basic``, as
+    pydicom's ``get_frame_offsets`` gives it, ``listed`` False when empty), else ``header``'s Extended Offset Table;
+    [] when both are empty."""
+    if listed:
+        return basic
+    extended = header.get("ExtendedOffsetTable")
+    if isinstance(extended, bytes) and extended and len(extended) % 8 == 0:
+        return list(struct.unpack(f"<{len(extended) // 8}Q", extended))
+    return []
+
+
 def _walk_fragments(stream: BinaryIO, end: int, header: Dataset) -> _Fragments | None:
     """The items of encapsulated pixel data (PS3.5 A.4) read from ``stream``, positioned at the Basic Offset Table
     item, up to ``end`` (bytes, the stream's end) or the sequence delimiter: offsets and fragment lengths only, the
@@ -486,10 +500,7 @@ def _walk_fragments(stream: BinaryIO, end: int, header: Dataset) -> _Fragments |
         return _Fragments(None, [], True, False)
     except ValueError:  # no Basic Offset Table item first
         return None
-    offsets = offsets if listed else []  # an empty table is given as one frame at 0
-    extended = header.get("ExtendedOffsetTable")
-    if not offsets and isinstance(extended, bytes) and len(extended) % 8 == 0:
-        offsets = list(struct.unpack(f"<{len(extended) // 8}Q", extended))
+    offsets = _table_offsets(listed, offsets, header)
     first = stream.tell()
     ends: list[int] = []
     while True:
@@ -574,11 +585,13 @@ def _check_frames(ds: Dataset, path: Path, shape: Sequence[int], items: _Fragmen
     """Refuse encapsulated (compressed) pixel data (``items``: from :func:`_dcmread_header`) that holds fewer whole
     frames than the ``shape[0]`` the header declares (a cut copy, a NumberOfFrames too large: the decoder's message
     was a failed reshape, or "without pixel data"), whose offset table lists more frames than declared (the decoder
-    returns the first ones: frames lost), or whose last fragment is cut, or that ends without its Sequence
-    Delimitation Item (a copy cut at a fragment's boundary: pydicom drops the whole element, and the last frame may
-    have lost fragments). Counted from the offset table (a frame is whole when the next one's start, or for the
-    last frame the delimiter, is in the file); without one, from the fragments (each frame takes one or more: fewer
-    fragments than frames is frames missing). The fragments are never decoded."""
+    returns the first ones: frames lost), or whose last fragment is cut (naming the frame it is in where the table
+    tells), or that ends without its Sequence Delimitation Item (a copy cut at a fragment's boundary: pydicom drops
+    the whole element, and the last frame may have lost fragments), or RLE Lossless frames in more fragments than
+    frames without an offset table (RLE puts a frame in one fragment: where each starts is unknown). Counted from the
+    offset table (a frame is whole when the next one's start, or for the last frame the delimiter, is in the file);
+    without one, from the fragments (each frame takes one or more: fewer fragments than frames is frames missing).
+    The fragments are never decoded."""
     declared = int(shape[0])
     size = " x ".join(str(int(v)) for v in shape)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -596,6 +609,17 @@ def _check_frames(ds: Dataset, path: Path, shape: Sequence[int], items: _Fragmen
         counted = f"holds {held} whole fragment(s), and a frame takes one or more"
     if not items.delimited and not items.cut:
         counted += "; it ends without its sequence delimiter (FFFE,E0DD), so its last frame may lack fragments"
+    # the frame the cut fragment is in: the last whose start is at or before that fragment's item tag
+    cut_frame = bisect.bisect_right(items.offsets, whole_bytes) if items.offsets is not None else 0
+    if items.cut and 1 <= cut_frame <= declared:
+        raise ImageReadError(
+            f"{path} is truncated: {what} ends inside frame {cut_frame} of the {declared} its header declares "
+            f"({size} voxels), in a fragment cut short (a cut copy): {held} whole frame(s) found, by its offset table")
+    if items.cut and items.offsets is None and items.ends:
+        raise ImageReadError(
+            f"{path} is truncated: {what} ends inside its fragment {len(items.ends) + 1}, cut short (a cut copy): its "
+            f"header declares {declared} frame(s) ({size} voxels), at most {min(len(items.ends), declared - 1)} of "
+            "them whole (without an offset table, which frame a fragment belongs to is unknown)")
     if held < declared:
         raise ImageReadError(
             f"{path} is truncated or corrupt: its header declares {declared} frame(s) ({size} voxels), but {what} "
@@ -605,13 +629,53 @@ def _check_frames(ds: Dataset, path: Path, shape: Sequence[int], items: _Fragmen
             f"{path} is corrupt: {what} holds {len(items.offsets)} frames by its offset table, "
             f"{len(items.offsets) - declared} more than its header declares ({size} voxels): NumberOfFrames is "
             "wrong, and reading it would leave frames out; fix the header or re-export the image")
-    if items.cut:
-        raise ImageReadError(f"{path} is truncated: {what} ends inside a fragment (a cut copy); its header declares "
-                             f"{size} voxels")
     if truncated:  # without a table: fragments enough, but the last frame's may be cut off after any of them
         raise ImageReadError(
             f"{path} is truncated or corrupt: its header declares {declared} frame(s) ({size} voxels), but {what} "
             f"{counted} (a cut copy)")
+    if items.offsets is None and declared > 1 and len(items.ends) > declared and syntax == RLELossless:
+        raise ImageReadError(
+            f"{path} cannot be read: {what} holds {len(items.ends)} fragments for the {declared} frames its header "
+            f"declares ({size} voxels) and no offset table: RLE Lossless puts each frame in one fragment, and "
+            "without a Basic or Extended Offset Table where each frame starts is unknown; re-export the image (one "
+            "fragment a frame, or with an offset table)")
+
+
+def _join_frame_fragments(ds: Dataset, path: Path, n_frames: int) -> None:
+    """``ds``'s encapsulated pixel data of ``n_frames`` frames rewritten with one fragment a frame (each frame's
+    fragments joined, in order), where its Basic or Extended Offset Table says where each frame starts and a frame
+    takes several: pydicom 2's RLE and GDCM decoders take each fragment for a frame, so a frame in two failed with a
+    decoder's message (RLE: about segment lengths; JPEG-LS: a missing plugin). ImageReadError when a frame's start in the table is not a fragment's
+    item tag (the table is wrong: the frames cannot be told apart). Left as it is otherwise (one fragment a frame,
+    no table, not encapsulated, or items not laid out as the standard says: left to the decoder)."""
+    if n_frames < 2 or not _encapsulated_syntax(ds) or not isinstance(ds.get("PixelData"), bytes):
+        return
+    stream = DicomBytesIO(ds.PixelData)
+    stream.is_little_endian = True
+    try:
+        listed, basic = get_frame_offsets(stream)
+        fragments = list(generate_pixel_data_fragment(stream))
+    except (EOFError, ValueError, struct.error):
+        return
+    offsets = _table_offsets(listed, basic, ds)
+    if len(fragments) <= n_frames or len(offsets) != n_frames:
+        return
+    starts: dict[int, int] = {}  # each fragment's item tag, bytes from the first one's -> its index
+    position = 0
+    for index, fragment in enumerate(fragments):
+        starts[position] = index
+        position += 8 + len(fragment)
+    for k, offset in enumerate(offsets):  # the first frame at the first fragment, each next one at a later fragment
+        if offset not in starts or (offset <= offsets[k - 1] if k else offset != 0):
+            raise ImageReadError(
+                f"{path} is corrupt: its offset table puts frame {k + 1} of {n_frames} at byte {offset}, not at the "
+                "start of a fragment of its compressed pixel data after the previous frame's (the first frame at "
+                "byte 0): where its frames start is unknown; re-export the image")
+    first = [starts[offset] for offset in offsets] + [len(fragments)]
+    ds.PixelData = encapsulate([b"".join(fragments[first[k]:first[k + 1]]) for k in range(n_frames)])
+    for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):  # a Basic table is written instead
+        if keyword in ds:
+            delattr(ds, keyword)
 
 
 def _check_pixel_bytes(ds: Dataset, path: Path, shape: Sequence[int],
@@ -752,8 +816,9 @@ def _slice_plane(ds: Dataset) -> tuple[list[float] | None, list[float] | None, l
 
 def _read_multiframe(ds: FileDataset, path: Path, modality_arg: str | None, fill: bool) -> Volume:
     """A multi-frame object (enhanced CT/MR or legacy multi-frame) as a 3D volume."""
-    frames = _decode_pixels(ds, path)
     n = int(float_or(ds.get("NumberOfFrames", 1), 1.0))
+    _join_frame_fragments(ds, path, n)
+    frames = _decode_pixels(ds, path)
     if frames.ndim != 3 or frames.shape[0] != n:
         raise ImageReadError(f"{path}: pixel array shape {frames.shape} does not match NumberOfFrames {n}")
 
