@@ -1533,18 +1533,81 @@ def test_compressed_frames_in_several_fragments_are_read_by_their_offset_table(t
         read_volume(wrong)
 
 
+def _split_frames(source: Path, path: Path, table: bool = True, repeat: int = 1, declared: int | None = None,
+                  damaged: int | None = None) -> Path:
+    """``source``'s compressed frames (all of them ``repeat`` times over) written to ``path`` 2 fragments a frame,
+    with a Basic Offset Table or none; frame ``damaged`` (0-based) without its first 2 bytes (its codestream's
+    start marker) made 00 00; the header declares ``declared`` frames (default: as many as it holds)."""
+    from pydicom.encaps import decode_data_sequence, encapsulate
+
+    ds = pydicom.dcmread(source)
+    frames = decode_data_sequence(ds.PixelData) * repeat
+    if damaged is not None:
+        frames[damaged] = b"\x00\x00" + frames[damaged][2:]
+    ds.PixelData = encapsulate(frames, fragments_per_frame=2, has_bot=table)
+    ds.NumberOfFrames = len(frames) if declared is None else declared
+    ds.save_as(path)
+    return path
+
+
 def test_jpeg_ls_frames_in_several_fragments_are_read_by_their_offset_table(tmp_path):
     """A 10-frame JPEG-LS MR whose frames each lie in 2 fragments, listed by its Basic Offset Table, failed: GDCM's
     handler took each fragment for a frame, pylibjpeg has no JPEG-LS plugin here ("'pylibjpeg-libjpeg' plugin is
     not installed"). With each frame's fragments joined it reads as the file of one fragment a frame."""
-    from pydicom.encaps import decode_data_sequence, encapsulate
+    source = _pydicom_data("emri_small_jpeg_ls_lossless.dcm")
+    split = _split_frames(source, tmp_path / "split.dcm")
+    assert len(_fragment_items(split)) == 1 + 10 * 2
+    np.testing.assert_array_equal(read_volume(split).array, read_volume(source).array)
+
+
+@pytest.mark.parametrize("name", ["emri_small_jpeg_ls_lossless.dcm", "emri_small_jpeg_2k_lossless.dcm"])
+def test_jpeg_frames_in_several_fragments_without_an_offset_table_are_read_by_their_start_markers(tmp_path, name):
+    """The JPEG-LS MR of 10 frames, 2 fragments a frame, without an offset table still failed as "'pylibjpeg-libjpeg'
+    plugin is not installed" (JPEG 2000 read through pylibjpeg's search for end markers). Each frame's codestream
+    begins with its codec's start marker (FFD8, FF4F): where the fragments that begin with it are one a frame, the
+    first among them, each frame's fragments are joined and the file reads as its source. Where they are not
+    (NumberOfFrames one too few or too many, a frame's start marker damaged; the first frame's with NumberOfFrames
+    one too few: one a frame, but not the first fragment among them), the file is refused naming why, not left to a
+    decoder's message (or read with the first frame's fragments left out)."""
+    source = _pydicom_data(name)
+    split = _split_frames(source, tmp_path / "split.dcm", table=False)
+    assert len(_fragment_items(split)) == 1 + 10 * 2 and _fragment_items(split)[0][1] == 0  # an empty table
+    np.testing.assert_array_equal(read_volume(split).array, read_volume(source).array)
+    marker = r"a start of image marker \(FFD8\)" if "jpeg_ls" in name else r"a start of codestream marker \(FF4F\)"
+    for declared, damaged, begin in ((9, None, "10"), (11, None, "10"), (10, 3, "9"), (9, 0, "9")):
+        path = _split_frames(source, tmp_path / "wrong.dcm", table=False, declared=declared, damaged=damaged)
+        first = ", not the first one" if damaged == 0 else ""
+        with pytest.raises(ImageReadError, match=rf"wrong.dcm cannot be read: its compressed \(.*\) pixel data holds "
+                                                 rf"20 fragments for the {declared} frames its header declares "
+                                                 rf"\({declared} x 64 x 64 voxels\) and no offset table, and {begin} "
+                                                 rf"of its fragments begin with {marker}, as each frame does{first}: "
+                                                 r"where each frame starts is unknown"):
+            read_volume(path)
+
+
+def test_frames_whose_starts_are_unknown_are_refused_before_the_pixel_data_is_read(tmp_path):
+    """An offset table entry that is not a fragment's start was refused only when the fragments were joined, after
+    the whole pixel data had been read. The header check, which walks the fragments' items without reading them
+    (their first 4 bytes apart), now refuses it, and JPEG fragments without a table whose start markers are not one
+    a frame: a JPEG-LS file of 200 frames in 400 fragments is refused with the peak of memory far below its pixel
+    data, whether its third frame's table entry is 2 bytes off or its header declares 199 frames."""
+    import struct
 
     source = _pydicom_data("emri_small_jpeg_ls_lossless.dcm")
-    ds = pydicom.dcmread(source)
-    ds.PixelData = encapsulate(decode_data_sequence(ds.PixelData), fragments_per_frame=2)
-    ds.save_as(tmp_path / "split.dcm")
-    assert len(_fragment_items(tmp_path / "split.dcm")) == 1 + 10 * 2
-    np.testing.assert_array_equal(read_volume(tmp_path / "split.dcm").array, read_volume(source).array)
+    wrong = _split_frames(source, tmp_path / "wrong.dcm", repeat=20)
+    raw = bytearray(wrong.read_bytes())
+    entry = _fragment_items(wrong)[0][0] + 8 + 4 * 2  # the third entry of the Basic table 2 bytes on
+    raw[entry:entry + 4] = struct.pack("<I", struct.unpack("<I", raw[entry:entry + 4])[0] + 2)
+    wrong.write_bytes(bytes(raw))
+    unmarked = _split_frames(source, tmp_path / "unmarked.dcm", table=False, repeat=20, declared=199)
+    for path, expected in ((wrong, r"wrong.dcm is corrupt: its offset table puts frame 3 of 200 at byte \d+, not at "
+                                   r"the start of a fragment"),
+                           (unmarked, r"unmarked.dcm cannot be read: .* holds 400 fragments for the 199 frames its "
+                                      r"header declares .* and 200 of its fragments begin with a start of image")):
+        pixel_bytes = sum(length for _, length in _fragment_items(path))
+        raised, peak = _peak_bytes(lambda: read_volume(path))
+        assert isinstance(raised, ImageReadError) and re.search(expected, str(raised)), (path, raised)
+        assert peak < pixel_bytes / 4, (path, peak, pixel_bytes)
 
 
 @pytest.mark.parametrize("table", ["basic", "extended", "none"])

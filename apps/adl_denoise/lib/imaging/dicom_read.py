@@ -23,7 +23,7 @@ from pydicom.encaps import encapsulate, generate_pixel_data_fragment, get_frame_
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO, DicomFileLike
 from pydicom.pixel_data_handlers.util import apply_modality_lut
-from pydicom.uid import RLELossless
+from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, RLELossless
 
 from .dicom_geometry import orientation_direction, plane_geometry_2d, stack_geometry
 from .dicom_tags import (as_signed_stored, first_number, float_list, float_or, identity_conflict, sequence_item,
@@ -469,6 +469,8 @@ class _Fragments(NamedTuple):
     offsets: list[int] | None
     #: the end of each fragment item whose bytes are all there, bytes from the first fragment's item tag
     ends: list[int]
+    #: the first bytes (up to 4) of each of those fragments: where a frame's codestream begins, its start marker
+    heads: list[bytes]
     #: the data ends inside an item (a cut copy)
     cut: bool
     #: the items end with the Sequence Delimitation Item, not with the file (without it pydicom drops the element)
@@ -497,25 +499,27 @@ def _walk_fragments(stream: BinaryIO, end: int, header: Dataset) -> _Fragments |
     try:
         listed, offsets = get_frame_offsets(fp)
     except (EOFError, struct.error):  # the data ends inside the Basic Offset Table
-        return _Fragments(None, [], True, False)
+        return _Fragments(None, [], [], True, False)
     except ValueError:  # no Basic Offset Table item first
         return None
     offsets = _table_offsets(listed, offsets, header)
     first = stream.tell()
     ends: list[int] = []
+    heads: list[bytes] = []
     while True:
         item = stream.read(8)
         if len(item) < 8:
-            return _Fragments(offsets or None, ends, len(item) > 0, False)  # the items end with the file
+            return _Fragments(offsets or None, ends, heads, len(item) > 0, False)  # the items end with the file
         group, element, length = struct.unpack("<HHI", item)
         tag = group << 16 | element
         if tag == 0xFFFEE0DD:
-            return _Fragments(offsets or None, ends, False, True)
+            return _Fragments(offsets or None, ends, heads, False, True)
         if tag != 0xFFFEE000 or length == 0xFFFFFFFF:
             return None
         if stream.tell() + length > end:
-            return _Fragments(offsets or None, ends, True, False)
-        stream.seek(length, os.SEEK_CUR)
+            return _Fragments(offsets or None, ends, heads, True, False)
+        heads.append(stream.read(min(length, 4)))
+        stream.seek(length - len(heads[-1]), os.SEEK_CUR)
         ends.append(stream.tell() - first)
 
 
@@ -587,11 +591,12 @@ def _check_frames(ds: Dataset, path: Path, shape: Sequence[int], items: _Fragmen
     was a failed reshape, or "without pixel data"), whose offset table lists more frames than declared (the decoder
     returns the first ones: frames lost), or whose last fragment is cut (naming the frame it is in where the table
     tells), or that ends without its Sequence Delimitation Item (a copy cut at a fragment's boundary: pydicom drops
-    the whole element, and the last frame may have lost fragments), or RLE Lossless frames in more fragments than
-    frames without an offset table (RLE puts a frame in one fragment: where each starts is unknown). Counted from the
-    offset table (a frame is whole when the next one's start, or for the last frame the delimiter, is in the file);
-    without one, from the fragments (each frame takes one or more: fewer fragments than frames is frames missing).
-    The fragments are never decoded."""
+    the whole element, and the last frame may have lost fragments), or frames in more fragments than frames whose
+    starts are not known (:func:`_first_fragments`: a table entry that is not a fragment's start; without a table,
+    RLE Lossless, or JPEG whose fragments beginning a codestream are not one a frame). Counted from the offset table
+    (a frame is whole when the next one's start, or for the last frame the delimiter, is in the file); without one,
+    from the fragments (each frame takes one or more: fewer fragments than frames is frames missing). The fragments
+    are never decoded (their first bytes are looked at)."""
     declared = int(shape[0])
     size = " x ".join(str(int(v)) for v in shape)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -633,22 +638,74 @@ def _check_frames(ds: Dataset, path: Path, shape: Sequence[int], items: _Fragmen
         raise ImageReadError(
             f"{path} is truncated or corrupt: its header declares {declared} frame(s) ({size} voxels), but {what} "
             f"{counted} (a cut copy)")
-    if items.offsets is None and declared > 1 and len(items.ends) > declared and syntax == RLELossless:
+    _first_fragments(ds, path, shape, items.offsets or [], [0, *items.ends[:-1]], items.heads)
+
+
+#: the bytes each frame's codestream begins with, by transfer syntax: JPEG's and JPEG-LS's start of image marker
+#: and the next marker's first byte, JPEG 2000's start of codestream and image and tile size markers. JPEG's coded
+#: data cannot hold FFD8 (an FF in it is followed by 00, or by a byte under 80 in JPEG-LS), JPEG 2000's rarely
+#: holds them; every frame's first fragment begins with them, so exactly one such fragment a frame tells the starts
+_CODESTREAM_STARTS: dict[str, tuple[bytes, str]] = {
+    **dict.fromkeys(JPEGTransferSyntaxes + JPEGLSTransferSyntaxes, (b"\xff\xd8\xff", "a start of image marker (FFD8)")),
+    **dict.fromkeys(JPEG2000TransferSyntaxes, (b"\xff\x4f\xff\x51", "a start of codestream marker (FF4F)")),
+}
+
+
+def _first_fragments(ds: Dataset, path: Path, shape: Sequence[int], offsets: Sequence[int], starts: Sequence[int],
+                     heads: Sequence[bytes]) -> list[int] | None:
+    """The index of each frame's first fragment, for ``ds``'s encapsulated pixel data of ``shape[0]`` frames in
+    more fragments than frames (``starts``: each fragment's item tag, bytes from the first one's; ``heads``: its
+    first bytes, up to 4): by the Basic or Extended Offset Table (``offsets``; [] when there is none), else, for
+    JPEG, JPEG-LS and JPEG 2000, the fragments that begin with the codec's start marker (each frame's codestream
+    does), when they are one a frame and the first fragment is one of them. None when each frame takes one fragment
+    (or one frame all), or a table lists another number of frames (:func:`_check_frames` counts them), or the codec
+    has no start marker (left to the decoder). ImageReadError when a table puts a frame where no fragment starts
+    (or not after the previous frame's), or, without a table, for RLE Lossless (a frame's fragments cannot be told
+    apart), or JPEG whose fragments beginning a codestream are not one a frame: where each frame starts is unknown.
+    Shared by the header check and the join before decoding."""
+    n_frames = int(shape[0])
+    if n_frames < 2 or len(starts) <= n_frames or (offsets and len(offsets) != n_frames):
+        return None
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    what = f"its compressed ({getattr(syntax, 'name', syntax)}) pixel data"
+    if offsets:
+        index = {start: k for k, start in enumerate(starts)}
+        for k, offset in enumerate(offsets):  # the first frame at the first fragment, each next one at a later one
+            if offset not in index or (offset <= offsets[k - 1] if k else offset != 0):
+                raise ImageReadError(
+                    f"{path} is corrupt: its offset table puts frame {k + 1} of {n_frames} at byte {offset}, not at "
+                    "the start of a fragment of its compressed pixel data after the previous frame's (the first "
+                    "frame at byte 0): where its frames start is unknown; re-export the image")
+        return [index[offset] for offset in offsets]
+    size = " x ".join(str(int(v)) for v in shape)
+    held = f"{what} holds {len(starts)} fragments for the {n_frames} frames its header declares ({size} voxels)"
+    if syntax == RLELossless:
         raise ImageReadError(
-            f"{path} cannot be read: {what} holds {len(items.ends)} fragments for the {declared} frames its header "
-            f"declares ({size} voxels) and no offset table: RLE Lossless puts each frame in one fragment, and "
+            f"{path} cannot be read: {held} and no offset table: RLE Lossless puts each frame in one fragment, and "
             "without a Basic or Extended Offset Table where each frame starts is unknown; re-export the image (one "
             "fragment a frame, or with an offset table)")
+    marker, name = _CODESTREAM_STARTS.get(str(syntax), (b"", ""))
+    if not marker:
+        return None
+    first = [k for k, head in enumerate(heads) if head.startswith(marker)]
+    if len(first) != n_frames or first[0] != 0:
+        raise ImageReadError(
+            f"{path} cannot be read: {held} and no offset table, and {len(first)} of its fragments begin with {name}, "
+            f"as each frame does{'' if first[:1] == [0] else ', not the first one'}: where each frame starts is "
+            "unknown (NumberOfFrames is wrong, or the data is damaged); re-export the image (one fragment a frame, "
+            "or with an offset table)")
+    return first
 
 
-def _join_frame_fragments(ds: Dataset, path: Path, n_frames: int) -> None:
-    """``ds``'s encapsulated pixel data of ``n_frames`` frames rewritten with one fragment a frame (each frame's
-    fragments joined, in order), where its Basic or Extended Offset Table says where each frame starts and a frame
-    takes several: pydicom 2's RLE and GDCM decoders take each fragment for a frame, so a frame in two failed with a
-    decoder's message (RLE: about segment lengths; JPEG-LS: a missing plugin). ImageReadError when a frame's start in the table is not a fragment's
-    item tag (the table is wrong: the frames cannot be told apart). Left as it is otherwise (one fragment a frame,
-    no table, not encapsulated, or items not laid out as the standard says: left to the decoder)."""
-    if n_frames < 2 or not _encapsulated_syntax(ds) or not isinstance(ds.get("PixelData"), bytes):
+def _join_frame_fragments(ds: Dataset, path: Path, shape: Sequence[int]) -> None:
+    """``ds``'s encapsulated pixel data of ``shape[0]`` frames rewritten with one fragment a frame (each frame's
+    fragments joined, in order), where a frame takes several and :func:`_first_fragments` tells where each starts
+    (its Basic or Extended Offset Table, or the JPEG start markers): pydicom 2's RLE and GDCM decoders take each
+    fragment for a frame, so a frame in two failed with a decoder's message (RLE: about segment lengths; JPEG-LS: a
+    missing plugin). ImageReadError as :func:`_first_fragments` (the header check refuses those first). Left as it
+    is otherwise (one fragment a frame, not encapsulated, or items not laid out as the standard says: left to the
+    decoder)."""
+    if int(shape[0]) < 2 or not _encapsulated_syntax(ds) or not isinstance(ds.get("PixelData"), bytes):
         return
     stream = DicomBytesIO(ds.PixelData)
     stream.is_little_endian = True
@@ -657,22 +714,15 @@ def _join_frame_fragments(ds: Dataset, path: Path, n_frames: int) -> None:
         fragments = list(generate_pixel_data_fragment(stream))
     except (EOFError, ValueError, struct.error):
         return
-    offsets = _table_offsets(listed, basic, ds)
-    if len(fragments) <= n_frames or len(offsets) != n_frames:
+    starts = [0]  # each fragment's item tag, bytes from the first one's
+    for fragment in fragments[:-1]:
+        starts.append(starts[-1] + 8 + len(fragment))
+    first = _first_fragments(ds, path, shape, _table_offsets(listed, basic, ds), starts,
+                             [fragment[:4] for fragment in fragments])
+    if first is None:
         return
-    starts: dict[int, int] = {}  # each fragment's item tag, bytes from the first one's -> its index
-    position = 0
-    for index, fragment in enumerate(fragments):
-        starts[position] = index
-        position += 8 + len(fragment)
-    for k, offset in enumerate(offsets):  # the first frame at the first fragment, each next one at a later fragment
-        if offset not in starts or (offset <= offsets[k - 1] if k else offset != 0):
-            raise ImageReadError(
-                f"{path} is corrupt: its offset table puts frame {k + 1} of {n_frames} at byte {offset}, not at the "
-                "start of a fragment of its compressed pixel data after the previous frame's (the first frame at "
-                "byte 0): where its frames start is unknown; re-export the image")
-    first = [starts[offset] for offset in offsets] + [len(fragments)]
-    ds.PixelData = encapsulate([b"".join(fragments[first[k]:first[k + 1]]) for k in range(n_frames)])
+    first.append(len(fragments))
+    ds.PixelData = encapsulate([b"".join(fragments[first[k]:first[k + 1]]) for k in range(len(first) - 1)])
     for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):  # a Basic table is written instead
         if keyword in ds:
             delattr(ds, keyword)
@@ -817,7 +867,7 @@ def _slice_plane(ds: Dataset) -> tuple[list[float] | None, list[float] | None, l
 def _read_multiframe(ds: FileDataset, path: Path, modality_arg: str | None, fill: bool) -> Volume:
     """A multi-frame object (enhanced CT/MR or legacy multi-frame) as a 3D volume."""
     n = int(float_or(ds.get("NumberOfFrames", 1), 1.0))
-    _join_frame_fragments(ds, path, n)
+    _join_frame_fragments(ds, path, declared_shape(ds, path))
     frames = _decode_pixels(ds, path)
     if frames.ndim != 3 or frames.shape[0] != n:
         raise ImageReadError(f"{path}: pixel array shape {frames.shape} does not match NumberOfFrames {n}")
