@@ -204,7 +204,10 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "checking" in _calls(functions["ADLDenoiseWidget.studyText"])
     for name in ("onVolumeChanged", "refreshStaleIdentity"):
         assert "studyText" in _calls(functions[f"ADLDenoiseWidget.{name}"]), name
-    assert "describe_study" in _calls(functions["ADLDenoiseWidget.studyText"])
+    # a 4D frame's line names the frame, then why it was not compared with its files (the session's words)
+    study_text = ast.unparse(functions["ADLDenoiseWidget.studyText"])
+    assert "return self.logic.session.describe_study(identity, self.frameText(node))" in study_text
+    assert "self.frameText(node) or" not in study_text
     assert "removeObservers(self.onInputModified)" in ast.unparse(functions["ADLDenoiseWidget.onSceneEndClose"])
     # scalar volumes only
     assert "self.ui.inputVolumeSelector.showChildNodeTypes = False" in setup_src
@@ -251,7 +254,9 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
     assert "str(result.get('weights_version') or ''), result.get('audit_seq'))" in load
     verdict = ast.unparse(functions["ADLDenoiseWidget.onVerdict"])
-    assert "send_verdict(self.logic.require_client(), image_id, request)" in verdict
+    assert "self.run(self.logic.submit_verdict, study, request, on_done=done," in verdict
+    assert "return (image_id, send_verdict(client, image_id, request))" in \
+        ast.unparse(functions["ADLDenoiseLogic.submit_verdict"])
     assert "on_fail=lambda error: self.verdictFailed(request['identity'], error)" in verdict
     assert "send_verdict(client, image_id, request," in ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
     submit = ast.unparse(functions["ADLDenoiseWidget.onSubmitCorrection"])
@@ -1155,7 +1160,9 @@ def test_a_volume_with_frames_whose_rescale_slicer_ignored_is_warned_of_and_sent
     test_slicer_workflow_state): logged when the files check ends; said on the status line (the session's
     describe_study); ``selected``, which Denoise, a verdict and a correction go through before anything is sent,
     asks with Slicer's ``confirmOkCancelDisplay`` when ``require_study`` refuses with RescaleNotApplied, records the
-    confirmation and goes on, and a declined question is said on the status line without a second dialog."""
+    confirmation and goes on, and a declined question is said on the status line without a second dialog. A
+    correction of such a volume, and a verdict on its result, are refused before the question is asked, and by the
+    logic itself (require_correctable, require_judgeable)."""
     functions = _functions(MODULE_DIR / "ADLDenoise.py")
     poll = ast.unparse(functions["ADLDenoiseLogic.poll_identifications"])
     assert poll.index("self.session.files_read(") < poll.index("warning = self.session.rescale_warning(key[0])") < \
@@ -1175,6 +1182,14 @@ def test_a_volume_with_frames_whose_rescale_slicer_ignored_is_warned_of_and_sent
     # and by the logic itself, for scripts and the self-test, before anything is written or sent
     logic = ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
     assert logic.index("self.session.require_correctable(study['identity'])") < logic.index("self.require_client()")
+    # so is a verdict on the result of such a volume (it was denoised from the wrong values): by the widget before
+    # the question, by the session's verdict_request, and by the logic before the study is uploaded or judged
+    verdict = ast.unparse(functions["ADLDenoiseWidget.onVerdict"])
+    assert verdict.index("self.logic.session.require_judgeable()") < verdict.index("self.selected()") < \
+        verdict.index("self.logic.session.verdict_request(") < verdict.index("self.run(self.logic.submit_verdict,")
+    logic = ast.unparse(functions["ADLDenoiseLogic.submit_verdict"])
+    assert logic.index("self.session.require_judgeable(study['identity'])") < logic.index("self.require_client()") \
+        < logic.index("self.study_id_for(study, report)") < logic.index("send_verdict(")
     error = ast.unparse(functions["ADLDenoiseWidget.error"])
     assert "declined = isinstance(message, NotConfirmed)" in error
     assert error.index("self.ui.statusLabel.text = message") < error.index("if not declined:") < \

@@ -310,7 +310,7 @@ def identify(session: ReviewSession, node_id: str, voxels: np.ndarray, series: S
              name: str = "") -> tuple[int, BackgroundTask, VolumeSnapshot]:
     """What ADLDenoiseLogic.identify does on the GUI thread: copy the voxels (mrml.volume_snapshot), tell the
     session, hash the copy in a real background thread."""
-    snapshot = VolumeSnapshot(np.array(voxels, copy=True), EYE, name, None, series)
+    snapshot = VolumeSnapshot(np.array(voxels, copy=True), EYE, name, series.frame if series else None, series)
     ticket = session.identifying(node_id, series, name)
     return ticket, BackgroundTask(snapshot.content, name="identity"), snapshot
 
@@ -599,7 +599,8 @@ def test_a_dicom_volume_with_frames_whose_rescale_slicer_ignored_is_sent_only_on
     """An Enhanced CT file whose frames 3-4 carry their own rescale: Slicer's reader applies the first frame's to all,
     so those frames' values are wrong in the volume. The comparison with the files (the same background read) names
     them; the status line warns, and nothing is sent for the volume (Denoise, a verdict, a correction all go through
-    require_study) until the user confirms, once per files in the scene, also for the volume edited in place. Files
+    require_study; a verdict and a correction are refused outright: the next test) until the user confirms, once
+    per files in the scene, also for the volume edited in place. Files
     whose frames share one rescale say nothing; a scene close forgets both the warning and the confirmation."""
     stored = np.random.default_rng(8).integers(0, 2000, (4, 16, 12), dtype=np.int16)
     as_slicer_loads = (stored.astype(np.float32) - 1024.0)  # the first frame's rescale applied to every frame
@@ -633,7 +634,7 @@ def test_a_dicom_volume_with_frames_whose_rescale_slicer_ignored_is_sent_only_on
     assert "their values in this volume are wrong" in warning and "applies each frame's rescale" in warning
     line = session.describe_study(series)
     assert line.startswith(f"WARNING: {warning}") and "confirmation" in line and series.describe() in line
-    for send in (session.require_study, session.datastore_id, lambda: session.verdict_request("accepted", "dr")):
+    for send in (session.require_study, session.datastore_id):
         with pytest.raises(RescaleNotApplied, match="frames 3-4 of enhanced.dcm") as refused:
             send()
     assert "not sent" in str(refused.value) and refused.value.identity == series
@@ -706,6 +707,63 @@ def test_a_result_denoised_from_frames_with_wrong_values_carries_the_warning_and
         # a volume not from those files: nothing
         plain = content_identity(volume(3), EYE, "plain")
         assert session.result_warning(plain) == "" and session.describe_result(plain, line) == line
+
+
+def test_a_verdict_on_a_result_denoised_from_frames_with_wrong_values_is_never_sent(tmp_path):
+    """A result computed from a volume whose frames hold wrong values (their own rescale ignored by Slicer's reader)
+    was denoised from an input the model should never have had: a verdict on it (accepted, rejected or corrected)
+    would judge the model on that input and feed the review queue and fine-tuning, so verdict_request refuses it,
+    before the user is asked to confirm sending the volume and also once they confirmed, saying why and what to do
+    (require_judgeable, which ADLDenoiseLogic.submit_verdict asks too); also for the volume edited in place. The
+    same volume read from files whose frames share one rescale is judged as before."""
+    stored = np.random.default_rng(10).integers(0, 2000, (4, 16, 12), dtype=np.int16)
+    as_slicer_loads = stored.astype(np.float32) - 1024.0
+    own = [("1", "-1024"), ("1", "-1024"), ("2", "-1024"), ("2", "-1024")]
+    wrong = [write_enhanced_ct(tmp_path / "enhanced.dcm", stored, own)]
+    right = [write_enhanced_ct(tmp_path / "one.dcm", stored, [("1", "-1024")] * 4)]
+    series = dicom_identity("1.2.840.68", "CT", "5: Enhanced CT", instance_uids="1.2.840.68.1")
+    refusal = "a verdict on this volume's result is not sent: frames 3-4 of enhanced.dcm"
+    for files in (right, wrong):
+        session = ReviewSession()
+        ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", as_slicer_loads, series, "Enhanced")
+        check = BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files))
+        assert session.identified(ticket, hashed(task), lambda: FILES_PENDING) == series
+        assert check.wait(120) == "done", check.error
+        assert session.files_read(series, snapshot.content().key, check.result) == series
+        if files is right:
+            assert session.result_arrived(session.require_study(), "vtkMRMLScalarVolumeNode2", "adl") is not None
+            assert session.require_judgeable() == series
+            assert session.verdict_request("accepted", "dr_a")["identity"] == series
+            continue
+        # not confirmed yet: refused as a verdict (no question to confirm sending a volume whose verdict is refused)
+        with pytest.raises(WorkflowError, match=refusal) as refused:
+            session.verdict_request("accepted", "dr_a")
+        assert not isinstance(refused.value, RescaleNotApplied)
+        message = str(refused.value)
+        assert "judge the model on an input it should never have had" in message
+        assert "Load the series with a reader that applies each frame's rescale" in message and \
+            "denoise it again, then give the verdict" in message
+        # confirmed and denoised: the result's verdict is still refused, whichever verdict
+        session.accept_ignored_rescale(session.require_identified())
+        assert session.result_arrived(session.require_study(), "vtkMRMLScalarVolumeNode2", "adl") is not None
+        for verdict, reason in (("accepted", None), ("rejected", "streaks"), ("corrected", None)):
+            with pytest.raises(WorkflowError, match=refusal):
+                session.verdict_request(verdict, "dr_a", reason)
+        with pytest.raises(WorkflowError, match=refusal):
+            session.require_judgeable(series)
+        # edited in place: a new study of the same wrong values, its result's verdict refused too
+        edited_voxels = as_slicer_loads.copy()
+        edited_voxels[:, :4] = -1000.0
+        edited = session.as_loaded(series, content_identity(edited_voxels, EYE))
+        session.select(edited)
+        assert session.result_arrived(edited, "vtkMRMLScalarVolumeNode3", "adl") is not None
+        with pytest.raises(WorkflowError, match=refusal):
+            session.verdict_request("accepted", "dr_a")
+        # another volume of the scene, not from those files: judged as before
+        plain = content_identity(volume(3), EYE, "plain")
+        session.select(plain)
+        assert session.result_arrived(plain, "vtkMRMLScalarVolumeNode4", "adl") is not None
+        assert session.verdict_request("accepted", "dr_a")["identity"] == plain
 
 
 def test_the_frames_whose_rescale_slicer_ignored_are_named_whichever_file_stops_the_comparison(tmp_path):
@@ -781,9 +839,8 @@ def test_a_dicom_volume_whose_files_cannot_be_found_says_why_on_its_status_line(
     assert "1 of its 4 DICOM instances are not in Slicer's DICOM database" in reasons["not in it"].reason
     voxels = volume(5)
     for why, answer in reasons.items():
-        if why == "frame":  # a 4D frame's status line names the frame sent (ADLDenoiseWidget.frameText)
-            continue
-        series = dicom_identity("1.2.840.69", "CT", "7: CT", instance_uids=uids)
+        series = dicom_identity("1.2.840.69", "CT", "7: CT", frame=2 if why == "frame" else None,
+                                instance_uids=uids)
         session = ReviewSession()
         ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode1", voxels, series, "7: CT")
         # what ADLDenoiseLogic.start_files_check answers when the files cannot be found: the reason, at once
@@ -791,10 +848,15 @@ def test_a_dicom_volume_whose_files_cannot_be_found_says_why_on_its_status_line(
         line = session.describe_study(series)
         assert line.startswith(series.describe()) and \
             f"(not compared with its DICOM files: {answer.reason}; an edit made before" in line, line
+        if why == "frame":  # a 4D frame's status line names the frame sent (ADLDenoiseWidget.frameText), then why
+            frame = "4D sequence: frame 3 of 5 (12 s) is sent; its result is kept for that frame"
+            assert session.describe_study(series, frame) == \
+                f"{frame} (not compared with its DICOM files: {answer.reason}; an edit made before it was first " \
+                "selected is not seen, later ones are)"
         # the voxels first seen are the reference: a later edit is told without the files
         edited = voxels.copy()
         edited[:, :2] = -1000.0
-        assert session.as_loaded(series, content_identity(edited, EYE)).kind == "content"
+        assert session.as_loaded(series, content_identity(edited, EYE, frame=series.frame)).kind == "content"
 
 
 def test_the_content_hash_of_a_copy_is_the_identity_the_volume_always_had():

@@ -466,6 +466,17 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         return image_id, send_verdict(client, image_id, request,
                                       done_before=f"the correction was saved as {image_id}'s final label")
 
+    def submit_verdict(self, study: dict, request: dict, report=None, cancelled=None) -> tuple[str, dict]:
+        """Background: upload the study if the server does not hold it, then send the verdict of ``request``
+        (``ReviewSession.verdict_request``: it names the result on screen, so a 409 is :class:`VerdictRefused`);
+        returns (datastore id, verdict entry). Nothing is sent for a study whose frames hold wrong values
+        (``ReviewSession.require_judgeable``: its result was denoised from them), whoever calls this (the widget
+        asks it first)."""
+        self.session.require_judgeable(study["identity"])
+        client = self.require_client()
+        image_id = self.study_id_for(study, report)
+        return image_id, send_verdict(client, image_id, request)
+
 
 # ------------------------------------------------------------------------------------------------------ widget
 class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -748,18 +759,17 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = self.studyText(node, None)
 
     def studyText(self, node, identity) -> str:
-        """The status line of a selected study: the 4D frame sent, else its identity; always the note that a
-        DICOM volume was edited in place (its earlier result and server copy are not used). ``identity`` None:
-        being identified."""
+        """The status line of a selected study (``ReviewSession.describe_study``): the 4D frame sent, else its
+        identity, with why it was not compared with its DICOM files (a 4D frame never is) and the warning of frames
+        with wrong values; always the note that a DICOM volume was edited in place (its earlier result and server
+        copy are not used). ``identity`` None: being identified."""
         if identity is None:
             pending = self.logic.session.pending
             return f"identifying {pending.name if pending else node.GetName()} (hashing its voxels) ..."
-        if identity in self.logic.session.edited_from:
-            return self.logic.session.describe_study(identity)
         if self.logic.session.checking(identity):
             return f"{identity.describe()}: comparing it with its DICOM files (an edit made before it was selected " \
                    "would make it a new study) ..."
-        return self.frameText(node) or self.logic.session.describe_study(identity)
+        return self.logic.session.describe_study(identity, self.frameText(node))
 
     @staticmethod
     def frameText(node) -> str:
@@ -1321,6 +1331,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onVerdict(self, verdict: str):
         try:
+            self.logic.session.require_judgeable()  # refused before selected() would ask to confirm sending it
             original, identity = self.selected()
             request = self.logic.session.verdict_request(verdict, self.ui.reviewerEdit.text,
                                                          self.ui.rejectReasonEdit.text)
@@ -1329,17 +1340,13 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.error(error)
             return
 
-        def send(report, cancelled):
-            image_id = self.logic.study_id_for(study, report)
-            # names the result on screen (result_seq): a 409 (not the server's study's result) is VerdictRefused
-            return image_id, send_verdict(self.logic.require_client(), image_id, request)
-
         def done(answer):
             image_id, entry = ReviewSession.require_answer(answer, "the verdict")
             self.logic.record_study(study, image_id)
             self.afterVerdict(request["identity"], entry, verdict)
 
-        self.run(send, on_done=done, on_fail=lambda error: self.verdictFailed(request["identity"], error),
+        self.run(self.logic.submit_verdict, study, request, on_done=done,
+                 on_fail=lambda error: self.verdictFailed(request["identity"], error),
                  busy_text="recording the verdict ...")
 
     def afterVerdict(self, identity: StudyIdentity, entry, what):

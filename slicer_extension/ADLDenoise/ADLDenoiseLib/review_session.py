@@ -682,20 +682,22 @@ class ReviewSession:
         self.edited_from[edited] = identity
         return edited
 
-    def describe_study(self, identity: StudyIdentity) -> str:
+    def describe_study(self, identity: StudyIdentity, frame_text: str = "") -> str:
         """The status line of ``identity``; for a DICOM volume edited in place, says that it is a new study now; for
         one whose files could not be compared with it (:class:`NoReference`), why, and what stands in for them;
         first of all, a warning when frames of its files carry a rescale Slicer's reader ignored
-        (:meth:`rescale_warning`)."""
+        (:meth:`rescale_warning`). ``frame_text``: for the frame of a 4D sequence, which frame is sent (the
+        module's words), said in place of the identity, followed by the same reason and warning."""
         warning = self.rescale_warning(identity)
         warning = f"WARNING: {warning} (sending it asks for your confirmation). " if warning else ""
         original = self.edited_from.get(identity)
         if original is None:
+            what = frame_text or identity.describe()
             untold = self.files_untold.get(identity)
             if untold is not None and identity in self.loaded_content:
-                return (f"{warning}{identity.describe()} (not compared with its DICOM files: {untold}; an edit made "
-                        "before it was first selected is not seen, later ones are)")
-            return warning + identity.describe()
+                return (f"{warning}{what} (not compared with its DICOM files: {untold}; an edit made before it was "
+                        "first selected is not seen, later ones are)")
+            return warning + what
         return (f"{warning}{identity.describe()}: the DICOM {original.describe()} was edited in place (its voxels are "
                 "not the series' any more), so it is a new study: the series' result and the server's copy are not "
                 "used for it; denoise it again")
@@ -805,6 +807,22 @@ class ReviewSession:
                                 "convert the file to single-frame images), denoise it again, then correct it")
         return identity
 
+    def require_judgeable(self, identity: StudyIdentity | None = None) -> StudyIdentity | None:
+        """``identity`` (default: the selected study), unless frames of its files hold wrong values (a rescale
+        Slicer's reader ignored, :meth:`rescale_warning`): a verdict on its result is refused then, also once the
+        user confirmed sending the volume, since that result was denoised from an input the model should never have
+        had: the verdict would judge the model on it, and the review queue and fine-tuning would take it as a
+        reviewer's judgement. Asked before the user is asked to confirm sending the volume (:meth:`verdict_request`,
+        the module's verdict buttons)."""
+        identity = identity if identity is not None else self.study
+        frames = self._ignored_frames(identity)
+        if frames:
+            raise WorkflowError(f"a verdict on this volume's result is not sent: {frames}; that result was denoised "
+                                "from wrong values, and a verdict on it would judge the model on an input it should "
+                                "never have had. Load the series with a reader that applies each frame's rescale (or "
+                                "convert the file to single-frame images), denoise it again, then give the verdict")
+        return identity
+
     def correction_to_submit(self, identity: StudyIdentity | None = None) -> BlendRecord | None:
         """The blend to submit for the selected study, or None (no blend made: the caller blends now at the
         slider's strength). Refuses a blend of another study or of an older result, and any correction of a
@@ -833,7 +851,9 @@ class ReviewSession:
         (or refuses it) and never against a newer run's (someone denoised the study again meanwhile), and
         ``model``: that result's model. Refused without a result of the study (a verdict judges a denoised image
         the reviewer saw), and for a result another server made (its entry numbers name other results here).
-        ``reviewer``: see :meth:`reviewer_name` (may be empty when signed in)."""
+        ``reviewer``: see :meth:`reviewer_name` (may be empty when signed in). Refused for a volume whose frames
+        hold wrong values (:meth:`require_judgeable`), confirmed or not, before the confirmation is asked."""
+        self.require_judgeable(self.require_identified())
         study = self.require_study()
         if verdict not in VERDICTS:
             raise WorkflowError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
