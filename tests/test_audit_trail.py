@@ -1018,6 +1018,63 @@ def test_a_read_over_the_voxel_limit_that_no_route_answers_is_a_413_with_the_rea
 
 @pytest.mark.server
 @pytest.mark.slow
+def test_a_fine_tune_request_whose_correction_cannot_be_read_is_refused_naming_the_file(tmp_path, tiny_weights):
+    """A correction pair whose file the header check cannot read (missing, corrupt, not an image) passed the train
+    request (only the size was checked there), and the run failed on it later. Here, on a real server: two CT slabs
+    corrected (their modality in their info: the review queue read it), one correction's stamp without the image's
+    SHA-256 (as stamps written before ``image_sha256`` existed) and its study file then replaced by bytes that are no
+    image: ``POST /train/adl`` is a 422 naming the study and its file (no server path) and what is wrong, no run
+    started (train_stats "never trained"), and no entry of the request in the audit log. Without the study's modality
+    in its info, the read of its modality fails the same way (it was a bare 500)."""
+    from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
+
+    studies = tmp_path / "studies"
+    images = _slabs_between(studies)
+    model = copy_weights(tiny_weights, tmp_path / "model")
+    conf = {"audit_dir": tmp_path / "audit_log", "max_voxels": 300_000}
+    server = start_server(studies, model, tmp_path / "work1", conf=conf)
+    try:
+        assert queue_hand_outs(server.url, "ct") == images  # their modality kept in their info
+        for image in images:
+            saved = _put_label(server.url, image, "final", write_full_dose(tmp_path / f"{image}_final.nii.gz", image))
+            assert saved.status_code == 200, saved.text
+    finally:
+        stop_server(server)
+    index = studies / "datastore_v2.json"
+    data = json.loads(index.read_text())
+    stamp = data["objects"]["ct_slab_b"]["labels"]["final"]["info"]
+    assert stamp.pop("image_sha256"), stamp  # an older stamp: the study's file not named by its hash
+    index.write_text(json.dumps(data))
+    (studies / "ct_slab_b.nii.gz").write_bytes(b"not an image at all\n" * 100)
+    server = start_server(studies, model, tmp_path / "work2", conf=conf)
+    try:
+        refused = requests.post(f"{server.url}/train/adl", json={"steps": 2, "patch_size": 32, "device": "cpu"},
+                                timeout=600)
+        assert refused.status_code == 422, (refused.status_code, refused.text, _wait_for_training(server.url))
+        detail = refused.json()["detail"]
+        assert detail == ("study ct_slab_b: cannot read ct_slab_b.nii.gz: its content is not a NIfTI, NRRD or "
+                          "MetaImage image (no image reader recognises it); no run was started"), detail
+        assert str(tmp_path) not in detail, detail
+        assert requests.get(f"{server.url}/info/", timeout=60).json()["train_stats"]["adl"]["status"] == \
+            "never trained"
+        assert not _events(AuditLog(tmp_path / "audit_log"), "training_requested")
+    finally:
+        stop_server(server)
+    # a study whose modality is not in its info has it read first: that read's failure was a bare 500, now the same
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.trainers import TrainingDataError
+    from lib.trainers.finetune import correction_pairs
+
+    assert data["objects"]["ct_slab_b"]["image"]["info"].pop("modality") == "CT"
+    index.write_text(json.dumps(data))
+    with pytest.raises(TrainingDataError) as raised:
+        correction_pairs(LocalDatastore(str(studies), read_only=True), max_voxels=300_000)
+    assert str(raised.value).startswith("study ct_slab_b: cannot read ") and "no run was started" in str(raised.value)
+
+
+@pytest.mark.server
+@pytest.mark.slow
 def test_audit_trail_survives_a_restart_and_reports_tampering(folders):
     from mlserver import stop_server
 

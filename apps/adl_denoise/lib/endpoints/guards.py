@@ -19,8 +19,9 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   info gets the server's correction stamp (:func:`lib.trainers.correction_stamp`: who saved it, when, the file's
   SHA-256), overriding any client keys of the same names, and the label-info routes refuse those keys: only
   corrections saved here are training data.
-* ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing; 413 for
-  a correction or its study over the voxel limit, from their headers, naming the study); one run
+* ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing, or the
+  file of a correction or its study that cannot be read and why; 413 for a correction or its study over the voxel
+  limit, from their headers, naming the study); one run
   at a time (429, a ``run_sync`` run included); the request an audit entry naming who asked; a ``run_sync`` run
   trains in MONAI Label's training subprocess (not in the server process), the request waiting for it, so that
   ``DELETE /train/`` can stop it (then 409). ``POST /train/`` (MONAI Label's run-all, none of those checks): 422
@@ -90,7 +91,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 
 from ..runtime.hashing import file_sha256
 from ..runtime.switches import parse_bool
-from .common import app, for_caller, model_task, sees_internals
+from .common import app, for_caller, model_task, scrub_paths, sees_internals
 from .names import check_name
 
 __all__ = ["router", "DATASTORE_SUFFIXES", "FORBIDDEN_INFER_PARAMS", "PROXY_HEADERS_NOT_FORWARDED",
@@ -462,8 +463,8 @@ def guarded_train(model: str, params: Optional[dict] = None, run_sync: Optional[
     params = {k: v for k, v in (params or {}).items() if k not in TRAINING_REQUEST_KEYS}
     try:
         task.validate_request(dict(params), app().datastore())
-    except TrainingDataError as error:
-        raise HTTPException(status_code=422, detail=str(error)) from None
+    except TrainingDataError as error:  # a file that cannot be read is named, not the server's folders
+        raise HTTPException(status_code=422, detail=scrub_paths(str(error))) from None
     # The run (a subprocess of its own, outside this request) publishes or rejects weights: its entries name the
     # admin who asked through this entry, whose seq and user travel with the request; a client's values of those
     # keys were dropped above.

@@ -79,7 +79,7 @@ from ..engines.gated_fine_tuning import (
 from ..engines.reference_set import build_reference_set, reference_check
 from ..evaluation.restoration_width import spread_slices
 from ..imaging import ImageReadError, read_volume
-from ..imaging.errors import ImageTooLargeError
+from ..imaging.errors import ImageTooLargeError, one_line
 from ..imaging.io import check_voxels
 from ..noise_learning.adaptation import AdaptSettings, held_out_low_dose_check
 from ..noise_learning.workflow import adaptation_data
@@ -166,6 +166,8 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
         lib.imaging.errors.ImageTooLargeError: a pair's image or label is over the limit (the reader's message,
             after the study it belongs to): a request is refused before a run is launched, also where the study's
             modality comes from its info and nothing else is read here.
+        TrainingDataError: a pair's image or label cannot be read (its headers: missing, corrupt, not an image;
+            the reader's message, after the study it belongs to): the run would fail on it.
     """
     pairs = []
     for image_id in sorted(datastore.get_labeled_images()):
@@ -179,6 +181,8 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
             volume_modality = image_modality(datastore, image_id, image, max_voxels=max_voxels)
         except ImageTooLargeError as error:
             raise _of_study(error, f"study {image_id}") from None
+        except ImageReadError as error:
+            raise _unreadable(error, f"study {image_id}") from None
         if modality and volume_modality != modality.upper():
             continue
         for path, what in ((image, f"study {image_id}"), (label, f"the correction of study {image_id}")):
@@ -186,12 +190,18 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
                 check_voxels(path, max_voxels)
             except ImageTooLargeError as error:
                 raise _of_study(error, what) from None
-            except ImageReadError:
-                pass  # a file that cannot be read: the run's reader says why (the size is what is checked here)
+            except ImageReadError as error:  # the run's reader would fail on it, after the request was accepted
+                raise _unreadable(error, what) from None
         regions, info = _regions_of_correction(datastore, image_id)
         pairs.append({"id": image_id, "image": image, "label": label, "modality": volume_modality,
                       "regions": regions or None, "regions_info": info})
     return pairs
+
+
+def _unreadable(error: ImageReadError, what: str) -> TrainingDataError:
+    """A :class:`TrainingDataError` saying that ``what`` (the study, or its correction) cannot be read, and why (the
+    reader's message: the file and what is wrong with it)."""
+    return TrainingDataError(f"{what}: {one_line(error)}; no run was started")
 
 
 def _of_study(error: ImageTooLargeError, what: str) -> ImageTooLargeError:
