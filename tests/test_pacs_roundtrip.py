@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from monailabel.utils.others.generic import md5_digest
 import processes
 from conftest import SAMPLE_STUDIES
 from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
-from orthanc import (available, grow_on_retrieval, start_orthanc, start_orthanc_logging_requests, stop_orthanc,
-                     without_instance_counts)
+from orthanc import (QIDO_LOG, available, grow_on_retrieval, log_size, qido_searches, start_orthanc,
+                     start_orthanc_logging_requests, stop_orthanc, without_instance_counts)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=str(available()))]
@@ -817,6 +818,97 @@ def test_the_review_queue_asks_the_pacs_the_size_of_an_oversized_series_once(tmp
         assert [(s["id"], s["instances"]) for s in too_large] == [(big_uid, 7)], too_large
         assert any("/instances" in line for line in searched), searched
         assert not [p for p in (tmp_path / "dicomweb_cache").rglob(f"{big_uid}*")]  # never downloaded
+    finally:
+        stop_orthanc(pacs)
+
+
+def _size_searches(uid: str, searches: list[str]) -> list[str]:
+    """The QIDO-RS searches of ``searches`` (:func:`orthanc.qido_searches`) that ask the size of the series ``uid``:
+    its instances with their Rows (``lib.pacs.series_size``), first pages only (a search goes on with ``offset``
+    until a page is empty)."""
+    return [search for search in searches if f"SeriesInstanceUID={uid}" in search.split()
+            and "00280010" in search and not any(arg.startswith("offset=") and arg != "offset=0"
+                                                  for arg in search.split())]
+
+
+def test_one_download_of_a_pacs_series_asks_its_size_once(tmp_path, tiny_weights):
+    """Infer by id and the review queue ask a PACS series' size before its download (QIDO-RS, instance level: a
+    series over the voxel limit is refused with nothing downloaded), and the download asked it again for the free
+    space check of the cache's disk: two size searches of the PACS per series. The size asked is handed on to the
+    download: one each. Counted in the real Orthanc's log (its DICOMweb plugin logs every search's arguments)."""
+    import requests
+
+    pacs = start_orthanc(tmp_path / "orthanc", log_options=QIDO_LOG)
+    try:
+        denoised = upload_real_ct_series(pacs, tmp_path / "denoised")
+        handed_out = upload_real_ct_series(pacs, tmp_path / "handed_out")
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"max_voxels": 1_000_000})
+        try:
+            start = log_size(pacs)
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": denoised, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 200 and answer.json()["shape"] == [3, 512, 512], answer.text[:500]
+            searches = qido_searches(pacs, start)
+            assert len(_size_searches(denoised, searches)) == 1, searches
+            start = log_size(pacs)
+            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"exclude": [denoised]},
+                                   timeout=600)
+            assert answer.status_code == 200 and answer.json()["id"] == handed_out, answer.text[:500]
+            searches = qido_searches(pacs, start)
+            assert len(_size_searches(handed_out, searches)) == 1, searches
+            assert [p for p in (tmp_path / "work" / "dicomweb_cache").rglob(handed_out) if p.is_dir()]  # downloaded
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_weights):
+    """With ``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME`` the app left every download to MONAI Label's own, frame by frame,
+    without a limit: a route other than infer by id and the review queue (which ask the series' size first), here
+    the image download, fetched a series over ``max_voxels`` whole into the cache. MONAI Label's frame-by-frame
+    download now runs bounded: the series' metadata is checked before any frame is fetched. On a real server and
+    Orthanc (its request log): the 6-slice series (1.57 M voxels, over 1,000,000) is a 413 naming its size and the
+    limit, no frame of it fetched, nothing of it in the cache; the 3-slice one passes the check and has its 3 frames
+    asked. This Orthanc answers MONAI Label's frame requests 400 (its DICOMweb plugin refuses their ``Accept: */*``),
+    and MONAI Label's download drops each failed instance in silence: an empty folder was left in the cache and
+    converted (a 500 at every request for the series); the download now fails naming how many instances it got,
+    and leaves nothing."""
+    import requests
+
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
+    try:
+        big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
+        pacs.upload_files(big + small)
+        big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
+        cache = tmp_path / "work" / "dicomweb_cache"
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"max_voxels": 1_000_000}, env={"MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME": "true"})
+
+        def frames(uid: str) -> list[str]:  # WADO-RS frame retrievals of the series uid
+            return [line for line in requests_log.read_text().splitlines()
+                    if f"/series/{uid}/" in line and "/frames/" in line]
+
+        try:
+            answer = requests.get(f"{server.url}/datastore/image", params={"image": big_uid}, timeout=600)
+            assert answer.status_code == 413, (answer.status_code, answer.text[:500])
+            assert answer.json()["detail"] == (f"series {big_uid} is too large: its 6 instances hold 1,572,864 voxels, "
+                                               "over the limit of 1,000,000; nothing of it was downloaded (raise the "
+                                               "limit with --conf max_voxels on the server)"), answer.text
+            assert frames(big_uid) == []
+            assert not [p for p in cache.rglob(f"*{big_uid}*")], sorted(map(str, cache.rglob("*")))
+            requests.get(f"{server.url}/datastore/image", params={"image": small_uid}, timeout=600)
+            assert len(frames(small_uid)) == 3, frames(small_uid)  # under the limit: asked frame by frame
+            failed = f"0 of the 3 instances of series {small_uid} were fetched frame by frame; nothing of it was kept"
+            deadline = time.monotonic() + 120  # the traceback of a 500 is logged once the answer is sent
+            while failed not in server.log_tail(200_000):
+                assert time.monotonic() < deadline, server.log_tail()
+                time.sleep(0.5)
+            assert not [p for p in cache.rglob(f"*{small_uid}*")], sorted(map(str, cache.rglob("*")))
+            assert server.alive()
+        finally:
+            stop_server(server)
     finally:
         stop_orthanc(pacs)
 

@@ -50,8 +50,8 @@ from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
-from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesTooLarge, bound_waits, bounded_downloads, cache_folder,
-                      is_dicomweb, oversized, remove_stale_downloads, series_folder, start_up_warnings,
+from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesSize, SeriesTooLarge, bound_waits, bounded_downloads,
+                      cache_folder, is_dicomweb, known_size, remove_stale_downloads, series_folder, start_up_warnings,
                       store_derived_series, whole_listing)
 from lib.runtime.switches import parse_bool
 
@@ -268,16 +268,17 @@ class DenoisingApp(MONAILabelApp):
         task = self._infers.get(model) if isinstance(model, str) else None
         return getattr(task, "max_voxels", None) or max_voxels()
 
-    def _refuse_oversized_series(self, store, image_id: str, model) -> None:
+    def _refuse_oversized_series(self, store, image_id: str, model) -> SeriesSize | None:
         """413 before a PACS series over the model's voxel limit is downloaded: MONAI Label's DICOMweb datastore
         fetches a series whole (and converts it to NIfTI) before the reader's size check could refuse it. The size
         comes from the PACS's QIDO-RS answer; a series already downloaded, or one the PACS gives no size for, is
         checked by the reader as any image. A PACS that lists part of a series' instances (a limit on search
         results) gives its instance count: the size is then estimated from those listed
-        (:func:`lib.pacs.series_voxels`)."""
+        (:func:`lib.pacs.series_voxels`). Returns the size asked (:func:`lib.pacs.known_size`; None: downloaded
+        already, or not told), for the download not to ask it again."""
         limit = self._model_voxel_limit(model)
-        size = oversized(store, image_id, limit)
-        if size is not None:
+        size = known_size(store, image_id, limit)
+        if size is not None and size.voxels > limit:
             estimate = (f" (estimated: the PACS lists {size.listed} of its instances)"
                         if size.listed < size.instances else "")
             at_least = "at least " if size.stopped else ""  # where an earlier download was stopped: it holds more
@@ -286,6 +287,7 @@ class DenoisingApp(MONAILabelApp):
                 f"cannot denoise this image: series {image_id} is too large: {at_least}{size.instances} instances, "
                 f"{size.voxels:,} voxels{estimate}{stopped} exceed the limit of {limit:,} (raise it with --conf "
                 "max_voxels on the server); nothing was downloaded"))
+        return size
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, plus: a DICOMweb study is denoised from its DICOM files (not the datastore's NIfTI
@@ -318,10 +320,10 @@ class DenoisingApp(MONAILabelApp):
             raise HTTPException(status_code=422, detail=str(error)) from None
         source_folder = None
         if known_id and is_dicomweb(store):
-            self._refuse_oversized_series(store, image_id, request.get("model"))
+            size = self._refuse_oversized_series(store, image_id, request.get("model"))
             limit = self._model_voxel_limit(request.get("model"))
             try:  # the series may have grown since its size was asked: the download stops over the limit
-                source_folder = series_folder(store, image_id, limit)
+                source_folder = series_folder(store, image_id, limit, size)
             except SeriesTooLarge as error:
                 raise HTTPException(status_code=413, detail=f"cannot denoise this image: {error} (raise the limit "
                                                             "with --conf max_voxels on the server)") from None

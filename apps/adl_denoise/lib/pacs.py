@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S", "LISTING_RETRY_S",
            "start_up_warnings", "series_folder", "series_voxels", "series_size", "series_instance_count",
-           "oversized", "SeriesSize", "is_downloaded",
+           "oversized", "known_size", "SeriesSize", "is_downloaded",
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
            "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "OVERSIZED_UNCOUNTED_S", "cache_folder",
@@ -474,6 +474,18 @@ def series_instance_count(client, series_uid: str, study_uid: str | None = None)
     return 0
 
 
+def _entry_size(entry: dict) -> tuple[int, int] | None:
+    """``(voxels, pixel bytes)`` of one instance from its DICOM JSON (a QIDO-RS match, a WADO-RS metadata entry):
+    ``Rows x Columns x NumberOfFrames`` voxels, times SamplesPerPixel and BitsAllocated / 8 bytes (1 sample of 16
+    bits where it does not say); None without Rows or Columns."""
+    rows, columns = _first_int(entry, "00280010"), _first_int(entry, "00280011")
+    if not rows or not columns:
+        return None
+    voxels = rows * columns * max(1, _first_int(entry, "00280008") or 1)
+    bits = _first_int(entry, "00280100") or 16
+    return voxels, voxels * max(1, _first_int(entry, "00280002") or 1) * -(-bits // 8)
+
+
 def series_size(client, series_uid: str, study_uid: str | None = None) -> SeriesSize | None:
     """``(instances, voxels, listed, pixel_bytes)`` of the series ``series_uid`` (in the study ``study_uid`` when
     given) on the DICOMweb server of ``client``, from a QIDO-RS search of its instances (``Rows x Columns x
@@ -510,13 +522,11 @@ def series_size(client, series_uid: str, study_uid: str | None = None) -> Series
         return None
     sizes, sizes_bytes = [], []
     for entry in found or []:
-        rows, columns = _first_int(entry, "00280010"), _first_int(entry, "00280011")
-        if not rows or not columns:
+        size = _entry_size(entry)
+        if size is None:
             return None
-        voxels = rows * columns * max(1, _first_int(entry, "00280008") or 1)
-        sizes.append(voxels)
-        bits = _first_int(entry, "00280100") or 16
-        sizes_bytes.append(voxels * max(1, _first_int(entry, "00280002") or 1) * -(-bits // 8))
+        sizes.append(size[0])
+        sizes_bytes.append(size[1])
     if not sizes:
         return None
     if count is not None and count > len(sizes):
@@ -544,10 +554,18 @@ _memo_lock = threading.Lock()
 
 
 def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
-    """The size of the series ``image_id`` (:func:`series_voxels`) when it is over ``limit`` voxels and not
-    downloaded yet, else None (under the limit, in the cache already, or a size the PACS does not tell: the reader
-    checks those). MONAI Label's DICOMweb datastore downloads a series whole, into memory, and converts it on its
-    first use, before any reader could refuse it: infer by id and the review queue ask this first.
+    """The size of the series ``image_id`` (:func:`known_size`) when it is over ``limit`` voxels, else None (under
+    the limit, in the cache already, or a size the PACS does not tell: the reader checks those)."""
+    size = known_size(datastore, image_id, limit)
+    return size if size is not None and size.voxels > limit else None
+
+
+def known_size(datastore, image_id: str, limit: int) -> SeriesSize | None:
+    """The size of the series ``image_id`` when it is not downloaded yet (:func:`series_voxels`, or remembered over
+    ``limit``), else None (in the cache already, or a size the PACS does not tell). MONAI Label's DICOMweb datastore
+    downloads a series whole, into memory, and converts it on its first use, before any reader could refuse it:
+    infer by id and the review queue ask this first (:func:`oversized`), and hand a size under the limit on to the
+    download (:func:`download_within`'s ``size``), which asked it again.
 
     A series found too large is remembered (at most :data:`OVERSIZED_REMEMBERED`) under its UID and the instance
     count the datastore's listing gives it (:func:`listed_series`): the review queue passes every oversized series
@@ -572,9 +590,8 @@ def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
     if known is not None and known.voxels > limit:
         return known
     size = series_voxels(datastore, image_id)
-    if size is None or size.voxels <= limit:
-        return None
-    _remember_oversized(datastore, [key], size)
+    if size is not None and size.voxels > limit:
+        _remember_oversized(datastore, [key], size)
     return size
 
 
@@ -742,7 +759,7 @@ def _stopped_size(datastore, image_id: str, count: int, voxels: int) -> SeriesSi
     return size
 
 
-def download_within(datastore, image_id: str, limit: int) -> Path:
+def download_within(datastore, image_id: str, limit: int, size: SeriesSize | None = None) -> Path:
     """The folder of the series ``image_id`` in a DICOMweb datastore's cache (MONAI Label's layout,
     ``<cache>/<SeriesInstanceUID>/``, one file per instance named by its SOP Instance UID), downloaded first when it
     is not there: WADO-RS, one instance in memory at a time, into a folder of its own beside it
@@ -762,8 +779,10 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
     before a download (:func:`oversized`) and the download are two requests, and a series still being sent to the
     PACS grows in between: MONAI Label's own download holds the whole series in memory, and saves it into the cache
     folder, before any size is checked. A datastore set to fetch frame by frame
-    (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``) is left to MONAI Label's own download, whose size the reader checks
-    after it.
+    (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``) downloads with MONAI Label's frame-by-frame download, into the same
+    partial folder, bounded by :func:`_download_by_frame` (it was left to that download, unbounded, by every route
+    but infer and the review queue). ``size``: the series' size the caller asked just before (:func:`known_size`),
+    not asked again.
 
     Raises:
         SeriesTooLarge: over ``limit`` voxels (nothing of it left in the cache).
@@ -773,12 +792,13 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
         requests.exceptions.ConnectionError, Timeout, HTTPError: the PACS cannot be reached or refused a request.
     """
     folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
-    if is_downloaded(datastore, image_id) or getattr(datastore, "_fetch_by_frame", False):
+    if is_downloaded(datastore, image_id):
         return folder
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
     study = _study_of(client, image_id)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    size = series_size(client, image_id, study)  # None when the PACS does not tell: checked instance by instance
+    if size is None:  # None when the PACS does not tell: checked instance by instance
+        size = series_size(client, image_id, study)
     short = series_disk_shortfall(size, folder.parent) if size is not None else None
     if short is not None:
         estimate = f" (estimated: the PACS lists {size.listed})" if size.listed < size.instances else ""
@@ -789,7 +809,10 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
     partial = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_DOWNLOAD_PREFIX}{image_id}-", dir=folder.parent))
     try:
         count, voxels = 0, 0
-        for count, dataset in enumerate(client.iter_series(study, image_id), start=1):
+        by_frame = bool(getattr(datastore, "_fetch_by_frame", False))  # MONAI Label's download, bounded
+        if by_frame:
+            count = _download_by_frame(datastore, study, image_id, partial, limit)
+        for count, dataset in enumerate(() if by_frame else client.iter_series(study, image_id), start=1):
             voxels += instance_voxels(dataset)
             if voxels > limit:
                 size = _stopped_size(datastore, image_id, count, voxels)  # remembered: not downloaded again
@@ -823,6 +846,53 @@ def download_within(datastore, image_id: str, limit: int) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return folder
+
+
+def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limit: int) -> int:
+    """MONAI Label's frame-by-frame download (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``: the series' WADO-RS metadata,
+    then the pixel data of each instance it lists) of the series ``image_id`` into ``partial``, bounded: the
+    metadata is checked before any frame is fetched, its instances' voxels (:func:`_entry_size`) against ``limit``
+    and their bytes against the free space of the disk (:func:`series_disk_shortfall`); only the instances it lists
+    are fetched. Returns how many were written.
+
+    Raises:
+        SeriesTooLarge: over ``limit`` (nothing fetched; its size remembered as :func:`oversized`'s are).
+        SeriesDoesNotFit: it would not fit on the disk (nothing fetched).
+        FileNotFoundError: fewer instances written than listed (MONAI Label's download drops a failed one).
+    """
+    from monailabel.datastore.utils.dicom import dicom_web_download_series
+
+    client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
+    listed: list = []
+
+    class Bounded:  # the client, whose metadata answer is checked before MONAI Label fetches a frame of it
+        def __getattr__(self, name: str):
+            return getattr(client, name)
+
+        def retrieve_series_metadata(self, *args, **kwargs) -> list:
+            metadata = client.retrieve_series_metadata(*args, **kwargs)
+            sizes = [_entry_size(entry) or (0, 0) for entry in metadata]
+            size = SeriesSize(len(sizes), sum(v for v, _ in sizes), len(sizes), sum(b for _, b in sizes))
+            if size.voxels > limit:
+                _remember_oversized(datastore, [_oversized_key(datastore, image_id)], size)
+                raise SeriesTooLarge(f"series {image_id} is too large: its {size.instances} instances hold "
+                                     f"{size.voxels:,} voxels, over the limit of {limit:,}; nothing of it was "
+                                     "downloaded", size, limit)
+            short = series_disk_shortfall(size, partial.parent)
+            if short is not None:
+                raise SeriesDoesNotFit(f"series {image_id} does not fit on the disk of the server's DICOMweb cache "
+                                       f"{partial.parent}: its {size.instances} instances need about {short[0]:,} "
+                                       f"bytes with their conversion, {short[1]:,} are free; nothing of it was "
+                                       "downloaded: free some space there (MONAI_LABEL_DICOMWEB_CACHE_PATH)")
+            listed.extend(metadata)
+            return metadata
+
+    dicom_web_download_series(study, image_id, str(partial), Bounded(), True)
+    written = sum(1 for _ in partial.iterdir())
+    if written < len(listed):
+        raise FileNotFoundError(f"{written} of the {len(listed)} instances of series {image_id} were fetched frame by "
+                                "frame; nothing of it was kept")
+    return written
 
 
 def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_S) -> list[Path]:
@@ -889,15 +959,15 @@ def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
     datastore.adl_bounded_downloads = True
 
 
-def series_folder(datastore, image_id: str, limit: int | None = None) -> Path:
+def series_folder(datastore, image_id: str, limit: int | None = None, size: SeriesSize | None = None) -> Path:
     """The downloaded DICOM files of a series (downloading them if needed; with ``limit``, at most that many voxels:
-    :func:`download_within`).
+    :func:`download_within`, ``size`` the one its caller asked).
 
     Raises:
         SeriesTooLarge: the download was stopped over ``limit``.
     """
     if limit is not None:
-        download_within(datastore, image_id, limit)
+        download_within(datastore, image_id, limit, size)
     datastore.get_image_uri(image_id)  # downloads (and converts) on first use
     folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
     if not folder.is_dir() or not any(folder.iterdir()):

@@ -543,10 +543,10 @@ class NextUnreviewed(Strategy):
         if self.voxel_limit is None or not pacs.is_dicomweb(datastore):
             return None
         limit = self.voxel_limit()
-        size = pacs.oversized(datastore, image_id, limit)
-        if size is None:
-            try:
-                pacs.download_within(datastore, image_id, limit)
+        size = pacs.known_size(datastore, image_id, limit)
+        if size is None or size.voxels <= limit:
+            try:  # the size asked handed on: one download asks it once
+                pacs.download_within(datastore, image_id, limit, size)
                 return None
             except pacs.SeriesTooLarge as error:
                 size = error.size
