@@ -772,6 +772,60 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     assert latest_statuses(out) == ["done", "done"]
 
 
+def test_a_series_whose_done_record_cannot_be_written_is_failed_and_its_output_not_left_as_done(tmp_path,
+                                                                                               shared_data):
+    """The file holding the records reaches its size limit as the first "done" record is appended (the real
+    kernel limit, RLIMIT_FSIZE, lowered to a few bytes past the file's size for that append alone): the kernel
+    writes part of the line and refuses the rest. The append took the short write for a record, the series was
+    counted done and its output kept under its name, while the rank file held a cut line that readers skip. Now the
+    cut part is removed, the series is failed saying why, its output is moved aside, the other series is done and
+    recorded on a line of its own, and a rerun denoises the failed one again and skips the other."""
+    root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
+    limiter = tmp_path / "limit_at_done.py"  # the CLI, with the file size limit reached at the first done record
+    limiter.write_text("""
+import resource, runpy, signal, sys
+from lib.batch.manifest import Manifest
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write at the limit fails with EFBIG instead of killing
+append, seen = Manifest.append, []
+def limited_append(self, record):
+    if record.get("status") != "done" or seen:
+        return append(self, record)
+    seen.append(record)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (self.path.stat().st_size + 16, limits[1]))
+    try:
+        return append(self, record)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+Manifest.append = limited_append
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    first = processes.run([sys.executable, limiter, CLI, *batch_args(root, out, "--no-progress")], TIMEOUT,
+                          env=_env())
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "2 series: 1 done, 0 skipped, 1 failed" in first.stdout, first.stdout + first.stderr
+    (failed,) = [line for line in first.stdout.splitlines() if line.startswith("failed: ")]
+    assert failed.startswith("failed: dicom:ct#") and "denoised, but its done record cannot be written to " \
+        f"{out / MANIFEST_DIR / 'rank-00000.jsonl'} (" in failed and "File too large" in failed and \
+        "its output was moved aside" in failed, failed
+    left = sorted(p.name for p in (out / "ct").iterdir())
+    assert len(left) == 1 and left[0].startswith(".") and ".old-" in left[0], left  # not under its name
+    lines = (out / MANIFEST_DIR / "rank-00000.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]  # no cut line left
+    assert [(r["key"].split("#")[0], r["status"]) for r in rows] == [
+        ("dicom:ct", "started"), ("dicom:ct", "failed"), ("file:crop.nii.gz", "started"),
+        ("file:crop.nii.gz", "done")], rows
+    assert "done record cannot be written" in rows[1]["error"]
+    assert latest_statuses(out) == ["failed", "done"]  # the merge, by key
+    again = run_single(root, out, "--no-progress")
+    assert again.returncode == 0 and "2 series: 1 done, 1 skipped, 0 failed" in again.stdout, \
+        again.stdout + again.stderr
+    (series,) = (out / "ct").iterdir()  # the set-aside copy removed by the write
+    assert sorted(f.name for f in series.iterdir()) == [f"IM{k:05d}.dcm" for k in range(1, 5)]
+    assert latest_statuses(out) == ["done", "done"]
+
+
 def latest_statuses(out: Path) -> list[str]:
     rows = [json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()]
     return [r["status"] for r in rows]

@@ -138,19 +138,36 @@ class Manifest:
         self._lock_fd = fd  # kept open (and locked) until the process ends
 
     def append(self, record: dict) -> dict:
-        """Append ``record`` (with rank, world, host and time added) as one line; returns the full record."""
+        """Append ``record`` (with rank, world, host and time added) as one line; returns the full record.
+
+        Raises:
+            OSError: it could not be written whole and flushed (disk full, file size limit, I/O error): nothing of it
+                is kept in the file.
+        """
         full = {**record, "rank": self.rank, "world": self.world, "host": self.host, "time": time.time()}
         line = json.dumps(full, default=str) + "\n"
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: the last byte
         try:
+            size = os.fstat(fd).st_size
             if not self._checked_end:  # a previous run killed mid-line: start on a line of our own
                 self._checked_end = True
-                size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":
                     line = "\n" + line
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
+            try:
+                data = memoryview(line.encode("utf-8"))
+                while data:  # a short write (disk or file size limit reached) is no record: the rest, or its error
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            except OSError:
+                # not recorded: the part written is cut off (one writer per file), else the next record starts on a
+                # line of its own rather than after the cut one (a line both would lose)
+                self._checked_end = False
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise
         finally:
             os.close(fd)
         return full

@@ -463,7 +463,7 @@ class _Rank:
             if ledger != (previous.get("superseded_on_server") or []):  # one found gone, or an older record's list
                 recheck.refresh["superseded_on_server"] = ledger
             if recheck.refresh:  # the next rerun compares the files' stat keys again, reading none of them
-                self.manifest.append({**previous, **recheck.refresh})
+                self._append_note(item.key, {**previous, **recheck.refresh})
             return "skipped"
         if recheck.stale:
             log.warning("%s: denoising again: %s", item.key, recheck.stale)
@@ -489,7 +489,11 @@ class _Rank:
         except OSError as error:  # (requests' errors are OSErrors)
             self.last_unreachable = self._note_unreachable(error)
             return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
-        self.manifest.append({**base, "status": "started"})
+        try:
+            self.manifest.append({**base, "status": "started"})
+        except OSError as error:  # nothing written yet: no output without a record naming it
+            return self._failed(base, identity, started, f"its record cannot be written to {self.manifest.path} "
+                                                         f"({one_line(error)}): it was not denoised")
         self.ours.add(base["output"])
         try:
             resumed = self._resume(job, item, base) if item.kind == "dicomweb" else None
@@ -515,9 +519,30 @@ class _Rank:
             return self._failed(base, identity, started, one_line(error, limit) or type(error).__name__)
         finally:
             gc.collect()  # the series' arrays go now: one series in memory at a time
-        self.manifest.append({**base, **extra, "status": "done", "seconds": round(time.perf_counter() - started, 3),
-                              "error": None})
+        try:
+            self.manifest.append({**base, **extra, "status": "done",
+                                  "seconds": round(time.perf_counter() - started, 3), "error": None})
+        except OSError as error:  # an output no record names is not done (a rerun would not skip it)
+            return self._unrecorded(base, identity, started, extra, item, error)
         return "done"
+
+    def _unrecorded(self, base: dict, identity: str, started: float, extra: dict, item: SeriesItem,
+                    error: OSError) -> str:
+        """The series was denoised and written (``extra``: what its done record held) but that record could not be
+        written: failed, saying so. Its output is moved aside (:func:`_set_aside`; the rerun that writes it again
+        removes it), not left under its name looking done, except a derived series the server stored: a rerun finds
+        that one there by its UIDs (:meth:`_resume`) and records it without storing a second copy."""
+        why = f"denoised, but its done record cannot be written to {self.manifest.path} ({one_line(error)})"
+        if extra.get("stored"):
+            why += (f"; the server stored it (derived series {extra['stored'].get('series_instance_uid')}): "
+                    f"{item.output} is left in place and a rerun records it without storing it again")
+        elif item.output.exists():
+            try:
+                _set_aside(item.output)
+                why += "; its output was moved aside (not done: a rerun denoises it again)"
+            except OSError as moved:
+                why += f"; its output {item.output} could not be moved aside ({one_line(moved)}): it is not done"
+        return self._failed(base, identity, started, why, extra)
 
     def _input_digest(self, item: SeriesItem, stat: str | None = None) -> dict:
         """``{"input_sha256", "input_stat"}`` of a file or DICOM series input: its files read (hashed) only when no
@@ -871,7 +896,7 @@ class _Rank:
             entries = self._recheck_superseded(job, str(latest.get("key")), latest)
             found.extend((str(latest.get("key")), entry) for entry in self.last_superseded)
             if entries != (latest.get("superseded_on_server") or []):
-                self.manifest.append({**latest, "superseded_on_server": entries})
+                self._append_note(str(latest.get("key")), {**latest, "superseded_on_server": entries})
         return found
 
     def _resume(self, job: str, item: SeriesItem, base: dict) -> dict | None:
@@ -934,12 +959,26 @@ class _Rank:
         return (cut_short or unsent) and not self._changed_since(previous, item)
 
     def _failed(self, base: dict, identity: str, started: float, error: str, extra: dict | None = None) -> str:
+        """Record the series as failed with ``error`` (the reason in the summary; when this record cannot be written
+        either, the reason says so: a rerun tries the series again as it would one never tried)."""
+        try:
+            self.manifest.append({**base, **(extra or {}),
+                                  "job": job_key(identity, self.model_requested, self.weights_requested),
+                                  "identity": identity, "status": "failed",
+                                  "seconds": round(time.perf_counter() - started, 3), "error": error})
+        except OSError as unwritten:
+            error += f" (not recorded: {one_line(unwritten)})"
         self.last_error = error
-        self.manifest.append({**base, **(extra or {}),
-                              "job": job_key(identity, self.model_requested, self.weights_requested),
-                              "identity": identity, "status": "failed",
-                              "seconds": round(time.perf_counter() - started, 3), "error": error})
         return "failed"
+
+    def _append_note(self, key: str, record: dict) -> None:
+        """Append ``record``, an update of a done record that still holds (new stat keys, superseded series' state):
+        one that cannot be written is warned of and costs only work a rerun does again (hashing, asking the server)."""
+        try:
+            self.manifest.append(record)
+        except OSError as error:
+            log.warning("%s: its record cannot be updated in %s (%s): a rerun checks it again", key,
+                        self.manifest.path, one_line(error))
 
     def _read(self, item: SeriesItem):
         if item.kind == "file":
@@ -1086,14 +1125,14 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
         report(f"{len(items)} series found in {settings.source}; {context.world} process"
                f"{'es' if context.world > 1 else ''} on {device.type}")
     own = run_rank(settings, items, context.rank, context.world, str(device), client)
-    counts = {k: v for k, v in asdict(own).items() if k not in ("failures", "superseded")}
-    atomic_write_text(manifest.folder / f"summary-rank-{context.rank:05d}.json", json.dumps(counts))
-    for key, error in own.failures:
+    for key, error in own.failures:  # before the summary file: a manifest folder that cannot be written stops there
         report(f"failed: {key}: {error}")
     for key, entry in own.superseded:
         report(f"superseded on the PACS: {superseded_sentence(key, entry)}")
     if own.stopped:
         report(f"stopped: {own.stopped}")
+    counts = {k: v for k, v in asdict(own).items() if k not in ("failures", "superseded")}
+    atomic_write_text(manifest.folder / f"summary-rank-{context.rank:05d}.json", json.dumps(counts))
     if context.distributed:
         report(f"rank {context.rank}: {own.line()}")
         dist.barrier()  # every rank's records and summary are on disk
