@@ -663,9 +663,7 @@ def disk_shortfall(dataset, folder: Path, count: int, voxels: int) -> tuple[int,
     conversion of the series). The free space is read at each call: other processes write on that disk too. The
     one check of the batch's downloads (:func:`lib.batch.dicomweb.download_series`) and the app's
     (:func:`download_within`)."""
-    needed = instance_bytes(dataset) + HEADER_BYTES + 2 * voxels + count * HEADER_BYTES
-    free = shutil.disk_usage(folder).free
-    return (needed, free) if needed > free else None
+    return _shortfall(folder, instance_bytes(dataset), 1, voxels, count)
 
 
 def series_disk_shortfall(size: SeriesSize, folder: Path) -> tuple[int, int] | None:
@@ -675,7 +673,15 @@ def series_disk_shortfall(size: SeriesSize, folder: Path) -> tuple[int, int] | N
     (the batch's derived series, the app's NIfTI conversion), as :func:`disk_shortfall` counts them instance by
     instance. The one check before a download starts, of the batch's (:func:`lib.batch.dicomweb.check_download`)
     and of the app's (:func:`download_within`)."""
-    needed = size.pixel_bytes + 2 * size.voxels + size.instances * HEADER_BYTES * 2
+    return _shortfall(folder, size.pixel_bytes, size.instances, size.voxels, size.instances)
+
+
+def _shortfall(folder: Path, pixel_bytes: int, files: int, voxels: int, derived_files: int) -> tuple[int, int] | None:
+    """``(needed, free)`` bytes when ``files`` downloaded files of ``pixel_bytes`` pixel data in all, and a derived
+    copy of ``voxels`` at 16 bits a voxel in ``derived_files`` files (each file with :data:`HEADER_BYTES` of header),
+    do not fit in the free space of ``folder``'s file system now, else None: the one estimate of
+    :func:`disk_shortfall` and :func:`series_disk_shortfall`."""
+    needed = pixel_bytes + files * HEADER_BYTES + 2 * voxels + derived_files * HEADER_BYTES
     free = shutil.disk_usage(folder).free
     return (needed, free) if needed > free else None
 
