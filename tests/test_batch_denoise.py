@@ -872,6 +872,24 @@ def test_a_metaimage_output_is_whole_only_with_its_data_file(tmp_path):
     assert "cannot be read" in _output_damage(record, output)
 
 
+def test_a_cut_metaimage_output_is_written_again_with_its_data_file(tmp_path, shared_data):
+    """A MetaImage output whose data file (.zraw) a power cut left empty was set aside header only: the data file
+    left beside it refused every rewrite ("already exists"), so the series failed on every rerun. The data file now
+    goes aside with its header, and the rewrite removes both copies."""
+    root, out = tmp_path / "tree", tmp_path / "out"
+    root.mkdir()
+    image = sitk.ReadImage(str(shared_data / "ct_abdomen_pelvis_resampled_3mm.nii.gz"))
+    sitk.WriteImage(sitk.Cast(image[20:84, 20:84, 40:46], sitk.sitkInt16), str(root / "ct.mhd"))
+    run = _in_process(root, out)
+    assert run().done == 1
+    whole = volume_of(out / "ct.mhd")
+    (out / "ct.zraw").write_bytes(b"")
+    summary = run()
+    assert (summary.done, summary.failed) == (1, 0), summary
+    np.testing.assert_array_equal(volume_of(out / "ct.mhd")[0], whole[0])
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_DIR, "ct.mhd", "ct.zraw"]
+
+
 # ------------------------------------------------------------------------------------------------ rerun cases
 def _in_process(root: Path, out: Path):
     """``run()``: one in-process run of the batch over ``root`` (gaussian, CPU) -> its summary."""
@@ -915,6 +933,40 @@ def test_a_rerun_denoises_again_a_deleted_output_and_refuses_an_output_it_did_no
     assert (summary.done, summary.failed) == (1, 1), summary
     assert "exists and was not written by this batch (no manifest record)" in summary.failures[0][1]
     assert (other / "crop.nii.gz").read_bytes() == b"a user's own file"
+
+
+def test_an_output_made_from_an_earlier_input_is_not_left_under_its_name_when_the_redo_fails(tmp_path, shared_data):
+    """An input replaced by another scan (a NIfTI file holding another volume; a DICOM series whose files changed
+    under the same UID) whose redo fails (a NaN; a slice cut short) left the output of the earlier scan under the
+    name of the new one: the folder showed a result for an input it was not made from. That output is now moved
+    aside before the redo (as a damaged one is): a failed redo leaves no output under the name, a redo that succeeds
+    writes it as before and removes the copy."""
+    root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
+    run = _in_process(root, out)
+    assert run().done == 2
+    crop, (series,) = out / "crop.nii.gz", list((out / "ct").iterdir())
+    inputs = {p: p.read_bytes() for p in (root / "crop.nii.gz", *sorted((root / "ct").iterdir()))}
+    other = np.full((4, 16, 16), 100.0, np.float32)
+    other[2, 3, 4] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(other), str(root / "crop.nii.gz"))
+    ds = pydicom.dcmread(sorted((root / "ct").iterdir())[1])
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]  # the same header, its pixels cut short
+    ds.save_as(sorted((root / "ct").iterdir())[1])
+    summary = run()
+    assert (summary.done, summary.failed) == (0, 2), summary
+    errors = dict(summary.failures)
+    assert "contains 1 NaN values" in errors["file:crop.nii.gz"], errors
+    records = _last_records(out)
+    assert "its input changed since its output was written" in records["file:crop.nii.gz"]["redone"]
+    assert "the series' files changed since" in records["dicom:ct"]["redone"], records["dicom:ct"]
+    assert not crop.exists() and not series.exists()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([MANIFEST_DIR, "ct"])
+    assert [p for p in (out / "ct").iterdir() if not p.name.startswith(".")] == []
+    for path, data in inputs.items():  # the scans back: written again, the copies removed
+        path.write_bytes(data)
+    summary = run()
+    assert (summary.done, summary.failed) == (2, 0), summary
+    assert crop.exists() and series.is_dir() and not [p for p in out.rglob(".*") if MANIFEST_DIR not in p.parts]
 
 
 def test_records_of_a_runner_that_kept_no_hashes_still_skip_whole_outputs_and_redo_empty_ones(tmp_path, shared_data):

@@ -938,6 +938,45 @@ def test_a_series_moved_to_the_right_patient_on_the_server_is_denoised_again(tmp
         stop_orthanc(pacs)
 
 
+def test_a_series_moved_to_another_study_on_the_server_is_denoised_again_and_stored_there(tmp_path, shared_data):
+    """A series is moved to another study of its patient on the PACS (a study split or merged: its StudyInstanceUID
+    changed, its SeriesInstanceUID, SOP Instance UIDs, creation times, patient and pixels kept; Orthanc: the instances
+    deleted and stored again). The rerun with --store-to-pacs found the derived series it stored still in the old
+    study and skipped the series: the denoised copy stayed filed under a study the series is no longer in. The study
+    a record's series was listed in is now compared: the series is denoised again, saying why, stored in its new study,
+    and the derived series left in the old one is reported superseded."""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files, source_uid, out, old_uid = _misfiled_series_stored(pacs, shared_data, tmp_path)
+        old_study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        assert "1 series: 0 done, 1 skipped" in run_batch(pacs.dicomweb, out, "--store-to-pacs").stdout
+        new_study = generate_uid()
+        for instance in _source_instances(pacs, source_uid):
+            urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{instance}", method="DELETE"),
+                                   timeout=60).close()
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID = new_study
+            ds.save_as(path, write_like_original=False)
+        pacs.upload_files(files)
+
+        moved = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        output = moved.stdout + moved.stderr
+        assert moved.returncode == 0 and "1 series: 1 done, 0 skipped" in moved.stdout, output
+        assert f"denoising again: the server lists the series in another study since ({old_study} -> {new_study}: " \
+            in moved.stderr, output
+        record = _records(out)[-1]
+        assert record["status"] == "done" and record["derived_study_uid"] == new_study, record
+        assert record["stored"]["series_instance_uid"] != old_uid
+        report = _superseded_report(moved)
+        assert len(report) == 1 and old_uid in report[0] and old_study in report[0], output
+        assert "1 series: 0 done, 1 skipped" in run_batch(pacs.dicomweb, out, "--store-to-pacs").stdout
+    finally:
+        stop_orthanc(pacs)
+
+
 def _source_instances(pacs, source_uid: str) -> list[str]:
     """The Orthanc ids of the instances of the series ``source_uid`` on ``pacs``."""
     return [instance for series in pacs.get("/series?expand")

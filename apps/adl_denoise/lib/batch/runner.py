@@ -237,8 +237,18 @@ def _output_damage(record: dict, output: Path) -> str:
 def _set_aside(output: Path) -> None:
     """Move a damaged output of this batch out of the way (``.<name>.old-*``, removed before the series is written
     again, :func:`_remove_stale_temporaries`): it is then redone as a missing output is, and nothing of it is sent
-    to a server or kept beside the new one."""
-    os.replace(output, output.parent / f".{output.name}.old-{uuid.uuid4().hex[:12]}")
+    to a server or kept beside the new one. A MetaImage header's data file (written beside it) goes with it: left
+    there, it refused every rewrite ("already exists")."""
+    aside = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:12]}"
+    data: list[Path] = []
+    if output.is_file() and output.name.lower().endswith(".mhd"):
+        try:
+            data = [p for p in _output_files(output)[1:] if p.parent == output.parent and p.exists()]
+        except Exception:  # noqa: BLE001 - a header that cannot be read: it alone is moved
+            data = []
+    os.replace(output, aside)
+    for path in data:
+        os.replace(path, output.parent / f"{aside.name}.{path.name}")
 
 
 def _unreachable(error: BaseException) -> bool:
@@ -327,6 +337,10 @@ class _Recheck:
     damaged: str = ""
     #: why the done record no longer holds for this input (other slices, weights or contents; another input)
     stale: str = ""
+    #: the output was made from another input than the one there now (other contents, slices, DICOMweb instances,
+    #: patient or study; not other weights): moved aside before the redo, so that a redo that fails leaves no output
+    #: under this input's name made from another scan
+    replaced: bool = False
     #: why an input file could not be compared (the series fails)
     unreadable: str = ""
     #: the done record holds for this input and output: the series is skipped
@@ -468,6 +482,12 @@ class _Rank:
         if recheck.stale:
             log.warning("%s: denoising again: %s", item.key, recheck.stale)
             base["redone"] = recheck.stale
+            if recheck.replaced and ours and item.output.exists():
+                try:
+                    _set_aside(item.output)
+                except OSError as error:
+                    return self._failed(base, identity, started, f"{recheck.stale}; its output, made from the earlier "
+                                                                 f"input, cannot be moved aside: {one_line(error)}")
             superseded = self._superseded(previous, item, recheck.stale)
             if superseded:  # on every record of this redo, failed ones too
                 self.last_superseded.append(self._as_reported(superseded))
@@ -597,9 +617,11 @@ class _Rank:
                 recheck.damaged = self._output_changed(previous, item.output, recheck.refresh)
             present = not recheck.damaged  # set aside: redone as a missing one
         if done and (present or self._kept_on_server(previous, item)):
-            try:
-                recheck.stale = self._changed_since(previous, item) or self._input_changed(previous, item,
-                                                                                           recheck.refresh)
+            try:  # _changed_since, then the contents of a DICOM series
+                other = self._other_input(previous, item)
+                weights = "" if other else self._weights_changed(previous, item)
+                contents = "" if other or weights else self._input_changed(previous, item, recheck.refresh)
+                recheck.stale, recheck.replaced = other or weights or contents, bool(other or contents)
             except OSError as error:  # (a DICOMweb server that cannot be reached too: requests' errors are OSErrors)
                 recheck.unreadable = f"cannot read {item.source}: {one_line(error)}"
                 self.last_unreachable = self._note_unreachable(error)
@@ -613,6 +635,7 @@ class _Rank:
         if prior and not previous and prior.get("identity") != identity and present:
             recheck.stale = (f"its input changed since its output was written ({prior.get('identity', '?')[:19]} -> "
                              f"{identity[:19]})")
+            recheck.replaced = True
         return recheck
 
     def _input_changed(self, record: dict, item: SeriesItem, refresh: dict) -> str:
@@ -655,8 +678,9 @@ class _Rank:
         when they are, or when it cannot be told): other SOP Instance UIDs under the same count (a corrected series
         sent again, an instance deleted and another stored), or the same UIDs with other InstanceCreationDate or
         InstanceCreationTime (stored again), or filed under another patient (``input_patient_sha256``: the output
-        names its patient): its ``input_instances_sha256``, ``input_created_sha256`` and ``input_patient_sha256``
-        against :func:`.dicomweb.series_identity` now. A record without them (a run before identities were kept, a server that
+        names its patient) or listed in another study (the record's ``key``: the output is filed under its study):
+        its ``input_instances_sha256``, ``input_created_sha256`` and ``input_patient_sha256`` against
+        :func:`.dicomweb.series_identity` now. A record without them (a run before identities were kept, a server that
         did not list the instances whole) is told by the SOP Instance UIDs that its output names as its sources
         (SourceImageSequence, :func:`.dicomweb.source_instances_sha256`; the output at ``item.output`` is the latest
         any run wrote); no output: only its instance count tells, as before.
@@ -666,6 +690,10 @@ class _Rank:
         """
         if item.kind != "dicomweb":
             return ""
+        listed = str(record.get("key", ""))  # "dicomweb:<study>/<series>": the job is the series UID alone
+        if listed.startswith("dicomweb:") and listed != item.key:
+            return (f"the server lists the series in another study since ({listed[9:].split('/')[0]} -> "
+                    f"{item.study_uid}: a study split or merged; the output was filed under the earlier one)")
         now = self._series_identity(item)
         if not now:
             return ""  # not listed whole now (warned): its instance count only, as before
@@ -725,16 +753,24 @@ class _Rank:
         published weights under the same name), or the default restoration width changed. An archive then ends
         up denoised by one model, not by whichever was installed when each series happened to run. Records of runs
         before the modality was recorded are matched to the modality whose weight file holds their weights."""
+        return self._other_input(record, item) or self._weights_changed(record, item)
+
+    def _other_input(self, record: dict, item: SeriesItem) -> str:
+        """Why the series is no longer the input ``record`` denoised ("" when it is, as far as slices and a DICOMweb
+        series' listing tell): other slices, or other DICOMweb instances, patient or study
+        (:meth:`_instances_changed`)."""
+        done_voxels = record.get("voxels")
+        if item.voxels and isinstance(done_voxels, int) and done_voxels and done_voxels != item.voxels:
+            return f"the series has other slices since ({done_voxels} -> {item.voxels} voxels)"
+        return self._instances_changed(record, item)
+
+    def _weights_changed(self, record: dict, item: SeriesItem) -> str:
+        """Why the weights or restoration width this run would use differ from ``record``'s ("" when they do not):
+        the second half of :meth:`_changed_since`."""
         from ..lesions.low_frequency_restoration import restoration_width
         from ..weights.format import restoration_of_file
         from ..weights.store import file_sha256 as cached_file_sha256  # read once per file version, not per series
 
-        done_voxels = record.get("voxels")
-        if item.voxels and isinstance(done_voxels, int) and done_voxels and done_voxels != item.voxels:
-            return f"the series has other slices since ({done_voxels} -> {item.voxels} voxels)"
-        instances = self._instances_changed(record, item)
-        if instances:
-            return instances
         model, modality, sha = record.get("model"), record.get("modality"), record.get("weights_sha256")
         if model not in DENOISE_LEARNED_MODELS or not sha:
             return ""  # classical models have no weights
