@@ -1300,7 +1300,8 @@ def test_downloads_of_patient_data_are_access_entries_and_refused_when_they_cann
     ``label_downloaded``, ``session_image_downloaded``, ``dataset_downloaded``: the study and who asked), written
     before the file is sent; one of an id that is not there writes none. With the log unwritable (a folder where the
     file is) each is refused, 503 "the audit log could not be written", and no file is sent; it was sent unrecorded.
-    The log written before is kept, and the chain verifies."""
+    A refused session download does no work first: ``update_ts`` leaves the session's access time (its expiry) as it
+    was. The log written before is kept, and the chain verifies."""
     from mlserver import stop_server
 
     server = _start(folders, 1)
@@ -1328,13 +1329,17 @@ def test_downloads_of_patient_data_are_access_entries_and_refused_when_they_cann
         kept = audit_file.read_bytes()
         audit_file.unlink()
         audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
-        for route, query in reads.values():
+        meta = folders["work"] / "run1" / "sessions" / session_id / "meta.info"  # MONAI_LABEL_SESSION_PATH
+        meta_before = meta.read_bytes()
+        time.sleep(1.1)  # an access time (whole seconds) written now would differ
+        for route, query in [*reads.values(), (f"/session/{session_id}", {"image": "true", "update_ts": "true"})]:
             refused = requests.get(url + route, params=query, timeout=120)
             assert refused.status_code == 503, (route, refused.status_code, refused.text[:200])
             assert refused.headers["content-type"] == "application/json", (route, refused.headers)
             detail = refused.json()["detail"]
             assert "was not sent: the audit log could not be written" in detail, detail
             assert str(folders["root"]) not in detail, detail
+        assert meta.read_bytes() == meta_before
         audit_file.rmdir()
         audit_file.write_bytes(kept)
         again = requests.get(f"{url}/datastore/image", params={"image": "ct_slab_b"}, timeout=120)
@@ -1400,6 +1405,60 @@ def test_a_dataset_download_leaves_no_copy_of_the_datastore_in_the_servers_temp_
     finally:
         stop_server(server)
     assert len(_events(AuditLog(folders["audit"]), "dataset_downloaded")) == 1
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_dataset_zip_that_fails_half_way_or_whose_client_leaves_mid_send_leaves_no_copy_behind(folders):
+    """The dataset's ZIP is written in the server's temp folder, here a real 1 MiB tmpfs (a mount namespace of the
+    server's own, seen through ``/proc/PID/root``) that three labelled studies (2 MiB zipped) do not fit: the ZIP
+    fails half way (no space left) and the half-written file is deleted; MONAI Label's stayed in the temp folder.
+    One whose client reads a few bytes and leaves is deleted too."""
+    import socket
+
+    import processes
+    from mlserver import start_server, stop_server
+
+    problem = processes.private_tmpfs_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    temp = folders["work"] / "run1" / "tmp"  # the server's TMPDIR (mlserver.start_server)
+    server = start_server(folders["studies"], folders["model"], folders["work"] / "run1",
+                          conf={"audit_dir": folders["audit"], "max_voxels": 3_000_000},
+                          wrap=lambda args: processes.on_tmpfs(temp, 1, args))
+    seen = Path(f"/proc/{server.process.pid}/root{temp}")  # the tmpfs as the server sees it
+
+    def left(deadline: float) -> list[str]:
+        while True:  # deleted as the answer ends: wait for it, generously
+            names = sorted({p.name for p in seen.rglob("*")} - before)
+            if not names or time.monotonic() > deadline:
+                return names
+            time.sleep(0.2)
+
+    try:
+        for study in ("ct_slab_b", "ct_slab_c", "ct_slice_a"):
+            correction = folders["root"] / f"{study}_final.nii.gz"
+            sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(folders["studies"] / f"{study}.nii.gz")), sitk.sitkFloat32),
+                            str(correction))
+            with open(correction, "rb") as handle:
+                saved = requests.put(f"{server.url}/datastore/label", params={"image": study, "tag": "final"},
+                                     files={"label": (f"{study}.nii.gz", handle)}, data={"params": "{}"},
+                                     timeout=120)
+            assert saved.status_code == 200, saved.text
+        before = {p.name for p in seen.rglob("*")}
+        failed = requests.get(f"{server.url}/datastore/dataset", timeout=300)
+        assert failed.status_code == 500, (failed.status_code, failed.text[:300])
+        assert left(time.monotonic() + 10) == []
+        one = requests.get(f"{server.url}/datastore/dataset", params={"limit_cases": 1}, timeout=300)
+        assert one.status_code == 200 and one.content[:2] == b"PK", (one.status_code, one.text[:300])
+        assert left(time.monotonic() + 60) == []
+        with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=60) as client:
+            client.sendall(b"GET /datastore/dataset?limit_cases=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert client.recv(64).startswith(b"HTTP/1.1 200")
+        assert left(time.monotonic() + 60) == []
+    finally:
+        stop_server(server)
+    assert len(_events(AuditLog(folders["audit"]), "dataset_downloaded")) == 2
 
 
 @pytest.mark.server

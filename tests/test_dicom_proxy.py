@@ -224,6 +224,26 @@ def test_a_proxy_reads_key_is_the_study_and_series_it_names_or_the_search():
     assert proxy_read_key("studies", "") == (None, None, "studies")
 
 
+def test_a_stores_audit_entry_names_the_studies_and_series_of_its_dicom_files():
+    """The UIDs of a STOW-RS body (real DICOM files of pydicom's test data, two of one series) come from each
+    part's header; a part that is no DICOM file is not counted, a body without a boundary names none."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from lib.endpoints.guards import stow_uids
+
+    ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
+    body = b"".join(b"--BOUNDARY\r\nContent-Type: application/dicom\r\n\r\n" + open(path, "rb").read() + b"\r\n"
+                    for path in (ct, mr, ct)) + STOW_BODY
+    studies, series, instances = stow_uids(body, STOW_TYPE)
+    headers = [pydicom.dcmread(path) for path in (ct, mr)]
+    assert studies == sorted(str(h.StudyInstanceUID) for h in headers)
+    assert series == sorted(str(h.SeriesInstanceUID) for h in headers)
+    assert instances == 3
+    assert stow_uids(STOW_BODY, STOW_TYPE) == ([], [], 0)
+    assert stow_uids(body, "application/dicom") == ([], [], 0)
+
+
 def test_the_proxy_forgets_its_oldest_reads_past_its_limit():
     import collections
 

@@ -1143,3 +1143,111 @@ def test_a_server_that_cannot_write_its_dicomweb_cache_does_not_start_and_says_w
         assert ("Operation not permitted" if immutable else "not a folder") in log, log[-4000:]
     finally:
         stop_orthanc(pacs)
+
+
+def _unwritable_audit_log(audit_dir: Path) -> contextlib.AbstractContextManager:
+    """The audit log ``audit_dir / "audit.jsonl"`` replaced by a folder while the ``with`` block runs (every append
+    fails, for root too), then put back as it was."""
+
+    @contextlib.contextmanager
+    def unwritable():
+        audit_file = audit_dir / "audit.jsonl"
+        kept = audit_file.read_bytes()
+        audit_file.unlink()
+        audit_file.mkdir()
+        try:
+            yield
+        finally:
+            audit_file.rmdir()
+            audit_file.write_bytes(kept)
+
+    return unwritable()
+
+
+def test_a_store_through_the_proxy_is_on_record_before_it_reaches_the_pacs_and_refused_unrecorded(tmp_path,
+                                                                                                  tiny_weights):
+    """A POST through the PACS proxy (STOW-RS, patient data stored into the PACS) wrote no audit entry. It is now a
+    ``dicomweb_storing`` entry (who, the studies and series of the body's DICOM files, how many) written before it
+    is forwarded, then ``dicomweb_stored`` with the PACS's status; with the log unwritable it is refused, 503, and
+    nothing reaches the real Orthanc (its own request log shows no POST, it holds no instance)."""
+    import requests
+
+    from lib.audit import AuditLog
+
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
+    try:
+        files = real_ct_series(tmp_path / "ct")
+        first = pydicom.dcmread(files[0])
+        body = b"".join(b"--BOUNDARY\r\nContent-Type: application/dicom\r\n\r\n" + path.read_bytes() + b"\r\n"
+                        for path in files) + b"--BOUNDARY--\r\n"
+        headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=BOUNDARY',
+                   "Accept": "application/dicom+json"}
+        audit_dir = tmp_path / "audit"
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"audit_dir": audit_dir})
+        try:
+            with _unwritable_audit_log(audit_dir):
+                refused = requests.post(f"{server.url}/proxy/dicom/stow/studies", data=body, headers=headers,
+                                        timeout=120)
+            assert refused.status_code == 503, (refused.status_code, refused.text[:300])
+            assert "nothing was stored in the PACS: the audit log could not be written" in refused.json()["detail"]
+            assert [line for line in requests_log.read_text().splitlines() if line.startswith("POST")] == []
+            assert pacs.get("/instances") == []
+            stored = requests.post(f"{server.url}/proxy/dicom/stow/studies", data=body, headers=headers, timeout=120)
+            assert stored.status_code == 200, (stored.status_code, stored.text[:300])
+            assert len(pacs.get("/instances")) == 3
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+    audit = AuditLog(audit_dir)
+    assert audit.verify().ok
+    [storing] = audit.entries("dicomweb_storing")
+    [done] = audit.entries("dicomweb_stored")
+    fields = storing["fields"]
+    assert (fields["study_instance_uids"], fields["series_instance_uids"], fields["instances"]) == (
+        [str(first.StudyInstanceUID)], [str(first.SeriesInstanceUID)], 3), fields
+    assert fields["path"] == "studies" and fields["bytes"] == len(body)
+    assert fields["client"] == "127.0.0.1" and fields["route"] == "POST /proxy/dicom/stow/studies", fields
+    assert (done["fields"]["pending_seq"], done["fields"]["status"]) == (storing["seq"], 200)
+    assert done["seq"] == storing["seq"] + 1
+
+
+def test_a_download_or_hand_out_that_cannot_be_recorded_retrieves_nothing_from_the_pacs(tmp_path, tiny_weights):
+    """An image download, a final label's download (on a PACS a label is a series too) and a review-queue hand-out
+    of a PACS series retrieve it from the PACS (into the server's cache) before their audit entry is written; with
+    the log unwritable each is refused (503) before that: the real Orthanc gets no WADO-RS retrieval of the series
+    (its own request log) and nothing lands in the cache. Once the log is writable the download retrieves it."""
+    import requests
+
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
+    try:
+        uid = upload_real_ct_series(pacs, tmp_path / "ct")
+        audit_dir = tmp_path / "audit"
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"audit_dir": audit_dir})
+        cache = tmp_path / "work" / "dicomweb_cache"  # mlserver.start_server's MONAI_LABEL_DICOMWEB_CACHE_PATH
+
+        def retrievals() -> int:  # WADO-RS retrievals of the series: GET .../studies/X/series/<uid>
+            return sum(line.startswith("GET ") and line.split("?")[0].rstrip("/").endswith(f"/series/{uid}")
+                       for line in requests_log.read_text().splitlines())
+
+        try:
+            with _unwritable_audit_log(audit_dir):
+                image = requests.get(f"{server.url}/datastore/image", params={"image": uid}, timeout=600)
+                assert image.status_code == 503 and "the image was not sent" in image.text, image.text[:300]
+                assert retrievals() == 0 and not list(cache.rglob(f"*{uid}*"))
+                label = requests.get(f"{server.url}/datastore/label", params={"label": uid, "tag": "final"},
+                                     timeout=600)
+                assert label.status_code == 503 and "the label was not sent" in label.text, label.text[:300]
+                assert retrievals() == 0 and not list(cache.rglob(f"*{uid}*"))
+                handed = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=600)
+                assert handed.status_code == 503 and "no study was handed out" in handed.text, handed.text[:300]
+                assert retrievals() == 0 and not list(cache.rglob(f"*{uid}*"))
+            image = requests.get(f"{server.url}/datastore/image", params={"image": uid}, timeout=600)
+            assert image.status_code == 200, image.text[:300]
+            assert retrievals() == 1 and list(cache.rglob(f"*{uid}*"))
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)

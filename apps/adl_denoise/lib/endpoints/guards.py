@@ -51,7 +51,9 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   ``image_info_read``, ``label_info_read``, ``datastore_listed``, ``dicomweb_read``) written before the answer is
   sent, through :func:`.review.recorded_access`: a read whose entry cannot be written is refused (503), nothing
   sent. The proxy, asked once per DICOM instance, frame and metadata file by a viewer, records one entry per
-  reader (user and client) and study / series (or search) per server process (:func:`proxy_read_key`).
+  reader (user and client) and study / series (or search) per server process (:func:`proxy_read_key`). A store
+  through the proxy (``POST``, STOW-RS) is a ``dicomweb_storing`` entry written before it is forwarded (503, nothing
+  forwarded, when it cannot be written), then its outcome.
 * ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``, ``GET /datastore/?output=train``: below
   admin (with authentication on), the answer names none of the server's folders and files (the audit log's
   ``audit.dir``, a training run's ``work_dir``; the training list's files and paths in texts cut to their last
@@ -80,12 +82,15 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse
 from monailabel.config import settings as _settings
 from monailabel.endpoints.user.auth import RBAC, User
 
@@ -288,6 +293,9 @@ LABEL_DOWNLOADED = "label_downloaded"
 DATASET_DOWNLOADED = "dataset_downloaded"
 SESSION_IMAGE_DOWNLOADED = "session_image_downloaded"
 DICOMWEB_READ = "dicomweb_read"
+#: a store into the PACS through the proxy (STOW-RS), written before it is forwarded (refused, 503, when it cannot
+#: be), then its outcome: ``dicomweb_stored`` (the PACS answered with success) or ``dicomweb_store_failed``
+DICOMWEB_STORING = "dicomweb_storing"
 #: reads of a study's or a label's stored info, and of the datastore listing that holds every study's info: on a
 #: PACS MONAI Label keeps each series' PatientID, StudyInstanceUID and StudyDate there, and clients may store any
 #: keys with PUT .../info
@@ -1098,6 +1106,7 @@ def guarded_download_label(label: str, tag: str, user: User = Depends(RBAC(_USER
 
     check_name(label, "label")
     check_name(tag, "tag")
+    _refuse_unrecordable("the label was not sent", f"label {label} ({tag})")
     answer = download_label(label, tag)
     _recorded_read(LABEL_DOWNLOADED, {"image": label, "tag": tag}, "the label was not sent")
     return answer
@@ -1105,21 +1114,54 @@ def guarded_download_label(label: str, tag: str, user: User = Depends(RBAC(_USER
 
 @router.get("/datastore/dataset", include_in_schema=False)
 def guarded_download_dataset(limit_cases: Optional[int] = None, user: User = Depends(RBAC(_ANNOTATOR))):
-    """MONAI Label's whole datastore as one ZIP, one ``dataset_downloaded`` entry written before it is sent; 503 and
-    nothing sent when the entry cannot be written (refused before zipping when the log refuses entries already).
-    The ZIP is deleted once sent or refused."""
-    from monailabel.endpoints.datastore import download_dataset
-    from starlette.background import BackgroundTask
-
+    """MONAI Label's whole datastore as one ZIP (:func:`dataset_archive`), one ``dataset_downloaded`` entry written
+    before it is sent; 503 and nothing sent when the entry cannot be written (refused before zipping when the log
+    refuses entries already). The ZIP is written in a temp folder of the request's own, deleted whatever happens:
+    sent, refused, cut short (a client gone mid-send) or failed half-way (MONAI Label's left its ZIP, whole or
+    not, in the temp folder)."""
     _refuse_unrecordable("the dataset was not sent", "the dataset")  # before every study is zipped
-    answer = download_dataset(limit_cases)  # a ZIP in the temp folder, which MONAI Label never deletes
+    folder = tempfile.mkdtemp(prefix="adl-dataset-")
     try:
+        path = dataset_archive(app().datastore(), limit_cases, Path(folder))
         _recorded_read(DATASET_DOWNLOADED, {"limit_cases": limit_cases}, "the dataset was not sent")
     except BaseException:
-        Path(answer.path).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
         raise
-    answer.background = BackgroundTask(Path(answer.path).unlink, missing_ok=True)  # once sent
-    return answer
+    return _FolderDeletedOnceSent(str(path), folder, media_type="application/zip", filename="dataset.zip")
+
+
+def dataset_archive(datastore, limit_cases: Optional[int], folder: Path) -> Path:
+    """``folder / "dataset.zip"``: what MONAI Label's ``get_dataset_archive`` zips (each study with a final label,
+    ``image/`` and ``label/``, the first ``limit_cases`` of them, and the datastore's ``metadata.json``), written
+    where the caller deletes it (the stock one writes a temp file it never deletes, nor when it fails half-way).
+    404 when no study has a final label (the stock one fails an assertion, a bare 500)."""
+    pairs = datastore.datalist()
+    if not pairs:
+        raise HTTPException(status_code=404, detail="ZIP archive NOT Found: no study has a final label")
+    if limit_cases and limit_cases in range(1, len(pairs)):
+        pairs = pairs[:limit_cases]
+    path = folder / "dataset.zip"
+    with zipfile.ZipFile(path, mode="x") as archive:
+        for pair in pairs:
+            for key, file in pair.items():
+                archive.write(file, arcname=os.path.join(key, os.path.basename(file)))
+        archive.writestr("metadata.json", json.dumps(datastore.json(), default=str))
+    return path
+
+
+class _FolderDeletedOnceSent(FileResponse):
+    """A file response whose ``folder`` (the file's) is deleted once the response ends, however it ends: sent,
+    or the client gone mid-send (a cancelled or failed send skips a background task)."""
+
+    def __init__(self, path: str, folder: str, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.folder = folder
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @router.get("/datastore/label/info", include_in_schema=False)
@@ -1192,6 +1234,8 @@ def guarded_get_session(session_id: str, update_ts: bool = False, image: bool = 
     from monailabel.endpoints.session import get_session
 
     check_name(session_id, "session_id")
+    if image:
+        _refuse_unrecordable("the session's image was not sent", f"session {session_id}'s image")
     answer = get_session(session_id, update_ts, image)
     if isinstance(answer, dict):
         return _session_info(answer)
@@ -1381,6 +1425,70 @@ def _record_proxy_read(path: str, query: str) -> None:
         "the PACS's answer was not sent"))
 
 
+#: bytes of each part of a STOW-RS body read for its UIDs (:func:`stow_uids`): a DICOM header, not its pixels
+STOW_HEADER_BYTES = 1 << 20
+
+
+def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int]:
+    """(StudyInstanceUIDs, SeriesInstanceUIDs, instances) of the DICOM parts of a STOW-RS ``body``
+    (``multipart/related`` with the boundary of ``content_type``), read from the first :data:`STOW_HEADER_BYTES`
+    of each part up to the series UID (no pixel data read); parts that are not DICOM files with those UIDs there
+    (JSON metadata, bulk data, garbage) are not counted. Sorted, without repeats."""
+    import io
+
+    from pydicom.filereader import read_partial
+
+    found = re.search(r'boundary="?([^";]+)"?', content_type or "")
+    if found is None:
+        return [], [], 0
+    delimiter = b"--" + found.group(1).encode()
+    studies, series, instances = set(), set(), 0
+    at = body.find(delimiter)
+    while at >= 0:  # each part, found in place: only its first STOW_HEADER_BYTES are copied
+        following = body.find(delimiter, at + len(delimiter))
+        end = len(body) if following < 0 else following
+        start = body.find(b"\r\n\r\n", at, end)  # the part's own headers end here
+        at = following
+        if start < 0:
+            continue
+        try:
+            header = read_partial(io.BytesIO(body[start + 4:min(end, start + 4 + STOW_HEADER_BYTES)]), force=True,
+                                  stop_when=lambda tag, vr, length: tag > 0x0020000E)
+            study, one = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
+        except Exception:  # noqa: BLE001 - a part pydicom cannot read (not DICOM, cut short) is not counted
+            continue
+        studies.add(study)
+        series.add(one)
+        instances += 1
+    return sorted(studies), sorted(series), instances
+
+
+def _record_proxy_store(path: str, content_type: str, body: bytes) -> Optional[dict]:
+    """The ``dicomweb_storing`` entry of a proxy POST (a STOW-RS store into the PACS), written before it is
+    forwarded: the study the path names and the studies and series of the body's DICOM parts (:func:`stow_uids`),
+    ``instances``, ``bytes`` and ``path``. 503 when it cannot be written: nothing is forwarded."""
+    studies, series, instances = stow_uids(body, content_type)
+    named, _, _ = proxy_read_key(path, "")
+    return _recorded_read(DICOMWEB_STORING, {
+        "study_instance_uids": sorted(set(studies) | ({named} if named else set())), "series_instance_uids": series,
+        "instances": instances, "bytes": len(body), "path": path}, "nothing was stored in the PACS")
+
+
+def _record_proxy_store_outcome(pending: dict, status: int) -> None:
+    """``dicomweb_stored`` (``status`` 2xx) or ``dicomweb_store_failed`` naming the ``pending`` entry's seq and the
+    PACS's HTTP status (502: it did not answer). Once the PACS has answered the store is done either way: an entry
+    that cannot be written is an ERROR in the server's log, the answer still sent."""
+    from ..audit import AuditError
+    from ..audit.context import request_actor
+
+    event = "dicomweb_stored" if 200 <= status < 300 else "dicomweb_store_failed"
+    try:
+        app().audit.append(event, {"pending_seq": pending["seq"], "status": status, **request_actor()})
+    except AuditError as error:
+        log.error("PACS proxy: the %s entry of store entry %s could not be written: %s", event, pending["seq"],
+                  error)
+
+
 async def _proxy(request: Request, path: str):
     from starlette.concurrency import run_in_threadpool
 
@@ -1396,16 +1504,26 @@ async def _proxy(request: Request, path: str):
     if problem is not None:
         raise HTTPException(status_code=422, detail=f"proxy path {rest[:80]!r} {problem}")
     url, auth, headers = _pacs_url_and_auth(op, rest)
+    pending = None
     if request.method == "POST":  # a STOW-RS store: its content type (multipart boundary) must reach the PACS
         forwarded = {k: v for k, v in request.headers.items() if k.lower() not in PROXY_HEADERS_NOT_FORWARDED}
         body = await request.body()
+        # patient data into the PACS: on record before it is forwarded, refused (503) when it cannot be
+        pending = await run_in_threadpool(_record_proxy_store, rest, request.headers.get("content-type", ""), body)
     else:  # a search or a retrieval: what the viewer accepts (JSON, a frame's transfer syntax, ...) and no more
         forwarded = {k: v for k, v in request.headers.items() if k.lower() == "accept"}
         body = b""
     # The query string is forwarded (MONAI Label's stock proxy drops it, so a QIDO search for one patient answered
     # every study on the PACS); the PACS's own credentials win over anything of the caller's.
-    answer = await run_in_threadpool(_forward_to_pacs, request.method, url, request.url.query, auth,
-                                     {**forwarded, **headers}, body)
+    try:
+        answer = await run_in_threadpool(_forward_to_pacs, request.method, url, request.url.query, auth,
+                                         {**forwarded, **headers}, body)
+    except HTTPException as error:  # the PACS did not answer (502)
+        if pending is not None:
+            await run_in_threadpool(_record_proxy_store_outcome, pending, error.status_code)
+        raise
+    if pending is not None:
+        await run_in_threadpool(_record_proxy_store_outcome, pending, answer.status_code)
     if request.method == "GET" and 200 <= answer.status_code < 300:  # patient data read: on record before it is sent
         await run_in_threadpool(_record_proxy_read, rest, request.url.query)
     return answer
