@@ -51,8 +51,8 @@ def recorded_access(record: Callable[[], dict], refused: str, about: str) -> dic
     (<why>)``, paths cut to their last part as in every error answer, and an ERROR in the server's log naming
     ``about`` (which study, for whom), which the answer does not. Changes that cannot be recorded fail through
     :func:`audit_http_error`; access to data (the review queue's hand-out, downloads of images, labels, sessions and
-    the dataset, reads through the PACS proxy: :func:`.guards._recorded_read`; an infer's result) through this,
-    never answered without its entry."""
+    the dataset, reads and stores through the PACS proxy: :func:`.guards._recorded_read`; an infer's result)
+    through this, never answered without its entry."""
     from ..audit import AuditError
 
     try:
