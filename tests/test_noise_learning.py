@@ -343,7 +343,7 @@ def test_pseudo_low_dose_from_real_normal_dose_scans_has_the_scanners_noise_not_
     own_noise = estimate_ct_noise_std_hu(sitk.GetArrayFromImage(sitk.ReadImage(str(normal_dose[0]))))
     assert 24 < own_noise < 36 and 28 < scanner_noise < 38, (own_noise, scanner_noise)
 
-    data = adaptation_data({"site": low_dose}, tmp_path / "work", normal_dose=normal_dose, noise_steps=150)
+    data = adaptation_data({"site": low_dose}, tmp_path / "work", normal_dose=normal_dose, noise_steps=40)
     train_recipe = build_training_data(TrainingDataRecipe("CT", clean=[str(p) for p in normal_dose],
                                                           noise_model=str(tmp_path / "work" / "noise_model.pt")),
                                        progress=False)
