@@ -88,12 +88,35 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory, ct_reference_set: Path) -> Path:
     """A folder of small real weights (``mlserver.make_tiny_weights``), trained once per session. Read only:
     a server that may publish weights gets a copy (``mlserver.copy_weights``)."""
+    import shutil
+
     from mlserver import make_tiny_weights
 
-    return make_tiny_weights(tmp_path_factory.mktemp("tiny_weights"))
+    weights = make_tiny_weights(tmp_path_factory.mktemp("tiny_weights"))
+    # where a server caches its reference sets: each training server's first run reads the CT set built once for
+    # the session instead of simulating it again (the set is keyed by what defines it: the same set either way)
+    shutil.copytree(ct_reference_set, weights / "reference_set")
+    return weights
+
+
+@pytest.fixture(scope="session")
+def ct_reference_set(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A folder holding the cache of the CT reference set (``lib.engines.reference_set``, seconds to simulate),
+    built once per test session: pytest-xdist's workers share it, the first one builds it under a lock."""
+    from filelock import FileLock
+
+    from lib.engines.reference_set import build_reference_set
+
+    root = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):  # an xdist worker: the session's folder holds every worker's
+        root = root.parent
+    folder = root / "ct_reference_set"
+    with FileLock(str(root / "ct_reference_set.lock")):
+        build_reference_set("CT", folder)  # reads the cache another worker wrote
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -324,7 +324,7 @@ def _same_network_served_at(start: Path, sigma_px: float, path: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
-def test_publication_checks_score_each_file_as_it_is_served(tmp_path, monkeypatch):
+def test_publication_checks_score_each_file_as_it_is_served(tmp_path, monkeypatch, ct_reference_set):
     """The gate compares what a reader would be given: each file's network AND its own restoration width. Three
     files hold the shipped CT ADL network, so every check of bare networks would find them equal: served at the
     shipped file's own width, with the restoration off, and at 0.3 px (nearly all the removed noise given back)."""
@@ -372,7 +372,7 @@ def test_publication_checks_score_each_file_as_it_is_served(tmp_path, monkeypatc
         return scored[str(weights)]
 
     monkeypatch.setattr(reference_set, "score_on_reference", score_each_file_once)
-    reference = build_reference_set("CT", tmp_path / "reference")
+    reference = build_reference_set("CT", ct_reference_set)  # the session's (built once, read here)
     assert reference_check(off, noisy_back, reference)["failed"] == ["psnr"]
     dropped = reference_check(shipped, off, reference)
     assert "contrast_kept" in dropped["failed"], dropped
