@@ -828,8 +828,8 @@ def test_adapt_takes_single_slice_2d_inputs(tmp_path, tiny_weights):
     folder = tmp_path / "lowdose"
     folder.mkdir()
     image = sitk.ReadImage(str(SAMPLE_STUDIES / "ct_head_pydicom693_ld25.nii.gz"))
-    for name, rows in (("upper", slice(0, 256)), ("lower", slice(256, 512))):
-        sitk.WriteImage(image[:, rows, 0], str(folder / f"{name}.nii.gz"))  # 2D: 512 x 256
+    for name, rows in (("upper", slice(0, 256)), ("lower", slice(256, 512))):  # of the head's middle columns
+        sitk.WriteImage(image[128:384, rows, 0], str(folder / f"{name}.nii.gz"))  # 2D: 256 x 256
     result = run_cli("adapt", "--lowdose", folder / "upper.nii.gz", folder / "lower.nii.gz", "--model", "adl",
                      "--initial-weights", tiny_weights / "pretrained_adl_ct.pt", "--output", tmp_path / "out.pt",
                      "--holdout-every", "2", *TINY)
