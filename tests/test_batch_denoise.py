@@ -969,6 +969,36 @@ def test_an_output_made_from_an_earlier_input_is_not_left_under_its_name_when_th
     assert crop.exists() and series.is_dir() and not [p for p in out.rglob(".*") if MANIFEST_DIR not in p.parts]
 
 
+def test_the_output_of_a_series_refused_before_its_check_is_moved_aside(tmp_path, shared_data):
+    """A series refused before its input could be compared with the one its output was made from (a file input now
+    a link to nothing: unreadable; a DICOM series now split over two folders) failed, and left the earlier input's
+    output under its name. That output is now moved aside (as that of a replaced input is), the failure says so, and
+    a rerun once the input is back writes it again."""
+    root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
+    run = _in_process(root, out)
+    assert run().done == 2
+    crop, (series,) = out / "crop.nii.gz", list((out / "ct").iterdir())
+    (root / "crop.nii.gz").rename(tmp_path / "crop.nii.gz")
+    (root / "crop.nii.gz").symlink_to(tmp_path / "gone.nii.gz")  # a mount gone, a link to a moved file
+    (root / "ct2").mkdir()
+    shutil.copy2(sorted((root / "ct").iterdir())[1], root / "ct2" / "1.dcm")
+    summary = run()
+    assert (summary.done, summary.failed) == (0, 3), summary
+    errors = {key.split("#")[0]: error for key, error in summary.failures}
+    assert errors["file:crop.nii.gz"].startswith(f"cannot read {root / 'crop.nii.gz'}"), errors
+    assert "split over 2 folders" in errors["dicom:ct"], errors
+    for key, output in (("file:crop.nii.gz", crop), ("dicom:ct", series)):
+        assert f"its output {output}, written from an earlier input, was moved aside" in errors[key], errors
+    assert not crop.exists() and not series.exists()
+    assert "moved aside" not in errors["dicom:ct2"], errors  # no output of its own
+    (root / "crop.nii.gz").unlink()
+    (tmp_path / "crop.nii.gz").rename(root / "crop.nii.gz")
+    shutil.rmtree(root / "ct2")
+    summary = run()
+    assert (summary.done, summary.failed) == (2, 0), summary
+    assert crop.exists() and series.is_dir() and not [p for p in out.rglob(".*") if MANIFEST_DIR not in p.parts]
+
+
 def test_records_of_a_runner_that_kept_no_hashes_still_skip_whole_outputs_and_redo_empty_ones(tmp_path, shared_data):
     """Done records written before outputs and inputs were hashed (no ``output_sha256`` / ``input_sha256``, no stat
     keys, no sizes) still skip their whole outputs (nothing denoised again after an upgrade), still redo an empty

@@ -102,7 +102,8 @@ class SeriesItem:
     the DICOMweb series URL); ``series_uid`` / ``study_uid``: the DICOM UIDs ("" when empty, None for files);
     ``voxels``: size for sharding (0 when the header could not be read: the series then fails when it is
     read, with the reader's message); ``output``: the result's path; ``problem``: why the series is refused
-    before reading (e.g. an output collision), else None.
+    before reading (e.g. an output collision), else None; ``input_refused``: that reason is its input's (unreadable,
+    split over folders), not its output's: an output an earlier run wrote under its name is then moved aside.
     """
 
     key: str
@@ -114,6 +115,7 @@ class SeriesItem:
     study_uid: str | None = None
     files: tuple[str, ...] = field(default=(), compare=False, repr=False)
     problem: str | None = None
+    input_refused: bool = False
 
 
 def check_roots(root: Path, out: Path) -> None:
@@ -166,7 +168,7 @@ def _dicom_items(folder: Path, rel: Path, out_root: Path, series_filter: SeriesF
         series = list_dicom_series(folder)
     except UnreadableDicomError as error:  # DICOM files, none readable: reported, not passed over
         return [SeriesItem(key=f"dicom:{rel.as_posix() or '.'}#", kind="dicom", source=str(folder),
-                           output=out_root / rel / _dicom_label("", None), series_uid="", problem=str(error))]
+                           output=out_root / rel / _dicom_label("", None), series_uid="", problem=str(error), input_refused=True)]
     except ImageReadError:
         return []  # no DICOM image file here
     items = []
@@ -221,7 +223,8 @@ def discover_tree(root: str | os.PathLike, out_root: str | os.PathLike,
         rel = folder.relative_to(root) if folder.is_relative_to(root) else Path(folder.name)
         items.append(SeriesItem(key=f"dicom:{rel.as_posix() or '.'}#", kind="dicom", source=str(folder),
                                 output=out_root / rel / _dicom_label("", None), series_uid="",
-                                problem=f"cannot list the folder {folder}: {error.strerror or error}"))
+                                problem=f"cannot list the folder {folder}: {error.strerror or error}",
+                                input_refused=True))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted, followlinks=True):
         here = Path(dirpath)
@@ -265,7 +268,7 @@ def refuse_split_series(items: list[SeriesItem]) -> list[SeriesItem]:
         if len(where) > 1 and not item.problem:
             shown = ", ".join(sorted(where)[:3])
             item = replace(item, problem=f"series {item.series_uid} is split over {len(where)} folders ({shown}): "
-                                         "put all its slices in one folder")
+                                         "put all its slices in one folder", input_refused=True)
         checked.append(item)
     return checked
 

@@ -451,7 +451,8 @@ class _Rank:
             identity = _uid_identity(item.series_uid) if item.series_uid else f"sha256:{digest['input_sha256']}"
         except OSError as error:
             identity = f"unreadable:{item.key}"
-            return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
+            return self._failed(base, identity, started,
+                                f"cannot read {item.source}: {one_line(error)}{self._refused_output(item, base)}")
         job = job_key(identity, self.model_requested, self.weights_requested)
         base.update(job=job, identity=identity)
         previous = self.latest.get(job)
@@ -460,7 +461,8 @@ class _Rank:
         if ledger:  # on every record of the series from now on (the state of each: still there, or gone when)
             base["superseded_on_server"] = ledger
         if item.problem:  # refused now, whatever an earlier run did
-            return self._failed(base, identity, started, item.problem)
+            moved = self._refused_output(item, base) if item.input_refused else ""
+            return self._failed(base, identity, started, item.problem + moved)
         ours = base["output"] in self.ours
         recheck = self._recheck(item, identity, previous, digest, ours)
         if recheck.damaged:  # a power cut or a copy cut short: done again as if it were missing, never skipped or sent
@@ -471,8 +473,9 @@ class _Rank:
             except OSError as error:
                 return self._failed(base, identity, started, f"{recheck.damaged}; it cannot be moved aside to be "
                                                              f"written again: {one_line(error)}")
-        if recheck.unreadable:
-            return self._failed(base, identity, started, recheck.unreadable)
+        if recheck.unreadable:  # (a DICOMweb server that cannot be reached says nothing of the input: kept)
+            moved = self._refused_output(item, base) if item.kind != "dicomweb" else ""
+            return self._failed(base, identity, started, recheck.unreadable + moved)
         if recheck.holds and not (self.settings.store_to_pacs and not previous.get("stored")):
             if ledger != (previous.get("superseded_on_server") or []):  # one found gone, or an older record's list
                 recheck.refresh["superseded_on_server"] = ledger
@@ -508,7 +511,8 @@ class _Rank:
                 source = self._input_digest(item)
         except OSError as error:  # (requests' errors are OSErrors)
             self.last_unreachable = self._note_unreachable(error)
-            return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}")
+            moved = self._refused_output(item, base) if item.kind != "dicomweb" else ""
+            return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}{moved}")
         try:
             self.manifest.append({**base, "status": "started"})
         except OSError as error:  # nothing written yet: no output without a record naming it
@@ -563,6 +567,23 @@ class _Rank:
             except OSError as moved:
                 why += f"; its output {item.output} could not be moved aside ({one_line(moved)}): it is not done"
         return self._failed(base, identity, started, why, extra)
+
+    def _refused_output(self, item: SeriesItem, base: dict) -> str:
+        """What became of the output an earlier run of this batch wrote under the name of a series refused now before
+        its input could be compared with the one that output was made from (unreadable, split over folders: the
+        input it names may be another): moved aside (:func:`_set_aside`, as that of a replaced input is), so that no
+        output stays attached to an input it may not have been made from. The sentence the failure ends with; ""
+        when there is no such output."""
+        if base["output"] not in self.ours or not item.output.exists():
+            return ""
+        try:
+            _set_aside(item.output)
+        except OSError as error:
+            return (f"; its output {item.output}, written from an earlier input, cannot be moved aside: "
+                    f"{one_line(error)}")
+        log.warning("%s: its output %s, written from an earlier input, moved aside", item.key, item.output)
+        return (f"; its output {item.output}, written from an earlier input, was moved aside (a rerun that denoises "
+                "the series writes it again)")
 
     def _input_digest(self, item: SeriesItem, stat: str | None = None) -> dict:
         """``{"input_sha256", "input_stat"}`` of a file or DICOM series input: its files read (hashed) only when no
