@@ -257,6 +257,60 @@ def test_a_rerun_with_store_to_pacs_sends_what_an_earlier_run_only_wrote(tmp_pat
         stop_orthanc(pacs)
 
 
+def test_a_series_whose_record_ahead_of_its_store_cannot_be_written_is_failed_not_stored(tmp_path, shared_data):
+    """The record written just before the STOW-RS (the one that tells a rerun the series may be on the server) cannot
+    be written: the real kernel file size limit (RLIMIT_FSIZE) lowered for that append alone, as in the done-record
+    test of test_batch_denoise. The series failed with the bare OS error ("File too large"), not saying it was the
+    record, and its derived series stayed in place. Now the failure says so and that nothing was stored, the
+    output is moved aside (as when the done record cannot be written), the server holds no derived series, and a
+    rerun denoises and stores it once."""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
+        pacs.upload_folder(tmp_path / "wanted")
+        out = tmp_path / "out"
+        limiter = tmp_path / "limit_at_store.py"  # the CLI, with the file size limit reached at the store's record
+        limiter.write_text("""
+import resource, runpy, signal, sys
+from lib.batch.manifest import Manifest
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write at the limit fails with EFBIG instead of killing
+append = Manifest.append
+def limited_append(self, record):
+    if record.get("stage") != "store":
+        return append(self, record)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (self.path.stat().st_size + 16, limits[1]))
+    try:
+        return append(self, record)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+Manifest.append = limited_append
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+        first = processes.run([sys.executable, limiter, *batch_command(pacs.dicomweb, out, "--store-to-pacs",
+                                                                       "--no-progress")[1:]],
+                              TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert first.returncode == 1 and "1 series: 0 done, 0 skipped, 1 failed" in first.stdout, \
+            first.stdout + first.stderr
+        (failed,) = [line for line in first.stdout.splitlines() if line.startswith("failed: ")]
+        assert ("denoised, but its record ahead of the store to the server cannot be written to "
+                f"{out / MANIFEST_DIR / 'rank-00000.jsonl'} (") in failed and "File too large" in failed, failed
+        assert "it was not stored; its output was moved aside" in failed, failed
+        assert _derived(pacs) == {}
+        (study,) = [p for p in out.iterdir() if not p.name.startswith((".", MANIFEST_DIR))]
+        left = [p.name for p in study.iterdir()]
+        assert len(left) == 1 and left[0].startswith(".") and ".old-" in left[0], left  # not under its name
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert again.returncode == 0 and "1 series: 1 done" in again.stdout, again.stdout + again.stderr
+        assert list(_derived(pacs).values()) == [3]
+        assert [p.name for p in study.iterdir() if p.name.startswith(".")] == []  # the copy removed by the write
+    finally:
+        stop_orthanc(pacs)
+
+
 def _held_store_pacs(tmp_path: Path):
     """Orthanc whose Lua ReceivedInstanceFilter, while ``armed`` exists, holds the last slice (InstanceNumber 3) of
     a derived series: it writes ``signal`` and waits for ``release`` before letting the slice in. The test kills the

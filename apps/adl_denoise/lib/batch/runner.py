@@ -321,6 +321,15 @@ def _uid_identity(series_uid: str) -> str:
     return f"dicom:{series_uid}"
 
 
+class _StoreUnrecorded(Exception):
+    """The derived series was written (``extra``: what :meth:`_Rank._denoise` records) but the record written ahead
+    of its store (``error``) could not be: nothing was sent."""
+
+    def __init__(self, extra: dict, error: OSError) -> None:
+        super().__init__(str(error))
+        self.extra, self.error = extra, error
+
+
 class _StoreFailed(Exception):
     """The derived series was written (``extra``: what :meth:`_Rank._denoise` records) but not stored."""
 
@@ -532,6 +541,9 @@ class _Rank:
             extra.update(source)
             if "output_sha256" not in extra and item.output.exists():  # resumed or only stored: as it is now
                 extra.update(_output_size(item.output))
+        except _StoreUnrecorded as error:  # as a done record that cannot be written: not left looking done
+            return self._unrecorded(base, identity, started, error.extra, item, error.error,
+                                    "its record ahead of the store to the server")
         except _StoreFailed as error:
             self.last_unreachable = self._note_unreachable(error)
             return self._failed(base, identity, started, str(error), {**error.extra, "stage": "store"})
@@ -551,13 +563,21 @@ class _Rank:
         return "done"
 
     def _unrecorded(self, base: dict, identity: str, started: float, extra: dict, item: SeriesItem,
-                    error: OSError) -> str:
-        """The series was denoised and written (``extra``: what its done record held) but that record could not be
-        written: failed, saying so. Its output is moved aside (:func:`_set_aside`; the rerun that writes it again
-        removes it), not left under its name looking done, except a derived series the server stored: a rerun finds
-        that one there by its UIDs (:meth:`_resume`) and records it without storing a second copy."""
-        why = f"denoised, but its done record cannot be written to {self.manifest.path} ({one_line(error)})"
-        if extra.get("stored"):
+                    error: OSError, record: str = "its done record") -> str:
+        """The series was denoised and written (``extra``: what its done record held) but that record (``record``:
+        or the one written ahead of its store, :meth:`_store`: then nothing was sent) could not be written: failed,
+        saying so. Its output is moved aside (:func:`_set_aside`; the rerun that writes it again removes it), not
+        left under its name looking done, except a derived series the server stored, or that an earlier run sent
+        (perhaps in part): a rerun finds that one there by its UIDs (:meth:`_resume`) and records it, or completes
+        it from these files, without storing a second copy."""
+        why = f"denoised, but {record} cannot be written to {self.manifest.path} ({one_line(error)})"
+        if record != "its done record":
+            why += ": it was not stored"
+        sent = self.sent.get(base["job"], {}).get(str(extra.get("derived_series_uid")))
+        if sent and not extra.get("stored"):
+            why += (f"; an earlier run sent its derived series {extra['derived_series_uid']} (the server may hold it, "
+                    f"in part): {item.output} is left in place and a rerun completes it from these files")
+        elif extra.get("stored"):
             why += (f"; the server stored it (derived series {extra['stored'].get('series_instance_uid')}): "
                     f"{item.output} is left in place and a rerun records it without storing it again")
         elif item.output.exists():
@@ -1088,11 +1108,15 @@ class _Rank:
 
         Raises:
             _StoreFailed: the server did not store it all (or could not be reached).
+            _StoreUnrecorded: the record ahead of the store cannot be written (nothing was sent).
         """
         if not extra.get("derived_series_uid"):  # a record of a run before derived series were named
             extra = {**extra, **(dicomweb.derived_series(item.output) or {})}
         # written ahead of the STOW-RS: a run killed after it and before the "done" record is known to have sent it
-        self.manifest.append({**base, **extra, "status": "started", "stage": "store"})
+        try:
+            self.manifest.append({**base, **extra, "status": "started", "stage": "store"})
+        except OSError as error:  # not sent: a store no record announces would be unknown to a rerun
+            raise _StoreUnrecorded(extra, error) from error
         try:
             return {**extra, "stored": dicomweb.store_series(self.client, item.output)}
         except Exception as error:  # noqa: BLE001 - recorded with what was written: a rerun re-sends it
