@@ -831,6 +831,56 @@ def test_a_series_that_grows_past_the_free_disk_space_during_its_download_is_sto
         stop_orthanc(pacs)
 
 
+@pytest.mark.skipif(processes.private_tmpfs_problem() is not None,
+                    reason=str(processes.private_tmpfs_problem()))
+def test_a_download_that_finds_the_disk_full_all_the_same_says_it_does_not_fit_and_removes_its_files(
+        tmp_path, shared_data):
+    """The free space is checked before each instance against its pixel data and a header allowance: an instance
+    whose header is larger (here a real vendor-style private element of 8 MiB in the second of 2 slices), or
+    another writer taking the space after the check, fills the disk all the same. The batch's download then failed
+    the series with the bare OS error ("No space left on device"); it now says the series does not fit, as the app's
+    download does (the shared :func:`lib.pacs.disk_full`), and removes the files it wrote. The download folder is a
+    real 6 MiB tmpfs (a mount namespace of its own) and the instances come from the real Orthanc."""
+    from pydicom.uid import generate_uid
+
+    series = make_series(shared_data, tmp_path / "series", range(0, 2), "abdomen low dose", generate_uid(), "20200115")
+    files = sorted((tmp_path / "series").iterdir())
+    ds = pydicom.dcmread(files[1])
+    ds.private_block(0x0009, "ADL TEST VENDOR", create=True).add_new(0x10, "OB", bytes(8 * 1024 * 1024))
+    ds.save_as(files[1], write_like_original=False)
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        pacs.upload_files(files)
+        scratch = tmp_path / "scratch"
+        scratch.mkdir()
+        download = f"""
+import json, sys
+from pathlib import Path
+from lib.batch.dicomweb import discover_dicomweb, download_series, make_client
+from lib.batch.discovery import SeriesFilter
+client = make_client({pacs.dicomweb!r})
+(item,) = discover_dicomweb(client, Path({str(tmp_path / 'out')!r}), SeriesFilter())
+try:
+    download_series(client, item, Path({str(scratch)!r}) / "series")
+    outcome = {{"error": None}}
+except Exception as error:
+    outcome = {{"type": type(error).__name__, "error": str(error)}}
+outcome["left"] = sorted(str(p) for p in Path({str(scratch)!r}).rglob("*"))
+print(json.dumps(outcome))
+"""
+        result = processes.run(processes.on_tmpfs(scratch, 6, [sys.executable, "-c", download]), TIMEOUT,
+                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(APP_DIR)))
+        assert result.returncode == 0, result.stdout + result.stderr
+        outcome = json.loads(result.stdout.splitlines()[-1])
+        assert outcome == {
+            "type": "DownloadRefused", "left": [],
+            "error": f"series {series} does not fit on the disk of {scratch / 'series'}: the disk was full at instance "
+                     "2; the download was stopped and its files removed: free some space or choose another "
+                     "--output"}, outcome
+    finally:
+        stop_orthanc(pacs)
+
+
 def test_a_series_whose_instances_the_server_replaced_under_the_same_count_is_denoised_again(tmp_path, shared_data):
     """A DICOMweb series was known by its UID and instance count: a corrected series sent again (other SOP Instance
     UIDs, or the same UIDs stored again with new pixels) under the same count was skipped as done, and the archive

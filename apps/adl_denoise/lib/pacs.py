@@ -36,7 +36,7 @@ __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
            "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "OVERSIZED_UNCOUNTED_S", "cache_folder",
-           "instance_voxels", "instance_bytes", "HEADER_BYTES", "disk_shortfall", "series_disk_shortfall",
+           "instance_voxels", "instance_bytes", "HEADER_BYTES", "disk_shortfall", "series_disk_shortfall", "disk_full",
            "save_instance", "SeriesTooLarge", "SeriesDoesNotFit", "PARTIAL_DOWNLOAD_PREFIX", "download_within",
            "bounded_downloads", "PARTIAL_DOWNLOAD_STALE_S", "remove_stale_downloads"]
 
@@ -731,9 +731,10 @@ def _study_of(client, series_uid: str) -> str:
     raise FileNotFoundError(f"the PACS lists no series {series_uid}")
 
 
-def _disk_full(error: BaseException) -> bool:
+def disk_full(error: BaseException) -> bool:
     """Whether ``error`` or one it was raised from is ENOSPC (pydicom raises a new OSError without errno, naming the
-    element whose write failed, from the one of the write)."""
+    element whose write failed, from the one of the write): a download that found the disk full all the same (another
+    writer took the space after :func:`disk_shortfall`), the app's and the batch's."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if getattr(error, "errno", None) == errno.ENOSPC:
@@ -836,7 +837,7 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
             try:
                 save_instance(dataset, partial / f"{dataset.SOPInstanceUID}.dcm")
             except OSError as error:
-                if not _disk_full(error):
+                if not disk_full(error):
                     raise
                 raise SeriesDoesNotFit(f"series {image_id} does not fit on the disk of the server's DICOMweb cache "
                                        f"{folder.parent}: the disk was full at instance {count}; the download was "

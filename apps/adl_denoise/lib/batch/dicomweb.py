@@ -46,7 +46,7 @@ import pydicom
 
 from ..imaging.errors import one_line
 from ..imaging.guards import max_voxels
-from ..pacs import (PacsStoreError, SeriesSize, all_pages, disk_shortfall, instance_voxels, save_instance,
+from ..pacs import (PacsStoreError, SeriesSize, all_pages, disk_full, disk_shortfall, instance_voxels, save_instance,
                     search_whole, series_disk_shortfall, series_instance_count, series_size, stow_datasets)
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions
 
@@ -287,8 +287,9 @@ def download_series(client, item: SeriesItem, folder: Path, limit: int | None = 
 
     Raises:
         DownloadRefused: too large for the voxel limit or the free disk space (nothing was downloaded), or the
-            series grew past the voxel limit, or past the free disk space, during the download (stopped at the
-            instance that took it over; the files written removed).
+            series grew past the voxel limit, or past the free disk space, during the download, or the disk was
+            full all the same (:func:`lib.pacs.disk_full`: another writer took the space; stopped at the instance
+            that took it over; the files written removed).
         ValueError: the server returned no instance.
     """
     created = not folder.exists()
@@ -321,7 +322,14 @@ def download_series(client, item: SeriesItem, folder: Path, limit: int | None = 
                                       "space or choose another --output")
             path = folder / f"{count:06d}.dcm"
             written.append(path)  # before the write: a write cut short (disk full) leaves part of a file
-            save_instance(dataset, path)
+            try:
+                save_instance(dataset, path)
+            except OSError as error:  # the disk full all the same: another writer took the space since the check
+                if not disk_full(error):
+                    raise
+                raise DownloadRefused(f"series {item.series_uid} does not fit on the disk of {folder}: the disk was "
+                                      f"full at instance {count}; the download was stopped and its files removed: "
+                                      "free some space or choose another --output") from None
         if count == 0:
             raise ValueError(f"the DICOMweb server returned no instance for series {item.series_uid}")
     except BaseException:
