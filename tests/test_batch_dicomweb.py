@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -1079,6 +1080,54 @@ def test_a_series_moved_to_another_study_on_the_server_is_denoised_again_and_sto
         assert "1 series: 0 done, 1 skipped" in run_batch(pacs.dicomweb, out, "--store-to-pacs").stdout
     finally:
         stop_orthanc(pacs)
+
+
+def test_the_local_output_left_in_the_old_study_folder_after_a_move_is_reported_until_removed(tmp_path, shared_data):
+    """A series moved to another study on the PACS is written under its new study's folder (``<study>/<series>``);
+    the folder an earlier run wrote under the old study stayed there, unreported: a denoised copy filed under a study
+    the series is no longer in. It is now reported at the end of every run (and warned of) while it is there, never
+    deleted; once removed, no more. (Real Orthanc; the move as in the test above, without --store-to-pacs.)"""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        old_study, new_study = generate_uid(), generate_uid()
+        series = make_series(shared_data, tmp_path / "series", range(0, 2), "abdomen low dose", old_study, "20200115")
+        files = sorted((tmp_path / "series").iterdir())
+        pacs.upload_files(files)
+        out = tmp_path / "out"
+        assert "1 series: 1 done" in run_batch(pacs.dicomweb, out).stdout
+        old = out / old_study / series
+        assert old.is_dir()
+        for instance in _source_instances(pacs, series):
+            urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{instance}", method="DELETE"),
+                                   timeout=60).close()
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID = new_study
+            ds.save_as(path, write_like_original=False)
+        pacs.upload_files(files)
+
+        moved = run_batch(pacs.dicomweb, out)
+        assert moved.returncode == 0 and "1 series: 1 done, 0 skipped" in moved.stdout, moved.stdout + moved.stderr
+        assert (out / new_study / series).is_dir() and old.is_dir()  # nothing deleted
+        expected = (f"left in another study's folder: dicomweb:{new_study}/{series}: {old.resolve()} holds its output "
+                    f"that an earlier run wrote when the server listed it in study {old_study}; it is now in study "
+                    f"{new_study} (its output: {out / new_study / series}): remove it once no longer needed (nothing "
+                    "was deleted)")
+        assert _left_report(moved) == [expected], moved.stdout
+        assert str(old.resolve()) in moved.stderr  # warned of when found
+        again = run_batch(pacs.dicomweb, out)
+        assert "1 series: 0 done, 1 skipped" in again.stdout and _left_report(again) == [expected], again.stdout
+        shutil.rmtree(old)
+        last = run_batch(pacs.dicomweb, out)
+        assert "1 series: 0 done, 1 skipped" in last.stdout and _left_report(last) == [], last.stdout
+    finally:
+        stop_orthanc(pacs)
+
+
+def _left_report(result) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.startswith("left in another study's folder:")]
 
 
 def _source_instances(pacs, source_uid: str) -> list[str]:

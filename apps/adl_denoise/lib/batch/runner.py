@@ -108,6 +108,9 @@ class BatchSummary:
     #: (series key, :meth:`_Rank._superseded` entry) of derived series on the server that this rank's redone series
     #: superseded (not merged): the PACS administrator removes them
     superseded: list = field(default_factory=list, repr=False)
+    #: (series key, sentence) of local outputs an earlier run wrote of this rank's DICOMweb series under the study it
+    #: was listed in then (:meth:`_Rank._left_outputs`; not merged): the user removes them
+    left_outputs: list = field(default_factory=list, repr=False)
 
     @property
     def total(self) -> int:
@@ -400,6 +403,12 @@ class _Rank:
         # per job, the derived series its redos superseded on the server (:func:`_superseded_ledgers`), re-checked by
         # every run (:meth:`_recheck_superseded`) until the server lists them no more
         self.ledgers = _superseded_ledgers(records)
+        # per job of a DICOMweb series, every output a record names -> the key (study/series) it was written under
+        self.outputs_of: dict[str, dict[str, str]] = {}
+        for record in records:
+            if str(record.get("key", "")).startswith("dicomweb:") and record.get("output"):
+                self.outputs_of.setdefault(record["job"], {})[str(record["output"])] = record["key"]
+        self.planned_outputs: set[str] = set()  # the outputs of every series of this run (:meth:`run`)
         self.cache = ModelCache()
         self.file_widths: dict[str, float | None] = {}  # weight file SHA-256 -> the restoration width it names
         self.options = replace(settings.options, progress=False)  # the rank's own bar is the progress shown
@@ -414,6 +423,7 @@ class _Rank:
         # after that (_instances_on_server)
         self.pacs_unreachable = False
         self.last_superseded: list[dict] = []  # the last series' superseded derived series still on the server
+        self.last_left: list[str] = []  # the last series' earlier outputs left under another study (_left_outputs)
         self._identity: tuple[str, dict] | None = None  # (series key, its _series_identity): asked once a series
         self._sources: tuple[str, str | None] | None = None  # (series key, its _made_from)
 
@@ -422,13 +432,15 @@ class _Rank:
         superseded derived series of the jobs outside this run's series (:meth:`_recheck_unplanned`)."""
         summary = BatchSummary(ranks=1)
         start = time.perf_counter()
+        self.planned_outputs = {str(i.output.resolve()) for i in (items if planned is None else planned)}
         unreachable = 0  # failures in a row for want of the server
         for index, item in enumerate(items):
-            self.last_unreachable, self.last_superseded = False, []
+            self.last_unreachable, self.last_superseded, self.last_left = False, [], []
             outcome = self.one(item)
             if outcome == "failed":
                 summary.failures.append((item.key, self.last_error))
             summary.superseded.extend((item.key, entry) for entry in self.last_superseded)
+            summary.left_outputs.extend((item.key, sentence) for sentence in self.last_left)
             setattr(summary, outcome, getattr(summary, outcome) + 1)
             bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed, refresh=False)
             bar.update(1)
@@ -469,6 +481,7 @@ class _Rank:
         ledger = self._recheck_superseded(job, item.key, previous, item.kind == "dicomweb")
         if ledger:  # on every record of the series from now on (the state of each: still there, or gone when)
             base["superseded_on_server"] = ledger
+        self.last_left = self._left_outputs(job, item, base)
         if item.problem:  # refused now, whatever an earlier run did
             moved = self._refused_output(item, base) if item.input_refused else ""
             return self._failed(base, identity, started, item.problem + moved)
@@ -587,6 +600,23 @@ class _Rank:
             except OSError as moved:
                 why += f"; its output {item.output} could not be moved aside ({one_line(moved)}): it is not done"
         return self._failed(base, identity, started, why, extra)
+
+    def _left_outputs(self, job: str, item: SeriesItem, base: dict) -> list[str]:
+        """What the run says of each output an earlier run wrote of the DICOMweb series ``item`` (its ``job``) under
+        another study than the one the server lists it in now (a study split or merged: the output folder is
+        ``<study>/<series>``), that is still there and no series of this run writes: left in place (a user's files
+        are never deleted) and reported by every run until removed, as a superseded derived series on the server
+        is; warned of when found."""
+        left = []
+        for output, key in self.outputs_of.get(job, {}).items():
+            if output == base["output"] or output in self.planned_outputs or not Path(output).exists():
+                continue
+            study = key[len("dicomweb:"):].split("/")[0]
+            left.append(f"{output} holds its output that an earlier run wrote when the server listed it in study "
+                        f"{study}; it is now in study {item.study_uid} (its output: {item.output}): remove it once "
+                        "no longer needed (nothing was deleted)")
+            log.warning("%s: %s", item.key, left[-1])
+        return left
 
     def _refused_output(self, item: SeriesItem, base: dict) -> str:
         """What became of the output an earlier run of this batch wrote under the name of a series refused now before
@@ -1210,9 +1240,11 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
         report(f"failed: {key}: {error}")
     for key, entry in own.superseded:
         report(f"superseded on the PACS: {superseded_sentence(key, entry)}")
+    for key, sentence in own.left_outputs:
+        report(f"left in another study's folder: {key}: {sentence}")
     if own.stopped:
         report(f"stopped: {own.stopped}")
-    counts = {k: v for k, v in asdict(own).items() if k not in ("failures", "superseded")}
+    counts = {k: v for k, v in asdict(own).items() if k not in ("failures", "superseded", "left_outputs")}
     atomic_write_text(manifest.folder / f"summary-rank-{context.rank:05d}.json", json.dumps(counts))
     if context.distributed:
         report(f"rank {context.rank}: {own.line()}")
