@@ -1412,8 +1412,8 @@ def test_a_dataset_download_leaves_no_copy_of_the_datastore_in_the_servers_temp_
 def test_a_dataset_zip_that_fails_half_way_or_whose_client_leaves_mid_send_leaves_no_copy_behind(folders):
     """The dataset's ZIP is written in the server's temp folder, here a real 1 MiB tmpfs (a mount namespace of the
     server's own, seen through ``/proc/PID/root``) that three labelled studies (2 MiB zipped) do not fit: the ZIP
-    fails half way (no space left) and the half-written file is deleted; MONAI Label's stayed in the temp folder.
-    One whose client reads a few bytes and leaves is deleted too."""
+    fails half way (no space left), a 507 saying so (it was a bare 500), and the half-written file is deleted; MONAI
+    Label's stayed in the temp folder. One whose client reads a few bytes and leaves is deleted too."""
     import socket
 
     import processes
@@ -1447,7 +1447,9 @@ def test_a_dataset_zip_that_fails_half_way_or_whose_client_leaves_mid_send_leave
             assert saved.status_code == 200, saved.text
         before = {p.name for p in seen.rglob("*")}
         failed = requests.get(f"{server.url}/datastore/dataset", timeout=300)
-        assert failed.status_code == 500, (failed.status_code, failed.text[:300])
+        assert failed.status_code == 507, (failed.status_code, failed.text[:300])
+        assert failed.json()["detail"].startswith("the dataset was not sent: its ZIP does not fit on the disk of the "
+                                                  "server's temp folder (TMPDIR; no space left)"), failed.text
         assert left(time.monotonic() + 10) == []
         one = requests.get(f"{server.url}/datastore/dataset", params={"limit_cases": 1}, timeout=300)
         assert one.status_code == 200 and one.content[:2] == b"PK", (one.status_code, one.text[:300])

@@ -14,6 +14,7 @@ import json
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -38,10 +39,12 @@ class Received:
 
 class RecordingPacs:
     """A DICOMweb server on 127.0.0.1 at ``/dicom-web``: QIDO searches answer ``[]``, a POST answers a STOW-RS
-    success; every request is kept in :attr:`received`."""
+    success; every request is kept in :attr:`received`. While :attr:`cut_answers` is set each answer declares more
+    bytes than it sends and the connection is closed (an answer cut short)."""
 
     def __init__(self) -> None:
         self.received: list[Received] = []
+        self.cut_answers = False
         pacs = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,7 +54,7 @@ class RecordingPacs:
             def _answer(self, body: bytes) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/dicom+json")
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(len(body) + (1000 if pacs.cut_answers else 0)))
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -128,15 +131,66 @@ def test_a_post_through_any_prefix_stores_into_the_pacs_so_a_user_is_refused(ser
 
 
 def test_an_annotators_store_reaches_the_pacs_without_the_callers_credentials(server, pacs, realm):
+    from pydicom.data import get_testdata_file
+
     start = len(pacs.received)
+    body = stow_body([get_testdata_file("CT_small.dcm")])
     headers = _as(realm, "annotator", **{"Content-Type": STOW_TYPE, "Cookie": "session=secret"})
-    response = requests.post(server.url + "/proxy/dicom/stow/studies", data=STOW_BODY, headers=headers, timeout=120)
+    response = requests.post(server.url + "/proxy/dicom/stow/studies", data=body, headers=headers, timeout=120)
     assert response.status_code == 200, response.text[:300]
     got = pacs.received[start:]
-    assert [(r.method, r.path, r.body) for r in got] == [("POST", "/dicom-web/studies", STOW_BODY)]
+    assert [(r.method, r.path, r.body) for r in got] == [("POST", "/dicom-web/studies", body)]
     assert got[0].headers["content-type"] == STOW_TYPE
     assert not {"authorization", "cookie", "proxy-authorization"} & set(got[0].headers)
     assert got[0].headers["host"] == f"127.0.0.1:{pacs.port}"  # the PACS's, not this server's
+
+
+def test_a_store_whose_dicom_part_names_no_series_is_refused_and_never_reaches_the_pacs(server, pacs, realm):
+    """A part sent as ``application/dicom`` whose header yields no StudyInstanceUID / SeriesInstanceUID was not
+    counted and the store was forwarded, its entry naming no study and 0 instances: it is a 422 naming the part,
+    nothing forwarded, no entry."""
+    from pydicom.data import get_testdata_file
+
+    audit = _audit_of(server)
+    start, before = len(pacs.received), len(audit.entries("dicomweb_storing"))
+    body = stow_body([get_testdata_file("CT_small.dcm")]).replace(b"--BOUNDARY--\r\n", b"") + STOW_BODY
+    response = requests.post(server.url + "/proxy/dicom/stow/studies", data=body,
+                             headers=_as(realm, "annotator", **{"Content-Type": STOW_TYPE}), timeout=120)
+    assert response.status_code == 422, (response.status_code, response.text[:300])
+    assert response.json()["detail"] == ("nothing was stored in the PACS: part 2 of the body (sent as "
+                                         "application/dicom) is no DICOM file with a StudyInstanceUID and a "
+                                         "SeriesInstanceUID")
+    assert pacs.received[start:] == []
+    assert len(audit.entries("dicomweb_storing")) == before
+
+
+def test_an_answer_the_pacs_cuts_short_is_a_502_and_a_stores_failure_is_on_record(server, pacs, realm):
+    """The PACS closes the connection before the whole answer it declared (a real server on loopback): urllib3's
+    error while the body was read is no ``requests`` error, so it was a bare 500, and the store's
+    ``dicomweb_storing`` entry had no outcome. It is a 502 saying the answer was cut short, for a search as for a
+    store, and the store's ``dicomweb_store_failed`` names its entry, the status and why."""
+    from pydicom.data import get_testdata_file
+
+    audit = _audit_of(server)
+    body = stow_body([get_testdata_file("CT_small.dcm")])
+    start = len(pacs.received)
+    pacs.cut_answers = True
+    try:
+        stored = requests.post(server.url + "/proxy/dicom/stow/studies", data=body,
+                               headers=_as(realm, "annotator", **{"Content-Type": STOW_TYPE}), timeout=120)
+        search = requests.get(server.url + "/proxy/dicom/qido/studies?PatientID=cut", headers=_as(realm, "user"),
+                              timeout=120)
+    finally:
+        pacs.cut_answers = False
+    assert [r.method for r in pacs.received[start:]] == ["POST", "GET"]
+    for answer in (stored, search):
+        assert answer.status_code == 502, (answer.status_code, answer.text[:300])
+        assert answer.json()["detail"] == "the PACS's answer (200) was cut short or stalled (ProtocolError)"
+    storing, failed = audit.entries("dicomweb_storing")[-1], audit.entries("dicomweb_store_failed")[-1]
+    assert storing["fields"]["instances"] == 1
+    assert (failed["fields"]["pending_seq"], failed["fields"]["status"]) == (storing["seq"], 502)
+    assert failed["fields"]["detail"] == stored.json()["detail"]
+    assert audit.verify().ok
 
 
 @pytest.mark.parametrize("method,path", [
@@ -224,24 +278,51 @@ def test_a_proxy_reads_key_is_the_study_and_series_it_names_or_the_search():
     assert proxy_read_key("studies", "") == (None, None, "studies")
 
 
-def test_a_stores_audit_entry_names_the_studies_and_series_of_its_dicom_files():
+def with_large_private_element(source: str, target: Path) -> Path:
+    """``source`` (a real DICOM file) written to ``target`` with a 2 MiB private element (0009,1010) before its
+    StudyInstanceUID (0020,000D) and SeriesInstanceUID (0020,000E)."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    block = ds.private_block(0x0009, "ADL TEST", create=True)
+    block.add_new(0x10, "OB", bytes(range(256)) * 8192)
+    ds.save_as(target, write_like_original=False)
+    return target
+
+
+def stow_body(files: list[Path], boundary: str = "BOUNDARY") -> bytes:
+    """A STOW-RS body of ``files``, each a part sent as ``application/dicom``, closed."""
+    return b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + Path(f).read_bytes()
+                    + b"\r\n" for f in files) + f"--{boundary}--\r\n".encode()
+
+
+def test_a_stores_audit_entry_names_the_studies_and_series_of_its_dicom_files(tmp_path):
     """The UIDs of a STOW-RS body (real DICOM files of pydicom's test data, two of one series) come from each
-    part's header; a part that is no DICOM file is not counted, a body without a boundary names none."""
+    part's header, one with a 2 MiB private element before them (the header was read up to 1 MiB: not counted);
+    the boundary parameter's name is case-insensitive (``Boundary=``: nothing was counted). A part of another type
+    (JSON metadata) is a part, no instance; one sent as DICOM that is none is refused naming it (it was not counted
+    and the store went on), and so is a body with no boundary."""
     import pydicom
     from pydicom.data import get_testdata_file
 
     from lib.endpoints.guards import stow_uids
 
     ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
-    body = b"".join(b"--BOUNDARY\r\nContent-Type: application/dicom\r\n\r\n" + open(path, "rb").read() + b"\r\n"
-                    for path in (ct, mr, ct)) + STOW_BODY
-    studies, series, instances = stow_uids(body, STOW_TYPE)
+    large = with_large_private_element(mr, tmp_path / "mr_large_private.dcm")
+    json_part = b"--BOUNDARY\r\nContent-Type: application/dicom+json\r\n\r\n[{}]\r\n"
+    body = json_part + stow_body([ct, large, ct])
     headers = [pydicom.dcmread(path) for path in (ct, mr)]
-    assert studies == sorted(str(h.StudyInstanceUID) for h in headers)
-    assert series == sorted(str(h.SeriesInstanceUID) for h in headers)
-    assert instances == 3
-    assert stow_uids(STOW_BODY, STOW_TYPE) == ([], [], 0)
-    assert stow_uids(body, "application/dicom") == ([], [], 0)
+    expected = (sorted(str(h.StudyInstanceUID) for h in headers), sorted(str(h.SeriesInstanceUID) for h in headers))
+    assert stow_uids(body, STOW_TYPE) == (*expected, 3, 4)
+    assert stow_uids(body, STOW_TYPE.replace("boundary=", "Boundary=")) == (*expected, 3, 4)
+    assert stow_uids(body, 'multipart/related; BOUNDARY="BOUNDARY"; type="application/dicom"') == (*expected, 3, 4)
+    with pytest.raises(ValueError, match=r"part 2 of the body \(sent as application/dicom\) is no DICOM file"):
+        stow_uids(stow_body([ct]).replace(b"--BOUNDARY--\r\n", b"") + STOW_BODY, STOW_TYPE)
+    with pytest.raises(ValueError, match="part 1 of the body"):  # cut short before its series UID
+        stow_uids(b"--BOUNDARY\r\n\r\n" + Path(ct).read_bytes()[:400] + b"\r\n--BOUNDARY--\r\n", STOW_TYPE)
+    with pytest.raises(ValueError, match="names no boundary"):
+        stow_uids(body, "application/dicom")
+    assert stow_uids(b"", "") == ([], [], 0, 0)
 
 
 def test_the_proxy_forgets_its_oldest_reads_past_its_limit():

@@ -1169,18 +1169,22 @@ def test_a_store_through_the_proxy_is_on_record_before_it_reaches_the_pacs_and_r
     """A POST through the PACS proxy (STOW-RS, patient data stored into the PACS) wrote no audit entry. It is now a
     ``dicomweb_storing`` entry (who, the studies and series of the body's DICOM files, how many) written before it
     is forwarded, then ``dicomweb_stored`` with the PACS's status; with the log unwritable it is refused, 503, and
-    nothing reaches the real Orthanc (its own request log shows no POST, it holds no instance)."""
+    nothing reaches the real Orthanc (its own request log shows no POST, it holds no instance). One file holds a 2
+    MiB private element before its UIDs and the boundary parameter is spelled ``Boundary=``: the entry still names
+    the series and its 3 instances (it named none). A body with a part sent as DICOM that is none is refused, 422
+    naming the part, and nothing reaches Orthanc either (it was forwarded, that part not on record)."""
     import requests
 
     from lib.audit import AuditLog
+    from test_dicom_proxy import STOW_BODY, stow_body, with_large_private_element
 
     pacs, requests_log = start_orthanc_logging_requests(tmp_path)
     try:
         files = real_ct_series(tmp_path / "ct")
         first = pydicom.dcmread(files[0])
-        body = b"".join(b"--BOUNDARY\r\nContent-Type: application/dicom\r\n\r\n" + path.read_bytes() + b"\r\n"
-                        for path in files) + b"--BOUNDARY--\r\n"
-        headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=BOUNDARY',
+        with_large_private_element(files[1], files[1])
+        body = stow_body(files)
+        headers = {"Content-Type": 'multipart/related; type="application/dicom"; Boundary=BOUNDARY',
                    "Accept": "application/dicom+json"}
         audit_dir = tmp_path / "audit"
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
@@ -1191,6 +1195,12 @@ def test_a_store_through_the_proxy_is_on_record_before_it_reaches_the_pacs_and_r
                                         timeout=120)
             assert refused.status_code == 503, (refused.status_code, refused.text[:300])
             assert "nothing was stored in the PACS: the audit log could not be written" in refused.json()["detail"]
+            assert [line for line in requests_log.read_text().splitlines() if line.startswith("POST")] == []
+            assert pacs.get("/instances") == []
+            bad = body.replace(b"--BOUNDARY--\r\n", b"") + STOW_BODY  # the 4th part is no DICOM file
+            refused = requests.post(f"{server.url}/proxy/dicom/stow/studies", data=bad, headers=headers, timeout=120)
+            assert refused.status_code == 422, (refused.status_code, refused.text[:300])
+            assert "part 4 of the body (sent as application/dicom) is no DICOM file" in refused.json()["detail"]
             assert [line for line in requests_log.read_text().splitlines() if line.startswith("POST")] == []
             assert pacs.get("/instances") == []
             stored = requests.post(f"{server.url}/proxy/dicom/stow/studies", data=body, headers=headers, timeout=120)

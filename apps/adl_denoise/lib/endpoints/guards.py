@@ -53,7 +53,8 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   sent. The proxy, asked once per DICOM instance, frame and metadata file by a viewer, records one entry per
   reader (user and client) and study / series (or search) per server process (:func:`proxy_read_key`). A store
   through the proxy (``POST``, STOW-RS) is a ``dicomweb_storing`` entry written before it is forwarded (503, nothing
-  forwarded, when it cannot be written), then its outcome.
+  forwarded, when it cannot be written; 422 when a part sent as DICOM yields no study and series UID), then its
+  outcome.
 * ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``, ``GET /datastore/?output=train``: below
   admin (with authentication on), the answer names none of the server's folders and files (the audit log's
   ``audit.dir``, a training run's ``work_dir``; the training list's files and paths in texts cut to their last
@@ -70,14 +71,15 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   ``Host`` are not forwarded to the PACS (the stock proxy copies every header of a POST, so a user's realm token
   would reach a third party). The forwarding is the app's own (:func:`_forward_to_pacs`): it keeps a search's
   query string and the viewer's ``Accept`` header (the stock proxy drops both: a QIDO search for one patient
-  answered every study), waits for the PACS in a worker thread with a timeout (502 when it does not answer), and
-  does not follow the PACS's redirects.
+  answered every study), waits for the PACS in a worker thread with a timeout (502 when it does not answer, or its
+  answer is cut short or stalls), and does not follow the PACS's redirects.
 * ``GET /ohif/...``: a path naming a folder (``..``, ``.``, ``assets``) is a 404 (the stock route tried to send the
   folder as a file: a bare 500).
 """
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import os
@@ -1118,12 +1120,21 @@ def guarded_download_dataset(limit_cases: Optional[int] = None, user: User = Dep
     before it is sent; 503 and nothing sent when the entry cannot be written (refused before zipping when the log
     refuses entries already). The ZIP is written in a temp folder of the request's own, deleted whatever happens:
     sent, refused, cut short (a client gone mid-send) or failed half-way (MONAI Label's left its ZIP, whole or
-    not, in the temp folder)."""
+    not, in the temp folder). One that does not fit in the temp folder's disk is a 507 Insufficient Storage (the
+    server's disk, not the request, is at fault; it was a bare 500)."""
     _refuse_unrecordable("the dataset was not sent", "the dataset")  # before every study is zipped
     folder = tempfile.mkdtemp(prefix="adl-dataset-")
     try:
         path = dataset_archive(app().datastore(), limit_cases, Path(folder))
         _recorded_read(DATASET_DOWNLOADED, {"limit_cases": limit_cases}, "the dataset was not sent")
+    except OSError as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        if error.errno != errno.ENOSPC:
+            raise
+        log.error("GET /datastore/dataset: the dataset's ZIP did not fit in the temp folder: %s", error)
+        raise HTTPException(status_code=507, detail="the dataset was not sent: its ZIP does not fit on the disk of "
+                                                    "the server's temp folder (TMPDIR; no space left); nothing "
+                                                    "was kept (limit_cases sends fewer studies)") from None
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -1321,18 +1332,28 @@ def _pacs_url_and_auth(op: str, path: str) -> tuple[str, Any, dict[str, str]]:
 
 
 def _forward_to_pacs(method: str, url: str, query: str, auth: Any, headers: dict[str, str], body: bytes):
-    """One request to the PACS (blocking: run in a worker thread) and its answer as a response of this server."""
+    """One request to the PACS (blocking: run in a worker thread) and its answer as a response of this server;
+    502 when the PACS did not answer, or its answer was cut short or stalled (urllib3's errors while the body is
+    read, which are no ``requests`` errors)."""
     import requests
+    import urllib3
     from fastapi.responses import Response
 
     try:
         answer = requests.request(method, url + (f"?{query}" if query else ""), auth=auth, headers=headers,
                                   data=body if method == "POST" else None, stream=True, timeout=PROXY_TIMEOUT_S,
                                   allow_redirects=False)
-        content = answer.raw.read()
     except requests.RequestException as e:
         log.warning("PACS proxy: %s %s failed: %s", method, url, e)
         raise HTTPException(status_code=502, detail=f"the PACS did not answer ({type(e).__name__})") from None
+    try:
+        content = answer.raw.read()  # as sent (its Content-Encoding kept)
+    except urllib3.exceptions.HTTPError as e:  # ProtocolError (cut short), ReadTimeoutError, ...
+        log.warning("PACS proxy: the answer to %s %s failed: %s", method, url, e)
+        raise HTTPException(status_code=502, detail=f"the PACS's answer ({answer.status_code}) was cut short or "
+                                                    f"stalled ({type(e).__name__})") from None
+    finally:
+        answer.close()
     kept = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_BY_HOP}
     return Response(content=content, status_code=answer.status_code, headers=kept)
 
@@ -1425,65 +1446,109 @@ def _record_proxy_read(path: str, query: str) -> None:
         "the PACS's answer was not sent"))
 
 
-#: bytes of each part of a STOW-RS body read for its UIDs (:func:`stow_uids`): a DICOM header, not its pixels
-STOW_HEADER_BYTES = 1 << 20
+#: values longer than this (bytes) in a STOW-RS part's header are skipped, not read (:func:`stow_uids`): UIDs are
+#: at most 64 bytes, a private element before them may hold megabytes
+STOW_SKIPPED_VALUE_BYTES = 1024
 
 
-def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int]:
-    """(StudyInstanceUIDs, SeriesInstanceUIDs, instances) of the DICOM parts of a STOW-RS ``body``
-    (``multipart/related`` with the boundary of ``content_type``), read from the first :data:`STOW_HEADER_BYTES`
-    of each part up to the series UID (no pixel data read); parts that are not DICOM files with those UIDs there
-    (JSON metadata, bulk data, garbage) are not counted. Sorted, without repeats."""
-    import io
+class _PartReader:
+    """A read-only binary file over ``data`` (a memoryview of one part of a request body): only what is read is
+    copied, and nothing past the part's end is read (pydicom's reader asks ``read``, ``seek`` and ``tell``)."""
 
+    def __init__(self, data: memoryview) -> None:
+        self.data, self.at = data, 0
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        end = len(self.data) if size is None or size < 0 else min(len(self.data), self.at + size)
+        chunk = bytes(self.data[self.at:end])
+        self.at = max(self.at, end)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.at = max(0, offset + (0, self.at, len(self.data))[whence])
+        return self.at
+
+    def tell(self) -> int:
+        return self.at
+
+
+def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int, int]:
+    """(StudyInstanceUIDs, SeriesInstanceUIDs, instances, parts) of a STOW-RS ``body`` (``multipart/related``
+    with the boundary of ``content_type``, its parameter name in any case). Each part sent as DICOM (its own
+    Content-Type ``application/dicom``, or none) is one instance, its UIDs read from its header up to the series UID,
+    values longer than :data:`STOW_SKIPPED_VALUE_BYTES` skipped (no pixel data, no large private element read);
+    other parts (JSON metadata, bulk data) are counted in ``parts`` only. UIDs sorted, without repeats.
+
+    Raises:
+        ValueError: a part sent as DICOM yields no StudyInstanceUID and SeriesInstanceUID (not DICOM, cut short),
+            naming the part (1 = the first); a non-empty body without a boundary (no part can be read from it).
+    """
     from pydicom.filereader import read_partial
 
-    found = re.search(r'boundary="?([^";]+)"?', content_type or "")
+    found = re.search(r';\s*boundary\s*=\s*"?([^";]+)"?', content_type or "", re.IGNORECASE)
     if found is None:
-        return [], [], 0
-    delimiter = b"--" + found.group(1).encode()
-    studies, series, instances = set(), set(), 0
+        if body:
+            raise ValueError("it is no multipart body: its Content-Type names no boundary")
+        return [], [], 0, 0
+    delimiter = b"--" + found.group(1).strip().encode()
+    view = memoryview(body)
+    studies, series, instances, parts = set(), set(), 0, 0
     at = body.find(delimiter)
-    while at >= 0:  # each part, found in place: only its first STOW_HEADER_BYTES are copied
+    while at >= 0:  # each part, found in place: only what pydicom reads of it is copied
         following = body.find(delimiter, at + len(delimiter))
         end = len(body) if following < 0 else following
         start = body.find(b"\r\n\r\n", at, end)  # the part's own headers end here
+        headers = body[at + len(delimiter):max(start, at + len(delimiter))].decode("latin-1")
         at = following
-        if start < 0:
+        if start < 0:  # the closing delimiter ("--BOUNDARY--")
+            continue
+        parts += 1
+        kind = re.search(r"^content-type\s*:\s*([^;\r\n]*)", headers, re.IGNORECASE | re.MULTILINE)
+        if kind is not None and kind.group(1).strip().lower() != "application/dicom":
             continue
         try:
-            header = read_partial(io.BytesIO(body[start + 4:min(end, start + 4 + STOW_HEADER_BYTES)]), force=True,
+            header = read_partial(_PartReader(view[start + 4:end]), force=True, defer_size=STOW_SKIPPED_VALUE_BYTES,
                                   stop_when=lambda tag, vr, length: tag > 0x0020000E)
-            study, one = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
-        except Exception:  # noqa: BLE001 - a part pydicom cannot read (not DICOM, cut short) is not counted
-            continue
+            study, one = str(header.get("StudyInstanceUID") or ""), str(header.get("SeriesInstanceUID") or "")
+        except Exception:  # noqa: BLE001 - not DICOM, cut short: refused below, whatever pydicom raised
+            study = one = ""
+        if not (study and one):
+            raise ValueError(f"part {parts} of the body (sent as application/dicom) is no DICOM file with a "
+                             "StudyInstanceUID and a SeriesInstanceUID")
         studies.add(study)
         series.add(one)
         instances += 1
-    return sorted(studies), sorted(series), instances
+    return sorted(studies), sorted(series), instances, parts
 
 
 def _record_proxy_store(path: str, content_type: str, body: bytes) -> Optional[dict]:
     """The ``dicomweb_storing`` entry of a proxy POST (a STOW-RS store into the PACS), written before it is
     forwarded: the study the path names and the studies and series of the body's DICOM parts (:func:`stow_uids`),
-    ``instances``, ``bytes`` and ``path``. 503 when it cannot be written: nothing is forwarded."""
-    studies, series, instances = stow_uids(body, content_type)
+    ``instances``, ``parts``, ``bytes`` and ``path``. 422 naming the part when a DICOM part's UIDs cannot be read,
+    503 when the entry cannot be written: nothing is forwarded."""
+    try:
+        studies, series, instances, parts = stow_uids(body, content_type)
+    except ValueError as error:  # its entry would not say what was stored
+        raise HTTPException(status_code=422, detail=f"nothing was stored in the PACS: {error}") from None
     named, _, _ = proxy_read_key(path, "")
     return _recorded_read(DICOMWEB_STORING, {
         "study_instance_uids": sorted(set(studies) | ({named} if named else set())), "series_instance_uids": series,
-        "instances": instances, "bytes": len(body), "path": path}, "nothing was stored in the PACS")
+        "instances": instances, "parts": parts, "bytes": len(body), "path": path}, "nothing was stored in the PACS")
 
 
-def _record_proxy_store_outcome(pending: dict, status: int) -> None:
+def _record_proxy_store_outcome(pending: dict, status: int, detail: Optional[str]) -> None:
     """``dicomweb_stored`` (``status`` 2xx) or ``dicomweb_store_failed`` naming the ``pending`` entry's seq and the
-    PACS's HTTP status (502: it did not answer). Once the PACS has answered the store is done either way: an entry
-    that cannot be written is an ERROR in the server's log, the answer still sent."""
+    PACS's HTTP status, or this server's answer and its ``detail`` when the PACS's answer never came whole (502: it
+    did not answer, or its answer was cut short: whether the PACS stored it is unknown). Once the store was forwarded
+    it may be done either way: an entry that cannot be written is an ERROR in the server's log, the answer still
+    sent."""
     from ..audit import AuditError
     from ..audit.context import request_actor
 
     event = "dicomweb_stored" if 200 <= status < 300 else "dicomweb_store_failed"
     try:
-        app().audit.append(event, {"pending_seq": pending["seq"], "status": status, **request_actor()})
+        app().audit.append(event, {"pending_seq": pending["seq"], "status": status, "detail": detail,
+                                   **request_actor()})
     except AuditError as error:
         log.error("PACS proxy: the %s entry of store entry %s could not be written: %s", event, pending["seq"],
                   error)
@@ -1518,12 +1583,14 @@ async def _proxy(request: Request, path: str):
     try:
         answer = await run_in_threadpool(_forward_to_pacs, request.method, url, request.url.query, auth,
                                          {**forwarded, **headers}, body)
-    except HTTPException as error:  # the PACS did not answer (502)
+    except Exception as error:  # the PACS did not answer, or its answer was cut short (502); anything else (500)
         if pending is not None:
-            await run_in_threadpool(_record_proxy_store_outcome, pending, error.status_code)
+            status = error.status_code if isinstance(error, HTTPException) else 500
+            await run_in_threadpool(_record_proxy_store_outcome, pending, status,
+                                    str(getattr(error, "detail", type(error).__name__)))
         raise
     if pending is not None:
-        await run_in_threadpool(_record_proxy_store_outcome, pending, answer.status_code)
+        await run_in_threadpool(_record_proxy_store_outcome, pending, answer.status_code, None)
     if request.method == "GET" and 200 <= answer.status_code < 300:  # patient data read: on record before it is sent
         await run_in_threadpool(_record_proxy_read, rest, request.url.query)
     return answer
