@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import time
 import urllib.request
 from pathlib import Path
 
@@ -864,23 +863,40 @@ def test_one_download_of_a_pacs_series_asks_its_size_once(tmp_path, tiny_weights
         stop_orthanc(pacs)
 
 
+def without_pixels(slice_file: Path, path: Path) -> Path:
+    """A copy of the real DICOM slice ``slice_file`` in its series, as a new instance without an image (no Rows,
+    Columns nor pixel data: a non-image entry of the series, one key image note or dose report could be), at
+    ``path``."""
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(slice_file)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                    "SamplesPerPixel", "PhotometricInterpretation"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.save_as(path, write_like_original=False)
+    return path
+
+
 def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_weights):
     """With ``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME`` the app left every download to MONAI Label's own, frame by frame,
     without a limit: a route other than infer by id and the review queue (which ask the series' size first), here
     the image download, fetched a series over ``max_voxels`` whole into the cache. MONAI Label's frame-by-frame
     download now runs bounded: the series' metadata is checked before any frame is fetched. On a real server and
     Orthanc (its request log): the 6-slice series (1.57 M voxels, over 1,000,000) is a 413 naming its size and the
-    limit, no frame of it fetched, nothing of it in the cache; the 3-slice one passes the check and has its 3 frames
-    asked. This Orthanc answers MONAI Label's frame requests 400 (its DICOMweb plugin refuses their ``Accept: */*``),
-    and MONAI Label's download drops each failed instance in silence: an empty folder was left in the cache and
-    converted (a 500 at every request for the series); the download now fails naming how many instances it got,
-    and leaves nothing."""
+    limit, no frame of it fetched, nothing of it in the cache; the 3-slice one passes the check and has the frames
+    of its 3 images asked, not of its instance without pixel data (which has none: it was asked, failed, and had
+    the series never downloaded). This Orthanc answers MONAI Label's frame requests 400 (its DICOMweb plugin refuses
+    their ``Accept: */*``), and MONAI Label's download drops each failed instance in silence: an empty folder was
+    left in the cache and converted (a 500 at every request for the series), then a bare 500; it is a 502 naming
+    the series and how many of its image instances are missing (infer by id too), and leaves nothing."""
     import requests
 
     pacs, requests_log = start_orthanc_logging_requests(tmp_path)
     try:
         big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
-        pacs.upload_files(big + small)
+        pacs.upload_files(big + small + [without_pixels(small[0], tmp_path / "no_image.dcm")])
         big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
         cache = tmp_path / "work" / "dicomweb_cache"
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
@@ -898,14 +914,100 @@ def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_
                                                "limit with --conf max_voxels on the server)"), answer.text
             assert frames(big_uid) == []
             assert not [p for p in cache.rglob(f"*{big_uid}*")], sorted(map(str, cache.rglob("*")))
-            requests.get(f"{server.url}/datastore/image", params={"image": small_uid}, timeout=600)
-            assert len(frames(small_uid)) == 3, frames(small_uid)  # under the limit: asked frame by frame
-            failed = f"0 of the 3 instances of series {small_uid} were fetched frame by frame; nothing of it was kept"
-            deadline = time.monotonic() + 120  # the traceback of a 500 is logged once the answer is sent
-            while failed not in server.log_tail(200_000):
-                assert time.monotonic() < deadline, server.log_tail()
-                time.sleep(0.5)
+            answer = requests.get(f"{server.url}/datastore/image", params={"image": small_uid}, timeout=600)
+            assert answer.status_code == 502, (answer.status_code, answer.text[:500])
+            assert answer.json()["detail"] == (f"the PACS did not deliver series {small_uid}: 3 of its 3 image "
+                                               "instances are missing or cut short in its frame-by-frame download "
+                                               "(MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME); nothing of it was kept")
+            assert len(frames(small_uid)) == 3, frames(small_uid)  # its images: asked frame by frame
             assert not [p for p in cache.rglob(f"*{small_uid}*")], sorted(map(str, cache.rglob("*")))
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
+                                   timeout=600)  # infer by id maps it itself
+            assert answer.status_code == 502, (answer.status_code, answer.text[:500])
+            assert answer.json()["detail"].startswith(f"not denoised: the PACS did not deliver series {small_uid}: "
+                                                      "3 of its 3 image instances"), answer.text
+            assert not [p for p in cache.rglob(f"*{small_uid}*")], sorted(map(str, cache.rglob("*")))
+            assert server.alive()
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_frame_by_frame_download_is_checked_instance_by_instance(tmp_path):
+    """MONAI Label's frame-by-frame download was judged whole when it wrote as many files as the series' metadata
+    lists: a file cut short (a full disk: that mode has no per-instance disk check) counted, and the cut series was
+    kept in the cache as downloaded; a series with an instance without pixel data (no frame to fetch) never was.
+    :func:`lib.pacs.check_by_frame` on the real WADO-RS metadata of Orthanc (3 CT images and one instance without
+    pixel data) and real files in a folder: the 3 images written whole, named by their SOP Instance UIDs, pass
+    (the non-image entry not needed); one cut short, one missing, or one under another name, do not."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from lib.pacs import SeriesNotDelivered, check_by_frame
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = real_ct_series(tmp_path / "series", slices=3)
+        pacs.upload_files(files + [without_pixels(files[0], tmp_path / "no_image.dcm")])
+        first = pydicom.dcmread(files[0])
+        metadata = DICOMwebClient(pacs.dicomweb).retrieve_series_metadata(str(first.StudyInstanceUID),
+                                                                         str(first.SeriesInstanceUID))
+    finally:
+        stop_orthanc(pacs)
+    assert len(metadata) == 4
+    series = str(first.SeriesInstanceUID)
+    written = tmp_path / "written"
+    written.mkdir()
+    names = [f"{pydicom.dcmread(path).SOPInstanceUID}.dcm" for path in files]
+    for path, name in zip(files, names):
+        (written / name).write_bytes(path.read_bytes())
+    assert check_by_frame(written, metadata, series) == 3
+    whole = (written / names[1]).read_bytes()
+
+    def refused() -> str:
+        with pytest.raises(SeriesNotDelivered) as error:
+            check_by_frame(written, metadata, series)
+        return str(error.value)
+
+    (written / names[1]).write_bytes(whole[:-1000])  # cut in its pixel data: the file still parses
+    assert refused() == (f"the PACS did not deliver series {series}: 1 of its 3 image instances are missing or cut "
+                         "short in its frame-by-frame download (MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME); nothing of it "
+                         "was kept")
+    (written / names[1]).write_bytes(whole[:300])  # cut in its header
+    assert "1 of its 3 image instances" in refused()
+    (written / names[1]).rename(written / "other.dcm")  # as many files as images, one of them not listed
+    (written / "other.dcm").write_bytes(whole)
+    assert "1 of its 3 image instances" in refused()
+    (written / "other.dcm").unlink()
+    assert "1 of its 3 image instances" in refused()
+    (written / names[1]).write_bytes(whole)
+    assert check_by_frame(written, metadata, series) == 3
+
+
+def test_a_final_label_download_is_bounded_by_the_voxel_limit(tmp_path, tiny_weights):
+    """``GET /datastore/label?tag=final`` on a DICOMweb datastore names a series of the PACS (a DICOM SEG, or any
+    other): MONAI Label downloaded it whole into its label cache, without the voxel limit its image route has
+    (:func:`lib.pacs.bounded_downloads`). On a real server and Orthanc: the 6-slice series (1.57 M voxels, over
+    ``max_voxels`` 1,000,000) asked as a final label is a 413 naming the limit, its download stopped, nothing of
+    it left in the cache (label cache included)."""
+    import requests
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        big = real_ct_series(tmp_path / "big", slices=6)
+        pacs.upload_files(big)
+        big_uid = str(pydicom.dcmread(big[0]).SeriesInstanceUID)
+        cache = tmp_path / "work" / "dicomweb_cache"
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"max_voxels": 1_000_000})
+        try:
+            answer = requests.get(f"{server.url}/datastore/label", params={"label": big_uid, "tag": "final"},
+                                  timeout=600)
+            assert answer.status_code == 413, (answer.status_code, answer.text[:500])
+            detail = answer.json()["detail"]
+            assert detail.startswith(f"series {big_uid} is too large: "), detail
+            assert "over the limit of 1,000,000" in detail and "nothing of it was kept" in detail, detail
+            assert not [p for p in cache.rglob(f"*{big_uid}*")], sorted(map(str, cache.rglob("*")))
             assert server.alive()
         finally:
             stop_server(server)

@@ -37,8 +37,9 @@ __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
            "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "OVERSIZED_UNCOUNTED_S", "cache_folder",
            "instance_voxels", "instance_bytes", "HEADER_BYTES", "disk_shortfall", "series_disk_shortfall", "disk_full",
-           "save_instance", "SeriesTooLarge", "SeriesDoesNotFit", "PARTIAL_DOWNLOAD_PREFIX", "download_within",
-           "bounded_downloads", "PARTIAL_DOWNLOAD_STALE_S", "remove_stale_downloads"]
+           "save_instance", "SeriesTooLarge", "SeriesDoesNotFit", "SeriesNotDelivered", "check_by_frame",
+           "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads", "PARTIAL_DOWNLOAD_STALE_S",
+           "remove_stale_downloads"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -710,6 +711,12 @@ class SeriesDoesNotFit(RuntimeError):
     answer 507 Insufficient Storage: the server's disk, not the series, is at fault."""
 
 
+class SeriesNotDelivered(OSError):
+    """A PACS series downloaded frame by frame (:func:`_download_by_frame`) with instances of it missing or cut short
+    (message: the series, how many of its image instances, nothing kept). The routes answer 502 Bad Gateway: the
+    PACS did not deliver the series."""
+
+
 #: name prefix of the folder a series is downloaded into, in the datastore's cache, before it takes its own name
 PARTIAL_DOWNLOAD_PREFIX = ".partial-"
 #: seconds since its last write after which a partial download folder in the cache is left over from a server
@@ -766,7 +773,8 @@ def _stopped_size(datastore, image_id: str, count: int, voxels: int) -> SeriesSi
     return size
 
 
-def download_within(datastore, image_id: str, limit: int, size: SeriesSize | None = None) -> Path:
+def download_within(datastore, image_id: str, limit: int, size: SeriesSize | None = None,
+                    folder: Path | None = None) -> Path:
     """The folder of the series ``image_id`` in a DICOMweb datastore's cache (MONAI Label's layout,
     ``<cache>/<SeriesInstanceUID>/``, one file per instance named by its SOP Instance UID), downloaded first when it
     is not there: WADO-RS, one instance in memory at a time, into a folder of its own beside it
@@ -789,17 +797,20 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
     (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``) downloads with MONAI Label's frame-by-frame download, into the same
     partial folder, bounded by :func:`_download_by_frame` (it was left to that download, unbounded, by every route
     but infer and the review queue). ``size``: the series' size the caller asked just before (:func:`known_size`),
-    not asked again.
+    not asked again. ``folder``: where the series goes instead (a ``final`` label's in MONAI Label's label cache:
+    :func:`bounded_downloads`), downloaded when it holds nothing.
 
     Raises:
         SeriesTooLarge: over ``limit`` voxels (nothing of it left in the cache).
         SeriesDoesNotFit: the series, or an instance of it, would not fit on the cache's disk (nothing of it left in
             the cache).
+        SeriesNotDelivered: fetched frame by frame, instances of it are missing or cut short (nothing kept).
         FileNotFoundError: the PACS lists no such series, or sent no instance of it.
         requests.exceptions.ConnectionError, Timeout, HTTPError: the PACS cannot be reached or refused a request.
     """
-    folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
-    if is_downloaded(datastore, image_id):
+    if folder is None:
+        folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
+    if folder.is_dir() and any(folder.iterdir()):
         return folder
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
     study = _study_of(client, image_id)
@@ -848,7 +859,7 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
         try:
             partial.rename(folder)  # whole or not at all: MONAI Label takes a folder holding files as downloaded
         except OSError:
-            if not is_downloaded(datastore, image_id):  # else another request's download took the name first
+            if not (folder.is_dir() and any(folder.iterdir())):  # else another request's download took the name
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -859,13 +870,15 @@ def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limi
     """MONAI Label's frame-by-frame download (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``: the series' WADO-RS metadata,
     then the pixel data of each instance it lists) of the series ``image_id`` into ``partial``, bounded: the
     metadata is checked before any frame is fetched, its instances' voxels (:func:`_entry_size`) against ``limit``
-    and their bytes against the free space of the disk (:func:`series_disk_shortfall`); only the instances it lists
-    are fetched. Returns how many were written.
+    and their bytes against the free space of the disk (:func:`series_disk_shortfall`); only the image instances it
+    lists (Rows and Columns: one without has no frame to fetch) are fetched, and each must be written whole
+    (:func:`check_by_frame`). Returns how many were written.
 
     Raises:
         SeriesTooLarge: over ``limit`` (nothing fetched; its size remembered as :func:`oversized`'s are).
         SeriesDoesNotFit: it would not fit on the disk (nothing fetched).
-        FileNotFoundError: fewer instances written than listed (MONAI Label's download drops a failed one).
+        SeriesNotDelivered: an image instance listed is missing or cut short (MONAI Label's download drops a failed
+            one in silence, and writes no more than the disk takes).
     """
     from monailabel.datastore.utils.dicom import dicom_web_download_series
 
@@ -892,14 +905,38 @@ def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limi
                                        f"bytes with their conversion, {short[1]:,} are free; nothing of it was "
                                        "downloaded: free some space there (MONAI_LABEL_DICOMWEB_CACHE_PATH)")
             listed.extend(metadata)
-            return metadata
+            return [entry for entry in metadata if _entry_size(entry) is not None]  # no frame to fetch without
 
     dicom_web_download_series(study, image_id, str(partial), Bounded(), True)
-    written = sum(1 for _ in partial.iterdir())
-    if written < len(listed):
-        raise FileNotFoundError(f"{written} of the {len(listed)} instances of series {image_id} were fetched frame by "
-                                "frame; nothing of it was kept")
-    return written
+    return check_by_frame(partial, listed, image_id)
+
+
+def check_by_frame(folder: Path, listed: list[dict], image_id: str) -> int:
+    """How many instances of the series ``image_id`` MONAI Label's frame-by-frame download wrote into ``folder``,
+    checked against ``listed`` (the series' WADO-RS metadata, DICOM JSON): each image instance's (Rows and Columns:
+    :func:`_entry_size`; one without has no frame, and is not fetched) ``<SOPInstanceUID>.dcm`` is there, is read
+    as DICOM, and holds all the pixel bytes its entry gives (a write cut short by a full disk leaves a file that
+    parses, its pixel data short).
+
+    Raises:
+        SeriesNotDelivered: an instance listed is missing, unreadable or cut short.
+    """
+    written = {path.name for path in folder.iterdir()}
+    images = [entry for entry in listed if _entry_size(entry) is not None]
+    missing = 0
+    for entry in images:
+        name = f"{_first_str(entry, '00080018')}.dcm"
+        try:  # one instance in memory at a time
+            pixels = pydicom.dcmread(str(folder / name)).get("PixelData") if name in written else None
+        except (OSError, EOFError, ValueError, pydicom.errors.InvalidDicomError):
+            pixels = None
+        if pixels is None or len(pixels) < _entry_size(entry)[1]:
+            missing += 1
+    if missing:
+        raise SeriesNotDelivered(f"the PACS did not deliver series {image_id}: {missing} of its {len(images)} image "
+                                 "instances are missing or cut short in its frame-by-frame download "
+                                 "(MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME); nothing of it was kept")
+    return len(images)
 
 
 def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_S) -> list[Path]:
@@ -954,7 +991,9 @@ def _newest_write(folder: Path) -> float:
 def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
     """A DICOMweb datastore's ``get_image_uri`` (every route's and MONAI Label's way to a series' files) that
     downloads a series not in the cache with :func:`download_within` (at most ``voxel_limit()`` voxels) before
-    MONAI Label's own, which then finds its files and converts them. Nothing for another datastore."""
+    MONAI Label's own, which then finds its files and converts them; its ``get_label_uri`` the same for a ``final``
+    label (``GET /datastore/label?tag=final`` names any series of the PACS: MONAI Label downloaded it whole, into
+    its label cache). Nothing for another datastore."""
     if not is_dicomweb(datastore) or getattr(datastore, "adl_bounded_downloads", False):
         return
 
@@ -962,7 +1001,14 @@ def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
         download_within(datastore, image_id, voxel_limit())
         return type(datastore).get_image_uri(datastore, image_id)  # the class's as it is now (mixins swapped in)
 
+    def get_label_uri(label_id: str, label_tag: str, image_id: str = "") -> str:
+        if label_tag == "final":  # the others are local files (MONAI Label's own datastore)
+            label_cache = Path(datastore._datastore.label_path(label_tag))  # noqa: SLF001 - MONAI Label's layout
+            download_within(datastore, label_id, voxel_limit(), folder=label_cache / label_id)
+        return type(datastore).get_label_uri(datastore, label_id, label_tag, image_id)
+
     datastore.get_image_uri = get_image_uri
+    datastore.get_label_uri = get_label_uri
     datastore.adl_bounded_downloads = True
 
 
@@ -972,6 +1018,7 @@ def series_folder(datastore, image_id: str, limit: int | None = None, size: Seri
 
     Raises:
         SeriesTooLarge: the download was stopped over ``limit``.
+        SeriesDoesNotFit, SeriesNotDelivered: as :func:`download_within`.
     """
     if limit is not None:
         download_within(datastore, image_id, limit, size)
