@@ -999,6 +999,69 @@ def test_the_output_of_a_series_refused_before_its_check_is_moved_aside(tmp_path
     assert crop.exists() and series.is_dir() and not [p for p in out.rglob(".*") if MANIFEST_DIR not in p.parts]
 
 
+def _restudied(files: list[Path], folder: Path, study_uid: str, patient_id: str = "BATCH") -> None:
+    """``files`` copied into ``folder`` (created) under ``study_uid`` and ``patient_id``: new SOP Instance UIDs, the
+    same SeriesInstanceUID."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.PatientID = study_uid, patient_id
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / f"{patient_id}_{study_uid[-6:]}_{path.name}", write_like_original=False)
+
+
+def test_a_series_uid_found_in_two_studies_or_under_two_patients_is_refused_naming_them(tmp_path, shared_data):
+    """One SeriesInstanceUID in two studies or under two patients of a folder tree (a mis-merged or mis-anonymised
+    archive). In two folders it was refused as "split over 2 folders: put all its slices in one folder", advice that
+    would merge two studies' slices; in one folder it was taken as one series, failing only when read. Each is now
+    refused at discovery naming the studies and patients ("fix the archive"), nothing denoised; the earlier output of
+    such a series is moved aside (as for a series split over folders); the rest of the run goes on, and once the
+    archive is fixed the series is denoised again. (Real DICOM files.)"""
+    from pydicom.uid import generate_uid
+
+    root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
+    run = _in_process(root, out)
+    assert run().done == 2
+    (series,) = list((out / "ct").iterdir())
+    files = sorted((root / "ct").iterdir())
+    head = pydicom.dcmread(files[0], stop_before_pixels=True)
+    uid, study, copy_study = str(head.SeriesInstanceUID), str(head.StudyInstanceUID), generate_uid()
+    _restudied(files, root / "copy", copy_study)
+    summary = run()
+    assert (summary.done, summary.skipped, summary.failed) == (0, 1, 2), summary
+    errors = {key.split("#")[0]: error for key, error in summary.failures}
+    first, second = sorted([study, copy_study])
+    expected = (f"series UID {uid} is listed in studies {first} and {second} (under patient BATCH): not denoised; fix "
+                "the archive (one SeriesInstanceUID belongs to one study of one patient)")
+    assert errors["dicom:copy"] == expected, errors
+    assert errors["dicom:ct"] == (f"{expected}; its output {series}, written from an earlier input, was moved aside "
+                                  "(a rerun that denoises the series writes it again)"), errors
+    assert not series.exists() and not (out / "copy").exists()
+
+    # one folder holding the UID's slices of two studies; two folders of one study under two patients
+    _restudied(files[:2], tmp_path / "mixed" / "series", study)
+    _restudied(files[2:], tmp_path / "mixed" / "series", copy_study)
+    (item,) = discover_tree(tmp_path / "mixed", tmp_path / "mixed_out")
+    assert item.problem == expected, item
+    _restudied(files, tmp_path / "patients" / "p1", study, "P1")
+    _restudied(files, tmp_path / "patients" / "p2", study, "P2")
+    problems = {item.key.split("#")[0]: item.problem for item in discover_tree(tmp_path / "patients",
+                                                                                 tmp_path / "patients_out")}
+    assert len(problems) == 2, problems
+    for key in ("dicom:p1", "dicom:p2"):
+        assert problems[key] == (f"series UID {uid} is listed in study {study} (under patients P1 and P2): not "
+                                 "denoised; fix the archive (one SeriesInstanceUID belongs to one study of one "
+                                 "patient)"), problems
+
+    # the archive fixed: denoised again
+    shutil.rmtree(root / "copy")
+    summary = run()
+    assert (summary.done, summary.skipped, summary.failed) == (1, 1, 0), summary
+    assert series.is_dir() and len(list(series.iterdir())) == 4
+
+
 def test_records_of_a_runner_that_kept_no_hashes_still_skip_whole_outputs_and_redo_empty_ones(tmp_path, shared_data):
     """Done records written before outputs and inputs were hashed (no ``output_sha256`` / ``input_sha256``, no stat
     keys, no sizes) still skip their whole outputs (nothing denoised again after an upgrade), still redo an empty

@@ -1126,6 +1126,104 @@ def test_the_local_output_left_in_the_old_study_folder_after_a_move_is_reported_
         stop_orthanc(pacs)
 
 
+def _copy_to(pacs, files: list[Path], folder: Path, study_uid: str, patient_id: str) -> list[str]:
+    """``files`` copied into ``folder`` under ``study_uid`` and ``patient_id`` (new SOP Instance UIDs, the same
+    SeriesInstanceUID) and stored on ``pacs``. Returns the Orthanc ids of the instances stored."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.PatientID = study_uid, patient_id
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / path.name, write_like_original=False)
+    return [answer["ID"] for answer in pacs.upload_folder(folder)]
+
+
+def _delete(pacs, instances: list[str]) -> None:
+    for instance in instances:
+        urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{instance}", method="DELETE"),
+                               timeout=60).close()
+
+
+def test_a_series_uid_listed_in_two_studies_or_under_two_patients_is_refused_not_redone_every_run(tmp_path,
+                                                                                                  shared_data):
+    """One SeriesInstanceUID stored in two studies (a mis-merged or mis-anonymised archive). Orthanc 1.10 keeps both
+    apart (a series per study; QIDO-RS lists the UID twice, its WADO-RS answers 404 for either) and, for one study
+    under two PatientIDs, lists the same study and series twice. The job is the series UID alone: each copy took the
+    other for the same series moved to another study, so every --store-to-pacs rerun redid one and reported the
+    other's valid derived series superseded for the administrator to delete (on a server that serves both, it also
+    stored a new derived series each time). Both are now refused at discovery, naming the studies (and patients):
+    nothing denoised, stored or reported superseded (not even a derived series that an earlier redo of the UID
+    superseded), the earlier output left in its study's folder; the rest of the run goes on, and once the archive is
+    fixed the series is recorded from what the server already holds and the superseded one reported again."""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        study, other_study, copy_study = generate_uid(), generate_uid(), generate_uid()
+        series = make_series(shared_data, tmp_path / "series", range(0, 2), "abdomen low dose", study, "20200115")
+        make_series(shared_data, tmp_path / "other", range(2, 4), "abdomen low dose", other_study, "20200115")
+        files = sorted((tmp_path / "series").iterdir())
+        pacs.upload_files(files)
+        pacs.upload_folder(tmp_path / "other")
+        out = tmp_path / "out"
+        first = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert first.returncode == 0 and "2 series: 2 done" in first.stdout, first.stdout + first.stderr
+        # its instances replaced (a corrected series sent again): redone, the first derived series superseded
+        stale = next(r["stored"]["series_instance_uid"] for r in _records(out) if r.get("stored")
+                     and r["key"] == f"dicomweb:{study}/{series}")
+        _delete(pacs, _source_instances(pacs, series))
+        _copy_to(pacs, files, tmp_path / "replaced", study, "BATCH")
+        files = sorted((tmp_path / "replaced").iterdir())
+        redone = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert "2 series: 1 done, 1 skipped" in redone.stdout and stale in "".join(_superseded_report(redone)), \
+            redone.stdout + redone.stderr
+        derived, output = _derived(pacs), out / study / series
+        assert len(derived) == 3 and output.is_dir()
+
+        copy = _copy_to(pacs, files, tmp_path / "copy", copy_study, "BATCH")  # the same patient, another study
+        assert sorted(s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.get("/series?expand")
+                      if "[denoised" not in s["MainDicomTags"].get("SeriesDescription", "")).count(series) == 2
+        for _ in range(2):  # every run alike: nothing redone, nothing stored, nothing reported superseded
+            again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+            text = again.stdout + again.stderr
+            assert again.returncode == 1 and "3 series: 0 done, 1 skipped, 2 failed" in again.stdout, text
+            first_study, second_study = sorted([study, copy_study])
+            expected = (f"series UID {series} is listed in studies {first_study} and {second_study} (under patient "
+                        "BATCH): not denoised; fix the archive (one SeriesInstanceUID belongs to one study of one "
+                        "patient)")
+            for key in (f"dicomweb:{study}/{series}", f"dicomweb:{copy_study}/{series}"):
+                assert f"failed: {key}: {expected}\n" in again.stdout, text
+            # the job mixes both copies: not even the derived series its earlier redo superseded is reported
+            assert _superseded_report(again) == [] and "superseded" not in again.stderr, text
+            assert "denoising again" not in again.stderr and "left in another study" not in again.stdout, text
+            assert _derived(pacs) == derived and output.is_dir(), text  # left in place, in its own study's folder
+            assert not (out / copy_study).exists()
+
+        # one study and series under two patients: listed twice with the same UIDs, both refused
+        _delete(pacs, copy)
+        copy = _copy_to(pacs, files, tmp_path / "other_patient", study, "OTHER")
+        items = [i for i in discover_dicomweb(make_client(pacs.dicomweb), out, SeriesFilter())
+                 if i.series_uid == series]
+        assert [i.key for i in items] == [f"dicomweb:{study}/{series}"] * 2, items
+        for item in items:
+            assert item.problem == (f"series UID {series} is listed in study {study} (under patients BATCH and "
+                                    "OTHER): not denoised; fix the archive (one SeriesInstanceUID belongs to one "
+                                    "study of one patient)"), item.problem
+
+        # the archive fixed: recorded from the derived series the server holds, nothing stored again
+        _delete(pacs, copy)
+        fixed = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        text = fixed.stdout + fixed.stderr
+        assert fixed.returncode == 0 and "2 series: 1 done, 1 skipped, 0 failed" in fixed.stdout, text
+        assert "already holds its derived series" in fixed.stderr and _derived(pacs) == derived, text
+        report = _superseded_report(fixed)  # reported again, still there
+        assert len(report) == 1 and stale in report[0] and "still there" in report[0], text
+    finally:
+        stop_orthanc(pacs)
+
+
 def _left_report(result) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.startswith("left in another study's folder:")]
 

@@ -48,7 +48,7 @@ from ..imaging.errors import one_line
 from ..imaging.guards import max_voxels
 from ..pacs import (PacsStoreError, SeriesSize, all_pages, disk_full, disk_shortfall, instance_voxels, save_instance,
                     search_whole, series_disk_shortfall, series_instance_count, series_size, stow_datasets)
-from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions
+from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions, refuse_reused_uids
 
 __all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "DownloadRefused", "PacsStoreError", "check_download",
            "derived_series", "discover_dicomweb", "download_series", "instances_on_server", "is_dicomweb_url",
@@ -129,7 +129,10 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
     """Every series the server lists (QIDO-RS ``/series``, all pages), filtered, sorted by key, with its output
     folder. Modality and the StudyDate range go to the server and are checked again here (a server may ignore a
     filter it does not support); the description pattern is matched here only, case-insensitively (DICOM
-    wildcard matching of SeriesDescription is case-sensitive)."""
+    wildcard matching of SeriesDescription is case-sensitive). A SeriesInstanceUID the answer lists in more than one
+    study or under more than one PatientID (Orthanc keeps each apart, and lists the same study and series twice
+    under two patients) is refused in each (:func:`.discovery.refuse_reused_uids`; among the series the server
+    lists for the run's Modality and StudyDate filters)."""
     series_filter = series_filter or SeriesFilter()
     filters: dict[str, str] = {}
     if series_filter.modality:
@@ -143,14 +146,17 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
             return all_pages(lambda offset: client.search_for_series(
                 search_filters=filters or None, offset=offset,
                 fields=["StudyDate", "SeriesDescription", "Modality", "SeriesNumber",
-                        "NumberOfSeriesRelatedInstances"]))
+                        "NumberOfSeriesRelatedInstances", "PatientID"]))
         except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, not a DICOMweb answer
             raise ValueError(f"cannot list the series of {client.base_url} (QIDO-RS): {one_line(error)}") from None
 
     results = search_whole(client, search, "Series", "the series", "; nothing was denoised")
     items = []
+    listed = []  # (series, study, patient) of every series listed, taken or not: one UID in two studies is refused
     for result in results:
         study, series = str(_value(result, "StudyInstanceUID")), str(_value(result, "SeriesInstanceUID"))
+        patient = str(_value(result, "PatientID"))
+        listed.append((series, study, patient))
         description = str(_value(result, "SeriesDescription"))
         if not study or not series or is_our_result(description, None):
             continue
@@ -168,8 +174,8 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
         items.append(SeriesItem(key=f"dicomweb:{study}/{series}", kind="dicomweb",
                                 source=f"{client.base_url}/studies/{study}/series/{series}",
                                 output=out_root / study / series, voxels=instances * VOXELS_PER_INSTANCE,
-                                series_uid=series, study_uid=study))
-    return refuse_collisions(sorted(items, key=lambda item: item.key), out_root)
+                                series_uid=series, study_uid=study, studies=(study,), patients=(patient,)))
+    return refuse_reused_uids(refuse_collisions(sorted(items, key=lambda item: item.key), out_root), listed)
 
 
 def _uids_sha256(uids) -> str:

@@ -17,7 +17,10 @@ Output paths mirror the tree under the output root, and are unique per series:
   of its subfolders, never land in the same place).
 
 Two series whose outputs would be the same path, or one inside the other, are both refused
-(:attr:`SeriesItem.problem`) rather than written over each other. Sizes (voxels) come from the headers only.
+(:attr:`SeriesItem.problem`) rather than written over each other. A SeriesInstanceUID found in more than one study or
+under more than one patient (a mis-merged or mis-anonymised archive) is refused wherever it is found
+(:func:`refuse_reused_uids`): a job is its UID alone, so each copy would take the others for the same series moved.
+Sizes (voxels) come from the headers only.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +40,7 @@ from ..imaging.errors import UnreadableDicomError
 from ..imaging.io import check_image_file
 
 __all__ = ["DERIVED_MARK", "MANIFEST_DIR", "SeriesFilter", "SeriesItem", "check_roots", "discover_tree",
-           "is_our_result", "refuse_collisions"]
+           "is_our_result", "refuse_collisions", "refuse_reused_uids"]
 
 #: the batch's own folder inside the output root (manifests); no series output may go there
 MANIFEST_DIR = "_denoise_batch"
@@ -104,6 +108,9 @@ class SeriesItem:
     read, with the reader's message); ``output``: the result's path; ``problem``: why the series is refused
     before reading (e.g. an output collision), else None; ``input_refused``: that reason is its input's (unreadable,
     split over folders), not its output's: an output an earlier run wrote under its name is then moved aside.
+    ``studies`` / ``patients``: the StudyInstanceUIDs and PatientIDs its instances are filed under (DICOM series;
+    one each in a sound archive); ``uid_reused``: refused because its SeriesInstanceUID is also found in another
+    study or under another patient (:func:`refuse_reused_uids`): nothing of its job is asked, stored or reported.
     """
 
     key: str
@@ -116,6 +123,9 @@ class SeriesItem:
     files: tuple[str, ...] = field(default=(), compare=False, repr=False)
     problem: str | None = None
     input_refused: bool = False
+    studies: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    patients: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    uid_reused: bool = False
 
 
 def check_roots(root: Path, out: Path) -> None:
@@ -194,7 +204,8 @@ def _dicom_items(folder: Path, rel: Path, out_root: Path, series_filter: SeriesF
         items.append(SeriesItem(key=f"dicom:{rel_folder}#{s['uid']}", kind="dicom", source=str(folder),
                                 output=out_root / rel / _dicom_label(s["uid"], s["series_number"]), voxels=voxels,
                                 series_uid=s["uid"], study_uid=study_uid,
-                                files=tuple(str(f) for f in s["files"])))
+                                files=tuple(str(f) for f in s["files"]), studies=tuple(s["study_uids"]),
+                                patients=tuple(s["patient_ids"])))
     return items
 
 
@@ -251,7 +262,51 @@ def discover_tree(root: str | os.PathLike, out_root: str | os.PathLike,
             path = here / name
             items.append(SeriesItem(key=f"file:{(rel / name).as_posix()}", kind="file", source=str(path),
                                     output=_file_output(rel / name, out_root), voxels=_file_voxels(path)))
-    return refuse_split_series(refuse_collisions(sorted(items, key=lambda item: item.key), out_root))
+    return refuse_reused_uids(refuse_split_series(refuse_collisions(sorted(items, key=lambda item: item.key),
+                                                                    out_root)))
+
+
+def _listed(values: list[str], one: str, several: str) -> str:
+    """``values`` named in a sentence: "study A", "studies A and B", "studies A, B, C and 2 more"."""
+    shown = [value or "(empty)" for value in values[:3]]
+    if len(values) > 3:
+        shown.append(f"{len(values) - 3} more")
+    words = shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} and {shown[-1]}"
+    return f"{one if len(values) == 1 else several} {words}"
+
+
+def refuse_reused_uids(items: list[SeriesItem], also: Iterable[tuple[str, str, str]] = ()) -> list[SeriesItem]:
+    """``items`` with :attr:`SeriesItem.problem` set (and ``uid_reused``) on every DICOM series whose
+    SeriesInstanceUID is found, among ``items`` and ``also`` ((series UID, study UID, PatientID) of other series
+    listed, e.g. filtered out), in more than one study or under more than one patient: a mis-merged or
+    mis-anonymised archive. A job is its series UID alone, so each copy took the other for the same series moved to
+    another study and was redone (and, with ``--store-to-pacs``, stored again) on every run, the other's valid
+    derived series reported superseded; a denoised copy could land in another patient's study. None of them is
+    denoised, stored or reported until the archive is fixed; an earlier output of a folder's series is moved aside
+    (``input_refused``, as for a series split over folders: a rerun cannot tell which copy it was made from), one
+    of a DICOMweb series is left in place (filed under its own study; a rerun compares it before using it). Series
+    without a UID (hard-anonymised) are told apart by their contents instead."""
+    studies: dict[str, set[str]] = {}
+    patients: dict[str, set[str]] = {}
+    for item in items:
+        if item.kind in ("dicom", "dicomweb") and item.series_uid:
+            studies.setdefault(item.series_uid, set()).update(item.studies or (item.study_uid or "",))
+            patients.setdefault(item.series_uid, set()).update(item.patients)
+    for series_uid, study_uid, patient_id in also:
+        if series_uid in studies:
+            studies[series_uid].add(study_uid)
+            patients[series_uid].add(patient_id)
+    checked = []
+    for item in items:
+        uid = item.series_uid or ""
+        if item.kind in ("dicom", "dicomweb") and uid and (len(studies[uid]) > 1 or len(patients[uid]) > 1):
+            under = (f" (under {_listed(sorted(patients[uid]), 'patient', 'patients')})"
+                     if any(patients[uid]) else "")  # a server that does not return PatientID: not named
+            problem = (f"series UID {uid} is listed in {_listed(sorted(studies[uid]), 'study', 'studies')}{under}: "
+                       "not denoised; fix the archive (one SeriesInstanceUID belongs to one study of one patient)")
+            item = replace(item, problem=problem, input_refused=item.kind == "dicom", uid_reused=True)
+        checked.append(item)
+    return checked
 
 
 def refuse_split_series(items: list[SeriesItem]) -> list[SeriesItem]:

@@ -477,6 +477,9 @@ class _Rank:
         job = job_key(identity, self.model_requested, self.weights_requested)
         base.update(job=job, identity=identity)
         previous = self.latest.get(job)
+        if item.uid_reused:  # one UID in two studies or patients: the job mixes both, nothing of it is asked or said
+            moved = self._refused_output(item, base) if item.input_refused else ""
+            return self._failed(base, identity, started, item.problem + moved)
         # every derived series an earlier redo superseded, asked again: reported while the server lists it
         ledger = self._recheck_superseded(job, item.key, previous, item.kind == "dicomweb")
         if ledger:  # on every record of the series from now on (the state of each: still there, or gone when)

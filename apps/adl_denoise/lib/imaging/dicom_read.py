@@ -153,6 +153,8 @@ def _group_series(files: list[tuple[Path, Dataset]]) -> list[dict]:
                 "n_files": len(members),
                 "series_number": int(number) if number not in (None, "") else None,
                 "files": [m[0] for m in members],
+                "study_uids": sorted({str_or_empty(m[1].get("StudyInstanceUID")) for m in members}),
+                "patient_ids": sorted({str_or_empty(m[1].get("PatientID")) for m in members}),
                 "_headers": [m[1] for m in members],
             }
         )
@@ -169,8 +171,10 @@ def list_dicom_series(folder: str | Path) -> list[dict]:
     """The DICOM image series directly inside ``folder`` (subfolders are not searched).
 
     Each entry: ``uid`` (SeriesInstanceUID, "" when empty), ``description``, ``modality``, ``n_files``,
-    ``series_number`` (int or None), ``files`` (paths) and ``unreadable_files`` (the folder's files marked DICOM
-    that cannot be read: while there are any, reading any of its series fails). Non-DICOM files are ignored.
+    ``series_number`` (int or None), ``files`` (paths), ``study_uids`` and ``patient_ids`` (the distinct
+    StudyInstanceUIDs and PatientIDs of its files, sorted: one each in a sound series) and ``unreadable_files`` (the
+    folder's files marked DICOM that cannot be read: while there are any, reading any of its series fails).
+    Non-DICOM files are ignored.
 
     Raises:
         ImageReadError: the folder is missing, not a folder, or holds no DICOM image file.
