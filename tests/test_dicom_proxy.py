@@ -164,6 +164,63 @@ def test_a_store_whose_dicom_part_names_no_series_is_refused_and_never_reaches_t
     assert len(audit.entries("dicomweb_storing")) == before
 
 
+JSON_STOW_TYPE = 'multipart/related; type="application/dicom+json"; boundary=BOUNDARY'
+
+
+def json_stow_body(path: str) -> tuple[bytes, bytes]:
+    """A STOW-RS body of the real DICOM file ``path`` as DICOM JSON metadata (its pixel data a BulkDataURI) and its
+    pixel data as a bulk data part: (the metadata part, the bulk data part and the closing delimiter). The metadata
+    part names the file's study and series."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    metadata = ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=lambda element: "bulk/1")
+    assert metadata["0020000D"]["Value"] == [str(ds.StudyInstanceUID)]
+    return (b"--BOUNDARY\r\nContent-Type: application/dicom+json\r\n\r\n" + json.dumps([metadata]).encode() + b"\r\n",
+            b"--BOUNDARY\r\nContent-Type: application/octet-stream\r\nContent-Location: bulk/1\r\n\r\n"
+            + ds.PixelData + b"\r\n--BOUNDARY--\r\n")
+
+
+@pytest.mark.parametrize("kind", ["json", "json untyped parts", "xml", "dicom and json"])
+def test_a_store_of_dicom_metadata_and_bulk_data_is_refused_and_never_reaches_the_pacs(server, pacs, realm, kind):
+    """A STOW-RS store sent as DICOM JSON (or XML) metadata and bulk data parts was forwarded with its
+    ``dicomweb_storing`` entry naming no study or series and 0 instances (only ``application/dicom`` parts were
+    read); its metadata part without a Content-Type of its own (the body's multipart type says it) was a 422 "no
+    DICOM file". The proxy stores DICOM files only: a 415 naming the metadata type (the body's, or a part's in a
+    store otherwise of DICOM files), nothing forwarded, no entry (as the 422 of a part that is no DICOM file). Orthanc's
+    DICOMweb plugin refuses such a store (415) as well; OHIF and Slicer store application/dicom."""
+    from pydicom.data import get_testdata_file
+
+    ct = get_testdata_file("CT_small.dcm")
+    metadata, bulk = json_stow_body(ct)
+    if kind == "json untyped parts":  # the parts' types left to the body's multipart type
+        body = (metadata + bulk).replace(b"Content-Type: application/dicom+json\r\n", b"")
+        content_type, named = JSON_STOW_TYPE, "the body's multipart type is application/dicom+json"
+    elif kind == "json":
+        body, content_type = metadata + bulk, JSON_STOW_TYPE
+        named = "the body's multipart type is application/dicom+json"
+    elif kind == "xml":
+        body = (b"--BOUNDARY\r\nContent-Type: application/dicom+xml\r\n\r\n<?xml version=\"1.0\"?>"
+                b"<NativeDicomModel/>\r\n" + bulk)
+        content_type, named = (JSON_STOW_TYPE.replace("+json", "+xml"),
+                               "the body's multipart type is application/dicom+xml")
+    else:  # "dicom and json": a store of DICOM files (its type application/dicom), a metadata part among them
+        body = stow_body([ct]).replace(b"--BOUNDARY--\r\n", b"") + metadata + bulk
+        content_type, named = STOW_TYPE, "part 2 of the body is sent as application/dicom+json"
+    audit = _audit_of(server)
+    start, before = len(pacs.received), len(audit.entries())
+    response = requests.post(server.url + "/proxy/dicom/stow/studies", data=body,
+                             headers=_as(realm, "annotator", **{"Content-Type": content_type}), timeout=120)
+    assert response.status_code == 415, (response.status_code, response.text[:300])
+    assert response.json()["detail"] == (
+        f"nothing was stored in the PACS: {named}; the proxy stores DICOM files only (each part sent as "
+        "application/dicom), so that its audit entry names the studies and series stored: send each instance as "
+        "application/dicom")
+    assert pacs.received[start:] == []
+    assert len(audit.entries()) == before
+    assert audit.verify().ok
+
+
 def test_an_answer_the_pacs_cuts_short_is_a_502_and_a_stores_failure_is_on_record(server, pacs, realm):
     """The PACS closes the connection before the whole answer it declared (a real server on loopback): urllib3's
     error while the body was read is no ``requests`` error, so it was a bare 500, and the store's
@@ -299,23 +356,34 @@ def stow_body(files: list[Path], boundary: str = "BOUNDARY") -> bytes:
 def test_a_stores_audit_entry_names_the_studies_and_series_of_its_dicom_files(tmp_path):
     """The UIDs of a STOW-RS body (real DICOM files of pydicom's test data, two of one series) come from each
     part's header, one with a 2 MiB private element before them (the header was read up to 1 MiB: not counted);
-    the boundary parameter's name is case-insensitive (``Boundary=``: nothing was counted). A part of another type
-    (JSON metadata) is a part, no instance; one sent as DICOM that is none is refused naming it (it was not counted
-    and the store went on), and so is a body with no boundary."""
+    the boundary parameter's name is case-insensitive (``Boundary=``: nothing was counted). A part sent as DICOM
+    that is none is refused naming it (it was not counted and the store went on), and so is a body with no boundary.
+    A part of another type (JSON metadata, bulk data) or a body whose multipart type is JSON or XML metadata is
+    refused as such (:class:`StowMediaTypeError`): its UIDs were not read, the store was counted 0 instances."""
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from lib.endpoints.guards import stow_uids
+    from lib.endpoints.guards import StowMediaTypeError, stow_uids
 
     ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
     large = with_large_private_element(mr, tmp_path / "mr_large_private.dcm")
-    json_part = b"--BOUNDARY\r\nContent-Type: application/dicom+json\r\n\r\n[{}]\r\n"
-    body = json_part + stow_body([ct, large, ct])
+    body = stow_body([ct, large, ct])
     headers = [pydicom.dcmread(path) for path in (ct, mr)]
     expected = (sorted(str(h.StudyInstanceUID) for h in headers), sorted(str(h.SeriesInstanceUID) for h in headers))
-    assert stow_uids(body, STOW_TYPE) == (*expected, 3, 4)
-    assert stow_uids(body, STOW_TYPE.replace("boundary=", "Boundary=")) == (*expected, 3, 4)
-    assert stow_uids(body, 'multipart/related; BOUNDARY="BOUNDARY"; type="application/dicom"') == (*expected, 3, 4)
+    assert stow_uids(body, STOW_TYPE) == (*expected, 3, 3)
+    assert stow_uids(body, STOW_TYPE.replace("boundary=", "Boundary=")) == (*expected, 3, 3)
+    assert stow_uids(body, 'multipart/related; BOUNDARY="BOUNDARY"; TYPE=application/dicom') == (*expected, 3, 3)
+    json_part = b"--BOUNDARY\r\nContent-Type: application/dicom+json\r\n\r\n[{}]\r\n"
+    with pytest.raises(StowMediaTypeError, match=r"^part 2 of the body is sent as application/dicom\+json; the "
+                                                  r"proxy stores DICOM files only"):
+        stow_uids(stow_body([ct]).replace(b"--BOUNDARY--\r\n", b"") + json_part + b"--BOUNDARY--\r\n", STOW_TYPE)
+    metadata, bulk = json_stow_body(ct)
+    with pytest.raises(StowMediaTypeError, match=r"^the body's multipart type is application/dicom\+json; "):
+        stow_uids(metadata + bulk, JSON_STOW_TYPE)
+    with pytest.raises(StowMediaTypeError, match=r"^part 2 of the body is sent as application/octet-stream; "):
+        stow_uids(stow_body([ct]).replace(b"--BOUNDARY--\r\n", b"") + bulk, STOW_TYPE)
+    with pytest.raises(StowMediaTypeError, match=r"^the body's multipart type is application/dicom\+xml; "):
+        stow_uids(b"", STOW_TYPE.replace("application/dicom", "application/dicom+xml"))
     with pytest.raises(ValueError, match=r"part 2 of the body \(sent as application/dicom\) is no DICOM file"):
         stow_uids(stow_body([ct]).replace(b"--BOUNDARY--\r\n", b"") + STOW_BODY, STOW_TYPE)
     with pytest.raises(ValueError, match="part 1 of the body"):  # cut short before its series UID

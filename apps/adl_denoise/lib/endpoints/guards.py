@@ -53,8 +53,8 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   sent. The proxy, asked once per DICOM instance, frame and metadata file by a viewer, records one entry per
   reader (user and client) and study / series (or search) per server process (:func:`proxy_read_key`). A store
   through the proxy (``POST``, STOW-RS) is a ``dicomweb_storing`` entry written before it is forwarded (503, nothing
-  forwarded, when it cannot be written; 422 when a part sent as DICOM yields no study and series UID), then its
-  outcome.
+  forwarded, when it cannot be written; 422 when a part sent as DICOM yields no study and series UID; 415 for JSON
+  or XML metadata and bulk data parts, whose UIDs are not read), then its outcome.
 * ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``, ``GET /datastore/?output=train``: below
   admin (with authentication on), the answer names none of the server's folders and files (the audit log's
   ``audit.dir``, a training run's ``work_dir``; the training list's files and paths in texts cut to their last
@@ -1472,19 +1472,34 @@ class _PartReader:
         return self.at
 
 
+class StowMediaTypeError(ValueError):
+    """A STOW-RS body (or one of its parts) sent as something other than ``application/dicom``."""
+
+
+#: why the proxy stores DICOM files only: metadata (``application/dicom+json``, ``+xml``) and bulk data parts are not
+#: read, so an entry would not name the studies and series stored; Orthanc's DICOMweb plugin refuses them as well
+STOW_DICOM_ONLY = ("the proxy stores DICOM files only (each part sent as application/dicom), so that its audit entry "
+                   "names the studies and series stored: send each instance as application/dicom")
+
+
 def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int, int]:
     """(StudyInstanceUIDs, SeriesInstanceUIDs, instances, parts) of a STOW-RS ``body`` (``multipart/related``
-    with the boundary of ``content_type``, its parameter name in any case). Each part sent as DICOM (its own
-    Content-Type ``application/dicom``, or none) is one instance, its UIDs read from its header up to the series UID,
-    values longer than :data:`STOW_SKIPPED_VALUE_BYTES` skipped (no pixel data, no large private element read);
-    other parts (JSON metadata, bulk data) are counted in ``parts`` only. UIDs sorted, without repeats.
+    with the boundary of ``content_type``, its parameter names in any case). Each part is sent as DICOM (its own
+    Content-Type ``application/dicom``, or none) and is one instance, its UIDs read from its header up to the series
+    UID, values longer than :data:`STOW_SKIPPED_VALUE_BYTES` skipped (no pixel data, no large private element read).
+    UIDs sorted, without repeats.
 
     Raises:
+        StowMediaTypeError: the body's multipart ``type`` or a part's Content-Type is not ``application/dicom``
+            (JSON or XML metadata, bulk data: their UIDs are not read), naming it and the part (1 = the first).
         ValueError: a part sent as DICOM yields no StudyInstanceUID and SeriesInstanceUID (not DICOM, cut short),
-            naming the part (1 = the first); a non-empty body without a boundary (no part can be read from it).
+            naming the part; a non-empty body without a boundary (no part can be read from it).
     """
     from pydicom.filereader import read_partial
 
+    root = re.search(r';\s*type\s*=\s*"?([^";]+)"?', content_type or "", re.IGNORECASE)
+    if root is not None and root.group(1).strip().lower() != "application/dicom":
+        raise StowMediaTypeError(f"the body's multipart type is {root.group(1).strip()[:80]}; {STOW_DICOM_ONLY}")
     found = re.search(r';\s*boundary\s*=\s*"?([^";]+)"?', content_type or "", re.IGNORECASE)
     if found is None:
         if body:
@@ -1505,7 +1520,8 @@ def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int
         parts += 1
         kind = re.search(r"^content-type\s*:\s*([^;\r\n]*)", headers, re.IGNORECASE | re.MULTILINE)
         if kind is not None and kind.group(1).strip().lower() != "application/dicom":
-            continue
+            raise StowMediaTypeError(f"part {parts} of the body is sent as {kind.group(1).strip()[:80]}; "
+                                     f"{STOW_DICOM_ONLY}")
         try:
             header = read_partial(_PartReader(view[start + 4:end]), force=True, defer_size=STOW_SKIPPED_VALUE_BYTES,
                                   stop_when=lambda tag, vr, length: tag > 0x0020000E)
@@ -1524,10 +1540,13 @@ def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int
 def _record_proxy_store(path: str, content_type: str, body: bytes) -> Optional[dict]:
     """The ``dicomweb_storing`` entry of a proxy POST (a STOW-RS store into the PACS), written before it is
     forwarded: the study the path names and the studies and series of the body's DICOM parts (:func:`stow_uids`),
-    ``instances``, ``parts``, ``bytes`` and ``path``. 422 naming the part when a DICOM part's UIDs cannot be read,
-    503 when the entry cannot be written: nothing is forwarded."""
+    ``instances``, ``parts``, ``bytes`` and ``path``. 415 naming the part when one is not sent as DICOM (metadata,
+    bulk data), 422 naming it when a DICOM part's UIDs cannot be read (neither writes an entry), 503 when the entry
+    cannot be written: nothing is forwarded."""
     try:
         studies, series, instances, parts = stow_uids(body, content_type)
+    except StowMediaTypeError as error:  # its entry would not say what was stored
+        raise HTTPException(status_code=415, detail=f"nothing was stored in the PACS: {error}") from None
     except ValueError as error:  # its entry would not say what was stored
         raise HTTPException(status_code=422, detail=f"nothing was stored in the PACS: {error}") from None
     named, _, _ = proxy_read_key(path, "")
