@@ -879,6 +879,39 @@ def without_pixels(slice_file: Path, path: Path) -> Path:
     return path
 
 
+def new_instance(slice_file: Path, pixels: np.ndarray, path: Path, **attributes) -> Path:
+    """A copy of the real DICOM slice ``slice_file`` as the one instance of a new series, its pixel data the bytes
+    of ``pixels`` and its header given ``attributes`` (NumberOfFrames, BitsAllocated, ...), at ``path``."""
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(slice_file)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, write_like_original=False)
+    return path
+
+
+def multi_frame(slice_file: Path, path: Path, frames: int) -> Path:
+    """The real DICOM slice ``slice_file`` as one instance of ``frames`` frames (its pixels in each), in a new
+    series, at ``path``."""
+    pixels = pydicom.dcmread(slice_file).pixel_array
+    return new_instance(slice_file, np.repeat(pixels[None], frames, axis=0), path, NumberOfFrames=frames)
+
+
+def bit_packed(slice_file: Path, path: Path) -> Path:
+    """The real DICOM slice ``slice_file``'s pixels over their mean as a mask of 1 bit a voxel (BitsAllocated 1,
+    packed 8 voxels a byte, as a DICOM SEG's frames are), in a new series, at ``path``."""
+    from pydicom.pixel_data_handlers.numpy_handler import pack_bits
+
+    pixels = pydicom.dcmread(slice_file).pixel_array
+    mask = pack_bits((pixels > pixels.mean()).astype(np.uint8))
+    return new_instance(slice_file, np.frombuffer(mask, np.uint8), path, BitsAllocated=1, BitsStored=1, HighBit=0,
+                        PixelRepresentation=0, PhotometricInterpretation="MONOCHROME2")
+
+
 def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_weights):
     """With ``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME`` the app left every download to MONAI Label's own, frame by frame,
     without a limit: a route other than infer by id and the review queue (which ask the series' size first), here
@@ -890,14 +923,19 @@ def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_
     the series never downloaded). This Orthanc answers MONAI Label's frame requests 400 (its DICOMweb plugin refuses
     their ``Accept: */*``), and MONAI Label's download drops each failed instance in silence: an empty folder was
     left in the cache and converted (a 500 at every request for the series), then a bare 500; it is a 502 naming
-    the series and how many of its image instances are missing (infer by id too), and leaves nothing."""
+    the series and how many of its image instances are missing (infer by id too), and leaves nothing. MONAI
+    Label's download asks frame 1 of each instance only: a series of one 3-frame instance (786,432 voxels, under
+    the limit) was a 502 blaming the PACS; it is a 501 naming the setting to turn off, before any frame is asked
+    (infer by id too)."""
     import requests
 
     pacs, requests_log = start_orthanc_logging_requests(tmp_path)
     try:
         big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
-        pacs.upload_files(big + small + [without_pixels(small[0], tmp_path / "no_image.dcm")])
+        frames3 = multi_frame(small[0], tmp_path / "frames3.dcm", 3)
+        pacs.upload_files(big + small + [without_pixels(small[0], tmp_path / "no_image.dcm"), frames3])
         big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
+        multi_uid = str(pydicom.dcmread(frames3).SeriesInstanceUID)
         cache = tmp_path / "work" / "dicomweb_cache"
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
                               conf={"max_voxels": 1_000_000}, env={"MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME": "true"})
@@ -927,6 +965,18 @@ def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_
             assert answer.json()["detail"].startswith(f"not denoised: the PACS did not deliver series {small_uid}: "
                                                       "3 of its 3 image instances"), answer.text
             assert not [p for p in cache.rglob(f"*{small_uid}*")], sorted(map(str, cache.rglob("*")))
+            not_by_frame = (f"series {multi_uid} has multi-frame instances (1 of its 1 image instances, up to 3 "
+                            "frames each), which MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME downloads only the first frame "
+                            "of; nothing of it was downloaded: turn that setting off on the server")
+            answer = requests.get(f"{server.url}/datastore/image", params={"image": multi_uid}, timeout=600)
+            assert answer.status_code == 501, (answer.status_code, answer.text[:500])
+            assert answer.json()["detail"] == not_by_frame, answer.text
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": multi_uid, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 501, (answer.status_code, answer.text[:500])
+            assert answer.json()["detail"] == f"not denoised: {not_by_frame}", answer.text
+            assert frames(multi_uid) == []  # refused from its metadata
+            assert not [p for p in cache.rglob(f"*{multi_uid}*")], sorted(map(str, cache.rglob("*")))
             assert server.alive()
         finally:
             stop_server(server)
@@ -940,7 +990,9 @@ def test_a_frame_by_frame_download_is_checked_instance_by_instance(tmp_path):
     kept in the cache as downloaded; a series with an instance without pixel data (no frame to fetch) never was.
     :func:`lib.pacs.check_by_frame` on the real WADO-RS metadata of Orthanc (3 CT images and one instance without
     pixel data) and real files in a folder: the 3 images written whole, named by their SOP Instance UIDs, pass
-    (the non-image entry not needed); one cut short, one missing, or one under another name, do not."""
+    (the non-image entry not needed); one cut short, one missing, or one under another name, do not. An instance of
+    1 bit a voxel (BitsAllocated 1, a DICOM SEG's packing: 32,768 bytes for 512 x 512) was expected to hold a byte a
+    voxel, and always looked cut short: whole it passes, cut it does not."""
     from dicomweb_client.api import DICOMwebClient
 
     from lib.pacs import SeriesNotDelivered, check_by_frame
@@ -948,10 +1000,12 @@ def test_a_frame_by_frame_download_is_checked_instance_by_instance(tmp_path):
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
         files = real_ct_series(tmp_path / "series", slices=3)
-        pacs.upload_files(files + [without_pixels(files[0], tmp_path / "no_image.dcm")])
-        first = pydicom.dcmread(files[0])
-        metadata = DICOMwebClient(pacs.dicomweb).retrieve_series_metadata(str(first.StudyInstanceUID),
-                                                                         str(first.SeriesInstanceUID))
+        mask = bit_packed(files[0], tmp_path / "mask.dcm")
+        pacs.upload_files(files + [without_pixels(files[0], tmp_path / "no_image.dcm"), mask])
+        first, packed = pydicom.dcmread(files[0]), pydicom.dcmread(mask)
+        client = DICOMwebClient(pacs.dicomweb)
+        metadata = client.retrieve_series_metadata(str(first.StudyInstanceUID), str(first.SeriesInstanceUID))
+        mask_metadata = client.retrieve_series_metadata(str(packed.StudyInstanceUID), str(packed.SeriesInstanceUID))
     finally:
         stop_orthanc(pacs)
     assert len(metadata) == 4
@@ -982,6 +1036,85 @@ def test_a_frame_by_frame_download_is_checked_instance_by_instance(tmp_path):
     assert "1 of its 3 image instances" in refused()
     (written / names[1]).write_bytes(whole)
     assert check_by_frame(written, metadata, series) == 3
+
+    assert len(packed.PixelData) == 512 * 512 // 8 and mask_metadata[0]["00280100"]["Value"] == [1]
+    mask_folder = tmp_path / "mask_written"
+    mask_folder.mkdir()
+    (mask_folder / f"{packed.SOPInstanceUID}.dcm").write_bytes(mask.read_bytes())
+    assert check_by_frame(mask_folder, mask_metadata, str(packed.SeriesInstanceUID)) == 1
+    (mask_folder / f"{packed.SOPInstanceUID}.dcm").write_bytes(mask.read_bytes()[:-100])
+    with pytest.raises(SeriesNotDelivered, match="1 of its 1 image instances are missing or cut short"):
+        check_by_frame(mask_folder, mask_metadata, str(packed.SeriesInstanceUID))
+
+
+def test_disk_full_is_no_space_or_a_spent_quota_wrapped_or_not():
+    """:func:`lib.pacs.disk_full` (the downloads' and the dataset ZIP's 507) took ENOSPC only: a disk quota spent
+    (EDQUOT) is the same for the writer. A real ENOSPC (a write to /dev/full), bare and raised from as pydicom's
+    save_as does (a new OSError without errno), and EDQUOT bare and wrapped, are disk full; another OSError is
+    not."""
+    import errno
+    import os
+
+    from lib.pacs import disk_full
+
+    def wrapped(error: OSError) -> OSError:
+        try:
+            try:
+                raise error
+            except OSError as cause:
+                raise OSError("writing the element (7FE0,0010) failed") from cause
+        except OSError as outer:
+            return outer
+
+    with pytest.raises(OSError) as full:
+        with open("/dev/full", "wb", buffering=0) as handle:
+            handle.write(b"x")
+    quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    assert full.value.errno == errno.ENOSPC and disk_full(full.value) and disk_full(wrapped(full.value))
+    assert disk_full(quota) and disk_full(wrapped(quota))
+    assert not disk_full(OSError(errno.EACCES, os.strerror(errno.EACCES)))
+    assert not disk_full(wrapped(OSError(errno.EIO, os.strerror(errno.EIO))))
+
+
+def test_a_frame_by_frame_check_reads_no_pixel(tmp_path):
+    """:func:`lib.pacs.check_by_frame` read each instance whole, pixels and all: a large multi-frame file took its
+    whole size in memory. On a real 96-frame CT instance (48 MiB of pixel data) and its DICOM JSON, the check's
+    peak memory (tracemalloc) stays under a sixteenth of its pixel data, whole (passes) and cut by one byte
+    (refused)."""
+    import tracemalloc
+
+    import data_store
+
+    from lib.pacs import SeriesNotDelivered, check_by_frame
+
+    folder = tmp_path / "written"
+    folder.mkdir()
+    path = multi_frame(Path(data_store.__file__).parent / "data" / "693_UNCR.dcm", tmp_path / "large.dcm", 96)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    listed = [header.to_json_dict()]
+    pixel_bytes = 96 * 512 * 512 * 2
+    whole = path.read_bytes()
+    target = folder / f"{header.SOPInstanceUID}.dcm"
+    target.write_bytes(whole)
+    del whole
+
+    def peak_of_check() -> tuple[int | Exception, int]:
+        tracemalloc.start()
+        try:
+            try:
+                outcome: int | Exception = check_by_frame(folder, listed, str(header.SeriesInstanceUID))
+            except SeriesNotDelivered as error:
+                outcome = error
+            return outcome, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    outcome, peak = peak_of_check()
+    assert outcome == 1 and peak < pixel_bytes / 16, (outcome, peak, pixel_bytes)
+    with open(target, "r+b") as handle:
+        handle.truncate(target.stat().st_size - 1)
+    outcome, peak = peak_of_check()
+    assert isinstance(outcome, SeriesNotDelivered) and peak < pixel_bytes / 16, (outcome, peak, pixel_bytes)
 
 
 def test_a_final_label_download_is_bounded_by_the_voxel_limit(tmp_path, tiny_weights):

@@ -50,9 +50,9 @@ from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
-from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesNotDelivered, SeriesSize, SeriesTooLarge, bound_waits,
-                      bounded_downloads, cache_folder, is_dicomweb, known_size, remove_stale_downloads, series_folder,
-                      start_up_warnings, store_derived_series, whole_listing)
+from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame, SeriesSize,
+                      SeriesTooLarge, bound_waits, bounded_downloads, cache_folder, is_dicomweb, known_size,
+                      remove_stale_downloads, series_folder, start_up_warnings, store_derived_series, whole_listing)
 from lib.runtime.switches import parse_bool
 
 logger = logging.getLogger(__name__)
@@ -333,6 +333,9 @@ class DenoisingApp(MONAILabelApp):
             except SeriesNotDelivered as error:  # the PACS's failure, not the request's
                 logger.error("infer %s: %s", image_id, error)
                 raise HTTPException(status_code=502, detail=f"not denoised: {error}") from None
+            except SeriesNotFetchableByFrame as error:  # the server's setting, not the PACS nor the request
+                logger.error("infer %s: %s", image_id, error)
+                raise HTTPException(status_code=501, detail=f"not denoised: {error}") from None
             request = dict(request, image=str(source_folder))
         elif known_id:
             uri = store.get_image_uri(image_id)  # the datastore's file, by absolute path

@@ -37,9 +37,9 @@ __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
            "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "OVERSIZED_UNCOUNTED_S", "cache_folder",
            "instance_voxels", "instance_bytes", "HEADER_BYTES", "disk_shortfall", "series_disk_shortfall", "disk_full",
-           "save_instance", "SeriesTooLarge", "SeriesDoesNotFit", "SeriesNotDelivered", "check_by_frame",
-           "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads", "PARTIAL_DOWNLOAD_STALE_S",
-           "remove_stale_downloads"]
+           "save_instance", "SeriesTooLarge", "SeriesDoesNotFit", "SeriesNotDelivered", "SeriesNotFetchableByFrame",
+           "check_by_frame", "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads",
+           "PARTIAL_DOWNLOAD_STALE_S", "remove_stale_downloads"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -477,14 +477,26 @@ def series_instance_count(client, series_uid: str, study_uid: str | None = None)
 
 def _entry_size(entry: dict) -> tuple[int, int] | None:
     """``(voxels, pixel bytes)`` of one instance from its DICOM JSON (a QIDO-RS match, a WADO-RS metadata entry):
-    ``Rows x Columns x NumberOfFrames`` voxels, times SamplesPerPixel and BitsAllocated / 8 bytes (1 sample of 16
-    bits where it does not say); None without Rows or Columns."""
+    ``Rows x Columns x NumberOfFrames`` voxels, their bytes ``ceil(voxels x SamplesPerPixel x BitsAllocated / 8)``
+    (1 sample of 16 bits where it does not say; a bit-packed BitsAllocated of 1, a DICOM SEG's, takes an eighth of
+    a byte a voxel); None without Rows or Columns."""
     rows, columns = _first_int(entry, "00280010"), _first_int(entry, "00280011")
     if not rows or not columns:
         return None
-    voxels = rows * columns * max(1, _first_int(entry, "00280008") or 1)
+    voxels = rows * columns * _entry_frames(entry)
     bits = _first_int(entry, "00280100") or 16
-    return voxels, voxels * max(1, _first_int(entry, "00280002") or 1) * -(-bits // 8)
+    return voxels, _packed_bytes(voxels * max(1, _first_int(entry, "00280002") or 1), bits)
+
+
+def _entry_frames(entry: dict) -> int:
+    """NumberOfFrames of one instance's DICOM JSON (1 where it does not say, or says 0)."""
+    return max(1, _first_int(entry, "00280008") or 1)
+
+
+def _packed_bytes(samples: int, bits: int) -> int:
+    """Bytes of ``samples`` pixel values of ``bits`` bits each, packed as DICOM stores them (``ceil(samples x bits /
+    8)``: values of 1 bit share their bytes)."""
+    return -(-samples * bits // 8)
 
 
 def series_size(client, series_uid: str, study_uid: str | None = None) -> SeriesSize | None:
@@ -648,7 +660,7 @@ def instance_bytes(dataset) -> int:
         if value is not None:
             return len(value)
     samples = instance_voxels(dataset) * max(1, int(dataset.get("SamplesPerPixel", 1) or 1))
-    return samples * -(-int(dataset.get("BitsAllocated", 16) or 16) // 8)
+    return _packed_bytes(samples, int(dataset.get("BitsAllocated", 16) or 16))
 
 
 #: bytes allowed for the header of each downloaded or written file (beside its pixel data) when the disk space a
@@ -711,6 +723,14 @@ class SeriesDoesNotFit(RuntimeError):
     answer 507 Insufficient Storage: the server's disk, not the series, is at fault."""
 
 
+class SeriesNotFetchableByFrame(RuntimeError):
+    """A PACS series with multi-frame instances asked of a datastore set to download frame by frame
+    (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``): MONAI Label's frame-by-frame download fetches only the first frame of
+    each instance, so it cannot download the series whole (message: the series, how many such instances, the
+    setting to turn off; nothing fetched). The routes answer 501 Not Implemented: the server's setting, not the
+    PACS nor the request, is at fault."""
+
+
 class SeriesNotDelivered(OSError):
     """A PACS series downloaded frame by frame (:func:`_download_by_frame`) with instances of it missing or cut short
     (message: the series, how many of its image instances, nothing kept). The routes answer 502 Bad Gateway: the
@@ -739,12 +759,13 @@ def _study_of(client, series_uid: str) -> str:
 
 
 def disk_full(error: BaseException) -> bool:
-    """Whether ``error`` or one it was raised from is ENOSPC (pydicom raises a new OSError without errno, naming the
-    element whose write failed, from the one of the write): a download that found the disk full all the same (another
-    writer took the space after :func:`disk_shortfall`), the app's and the batch's."""
+    """Whether ``error`` or one it was raised from is ENOSPC or EDQUOT (a disk quota spent: the same for the writer;
+    pydicom raises a new OSError without errno, naming the element whose write failed, from the one of the write): a
+    download that found the disk full all the same (another writer took the space after :func:`disk_shortfall`),
+    the app's and the batch's, and the dataset ZIP's (:func:`lib.endpoints.guards.guarded_download_dataset`)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if getattr(error, "errno", None) == errno.ENOSPC:
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             return True
         seen.add(id(error))
         error = error.__cause__ or error.__context__
@@ -805,6 +826,7 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
         SeriesDoesNotFit: the series, or an instance of it, would not fit on the cache's disk (nothing of it left in
             the cache).
         SeriesNotDelivered: fetched frame by frame, instances of it are missing or cut short (nothing kept).
+        SeriesNotFetchableByFrame: fetched frame by frame, instances of it are multi-frame (nothing fetched).
         FileNotFoundError: the PACS lists no such series, or sent no instance of it.
         requests.exceptions.ConnectionError, Timeout, HTTPError: the PACS cannot be reached or refused a request.
     """
@@ -869,14 +891,17 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
 def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limit: int) -> int:
     """MONAI Label's frame-by-frame download (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``: the series' WADO-RS metadata,
     then the pixel data of each instance it lists) of the series ``image_id`` into ``partial``, bounded: the
-    metadata is checked before any frame is fetched, its instances' voxels (:func:`_entry_size`) against ``limit``
-    and their bytes against the free space of the disk (:func:`series_disk_shortfall`); only the image instances it
+    metadata is checked before any frame is fetched, its instances' voxels (:func:`_entry_size`) against ``limit``,
+    their bytes against the free space of the disk (:func:`series_disk_shortfall`), and their frames (MONAI Label
+    fetches the first frame of each instance: a multi-frame one would be cut); only the image instances it
     lists (Rows and Columns: one without has no frame to fetch) are fetched, and each must be written whole
     (:func:`check_by_frame`). Returns how many were written.
 
     Raises:
         SeriesTooLarge: over ``limit`` (nothing fetched; its size remembered as :func:`oversized`'s are).
         SeriesDoesNotFit: it would not fit on the disk (nothing fetched).
+        SeriesNotFetchableByFrame: an image instance listed has more than one frame (MONAI Label's download fetches
+            frame 1 of each: nothing fetched).
         SeriesNotDelivered: an image instance listed is missing or cut short (MONAI Label's download drops a failed
             one in silence, and writes no more than the disk takes).
     """
@@ -904,6 +929,13 @@ def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limi
                                        f"{partial.parent}: its {size.instances} instances need about {short[0]:,} "
                                        f"bytes with their conversion, {short[1]:,} are free; nothing of it was "
                                        "downloaded: free some space there (MONAI_LABEL_DICOMWEB_CACHE_PATH)")
+            frames = [_entry_frames(entry) for entry in metadata if _entry_size(entry) is not None]
+            multi = [count for count in frames if count > 1]
+            if multi:  # MONAI Label's save_from_frame asks frame_numbers=[1] only
+                raise SeriesNotFetchableByFrame(
+                    f"series {image_id} has multi-frame instances ({len(multi)} of its {len(frames)} image "
+                    f"instances, up to {max(multi)} frames each), which MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME downloads "
+                    "only the first frame of; nothing of it was downloaded: turn that setting off on the server")
             listed.extend(metadata)
             return [entry for entry in metadata if _entry_size(entry) is not None]  # no frame to fetch without
 
@@ -914,23 +946,31 @@ def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limi
 def check_by_frame(folder: Path, listed: list[dict], image_id: str) -> int:
     """How many instances of the series ``image_id`` MONAI Label's frame-by-frame download wrote into ``folder``,
     checked against ``listed`` (the series' WADO-RS metadata, DICOM JSON): each image instance's (Rows and Columns:
-    :func:`_entry_size`; one without has no frame, and is not fetched) ``<SOPInstanceUID>.dcm`` is there, is read
-    as DICOM, and holds all the pixel bytes its entry gives (a write cut short by a full disk leaves a file that
-    parses, its pixel data short).
+    :func:`_entry_size`; one without has no frame, and is not fetched) ``<SOPInstanceUID>.dcm`` is there, its header
+    parses as DICOM, and its pixel data element holds all the pixel bytes its entry gives (a write cut short by a
+    full disk leaves a file that parses, its pixel data short). No pixel is read: the header is read up to the pixel
+    data element, whose length is compared with what the file holds after it
+    (:func:`lib.imaging.dicom_read._dcmread_header`); MONAI Label writes the frames as fetched, uncompressed, so
+    encapsulated pixel data is not counted as delivered.
 
     Raises:
         SeriesNotDelivered: an instance listed is missing, unreadable or cut short.
     """
+    from .imaging.dicom_read import _dcmread_header, _Fragments
+    from .imaging.errors import ImageReadError
+
     written = {path.name for path in folder.iterdir()}
     images = [entry for entry in listed if _entry_size(entry) is not None]
     missing = 0
     for entry in images:
         name = f"{_first_str(entry, '00080018')}.dcm"
-        try:  # one instance in memory at a time
-            pixels = pydicom.dcmread(str(folder / name)).get("PixelData") if name in written else None
-        except (OSError, EOFError, ValueError, pydicom.errors.InvalidDicomError):
-            pixels = None
-        if pixels is None or len(pixels) < _entry_size(entry)[1]:
+        try:
+            element = _dcmread_header(folder / name)[1] if name in written else None
+        except (ImageReadError, OSError):  # its header does not parse, or it went meanwhile
+            element = None
+        native = isinstance(element, tuple) and not isinstance(element, _Fragments)
+        held = min(element) if native else -1  # (declared length, bytes after its header)
+        if held < _entry_size(entry)[1]:
             missing += 1
     if missing:
         raise SeriesNotDelivered(f"the PACS did not deliver series {image_id}: {missing} of its {len(images)} image "

@@ -78,7 +78,9 @@ def _install_read_failure_answers(fastapi_app) -> None:
     voxel limit (:class:`lib.pacs.SeriesTooLarge`: it grew since its size was asked) a 413, as one refused before;
     one stopped because it did not fit on the disk of the server's cache (:class:`lib.pacs.SeriesDoesNotFit`) a 507
     Insufficient Storage (the review queue's hand-out, MONAI Label's own download); one fetched frame by frame with
-    instances missing (:class:`lib.pacs.SeriesNotDelivered`) a 502 naming the series and how many. Any read over the voxel limit
+    instances missing (:class:`lib.pacs.SeriesNotDelivered`) a 502 naming the series and how many; one with
+    multi-frame instances asked frame by frame (:class:`lib.pacs.SeriesNotFetchableByFrame`: only their first frames
+    would come) a 501 naming the setting to turn off. Any read over the voxel limit
     that a route does not answer itself (:class:`lib.imaging.errors.ImageTooLargeError`: the PACS store's reads, a
     fine-tune request's correction of a study over a limit lowered since) is a 413 with the reader's message (what
     is too large, the limit, how to raise it), without the server's paths; it was a bare 500."""
@@ -86,7 +88,8 @@ def _install_read_failure_answers(fastapi_app) -> None:
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
     from ..imaging.errors import ImageTooLargeError
-    from ..pacs import PacsListingCut, SeriesDoesNotFit, SeriesNotDelivered, SeriesTooLarge, is_pacs_url
+    from ..pacs import (PacsListingCut, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame,
+                        SeriesTooLarge, is_pacs_url)
     from .common import app
 
     async def unreachable(request, error: Exception):
@@ -112,6 +115,10 @@ def _install_read_failure_answers(fastapi_app) -> None:
         log.error("%s %s: %s", request.method, request.url.path, error)
         return JSONResponse(status_code=502, content={"detail": str(error)})
 
+    async def not_by_frame(request, error: Exception):  # nothing of the series fetched (lib.pacs._download_by_frame)
+        log.error("%s %s: %s", request.method, request.url.path, error)
+        return JSONResponse(status_code=501, content={"detail": str(error)})
+
     async def image_too_large(request, error: Exception):  # found from the header: no voxel of it was read
         log.warning("%s %s: %s", request.method, request.url.path, error)
         return JSONResponse(status_code=413, content={"detail": scrub_paths(str(error))})
@@ -122,6 +129,7 @@ def _install_read_failure_answers(fastapi_app) -> None:
     fastapi_app.add_exception_handler(SeriesTooLarge, too_large)
     fastapi_app.add_exception_handler(SeriesDoesNotFit, does_not_fit)
     fastapi_app.add_exception_handler(SeriesNotDelivered, not_delivered)
+    fastapi_app.add_exception_handler(SeriesNotFetchableByFrame, not_by_frame)
     fastapi_app.add_exception_handler(ImageTooLargeError, image_too_large)
     if fastapi_app.middleware_stack is not None:
         fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()

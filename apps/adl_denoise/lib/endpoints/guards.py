@@ -79,7 +79,6 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
 from __future__ import annotations
 
 import collections
-import errno
 import json
 import logging
 import os
@@ -1120,8 +1119,11 @@ def guarded_download_dataset(limit_cases: Optional[int] = None, user: User = Dep
     before it is sent; 503 and nothing sent when the entry cannot be written (refused before zipping when the log
     refuses entries already). The ZIP is written in a temp folder of the request's own, deleted whatever happens:
     sent, refused, cut short (a client gone mid-send) or failed half-way (MONAI Label's left its ZIP, whole or
-    not, in the temp folder). One that does not fit in the temp folder's disk is a 507 Insufficient Storage (the
-    server's disk, not the request, is at fault; it was a bare 500)."""
+    not, in the temp folder). One that does not fit in the temp folder's disk (no space left or a disk quota spent,
+    :func:`lib.pacs.disk_full`) is a 507 Insufficient Storage (the server's disk, not the request, is at fault; it
+    was a bare 500)."""
+    from ..pacs import disk_full
+
     _refuse_unrecordable("the dataset was not sent", "the dataset")  # before every study is zipped
     folder = tempfile.mkdtemp(prefix="adl-dataset-")
     try:
@@ -1129,7 +1131,7 @@ def guarded_download_dataset(limit_cases: Optional[int] = None, user: User = Dep
         _recorded_read(DATASET_DOWNLOADED, {"limit_cases": limit_cases}, "the dataset was not sent")
     except OSError as error:
         shutil.rmtree(folder, ignore_errors=True)
-        if error.errno != errno.ENOSPC:
+        if not disk_full(error):  # ENOSPC or EDQUOT, wrapped or not
             raise
         log.error("GET /datastore/dataset: the dataset's ZIP did not fit in the temp folder: %s", error)
         raise HTTPException(status_code=507, detail="the dataset was not sent: its ZIP does not fit on the disk of "
