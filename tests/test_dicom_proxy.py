@@ -164,6 +164,37 @@ def test_a_store_whose_dicom_part_names_no_series_is_refused_and_never_reaches_t
     assert len(audit.entries("dicomweb_storing")) == before
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "identity"])
+def test_a_store_with_an_encoded_body_is_refused_and_never_reaches_the_pacs(server, pacs, realm, encoding):
+    """A body sent with ``Content-Encoding: gzip`` (forwarded to the PACS as it is) shows no delimiter of its
+    boundary: its parts were not found, and it was forwarded with an entry naming no study or series, 0 instances
+    (Orthanc 1.10 answers such a store 200 and stores nothing). Any Content-Encoding but identity is a 415 naming
+    it, nothing forwarded, no entry; ``identity`` (the body as it is) is stored."""
+    import gzip
+    import zlib
+
+    from pydicom.data import get_testdata_file
+
+    body = stow_body([get_testdata_file("CT_small.dcm")])
+    sent = {"gzip": gzip.compress, "deflate": zlib.compress, "identity": bytes}[encoding](body)
+    audit = _audit_of(server)
+    start, before = len(pacs.received), len(audit.entries("dicomweb_storing"))
+    response = requests.post(server.url + "/proxy/dicom/stow/studies", data=sent, timeout=120, headers=_as(
+        realm, "annotator", **{"Content-Type": STOW_TYPE, "Content-Encoding": encoding}))
+    if encoding == "identity":
+        assert response.status_code == 200, (response.status_code, response.text[:300])
+        assert [r.body for r in pacs.received[start:]] == [body]
+        assert len(audit.entries("dicomweb_storing")) == before + 1
+        return
+    assert response.status_code == 415, (response.status_code, response.text[:300])
+    assert response.json()["detail"] == (
+        f"nothing was stored in the PACS: the body is sent with Content-Encoding {encoding}; the proxy reads each "
+        "part's UIDs for its audit entry: send the body unencoded (no Content-Encoding, or identity)")
+    assert pacs.received[start:] == []
+    assert len(audit.entries("dicomweb_storing")) == before
+    assert audit.verify().ok
+
+
 JSON_STOW_TYPE = 'multipart/related; type="application/dicom+json"; boundary=BOUNDARY'
 
 
@@ -391,6 +422,44 @@ def test_a_stores_audit_entry_names_the_studies_and_series_of_its_dicom_files(tm
     with pytest.raises(ValueError, match="names no boundary"):
         stow_uids(body, "application/dicom")
     assert stow_uids(b"", "") == ([], [], 0, 0)
+
+
+def test_a_stores_parts_lie_between_its_first_delimiter_and_its_close_delimiter():
+    """RFC 2046: the preamble before the first delimiter (``--BOUNDARY``) and the epilogue after the close delimiter
+    (``--BOUNDARY--``) are no parts. The close delimiter was not recognised: an epilogue holding a blank line was
+    read as a part, and a valid store of real DICOM files refused (422 "part 3 ... is no DICOM file"). A delimiter
+    is found wherever it is, as Orthanc finds it (a real Orthanc stores the DICOM file after ``x --BOUNDARY`` in a
+    preamble line): such a part is read, and refused when it is no DICOM file. A part's Content-Length (a PACS may
+    read that many bytes) must end it at its delimiter. A non-empty body in which no part is found (compressed, a close
+    delimiter only) gave 0 instances and was forwarded, its entry naming nothing: it is refused."""
+    import gzip
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from lib.endpoints.guards import stow_uids
+
+    ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
+    headers = [pydicom.dcmread(path) for path in (ct, mr)]
+    expected = (sorted(str(h.StudyInstanceUID) for h in headers), sorted(str(h.SeriesInstanceUID) for h in headers))
+    body = stow_body([ct, mr])
+    epilogue = b"This is the epilogue.\r\n\r\nIt is ignored.\r\n--BOUNDARY\r\n\r\nnot DICOM\r\n"
+    assert stow_uids(body + epilogue, STOW_TYPE) == (*expected, 2, 2)
+    preamble = b"This is the preamble.\r\n\r\nIt is ignored.\r\n"
+    assert stow_uids(preamble + body, STOW_TYPE) == (*expected, 2, 2)
+    assert stow_uids(preamble + body + epilogue, STOW_TYPE) == (*expected, 2, 2)
+    with pytest.raises(ValueError, match=r"^part 1 of the body \(sent as application/dicom\) is no DICOM file"):
+        stow_uids(b"see x --BOUNDARY\r\n\r\nbelow\r\n" + body, STOW_TYPE)
+    ct_part = Path(ct).read_bytes()
+    sized = f"--BOUNDARY\r\nContent-Length: {len(ct_part)}\r\n\r\n".encode() + ct_part + b"\r\n--BOUNDARY--\r\n"
+    assert stow_uids(sized, STOW_TYPE)[2:] == (1, 1)
+    with pytest.raises(ValueError, match=rf"^part 1 of the body gives Content-Length {len(ct_part) - 2}, but its "
+                                         rf"delimiter ends it after {len(ct_part)} bytes$"):
+        stow_uids(sized.replace(str(len(ct_part)).encode(), str(len(ct_part) - 2).encode(), 1), STOW_TYPE)
+    for nothing in (gzip.compress(body), b"--BOUNDARY--\r\n", preamble, preamble + b"--BOUNDARY--\r\n" + epilogue):
+        with pytest.raises(ValueError, match=r"^the body holds no part: no delimiter --BOUNDARY \(its boundary\) "
+                                             r"starts one$"):
+            stow_uids(nothing, STOW_TYPE)
 
 
 def test_the_proxy_forgets_its_oldest_reads_past_its_limit():

@@ -1484,18 +1484,28 @@ STOW_DICOM_ONLY = ("the proxy stores DICOM files only (each part sent as applica
                    "names the studies and series stored: send each instance as application/dicom")
 
 
+#: why the proxy stores unencoded bodies only: the UIDs of an encoded (compressed) body's parts are not read
+STOW_UNENCODED = ("the proxy reads each part's UIDs for its audit entry: send the body unencoded (no Content-Encoding, "
+                  "or identity)")
+
+
 def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int, int]:
     """(StudyInstanceUIDs, SeriesInstanceUIDs, instances, parts) of a STOW-RS ``body`` (``multipart/related``
     with the boundary of ``content_type``, its parameter names in any case). Each part is sent as DICOM (its own
     Content-Type ``application/dicom``, or none) and is one instance, its UIDs read from its header up to the series
     UID, values longer than :data:`STOW_SKIPPED_VALUE_BYTES` skipped (no pixel data, no large private element read).
-    UIDs sorted, without repeats.
+    UIDs sorted, without repeats. The parts are read as Orthanc's DICOMweb plugin reads them: a delimiter is
+    ``--boundary`` wherever it is (RFC 2046 has it start a line: every part a PACS finds is found here), what comes
+    before the first one (the preamble) and after the close delimiter ``--boundary--`` (the epilogue) is no part,
+    and a part's content ends with the CRLF before the next delimiter (its Content-Length, where it gives one, must
+    say so: a PACS may read that many bytes instead).
 
     Raises:
         StowMediaTypeError: the body's multipart ``type`` or a part's Content-Type is not ``application/dicom``
             (JSON or XML metadata, bulk data: their UIDs are not read), naming it and the part (1 = the first).
         ValueError: a part sent as DICOM yields no StudyInstanceUID and SeriesInstanceUID (not DICOM, cut short),
-            naming the part; a non-empty body without a boundary (no part can be read from it).
+            or its Content-Length disagrees with its delimiter, naming the part; a non-empty body without a boundary
+            or without any part (an encoded body: none can be read from it).
     """
     from pydicom.filereader import read_partial
 
@@ -1510,32 +1520,42 @@ def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int
     delimiter = b"--" + found.group(1).strip().encode()
     view = memoryview(body)
     studies, series, instances, parts = set(), set(), 0, 0
-    at = body.find(delimiter)
+    at = body.find(delimiter)  # what comes before it is the preamble
     while at >= 0:  # each part, found in place: only what pydicom reads of it is copied
-        following = body.find(delimiter, at + len(delimiter))
-        end = len(body) if following < 0 else following
-        start = body.find(b"\r\n\r\n", at, end)  # the part's own headers end here
-        headers = body[at + len(delimiter):max(start, at + len(delimiter))].decode("latin-1")
-        at = following
-        if start < 0:  # the closing delimiter ("--BOUNDARY--")
-            continue
+        after = at + len(delimiter)
+        if body[after:after + 2] == b"--":  # the close delimiter: what follows is the epilogue
+            break
+        at = body.find(delimiter, after)
+        end = len(body) if at < 0 else max(after, at - 2)  # the CRLF before a delimiter is the delimiter's
+        start = body.find(b"\r\n\r\n", after, end)  # the part's own headers end here
         parts += 1
+        headers = body[after:max(start, after)].decode("latin-1")
         kind = re.search(r"^content-type\s*:\s*([^;\r\n]*)", headers, re.IGNORECASE | re.MULTILINE)
         if kind is not None and kind.group(1).strip().lower() != "application/dicom":
             raise StowMediaTypeError(f"part {parts} of the body is sent as {kind.group(1).strip()[:80]}; "
                                      f"{STOW_DICOM_ONLY}")
-        try:
-            header = read_partial(_PartReader(view[start + 4:end]), force=True, defer_size=STOW_SKIPPED_VALUE_BYTES,
-                                  stop_when=lambda tag, vr, length: tag > 0x0020000E)
-            study, one = str(header.get("StudyInstanceUID") or ""), str(header.get("SeriesInstanceUID") or "")
-        except Exception:  # noqa: BLE001 - not DICOM, cut short: refused below, whatever pydicom raised
-            study = one = ""
+        length = re.search(r"^content-length\s*:\s*(\S*)", headers, re.IGNORECASE | re.MULTILINE)
+        if length is not None and start >= 0 and length.group(1) != str(end - start - 4):
+            raise ValueError(f"part {parts} of the body gives Content-Length {length.group(1)[:20]}, but its "
+                             f"delimiter ends it after {end - start - 4} bytes")
+        study = one = ""  # no end of its headers (no content), not DICOM, cut short: refused below
+        if start >= 0:
+            try:
+                header = read_partial(_PartReader(view[start + 4:end]), force=True,
+                                      defer_size=STOW_SKIPPED_VALUE_BYTES,
+                                      stop_when=lambda tag, vr, length: tag > 0x0020000E)
+                study, one = str(header.get("StudyInstanceUID") or ""), str(header.get("SeriesInstanceUID") or "")
+            except Exception:  # noqa: BLE001 - whatever pydicom raised, the part is refused below
+                pass
         if not (study and one):
             raise ValueError(f"part {parts} of the body (sent as application/dicom) is no DICOM file with a "
                              "StudyInstanceUID and a SeriesInstanceUID")
         studies.add(study)
         series.add(one)
         instances += 1
+    if body and not instances:  # its entry would name nothing stored (an encoded body, another boundary)
+        raise ValueError(f"the body holds no part: no delimiter {delimiter[:80].decode('latin-1')} (its boundary) "
+                         "starts one")
     return sorted(studies), sorted(series), instances, parts
 
 
@@ -1544,7 +1564,7 @@ def _record_proxy_store(path: str, content_type: str, body: bytes) -> Optional[d
     forwarded: the study the path names and the studies and series of the body's DICOM parts (:func:`stow_uids`),
     ``instances``, ``parts``, ``bytes`` and ``path``. 415 naming the part when one is not sent as DICOM (metadata,
     bulk data), 422 naming it when a DICOM part's UIDs cannot be read (neither writes an entry), 503 when the entry
-    cannot be written: nothing is forwarded."""
+    cannot be written: nothing is forwarded. (A body sent encoded, gzip, is refused before: :func:`_proxy`.)"""
     try:
         studies, series, instances, parts = stow_uids(body, content_type)
     except StowMediaTypeError as error:  # its entry would not say what was stored
@@ -1592,6 +1612,10 @@ async def _proxy(request: Request, path: str):
     url, auth, headers = _pacs_url_and_auth(op, rest)
     pending = None
     if request.method == "POST":  # a STOW-RS store: its content type (multipart boundary) must reach the PACS
+        encoding = request.headers.get("content-encoding", "").strip()
+        if encoding.lower() not in ("", "identity"):  # its parts cannot be read (Orthanc stores none of them either)
+            raise HTTPException(status_code=415, detail=f"nothing was stored in the PACS: the body is sent with "
+                                                        f"Content-Encoding {encoding[:80]}; {STOW_UNENCODED}")
         forwarded = {k: v for k, v in request.headers.items() if k.lower() not in PROXY_HEADERS_NOT_FORWARDED}
         body = await request.body()
         # patient data into the PACS: on record before it is forwarded, refused (503) when it cannot be
