@@ -969,11 +969,20 @@ def test_an_output_made_from_an_earlier_input_is_not_left_under_its_name_when_th
     assert crop.exists() and series.is_dir() and not [p for p in out.rglob(".*") if MANIFEST_DIR not in p.parts]
 
 
+def _retagged(path: Path) -> None:
+    """The DICOM file ``path`` rewritten with an ImageComments: the same slice, other contents."""
+    ds = pydicom.dcmread(path)
+    ds.ImageComments = "changed since"
+    ds.save_as(path)
+
+
 def test_the_output_of_a_series_refused_before_its_check_is_moved_aside(tmp_path, shared_data):
     """A series refused before its input could be compared with the one its output was made from (a file input now
     a link to nothing: unreadable; a DICOM series now split over two folders) failed, and left the earlier input's
-    output under its name. That output is now moved aside (as that of a replaced input is), the failure says so, and
-    a rerun once the input is back writes it again."""
+    output under its name. That output is now moved aside (as that of a replaced input is) on evidence that its
+    input is gone or another: the file is gone; the folder's own files no longer hash to its record. A stray slice
+    copied into another folder leaves the original folder's output in place (its files still as recorded), and a
+    rerun once that copy is removed skips it; a rerun once the inputs are back writes the others again."""
     root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
     run = _in_process(root, out)
     assert run().done == 2
@@ -986,17 +995,65 @@ def test_the_output_of_a_series_refused_before_its_check_is_moved_aside(tmp_path
     assert (summary.done, summary.failed) == (0, 3), summary
     errors = {key.split("#")[0]: error for key, error in summary.failures}
     assert errors["file:crop.nii.gz"].startswith(f"cannot read {root / 'crop.nii.gz'}"), errors
+    assert f"its output {crop}, written from an earlier input, was moved aside" in errors["file:crop.nii.gz"], errors
     assert "split over 2 folders" in errors["dicom:ct"], errors
-    for key, output in (("file:crop.nii.gz", crop), ("dicom:ct", series)):
-        assert f"its output {output}, written from an earlier input, was moved aside" in errors[key], errors
-    assert not crop.exists() and not series.exists()
+    assert errors["dicom:ct"].endswith(f"; its output {series}, made from these files as they are now, is left in "
+                                       "place"), errors
+    assert not crop.exists() and series.is_dir()
     assert "moved aside" not in errors["dicom:ct2"], errors  # no output of its own
+    shutil.rmtree(root / "ct2")  # the stray copy removed: the kept output skipped, not denoised again
+    summary = run()
+    assert (summary.done, summary.skipped, summary.failed) == (0, 1, 1), summary
+    (root / "ct2").mkdir()  # split again, the folder's own files now other than those its output was made from
+    shutil.copy2(sorted((root / "ct").iterdir())[1], root / "ct2" / "1.dcm")
+    _retagged(sorted((root / "ct").iterdir())[2])
+    summary = run()
+    errors = {key.split("#")[0]: error for key, error in summary.failures}
+    assert f"its output {series}, written from an earlier input, was moved aside" in errors["dicom:ct"], errors
+    assert not series.exists()
     (root / "crop.nii.gz").unlink()
     (tmp_path / "crop.nii.gz").rename(root / "crop.nii.gz")
     shutil.rmtree(root / "ct2")
     summary = run()
     assert (summary.done, summary.failed) == (2, 0), summary
     assert crop.exists() and series.is_dir() and not [p for p in out.rglob(".*") if MANIFEST_DIR not in p.parts]
+
+
+def test_an_input_that_cannot_be_read_now_leaves_its_output_in_place(tmp_path, shared_data):
+    """A read error that says nothing of the input (EIO, EACCES, a dropped share; here a link loop, ELOOP, which a
+    root test run cannot be denied as it can a permission) on a rerun moved every done output aside: the user had
+    to denoise the archive again. The series now fails saying why, its output stays under its name, and once the
+    input reads again the rerun skips it. (A file input; a DICOM series whose slice breaks after discovery.)"""
+    from lib.batch import runner
+    from lib.batch.discovery import SeriesFilter
+    from lib.batch.runner import BatchSettings, run_rank
+    from lib.model_dispatch import DenoiseOptions
+
+    root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
+    settings = BatchSettings(source=str(root), output=out, options=DenoiseOptions(model="gaussian"), device="cpu",
+                             series_filter=SeriesFilter(), progress=False)
+    assert run_rank(settings, runner.plan_series(settings), 0, 1, "cpu").done == 2
+    crop, (series,) = out / "crop.nii.gz", list((out / "ct").iterdir())
+    before = {path: path.read_bytes() for path in [crop, *series.iterdir()]}
+    slice_ = sorted((root / "ct").iterdir())[1]
+    planned = runner.plan_series(settings)  # then both inputs break: each a link to itself
+    for path in (root / "crop.nii.gz", slice_):
+        path.rename(tmp_path / path.name)
+        path.symlink_to(path.name)
+    summary = run_rank(settings, planned, 0, 1, "cpu")
+    assert (summary.done, summary.skipped, summary.failed) == (0, 0, 2), summary
+    errors = {key.split("#")[0]: error for key, error in summary.failures}
+    for key, output in (("file:crop.nii.gz", crop), ("dicom:ct", series)):
+        assert errors[key].startswith("cannot read ") and "Too many levels of symbolic links" in errors[key], errors
+        assert errors[key].endswith(f"; its output {output} is left in place (not found gone nor changed: a rerun "
+                                    "checks it again)"), errors
+    assert {path: path.read_bytes() for path in [crop, *series.iterdir()]} == before
+    assert not [p for p in out.rglob(".*") if MANIFEST_DIR not in p.parts]
+    for path in (root / "crop.nii.gz", slice_):
+        path.unlink()
+        (tmp_path / path.name).rename(path)
+    summary = run_rank(settings, runner.plan_series(settings), 0, 1, "cpu")
+    assert (summary.done, summary.skipped, summary.failed) == (0, 2, 0), summary
 
 
 def _restudied(files: list[Path], folder: Path, study_uid: str, patient_id: str = "BATCH") -> None:
@@ -1017,8 +1074,9 @@ def test_a_series_uid_found_in_two_studies_or_under_two_patients_is_refused_nami
     archive). In two folders it was refused as "split over 2 folders: put all its slices in one folder", advice that
     would merge two studies' slices; in one folder it was taken as one series, failing only when read. Each is now
     refused at discovery naming the studies and patients ("fix the archive"), nothing denoised; the earlier output of
-    such a series is moved aside (as for a series split over folders); the rest of the run goes on, and once the
-    archive is fixed the series is denoised again. (Real DICOM files.)"""
+    such a series is moved aside (as for a series split over folders) once its folder's files are no longer those it
+    was made from (the original of a copy keeps it); the rest of the run goes on, and once the archive is fixed the
+    series is denoised again. (Real DICOM files.)"""
     from pydicom.uid import generate_uid
 
     root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
@@ -1036,9 +1094,16 @@ def test_a_series_uid_found_in_two_studies_or_under_two_patients_is_refused_nami
     expected = (f"series UID {uid} is listed in studies {first} and {second} (under patient BATCH): not denoised; fix "
                 "the archive (one SeriesInstanceUID belongs to one study of one patient)")
     assert errors["dicom:copy"] == expected, errors
+    # the original folder's output: its files still those it was made from, it stays
+    assert errors["dicom:ct"] == (f"{expected}; its output {series}, made from these files as they are now, is left "
+                                  "in place"), errors
+    assert series.is_dir() and not (out / "copy").exists()
+    _retagged(files[1])  # now other than those its output was made from: moved aside
+    summary = run()
+    errors = {key.split("#")[0]: error for key, error in summary.failures}
     assert errors["dicom:ct"] == (f"{expected}; its output {series}, written from an earlier input, was moved aside "
                                   "(a rerun that denoises the series writes it again)"), errors
-    assert not series.exists() and not (out / "copy").exists()
+    assert not series.exists()
 
     # one folder holding the UID's slices of two studies; two folders of one study under two patients
     _restudied(files[:2], tmp_path / "mixed" / "series", study)

@@ -258,22 +258,12 @@ def test_a_rerun_with_store_to_pacs_sends_what_an_earlier_run_only_wrote(tmp_pat
         stop_orthanc(pacs)
 
 
-def test_a_series_whose_record_ahead_of_its_store_cannot_be_written_is_failed_not_stored(tmp_path, shared_data):
-    """The record written just before the STOW-RS (the one that tells a rerun the series may be on the server) cannot
-    be written: the real kernel file size limit (RLIMIT_FSIZE) lowered for that append alone, as in the done-record
-    test of test_batch_denoise. The series failed with the bare OS error ("File too large"), not saying it was the
-    record, and its derived series stayed in place. Now the failure says so and that nothing was stored, the
-    output is moved aside (as when the done record cannot be written), the server holds no derived series, and a
-    rerun denoises and stores it once."""
-    from pydicom.uid import generate_uid
-
-    pacs = start_orthanc(tmp_path / "orthanc")
-    try:
-        make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
-        pacs.upload_folder(tmp_path / "wanted")
-        out = tmp_path / "out"
-        limiter = tmp_path / "limit_at_store.py"  # the CLI, with the file size limit reached at the store's record
-        limiter.write_text("""
+def _run_limited_at_store(tmp_path: Path, url: str, out: Path):
+    """The CLI with ``--store-to-pacs``, the real kernel file size limit (RLIMIT_FSIZE) lowered for the append of the
+    record written just before the STOW-RS alone (as in the done-record test of test_batch_denoise): that record
+    cannot be written ("File too large")."""
+    limiter = tmp_path / "limit_at_store.py"  # the CLI, with the file size limit reached at the store's record
+    limiter.write_text("""
 import resource, runpy, signal, sys
 from lib.batch.manifest import Manifest
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write at the limit fails with EFBIG instead of killing
@@ -291,9 +281,25 @@ Manifest.append = limited_append
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """)
-        first = processes.run([sys.executable, limiter, *batch_command(pacs.dicomweb, out, "--store-to-pacs",
-                                                                       "--no-progress")[1:]],
-                              TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return processes.run([sys.executable, limiter, *batch_command(url, out, "--store-to-pacs", "--no-progress")[1:]],
+                         TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_a_series_whose_record_ahead_of_its_store_cannot_be_written_is_failed_not_stored(tmp_path, shared_data):
+    """The record written just before the STOW-RS (the one that tells a rerun the series may be on the server) cannot
+    be written: the real kernel file size limit (RLIMIT_FSIZE) lowered for that append alone, as in the done-record
+    test of test_batch_denoise. The series failed with the bare OS error ("File too large"), not saying it was the
+    record, and its derived series stayed in place. Now the failure says so and that nothing was stored, the
+    output is moved aside (as when the done record cannot be written), the server holds no derived series, and a
+    rerun denoises and stores it once."""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
+        pacs.upload_folder(tmp_path / "wanted")
+        out = tmp_path / "out"
+        first = _run_limited_at_store(tmp_path, pacs.dicomweb, out)
         assert first.returncode == 1 and "1 series: 0 done, 0 skipped, 1 failed" in first.stdout, \
             first.stdout + first.stderr
         (failed,) = [line for line in first.stdout.splitlines() if line.startswith("failed: ")]
@@ -311,6 +317,43 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     finally:
         stop_orthanc(pacs)
 
+
+
+def test_an_output_an_earlier_run_recorded_is_kept_when_the_record_ahead_of_its_store_cannot_be_written(
+        tmp_path, shared_data):
+    """Run 1 without --store-to-pacs denoised and recorded a series; run 2 with it only stores that output, and the
+    record ahead of the store cannot be written (the real kernel file size limit, as above). That valid output, which
+    an earlier run wrote and recorded as done, was moved aside (as one this run wrote is), to be denoised again. It is
+    now left in place, the series fails saying so, nothing is stored, and a rerun stores these same files once (the
+    server's derived series is the output's own), without denoising it again."""
+    from pydicom.uid import generate_uid
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
+        pacs.upload_folder(tmp_path / "wanted")
+        out = tmp_path / "out"
+        first = run_batch(pacs.dicomweb, out)
+        assert first.returncode == 0 and "1 done" in first.stdout, first.stdout + first.stderr
+        (study,) = [p for p in out.iterdir() if not p.name.startswith((".", MANIFEST_DIR))]
+        (output,) = list(study.iterdir())
+        files = {p.name: p.read_bytes() for p in output.iterdir()}
+        local_uid = pydicom.dcmread(next(output.iterdir())).SeriesInstanceUID
+        second = _run_limited_at_store(tmp_path, pacs.dicomweb, out)
+        assert second.returncode == 1 and "1 series: 0 done, 0 skipped, 1 failed" in second.stdout, \
+            second.stdout + second.stderr
+        (failed,) = [line for line in second.stdout.splitlines() if line.startswith("failed: ")]
+        assert "its record ahead of the store to the server cannot be written" in failed, failed
+        assert f"it was not stored; {output}, written by an earlier run, is left in place" in failed, failed
+        assert "moved aside" not in failed, failed
+        assert [p.name for p in study.iterdir()] == [output.name]  # under its name, nothing set aside
+        assert {p.name: p.read_bytes() for p in output.iterdir()} == files and _derived(pacs) == {}
+        again = run_batch(pacs.dicomweb, out, "--store-to-pacs")
+        assert again.returncode == 0 and "1 series: 1 done" in again.stdout, again.stdout + again.stderr
+        assert _derived(pacs) == {local_uid: 3}  # these files, not a second denoising
+        assert {p.name: p.read_bytes() for p in output.iterdir()} == files
+    finally:
+        stop_orthanc(pacs)
 
 def _held_store_pacs(tmp_path: Path):
     """Orthanc whose Lua ReceivedInstanceFilter, while ``armed`` exists, holds the last slice (InstanceNumber 3) of

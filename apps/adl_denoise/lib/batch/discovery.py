@@ -24,6 +24,7 @@ Sizes (voxels) come from the headers only.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import logging
@@ -107,7 +108,8 @@ class SeriesItem:
     ``voxels``: size for sharding (0 when the header could not be read: the series then fails when it is
     read, with the reader's message); ``output``: the result's path; ``problem``: why the series is refused
     before reading (e.g. an output collision), else None; ``input_refused``: that reason is its input's (unreadable,
-    split over folders), not its output's: an output an earlier run wrote under its name is then moved aside.
+    split over folders, a folder gone), not its output's: an output an earlier run wrote under its name is then moved
+    aside, unless its files still hash to that run's record (the folder it was made from, unchanged).
     ``studies`` / ``patients``: the StudyInstanceUIDs and PatientIDs its instances are filed under (DICOM series;
     one each in a sound archive); ``uid_reused``: refused because its SeriesInstanceUID is also found in another
     study or under another patient (:func:`refuse_reused_uids`): nothing of its job is asked, stored or reported.
@@ -235,7 +237,8 @@ def discover_tree(root: str | os.PathLike, out_root: str | os.PathLike,
         items.append(SeriesItem(key=f"dicom:{rel.as_posix() or '.'}#", kind="dicom", source=str(folder),
                                 output=out_root / rel / _dicom_label("", None), series_uid="",
                                 problem=f"cannot list the folder {folder}: {error.strerror or error}",
-                                input_refused=True))
+                                # a folder gone is evidence against an output of its; one unreadable now is not
+                                input_refused=error.errno in (errno.ENOENT, errno.ENOTDIR)))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted, followlinks=True):
         here = Path(dirpath)
@@ -283,9 +286,10 @@ def refuse_reused_uids(items: list[SeriesItem], also: Iterable[tuple[str, str, s
     another study and was redone (and, with ``--store-to-pacs``, stored again) on every run, the other's valid
     derived series reported superseded; a denoised copy could land in another patient's study. None of them is
     denoised, stored or reported until the archive is fixed; an earlier output of a folder's series is moved aside
-    (``input_refused``, as for a series split over folders: a rerun cannot tell which copy it was made from), one
-    of a DICOMweb series is left in place (filed under its own study; a rerun compares it before using it). Series
-    without a UID (hard-anonymised) are told apart by their contents instead."""
+    (``input_refused``, as for a series split over folders) unless the folder's files still hash to the record it was
+    made from (a copy added elsewhere leaves the original's output); one of a DICOMweb series is left in place (filed
+    under its own study; a rerun compares it before using it). Series without a UID (hard-anonymised) are told
+    apart by their contents instead."""
     studies: dict[str, set[str]] = {}
     patients: dict[str, set[str]] = {}
     for item in items:

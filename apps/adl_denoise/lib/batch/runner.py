@@ -37,6 +37,7 @@ run may leave one rank with nothing to do).
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import gc
 import hashlib
 import json
@@ -166,6 +167,13 @@ def _input_sha256(item: SeriesItem) -> str:
         return digest.hexdigest()
     files = image_files(item.source)
     return file_sha256(item.source) if len(files) == 1 else _files_sha256(files)
+
+
+def _input_gone(error: OSError) -> bool:
+    """Whether ``error`` says an input is no longer there (no such file or folder), not that it could not be read
+    now (EIO, EACCES, ESTALE, a dropped network share, a link loop): only the former is evidence that an output
+    made from it no longer belongs to the name."""
+    return isinstance(error, FileNotFoundError) or error.errno in (errno.ENOENT, errno.ENOTDIR)
 
 
 def _input_files(item: SeriesItem) -> list[Path]:
@@ -353,8 +361,9 @@ class _Recheck:
     #: patient or study; not other weights): moved aside before the redo, so that a redo that fails leaves no output
     #: under this input's name made from another scan
     replaced: bool = False
-    #: why an input file could not be compared (the series fails)
+    #: why an input file could not be compared (the series fails), and the error that said so
     unreadable: str = ""
+    read_error: OSError | None = None
     #: the done record holds for this input and output: the series is skipped
     holds: bool = False
     #: new stat keys of files read again and found as recorded, for the skip to record
@@ -364,6 +373,10 @@ class _Recheck:
 #: what a record keeps of the denoising of a series whose store failed, for the rerun that only re-sends it
 _DENOISED_FIELDS = ("model", "weights_version", "weights_sha256", "low_frequency_restoration", "modality", "shape",
                     "modality_from")
+#: on a failed record that moved no output of its job aside (a transient read error, a refusal that found the output
+#: still made from its input or had none of its own, a store not recorded): not its job's last record for a rerun
+#: (_Rank.latest), which compares that output with its done record again instead of denoising it again
+_KEPT = {"output_kept": True}
 #: what a record names of the derived series written for a DICOMweb series (:func:`.dicomweb.derived_series`)
 _DERIVED_FIELDS = ("derived_study_uid", "derived_series_uid", "derived_instances")
 
@@ -375,7 +388,7 @@ class _Rank:
         self.settings, self.rank, self.world, self.device, self.client = settings, rank, world, device, client
         self.manifest = Manifest(settings.output, rank, world)
         records = self.manifest.records()
-        self.latest = latest_by_job(records)
+        self.latest = latest_by_job(r for r in records if not r.get("output_kept"))
         # :func:`_stat_key` of input files -> their SHA-256, as runs hashed them: a rerun reads only changed inputs
         self.known_inputs = {str(r["input_stat"]): str(r["input_sha256"]) for r in records
                              if r.get("input_stat") and r.get("input_sha256")}
@@ -472,22 +485,22 @@ class _Rank:
             identity = _uid_identity(item.series_uid) if item.series_uid else f"sha256:{digest['input_sha256']}"
         except OSError as error:
             identity = f"unreadable:{item.key}"
-            return self._failed(base, identity, started,
-                                f"cannot read {item.source}: {one_line(error)}{self._refused_output(item, base)}")
+            moved, kept = self._refused_output(item, base, error)
+            return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}{moved}", kept)
         job = job_key(identity, self.model_requested, self.weights_requested)
         base.update(job=job, identity=identity)
         previous = self.latest.get(job)
         if item.uid_reused:  # one UID in two studies or patients: the job mixes both, nothing of it is asked or said
-            moved = self._refused_output(item, base) if item.input_refused else ""
-            return self._failed(base, identity, started, item.problem + moved)
+            moved, kept = self._refused_output(item, base) if item.input_refused else ("", {})
+            return self._failed(base, identity, started, item.problem + moved, kept)
         # every derived series an earlier redo superseded, asked again: reported while the server lists it
         ledger = self._recheck_superseded(job, item.key, previous, item.kind == "dicomweb")
         if ledger:  # on every record of the series from now on (the state of each: still there, or gone when)
             base["superseded_on_server"] = ledger
         self.last_left = self._left_outputs(job, item, base)
         if item.problem:  # refused now, whatever an earlier run did
-            moved = self._refused_output(item, base) if item.input_refused else ""
-            return self._failed(base, identity, started, item.problem + moved)
+            moved, kept = self._refused_output(item, base) if item.input_refused else ("", {})
+            return self._failed(base, identity, started, item.problem + moved, kept)
         ours = base["output"] in self.ours
         recheck = self._recheck(item, identity, previous, digest, ours)
         if recheck.damaged:  # a power cut or a copy cut short: done again as if it were missing, never skipped or sent
@@ -499,8 +512,8 @@ class _Rank:
                 return self._failed(base, identity, started, f"{recheck.damaged}; it cannot be moved aside to be "
                                                              f"written again: {one_line(error)}")
         if recheck.unreadable:  # (a DICOMweb server that cannot be reached says nothing of the input: kept)
-            moved = self._refused_output(item, base) if item.kind != "dicomweb" else ""
-            return self._failed(base, identity, started, recheck.unreadable + moved)
+            moved, kept = self._refused_output(item, base, recheck.read_error) if item.kind != "dicomweb" else ("", {})
+            return self._failed(base, identity, started, recheck.unreadable + moved, kept)
         if recheck.holds and not (self.settings.store_to_pacs and not previous.get("stored")):
             if ledger != (previous.get("superseded_on_server") or []):  # one found gone, or an older record's list
                 recheck.refresh["superseded_on_server"] = ledger
@@ -536,14 +549,15 @@ class _Rank:
                 source = self._input_digest(item)
         except OSError as error:  # (requests' errors are OSErrors)
             self.last_unreachable = self._note_unreachable(error)
-            moved = self._refused_output(item, base) if item.kind != "dicomweb" else ""
-            return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}{moved}")
+            moved, kept = self._refused_output(item, base, error) if item.kind != "dicomweb" else ("", {})
+            return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}{moved}", kept)
         try:
             self.manifest.append({**base, "status": "started"})
         except OSError as error:  # nothing written yet: no output without a record naming it
             return self._failed(base, identity, started, f"its record cannot be written to {self.manifest.path} "
                                                          f"({one_line(error)}): it was not denoised")
         self.ours.add(base["output"])
+        written = False  # this run wrote the output (_denoise): else an earlier run's, recorded done or sent
         try:
             resumed = self._resume(job, item, base) if item.kind == "dicomweb" else None
             if resumed is not None:
@@ -553,12 +567,13 @@ class _Rank:
                 # that derived series instead of keeping a partial one beside a second, whole one
                 extra = self._store({k: previous.get(k) for k in _DENOISED_FIELDS}, item, base)
             else:
+                written = True
                 extra = self._denoise(item, base, overwrite=item.output.exists())
             extra.update(source)
             if "output_sha256" not in extra and item.output.exists():  # resumed or only stored: as it is now
                 extra.update(_output_size(item.output))
         except _StoreUnrecorded as error:  # as a done record that cannot be written: not left looking done
-            return self._unrecorded(base, identity, started, error.extra, item, error.error,
+            return self._unrecorded(base, identity, started, error.extra, item, error.error, written,
                                     "its record ahead of the store to the server")
         except _StoreFailed as error:
             self.last_unreachable = self._note_unreachable(error)
@@ -575,17 +590,18 @@ class _Rank:
             self.manifest.append({**base, **extra, "status": "done",
                                   "seconds": round(time.perf_counter() - started, 3), "error": None})
         except OSError as error:  # an output no record names is not done (a rerun would not skip it)
-            return self._unrecorded(base, identity, started, extra, item, error)
+            return self._unrecorded(base, identity, started, extra, item, error, written)
         return "done"
 
     def _unrecorded(self, base: dict, identity: str, started: float, extra: dict, item: SeriesItem,
-                    error: OSError, record: str = "its done record") -> str:
+                    error: OSError, written: bool, record: str = "its done record") -> str:
         """The series was denoised and written (``extra``: what its done record held) but that record (``record``:
         or the one written ahead of its store, :meth:`_store`: then nothing was sent) could not be written: failed,
-        saying so. Its output is moved aside (:func:`_set_aside`; the rerun that writes it again removes it), not
-        left under its name looking done, except a derived series the server stored, or that an earlier run sent
-        (perhaps in part): a rerun finds that one there by its UIDs (:meth:`_resume`) and records it, or completes
-        it from these files, without storing a second copy."""
+        saying so. An output this run wrote (``written``) is moved aside (:func:`_set_aside`; the rerun that writes
+        it again removes it), not left under its name looking done, except a derived series the server stored, or
+        that an earlier run sent (perhaps in part): a rerun finds that one there by its UIDs (:meth:`_resume`) and
+        records it, or completes it from these files, without storing a second copy. One an earlier run wrote and
+        recorded (resumed, or only stored now) is left in place: its record still names it, and a rerun stores it."""
         why = f"denoised, but {record} cannot be written to {self.manifest.path} ({one_line(error)})"
         if record != "its done record":
             why += ": it was not stored"
@@ -596,6 +612,10 @@ class _Rank:
         elif extra.get("stored"):
             why += (f"; the server stored it (derived series {extra['stored'].get('series_instance_uid')}): "
                     f"{item.output} is left in place and a rerun records it without storing it again")
+        elif not written:
+            why += (f"; {item.output}, written by an earlier run, is left in place and a rerun stores it from these "
+                    "files")
+            extra = {**extra, **_KEPT}
         elif item.output.exists():
             try:
                 _set_aside(item.output)
@@ -621,22 +641,39 @@ class _Rank:
             log.warning("%s: %s", item.key, left[-1])
         return left
 
-    def _refused_output(self, item: SeriesItem, base: dict) -> str:
+    def _refused_output(self, item: SeriesItem, base: dict, error: OSError | None = None) -> tuple[str, dict]:
         """What became of the output an earlier run of this batch wrote under the name of a series refused now before
-        its input could be compared with the one that output was made from (unreadable, split over folders: the
-        input it names may be another): moved aside (:func:`_set_aside`, as that of a replaced input is), so that no
-        output stays attached to an input it may not have been made from. The sentence the failure ends with; ""
-        when there is no such output."""
+        its input could be compared with the one that output was made from: moved aside (:func:`_set_aside`, as that
+        of a replaced input is) on evidence that the input it was made from is gone or another, so that no output
+        stays attached to an input it was not made from; else left in place (a rerun checks it again). ``error``: the
+        input could not be read: evidence only when it is gone (:func:`_input_gone`), not for a read that failed
+        now (EIO, EACCES, a dropped share). None: refused at discovery (split over folders, its UID in two studies,
+        unreadable DICOM files, a folder gone): evidence unless its files still hash to the done record's
+        ``input_sha256`` (the folder its output was made from, as it was). The sentence the failure ends with ("" when
+        there is no such output), and what its failed record adds (:data:`_KEPT` unless an output was moved aside)."""
         if base["output"] not in self.ours or not item.output.exists():
-            return ""
+            return "", _KEPT  # (no output of its own: e.g. the folder of a stray copy of a done series' slice)
+        kept = (f"; its output {item.output} is left in place (not found gone nor changed: a rerun checks it "
+                "again)")
+        if error is not None and not _input_gone(error):
+            return kept, _KEPT
+        record = self.done_outputs.get(base["output"]) or {}
+        if error is None and record.get("input_sha256"):
+            try:
+                if self._input_digest(item)["input_sha256"] == record["input_sha256"]:
+                    return (f"; its output {item.output}, made from these files as they are now, is left in "
+                            "place"), _KEPT
+            except OSError as unread:
+                if not _input_gone(unread):
+                    return kept, _KEPT
         try:
             _set_aside(item.output)
-        except OSError as error:
+        except OSError as moved:
             return (f"; its output {item.output}, written from an earlier input, cannot be moved aside: "
-                    f"{one_line(error)}")
+                    f"{one_line(moved)}"), {}
         log.warning("%s: its output %s, written from an earlier input, moved aside", item.key, item.output)
         return (f"; its output {item.output}, written from an earlier input, was moved aside (a rerun that denoises "
-                "the series writes it again)")
+                "the series writes it again)"), {}
 
     def _input_digest(self, item: SeriesItem, stat: str | None = None) -> dict:
         """``{"input_sha256", "input_stat"}`` of a file or DICOM series input: its files read (hashed) only when no
@@ -697,7 +734,7 @@ class _Rank:
                 contents = "" if other or weights else self._input_changed(previous, item, recheck.refresh)
                 recheck.stale, recheck.replaced = other or weights or contents, bool(other or contents)
             except OSError as error:  # (a DICOMweb server that cannot be reached too: requests' errors are OSErrors)
-                recheck.unreadable = f"cannot read {item.source}: {one_line(error)}"
+                recheck.unreadable, recheck.read_error = f"cannot read {item.source}: {one_line(error)}", error
                 self.last_unreachable = self._note_unreachable(error)
                 return recheck
             if not recheck.stale:
