@@ -984,6 +984,73 @@ def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_
         stop_orthanc(pacs)
 
 
+def with_series_uid(paths: list[Path], uid: str) -> list[Path]:
+    """The DICOM files ``paths`` rewritten in place as instances of the series ``uid``; returns them."""
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = uid
+        ds.save_as(path, write_like_original=False)
+    return paths
+
+
+def test_the_review_queue_skips_a_series_it_cannot_download_frame_by_frame(tmp_path, tiny_weights):
+    """The review queue skipped (and listed) a PACS series over the voxel limit, but not one the server cannot
+    download: with ``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME`` a series of multi-frame instances (501) or one the PACS
+    does not deliver whole (502; this Orthanc refuses MONAI Label's frame requests) failed every hand-out of the
+    queue while it came first. On a real server and Orthanc, by id: the multi-frame series, the undelivered one, then
+    a series already in the server's cache (downloaded whole by a first start without the setting). The queue now
+    skips the first two, with a warning each, lists them in ``not_downloaded`` (id and the route's detail) and hands
+    out the third; with it excluded, the answer lists them with no id. Nothing of either is kept in the cache."""
+    import requests
+
+    prefix = "1.2.826.0.1.3680043.8.498.4242"  # ids in the queue's order
+    multi_uid, undelivered_uid, cached_uid = f"{prefix}1", f"{prefix}2", f"{prefix}3"
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        cached = with_series_uid(real_ct_series(tmp_path / "cached", slices=3), cached_uid)
+        undelivered = with_series_uid(real_ct_series(tmp_path / "undelivered", slices=3), undelivered_uid)
+        frames3 = with_series_uid([multi_frame(cached[0], tmp_path / "frames3.dcm", 3)], multi_uid)
+        pacs.upload_files(cached + undelivered + frames3)
+        work, model = tmp_path / "work", copy_weights(tiny_weights, tmp_path / "model")
+        cache = work / "dicomweb_cache"
+        server = start_server(pacs.dicomweb, model, work, conf={"max_voxels": 1_000_000})
+        try:
+            answer = requests.get(f"{server.url}/datastore/image", params={"image": cached_uid}, timeout=600)
+            assert answer.status_code == 200, (answer.status_code, answer.text[:500])
+        finally:
+            stop_server(server)
+        server = start_server(pacs.dicomweb, model, work, conf={"max_voxels": 1_000_000},
+                              env={"MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME": "true"})
+        try:
+            skipped = [
+                {"id": multi_uid, "detail": (
+                    f"series {multi_uid} has multi-frame instances (1 of its 1 image instances, up to 3 frames each), "
+                    "which MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME downloads only the first frame of; nothing of it was "
+                    "downloaded: turn that setting off on the server")},
+                {"id": undelivered_uid, "detail": (
+                    f"the PACS did not deliver series {undelivered_uid}: 3 of its 3 image instances are missing or "
+                    "cut short in its frame-by-frame download (MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME); nothing of it "
+                    "was kept")}]
+            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=600)
+            assert answer.status_code == 200, (answer.status_code, answer.text[:500])
+            body = answer.json()
+            assert (body.get("id"), body["remaining_unreviewed"], body.get("not_downloaded"),
+                    body.get("too_large_to_review")) == (cached_uid, 3, skipped, None), answer.text
+            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"exclude": [cached_uid]},
+                                   timeout=600)
+            assert answer.status_code == 200, (answer.status_code, answer.text[:500])
+            assert answer.json() == {"remaining_unreviewed": 3, "not_downloaded": skipped}, answer.text
+            log = server.log_tail(20000)
+            for uid in (multi_uid, undelivered_uid):
+                assert f"review queue: series {uid} skipped" in log
+                assert not [p for p in cache.rglob(f"*{uid}*")], sorted(map(str, cache.rglob("*")))
+            assert server.alive()
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
 def test_a_frame_by_frame_download_is_checked_instance_by_instance(tmp_path):
     """MONAI Label's frame-by-frame download was judged whole when it wrote as many files as the series' metadata
     lists: a file cut short (a full disk: that mode has no per-instance disk check) counted, and the cut series was

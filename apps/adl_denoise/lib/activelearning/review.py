@@ -37,7 +37,8 @@ MAX_REVIEWER_CHARS = 200
 
 log = logging.getLogger(__name__)
 
-#: What the review queue has left when it hands out no study (``remaining_unreviewed``, ``too_large_to_review``),
+#: What the review queue has left when it hands out no study (``remaining_unreviewed``, ``too_large_to_review``,
+#: ``not_downloaded``),
 #: set by :class:`NextUnreviewed` for its request: MONAI Label answers ``{}`` whenever a strategy picks no id, so the
 #: route (:func:`lib.endpoints.guards.guarded_sample`) answers this instead, and series skipped as too large are not
 #: lost from sight when nothing else is left.
@@ -516,7 +517,9 @@ class NextUnreviewed(Strategy):
     ``remaining_unreviewed`` still counts them; a series found too large is not asked again on the next request
     while the PACS lists it with the same instance count (:func:`lib.pacs.oversized`). A series whose download is
     stopped over the limit (it grew since its size was asked) is skipped and listed the same way, and the next
-    study handed out."""
+    study handed out. A series the server cannot download (:meth:`_too_large`: multi-frame under
+    ``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``, or not delivered by the PACS) is skipped too, with a warning, and listed
+    in ``not_downloaded`` (id, detail), also when no other study is left: one such series failed every hand-out."""
 
     def __init__(self, audit: AuditLog | None = None, voxel_limit: Optional[Callable[[], int]] = None) -> None:
         super().__init__("Next study without a review verdict (radiologist review queue)")
@@ -537,7 +540,11 @@ class NextUnreviewed(Strategy):
         PACS gives after the stop, or those it had sent by then when it gives less: :func:`lib.pacs.download_within`),
         where the whole hand-out answered 413; its size is remembered, so the next requests do not download it
         again. A series that does not fit on the disk of the cache (:class:`lib.pacs.SeriesDoesNotFit`) fails the
-        request (507): the disk, not the series, is at fault, and the next series would not fit either."""
+        request (507): the disk, not the series, is at fault, and the next series would not fit either. One with
+        multi-frame instances under ``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``
+        (:class:`lib.pacs.SeriesNotFetchableByFrame`) or not delivered whole (:class:`lib.pacs.SeriesNotDelivered`)
+        is answered ``{"id", "not_downloaded": detail}`` (nothing of it kept; tried again at the next request): the
+        series, not the disk, is at fault there, and each failed the whole hand-out (501, 502)."""
         from .. import pacs
 
         if self.voxel_limit is None or not pacs.is_dicomweb(datastore):
@@ -548,6 +555,10 @@ class NextUnreviewed(Strategy):
             try:  # the size asked handed on: one download asks it once
                 pacs.download_within(datastore, image_id, limit, size)
                 return None
+            except (pacs.SeriesNotFetchableByFrame, pacs.SeriesNotDelivered) as error:
+                log.warning("review queue: series %s skipped: %s; it stays unreviewed and is listed in the queue's "
+                            "not_downloaded", image_id, error)
+                return {"id": image_id, "not_downloaded": str(error)}
             except pacs.SeriesTooLarge as error:
                 size = error.size
                 log.warning("review queue: series %s skipped: %s; it stays unreviewed and is listed in the queue's "
@@ -645,6 +656,7 @@ class NextUnreviewed(Strategy):
             if current.get("verdict") == "unreviewed":
                 unreviewed.append((image_id, info))
         too_large = []  # series over the voxel limit, skipped: listed in the answer (never dropped in silence)
+        not_downloaded = []  # series the server cannot download, skipped: listed the same way
         for image_id, info in unreviewed:
             if image_id in exclude:
                 continue
@@ -656,10 +668,16 @@ class NextUnreviewed(Strategy):
                     continue
             skipped = self._too_large(datastore, image_id)
             if skipped is not None:
-                too_large.append(skipped)
+                if "not_downloaded" in skipped:
+                    not_downloaded.append({"id": image_id, "detail": skipped["not_downloaded"]})
+                else:
+                    too_large.append(skipped)
                 continue
             return {"id": image_id, "remaining_unreviewed": len(unreviewed),
-                    **({"too_large_to_review": too_large} if too_large else {})}
-        if too_large:
-            QUEUE_LEFT.set({"remaining_unreviewed": len(unreviewed), "too_large_to_review": too_large})
+                    **({"too_large_to_review": too_large} if too_large else {}),
+                    **({"not_downloaded": not_downloaded} if not_downloaded else {})}
+        if too_large or not_downloaded:
+            QUEUE_LEFT.set({"remaining_unreviewed": len(unreviewed),
+                            **({"too_large_to_review": too_large} if too_large else {}),
+                            **({"not_downloaded": not_downloaded} if not_downloaded else {})})
         return None

@@ -859,13 +859,14 @@ def _without_path(answer: Any) -> Any:
 @router.post("/activelearning/{strategy}", include_in_schema=False)
 def guarded_sample(strategy: str, params: Optional[dict] = None, user: User = Depends(RBAC(_USER))):
     """MONAI Label's active-learning route (the next study of ``strategy``): its answer without ``path``
-    (:func:`_without_path`); ``id`` names the study. When the review queue hands out none but skipped series too
-    large to review here, the answer (no ``id``) lists them (:data:`lib.activelearning.review.QUEUE_LEFT`), where
-    MONAI Label answered ``{}``, as for an empty queue. A study handed out is one ``review_queue_handout`` audit
-    entry (:func:`lib.activelearning.record_handout`), written before the answer and before the stock route's note
-    of it in the image's info, which is not an entry of its own (:func:`lib.audit.recording.handing_out`). A
-    hand-out whose entry cannot be written is refused (503, :func:`.review.recorded_access`) and leaves no note: the
-    study is handed out to the next request once the log takes entries again."""
+    (:func:`_without_path`); ``id`` names the study. When the review queue hands out none but skipped series too large
+    to review here or that it could not download, the answer (no ``id``) lists them
+    (:data:`lib.activelearning.review.QUEUE_LEFT`), where MONAI Label answered ``{}``, as for an empty queue. A study
+    handed out is one ``review_queue_handout`` audit entry (:func:`lib.activelearning.record_handout`), written before
+    the answer and before the stock route's note of it in the image's info, which is not an entry of its own
+    (:func:`lib.audit.recording.handing_out`). A hand-out whose entry cannot be written is refused (503,
+    :func:`.review.recorded_access`) and leaves no note: the study is handed out to the next request once the log takes
+    entries again."""
     from monailabel.endpoints.activelearning import sample
 
     from ..activelearning import record_handout
