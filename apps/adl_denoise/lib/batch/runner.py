@@ -375,7 +375,11 @@ _DENOISED_FIELDS = ("model", "weights_version", "weights_sha256", "low_frequency
                     "modality_from")
 #: on a failed record that moved no output of its job aside (a transient read error, a refusal that found the output
 #: still made from its input or had none of its own, a store not recorded): not its job's last record for a rerun
-#: (_Rank.latest), which compares that output with its done record again instead of denoising it again
+#: (_Rank.latest). A read error or refusal comes before any record of its run: the job's done record stays its last,
+#: and a rerun compares that output with it again instead of denoising it again. A store not recorded
+#: (_Rank._unrecorded) comes after its run's own "started" record, which becomes the last instead: a rerun finds no
+#: done record to compare, nor the denoising to store again (_Rank._store_only), and resumes a DICOMweb series'
+#: derived series from the server (_Rank._resume) or denoises the series again
 _KEPT = {"output_kept": True}
 #: what a record names of the derived series written for a DICOMweb series (:func:`.dicomweb.derived_series`)
 _DERIVED_FIELDS = ("derived_study_uid", "derived_series_uid", "derived_instances")
