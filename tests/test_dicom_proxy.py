@@ -139,8 +139,8 @@ def test_an_annotators_store_reaches_the_pacs_without_the_callers_credentials(se
     response = requests.post(server.url + "/proxy/dicom/stow/studies", data=body, headers=headers, timeout=120)
     assert response.status_code == 200, response.text[:300]
     got = pacs.received[start:]
-    assert [(r.method, r.path, r.body) for r in got] == [("POST", "/dicom-web/studies", body)]
-    assert got[0].headers["content-type"] == STOW_TYPE
+    assert [(r.method, r.path) for r in got] == [("POST", "/dicom-web/studies")]
+    assert got[0].body == rebuilt_as_forwarded([get_testdata_file("CT_small.dcm")], got[0])
     assert not {"authorization", "cookie", "proxy-authorization"} & set(got[0].headers)
     assert got[0].headers["host"] == f"127.0.0.1:{pacs.port}"  # the PACS's, not this server's
 
@@ -183,7 +183,9 @@ def test_a_store_with_an_encoded_body_is_refused_and_never_reaches_the_pacs(serv
         realm, "annotator", **{"Content-Type": STOW_TYPE, "Content-Encoding": encoding}))
     if encoding == "identity":
         assert response.status_code == 200, (response.status_code, response.text[:300])
-        assert [r.body for r in pacs.received[start:]] == [body]
+        [got] = pacs.received[start:]
+        assert got.body == rebuilt_as_forwarded([get_testdata_file("CT_small.dcm")], got)
+        assert "content-encoding" not in got.headers
         assert len(audit.entries("dicomweb_storing")) == before + 1
         return
     assert response.status_code == 415, (response.status_code, response.text[:300])
@@ -382,6 +384,123 @@ def stow_body(files: list[Path], boundary: str = "BOUNDARY") -> bytes:
     """A STOW-RS body of ``files``, each a part sent as ``application/dicom``, closed."""
     return b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + Path(f).read_bytes()
                     + b"\r\n" for f in files) + f"--{boundary}--\r\n".encode()
+
+
+def rebuilt_as_forwarded(files: list, got: Received) -> bytes:
+    """The body the proxy forwards for a store of ``files`` (:func:`stow_body` of them under the fresh boundary of
+    the request ``got`` the PACS received), after checking ``got``'s Content-Type and length, and that its boundary
+    is found in no file."""
+    import re
+
+    found = re.fullmatch(r'multipart/related; type="application/dicom"; boundary=(adl-stow-[0-9a-f]{32})',
+                         got.headers["content-type"])
+    assert found is not None, got.headers
+    assert not any(f"--{found.group(1)}".encode() in Path(f).read_bytes() for f in files)
+    assert int(got.headers["content-length"]) == len(got.body) and "transfer-encoding" not in got.headers
+    return stow_body(files, boundary=found.group(1))
+
+
+def test_a_store_is_forwarded_as_the_proxy_rebuilt_it_whatever_its_framing(server, pacs, realm):
+    """The client's framing reached the PACS: a body sent chunked (``Transfer-Encoding: chunked``) was forwarded
+    de-chunked under that header, its Content-Type and part headers as sent (a PACS may read them otherwise than the
+    proxy). The PACS receives the parts on record only, rebuilt under a fresh boundary, with a Content-Type and
+    length of the proxy's own; its entry names them. A request with two Content-Type headers is a 422, nothing
+    forwarded, no entry."""
+    import http.client
+    import urllib.parse
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
+    smuggled = stow_body([mr], boundary='"BOUNDARY"')  # Orthanc keeps the quotes of boundary="BOUNDARY"
+    body = b"preamble\r\n" + stow_body([ct]) + smuggled
+    audit = _audit_of(server)
+    start, before = len(pacs.received), len(audit.entries("dicomweb_storing"))
+    response = requests.post(server.url + "/proxy/dicom/stow/studies", data=iter([body[:100], body[100:]]),
+                             timeout=120, headers=_as(realm, "annotator", **{
+                                 "Content-Type": STOW_TYPE.replace("=BOUNDARY", '="BOUNDARY"')}))
+    assert response.status_code == 200, (response.status_code, response.text[:300])
+    assert response.request.headers["Transfer-Encoding"] == "chunked"
+    [got] = pacs.received[start:]
+    assert got.body == rebuilt_as_forwarded([ct], got)
+    [entry] = audit.entries("dicomweb_storing")[before:]
+    header = pydicom.dcmread(ct)
+    assert (entry["fields"]["series_instance_uids"], entry["fields"]["instances"]) == (
+        [str(header.SeriesInstanceUID)], 1)
+
+    url = urllib.parse.urlsplit(server.url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    try:
+        connection.putrequest("POST", "/proxy/dicom/stow/studies")
+        for name, value in [*_as(realm, "annotator").items(), ("Content-Type", STOW_TYPE),
+                            ("Content-Type", STOW_TYPE.replace("BOUNDARY", "OTHER")),
+                            ("Content-Length", str(len(body)))]:
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        answer = connection.getresponse()
+        detail = json.loads(answer.read())["detail"]
+    finally:
+        connection.close()
+    assert answer.status == 422, (answer.status, detail)
+    assert detail == ("nothing was stored in the PACS: the request has 2 Content-Type headers; the PACS may read "
+                      "another one than the proxy (its audit entry would not name what is stored)")
+    assert pacs.received[start + 1:] == []
+    assert len(audit.entries("dicomweb_storing")) == before + 1
+
+
+def test_a_stores_rebuilt_body_holds_the_parts_on_record_and_no_other(tmp_path):
+    """A PACS (Orthanc's multipart reader) may read a body otherwise than the proxy: the last ``boundary`` parameter
+    (the proxy read the first), its quotes kept, a part's last Content-Length (the proxy read the first, at a line's
+    start only: an indented or spaced one let the PACS read past the close delimiter into a DICOM part the proxy took
+    for epilogue). A repeated parameter or part header is refused; what is forwarded is rebuilt from the parts on
+    record (real DICOM files), so a part in the preamble or epilogue, however framed, is never forwarded."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from lib.endpoints.guards import rebuilt_stow_body, stow_parts
+
+    ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
+    ct_uids = [[str(getattr(pydicom.dcmread(ct), key))] for key in ("StudyInstanceUID", "SeriesInstanceUID")]
+    ambiguous = "; the PACS may read another one than the proxy"
+    for content_type, name in ((STOW_TYPE + "; boundary=OTHER", "boundary"),
+                               ("multipart/related; boundary=OTHER;BOUNDARY=BOUNDARY", "boundary"),
+                               (STOW_TYPE + "; Type=application/dicom", "type")):
+        with pytest.raises(ValueError, match=rf"^its Content-Type gives the {name} parameter more than once"
+                                             rf"{ambiguous}"):
+            stow_parts(stow_body([ct]) + stow_body([mr], boundary="OTHER"), content_type)
+
+    ct_part, mr_part = Path(ct).read_bytes(), Path(mr).read_bytes()
+    smuggled = b"\r\n--BOUNDARY--\r\n--BOUNDARY\r\nContent-Type: application/dicom\r\n\r\n" + mr_part
+    for second, header in ((b"Content-Length: 999999", "Content-Length"),
+                           (b"  Content-Length: 999999", "Content-Length"),
+                           (b"Content-Length : 999999", "Content-Length"),
+                           (b"content-type: application/dicom", "Content-Type")):
+        first = f"Content-Length: {len(ct_part)}" if header == "Content-Length" else "Content-Type: application/dicom"
+        body = (f"--BOUNDARY\r\n{first}\r\n".encode() + second + b"\r\n\r\n" + ct_part + smuggled
+                + b"\r\n--BOUNDARY--\r\n")
+        with pytest.raises(ValueError, match=rf"^part 1 of the body gives more than one {header} header{ambiguous}"):
+            stow_parts(body, STOW_TYPE)
+    body = b"--BOUNDARY\r\n Content-Length: 999999\r\n\r\n" + ct_part + smuggled + b"\r\n--BOUNDARY--\r\n"
+    with pytest.raises(ValueError, match=r"^part 1 of the body gives Content-Length 999999, but its delimiter"):
+        stow_parts(body, STOW_TYPE)  # an indented Content-Length was not read
+
+    quoted = stow_body([mr], boundary='"BOUNDARY"')  # a PACS that keeps the quotes finds this part, not the first
+    preamble = stow_body([mr], boundary="OTHER").replace(b"--OTHER--", b"")
+    for body, content_type in ((stow_body([ct]) + quoted, STOW_TYPE.replace("=BOUNDARY", '="BOUNDARY"')),
+                               (preamble + stow_body([ct]) + smuggled + b"\r\n--BOUNDARY--\r\n", STOW_TYPE)):
+        studies, series, spans, parts = stow_parts(body, content_type)
+        assert ([studies, series], len(spans), parts) == (ct_uids, 1, 1)
+        rebuilt_type, rebuilt = rebuilt_stow_body(body, spans)
+        boundary = rebuilt_type.rpartition("boundary=")[2]
+        assert rebuilt_type == f'multipart/related; type="application/dicom"; boundary={boundary}'
+        assert rebuilt == stow_body([ct], boundary=boundary)
+        assert [list(stow_parts(rebuilt, rebuilt_type)[:2]), len(stow_parts(rebuilt, rebuilt_type)[2])] == [ct_uids, 1]
+    two = stow_body([ct, mr])
+    studies, series, spans, parts = stow_parts(two, STOW_TYPE)
+    rebuilt_type, rebuilt = rebuilt_stow_body(two, spans)
+    assert rebuilt == stow_body([ct, mr], boundary=rebuilt_type.rpartition("boundary=")[2])
+    assert rebuilt_stow_body(b"", [])[1] == b""
 
 
 def test_a_stores_audit_entry_names_the_studies_and_series_of_its_dicom_files(tmp_path):

@@ -1563,3 +1563,61 @@ def test_a_download_or_hand_out_that_cannot_be_recorded_retrieves_nothing_from_t
             stop_server(server)
     finally:
         stop_orthanc(pacs)
+
+
+def test_a_store_through_the_proxy_stores_in_the_pacs_only_what_its_entry_names(tmp_path, tiny_weights):
+    """The proxy forwarded a store's body and headers as sent, and the real Orthanc reads them otherwise: with
+    ``boundary=BOUNDARY; boundary=OTHER`` it reads the last (it stored the MR file of the OTHER parts, the entry
+    naming the CT file of the BOUNDARY ones); with a part's second or indented Content-Length it reads past the
+    proxy's close delimiter and stores the MR part the proxy took for epilogue (answering 400); a body sent chunked
+    was forwarded de-chunked under ``Transfer-Encoding: chunked`` (Orthanc: 400, nothing stored). The repeated
+    parameter and header are a 422, nothing reaching Orthanc; a store is forwarded as the proxy rebuilt it from the
+    parts on record: the real Orthanc holds the CT series its entry names, not the MR file of its epilogue."""
+    import requests
+
+    from lib.audit import AuditLog
+    from test_dicom_proxy import stow_body
+
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
+    try:
+        ct, mr = real_ct_series(tmp_path / "ct", 2), real_mr_series(tmp_path / "mr", 1)
+        ct_series = str(pydicom.dcmread(ct[0]).SeriesInstanceUID)
+        ct_part = ct[0].read_bytes()
+        epilogue = (b"--BOUNDARY\r\nContent-Type: application/dicom\r\n\r\n" + mr[0].read_bytes()
+                    + b"\r\n--BOUNDARY--\r\n")  # after the close delimiter: no part
+        audit_dir = tmp_path / "audit"
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"audit_dir": audit_dir})
+        stow_type = 'multipart/related; type="application/dicom"; boundary=BOUNDARY'
+
+        def post(body: bytes, content_type: str) -> requests.Response:  # sent chunked (an iterable body)
+            return requests.post(f"{server.url}/proxy/dicom/stow/studies", data=iter([body[:64], body[64:]]),
+                                 headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
+                                 timeout=120)
+
+        try:
+            twice = post(stow_body(ct) + stow_body(mr, boundary="OTHER"), stow_type + "; boundary=OTHER")
+            assert twice.status_code == 422, (twice.status_code, twice.text[:300])
+            assert "gives the boundary parameter more than once" in twice.json()["detail"]
+            assert pacs.get("/instances") == []
+            for second in ("Content-Length", " Content-Length"):
+                sized = (f"--BOUNDARY\r\nContent-Type: application/dicom\r\nContent-Length: {len(ct_part)}\r\n"
+                         f"{second}: {len(ct_part) + 14}\r\n\r\n").encode() + ct_part + b"\r\n--BOUNDARY--\r\n"
+                refused = post(sized + epilogue, stow_type)
+                assert refused.status_code == 422, (refused.status_code, refused.text[:300])
+                assert "part 1 of the body gives more than one Content-Length header" in refused.json()["detail"]
+                assert pacs.get("/instances") == []
+            assert [line for line in requests_log.read_text().splitlines() if line.startswith("POST")] == []
+            stored = post(stow_body(ct) + epilogue, stow_type)
+            assert stored.status_code == 200, (stored.status_code, stored.text[:300])
+            held = [pacs.get(f"/series/{one}") for one in pacs.get("/series")]
+            assert [(s["MainDicomTags"]["SeriesInstanceUID"], len(s["Instances"])) for s in held] == [(ct_series, 2)]
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+    audit = AuditLog(audit_dir)
+    assert audit.verify().ok
+    [storing] = audit.entries("dicomweb_storing")
+    assert (storing["fields"]["series_instance_uids"], storing["fields"]["instances"]) == ([ct_series], 2)
+    assert [entry["fields"]["status"] for entry in audit.entries("dicomweb_stored")] == [200]

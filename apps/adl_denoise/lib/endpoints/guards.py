@@ -1305,6 +1305,11 @@ def proxy_path_problem(path: str) -> Optional[str]:
     return None
 
 
+#: request headers of a store (POST) the proxy does not pass to the PACS: they frame the client's body, and the proxy
+#: forwards one it rebuilt (:func:`rebuilt_stow_body`)
+_STOW_FRAMING_NOT_FORWARDED = frozenset({"content-type", "content-length", "transfer-encoding", "content-encoding"})
+
+
 #: response headers of the PACS that describe its connection to this server, not this server's answer
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                          "transfer-encoding", "upgrade"})
@@ -1491,7 +1496,18 @@ STOW_UNENCODED = ("the proxy reads each part's UIDs for its audit entry: send th
 
 
 def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int, int]:
-    """(StudyInstanceUIDs, SeriesInstanceUIDs, instances, parts) of a STOW-RS ``body`` (``multipart/related``
+    """(StudyInstanceUIDs, SeriesInstanceUIDs, instances, parts) of a STOW-RS ``body``: :func:`stow_parts` without
+    where each DICOM part lies."""
+    studies, series, spans, parts = stow_parts(body, content_type)
+    return studies, series, len(spans), parts
+
+
+#: why a STOW-RS request whose headers or parameters are given twice is refused: the PACS may read the other one
+STOW_AMBIGUOUS = "the PACS may read another one than the proxy (its audit entry would not name what is stored)"
+
+
+def stow_parts(body: bytes, content_type: str) -> tuple[list[str], list[str], list[tuple[int, int]], int]:
+    """(StudyInstanceUIDs, SeriesInstanceUIDs, spans, parts) of a STOW-RS ``body`` (``multipart/related``
     with the boundary of ``content_type``, its parameter names in any case). Each part is sent as DICOM (its own
     Content-Type ``application/dicom``, or none) and is one instance, its UIDs read from its header up to the series
     UID, values longer than :data:`STOW_SKIPPED_VALUE_BYTES` skipped (no pixel data, no large private element read).
@@ -1499,17 +1515,23 @@ def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int
     ``--boundary`` wherever it is (RFC 2046 has it start a line: every part a PACS finds is found here), what comes
     before the first one (the preamble) and after the close delimiter ``--boundary--`` (the epilogue) is no part,
     and a part's content ends with the CRLF before the next delimiter (its Content-Length, where it gives one, must
-    say so: a PACS may read that many bytes instead).
+    say so: a PACS may read that many bytes instead). ``spans`` are the (start, end) byte offsets in ``body`` of
+    each DICOM part's content, one per instance (what :func:`rebuilt_stow_body` forwards). A ``boundary`` or ``type``
+    parameter given twice, or a part with two Content-Length or Content-Type headers (a header name indented or
+    spaced before its colon counts: Orthanc strips the spaces), is refused: a PACS may read the other one.
 
     Raises:
         StowMediaTypeError: the body's multipart ``type`` or a part's Content-Type is not ``application/dicom``
             (JSON or XML metadata, bulk data: their UIDs are not read), naming it and the part (1 = the first).
         ValueError: a part sent as DICOM yields no StudyInstanceUID and SeriesInstanceUID (not DICOM, cut short),
             or its Content-Length disagrees with its delimiter, naming the part; a non-empty body without a boundary
-            or without any part (an encoded body: none can be read from it).
+            or without any part (an encoded body: none can be read from it); a repeated parameter or part header.
     """
     from pydicom.filereader import read_partial
 
+    for name in ("boundary", "type"):
+        if len(re.findall(rf";\s*{name}\s*=", content_type or "", re.IGNORECASE)) > 1:
+            raise ValueError(f"its Content-Type gives the {name} parameter more than once; {STOW_AMBIGUOUS}")
     root = re.search(r';\s*type\s*=\s*"?([^";]+)"?', content_type or "", re.IGNORECASE)
     if root is not None and root.group(1).strip().lower() != "application/dicom":
         raise StowMediaTypeError(f"the body's multipart type is {root.group(1).strip()[:80]}; {STOW_DICOM_ONLY}")
@@ -1517,10 +1539,10 @@ def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int
     if found is None:
         if body:
             raise ValueError("it is no multipart body: its Content-Type names no boundary")
-        return [], [], 0, 0
+        return [], [], [], 0
     delimiter = b"--" + found.group(1).strip().encode()
     view = memoryview(body)
-    studies, series, instances, parts = set(), set(), 0, 0
+    studies, series, spans, parts = set(), set(), [], 0
     at = body.find(delimiter)  # what comes before it is the preamble
     while at >= 0:  # each part, found in place: only what pydicom reads of it is copied
         after = at + len(delimiter)
@@ -1531,11 +1553,15 @@ def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int
         start = body.find(b"\r\n\r\n", after, end)  # the part's own headers end here
         parts += 1
         headers = body[after:max(start, after)].decode("latin-1")
-        kind = re.search(r"^content-type\s*:\s*([^;\r\n]*)", headers, re.IGNORECASE | re.MULTILINE)
+        for name in ("content-type", "content-length"):
+            if len(re.findall(rf"^[ \t]*{name}[ \t]*:", headers, re.IGNORECASE | re.MULTILINE)) > 1:
+                raise ValueError(f"part {parts} of the body gives more than one {name.title()} header; "
+                                 f"{STOW_AMBIGUOUS}")
+        kind = re.search(r"^[ \t]*content-type[ \t]*:\s*([^;\r\n]*)", headers, re.IGNORECASE | re.MULTILINE)
         if kind is not None and kind.group(1).strip().lower() != "application/dicom":
             raise StowMediaTypeError(f"part {parts} of the body is sent as {kind.group(1).strip()[:80]}; "
                                      f"{STOW_DICOM_ONLY}")
-        length = re.search(r"^content-length\s*:\s*(\S*)", headers, re.IGNORECASE | re.MULTILINE)
+        length = re.search(r"^[ \t]*content-length[ \t]*:[ \t]*(\S*)", headers, re.IGNORECASE | re.MULTILINE)
         if length is not None and start >= 0 and length.group(1) != str(end - start - 4):
             raise ValueError(f"part {parts} of the body gives Content-Length {length.group(1)[:20]}, but its "
                              f"delimiter ends it after {end - start - 4} bytes")
@@ -1553,29 +1579,51 @@ def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int
                              "StudyInstanceUID and a SeriesInstanceUID")
         studies.add(study)
         series.add(one)
-        instances += 1
-    if body and not instances:  # its entry would name nothing stored (an encoded body, another boundary)
+        spans.append((start + 4, end))
+    if body and not spans:  # its entry would name nothing stored (an encoded body, another boundary)
         raise ValueError(f"the body holds no part: no delimiter {delimiter[:80].decode('latin-1')} (its boundary) "
                          "starts one")
-    return sorted(studies), sorted(series), instances, parts
+    return sorted(studies), sorted(series), spans, parts
 
 
-def _record_proxy_store(path: str, content_type: str, body: bytes) -> Optional[dict]:
+def rebuilt_stow_body(body: bytes, spans: list[tuple[int, int]]) -> tuple[str, bytes]:
+    """(Content-Type, body) of the STOW-RS store the proxy forwards: each DICOM part of ``body`` that
+    :func:`stow_parts` counted (``spans``: byte offsets of its content), under a part header of its own
+    (``Content-Type: application/dicom`` only), delimited by a fresh random boundary found in no part. Nothing of the
+    client's framing reaches the PACS (its boundary, part headers, preamble, epilogue): the PACS cannot find a part
+    the audit entry does not name. No part (an empty body): an empty body."""
+    import secrets
+
+    parts = [memoryview(body)[start:end] for start, end in spans]
+    while True:
+        boundary = f"adl-stow-{secrets.token_hex(16)}"
+        delimiter = f"--{boundary}".encode()
+        if all(body.find(delimiter, start, end) < 0 for start, end in spans):
+            break
+    head = delimiter + b"\r\nContent-Type: application/dicom\r\n\r\n"
+    rebuilt = b"".join(chunk for part in parts for chunk in (head, part, b"\r\n")) + delimiter + b"--\r\n"
+    return f'multipart/related; type="application/dicom"; boundary={boundary}', rebuilt if parts else b""
+
+
+def _record_proxy_store(path: str, content_type: str, body: bytes) -> tuple[Optional[dict], str, bytes]:
     """The ``dicomweb_storing`` entry of a proxy POST (a STOW-RS store into the PACS), written before it is
-    forwarded: the study the path names and the studies and series of the body's DICOM parts (:func:`stow_uids`),
-    ``instances``, ``parts``, ``bytes`` and ``path``. 415 naming the part when one is not sent as DICOM (metadata,
-    bulk data), 422 naming it when a DICOM part's UIDs cannot be read (neither writes an entry), 503 when the entry
-    cannot be written: nothing is forwarded. (A body sent encoded, gzip, is refused before: :func:`_proxy`.)"""
+    forwarded: the study the path names and the studies and series of the body's DICOM parts (:func:`stow_parts`),
+    ``instances``, ``parts``, ``bytes`` and ``path``; with the Content-Type and body to forward, rebuilt from the
+    parts it names (:func:`rebuilt_stow_body`). 415 naming the part when one is not sent as DICOM (metadata, bulk
+    data), 422 naming it when a DICOM part's UIDs cannot be read or a header is ambiguous (neither writes an entry),
+    503 when the entry cannot be written: nothing is forwarded. (A body sent encoded, gzip, is refused before:
+    :func:`_proxy`.)"""
     try:
-        studies, series, instances, parts = stow_uids(body, content_type)
+        studies, series, spans, parts = stow_parts(body, content_type)
     except StowMediaTypeError as error:  # its entry would not say what was stored
         raise HTTPException(status_code=415, detail=f"nothing was stored in the PACS: {error}") from None
     except ValueError as error:  # its entry would not say what was stored
         raise HTTPException(status_code=422, detail=f"nothing was stored in the PACS: {error}") from None
     named, _, _ = proxy_read_key(path, "")
-    return _recorded_read(DICOMWEB_STORING, {
+    pending = _recorded_read(DICOMWEB_STORING, {
         "study_instance_uids": sorted(set(studies) | ({named} if named else set())), "series_instance_uids": series,
-        "instances": instances, "parts": parts, "bytes": len(body), "path": path}, "nothing was stored in the PACS")
+        "instances": len(spans), "parts": parts, "bytes": len(body), "path": path}, "nothing was stored in the PACS")
+    return (pending, *rebuilt_stow_body(body, spans))
 
 
 def _record_proxy_store_outcome(pending: dict, status: int, detail: Optional[str]) -> None:
@@ -1617,10 +1665,18 @@ async def _proxy(request: Request, path: str):
         if encoding.lower() not in ("", "identity"):  # its parts cannot be read (Orthanc stores none of them either)
             raise HTTPException(status_code=415, detail=f"nothing was stored in the PACS: the body is sent with "
                                                         f"Content-Encoding {encoding[:80]}; {STOW_UNENCODED}")
-        forwarded = {k: v for k, v in request.headers.items() if k.lower() not in PROXY_HEADERS_NOT_FORWARDED}
-        body = await request.body()
+        types = request.headers.getlist("content-type")
+        if len(types) > 1:  # the proxy would read one, the PACS maybe another
+            raise HTTPException(status_code=422, detail=f"nothing was stored in the PACS: the request has "
+                                                        f"{len(types)} Content-Type headers; {STOW_AMBIGUOUS}")
+        # The body is rebuilt from the parts on record, framed anew: the client's framing headers describe a body
+        # that is not forwarded (the HTTP library sets the length).
+        forwarded = {k: v for k, v in request.headers.items()
+                     if k.lower() not in PROXY_HEADERS_NOT_FORWARDED | _STOW_FRAMING_NOT_FORWARDED}
+        received = await request.body()
         # patient data into the PACS: on record before it is forwarded, refused (503) when it cannot be
-        pending = await run_in_threadpool(_record_proxy_store, rest, request.headers.get("content-type", ""), body)
+        pending, content_type, body = await run_in_threadpool(_record_proxy_store, rest, "".join(types), received)
+        forwarded["Content-Type"] = content_type
     else:  # a search or a retrieval: what the viewer accepts (JSON, a frame's transfer syntax, ...) and no more
         forwarded = {k: v for k, v in request.headers.items() if k.lower() == "accept"}
         body = b""
