@@ -19,6 +19,7 @@ from monailabel.client.client import MONAILabelClientException
 from monailabel.utils.others.generic import md5_digest
 
 import processes
+from ADLDenoiseLib import DenoiseServerClient, ReviewSession
 from conftest import SAMPLE_STUDIES
 from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
 from orthanc import (QIDO_LOG, available, grow_on_retrieval, log_size, qido_searches, start_orthanc,
@@ -388,6 +389,12 @@ def test_a_series_that_grows_past_the_voxel_limit_during_its_download_is_stopped
             asked = [line for line in requests_log.read_text().splitlines()[before:]
                      if queued in line or line.split("?")[0].rstrip("/").endswith("/instances")]
             assert not asked, asked
+            # the Slicer module's client and workflow state: not an empty queue, the reviewer is told of both
+            answer_seen = DenoiseServerClient(server.url).next_study(exclude=[small])
+            assert ReviewSession.queue_answer(answer_seen) is None
+            assert ReviewSession.describe_skipped(answer_seen) == (
+                f"2 unreviewed series too large for this server (over its max_voxels), skipped: {queued}, {inferred}; "
+                "ask the server's administrator")
             answer = requests.post(f"{server.url}/infer/nlm", params={"image": queued, "output": "json"},
                                    timeout=600)
             assert answer.status_code == 413, answer.text[:500]
@@ -1000,7 +1007,8 @@ def test_the_review_queue_skips_a_series_it_cannot_download_frame_by_frame(tmp_p
     queue while it came first. On a real server and Orthanc, by id: the multi-frame series, the undelivered one, then
     a series already in the server's cache (downloaded whole by a first start without the setting). The queue now
     skips the first two, with a warning each, lists them in ``not_downloaded`` (id and the route's detail) and hands
-    out the third; with it excluded, the answer lists them with no id. Nothing of either is kept in the cache."""
+    out the third; with it excluded, the answer lists them with no id, and the Slicer module's client and workflow
+    state name them (not an empty queue). Nothing of either is kept in the cache."""
     import requests
 
     prefix = "1.2.826.0.1.3680043.8.498.4242"  # ids in the queue's order
@@ -1040,6 +1048,15 @@ def test_the_review_queue_skips_a_series_it_cannot_download_frame_by_frame(tmp_p
                                    timeout=600)
             assert answer.status_code == 200, (answer.status_code, answer.text[:500])
             assert answer.json() == {"remaining_unreviewed": 3, "not_downloaded": skipped}, answer.text
+            # the Slicer module's client and workflow state: not an empty queue, the reviewer is told of both
+            client = DenoiseServerClient(server.url)
+            assert client.next_study(exclude=[cached_uid]) == answer.json()
+            assert ReviewSession.queue_answer(client.next_study(exclude=[cached_uid])) is None
+            described = ReviewSession.describe_skipped(client.next_study(exclude=[cached_uid]))
+            assert described.startswith(f"2 unreviewed series the server could not download, skipped: {multi_uid} "
+                                        f"(series {multi_uid} has multi-frame"), described
+            assert f", {undelivered_uid} (the PACS did not deliver" in described, described
+            assert client.next_study()["id"] == cached_uid
             log = server.log_tail(20000)
             for uid in (multi_uid, undelivered_uid):
                 assert f"review queue: series {uid} skipped" in log

@@ -1028,9 +1028,34 @@ def test_review_queue_empty_and_malformed_answers_and_empty_bodies():
     too_large = {"remaining_unreviewed": 2, "too_large_to_review": [
         {"id": "1.2.3.4", "instances": 6, "voxels": 1572864, "estimated": False, "limit": 1000000}]}
     assert ReviewSession.queue_answer(too_large) is None
-    assert "1 unreviewed series too large" in ReviewSession.describe_too_large(too_large)
-    assert "1.2.3.4" in ReviewSession.describe_too_large(too_large)
-    assert ReviewSession.describe_too_large({"id": "head_a"}) == ""
+    assert ReviewSession.describe_skipped(too_large) == (
+        "1 unreviewed series too large for this server (over its max_voxels), skipped: 1.2.3.4; "
+        "ask the server's administrator")
+    assert ReviewSession.describe_skipped({"id": "head_a"}) == ""
+    # only series the server could not download are left (multi-frame under MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+    # or not delivered): nothing to load either, and each is named with the server's reason, shortened
+    multi = ("series 1.2.5 has multi-frame instances (1 of its 1 image instances, up to 3 frames each), which "
+             "MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME downloads only the first frame of; nothing of it was downloaded: "
+             "turn that setting off on the server")
+    not_downloaded = {"remaining_unreviewed": 3, "not_downloaded": [
+        {"id": "1.2.5", "detail": multi}, {"id": "1.2.6", "detail": "the PACS did not deliver series 1.2.6"}]}
+    assert ReviewSession.queue_answer(not_downloaded) is None
+    described = ReviewSession.describe_skipped(not_downloaded)
+    assert described == (
+        "2 unreviewed series the server could not download, skipped: "
+        f"1.2.5 ({multi[:87].rstrip()}...), 1.2.6 (the PACS did not deliver series 1.2.6); "
+        "ask the server's administrator"), described
+    # both lists, also beside a study handed out (the status line names them after the study)
+    both = dict(too_large, **not_downloaded, id="head_a")
+    assert ReviewSession.queue_answer(both)["id"] == "head_a"
+    assert ReviewSession.describe_skipped(both).startswith(
+        "1 unreviewed series too large for this server (over its max_voxels), skipped: 1.2.3.4; "
+        "2 unreviewed series the server could not download, skipped: 1.2.5 (")
+    many = {"not_downloaded": [{"id": f"1.2.{i}", "detail": "x"} for i in range(5)]}
+    assert ReviewSession.queue_answer(many) is None
+    assert ReviewSession.describe_skipped(many) == (
+        "5 unreviewed series the server could not download, skipped: 1.2.0 (x), 1.2.1 (x), 1.2.2 (x) ...; "
+        "ask the server's administrator")
     with pytest.raises(WorkflowError, match="without an id"):
         ReviewSession.queue_answer(["head_a"])
     with pytest.raises(WorkflowError, match="empty body"):

@@ -407,13 +407,14 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         """Background: the review queue's next study, downloaded into ``studies_dir`` and read there
         (``read_study``: the voxels and grid Slicer's loader gives the file, this file alone) with the window Slicer's
         automatic window/level gives it (``auto_window``) and the content identity of its node hashed from the array
-        read (``study_content``), for :meth:`load_study`. ``{"empty": True, "too_large": ...}`` when nothing is left
-        to review. An unreadable file raises ``VolumeUnreadable`` (nothing is loaded)."""
+        read (``study_content``), for :meth:`load_study`. ``{"empty": True, "skipped": ...}`` when nothing is left
+        to review (``skipped``: the series the queue skipped, ``ReviewSession.describe_skipped``). An unreadable file
+        raises ``VolumeUnreadable`` (nothing is loaded)."""
         client = self.require_client()
         answer = client.next_study()
         study = ReviewSession.queue_answer(answer)
         if study is None:
-            return {"empty": True, "too_large": ReviewSession.describe_too_large(answer)}
+            return {"empty": True, "skipped": ReviewSession.describe_skipped(answer)}
         if report:
             report(None, f"downloading {study['id']} ...")
         path = client.download_image(study["id"], studies_dir)
@@ -1312,8 +1313,8 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def done(answer):
             answer = ReviewSession.require_answer(answer, "the review queue")
             if answer.get("empty"):
-                self.ui.reviewStatusLabel.text = (f"nothing to review here: {answer['too_large']}"
-                                                  if answer.get("too_large") else "the review queue is empty")
+                self.ui.reviewStatusLabel.text = (f"nothing to review here: {answer['skipped']}"
+                                                  if answer.get("skipped") else "the review queue is empty")
                 return
             study = answer["study"]
             node = self.logic.load_study(answer)  # identified with the server's id before anything else sees it
@@ -1322,7 +1323,7 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             application = slicer.app.applicationLogic()
             application.GetSelectionNode().SetActiveVolumeID(node.GetID())
             application.PropagateVolumeSelection()
-            skipped = ReviewSession.describe_too_large(study)
+            skipped = ReviewSession.describe_skipped(study)
             self.ui.reviewStatusLabel.text = (f"study {study['id']} ({study.get('remaining_unreviewed', '?')} "
                                               "unreviewed)" + (f"; {skipped}" if skipped else ""))
             self.whenIdentified(self.onDenoise)

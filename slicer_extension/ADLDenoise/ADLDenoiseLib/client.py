@@ -56,6 +56,9 @@ MAX_ERROR_BYTES = 64 << 10
 MSG_UNAUTHORIZED = "not logged in or the session expired: log in again"
 MSG_BAD_LOGIN = "user name or password not accepted"
 MSG_NO_LOGIN = "this server has no login (its authentication is off): connect without one"
+# the keys of a review queue answer listing PACS series it skipped (over max_voxels; could not download): not
+# downloaded, still unreviewed
+SKIPPED_KEYS = ("too_large_to_review", "not_downloaded")
 
 
 class DenoiseServerError(RuntimeError):
@@ -833,11 +836,12 @@ class DenoiseServerClient:
 
     def next_study(self, exclude: list[str] | None = None) -> dict | None:
         """The next study without a review verdict, or None when the queue is empty. An answer without ``id`` that
-        lists ``too_large_to_review`` (PACS series over the server's voxel limit, skipped: nothing else is left) is
-        returned as it is (``ReviewSession.queue_answer`` / ``describe_too_large``)."""
+        lists PACS series the queue skipped (``too_large_to_review``: over the server's voxel limit;
+        ``not_downloaded``: series it could not download; nothing else is left) is returned as it is
+        (``ReviewSession.queue_answer`` / ``describe_skipped``)."""
         answer = self._json("POST", "/activelearning/next_unreviewed", payload={"exclude": exclude or []},
                             action="the review queue")
-        return answer if answer and (answer.get("id") or answer.get("too_large_to_review")) else None
+        return answer if answer and (answer.get("id") or any(answer.get(key) for key in SKIPPED_KEYS)) else None
 
     def review(self, image_id: str, verdict: str, reviewer: str, reason: str | None = None,
                model: str | None = None, result_seq: int | None = None) -> dict:

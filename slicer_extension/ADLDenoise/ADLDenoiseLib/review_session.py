@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .client import DenoiseServerError, TransferCancelled
+from .client import SKIPPED_KEYS, DenoiseServerError, TransferCancelled
 from .series_files import IgnoredRescale, NoReference, read_series_values
 
 __all__ = ["FILES_PENDING", "StudyIdentity", "ResultRecord", "BlendRecord", "ReviewSession", "TempFiles",
@@ -371,6 +371,20 @@ def describe_verdict(entry: dict, what: str = "") -> str:
         text += (f"; replaces {earlier.get('reviewer') or '?'}'s '{earlier['verdict']}' of "
                  f"{earlier.get('time_utc') or '?'}" + (f" ({earlier['reason']})" if earlier.get("reason") else ""))
     return text
+
+
+def _shortened(text: str, limit: int = 90) -> str:
+    """``text`` on one line, cut to ``limit`` characters (with "...")."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
+def _listed(entries: list[dict], shown: int = 3) -> str:
+    """The ids of the first ``shown`` skipped series, each with its shortened ``detail`` where it has one, "..."
+    after."""
+    names = [f"{entry.get('id')} ({_shortened(str(entry['detail']))})" if entry.get("detail") else str(entry.get("id"))
+             for entry in entries[:shown]]
+    return ", ".join(names) + (" ..." if len(entries) > shown else "")
 
 
 class ReviewSession:
@@ -893,26 +907,33 @@ class ReviewSession:
     # ---------------------------------------------------------------------------------------------- review queue
     @staticmethod
     def queue_answer(answer: Any) -> dict | None:
-        """The review queue's next study, or None when the queue is empty or holds only series too large to review
-        here (``too_large_to_review``: :meth:`describe_too_large`); a study without an id is refused."""
+        """The review queue's next study, or None when the queue is empty or holds only series it skipped
+        (``too_large_to_review``, ``not_downloaded``: :meth:`describe_skipped`); a study without an id is refused."""
         if answer is None or answer == {}:
             return None
-        if isinstance(answer, dict) and not answer.get("id") and answer.get("too_large_to_review"):
+        if isinstance(answer, dict) and not answer.get("id") and any(answer.get(key) for key in SKIPPED_KEYS):
             return None
         if not isinstance(answer, dict) or not str(answer.get("id") or "").strip():
             raise WorkflowError("the review queue answered a study without an id")
         return answer
 
     @staticmethod
-    def describe_too_large(answer: Any) -> str:
-        """What the review queue skipped: PACS series over the server's voxel limit, not downloaded (they stay
-        unreviewed: a reviewer must know they exist); "" when none."""
-        skipped = answer.get("too_large_to_review") if isinstance(answer, dict) else None
-        if not skipped:
+    def describe_skipped(answer: Any) -> str:
+        """What the review queue skipped, not downloaded: PACS series over the server's voxel limit
+        (``too_large_to_review``) and series it could not download (``not_downloaded``: each with the server's
+        ``detail``, shortened). They stay unreviewed: a reviewer must know they exist; "" when none."""
+        if not isinstance(answer, dict):
             return ""
-        names = ", ".join(str(entry.get("id")) for entry in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
-        return (f"{len(skipped)} unreviewed series too large for this server (over its max_voxels), skipped: {names}; "
-                "ask the server's administrator")
+        parts = []
+        too_large = answer.get("too_large_to_review") or []
+        if too_large:
+            parts.append(f"{len(too_large)} unreviewed series too large for this server (over its max_voxels), "
+                         f"skipped: {_listed(too_large)}")
+        not_downloaded = answer.get("not_downloaded") or []
+        if not_downloaded:
+            parts.append(f"{len(not_downloaded)} unreviewed series the server could not download, skipped: "
+                         f"{_listed(not_downloaded)}")
+        return "; ".join(parts) + "; ask the server's administrator" if parts else ""
 
     @staticmethod
     def require_answer(answer: Any, what: str) -> Any:
