@@ -1101,14 +1101,7 @@ def test_a_series_moved_to_another_study_on_the_server_is_denoised_again_and_sto
         old_study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         assert "1 series: 0 done, 1 skipped" in run_batch(pacs.dicomweb, out, "--store-to-pacs").stdout
         new_study = generate_uid()
-        for instance in _source_instances(pacs, source_uid):
-            urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{instance}", method="DELETE"),
-                                   timeout=60).close()
-        for path in files:
-            ds = pydicom.dcmread(path)
-            ds.StudyInstanceUID = new_study
-            ds.save_as(path, write_like_original=False)
-        pacs.upload_files(files)
+        _move_to_study(pacs, source_uid, files, new_study)
 
         moved = run_batch(pacs.dicomweb, out, "--store-to-pacs")
         output = moved.stdout + moved.stderr
@@ -1142,14 +1135,7 @@ def test_the_local_output_left_in_the_old_study_folder_after_a_move_is_reported_
         assert "1 series: 1 done" in run_batch(pacs.dicomweb, out).stdout
         old = out / old_study / series
         assert old.is_dir()
-        for instance in _source_instances(pacs, series):
-            urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{instance}", method="DELETE"),
-                                   timeout=60).close()
-        for path in files:
-            ds = pydicom.dcmread(path)
-            ds.StudyInstanceUID = new_study
-            ds.save_as(path, write_like_original=False)
-        pacs.upload_files(files)
+        _move_to_study(pacs, series, files, new_study)
 
         moved = run_batch(pacs.dicomweb, out)
         assert moved.returncode == 0 and "1 series: 1 done, 0 skipped" in moved.stdout, moved.stdout + moved.stderr
@@ -1269,6 +1255,19 @@ def test_a_series_uid_listed_in_two_studies_or_under_two_patients_is_refused_not
 
 def _left_report(result) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.startswith("left in another study's folder:")]
+
+
+def _move_to_study(pacs, series_uid: str, files: list[Path], study_uid: str) -> None:
+    """Move the series ``series_uid`` (stored from ``files``) to the study ``study_uid`` on ``pacs`` as a study split
+    or merge does: its instances deleted and stored again, only their StudyInstanceUID changed (``files`` too)."""
+    for instance in _source_instances(pacs, series_uid):
+        urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{instance}", method="DELETE"),
+                               timeout=60).close()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study_uid
+        ds.save_as(path, write_like_original=False)
+    pacs.upload_files(files)
 
 
 def _source_instances(pacs, source_uid: str) -> list[str]:

@@ -660,6 +660,30 @@ def test_a_dicom_volume_with_frames_whose_rescale_slicer_ignored_is_sent_only_on
         session.require_rescale_accepted(series)
 
 
+def _enhanced_ct_with_and_without_own_rescales(tmp_path, seed: int, uid: str):
+    """One enhanced CT's voxels as Slicer's reader loads them (one rescale, slope 1, intercept -1024), written as a
+    file whose frames 3-4 carry their own rescale (slope 2: those frames' values wrong as loaded) and as one whose
+    frames share the loaded rescale, and the series' identity: (voxels, [right file], [wrong file], identity)."""
+    stored = np.random.default_rng(seed).integers(0, 2000, (4, 16, 12), dtype=np.int16)
+    own = [("1", "-1024"), ("1", "-1024"), ("2", "-1024"), ("2", "-1024")]
+    wrong = [write_enhanced_ct(tmp_path / "enhanced.dcm", stored, own)]
+    right = [write_enhanced_ct(tmp_path / "one.dcm", stored, [("1", "-1024")] * 4)]
+    series = dicom_identity(uid, "CT", "5: Enhanced CT", instance_uids=f"{uid}.1")
+    return stored.astype(np.float32) - 1024.0, right, wrong, series
+
+
+def _session_compared_with(files: list, as_slicer_loads: np.ndarray, series) -> ReviewSession:
+    """A new session whose selected volume (``as_slicer_loads``, identified as ``series``) was compared with its
+    DICOM ``files`` as the module does (identified, then the files read in the background)."""
+    session = ReviewSession()
+    ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", as_slicer_loads, series, "Enhanced")
+    check = BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files))
+    assert session.identified(ticket, hashed(task), lambda: FILES_PENDING) == series
+    assert check.wait(120) == "done", check.error
+    assert session.files_read(series, snapshot.content().key, check.result) == series
+    return session
+
+
 def test_a_result_denoised_from_frames_with_wrong_values_carries_the_warning_and_is_never_sent_as_a_correction(
         tmp_path):
     """A result computed from a volume whose frames hold wrong values (their own rescale ignored by Slicer's reader)
@@ -667,20 +691,10 @@ def test_a_result_denoised_from_frames_with_wrong_values_carries_the_warning_and
     warning (ReviewSession.describe_result) and result_warning gives the note its node carries (mrml.load_result,
     tested with slicer-core in test_mrml_logic); also for the volume edited in place. A result of files whose frames
     share one rescale says nothing more than before."""
-    stored = np.random.default_rng(9).integers(0, 2000, (4, 16, 12), dtype=np.int16)
-    as_slicer_loads = stored.astype(np.float32) - 1024.0
-    own = [("1", "-1024"), ("1", "-1024"), ("2", "-1024"), ("2", "-1024")]
-    wrong = [write_enhanced_ct(tmp_path / "enhanced.dcm", stored, own)]
-    right = [write_enhanced_ct(tmp_path / "one.dcm", stored, [("1", "-1024")] * 4)]
-    series = dicom_identity("1.2.840.67", "CT", "5: Enhanced CT", instance_uids="1.2.840.67.1")
+    as_slicer_loads, right, wrong, series = _enhanced_ct_with_and_without_own_rescales(tmp_path, 9, "1.2.840.67")
     line = "denoised with adl (CT: the series' DICOM Modality; weights 3) in 2.1 s"
     for files in (right, wrong):
-        session = ReviewSession()
-        ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", as_slicer_loads, series, "Enhanced")
-        check = BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files))
-        assert session.identified(ticket, hashed(task), lambda: FILES_PENDING) == series
-        assert check.wait(120) == "done", check.error
-        assert session.files_read(series, snapshot.content().key, check.result) == series
+        session = _session_compared_with(files, as_slicer_loads, series)
         if files is right:  # nothing to warn of: the result's line is the module's; a correction goes as before
             assert session.result_warning(series) == "" and session.describe_result(series, line) == line
             assert session.result_arrived(session.require_study(), "vtkMRMLScalarVolumeNode2", "adl") is not None
@@ -716,20 +730,10 @@ def test_a_verdict_on_a_result_denoised_from_frames_with_wrong_values_is_never_s
     before the user is asked to confirm sending the volume and also once they confirmed, saying why and what to do
     (require_judgeable, which ADLDenoiseLogic.submit_verdict asks too); also for the volume edited in place. The
     same volume read from files whose frames share one rescale is judged as before."""
-    stored = np.random.default_rng(10).integers(0, 2000, (4, 16, 12), dtype=np.int16)
-    as_slicer_loads = stored.astype(np.float32) - 1024.0
-    own = [("1", "-1024"), ("1", "-1024"), ("2", "-1024"), ("2", "-1024")]
-    wrong = [write_enhanced_ct(tmp_path / "enhanced.dcm", stored, own)]
-    right = [write_enhanced_ct(tmp_path / "one.dcm", stored, [("1", "-1024")] * 4)]
-    series = dicom_identity("1.2.840.68", "CT", "5: Enhanced CT", instance_uids="1.2.840.68.1")
+    as_slicer_loads, right, wrong, series = _enhanced_ct_with_and_without_own_rescales(tmp_path, 10, "1.2.840.68")
     refusal = "a verdict on this volume's result is not sent: frames 3-4 of enhanced.dcm"
     for files in (right, wrong):
-        session = ReviewSession()
-        ticket, task, snapshot = identify(session, "vtkMRMLScalarVolumeNode1", as_slicer_loads, series, "Enhanced")
-        check = BackgroundTask(lambda report, cancelled: snapshot_matches_files(snapshot, files))
-        assert session.identified(ticket, hashed(task), lambda: FILES_PENDING) == series
-        assert check.wait(120) == "done", check.error
-        assert session.files_read(series, snapshot.content().key, check.result) == series
+        session = _session_compared_with(files, as_slicer_loads, series)
         if files is right:
             assert session.result_arrived(session.require_study(), "vtkMRMLScalarVolumeNode2", "adl") is not None
             assert session.require_judgeable() == series
