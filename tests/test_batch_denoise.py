@@ -26,6 +26,7 @@ import SimpleITK as sitk
 
 import processes
 from conftest import APP_DIR
+from manifest_limit import write_limiter
 
 from lib.batch.discovery import MANIFEST_DIR, discover_tree
 from lib.batch.manifest import Manifest, read_records
@@ -781,26 +782,8 @@ def test_a_series_whose_done_record_cannot_be_written_is_failed_and_its_output_n
     cut part is removed, the series is failed saying why, its output is moved aside, the other series is done and
     recorded on a line of its own, and a rerun denoises the failed one again and skips the other."""
     root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
-    limiter = tmp_path / "limit_at_done.py"  # the CLI, with the file size limit reached at the first done record
-    limiter.write_text("""
-import resource, runpy, signal, sys
-from lib.batch.manifest import Manifest
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write at the limit fails with EFBIG instead of killing
-append, seen = Manifest.append, []
-def limited_append(self, record):
-    if record.get("status") != "done" or seen:
-        return append(self, record)
-    seen.append(record)
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (self.path.stat().st_size + 16, limits[1]))
-    try:
-        return append(self, record)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-Manifest.append = limited_append
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-""")
+    # the CLI, with the file size limit reached at the first done record
+    limiter = write_limiter(tmp_path / "limit_at_done.py", 'record.get("status") == "done" and not seen')
     first = processes.run([sys.executable, limiter, CLI, *batch_args(root, out, "--no-progress")], TIMEOUT,
                           env=_env())
     assert first.returncode == 1, first.stdout + first.stderr

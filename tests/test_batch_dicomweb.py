@@ -23,6 +23,7 @@ import pytest
 
 import processes
 from conftest import APP_DIR
+from manifest_limit import write_limiter
 from orthanc import (QIDO_LOG, available, grow_on_retrieval, log_size, qido_searches, start_orthanc,
                      start_orthanc_logging_requests, stop_orthanc)
 
@@ -236,15 +237,9 @@ def test_a_server_that_goes_away_stops_the_run_and_a_rerun_resumes(tmp_path, sha
 def test_a_rerun_with_store_to_pacs_sends_what_an_earlier_run_only_wrote(tmp_path, shared_data):
     """A first run without --store-to-pacs writes the derived series locally; the rerun with it used to skip the
     series as done and store nothing (exit 0): it now sends the local derived series (not denoised again), once."""
-    from pydicom.uid import generate_uid
-
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
-        make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
-        pacs.upload_folder(tmp_path / "wanted")
-        out = tmp_path / "out"
-        first = run_batch(pacs.dicomweb, out)
-        assert first.returncode == 0 and "1 done" in first.stdout, first.stdout + first.stderr
+        out = _denoised_once_without_storing(pacs, shared_data, tmp_path)
         assert len(pacs.get("/series")) == 1
         local = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])["output"]
         local_uid = pydicom.dcmread(next(Path(local).iterdir())).SeriesInstanceUID
@@ -258,29 +253,25 @@ def test_a_rerun_with_store_to_pacs_sends_what_an_earlier_run_only_wrote(tmp_pat
         stop_orthanc(pacs)
 
 
+def _denoised_once_without_storing(pacs, shared_data: Path, tmp_path: Path) -> Path:
+    """One 3-slice series stored on ``pacs`` and denoised by a first run without --store-to-pacs (done): its output
+    folder."""
+    from pydicom.uid import generate_uid
+
+    make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
+    pacs.upload_folder(tmp_path / "wanted")
+    out = tmp_path / "out"
+    first = run_batch(pacs.dicomweb, out)
+    assert first.returncode == 0 and "1 done" in first.stdout, first.stdout + first.stderr
+    return out
+
+
 def _run_limited_at_store(tmp_path: Path, url: str, out: Path):
     """The CLI with ``--store-to-pacs``, the real kernel file size limit (RLIMIT_FSIZE) lowered for the append of the
     record written just before the STOW-RS alone (as in the done-record test of test_batch_denoise): that record
     cannot be written ("File too large")."""
-    limiter = tmp_path / "limit_at_store.py"  # the CLI, with the file size limit reached at the store's record
-    limiter.write_text("""
-import resource, runpy, signal, sys
-from lib.batch.manifest import Manifest
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write at the limit fails with EFBIG instead of killing
-append = Manifest.append
-def limited_append(self, record):
-    if record.get("stage") != "store":
-        return append(self, record)
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (self.path.stat().st_size + 16, limits[1]))
-    try:
-        return append(self, record)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-Manifest.append = limited_append
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-""")
+    # the CLI, with the file size limit reached at the store's record
+    limiter = write_limiter(tmp_path / "limit_at_store.py", 'record.get("stage") == "store"')
     return processes.run([sys.executable, limiter, *batch_command(url, out, "--store-to-pacs", "--no-progress")[1:]],
                          TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
@@ -326,15 +317,9 @@ def test_an_output_an_earlier_run_recorded_is_kept_when_the_record_ahead_of_its_
     an earlier run wrote and recorded as done, was moved aside (as one this run wrote is), to be denoised again. It is
     now left in place, the series fails saying so, nothing is stored, and a rerun stores these same files once (the
     server's derived series is the output's own), without denoising it again."""
-    from pydicom.uid import generate_uid
-
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
-        make_series(shared_data, tmp_path / "wanted", range(0, 3), "abdomen low dose", generate_uid(), "20200115")
-        pacs.upload_folder(tmp_path / "wanted")
-        out = tmp_path / "out"
-        first = run_batch(pacs.dicomweb, out)
-        assert first.returncode == 0 and "1 done" in first.stdout, first.stdout + first.stderr
+        out = _denoised_once_without_storing(pacs, shared_data, tmp_path)
         (study,) = [p for p in out.iterdir() if not p.name.startswith((".", MANIFEST_DIR))]
         (output,) = list(study.iterdir())
         files = {p.name: p.read_bytes() for p in output.iterdir()}
