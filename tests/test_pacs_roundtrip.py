@@ -1483,6 +1483,28 @@ def _unwritable_audit_log(audit_dir: Path) -> contextlib.AbstractContextManager:
     return unwritable()
 
 
+@contextlib.contextmanager
+def _proxy_of_orthanc_logging_requests(tmp_path: Path, tiny_weights: Path):
+    """A real Orthanc logging each request it is sent and this app's server on it, the audit log in
+    ``tmp_path / "audit"``: (orthanc, its request log, server, audit folder); both stopped when the block ends."""
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
+    try:
+        audit_dir = tmp_path / "audit"
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              conf={"audit_dir": audit_dir})
+        try:
+            yield pacs, requests_log, server, audit_dir
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
+def _posts(requests_log: Path) -> list[str]:
+    """The POST requests (stores) in Orthanc's request log."""
+    return [line for line in requests_log.read_text().splitlines() if line.startswith("POST")]
+
+
 def test_a_store_through_the_proxy_is_on_record_before_it_reaches_the_pacs_and_refused_unrecorded(tmp_path,
                                                                                                   tiny_weights):
     """A POST through the PACS proxy (STOW-RS, patient data stored into the PACS) wrote no audit entry. It is now a
@@ -1497,38 +1519,29 @@ def test_a_store_through_the_proxy_is_on_record_before_it_reaches_the_pacs_and_r
     from lib.audit import AuditLog
     from test_dicom_proxy import STOW_BODY, stow_body, with_large_private_element
 
-    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
-    try:
-        files = real_ct_series(tmp_path / "ct")
-        first = pydicom.dcmread(files[0])
-        with_large_private_element(files[1], files[1])
-        body = stow_body(files)
-        headers = {"Content-Type": 'multipart/related; type="application/dicom"; Boundary=BOUNDARY',
-                   "Accept": "application/dicom+json"}
-        audit_dir = tmp_path / "audit"
-        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
-                              conf={"audit_dir": audit_dir})
-        try:
-            with _unwritable_audit_log(audit_dir):
-                refused = requests.post(f"{server.url}/proxy/dicom/stow/studies", data=body, headers=headers,
-                                        timeout=120)
-            assert refused.status_code == 503, (refused.status_code, refused.text[:300])
-            assert "nothing was stored in the PACS: the audit log could not be written" in refused.json()["detail"]
-            assert [line for line in requests_log.read_text().splitlines() if line.startswith("POST")] == []
-            assert pacs.get("/instances") == []
-            bad = body.replace(b"--BOUNDARY--\r\n", b"") + STOW_BODY  # the 4th part is no DICOM file
-            refused = requests.post(f"{server.url}/proxy/dicom/stow/studies", data=bad, headers=headers, timeout=120)
-            assert refused.status_code == 422, (refused.status_code, refused.text[:300])
-            assert "part 4 of the body (sent as application/dicom) is no DICOM file" in refused.json()["detail"]
-            assert [line for line in requests_log.read_text().splitlines() if line.startswith("POST")] == []
-            assert pacs.get("/instances") == []
-            stored = requests.post(f"{server.url}/proxy/dicom/stow/studies", data=body, headers=headers, timeout=120)
-            assert stored.status_code == 200, (stored.status_code, stored.text[:300])
-            assert len(pacs.get("/instances")) == 3
-        finally:
-            stop_server(server)
-    finally:
-        stop_orthanc(pacs)
+    files = real_ct_series(tmp_path / "ct")
+    first = pydicom.dcmread(files[0])
+    with_large_private_element(files[1], files[1])
+    body = stow_body(files)
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; Boundary=BOUNDARY',
+               "Accept": "application/dicom+json"}
+    with _proxy_of_orthanc_logging_requests(tmp_path, tiny_weights) as (pacs, requests_log, server, audit_dir):
+        with _unwritable_audit_log(audit_dir):
+            refused = requests.post(f"{server.url}/proxy/dicom/stow/studies", data=body, headers=headers,
+                                    timeout=120)
+        assert refused.status_code == 503, (refused.status_code, refused.text[:300])
+        assert "nothing was stored in the PACS: the audit log could not be written" in refused.json()["detail"]
+        assert _posts(requests_log) == []
+        assert pacs.get("/instances") == []
+        bad = body.replace(b"--BOUNDARY--\r\n", b"") + STOW_BODY  # the 4th part is no DICOM file
+        refused = requests.post(f"{server.url}/proxy/dicom/stow/studies", data=bad, headers=headers, timeout=120)
+        assert refused.status_code == 422, (refused.status_code, refused.text[:300])
+        assert "part 4 of the body (sent as application/dicom) is no DICOM file" in refused.json()["detail"]
+        assert _posts(requests_log) == []
+        assert pacs.get("/instances") == []
+        stored = requests.post(f"{server.url}/proxy/dicom/stow/studies", data=body, headers=headers, timeout=120)
+        assert stored.status_code == 200, (stored.status_code, stored.text[:300])
+        assert len(pacs.get("/instances")) == 3
     audit = AuditLog(audit_dir)
     assert audit.verify().ok
     [storing] = audit.entries("dicomweb_storing")
@@ -1595,44 +1608,34 @@ def test_a_store_through_the_proxy_stores_in_the_pacs_only_what_its_entry_names(
     from lib.audit import AuditLog
     from test_dicom_proxy import stow_body
 
-    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
-    try:
-        ct, mr = real_ct_series(tmp_path / "ct", 2), real_mr_series(tmp_path / "mr", 1)
-        ct_series = str(pydicom.dcmread(ct[0]).SeriesInstanceUID)
-        ct_part = ct[0].read_bytes()
-        epilogue = (b"--BOUNDARY\r\nContent-Type: application/dicom\r\n\r\n" + mr[0].read_bytes()
-                    + b"\r\n--BOUNDARY--\r\n")  # after the close delimiter: no part
-        audit_dir = tmp_path / "audit"
-        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
-                              conf={"audit_dir": audit_dir})
-        stow_type = 'multipart/related; type="application/dicom"; boundary=BOUNDARY'
-
+    ct, mr = real_ct_series(tmp_path / "ct", 2), real_mr_series(tmp_path / "mr", 1)
+    ct_series = str(pydicom.dcmread(ct[0]).SeriesInstanceUID)
+    ct_part = ct[0].read_bytes()
+    epilogue = (b"--BOUNDARY\r\nContent-Type: application/dicom\r\n\r\n" + mr[0].read_bytes()
+                + b"\r\n--BOUNDARY--\r\n")  # after the close delimiter: no part
+    stow_type = 'multipart/related; type="application/dicom"; boundary=BOUNDARY'
+    with _proxy_of_orthanc_logging_requests(tmp_path, tiny_weights) as (pacs, requests_log, server, audit_dir):
         def post(body: bytes, content_type: str) -> requests.Response:  # sent chunked (an iterable body)
             return requests.post(f"{server.url}/proxy/dicom/stow/studies", data=iter([body[:64], body[64:]]),
                                  headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
                                  timeout=120)
 
-        try:
-            twice = post(stow_body(ct) + stow_body(mr, boundary="OTHER"), stow_type + "; boundary=OTHER")
-            assert twice.status_code == 422, (twice.status_code, twice.text[:300])
-            assert "gives the boundary parameter more than once" in twice.json()["detail"]
+        twice = post(stow_body(ct) + stow_body(mr, boundary="OTHER"), stow_type + "; boundary=OTHER")
+        assert twice.status_code == 422, (twice.status_code, twice.text[:300])
+        assert "gives the boundary parameter more than once" in twice.json()["detail"]
+        assert pacs.get("/instances") == []
+        for second in ("Content-Length", " Content-Length"):
+            sized = (f"--BOUNDARY\r\nContent-Type: application/dicom\r\nContent-Length: {len(ct_part)}\r\n"
+                     f"{second}: {len(ct_part) + 14}\r\n\r\n").encode() + ct_part + b"\r\n--BOUNDARY--\r\n"
+            refused = post(sized + epilogue, stow_type)
+            assert refused.status_code == 422, (refused.status_code, refused.text[:300])
+            assert "part 1 of the body gives more than one Content-Length header" in refused.json()["detail"]
             assert pacs.get("/instances") == []
-            for second in ("Content-Length", " Content-Length"):
-                sized = (f"--BOUNDARY\r\nContent-Type: application/dicom\r\nContent-Length: {len(ct_part)}\r\n"
-                         f"{second}: {len(ct_part) + 14}\r\n\r\n").encode() + ct_part + b"\r\n--BOUNDARY--\r\n"
-                refused = post(sized + epilogue, stow_type)
-                assert refused.status_code == 422, (refused.status_code, refused.text[:300])
-                assert "part 1 of the body gives more than one Content-Length header" in refused.json()["detail"]
-                assert pacs.get("/instances") == []
-            assert [line for line in requests_log.read_text().splitlines() if line.startswith("POST")] == []
-            stored = post(stow_body(ct) + epilogue, stow_type)
-            assert stored.status_code == 200, (stored.status_code, stored.text[:300])
-            held = [pacs.get(f"/series/{one}") for one in pacs.get("/series")]
-            assert [(s["MainDicomTags"]["SeriesInstanceUID"], len(s["Instances"])) for s in held] == [(ct_series, 2)]
-        finally:
-            stop_server(server)
-    finally:
-        stop_orthanc(pacs)
+        assert _posts(requests_log) == []
+        stored = post(stow_body(ct) + epilogue, stow_type)
+        assert stored.status_code == 200, (stored.status_code, stored.text[:300])
+        held = [pacs.get(f"/series/{one}") for one in pacs.get("/series")]
+        assert [(s["MainDicomTags"]["SeriesInstanceUID"], len(s["Instances"])) for s in held] == [(ct_series, 2)]
     audit = AuditLog(audit_dir)
     assert audit.verify().ok
     [storing] = audit.entries("dicomweb_storing")
