@@ -1573,7 +1573,8 @@ def test_jpeg_frames_in_several_fragments_without_an_offset_table_are_read_by_th
     split = _split_frames(source, tmp_path / "split.dcm", table=False)
     assert len(_fragment_items(split)) == 1 + 10 * 2 and _fragment_items(split)[0][1] == 0  # an empty table
     np.testing.assert_array_equal(read_volume(split).array, read_volume(source).array)
-    marker = r"a start of image marker \(FFD8\)" if "jpeg_ls" in name else r"a start of codestream marker \(FF4F\)"
+    marker = (r"a start of image marker \(FFD8\)" if "jpeg_ls" in name else
+              r"a start of codestream marker \(FF4F\) or a JP2 signature box")
     for declared, damaged, begin in ((9, None, "10"), (11, None, "10"), (10, 3, "9"), (9, 0, "9")):
         path = _split_frames(source, tmp_path / "wrong.dcm", table=False, declared=declared, damaged=damaged)
         first = ", not the first one" if damaged == 0 else ""
@@ -1608,6 +1609,112 @@ def test_frames_whose_starts_are_unknown_are_refused_before_the_pixel_data_is_re
         raised, peak = _peak_bytes(lambda: read_volume(path))
         assert isinstance(raised, ImageReadError) and re.search(expected, str(raised)), (path, raised)
         assert peak < pixel_bytes / 4, (path, peak, pixel_bytes)
+
+
+def test_joining_a_frames_fragments_holds_the_pixel_data_about_twice(tmp_path):
+    """Joining each frame's fragments copied them into a list, then each frame's into a new string, then all into
+    pydicom's encapsulation buffer and its copy: the peak of memory while joining a JPEG-LS file of 200 frames in
+    400 fragments was about 4 times its pixel data, on top of the pixel data read. The new pixel data is written
+    once, at its full length, from views of the fragments: the join adds about one copy, and the file reads as its
+    source."""
+    from lib.imaging.dicom_read import _join_frame_fragments, declared_shape
+
+    source = _pydicom_data("emri_small_jpeg_ls_lossless.dcm")
+    split = _split_frames(source, tmp_path / "split.dcm", repeat=20)
+    ds = pydicom.dcmread(split)
+    pixel_bytes = len(ds.PixelData)
+    raised, peak = _peak_bytes(lambda: _join_frame_fragments(ds, split, declared_shape(ds, split)))
+    assert raised is None and peak < 1.6 * pixel_bytes, (raised, peak, pixel_bytes)
+    ds.save_as(tmp_path / "joined.dcm")
+    assert len(_fragment_items(tmp_path / "joined.dcm")) == 1 + 200
+    np.testing.assert_array_equal(read_volume(tmp_path / "joined.dcm").array[:10], read_volume(source).array)
+
+
+#: the JP2 signature box, first in a JPEG 2000 file in the JP2 format (ISO/IEC 15444-1 I.5.1)
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def test_jpeg_2000_frames_in_the_jp2_format_in_several_fragments_are_read_by_their_signature(tmp_path):
+    """JPEG 2000 frames in the JP2 file format (PS3.5 A.4.4 wants the bare codestream, but some writers wrap it;
+    GDCM and OpenJPEG read it) read one fragment a frame, but in 2 fragments a frame without an offset table they
+    were refused as "0 of its fragments begin with a start of codestream marker (FF4F) ... NumberOfFrames is wrong,
+    or the data is damaged". The JP2 signature box starts a frame too: the file reads as its source; with one
+    frame's signature damaged, it is refused naming both starts."""
+    import openjpeg
+    from pydicom.encaps import encapsulate
+
+    source = _pydicom_data("emri_small_jpeg_2k_lossless.dcm")
+    expected = read_volume(source).array
+    ds = pydicom.dcmread(source)
+    frames = [openjpeg.encode(frame, bits_stored=int(ds.BitsStored), codec_format=1) for frame in ds.pixel_array]
+    assert all(frame.startswith(_JP2_SIGNATURE) for frame in frames)
+    for name, fragments, damaged in (("whole.dcm", 1, None), ("split.dcm", 2, None), ("damaged.dcm", 2, 3)):
+        written = [b"\x00" * 12 + frame[12:] if k == damaged else frame for k, frame in enumerate(frames)]
+        ds.PixelData = encapsulate(written, fragments_per_frame=fragments, has_bot=False)
+        ds.save_as(tmp_path / name)
+    np.testing.assert_array_equal(read_volume(tmp_path / "whole.dcm").array, expected)
+    np.testing.assert_array_equal(read_volume(tmp_path / "split.dcm").array, expected)
+    with pytest.raises(ImageReadError, match=r"damaged.dcm cannot be read: .* holds 20 fragments for the 10 frames "
+                                             r".* and 9 of its fragments begin with a start of codestream marker "
+                                             r"\(FF4F\) or a JP2 signature box, as each frame does"):
+        read_volume(tmp_path / "damaged.dcm")
+
+
+def _one_fragment_a_frame(source: Path, path: Path, table: str, entries, damaged: int | None = None) -> Path:
+    """``source``'s compressed frames written to ``path`` one fragment a frame, with a Basic Offset Table (``table``
+    "basic") or an Extended one ("extended", the Basic one empty) whose entries are ``entries(starts)`` (``starts``:
+    the fragments' item tags, bytes from the first one's); frame ``damaged`` (0-based) without its first 2 bytes."""
+    import struct
+
+    from pydicom.encaps import decode_data_sequence, encapsulate
+
+    ds = pydicom.dcmread(source)
+    frames = decode_data_sequence(ds.PixelData)
+    if damaged is not None:
+        frames[damaged] = b"\x00\x00" + frames[damaged][2:]
+    starts = [0]
+    for frame in frames[:-1]:
+        starts.append(starts[-1] + 8 + len(frame) + len(frame) % 2)
+    listed = entries(starts)
+    items = encapsulate(frames, has_bot=False)[8:]  # the fragments, after the empty Basic Offset Table
+    if table == "basic":
+        ds.PixelData = b"\xfe\xff\x00\xe0" + struct.pack(f"<I{len(listed)}I", 4 * len(listed), *listed) + items
+    else:
+        ds.PixelData = b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + items
+        ds.ExtendedOffsetTable = struct.pack(f"<{len(listed)}Q", *listed)
+        ds.ExtendedOffsetTableLengths = struct.pack(f"<{len(frames)}Q", *(len(frame) for frame in frames))
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("table", ["basic", "extended"])
+def test_a_wrong_offset_table_over_one_fragment_a_frame_is_set_aside_or_refused(tmp_path, monkeypatch, table):
+    """A JPEG 2000 file of 10 frames, one fragment each, whose offset table disagrees with its fragments was not
+    checked: decoded by pylibjpeg (python-gdcm absent, as here; GDCM ignores the table), a third entry 2 bytes on,
+    or the second and third swapped, read frames 3 to 9 from other frames' bytes, silently; a table of one entry too
+    few or too many was refused as "a cut copy, or NumberOfFrames is wrong". Fragments as many as the frames
+    declared are one a frame: the table is set aside and the file reads as its source. A table of fewer frames is
+    set aside only where each fragment begins a codestream; with frame 6's start marker damaged, the file is refused
+    naming the table, the counts and the fragment."""
+    from pydicom.pixel_data_handlers import numpy_handler, pylibjpeg_handler
+
+    monkeypatch.setattr(pydicom.config, "pixel_data_handlers", [numpy_handler, pylibjpeg_handler])
+    source = _pydicom_data("emri_small_jpeg_2k_lossless.dcm")
+    expected = read_volume(source).array
+    name = "Basic" if table == "basic" else "Extended"
+    for wrong in (lambda starts: [*starts[:2], starts[2] + 2, *starts[3:]],
+                  lambda starts: [starts[0], starts[2], starts[1], *starts[3:]],
+                  lambda starts: starts[:-1],
+                  lambda starts: [*starts, starts[-1] + 100]):
+        path = _one_fragment_a_frame(source, tmp_path / "wrong.dcm", table, wrong)
+        np.testing.assert_array_equal(read_volume(path).array, expected)
+    path = _one_fragment_a_frame(source, tmp_path / "damaged.dcm", table, lambda starts: starts[:-1], damaged=5)
+    with pytest.raises(ImageReadError, match=rf"damaged.dcm is corrupt: its {name} Offset Table lists 9 frame\(s\), "
+                                             r"but its header declares 10 and its compressed \(JPEG 2000 .*\) pixel "
+                                             r"data holds 10 fragments, one a frame, and its fragment 6 does not "
+                                             r"begin with a start of codestream marker \(FF4F\) or a JP2 signature "
+                                             r"box, as each frame does: whether the table or NumberOfFrames is wrong"):
+        read_volume(path)
 
 
 @pytest.mark.parametrize("table", ["basic", "extended", "none"])

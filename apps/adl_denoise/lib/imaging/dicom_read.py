@@ -19,9 +19,9 @@ from typing import Any, BinaryIO, NamedTuple, Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.encaps import encapsulate, generate_pixel_data_fragment, get_frame_offsets
+from pydicom.encaps import get_frame_offsets
 from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomBytesIO, DicomFileLike
+from pydicom.filebase import DicomFileLike
 from pydicom.pixel_data_handlers.util import apply_modality_lut
 from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, RLELossless
 
@@ -473,24 +473,31 @@ class _Fragments(NamedTuple):
     offsets: list[int] | None
     #: the end of each fragment item whose bytes are all there, bytes from the first fragment's item tag
     ends: list[int]
-    #: the first bytes (up to 4) of each of those fragments: where a frame's codestream begins, its start marker
+    #: the first bytes (up to :data:`_HEAD_BYTES`) of each of those fragments: where a frame's codestream begins,
+    #: its start marker
     heads: list[bytes]
     #: the data ends inside an item (a cut copy)
     cut: bool
     #: the items end with the Sequence Delimitation Item, not with the file (without it pydicom drops the element)
     delimited: bool
+    #: the table ``offsets`` come from: "Basic Offset Table", "Extended Offset Table", or "" without one
+    table: str = ""
 
 
-def _table_offsets(listed: bool, basic: list[int], header: Dataset) -> list[int]:
-    """Where each frame starts (bytes from the first fragment's item tag): the Basic Offset Table (``basic``, as
-    pydicom's ``get_frame_offsets`` gives it, ``listed`` False when empty), else ``header``'s Extended Offset Table;
-    [] when both are empty."""
+#: how many first bytes of each fragment are kept to tell a frame's start (the JP2 signature box is 12)
+_HEAD_BYTES = 12
+
+
+def _table_offsets(listed: bool, basic: list[int], header: Dataset) -> tuple[list[int], str]:
+    """(where each frame starts, bytes from the first fragment's item tag; the table's name): the Basic Offset Table
+    (``basic``, as pydicom's ``get_frame_offsets`` gives it, ``listed`` False when empty), else ``header``'s
+    Extended Offset Table; ([], "") when both are empty."""
     if listed:
-        return basic
+        return basic, "Basic Offset Table"
     extended = header.get("ExtendedOffsetTable")
     if isinstance(extended, bytes) and extended and len(extended) % 8 == 0:
-        return list(struct.unpack(f"<{len(extended) // 8}Q", extended))
-    return []
+        return list(struct.unpack(f"<{len(extended) // 8}Q", extended)), "Extended Offset Table"
+    return [], ""
 
 
 def _walk_fragments(stream: BinaryIO, end: int, header: Dataset) -> _Fragments | None:
@@ -506,23 +513,23 @@ def _walk_fragments(stream: BinaryIO, end: int, header: Dataset) -> _Fragments |
         return _Fragments(None, [], [], True, False)
     except ValueError:  # no Basic Offset Table item first
         return None
-    offsets = _table_offsets(listed, offsets, header)
+    offsets, table = _table_offsets(listed, offsets, header)
     first = stream.tell()
     ends: list[int] = []
     heads: list[bytes] = []
     while True:
         item = stream.read(8)
-        if len(item) < 8:
-            return _Fragments(offsets or None, ends, heads, len(item) > 0, False)  # the items end with the file
+        if len(item) < 8:  # the items end with the file
+            return _Fragments(offsets or None, ends, heads, len(item) > 0, False, table)
         group, element, length = struct.unpack("<HHI", item)
         tag = group << 16 | element
         if tag == 0xFFFEE0DD:
-            return _Fragments(offsets or None, ends, heads, False, True)
+            return _Fragments(offsets or None, ends, heads, False, True, table)
         if tag != 0xFFFEE000 or length == 0xFFFFFFFF:
             return None
         if stream.tell() + length > end:
-            return _Fragments(offsets or None, ends, heads, True, False)
-        heads.append(stream.read(min(length, 4)))
+            return _Fragments(offsets or None, ends, heads, True, False, table)
+        heads.append(stream.read(min(length, _HEAD_BYTES)))
         stream.seek(length - len(heads[-1]), os.SEEK_CUR)
         ends.append(stream.tell() - first)
 
@@ -597,34 +604,39 @@ def _check_frames(ds: Dataset, path: Path, shape: Sequence[int], items: _Fragmen
     tells), or that ends without its Sequence Delimitation Item (a copy cut at a fragment's boundary: pydicom drops
     the whole element, and the last frame may have lost fragments), or frames in more fragments than frames whose
     starts are not known (:func:`_first_fragments`: a table entry that is not a fragment's start; without a table,
-    RLE Lossless, or JPEG whose fragments beginning a codestream are not one a frame). Counted from the offset table
-    (a frame is whole when the next one's start, or for the last frame the delimiter, is in the file); without one,
-    from the fragments (each frame takes one or more: fewer fragments than frames is frames missing). The fragments
-    are never decoded (their first bytes are looked at)."""
+    RLE Lossless, or JPEG whose fragments beginning a codestream are not one a frame), or an offset table that
+    disagrees with fragments one a frame where that is not certain (:func:`_table_set_aside`; where it is, the table
+    is set aside). Counted from the offset table (a frame is whole when the next one's start, or for the last frame
+    the delimiter, is in the file); without one, from the fragments (each frame takes one or more: fewer fragments
+    than frames is frames missing). The fragments are never decoded (their first bytes are looked at)."""
     declared = int(shape[0])
     size = " x ".join(str(int(v)) for v in shape)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     what = f"its compressed ({getattr(syntax, 'name', syntax)}) pixel data"
     whole_bytes = items.ends[-1] if items.ends else 0
     truncated = items.cut or not items.delimited
-    if items.offsets is not None:
-        bounds = [*items.offsets[1:], None]
-        held = sum(1 for start, stop in zip(items.offsets, bounds)
+    starts = [0, *items.ends[:-1]]
+    offsets = items.offsets
+    if not truncated and _table_set_aside(ds, path, shape, items.table, offsets or [], starts, items.heads):
+        offsets = None
+    if offsets is not None:
+        bounds = [*offsets[1:], None]
+        held = sum(1 for start, stop in zip(offsets, bounds)
                    if (stop is not None and stop <= whole_bytes) or (stop is None and not truncated
                                                                      and start < whole_bytes))
-        counted = f"holds {held} whole frame(s) of the {len(items.offsets)} its offset table lists"
+        counted = f"holds {held} whole frame(s) of the {len(offsets)} its offset table lists"
     else:
         held = len(items.ends)
         counted = f"holds {held} whole fragment(s), and a frame takes one or more"
     if not items.delimited and not items.cut:
         counted += "; it ends without its sequence delimiter (FFFE,E0DD), so its last frame may lack fragments"
     # the frame the cut fragment is in: the last whose start is at or before that fragment's item tag
-    cut_frame = bisect.bisect_right(items.offsets, whole_bytes) if items.offsets is not None else 0
+    cut_frame = bisect.bisect_right(offsets, whole_bytes) if offsets is not None else 0
     if items.cut and 1 <= cut_frame <= declared:
         raise ImageReadError(
             f"{path} is truncated: {what} ends inside frame {cut_frame} of the {declared} its header declares "
             f"({size} voxels), in a fragment cut short (a cut copy): {held} whole frame(s) found, by its offset table")
-    if items.cut and items.offsets is None and items.ends:
+    if items.cut and offsets is None and items.ends:
         raise ImageReadError(
             f"{path} is truncated: {what} ends inside its fragment {len(items.ends) + 1}, cut short (a cut copy): its "
             f"header declares {declared} frame(s) ({size} voxels), at most {min(len(items.ends), declared - 1)} of "
@@ -633,39 +645,73 @@ def _check_frames(ds: Dataset, path: Path, shape: Sequence[int], items: _Fragmen
         raise ImageReadError(
             f"{path} is truncated or corrupt: its header declares {declared} frame(s) ({size} voxels), but {what} "
             f"{counted} (a cut copy, or NumberOfFrames is wrong)")
-    if items.offsets is not None and len(items.offsets) > declared:
+    if offsets is not None and len(offsets) > declared:
         raise ImageReadError(
-            f"{path} is corrupt: {what} holds {len(items.offsets)} frames by its offset table, "
-            f"{len(items.offsets) - declared} more than its header declares ({size} voxels): NumberOfFrames is "
+            f"{path} is corrupt: {what} holds {len(offsets)} frames by its offset table, "
+            f"{len(offsets) - declared} more than its header declares ({size} voxels): NumberOfFrames is "
             "wrong, and reading it would leave frames out; fix the header or re-export the image")
     if truncated:  # without a table: fragments enough, but the last frame's may be cut off after any of them
         raise ImageReadError(
             f"{path} is truncated or corrupt: its header declares {declared} frame(s) ({size} voxels), but {what} "
             f"{counted} (a cut copy)")
-    _first_fragments(ds, path, shape, items.offsets or [], [0, *items.ends[:-1]], items.heads)
+    _first_fragments(ds, path, shape, offsets or [], starts, items.heads)
 
 
 #: the bytes each frame's codestream begins with, by transfer syntax: JPEG's and JPEG-LS's start of image marker
 #: and the next marker's first byte, JPEG 2000's start of codestream and image and tile size markers. JPEG's coded
 #: data cannot hold FFD8 (an FF in it is followed by 00, or by a byte under 80 in JPEG-LS), JPEG 2000's rarely
-#: holds them; every frame's first fragment begins with them, so exactly one such fragment a frame tells the starts
-_CODESTREAM_STARTS: dict[str, tuple[bytes, str]] = {
-    **dict.fromkeys(JPEGTransferSyntaxes + JPEGLSTransferSyntaxes, (b"\xff\xd8\xff", "a start of image marker (FFD8)")),
-    **dict.fromkeys(JPEG2000TransferSyntaxes, (b"\xff\x4f\xff\x51", "a start of codestream marker (FF4F)")),
+#: holds them; every frame's first fragment begins with them, so exactly one such fragment a frame tells the starts.
+#: PS3.5 A.4.4 forbids the JP2 file format header in pixel data, but some writers put it there and GDCM and
+#: OpenJPEG read such frames: a frame beginning with the JP2 signature box (12 bytes) is a frame start too.
+_CODESTREAM_STARTS: dict[str, tuple[tuple[bytes, ...], str]] = {
+    **dict.fromkeys(JPEGTransferSyntaxes + JPEGLSTransferSyntaxes,
+                    ((b"\xff\xd8\xff",), "a start of image marker (FFD8)")),
+    **dict.fromkeys(JPEG2000TransferSyntaxes,
+                    ((b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  \r\n\x87\n"),
+                     "a start of codestream marker (FF4F) or a JP2 signature box")),
 }
+
+
+def _table_set_aside(ds: Dataset, path: Path, shape: Sequence[int], table: str, offsets: Sequence[int],
+                     starts: Sequence[int], heads: Sequence[bytes]) -> bool:
+    """True when ``ds``'s ``table`` (Basic or Extended Offset Table; ``offsets``, [] when there is none) disagrees
+    with fragments (``starts``, ``heads`` as for :func:`_first_fragments`) as many as the ``shape[0]`` frames the
+    header declares, which are then one a frame (a frame takes one or more), the table set aside: pydicom's
+    pylibjpeg decoding follows the Basic table, so a wrong one read other frames' bytes as a frame, silently. A
+    table of as many entries or more cannot be right; one of fewer frames is set aside where one a frame is certain
+    (RLE Lossless: one fragment a frame by the standard; JPEG: each fragment begins with its codec's start marker),
+    else it is ImageReadError: the table or NumberOfFrames is wrong, which is unknown. False when the table agrees,
+    or there is none, or the fragments are not as many as the frames."""
+    n_frames = int(shape[0])
+    if not offsets or len(starts) != n_frames or list(offsets) == list(starts):
+        return False
+    if len(offsets) >= n_frames:
+        return True
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    markers, name = _CODESTREAM_STARTS.get(str(syntax), ((), ""))
+    unmarked = next((j for j, head in enumerate(heads) if not head.startswith(markers)), None) if markers else None
+    if syntax == RLELossless or (markers and unmarked is None):
+        return True
+    reason = (f"its fragment {unmarked + 1} does not begin with {name}, as each frame does" if markers else
+              "its codec has no start marker to tell where a frame begins")
+    raise ImageReadError(
+        f"{path} is corrupt: its {table} lists {len(offsets)} frame(s), but its header declares {n_frames} and its "
+        f"compressed ({getattr(syntax, 'name', syntax)}) pixel data holds {n_frames} fragments, one a frame, and "
+        f"{reason}: whether the table or NumberOfFrames is wrong is unknown; re-export the image")
 
 
 def _first_fragments(ds: Dataset, path: Path, shape: Sequence[int], offsets: Sequence[int], starts: Sequence[int],
                      heads: Sequence[bytes]) -> list[int] | None:
     """The index of each frame's first fragment, for ``ds``'s encapsulated pixel data of ``shape[0]`` frames in
     more fragments than frames (``starts``: each fragment's item tag, bytes from the first one's; ``heads``: its
-    first bytes, up to 4): by the Basic or Extended Offset Table (``offsets``; [] when there is none), else, for
-    JPEG, JPEG-LS and JPEG 2000, the fragments that begin with the codec's start marker (each frame's codestream
-    does), when they are one a frame and the first fragment is one of them. None when each frame takes one fragment
-    (or one frame all), or a table lists another number of frames (:func:`_check_frames` counts them), or the codec
-    has no start marker (left to the decoder). ImageReadError when a table puts a frame where no fragment starts
-    (or not after the previous frame's), or, without a table, for RLE Lossless (a frame's fragments cannot be told
-    apart), or JPEG whose fragments beginning a codestream are not one a frame: where each frame starts is unknown.
+    first bytes, up to :data:`_HEAD_BYTES`): by the Basic or Extended Offset Table (``offsets``; [] when there is
+    none), else, for JPEG, JPEG-LS and JPEG 2000, the fragments that begin with the codec's start marker (each
+    frame's codestream does), when they are one a frame and the first fragment is one of them. None when each frame
+    takes one fragment (or one frame all), or a table lists another number of frames (:func:`_check_frames` counts
+    them), or the codec has no start marker (left to the decoder). ImageReadError when a table puts a frame where no
+    fragment starts (or not after the previous frame's), or, without a table, for RLE Lossless (a frame's fragments
+    cannot be told apart), or JPEG whose fragments beginning a codestream are not one a frame: where each frame
+    starts is unknown.
     Shared by the header check and the join before decoding."""
     n_frames = int(shape[0])
     if n_frames < 2 or len(starts) <= n_frames or (offsets and len(offsets) != n_frames):
@@ -688,10 +734,10 @@ def _first_fragments(ds: Dataset, path: Path, shape: Sequence[int], offsets: Seq
             f"{path} cannot be read: {held} and no offset table: RLE Lossless puts each frame in one fragment, and "
             "without a Basic or Extended Offset Table where each frame starts is unknown; re-export the image (one "
             "fragment a frame, or with an offset table)")
-    marker, name = _CODESTREAM_STARTS.get(str(syntax), (b"", ""))
-    if not marker:
+    markers, name = _CODESTREAM_STARTS.get(str(syntax), ((), ""))
+    if not markers:
         return None
-    first = [k for k, head in enumerate(heads) if head.startswith(marker)]
+    first = [k for k, head in enumerate(heads) if head.startswith(markers)]
     if len(first) != n_frames or first[0] != 0:
         raise ImageReadError(
             f"{path} cannot be read: {held} and no offset table, and {len(first)} of its fragments begin with {name}, "
@@ -701,33 +747,72 @@ def _first_fragments(ds: Dataset, path: Path, shape: Sequence[int], offsets: Seq
     return first
 
 
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian
+
+
+def _fragment_spans(data: bytes) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """(the Basic Offset Table's entries, [] when it is empty; (where its value starts in ``data``, its length) of
+    each fragment) of encapsulated pixel data ``data`` (PS3.5 A.4), up to the Sequence Delimitation Item or the
+    end; nothing copied. None when the items are not laid out as the standard says, or the data ends inside one."""
+    if len(data) < 8 or data[:4] != _ITEM_TAG:
+        return None
+    table_length = struct.unpack_from("<I", data, 4)[0]
+    if table_length % 4 or 8 + table_length > len(data):
+        return None
+    basic = list(struct.unpack_from(f"<{table_length // 4}I", data, 8))
+    spans: list[tuple[int, int]] = []
+    position = 8 + table_length
+    while position + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHI", data, position)
+        if (group << 16 | element) == 0xFFFEE0DD:
+            break
+        if (group << 16 | element) != 0xFFFEE000 or position + 8 + length > len(data):
+            return None
+        spans.append((position + 8, length))
+        position += 8 + length
+    return basic, spans
+
+
 def _join_frame_fragments(ds: Dataset, path: Path, shape: Sequence[int]) -> None:
     """``ds``'s encapsulated pixel data of ``shape[0]`` frames rewritten with one fragment a frame (each frame's
-    fragments joined, in order), where a frame takes several and :func:`_first_fragments` tells where each starts
-    (its Basic or Extended Offset Table, or the JPEG start markers): pydicom 2's RLE and GDCM decoders take each
-    fragment for a frame, so a frame in two failed with a decoder's message (RLE: about segment lengths; JPEG-LS: a
-    missing plugin). ImageReadError as :func:`_first_fragments` (the header check refuses those first). Left as it
-    is otherwise (one fragment a frame, not encapsulated, or items not laid out as the standard says: left to the
-    decoder)."""
-    if int(shape[0]) < 2 or not _encapsulated_syntax(ds) or not isinstance(ds.get("PixelData"), bytes):
+    fragments joined, in order) and an empty Basic Offset Table, where a frame takes several and
+    :func:`_first_fragments` tells where each starts (its Basic or Extended Offset Table, or the JPEG start
+    markers): pydicom 2's RLE and GDCM decoders take each fragment for a frame, so a frame in two failed with a
+    decoder's message (RLE: about segment lengths; JPEG-LS: a missing plugin); and where fragments one a frame have
+    a table that disagrees with them (:func:`_table_set_aside`: pydicom's pylibjpeg decoding would follow it).
+    ImageReadError as those two (the header check refuses those first). Left as it is otherwise (one fragment a
+    frame and a table that agrees, not encapsulated, or items not laid out as the standard says: left to the
+    decoder). The new value is written once, at its full length, from views of the old one."""
+    data = ds.get("PixelData")
+    if int(shape[0]) < 2 or not _encapsulated_syntax(ds) or not isinstance(data, bytes):
         return
-    stream = DicomBytesIO(ds.PixelData)
-    stream.is_little_endian = True
-    try:
-        listed, basic = get_frame_offsets(stream)
-        fragments = list(generate_pixel_data_fragment(stream))
-    except (EOFError, ValueError, struct.error):
+    walked = _fragment_spans(data)
+    if walked is None or not walked[1]:
         return
-    starts = [0]  # each fragment's item tag, bytes from the first one's
-    for fragment in fragments[:-1]:
-        starts.append(starts[-1] + 8 + len(fragment))
-    first = _first_fragments(ds, path, shape, _table_offsets(listed, basic, ds), starts,
-                             [fragment[:4] for fragment in fragments])
+    basic, spans = walked
+    starts = [start - spans[0][0] for start, _ in spans]  # each fragment's item tag, bytes from the first one's
+    offsets, table = _table_offsets(bool(basic), basic, ds)
+    heads = [data[start:start + min(length, _HEAD_BYTES)] for start, length in spans]
+    if _table_set_aside(ds, path, shape, table, offsets, starts, heads):
+        first: list[int] | None = list(range(len(spans)))
+    else:
+        first = _first_fragments(ds, path, shape, offsets, starts, heads)
     if first is None:
         return
-    first.append(len(fragments))
-    ds.PixelData = encapsulate([b"".join(fragments[first[k]:first[k + 1]]) for k in range(len(first) - 1)])
-    for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):  # a Basic table is written instead
+    first.append(len(spans))
+    view = memoryview(data)
+    # an empty Basic Offset Table: one fragment a frame needs none (and its 32-bit entries stop at 4 GiB)
+    pieces: list[bytes | memoryview] = [_ITEM_TAG, b"\x00\x00\x00\x00"]
+    for k in range(len(first) - 1):
+        frame = spans[first[k]:first[k + 1]]
+        length = sum(size for _, size in frame)
+        pieces += [_ITEM_TAG, struct.pack("<I", length + length % 2)]
+        pieces += [view[start:start + size] for start, size in frame]
+        if length % 2:  # an item's value has an even length
+            pieces.append(b"\x00")
+    ds.PixelData = b"".join(pieces)  # one allocation: join sums the lengths first
+    del pieces, view
+    for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):  # they describe the old fragments
         if keyword in ds:
             delattr(ds, keyword)
 
