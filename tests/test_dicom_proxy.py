@@ -197,6 +197,29 @@ def test_a_store_with_an_encoded_body_is_refused_and_never_reaches_the_pacs(serv
     assert audit.verify().ok
 
 
+@pytest.mark.parametrize("content_type", ["application/dicom", "multipart/mixed; boundary=BOUNDARY", None])
+def test_a_store_that_is_no_multipart_related_body_is_refused_and_never_reaches_the_pacs(server, pacs, realm,
+                                                                                        content_type):
+    """A STOW-RS store is a ``multipart/related`` body (DICOM PS3.18); the proxy did not check the media type: a
+    ``multipart/mixed`` body with a boundary was read and stored, an ``application/dicom`` one was a 422 "names no
+    boundary". Any other media type (or none) is a 415 naming it, nothing forwarded, no entry."""
+    from pydicom.data import get_testdata_file
+
+    body = stow_body([get_testdata_file("CT_small.dcm")])
+    audit = _audit_of(server)
+    start, before = len(pacs.received), len(audit.entries())
+    extra = {} if content_type is None else {"Content-Type": content_type}
+    response = requests.post(server.url + "/proxy/dicom/stow/studies", data=body,
+                             headers=_as(realm, "annotator", **extra), timeout=120)
+    assert response.status_code == 415, (response.status_code, response.text[:300])
+    sent = "sent without a Content-Type" if content_type is None else f"sent as {content_type.split(';')[0]}"
+    assert response.json()["detail"] == (
+        f"nothing was stored in the PACS: the body is {sent}; a STOW-RS store is a multipart/related body (DICOM "
+        "PS3.18): send each instance as one of its parts, sent as application/dicom")
+    assert pacs.received[start:] == []
+    assert len(audit.entries()) == before
+
+
 JSON_STOW_TYPE = 'multipart/related; type="application/dicom+json"; boundary=BOUNDARY'
 
 
@@ -404,8 +427,9 @@ def test_a_store_is_forwarded_as_the_proxy_rebuilt_it_whatever_its_framing(serve
     """The client's framing reached the PACS: a body sent chunked (``Transfer-Encoding: chunked``) was forwarded
     de-chunked under that header, its Content-Type and part headers as sent (a PACS may read them otherwise than the
     proxy). The PACS receives the parts on record only, rebuilt under a fresh boundary, with a Content-Type and
-    length of the proxy's own; its entry names them. A request with two Content-Type headers is a 422, nothing
-    forwarded, no entry."""
+    length of the proxy's own; its entry names them and counts the ``bytes`` forwarded (it counted the client's
+    body, its preamble and epilogue included; and ``parts``, always its ``instances``). A request with two
+    Content-Type headers is a 422, nothing forwarded, no entry."""
     import http.client
     import urllib.parse
 
@@ -428,6 +452,7 @@ def test_a_store_is_forwarded_as_the_proxy_rebuilt_it_whatever_its_framing(serve
     header = pydicom.dcmread(ct)
     assert (entry["fields"]["series_instance_uids"], entry["fields"]["instances"]) == (
         [str(header.SeriesInstanceUID)], 1)
+    assert (entry["fields"]["bytes"], "parts" in entry["fields"]) == (len(got.body), False)
 
     url = urllib.parse.urlsplit(server.url)
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
@@ -489,18 +514,27 @@ def test_a_stores_rebuilt_body_holds_the_parts_on_record_and_no_other(tmp_path):
     preamble = stow_body([mr], boundary="OTHER").replace(b"--OTHER--", b"")
     for body, content_type in ((stow_body([ct]) + quoted, STOW_TYPE.replace("=BOUNDARY", '="BOUNDARY"')),
                                (preamble + stow_body([ct]) + smuggled + b"\r\n--BOUNDARY--\r\n", STOW_TYPE)):
-        studies, series, spans, parts = stow_parts(body, content_type)
-        assert ([studies, series], len(spans), parts) == (ct_uids, 1, 1)
+        studies, series, spans = stow_parts(body, content_type)
+        assert ([studies, series], [body[start:end] for start, end in spans]) == (ct_uids, [ct_part])
         rebuilt_type, rebuilt = rebuilt_stow_body(body, spans)
         boundary = rebuilt_type.rpartition("boundary=")[2]
         assert rebuilt_type == f'multipart/related; type="application/dicom"; boundary={boundary}'
         assert rebuilt == stow_body([ct], boundary=boundary)
         assert [list(stow_parts(rebuilt, rebuilt_type)[:2]), len(stow_parts(rebuilt, rebuilt_type)[2])] == [ct_uids, 1]
     two = stow_body([ct, mr])
-    studies, series, spans, parts = stow_parts(two, STOW_TYPE)
+    studies, series, spans = stow_parts(two, STOW_TYPE)
     rebuilt_type, rebuilt = rebuilt_stow_body(two, spans)
     assert rebuilt == stow_body([ct, mr], boundary=rebuilt_type.rpartition("boundary=")[2])
     assert rebuilt_stow_body(b"", [])[1] == b""
+
+
+def stow_contents(body: bytes, content_type: str) -> tuple[list[str], list[str], list[bytes]]:
+    """The StudyInstanceUIDs and SeriesInstanceUIDs :func:`lib.endpoints.guards.stow_parts` reads in ``body``, and
+    the content of each DICOM part it found (what the proxy forwards)."""
+    from lib.endpoints.guards import stow_parts
+
+    studies, series, spans = stow_parts(body, content_type)
+    return studies, series, [body[start:end] for start, end in spans]
 
 
 def test_a_stores_audit_entry_names_the_studies_and_series_of_its_dicom_files(tmp_path):
@@ -509,76 +543,129 @@ def test_a_stores_audit_entry_names_the_studies_and_series_of_its_dicom_files(tm
     the boundary parameter's name is case-insensitive (``Boundary=``: nothing was counted). A part sent as DICOM
     that is none is refused naming it (it was not counted and the store went on), and so is a body with no boundary.
     A part of another type (JSON metadata, bulk data) or a body whose multipart type is JSON or XML metadata is
-    refused as such (:class:`StowMediaTypeError`): its UIDs were not read, the store was counted 0 instances."""
+    refused as such (:class:`StowMediaTypeError`): its UIDs were not read, the store was counted 0 instances. So is a
+    body whose media type is not multipart/related (in any case)."""
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from lib.endpoints.guards import StowMediaTypeError, stow_uids
+    from lib.endpoints.guards import StowMediaTypeError, stow_parts
 
     ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
     large = with_large_private_element(mr, tmp_path / "mr_large_private.dcm")
     body = stow_body([ct, large, ct])
     headers = [pydicom.dcmread(path) for path in (ct, mr)]
     expected = (sorted(str(h.StudyInstanceUID) for h in headers), sorted(str(h.SeriesInstanceUID) for h in headers))
-    assert stow_uids(body, STOW_TYPE) == (*expected, 3, 3)
-    assert stow_uids(body, STOW_TYPE.replace("boundary=", "Boundary=")) == (*expected, 3, 3)
-    assert stow_uids(body, 'multipart/related; BOUNDARY="BOUNDARY"; TYPE=application/dicom') == (*expected, 3, 3)
+    contents = [Path(path).read_bytes() for path in (ct, large, ct)]
+    assert stow_contents(body, STOW_TYPE) == (*expected, contents)
+    assert stow_contents(body, STOW_TYPE.replace("boundary=", "Boundary=")) == (*expected, contents)
+    assert stow_contents(body, 'Multipart/Related; BOUNDARY="BOUNDARY"; TYPE=application/dicom') == (*expected,
+                                                                                                      contents)
     json_part = b"--BOUNDARY\r\nContent-Type: application/dicom+json\r\n\r\n[{}]\r\n"
     with pytest.raises(StowMediaTypeError, match=r"^part 2 of the body is sent as application/dicom\+json; the "
                                                   r"proxy stores DICOM files only"):
-        stow_uids(stow_body([ct]).replace(b"--BOUNDARY--\r\n", b"") + json_part + b"--BOUNDARY--\r\n", STOW_TYPE)
+        stow_parts(stow_body([ct]).replace(b"--BOUNDARY--\r\n", b"") + json_part + b"--BOUNDARY--\r\n", STOW_TYPE)
     metadata, bulk = json_stow_body(ct)
     with pytest.raises(StowMediaTypeError, match=r"^the body's multipart type is application/dicom\+json; "):
-        stow_uids(metadata + bulk, JSON_STOW_TYPE)
+        stow_parts(metadata + bulk, JSON_STOW_TYPE)
     with pytest.raises(StowMediaTypeError, match=r"^part 2 of the body is sent as application/octet-stream; "):
-        stow_uids(stow_body([ct]).replace(b"--BOUNDARY--\r\n", b"") + bulk, STOW_TYPE)
+        stow_parts(stow_body([ct]).replace(b"--BOUNDARY--\r\n", b"") + bulk, STOW_TYPE)
     with pytest.raises(StowMediaTypeError, match=r"^the body's multipart type is application/dicom\+xml; "):
-        stow_uids(b"", STOW_TYPE.replace("application/dicom", "application/dicom+xml"))
+        stow_parts(b"", STOW_TYPE.replace("application/dicom", "application/dicom+xml"))
     with pytest.raises(ValueError, match=r"part 2 of the body \(sent as application/dicom\) is no DICOM file"):
-        stow_uids(stow_body([ct]).replace(b"--BOUNDARY--\r\n", b"") + STOW_BODY, STOW_TYPE)
+        stow_parts(stow_body([ct]).replace(b"--BOUNDARY--\r\n", b"") + STOW_BODY, STOW_TYPE)
     with pytest.raises(ValueError, match="part 1 of the body"):  # cut short before its series UID
-        stow_uids(b"--BOUNDARY\r\n\r\n" + Path(ct).read_bytes()[:400] + b"\r\n--BOUNDARY--\r\n", STOW_TYPE)
+        stow_parts(b"--BOUNDARY\r\n\r\n" + Path(ct).read_bytes()[:400] + b"\r\n--BOUNDARY--\r\n", STOW_TYPE)
     with pytest.raises(ValueError, match="names no boundary"):
-        stow_uids(body, "application/dicom")
-    assert stow_uids(b"", "") == ([], [], 0, 0)
+        stow_parts(body, 'multipart/related; type="application/dicom"')
+    for content_type, sent in (("application/dicom", "sent as application/dicom"),
+                               ("multipart/mixed; boundary=BOUNDARY", "sent as multipart/mixed"),
+                               ("", "sent without a Content-Type")):
+        with pytest.raises(StowMediaTypeError, match=rf"^the body is {sent}; a STOW-RS store is a multipart/related "
+                                                      r"body \(DICOM PS3.18\)"):
+            stow_parts(body, content_type)
+    assert stow_parts(b"", "multipart/related") == ([], [], [])
 
 
 def test_a_stores_parts_lie_between_its_first_delimiter_and_its_close_delimiter():
     """RFC 2046: the preamble before the first delimiter (``--BOUNDARY``) and the epilogue after the close delimiter
     (``--BOUNDARY--``) are no parts. The close delimiter was not recognised: an epilogue holding a blank line was
     read as a part, and a valid store of real DICOM files refused (422 "part 3 ... is no DICOM file"). A delimiter
-    is found wherever it is, as Orthanc finds it (a real Orthanc stores the DICOM file after ``x --BOUNDARY`` in a
-    preamble line): such a part is read, and refused when it is no DICOM file. A part's Content-Length (a PACS may
-    read that many bytes) must end it at its delimiter. A non-empty body in which no part is found (compressed, a close
-    delimiter only) gave 0 instances and was forwarded, its entry naming nothing: it is refused."""
+    that does not start a line (``x --BOUNDARY`` in a preamble line: a real Orthanc stores the DICOM file after it)
+    cannot be framed exactly and is refused. A part's Content-Length (a PACS may read that many bytes) must end it at
+    its delimiter. A non-empty body in which no part is found (compressed, a close delimiter only) gave 0 instances
+    and was forwarded, its entry naming nothing: it is refused."""
     import gzip
 
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from lib.endpoints.guards import stow_uids
+    from lib.endpoints.guards import stow_parts
 
     ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
     headers = [pydicom.dcmread(path) for path in (ct, mr)]
     expected = (sorted(str(h.StudyInstanceUID) for h in headers), sorted(str(h.SeriesInstanceUID) for h in headers))
     body = stow_body([ct, mr])
     epilogue = b"This is the epilogue.\r\n\r\nIt is ignored.\r\n--BOUNDARY\r\n\r\nnot DICOM\r\n"
-    assert stow_uids(body + epilogue, STOW_TYPE) == (*expected, 2, 2)
+    contents = [Path(path).read_bytes() for path in (ct, mr)]
+    assert stow_contents(body + epilogue, STOW_TYPE) == (*expected, contents)
     preamble = b"This is the preamble.\r\n\r\nIt is ignored.\r\n"
-    assert stow_uids(preamble + body, STOW_TYPE) == (*expected, 2, 2)
-    assert stow_uids(preamble + body + epilogue, STOW_TYPE) == (*expected, 2, 2)
-    with pytest.raises(ValueError, match=r"^part 1 of the body \(sent as application/dicom\) is no DICOM file"):
-        stow_uids(b"see x --BOUNDARY\r\n\r\nbelow\r\n" + body, STOW_TYPE)
+    assert stow_contents(preamble + body, STOW_TYPE) == (*expected, contents)
+    assert stow_contents(preamble + body + epilogue, STOW_TYPE) == (*expected, contents)
+    with pytest.raises(ValueError, match=r"^the body's parts cannot be framed exactly \(RFC 2046\): the delimiter "
+                                         r"--BOUNDARY at byte 6 does not start a line \(no CRLF before it\)$"):
+        stow_parts(b"see x --BOUNDARY\r\n\r\nbelow\r\n" + body, STOW_TYPE)
     ct_part = Path(ct).read_bytes()
     sized = f"--BOUNDARY\r\nContent-Length: {len(ct_part)}\r\n\r\n".encode() + ct_part + b"\r\n--BOUNDARY--\r\n"
-    assert stow_uids(sized, STOW_TYPE)[2:] == (1, 1)
+    assert stow_contents(sized, STOW_TYPE)[2] == [ct_part]
     with pytest.raises(ValueError, match=rf"^part 1 of the body gives Content-Length {len(ct_part) - 2}, but its "
                                          rf"delimiter ends it after {len(ct_part)} bytes$"):
-        stow_uids(sized.replace(str(len(ct_part)).encode(), str(len(ct_part) - 2).encode(), 1), STOW_TYPE)
+        stow_parts(sized.replace(str(len(ct_part)).encode(), str(len(ct_part) - 2).encode(), 1), STOW_TYPE)
     for nothing in (gzip.compress(body), b"--BOUNDARY--\r\n", preamble, preamble + b"--BOUNDARY--\r\n" + epilogue):
         with pytest.raises(ValueError, match=r"^the body holds no part: no delimiter --BOUNDARY \(its boundary\) "
                                              r"starts one$"):
-            stow_uids(nothing, STOW_TYPE)
+            stow_parts(nothing, STOW_TYPE)
+
+
+def test_a_stores_parts_are_split_exactly_as_rfc_2046_frames_them(tmp_path):
+    """RFC 2046: a delimiter is CRLF ``--boundary`` followed by ``--`` (the close delimiter) or by optional linear
+    whitespace and CRLF. ``--BOUNDARY`` followed by anything else (``--BOUNDARYX``) was taken for a delimiter, a real
+    DICOM file holding it in a value split in two (422 "part 2 ... is no DICOM file"): it is data, the file's content
+    forwarded whole. A delimiter without the CRLF before it cost the part before it its last 2 bytes, and a body
+    without its close delimiter was stored, its last part's CRLF kept: neither can be framed exactly, and both are
+    refused saying so (no byte lost or added)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from lib.endpoints.guards import stow_parts
+
+    ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
+    ds = pydicom.dcmread(ct)
+    ds.ImageComments = "see\r\n--BOUNDARYX\r\nand --BOUNDARY-x or\r\n--BOUNDARY x\r\n--BOUNDARY"
+    ds.save_as(tmp_path / "ct_holding_the_boundary.dcm")
+    holding = tmp_path / "ct_holding_the_boundary.dcm"
+    headers = [pydicom.dcmread(path) for path in (ct, mr)]
+    expected = (sorted(str(h.StudyInstanceUID) for h in headers), sorted(str(h.SeriesInstanceUID) for h in headers))
+    contents = [Path(path).read_bytes() for path in (holding, mr)]
+    assert b"\r\n--BOUNDARYX\r\n" in contents[0]
+    assert stow_contents(stow_body([holding, mr]), STOW_TYPE) == (*expected, contents)
+    padded = stow_body([holding, mr]).replace(b"--BOUNDARY\r\n", b"--BOUNDARY \t \r\n")  # transport padding
+    assert stow_contents(padded, STOW_TYPE) == (*expected, contents)
+
+    body = stow_body([ct, mr])
+    second = body.index(b"\r\n--BOUNDARY\r\n", 20)
+    for unframed, at in ((body[:second] + body[second + 2:], second),  # no CRLF before the second delimiter
+                         (body.replace(b"\r\n--BOUNDARY--", b"--BOUNDARY--"), len(body) - 16)):  # nor the close one
+        with pytest.raises(ValueError, match=rf"^the body's parts cannot be framed exactly \(RFC 2046\): the "
+                                             rf"delimiter --BOUNDARY at byte {at} does not start a line"):
+            stow_parts(unframed, STOW_TYPE)
+    for unclosed in (body.replace(b"--BOUNDARY--\r\n", b""), body.replace(b"--BOUNDARY--\r\n", b"--BOUNDARYX")):
+        with pytest.raises(ValueError, match=r"^the body's parts cannot be framed exactly \(RFC 2046\): no close "
+                                             r"delimiter --BOUNDARY-- ends its last part \(cut short\?\)$"):
+            stow_parts(unclosed, STOW_TYPE)
+    with pytest.raises(ValueError, match=r"^the body's parts cannot be framed exactly \(RFC 2046\): the delimiter "
+                                         r"--BOUNDARY at byte 12 does not start a line"):
+        stow_parts(b"--BOUNDARY\r\n--BOUNDARY\r\n\r\n" + Path(ct).read_bytes() + b"\r\n--BOUNDARY--\r\n",
+                   STOW_TYPE)  # its CRLF is the line end of the delimiter before it: no empty part between them
 
 
 def test_the_proxy_forgets_its_oldest_reads_past_its_limit():

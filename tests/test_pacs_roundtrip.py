@@ -1549,7 +1549,8 @@ def test_a_store_through_the_proxy_is_on_record_before_it_reaches_the_pacs_and_r
     fields = storing["fields"]
     assert (fields["study_instance_uids"], fields["series_instance_uids"], fields["instances"]) == (
         [str(first.StudyInstanceUID)], [str(first.SeriesInstanceUID)], 3), fields
-    assert fields["path"] == "studies" and fields["bytes"] == len(body)
+    forwarded = stow_body(files, boundary="adl-stow-" + "0" * 32)  # rebuilt under a boundary of that length
+    assert fields["path"] == "studies" and fields["bytes"] == len(forwarded) and "parts" not in fields, fields
     assert fields["client"] == "127.0.0.1" and fields["route"] == "POST /proxy/dicom/stow/studies", fields
     assert (done["fields"]["pending_seq"], done["fields"]["status"]) == (storing["seq"], 200)
     assert done["seq"] == storing["seq"] + 1
@@ -1602,7 +1603,12 @@ def test_a_store_through_the_proxy_stores_in_the_pacs_only_what_its_entry_names(
     proxy's close delimiter and stores the MR part the proxy took for epilogue (answering 400); a body sent chunked
     was forwarded de-chunked under ``Transfer-Encoding: chunked`` (Orthanc: 400, nothing stored). The repeated
     parameter and header are a 422, nothing reaching Orthanc; a store is forwarded as the proxy rebuilt it from the
-    parts on record: the real Orthanc holds the CT series its entry names, not the MR file of its epilogue."""
+    parts on record: the real Orthanc holds the CT series its entry names, not the MR file of its epilogue. A CT
+    file holding ``--BOUNDARYX`` at a line's start (in ImageComments) was split there (422): it is stored as it is,
+    byte for byte. A delimiter without the CRLF before it (the part before it lost 2 bytes) is a 422 saying the body
+    cannot be framed exactly, nothing reaching Orthanc."""
+    import urllib.request
+
     import requests
 
     from lib.audit import AuditLog
@@ -1610,6 +1616,9 @@ def test_a_store_through_the_proxy_stores_in_the_pacs_only_what_its_entry_names(
 
     ct, mr = real_ct_series(tmp_path / "ct", 2), real_mr_series(tmp_path / "mr", 1)
     ct_series = str(pydicom.dcmread(ct[0]).SeriesInstanceUID)
+    holding = pydicom.dcmread(ct[1])
+    holding.ImageComments = "a line that starts as a delimiter:\r\n--BOUNDARYX\r\n"
+    holding.save_as(ct[1])
     ct_part = ct[0].read_bytes()
     epilogue = (b"--BOUNDARY\r\nContent-Type: application/dicom\r\n\r\n" + mr[0].read_bytes()
                 + b"\r\n--BOUNDARY--\r\n")  # after the close delimiter: no part
@@ -1631,11 +1640,21 @@ def test_a_store_through_the_proxy_stores_in_the_pacs_only_what_its_entry_names(
             assert refused.status_code == 422, (refused.status_code, refused.text[:300])
             assert "part 1 of the body gives more than one Content-Length header" in refused.json()["detail"]
             assert pacs.get("/instances") == []
+        unframed = stow_body(ct).replace(b"\r\n--BOUNDARY\r\n", b"--BOUNDARY\r\n")  # no CRLF before a delimiter
+        refused = post(unframed, stow_type)
+        assert refused.status_code == 422, (refused.status_code, refused.text[:300])
+        assert "the body's parts cannot be framed exactly (RFC 2046): the delimiter --BOUNDARY at byte" in (
+            refused.json()["detail"])
         assert _posts(requests_log) == []
         stored = post(stow_body(ct) + epilogue, stow_type)
         assert stored.status_code == 200, (stored.status_code, stored.text[:300])
         held = [pacs.get(f"/series/{one}") for one in pacs.get("/series")]
         assert [(s["MainDicomTags"]["SeriesInstanceUID"], len(s["Instances"])) for s in held] == [(ct_series, 2)]
+        files = {}
+        for instance in held[0]["Instances"]:
+            with urllib.request.urlopen(f"{pacs.url}/instances/{instance}/file", timeout=120) as answer:
+                files[pacs.get(f"/instances/{instance}")["MainDicomTags"]["SOPInstanceUID"]] = answer.read()
+        assert files == {str(pydicom.dcmread(path).SOPInstanceUID): path.read_bytes() for path in ct}
     audit = AuditLog(audit_dir)
     assert audit.verify().ok
     [storing] = audit.entries("dicomweb_storing")

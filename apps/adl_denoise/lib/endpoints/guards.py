@@ -53,8 +53,9 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   sent. The proxy, asked once per DICOM instance, frame and metadata file by a viewer, records one entry per
   reader (user and client) and study / series (or search) per server process (:func:`proxy_read_key`). A store
   through the proxy (``POST``, STOW-RS) is a ``dicomweb_storing`` entry written before it is forwarded (503, nothing
-  forwarded, when it cannot be written; 422 when a part sent as DICOM yields no study and series UID; 415 for JSON
-  or XML metadata and bulk data parts, whose UIDs are not read), then its outcome.
+  forwarded, when it cannot be written; 422 when a part sent as DICOM yields no study and series UID or the parts
+  cannot be framed exactly; 415 for a body that is not multipart/related and for JSON or XML metadata and bulk data
+  parts, whose UIDs are not read), then its outcome.
 * ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``, ``GET /datastore/?output=train``: below
   admin (with authentication on), the answer names none of the server's folders and files (the audit log's
   ``audit.dir``, a training run's ``work_dir``; the training list's files and paths in texts cut to their last
@@ -1454,7 +1455,7 @@ def _record_proxy_read(path: str, query: str) -> None:
         "the PACS's answer was not sent"))
 
 
-#: values longer than this (bytes) in a STOW-RS part's header are skipped, not read (:func:`stow_uids`): UIDs are
+#: values longer than this (bytes) in a STOW-RS part's header are skipped, not read (:func:`stow_parts`): UIDs are
 #: at most 64 bytes, a private element before them may hold megabytes
 STOW_SKIPPED_VALUE_BYTES = 1024
 
@@ -1481,7 +1482,13 @@ class _PartReader:
 
 
 class StowMediaTypeError(ValueError):
-    """A STOW-RS body (or one of its parts) sent as something other than ``application/dicom``."""
+    """A STOW-RS body sent as something other than ``multipart/related``, or its parts as other than
+    ``application/dicom``."""
+
+
+#: why the proxy stores multipart/related bodies only: no other is a STOW-RS store, its parts cannot be read
+STOW_MULTIPART_ONLY = ("a STOW-RS store is a multipart/related body (DICOM PS3.18): send each instance as one of its "
+                       "parts, sent as application/dicom")
 
 
 #: why the proxy stores DICOM files only: metadata (``application/dicom+json``, ``+xml``) and bulk data parts are not
@@ -1495,40 +1502,75 @@ STOW_UNENCODED = ("the proxy reads each part's UIDs for its audit entry: send th
                   "or identity)")
 
 
-def stow_uids(body: bytes, content_type: str) -> tuple[list[str], list[str], int, int]:
-    """(StudyInstanceUIDs, SeriesInstanceUIDs, instances, parts) of a STOW-RS ``body``: :func:`stow_parts` without
-    where each DICOM part lies."""
-    studies, series, spans, parts = stow_parts(body, content_type)
-    return studies, series, len(spans), parts
-
-
 #: why a STOW-RS request whose headers or parameters are given twice is refused: the PACS may read the other one
 STOW_AMBIGUOUS = "the PACS may read another one than the proxy (its audit entry would not name what is stored)"
 
 
-def stow_parts(body: bytes, content_type: str) -> tuple[list[str], list[str], list[tuple[int, int]], int]:
-    """(StudyInstanceUIDs, SeriesInstanceUIDs, spans, parts) of a STOW-RS ``body`` (``multipart/related``
-    with the boundary of ``content_type``, its parameter names in any case). Each part is sent as DICOM (its own
-    Content-Type ``application/dicom``, or none) and is one instance, its UIDs read from its header up to the series
-    UID, values longer than :data:`STOW_SKIPPED_VALUE_BYTES` skipped (no pixel data, no large private element read).
-    UIDs sorted, without repeats. The parts are read as Orthanc's DICOMweb plugin reads them: a delimiter is
-    ``--boundary`` wherever it is (RFC 2046 has it start a line: every part a PACS finds is found here), what comes
-    before the first one (the preamble) and after the close delimiter ``--boundary--`` (the epilogue) is no part,
-    and a part's content ends with the CRLF before the next delimiter (its Content-Length, where it gives one, must
-    say so: a PACS may read that many bytes instead). ``spans`` are the (start, end) byte offsets in ``body`` of
-    each DICOM part's content, one per instance (what :func:`rebuilt_stow_body` forwards). A ``boundary`` or ``type``
-    parameter given twice, or a part with two Content-Length or Content-Type headers (a header name indented or
-    spaced before its colon counts: Orthanc strips the spaces), is refused: a PACS may read the other one.
+#: what follows ``--boundary`` in a delimiter (RFC 2046): ``--`` (the close delimiter), or optional linear whitespace
+#: and CRLF; after anything else (``--BOUNDARYX``) it is data
+_STOW_DELIMITER_TAIL = re.compile(rb"--|[ \t]*\r\n")
+
+
+def _stow_part_bounds(body: bytes, dash_boundary: bytes) -> list[tuple[int, int]]:
+    """Where each part of a multipart ``body`` lies, split exactly as RFC 2046 frames it: (the CRLF ending its
+    delimiter's line, the CRLF before the next delimiter), ``dash_boundary`` being ``--boundary``. A delimiter starts
+    the body or a line (the CRLF before it is the delimiter's, not the part's) and is followed by ``--`` (the close
+    delimiter: what follows is the epilogue) or by optional linear whitespace and CRLF; ``--boundary`` followed by
+    anything else is data. What comes before the first delimiter (the preamble) is no part. No delimiter: no part.
 
     Raises:
-        StowMediaTypeError: the body's multipart ``type`` or a part's Content-Type is not ``application/dicom``
-            (JSON or XML metadata, bulk data: their UIDs are not read), naming it and the part (1 = the first).
+        ValueError: the parts cannot be framed exactly: a delimiter that does not start a line (a client that left
+            out the CRLF before it: a PACS finds it there, RFC 2046 does not, and its part would lose or keep bytes
+            either way), or parts without a close delimiter (the last part's end is unknown)."""
+    delimiters, at = [], body.find(dash_boundary)
+    while at >= 0:
+        tail = _STOW_DELIMITER_TAIL.match(body, at + len(dash_boundary))
+        if tail is None:  # "--BOUNDARYX": data
+            at = body.find(dash_boundary, at + 1)
+            continue
+        line_start = delimiters[-1][1] if delimiters else 0  # its CRLF may not be the previous delimiter's
+        if at > 0 and (at - 2 < line_start or body[at - 2:at] != b"\r\n"):
+            raise ValueError(f"the body's parts cannot be framed exactly (RFC 2046): the delimiter "
+                             f"{dash_boundary[:80].decode('latin-1')} at byte {at} does not start a line (no CRLF "
+                             "before it)")
+        if tail.group() == b"--":
+            return [(line - 2, end - 2) for (_, line), (end, _) in zip(delimiters, delimiters[1:] + [(at, 0)])]
+        delimiters.append((at, tail.end()))
+        at = body.find(dash_boundary, tail.end())
+    if delimiters:
+        raise ValueError(f"the body's parts cannot be framed exactly (RFC 2046): no close delimiter "
+                         f"{dash_boundary[:80].decode('latin-1')}-- ends its last part (cut short?)")
+    return []
+
+
+def stow_parts(body: bytes, content_type: str) -> tuple[list[str], list[str], list[tuple[int, int]]]:
+    """(StudyInstanceUIDs, SeriesInstanceUIDs, spans) of a STOW-RS ``body`` (``multipart/related`` with the
+    boundary of ``content_type``, its media type and parameter names in any case). Each part is sent as DICOM (its
+    own Content-Type ``application/dicom``, or none) and is one instance, its UIDs read from its header up to the
+    series UID, values longer than :data:`STOW_SKIPPED_VALUE_BYTES` skipped (no pixel data, no large private element
+    read). UIDs sorted, without repeats. The parts are split exactly as RFC 2046 frames them
+    (:func:`_stow_part_bounds`; a body that cannot be is refused, never a byte lost or added), a part's content
+    ending with the CRLF before the next delimiter (its Content-Length, where it gives one, must say so: a PACS may
+    read that many bytes instead). ``spans`` are the (start, end) byte offsets in ``body`` of each DICOM part's
+    content, one per instance (what :func:`rebuilt_stow_body` forwards). A ``boundary`` or ``type`` parameter given
+    twice, or a part with two Content-Length or Content-Type headers (a header name indented or spaced before its
+    colon counts: Orthanc strips the spaces), is refused: a PACS may read the other one.
+
+    Raises:
+        StowMediaTypeError: the body is not sent as ``multipart/related``, naming its media type; the body's
+            multipart ``type`` or a part's Content-Type is not ``application/dicom`` (JSON or XML metadata, bulk
+            data: their UIDs are not read), naming it and the part (1 = the first).
         ValueError: a part sent as DICOM yields no StudyInstanceUID and SeriesInstanceUID (not DICOM, cut short),
             or its Content-Length disagrees with its delimiter, naming the part; a non-empty body without a boundary
-            or without any part (an encoded body: none can be read from it); a repeated parameter or part header.
+            or without any part (an encoded body: none can be read from it), or whose parts cannot be framed
+            exactly; a repeated parameter or part header.
     """
     from pydicom.filereader import read_partial
 
+    media_type = (content_type or "").partition(";")[0].strip()
+    if media_type.lower() != "multipart/related":  # RFC 7231: type and subtype in any case
+        sent = f"sent as {media_type[:80]}" if media_type else "sent without a Content-Type"
+        raise StowMediaTypeError(f"the body is {sent}; {STOW_MULTIPART_ONLY}")
     for name in ("boundary", "type"):
         if len(re.findall(rf";\s*{name}\s*=", content_type or "", re.IGNORECASE)) > 1:
             raise ValueError(f"its Content-Type gives the {name} parameter more than once; {STOW_AMBIGUOUS}")
@@ -1539,19 +1581,13 @@ def stow_parts(body: bytes, content_type: str) -> tuple[list[str], list[str], li
     if found is None:
         if body:
             raise ValueError("it is no multipart body: its Content-Type names no boundary")
-        return [], [], [], 0
+        return [], [], []
     delimiter = b"--" + found.group(1).strip().encode()
     view = memoryview(body)
-    studies, series, spans, parts = set(), set(), [], 0
-    at = body.find(delimiter)  # what comes before it is the preamble
-    while at >= 0:  # each part, found in place: only what pydicom reads of it is copied
-        after = at + len(delimiter)
-        if body[after:after + 2] == b"--":  # the close delimiter: what follows is the epilogue
-            break
-        at = body.find(delimiter, after)
-        end = len(body) if at < 0 else max(after, at - 2)  # the CRLF before a delimiter is the delimiter's
-        start = body.find(b"\r\n\r\n", after, end)  # the part's own headers end here
-        parts += 1
+    studies, series, spans = set(), set(), []
+    # each part, found in place: only what pydicom reads of it is copied
+    for parts, (after, end) in enumerate(_stow_part_bounds(body, delimiter), start=1):
+        start = body.find(b"\r\n\r\n", after, end)  # the part's own headers end here (none: at once)
         headers = body[after:max(start, after)].decode("latin-1")
         for name in ("content-type", "content-length"):
             if len(re.findall(rf"^[ \t]*{name}[ \t]*:", headers, re.IGNORECASE | re.MULTILINE)) > 1:
@@ -1583,7 +1619,7 @@ def stow_parts(body: bytes, content_type: str) -> tuple[list[str], list[str], li
     if body and not spans:  # its entry would name nothing stored (an encoded body, another boundary)
         raise ValueError(f"the body holds no part: no delimiter {delimiter[:80].decode('latin-1')} (its boundary) "
                          "starts one")
-    return sorted(studies), sorted(series), spans, parts
+    return sorted(studies), sorted(series), spans
 
 
 def rebuilt_stow_body(body: bytes, spans: list[tuple[int, int]]) -> tuple[str, bytes]:
@@ -1608,22 +1644,24 @@ def rebuilt_stow_body(body: bytes, spans: list[tuple[int, int]]) -> tuple[str, b
 def _record_proxy_store(path: str, content_type: str, body: bytes) -> tuple[Optional[dict], str, bytes]:
     """The ``dicomweb_storing`` entry of a proxy POST (a STOW-RS store into the PACS), written before it is
     forwarded: the study the path names and the studies and series of the body's DICOM parts (:func:`stow_parts`),
-    ``instances``, ``parts``, ``bytes`` and ``path``; with the Content-Type and body to forward, rebuilt from the
-    parts it names (:func:`rebuilt_stow_body`). 415 naming the part when one is not sent as DICOM (metadata, bulk
-    data), 422 naming it when a DICOM part's UIDs cannot be read or a header is ambiguous (neither writes an entry),
+    ``instances``, ``bytes`` (of the body forwarded) and ``path``; with the Content-Type and body to forward, rebuilt
+    from the parts it names (:func:`rebuilt_stow_body`). 415 naming the media type when the body is not
+    multipart/related, or the part when one is not sent as DICOM (metadata, bulk data), 422 naming it when a DICOM
+    part's UIDs cannot be read, the parts cannot be framed exactly or a header is ambiguous (none writes an entry),
     503 when the entry cannot be written: nothing is forwarded. (A body sent encoded, gzip, is refused before:
     :func:`_proxy`.)"""
     try:
-        studies, series, spans, parts = stow_parts(body, content_type)
+        studies, series, spans = stow_parts(body, content_type)
     except StowMediaTypeError as error:  # its entry would not say what was stored
         raise HTTPException(status_code=415, detail=f"nothing was stored in the PACS: {error}") from None
     except ValueError as error:  # its entry would not say what was stored
         raise HTTPException(status_code=422, detail=f"nothing was stored in the PACS: {error}") from None
     named, _, _ = proxy_read_key(path, "")
+    forwarded_type, forwarded = rebuilt_stow_body(body, spans)
     pending = _recorded_read(DICOMWEB_STORING, {
         "study_instance_uids": sorted(set(studies) | ({named} if named else set())), "series_instance_uids": series,
-        "instances": len(spans), "parts": parts, "bytes": len(body), "path": path}, "nothing was stored in the PACS")
-    return (pending, *rebuilt_stow_body(body, spans))
+        "instances": len(spans), "bytes": len(forwarded), "path": path}, "nothing was stored in the PACS")
+    return pending, forwarded_type, forwarded
 
 
 def _record_proxy_store_outcome(pending: dict, status: int, detail: Optional[str]) -> None:
