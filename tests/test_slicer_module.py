@@ -259,7 +259,7 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "on_fail=lambda error: self.verdictFailed(request['identity'], error)" in verdict
     assert "send_verdict(client, image_id, request," in ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
     submit = ast.unparse(functions["ADLDenoiseWidget.onSubmitCorrection"])
-    assert "request = self.logic.session.verdict_request('corrected', reviewer)" in submit
+    assert "request = self.logic.session.verdict_request('corrected', reviewer, on_screen=original.GetID())" in submit
     # signed in, the reviewer name may be empty (the server records the token's user): the session decides, the
     # widget does not refuse an empty field itself
     assert "reviewer = self.logic.session.reviewer_name(self.ui.reviewerEdit.text)" in submit
@@ -267,6 +267,20 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "regions, request['model'], request['result_seq'], on_done=done" in submit
     assert "self.verdictFailed(identity, error)" in submit
     assert "self.logic.session.verdict_refused(identity)" in ast.unparse(functions["ADLDenoiseWidget.verdictFailed"])
+    # the volume on screen must be the node the session's study was identified from (ReviewSession.require_on_screen):
+    # asked first of all by every action that sends data about the study, before the volume is identified again,
+    # the rescale confirmation is asked or anything is built to send (else a verdict could judge another patient)
+    on_screen = ast.unparse(functions["ADLDenoiseWidget.onScreen"])
+    assert "self.logic.session.require_on_screen(original.GetID() if original is not None else None)" in on_screen
+    assert "self.reidentify_timer.start()" in on_screen  # refused: the volume on screen is identified afresh
+    for name in ("selected", "original_and_result"):
+        body = ast.unparse(functions[f"ADLDenoiseWidget.{name}"])
+        assert body.index("original = self.onScreen()") < body.index("self.refreshStaleIdentity()"), name
+    for name, check in (("onVerdict", "require_judgeable"), ("onSubmitCorrection", "require_correctable")):
+        body = ast.unparse(functions[f"ADLDenoiseWidget.{name}"])
+        assert body.index(f"self.logic.session.{check}(on_screen=self.onScreen().GetID())") < \
+            body.index("self.selected()") < body.index("verdict_request(") < body.index("prepare_study("), name
+        assert "on_screen=original.GetID())" in body[body.index("verdict_request("):], name
     # a late result is not attached to another study
     load = ast.unparse(functions["ADLDenoiseLogic.load_result"])
     assert load.index("identity != self.session.study") < load.index("load_result(slicer.mrmlScene")
@@ -723,14 +737,14 @@ def test_a_volume_with_frames_whose_rescale_slicer_ignored_is_warned_of_and_sent
         assert "self.selected()" in body and body.index("self.selected()") < body.index("self.run("), name
     # a correction of such a volume is refused whatever the answer: refused before the question is asked
     submit = ast.unparse(functions["ADLDenoiseWidget.onSubmitCorrection"])
-    assert submit.index("self.logic.session.require_correctable()") < submit.index("self.selected()")
+    assert submit.index("self.logic.session.require_correctable(on_screen=") < submit.index("self.selected()")
     # and by the logic itself, for scripts and the self-test, before anything is written or sent
     logic = ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
     assert logic.index("self.session.require_correctable(study['identity'])") < logic.index("self.require_client()")
     # so is a verdict on the result of such a volume (it was denoised from the wrong values): by the widget before
     # the question, by the session's verdict_request, and by the logic before the study is uploaded or judged
     verdict = ast.unparse(functions["ADLDenoiseWidget.onVerdict"])
-    assert verdict.index("self.logic.session.require_judgeable()") < verdict.index("self.selected()") < \
+    assert verdict.index("self.logic.session.require_judgeable(on_screen=") < verdict.index("self.selected()") < \
         verdict.index("self.logic.session.verdict_request(") < verdict.index("self.run(self.logic.submit_verdict,")
     logic = ast.unparse(functions["ADLDenoiseLogic.submit_verdict"])
     assert logic.index("self.session.require_judgeable(study['identity'])") < logic.index("self.require_client()") \
@@ -796,7 +810,7 @@ def test_slicer_free_dicom_code_under_slicers_pydicom():
     check) runs in Slicer's Python, whose pydicom is 3 (Slicer 5.12's SuperBuild pins it) where .venv has pydicom 2:
     its tests (test_slicer_series_files against real series and what slicer-core's readers make of them,
     test_slicer_volume_files, test_slicer_workflow_state) pass in .venv-slicer too, with the pydicom, Pillow and
-    SimpleITK Slicer bundles (scripts/setup_slicer_env.sh)."""
+    SimpleITK Slicer bundles (scripts/setup_slicer_env.sh), without what pydicom 3 deprecates and pydicom 4 removes."""
     python = REPO_ROOT / ".venv-slicer" / "bin" / "python"
     if not python.exists():
         pytest.skip("no .venv-slicer (scripts/setup_slicer_env.sh could not install PyPI's slicer-core here)")
@@ -809,6 +823,10 @@ def test_slicer_free_dicom_code_under_slicers_pydicom():
     env = dict(os.environ, PYTHONPATH=str(MODULE_DIR))
     result = processes.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
                             "ignore::pytest.PytestConfigWarning",  # pytest.ini's timeout: no pytest-timeout there
+                            # what pydicom 3 deprecates is gone in pydicom 4 (a dataset's is_little_endian /
+                            # is_implicit_VR, write_like_original): an error here, in the tests and the module alike
+                            "-W", "error::DeprecationWarning:pydicom.dataset",
+                            "-W", "error::DeprecationWarning:pydicom.filewriter",
                             "-k", " and ".join(f"not {name}" for name in _NOT_UNDER_SLICERS_PYDICOM),
                             "tests/test_slicer_series_files.py", "tests/test_slicer_volume_files.py",
                             "tests/test_slicer_workflow_state.py"], 840, cwd=REPO_ROOT, env=env)

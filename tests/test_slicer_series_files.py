@@ -17,6 +17,7 @@ import pytest
 
 import processes
 from conftest import REPO_ROOT
+from pydicom_write import write_dicom
 
 MODULE_DIR = REPO_ROOT / "slicer_extension" / "ADLDenoise"
 
@@ -348,8 +349,10 @@ def _enhanced_file(sources: list[Path], path: Path, sop_class: str, rescales: st
     slices), with per-frame functional groups (plane positions) and its rescale: "per frame, fractional" or "per
     frame, whole" (each frame its own Pixel Value Transformation) or "shared" (one, in the shared functional
     group), or "frames 4-5 their own" (per frame: 1, -1024 but frames 4 and 5, 1-based, 2 and -2048), or "shared,
-    frame 3 its own" (the shared group's 2, -1024, and a per-frame one for frame 3 only). Returns each frame's
-    (slope, intercept) as DICOM defines it (its per-frame transformation, else the shared one)."""
+    frame 3 its own" (the shared group's 2, -1024, and a per-frame one for frame 3 only), or "frames 3, 5, 7
+    malformed" (per frame: 1, -1024, but frame 3's Rescale Slope missing, frame 5's "ab", frame 7's 0). Returns each
+    frame's (slope, intercept) as DICOM defines it (its per-frame transformation, else the shared one; for a
+    malformed one, frame 1's, which Slicer's reader applies to it)."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -375,6 +378,8 @@ def _enhanced_file(sources: list[Path], path: Path, sop_class: str, rescales: st
         rescale = [("2", "-2048") if k in (3, 4) else ("1", "-1024") for k in range(len(frames))]
     elif rescales == "shared, frame 3 its own":
         rescale = [("1", "-1024") if k == 2 else ("2", "-1024") for k in range(len(frames))]
+    elif rescales == "frames 3, 5, 7 malformed":
+        rescale = [("1", "-1024")] * len(frames)
     else:
         rescale = [("2", "-1024")] * len(frames)
 
@@ -398,10 +403,18 @@ def _enhanced_file(sources: list[Path], path: Path, sop_class: str, rescales: st
         if not rescales.startswith("shared") or rescale[k] != ("2", "-1024"):
             item.PixelValueTransformationSequence = [transformation(*rescale[k])]
         per_frame.append(item)
+    if rescales == "frames 3, 5, 7 malformed":
+        from pydicom.dataelem import RawDataElement
+        from pydicom.tag import Tag
+
+        del per_frame[2].PixelValueTransformationSequence[0].RescaleSlope
+        # as a file holds it: pydicom refuses to set a DS that is not a number
+        per_frame[4].PixelValueTransformationSequence[0][0x00281053] = RawDataElement(
+            Tag(0x00281053), "DS", 2, b"ab", 0, False, True)
+        per_frame[6].PixelValueTransformationSequence[0].RescaleSlope = "0"
     dataset.PerFrameFunctionalGroupsSequence = per_frame
     dataset.PixelData = np.stack([frame.pixel_array for frame in frames]).astype("<i2").tobytes()
-    dataset.is_little_endian, dataset.is_implicit_VR = True, False
-    pydicom.dcmwrite(path, dataset, write_like_original=False)
+    write_dicom(path, dataset)  # explicit VR little endian, as its transfer syntax says
     return [(float(slope), float(intercept)) for slope, intercept in rescale]
 
 
@@ -485,6 +498,61 @@ def test_the_frames_whose_own_rescale_slicer_ignored_are_named_and_are_those_wit
     undecodable = read_series_values([tmp_path / "undecodable.dcm"])
     assert isinstance(undecodable, NoReference) and "cannot be decoded" in undecodable.reason
     assert [item.frames for item in undecodable.ignored_rescales] == [wrong]
+
+
+def test_later_frames_whose_own_rescale_is_malformed_are_named_with_what_is_wrong(shared_data, tmp_path):
+    """A multi-frame file whose later frames carry a malformed rescale (Rescale Slope missing, not a number, 0):
+    Slicer's reader applies frame 1's rescale to them as to every frame (it never reads theirs), so the reference
+    does too and the volume is compared with its files; those frames are named, each with what is wrong, so that
+    the module warns of them, asks before sending the volume and refuses verdicts and corrections of it
+    (ReviewSession.rescale_warning). Before, such a file gave no reference, its reason naming no frame, and the
+    volume was sent with frame 1's values on those frames without a word."""
+    import pydicom
+    from ADLDenoiseLib.review_session import (
+        RescaleNotApplied,
+        ReviewSession,
+        VolumeSnapshot,
+        WorkflowError,
+        content_identity,
+        dicom_identity,
+        snapshot_matches_files,
+    )
+    from ADLDenoiseLib.series_files import IgnoredRescale, SeriesValues, read_series_values
+
+    path = tmp_path / "enhanced.dcm"
+    _enhanced_file(_ge_series(shared_data, 8), path, "1.2.840.10008.5.1.4.1.1.2.1", "frames 3, 5, 7 malformed")
+    values = read_series_values([path])
+    assert isinstance(values, SeriesValues) and (values.slope, values.intercept) == (1.0, -1024.0)
+    malformed = ((3, "no RescaleSlope"), (5, "RescaleSlope 'ab' is not a number"), (7, "RescaleSlope 0"))
+    assert values.ignored_rescales == (IgnoredRescale("enhanced.dcm", (), 8, (1.0, -1024.0), (), malformed),)
+    text = values.ignored_rescales[0].describe()
+    assert text == ("frames 3, 5, 7 of enhanced.dcm (3 of 8) have a malformed rescale (frame 3: no RescaleSlope; "
+                    "frame 5: RescaleSlope 'ab' is not a number; frame 7: RescaleSlope 0): Slicer's reader applied "
+                    "slope 1, intercept -1024 to them as to all the file's frames, which may not be what they mean")
+    # what slicer-core's reader makes of the file: frame 1's rescale on every frame, the malformed ones included
+    loaded = _load_in_slicer_core(_LOAD_WITH_SERIES_READER, [path], tmp_path / "loaded.npy")
+    assert values.matches(loaded)
+    stored = pydicom.dcmread(path).pixel_array.astype(np.float64)
+    assert np.array_equal(np.sort(loaded, axis=None), np.sort(stored - 1024.0, axis=None))
+    # the module: warned, sent only once confirmed, never judged or corrected
+    session = ReviewSession()
+    series = dicom_identity("1.2.840.77", "CT", "Enhanced CT", instance_uids="1.2.840.77.1")
+    ticket = session.identifying("vtkMRMLScalarVolumeNode1", series, "Enhanced CT")
+    snapshot = VolumeSnapshot(loaded, np.eye(4), "Enhanced CT", None, series)
+    assert session.identified(ticket, content_identity(loaded, np.eye(4)),
+                              lambda: snapshot_matches_files(snapshot, [str(path)])) == series
+    with pytest.raises(RescaleNotApplied, match=r"frames 3, 5, 7 of enhanced.dcm \(3 of 8\) have a malformed"):
+        session.require_study()
+    for check in (session.require_judgeable, session.require_correctable):
+        with pytest.raises(WorkflowError, match="not sent: frames 3, 5, 7 of enhanced.dcm"):
+            check()
+    # with frames carrying a well-formed rescale of their own as well: both said, those first
+    both = IgnoredRescale("ct.dcm", (2,), 9, (1.0, -1024.0), ((2.0, -1024.0),), ((4, "no RescaleIntercept"),))
+    assert both.describe().startswith("frame 2 of ct.dcm (1 of 9) carries its own rescale (slope 2, intercept "
+                                      "-1024) that Slicer's reader ignored (it applied slope 1, intercept -1024 to "
+                                      "all the file's frames); frame 4 of ct.dcm (1 of 9) has a malformed rescale "
+                                      "(frame 4: no RescaleIntercept): Slicer's reader applied slope 1, intercept "
+                                      "-1024 to it")
 
 
 #: loads a colour series as the DICOM plugin does (``loadFilesWithSeriesReader`` with grayscale false: the vector

@@ -38,6 +38,8 @@ from ADLDenoiseLib.settings import (
     supports_restoration,
 )
 
+from pydicom_write import write_dicom
+
 EYE = np.diag([0.8, 0.8, 2.0, 1.0])
 
 
@@ -398,6 +400,69 @@ def test_a_hash_for_a_volume_no_longer_selected_is_never_applied_to_the_next_one
     assert session.identified(ticket_new, hashed(task_new)) == b
 
 
+def test_nothing_is_judged_or_corrected_for_a_volume_on_screen_that_is_not_the_one_the_study_was_identified_from(
+        tmp_path):
+    """The study, its result and its server id belong to the node they were identified from. When the volume on
+    screen is another node (the selection changed without the module being told: a handler failed half-way, a
+    queue study not taken by the selector), a verdict or correction would judge, and be recorded for, another
+    patient: refused first of all, before the volume is identified again, the rescale confirmation is asked or
+    anything is built to send (require_on_screen, asked by require_judgeable, require_correctable and
+    verdict_request with ``on_screen``), and the study marked stale, so that the volume on screen is identified
+    afresh; that one gets no result of the other."""
+    session = ReviewSession()
+    patient_a, patient_b = volume(21), volume(22)
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode1", patient_a, name="patient A")
+    a = session.identified(ticket, hashed(task))
+    session.record_upload(a, "case_a")
+    session.result_arrived(a, "result of A", "adl", result_seq=7)
+    session.blended(0.5, "blend of A")
+    session.require_on_screen("vtkMRMLScalarVolumeNode1")
+    assert session.verdict_request("accepted", "rita", on_screen="vtkMRMLScalarVolumeNode1")["identity"] == a
+    # patient B's node on screen, the session still holding A's study: refused, whichever action asks first
+    other = "the volume on screen is not the one whose study the module holds .*nothing was sent"
+    for action in (lambda: session.verdict_request("accepted", "rita", on_screen="vtkMRMLScalarVolumeNode2"),
+                   lambda: session.verdict_request("maybe", "", on_screen="vtkMRMLScalarVolumeNode2"),
+                   lambda: session.require_judgeable(on_screen="vtkMRMLScalarVolumeNode2"),
+                   lambda: session.require_correctable(on_screen="vtkMRMLScalarVolumeNode2")):
+        with pytest.raises(WorkflowError, match=other):
+            action()
+        # ... and A's study is no longer handed out for any node: stale until the node on screen is identified
+        assert session.study_stale and session.blend is None and session.result() is None
+        with pytest.raises(WorkflowError, match="changed since it was identified"):
+            session.verdict_request("accepted", "rita")
+    # the node on screen identified: B, without A's result, server id or verdict
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode2", patient_b, name="patient B")
+    session.require_on_screen("vtkMRMLScalarVolumeNode2")  # (then require_study says to wait)
+    b = session.identified(ticket, hashed(task))
+    assert b != a and session.study_node == "vtkMRMLScalarVolumeNode2"
+    with pytest.raises(WorkflowError, match="denoise the volume first"):
+        session.verdict_request("accepted", "rita", on_screen="vtkMRMLScalarVolumeNode2")
+    assert session.server_id(b) is None
+    # another node on screen than the one being identified: refused, and that identification's answer dropped
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode3", patient_b, name="patient C")
+    with pytest.raises(WorkflowError, match=other.replace("holds ", r"holds \(patient C being identified\)")):
+        session.require_on_screen("vtkMRMLScalarVolumeNode1")
+    assert session.identified(ticket, hashed(task)) is None and session.study is None
+    # A's node on screen, identified again: its own result judged
+    ticket, task, _ = identify(session, "vtkMRMLScalarVolumeNode1", patient_a, name="patient A")
+    assert session.identified(ticket, hashed(task)) == a
+    request = session.verdict_request("accepted", "rita", on_screen="vtkMRMLScalarVolumeNode1")
+    assert (request["identity"], request["image_id"], request["result_seq"]) == (a, "case_a", 7)
+    with pytest.raises(WorkflowError, match="select a CT or MR volume first"):
+        session.require_on_screen(None)
+    session.select(None)
+    session.require_on_screen("vtkMRMLScalarVolumeNode1")  # nothing handed out: require_study says why
+    # a volume whose frames hold wrong values: another node on screen is refused before its frames are judged
+    as_slicer_loads, _, wrong, series = _enhanced_ct_with_and_without_own_rescales(tmp_path, 23, "1.2.840.69")
+    session = _session_compared_with(wrong, as_slicer_loads, series)
+    assert session.study_node == "vtkMRMLScalarVolumeNode1"  # kept when the files' answer selected the study
+    for check in (session.require_judgeable, session.require_correctable):
+        with pytest.raises(WorkflowError, match="not sent: frames 3-4 of enhanced.dcm"):
+            check(on_screen="vtkMRMLScalarVolumeNode1")
+    with pytest.raises(WorkflowError, match=other):
+        session.require_judgeable(on_screen="vtkMRMLScalarVolumeNode5")
+
+
 def test_a_volume_edited_while_its_copy_was_hashed_is_identified_again_from_its_new_voxels():
     """The node changed (an edit in place, another 4D frame) after its voxels were copied for the hash: that hash
     names the old voxels and is dropped; the study comes from a hash of the new ones. A DICOM volume edited that
@@ -469,7 +534,7 @@ def test_voxels_changed_without_slicer_being_told_are_never_sent_under_the_ident
 
 def write_series(folder, voxels: np.ndarray) -> list[str]:
     """A small CT series (one file per slice, int16, rescale -1024) written with pydicom."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -479,15 +544,15 @@ def write_series(folder, voxels: np.ndarray) -> list[str]:
         meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / f"{index}.dcm"
-        dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        dataset = Dataset()
+        dataset.file_meta = meta
         dataset.SOPClassUID, dataset.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         dataset.Modality, dataset.PhotometricInterpretation, dataset.SamplesPerPixel = "CT", "MONOCHROME2", 1
         dataset.Rows, dataset.Columns = plane.shape
         dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
         dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1024
         dataset.PixelData = (plane + 1024).astype("<i2").tobytes()
-        dataset.is_little_endian, dataset.is_implicit_VR = True, False
-        dataset.save_as(path, write_like_original=False)
+        write_dicom(path, dataset)  # explicit VR little endian, as its transfer syntax says
         paths.append(str(path))
     return paths
 
@@ -567,7 +632,6 @@ def test_a_dicom_volume_whose_files_cannot_tell_says_why_on_its_status_line(tmp_
 def write_enhanced_ct(path, stored: np.ndarray, rescales: list[tuple[str, str]]) -> str:
     """One Enhanced CT file (int16 frames ``stored``, frame x rows x columns) whose frames carry their own rescale
     (per-frame Pixel Value Transformation), written with pydicom."""
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -590,8 +654,7 @@ def write_enhanced_ct(path, stored: np.ndarray, rescales: list[tuple[str, str]])
     dataset.SharedFunctionalGroupsSequence = [Dataset()]
     dataset.PerFrameFunctionalGroupsSequence = frames
     dataset.PixelData = stored.astype("<i2").tobytes()
-    dataset.is_little_endian, dataset.is_implicit_VR = True, False
-    pydicom.dcmwrite(path, dataset, write_like_original=False)
+    write_dicom(path, dataset)  # explicit VR little endian, as its transfer syntax says
     return str(path)
 
 

@@ -795,14 +795,27 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.modelsCombo
         return combo.itemData(combo.currentIndex) or combo.currentText if combo.count else ""
 
+    def onScreen(self):
+        """The volume on screen (the selection), refused unless it is the node the session's study belongs to
+        (``ReviewSession.require_on_screen``): asked first by every action that sends data about the study, before
+        anything is identified again, confirmed or sent. Refused, the volume on screen is identified once it
+        rests."""
+        original = self.ui.inputVolumeSelector.currentNode()
+        try:
+            self.logic.session.require_on_screen(original.GetID() if original is not None else None)
+        except WorkflowError:
+            if original is not None:
+                self.reidentify_timer.start()
+            raise
+        return original
+
     def selected(self):
         """(original node, its identity) of the selection; refused while it is being identified (also again, after
         it changed in place: content, frame) and while a DICOM volume is compared with its files (it may be an
-        edited one): nothing is sent for it with an identity not its own. A volume with frames whose rescale
-        Slicer's reader ignored (wrong values) is sent only once the user confirms (``RescaleNotApplied``)."""
-        original = self.ui.inputVolumeSelector.currentNode()
-        if original is None:
-            raise WorkflowError("select a CT or MR volume first")
+        edited one): nothing is sent for it with an identity not its own; first of all, unless it is the node the
+        session's study belongs to (:meth:`onScreen`). A volume with frames whose rescale Slicer's reader ignored
+        (wrong values) is sent only once the user confirms (``RescaleNotApplied``)."""
+        original = self.onScreen()
         self.refreshStaleIdentity()
         session = self.logic.session
         try:
@@ -832,11 +845,10 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def original_and_result(self):
         """The selected node and the node of its study's result (None when not denoised); refused while the volume
-        is being identified (no hashing here: this runs per slider step)."""
-        original = self.ui.inputVolumeSelector.currentNode()
+        is being identified (no hashing here: this runs per slider step), and unless the volume on screen is the
+        node the session's study belongs to (:meth:`onScreen`: else the result shown would be another volume's)."""
+        original = self.onScreen()
         self.refreshStaleIdentity()
-        if original is None:
-            raise WorkflowError("select a volume first")
         self.logic.session.require_identified()
         record = self.logic.session.result()
         result = slicer.mrmlScene.GetNodeByID(record.node_id) if record else None
@@ -1222,14 +1234,16 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             reviewer = self.logic.session.reviewer_name(self.ui.reviewerEdit.text)  # optional when signed in
             self.blend_timer.stop()
-            self.logic.session.require_correctable()  # refused before selected() would ask to confirm sending it
+            # the volume on screen must be the study's, then its frames right: refused before selected() would
+            # identify it again or ask to confirm sending it
+            self.logic.session.require_correctable(on_screen=self.onScreen().GetID())
             original, identity = self.selected()  # re-identified: a changed volume or frame drops the blend
             original, result = self.original_and_result()
             if result is None:
                 raise WorkflowError("denoise the volume first")
             blend = self.logic.session.correction_to_submit(identity)
             # the verdict names the result corrected (its model and server entry): judged, or refused, never another
-            request = self.logic.session.verdict_request("corrected", reviewer)
+            request = self.logic.session.verdict_request("corrected", reviewer, on_screen=original.GetID())
             corrected = slicer.mrmlScene.GetNodeByID(blend.node_id) if blend is not None else None
             if corrected is None:  # nothing blended for this study and result: blend now at the slider's value
                 corrected = blended_volume(slicer.mrmlScene, original, result, float(self.ui.blendSlider.value),
@@ -1332,10 +1346,12 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onVerdict(self, verdict: str):
         try:
-            self.logic.session.require_judgeable()  # refused before selected() would ask to confirm sending it
+            # the volume on screen must be the study's, then its frames right: refused before selected() would
+            # identify it again or ask to confirm sending it
+            self.logic.session.require_judgeable(on_screen=self.onScreen().GetID())
             original, identity = self.selected()
             request = self.logic.session.verdict_request(verdict, self.ui.reviewerEdit.text,
-                                                         self.ui.rejectReasonEdit.text)
+                                                         self.ui.rejectReasonEdit.text, on_screen=original.GetID())
             study = self.logic.prepare_study(original, identity)
         except Exception as error:  # noqa: BLE001
             self.error(error)

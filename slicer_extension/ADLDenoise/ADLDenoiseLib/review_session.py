@@ -411,6 +411,10 @@ class ReviewSession:
 
     def _reset_studies(self) -> None:
         self.study: StudyIdentity | None = None
+        #: the node :attr:`study` was identified from (:meth:`identified`; None for a study selected without one):
+        #: the volume on screen must be this node before anything is done or sent for the study
+        #: (:meth:`require_on_screen`)
+        self.study_node: str | None = None
         self.study_stale = False  # the selected volume changed in the scene since :attr:`study` was computed
         #: the content identity :attr:`study` was identified from (its voxels and grid; :meth:`identified`)
         self.study_content: StudyIdentity | None = None
@@ -477,13 +481,15 @@ class ReviewSession:
         return self._work
 
     # ---------------------------------------------------------------------------------------------- studies
-    def select(self, identity: StudyIdentity | None) -> bool:
-        """The user selected a volume (None: none). Returns True when the study changed; then the blended
-        correction is dropped (it belongs to the previous study)."""
+    def select(self, identity: StudyIdentity | None, node_id: str | None = None) -> bool:
+        """The user selected a volume (None: none), ``node_id`` the node it was identified from (see
+        :meth:`require_on_screen`). Returns True when the study changed; then the blended correction is dropped (it
+        belongs to the previous study)."""
         if identity is not None and not isinstance(identity, StudyIdentity):
             raise WorkflowError("select() takes a StudyIdentity or None")
         changed = identity != self.study
         self.study = identity
+        self.study_node = None if identity is None or node_id is None else str(node_id)
         self.study_stale = False
         self.study_content = None
         self.pending = None  # an identification still running is for what was selected before: dropped
@@ -525,7 +531,7 @@ class ReviewSession:
         if not isinstance(content, StudyIdentity) or content.kind != "content":
             raise WorkflowError("identified() takes the content identity of the volume's voxels")
         study = content if pending.series is None else self.as_loaded(pending.series, content, files_match)
-        self.select(study)
+        self.select(study, pending.node_id)
         self.study_content = content
         return study
 
@@ -608,7 +614,7 @@ class ReviewSession:
         if self.study == identity and content is not None and content.key == content_key and \
                 self.pending is None and not self.study_stale:
             # the selected volume is these voxels: its study follows from the answer now (no second hash)
-            self.select(self.as_loaded(identity, content))
+            self.select(self.as_loaded(identity, content), self.study_node)
             self.study_content = content
             return self.study
         return None
@@ -726,6 +732,28 @@ class ReviewSession:
         # an identification still running hashes a copy taken before the change: its answer names other voxels
         self.pending = None
 
+    def require_on_screen(self, node_id: str | None) -> None:
+        """Asked first by every action that sends data about the study on screen (Denoise, a verdict, a correction),
+        before its volume is identified again or anything is read, confirmed or sent for it: the volume on screen,
+        node ``node_id`` (the module's selection; None: no volume), must be the node the session's study was
+        identified from, or the one being identified. Else the study, its result and server id belong to another
+        volume (the selection changed without the module being told, e.g. a handler failed half-way): a verdict
+        would judge, and be recorded for, another patient's study. Refused then, the study marked stale (the blend
+        dropped; :meth:`input_modified`), so that the volume on screen is identified afresh; nothing to refuse while
+        no study is handed out (:meth:`require_study` says why)."""
+        if node_id is None or not str(node_id).strip():
+            raise WorkflowError("select a CT or MR volume first")
+        if self.pending is not None:
+            owner, what = self.pending.node_id, f"{self.pending.name or 'the volume'} being identified"
+        elif self.study is not None:
+            owner, what = self.study_node, self.study.describe()
+        else:
+            return
+        if owner != str(node_id):
+            self.input_modified()
+            raise WorkflowError(f"the volume on screen is not the one whose study the module holds ({what}): "
+                                "nothing was sent; it is being identified, wait a moment, then try again")
+
     def require_study(self) -> StudyIdentity:
         """The selected study, identified and checked against its DICOM files (:meth:`require_identified`,
         :meth:`require_checked`), and confirmed by the user when frames of its files carry a rescale Slicer's
@@ -808,11 +836,15 @@ class ReviewSession:
         self.blend = BlendRecord(record.identity, record.serial, strength, node_id)
         return self.blend
 
-    def require_correctable(self, identity: StudyIdentity | None = None) -> StudyIdentity | None:
+    def require_correctable(self, identity: StudyIdentity | None = None,
+                            on_screen: str | None = None) -> StudyIdentity | None:
         """``identity`` (default: the selected study), unless frames of its files hold wrong values (a rescale
         Slicer's reader ignored, :meth:`rescale_warning`): a correction of it is refused then, also once the user
         confirmed sending the volume. Asked before anything else of a correction, so the user is not asked to
-        confirm sending a volume whose correction is refused anyway."""
+        confirm sending a volume whose correction is refused anyway; ``on_screen``: the node on screen, which must
+        be the study's (:meth:`require_on_screen`, asked before anything else)."""
+        if on_screen is not None:
+            self.require_on_screen(on_screen)
         identity = identity if identity is not None else self.study
         frames = self._ignored_frames(identity)
         if frames:
@@ -821,13 +853,17 @@ class ReviewSession:
                                 "convert the file to single-frame images), denoise it again, then correct it")
         return identity
 
-    def require_judgeable(self, identity: StudyIdentity | None = None) -> StudyIdentity | None:
+    def require_judgeable(self, identity: StudyIdentity | None = None,
+                          on_screen: str | None = None) -> StudyIdentity | None:
         """``identity`` (default: the selected study), unless frames of its files hold wrong values (a rescale
         Slicer's reader ignored, :meth:`rescale_warning`): a verdict on its result is refused then, also once the
         user confirmed sending the volume, since that result was denoised from an input the model should never have
         had: the verdict would judge the model on it, and the review queue and fine-tuning would take it as a
         reviewer's judgement. Asked before the user is asked to confirm sending the volume (:meth:`verdict_request`,
-        the module's verdict buttons)."""
+        the module's verdict buttons); ``on_screen``: the node on screen, which must be the study's
+        (:meth:`require_on_screen`, asked before anything else)."""
+        if on_screen is not None:
+            self.require_on_screen(on_screen)
         identity = identity if identity is not None else self.study
         frames = self._ignored_frames(identity)
         if frames:
@@ -858,7 +894,8 @@ class ReviewSession:
         return blend
 
     # ---------------------------------------------------------------------------------------------- verdicts
-    def verdict_request(self, verdict: str, reviewer: str, reason: str | None = None) -> dict:
+    def verdict_request(self, verdict: str, reviewer: str, reason: str | None = None,
+                        on_screen: str | None = None) -> dict:
         """Validate a verdict on the selected study; returns what to send (identity captured now, so an answer
         arriving after the user moved on is still recorded for the right study), with ``result_seq``: the server's
         entry of the study's result shown here, so that the server records the verdict against that very result
@@ -866,7 +903,11 @@ class ReviewSession:
         ``model``: that result's model. Refused without a result of the study (a verdict judges a denoised image
         the reviewer saw), and for a result another server made (its entry numbers name other results here).
         ``reviewer``: see :meth:`reviewer_name` (may be empty when signed in). Refused for a volume whose frames
-        hold wrong values (:meth:`require_judgeable`), confirmed or not, before the confirmation is asked."""
+        hold wrong values (:meth:`require_judgeable`), confirmed or not, before the confirmation is asked.
+        ``on_screen``: the node on screen (the module's selection), refused first of all when it is not the node
+        the study was identified from (:meth:`require_on_screen`)."""
+        if on_screen is not None:
+            self.require_on_screen(on_screen)
         self.require_judgeable(self.require_identified())
         study = self.require_study()
         if verdict not in VERDICTS:

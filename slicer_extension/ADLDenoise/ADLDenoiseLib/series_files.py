@@ -29,7 +29,9 @@ and so what the reference reproduces:
   same, since it must be what the node holds, not what the frames mean. Those frames are named
   (:class:`IgnoredRescale`, in the ``ignored_rescales`` of what :func:`read_series_values` returns, from the headers
   it reads anyway; those of every file, also after one that gives no reference) so that the module warns that their
-  values are wrong;
+  values are wrong; so are the later frames whose own rescale is malformed (a Rescale Slope or Intercept missing,
+  not a number, or a slope of 0), which GDCM never reads either: they are loaded through the first frame's too,
+  whatever they hold;
 - MONOCHROME1: GDCM inverts the stored values to MONOCHROME2 before the rescale (``gdcm::ImageCodec``'s
   DoInvertMonochrome: ``~v`` when signed, ``255 - v`` for 8 unsigned bits, ``2**BitsStored - 1 - v`` for 16, values
   above that clamped first); the reference inverts them the same way.
@@ -93,24 +95,48 @@ class IgnoredRescale:
     total: int
     applied: tuple[float, float]
     rescales: tuple[tuple[float, float], ...]
+    #: frames (1-based) whose own Pixel Value Transformation is malformed, each with what is wrong in it (a Rescale
+    #: Slope or Intercept missing, not a number, or a slope of 0): Slicer's reader applied ``applied`` to them too,
+    #: and what their values mean cannot be told from the file
+    malformed: tuple[tuple[int, str], ...] = ()
 
-    def describe(self) -> str:
-        """E.g. "frames 2-5, 8 of ct.dcm (5 of 8) carry their own rescale (slope 2, intercept -1024) ..."."""
-        runs, start = [], self.frames[0]
-        for previous, frame in zip(self.frames, self.frames[1:]):
+    @staticmethod
+    def _named(frames: Sequence[int]) -> str:
+        """E.g. "frames 2-5, 8" (runs of consecutive frames; the first six runs)."""
+        runs, start = [], frames[0]
+        for previous, frame in zip(frames, frames[1:]):
             if frame != previous + 1:  # a run of consecutive frames ends at previous
                 runs.append((start, previous))
                 start = frame
-        runs.append((start, self.frames[-1]))
+        runs.append((start, frames[-1]))
         named = ", ".join(f"{first}" if first == last else f"{first}-{last}" for first, last in runs[:6])
-        named += ", ..." if len(runs) > 6 else ""
-        own = "; ".join(f"slope {slope:g}, intercept {intercept:g}" for slope, intercept in self.rescales[:3])
-        if len(self.rescales) > 3:
-            own += f"; ... {len(self.rescales)} different ones"
-        several = len(self.frames) > 1
-        return (f"frame{'s' if several else ''} {named} of {self.file} ({len(self.frames)} of {self.total}) "
-                f"{'carry their' if several else 'carries its'} own rescale ({own}) that Slicer's reader ignored (it "
-                f"applied slope {self.applied[0]:g}, intercept {self.applied[1]:g} to all the file's frames)")
+        return f"frame{'s' if len(frames) > 1 else ''} {named}" + (", ..." if len(runs) > 6 else "")
+
+    def describe(self) -> str:
+        """E.g. "frames 2-5, 8 of ct.dcm (5 of 8) carry their own rescale (slope 2, intercept -1024) ..."; then the
+        frames with a malformed rescale, e.g. "frame 6 of ct.dcm (1 of 8) has a malformed rescale (frame 6: no
+        RescaleSlope) ..."."""
+        applied = f"slope {self.applied[0]:g}, intercept {self.applied[1]:g}"
+        parts = []
+        if self.frames:
+            own = "; ".join(f"slope {slope:g}, intercept {intercept:g}" for slope, intercept in self.rescales[:3])
+            if len(self.rescales) > 3:
+                own += f"; ... {len(self.rescales)} different ones"
+            several = len(self.frames) > 1
+            parts.append(f"{self._named(self.frames)} of {self.file} ({len(self.frames)} of {self.total}) "
+                         f"{'carry their' if several else 'carries its'} own rescale ({own}) that Slicer's reader "
+                         f"ignored (it applied {applied} to all the file's frames)")
+        if self.malformed:
+            frames = [number for number, _ in self.malformed]
+            wrong = "; ".join(f"frame {number}: {what}" for number, what in self.malformed[:3])
+            if len(self.malformed) > 3:
+                wrong += "; ..."
+            several = len(frames) > 1
+            parts.append(f"{self._named(frames)} of {self.file} ({len(frames)} of {self.total}) "
+                         f"{'have' if several else 'has'} a malformed rescale ({wrong}): Slicer's reader applied "
+                         f"{applied} to {'them' if several else 'it'} as to all the file's frames, which may not be "
+                         f"what {'they mean' if several else 'it means'}")
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -377,36 +403,60 @@ def _gdcm_rescale(dataset) -> tuple[float, float] | None:
     return float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0)
 
 
+def _transformation(group) -> tuple[float, float] | str | None:
+    """The (slope, intercept) of the Pixel Value Transformation of a functional group item ``group``; None when it has
+    none; else what is malformed in it, in words: a Rescale Slope or Intercept missing (both are Type 1 there), not a
+    number, not finite, or a slope of 0."""
+    items = (group.get("PixelValueTransformationSequence") or []) if group is not None else []
+    if not items:
+        return None
+    values = []
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = items[0].get(keyword)
+        if value is None or str(value).strip() == "":
+            return f"no {keyword}"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return f"{keyword} {str(value)[:24]!r} is not a number"
+        if not np.isfinite(number):
+            return f"{keyword} {number:g} is not a finite number"
+        values.append(number)
+    if values[0] == 0:
+        return "RescaleSlope 0"
+    return values[0], values[1]
+
+
 def _ignored_rescale(dataset, name: str, applied: tuple[float, float]) -> IgnoredRescale | None:
     """The frames of ``dataset`` (a file named ``name``) whose own rescale is not ``applied``, the one GDCM applies to
-    all (:func:`_gdcm_rescale`); None when there is none. A frame's own rescale, as DICOM defines it: its per-frame
-    functional group's Pixel Value Transformation, else the shared group's, else the top-level Rescale Slope /
-    Intercept (1 and 0 when absent; an item giving only one of the two takes the default for the other). From the
-    header already read: no pixel data is touched."""
+    all (:func:`_gdcm_rescale`), and those whose own rescale is malformed (:func:`_transformation`; GDCM applies
+    ``applied`` to them as well, never reading it); None when there is none. A frame's own rescale, as DICOM defines
+    it: its per-frame functional group's Pixel Value Transformation, else the shared group's, else the top-level
+    Rescale Slope / Intercept (1 and 0 when absent). From the header already read: no pixel data is touched."""
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence") or []
     if not per_frame:
         return None
-
-    def transformation(group) -> tuple[float, float] | None:
-        items = (group.get("PixelValueTransformationSequence") or []) if group is not None else []
-        if not items:
-            return None
-        item = items[0]
-        slope, intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
-        return (float(1 if slope in (None, "") else slope), float(0 if intercept in (None, "") else intercept))
-
     shared = dataset.get("SharedFunctionalGroupsSequence") or []
-    default = transformation(shared[0] if shared else None) or \
-        (float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0))
+    shared_own = _transformation(shared[0] if shared else None)
+    top_level = None  # read only for a frame without a transformation of its own or a shared one
     wrong: dict[int, tuple[float, float]] = {}
+    malformed: list[tuple[int, str]] = []
     for number, group in enumerate(per_frame, 1):
-        own = transformation(group) or default
-        if own != applied:
+        own = _transformation(group)
+        if own is None:
+            own = shared_own
+        if own is None:
+            if top_level is None:
+                top_level = (float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0))
+            own = top_level
+        if isinstance(own, str):
+            malformed.append((number, own))
+        elif own != applied:
             wrong[number] = own
-    if not wrong:
+    if not wrong and not malformed:
         return None
     total = int(dataset.get("NumberOfFrames", len(per_frame)) or len(per_frame))
-    return IgnoredRescale(name, tuple(wrong), total, applied, tuple(sorted(set(wrong.values()))))
+    return IgnoredRescale(name, tuple(wrong), total, applied, tuple(sorted(set(wrong.values()))), tuple(malformed))
 
 
 def _as_monochrome2(pixels: np.ndarray, dataset) -> np.ndarray:
