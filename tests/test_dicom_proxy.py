@@ -640,16 +640,20 @@ def test_a_stores_parts_are_split_exactly_as_rfc_2046_frames_them(tmp_path):
 
     ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
     ds = pydicom.dcmread(ct)
-    ds.ImageComments = "see\r\n--BOUNDARYX\r\nand --BOUNDARY-x or\r\n--BOUNDARY x\r\n--BOUNDARY"
+    ds.ImageComments = "see\r\n--BOUNDARYX\r\nand --BOUNDARY-x or\r\n--BOUNDARY x\r\n--BOUNDARY--x\r\n--BOUNDARY"
     ds.save_as(tmp_path / "ct_holding_the_boundary.dcm")
     holding = tmp_path / "ct_holding_the_boundary.dcm"
     headers = [pydicom.dcmread(path) for path in (ct, mr)]
     expected = (sorted(str(h.StudyInstanceUID) for h in headers), sorted(str(h.SeriesInstanceUID) for h in headers))
     contents = [Path(path).read_bytes() for path in (holding, mr)]
-    assert b"\r\n--BOUNDARYX\r\n" in contents[0]
+    assert b"\r\n--BOUNDARYX\r\n" in contents[0] and b"\r\n--BOUNDARY--x\r\n" in contents[0]
     assert stow_contents(stow_body([holding, mr]), STOW_TYPE) == (*expected, contents)
     padded = stow_body([holding, mr]).replace(b"--BOUNDARY\r\n", b"--BOUNDARY \t \r\n")  # transport padding
     assert stow_contents(padded, STOW_TYPE) == (*expected, contents)
+    assert stow_body([holding, mr]).endswith(b"\r\n--BOUNDARY--\r\n")
+    for close in (b"--BOUNDARY-- \t\r\n", b"--BOUNDARY--"):  # padded, or ending the body (dicomweb-client)
+        closed = stow_body([holding, mr])[:-len(b"--BOUNDARY--\r\n")] + close
+        assert stow_contents(closed, STOW_TYPE) == (*expected, contents)
 
     body = stow_body([ct, mr])
     second = body.index(b"\r\n--BOUNDARY\r\n", 20)

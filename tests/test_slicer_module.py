@@ -272,7 +272,8 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     # the rescale confirmation is asked or anything is built to send (else a verdict could judge another patient)
     on_screen = ast.unparse(functions["ADLDenoiseWidget.onScreen"])
     assert "self.logic.session.require_on_screen(original.GetID() if original is not None else None)" in on_screen
-    assert "self.reidentify_timer.start()" in on_screen  # refused: the volume on screen is identified afresh
+    # refused, the volume on screen is a new selection: nothing of the last one's (region choices, observers) kept
+    assert "except WorkflowError:\n        self.onVolumeChanged(original)\n        raise" in on_screen
     for name in ("selected", "original_and_result"):
         body = ast.unparse(functions[f"ADLDenoiseWidget.{name}"])
         assert body.index("original = self.onScreen()") < body.index("self.refreshStaleIdentity()"), name

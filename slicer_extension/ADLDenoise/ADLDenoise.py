@@ -798,14 +798,14 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onScreen(self):
         """The volume on screen (the selection), refused unless it is the node the session's study belongs to
         (``ReviewSession.require_on_screen``): asked first by every action that sends data about the study, before
-        anything is identified again, confirmed or sent. Refused, the volume on screen is identified once it
-        rests."""
+        anything is identified again, confirmed or sent. Refused, the volume on screen is taken as newly selected
+        (:meth:`onVolumeChanged`): identified afresh, its input watched, and the last volume's region choices,
+        correction and identity waiters dropped, none of them carried over to this patient's study."""
         original = self.ui.inputVolumeSelector.currentNode()
         try:
             self.logic.session.require_on_screen(original.GetID() if original is not None else None)
         except WorkflowError:
-            if original is not None:
-                self.reidentify_timer.start()
+            self.onVolumeChanged(original)
             raise
         return original
 

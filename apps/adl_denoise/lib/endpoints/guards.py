@@ -1506,9 +1506,10 @@ STOW_UNENCODED = ("the proxy reads each part's UIDs for its audit entry: send th
 STOW_AMBIGUOUS = "the PACS may read another one than the proxy (its audit entry would not name what is stored)"
 
 
-#: what follows ``--boundary`` in a delimiter (RFC 2046): ``--`` (the close delimiter), or optional linear whitespace
-#: and CRLF; after anything else (``--BOUNDARYX``) it is data
-_STOW_DELIMITER_TAIL = re.compile(rb"--|[ \t]*\r\n")
+#: what follows ``--boundary`` in a delimiter (RFC 2046): ``--`` (the close delimiter) then optional linear
+#: whitespace and CRLF or the body's end, or optional linear whitespace and CRLF; after anything else
+#: (``--BOUNDARYX``, ``--BOUNDARY--x``) it is data
+_STOW_DELIMITER_TAIL = re.compile(rb"--[ \t]*(?:\r\n|\Z)|[ \t]*\r\n")
 
 
 def _stow_part_bounds(body: bytes, dash_boundary: bytes) -> list[tuple[int, int]]:
@@ -1533,7 +1534,7 @@ def _stow_part_bounds(body: bytes, dash_boundary: bytes) -> list[tuple[int, int]
             raise ValueError(f"the body's parts cannot be framed exactly (RFC 2046): the delimiter "
                              f"{dash_boundary[:80].decode('latin-1')} at byte {at} does not start a line (no CRLF "
                              "before it)")
-        if tail.group() == b"--":
+        if tail.group().startswith(b"--"):
             return [(line - 2, end - 2) for (_, line), (end, _) in zip(delimiters, delimiters[1:] + [(at, 0)])]
         delimiters.append((at, tail.end()))
         at = body.find(dash_boundary, tail.end())
