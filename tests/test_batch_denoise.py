@@ -107,8 +107,10 @@ def run_single(tree: Path, out: Path, *extra: str) -> subprocess.CompletedProces
     return processes.run([sys.executable, CLI, *batch_args(tree, out, *extra)], TIMEOUT, env=_env())
 
 
-def torchrun_command(tree: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(CLI),
+def torchrun_command(tree: Path, out: Path, logs: Path | None = None) -> list[str]:
+    """``logs``: each rank's output also written to ``logs/*/attempt_0/<rank>/stdout.log`` (torchrun's ``--tee``)."""
+    teed = ["--tee", "3", "--log-dir", str(logs)] if logs else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *teed, str(CLI),
             *batch_args(tree, out)]
 
 
@@ -245,10 +247,24 @@ def test_one_process_denoises_the_good_series_and_reports_the_bad_ones(tree, ref
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_torchrun_two_processes_match_one_process(tree, reference, tmp_path):
-    root, uids = tree
-    out = tmp_path / "out"
-    result = processes.run(torchrun_command(root, out), TIMEOUT, env=_env())
-    assert FIRST_RUN in result.stdout, result.stdout + result.stderr[-3000:]
+    """Two ranks denoise what one process does, each series on one rank; rank 0 says every rank's failed series
+    (each rank said its own alone, so that on several machines rank 0's log missed the others'). The tree's folders
+    are linked under one more that fails on rank 1 (the others' failures are rank 0's): a real CT slice whose header
+    declares 370 frames, sized between the two largest series, refused before its pixels are read."""
+    from pydicom.data import get_testdata_file
+
+    shared_root, uids = tree
+    root, out = tmp_path / "tree", tmp_path / "out"
+    (root / "cut").mkdir(parents=True)
+    for name in ("pacs", "nifti"):
+        (root / name).symlink_to(shared_root / name)
+    cut = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    cut.NumberOfFrames = 370
+    cut.save_as(root / "cut" / "frames.dcm")
+    cut_key = f"dicom:cut#{cut.SeriesInstanceUID}"
+    result = processes.run(torchrun_command(root, out, tmp_path / "logs"), TIMEOUT, env=_env())
+    assert (f"summary: {len(GOOD) + len(BAD) + 1} series: {len(GOOD)} done, 0 skipped, {len(BAD) + 1} failed"
+            in result.stdout), result.stdout + result.stderr[-3000:]
     assert result.returncode != 0  # failed series: non-zero through torchrun too
     rows = latest(out, uids)
     assert_same_outputs(rows, latest(reference[0], uids))
@@ -259,6 +275,13 @@ def test_torchrun_two_processes_match_one_process(tree, reference, tmp_path):
     assert all(len(r) == 1 for r in handled.values()), handled
     assert {r for ranks in handled.values() for r in ranks} == {0, 1}
     assert "rank 0:" in result.stdout and "rank 1:" in result.stdout
+    said = {rank: (next((tmp_path / "logs").glob(f"*/attempt_0/{rank}/stdout.log"))).read_text() for rank in (0, 1)}
+    failed = [*BAD, "dicom:cut#"]
+    assert rows["dicom:cut#"]["rank"] == 1 and "truncated" in rows["dicom:cut#"]["error"], rows["dicom:cut#"]
+    assert rows["dicom:cut#"]["key"] == cut_key
+    for key in failed:
+        assert said[0].count(f"failed: {rows[key]['key']}: ") == 1, said[0]
+    assert "failed: " not in said[1], said[1]
 
 
 def _process_groups(process: subprocess.Popen) -> set[int]:
@@ -1038,6 +1061,76 @@ def test_an_input_that_cannot_be_read_now_leaves_its_output_in_place(tmp_path, s
     summary = run_rank(settings, runner.plan_series(settings), 0, 1, "cpu")
     assert (summary.done, summary.skipped, summary.failed) == (0, 2, 0), summary
 
+
+
+def test_a_slice_the_storage_cannot_read_or_copied_twice_fails_its_series_before_its_output_is_touched(tmp_path,
+                                                                                                     shared_data):
+    """A slice whose file the storage cannot read at discovery (a link to itself: its stat fails, ELOOP, as with EIO
+    or a dropped share; chmod would not stop a root test run) was passed over as "not a file": the series, one slice
+    short, was taken for one with other slices, its output moved aside, and without its last slice (even spacing) it
+    was denoised and written a slice short. A slice copied twice into the folder (one SOPInstanceUID) likewise cost
+    the output before the reader refused the copy. Each now fails its series at discovery naming the file and why (a
+    read error of the storage, told apart from a damaged file; the copy byte for byte, told apart from two versions of
+    one image) and the output stays until the folder reads again; two versions of one image are evidence against the
+    output (moved aside). Two byte-identical file inputs are one job: each output is now checked against its own
+    record (a changed one was skipped, checked against the other's)."""
+    root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
+    run = _in_process(root, out)
+    assert run().done == 2
+    (series,) = list((out / "ct").iterdir())
+    before = {path.name: path.read_bytes() for path in series.iterdir()}
+    slices = sorted((root / "ct").iterdir())
+    last = slices[-1]
+    last.rename(tmp_path / last.name)
+    last.symlink_to(last.name)
+    (root / "only").mkdir()
+    (root / "only" / "0.dcm").symlink_to("0.dcm")  # a folder whose one file cannot be read
+    items = {item.key.split("#")[0]: item for item in discover_tree(root, tmp_path / "out")}
+    assert items["dicom:only"].keeps_output and not items["dicom:only"].input_refused, items["dicom:only"]
+    assert "0.dcm cannot be read from the storage ([Errno 40] Too many levels" in items["dicom:only"].problem
+    summary = run()
+    assert (summary.done, summary.skipped, summary.failed) == (0, 1, 2), summary
+    errors = {key.split("#")[0]: error for key, error in summary.failures}
+    assert errors["dicom:ct"].startswith(f"{root / 'ct'}: 1 DICOM file(s) cannot be read: 3.dcm cannot be read from "
+                                         "the storage ([Errno 40] Too many levels of symbolic links"), errors
+    assert errors["dicom:ct"].endswith("a read error of the disk or share, not a damaged file: the series is not read "
+                                       f"without it; check the storage, then try again; its output {series} is left "
+                                       "in place (not found gone nor changed: a rerun checks it again)"), errors
+    assert {path.name: path.read_bytes() for path in series.iterdir()} == before
+    assert not [p for p in out.rglob(".*") if MANIFEST_DIR not in p.parts]
+    last.unlink()
+    (tmp_path / last.name).rename(last)
+    shutil.rmtree(root / "only")
+    assert run().skipped == 2  # the done record still holds: nothing denoised again
+
+    copy = root / "ct" / "1 copy.dcm"
+    shutil.copy2(slices[1], copy)
+    sop = pydicom.dcmread(copy, stop_before_pixels=True).SOPInstanceUID
+    summary = run()
+    assert (summary.done, summary.skipped, summary.failed) == (0, 1, 1), summary
+    (error,) = [error for _, error in summary.failures]
+    assert error.endswith(f": 1 copy.dcm and 1.dcm are the same image (SOPInstanceUID {sop}), byte for byte: one "
+                          f"slice copied twice; remove the copy; its output {series} is left in place (not found "
+                          "gone nor changed: a rerun checks it again)"), error
+    assert {path.name: path.read_bytes() for path in series.iterdir()} == before
+    _retagged(copy)
+    summary = run()
+    (error,) = [error for _, error in summary.failures]
+    assert f"1 copy.dcm and 1.dcm hold other contents under one SOPInstanceUID ({sop}): two versions of one image; " \
+        "keep the right one; its output" in error and "was moved aside" in error, error
+    copy.unlink()
+    summary = run()
+    assert (summary.done, summary.skipped, summary.failed) == (1, 1, 0), summary
+
+    crop = out / "crop.nii.gz"
+    shutil.copy2(root / "crop.nii.gz", root / "crop copy.nii.gz")
+    assert run().done == 1
+    data = bytearray(crop.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    crop.write_bytes(bytes(data))
+    summary = run()
+    assert (summary.done, summary.skipped, summary.failed) == (1, 2, 0), summary
+    assert "does not hold what this batch wrote" in _last_records(out)["file:crop.nii.gz"]["redone"]
 
 def _restudied(files: list[Path], folder: Path, study_uid: str, patient_id: str = "BATCH") -> None:
     """``files`` copied into ``folder`` (created) under ``study_uid`` and ``patient_id``: new SOP Instance UIDs, the

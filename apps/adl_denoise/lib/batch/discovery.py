@@ -6,7 +6,10 @@ MetaImage file is a series of its own. Hidden files and folders (name starting w
 it lies inside the input tree, and the output folders of other runs (holding a ``_denoise_batch`` folder) are not
 searched; a folder reached twice (a symlink loop, two links to one folder) is searched once; DICOM series this app
 derived (SeriesDescription holding "[denoised", or ImageType DERIVED/.../DENOISED once anonymised) are never
-inputs. A folder that cannot be listed (permissions) is a failed series of its own, never passed over in silence.
+inputs. A folder that cannot be listed (permissions) is a failed series of its own, never passed over in silence;
+a series whose folder holds a file that cannot be read (damaged, or the storage failed: EIO, a link loop) or one
+image twice (one SOPInstanceUID) is refused here, naming the file (:func:`_series_problem`), before its earlier
+output could be taken for that of a series with other slices.
 
 Output paths mirror the tree under the output root, and are unique per series:
 
@@ -25,6 +28,7 @@ Sizes (voxels) come from the headers only.
 from __future__ import annotations
 
 import errno
+import filecmp
 import fnmatch
 import hashlib
 import logging
@@ -110,7 +114,9 @@ class SeriesItem:
     before reading (e.g. an output collision), else None; ``input_refused``: that reason is its input's (unreadable,
     split over folders, a folder gone), not its output's: an output an earlier run wrote under its name is then moved
     aside, unless its files still hash to that run's record (the folder it was made from, unchanged).
-    ``studies`` / ``patients``: the StudyInstanceUIDs and PatientIDs its instances are filed under (DICOM series;
+    ``keeps_output``: refused for a reason that says nothing against an output an earlier run made of it (a file the
+    storage cannot read now, a slice copied twice byte for byte): that output is left in place, and a rerun compares it
+    again. ``studies`` / ``patients``: the StudyInstanceUIDs and PatientIDs its instances are filed under (DICOM series;
     one each in a sound archive); ``uid_reused``: refused because its SeriesInstanceUID is also found in another
     study or under another patient (:func:`refuse_reused_uids`): nothing of its job is asked, stored or reported.
     """
@@ -128,6 +134,7 @@ class SeriesItem:
     studies: tuple[str, ...] = field(default=(), compare=False, repr=False)
     patients: tuple[str, ...] = field(default=(), compare=False, repr=False)
     uid_reused: bool = False
+    keeps_output: bool = False
 
 
 def check_roots(root: Path, out: Path) -> None:
@@ -180,7 +187,8 @@ def _dicom_items(folder: Path, rel: Path, out_root: Path, series_filter: SeriesF
         series = list_dicom_series(folder)
     except UnreadableDicomError as error:  # DICOM files, none readable: reported, not passed over
         return [SeriesItem(key=f"dicom:{rel.as_posix() or '.'}#", kind="dicom", source=str(folder),
-                           output=out_root / rel / _dicom_label("", None), series_uid="", problem=str(error), input_refused=True)]
+                           output=out_root / rel / _dicom_label("", None), series_uid="", problem=str(error),
+                           input_refused=not error.read_error, keeps_output=error.read_error)]
     except ImageReadError:
         return []  # no DICOM image file here
     items = []
@@ -202,13 +210,42 @@ def _dicom_items(folder: Path, rel: Path, out_root: Path, series_filter: SeriesF
             log.warning("not denoised: series %s in %s is a result of this app (%r)", s["uid"], folder,
                         s["description"])
             continue
+        problem, refused, keeps = _series_problem(folder, s)
         rel_folder = rel.as_posix() or "."
         items.append(SeriesItem(key=f"dicom:{rel_folder}#{s['uid']}", kind="dicom", source=str(folder),
                                 output=out_root / rel / _dicom_label(s["uid"], s["series_number"]), voxels=voxels,
                                 series_uid=s["uid"], study_uid=study_uid,
                                 files=tuple(str(f) for f in s["files"]), studies=tuple(s["study_uids"]),
-                                patients=tuple(s["patient_ids"])))
+                                patients=tuple(s["patient_ids"]), problem=problem, input_refused=refused,
+                                keeps_output=keeps))
     return items
+
+
+def _series_problem(folder: Path, series: dict) -> tuple[str | None, bool, bool]:
+    """(why the series of ``folder`` (:func:`list_dicom_series`) cannot be read, ``input_refused``, ``keeps_output``),
+    told before it is read, so that its earlier output is not first set aside as that of a series with other slices
+    (the file left out changed its voxel count). A file of the folder that cannot be read: a damaged one is evidence
+    against that output (``input_refused``), a read error of the storage is not (a transient EIO, a link loop, a
+    dropped share: ``keeps_output``), and the series is never denoised without it. Two files holding one
+    SOPInstanceUID (the reader refuses them: one image twice): byte for byte the same, a slice copied twice (the output
+    stays); other contents, two versions of one image (which one its output was made from is unknown)."""
+    if series["unreadable"]:
+        return series["unreadable"], not series["read_error"], series["read_error"]
+    if not series["same_instance"]:
+        return None, False, False
+    first, copy, sop = series["same_instance"][0]
+    more = f" (and {len(series['same_instance']) - 1} more)" if len(series["same_instance"]) > 1 else ""
+    where = f"{folder} (series {series['uid'] or 'with empty SeriesInstanceUID'})"
+    try:
+        identical = filecmp.cmp(first, copy, shallow=False)
+    except OSError as error:
+        return (f"{where}: {copy.name} cannot be read from the storage ({error.strerror or error}); a series is not "
+                "read without it: check the storage, then try again"), False, True
+    if identical:
+        return (f"{where}: {first.name} and {copy.name} are the same image (SOPInstanceUID {sop}), byte for byte{more}: "
+                "one slice copied twice; remove the copy"), False, True
+    return (f"{where}: {first.name} and {copy.name} hold other contents under one SOPInstanceUID ({sop}){more}: two "
+            "versions of one image; keep the right one"), True, False
 
 
 def discover_tree(root: str | os.PathLike, out_root: str | os.PathLike,

@@ -31,7 +31,7 @@ Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is the training engine
 (:func:`lib.engines.engine.setup_distributed`: Gloo on CPU, NCCL with one GPU per ``LOCAL_RANK``), and the only
 collectives are two barriers: after planning (then every rank checks that all ranks planned the same series
 list, through files in the shared output folder) and at the end (then rank 0 merges the manifests and the
-ranks' summaries). The barriers wait up to :data:`BATCH_TIMEOUT`: ranks finish at different times (a resumed
+ranks' summaries, and says every rank's failed series, superseded derived series and left outputs). The barriers wait up to :data:`BATCH_TIMEOUT`: ranks finish at different times (a resumed
 run may leave one rank with nothing to do).
 """
 from __future__ import annotations
@@ -104,13 +104,13 @@ class BatchSummary:
     untried: int = 0
     #: why this rank stopped before its last series ("" when it did not)
     stopped: str = ""
-    #: (series key, error) of this rank's failed series (not merged)
+    #: (series key, error) of this rank's failed series (every rank's, in rank order, once merged)
     failures: list = field(default_factory=list, repr=False)
     #: (series key, :meth:`_Rank._superseded` entry) of derived series on the server that this rank's redone series
-    #: superseded (not merged): the PACS administrator removes them
+    #: superseded (merged likewise): the PACS administrator removes them
     superseded: list = field(default_factory=list, repr=False)
     #: (series key, sentence) of local outputs an earlier run wrote of this rank's DICOMweb series under the study it
-    #: was listed in then (:meth:`_Rank._left_outputs`; not merged): the user removes them
+    #: was listed in then (:meth:`_Rank._left_outputs`; merged likewise): the user removes them
     left_outputs: list = field(default_factory=list, repr=False)
 
     @property
@@ -393,6 +393,9 @@ class _Rank:
         self.manifest = Manifest(settings.output, rank, world)
         records = self.manifest.records()
         self.latest = latest_by_job(r for r in records if not r.get("output_kept"))
+        # the last record of each job and output: two files or folders of one content (a file copied, a series without
+        # UID in two folders) are one job, and each output is checked against its own record, never the other's
+        self.latest_at = {(r["job"], str(r.get("output"))): r for r in records if not r.get("output_kept")}
         # :func:`_stat_key` of input files -> their SHA-256, as runs hashed them: a rerun reads only changed inputs
         self.known_inputs = {str(r["input_stat"]): str(r["input_sha256"]) for r in records
                              if r.get("input_stat") and r.get("input_sha256")}
@@ -493,7 +496,8 @@ class _Rank:
             return self._failed(base, identity, started, f"cannot read {item.source}: {one_line(error)}{moved}", kept)
         job = job_key(identity, self.model_requested, self.weights_requested)
         base.update(job=job, identity=identity)
-        previous = self.latest.get(job)
+        # a DICOMweb series' record under another output is its own (moved to another study: _instances_changed)
+        previous = self.latest.get(job) if item.kind == "dicomweb" else self.latest_at.get((job, base["output"]))
         if item.uid_reused:  # one UID in two studies or patients: the job mixes both, nothing of it is asked or said
             moved, kept = self._refused_output(item, base) if item.input_refused else ("", {})
             return self._failed(base, identity, started, item.problem + moved, kept)
@@ -503,7 +507,8 @@ class _Rank:
             base["superseded_on_server"] = ledger
         self.last_left = self._left_outputs(job, item, base)
         if item.problem:  # refused now, whatever an earlier run did
-            moved, kept = self._refused_output(item, base) if item.input_refused else ("", {})
+            moved, kept = self._refused_output(item, base, keep=item.keeps_output) \
+                if item.input_refused or item.keeps_output else ("", {})
             return self._failed(base, identity, started, item.problem + moved, kept)
         ours = base["output"] in self.ours
         recheck = self._recheck(item, identity, previous, digest, ours)
@@ -645,21 +650,24 @@ class _Rank:
             log.warning("%s: %s", item.key, left[-1])
         return left
 
-    def _refused_output(self, item: SeriesItem, base: dict, error: OSError | None = None) -> tuple[str, dict]:
+    def _refused_output(self, item: SeriesItem, base: dict, error: OSError | None = None, keep: bool = False
+                        ) -> tuple[str, dict]:
         """What became of the output an earlier run of this batch wrote under the name of a series refused now before
         its input could be compared with the one that output was made from: moved aside (:func:`_set_aside`, as that
         of a replaced input is) on evidence that the input it was made from is gone or another, so that no output
         stays attached to an input it was not made from; else left in place (a rerun checks it again). ``error``: the
         input could not be read: evidence only when it is gone (:func:`_input_gone`), not for a read that failed
         now (EIO, EACCES, a dropped share). None: refused at discovery (split over folders, its UID in two studies,
-        unreadable DICOM files, a folder gone): evidence unless its files still hash to the done record's
-        ``input_sha256`` (the folder its output was made from, as it was). The sentence the failure ends with ("" when
-        there is no such output), and what its failed record adds (:data:`_KEPT` unless an output was moved aside)."""
+        damaged DICOM files, a folder gone): evidence unless its files still hash to the done record's
+        ``input_sha256`` (the folder its output was made from, as it was); ``keep`` (a file the storage cannot read
+        now, a slice copied twice: :attr:`SeriesItem.keeps_output`): no evidence. The sentence the failure ends with
+        ("" when there is no such output), and what its failed record adds (:data:`_KEPT` unless an output was moved
+        aside)."""
         if base["output"] not in self.ours or not item.output.exists():
             return "", _KEPT  # (no output of its own: e.g. the folder of a stray copy of a done series' slice)
         kept = (f"; its output {item.output} is left in place (not found gone nor changed: a rerun checks it "
                 "again)")
-        if error is not None and not _input_gone(error):
+        if keep or (error is not None and not _input_gone(error)):
             return kept, _KEPT
         record = self.done_outputs.get(base["output"]) or {}
         if error is None and record.get("input_sha256"):
@@ -1231,8 +1239,20 @@ def _check_same_plan(folder: Path, digest: str, rank: int, world: int) -> None:
                                "on every machine, and not changing?): nothing was denoised")
 
 
+def _report_lines(summary: BatchSummary) -> list[str]:
+    """What the run says of ``summary``'s series beyond its counts: each failed one with its error, each derived
+    series superseded on the PACS, each output left in another study's folder, and why the rank stopped."""
+    lines = [f"failed: {key}: {error}" for key, error in summary.failures]
+    lines += [f"superseded on the PACS: {superseded_sentence(key, entry)}" for key, entry in summary.superseded]
+    lines += [f"left in another study's folder: {key}: {sentence}" for key, sentence in summary.left_outputs]
+    return lines + ([f"stopped: {summary.stopped}"] if summary.stopped else [])
+
+
 def _merged_summary(manifest: Manifest, world: int, seconds: float) -> BatchSummary:
+    """Every rank's summary file added up, its lists (failures, superseded series, left outputs) joined in rank
+    order; ``stopped`` names each rank that stopped."""
     total = BatchSummary(seconds=seconds, ranks=world)
+    stopped = []
     for rank in range(world):
         path = manifest.folder / f"summary-rank-{rank:05d}.json"
         part = json.loads(path.read_text())
@@ -1240,6 +1260,11 @@ def _merged_summary(manifest: Manifest, world: int, seconds: float) -> BatchSumm
         total.skipped += part["skipped"]
         total.failed += part["failed"]
         total.untried += part.get("untried", 0)
+        for name in ("failures", "superseded", "left_outputs"):
+            getattr(total, name).extend(tuple(pair) for pair in part.get(name, []))
+        if part.get("stopped"):
+            stopped.append(f"rank {rank}: {part['stopped']}" if world > 1 else part["stopped"])
+    total.stopped = "; ".join(stopped)
     return total
 
 
@@ -1280,20 +1305,25 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
         report(f"{len(items)} series found in {settings.source}; {context.world} process"
                f"{'es' if context.world > 1 else ''} on {device.type}")
     own = run_rank(settings, items, context.rank, context.world, str(device), client)
-    for key, error in own.failures:  # before the summary file: a manifest folder that cannot be written stops there
-        report(f"failed: {key}: {error}")
-    for key, entry in own.superseded:
-        report(f"superseded on the PACS: {superseded_sentence(key, entry)}")
-    for key, sentence in own.left_outputs:
-        report(f"left in another study's folder: {key}: {sentence}")
-    if own.stopped:
-        report(f"stopped: {own.stopped}")
-    counts = {k: v for k, v in asdict(own).items() if k not in ("failures", "superseded", "left_outputs")}
-    atomic_write_text(manifest.folder / f"summary-rank-{context.rank:05d}.json", json.dumps(counts))
+    if not context.distributed:  # before the summary file: a manifest folder that cannot be written stops there
+        for line in _report_lines(own):
+            report(line)
+    try:  # with several ranks, rank 0 says every rank's (from these files): one list where the job's end is read
+        atomic_write_text(manifest.folder / f"summary-rank-{context.rank:05d}.json",
+                          json.dumps(asdict(own), default=str))
+    except OSError:
+        if context.distributed:  # not lost with the file: said here, by this rank
+            for line in _report_lines(own):
+                report(line)
+        raise
     if context.distributed:
         report(f"rank {context.rank}: {own.line()}")
         dist.barrier()  # every rank's records and summary are on disk
     if not context.main:
         return own, False
     manifest.merge()
-    return _merged_summary(manifest, context.world, time.perf_counter() - wall), True
+    total = _merged_summary(manifest, context.world, time.perf_counter() - wall)
+    if context.distributed:
+        for line in _report_lines(total):
+            report(line)
+    return total, True

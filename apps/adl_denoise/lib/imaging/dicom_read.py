@@ -9,9 +9,11 @@ series (:mod:`lib.imaging.dicom_write`).
 from __future__ import annotations
 
 import bisect
+import errno
 import math
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, Sequence
@@ -59,28 +61,38 @@ def probe_dicom_header(path: Path) -> tuple[Dataset | None, str | None]:
     Files without the 128-byte preamble are accepted only when they start with a group 0002/0008 tag and parse
     into something with an SOP class or image size, so that junk next to a series is ignored instead of being
     force-parsed into garbage."""
+    header, problem, _ = _probe(path)
+    return header, problem
+
+
+def _probe(path: Path) -> tuple[Dataset | None, str | None, bool]:
+    """:func:`probe_dicom_header` and whether its problem is a read error of the storage (an OSError: EIO, EACCES, a
+    dropped share), not a damaged file: a read that may work tomorrow, which says nothing of the file's contents."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError as error:  # a slice that cannot be opened must not leave its series one slice short
-        return None, f"cannot be opened ({one_line(error, 120)})"
+        return None, f"cannot be read from the storage ({one_line(error, 120)})", True
     magic = len(head) == 132 and head[128:132] == b"DICM"
     if not magic and len(head) < 132 and _named_like_dicom(path):
-        return None, f"holds {len(head)} bytes, too few for a DICOM image (an interrupted copy?)"
+        return None, f"holds {len(head)} bytes, too few for a DICOM image (an interrupted copy?)", False
     if not magic and head[:2] not in (b"\x02\x00", b"\x08\x00"):
-        return None, None
+        return None, None, False
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=not magic)
+    except OSError as error:  # the storage, not the file: never taken for "not DICOM"
+        return None, f"cannot be read from the storage ({one_line(error, 120)})", True
     except Exception as error:  # noqa: BLE001 - any parse failure means "not a usable DICOM file"
-        return None, (f"cannot be read ({one_line(error, 120)})" if magic else None)
+        return None, (f"cannot be read ({one_line(error, 120)})" if magic else None), False
     if not magic and "SOPClassUID" not in ds and "Rows" not in ds:
-        return None, None
+        return None, None, False
     if magic and not _is_image_header(ds):
         sop_class = str_or_empty(ds.get("SOPClassUID")) or str_or_empty(
             getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID"))
         if "Image Storage" in _uid_name(sop_class):
-            return None, f"is a {_uid_name(sop_class)} file whose header ends before the image size (cut short?)"
-    return ds, None
+            return (None, f"is a {_uid_name(sop_class)} file whose header ends before the image size (cut short?)",
+                    False)
+    return ds, None, False
 
 
 #: a name a DICOM slice file has: a DICOM suffix, or a UID (PACS exports name files by their SOPInstanceUID)
@@ -108,19 +120,37 @@ def _is_image_header(ds: Dataset) -> bool:
     return "Rows" in ds and "Columns" in ds
 
 
-def _scan_dicom_folder(folder: Path) -> tuple[list[tuple[Path, Dataset]], int, list[tuple[Path, str]]]:
+class _Unreadable(NamedTuple):
+    """A file of a folder that cannot be read: ``why``; ``read_error``: the storage failed (an OSError), not the
+    file's contents."""
+
+    path: Path
+    why: str
+    read_error: bool
+
+
+def _scan_dicom_folder(folder: Path) -> tuple[list[tuple[Path, Dataset]], int, list[_Unreadable]]:
     """(path, header) of every DICOM image file directly in ``folder`` (sorted by name), the number of other
-    files ignored (junk, DICOMDIR, non-image DICOM objects), and (path, why) of the DICOM files that cannot be
-    read (:func:`probe_dicom_header`)."""
+    files ignored (junk, DICOMDIR, non-image DICOM objects, folders, FIFOs), and the DICOM files that cannot be
+    read (:func:`probe_dicom_header`), with every entry whose kind cannot even be told (its stat fails: EIO, a link
+    loop, a link to a missing file named as a slice): it may be a slice, and is never passed over as "not a file"."""
     found: list[tuple[Path, Dataset]] = []
     ignored = 0
-    unreadable: list[tuple[Path, str]] = []
+    unreadable: list[_Unreadable] = []
     for entry in sorted(folder.iterdir()):
-        if not entry.is_file():
+        try:
+            regular = stat.S_ISREG(entry.stat().st_mode)
+        except OSError as error:
+            # a link to nothing, not named as a slice (a stale shortcut): junk; anything else may be a slice
+            if not (error.errno == errno.ENOENT and not _named_like_dicom(entry)):
+                unreadable.append(_Unreadable(entry, f"cannot be read from the storage ({one_line(error, 120)})",
+                                              True))
             continue
-        header, problem = probe_dicom_header(entry)
+        if not regular:
+            continue
+        header, problem, read_error = _probe(entry)
         if problem is not None:
-            unreadable.append((entry, problem))
+            unreadable.append(_Unreadable(entry, problem, read_error))
         elif header is None or not _is_image_header(header):
             ignored += 1
         else:
@@ -128,12 +158,24 @@ def _scan_dicom_folder(folder: Path) -> tuple[list[tuple[Path, Dataset]], int, l
     return found, ignored, unreadable
 
 
-def _unreadable_error(folder: Path, unreadable: list[tuple[Path, str]]) -> UnreadableDicomError:
-    shown = "; ".join(f"{path.name} {why}" for path, why in unreadable[:3])
+def _unreadable_message(folder: Path, unreadable: list[_Unreadable]) -> str:
+    """What a folder's unreadable files (:func:`_scan_dicom_folder`) mean for its series: which files, why, and what
+    to do (a damaged file: replace or remove it; a read error of the storage: check it, then read again)."""
+    shown = "; ".join(f"{u.path.name} {u.why}" for u in unreadable[:3])
     more = f" (and {len(unreadable) - 3} more)" if len(unreadable) > 3 else ""
-    return UnreadableDicomError(f"{folder}: {len(unreadable)} DICOM file(s) cannot be read: {shown}{more}; a series "
-                                "with a damaged slice is not read (it would come out with the slice missing): "
-                                "replace or remove the file")
+    advice = []
+    if any(not u.read_error for u in unreadable):
+        advice.append("a series with a damaged slice is not read (it would come out with the slice missing): "
+                      "replace or remove the file")
+    if any(u.read_error for u in unreadable):
+        advice.append("a read error of the disk or share, not a damaged file: the series is not read without it; "
+                      "check the storage, then try again")
+    return f"{folder}: {len(unreadable)} DICOM file(s) cannot be read: {shown}{more}; {'; '.join(advice)}"
+
+
+def _unreadable_error(folder: Path, unreadable: list[_Unreadable]) -> UnreadableDicomError:
+    return UnreadableDicomError(_unreadable_message(folder, unreadable),
+                                read_error=any(u.read_error for u in unreadable))
 
 
 def _group_series(files: list[tuple[Path, Dataset]]) -> list[dict]:
@@ -172,9 +214,11 @@ def list_dicom_series(folder: str | Path) -> list[dict]:
 
     Each entry: ``uid`` (SeriesInstanceUID, "" when empty), ``description``, ``modality``, ``n_files``,
     ``series_number`` (int or None), ``files`` (paths), ``study_uids`` and ``patient_ids`` (the distinct
-    StudyInstanceUIDs and PatientIDs of its files, sorted: one each in a sound series) and ``unreadable_files`` (the
-    folder's files marked DICOM that cannot be read: while there are any, reading any of its series fails).
-    Non-DICOM files are ignored.
+    StudyInstanceUIDs and PatientIDs of its files, sorted: one each in a sound series), ``unreadable_files`` (the
+    folder's files marked DICOM that cannot be read, or whose kind cannot be told: while there are any, reading any
+    of its series fails), ``unreadable`` (the sentence that says which and why, "" when none), ``read_error``
+    (one of them is a read error of the storage, not a damaged file) and ``same_instance`` ((first file, copy,
+    SOPInstanceUID) of files holding one SOPInstanceUID: reading the series fails). Non-DICOM files are ignored.
 
     Raises:
         ImageReadError: the folder is missing, not a folder, or holds no DICOM image file.
@@ -196,9 +240,22 @@ def list_dicom_series(folder: str | Path) -> list[dict]:
             f"; subfolders are not searched, point to the one holding the slices (e.g. {subdirs[0]})" if subdirs else ""
         )
         raise ImageReadError(f"{folder} contains no DICOM image files ({ignored} other files ignored){hint}")
-    series = [{k: v for k, v in s.items() if not k.startswith("_")} for s in _group_series(files)]
-    for s in series:  # which series a damaged file belonged to is unknown: each of the folder's is suspect
-        s["unreadable_files"] = [path for path, _ in unreadable]
+    series = []
+    for group in _group_series(files):
+        first: dict[str, Path] = {}
+        copies = []
+        for path, header in zip(group["files"], group["_headers"]):
+            sop = str_or_empty(header.get("SOPInstanceUID"))
+            if sop and sop in first:
+                copies.append((first[sop], path, sop))
+            first.setdefault(sop, path)
+        s = {k: v for k, v in group.items() if not k.startswith("_")}
+        # which series a damaged file belonged to is unknown: each of the folder's is suspect
+        s["unreadable_files"] = [u.path for u in unreadable]
+        s["unreadable"] = _unreadable_message(folder, unreadable) if unreadable else ""
+        s["read_error"] = any(u.read_error for u in unreadable)
+        s["same_instance"] = copies
+        series.append(s)
     return series
 
 

@@ -23,7 +23,16 @@ class ImageTooLargeError(ImageReadError):
 
 
 class UnreadableDicomError(ImageReadError):
-    """A folder holds DICOM files that cannot be read (damaged, cut short): none of its series is read."""
+    """A folder holds DICOM files that cannot be read (damaged, cut short, or the storage failed to read them): none
+    of its series is read. ``read_error``: at least one is a read error of the storage (EIO, EACCES, a link loop, a
+    dropped share), not a damaged file."""
+
+    def __init__(self, message: str, read_error: bool = False) -> None:
+        super().__init__(message)
+        self.read_error = read_error
+
+    def __reduce__(self):  # pickled whole (worker processes): the default passes the message alone to __init__
+        return type(self), (str(self), self.read_error)
 
 
 class ImageWriteError(ValueError):
