@@ -1301,7 +1301,9 @@ def test_downloads_of_patient_data_are_access_entries_and_refused_when_they_cann
     before the file is sent; one of an id that is not there writes none. With the log unwritable (a folder where the
     file is) each is refused, 503 "the audit log could not be written", and no file is sent; it was sent unrecorded.
     A refused session download does no work first: ``update_ts`` leaves the session's access time (its expiry) as it
-    was. The log written before is kept, and the chain verifies."""
+    was. The log written before is kept, and the chain verifies. ``HEAD`` of the label is the download without its
+    body (the stock route took the label as ``image`` and wrote no entry): the same headers, the same entry (route
+    ``HEAD``), and refused the same way."""
     from mlserver import stop_server
 
     server = _start(folders, 1)
@@ -1321,6 +1323,11 @@ def test_downloads_of_patient_data_are_access_entries_and_refused_when_they_cann
         for route, query in reads.values():
             answer = requests.get(url + route, params=query, timeout=120)
             assert answer.status_code == 200 and len(answer.content) > 1000, (route, answer.status_code)
+        label = requests.get(f"{url}/datastore/label", params=reads["label_downloaded"][1], timeout=120)
+        head = requests.head(f"{url}/datastore/label", params=reads["label_downloaded"][1], timeout=120)
+        assert head.status_code == 200 and head.content == b"", (head.status_code, head.content[:200])
+        assert head.headers["content-length"] == str(len(label.content)) == label.headers["content-length"]
+        assert head.headers["content-type"] == label.headers["content-type"]
         image = requests.get(f"{url}/datastore/image", params={"image": "ct_slab_b"}, timeout=120)
         assert image.content == study.read_bytes()
         assert requests.get(f"{url}/datastore/image", params={"image": "no_such"}, timeout=120).status_code == 404
@@ -1339,6 +1346,8 @@ def test_downloads_of_patient_data_are_access_entries_and_refused_when_they_cann
             detail = refused.json()["detail"]
             assert "was not sent: the audit log could not be written" in detail, detail
             assert str(folders["root"]) not in detail, detail
+        head = requests.head(f"{url}/datastore/label", params=reads["label_downloaded"][1], timeout=120)
+        assert head.status_code == 503, head.status_code
         assert meta.read_bytes() == meta_before
         audit_file.rmdir()
         audit_file.write_bytes(kept)
@@ -1350,9 +1359,10 @@ def test_downloads_of_patient_data_are_access_entries_and_refused_when_they_cann
     assert audit.verify().ok and audit.path.read_bytes().startswith(kept)
     for event, (route, _) in reads.items():
         recorded = _events(audit, event)
-        assert len(recorded) == (3 if event == "image_downloaded" else 1), (event, recorded)
-        assert all(r["user"] is None and r["client"] == "127.0.0.1" and r["route"] == f"GET {route}"
-                   for r in recorded), recorded
+        methods = ["GET", "GET", "HEAD"] if event == "label_downloaded" else ["GET"] * len(recorded)
+        assert len(recorded) == (3 if event in ("image_downloaded", "label_downloaded") else 1), (event, recorded)
+        assert [r["route"] for r in recorded] == [f"{method} {route}" for method in methods], recorded
+        assert all(r["user"] is None and r["client"] == "127.0.0.1" for r in recorded), recorded
     assert [r["image"] for r in _events(audit, "image_downloaded")] == ["ct_slab_b"] * 3
     assert (_events(audit, "label_downloaded")[0]["image"], _events(audit, "label_downloaded")[0]["tag"]) == (
         "ct_slab_b", "final")

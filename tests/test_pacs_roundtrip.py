@@ -417,7 +417,8 @@ def test_a_partial_download_left_by_a_stopped_server_is_removed_at_the_next_star
     cache folder for ever. The next start-up removes those whose newest write is older than
     ``PARTIAL_DOWNLOAD_STALE_S`` (an hour), logging each; it keeps a younger one (a download in progress, of another
     server sharing the cache, writes at every instance), a downloaded series' folder, and a file or a link of such
-    a name (the link's target too)."""
+    a name (the link's target too). The same in the label cache (``labels/final``, where a final label's download
+    writes its partial folder), which was never cleaned."""
     import os
     import time
 
@@ -445,6 +446,11 @@ def test_a_partial_download_left_by_a_stopped_server_is_removed_at_the_next_star
         in_progress = folder(f"{PARTIAL_DOWNLOAD_PREFIX}{generate_uid()}-p0w7e2", {"1.dcm": old, "2.dcm": time.time()},
                              old)
         downloaded = folder(uid, {"1.dcm": old}, old)
+        labels = "labels/final"  # MONAI Label's label cache in the cache folder
+        stale_label = folder(f"{labels}/{PARTIAL_DOWNLOAD_PREFIX}{uid}-q4m1z8", {"1.dcm": old}, old)
+        label_in_progress = folder(f"{labels}/{PARTIAL_DOWNLOAD_PREFIX}{generate_uid()}-r5t6y7",
+                                   {"1.dcm": time.time()}, old)
+        label_other = folder(f"{labels}/.other-w2", {"1.dcm": old}, old)
         other = folder(".other-w1", {"1.dcm": old}, old)
         (cache / f"{PARTIAL_DOWNLOAD_PREFIX}file").write_bytes(b"kept")
         os.utime(cache / f"{PARTIAL_DOWNLOAD_PREFIX}file", (old, old))
@@ -456,16 +462,17 @@ def test_a_partial_download_left_by_a_stopped_server_is_removed_at_the_next_star
         (cache / f"{PARTIAL_DOWNLOAD_PREFIX}link").symlink_to(target, target_is_directory=True)
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work")
         try:
-            assert not stale.exists() and not stale_empty.exists()
+            assert not stale.exists() and not stale_empty.exists() and not stale_label.exists()
+            assert [p.name for p in label_in_progress.iterdir()] == [p.name for p in label_other.iterdir()] == ["1.dcm"]
             assert sorted(p.name for p in in_progress.iterdir()) == ["1.dcm", "2.dcm"]
             assert [p.name for p in downloaded.iterdir()] == [p.name for p in other.iterdir()] == ["1.dcm"]
             assert (cache / f"{PARTIAL_DOWNLOAD_PREFIX}file").read_bytes() == b"kept"
             assert (cache / f"{PARTIAL_DOWNLOAD_PREFIX}link").is_symlink()
             assert (target / "1.dcm").read_bytes() == b"kept"
             log = server.log_tail(200000)
-            for removed in (stale, stale_empty):
+            for removed in (stale, stale_empty, stale_label):
                 assert f"removed the partial download {removed}: a server stopped during the download left it" in log
-            assert log.count("removed the partial download") == 2, log[-4000:]
+            assert log.count("removed the partial download") == 3, log[-4000:]
             assert server.alive()
         finally:
             stop_server(server)
@@ -1201,35 +1208,117 @@ def test_a_frame_by_frame_check_reads_no_pixel(tmp_path):
     assert isinstance(outcome, SeriesNotDelivered) and peak < pixel_bytes / 16, (outcome, peak, pixel_bytes)
 
 
-def test_a_final_label_download_is_bounded_by_the_voxel_limit(tmp_path, tiny_weights):
-    """``GET /datastore/label?tag=final`` on a DICOMweb datastore names a series of the PACS (a DICOM SEG, or any
-    other): MONAI Label downloaded it whole into its label cache, without the voxel limit its image route has
-    (:func:`lib.pacs.bounded_downloads`). On a real server and Orthanc: the 6-slice series (1.57 M voxels, over
-    ``max_voxels`` 1,000,000) asked as a final label is a 413 naming the limit, its download stopped, nothing of
-    it left in the cache (label cache included)."""
+def seg_of(series: list[Path], path: Path) -> Path:
+    """A DICOM SEG instance (Segmentation Storage, Modality SEG) of the real series ``series`` in its study: one
+    1-bit frame a slice (its pixels over their mean, bit-packed as a SEG's frames are), referencing the series
+    (ReferencedSeriesSequence, which MONAI Label reads to pair a PACS's labels with their images), at ``path``."""
+    from pydicom.pixel_data_handlers.numpy_handler import pack_bits
+    from pydicom.uid import generate_uid
+
+    slices = [pydicom.dcmread(file) for file in series]
+    ds = slices[0].copy()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID, ds.Modality, ds.SeriesNumber = generate_uid(), "SEG", 99
+    ds.NumberOfFrames, ds.BitsAllocated, ds.BitsStored, ds.HighBit = len(slices), 1, 1, 0
+    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, "MONOCHROME2"
+    for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    referenced = pydicom.Dataset()
+    referenced.SeriesInstanceUID = slices[0].SeriesInstanceUID
+    referenced.ReferencedInstanceSequence = []
+    for slice_ in slices:
+        item = pydicom.Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = slice_.SOPClassUID, slice_.SOPInstanceUID
+        referenced.ReferencedInstanceSequence.append(item)
+    ds.ReferencedSeriesSequence = [referenced]
+    masks = np.stack([slice_.pixel_array > slice_.pixel_array.mean() for slice_ in slices]).astype(np.uint8)
+    ds.PixelData = pack_bits(masks)
+    ds.save_as(path, write_like_original=False)
+    return path
+
+
+def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_retrieval(tmp_path, tiny_weights):
+    """``GET /datastore/label?tag=final`` on a DICOMweb datastore names a series of the PACS, a DICOM SEG. On a real
+    server and Orthanc (its request log) holding a 6-slice CT series (1.57 M voxels, over ``max_voxels`` 1,000,000)
+    and a SEG of it (6 frames, as many voxels):
+
+    * the CT series asked as a label (the image's id, as the Slicer client asks a correction) was downloaded into
+      the label cache, left there, and answered a bare 500 (MONAI Label's SEG reader: "not a DICOM-SEG"); it is a
+      404 saying the PACS holds it as a CT series, no SEG, and a SeriesInstanceUID the PACS does not hold a 404 too;
+    * ``HEAD`` answers as ``GET``, without a body (the stock ``HEAD`` route took the label as ``image`` only: 422);
+    * the SEG (over the limit) was retrieved up to the limit, then stopped (413); it is a 413 before any retrieval,
+      naming the series and its size, for ``GET`` and ``HEAD``;
+    * the training list (``GET /datastore/?output=train``: MONAI Label downloads every series a SEG labels, and
+      the SEG) and a fine-tune request (``POST /train/{model}``, whose check reads the labelled images) retrieved
+      the CT series up to the limit; they are a 413 naming it before any retrieval.
+
+    No retrieval of either series reaches Orthanc, nothing of them lands in the cache, and nothing is recorded as
+    sent."""
     import requests
 
-    pacs = start_orthanc(tmp_path / "orthanc")
+    from lib.audit import AuditLog
+    from pydicom.uid import generate_uid
+
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
     try:
         big = real_ct_series(tmp_path / "big", slices=6)
-        pacs.upload_files(big)
-        big_uid = str(pydicom.dcmread(big[0]).SeriesInstanceUID)
+        seg = seg_of(big, tmp_path / "seg.dcm")
+        pacs.upload_files(big + [seg])
+        big_uid, seg_uid = (str(pydicom.dcmread(files).SeriesInstanceUID) for files in (big[0], seg))
         cache = tmp_path / "work" / "dicomweb_cache"
+        audit_dir = tmp_path / "audit"
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
-                              conf={"max_voxels": 1_000_000})
+                              conf={"max_voxels": 1_000_000, "audit_dir": audit_dir})
+
+        def retrievals(uid: str) -> list[str]:  # WADO-RS retrievals of the series (its metadata is no retrieval)
+            return [line for line in requests_log.read_text().splitlines() if line.startswith("GET ") and
+                    (line.split("?")[0].rstrip("/").endswith(f"/series/{uid}") or f"/series/{uid}/instances" in line
+                     or f"/series/{uid}/rendered" in line)]
+
+        def label(method: str, uid: str) -> requests.Response:
+            return requests.request(method, f"{server.url}/datastore/label", params={"label": uid, "tag": "final"},
+                                    timeout=600)
+
         try:
-            answer = requests.get(f"{server.url}/datastore/label", params={"label": big_uid, "tag": "final"},
-                                  timeout=600)
+            for method in ("GET", "HEAD"):
+                answer = label(method, big_uid)
+                assert answer.status_code == 404, (method, answer.status_code, answer.text[:500])
+                if method == "GET":
+                    assert answer.json()["detail"].startswith(
+                        f"series {big_uid} is no label: the PACS holds it as a CT series, not a DICOM SEG"), answer.text
+                else:
+                    assert answer.content == b""
+            unknown = generate_uid()
+            answer = label("GET", unknown)
+            assert answer.status_code == 404, (answer.status_code, answer.text[:500])
+            assert answer.json()["detail"] == (f"no label {unknown}: the PACS holds no series of that "
+                                               "SeriesInstanceUID"), answer.text
+            too_large = (f"series {seg_uid} is too large: its 1 instances hold 1,572,864 voxels, over the limit of "
+                         "1,000,000; nothing of it was downloaded (raise the limit with --conf max_voxels on the "
+                         "server)")
+            for method in ("GET", "HEAD"):
+                answer = label(method, seg_uid)
+                assert answer.status_code == 413, (method, answer.status_code, answer.text[:500])
+                assert answer.json()["detail"] == too_large if method == "GET" else answer.content == b""
+            big_too_large = (f"series {big_uid} is too large: its 6 instances hold 1,572,864 voxels, over the limit of "
+                             "1,000,000; nothing of it was downloaded")
+            answer = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600)
             assert answer.status_code == 413, (answer.status_code, answer.text[:500])
-            detail = answer.json()["detail"]
-            assert detail.startswith(f"series {big_uid} is too large: "), detail
-            assert "over the limit of 1,000,000" in detail and "nothing of it was kept" in detail, detail
-            assert not [p for p in cache.rglob(f"*{big_uid}*")], sorted(map(str, cache.rglob("*")))
+            assert answer.json()["detail"].startswith(big_too_large), answer.text
+            answer = requests.post(f"{server.url}/train/adl", json={}, timeout=600)
+            assert answer.status_code == 413, (answer.status_code, answer.text[:500])
+            assert answer.json()["detail"].startswith(big_too_large), answer.text
+            assert retrievals(big_uid) == [] and retrievals(seg_uid) == [], requests_log.read_text()
+            assert not [p for p in cache.rglob("*") if big_uid in p.name or seg_uid in p.name], \
+                sorted(map(str, cache.rglob("*")))
             assert server.alive()
         finally:
             stop_server(server)
     finally:
         stop_orthanc(pacs)
+    assert AuditLog(audit_dir).entries("label_downloaded") == []
 
 
 def _in_process_app(tmp_path: Path, studies: str, tiny_weights: Path, monkeypatch, max_voxels: int = 1_000_000):
@@ -1557,10 +1646,11 @@ def test_a_store_through_the_proxy_is_on_record_before_it_reaches_the_pacs_and_r
 
 
 def test_a_download_or_hand_out_that_cannot_be_recorded_retrieves_nothing_from_the_pacs(tmp_path, tiny_weights):
-    """An image download, a final label's download (on a PACS a label is a series too) and a review-queue hand-out
-    of a PACS series retrieve it from the PACS (into the server's cache) before their audit entry is written; with
-    the log unwritable each is refused (503) before that: the real Orthanc gets no WADO-RS retrieval of the series
-    (its own request log) and nothing lands in the cache. Once the log is writable the download retrieves it."""
+    """An image download, a final label's download or HEAD (on a PACS a label is a series too) and a review-queue
+    hand-out of a PACS series retrieve it from the PACS (into the server's cache) before their audit entry is
+    written; with the log unwritable each is refused (503) before that: the real Orthanc gets no WADO-RS retrieval of
+    the series (its own request log) and nothing lands in the cache. Once the log is writable the download retrieves
+    it."""
     import requests
 
     pacs, requests_log = start_orthanc_logging_requests(tmp_path)
@@ -1583,6 +1673,11 @@ def test_a_download_or_hand_out_that_cannot_be_recorded_retrieves_nothing_from_t
                 label = requests.get(f"{server.url}/datastore/label", params={"label": uid, "tag": "final"},
                                      timeout=600)
                 assert label.status_code == 503 and "the label was not sent" in label.text, label.text[:300]
+                assert retrievals() == 0 and not list(cache.rglob(f"*{uid}*"))
+                # HEAD is refused as GET (the stock route took the label as image, retrieved it, recorded nothing)
+                for query in ({"label": uid, "tag": "final"}, {"image": uid, "tag": "final"}):
+                    label = requests.head(f"{server.url}/datastore/label", params=query, timeout=600)
+                    assert label.status_code == 503, (query, label.status_code)
                 assert retrievals() == 0 and not list(cache.rglob(f"*{uid}*"))
                 handed = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=600)
                 assert handed.status_code == 503 and "no study was handed out" in handed.text, handed.text[:300]

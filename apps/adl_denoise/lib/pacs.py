@@ -32,14 +32,14 @@ log = logging.getLogger(__name__)
 
 __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S", "LISTING_RETRY_S",
            "start_up_warnings", "series_folder", "series_voxels", "series_size", "series_instance_count",
-           "oversized", "known_size", "SeriesSize", "is_downloaded",
+           "known_size", "SeriesSize", "is_downloaded",
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
            "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "OVERSIZED_UNCOUNTED_S", "cache_folder",
            "instance_voxels", "instance_bytes", "HEADER_BYTES", "disk_shortfall", "series_disk_shortfall", "disk_full",
            "save_instance", "SeriesTooLarge", "SeriesDoesNotFit", "SeriesNotDelivered", "SeriesNotFetchableByFrame",
            "check_by_frame", "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads",
-           "PARTIAL_DOWNLOAD_STALE_S", "remove_stale_downloads"]
+           "PARTIAL_DOWNLOAD_STALE_S", "remove_stale_downloads", "final_label_problem"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -554,30 +554,23 @@ def series_size(client, series_uid: str, study_uid: str | None = None) -> Series
 def series_voxels(datastore, image_id: str) -> SeriesSize | None:
     """:func:`series_size` of the series ``image_id`` on the datastore's PACS (its authenticated DICOMweb client).
     MONAI Label's datastore downloads a series whole (into memory) and converts it before any reader could refuse
-    it: infer by id and the review queue ask this first (:func:`oversized`)."""
+    it: infer by id and the review queue ask this first (:func:`known_size`)."""
     return series_size(datastore._client, image_id)  # noqa: SLF001 - the datastore's authenticated DICOMweb client
 
 
-#: series found over a voxel limit that :func:`oversized` remembers per datastore (the least recently asked go first)
+#: series found over a voxel limit that :func:`known_size` remembers per datastore (the least recently asked go first)
 OVERSIZED_REMEMBERED = 4096
-#: seconds :func:`oversized` trusts a series' size where its download was stopped when the datastore's listing gives
+#: seconds :func:`known_size` trusts a series' size where its download was stopped when the datastore's listing gives
 #: no instance count for it (a count tells a series that changed at once; without one it is checked again after this)
 OVERSIZED_UNCOUNTED_S = 3600.0
 _memo_lock = threading.Lock()
-
-
-def oversized(datastore, image_id: str, limit: int) -> SeriesSize | None:
-    """The size of the series ``image_id`` (:func:`known_size`) when it is over ``limit`` voxels, else None (under
-    the limit, in the cache already, or a size the PACS does not tell: the reader checks those)."""
-    size = known_size(datastore, image_id, limit)
-    return size if size is not None and size.voxels > limit else None
 
 
 def known_size(datastore, image_id: str, limit: int) -> SeriesSize | None:
     """The size of the series ``image_id`` when it is not downloaded yet (:func:`series_voxels`, or remembered over
     ``limit``), else None (in the cache already, or a size the PACS does not tell). MONAI Label's DICOMweb datastore
     downloads a series whole, into memory, and converts it on its first use, before any reader could refuse it:
-    infer by id and the review queue ask this first (:func:`oversized`), and hand a size under the limit on to the
+    infer by id and the review queue ask this first, and hand a size under the limit on to the
     download (:func:`download_within`'s ``size``), which asked it again.
 
     A series found too large is remembered (at most :data:`OVERSIZED_REMEMBERED`) under its UID and the instance
@@ -609,13 +602,13 @@ def known_size(datastore, image_id: str, limit: int) -> SeriesSize | None:
 
 
 def _oversized_key(datastore, image_id: str) -> tuple[str, int | None]:
-    """What :func:`oversized` remembers a series under: its UID and the instance count the datastore's listing gives
+    """What :func:`known_size` remembers a series under: its UID and the instance count the datastore's listing gives
     it (None when the listing gives none)."""
     return image_id, listed_series(datastore, image_id).get("instances") or None
 
 
 def _remember_oversized(datastore, keys: Iterable[tuple[str, int | None]], size: SeriesSize) -> None:
-    """Keep ``size`` of a series found over a limit for :func:`oversized`, under each of ``keys``
+    """Keep ``size`` of a series found over a limit for :func:`known_size`, under each of ``keys``
     (:func:`_oversized_key`). Under a key without a count, only a size where a download was stopped (``stopped``):
     the one that costs a download to learn again."""
     memo = _oversized_memo(datastore)
@@ -631,7 +624,7 @@ def _remember_oversized(datastore, keys: Iterable[tuple[str, int | None]], size:
 
 
 def _oversized_memo(datastore) -> OrderedDict:
-    """The datastore's remembered oversized series (:func:`oversized`): ``(uid, instances or None)`` ->
+    """The datastore's remembered oversized series (:func:`known_size`): ``(uid, instances or None)`` ->
     ``(`` :class:`SeriesSize`, ``time.monotonic()`` when remembered ``)``."""
     with _memo_lock:
         memo = getattr(datastore, "_adl_oversized", None)
@@ -774,7 +767,7 @@ def disk_full(error: BaseException) -> bool:
 
 def _stopped_size(datastore, image_id: str, count: int, voxels: int) -> SeriesSize:
     """The size of the series ``image_id`` whose download was stopped over a limit at its ``count``-th instance
-    (``voxels`` sent by then), remembered for :func:`oversized` (``stopped``). The PACS is asked its size once more
+    (``voxels`` sent by then), remembered for :func:`known_size` (``stopped``). The PACS is asked its size once more
     (:func:`series_voxels`): the series grew since it was listed, and what was sent is only part of it (the review
     queue listed it with those partial counts until its listing was made again, a minute later); when the PACS
     tells more than was sent, that size is kept, also under the instance count the next listing will give (the
@@ -801,18 +794,20 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
     is not there: WADO-RS, one instance in memory at a time, into a folder of its own beside it
     (:data:`PARTIAL_DOWNLOAD_PREFIX`) that takes the series' name once every instance is written. The voxels
     (:func:`instance_voxels`) are counted as the instances arrive: a series over ``limit`` is stopped at the instance
-    that takes it over, and what it wrote removed; its size then is remembered as :func:`oversized`'s are (the next
+    that takes it over, and what it wrote removed; its size then is remembered as :func:`known_size`'s are (the next
     request for it is refused without a download while the PACS lists it with the same instance count). A partial
     folder left by a server stopped during the download is removed at the next start-up
     (:func:`remove_stale_downloads`). Before the download starts, the series' size the PACS gives
-    (:func:`series_size`: QIDO-RS, no instance retrieved) is checked against the free space of the cache's disk
+    (:func:`known_size`, :func:`series_size`: QIDO-RS, no instance retrieved) is checked against ``limit`` (a series
+    over it is refused, nothing retrieved: every route that downloads, the label route and the training list
+    included, as infer by id and the review queue refuse it) and against the free space of the cache's disk
     (:func:`series_disk_shortfall`, as the batch's :func:`lib.batch.dicomweb.check_download`): a series that does not
     fit is refused there, nothing of it downloaded. Before each instance is written, the free space is checked again
     (:func:`disk_shortfall`, as the batch's download does; the series may have grown since, or its size is not
     told): a series that does not fit is stopped there,
     and what it wrote removed, before the disk is full (every other writer on it would fail too); a write that
     finds the disk full all the same (another writer took the space) is stopped the same way. The size asked
-    before a download (:func:`oversized`) and the download are two requests, and a series still being sent to the
+    before a download (:func:`known_size`) and the download are two requests, and a series still being sent to the
     PACS grows in between: MONAI Label's own download holds the whole series in memory, and saves it into the cache
     folder, before any size is checked. A datastore set to fetch frame by frame
     (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``) downloads with MONAI Label's frame-by-frame download, into the same
@@ -822,7 +817,8 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
     :func:`bounded_downloads`), downloaded when it holds nothing.
 
     Raises:
-        SeriesTooLarge: over ``limit`` voxels (nothing of it left in the cache).
+        SeriesTooLarge: over ``limit`` voxels (before any retrieval when the PACS gives its size; nothing of it left
+            in the cache).
         SeriesDoesNotFit: the series, or an instance of it, would not fit on the cache's disk (nothing of it left in
             the cache).
         SeriesNotDelivered: fetched frame by frame, instances of it are missing or cut short (nothing kept).
@@ -838,7 +834,17 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
     study = _study_of(client, image_id)
     folder.parent.mkdir(parents=True, exist_ok=True)
     if size is None:  # None when the PACS does not tell: checked instance by instance
-        size = series_size(client, image_id, study)
+        # known_size: the remembered size of a series stopped before (not downloaded again); it answers None for a
+        # series in the image cache (here only when the folder is a label's): asked then
+        size = series_size(client, image_id, study) if is_downloaded(datastore, image_id) else \
+            known_size(datastore, image_id, limit)
+    if size is not None and size.voxels > limit:  # the label route, the train list, MONAI Label's own routes
+        _remember_oversized(datastore, [_oversized_key(datastore, image_id)], size)
+        estimate = f" (estimated: the PACS lists {size.listed} of them)" if size.listed < size.instances else ""
+        stopped = " (an earlier download of it was stopped over the limit)" if size.stopped else ""
+        raise SeriesTooLarge(f"series {image_id} is too large: its {'at least ' if size.stopped else ''}"
+                             f"{size.instances} instances hold {size.voxels:,} voxels{estimate}{stopped}, over the "
+                             f"limit of {limit:,}; nothing of it was downloaded", size, limit)
     short = series_disk_shortfall(size, folder.parent) if size is not None else None
     if short is not None:
         estimate = f" (estimated: the PACS lists {size.listed})" if size.listed < size.instances else ""
@@ -898,7 +904,7 @@ def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limi
     (:func:`check_by_frame`). Returns how many were written.
 
     Raises:
-        SeriesTooLarge: over ``limit`` (nothing fetched; its size remembered as :func:`oversized`'s are).
+        SeriesTooLarge: over ``limit`` (nothing fetched; its size remembered as :func:`known_size`'s are).
         SeriesDoesNotFit: it would not fit on the disk (nothing fetched).
         SeriesNotFetchableByFrame: an image instance listed has more than one frame (MONAI Label's download fetches
             frame 1 of each: nothing fetched).
@@ -981,18 +987,21 @@ def check_by_frame(folder: Path, listed: list[dict], image_id: str) -> int:
 
 def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_S) -> list[Path]:
     """Remove the partial download folders (:data:`PARTIAL_DOWNLOAD_PREFIX`, :func:`download_within`) in a DICOMweb
-    datastore's cache folder whose newest write (the folder's or any file's in it, modification time) is more than
+    datastore's cache folder, and in its label cache folder (``labels/final``: a ``final`` label's download,
+    :func:`bounded_downloads`), whose newest write (the folder's or any file's in it, modification time) is more than
     ``max_age_s`` seconds old: a server stopped during a download (killed, a power cut) never removes its own, which
     then held part of a series for ever. A younger one may be a download in progress, of another server sharing the
-    cache folder: kept. Only folders directly in the cache folder whose name has the prefix (not a link, not a file
+    cache folder: kept. Only folders directly in those two folders whose name has the prefix (not a link, not a file
     of that name); each removal is logged. Returns those removed. Nothing for another datastore."""
     if not is_dicomweb(datastore):
         return []
-    cache = Path(datastore._datastore.image_path())  # noqa: SLF001 - MONAI Label's own cache layout
-    try:
-        entries = sorted(os.scandir(cache), key=lambda entry: entry.name)
-    except OSError:  # no cache folder yet: nothing left over
-        return []
+    layout = datastore._datastore  # noqa: SLF001 - MONAI Label's own cache layout
+    entries = []
+    for cache in (Path(layout.image_path()), Path(layout.label_path("final"))):
+        try:
+            entries += sorted(os.scandir(cache), key=lambda entry: entry.name)
+        except OSError:  # no such folder yet: nothing left over
+            continue
     removed = []
     now = time.time()
     for entry in entries:
@@ -1050,6 +1059,31 @@ def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
     datastore.get_image_uri = get_image_uri
     datastore.get_label_uri = get_label_uri
     datastore.adl_bounded_downloads = True
+
+
+def final_label_problem(datastore, label_id: str) -> str | None:
+    """Why ``label_id`` is no ``final`` label of a DICOMweb datastore (``GET`` / ``HEAD /datastore/label?label=
+    &tag=final``), asked of the PACS (QIDO-RS, series level) before anything is retrieved; None when the PACS holds it
+    as a DICOM SEG series (MONAI Label's final labels on a PACS), or for another datastore. MONAI Label downloaded
+    any series named so into its label cache, then failed to read it as a SEG: a bare 500, the series left there.
+
+    Raises:
+        requests.exceptions.ConnectionError, Timeout, HTTPError: the PACS cannot be reached or refused the search.
+    """
+    if not is_dicomweb(datastore):
+        return None
+    client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
+    found = [entry for entry in client.search_for_series(search_filters={"SeriesInstanceUID": label_id},
+                                                         fields=["Modality"]) or []
+             if _first_str(entry, "0020000E") == label_id]
+    if not found:
+        return f"no label {label_id}: the PACS holds no series of that SeriesInstanceUID"
+    modalities = sorted({_first_str(entry, "00080060") or "unknown" for entry in found})
+    if modalities == ["SEG"]:
+        return None
+    return (f"series {label_id} is no label: the PACS holds it as a {'/'.join(modalities)} series, not a DICOM SEG "
+            "(a final label on a PACS is a SEG series, named by its own SeriesInstanceUID); an image series is "
+            "downloaded with GET /datastore/image?image=...")
 
 
 def series_folder(datastore, image_id: str, limit: int | None = None, size: SeriesSize | None = None) -> Path:

@@ -515,7 +515,7 @@ class NextUnreviewed(Strategy):
     skipped, not downloaded (:meth:`_too_large`): the answer lists each one skipped on the way in
     ``too_large_to_review`` (id, instances, voxels, limit), also when no other study is left (:data:`QUEUE_LEFT`);
     ``remaining_unreviewed`` still counts them; a series found too large is not asked again on the next request
-    while the PACS lists it with the same instance count (:func:`lib.pacs.oversized`). A series whose download is
+    while the PACS lists it with the same instance count (:func:`lib.pacs.known_size`). A series whose download is
     stopped over the limit (it grew since its size was asked) is skipped and listed the same way, and the next
     study handed out. A series the server cannot download (:meth:`_too_large`: multi-frame under
     ``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``, or not delivered by the PACS) is skipped too, with a warning, and listed
@@ -533,7 +533,7 @@ class NextUnreviewed(Strategy):
         """What the answer says of a PACS series over :attr:`voxel_limit` not downloaded yet, else None (the series
         then downloaded). MONAI Label downloads the series handed out whole, into memory, and
         converts it (``next_sample`` asks for its path): one over the limit is skipped instead (the size check of
-        infer by id, :func:`lib.pacs.oversized`), with a warning, and listed in the answer. One under it is
+        infer by id, :func:`lib.pacs.known_size`), with a warning, and listed in the answer. One under it is
         downloaded here (:func:`lib.pacs.download_within`, which ``next_sample``'s download would call): a series
         that grew past the limit since its size was asked is stopped there (:class:`lib.pacs.SeriesTooLarge`),
         skipped and listed the same way (``download_stopped``: its ``instances`` and ``voxels`` are the size the

@@ -1092,26 +1092,35 @@ def guarded_remove_label(id: str, tag: str, user: User = Depends(RBAC(_ADMIN))):
     return remove_label(id, tag, user.username)
 
 
-@router.head("/datastore/label", include_in_schema=False)
-def guarded_check_label(image: str, tag: str, user: User = Depends(RBAC(_USER))):
-    from monailabel.endpoints.datastore import download_label
-
-    check_name(image, "image")
-    check_name(tag, "tag")
-    return download_label(image, tag, check_only=True)
-
-
-@router.get("/datastore/label", include_in_schema=False)
-def guarded_download_label(label: str, tag: str, user: User = Depends(RBAC(_USER))):
+@router.api_route("/datastore/label", methods=["GET", "HEAD"], include_in_schema=False)
+def guarded_download_label(tag: str, label: Optional[str] = None, image: Optional[str] = None,
+                           user: User = Depends(RBAC(_USER))):
     """MONAI Label's label download (a correction, a region map), one ``label_downloaded`` entry written before it
-    is sent; 503 and nothing sent when the entry cannot be written."""
+    is sent; 503 and nothing sent when the entry cannot be written. ``HEAD`` is the same request without the body:
+    the same refusals, the same entry (its ``route`` says HEAD; on a PACS the series is retrieved all the same). The
+    stock ``HEAD`` route named the label ``image`` (kept for its clients) and checked nothing: a PACS series was
+    retrieved unrecorded, also with the log refusing entries. On a PACS a ``final`` label must be a DICOM SEG series
+    of it (:func:`lib.pacs.final_label_problem`, asked before anything is retrieved): 404 saying what the series is
+    otherwise (MONAI Label downloaded an image series into its label cache, then answered a bare 500)."""
     from monailabel.endpoints.datastore import download_label
 
-    check_name(label, "label")
+    from ..pacs import final_label_problem
+
+    if label is not None and image is not None and label != image:
+        raise HTTPException(status_code=422, detail="give the label as label (or image, as MONAI Label's HEAD "
+                                                    f"route names it), not both: {label!r} and {image!r}")
+    name = label if label is not None else image
+    if name is None:
+        raise HTTPException(status_code=422, detail="label is required: the id of the label to download")
+    check_name(name, "label")
     check_name(tag, "tag")
-    _refuse_unrecordable("the label was not sent", f"label {label} ({tag})")
-    answer = download_label(label, tag)
-    _recorded_read(LABEL_DOWNLOADED, {"image": label, "tag": tag}, "the label was not sent")
+    _refuse_unrecordable("the label was not sent", f"label {name} ({tag})")
+    if tag == "final":
+        problem = final_label_problem(app().datastore(), name)
+        if problem:
+            raise HTTPException(status_code=404, detail=problem)
+    answer = download_label(name, tag)
+    _recorded_read(LABEL_DOWNLOADED, {"image": name, "tag": tag}, "the label was not sent")
     return answer
 
 
