@@ -104,18 +104,28 @@ def qido_searches(server: Orthanc, offset: int = 0) -> list[str]:
             for line in text.splitlines() if "Arguments of QIDO-RS request:" in line]
 
 
-def start_orthanc_logging_requests(work: Path, extra_config: dict | None = None) -> tuple[Orthanc, Path]:
+def start_orthanc_logging_requests(work: Path, extra_config: dict | None = None,
+                                   refuse_frames_of: Iterable[str] = ()) -> tuple[Orthanc, Path]:
     """A real Orthanc (in ``work / "orthanc"``, ``extra_config`` added to its configuration) whose
     IncomingHttpRequestFilter (a Lua script) appends ``METHOD URI`` of every HTTP request it receives, DICOMweb
-    included, to the returned file: what a client searched for or downloaded is read there."""
+    included, to the returned file: what a client searched for or downloaded is read there. The WADO-RS frame
+    retrievals of the series ``refuse_frames_of`` are refused (Orthanc answers 403): a PACS that does not deliver
+    them (logged all the same)."""
     work.mkdir(parents=True, exist_ok=True)
     requests_log = work / "orthanc_requests.log"
     script = work / "log_requests.lua"
+    refused = "".join(f'"/series/{uid}/", ' for uid in refuse_frames_of)
     script.write_text(f"""
+refused = {{{refused}}}
 function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
   local log = io.open("{requests_log}", "a")
   log:write(method .. " " .. uri .. "\\n")
   log:close()
+  for _, series in ipairs(refused) do
+    if string.find(uri, series, 1, true) and string.find(uri, "/frames/", 1, true) then
+      return false
+    end
+  end
   return true
 end
 """)

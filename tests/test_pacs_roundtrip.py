@@ -932,23 +932,31 @@ def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_
     the image download, fetched a series over ``max_voxels`` whole into the cache. MONAI Label's frame-by-frame
     download now runs bounded: the series' metadata is checked before any frame is fetched. On a real server and
     Orthanc (its request log): the 6-slice series (1.57 M voxels, over 1,000,000) is a 413 naming its size and the
-    limit, no frame of it fetched, nothing of it in the cache; the 3-slice one passes the check and has the frames
-    of its 3 images asked, not of its instance without pixel data (which has none: it was asked, failed, and had
-    the series never downloaded). This Orthanc answers MONAI Label's frame requests 400 (its DICOMweb plugin refuses
-    their ``Accept: */*``), and MONAI Label's download drops each failed instance in silence: an empty folder was
-    left in the cache and converted (a 500 at every request for the series), then a bare 500; it is a 502 naming
-    the series and how many of its image instances are missing (infer by id too), and leaves nothing. MONAI
-    Label's download asks frame 1 of each instance only: a series of one 3-frame instance (786,432 voxels, under
-    the limit) was a 502 blaming the PACS; it is a 501 naming the setting to turn off, before any frame is asked
-    (infer by id too)."""
-    import requests
+    limit, no frame of it fetched, nothing of it in the cache.
 
-    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
+    No frame-by-frame download ever succeeded: MONAI Label asks frames with dicomweb-client's default ``Accept:
+    multipart/related; type="*/*"``, which Orthanc's DICOMweb plugin answers 400 ("DICOMweb RetrieveFrames: Transfer
+    syntax "" is incompatible with media type "*/*""). They are asked uncompressed now (``application/octet-stream``,
+    Explicit VR Little Endian, what MONAI Label writes them as): the 3-slice series (3 images and an instance without
+    pixel data) is served (200, its 3 voxel planes those of the PACS's instances), has the frames of its 3 images
+    asked, not of the instance without pixel data (which has none), and its cache holds each of the 3 instances,
+    checked one by one: its header's UIDs and position, its pixel data byte for byte the PACS's. A series whose
+    frames the PACS refuses (403, a Lua filter) was an empty folder left in the cache and converted (a 500 at every
+    request for the series), then a bare 500; it is a 502 naming the series and how many of its image instances are
+    missing (infer by id too), and leaves nothing. MONAI Label's download asks frame 1 of each instance only: a
+    series of one 3-frame instance (786,432 voxels, under the limit) was a 502 blaming the PACS; it is a 501 naming
+    the setting to turn off, before any frame is asked (infer by id too)."""
+    import requests
+    import SimpleITK as sitk
+
+    big, small = real_ct_series(tmp_path / "big", slices=6), distinct_slices(real_ct_series(tmp_path / "small"))
+    refused = real_ct_series(tmp_path / "refused", slices=3)
+    big_uid, small_uid, refused_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+                                       for files in (big, small, refused))
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path, refuse_frames_of=[refused_uid])
     try:
-        big, small = real_ct_series(tmp_path / "big", slices=6), real_ct_series(tmp_path / "small", slices=3)
         frames3 = multi_frame(small[0], tmp_path / "frames3.dcm", 3)
-        pacs.upload_files(big + small + [without_pixels(small[0], tmp_path / "no_image.dcm"), frames3])
-        big_uid, small_uid = (str(pydicom.dcmread(files[0]).SeriesInstanceUID) for files in (big, small))
+        pacs.upload_files(big + small + refused + [without_pixels(small[0], tmp_path / "no_image.dcm"), frames3])
         multi_uid = str(pydicom.dcmread(frames3).SeriesInstanceUID)
         cache = tmp_path / "work" / "dicomweb_cache"
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
@@ -966,19 +974,44 @@ def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_
                                                "limit with --conf max_voxels on the server)"), answer.text
             assert frames(big_uid) == []
             assert not [p for p in cache.rglob(f"*{big_uid}*")], sorted(map(str, cache.rglob("*")))
+
             answer = requests.get(f"{server.url}/datastore/image", params={"image": small_uid}, timeout=600)
+            assert answer.status_code == 200, (answer.status_code, answer.text[:500])
+            assert len(frames(small_uid)) == 3, frames(small_uid)  # its images: asked frame by frame
+            served = tmp_path / "served.nii.gz"
+            served.write_bytes(answer.content)
+            originals = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, small)}
+            planes = sitk.GetArrayFromImage(sitk.ReadImage(str(served)))
+            stored = sorted((float(ds.ImagePositionPatient[2]), ds.pixel_array * float(ds.RescaleSlope)
+                             + float(ds.RescaleIntercept)) for ds in originals.values())
+            assert planes.shape == (3, 512, 512) and all(
+                np.array_equal(plane, hu) for plane, (_, hu) in zip(planes, stored)), planes.shape
+            folders = [p for p in cache.rglob(small_uid) if p.is_dir()]
+            assert len(folders) == 1, sorted(map(str, cache.rglob("*")))
+            written = sorted(folders[0].iterdir())
+            assert sorted(p.name for p in written) == sorted(f"{uid}.dcm" for uid in originals), written
+            for path in written:  # instance by instance: the PACS's header and pixel data
+                ds, original = pydicom.dcmread(path, force=True), originals[path.stem]
+                assert (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.ImagePositionPatient,
+                        ds.Rows, ds.Columns) == (original.SOPInstanceUID, original.SeriesInstanceUID,
+                                                 original.StudyInstanceUID, original.ImagePositionPatient,
+                                                 original.Rows, original.Columns), path
+                assert ds.PixelData == original.PixelData, path
+
+            answer = requests.get(f"{server.url}/datastore/image", params={"image": refused_uid}, timeout=600)
             assert answer.status_code == 502, (answer.status_code, answer.text[:500])
-            assert answer.json()["detail"] == (f"the PACS did not deliver series {small_uid}: 3 of its 3 image "
+            assert answer.json()["detail"] == (f"the PACS did not deliver series {refused_uid}: 3 of its 3 image "
                                                "instances are missing or cut short in its frame-by-frame download "
                                                "(MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME); nothing of it was kept")
-            assert len(frames(small_uid)) == 3, frames(small_uid)  # its images: asked frame by frame
-            assert not [p for p in cache.rglob(f"*{small_uid}*")], sorted(map(str, cache.rglob("*")))
-            answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
+            assert len(frames(refused_uid)) == 3, frames(refused_uid)
+            assert not [p for p in cache.rglob(f"*{refused_uid}*")], sorted(map(str, cache.rglob("*")))
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": refused_uid, "output": "json"},
                                    timeout=600)  # infer by id maps it itself
             assert answer.status_code == 502, (answer.status_code, answer.text[:500])
-            assert answer.json()["detail"].startswith(f"not denoised: the PACS did not deliver series {small_uid}: "
+            assert answer.json()["detail"].startswith(f"not denoised: the PACS did not deliver series {refused_uid}: "
                                                       "3 of its 3 image instances"), answer.text
-            assert not [p for p in cache.rglob(f"*{small_uid}*")], sorted(map(str, cache.rglob("*")))
+            assert not [p for p in cache.rglob(f"*{refused_uid}*")], sorted(map(str, cache.rglob("*")))
+
             not_by_frame = (f"series {multi_uid} has multi-frame instances (1 of its 1 image instances, up to 3 "
                             "frames each), which MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME downloads only the first frame "
                             "of; nothing of it was downloaded: turn that setting off on the server")
@@ -998,6 +1031,16 @@ def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_
         stop_orthanc(pacs)
 
 
+def distinct_slices(paths: list[Path]) -> list[Path]:
+    """The real DICOM slices ``paths`` rewritten in place, each with its own pixels (the k-th one's values shifted by
+    k: copies of one slice would not tell one instance from another); returns them."""
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        ds.PixelData = (ds.pixel_array + k).astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(path, write_like_original=False)
+    return paths
+
+
 def with_series_uid(paths: list[Path], uid: str) -> list[Path]:
     """The DICOM files ``paths`` rewritten in place as instances of the series ``uid``; returns them."""
     for path in paths:
@@ -1010,30 +1053,30 @@ def with_series_uid(paths: list[Path], uid: str) -> list[Path]:
 def test_the_review_queue_skips_a_series_it_cannot_download_frame_by_frame(tmp_path, tiny_weights):
     """The review queue skipped (and listed) a PACS series over the voxel limit, but not one the server cannot
     download: with ``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME`` a series of multi-frame instances (501) or one the PACS
-    does not deliver whole (502; this Orthanc refuses MONAI Label's frame requests) failed every hand-out of the
-    queue while it came first. On a real server and Orthanc, by id: the multi-frame series, the undelivered one, then
-    a series already in the server's cache (downloaded whole by a first start without the setting). The queue now
-    skips the first two, with a warning each, lists them in ``not_downloaded`` (id and the route's detail) and hands
-    out the third; with it excluded, the answer lists them with no id, and the Slicer module's client and workflow
-    state name them (not an empty queue). Nothing of either is kept in the cache."""
+    does not deliver whole (502; this Orthanc refuses its frames, a Lua filter) failed every hand-out of the queue
+    while it came first. On a real server and Orthanc (its request log), by id: the multi-frame series, the
+    undelivered one, then one the PACS delivers. The queue now skips the first two, with a warning each, lists them
+    in ``not_downloaded`` (id and the route's detail) and hands out the third, downloaded frame by frame; with it
+    excluded, the answer lists them with no id, and the Slicer module's client and workflow state name them (not an
+    empty queue). Nothing of either is kept in the cache. Each hand-out tried both downloads again (the metadata of
+    both, the frames of the undelivered one): their failures are remembered, and the second hand-out asks the PACS
+    nothing of them (nothing at all but, at most, its series listing)."""
     import requests
 
     prefix = "1.2.826.0.1.3680043.8.498.4242"  # ids in the queue's order
-    multi_uid, undelivered_uid, cached_uid = f"{prefix}1", f"{prefix}2", f"{prefix}3"
-    pacs = start_orthanc(tmp_path / "orthanc")
+    multi_uid, undelivered_uid, delivered_uid = f"{prefix}1", f"{prefix}2", f"{prefix}3"
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path, refuse_frames_of=[undelivered_uid])
     try:
-        cached = with_series_uid(real_ct_series(tmp_path / "cached", slices=3), cached_uid)
+        delivered = with_series_uid(real_ct_series(tmp_path / "delivered", slices=3), delivered_uid)
         undelivered = with_series_uid(real_ct_series(tmp_path / "undelivered", slices=3), undelivered_uid)
-        frames3 = with_series_uid([multi_frame(cached[0], tmp_path / "frames3.dcm", 3)], multi_uid)
-        pacs.upload_files(cached + undelivered + frames3)
+        frames3 = with_series_uid([multi_frame(delivered[0], tmp_path / "frames3.dcm", 3)], multi_uid)
+        pacs.upload_files(delivered + undelivered + frames3)
         work, model = tmp_path / "work", copy_weights(tiny_weights, tmp_path / "model")
         cache = work / "dicomweb_cache"
-        server = start_server(pacs.dicomweb, model, work, conf={"max_voxels": 1_000_000})
-        try:
-            answer = requests.get(f"{server.url}/datastore/image", params={"image": cached_uid}, timeout=600)
-            assert answer.status_code == 200, (answer.status_code, answer.text[:500])
-        finally:
-            stop_server(server)
+
+        def requests_since(count: int) -> list[str]:
+            return requests_log.read_text().splitlines()[count:]
+
         server = start_server(pacs.dicomweb, model, work, conf={"max_voxels": 1_000_000},
                               env={"MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME": "true"})
         try:
@@ -1046,24 +1089,35 @@ def test_the_review_queue_skips_a_series_it_cannot_download_frame_by_frame(tmp_p
                     f"the PACS did not deliver series {undelivered_uid}: 3 of its 3 image instances are missing or "
                     "cut short in its frame-by-frame download (MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME); nothing of it "
                     "was kept")}]
+            before = len(requests_since(0))
             answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={}, timeout=600)
             assert answer.status_code == 200, (answer.status_code, answer.text[:500])
             body = answer.json()
             assert (body.get("id"), body["remaining_unreviewed"], body.get("not_downloaded"),
-                    body.get("too_large_to_review")) == (cached_uid, 3, skipped, None), answer.text
-            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"exclude": [cached_uid]},
+                    body.get("too_large_to_review")) == (delivered_uid, 3, skipped, None), answer.text
+            asked = requests_since(before)
+            for uid in (multi_uid, undelivered_uid, delivered_uid):  # each one's metadata, then the frames
+                assert any(f"/series/{uid}/metadata" in line for line in asked), (uid, asked)
+            assert len([line for line in asked if f"/series/{undelivered_uid}/" in line and "/frames/" in line]) == 3
+            assert len([line for line in asked if f"/series/{delivered_uid}/" in line and "/frames/" in line]) == 3
+            folders = [p for p in cache.rglob(delivered_uid) if p.is_dir()]  # downloaded frame by frame
+            assert len(folders) == 1 and len(list(folders[0].iterdir())) == 3, sorted(map(str, cache.rglob("*")))
+            before = len(requests_since(0))
+            answer = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"exclude": [delivered_uid]},
                                    timeout=600)
             assert answer.status_code == 200, (answer.status_code, answer.text[:500])
             assert answer.json() == {"remaining_unreviewed": 3, "not_downloaded": skipped}, answer.text
+            asked = requests_since(before)
+            assert [line for line in asked if line != "GET /dicom-web/series"] == [], asked  # at most its listing
             # the Slicer module's client and workflow state: not an empty queue, the reviewer is told of both
             client = DenoiseServerClient(server.url)
-            assert client.next_study(exclude=[cached_uid]) == answer.json()
-            assert ReviewSession.queue_answer(client.next_study(exclude=[cached_uid])) is None
-            described = ReviewSession.describe_skipped(client.next_study(exclude=[cached_uid]))
+            assert client.next_study(exclude=[delivered_uid]) == answer.json()
+            assert ReviewSession.queue_answer(client.next_study(exclude=[delivered_uid])) is None
+            described = ReviewSession.describe_skipped(client.next_study(exclude=[delivered_uid]))
             assert described.startswith(f"2 unreviewed series the server could not download, skipped: {multi_uid} "
                                         f"(series {multi_uid} has multi-frame"), described
             assert f", {undelivered_uid} (the PACS did not deliver" in described, described
-            assert client.next_study()["id"] == cached_uid
+            assert client.next_study()["id"] == delivered_uid
             log = server.log_tail(20000)
             for uid in (multi_uid, undelivered_uid):
                 assert f"review queue: series {uid} skipped" in log
@@ -1071,6 +1125,70 @@ def test_the_review_queue_skips_a_series_it_cannot_download_frame_by_frame(tmp_p
             assert server.alive()
         finally:
             stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_failed_frame_by_frame_download_is_tried_again_after_a_while_or_once_the_series_changes(
+        tmp_path, tiny_weights, monkeypatch):
+    """The review queue remembers a series whose download failed (the hand-out after asks the PACS nothing of it:
+    :func:`test_the_review_queue_skips_a_series_it_cannot_download_frame_by_frame`), for
+    ``NOT_DOWNLOADED_RETRY_S`` and while the PACS lists it with the same instance count: a PACS that recovered, or
+    a series sent again whole, is not skipped for ever. In-process queue and app
+    (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``) on a real Orthanc refusing the frames of a 1-slice series (its request
+    log): asked again, it is listed from
+    memory (no request naming it); once the time is up, its download is tried again (its metadata and frame asked);
+    remembered anew; once the series has a second instance (listed afresh), tried again, the detail naming 2
+    instances."""
+    from monailabel.config import settings
+
+    import lib.activelearning.review as review
+    import lib.pacs
+    from conftest import import_app_main
+    from lib.activelearning import NextUnreviewed
+    from lib.activelearning.review import QUEUE_LEFT
+
+    files = real_ct_series(tmp_path / "series", slices=2)
+    uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path, refuse_frames_of=[uid])
+    try:
+        pacs.upload(files[0])
+        monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
+        monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME", True)
+        (tmp_path / "app" / "bin").mkdir(parents=True)  # MONAI Label downloads dcmqi's converter otherwise
+        (tmp_path / "app" / "bin" / "itkimage2segimage").write_text("")
+        app = import_app_main().DenoisingApp(str(tmp_path / "app"), pacs.dicomweb,
+                                             {"model_dir": str(copy_weights(tiny_weights, tmp_path / "model")),
+                                              "models": "nlm", "max_voxels": "1000000"})
+        store = app.datastore()
+        queue = NextUnreviewed(app.audit, app._queue_voxel_limit)  # noqa: SLF001 - the app's own limit
+
+        def ask() -> tuple[list, list[str]]:
+            """One queue request: (its not_downloaded, the requests naming the series)."""
+            before = len(requests_log.read_text().splitlines())
+            QUEUE_LEFT.set(None)
+            assert queue({}, store) is None
+            return QUEUE_LEFT.get()["not_downloaded"], [line for line in requests_log.read_text().splitlines()[before:]
+                                                        if f"/series/{uid}/" in line]
+
+        def not_delivered(count: int) -> list[dict]:
+            return [{"id": uid, "detail": f"the PACS did not deliver series {uid}: {count} of its {count} image "
+                                          "instances are missing or cut short in its frame-by-frame download "
+                                          "(MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME); nothing of it was kept"}]
+
+        skipped, asked = ask()
+        assert skipped == not_delivered(1) and any("/frames/" in line for line in asked), asked
+        assert ask() == (not_delivered(1), [])  # remembered
+        monkeypatch.setattr(review, "NOT_DOWNLOADED_RETRY_S", 0.0)
+        skipped, asked = ask()  # the time is up: tried again
+        assert skipped == not_delivered(1) and any("/frames/" in line for line in asked), asked
+        monkeypatch.setattr(review, "NOT_DOWNLOADED_RETRY_S", 600.0)
+        assert ask() == (not_delivered(1), [])
+        pacs.upload(files[1])  # the series changes: listed afresh with 2 instances, tried again
+        monkeypatch.setattr(lib.pacs, "LISTING_MAX_AGE_S", 0.0)
+        skipped, asked = ask()
+        assert skipped == not_delivered(2) and len([line for line in asked if "/frames/" in line]) == 2, asked
+        assert not [p for p in (tmp_path / "dicomweb_cache").rglob(f"*{uid}*")]  # nothing kept
     finally:
         stop_orthanc(pacs)
 

@@ -894,6 +894,11 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
     return folder
 
 
+#: the media type the frames of a frame-by-frame download are asked in (WADO-RS, PS3.18 8.7.3.5): uncompressed,
+#: Explicit VR Little Endian, as MONAI Label writes them (its ``save_from_frame`` stores the bytes as native pixel data)
+UNCOMPRESSED_FRAMES = (("application/octet-stream", "1.2.840.10008.1.2.1"),)
+
+
 def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limit: int) -> int:
     """MONAI Label's frame-by-frame download (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``: the series' WADO-RS metadata,
     then the pixel data of each instance it lists) of the series ``image_id`` into ``partial``, bounded: the
@@ -945,6 +950,13 @@ def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limi
             listed.extend(metadata)
             return [entry for entry in metadata if _entry_size(entry) is not None]  # no frame to fetch without
 
+        def retrieve_instance_frames(self, *args, media_types=None, **kwargs) -> list[bytes]:
+            # dicomweb-client asks with type="*/*" by default, which Orthanc's DICOMweb plugin answers 400 (no
+            # transfer syntax goes with it); MONAI Label writes the bytes as uncompressed pixel data: ask for those.
+            # Its frames are bytearrays, which pydicom takes as a list of values (the file's write then fails)
+            return [bytes(frame) for frame in client.retrieve_instance_frames(
+                *args, media_types=media_types or UNCOMPRESSED_FRAMES, **kwargs)]
+
     dicom_web_download_series(study, image_id, str(partial), Bounded(), True)
     return check_by_frame(partial, listed, image_id)
 
@@ -956,13 +968,13 @@ def check_by_frame(folder: Path, listed: list[dict], image_id: str) -> int:
     parses as DICOM, and its pixel data element holds all the pixel bytes its entry gives (a write cut short by a
     full disk leaves a file that parses, its pixel data short). No pixel is read: the header is read up to the pixel
     data element, whose length is compared with what the file holds after it
-    (:func:`lib.imaging.dicom_read._dcmread_header`); MONAI Label writes the frames as fetched, uncompressed, so
-    encapsulated pixel data is not counted as delivered.
+    (:func:`lib.imaging.dicom_read.uncompressed_pixel_bytes`); MONAI Label writes the frames as fetched, asked
+    uncompressed (:data:`UNCOMPRESSED_FRAMES`), so encapsulated pixel data is not counted as delivered.
 
     Raises:
         SeriesNotDelivered: an instance listed is missing, unreadable or cut short.
     """
-    from .imaging.dicom_read import _dcmread_header, _Fragments
+    from .imaging.dicom_read import uncompressed_pixel_bytes
     from .imaging.errors import ImageReadError
 
     written = {path.name for path in folder.iterdir()}
@@ -971,12 +983,10 @@ def check_by_frame(folder: Path, listed: list[dict], image_id: str) -> int:
     for entry in images:
         name = f"{_first_str(entry, '00080018')}.dcm"
         try:
-            element = _dcmread_header(folder / name)[1] if name in written else None
+            held = uncompressed_pixel_bytes(folder / name) if name in written else None
         except (ImageReadError, OSError):  # its header does not parse, or it went meanwhile
-            element = None
-        native = isinstance(element, tuple) and not isinstance(element, _Fragments)
-        held = min(element) if native else -1  # (declared length, bytes after its header)
-        if held < _entry_size(entry)[1]:
+            held = None
+        if held is None or held < _entry_size(entry)[1]:  # None: missing, compressed or without pixel data
             missing += 1
     if missing:
         raise SeriesNotDelivered(f"the PACS did not deliver series {image_id}: {missing} of its {len(images)} image "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter, OrderedDict
 from contextvars import ContextVar
 from pathlib import Path
@@ -29,7 +30,7 @@ __all__ = ["VERDICTS", "MAX_REASON_CHARS", "HANDOUT_EVENT", "NextUnreviewed", "N
            "QUEUE_LEFT", "ambiguous_images", "has_image",
            "record_handout", "record_result",
            "reconcile_reviews", "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail",
-           "results_of", "stored_results", "study_modality", "UNREADABLE_REMEMBERED"]
+           "results_of", "stored_results", "study_modality", "UNREADABLE_REMEMBERED", "NOT_DOWNLOADED_RETRY_S"]
 
 VERDICTS = ("unreviewed", "accepted", "corrected", "rejected")
 MAX_REASON_CHARS = 2000  # a reason is a sentence or two; the log keeps every one of them for ever
@@ -454,6 +455,12 @@ def study_modality(datastore: Datastore, image_id: str, info: Optional[dict] = N
 #: local studies whose modality the queue could not read (unreadable, too large) that it remembers
 #: (:meth:`NextUnreviewed._of_modality`)
 UNREADABLE_REMEMBERED = 4096
+#: seconds the review queue skips a PACS series whose download failed (:meth:`NextUnreviewed._too_large`) without
+#: trying it again, while the PACS lists it with the same instance count: a PACS that failed to deliver may since
+#: have recovered, a setting may have been changed
+NOT_DOWNLOADED_RETRY_S = 600.0
+#: series whose failed download the review queue remembers (the least recently failed go first)
+NOT_DOWNLOADED_REMEMBERED = 4096
 
 
 def _file_identity(path: str) -> tuple:
@@ -519,7 +526,8 @@ class NextUnreviewed(Strategy):
     stopped over the limit (it grew since its size was asked) is skipped and listed the same way, and the next
     study handed out. A series the server cannot download (:meth:`_too_large`: multi-frame under
     ``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``, or not delivered by the PACS) is skipped too, with a warning, and listed
-    in ``not_downloaded`` (id, detail), also when no other study is left: one such series failed every hand-out."""
+    in ``not_downloaded`` (id, detail), also when no other study is left: one such series failed every hand-out.
+    Its failure is remembered (:data:`NOT_DOWNLOADED_RETRY_S`): each hand-out paid the failing download again."""
 
     def __init__(self, audit: AuditLog | None = None, voxel_limit: Optional[Callable[[], int]] = None) -> None:
         super().__init__("Next study without a review verdict (radiologist review queue)")
@@ -528,6 +536,8 @@ class NextUnreviewed(Strategy):
         # (id, limit, file identity) -> a local study's modality read that gave no modality (:meth:`_of_modality`)
         self._outcomes: OrderedDict[tuple, bool | dict] = OrderedDict()
         self._outcomes_lock = threading.Lock()
+        # (id, instances listed or None) -> (detail, time.monotonic()) of a PACS series whose download failed
+        self._failed_downloads: OrderedDict[tuple, tuple[str, float]] = OrderedDict()
 
     def _too_large(self, datastore: Datastore, image_id: str) -> Optional[dict]:
         """What the answer says of a PACS series over :attr:`voxel_limit` not downloaded yet, else None (the series
@@ -543,13 +553,25 @@ class NextUnreviewed(Strategy):
         request (507): the disk, not the series, is at fault, and the next series would not fit either. One with
         multi-frame instances under ``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``
         (:class:`lib.pacs.SeriesNotFetchableByFrame`) or not delivered whole (:class:`lib.pacs.SeriesNotDelivered`)
-        is answered ``{"id", "not_downloaded": detail}`` (nothing of it kept; tried again at the next request): the
-        series, not the disk, is at fault there, and each failed the whole hand-out (501, 502)."""
+        is answered ``{"id", "not_downloaded": detail}`` (nothing of it kept): the series, not the disk, is at fault
+        there, and each failed the whole hand-out (501, 502). That failure is remembered under the series' id and
+        the instance count the PACS lists it with (:func:`lib.pacs.listed_series`): the next requests answer it
+        without asking the PACS anything (every hand-out paid the failing download again) until
+        :data:`NOT_DOWNLOADED_RETRY_S` have passed, the PACS lists the series with another count, or the series is
+        in the cache (another route downloaded it)."""
         from .. import pacs
 
         if self.voxel_limit is None or not pacs.is_dicomweb(datastore):
             return None
         limit = self.voxel_limit()
+        failed_key = (image_id, pacs.listed_series(datastore, image_id).get("instances") or None)
+        if not pacs.is_downloaded(datastore, image_id):
+            detail = self._failed_download(failed_key)
+            if detail is not None:
+                log.info("review queue: series %s skipped: its download failed within the last %d s (%s); it is "
+                         "tried again after that, or once the PACS lists it with another instance count", image_id,
+                         NOT_DOWNLOADED_RETRY_S, detail)
+                return {"id": image_id, "not_downloaded": detail}
         size = pacs.known_size(datastore, image_id, limit)
         if size is None or size.voxels <= limit:
             try:  # the size asked handed on: one download asks it once
@@ -557,7 +579,8 @@ class NextUnreviewed(Strategy):
                 return None
             except (pacs.SeriesNotFetchableByFrame, pacs.SeriesNotDelivered) as error:
                 log.warning("review queue: series %s skipped: %s; it stays unreviewed and is listed in the queue's "
-                            "not_downloaded", image_id, error)
+                            "not_downloaded; not tried again for %d s", image_id, error, NOT_DOWNLOADED_RETRY_S)
+                self._remember_failed_download(failed_key, str(error))
                 return {"id": image_id, "not_downloaded": str(error)}
             except pacs.SeriesTooLarge as error:
                 size = error.size
@@ -572,6 +595,23 @@ class NextUnreviewed(Strategy):
         return {"id": image_id, "instances": size.instances, "voxels": size.voxels,
                 "estimated": size.listed < size.instances, "limit": limit,
                 **({"download_stopped": True} if size.stopped else {})}
+
+    def _failed_download(self, key: tuple) -> Optional[str]:
+        """The detail of the failed download remembered under ``key`` (:meth:`_too_large`) when it failed less than
+        :data:`NOT_DOWNLOADED_RETRY_S` ago, else None (one older is forgotten)."""
+        with self._outcomes_lock:
+            detail, since = self._failed_downloads.get(key, (None, 0.0))
+            if detail is not None and time.monotonic() - since >= NOT_DOWNLOADED_RETRY_S:
+                del self._failed_downloads[key]
+                return None
+            return detail
+
+    def _remember_failed_download(self, key: tuple, detail: str) -> None:
+        with self._outcomes_lock:
+            self._failed_downloads[key] = (detail, time.monotonic())
+            self._failed_downloads.move_to_end(key)
+            while len(self._failed_downloads) > NOT_DOWNLOADED_REMEMBERED:
+                self._failed_downloads.popitem(last=False)
 
     def _queue_limit(self) -> int:
         """The voxel limit of the studies the queue reads: :attr:`voxel_limit`, else :func:`lib.imaging.max_voxels`."""

@@ -35,7 +35,7 @@ from .guards import check_plausible, check_size, check_values
 from .volume import Volume, fill_padding, integral_dtype_for
 
 __all__ = ["declared_shape", "has_dicom_magic", "is_dicom_file", "list_dicom_series", "probe_dicom_header",
-           "read_dicom_file", "read_dicom_folder"]
+           "read_dicom_file", "read_dicom_folder", "uncompressed_pixel_bytes"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -640,6 +640,30 @@ def _dcmread_header(path: Path) -> tuple[FileDataset, tuple[int, int] | _Fragmen
     return header, (length, max(0, os.path.getsize(path) - value_start))
 
 
+def _held_bytes(element: tuple[int, int] | _Fragments | None) -> int | None:
+    """The bytes of uncompressed pixel data a file holds (``element``: from :func:`_dcmread_header`): its declared
+    length, or what the file holds after the element's header when that is less; None for encapsulated (compressed)
+    pixel data, or none that can be counted."""
+    if element is None or isinstance(element, _Fragments):
+        return None
+    length, available = element
+    return min(length, available)
+
+
+def uncompressed_pixel_bytes(path: Path) -> int | None:
+    """The bytes of uncompressed pixel data the DICOM file ``path`` holds (its pixel data element's declared length,
+    or what the file holds after that element's header when it is cut short), read without any pixel; None when its
+    pixel data is encapsulated (compressed), absent, or cannot be counted (a deflated transfer syntax). What a
+    reader checks a file's pixel data against (:func:`_check_pixel_bytes`), and a frame-by-frame download its
+    instances (:func:`lib.pacs.check_by_frame`).
+
+    Raises:
+        ImageReadError: its header does not parse as DICOM.
+        OSError: it cannot be opened.
+    """
+    return _held_bytes(_dcmread_header(path)[1])
+
+
 def declared_shape(ds: Dataset, path: Path) -> tuple[int, ...]:
     """(frames, rows, columns), with the samples per pixel last when more than 1, from a header. A NumberOfFrames
     of 0 or empty is one frame, as pydicom decodes it."""
@@ -883,13 +907,13 @@ def _check_pixel_bytes(ds: Dataset, path: Path, shape: Sequence[int],
     if isinstance(element, _Fragments):
         _check_frames(ds, path, shape, element)
         return
-    if element is None:
+    held = _held_bytes(element)
+    if held is None:
         return
     bits = int(float_or(ds.get("BitsAllocated"), 0.0))
     if bits < 1:
         return  # the decoder reports it
     length, available = element
-    held = min(length, available)
     frame_bits = int(np.prod([int(v) for v in shape[1:]], dtype=np.float64)) * bits
     declared_bits = int(shape[0]) * frame_bits
     size = " x ".join(str(int(v)) for v in shape)
