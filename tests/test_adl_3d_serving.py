@@ -36,6 +36,9 @@ from mlserver import TINY_ADL, copy_weights, read_array, shared_studies, start_s
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 BROKEN_LAYER = "backbone.bridge.norm1.running_var"
+#: the 3D network's own voxel limit on the module's server (max_voxels_adl_3d), below the others' (max_voxels, 3 M)
+#: and above its studies' (262,144 voxels at most)
+ADL_3D_LIMIT = 300_000
 
 
 def make_tiny_3d_weights(model_dir: Path) -> tuple[Path, Path]:
@@ -78,8 +81,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path):
     root = tmp_path_factory.mktemp("adl_3d_server")
     model_dir = copy_weights(tiny_weights, root / "model")
     make_tiny_3d_weights(model_dir)
-    srv = start_server(shared_studies(root / "studies"), model_dir, root / "work", conf={"max_voxels": 3_000_000,
-                                                                                      "models": "all,adl_3d"})
+    srv = start_server(shared_studies(root / "studies"), model_dir, root / "work",
+                       conf={"max_voxels": 3_000_000, "models": "all,adl_3d", "max_voxels_adl_3d": ADL_3D_LIMIT})
     yield srv
     stop_server(srv)
 
@@ -177,6 +180,32 @@ def test_threads_sharing_the_infer_task_leave_the_network_untouched(server):
         np.testing.assert_allclose(result, reference, rtol=1e-5, atol=1e-5 * float(np.abs(reference).max()))
     assert not network.training
     assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
+
+
+def test_the_3d_network_has_a_voxel_limit_of_its_own(server, tmp_path):
+    """One ``max_voxels`` held for every model, although the 3D network holds the whole volume on its device (the
+    input, its padded copy, the sliding window's output and weight sums: some 16 bytes a voxel of GPU memory) and
+    the 2D / 2.5D ones a batch of slices: a limit the 2.5D model fits in was the 3D one's too. ``max_voxels_adl_3d``
+    (300,000) is the 3D network's own: a CT crop of 524,288 voxels sent to it is a 413 naming the model, its limit
+    and the setting, while the 2.5D model (``max_voxels``, 3,000,000) denoises it."""
+    import requests
+
+    from conftest import SAMPLE_STUDIES
+    from mlserver import write_crop
+
+    upload = write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", tmp_path / "crop.nii.gz", z=slice(40, 48))
+    answers = {}
+    for model in ("adl_3d", "adl"):
+        answers[model] = requests.post(f"{server.url}/infer/{model}", params={"output": "json"},
+                                       files={"file": ("crop.nii.gz", Path(upload).read_bytes())}, timeout=600)
+    refused = answers["adl_3d"]
+    assert refused.status_code == 413, (refused.status_code, refused.text[:500])
+    assert refused.json()["detail"] == (
+        "cannot denoise this image with adl_3d: the uploaded file is too large: 256 x 256 x 8 = 524,288 voxels "
+        "exceeds adl_3d's limit of 300,000 voxels (raise it with --conf max_voxels_adl_3d on the server, or crop "
+        "the volume)"), refused.text
+    assert answers["adl"].status_code == 200, answers["adl"].text[:500]
+    assert answers["adl"].json()["shape"] == [8, 256, 256]
 
 
 def test_check_finite_output_names_the_source_and_counts():

@@ -1019,14 +1019,16 @@ def test_a_read_over_the_voxel_limit_that_no_route_answers_is_a_413_with_the_rea
 @pytest.mark.server
 @pytest.mark.slow
 def test_a_fine_tune_request_whose_correction_cannot_be_read_is_refused_naming_the_file(tmp_path, tiny_weights):
-    """A correction pair whose file the header check cannot read (missing, corrupt, not an image) passed the train
-    request (only the size was checked there), and the run failed on it later. Here, on a real server: two CT slabs
-    corrected (their modality in their info: the review queue read it), one correction's stamp without the image's
-    SHA-256 (as stamps written before ``image_sha256`` existed) and its study file then replaced by bytes that are no
-    image: ``POST /train/adl`` is a 422 naming the study and its file (no server path) and what is wrong, no run
-    started (train_stats "never trained"), and no entry of the request in the audit log. Without the study's modality
-    in its info, the read of its modality fails the same way (it was a bare 500)."""
-    from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
+    """A correction pair whose file the header check cannot read (missing, corrupt, not an image), whose file is
+    cut short (its header declares more voxels than it holds), or whose correction is not of its study's size passed
+    the train request (only the size limit was checked there), and the run failed on it later. Here, on a real
+    server: two CT slabs corrected (their modality in their info: the review queue read it), one correction's stamp
+    without the image's SHA-256 (as stamps written before ``image_sha256`` existed) and its study file then replaced
+    by the first half of its bytes, by a 3-slice crop (the correction has 4), and by bytes that are no image: each
+    ``POST /train/adl`` is a 422 naming the study and its file (no server path) and what is wrong, no run started
+    (train_stats "never trained"), and no entry of the request in the audit log. Without the study's modality in its
+    info, the read of its modality fails the same way (it was a bare 500)."""
+    from mlserver import copy_weights, queue_hand_outs, start_server, stop_server, write_crop
 
     studies = tmp_path / "studies"
     images = _slabs_between(studies)
@@ -1045,16 +1047,33 @@ def test_a_fine_tune_request_whose_correction_cannot_be_read_is_refused_naming_t
     stamp = data["objects"]["ct_slab_b"]["labels"]["final"]["info"]
     assert stamp.pop("image_sha256"), stamp  # an older stamp: the study's file not named by its hash
     index.write_text(json.dumps(data))
-    (studies / "ct_slab_b.nii.gz").write_bytes(b"not an image at all\n" * 100)
+    study = studies / "ct_slab_b.nii.gz"
+    whole = study.read_bytes()
+    study.write_bytes(whole[: len(whole) // 2])  # a copy cut short: its header declares 4 slices
     server = start_server(studies, model, tmp_path / "work2", conf=conf)
-    try:
+
+    def refusal() -> str:
         refused = requests.post(f"{server.url}/train/adl", json={"steps": 2, "patch_size": 32, "device": "cpu"},
                                 timeout=600)
         assert refused.status_code == 422, (refused.status_code, refused.text, _wait_for_training(server.url))
         detail = refused.json()["detail"]
+        assert str(tmp_path) not in detail, detail
+        return detail
+
+    try:
+        detail = refusal()
+        assert detail == ("study ct_slab_b: ct_slab_b.nii.gz is truncated or corrupt: its gzip stream is broken "
+                          "(Compressed file ended before the end-of-stream marker was reached); no run was started"), \
+            detail
+        write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", study, z=slice(40, 43))
+        detail = refusal()
+        assert detail == ("the correction of study ct_slab_b: ct_slab_b.nii.gz holds 256 x 256 x 4 voxels, its study "
+                          "ct_slab_b.nii.gz 256 x 256 x 3 (the study was replaced since the correction was saved?); "
+                          "save the correction again on the study's grid; no run was started"), detail
+        study.write_bytes(b"not an image at all\n" * 100)
+        detail = refusal()
         assert detail == ("study ct_slab_b: cannot read ct_slab_b.nii.gz: its content is not a NIfTI, NRRD or "
                           "MetaImage image (no image reader recognises it); no run was started"), detail
-        assert str(tmp_path) not in detail, detail
         assert requests.get(f"{server.url}/info/", timeout=60).json()["train_stats"]["adl"]["status"] == \
             "never trained"
         assert not _events(AuditLog(tmp_path / "audit_log"), "training_requested")

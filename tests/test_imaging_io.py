@@ -1210,8 +1210,9 @@ def test_the_size_refusal_comes_before_the_pixel_data_is_looked_at(tmp_path):
 def test_the_header_only_size_check_refuses_what_the_reader_refuses_as_too_large(tmp_path):
     """:func:`lib.imaging.io.check_voxels` (a fine-tune request's check of its correction pairs) refuses an image
     over the limit with the reader's own error, from headers alone: a multi-frame DICOM file, a folder's series of
-    slices and a NIfTI file, each with its voxel data cut away after the header. Within the limit it gives their
-    sizes and reads nothing more (the cut data is not noticed)."""
+    slices and a NIfTI file, each with its voxel data cut away after the header. Within the limit it refuses them
+    as the reader does, as truncated, with the reader's message (it gave their sizes: the request was accepted and
+    the run failed on them); intact, it gives their sizes."""
     from lib.imaging.io import check_voxels
 
     frames = _cut_after_pixel_header(_multiframe(tmp_path / "frames.dcm", 8), keep=100)
@@ -1228,9 +1229,48 @@ def test_the_header_only_size_check_refuses_what_the_reader_refuses_as_too_large
         with pytest.raises(ImageTooLargeError) as checked:
             check_voxels(path, max_voxels=limit)
         assert str(checked.value) == str(read.value) and checked.value.shape == read.value.shape, (path, checked)
-        assert check_voxels(path, max_voxels=1_000_000) == shape
+        with pytest.raises(ImageReadError, match="is truncated or corrupt") as read:
+            read_volume(path, max_voxels=1_000_000)
+        with pytest.raises(ImageReadError) as checked:
+            check_voxels(path, max_voxels=1_000_000)
+        # a series' files are checked in their listing's order, read in their slice order: either names a cut one
+        same = re.sub(r"slice_\d+\.dcm", "slice.dcm", str(checked.value)) == \
+            re.sub(r"slice_\d+\.dcm", "slice.dcm", str(read.value))
+        assert same, (path, checked.value, read.value)
+    intact = _make_series(tmp_path / "intact", n=3)
+    assert check_voxels(intact["paths"][0]) == (1, 128, 128) and check_voxels(tmp_path / "intact") == (3, 128, 128)
+    sitk.WriteImage(sitk.Image(64, 64, 20, sitk.sitkInt16), str(nifti))
+    assert check_voxels(nifti) == (64, 64, 20)
     with pytest.raises(ImageReadError, match="no such"):
         check_voxels(tmp_path / "missing.nii.gz")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_the_header_only_check_refuses_compressed_data_cut_short_as_the_reader_does(tmp_path, suffix):
+    """A compressed file (gzip NIfTI, gzip NRRD, zlib MetaImage) cut in half passed
+    :func:`lib.imaging.io.check_voxels` (its header and the 1100 : 1 bound on its size are fine), and the reader (a
+    fine-tune run) failed on it: it is refused, the intact file taken (a gzip file from its trailer, without reading
+    the stream), and a NIfTI written as several gzip members (no trailer giving the whole length) taken after its
+    stream is read through."""
+    import gzip
+
+    from lib.imaging.io import check_voxels
+
+    values = np.random.default_rng(0).normal(0, 100, (12, 64, 64)).astype(np.int16)
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(whole), True)
+    assert check_voxels(whole) == (64, 64, 12)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ImageReadError):
+        read_volume(cut)
+    with pytest.raises(ImageReadError, match=r"cut\.(nii\.gz|nrrd|mha) is truncated or corrupt"):
+        check_voxels(cut)
+    if suffix == ".nii.gz":
+        raw = gzip.decompress(whole.read_bytes())
+        members = tmp_path / "members.nii.gz"
+        members.write_bytes(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))
+        assert check_voxels(members) == (64, 64, 12)
 
 
 @pytest.mark.parametrize("case,words", [

@@ -758,18 +758,22 @@ def test_tddl_adaptation_learns_noise_from_unlabelled_low_dose_images_and_can_ke
     assert training_client.info()["models"]["tddl_gcn"]["weights"]["ct"]["available"]
 
 
-@pytest.mark.parametrize("name", ["adl", "tddl_gcn", "nlm"])
+@pytest.mark.parametrize("name", ["adl", "tddl_gcn", "nlm", "adl_3d"])
 def test_every_served_model_takes_the_conf_concurrency_and_size_limits(name, tmp_path):
     """``--conf max_concurrent_infers`` and ``max_voxels`` hold for every model the app serves (README: "requests one
-    model denoises at once"): nlm, the classical model, queued at its own fixed 2 whatever the conf said."""
+    model denoises at once"): nlm, the classical model, queued at its own fixed 2 whatever the conf said. A model's
+    own ``max_voxels_<model>`` is its limit (infer and fine-tuning), over ``max_voxels``, and no other model's."""
     from lib.configs import MODEL_CONFIGS
     from lib.weights import ModelStore
 
     config = MODEL_CONFIGS[name]()
-    config.init(name, str(tmp_path), {"max_concurrent_infers": "1", "max_voxels": "1e6"}, None,
-                store=ModelStore(tmp_path))
+    config.init(name, str(tmp_path), {"max_concurrent_infers": "1", "max_voxels": "1e6", "max_voxels_adl_3d": "2e5"},
+                None, store=ModelStore(tmp_path))
     task = config.infer()
-    assert task.max_voxels == 1_000_000
+    limit, setting = (200_000, "max_voxels_adl_3d") if name == "adl_3d" else (1_000_000, "max_voxels")
+    assert (task.max_voxels, task.voxel_limit_setting) == (limit, setting)
+    trainer = config.trainer()
+    assert trainer is None or trainer.max_voxels == limit
     assert task._slots.acquire(blocking=False)
     assert not task._slots.acquire(blocking=False), f"{name}: a second request ran beside the first"
     task._slots.release()
@@ -797,6 +801,9 @@ BAD_CONFS = {
     "model_dir_empty": ({"model_dir": ""}, ["--conf model_dir", "empty"]),
     "audit_dir_a_file": ({"audit_dir": "{tmp}/studies/a.nii.gz"}, ["--conf audit_dir", "not a folder"]),
     "normal_dose_missing": ({"normal_dose": "{tmp}/nd1,{tmp}/nd2"}, ["--conf normal_dose", "nd2"]),
+    "model_max_voxels_zero": ({"max_voxels_adl_3d": "0"}, ["--conf max_voxels_adl_3d", "below 1"]),
+    "misspelt_model_max_voxels": ({"max_voxels_adl3d": "2e8"}, ["--conf max_voxels_adl3d",
+                                                                "did you mean max_voxels_adl_3d"]),
     "misspelt_key": ({"max_voxel": "5e6"}, ["--conf max_voxel", "did you mean max_voxels"]),
     "misspelt_key_case": ({"Model_Dir": "{tmp}"}, ["--conf Model_Dir", "did you mean model_dir"]),
 }
@@ -861,14 +868,17 @@ def test_good_conf_values_are_taken_and_an_unknown_key_is_a_warning(tmp_path, ca
 
 
 def test_training_keys_with_no_trained_model_are_a_warning(tmp_path, caplog):
-    """train_steps / normal_dose with only infer-only models (nlm, adl_3d) served: said to be ignored."""
+    """train_steps / normal_dose with only infer-only models (nlm, adl_3d) served: said to be ignored; so is the voxel
+    limit of a model not served (``max_voxels_adl_3d`` without ``adl_3d``)."""
     DenoisingApp = import_app_main().DenoisingApp
 
-    studies, conf = _conf_case(tmp_path, {"models": "nlm", "train_steps": "50"})
+    studies, conf = _conf_case(tmp_path, {"models": "nlm", "train_steps": "50", "max_voxels_adl_3d": "2e8",
+                                          "max_voxels_nlm": "5e8"})
     with caplog.at_level("WARNING", logger="main"):
         DenoisingApp(str(tmp_path / "app"), str(studies), conf)
-    assert any("--conf train_steps ignored: none of the served models (nlm) is trained" in r.getMessage()
-               for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("--conf train_steps ignored: none of the served models (nlm) is trained" in m for m in messages)
+    assert "--conf max_voxels_adl_3d ignored: not a served model's (nlm)" in messages, messages
 
 
 def _log_of_a_server_that_does_not_start(tmp_path: Path, studies: Path, model_dir: Path, **settings) -> str:

@@ -7,7 +7,8 @@ Conf keys (``--conf key value``; see README.md in this folder): ``models`` (all 
 a comma list; ``all`` is adl, tddl_gcn and nlm: ``adl_3d``, the 3D network, infers only and is served only when
 named, e.g. ``all,adl_3d``), ``model_dir`` (weights folder; default ``model/`` here, or
 ``ADL_MODEL_DIR``), ``device``, ``preload``,
-``modality``, ``result_extension``, ``train_steps``, ``normal_dose``, ``max_voxels``, ``audit_dir`` (the audit log's
+``modality``, ``result_extension``, ``train_steps``, ``normal_dose``, ``max_voxels``, ``max_voxels_<model>`` (one
+model's own limit, over ``max_voxels``), ``audit_dir`` (the audit log's
 folder; default ``<studies>/.audit``, or ``<model_dir>/audit/dicomweb-<hash of the URL>`` for a DICOMweb datastore).
 They are all checked before anything is built (:mod:`lib.configs.conf`): a wrong value, or a key that looks like a
 misspelling of one of them, stops the start-up with an error naming the key; another key is a warning.
@@ -102,6 +103,9 @@ class DenoisingApp(MONAILabelApp):
                                      "fine-tuning from radiologists' corrections",
                          version=monailabel.__version__)
         self._check_model_dir_writable()
+        limits = [key for key in conf if key.startswith("max_voxels_") and key[len("max_voxels_"):] not in self.models]
+        if limits:
+            logger.warning("--conf %s ignored: not a served model's (%s)", ", ".join(limits), ", ".join(self.models))
         unused = [key for key in ("train_steps", "normal_dose") if key in conf]
         if unused and not self._trainers:  # nlm and adl_3d infer only (or MONAI_LABEL_TASKS_TRAIN is off)
             logger.warning("--conf %s ignored: none of the served models (%s) is trained by this server",
@@ -263,10 +267,17 @@ class DenoisingApp(MONAILabelApp):
                    default=max_voxels())
 
     def _model_voxel_limit(self, model) -> int:
-        """The largest image the model ``model`` denoises (``--conf max_voxels``, else
+        """The largest image the model ``model`` denoises (``--conf max_voxels_<model>``, else ``max_voxels``, else
         :func:`lib.imaging.max_voxels`)."""
         task = self._infers.get(model) if isinstance(model, str) else None
         return getattr(task, "max_voxels", None) or max_voxels()
+
+    def _model_voxel_limit_words(self, model) -> tuple[str, str]:
+        """("the limit" or "<model>'s limit", the conf key that raises it) of the model ``model``, for the 413s: a
+        model with a limit of its own (``max_voxels_<model>``) is named."""
+        task = self._infers.get(model) if isinstance(model, str) else None
+        setting = getattr(task, "voxel_limit_setting", "max_voxels")
+        return ("the limit" if setting == "max_voxels" else f"{model}'s limit"), setting
 
     def _refuse_oversized_series(self, store, image_id: str, model) -> SeriesSize | None:
         """413 before a PACS series over the model's voxel limit is downloaded: MONAI Label's DICOMweb datastore
@@ -277,6 +288,7 @@ class DenoisingApp(MONAILabelApp):
         (:func:`lib.pacs.series_voxels`). Returns the size asked (:func:`lib.pacs.known_size`; None: downloaded
         already, or not told), for the download not to ask it again."""
         limit = self._model_voxel_limit(model)
+        whose, setting = self._model_voxel_limit_words(model)
         size = known_size(store, image_id, limit)
         if size is not None and size.voxels > limit:
             estimate = (f" (estimated: the PACS lists {size.listed} of its instances)"
@@ -285,8 +297,8 @@ class DenoisingApp(MONAILabelApp):
             stopped = " (an earlier download of it was stopped over the limit)" if size.stopped else ""
             raise HTTPException(status_code=413, detail=(
                 f"cannot denoise this image: series {image_id} is too large: {at_least}{size.instances} instances, "
-                f"{size.voxels:,} voxels{estimate}{stopped} exceed the limit of {limit:,} (raise it with --conf "
-                "max_voxels on the server); nothing was downloaded"))
+                f"{size.voxels:,} voxels{estimate}{stopped} exceed {whose} of {limit:,} (raise it with --conf "
+                f"{setting} on the server); nothing was downloaded"))
         return size
 
     def infer(self, request, datastore=None):
@@ -325,8 +337,9 @@ class DenoisingApp(MONAILabelApp):
             try:  # the series may have grown since its size was asked: the download stops over the limit
                 source_folder = series_folder(store, image_id, limit, size)
             except SeriesTooLarge as error:
+                setting = self._model_voxel_limit_words(request.get("model"))[1]
                 raise HTTPException(status_code=413, detail=f"cannot denoise this image: {error} (raise the limit "
-                                                            "with --conf max_voxels on the server)") from None
+                                                            f"with --conf {setting} on the server)") from None
             except SeriesDoesNotFit as error:  # the server's disk is short, not the series at fault
                 logger.error("infer %s: %s", image_id, error)
                 raise HTTPException(status_code=507, detail=f"not denoised: {error}") from None

@@ -7,7 +7,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 from ..weights.store import ModelStore
-from .conf import conf_bool, conf_int, conf_voxels
+from .conf import conf_bool, conf_int, model_voxel_limit, model_voxel_setting
 from ..infers.denoise import DenoiseInferTask
 from ..trainers.finetune import DenoiserTrainTask
 
@@ -19,7 +19,8 @@ class DenoiserTaskConfig(TaskConfig):
     ``modality`` (auto | ct | mr: for inputs without a DICOM modality), ``result_extension`` (.nii.gz | .nrrd |
     .nii | .mha | dicom), ``train_steps`` (default fine-tuning steps), ``normal_dose`` (normal-dose images for
     TDDL adaptation), ``max_concurrent_infers`` (requests a model denoises at once; 2), ``max_voxels`` (largest
-    image a request may send; default :func:`lib.imaging.max_voxels`). :func:`lib.configs.conf.check_conf` has
+    image a request may send; default :func:`lib.imaging.max_voxels`), ``max_voxels_<model>`` (this model's own
+    limit, over ``max_voxels``). :func:`lib.configs.conf.check_conf` has
     checked them all when the app was built.
     """
 
@@ -34,8 +35,14 @@ class DenoiserTaskConfig(TaskConfig):
 
     @property
     def max_voxels(self) -> int | None:
-        """The ``max_voxels`` conf value (``1e9`` and ``1000000000`` alike), None when not set."""
-        return conf_voxels(self.conf, "max_voxels")
+        """This model's voxel limit (``1e9`` and ``1000000000`` alike): ``max_voxels_<model>``, else ``max_voxels``;
+        None when neither is set."""
+        return model_voxel_limit(self.conf, self.name)
+
+    @property
+    def voxel_limit_setting(self) -> str:
+        """The conf key of :attr:`max_voxels` (``max_voxels_<model>`` or ``max_voxels``), for the messages."""
+        return model_voxel_setting(self.conf, self.name)
 
     def infer(self) -> InferTask:
         return DenoiseInferTask(
@@ -43,7 +50,8 @@ class DenoiserTaskConfig(TaskConfig):
             default_modality=str(self.conf.get("modality") or "auto").strip(),
             result_extension=self.conf.get("result_extension", ".nii.gz"),
             preload=conf_bool(self.conf, "preload", False),
-            max_concurrent=conf_int(self.conf, "max_concurrent_infers", 2), max_voxels=self.max_voxels)
+            max_concurrent=conf_int(self.conf, "max_concurrent_infers", 2), max_voxels=self.max_voxels,
+            voxel_limit_setting=self.voxel_limit_setting)
 
     def trainer(self) -> TrainTask | None:
         defaults = {"steps": conf_int(self.conf, "train_steps", 200), "device": self.conf.get("device", "auto")}

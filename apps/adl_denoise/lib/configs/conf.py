@@ -32,6 +32,10 @@ CONF_KEYS: dict[str, str] = {
     "train_steps": "a whole number >= 1",
     "normal_dose": "normal-dose CT images: files or folders, comma-separated",
     "max_voxels": "a whole number of voxels >= 1, e.g. 1e9",
+    # one model's own limit, over max_voxels: the 3D network holds the whole volume on its device, the 2D / 2.5D
+    # ones a batch of slices (README.md, "max_voxels_<model>")
+    **{f"max_voxels_{model}": f"a whole number of voxels >= 1, e.g. 2e8 ({model}'s own limit, over max_voxels)"
+       for model in ("adl", "adl_3d", "tddl_gcn", "nlm")},
     "max_concurrent_infers": "a whole number >= 1",
     "audit_dir": "a folder (made if missing)",
 }
@@ -76,6 +80,19 @@ def conf_voxels(conf: Mapping[str, str], key: str = "max_voxels") -> int | None:
         return parse_voxel_limit(value, f"--conf {key}")
     except ValueError as error:
         raise ConfError(str(error)) from None
+
+
+def model_voxel_setting(conf: Mapping[str, str], model: str) -> str:
+    """The conf key that sets ``model``'s voxel limit: ``max_voxels_<model>`` where the conf gives it, else
+    ``max_voxels``."""
+    key = f"max_voxels_{model}"
+    return key if str(conf.get(key) or "").strip() else "max_voxels"
+
+
+def model_voxel_limit(conf: Mapping[str, str], model: str) -> int | None:
+    """``model``'s voxel limit: ``max_voxels_<model>``, else ``max_voxels`` (:func:`conf_voxels`); None when neither
+    is set (then :func:`lib.imaging.max_voxels`, ``ADL_MAX_VOXELS``)."""
+    return conf_voxels(conf, model_voxel_setting(conf, model))
 
 
 def conf_bool(conf: Mapping[str, str], key: str, default: bool) -> bool:
@@ -150,7 +167,9 @@ def check_conf(conf: Mapping[str, str], available: Mapping[str, object]) -> None
     if extension is not None and extension not in RESULT_EXTENSIONS:
         raise _fail("result_extension", extension, "not a result format")
     conf_int(conf, "train_steps", 200)
-    conf_voxels(conf, "max_voxels")
+    for key in CONF_KEYS:
+        if key == "max_voxels" or key.startswith("max_voxels_"):
+            conf_voxels(conf, key)
     conf_int(conf, "max_concurrent_infers", 2)
     normal_dose = conf.get("normal_dose")
     if normal_dose is not None:

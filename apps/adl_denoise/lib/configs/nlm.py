@@ -21,7 +21,7 @@ class NLM(DenoiserTaskConfig):
                                   default_modality=str(self.conf.get("modality") or "auto").strip(),
                                   result_extension=self.conf.get("result_extension", ".nii.gz"),
                                   max_concurrent=conf_int(self.conf, "max_concurrent_infers", 2),
-                                  max_voxels=self.max_voxels)
+                                  max_voxels=self.max_voxels, voxel_limit_setting=self.voxel_limit_setting)
 
     def trainer(self):
         return None  # nothing to train

@@ -216,14 +216,20 @@ def _remove(path: Optional[Path]) -> None:
 
 
 def _max_voxels() -> Optional[int]:
-    """The server's ``--conf max_voxels`` (checked at start-up, :func:`lib.configs.conf.conf_voxels`), None when
-    unset."""
-    from ..configs.conf import ConfError, conf_voxels
+    """The largest voxel limit of the served models (``--conf max_voxels_<model>``, else ``max_voxels``, checked at
+    start-up): an upload or a correction of a study that one of them denoises is taken; None when none is set."""
+    from ..configs.conf import ConfError, model_voxel_limit
 
+    conf = getattr(app(), "conf", None) or {}
     try:
-        return conf_voxels(getattr(app(), "conf", None) or {})
+        limits = [model_voxel_limit(conf, model) for model in getattr(app(), "_infers", None) or {}]
     except ConfError:  # refused at start-up: not reached on a running server
         return None
+    if any(limit is None for limit in limits) or not limits:  # a model at the default limit (ADL_MAX_VOXELS)
+        from ..imaging import max_voxels
+
+        limits = [limit for limit in limits if limit is not None] + [max_voxels()]
+    return max(limits)
 
 
 def _checked_image(path: Path, what: str) -> tuple[int, ...]:

@@ -932,6 +932,14 @@ def _check_pixel_bytes(ds: Dataset, path: Path, shape: Sequence[int],
             "reading it would leave frames out; fix the header or re-export the image")
 
 
+def check_pixel_data(path: Path) -> None:
+    """Refuse a DICOM file whose pixel data is cut short (or holds whole frames more than its header declares), as
+    :func:`read_dicom_file` and :func:`read_dicom_folder` refuse it, from its header and the pixel data element's
+    own header (:func:`_check_pixel_bytes`): no pixel is read."""
+    header, element = _dcmread_header(path)
+    _check_pixel_bytes(header, path, declared_shape(header, path), element)
+
+
 def read_dicom_file(
     path: Path, series_uid: str | None, modality_arg: str | None, fill: bool, limit: int
 ) -> Volume:

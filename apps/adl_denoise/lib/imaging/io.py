@@ -37,12 +37,12 @@ import SimpleITK as sitk
 from ..runtime.atomic import fsync_path
 from . import guards
 from .dicom_geometry import slice_as_3d_geometry
-from .dicom_read import (declared_shape, is_dicom_file, list_dicom_series, probe_dicom_header, read_dicom_file,
-                         read_dicom_folder)
+from .dicom_read import (check_pixel_data, declared_shape, is_dicom_file, list_dicom_series, probe_dicom_header,
+                         read_dicom_file, read_dicom_folder)
 from .dicom_write import write_dicom_derived_series
 from .errors import ImageReadError, ImageWriteError, one_line
-from .guards import (check_finite, check_gzip_stream, check_not_input, check_plausible, check_size, check_stored_size,
-                     check_values, make_temp_dir)
+from .guards import (check_compressed_length, check_finite, check_gzip_stream, check_not_input, check_plausible,
+                     check_size, check_stored_size, check_values, make_temp_dir)
 from .volume import (ImageGrid, Volume, fill_padding, guess_modality, integral_dtype_for, normalise_modality,
                      values_for_output)
 
@@ -224,15 +224,20 @@ def _bytes_per_voxel(reader: sitk.ImageFileReader) -> int:
         return 1
 
 
-def _header_checks(path: Path, limit: int) -> sitk.ImageFileReader:
+def _header_checks(path: Path, limit: int, whole_stream: bool = True) -> sitk.ImageFileReader:
     """Read ``path``'s header only and refuse, before any voxel is read: more than ``limit`` voxels, more voxel
-    data declared than the file holds, a cut or corrupt gzip stream of a NIfTI file."""
+    data declared than the file holds, a cut or corrupt gzip stream of a NIfTI file; without ``whole_stream``, a
+    NIfTI gzip stream is not read through where its trailer says it is whole, and the compressed data of a NRRD or
+    MetaImage file is checked too (:func:`~lib.imaging.guards.check_compressed_length`: ITK's readers fail on it
+    when they read it)."""
     reader = _sized_header(path, limit)
     per_voxel = _bytes_per_voxel(reader)
     check_stored_size(path, reader.GetSize(), per_voxel)
-    if _suffix(path) == ".nii.gz":
+    declared = int(np.prod([int(v) for v in reader.GetSize()], dtype=np.float64)) * per_voxel
+    if not whole_stream:
+        check_compressed_length(path, declared)
+    elif _suffix(path) == ".nii.gz":
         # the stream is verified before ITK reads it: ITK's NIfTI reader turns a cut stream into zero slices
-        declared = int(np.prod([int(v) for v in reader.GetSize()], dtype=np.float64)) * per_voxel
         check_gzip_stream(path, declared, nifti=True)
     return reader
 
@@ -277,15 +282,19 @@ def check_image_file(path: str | Path, max_voxels: int | None = None) -> tuple[i
 
 
 def check_voxels(path: str | Path, max_voxels: int | None = None) -> tuple[int, ...]:
-    """Refuse, from headers alone (no voxel or pixel data read, no gzip stream verified), an image that
-    :func:`read_volume` would refuse as over ``max_voxels`` (None: :func:`~lib.imaging.guards.max_voxels`). Returns
-    its size as the header gives it: (x, y[, z]) of an image file (NIfTI, NRRD, MetaImage), (frames, rows,
-    columns[, samples]) of a DICOM file, (slices, rows, columns) of a folder's DICOM series (each series of the
-    folder checked). Memory: O(headers).
+    """Refuse, from headers alone (no voxel or pixel data read), an image that :func:`read_volume` would refuse as
+    over ``max_voxels`` (None: :func:`~lib.imaging.guards.max_voxels`) or as truncated: an image file (NIfTI, NRRD,
+    MetaImage) declaring more voxel data than it holds or whose compressed data is cut short
+    (:func:`~lib.imaging.guards.check_compressed_length`: a gzip stream's trailer where it gives the declared length,
+    else the data decompressed through), a DICOM file whose pixel data is cut short
+    (:func:`~lib.imaging.dicom_read.check_pixel_data`). Returns its size as the header gives it: (x, y[, z]) of an
+    image file, (frames, rows, columns[, samples]) of a DICOM file, (slices, rows, columns) of a folder's DICOM
+    series (each series of the folder checked). Memory: O(headers); time: a header a file (a compressed file whose
+    trailer does not give its length: decompressed through, in 1 MiB chunks).
 
     Raises:
         lib.imaging.errors.ImageTooLargeError: over the limit (the reader's message);
-        ImageReadError: the headers cannot be read (missing, not an image, corrupt).
+        ImageReadError: the headers cannot be read (missing, not an image, corrupt), or the file is truncated.
     """
     p = Path(path).expanduser()
     limit = guards.max_voxels() if max_voxels is None else int(max_voxels)
@@ -299,12 +308,15 @@ def check_voxels(path: str | Path, max_voxels: int | None = None) -> tuple[int, 
             if len(series["files"]) > 1:  # one frame a file: counted as read_dicom_folder counts it
                 shape = (len(series["files"]), *shape[1:])
             check_size(shape, p, limit)
+            for file in series["files"]:
+                check_pixel_data(Path(file))
         return shape
     if p.is_file() and _suffix(p) in READ_SUFFIXES:
-        return tuple(int(v) for v in _sized_header(p, limit).GetSize())
+        return tuple(int(v) for v in _header_checks(p, limit, whole_stream=False).GetSize())
     header = _dicom_header(p)
     shape = declared_shape(header, p)
     check_size(shape, p, limit)
+    check_pixel_data(p)
     return shape
 
 

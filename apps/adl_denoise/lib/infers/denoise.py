@@ -41,6 +41,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..imaging import (ImageReadError, ImageWriteError, denoising_derivation, guess_modality, read_volume,
                        write_volume)
+from ..imaging.errors import ImageTooLargeError
 from ..imaging.guards import check_plausible
 from ..imaging.io import nifti_grid_problem
 from ..lesions.low_frequency_restoration import apply_restoration, check_sigma_px
@@ -117,8 +118,9 @@ class DenoiseInferTask(InferTask):
             request holds its network activations (about 1 GB per 512 x 512 slice in flight for the full 2D ADL
             on a CPU) besides its volume, so a bound keeps 8 parallel requests from exhausting memory. As many
             again may read their image and wait with it; the rest wait before reading theirs (a volume each).
-        max_voxels: largest image a request may send (HTTP 413 above); None: the default of
-            :func:`lib.imaging.read_volume`.
+        max_voxels: largest image a request may send (HTTP 413 above, naming the model, its limit and
+            ``voxel_limit_setting``); None: the default of :func:`lib.imaging.read_volume`.
+        voxel_limit_setting: the conf key that sets ``max_voxels`` (``max_voxels_<model>`` or ``max_voxels``).
     """
 
     #: learned models give back the low-frequency content they removed (lesion contrast); classical ones do not
@@ -126,7 +128,8 @@ class DenoiseInferTask(InferTask):
 
     def __init__(self, model: str, method: str, modalities: tuple[str, ...], store: ModelStore,
                  device: str = "auto", default_modality: str = "auto", result_extension: str = ".nii.gz",
-                 preload: bool = False, max_concurrent: int = 2, max_voxels: int | None = None) -> None:
+                 preload: bool = False, max_concurrent: int = 2, max_voxels: int | None = None,
+                 voxel_limit_setting: str = "max_voxels") -> None:
         super().__init__(type=InferType.OTHERS, labels=[], dimension=3,
                          description=f"{method}: denoises {', '.join(modalities)} volumes, returns the denoised "
                                      f"volume on the input's grid (CT in HU)",
@@ -144,6 +147,7 @@ class DenoiseInferTask(InferTask):
             raise ValueError(f"result_extension must be one of {RESULT_EXTENSIONS}, got {result_extension!r}")
         self.result_extension = result_extension
         self.max_voxels = max_voxels
+        self.voxel_limit_setting = voxel_limit_setting
         self._cache: dict[tuple, Any] = {}
         self._lock = threading.Lock()
         if int(max_concurrent) < 1:
@@ -218,11 +222,18 @@ class DenoiseInferTask(InferTask):
     def _read_denoise_write(self, request: dict, image: Any, result_extension: str, result_dtype: str, device: Any,
                             restoration: Any, started: float) -> tuple[str, dict]:
         """The checked request's image read, denoised in one of the model's slots and written; (path, result)."""
+        # an upload sits in a server-side temporary file: name it as such, not by its temporary path
+        uploaded = Path(str(image)).parent == Path(tempfile.gettempdir())
         try:
             volume = read_volume(image, max_voxels=self.max_voxels)
+        except ImageTooLargeError as error:  # the limit is this model's: the models need different memory a voxel
+            what = "the uploaded file" if uploaded else Path(str(image)).name
+            raise HTTPException(status_code=413, detail=(
+                f"cannot denoise this image with {self.model}: {what} is too large: "
+                f"{' x '.join(map(str, error.shape))} = {error.voxels:,} voxels exceeds {self.model}'s limit of "
+                f"{error.limit:,} voxels (raise it with --conf {self.voxel_limit_setting} on the server, or crop "
+                "the volume)")) from None
         except ImageReadError as error:
-            # an upload sits in a server-side temporary file: name it as such, not by its temporary path
-            uploaded = Path(str(image)).parent == Path(tempfile.gettempdir())
             raise http_error_for_image(ValueError(str(error).replace(str(image), "the uploaded file"))
                                        if uploaded else error) from None
         if volume.is_constant:

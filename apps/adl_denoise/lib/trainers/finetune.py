@@ -80,6 +80,7 @@ from ..engines.reference_set import build_reference_set, reference_check
 from ..evaluation.restoration_width import spread_slices
 from ..imaging import ImageReadError, read_volume
 from ..imaging.errors import ImageTooLargeError, one_line
+from ..imaging.dicom_read import is_dicom_file
 from ..imaging.io import check_voxels
 from ..noise_learning.adaptation import AdaptSettings, held_out_low_dose_check
 from ..noise_learning.workflow import adaptation_data
@@ -185,17 +186,41 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
             raise _unreadable(error, f"study {image_id}") from None
         if modality and volume_modality != modality.upper():
             continue
+        sizes = []
         for path, what in ((image, f"study {image_id}"), (label, f"the correction of study {image_id}")):
             try:
-                check_voxels(path, max_voxels)
+                sizes.append(check_voxels(path, max_voxels))
             except ImageTooLargeError as error:
                 raise _of_study(error, what) from None
             except ImageReadError as error:  # the run's reader would fail on it, after the request was accepted
                 raise _unreadable(error, what) from None
+        _check_same_size(image_id, image, label, *sizes)
         regions, info = _regions_of_correction(datastore, image_id)
         pairs.append({"id": image_id, "image": image, "label": label, "modality": volume_modality,
                       "regions": regions or None, "regions_info": info})
     return pairs
+
+
+def _check_same_size(image_id: str, image: str, label: str, image_size: tuple, label_size: tuple) -> None:
+    """:class:`TrainingDataError` naming both files when a correction's size (from its header) is not its study's:
+    the run pairs them voxel by voxel and failed on it, after the request was accepted. Only where both are image
+    files (a DICOM study's size is given in another axis order)."""
+    if Path(str(image)).is_dir() or is_dicom_file(image):
+        return
+    image_size, label_size = _without_trailing_ones(image_size), _without_trailing_ones(label_size)
+    if image_size != label_size:
+        raise TrainingDataError(
+            f"the correction of study {image_id}: {Path(str(label)).name} holds {' x '.join(map(str, label_size))} "
+            f"voxels, its study {Path(str(image)).name} {' x '.join(map(str, image_size))} (the study was replaced "
+            "since the correction was saved?); save the correction again on the study's grid; no run was started")
+
+
+def _without_trailing_ones(size: tuple) -> tuple:
+    """``size`` without its trailing 1s: a single slice is (x, y) in one file and (x, y, 1) in another."""
+    size = tuple(int(v) for v in size)
+    while len(size) > 2 and size[-1] == 1:
+        size = size[:-1]
+    return size
 
 
 def _unreadable(error: ImageReadError, what: str) -> TrainingDataError:
