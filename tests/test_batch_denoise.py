@@ -1072,8 +1072,11 @@ def test_a_slice_the_storage_cannot_read_or_copied_twice_fails_its_series_before
     the output before the reader refused the copy. Each now fails its series at discovery naming the file and why (a
     read error of the storage, told apart from a damaged file; the copy byte for byte, told apart from two versions of
     one image) and the output stays until the folder reads again; two versions of one image are evidence against the
-    output (moved aside). Two byte-identical file inputs are one job: each output is now checked against its own
-    record (a changed one was skipped, checked against the other's)."""
+    output (moved aside), also when the first pair found is a byte-identical copy of another slice (only that pair was
+    compared: "copied twice", the output kept). A hidden entry (an editor's lock link ``.#0.dcm`` to nothing) is no
+    slice: it failed the series as a file the storage cannot read; it is passed over. Two byte-identical file inputs
+    are one job: each output is now checked against its own record (a changed one was skipped, checked against the
+    other's)."""
     root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
     run = _in_process(root, out)
     assert run().done == 2
@@ -1101,6 +1104,7 @@ def test_a_slice_the_storage_cannot_read_or_copied_twice_fails_its_series_before
     last.unlink()
     (tmp_path / last.name).rename(last)
     shutil.rmtree(root / "only")
+    (root / "ct" / ".#0.dcm").symlink_to("user@host.4242:1700000000")  # an editor's lock link: hidden, no slice
     assert run().skipped == 2  # the done record still holds: nothing denoised again
 
     copy = root / "ct" / "1 copy.dcm"
@@ -1114,11 +1118,13 @@ def test_a_slice_the_storage_cannot_read_or_copied_twice_fails_its_series_before
                           "gone nor changed: a rerun checks it again)"), error
     assert {path.name: path.read_bytes() for path in series.iterdir()} == before
     _retagged(copy)
+    shutil.copy2(slices[0], root / "ct" / "0 copy.dcm")  # a slice copied twice beside two versions of another
     summary = run()
     (error,) = [error for _, error in summary.failures]
-    assert f"1 copy.dcm and 1.dcm hold other contents under one SOPInstanceUID ({sop}): two versions of one image; " \
-        "keep the right one; its output" in error and "was moved aside" in error, error
+    assert f"1 copy.dcm and 1.dcm hold other contents under one SOPInstanceUID ({sop}) (and 1 more): two versions " \
+        "of one image; keep the right one; its output" in error and "was moved aside" in error, error
     copy.unlink()
+    (root / "ct" / "0 copy.dcm").unlink()
     summary = run()
     assert (summary.done, summary.skipped, summary.failed) == (1, 1, 0), summary
 

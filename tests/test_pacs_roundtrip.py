@@ -940,14 +940,22 @@ def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_
     Explicit VR Little Endian, what MONAI Label writes them as): the 3-slice series (3 images and an instance without
     pixel data) is served (200, its 3 voxel planes those of the PACS's instances), has the frames of its 3 images
     asked, not of the instance without pixel data (which has none), and its cache holds each of the 3 instances,
-    checked one by one: its header's UIDs and position, its pixel data byte for byte the PACS's. A series whose
+    checked one by one: its header's UIDs and position, its pixel data byte for byte the PACS's. MONAI Label writes
+    each file as Implicit VR Little Endian without preamble or file meta, whose pixel data the app's reader refused
+    ("unknown transfer syntax"): infer by id of the series was a 422. Each file now has its file meta (that transfer
+    syntax, its SOP Class and Instance UIDs) and infer by id denoises it (200); a file left in the cache without one
+    (an earlier version's download) is given it when the series is asked again (200, the file as downloaded now). A
+    series whose
     frames the PACS refuses (403, a Lua filter) was an empty folder left in the cache and converted (a 500 at every
     request for the series), then a bare 500; it is a 502 naming the series and how many of its image instances are
     missing (infer by id too), and leaves nothing. MONAI Label's download asks frame 1 of each instance only: a
     series of one 3-frame instance (786,432 voxels, under the limit) was a 502 blaming the PACS; it is a 501 naming
     the setting to turn off, before any frame is asked (infer by id too)."""
+    import struct
+
     import requests
     import SimpleITK as sitk
+    from pydicom.uid import ImplicitVRLittleEndian
 
     big, small = real_ct_series(tmp_path / "big", slices=6), distinct_slices(real_ct_series(tmp_path / "small"))
     refused = real_ct_series(tmp_path / "refused", slices=3)
@@ -997,6 +1005,21 @@ def test_a_download_frame_by_frame_is_bounded_by_the_voxel_limit(tmp_path, tiny_
                                                  original.StudyInstanceUID, original.ImagePositionPatient,
                                                  original.Rows, original.Columns), path
                 assert ds.PixelData == original.PixelData, path
+                meta = ds.file_meta  # MONAI Label writes no preamble nor file meta: the reader decoded no pixel
+                assert path.read_bytes()[128:132] == b"DICM" and (
+                    meta.TransferSyntaxUID, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID) == (
+                    ImplicitVRLittleEndian, original.SOPClassUID, original.SOPInstanceUID), (path, meta)
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 200 and answer.json()["shape"] == [3, 512, 512], answer.text[:500]
+            # a file an earlier version left in the cache as MONAI Label wrote it (the data set alone) is repaired
+            whole = written[0].read_bytes()
+            meta_length = struct.unpack("<I", whole[140:144])[0]  # (0002,0000) UL after the preamble and DICM
+            written[0].write_bytes(whole[144 + meta_length:])
+            answer = requests.post(f"{server.url}/infer/nlm", params={"image": small_uid, "output": "json"},
+                                   timeout=600)
+            assert answer.status_code == 200 and answer.json()["shape"] == [3, 512, 512], answer.text[:500]
+            assert written[0].read_bytes() == whole and sorted(folders[0].iterdir()) == written
 
             answer = requests.get(f"{server.url}/datastore/image", params={"image": refused_uid}, timeout=600)
             assert answer.status_code == 502, (answer.status_code, answer.text[:500])

@@ -814,7 +814,9 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
     partial folder, bounded by :func:`_download_by_frame` (it was left to that download, unbounded, by every route
     but infer and the review queue). ``size``: the series' size the caller asked just before (:func:`known_size`),
     not asked again. ``folder``: where the series goes instead (a ``final`` label's in MONAI Label's label cache:
-    :func:`bounded_downloads`), downloaded when it holds nothing.
+    :func:`bounded_downloads`), downloaded when it holds nothing. A folder that holds files is served as it is, once
+    each of them written without DICOM file meta (downloaded frame by frame by an earlier version) has been given
+    one (:func:`add_file_meta`).
 
     Raises:
         SeriesTooLarge: over ``limit`` voxels (before any retrieval when the PACS gives its size; nothing of it left
@@ -829,6 +831,9 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
     if folder is None:
         folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
     if folder.is_dir() and any(folder.iterdir()):
+        # one downloaded frame by frame before its files got a file meta (:func:`add_file_meta`) is repaired here:
+        # else every infer of it was a 422 "cannot decode the pixel data" until the cache was emptied by hand
+        _add_file_meta_in(folder, image_id)
         return folder
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
     study = _study_of(client, image_id)
@@ -894,8 +899,9 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
     return folder
 
 
-#: the media type the frames of a frame-by-frame download are asked in (WADO-RS, PS3.18 8.7.3.5): uncompressed,
-#: Explicit VR Little Endian, as MONAI Label writes them (its ``save_from_frame`` stores the bytes as native pixel data)
+#: the media type the frames of a frame-by-frame download are asked in (WADO-RS, PS3.18 8.7.3.5): uncompressed
+#: (native little-endian pixel bytes), as MONAI Label stores them: its ``save_from_frame`` puts the bytes as native
+#: pixel data into a file it writes as Implicit VR Little Endian, without file meta (given one: :func:`add_file_meta`)
 UNCOMPRESSED_FRAMES = (("application/octet-stream", "1.2.840.10008.1.2.1"),)
 
 
@@ -905,8 +911,9 @@ def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limi
     metadata is checked before any frame is fetched, its instances' voxels (:func:`_entry_size`) against ``limit``,
     their bytes against the free space of the disk (:func:`series_disk_shortfall`), and their frames (MONAI Label
     fetches the first frame of each instance: a multi-frame one would be cut); only the image instances it
-    lists (Rows and Columns: one without has no frame to fetch) are fetched, and each must be written whole
-    (:func:`check_by_frame`). Returns how many were written.
+    lists (Rows and Columns: one without has no frame to fetch) are fetched, each file is given the DICOM file meta
+    MONAI Label writes none of (:func:`add_file_meta`: the app's reader decodes no pixel data without its transfer
+    syntax), and each must be written whole (:func:`check_by_frame`). Returns how many were written.
 
     Raises:
         SeriesTooLarge: over ``limit`` (nothing fetched; its size remembered as :func:`known_size`'s are).
@@ -958,7 +965,88 @@ def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limi
                 *args, media_types=media_types or UNCOMPRESSED_FRAMES, **kwargs)]
 
     dicom_web_download_series(study, image_id, str(partial), Bounded(), True)
+    _add_file_meta_in(partial, image_id)
     return check_by_frame(partial, listed, image_id)
+
+
+def add_file_meta(path: Path) -> bool:
+    """Give the DICOM file ``path``, written without preamble and file meta, both (atomically: a new file beside
+    it, hidden, renamed over it); returns whether it did. MONAI Label's frame-by-frame download
+    (``save_from_frame``) writes each instance so, as Implicit VR Little Endian: a file without a Transfer Syntax
+    UID, whose pixel data the app's reader refuses to decode ("unknown transfer syntax"), so that no series
+    downloaded so could be denoised. The file meta names the transfer syntax the data set is written in (as pydicom
+    finds it from the bytes: Implicit VR Little Endian from MONAI Label) and the data set's SOP Class and Instance
+    UIDs; the data set's bytes are kept as they are (one cut short stays so, for :func:`check_by_frame`). A file that
+    has its preamble already, or whose header does not parse or lacks those UIDs, is left as it is.
+
+    Raises:
+        OSError: it cannot be read or written (a full disk: :func:`disk_full`).
+    """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    from .imaging.dicom_read import has_dicom_magic
+
+    if has_dicom_magic(path):
+        return False
+    try:
+        header = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - not DICOM, or cut in its header: the check or the reader says so
+        log.debug("%s: no file meta given: its header does not parse (%s)", path, one_line(error))
+        return False
+    if "SOPClassUID" not in header or "SOPInstanceUID" not in header or header.is_little_endian is None:
+        return False
+    syntax = (pydicom.uid.ImplicitVRLittleEndian if header.is_implicit_VR else
+              pydicom.uid.ExplicitVRLittleEndian if header.is_little_endian else pydicom.uid.ExplicitVRBigEndian)
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = header.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = header.SOPInstanceUID
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False  # the file meta's own encoding (PS3.10 7.1)
+    write_file_meta_info(encoded, meta, enforce_standard=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".file-meta", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out, open(path, "rb") as data_set:
+            out.write(b"\0" * 128 + b"DICM" + encoded.getvalue())
+            shutil.copyfileobj(data_set, out)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _add_file_meta_in(folder: Path, image_id: str) -> int:
+    """:func:`add_file_meta` for each DICOM file (``*.dcm``, not hidden) of the series ``image_id``'s ``folder``;
+    returns how many it gave one (logged).
+
+    Raises:
+        SeriesDoesNotFit: the disk of the folder is full (nothing of a file lost).
+        OSError: a file cannot be read or written.
+    """
+    given = 0
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.suffix != ".dcm" or not path.is_file():
+            continue
+        try:
+            given += add_file_meta(path)
+        except FileNotFoundError:  # removed meanwhile (another request's download): nothing to give
+            continue
+        except OSError as error:
+            if not disk_full(error):
+                raise
+            raise SeriesDoesNotFit(f"series {image_id} does not fit on the disk of the server's DICOMweb cache "
+                                   f"{folder.parent}: the disk was full while its files downloaded frame by frame "
+                                   "were given their DICOM file meta; free some space there "
+                                   "(MONAI_LABEL_DICOMWEB_CACHE_PATH)") from None
+    if given:
+        log.info("series %s: %d file(s) written without DICOM file meta (MONAI Label's frame-by-frame download) "
+                 "given one, in %s", image_id, given, folder)
+    return given
 
 
 def check_by_frame(folder: Path, listed: list[dict], image_id: str) -> int:
@@ -969,7 +1057,8 @@ def check_by_frame(folder: Path, listed: list[dict], image_id: str) -> int:
     full disk leaves a file that parses, its pixel data short). No pixel is read: the header is read up to the pixel
     data element, whose length is compared with what the file holds after it
     (:func:`lib.imaging.dicom_read.uncompressed_pixel_bytes`); MONAI Label writes the frames as fetched, asked
-    uncompressed (:data:`UNCOMPRESSED_FRAMES`), so encapsulated pixel data is not counted as delivered.
+    uncompressed (:data:`UNCOMPRESSED_FRAMES`), so encapsulated pixel data is not counted as delivered. A file given
+    its file meta (:func:`add_file_meta`) is checked as one without.
 
     Raises:
         SeriesNotDelivered: an instance listed is missing, unreadable or cut short.

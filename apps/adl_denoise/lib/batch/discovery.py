@@ -227,25 +227,36 @@ def _series_problem(folder: Path, series: dict) -> tuple[str | None, bool, bool]
     (the file left out changed its voxel count). A file of the folder that cannot be read: a damaged one is evidence
     against that output (``input_refused``), a read error of the storage is not (a transient EIO, a link loop, a
     dropped share: ``keeps_output``), and the series is never denoised without it. Two files holding one
-    SOPInstanceUID (the reader refuses them: one image twice): byte for byte the same, a slice copied twice (the output
-    stays); other contents, two versions of one image (which one its output was made from is unknown)."""
+    SOPInstanceUID (the reader refuses them: one image twice): every such pair is compared; all byte for byte the
+    same, slices copied twice (the output stays); any pair of other contents, two versions of one image (which one its
+    output was made from is unknown), whatever the other pairs hold."""
     if series["unreadable"]:
         return series["unreadable"], not series["read_error"], series["read_error"]
     if not series["same_instance"]:
         return None, False, False
-    first, copy, sop = series["same_instance"][0]
-    more = f" (and {len(series['same_instance']) - 1} more)" if len(series["same_instance"]) > 1 else ""
     where = f"{folder} (series {series['uid'] or 'with empty SeriesInstanceUID'})"
-    try:
-        identical = filecmp.cmp(first, copy, shallow=False)
-    except OSError as error:
+
+    def more(shown: int) -> str:
+        others = len(series["same_instance"]) - shown
+        return f" (and {others} more)" if others else ""
+
+    unread = None
+    for first, copy, sop in series["same_instance"]:  # every pair: a copy of one slice hides no version of another
+        try:
+            identical = filecmp.cmp(first, copy, shallow=False)
+        except OSError as error:
+            unread = unread or (copy, error)
+            continue
+        if not identical:
+            return (f"{where}: {first.name} and {copy.name} hold other contents under one SOPInstanceUID ({sop})"
+                    f"{more(1)}: two versions of one image; keep the right one"), True, False
+    if unread is not None:
+        copy, error = unread
         return (f"{where}: {copy.name} cannot be read from the storage ({error.strerror or error}); a series is not "
                 "read without it: check the storage, then try again"), False, True
-    if identical:
-        return (f"{where}: {first.name} and {copy.name} are the same image (SOPInstanceUID {sop}), byte for byte{more}: "
-                "one slice copied twice; remove the copy"), False, True
-    return (f"{where}: {first.name} and {copy.name} hold other contents under one SOPInstanceUID ({sop}){more}: two "
-            "versions of one image; keep the right one"), True, False
+    first, copy, sop = series["same_instance"][0]
+    return (f"{where}: {first.name} and {copy.name} are the same image (SOPInstanceUID {sop}), byte for byte"
+            f"{more(1)}: one slice copied twice; remove the copy"), False, True
 
 
 def discover_tree(root: str | os.PathLike, out_root: str | os.PathLike,

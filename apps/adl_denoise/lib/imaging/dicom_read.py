@@ -133,11 +133,15 @@ def _scan_dicom_folder(folder: Path) -> tuple[list[tuple[Path, Dataset]], int, l
     """(path, header) of every DICOM image file directly in ``folder`` (sorted by name), the number of other
     files ignored (junk, DICOMDIR, non-image DICOM objects, folders, FIFOs), and the DICOM files that cannot be
     read (:func:`probe_dicom_header`), with every entry whose kind cannot even be told (its stat fails: EIO, a link
-    loop, a link to a missing file named as a slice): it may be a slice, and is never passed over as "not a file"."""
+    loop, a link to a missing file named as a slice): it may be a slice, and is never passed over as "not a file".
+    Hidden entries (name starting with "."), never looked at nor counted: an editor's lock link (``.#0.dcm``, to
+    nothing), a copy's or repair's temporary file; a slice is not hidden."""
     found: list[tuple[Path, Dataset]] = []
     ignored = 0
     unreadable: list[_Unreadable] = []
     for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):  # before the stat: a dangling lock link is no slice the storage lost
+            continue
         try:
             regular = stat.S_ISREG(entry.stat().st_mode)
         except OSError as error:
