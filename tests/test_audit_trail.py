@@ -983,7 +983,9 @@ def test_a_read_over_the_voxel_limit_that_no_route_answers_is_a_413_with_the_rea
     study for its modality: 413 naming the study, and the server answers on. With the studies' modality already in
     their info (the review queue read it under 300,000), nothing was read for it: the request was accepted and its
     run failed on the oversized study; each correction pair is now checked from its headers (image and label)
-    before a run is launched: the same 413, no run."""
+    before a run is launched: the same 413, no run. There the limit is adl's own (``--conf max_voxels_adl``, over a
+    ``max_voxels`` that the slabs fit in): the 413 names the model and that key (it named ``max_voxels``, which
+    does not raise it)."""
     from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
 
     studies = tmp_path / "studies"
@@ -1001,15 +1003,17 @@ def test_a_read_over_the_voxel_limit_that_no_route_answers_is_a_413_with_the_rea
             assert info.get("modality") == ("CT" if modality_known else None), info
     finally:
         stop_server(server)
-    server = start_server(studies, model, tmp_path / "work2",
-                          conf={"audit_dir": tmp_path / "audit_log", "max_voxels": 250_000})
+    limits, words = (({"max_voxels": 300_000, "max_voxels_adl": 250_000},
+                      ("adl's limit of 250,000 voxels", "(raise it with --conf max_voxels_adl on the server")) if
+                     modality_known else ({"max_voxels": 250_000}, ("the limit of 250,000", "--conf max_voxels")))
+    server = start_server(studies, model, tmp_path / "work2", conf={"audit_dir": tmp_path / "audit_log", **limits})
     try:
         refused = requests.post(f"{server.url}/train/adl", json={"steps": 2, "patch_size": 32, "device": "cpu"},
                                 timeout=600)
         assert refused.status_code == 413, (refused.status_code, refused.text, _wait_for_training(server.url))
         detail = refused.json()["detail"]
         assert detail.startswith("study ct_slab_b: ct_slab_b.nii.gz is too large: 256 x 256 x 4 = 262,144 voxels "
-                                 "exceeds the limit of 250,000") and "--conf max_voxels" in detail, detail
+                                 f"exceeds {words[0]}") and words[1] in detail, detail
         assert requests.get(f"{server.url}/info/", timeout=60).json()["train_stats"]["adl"]["status"] == \
             "never trained"
     finally:

@@ -1273,6 +1273,86 @@ def test_the_header_only_check_refuses_compressed_data_cut_short_as_the_reader_d
         assert check_voxels(members) == (64, 64, 12)
 
 
+_HAND_VALUES = np.random.default_rng(3).normal(0, 50, (20, 64, 64)).astype(np.int16)  # (z, y, x), little-endian
+
+
+def _nrrd_header(extra: str = "", encoding: str = "gzip") -> bytes:
+    return (f"NRRD0004\ntype: short\ndimension: 3\nsizes: 64 64 20\nendian: little\nencoding: {encoding}\n"
+            f"{extra}").encode()
+
+
+def _mha_header(extra: str, data_file: str = "LOCAL") -> bytes:
+    return ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+            f"CompressedData = True\n{extra}DimSize = 64 64 20\nElementType = MET_SHORT\n"
+            f"ElementDataFile = {data_file}\n").encode()
+
+
+def _hand_written(folder: Path, case: str) -> Path:
+    """A file written by hand as other tools write it (SimpleITK reads them all: the ``ok`` cases exactly)."""
+    import gzip
+    import zlib
+
+    data = _HAND_VALUES.tobytes()
+    members = gzip.compress(data[:30000]) + gzip.compress(data[30000:])
+    long_header = "".join(f"key{k}:={'v' * 100}\n" for k in range(700))  # ~75 KiB: past the 64 KiB read of a header
+    files: dict[str, bytes] = {
+        # several gzip members (pigz, bgzip, a file appended to): NRRD's reader reads on through them
+        "members.nrrd": _nrrd_header("\n") + members,
+        "members.nhdr": _nrrd_header("data file: members.raw.gz\n\n"), "members.raw.gz": members,
+        # bytes after the gzip data that start no gzip member (a newline an editor added): the reader ignores them
+        "trailing.nrrd": _nrrd_header("\n") + gzip.compress(data) + b"\n",
+        # MetaIO inflates zlib and gzip data alike
+        "gzip.mhd": _mha_header("", "gzip.zraw"), "gzip.zraw": gzip.compress(data),
+        "gzip.mha": _mha_header(f"CompressedDataSize = {len(gzip.compress(data))}\n") + gzip.compress(data),
+        # line skip: lines of the data file before its gzip data
+        "skip.nhdr": _nrrd_header("line skip: 2\ndata file: skip.raw.gz\n\n"),
+        "skip.raw.gz": b"line one\ntext\n" + gzip.compress(data) + b"\n",
+        "skip_cut.nhdr": _nrrd_header("line skip: 2\ndata file: skip_cut.raw.gz\n\n"),
+        "skip_cut.raw.gz": b"line one\ntext\n" + gzip.compress(data)[:-3000],
+        # a header over 64 KiB: its data file named past 64 KiB (raw), its byte skip (gzip attached)
+        "long.nhdr": _nrrd_header(long_header + "data file: long.raw\n\n", encoding="raw"), "long.raw": data,
+        "long.nrrd": _nrrd_header("byte skip: 10\n" + long_header + "\n") + gzip.compress(b"\0" * 10 + data) + b"\n",
+        # encoding gzip, data stored raw: NRRD's reader reads it as it is (not this check's to judge)
+        "plain.nrrd": _nrrd_header("\n") + data,
+        # cut: the second gzip member, a zlib stream
+        "members_cut.nrrd": _nrrd_header("\n") + members[:-2000],
+        "zlib_cut.mha": _mha_header("") + zlib.compress(data)[:-2000],
+        "gzip_cut.mha": _mha_header("") + gzip.compress(data)[:-2000],
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return folder / case
+
+
+@pytest.mark.parametrize("case,verdict", [
+    ("members.nrrd", "ok"), ("members.nhdr", "ok"), ("trailing.nrrd", "ok"), ("gzip.mhd", "ok"), ("gzip.mha", "ok"),
+    ("skip.nhdr", "ok"), ("long.nhdr", "ok"), ("long.nrrd", "ok"), ("plain.nrrd", "ok"),
+    ("skip_cut.nhdr", "cut"), ("members_cut.nrrd", "cut"), ("zlib_cut.mha", "cut"),
+    ("gzip_cut.mha", "cut"),
+])
+def test_the_header_only_check_takes_what_simpleitk_reads_and_refuses_what_is_cut(tmp_path, case, verdict):
+    """:func:`lib.imaging.io.check_voxels` (a fine-tune request's check) refused valid files, and one refused file
+    made every ``POST /train`` a 422: NRRD gzip data in several members (it stopped at the first), followed by a
+    newline, or stored raw (it would not parse where the check looked); MetaImage data gzip-wrapped (zlib only was
+    taken); a NRRD data file's ``line skip`` (ignored) and a header over 64 KiB (the data placed inside it). Each is
+    taken as SimpleITK reads it, exactly; data cut short (a gzip member, a zlib stream, after skipped lines) is still
+    refused, and SimpleITK does not read it whole."""
+    from lib.imaging.io import check_voxels
+
+    path = _hand_written(tmp_path, case)
+    try:
+        read = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except RuntimeError:
+        read = None
+    if verdict == "ok":
+        assert read is not None and np.array_equal(read, _HAND_VALUES), case
+        assert check_voxels(path) == (64, 64, 20)
+    else:
+        assert read is None or not np.array_equal(read, _HAND_VALUES), case
+        with pytest.raises(ImageReadError, match="is truncated or corrupt"):
+            check_voxels(path)
+
+
 @pytest.mark.parametrize("case,words", [
     ("cut", r"is truncated or corrupt: its header declares 4 x 128 x 128 voxels \(131,072 bytes of pixel data at "
             r"16 bits\), but the file holds 111,072 bytes \(a cut copy, or NumberOfFrames / Rows / Columns are "

@@ -1116,3 +1116,51 @@ def test_an_unreachable_pacs_is_a_start_up_warning_and_a_503_not_a_bare_500(tmp_
         assert "the PACS (DICOMweb server) holding the studies cannot be reached" in answered.value.read().decode()
     finally:
         processes.stop(process)
+
+
+@pytest.mark.parametrize("limits,environment,largest,setting", [
+    ({"max_voxels": "2e6", "max_voxels_adl": "1e6", "max_voxels_nlm": "5e6"}, None, 5_000_000, "max_voxels_nlm"),
+    ({"max_voxels_adl": "1e6"}, "3e6", 3_000_000, "max_voxels"),
+], ids=["own-limits", "one-own-limit"])
+def test_uploads_and_the_review_queue_take_the_largest_limit_of_the_served_models(tmp_path, monkeypatch, limits,
+                                                                                  environment, largest, setting):
+    """An upload or a correction (``PUT /datastore/...``, :func:`lib.endpoints.guards._max_voxels`) and the review
+    queue's PACS downloads (``DenoisingApp._queue_voxel_limit``) serve every model: they take the largest limit of
+    the served models (README, ``max_voxels_<model>``), not the smallest nor ``max_voxels`` alone, and a download
+    stopped over it names the key that raises it (the app's handler of :class:`lib.pacs.SeriesTooLarge`: it named
+    ``max_voxels`` whatever the limit was). The app built in-process, as the server builds it, and made the running
+    one (MONAI Label's ``app_instance``) for the routes' helper and the handler."""
+    import warnings
+
+    from fastapi import FastAPI
+    from monailabel.config import settings
+    from monailabel.interfaces.utils import app as monailabel_app
+
+    from lib.endpoints import _install_read_failure_answers
+    from lib.endpoints.guards import _max_voxels
+    from lib.pacs import SeriesTooLarge
+
+    if environment:
+        monkeypatch.setenv("ADL_MAX_VOXELS", environment)
+    studies, conf = _conf_case(tmp_path, {"models": "adl,nlm", **limits})
+    app = import_app_main().DenoisingApp(str(tmp_path / "app"), str(studies), conf)
+    monkeypatch.setitem(monailabel_app.apps, f"{settings.MONAI_LABEL_APP_DIR}{settings.MONAI_LABEL_STUDIES}", app)
+    assert app._infers["adl"].max_voxels == 1_000_000  # the smallest: neither takes it
+    assert _max_voxels() == largest
+    assert app._queue_voxel_limit() == largest
+    assert app._queue_voxel_limit_setting() == setting
+    routes = FastAPI()
+
+    @routes.get("/download")
+    def download():  # what lib.pacs.bounded_downloads raises for a series that grew past the queue's limit
+        raise SeriesTooLarge("series 1.2.3 is too large: its 9 instances hold 9,000,000 voxels", None, largest)
+
+    _install_read_failure_answers(routes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # starlette's TestClient on httpx
+        from fastapi.testclient import TestClient
+
+        answer = TestClient(routes).get("/download")
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["detail"] == ("series 1.2.3 is too large: its 9 instances hold 9,000,000 voxels (raise the "
+                                       f"limit with --conf {setting} on the server)")

@@ -49,6 +49,7 @@ from lib.configs import MODEL_CONFIGS, OPT_IN_MODELS
 from lib.configs.conf import ConfError, check_conf, check_environment, check_writable, model_names
 from lib.datastore import steady_datastore
 from lib.imaging import denoising_derivation, max_voxels
+from lib.imaging.errors import ImageTooLargeError
 from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
 from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame, SeriesSize,
@@ -262,9 +263,19 @@ class DenoisingApp(MONAILabelApp):
 
     def _queue_voxel_limit(self) -> int:
         """The largest image the review queue hands out of a PACS: the largest any served model denoises
-        (``--conf max_voxels``, else :func:`lib.imaging.max_voxels`); a series over it is skipped, not downloaded."""
+        (``--conf max_voxels_<model>``, else ``max_voxels``, else :func:`lib.imaging.max_voxels`); a series over it is
+        skipped, not downloaded."""
         return max((getattr(task, "max_voxels", None) or max_voxels() for task in self._infers.values()),
                    default=max_voxels())
+
+    def _queue_voxel_limit_setting(self) -> str:
+        """The conf key that raises :meth:`_queue_voxel_limit`, for the 413 of a download stopped over it: the
+        ``max_voxels_<model>`` of the model with the largest limit, ``max_voxels`` where a model at that limit has
+        none of its own."""
+        limit = self._queue_voxel_limit()
+        settings = {getattr(task, "voxel_limit_setting", "max_voxels") for task in self._infers.values()
+                    if (getattr(task, "max_voxels", None) or max_voxels()) == limit}
+        return "max_voxels" if "max_voxels" in settings or not settings else sorted(settings)[0]
 
     def _model_voxel_limit(self, model) -> int:
         """The largest image the model ``model`` denoises (``--conf max_voxels_<model>``, else ``max_voxels``, else
@@ -398,6 +409,11 @@ class DenoisingApp(MONAILabelApp):
                     before_store=storing, max_voxels=self._model_voxel_limit(request.get("model")))
             except PacsStoreError as error:
                 raise HTTPException(status_code=502, detail=f"denoised, but not stored in the PACS: {error}") from None
+            except ImageTooLargeError as error:  # a 413 (lib.endpoints), naming the model's own limit where it has one
+                whose, setting = self._model_voxel_limit_words(request.get("model"))
+                if setting == "max_voxels":
+                    raise
+                raise error.naming_limit(whose, f"--conf {setting} on the server") from None
             except AuditError as error:
                 raise HTTPException(status_code=500, detail=f"denoised, but not stored in the PACS: its audit entry "
                                                             f"could not be written ({error})") from None

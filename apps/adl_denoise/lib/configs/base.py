@@ -58,4 +58,5 @@ class DenoiserTaskConfig(TaskConfig):
         if self.conf.get("normal_dose"):
             defaults["normal_dose"] = self.conf["normal_dose"]
         # the infer task's limit: a correction of a study the server denoises is read for training alike
-        return DenoiserTrainTask(self.name, self.store, self.modalities, defaults, max_voxels=self.max_voxels)
+        return DenoiserTrainTask(self.name, self.store, self.modalities, defaults, max_voxels=self.max_voxels,
+                                 voxel_limit_setting=self.voxel_limit_setting)

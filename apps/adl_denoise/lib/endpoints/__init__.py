@@ -104,7 +104,9 @@ def _install_read_failure_answers(fastapi_app) -> None:
         return JSONResponse(status_code=503, content={"detail": f"the PACS's studies cannot be listed: {error}"})
 
     async def too_large(request, error: Exception):  # nothing of the series kept (lib.pacs.download_within)
-        return JSONResponse(status_code=413, content={"detail": f"{error} (raise the limit with --conf max_voxels "
+        # the downloads' limit is the largest of the served models' (main.DenoisingApp._queue_voxel_limit)
+        setting = getattr(app(), "_queue_voxel_limit_setting", lambda: "max_voxels")()
+        return JSONResponse(status_code=413, content={"detail": f"{error} (raise the limit with --conf {setting} "
                                                                 "on the server)"})
 
     async def does_not_fit(request, error: Exception):  # nothing of the series kept (lib.pacs.download_within)

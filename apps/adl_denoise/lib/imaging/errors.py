@@ -21,6 +21,15 @@ class ImageTooLargeError(ImageReadError):
     def __reduce__(self):  # pickled whole (worker processes): the default passes the message alone to __init__
         return type(self), (str(self), self.shape, self.voxels, self.limit)
 
+    def naming_limit(self, whose: str, setting: str) -> "ImageTooLargeError":
+        """This error naming whose limit it is and the setting that raises it (``"adl_3d's limit"``,
+        ``"--conf max_voxels_adl_3d on the server"``) instead of the generic ones (``ADL_MAX_VOXELS`` / ``--conf
+        max_voxels``): a model's own limit is raised with its own setting only."""
+        text = str(self)
+        head = text.split(" exceeds the limit of ", 1)[0]
+        return ImageTooLargeError(f"{head} exceeds {whose} of {self.limit:,} voxels (raise it with {setting}, or crop "
+                                  "the volume)", self.shape, self.voxels, self.limit)
+
 
 class UnreadableDicomError(ImageReadError):
     """A folder holds DICOM files that cannot be read (damaged, cut short, or the storage failed to read them): none

@@ -107,17 +107,20 @@ def _nifti_vox_offset(header: bytes) -> int:
     return _NIFTI1_HEADER
 
 
-def _text_header(path: Path, limit: int = 65536) -> tuple[dict[str, str], int]:
+def _text_header(path: Path, limit: int = 65536) -> tuple[dict[str, str], int, bool]:
     """Fields (lower-case keys) and byte length of the text header of a NRRD or MetaImage file: NRRD ends it at
-    the first blank line, MetaImage at its ``ElementDataFile`` line."""
+    the first blank line, MetaImage at its ``ElementDataFile`` line; and whether that end (or the file's) was found
+    in its first ``limit`` bytes (a longer header: the length is not where the data starts)."""
     with open(path, "rb") as handle:
         head = handle.read(limit)
     fields: dict[str, str] = {}
     position = 0
+    complete = len(head) < limit  # the whole file read: a header that ends at the end of its file
     for raw in head.splitlines(keepends=True):
         position += len(raw)
         line = raw.decode("latin-1").strip()
         if not line:
+            complete = True
             break  # NRRD: the data follows the blank line
         if line.startswith("#"):
             continue
@@ -125,8 +128,9 @@ def _text_header(path: Path, limit: int = 65536) -> tuple[dict[str, str], int]:
         if match:
             fields[match.group(1).strip().lower()] = match.group(3).strip()
             if match.group(1).strip().lower() == "elementdatafile":
+                complete = True
                 break  # MetaImage: the data follows this line
-    return fields, position
+    return fields, position, complete
 
 
 def image_files(path: str | os.PathLike) -> list[Path]:
@@ -142,7 +146,7 @@ def image_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     if not path.name.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
         return [path]
-    fields, _ = _text_header(path)
+    fields, _, _ = _text_header(path)
     if path.name.lower().endswith((".nrrd", ".nhdr")):
         named = fields.get("data file") or fields.get("datafile") or ""
     else:
@@ -183,7 +187,9 @@ def _stored_bytes(path: Path) -> tuple[int, str] | None:
         with open(path, "rb") as handle:
             return size - _nifti_vox_offset(handle.read(_NIFTI2_HEADER)), "raw"
     if name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
-        fields, header_length = _text_header(path)
+        fields, header_length, complete = _text_header(path)
+        if not complete:
+            return None  # a header over 64 KiB: where its data starts is not known here
         if name.endswith((".nrrd", ".nhdr")):
             encoding = fields.get("encoding", "raw").lower()
             encoding = {"gz": "gzip", "bz2": "bzip2", "txt": "ascii", "text": "ascii"}.get(encoding, encoding)
@@ -250,49 +256,106 @@ def check_gzip_stream(path: Path, needed: int | None = None, nifti: bool = False
                                  f"the file decompresses to {max(have, 0):,}")
 
 
-def _compressed_data(path: Path) -> tuple[Path, int, str] | None:
-    """(file, byte offset, ``gzip`` or ``zlib``) of the compressed voxel data of a NRRD (``encoding gzip``) or
-    MetaImage (``CompressedData True``) file, inline or in its one data file; None otherwise."""
+def _skip_lines(handle, count: int) -> bool:
+    """Move ``handle`` past ``count`` lines (NRRD's ``line skip``), reading 64 KiB at a time; False when the file
+    ends first."""
+    while count > 0:
+        start = handle.tell()
+        block = handle.read(65536)
+        if not block:
+            return False
+        at = -1
+        while count > 0:
+            at = block.find(b"\n", at + 1)
+            if at < 0:
+                break
+            count -= 1
+        if count == 0:
+            handle.seek(start + at + 1)
+    return True
+
+
+def _compressed_data(path: Path) -> tuple[Path, int, int, bool, int] | None:
+    """Where the compressed voxel data of a NRRD (``encoding gzip``) or MetaImage (``CompressedData True``) file is,
+    inline or in its one data file: (file, lines to skip (NRRD's ``line skip``), then bytes to skip, zlib's window
+    bits (NRRD: gzip, 31; MetaImage: zlib or gzip, 47, as MetaIO inflates it), whether gzip members follow one
+    another (NRRD: its reader reads on through them; MetaIO inflates one stream), bytes of the decompressed data
+    before the voxels (NRRD's ``byte skip``)). None otherwise, and wherever the data's start is not certain: a
+    header over 64 KiB, a MetaImage ``HeaderSize``, a negative ``byte skip``, several data files."""
     name = path.name.lower()
     if not name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
         return None
-    fields, header_length = _text_header(path)
-    if name.endswith((".nrrd", ".nhdr")):
-        if fields.get("encoding", "raw").lower() not in ("gzip", "gz"):
-            return None
-        data_file, kind = fields.get("data file") or fields.get("datafile"), "gzip"
-    else:
-        if fields.get("compresseddata", "false").lower() != "true":
-            return None
-        data_file, kind = fields.get("elementdatafile", "LOCAL"), "zlib"
-        data_file = None if data_file.upper() == "LOCAL" else data_file
+    fields, header_length, complete = _text_header(path)
+    if not complete:
+        return None  # a header over 64 KiB: its data's offset is not known here
+    try:
+        if name.endswith((".nrrd", ".nhdr")):
+            if fields.get("encoding", "raw").lower() not in ("gzip", "gz"):
+                return None
+            data_file = fields.get("data file") or fields.get("datafile")
+            line_skip, byte_skip = int(fields.get("line skip", 0)), int(fields.get("byte skip", 0))
+            wbits, members = 31, True
+        else:
+            if fields.get("compresseddata", "false").lower() != "true" or int(fields.get("headersize", 0)):
+                return None
+            data_file = fields.get("elementdatafile", "LOCAL")
+            data_file = None if data_file.upper() == "LOCAL" else data_file
+            line_skip, byte_skip, wbits, members = 0, 0, 47, False
+    except ValueError:
+        return None  # a skip that is no number: the reader says what is wrong
+    if line_skip < 0 or byte_skip < 0:
+        return None
     if data_file is None:
-        return path, header_length, kind
+        return path, header_length, line_skip, wbits, members, byte_skip
     if " " in data_file or "%" in data_file or data_file.upper() == "LIST":
         return None  # several data files: ITK checks them while reading
-    return (Path(data_file) if os.path.isabs(data_file) else path.parent / data_file), 0, kind
+    detached = Path(data_file) if os.path.isabs(data_file) else path.parent / data_file
+    return detached, 0, line_skip, wbits, members, byte_skip
 
 
-def _decompressed_length(file: Path, offset: int, kind: str) -> int:
-    """Bytes the deflate stream of ``file`` from ``offset`` decompresses to, in 1 MiB chunks; ImageReadError when it
-    is cut or corrupt."""
-    inflater = zlib.decompressobj(31 if kind == "gzip" else 15)
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _inflated_length(file: Path, offset: int, line_skip: int, wbits: int, members: bool) -> int | None:
+    """Bytes the deflate data of ``file`` from ``offset`` (then ``line_skip`` lines on) decompresses to, in 1 MiB
+    chunks: with ``members``, the gzip members that follow the first one too (as zlib's gzread and Python's gzip
+    module read them; bytes after the last member that do not start another one are ignored, as gzread ignores
+    them). None where the data does not parse from there (not this check's to judge: the reader says what is
+    wrong).
+
+    Raises:
+        ImageReadError: the file ends before a stream's end-of-stream marker (cut short).
+    """
     total = 0
-    try:
-        with open(file, "rb") as handle:
-            handle.seek(offset)
-            while not inflater.eof:
-                chunk = handle.read(_CHUNK)
-                if not chunk:
-                    break
-                total += len(inflater.decompress(chunk, _CHUNK))  # at most 1 MiB out at a time: memory stays small
+    with open(file, "rb") as handle:
+        handle.seek(offset)
+        if not _skip_lines(handle, line_skip):
+            return None
+        inflater = zlib.decompressobj(wbits)
+        while True:
+            if inflater.eof:
+                if not members:
+                    return total
+                following = inflater.unused_data
+                while len(following) < len(_GZIP_MAGIC):
+                    more = handle.read(_CHUNK)
+                    if not more:
+                        break
+                    following += more
+                if not following.startswith(_GZIP_MAGIC):
+                    return total  # the end of the data, or bytes after it that are no gzip member
+                inflater, data = zlib.decompressobj(wbits), following
+            else:
+                data = handle.read(_CHUNK)
+                if not data:
+                    raise ImageReadError(f"{file} is truncated or corrupt: its compressed data ends before its "
+                                         "end-of-stream marker")
+            try:
+                total += len(inflater.decompress(data, _CHUNK))  # at most 1 MiB out at a time: memory stays small
                 while inflater.unconsumed_tail and not inflater.eof:
                     total += len(inflater.decompress(inflater.unconsumed_tail, _CHUNK))
-    except (OSError, zlib.error) as exc:
-        raise ImageReadError(f"{file} is truncated or corrupt: its {kind} data is broken ({one_line(exc)})") from exc
-    if not inflater.eof:
-        raise ImageReadError(f"{file} is truncated or corrupt: its {kind} data ends before its end-of-stream marker")
-    return total
+            except zlib.error:
+                return None
 
 
 def _gzip_trailer(file: Path) -> int | None:
@@ -306,12 +369,16 @@ def _gzip_trailer(file: Path) -> int | None:
 
 
 def check_compressed_length(path: Path, needed: int) -> None:
-    """Refuse a NIfTI (``.nii.gz``), NRRD or MetaImage file whose compressed voxel data is cut short or
-    decompresses to fewer than ``needed`` bytes (the run's reader fails on it), at the cost of a header where a gzip
-    stream's trailer says it is whole: the last 4 bytes of an intact gzip stream give its decompressed length (mod
-    2**32); a cut file ends in compressed data instead, which matches by chance once in 2**32. Any other ending (a
-    cut file, data after the voxels, several gzip members) and MetaImage's zlib data (no length stored) are
-    decompressed through, in 1 MiB chunks. Other files: nothing to check here (:func:`check_stored_size`)."""
+    """Refuse a NIfTI (``.nii.gz``), NRRD or MetaImage file whose compressed voxel data is provably cut short: the
+    file ends before the stream's end-of-stream marker, or the stream decompresses to fewer than ``needed`` bytes
+    (the run's reader fails on it, or fills the rest with zeros). A NIfTI or NRRD gzip stream whose trailer gives
+    the declared length is taken without reading it (the last 4 bytes of an intact gzip stream give its
+    decompressed length mod 2**32; a cut file ends in compressed data instead, which matches by chance once in
+    2**32); any other (several gzip members, bytes after the data, a cut file) and MetaImage's zlib or gzip data (no
+    length stored) are decompressed through, in 1 MiB chunks, NRRD's members one after another. A NRRD or
+    MetaImage file whose data does not parse where its header places it, or whose data's start is uncertain
+    (:func:`_compressed_data`), passes: its reader says what is wrong. Other files: nothing to check here
+    (:func:`check_stored_size`)."""
     if path.name.lower().endswith(".nii.gz"):
         trailer = _gzip_trailer(path)
         try:
@@ -325,17 +392,19 @@ def check_compressed_length(path: Path, needed: int) -> None:
         return
     try:
         located = _compressed_data(path)
+        if located is None:
+            return
+        file, offset, line_skip, wbits, members, byte_skip = located
+        wanted = int(needed) + byte_skip  # NRRD's byte skip counts in the decompressed data
+        if members and _gzip_trailer(file) == wanted % (1 << 32):
+            return
+        total = _inflated_length(file, offset, line_skip, wbits, members)
     except OSError:
         return  # the reader reports what it cannot open
-    if located is None:
-        return
-    file, offset, kind = located
-    if kind == "gzip" and _gzip_trailer(file) == int(needed) % (1 << 32):
-        return
-    total = _decompressed_length(file, offset, kind)
-    if total < needed:
-        raise ImageReadError(f"{path} is truncated or corrupt: its header declares {needed:,} bytes of voxels, its "
-                             f"{kind} data decompresses to {total:,}")
+    if total is not None and total < wanted:
+        skipped = f" after the {byte_skip:,} its byte skip passes over" if byte_skip else ""
+        raise ImageReadError(f"{path} is truncated or corrupt: its header declares {int(needed):,} bytes of voxels"
+                             f"{skipped}, its compressed data decompresses to {total:,}")
 
 
 def check_values(values: np.ndarray, path: Path) -> None:

@@ -282,11 +282,12 @@ def check_image_file(path: str | Path, max_voxels: int | None = None) -> tuple[i
 
 
 def check_voxels(path: str | Path, max_voxels: int | None = None) -> tuple[int, ...]:
-    """Refuse, from headers alone (no voxel or pixel data read), an image that :func:`read_volume` would refuse as
-    over ``max_voxels`` (None: :func:`~lib.imaging.guards.max_voxels`) or as truncated: an image file (NIfTI, NRRD,
-    MetaImage) declaring more voxel data than it holds or whose compressed data is cut short
+    """Refuse, without building a volume, an image that :func:`read_volume` would refuse as over ``max_voxels``
+    (None: :func:`~lib.imaging.guards.max_voxels`) or as truncated: an image file (NIfTI, NRRD, MetaImage) declaring
+    more voxel data than it holds or whose compressed data is provably cut short
     (:func:`~lib.imaging.guards.check_compressed_length`: a gzip stream's trailer where it gives the declared length,
-    else the data decompressed through), a DICOM file whose pixel data is cut short
+    else the compressed data decompressed through and counted, MetaImage's always; data that does not parse where
+    the header places it is left to the reader), a DICOM file whose pixel data is cut short
     (:func:`~lib.imaging.dicom_read.check_pixel_data`). Returns its size as the header gives it: (x, y[, z]) of an
     image file, (frames, rows, columns[, samples]) of a DICOM file, (slices, rows, columns) of a folder's DICOM
     series (each series of the folder checked). Memory: O(headers); time: a header a file (a compressed file whose

@@ -282,18 +282,22 @@ class DenoiserTrainTask(TrainTask):
         store: the app's :class:`ModelStore`.
         modalities: modalities the model serves.
         defaults: default request values (from the app's conf), e.g. ``{"steps": 200, "device": "auto"}``.
-        max_voxels: the voxel limit of every image the task reads, the server's (``--conf max_voxels``, as the
-            model's infer task has it); None: :func:`lib.imaging.max_voxels` (``ADL_MAX_VOXELS``).
+        max_voxels: the voxel limit of every image the task reads, the server's (``--conf max_voxels_<model>``,
+            else ``max_voxels``, as the model's infer task has it); None: :func:`lib.imaging.max_voxels`
+            (``ADL_MAX_VOXELS``).
+        voxel_limit_setting: the conf key that sets ``max_voxels``: a request refused over a model's own limit
+            (``max_voxels_<model>``) names the model and that key, not the generic ones.
     """
 
     def __init__(self, model: str, store: ModelStore, modalities: tuple[str, ...], defaults: dict | None = None,
-                 max_voxels: int | None = None):
+                 max_voxels: int | None = None, voxel_limit_setting: str = "max_voxels"):
         super().__init__(f"Fine-tune {model} from clinician corrections, or adapt it to a scanner's low-dose noise")
         self.model = model
         self.store = store
         self.modalities = tuple(m.upper() for m in modalities)
         self.defaults = dict(defaults or {})
         self.max_voxels = max_voxels
+        self.voxel_limit_setting = voxel_limit_setting
 
     # --- paths
     @property
@@ -333,7 +337,18 @@ class DenoiserTrainTask(TrainTask):
 
     def validate_request(self, request: dict, datastore: Datastore) -> dict:
         """Check, before a run is launched, that the request makes sense and the data is there.
-        Returns the resolved request (mode, modality, ...). Raises :class:`TrainingDataError` otherwise."""
+        Returns the resolved request (mode, modality, ...). Raises :class:`TrainingDataError` otherwise, and
+        :class:`~lib.imaging.errors.ImageTooLargeError` for an image over the limit (naming this model and its
+        ``max_voxels_<model>`` where that is the limit)."""
+        try:
+            return self._resolved_request(request, datastore)
+        except ImageTooLargeError as error:
+            if self.voxel_limit_setting == "max_voxels":
+                raise  # the reader's words: ADL_MAX_VOXELS or --conf max_voxels
+            raise error.naming_limit(f"{self.model}'s limit",
+                                     f"--conf {self.voxel_limit_setting} on the server") from None
+
+    def _resolved_request(self, request: dict, datastore: Datastore) -> dict:
         params = dict(self.defaults)
         params.update({k: v for k, v in request.items() if v is not None and v != ""})
         mode = str(params.get("mode", "corrections"))
