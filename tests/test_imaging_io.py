@@ -1318,6 +1318,9 @@ def _hand_written(folder: Path, case: str) -> Path:
         "members_cut.nrrd": _nrrd_header("\n") + members[:-2000],
         "zlib_cut.mha": _mha_header("") + zlib.compress(data)[:-2000],
         "gzip_cut.mha": _mha_header("") + gzip.compress(data)[:-2000],
+        # a whole zlib stream of half the voxels: SimpleITK reads the rest as zeros
+        "zlib_short.mha": _mha_header(f"CompressedDataSize = {len(zlib.compress(data[:81920]))}\n")
+        + zlib.compress(data[:81920]),
     }
     for name, content in files.items():
         (folder / name).write_bytes(content)
@@ -1351,6 +1354,18 @@ def test_the_header_only_check_takes_what_simpleitk_reads_and_refuses_what_is_cu
         assert read is None or not np.array_equal(read, _HAND_VALUES), case
         with pytest.raises(ImageReadError, match="is truncated or corrupt"):
             check_voxels(path)
+
+
+def test_a_metaimage_whose_compressed_data_is_short_is_refused_not_read_as_zeros(tmp_path):
+    """SimpleITK reads a MetaImage whose zlib data inflates to fewer voxels than its header declares as zeros (only
+    "Uncompress failed" on stderr) or other bytes: denoise, uploads and the server read such a file as an image whose
+    second half is not its own. It is refused, naming the bytes declared and held."""
+    path = _hand_written(tmp_path, "zlib_short.mha")
+    read = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    assert np.array_equal(read[:10], _HAND_VALUES[:10]) and not np.array_equal(read[10:], _HAND_VALUES[10:])
+    with pytest.raises(ImageReadError, match=r"zlib_short\.mha is truncated or corrupt: its header declares 163,840 "
+                                             r"bytes of voxels, its compressed data decompresses to 81,920"):
+        read_volume(path)
 
 
 @pytest.mark.parametrize("case,words", [

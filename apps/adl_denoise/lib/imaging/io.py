@@ -226,15 +226,16 @@ def _bytes_per_voxel(reader: sitk.ImageFileReader) -> int:
 
 def _header_checks(path: Path, limit: int, whole_stream: bool = True) -> sitk.ImageFileReader:
     """Read ``path``'s header only and refuse, before any voxel is read: more than ``limit`` voxels, more voxel
-    data declared than the file holds, a cut or corrupt gzip stream of a NIfTI file; without ``whole_stream``, a
-    NIfTI gzip stream is not read through where its trailer says it is whole, and the compressed data of a NRRD or
-    MetaImage file is checked too (:func:`~lib.imaging.guards.check_compressed_length`: ITK's readers fail on it
-    when they read it)."""
+    data declared than the file holds, a cut or corrupt gzip stream of a NIfTI file, a MetaImage file's compressed
+    data cut short (:func:`~lib.imaging.guards.check_compressed_length`; ITK reads it as zeros); without
+    ``whole_stream``, a NIfTI gzip stream is not read through where its trailer says it is whole, and the compressed
+    data of a NRRD file is checked too (ITK's reader fails on it when it reads it)."""
     reader = _sized_header(path, limit)
     per_voxel = _bytes_per_voxel(reader)
     check_stored_size(path, reader.GetSize(), per_voxel)
     declared = int(np.prod([int(v) for v in reader.GetSize()], dtype=np.float64)) * per_voxel
-    if not whole_stream:
+    if not whole_stream or _suffix(path) in (".mha", ".mhd"):
+        # MetaImage: ITK's reader turns compressed data cut short into zeros (only "Uncompress failed" on stderr)
         check_compressed_length(path, declared)
     elif _suffix(path) == ".nii.gz":
         # the stream is verified before ITK reads it: ITK's NIfTI reader turns a cut stream into zero slices
