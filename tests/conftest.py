@@ -88,35 +88,65 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory, ct_reference_set: Path) -> Path:
-    """A folder of small real weights (``mlserver.make_tiny_weights``), trained once per session. Read only:
-    a server that may publish weights gets a copy (``mlserver.copy_weights``)."""
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A folder of small real weights (``mlserver.make_tiny_weights``), trained once per test session: pytest-xdist's
+    workers share it (the first one trains them under a lock; another one builds the CT reference set meanwhile,
+    instead of waiting for that and then training weights of its own). Read only: a server that may publish weights
+    gets a copy (``mlserver.copy_weights``)."""
     import shutil
+
+    from filelock import FileLock, Timeout
 
     from mlserver import make_tiny_weights
 
-    weights = make_tiny_weights(tmp_path_factory.mktemp("tiny_weights"))
-    # where a server caches its reference sets: each training server's first run reads the CT set built once for
-    # the session instead of simulating it again (the set is keyed by what defines it: the same set either way)
-    shutil.copytree(ct_reference_set, weights / "reference_set")
-    return weights
+    root = _session_folder(tmp_path_factory, request)
+    folder = root / "tiny_weights"
+    lock = FileLock(str(root / "tiny_weights.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # another worker trains them
+        _built_ct_reference_set(root)
+        with lock:
+            if not folder.is_dir():
+                raise RuntimeError(f"the worker that trained the session's tiny weights left no {folder}") from None
+        return folder
+    try:
+        if not folder.is_dir():
+            partial = root / "tiny_weights.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            make_tiny_weights(partial)
+            # where a server caches its reference sets: each training server's first run reads the CT set built once
+            # for the session instead of simulating it again (the set is keyed by what defines it: the same set)
+            shutil.copytree(_built_ct_reference_set(root), partial / "reference_set")
+            partial.rename(folder)
+    finally:
+        lock.release()
+    return folder
+
+
+def _session_folder(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """The test session's temporary folder, shared by pytest-xdist's workers (each has one of its own below it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if hasattr(request.config, "workerinput") else root
+
+
+def _built_ct_reference_set(root: Path) -> Path:
+    """``root``'s folder holding the cache of the CT reference set, built by the first worker to ask under a lock."""
+    from filelock import FileLock
+
+    from lib.engines.reference_set import build_reference_set
+
+    folder = root / "ct_reference_set"
+    with FileLock(str(root / "ct_reference_set.lock")):
+        build_reference_set("CT", folder)  # reads the cache another worker wrote
+    return folder
 
 
 @pytest.fixture(scope="session")
 def ct_reference_set(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     """A folder holding the cache of the CT reference set (``lib.engines.reference_set``, seconds to simulate),
     built once per test session: pytest-xdist's workers share it, the first one builds it under a lock."""
-    from filelock import FileLock
-
-    from lib.engines.reference_set import build_reference_set
-
-    root = tmp_path_factory.getbasetemp()
-    if hasattr(request.config, "workerinput"):  # an xdist worker: the session's folder holds every worker's
-        root = root.parent
-    folder = root / "ct_reference_set"
-    with FileLock(str(root / "ct_reference_set.lock")):
-        build_reference_set("CT", folder)  # reads the cache another worker wrote
-    return folder
+    return _built_ct_reference_set(_session_folder(tmp_path_factory, request))
 
 
 @pytest.fixture(scope="session")

@@ -897,15 +897,21 @@ def _put_label(url: str, image: str, tag: str, path: Path, params: dict | None =
                             timeout=120)
 
 
-def _slabs_between(studies: Path) -> list[str]:
-    """Two 4-slice CT slabs of the head (256 x 256 x 4 = 262,144 voxels: over 200,000 and 250,000, under 300,000)
-    in ``studies``, named as :func:`write_full_dose` knows them."""
+#: rows and columns of the head (its brain and skull) a slab is cut to where only its voxel count matters
+BRAIN = (slice(64, 192), slice(64, 192))
+
+
+def _slabs_between(studies: Path, yx: tuple[slice, slice] | None = None,
+                   voxels: tuple[int, int] = (250_000, 300_000)) -> list[str]:
+    """Two 4-slice CT slabs of the head (256 x 256 x 4 = 262,144 voxels: over 200,000 and 250,000, under 300,000;
+    128 x 128 x 4 = 65,536 cut to ``BRAIN``) in ``studies``, named as :func:`write_full_dose` knows them; each
+    slab's voxel count is checked to lie within ``voxels``."""
     from mlserver import write_crop
 
     for image, z in (("ct_slab_b", slice(40, 44)), ("ct_slab_c", slice(70, 74))):
-        write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / f"{image}.nii.gz", z=z)
+        write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", studies / f"{image}.nii.gz", z=z, yx=yx)
         size = sitk.ReadImage(str(studies / f"{image}.nii.gz")).GetSize()
-        assert 250_000 < size[0] * size[1] * size[2] < 300_000, size
+        assert voxels[0] < size[0] * size[1] * size[2] < voxels[1], size
     return ["ct_slab_b", "ct_slab_c"]
 
 
@@ -921,8 +927,9 @@ def _wait_for_training(url: str, model: str = "adl", timeout: float = 900) -> di
 @pytest.mark.server
 @pytest.mark.slow
 def test_a_fine_tune_reads_the_corrections_at_the_servers_conf_limit_above_the_environments(tmp_path, tiny_weights):
-    """Fine-tuning reads what it learns from at the server's limit, ``--conf max_voxels`` (300,000), as infer and
-    the review queue do, not at ``ADL_MAX_VOXELS`` (200,000). Two CT slabs between the two, each with a clinician's
+    """Fine-tuning reads what it learns from at the server's limit, ``--conf max_voxels`` (80,000), as infer and
+    the review queue do, not at ``ADL_MAX_VOXELS`` (50,000). Two CT slabs between the two (65,536 voxels: the brain
+    of 4 slices, so that each step of the runs sees a quarter of the whole slices' pixels), each with a clinician's
     correction, one with a keep region marked on it, are the run's training and validation images, its region read;
     then ``adapt_noise`` learns from both slabs. They were refused: the region map by its route's reads (422), the
     train request by the read of a correction's study for its modality (500), and with those read at the conf the
@@ -932,14 +939,14 @@ def test_a_fine_tune_reads_the_corrections_at_the_servers_conf_limit_above_the_e
     from mlserver import copy_weights, start_server, stop_server
 
     studies = tmp_path / "studies"
-    images = _slabs_between(studies)
+    images = _slabs_between(studies, BRAIN, voxels=(50_000, 80_000))
     server = start_server(studies, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
-                          conf={"audit_dir": tmp_path / "audit_log", "max_voxels": 300_000},
-                          env={"ADL_MAX_VOXELS": "200000"})
+                          conf={"audit_dir": tmp_path / "audit_log", "max_voxels": 80_000},
+                          env={"ADL_MAX_VOXELS": "50000"})
     try:
         grid = sitk.ReadImage(str(studies / "ct_slab_b.nii.gz"))
         marked = np.zeros(sitk.GetArrayFromImage(grid).shape, np.uint8)
-        marked[:, 100:140, 100:140] = 1
+        marked[:, 36:76, 36:76] = 1  # rows and columns 100-139 of the whole slices
         region_map = sitk.GetImageFromArray(marked)
         region_map.CopyInformation(grid)
         map_path = tmp_path / "ct_slab_b_regions.nii.gz"
@@ -950,8 +957,8 @@ def test_a_fine_tune_reads_the_corrections_at_the_servers_conf_limit_above_the_e
         for image in images:  # the full-dose slab as the correction; ct_slab_b's names its region map
             sent_with = {"regions_sha256": hashlib.sha256(map_path.read_bytes()).hexdigest()} \
                 if image == "ct_slab_b" else {}
-            saved = _put_label(server.url, image, "final", write_full_dose(tmp_path / f"{image}_final.nii.gz", image),
-                               sent_with)
+            saved = _put_label(server.url, image, "final",
+                               write_full_dose(tmp_path / f"{image}_final.nii.gz", image, BRAIN), sent_with)
             assert saved.status_code == 200, saved.text
         started = requests.post(f"{server.url}/train/adl", json={"steps": 6, "patch_size": 32, "device": "cpu"},
                                 timeout=600)
@@ -1756,12 +1763,13 @@ def test_a_fine_tune_names_the_admin_who_started_it_and_runs_alone(folders):
     assert [(f["model"], f["training_request_seq"]) for f in not_started] == [("tddl_gcn", requests_made[1]["seq"])]
 
 
-def write_full_dose(target: Path, image: str) -> Path:
-    """The full-dose slab of a shared study (``mlserver.shared_studies``: slices 40-43 or 70-73 of the head),
-    on its grid, as float: a clinician's correction of that study."""
+def write_full_dose(target: Path, image: str, yx: tuple[slice, slice] | None = None) -> Path:
+    """The full-dose slab of a shared study (``mlserver.shared_studies``: slices 40-43 or 70-73 of the head; its
+    rows and columns ``yx`` where the study was cut to them), on its grid, as float: a clinician's correction of
+    that study."""
     from mlserver import write_crop
 
     z = {"ct_slab_b": slice(40, 44), "ct_slab_c": slice(70, 74)}[image]
-    write_crop(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz", target, z=z)
+    write_crop(SAMPLE_STUDIES / "ct_head_invesalius.nii.gz", target, z=z, yx=yx)
     sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(target)), sitk.sitkFloat32), str(target))
     return target

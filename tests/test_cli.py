@@ -346,56 +346,70 @@ TINY_ADL = ("--patch-size", "32", "--batch-size", "2", "--steps-g-warmup", "2", 
 
 
 @pytest.mark.slow
-def test_training_refuses_what_would_overwrite_a_run_or_pair_other_anatomy(tmp_path, ct_slice_dicom, ct_crop_nifti):
+def test_training_refuses_what_would_overwrite_a_run_or_pair_other_anatomy(tmp_path, ct_slice_dicom, ct_crop_nifti,
+                                                                          capsys):
     """A rerun without --resume would replace an interrupted run's checkpoint; --resume must not replace an existing
     output; a cut checkpoint, a folder as output, a DICOM CT trained as MR and pairs on two grids are refused in
     one line; DICOM files named by UID (dots in the name) are found."""
+    from conftest import import_cli
+
     clean = tmp_path / "clean"
     clean.mkdir()
     (clean / "head.nii.gz").write_bytes(ct_crop_nifti.read_bytes())
+    # the run whose files are to be kept, as a user starts it (its noise: Gaussian, not seconds of low-dose CT
+    # simulation; what it trained on is not checked here)
     first = run_cli("train", "--model", "adl", "--modality", "ct", "--clean", clean, "--output", tmp_path / "a.pt",
-                    *TINY_ADL)
+                    "--noise", "gaussian", *TINY_ADL)
     assert first.returncode == 0, first.stderr
     checkpoints = tmp_path / "a_checkpoints"
     assert (checkpoints / "last.pt").is_file()
     kept = (checkpoints / "last.pt").read_bytes()
-    again = run_cli("train", "--model", "adl", "--modality", "ct", "--clean", clean, "--output", tmp_path / "b.pt",
-                    "--checkpoint-dir", checkpoints, *TINY_ADL)
-    assert again.returncode == 2 and "holds the checkpoint of an earlier run" in again.stderr, again.stderr
+    cli = import_cli()
+
+    def refused(*args: str | Path) -> tuple[int, str, str]:
+        """``cli.py train *args`` in this process (each refusal in a process of its own cost seconds of imports):
+        (exit status, stdout, stderr)."""
+        capsys.readouterr()
+        code = cli.main(["train", *map(str, args), *TINY_ADL])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, _, err = refused("--model", "adl", "--modality", "ct", "--clean", clean, "--output", tmp_path / "b.pt",
+                           "--checkpoint-dir", checkpoints)
+    assert code == 2 and "holds the checkpoint of an earlier run" in err, err
     assert (checkpoints / "last.pt").read_bytes() == kept
     precious = tmp_path / "precious.pt"
     precious.write_bytes((tmp_path / "a.pt").read_bytes())
-    resumed = run_cli("train", "--model", "adl", "--modality", "ct", "--clean", clean, "--output", precious,
-                      "--resume", checkpoints, *TINY_ADL)
-    assert resumed.returncode == 2 and "already exists" in resumed.stderr, resumed.stderr
+    code, _, err = refused("--model", "adl", "--modality", "ct", "--clean", clean, "--output", precious,
+                           "--resume", checkpoints)
+    assert code == 2 and "already exists" in err, err
     assert precious.read_bytes() == (tmp_path / "a.pt").read_bytes()
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "last.pt").write_bytes(kept[: len(kept) // 3])
-    cut = run_cli("train", "--model", "adl", "--modality", "ct", "--clean", clean, "--output", tmp_path / "c.pt",
-                  "--resume", tmp_path / "cut", *TINY_ADL)
-    assert cut.returncode == 2 and "cannot be read as a checkpoint" in cut.stderr, cut.stderr
-    assert "training ADL" not in cut.stdout, cut.stdout  # said before the training data are built, not after
+    code, out, err = refused("--model", "adl", "--modality", "ct", "--clean", clean, "--output", tmp_path / "c.pt",
+                             "--resume", tmp_path / "cut")
+    assert code == 2 and "cannot be read as a checkpoint" in err, err
+    assert "training ADL" not in out, out  # said before the training data are built, not after
     (tmp_path / "folder.pt").mkdir()
-    folder = run_cli("train", "--model", "adl", "--modality", "ct", "--clean", clean, "--output", tmp_path / "folder.pt",
-                     "--overwrite", *TINY_ADL)
-    assert folder.returncode == 2 and "is a folder" in folder.stderr, folder.stderr
+    code, _, err = refused("--model", "adl", "--modality", "ct", "--clean", clean, "--output", tmp_path / "folder.pt",
+                           "--overwrite")
+    assert code == 2 and "is a folder" in err, err
     # a CT series named by UID: found (dots in the name), and refused as MR by its Modality tag
     series = tmp_path / "series"
     series.mkdir()
     (series / "CT.1.2.840.99.7").write_bytes(ct_slice_dicom.read_bytes())
-    as_mr = run_cli("train", "--model", "adl", "--modality", "mr", "--clean", series, "--output", tmp_path / "m.pt",
-                    *TINY_ADL)
-    assert as_mr.returncode == 2 and "is a DICOM CT (its Modality tag)" in as_mr.stderr, as_mr.stderr
+    code, _, err = refused("--model", "adl", "--modality", "mr", "--clean", series, "--output", tmp_path / "m.pt")
+    assert code == 2 and "is a DICOM CT (its Modality tag)" in err, err
     # pairs: the noisy image mirrored (its array reversed, its direction flipped: the same anatomy in another order)
     noisy = tmp_path / "noisy"
     noisy.mkdir()
     image = sitk.ReadImage(str(ct_crop_nifti))
     flipped = sitk.Flip(image, [False, True])
     sitk.WriteImage(flipped, str(noisy / "head.nii.gz"))
-    paired = run_cli("train", "--model", "adl", "--modality", "ct", "--noisy-dir", noisy, "--clean-dir", clean,
-                     "--output", tmp_path / "p.pt", *TINY_ADL)
-    assert paired.returncode == 2 and "pair 'head'" in paired.stderr and "save both on one grid" in paired.stderr, \
-        paired.stderr
+    code, _, err = refused("--model", "adl", "--modality", "ct", "--noisy-dir", noisy, "--clean-dir", clean,
+                           "--output", tmp_path / "p.pt")
+    assert code == 2 and "pair 'head'" in err and "save both on one grid" in err, err
+    assert sorted(p.name for p in tmp_path.glob("*.pt") if p.is_file()) == ["a.pt", "precious.pt"]  # none written
 
 
 def test_top_level_help_lists_every_verb():
