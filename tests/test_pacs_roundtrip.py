@@ -76,14 +76,19 @@ def upload_real_ct_series(pacs, folder: Path) -> str:
     return str(pydicom.dcmread(files[0]).SeriesInstanceUID)
 
 
-def test_denoise_a_pacs_series_and_store_the_result_back(tmp_path, tiny_weights):
+def test_denoise_a_pacs_series_store_the_result_back_and_fine_tune_from_corrections_kept_on_the_server(
+        tmp_path, tiny_weights):
+    """A PACS series denoised by its SeriesInstanceUID and the result stored back as a derived series; then the review
+    loop on two PACS series (:func:`_correct_and_fine_tune`)."""
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
         files = real_ct_series(tmp_path / "series")
-        pacs.upload_files(files)
+        second = real_ct_series(tmp_path / "second")
+        pacs.upload_files(files + second)
         uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        model_dir = copy_weights(tiny_weights, tmp_path / "model")
         # a server of its own: its studies are the PACS's DICOMweb root
-        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work")
+        server = start_server(pacs.dicomweb, model_dir, tmp_path / "work")
         try:
             client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
             for extension in ("dicom", "DICOM", "dcm"):  # each names the zipped DICOM result the task writes
@@ -108,11 +113,120 @@ def test_denoise_a_pacs_series_and_store_the_result_back(tmp_path, tiny_weights)
             hu = derived.pixel_array * float(derived.RescaleSlope) + float(derived.RescaleIntercept)
             assert np.isfinite(hu).all() and hu.min() < -900 and 0 < np.median(hu[hu > -500]) < 100  # still HU
             assert result["modality"] == "CT" and result["weights_version"] == "pretrained"
+            _correct_and_fine_tune(server, pacs, model_dir, [uid, str(pydicom.dcmread(second[0]).SeriesInstanceUID)],
+                                   second, tmp_path)
             assert server.alive()
         finally:
             stop_server(server)
     finally:
         stop_orthanc(pacs)
+
+
+def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], second: list[Path], tmp_path: Path) -> None:
+    """The review loop on a PACS, as on a local datastore: a region map and a correction of each series in ``uids``
+    (``PUT /datastore/label``, tags ``regions`` then ``final``) are kept by the server in its corrections folder
+    (``<model_dir>/corrections/dicomweb-<hash of the URL>``), nothing sent to the PACS (MONAI Label converted a
+    ``final`` label to a DICOM SEG for the PACS: a bare 500 with this app's placeholder converter, and a region map
+    went to the DICOMweb cache); with the cache cleared, ``GET /datastore/label`` sends back each file as it was
+    sent (it was a 404: "is no label"), the training list holds both pairs and ``POST /train/{model}`` fine-tunes
+    from them (it was a 422: no corrected studies). Each save is a ``label_saved`` entry. A correction is bound to
+    its series' study and patient: the series ``second`` (``uids[1]``) sent to the PACS again under another
+    PatientID is no training data any more (422: one corrected study left)."""
+    import hashlib
+    import shutil
+    import urllib.request
+
+    import requests
+    import SimpleITK as sitk
+
+    from lib.audit import AuditLog
+    from lib.audit.location import default_audit_dir, default_corrections_dir
+
+    def sha256(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def put(uid: str, tag: str, path: Path, params: dict) -> dict:
+        with open(path, "rb") as handle:
+            answer = requests.put(f"{server.url}/datastore/label", params={"image": uid, "tag": tag},
+                                  data={"params": json.dumps(params)}, files={"label": (path.name, handle)},
+                                  timeout=600)
+        assert answer.status_code == 200, (tag, answer.status_code, answer.text[:1000], server.log_tail())
+        return answer.json()
+
+    def clear_cache() -> None:  # the series' downloads, conversions and MONAI Label's label cache: evicted
+        cache = tmp_path / "work" / "dicomweb_cache"
+        for path in [p for p in cache.glob("*/*") if p.name == "labels" or any(u in p.name for u in uids)]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    series_before = sorted(pacs.get("/series"))
+    sent: dict[tuple[str, str], bytes] = {}
+    for uid in uids:
+        answer = requests.get(f"{server.url}/datastore/image", params={"image": uid}, timeout=600)
+        assert answer.status_code == 200, answer.text[:500]
+        (tmp_path / "image.nii.gz").write_bytes(answer.content)
+        image = sitk.Cast(sitk.ReadImage(str(tmp_path / "image.nii.gz")), sitk.sitkFloat32)
+        voxels = sitk.GetArrayFromImage(image)
+        voxels[:, :16, :16] += 20.0  # a clinician's local edit of the denoised volume
+        mask = np.zeros(voxels.shape, np.uint8)
+        mask[:, 200:260, 200:260] = 1
+        for tag, array in (("regions", mask), ("final", voxels)):
+            volume = sitk.GetImageFromArray(array)
+            volume.CopyInformation(image)
+            sitk.WriteImage(volume, str(tmp_path / f"{tag}.nii.gz"))
+            sent[uid, tag] = (tmp_path / f"{tag}.nii.gz").read_bytes()
+        put(uid, "regions", tmp_path / "regions.nii.gz", {"regions": [{"value": 1, "name": "lesion", "intent": "keep"}]})
+        assert put(uid, "final", tmp_path / "final.nii.gz", {"regions_sha256": sha256(sent[uid, "regions"])}) == \
+            {"image": uid, "label": uid}
+    assert sorted(pacs.get("/series")) == series_before  # no SEG, nothing of a correction sent to the PACS
+    kept = Path(default_corrections_dir(pacs.dicomweb, str(model_dir)))
+    assert sorted(p.name for p in kept.glob("*/*.json")) == sorted(f"{uid}.json" for uid in uids for _ in "ab")
+    clear_cache()
+    for (uid, tag), data in sent.items():
+        answer = requests.get(f"{server.url}/datastore/label", params={"label": uid, "tag": tag}, timeout=600)
+        assert answer.status_code == 200 and sha256(answer.content) == sha256(data), (uid, tag, answer.text[:500])
+    info = requests.get(f"{server.url}/datastore/label/info", params={"label": uids[1], "tag": "final"},
+                        timeout=600).json()
+    header = pydicom.dcmread(second[0])
+    assert info["correction"] is True and info["regions_sha256"] == sha256(sent[uids[1], "regions"]), info
+    assert info["series_identity"] == {"series_instance_uid": uids[1], "study_instance_uid": header.StudyInstanceUID,
+                                       "patient_id": header.PatientID}, info
+    answer = requests.post(f"{server.url}/review/{uids[1]}", json={"verdict": "corrected", "reviewer": "dr_a"},
+                           timeout=600)  # a series not denoised here: its correction is what the verdict judges
+    assert answer.status_code == 200 and answer.json()["verdict"] == "corrected", answer.text[:500]
+    pairs = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600).json()
+    assert sorted(Path(pair["label"]).name for pair in pairs) == sorted(f"{uid}.nii.gz" for uid in uids), pairs
+    clear_cache()
+    answer = requests.post(f"{server.url}/train/adl", params={"run_sync": "true"},
+                           json={"steps": 4, "patch_size": 32, "device": "cpu"}, timeout=600)
+    assert answer.status_code == 200, (answer.status_code, answer.text[:1000], server.log_tail())
+    stats = requests.get(f"{server.url}/info/", timeout=600).json()["train_stats"]["adl"]
+    assert stats["status"] == "done" and stats["mode"] == "corrections", stats
+    assert set(stats["decision"]["validation_images"]) | set(stats["data"]["train_images"]) == set(uids), stats
+    audit = AuditLog(default_audit_dir(pacs.dicomweb, str(model_dir)))
+    saved = sorted((e["fields"]["image"], e["fields"]["tag"]) for e in audit.entries("label_saved"))
+    assert saved == sorted(sent) and audit.entries("label_saved_failed") == [], saved
+    # the second series sent again under another patient: its correction is not that series' any more
+    for orthanc_id in [s["ID"] for s in pacs.get("/series?expand") if s["MainDicomTags"]["SeriesInstanceUID"] == uids[1]]:
+        urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/series/{orthanc_id}", method="DELETE"), timeout=60)
+    for path in second:
+        dataset = pydicom.dcmread(path)
+        dataset.PatientID = "ANOTHER-PATIENT"
+        dataset.save_as(path, write_like_original=False)
+    pacs.upload_files(second)
+    clear_cache()
+    answer = requests.post(f"{server.url}/train/adl", params={"run_sync": "true"},
+                           json={"steps": 4, "patch_size": 32, "device": "cpu"}, timeout=600)
+    assert answer.status_code == 422 and "only 1 corrected CT study" in answer.text, (answer.status_code, answer.text)
+    assert f"the correction of series {uids[1]} was saved for patient_id {header.PatientID!r}" in server.log_tail(20000)
+    for tag in ("regions", "final"):  # an admin removes a correction: gone from the server, the PACS untouched
+        answer = requests.delete(f"{server.url}/datastore/label", params={"id": uids[0], "tag": tag}, timeout=600)
+        assert answer.status_code == 200, answer.text[:500]
+        answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[0], "tag": tag}, timeout=600)
+        assert answer.status_code == 404, (tag, answer.status_code, answer.text[:500])
+    assert "this server keeps no correction of it" in answer.json()["detail"], answer.text
+    assert sorted(p.name for p in kept.glob("*/*.json")) == [f"{uids[1]}.json"] * 2
+    assert sorted((e["fields"]["image"], e["fields"]["tag"]) for e in audit.entries("label_removed")) == \
+        [(uids[0], "final"), (uids[0], "regions")]
 
 
 def test_the_review_queue_hands_out_studies_never_results_or_a_uid_of_two_studies(tmp_path, tiny_weights):
@@ -1462,6 +1576,34 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
     assert AuditLog(audit_dir).entries("label_downloaded") == []
 
 
+def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path):
+    """The server's store of a PACS's corrections (:class:`lib.pacs_corrections.KeptLabels`): a correction sent again
+    replaces the earlier one whole (its file, its info; the earlier file removed), one whose copy fails leaves the
+    earlier one as it was and nothing of itself, and an info naming a file outside the label's own folder is not
+    followed (no label), nor is that file removed."""
+    from lib.pacs_corrections import KeptLabels
+
+    kept = KeptLabels(tmp_path / "corrections")
+    first, second = tmp_path / "first.nii.gz", tmp_path / "second.nii.gz"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    assert kept.save("1.2.3", str(first), "final", {"sha256": "a"}) == "1.2.3"
+    assert kept.path("1.2.3", "final").read_bytes() == b"first"
+    kept.save("1.2.3", str(second), "final", {"sha256": "b"})
+    assert kept.path("1.2.3", "final").read_bytes() == b"second" and kept.info("1.2.3", "final")["sha256"] == "b"
+    assert len([p for p in (tmp_path / "corrections" / "final").iterdir() if p.is_dir()]) == 1
+    with pytest.raises(FileNotFoundError):
+        kept.save("1.2.3", str(tmp_path / "missing.nii.gz"), "final", {"sha256": "c"})
+    assert kept.path("1.2.3", "final").read_bytes() == b"second" and kept.info("1.2.3", "final")["sha256"] == "b"
+    assert len([p for p in (tmp_path / "corrections" / "final").iterdir() if p.is_dir()]) == 1
+    assert kept.images("final") == ["1.2.3"] and kept.tags("1.2.3") == ["final"]
+    info_file = tmp_path / "corrections" / "final" / "1.2.3.json"
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "file": "../first.nii.gz"}))
+    assert kept.path("1.2.3", "final") is None
+    kept.remove("1.2.3", "final")
+    assert first.read_bytes() == b"first" and kept.images("final") == []
+
+
 def _in_process_app(tmp_path: Path, studies: str, tiny_weights: Path, monkeypatch, max_voxels: int = 1_000_000):
     """The app (``DenoisingApp``, in this process) serving the DICOMweb root ``studies`` with ``max_voxels``, its
     download cache in ``tmp_path / "dicomweb_cache"``; returns (its datastore, one review queue request: a function
@@ -1648,17 +1790,22 @@ def test_a_series_that_does_not_fit_on_the_cache_disk_is_stopped_before_the_disk
         stop_orthanc(pacs)
 
 
-def test_a_server_that_cannot_write_its_dicomweb_cache_does_not_start_and_says_which(tmp_path, tiny_weights):
+def test_a_server_that_cannot_write_its_dicomweb_cache_or_corrections_does_not_start_and_says_which(tmp_path,
+                                                                                                   tiny_weights):
     """MONAI Label's DICOMweb datastore downloads every series denoised or reviewed into its cache folder
     (``<MONAI_LABEL_DICOMWEB_CACHE_PATH>/<hash of the URL>``) first: that folder was missing from the start-up's
     write check, so a server whose cache (made by an earlier start) had become read-only started, and failed every
     series it was asked for. The real start-up with that folder read-only (``chattr +i`` where this machine allows
-    it, which stops root too; else a regular file there) exits, its error naming the folder."""
+    it, which stops root too; else a regular file there) exits, its error naming the folder. So does one whose
+    corrections folder (``<model_dir>/corrections/dicomweb-<hash of the URL>``, where the corrections of the PACS's
+    series are kept) is a regular file."""
     import shutil
     import subprocess
 
     from dicomweb_client import DICOMwebClient
     from monailabel.datastore.dicom import DICOMWebDatastore
+
+    from lib.audit.location import default_corrections_dir
 
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
@@ -1690,6 +1837,15 @@ def test_a_server_that_cannot_write_its_dicomweb_cache_does_not_start_and_says_w
         assert f"not started: the DICOMweb datastore's cache folder (MONAI_LABEL_DICOMWEB_CACHE_PATH) {folder}: " \
             in log, log[-4000:]
         assert ("Operation not permitted" if immutable else "not a folder") in log, log[-4000:]
+        model_dir = copy_weights(tiny_weights, tmp_path / "model_2")
+        corrections = Path(default_corrections_dir(pacs.dicomweb, str(model_dir)))
+        corrections.parent.mkdir(parents=True)
+        corrections.write_text("kept")
+        with pytest.raises(RuntimeError, match="exited with"):
+            stop_server(start_server(pacs.dicomweb, model_dir, tmp_path / "work_2", timeout=300))
+        log = (tmp_path / "work_2" / "server.log").read_text(errors="replace")
+        assert f"not started: the DICOMweb datastore's corrections folder {corrections}: not a folder" in log, \
+            log[-4000:]
     finally:
         stop_orthanc(pacs)
 

@@ -42,7 +42,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.activelearning import NextUnreviewed, has_image, reconcile_reviews, record_result, refuse_unreviewable
 from lib.audit import AuditBrokenError, AuditError, AuditLog
-from lib.audit.location import default_audit_dir
+from lib.audit.location import default_audit_dir, default_corrections_dir
 from lib.audit.recording import (AuditedModelStore, audited_datastore, discard_result, install_request_context,
                                  request_actor, result_fields)
 from lib.configs import MODEL_CONFIGS, OPT_IN_MODELS
@@ -55,6 +55,7 @@ from lib.weights.pseudonyms import site_key
 from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame, SeriesSize,
                       SeriesTooLarge, bound_waits, bounded_downloads, cache_folder, is_dicomweb, known_size,
                       remove_stale_downloads, series_folder, start_up_warnings, store_derived_series, whole_listing)
+from lib.pacs_corrections import server_kept_labels
 from lib.runtime.switches import parse_bool
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class DenoisingApp(MONAILabelApp):
         names = model_names(conf, MODEL_CONFIGS)
         self.model_dir = os.path.abspath(conf.get("model_dir") or os.environ.get("ADL_MODEL_DIR") or str(MODEL_DIR))
         self.audit_dir = os.path.abspath(conf.get("audit_dir") or default_audit_dir(studies, self.model_dir))
+        # a DICOMweb datastore's corrections and region maps: on this server, beside its audit log's default folder
+        self.corrections_dir = default_corrections_dir(studies or "", self.model_dir) \
+            if (studies or "").startswith(("http://", "https://")) else None
         self.audit = AuditLog(self.audit_dir)
         self.audit_at_start = self._verify_audit(in_server)
         try:  # the folders every request that leaves a record writes: before anything is built
@@ -146,6 +150,9 @@ class DenoisingApp(MONAILabelApp):
                 folders.append(("the DICOMweb datastore's cache folder (MONAI_LABEL_DICOMWEB_CACHE_PATH)",
                                 cache_folder(studies), "the series downloaded from the PACS, their NIfTI conversions "
                                 "and info (the review queue's copy of each verdict)"))
+                folders.append(("the DICOMweb datastore's corrections folder", self.corrections_dir,
+                                "clinicians' corrections of the PACS's series and their region maps "
+                                "(PUT /datastore/label)"))
         elif studies:
             folders.append(("the studies folder (--studies)", studies, "uploaded studies and MONAI Label's "
                             "datastore index"))
@@ -229,12 +236,15 @@ class DenoisingApp(MONAILabelApp):
         (:func:`lib.pacs.bound_waits`), lists every series or fails (:func:`lib.pacs.whole_listing`), stops a
         download over the largest voxel limit of the served models (:func:`lib.pacs.bounded_downloads`), and has the
         partial downloads that a server stopped during them left in its cache folder removed
-        (:func:`lib.pacs.remove_stale_downloads`)."""
+        (:func:`lib.pacs.remove_stale_downloads`), and keeps the labels saved for its series (corrections, region
+        maps) in :attr:`corrections_dir`, never converted to a DICOM SEG nor sent to the PACS
+        (:func:`lib.pacs_corrections.server_kept_labels`)."""
         datastore = steady_datastore(super().init_datastore())
         remove_stale_downloads(datastore)  # a killed server's partial series, untouched for an hour or more
         bound_waits(datastore)  # a PACS that is down: 503 in seconds, not 30 s per request
         whole_listing(datastore)  # a PACS that lists part of its series: an error, not studies missing in silence
         bounded_downloads(datastore, self._queue_voxel_limit)  # a series that grew: stopped, not held whole in memory
+        server_kept_labels(datastore, self.corrections_dir)  # corrections kept here: no SEG, nothing sent to the PACS
         return audited_datastore(datastore, self.audit)
 
     def info(self):

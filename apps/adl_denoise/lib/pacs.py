@@ -1150,7 +1150,8 @@ def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
         return type(datastore).get_image_uri(datastore, image_id)  # the class's as it is now (mixins swapped in)
 
     def get_label_uri(label_id: str, label_tag: str, image_id: str = "") -> str:
-        if label_tag == "final":  # the others are local files (MONAI Label's own datastore)
+        kept = getattr(datastore, "holds_label", None)  # a correction kept on this server: no PACS series to fetch
+        if label_tag == "final" and not (kept is not None and kept(label_id, label_tag)):  # others: local files
             label_cache = Path(datastore._datastore.label_path(label_tag))  # noqa: SLF001 - MONAI Label's layout
             download_within(datastore, label_id, voxel_limit(), folder=label_cache / label_id)
         return type(datastore).get_label_uri(datastore, label_id, label_tag, image_id)
@@ -1162,14 +1163,18 @@ def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
 
 def final_label_problem(datastore, label_id: str) -> str | None:
     """Why ``label_id`` is no ``final`` label of a DICOMweb datastore (``GET`` / ``HEAD /datastore/label?label=
-    &tag=final``), asked of the PACS (QIDO-RS, series level) before anything is retrieved; None when the PACS holds it
-    as a DICOM SEG series (MONAI Label's final labels on a PACS), or for another datastore. MONAI Label downloaded
+    &tag=final``), asked of the PACS (QIDO-RS, series level) before anything is retrieved; None when this server keeps
+    a correction of the series ``label_id`` (:mod:`lib.pacs_corrections`: nothing asked of the PACS), when the PACS
+    holds it as a DICOM SEG series (saved by another tool), or for another datastore. MONAI Label downloaded
     any series named so into its label cache, then failed to read it as a SEG: a bare 500, the series left there.
 
     Raises:
         requests.exceptions.ConnectionError, Timeout, HTTPError: the PACS cannot be reached or refused the search.
     """
     if not is_dicomweb(datastore):
+        return None
+    kept = getattr(datastore, "holds_label", None)
+    if kept is not None and kept(label_id, "final"):  # a correction this server keeps (lib.pacs_corrections)
         return None
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
     found = [entry for entry in client.search_for_series(search_filters={"SeriesInstanceUID": label_id},
@@ -1180,9 +1185,9 @@ def final_label_problem(datastore, label_id: str) -> str | None:
     modalities = sorted({_first_str(entry, "00080060") or "unknown" for entry in found})
     if modalities == ["SEG"]:
         return None
-    return (f"series {label_id} is no label: the PACS holds it as a {'/'.join(modalities)} series, not a DICOM SEG "
-            "(a final label on a PACS is a SEG series, named by its own SeriesInstanceUID); an image series is "
-            "downloaded with GET /datastore/image?image=...")
+    return (f"series {label_id} is no label: the PACS holds it as a {'/'.join(modalities)} series, not a DICOM SEG, "
+            "and this server keeps no correction of it (PUT /datastore/label?image=...&tag=final saves one here); an "
+            "image series is downloaded with GET /datastore/image?image=...")
 
 
 def series_folder(datastore, image_id: str, limit: int | None = None, size: SeriesSize | None = None) -> Path:

@@ -17,8 +17,9 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
 * ``PUT /datastore/label``: an intact image; a ``final`` correction on its image's grid, holding its values (no
   label map); a ``regions`` map checked against its image and declaration (:mod:`lib.data.regions`); the label's
   info gets the server's correction stamp (:func:`lib.trainers.correction_stamp`: who saved it, when, the file's
-  SHA-256), overriding any client keys of the same names, and the label-info routes refuse those keys: only
-  corrections saved here are training data.
+  SHA-256; on a PACS the series' SeriesInstanceUID, StudyInstanceUID and PatientID), overriding any client keys of
+  the same names, and the label-info routes refuse those keys: only corrections saved here are training data. On a
+  PACS the label is kept in the server's corrections folder (:mod:`lib.pacs_corrections`), never sent to the PACS.
 * ``POST /train/{model}``: :meth:`DenoiserTrainTask.validate_request` first (422 naming what is missing, or the
   file of a correction or its study that cannot be read and why; 413 for a correction or its study over the voxel
   limit, from their headers, naming the study); one run
@@ -940,9 +941,11 @@ def guarded_save_label(
     """MONAI Label's save-label route for a checked upload: an intact image; a ``final`` correction on its
     image's grid; a ``regions`` map validated against its image and ``params`` (422 naming the image and the
     problem: not on the image's grid, undeclared values, unknown intent, strength outside [0, 2]). The label's
-    info is ``params`` plus the server's correction stamp."""
+    info is ``params`` plus the server's correction stamp (on a PACS also the series' identity,
+    :func:`lib.pacs_corrections.correction_binding`; the label is kept on the server, never sent to the PACS)."""
     from ..data.regions import REGIONS_TAG, RegionsError, load_correction_regions
-    from ..trainers import correction_stamp
+    from ..pacs_corrections import correction_binding
+    from ..trainers import CORRECTION_KEYS, correction_stamp
 
     check_name(image, "image")
     tag = check_name(tag or "final", "tag")
@@ -961,11 +964,14 @@ def guarded_save_label(
             except RegionsError as error:
                 raise HTTPException(status_code=422, detail=str(error)) from None
         stamp = correction_stamp(upload, user.username if user else None, datastore.get_image_uri(image))
+        stamp.update(correction_binding(datastore, image))  # a PACS series: its series, study and patient
         save_params.pop("user", None)  # who saved it is the token's user (the stamp's saved_by), never the body's
         if user and user.username:
             stamp["user"] = user.username
         if tag == "final":
             stamp["regions_sha256"] = _regions_sent_with(image, save_params.pop("regions_sha256", None))
+        for key in CORRECTION_KEYS:  # the server's stamp alone: a client's value of a key it does not set is dropped
+            save_params.pop(key, None)
         save_params.update(stamp)
         label_id = datastore.save_label(image, str(upload), tag, save_params)
         answer = app().on_save_label(image, label_id) or {}

@@ -84,6 +84,7 @@ from ..imaging.dicom_read import is_dicom_file
 from ..imaging.io import check_voxels
 from ..noise_learning.adaptation import AdaptSettings, held_out_low_dose_check
 from ..noise_learning.workflow import adaptation_data
+from ..pacs_corrections import binding_problem
 from ..predict import check_device_name
 from ..runtime.atomic import atomic_write_json
 from ..runtime.clock import Stopwatch, utc_compact_stamp, utc_timestamp
@@ -99,7 +100,8 @@ __all__ = ["CORRECTION_KEYS", "DenoiserTrainTask", "TrainingDataError", "correct
 
 MODES = ("corrections", "adapt_noise")
 # label-info keys only the server writes (the label route's stamp); a client sending them is overridden / refused
-CORRECTION_KEYS = ("correction", "saved_by", "saved_utc", "sha256", "regions_sha256", "image_sha256")
+CORRECTION_KEYS = ("correction", "saved_by", "saved_utc", "sha256", "regions_sha256", "image_sha256",
+                   "series_identity")
 
 
 def correction_stamp(label_path: str | os.PathLike, user: str | None,
@@ -160,6 +162,8 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
     is a clinician's correction (:func:`is_clinician_correction`); ``regions`` is the path of its region map
     (label tag ``regions``) or None, and ``regions_info`` that label's info (the ``params`` it was saved with:
     ``{"regions": [...]}``). The ids of ``final`` labels that are not corrections are appended to ``skipped``.
+    A PACS series' correction is a pair only while the series still has the identity stamped when it was saved
+    (:func:`lib.pacs_corrections.binding_problem`; skipped, with a WARNING saying what changed, otherwise).
     ``max_voxels``: the voxel limit of an image read for its modality, and of each pair's image and label, checked
     from their headers (:func:`lib.imaging.io.check_voxels`; None: :func:`lib.imaging.max_voxels`).
 
@@ -174,7 +178,14 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
     for image_id in sorted(datastore.get_labeled_images()):
         image = datastore.get_image_uri(image_id)
         label = datastore.get_label_uri(image_id, "final")
-        if not is_clinician_correction(datastore.get_label_info(image_id, "final"), label, image):
+        info = datastore.get_label_info(image_id, "final")
+        if not is_clinician_correction(info, label, image):
+            if skipped is not None:
+                skipped.append(image_id)
+            continue
+        problem = binding_problem(datastore, image_id, info)  # a PACS series re-sent under another study / patient
+        if problem:
+            log.warning("not training data: %s", problem)
             if skipped is not None:
                 skipped.append(image_id)
             continue
