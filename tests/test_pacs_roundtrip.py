@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,7 @@ def test_denoise_a_pacs_series_store_the_result_back_and_fine_tune_from_correcti
             assert np.isfinite(hu).all() and hu.min() < -900 and 0 < np.median(hu[hu > -500]) < 100  # still HU
             assert result["modality"] == "CT" and result["weights_version"] == "pretrained"
             _correct_and_fine_tune(server, pacs, model_dir, [uid, str(pydicom.dcmread(second[0]).SeriesInstanceUID)],
-                                   second, tmp_path)
+                                   second, tmp_path, stored["series_instance_uid"])
             assert server.alive()
         finally:
             stop_server(server)
@@ -122,7 +123,8 @@ def test_denoise_a_pacs_series_store_the_result_back_and_fine_tune_from_correcti
         stop_orthanc(pacs)
 
 
-def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], second: list[Path], tmp_path: Path) -> None:
+def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], second: list[Path], tmp_path: Path,
+                           derived: str) -> None:
     """The review loop on a PACS, as on a local datastore: a region map and a correction of each series in ``uids``
     (``PUT /datastore/label``, tags ``regions`` then ``final``) are kept by the server in its corrections folder
     (``<model_dir>/corrections/dicomweb-<hash of the URL>``), nothing sent to the PACS (MONAI Label converted a
@@ -130,8 +132,14 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     went to the DICOMweb cache); with the cache cleared, ``GET /datastore/label`` sends back each file as it was
     sent (it was a 404: "is no label"), the training list holds both pairs and ``POST /train/{model}`` fine-tunes
     from them (it was a 422: no corrected studies). Each save is a ``label_saved`` entry. A correction is bound to
-    its series' study and patient: the series ``second`` (``uids[1]``) sent to the PACS again under another
-    PatientID is no training data any more (422: one corrected study left)."""
+    its series' study and patient as the PACS lists them (asked of the PACS: the server's download of a series is
+    never refreshed, and was what the check read): the series ``second`` (``uids[1]``) sent to the PACS again under
+    another PatientID, its old download still in the cache, is no training data any more (422: one corrected study
+    left; it trained on it), out of the training list and the dataset ZIP, and its correction, region map and info
+    are not sent (409 naming the patients; they were sent); a correction PUT for it while the cache holds the old
+    patient's download is refused (409, nothing saved), so is one of the derived series this server stored (409:
+    it was kept); the series removed from the PACS, its correction is 404 (it was sent), kept on the server all
+    the same; the PACS stopped, 503 (nothing sent unchecked)."""
     import hashlib
     import shutil
     import urllib.request
@@ -184,6 +192,9 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     for (uid, tag), data in sent.items():
         answer = requests.get(f"{server.url}/datastore/label", params={"label": uid, "tag": tag}, timeout=600)
         assert answer.status_code == 200 and sha256(answer.content) == sha256(data), (uid, tag, answer.text[:500])
+    answer = requests.head(f"{server.url}/datastore/label", params={"label": uids[0], "tag": "final"}, timeout=600)
+    assert answer.status_code == 200 and answer.headers["content-length"] == str(len(sent[uids[0], "final"])), \
+        (answer.status_code, answer.headers)
     info = requests.get(f"{server.url}/datastore/label/info", params={"label": uids[1], "tag": "final"},
                         timeout=600).json()
     header = pydicom.dcmread(second[0])
@@ -205,19 +216,49 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     audit = AuditLog(default_audit_dir(pacs.dicomweb, str(model_dir)))
     saved = sorted((e["fields"]["image"], e["fields"]["tag"]) for e in audit.entries("label_saved"))
     assert saved == sorted(sent) and audit.entries("label_saved_failed") == [], saved
+    def remove_second_from_the_pacs() -> None:
+        for series in pacs.get("/series?expand"):
+            if series["MainDicomTags"]["SeriesInstanceUID"] == uids[1]:
+                urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/series/{series['ID']}", method="DELETE"),
+                                       timeout=60)
+
     # the second series sent again under another patient: its correction is not that series' any more
-    for orthanc_id in [s["ID"] for s in pacs.get("/series?expand") if s["MainDicomTags"]["SeriesInstanceUID"] == uids[1]]:
-        urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/series/{orthanc_id}", method="DELETE"), timeout=60)
+    remove_second_from_the_pacs()
     for path in second:
         dataset = pydicom.dcmread(path)
         dataset.PatientID = "ANOTHER-PATIENT"
         dataset.save_as(path, write_like_original=False)
     pacs.upload_files(second)
-    clear_cache()
+    for uid in uids:  # the series' downloads are in the cache (the old patient's for uids[1]): never asked again
+        assert requests.get(f"{server.url}/datastore/image", params={"image": uid}, timeout=600).status_code == 200
     answer = requests.post(f"{server.url}/train/adl", params={"run_sync": "true"},
                            json={"steps": 4, "patch_size": 32, "device": "cpu"}, timeout=600)
     assert answer.status_code == 422 and "only 1 corrected CT study" in answer.text, (answer.status_code, answer.text)
-    assert f"the correction of series {uids[1]} was saved for patient_id {header.PatientID!r}" in server.log_tail(20000)
+    changed = f"the correction of series {uids[1]} was saved for patient_id {header.PatientID!r}"
+    assert changed in server.log_tail(20000) and "now has patient_id 'ANOTHER-PATIENT'" in server.log_tail(20000)
+    for route, params in (("label", {"label": uids[1], "tag": "final"}),
+                          ("label", {"label": uids[1], "tag": "regions"}),
+                          ("label/info", {"label": uids[1], "tag": "final"})):
+        answer = requests.get(f"{server.url}/datastore/{route}", params=params, timeout=600)
+        assert answer.status_code == 409 and changed in answer.json()["detail"], (route, params, answer.text[:500])
+    pairs = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600).json()
+    assert [Path(pair["label"]).name for pair in pairs] == [f"{uids[0]}.nii.gz"], pairs
+    answer = requests.get(f"{server.url}/datastore/dataset", timeout=600)
+    assert answer.status_code == 200, answer.text[:500]
+    with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
+        assert [n for n in archive.namelist() if n.startswith("label/")] == [f"label/{uids[0]}.nii.gz"]
+    kept_info = (kept / "final" / f"{uids[1]}.json").read_text()
+    for uid, why in ((uids[1], "changed since this server downloaded it"), (derived, "denoised series this server")):
+        with open(tmp_path / "final.nii.gz", "rb") as handle:
+            answer = requests.put(f"{server.url}/datastore/label", params={"image": uid, "tag": "final"},
+                                  files={"label": ("final.nii.gz", handle)}, timeout=600)
+        assert answer.status_code == 409 and why in answer.json()["detail"], (uid, answer.status_code, answer.text)
+        assert "nothing was saved" in answer.json()["detail"], answer.text
+    assert (kept / "final" / f"{uids[1]}.json").read_text() == kept_info
+    assert not (kept / "final" / f"{derived}.json").exists()
+    remove_second_from_the_pacs()
+    answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[1], "tag": "final"}, timeout=600)
+    assert answer.status_code == 404 and f"the PACS no longer lists series {uids[1]}" in answer.text, answer.text
     for tag in ("regions", "final"):  # an admin removes a correction: gone from the server, the PACS untouched
         answer = requests.delete(f"{server.url}/datastore/label", params={"id": uids[0], "tag": tag}, timeout=600)
         assert answer.status_code == 200, answer.text[:500]
@@ -227,6 +268,9 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     assert sorted(p.name for p in kept.glob("*/*.json")) == [f"{uids[1]}.json"] * 2
     assert sorted((e["fields"]["image"], e["fields"]["tag"]) for e in audit.entries("label_removed")) == \
         [(uids[0], "final"), (uids[0], "regions")]
+    stop_orthanc(pacs)  # a PACS that is down: nothing sent unchecked
+    answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[1], "tag": "regions"}, timeout=600)
+    assert answer.status_code == 503 and "cannot be reached" in answer.text, (answer.status_code, answer.text[:500])
 
 
 def test_the_review_queue_hands_out_studies_never_results_or_a_uid_of_two_studies(tmp_path, tiny_weights):
@@ -1576,11 +1620,17 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
     assert AuditLog(audit_dir).entries("label_downloaded") == []
 
 
-def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path):
+def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     """The server's store of a PACS's corrections (:class:`lib.pacs_corrections.KeptLabels`): a correction sent again
     replaces the earlier one whole (its file, its info; the earlier file removed), one whose copy fails leaves the
     earlier one as it was and nothing of itself, and an info naming a file outside the label's own folder is not
-    followed (no label), nor is that file removed."""
+    followed (no label), nor is that file removed. Two servers on one folder (two stores: the lock was one of each
+    process) change a label one after the other: a correction saved by one while the other updates its info was
+    lost, its file and the earlier one both removed. A label opened to be sent is read whole after a save replaced
+    it (the GET was a 500)."""
+    import threading
+
+    import lib.pacs_corrections as pacs_corrections
     from lib.pacs_corrections import KeptLabels
 
     kept = KeptLabels(tmp_path / "corrections")
@@ -1602,6 +1652,35 @@ def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path):
     assert kept.path("1.2.3", "final") is None
     kept.remove("1.2.3", "final")
     assert first.read_bytes() == b"first" and kept.images("final") == []
+
+    server_1, server_2 = KeptLabels(tmp_path / "shared"), KeptLabels(tmp_path / "shared")  # one model_dir
+    server_1.save("1.2.3", str(first), "final", {"sha256": "a"})
+    opened, info = server_1.open("1.2.3", "final")
+    in_update, go_on = threading.Event(), threading.Event()
+    write = pacs_corrections.atomic_write_json
+
+    def paused_write(path, obj):  # server 1's info update: held between its read and its write
+        if obj.get("note") == "reviewed":
+            in_update.set()
+            assert go_on.wait(60)
+        return write(path, obj)
+
+    monkeypatch.setattr(pacs_corrections, "atomic_write_json", paused_write)
+    update = threading.Thread(target=server_1.update_info, args=("1.2.3", "final", {"note": "reviewed"}))
+    update.start()
+    assert in_update.wait(60)
+    save = threading.Thread(target=server_2.save, args=("1.2.3", str(second), "final", {"sha256": "b"}))
+    save.start()
+    save.join(2)  # waits for the update's lock (it ran through and was lost)
+    go_on.set()
+    update.join(60)
+    save.join(60)
+    assert server_1.info("1.2.3", "final")["sha256"] == "b" and "note" not in server_1.info("1.2.3", "final")
+    assert server_1.path("1.2.3", "final").read_bytes() == b"second"
+    assert len([p for p in (tmp_path / "shared" / "final").iterdir() if p.is_dir()]) == 1
+    with opened:  # opened before the new save: still the earlier file, whole, with its own info
+        assert opened.read() == b"first" and info["sha256"] == "a"
+    assert server_2.tags("1.2.3") == ["final"] and server_2.images("final") == ["1.2.3"]
 
 
 def _in_process_app(tmp_path: Path, studies: str, tiny_weights: Path, monkeypatch, max_voxels: int = 1_000_000):

@@ -1164,17 +1164,19 @@ def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
 def final_label_problem(datastore, label_id: str) -> str | None:
     """Why ``label_id`` is no ``final`` label of a DICOMweb datastore (``GET`` / ``HEAD /datastore/label?label=
     &tag=final``), asked of the PACS (QIDO-RS, series level) before anything is retrieved; None when this server keeps
-    a correction of the series ``label_id`` (:mod:`lib.pacs_corrections`: nothing asked of the PACS), when the PACS
-    holds it as a DICOM SEG series (saved by another tool), or for another datastore. MONAI Label downloaded
-    any series named so into its label cache, then failed to read it as a SEG: a bare 500, the series left there.
+    a correction of the series ``label_id`` that the PACS still lists under the study and patient it was saved for
+    (:mod:`lib.pacs_corrections`; :class:`lib.pacs_corrections.CorrectionNotServed`, 409 / 404, when it does not),
+    when the PACS holds it as a DICOM SEG series (saved by another tool), or for another datastore. MONAI Label
+    downloaded any series named so into its label cache, then failed to read it as a SEG: a bare 500, the series left
+    there.
 
     Raises:
         requests.exceptions.ConnectionError, Timeout, HTTPError: the PACS cannot be reached or refused the search.
     """
     if not is_dicomweb(datastore):
         return None
-    kept = getattr(datastore, "holds_label", None)
-    if kept is not None and kept(label_id, "final"):  # a correction this server keeps (lib.pacs_corrections)
+    kept = getattr(datastore, "checked_label", None)  # a correction this server keeps (lib.pacs_corrections)
+    if kept is not None and kept(label_id, "final") is not None:  # still its series': the PACS asked (one search)
         return None
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
     found = [entry for entry in client.search_for_series(search_filters={"SeriesInstanceUID": label_id},

@@ -12,29 +12,41 @@ every label saved (``PUT /datastore/label``, any tag) is kept in :class:`KeptLab
 the series' id, and read back from there by the label routes, the training list and fine-tuning, as a local
 datastore's labels are. A DICOM SEG the PACS holds (saved by another tool) is still read as MONAI Label reads it.
 
-A correction's stamp (:func:`lib.trainers.correction_stamp`) gets the identity of the series it corrects, read from
-its downloaded DICOM files (:func:`correction_binding`: SeriesInstanceUID, StudyInstanceUID, PatientID): a local
-correction is bound to its image file's SHA-256, which a PACS series (a folder of files, downloaded again after the
-cache is cleared) does not have. Fine-tuning uses a PACS correction only while the series it downloads still has
-that identity (:func:`binding_problem`).
+A correction's stamp (:func:`lib.trainers.correction_stamp`) gets the identity of the series it corrects as the PACS
+lists it when it is saved (:func:`correction_binding`: SeriesInstanceUID, StudyInstanceUID, PatientID, one QIDO-RS
+series search): a local correction is bound to its image file's SHA-256, which a PACS series (a folder of files,
+downloaded again after the cache is cleared) does not have. A kept label is sent (``GET /datastore/label``, its
+info), listed for training (the training list, the dataset ZIP, fine-tuning) only while the PACS lists its series,
+once, under that identity (:func:`check_binding`, one series search per series and request; MONAI Label never
+refreshes a downloaded series, so its cached files cannot tell): :class:`CorrectionNotServed` otherwise (409 when the
+series changed study or patient, or is listed in several; 404 when the PACS no longer lists it; 502 when the PACS
+answered the search with an error; a PACS that cannot be reached is the routes' 503).
+
+Every change of a kept label (save, info update, removal) holds a file lock of its own (``fcntl.flock`` on
+``<root>/.locks/<tag>/<image_id>.lock``): two server processes on one ``model_dir`` change it one after the other (a
+lock of one process lost an update, or both files). A label is sent from a file opened under that lock
+(:meth:`KeptLabels.open`): a save replacing it meanwhile removes the earlier file's name, not the open file.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
 from .runtime.atomic import atomic_write_json, fsync_path
 
 log = logging.getLogger(__name__)
 
 __all__ = ["KeptLabels", "ServerKeptLabelsMixin", "server_kept_labels", "correction_binding", "binding_problem",
-           "SERIES_IDENTITY_KEY", "LABEL_EXTENSIONS"]
+           "check_binding", "CorrectionNotServed", "one_search_per_series", "pacs_identities", "SERIES_IDENTITY_KEY",
+           "LABEL_EXTENSIONS"]
 
 #: the correction stamp's key holding the identity of the PACS series it corrects (:func:`correction_binding`)
 SERIES_IDENTITY_KEY = "series_identity"
@@ -56,7 +68,17 @@ class KeptLabels:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        self._lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def _locked(self, image_id: str, tag: str, shared: bool = False) -> Iterator[None]:
+        """The label's own file lock (exclusive to change it, shared to open its file): held across processes
+        (``flock`` on ``<root>/.locks/<tag>/<image_id>.lock``; never removed, so that two holders lock one file)
+        and across threads (each call opens the lock file anew)."""
+        path = self.root / ".locks" / tag / f"{image_id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
 
     def _info_path(self, image_id: str, tag: str) -> Path:
         return self.root / tag / f"{image_id}.json"
@@ -75,7 +97,25 @@ class KeptLabels:
     def path(self, image_id: str, tag: str) -> Optional[Path]:
         """The label's file: ``<root>/<tag>/<image_id>.<token>/<name>`` as its info names it; None without a label
         or when the info names another place (a damaged or hand-edited info: never followed, nor removed)."""
+        return self._file_of(image_id, tag, self.info(image_id, tag))
+
+    def entry(self, image_id: str, tag: str) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """``(file, info)`` of the label from one read of its info (:meth:`path`, :meth:`info`); None without one."""
         info = self.info(image_id, tag)
+        path = self._file_of(image_id, tag, info)
+        return None if path is None else (path, info)
+
+    def open(self, image_id: str, tag: str) -> Optional[Tuple[IO[bytes], Dict[str, Any]]]:
+        """The label's file opened for reading, and its info, both read under the label's lock: a save or removal
+        meanwhile removes the file's name, never the open file (a sent label is the one whose info was read). None
+        without a label; the caller closes the file."""
+        with self._locked(image_id, tag, shared=True):
+            found = self.entry(image_id, tag)
+            if found is None:
+                return None
+            return open(found[0], "rb"), found[1]
+
+    def _file_of(self, image_id: str, tag: str, info: Optional[Dict[str, Any]]) -> Optional[Path]:
         if info is None:
             return None
         path = self.root / info["file"]
@@ -102,7 +142,7 @@ class KeptLabels:
         one); returns ``image_id`` (the label's id, as a local datastore's)."""
         folder = self.root / tag
         ext = _extension(label_filename)
-        with self._lock:
+        with self._locked(image_id, tag):  # another process's save / info update: before or after, never between
             folder.mkdir(parents=True, exist_ok=True)
             version = Path(tempfile.mkdtemp(prefix=f"{image_id}.", dir=folder))
             try:
@@ -121,7 +161,7 @@ class KeptLabels:
         return image_id
 
     def update_info(self, image_id: str, tag: str, info: Dict[str, Any]) -> None:
-        with self._lock:
+        with self._locked(image_id, tag):
             current = self.info(image_id, tag)
             if current is None:
                 raise KeyError(f"no label {image_id} of tag {tag}")
@@ -131,17 +171,28 @@ class KeptLabels:
             atomic_write_json(self._info_path(image_id, tag), current)
 
     def remove(self, image_id: str, tag: str) -> None:
-        with self._lock:
+        with self._locked(image_id, tag):
             path = self.path(image_id, tag)
             self._info_path(image_id, tag).unlink(missing_ok=True)
             if path is not None:
                 shutil.rmtree(path.parent, ignore_errors=True)
 
 
+class CorrectionNotServed(ValueError):
+    """A kept label of a PACS series that is not sent, listed nor used (:func:`check_binding`), or a label that is
+    not saved (:func:`correction_binding`); ``status`` is the HTTP status the routes answer (409: the series changed
+    study or patient, or is listed in several; 404: the PACS no longer lists it; 502: the PACS's search failed)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class ServerKeptLabelsMixin:
     """Mixed in front of MONAI Label's ``DICOMWebDatastore`` by :func:`server_kept_labels` (see the module
     docstring). A label id is its image's id (a series' SeriesInstanceUID), as in a local datastore; an id the server
-    keeps no label of is asked of MONAI Label's own (a DICOM SEG series of the PACS for ``final``)."""
+    keeps no label of is asked of MONAI Label's own (a DICOM SEG series of the PACS for ``final``). A kept label's
+    file and info are given only after :func:`check_binding` (:class:`CorrectionNotServed` otherwise)."""
 
     _kept: KeptLabels
 
@@ -153,16 +204,36 @@ class ServerKeptLabelsMixin:
                    label_id: str = "") -> str:
         return self._kept.save(image_id, label_filename, label_tag, dict(label_info or {}))
 
+    def checked_label(self, label_id: str, label_tag: str) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """``(file, info)`` of the kept label, checked to be its series' (:func:`check_binding`); None when none is
+        kept. Raises :class:`CorrectionNotServed`."""
+        found = self._kept.entry(label_id, label_tag)
+        if found is not None:
+            check_binding(self, label_id, found[1])
+        return found
+
+    def open_checked_label(self, label_id: str, label_tag: str) -> Optional[Tuple[IO[bytes], Dict[str, Any]]]:
+        """The kept label's file, opened (:meth:`KeptLabels.open`), and its info, checked to be its series'
+        (:func:`check_binding`); None when none is kept. Raises :class:`CorrectionNotServed`."""
+        opened = self._kept.open(label_id, label_tag)
+        if opened is not None:
+            try:
+                check_binding(self, label_id, opened[1])
+            except BaseException:
+                opened[0].close()
+                raise
+        return opened
+
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
-        path = self._kept.path(label_id, label_tag)
-        if path is not None:
-            return str(path)
+        found = self.checked_label(label_id, label_tag)
+        if found is not None:
+            return str(found[0])
         return super().get_label_uri(label_id, label_tag, image_id)
 
     def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
-        info = self._kept.info(label_id, label_tag)
-        if info is not None:
-            return {key: value for key, value in info.items() if key != "file"}
+        found = self.checked_label(label_id, label_tag)
+        if found is not None:
+            return {key: value for key, value in found[1].items() if key != "file"}
         return super().get_label_info(label_id, label_tag)
 
     def get_labels_by_image_id(self, image_id: str) -> Dict[str, str]:
@@ -172,7 +243,7 @@ class ServerKeptLabelsMixin:
 
     def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:
         """The series with a ``final`` label: those whose correction this server keeps (while the PACS lists
-        them) and those a DICOM SEG of the PACS labels (MONAI Label's)."""
+        them; their binding is checked when their label is read) and those a DICOM SEG of the PACS labels."""
         kept = self._kept_finals()
         return sorted(set(kept) | set(super().get_labeled_images(label_tag, labels)))
 
@@ -199,15 +270,27 @@ class ServerKeptLabelsMixin:
         super().update_label_info(label_id, label_tag, info)
 
     def datalist(self, full_path: bool = True) -> List[Dict[str, Any]]:
-        """MONAI Label's pairs (SEG-labelled series of the PACS) and each kept correction's: the series' file as
-        ``get_image_uri`` gives it (downloaded, bounded, if needed) and the kept label's."""
+        """MONAI Label's pairs (SEG-labelled series of the PACS) and each kept correction's whose series the PACS
+        lists under its stamped identity (:func:`check_binding`, one series search each; a WARNING names each one
+        left out and why): the series' file as ``get_image_uri`` gives it (downloaded, bounded, if needed) and the
+        kept label's. Raises :class:`CorrectionNotServed` (502) when the PACS's search fails."""
         pairs = list(super().datalist(full_path))
         paired = {os.path.basename(str(pair.get("image", ""))) for pair in pairs}
-        for image_id in self._kept_finals():
-            image = self.get_image_uri(image_id)
-            if os.path.basename(image) in paired:
-                continue
-            pairs.append({"image": image, "label": str(self._kept.path(image_id, "final"))})
+        with one_search_per_series():
+            for image_id in self._kept_finals():
+                try:
+                    found = self.checked_label(image_id, "final")
+                except CorrectionNotServed as problem:
+                    if problem.status >= 500:
+                        raise
+                    log.warning("not training data: %s", problem)
+                    continue
+                if found is None:  # removed meanwhile
+                    continue
+                image = self.get_image_uri(image_id)
+                if os.path.basename(image) in paired:
+                    continue
+                pairs.append({"image": image, "label": str(found[0])})
         return pairs
 
 
@@ -234,9 +317,13 @@ def _series_folder(datastore, image_id: str) -> Path:
     return Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
 
 
+_IDENTITY_KEYS = ("series_instance_uid", "study_instance_uid", "patient_id")
+
+
 def _downloaded_identity(datastore, image_id: str) -> Dict[str, str]:
     """SeriesInstanceUID, StudyInstanceUID and PatientID of the downloaded series ``image_id`` (its first file that
-    reads as DICOM; downloading it first if needed)."""
+    reads as DICOM; downloading it first if needed). What the server sends as that series' image: MONAI Label never
+    downloads it again, so it may be older than what the PACS lists now."""
     import pydicom
 
     datastore.get_image_uri(image_id)  # downloads (bounded) when it is not in the cache
@@ -251,26 +338,135 @@ def _downloaded_identity(datastore, image_id: str) -> Dict[str, str]:
     raise FileNotFoundError(f"series {image_id}: no DICOM file in its download")
 
 
+#: the PACS's answers of one request or listing (:func:`one_search_per_series`): series id -> its identities
+_searched: contextvars.ContextVar[Optional[Dict[str, List[Dict[str, str]]]]] = \
+    contextvars.ContextVar("adl_pacs_series_identities", default=None)
+
+
+@contextlib.contextmanager
+def one_search_per_series() -> Iterator[None]:
+    """Within it, :func:`pacs_identities` asks the PACS once per series (a training list reads each correction's
+    info, file and region map: one search, not one per read); outside it every call asks."""
+    token = _searched.set({}) if _searched.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _searched.reset(token)
+
+
+def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
+    """The identities (``series_instance_uid``, ``study_instance_uid``, ``patient_id``) under which the PACS lists
+    the series ``image_id`` now: one QIDO-RS series search (SeriesInstanceUID, with StudyInstanceUID and PatientID;
+    no instance retrieved), each distinct identity once: ``[]`` when it lists none, two or more for one UID in
+    several studies or patients.
+
+    Raises:
+        CorrectionNotServed: 502, the PACS answered the search with an error.
+        requests.ConnectionError, requests.Timeout: the PACS cannot be reached (the routes' 503).
+    """
+    import requests
+    import retrying
+
+    from .pacs import _first_str
+
+    memo = _searched.get()
+    if memo is not None and image_id in memo:
+        return memo[image_id]
+    client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client (bounded waits)
+    try:
+        found = client.search_for_series(search_filters={"SeriesInstanceUID": image_id},
+                                         fields=["StudyInstanceUID", "PatientID"]) or []
+    except (requests.HTTPError, retrying.RetryError) as error:  # an error status (retried ones: RetryError)
+        answer = getattr(error, "response", None)
+        if answer is None:  # retrying's: the last attempt's result is the response
+            answer = getattr(getattr(error, "last_attempt", None), "value", None)
+        status = getattr(answer, "status_code", None)
+        raise CorrectionNotServed(f"the PACS answered the search for series {image_id} with an error (HTTP {status}):"
+                                  " its study and patient cannot be checked; nothing was sent or saved", 502) from None
+    identities: List[Dict[str, str]] = []
+    for entry in found:
+        if _first_str(entry, "0020000E") != image_id:
+            continue
+        identity = {"series_instance_uid": image_id, "study_instance_uid": _first_str(entry, "0020000D") or "",
+                    "patient_id": _first_str(entry, "00100020") or ""}
+        if identity not in identities:
+            identities.append(identity)
+    if memo is not None:
+        memo[image_id] = identities
+    return identities
+
+
+def _one_identity(datastore, image_id: str, what: str) -> Dict[str, str]:
+    """The one identity the PACS lists ``image_id`` under; :class:`CorrectionNotServed` (404 / 409) naming ``what``
+    is refused otherwise."""
+    identities = pacs_identities(datastore, image_id)
+    if not identities:
+        raise CorrectionNotServed(f"the PACS no longer lists series {image_id}: {what}", 404)
+    if len(identities) > 1:
+        listed = "; ".join(f"study {i['study_instance_uid']!r}, patient_id {i['patient_id']!r}" for i in identities)
+        raise CorrectionNotServed(f"the PACS lists series {image_id} under {len(identities)} studies or patients "
+                                  f"({listed}): which one it is cannot be told; {what}", 409)
+    return identities[0]
+
+
 def correction_binding(datastore, image_id: str) -> Dict[str, Any]:
-    """The stamp keys binding a correction to the PACS series ``image_id`` (``{SERIES_IDENTITY_KEY: {...}}``); ``{}``
-    for another datastore (a local correction is bound by its image file's SHA-256)."""
+    """The stamp keys binding a label saved for the PACS series ``image_id`` to it (``{SERIES_IDENTITY_KEY: {...}}``:
+    the one identity the PACS lists it under now); ``{}`` for another datastore (a local correction is bound by its
+    image file's SHA-256).
+
+    Raises:
+        CorrectionNotServed: 404, the PACS no longer lists the series; 409, it lists it under several studies or
+            patients, or the server's download of it (the image the label was drawn on) has another study or
+            patient than the PACS lists now; 502, the PACS's search failed.
+    """
     if not isinstance(datastore, ServerKeptLabelsMixin):
         return {}
-    return {SERIES_IDENTITY_KEY: _downloaded_identity(datastore, image_id)}
+    nothing = "nothing was saved"
+    current = _one_identity(datastore, image_id, nothing)
+    downloaded = _downloaded_identity(datastore, image_id)
+    changed = [key for key in _IDENTITY_KEYS if downloaded[key] != current[key]]
+    if changed:
+        raise CorrectionNotServed(
+            f"series {image_id} changed since this server downloaded it: its download (the image sent for review) has "
+            f"{', '.join(f'{k} {downloaded[k]!r}' for k in changed)}, the PACS now lists "
+            f"{', '.join(f'{k} {current[k]!r}' for k in changed)}; {nothing} (the server's cached download of the "
+            "series must be removed first)", 409)
+    return {SERIES_IDENTITY_KEY: current}
+
+
+def check_binding(datastore, image_id: str, info: Dict[str, Any] | None) -> None:
+    """Nothing when the kept label of ``image_id`` (its ``info``) is still that series' (the PACS lists the series,
+    once, with the SeriesInstanceUID, StudyInstanceUID and PatientID stamped when it was saved), or for another
+    datastore.
+
+    Raises:
+        CorrectionNotServed: 409 naming what changed (or a stamp naming no identity, or several listed); 404 when
+            the PACS no longer lists the series; 502 when its search failed.
+    """
+    if not isinstance(datastore, ServerKeptLabelsMixin):
+        return
+    bound = (info or {}).get(SERIES_IDENTITY_KEY)
+    what = "its correction kept on this server is not sent nor used for training"
+    if not isinstance(bound, dict):
+        raise CorrectionNotServed(f"the correction of series {image_id} names no series identity (not saved by this "
+                                  f"server's label route): {what}", 409)
+    current = _one_identity(datastore, image_id, what)
+    changed = [key for key in _IDENTITY_KEYS if str(bound.get(key)) != current[key]]
+    if changed:
+        raise CorrectionNotServed(
+            f"the correction of series {image_id} was saved for {', '.join(f'{k} {bound.get(k)!r}' for k in changed)}; "
+            f"the PACS's series now has {', '.join(f'{k} {current[k]!r}' for k in changed)}: {what}", 409)
 
 
 def binding_problem(datastore, image_id: str, info: Dict[str, Any] | None) -> Optional[str]:
-    """Why the PACS correction of ``image_id`` (its label ``info``) is not that series' any more (the downloaded
-    series has another study or patient, or the stamp names none), None when it is, or for another datastore."""
-    if not isinstance(datastore, ServerKeptLabelsMixin):
-        return None
-    bound = (info or {}).get(SERIES_IDENTITY_KEY)
-    if not isinstance(bound, dict):
-        return f"the correction of series {image_id} names no series identity (not saved by this server's label route)"
-    current = _downloaded_identity(datastore, image_id)
-    changed = [key for key in ("series_instance_uid", "study_instance_uid", "patient_id")
-               if str(bound.get(key)) != current[key]]
-    if changed:
-        return (f"the correction of series {image_id} was saved for {', '.join(f'{k} {bound.get(k)!r}' for k in changed)}; "
-                f"the PACS's series now has {', '.join(f'{k} {current[k]!r}' for k in changed)}")
+    """Why the kept label of ``image_id`` (its ``info``) is not that series' any more (:func:`check_binding`'s
+    404 / 409), None when it is, or for another datastore. Raises :class:`CorrectionNotServed` (502) when the
+    PACS's search failed, and what the client raises when the PACS cannot be reached."""
+    try:
+        check_binding(datastore, image_id, info)
+    except CorrectionNotServed as problem:
+        if problem.status >= 500:
+            raise
+        return str(problem)
     return None

@@ -83,13 +83,17 @@ def _install_read_failure_answers(fastapi_app) -> None:
     would come) a 501 naming the setting to turn off. Any read over the voxel limit
     that a route does not answer itself (:class:`lib.imaging.errors.ImageTooLargeError`: the PACS store's reads, a
     fine-tune request's correction of a study over a limit lowered since) is a 413 with the reader's message (what
-    is too large, the limit, how to raise it), without the server's paths; it was a bare 500."""
+    is too large, the limit, how to raise it), without the server's paths; it was a bare 500. A kept correction of
+    a PACS series that is not that series' any more (:class:`lib.pacs_corrections.CorrectionNotServed`: its series
+    changed study or patient, 409; left the PACS, 404; the PACS's search failed, 502) is answered with its status
+    and reason, nothing of it sent."""
     from fastapi.responses import JSONResponse
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
     from ..imaging.errors import ImageTooLargeError
     from ..pacs import (PacsListingCut, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame,
                         SeriesTooLarge, is_pacs_url)
+    from ..pacs_corrections import CorrectionNotServed
     from .common import app
 
     async def unreachable(request, error: Exception):
@@ -125,8 +129,13 @@ def _install_read_failure_answers(fastapi_app) -> None:
         log.warning("%s %s: %s", request.method, request.url.path, error)
         return JSONResponse(status_code=413, content={"detail": scrub_paths(str(error))})
 
+    async def not_served(request, error: Exception):  # a kept correction not its series' any more: nothing sent
+        log.warning("%s %s: %s", request.method, request.url.path, error)
+        return JSONResponse(status_code=getattr(error, "status", 409), content={"detail": str(error)})
+
     for kind in (RequestsConnectionError, Timeout):
         fastapi_app.add_exception_handler(kind, unreachable)
+    fastapi_app.add_exception_handler(CorrectionNotServed, not_served)
     fastapi_app.add_exception_handler(PacsListingCut, listing_cut)
     fastapi_app.add_exception_handler(SeriesTooLarge, too_large)
     fastapi_app.add_exception_handler(SeriesDoesNotFit, does_not_fit)

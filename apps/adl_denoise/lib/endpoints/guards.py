@@ -941,8 +941,12 @@ def guarded_save_label(
     """MONAI Label's save-label route for a checked upload: an intact image; a ``final`` correction on its
     image's grid; a ``regions`` map validated against its image and ``params`` (422 naming the image and the
     problem: not on the image's grid, undeclared values, unknown intent, strength outside [0, 2]). The label's
-    info is ``params`` plus the server's correction stamp (on a PACS also the series' identity,
-    :func:`lib.pacs_corrections.correction_binding`; the label is kept on the server, never sent to the PACS)."""
+    info is ``params`` plus the server's correction stamp (on a PACS also the series' identity as the PACS lists it
+    now, :func:`lib.pacs_corrections.correction_binding`; the label is kept on the server, never sent to the PACS).
+    On a PACS, 409 and nothing saved for a series this server stored (a denoised result), one listed in several
+    studies or patients, or one whose download here has another study or patient than the PACS lists now; 404 for
+    a series the PACS no longer lists."""
+    from ..activelearning import refuse_unreviewable
     from ..data.regions import REGIONS_TAG, RegionsError, load_correction_regions
     from ..pacs_corrections import correction_binding
     from ..trainers import CORRECTION_KEYS, correction_stamp
@@ -952,6 +956,10 @@ def guarded_save_label(
     save_params = _json_object(params, "params")
     _need_image(image)
     datastore = app().datastore()
+    try:  # a PACS series this server stored (a result), or a UID of several series: no correction of a study
+        refuse_unreviewable(app().audit, datastore, image)
+    except ValueError as error:
+        raise HTTPException(status_code=409, detail=f"{error}; nothing was saved") from None
     upload = _save_upload(label, _upload_suffix(label.filename, "label"))
     try:
         _checked_image(upload, "the uploaded label")
@@ -1105,7 +1113,7 @@ def guarded_remove_label(id: str, tag: str, user: User = Depends(RBAC(_ADMIN))):
 
 
 @router.api_route("/datastore/label", methods=["GET", "HEAD"], include_in_schema=False)
-def guarded_download_label(tag: str, label: Optional[str] = None, image: Optional[str] = None,
+def guarded_download_label(request: Request, tag: str, label: Optional[str] = None, image: Optional[str] = None,
                            user: User = Depends(RBAC(_USER))):
     """MONAI Label's label download (a correction, a region map), one ``label_downloaded`` entry written before it
     is sent; 503 and nothing sent when the entry cannot be written. ``HEAD`` is the same request without the body:
@@ -1113,7 +1121,11 @@ def guarded_download_label(tag: str, label: Optional[str] = None, image: Optiona
     stock ``HEAD`` route named the label ``image`` (kept for its clients) and checked nothing: a PACS series was
     retrieved unrecorded, also with the log refusing entries. On a PACS a ``final`` label must be a DICOM SEG series
     of it (:func:`lib.pacs.final_label_problem`, asked before anything is retrieved): 404 saying what the series is
-    otherwise (MONAI Label downloaded an image series into its label cache, then answered a bare 500)."""
+    otherwise (MONAI Label downloaded an image series into its label cache, then answered a bare 500). A label this
+    server keeps of a PACS series (:mod:`lib.pacs_corrections`) is sent only while the PACS lists the series under
+    the study and patient it was saved for (409 naming what changed, 404 when the PACS no longer lists it, 503 when
+    the PACS cannot be reached: nothing sent, no entry), from its file opened under the label's lock (a correction
+    saved again meanwhile does not remove it from under the answer: it was a 500)."""
     from monailabel.endpoints.datastore import download_label
 
     from ..pacs import final_label_problem
@@ -1127,13 +1139,51 @@ def guarded_download_label(tag: str, label: Optional[str] = None, image: Optiona
     check_name(name, "label")
     check_name(tag, "tag")
     _refuse_unrecordable("the label was not sent", f"label {name} ({tag})")
+    datastore = app().datastore()
+    open_kept = getattr(datastore, "open_checked_label", None)  # a PACS series' label kept on this server
+    opened = open_kept(name, tag) if open_kept is not None else None
+    if opened is not None:
+        handle = opened[0]
+        try:
+            _recorded_read(LABEL_DOWNLOADED, {"image": name, "tag": tag}, "the label was not sent")
+        except BaseException:
+            handle.close()
+            raise
+        return _open_file_answer(handle, request.method == "HEAD")
     if tag == "final":
-        problem = final_label_problem(app().datastore(), name)
+        problem = final_label_problem(datastore, name)
         if problem:
             raise HTTPException(status_code=404, detail=problem)
     answer = download_label(name, tag)
     _recorded_read(LABEL_DOWNLOADED, {"image": name, "tag": tag}, "the label was not sent")
     return answer
+
+
+def _open_file_answer(handle, head: bool):
+    """The answer sending the open file ``handle`` (read from where it is open, closed once sent or dropped), as
+    MONAI Label's ``FileResponse`` sends a label: its type, length and file name; no body for ``HEAD``."""
+    from urllib.parse import quote
+
+    from monailabel.utils.others.generic import get_mime_type
+    from starlette.responses import Response, StreamingResponse
+
+    name = os.path.basename(handle.name)
+    headers = {"content-length": str(os.fstat(handle.fileno()).st_size),
+               "content-disposition": f"attachment; filename*=utf-8''{quote(name)}"
+               if quote(name) != name else f'attachment; filename="{name}"'}
+    if head:
+        handle.close()
+        return Response(media_type=get_mime_type(name), headers=headers)
+
+    def chunks():
+        with handle:
+            while True:
+                chunk = handle.read(1 << 20)
+                if not chunk:
+                    return
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type=get_mime_type(name), headers=headers)
 
 
 @router.get("/datastore/dataset", include_in_schema=False)
@@ -1170,7 +1220,10 @@ def dataset_archive(datastore, limit_cases: Optional[int], folder: Path) -> Path
     """``folder / "dataset.zip"``: what MONAI Label's ``get_dataset_archive`` zips (each study with a final label,
     ``image/`` and ``label/``, the first ``limit_cases`` of them, and the datastore's ``metadata.json``), written
     where the caller deletes it (the stock one writes a temp file it never deletes, nor when it fails half-way).
-    404 when no study has a final label (the stock one fails an assertion, a bare 500)."""
+    404 when no study has a final label (the stock one fails an assertion, a bare 500); 409 when a listed file was
+    replaced or removed before it was zipped (a correction saved again: try again). On a PACS the corrections kept
+    here are those whose series the PACS still lists under the study and patient they were saved for
+    (:meth:`lib.pacs_corrections.ServerKeptLabelsMixin.datalist`)."""
     pairs = datastore.datalist()
     if not pairs:
         raise HTTPException(status_code=404, detail="ZIP archive NOT Found: no study has a final label")
@@ -1180,7 +1233,12 @@ def dataset_archive(datastore, limit_cases: Optional[int], folder: Path) -> Path
     with zipfile.ZipFile(path, mode="x") as archive:
         for pair in pairs:
             for key, file in pair.items():
-                archive.write(file, arcname=os.path.join(key, os.path.basename(file)))
+                try:
+                    archive.write(file, arcname=os.path.join(key, os.path.basename(file)))
+                except FileNotFoundError:  # a correction saved again or removed since it was listed
+                    raise HTTPException(status_code=409, detail=(
+                        f"the dataset was not sent: the {key} {os.path.basename(file)} was replaced or removed while "
+                        "the dataset was zipped; try again")) from None
         archive.writestr("metadata.json", json.dumps(datastore.json(), default=str))
     return path
 

@@ -84,7 +84,7 @@ from ..imaging.dicom_read import is_dicom_file
 from ..imaging.io import check_voxels
 from ..noise_learning.adaptation import AdaptSettings, held_out_low_dose_check
 from ..noise_learning.workflow import adaptation_data
-from ..pacs_corrections import binding_problem
+from ..pacs_corrections import CorrectionNotServed, one_search_per_series
 from ..predict import check_device_name
 from ..runtime.atomic import atomic_write_json
 from ..runtime.clock import Stopwatch, utc_compact_stamp, utc_timestamp
@@ -162,8 +162,9 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
     is a clinician's correction (:func:`is_clinician_correction`); ``regions`` is the path of its region map
     (label tag ``regions``) or None, and ``regions_info`` that label's info (the ``params`` it was saved with:
     ``{"regions": [...]}``). The ids of ``final`` labels that are not corrections are appended to ``skipped``.
-    A PACS series' correction is a pair only while the series still has the identity stamped when it was saved
-    (:func:`lib.pacs_corrections.binding_problem`; skipped, with a WARNING saying what changed, otherwise).
+    A PACS series' correction is a pair only while the PACS lists the series, once, with the identity stamped when
+    it was saved (:func:`lib.pacs_corrections.check_binding`, one series search per series; skipped, with a WARNING
+    saying what changed, otherwise; a PACS that cannot be reached or answers the search with an error raises).
     ``max_voxels``: the voxel limit of an image read for its modality, and of each pair's image and label, checked
     from their headers (:func:`lib.imaging.io.check_voxels`; None: :func:`lib.imaging.max_voxels`).
 
@@ -174,18 +175,26 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
         TrainingDataError: a pair's image or label cannot be read (its headers: missing, corrupt, not an image;
             the reader's message, after the study it belongs to): the run would fail on it.
     """
+    with one_search_per_series():  # a PACS series' study and patient: asked once, for all of its labels' reads
+        return _correction_pairs(datastore, modality, skipped, max_voxels)
+
+
+def _correction_pairs(datastore: Datastore, modality: str | None, skipped: list | None,
+                      max_voxels: int | None) -> list[dict]:
     pairs = []
     for image_id in sorted(datastore.get_labeled_images()):
-        image = datastore.get_image_uri(image_id)
-        label = datastore.get_label_uri(image_id, "final")
-        info = datastore.get_label_info(image_id, "final")
-        if not is_clinician_correction(info, label, image):
+        try:  # its label first: a PACS series re-sent under another study / patient is not downloaded
+            info = datastore.get_label_info(image_id, "final")
+            label = datastore.get_label_uri(image_id, "final")
+        except CorrectionNotServed as problem:
+            if problem.status >= 500:  # the PACS's search failed: no training on a part of the corrections
+                raise
+            log.warning("not training data: %s", problem)
             if skipped is not None:
                 skipped.append(image_id)
             continue
-        problem = binding_problem(datastore, image_id, info)  # a PACS series re-sent under another study / patient
-        if problem:
-            log.warning("not training data: %s", problem)
+        image = datastore.get_image_uri(image_id)
+        if not is_clinician_correction(info, label, image):
             if skipped is not None:
                 skipped.append(image_id)
             continue
