@@ -1249,77 +1249,80 @@ def test_audit_trail_survives_a_restart_and_reports_tampering(folders):
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_a_result_whose_audit_entry_cannot_be_written_is_not_returned(folders):
+def test_a_result_or_dataset_whose_audit_entry_cannot_be_written_is_not_sent_and_no_zip_is_left_behind(folders):
+    """Two checks on one server (the same set-up; one start instead of two, neither reading what the other leaves):
+    :func:`_a_result_whose_audit_entry_cannot_be_written_is_not_returned`, then
+    :func:`_a_dataset_download_leaves_no_copy_of_the_datastore_in_the_servers_temp_folder`."""
     from mlserver import stop_server
 
     server = _start(folders, 1)
     try:
-        audit_file = folders["audit"] / "audit.jsonl"
-        kept = audit_file.read_bytes()
-        audit_file.unlink()
-        audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
-        response = requests.post(f"{server.url}/infer/adl", params={"image": "ct_slab_b", "output": "image"},
-                                 data={"params": "{}"}, timeout=600)
-        assert response.status_code == 503, response.status_code
-        detail = response.json()["detail"]
-        assert "denoised, but the result is not returned: the audit log could not be written" in detail, detail
-        assert not list((folders["work"] / "run1" / "tmp").glob("adl_*")), "the unrecorded result was left behind"
-        verdict = requests.post(f"{server.url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_a"},
-                                timeout=60)
-        assert verdict.status_code == 500 and "not recorded" in verdict.text
-        info = requests.get(f"{server.url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
-        assert "review" not in info  # the queue did not move either
-        audit_file.rmdir()
-        audit_file.write_bytes(kept)
-        assert requests.post(f"{server.url}/infer/adl", params={"image": "ct_slab_b", "output": "json"},
-                             data={"params": "{}"}, timeout=600).status_code == 200
+        _a_result_whose_audit_entry_cannot_be_written_is_not_returned(folders, server)
+        _a_dataset_download_leaves_no_copy_of_the_datastore_in_the_servers_temp_folder(folders, server)
     finally:
         stop_server(server)
+    assert len(_events(AuditLog(folders["audit"]), "dataset_downloaded")) == 1
 
 
-@pytest.mark.server
-@pytest.mark.slow
-def test_a_review_queue_hand_out_whose_audit_entry_cannot_be_written_is_refused(folders):
-    """Access to patient data that cannot be audited is refused: with the log unwritable (a folder where the file
-    is: every append fails, for root too), the review queue's hand-out answers 503 saying the audit log could not be
-    written, names neither the study nor the log's folder, and hands nothing out (no note in the study's info, no
-    entry). It was answered 200 with the study and noted as handed out. Once the log is writable again the next
-    request is handed that same study, and the log is the one kept, one hand-out entry longer."""
-    from mlserver import stop_server
+def _a_result_whose_audit_entry_cannot_be_written_is_not_returned(folders, server) -> None:
+    """With the log unwritable (a folder where the file is) a result is a 503, nothing left in the server's temp
+    folder, and a verdict is not recorded (the queue does not move); the log put back, infer answers again."""
+    audit_file = folders["audit"] / "audit.jsonl"
+    kept = audit_file.read_bytes()
+    audit_file.unlink()
+    audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
+    response = requests.post(f"{server.url}/infer/adl", params={"image": "ct_slab_b", "output": "image"},
+                             data={"params": "{}"}, timeout=600)
+    assert response.status_code == 503, response.status_code
+    detail = response.json()["detail"]
+    assert "denoised, but the result is not returned: the audit log could not be written" in detail, detail
+    assert not list((folders["work"] / "run1" / "tmp").glob("adl_*")), "the unrecorded result was left behind"
+    verdict = requests.post(f"{server.url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_a"},
+                            timeout=60)
+    assert verdict.status_code == 500 and "not recorded" in verdict.text
+    info = requests.get(f"{server.url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
+    assert "review" not in info  # the queue did not move either
+    audit_file.rmdir()
+    audit_file.write_bytes(kept)
+    assert requests.post(f"{server.url}/infer/adl", params={"image": "ct_slab_b", "output": "json"},
+                         data={"params": "{}"}, timeout=600).status_code == 200
 
-    from lib.activelearning import HANDOUT_EVENT
 
-    server = _start(folders, 1)
-    try:
-        url = server.url
-        audit_file = folders["audit"] / "audit.jsonl"
-        index = folders["studies"] / "datastore_v2.json"
-        info_before = requests.get(f"{url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
-        assert "strategy" not in info_before, info_before
-        kept, index_before = audit_file.read_bytes(), index.read_bytes()
-        audit_file.unlink()
-        audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
-        refused = requests.post(f"{url}/activelearning/next_unreviewed", json={"client_id": "ws-9"}, timeout=60)
-        assert refused.status_code == 503, refused.text
-        detail = refused.json()["detail"]
-        assert "no study was handed out" in detail and "the audit log could not be written" in detail, detail
-        assert "audit.jsonl" in detail and str(folders["root"]) not in detail and "ct_slab_b" not in detail, detail
-        assert "access refused" in server.log_tail(200_000)
-        assert index.read_bytes() == index_before  # not noted as handed out
-        audit_file.rmdir()
-        audit_file.write_bytes(kept)
-        # (the info read is an access entry itself: read once the log is writable again)
-        info = requests.get(f"{url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
-        assert info == info_before, info
-        handed = requests.post(f"{url}/activelearning/next_unreviewed", json={"client_id": "ws-9"}, timeout=60)
-        assert handed.status_code == 200 and handed.json()["id"] == "ct_slab_b", handed.text
-        info = requests.get(f"{url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
-        assert info["strategy"]["next_unreviewed"]["client_id"] == "ws-9", info
-    finally:
-        stop_server(server)
-    audit = AuditLog(folders["audit"])
-    assert audit.verify().ok and audit.path.read_bytes().startswith(kept)
-    assert [(h["image"], h["client_id"]) for h in _events(audit, HANDOUT_EVENT)] == [("ct_slab_b", "ws-9")]
+def _a_dataset_download_leaves_no_copy_of_the_datastore_in_the_servers_temp_folder(folders, server) -> None:
+    """MONAI Label zips the whole datastore into the temp folder and never deletes the ZIP: the server (its TMPDIR a
+    folder of this test) deletes it once sent, and a download refused because the audit log cannot be written (a
+    folder where the file is) is refused before anything is zipped, leaving no copy of every patient's data. (One
+    ``dataset_downloaded`` entry: checked by the caller once the server is stopped.)"""
+    study = folders["studies"] / "ct_slab_b.nii.gz"
+    correction = folders["root"] / "ct_slab_b_final.nii.gz"  # the ZIP holds the labelled studies: one at least
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(study)), sitk.sitkFloat32), str(correction))
+    temp = folders["work"] / "run1" / "tmp"  # the server's TMPDIR (mlserver.start_server)
+
+    def left_after(deadline: float) -> set[str]:
+        while True:  # the ZIP is deleted just after the answer's last byte: wait for it, generously
+            left = {p.name for p in temp.rglob("*")} - before
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.2)
+
+    with open(correction, "rb") as handle:
+        saved = requests.put(f"{server.url}/datastore/label", params={"image": "ct_slab_b", "tag": "final"},
+                             files={"label": ("ct_slab_b.nii.gz", handle)}, data={"params": "{}"}, timeout=120)
+    assert saved.status_code == 200, saved.text
+    before = {p.name for p in temp.rglob("*")}
+    sent = requests.get(f"{server.url}/datastore/dataset", timeout=300)
+    assert sent.status_code == 200 and sent.content[:2] == b"PK", (sent.status_code, sent.text[:200])
+    assert left_after(time.monotonic() + 60) == set()
+    audit_file = folders["audit"] / "audit.jsonl"
+    kept = audit_file.read_bytes()
+    audit_file.unlink()
+    audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
+    refused = requests.get(f"{server.url}/datastore/dataset", timeout=300)
+    assert refused.status_code == 503, (refused.status_code, refused.text[:200])
+    assert "the dataset was not sent: the audit log could not be written" in refused.json()["detail"]
+    assert left_after(time.monotonic() + 10) == set()
+    audit_file.rmdir()
+    audit_file.write_bytes(kept)
 
 
 @pytest.mark.server
@@ -1400,51 +1403,6 @@ def test_downloads_of_patient_data_are_access_entries_and_refused_when_they_cann
     entries = audit.entries()
     assert entries[-1]["event"] == "image_downloaded"  # the one after the log was writable again
     assert audit.path.read_bytes()[len(kept):].count(b"\n") == 1  # nothing written while it was not
-
-
-@pytest.mark.server
-@pytest.mark.slow
-def test_a_dataset_download_leaves_no_copy_of_the_datastore_in_the_servers_temp_folder(folders):
-    """MONAI Label zips the whole datastore into the temp folder and never deletes the ZIP: the server (its TMPDIR a
-    folder of this test) deletes it once sent, and a download refused because the audit log cannot be written (a
-    folder where the file is) is refused before anything is zipped, leaving no copy of every patient's data."""
-    from mlserver import stop_server
-
-    study = folders["studies"] / "ct_slab_b.nii.gz"
-    correction = folders["root"] / "ct_slab_b_final.nii.gz"  # the ZIP holds the labelled studies: one at least
-    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(study)), sitk.sitkFloat32), str(correction))
-    server = _start(folders, 1)
-    temp = folders["work"] / "run1" / "tmp"  # the server's TMPDIR (mlserver.start_server)
-
-    def left_after(deadline: float) -> set[str]:
-        while True:  # the ZIP is deleted just after the answer's last byte: wait for it, generously
-            left = {p.name for p in temp.rglob("*")} - before
-            if not left or time.monotonic() > deadline:
-                return left
-            time.sleep(0.2)
-
-    try:
-        with open(correction, "rb") as handle:
-            saved = requests.put(f"{server.url}/datastore/label", params={"image": "ct_slab_b", "tag": "final"},
-                                 files={"label": ("ct_slab_b.nii.gz", handle)}, data={"params": "{}"}, timeout=120)
-        assert saved.status_code == 200, saved.text
-        before = {p.name for p in temp.rglob("*")}
-        sent = requests.get(f"{server.url}/datastore/dataset", timeout=300)
-        assert sent.status_code == 200 and sent.content[:2] == b"PK", (sent.status_code, sent.text[:200])
-        assert left_after(time.monotonic() + 60) == set()
-        audit_file = folders["audit"] / "audit.jsonl"
-        kept = audit_file.read_bytes()
-        audit_file.unlink()
-        audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
-        refused = requests.get(f"{server.url}/datastore/dataset", timeout=300)
-        assert refused.status_code == 503, (refused.status_code, refused.text[:200])
-        assert "the dataset was not sent: the audit log could not be written" in refused.json()["detail"]
-        assert left_after(time.monotonic() + 10) == set()
-        audit_file.rmdir()
-        audit_file.write_bytes(kept)
-    finally:
-        stop_server(server)
-    assert len(_events(AuditLog(folders["audit"]), "dataset_downloaded")) == 1
 
 
 @pytest.mark.server
@@ -1566,32 +1524,24 @@ def test_info_reads_and_the_whole_listing_are_access_entries_and_refused_when_th
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_with_authentication_on_entries_name_the_tokens_user(folders):
-    """Auth on (a realm on loopback, tests/realm.py): the result's and the verdict's user is the token's user,
-    whatever name the body gives."""
+def test_with_authentication_on_entries_name_the_tokens_user_and_a_fine_tune_the_admin_who_started_it(folders):
+    """Two checks on one server with authentication on (a realm on loopback, tests/realm.py; the same set-up, one
+    start instead of two), in this order: :func:`_entries_name_the_tokens_user`, then
+    :func:`_a_fine_tune_names_the_admin_who_started_it_and_runs_alone`. Neither writes an entry of the kinds the
+    other's checks read (the first: results, verdicts, hand-outs and downloads; the second: training requests and
+    weights decisions), and the first leaves no correction for the second's run to read."""
     from mlserver import start_server, stop_server
     from realm import USER_OF_ROLE, Realm
 
+    user, reviewer, admin = USER_OF_ROLE["user"], USER_OF_ROLE["reviewer"], USER_OF_ROLE["admin"]
     realm = Realm()
     try:
         server = start_server(folders["studies"], folders["model"], folders["work"] / "auth",
                               conf={"audit_dir": folders["audit"], "max_voxels": 3_000_000},
                               env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url})
         try:
-            user, reviewer = USER_OF_ROLE["user"], USER_OF_ROLE["reviewer"]
-            result = requests.post(f"{server.url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
-                                   data={"params": "{}"}, timeout=600,
-                                   headers={"Authorization": f"Bearer {realm.token(user)}"})
-            assert result.status_code == 200, result.text
-            verdict = requests.post(f"{server.url}/review/ct_slab_b",
-                                    json={"verdict": "accepted", "reviewer": "mallory"}, headers={"Authorization": f"Bearer {realm.token(reviewer)}"}, timeout=60)
-            assert verdict.status_code == 200, verdict.text
-            handed = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"client_id": "ws-17"},
-                                   headers={"Authorization": f"Bearer {realm.token(reviewer)}"}, timeout=60)
-            assert handed.status_code == 200 and handed.json()["id"] == "ct_slab_c", handed.text
-            image = requests.get(f"{server.url}/datastore/image", params={"image": "ct_slab_c"},
-                                 headers={"Authorization": f"Bearer {realm.token(user)}"}, timeout=120)
-            assert image.status_code == 200, image.text[:300]
+            _entries_name_the_tokens_user(server, realm)
+            _a_fine_tune_names_the_admin_who_started_it_and_runs_alone(folders, server, realm)
         finally:
             stop_server(server)
     finally:
@@ -1607,11 +1557,87 @@ def test_with_authentication_on_entries_name_the_tokens_user(folders):
         "ct_slab_c", reviewer, True, "ws-17")
     downloaded = _events(audit, "image_downloaded")[-1]
     assert (downloaded["image"], downloaded["user"], downloaded["authenticated"]) == ("ct_slab_c", user, True)
+    requests_made = audit.entries("training_requested")
+    assert [(e["fields"]["model"], e["fields"]["user"]) for e in requests_made] == [("adl", admin), ("tddl_gcn", admin)]
+    assert "requested_by" not in requests_made[0]["fields"]["params"]
+    decided = [e["fields"] for e in audit.entries() if e["event"] in ("weights_published", "weights_rejected")]
+    assert len(decided) == 1, decided
+    assert (decided[0]["requested_by"], decided[0]["training_request_seq"]) == (admin, requests_made[0]["seq"])
     assert "mallory" not in audit.path.read_text()
+    not_started = _events(audit, "training_requested_failed")
+    assert [(f["model"], f["training_request_seq"]) for f in not_started] == [("tddl_gcn", requests_made[1]["seq"])]
 
 
-@pytest.mark.server
-@pytest.mark.slow
+def _entries_name_the_tokens_user(server, realm) -> None:
+    """Auth on: the result's and the verdict's user is the token's user, whatever name the body gives (the entries:
+    checked by the caller once the server is stopped)."""
+    from realm import USER_OF_ROLE
+
+    user, reviewer = USER_OF_ROLE["user"], USER_OF_ROLE["reviewer"]
+    result = requests.post(f"{server.url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
+                           data={"params": "{}"}, timeout=600,
+                           headers={"Authorization": f"Bearer {realm.token(user)}"})
+    assert result.status_code == 200, result.text
+    verdict = requests.post(f"{server.url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "mallory"},
+                            headers={"Authorization": f"Bearer {realm.token(reviewer)}"}, timeout=60)
+    assert verdict.status_code == 200, verdict.text
+    handed = requests.post(f"{server.url}/activelearning/next_unreviewed", json={"client_id": "ws-17"},
+                           headers={"Authorization": f"Bearer {realm.token(reviewer)}"}, timeout=60)
+    assert handed.status_code == 200 and handed.json()["id"] == "ct_slab_c", handed.text
+    image = requests.get(f"{server.url}/datastore/image", params={"image": "ct_slab_c"},
+                         headers={"Authorization": f"Bearer {realm.token(user)}"}, timeout=120)
+    assert image.status_code == 200, image.text[:300]
+
+
+def _a_fine_tune_names_the_admin_who_started_it_and_runs_alone(folders, server, realm) -> None:
+    """Auth on: the training run has no HTTP request of its own, so its ``weights_published`` /
+    ``weights_rejected`` entry named no user. The train route records ``training_requested`` (the token's user)
+    and the run's weights entry names that user and entry; a ``requested_by`` in the params is not believed.
+    A run_sync run trains in the server process, where MONAI Label's "already running" check does not see it: a
+    second run was started beside it (two fine-tunes at once); it is refused (429) and recorded as not started.
+    (The entries: checked by the caller once the server is stopped.)"""
+    from realm import USER_OF_ROLE
+
+    admin, annotator = USER_OF_ROLE["admin"], USER_OF_ROLE["annotator"]
+
+    def auth(user: str) -> dict:
+        return {"Authorization": f"Bearer {realm.token(user)}"}
+
+    for image in ("ct_slab_b", "ct_slab_c"):  # the studies' full-dose slabs as the clinicians' corrections
+        corrected = write_full_dose(folders["root"] / f"{image}_final.nii.gz", image)
+        with open(corrected, "rb") as handle:
+            saved = requests.put(f"{server.url}/datastore/label", params={"image": image, "tag": "final"},
+                                 files={"label": (corrected.name, handle)}, data={"params": "{}"},
+                                 headers=auth(annotator), timeout=120)
+        assert saved.status_code == 200, saved.text
+    params = {"steps": 150, "patch_size": 32, "device": "cpu", "requested_by": "mallory",
+              "training_request_seq": 0}
+    answers: dict = {}
+
+    def sync_run() -> None:
+        answers["sync"] = requests.post(f"{server.url}/train/adl", params={"run_sync": "true"}, json=params,
+                                        headers=auth(admin), timeout=1800)
+
+    runner = threading.Thread(target=sync_run)
+    runner.start()
+    deadline = time.monotonic() + 600
+    while True:  # until the synchronous run trains
+        stats = requests.get(f"{server.url}/info/", headers=auth(admin), timeout=60).json()["train_stats"]
+        if stats.get("adl", {}).get("phase") == "training" or not runner.is_alive():
+            break
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.2)
+    beside = requests.post(f"{server.url}/train/tddl_gcn", json={"steps": 2, "device": "cpu"},
+                           headers=auth(admin), timeout=120)
+    still_running = runner.is_alive()
+    runner.join()
+    assert answers["sync"].status_code == 200, answers["sync"].text
+    assert still_running, "the synchronous run ended before the second request: give it more steps"
+    assert beside.status_code == 429 and "run_sync" in beside.json()["detail"], beside.text
+    stats = requests.get(f"{server.url}/info/", headers=auth(admin), timeout=60).json()["train_stats"]["adl"]
+    assert stats["status"] == "done", stats
+
+
 def _denoised_then_accepted(url: str, image_id: str, reviewer: str) -> dict:
     """Denoise ``image_id`` by its id (nlm), then accept it as ``reviewer``: the verdict judges that very result.
     Returns infer's answer."""
@@ -1625,142 +1651,121 @@ def _denoised_then_accepted(url: str, image_id: str, reviewer: str) -> dict:
     return denoised.json()
 
 
-def test_an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(folders):
-    """DELETE /datastore/image frees an id; another patient's upload under it must not inherit the old study's
-    verdict or results, nor have a new verdict recorded as judging the old study's result."""
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_hand_out_that_cannot_be_recorded_is_refused_and_an_id_freed_by_deletion_starts_a_new_trail(folders):
+    """Two checks on one server (the same set-up; one start instead of two), in this order: the first needs
+    ``ct_slab_b`` unreviewed and hands out nothing else, the second writes no hand-out and starts from its own
+    results: :func:`_a_review_queue_hand_out_whose_audit_entry_cannot_be_written_is_refused`, then
+    :func:`_an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail`."""
     from mlserver import stop_server
+
+    from lib.activelearning import HANDOUT_EVENT
 
     server = _start(folders, 1)
     try:
-        url = server.url
-        first = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
-                              data={"params": "{}"}, timeout=600)
-        assert first.status_code == 200, first.text
-        # a second result comes in while dr_first looks at the first: the verdict names the one it judges
-        second = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
-                               data={"params": "{}"}, timeout=600)
-        assert second.status_code == 200 and second.json()["audit_seq"] > first.json()["audit_seq"], second.text
-        verdict = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_first",
-                                                                 "result_seq": first.json()["audit_seq"]}, timeout=60)
-        assert verdict.status_code == 200 and verdict.json()["result"]["model"] == "nlm", verdict.text
-        assert verdict.json()["result"]["result_seq"] == first.json()["audit_seq"], verdict.text
-        for bad in ("7", True, 1.5):
-            refused = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_first",
-                                                                     "result_seq": bad}, timeout=60)
-            assert refused.status_code == 422 and "result_seq" in refused.text, refused.text
-        removed = requests.delete(f"{url}/datastore/image", params={"id": "ct_slab_b"}, timeout=60)
-        assert removed.status_code == 200, removed.text
-        other = folders["studies"].parent / "other_patient.nii.gz"
-        shutil.copy(folders["studies"] / "ct_slab_c.nii.gz", other)
-        deadline = time.monotonic() + 120
-        while True:  # the datastore sees the removal through its file watcher
-            with open(other, "rb") as handle:
-                added = requests.put(f"{url}/datastore/image", params={"image": "ct_slab_b"},
-                                     files={"file": ("other_patient.nii.gz", handle)}, timeout=120)
-            if added.status_code != 409 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert added.status_code == 200 and not added.json().get("existing"), added.text
-        trail = requests.get(f"{url}/review/ct_slab_b", timeout=60).json()
-        assert trail["review"]["verdict"] == "unreviewed", trail
-        assert trail["review_history"] == [] and trail["denoise_results"] == [], trail
-        # a verdict on the old study's result (a client that kept its audit_seq) is not the new study's
-        stale = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_first",
-                                                               "result_seq": first.json()["audit_seq"]}, timeout=60)
-        assert stale.status_code == 409 and "removed and stored again" in stale.json()["detail"], stale.text
-        again = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_second"},
-                              timeout=60)
-        assert again.status_code == 409 and "denoise it first" in again.json()["detail"], again.text  # no result yet
-        denoised = _denoised_then_accepted(url, "ct_slab_b", "dr_second")  # the verdict judges the new study's result
-        # the file replaced on disk under the same name (an export job, a restore): another volume, whose verdict
-        # must not judge the earlier volume's result
-        from mlserver import write_crop
-
-        stored = next(folders["studies"].glob("ct_slab_b.*"))
-        write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", stored, z=slice(50, 54))
-        replaced = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_third"},
-                                 timeout=60)
-        assert replaced.status_code == 409 and "denoise it first" in replaced.json()["detail"], replaced.text
-        stale = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_third",
-                                                               "result_seq": denoised["audit_seq"]}, timeout=60)
-        assert stale.status_code == 409 and "file replaced" in stale.json()["detail"], stale.text
-        _denoised_then_accepted(url, "ct_slab_b", "dr_third")
+        kept = _a_review_queue_hand_out_whose_audit_entry_cannot_be_written_is_refused(folders, server)
+        _an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(folders, server)
     finally:
         stop_server(server)
-    # the log keeps the old study's entries
     audit = AuditLog(folders["audit"])
+    assert audit.verify().ok and audit.path.read_bytes().startswith(kept)
+    assert [(h["image"], h["client_id"]) for h in _events(audit, HANDOUT_EVENT)] == [("ct_slab_b", "ws-9")]
+    # the log keeps the old study's entries
     assert [f["reviewer"] for f in _events(audit, "verdict")] == ["dr_first", "dr_second", "dr_third"]
 
 
-@pytest.mark.server
-@pytest.mark.slow
-def test_a_fine_tune_names_the_admin_who_started_it_and_runs_alone(folders):
-    """Auth on: the training run has no HTTP request of its own, so its ``weights_published`` /
-    ``weights_rejected`` entry named no user. The train route records ``training_requested`` (the token's user)
-    and the run's weights entry names that user and entry; a ``requested_by`` in the params is not believed.
-    A run_sync run trains in the server process, where MONAI Label's "already running" check does not see it: a
-    second run was started beside it (two fine-tunes at once); it is refused (429) and recorded as not started."""
-    from mlserver import start_server, stop_server
-    from realm import USER_OF_ROLE, Realm
+def _a_review_queue_hand_out_whose_audit_entry_cannot_be_written_is_refused(folders, server) -> bytes:
+    """Access to patient data that cannot be audited is refused: with the log unwritable (a folder where the file
+    is: every append fails, for root too), the review queue's hand-out answers 503 saying the audit log could not be
+    written, names neither the study nor the log's folder, and hands nothing out (no note in the study's info, no
+    entry). It was answered 200 with the study and noted as handed out. Once the log is writable again the next
+    request is handed that same study, and the log is the one kept, one hand-out entry longer (checked by the
+    caller once the server is stopped: the log as kept here is returned)."""
+    url = server.url
+    audit_file = folders["audit"] / "audit.jsonl"
+    index = folders["studies"] / "datastore_v2.json"
+    info_before = requests.get(f"{url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
+    assert "strategy" not in info_before, info_before
+    kept, index_before = audit_file.read_bytes(), index.read_bytes()
+    audit_file.unlink()
+    audit_file.mkdir()  # a folder where the log is: every append fails (chmod would not stop root)
+    refused = requests.post(f"{url}/activelearning/next_unreviewed", json={"client_id": "ws-9"}, timeout=60)
+    assert refused.status_code == 503, refused.text
+    detail = refused.json()["detail"]
+    assert "no study was handed out" in detail and "the audit log could not be written" in detail, detail
+    assert "audit.jsonl" in detail and str(folders["root"]) not in detail and "ct_slab_b" not in detail, detail
+    assert "access refused" in server.log_tail(200_000)
+    assert index.read_bytes() == index_before  # not noted as handed out
+    audit_file.rmdir()
+    audit_file.write_bytes(kept)
+    # (the info read is an access entry itself: read once the log is writable again)
+    info = requests.get(f"{url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
+    assert info == info_before, info
+    handed = requests.post(f"{url}/activelearning/next_unreviewed", json={"client_id": "ws-9"}, timeout=60)
+    assert handed.status_code == 200 and handed.json()["id"] == "ct_slab_b", handed.text
+    info = requests.get(f"{url}/datastore/image/info", params={"image": "ct_slab_b"}, timeout=60).json()
+    assert info["strategy"]["next_unreviewed"]["client_id"] == "ws-9", info
+    return kept
 
-    realm = Realm()
-    admin, annotator = USER_OF_ROLE["admin"], USER_OF_ROLE["annotator"]
-    try:
-        server = start_server(folders["studies"], folders["model"], folders["work"] / "train",
-                              conf={"audit_dir": folders["audit"], "max_voxels": 3_000_000},
-                              env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url})
-        try:
-            def auth(user: str) -> dict:
-                return {"Authorization": f"Bearer {realm.token(user)}"}
 
-            for image in ("ct_slab_b", "ct_slab_c"):  # the studies' full-dose slabs as the clinicians' corrections
-                corrected = write_full_dose(folders["root"] / f"{image}_final.nii.gz", image)
-                with open(corrected, "rb") as handle:
-                    saved = requests.put(f"{server.url}/datastore/label", params={"image": image, "tag": "final"},
-                                         files={"label": (corrected.name, handle)}, data={"params": "{}"},
-                                         headers=auth(annotator), timeout=120)
-                assert saved.status_code == 200, saved.text
-            params = {"steps": 150, "patch_size": 32, "device": "cpu", "requested_by": "mallory",
-                      "training_request_seq": 0}
-            answers: dict = {}
+def _an_id_freed_by_deletion_and_given_to_another_study_starts_a_new_trail(folders, server) -> None:
+    """DELETE /datastore/image frees an id; another patient's upload under it must not inherit the old study's
+    verdict or results, nor have a new verdict recorded as judging the old study's result. (The log's verdicts:
+    checked by the caller once the server is stopped.)"""
+    url = server.url
+    first = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
+                          data={"params": "{}"}, timeout=600)
+    assert first.status_code == 200, first.text
+    # a second result comes in while dr_first looks at the first: the verdict names the one it judges
+    second = requests.post(f"{url}/infer/nlm", params={"image": "ct_slab_b", "output": "json"},
+                           data={"params": "{}"}, timeout=600)
+    assert second.status_code == 200 and second.json()["audit_seq"] > first.json()["audit_seq"], second.text
+    verdict = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_first",
+                                                             "result_seq": first.json()["audit_seq"]}, timeout=60)
+    assert verdict.status_code == 200 and verdict.json()["result"]["model"] == "nlm", verdict.text
+    assert verdict.json()["result"]["result_seq"] == first.json()["audit_seq"], verdict.text
+    for bad in ("7", True, 1.5):
+        refused = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_first",
+                                                                 "result_seq": bad}, timeout=60)
+        assert refused.status_code == 422 and "result_seq" in refused.text, refused.text
+    removed = requests.delete(f"{url}/datastore/image", params={"id": "ct_slab_b"}, timeout=60)
+    assert removed.status_code == 200, removed.text
+    other = folders["studies"].parent / "other_patient.nii.gz"
+    shutil.copy(folders["studies"] / "ct_slab_c.nii.gz", other)
+    deadline = time.monotonic() + 120
+    while True:  # the datastore sees the removal through its file watcher
+        with open(other, "rb") as handle:
+            added = requests.put(f"{url}/datastore/image", params={"image": "ct_slab_b"},
+                                 files={"file": ("other_patient.nii.gz", handle)}, timeout=120)
+        if added.status_code != 409 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert added.status_code == 200 and not added.json().get("existing"), added.text
+    trail = requests.get(f"{url}/review/ct_slab_b", timeout=60).json()
+    assert trail["review"]["verdict"] == "unreviewed", trail
+    assert trail["review_history"] == [] and trail["denoise_results"] == [], trail
+    # a verdict on the old study's result (a client that kept its audit_seq) is not the new study's
+    stale = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_first",
+                                                           "result_seq": first.json()["audit_seq"]}, timeout=60)
+    assert stale.status_code == 409 and "removed and stored again" in stale.json()["detail"], stale.text
+    again = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_second"},
+                          timeout=60)
+    assert again.status_code == 409 and "denoise it first" in again.json()["detail"], again.text  # no result yet
+    denoised = _denoised_then_accepted(url, "ct_slab_b", "dr_second")  # the verdict judges the new study's result
+    # the file replaced on disk under the same name (an export job, a restore): another volume, whose verdict
+    # must not judge the earlier volume's result
+    from mlserver import write_crop
 
-            def sync_run() -> None:
-                answers["sync"] = requests.post(f"{server.url}/train/adl", params={"run_sync": "true"}, json=params,
-                                                headers=auth(admin), timeout=1800)
-
-            runner = threading.Thread(target=sync_run)
-            runner.start()
-            deadline = time.monotonic() + 600
-            while True:  # until the synchronous run trains
-                stats = requests.get(f"{server.url}/info/", headers=auth(admin), timeout=60).json()["train_stats"]
-                if stats.get("adl", {}).get("phase") == "training" or not runner.is_alive():
-                    break
-                assert time.monotonic() < deadline, server.log_tail()
-                time.sleep(0.2)
-            beside = requests.post(f"{server.url}/train/tddl_gcn", json={"steps": 2, "device": "cpu"},
-                                   headers=auth(admin), timeout=120)
-            still_running = runner.is_alive()
-            runner.join()
-            assert answers["sync"].status_code == 200, answers["sync"].text
-            assert still_running, "the synchronous run ended before the second request: give it more steps"
-            assert beside.status_code == 429 and "run_sync" in beside.json()["detail"], beside.text
-            stats = requests.get(f"{server.url}/info/", headers=auth(admin), timeout=60).json()["train_stats"]["adl"]
-            assert stats["status"] == "done", stats
-        finally:
-            stop_server(server)
-    finally:
-        realm.stop()
-    audit = AuditLog(folders["audit"])
-    assert audit.verify().ok
-    requests_made = audit.entries("training_requested")
-    assert [(e["fields"]["model"], e["fields"]["user"]) for e in requests_made] == [("adl", admin), ("tddl_gcn", admin)]
-    assert "requested_by" not in requests_made[0]["fields"]["params"]
-    decided = [e["fields"] for e in audit.entries() if e["event"] in ("weights_published", "weights_rejected")]
-    assert len(decided) == 1, decided
-    assert (decided[0]["requested_by"], decided[0]["training_request_seq"]) == (admin, requests_made[0]["seq"])
-    assert "mallory" not in audit.path.read_text()
-    not_started = _events(audit, "training_requested_failed")
-    assert [(f["model"], f["training_request_seq"]) for f in not_started] == [("tddl_gcn", requests_made[1]["seq"])]
+    stored = next(folders["studies"].glob("ct_slab_b.*"))
+    write_crop(SAMPLE_STUDIES / "ct_head_invesalius_ld25.nii.gz", stored, z=slice(50, 54))
+    replaced = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_third"},
+                             timeout=60)
+    assert replaced.status_code == 409 and "denoise it first" in replaced.json()["detail"], replaced.text
+    stale = requests.post(f"{url}/review/ct_slab_b", json={"verdict": "accepted", "reviewer": "dr_third",
+                                                           "result_seq": denoised["audit_seq"]}, timeout=60)
+    assert stale.status_code == 409 and "file replaced" in stale.json()["detail"], stale.text
+    _denoised_then_accepted(url, "ct_slab_b", "dr_third")
 
 
 def write_full_dose(target: Path, image: str, yx: tuple[slice, slice] | None = None) -> Path:
