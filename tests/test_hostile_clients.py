@@ -132,7 +132,9 @@ def _outside_state(server: Server, model_skip: tuple[str, ...] = ()) -> dict:
 
 
 def _tmp_files(server: Server) -> set[str]:
-    return {p.name for p in (server.log_path.parent / "tmp").iterdir()}
+    # torch's own compile cache (torchinductor_<user>), made in TMPDIR when a training run first builds its
+    # optimizer, is no upload
+    return {p.name for p in (server.log_path.parent / "tmp").iterdir() if not p.name.startswith("torchinductor_")}
 
 
 def _settled_tmp(server: Server, expected: set[str], wait: float = 20.0) -> set[str]:
