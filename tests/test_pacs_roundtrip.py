@@ -136,10 +136,12 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     never refreshed, and was what the check read): the series ``second`` (``uids[1]``) sent to the PACS again under
     another PatientID, its old download still in the cache, is no training data any more (422: one corrected study
     left; it trained on it), out of the training list and the dataset ZIP, and its correction, region map and info
-    are not sent (409 naming the patients; they were sent); a correction PUT for it while the cache holds the old
-    patient's download is refused (409, nothing saved), so is one of the derived series this server stored (409:
-    it was kept); the series removed from the PACS, its correction is 404 (it was sent), kept on the server all
-    the same; the PACS stopped, 503 (nothing sent unchecked)."""
+    are not sent nor judged by a 'corrected' verdict (409 naming the patients; they were sent, the verdict said "no
+    saved correction"); a correction PUT for it while the cache holds the old patient's download is refused (409,
+    nothing saved), also with the download's folder alone removed (MONAI Label's conversion of the old download,
+    never rebuilt, is what is sent: it was saved; the 409 names both cached files), so is one of the derived series
+    this server stored (409: it was kept); the series removed from the PACS, its correction is 404 (it was sent),
+    kept on the server all the same; the PACS stopped, 503 (nothing sent unchecked)."""
     import hashlib
     import shutil
     import urllib.request
@@ -241,6 +243,9 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
                           ("label/info", {"label": uids[1], "tag": "final"})):
         answer = requests.get(f"{server.url}/datastore/{route}", params=params, timeout=600)
         assert answer.status_code == 409 and changed in answer.json()["detail"], (route, params, answer.text[:500])
+    answer = requests.post(f"{server.url}/review/{uids[1]}", json={"verdict": "corrected", "reviewer": "dr_a"},
+                           timeout=600)  # why its correction is not judged (it said "no saved correction")
+    assert answer.status_code == 409 and changed in answer.json()["detail"], answer.text[:500]
     pairs = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600).json()
     assert [Path(pair["label"]).name for pair in pairs] == [f"{uids[0]}.nii.gz"], pairs
     answer = requests.get(f"{server.url}/datastore/dataset", timeout=600)
@@ -256,6 +261,16 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
         assert "nothing was saved" in answer.json()["detail"], answer.text
     assert (kept / "final" / f"{uids[1]}.json").read_text() == kept_info
     assert not (kept / "final" / f"{derived}.json").exists()
+    # the download's folder alone removed: downloaded again (the new patient's), but the image sent and trained on is
+    # MONAI Label's conversion of the old one, never rebuilt (the PUT was saved, bound to the new patient)
+    shutil.rmtree(next((tmp_path / "work" / "dicomweb_cache").glob(f"*/{uids[1]}")))
+    with open(tmp_path / "final.nii.gz", "rb") as handle:
+        answer = requests.put(f"{server.url}/datastore/label", params={"image": uids[1], "tag": "final"},
+                              files={"label": ("final.nii.gz", handle)}, timeout=600)
+    detail = answer.json().get("detail", "")
+    assert answer.status_code == 409 and f"was converted from patient_id {header.PatientID!r}" in detail, answer.text
+    assert f"{uids[1]}/ and {uids[1]}.nii.gz in its DICOMweb cache folder" in detail, detail
+    assert (kept / "final" / f"{uids[1]}.json").read_text() == kept_info
     remove_second_from_the_pacs()
     answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[1], "tag": "final"}, timeout=600)
     assert answer.status_code == 404 and f"the PACS no longer lists series {uids[1]}" in answer.text, answer.text
@@ -1627,13 +1642,25 @@ def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch
     followed (no label), nor is that file removed. Two servers on one folder (two stores: the lock was one of each
     process) change a label one after the other: a correction saved by one while the other updates its info was
     lost, its file and the earlier one both removed. A label opened to be sent is read whole after a save replaced
-    it (the GET was a 500)."""
+    it (the GET was a 500). A read of a label that is not kept creates nothing (a lock file each: any label id read
+    filled the disk). A PACS that accepts connections and never answers is a 504 naming it after
+    ``PACS_SEARCH_TIMEOUT_S`` (the label's read hung for ever), no file of the label opened meanwhile."""
+    import os
+    import socket
     import threading
+    import time
+
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
 
     import lib.pacs_corrections as pacs_corrections
-    from lib.pacs_corrections import KeptLabels
+    from lib.pacs import bound_waits
+    from lib.pacs_corrections import SERIES_IDENTITY_KEY, CorrectionNotServed, KeptLabels, server_kept_labels
 
     kept = KeptLabels(tmp_path / "corrections")
+    for tag in ("final", "regions", "any"):
+        assert kept.open("1.2.3", tag) is None
+    assert not (tmp_path / "corrections").exists()
     first, second = tmp_path / "first.nii.gz", tmp_path / "second.nii.gz"
     first.write_bytes(b"first")
     second.write_bytes(b"second")
@@ -1681,6 +1708,38 @@ def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch
     with opened:  # opened before the new save: still the earlier file, whole, with its own info
         assert opened.read() == b"first" and info["sha256"] == "a"
     assert server_2.tags("1.2.3") == ["final"] and server_2.images("final") == ["1.2.3"]
+
+    silent = socket.socket()  # a PACS that accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    accepted: list = []
+    threading.Thread(target=lambda: [accepted.append(silent.accept()) for _ in range(16)], daemon=True).start()
+    store = DICOMWebDatastore(DICOMwebClient(f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"),
+                              search_filter={"Modality": "CT"}, cache_path=str(tmp_path / "cache"))
+    bound_waits(store)
+    server_kept_labels(store, tmp_path / "shared")
+    locks = sorted(p.relative_to(tmp_path) for p in (tmp_path / "shared").rglob("*"))
+    assert store.open_checked_label("1.2.4", "final") is None and store.open_checked_label("1.2.3", "any") is None
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "shared").rglob("*")) == locks and not accepted
+    identity = {"series_instance_uid": "1.2.4", "study_instance_uid": "1.2", "patient_id": "P"}
+    server_2.save("1.2.4", str(first), "final", {SERIES_IDENTITY_KEY: identity})
+    label_file = server_2.path("1.2.4", "final")
+    monkeypatch.setattr(pacs_corrections, "PACS_SEARCH_TIMEOUT_S", 2.0)
+    outcome: list = []
+    started = time.monotonic()
+    read = threading.Thread(target=lambda: outcome.append(pytest.raises(CorrectionNotServed, store.open_checked_label,
+                                                                        "1.2.4", "final")), daemon=True)
+    read.start()
+    while not accepted and time.monotonic() - started < 60:  # the search sent, not answered
+        time.sleep(0.05)
+    open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+    assert os.path.realpath(label_file) not in open_files, "the label's file is open while its series is checked"
+    read.join(120)
+    assert not read.is_alive() and time.monotonic() - started < 60, "the label's read hangs"
+    refused = outcome[0].value
+    assert refused.status == 504 and "did not answer the search for series 1.2.4 within 2 s" in str(refused)
+    assert f"127.0.0.1:{silent.getsockname()[1]}" in str(refused)
+    silent.close()
 
 
 def _in_process_app(tmp_path: Path, studies: str, tiny_weights: Path, monkeypatch, max_voxels: int = 1_000_000):

@@ -11,6 +11,8 @@ rather than the HTTP status (a PACS can answer 200 and store nothing), then that
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import logging
 import os
@@ -21,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import pydicom
 
@@ -34,7 +36,7 @@ __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S
            "start_up_warnings", "series_folder", "series_voxels", "series_size", "series_instance_count",
            "known_size", "SeriesSize", "is_downloaded",
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
-           "PACS_CONNECT_TIMEOUT_S", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
+           "PACS_CONNECT_TIMEOUT_S", "answered_within", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
            "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "OVERSIZED_UNCOUNTED_S", "cache_folder",
            "instance_voxels", "instance_bytes", "HEADER_BYTES", "disk_shortfall", "series_disk_shortfall", "disk_full",
            "save_instance", "SeriesTooLarge", "SeriesDoesNotFit", "SeriesNotDelivered", "SeriesNotFetchableByFrame",
@@ -185,6 +187,18 @@ def bound_waits(datastore) -> None:
         return
     client = datastore._client  # noqa: SLF001 - the datastore's DICOMweb client
     client.set_http_retry_params(retry=True, max_attempts=PACS_TRIES)  # the same codes retried, the same waits
+    _bounded_session(client)
+
+
+#: the time (``time.monotonic()``) by which the PACS must have answered the requests made within
+#: :func:`answered_within`; None outside it: how long the PACS takes to answer is not bounded (a large series)
+_answer_deadline: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar("adl_pacs_answer_deadline",
+                                                                                   default=None)
+
+
+def _bounded_session(client) -> None:
+    """``client``'s requests (dicomweb-client gives them no timeout) wait :data:`PACS_CONNECT_TIMEOUT_S` to connect,
+    and within :func:`answered_within` no longer than its deadline for the answer; installed once per session."""
     session = getattr(client, "_session", None)
     if session is None or getattr(session, "adl_connect_timeout", None) is not None:
         return
@@ -192,11 +206,30 @@ def bound_waits(datastore) -> None:
 
     def request(method, url, **kwargs):
         if kwargs.get("timeout") is None:  # dicomweb-client gives none
-            kwargs["timeout"] = (PACS_CONNECT_TIMEOUT_S, None)
+            deadline = _answer_deadline.get()
+            if deadline is not None and deadline - time.monotonic() <= 0:  # the tries so far took all of it
+                from requests.exceptions import ReadTimeout
+
+                raise ReadTimeout(f"no answer from {url} in time")
+            kwargs["timeout"] = (PACS_CONNECT_TIMEOUT_S,
+                                 None if deadline is None else max(deadline - time.monotonic(), 0.1))
         return send(method, url, **kwargs)
 
     session.request = request
     session.adl_connect_timeout = PACS_CONNECT_TIMEOUT_S
+
+
+@contextlib.contextmanager
+def answered_within(client, seconds: float) -> Iterator[None]:
+    """Within it, ``client``'s requests (all their tries together) raise ``requests.exceptions.ReadTimeout`` when the
+    PACS has not answered ``seconds`` after it began: a PACS that accepts connections but never answers held a
+    request (a label's read, its series' check) for ever."""
+    _bounded_session(client)
+    token = _answer_deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _answer_deadline.reset(token)
 
 
 class _HeaderWarnings(logging.Handler):

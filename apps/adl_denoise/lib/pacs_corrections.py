@@ -20,7 +20,8 @@ info), listed for training (the training list, the dataset ZIP, fine-tuning) onl
 once, under that identity (:func:`check_binding`, one series search per series and request; MONAI Label never
 refreshes a downloaded series, so its cached files cannot tell): :class:`CorrectionNotServed` otherwise (409 when the
 series changed study or patient, or is listed in several; 404 when the PACS no longer lists it; 502 when the PACS
-answered the search with an error; a PACS that cannot be reached is the routes' 503).
+answered the search with an error; 504 when it did not answer within :data:`PACS_SEARCH_TIMEOUT_S`; a PACS that cannot
+be reached is the routes' 503).
 
 Every change of a kept label (save, info update, removal) holds a file lock of its own (``fcntl.flock`` on
 ``<root>/.locks/<tag>/<image_id>.lock``): two server processes on one ``model_dir`` change it one after the other (a
@@ -108,7 +109,10 @@ class KeptLabels:
     def open(self, image_id: str, tag: str) -> Optional[Tuple[IO[bytes], Dict[str, Any]]]:
         """The label's file opened for reading, and its info, both read under the label's lock: a save or removal
         meanwhile removes the file's name, never the open file (a sent label is the one whose info was read). None
-        without a label; the caller closes the file."""
+        without a label; the caller closes the file. Nothing is created for a label that is not kept (a lock file
+        each: every read of a label id, any, filled the disk)."""
+        if self.info(image_id, tag) is None:
+            return None
         with self._locked(image_id, tag, shared=True):
             found = self.entry(image_id, tag)
             if found is None:
@@ -181,7 +185,8 @@ class KeptLabels:
 class CorrectionNotServed(ValueError):
     """A kept label of a PACS series that is not sent, listed nor used (:func:`check_binding`), or a label that is
     not saved (:func:`correction_binding`); ``status`` is the HTTP status the routes answer (409: the series changed
-    study or patient, or is listed in several; 404: the PACS no longer lists it; 502: the PACS's search failed)."""
+    study or patient, or is listed in several; 404: the PACS no longer lists it; 502: the PACS's search failed; 504:
+    the PACS did not answer it within :data:`PACS_SEARCH_TIMEOUT_S`)."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
@@ -214,10 +219,15 @@ class ServerKeptLabelsMixin:
 
     def open_checked_label(self, label_id: str, label_tag: str) -> Optional[Tuple[IO[bytes], Dict[str, Any]]]:
         """The kept label's file, opened (:meth:`KeptLabels.open`), and its info, checked to be its series'
-        (:func:`check_binding`); None when none is kept. Raises :class:`CorrectionNotServed`."""
+        (:func:`check_binding`, before the file is opened: a PACS slow to answer holds no open file); None when none is
+        kept. Raises :class:`CorrectionNotServed`."""
+        info = self._kept.info(label_id, label_tag)
+        if info is None:
+            return None
+        check_binding(self, label_id, info)
         opened = self._kept.open(label_id, label_tag)
-        if opened is not None:
-            try:
+        if opened is not None and opened[1].get(SERIES_IDENTITY_KEY) != info.get(SERIES_IDENTITY_KEY):
+            try:  # saved again meanwhile, for another identity: that one checked
                 check_binding(self, label_id, opened[1])
             except BaseException:
                 opened[0].close()
@@ -318,16 +328,15 @@ def _series_folder(datastore, image_id: str) -> Path:
 
 
 _IDENTITY_KEYS = ("series_instance_uid", "study_instance_uid", "patient_id")
+#: seconds the PACS has to answer a series' identity search (all its tries): one that accepts connections but never
+#: answers held a label's read for ever (504 then)
+PACS_SEARCH_TIMEOUT_S = 30.0
 
 
-def _downloaded_identity(datastore, image_id: str) -> Dict[str, str]:
-    """SeriesInstanceUID, StudyInstanceUID and PatientID of the downloaded series ``image_id`` (its first file that
-    reads as DICOM; downloading it first if needed). What the server sends as that series' image: MONAI Label never
-    downloads it again, so it may be older than what the PACS lists now."""
+def _header_identity(folder: Path, image_id: str) -> Dict[str, str]:
     import pydicom
 
-    datastore.get_image_uri(image_id)  # downloads (bounded) when it is not in the cache
-    for path in sorted(_series_folder(datastore, image_id).iterdir()):
+    for path in sorted(folder.iterdir()):
         try:
             header = pydicom.dcmread(str(path), stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - not a DICOM file: the next one
@@ -336,6 +345,40 @@ def _downloaded_identity(datastore, image_id: str) -> Dict[str, str]:
                 "study_instance_uid": str(header.get("StudyInstanceUID", "")),
                 "patient_id": str(header.get("PatientID", ""))}
     raise FileNotFoundError(f"series {image_id}: no DICOM file in its download")
+
+
+#: the image info keys MONAI Label records when it converts a downloaded series (``DICOMWebDatastore._dicom_info``)
+_RECORDED_KEYS = {"series_instance_uid": "SeriesInstanceUID", "study_instance_uid": "StudyInstanceUID",
+                  "patient_id": "PatientID"}
+
+
+def _served_problems(datastore, image_id: str, current: Dict[str, str]) -> Tuple[List[str], List[str]]:
+    """Why the image the server sends (and trains on) as the series ``image_id`` is not the series the PACS lists
+    now under ``current`` (downloading it first if needed), and the cached files to remove: its downloaded folder and,
+    when MONAI Label converts series (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI``, on by default), its conversion
+    ``<image_id>.nii.gz``, which MONAI Label never rebuilds once it exists (the folder alone re-downloaded, the old
+    conversion was still served). ``([], files)`` when it is that series'."""
+    served = datastore.get_image_uri(image_id)  # downloads (bounded) and converts when not in the cache
+    folder = _series_folder(datastore, image_id)
+    files = [f"{image_id}/"]
+    problems: List[str] = []
+    downloaded = _header_identity(folder, image_id)
+    changed = [key for key in _IDENTITY_KEYS if downloaded[key] != current[key]]
+    if changed:
+        problems.append(f"its download has {', '.join(f'{k} {downloaded[k]!r}' for k in changed)}")
+    if served and os.path.isfile(served):  # the conversion is what is sent and trained on
+        files.append(os.path.basename(served))
+        info = datastore.get_image_info(image_id) or {}
+        recorded = {key: str(info[name]) for key, name in _RECORDED_KEYS.items() if name in info}
+        changed = [key for key, value in recorded.items()
+                   if value != current[key] and not (value == "UNK" and current[key] == "")]  # UNK: none listed
+        if changed:
+            problems.append(f"the image sent ({os.path.basename(served)}) was converted from "
+                            f"{', '.join(f'{k} {recorded[k]!r}' for k in changed)}")
+        newest = max((p.stat().st_mtime for p in folder.iterdir()), default=0.0)
+        if os.stat(served).st_mtime < newest:
+            problems.append(f"the image sent ({os.path.basename(served)}) was converted from an earlier download")
+    return problems, files
 
 
 #: the PACS's answers of one request or listing (:func:`one_search_per_series`): series id -> its identities
@@ -355,6 +398,13 @@ def one_search_per_series() -> Iterator[None]:
             _searched.reset(token)
 
 
+def _without_credentials(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
 def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
     """The identities (``series_instance_uid``, ``study_instance_uid``, ``patient_id``) under which the PACS lists
     the series ``image_id`` now: one QIDO-RS series search (SeriesInstanceUID, with StudyInstanceUID and PatientID;
@@ -362,21 +412,27 @@ def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
     several studies or patients.
 
     Raises:
-        CorrectionNotServed: 502, the PACS answered the search with an error.
-        requests.ConnectionError, requests.Timeout: the PACS cannot be reached (the routes' 503).
+        CorrectionNotServed: 502, the PACS answered the search with an error; 504, it did not answer within
+            :data:`PACS_SEARCH_TIMEOUT_S`.
+        requests.ConnectionError: the PACS cannot be reached (the routes' 503).
     """
     import requests
     import retrying
 
-    from .pacs import _first_str
+    from .pacs import _first_str, answered_within
 
     memo = _searched.get()
     if memo is not None and image_id in memo:
         return memo[image_id]
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client (bounded waits)
     try:
-        found = client.search_for_series(search_filters={"SeriesInstanceUID": image_id},
-                                         fields=["StudyInstanceUID", "PatientID"]) or []
+        with answered_within(client, PACS_SEARCH_TIMEOUT_S):
+            found = client.search_for_series(search_filters={"SeriesInstanceUID": image_id},
+                                             fields=["StudyInstanceUID", "PatientID"]) or []
+    except requests.ReadTimeout:
+        raise CorrectionNotServed(f"the PACS ({_without_credentials(client.base_url)}) did not answer the search for "
+                                  f"series {image_id} within {PACS_SEARCH_TIMEOUT_S:g} s: its study and patient "
+                                  "cannot be checked; nothing was sent or saved", 504) from None
     except (requests.HTTPError, retrying.RetryError) as error:  # an error status (retried ones: RetryError)
         answer = getattr(error, "response", None)
         if answer is None:  # retrying's: the last attempt's result is the response
@@ -424,14 +480,12 @@ def correction_binding(datastore, image_id: str) -> Dict[str, Any]:
         return {}
     nothing = "nothing was saved"
     current = _one_identity(datastore, image_id, nothing)
-    downloaded = _downloaded_identity(datastore, image_id)
-    changed = [key for key in _IDENTITY_KEYS if downloaded[key] != current[key]]
-    if changed:
+    problems, files = _served_problems(datastore, image_id, current)
+    if problems:
         raise CorrectionNotServed(
-            f"series {image_id} changed since this server downloaded it: its download (the image sent for review) has "
-            f"{', '.join(f'{k} {downloaded[k]!r}' for k in changed)}, the PACS now lists "
-            f"{', '.join(f'{k} {current[k]!r}' for k in changed)}; {nothing} (the server's cached download of the "
-            "series must be removed first)", 409)
+            f"series {image_id} changed since this server downloaded it: {'; '.join(problems)}; the PACS now lists "
+            f"{', '.join(f'{k} {current[k]!r}' for k in _IDENTITY_KEYS)}; {nothing} (remove the server's cached "
+            f"download of the series first: {' and '.join(files)} in its DICOMweb cache folder)", 409)
     return {SERIES_IDENTITY_KEY: current}
 
 

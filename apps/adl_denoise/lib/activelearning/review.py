@@ -209,7 +209,12 @@ class NothingToJudge(ValueError):
 
 def _has_correction(datastore: Datastore, image_id: str) -> bool:
     """Whether ``image_id``'s ``final`` label is a clinician's correction of the image stored under it now
-    (:func:`lib.trainers.finetune.is_clinician_correction`)."""
+    (:func:`lib.trainers.finetune.is_clinician_correction`). A kept correction of a PACS series that is not sent
+    (:class:`lib.pacs_corrections.CorrectionNotServed`: its series changed, 409) and a PACS that cannot be reached
+    (``requests``' errors, 503) are raised: they said "no saved correction"."""
+    from requests.exceptions import RequestException
+
+    from ..pacs_corrections import CorrectionNotServed
     from ..trainers.finetune import is_clinician_correction
 
     try:
@@ -218,6 +223,8 @@ def _has_correction(datastore: Datastore, image_id: str) -> bool:
             return False  # before any path: a PACS study's image is fetched to be found
         return is_clinician_correction(info, datastore.get_label_uri(image_id, "final"),
                                        datastore.get_image_uri(image_id))
+    except (CorrectionNotServed, RequestException):
+        raise
     except (OSError, KeyError, ValueError):  # a label or image the datastore cannot resolve: no correction
         return False
 

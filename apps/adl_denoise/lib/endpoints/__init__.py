@@ -85,8 +85,8 @@ def _install_read_failure_answers(fastapi_app) -> None:
     fine-tune request's correction of a study over a limit lowered since) is a 413 with the reader's message (what
     is too large, the limit, how to raise it), without the server's paths; it was a bare 500. A kept correction of
     a PACS series that is not that series' any more (:class:`lib.pacs_corrections.CorrectionNotServed`: its series
-    changed study or patient, 409; left the PACS, 404; the PACS's search failed, 502) is answered with its status
-    and reason, nothing of it sent."""
+    changed study or patient, 409; left the PACS, 404; the PACS's search failed, 502, or was not answered in time,
+    504) is answered with its status and reason, nothing of it sent."""
     from fastapi.responses import JSONResponse
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 

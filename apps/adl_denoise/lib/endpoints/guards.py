@@ -1124,8 +1124,9 @@ def guarded_download_label(request: Request, tag: str, label: Optional[str] = No
     otherwise (MONAI Label downloaded an image series into its label cache, then answered a bare 500). A label this
     server keeps of a PACS series (:mod:`lib.pacs_corrections`) is sent only while the PACS lists the series under
     the study and patient it was saved for (409 naming what changed, 404 when the PACS no longer lists it, 503 when
-    the PACS cannot be reached: nothing sent, no entry), from its file opened under the label's lock (a correction
-    saved again meanwhile does not remove it from under the answer: it was a 500)."""
+    the PACS cannot be reached, 504 when it does not answer in time: nothing sent, no entry; asked before the file is
+    opened), from its file opened under the label's lock (a correction saved again meanwhile does not remove it from
+    under the answer: it was a 500)."""
     from monailabel.endpoints.datastore import download_label
 
     from ..pacs import final_label_problem

@@ -129,6 +129,7 @@ def api_audit_one(image_id: str, request: Request) -> dict:
 def api_review(image_id: str, request: Request, body: dict = Body(...)) -> dict:
     from ..activelearning import NothingToJudge, NotThisStudysResult, record_verdict
     from ..audit import AuditError
+    from ..pacs_corrections import CorrectionNotServed
     from .access import current_user
 
     if not isinstance(body, dict):
@@ -146,6 +147,8 @@ def api_review(image_id: str, request: Request, body: dict = Body(...)) -> dict:
         raise HTTPException(status_code=404, detail=str(error).strip("'\"")) from None
     except (NotThisStudysResult, NothingToJudge) as error:
         raise HTTPException(status_code=409, detail=str(error)) from None
+    except CorrectionNotServed:  # a PACS series' correction not its series' any more: the app's answer (409 / 404)
+        raise
     except ValueError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
     except AuditError as error:
