@@ -961,8 +961,6 @@ def test_the_review_queue_asks_the_pacs_the_size_of_an_oversized_series_once(tmp
     from monailabel.config import settings
 
     import lib.pacs
-    from conftest import import_app_main
-    from lib.activelearning import NextUnreviewed
     from lib.activelearning.review import QUEUE_LEFT
 
     pacs, qido_searches = _counting_orthanc(tmp_path)
@@ -972,13 +970,7 @@ def test_the_review_queue_asks_the_pacs_the_size_of_an_oversized_series_once(tmp
         big_uid = str(pydicom.dcmread(big[0]).SeriesInstanceUID)
         small_uid = upload_real_ct_series(pacs, tmp_path / "small")  # 0.79 M voxels, under it
         monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
-        (tmp_path / "app" / "bin").mkdir(parents=True)  # MONAI Label downloads dcmqi's converter otherwise
-        (tmp_path / "app" / "bin" / "itkimage2segimage").write_text("")
-        app = import_app_main().DenoisingApp(str(tmp_path / "app"), pacs.dicomweb,
-                                             {"model_dir": str(copy_weights(tiny_weights, tmp_path / "model")),
-                                              "models": "nlm", "max_voxels": "1000000"})
-        store = app.datastore()
-        queue = NextUnreviewed(app.audit, app._queue_voxel_limit)  # noqa: SLF001 - the app's own limit
+        _, store, queue = _nlm_app_and_queue(tmp_path, pacs.dicomweb, tiny_weights)
 
         def ask() -> tuple[list, list[str]]:
             """One queue request that passes the big series: (its too_large_to_review, the QIDO-RS searches)."""
@@ -1340,8 +1332,6 @@ def test_a_failed_frame_by_frame_download_is_tried_again_after_a_while_or_once_t
 
     import lib.activelearning.review as review
     import lib.pacs
-    from conftest import import_app_main
-    from lib.activelearning import NextUnreviewed
     from lib.activelearning.review import QUEUE_LEFT
 
     files = real_ct_series(tmp_path / "series", slices=2)
@@ -1351,13 +1341,7 @@ def test_a_failed_frame_by_frame_download_is_tried_again_after_a_while_or_once_t
         pacs.upload(files[0])
         monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
         monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME", True)
-        (tmp_path / "app" / "bin").mkdir(parents=True)  # MONAI Label downloads dcmqi's converter otherwise
-        (tmp_path / "app" / "bin" / "itkimage2segimage").write_text("")
-        app = import_app_main().DenoisingApp(str(tmp_path / "app"), pacs.dicomweb,
-                                             {"model_dir": str(copy_weights(tiny_weights, tmp_path / "model")),
-                                              "models": "nlm", "max_voxels": "1000000"})
-        store = app.datastore()
-        queue = NextUnreviewed(app.audit, app._queue_voxel_limit)  # noqa: SLF001 - the app's own limit
+        _, store, queue = _nlm_app_and_queue(tmp_path, pacs.dicomweb, tiny_weights)
 
         def ask() -> tuple[list, list[str]]:
             """One queue request: (its not_downloaded, the requests naming the series)."""
@@ -1742,24 +1726,31 @@ def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch
     silent.close()
 
 
-def _in_process_app(tmp_path: Path, studies: str, tiny_weights: Path, monkeypatch, max_voxels: int = 1_000_000):
-    """The app (``DenoisingApp``, in this process) serving the DICOMweb root ``studies`` with ``max_voxels``, its
-    download cache in ``tmp_path / "dicomweb_cache"``; returns (its datastore, one review queue request: a function
-    of the ids to exclude answering the queue's ``too_large_to_review``, no study handed out)."""
-    from monailabel.config import settings
-
+def _nlm_app_and_queue(tmp_path: Path, studies: str, tiny_weights: Path, max_voxels: int = 1_000_000):
+    """(app, its datastore, its review queue): the app (``DenoisingApp``, in this process, the nlm model, a copy of
+    ``tiny_weights``) serving the DICOMweb root ``studies`` with ``max_voxels``."""
     from conftest import import_app_main
     from lib.activelearning import NextUnreviewed
-    from lib.activelearning.review import QUEUE_LEFT
 
-    monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
     (tmp_path / "app" / "bin").mkdir(parents=True)  # MONAI Label downloads dcmqi's converter otherwise
     (tmp_path / "app" / "bin" / "itkimage2segimage").write_text("")
     app = import_app_main().DenoisingApp(str(tmp_path / "app"), studies,
                                          {"model_dir": str(copy_weights(tiny_weights, tmp_path / "model")),
                                           "models": "nlm", "max_voxels": str(max_voxels)})
     store = app.datastore()
-    queue = NextUnreviewed(app.audit, app._queue_voxel_limit)  # noqa: SLF001 - the app's own limit
+    return app, store, NextUnreviewed(app.audit, app._queue_voxel_limit)  # noqa: SLF001 - the app's own limit
+
+
+def _in_process_app(tmp_path: Path, studies: str, tiny_weights: Path, monkeypatch, max_voxels: int = 1_000_000):
+    """The app (``DenoisingApp``, in this process) serving the DICOMweb root ``studies`` with ``max_voxels``, its
+    download cache in ``tmp_path / "dicomweb_cache"``; returns (its datastore, one review queue request: a function
+    of the ids to exclude answering the queue's ``too_large_to_review``, no study handed out)."""
+    from monailabel.config import settings
+
+    from lib.activelearning.review import QUEUE_LEFT
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
+    _, store, queue = _nlm_app_and_queue(tmp_path, studies, tiny_weights, max_voxels)
 
     def ask(exclude: list[str]) -> list[dict]:
         QUEUE_LEFT.set(None)
