@@ -33,7 +33,7 @@ from .imaging.errors import one_line
 log = logging.getLogger(__name__)
 
 __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S", "LISTING_RETRY_S",
-           "start_up_warnings", "series_folder", "series_voxels", "series_size", "series_instance_count",
+           "start_up_warnings", "cached_series_folder", "series_folder", "series_voxels", "series_size", "series_instance_count",
            "known_size", "SeriesSize", "is_downloaded",
            "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "answered_within", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
@@ -668,7 +668,7 @@ def _oversized_memo(datastore) -> OrderedDict:
 
 def is_downloaded(datastore, image_id: str) -> bool:
     """Whether the series' DICOM files are in the datastore's cache already."""
-    folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
+    folder = cached_series_folder(datastore, image_id)
     return folder.is_dir() and any(folder.iterdir())
 
 
@@ -862,7 +862,7 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
         requests.exceptions.ConnectionError, Timeout, HTTPError: the PACS cannot be reached or refused a request.
     """
     if folder is None:
-        folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
+        folder = cached_series_folder(datastore, image_id)
     if folder.is_dir() and any(folder.iterdir()):
         # one downloaded frame by frame before its files got a file meta (:func:`add_file_meta`) is repaired here:
         # else every infer of it was a 422 "cannot decode the pixel data" until the cache was emptied by hand
@@ -1225,6 +1225,12 @@ def final_label_problem(datastore, label_id: str) -> str | None:
             "image series is downloaded with GET /datastore/image?image=...")
 
 
+def cached_series_folder(datastore, image_id: str) -> Path:
+    """Where MONAI Label's DICOMweb datastore keeps the downloaded files of the series ``image_id`` (whether or not
+    they are there)."""
+    return Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
+
+
 def series_folder(datastore, image_id: str, limit: int | None = None, size: SeriesSize | None = None) -> Path:
     """The downloaded DICOM files of a series (downloading them if needed; with ``limit``, at most that many voxels:
     :func:`download_within`, ``size`` the one its caller asked).
@@ -1236,7 +1242,7 @@ def series_folder(datastore, image_id: str, limit: int | None = None, size: Seri
     if limit is not None:
         download_within(datastore, image_id, limit, size)
     datastore.get_image_uri(image_id)  # downloads (and converts) on first use
-    folder = Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
+    folder = cached_series_folder(datastore, image_id)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise FileNotFoundError(f"series {image_id} was not downloaded into {folder}")
     return folder

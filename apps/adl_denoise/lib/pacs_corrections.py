@@ -323,10 +323,6 @@ def server_kept_labels(datastore, folder: str | os.PathLike):
     return datastore
 
 
-def _series_folder(datastore, image_id: str) -> Path:
-    return Path(datastore._datastore.image_path()) / image_id  # noqa: SLF001 - MONAI Label's own cache layout
-
-
 _IDENTITY_KEYS = ("series_instance_uid", "study_instance_uid", "patient_id")
 #: seconds the PACS has to answer a series' identity search (all its tries): one that accepts connections but never
 #: answers held a label's read for ever (504 then)
@@ -359,7 +355,9 @@ def _served_problems(datastore, image_id: str, current: Dict[str, str]) -> Tuple
     ``<image_id>.nii.gz``, which MONAI Label never rebuilds once it exists (the folder alone re-downloaded, the old
     conversion was still served). ``([], files)`` when it is that series'."""
     served = datastore.get_image_uri(image_id)  # downloads (bounded) and converts when not in the cache
-    folder = _series_folder(datastore, image_id)
+    from .pacs import cached_series_folder
+
+    folder = cached_series_folder(datastore, image_id)
     files = [f"{image_id}/"]
     problems: List[str] = []
     downloaded = _header_identity(folder, image_id)
