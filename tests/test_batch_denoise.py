@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1137,6 +1138,83 @@ def test_a_slice_the_storage_cannot_read_or_copied_twice_fails_its_series_before
     summary = run()
     assert (summary.done, summary.skipped, summary.failed) == (1, 2, 0), summary
     assert "does not hold what this batch wrote" in _last_records(out)["file:crop.nii.gz"]["redone"]
+
+def test_a_slice_pydicom_cannot_parse_is_a_damaged_file_not_a_read_error_of_the_storage(tmp_path):
+    """A slice cut inside a sequence of undefined length makes pydicom raise its own IOError ("No tag to read at file
+    position ..."), with or without the 128-byte preamble. Batch discovery took every OSError while pydicom parsed a
+    file for a read error of the storage: the series was failed with "check the storage, then try again" and its
+    earlier output kept as if the file might read tomorrow. It is a damaged slice: the series is failed naming it,
+    with the advice to replace or remove it, and its output is evidence against (``input_refused``). A real read
+    error of the storage while pydicom parses (an OSError with an errno) could not be made here: the test runs as
+    root (no EACCES) and the file's first bytes, read just before, must be readable."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+
+    root = tmp_path / "archive"
+    for name in ("no_preamble", "preamble"):
+        slices = _ct_small_series(root / name, 3, generate_uid())
+        ds = pydicom.dcmread(slices[1])
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T-D0050", "SRT", "Abdomen"
+        ds.AnatomicRegionSequence = Sequence([code])
+        ds["AnatomicRegionSequence"].is_undefined_length = True
+        ds.save_as(slices[1])
+        data = slices[1].read_bytes()
+        cut = data.index(b"\x08\x00\x18\x22") + 12  # inside the sequence, before its item's tag
+        slices[1].write_bytes(data[132:cut] if name == "no_preamble" else data[:cut])
+        assert (slices[1].read_bytes()[:2] == b"\x02\x00") == (name == "no_preamble")  # the file meta group first
+        with pytest.raises(OSError, match="No tag to read at file position") as raised:
+            pydicom.dcmread(slices[1], stop_before_pixels=True, force=True)
+        assert raised.value.errno is None
+    items = {item.key.split("#")[0]: item for item in discover_tree(root, tmp_path / "out")}
+    for name in ("no_preamble", "preamble"):
+        item = items[f"dicom:{name}"]
+        assert item.input_refused and not item.keeps_output, item
+        assert re.search(r"1 DICOM file\(s\) cannot be read: PAT_A_001\.dcm cannot be read \(No tag to read at file "
+                         r"position [0-9A-F]+\); a series with a damaged slice is not read .*: replace or remove the "
+                         r"file$", item.problem), item.problem
+        assert "storage" not in item.problem, item.problem
+
+
+def test_a_series_copied_whole_into_a_second_folder_is_told_a_copy_not_split(tmp_path):
+    """A series copied whole into a second folder (every instance in both) was refused as "split over 2 folders: put
+    all its slices in one folder"; doing so only had it refused as slices copied twice. It is told a copy (keep one
+    folder); a series split over folders with some instances in both is told so (each instance once); one split
+    without copies keeps its message. Each stays refused at discovery, nothing merged. (Real DICOM files.)"""
+    from pydicom.uid import generate_uid
+
+    root = tmp_path / "archive"
+    copied, split, overlapping = generate_uid(), generate_uid(), generate_uid()
+    _ct_small_series(root / "copied" / "a", 4, copied)
+    shutil.copytree(root / "copied" / "a", root / "copied" / "b")
+    _ct_small_series(root / "split" / "part1", 3, split)
+    _ct_small_series(root / "split" / "part2", 3, split, start=3)
+    first = _ct_small_series(root / "overlap" / "part1", 3, overlapping)
+    _ct_small_series(root / "overlap" / "part2", 2, overlapping, start=3)
+    shutil.copy2(first[2], root / "overlap" / "part2")  # one instance in both folders
+    items = {item.key.split("#")[0]: item for item in discover_tree(root, tmp_path / "out")}
+    for part in ("a", "b"):
+        item = items[f"dicom:copied/{part}"]
+        assert item.input_refused and item.problem == (
+            f"series {copied} is copied whole in 2 folders ({root / 'copied' / 'a'}, {root / 'copied' / 'b'}): each "
+            "holds all its 4 instances (the same SOPInstanceUIDs): keep one of the folders and remove the other "
+            "copies"), item
+    for part in ("part1", "part2"):
+        assert items[f"dicom:split/{part}"].problem == (
+            f"series {split} is split over 2 folders ({root / 'split' / 'part1'}, {root / 'split' / 'part2'}): put "
+            "all its slices in one folder"), items[f"dicom:split/{part}"]
+        assert items[f"dicom:overlap/{part}"].problem == (
+            f"series {overlapping} is split over 2 folders ({root / 'overlap' / 'part1'}, "
+            f"{root / 'overlap' / 'part2'}), 1 of its 5 instances in more than one of them (copies): put all its "
+            "slices in one folder, each instance once"), items[f"dicom:overlap/{part}"]
+    # the old advice followed: the copy's slices put in one folder are slices copied twice
+    for path in (root / "copied" / "b").iterdir():
+        path.rename(root / "copied" / "a" / f"copy {path.name}")
+    (root / "copied" / "b").rmdir()
+    items = {item.key.split("#")[0]: item for item in discover_tree(root, tmp_path / "out")}
+    assert "one slice copied twice; remove the copy" in items["dicom:copied/a"].problem, items["dicom:copied/a"]
+
 
 def _restudied(files: list[Path], folder: Path, study_uid: str, patient_id: str = "BATCH") -> None:
     """``files`` copied into ``folder`` (created) under ``study_uid`` and ``patient_id``: new SOP Instance UIDs, the

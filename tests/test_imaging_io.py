@@ -1273,6 +1273,58 @@ def test_the_header_only_check_refuses_compressed_data_cut_short_as_the_reader_d
         assert check_voxels(members) == (64, 64, 12)
 
 
+@pytest.mark.parametrize("case,verdict", [
+    ("newline", "ok"), ("text", "ok"), ("gzip magic", "ok"), ("members then text", "ok"), ("gzip data unnamed", "ok"),
+    ("cut then text", "cut"), ("half then text", "short"), ("corrupt member", "corrupt"),
+])
+def test_a_nifti_gzip_followed_by_other_bytes_is_read_where_all_its_voxels_are_there(tmp_path, case, verdict):
+    """A ``.nii.gz`` whose gzip data is followed by bytes that are no gzip member (a newline, text, a broken member
+    a transfer tool appended) was refused as "its gzip stream is broken (Not a gzipped file)", by the upload check
+    and the reader alike, though SimpleITK (zlib's gzread) and nibabel read it exactly, and so was a NIfTI stored
+    without compression under a ``.nii.gz`` name (gzread reads it as it is). Both are read; what follows the member
+    holding the last voxel is never read. A stream cut before its end, a member ending short of the declared voxels,
+    a member whose CRC fails (ITK reads its corrupt voxels) are still refused."""
+    import gzip
+
+    from lib.imaging.io import check_voxels
+
+    # 1.3 MB of voxels: ITK inflates a smaller file whole when it reads its header, and refuses a bad CRC there
+    values = np.random.default_rng(0).normal(0, 100, (40, 128, 128)).astype(np.int16)
+    whole = tmp_path / "whole.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(whole), True)
+    stream = whole.read_bytes()
+    raw = gzip.decompress(stream)
+    half = len(raw) // 2
+    corrupt = bytearray(stream)
+    corrupt[-5000] ^= 0x55  # a bit flipped in the deflate data: it still inflates, to other voxels
+    content = {"newline": stream + b"\n", "text": stream + b"checksum 0123abcd\n",
+               "gzip magic": stream + b"\x1f\x8b not a member", "gzip data unnamed": raw,
+               "members then text": gzip.compress(raw[:half]) + gzip.compress(raw[half:]) + b"\n",
+               "cut then text": stream[: len(stream) // 2] + b"\n", "half then text": gzip.compress(raw[:half]) + b"\n",
+               "corrupt member": bytes(corrupt)}[case]
+    path = tmp_path / "study.nii.gz"
+    path.write_bytes(content)
+    try:
+        read = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except RuntimeError:
+        read = None
+    if verdict == "ok":
+        assert read is not None and np.array_equal(read, values), case
+        assert check_voxels(path) == (128, 128, 40)
+        assert np.array_equal(read_volume(path, modality="CT").array, values.astype(np.float32))
+        return
+    assert read is None or not np.array_equal(read, values), case  # what ITK would read is not the image
+    words = {"cut": r"its gzip stream is broken \(Compressed file ended before the end-of-stream marker",
+             "short": rf"its header declares {values.nbytes:,} bytes of voxels, the file decompresses to "
+                      rf"{half - (len(raw) - values.nbytes):,}",
+             "corrupt": r"its gzip stream is broken \((CRC check failed|.*incorrect data check)"}[verdict]
+    with pytest.raises(ImageReadError, match=r"study\.nii\.gz is truncated or corrupt: " + words):
+        read_volume(path, modality="CT")
+    if verdict != "corrupt":  # the fine-tune check takes a gzip trailer that gives the declared length as whole
+        with pytest.raises(ImageReadError, match=r"study\.nii\.gz is truncated or corrupt: " + words):
+            check_voxels(path)
+
+
 _HAND_VALUES = np.random.default_rng(3).normal(0, 50, (20, 64, 64)).astype(np.int16)  # (z, y, x), little-endian
 
 
@@ -1366,6 +1418,40 @@ def test_a_metaimage_whose_compressed_data_is_short_is_refused_not_read_as_zeros
     with pytest.raises(ImageReadError, match=r"zlib_short\.mha is truncated or corrupt: its header declares 163,840 "
                                              r"bytes of voxels, its compressed data decompresses to 81,920"):
         read_volume(path)
+
+
+def test_a_metaimage_whose_inline_compressed_data_has_no_size_is_refused_not_read_as_garbage(tmp_path):
+    """A ``.mha`` file SimpleITK wrote compressed, its ``CompressedDataSize`` line then removed (other tools leave it
+    out), passed every check, and ITK's MetaIO read it as garbage (most voxels, differing from read to read; only
+    "Uncompress failed" on stderr). It is refused, naming the line to add, and read exactly once it is added. A
+    ``.mhd`` header without it is read right (MetaIO takes its data file's size) and is taken."""
+    import re
+
+    from lib.imaging.io import check_voxels
+
+    values = np.random.default_rng(0).normal(0, 100, (12, 64, 64)).astype(np.int16)
+    for suffix in (".mha", ".mhd"):
+        sitk.WriteImage(sitk.GetImageFromArray(values), str(tmp_path / f"written{suffix}"), True)
+    written = (tmp_path / "written.mha").read_bytes()
+    size_line = re.search(rb"CompressedDataSize = \d+\n", written)
+    unsized = tmp_path / "unsized.mha"
+    unsized.write_bytes(written.replace(size_line.group(0), b""))
+    assert not np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(unsized))), values)
+    words = (r"unsized\.mha cannot be read as it is: its header says CompressedData = True but gives no "
+             rf"CompressedDataSize, .* add the line '{size_line.group(0).decode().strip()}' to its header")
+    with pytest.raises(ImageReadError, match=words):
+        read_volume(unsized, modality="CT")
+    with pytest.raises(ImageReadError, match=words) as refused:
+        check_voxels(unsized)
+    added = re.search(r"add the line '([^']+)'", str(refused.value)).group(1)
+    unsized.write_bytes(unsized.read_bytes().replace(b"ElementDataFile", f"{added}\nElementDataFile".encode(), 1))
+    assert np.array_equal(read_volume(unsized, modality="CT").array, values.astype(np.float32))
+    header = (tmp_path / "written.mhd").read_text()
+    (tmp_path / "unsized.mhd").write_text(re.sub(r"CompressedDataSize = \d+\n", "", header))
+    assert "CompressedDataSize" not in (tmp_path / "unsized.mhd").read_text()
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "unsized.mhd"))), values)
+    assert np.array_equal(read_volume(tmp_path / "unsized.mhd", modality="CT").array, values.astype(np.float32))
+    assert check_voxels(tmp_path / "unsized.mhd") == (64, 64, 12)
 
 
 @pytest.mark.parametrize("case,words", [
@@ -1632,7 +1718,8 @@ def test_compressed_frames_in_several_fragments_are_read_by_their_offset_table(t
     segment data doesn't match"). The fragments of each frame are joined where the Basic or Extended Offset Table
     says the frames start, and the file reads as its uncompressed twin; the frames are counted by the table (one
     more declared than listed, or the last fragment cut off: refused naming both), and a table whose frame start is
-    not a fragment's is refused as corrupt, naming the frame."""
+    not a fragment's is refused as corrupt, naming the frame and the table (Basic or Extended: which one was
+    wrong was not said)."""
     import struct
 
     fragments = 2 if table == "basic" else 3
@@ -1662,7 +1749,8 @@ def test_compressed_frames_in_several_fragments_are_read_by_their_offset_table(t
         entry = _fragment_items(wrong)[0][0] + 8 + 4 * 2
         raw[entry:entry + 4] = struct.pack("<I", struct.unpack("<I", raw[entry:entry + 4])[0] + 2)
         wrong.write_bytes(bytes(raw))
-    with pytest.raises(ImageReadError, match=r"wrong.dcm is corrupt: its offset table puts frame 3 of 4 at byte "
+    named = "Extended Offset Table" if table == "extended" else "Basic Offset Table"
+    with pytest.raises(ImageReadError, match=rf"wrong.dcm is corrupt: its {named} puts frame 3 of 4 at byte "
                                              r"\d+, not at the start of a fragment of its compressed pixel data "
                                              r"after the previous frame's"):
         read_volume(wrong)
@@ -1736,7 +1824,7 @@ def test_frames_whose_starts_are_unknown_are_refused_before_the_pixel_data_is_re
     raw[entry:entry + 4] = struct.pack("<I", struct.unpack("<I", raw[entry:entry + 4])[0] + 2)
     wrong.write_bytes(bytes(raw))
     unmarked = _split_frames(source, tmp_path / "unmarked.dcm", table=False, repeat=20, declared=199)
-    for path, expected in ((wrong, r"wrong.dcm is corrupt: its offset table puts frame 3 of 200 at byte \d+, not at "
+    for path, expected in ((wrong, r"wrong.dcm is corrupt: its Basic Offset Table puts frame 3 of 200 at byte \d+, not at "
                                    r"the start of a fragment"),
                            (unmarked, r"unmarked.dcm cannot be read: .* holds 400 fragments for the 199 frames its "
                                       r"header declares .* and 200 of its fragments begin with a start of image")):

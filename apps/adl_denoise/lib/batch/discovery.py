@@ -34,6 +34,7 @@ import hashlib
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -119,6 +120,8 @@ class SeriesItem:
     again. ``studies`` / ``patients``: the StudyInstanceUIDs and PatientIDs its instances are filed under (DICOM series;
     one each in a sound archive); ``uid_reused``: refused because its SeriesInstanceUID is also found in another
     study or under another patient (:func:`refuse_reused_uids`): nothing of its job is asked, stored or reported.
+    ``instances``: the SOPInstanceUIDs of a folder's DICOM series (told apart: a series split over folders, or
+    copied).
     """
 
     key: str
@@ -135,6 +138,7 @@ class SeriesItem:
     patients: tuple[str, ...] = field(default=(), compare=False, repr=False)
     uid_reused: bool = False
     keeps_output: bool = False
+    instances: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
 
 def check_roots(root: Path, out: Path) -> None:
@@ -217,7 +221,7 @@ def _dicom_items(folder: Path, rel: Path, out_root: Path, series_filter: SeriesF
                                 series_uid=s["uid"], study_uid=study_uid,
                                 files=tuple(str(f) for f in s["files"]), studies=tuple(s["study_uids"]),
                                 patients=tuple(s["patient_ids"]), problem=problem, input_refused=refused,
-                                keeps_output=keeps))
+                                keeps_output=keeps, instances=tuple(s["instances"])))
     return items
 
 
@@ -363,19 +367,35 @@ def refuse_reused_uids(items: list[SeriesItem], also: Iterable[tuple[str, str, s
 
 def refuse_split_series(items: list[SeriesItem]) -> list[SeriesItem]:
     """``items`` with :attr:`SeriesItem.problem` set on every DICOM series whose SeriesInstanceUID is also found in
-    another folder: each folder would be written as a partial series of its own, both under one record. Series with
-    an empty UID (hard-anonymised) are told apart by their files' content instead."""
-    folders: dict[str, set[str]] = {}
+    another folder: each folder would be written as a partial series of its own, both under one record. The problem
+    tells a copy (every folder holds the same SOPInstanceUIDs: keep one folder) and instances in more than one
+    folder from a series split over folders (put its slices in one folder): putting a copy's slices in one folder
+    would only have it refused as slices copied twice. Series with an empty UID (hard-anonymised) are told apart by
+    their files' content instead."""
+    folders: dict[str, dict[str, set[str]]] = {}
     for item in items:
         if item.kind == "dicom" and item.series_uid:
-            folders.setdefault(item.series_uid, set()).add(item.source)
+            folders.setdefault(item.series_uid, {}).setdefault(item.source, set()).update(item.instances)
     checked = []
     for item in items:
-        where = folders.get(item.series_uid or "", set()) if item.kind == "dicom" else set()
+        where = folders.get(item.series_uid or "", {}) if item.kind == "dicom" else {}
         if len(where) > 1 and not item.problem:
             shown = ", ".join(sorted(where)[:3])
-            item = replace(item, problem=f"series {item.series_uid} is split over {len(where)} folders ({shown}): "
-                                         "put all its slices in one folder", input_refused=True)
+            held = list(where.values())
+            folders_of = Counter(uid for instances in held for uid in instances)  # SOPInstanceUID -> folders
+            repeated = sum(1 for count in folders_of.values() if count > 1)
+            if folders_of and all(count == len(held) for count in folders_of.values()):
+                problem = (f"series {item.series_uid} is copied whole in {len(where)} folders ({shown}): each holds "
+                           f"all its {len(folders_of)} instances (the same SOPInstanceUIDs): keep one of the folders "
+                           "and remove the other copies")
+            elif repeated:
+                problem = (f"series {item.series_uid} is split over {len(where)} folders ({shown}), {repeated} of its "
+                           f"{len(folders_of)} instances in more than one of them (copies): put all its slices in one "
+                           "folder, each instance once")
+            else:
+                problem = (f"series {item.series_uid} is split over {len(where)} folders ({shown}): put all its "
+                           "slices in one folder")
+            item = replace(item, problem=problem, input_refused=True)
         checked.append(item)
     return checked
 

@@ -80,8 +80,12 @@ def _probe(path: Path) -> tuple[Dataset | None, str | None, bool]:
         return None, None, False
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=not magic)
-    except OSError as error:  # the storage, not the file: never taken for "not DICOM"
-        return None, f"cannot be read from the storage ({one_line(error, 120)})", True
+    except OSError as error:
+        if error.errno is None:
+            # pydicom's own IOError on the file's contents (a file cut inside a sequence: "No tag to read at file
+            # position ..."), with or without preamble: a damaged slice, never a read error nor "not DICOM"
+            return None, f"cannot be read ({one_line(error, 120)})", False
+        return None, f"cannot be read from the storage ({one_line(error, 120)})", True  # the storage, not the file
     except Exception as error:  # noqa: BLE001 - any parse failure means "not a usable DICOM file"
         return None, (f"cannot be read ({one_line(error, 120)})" if magic else None), False
     if not magic and "SOPClassUID" not in ds and "Rows" not in ds:
@@ -201,6 +205,7 @@ def _group_series(files: list[tuple[Path, Dataset]]) -> list[dict]:
                 "files": [m[0] for m in members],
                 "study_uids": sorted({str_or_empty(m[1].get("StudyInstanceUID")) for m in members}),
                 "patient_ids": sorted({str_or_empty(m[1].get("PatientID")) for m in members}),
+                "instances": sorted({str_or_empty(m[1].get("SOPInstanceUID")) for m in members} - {""}),
                 "_headers": [m[1] for m in members],
             }
         )
@@ -218,7 +223,8 @@ def list_dicom_series(folder: str | Path) -> list[dict]:
 
     Each entry: ``uid`` (SeriesInstanceUID, "" when empty), ``description``, ``modality``, ``n_files``,
     ``series_number`` (int or None), ``files`` (paths), ``study_uids`` and ``patient_ids`` (the distinct
-    StudyInstanceUIDs and PatientIDs of its files, sorted: one each in a sound series), ``unreadable_files`` (the
+    StudyInstanceUIDs and PatientIDs of its files, sorted: one each in a sound series), ``instances`` (its distinct
+    non-empty SOPInstanceUIDs, sorted), ``unreadable_files`` (the
     folder's files marked DICOM that cannot be read, or whose kind cannot be told: while there are any, reading any
     of its series fails), ``unreadable`` (the sentence that says which and why, "" when none), ``read_error``
     (one of them is a read error of the storage, not a damaged file) and ``same_instance`` ((first file, copy,
@@ -739,7 +745,7 @@ def _check_frames(ds: Dataset, path: Path, shape: Sequence[int], items: _Fragmen
         raise ImageReadError(
             f"{path} is truncated or corrupt: its header declares {declared} frame(s) ({size} voxels), but {what} "
             f"{counted} (a cut copy)")
-    _first_fragments(ds, path, shape, offsets or [], starts, items.heads)
+    _first_fragments(ds, path, shape, offsets or [], starts, items.heads, items.table)
 
 
 #: the bytes each frame's codestream begins with, by transfer syntax: JPEG's and JPEG-LS's start of image marker
@@ -786,11 +792,11 @@ def _table_set_aside(ds: Dataset, path: Path, shape: Sequence[int], table: str, 
 
 
 def _first_fragments(ds: Dataset, path: Path, shape: Sequence[int], offsets: Sequence[int], starts: Sequence[int],
-                     heads: Sequence[bytes]) -> list[int] | None:
+                     heads: Sequence[bytes], table: str = "") -> list[int] | None:
     """The index of each frame's first fragment, for ``ds``'s encapsulated pixel data of ``shape[0]`` frames in
     more fragments than frames (``starts``: each fragment's item tag, bytes from the first one's; ``heads``: its
-    first bytes, up to :data:`_HEAD_BYTES`): by the Basic or Extended Offset Table (``offsets``; [] when there is
-    none), else, for JPEG, JPEG-LS and JPEG 2000, the fragments that begin with the codec's start marker (each
+    first bytes, up to :data:`_HEAD_BYTES`): by the Basic or Extended Offset Table (``offsets``, ``table`` its
+    name; [] when there is none), else, for JPEG, JPEG-LS and JPEG 2000, the fragments that begin with the codec's start marker (each
     frame's codestream does), when they are one a frame and the first fragment is one of them. None when each frame
     takes one fragment (or one frame all), or a table lists another number of frames (:func:`_check_frames` counts
     them), or the codec has no start marker (left to the decoder). ImageReadError when a table puts a frame where no
@@ -808,9 +814,9 @@ def _first_fragments(ds: Dataset, path: Path, shape: Sequence[int], offsets: Seq
         for k, offset in enumerate(offsets):  # the first frame at the first fragment, each next one at a later one
             if offset not in index or (offset <= offsets[k - 1] if k else offset != 0):
                 raise ImageReadError(
-                    f"{path} is corrupt: its offset table puts frame {k + 1} of {n_frames} at byte {offset}, not at "
-                    "the start of a fragment of its compressed pixel data after the previous frame's (the first "
-                    "frame at byte 0): where its frames start is unknown; re-export the image")
+                    f"{path} is corrupt: its {table or 'offset table'} puts frame {k + 1} of {n_frames} at byte "
+                    f"{offset}, not at the start of a fragment of its compressed pixel data after the previous "
+                    "frame's (the first frame at byte 0): where its frames start is unknown; re-export the image")
         return [index[offset] for offset in offsets]
     size = " x ".join(str(int(v)) for v in shape)
     held = f"{what} holds {len(starts)} fragments for the {n_frames} frames its header declares ({size} voxels)"
@@ -881,7 +887,7 @@ def _join_frame_fragments(ds: Dataset, path: Path, shape: Sequence[int]) -> None
     if _table_set_aside(ds, path, shape, table, offsets, starts, heads):
         first: list[int] | None = list(range(len(spans)))
     else:
-        first = _first_fragments(ds, path, shape, offsets, starts, heads)
+        first = _first_fragments(ds, path, shape, offsets, starts, heads, table)
     if first is None:
         return
     first.append(len(spans))

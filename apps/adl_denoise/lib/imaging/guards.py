@@ -22,6 +22,7 @@ __all__ = [
     "MAX_VOXELS_DEFAULT",
     "check_finite",
     "check_gzip_stream",
+    "check_metaimage_compressed_size",
     "check_not_input",
     "check_plausible",
     "check_size",
@@ -233,27 +234,48 @@ def check_stored_size(path: Path, shape: Sequence[int], bytes_per_voxel: int) ->
 
 
 def check_gzip_stream(path: Path, needed: int | None = None, nifti: bool = False) -> None:
-    """Refuse a gzip file whose stream is cut or corrupt (ITK's NIfTI reader fills the missing voxels with 0), or
-    that decompresses to fewer than ``needed`` voxel bytes (after the NIfTI header, with ``nifti``). Reads in
-    1 MiB chunks: memory stays small whatever the declared size."""
+    """Refuse a gzip file whose data, read as ITK's NIfTI reader reads it (zlib's gzread: gzip members one after
+    another, a file without a gzip header as it is), is cut or corrupt (a member's CRC or length is wrong) or holds
+    fewer than ``needed`` voxel bytes (after the NIfTI header, with ``nifti``): ITK fills missing voxels with 0 and
+    reads corrupt ones as they inflate. Once the member holding the last declared voxel has ended (its CRC checked),
+    nothing more is read: ITK reads no further, so bytes after it (a newline, a block a transfer tool appended) do
+    not matter. Without ``needed``, the data is read to its end. Reads in 1 MiB chunks: memory stays small whatever
+    the declared size."""
     total = 0
     head = b""
     try:
-        with gzip.open(path, "rb") as stream:
-            while True:
-                chunk = stream.read(_CHUNK)
-                if not chunk:
-                    break
-                if len(head) < _NIFTI2_HEADER:
-                    head += chunk[: _NIFTI2_HEADER - len(head)]
+        with open(path, "rb") as handle:
+            transparent = handle.read(len(_GZIP_MAGIC)) != _GZIP_MAGIC
+            handle.seek(0)
+            enough = None
+            if needed is not None:
+                if nifti:
+                    head = handle.read(_NIFTI2_HEADER) if transparent else _first_inflated(handle, _NIFTI2_HEADER)
+                    handle.seek(0)
+                enough = (_nifti_vox_offset(head) if nifti else 0) + int(needed)
+            chunks = _raw_chunks(handle) if transparent else _inflated_chunks(handle, 31, True, enough)
+            for chunk in chunks:
                 total += len(chunk)
-    except (EOFError, OSError, zlib.error) as exc:
+    except _StreamCut as exc:
+        raise ImageReadError(f"{path} is truncated or corrupt: its gzip stream is broken (Compressed file ended "
+                             "before the end-of-stream marker was reached)") from exc
+    except (OSError, zlib.error) as exc:
         raise ImageReadError(f"{path} is truncated or corrupt: its gzip stream is broken ({one_line(exc)})") from exc
     if needed is not None:
         have = total - (_nifti_vox_offset(head) if nifti else 0)
         if have < needed:
             raise ImageReadError(f"{path} is truncated or corrupt: its header declares {needed:,} bytes of voxels, "
                                  f"the file decompresses to {max(have, 0):,}")
+
+
+def _first_inflated(handle, count: int) -> bytes:
+    """The first ``count`` decompressed bytes of the gzip data of ``handle`` (fewer where it holds fewer)."""
+    head = b""
+    for chunk in _inflated_chunks(handle, 31, True):
+        head += chunk
+        if len(head) >= count:
+            break
+    return head[:count]
 
 
 def _skip_lines(handle, count: int) -> bool:
@@ -316,12 +338,58 @@ def _compressed_data(path: Path) -> tuple[Path, int, int, bool, int] | None:
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
+class _StreamCut(Exception):
+    """The file ends before a deflate stream's end-of-stream marker."""
+
+
+def _raw_chunks(handle):
+    """The bytes of ``handle`` from where it is, 1 MiB at a time."""
+    while chunk := handle.read(_CHUNK):
+        yield chunk
+
+
+def _inflated_chunks(handle, wbits: int, members: bool, enough: int | None = None):
+    """The decompressed deflate data of ``handle`` from where it is, at most 1 MiB a chunk: with ``members``, the gzip
+    members that follow the first one too (as zlib's gzread and Python's gzip module read them; bytes after the
+    last member that do not start another one are ignored, as gzread ignores them), up to the end of the member
+    where ``enough`` bytes are out.
+
+    Raises:
+        _StreamCut: the file ends before a stream's end-of-stream marker;
+        zlib.error: the data does not inflate.
+    """
+    inflater = zlib.decompressobj(wbits)
+    produced = 0
+    while True:
+        if inflater.eof:
+            if not members or (enough is not None and produced >= enough):
+                return
+            following = inflater.unused_data
+            while len(following) < len(_GZIP_MAGIC):
+                more = handle.read(_CHUNK)
+                if not more:
+                    break
+                following += more
+            if not following.startswith(_GZIP_MAGIC):
+                return  # the end of the data, or bytes after it that are no gzip member
+            inflater, data = zlib.decompressobj(wbits), following
+        else:
+            data = handle.read(_CHUNK)
+            if not data:
+                raise _StreamCut()
+        out = inflater.decompress(data, _CHUNK)  # at most 1 MiB out at a time: memory stays small
+        produced += len(out)
+        yield out
+        while inflater.unconsumed_tail and not inflater.eof:
+            out = inflater.decompress(inflater.unconsumed_tail, _CHUNK)
+            produced += len(out)
+            yield out
+
+
 def _inflated_length(file: Path, offset: int, line_skip: int, wbits: int, members: bool) -> int | None:
-    """Bytes the deflate data of ``file`` from ``offset`` (then ``line_skip`` lines on) decompresses to, in 1 MiB
-    chunks: with ``members``, the gzip members that follow the first one too (as zlib's gzread and Python's gzip
-    module read them; bytes after the last member that do not start another one are ignored, as gzread ignores
-    them). None where the data does not parse from there (not this check's to judge: the reader says what is
-    wrong).
+    """Bytes the deflate data of ``file`` from ``offset`` (then ``line_skip`` lines on) decompresses to
+    (:func:`_inflated_chunks`). None where the data does not parse from there (not this check's to judge: the
+    reader says what is wrong).
 
     Raises:
         ImageReadError: the file ends before a stream's end-of-stream marker (cut short).
@@ -331,31 +399,15 @@ def _inflated_length(file: Path, offset: int, line_skip: int, wbits: int, member
         handle.seek(offset)
         if not _skip_lines(handle, line_skip):
             return None
-        inflater = zlib.decompressobj(wbits)
-        while True:
-            if inflater.eof:
-                if not members:
-                    return total
-                following = inflater.unused_data
-                while len(following) < len(_GZIP_MAGIC):
-                    more = handle.read(_CHUNK)
-                    if not more:
-                        break
-                    following += more
-                if not following.startswith(_GZIP_MAGIC):
-                    return total  # the end of the data, or bytes after it that are no gzip member
-                inflater, data = zlib.decompressobj(wbits), following
-            else:
-                data = handle.read(_CHUNK)
-                if not data:
-                    raise ImageReadError(f"{file} is truncated or corrupt: its compressed data ends before its "
-                                         "end-of-stream marker")
-            try:
-                total += len(inflater.decompress(data, _CHUNK))  # at most 1 MiB out at a time: memory stays small
-                while inflater.unconsumed_tail and not inflater.eof:
-                    total += len(inflater.decompress(inflater.unconsumed_tail, _CHUNK))
-            except zlib.error:
-                return None
+        try:
+            for chunk in _inflated_chunks(handle, wbits, members):
+                total += len(chunk)
+        except _StreamCut:
+            raise ImageReadError(f"{file} is truncated or corrupt: its compressed data ends before its "
+                                 "end-of-stream marker") from None
+        except zlib.error:
+            return None
+    return total
 
 
 def _gzip_trailer(file: Path) -> int | None:
@@ -375,7 +427,8 @@ def check_compressed_length(path: Path, needed: int) -> None:
     the declared length is taken without reading it (the last 4 bytes of an intact gzip stream give its
     decompressed length mod 2**32; a cut file ends in compressed data instead, which matches by chance once in
     2**32); any other (several gzip members, bytes after the data, a cut file) and MetaImage's zlib or gzip data (no
-    length stored) are decompressed through, in 1 MiB chunks, NRRD's members one after another. A NRRD or
+    length stored) are decompressed through, in 1 MiB chunks, NRRD's members one after another, NIfTI's as ITK
+    reads them (:func:`check_gzip_stream`: up to the member holding the last voxel). A NRRD or
     MetaImage file whose data does not parse where its header places it, or whose data's start is uncertain
     (:func:`_compressed_data`), passes: its reader says what is wrong. Other files: nothing to check here
     (:func:`check_stored_size`)."""
@@ -405,6 +458,25 @@ def check_compressed_length(path: Path, needed: int) -> None:
         skipped = f" after the {byte_skip:,} its byte skip passes over" if byte_skip else ""
         raise ImageReadError(f"{path} is truncated or corrupt: its header declares {int(needed):,} bytes of voxels"
                              f"{skipped}, its compressed data decompresses to {total:,}")
+
+
+def check_metaimage_compressed_size(path: Path) -> None:
+    """Refuse a MetaImage file whose compressed data lies in the file itself (``ElementDataFile = LOCAL``) and whose
+    header gives no ``CompressedDataSize``: ITK's MetaIO then reads the data wrongly (most voxels garbage, only
+    "Uncompress failed" on stderr). The message gives the line to add (the bytes after the header). A data file
+    of its own (``.mhd`` and ``.zraw``) is read right without it: MetaIO takes the data file's size."""
+    try:
+        fields, header_length, complete = _text_header(path)
+    except OSError:
+        return  # the reader reports what it cannot open
+    if (not complete or fields.get("compresseddata", "false").lower() != "true" or "compresseddatasize" in fields
+            or fields.get("elementdatafile", "LOCAL").upper() != "LOCAL"):
+        return
+    held = path.stat().st_size - header_length
+    raise ImageReadError(f"{path} cannot be read as it is: its header says CompressedData = True but gives no "
+                         "CompressedDataSize, and ITK's MetaImage reader then reads compressed data stored in the "
+                         f"file itself as garbage; add the line 'CompressedDataSize = {held}' to its header "
+                         "(the bytes after it), or save it again with SimpleITK or 3D Slicer (which write it)")
 
 
 def check_values(values: np.ndarray, path: Path) -> None:

@@ -41,8 +41,8 @@ from .dicom_read import (check_pixel_data, declared_shape, is_dicom_file, list_d
                          read_dicom_file, read_dicom_folder)
 from .dicom_write import write_dicom_derived_series
 from .errors import ImageReadError, ImageWriteError, one_line
-from .guards import (check_compressed_length, check_finite, check_gzip_stream, check_not_input, check_plausible,
-                     check_size, check_stored_size, check_values, make_temp_dir)
+from .guards import (check_compressed_length, check_finite, check_gzip_stream, check_metaimage_compressed_size,
+                     check_not_input, check_plausible, check_size, check_stored_size, check_values, make_temp_dir)
 from .volume import (ImageGrid, Volume, fill_padding, guess_modality, integral_dtype_for, normalise_modality,
                      values_for_output)
 
@@ -227,7 +227,8 @@ def _bytes_per_voxel(reader: sitk.ImageFileReader) -> int:
 def _header_checks(path: Path, limit: int, whole_stream: bool = True) -> sitk.ImageFileReader:
     """Read ``path``'s header only and refuse, before any voxel is read: more than ``limit`` voxels, more voxel
     data declared than the file holds, a cut or corrupt gzip stream of a NIfTI file, a MetaImage file's compressed
-    data cut short (:func:`~lib.imaging.guards.check_compressed_length`; ITK reads it as zeros); without
+    data cut short (:func:`~lib.imaging.guards.check_compressed_length`; ITK reads it as zeros) or stored in the
+    ``.mha`` file without its ``CompressedDataSize`` (ITK reads garbage); without
     ``whole_stream``, a NIfTI gzip stream is not read through where its trailer says it is whole, and the compressed
     data of a NRRD file is checked too (ITK's reader fails on it when it reads it)."""
     reader = _sized_header(path, limit)
@@ -237,6 +238,8 @@ def _header_checks(path: Path, limit: int, whole_stream: bool = True) -> sitk.Im
     if not whole_stream or _suffix(path) in (".mha", ".mhd"):
         # MetaImage: ITK's reader turns compressed data cut short into zeros (only "Uncompress failed" on stderr)
         check_compressed_length(path, declared)
+        if _suffix(path) in (".mha", ".mhd"):
+            check_metaimage_compressed_size(path)  # after the cut check: a cut stream is named as cut
     elif _suffix(path) == ".nii.gz":
         # the stream is verified before ITK reads it: ITK's NIfTI reader turns a cut stream into zero slices
         check_gzip_stream(path, declared, nifti=True)
