@@ -11,6 +11,7 @@ body), since the point is what reaches the PACS; Orthanc would not show the head
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -220,6 +221,41 @@ def test_a_store_that_is_no_multipart_related_body_is_refused_and_never_reaches_
     assert len(audit.entries()) == before
 
 
+EMPTY_STORE = ("nothing was stored in the PACS: empty body: nothing to store (a STOW-RS store is a multipart/related "
+               "body (DICOM PS3.18), each instance one of its parts, sent as application/dicom)")
+
+
+@pytest.mark.parametrize("body, content_type, status, detail", [
+    (b"", None, 422, EMPTY_STORE),
+    (b"", STOW_TYPE, 422, EMPTY_STORE),
+    (b"", "application/json", 415, "nothing was stored in the PACS: the body is sent as application/json; a STOW-RS "
+                                   "store is a multipart/related body"),
+    (b"LF", STOW_TYPE, 422, "nothing was stored in the PACS: the body uses bare LF line ends where CRLF is required "
+                            "(RFC 2046): the delimiter --BOUNDARY at byte 0 ends its line with LF alone"),
+], ids=["empty without Content-Type", "empty multipart", "empty json", "LF line ends"])
+def test_an_empty_store_or_one_with_lf_line_ends_is_refused_saying_so(server, pacs, realm, body, content_type, status,
+                                                                      detail):
+    """A POST without a body and without a Content-Type was a 415 "sent without a Content-Type", one sent as
+    multipart/related was forwarded (a real Orthanc answers it 200, storing nothing) with an entry naming nothing:
+    both are a 422 "empty body: nothing to store"; an empty body sent as another media type stays a 415 naming it
+    (Orthanc's answer too). A body written with LF line ends (RFC 2046 needs CRLF; Orthanc answers it 200, storing
+    nothing) was a 422 "no delimiter --BOUNDARY (its boundary) starts one": it says what is wrong. Nothing is
+    forwarded, no entry written."""
+    from pydicom.data import get_testdata_file
+
+    if body == b"LF":
+        body = stow_body([get_testdata_file("CT_small.dcm")]).replace(b"\r\n", b"\n")
+    audit = _audit_of(server)
+    start, before = len(pacs.received), len(audit.entries())
+    extra = {} if content_type is None else {"Content-Type": content_type}
+    response = requests.post(server.url + "/proxy/dicom/stow/studies", data=body,
+                             headers=_as(realm, "annotator", **extra), timeout=120)
+    assert response.status_code == status, (response.status_code, response.text[:300])
+    assert response.json()["detail"].startswith(detail), response.json()["detail"]
+    assert pacs.received[start:] == []
+    assert len(audit.entries()) == before
+
+
 JSON_STOW_TYPE = 'multipart/related; type="application/dicom+json"; boundary=BOUNDARY'
 
 
@@ -413,8 +449,6 @@ def rebuilt_as_forwarded(files: list, got: Received) -> bytes:
     """The body the proxy forwards for a store of ``files`` (:func:`stow_body` of them under the fresh boundary of
     the request ``got`` the PACS received), after checking ``got``'s Content-Type and length, and that its boundary
     is found in no file."""
-    import re
-
     found = re.fullmatch(r'multipart/related; type="application/dicom"; boundary=(adl-stow-[0-9a-f]{32})',
                          got.headers["content-type"])
     assert found is not None, got.headers
@@ -583,7 +617,9 @@ def test_a_stores_audit_entry_names_the_studies_and_series_of_its_dicom_files(tm
         with pytest.raises(StowMediaTypeError, match=rf"^the body is {sent}; a STOW-RS store is a multipart/related "
                                                       r"body \(DICOM PS3.18\)"):
             stow_parts(body, content_type)
-    assert stow_parts(b"", "multipart/related") == ([], [], [])
+    for content_type in ("multipart/related", STOW_TYPE, "", None):  # nothing sent: no media type to be wrong
+        with pytest.raises(ValueError, match=r"^empty body: nothing to store \(a STOW-RS store is a "):
+            stow_parts(b"", content_type)
 
 
 def test_a_stores_parts_lie_between_its_first_delimiter_and_its_close_delimiter():
@@ -670,6 +706,24 @@ def test_a_stores_parts_are_split_exactly_as_rfc_2046_frames_them(tmp_path):
                                          r"--BOUNDARY at byte 12 does not start a line"):
         stow_parts(b"--BOUNDARY\r\n--BOUNDARY\r\n\r\n" + Path(ct).read_bytes() + b"\r\n--BOUNDARY--\r\n",
                    STOW_TYPE)  # its CRLF is the line end of the delimiter before it: no empty part between them
+
+    # LF line ends where RFC 2046 needs CRLF (a client that wrote the body as text): said so, not blamed on a
+    # delimiter ("no delimiter --BOUNDARY starts one", "does not start a line", "no close delimiter")
+    lf = ("the body uses bare LF line ends where CRLF is required (RFC 2046): the delimiter --BOUNDARY at byte {} "
+          "ends its line with LF alone; send each line of the multipart framing (delimiters, part headers, the blank "
+          "line after them) ended by CRLF")
+    first_line = body.index(b"\r\n") + 2  # after the first delimiter's line
+    after_first = body[:first_line] + body[first_line:].replace(b"\r\n", b"\n")
+    close = len(body) - len(b"--BOUNDARY--\r\n")
+    for bare, at in ((body.replace(b"\r\n", b"\n"), 0),  # every line end LF: no part found
+                     (after_first, after_first.index(b"\n--BOUNDARY\n") + 1),  # all but the first: no close one
+                     (body[:close - 2] + b"\n--BOUNDARY--\n", close - 1)):  # the close delimiter's
+        with pytest.raises(ValueError, match="^" + re.escape(lf.format(at)) + "$"):
+            stow_parts(bare, STOW_TYPE)
+    headers_lf = body.replace(b"Content-Type: application/dicom\r\n\r\n", b"Content-Type: application/dicom\n\n", 1)
+    with pytest.raises(ValueError, match=r"^part 1 of the body uses bare LF line ends where CRLF is required "
+                                         r"\(RFC 2046\): its headers end with LF LF, not CRLF CRLF"):
+        stow_parts(headers_lf, STOW_TYPE)
 
 
 def test_the_proxy_forgets_its_oldest_reads_past_its_limit():

@@ -974,6 +974,52 @@ def test_derived_series_for_float_mr_uses_rescale(tmp_path):
     assert written.SOPClassUID == pydicom.uid.MRImageStorage and written.PatientID == ds.PatientID
 
 
+#: writes a derived series of pydicom's CT_small.dcm (values + 3) into sys.argv[1], with the server's lib
+_WRITE_DERIVED = """
+import sys
+from pydicom.data import get_testdata_file
+from lib.imaging import read_volume, write_dicom_derived_series
+volume = read_volume(get_testdata_file("CT_small.dcm"))
+write_dicom_derived_series(volume.with_array(volume.array + 3), sys.argv[1], volume)
+"""
+
+
+def test_a_derived_series_is_written_alike_under_pydicom_3_without_what_pydicom_4_removes(tmp_path):
+    """The server's .venv has pydicom 2 (pinned by MONAI Label's pydicom-seg); a site may run pydicom 3 (Slicer's,
+    in .venv-slicer, here). Writing a derived series set the dataset's ``is_little_endian`` / ``is_implicit_VR`` and
+    passed ``write_like_original``: deprecated in pydicom 3 (a warning there), removed in pydicom 4 (an error here,
+    as in test_slicer_module's pydicom 3 run). The file written under pydicom 3 is the one written under pydicom 2:
+    a preamble of zeros, Explicit VR Little Endian as its transfer syntax says, the same elements and values but for
+    the new UIDs and the dates and times of the write."""
+    import processes
+    from conftest import REPO_ROOT
+
+    python = REPO_ROOT / ".venv-slicer" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv-slicer (scripts/setup_slicer_env.sh could not install PyPI's slicer-core here)")
+    result = processes.run([python, "-W", "error::DeprecationWarning:pydicom.dataset",
+                            "-W", "error::DeprecationWarning:pydicom.filewriter", "-c", _WRITE_DERIVED,
+                            tmp_path / "pydicom3"], 300, cwd=REPO_ROOT,
+                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT / "apps" / "adl_denoise")))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    volume = read_volume(get_testdata_file("CT_small.dcm"))
+    write_dicom_derived_series(volume.with_array(volume.array + 3), tmp_path / "pydicom2", volume)
+    written = [next((tmp_path / name).iterdir()) for name in ("pydicom3", "pydicom2")]
+    datasets = [pydicom.dcmread(path) for path in written]
+    for path, ds in zip(written, datasets):
+        assert path.read_bytes()[:132] == b"\0" * 128 + b"DICM"
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert (ds.is_implicit_VR, ds.is_little_endian) == (False, True)  # as read from the file
+        np.testing.assert_array_equal(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept),
+                                      np.rint(volume.array + 3))
+    differing = {element.keyword for element in datasets[0] if datasets[1].get(element.tag) != element}
+    now = {f"{what}{unit}" for what in ("InstanceCreation", "Content", "Series") for unit in ("Date", "Time")}
+    assert differing - now == {"SOPInstanceUID", "SeriesInstanceUID"}, differing
+    assert [element.tag for element in datasets[0]] == [element.tag for element in datasets[1]]
+    assert {element.keyword for element in datasets[0].file_meta if datasets[1].file_meta.get(element.tag) != element} \
+        == {"MediaStorageSOPInstanceUID"}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Real data in ../shared/data
 # ------------------------------------------------------------------------------------------------------------

@@ -553,6 +553,50 @@ def test_later_frames_whose_own_rescale_is_malformed_are_named_with_what_is_wron
                                       "-1024 to it")
 
 
+def test_a_malformed_rescale_of_frame_1_or_the_shared_group_gives_no_reference_naming_where(shared_data, tmp_path):
+    """The rescale Slicer's reader applies to every frame of an enhanced multi-frame file (the shared functional
+    group's, else frame 1's) malformed: Rescale Slope missing, not a number, 0, or Rescale Intercept missing. No
+    reference (what the volume holds cannot be told from the file), and the reason names the group and what is
+    wrong, as for later frames ("frame 3: no RescaleSlope"). It named neither: "has an incomplete Pixel Value
+    Transformation (rescale)", "the image attributes of enhanced.dcm cannot be read (ValueError)", "a rescale slope
+    of 0 or a rescale that is not a finite number"."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from ADLDenoiseLib.series_files import NoReference, read_series_values
+
+    def not_a_number(item) -> None:  # as a file holds it: pydicom refuses to set a DS that is not a number
+        item[0x00281053] = RawDataElement(Tag(0x00281053), "DS", 2, b"ab", 0, False, True)
+
+    def no_slope(item) -> None:
+        del item.RescaleSlope
+
+    def no_intercept(item) -> None:
+        del item.RescaleIntercept
+
+    def slope_0(item) -> None:
+        item.RescaleSlope = "0"
+
+    sources = _ge_series(shared_data, 3)
+    for group, rescales, change, wrong in (
+            ("frame 1", "frames 4-5 their own", no_slope, "no RescaleSlope"),
+            ("frame 1", "frames 4-5 their own", not_a_number, "RescaleSlope 'ab' is not a number"),
+            ("shared functional group", "shared", no_intercept, "no RescaleIntercept"),
+            ("shared functional group", "shared", slope_0, "RescaleSlope 0")):
+        path = tmp_path / "enhanced.dcm"
+        _enhanced_file(sources, path, "1.2.840.10008.5.1.4.1.1.2.1", rescales)
+        dataset = pydicom.dcmread(path)
+        groups = dataset.SharedFunctionalGroupsSequence if group.startswith("shared") else \
+            dataset.PerFrameFunctionalGroupsSequence
+        change(groups[0].PixelValueTransformationSequence[0])
+        dataset.save_as(path)
+        values = read_series_values([path])
+        assert isinstance(values, NoReference), (group, wrong, values)
+        assert values.reason == (f"enhanced.dcm has a malformed rescale ({group}: {wrong}), the one Slicer's reader "
+                                 "applies to all its frames"), values.reason
+
+
 #: loads a colour series as the DICOM plugin does (``loadFilesWithSeriesReader`` with grayscale false: the vector
 #: reader, into a vtkMRMLVectorVolumeNode), in slicer-core; prints the number of components
 _LOAD_AS_VECTOR = """

@@ -42,7 +42,9 @@ not take, so a scalar volume that names these files was made from them otherwise
 (parametric maps): no ImageIO of Slicer's scalar reader reads them (the Parametric Map plugin converts them with
 dcmqi, whose values this cannot reproduce here); 32-bit integer pixels; a file missing or unreadable; compressed
 pixel data neither pydicom nor SimpleITK decodes here; a rescale slope of 0 or a rescale that is not a finite
-number. The first voxels seen stay the reference then, as before.
+number; a malformed rescale in the functional group Slicer's reader applies to all the frames of a multi-frame
+file (the shared group's, else frame 1's: named, with what is wrong in it). The first voxels seen stay the reference
+then, as before.
 
 Not compared: the geometry (the node's IJK-to-RAS), which the content identity covers from the first
 identification on.
@@ -355,8 +357,9 @@ def _header_of(dataset, name: str) -> tuple[str, tuple[float, float] | None, Ign
         return f"the image attributes of {name} cannot be read ({type(error).__name__})", None, None
     if refused:
         return refused, None, None
-    if rescale is None:
-        return f"{name} has an incomplete Pixel Value Transformation (rescale)", None, None
+    if isinstance(rescale, str):  # the one GDCM applies to all the frames: which group, and what is wrong in it
+        return (f"{name} has a malformed rescale ({rescale}), the one Slicer's reader applies to all its frames",
+                None, None)
     slope, intercept = rescale
     if slope == 0 or not np.isfinite(slope) or not np.isfinite(intercept):
         return f"{name} has a rescale slope of 0 or a rescale that is not a finite number", None, None
@@ -385,21 +388,22 @@ def _not_as_slicer_reads(dataset) -> str:
     return ""
 
 
-def _gdcm_rescale(dataset) -> tuple[float, float] | None:
+def _gdcm_rescale(dataset) -> tuple[float, float] | str:
     """The (slope, intercept) GDCM (Slicer's reader) applies to every frame of ``dataset``: for the SOP classes of
     :data:`_FUNCTIONAL_GROUP_RESCALE`, the Pixel Value Transformation of the shared functional group, else of the
     first frame's per-frame group (one rescale for all frames, even where later frames have others); else, and
-    where neither has one, the top-level Rescale Slope / Intercept (1 and 0 when absent). None when the group
-    found gives only one of the two."""
+    where neither has one, the top-level Rescale Slope / Intercept (1 and 0 when absent). When the group found is
+    malformed (:func:`_transformation`): which group and what is wrong in it, e.g. "frame 1: no RescaleSlope",
+    "shared functional group: RescaleSlope 0"."""
     if str(dataset.get("SOPClassUID", "")) in _FUNCTIONAL_GROUP_RESCALE:
-        for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for groups, where in (("SharedFunctionalGroupsSequence", "shared functional group"),
+                              ("PerFrameFunctionalGroupsSequence", "frame 1")):
             items = dataset.get(groups) or []
-            transformation = (items[0].get("PixelValueTransformationSequence") or []) if items else []
-            if transformation:
-                item = transformation[0]
-                if "RescaleSlope" not in item or "RescaleIntercept" not in item:
-                    return None
-                return float(item.RescaleSlope), float(item.RescaleIntercept)
+            own = _transformation(items[0] if items else None)
+            if isinstance(own, str):
+                return f"{where}: {own}"
+            if own is not None:
+                return own
     return float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0)
 
 

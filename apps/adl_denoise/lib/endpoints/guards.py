@@ -54,9 +54,9 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   sent. The proxy, asked once per DICOM instance, frame and metadata file by a viewer, records one entry per
   reader (user and client) and study / series (or search) per server process (:func:`proxy_read_key`). A store
   through the proxy (``POST``, STOW-RS) is a ``dicomweb_storing`` entry written before it is forwarded (503, nothing
-  forwarded, when it cannot be written; 422 when a part sent as DICOM yields no study and series UID or the parts
-  cannot be framed exactly; 415 for a body that is not multipart/related and for JSON or XML metadata and bulk data
-  parts, whose UIDs are not read), then its outcome.
+  forwarded, when it cannot be written; 422 for an empty body and when a part sent as DICOM yields no study and
+  series UID or the parts cannot be framed exactly; 415 for a body that is not multipart/related and for JSON or
+  XML metadata and bulk data parts, whose UIDs are not read), then its outcome.
 * ``GET /info/``, ``GET /train/``, ``GET /batch/infer``, ``GET /scoring/``, ``GET /datastore/?output=train``: below
   admin (with authentication on), the answer names none of the server's folders and files (the audit log's
   ``audit.dir``, a training run's ``work_dir``; the training list's files and paths in texts cut to their last
@@ -1582,6 +1582,11 @@ STOW_UNENCODED = ("the proxy reads each part's UIDs for its audit entry: send th
                   "or identity)")
 
 
+#: why a POST without a body is refused (a 422, not the 415 of a wrong media type: there is none to be wrong)
+STOW_EMPTY = ("empty body: nothing to store (a STOW-RS store is a multipart/related body (DICOM PS3.18), each "
+              "instance one of its parts, sent as application/dicom)")
+
+
 #: why a STOW-RS request whose headers or parameters are given twice is refused: the PACS may read the other one
 STOW_AMBIGUOUS = "the PACS may read another one than the proxy (its audit entry would not name what is stored)"
 
@@ -1590,6 +1595,26 @@ STOW_AMBIGUOUS = "the PACS may read another one than the proxy (its audit entry 
 #: whitespace and CRLF or the body's end, or optional linear whitespace and CRLF; after anything else
 #: (``--BOUNDARYX``, ``--BOUNDARY--x``) it is data
 _STOW_DELIMITER_TAIL = re.compile(rb"--[ \t]*(?:\r\n|\Z)|[ \t]*\r\n")
+
+#: a delimiter line ended by a bare LF (``--boundary\n``, ``--boundary--\n``): a body written with LF line ends,
+#: which RFC 2046 does not frame (its line ends are CRLF)
+_STOW_LF_DELIMITER_TAIL = re.compile(rb"(?:--)?[ \t]*\n")
+
+
+def _stow_bare_lf(body: bytes, dash_boundary: bytes) -> str:
+    """Why ``body`` cannot be framed when its delimiters end their lines with a bare LF instead of CRLF (a client
+    that wrote the body with LF line ends: RFC 2046 finds no part in it, Orthanc answers 200 and stores nothing);
+    "" when none does."""
+    at = body.find(dash_boundary)
+    while at >= 0:
+        if (_STOW_LF_DELIMITER_TAIL.match(body, at + len(dash_boundary))
+                and (at == 0 or (body[at - 1:at] == b"\n" and body[at - 2:at] != b"\r\n"))):
+            return (f"the body uses bare LF line ends where CRLF is required (RFC 2046): the delimiter "
+                    f"{dash_boundary[:80].decode('latin-1')} at byte {at} ends its line with LF alone; send each "
+                    "line of the multipart framing (delimiters, part headers, the blank line after them) ended by "
+                    "CRLF")
+        at = body.find(dash_boundary, at + 1)
+    return ""
 
 
 def _stow_part_bounds(body: bytes, dash_boundary: bytes) -> list[tuple[int, int]]:
@@ -1602,7 +1627,9 @@ def _stow_part_bounds(body: bytes, dash_boundary: bytes) -> list[tuple[int, int]
     Raises:
         ValueError: the parts cannot be framed exactly: a delimiter that does not start a line (a client that left
             out the CRLF before it: a PACS finds it there, RFC 2046 does not, and its part would lose or keep bytes
-            either way), or parts without a close delimiter (the last part's end is unknown)."""
+            either way), or parts without a close delimiter (the last part's end is unknown); either, or no part
+            found, in a body whose delimiter lines end with a bare LF: said so (:func:`_stow_bare_lf`), not
+            blamed on a delimiter."""
     delimiters, at = [], body.find(dash_boundary)
     while at >= 0:
         tail = _STOW_DELIMITER_TAIL.match(body, at + len(dash_boundary))
@@ -1611,16 +1638,22 @@ def _stow_part_bounds(body: bytes, dash_boundary: bytes) -> list[tuple[int, int]
             continue
         line_start = delimiters[-1][1] if delimiters else 0  # its CRLF may not be the previous delimiter's
         if at > 0 and (at - 2 < line_start or body[at - 2:at] != b"\r\n"):
-            raise ValueError(f"the body's parts cannot be framed exactly (RFC 2046): the delimiter "
-                             f"{dash_boundary[:80].decode('latin-1')} at byte {at} does not start a line (no CRLF "
-                             "before it)")
+            raise ValueError(_stow_bare_lf(body, dash_boundary) or (
+                f"the body's parts cannot be framed exactly (RFC 2046): the delimiter "
+                f"{dash_boundary[:80].decode('latin-1')} at byte {at} does not start a line (no CRLF before it)"))
         if tail.group().startswith(b"--"):
+            if not delimiters:
+                break  # a close delimiter only: no part
             return [(line - 2, end - 2) for (_, line), (end, _) in zip(delimiters, delimiters[1:] + [(at, 0)])]
         delimiters.append((at, tail.end()))
         at = body.find(dash_boundary, tail.end())
     if delimiters:
-        raise ValueError(f"the body's parts cannot be framed exactly (RFC 2046): no close delimiter "
-                         f"{dash_boundary[:80].decode('latin-1')}-- ends its last part (cut short?)")
+        raise ValueError(_stow_bare_lf(body, dash_boundary) or (
+            f"the body's parts cannot be framed exactly (RFC 2046): no close delimiter "
+            f"{dash_boundary[:80].decode('latin-1')}-- ends its last part (cut short?)"))
+    bare_lf = _stow_bare_lf(body, dash_boundary)
+    if bare_lf:  # no part RFC 2046 recognises, but LF-ended delimiters: not "no part"
+        raise ValueError(bare_lf)
     return []
 
 
@@ -1641,14 +1674,18 @@ def stow_parts(body: bytes, content_type: str) -> tuple[list[str], list[str], li
         StowMediaTypeError: the body is not sent as ``multipart/related``, naming its media type; the body's
             multipart ``type`` or a part's Content-Type is not ``application/dicom`` (JSON or XML metadata, bulk
             data: their UIDs are not read), naming it and the part (1 = the first).
-        ValueError: a part sent as DICOM yields no StudyInstanceUID and SeriesInstanceUID (not DICOM, cut short),
-            or its Content-Length disagrees with its delimiter, naming the part; a non-empty body without a boundary
-            or without any part (an encoded body: none can be read from it), or whose parts cannot be framed
-            exactly; a repeated parameter or part header.
+        ValueError: an empty body, sent as multipart/related or without a Content-Type (:data:`STOW_EMPTY`); a
+            part sent as DICOM yields no StudyInstanceUID and SeriesInstanceUID (not DICOM, cut short), or its
+            Content-Length disagrees with its delimiter, or its headers end with LF LF, naming the part; a body
+            without a boundary or without any part (an encoded body: none can be read from it), or whose parts
+            cannot be framed exactly (LF line ends where CRLF is required: said so); a repeated parameter or part
+            header.
     """
     from pydicom.filereader import read_partial
 
     media_type = (content_type or "").partition(";")[0].strip()
+    if not body and not media_type:  # nothing sent at all: no media type to be wrong
+        raise ValueError(STOW_EMPTY)
     if media_type.lower() != "multipart/related":  # RFC 7231: type and subtype in any case
         sent = f"sent as {media_type[:80]}" if media_type else "sent without a Content-Type"
         raise StowMediaTypeError(f"the body is {sent}; {STOW_MULTIPART_ONLY}")
@@ -1658,17 +1695,22 @@ def stow_parts(body: bytes, content_type: str) -> tuple[list[str], list[str], li
     root = re.search(r';\s*type\s*=\s*"?([^";]+)"?', content_type or "", re.IGNORECASE)
     if root is not None and root.group(1).strip().lower() != "application/dicom":
         raise StowMediaTypeError(f"the body's multipart type is {root.group(1).strip()[:80]}; {STOW_DICOM_ONLY}")
+    if not body:  # a PACS answers it 200, storing nothing: the entry would name nothing stored
+        raise ValueError(STOW_EMPTY)
     found = re.search(r';\s*boundary\s*=\s*"?([^";]+)"?', content_type or "", re.IGNORECASE)
     if found is None:
-        if body:
-            raise ValueError("it is no multipart body: its Content-Type names no boundary")
-        return [], [], []
+        raise ValueError("it is no multipart body: its Content-Type names no boundary")
     delimiter = b"--" + found.group(1).strip().encode()
     view = memoryview(body)
     studies, series, spans = set(), set(), []
     # each part, found in place: only what pydicom reads of it is copied
     for parts, (after, end) in enumerate(_stow_part_bounds(body, delimiter), start=1):
         start = body.find(b"\r\n\r\n", after, end)  # the part's own headers end here (none: at once)
+        blank = body.find(b"\n\n", after, end)  # CRLF-ended headers hold no LF LF before their end
+        if blank >= 0 and (start < 0 or blank < start):
+            raise ValueError(f"part {parts} of the body uses bare LF line ends where CRLF is required (RFC 2046): "
+                             "its headers end with LF LF, not CRLF CRLF; send each header line and the blank line "
+                             "after them ended by CRLF")
         headers = body[after:max(start, after)].decode("latin-1")
         for name in ("content-type", "content-length"):
             if len(re.findall(rf"^[ \t]*{name}[ \t]*:", headers, re.IGNORECASE | re.MULTILINE)) > 1:
@@ -1727,10 +1769,10 @@ def _record_proxy_store(path: str, content_type: str, body: bytes) -> tuple[Opti
     forwarded: the study the path names and the studies and series of the body's DICOM parts (:func:`stow_parts`),
     ``instances``, ``bytes`` (of the body forwarded) and ``path``; with the Content-Type and body to forward, rebuilt
     from the parts it names (:func:`rebuilt_stow_body`). 415 naming the media type when the body is not
-    multipart/related, or the part when one is not sent as DICOM (metadata, bulk data), 422 naming it when a DICOM
-    part's UIDs cannot be read, the parts cannot be framed exactly or a header is ambiguous (none writes an entry),
-    503 when the entry cannot be written: nothing is forwarded. (A body sent encoded, gzip, is refused before:
-    :func:`_proxy`.)"""
+    multipart/related, or the part when one is not sent as DICOM (metadata, bulk data), 422 for an empty body, and
+    naming it when a DICOM part's UIDs cannot be read, the parts cannot be framed exactly or a header is ambiguous
+    (none writes an entry), 503 when the entry cannot be written: nothing is forwarded. (A body sent encoded, gzip,
+    is refused before: :func:`_proxy`.)"""
     try:
         studies, series, spans = stow_parts(body, content_type)
     except StowMediaTypeError as error:  # its entry would not say what was stored

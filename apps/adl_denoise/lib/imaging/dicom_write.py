@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import inspect
 import math
 import os
 import shutil
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
@@ -173,8 +175,9 @@ def derived_series_description(original: str, suffix: str) -> str:
 
 
 def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str, derivation: str, image_type: str
-                            ) -> list[tuple[str, FileDataset]]:
-    """(file name, dataset) per slice of the derived series, in array z order."""
+                            ) -> list[tuple[str, Dataset]]:
+    """(file name, dataset) per slice of the derived series, in array z order: each with its file meta and no
+    encoding of its own (written as its Transfer Syntax UID says, :func:`_write_dicom_file`)."""
     headers = reference.dicom_headers or []
     n_slices = 1 if volume.ndim == 2 else int(volume.array.shape[0])
     multiframe = bool(reference.metadata.get("multiframe")) or (len(headers) == 1 and n_slices > 1)
@@ -211,7 +214,7 @@ def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str, deri
         str_or_empty(h.get("LossyImageCompression")) == "01" for h in headers
     )
 
-    out: list[tuple[str, FileDataset]] = []
+    out: list[tuple[str, Dataset]] = []
     for k in range(n_slices):
         src = headers[0 if multiframe else k]
         ds = Dataset()
@@ -314,11 +317,26 @@ def _build_derived_datasets(volume: Volume, reference: Volume, suffix: str, deri
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         meta.ImplementationVersionName = "ADL_DENOISE"
-        file_ds = FileDataset(f"IM{k + 1:05d}.dcm", ds, file_meta=meta, preamble=b"\0" * 128)
-        file_ds.is_little_endian = True
-        file_ds.is_implicit_VR = False
-        out.append((f"IM{k + 1:05d}.dcm", file_ds))
+        ds.file_meta = meta
+        out.append((f"IM{k + 1:05d}.dcm", ds))
     return out
+
+
+#: pydicom 3+ writes a dataset as its Transfer Syntax UID says with ``enforce_file_format``; pydicom 2 (pinned by
+#: MONAI Label's pydicom-seg) has no such argument
+_ENFORCE_FILE_FORMAT = "enforce_file_format" in inspect.signature(dcmwrite).parameters
+
+
+def _write_dicom_file(path: Path, ds: Dataset) -> None:
+    """Write ``ds`` (made here: no encoding of its own) as a DICOM file: a preamble of zeros, the file meta completed,
+    the dataset encoded as its ``file_meta.TransferSyntaxUID`` says. pydicom 3+: ``enforce_file_format=True``;
+    pydicom 2: ``write_like_original=False``, which takes the encoding from the transfer syntax when the dataset has
+    none. Neither sets the dataset's ``is_little_endian`` / ``is_implicit_VR`` (deprecated in pydicom 3, removed in
+    4) nor passes pydicom 3's deprecated ``write_like_original``."""
+    if _ENFORCE_FILE_FORMAT:
+        dcmwrite(str(path), ds, enforce_file_format=True)
+    else:
+        dcmwrite(str(path), ds, write_like_original=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -388,7 +406,7 @@ def write_dicom_derived_series(
     backup: Path | None = None
     try:
         for name, ds in datasets:
-            ds.save_as(str(temp / name), write_like_original=False)
+            _write_dicom_file(temp / name, ds)
             if durable:
                 fsync_path(temp / name)
         if durable:
