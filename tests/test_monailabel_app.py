@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -527,6 +528,7 @@ def test_requests_waiting_for_a_slot_do_not_each_hold_a_volume(tiny_weights, tmp
             return super().denoise(*args, **kwargs)
 
     monkeypatch.setattr(infer_module, "read_volume", counted_read)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the five result files: not in the machine's /tmp
     task = GatedTask("adl", "ADL", ("CT",), ModelStore(copy_weights(tiny_weights, tmp_path / "model")),
                      device="cpu", max_concurrent=1)
     results: list = []

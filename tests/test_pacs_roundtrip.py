@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import tempfile
+import time
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -79,9 +81,23 @@ def upload_real_ct_series(pacs, folder: Path) -> str:
 
 def test_denoise_a_pacs_series_store_the_result_back_and_fine_tune_from_corrections_kept_on_the_server(
         tmp_path, tiny_weights):
-    """A PACS series denoised by its SeriesInstanceUID and the result stored back as a derived series; then the review
-    loop on two PACS series (:func:`_correct_and_fine_tune`)."""
-    pacs = start_orthanc(tmp_path / "orthanc")
+    """A PACS series denoised by its SeriesInstanceUID and the result stored back as a derived series; a store the
+    PACS refuses (a Lua filter) is a 502; neither leaves anything in the server's temp folder (the series' NIfTI
+    conversion was left there, and the denoised volume after every failure of the store or of its audit entry);
+    then the review loop on two PACS series (:func:`_correct_and_fine_tune`)."""
+    import requests
+
+    refuse = tmp_path / "refuse_derived"  # while it exists, the PACS drops every instance of a derived series
+    script = tmp_path / "refuse_derived.lua"
+    script.write_text(f"""
+function ReceivedInstanceFilter(dicom, origin, info)
+  local flag = io.open("{refuse}", "r")
+  if flag == nil then return true end
+  io.close(flag)
+  return not string.find(dicom.SeriesDescription or "", "[denoised", 1, true)
+end
+""")
+    pacs = start_orthanc(tmp_path / "orthanc", extra_config={"LuaScripts": [str(script)]})
     try:
         files = real_ct_series(tmp_path / "series")
         second = real_ct_series(tmp_path / "second")
@@ -114,6 +130,24 @@ def test_denoise_a_pacs_series_store_the_result_back_and_fine_tune_from_correcti
             hu = derived.pixel_array * float(derived.RescaleSlope) + float(derived.RescaleIntercept)
             assert np.isfinite(hu).all() and hu.min() < -900 and 0 < np.median(hu[hu > -500]) < 100  # still HU
             assert result["modality"] == "CT" and result["weights_version"] == "pretrained"
+            temp = tmp_path / "work" / "tmp"  # the server's TMPDIR (mlserver.start_server)
+
+            def left_in_temp(wait: float) -> list[str]:  # but MONAI Label's log configuration (tmp*.json, its start)
+                deadline = time.monotonic() + wait  # a result sent is deleted just after its last byte
+                while True:
+                    left = sorted(p.name for p in temp.iterdir() if not p.name.endswith(".json"))
+                    if not left or time.monotonic() > deadline:
+                        return left
+                    time.sleep(0.2)
+
+            assert left_in_temp(20) == []  # the series' conversion to NIfTI (MONAI Label's) was left there
+            refuse.write_text("")
+            answer = requests.post(f"{server.url}/infer/adl", params={"image": uid, "output": "image"},
+                                   data={"params": json.dumps({"store_to_pacs": True})}, timeout=600)
+            assert answer.status_code == 502, (answer.status_code, answer.text[:500])
+            assert "denoised, but not stored in the PACS" in answer.json()["detail"], answer.text
+            assert left_in_temp(0) == []  # the result: deleted before the refusal is answered
+            refuse.unlink()
             _correct_and_fine_tune(server, pacs, model_dir, [uid, str(pydicom.dcmread(second[0]).SeriesInstanceUID)],
                                    second, tmp_path, stored["series_instance_uid"])
             assert server.alive()
@@ -737,6 +771,7 @@ def test_a_derived_series_stored_by_a_server_killed_before_its_record_is_no_stud
     try:
         uid = upload_real_ct_series(pacs, tmp_path / "series")
         model = copy_weights(tiny_weights, tmp_path / "model")
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the app's result files: not in the machine's /tmp
         monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
         for name in ("app", "app2"):  # MONAI Label downloads dcmqi's converter unless the app has it
             (tmp_path / name / "bin").mkdir(parents=True)
@@ -782,6 +817,7 @@ def test_the_review_queue_of_a_pacs_follows_the_audit_log_whatever_the_cache(tmp
     try:
         a, b, c = sorted(upload_real_ct_series(pacs, tmp_path / name) for name in ("a", "b", "c"))
         model = copy_weights(tiny_weights, tmp_path / "model")
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the app's result files: not in the machine's /tmp
         main = import_app_main()
 
         def app(name: str, cache: str, convert: bool = True):
@@ -877,6 +913,7 @@ def test_a_series_sent_to_the_pacs_after_the_listing_is_found_and_queued(tmp_pat
     try:
         first = upload_real_ct_series(pacs, tmp_path / "first")
         model = copy_weights(tiny_weights, tmp_path / "model")
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the app's result files: not in the machine's /tmp
         monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "dicomweb_cache"))
         (tmp_path / "app" / "bin").mkdir(parents=True)  # MONAI Label downloads dcmqi's converter otherwise
         (tmp_path / "app" / "bin" / "itkimage2segimage").write_text("")

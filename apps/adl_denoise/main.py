@@ -30,7 +30,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Optional
 
 import monailabel
 from fastapi import HTTPException
@@ -327,7 +328,9 @@ class DenoisingApp(MONAILabelApp):
         conversion); ``store_to_pacs`` sends the result back to the PACS as a derived series; every result is an
         audit entry (input identity, model, weights version and SHA-256, parameters, user, time) written before
         the result is returned: when it cannot be written the request fails (503 when the log cannot take it,
-        :func:`lib.endpoints.review.recorded_access`) and the result is deleted."""
+        :func:`lib.endpoints.review.recorded_access`). A request that fails once the result file exists (its entry,
+        its store to the PACS, that store's entry) deletes it: it lay in the temp folder, a patient's volume nobody
+        was sent."""
         try:
             self.audit.check_writable()
         except AuditBrokenError as error:
@@ -384,20 +387,29 @@ class DenoisingApp(MONAILabelApp):
             raise HTTPException(status_code=422, detail="store_to_pacs already writes DICOM: leave result_extension "
                                                         "at an image format")
         result = super().infer(request, datastore)
+        try:  # the result file (in the temp folder) goes with any failure from here: no caller gets it
+            return self._recorded_and_stored(request, result, store, image_id if known_id else None, source_folder,
+                                             to_pacs)
+        except BaseException:
+            discard_result(result)
+            raise
+
+    def _recorded_and_stored(self, request: dict, result: dict, store, image_id: Optional[str],
+                             source_folder: Optional[Path], to_pacs: bool) -> dict:
+        """:meth:`infer`'s ``result`` once its audit entry is written and, with ``to_pacs``, once it is stored in
+        the PACS; what it raises, the caller deletes the result file for. ``image_id``: the datastore id, None for
+        an upload or session."""
         params = result.get("params") or {}
         from lib.endpoints.review import recorded_access
 
         try:  # a result is access to patient data: never returned without its entry (503 when the log refuses it)
             entry = recorded_access(
-                lambda: record_result(self.audit, result_fields(request, result, store,
-                                                                image_id if known_id else None, source_folder)),
+                lambda: record_result(self.audit, result_fields(request, result, store, image_id, source_folder)),
                 "denoised, but the result is not returned",
-                f"result of {request.get('model')} for {image_id if known_id else 'an upload or session'}")
+                f"result of {request.get('model')} for {image_id or 'an upload or session'}")
         except HTTPException:
-            discard_result(result)
             raise
         except Exception as error:  # noqa: BLE001 - whatever else stops the record stops the result
-            discard_result(result)
             logger.error("result of %s not returned: %s", request.get("model"), error)
             raise HTTPException(status_code=500, detail=f"denoised, but the result is not returned: its audit entry "
                                                         f"could not be written ({error})") from None

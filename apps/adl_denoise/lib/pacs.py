@@ -1174,13 +1174,22 @@ def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
     downloads a series not in the cache with :func:`download_within` (at most ``voxel_limit()`` voxels) before
     MONAI Label's own, which then finds its files and converts them; its ``get_label_uri`` the same for a ``final``
     label (``GET /datastore/label?tag=final`` names any series of the PACS: MONAI Label downloaded it whole, into
-    its label cache). Nothing for another datastore."""
+    its label cache). A series' conversion to NIfTI is answered by the cache's copy, the temp file MONAI Label wrote
+    it to deleted (:func:`_record_conversions`). Nothing for another datastore."""
     if not is_dicomweb(datastore) or getattr(datastore, "adl_bounded_downloads", False):
         return
+    _record_conversions()
 
     def get_image_uri(image_id: str) -> str:
         download_within(datastore, image_id, voxel_limit())
-        return type(datastore).get_image_uri(datastore, image_id)  # the class's as it is now (mixins swapped in)
+        own = type(datastore).get_image_uri  # the class's as it is now (mixins swapped in)
+        with _conversions_removed() as converted:
+            uri = own(datastore, image_id)
+            if uri in converted:  # the temp file the first read answers: the cache's copy of it instead
+                uri = own(datastore, image_id)
+            if uri in converted:
+                raise RuntimeError(f"series {image_id}: its NIfTI conversion was not kept in the DICOMweb cache")
+        return uri
 
     def get_label_uri(label_id: str, label_tag: str, image_id: str = "") -> str:
         kept = getattr(datastore, "holds_label", None)  # a correction kept on this server: no PACS series to fetch
@@ -1192,6 +1201,51 @@ def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
     datastore.get_image_uri = get_image_uri
     datastore.get_label_uri = get_label_uri
     datastore.adl_bounded_downloads = True
+
+
+_conversions = threading.local()
+
+
+def _record_conversions() -> None:
+    """MONAI Label's DICOMweb datastore converts a series to NIfTI in a temp file (``dicom_to_nifti``), copies it
+    into its cache and never deletes it: each series' first read left a whole patient volume in the server's temp
+    folder. Its module's ``dicom_to_nifti`` is wrapped (once) to name the files it makes to
+    :func:`_conversions_removed`, in the thread that asked."""
+    import monailabel.datastore.dicom as dicomweb_module
+
+    original = dicomweb_module.dicom_to_nifti
+    if getattr(original, "adl_recorded", False):
+        return
+
+    def dicom_to_nifti(*args, **kwargs):
+        path = original(*args, **kwargs)
+        made = getattr(_conversions, "made", None)
+        if made is not None and path:
+            made.append(path)
+        return path
+
+    dicom_to_nifti.adl_recorded = True
+    dicomweb_module.dicom_to_nifti = dicom_to_nifti
+
+
+@contextlib.contextmanager
+def _conversions_removed() -> Iterator[list]:
+    """The temp files MONAI Label's conversions made in this thread inside the block (:func:`_record_conversions`),
+    deleted when it ends, however it ends."""
+    outer = getattr(_conversions, "made", None)
+    made: list = []
+    _conversions.made = made
+    try:
+        yield made
+    finally:
+        _conversions.made = outer
+        for path in made:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                log.warning("could not remove the converted series %s: %s", path, error)
 
 
 def final_label_problem(datastore, label_id: str) -> str | None:

@@ -416,8 +416,11 @@ def guarded_infer(
     user: User = Depends(RBAC(_USER)),
 ):
     """MONAI Label's ``run_inference``, after the checks of the module docstring; the uploaded file is removed
-    whether the request succeeds or fails (the stock route leaves it behind on an error)."""
+    whether the request succeeds or fails (the stock route leaves it behind on an error), and so is the result file
+    when its answer cannot be made."""
     from monailabel.endpoints.infer import send_response
+
+    from ..audit.recording import discard_result
 
     model_task("infer", model)
     if image:
@@ -443,7 +446,7 @@ def guarded_infer(
     if image and not file and session is None:
         _need_image(image)
     request: dict[str, Any] = {"model": model, "image": image}
-    upload = None
+    upload, result = None, None
     try:
         if file:
             upload = _save_upload(file, "".join(Path(file.filename or "").suffixes) or _sniffed_suffix(file))
@@ -459,6 +462,8 @@ def guarded_infer(
         response = send_response(running.datastore(), result, output, background_tasks)
     except BaseException:
         _remove(upload)
+        if result:  # no answer carries it: the background removal send_response queued never runs
+            discard_result(result)
         raise
     if upload is not None:
         background_tasks.add_task(_remove, upload)

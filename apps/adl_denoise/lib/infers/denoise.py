@@ -405,6 +405,7 @@ class DenoiseInferTask(InferTask):
     def _write(self, out, source, result_extension: str, result_dtype: str, derivation: str) -> Path:
         if result_extension == "dicom":
             folder = Path(tempfile.mkdtemp(prefix=f"{self.model}_result_"))
+            name = None
             try:
                 series = write_volume(out, folder / "series", series_description_suffix=f" [denoised {self.model}]",
                                       derivation=derivation)
@@ -414,6 +415,10 @@ class DenoiseInferTask(InferTask):
                     for file in sorted(series.iterdir()):
                         zf.write(file, file.name)
                 return Path(name)
+            except BaseException:  # a ZIP cut short (a full disk) is no result: not left in the temp folder
+                if name is not None:
+                    Path(name).unlink(missing_ok=True)
+                raise
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         fd, name = tempfile.mkstemp(prefix=f"{self.model}_", suffix=result_extension)

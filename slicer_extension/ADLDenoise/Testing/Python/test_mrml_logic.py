@@ -18,6 +18,7 @@ Slicer with ``slicer_add_python_unittest`` or outside it with ``python -m pytest
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import tracemalloc
@@ -183,6 +184,7 @@ class MRMLLogicTest(unittest.TestCase):
     def setUp(self):
         slicer.mrmlScene.Clear(0)
         self.work = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.work, ignore_errors=True)  # its volumes: not left in /tmp
 
     def test_export_writes_values_and_geometry_and_result_loads_on_the_same_grid(self):
         original = oblique_ct_node()
@@ -988,6 +990,7 @@ class StudyIdentityTest(unittest.TestCase):
     def setUp(self):
         slicer.mrmlScene.Clear(0)
         self.work = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.work, ignore_errors=True)  # its volumes: not left in /tmp
 
     def test_identity_comes_from_the_subject_hierarchy_series_not_the_node_name(self):
         a = as_dicom_series(oblique_ct_node("3: CT HEAD"), "1.2.840.99.1", "CT")
