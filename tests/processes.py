@@ -133,12 +133,17 @@ def private_tmpfs_problem() -> str | None:
     return None if tried.returncode == 0 else f"cannot mount a tmpfs in a private mount namespace: {tried.stderr}"
 
 
-def on_tmpfs(folder: Path, size_mib: int, args: Command) -> list[str | os.PathLike]:
-    """``args`` run with a real tmpfs of ``size_mib`` MiB mounted over ``folder`` (an existing folder) in a mount
-    namespace of their own (``unshare``; see :func:`private_tmpfs_problem`): a real small disk there, for them alone.
-    The command ``exec``s ``args``, so the process started is theirs."""
-    return ["unshare", "--map-root-user", "--mount", "sh", "-c",
-            f'mount -t tmpfs -o size={int(size_mib)}m tmpfs "$1" && shift && exec "$@"', "sh", folder, *args]
+def on_tmpfs(folder: Path, size_mib: int, args: Command,
+             also: tuple[tuple[Path, int], ...] = ()) -> list[str | os.PathLike]:
+    """``args`` run with a real tmpfs of ``size_mib`` MiB mounted over ``folder`` (an existing folder), and one of
+    each ``(folder, size_mib)`` of ``also``, in a mount namespace of their own (``unshare``; see
+    :func:`private_tmpfs_problem`): a real small disk there, for them alone. The command ``exec``s ``args``, so the
+    process started is theirs."""
+    mounts = [(folder, size_mib), *also]
+    script = " && ".join(f'mount -t tmpfs -o size={int(size)}m tmpfs "${index}"'
+                         for index, (_, size) in enumerate(mounts, start=1))
+    return ["unshare", "--map-root-user", "--mount", "sh", "-c", f'{script} && shift {len(mounts)} && exec "$@"',
+            "sh", *(path for path, _ in mounts), *args]
 
 
 def _wait_for_http(url: str, process: subprocess.Popen, timeout: float, log_path: Path) -> None:

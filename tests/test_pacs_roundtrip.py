@@ -171,11 +171,14 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     another PatientID, its old download still in the cache, is no training data any more (422: one corrected study
     left; it trained on it), out of the training list and the dataset ZIP, and its correction, region map and info
     are not sent nor judged by a 'corrected' verdict (409 naming the patients; they were sent, the verdict said "no
-    saved correction"); a correction PUT for it while the cache holds the old patient's download is refused (409,
+    saved correction"), nor is its info changed (409, nothing written nor recorded: it was updated); a correction of
+    the derived series saved by an older version is no training data either, a WARNING saying why (it was trained
+    on); a correction PUT for it while the cache holds the old patient's download is refused (409,
     nothing saved), also with the download's folder alone removed (MONAI Label's conversion of the old download,
     never rebuilt, is what is sent: it was saved; the 409 names both cached files), so is one of the derived series
     this server stored (409: it was kept); the series removed from the PACS, its correction is 404 (it was sent),
-    kept on the server all the same; the PACS stopped, 503 (nothing sent unchecked)."""
+    kept on the server all the same; the PACS stopped, 503 (nothing sent unchecked), and a 'corrected' verdict
+    judging a kept correction is a 503 with nothing recorded."""
     import hashlib
     import shutil
     import urllib.request
@@ -185,6 +188,7 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
 
     from lib.audit import AuditLog
     from lib.audit.location import default_audit_dir, default_corrections_dir
+    from lib.pacs_corrections import KeptLabels
 
     def sha256(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
@@ -277,6 +281,14 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
                           ("label/info", {"label": uids[1], "tag": "final"})):
         answer = requests.get(f"{server.url}/datastore/{route}", params=params, timeout=600)
         assert answer.status_code == 409 and changed in answer.json()["detail"], (route, params, answer.text[:500])
+    kept_info = (kept / "final" / f"{uids[1]}.json").read_text()
+    for route, form in (("label/info", "info"), ("updatelabelinfo", "params")):  # its info is not changed either
+        answer = requests.put(f"{server.url}/datastore/{route}", params={"label": uids[1], "tag": "final"},
+                              data={form: json.dumps({"note": "checked"})}, timeout=600)
+        assert answer.status_code == 409 and changed in answer.json()["detail"], (route, answer.text[:500])
+        assert "its info was not changed" in answer.json()["detail"], answer.text[:500]
+    assert (kept / "final" / f"{uids[1]}.json").read_text() == kept_info
+    assert not [e for e in audit.entries() if e["event"].startswith("label_info_up")], "an info update on record"
     answer = requests.post(f"{server.url}/review/{uids[1]}", json={"verdict": "corrected", "reviewer": "dr_a"},
                            timeout=600)  # why its correction is not judged (it said "no saved correction")
     assert answer.status_code == 409 and changed in answer.json()["detail"], answer.text[:500]
@@ -286,7 +298,6 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     assert answer.status_code == 200, answer.text[:500]
     with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
         assert [n for n in archive.namelist() if n.startswith("label/")] == [f"label/{uids[0]}.nii.gz"]
-    kept_info = (kept / "final" / f"{uids[1]}.json").read_text()
     for uid, why in ((uids[1], "changed since this server downloaded it"), (derived, "denoised series this server")):
         with open(tmp_path / "final.nii.gz", "rb") as handle:
             answer = requests.put(f"{server.url}/datastore/label", params={"image": uid, "tag": "final"},
@@ -295,6 +306,24 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
         assert "nothing was saved" in answer.json()["detail"], answer.text
     assert (kept / "final" / f"{uids[1]}.json").read_text() == kept_info
     assert not (kept / "final" / f"{derived}.json").exists()
+    # a correction of the derived series this server stored, as an older version saved it (its PUT was not refused;
+    # the PUT above listed it), bound to the study and patient the PACS lists it under: no training data (it was
+    # trained on)
+    derived_study = next(series["ParentStudy"] for series in pacs.get("/series?expand")
+                         if series["MainDicomTags"]["SeriesInstanceUID"] == derived)
+    study = pacs.get(f"/studies/{derived_study}")
+    (tmp_path / "derived_final.nii.gz").write_bytes(sent[uids[0], "final"])  # on the derived series' grid
+    KeptLabels(kept).save(derived, str(tmp_path / "derived_final.nii.gz"), "final", {
+        "correction": True, "saved_by": "dr_a", "sha256": sha256(sent[uids[0], "final"]),
+        "series_identity": {"series_instance_uid": derived, "study_instance_uid": study["MainDicomTags"][
+            "StudyInstanceUID"], "patient_id": study["PatientMainDicomTags"]["PatientID"]}})
+    answer = requests.post(f"{server.url}/train/adl", params={"run_sync": "true"},
+                           json={"steps": 4, "patch_size": 32, "device": "cpu"}, timeout=600)
+    assert answer.status_code == 422 and "only 1 corrected CT study" in answer.text, (answer.status_code, answer.text)
+    assert f"not training data: the correction kept of series {derived}: {derived} is a denoised series this " \
+        "server stored in the PACS" in server.log_tail(20000), server.log_tail(4000)
+    pairs = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600).json()
+    assert [Path(pair["label"]).name for pair in pairs] == [f"{uids[0]}.nii.gz"], pairs
     # the download's folder alone removed: downloaded again (the new patient's), but the image sent and trained on is
     # MONAI Label's conversion of the old one, never rebuilt (the PUT was saved, bound to the new patient)
     shutil.rmtree(next((tmp_path / "work" / "dicomweb_cache").glob(f"*/{uids[1]}")))
@@ -314,12 +343,17 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
         answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[0], "tag": tag}, timeout=600)
         assert answer.status_code == 404, (tag, answer.status_code, answer.text[:500])
     assert "this server keeps no correction of it" in answer.json()["detail"], answer.text
-    assert sorted(p.name for p in kept.glob("*/*.json")) == [f"{uids[1]}.json"] * 2
+    assert sorted(p.name for p in kept.glob("*/*.json")) == sorted([f"{uids[1]}.json"] * 2 + [f"{derived}.json"])
     assert sorted((e["fields"]["image"], e["fields"]["tag"]) for e in audit.entries("label_removed")) == \
         [(uids[0], "final"), (uids[0], "regions")]
     stop_orthanc(pacs)  # a PACS that is down: nothing sent unchecked
     answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[1], "tag": "regions"}, timeout=600)
     assert answer.status_code == 503 and "cannot be reached" in answer.text, (answer.status_code, answer.text[:500])
+    verdicts = len(audit.entries("verdict"))  # nor a verdict on a correction whose series cannot be checked
+    answer = requests.post(f"{server.url}/review/{uids[1]}", json={"verdict": "corrected", "reviewer": "dr_a"},
+                           timeout=600)
+    assert answer.status_code == 503 and "cannot be reached" in answer.text, (answer.status_code, answer.text[:500])
+    assert len(audit.entries("verdict")) == verdicts
 
 
 def test_the_review_queue_hands_out_studies_never_results_or_a_uid_of_two_studies(tmp_path, tiny_weights):
@@ -1887,9 +1921,14 @@ def test_a_series_that_does_not_fit_on_the_cache_disk_is_stopped_before_the_disk
     MiB, the NIfTI conversion beside it) does not fit: infer by id and the review queue's hand-out answer 507 saying
     how many bytes were needed and free, with no WADO-RS retrieval of it (the real Orthanc's request log); a series
     listed with 1 slice that grows to 6 when its retrieval arrives (a Lua request filter) is stopped at the instance
-    that does not fit; nothing of either is left in the cache, and a 1-slice series that fits is denoised."""
+    that does not fit; nothing of either is left in the cache, and a 1-slice series that fits is denoised. The same
+    start-up names, in a WARNING, the corrections folders of other PACS URLs (this URL's holding none: a changed
+    --studies URL hid them in silence), never a URL's credentials; its own corrections folder is a 1 MiB tmpfs of its
+    own too (:func:`_correction_on_a_full_disk`)."""
     import re
     import subprocess
+
+    from lib.audit.location import default_corrections_dir
 
     import requests
 
@@ -1903,11 +1942,20 @@ def test_a_series_that_does_not_fit_on_the_cache_disk_is_stopped_before_the_disk
         pacs.upload_files(big + small + grows[:1])
         cache = tmp_path / "work" / "dicomweb_cache"  # the server's MONAI_LABEL_DICOMWEB_CACHE_PATH (mlserver)
         cache.mkdir(parents=True)
-        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
-                              conf={"max_voxels": 10_000_000}, wrap=lambda args: processes.on_tmpfs(cache, 3, args))
-        def in_cache() -> list[str]:
+        model_dir = copy_weights(tiny_weights, tmp_path / "model")
+        corrections = Path(default_corrections_dir(pacs.dicomweb, str(model_dir)))  # a 1 MiB tmpfs of its own
+        corrections.mkdir(parents=True)
+        for name, tag, note in (("dicomweb-0123456789abcdef", "final", "http://user:secret@old-alias:8042/dicom-web"),
+                                ("dicomweb-fedcba9876543210", "regions", None)):  # other URLs' (one older: no note)
+            (corrections.parent / name / tag).mkdir(parents=True)
+            (corrections.parent / name / tag / "1.2.3.json").write_text("{}")
+            if note:
+                (corrections.parent / name / "studies.json").write_text(json.dumps({"studies": note}))
+        server = start_server(pacs.dicomweb, model_dir, tmp_path / "work", conf={"max_voxels": 10_000_000},
+                              wrap=lambda args: processes.on_tmpfs(cache, 3, args, also=((corrections, 1),)))
+        def in_cache(folder: Path = cache) -> list[str]:
             """What the server's cache folder holds, seen from its mount namespace (the tmpfs is its alone)."""
-            found = subprocess.run(["nsenter", "--target", str(server.process.pid), "--mount", "find", str(cache)],
+            found = subprocess.run(["nsenter", "--target", str(server.process.pid), "--mount", "find", str(folder)],
                                    capture_output=True, text=True, timeout=60)
             assert found.returncode == 0, found.stderr
             return found.stdout.split()
@@ -1949,11 +1997,61 @@ def test_a_series_that_does_not_fit_on_the_cache_disk_is_stopped_before_the_disk
             assert not [name for name in in_cache() if big_uid in name or grows_uid in name], in_cache()
             log = server.log_tail(200000)
             assert "No space left on device" not in log, log[-4000:]
+            hidden = (f"no correction is kept for this PACS URL ({pacs.dicomweb}, folder {corrections}), but "
+                      f"{corrections.parent} keeps corrections of other PACS URLs: dicomweb-0123456789abcdef (kept "
+                      "for http://old-alias:8042/dicom-web: 1 label(s)); dicomweb-fedcba9876543210 (its URL not "
+                      "recorded: 1 label(s)).")
+            assert hidden in log and "secret" not in log, log[-4000:]
+            _correction_on_a_full_disk(server, pacs.dicomweb, small_uid, corrections, in_cache, tmp_path)
             assert server.alive()
         finally:
             stop_server(server)
     finally:
         stop_orthanc(pacs)
+
+
+def _correction_on_a_full_disk(server, studies: str, uid: str, corrections: Path, in_corrections,
+                               tmp_path: Path) -> None:
+    """The corrections folder of the server of the PACS ``studies`` (``corrections``, a 1 MiB tmpfs of its own;
+    ``in_corrections``: what a folder holds, seen by the server) keeps a first correction of the series ``uid`` (a compressed NIfTI), not a
+    second one (an uncompressed NIfTI of 1 MiB): 507 saying the disk is full (it was a bare 500), nothing of it left
+    there, the first correction sent as it was, the failure on record."""
+    import requests
+    import SimpleITK as sitk
+
+    from lib.audit import AuditLog
+    from lib.audit.location import default_audit_dir
+
+    answer = requests.get(f"{server.url}/datastore/image", params={"image": uid}, timeout=600)
+    assert answer.status_code == 200, answer.text[:500]
+    (tmp_path / "image.nii.gz").write_bytes(answer.content)
+    image = sitk.Cast(sitk.ReadImage(str(tmp_path / "image.nii.gz")), sitk.sitkFloat32)
+    voxels = sitk.GetArrayFromImage(image)
+    voxels[..., :16, :16] += 20.0  # a clinician's local edit
+    corrected = sitk.GetImageFromArray(voxels)
+    corrected.CopyInformation(image)
+    for name in ("first.nii.gz", "second.nii"):
+        sitk.WriteImage(corrected, str(tmp_path / name), useCompression=name.endswith(".gz"))
+
+    def put(name: str):
+        with open(tmp_path / name, "rb") as handle:
+            return requests.put(f"{server.url}/datastore/label", params={"image": uid, "tag": "final"},
+                                files={"label": (name, handle)}, timeout=600)
+
+    answer = put("first.nii.gz")
+    assert answer.status_code == 200, (answer.status_code, answer.text[:1000])
+    kept = sorted(in_corrections(corrections))
+    answer = put("second.nii")
+    assert answer.status_code == 507, (answer.status_code, answer.text[:1000], server.log_tail(3000))
+    assert answer.json()["detail"] == (
+        f"the final label of {uid} was not saved: the disk where this server keeps labels is full (no space left); "
+        "nothing of it was kept and the label saved before (if any) is unchanged: free some space there and send it "
+        "again"), answer.text
+    assert sorted(in_corrections(corrections)) == kept  # nothing of the second left, the first's files all there
+    answer = requests.get(f"{server.url}/datastore/label", params={"label": uid, "tag": "final"}, timeout=600)
+    assert answer.status_code == 200 and answer.content == (tmp_path / "first.nii.gz").read_bytes()
+    failed = AuditLog(default_audit_dir(studies, str(corrections.parent.parent))).entries("label_saved_failed")
+    assert len(failed) == 1 and "No space left on device" in failed[0]["fields"]["error"], failed
 
 
 def test_a_server_that_cannot_write_its_dicomweb_cache_or_corrections_does_not_start_and_says_which(tmp_path,

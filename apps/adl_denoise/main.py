@@ -56,7 +56,7 @@ from lib.weights.pseudonyms import site_key
 from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame, SeriesSize,
                       SeriesTooLarge, bound_waits, bounded_downloads, cache_folder, is_dicomweb, known_size,
                       remove_stale_downloads, series_folder, start_up_warnings, store_derived_series, whole_listing)
-from lib.pacs_corrections import server_kept_labels
+from lib.pacs_corrections import corrections_of_other_urls, note_studies_url, server_kept_labels
 from lib.runtime.switches import parse_bool
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,11 @@ class DenoisingApp(MONAILabelApp):
             self._make_pseudonym_key()
             for problem in start_up_warnings(self._datastore):  # a PACS that is down, or lists one modality
                 logger.warning(problem)
+            if self.corrections_dir:  # a changed --studies URL (another hash) hid every kept correction in silence
+                hidden = corrections_of_other_urls(self.corrections_dir, studies)
+                if hidden:
+                    logger.warning(hidden)
+                note_studies_url(self.corrections_dir, studies)
             if self.audit.broken is None:
                 self._reconcile_reviews()
                 self.audit.append("server_started", {"studies": studies, "model_dir": self.model_dir,
@@ -245,7 +250,8 @@ class DenoisingApp(MONAILabelApp):
         bound_waits(datastore)  # a PACS that is down: 503 in seconds, not 30 s per request
         whole_listing(datastore)  # a PACS that lists part of its series: an error, not studies missing in silence
         bounded_downloads(datastore, self._queue_voxel_limit)  # a series that grew: stopped, not held whole in memory
-        server_kept_labels(datastore, self.corrections_dir)  # corrections kept here: no SEG, nothing sent to the PACS
+        # corrections kept here: no SEG, nothing sent to the PACS; those of the results stored in it not trained on
+        server_kept_labels(datastore, self.corrections_dir, self.audit)
         return audited_datastore(datastore, self.audit)
 
     def info(self):

@@ -21,7 +21,12 @@ once, under that identity (:func:`check_binding`, one series search per series a
 refreshes a downloaded series, so its cached files cannot tell): :class:`CorrectionNotServed` otherwise (409 when the
 series changed study or patient, or is listed in several; 404 when the PACS no longer lists it; 502 when the PACS
 answered the search with an error; 504 when it did not answer within :data:`PACS_SEARCH_TIMEOUT_S`; a PACS that cannot
-be reached is the routes' 503).
+be reached is the routes' 503); nor is its info updated. A correction of a denoised series this server stored in the
+PACS (saved by an older version; the label route refuses one) is not listed for training, a WARNING saying why.
+
+The folder's name is a hash of the URL: :func:`note_studies_url` records the URL (without credentials) in it, and
+:func:`corrections_of_other_urls` is the start-up's WARNING when this URL keeps none and other URLs' folders do (a
+host alias hid every correction in silence).
 
 Every change of a kept label (save, info update, removal) holds a file lock of its own (``fcntl.flock`` on
 ``<root>/.locks/<tag>/<image_id>.lock``): two server processes on one ``model_dir`` change it one after the other (a
@@ -47,7 +52,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["KeptLabels", "ServerKeptLabelsMixin", "server_kept_labels", "correction_binding", "binding_problem",
            "check_binding", "CorrectionNotServed", "one_search_per_series", "pacs_identities", "SERIES_IDENTITY_KEY",
-           "LABEL_EXTENSIONS"]
+           "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url", "corrections_of_other_urls"]
 
 #: the correction stamp's key holding the identity of the PACS series it corrects (:func:`correction_binding`)
 SERIES_IDENTITY_KEY = "series_identity"
@@ -200,6 +205,7 @@ class ServerKeptLabelsMixin:
     file and info are given only after :func:`check_binding` (:class:`CorrectionNotServed` otherwise)."""
 
     _kept: KeptLabels
+    _results_audit: Any = None  # the audit log naming the results this server stored in the PACS (stored_results)
 
     def holds_label(self, label_id: str, label_tag: str) -> bool:
         """Whether ``label_id`` (an image's id) has a label ``label_tag`` kept on this server."""
@@ -209,12 +215,13 @@ class ServerKeptLabelsMixin:
                    label_id: str = "") -> str:
         return self._kept.save(image_id, label_filename, label_tag, dict(label_info or {}))
 
-    def checked_label(self, label_id: str, label_tag: str) -> Optional[Tuple[Path, Dict[str, Any]]]:
-        """``(file, info)`` of the kept label, checked to be its series' (:func:`check_binding`); None when none is
-        kept. Raises :class:`CorrectionNotServed`."""
+    def checked_label(self, label_id: str, label_tag: str,
+                      refused: Optional[str] = None) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """``(file, info)`` of the kept label, checked to be its series' (:func:`check_binding`; ``refused``: what
+        is not done when it is not, the refusal's end); None when none is kept. Raises :class:`CorrectionNotServed`."""
         found = self._kept.entry(label_id, label_tag)
         if found is not None:
-            check_binding(self, label_id, found[1])
+            check_binding(self, label_id, found[1], *([refused] if refused else []))
         return found
 
     def open_checked_label(self, label_id: str, label_tag: str) -> Optional[Tuple[IO[bytes], Dict[str, Any]]]:
@@ -258,14 +265,34 @@ class ServerKeptLabelsMixin:
         return sorted(set(kept) | set(super().get_labeled_images(label_tag, labels)))
 
     def _kept_finals(self) -> List[str]:
+        """The series with a correction kept here that the PACS lists and that are studies: a denoised series this
+        server stored in the PACS, or a UID of several series, is left out with a WARNING saying why
+        (:func:`lib.activelearning.review.unreviewable_reason`, as the label route refuses to save one: an older
+        version saved them, and training learnt from a correction of the model's own output)."""
+        from collections import Counter
+
+        from .activelearning.review import stored_results, unreviewable_reason
+
         kept = self._kept.images("final")
         if not kept:
             return []
-        listed = set(self.list_images())
+        listing = self.list_images()
+        listed = set(listing)
         gone = [image_id for image_id in kept if image_id not in listed]
         if gone:
             log.info("corrections kept of series the PACS no longer lists (not used): %s", ", ".join(gone))
-        return [image_id for image_id in kept if image_id in listed]
+        stored = stored_results(self._results_audit) if self._results_audit is not None else set()
+        ambiguous = {image_id for image_id, count in Counter(listing).items() if count > 1}
+        finals = []
+        for image_id in kept:
+            if image_id not in listed:
+                continue
+            problem = unreviewable_reason(image_id, stored, ambiguous)
+            if problem:
+                log.warning("not training data: the correction kept of series %s: %s", image_id, problem)
+                continue
+            finals.append(image_id)
+        return finals
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         if self.holds_label(label_id, label_tag):
@@ -274,7 +301,11 @@ class ServerKeptLabelsMixin:
         super().remove_label(label_id, label_tag)
 
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        """A kept label's info updated only while it is its series' (:func:`check_binding`: a correction of a series
+        now another patient's or study's had its info changed, as if still that series'); raises
+        :class:`CorrectionNotServed`, nothing written."""
         if self.holds_label(label_id, label_tag):
+            check_binding(self, label_id, self._kept.info(label_id, label_tag), "its info was not changed")
             self._kept.update_info(label_id, label_tag, info)
             return
         super().update_label_info(label_id, label_tag, info)
@@ -307,9 +338,10 @@ class ServerKeptLabelsMixin:
 _classes: Dict[type, type] = {}
 
 
-def server_kept_labels(datastore, folder: str | os.PathLike):
+def server_kept_labels(datastore, folder: str | os.PathLike, audit=None):
     """``datastore`` itself; a DICOMweb one gets its class swapped for one with :class:`ServerKeptLabelsMixin` in
-    front, its labels kept in ``folder``."""
+    front, its labels kept in ``folder``; ``audit``: the app's audit log, whose records of the results this server
+    stored in the PACS keep their corrections out of training (None: not read)."""
     from .pacs import is_dicomweb
 
     if not is_dicomweb(datastore):
@@ -320,7 +352,62 @@ def server_kept_labels(datastore, folder: str | os.PathLike):
             _classes[cls] = type(f"ServerKeptLabels{cls.__name__}", (ServerKeptLabelsMixin, cls), {})
         datastore.__class__ = _classes[cls]
     datastore._kept = KeptLabels(folder)
+    datastore._results_audit = audit
     return datastore
+
+
+#: the file of a corrections folder naming the PACS URL it is kept for (without credentials): the folder's name is
+#: a hash of the URL (:func:`lib.audit.location.dicomweb_folder_name`), which a warning cannot name otherwise
+STUDIES_NOTE = "studies.json"
+
+
+def note_studies_url(folder: str | os.PathLike, studies: str) -> None:
+    """``<folder>/studies.json``: ``{"studies": the URL without its credentials nor query}``, unless it says so
+    already. Not written (a WARNING) when it cannot be: it only names the folder's URL to an admin."""
+    note = Path(folder) / STUDIES_NOTE
+    url = _without_credentials(studies.strip().rstrip("/"))
+    try:
+        if json.loads(note.read_text(encoding="utf-8")).get("studies") == url:
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        atomic_write_json(note, {"studies": url})
+    except OSError as error:
+        log.warning("could not write %s (it names the PACS URL of the corrections kept there): %s", note, error)
+
+
+def _labels_in(folder: Path) -> int:
+    return sum(1 for _ in folder.glob("*/*.json"))  # <tag>/<image_id>.json: one per label kept
+
+
+def corrections_of_other_urls(folder: str | os.PathLike, studies: str) -> Optional[str]:
+    """The WARNING to log at start-up when the corrections folder of this PACS URL, ``folder``
+    (``<model_dir>/corrections/dicomweb-<hash of the URL>``), keeps no label and the folder above it holds folders
+    of other URLs that do: a PACS reached by another URL (a host alias, a port, a path: another hash) found none of
+    its kept corrections, and said nothing. Names each folder, the URL it was kept for where recorded
+    (:data:`STUDIES_NOTE`; never credentials) and how many labels it keeps; None otherwise."""
+    folder = Path(folder)
+    if _labels_in(folder) if folder.is_dir() else 0:
+        return None
+    others = []
+    for other in sorted(folder.parent.glob("dicomweb-*")) if folder.parent.is_dir() else []:
+        count = _labels_in(other) if other.is_dir() and other != folder else 0
+        if not count:
+            continue
+        try:
+            url = json.loads((other / STUDIES_NOTE).read_text(encoding="utf-8")).get("studies")
+            url = _without_credentials(str(url)) if url else None  # a hand-edited note: its credentials not logged
+        except (OSError, ValueError, AttributeError):
+            url = None
+        others.append(f"{other.name} ({f'kept for {url}' if url else 'its URL not recorded'}: {count} label(s))")
+    if not others:
+        return None
+    return (f"no correction is kept for this PACS URL ({_without_credentials(studies.strip().rstrip('/'))}, folder "
+            f"{folder}), but {folder.parent} keeps corrections of other PACS URLs: {'; '.join(others)}. A PACS's "
+            "corrections are kept under a hash of its --studies URL: if one of those is this PACS under another URL "
+            f"(a host alias, a port), stop the server and move that folder's contents into {folder.name}, else they "
+            "stay unused (its audit log's default folder, <model_dir>/audit/<same name>, is keyed the same way)")
 
 
 _IDENTITY_KEYS = ("series_instance_uid", "study_instance_uid", "patient_id")
@@ -487,10 +574,11 @@ def correction_binding(datastore, image_id: str) -> Dict[str, Any]:
     return {SERIES_IDENTITY_KEY: current}
 
 
-def check_binding(datastore, image_id: str, info: Dict[str, Any] | None) -> None:
+def check_binding(datastore, image_id: str, info: Dict[str, Any] | None,
+                  what: str = "its correction kept on this server is not sent nor used for training") -> None:
     """Nothing when the kept label of ``image_id`` (its ``info``) is still that series' (the PACS lists the series,
     once, with the SeriesInstanceUID, StudyInstanceUID and PatientID stamped when it was saved), or for another
-    datastore.
+    datastore. ``what``: what is not done (the refusal's end).
 
     Raises:
         CorrectionNotServed: 409 naming what changed (or a stamp naming no identity, or several listed); 404 when
@@ -499,7 +587,6 @@ def check_binding(datastore, image_id: str, info: Dict[str, Any] | None) -> None
     if not isinstance(datastore, ServerKeptLabelsMixin):
         return
     bound = (info or {}).get(SERIES_IDENTITY_KEY)
-    what = "its correction kept on this server is not sent nor used for training"
     if not isinstance(bound, dict):
         raise CorrectionNotServed(f"the correction of series {image_id} names no series identity (not saved by this "
                                   f"server's label route): {what}", 409)

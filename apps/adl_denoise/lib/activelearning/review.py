@@ -30,7 +30,7 @@ __all__ = ["VERDICTS", "MAX_REASON_CHARS", "HANDOUT_EVENT", "NextUnreviewed", "N
            "QUEUE_LEFT", "ambiguous_images", "has_image",
            "record_handout", "record_result",
            "reconcile_reviews", "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail",
-           "results_of", "stored_results", "study_modality", "UNREADABLE_REMEMBERED", "NOT_DOWNLOADED_RETRY_S"]
+           "results_of", "stored_results", "study_modality", "unreviewable_reason", "UNREADABLE_REMEMBERED", "NOT_DOWNLOADED_RETRY_S"]
 
 VERDICTS = ("unreviewed", "accepted", "corrected", "rejected")
 MAX_REASON_CHARS = 2000  # a reason is a sentence or two; the log keeps every one of them for ever
@@ -96,12 +96,21 @@ def refuse_unreviewable(audit: AuditLog, datastore: Datastore, image_id: str) ->
 
     if not is_dicomweb(datastore):
         return
-    if image_id in stored_results(audit):
-        raise ValueError(f"{image_id} is a denoised series this server stored in the PACS, not a study: review or "
-                         "denoise its source series")
-    if image_id in ambiguous_images(datastore):
-        raise ValueError(f"{image_id} names several series (one SeriesInstanceUID in more than one study of the "
-                         "PACS): which one it fetches is the PACS's choice; fix the duplicate UID first")
+    problem = unreviewable_reason(image_id, stored_results(audit), ambiguous_images(datastore))
+    if problem:
+        raise ValueError(problem)
+
+
+def unreviewable_reason(image_id: str, stored: set[str], ambiguous: set[str]) -> Optional[str]:
+    """Why ``image_id`` is no study (:func:`refuse_unreviewable`), given the results this app stored in the PACS
+    (:func:`stored_results`) and the ids naming several series (:func:`ambiguous_images`); None when it is one."""
+    if image_id in stored:
+        return (f"{image_id} is a denoised series this server stored in the PACS, not a study: review or denoise its "
+                "source series")
+    if image_id in ambiguous:
+        return (f"{image_id} names several series (one SeriesInstanceUID in more than one study of the PACS): which "
+                "one it fetches is the PACS's choice; fix the duplicate UID first")
+    return None
 
 
 def record_result(audit: AuditLog, fields: dict) -> dict:

@@ -81,6 +81,7 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -90,7 +91,7 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse
@@ -950,9 +951,11 @@ def guarded_save_label(
     now, :func:`lib.pacs_corrections.correction_binding`; the label is kept on the server, never sent to the PACS).
     On a PACS, 409 and nothing saved for a series this server stored (a denoised result), one listed in several
     studies or patients, or one whose download here has another study or patient than the PACS lists now; 404 for
-    a series the PACS no longer lists."""
+    a series the PACS no longer lists. A disk too full to keep the label is a 507 (it was a bare 500): nothing of
+    it kept, the label saved before left as it was."""
     from ..activelearning import refuse_unreviewable
     from ..data.regions import REGIONS_TAG, RegionsError, load_correction_regions
+    from ..pacs import disk_full
     from ..pacs_corrections import correction_binding
     from ..trainers import CORRECTION_KEYS, correction_stamp
 
@@ -986,7 +989,16 @@ def guarded_save_label(
         for key in CORRECTION_KEYS:  # the server's stamp alone: a client's value of a key it does not set is dropped
             save_params.pop(key, None)
         save_params.update(stamp)
-        label_id = datastore.save_label(image, str(upload), tag, save_params)
+        try:
+            label_id = datastore.save_label(image, str(upload), tag, save_params)
+        except OSError as error:
+            if not disk_full(error):  # ENOSPC or EDQUOT, wrapped or not
+                raise
+            log.error("PUT /datastore/label %s (%s): the label did not fit on the disk: %s", image, tag, error)
+            raise HTTPException(status_code=507, detail=(
+                f"the {tag} label of {image} was not saved: the disk where this server keeps labels is full (no "
+                "space left); nothing of it was kept and the label saved before (if any) is unchanged: free some "
+                "space there and send it again")) from None
         answer = app().on_save_label(image, label_id) or {}
         answer.update({"image": image, "label": label_id})
         return answer
@@ -1286,7 +1298,8 @@ def guarded_put_label_info(label: str, tag: str, info: str = Form("{}"), user: U
     check_name(tag, "tag")
     _need_label(label, tag)
     _refuse_stamp_keys(_json_object(info, "info"), "info")
-    return update_label_info(label, tag, info, user.username)
+    with _kept_label_checked(label, tag):
+        return update_label_info(label, tag, info, user.username)
 
 
 @router.put("/datastore/updatelabelinfo", include_in_schema=False)
@@ -1298,7 +1311,25 @@ def guarded_update_label_info(label: str, tag: str, params: str = Form("{}"),
     check_name(tag, "tag")
     _need_label(label, tag)
     _refuse_stamp_keys(_json_object(params, "params"), "params")
-    return update_label_info(label, tag, params, user.username)
+    with _kept_label_checked(label, tag):
+        return update_label_info(label, tag, params, user.username)
+
+
+@contextlib.contextmanager
+def _kept_label_checked(label: str, tag: str) -> Iterator[None]:
+    """Within it, a label info update of a correction kept of a PACS series that is not its series' any more
+    (:meth:`lib.pacs_corrections.ServerKeptLabelsMixin.checked_label`: moved to another study or patient, listed in
+    several, gone) is refused before anything is written or recorded (409 / 404 naming what changed, the app's
+    handler of :class:`lib.pacs_corrections.CorrectionNotServed`): it was updated as if still that series'. The
+    series is searched once for the check and the update's own."""
+    from ..pacs_corrections import one_search_per_series
+
+    datastore = app().datastore()
+    with one_search_per_series():
+        checked = getattr(datastore, "checked_label", None)
+        if checked is not None:
+            checked(label, tag, "its info was not changed")
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ sessions
