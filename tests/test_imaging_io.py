@@ -190,13 +190,20 @@ def test_a_sheared_grid_round_trips_in_nrrd_and_is_never_written_as_nifti(tmp_pa
 
 
 @pytest.mark.parametrize("codes", [(1, 4), (2, 1), (0, 2), (1, 0)])
-@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", "uncompressed .nii.gz"])
 def test_a_nifti_output_keeps_the_qform_and_sform_of_its_input(tmp_path, codes, ext):
     """ITK reads one transform of a NIfTI file and wrote it as both, with code 1: an input whose sform (a
     registration to a template, code 4) differs from its qform came back with the qform's matrix as sform, and other
     codes, and viewers that use the sform (nibabel, FSLeyes, nilearn) placed the denoised output 7 mm from its
-    input. The output keeps the input's transforms, codes, voxel sizes and units; its values are the new ones."""
+    input. The output keeps the input's transforms, codes, voxel sizes and units; its values are the new ones. So
+    does a NIfTI stored uncompressed under a ``.nii.gz`` name (ITK reads it; nibabel, by its name, did not, and its
+    sform was lost unsaid)."""
+    import gzip
+
     import nibabel
+
+    uncompressed = ext.startswith("uncompressed")
+    ext = ext.split()[-1]
 
     qcode, scode = codes
     rng = np.random.default_rng(5)
@@ -214,6 +221,8 @@ def test_a_nifti_output_keeps_the_qform_and_sform_of_its_input(tmp_path, codes, 
     source.header.set_xyzt_units("mm", "sec")
     nibabel.save(source, tmp_path / f"in{ext}")
     read_in = nibabel.load(tmp_path / f"in{ext}")
+    if uncompressed:
+        (tmp_path / f"in{ext}").write_bytes(gzip.decompress((tmp_path / f"in{ext}").read_bytes()))
 
     volume = read_volume(tmp_path / f"in{ext}", modality="MR")
     denoised = volume.with_array(volume.array * 0.5 + 10)
@@ -832,6 +841,8 @@ def test_uneven_and_duplicate_slices_refused(tmp_path):
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    import gzip
+
     text = tmp_path / "notes.dcm"
     text.write_text("this is a text file, not an image\n")
     empty = tmp_path / "empty"
@@ -847,6 +858,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     nan_array = np.zeros((3, 5, 5), np.float32)
     nan_array[1, 2, :3] = np.nan
     _sitk_file(nan, nan_array)
+    nan_uncompressed = tmp_path / "nan_uncompressed.nii.gz"  # ITK reads it as it is (and its NaN as 0)
+    nan_uncompressed.write_bytes(gzip.decompress(nan.read_bytes()))
+    # vox_offset 348: ITK reads it (its NaN as 0); nibabel refuses it, and its NaN check was skipped unsaid
+    nan_unchecked = tmp_path / "nan_unchecked.nii"
+    nan_unchecked.write_bytes(gzip.decompress(nan.read_bytes()))
+    with open(nan_unchecked, "r+b") as handle:
+        handle.seek(108)
+        handle.write(np.float32(348).tobytes())
     truncated = tmp_path / "truncated.dcm"
     data = CT_SMALL.read_bytes()
     truncated.write_bytes(data[: len(data) - 5000])
@@ -864,6 +883,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "missing": (tmp_path / "nope", "no such file or folder"),
         "4D": (four_d, "4D images are not supported, give one 3D volume"),
         "NaN": (nan, "contains 3 NaN values"),
+        "NaN, uncompressed .nii.gz": (nan_uncompressed, "contains 3 NaN values"),
+        "NaN, unchecked": (nan_unchecked, "SimpleITK reads it but nibabel cannot (vox offset 348 too low"),
         "truncated": (truncated, "is truncated or corrupt: its header declares 1 x 128 x 128 voxels (32,768 bytes"),
         "pydicom truncated": (Path(get_testdata_file("MR_truncated.dcm")),
                               "is truncated or corrupt: its header declares 1 x 64 x 64 voxels (8,192 bytes"),
@@ -1466,28 +1487,89 @@ def test_a_metaimage_whose_compressed_data_is_short_is_refused_not_read_as_zeros
         read_volume(path)
 
 
+def _itk_reads_exactly_in_a_new_process(paths: list[Path], values: np.ndarray) -> list[bool]:
+    """Whether SimpleITK reads each of ``paths`` (in that order) as ``values``, in a new process that is given only
+    their SHA-256: where ITK leaves voxels uninitialised, they cannot be the image by chance there. In this process
+    they often are: memory freed by an earlier read, or by the copy SimpleITK made to write the file, held it."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import hashlib, sys, numpy as np, SimpleITK as sitk\n"
+            "for path in sys.argv[2:]:\n"
+            "    try:\n"
+            "        read = np.ascontiguousarray(sitk.GetArrayFromImage(sitk.ReadImage(path)))\n"
+            "        print(int(hashlib.sha256(read.tobytes()).hexdigest() == sys.argv[1]))\n"
+            "    except RuntimeError:\n"
+            "        print(0)\n")
+    digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+    done = subprocess.run([sys.executable, "-c", code, digest, *map(str, paths)], capture_output=True, text=True,
+                          check=True)
+    return [line == "1" for line in done.stdout.split()]
+
+
 def test_a_metaimage_whose_inline_compressed_data_has_no_size_is_refused_not_read_as_garbage(tmp_path):
     """A ``.mha`` file SimpleITK wrote compressed, its ``CompressedDataSize`` line then removed (other tools leave it
-    out), passed every check, and ITK's MetaIO read it as garbage (most voxels, differing from read to read; only
-    "Uncompress failed" on stderr). It is refused, naming the line to add, and read exactly once it is added. A
-    ``.mhd`` header without it is read right (MetaIO takes its data file's size) and is taken."""
-    import re
-
+    out), set to 0, spelt in lower case (MetaIO reads its keys case included) or to half the data, passed every
+    check, and ITK's MetaIO read it as garbage: without a size it inflates the file from its header text, which
+    fails at once, and leaves every voxel as the memory it allocated held; with half, the second half. Each is
+    refused, naming the line to write (the size to give), and read exactly once it is written; a size larger than
+    the data (ITK: "No such file or directory") or negative (ITK: bad_alloc) is refused naming it, and so is
+    compressed data that does not inflate (ITK keeps what it had). A size that
+    leaves out only the end of the stream (its Adler-32) is read exactly by ITK, and taken. A ``.mhd`` header
+    without it is read right (MetaIO takes its data file's size) and is taken."""
     from lib.imaging.io import check_voxels
 
     values = np.random.default_rng(0).normal(0, 100, (12, 64, 64)).astype(np.int16)
     for suffix in (".mha", ".mhd"):
         sitk.WriteImage(sitk.GetImageFromArray(values), str(tmp_path / f"written{suffix}"), True)
     written = (tmp_path / "written.mha").read_bytes()
-    size_line = re.search(rb"CompressedDataSize = \d+\n", written)
-    unsized = tmp_path / "unsized.mha"
-    unsized.write_bytes(written.replace(size_line.group(0), b""))
-    assert not np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(unsized))), values)
-    words = (r"unsized\.mha cannot be read as it is: its header says CompressedData = True but gives no "
-             rf"CompressedDataSize, .* add the line '{size_line.group(0).decode().strip()}' to its header")
-    with pytest.raises(ImageReadError, match=words):
-        read_volume(unsized, modality="CT")
-    with pytest.raises(ImageReadError, match=words) as refused:
+    size_line = re.search(rb"CompressedDataSize = (\d+)\n", written)
+    size = int(size_line.group(1))  # SimpleITK writes nothing after the compressed data: all the bytes after it
+    unusable = "cannot be read as it is: its header says CompressedData = True but "
+    add = rf"add the line 'CompressedDataSize = {size}' to its header"
+    short = (rf"cannot be read as it is: its header gives CompressedDataSize = {size // 2}, but its compressed data "
+             rf"is longer: ITK's MetaImage reader inflates only those {size // 2:,} bytes, to [\d,]+ of the "
+             rf"{values.nbytes:,} bytes of voxels its header declares, and reads the rest as garbage; set it to {size}")
+    cases = {  # name: (size line, refusal)
+        "no size": (b"", unusable + r"gives no CompressedDataSize, .*" + add),
+        "size 0": (b"CompressedDataSize = 0\n", unusable + r"gives CompressedDataSize = '0', not a number of bytes "
+                   r"above 0, .*" + add),
+        "lower case": (b"compresseddatasize = %d\n" % size, unusable + r"spells its size 'compresseddatasize', which "
+                       r"MetaIO does not read \(it reads 'CompressedDataSize', case included\), .*" + add),
+        "half": (b"CompressedDataSize = %d\n" % (size // 2), short),
+        "negative": (b"CompressedDataSize = -5\n", unusable + r"gives CompressedDataSize = '-5', not a number.*"
+                     + add),
+        "over": (b"CompressedDataSize = %d\n" % (size + 1), rf"cannot be read: its header gives CompressedDataSize = "
+                 rf"{size + 1}, but only {size:,} bytes follow its header \(a cut copy, or a wrong size: ITK's "
+                 rf"MetaImage reader fails on it\); if the image is whole, set it to {size}"),
+        "corrupt": (size_line.group(0), r"is truncated or corrupt: its compressed data does not inflate \(Error -3 "
+                    rf"while decompressing data: [^)]+\) to the {values.nbytes:,} bytes of voxels its header declares"),
+        "no Adler-32": (b"CompressedDataSize = %d\n" % (size - 4), None),
+        "no spaces": (b"CompressedDataSize=%d\n" % size, None),
+    }
+    paths = {}
+    for name, (line, refusal) in cases.items():
+        paths[name] = tmp_path / f"{name.replace(' ', '_')}.mha"
+        paths[name].write_bytes(written.replace(size_line.group(0), line))
+    corrupt = bytearray(paths["corrupt"].read_bytes())
+    corrupt[-size + 100:-size + 108] = b"\xff" * 8  # 100 bytes into the compressed data (ITK: "Uncompress failed")
+    paths["corrupt"].write_bytes(bytes(corrupt))
+    garbage, taken = ["no size", "size 0", "lower case", "half"], ["no Adler-32", "no spaces"]
+    # the garbage first: an exact read before it would leave the image in the new process's memory
+    assert _itk_reads_exactly_in_a_new_process([paths[k] for k in garbage + taken], values) == [False] * 4 + [True] * 2
+    for name, (line, refusal) in cases.items():
+        if refusal is None:
+            assert np.array_equal(read_volume(paths[name], modality="CT").array, values.astype(np.float32)), name
+            assert check_voxels(paths[name]) == (64, 64, 12), name
+            continue
+        words = re.escape(paths[name].name) + " " + refusal
+        with pytest.raises(ImageReadError, match=words):
+            read_volume(paths[name], modality="CT")
+        with pytest.raises(ImageReadError, match=words):
+            check_voxels(paths[name])
+    unsized = paths["no size"]
+    with pytest.raises(ImageReadError) as refused:
         check_voxels(unsized)
     added = re.search(r"add the line '([^']+)'", str(refused.value)).group(1)
     unsized.write_bytes(unsized.read_bytes().replace(b"ElementDataFile", f"{added}\nElementDataFile".encode(), 1))
@@ -1537,19 +1619,29 @@ def test_a_slice_holding_a_second_frame_is_refused_not_read_without_it(tmp_path)
         read_volume(tmp_path / "series")
 
 
-@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", "uncompressed .nii.gz"])
 def test_a_scaled_uint8_nifti_is_read_and_a_cut_one_refused(tmp_path, suffix):
     """A NIfTI file stores uint8 with scl_slope 2: ITK reads it as float32, but the file holds one byte per voxel. The
     size check must count the stored bytes (it once refused the real held-out MR as truncated), and still refuse
-    the same file cut short."""
+    the same file cut short. So for a NIfTI stored uncompressed under a ``.nii.gz`` name (ITK reads it): nibabel
+    refused it by its name, and it was refused as "truncated"."""
+    import gzip
+
+    from lib.imaging.io import check_voxels
+
     nibabel = pytest.importorskip("nibabel")
+    uncompressed = suffix.startswith("uncompressed")
+    suffix = suffix.split()[-1]
     data = (np.arange(32 * 40 * 24) % 251).astype(np.uint8).reshape(32, 40, 24)
     image = nibabel.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0]))
     image.header.set_slope_inter(2.0, 0.0)
     path = tmp_path / f"scaled{suffix}"
     nibabel.save(image, str(path))
+    if uncompressed:
+        path.write_bytes(gzip.decompress(path.read_bytes()))
     volume = read_volume(path, modality="MR")
     assert volume.array.shape == (24, 40, 32)
+    assert check_voxels(path) == (32, 40, 24)
     assert float(volume.array.max()) == 2.0 * 250
     cut = tmp_path / f"cut{suffix}"
     raw = path.read_bytes()

@@ -108,10 +108,11 @@ def _nifti_vox_offset(header: bytes) -> int:
     return _NIFTI1_HEADER
 
 
-def _text_header(path: Path, limit: int = 65536) -> tuple[dict[str, str], int, bool]:
-    """Fields (lower-case keys) and byte length of the text header of a NRRD or MetaImage file: NRRD ends it at
-    the first blank line, MetaImage at its ``ElementDataFile`` line; and whether that end (or the file's) was found
-    in its first ``limit`` bytes (a longer header: the length is not where the data starts)."""
+def _text_header(path: Path, limit: int = 65536, keep_case: bool = False) -> tuple[dict[str, str], int, bool]:
+    """Fields (lower-case keys; with ``keep_case``, as written: MetaIO reads only ``CompressedDataSize`` spelt so)
+    and byte length of the text header of a NRRD or MetaImage file: NRRD ends it at the first blank line, MetaImage
+    at its ``ElementDataFile`` line; and whether that end (or the file's) was found in its first ``limit`` bytes (a
+    longer header: the length is not where the data starts)."""
     with open(path, "rb") as handle:
         head = handle.read(limit)
     fields: dict[str, str] = {}
@@ -127,11 +128,36 @@ def _text_header(path: Path, limit: int = 65536) -> tuple[dict[str, str], int, b
             continue
         match = re.match(r"^([^:=]+?)\s*(:=|:|=)\s*(.*)$", line)
         if match:
-            fields[match.group(1).strip().lower()] = match.group(3).strip()
+            key = match.group(1).strip()
+            fields[key if keep_case else key.lower()] = match.group(3).strip()
             if match.group(1).strip().lower() == "elementdatafile":
                 complete = True
                 break  # MetaImage: the data follows this line
     return fields, position, complete
+
+
+def _metaio_compressed(fields: dict[str, str]) -> bool:
+    """Whether ITK's MetaIO inflates the voxels of a MetaImage header's ``fields`` (as written, :func:`_text_header`
+    with ``keep_case``): ``CompressedData`` and ``BinaryData`` (true unless given) starting with T, t or 1."""
+    return (fields.get("CompressedData", "")[:1] in ("T", "t", "1")
+            and fields.get("BinaryData", "True")[:1] in ("T", "t", "1"))
+
+
+def _metaio_number(value: str | None) -> float:
+    """A MetaImage header value read as MetaIO reads a number (C++ ``>>``: the leading number, 0 when none)."""
+    match = re.match(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value or "")
+    try:
+        return float(match.group(0)) if match else 0.0
+    except OverflowError:  # pragma: no cover - a value beyond float: no size MetaIO can use
+        return 0.0
+
+
+def _metaio_compressed_size(fields: dict[str, str]) -> int:
+    """The ``CompressedDataSize`` MetaIO reads from a header's ``fields`` (as written): the bytes of compressed data
+    it reads after the header; 0 (none given, 0, no number, negative) makes it take the whole file from its first
+    byte instead."""
+    number = _metaio_number(fields.get("CompressedDataSize"))
+    return int(number) if math.isfinite(number) and number >= 1 else 0
 
 
 def image_files(path: str | os.PathLike) -> list[Path]:
@@ -196,8 +222,7 @@ def _stored_bytes(path: Path) -> tuple[int, str] | None:
             encoding = {"gz": "gzip", "bz2": "bzip2", "txt": "ascii", "text": "ascii"}.get(encoding, encoding)
             data_file = fields.get("data file") or fields.get("datafile")
         else:
-            compressed = fields.get("compresseddata", "false").lower() == "true"
-            encoding = "gzip" if compressed else "raw"
+            encoding = "gzip" if _metaio_compressed(_text_header(path, keep_case=True)[0]) else "raw"
             data_file = fields.get("elementdatafile", "LOCAL")
             data_file = None if data_file.upper() == "LOCAL" else data_file
         if data_file is None:
@@ -297,19 +322,22 @@ def _skip_lines(handle, count: int) -> bool:
     return True
 
 
-def _compressed_data(path: Path) -> tuple[Path, int, int, bool, int] | None:
-    """Where the compressed voxel data of a NRRD (``encoding gzip``) or MetaImage (``CompressedData True``) file is,
-    inline or in its one data file: (file, lines to skip (NRRD's ``line skip``), then bytes to skip, zlib's window
-    bits (NRRD: gzip, 31; MetaImage: zlib or gzip, 47, as MetaIO inflates it), whether gzip members follow one
-    another (NRRD: its reader reads on through them; MetaIO inflates one stream), bytes of the decompressed data
-    before the voxels (NRRD's ``byte skip``)). None otherwise, and wherever the data's start is not certain: a
-    header over 64 KiB, a MetaImage ``HeaderSize``, a negative ``byte skip``, several data files."""
+def _compressed_data(path: Path) -> tuple[Path, int, int, int, bool, int, int | None] | None:
+    """Where the compressed voxel data of a NRRD (``encoding gzip``) or MetaImage (compressed as MetaIO reads it,
+    :func:`_metaio_compressed`) file is, inline or in its one data file: (file, bytes to skip, then lines to skip
+    (NRRD's ``line skip``), zlib's window bits (NRRD: gzip, 31; MetaImage: zlib or gzip, 47, as MetaIO inflates it),
+    whether gzip members follow one another (NRRD: its reader reads on through them; MetaIO inflates one stream),
+    bytes of the decompressed data before the voxels (NRRD's ``byte skip``), bytes of compressed data the reader
+    reads (MetaImage's ``CompressedDataSize``; None: to the end of the file)). None otherwise, and wherever the
+    data's start is not certain: a header over 64 KiB, a MetaImage ``HeaderSize``, a negative ``byte skip``, several
+    data files."""
     name = path.name.lower()
     if not name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
         return None
     fields, header_length, complete = _text_header(path)
     if not complete:
         return None  # a header over 64 KiB: its data's offset is not known here
+    size = None
     try:
         if name.endswith((".nrrd", ".nhdr")):
             if fields.get("encoding", "raw").lower() not in ("gzip", "gz"):
@@ -318,21 +346,23 @@ def _compressed_data(path: Path) -> tuple[Path, int, int, bool, int] | None:
             line_skip, byte_skip = int(fields.get("line skip", 0)), int(fields.get("byte skip", 0))
             wbits, members = 31, True
         else:
-            if fields.get("compresseddata", "false").lower() != "true" or int(fields.get("headersize", 0)):
+            written = _text_header(path, keep_case=True)[0]  # MetaIO reads its keys case included
+            if not _metaio_compressed(written) or int(fields.get("headersize", 0)):
                 return None
             data_file = fields.get("elementdatafile", "LOCAL")
             data_file = None if data_file.upper() == "LOCAL" else data_file
             line_skip, byte_skip, wbits, members = 0, 0, 47, False
+            size = _metaio_compressed_size(written) or None  # none: MetaIO reads the data file whole
     except ValueError:
         return None  # a skip that is no number: the reader says what is wrong
     if line_skip < 0 or byte_skip < 0:
         return None
     if data_file is None:
-        return path, header_length, line_skip, wbits, members, byte_skip
+        return path, header_length, line_skip, wbits, members, byte_skip, size
     if " " in data_file or "%" in data_file or data_file.upper() == "LIST":
         return None  # several data files: ITK checks them while reading
     detached = Path(data_file) if os.path.isabs(data_file) else path.parent / data_file
-    return detached, 0, line_skip, wbits, members, byte_skip
+    return detached, 0, line_skip, wbits, members, byte_skip, size
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -410,6 +440,32 @@ def _inflated_length(file: Path, offset: int, line_skip: int, wbits: int, member
     return total
 
 
+def _metaio_inflated(file: Path, offset: int, size: int | None, needed: int) -> tuple[int, str | None]:
+    """What ITK's MetaIO inflates of the compressed data of ``file`` at ``offset``: the ``size`` bytes there (its
+    ``CompressedDataSize``; None: to the end of the file) as one zlib or gzip stream, until ``needed`` bytes are out
+    (MetaIO stops there: what follows is never read). Returns (bytes out, at most about ``needed``; why fewer: None
+    (the stream ended), "cut" (its bytes ended first) or zlib's error, the bytes out then counted before the 1 MiB
+    chunk where it failed). In 1 MiB chunks: memory stays small."""
+    inflater = zlib.decompressobj(47)
+    produced = 0
+    left = size
+    with open(file, "rb") as handle:
+        handle.seek(offset)
+        while produced < needed and not inflater.eof:
+            data = handle.read(_CHUNK if left is None else min(_CHUNK, left))
+            if not data:
+                return produced, "cut"
+            if left is not None:
+                left -= len(data)
+            try:
+                produced += len(inflater.decompress(data, _CHUNK))
+                while inflater.unconsumed_tail and not inflater.eof and produced < needed:
+                    produced += len(inflater.decompress(inflater.unconsumed_tail, _CHUNK))
+            except zlib.error as exc:
+                return produced, one_line(exc)
+    return produced, None
+
+
 def _gzip_trailer(file: Path) -> int | None:
     """The last 4 bytes of ``file`` as a gzip trailer's length (decompressed bytes mod 2**32); None if unreadable."""
     try:
@@ -426,12 +482,13 @@ def check_compressed_length(path: Path, needed: int) -> None:
     (the run's reader fails on it, or fills the rest with zeros). A NIfTI or NRRD gzip stream whose trailer gives
     the declared length is taken without reading it (the last 4 bytes of an intact gzip stream give its
     decompressed length mod 2**32; a cut file ends in compressed data instead, which matches by chance once in
-    2**32); any other (several gzip members, bytes after the data, a cut file) and MetaImage's zlib or gzip data (no
-    length stored) are decompressed through, in 1 MiB chunks, NRRD's members one after another, NIfTI's as ITK
-    reads them (:func:`check_gzip_stream`: up to the member holding the last voxel). A NRRD or
-    MetaImage file whose data does not parse where its header places it, or whose data's start is uncertain
-    (:func:`_compressed_data`), passes: its reader says what is wrong. Other files: nothing to check here
-    (:func:`check_stored_size`)."""
+    2**32); any other (several gzip members, bytes after the data, a cut file) is decompressed through, in 1 MiB
+    chunks, NRRD's members one after another, NIfTI's as ITK reads them (:func:`check_gzip_stream`: up to the member
+    holding the last voxel). MetaImage's zlib or gzip data (no length stored) is inflated as MetaIO inflates it
+    (:func:`_check_metaio_inflates`: its ``CompressedDataSize`` bytes, until the voxels are out), and refused too
+    where it does not inflate (MetaIO only prints "Uncompress failed" and keeps garbage). A NRRD file whose data does
+    not parse where its header places it, or a file whose data's start is uncertain (:func:`_compressed_data`),
+    passes: its reader says what is wrong. Other files: nothing to check here (:func:`check_stored_size`)."""
     if path.name.lower().endswith(".nii.gz"):
         trailer = _gzip_trailer(path)
         try:
@@ -447,8 +504,11 @@ def check_compressed_length(path: Path, needed: int) -> None:
         located = _compressed_data(path)
         if located is None:
             return
-        file, offset, line_skip, wbits, members, byte_skip = located
+        file, offset, line_skip, wbits, members, byte_skip, size = located
         wanted = int(needed) + byte_skip  # NRRD's byte skip counts in the decompressed data
+        if wbits == 47:  # MetaImage
+            _check_metaio_inflates(path, file, offset, size, wanted)
+            return
         if members and _gzip_trailer(file) == wanted % (1 << 32):
             return
         total = _inflated_length(file, offset, line_skip, wbits, members)
@@ -460,23 +520,70 @@ def check_compressed_length(path: Path, needed: int) -> None:
                              f"{skipped}, its compressed data decompresses to {total:,}")
 
 
+def _check_metaio_inflates(path: Path, file: Path, offset: int, size: int | None, needed: int) -> None:
+    """Refuse a MetaImage file whose compressed data, read as ITK's MetaIO reads it (:func:`_metaio_inflated`: only
+    its ``CompressedDataSize`` bytes where it gives one), gives fewer than ``needed`` bytes: MetaIO leaves the
+    voxels after them as the memory it allocated held (zeros or garbage; only "Uncompress failed" on stderr). A file
+    cut short is named as cut; a ``CompressedDataSize`` smaller than the data that follows is named, with the size
+    to give."""
+    produced, stop = _metaio_inflated(file, offset, size, needed)
+    if produced >= needed:
+        return
+    held = file.stat().st_size - offset
+    if size is not None and size < held and _metaio_inflated(file, offset, None, needed)[0] >= needed:
+        raise ImageReadError(f"{path} cannot be read as it is: its header gives CompressedDataSize = {size}, but "
+                             f"its compressed data is longer: ITK's MetaImage reader inflates only those {size:,} "
+                             f"bytes, to {produced:,} of the {needed:,} bytes of voxels its header declares, and "
+                             f"reads the rest as garbage; set it to {held} ("
+                             + ("the bytes after its header" if file == path else f"the size of {file.name}") + ")")
+    if stop == "cut":
+        raise ImageReadError(f"{file} is truncated or corrupt: its compressed data ends before its end-of-stream "
+                             "marker")
+    if stop is not None:
+        raise ImageReadError(f"{path} is truncated or corrupt: its compressed data does not inflate ({stop}) to the "
+                             f"{needed:,} bytes of voxels its header declares")
+    raise ImageReadError(f"{path} is truncated or corrupt: its header declares {needed:,} bytes of voxels, its "
+                         f"compressed data decompresses to {produced:,}")
+
+
 def check_metaimage_compressed_size(path: Path) -> None:
     """Refuse a MetaImage file whose compressed data lies in the file itself (``ElementDataFile = LOCAL``) and whose
-    header gives no ``CompressedDataSize``: ITK's MetaIO then reads the data wrongly (most voxels garbage, only
-    "Uncompress failed" on stderr). The message gives the line to add (the bytes after the header). A data file
-    of its own (``.mhd`` and ``.zraw``) is read right without it: MetaIO takes the data file's size."""
+    header gives no ``CompressedDataSize`` ITK's MetaIO can use: none, one spelt in another case (MetaIO reads its
+    keys case included), 0, negative or no number. MetaIO then inflates the file from its first byte (its header
+    text), which fails at once, and returns the voxel memory as allocated: garbage, different from read to read
+    (only "Uncompress failed" on stderr). The message gives the line to write (the bytes after the header). A size
+    larger than those bytes fails ITK's read ("No such file or directory") and is refused naming both. A data file
+    of its own (``.mhd`` and ``.zraw``) is read right without it: MetaIO takes the data file's size. A size too small
+    is :func:`check_compressed_length`'s to refuse (it inflates what MetaIO inflates)."""
     try:
-        fields, header_length, complete = _text_header(path)
+        fields, header_length, complete = _text_header(path, keep_case=True)
+        held = path.stat().st_size - header_length
     except OSError:
         return  # the reader reports what it cannot open
-    if (not complete or fields.get("compresseddata", "false").lower() != "true" or "compresseddatasize" in fields
-            or fields.get("elementdatafile", "LOCAL").upper() != "LOCAL"):
+    if (not complete or not _metaio_compressed(fields)
+            or fields.get("ElementDataFile", "LOCAL") not in ("LOCAL", "Local", "local")
+            or _metaio_number(fields.get("HeaderSize"))):
         return
-    held = path.stat().st_size - header_length
-    raise ImageReadError(f"{path} cannot be read as it is: its header says CompressedData = True but gives no "
-                         "CompressedDataSize, and ITK's MetaImage reader then reads compressed data stored in the "
-                         f"file itself as garbage; add the line 'CompressedDataSize = {held}' to its header "
-                         "(the bytes after it), or save it again with SimpleITK or 3D Slicer (which write it)")
+    size = _metaio_compressed_size(fields)
+    if size > held:
+        raise ImageReadError(f"{path} cannot be read: its header gives CompressedDataSize = {size}, but only "
+                             f"{held:,} bytes follow its header (a cut copy, or a wrong size: ITK's MetaImage reader "
+                             f"fails on it); if the image is whole, set it to {held}")
+    if size:
+        return
+    spelt = "CompressedDataSize" if "CompressedDataSize" in fields else next(
+        (key for key in fields if key.lower() == "compresseddatasize"), None)
+    if spelt is None:
+        wrong = "gives no CompressedDataSize"
+    elif spelt != "CompressedDataSize":
+        wrong = f"spells its size '{spelt}', which MetaIO does not read (it reads 'CompressedDataSize', case included)"
+    else:
+        wrong = f"gives CompressedDataSize = {fields[spelt]!r}, not a number of bytes above 0"
+    raise ImageReadError(f"{path} cannot be read as it is: its header says CompressedData = "
+                         f"{fields['CompressedData']} but {wrong}, and ITK's MetaImage reader then reads compressed "
+                         f"data stored in the file itself as garbage; add the line 'CompressedDataSize = {held}' to "
+                         "its header (the bytes after it) in place of any other, or save it again with SimpleITK or "
+                         "3D Slicer (which write it)")
 
 
 def check_values(values: np.ndarray, path: Path) -> None:

@@ -26,9 +26,11 @@ Deliberate refusals (each an :class:`ImageReadError` with a one-line message nam
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -115,35 +117,67 @@ def read_volume(
     )
 
 
+@contextlib.contextmanager
+def _nifti_image(path: Path):
+    """``path`` as a nibabel NIfTI-1 or -2 image (header read, voxels read on demand while the context is open),
+    read by its content as ITK reads it: a ``.nii.gz`` whose bytes do not start with gzip's magic is a NIfTI stored
+    uncompressed under that name, read as it is by ITK (zlib's gzread), which nibabel (choosing gzip by the name)
+    refuses as "not a gzip file".
+
+    Raises:
+        ImageReadError: nibabel cannot read it (every caller needs what it reads: NaN/Inf, stored bytes, transforms).
+    """
+    import nibabel
+
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise ImageReadError(f"cannot read {path}: {one_line(exc)}") from exc
+    with handle:
+        try:
+            head = handle.read(4)
+            if _suffix(path) != ".nii.gz" or head[:2] == b"\x1f\x8b":
+                image = nibabel.load(str(path))
+            else:
+                handle.seek(0)
+                wide = head in (struct.pack("<i", 540), struct.pack(">i", 540))  # sizeof_hdr: NIfTI-2, else -1
+                image = (nibabel.Nifti2Image if wide else nibabel.Nifti1Image).from_stream(handle)
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many types; each means the same here
+            raise ImageReadError(f"cannot read {path}: SimpleITK reads it but nibabel cannot ({one_line(exc)}), "
+                                 "and its NaN/Inf values (which ITK reads as 0) and its transforms are checked with "
+                                 "nibabel; save it again with nibabel, 3D Slicer or SimpleITK") from exc
+        yield image
+
+
 def _check_nifti_finite(path: Path) -> None:
-    """ITK's NIfTI reader silently turns NaN and Inf into 0, so count them in the raw data with nibabel."""
-    try:
-        import nibabel
-    except ImportError:  # pragma: no cover - nibabel is a project requirement
-        return
-    try:
-        image = nibabel.load(str(path))
+    """ITK's NIfTI reader silently turns NaN and Inf into 0, so count them in the raw data with nibabel.
+
+    Raises:
+        ImageReadError: NaN or Inf stored, or nibabel cannot read the file (:func:`_nifti_image`).
+    """
+    with _nifti_image(path) as image:
         if not np.issubdtype(image.header.get_data_dtype(), np.floating):
             return
-        data = np.asanyarray(image.dataobj)
-    except Exception:  # noqa: BLE001 - SimpleITK already read the file; nibabel is only a second opinion
-        return
+        try:
+            data = np.asanyarray(image.dataobj)
+        except Exception as exc:  # noqa: BLE001 - not checked is not taken as finite
+            raise ImageReadError(f"cannot read {path}: nibabel cannot read its voxels ({one_line(exc)}), so their "
+                                 "NaN/Inf values (which ITK reads as 0) cannot be counted") from exc
     check_values(np.asarray(data), path)
 
 
 def _nifti_stored_bytes_per_voxel(path: Path) -> int | None:
     """Bytes of one stored voxel of a NIfTI file (``bitpix``, times the vector components), read with nibabel; None
-    if its header cannot be read. ITK reports the *scaled* type instead: a uint8 volume with a ``scl_slope`` is
-    float32 to ITK, four times the bytes the file stores."""
+    if its header cannot be read (ITK's own answer, or error, then stands). ITK reports the *scaled* type instead: a
+    uint8 volume with a ``scl_slope`` is float32 to ITK, four times the bytes the file stores."""
     try:
-        import nibabel
-
-        header = nibabel.load(str(path)).header
-        per_voxel = max(1, int(header["bitpix"]) // 8)
-        dims = header["dim"]
-        return per_voxel * (max(1, int(dims[5])) if int(dims[0]) >= 5 else 1)
-    except Exception:  # noqa: BLE001 - any unreadable header: ITK's own answer (or error) stands
+        with _nifti_image(path) as image:
+            header = image.header
+    except ImageReadError:
         return None
+    per_voxel = max(1, int(header["bitpix"]) // 8)
+    dims = header["dim"]
+    return per_voxel * (max(1, int(dims[5])) if int(dims[0]) >= 5 else 1)
 
 
 #: the NIfTI header fields that place the voxels (both transforms, their codes, voxel sizes and units): kept from the
@@ -154,24 +188,24 @@ _NIFTI_GEOMETRY_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", 
 _NIFTI1_HEADER_BYTES = 348
 
 
-def _nifti_geometry_of(path: Path) -> dict | None:
+def _nifti_geometry_of(path: Path) -> dict:
     """The fields of ``path``'s NIfTI header that place its voxels (:data:`_NIFTI_GEOMETRY_FIELDS` and
-    ``pixdim[0:4]``, as plain numbers), None if nibabel cannot read its header.
+    ``pixdim[0:4]``, as plain numbers).
 
     ITK reads one transform of a NIfTI file (the qform or the sform) and writes it as both, with code 1 (scanner
     anatomical): an input whose sform differs from its qform (a registration to a template, code 2 to 4) came back
     with another sform and other codes, so that the viewers that use the sform (FSLeyes, nibabel, nilearn...) placed
     the denoised output millimetres away from its input. The writer puts these fields back
-    (:func:`_restore_nifti_geometry`) when the output has the input's grid."""
-    try:
-        import nibabel
+    (:func:`_restore_nifti_geometry`) when the output has the input's grid.
 
-        header = nibabel.load(str(path)).header
-        fields = {name: np.asarray(header[name]).tolist() for name in _NIFTI_GEOMETRY_FIELDS}
-        fields["pixdim"] = np.asarray(header["pixdim"], dtype=float)[:4].tolist()
-        return fields
-    except Exception:  # noqa: BLE001 - not a header nibabel reads: ITK's own transform is written, as before
-        return None
+    Raises:
+        ImageReadError: nibabel cannot read its header (:func:`_nifti_image`): its sform would be lost unsaid.
+    """
+    with _nifti_image(path) as image:
+        header = image.header
+    fields = {name: np.asarray(header[name]).tolist() for name in _NIFTI_GEOMETRY_FIELDS}
+    fields["pixdim"] = np.asarray(header["pixdim"], dtype=float)[:4].tolist()
+    return fields
 
 
 def _restore_nifti_geometry(path: Path, fields: dict) -> None:
@@ -227,8 +261,8 @@ def _bytes_per_voxel(reader: sitk.ImageFileReader) -> int:
 def _header_checks(path: Path, limit: int, whole_stream: bool = True) -> sitk.ImageFileReader:
     """Read ``path``'s header only and refuse, before any voxel is read: more than ``limit`` voxels, more voxel
     data declared than the file holds, a cut or corrupt gzip stream of a NIfTI file, a MetaImage file's compressed
-    data cut short (:func:`~lib.imaging.guards.check_compressed_length`; ITK reads it as zeros) or stored in the
-    ``.mha`` file without its ``CompressedDataSize`` (ITK reads garbage); without
+    data cut short (:func:`~lib.imaging.guards.check_compressed_length`; ITK reads it as zeros or garbage) or
+    stored in the ``.mha`` file without a ``CompressedDataSize`` ITK can use (ITK reads garbage); without
     ``whole_stream``, a NIfTI gzip stream is not read through where its trailer says it is whole, and the compressed
     data of a NRRD file is checked too (ITK's reader fails on it when it reads it)."""
     reader = _sized_header(path, limit)
@@ -437,11 +471,10 @@ def _read_with_sitk(path: Path, modality: str | None, fill: bool, limit: int) ->
         **pad_info,
     }
     if _suffix(path) in (".nii", ".nii.gz"):
-        geometry = _nifti_geometry_of(path)
-        if geometry is not None:  # what a NIfTI output on this grid keeps of the header (_kept_nifti_geometry)
-            metadata["nifti_geometry"] = geometry
-            metadata["nifti_grid"] = {"shape": list(values.shape), "spacing": list(image.GetSpacing()),
-                                      "origin": list(image.GetOrigin()), "direction": list(image.GetDirection())}
+        # what a NIfTI output on this grid keeps of the header (_kept_nifti_geometry)
+        metadata["nifti_geometry"] = _nifti_geometry_of(path)
+        metadata["nifti_grid"] = {"shape": list(values.shape), "spacing": list(image.GetSpacing()),
+                                  "origin": list(image.GetOrigin()), "direction": list(image.GetDirection())}
     if pad_info["n_padded"] and np.issubdtype(source_dtype, np.integer):
         # the fill value must stay representable in the source dtype (e.g. -1024 in an unsigned CT file)
         lo, hi = float(values.min()), float(values.max())
