@@ -219,3 +219,125 @@ def without_instance_counts(server: Orthanc) -> Iterator[str]:
 
 def stop_orthanc(server: Orthanc) -> None:
     processes.stop(server.process)
+
+
+@contextlib.contextmanager
+def slow_relay(server: Orthanc, chunk: int, pause_s: float, stall_after: int | None = None) -> Iterator[str]:
+    """A plain HTTP relay on loopback in front of the real Orthanc ``server`` that sends each answer (read whole from
+    Orthanc, its headers kept) in parts of ``chunk`` bytes, ``pause_s`` before each: a slow PACS whose answer keeps
+    arriving. With ``stall_after``, an answer longer than that stops after that many bytes and sends nothing more
+    until the relay closes: an answer that stalls half way. Yields the relay's DICOMweb root."""
+    target = server.url
+    closing = threading.Event()
+
+    class Relay(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _relay(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("host", "connection", "accept-encoding")}
+            request = urllib.request.Request(f"{target}{self.path}", data=self.rfile.read(length) if length else None,
+                                             method=self.command, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=300) as answer:
+                    status, kept, body = answer.status, answer.headers, answer.read()
+            except urllib.error.HTTPError as error:
+                status, kept, body = error.code, error.headers, error.read()
+            self.send_response(status)
+            for key, value in kept.items():
+                if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for start in range(0, len(body), chunk):
+                if stall_after is not None and start >= stall_after:
+                    closing.wait(600)  # nothing more
+                    return
+                if closing.wait(pause_s):
+                    return
+                self.wfile.write(body[start:start + chunk])
+                self.wfile.flush()
+
+        do_GET = do_POST = _relay  # noqa: N815 - http.server's names
+
+    relay = ThreadingHTTPServer(("127.0.0.1", free_port()), Relay)
+    relay.daemon_threads = True
+    thread = threading.Thread(target=relay.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{relay.server_address[1]}/dicom-web"
+    finally:
+        closing.set()
+        relay.shutdown()
+        relay.server_close()
+        thread.join(timeout=60)
+
+
+@contextlib.contextmanager
+def silent_server(port: int = 0) -> Iterator[int]:
+    """A server on 127.0.0.1 (``port``, or a free one) that accepts every connection and never answers, nor reads:
+    a PACS that hangs (its HTTP server stuck, a firewall that keeps the connection open). Yields its port."""
+    import socket
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(64)
+    accepted: list = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:  # closed
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        listener.close()
+        for connection in accepted:
+            connection.close()
+        thread.join(timeout=60)
+
+
+@contextlib.contextmanager
+def failing_server(port: int, status: int) -> Iterator[list[str]]:
+    """An HTTP server on 127.0.0.1:``port`` that answers every request with ``status`` and an empty body: a PACS
+    behind a gateway that fails (502), or one that is overloaded (503). Yields the list of ``METHOD PATH`` it
+    received."""
+    received: list[str] = []
+
+    class Failing(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def _fail(self) -> None:
+            received.append(f"{self.command} {self.path}")
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_DELETE = _fail  # noqa: N815 - http.server's names
+
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = ThreadingHTTPServer(("127.0.0.1", port), Failing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=60)

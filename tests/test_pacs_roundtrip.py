@@ -25,8 +25,8 @@ import processes
 from ADLDenoiseLib import DenoiseServerClient, ReviewSession
 from conftest import SAMPLE_STUDIES
 from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
-from orthanc import (QIDO_LOG, available, grow_on_retrieval, log_size, qido_searches, start_orthanc,
-                     start_orthanc_logging_requests, stop_orthanc, without_instance_counts)
+from orthanc import (QIDO_LOG, available, failing_server, grow_on_retrieval, log_size, qido_searches, silent_server,
+                     slow_relay, start_orthanc, start_orthanc_logging_requests, stop_orthanc, without_instance_counts)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=str(available()))]
@@ -659,11 +659,14 @@ def test_a_partial_download_left_by_a_stopped_server_is_removed_at_the_next_star
     ``PARTIAL_DOWNLOAD_STALE_S`` (an hour), logging each; it keeps a younger one (a download in progress, of another
     server sharing the cache, writes at every instance), a downloaded series' folder, and a file or a link of such
     a name (the link's target too). The same in the label cache (``labels/final``, where a final label's download
-    writes its partial folder), which was never cleaned."""
+    writes its partial folder), which was never cleaned. A server killed while it gave a downloaded file its DICOM
+    file meta left the hidden temp ``.<name>.<random>.file-meta`` in the series' folder for ever: those untouched for
+    ``FILE_META_TEMP_STALE_S`` (10 minutes) are removed too, in the image and the label cache; a younger one (being
+    written) is kept, and so is the series' own file."""
     import os
     import time
 
-    from lib.pacs import PARTIAL_DOWNLOAD_PREFIX, PARTIAL_DOWNLOAD_STALE_S
+    from lib.pacs import FILE_META_TEMP_STALE_S, PARTIAL_DOWNLOAD_PREFIX, PARTIAL_DOWNLOAD_STALE_S
     from pydicom.uid import generate_uid
 
     pacs = start_orthanc(tmp_path / "orthanc")
@@ -686,12 +689,15 @@ def test_a_partial_download_left_by_a_stopped_server_is_removed_at_the_next_star
         stale_empty = folder(f"{PARTIAL_DOWNLOAD_PREFIX}{generate_uid()}-a8c1q0", {}, old)
         in_progress = folder(f"{PARTIAL_DOWNLOAD_PREFIX}{generate_uid()}-p0w7e2", {"1.dcm": old, "2.dcm": time.time()},
                              old)
-        downloaded = folder(uid, {"1.dcm": old}, old)
+        meta_old = time.time() - FILE_META_TEMP_STALE_S - 60
+        downloaded = folder(uid, {"1.dcm": old, ".1.dcm.k2j4.file-meta": meta_old,
+                                  ".2.dcm.x9q1.file-meta": time.time()}, old)
         labels = "labels/final"  # MONAI Label's label cache in the cache folder
         stale_label = folder(f"{labels}/{PARTIAL_DOWNLOAD_PREFIX}{uid}-q4m1z8", {"1.dcm": old}, old)
         label_in_progress = folder(f"{labels}/{PARTIAL_DOWNLOAD_PREFIX}{generate_uid()}-r5t6y7",
                                    {"1.dcm": time.time()}, old)
         label_other = folder(f"{labels}/.other-w2", {"1.dcm": old}, old)
+        label_downloaded = folder(f"{labels}/{generate_uid()}", {"1.dcm": old, ".1.dcm.p0z3.file-meta": meta_old}, old)
         other = folder(".other-w1", {"1.dcm": old}, old)
         (cache / f"{PARTIAL_DOWNLOAD_PREFIX}file").write_bytes(b"kept")
         os.utime(cache / f"{PARTIAL_DOWNLOAD_PREFIX}file", (old, old))
@@ -706,7 +712,8 @@ def test_a_partial_download_left_by_a_stopped_server_is_removed_at_the_next_star
             assert not stale.exists() and not stale_empty.exists() and not stale_label.exists()
             assert [p.name for p in label_in_progress.iterdir()] == [p.name for p in label_other.iterdir()] == ["1.dcm"]
             assert sorted(p.name for p in in_progress.iterdir()) == ["1.dcm", "2.dcm"]
-            assert [p.name for p in downloaded.iterdir()] == [p.name for p in other.iterdir()] == ["1.dcm"]
+            assert sorted(p.name for p in downloaded.iterdir()) == [".2.dcm.x9q1.file-meta", "1.dcm"]  # young kept
+            assert [p.name for p in other.iterdir()] == [p.name for p in label_downloaded.iterdir()] == ["1.dcm"]
             assert (cache / f"{PARTIAL_DOWNLOAD_PREFIX}file").read_bytes() == b"kept"
             assert (cache / f"{PARTIAL_DOWNLOAD_PREFIX}link").is_symlink()
             assert (target / "1.dcm").read_bytes() == b"kept"
@@ -714,6 +721,9 @@ def test_a_partial_download_left_by_a_stopped_server_is_removed_at_the_next_star
             for removed in (stale, stale_empty, stale_label):
                 assert f"removed the partial download {removed}: a server stopped during the download left it" in log
             assert log.count("removed the partial download") == 3, log[-4000:]
+            for removed in (downloaded / ".1.dcm.k2j4.file-meta", label_downloaded / ".1.dcm.p0z3.file-meta"):
+                assert f"removed the file meta temp {removed}: a server stopped while it wrote it left it" in log
+            assert log.count("removed the file meta temp") == 2, log[-4000:]
             assert server.alive()
         finally:
             stop_server(server)
@@ -759,18 +769,24 @@ def test_a_pacs_that_lists_part_of_its_series_is_an_error_not_studies_missing_in
         stop_orthanc(pacs)
 
 
-def test_a_series_asked_while_the_pacs_is_down_is_a_503_in_seconds(tmp_path, tiny_weights):
+def test_a_pacs_that_is_down_never_answers_or_fails_is_a_503_504_or_502_in_seconds(tmp_path, tiny_weights):
     """The PACS goes down while the server runs: an infer by id asked it twice (the series' size, then its files),
     each request tried 5 times with waits of 2, 4, 8 and 16 s (MONAI Label's client): a minute before the 503. The
-    size query's failure to connect now answers at once, after 3 tries (2 + 4 s)."""
+    size query's failure to connect now answers at once, after 3 tries (2 + 4 s). A PACS that accepts connections
+    and never answers (a socket server on its port) held the infer and the review queue's hand-out for ever: each is
+    a 504 saying so after ``ADL_PACS_READ_TIMEOUT_S`` (here 2 s). One that answers with an error status (a server
+    on its port answering 502, then 503) had ``POST /train/{model}`` and infer answer a bare 500: each is now a 502
+    (503) naming the PACS's status."""
     import time
+    from urllib.parse import urlsplit
 
     import requests
 
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
         uid = upload_real_ct_series(pacs, tmp_path / "series")
-        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work")
+        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
+                              env={"ADL_PACS_READ_TIMEOUT_S": "2"})
     finally:
         stop_orthanc(pacs)
     try:
@@ -781,9 +797,158 @@ def test_a_series_asked_while_the_pacs_is_down_is_a_503_in_seconds(tmp_path, tin
         assert answer.status_code == 503 and "the PACS (DICOMweb server) holding the studies cannot be reached" \
             in answer.json()["detail"], answer.text
         assert elapsed < 25, f"{elapsed:.0f} s before the 503 (was 60 s)"
+        with silent_server(urlsplit(pacs.url).port):  # the PACS's port: connections accepted, nothing answered
+            for method, route, kwargs in (
+                    ("post", "/infer/adl", {"params": {"image": uid, "output": "json"}, "data": {"params": "{}"}}),
+                    ("post", "/activelearning/next_unreviewed", {"json": {}})):
+                started = time.monotonic()
+                answer = getattr(requests, method)(f"{server.url}{route}", timeout=120, **kwargs)
+                elapsed = time.monotonic() - started
+                assert answer.status_code == 504, (route, answer.status_code, answer.text[:500])
+                assert answer.json()["detail"].startswith("the PACS (DICOMweb server) holding the studies did not "
+                                                          "answer within 2 s"), answer.text
+                assert elapsed < 30, f"{route}: {elapsed:.0f} s before the 504"
+        assert "the PACS did not answer within 2 s" in server.log_tail(20000)
+        # a PACS that answers with an error: POST /train/{model} (which reads each CT series' modality of the PACS)
+        # and infer said a bare 500; the PACS's status is named, a gateway failure 502, one overloaded (503, tried
+        # 3 times) 503
+        train = {"mode": "adapt_noise", "steps": 2, "patch_size": 32, "device": "cpu"}
+        for status in (502, 503):
+            with failing_server(urlsplit(pacs.url).port, status) as received:
+                for route, kwargs in (("/train/adl", {"json": train}),
+                                      ("/infer/adl", {"params": {"image": uid, "output": "json"},
+                                                      "data": {"params": "{}"}})):
+                    answer = requests.post(f"{server.url}{route}", timeout=120, **kwargs)
+                    assert answer.status_code == status, (route, answer.status_code, answer.text[:500])
+                    assert answer.json()["detail"].startswith(
+                        "the PACS (DICOMweb server) holding the studies answered the server's request with an error "
+                        f"(HTTP {status}"), (route, answer.text)
+                assert received, "the PACS was not asked"
         assert server.alive()
     finally:
         stop_server(server)
+
+
+def test_every_pacs_request_waits_for_each_read_of_its_answer_not_for_ever(tmp_path, monkeypatch):
+    """Only the series identity searches had a read deadline: a PACS that accepts the connection and never answers
+    held any other request (a series' size, its download, its metadata and frames, a store) and its worker thread
+    for ever. Every request of the datastore's client now waits ``ADL_PACS_READ_TIMEOUT_S`` (here 1 s) for each read
+    of the answer, and is not tried again (dicomweb-client's 3 tries would wait three times as long): a real socket
+    server on loopback that accepts and never answers fails the size search and the download in about a second, an
+    answer that stalls half way (a relay in front of the real Orthanc) as well, nothing of the series kept. Per read,
+    not in all: the same series sent by a slow relay, 256 KiB every 0.5 s (over 3 s), is downloaded whole."""
+    import threading
+    import time
+
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+    from requests.exceptions import ReadTimeout
+
+    from lib.pacs import bound_waits, download_within, read_timed_out, series_voxels
+
+    monkeypatch.setenv("ADL_PACS_READ_TIMEOUT_S", "1")
+
+    def store_of(url: str, name: str):
+        store = DICOMWebDatastore(DICOMwebClient(url), search_filter={"Modality": "CT"},
+                                  cache_path=str(tmp_path / name))
+        bound_waits(store)
+        return store
+
+    def outcome(call, *args) -> tuple[object, float]:
+        """(what ``call(*args)`` returned or raised, seconds it took); in a thread: a request that hangs fails."""
+        done: list = []
+
+        def run() -> None:
+            try:
+                done.append(call(*args))
+            except Exception as error:  # noqa: BLE001 - the outcome checked
+                done.append(error)
+
+        started = time.monotonic()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), f"{getattr(call, '__name__', call)} still waits for the PACS after 60 s"
+        return done[0], time.monotonic() - started
+
+    with silent_server() as port:
+        store = store_of(f"http://127.0.0.1:{port}/dicom-web", "silent")
+        for call, args in ((series_voxels, (store, "1.2.3")), (download_within, (store, "1.2.3", 10**9))):
+            error, seconds = outcome(call, *args)
+            assert isinstance(error, ReadTimeout) and read_timed_out(error), (call.__name__, repr(error))
+            assert seconds < 5, f"{call.__name__}: {seconds:.1f} s (3 tries would take over 9)"
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = real_ct_series(tmp_path / "series")  # 3 slices, about 1.5 MB to send
+        pacs.upload_files(files)
+        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        with slow_relay(pacs, chunk=2**18, pause_s=0.5, stall_after=2**18) as studies:
+            store = store_of(studies, "stalled")
+            error, seconds = outcome(download_within, store, uid, 10**9, series_voxels(store, uid))
+            assert read_timed_out(error) and seconds < 10, (repr(error), seconds)
+            assert not list((tmp_path / "stalled").rglob(f"*{uid}*"))  # nothing of it kept
+        with slow_relay(pacs, chunk=2**18, pause_s=0.5) as studies:
+            store = store_of(studies, "slow")
+            folder, seconds = outcome(download_within, store, uid, 10**9)
+            assert isinstance(folder, Path) and len(list(folder.iterdir())) == 3, repr(folder)
+            assert seconds > 2.5, f"{seconds:.1f} s: the relay was not slow"
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_what_a_killed_server_left_of_a_series_is_removed_when_the_series_is_asked_again(tmp_path, caplog):
+    """A partial download (``.partial-<uid>-*``) and a file meta temp (``.<name>.*.file-meta``) that a server killed
+    meanwhile left were removed at start-up only (the temp never): a server that runs for months kept them. The
+    series' next download removes its own partial folders untouched for ``PARTIAL_DOWNLOAD_STALE_S`` (not a younger
+    one: another server's download in progress; not another series'), and the next use of its downloaded folder the
+    temps in it untouched for ``FILE_META_TEMP_STALE_S`` (not a younger one), each logged. Real Orthanc, the
+    datastore's bounded download."""
+    import logging
+    import os
+    import time
+
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    from lib.pacs import (FILE_META_TEMP_STALE_S, PARTIAL_DOWNLOAD_PREFIX, PARTIAL_DOWNLOAD_STALE_S, bound_waits,
+                          cached_series_folder, download_within)
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = real_ct_series(tmp_path / "series", slices=2)
+        pacs.upload_files(files)
+        uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+        store = DICOMWebDatastore(DICOMwebClient(pacs.dicomweb), search_filter={"Modality": "CT"},
+                                  cache_path=str(tmp_path / "cache"))
+        bound_waits(store)
+        folder = cached_series_folder(store, uid)
+
+        def left(name: str, age_s: float, file: str | None = None) -> Path:
+            """A folder ``name`` in the cache (or the file ``file`` in it) last written ``age_s`` seconds ago."""
+            path = folder.parent / name
+            path.mkdir(parents=True, exist_ok=True)
+            if file is not None:
+                path = path / file
+                path.write_bytes(b"\0" * 128 + b"DICM")
+            when = time.time() - age_s
+            os.utime(path, (when, when))
+            return path
+
+        stale = left(f"{PARTIAL_DOWNLOAD_PREFIX}{uid}-k3j2x9", PARTIAL_DOWNLOAD_STALE_S + 60)
+        young = left(f"{PARTIAL_DOWNLOAD_PREFIX}{uid}-p0w7e2", 60)
+        other = left(f"{PARTIAL_DOWNLOAD_PREFIX}{uid}9-a8c1q0", PARTIAL_DOWNLOAD_STALE_S + 60)  # another series'
+        caplog.set_level(logging.INFO, logger="lib.pacs")
+        assert download_within(store, uid, 10**9) == folder and len(list(folder.iterdir())) == 2
+        assert not stale.exists() and young.is_dir() and other.is_dir()
+        assert any(f"removed the partial download {stale}" in line for line in caplog.messages), caplog.messages
+        name = sorted(folder.iterdir())[0].name
+        stale_temp = left(uid, FILE_META_TEMP_STALE_S + 60, f".{name}.k2j4.file-meta")
+        young_temp = left(uid, 5, f".{name}.x9q1.file-meta")
+        assert download_within(store, uid, 10**9) == folder  # the folder used again, nothing asked of the PACS
+        assert not stale_temp.exists() and young_temp.exists() and (folder / name).is_file()
+        assert any(f"removed the file meta temp {stale_temp}" in line for line in caplog.messages), caplog.messages
+    finally:
+        stop_orthanc(pacs)
 
 
 class _Killed(BaseException):
@@ -1396,7 +1561,9 @@ def test_a_failed_frame_by_frame_download_is_tried_again_after_a_while_or_once_t
     a series sent again whole, is not skipped for ever. In-process queue and app
     (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``) on a real Orthanc refusing the frames of a 1-slice series (its request
     log): asked again, it is listed from
-    memory (no request naming it); once the time is up, its download is tried again (its metadata and frame asked);
+    memory (no request naming it), while an explicit request for it (infer by id's download) tries it again (a
+    clinician asking again expects a new try, and is told the PACS's failure again: 502); once the time is up, its
+    download is tried again by the queue (its metadata and frame asked);
     remembered anew; once the series has a second instance (listed afresh), tried again, the detail naming 2
     instances."""
     from monailabel.config import settings
@@ -1430,6 +1597,14 @@ def test_a_failed_frame_by_frame_download_is_tried_again_after_a_while_or_once_t
         skipped, asked = ask()
         assert skipped == not_delivered(1) and any("/frames/" in line for line in asked), asked
         assert ask() == (not_delivered(1), [])  # remembered
+        # an explicit request for it (infer by id: a clinician asking again) tries the download again, whatever the
+        # queue remembers, and leaves the queue's memory as it was
+        before = len(requests_log.read_text().splitlines())
+        with pytest.raises(lib.pacs.SeriesNotDelivered):
+            lib.pacs.series_folder(store, uid, 10**9)
+        assert any(f"/series/{uid}/" in line and "/frames/" in line
+                   for line in requests_log.read_text().splitlines()[before:])
+        assert ask() == (not_delivered(1), [])
         monkeypatch.setattr(review, "NOT_DOWNLOADED_RETRY_S", 0.0)
         skipped, asked = ask()  # the time is up: tried again
         assert skipped == not_delivered(1) and any("/frames/" in line for line in asked), asked

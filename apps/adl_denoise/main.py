@@ -40,6 +40,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
+from requests.exceptions import RequestException
 
 from lib.activelearning import NextUnreviewed, has_image, reconcile_reviews, record_result, refuse_unreviewable
 from lib.audit import AuditBrokenError, AuditError, AuditLog
@@ -55,7 +56,8 @@ from lib.weights import MODEL_DIR
 from lib.weights.pseudonyms import site_key
 from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame, SeriesSize,
                       SeriesTooLarge, bound_waits, bounded_downloads, cache_folder, is_dicomweb, known_size,
-                      remove_stale_downloads, series_folder, start_up_warnings, store_derived_series, whole_listing)
+                      pacs_read_timeout_s, read_timed_out, remove_stale_downloads, series_folder, start_up_warnings,
+                      store_derived_series, whole_listing)
 from lib.pacs_corrections import corrections_of_other_urls, note_studies_url, server_kept_labels
 from lib.runtime.switches import parse_bool
 
@@ -74,6 +76,7 @@ class DenoisingApp(MONAILabelApp):
                 check_environment(os.environ, settings)
             try:
                 max_voxels()  # the default limit of every read, from ADL_MAX_VOXELS
+                pacs_read_timeout_s()  # how long a PACS may stay silent, from ADL_PACS_READ_TIMEOUT_S
             except ValueError as error:
                 raise ConfError(str(error)) from None
             if not conf.get("model_dir") and os.environ.get("ADL_MODEL_DIR") and \
@@ -437,6 +440,15 @@ class DenoisingApp(MONAILabelApp):
                     before_store=storing, max_voxels=self._model_voxel_limit(request.get("model")))
             except PacsStoreError as error:
                 raise HTTPException(status_code=502, detail=f"denoised, but not stored in the PACS: {error}") from None
+            except RequestException as error:
+                if not read_timed_out(error):
+                    raise  # cannot be reached: the routes' 503
+                seconds = pacs_read_timeout_s()
+                logger.error("infer %s: the PACS did not answer the store of the result within %g s", image_id, seconds)
+                raise HTTPException(status_code=504, detail=(
+                    f"denoised, but the PACS did not answer the store of the result within {seconds:g} s: whether it "
+                    "stored the derived series is not known (the audit log's result_storing_to_pacs entry names it); "
+                    "ADL_PACS_READ_TIMEOUT_S sets how long the server waits")) from None
             except ImageTooLargeError as error:  # a 413 (lib.endpoints), naming the model's own limit where it has one
                 whose, setting = self._model_voxel_limit_words(request.get("model"))
                 if setting == "max_voxels":

@@ -33,15 +33,17 @@ from .imaging.errors import one_line
 log = logging.getLogger(__name__)
 
 __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S", "LISTING_RETRY_S",
-           "start_up_warnings", "cached_series_folder", "series_folder", "series_voxels", "series_size", "series_instance_count",
-           "known_size", "SeriesSize", "is_downloaded",
-           "stow_datasets", "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
-           "PACS_CONNECT_TIMEOUT_S", "answered_within", "PacsListingCut", "all_pages", "search_whole", "whole_listing",
-           "LISTING_CUT_RETRY_S", "listed_series", "OVERSIZED_REMEMBERED", "OVERSIZED_UNCOUNTED_S", "cache_folder",
-           "instance_voxels", "instance_bytes", "HEADER_BYTES", "disk_shortfall", "series_disk_shortfall", "disk_full",
-           "save_instance", "SeriesTooLarge", "SeriesDoesNotFit", "SeriesNotDelivered", "SeriesNotFetchableByFrame",
-           "check_by_frame", "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads",
-           "PARTIAL_DOWNLOAD_STALE_S", "remove_stale_downloads", "final_label_problem"]
+           "start_up_warnings", "cached_series_folder", "series_folder", "series_voxels", "series_size",
+           "series_instance_count", "known_size", "SeriesSize", "is_downloaded", "stow_datasets",
+           "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
+           "PACS_CONNECT_TIMEOUT_S", "PACS_READ_TIMEOUT_ENV", "PACS_READ_TIMEOUT_DEFAULT_S", "pacs_read_timeout_s",
+           "read_timed_out", "error_answer", "failed_url", "bounded_client", "answered_within", "PacsListingCut",
+           "all_pages", "search_whole", "whole_listing", "LISTING_CUT_RETRY_S", "listed_series",
+           "OVERSIZED_REMEMBERED", "OVERSIZED_UNCOUNTED_S", "cache_folder", "instance_voxels", "instance_bytes",
+           "HEADER_BYTES", "disk_shortfall", "series_disk_shortfall", "disk_full", "save_instance", "SeriesTooLarge",
+           "SeriesDoesNotFit", "SeriesNotDelivered", "SeriesNotFetchableByFrame", "check_by_frame",
+           "PARTIAL_DOWNLOAD_PREFIX", "download_within", "bounded_downloads", "PARTIAL_DOWNLOAD_STALE_S",
+           "FILE_META_TEMP_SUFFIX", "FILE_META_TEMP_STALE_S", "remove_stale_downloads", "final_label_problem"]
 
 #: tries of one DICOMweb request that cannot connect or is answered 429 / 503 / 504: the first and two retries,
 #: after 2 then 4 s. MONAI Label's client keeps dicomweb-client's default of 5 tries (waits of 2, 4, 8 and 16 s), so
@@ -49,8 +51,72 @@ __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S
 #: size, then its files), a minute
 PACS_TRIES = 3
 #: seconds to wait for a connection to the PACS (requests waits as long as the system does, minutes for a host that
-#: drops packets, on every try); how long the PACS then takes to answer is not bounded (a large series, a store)
+#: drops packets, on every try)
 PACS_CONNECT_TIMEOUT_S = 10.0
+#: environment variable: seconds the PACS may stay silent while a request waits for its answer, or for the next bytes
+#: of it (:func:`pacs_read_timeout_s`)
+PACS_READ_TIMEOUT_ENV = "ADL_PACS_READ_TIMEOUT_S"
+#: :data:`PACS_READ_TIMEOUT_ENV`'s default: a PACS answers a search at once and sends a series as it reads it, but a
+#: store of a large series is answered once every instance is stored
+PACS_READ_TIMEOUT_DEFAULT_S = 300.0
+
+
+def pacs_read_timeout_s() -> float:
+    """Seconds every request to the PACS waits for each read of its answer (the first byte, then each next part of a
+    series being sent): ``ADL_PACS_READ_TIMEOUT_S``, else :data:`PACS_READ_TIMEOUT_DEFAULT_S`. Per read, not for the
+    whole answer: a slow download that goes on arriving is never cut; a PACS that accepts the connection and then
+    says nothing held the request (and a worker thread) for ever.
+
+    Raises:
+        ValueError: ``ADL_PACS_READ_TIMEOUT_S`` is not a number of seconds > 0.
+    """
+    value = os.environ.get(PACS_READ_TIMEOUT_ENV, "").strip()
+    if not value:
+        return PACS_READ_TIMEOUT_DEFAULT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds != float("inf")):
+        raise ValueError(f"{PACS_READ_TIMEOUT_ENV}={value!r}: the time the PACS may stay silent must be seconds > 0")
+    return seconds
+
+
+def read_timed_out(error: BaseException) -> bool:
+    """Whether ``error`` (a failed request to a server) is its read timeout: requests' ``ReadTimeout`` (no answer in
+    time), or the ``ConnectionError`` requests raises from urllib3's ``ReadTimeoutError`` when an answer being read
+    (a series streamed) stalls."""
+    import urllib3
+    from requests.exceptions import ConnectionError as RequestsConnectionError, ReadTimeout
+
+    if isinstance(error, ReadTimeout):
+        return True
+    return isinstance(error, RequestsConnectionError) and bool(error.args) and \
+        isinstance(error.args[0], urllib3.exceptions.ReadTimeoutError)
+
+
+def error_answer(error: BaseException):
+    """The server's answer (a ``requests.Response``) that ``error`` reports: an ``HTTPError``'s, or the last one of
+    a request dicomweb-client tried :data:`PACS_TRIES` times (``retrying.RetryError``: answered 429, 503 or 504 each
+    time); None for another error."""
+    answer = getattr(error, "response", None)
+    if answer is None:
+        answer = getattr(getattr(error, "last_attempt", None), "value", None)
+    return answer if hasattr(answer, "status_code") else None
+
+
+def failed_url(error: BaseException) -> str | None:
+    """The URL of the request that failed with ``error`` (requests' exceptions carry it, an error answer too:
+    :func:`error_answer`; a stalled answer's ``ConnectionError`` names only urllib3's connection pool and path), or
+    None."""
+    url = getattr(getattr(error, "request", None), "url", None) or getattr(error_answer(error), "url", None)
+    if url:
+        return str(url)
+    cause = error.args[0] if getattr(error, "args", None) else None
+    pool = getattr(cause, "pool", None)
+    if pool is not None and getattr(pool, "host", None):
+        return f"{pool.scheme}://{pool.host}:{pool.port}{getattr(cause, 'url', None) or '/'}"
+    return None
 
 
 def all_pages(search: Callable[[int], list]) -> list:
@@ -180,43 +246,87 @@ def cached_images(datastore) -> list[str]:
 
 
 def bound_waits(datastore) -> None:
-    """A DICOMweb datastore's client (MONAI Label's) with :data:`PACS_TRIES` tries per request and
-    :data:`PACS_CONNECT_TIMEOUT_S` to connect, so that a PACS that is down is told in seconds (503), not after half
-    a minute per request. Nothing for another datastore."""
+    """A DICOMweb datastore's client (MONAI Label's) with :data:`PACS_TRIES` tries per request,
+    :data:`PACS_CONNECT_TIMEOUT_S` to connect and :func:`pacs_read_timeout_s` for each read of an answer
+    (:func:`bounded_client`), so that a PACS that is down is told in seconds (503), not after half a minute per
+    request, and one that never answers in :func:`pacs_read_timeout_s` (504). Nothing for another datastore."""
     if not is_dicomweb(datastore):
         return
     client = datastore._client  # noqa: SLF001 - the datastore's DICOMweb client
     client.set_http_retry_params(retry=True, max_attempts=PACS_TRIES)  # the same codes retried, the same waits
-    _bounded_session(client)
+    bounded_client(client)
 
 
 #: the time (``time.monotonic()``) by which the PACS must have answered the requests made within
-#: :func:`answered_within`; None outside it: how long the PACS takes to answer is not bounded (a large series)
+#: :func:`answered_within`; None outside it: each read waits :func:`pacs_read_timeout_s`
 _answer_deadline: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar("adl_pacs_answer_deadline",
                                                                                    default=None)
+#: whether the client's request method running in this context is wrapped by :func:`_one_timeout_per_call`
+_in_call: contextvars.ContextVar[bool] = contextvars.ContextVar("adl_pacs_in_call", default=False)
 
 
-def _bounded_session(client) -> None:
-    """``client``'s requests (dicomweb-client gives them no timeout) wait :data:`PACS_CONNECT_TIMEOUT_S` to connect,
-    and within :func:`answered_within` no longer than its deadline for the answer; installed once per session."""
+class _NotTriedAgain(BaseException):
+    """Carries a read timeout past dicomweb-client's tries (``retrying`` retries every ``Exception``, after waits of
+    2 and 4 s) to :func:`_one_timeout_per_call`, which raises it as it was."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def bounded_client(client) -> None:
+    """``client``'s requests (dicomweb-client gives them no timeout) wait :data:`PACS_CONNECT_TIMEOUT_S` to connect
+    and :func:`pacs_read_timeout_s` for each read of the answer (within :func:`answered_within` no longer than its
+    deadline); a request whose answer did not come in time is not tried again (dicomweb-client tries a request that
+    raised :data:`PACS_TRIES` times: a PACS that never answers held it three times that long, and the 504 could not
+    say how long it waited). Installed once per client."""
     session = getattr(client, "_session", None)
     if session is None or getattr(session, "adl_connect_timeout", None) is not None:
         return
     send = session.request
 
     def request(method, url, **kwargs):
-        if kwargs.get("timeout") is None:  # dicomweb-client gives none
-            deadline = _answer_deadline.get()
-            if deadline is not None and deadline - time.monotonic() <= 0:  # the tries so far took all of it
+        if kwargs.get("timeout") is not None:  # a request of this app's own that says how long it waits
+            return send(method, url, **kwargs)
+        deadline = _answer_deadline.get()
+        read_s = pacs_read_timeout_s()
+        if deadline is not None:
+            if deadline - time.monotonic() <= 0:  # the tries so far took all of it
                 from requests.exceptions import ReadTimeout
 
                 raise ReadTimeout(f"no answer from {url} in time")
-            kwargs["timeout"] = (PACS_CONNECT_TIMEOUT_S,
-                                 None if deadline is None else max(deadline - time.monotonic(), 0.1))
-        return send(method, url, **kwargs)
+            read_s = min(read_s, max(deadline - time.monotonic(), 0.1))
+        kwargs["timeout"] = (PACS_CONNECT_TIMEOUT_S, read_s)
+        try:
+            return send(method, url, **kwargs)
+        except Exception as error:
+            if _in_call.get() and read_timed_out(error):
+                raise _NotTriedAgain(error) from None
+            raise
 
     session.request = request
     session.adl_connect_timeout = PACS_CONNECT_TIMEOUT_S
+    for name in ("_http_get", "_http_post", "_http_delete"):  # each holds dicomweb-client's tries of one request
+        method = getattr(client, name, None)
+        if method is not None:
+            setattr(client, name, _one_timeout_per_call(method))
+
+
+def _one_timeout_per_call(method: Callable) -> Callable:
+    """``method`` (a client's request method, its tries included) that raises the read timeout of a try at once."""
+    import functools
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        token = _in_call.set(True)
+        try:
+            return method(*args, **kwargs)
+        except _NotTriedAgain as stop:
+            raise stop.error from None
+        finally:
+            _in_call.reset(token)
+
+    return call
 
 
 @contextlib.contextmanager
@@ -224,7 +334,7 @@ def answered_within(client, seconds: float) -> Iterator[None]:
     """Within it, ``client``'s requests (all their tries together) raise ``requests.exceptions.ReadTimeout`` when the
     PACS has not answered ``seconds`` after it began: a PACS that accepts connections but never answers held a
     request (a label's read, its series' check) for ever."""
-    _bounded_session(client)
+    bounded_client(client)
     token = _answer_deadline.set(time.monotonic() + seconds)
     try:
         yield
@@ -769,6 +879,12 @@ PARTIAL_DOWNLOAD_PREFIX = ".partial-"
 #: stopped during the download (:func:`remove_stale_downloads`); a download in progress, of this server or of another
 #: one sharing the cache folder, writes its folder at every instance
 PARTIAL_DOWNLOAD_STALE_S = 3600.0
+#: name suffix of the temp :func:`add_file_meta` writes beside a file of a series' folder (``.<name>.<random>``
+#: before it), renamed over the file once written
+FILE_META_TEMP_SUFFIX = ".file-meta"
+#: seconds since its last write after which such a temp is left over from a server stopped while it wrote it
+#: (:func:`remove_stale_downloads`, :func:`download_within`): one being written is written at every block
+FILE_META_TEMP_STALE_S = 600.0
 
 
 def _study_of(client, series_uid: str) -> str:
@@ -864,6 +980,7 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
     if folder is None:
         folder = cached_series_folder(datastore, image_id)
     if folder.is_dir() and any(folder.iterdir()):
+        _remove_stale_file_meta_temps(folder)  # a server killed while it gave a file its file meta left one
         # one downloaded frame by frame before its files got a file meta (:func:`add_file_meta`) is repaired here:
         # else every infer of it was a 422 "cannot decode the pixel data" until the cache was emptied by hand
         _add_file_meta_in(folder, image_id)
@@ -890,6 +1007,9 @@ def download_within(datastore, image_id: str, limit: int, size: SeriesSize | Non
                                f"{folder.parent}: its {size.instances} instances{estimate} need about {short[0]:,} "
                                f"bytes with their conversion, {short[1]:,} are free; nothing of it was downloaded: "
                                "free some space there (MONAI_LABEL_DICOMWEB_CACHE_PATH)")
+    with contextlib.suppress(OSError):  # an earlier download of it that a server stopped left: removed when stale
+        _remove_stale_partials(list(os.scandir(folder.parent)), f"{PARTIAL_DOWNLOAD_PREFIX}{image_id}-",
+                               PARTIAL_DOWNLOAD_STALE_S)
     partial = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_DOWNLOAD_PREFIX}{image_id}-", dir=folder.parent))
     try:
         count, voxels = 0, 0
@@ -955,6 +1075,9 @@ def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limi
             frame 1 of each: nothing fetched).
         SeriesNotDelivered: an image instance listed is missing or cut short (MONAI Label's download drops a failed
             one in silence, and writes no more than the disk takes).
+        requests.exceptions.ReadTimeout (or the ConnectionError of a stalled answer, :func:`read_timed_out`): the
+            PACS did not answer a frame's request within :func:`pacs_read_timeout_s` (the frames not fetched yet
+            are not asked).
     """
     from monailabel.datastore.utils.dicom import dicom_web_download_series
 
@@ -991,13 +1114,23 @@ def _download_by_frame(datastore, study: str, image_id: str, partial: Path, limi
             return [entry for entry in metadata if _entry_size(entry) is not None]  # no frame to fetch without
 
         def retrieve_instance_frames(self, *args, media_types=None, **kwargs) -> list[bytes]:
+            if silent:  # the PACS left a frame unanswered: the others are not asked (each would wait as long)
+                raise silent[0]
             # dicomweb-client asks with type="*/*" by default, which Orthanc's DICOMweb plugin answers 400 (no
             # transfer syntax goes with it); MONAI Label writes the bytes as uncompressed pixel data: ask for those.
             # Its frames are bytearrays, which pydicom takes as a list of values (the file's write then fails)
-            return [bytes(frame) for frame in client.retrieve_instance_frames(
-                *args, media_types=media_types or UNCOMPRESSED_FRAMES, **kwargs)]
+            try:
+                return [bytes(frame) for frame in client.retrieve_instance_frames(
+                    *args, media_types=media_types or UNCOMPRESSED_FRAMES, **kwargs)]
+            except Exception as error:
+                if read_timed_out(error):
+                    silent.append(error)
+                raise
 
+    silent: list = []  # MONAI Label's download drops a failed frame in silence: a PACS that did not answer is told
     dicom_web_download_series(study, image_id, str(partial), Bounded(), True)
+    if silent:
+        raise silent[0]  # the routes' 504, not a 502 "not delivered"
     _add_file_meta_in(partial, image_id)
     return check_by_frame(partial, listed, image_id)
 
@@ -1041,7 +1174,7 @@ def add_file_meta(path: Path) -> bool:
     encoded = DicomBytesIO()
     encoded.is_little_endian, encoded.is_implicit_VR = True, False  # the file meta's own encoding (PS3.10 7.1)
     write_file_meta_info(encoded, meta, enforce_standard=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".file-meta", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=FILE_META_TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out, open(path, "rb") as data_set:
             out.write(b"\0" * 128 + b"DICM" + encoded.getvalue())
@@ -1117,27 +1250,42 @@ def check_by_frame(folder: Path, listed: list[dict], image_id: str) -> int:
     return len(images)
 
 
-def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_S) -> list[Path]:
+def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_S,
+                           file_meta_age_s: float = FILE_META_TEMP_STALE_S) -> list[Path]:
     """Remove the partial download folders (:data:`PARTIAL_DOWNLOAD_PREFIX`, :func:`download_within`) in a DICOMweb
     datastore's cache folder, and in its label cache folder (``labels/final``: a ``final`` label's download,
     :func:`bounded_downloads`), whose newest write (the folder's or any file's in it, modification time) is more than
     ``max_age_s`` seconds old: a server stopped during a download (killed, a power cut) never removes its own, which
     then held part of a series for ever. A younger one may be a download in progress, of another server sharing the
     cache folder: kept. Only folders directly in those two folders whose name has the prefix (not a link, not a file
-    of that name); each removal is logged. Returns those removed. Nothing for another datastore."""
+    of that name); each removal is logged. Also the file meta temps (:func:`add_file_meta`) left in the series
+    folders there, untouched for ``file_meta_age_s`` (:func:`_remove_stale_file_meta_temps`). Returns those
+    removed. Nothing for another datastore. :func:`download_within` does the same for the one series it is asked
+    for, when its folder is used again or it is downloaded again."""
     if not is_dicomweb(datastore):
         return []
     layout = datastore._datastore  # noqa: SLF001 - MONAI Label's own cache layout
-    entries = []
+    removed = []
     for cache in (Path(layout.image_path()), Path(layout.label_path("final"))):
         try:
-            entries += sorted(os.scandir(cache), key=lambda entry: entry.name)
+            entries = sorted(os.scandir(cache), key=lambda entry: entry.name)
         except OSError:  # no such folder yet: nothing left over
             continue
+        removed += _remove_stale_partials(entries, PARTIAL_DOWNLOAD_PREFIX, max_age_s)
+        for entry in entries:  # a series' folder: the file meta temps a server killed meanwhile left there
+            if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                removed += _remove_stale_file_meta_temps(Path(entry.path), file_meta_age_s)
+    return removed
+
+
+def _remove_stale_partials(entries: Iterable[os.DirEntry], prefix: str, max_age_s: float) -> list[Path]:
+    """Remove the folders among ``entries`` whose name starts with ``prefix`` (a partial download's,
+    :func:`remove_stale_downloads`) and whose newest write is more than ``max_age_s`` seconds old (logged); returns
+    those removed."""
     removed = []
     now = time.time()
     for entry in entries:
-        if not entry.name.startswith(PARTIAL_DOWNLOAD_PREFIX) or not entry.is_dir(follow_symlinks=False):
+        if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
             continue
         try:
             idle_s = now - _newest_write(Path(entry.path))
@@ -1153,6 +1301,38 @@ def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_
         removed.append(Path(entry.path))
         log.info("removed the partial download %s: a server stopped during the download left it (last written "
                  "%.1f h ago)", entry.path, idle_s / 3600)
+    return removed
+
+
+def _remove_stale_file_meta_temps(folder: Path, max_age_s: float = FILE_META_TEMP_STALE_S) -> list[Path]:
+    """Remove the temps :func:`add_file_meta` writes beside a file of the series ``folder`` (``.<name>.*.file-meta``:
+    plain files, not links) not written for more than ``max_age_s`` seconds (logged): a server killed while it wrote
+    one left it there for ever, a partial copy of a DICOM file among the series' files. A younger one may be being
+    written (another request, another server sharing the cache): kept. Returns those removed."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # gone meanwhile, or no folder
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(FILE_META_TEMP_SUFFIX)) or \
+                not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            idle_s = now - entry.stat(follow_symlinks=False).st_mtime
+            if idle_s <= max_age_s:
+                continue
+            os.unlink(entry.path)
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        except OSError as error:
+            log.warning("could not remove the file meta temp %s (a server stopped while it wrote it left it): %s",
+                        entry.path, error)
+            continue
+        removed.append(Path(entry.path))
+        log.info("removed the file meta temp %s: a server stopped while it wrote it left it (last written %.0f s ago)",
+                 entry.path, idle_s)
     return removed
 
 

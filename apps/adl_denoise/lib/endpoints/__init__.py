@@ -69,9 +69,21 @@ PACS_UNREACHABLE = ("the PACS (DICOMweb server) holding the studies cannot be re
                     "(the server's log names the error)")
 
 
+def pacs_silent(seconds: float) -> str:
+    """What a client is told when a route waited ``seconds`` for the PACS's answer (or its next part) in vain."""
+    return (f"the PACS (DICOMweb server) holding the studies did not answer within {seconds:g} s: it accepted the "
+            "request but sent nothing more; try again later (the server's log names the request; "
+            "ADL_PACS_READ_TIMEOUT_S sets how long the server waits)")
+
+
 def _install_read_failure_answers(fastapi_app) -> None:
-    """503 with a one-line reason when a route's call to the PACS fails to connect or times out (a DICOMweb
-    datastore whose PACS is down): MONAI Label's routes answered a bare 500 "Internal Server Error". Only a
+    """503 with a one-line reason when a route's call to the PACS fails to connect (a DICOMweb datastore whose PACS is
+    down): MONAI Label's routes answered a bare 500 "Internal Server Error"; 504 when the PACS accepted the request
+    but sent no answer, or no next part of one, within :func:`lib.pacs.pacs_read_timeout_s` (the request hung for
+    ever: :func:`lib.pacs.bounded_client`); when the PACS answered a request with an error status that no route
+    answers itself (``requests.HTTPError``, or ``retrying.RetryError`` after its tries of a 429 / 503 / 504), 502
+    naming the PACS and its status (503 / 504 for its own 429 / 503 / 504): a series' retrieval refused, or a search
+    failed, during ``POST /train/{model}``, an infer by id or any other route answered a bare 500. Only a
     request to the datastore's PACS (:func:`lib.pacs.is_pacs_url`): a failure to reach any other service is the
     server's error (500) as before, not news about the PACS. A PACS that lists part of its series
     (:class:`lib.pacs.PacsListingCut`) is a 503 too, with the reason; a series whose download was stopped over the
@@ -88,21 +100,43 @@ def _install_read_failure_answers(fastapi_app) -> None:
     changed study or patient, 409; left the PACS, 404; the PACS's search failed, 502, or was not answered in time,
     504) is answered with its status and reason, nothing of it sent."""
     from fastapi.responses import JSONResponse
-    from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
+    from requests.exceptions import ConnectionError as RequestsConnectionError, HTTPError, Timeout
+    from retrying import RetryError
 
     from ..imaging.errors import ImageTooLargeError
-    from ..pacs import (PacsListingCut, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame,
-                        SeriesTooLarge, is_pacs_url)
+    from ..pacs import (PACS_TRIES, PacsListingCut, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame,
+                        SeriesTooLarge, error_answer, failed_url, is_pacs_url, pacs_read_timeout_s, read_timed_out)
     from ..pacs_corrections import CorrectionNotServed
     from .common import app
 
     async def unreachable(request, error: Exception):
-        target = getattr(getattr(error, "request", None), "url", None)
+        target = failed_url(error)
         if not is_pacs_url(target, app().datastore()):
             raise error  # to the server's own handling: a 500, logged with its traceback
+        if read_timed_out(error):  # connected, then nothing (more) came
+            seconds = pacs_read_timeout_s()
+            log.error("%s %s: the PACS did not answer within %g s (%s, %s)", request.method, request.url.path,
+                      seconds, type(error).__name__, target)
+            return JSONResponse(status_code=504, content={"detail": pacs_silent(seconds)})
         log.error("%s %s: the PACS cannot be reached (%s%s)", request.method, request.url.path,
                   type(error).__name__, f", {target}" if target else "")
         return JSONResponse(status_code=503, content={"detail": PACS_UNREACHABLE})
+
+    async def pacs_error(request, error: Exception):  # the PACS answered, with an error status
+        target, answer = failed_url(error), error_answer(error)
+        if answer is None or not is_pacs_url(target, app().datastore()):
+            raise error  # to the server's own handling: a 500, logged with its traceback
+        status = int(answer.status_code)
+        reason = str(getattr(answer, "reason", "") or "").strip()
+        tried = f" (tried {PACS_TRIES} times)" if isinstance(error, RetryError) else ""
+        log.error("%s %s: the PACS answered %s %s with HTTP %d %s%s", request.method, request.url.path,
+                  getattr(answer.request, "method", "") if answer.request is not None else "", target, status, reason,
+                  tried)
+        # its being busy or down is said as such (503, 504); any other error status is the PACS's failure (502)
+        return JSONResponse(status_code={429: 503, 503: 503, 504: 504}.get(status, 502), content={"detail": (
+            f"the PACS (DICOMweb server) holding the studies answered the server's request with an error (HTTP "
+            f"{status}{' ' + reason if reason else ''}){tried}: nothing was done with it; try again later, or ask "
+            "the PACS's administrator (the server's log names the request)")})
 
     async def listing_cut(request, error: Exception):  # logged where found (lib.pacs.whole_listing)
         return JSONResponse(status_code=503, content={"detail": f"the PACS's studies cannot be listed: {error}"})
@@ -135,6 +169,8 @@ def _install_read_failure_answers(fastapi_app) -> None:
 
     for kind in (RequestsConnectionError, Timeout):
         fastapi_app.add_exception_handler(kind, unreachable)
+    for kind in (HTTPError, RetryError):
+        fastapi_app.add_exception_handler(kind, pacs_error)
     fastapi_app.add_exception_handler(CorrectionNotServed, not_served)
     fastapi_app.add_exception_handler(PacsListingCut, listing_cut)
     fastapi_app.add_exception_handler(SeriesTooLarge, too_large)

@@ -1430,8 +1430,12 @@ _STOW_FRAMING_NOT_FORWARDED = frozenset({"content-type", "content-length", "tran
 #: response headers of the PACS that describe its connection to this server, not this server's answer
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                          "transfer-encoding", "upgrade"})
-#: seconds to connect to the PACS, and to wait for each part of its answer
-PROXY_TIMEOUT_S = (10.0, 300.0)
+def _proxy_timeout_s() -> tuple[float, float]:
+    """Seconds to connect to the PACS, and to wait for each part of its answer: the app's own requests' (10 s,
+    ``ADL_PACS_READ_TIMEOUT_S``: :func:`lib.pacs.pacs_read_timeout_s`)."""
+    from ..pacs import PACS_CONNECT_TIMEOUT_S, pacs_read_timeout_s
+
+    return PACS_CONNECT_TIMEOUT_S, pacs_read_timeout_s()
 
 
 def _pacs_url_and_auth(op: str, path: str) -> tuple[str, Any, dict[str, str]]:
@@ -1466,7 +1470,7 @@ def _forward_to_pacs(method: str, url: str, query: str, auth: Any, headers: dict
 
     try:
         answer = requests.request(method, url + (f"?{query}" if query else ""), auth=auth, headers=headers,
-                                  data=body if method == "POST" else None, stream=True, timeout=PROXY_TIMEOUT_S,
+                                  data=body if method == "POST" else None, stream=True, timeout=_proxy_timeout_s(),
                                   allow_redirects=False)
     except requests.RequestException as e:
         log.warning("PACS proxy: %s %s failed: %s", method, url, e)
