@@ -454,7 +454,17 @@ def _metaio_inflated(file: Path, offset: int, size: int | None, needed: int) -> 
         while produced < needed and not inflater.eof:
             data = handle.read(_CHUNK if left is None else min(_CHUNK, left))
             if not data:
-                return produced, "cut"
+                # zlib may still hold output its input gave (a long match cut at the 1 MiB cap, no input left to
+                # put in unconsumed_tail: a size without the Adler-32); MetaIO's one inflate call gets it all
+                try:
+                    while produced < needed and not inflater.eof:
+                        out = inflater.decompress(b"", _CHUNK)
+                        if not out:
+                            break
+                        produced += len(out)
+                except zlib.error as exc:
+                    return produced, one_line(exc)
+                return produced, None if produced >= needed or inflater.eof else "cut"
             if left is not None:
                 left -= len(data)
             try:
