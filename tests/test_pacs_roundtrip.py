@@ -1783,6 +1783,29 @@ def seg_of(series: list[Path], path: Path) -> Path:
     return path
 
 
+def pydicom_seg_of(series: list[Path], mask: np.ndarray, path: Path) -> Path:
+    """A DICOM SEG of the real series ``series`` as another tool saves one: written by pydicom_seg (MONAI Label's
+    own SEG writer and reader), one segment (label value 1) where ``mask`` (z, y, x on the series' grid) is set, at
+    ``path``."""
+    import pydicom_seg
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(file) for file in series])
+    label = sitk.GetImageFromArray(mask.astype(np.uint8))
+    label.CopyInformation(reader.Execute())
+    code = {"CodeValue": "T-D0050", "CodingSchemeDesignator": "SRT", "CodeMeaning": "Tissue"}
+    template = pydicom_seg.template.from_dcmqi_metainfo({
+        "ContentCreatorName": "another tool", "SeriesDescription": "segmentation", "SeriesNumber": "300",
+        "InstanceNumber": "1", "ContentLabel": "SEG", "ContentDescription": "segmentation", "BodyPartExamined": "",
+        "ClinicalTrialSeriesID": "1", "ClinicalTrialTimePointID": "1", "ClinicalTrialCoordinatingCenterName": "x",
+        "segmentAttributes": [[{"labelID": 1, "SegmentDescription": "lesion", "SegmentLabel": "lesion",
+                                "SegmentAlgorithmType": "MANUAL", "SegmentedPropertyCategoryCodeSequence": code,
+                                "SegmentedPropertyTypeCodeSequence": code}]]})
+    pydicom_seg.MultiClassWriter(template=template).write(label, [pydicom.dcmread(f) for f in series]).save_as(path)
+    return path
+
+
 def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_retrieval(tmp_path, tiny_weights):
     """``GET /datastore/label?tag=final`` on a DICOMweb datastore names a series of the PACS, a DICOM SEG. On a real
     server and Orthanc (its request log) holding a 6-slice CT series (1.57 M voxels, over ``max_voxels`` 1,000,000)
@@ -1798,9 +1821,15 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
       the SEG) and a fine-tune request (``POST /train/{model}``, whose check reads the labelled images) retrieved
       the CT series up to the limit; they are a 413 naming it before any retrieval.
 
-    No retrieval of either series reaches Orthanc, nothing of them lands in the cache, and nothing is recorded as
-    sent."""
+    No retrieval of either series reaches Orthanc, nothing of them lands in the cache, and nothing of them is
+    recorded as sent. A SEG within the limit, written by pydicom_seg for a 3-slice CT series, is answered as its label
+    volume (a .nii.gz on the series' grid, one value a segment), for ``GET`` and ``HEAD``, each an entry: MONAI
+    Label's conversion was a 500 (ImageNotFoundException: the route names no image) and left a ``tmp*.seg.nrrd`` in
+    the server's temp folder on every read. It is converted once (the SEG retrieved once, its conversion not
+    rewritten) and nothing is left in the temp folder. A SEG pydicom_seg cannot read (no plane positions) is a 422
+    saying so (it was a 500)."""
     import requests
+    import SimpleITK as sitk
 
     from lib.audit import AuditLog
     from pydicom.uid import generate_uid
@@ -1809,8 +1838,18 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
     try:
         big = real_ct_series(tmp_path / "big", slices=6)
         seg = seg_of(big, tmp_path / "seg.dcm")
-        pacs.upload_files(big + [seg])
-        big_uid, seg_uid = (str(pydicom.dcmread(files).SeriesInstanceUID) for files in (big[0], seg))
+        small = real_ct_series(tmp_path / "small")
+        mask = np.zeros((3, 512, 512), np.uint8)
+        for k in range(3):  # a different region each slice: the slices' order and the axes are checked
+            mask[k, 100 + 20 * k:300, 150:250 + 30 * k] = 1
+        small_seg = pydicom_seg_of(small, mask, tmp_path / "small_seg.dcm")
+        image_grid = sitk.ImageSeriesReader()
+        image_grid.SetFileNames([str(file) for file in small])
+        image_grid = image_grid.Execute()
+        unreadable = seg_of(real_ct_series(tmp_path / "not_sent"), tmp_path / "unreadable_seg.dcm")  # no geometry
+        pacs.upload_files(big + [seg] + small + [small_seg, unreadable])
+        big_uid, seg_uid, small_seg_uid, unreadable_uid = (str(pydicom.dcmread(files).SeriesInstanceUID)
+                                                           for files in (big[0], seg, small_seg, unreadable))
         cache = tmp_path / "work" / "dicomweb_cache"
         audit_dir = tmp_path / "audit"
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
@@ -1839,6 +1878,28 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
             assert answer.status_code == 404, (answer.status_code, answer.text[:500])
             assert answer.json()["detail"] == (f"no label {unknown}: the PACS holds no series of that "
                                                "SeriesInstanceUID"), answer.text
+            converted = []
+            for method in ("GET", "GET", "HEAD"):  # a real SEG: its label volume, converted once
+                answer = label(method, small_seg_uid)
+                assert answer.status_code == 200, (method, answer.status_code, answer.text[:500], server.log_tail())
+                assert answer.headers["content-disposition"].endswith(f'filename="{small_seg_uid}.nii.gz"'), \
+                    answer.headers
+                if method == "GET":
+                    (tmp_path / "label.nii.gz").write_bytes(answer.content)
+                    volume = sitk.ReadImage(str(tmp_path / "label.nii.gz"))
+                    assert np.array_equal(sitk.GetArrayFromImage(volume), mask)
+                    assert np.allclose(volume.GetOrigin(), image_grid.GetOrigin()) and np.allclose(
+                        volume.GetSpacing(), image_grid.GetSpacing()), (volume.GetOrigin(), volume.GetSpacing())
+                else:
+                    assert answer.content == b"" and answer.headers["content-length"] == str(converted[0][1])
+                converted += [(path.stat().st_mtime_ns, path.stat().st_size) for path in cache.glob(
+                    f"*/labels/final/{small_seg_uid}.nii.gz")]
+            assert len(converted) == 3 and len(set(converted)) == 1, converted  # not converted again
+            assert len(retrievals(small_seg_uid)) == 1, requests_log.read_text()
+            answer = label("GET", unreadable_uid)
+            assert answer.status_code == 422, (answer.status_code, answer.text[:500])
+            assert answer.json()["detail"].startswith(f"series {unreadable_uid} is not served as a label: its DICOM "
+                                                      "SEG cannot be read as a label volume ("), answer.text
             too_large = (f"series {seg_uid} is too large: its 1 instances hold 1,572,864 voxels, over the limit of "
                          "1,000,000; nothing of it was downloaded (raise the limit with --conf max_voxels on the "
                          "server)")
@@ -1858,11 +1919,15 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
             assert not [p for p in cache.rglob("*") if big_uid in p.name or seg_uid in p.name], \
                 sorted(map(str, cache.rglob("*")))
             assert server.alive()
+            temp = tmp_path / "work" / "tmp"  # the server's TMPDIR (mlserver.start_server), but MONAI Label's log
+            assert sorted(p.name for p in temp.iterdir() if not p.name.endswith(".json")) == []  # configuration
         finally:
             stop_server(server)
     finally:
         stop_orthanc(pacs)
-    assert AuditLog(audit_dir).entries("label_downloaded") == []
+    assert [(entry["fields"]["image"], entry["fields"]["route"]) for entry in
+            AuditLog(audit_dir).entries("label_downloaded")] == \
+        [(small_seg_uid, "GET /datastore/label")] * 2 + [(small_seg_uid, "HEAD /datastore/label")]
 
 
 def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

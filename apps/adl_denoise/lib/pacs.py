@@ -1375,6 +1375,11 @@ def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
         kept = getattr(datastore, "holds_label", None)  # a correction kept on this server: no PACS series to fetch
         if label_tag == "final" and not (kept is not None and kept(label_id, label_tag)):  # others: local files
             label_cache = Path(datastore._datastore.label_path(label_tag))  # noqa: SLF001 - MONAI Label's layout
+            if getattr(datastore, "_convert_to_nifti", True):  # a SEG: converted once, into the cache, not TMPDIR
+                from .pacs_seg import seg_label_uri
+
+                return seg_label_uri(datastore, label_id, image_id, lambda: download_within(
+                    datastore, label_id, voxel_limit(), folder=label_cache / label_id))
             download_within(datastore, label_id, voxel_limit(), folder=label_cache / label_id)
         return type(datastore).get_label_uri(datastore, label_id, label_tag, image_id)
 

@@ -98,7 +98,9 @@ def _install_read_failure_answers(fastapi_app) -> None:
     is too large, the limit, how to raise it), without the server's paths; it was a bare 500. A kept correction of
     a PACS series that is not that series' any more (:class:`lib.pacs_corrections.CorrectionNotServed`: its series
     changed study or patient, 409; left the PACS, 404; the PACS's search failed, 502, or was not answered in time,
-    504) is answered with its status and reason, nothing of it sent."""
+    504) is answered with its status and reason, nothing of it sent. A DICOM SEG of the PACS asked as a ``final``
+    label that cannot be one (:class:`lib.pacs_seg.SegNotServed`: no referenced series, several instances,
+    unreadable by pydicom_seg) is a 422 saying why; MONAI Label answered a bare 500."""
     from fastapi.responses import JSONResponse
     from requests.exceptions import ConnectionError as RequestsConnectionError, HTTPError, Timeout
     from retrying import RetryError
@@ -107,6 +109,7 @@ def _install_read_failure_answers(fastapi_app) -> None:
     from ..pacs import (PACS_TRIES, PacsListingCut, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame,
                         SeriesTooLarge, error_answer, failed_url, is_pacs_url, pacs_read_timeout_s, read_timed_out)
     from ..pacs_corrections import CorrectionNotServed
+    from ..pacs_seg import SegNotServed
     from .common import app
 
     async def unreachable(request, error: Exception):
@@ -167,10 +170,15 @@ def _install_read_failure_answers(fastapi_app) -> None:
         log.warning("%s %s: %s", request.method, request.url.path, error)
         return JSONResponse(status_code=getattr(error, "status", 409), content={"detail": str(error)})
 
+    async def seg_not_served(request, error: Exception):  # a PACS SEG that is no label volume: nothing converted
+        log.warning("%s %s: %s", request.method, request.url.path, error)
+        return JSONResponse(status_code=422, content={"detail": str(error)})
+
     for kind in (RequestsConnectionError, Timeout):
         fastapi_app.add_exception_handler(kind, unreachable)
     for kind in (HTTPError, RetryError):
         fastapi_app.add_exception_handler(kind, pacs_error)
+    fastapi_app.add_exception_handler(SegNotServed, seg_not_served)
     fastapi_app.add_exception_handler(CorrectionNotServed, not_served)
     fastapi_app.add_exception_handler(PacsListingCut, listing_cut)
     fastapi_app.add_exception_handler(SeriesTooLarge, too_large)

@@ -1138,7 +1138,8 @@ def guarded_download_label(request: Request, tag: str, label: Optional[str] = No
     stock ``HEAD`` route named the label ``image`` (kept for its clients) and checked nothing: a PACS series was
     retrieved unrecorded, also with the log refusing entries. On a PACS a ``final`` label must be a DICOM SEG series
     of it (:func:`lib.pacs.final_label_problem`, asked before anything is retrieved): 404 saying what the series is
-    otherwise (MONAI Label downloaded an image series into its label cache, then answered a bare 500). A label this
+    otherwise (MONAI Label downloaded an image series into its label cache, then answered a bare 500); a SEG is
+    answered as its label volume, converted once into the cache (:func:`lib.pacs_seg.seg_label_uri`). A label this
     server keeps of a PACS series (:mod:`lib.pacs_corrections`) is sent only while the PACS lists the series under
     the study and patient it was saved for (409 naming what changed, 404 when the PACS no longer lists it, 503 when
     the PACS cannot be reached, 504 when it does not answer in time: nothing sent, no entry; asked before the file is
