@@ -1411,7 +1411,10 @@ def test_a_dataset_zip_that_fails_half_way_or_whose_client_leaves_mid_send_leave
     """The dataset's ZIP is written in the server's temp folder, here a real 1 MiB tmpfs (a mount namespace of the
     server's own, seen through ``/proc/PID/root``) that three labelled studies (2 MiB zipped) do not fit: the ZIP
     fails half way (no space left), a 507 saying so (it was a bare 500), and the half-written file is deleted; MONAI
-    Label's stayed in the temp folder. One whose client reads a few bytes and leaves is deleted too."""
+    Label's stayed in the temp folder. One whose client reads a few bytes and leaves is deleted too. The studies'
+    ``labels/final`` folder is a 2 MiB tmpfs of its own: a correction of ``ct_slab_b`` saved again, larger than
+    the space left, is a 507 and the correction saved before is kept whole, nothing of the new one left there
+    (MONAI Label copied it onto the label's file in place: half a file under its name, the earlier one lost)."""
     import socket
 
     import processes
@@ -1421,9 +1424,11 @@ def test_a_dataset_zip_that_fails_half_way_or_whose_client_leaves_mid_send_leave
     if problem is not None:
         pytest.skip(problem)
     temp = folders["work"] / "run1" / "tmp"  # the server's TMPDIR (mlserver.start_server)
+    labels = folders["studies"] / "labels" / "final"  # the corrections' folder: a tmpfs of its own
+    labels.mkdir(parents=True)
     server = start_server(folders["studies"], folders["model"], folders["work"] / "run1",
                           conf={"audit_dir": folders["audit"], "max_voxels": 3_000_000},
-                          wrap=lambda args: processes.on_tmpfs(temp, 1, args))
+                          wrap=lambda args: processes.on_tmpfs(temp, 1, args, also=((labels, 2),)))
     seen = Path(f"/proc/{server.process.pid}/root{temp}")  # the tmpfs as the server sees it
 
     def left(deadline: float) -> list[str]:
@@ -1456,9 +1461,44 @@ def test_a_dataset_zip_that_fails_half_way_or_whose_client_leaves_mid_send_leave
             client.sendall(b"GET /datastore/dataset?limit_cases=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert client.recv(64).startswith(b"HTTP/1.1 200")
         assert left(time.monotonic() + 60) == []
+        _correction_saved_again_on_a_full_disk(server, Path(f"/proc/{server.process.pid}/root{labels}"), folders)
     finally:
         stop_server(server)
     assert len(_events(AuditLog(folders["audit"]), "dataset_downloaded")) == 2
+    failed = _events(AuditLog(folders["audit"]), "label_saved_failed")
+    assert len(failed) == 1 and "No space left on device" in failed[0]["error"], failed
+
+
+def _correction_saved_again_on_a_full_disk(server, labels: Path, folders) -> None:
+    """``labels``: the server's ``labels/final`` folder as it sees it (a 2 MiB tmpfs holding three corrections,
+    filled up to 64 KiB free); a second correction of ``ct_slab_b`` (noise added: larger than the first one and the
+    space left together; an upload under 1 MiB, the temp folder's size) does not fit."""
+    import os
+
+    import numpy as np
+
+    kept = {p.name: p.read_bytes() for p in labels.iterdir()}
+    assert "ct_slab_b.nii.gz" in kept, sorted(kept)
+    space = os.statvfs(labels)
+    (labels / "filler.bin").write_bytes(b"\0" * (space.f_bavail * space.f_frsize - 2**16))  # no label pattern
+    kept["filler.bin"] = (labels / "filler.bin").read_bytes()
+    study = sitk.Cast(sitk.ReadImage(str(folders["studies"] / "ct_slab_b.nii.gz")), sitk.sitkFloat32)
+    voxels = sitk.GetArrayFromImage(study)
+    voxels[:2] += np.random.default_rng(0).uniform(-2, 2, voxels[:2].shape).astype(np.float32)
+    noisy = sitk.GetImageFromArray(voxels)
+    noisy.CopyInformation(study)
+    larger = folders["root"] / "ct_slab_b_larger.nii.gz"
+    sitk.WriteImage(noisy, str(larger))
+    assert 2**16 + len(kept["ct_slab_b.nii.gz"]) + 2**16 < larger.stat().st_size < 2**20 - 2**17, \
+        larger.stat().st_size  # too large even in place of the first one (MONAI Label's copy failed half way)
+    with open(larger, "rb") as handle:
+        answer = requests.put(f"{server.url}/datastore/label", params={"image": "ct_slab_b", "tag": "final"},
+                              files={"label": ("ct_slab_b.nii.gz", handle)}, data={"params": "{}"}, timeout=120)
+    assert answer.status_code == 507, (answer.status_code, answer.text[:500])
+    assert "the label saved before (if any) is unchanged" in answer.json()["detail"], answer.text
+    assert {p.name: p.read_bytes() for p in labels.iterdir()} == kept  # the earlier one whole, nothing of the new
+    sent = requests.get(f"{server.url}/datastore/label", params={"label": "ct_slab_b", "tag": "final"}, timeout=120)
+    assert sent.status_code == 200 and sent.content == kept["ct_slab_b.nii.gz"], (sent.status_code, len(sent.content))
 
 
 @pytest.mark.server

@@ -178,7 +178,11 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     never rebuilt, is what is sent: it was saved; the 409 names both cached files), so is one of the derived series
     this server stored (409: it was kept); the series removed from the PACS, its correction is 404 (it was sent),
     kept on the server all the same; the PACS stopped, 503 (nothing sent unchecked), and a 'corrected' verdict
-    judging a kept correction is a 503 with nothing recorded."""
+    judging a kept correction is a 503 with nothing recorded. A verdict is bound as a correction is: recorded with
+    the series' identity the PACS lists (``series_identity``); on the series moved to another patient (its old
+    download still cached) 'accepted' and 'corrected' are 409 naming both patients, nothing recorded, and with the
+    PACS stopped an 'accepted' verdict on a denoised series is a 503 (both were recorded, 200, from the server's
+    cached series list)."""
     import hashlib
     import shutil
     import urllib.request
@@ -244,6 +248,10 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     answer = requests.post(f"{server.url}/review/{uids[1]}", json={"verdict": "corrected", "reviewer": "dr_a"},
                            timeout=600)  # a series not denoised here: its correction is what the verdict judges
     assert answer.status_code == 200 and answer.json()["verdict"] == "corrected", answer.text[:500]
+    assert answer.json()["series_identity"] == info["series_identity"], answer.json()  # bound as its correction
+    answer = requests.post(f"{server.url}/infer/adl", params={"image": uids[1], "output": "json"},
+                           data={"params": "{}"}, timeout=600)  # a result of it, for the verdicts below
+    assert answer.status_code == 200, answer.text[:500]
     pairs = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600).json()
     assert sorted(Path(pair["label"]).name for pair in pairs) == sorted(f"{uid}.nii.gz" for uid in uids), pairs
     clear_cache()
@@ -289,9 +297,16 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
         assert "its info was not changed" in answer.json()["detail"], answer.text[:500]
     assert (kept / "final" / f"{uids[1]}.json").read_text() == kept_info
     assert not [e for e in audit.entries() if e["event"].startswith("label_info_up")], "an info update on record"
-    answer = requests.post(f"{server.url}/review/{uids[1]}", json={"verdict": "corrected", "reviewer": "dr_a"},
-                           timeout=600)  # why its correction is not judged (it said "no saved correction")
-    assert answer.status_code == 409 and changed in answer.json()["detail"], answer.text[:500]
+    verdicts = len(audit.entries("verdict"))  # nor is a verdict recorded: what was reviewed is another patient's
+    moved = (f"series {uids[1]} changed since this server downloaded it (what was reviewed): its download has "
+             f"patient_id {header.PatientID!r}")
+    for verdict in ("corrected", "accepted"):  # recorded (200), beside the cached patient and study, it was
+        answer = requests.post(f"{server.url}/review/{uids[1]}", json={"verdict": verdict, "reviewer": "dr_a"},
+                               timeout=600)
+        detail = answer.json().get("detail", "")
+        assert answer.status_code == 409 and moved in detail and "'ANOTHER-PATIENT'" in detail, answer.text[:500]
+        assert "the verdict was not recorded" in detail, detail
+    assert len(audit.entries("verdict")) == verdicts
     pairs = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600).json()
     assert [Path(pair["label"]).name for pair in pairs] == [f"{uids[0]}.nii.gz"], pairs
     answer = requests.get(f"{server.url}/datastore/dataset", timeout=600)
@@ -352,6 +367,9 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     verdicts = len(audit.entries("verdict"))  # nor a verdict on a correction whose series cannot be checked
     answer = requests.post(f"{server.url}/review/{uids[1]}", json={"verdict": "corrected", "reviewer": "dr_a"},
                            timeout=600)
+    assert answer.status_code == 503 and "cannot be reached" in answer.text, (answer.status_code, answer.text[:500])
+    answer = requests.post(f"{server.url}/review/{uids[0]}", json={"verdict": "accepted", "reviewer": "dr_a"},
+                           timeout=600)  # its result judged: recorded (200) from the cached series list, it was
     assert answer.status_code == 503 and "cannot be reached" in answer.text, (answer.status_code, answer.text[:500])
     assert len(audit.entries("verdict")) == verdicts
 
@@ -776,17 +794,23 @@ def test_a_pacs_that_is_down_never_answers_or_fails_is_a_503_504_or_502_in_secon
     and never answers (a socket server on its port) held the infer and the review queue's hand-out for ever: each is
     a 504 saying so after ``ADL_PACS_READ_TIMEOUT_S`` (here 2 s). One that answers with an error status (a server
     on its port answering 502, then 503) had ``POST /train/{model}`` and infer answer a bare 500: each is now a 502
-    (503) naming the PACS's status."""
+    (503) naming the PACS's status. The --studies URL carries a user name and password: neither is in the audit
+    log's ``server_started`` entry (the URL was recorded whole) nor in a line the app logs (the 503's ERROR named
+    the PACS request's URL whole)."""
     import time
     from urllib.parse import urlsplit
 
     import requests
 
+    from lib.audit import AuditLog
+    from lib.audit.location import default_audit_dir
+
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
         uid = upload_real_ct_series(pacs, tmp_path / "series")
-        server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
-                              env={"ADL_PACS_READ_TIMEOUT_S": "2"})
+        studies = pacs.dicomweb.replace("://", "://dr_admin:s3cret-pw@", 1)  # Orthanc here asks none: ignored
+        model_dir = copy_weights(tiny_weights, tmp_path / "model")
+        server = start_server(studies, model_dir, tmp_path / "work", env={"ADL_PACS_READ_TIMEOUT_S": "2"})
     finally:
         stop_orthanc(pacs)
     try:
@@ -825,6 +849,13 @@ def test_a_pacs_that_is_down_never_answers_or_fails_is_a_503_504_or_502_in_secon
                         f"(HTTP {status}"), (route, answer.text)
                 assert received, "the PACS was not asked"
         assert server.alive()
+        started_entries = AuditLog(default_audit_dir(studies, str(model_dir))).entries("server_started")
+        assert [e["fields"]["studies"] for e in started_entries] == [pacs.dicomweb], started_entries
+        log = server.log_tail(400000)
+        assert "the PACS cannot be reached" in log, log[-3000:]
+        # MONAI Label's own start-up lines print --studies as given (two before the app is loaded): none of the app's
+        assert [line for line in log.splitlines() if "s3cret-pw" in line and "(monailabel." not in line
+                and "(__main__:" not in line] == [], log[-3000:]
     finally:
         stop_server(server)
 

@@ -58,7 +58,7 @@ from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesNotDelivered, Seri
                       SeriesTooLarge, bound_waits, bounded_downloads, cache_folder, is_dicomweb, known_size,
                       pacs_read_timeout_s, read_timed_out, remove_stale_downloads, series_folder, start_up_warnings,
                       store_derived_series, whole_listing)
-from lib.pacs_corrections import corrections_of_other_urls, note_studies_url, server_kept_labels
+from lib.pacs_corrections import corrections_of_other_urls, note_studies_url, server_kept_labels, without_credentials
 from lib.runtime.switches import parse_bool
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,9 @@ class DenoisingApp(MONAILabelApp):
                 note_studies_url(self.corrections_dir, studies)
             if self.audit.broken is None:
                 self._reconcile_reviews()
-                self.audit.append("server_started", {"studies": studies, "model_dir": self.model_dir,
+                # a PACS URL's user name, password or token (query) kept out of the log: readers of it need none
+                self.audit.append("server_started", {"studies": without_credentials(studies or ""),
+                                                     "model_dir": self.model_dir,
                                                      "models": sorted(self.models), "pid": os.getpid(),
                                                      "entries_verified": self.audit_at_start["entries"]})
 

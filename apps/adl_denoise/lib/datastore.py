@@ -10,7 +10,8 @@ listing never followed the folder again (deleted ids listed for good).
 :func:`steady_datastore` swaps a local datastore's class for a subclass that (1) reconciles the listing in the
 request that removes a study, before answering; (2) runs every change and reconciliation, and the lookups the
 app's routes make (``list_images``, ``get_image_uri``), under one lock; (3) logs and survives a failed watcher
-event instead of losing the watcher. Other datastores (DICOMweb) are returned unchanged.
+event instead of losing the watcher; (4) saves a label whole or not at all
+(:meth:`SteadyLocalDatastoreMixin.save_label`). Other datastores (DICOMweb) are returned unchanged.
 
 :func:`image_modality`: the modality of a datastore image, read from its file once and kept in its info (the
 fine-tuning data and the review queue's modality filter both ask for it).
@@ -72,8 +73,34 @@ class SteadyLocalDatastoreMixin:
                 super().refresh()
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        """MONAI Label's ``save_label`` but for its copy: it copied the upload onto the label's file in place
+        (``shutil.copy``), so a disk that filled during the copy left half a file under the label's name and the
+        correction saved before was lost. The file is written beside it and renamed over it
+        (:func:`lib.runtime.atomic.atomic_copy`): a save that fails (OSError) leaves the earlier label, file and info,
+        as it was, and nothing of the new one."""
+        import os
+        import time
+
+        from filelock import FileLock
+        from monailabel.datastore.local import DataModel
+
+        from .runtime.atomic import atomic_copy
+
         with self._steady_lock:
-            return super().save_label(image_id, label_filename, label_tag, label_info)
+            obj = self._datastore.objects.get(image_id)
+            if not obj:  # MONAI Label's ImageNotFoundException
+                return super().save_label(image_id, label_filename, label_tag, label_info)
+            _, label_ext = self._to_id(os.path.basename(label_filename))
+            name = self._filename(image_id, label_ext)
+            with FileLock(self._lock_file):
+                # staged as .<name>.<random>.tmp<ext>: no image has that id, so the folder's watcher adds no label
+                atomic_copy(label_filename, os.path.join(self._datastore.label_path(label_tag), name))
+                label_info = label_info if label_info else {}
+                label_info["ts"] = int(time.time())
+                label_info["name"] = name
+                obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
+                self._update_datastore_file(lock=False)
+            return image_id
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         with self._steady_lock:

@@ -29,6 +29,7 @@ import pydicom
 
 from .imaging import read_volume, write_dicom_derived_series
 from .imaging.errors import one_line
+from .pacs_corrections import without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -404,16 +405,17 @@ def search_whole(client, search, level: str, what: str, outcome: str = "", batch
         client_log.removeHandler(warnings)
     cut = [message for message in warnings.messages if _MORE_MATCHES.search(message)]
     if cut:
-        raise ValueError(f"{client.base_url} lists only part of {what} ({len(results)} given; its Warning: "
-                         f"{cut[0]}){outcome}: raise the server's limit on search results"
+        raise ValueError(f"{without_credentials(client.base_url)} lists only part of {what} ({len(results)} given; "
+                         f"its Warning: {cut[0]}){outcome}: raise the server's limit on search results"
                          + (", or narrow the batch (--study-date, --modality) below it" if batch else ""))
     limit = _orthanc_find_limit(client, level, len(results))
     if limit is not None:
         option = "LimitFindInstances" if level == "Instance" else "LimitFindResults"
         narrow = (f", or narrow the batch (--study-date, --modality) to at most {limit - 1} series"
                   if level == "Series" and batch else "")
-        raise ValueError(f"{client.base_url} lists only part of {what} ({len(results)} given): its Orthanc "
-                         f"configuration cuts every search at {limit} matches ({option} {limit - 1}){outcome}: set "
+        raise ValueError(f"{without_credentials(client.base_url)} lists only part of {what} ({len(results)} given): "
+                         f"its Orthanc configuration cuts every search at {limit} matches ({option} {limit - 1})"
+                         f"{outcome}: set "
                          f"{option} to 0 (no limit) or above the number it holds{narrow}")
     return results
 
@@ -562,7 +564,8 @@ def start_up_warnings(datastore) -> list[str]:
     except Exception as error:  # noqa: BLE001 - whatever fails, the same warning
         problem = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
     if problem:
-        warnings.append(f"the PACS at {client.base_url} does not answer a QIDO-RS query ({problem}): studies cannot "
+        warnings.append(f"the PACS at {without_credentials(client.base_url)} does not answer a QIDO-RS query "
+                        f"({problem}): studies cannot "
                         "be listed, denoised or reviewed until it does (those requests answer 503); check --studies "
                         "and MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD")
     return warnings

@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["KeptLabels", "ServerKeptLabelsMixin", "server_kept_labels", "correction_binding", "binding_problem",
            "check_binding", "CorrectionNotServed", "one_search_per_series", "pacs_identities", "SERIES_IDENTITY_KEY",
-           "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url", "corrections_of_other_urls"]
+           "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url", "corrections_of_other_urls", "without_credentials",
+           "verdict_binding"]
 
 #: the correction stamp's key holding the identity of the PACS series it corrects (:func:`correction_binding`)
 SERIES_IDENTITY_KEY = "series_identity"
@@ -365,7 +366,7 @@ def note_studies_url(folder: str | os.PathLike, studies: str) -> None:
     """``<folder>/studies.json``: ``{"studies": the URL without its credentials nor query}``, unless it says so
     already. Not written (a WARNING) when it cannot be: it only names the folder's URL to an admin."""
     note = Path(folder) / STUDIES_NOTE
-    url = _without_credentials(studies.strip().rstrip("/"))
+    url = without_credentials(studies.strip().rstrip("/"))
     try:
         if json.loads(note.read_text(encoding="utf-8")).get("studies") == url:
             return
@@ -397,13 +398,13 @@ def corrections_of_other_urls(folder: str | os.PathLike, studies: str) -> Option
             continue
         try:
             url = json.loads((other / STUDIES_NOTE).read_text(encoding="utf-8")).get("studies")
-            url = _without_credentials(str(url)) if url else None  # a hand-edited note: its credentials not logged
+            url = without_credentials(str(url)) if url else None  # a hand-edited note: its credentials not logged
         except (OSError, ValueError, AttributeError):
             url = None
         others.append(f"{other.name} ({f'kept for {url}' if url else 'its URL not recorded'}: {count} label(s))")
     if not others:
         return None
-    return (f"no correction is kept for this PACS URL ({_without_credentials(studies.strip().rstrip('/'))}, folder "
+    return (f"no correction is kept for this PACS URL ({without_credentials(studies.strip().rstrip('/'))}, folder "
             f"{folder}), but {folder.parent} keeps corrections of other PACS URLs: {'; '.join(others)}. A PACS's "
             "corrections are kept under a hash of its --studies URL: if one of those is this PACS under another URL "
             f"(a host alias, a port), stop the server and move that folder's contents into {folder.name}, else they "
@@ -483,11 +484,17 @@ def one_search_per_series() -> Iterator[None]:
             _searched.reset(token)
 
 
-def _without_credentials(url: str) -> str:
+def without_credentials(url: str) -> str:
+    """``url`` as it may be logged or recorded: without its user name and password (``user:password@``), query
+    (a token) nor fragment; a folder (no ``scheme://``) as it is."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    text = str(url)
+    if "://" not in text:
+        return text
+    parts = urlsplit(text)
+    host = parts.netloc.rpartition("@")[2]  # the host and port as written ([::1]:8042 kept whole)
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
@@ -515,7 +522,7 @@ def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
             found = client.search_for_series(search_filters={"SeriesInstanceUID": image_id},
                                              fields=["StudyInstanceUID", "PatientID"]) or []
     except requests.ReadTimeout:
-        raise CorrectionNotServed(f"the PACS ({_without_credentials(client.base_url)}) did not answer the search for "
+        raise CorrectionNotServed(f"the PACS ({without_credentials(client.base_url)}) did not answer the search for "
                                   f"series {image_id} within {PACS_SEARCH_TIMEOUT_S:g} s: its study and patient "
                                   "cannot be checked; nothing was sent or saved", 504) from None
     except (requests.HTTPError, retrying.RetryError) as error:  # an error status (retried ones: RetryError)
@@ -571,6 +578,58 @@ def correction_binding(datastore, image_id: str) -> Dict[str, Any]:
             f"series {image_id} changed since this server downloaded it: {'; '.join(problems)}; the PACS now lists "
             f"{', '.join(f'{k} {current[k]!r}' for k in _IDENTITY_KEYS)}; {nothing} (remove the server's cached "
             f"download of the series first: {' and '.join(files)} in its DICOMweb cache folder)", 409)
+    return {SERIES_IDENTITY_KEY: current}
+
+
+def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The identity a verdict on the PACS series ``image_id`` is recorded with (``{SERIES_IDENTITY_KEY: {...}}``:
+    the one identity the PACS lists it under now, one QIDO-RS search, as a correction's: :func:`correction_binding`),
+    checked against what the reviewer saw: the server's download of the series and MONAI Label's conversion of it
+    (the image sent) where the cache holds them (nothing is downloaded for a verdict), and the judged result's
+    input (``judged_input``, from its audit entry: the series and study it was denoised from). ``{}`` for another
+    datastore. A verdict read only the server's cached series list and the audit log: one on a series moved to
+    another patient was recorded (beside the cached patient and study), and one given while the PACS was down too.
+
+    Raises:
+        CorrectionNotServed: 404, the PACS no longer lists the series; 409, it lists it under several studies or
+            patients, or the cached download (or conversion) has another study or patient; 502 / 504, its search
+            failed or was not answered in time.
+        requests.ConnectionError: the PACS cannot be reached (the routes' 503).
+    """
+    if not isinstance(datastore, ServerKeptLabelsMixin):
+        return {}
+    from .pacs import cached_images, cached_series_folder
+
+    nothing = "the verdict was not recorded"
+    current = _one_identity(datastore, image_id, nothing)
+    problems: List[str] = []
+    folder = cached_series_folder(datastore, image_id)
+    if folder.is_dir() and any(folder.iterdir()):
+        try:
+            downloaded = _header_identity(folder, image_id)
+        except FileNotFoundError:  # no DICOM file left in it: nothing reviewed from it to compare
+            downloaded = current
+        changed = [key for key in _IDENTITY_KEYS if downloaded[key] != current[key]]
+        if changed:
+            problems.append(f"its download has {', '.join(f'{k} {downloaded[k]!r}' for k in changed)}")
+    if image_id in cached_images(datastore):  # converted: its info holds what MONAI Label recorded then
+        info = datastore.get_image_info(image_id) or {}
+        recorded = {key: str(info[name]) for key, name in _RECORDED_KEYS.items() if name in info}
+        changed = [key for key, value in recorded.items()
+                   if value != current[key] and not (value == "UNK" and current[key] == "")]
+        if changed:
+            problems.append(f"the image sent was converted from {', '.join(f'{k} {recorded[k]!r}' for k in changed)}")
+    judged = {key: str(judged_input[key]) for key in ("series_instance_uid", "study_instance_uid")
+              if (judged_input or {}).get(key)}
+    changed = [key for key, value in judged.items() if value != current[key]]
+    if changed:
+        problems.append(f"the result judged was denoised from {', '.join(f'{k} {judged[k]!r}' for k in changed)}")
+    if problems:
+        raise CorrectionNotServed(
+            f"series {image_id} changed since this server downloaded it (what was reviewed): {'; '.join(problems)}; "
+            f"the PACS now lists {', '.join(f'{k} {current[k]!r}' for k in _IDENTITY_KEYS)}; {nothing} (remove the "
+            f"server's cached download of the series, {image_id}/ and {image_id}.nii.gz in its DICOMweb cache "
+            "folder, then review it again)", 409)
     return {SERIES_IDENTITY_KEY: current}
 
 

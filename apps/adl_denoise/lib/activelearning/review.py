@@ -312,7 +312,23 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
     ``reviewer_from`` says where the reviewer's name comes from (``token`` with authentication on). Returns the
     verdict (``verdict``, ``reviewer``, ``reason``, ``time_utc``, ``result``, ``seq``, ``replaces``: the study's
     verdict it replaces as current one, or None; both stay in the history). ValueError / KeyError on bad input,
-    :class:`lib.audit.AuditError` when the entry cannot be written (then nothing is changed)."""
+    :class:`lib.audit.AuditError` when the entry cannot be written (then nothing is changed). On a PACS the verdict
+    is recorded with the series' identity as the PACS lists it now (``series_identity``,
+    :func:`lib.pacs_corrections.verdict_binding`: one QIDO-RS search for the whole verdict, its correction's check
+    included): :class:`lib.pacs_corrections.CorrectionNotServed` (409, 404, 502, 504) when what was reviewed is not
+    that series now, and what the client raises when the PACS cannot be reached (503); nothing recorded then."""
+    from ..pacs_corrections import one_search_per_series
+
+    with one_search_per_series():
+        return _record_verdict(audit, datastore, image_id, verdict, reviewer, reason, model, reviewer_from,
+                               result_seq, models)
+
+
+def _record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict: Any, reviewer: Any,
+                    reason: Any, model: Any, reviewer_from: str, result_seq: Any,
+                    models: Optional[Collection[str]]) -> dict:
+    from ..pacs_corrections import verdict_binding
+
     verdict = str(verdict or "").strip().lower()
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict[:40]!r}")
@@ -367,8 +383,11 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
             + ": denoise it first, then give the verdict"
             + (" (or save its correction as the 'final' label first)" if verdict == "corrected" else ""))
     judged = None
-    if results:
-        last = results[-1]
+    last = results[-1] if results else None
+    # a PACS series: bound to the study and patient the PACS lists it under now, as a correction is (409 when what
+    # was reviewed is another's, 503 when the PACS cannot be reached: nothing recorded); {} elsewhere
+    binding = verdict_binding(datastore, image_id, (last or {}).get("input"))
+    if last is not None:
         judged = {"model": last.get("model"), "modality": last.get("modality"),
                   "weights_version": last.get("weights_version"), "weights_sha256": last.get("weights_sha256"),
                   "result_seq": last.get("seq"), "time_utc": last.get("time_utc"),
@@ -380,7 +399,7 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
                     "reason": earlier.get("reason"), "time_utc": earlier.get("time_utc"), "seq": earlier.get("seq"),
                     "result_seq": (earlier.get("result") or {}).get("result_seq")}
     fields = {"image": image_id, "verdict": verdict, "reviewer": reviewer, "reviewer_from": reviewer_from,
-              "reason": reason, "result": judged}
+              "reason": reason, "result": judged, **binding}
     entry = audit.append("verdict", {**fields, "replaces": replaces, **request_actor()})
     current = {**fields, "time_utc": entry["time_utc"], "seq": entry["seq"]}
     setter = getattr(datastore, "set_review", None)

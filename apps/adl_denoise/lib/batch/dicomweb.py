@@ -48,6 +48,7 @@ from ..imaging.errors import one_line
 from ..imaging.guards import max_voxels
 from ..pacs import (PacsStoreError, SeriesSize, all_pages, disk_full, disk_shortfall, instance_voxels, save_instance,
                     search_whole, series_disk_shortfall, series_instance_count, series_size, stow_datasets)
+from ..pacs_corrections import without_credentials
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions, refuse_reused_uids
 
 __all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "DownloadRefused", "PacsStoreError", "check_download",
@@ -148,7 +149,8 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
                 fields=["StudyDate", "SeriesDescription", "Modality", "SeriesNumber",
                         "NumberOfSeriesRelatedInstances", "PatientID"]))
         except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, not a DICOMweb answer
-            raise ValueError(f"cannot list the series of {client.base_url} (QIDO-RS): {one_line(error)}") from None
+            raise ValueError(f"cannot list the series of {without_credentials(client.base_url)} (QIDO-RS): "
+                             f"{one_line(error)}") from None
 
     results = search_whole(client, search, "Series", "the series", "; nothing was denoised")
     items = []
@@ -172,7 +174,7 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
             continue
         instances = int(_value(result, "NumberOfSeriesRelatedInstances", 0) or 0)
         items.append(SeriesItem(key=f"dicomweb:{study}/{series}", kind="dicomweb",
-                                source=f"{client.base_url}/studies/{study}/series/{series}",
+                                source=f"{without_credentials(client.base_url)}/studies/{study}/series/{series}",
                                 output=out_root / study / series, voxels=instances * VOXELS_PER_INSTANCE,
                                 series_uid=series, study_uid=study, studies=(study,), patients=(patient,)))
     return refuse_reused_uids(refuse_collisions(sorted(items, key=lambda item: item.key), out_root), listed)
@@ -394,7 +396,8 @@ def instances_on_server(client, study_uid: str, series_uid: str) -> int:
                 study_instance_uid=study_uid, series_instance_uid=series_uid, offset=offset)),
             "Instance", f"the instances of the derived series {series_uid}")
     except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, a cut answer
-        raise PacsStoreError(f"cannot ask {client.base_url} whether it holds the derived series {series_uid} "
+        raise PacsStoreError(f"cannot ask {without_credentials(client.base_url)} whether it holds the derived series "
+                             f"{series_uid} "
                              f"(QIDO-RS): {one_line(error)}") from error
     return len({str(((entry.get("00080018") or {}).get("Value") or [""])[0]) for entry in listed} - {""})
 

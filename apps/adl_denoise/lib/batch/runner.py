@@ -447,6 +447,13 @@ class _Rank:
         self._identity: tuple[str, dict] | None = None  # (series key, its _series_identity): asked once a series
         self._sources: tuple[str, str | None] | None = None  # (series key, its _made_from)
 
+    def _server_name(self) -> str:
+        """The DICOMweb server as logs and summaries name it: its URL without user name, password or query."""
+        from ..pacs_corrections import without_credentials
+
+        url = getattr(self.client, "base_url", None)
+        return without_credentials(url) if url else "the server"
+
     def run(self, items: list[SeriesItem], bar, planned: list[SeriesItem] | None = None) -> BatchSummary:
         """Denoise ``items`` (this rank's share of ``planned``, every rank's series); rank 0 then re-checks the
         superseded derived series of the jobs outside this run's series (:meth:`_recheck_unplanned`)."""
@@ -467,7 +474,7 @@ class _Rank:
             unreachable = unreachable + 1 if outcome == "failed" and self.last_unreachable else 0
             if unreachable >= UNREACHABLE_LIMIT and index + 1 < len(items):
                 summary.untried = len(items) - index - 1
-                summary.stopped = (f"{getattr(self.client, 'base_url', 'the server')} could not be reached for "
+                summary.stopped = (f"{self._server_name()} could not be reached for "
                                    f"{unreachable} series in a row: the remaining {summary.untried} series were not "
                                    "tried; rerun to resume")
                 break
@@ -998,7 +1005,7 @@ class _Rank:
         if unreachable and not self.pacs_unreachable:
             self.pacs_unreachable = True
             if not said:
-                log.warning("%s cannot be reached (%s): the %s", getattr(self.client, "base_url", "the server"),
+                log.warning("%s cannot be reached (%s): the %s", self._server_name(),
                             one_line(error), _NOT_ASKED)
         return unreachable
 

@@ -108,7 +108,7 @@ def _install_read_failure_answers(fastapi_app) -> None:
     from ..imaging.errors import ImageTooLargeError
     from ..pacs import (PACS_TRIES, PacsListingCut, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame,
                         SeriesTooLarge, error_answer, failed_url, is_pacs_url, pacs_read_timeout_s, read_timed_out)
-    from ..pacs_corrections import CorrectionNotServed
+    from ..pacs_corrections import CorrectionNotServed, without_credentials
     from ..pacs_seg import SegNotServed
     from .common import app
 
@@ -119,10 +119,10 @@ def _install_read_failure_answers(fastapi_app) -> None:
         if read_timed_out(error):  # connected, then nothing (more) came
             seconds = pacs_read_timeout_s()
             log.error("%s %s: the PACS did not answer within %g s (%s, %s)", request.method, request.url.path,
-                      seconds, type(error).__name__, target)
+                      seconds, type(error).__name__, without_credentials(target))
             return JSONResponse(status_code=504, content={"detail": pacs_silent(seconds)})
         log.error("%s %s: the PACS cannot be reached (%s%s)", request.method, request.url.path,
-                  type(error).__name__, f", {target}" if target else "")
+                  type(error).__name__, f", {without_credentials(target)}" if target else "")  # no password
         return JSONResponse(status_code=503, content={"detail": PACS_UNREACHABLE})
 
     async def pacs_error(request, error: Exception):  # the PACS answered, with an error status
@@ -132,8 +132,9 @@ def _install_read_failure_answers(fastapi_app) -> None:
         status = int(answer.status_code)
         reason = str(getattr(answer, "reason", "") or "").strip()
         tried = f" (tried {PACS_TRIES} times)" if isinstance(error, RetryError) else ""
-        log.error("%s %s: the PACS answered %s %s with HTTP %d %s%s", request.method, request.url.path,
-                  getattr(answer.request, "method", "") if answer.request is not None else "", target, status, reason,
+        method = getattr(answer.request, "method", "") if answer.request is not None else ""
+        log.error("%s %s: the PACS answered %s %s with HTTP %d %s%s", request.method, request.url.path, method,
+                  without_credentials(target), status, reason,
                   tried)
         # its being busy or down is said as such (503, 504); any other error status is the PACS's failure (502)
         return JSONResponse(status_code={429: 503, 503: 503, 504: 504}.get(status, 502), content={"detail": (
