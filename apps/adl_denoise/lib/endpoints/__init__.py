@@ -134,8 +134,7 @@ def _install_read_failure_answers(fastapi_app) -> None:
         tried = f" (tried {PACS_TRIES} times)" if isinstance(error, RetryError) else ""
         method = getattr(answer.request, "method", "") if answer.request is not None else ""
         log.error("%s %s: the PACS answered %s %s with HTTP %d %s%s", request.method, request.url.path, method,
-                  without_credentials(target), status, reason,
-                  tried)
+                  without_credentials(target), status, reason, tried)
         # its being busy or down is said as such (503, 504); any other error status is the PACS's failure (502)
         return JSONResponse(status_code={429: 503, 503: 503, 504: 504}.get(status, 502), content={"detail": (
             f"the PACS (DICOMweb server) holding the studies answered the server's request with an error (HTTP "
