@@ -848,6 +848,13 @@ def test_a_pacs_that_is_down_never_answers_or_fails_is_a_503_504_or_502_in_secon
                         "the PACS (DICOMweb server) holding the studies answered the server's request with an error "
                         f"(HTTP {status}"), (route, answer.text)
                 assert received, "the PACS was not asked"
+        failures = [line for line in server.log_tail(200000).splitlines()
+                    if any(said in line for said in ("the PACS cannot be reached", "the PACS did not answer within",
+                                                     "the PACS answered"))]
+        assert {said for said in ("cannot be reached", "did not answer", "answered") if any(
+            f"the PACS {said}" in line and f"http://127.0.0.1:{urlsplit(pacs.url).port}/" in line
+            for line in failures)} == {"cannot be reached", "did not answer", "answered"}, failures
+        assert not [line for line in failures if "s3cret-pw" in line], failures
         assert server.alive()
         started_entries = AuditLog(default_audit_dir(studies, str(model_dir))).entries("server_started")
         assert [e["fields"]["studies"] for e in started_entries] == [pacs.dicomweb], started_entries
@@ -863,11 +870,13 @@ def test_a_pacs_that_is_down_never_answers_or_fails_is_a_503_504_or_502_in_secon
 def test_every_pacs_request_waits_for_each_read_of_its_answer_not_for_ever(tmp_path, monkeypatch):
     """Only the series identity searches had a read deadline: a PACS that accepts the connection and never answers
     held any other request (a series' size, its download, its metadata and frames, a store) and its worker thread
-    for ever. Every request of the datastore's client now waits ``ADL_PACS_READ_TIMEOUT_S`` (here 1 s) for each read
-    of the answer, and is not tried again (dicomweb-client's 3 tries would wait three times as long): a real socket
-    server on loopback that accepts and never answers fails the size search and the download in about a second, an
-    answer that stalls half way (a relay in front of the real Orthanc) as well, nothing of the series kept. Per read,
-    not in all: the same series sent by a slow relay, 256 KiB every 0.5 s (over 3 s), is downloaded whole."""
+    for ever. Every request of the datastore's client now waits ``ADL_PACS_READ_TIMEOUT_S`` (here 2 s) for each read
+    of the answer, and is not tried again (dicomweb-client's 3 tries would wait 12 s): a real socket server on
+    loopback that accepts and never answers fails the size search and the download in about 2 s, an answer that
+    stalls half way (a relay in front of the real Orthanc) as well, nothing of the series kept. Per read, not in
+    all: the same series sent by a slow relay, 128 KiB every 0.2 s (a tenth of the read timeout), is downloaded
+    whole. A series identity search has a total deadline (``PACS_SEARCH_TIMEOUT_S``, here 1 s): a relay that sends
+    its answer 16 bytes every 0.2 s, each read in time, held it some 16 s; it is a 504 at the deadline."""
     import threading
     import time
 
@@ -875,9 +884,11 @@ def test_every_pacs_request_waits_for_each_read_of_its_answer_not_for_ever(tmp_p
     from monailabel.datastore.dicom import DICOMWebDatastore
     from requests.exceptions import ReadTimeout
 
+    import lib.pacs_corrections as pacs_corrections
     from lib.pacs import bound_waits, download_within, read_timed_out, series_voxels
+    from lib.pacs_corrections import CorrectionNotServed, pacs_identities
 
-    monkeypatch.setenv("ADL_PACS_READ_TIMEOUT_S", "1")
+    monkeypatch.setenv("ADL_PACS_READ_TIMEOUT_S", "2")
 
     def store_of(url: str, name: str):
         store = DICOMWebDatastore(DICOMwebClient(url), search_filter={"Modality": "CT"},
@@ -907,22 +918,67 @@ def test_every_pacs_request_waits_for_each_read_of_its_answer_not_for_ever(tmp_p
         for call, args in ((series_voxels, (store, "1.2.3")), (download_within, (store, "1.2.3", 10**9))):
             error, seconds = outcome(call, *args)
             assert isinstance(error, ReadTimeout) and read_timed_out(error), (call.__name__, repr(error))
-            assert seconds < 5, f"{call.__name__}: {seconds:.1f} s (3 tries would take over 9)"
+            assert seconds < 7, f"{call.__name__}: {seconds:.1f} s (3 tries would take over 12)"
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
         files = real_ct_series(tmp_path / "series")  # 3 slices, about 1.5 MB to send
         pacs.upload_files(files)
         uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
-        with slow_relay(pacs, chunk=2**18, pause_s=0.5, stall_after=2**18) as studies:
+        with slow_relay(pacs, chunk=2**18, pause_s=0.2, stall_after=2**18) as studies:
             store = store_of(studies, "stalled")
             error, seconds = outcome(download_within, store, uid, 10**9, series_voxels(store, uid))
             assert read_timed_out(error) and seconds < 10, (repr(error), seconds)
             assert not list((tmp_path / "stalled").rglob(f"*{uid}*"))  # nothing of it kept
-        with slow_relay(pacs, chunk=2**18, pause_s=0.5) as studies:
+        with slow_relay(pacs, chunk=2**17, pause_s=0.2) as studies:
             store = store_of(studies, "slow")
             folder, seconds = outcome(download_within, store, uid, 10**9)
             assert isinstance(folder, Path) and len(list(folder.iterdir())) == 3, repr(folder)
-            assert seconds > 2.5, f"{seconds:.1f} s: the relay was not slow"
+            assert seconds > 1.5, f"{seconds:.1f} s: the relay was not slow"
+        monkeypatch.setattr(pacs_corrections, "PACS_SEARCH_TIMEOUT_S", 1.0)
+        with slow_relay(pacs, chunk=16, pause_s=0.2) as studies:  # each read in time, the answer never whole
+            error, seconds = outcome(pacs_identities, store_of(studies, "trickle"), uid)
+            assert isinstance(error, CorrectionNotServed) and error.status == 504, repr(error)
+            assert "did not answer the search for series" in str(error) and "within 1 s" in str(error), str(error)
+            assert seconds < 6, f"the identity search with a 1 s deadline took {seconds:.1f} s"
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_no_correction_of_a_pacs_is_trained_on_while_the_audit_log_cannot_be_read(tmp_path):
+    """The audit log names the denoised series this server stored in the PACS, whose corrections are no training
+    data. A log that could not be read named none: every kept correction, one of the server's own output included,
+    was listed for training in silence. The training list (``get_labeled_images``, :func:`correction_pairs`) is
+    now refused (503 naming the audit log) until the log can be read; a readable one lists the correction."""
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    from lib.audit import LOG_NAME, AuditLog
+    from lib.pacs import bound_waits
+    from lib.pacs_corrections import SERIES_IDENTITY_KEY, CorrectionNotServed, KeptLabels, server_kept_labels
+    from lib.trainers.finetune import correction_pairs
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = real_ct_series(tmp_path / "series")
+        pacs.upload_files(files)
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        uid = str(header.SeriesInstanceUID)
+        store = DICOMWebDatastore(DICOMwebClient(pacs.dicomweb), search_filter={"Modality": "CT"},
+                                  cache_path=str(tmp_path / "cache"))
+        bound_waits(store)
+        (tmp_path / "audit" / LOG_NAME).mkdir(parents=True)  # there, and no file to read
+        server_kept_labels(store, tmp_path / "kept", AuditLog(tmp_path / "audit"))
+        (tmp_path / "final.nii.gz").write_bytes(b"a correction")
+        KeptLabels(tmp_path / "kept").save(uid, str(tmp_path / "final.nii.gz"), "final", {SERIES_IDENTITY_KEY: {
+            "series_instance_uid": uid, "study_instance_uid": str(header.StudyInstanceUID),
+            "patient_id": str(header.PatientID)}})
+        for listing in (store.get_labeled_images, lambda: correction_pairs(store)):
+            with pytest.raises(CorrectionNotServed) as refused:
+                listing()
+            assert refused.value.status == 503 and "the corrections kept on this server are not used: the audit " \
+                "log" in str(refused.value) and "cannot be read" in str(refused.value), str(refused.value)
+        (tmp_path / "audit" / LOG_NAME).rmdir()  # no log yet: no result stored
+        assert store.get_labeled_images() == [uid]
     finally:
         stop_orthanc(pacs)
 

@@ -299,6 +299,8 @@ def bounded_client(client) -> None:
             read_s = min(read_s, max(deadline - time.monotonic(), 0.1))
         kwargs["timeout"] = (PACS_CONNECT_TIMEOUT_S, read_s)
         try:
+            if deadline is not None:  # a PACS whose answer keeps trickling in is cut at the deadline too
+                return _read_by(send, method, url, kwargs, deadline, read_s)
             return send(method, url, **kwargs)
         except Exception as error:
             if _in_call.get() and read_timed_out(error):
@@ -311,6 +313,47 @@ def bounded_client(client) -> None:
         method = getattr(client, name, None)
         if method is not None:
             setattr(client, name, _one_timeout_per_call(method))
+
+
+def _read_by(send: Callable, method: str, url: str, kwargs: dict, deadline: float, read_s: float):
+    """``send(method, url, **kwargs)`` with its answer's body read whole by ``deadline`` (``time.monotonic()``), each
+    read waiting no longer than ``read_s`` nor the time left: a per-read timeout alone let a PACS that sends a few
+    bytes at a time hold the request far past the deadline (a 2 s search answered after 13 s, each read in time).
+    The status line and headers are read with the per-read timeout only.
+
+    Raises:
+        requests.exceptions.ReadTimeout: the deadline passed before the whole answer came (or a read stalled).
+    """
+    import urllib3
+    from requests.exceptions import ChunkedEncodingError, ContentDecodingError, ReadTimeout
+
+    response = send(method, url, **{**kwargs, "stream": True})  # the body is read here, the clock checked between
+    try:
+        sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+        body = bytearray()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ReadTimeout(f"the answer of {without_credentials(url)} was not whole by its deadline "
+                                  f"({len(body):,} bytes of its body came)", response=response)
+            if sock is not None:  # the next read waits no longer than the time left
+                sock.settimeout(min(read_s, left))
+            try:
+                part = response.raw.read1(2**16, decode_content=True)  # what has come, not a full block
+            except urllib3.exceptions.ReadTimeoutError as error:
+                raise ReadTimeout(error, response=response) from None
+            except urllib3.exceptions.DecodeError as error:  # as requests reads a body
+                raise ContentDecodingError(error, response=response) from None
+            except urllib3.exceptions.ProtocolError as error:
+                raise ChunkedEncodingError(error, response=response) from None
+            if not part:
+                break
+            body += part
+    except BaseException:
+        response.close()
+        raise
+    response._content, response._content_consumed = bytes(body), True  # as requests keeps a body it read
+    return response
 
 
 def _one_timeout_per_call(method: Callable) -> Callable:
@@ -379,7 +422,7 @@ def _orthanc_find_limit(client, level: str, answered: int) -> int | None:
                              timeout=300)
         listed = found.json() if found.ok else None
     except Exception:  # noqa: BLE001 - no Orthanc REST API there (another server, a proxy): not known
-        log.debug("no Orthanc REST API at %s", root, exc_info=True)
+        log.debug("no Orthanc REST API at %s", without_credentials(root), exc_info=True)
         return None
     if isinstance(listed, list) and len(listed) <= answered:
         return len(listed)
@@ -1518,5 +1561,5 @@ def store_derived_series(datastore, source_folder: Path, denoised_path: str | Pa
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("stored derived series %s (%d instances) to %s", stored["series_instance_uid"], stored["instances"],
-             client.base_url)
+             without_credentials(str(client.base_url)))
     return stored

@@ -269,10 +269,13 @@ class ServerKeptLabelsMixin:
         """The series with a correction kept here that the PACS lists and that are studies: a denoised series this
         server stored in the PACS, or a UID of several series, is left out with a WARNING saying why
         (:func:`lib.activelearning.review.unreviewable_reason`, as the label route refuses to save one: an older
-        version saved them, and training learnt from a correction of the model's own output)."""
+        version saved them, and training learnt from a correction of the model's own output). Raises
+        :class:`CorrectionNotServed` (503) when the audit log naming those series cannot be read."""
         from collections import Counter
 
         from .activelearning.review import stored_results, unreviewable_reason
+        from .audit import AuditError
+        from .imaging.errors import one_line
 
         kept = self._kept.images("final")
         if not kept:
@@ -282,7 +285,13 @@ class ServerKeptLabelsMixin:
         gone = [image_id for image_id in kept if image_id not in listed]
         if gone:
             log.info("corrections kept of series the PACS no longer lists (not used): %s", ", ".join(gone))
-        stored = stored_results(self._results_audit) if self._results_audit is not None else set()
+        try:
+            stored = stored_results(self._results_audit, strict=True) if self._results_audit is not None else set()
+        except (AuditError, OSError) as error:  # each correction would pass for a study's: trained on in silence
+            raise CorrectionNotServed(
+                f"the corrections kept on this server are not used: the audit log, which names the denoised series "
+                f"this server stored in the PACS (whose corrections are no training data), cannot be read "
+                f"({one_line(error)}); make it readable and try again", 503) from None
         ambiguous = {image_id for image_id, count in Counter(listing).items() if count > 1}
         finals = []
         for image_id in kept:

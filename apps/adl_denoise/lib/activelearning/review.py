@@ -68,15 +68,19 @@ def ambiguous_images(datastore: Datastore) -> set[str]:
 _STORED_TO_PACS = ("result_stored_to_pacs", "result_storing_to_pacs")  # the entries :func:`stored_results` reads
 
 
-def stored_results(audit: AuditLog, entries: Optional[list[dict]] = None) -> set[str]:
+def stored_results(audit: AuditLog, entries: Optional[list[dict]] = None, strict: bool = False) -> set[str]:
     """SeriesInstanceUIDs of the derived (denoised) series this app stored into the PACS (``result_stored_to_pacs``
     entries) or began to store (``result_storing_to_pacs``, written before the STOW: a store cut short by a failure
     or by a server killed before its confirmation leaves instances in the PACS): listed by a DICOMweb datastore
-    like any series, but results, not studies to review or denoise. ``entries``: the log's entries already read."""
+    like any series, but results, not studies to review or denoise. ``entries``: the log's entries already read.
+    An unreadable log is no result, or with ``strict`` raises (``AuditError`` / ``OSError``): a caller that would
+    take a result for a study (training on its correction) must not."""
     uids = set()
     try:
         entries = _selected(audit, entries, lambda e: e.get("event") in _STORED_TO_PACS)
     except (AuditError, OSError):  # an unreadable log: whatever needs a record fails on its own, saying why
+        if strict:
+            raise
         return uids
     for entry in entries:
         fields = entry.get("fields") or {}

@@ -116,6 +116,7 @@ def _install_read_failure_answers(fastapi_app) -> None:
         target = failed_url(error)
         if not is_pacs_url(target, app().datastore()):
             raise error  # to the server's own handling: a 500, logged with its traceback
+        target = without_credentials(target)  # the log names the PACS, never its user name and password
         if read_timed_out(error):  # connected, then nothing (more) came
             seconds = pacs_read_timeout_s()
             log.error("%s %s: the PACS did not answer within %g s (%s, %s)", request.method, request.url.path,
@@ -129,6 +130,7 @@ def _install_read_failure_answers(fastapi_app) -> None:
         target, answer = failed_url(error), error_answer(error)
         if answer is None or not is_pacs_url(target, app().datastore()):
             raise error  # to the server's own handling: a 500, logged with its traceback
+        target = without_credentials(target)
         status = int(answer.status_code)
         reason = str(getattr(answer, "reason", "") or "").strip()
         tried = f" (tried {PACS_TRIES} times)" if isinstance(error, RetryError) else ""
