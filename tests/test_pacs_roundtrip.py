@@ -1914,11 +1914,24 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
     Label's conversion was a 500 (ImageNotFoundException: the route names no image) and left a ``tmp*.seg.nrrd`` in
     the server's temp folder on every read. It is converted once (the SEG retrieved once, its conversion not
     rewritten) and nothing is left in the temp folder. A SEG pydicom_seg cannot read (no plane positions) is a 422
-    saying so (it was a 500)."""
+    saying so (it was a 500).
+
+    Nothing is saved as the label of another series: the SEG's conversion was also saved as the label of the
+    (downloaded) image it references, ``labels/final/<image>.nii.gz``, which stayed that image's label when the
+    PACS's SEG was replaced, and a SEG of one patient's study referencing another patient's series made a label of
+    that patient's image; such a SEG is a 409 naming both, not converted. A 3-frame SEG within the limit whose
+    declared slice spacing (0.05 mm, frames 5 mm apart) makes pydicom_seg decode it to 512 x 512 x 201 voxels was
+    converted (52.7 M voxels past the 1 M limit); it is a 413 naming the limit, not converted. The conversion
+    temps a killed server left in the label cache (``.converting-*.nii.gz``) are removed at start-up once untouched
+    for ``FILE_META_TEMP_STALE_S``; a younger one (being written) is kept."""
+    import os
+    import time
+
     import requests
     import SimpleITK as sitk
 
     from lib.audit import AuditLog
+    from lib.pacs import FILE_META_TEMP_STALE_S
     from pydicom.uid import generate_uid
 
     pacs, requests_log = start_orthanc_logging_requests(tmp_path)
@@ -1934,10 +1947,34 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
         image_grid.SetFileNames([str(file) for file in small])
         image_grid = image_grid.Execute()
         unreadable = seg_of(real_ct_series(tmp_path / "not_sent"), tmp_path / "unreadable_seg.dcm")  # no geometry
-        pacs.upload_files(big + [seg] + small + [small_seg, unreadable])
-        big_uid, seg_uid, small_seg_uid, unreadable_uid = (str(pydicom.dcmread(files).SeriesInstanceUID)
-                                                           for files in (big[0], seg, small_seg, unreadable))
+        thin = pydicom.dcmread(pydicom_seg_of(small, mask, tmp_path / "thin_seg.dcm"))
+        thin.SeriesInstanceUID = generate_uid()
+        for measures in thin.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence:  # 5 mm apart, told 0.05 mm
+            measures.SpacingBetweenSlices = measures.SliceThickness = 0.05
+        thin.save_as(tmp_path / "thin_seg.dcm")
+        other_patient = real_ct_series(tmp_path / "other_patient")
+        for path in other_patient:
+            dataset = pydicom.dcmread(path)
+            dataset.PatientID = "ANOTHER-PATIENT"
+            dataset.save_as(path)
+        crossing = pydicom.dcmread(pydicom_seg_of(other_patient, mask, tmp_path / "crossing_seg.dcm"))
+        own = pydicom.dcmread(small[0])  # a SEG of the small series' study and patient, of the other patient's image
+        crossing.PatientID, crossing.StudyInstanceUID = own.PatientID, own.StudyInstanceUID
+        crossing.save_as(tmp_path / "crossing_seg.dcm")
+        pacs.upload_files(big + [seg] + small + [small_seg, unreadable, tmp_path / "thin_seg.dcm"] + other_patient +
+                          [tmp_path / "crossing_seg.dcm"])
+        big_uid, seg_uid, small_seg_uid, unreadable_uid, small_uid, other_uid = (
+            str(pydicom.dcmread(files).SeriesInstanceUID)
+            for files in (big[0], seg, small_seg, unreadable, small[0], other_patient[0]))
+        thin_uid, crossing_uid = str(thin.SeriesInstanceUID), str(crossing.SeriesInstanceUID)
         cache = tmp_path / "work" / "dicomweb_cache"
+        label_cache = cache / md5_digest(pacs.dicomweb) / "labels" / "final"  # MONAI Label's, of the PACS
+        label_cache.mkdir(parents=True)
+        converting = {which: label_cache / f".converting-{which}.nii.gz" for which in ("stale", "young")}
+        for which, path in converting.items():  # a server killed while it converted a SEG
+            path.write_bytes(b"half a label volume")
+            when = time.time() - (FILE_META_TEMP_STALE_S + 60 if which == "stale" else 0)
+            os.utime(path, (when, when))
         audit_dir = tmp_path / "audit"
         server = start_server(pacs.dicomweb, copy_weights(tiny_weights, tmp_path / "model"), tmp_path / "work",
                               conf={"max_voxels": 1_000_000, "audit_dir": audit_dir})
@@ -1965,6 +2002,10 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
             assert answer.status_code == 404, (answer.status_code, answer.text[:500])
             assert answer.json()["detail"] == (f"no label {unknown}: the PACS holds no series of that "
                                                "SeriesInstanceUID"), answer.text
+            assert not converting["stale"].exists() and converting["young"].read_bytes() == b"half a label volume"
+            for uid in (small_uid, other_uid):  # the images the SEGs reference, downloaded (viewed)
+                answer = requests.get(f"{server.url}/datastore/image", params={"image": uid}, timeout=600)
+                assert answer.status_code == 200, (answer.status_code, answer.text[:500])
             converted = []
             for method in ("GET", "GET", "HEAD"):  # a real SEG: its label volume, converted once
                 answer = label(method, small_seg_uid)
@@ -1983,6 +2024,24 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
                     f"*/labels/final/{small_seg_uid}.nii.gz")]
             assert len(converted) == 3 and len(set(converted)) == 1, converted  # not converted again
             assert len(retrievals(small_seg_uid)) == 1, requests_log.read_text()
+            assert sorted(p.name for p in label_cache.iterdir()) == sorted(  # no label saved for the image
+                [small_seg_uid, f"{small_seg_uid}.nii.gz", converting["young"].name]), sorted(label_cache.iterdir())
+            answer = label("GET", crossing_uid)
+            assert answer.status_code == 409, (answer.status_code, answer.text[:500])
+            assert answer.json()["detail"] == (
+                f"series {crossing_uid} is not served as a label: its DICOM SEG (patient_id {own.PatientID!r}, study "
+                f"{own.StudyInstanceUID!r}) references series {other_uid}, which the PACS lists under patient_id "
+                f"'ANOTHER-PATIENT', study {pydicom.dcmread(other_patient[0]).StudyInstanceUID!r}: a SEG labels an "
+                "image of its own study; it is not served"), answer.text
+            answer = label("GET", thin_uid)
+            assert answer.status_code == 413, (answer.status_code, answer.text[:500])
+            assert answer.json()["detail"] == (
+                f"series {thin_uid} is too large as a label volume: its 3 frames span 10 mm at a slice spacing of "
+                "0.05 mm, a 512 x 512 x 201 volume of 52,690,944 voxels, over the limit of 1,000,000; it was not "
+                "converted (raise the limit with --conf max_voxels on the server)"), answer.text
+            assert sorted(p.name for p in label_cache.iterdir()) == sorted(  # their downloads only: no label volume
+                [small_seg_uid, f"{small_seg_uid}.nii.gz", converting["young"].name, crossing_uid, thin_uid]), \
+                sorted(label_cache.iterdir())
             answer = label("GET", unreadable_uid)
             assert answer.status_code == 422, (answer.status_code, answer.text[:500])
             assert answer.json()["detail"].startswith(f"series {unreadable_uid} is not served as a label: its DICOM "

@@ -1305,9 +1305,11 @@ def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_
     then held part of a series for ever. A younger one may be a download in progress, of another server sharing the
     cache folder: kept. Only folders directly in those two folders whose name has the prefix (not a link, not a file
     of that name); each removal is logged. Also the file meta temps (:func:`add_file_meta`) left in the series
-    folders there, untouched for ``file_meta_age_s`` (:func:`_remove_stale_file_meta_temps`). Returns those
-    removed. Nothing for another datastore. :func:`download_within` does the same for the one series it is asked
-    for, when its folder is used again or it is downloaded again."""
+    folders there, untouched for ``file_meta_age_s`` (:func:`_remove_stale_file_meta_temps`), and a DICOM SEG's
+    conversion temps in the label cache (``.converting-*.nii.gz``, :func:`lib.pacs_seg.remove_stale_conversions`),
+    untouched for as long (a server killed while it converted one). Returns those removed. Nothing for another
+    datastore. :func:`download_within` does the same for the one series it is asked for, when its folder is used
+    again or it is downloaded again."""
     if not is_dicomweb(datastore):
         return []
     layout = datastore._datastore  # noqa: SLF001 - MONAI Label's own cache layout
@@ -1321,6 +1323,9 @@ def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_
         for entry in entries:  # a series' folder: the file meta temps a server killed meanwhile left there
             if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
                 removed += _remove_stale_file_meta_temps(Path(entry.path), file_meta_age_s)
+    from .pacs_seg import remove_stale_conversions
+
+    removed += remove_stale_conversions(Path(layout.label_path("final")), file_meta_age_s)
     return removed
 
 
@@ -1424,8 +1429,9 @@ def bounded_downloads(datastore, voxel_limit: Callable[[], int]) -> None:
             if getattr(datastore, "_convert_to_nifti", True):  # a SEG: converted once, into the cache, not TMPDIR
                 from .pacs_seg import seg_label_uri
 
+                limit = voxel_limit()
                 return seg_label_uri(datastore, label_id, image_id, lambda: download_within(
-                    datastore, label_id, voxel_limit(), folder=label_cache / label_id))
+                    datastore, label_id, limit, folder=label_cache / label_id), limit)
             download_within(datastore, label_id, voxel_limit(), folder=label_cache / label_id)
         return type(datastore).get_label_uri(datastore, label_id, label_tag, image_id)
 

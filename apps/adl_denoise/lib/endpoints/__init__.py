@@ -100,7 +100,8 @@ def _install_read_failure_answers(fastapi_app) -> None:
     changed study or patient, 409; left the PACS, 404; the PACS's search failed, 502, or was not answered in time,
     504) is answered with its status and reason, nothing of it sent. A DICOM SEG of the PACS asked as a ``final``
     label that cannot be one (:class:`lib.pacs_seg.SegNotServed`: no referenced series, several instances,
-    unreadable by pydicom_seg) is a 422 saying why; MONAI Label answered a bare 500."""
+    unreadable by pydicom_seg) is a 422 saying why, one referencing another patient's or study's series a 409, one
+    whose label volume is over the voxel limit a 413 naming the limit; MONAI Label answered a bare 500."""
     from fastapi.responses import JSONResponse
     from requests.exceptions import ConnectionError as RequestsConnectionError, HTTPError, Timeout
     from retrying import RetryError
@@ -172,9 +173,14 @@ def _install_read_failure_answers(fastapi_app) -> None:
         log.warning("%s %s: %s", request.method, request.url.path, error)
         return JSONResponse(status_code=getattr(error, "status", 409), content={"detail": str(error)})
 
-    async def seg_not_served(request, error: Exception):  # a PACS SEG that is no label volume: nothing converted
+    async def seg_not_served(request, error: Exception):  # a PACS SEG not served as a label: nothing converted
         log.warning("%s %s: %s", request.method, request.url.path, error)
-        return JSONResponse(status_code=422, content={"detail": str(error)})
+        status = getattr(error, "status", 422)
+        if status == 413:  # over the voxel limit: which setting raises it, as for a series' download (too_large)
+            setting = getattr(app(), "_queue_voxel_limit_setting", lambda: "max_voxels")()
+            return JSONResponse(status_code=413, content={
+                "detail": f"{error} (raise the limit with --conf {setting} on the server)"})
+        return JSONResponse(status_code=status, content={"detail": str(error)})
 
     for kind in (RequestsConnectionError, Timeout):
         fastapi_app.add_exception_handler(kind, unreachable)
