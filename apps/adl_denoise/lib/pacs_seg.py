@@ -1,6 +1,6 @@
 """A DICOM SEG series of a PACS (saved by another tool) served as a ``final`` label: ``GET /datastore/label?label=
-<SEG SeriesInstanceUID>&tag=final``, and MONAI Label's training list, which pairs each SEG with the series it
-references.
+<SEG SeriesInstanceUID>&tag=final``. MONAI Label's training list, which paired each SEG with the series it
+references by saving the SEG as that series' label, gets no such pair (:func:`seg_label_uri`).
 
 MONAI Label's DICOMweb datastore converted the SEG into a temp ``tmp*.seg.nrrd`` (``dicom_seg_to_itk_image``) that it
 never deleted, saved a copy as ``<image>.nrrd`` but looked for ``<image>.nii.gz`` on the next read (so converted,
