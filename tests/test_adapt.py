@@ -837,6 +837,6 @@ def test_adapt_takes_single_slice_2d_inputs(tmp_path, tiny_weights):
         sitk.WriteImage(image[128:384, rows, 0], str(folder / f"{name}.nii.gz"))  # 2D: 256 x 256
     result = run_cli("adapt", "--lowdose", folder / "upper.nii.gz", folder / "lower.nii.gz", "--model", "adl",
                      "--initial-weights", tiny_weights / "pretrained_adl_ct.pt", "--output", tmp_path / "out.pt",
-                     "--holdout-every", "2", *TINY)
+                     "--holdout-every", "2", *TINY, "--noise-steps", "2")  # what the noise learns is not checked
     assert result.returncode in (0, 3), result.stderr  # 3: refused as worse by its check, which is an answer
     assert "check" in result.stdout.lower(), result.stdout

@@ -1597,15 +1597,18 @@ def test_with_authentication_on_entries_name_the_tokens_user_and_a_fine_tune_the
         "ct_slab_c", reviewer, True, "ws-17")
     downloaded = _events(audit, "image_downloaded")[-1]
     assert (downloaded["image"], downloaded["user"], downloaded["authenticated"]) == ("ct_slab_c", user, True)
-    requests_made = audit.entries("training_requested")
-    assert [(e["fields"]["model"], e["fields"]["user"]) for e in requests_made] == [("adl", admin), ("tddl_gcn", admin)]
-    assert "requested_by" not in requests_made[0]["fields"]["params"]
+    requests_made = audit.entries("training_requested")  # the stopped run, the one refused beside it, the finished one
+    assert [(e["fields"]["model"], e["fields"]["user"]) for e in requests_made] == [
+        ("adl", admin), ("tddl_gcn", admin), ("adl", admin)]
+    assert "requested_by" not in requests_made[2]["fields"]["params"]
     decided = [e["fields"] for e in audit.entries() if e["event"] in ("weights_published", "weights_rejected")]
     assert len(decided) == 1, decided
-    assert (decided[0]["requested_by"], decided[0]["training_request_seq"]) == (admin, requests_made[0]["seq"])
+    assert (decided[0]["requested_by"], decided[0]["training_request_seq"]) == (admin, requests_made[2]["seq"])
     assert "mallory" not in audit.path.read_text()
-    not_started = _events(audit, "training_requested_failed")
-    assert [(f["model"], f["training_request_seq"]) for f in not_started] == [("tddl_gcn", requests_made[1]["seq"])]
+    not_started = _events(audit, "training_requested_failed")  # refused beside the run, then the run stopped
+    assert [(f["model"], f["training_request_seq"]) for f in not_started] == [
+        ("tddl_gcn", requests_made[1]["seq"]), ("adl", requests_made[0]["seq"])]
+    assert [f["user"] for f in _events(audit, "training_stopped")] == [admin]
 
 
 def _entries_name_the_tokens_user(server, realm) -> None:
@@ -1635,6 +1638,8 @@ def _a_fine_tune_names_the_admin_who_started_it_and_runs_alone(folders, server, 
     and the run's weights entry names that user and entry; a ``requested_by`` in the params is not believed.
     A run_sync run trains in the server process, where MONAI Label's "already running" check does not see it: a
     second run was started beside it (two fine-tunes at once); it is refused (429) and recorded as not started.
+    The run it is refused beside trains until this test stops it (a fixed step count either ends before the
+    second request or keeps the test waiting on a slow machine); a 2-step run then gives the weights entry.
     (The entries: checked by the caller once the server is stopped.)"""
     from realm import USER_OF_ROLE
 
@@ -1650,12 +1655,13 @@ def _a_fine_tune_names_the_admin_who_started_it_and_runs_alone(folders, server, 
                                  files={"label": (corrected.name, handle)}, data={"params": "{}"},
                                  headers=auth(annotator), timeout=120)
         assert saved.status_code == 200, saved.text
-    params = {"steps": 150, "patch_size": 32, "device": "cpu", "requested_by": "mallory",
-              "training_request_seq": 0}
+    # the run beside which the second request is made trains until the test stops it (DELETE /train/): steps no
+    # machine gets through, not a step count guessed to outlast the request on a slow one
+    endless = {"steps": 1_000_000, "patch_size": 32, "device": "cpu"}
     answers: dict = {}
 
     def sync_run() -> None:
-        answers["sync"] = requests.post(f"{server.url}/train/adl", params={"run_sync": "true"}, json=params,
+        answers["sync"] = requests.post(f"{server.url}/train/adl", params={"run_sync": "true"}, json=endless,
                                         headers=auth(admin), timeout=1800)
 
     runner = threading.Thread(target=sync_run)
@@ -1670,10 +1676,18 @@ def _a_fine_tune_names_the_admin_who_started_it_and_runs_alone(folders, server, 
     beside = requests.post(f"{server.url}/train/tddl_gcn", json={"steps": 2, "device": "cpu"},
                            headers=auth(admin), timeout=120)
     still_running = runner.is_alive()
+    stopped = requests.delete(f"{server.url}/train/", headers=auth(admin), timeout=120)
+    # checked before waiting for the run: one not stopped would train on until the server is stopped
+    assert stopped.status_code == 200 and stopped.json() is not None, (stopped.text, answers.get("sync"))
     runner.join()
-    assert answers["sync"].status_code == 200, answers["sync"].text
-    assert still_running, "the synchronous run ended before the second request: give it more steps"
+    assert still_running, answers["sync"].text
     assert beside.status_code == 429 and "run_sync" in beside.json()["detail"], beside.text
+    assert answers["sync"].status_code == 409 and "stopped" in answers["sync"].json()["detail"], answers["sync"].text
+    # a run that finishes: its weights entry names the admin who asked, not the params' requested_by
+    params = {"steps": 2, "patch_size": 32, "device": "cpu", "requested_by": "mallory", "training_request_seq": 0}
+    finished = requests.post(f"{server.url}/train/adl", params={"run_sync": "true"}, json=params,
+                             headers=auth(admin), timeout=1800)
+    assert finished.status_code == 200, finished.text
     stats = requests.get(f"{server.url}/info/", headers=auth(admin), timeout=60).json()["train_stats"]["adl"]
     assert stats["status"] == "done", stats
 
