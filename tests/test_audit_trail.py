@@ -1501,6 +1501,65 @@ def _correction_saved_again_on_a_full_disk(server, labels: Path, folders) -> Non
     assert sent.status_code == 200 and sent.content == kept["ct_slab_b.nii.gz"], (sent.status_code, len(sent.content))
 
 
+_INDEX_ON_A_FULL_DISK = """
+import json, os, sys
+from pathlib import Path
+import numpy as np, SimpleITK as sitk
+from monailabel.datastore.local import LocalDatastore
+from lib.datastore import steady_datastore
+studies, work = Path(sys.argv[1]), Path(sys.argv[2])
+image = sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16))
+sitk.WriteImage(image, str(studies / "ct_a.nii.gz"))
+datastore = steady_datastore(LocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False))
+first, second = work / "first.nii.gz", work / "second.nii.gz"
+sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 8, 8), np.int16)), str(first))
+sitk.WriteImage(sitk.GetImageFromArray(
+    np.random.default_rng(0).integers(0, 1000, (4, 64, 64)).astype(np.int16)), str(second))
+datastore.save_label("ct_a", str(first), "final", {"note": "first"})
+index = studies / "datastore_v2.json"
+kept = {"label": (studies / "labels" / "final" / "ct_a.nii.gz").read_bytes(), "index": index.read_bytes()}
+space = os.statvfs(studies)
+need = -(-second.stat().st_size // space.f_frsize) * space.f_frsize  # the new label fits; its index does not
+(studies / "filler.bin").write_bytes(b"\\0" * (space.f_bavail * space.f_frsize - need))
+try:
+    datastore.save_label("ct_a", str(second), "final", {"note": "x" * 6000})
+    error = None
+except OSError as failed:
+    error = failed.errno
+print(json.dumps({
+    "errno": error, "label_kept": (studies / "labels" / "final" / "ct_a.nii.gz").read_bytes() == kept["label"],
+    "index_kept": index.read_bytes() == kept["index"],
+    "note": str(datastore.get_label_info("ct_a", "final").get("note"))[:20],
+    "left": sorted(p.name for p in studies.rglob(".*") if p.name != ".lock")}))  # MONAI Label's lock stays
+"""
+
+
+def test_a_label_whose_index_does_not_fit_on_the_disk_leaves_the_label_and_index_saved_before(tmp_path):
+    """The studies' folder is a real 1 MiB tmpfs (a mount namespace of the script's own), filled so that a second
+    label of ``ct_a`` fits but the index with its info (``datastore_v2.json``) does not: MONAI Label rewrote the
+    index in place, truncated to invalid JSON (rebuilt from the files on the next start: every label's info and
+    review copy lost), after the new label had replaced the one saved before, which the 507 said was unchanged.
+    Now the save raises ENOSPC with the earlier label's file, the index and the label's info as they were, and no
+    temporary or kept-aside file left."""
+    import errno
+    import sys
+
+    import processes
+    from conftest import APP_DIR
+
+    problem = processes.private_tmpfs_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    result = processes.run(processes.on_tmpfs(studies, 1, [sys.executable, "-c", _INDEX_ON_A_FULL_DISK, studies,
+                                                            tmp_path]), 300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(APP_DIR)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "errno": errno.ENOSPC, "label_kept": True, "index_kept": True, "note": "first", "left": []}, result.stdout
+
+
 @pytest.mark.server
 @pytest.mark.slow
 def test_info_reads_and_the_whole_listing_are_access_entries_and_refused_when_they_cannot_be_written(folders):

@@ -1347,8 +1347,9 @@ def test_a_superseded_derived_series_is_reported_by_every_rerun_until_it_is_remo
     superseded series recorded, none for a series found gone) and reports it, "still there, first reported at"
     the redo's time, with the same warning and end-of-run line; once it is deleted on the server (Orthanc's REST
     API), the next rerun reports it no more and records when it found it gone, and the runs after it do not ask. A
-    rerun whose filters leave the series out asks and reports it too. The searches naming the series are counted in
-    Orthanc's log (its DICOMweb plugin logs each search's arguments)."""
+    rerun whose filters leave the series out asks and reports it too, also given the URL with a user name and
+    password (never printed; it was compared with the records' URL, without them: never asked). The searches
+    naming the series are counted in Orthanc's log (its DICOMweb plugin logs each search's arguments)."""
     pacs = start_orthanc(tmp_path / "orthanc", log_options=QIDO_LOG)
     try:
         files, source_uid, out, old_uid = _misfiled_series_stored(pacs, shared_data, tmp_path)
@@ -1377,10 +1378,14 @@ def test_a_superseded_derived_series_is_reported_by_every_rerun_until_it_is_remo
         searches = qido_searches(pacs, start)
         assert _searches_naming(old_uid, searches) == 1 and _searches_naming(new_uid, searches) == 0, searches
 
-        # a rerun whose filter leaves the series out still asks and reports it (rank 0, from the records)
-        other = run_batch(pacs.dicomweb, out, "--store-to-pacs", "--series-description", "*no such series*")
-        assert "0 series found" in other.stdout, other.stdout + other.stderr
+        # a rerun whose filter leaves the series out still asks and reports it (rank 0, from the records); given
+        # the URL with a user name and password (Orthanc here asks none), which the records are without (it was
+        # compared with the URL as given: never the same, never asked), and that it never prints
+        other = run_batch(pacs.dicomweb.replace("://", "://dr_admin:s3cret-pw@", 1), out, "--store-to-pacs",
+                          "--series-description", "*no such series*")
+        assert f"0 series found in {pacs.dicomweb};" in other.stdout, other.stdout + other.stderr
         assert [line for line in _superseded_report(other) if old_uid in line] == report, other.stdout
+        assert "s3cret-pw" not in other.stdout + other.stderr, other.stdout + other.stderr
 
         # the administrator deletes it on the PACS: the next rerun reports it no more, and records it gone
         [orthanc_id] = [s["ID"] for s in pacs.get("/series?expand")

@@ -1086,6 +1086,62 @@ def test_a_pacs_that_is_down_is_told_in_seconds_and_only_its_own_errors_are_the_
     assert not is_pacs_url(pacs_error.value.request.url, LocalDatastore(str(tmp_path / "local"), auto_reload=False))
 
 
+@pytest.mark.parametrize("url", [
+    "http://dr:s3cret@127.0.0.1:8042/dicom-web?access_token=TOKSECRET", "http://dr:s3cret/w0rd@127.0.0.1:8042/dicom-web",
+    "http://dr:s3cret#w0rd@127.0.0.1:8042/dicom-web", "http://dr:s3cret@w0rd@127.0.0.1:8042/dicom-web#TOKSECRET",
+    "http://dr:s3cret?w0rd@127.0.0.1:8042/dicom-web", "HTTP://dr:s3cret%2Fw0rd@127.0.0.1:8042/dicom-web",
+])
+def test_a_pacs_url_is_logged_without_its_password_even_one_not_percent_encoded(url):
+    """:func:`lib.pacs_corrections.without_credentials` took the URL as a parser does: a password holding an
+    unencoded ``/``, ``?`` or ``#`` was cut there and its start logged as the host (``http://dr:s3cret``). Now
+    everything up to the last ``@`` is the user name and password, and the query and fragment are dropped."""
+    from lib.pacs_corrections import without_credentials
+
+    assert without_credentials(url) == "http://127.0.0.1:8042/dicom-web"
+    assert without_credentials("/data/studies") == "/data/studies"  # a folder: as it is
+
+
+def test_the_pacs_errors_logged_name_no_password_nor_query_token(tmp_path, caplog):
+    """requests' error texts name the URL asked, with its ``user:password@`` and query (``?access_token=``): the
+    start-up warning of a PACS that cannot be reached, the series-size warnings of a PACS that answers an error and
+    denoise-batch's discovery refused (401) printed them whole. A real server on 127.0.0.1 answering 401, and a
+    port where none listens."""
+    import requests
+    from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+    from orthanc import failing_server
+
+    from lib.batch.dicomweb import discover_dicomweb, make_client
+    from lib.pacs import series_size, start_up_warnings
+    from mlserver import free_port
+
+    secret = "dr:s3cret@{}/dicom-web?access_token=TOKSECRET"
+    dead, port = free_port(), free_port()
+    datastore = DICOMWebDatastore(DICOMwebClientX(url=f"http://{secret.format(f'127.0.0.1:{dead}')}",
+                                                  session=requests.Session()),
+                                  {"Modality": "CT,MR"}, cache_path=str(tmp_path / "cache"))
+    try:
+        [warning] = start_up_warnings(datastore)
+    finally:
+        observer = getattr(datastore, "_observer", None)  # MONAI Label's file watcher of the cache
+        if observer is not None:
+            observer.stop()
+    assert f"the PACS at http://127.0.0.1:{dead}/dicom-web does not answer a QIDO-RS query (ConnectionError" in \
+        warning and "s3cret" not in warning and "TOKSECRET" not in warning, warning
+    with failing_server(port, 401) as received:
+        url = f"http://{secret.format(f'127.0.0.1:{port}')}"
+        with caplog.at_level("WARNING", logger="lib.pacs"):
+            assert series_size(make_client(url), "1.2.3") is None
+        with pytest.raises(ValueError) as refused:
+            discover_dicomweb(make_client(url.replace("?access_token=TOKSECRET", "")), tmp_path / "out")
+    logged = [r.getMessage() for r in caplog.records if "1.2.3" in r.getMessage()]
+    assert len(logged) == 1 and "Unauthorized for url: http://127.0.0.1:" in logged[0], logged
+    assert str(refused.value).startswith(f"cannot list the series of http://127.0.0.1:{port}/dicom-web (QIDO-RS): "
+                                         f"401 Client Error: Unauthorized for url: http://127.0.0.1:{port}/dicom-web/"
+                                         "series"), refused.value
+    assert not [text for text in [*logged, str(refused.value)] if "s3cret" in text or "TOKSECRET" in text]
+    assert len(received) == 2, received  # asked, refused, not retried
+
+
 def test_an_unreachable_pacs_is_a_start_up_warning_and_a_503_not_a_bare_500(tmp_path):
     """--studies naming a DICOMweb root where nothing answers (a wrong URL, a PACS that is down): the server started
     without a word and every route that lists the studies answered a bare 500 "Internal Server Error". Now the

@@ -447,7 +447,9 @@ def cmd_denoise_batch(args: argparse.Namespace) -> int:
           flush=True)
     if summary.total == 0:
         if series_filter.active or is_dicomweb_url(args.input):  # a query that matches nothing today can be right
-            print(f"warning: no series in {args.input} matched", file=sys.stderr)
+            from lib.pacs_corrections import without_credentials
+
+            print(f"warning: no series in {without_credentials(args.input)} matched", file=sys.stderr)  # no password
             return 0
         print(f"error: no series found in {args.input} (DICOM series folders, {', '.join(READ_SUFFIXES)} files; "
               "hidden folders are not searched)", file=sys.stderr)

@@ -76,8 +76,10 @@ class SteadyLocalDatastoreMixin:
         """MONAI Label's ``save_label`` but for its copy: it copied the upload onto the label's file in place
         (``shutil.copy``), so a disk that filled during the copy left half a file under the label's name and the
         correction saved before was lost. The file is written beside it and renamed over it
-        (:func:`lib.runtime.atomic.atomic_copy`): a save that fails (OSError) leaves the earlier label, file and info,
-        as it was, and nothing of the new one."""
+        (:func:`lib.runtime.atomic.atomic_copy`), the label written before kept aside (a hard link: no space taken)
+        until the index (``datastore_v2.json``, :meth:`_update_datastore_file`) is written: a save that fails
+        (OSError: the copy or the index did not fit) leaves the earlier label, file, info and index, as they were,
+        and nothing of the new one."""
         import os
         import time
 
@@ -92,15 +94,57 @@ class SteadyLocalDatastoreMixin:
                 return super().save_label(image_id, label_filename, label_tag, label_info)
             _, label_ext = self._to_id(os.path.basename(label_filename))
             name = self._filename(image_id, label_ext)
+            target = os.path.join(self._datastore.label_path(label_tag), name)
             with FileLock(self._lock_file):
-                # staged as .<name>.<random>.tmp<ext>: no image has that id, so the folder's watcher adds no label
-                atomic_copy(label_filename, os.path.join(self._datastore.label_path(label_tag), name))
-                label_info = label_info if label_info else {}
-                label_info["ts"] = int(time.time())
-                label_info["name"] = name
-                obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
-                self._update_datastore_file(lock=False)
+                kept = _kept_aside(target)
+                try:
+                    # staged as .<name>.<random>.tmp<ext>: no image has that id, so the folder's watcher adds no label
+                    atomic_copy(label_filename, target)
+                    before = obj.labels.get(label_tag)
+                    label_info = label_info if label_info else {}
+                    label_info["ts"] = int(time.time())
+                    label_info["name"] = name
+                    obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
+                    try:
+                        self._update_datastore_file(lock=False)
+                    except BaseException:  # the index as it was: the label as it was too
+                        if before is None:
+                            obj.labels.pop(label_tag, None)
+                        else:
+                            obj.labels[label_tag] = before
+                        if kept is not None:
+                            os.replace(kept, target)
+                            kept = None
+                        else:
+                            os.unlink(target)
+                        raise
+                finally:
+                    if kept is not None:
+                        os.unlink(kept)
             return image_id
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        """MONAI Label's, but written beside the index and renamed over it (:func:`lib.runtime.atomic.atomic_write`):
+        it rewrote ``datastore_v2.json`` in place, so a full disk left it truncated (invalid JSON: MONAI Label then
+        rebuilt it from the files, every label's info and review copy lost). It raises (OSError) with the index as
+        it was. The rename is no modification event for the folder's watcher: nothing to ignore."""
+        import json
+        import os
+
+        from filelock import FileLock
+
+        from .runtime.atomic import atomic_write_text
+
+        def write() -> None:
+            atomic_write_text(self._datastore_config_path,
+                              json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         with self._steady_lock:
@@ -115,6 +159,29 @@ class SteadyLocalDatastoreMixin:
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
         with self._steady_lock:
             super().update_label_info(label_id, label_tag, info)
+
+
+def _kept_aside(path: str) -> str | None:
+    """A second name for the file ``path`` (a hard link beside it, ``.<name>.<random>.kept``: no image has that
+    id, so the folder's watcher adds no label; a copy where links cannot be made), None when there is no file."""
+    import os
+    import secrets
+    import shutil
+
+    if not os.path.exists(path):
+        return None
+    folder, name = os.path.split(path)
+    aside = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.kept")
+    try:
+        os.link(path, aside)
+    except OSError:  # a file system without hard links: a copy (on a full disk, the save fails here, nothing changed)
+        try:
+            shutil.copy2(path, aside)
+        except BaseException:
+            if os.path.exists(aside):
+                os.unlink(aside)
+            raise
+    return aside
 
 
 _classes: Dict[type, type] = {}

@@ -34,7 +34,8 @@ from .pacs_corrections import without_credentials
 log = logging.getLogger(__name__)
 
 __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S", "LISTING_RETRY_S",
-           "start_up_warnings", "cached_series_folder", "series_folder", "series_voxels", "series_size",
+           "start_up_warnings", "urls_redacted", "one_line_redacted", "cached_series_folder", "series_folder",
+           "series_voxels", "series_size",
            "series_instance_count", "known_size", "SeriesSize", "is_downloaded", "stow_datasets",
            "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PACS_READ_TIMEOUT_ENV", "PACS_READ_TIMEOUT_DEFAULT_S", "pacs_read_timeout_s",
@@ -176,7 +177,7 @@ def _check_listed(client, datasets: list, server: str) -> None:
             offset=offset))
     except Exception as error:  # noqa: BLE001 - HTTP or connection error: whether it is all there is unknown
         raise PacsStoreError(f"{server} answered the store, but listing the stored series failed: "
-                             f"{one_line(error)}") from None
+                             f"{one_line_redacted(error)}") from None
     found = {str((entry.get("00080018") or {}).get("Value", [""])[0]) for entry in listed}
     # a server may list part of a series' instances (Orthanc's LimitFindInstances: that many plus one, whatever the
     # offset): those it did not list are asked one by one (one match each, never cut)
@@ -581,6 +582,35 @@ def is_pacs_url(url: str | None, datastore) -> bool:
 _SIZE_FIELDS = ("00280010", "00280011", "00280008", "00280002", "00280100")
 
 
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://\S+")
+_QUERY_IN_TEXT = re.compile(r"(/[^\s?'\"]*)\?[^\s'\"]*")  # a path's query (urllib3's "with url: /path?token")
+_URL_TAIL = ")]}>'\",.;"
+
+
+def urls_redacted(text: str) -> str:
+    """``text`` (an error message) with each URL in it as :func:`without_credentials` gives it (no user name,
+    password, query nor fragment) and each path's query removed: requests' errors name the URL asked, with the
+    PACS's ``user:password@`` and a query token (``?access_token=...``)."""
+    def redacted(found: re.Match) -> str:
+        url = found.group()
+        core = url.rstrip(_URL_TAIL)
+        return without_credentials(core) + url[len(core):]
+
+    return _QUERY_IN_TEXT.sub(r"\1", _URL_IN_TEXT.sub(redacted, str(text)))
+
+
+def one_line_redacted(error: BaseException) -> str:
+    """:func:`one_line` of an error of a request to the PACS, its URLs redacted (:func:`urls_redacted`); a URL
+    that does not parse (requests' ``InvalidURL`` quotes the part it took for the host: part of a password with an
+    unencoded ``/``, ``?`` or ``#``) is said so, without its text."""
+    from requests.exceptions import InvalidURL
+
+    if isinstance(error, InvalidURL):
+        return ("the URL does not parse: a '/', '?', '#' or '@' in its user name or password must be percent-encoded "
+                "(%2F, %3F, %23, %40)")
+    return one_line(urls_redacted(str(error)))
+
+
 def start_up_warnings(datastore) -> list[str]:
     """What a server on ``datastore`` should warn about at start-up (nothing unless it is a DICOMweb datastore):
     a search filter that lists only one of CT and MR (MONAI Label's default lists CT only), and a PACS that does not
@@ -605,7 +635,7 @@ def start_up_warnings(datastore) -> list[str]:
         response = session.get(url, params={"limit": 1}, headers={"Accept": "application/dicom+json"}, timeout=10)
         problem = None if response.status_code in (200, 204) else f"it answered HTTP {response.status_code}"
     except Exception as error:  # noqa: BLE001 - whatever fails, the same warning
-        problem = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        problem = f"{type(error).__name__}: {one_line_redacted(error)}"  # no password nor token
     if problem:
         warnings.append(f"the PACS at {without_credentials(client.base_url)} does not answer a QIDO-RS query "
                         f"({problem}): studies cannot "
@@ -709,7 +739,8 @@ def series_size(client, series_uid: str, study_uid: str | None = None) -> Series
         except (RequestsConnectionError, Timeout):
             raise
         except Exception as error:  # noqa: BLE001 - an HTTP error answered: the listed instances are the size
-            log.warning("series %s: the PACS did not give its instance count (%s)", series_uid, one_line(error))
+            log.warning("series %s: the PACS did not give its instance count (%s)", series_uid,
+                        one_line_redacted(error))
             return None
 
     try:
@@ -720,7 +751,7 @@ def series_size(client, series_uid: str, study_uid: str | None = None) -> Series
     except (RequestsConnectionError, Timeout):
         raise  # the PACS cannot be reached: the download would try again for nothing
     except Exception as error:  # noqa: BLE001 - an HTTP error answered: the download checks the size instead
-        log.warning("series %s: the PACS did not give the series size (%s)", series_uid, one_line(error))
+        log.warning("series %s: the PACS did not give the series size (%s)", series_uid, one_line_redacted(error))
         return None
     sizes, sizes_bytes = [], []
     for entry in found or []:

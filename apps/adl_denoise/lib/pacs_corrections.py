@@ -495,15 +495,17 @@ def one_search_per_series() -> Iterator[None]:
 
 def without_credentials(url: str) -> str:
     """``url`` as it may be logged or recorded: without its user name and password (``user:password@``), query
-    (a token) nor fragment; a folder (no ``scheme://``) as it is."""
-    from urllib.parse import urlsplit
-
+    (a token) nor fragment; a folder (no ``scheme://``) as it is. Everything between ``://`` and the last ``@`` is
+    taken for the user name and password: a password may hold an unencoded ``/``, ``?``, ``#`` or ``@`` (a URL
+    parser then takes part of it for the host and path, and logged it); an ``@`` in the path is read the same way
+    (never one in a DICOMweb URL: the name is shorter, never a password)."""
     text = str(url)
-    if "://" not in text:
+    scheme, sep, rest = text.partition("://")
+    if not sep:
         return text
-    parts = urlsplit(text)
-    host = parts.netloc.rpartition("@")[2]  # the host and port as written ([::1]:8042 kept whole)
-    return f"{parts.scheme}://{host}{parts.path}"
+    rest = rest.rpartition("@")[2]  # the host and port as written ([::1]:8042 kept whole), then the path
+    ends = [at for at in (rest.find("?"), rest.find("#")) if at >= 0]
+    return f"{scheme.lower()}://{rest[:min(ends, default=len(rest))]}"
 
 
 def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:

@@ -46,8 +46,9 @@ import pydicom
 
 from ..imaging.errors import one_line
 from ..imaging.guards import max_voxels
-from ..pacs import (PacsStoreError, SeriesSize, all_pages, disk_full, disk_shortfall, instance_voxels, save_instance,
-                    search_whole, series_disk_shortfall, series_instance_count, series_size, stow_datasets)
+from ..pacs import (PacsStoreError, SeriesSize, all_pages, disk_full, disk_shortfall, instance_voxels,
+                    one_line_redacted, save_instance, search_whole, series_disk_shortfall, series_instance_count,
+                    series_size, stow_datasets)
 from ..pacs_corrections import without_credentials
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions, refuse_reused_uids
 
@@ -150,7 +151,7 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
                         "NumberOfSeriesRelatedInstances", "PatientID"]))
         except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, not a DICOMweb answer
             raise ValueError(f"cannot list the series of {without_credentials(client.base_url)} (QIDO-RS): "
-                             f"{one_line(error)}") from None
+                             f"{one_line_redacted(error)}") from None
 
     results = search_whole(client, search, "Series", "the series", "; nothing was denoised")
     items = []
@@ -211,7 +212,7 @@ def series_identity(client, item: SeriesItem) -> dict:
         raise  # the download would fail the same way: the series fails as unreachable
     except Exception as error:  # noqa: BLE001 - an HTTP error answered, a cut listing
         log.warning("series %s: its instances cannot be listed whole (%s): a rerun tells a change by its instance "
-                    "count only", item.series_uid, one_line(error))
+                    "count only", item.series_uid, one_line_redacted(error))
         return {}
     instances = [(str(_value(entry, "SOPInstanceUID")), str(_value(entry, "InstanceCreationDate")),
                   str(_value(entry, "InstanceCreationTime"))) for entry in found or []]
@@ -398,7 +399,7 @@ def instances_on_server(client, study_uid: str, series_uid: str) -> int:
     except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, a cut answer
         raise PacsStoreError(f"cannot ask {without_credentials(client.base_url)} whether it holds the derived series "
                              f"{series_uid} "
-                             f"(QIDO-RS): {one_line(error)}") from error
+                             f"(QIDO-RS): {one_line_redacted(error)}") from error
     return len({str(((entry.get("00080018") or {}).get("Value") or [""])[0]) for entry in listed} - {""})
 
 

@@ -1050,7 +1050,7 @@ class _Rank:
         (its latest one, with ``superseded_on_server``). Returns (series key, entry) of those to report."""
         jobs = {job_key(_uid_identity(item.series_uid), self.model_requested, self.weights_requested)
                 for item in planned if item.series_uid}
-        base_url = str(getattr(self.client, "base_url", "") or "")
+        base_url = self._server_name() if getattr(self.client, "base_url", None) else ""  # as inputs are recorded
         found: list[tuple[str, dict]] = []
         for job, ledger in self.ledgers.items():
             latest = self.latest.get(job)
@@ -1300,6 +1300,8 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
          ) -> tuple[BatchSummary, bool]:
     import torch.distributed as dist
 
+    from ..pacs_corrections import without_credentials
+
     client = dicomweb.make_client(settings.source) if dicomweb.is_dicomweb_url(settings.source) else None
     items = plan_series(settings, client)
     manifest = Manifest(settings.output, context.rank, context.world)
@@ -1309,7 +1311,8 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
         dist.barrier()  # every rank has planned: nothing is written yet
         _check_same_plan(manifest.folder, _plan_digest(items), context.rank, context.world)
     if context.main:
-        report(f"{len(items)} series found in {settings.source}; {context.world} process"
+        report(f"{len(items)} series found in {without_credentials(settings.source)}; "  # no password in the log
+               f"{context.world} process"
                f"{'es' if context.world > 1 else ''} on {device.type}")
     own = run_rank(settings, items, context.rank, context.world, str(device), client)
     if not context.distributed:  # before the summary file: a manifest folder that cannot be written stops there
