@@ -947,8 +947,10 @@ def test_every_pacs_request_waits_for_each_read_of_its_answer_not_for_ever(tmp_p
 def test_no_correction_of_a_pacs_is_trained_on_while_the_audit_log_cannot_be_read(tmp_path):
     """The audit log names the denoised series this server stored in the PACS, whose corrections are no training
     data. A log that could not be read named none: every kept correction, one of the server's own output included,
-    was listed for training in silence. The training list (``get_labeled_images``, :func:`correction_pairs`) is
-    now refused (503 naming the audit log) until the log can be read; a readable one lists the correction."""
+    was listed for training in silence. The training list (:func:`correction_pairs`, the datastore's ``datalist``)
+    is now refused (503 naming the audit log) until the log can be read, while ``get_labeled_images`` (MONAI
+    Label's ``/info/`` and datastore statistics count through it) lists none of the kept corrections instead of
+    failing; a readable one lists the correction."""
     from dicomweb_client.api import DICOMwebClient
     from monailabel.datastore.dicom import DICOMWebDatastore
 
@@ -972,11 +974,12 @@ def test_no_correction_of_a_pacs_is_trained_on_while_the_audit_log_cannot_be_rea
         KeptLabels(tmp_path / "kept").save(uid, str(tmp_path / "final.nii.gz"), "final", {SERIES_IDENTITY_KEY: {
             "series_instance_uid": uid, "study_instance_uid": str(header.StudyInstanceUID),
             "patient_id": str(header.PatientID)}})
-        for listing in (store.get_labeled_images, lambda: correction_pairs(store)):
+        for listing in (lambda: correction_pairs(store), store.datalist):
             with pytest.raises(CorrectionNotServed) as refused:
                 listing()
             assert refused.value.status == 503 and "the corrections kept on this server are not used: the audit " \
                 "log" in str(refused.value) and "cannot be read" in str(refused.value), str(refused.value)
+        assert store.get_labeled_images() == [] and store.status()["completed"] == 0  # /info/ keeps answering
         (tmp_path / "audit" / LOG_NAME).rmdir()  # no log yet: no result stored
         assert store.get_labeled_images() == [uid]
     finally:

@@ -261,16 +261,24 @@ class ServerKeptLabelsMixin:
 
     def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[List[str]] = None) -> List[str]:
         """The series with a ``final`` label: those whose correction this server keeps (while the PACS lists
-        them; their binding is checked when their label is read) and those a DICOM SEG of the PACS labels."""
-        kept = self._kept_finals()
+        them; their binding is checked when their label is read) and those a DICOM SEG of the PACS labels. None of
+        the kept ones while the audit log cannot be read (an ERROR says so): MONAI Label's ``/info/`` and datastore
+        statistics list them through here and must keep answering; training asks :meth:`check_training_data`."""
+        kept = self._kept_finals(strict=False)
         return sorted(set(kept) | set(super().get_labeled_images(label_tag, labels)))
 
-    def _kept_finals(self) -> List[str]:
+    def check_training_data(self) -> None:
+        """Raises :class:`CorrectionNotServed` (503) when the kept corrections cannot be told from the server's own
+        stored results (the audit log cannot be read): called before a training list is made from them."""
+        self._kept_finals(strict=True)
+
+    def _kept_finals(self, strict: bool = True) -> List[str]:
         """The series with a correction kept here that the PACS lists and that are studies: a denoised series this
         server stored in the PACS, or a UID of several series, is left out with a WARNING saying why
         (:func:`lib.activelearning.review.unreviewable_reason`, as the label route refuses to save one: an older
-        version saved them, and training learnt from a correction of the model's own output). Raises
-        :class:`CorrectionNotServed` (503) when the audit log naming those series cannot be read."""
+        version saved them, and training learnt from a correction of the model's own output). When the audit log
+        naming those series cannot be read: raises :class:`CorrectionNotServed` (503) if ``strict``, else none of
+        them (logged)."""
         from collections import Counter
 
         from .activelearning.review import stored_results, unreviewable_reason
@@ -288,10 +296,14 @@ class ServerKeptLabelsMixin:
         try:
             stored = stored_results(self._results_audit, strict=True) if self._results_audit is not None else set()
         except (AuditError, OSError) as error:  # each correction would pass for a study's: trained on in silence
-            raise CorrectionNotServed(
+            problem = CorrectionNotServed(
                 f"the corrections kept on this server are not used: the audit log, which names the denoised series "
                 f"this server stored in the PACS (whose corrections are no training data), cannot be read "
-                f"({one_line(error)}); make it readable and try again", 503) from None
+                f"({one_line(error)}); make it readable and try again", 503)
+            if strict:
+                raise problem from None
+            log.error("%s", problem)
+            return []
         ambiguous = {image_id for image_id, count in Counter(listing).items() if count > 1}
         finals = []
         for image_id in kept:

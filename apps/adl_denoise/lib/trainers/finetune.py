@@ -181,6 +181,9 @@ def correction_pairs(datastore: Datastore, modality: str | None = None, skipped:
 
 def _correction_pairs(datastore: Datastore, modality: str | None, skipped: list | None,
                       max_voxels: int | None) -> list[dict]:
+    check = getattr(datastore, "check_training_data", None)  # a PACS's kept corrections: their audit log readable
+    if check is not None:
+        check()
     pairs = []
     for image_id in sorted(datastore.get_labeled_images()):
         try:  # its label first: a PACS series re-sent under another study / patient is not downloaded
