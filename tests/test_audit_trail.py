@@ -339,10 +339,14 @@ def test_dicom_series_identity_is_its_series_instance_uid(tmp_path):
     from pydicom.data import get_testdata_file
 
     dicoms = [Path(get_testdata_file("CT_small.dcm"))]  # a real CT slice shipped with pydicom
-    shutil.copy(dicoms[0], tmp_path / "slice.dcm")
-    uid = pydicom.dcmread(str(dicoms[0]), stop_before_pixels=True).SeriesInstanceUID
+    dataset = pydicom.dcmread(str(dicoms[0]))
+    dataset.PatientID = " PAT1"  # padding: the PACS's search answers 'PAT1', the header keeps it
+    dataset.save_as(tmp_path / "slice.dcm")
+    uid = dataset.SeriesInstanceUID
     identity = input_identity(tmp_path)
     assert identity["kind"] == "dicom_series" and identity["series_instance_uid"] == uid
+    # the patient a result was denoised for (a verdict on it is refused once the PACS lists another)
+    assert identity["patient_id"] == "PAT1", identity
 
 
 def test_default_audit_folder_is_hidden_in_the_studies_and_not_a_study(tmp_path):

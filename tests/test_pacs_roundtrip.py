@@ -182,7 +182,10 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     the series' identity the PACS lists (``series_identity``); on the series moved to another patient (its old
     download still cached) 'accepted' and 'corrected' are 409 naming both patients, nothing recorded, and with the
     PACS stopped an 'accepted' verdict on a denoised series is a 503 (both were recorded, 200, from the server's
-    cached series list)."""
+    cached series list). A result's entry names the patient it was denoised for: with both cached files removed and
+    the series opened again, a verdict on the result made before the move is 409 (it was recorded, bound to the new patient); denoised
+    again, its verdict and correction are recorded, the header's ``' ANOTHER-PATIENT'`` being the PACS's
+    ``'ANOTHER-PATIENT'`` (DICOM padding: it was a 409)."""
     import hashlib
     import shutil
     import urllib.request
@@ -270,11 +273,12 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
                 urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/series/{series['ID']}", method="DELETE"),
                                        timeout=60)
 
-    # the second series sent again under another patient: its correction is not that series' any more
+    # the second series sent again under another patient: its correction is not that series' any more (the leading
+    # space is DICOM padding: the PACS's search answers 'ANOTHER-PATIENT', the headers keep ' ANOTHER-PATIENT')
     remove_second_from_the_pacs()
     for path in second:
         dataset = pydicom.dcmread(path)
-        dataset.PatientID = "ANOTHER-PATIENT"
+        dataset.PatientID = " ANOTHER-PATIENT"
         dataset.save_as(path, write_like_original=False)
     pacs.upload_files(second)
     for uid in uids:  # the series' downloads are in the cache (the old patient's for uids[1]): never asked again
@@ -349,6 +353,34 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     assert answer.status_code == 409 and f"was converted from patient_id {header.PatientID!r}" in detail, answer.text
     assert f"{uids[1]}/ and {uids[1]}.nii.gz in its DICOMweb cache folder" in detail, detail
     assert (kept / "final" / f"{uids[1]}.json").read_text() == kept_info
+    # both cached files removed and the series opened again, as the 409 says: the new patient's download; a verdict
+    # on the result denoised before the move is refused (it was recorded, bound to the new patient: the result's
+    # entry named no patient)
+    judged = [e for e in audit.entries("result") if e["fields"]["input"].get("image") == uids[1]][-1]
+    assert judged["fields"]["input"]["patient_id"] == header.PatientID, judged
+    for path in (tmp_path / "work" / "dicomweb_cache").glob(f"*/{uids[1]}*"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert requests.get(f"{server.url}/datastore/image", params={"image": uids[1]}, timeout=600).status_code == 200
+    verdicts = len(audit.entries("verdict"))
+    answer = requests.post(f"{server.url}/review/{uids[1]}", timeout=600,
+                           json={"verdict": "accepted", "reviewer": "dr_a", "result_seq": judged["seq"]})
+    detail = answer.json().get("detail", "")
+    assert answer.status_code == 409 and "the verdict was not recorded" in detail, answer.text[:500]
+    assert f"the result judged was denoised from patient_id {header.PatientID!r}" in detail, detail
+    assert "denoise the series again and judge that result" in detail, detail
+    assert "its download has" not in detail and "converted from" not in detail, detail  # the new patient's
+    assert len(audit.entries("verdict")) == verdicts
+    # denoised again: the new patient's result, verdict and correction; the download's ' ANOTHER-PATIENT' is the
+    # PACS's 'ANOTHER-PATIENT' (both were a 409: "its download has patient_id ' ANOTHER-PATIENT'")
+    answer = requests.post(f"{server.url}/infer/adl", params={"image": uids[1], "output": "json"},
+                           data={"params": "{}"}, timeout=600)
+    assert answer.status_code == 200, answer.text[:500]
+    answer = requests.post(f"{server.url}/review/{uids[1]}", json={"verdict": "accepted", "reviewer": "dr_a"},
+                           timeout=600)
+    assert answer.status_code == 200, answer.text[:500]
+    assert answer.json()["series_identity"]["patient_id"] == "ANOTHER-PATIENT", answer.json()
+    assert answer.json()["result"]["result_seq"] > judged["seq"], answer.json()
+    put(uids[1], "final", tmp_path / "final.nii.gz", {})
     remove_second_from_the_pacs()
     answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[1], "tag": "final"}, timeout=600)
     assert answer.status_code == 404 and f"the PACS no longer lists series {uids[1]}" in answer.text, answer.text
@@ -1100,7 +1132,8 @@ def test_the_review_queue_of_a_pacs_follows_the_audit_log_whatever_the_cache(tmp
     from monailabel.config import settings
 
     from conftest import import_app_main
-    from lib.activelearning import NextUnreviewed, record_verdict
+    from lib.activelearning import NextUnreviewed, record_result, record_verdict
+    from lib.pacs_corrections import CorrectionNotServed
 
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
@@ -1144,6 +1177,19 @@ def test_the_review_queue_of_a_pacs_follows_the_audit_log_whatever_the_cache(tmp
         # a reset to unreviewed puts the series back in the queue
         record_verdict(plain.audit, plain.datastore(), a, "unreviewed", "dr_b")
         assert NextUnreviewed(plain.audit)({}, plain.datastore()) == {"id": a, "remaining_unreviewed": 1}
+        # a result recorded by an earlier version (its input names no patient): whose it was cannot be told, so
+        # its verdict is refused (it was recorded unchecked)
+        made = [e for e in plain.audit.entries("result") if e["fields"]["input"]["image"] == a][-1]
+        assert made["fields"]["input"]["patient_id"], made
+        older = record_result(plain.audit, {**made["fields"], "input": {
+            k: v for k, v in made["fields"]["input"].items() if k != "patient_id"}})
+        verdicts = len(plain.audit.entries("verdict"))
+        with pytest.raises(CorrectionNotServed, match="denoise the series again and judge that result") as refused:
+            record_verdict(plain.audit, plain.datastore(), a, "accepted", "dr_b", result_seq=older["seq"])
+        assert refused.value.status == 409 and "the result judged names no patient" in str(refused.value)
+        assert len(plain.audit.entries("verdict")) == verdicts
+        judged = record_verdict(plain.audit, plain.datastore(), a, "accepted", "dr_b", result_seq=made["seq"])
+        assert judged["result"]["result_seq"] == made["seq"], judged  # one naming its patient: recorded
     finally:
         stop_orthanc(pacs)
 

@@ -46,6 +46,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
+from .audit.identity import dicom_text
 from .runtime.atomic import atomic_write_json, fsync_path
 
 log = logging.getLogger(__name__)
@@ -446,15 +447,20 @@ def _header_identity(folder: Path, image_id: str) -> Dict[str, str]:
             header = pydicom.dcmread(str(path), stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - not a DICOM file: the next one
             continue
-        return {"series_instance_uid": str(header.get("SeriesInstanceUID", "")),
-                "study_instance_uid": str(header.get("StudyInstanceUID", "")),
-                "patient_id": str(header.get("PatientID", ""))}
+        return {key: dicom_text(header.get(name)) for key, name in _RECORDED_KEYS.items()}
     raise FileNotFoundError(f"series {image_id}: no DICOM file in its download")
 
 
-#: the image info keys MONAI Label records when it converts a downloaded series (``DICOMWebDatastore._dicom_info``)
+#: the image info keys MONAI Label records when it converts a downloaded series (``DICOMWebDatastore._dicom_info``),
+#: the header's keywords
 _RECORDED_KEYS = {"series_instance_uid": "SeriesInstanceUID", "study_instance_uid": "StudyInstanceUID",
                   "patient_id": "PatientID"}
+
+
+def _recorded_identity(info: Dict[str, Any]) -> Dict[str, str]:
+    """The identity MONAI Label recorded in a converted series' ``info`` (the keys it holds), without DICOM padding
+    (:func:`lib.audit.identity.dicom_text`: the header's ``' PAT1'`` is the PACS's ``'PAT1'``)."""
+    return {key: dicom_text(info[name]) for key, name in _RECORDED_KEYS.items() if name in info}
 
 
 def _served_problems(datastore, image_id: str, current: Dict[str, str]) -> Tuple[List[str], List[str]]:
@@ -475,8 +481,7 @@ def _served_problems(datastore, image_id: str, current: Dict[str, str]) -> Tuple
         problems.append(f"its download has {', '.join(f'{k} {downloaded[k]!r}' for k in changed)}")
     if served and os.path.isfile(served):  # the conversion is what is sent and trained on
         files.append(os.path.basename(served))
-        info = datastore.get_image_info(image_id) or {}
-        recorded = {key: str(info[name]) for key, name in _RECORDED_KEYS.items() if name in info}
+        recorded = _recorded_identity(datastore.get_image_info(image_id) or {})
         changed = [key for key, value in recorded.items()
                    if value != current[key] and not (value == "UNK" and current[key] == "")]  # UNK: none listed
         if changed:
@@ -559,8 +564,8 @@ def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
     for entry in found:
         if _first_str(entry, "0020000E") != image_id:
             continue
-        identity = {"series_instance_uid": image_id, "study_instance_uid": _first_str(entry, "0020000D") or "",
-                    "patient_id": _first_str(entry, "00100020") or ""}
+        identity = {"series_instance_uid": image_id, "study_instance_uid": dicom_text(_first_str(entry, "0020000D")),
+                    "patient_id": dicom_text(_first_str(entry, "00100020"))}  # padding dropped, as every side's
         if identity not in identities:
             identities.append(identity)
     if memo is not None:
@@ -609,13 +614,18 @@ def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, A
     the one identity the PACS lists it under now, one QIDO-RS search, as a correction's: :func:`correction_binding`),
     checked against what the reviewer saw: the server's download of the series and MONAI Label's conversion of it
     (the image sent) where the cache holds them (nothing is downloaded for a verdict), and the judged result's
-    input (``judged_input``, from its audit entry: the series and study it was denoised from). ``{}`` for another
-    datastore. A verdict read only the server's cached series list and the audit log: one on a series moved to
-    another patient was recorded (beside the cached patient and study), and one given while the PACS was down too.
+    input (``judged_input``, from its audit entry: the series, study and patient it was denoised from; one naming
+    no patient, recorded by an earlier version, is refused: denoise again). Every identity is compared without its
+    DICOM padding (:func:`lib.audit.identity.dicom_text`). ``{}`` for another datastore. A verdict read only the
+    server's cached series list and the audit log: one on a series moved to another patient was recorded (beside
+    the cached patient and study), and one given while the PACS was down too; a result's input named no patient
+    (its verdict was recorded for the other patient once the cache was cleared), and a header's ``' PAT1'`` was
+    another patient than the PACS's ``'PAT1'`` (409).
 
     Raises:
         CorrectionNotServed: 404, the PACS no longer lists the series; 409, it lists it under several studies or
-            patients, or the cached download (or conversion) has another study or patient; 502 / 504, its search
+            patients, or the cached download (or conversion), or the result judged, has another study or patient
+            (or the result names none); 502 / 504, its search
             failed or was not answered in time.
         requests.ConnectionError: the PACS cannot be reached (the routes' 503).
     """
@@ -636,23 +646,30 @@ def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, A
         if changed:
             problems.append(f"its download has {', '.join(f'{k} {downloaded[k]!r}' for k in changed)}")
     if image_id in cached_images(datastore):  # converted: its info holds what MONAI Label recorded then
-        info = datastore.get_image_info(image_id) or {}
-        recorded = {key: str(info[name]) for key, name in _RECORDED_KEYS.items() if name in info}
+        recorded = _recorded_identity(datastore.get_image_info(image_id) or {})
         changed = [key for key, value in recorded.items()
                    if value != current[key] and not (value == "UNK" and current[key] == "")]
         if changed:
             problems.append(f"the image sent was converted from {', '.join(f'{k} {recorded[k]!r}' for k in changed)}")
-    judged = {key: str(judged_input[key]) for key in ("series_instance_uid", "study_instance_uid")
-              if (judged_input or {}).get(key)}
-    changed = [key for key, value in judged.items() if value != current[key]]
-    if changed:
-        problems.append(f"the result judged was denoised from {', '.join(f'{k} {judged[k]!r}' for k in changed)}")
+    head = "changed since this server downloaded it (what was reviewed)" if problems else \
+        "is not shown to be what the result judged was denoised from"
+    remedy = (f"remove the server's cached download of the series, {image_id}/ and {image_id}.nii.gz in its "
+              "DICOMweb cache folder, then review it again") if problems else ""
+    if judged_input is not None:  # the result judged: denoised from this series of this patient?
+        judged = {key: dicom_text(judged_input[key]) for key in _IDENTITY_KEYS if key in judged_input}
+        if "patient_id" not in judged:  # recorded before results named their patient (or its input unreadable)
+            problems.append("the result judged names no patient (recorded by an earlier version of this server): "
+                            "whether it was denoised from this patient's series cannot be told")
+        changed = [key for key, value in judged.items() if value != current[key]]
+        if changed:
+            problems.append(f"the result judged was denoised from {', '.join(f'{k} {judged[k]!r}' for k in changed)}")
+        if "patient_id" not in judged or changed:
+            remedy = (f"{remedy}; then " if remedy else "") + "denoise the series again and judge that result"
     if problems:
         raise CorrectionNotServed(
-            f"series {image_id} changed since this server downloaded it (what was reviewed): {'; '.join(problems)}; "
-            f"the PACS now lists {', '.join(f'{k} {current[k]!r}' for k in _IDENTITY_KEYS)}; {nothing} (remove the "
-            f"server's cached download of the series, {image_id}/ and {image_id}.nii.gz in its DICOMweb cache "
-            "folder, then review it again)", 409)
+            f"series {image_id} {head}: {'; '.join(problems)}; "
+            f"the PACS now lists {', '.join(f'{k} {current[k]!r}' for k in _IDENTITY_KEYS)}; {nothing} ({remedy})",
+            409)
     return {SERIES_IDENTITY_KEY: current}
 
 
@@ -673,7 +690,7 @@ def check_binding(datastore, image_id: str, info: Dict[str, Any] | None,
         raise CorrectionNotServed(f"the correction of series {image_id} names no series identity (not saved by this "
                                   f"server's label route): {what}", 409)
     current = _one_identity(datastore, image_id, what)
-    changed = [key for key in _IDENTITY_KEYS if str(bound.get(key)) != current[key]]
+    changed = [key for key in _IDENTITY_KEYS if dicom_text(bound.get(key)) != current[key]]
     if changed:
         raise CorrectionNotServed(
             f"the correction of series {image_id} was saved for {', '.join(f'{k} {bound.get(k)!r}' for k in changed)}; "

@@ -390,7 +390,7 @@ def _record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdic
     last = results[-1] if results else None
     # a PACS series: bound to the study and patient the PACS lists it under now, as a correction is (409 when what
     # was reviewed is another's, 503 when the PACS cannot be reached: nothing recorded); {} elsewhere
-    binding = verdict_binding(datastore, image_id, (last or {}).get("input"))
+    binding = verdict_binding(datastore, image_id, None if last is None else (last.get("input") or {}))
     if last is not None:
         judged = {"model": last.get("model"), "modality": last.get("modality"),
                   "weights_version": last.get("weights_version"), "weights_sha256": last.get("weights_sha256"),

@@ -1,7 +1,9 @@
 """The identity of an input volume, as the audit log records it.
 
 * A DICOM series (a folder of DICOM files, e.g. a DICOMweb series downloaded by MONAI Label): its
-  SeriesInstanceUID (and StudyInstanceUID, Modality) from the first file's header.
+  SeriesInstanceUID (and StudyInstanceUID, PatientID, Modality) from the first file's header; the PatientID binds
+  a verdict on the result to the patient it was denoised for (a PACS series moved to another patient keeps its
+  UIDs).
 * An image file (NIfTI, NRRD: datastore images, uploads, sessions): a content hash, the SHA-256 of the voxels as
   stored (pixel type, size, then the raw little-endian voxel bytes in C order) and the geometry (spacing, origin
   in mm rounded to 1e-5 mm, direction cosines rounded to 1e-6): the same volume gets the same hash whatever its
@@ -18,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["input_identity", "volume_content_sha256", "dicom_series_identity", "IDENTITY_VERSION"]
+__all__ = ["input_identity", "volume_content_sha256", "dicom_series_identity", "dicom_text", "IDENTITY_VERSION"]
 
 IDENTITY_VERSION = "voxels+geometry/v1"  # what content_sha256 covers; changes if the definition ever changes
 _cache: dict[tuple[str, int, int], str] = {}
@@ -58,9 +60,19 @@ def volume_content_sha256(path: str | os.PathLike) -> str:
     return value
 
 
+def dicom_text(value: Any) -> str:
+    """A DICOM text or UID value as compared: without its padding (leading and trailing spaces, NULs), which the
+    standard makes insignificant and which a PACS's search answer drops while the file's header keeps it; ``""``
+    for None."""
+    return "" if value is None else str(value).strip(_DICOM_PADDING)
+
+
+_DICOM_PADDING = " \0\t\r\n\f\v"
+
+
 def dicom_series_identity(folder: str | os.PathLike) -> dict[str, Any]:
-    """SeriesInstanceUID, StudyInstanceUID and Modality of the DICOM series in ``folder`` (first readable file);
-    empty values when none is readable."""
+    """SeriesInstanceUID, StudyInstanceUID, PatientID (:func:`dicom_text`) and Modality of the DICOM series in
+    ``folder`` (first readable file); empty values when none is readable."""
     import pydicom
 
     for path in sorted(Path(folder).rglob("*")):
@@ -73,6 +85,7 @@ def dicom_series_identity(folder: str | os.PathLike) -> dict[str, Any]:
         uid = getattr(header, "SeriesInstanceUID", None)
         if uid:
             return {"series_instance_uid": str(uid), "study_instance_uid": str(getattr(header, "StudyInstanceUID", "")),
+                    "patient_id": dicom_text(header.get("PatientID")),
                     "dicom_modality": str(getattr(header, "Modality", ""))}
     return {"series_instance_uid": None}
 
