@@ -1387,10 +1387,17 @@ def _remove_stale_partials(entries: Iterable[os.DirEntry], prefix: str, max_age_
 
 
 def _remove_stale_file_meta_temps(folder: Path, max_age_s: float = FILE_META_TEMP_STALE_S) -> list[Path]:
-    """Remove the temps :func:`add_file_meta` writes beside a file of the series ``folder`` (``.<name>.*.file-meta``:
-    plain files, not links) not written for more than ``max_age_s`` seconds (logged): a server killed while it wrote
-    one left it there for ever, a partial copy of a DICOM file among the series' files. A younger one may be being
-    written (another request, another server sharing the cache): kept. Returns those removed."""
+    """Remove the temps :func:`add_file_meta` writes beside a file of the series ``folder`` (``.<name>.*.file-meta``)
+    not written for more than ``max_age_s`` seconds (:func:`remove_stale_files`): a server killed while it wrote one
+    left it there for ever, a partial copy of a DICOM file among the series' files. Returns those removed."""
+    return remove_stale_files(folder, lambda name: name.startswith(".") and name.endswith(FILE_META_TEMP_SUFFIX),
+                              max_age_s, "the file meta temp")
+
+
+def remove_stale_files(folder: Path, is_temp: Callable[[str], bool], max_age_s: float, what: str) -> list[Path]:
+    """Remove the plain files (not links) of ``folder`` whose name ``is_temp`` and that were not written for more
+    than ``max_age_s`` seconds, each logged as ``what`` a server stopped while it wrote it left: a younger one may be
+    being written (another request, another server sharing the cache) and is kept. Returns those removed."""
     removed = []
     now = time.time()
     try:
@@ -1398,8 +1405,7 @@ def _remove_stale_file_meta_temps(folder: Path, max_age_s: float = FILE_META_TEM
     except OSError:  # gone meanwhile, or no folder
         return removed
     for entry in entries:
-        if not (entry.name.startswith(".") and entry.name.endswith(FILE_META_TEMP_SUFFIX)) or \
-                not entry.is_file(follow_symlinks=False):
+        if not is_temp(entry.name) or not entry.is_file(follow_symlinks=False):
             continue
         try:
             idle_s = now - entry.stat(follow_symlinks=False).st_mtime
@@ -1409,11 +1415,11 @@ def _remove_stale_file_meta_temps(folder: Path, max_age_s: float = FILE_META_TEM
         except FileNotFoundError:  # removed meanwhile
             continue
         except OSError as error:
-            log.warning("could not remove the file meta temp %s (a server stopped while it wrote it left it): %s",
-                        entry.path, error)
+            log.warning("could not remove %s %s (a server stopped while it wrote it left it): %s", what, entry.path,
+                        error)
             continue
         removed.append(Path(entry.path))
-        log.info("removed the file meta temp %s: a server stopped while it wrote it left it (last written %.0f s ago)",
+        log.info("removed %s %s: a server stopped while it wrote it left it (last written %.0f s ago)", what,
                  entry.path, idle_s)
     return removed
 

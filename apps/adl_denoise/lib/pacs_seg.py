@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -203,32 +202,10 @@ CONVERTING_STALE_S = 600.0
 
 
 def remove_stale_conversions(label_cache: Path, max_age_s: float = CONVERTING_STALE_S) -> list:
-    """Remove the temps :func:`_convert` writes in ``label_cache`` (``.converting-*.nii.gz``: plain files, not links)
-    not written for more than ``max_age_s`` seconds (logged): a server killed while it converted a SEG left one
-    there for ever, a patient's segmentation under no label's name. A younger one may be being written (another
-    server sharing the cache): kept. Returns those removed."""
-    removed = []
-    now = time.time()
-    try:
-        entries = list(os.scandir(label_cache))
-    except OSError:  # no such folder yet: nothing left over
-        return removed
-    for entry in entries:
-        if not (entry.name.startswith(_CONVERTING_PREFIX) and entry.name.endswith(SEG_LABEL_SUFFIX)) or \
-                not entry.is_file(follow_symlinks=False):
-            continue
-        try:
-            idle_s = now - entry.stat(follow_symlinks=False).st_mtime
-            if idle_s <= max_age_s:
-                continue
-            os.unlink(entry.path)
-        except FileNotFoundError:  # removed meanwhile
-            continue
-        except OSError as error:
-            log.warning("could not remove the SEG conversion temp %s (a server stopped while it wrote it left it): %s",
-                        entry.path, error)
-            continue
-        removed.append(Path(entry.path))
-        log.info("removed the SEG conversion temp %s: a server stopped while it wrote it left it (last written %.0f s "
-                 "ago)", entry.path, idle_s)
-    return removed
+    """Remove the temps :func:`_convert` writes in ``label_cache`` (``.converting-*.nii.gz``) not written for more
+    than ``max_age_s`` seconds (:func:`lib.pacs.remove_stale_files`): a server killed while it converted a SEG left
+    one there for ever, a patient's segmentation under no label's name. Returns those removed."""
+    from .pacs import remove_stale_files
+
+    return remove_stale_files(label_cache, lambda name: name.startswith(_CONVERTING_PREFIX) and
+                              name.endswith(SEG_LABEL_SUFFIX), max_age_s, "the SEG conversion temp")
