@@ -1564,6 +1564,39 @@ def test_a_label_whose_index_does_not_fit_on_the_disk_leaves_the_label_and_index
         "errno": errno.ENOSPC, "label_kept": True, "index_kept": True, "note": "first", "left": []}, result.stdout
 
 
+def test_an_index_renamed_over_by_another_instance_is_reloaded_by_the_folders_watcher(tmp_path):
+    """The index is written beside and renamed over ``datastore_v2.json`` (a full disk keeps it whole): the folder's
+    watcher sees a move, which MONAI Label's handler ignores (it reloads on a modification), so a second instance
+    on the same folder (another server, a process of the app) kept its stale index and would overwrite the change at
+    its next write. Two real auto-reloading datastores: the second sees each label info the first saves."""
+    import time
+
+    import numpy as np
+    import SimpleITK as sitk
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.datastore import steady_datastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16)), str(studies / "ct_a.nii.gz"))
+    label = tmp_path / "label.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 8, 8), np.int16)), str(label))
+    writer, reader = (steady_datastore(LocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=True))
+                      for _ in range(2))
+    try:
+        for note in ("one", "two"):
+            writer.save_label("ct_a", str(label), "final", {"note": note})
+            deadline = time.monotonic() + 60  # the watcher's thread: seconds on a loaded machine, not a minute
+            while reader.get_label_info("ct_a", "final").get("note") != note and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert reader.get_label_info("ct_a", "final").get("note") == note, reader.get_label_info("ct_a", "final")
+    finally:
+        for datastore in (writer, reader):
+            datastore._observer.stop()
+            datastore._observer.join(30)
+
+
 @pytest.mark.server
 @pytest.mark.slow
 def test_info_reads_and_the_whole_listing_are_access_entries_and_refused_when_they_cannot_be_written(folders):

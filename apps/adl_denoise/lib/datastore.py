@@ -127,7 +127,8 @@ class SteadyLocalDatastoreMixin:
         """MONAI Label's, but written beside the index and renamed over it (:func:`lib.runtime.atomic.atomic_write`):
         it rewrote ``datastore_v2.json`` in place, so a full disk left it truncated (invalid JSON: MONAI Label then
         rebuilt it from the files, every label's info and review copy lost). It raises (OSError) with the index as
-        it was. The rename is no modification event for the folder's watcher: nothing to ignore."""
+        it was. The rename is a move event for the folders' watchers (:meth:`_on_index_replaced`), not a modification:
+        nothing to ignore here."""
         import json
         import os
 
@@ -145,6 +146,14 @@ class SteadyLocalDatastoreMixin:
                 write()
         else:
             write()
+
+    def _on_index_replaced(self, event) -> None:
+        """The folder watcher's move event of an index renamed over ``datastore_v2.json`` (another instance's
+        :meth:`_update_datastore_file`: a second server or a process on the same folder): reloaded as MONAI Label
+        reloads a modified one (its handler knows no moves: the other instance kept a stale index and overwrote the
+        change at its next write); this instance's own write already has its timestamp, nothing is read again."""
+        if getattr(event, "dest_path", None) == self._datastore_config_path:
+            self._init_from_datastore_file()
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         with self._steady_lock:
@@ -202,6 +211,7 @@ def steady_datastore(datastore):
         if handler is not None:  # the watcher holds the methods bound before the swap
             handler.on_created = handler.on_deleted = datastore._on_any_event
             handler.on_modified = datastore._on_modify_event
+            handler.on_moved = datastore._on_index_replaced
     return datastore
 
 
