@@ -1090,6 +1090,8 @@ def test_a_pacs_that_is_down_is_told_in_seconds_and_only_its_own_errors_are_the_
     "http://dr:s3cret@127.0.0.1:8042/dicom-web?access_token=TOKSECRET", "http://dr:s3cret/w0rd@127.0.0.1:8042/dicom-web",
     "http://dr:s3cret#w0rd@127.0.0.1:8042/dicom-web", "http://dr:s3cret@w0rd@127.0.0.1:8042/dicom-web#TOKSECRET",
     "http://dr:s3cret?w0rd@127.0.0.1:8042/dicom-web", "HTTP://dr:s3cret%2Fw0rd@127.0.0.1:8042/dicom-web",
+    "http://127.0.0.1:8042/dicom-web?requester=dr@hosp.org&access_token=TOKSECRET",
+    "http://dr:123/s3cret@127.0.0.1:8042/dicom-web",
 ])
 def test_a_pacs_url_is_logged_without_its_password_even_one_not_percent_encoded(url):
     """:func:`lib.pacs_corrections.without_credentials` took the URL as a parser does: a password holding an
@@ -1099,6 +1101,22 @@ def test_a_pacs_url_is_logged_without_its_password_even_one_not_percent_encoded(
 
     assert without_credentials(url) == "http://127.0.0.1:8042/dicom-web"
     assert without_credentials("/data/studies") == "/data/studies"  # a folder: as it is
+
+
+def test_a_server_given_a_studies_url_whose_password_is_not_percent_encoded_does_not_start(tmp_path):
+    """requests takes ``http://dr:123/s3cret@host/...`` for host ``dr``, port 123: every request failed, its error
+    quoting the password's start as the port and its end as the path. The server does not start; its error says
+    what to encode, without the password."""
+    from lib.pacs_corrections import studies_url_problem
+
+    assert studies_url_problem("http://dr:s3cret%2Fw0rd@127.0.0.1:8042/dicom-web") is None
+    assert studies_url_problem("http://127.0.0.1:8042/dicom-web?requester=dr@hosp.org") is None
+    _, conf = _conf_case(tmp_path, {})
+    log = _log_of_a_server_that_does_not_start(tmp_path, "http://dr:123/s3cret@127.0.0.1:8042/dicom-web",
+                                               Path(conf.pop("model_dir")), conf=conf)
+    error = [line for line in log.splitlines() if "not started: --studies" in line]
+    assert error and "http://127.0.0.1:8042/dicom-web: its user name or password holds an unencoded '/'" in error[0] \
+        and "s3cret" not in error[0], log[-4000:]
 
 
 def test_the_pacs_errors_logged_name_no_password_nor_query_token(tmp_path, caplog):

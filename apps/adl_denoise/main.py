@@ -58,7 +58,8 @@ from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesNotDelivered, Seri
                       SeriesTooLarge, bound_waits, bounded_downloads, cache_folder, is_dicomweb, known_size,
                       pacs_read_timeout_s, read_timed_out, remove_stale_downloads, series_folder, start_up_warnings,
                       store_derived_series, whole_listing)
-from lib.pacs_corrections import corrections_of_other_urls, note_studies_url, server_kept_labels, without_credentials
+from lib.pacs_corrections import (corrections_of_other_urls, note_studies_url, server_kept_labels, studies_url_problem,
+                                  without_credentials)
 from lib.runtime.switches import parse_bool
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class DenoisingApp(MONAILabelApp):
                 from monailabel.config import settings
 
                 check_environment(os.environ, settings)
+            problem = studies_url_problem(studies)
+            if problem:  # requests would take part of the password for the host: no request made with it
+                raise ConfError(f"--studies {without_credentials(studies)}: {problem}")
             try:
                 max_voxels()  # the default limit of every read, from ADL_MAX_VOXELS
                 pacs_read_timeout_s()  # how long a PACS may stay silent, from ADL_PACS_READ_TIMEOUT_S

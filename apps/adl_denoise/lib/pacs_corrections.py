@@ -41,6 +41,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -510,19 +511,56 @@ def one_search_per_series() -> Iterator[None]:
             _searched.reset(token)
 
 
+#: a host as a URL names it, with its port: a name or IPv4 address, or an IPv6 address in brackets
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]*)?")
+
+
 def without_credentials(url: str) -> str:
     """``url`` as it may be logged or recorded: without its user name and password (``user:password@``), query
-    (a token) nor fragment; a folder (no ``scheme://``) as it is. Everything between ``://`` and the last ``@`` is
-    taken for the user name and password: a password may hold an unencoded ``/``, ``?``, ``#`` or ``@`` (a URL
-    parser then takes part of it for the host and path, and logged it); an ``@`` in the path is read the same way
-    (never one in a DICOMweb URL: the name is shorter, never a password)."""
+    (a token) nor fragment; a folder (no ``scheme://``) as it is. The URL is taken as a parser (and requests)
+    takes it, unless that leaves no host or an ``@`` in the path: a password with an unencoded ``/``, ``?``, ``#``
+    or ``@`` (the parser takes part of it for the host or path: it was logged), whose user name and password then
+    end at the last ``@`` before a host. An ``@`` in the query (``?user=a@b``) is no credentials' end."""
+    from urllib.parse import urlsplit
+
     text = str(url)
     scheme, sep, rest = text.partition("://")
     if not sep:
         return text
-    rest = rest.rpartition("@")[2]  # the host and port as written ([::1]:8042 kept whole), then the path
-    ends = [at for at in (rest.find("?"), rest.find("#")) if at >= 0]
-    return f"{scheme.lower()}://{rest[:min(ends, default=len(rest))]}"
+    try:
+        parts = urlsplit(text)
+        host = parts.netloc.rpartition("@")[2]
+        if _HOST.fullmatch(host) and "@" not in parts.path:
+            return f"{scheme.lower()}://{host}{parts.path}"
+    except ValueError:  # an unbalanced [ in what it took for the host
+        pass
+    for at in reversed([i for i, char in enumerate(rest) if char == "@"]):
+        found = _HOST.match(rest, at + 1)
+        if found and (found.end() == len(rest) or rest[found.end()] in "/?#"):
+            path = re.split(r"[?#]", rest[found.end():], maxsplit=1)[0]
+            return f"{scheme.lower()}://{found.group()}{path}"
+    return f"{scheme.lower()}://(a URL that does not parse)"
+
+
+def studies_url_problem(url: str) -> Optional[str]:
+    """Why a ``--studies`` URL cannot be used as written, or None: a user name or password holding an unencoded
+    ``/``, ``?``, ``#`` or ``@`` makes requests take part of it for the host, port or path (its requests then
+    failed, their errors quoting that part of the password)."""
+    from urllib.parse import urlsplit
+
+    text = str(url or "")
+    if not text.lower().startswith(("http://", "https://")):
+        return None
+    problem = ("its user name or password holds an unencoded '/', '?', '#' or '@': percent-encode them (%2F, %3F, "
+               "%23, %40)")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is no number (the start of a password)
+    except ValueError:
+        return problem
+    if not _HOST.fullmatch(parts.netloc.rpartition("@")[2]) or "@" in parts.path:
+        return problem
+    return None
 
 
 def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
