@@ -838,10 +838,11 @@ def latest_statuses(out: Path) -> list[str]:
     return [r["status"] for r in rows]
 
 
-def test_the_dicomweb_clients_first_retry_wait_comes_from_the_environment(monkeypatch):
+def test_the_dicomweb_clients_first_retry_wait_and_read_timeout_come_from_the_environment(monkeypatch):
     """``ADL_DICOMWEB_RETRY_WAIT_S`` (the tests shorten the 30 s a request to a server that is down costs) sets the
     first wait of the client's retries, later waits doubling; unset, dicomweb-client's own 2 s; not a number >= 0:
-    refused in one line naming the variable."""
+    refused in one line naming the variable. ``ADL_PACS_READ_TIMEOUT_S`` that is not seconds > 0 is refused as the
+    client is made, before any request."""
     from lib.batch.dicomweb import RETRY_WAIT_ENV, make_client
 
     monkeypatch.delenv(RETRY_WAIT_ENV, raising=False)
@@ -855,6 +856,10 @@ def test_the_dicomweb_clients_first_retry_wait_comes_from_the_environment(monkey
         monkeypatch.setenv(RETRY_WAIT_ENV, bad)
         with pytest.raises(ValueError, match=RETRY_WAIT_ENV):
             make_client("http://127.0.0.1:9/dicom-web")
+    monkeypatch.delenv(RETRY_WAIT_ENV)
+    monkeypatch.setenv("ADL_PACS_READ_TIMEOUT_S", "0")
+    with pytest.raises(ValueError, match="ADL_PACS_READ_TIMEOUT_S='0'"):
+        make_client("http://127.0.0.1:9/dicom-web")
 
 
 def test_a_metaimage_output_is_whole_only_with_its_data_file(tmp_path):

@@ -24,7 +24,7 @@ import pytest
 import processes
 from conftest import APP_DIR
 from manifest_limit import write_limiter
-from orthanc import (QIDO_LOG, available, grow_on_retrieval, log_size, qido_searches, start_orthanc,
+from orthanc import (QIDO_LOG, available, grow_on_retrieval, log_size, qido_searches, slow_relay, start_orthanc,
                      start_orthanc_logging_requests, stop_orthanc)
 
 from lib.batch.dicomweb import discover_dicomweb, make_client
@@ -601,15 +601,22 @@ def _series_match(uid: str) -> dict:
 @contextlib.contextmanager
 def _loopback_qido(answer):
     """A real HTTP server on 127.0.0.1 whose GETs are answered by ``answer(path) -> (status, matches, headers)``
-    (``matches`` sent as application/dicom+json when the status is 200); yields its DICOMweb root URL."""
+    (``matches`` sent as application/dicom+json when the status is 200), or never answered when ``answer`` returns
+    None (the connection held open, silent, until the server closes); yields its DICOMweb root URL."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from mlserver import free_port
 
+    closing = threading.Event()
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
-            status, matches, headers = answer(self.path)
+            answered = answer(self.path)
+            if answered is None:
+                closing.wait(600)
+                return
+            status, matches, headers = answered
             if status != 200:
                 self.send_error(status)
                 return
@@ -630,8 +637,51 @@ def _loopback_qido(answer):
     try:
         yield f"http://127.0.0.1:{server.server_port}/dicom-web"
     finally:
+        closing.set()
         server.shutdown()
         server.server_close()
+
+
+def test_a_pacs_that_accepts_and_never_answers_is_told_in_seconds_not_a_batch_hung_for_ever(tmp_path):
+    """The batch's DICOMweb requests had no timeout: a PACS that accepts the connection and never answers hung the run
+    for ever, at its series search or at a series. Each request now waits ADL_PACS_READ_TIMEOUT_S (1 s here) for
+    each read of its answer: a PACS silent from the start stops the run before any work, saying it did not answer
+    the series search within 1 s; one that lists its series and then answers nothing fails each series saying it
+    did not answer within 1 s, and after 3 in a row the run stops, the rest not tried. (Real servers on loopback:
+    one that accepts and never answers, one that answers the series search only.)"""
+    from orthanc import silent_server
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", ADL_PACS_READ_TIMEOUT_S="1")
+    bound = 120  # far past 1 s a request: a run that waits for ever is cut here, not left hanging
+
+    def batch(root: str, out: Path):
+        return processes.run([sys.executable, CLI, "denoise-batch", "--input", root, "--output", out, "--model",
+                              "gaussian", "--no-progress"], bound, env=env)
+
+    with silent_server() as port:
+        root = f"http://127.0.0.1:{port}/dicom-web"
+        listed = batch(root, tmp_path / "out-silent")
+    said = listed.stdout + listed.stderr
+    assert listed.returncode == 2, said
+    assert f"the PACS {root} did not answer the search of its series (QIDO-RS) within 1 s" in said, said
+    assert "nothing was denoised" in said and "ADL_PACS_READ_TIMEOUT_S" in said, said
+
+    def answer(path: str):
+        if path.startswith("/dicom-web/series"):  # the listing: 4 series, then nothing more (silence)
+            return 200, [_series_match(f"1.2.3.{k}") for k in range(4)] if "offset=0" in path else [], {}
+        return None if path.startswith("/dicom-web/") else (404, None, {})  # (no Orthanc REST API here)
+
+    with _loopback_qido(answer) as root:
+        result = batch(root, tmp_path / "out")
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    summary = next(line for line in said.splitlines() if line.startswith("summary: "))
+    assert "0 done, 0 skipped, 3 failed, 1 not tried" in summary, summary
+    for k in range(3):
+        assert (f"failed: dicomweb:1.2.3/1.2.3.{k}: cannot read {root}/studies/1.2.3/series/1.2.3.{k}: the PACS "
+                f"{root} did not answer the search of the instances of series 1.2.3.{k} within 1 s") in said, said
+    assert (f"stopped: {root} did not answer within 1 s for 3 series in a row: the remaining 1 series were not "
+            "tried; rerun to resume") in said, said
 
 
 def test_a_server_that_warns_of_more_matches_stops_the_batch(tmp_path):
@@ -660,7 +710,9 @@ def test_a_server_that_warns_of_more_matches_stops_the_batch(tmp_path):
 def test_a_series_the_server_got_more_instances_of_is_denoised_again(tmp_path, shared_data):
     """A DICOMweb series is known by its UID and its size by the server's instance count (series-level QIDO-RS:
     none of its files is read before it is downloaded): a rerun skips it while the count is as denoised, and denoises
-    it again, saying why, once the server holds another instance of it (a slice that arrived late)."""
+    it again, saying why, once the server holds another instance of it (a slice that arrived late). The first run
+    reads the PACS through a slow relay (64 KiB every 0.25 s) with ADL_PACS_READ_TIMEOUT_S at 2 s: the download,
+    longer than that in all, keeps arriving and is not cut (the time limit is per read)."""
     from pydicom.uid import generate_uid
 
     pacs = start_orthanc(tmp_path / "orthanc")
@@ -669,7 +721,11 @@ def test_a_series_the_server_got_more_instances_of_is_denoised_again(tmp_path, s
         files = sorted((tmp_path / "late").iterdir())
         pacs.upload_files(files[:2])
         out = tmp_path / "out"
-        first = run_batch(pacs.dicomweb, out)
+        sent_s = sum(path.stat().st_size for path in files[:2]) / (64 * 1024) * 0.25  # the download's pauses
+        assert sent_s > 2 * 2, sent_s  # twice the per-read limit: a limit on the whole answer would cut it
+        with slow_relay(pacs, 64 * 1024, 0.25) as relayed:
+            first = processes.run(batch_command(relayed, out), TIMEOUT,
+                                  env=dict(os.environ, OMP_NUM_THREADS="1", ADL_PACS_READ_TIMEOUT_S="2"))
         assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
         record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
         assert len(list(Path(record["output"]).iterdir())) == 2

@@ -34,9 +34,16 @@ slices filled the disk, or was downloaded whole before the reader refused it. A 
 (nothing downloaded) and the batch goes on. The check and the download are two requests (a series still arriving
 at the server grows in between): each instance is counted again as it arrives, against the voxel limit and the free
 disk space as it is then; a series that grows past either is stopped there, its files removed, and fails the same way.
+
+Every request waits :data:`lib.pacs.PACS_CONNECT_TIMEOUT_S` to connect and ``ADL_PACS_READ_TIMEOUT_S``
+(:func:`lib.pacs.pacs_read_timeout_s`) for each read of its answer (:func:`lib.pacs.bounded_client`, as the server's
+requests): a PACS that accepted the connection and never answered hung the whole batch for ever. One that does not
+answer in time raises :class:`PacsDidNotAnswer`, naming what was asked and how long it waited; a slow download that
+keeps arriving is never cut.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -46,15 +53,16 @@ import pydicom
 
 from ..imaging.errors import one_line
 from ..imaging.guards import max_voxels
-from ..pacs import (PacsStoreError, SeriesSize, all_pages, disk_full, disk_shortfall, instance_voxels,
-                    one_line_redacted, save_instance, search_whole, series_disk_shortfall, series_instance_count,
-                    series_size, stow_datasets)
+from ..pacs import (PACS_READ_TIMEOUT_ENV, PacsStoreError, SeriesSize, all_pages, bounded_client, disk_full,
+                    disk_shortfall, instance_voxels, one_line_redacted, pacs_read_timeout_s, read_timed_out,
+                    save_instance, search_whole, series_disk_shortfall, series_instance_count, series_size,
+                    stow_datasets)
 from ..pacs_corrections import without_credentials
 from .discovery import DERIVED_MARK, SeriesFilter, SeriesItem, is_our_result, refuse_collisions, refuse_reused_uids
 
-__all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "DownloadRefused", "PacsStoreError", "check_download",
-           "derived_series", "discover_dicomweb", "download_series", "instances_on_server", "is_dicomweb_url",
-           "make_client", "series_identity", "source_instances_sha256", "store_series"]
+__all__ = ["DERIVED_MARK", "NON_IMAGE_MODALITIES", "DownloadRefused", "PacsDidNotAnswer", "PacsStoreError",
+           "check_download", "derived_series", "discover_dicomweb", "download_series", "instances_on_server",
+           "is_dicomweb_url", "make_client", "series_identity", "source_instances_sha256", "store_series"]
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +87,14 @@ def is_dicomweb_url(text: str) -> bool:
 def make_client(url: str):
     """A ``DICOMwebClient`` for the service root ``url`` (e.g. ``http://pacs:8042/dicom-web``). It retries a failed
     request 4 times, waiting 2, 4, 8 then 16 s; ``ADL_DICOMWEB_RETRY_WAIT_S`` sets the first wait (the tests
-    shorten it; the number of tries stays).
+    shorten it; the number of tries stays). Each request waits :data:`lib.pacs.PACS_CONNECT_TIMEOUT_S` to connect and
+    ``ADL_PACS_READ_TIMEOUT_S`` for each read of its answer (:func:`lib.pacs.bounded_client`; a read timeout is not
+    tried again).
 
     Raises:
-        ValueError: ``ADL_DICOMWEB_RETRY_WAIT_S`` is not a number >= 0.
+        ValueError: ``ADL_DICOMWEB_RETRY_WAIT_S`` is not a number >= 0, or ``ADL_PACS_READ_TIMEOUT_S`` not seconds > 0.
     """
+    pacs_read_timeout_s()  # a bad ADL_PACS_READ_TIMEOUT_S is told before any request
     from dicomweb_client.api import DICOMwebClient
 
     client = DICOMwebClient(url=url.rstrip("/"))
@@ -97,7 +108,29 @@ def make_client(url: str):
             raise ValueError(f"{RETRY_WAIT_ENV}={value!r}: the first wait between retries must be seconds >= 0")
         # retrying waits multiplier * 2**attempt milliseconds after each failed attempt (1, 2, ...)
         client.set_http_retry_params(wait_exponential_multiplier=first_wait * 1000 / 2)
+    bounded_client(client)
     return client
+
+
+class PacsDidNotAnswer(TimeoutError):
+    """The DICOMweb server accepted a request and did not answer it (or stopped sending its answer) within
+    ``ADL_PACS_READ_TIMEOUT_S``; the message says what was asked and how long it waited. A ``TimeoutError``: the
+    batch counts it as a server that cannot be reached (the next series would wait the same)."""
+
+
+@contextlib.contextmanager
+def _answered(client, what: str):
+    """Within it, a request to ``client``'s server that timed out reading its answer (:func:`lib.pacs.read_timed_out`)
+    raises :class:`PacsDidNotAnswer` saying that the server did not answer ``what`` in time (requests' own message
+    names a connection pool and a number only)."""
+    try:
+        yield
+    except Exception as error:
+        if not read_timed_out(error):
+            raise
+        raise PacsDidNotAnswer(f"the PACS {without_credentials(client.base_url)} did not answer {what} within "
+                               f"{pacs_read_timeout_s():g} s (it accepted the request, then sent nothing for that "
+                               f"long; {PACS_READ_TIMEOUT_ENV} sets how long it may stay silent)") from error
 
 
 def _value(result: dict, keyword: str, default=""):
@@ -145,10 +178,13 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
 
     def search() -> list[dict]:
         try:
-            return all_pages(lambda offset: client.search_for_series(
-                search_filters=filters or None, offset=offset,
-                fields=["StudyDate", "SeriesDescription", "Modality", "SeriesNumber",
-                        "NumberOfSeriesRelatedInstances", "PatientID"]))
+            with _answered(client, "the search of its series (QIDO-RS)"):
+                return all_pages(lambda offset: client.search_for_series(
+                    search_filters=filters or None, offset=offset,
+                    fields=["StudyDate", "SeriesDescription", "Modality", "SeriesNumber",
+                            "NumberOfSeriesRelatedInstances", "PatientID"]))
+        except PacsDidNotAnswer as error:
+            raise ValueError(f"{error}: nothing was denoised") from None
         except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, not a DICOMweb answer
             raise ValueError(f"cannot list the series of {without_credentials(client.base_url)} (QIDO-RS): "
                              f"{one_line_redacted(error)}") from None
@@ -201,14 +237,17 @@ def series_identity(client, item: SeriesItem) -> dict:
 
     Raises:
         requests.exceptions.ConnectionError, Timeout: the server cannot be reached.
+        PacsDidNotAnswer: the server did not answer the search within ``ADL_PACS_READ_TIMEOUT_S``.
     """
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
     try:
-        found = search_whole(client, lambda: all_pages(lambda offset: client.search_for_instances(
-            study_instance_uid=item.study_uid or None, search_filters={"SeriesInstanceUID": item.series_uid},
-            fields=list(IDENTITY_FIELDS), offset=offset)), "Instance", f"the instances of series {item.series_uid}")
-    except (RequestsConnectionError, Timeout):
+        with _answered(client, f"the search of the instances of series {item.series_uid}"):
+            found = search_whole(client, lambda: all_pages(lambda offset: client.search_for_instances(
+                study_instance_uid=item.study_uid or None, search_filters={"SeriesInstanceUID": item.series_uid},
+                fields=list(IDENTITY_FIELDS), offset=offset)), "Instance",
+                f"the instances of series {item.series_uid}")
+    except (RequestsConnectionError, Timeout, PacsDidNotAnswer):
         raise  # the download would fail the same way: the series fails as unreachable
     except Exception as error:  # noqa: BLE001 - an HTTP error answered, a cut listing
         log.warning("series %s: its instances cannot be listed whole (%s): a rerun tells a change by its instance "
@@ -261,9 +300,11 @@ def check_download(client, item: SeriesItem, folder: Path, limit: int | None = N
     Raises:
         DownloadRefused: too large, or it does not fit (nothing was downloaded).
         requests.exceptions.ConnectionError, Timeout: the server cannot be reached.
+        PacsDidNotAnswer: the server did not answer the size search within ``ADL_PACS_READ_TIMEOUT_S``.
     """
     limit = max_voxels() if limit is None else int(limit)
-    size = series_size(client, item.series_uid, item.study_uid or None)
+    with _answered(client, f"the size search of series {item.series_uid}"):
+        size = series_size(client, item.series_uid, item.study_uid or None)
     if size is None:
         log.warning("series %s: the server does not tell its size (QIDO-RS Rows, Columns): its voxels are counted "
                     "as it is downloaded", item.series_uid)
@@ -300,6 +341,8 @@ def download_series(client, item: SeriesItem, folder: Path, limit: int | None = 
             full all the same (:func:`lib.pacs.disk_full`: another writer took the space; stopped at the instance
             that took it over; the files written removed).
         ValueError: the server returned no instance.
+        PacsDidNotAnswer: the server did not answer, or stopped sending the series, for ``ADL_PACS_READ_TIMEOUT_S``
+            (the files written removed).
     """
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -308,37 +351,38 @@ def download_series(client, item: SeriesItem, folder: Path, limit: int | None = 
         limit = max_voxels() if limit is None else int(limit)
         size = check_download(client, item, folder, limit)
         count, voxels = 0, 0
-        for count, dataset in enumerate(client.iter_series(item.study_uid, item.series_uid), start=1):
-            voxels += instance_voxels(dataset)
-            if voxels > limit:
-                what = (f"grew during its download: {size.instances} instances when its size was checked, {count}"
-                        if size is not None else
-                        f"is too large (the server did not tell its size): the {count} instances")
-                raise DownloadRefused(f"series {item.series_uid} {what} sent so far hold {voxels:,} voxels, over "
-                                      f"the limit of {limit:,} (raise it with ADL_MAX_VOXELS); the download was "
-                                      "stopped and its files removed")
-            # this file, and the derived series of every instance so far (16 bits a voxel), as check_download counts
-            short = disk_shortfall(dataset, folder, count, voxels)
-            if short is not None:
-                needed, free = short
-                what = (f"grew past the free disk space during its download ({size.instances} instances when its "
-                        f"size was checked, {count} sent so far)" if size is not None else
-                        f"is larger than the free disk space (the server did not tell its size; {count} instances "
-                        "sent so far)")
-                raise DownloadRefused(f"series {item.series_uid} {what}: instance {count} needs about {needed:,} "
-                                      f"bytes with the derived series of those downloaded, {free:,} are free on the "
-                                      f"disk of {folder}; the download was stopped and its files removed: free some "
-                                      "space or choose another --output")
-            path = folder / f"{count:06d}.dcm"
-            written.append(path)  # before the write: a write cut short (disk full) leaves part of a file
-            try:
-                save_instance(dataset, path)
-            except OSError as error:  # the disk full all the same: another writer took the space since the check
-                if not disk_full(error):
-                    raise
-                raise DownloadRefused(f"series {item.series_uid} does not fit on the disk of {folder}: the disk was "
-                                      f"full at instance {count}; the download was stopped and its files removed: "
-                                      "free some space or choose another --output") from None
+        with _answered(client, f"the download of series {item.series_uid} (WADO-RS)"):
+            for count, dataset in enumerate(client.iter_series(item.study_uid, item.series_uid), start=1):
+                voxels += instance_voxels(dataset)
+                if voxels > limit:
+                    what = (f"grew during its download: {size.instances} instances when its size was checked, {count}"
+                            if size is not None else
+                            f"is too large (the server did not tell its size): the {count} instances")
+                    raise DownloadRefused(f"series {item.series_uid} {what} sent so far hold {voxels:,} voxels, over "
+                                          f"the limit of {limit:,} (raise it with ADL_MAX_VOXELS); the download was "
+                                          "stopped and its files removed")
+                # this file, and the derived series of every instance so far (16 bits a voxel), as check_download counts
+                short = disk_shortfall(dataset, folder, count, voxels)
+                if short is not None:
+                    needed, free = short
+                    what = (f"grew past the free disk space during its download ({size.instances} instances when its "
+                            f"size was checked, {count} sent so far)" if size is not None else
+                            f"is larger than the free disk space (the server did not tell its size; {count} instances "
+                            "sent so far)")
+                    raise DownloadRefused(f"series {item.series_uid} {what}: instance {count} needs about "
+                                          f"{needed:,} bytes with the derived series of those downloaded, {free:,} "
+                                          f"are free on the disk of {folder}; the download was stopped and its files "
+                                          "removed: free some space or choose another --output")
+                path = folder / f"{count:06d}.dcm"
+                written.append(path)  # before the write: a write cut short (disk full) leaves part of a file
+                try:
+                    save_instance(dataset, path)
+                except OSError as error:  # the disk full all the same: another writer took the space since the check
+                    if not disk_full(error):
+                        raise
+                    raise DownloadRefused(f"series {item.series_uid} does not fit on the disk of {folder}: the disk "
+                                          f"was full at instance {count}; the download was stopped and its files "
+                                          "removed: free some space or choose another --output") from None
         if count == 0:
             raise ValueError(f"the DICOMweb server returned no instance for series {item.series_uid}")
     except BaseException:
@@ -389,13 +433,14 @@ def instances_on_server(client, study_uid: str, series_uid: str) -> int:
         PacsStoreError: the server cannot be asked (then whether it holds the series is unknown).
     """
     try:
-        count = series_instance_count(client, series_uid, study_uid)
-        if count is not None:
-            return count
-        listed = search_whole(  # a server that does not return the count: its instances, checked to be all
-            client, lambda: all_pages(lambda offset: client.search_for_instances(
-                study_instance_uid=study_uid, series_instance_uid=series_uid, offset=offset)),
-            "Instance", f"the instances of the derived series {series_uid}")
+        with _answered(client, f"the search of the derived series {series_uid}"):
+            count = series_instance_count(client, series_uid, study_uid)
+            if count is not None:
+                return count
+            listed = search_whole(  # a server that does not return the count: its instances, checked to be all
+                client, lambda: all_pages(lambda offset: client.search_for_instances(
+                    study_instance_uid=study_uid, series_instance_uid=series_uid, offset=offset)),
+                "Instance", f"the instances of the derived series {series_uid}")
     except Exception as error:  # noqa: BLE001 - connection refused, HTTP error, a cut answer
         raise PacsStoreError(f"cannot ask {without_credentials(client.base_url)} whether it holds the derived series "
                              f"{series_uid} "
@@ -409,7 +454,10 @@ def store_series(client, folder: Path) -> dict:
 
     Raises:
         PacsStoreError: the server did not store every instance (how many did, and the failure reasons).
+        PacsDidNotAnswer: the server did not answer the store, or its check, within ``ADL_PACS_READ_TIMEOUT_S``
+            (whether it stored the series is unknown: a rerun asks it, :func:`instances_on_server`).
     """
     datasets = [pydicom.dcmread(str(p)) for p in sorted(folder.iterdir()) if p.is_file()]
-    return stow_datasets(client, datasets)
+    with _answered(client, f"the store of the derived series {folder.name} (STOW-RS)"):
+        return stow_datasets(client, datasets)
 

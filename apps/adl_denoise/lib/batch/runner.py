@@ -55,6 +55,7 @@ from ..model_dispatch import (DENOISE_LEARNED_MODELS, DenoiseOptions, DenoiseRef
 from ..imaging import denoising_derivation, read_volume, write_dicom_derived_series, write_volume
 from ..imaging.errors import one_line
 from ..imaging.guards import image_files
+from ..pacs import pacs_read_timeout_s
 from ..runtime.atomic import atomic_write_text
 from ..runtime.hashing import file_sha256
 from . import dicomweb
@@ -264,12 +265,17 @@ def _set_aside(output: Path) -> None:
 
 def _unreachable(error: BaseException) -> bool:
     """Whether ``error`` (or an error it was raised from) is a failure to reach the server (connection refused,
-    reset, DNS, timed out...), not an answer: then the next series would fail the same way."""
+    reset, DNS, timed out, no answer in time...), not an answer: then the next series would fail the same way."""
     from requests.exceptions import ConnectionError as RequestsConnectionError, Timeout
 
+    return _caused_by(error, (RequestsConnectionError, Timeout, ConnectionError, TimeoutError))
+
+
+def _caused_by(error: BaseException | None, kinds) -> bool:
+    """Whether ``error``, or an error it was raised from, is one of ``kinds``."""
     seen = 0
     while error is not None and seen < 10:
-        if isinstance(error, (RequestsConnectionError, Timeout, ConnectionError, TimeoutError)):
+        if isinstance(error, kinds):
             return True
         error, seen = error.__cause__ or error.__context__, seen + 1
     return False
@@ -439,6 +445,7 @@ class _Rank:
         self.scratch = Path(settings.output) / ".denoise_batch_download" / f"rank-{rank:05d}"
         self.last_error = ""
         self.last_unreachable = False  # the last failure: the server could not be reached
+        self.last_silent = False  # a request of the last series was not answered in time (dicomweb.PacsDidNotAnswer)
         # a request of this run found the server unreachable (_note_unreachable): no superseded-series check asks it
         # after that (_instances_on_server)
         self.pacs_unreachable = False
@@ -461,8 +468,9 @@ class _Rank:
         start = time.perf_counter()
         self.planned_outputs = {str(i.output.resolve()) for i in (items if planned is None else planned)}
         unreachable = 0  # failures in a row for want of the server
+        silent = 0  # of them, the last ones in a row whose server accepted the request and did not answer in time
         for index, item in enumerate(items):
-            self.last_unreachable, self.last_superseded, self.last_left = False, [], []
+            self.last_unreachable, self.last_silent, self.last_superseded, self.last_left = False, False, [], []
             outcome = self.one(item)
             if outcome == "failed":
                 summary.failures.append((item.key, self.last_error))
@@ -472,9 +480,12 @@ class _Rank:
             bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed, refresh=False)
             bar.update(1)
             unreachable = unreachable + 1 if outcome == "failed" and self.last_unreachable else 0
+            silent = silent + 1 if unreachable and self.last_silent else 0
             if unreachable >= UNREACHABLE_LIMIT and index + 1 < len(items):
                 summary.untried = len(items) - index - 1
-                summary.stopped = (f"{self._server_name()} could not be reached for "
+                why = (f"did not answer within {pacs_read_timeout_s():g} s" if silent == unreachable else
+                       "could not be reached")
+                summary.stopped = (f"{self._server_name()} {why} for "
                                    f"{unreachable} series in a row: the remaining {summary.untried} series were not "
                                    "tried; rerun to resume")
                 break
@@ -1002,6 +1013,7 @@ class _Rank:
         superseded-series checks off for the rest of it (``pacs_unreachable``, :meth:`_instances_on_server`), with
         one warning saying so (``said``: the caller's own warning says it)."""
         unreachable = _unreachable(error)
+        self.last_silent = self.last_silent or _caused_by(error, dicomweb.PacsDidNotAnswer)
         if unreachable and not self.pacs_unreachable:
             self.pacs_unreachable = True
             if not said:
