@@ -30,7 +30,8 @@ __all__ = ["VERDICTS", "MAX_REASON_CHARS", "HANDOUT_EVENT", "NextUnreviewed", "N
            "QUEUE_LEFT", "ambiguous_images", "has_image",
            "record_handout", "record_result",
            "reconcile_reviews", "record_verdict", "refuse_unreviewable", "removals", "review_of", "audit_trail",
-           "results_of", "stored_results", "study_modality", "unreviewable_reason", "UNREADABLE_REMEMBERED", "NOT_DOWNLOADED_RETRY_S"]
+           "results_of", "stored_results", "study_modality", "unreviewable_reason", "UNREADABLE_REMEMBERED",
+           "NOT_DOWNLOADED_RETRY_S"]
 
 VERDICTS = ("unreviewed", "accepted", "corrected", "rejected")
 MAX_REASON_CHARS = 2000  # a reason is a sentence or two; the log keeps every one of them for ever

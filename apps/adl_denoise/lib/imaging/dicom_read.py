@@ -796,8 +796,9 @@ def _first_fragments(ds: Dataset, path: Path, shape: Sequence[int], offsets: Seq
     """The index of each frame's first fragment, for ``ds``'s encapsulated pixel data of ``shape[0]`` frames in
     more fragments than frames (``starts``: each fragment's item tag, bytes from the first one's; ``heads``: its
     first bytes, up to :data:`_HEAD_BYTES`): by the Basic or Extended Offset Table (``offsets``, ``table`` its
-    name; [] when there is none), else, for JPEG, JPEG-LS and JPEG 2000, the fragments that begin with the codec's start marker (each
-    frame's codestream does), when they are one a frame and the first fragment is one of them. None when each frame
+    name; [] when there is none), else, for JPEG, JPEG-LS and JPEG 2000, the fragments that begin with the codec's
+    start marker (each frame's codestream does), when they are one a frame and the first fragment is one of them.
+    None when each frame
     takes one fragment (or one frame all), or a table lists another number of frames (:func:`_check_frames` counts
     them), or the codec has no start marker (left to the decoder). ImageReadError when a table puts a frame where no
     fragment starts (or not after the previous frame's), or, without a table, for RLE Lossless (a frame's fragments
