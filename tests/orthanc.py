@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import processes
 from mlserver import free_port
@@ -166,6 +166,30 @@ end
     return script
 
 
+def _forwarded(handler: BaseHTTPRequestHandler, target: str) -> tuple[int, Any, bytes]:
+    """The request ``handler`` received, sent to Orthanc at ``target`` (its answer read whole and uncompressed:
+    urllib does not undo gzip, so the relays ask for none): status, headers and body, an error status included."""
+    length = int(handler.headers.get("Content-Length") or 0)
+    headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection", "accept-encoding")}
+    request = urllib.request.Request(f"{target}{handler.path}", data=handler.rfile.read(length) if length else None,
+                                     method=handler.command, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            return answer.status, answer.headers, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def _send_head(handler: BaseHTTPRequestHandler, status: int, headers: Any, length: int) -> None:
+    """The status line and Orthanc's ``headers`` of a relayed answer of ``length`` bytes (its own framing dropped)."""
+    handler.send_response(status)
+    for key, value in headers.items():
+        if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+            handler.send_header(key, value)
+    handler.send_header("Content-Length", str(length))
+    handler.end_headers()
+
+
 @contextlib.contextmanager
 def without_instance_counts(server: Orthanc) -> Iterator[str]:
     """A plain HTTP relay on loopback in front of the real Orthanc ``server`` whose JSON answers leave out
@@ -179,29 +203,14 @@ def without_instance_counts(server: Orthanc) -> Iterator[str]:
             pass
 
         def _relay(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            # answers uncompressed (urllib does not undo gzip): the relay reads and rewrites them
-            headers = {k: v for k, v in self.headers.items()
-                       if k.lower() not in ("host", "connection", "accept-encoding")}
-            request = urllib.request.Request(f"{target}{self.path}", data=self.rfile.read(length) if length else None,
-                                             method=self.command, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=300) as answer:
-                    status, kept, body = answer.status, answer.headers, answer.read()
-            except urllib.error.HTTPError as error:
-                status, kept, body = error.code, error.headers, error.read()
+            status, kept, body = _forwarded(self, target)
             if "json" in (kept.get("Content-Type") or ""):
                 found = json.loads(body or b"null")
                 for entry in found if isinstance(found, list) else []:
                     if isinstance(entry, dict):
                         entry.pop("00201209", None)
                 body = json.dumps(found).encode()
-            self.send_response(status)
-            for key, value in kept.items():
-                if key.lower() not in ("content-length", "transfer-encoding", "connection"):
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
+            _send_head(self, status, kept, len(body))
             self.wfile.write(body)
 
         do_GET = do_POST = do_PUT = do_DELETE = _relay  # noqa: N815 - http.server's names
@@ -237,22 +246,8 @@ def slow_relay(server: Orthanc, chunk: int, pause_s: float, stall_after: int | N
             pass
 
         def _relay(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            headers = {k: v for k, v in self.headers.items()
-                       if k.lower() not in ("host", "connection", "accept-encoding")}
-            request = urllib.request.Request(f"{target}{self.path}", data=self.rfile.read(length) if length else None,
-                                             method=self.command, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=300) as answer:
-                    status, kept, body = answer.status, answer.headers, answer.read()
-            except urllib.error.HTTPError as error:
-                status, kept, body = error.code, error.headers, error.read()
-            self.send_response(status)
-            for key, value in kept.items():
-                if key.lower() not in ("content-length", "transfer-encoding", "connection"):
-                    self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
+            status, kept, body = _forwarded(self, target)
+            _send_head(self, status, kept, len(body))
             for start in range(0, len(body), chunk):
                 if stall_after is not None and start >= stall_after:
                     closing.wait(600)  # nothing more
