@@ -166,6 +166,23 @@ end
     return script
 
 
+@contextlib.contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler], port: int = 0,
+             daemon_threads: bool = False) -> Iterator[ThreadingHTTPServer]:
+    """An HTTP server of ``handler`` on 127.0.0.1 (``port``, or a free one) served from a thread while the block
+    runs, then stopped and closed."""
+    server = ThreadingHTTPServer(("127.0.0.1", port or free_port()), handler)
+    server.daemon_threads = daemon_threads
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=60)
+
+
 def _forwarded(handler: BaseHTTPRequestHandler, target: str) -> tuple[int, Any, bytes]:
     """The request ``handler`` received, sent to Orthanc at ``target`` (its answer read whole and uncompressed:
     urllib does not undo gzip, so the relays ask for none): status, headers and body, an error status included."""
@@ -215,15 +232,8 @@ def without_instance_counts(server: Orthanc) -> Iterator[str]:
 
         do_GET = do_POST = do_PUT = do_DELETE = _relay  # noqa: N815 - http.server's names
 
-    relay = ThreadingHTTPServer(("127.0.0.1", free_port()), Relay)
-    thread = threading.Thread(target=relay.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _serving(Relay) as relay:
         yield f"http://127.0.0.1:{relay.server_address[1]}/dicom-web"
-    finally:
-        relay.shutdown()
-        relay.server_close()
-        thread.join(timeout=60)
 
 
 def stop_orthanc(server: Orthanc) -> None:
@@ -259,17 +269,11 @@ def slow_relay(server: Orthanc, chunk: int, pause_s: float, stall_after: int | N
 
         do_GET = do_POST = _relay  # noqa: N815 - http.server's names
 
-    relay = ThreadingHTTPServer(("127.0.0.1", free_port()), Relay)
-    relay.daemon_threads = True
-    thread = threading.Thread(target=relay.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{relay.server_address[1]}/dicom-web"
-    finally:
-        closing.set()
-        relay.shutdown()
-        relay.server_close()
-        thread.join(timeout=60)
+    with _serving(Relay, daemon_threads=True) as relay:
+        try:
+            yield f"http://127.0.0.1:{relay.server_address[1]}/dicom-web"
+        finally:
+            closing.set()  # the answers it holds back end before the server stops
 
 
 @contextlib.contextmanager
@@ -327,12 +331,5 @@ def failing_server(port: int, status: int) -> Iterator[list[str]]:
         do_GET = do_POST = do_PUT = do_DELETE = _fail  # noqa: N815 - http.server's names
 
     ThreadingHTTPServer.allow_reuse_address = True
-    server = ThreadingHTTPServer(("127.0.0.1", port), Failing)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _serving(Failing, port):
         yield received
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=60)
