@@ -477,17 +477,14 @@ def _served_problems(datastore, image_id: str, current: Dict[str, str]) -> Tuple
     files = [f"{image_id}/"]
     problems: List[str] = []
     downloaded = _header_identity(folder, image_id)
-    changed = [key for key in _IDENTITY_KEYS if downloaded[key] != current[key]]
+    changed = _download_changes(downloaded, current)
     if changed:
-        problems.append(f"its download has {', '.join(f'{k} {downloaded[k]!r}' for k in changed)}")
+        problems.append(f"its download has {changed}")
     if served and os.path.isfile(served):  # the conversion is what is sent and trained on
         files.append(os.path.basename(served))
-        recorded = _recorded_identity(datastore.get_image_info(image_id) or {})
-        changed = [key for key, value in recorded.items()
-                   if value != current[key] and not (value == "UNK" and current[key] == "")]  # UNK: none listed
+        changed = _conversion_changes(datastore, image_id, current)
         if changed:
-            problems.append(f"the image sent ({os.path.basename(served)}) was converted from "
-                            f"{', '.join(f'{k} {recorded[k]!r}' for k in changed)}")
+            problems.append(f"the image sent ({os.path.basename(served)}) was converted from {changed}")
         newest = max((p.stat().st_mtime for p in folder.iterdir()), default=0.0)
         if os.stat(served).st_mtime < newest:
             problems.append(f"the image sent ({os.path.basename(served)}) was converted from an earlier download")
@@ -577,7 +574,7 @@ def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
     import requests
     import retrying
 
-    from .pacs import _first_str, answered_within
+    from .pacs import _first_str, answered_within, error_answer
 
     memo = _searched.get()
     if memo is not None and image_id in memo:
@@ -592,10 +589,7 @@ def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
                                   f"series {image_id} within {PACS_SEARCH_TIMEOUT_S:g} s: its study and patient "
                                   "cannot be checked; nothing was sent or saved", 504) from None
     except (requests.HTTPError, retrying.RetryError) as error:  # an error status (retried ones: RetryError)
-        answer = getattr(error, "response", None)
-        if answer is None:  # retrying's: the last attempt's result is the response
-            answer = getattr(getattr(error, "last_attempt", None), "value", None)
-        status = getattr(answer, "status_code", None)
+        status = getattr(error_answer(error), "status_code", None)
         raise CorrectionNotServed(f"the PACS answered the search for series {image_id} with an error (HTTP {status}):"
                                   " its study and patient cannot be checked; nothing was sent or saved", 502) from None
     identities: List[Dict[str, str]] = []
@@ -647,6 +641,20 @@ def correction_binding(datastore, image_id: str) -> Dict[str, Any]:
     return {SERIES_IDENTITY_KEY: current}
 
 
+def _download_changes(downloaded: Dict[str, str], current: Dict[str, str]) -> str:
+    """The identity values of a series' download (its header) that the PACS lists otherwise now, as ``key 'value'``
+    pairs; "" when none."""
+    return ", ".join(f"{k} {downloaded[k]!r}" for k in _IDENTITY_KEYS if downloaded[k] != current[k])
+
+
+def _conversion_changes(datastore, image_id: str, current: Dict[str, str]) -> str:
+    """The identity values MONAI Label recorded when it converted the series ``image_id`` (its image info) that the
+    PACS lists otherwise now, as ``key 'value'`` pairs; "" when none (a recorded ``UNK`` is an empty value listed)."""
+    recorded = _recorded_identity(datastore.get_image_info(image_id) or {})
+    return ", ".join(f"{k} {value!r}" for k, value in recorded.items()
+                     if value != current[k] and not (value == "UNK" and current[k] == ""))
+
+
 def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The identity a verdict on the PACS series ``image_id`` is recorded with (``{SERIES_IDENTITY_KEY: {...}}``:
     the one identity the PACS lists it under now, one QIDO-RS search, as a correction's: :func:`correction_binding`),
@@ -680,15 +688,13 @@ def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, A
             downloaded = _header_identity(folder, image_id)
         except FileNotFoundError:  # no DICOM file left in it: nothing reviewed from it to compare
             downloaded = current
-        changed = [key for key in _IDENTITY_KEYS if downloaded[key] != current[key]]
+        changed = _download_changes(downloaded, current)
         if changed:
-            problems.append(f"its download has {', '.join(f'{k} {downloaded[k]!r}' for k in changed)}")
+            problems.append(f"its download has {changed}")
     if image_id in cached_images(datastore):  # converted: its info holds what MONAI Label recorded then
-        recorded = _recorded_identity(datastore.get_image_info(image_id) or {})
-        changed = [key for key, value in recorded.items()
-                   if value != current[key] and not (value == "UNK" and current[key] == "")]
+        changed = _conversion_changes(datastore, image_id, current)
         if changed:
-            problems.append(f"the image sent was converted from {', '.join(f'{k} {recorded[k]!r}' for k in changed)}")
+            problems.append(f"the image sent was converted from {changed}")
     head = "changed since this server downloaded it (what was reviewed)" if problems else \
         "is not shown to be what the result judged was denoised from"
     remedy = (f"remove the server's cached download of the series, {image_id}/ and {image_id}.nii.gz in its "

@@ -121,10 +121,10 @@ def _install_read_failure_answers(fastapi_app) -> None:
         if read_timed_out(error):  # connected, then nothing (more) came
             seconds = pacs_read_timeout_s()
             log.error("%s %s: the PACS did not answer within %g s (%s, %s)", request.method, request.url.path,
-                      seconds, type(error).__name__, without_credentials(target))
+                      seconds, type(error).__name__, target)
             return JSONResponse(status_code=504, content={"detail": pacs_silent(seconds)})
         log.error("%s %s: the PACS cannot be reached (%s%s)", request.method, request.url.path,
-                  type(error).__name__, f", {without_credentials(target)}" if target else "")  # no password
+                  type(error).__name__, f", {target}" if target else "")
         return JSONResponse(status_code=503, content={"detail": PACS_UNREACHABLE})
 
     async def pacs_error(request, error: Exception):  # the PACS answered, with an error status
