@@ -11,7 +11,7 @@ import struct
 import uuid
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from .volume import Volume
 
 __all__ = [
     "MAX_VOXELS_DEFAULT",
+    "TextHeader",
     "check_finite",
     "check_gzip_stream",
     "check_metaimage_compressed_size",
@@ -32,6 +33,7 @@ __all__ = [
     "make_temp_dir",
     "max_voxels",
     "parse_voxel_limit",
+    "text_header",
 ]
 
 # Largest image read (voxels), checked from the header before any pixel is loaded: 1e9 voxels is 4 GB as
@@ -108,14 +110,30 @@ def _nifti_vox_offset(header: bytes) -> int:
     return _NIFTI1_HEADER
 
 
-def _text_header(path: Path, limit: int = 65536, keep_case: bool = False) -> tuple[dict[str, str], int, bool]:
-    """Fields (lower-case keys; with ``keep_case``, as written: MetaIO reads only ``CompressedDataSize`` spelt so)
-    and byte length of the text header of a NRRD or MetaImage file: NRRD ends it at the first blank line, MetaImage
-    at its ``ElementDataFile`` line; and whether that end (or the file's) was found in its first ``limit`` bytes (a
-    longer header: the length is not where the data starts)."""
+class TextHeader(NamedTuple):
+    """The text header of a NRRD or MetaImage file (:func:`text_header`), parsed once for all the checks of a read."""
+
+    #: fields by lower-case key (a key written in several cases: its last line's value)
+    fields: dict[str, str]
+    #: fields by key as written: MetaIO reads its keys case included (only ``CompressedDataSize`` spelt so)
+    written: dict[str, str]
+    #: bytes of the header: where the data of a file that holds it starts
+    length: int
+    #: whether its end (or the file's) was found in the bytes read (a longer header: ``length`` is not that)
+    complete: bool
+
+
+def text_header(path: Path, limit: int = 65536) -> TextHeader:
+    """The text header of a NRRD or MetaImage file, read from its first ``limit`` bytes: NRRD ends it at the first
+    blank line, MetaImage at its ``ElementDataFile`` line.
+
+    Raises:
+        OSError: ``path`` cannot be read.
+    """
     with open(path, "rb") as handle:
         head = handle.read(limit)
     fields: dict[str, str] = {}
+    written: dict[str, str] = {}
     position = 0
     complete = len(head) < limit  # the whole file read: a header that ends at the end of its file
     for raw in head.splitlines(keepends=True):
@@ -128,17 +146,17 @@ def _text_header(path: Path, limit: int = 65536, keep_case: bool = False) -> tup
             continue
         match = re.match(r"^([^:=]+?)\s*(:=|:|=)\s*(.*)$", line)
         if match:
-            key = match.group(1).strip()
-            fields[key if keep_case else key.lower()] = match.group(3).strip()
-            if match.group(1).strip().lower() == "elementdatafile":
+            key, value = match.group(1).strip(), match.group(3).strip()
+            fields[key.lower()] = written[key] = value
+            if key.lower() == "elementdatafile":
                 complete = True
                 break  # MetaImage: the data follows this line
-    return fields, position, complete
+    return TextHeader(fields, written, position, complete)
 
 
 def _metaio_compressed(fields: dict[str, str]) -> bool:
-    """Whether ITK's MetaIO inflates the voxels of a MetaImage header's ``fields`` (as written, :func:`_text_header`
-    with ``keep_case``): ``CompressedData`` and ``BinaryData`` (true unless given) starting with T, t or 1."""
+    """Whether ITK's MetaIO inflates the voxels of a MetaImage header's ``fields`` (as written,
+    :attr:`TextHeader.written`): ``CompressedData`` and ``BinaryData`` (true unless given) starting with T, t or 1."""
     return (fields.get("CompressedData", "")[:1] in ("T", "t", "1")
             and fields.get("BinaryData", "True")[:1] in ("T", "t", "1"))
 
@@ -173,7 +191,7 @@ def image_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     if not path.name.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
         return [path]
-    fields, _, _ = _text_header(path)
+    fields = text_header(path).fields
     if path.name.lower().endswith((".nrrd", ".nhdr")):
         named = fields.get("data file") or fields.get("datafile") or ""
     else:
@@ -203,9 +221,10 @@ def image_files(path: str | os.PathLike) -> list[Path]:
     return [path] + [Path(name) if os.path.isabs(name) else path.parent / name for name in names]
 
 
-def _stored_bytes(path: Path) -> tuple[int, str] | None:
+def _stored_bytes(path: Path, header: TextHeader | None = None) -> tuple[int, str] | None:
     """(bytes that hold the voxels, encoding) of an image file: ``raw``, ``gzip``, ``bzip2``, ``ascii`` or ``hex``;
-    None when the layout is not one this check understands (a list of data files, a pattern)."""
+    None when the layout is not one this check understands (a list of data files, a pattern). ``header``: a NRRD's
+    or MetaImage's :func:`text_header` when already read."""
     name = path.name.lower()
     size = path.stat().st_size
     if name.endswith(".nii.gz") or name.endswith(".gz"):
@@ -214,19 +233,20 @@ def _stored_bytes(path: Path) -> tuple[int, str] | None:
         with open(path, "rb") as handle:
             return size - _nifti_vox_offset(handle.read(_NIFTI2_HEADER)), "raw"
     if name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
-        fields, header_length, complete = _text_header(path)
-        if not complete:
+        header = header or text_header(path)
+        fields = header.fields
+        if not header.complete:
             return None  # a header over 64 KiB: where its data starts is not known here
         if name.endswith((".nrrd", ".nhdr")):
             encoding = fields.get("encoding", "raw").lower()
             encoding = {"gz": "gzip", "bz2": "bzip2", "txt": "ascii", "text": "ascii"}.get(encoding, encoding)
             data_file = fields.get("data file") or fields.get("datafile")
         else:
-            encoding = "gzip" if _metaio_compressed(_text_header(path, keep_case=True)[0]) else "raw"
+            encoding = "gzip" if _metaio_compressed(header.written) else "raw"
             data_file = fields.get("elementdatafile", "LOCAL")
             data_file = None if data_file.upper() == "LOCAL" else data_file
         if data_file is None:
-            return size - header_length, encoding
+            return size - header.length, encoding
         if " " in data_file or "%" in data_file or data_file.upper() == "LIST":
             return None  # several data files: ITK checks them while reading
         detached = (path.parent / data_file) if not os.path.isabs(data_file) else Path(data_file)
@@ -234,16 +254,18 @@ def _stored_bytes(path: Path) -> tuple[int, str] | None:
     return None
 
 
-def check_stored_size(path: Path, shape: Sequence[int], bytes_per_voxel: int) -> None:
+def check_stored_size(path: Path, shape: Sequence[int], bytes_per_voxel: int,
+                      header: TextHeader | None = None) -> None:
     """Refuse a file whose header declares more voxel data (``shape`` x ``bytes_per_voxel``) than the file can
     hold, before any voxel is read (a reader would allocate the declared size first, then fail or fill zeros).
 
     Raw data must be all there; deflate-compressed data cannot expand more than ~1100 : 1; text data needs at
-    least one character per value, hex two per byte. bzip2 (NRRD) is left to the voxel limit.
+    least one character per value, hex two per byte. bzip2 (NRRD) is left to the voxel limit. ``header``: a NRRD's
+    or MetaImage's :func:`text_header` when already read.
     """
     declared = int(np.prod([int(v) for v in shape], dtype=np.float64)) * int(bytes_per_voxel)
     try:
-        stored = _stored_bytes(path)
+        stored = _stored_bytes(path, header)
     except OSError:
         return  # the reader reports what it cannot open
     if stored is None:
@@ -264,22 +286,23 @@ def check_gzip_stream(path: Path, needed: int | None = None, nifti: bool = False
     fewer than ``needed`` voxel bytes (after the NIfTI header, with ``nifti``): ITK fills missing voxels with 0 and
     reads corrupt ones as they inflate. Once the member holding the last declared voxel has ended (its CRC checked),
     nothing more is read: ITK reads no further, so bytes after it (a newline, a block a transfer tool appended) do
-    not matter. Without ``needed``, the data is read to its end. Reads in 1 MiB chunks: memory stays small whatever
-    the declared size."""
+    not matter. Without ``needed``, the data is read to its end. Reads in 1 MiB chunks, once (the NIfTI header is
+    taken from the first bytes out): memory stays small whatever the declared size."""
     total = 0
-    head = b""
+    head = b""  # the first bytes out: the NIfTI header, which places the voxels
+
+    def enough() -> int:  # asked at a member's end, when the bytes out so far (and so the header) have been seen
+        return (_nifti_vox_offset(head) if nifti else 0) + int(needed)
+
     try:
         with open(path, "rb") as handle:
             transparent = handle.read(len(_GZIP_MAGIC)) != _GZIP_MAGIC
             handle.seek(0)
-            enough = None
-            if needed is not None:
-                if nifti:
-                    head = handle.read(_NIFTI2_HEADER) if transparent else _first_inflated(handle, _NIFTI2_HEADER)
-                    handle.seek(0)
-                enough = (_nifti_vox_offset(head) if nifti else 0) + int(needed)
-            chunks = _raw_chunks(handle) if transparent else _inflated_chunks(handle, 31, True, enough)
+            chunks = _raw_chunks(handle) if transparent else _inflated_chunks(
+                handle, None if needed is None else enough)
             for chunk in chunks:
+                if nifti and len(head) < _NIFTI2_HEADER:
+                    head += chunk[:_NIFTI2_HEADER - len(head)]
                 total += len(chunk)
     except _StreamCut as exc:
         raise ImageReadError(f"{path} is truncated or corrupt: its gzip stream is broken (Compressed file ended "
@@ -291,16 +314,6 @@ def check_gzip_stream(path: Path, needed: int | None = None, nifti: bool = False
         if have < needed:
             raise ImageReadError(f"{path} is truncated or corrupt: its header declares {needed:,} bytes of voxels, "
                                  f"the file decompresses to {max(have, 0):,}")
-
-
-def _first_inflated(handle, count: int) -> bytes:
-    """The first ``count`` decompressed bytes of the gzip data of ``handle`` (fewer where it holds fewer)."""
-    head = b""
-    for chunk in _inflated_chunks(handle, 31, True):
-        head += chunk
-        if len(head) >= count:
-            break
-    return head[:count]
 
 
 def _skip_lines(handle, count: int) -> bool:
@@ -322,20 +335,30 @@ def _skip_lines(handle, count: int) -> bool:
     return True
 
 
-def _compressed_data(path: Path) -> tuple[Path, int, int, int, bool, int, int | None] | None:
+class _CompressedData(NamedTuple):
+    """Where the compressed voxel data of a NRRD or MetaImage file is (:func:`_compressed_data`)."""
+
+    file: Path  #: the header's file (inline data) or its one data file
+    offset: int  #: bytes to skip in ``file``
+    line_skip: int  #: then lines to skip (NRRD's ``line skip``)
+    #: MetaImage: one zlib or gzip stream, as MetaIO inflates it; NRRD: gzip members one after another, as its reader
+    #: reads on through them
+    metaimage: bool
+    byte_skip: int  #: bytes of the decompressed data before the voxels (NRRD's ``byte skip``)
+    size: int | None  #: bytes of compressed data the reader reads (MetaImage's ``CompressedDataSize``; None: all)
+
+
+def _compressed_data(path: Path, header: TextHeader | None = None) -> _CompressedData | None:
     """Where the compressed voxel data of a NRRD (``encoding gzip``) or MetaImage (compressed as MetaIO reads it,
-    :func:`_metaio_compressed`) file is, inline or in its one data file: (file, bytes to skip, then lines to skip
-    (NRRD's ``line skip``), zlib's window bits (NRRD: gzip, 31; MetaImage: zlib or gzip, 47, as MetaIO inflates it),
-    whether gzip members follow one another (NRRD: its reader reads on through them; MetaIO inflates one stream),
-    bytes of the decompressed data before the voxels (NRRD's ``byte skip``), bytes of compressed data the reader
-    reads (MetaImage's ``CompressedDataSize``; None: to the end of the file)). None otherwise, and wherever the
-    data's start is not certain: a header over 64 KiB, a MetaImage ``HeaderSize``, a negative ``byte skip``, several
-    data files."""
+    :func:`_metaio_compressed`) file is, inline or in its one data file (``header``: its :func:`text_header` when
+    already read). None otherwise, and wherever the data's start is not certain: a header over 64 KiB, a MetaImage
+    ``HeaderSize``, a negative ``byte skip``, several data files."""
     name = path.name.lower()
     if not name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
         return None
-    fields, header_length, complete = _text_header(path)
-    if not complete:
+    header = header or text_header(path)
+    fields = header.fields
+    if not header.complete:
         return None  # a header over 64 KiB: its data's offset is not known here
     size = None
     try:
@@ -344,25 +367,24 @@ def _compressed_data(path: Path) -> tuple[Path, int, int, int, bool, int, int | 
                 return None
             data_file = fields.get("data file") or fields.get("datafile")
             line_skip, byte_skip = int(fields.get("line skip", 0)), int(fields.get("byte skip", 0))
-            wbits, members = 31, True
+            metaimage = False
         else:
-            written = _text_header(path, keep_case=True)[0]  # MetaIO reads its keys case included
-            if not _metaio_compressed(written) or int(fields.get("headersize", 0)):
+            if not _metaio_compressed(header.written) or int(fields.get("headersize", 0)):
                 return None
             data_file = fields.get("elementdatafile", "LOCAL")
             data_file = None if data_file.upper() == "LOCAL" else data_file
-            line_skip, byte_skip, wbits, members = 0, 0, 47, False
-            size = _metaio_compressed_size(written) or None  # none: MetaIO reads the data file whole
+            line_skip, byte_skip, metaimage = 0, 0, True
+            size = _metaio_compressed_size(header.written) or None  # none: MetaIO reads the data file whole
     except ValueError:
         return None  # a skip that is no number: the reader says what is wrong
     if line_skip < 0 or byte_skip < 0:
         return None
     if data_file is None:
-        return path, header_length, line_skip, wbits, members, byte_skip, size
+        return _CompressedData(path, header.length, line_skip, metaimage, byte_skip, size)
     if " " in data_file or "%" in data_file or data_file.upper() == "LIST":
         return None  # several data files: ITK checks them while reading
     detached = Path(data_file) if os.path.isabs(data_file) else path.parent / data_file
-    return detached, 0, line_skip, wbits, members, byte_skip, size
+    return _CompressedData(detached, 0, line_skip, metaimage, byte_skip, size)
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -378,21 +400,21 @@ def _raw_chunks(handle):
         yield chunk
 
 
-def _inflated_chunks(handle, wbits: int, members: bool, enough: int | None = None):
-    """The decompressed deflate data of ``handle`` from where it is, at most 1 MiB a chunk: with ``members``, the gzip
-    members that follow the first one too (as zlib's gzread and Python's gzip module read them; bytes after the
-    last member that do not start another one are ignored, as gzread ignores them), up to the end of the member
-    where ``enough`` bytes are out.
+def _inflated_chunks(handle, enough: Callable[[], int] | None = None):
+    """The decompressed gzip data of ``handle`` from where it is, at most 1 MiB a chunk: its first member and those
+    that follow it (as zlib's gzread and Python's gzip module read them; bytes after the last member that do not
+    start another one are ignored, as gzread ignores them), up to the end of the member where ``enough()`` bytes are
+    out (asked at each member's end, after every byte before it was handed out).
 
     Raises:
         _StreamCut: the file ends before a stream's end-of-stream marker;
         zlib.error: the data does not inflate.
     """
-    inflater = zlib.decompressobj(wbits)
+    inflater = zlib.decompressobj(31)
     produced = 0
     while True:
         if inflater.eof:
-            if not members or (enough is not None and produced >= enough):
+            if enough is not None and produced >= enough():
                 return
             following = inflater.unused_data
             while len(following) < len(_GZIP_MAGIC):
@@ -402,7 +424,7 @@ def _inflated_chunks(handle, wbits: int, members: bool, enough: int | None = Non
                 following += more
             if not following.startswith(_GZIP_MAGIC):
                 return  # the end of the data, or bytes after it that are no gzip member
-            inflater, data = zlib.decompressobj(wbits), following
+            inflater, data = zlib.decompressobj(31), following
         else:
             data = handle.read(_CHUNK)
             if not data:
@@ -416,10 +438,10 @@ def _inflated_chunks(handle, wbits: int, members: bool, enough: int | None = Non
             yield out
 
 
-def _inflated_length(file: Path, offset: int, line_skip: int, wbits: int, members: bool) -> int | None:
-    """Bytes the deflate data of ``file`` from ``offset`` (then ``line_skip`` lines on) decompresses to
-    (:func:`_inflated_chunks`). None where the data does not parse from there (not this check's to judge: the
-    reader says what is wrong).
+def _inflated_length(file: Path, offset: int, line_skip: int) -> int | None:
+    """Bytes the gzip data of ``file`` from ``offset`` (then ``line_skip`` lines on) decompresses to, its members one
+    after another (:func:`_inflated_chunks`). None where the data does not parse from there (not this check's to
+    judge: the reader says what is wrong).
 
     Raises:
         ImageReadError: the file ends before a stream's end-of-stream marker (cut short).
@@ -430,7 +452,7 @@ def _inflated_length(file: Path, offset: int, line_skip: int, wbits: int, member
         if not _skip_lines(handle, line_skip):
             return None
         try:
-            for chunk in _inflated_chunks(handle, wbits, members):
+            for chunk in _inflated_chunks(handle):
                 total += len(chunk)
         except _StreamCut:
             raise ImageReadError(f"{file} is truncated or corrupt: its compressed data ends before its "
@@ -486,7 +508,7 @@ def _gzip_trailer(file: Path) -> int | None:
         return None
 
 
-def check_compressed_length(path: Path, needed: int) -> None:
+def check_compressed_length(path: Path, needed: int, header: TextHeader | None = None) -> None:
     """Refuse a NIfTI (``.nii.gz``), NRRD or MetaImage file whose compressed voxel data is provably cut short: the
     file ends before the stream's end-of-stream marker, or the stream decompresses to fewer than ``needed`` bytes
     (the run's reader fails on it, or fills the rest with zeros). A NIfTI or NRRD gzip stream whose trailer gives
@@ -498,7 +520,8 @@ def check_compressed_length(path: Path, needed: int) -> None:
     (:func:`_check_metaio_inflates`: its ``CompressedDataSize`` bytes, until the voxels are out), and refused too
     where it does not inflate (MetaIO only prints "Uncompress failed" and keeps garbage). A NRRD file whose data does
     not parse where its header places it, or a file whose data's start is uncertain (:func:`_compressed_data`),
-    passes: its reader says what is wrong. Other files: nothing to check here (:func:`check_stored_size`)."""
+    passes: its reader says what is wrong. Other files: nothing to check here (:func:`check_stored_size`).
+    ``header``: a NRRD's or MetaImage's :func:`text_header` when already read."""
     if path.name.lower().endswith(".nii.gz"):
         trailer = _gzip_trailer(path)
         try:
@@ -511,17 +534,17 @@ def check_compressed_length(path: Path, needed: int) -> None:
         check_gzip_stream(path, needed, nifti=True)
         return
     try:
-        located = _compressed_data(path)
-        if located is None:
+        data = _compressed_data(path, header)
+        if data is None:
             return
-        file, offset, line_skip, wbits, members, byte_skip, size = located
+        byte_skip = data.byte_skip
         wanted = int(needed) + byte_skip  # NRRD's byte skip counts in the decompressed data
-        if wbits == 47:  # MetaImage
-            _check_metaio_inflates(path, file, offset, size, wanted)
+        if data.metaimage:
+            _check_metaio_inflates(path, data.file, data.offset, data.size, wanted)
             return
-        if members and _gzip_trailer(file) == wanted % (1 << 32):
+        if _gzip_trailer(data.file) == wanted % (1 << 32):
             return
-        total = _inflated_length(file, offset, line_skip, wbits, members)
+        total = _inflated_length(data.file, data.offset, data.line_skip)
     except OSError:
         return  # the reader reports what it cannot open
     if total is not None and total < wanted:
@@ -556,7 +579,7 @@ def _check_metaio_inflates(path: Path, file: Path, offset: int, size: int | None
                          f"compressed data decompresses to {produced:,}")
 
 
-def check_metaimage_compressed_size(path: Path) -> None:
+def check_metaimage_compressed_size(path: Path, header: TextHeader | None = None) -> None:
     """Refuse a MetaImage file whose compressed data lies in the file itself (``ElementDataFile = LOCAL``) and whose
     header gives no ``CompressedDataSize`` ITK's MetaIO can use: none, one spelt in another case (MetaIO reads its
     keys case included), 0, negative or no number. MetaIO then inflates the file from its first byte (its header
@@ -564,13 +587,15 @@ def check_metaimage_compressed_size(path: Path) -> None:
     (only "Uncompress failed" on stderr). The message gives the line to write (the bytes after the header). A size
     larger than those bytes fails ITK's read ("No such file or directory") and is refused naming both. A data file
     of its own (``.mhd`` and ``.zraw``) is read right without it: MetaIO takes the data file's size. A size too small
-    is :func:`check_compressed_length`'s to refuse (it inflates what MetaIO inflates)."""
+    is :func:`check_compressed_length`'s to refuse (it inflates what MetaIO inflates). ``header``: its
+    :func:`text_header` when already read."""
     try:
-        fields, header_length, complete = _text_header(path, keep_case=True)
-        held = path.stat().st_size - header_length
+        header = header or text_header(path)
+        held = path.stat().st_size - header.length
     except OSError:
         return  # the reader reports what it cannot open
-    if (not complete or not _metaio_compressed(fields)
+    fields = header.written  # MetaIO reads its keys case included
+    if (not header.complete or not _metaio_compressed(fields)
             or fields.get("ElementDataFile", "LOCAL") not in ("LOCAL", "Local", "local")
             or _metaio_number(fields.get("HeaderSize"))):
         return

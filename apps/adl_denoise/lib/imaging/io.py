@@ -149,21 +149,24 @@ def _nifti_image(path: Path):
         yield image
 
 
-def _check_nifti_finite(path: Path) -> None:
-    """ITK's NIfTI reader silently turns NaN and Inf into 0, so count them in the raw data with nibabel.
+def _check_nifti_finite(path: Path) -> dict:
+    """ITK's NIfTI reader silently turns NaN and Inf into 0, so count them in the raw data with nibabel. Returns the
+    fields of its header that place its voxels (:func:`_nifti_geometry_of`), read in the same opening of the file.
 
     Raises:
         ImageReadError: NaN or Inf stored, or nibabel cannot read the file (:func:`_nifti_image`).
     """
     with _nifti_image(path) as image:
+        geometry = _geometry_fields(image.header)
         if not np.issubdtype(image.header.get_data_dtype(), np.floating):
-            return
+            return geometry
         try:
             data = np.asanyarray(image.dataobj)
         except Exception as exc:  # noqa: BLE001 - not checked is not taken as finite
             raise ImageReadError(f"cannot read {path}: nibabel cannot read its voxels ({one_line(exc)}), so their "
                                  "NaN/Inf values (which ITK reads as 0) cannot be counted") from exc
     check_values(np.asarray(data), path)
+    return geometry
 
 
 def _nifti_stored_bytes_per_voxel(path: Path) -> int | None:
@@ -202,7 +205,11 @@ def _nifti_geometry_of(path: Path) -> dict:
         ImageReadError: nibabel cannot read its header (:func:`_nifti_image`): its sform would be lost unsaid.
     """
     with _nifti_image(path) as image:
-        header = image.header
+        return _geometry_fields(image.header)
+
+
+def _geometry_fields(header) -> dict:
+    """The fields of a nibabel NIfTI ``header`` that :func:`_nifti_geometry_of` gives."""
     fields = {name: np.asarray(header[name]).tolist() for name in _NIFTI_GEOMETRY_FIELDS}
     fields["pixdim"] = np.asarray(header["pixdim"], dtype=float)[:4].tolist()
     return fields
@@ -267,17 +274,29 @@ def _header_checks(path: Path, limit: int, whole_stream: bool = True) -> sitk.Im
     data of a NRRD file is checked too (ITK's reader fails on it when it reads it)."""
     reader = _sized_header(path, limit)
     per_voxel = _bytes_per_voxel(reader)
-    check_stored_size(path, reader.GetSize(), per_voxel)
+    header = _text_header(path)  # read once for the checks below
+    check_stored_size(path, reader.GetSize(), per_voxel, header)
     declared = int(np.prod([int(v) for v in reader.GetSize()], dtype=np.float64)) * per_voxel
     if not whole_stream or _suffix(path) in (".mha", ".mhd"):
         # MetaImage: ITK's reader turns compressed data cut short into zeros (only "Uncompress failed" on stderr)
-        check_compressed_length(path, declared)
+        check_compressed_length(path, declared, header)
         if _suffix(path) in (".mha", ".mhd"):
-            check_metaimage_compressed_size(path)  # after the cut check: a cut stream is named as cut
+            check_metaimage_compressed_size(path, header)  # after the cut check: a cut stream is named as cut
     elif _suffix(path) == ".nii.gz":
         # the stream is verified before ITK reads it: ITK's NIfTI reader turns a cut stream into zero slices
         check_gzip_stream(path, declared, nifti=True)
     return reader
+
+
+def _text_header(path: Path) -> guards.TextHeader | None:
+    """The text header of a NRRD or MetaImage file (:func:`~lib.imaging.guards.text_header`); None for another
+    format, or where it cannot be read (each check then reads it, and leaves what it cannot open to the reader)."""
+    if _suffix(path) not in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        return None
+    try:
+        return guards.text_header(path)
+    except OSError:
+        return None
 
 
 def _sized_header(path: Path, limit: int) -> sitk.ImageFileReader:
@@ -443,8 +462,9 @@ def _read_with_sitk(path: Path, modality: str | None, fill: bool, limit: int) ->
     array = sitk.GetArrayFromImage(image)
     if np.iscomplexobj(array):
         raise ImageReadError(f"{path} holds complex values; only real scalar images are supported")
+    nifti_geometry = None
     if _suffix(path) in (".nii", ".nii.gz") and np.issubdtype(array.dtype, np.floating):
-        _check_nifti_finite(path)
+        nifti_geometry = _check_nifti_finite(path)  # and its header's geometry: the file opened once for both
     check_values(array, path)
     if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
         source_dtype = np.dtype(array.dtype) if array.dtype != bool else np.dtype(np.uint8)
@@ -472,7 +492,7 @@ def _read_with_sitk(path: Path, modality: str | None, fill: bool, limit: int) ->
     }
     if _suffix(path) in (".nii", ".nii.gz"):
         # what a NIfTI output on this grid keeps of the header (_kept_nifti_geometry)
-        metadata["nifti_geometry"] = _nifti_geometry_of(path)
+        metadata["nifti_geometry"] = nifti_geometry or _nifti_geometry_of(path)
         metadata["nifti_grid"] = {"shape": list(values.shape), "spacing": list(image.GetSpacing()),
                                   "origin": list(image.GetOrigin()), "direction": list(image.GetDirection())}
     if pad_info["n_padded"] and np.issubdtype(source_dtype, np.integer):
