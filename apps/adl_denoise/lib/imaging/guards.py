@@ -292,7 +292,11 @@ def check_gzip_stream(path: Path, needed: int | None = None, nifti: bool = False
     head = b""  # the first bytes out: the NIfTI header, which places the voxels
 
     def enough() -> int:  # asked at a member's end, when the bytes out so far (and so the header) have been seen
-        return (_nifti_vox_offset(head) if nifti else 0) + int(needed)
+        if not nifti:
+            return int(needed)
+        # at least a whole NIfTI-2 header's length, as the header checks inflate it: a tiny image's broken second
+        # member is refused here as it always was, not later by nibabel with a vaguer message
+        return max(_NIFTI2_HEADER, _nifti_vox_offset(head) + int(needed))
 
     try:
         with open(path, "rb") as handle:
