@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import processes
 from mlserver import free_port
@@ -276,10 +276,57 @@ def slow_relay(server: Orthanc, chunk: int, pause_s: float, stall_after: int | N
             closing.set()  # the answers it holds back end before the server stops
 
 
+@dataclass
+class HoldingRelay:
+    """:func:`holding_back`'s relay: its DICOMweb root, the paths of the requests it held back, and whether it holds
+    them back (set ``holding`` to False: the PACS answers them again)."""
+
+    dicomweb: str
+    held: list
+    holding: bool = True
+
+
 @contextlib.contextmanager
-def silent_server(port: int = 0) -> Iterator[int]:
+def holding_back(server: Orthanc, holds: Callable[[str], bool]) -> Iterator[HoldingRelay]:
+    """A plain HTTP relay on loopback in front of the real Orthanc ``server`` that never answers a request whose path
+    ``holds(path)`` while its ``holding`` is set (a PACS that accepts it and then says nothing, e.g. for its frames
+    only), each such path kept in ``held``; every other request is relayed as :func:`slow_relay` does, at once."""
+    target = server.url
+    closing = threading.Event()
+    relay = HoldingRelay("", [])
+
+    class Relay(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _relay(self) -> None:
+            if relay.holding and holds(self.path):
+                relay.held.append(self.path)
+                closing.wait(600)  # nothing, until the relay closes
+                self.close_connection = True
+                return
+            status, kept, body = _forwarded(self, target)
+            _send_head(self, status, kept, len(body))
+            self.wfile.write(body)
+
+        do_GET = do_POST = _relay  # noqa: N815 - http.server's names
+
+    with _serving(Relay, daemon_threads=True) as serving:
+        relay.dicomweb = f"http://127.0.0.1:{serving.server_address[1]}/dicom-web"
+        try:
+            yield relay
+        finally:
+            closing.set()  # the requests it holds end before the server stops
+
+
+@contextlib.contextmanager
+def silent_server(port: int = 0, answer_start: bytes = b"") -> Iterator[int]:
     """A server on 127.0.0.1 (``port``, or a free one) that accepts every connection and never answers, nor reads:
-    a PACS that hangs (its HTTP server stuck, a firewall that keeps the connection open). Yields its port."""
+    a PACS that hangs (its HTTP server stuck, a firewall that keeps the connection open). With ``answer_start``, it
+    sends those bytes on each connection (the start of an answer, e.g. a status line, headers and part of the body
+    they announce), then nothing more: an answer that stalls half way. Yields its port."""
     import socket
 
     listener = socket.socket()
@@ -292,6 +339,8 @@ def silent_server(port: int = 0) -> Iterator[int]:
         while True:
             try:
                 accepted.append(listener.accept()[0])
+                if answer_start:
+                    accepted[-1].sendall(answer_start)
             except OSError:  # closed
                 return
 

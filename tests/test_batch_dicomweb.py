@@ -647,8 +647,10 @@ def test_a_pacs_that_accepts_and_never_answers_is_told_in_seconds_not_a_batch_hu
     for ever, at its series search or at a series. Each request now waits ADL_PACS_READ_TIMEOUT_S (1 s here) for
     each read of its answer: a PACS silent from the start stops the run before any work, saying it did not answer
     the series search within 1 s; one that lists its series and then answers nothing fails each series saying it
-    did not answer within 1 s, and after 3 in a row the run stops, the rest not tried. (Real servers on loopback:
-    one that accepts and never answers, one that answers the series search only.)"""
+    did not answer within 1 s, and after 3 in a row the run stops, the rest not tried. The ImageType search of a
+    series without a description (an anonymised copy of a result is told by it) was taken as [] in silence, and the
+    series as an input: it fails saying the PACS did not answer that search, and the next such series is not asked.
+    (Real servers on loopback: one that accepts and never answers, one that answers the series search only.)"""
     from orthanc import silent_server
 
     env = dict(os.environ, OMP_NUM_THREADS="1", ADL_PACS_READ_TIMEOUT_S="1")
@@ -666,9 +668,16 @@ def test_a_pacs_that_accepts_and_never_answers_is_told_in_seconds_not_a_batch_hu
     assert f"the PACS {root} did not answer the search of its series (QIDO-RS) within 1 s" in said, said
     assert "nothing was denoised" in said and "ADL_PACS_READ_TIMEOUT_S" in said, said
 
+    def match(k: int) -> dict:  # 1.2.3.0 and 1.2.3.1 without a description: their ImageType is asked
+        found = _series_match(f"1.2.3.{k}")
+        return {tag: value for tag, value in found.items() if tag != "0008103E"} if k < 2 else found
+
+    asked: list[str] = []
+
     def answer(path: str):
-        if path.startswith("/dicom-web/series"):  # the listing: 4 series, then nothing more (silence)
-            return 200, [_series_match(f"1.2.3.{k}") for k in range(4)] if "offset=0" in path else [], {}
+        asked.append(path)
+        if path.startswith("/dicom-web/series"):  # the listing: 6 series, then nothing more (silence)
+            return 200, [match(k) for k in range(6)] if "offset=0" in path else [], {}
         return None if path.startswith("/dicom-web/") else (404, None, {})  # (no Orthanc REST API here)
 
     with _loopback_qido(answer) as root:
@@ -676,8 +685,13 @@ def test_a_pacs_that_accepts_and_never_answers_is_told_in_seconds_not_a_batch_hu
     said = result.stdout + result.stderr
     assert result.returncode == 1, said
     summary = next(line for line in said.splitlines() if line.startswith("summary: "))
-    assert "0 done, 0 skipped, 3 failed, 1 not tried" in summary, summary
-    for k in range(3):
+    assert "0 done, 0 skipped, 5 failed, 1 not tried" in summary, summary
+    assert (f"failed: dicomweb:1.2.3/1.2.3.0: the PACS {root} did not answer the search of the ImageType of series "
+            "1.2.3.0 (QIDO-RS) within 1 s") in said and "whether it is a result of this app is not known" in said, said
+    assert (f"failed: dicomweb:1.2.3/1.2.3.1: its ImageType was not asked (whether it is a result of this app is not "
+            f"known): the PACS {root} did not answer that of series 1.2.3.0 within 1 s") in said, said
+    assert not [path for path in asked if "/series/1.2.3.1/" in path], asked
+    for k in range(2, 5):
         assert (f"failed: dicomweb:1.2.3/1.2.3.{k}: cannot read {root}/studies/1.2.3/series/1.2.3.{k}: the PACS "
                 f"{root} did not answer the search of the instances of series 1.2.3.{k} within 1 s") in said, said
     assert (f"stopped: {root} did not answer within 1 s for 3 series in a row: the remaining 1 series were not "

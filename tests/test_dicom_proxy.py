@@ -334,7 +334,7 @@ def test_an_answer_the_pacs_cuts_short_is_a_502_and_a_stores_failure_is_on_recor
     assert [r.method for r in pacs.received[start:]] == ["POST", "GET"]
     for answer in (stored, search):
         assert answer.status_code == 502, (answer.status_code, answer.text[:300])
-        assert answer.json()["detail"] == "the PACS's answer (200) was cut short or stalled (ProtocolError)"
+        assert answer.json()["detail"] == "the PACS's answer (200) was cut short (ProtocolError)"
     storing, failed = audit.entries("dicomweb_storing")[-1], audit.entries("dicomweb_store_failed")[-1]
     assert storing["fields"]["instances"] == 1
     assert (failed["fields"]["pending_seq"], failed["fields"]["status"]) == (storing["seq"], 502)

@@ -838,10 +838,15 @@ def test_a_wrong_conf_value_stops_the_app_naming_the_key(case, tmp_path):
     assert not (studies / ".audit").exists()
 
 
-@pytest.mark.parametrize("variable,value,words", [("ADL_MAX_VOXELS", "1e9x", "ADL_MAX_VOXELS '1e9x': not a number"),
-                                                  ("ADL_MODEL_DIR", "/no/such/folder", "ADL_MODEL_DIR '/no/such/folder': "
-                                                                                       "no such folder")])
+@pytest.mark.parametrize("variable,value,words", [
+    ("ADL_MAX_VOXELS", "1e9x", "ADL_MAX_VOXELS '1e9x': not a number"),
+    ("ADL_MODEL_DIR", "/no/such/folder", "ADL_MODEL_DIR '/no/such/folder': no such folder"),
+    *[("ADL_PACS_READ_TIMEOUT_S", value, f"ADL_PACS_READ_TIMEOUT_S='{value}': the time the PACS may stay silent must "
+                                         "be seconds > 0") for value in ("five", "0", "-30", "nan")]])
 def test_a_wrong_adl_environment_variable_stops_the_app_naming_it(tmp_path, monkeypatch, variable, value, words):
+    """A wrong ADL_* setting stops the app as it is built, naming the variable and its value, before any request:
+    ADL_PACS_READ_TIMEOUT_S (how long the PACS may stay silent) is read by every request to the PACS, where a bad
+    value would fail each of them."""
     from lib.configs.conf import ConfError
     DenoisingApp = import_app_main().DenoisingApp
 
@@ -849,8 +854,9 @@ def test_a_wrong_adl_environment_variable_stops_the_app_naming_it(tmp_path, monk
     if variable == "ADL_MODEL_DIR":
         conf.pop("model_dir")
     monkeypatch.setenv(variable, value)
-    with pytest.raises(ConfError, match=words):
+    with pytest.raises(ConfError) as raised:
         DenoisingApp(str(tmp_path / "app"), str(studies), conf)
+    assert words in str(raised.value), str(raised.value)
 
 
 def test_good_conf_values_are_taken_and_an_unknown_key_is_a_warning(tmp_path, caplog):

@@ -25,8 +25,9 @@ import processes
 from ADLDenoiseLib import DenoiseServerClient, ReviewSession
 from conftest import SAMPLE_STUDIES
 from mlserver import copy_weights, queue_hand_outs, start_server, stop_server
-from orthanc import (QIDO_LOG, available, failing_server, grow_on_retrieval, log_size, qido_searches, silent_server,
-                     slow_relay, start_orthanc, start_orthanc_logging_requests, stop_orthanc, without_instance_counts)
+from orthanc import (QIDO_LOG, available, failing_server, grow_on_retrieval, holding_back, log_size, qido_searches,
+                     silent_server, slow_relay, start_orthanc, start_orthanc_logging_requests, stop_orthanc,
+                     without_instance_counts)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(available() is not None, reason=str(available()))]
@@ -824,11 +825,12 @@ def test_a_pacs_that_is_down_never_answers_or_fails_is_a_503_504_or_502_in_secon
     each request tried 5 times with waits of 2, 4, 8 and 16 s (MONAI Label's client): a minute before the 503. The
     size query's failure to connect now answers at once, after 3 tries (2 + 4 s). A PACS that accepts connections
     and never answers (a socket server on its port) held the infer and the review queue's hand-out for ever: each is
-    a 504 saying so after ``ADL_PACS_READ_TIMEOUT_S`` (here 2 s). One that answers with an error status (a server
-    on its port answering 502, then 503) had ``POST /train/{model}`` and infer answer a bare 500: each is now a 502
-    (503) naming the PACS's status. The --studies URL carries a user name and password: neither is in the audit
-    log's ``server_started`` entry (the URL was recorded whole) nor in a line the app logs (the 503's ERROR named
-    the PACS request's URL whole)."""
+    a 504 saying so after ``ADL_PACS_READ_TIMEOUT_S`` (here 2 s); so is a search through the DICOMweb proxy (it said
+    502, as for a PACS that cannot be reached), and one whose answer stops half way. One that answers with an error
+    status (a server on its port answering 502, then 503) had ``POST /train/{model}`` and infer answer a bare 500:
+    each is now a 502 (503) naming the PACS's status. The --studies URL carries a user name and password: neither is
+    in the audit log's ``server_started`` entry (the URL was recorded whole) nor in a line the app logs (the 503's
+    ERROR named the PACS request's URL whole, and so did the proxy's)."""
     import time
     from urllib.parse import urlsplit
 
@@ -865,6 +867,19 @@ def test_a_pacs_that_is_down_never_answers_or_fails_is_a_503_504_or_502_in_secon
                                                           "answer within 2 s"), answer.text
                 assert elapsed < 30, f"{route}: {elapsed:.0f} s before the 504"
         assert "the PACS did not answer within 2 s" in server.log_tail(20000)
+        # the DICOMweb proxy (a viewer's search and retrievals) said 502, as if the PACS could not be reached, to one
+        # that sends nothing, or stops half way through its answer
+        for answer_start in (b"", b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\n"
+                                  b"Content-Length: 1000\r\n\r\n[{"):
+            with silent_server(urlsplit(pacs.url).port, answer_start):
+                started = time.monotonic()
+                answer = requests.get(f"{server.url}/proxy/dicom/qido/studies?PatientID=x", timeout=120)
+                elapsed = time.monotonic() - started
+            assert answer.status_code == 504, (answer_start, answer.status_code, answer.text[:500])
+            assert answer.json()["detail"].startswith("the PACS (DICOMweb server) holding the studies did not answer "
+                                                      "within 2 s"), answer.text
+            assert elapsed < 30, f"proxy: {elapsed:.0f} s before the 504"
+        assert "PACS proxy: GET http://127.0.0.1:" in server.log_tail(20000)
         # a PACS that answers with an error: POST /train/{model} (which reads each CT series' modality of the PACS)
         # and infer said a bare 500; the PACS's status is named, a gateway failure 502, one overloaded (503, tried
         # 3 times) 503
@@ -907,8 +922,12 @@ def test_every_pacs_request_waits_for_each_read_of_its_answer_not_for_ever(tmp_p
     loopback that accepts and never answers fails the size search and the download in about 2 s, an answer that
     stalls half way (a relay in front of the real Orthanc) as well, nothing of the series kept. Per read, not in
     all: the same series sent by a slow relay, 128 KiB every 0.2 s (a tenth of the read timeout), is downloaded
-    whole. A series identity search has a total deadline (``PACS_SEARCH_TIMEOUT_S``, here 1 s): a relay that sends
-    its answer 16 bytes every 0.2 s, each read in time, held it some 16 s; it is a 504 at the deadline."""
+    whole. Frame by frame (``MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME``), a PACS that answers the series' metadata and
+    holds back its frames (a relay) stops the download at the first frames asked (MONAI Label's 2 workers: the third
+    is not asked, each would wait as long), a read timeout (the routes' 504, not a 502 "not delivered"), nothing of
+    the series left in the cache; asked again once the PACS answers, it is downloaded whole. A series identity search
+    has a total deadline (``PACS_SEARCH_TIMEOUT_S``, here 1 s): a relay that sends its answer 16 bytes every 0.2 s,
+    each read in time, held it some 16 s; it is a 504 at the deadline."""
     import threading
     import time
 
@@ -922,9 +941,9 @@ def test_every_pacs_request_waits_for_each_read_of_its_answer_not_for_ever(tmp_p
 
     monkeypatch.setenv("ADL_PACS_READ_TIMEOUT_S", "2")
 
-    def store_of(url: str, name: str):
+    def store_of(url: str, name: str, fetch_by_frame: bool = False):
         store = DICOMWebDatastore(DICOMwebClient(url), search_filter={"Modality": "CT"},
-                                  cache_path=str(tmp_path / name))
+                                  cache_path=str(tmp_path / name), fetch_by_frame=fetch_by_frame)
         bound_waits(store)
         return store
 
@@ -966,6 +985,17 @@ def test_every_pacs_request_waits_for_each_read_of_its_answer_not_for_ever(tmp_p
             folder, seconds = outcome(download_within, store, uid, 10**9)
             assert isinstance(folder, Path) and len(list(folder.iterdir())) == 3, repr(folder)
             assert seconds > 1.5, f"{seconds:.1f} s: the relay was not slow"
+        with holding_back(pacs, lambda path: "/frames/" in path) as relay:  # metadata answered, frames not
+            store = store_of(relay.dicomweb, "by_frame", fetch_by_frame=True)
+            error, seconds = outcome(download_within, store, uid, 10**9)
+            assert read_timed_out(error) and seconds < 10, (repr(error), seconds)
+            assert 1 <= len(relay.held) <= 2, relay.held  # the 2 workers' first frames: the third was not asked
+            assert not list((tmp_path / "by_frame").rglob(f"*{uid}*")), list((tmp_path / "by_frame").rglob("*"))
+            relay.holding = False  # the PACS answers again
+            folder, _ = outcome(download_within, store, uid, 10**9)
+            assert isinstance(folder, Path) and len(list(folder.iterdir())) == 3, repr(folder)
+            assert [pydicom.dcmread(path).pixel_array.shape for path in sorted(folder.iterdir())] == \
+                [pydicom.dcmread(files[0]).pixel_array.shape] * 3
         monkeypatch.setattr(pacs_corrections, "PACS_SEARCH_TIMEOUT_S", 1.0)
         with slow_relay(pacs, chunk=16, pause_s=0.2) as studies:  # each read in time, the answer never whole
             error, seconds = outcome(pacs_identities, store_of(studies, "trickle"), uid)

@@ -147,13 +147,22 @@ def _value(result: dict, keyword: str, default=""):
 
 
 def _image_type(client, study: str, series: str) -> list:
-    """ImageType of one instance of the series (QIDO-RS, instance level), [] when the server does not return it
-    or cannot be asked. Asked only for series without a SeriesDescription (an anonymiser removes it and keeps
-    ImageType): ImageType is an instance attribute, which a server reads from a file, so asking it for every series
-    of an archive would cost one file read per series."""
+    """ImageType of one instance of the series (QIDO-RS, instance level), [] when the server does not return it,
+    answers the search with an error or cannot be reached (the series' next request tells it). Asked only for series
+    without a SeriesDescription (an anonymiser removes it and keeps ImageType): ImageType is an instance attribute,
+    which a server reads from a file, so asking it for every series of an archive would cost one file read per
+    series.
+
+    Raises:
+        PacsDidNotAnswer: the server did not answer the search within ``ADL_PACS_READ_TIMEOUT_S`` (it was taken as
+            [] in silence: the series was taken as an input without knowing whether it is a result of this app).
+    """
     try:
-        found = client.search_for_instances(study_instance_uid=study, series_instance_uid=series,
-                                            fields=["ImageType"], limit=1)
+        with _answered(client, f"the search of the ImageType of series {series} (QIDO-RS)"):
+            found = client.search_for_instances(study_instance_uid=study, series_instance_uid=series,
+                                                fields=["ImageType"], limit=1)
+    except PacsDidNotAnswer:
+        raise
     except Exception:  # noqa: BLE001 - unknown: the series stays an input (as before anonymised copies were told)
         log.debug("cannot ask the ImageType of series %s", series, exc_info=True)
         return []
@@ -167,7 +176,9 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
     wildcard matching of SeriesDescription is case-sensitive). A SeriesInstanceUID the answer lists in more than one
     study or under more than one PatientID (Orthanc keeps each apart, and lists the same study and series twice
     under two patients) is refused in each (:func:`.discovery.refuse_reused_uids`; among the series the server
-    lists for the run's Modality and StudyDate filters)."""
+    lists for the run's Modality and StudyDate filters). A series without a SeriesDescription whose ImageType search
+    the server does not answer within ``ADL_PACS_READ_TIMEOUT_S`` is refused saying so (it was taken as an input in
+    silence), and so is every such series after it, without asking (each search would wait as long)."""
     series_filter = series_filter or SeriesFilter()
     filters: dict[str, str] = {}
     if series_filter.modality:
@@ -192,6 +203,7 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
     results = search_whole(client, search, "Series", "the series", "; nothing was denoised")
     items = []
     listed = []  # (series, study, patient) of every series listed, taken or not: one UID in two studies is refused
+    silent_at = None  # the series whose ImageType search the server did not answer in time (_image_type)
     for result in results:
         study, series = str(_value(result, "StudyInstanceUID")), str(_value(result, "SeriesInstanceUID"))
         patient = str(_value(result, "PatientID"))
@@ -204,7 +216,17 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
             continue
         if not series_filter.accepts(modality, str(_value(result, "StudyDate")), description):
             continue
-        image_type = _image_type(client, study, series) if not description else []
+        image_type, problem = [], None
+        if not description and silent_at:  # not asked: each search would wait as long
+            problem = (f"its ImageType was not asked (whether it is a result of this app is not known): the PACS "
+                       f"{without_credentials(client.base_url)} did not answer that of series {silent_at} within "
+                       f"{pacs_read_timeout_s():g} s; not denoised")
+        elif not description:
+            try:
+                image_type = _image_type(client, study, series)
+            except PacsDidNotAnswer as error:  # this series fails saying so, as the rest of the batch's requests
+                silent_at = series
+                problem = f"{error}: not denoised (whether it is a result of this app is not known)"
         if is_our_result(description, image_type):  # an anonymised copy of a result (no description)
             log.warning("not denoised: series %s is a result of this app (ImageType %s, no SeriesDescription)",
                         series, "\\".join(str(v) for v in image_type))
@@ -213,7 +235,8 @@ def discover_dicomweb(client, out_root: Path, series_filter: SeriesFilter | None
         items.append(SeriesItem(key=f"dicomweb:{study}/{series}", kind="dicomweb",
                                 source=f"{without_credentials(client.base_url)}/studies/{study}/series/{series}",
                                 output=out_root / study / series, voxels=instances * VOXELS_PER_INSTANCE,
-                                series_uid=series, study_uid=study, studies=(study,), patients=(patient,)))
+                                series_uid=series, study_uid=study, studies=(study,), patients=(patient,),
+                                problem=problem))
     return refuse_reused_uids(refuse_collisions(sorted(items, key=lambda item: item.key), out_root), listed)
 
 

@@ -73,8 +73,9 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   ``Host`` are not forwarded to the PACS (the stock proxy copies every header of a POST, so a user's realm token
   would reach a third party). The forwarding is the app's own (:func:`_forward_to_pacs`): it keeps a search's
   query string and the viewer's ``Accept`` header (the stock proxy drops both: a QIDO search for one patient
-  answered every study), waits for the PACS in a worker thread with a timeout (502 when it does not answer, or its
-  answer is cut short or stalls), and does not follow the PACS's redirects.
+  answered every study), waits for the PACS in a worker thread with a timeout (502 when it cannot be reached or its
+  answer is cut short, 504 when it accepts the request and then sends nothing, or nothing more, within
+  ``ADL_PACS_READ_TIMEOUT_S``), and does not follow the PACS's redirects.
 * ``GET /ohif/...``: a path naming a folder (``..``, ``.``, ``assets``) is a 404 (the stock route tried to send the
   folder as a file: a bare 500).
 """
@@ -1463,25 +1464,42 @@ def _pacs_url_and_auth(op: str, path: str) -> tuple[str, Any, dict[str, str]]:
 
 def _forward_to_pacs(method: str, url: str, query: str, auth: Any, headers: dict[str, str], body: bytes):
     """One request to the PACS (blocking: run in a worker thread) and its answer as a response of this server;
-    502 when the PACS did not answer, or its answer was cut short or stalled (urllib3's errors while the body is
-    read, which are no ``requests`` errors)."""
+    504 when the PACS accepted the request and sent no answer, or no next part of it, within
+    :func:`lib.pacs.pacs_read_timeout_s` (it was a 502, as if it could not be reached: a viewer was told the PACS is
+    broken, not that it is slow); 502 when it cannot be reached, or its answer was cut short (urllib3's errors while
+    the body is read, which are no ``requests`` errors). The log names the PACS's URL without its credentials."""
     import requests
     import urllib3
     from fastapi.responses import Response
+
+    from ..pacs import one_line_redacted, pacs_read_timeout_s, read_timed_out, urls_redacted
+    from . import pacs_silent
+
+    shown = urls_redacted(url)  # the --studies URL may hold the PACS's user name and password
+
+    def silent(error: BaseException) -> HTTPException:
+        seconds = pacs_read_timeout_s()
+        log.error("PACS proxy: %s %s: the PACS did not answer within %g s (%s)", method, shown, seconds,
+                  type(error).__name__)
+        return HTTPException(status_code=504, detail=pacs_silent(seconds))
 
     try:
         answer = requests.request(method, url + (f"?{query}" if query else ""), auth=auth, headers=headers,
                                   data=body if method == "POST" else None, stream=True, timeout=_proxy_timeout_s(),
                                   allow_redirects=False)
     except requests.RequestException as e:
-        log.warning("PACS proxy: %s %s failed: %s", method, url, e)
+        if read_timed_out(e):
+            raise silent(e) from None
+        log.warning("PACS proxy: %s %s failed: %s", method, shown, one_line_redacted(e))
         raise HTTPException(status_code=502, detail=f"the PACS did not answer ({type(e).__name__})") from None
     try:
         content = answer.raw.read()  # as sent (its Content-Encoding kept)
-    except urllib3.exceptions.HTTPError as e:  # ProtocolError (cut short), ReadTimeoutError, ...
-        log.warning("PACS proxy: the answer to %s %s failed: %s", method, url, e)
-        raise HTTPException(status_code=502, detail=f"the PACS's answer ({answer.status_code}) was cut short or "
-                                                    f"stalled ({type(e).__name__})") from None
+    except urllib3.exceptions.ReadTimeoutError as e:  # its answer stalled half way
+        raise silent(e) from None
+    except urllib3.exceptions.HTTPError as e:  # ProtocolError (cut short), ...
+        log.warning("PACS proxy: the answer to %s %s failed: %s", method, shown, one_line_redacted(e))
+        raise HTTPException(status_code=502, detail=f"the PACS's answer ({answer.status_code}) was cut short "
+                                                    f"({type(e).__name__})") from None
     finally:
         answer.close()
     kept = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_BY_HOP}
