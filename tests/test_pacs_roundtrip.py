@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.data import get_testdata_file
 import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
@@ -879,6 +880,15 @@ def test_a_pacs_that_is_down_never_answers_or_fails_is_a_503_504_or_502_in_secon
             assert answer.json()["detail"].startswith("the PACS (DICOMweb server) holding the studies did not answer "
                                                       "within 2 s"), answer.text
             assert elapsed < 30, f"proxy: {elapsed:.0f} s before the 504"
+            assert "whether it stored" not in answer.text
+        # a store that the PACS took and never answered may have been kept: a viewer is told so, not only "try again"
+        with silent_server(urlsplit(pacs.url).port):
+            part = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+            answer = requests.post(f"{server.url}/proxy/dicom/stow/studies", timeout=120,
+                                   data=b"--B\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--B--\r\n",
+                                   headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'})
+        assert answer.status_code == 504, (answer.status_code, answer.text[:500])
+        assert "whether it stored what was sent is unknown: look for the series on the PACS" in answer.text, answer.text
         assert "PACS proxy: GET http://127.0.0.1:" in server.log_tail(20000)
         # a PACS that answers with an error: POST /train/{model} (which reads each CT series' modality of the PACS)
         # and infer said a bare 500; the PACS's status is named, a gateway failure 502, one overloaded (503, tried

@@ -69,10 +69,13 @@ PACS_UNREACHABLE = ("the PACS (DICOMweb server) holding the studies cannot be re
                     "(the server's log names the error)")
 
 
-def pacs_silent(seconds: float) -> str:
-    """What a client is told when a route waited ``seconds`` for the PACS's answer (or its next part) in vain."""
+def pacs_silent(seconds: float, storing: bool = False) -> str:
+    """What a client is told when a route waited ``seconds`` for the PACS's answer (or its next part) in vain;
+    ``storing``: the unanswered request stored something (a STOW), which the PACS may or may not have kept."""
+    unknown = ("; whether it stored what was sent is unknown: look for the series on the PACS before sending it "
+               "again" if storing else "")
     return (f"the PACS (DICOMweb server) holding the studies did not answer within {seconds:g} s: it accepted the "
-            "request but sent nothing more; try again later (the server's log names the request; "
+            f"request but sent nothing more{unknown}; try again later (the server's log names the request; "
             "ADL_PACS_READ_TIMEOUT_S sets how long the server waits)")
 
 
@@ -122,7 +125,8 @@ def _install_read_failure_answers(fastapi_app) -> None:
             seconds = pacs_read_timeout_s()
             log.error("%s %s: the PACS did not answer within %g s (%s, %s)", request.method, request.url.path,
                       seconds, type(error).__name__, target)
-            return JSONResponse(status_code=504, content={"detail": pacs_silent(seconds)})
+            storing = getattr(getattr(error, "request", None), "method", None) == "POST"  # a STOW of a result
+            return JSONResponse(status_code=504, content={"detail": pacs_silent(seconds, storing)})
         log.error("%s %s: the PACS cannot be reached (%s%s)", request.method, request.url.path,
                   type(error).__name__, f", {target}" if target else "")
         return JSONResponse(status_code=503, content={"detail": PACS_UNREACHABLE})

@@ -1481,7 +1481,7 @@ def _forward_to_pacs(method: str, url: str, query: str, auth: Any, headers: dict
         seconds = pacs_read_timeout_s()
         log.error("PACS proxy: %s %s: the PACS did not answer within %g s (%s)", method, shown, seconds,
                   type(error).__name__)
-        return HTTPException(status_code=504, detail=pacs_silent(seconds))
+        return HTTPException(status_code=504, detail=pacs_silent(seconds, storing=method == "POST"))
 
     try:
         answer = requests.request(method, url + (f"?{query}" if query else ""), auth=auth, headers=headers,
