@@ -1069,10 +1069,13 @@ def run_torchrun(script: Path, cwd: Path, timeout: float = TORCHRUN_TIMEOUT) -> 
     """``torchrun --standalone --nproc_per_node=2 script`` in a session of its own. torchrun starts each worker in
     a session of its own too, so the workers are tracked while the job runs; on a timeout torchrun's process group
     and every worker's are killed (none is left running, orphaned, after the test) and the test fails with the job's
-    output (:data:`HANG_DUMP` in the script puts the workers' stacks there)."""
+    output (:data:`HANG_DUMP` in the script puts the workers' stacks there). The job's TMPDIR is ``cwd/tmp`` (the
+    test's ``tmp_path``, which pytest removes): torchrun leaves a ``torchelastic_*`` folder there at every run."""
     import psutil
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    scratch = cwd / "tmp"
+    scratch.mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(scratch))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=cwd,
@@ -1126,6 +1129,9 @@ def test_torchrun_two_processes_gloo(model, tmp_path, ct_crop):
                       + "assert not python_collectives, python_collectives\n")
     result = run_torchrun(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    # torchrun's scratch folder went to the job's TMPDIR (it was left in /tmp at every run)
+    assert any(p.name.startswith("torchelastic_") for p in (tmp_path / "tmp").iterdir()), \
+        sorted((tmp_path / "tmp").iterdir())
     g0, g1 = torch.load(tmp_path / "g0.pt"), torch.load(tmp_path / "g1.pt")
     assert all(torch.equal(g0[k], g1[k]) for k in g0)  # DDP kept the replicas identical
     h0, h1 = torch.load(tmp_path / "h0.pt"), torch.load(tmp_path / "h1.pt")

@@ -87,8 +87,10 @@ def hostile_auth(tmp_path_factory, tiny_weights):
 
     realm = Realm()
     try:
+        # MONAI Label's infer thread pool too (off by default): an infer that times out answers before its result
         server = _hostile_server(tmp_path_factory.mktemp("hostile_auth"), tiny_weights,
-                                 env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url})
+                                 env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url,
+                                      "MONAI_LABEL_INFER_CONCURRENCY": "1"})
         server.token = realm.token(USER_OF_ROLE["admin"])
         yield server
         stop_server(server)
@@ -281,6 +283,47 @@ def test_archive_sessions_are_refused_and_plain_ones_work(api, untouched):
     response = api.call("POST", "/infer/nlm", params={"session_id": session_id, "output": "json"})
     assert response.status_code == 200 and response.json()["modality"] == "CT", response.text[:300]
     assert api.call("DELETE", f"/session/{session_id}").status_code == 200
+    # a session that fails leaves nothing in the server's TMPDIR (MONAI Label's route left its upload folder there,
+    # the volume in it) nor in the session store: a file name the disk cannot take, a session store that cannot
+    # be written (a file where its folder is)
+    temp_before, store = _tmp_files(hostile), hostile.log_path.parent / "sessions"
+    stored_before = sorted(p.name for p in store.iterdir())
+    response = api.call("PUT", "/session/", files={"files": ("s" * 300 + ".nii.gz", study)})
+    _refused(response, 422, "file name", "too long")
+    assert _settled_tmp(hostile, temp_before) == temp_before
+    store.rename(store.with_name("sessions_away"))
+    try:
+        store.write_text("not a folder")
+        response = api.call("PUT", "/session/", files={"files": ("study.nii.gz", study)})
+        _refused(response, 500, "the session was not created", "nothing of it was kept")
+        assert _settled_tmp(hostile, temp_before) == temp_before
+    finally:
+        store.unlink(missing_ok=True)
+        store.with_name("sessions_away").rename(store)
+    assert sorted(p.name for p in store.iterdir()) == stored_before
+
+
+def test_the_servers_temp_folder_holds_no_logging_configuration(api):
+    """MONAI Label writes its logging configuration (``tmp*.json``) into the server's TMPDIR at every start: the
+    app deletes it once read."""
+    assert not [name for name in _tmp_files(api.server) if name.endswith(".json")], _tmp_files(api.server)
+
+
+def test_an_infer_that_times_out_is_a_504_and_its_late_result_is_deleted(api, untouched):
+    """With MONAI Label's infer thread pool (``MONAI_LABEL_INFER_CONCURRENCY`` >= 0; the auth-on server), an infer
+    that outlasts its timeout is answered while it goes on: a 504 saying so (it was a bare 500), and its result, a
+    patient's volume, deleted when it comes (it stayed in the server's TMPDIR)."""
+    hostile = api.server
+    if not getattr(hostile, "token", None):
+        pytest.skip("the auth-off server has no infer thread pool")
+    before = _tmp_files(hostile)
+    response = api.call("POST", "/infer/nlm", params={"image": STUDY, "output": "image"},
+                        data={"params": json.dumps({"timeout": 0.001})})
+    _refused(response, 504, "not denoised within the timeout of 0.001 s", "deleted")
+    # one task at a time: once the next infer is answered, the one that timed out has ended
+    response = api.call("POST", "/infer/nlm", params={"image": STUDY, "output": "json"}, data={"params": "{}"})
+    assert response.status_code == 200, response.text[:300]
+    assert _settled_tmp(hostile, before) <= before
 
 
 # ------------------------------------------------------------------------------------------------ 2. URL decides

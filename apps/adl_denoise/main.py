@@ -27,9 +27,12 @@ resolve the same ``model_dir``.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -63,6 +66,66 @@ from lib.pacs_corrections import (corrections_of_other_urls, note_studies_url, s
 from lib.runtime.switches import parse_bool
 
 logger = logging.getLogger(__name__)
+
+
+class _InferPool:
+    """MONAI Label's infer thread pool (``MONAI_LABEL_INFER_CONCURRENCY`` >= 0), which keeps each request thread's
+    last submitted task: MONAI Label waits for it ``timeout`` seconds and then answers, the task going on and
+    writing its result file in the temp folder, which nobody deleted (:meth:`DenoisingApp.infer` does)."""
+
+    def __init__(self, pool: concurrent.futures.Executor):
+        self._pool = pool
+        self._submitted = threading.local()
+
+    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
+        future = self._pool.submit(fn, *args, **kwargs)
+        self._submitted.future = future
+        return future
+
+    def take_submitted(self) -> Optional[concurrent.futures.Future]:
+        """The task this thread submitted last (None when none since the last call)."""
+        future = getattr(self._submitted, "future", None)
+        self._submitted.future = None
+        return future
+
+    def __getattr__(self, name: str):  # shutdown and the rest: the pool's
+        return getattr(self._pool, name)
+
+
+def _discard_late_result(future: concurrent.futures.Future) -> None:
+    """Delete the result file of an infer task whose request timed out (answered 504)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    result_file = future.result()[0]
+    logger.info("result of an infer that timed out deleted: %s", result_file)
+    discard_result({"file": result_file})
+
+
+def _remove_start_up_log_config() -> None:
+    """Delete the logging configuration MONAI Label's ``start_server`` writes into the temp folder
+    (``init_log_config``: a ``tmp*.json`` left there at every start) when no ``--log_config`` file was given. Its
+    path is only a local variable of ``start_server`` (on this thread's stack: the app is built in the server's
+    start-up); uvicorn has read it before the app is built, and reads it again only in the worker processes of
+    ``--workers`` > 1, for which it is kept."""
+    frame = sys._getframe(1)
+    main_file = os.path.join("monailabel", "main.py")  # run as ``python -m monailabel.main`` its module is __main__
+    while frame is not None and not (frame.f_code.co_name == "action_start_server"
+                                     and frame.f_code.co_filename.endswith(main_file)):
+        frame = frame.f_back
+    if frame is None:
+        return
+    args, written = frame.f_locals.get("args"), frame.f_locals.get("log_config")
+    del frame
+    if (not isinstance(written, str) or written == getattr(args, "log_config", None)
+            or (getattr(args, "workers", None) or 1) > 1
+            or os.path.dirname(os.path.abspath(written)) != os.path.abspath(tempfile.gettempdir())):
+        return
+    try:
+        os.unlink(written)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        logger.warning("could not remove MONAI Label's logging configuration %s: %s", written, error)
 
 
 class DenoisingApp(MONAILabelApp):
@@ -116,6 +179,8 @@ class DenoisingApp(MONAILabelApp):
                                      "fine-tuning from radiologists' corrections",
                          version=monailabel.__version__)
         self._check_model_dir_writable()
+        if self._infers_threadpool is not None:  # MONAI_LABEL_INFER_CONCURRENCY >= 0
+            self._infers_threadpool = _InferPool(self._infers_threadpool)
         limits = [key for key in conf if key.startswith("max_voxels_") and key[len("max_voxels_"):] not in self.models]
         if limits:
             logger.warning("--conf %s ignored: not a served model's (%s)", ", ".join(limits), ", ".join(self.models))
@@ -130,6 +195,7 @@ class DenoisingApp(MONAILabelApp):
 
             install(fastapi_app)
             install_request_context(fastapi_app)
+            _remove_start_up_log_config()
             self._make_pseudonym_key()
             for problem in start_up_warnings(self._datastore):  # a PACS that is down, or lists one modality
                 logger.warning(problem)
@@ -401,7 +467,25 @@ class DenoisingApp(MONAILabelApp):
         if to_pacs and str(request.get("result_extension", "")).strip().lower() in ("dicom", ".dcm", "dcm"):
             raise HTTPException(status_code=422, detail="store_to_pacs already writes DICOM: leave result_extension "
                                                         "at an image format")
-        result = super().infer(request, datastore)
+        pool = self._infers_threadpool if isinstance(self._infers_threadpool, _InferPool) else None
+        if pool is not None:
+            pool.take_submitted()  # none of an earlier request of this thread
+        try:
+            result = super().infer(request, datastore)
+        except concurrent.futures.TimeoutError:
+            timed_out = pool.take_submitted() if pool is not None else None
+            if timed_out is None or (timed_out.done() and timed_out.exception() is not None):
+                raise  # the task's own error, not the pool's wait
+            # the task goes on in its thread: its result, a patient's volume nobody will be sent, is deleted when
+            # it comes (at once if it just came)
+            timed_out.add_done_callback(_discard_late_result)
+            from monailabel.config import settings
+
+            seconds = request.get("timeout", settings.MONAI_LABEL_INFER_TIMEOUT)
+            raise HTTPException(status_code=504, detail=(
+                f"not denoised within the timeout of {seconds:g} s (params.timeout, or MONAI_LABEL_INFER_TIMEOUT on "
+                "the server): the result will not be sent (it is deleted when the server ends the denoising); send "
+                "the request again with a longer timeout")) from None
         try:  # the result file (in the temp folder) goes with any failure from here: no caller gets it
             return self._recorded_and_stored(request, result, store, image_id if known_id else None, source_folder,
                                              to_pacs)

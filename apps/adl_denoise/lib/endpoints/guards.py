@@ -62,7 +62,9 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   ``audit.dir``, a training run's ``work_dir``; the training list's files and paths in texts cut to their last
   part), no process id, and no task log lines (``details``: the subprocess's log, which names the server's folders
   and configuration; ``GET /logs/`` is admin only).
-* ``PUT /session/``: no archive unpacking (``uncompress``): a session is one uploaded volume.
+* ``PUT /session/``: no archive unpacking (``uncompress``): a session is one uploaded volume. A session whose
+  upload or save fails (a file name too long: 422; a full disk: 507) leaves nothing in the server's temp folder
+  nor in its session store (MONAI Label's route left the uploaded volume in the temp folder).
 * ``POST /infer/wsi/{model}``, ``/infer/wsi_v2/{model}``: 404 for everyone. This app serves no whole-slide images,
   and the stock routes take ``image`` as any path the server can read and ``params`` that save labels under any
   tag, none of the checks above.
@@ -83,6 +85,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -1337,21 +1340,57 @@ def _kept_label_checked(label: str, tag: str) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------ sessions
 @router.put("/session/", include_in_schema=False)
 def guarded_create_session(
-    background_tasks: BackgroundTasks,
     uncompress: bool = False,
     expiry: int = 0,
     files: List[UploadFile] = File(...),
     user: User = Depends(RBAC(_USER)),
 ):
-    from monailabel.endpoints.session import create_session
+    """MONAI Label's session create, done here so that a failed one leaves nothing: the stock route left its upload
+    folder (the patient's volume) in the server's temp folder when the upload or the session's save failed, and a
+    half-copied session in the session store."""
+    import uuid
+
+    from ..pacs import disk_full
 
     if uncompress:
         raise HTTPException(status_code=422, detail="uncompress is not accepted: upload the volume file itself "
                                                     "(archives could unpack outside the session folder)")
-    answer = create_session(background_tasks, uncompress, expiry, files)
-    if isinstance(answer, dict) and isinstance(answer.get("session_info"), dict):
-        answer = dict(answer, session_info=_session_info(answer["session_info"]))
-    return answer
+    sessions = app().sessions()
+    if sessions is None:
+        raise HTTPException(status_code=406, detail="sessions are not enabled on this server")
+    session_id = str(uuid.uuid1()).lower()  # MONAI Label's kind of id, chosen here to remove a half-saved session
+    received = Path(tempfile.mkdtemp(prefix="session_upload_"))
+    try:
+        for upload in files:
+            name = os.path.basename((upload.filename or "").rstrip("/"))
+            image = received / (name if name not in ("", ".", "..") else "upload")
+            try:
+                with open(image, "wb") as handle:
+                    shutil.copyfileobj(upload.file, handle)
+            except OSError as error:
+                if error.errno == errno.ENAMETOOLONG:
+                    raise HTTPException(status_code=422, detail=(
+                        f"files: the file name {name[:60]!r}... is too long ({len(os.fsencode(name))} bytes; the "
+                        "server's disk takes 255 at most): rename the file and send it again")) from None
+                raise
+        # several files: the folder of them is the session's image (MONAI Label's choice: a DICOM series)
+        _, info = sessions.add_session(str(image if len(files) == 1 else received), expiry, False,
+                                       session_id=session_id)
+    except BaseException as error:
+        sessions.remove_session(session_id)
+        if isinstance(error, OSError):
+            full = disk_full(error)
+            log.error("PUT /session/: the session was not created: %s", error)
+            raise HTTPException(status_code=507 if full else 500, detail=(
+                "the session was not created: " + (
+                    "the server's disk is full (no space left)" if full else
+                    f"its volume could not be saved on the server ({error.strerror or type(error).__name__})")
+                + "; nothing of it was kept")) from None
+        raise
+    finally:
+        shutil.rmtree(received, ignore_errors=True)  # moved into the session store when it was saved
+    log.info("session %s created", session_id)
+    return {"session_id": session_id, "session_info": _session_info(info.to_json())}
 
 
 def _session_info(info: dict) -> dict:
