@@ -105,8 +105,10 @@ def qido_searches(server: Orthanc, offset: int = 0) -> list[str]:
 
 
 def start_orthanc_logging_requests(work: Path, extra_config: dict | None = None,
-                                   refuse_frames_of: Iterable[str] = ()) -> tuple[Orthanc, Path]:
-    """A real Orthanc (in ``work / "orthanc"``, ``extra_config`` added to its configuration) whose
+                                   refuse_frames_of: Iterable[str] = (),
+                                   log_options: Sequence[str] = ()) -> tuple[Orthanc, Path]:
+    """A real Orthanc (in ``work / "orthanc"``, ``extra_config`` added to its configuration, ``log_options`` its
+    command-line log options, e.g. :data:`QIDO_LOG`) whose
     IncomingHttpRequestFilter (a Lua script) appends ``METHOD URI`` of every HTTP request it receives, DICOMweb
     included, to the returned file: what a client searched for or downloaded is read there. The WADO-RS frame
     retrievals of the series ``refuse_frames_of`` are refused (Orthanc answers 403): a PACS that does not deliver
@@ -129,8 +131,8 @@ function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
   return true
 end
 """)
-    return start_orthanc(work / "orthanc", extra_config={**(extra_config or {}), "LuaScripts": [str(script)]}), \
-        requests_log
+    return start_orthanc(work / "orthanc", extra_config={**(extra_config or {}), "LuaScripts": [str(script)]},
+                         log_options=log_options), requests_log
 
 
 def grow_on_retrieval(script: Path, late: dict[str, list[Path]], requests_log: Path | None = None) -> Path:

@@ -1993,9 +1993,10 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
     * ``HEAD`` answers as ``GET``, without a body (the stock ``HEAD`` route took the label as ``image`` only: 422);
     * the SEG (over the limit) was retrieved up to the limit, then stopped (413); it is a 413 before any retrieval,
       naming the series and its size, for ``GET`` and ``HEAD``;
-    * the training list (``GET /datastore/?output=train``: MONAI Label downloads every series a SEG labels, and
-      the SEG) and a fine-tune request (``POST /train/{model}``, whose check reads the labelled images) retrieved
-      the CT series up to the limit; they are a 413 naming it before any retrieval.
+    * the training list (``GET /datastore/?output=train``: MONAI Label downloaded every series a SEG labels, and
+      the SEG) and a fine-tune request (``POST /train/{model}``, whose check read the labelled images) retrieved
+      the CT series up to the limit, then a 413 before any retrieval, for series that are no training data here
+      (a SEG is no correction); they download no series (an empty list; "no corrected studies").
 
     No retrieval of either series reaches Orthanc, nothing of them lands in the cache, and nothing of them is
     recorded as sent. A SEG within the limit, written by pydicom_seg for a 3-slice CT series, is answered as its label
@@ -2003,7 +2004,9 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
     Label's conversion was a 500 (ImageNotFoundException: the route names no image) and left a ``tmp*.seg.nrrd`` in
     the server's temp folder on every read. It is converted once (the SEG retrieved once, its conversion not
     rewritten) and nothing is left in the temp folder. A SEG pydicom_seg cannot read (no plane positions) is a 422
-    saying so (it was a 500).
+    saying so (it was a 500). Each read searches the SEG's series once (QIDO-RS: the route's check, the SEG's
+    modality and its identity were three searches). The SEG replaced in the PACS under its SeriesInstanceUID
+    (deleted, another SEG stored) is downloaded and converted again: its first conversion was served for ever.
 
     Nothing is saved as the label of another series: the SEG's conversion was also saved as the label of the
     (downloaded) image it references, ``labels/final/<image>.nii.gz``, which stayed that image's label when the
@@ -2023,7 +2026,7 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
     from lib.pacs import FILE_META_TEMP_STALE_S
     from pydicom.uid import generate_uid
 
-    pacs, requests_log = start_orthanc_logging_requests(tmp_path)
+    pacs, requests_log = start_orthanc_logging_requests(tmp_path, log_options=QIDO_LOG)
     try:
         big = real_ct_series(tmp_path / "big", slices=6)
         seg = seg_of(big, tmp_path / "seg.dcm")
@@ -2050,8 +2053,8 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
         own = pydicom.dcmread(small[0])  # a SEG of the small series' study and patient, of the other patient's image
         crossing.PatientID, crossing.StudyInstanceUID = own.PatientID, own.StudyInstanceUID
         crossing.save_as(tmp_path / "crossing_seg.dcm")
-        pacs.upload_files(big + [seg] + small + [small_seg, unreadable, tmp_path / "thin_seg.dcm"] + other_patient +
-                          [tmp_path / "crossing_seg.dcm"])
+        uploaded = pacs.upload_files(big + [seg] + small + [small_seg, unreadable, tmp_path / "thin_seg.dcm"] +
+                                     other_patient + [tmp_path / "crossing_seg.dcm"])
         big_uid, seg_uid, small_seg_uid, unreadable_uid, small_uid, other_uid = (
             str(pydicom.dcmread(files).SeriesInstanceUID)
             for files in (big[0], seg, small_seg, unreadable, small[0], other_patient[0]))
@@ -2072,6 +2075,10 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
             return [line for line in requests_log.read_text().splitlines() if line.startswith("GET ") and
                     (line.split("?")[0].rstrip("/").endswith(f"/series/{uid}") or f"/series/{uid}/instances" in line
                      or f"/series/{uid}/rendered" in line)]
+
+        def series_searches(uid: str, start: int) -> list[str]:  # QIDO-RS: its modality, study and patient
+            return [search for search in qido_searches(pacs, start) if f"SeriesInstanceUID={uid}" in search.split()
+                    and {"includefield=Modality", "includefield=PatientID"} & set(search.split())]
 
         def label(method: str, uid: str) -> requests.Response:
             return requests.request(method, f"{server.url}/datastore/label", params={"label": uid, "tag": "final"},
@@ -2097,7 +2104,10 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
                 assert answer.status_code == 200, (answer.status_code, answer.text[:500])
             converted = []
             for method in ("GET", "GET", "HEAD"):  # a real SEG: its label volume, converted once
+                start = log_size(pacs)
                 answer = label(method, small_seg_uid)
+                # its series searched once a read: the route's check, the SEG's modality and its identity were 3
+                assert len(series_searches(small_seg_uid, start)) == 1, qido_searches(pacs, start)
                 assert answer.status_code == 200, (method, answer.status_code, answer.text[:500], server.log_tail())
                 assert answer.headers["content-disposition"].endswith(f'filename="{small_seg_uid}.nii.gz"'), \
                     answer.headers
@@ -2113,8 +2123,26 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
                     f"*/labels/final/{small_seg_uid}.nii.gz")]
             assert len(converted) == 3 and len(set(converted)) == 1, converted  # not converted again
             assert len(retrievals(small_seg_uid)) == 1, requests_log.read_text()
+            seg_files = [small_seg_uid, f"{small_seg_uid}.nii.gz", f"{small_seg_uid}.nii.gz.source"]
             assert sorted(p.name for p in label_cache.iterdir()) == sorted(  # no label saved for the image
-                [small_seg_uid, f"{small_seg_uid}.nii.gz", converting["young"].name]), sorted(label_cache.iterdir())
+                seg_files + [converting["young"].name]), sorted(label_cache.iterdir())
+            # the SEG replaced in the PACS under its SeriesInstanceUID (deleted, another one stored): the other one's
+            # label volume (the first one's conversion was served for ever), downloaded and converted once more
+            replaced = pydicom.dcmread(pydicom_seg_of(small, mask[::-1].copy(), tmp_path / "replaced_seg.dcm"))
+            replaced.SeriesInstanceUID = small_seg_uid
+            replaced.save_as(tmp_path / "replaced_seg.dcm")
+            seg_index = len(big) + 1 + len(small)
+            urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{uploaded[seg_index]['ID']}",
+                                                          method="DELETE"), timeout=120).close()
+            pacs.upload(tmp_path / "replaced_seg.dcm")
+            answer = label("GET", small_seg_uid)
+            assert answer.status_code == 200, (answer.status_code, answer.text[:500], server.log_tail())
+            (tmp_path / "label.nii.gz").write_bytes(answer.content)
+            assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "label.nii.gz"))),
+                                  mask[::-1]), "the replaced SEG's label volume was served"
+            assert len(retrievals(small_seg_uid)) == 2, requests_log.read_text()
+            assert sorted(p.name for p in (label_cache / small_seg_uid).iterdir()) == [
+                f"{replaced.SOPInstanceUID}.dcm"], sorted((label_cache / small_seg_uid).iterdir())
             answer = label("GET", crossing_uid)
             assert answer.status_code == 409, (answer.status_code, answer.text[:500])
             assert answer.json()["detail"] == (
@@ -2129,7 +2157,7 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
                 "0.05 mm, a 512 x 512 x 201 volume of 52,690,944 voxels, over the limit of 1,000,000; it was not "
                 "converted (raise the limit with --conf max_voxels on the server)"), answer.text
             assert sorted(p.name for p in label_cache.iterdir()) == sorted(  # their downloads only: no label volume
-                [small_seg_uid, f"{small_seg_uid}.nii.gz", converting["young"].name, crossing_uid, thin_uid]), \
+                seg_files + [converting["young"].name, crossing_uid, thin_uid]), \
                 sorted(label_cache.iterdir())
             answer = label("GET", unreadable_uid)
             assert answer.status_code == 422, (answer.status_code, answer.text[:500])
@@ -2142,14 +2170,15 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
                 answer = label(method, seg_uid)
                 assert answer.status_code == 413, (method, answer.status_code, answer.text[:500])
                 assert answer.json()["detail"] == too_large if method == "GET" else answer.content == b""
-            big_too_large = (f"series {big_uid} is too large: its 6 instances hold 1,572,864 voxels, over the limit of "
-                             "1,000,000; nothing of it was downloaded")
+            retrieved = requests_log.read_text().splitlines()
             answer = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600)
-            assert answer.status_code == 413, (answer.status_code, answer.text[:500])
-            assert answer.json()["detail"].startswith(big_too_large), answer.text
+            assert answer.status_code == 200 and answer.json() == [], (answer.status_code, answer.text[:500])
             answer = requests.post(f"{server.url}/train/adl", json={}, timeout=600)
-            assert answer.status_code == 413, (answer.status_code, answer.text[:500])
-            assert answer.json()["detail"].startswith(big_too_large), answer.text
+            assert answer.status_code == 422 and "no corrected studies" in answer.text, (answer.status_code,
+                                                                                       answer.text[:500])
+            assert [line for line in requests_log.read_text().splitlines()[len(retrieved):]  # no series downloaded
+                    if any(f"/series/{uid}" in line and "/metadata" not in line for uid in
+                           (big_uid, seg_uid, small_uid, small_seg_uid, other_uid))] == [], requests_log.read_text()
             assert retrievals(big_uid) == [] and retrievals(seg_uid) == [], requests_log.read_text()
             assert not [p for p in cache.rglob("*") if big_uid in p.name or seg_uid in p.name], \
                 sorted(map(str, cache.rglob("*")))
@@ -2162,7 +2191,8 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
         stop_orthanc(pacs)
     assert [(entry["fields"]["image"], entry["fields"]["route"]) for entry in
             AuditLog(audit_dir).entries("label_downloaded")] == \
-        [(small_seg_uid, "GET /datastore/label")] * 2 + [(small_seg_uid, "HEAD /datastore/label")]
+        [(small_seg_uid, "GET /datastore/label")] * 2 + [(small_seg_uid, "HEAD /datastore/label")] + \
+        [(small_seg_uid, "GET /datastore/label")]
 
 
 def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

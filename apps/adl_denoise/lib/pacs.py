@@ -1527,7 +1527,9 @@ def final_label_problem(datastore, label_id: str) -> str | None:
     &tag=final``), asked of the PACS (QIDO-RS, series level) before anything is retrieved; None when this server keeps
     a correction of the series ``label_id`` that the PACS still lists under the study and patient it was saved for
     (:mod:`lib.pacs_corrections`; :class:`lib.pacs_corrections.CorrectionNotServed`, 409 / 404, when it does not),
-    when the PACS holds it as a DICOM SEG series (saved by another tool), or for another datastore. MONAI Label
+    when the PACS holds it as a DICOM SEG series (saved by another tool), or for another datastore (the series
+    search, :func:`lib.pacs_corrections.searched_series`, is the one the SEG's read uses within the route's
+    :func:`lib.pacs_corrections.one_search_per_series`). MONAI Label
     downloaded any series named so into its label cache, then failed to read it as a SEG: a bare 500, the series left
     there.
 
@@ -1539,13 +1541,12 @@ def final_label_problem(datastore, label_id: str) -> str | None:
     kept = getattr(datastore, "checked_label", None)  # a correction this server keeps (lib.pacs_corrections)
     if kept is not None and kept(label_id, "final") is not None:  # still its series': the PACS asked (one search)
         return None
-    client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
-    found = [entry for entry in client.search_for_series(search_filters={"SeriesInstanceUID": label_id},
-                                                         fields=["Modality"]) or []
-             if _first_str(entry, "0020000E") == label_id]
+    from .pacs_corrections import searched_series
+
+    found = searched_series(datastore, label_id)  # the route's one search of it (one_search_per_series)
     if not found:
         return f"no label {label_id}: the PACS holds no series of that SeriesInstanceUID"
-    modalities = sorted({_first_str(entry, "00080060") or "unknown" for entry in found})
+    modalities = sorted({entry["modality"] or "unknown" for entry in found})
     if modalities == ["SEG"]:
         return None
     return (f"series {label_id} is no label: the PACS holds it as a {'/'.join(modalities)} series, not a DICOM SEG, "

@@ -53,9 +53,9 @@ from .runtime.atomic import atomic_write_json, fsync_path
 log = logging.getLogger(__name__)
 
 __all__ = ["KeptLabels", "ServerKeptLabelsMixin", "server_kept_labels", "correction_binding", "binding_problem",
-           "check_binding", "CorrectionNotServed", "one_search_per_series", "pacs_identities", "SERIES_IDENTITY_KEY",
-           "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url", "corrections_of_other_urls", "without_credentials",
-           "verdict_binding"]
+           "check_binding", "CorrectionNotServed", "one_search_per_series", "pacs_identities", "searched_series",
+           "SERIES_IDENTITY_KEY", "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url", "corrections_of_other_urls",
+           "without_credentials", "verdict_binding"]
 
 #: the correction stamp's key holding the identity of the PACS series it corrects (:func:`correction_binding`)
 SERIES_IDENTITY_KEY = "series_identity"
@@ -335,11 +335,16 @@ class ServerKeptLabelsMixin:
         super().update_label_info(label_id, label_tag, info)
 
     def datalist(self, full_path: bool = True) -> List[Dict[str, Any]]:
-        """MONAI Label's pairs (SEG-labelled series of the PACS) and each kept correction's whose series the PACS
-        lists under its stamped identity (:func:`check_binding`, one series search each; a WARNING names each one
-        left out and why): the series' file as ``get_image_uri`` gives it (downloaded, bounded, if needed) and the
-        kept label's. Raises :class:`CorrectionNotServed` (502) when the PACS's search fails."""
-        pairs = list(super().datalist(full_path))
+        """The pairs saved in MONAI Label's cache (as a local datastore lists them) and each kept correction's whose
+        series the PACS lists under its stamped identity (:func:`check_binding`, one series search each; a WARNING
+        names each one left out and why): the series' file as ``get_image_uri`` gives it (downloaded, bounded, if
+        needed) and the kept label's. Raises :class:`CorrectionNotServed` (502) when the PACS's search fails. MONAI
+        Label's own listing first downloaded every series a SEG of the PACS references, and asked each SEG as its
+        label, which pairs nothing (:func:`lib.pacs_seg.seg_label_uri`): each listing downloaded those series for
+        nothing (a 413 when one was over the voxel limit); it is skipped."""
+        from monailabel.datastore.local import LocalDatastore
+
+        pairs = list(LocalDatastore.datalist(self, full_path))
         paired = {os.path.basename(str(pair.get("image", ""))) for pair in pairs}
         with one_search_per_series():
             for image_id in self._kept_finals():
@@ -491,15 +496,17 @@ def _served_problems(datastore, image_id: str, current: Dict[str, str]) -> Tuple
     return problems, files
 
 
-#: the PACS's answers of one request or listing (:func:`one_search_per_series`): series id -> its identities
+#: the PACS's answers of one request or listing (:func:`one_search_per_series`): series id -> its entries
 _searched: contextvars.ContextVar[Optional[Dict[str, List[Dict[str, str]]]]] = \
     contextvars.ContextVar("adl_pacs_series_identities", default=None)
 
 
 @contextlib.contextmanager
 def one_search_per_series() -> Iterator[None]:
-    """Within it, :func:`pacs_identities` asks the PACS once per series (a training list reads each correction's
-    info, file and region map: one search, not one per read); outside it every call asks."""
+    """Within it, :func:`searched_series` (so :func:`pacs_identities`, :func:`lib.pacs.final_label_problem` and a
+    SEG's modality check) asks the PACS once per series (a training list reads each correction's info, file and
+    region map; a SEG's label read checked its modality twice and its identity once: one search, not one per
+    read); outside it every call asks."""
     token = _searched.set({}) if _searched.get() is None else None
     try:
         yield
@@ -562,8 +569,8 @@ def studies_url_problem(url: str) -> Optional[str]:
 
 def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
     """The identities (``series_instance_uid``, ``study_instance_uid``, ``patient_id``) under which the PACS lists
-    the series ``image_id`` now: one QIDO-RS series search (SeriesInstanceUID, with StudyInstanceUID and PatientID;
-    no instance retrieved), each distinct identity once: ``[]`` when it lists none, two or more for one UID in
+    the series ``image_id`` now: one QIDO-RS series search (:func:`searched_series`, within
+    :data:`PACS_SEARCH_TIMEOUT_S`; no instance retrieved), each distinct identity once: ``[]`` when it lists none, two or more for one UID in
     several studies or patients.
 
     Raises:
@@ -574,16 +581,12 @@ def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
     import requests
     import retrying
 
-    from .pacs import _first_str, answered_within, error_answer
+    from .pacs import answered_within, error_answer
 
-    memo = _searched.get()
-    if memo is not None and image_id in memo:
-        return memo[image_id]
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client (bounded waits)
     try:
         with answered_within(client, PACS_SEARCH_TIMEOUT_S):
-            found = client.search_for_series(search_filters={"SeriesInstanceUID": image_id},
-                                             fields=["StudyInstanceUID", "PatientID"]) or []
+            found = searched_series(datastore, image_id)
     except requests.ReadTimeout:
         raise CorrectionNotServed(f"the PACS ({without_credentials(client.base_url)}) did not answer the search for "
                                   f"series {image_id} within {PACS_SEARCH_TIMEOUT_S:g} s: its study and patient "
@@ -594,15 +597,33 @@ def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
                                   " its study and patient cannot be checked; nothing was sent or saved", 502) from None
     identities: List[Dict[str, str]] = []
     for entry in found:
-        if _first_str(entry, "0020000E") != image_id:
-            continue
-        identity = {"series_instance_uid": image_id, "study_instance_uid": dicom_text(_first_str(entry, "0020000D")),
-                    "patient_id": dicom_text(_first_str(entry, "00100020"))}  # padding dropped, as every side's
+        identity = {key: entry[key] for key in _IDENTITY_KEYS}
         if identity not in identities:
             identities.append(identity)
-    if memo is not None:
-        memo[image_id] = identities
     return identities
+
+
+def searched_series(datastore, series_uid: str) -> List[Dict[str, str]]:
+    """The PACS's entries of the series ``series_uid`` (``series_instance_uid``, ``study_instance_uid``,
+    ``patient_id``, ``modality``; DICOM padding dropped), one a series it lists under that UID: one QIDO-RS series
+    search, asked once per series within :func:`one_search_per_series` (a failed search is not kept: the next call
+    asks again). Its callers set its deadline and answer its errors (those of the DICOMweb client, raised as they
+    are)."""
+    from .pacs import _first_str
+
+    memo = _searched.get()
+    if memo is not None and series_uid in memo:
+        return memo[series_uid]
+    client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client (bounded waits)
+    found = client.search_for_series(search_filters={"SeriesInstanceUID": series_uid},
+                                     fields=["StudyInstanceUID", "PatientID", "Modality"]) or []
+    entries = [{"series_instance_uid": series_uid, "study_instance_uid": dicom_text(_first_str(entry, "0020000D")),
+                "patient_id": dicom_text(_first_str(entry, "00100020")),  # padding dropped, as every side's
+                "modality": dicom_text(_first_str(entry, "00080060"))}
+               for entry in found if _first_str(entry, "0020000E") == series_uid]
+    if memo is not None:
+        memo[series_uid] = entries
+    return entries
 
 
 def _one_identity(datastore, image_id: str, what: str) -> Dict[str, str]:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 #: the file name ending of a SEG's conversion in the label cache (MONAI Label's datastore reads .nii.gz labels)
 SEG_LABEL_SUFFIX = ".nii.gz"
 _CONVERTING_PREFIX = ".converting-"
+#: beside a SEG's conversion (``<SEG uid>.nii.gz.source``): the content it was made from (:func:`_source_key`)
+_SOURCE_SUFFIX = ".source"
 
 
 class SegNotServed(ValueError):
@@ -39,9 +41,12 @@ class SegNotServed(ValueError):
 
 def seg_label_uri(datastore, seg_uid: str, image_id: str, download: Callable[[], object], voxel_limit: int) -> str:
     """The ``final`` label of the DICOM SEG series ``seg_uid`` of the PACS: downloaded by ``download`` into MONAI
-    Label's label cache folder ``labels/final/<seg_uid>/`` (where it is not yet), converted to a label volume
-    (``<seg_uid>.nii.gz`` beside it, made on the first read, then answered as it is). Each read checks, from the
-    PACS's series search, that every series its ReferencedSeriesSequence names that the PACS lists is of the SEG's
+    Label's label cache folder ``labels/final/<seg_uid>/`` (where it is not yet, or holds other instances than
+    the PACS lists now: a SEG replaced under the same SeriesInstanceUID is downloaded again), converted to a label
+    volume (``<seg_uid>.nii.gz`` beside it, made on the first read of a content, then answered as it is while the
+    download's SOPInstanceUID and bytes are those it was made from, :func:`_source_key`). Each read checks, from
+    the PACS's series search (one for the SEG's modality and identity, :func:`lib.pacs_corrections.searched_series`,
+    and one of its instances), that every series its ReferencedSeriesSequence names that the PACS lists is of the SEG's
     own study and patient; and, before the conversion, that the volume pydicom_seg would decode (its size from the
     frames' positions and the slice spacing, not the frame count the download was bounded by) is within
     ``voxel_limit``. Nothing is saved as the label of another series: MONAI Label saved each SEG's conversion as the
@@ -59,9 +64,9 @@ def seg_label_uri(datastore, seg_uid: str, image_id: str, download: Callable[[],
             cannot read it as a label volume (overlapping segments, a fractional SEG, no geometry), 422; it
             references a series of another study or patient, 409; its label volume is over ``voxel_limit``, 413
             (not converted; its download stays in the cache, as any series' the PACS holds).
-        lib.pacs_corrections.CorrectionNotServed: the PACS's series search failed (502) or was not answered (504).
+        lib.pacs_corrections.CorrectionNotServed: the PACS's identity or instance search failed (502) or was not
+            answered (504).
     """
-    import pydicom
     from monailabel.datastore.local import LocalDatastore
 
     layout = datastore._datastore  # noqa: SLF001 - MONAI Label's own cache layout
@@ -71,20 +76,28 @@ def seg_label_uri(datastore, seg_uid: str, image_id: str, download: Callable[[],
         log.debug("DICOM SEG %s not saved as the label of series %s", seg_uid, image_id)
         return ""
     cache = Path(layout.label_path("final"))
-    converted = cache / f"{seg_uid}{SEG_LABEL_SUFFIX}"
-    if not converted.is_file() or not (cache / seg_uid).is_dir():
-        if _modalities(datastore, seg_uid) != ["SEG"]:  # an image series not downloaded (yet): no label of it
-            return LocalDatastore.get_label_uri(datastore, seg_uid, "final")
+    if _modalities(datastore, seg_uid) != ["SEG"]:  # an image series not downloaded (yet): no label of it
+        return LocalDatastore.get_label_uri(datastore, seg_uid, "final")
+    listed = _listed_instances(datastore, seg_uid)
+    downloaded = _read_download(cache / seg_uid)
+    for _ in range(3):  # downloaded again while the PACS lists other instances (a SEG replaced under its UID)
+        if downloaded and (not listed or sorted(downloaded) == listed):
+            break
+        if downloaded:
+            log.info("DICOM SEG %s: the PACS lists other instances than those downloaded (replaced): downloaded "
+                     "again", seg_uid)
+            _discard(cache / seg_uid)
         download()
-    files = sorted(path for path in (cache / seg_uid).iterdir() if path.is_file())
-    header = pydicom.dcmread(files[0], stop_before_pixels=True) if files else None
+        downloaded = _read_download(cache / seg_uid)
+    contents = list((downloaded or {}).values())
+    header = _header(contents[0]) if contents else None
     if header is None or str(header.get("Modality", "")) != "SEG":
-        shutil.rmtree(cache / seg_uid, ignore_errors=True)  # an image series in the label cache
+        _discard(cache / seg_uid)  # an image series in the label cache
         raise SegNotServed(f"series {seg_uid} is not served as a label: it is no DICOM SEG (Modality "
                            f"{str(header.get('Modality', '')) if header is not None else 'unknown'!r})")
-    if len(files) != 1:
-        raise SegNotServed(f"series {seg_uid} is not served as a label: the PACS holds it as {len(files)} instances, "
-                           "and a DICOM SEG label is one instance")
+    if len(contents) != 1:
+        raise SegNotServed(f"series {seg_uid} is not served as a label: the PACS holds it as {len(contents)} "
+                           "instances, and a DICOM SEG label is one instance")
     referenced = [str(item.get("SeriesInstanceUID", "")) for item in header.get("ReferencedSeriesSequence", [])]
     if not any(referenced):
         raise SegNotServed(f"series {seg_uid} is not served as a label: its DICOM SEG references no image series "
@@ -92,10 +105,113 @@ def seg_label_uri(datastore, seg_uid: str, image_id: str, download: Callable[[],
     # each read, as the PACS lists the series now; the download stays in the cache (concurrent reads use it, the
     # next read is not a download again), no label volume is made of it
     _check_same_identity(datastore, seg_uid, [uid for uid in referenced if uid])
-    if not converted.is_file():
+    converted = cache / f"{seg_uid}{SEG_LABEL_SUFFIX}"
+    source = _source_key(downloaded)
+    if not (converted.is_file() and _converted_from(converted) == source):  # none, or of a SEG since replaced
         _check_decoded_size(header, seg_uid, voxel_limit)
-        _convert(files[0], seg_uid, converted)
+        _convert(contents[0], seg_uid, converted, source)
     return str(converted)
+
+
+def _listed_instances(datastore, seg_uid: str) -> list:
+    """The SOPInstanceUIDs the PACS lists in the series ``seg_uid`` now (one QIDO-RS instance search, within
+    :data:`lib.pacs_corrections.PACS_SEARCH_TIMEOUT_S`), sorted.
+
+    Raises:
+        lib.pacs_corrections.CorrectionNotServed: the search failed (502) or was not answered (504).
+    """
+    import requests
+    import retrying
+
+    from .pacs import _first_str, answered_within, error_answer
+    from .pacs_corrections import PACS_SEARCH_TIMEOUT_S, CorrectionNotServed, without_credentials
+
+    client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
+    try:
+        with answered_within(client, PACS_SEARCH_TIMEOUT_S):
+            found = client.search_for_instances(search_filters={"SeriesInstanceUID": seg_uid},
+                                                fields=["SOPInstanceUID"]) or []
+    except requests.ReadTimeout:
+        raise CorrectionNotServed(f"the PACS ({without_credentials(client.base_url)}) did not answer the search for "
+                                  f"the instances of series {seg_uid} within {PACS_SEARCH_TIMEOUT_S:g} s: its DICOM "
+                                  "SEG cannot be told from the one converted; nothing was sent", 504) from None
+    except (requests.HTTPError, retrying.RetryError) as error:  # an error status (retried ones: RetryError)
+        status = getattr(error_answer(error), "status_code", None)
+        raise CorrectionNotServed(f"the PACS answered the search for the instances of series {seg_uid} with an error "
+                                  f"(HTTP {status}): its DICOM SEG cannot be told from the one converted; nothing "
+                                  "was sent", 502) from None
+    return sorted({_first_str(entry, "00080018") or "" for entry in found
+                   if _first_str(entry, "0020000E") in (None, seg_uid)} - {""})
+
+
+def _read_download(folder: Path) -> dict:
+    """SOPInstanceUID -> bytes of each file of the download ``folder``, read whole (a SEG is one instance, within
+    the voxel limit): the read goes on from them when another request removes the folder meanwhile
+    (:func:`_discard`). ``{}`` when there is none, or it was removed while it was read. A file that is no DICOM
+    file is under its name."""
+    try:
+        paths = sorted(path for path in folder.iterdir() if path.is_file())
+        contents = {path.name: path.read_bytes() for path in paths}
+    except FileNotFoundError:  # removed meanwhile (a replaced SEG's download, or no SEG): downloaded again
+        return {}
+    keyed = {}
+    for name, data in contents.items():
+        header = _header(data)
+        keyed[str(header.get("SOPInstanceUID", "")) if header is not None else name] = data
+    return keyed
+
+
+def _header(data: bytes):
+    """The DICOM header of ``data`` (without its pixels), None when it is no DICOM file."""
+    import io
+
+    import pydicom
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - pydicom's refusals of a non-DICOM file vary
+        return None
+
+
+def _discard(folder: Path) -> None:
+    """Remove the download ``folder``: renamed first (a partial download's name, :data:`lib.pacs.
+    PARTIAL_DOWNLOAD_PREFIX`, which a start-up removes if the server is killed meanwhile), then deleted. A concurrent
+    read of it holds its files' bytes (:func:`_read_download`) or finds no folder and downloads it again: it never
+    sees part of it, nor does a download taking the name meanwhile lose files to this removal."""
+    import uuid
+
+    from .pacs import PARTIAL_DOWNLOAD_PREFIX
+
+    doomed = folder.with_name(f"{PARTIAL_DOWNLOAD_PREFIX}{folder.name}-removed-{uuid.uuid4().hex}")
+    try:
+        os.rename(folder, doomed)
+    except FileNotFoundError:  # removed by another request
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _source_key(downloaded: dict) -> str:
+    """What identifies the downloaded SEG's content: a SHA-256 of its SOPInstanceUIDs and of their files' bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for sop_uid in sorted(downloaded):
+        digest.update(sop_uid.encode() + b"\0" + hashlib.sha256(downloaded[sop_uid]).digest())
+    return digest.hexdigest()
+
+
+def _source_path(converted: Path) -> Path:
+    """Where the conversion ``converted`` records the content it was made from (:func:`_source_key`)."""
+    return converted.with_name(converted.name + _SOURCE_SUFFIX)
+
+
+def _converted_from(converted: Path) -> str:
+    """The content key (:func:`_source_key`) the conversion ``converted`` was made from; "" when not recorded (an
+    earlier version's conversion: converted again)."""
+    try:
+        return _source_path(converted).read_text().strip()
+    except OSError:
+        return ""
 
 
 def _check_same_identity(datastore, seg_uid: str, referenced: list) -> None:
@@ -161,23 +277,28 @@ def _check_decoded_size(header, seg_uid: str, voxel_limit: int) -> None:
 
 
 def _modalities(datastore, series_uid: str) -> list:
-    """The modalities the PACS lists the series ``series_uid`` under (a series-level search); [] when it holds none.
-    """
-    client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
-    found = client.search_for_series(search_filters={"SeriesInstanceUID": series_uid}, fields=["Modality"]) or []
-    return sorted({str((entry.get("00080060", {}).get("Value") or [""])[0]) for entry in found
-                   if (entry.get("0020000E", {}).get("Value") or [""])[0] == series_uid})
+    """The modalities the PACS lists the series ``series_uid`` under; [] when it holds none (the series search of
+    :func:`lib.pacs_corrections.searched_series`: within the label route, the one its check made)."""
+    from .pacs_corrections import searched_series
+
+    return sorted({entry["modality"] for entry in searched_series(datastore, series_uid)})
 
 
-def _convert(seg_file: Path, seg_uid: str, converted: Path) -> None:
-    """``seg_file`` (a DICOM SEG instance) as a label volume at ``converted``, written beside it under a temporary
-    name, then renamed (another request converting it meanwhile writes the same volume)."""
+def _convert(seg_bytes: bytes, seg_uid: str, converted: Path, source: str) -> None:
+    """``seg_bytes`` (a DICOM SEG instance) as a label volume at ``converted``, written beside it under a temporary
+    name, then renamed (another request converting it meanwhile writes the same volume); then ``source``, the
+    content it was made from (:func:`_source_key`), recorded beside it: a read finding another key converts again
+    (a SEG replaced in the PACS under the same SeriesInstanceUID kept its first conversion, served as its label)."""
+    import io
+
     import pydicom
     import pydicom_seg
     import SimpleITK as sitk
 
+    from .runtime.atomic import atomic_write_text
+
     try:
-        image = pydicom_seg.MultiClassReader().read(pydicom.dcmread(seg_file)).image
+        image = pydicom_seg.MultiClassReader().read(pydicom.dcmread(io.BytesIO(seg_bytes))).image
     except Exception as error:  # pydicom_seg's refusals are ValueError, KeyError, AttributeError...
         raise SegNotServed(f"series {seg_uid} is not served as a label: its DICOM SEG cannot be read as a label "
                            f"volume ({type(error).__name__}: {error})") from None
@@ -192,6 +313,7 @@ def _convert(seg_file: Path, seg_uid: str, converted: Path) -> None:
         except FileNotFoundError:
             pass
         raise
+    atomic_write_text(_source_path(converted), source)  # after the volume: a cut between them converts again
     log.info("DICOM SEG %s converted to the label volume %s", seg_uid, converted)
 
 

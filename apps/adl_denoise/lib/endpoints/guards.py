@@ -1143,7 +1143,8 @@ def guarded_download_label(request: Request, tag: str, label: Optional[str] = No
     retrieved unrecorded, also with the log refusing entries. On a PACS a ``final`` label must be a DICOM SEG series
     of it (:func:`lib.pacs.final_label_problem`, asked before anything is retrieved): 404 saying what the series is
     otherwise (MONAI Label downloaded an image series into its label cache, then answered a bare 500); a SEG is
-    answered as its label volume, converted once into the cache (:func:`lib.pacs_seg.seg_label_uri`). A label this
+    answered as its label volume, converted once into the cache (:func:`lib.pacs_seg.seg_label_uri`; the series is
+    searched once for the check, the SEG's modality and its identity). A label this
     server keeps of a PACS series (:mod:`lib.pacs_corrections`) is sent only while the PACS lists the series under
     the study and patient it was saved for (409 naming what changed, 404 when the PACS no longer lists it, 503 when
     the PACS cannot be reached, 504 when it does not answer in time: nothing sent, no entry; asked before the file is
@@ -1152,6 +1153,7 @@ def guarded_download_label(request: Request, tag: str, label: Optional[str] = No
     from monailabel.endpoints.datastore import download_label
 
     from ..pacs import final_label_problem
+    from ..pacs_corrections import one_search_per_series
 
     if label is not None and image is not None and label != image:
         raise HTTPException(status_code=422, detail="give the label as label (or image, as MONAI Label's HEAD "
@@ -1163,21 +1165,22 @@ def guarded_download_label(request: Request, tag: str, label: Optional[str] = No
     check_name(tag, "tag")
     _refuse_unrecordable("the label was not sent", f"label {name} ({tag})")
     datastore = app().datastore()
-    open_kept = getattr(datastore, "open_checked_label", None)  # a PACS series' label kept on this server
-    opened = open_kept(name, tag) if open_kept is not None else None
-    if opened is not None:
-        handle = opened[0]
-        try:
-            _recorded_read(LABEL_DOWNLOADED, {"image": name, "tag": tag}, "the label was not sent")
-        except BaseException:
-            handle.close()
-            raise
-        return _open_file_answer(handle, request.method == "HEAD")
-    if tag == "final":
-        problem = final_label_problem(datastore, name)
-        if problem:
-            raise HTTPException(status_code=404, detail=problem)
-    answer = download_label(name, tag)
+    with one_search_per_series():  # the series' check, its modality and a SEG's identity: one search of the PACS
+        open_kept = getattr(datastore, "open_checked_label", None)  # a PACS series' label kept on this server
+        opened = open_kept(name, tag) if open_kept is not None else None
+        if opened is not None:
+            handle = opened[0]
+            try:
+                _recorded_read(LABEL_DOWNLOADED, {"image": name, "tag": tag}, "the label was not sent")
+            except BaseException:
+                handle.close()
+                raise
+            return _open_file_answer(handle, request.method == "HEAD")
+        if tag == "final":
+            problem = final_label_problem(datastore, name)
+            if problem:
+                raise HTTPException(status_code=404, detail=problem)
+        answer = download_label(name, tag)
     _recorded_read(LABEL_DOWNLOADED, {"image": name, "tag": tag}, "the label was not sent")
     return answer
 

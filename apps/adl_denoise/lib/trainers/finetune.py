@@ -196,6 +196,10 @@ def _correction_pairs(datastore: Datastore, modality: str | None, skipped: list 
             if skipped is not None:
                 skipped.append(image_id)
             continue
+        if not label:  # no label file (a series a DICOM SEG of the PACS references): its image not downloaded
+            if skipped is not None:
+                skipped.append(image_id)
+            continue
         image = datastore.get_image_uri(image_id)
         if not is_clinician_correction(info, label, image):
             if skipped is not None:
