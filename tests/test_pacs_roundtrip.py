@@ -151,7 +151,7 @@ end
             assert left_in_temp(0) == []  # the result: deleted before the refusal is answered
             refuse.unlink()
             _correct_and_fine_tune(server, pacs, model_dir, [uid, str(pydicom.dcmread(second[0]).SeriesInstanceUID)],
-                                   second, tmp_path, stored["series_instance_uid"])
+                                   files, second, tmp_path, stored["series_instance_uid"])
             assert server.alive()
         finally:
             stop_server(server)
@@ -159,8 +159,8 @@ end
         stop_orthanc(pacs)
 
 
-def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], second: list[Path], tmp_path: Path,
-                           derived: str) -> None:
+def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], first: list[Path], second: list[Path],
+                           tmp_path: Path, derived: str) -> None:
     """The review loop on a PACS, as on a local datastore: a region map and a correction of each series in ``uids``
     (``PUT /datastore/label``, tags ``regions`` then ``final``) are kept by the server in its corrections folder
     (``<model_dir>/corrections/dicomweb-<hash of the URL>``), nothing sent to the PACS (MONAI Label converted a
@@ -177,17 +177,23 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     the derived series saved by an older version is no training data either, a WARNING saying why (it was trained
     on); a correction PUT for it while the cache holds the old patient's download is refused (409,
     nothing saved), also with the download's folder alone removed (MONAI Label's conversion of the old download,
-    never rebuilt, is what is sent: it was saved; the 409 names both cached files), so is one of the derived series
+    never rebuilt, is what is sent: it was saved; the 409 says to open the series again, where it named both cached
+    files to remove by hand), so is one of the derived series
     this server stored (409: it was kept); the series removed from the PACS, its correction is 404 (it was sent),
     kept on the server all the same; the PACS stopped, 503 (nothing sent unchecked), and a 'corrected' verdict
     judging a kept correction is a 503 with nothing recorded. A verdict is bound as a correction is: recorded with
     the series' identity the PACS lists (``series_identity``); on the series moved to another patient (its old
     download still cached) 'accepted' and 'corrected' are 409 naming both patients, nothing recorded, and with the
     PACS stopped an 'accepted' verdict on a denoised series is a 503 (both were recorded, 200, from the server's
-    cached series list). A result's entry names the patient it was denoised for: with both cached files removed and
-    the series opened again, a verdict on the result made before the move is 409 (it was recorded, bound to the new patient); denoised
-    again, its verdict and correction are recorded, the header's ``' ANOTHER-PATIENT'`` being the PACS's
-    ``'ANOTHER-PATIENT'`` (DICOM padding: it was a 409)."""
+    cached series list). A result's entry names the patient it was denoised for: with both cached files removed, a
+    verdict on the result made before the move is 409 for that result alone (it was recorded, bound to the new
+    patient; the removed conversion's info, kept by the running server, was named too until the series was
+    downloaded again); denoised again, its verdict and correction are recorded, the header's ``' ANOTHER-PATIENT'``
+    being the PACS's ``'ANOTHER-PATIENT'`` (DICOM padding: it was a 409). The first series moved to another patient
+    with its old download cached: ``GET /datastore/image`` downloads it anew (header and info of the new patient; the
+    old download was served until the cache was emptied by hand), its corrections stay the old patient's (409); moved
+    once more, infer downloads it anew too (its result named the old patient). The series not moved is served from
+    its cache as it is."""
     import hashlib
     import shutil
     import urllib.request
@@ -283,8 +289,12 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
         dataset.PatientID = " ANOTHER-PATIENT"
         dataset.save_as(path, write_like_original=False)
     pacs.upload_files(second)
-    for uid in uids:  # the series' downloads are in the cache (the old patient's for uids[1]): never asked again
-        assert requests.get(f"{server.url}/datastore/image", params={"image": uid}, timeout=600).status_code == 200
+    cache = tmp_path / "work" / "dicomweb_cache"
+    conversion = next(cache.glob(f"*/{uids[0]}.nii.gz"))  # the first series, not moved: its cache served as it is
+    before = conversion.stat()
+    assert requests.get(f"{server.url}/datastore/image", params={"image": uids[0]}, timeout=600).status_code == 200
+    assert (conversion.stat().st_ino, conversion.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    # uids[1] is not opened again until below: the cache holds the old patient's download of it
     answer = requests.post(f"{server.url}/train/adl", params={"run_sync": "true"},
                            json={"steps": 4, "patch_size": 32, "device": "cpu"}, timeout=600)
     assert answer.status_code == 422 and "only 1 corrected CT study" in answer.text, (answer.status_code, answer.text)
@@ -312,6 +322,9 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
         detail = answer.json().get("detail", "")
         assert answer.status_code == 409 and moved in detail and "'ANOTHER-PATIENT'" in detail, answer.text[:500]
         assert "the verdict was not recorded" in detail, detail
+        # denoising again downloads the series anew (the result judged is the old patient's): nothing to remove by
+        # hand (it was the advice)
+        assert "(denoise the series again and judge that result)" in detail and "cache" not in detail, detail
     assert len(audit.entries("verdict")) == verdicts
     pairs = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600).json()
     assert [Path(pair["label"]).name for pair in pairs] == [f"{uids[0]}.nii.gz"], pairs
@@ -325,6 +338,7 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
                                   files={"label": ("final.nii.gz", handle)}, timeout=600)
         assert answer.status_code == 409 and why in answer.json()["detail"], (uid, answer.status_code, answer.text)
         assert "nothing was saved" in answer.json()["detail"], answer.text
+        assert uid == derived or "open the series again, GET /datastore/image" in answer.json()["detail"], answer.text
     assert (kept / "final" / f"{uids[1]}.json").read_text() == kept_info
     assert not (kept / "final" / f"{derived}.json").exists()
     # a correction of the derived series this server stored, as an older version saved it (its PUT was not refused;
@@ -345,24 +359,24 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
         "server stored in the PACS" in server.log_tail(20000), server.log_tail(4000)
     pairs = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600).json()
     assert [Path(pair["label"]).name for pair in pairs] == [f"{uids[0]}.nii.gz"], pairs
-    # the download's folder alone removed: downloaded again (the new patient's), but the image sent and trained on is
-    # MONAI Label's conversion of the old one, never rebuilt (the PUT was saved, bound to the new patient)
-    shutil.rmtree(next((tmp_path / "work" / "dicomweb_cache").glob(f"*/{uids[1]}")))
+    # the download's folder alone removed by hand (as the 409 once said): downloaded again (the new patient's), but the
+    # image sent and trained on is MONAI Label's conversion of the old one, never rebuilt (the PUT was saved, bound to
+    # the new patient)
+    shutil.rmtree(next(cache.glob(f"*/{uids[1]}")))
     with open(tmp_path / "final.nii.gz", "rb") as handle:
         answer = requests.put(f"{server.url}/datastore/label", params={"image": uids[1], "tag": "final"},
                               files={"label": ("final.nii.gz", handle)}, timeout=600)
     detail = answer.json().get("detail", "")
     assert answer.status_code == 409 and f"was converted from patient_id {header.PatientID!r}" in detail, answer.text
-    assert f"{uids[1]}/ and {uids[1]}.nii.gz in its DICOMweb cache folder" in detail, detail
+    assert "open the series again, GET /datastore/image" in detail and "cache folder" not in detail, detail
     assert (kept / "final" / f"{uids[1]}.json").read_text() == kept_info
-    # both cached files removed and the series opened again, as the 409 says: the new patient's download; a verdict
-    # on the result denoised before the move is refused (it was recorded, bound to the new patient: the result's
-    # entry named no patient)
+    # the old conversion removed by hand too (a cache cleared): a verdict on the result denoised before the move is
+    # refused for that result alone (it was recorded, bound to the new patient: the result's entry named no
+    # patient); the conversion's info the running server kept was named too ("the image sent was converted from"),
+    # and every verdict refused so until the series was downloaded again
     judged = [e for e in audit.entries("result") if e["fields"]["input"].get("image") == uids[1]][-1]
     assert judged["fields"]["input"]["patient_id"] == header.PatientID, judged
-    for path in (tmp_path / "work" / "dicomweb_cache").glob(f"*/{uids[1]}*"):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    assert requests.get(f"{server.url}/datastore/image", params={"image": uids[1]}, timeout=600).status_code == 200
+    next(cache.glob(f"*/{uids[1]}.nii.gz")).unlink()
     verdicts = len(audit.entries("verdict"))
     answer = requests.post(f"{server.url}/review/{uids[1]}", timeout=600,
                            json={"verdict": "accepted", "reviewer": "dr_a", "result_seq": judged["seq"]})
@@ -372,6 +386,7 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     assert "denoise the series again and judge that result" in detail, detail
     assert "its download has" not in detail and "converted from" not in detail, detail  # the new patient's
     assert len(audit.entries("verdict")) == verdicts
+    assert requests.get(f"{server.url}/datastore/image", params={"image": uids[1]}, timeout=600).status_code == 200
     # denoised again: the new patient's result, verdict and correction; the download's ' ANOTHER-PATIENT' is the
     # PACS's 'ANOTHER-PATIENT' (both were a 409: "its download has patient_id ' ANOTHER-PATIENT'")
     answer = requests.post(f"{server.url}/infer/adl", params={"image": uids[1], "output": "json"},
@@ -386,6 +401,41 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], secon
     remove_second_from_the_pacs()
     answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[1], "tag": "final"}, timeout=600)
     assert answer.status_code == 404 and f"the PACS no longer lists series {uids[1]}" in answer.text, answer.text
+    # the first series moved to another patient as well, its old download untouched in the cache: opened again, it
+    # is downloaded anew (the old patient's files and info were served until the cache was emptied by hand and the
+    # server restarted); its corrections stay the old patient's (409), never the new one's
+    def send_first_under(patient: str) -> None:  # the PACS's copy of the first series replaced by one of patient's
+        for series in pacs.get("/series?expand"):
+            if series["MainDicomTags"]["SeriesInstanceUID"] == uids[0]:
+                urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/series/{series['ID']}", method="DELETE"),
+                                       timeout=60)
+        for path in first:
+            dataset = pydicom.dcmread(path)
+            dataset.PatientID = patient
+            dataset.save_as(path, write_like_original=False)
+        pacs.upload_files(first)
+
+    old_patient = str(pydicom.dcmread(first[0]).PatientID)
+    send_first_under("THIRD-PATIENT")
+    assert requests.get(f"{server.url}/datastore/image", params={"image": uids[0]}, timeout=600).status_code == 200
+    folder = next(path for path in cache.glob(f"*/{uids[0]}") if path.is_dir())
+    assert {pydicom.dcmread(path, stop_before_pixels=True).PatientID for path in folder.iterdir()} == \
+        {"THIRD-PATIENT"}
+    info = requests.get(f"{server.url}/datastore/image/info", params={"image": uids[0]}, timeout=600).json()
+    assert info["PatientID"] == "THIRD-PATIENT", info
+    assert f"series {uids[0]}: this server's cached download was not the series the PACS lists now (its download " \
+        f"has patient_id {old_patient!r}" in server.log_tail(20000), server.log_tail(4000)
+    for tag in ("regions", "final"):
+        answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[0], "tag": tag}, timeout=600)
+        assert answer.status_code == 409 and f"was saved for patient_id {old_patient!r}" in answer.text, answer.text
+    # moved once more: denoised again, it is downloaded anew first (it was denoised from the old patient's download,
+    # the result's entry naming the old patient)
+    send_first_under("FOURTH-PATIENT")
+    answer = requests.post(f"{server.url}/infer/adl", params={"image": uids[0], "output": "json"},
+                           data={"params": "{}"}, timeout=600)
+    assert answer.status_code == 200, answer.text[:500]
+    denoised = [e for e in audit.entries("result") if e["fields"]["input"].get("image") == uids[0]][-1]
+    assert denoised["fields"]["input"]["patient_id"] == "FOURTH-PATIENT", denoised
     for tag in ("regions", "final"):  # an admin removes a correction: gone from the server, the PACS untouched
         answer = requests.delete(f"{server.url}/datastore/label", params={"id": uids[0], "tag": tag}, timeout=600)
         assert answer.status_code == 200, answer.text[:500]

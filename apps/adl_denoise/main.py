@@ -61,8 +61,8 @@ from lib.pacs import (PacsStoreError, SeriesDoesNotFit, SeriesNotDelivered, Seri
                       SeriesTooLarge, bound_waits, bounded_downloads, cache_folder, is_dicomweb, known_size,
                       pacs_read_timeout_s, read_timed_out, remove_stale_downloads, series_folder, start_up_warnings,
                       store_derived_series, whole_listing)
-from lib.pacs_corrections import (corrections_of_other_urls, note_studies_url, server_kept_labels, studies_url_problem,
-                                  without_credentials)
+from lib.pacs_corrections import (corrections_of_other_urls, note_studies_url, refresh_moved_series, server_kept_labels,
+                                  studies_url_problem, without_credentials)
 from lib.runtime.switches import parse_bool
 
 logger = logging.getLogger(__name__)
@@ -411,7 +411,8 @@ class DenoisingApp(MONAILabelApp):
         the result is returned: when it cannot be written the request fails (503 when the log cannot take it,
         :func:`lib.endpoints.review.recorded_access`). A request that fails once the result file exists (its entry,
         its store to the PACS, that store's entry) deletes it: it lay in the temp folder, a patient's volume nobody
-        was sent."""
+        was sent. A PACS series whose cached download is of another study or patient than the PACS lists now is
+        downloaded anew first (:func:`lib.pacs_corrections.refresh_moved_series`)."""
         try:
             self.audit.check_writable()
         except AuditBrokenError as error:
@@ -437,6 +438,7 @@ class DenoisingApp(MONAILabelApp):
             raise HTTPException(status_code=422, detail=str(error)) from None
         source_folder = None
         if known_id and is_dicomweb(store):
+            refresh_moved_series(store, image_id)  # a cached download of another patient than the PACS lists now
             size = self._refuse_oversized_series(store, image_id, request.get("model"))
             limit = self._model_voxel_limit(request.get("model"))
             try:  # the series may have grown since its size was asked: the download stops over the limit

@@ -23,6 +23,8 @@ series changed study or patient, or is listed in several; 404 when the PACS no l
 answered the search with an error; 504 when it did not answer within :data:`PACS_SEARCH_TIMEOUT_S`; a PACS that cannot
 be reached is the routes' 503); nor is its info updated. A correction of a denoised series this server stored in the
 PACS (saved by an older version; the label route refuses one) is not listed for training, a WARNING saying why.
+Opening or denoising a series whose cached download is of another study or patient than the PACS lists now downloads
+it anew first (:func:`refresh_moved_series`); what was recorded before stays bound to the identity it names.
 
 The folder's name is a hash of the URL: :func:`note_studies_url` records the URL (without credentials) in it, and
 :func:`corrections_of_other_urls` is the start-up's WARNING when this URL keeps none and other URLs' folders do (a
@@ -44,6 +46,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
@@ -55,7 +58,7 @@ log = logging.getLogger(__name__)
 __all__ = ["KeptLabels", "ServerKeptLabelsMixin", "server_kept_labels", "correction_binding", "binding_problem",
            "check_binding", "CorrectionNotServed", "one_search_per_series", "pacs_identities", "searched_series",
            "SERIES_IDENTITY_KEY", "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url", "corrections_of_other_urls",
-           "without_credentials", "verdict_binding"]
+           "without_credentials", "verdict_binding", "refresh_moved_series"]
 
 #: the correction stamp's key holding the identity of the PACS series it corrects (:func:`correction_binding`)
 SERIES_IDENTITY_KEY = "series_identity"
@@ -469,31 +472,30 @@ def _recorded_identity(info: Dict[str, Any]) -> Dict[str, str]:
     return {key: dicom_text(info[name]) for key, name in _RECORDED_KEYS.items() if name in info}
 
 
-def _served_problems(datastore, image_id: str, current: Dict[str, str]) -> Tuple[List[str], List[str]]:
+def _served_problems(datastore, image_id: str, current: Dict[str, str]) -> List[str]:
     """Why the image the server sends (and trains on) as the series ``image_id`` is not the series the PACS lists
-    now under ``current`` (downloading it first if needed), and the cached files to remove: its downloaded folder and,
-    when MONAI Label converts series (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI``, on by default), its conversion
-    ``<image_id>.nii.gz``, which MONAI Label never rebuilds once it exists (the folder alone re-downloaded, the old
-    conversion was still served). ``([], files)`` when it is that series'."""
+    now under ``current`` (downloading it first if needed): its downloaded folder's header and, when MONAI Label
+    converts series (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI``, on by default), its conversion ``<image_id>.nii.gz``,
+    which MONAI Label never rebuilds once it exists (the folder alone re-downloaded, the old conversion was still
+    served; opening or denoising the series again replaces both: :func:`refresh_moved_series`). ``[]`` when it is
+    that series'."""
     served = datastore.get_image_uri(image_id)  # downloads (bounded) and converts when not in the cache
     from .pacs import cached_series_folder
 
     folder = cached_series_folder(datastore, image_id)
-    files = [f"{image_id}/"]
     problems: List[str] = []
     downloaded = _header_identity(folder, image_id)
     changed = _download_changes(downloaded, current)
     if changed:
         problems.append(f"its download has {changed}")
     if served and os.path.isfile(served):  # the conversion is what is sent and trained on
-        files.append(os.path.basename(served))
         changed = _conversion_changes(datastore, image_id, current)
         if changed:
             problems.append(f"the image sent ({os.path.basename(served)}) was converted from {changed}")
         newest = max((p.stat().st_mtime for p in folder.iterdir()), default=0.0)
         if os.stat(served).st_mtime < newest:
             problems.append(f"the image sent ({os.path.basename(served)}) was converted from an earlier download")
-    return problems, files
+    return problems
 
 
 #: the PACS's answers of one request or listing (:func:`one_search_per_series`): series id -> its entries
@@ -653,12 +655,13 @@ def correction_binding(datastore, image_id: str) -> Dict[str, Any]:
         return {}
     nothing = "nothing was saved"
     current = _one_identity(datastore, image_id, nothing)
-    problems, files = _served_problems(datastore, image_id, current)
+    problems = _served_problems(datastore, image_id, current)
     if problems:
         raise CorrectionNotServed(
             f"series {image_id} changed since this server downloaded it: {'; '.join(problems)}; the PACS now lists "
-            f"{', '.join(f'{k} {current[k]!r}' for k in _IDENTITY_KEYS)}; {nothing} (remove the server's cached "
-            f"download of the series first: {' and '.join(files)} in its DICOMweb cache folder)", 409)
+            f"{', '.join(f'{k} {current[k]!r}' for k in _IDENTITY_KEYS)}; {nothing} (open the series again, GET "
+            f"/datastore/image?image={image_id}, or denoise it again: this server then downloads it anew as the PACS "
+            "lists it now; review that and save the correction again)", 409)
     return {SERIES_IDENTITY_KEY: current}
 
 
@@ -712,14 +715,17 @@ def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, A
         changed = _download_changes(downloaded, current)
         if changed:
             problems.append(f"its download has {changed}")
-    if image_id in cached_images(datastore):  # converted: its info holds what MONAI Label recorded then
+    if image_id in cached_images(datastore) and (folder.parent / f"{image_id}.nii.gz").is_file():
+        # converted: its info holds what MONAI Label recorded then (an info whose conversion was removed describes
+        # nothing sent: the running server kept it until the series was downloaded again, each verdict a 409)
         changed = _conversion_changes(datastore, image_id, current)
         if changed:
             problems.append(f"the image sent was converted from {changed}")
     head = "changed since this server downloaded it (what was reviewed)" if problems else \
         "is not shown to be what the result judged was denoised from"
-    remedy = (f"remove the server's cached download of the series, {image_id}/ and {image_id}.nii.gz in its "
-              "DICOMweb cache folder, then review it again") if problems else ""
+    remedy = (f"open the series again (GET /datastore/image?image={image_id}) or denoise it again: this server "
+              "then downloads it anew as the PACS lists it now; review that and give the verdict again") \
+        if problems else ""
     if judged_input is not None:  # the result judged: denoised from this series of this patient?
         judged = {key: dicom_text(judged_input[key]) for key in _IDENTITY_KEYS if key in judged_input}
         if "patient_id" not in judged:  # recorded before results named their patient (or its input unreadable)
@@ -728,14 +734,105 @@ def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, A
         changed = [key for key, value in judged.items() if value != current[key]]
         if changed:
             problems.append(f"the result judged was denoised from {', '.join(f'{k} {judged[k]!r}' for k in changed)}")
-        if "patient_id" not in judged or changed:
-            remedy = (f"{remedy}; then " if remedy else "") + "denoise the series again and judge that result"
+        if "patient_id" not in judged or changed:  # denoising again also downloads a moved series anew
+            remedy = "denoise the series again and judge that result"
     if problems:
         raise CorrectionNotServed(
             f"series {image_id} {head}: {'; '.join(problems)}; "
             f"the PACS now lists {', '.join(f'{k} {current[k]!r}' for k in _IDENTITY_KEYS)}; {nothing} ({remedy})",
             409)
     return {SERIES_IDENTITY_KEY: current}
+
+
+#: one check-and-remove of a series' stale cache at a time (:func:`refresh_moved_series`): a second request that
+#: found the same stale files never removes the download the first one made meanwhile
+_refresh_lock = threading.Lock()
+
+
+def refresh_moved_series(datastore, image_id: str) -> Optional[str]:
+    """Before the series ``image_id`` is opened or denoised (``GET /datastore/image``, infer): when the server's
+    cached download of it (its files' header, MONAI Label's conversion and the image info recorded with it) has
+    another series, study or patient than the PACS lists it under now (one QIDO-RS series search; the PACS moved it
+    to another patient or study), or the conversion was made from an earlier download, the cached download, its
+    conversion and the info are removed, so that the request downloads the series the PACS holds now. An info whose
+    conversion is gone (a cache cleared by hand) is dropped too: it described nothing sent. Returns what was
+    removed and why (also a WARNING), None when nothing was. Corrections and verdicts are not touched: each stays
+    bound to the identity it was recorded with (:func:`check_binding`, :func:`verdict_binding`). Nothing is removed
+    when the PACS lists no such series or lists it under several identities (the routes refuse those), nor when it
+    cannot be asked (the cache is served as before, a WARNING says the check was not made), nor for another
+    datastore. MONAI Label never downloads a cached series again: a moved series was served, and judged, with the
+    old patient's identity until the cache was emptied by hand and the server restarted."""
+    if not isinstance(datastore, ServerKeptLabelsMixin):
+        return None
+    import requests
+
+    from .pacs import cached_images, cached_series_folder, one_line_redacted
+
+    folder = cached_series_folder(datastore, image_id)
+    conversion = folder.parent / f"{image_id}.nii.gz"  # MONAI Label's name for it (DICOMWebDatastore.get_image_uri)
+    if not (image_id in cached_images(datastore) or conversion.exists() or folder.is_dir()):
+        return None
+    try:
+        identities = pacs_identities(datastore, image_id)
+    except (CorrectionNotServed, requests.RequestException) as error:
+        log.warning("series %s: whether the PACS still lists it under the study and patient of this server's cached "
+                    "download could not be checked (%s): the cache is used as it is", image_id,
+                    one_line_redacted(error))
+        return None
+    if len(identities) != 1:
+        return None
+    current = identities[0]
+    with _refresh_lock:
+        problems: List[str] = []
+        if folder.is_dir() and any(folder.iterdir()):
+            try:
+                changed = _download_changes(_header_identity(folder, image_id), current)
+            except FileNotFoundError:  # no DICOM file in it: nothing to serve from it
+                changed = "no DICOM file"
+            if changed:
+                problems.append(f"its download has {changed}")
+        converted = conversion.is_file()
+        if image_id in cached_images(datastore):
+            changed = _conversion_changes(datastore, image_id, current) if converted else ""
+            if changed:
+                problems.append(f"its conversion was made from {changed}")
+            elif not converted:
+                _forget_image(datastore, image_id)  # an info without its file: no download to refresh
+        if converted and not problems and folder.is_dir() and \
+                conversion.stat().st_mtime < max((p.stat().st_mtime for p in folder.iterdir()), default=0.0):
+            problems.append("its conversion was made from an earlier download")
+        if not problems:
+            return None
+        _remove_cached_download(datastore, image_id, folder, conversion)
+        said = (f"series {image_id}: this server's cached download was not the series the PACS lists now "
+                f"({'; '.join(problems)}; the PACS lists {', '.join(f'{k} {current[k]!r}' for k in _IDENTITY_KEYS)}): "
+                "removed, the series is downloaded again; the corrections and verdicts recorded before stay bound to "
+                "the identity they were recorded with")
+        log.warning("%s", said)
+        return said
+
+
+def _forget_image(datastore, image_id: str) -> None:
+    """MONAI Label's info of the cached series ``image_id`` dropped from the running server and its index file
+    (``datastore_v2.json``): its file watcher does so only when it sees the conversion go, if ever."""
+    from filelock import FileLock
+
+    with FileLock(datastore._lock_file):  # noqa: SLF001 - MONAI Label's lock of its index
+        if datastore._datastore.objects.pop(image_id, None) is not None:  # noqa: SLF001
+            datastore._update_datastore_file(lock=False)  # noqa: SLF001
+
+
+def _remove_cached_download(datastore, image_id: str, folder: Path, conversion: Path) -> None:
+    """The series' cached download (renamed aside first: a reader of it meanwhile keeps its open files; one a
+    server stopped here leaves is a stale partial download, removed at its next start), conversion and info."""
+    from .pacs import PARTIAL_DOWNLOAD_PREFIX
+
+    if folder.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_DOWNLOAD_PREFIX}{image_id}-", dir=folder.parent))
+        os.rename(folder, aside / folder.name)
+        shutil.rmtree(aside, ignore_errors=True)
+    conversion.unlink(missing_ok=True)
+    _forget_image(datastore, image_id)
 
 
 def check_binding(datastore, image_id: str, info: Dict[str, Any] | None,

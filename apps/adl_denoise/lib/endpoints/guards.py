@@ -840,11 +840,17 @@ def guarded_check_image(image: str, check_sum: Optional[str] = None, user: User 
 @router.get("/datastore/image", include_in_schema=False)
 def guarded_download_image(image: str, user: User = Depends(RBAC(_USER))):
     """MONAI Label's image download, one ``image_downloaded`` audit entry (who read which study) written once the
-    file is found and before it is sent; 503 and nothing sent when the entry cannot be written."""
+    file is found and before it is sent; 503 and nothing sent when the entry cannot be written. A PACS series whose
+    cached download is not the series the PACS lists now (moved to another patient or study) is downloaded anew
+    (:func:`lib.pacs_corrections.refresh_moved_series`): it was sent from the old download until the cache was
+    emptied by hand."""
     from monailabel.endpoints.datastore import download_image
+
+    from ..pacs_corrections import refresh_moved_series
 
     check_name(image, "image")
     _refuse_unrecordable("the image was not sent", f"image {image}")  # before a PACS series is retrieved
+    refresh_moved_series(app().datastore(), image)
     answer = download_image(image)  # 404 for an image that is not there: nothing read, nothing recorded
     _recorded_read(IMAGE_DOWNLOADED, {"image": image}, "the image was not sent")
     return answer
