@@ -189,7 +189,8 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], first
     verdict on the result made before the move is 409 for that result alone (it was recorded, bound to the new
     patient; the removed conversion's info, kept by the running server, was named too until the series was
     downloaded again); denoised again, its verdict and correction are recorded, the header's ``' ANOTHER-PATIENT'``
-    being the PACS's ``'ANOTHER-PATIENT'`` (DICOM padding: it was a 409). The first series moved to another patient
+    being the PACS's ``'ANOTHER-PATIENT'`` (DICOM padding: it was a 409), the old patient's correction it replaces
+    kept aside, file and info (it was removed), never listed for training. The first series moved to another patient
     with its old download cached: ``GET /datastore/image`` downloads it anew (header and info of the new patient; the
     old download was served until the cache was emptied by hand), its corrections stay the old patient's (409); moved
     once more, infer downloads it anew too (its result named the old patient). The series not moved is served from
@@ -398,6 +399,19 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], first
     assert answer.json()["series_identity"]["patient_id"] == "ANOTHER-PATIENT", answer.json()
     assert answer.json()["result"]["result_seq"] > judged["seq"], answer.json()
     put(uids[1], "final", tmp_path / "final.nii.gz", {})
+    # the old patient's correction it replaces is kept aside, file and info (it was removed: lost), and is no label
+    aside = [*(kept / "final" / "superseded").iterdir()]
+    assert len(aside) == 1, aside
+    aside_info = json.loads((aside[0] / f"{uids[1]}.json").read_text())
+    assert aside_info["series_identity"]["patient_id"] == header.PatientID, aside_info
+    assert sha256((kept / aside_info["file"]).read_bytes()) == sha256(sent[uids[1], "final"]) == \
+        json.loads(kept_info)["sha256"], aside_info
+    assert f"kept label {uids[1]} (final) replaced by one saved for patient_id 'ANOTHER-PATIENT'" in \
+        server.log_tail(20000) and f"saved for patient_id {header.PatientID!r}" in server.log_tail(20000)
+    pairs = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=600).json()
+    assert sorted(pair["label"] for pair in pairs) == \
+        sorted(str(KeptLabels(kept).path(uid, "final")) for uid in uids), pairs  # the new patient's, not the old
+    assert "superseded" not in str(pairs) and KeptLabels(kept).images("final") == sorted([*uids, derived]), pairs
     remove_second_from_the_pacs()
     answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[1], "tag": "final"}, timeout=600)
     assert answer.status_code == 404 and f"the PACS no longer lists series {uids[1]}" in answer.text, answer.text
@@ -2350,6 +2364,58 @@ def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch
     assert refused.status == 504 and "did not answer the search for series 1.2.4 within 2 s" in str(refused)
     assert f"127.0.0.1:{silent.getsockname()[1]}" in str(refused)
     silent.close()
+
+
+def test_a_kept_correction_of_another_patient_is_kept_aside_when_replaced(tmp_path, caplog):
+    """A correction saved for a series the PACS moved to another patient (opened again, downloaded anew) replaces the
+    kept one of the old patient: that one (file and info) is kept aside in ``<tag>/superseded/``, a WARNING naming
+    both patients (it was removed: the old patient's correction lost); nothing there is listed or counted. Saved
+    again for the same patient and study, the earlier correction is removed as before. A save that fails leaves the
+    earlier one as it was, nothing aside."""
+    from lib.pacs_corrections import SERIES_IDENTITY_KEY, SUPERSEDED, KeptLabels, corrections_of_other_urls
+
+    root = tmp_path / "corrections" / "dicomweb-this"
+    kept = KeptLabels(root)
+    files = {name: tmp_path / f"{name}.nii.gz" for name in ("old", "old_again", "new")}
+    for name, path in files.items():
+        path.write_bytes(name.encode() * 100)
+
+    def identity(patient: str) -> dict:
+        return {SERIES_IDENTITY_KEY: {"series_instance_uid": "1.2.3", "study_instance_uid": "9.8", "patient_id": patient}}
+
+    def versions() -> list:
+        return sorted(p.name for p in (root / "final").iterdir() if p.is_dir() and p.name != SUPERSEDED)
+
+    kept.save("1.2.3", str(files["old"]), "final", {"sha256": "old", **identity("PAT1")})
+    kept.save("1.2.3", str(files["old_again"]), "final", {"sha256": "old_again", **identity("PAT1")})  # same patient
+    assert kept.path("1.2.3", "final").read_bytes() == files["old_again"].read_bytes() and len(versions()) == 1
+    assert not (root / "final" / SUPERSEDED).exists()
+    with pytest.raises(FileNotFoundError):  # a failed save for the new patient: nothing aside, nothing changed
+        kept.save("1.2.3", str(tmp_path / "missing.nii.gz"), "final", {"sha256": "x", **identity("PAT2")})
+    assert kept.info("1.2.3", "final")["sha256"] == "old_again" and len(versions()) == 1
+    assert not [*(root / "final").glob(f"{SUPERSEDED}/*")]
+    with caplog.at_level("WARNING", logger="lib.pacs_corrections"):
+        kept.save("1.2.3", str(files["new"]), "final", {"sha256": "new", **identity(" PAT2")})
+    assert kept.path("1.2.3", "final").read_bytes() == files["new"].read_bytes() and len(versions()) == 1
+    assert kept.info("1.2.3", "final")[SERIES_IDENTITY_KEY]["patient_id"] == " PAT2"
+    aside = [*(root / "final" / SUPERSEDED).iterdir()]
+    assert len(aside) == 1 and aside[0].name.startswith("1.2.3."), aside
+    info = json.loads((aside[0] / "1.2.3.json").read_text())
+    assert info[SERIES_IDENTITY_KEY]["patient_id"] == "PAT1" and info["sha256"] == "old_again", info
+    assert (root / info["file"]).read_bytes() == files["old_again"].read_bytes()
+    assert info["superseded"]["by_" + SERIES_IDENTITY_KEY]["patient_id"] == " PAT2", info
+    warning = [r.getMessage() for r in caplog.records if "kept aside" in r.getMessage()]
+    assert len(warning) == 1 and "1.2.3" in warning[0] and "'PAT1'" in warning[0] and "' PAT2'" in warning[0], \
+        caplog.messages
+    # not listed nor counted: one label of one image, and the start-up's count of this URL's labels is one
+    assert kept.images("final") == ["1.2.3"] and kept.tags("1.2.3") == ["final"]
+    other = KeptLabels(tmp_path / "corrections" / "dicomweb-other")
+    assert other.images("final") == []
+    assert "dicomweb-this (its URL not recorded: 1 label(s))" in corrections_of_other_urls(other.root, "http://o/")
+    kept.remove("1.2.3", "final")  # the current one removed: the one aside stays, still not a label
+    assert kept.images("final") == [] and kept.tags("1.2.3") == [] and kept.path("1.2.3", "final") is None
+    assert (root / info["file"]).read_bytes() == files["old_again"].read_bytes()
+    assert corrections_of_other_urls(other.root, "http://o/") is None  # the one aside is no label
 
 
 def _nlm_app_and_queue(tmp_path: Path, studies: str, tiny_weights: Path, max_voxels: int = 1_000_000):

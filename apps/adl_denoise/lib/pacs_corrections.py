@@ -24,7 +24,8 @@ answered the search with an error; 504 when it did not answer within :data:`PACS
 be reached is the routes' 503); nor is its info updated. A correction of a denoised series this server stored in the
 PACS (saved by an older version; the label route refuses one) is not listed for training, a WARNING saying why.
 Opening or denoising a series whose cached download is of another study or patient than the PACS lists now downloads
-it anew first (:func:`refresh_moved_series`); what was recorded before stays bound to the identity it names.
+it anew first (:func:`refresh_moved_series`); what was recorded before stays bound to the identity it names, and a
+correction saved then for the new patient keeps the old patient's aside, never removed (:class:`KeptLabels`).
 
 The folder's name is a hash of the URL: :func:`note_studies_url` records the URL (without credentials) in it, and
 :func:`corrections_of_other_urls` is the start-up's WARNING when this URL keeps none and other URLs' folders do (a
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import datetime
 import fcntl
 import json
 import logging
@@ -58,12 +60,29 @@ log = logging.getLogger(__name__)
 __all__ = ["KeptLabels", "ServerKeptLabelsMixin", "server_kept_labels", "correction_binding", "binding_problem",
            "check_binding", "CorrectionNotServed", "one_search_per_series", "pacs_identities", "searched_series",
            "SERIES_IDENTITY_KEY", "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url", "corrections_of_other_urls",
-           "without_credentials", "verdict_binding", "refresh_moved_series"]
+           "without_credentials", "verdict_binding", "refresh_moved_series", "SUPERSEDED"]
 
 #: the correction stamp's key holding the identity of the PACS series it corrects (:func:`correction_binding`)
 SERIES_IDENTITY_KEY = "series_identity"
 #: the label file extensions kept (those the label route takes)
 LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+#: ``<root>/<tag>/superseded/``: the labels a save for another series identity replaced (:meth:`KeptLabels.save`),
+#: each in a folder of its own with its info; no label is read from there (never listed, sent, trained on, counted)
+SUPERSEDED = "superseded"
+
+
+def _identity_of(info: Optional[Dict[str, Any]]) -> Optional[Dict[str, str]]:
+    """The series identity a kept label's ``info`` records (without DICOM padding), None when it records none."""
+    bound = (info or {}).get(SERIES_IDENTITY_KEY)
+    if not isinstance(bound, dict):
+        return None
+    return {key: dicom_text(bound.get(key)) for key in _IDENTITY_KEYS}
+
+
+def _identity_words(bound: Any) -> str:
+    if not isinstance(bound, dict):
+        return "no recorded series identity"
+    return f"patient_id {bound.get('patient_id')!r} (study {bound.get('study_instance_uid')!r})"
 
 
 def _extension(path: str | os.PathLike) -> str:
@@ -75,8 +94,12 @@ class KeptLabels:
     """Labels kept in ``root``: ``<root>/<tag>/<image_id>.json`` (the label's info, ``file`` naming its file) and
     ``<root>/<tag>/<image_id>.<token>/<image_id><ext>`` (the file). A save writes the new file into a folder of its
     own, then replaces the info (atomically) and removes the earlier file: a reader sees the earlier label or the new
-    one, never one's info with the other's file; a save that fails leaves the earlier label as it was. Every read
-    goes to the disk (the training subprocess, another server process on the same folder, see the same)."""
+    one, never one's info with the other's file; a save that fails leaves the earlier label as it was. An earlier
+    label recorded for another series identity (:data:`SERIES_IDENTITY_KEY`: a series the PACS moved to another
+    patient or study, saved again for its new one) is not removed but kept aside, its file and info, in
+    ``<root>/<tag>/superseded/<image_id>.<UTC time>.<token>/`` (:data:`SUPERSEDED`; a WARNING names both patients):
+    another patient's correction was lost. Nothing there is read as a label. Every read goes to the disk (the
+    training subprocess, another server process on the same folder, see the same)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -154,26 +177,75 @@ class KeptLabels:
 
     def save(self, image_id: str, label_filename: str, tag: str, info: Dict[str, Any]) -> str:
         """Keep a copy of ``label_filename`` as ``image_id``'s label ``tag`` with ``info`` (replacing an earlier
-        one); returns ``image_id`` (the label's id, as a local datastore's)."""
+        one: removed when it records the same series identity, else kept aside with its info, see the class);
+        returns ``image_id`` (the label's id, as a local datastore's)."""
         folder = self.root / tag
         ext = _extension(label_filename)
         with self._locked(image_id, tag):  # another process's save / info update: before or after, never between
             folder.mkdir(parents=True, exist_ok=True)
             version = Path(tempfile.mkdtemp(prefix=f"{image_id}.", dir=folder))
+            aside = None
             try:
                 target = version / f"{image_id}{ext}"
                 shutil.copyfile(label_filename, target)
                 fsync_path(target)
                 fsync_path(version)
-                earlier = self.path(image_id, tag)
+                earlier_info = self.info(image_id, tag)
+                earlier = self._file_of(image_id, tag, earlier_info)
+                if earlier is not None and earlier.parent != version and \
+                        _identity_of(earlier_info) != _identity_of(info):
+                    aside = self._prepare_aside(image_id, tag, earlier, earlier_info, info)
                 atomic_write_json(self._info_path(image_id, tag),
                                   {**info, "name": target.name, "file": str(target.relative_to(self.root))})
             except BaseException:
                 shutil.rmtree(version, ignore_errors=True)
+                if aside is not None:  # the earlier label stays as it was; its reserved place aside goes
+                    (earlier.parent / f"{image_id}.json").unlink(missing_ok=True)
+                    shutil.rmtree(aside, ignore_errors=True)
                 raise
-            if earlier is not None and earlier.parent != version:
+            if aside is not None:
+                self._move_aside(image_id, tag, earlier, aside, earlier_info, info)
+            elif earlier is not None and earlier.parent != version:
                 shutil.rmtree(earlier.parent, ignore_errors=True)
         return image_id
+
+    def _prepare_aside(self, image_id: str, tag: str, earlier: Path, earlier_info: Dict[str, Any],
+                       info: Dict[str, Any]) -> Path:
+        """An empty folder of its own under ``<root>/<tag>/superseded/`` (the earlier version's folder is renamed
+        onto it) and the earlier info, naming the file where it will be, written into the earlier version's folder
+        first: a server stopped before the rename leaves that folder with its info beside the file, never one
+        without the other."""
+        superseded = self.root / tag / SUPERSEDED
+        superseded.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        aside = Path(tempfile.mkdtemp(prefix=f"{image_id}.{stamp}.", dir=superseded))
+        try:
+            atomic_write_json(earlier.parent / f"{image_id}.json", {
+                **earlier_info, "file": str((aside / earlier.name).relative_to(self.root)),
+                "superseded": {"at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                               "by_" + SERIES_IDENTITY_KEY: info.get(SERIES_IDENTITY_KEY)}})
+        except BaseException:
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+        return aside
+
+    def _move_aside(self, image_id: str, tag: str, earlier: Path, aside: Path, earlier_info: Dict[str, Any],
+                    info: Dict[str, Any]) -> None:
+        """The earlier version's folder (its file and info) renamed onto ``aside``, said in the log. The new label is
+        saved by now: a rename that fails leaves the earlier one where it was, with its info (an ERROR says where)."""
+        before, after = _identity_words(earlier_info.get(SERIES_IDENTITY_KEY)), \
+            _identity_words(info.get(SERIES_IDENTITY_KEY))
+        try:
+            os.rename(earlier.parent, aside)  # one rename onto the empty folder reserved for it: file and info
+            fsync_path(aside.parent)
+            fsync_path(earlier.parent.parent)
+        except OSError as error:
+            log.error("kept label %s (%s) replaced by one saved for %s; the earlier one, saved for %s, could not be "
+                      "moved aside (%s): it stays in %s with its info (%s.json), not listed, sent nor trained on",
+                      image_id, tag, after, before, error, earlier.parent, image_id)
+            return
+        log.warning("kept label %s (%s) replaced by one saved for %s; the earlier one, saved for %s, is kept aside in "
+                    "%s (never listed, sent nor trained on)", image_id, tag, after, before, aside)
 
     def update_info(self, image_id: str, tag: str, info: Dict[str, Any]) -> None:
         with self._locked(image_id, tag):
