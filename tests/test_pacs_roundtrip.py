@@ -2182,12 +2182,12 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
                     assert np.allclose(volume.GetOrigin(), image_grid.GetOrigin()) and np.allclose(
                         volume.GetSpacing(), image_grid.GetSpacing()), (volume.GetOrigin(), volume.GetSpacing())
                 else:
-                    assert answer.content == b"" and answer.headers["content-length"] == str(converted[0][1])
-                converted += [(path.stat().st_mtime_ns, path.stat().st_size) for path in cache.glob(
-                    f"*/labels/final/{small_seg_uid}.nii.gz")]
+                    assert answer.content == b"" and answer.headers["content-length"] == str(converted[0][2])
+                converted += [(path.name, path.stat().st_mtime_ns, path.stat().st_size) for path in cache.glob(
+                    f"*/labels/final/{small_seg_uid}.seg-*.nii.gz")]  # named by the content it was made from
             assert len(converted) == 3 and len(set(converted)) == 1, converted  # not converted again
             assert len(retrievals(small_seg_uid)) == 1, requests_log.read_text()
-            seg_files = [small_seg_uid, f"{small_seg_uid}.nii.gz", f"{small_seg_uid}.nii.gz.source"]
+            seg_files = [small_seg_uid, converted[0][0]]
             assert sorted(p.name for p in label_cache.iterdir()) == sorted(  # no label saved for the image
                 seg_files + [converting["young"].name]), sorted(label_cache.iterdir())
             # the SEG replaced in the PACS under its SeriesInstanceUID (deleted, another one stored): the other one's
@@ -2207,6 +2207,9 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
             assert len(retrievals(small_seg_uid)) == 2, requests_log.read_text()
             assert sorted(p.name for p in (label_cache / small_seg_uid).iterdir()) == [
                 f"{replaced.SOPInstanceUID}.dcm"], sorted((label_cache / small_seg_uid).iterdir())
+            conversions = sorted(p.name for p in label_cache.glob(f"{small_seg_uid}.seg-*.nii.gz"))
+            assert len(conversions) == 1 and conversions[0] != converted[0][0], conversions  # the first one removed
+            seg_files = [small_seg_uid, conversions[0]]
             answer = label("GET", crossing_uid)
             assert answer.status_code == 409, (answer.status_code, answer.text[:500])
             assert answer.json()["detail"] == (
@@ -2257,6 +2260,192 @@ def test_final_labels_and_the_training_list_of_a_pacs_are_bounded_before_any_ret
             AuditLog(audit_dir).entries("label_downloaded")] == \
         [(small_seg_uid, "GET /datastore/label")] * 2 + [(small_seg_uid, "HEAD /datastore/label")] + \
         [(small_seg_uid, "GET /datastore/label")]
+
+
+def test_a_pacs_seg_label_is_the_seg_the_pacs_holds_as_its_read_checked_it(tmp_path, monkeypatch, caplog):
+    """A DICOM SEG of a real Orthanc read as a label (:func:`lib.pacs_seg.seg_label_uri`, the label route's read),
+    its steps interleaved as concurrent reads and a PACS changing meanwhile can interleave them (no sleep):
+
+    * a read of the SEG's earlier content putting its volume in place after a read of its new content had (the SEG
+      replaced meanwhile) left the earlier volume recorded as the new content's conversion, served for ever; each
+      content now has a file of its own, and the route sends the file its read checked (opened first);
+    * its volume not written (the place taken by a folder: an OSError) was a bare 500: a 500 naming why;
+    * the SEG deleted between the route's series search and the instance search was answered from the cached
+      download: a 404;
+    * a PACS sending other instances than it lists in 3 downloads in a row: the last one was converted; a 503;
+    * the SEG moved to another patient between the series search and the download was served as the searched
+      patient's label: a 409 naming the patient its file names;
+    * the labels an earlier version saved in MONAI Label's index (a SEG's conversion as the label of the image it
+      references) were listed for training and answered as the image's label: neither, and removed at start-up
+      (:func:`lib.pacs.remove_stale_downloads`) with a WARNING, as are the conversions named by a SEG's UID alone."""
+    import logging
+    import os
+    import shutil
+    import threading
+
+    import SimpleITK as sitk
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+    from monailabel.datastore.local import LocalDatastore
+    from pydicom.uid import generate_uid
+
+    from lib.pacs import bound_waits, bounded_downloads, download_within, remove_stale_downloads
+    from lib.pacs_corrections import one_search_per_series, searched_series, server_kept_labels
+    from lib.pacs_seg import SegNotServed, open_seg_label, seg_label_uri
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        small = real_ct_series(tmp_path / "small")
+        masks = [np.zeros((3, 512, 512), np.uint8) for _ in range(2)]
+        masks[0][:, 100:200, 100:200] = 1
+        masks[1][:, 300:400, 250:450] = 1
+        first = pydicom_seg_of(small, masks[0], tmp_path / "first.dcm")
+        seg_uid = str(pydicom.dcmread(first).SeriesInstanceUID)
+        second = pydicom.dcmread(pydicom_seg_of(small, masks[1], tmp_path / "second.dcm"))
+        second.SeriesInstanceUID = seg_uid  # the SEG replaced under its SeriesInstanceUID
+        second.save_as(tmp_path / "second.dcm")
+        header = pydicom.dcmread(small[0], stop_before_pixels=True)
+        small_uid, patient = str(header.SeriesInstanceUID), str(header.PatientID)
+        in_pacs = pacs.upload_files(small + [first])[-1]["ID"]
+        store = DICOMWebDatastore(DICOMwebClient(pacs.dicomweb), search_filter={"Modality": "CT"},
+                                  cache_path=str(tmp_path / "cache"))
+        bound_waits(store)
+        server_kept_labels(store, tmp_path / "kept")
+        bounded_downloads(store, lambda: 10**8)
+        label_cache = Path(store._datastore.label_path("final"))
+
+        def replace_in_pacs(path: Path | None) -> str | None:  # the SEG deleted, ``path`` stored (its Orthanc id)
+            urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{in_pacs}", method="DELETE"),
+                                   timeout=120).close()
+            return pacs.upload(path)["ID"] if path is not None else None
+
+        def read(download=None) -> str:
+            return seg_label_uri(store, seg_uid, "", download or (lambda: download_within(
+                store, seg_uid, 10**8, folder=label_cache / seg_uid)), 10**8)
+
+        def volume(path) -> np.ndarray:
+            return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+        def conversions() -> list[str]:
+            return sorted(p.name for p in label_cache.iterdir() if p.is_file() and p.name.startswith(seg_uid))
+
+        # a read of the first content (A) puts its volume in place only once a read of the second (B) has
+        real_replace = os.replace
+        a_holds_first, b_in_place, a_done = threading.Event(), threading.Event(), threading.Event()
+
+        def replace(source, target, *args, **kwargs):
+            if Path(target).parent != label_cache or not str(target).endswith(".nii.gz"):
+                return real_replace(source, target, *args, **kwargs)
+            if threading.current_thread().name == "A":
+                a_holds_first.set()
+                assert b_in_place.wait(120)
+                return real_replace(source, target, *args, **kwargs)
+            done = real_replace(source, target, *args, **kwargs)
+            b_in_place.set()
+            assert a_done.wait(120)
+            return done
+
+        answered: dict = {}
+
+        def run(name: str) -> None:
+            try:
+                answered[name] = read()
+            except BaseException as error:  # noqa: BLE001 - asserted below
+                answered[name] = error
+
+        monkeypatch.setattr(os, "replace", replace)
+        reads = {name: threading.Thread(target=run, args=(name,), name=name) for name in "AB"}
+        reads["A"].start()
+        assert a_holds_first.wait(120), answered
+        in_pacs = replace_in_pacs(tmp_path / "second.dcm")
+        reads["B"].start()
+        assert b_in_place.wait(120), answered
+        reads["A"].join(120)
+        a_done.set()
+        reads["B"].join(120)
+        monkeypatch.setattr(os, "replace", real_replace)
+        for name, mask in zip("AB", masks):
+            assert isinstance(answered[name], str), answered
+            if os.path.exists(answered[name]):  # what a read answers is the content it read
+                assert np.array_equal(volume(answered[name]), mask), name
+        served = read()
+        assert np.array_equal(volume(served), masks[1]), "the SEG's earlier content was served as its new one"
+        with open_seg_label(store, seg_uid) as sent:
+            assert sent.read() == Path(served).read_bytes()
+        assert conversions() == [Path(served).name], conversions()  # the earlier content's removed
+
+        # its volume not written: a 500 naming why, nothing left
+        os.unlink(served)
+        os.mkdir(served)
+        (Path(served) / "taken").write_bytes(b"")
+        with pytest.raises(SegNotServed) as refused:
+            read()
+        assert refused.value.status == 500 and str(refused.value) == (
+            f"series {seg_uid} is not served as a label: its label volume could not be written into the server's "
+            "label cache (Is a directory); nothing of it was kept"), str(refused.value)
+        assert not [p for p in label_cache.iterdir() if p.name.startswith(".converting-")]
+        shutil.rmtree(served)
+
+        # deleted after the route's series search: a 404, not its cached download
+        with one_search_per_series():
+            assert searched_series(store, seg_uid)  # the route's check (lib.pacs.final_label_problem)
+            in_pacs = replace_in_pacs(None)
+            with pytest.raises(SegNotServed) as refused:
+                read()
+        assert refused.value.status == 404 and str(refused.value) == (
+            f"series {seg_uid} is not served as a label: the PACS no longer lists an instance of it"), refused.value
+
+        # a PACS (a cache in front of it) that keeps sending the earlier instance: a 503, nothing converted
+        in_pacs = pacs.upload(tmp_path / "second.dcm")["ID"]
+        shutil.rmtree(label_cache / seg_uid)  # not downloaded yet
+
+        def stale_download() -> None:
+            (label_cache / seg_uid).mkdir(exist_ok=True)
+            shutil.copyfile(first, label_cache / seg_uid / "first.dcm")
+
+        with pytest.raises(SegNotServed) as refused:
+            read(stale_download)
+        assert refused.value.status == 503 and str(refused.value) == (
+            f"series {seg_uid} is not served as a label: the PACS kept changing it (it listed other instances than "
+            "it sent, 3 downloads in a row); nothing was sent: try again later"), str(refused.value)
+        assert conversions() == [], conversions()
+
+        # moved to another patient after the route's series search: its file names the other patient, a 409
+        moved = pydicom.dcmread(tmp_path / "second.dcm")
+        moved.PatientID = "ANOTHER-PATIENT"
+        moved.SOPInstanceUID = moved.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        moved.save_as(tmp_path / "moved.dcm")
+        with one_search_per_series():
+            assert [entry["patient_id"] for entry in searched_series(store, seg_uid)] == [patient]
+            in_pacs = replace_in_pacs(tmp_path / "moved.dcm")
+            with pytest.raises(SegNotServed) as refused:
+                read()
+        assert refused.value.status == 409 and str(refused.value).startswith(
+            f"series {seg_uid} is not served as a label: its DICOM SEG's file names patient_id 'ANOTHER-PATIENT', "
+            f"and the PACS lists it under patient_id {patient!r}"), str(refused.value)
+        assert conversions() == [], conversions()
+
+        # an earlier version's labels in MONAI Label's index: the SEG's conversion saved as its image's label
+        # (MONAI Label's DICOMweb datastore saved it so), and the SEG's conversion named by its UID alone
+        in_pacs = replace_in_pacs(tmp_path / "second.dcm")
+        served = read()
+        store.get_image_uri(small_uid)
+        shutil.copyfile(served, tmp_path / "paired.nii.gz")
+        LocalDatastore.save_label(store, small_uid, str(tmp_path / "paired.nii.gz"), "final", {})
+        paired = Path(LocalDatastore.get_label_uri(store, small_uid, "final"))
+        earlier = [label_cache / f"{seg_uid}.nii.gz", label_cache / f"{seg_uid}.nii.gz.source"]
+        for path in earlier:
+            shutil.copyfile(served, path)
+        assert paired.is_file() and store.get_labeled_images() == [small_uid]  # (the PACS's SEG references it)
+        assert store.datalist() == [] and store.get_label_uri(small_uid, "final") == ""
+        caplog.set_level(logging.WARNING, logger="lib.pacs_seg")
+        removed = remove_stale_downloads(store)
+        assert sorted(removed) == sorted([paired] + earlier), removed
+        assert any(f"removed the labels an earlier version saved for 1 PACS series ({small_uid})" in line
+                   for line in caplog.messages), caplog.messages
+        assert not store._datastore.objects[small_uid].labels and conversions() == [Path(served).name]
+    finally:
+        stop_orthanc(pacs)
 
 
 def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -1338,7 +1338,9 @@ def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_
     of that name); each removal is logged. Also the file meta temps (:func:`add_file_meta`) left in the series
     folders there, untouched for ``file_meta_age_s`` (:func:`_remove_stale_file_meta_temps`), and a DICOM SEG's
     conversion temps in the label cache (``.converting-*.nii.gz``, :func:`lib.pacs_seg.remove_stale_conversions`),
-    untouched for as long (a server killed while it converted one). Returns those removed. Nothing for another
+    untouched for as long (a server killed while it converted one), and the SEG conversions an earlier version saved
+    as the labels of the images they reference (:func:`lib.pacs_seg.remove_earlier_seg_labels`, a WARNING naming
+    them: they were listed for training). Returns those removed. Nothing for another
     datastore. :func:`download_within` does the same for the one series it is asked for, when its folder is used
     again or it is downloaded again."""
     if not is_dicomweb(datastore):
@@ -1354,9 +1356,10 @@ def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_
         for entry in entries:  # a series' folder: the file meta temps a server killed meanwhile left there
             if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
                 removed += _remove_stale_file_meta_temps(Path(entry.path), file_meta_age_s)
-    from .pacs_seg import remove_stale_conversions
+    from .pacs_seg import remove_earlier_seg_labels, remove_stale_conversions
 
     removed += remove_stale_conversions(Path(layout.label_path("final")), file_meta_age_s)
+    removed += remove_earlier_seg_labels(datastore)  # SEG conversions an earlier version saved as images' labels
     return removed
 
 

@@ -410,17 +410,16 @@ class ServerKeptLabelsMixin:
         super().update_label_info(label_id, label_tag, info)
 
     def datalist(self, full_path: bool = True) -> List[Dict[str, Any]]:
-        """The pairs saved in MONAI Label's cache (as a local datastore lists them) and each kept correction's whose
-        series the PACS lists under its stamped identity (:func:`check_binding`, one series search each; a WARNING
-        names each one left out and why): the series' file as ``get_image_uri`` gives it (downloaded, bounded, if
-        needed) and the kept label's. Raises :class:`CorrectionNotServed` (502) when the PACS's search fails. MONAI
-        Label's own listing first downloaded every series a SEG of the PACS references, and asked each SEG as its
-        label, which pairs nothing (:func:`lib.pacs_seg.seg_label_uri`): each listing downloaded those series for
-        nothing (a 413 when one was over the voxel limit); it is skipped."""
-        from monailabel.datastore.local import LocalDatastore
-
-        pairs = list(LocalDatastore.datalist(self, full_path))
-        paired = {os.path.basename(str(pair.get("image", ""))) for pair in pairs}
+        """Each kept correction's pair whose series the PACS lists under its stamped identity (:func:`check_binding`,
+        one series search each; a WARNING names each one left out and why): the series' file as ``get_image_uri``
+        gives it (downloaded, bounded, if needed) and the kept label's. Raises :class:`CorrectionNotServed` (502)
+        when the PACS's search fails. MONAI Label's own listing first downloaded every series a SEG of the PACS
+        references, and asked each SEG as its label, which pairs nothing (:func:`lib.pacs_seg.seg_label_uri`): each
+        listing downloaded those series for nothing (a 413 when one was over the voxel limit); it is skipped, and so
+        are the pairs in its index (``labels/final/<image>.nii.gz``): this server saves none there, an earlier
+        version saved each SEG's conversion as the label of the image it references, stale once the SEG was
+        replaced, possibly another patient's (removed at start-up: :func:`lib.pacs_seg.remove_earlier_seg_labels`)."""
+        pairs: List[Dict[str, Any]] = []
         with one_search_per_series():
             for image_id in self._kept_finals():
                 try:
@@ -432,10 +431,7 @@ class ServerKeptLabelsMixin:
                     continue
                 if found is None:  # removed meanwhile
                     continue
-                image = self.get_image_uri(image_id)
-                if os.path.basename(image) in paired:
-                    continue
-                pairs.append({"image": image, "label": str(found[0])})
+                pairs.append({"image": self.get_image_uri(image_id), "label": str(found[0])})
         return pairs
 
 

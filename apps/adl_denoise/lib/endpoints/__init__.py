@@ -104,7 +104,9 @@ def _install_read_failure_answers(fastapi_app) -> None:
     504) is answered with its status and reason, nothing of it sent. A DICOM SEG of the PACS asked as a ``final``
     label that cannot be one (:class:`lib.pacs_seg.SegNotServed`: no referenced series, several instances,
     unreadable by pydicom_seg) is a 422 saying why, one referencing another patient's or study's series a 409, one
-    whose label volume is over the voxel limit a 413 naming the limit; MONAI Label answered a bare 500."""
+    whose label volume is over the voxel limit a 413 naming the limit, one the PACS kept changing while it was read
+    a 503, one whose conversion could not be written a 507 (disk full) or 500 naming why; MONAI Label answered a bare
+    500."""
     from fastapi.responses import JSONResponse
     from requests.exceptions import ConnectionError as RequestsConnectionError, HTTPError, Timeout
     from retrying import RetryError
@@ -178,8 +180,9 @@ def _install_read_failure_answers(fastapi_app) -> None:
         return JSONResponse(status_code=getattr(error, "status", 409), content={"detail": str(error)})
 
     async def seg_not_served(request, error: Exception):  # a PACS SEG not served as a label: nothing converted
-        log.warning("%s %s: %s", request.method, request.url.path, error)
         status = getattr(error, "status", 422)
+        log.log(logging.ERROR if status >= 500 else logging.WARNING, "%s %s: %s", request.method, request.url.path,
+                error)
         if status == 413:  # over the voxel limit: which setting raises it, as for a series' download (too_large)
             setting = getattr(app(), "_queue_voxel_limit_setting", lambda: "max_voxels")()
             return JSONResponse(status_code=413, content={

@@ -1150,7 +1150,9 @@ def guarded_download_label(request: Request, tag: str, label: Optional[str] = No
     of it (:func:`lib.pacs.final_label_problem`, asked before anything is retrieved): 404 saying what the series is
     otherwise (MONAI Label downloaded an image series into its label cache, then answered a bare 500); a SEG is
     answered as its label volume, converted once into the cache (:func:`lib.pacs_seg.seg_label_uri`; the series is
-    searched once for the check, the SEG's modality and its identity). A label this
+    searched once for the check, the SEG's modality and its identity, which its downloaded file must name too), sent
+    from the conversion of the content its read checked, opened before the answer (:func:`lib.pacs_seg.
+    open_seg_label`: another read's conversion is never sent in its place). A label this
     server keeps of a PACS series (:mod:`lib.pacs_corrections`) is sent only while the PACS lists the series under
     the study and patient it was saved for (409 naming what changed, 404 when the PACS no longer lists it, 503 when
     the PACS cannot be reached, 504 when it does not answer in time: nothing sent, no entry; asked before the file is
@@ -1158,8 +1160,9 @@ def guarded_download_label(request: Request, tag: str, label: Optional[str] = No
     under the answer: it was a 500)."""
     from monailabel.endpoints.datastore import download_label
 
-    from ..pacs import final_label_problem
+    from ..pacs import final_label_problem, is_dicomweb
     from ..pacs_corrections import one_search_per_series
+    from ..pacs_seg import SEG_LABEL_SUFFIX, open_seg_label
 
     if label is not None and image is not None and label != image:
         raise HTTPException(status_code=422, detail="give the label as label (or image, as MONAI Label's HEAD "
@@ -1186,20 +1189,31 @@ def guarded_download_label(request: Request, tag: str, label: Optional[str] = No
             problem = final_label_problem(datastore, name)
             if problem:
                 raise HTTPException(status_code=404, detail=problem)
+            if is_dicomweb(datastore) and getattr(datastore, "_convert_to_nifti", True):  # a SEG's label volume
+                handle = open_seg_label(datastore, name)  # the file its read checked, opened before it is sent
+                if handle is None:
+                    raise HTTPException(status_code=404, detail="Label NOT Found")
+                try:
+                    _recorded_read(LABEL_DOWNLOADED, {"image": name, "tag": tag}, "the label was not sent")
+                except BaseException:
+                    handle.close()
+                    raise
+                return _open_file_answer(handle, request.method == "HEAD", f"{name}{SEG_LABEL_SUFFIX}")
         answer = download_label(name, tag)
     _recorded_read(LABEL_DOWNLOADED, {"image": name, "tag": tag}, "the label was not sent")
     return answer
 
 
-def _open_file_answer(handle, head: bool):
+def _open_file_answer(handle, head: bool, name: Optional[str] = None):
     """The answer sending the open file ``handle`` (read from where it is open, closed once sent or dropped), as
-    MONAI Label's ``FileResponse`` sends a label: its type, length and file name; no body for ``HEAD``."""
+    MONAI Label's ``FileResponse`` sends a label: its type, length and file name (``name``, else the file's own);
+    no body for ``HEAD``."""
     from urllib.parse import quote
 
     from monailabel.utils.others.generic import get_mime_type
     from starlette.responses import Response, StreamingResponse
 
-    name = os.path.basename(handle.name)
+    name = name or os.path.basename(handle.name)
     headers = {"content-length": str(os.fstat(handle.fileno()).st_size),
                "content-disposition": f"attachment; filename*=utf-8''{quote(name)}"
                if quote(name) != name else f'attachment; filename="{name}"'}
