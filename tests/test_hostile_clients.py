@@ -283,10 +283,32 @@ def test_archive_sessions_are_refused_and_plain_ones_work(api, untouched):
     response = api.call("POST", "/infer/nlm", params={"session_id": session_id, "output": "json"})
     assert response.status_code == 200 and response.json()["modality"] == "CT", response.text[:300]
     assert api.call("DELETE", f"/session/{session_id}").status_code == 200
+    # a volume named meta.info (the session store's own info file, in the same folder) overwrote the volume: its
+    # image download sent the info, the server's folders in it. Files without names, or named alike, were one file
+    store = hostile.log_path.parent / "sessions"
+    created = api.call("PUT", "/session/", files={"files": ("meta.info", study)})
+    assert created.status_code == 200, created.text
+    session_id = created.json()["session_id"]
+    assert created.json()["session_info"]["image"] != "meta.info", created.text
+    image = api.call("GET", f"/session/{session_id}", params={"image": "true"})
+    assert image.status_code == 200 and image.content == study, image.content[:200]
+    assert api.call("DELETE", f"/session/{session_id}").status_code == 200
+    for names in (("", ""), ("slice.dcm", "slice.dcm"), ("slice.dcm", "upload_2.dcm", "slice.dcm")):
+        body = b"".join(b'--B\r\nContent-Disposition: form-data; name="files"; filename="' + name.encode()
+                        + f'"\r\n\r\npart {n}\r\n'.encode() for n, name in enumerate(names)) + b"--B--\r\n"
+        created = api.call("PUT", "/session/", data=body,
+                           headers={"Content-Type": "multipart/form-data; boundary=B"})
+        assert created.status_code == 200, (names, created.text)
+        session_id = created.json()["session_id"]
+        folder = store / session_id / created.json()["session_info"]["image"]
+        assert sorted(p.read_bytes() for p in folder.iterdir()) == [f"part {n}".encode() for n in range(len(names))]
+        assert api.call("DELETE", f"/session/{session_id}").status_code == 200
+    response = api.call("PUT", "/session/", files={"files": ("a\x00b.nii.gz", study)})
+    _refused(response, 422, "file name", "not valid")
     # a session that fails leaves nothing in the server's TMPDIR (MONAI Label's route left its upload folder there,
     # the volume in it) nor in the session store: a file name the disk cannot take, a session store that cannot
     # be written (a file where its folder is)
-    temp_before, store = _tmp_files(hostile), hostile.log_path.parent / "sessions"
+    temp_before = _tmp_files(hostile)
     stored_before = sorted(p.name for p in store.iterdir())
     response = api.call("PUT", "/session/", files={"files": ("s" * 300 + ".nii.gz", study)})
     _refused(response, 422, "file name", "too long")
@@ -300,6 +322,15 @@ def test_archive_sessions_are_refused_and_plain_ones_work(api, untouched):
     finally:
         store.unlink(missing_ok=True)
         store.with_name("sessions_away").rename(store)
+    temp = hostile.log_path.parent / "tmp"  # a TMPDIR the upload cannot be put in (a file where its folder is)
+    temp.rename(temp.with_name("tmp_away"))
+    try:
+        temp.write_text("not a folder")  # a small upload: one over 1 MiB is spooled to TMPDIR before the route
+        response = api.call("PUT", "/session/", files={"files": ("study.nii.gz", b"small")})
+        _refused(response, 500, "the session was not created", "nothing of it was kept")
+    finally:
+        temp.unlink(missing_ok=True)
+        temp.with_name("tmp_away").rename(temp)
     assert sorted(p.name for p in store.iterdir()) == stored_before
 
 
@@ -310,21 +341,63 @@ def test_the_servers_temp_folder_holds_no_logging_configuration(api):
 
 
 def test_an_infer_that_times_out_is_a_504_and_its_late_result_is_deleted(api, untouched):
-    """With MONAI Label's infer thread pool (``MONAI_LABEL_INFER_CONCURRENCY`` >= 0; the auth-on server), an infer
+    """With MONAI Label's infer thread pool (``MONAI_LABEL_INFER_CONCURRENCY`` >= 1; the auth-on server), an infer
     that outlasts its timeout is answered while it goes on: a 504 saying so (it was a bare 500), and its result, a
-    patient's volume, deleted when it comes (it stayed in the server's TMPDIR)."""
+    patient's volume, deleted when it comes (it stayed in the server's TMPDIR). One that timed out while queued
+    behind another is cancelled: it ran all the same, for nobody."""
     hostile = api.server
     if not getattr(hostile, "token", None):
         pytest.skip("the auth-off server has no infer thread pool")
     before = _tmp_files(hostile)
+    deleted_before = hostile.log_tail(10**7).count("result of an infer that was not sent deleted")
     response = api.call("POST", "/infer/nlm", params={"image": STUDY, "output": "image"},
                         data={"params": json.dumps({"timeout": 0.001})})
     _refused(response, 504, "not denoised within the timeout of 0.001 s", "deleted")
+    # the pool runs one task at a time: the next ones, sent while the first runs, wait in its queue; each that timed
+    # out there is cancelled (all of them ran, one after the other, for nobody)
+    queued = [api.call("POST", "/infer/nlm", params={"image": STUDY, "output": "image"},
+                       data={"params": json.dumps({"timeout": 0.001})}) for _ in range(3)]
+    assert [r.status_code for r in queued] == [504] * 3, [r.text[:300] for r in queued]
+    cancelled = sum("the denoising had not started" in r.json()["detail"] for r in queued)
+    assert cancelled >= 1, [r.json()["detail"] for r in queued]
     # one task at a time: once the next infer is answered, the one that timed out has ended
     response = api.call("POST", "/infer/nlm", params={"image": STUDY, "output": "json"}, data={"params": "{}"})
     assert response.status_code == 200, response.text[:300]
     assert _settled_tmp(hostile, before) <= before
+    # only the denoisings that ran had a result to delete
+    deleted = hostile.log_tail(10**7).count("result of an infer that was not sent deleted") - deleted_before
+    assert deleted == 4 - cancelled, (deleted, cancelled)
 
+
+
+def test_a_timeout_error_of_the_denoising_itself_is_no_timed_out_wait():
+    """The infer pool's task tells a wait that timed out (the 504 of :meth:`DenoisingApp.infer`, the task cancelled
+    or its late result deleted) from a ``TimeoutError`` the denoising raised itself (the same class since Python
+    3.11): that one is the request's failure as it is, not "not denoised within the timeout"."""
+    import concurrent.futures
+    import threading
+
+    from conftest import import_app_main
+
+    main = import_app_main()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        pool = main._InferPool(executor)
+
+        def fails() -> None:
+            raise TimeoutError("the denoising's own")
+
+        task = pool.submit(fails)
+        with pytest.raises(TimeoutError, match="the denoising's own"):
+            task.result(60)
+        assert not task.wait_timed_out and pool.take_submitted() is task
+        release = threading.Event()
+        running = pool.submit(release.wait, 60)
+        queued = pool.submit(lambda: ("result", {}))
+        with pytest.raises(TimeoutError):
+            queued.result(0.01)
+        assert queued.wait_timed_out and queued.future.cancel()  # queued behind the running one: never runs
+        release.set()
+        assert running.result(60) is True and not running.wait_timed_out
 
 # ------------------------------------------------------------------------------------------------ 2. URL decides
 def test_params_cannot_pick_another_image_session_or_model(api, untouched):

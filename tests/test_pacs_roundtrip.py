@@ -953,6 +953,24 @@ def test_a_pacs_that_is_down_never_answers_or_fails_is_a_503_504_or_502_in_secon
                                    headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'})
         assert answer.status_code == 504, (answer.status_code, answer.text[:500])
         assert "whether it stored what was sent is unknown: look for the series on the PACS" in answer.text, answer.text
+        # one that stops taking the store half way (40 MB, more than the sockets hold) said 502 "did not answer",
+        # after the 10 s connect timeout: the same 504, after the read timeout
+        big = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        big.Rows = big.Columns = 4096
+        big.PixelData = bytes(4096 * 4096 * 2)
+        part = io.BytesIO()
+        big.save_as(part)
+        with silent_server(urlsplit(pacs.url).port):
+            started = time.monotonic()
+            answer = requests.post(f"{server.url}/proxy/dicom/stow/studies", timeout=120, data=b"".join((
+                b"--B\r\nContent-Type: application/dicom\r\n\r\n", part.getvalue(), b"\r\n--B--\r\n")),
+                headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'})
+            elapsed = time.monotonic() - started
+        assert answer.status_code == 504, (answer.status_code, answer.text[:500])
+        assert answer.json()["detail"].startswith("the PACS (DICOMweb server) holding the studies did not answer "
+                                                  "within 2 s"), answer.text
+        assert "whether it stored what was sent is unknown" in answer.text, answer.text
+        assert elapsed < 9, f"proxy: {elapsed:.0f} s before the 504 of a store not taken (the read timeout is 2 s)"
         assert "PACS proxy: GET http://127.0.0.1:" in server.log_tail(20000)
         # a PACS that answers with an error: POST /train/{model} (which reads each CT series' modality of the PACS)
         # and infer said a bare 500; the PACS's status is named, a gateway failure 502, one overloaded (503, tried
@@ -1010,7 +1028,7 @@ def test_every_pacs_request_waits_for_each_read_of_its_answer_not_for_ever(tmp_p
     from requests.exceptions import ReadTimeout
 
     import lib.pacs_corrections as pacs_corrections
-    from lib.pacs import bound_waits, download_within, read_timed_out, series_voxels
+    from lib.pacs import bound_waits, download_within, failed_method, read_timed_out, series_voxels, stow_datasets
     from lib.pacs_corrections import CorrectionNotServed, pacs_identities
 
     monkeypatch.setenv("ADL_PACS_READ_TIMEOUT_S", "2")
@@ -1044,6 +1062,22 @@ def test_every_pacs_request_waits_for_each_read_of_its_answer_not_for_ever(tmp_p
             error, seconds = outcome(call, *args)
             assert isinstance(error, ReadTimeout) and read_timed_out(error), (call.__name__, repr(error))
             assert seconds < 7, f"{call.__name__}: {seconds:.1f} s (3 tries would take over 12)"
+        # a store the PACS stops taking (40 MB, more than the sockets hold) is a read timeout too, after the read
+        # timeout, not the 10 s connect timeout (it was a "cannot be reached" 503, after 10 s, tried 3 times); the
+        # error names its method (the 504's "whether it stored what was sent is unknown")
+        big = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        big.Rows = big.Columns = 4096
+        big.PixelData = bytes(4096 * 4096 * 2)
+        error, seconds = outcome(stow_datasets, store._client, [big])
+        assert read_timed_out(error) and failed_method(error) == "POST", repr(error)
+        assert seconds < 7, f"the store waited {seconds:.1f} s for the PACS to take it (the read timeout is 2 s)"
+    # a store whose answer stalls half way: requests' error carries no request, its method is noted all the same
+    with silent_server(answer_start=b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\n"
+                                    b"Content-Length: 1000\r\n\r\n[{") as port:
+        store = store_of(f"http://127.0.0.1:{port}/dicom-web", "stalled_store")
+        error, seconds = outcome(stow_datasets, store._client, [pydicom.dcmread(get_testdata_file("CT_small.dcm"))])
+        assert read_timed_out(error) and getattr(error, "request", None) is None, repr(error)
+        assert failed_method(error) == "POST", repr(error)
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
         files = real_ct_series(tmp_path / "series")  # 3 slices, about 1.5 MB to send

@@ -69,35 +69,56 @@ logger = logging.getLogger(__name__)
 
 
 class _InferPool:
-    """MONAI Label's infer thread pool (``MONAI_LABEL_INFER_CONCURRENCY`` >= 0), which keeps each request thread's
-    last submitted task: MONAI Label waits for it ``timeout`` seconds and then answers, the task going on and
-    writing its result file in the temp folder, which nobody deleted (:meth:`DenoisingApp.infer` does)."""
+    """MONAI Label's infer thread pool (``MONAI_LABEL_INFER_CONCURRENCY`` >= 1), which keeps each request thread's
+    last submitted task and whether MONAI Label's wait for it timed out: MONAI Label waits for it ``timeout``
+    seconds and then answers, the task going on (or staying queued behind the others) and writing its result file in
+    the temp folder, which nobody deleted (:meth:`DenoisingApp.infer` cancels it, or deletes its result)."""
 
     def __init__(self, pool: concurrent.futures.Executor):
         self._pool = pool
         self._submitted = threading.local()
 
-    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
-        future = self._pool.submit(fn, *args, **kwargs)
-        self._submitted.future = future
-        return future
+    def submit(self, fn, /, *args, **kwargs) -> "_WaitedTask":
+        task = _WaitedTask(self._pool.submit(fn, *args, **kwargs))
+        self._submitted.task = task
+        return task
 
-    def take_submitted(self) -> Optional[concurrent.futures.Future]:
+    def take_submitted(self) -> Optional["_WaitedTask"]:
         """The task this thread submitted last (None when none since the last call)."""
-        future = getattr(self._submitted, "future", None)
-        self._submitted.future = None
-        return future
+        task = getattr(self._submitted, "task", None)
+        self._submitted.task = None
+        return task
 
     def __getattr__(self, name: str):  # shutdown and the rest: the pool's
         return getattr(self._pool, name)
 
 
+class _WaitedTask:
+    """A task of :class:`_InferPool` (its ``future``) and whether a wait for its result timed out (``wait_timed_out``):
+    a ``TimeoutError`` out of MONAI Label's infer is the task's own, or raised after its result came, otherwise."""
+
+    def __init__(self, future: concurrent.futures.Future):
+        self.future = future
+        self.wait_timed_out = False
+
+    def result(self, timeout: Optional[float] = None):
+        try:
+            return self.future.result(timeout)
+        except concurrent.futures.TimeoutError as error:
+            if not (self.future.done() and self.future.exception() is error):  # the wait's, not the task's own
+                self.wait_timed_out = True
+            raise
+
+    def __getattr__(self, name: str):  # done, cancel and the rest: the future's
+        return getattr(self.future, name)
+
+
 def _discard_late_result(future: concurrent.futures.Future) -> None:
-    """Delete the result file of an infer task whose request timed out (answered 504)."""
+    """Delete the result file of an infer task whose request failed (a 504 when it timed out)."""
     if future.cancelled() or future.exception() is not None:
         return
     result_file = future.result()[0]
-    logger.info("result of an infer that timed out deleted: %s", result_file)
+    logger.info("result of an infer that was not sent deleted: %s", result_file)
     discard_result({"file": result_file})
 
 
@@ -179,7 +200,7 @@ class DenoisingApp(MONAILabelApp):
                                      "fine-tuning from radiologists' corrections",
                          version=monailabel.__version__)
         self._check_model_dir_writable()
-        if self._infers_threadpool is not None:  # MONAI_LABEL_INFER_CONCURRENCY >= 0
+        if self._infers_threadpool is not None:  # MONAI_LABEL_INFER_CONCURRENCY >= 1
             self._infers_threadpool = _InferPool(self._infers_threadpool)
         limits = [key for key in conf if key.startswith("max_voxels_") and key[len("max_voxels_"):] not in self.models]
         if limits:
@@ -474,16 +495,26 @@ class DenoisingApp(MONAILabelApp):
             pool.take_submitted()  # none of an earlier request of this thread
         try:
             result = super().infer(request, datastore)
-        except concurrent.futures.TimeoutError:
-            timed_out = pool.take_submitted() if pool is not None else None
-            if timed_out is None or (timed_out.done() and timed_out.exception() is not None):
-                raise  # the task's own error, not the pool's wait
-            # the task goes on in its thread: its result, a patient's volume nobody will be sent, is deleted when
-            # it comes (at once if it just came)
-            timed_out.add_done_callback(_discard_late_result)
+        except BaseException as error:
+            task = pool.take_submitted() if pool is not None else None
+            if task is None:
+                raise
+            if not (task.wait_timed_out and isinstance(error, concurrent.futures.TimeoutError)):
+                # the task's own error, or one raised after its result came: that result is nobody's
+                if task.future.done():
+                    _discard_late_result(task.future)
+                raise
             from monailabel.config import settings
 
             seconds = request.get("timeout", settings.MONAI_LABEL_INFER_TIMEOUT)
+            if task.future.cancel():  # still queued behind other denoisings: it never runs
+                raise HTTPException(status_code=504, detail=(
+                    f"not denoised within the timeout of {seconds:g} s (params.timeout, or MONAI_LABEL_INFER_TIMEOUT "
+                    "on the server): the denoising had not started (others ran before it) and will not run; send "
+                    "the request again with a longer timeout")) from None
+            # the task goes on in its thread: its result, a patient's volume nobody will be sent, is deleted when
+            # it comes (at once if it just came)
+            task.future.add_done_callback(_discard_late_result)
             raise HTTPException(status_code=504, detail=(
                 f"not denoised within the timeout of {seconds:g} s (params.timeout, or MONAI_LABEL_INFER_TIMEOUT on "
                 "the server): the result will not be sent (it is deleted when the server ends the denoising); send "

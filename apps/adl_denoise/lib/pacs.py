@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import functools
 import logging
 import os
 import re
@@ -39,7 +40,8 @@ __all__ = ["is_dicomweb", "cached_images", "refresh_listing", "LISTING_MAX_AGE_S
            "series_instance_count", "known_size", "SeriesSize", "is_downloaded", "stow_datasets",
            "store_derived_series", "PacsStoreError", "bound_waits", "is_pacs_url", "PACS_TRIES",
            "PACS_CONNECT_TIMEOUT_S", "PACS_READ_TIMEOUT_ENV", "PACS_READ_TIMEOUT_DEFAULT_S", "pacs_read_timeout_s",
-           "read_timed_out", "error_answer", "failed_url", "bounded_client", "answered_within", "PacsListingCut",
+           "read_timed_out", "send_timed_out", "failed_method", "error_answer", "failed_url", "bounded_client",
+           "answered_within", "sends_wait_read_timeout", "PacsListingCut",
            "all_pages", "search_whole", "whole_listing", "LISTING_CUT_RETRY_S", "listed_series",
            "OVERSIZED_REMEMBERED", "OVERSIZED_UNCOUNTED_S", "cache_folder", "instance_voxels", "instance_bytes",
            "HEADER_BYTES", "disk_shortfall", "series_disk_shortfall", "disk_full", "save_instance", "SeriesTooLarge",
@@ -86,15 +88,77 @@ def pacs_read_timeout_s() -> float:
 
 def read_timed_out(error: BaseException) -> bool:
     """Whether ``error`` (a failed request to a server) is its read timeout: requests' ``ReadTimeout`` (no answer in
-    time), or the ``ConnectionError`` requests raises from urllib3's ``ReadTimeoutError`` when an answer being read
-    (a series streamed) stalls."""
+    time), the ``ConnectionError`` requests raises from urllib3's ``ReadTimeoutError`` when an answer being read
+    (a series streamed) stalls, or the one it raises from urllib3's ``ProtocolError('Connection aborted.',
+    TimeoutError)`` when the server accepted the connection and stopped taking the request's body (a store: whether
+    it kept what it read is unknown; :func:`sends_wait_read_timeout`)."""
     import urllib3
     from requests.exceptions import ConnectionError as RequestsConnectionError, ReadTimeout
 
     if isinstance(error, ReadTimeout):
         return True
-    return isinstance(error, RequestsConnectionError) and bool(error.args) and \
-        isinstance(error.args[0], urllib3.exceptions.ReadTimeoutError)
+    if isinstance(error, RequestsConnectionError) and error.args and \
+            isinstance(error.args[0], urllib3.exceptions.ReadTimeoutError):
+        return True
+    return send_timed_out(error)
+
+
+def send_timed_out(error: BaseException) -> bool:
+    """Whether ``error`` is a request's send that timed out (:func:`read_timed_out`): urllib3's
+    ``ProtocolError('Connection aborted.', TimeoutError)``, bare or in requests' ``ConnectionError``."""
+    import urllib3
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+
+    cause = error.args[0] if isinstance(error, RequestsConnectionError) and error.args else error
+    return isinstance(cause, urllib3.exceptions.ProtocolError) and \
+        any(isinstance(part, TimeoutError) for part in cause.args)
+
+
+def sends_wait_read_timeout(session) -> None:
+    """Each send of ``session``'s requests (the headers, each part of the body: a store's series) waits
+    :func:`pacs_read_timeout_s` for the server to take it: urllib3 sends under the connect timeout (10 s,
+    :data:`PACS_CONNECT_TIMEOUT_S`), requests having no timeout of its own for it, so a PACS busy storing what it
+    read was cut off after 10 s whatever ``ADL_PACS_READ_TIMEOUT_S`` said. Connecting keeps the connect timeout."""
+    adapter = _send_waiting_adapter()
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, adapter())
+
+
+@functools.lru_cache(maxsize=None)
+def _send_waiting_adapter() -> type:
+    """requests' adapter class of :func:`sends_wait_read_timeout` (built once, requests imported when needed)."""
+    import urllib3
+    from requests.adapters import HTTPAdapter
+
+    def sending_under_read_timeout(connection_class: type) -> type:
+        class Connection(connection_class):
+            def send(self, data) -> None:
+                if self.sock is None:  # http.client connects at the first send (plain HTTP): the connect timeout
+                    self.connect()
+                self.sock.settimeout(pacs_read_timeout_s())
+                super().send(data)
+
+        return Connection
+
+    pools = {"http": type("HTTPPool", (urllib3.HTTPConnectionPool,), {
+                 "ConnectionCls": sending_under_read_timeout(urllib3.connection.HTTPConnection)}),
+             "https": type("HTTPSPool", (urllib3.HTTPSConnectionPool,), {
+                 "ConnectionCls": sending_under_read_timeout(urllib3.connection.HTTPSConnection)})}
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+    return Adapter
+
+
+def failed_method(error: BaseException) -> str | None:
+    """The HTTP method (``GET``, ``POST``...) of the request that failed with ``error``: requests' exceptions carry
+    the request, except the ``ConnectionError`` of an answer that stalled half way; :func:`bounded_client` notes it on
+    every error of its requests. None when unknown."""
+    method = getattr(getattr(error, "request", None), "method", None) or getattr(error, "adl_pacs_method", None)
+    return str(method).upper() if method else None
 
 
 def error_answer(error: BaseException):
@@ -304,12 +368,15 @@ def bounded_client(client) -> None:
                 return _read_by(send, method, url, kwargs, deadline, read_s)
             return send(method, url, **kwargs)
         except Exception as error:
+            with contextlib.suppress(AttributeError):  # the 504 of a store that timed out says so (failed_method)
+                error.adl_pacs_method = method
             if _in_call.get() and read_timed_out(error):
                 raise _NotTriedAgain(error) from None
             raise
 
     session.request = request
     session.adl_connect_timeout = PACS_CONNECT_TIMEOUT_S
+    sends_wait_read_timeout(session)
     for name in ("_http_get", "_http_post", "_http_delete"):  # each holds dicomweb-client's tries of one request
         method = getattr(client, name, None)
         if method is not None:

@@ -113,7 +113,8 @@ def _install_read_failure_answers(fastapi_app) -> None:
 
     from ..imaging.errors import ImageTooLargeError
     from ..pacs import (PACS_TRIES, PacsListingCut, SeriesDoesNotFit, SeriesNotDelivered, SeriesNotFetchableByFrame,
-                        SeriesTooLarge, error_answer, failed_url, is_pacs_url, pacs_read_timeout_s, read_timed_out)
+                        SeriesTooLarge, error_answer, failed_method, failed_url, is_pacs_url, pacs_read_timeout_s,
+                        read_timed_out)
     from ..pacs_corrections import CorrectionNotServed, without_credentials
     from ..pacs_seg import SegNotServed
     from .common import app
@@ -123,11 +124,11 @@ def _install_read_failure_answers(fastapi_app) -> None:
         if not is_pacs_url(target, app().datastore()):
             raise error  # to the server's own handling: a 500, logged with its traceback
         target = without_credentials(target)  # the log names the PACS, never its user name and password
-        if read_timed_out(error):  # connected, then nothing (more) came
+        if read_timed_out(error):  # connected, then nothing (more) came, or the request was not taken
             seconds = pacs_read_timeout_s()
             log.error("%s %s: the PACS did not answer within %g s (%s, %s)", request.method, request.url.path,
                       seconds, type(error).__name__, target)
-            storing = getattr(getattr(error, "request", None), "method", None) == "POST"  # a STOW of a result
+            storing = failed_method(error) == "POST"  # a STOW of a result
             return JSONResponse(status_code=504, content={"detail": pacs_silent(seconds, storing)})
         log.error("%s %s: the PACS cannot be reached (%s%s)", request.method, request.url.path,
                   type(error).__name__, f", {target}" if target else "")

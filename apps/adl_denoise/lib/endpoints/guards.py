@@ -64,7 +64,8 @@ route's query / form parameters and its role (``RBAC``), so nothing is less prot
   and configuration; ``GET /logs/`` is admin only).
 * ``PUT /session/``: no archive unpacking (``uncompress``): a session is one uploaded volume. A session whose
   upload or save fails (a file name too long: 422; a full disk: 507) leaves nothing in the server's temp folder
-  nor in its session store (MONAI Label's route left the uploaded volume in the temp folder).
+  nor in its session store (MONAI Label's route left the uploaded volume in the temp folder). A file named
+  ``meta.info`` (the store's info file), one with no name or named like another of the request gets a unique name.
 * ``POST /infer/wsi/{model}``, ``/infer/wsi_v2/{model}``: 404 for everyone. This app serves no whole-slide images,
   and the stock routes take ``image`` as any path the server can read and ``params`` that save labels under any
   tag, none of the checks above.
@@ -1382,11 +1383,12 @@ def guarded_create_session(
     if sessions is None:
         raise HTTPException(status_code=406, detail="sessions are not enabled on this server")
     session_id = str(uuid.uuid1()).lower()  # MONAI Label's kind of id, chosen here to remove a half-saved session
-    received = Path(tempfile.mkdtemp(prefix="session_upload_"))
+    received: Optional[Path] = None
     try:
-        for upload in files:
-            name = os.path.basename((upload.filename or "").rstrip("/"))
-            image = received / (name if name not in ("", ".", "..") else "upload")
+        received = Path(tempfile.mkdtemp(prefix="session_upload_"))
+        names = _session_file_names([upload.filename for upload in files])
+        for upload, name in zip(files, names):
+            image = received / name
             try:
                 with open(image, "wb") as handle:
                     shutil.copyfileobj(upload.file, handle)
@@ -1411,9 +1413,38 @@ def guarded_create_session(
                 + "; nothing of it was kept")) from None
         raise
     finally:
-        shutil.rmtree(received, ignore_errors=True)  # moved into the session store when it was saved
+        if received is not None:
+            shutil.rmtree(received, ignore_errors=True)  # moved into the session store when it was saved
     log.info("session %s created", session_id)
     return {"session_id": session_id, "session_info": _session_info(info.to_json())}
+
+
+#: the file MONAI Label's session store keeps a session's info in, in the session's folder (``Sessions``)
+_SESSION_META_FILE = "meta.info"
+
+
+def _session_file_names(given: List[Optional[str]]) -> List[str]:
+    """The names the files of a ``PUT /session/`` are saved under: each file's own name (its last part), but a
+    unique ``upload_N`` name, its suffix kept, for a file with no name, one named ``.`` / ``..``, one named like an
+    earlier file of the request (it would overwrite that one), and ``meta.info`` (the session store's info file, in
+    the same folder: the volume was overwritten by it, and its image download then sent the info, the server's
+    folder in it). 422 for a name holding a NUL (no file can be named so)."""
+    names: List[str] = []
+    own = [os.path.basename((filename or "").rstrip("/")) for filename in given]
+    for number, name in enumerate(own, start=1):
+        if "\x00" in name:
+            raise HTTPException(status_code=422, detail=(
+                f"files: the file name {name[:60]!r} is not valid (it holds a NUL character): rename the file "
+                "and send it again"))
+        if name in ("", ".", "..", _SESSION_META_FILE) or name in names:
+            suffix = "".join(Path(name).suffixes) if name not in ("", ".", "..") else ""
+            candidate, extra = f"upload_{number}{suffix}", number
+            while candidate in names or candidate in own:
+                extra += len(given)
+                candidate = f"upload_{extra}{suffix}"
+            name = candidate
+        names.append(name)
+    return names
 
 
 def _session_info(info: dict) -> dict:
@@ -1534,7 +1565,7 @@ def _forward_to_pacs(method: str, url: str, query: str, auth: Any, headers: dict
     import urllib3
     from fastapi.responses import Response
 
-    from ..pacs import one_line_redacted, pacs_read_timeout_s, read_timed_out, urls_redacted
+    from ..pacs import one_line_redacted, pacs_read_timeout_s, read_timed_out, sends_wait_read_timeout, urls_redacted
     from . import pacs_silent
 
     shown = urls_redacted(url)  # the --studies URL may hold the PACS's user name and password
@@ -1545,25 +1576,27 @@ def _forward_to_pacs(method: str, url: str, query: str, auth: Any, headers: dict
                   type(error).__name__)
         return HTTPException(status_code=504, detail=pacs_silent(seconds, storing=method == "POST"))
 
-    try:
-        answer = requests.request(method, url + (f"?{query}" if query else ""), auth=auth, headers=headers,
-                                  data=body if method == "POST" else None, stream=True, timeout=_proxy_timeout_s(),
-                                  allow_redirects=False)
-    except requests.RequestException as e:
-        if read_timed_out(e):
+    with requests.Session() as session:  # a store's body sent waiting the read timeout for the PACS to take it
+        sends_wait_read_timeout(session)
+        try:
+            answer = session.request(method, url + (f"?{query}" if query else ""), auth=auth, headers=headers,
+                                     data=body if method == "POST" else None, stream=True,
+                                     timeout=_proxy_timeout_s(), allow_redirects=False)
+        except requests.RequestException as e:
+            if read_timed_out(e):  # no answer in time, or the request's body not taken (send_timed_out)
+                raise silent(e) from None
+            log.warning("PACS proxy: %s %s failed: %s", method, shown, one_line_redacted(e))
+            raise HTTPException(status_code=502, detail=f"the PACS did not answer ({type(e).__name__})") from None
+        try:
+            content = answer.raw.read()  # as sent (its Content-Encoding kept)
+        except urllib3.exceptions.ReadTimeoutError as e:  # its answer stalled half way
             raise silent(e) from None
-        log.warning("PACS proxy: %s %s failed: %s", method, shown, one_line_redacted(e))
-        raise HTTPException(status_code=502, detail=f"the PACS did not answer ({type(e).__name__})") from None
-    try:
-        content = answer.raw.read()  # as sent (its Content-Encoding kept)
-    except urllib3.exceptions.ReadTimeoutError as e:  # its answer stalled half way
-        raise silent(e) from None
-    except urllib3.exceptions.HTTPError as e:  # ProtocolError (cut short), ...
-        log.warning("PACS proxy: the answer to %s %s failed: %s", method, shown, one_line_redacted(e))
-        raise HTTPException(status_code=502, detail=f"the PACS's answer ({answer.status_code}) was cut short "
-                                                    f"({type(e).__name__})") from None
-    finally:
-        answer.close()
+        except urllib3.exceptions.HTTPError as e:  # ProtocolError (cut short), ...
+            log.warning("PACS proxy: the answer to %s %s failed: %s", method, shown, one_line_redacted(e))
+            raise HTTPException(status_code=502, detail=f"the PACS's answer ({answer.status_code}) was cut short "
+                                                        f"({type(e).__name__})") from None
+        finally:
+            answer.close()
     kept = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_BY_HOP}
     return Response(content=content, status_code=answer.status_code, headers=kept)
 
