@@ -2310,8 +2310,9 @@ def test_a_pacs_seg_label_is_the_seg_the_pacs_holds_as_its_read_checked_it(tmp_p
     * the SEG moved to another patient between the series search and the download was served as the searched
       patient's label: a 409 naming the patient its file names;
     * the labels an earlier version saved in MONAI Label's index (a SEG's conversion as the label of the image it
-      references) were listed for training and answered as the image's label: neither, and removed at start-up
-      (:func:`lib.pacs.remove_stale_downloads`) with a WARNING, as are the conversions named by a SEG's UID alone."""
+      references) were listed for training and answered as the image's label: neither, kept at start-up
+      (:func:`lib.pacs.remove_stale_downloads`: they may be another MONAI Label app's, on the same cache) with a
+      WARNING naming them; the conversions named by a SEG's UID alone are removed."""
     import logging
     import os
     import shutil
@@ -2473,11 +2474,14 @@ def test_a_pacs_seg_label_is_the_seg_the_pacs_holds_as_its_read_checked_it(tmp_p
         assert paired.is_file() and store.get_labeled_images() == [small_uid]  # (the PACS's SEG references it)
         assert store.datalist() == [] and store.get_label_uri(small_uid, "final") == ""
         caplog.set_level(logging.WARNING, logger="lib.pacs_seg")
+        kept = paired.read_bytes()
         removed = remove_stale_downloads(store)
-        assert sorted(removed) == sorted([paired] + earlier), removed
-        assert any(f"removed the labels an earlier version saved for 1 PACS series ({small_uid})" in line
+        assert sorted(removed) == sorted(earlier), removed
+        assert any(f"holds 'final' labels of 1 PACS series ({small_uid}) that this server does not use" in line
                    for line in caplog.messages), caplog.messages
-        assert not store._datastore.objects[small_uid].labels and conversions() == [Path(served).name]
+        assert paired.read_bytes() == kept and store._datastore.objects[small_uid].labels.get("final")
+        assert store.datalist() == [] and store.get_label_uri(small_uid, "final") == ""
+        assert conversions() == [Path(served).name]
     finally:
         stop_orthanc(pacs)
 

@@ -1406,8 +1406,8 @@ def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_
     folders there, untouched for ``file_meta_age_s`` (:func:`_remove_stale_file_meta_temps`), and a DICOM SEG's
     conversion temps in the label cache (``.converting-*.nii.gz``, :func:`lib.pacs_seg.remove_stale_conversions`),
     untouched for as long (a server killed while it converted one), and the SEG conversions an earlier version saved
-    as the labels of the images they reference (:func:`lib.pacs_seg.remove_earlier_seg_labels`, a WARNING naming
-    them: they were listed for training). Returns those removed. Nothing for another
+    under a SEG's UID alone (:func:`lib.pacs_seg.remove_earlier_seg_labels`; the labels in MONAI Label's index are
+    kept, unused, a WARNING naming them). Returns those removed. Nothing for another
     datastore. :func:`download_within` does the same for the one series it is asked for, when its folder is used
     again or it is downloaded again."""
     if not is_dicomweb(datastore):
@@ -1426,7 +1426,7 @@ def remove_stale_downloads(datastore, max_age_s: float = PARTIAL_DOWNLOAD_STALE_
     from .pacs_seg import remove_earlier_seg_labels, remove_stale_conversions
 
     removed += remove_stale_conversions(Path(layout.label_path("final")), file_meta_age_s)
-    removed += remove_earlier_seg_labels(datastore)  # SEG conversions an earlier version saved as images' labels
+    removed += remove_earlier_seg_labels(datastore)  # SEG conversions an earlier version named by a SEG's UID
     return removed
 
 

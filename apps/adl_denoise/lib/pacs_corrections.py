@@ -418,7 +418,7 @@ class ServerKeptLabelsMixin:
         listing downloaded those series for nothing (a 413 when one was over the voxel limit); it is skipped, and so
         are the pairs in its index (``labels/final/<image>.nii.gz``): this server saves none there, an earlier
         version saved each SEG's conversion as the label of the image it references, stale once the SEG was
-        replaced, possibly another patient's (removed at start-up: :func:`lib.pacs_seg.remove_earlier_seg_labels`)."""
+        replaced, possibly another patient's (kept, unused: :func:`lib.pacs_seg.remove_earlier_seg_labels`)."""
         pairs: List[Dict[str, Any]] = []
         with one_search_per_series():
             for image_id in self._kept_finals():

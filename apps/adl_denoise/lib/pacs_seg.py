@@ -66,8 +66,8 @@ def seg_label_uri(datastore, seg_uid: str, image_id: str, download: Callable[[],
     spacing, not the frame count the download was bounded by) is within ``voxel_limit``. Nothing is saved as the
     label of another series: MONAI Label saved each SEG's conversion as the label of the image it references
     (``<image>.nii.gz``), which then stayed that image's label when the PACS's SEG was replaced, and made a SEG of
-    one patient's study the label of another patient's series (those an earlier version saved are removed at
-    start-up, :func:`remove_earlier_seg_labels`). So MONAI Label's training list, which asks each SEG with its
+    one patient's study the label of another patient's series (those an earlier version saved are not used:
+    :func:`remove_earlier_seg_labels`). So MONAI Label's training list, which asks each SEG with its
     image's id (``image_id``) only to save that pairing, gets "" and nothing is downloaded for it (this app trains
     on the corrections it keeps, never on a PACS's SEG: they carry no correction stamp). ``seg_uid`` an image
     MONAI Label's datastore holds, or any series the PACS does not hold as a SEG (a fine-tune request asks the
@@ -89,7 +89,7 @@ def seg_label_uri(datastore, seg_uid: str, image_id: str, download: Callable[[],
 
     layout = datastore._datastore  # noqa: SLF001 - MONAI Label's own cache layout
     if layout.objects.get(seg_uid) is not None:  # an image's id, not a SEG's: its index label is no label here
-        return ""  # (an earlier version's SEG conversion saved as its label: remove_earlier_seg_labels)
+        return ""  # (an earlier version's SEG conversion saved as its label: not used)
     if image_id:  # MONAI Label's training list pairing the SEG with its image: not done (see above)
         log.debug("DICOM SEG %s not saved as the label of series %s", seg_uid, image_id)
         return ""
@@ -443,36 +443,30 @@ def open_seg_label(datastore, seg_uid: str):
             continue
         except IsADirectoryError:  # a download not converted (MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI off)
             return None
+        except OSError as error:  # permissions, too many open files: said, not a bare 500
+            raise SegNotServed(f"series {seg_uid} is not served as a label: its label volume cannot be opened "
+                               f"({type(error).__name__}: {error.strerror or error}); nothing was sent", 500) from None
     raise SegNotServed(f"series {seg_uid} is not served as a label: the PACS kept changing it (each label volume "
                        "made of it was of a content replaced meanwhile); nothing was sent: try again later", 503)
 
 
 def remove_earlier_seg_labels(datastore) -> list:
-    """Remove what versions before this one saved of the PACS's DICOM SEGs in MONAI Label's label cache
-    (``labels/final``) of a DICOMweb datastore: each SEG's conversion saved as the label of the image it
-    references (``<image>.nii.gz``, in MONAI Label's index: the training list paired it with that image, though it
-    stayed so after the SEG was replaced, and a SEG of one patient's study made a label of another patient's
-    image), and a SEG's conversion under its UID alone (``<SEG uid>.nii.gz`` and its ``.source``: never read
-    now). A WARNING names the images whose label is removed. This server keeps no label in that index (its
-    corrections are :mod:`lib.pacs_corrections`'). Returns the paths removed."""
-    from monailabel.datastore.local import LocalDatastore
-
+    """At start-up, for a DICOMweb datastore: the conversions an earlier version of this app saved of the PACS's
+    DICOM SEGs under a SEG's UID alone in MONAI Label's label cache (``labels/final/<SEG uid>.nii.gz`` and its
+    ``.source``, beside the SEG's download: never read now) are removed. The labels in MONAI Label's index
+    (``<image>.nii.gz``: a SEG's conversion saved as the label of the image it references, or a label another
+    MONAI Label app on the same cache saved) are kept, not used: a WARNING names them (neither this server's
+    training list nor its label route reads them; its corrections are :mod:`lib.pacs_corrections`'). Returns the
+    paths removed."""
     layout = datastore._datastore  # noqa: SLF001 - MONAI Label's own cache layout
     cache = Path(layout.label_path("final"))
     paired = sorted(image_id for image_id, entry in layout.objects.items() if entry.labels.get("final"))
     removed = []
-    for image_id in paired:
-        path = LocalDatastore.get_label_uri(datastore, image_id, "final")
-        if path and os.path.isfile(path):
-            os.unlink(path)
-            removed.append(Path(path))
     if paired:
-        LocalDatastore.refresh(datastore)  # the index without them (its file watcher would, later)
-        log.warning("removed the labels an earlier version saved for %d PACS series (%s) in MONAI Label's label "
-                    "cache %s: each was a DICOM SEG's conversion saved as the label of the series it references, "
-                    "kept after the SEG was replaced (possibly another patient's segmentation); they were listed for "
-                    "training. The SEGs stay in the PACS, read with GET /datastore/label?label=<SEG uid>&tag=final",
-                    len(paired), ", ".join(paired), cache)
+        log.warning("MONAI Label's label cache %s holds 'final' labels of %d PACS series (%s) that this server does "
+                    "not use (not listed for training, not sent as their label): saved by an earlier version (a "
+                    "DICOM SEG's conversion as the label of the series it references) or by another MONAI Label app "
+                    "on the same cache; they are left as they are", cache, len(paired), ", ".join(paired))
     try:
         names = sorted(os.listdir(cache))
     except OSError:
