@@ -9,6 +9,7 @@ review-queue hand-out or a download (image, label, session, dataset) whose entry
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import multiprocessing
@@ -331,6 +332,78 @@ def test_content_hash_is_voxels_and_geometry_not_the_file(tmp_path):
     assert a != volume_content_sha256(tmp_path / "moved.nii.gz")
     assert a != volume_content_sha256(tmp_path / "edited.nii.gz")
     assert input_identity(tmp_path / "a.nii.gz")["content_sha256"] == a
+
+
+def _gzipped_nifti(path: Path, shape: tuple[int, ...], stored_bytes: int) -> Path:
+    """A uint8 NIfTI-1 ``.nii.gz`` declaring ``shape``, holding ``stored_bytes`` zeros (little on disk)."""
+    import nibabel
+    import numpy as np
+
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.uint8)
+    chunk = bytes(1 << 24)
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        out.write(header.binaryblock + bytes(4))  # voxels from byte 352 (vox_offset)
+        for start in range(0, stored_bytes, len(chunk)):
+            out.write(chunk[:min(len(chunk), stored_bytes - start)])
+    return path
+
+
+def _peak_memory_mib_after(action) -> tuple[float, object]:
+    """How much this process's peak resident memory grew during ``action()`` (Linux's VmHWM, reset first), and
+    what it returned."""
+    def peak_kib() -> int:
+        with open("/proc/self/status") as status:
+            return int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # the peak starts again from the memory in use now
+    before = peak_kib()
+    value = action()
+    return (peak_kib() - before) / 1024, value
+
+
+def test_a_study_over_the_servers_voxel_limit_is_refused_from_its_header_never_loaded_to_be_hashed(tmp_path,
+                                                                                                  monkeypatch):
+    """The content hash of an image file (a result's identity, a verdict's check of the study stored now) read the
+    file with ITK whatever its header declares: a study copied by hand into a local datastore over the server's
+    voxel limit was loaded whole at each verdict, and a header declaring 10^12 voxels had ITK allocate them (a
+    bad_alloc here, what the machine holds elsewhere). Now the header is checked first, at the server's limit (given
+    to the audited datastore): refused naming the file and the limit, nothing loaded."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.activelearning import record_verdict
+    from lib.audit.recording import audited_datastore
+    from lib.imaging.errors import ImageTooLargeError
+
+    monkeypatch.delenv("ADL_MAX_VOXELS", raising=False)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    # 2e8 voxels, whole (200 MB of zeros, 200 kB compressed), over the server's limit of 1e6: the verdict hashes the
+    # study stored now to judge the recorded result
+    _gzipped_nifti(studies / "huge.nii.gz", (1000, 1000, 200), 200_000_000)
+    audit = AuditLog(tmp_path / "audit")
+    store = audited_datastore(LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False), audit,
+                              lambda: 1_000_000)
+    # its result, denoised while the limit was higher (another path: the hash cache is by path)
+    voxels = volume_content_sha256(shutil.copy(studies / "huge.nii.gz", tmp_path / "earlier.nii.gz"), 10 ** 9)
+    audit.append("result", {"input": {"source": "datastore", "image": "huge", "content_sha256": voxels},
+                            "model": "adl"})
+    grown, verdict = _peak_memory_mib_after(lambda: record_verdict(audit, store, "huge", "accepted", "dr_a"))
+    assert verdict["result"] is not None  # judged as before: a study not hashed keeps its results
+    assert grown < 100, f"the verdict loaded the 200 MB study to hash it: peak memory grew by {grown:.0f} MiB"
+    with pytest.raises(ImageTooLargeError, match=r"huge\.nii\.gz is too large: .*exceeds the limit of 1,000,000 "):
+        volume_content_sha256(studies / "huge.nii.gz", 1_000_000)
+
+    _gzipped_nifti(tmp_path / "declared.nii.gz", (10000, 10000, 10000), 1000)
+    (tmp_path / "declared.mha").write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 10000 10000 10000\n"
+                                            b"ElementType = MET_UCHAR\nElementDataFile = LOCAL\n" + bytes(1000))
+    for name in ("declared.nii.gz", "declared.mha"):
+        with pytest.raises(ImageTooLargeError) as refused:
+            volume_content_sha256(tmp_path / name)
+        assert f"{name} is too large: 10000 x 10000 x 10000 = 1,000,000,000,000 voxels exceeds the limit of " \
+               "1,000,000,000" in str(refused.value)
 
 
 def test_dicom_series_identity_is_its_series_instance_uid(tmp_path):

@@ -348,7 +348,7 @@ class DenoisingApp(MONAILabelApp):
         bounded_downloads(datastore, self._queue_voxel_limit)  # a series that grew: stopped, not held whole in memory
         # corrections kept here: no SEG, nothing sent to the PACS; those of the results stored in it not trained on
         server_kept_labels(datastore, self.corrections_dir, self.audit)
-        return audited_datastore(datastore, self.audit)
+        return audited_datastore(datastore, self.audit, self._queue_voxel_limit)  # a study is hashed under it
 
     def info(self):
         """MONAI Label's app info plus ``audit``: the log's folder, its state at start-up and, when its chain is

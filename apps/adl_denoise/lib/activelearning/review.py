@@ -250,6 +250,7 @@ def _upload_result_of_the_stored_volume(audit: AuditLog, datastore: Datastore, i
     now, else None. The Slicer module denoises a volume the server does not hold by uploading it, and stores the
     study itself only with the verdict: that result is what the reviewer saw, of these very voxels."""
     from ..audit.identity import volume_content_sha256
+    from ..audit.recording import voxel_limit_of
     from ..pacs import is_dicomweb
 
     if is_dicomweb(datastore):  # a PACS series is known by its UID (and reading it here would download it)
@@ -263,8 +264,8 @@ def _upload_result_of_the_stored_volume(audit: AuditLog, datastore: Datastore, i
         return None  # a result of a datastore id is judged on that study only (results_of)
     try:
         uri = datastore.get_image_uri(image_id)
-        current = volume_content_sha256(uri) if uri and os.path.isfile(uri) else None
-    except Exception:  # noqa: BLE001 - unreadable now: not shown to be these voxels
+        current = volume_content_sha256(uri, voxel_limit_of(datastore)) if uri and os.path.isfile(uri) else None
+    except Exception:  # noqa: BLE001 - unreadable (or over the voxel limit) now: not shown to be these voxels
         current = None
     return entry if current is not None and current == source["content_sha256"] else None
 
@@ -283,14 +284,15 @@ def _of_the_stored_volume(results: list[dict], datastore: Datastore, image_id: s
     not judge the earlier volume's result. Results without a voxel hash (DICOM series, by their UID) and an image
     that cannot be hashed now are kept."""
     from ..audit.identity import volume_content_sha256
+    from ..audit.recording import voxel_limit_of
 
     hashed = [r for r in results if ((r.get("input") or {}).get("content_sha256"))]
     if not hashed:
         return results
     try:
         uri = datastore.get_image_uri(image_id)
-        current = volume_content_sha256(uri) if uri and os.path.isfile(uri) else None
-    except Exception:  # noqa: BLE001 - unreadable now: the verdict is judged as before, infer will say why
+        current = volume_content_sha256(uri, voxel_limit_of(datastore)) if uri and os.path.isfile(uri) else None
+    except Exception:  # noqa: BLE001 - unreadable (or over the voxel limit) now: judged as before, infer says why
         current = None
     if current is None:
         return results

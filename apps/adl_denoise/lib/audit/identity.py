@@ -9,7 +9,10 @@
   in mm rounded to 1e-5 mm, direction cosines rounded to 1e-6): the same volume gets the same hash whatever its
   file name or compression; another volume, or the same voxels placed elsewhere, gets another one.
 
-File hashes are cached by (path, size, modification time): a datastore study is hashed once.
+File hashes are cached by (path, size, modification time): a datastore study is hashed once. A file is hashed only
+after its header passed the reader's checks (:func:`lib.imaging.io.check_voxels`: the voxel limit, data as long as
+declared): a study copied into a local datastore by hand, or replaced there, is never loaded whole when it is over
+the server's limit (it was loaded whatever its size, a header declaring 10^11 voxels allocated before it failed).
 """
 from __future__ import annotations
 
@@ -27,11 +30,20 @@ _cache: dict[tuple[str, int, int], str] = {}
 _cache_lock = threading.Lock()
 
 
-def volume_content_sha256(path: str | os.PathLike) -> str:
+def volume_content_sha256(path: str | os.PathLike, max_voxels: int | None = None) -> str:
     """SHA-256 (hex) of an image file's voxels and geometry (see the module docstring). Reads the file with
-    SimpleITK; raises RuntimeError when it cannot."""
+    SimpleITK once its header passed :func:`lib.imaging.io.check_voxels` with ``max_voxels`` (the server's limit;
+    None: :func:`lib.imaging.max_voxels`).
+
+    Raises:
+        lib.imaging.errors.ImageTooLargeError: over ``max_voxels`` (naming the file and the limit), from the header;
+        lib.imaging.errors.ImageReadError: a header that cannot be read, data shorter than declared;
+        RuntimeError: SimpleITK cannot read the voxels.
+    """
     import numpy as np
     import SimpleITK as sitk
+
+    from ..imaging.io import check_voxels
 
     p = Path(path)
     st = p.stat()
@@ -39,6 +51,7 @@ def volume_content_sha256(path: str | os.PathLike) -> str:
     with _cache_lock:
         if key in _cache:
             return _cache[key]
+    check_voxels(p, max_voxels)  # from the header, before ITK allocates what the header declares
     image = sitk.ReadImage(str(p))
     voxels = sitk.GetArrayViewFromImage(image)  # no copy: the hash streams over the image's buffer
     header = {
@@ -90,10 +103,12 @@ def dicom_series_identity(folder: str | os.PathLike) -> dict[str, Any]:
     return {"series_instance_uid": None}
 
 
-def input_identity(path: str | os.PathLike) -> dict[str, Any]:
+def input_identity(path: str | os.PathLike, max_voxels: int | None = None) -> dict[str, Any]:
     """The identity fields of the input at ``path``: a DICOM folder's series identity, else the image file's
-    ``content_sha256`` (:func:`volume_content_sha256`). Raises OSError / RuntimeError when it cannot be read."""
+    ``content_sha256`` (:func:`volume_content_sha256`, at most ``max_voxels``). Raises OSError / RuntimeError /
+    ImageReadError when it cannot be read."""
     p = Path(path)
     if p.is_dir():
         return {"kind": "dicom_series", **dicom_series_identity(p)}
-    return {"kind": "image_file", "content_sha256": volume_content_sha256(p), "content_hash_of": IDENTITY_VERSION}
+    return {"kind": "image_file", "content_sha256": volume_content_sha256(p, max_voxels),
+            "content_hash_of": IDENTITY_VERSION}

@@ -36,7 +36,7 @@ from .log import AuditError, AuditLog, sanitise
 
 __all__ = ["PENDING_EVENTS", "PROTECTED_INFO_KEYS", "HANDOUT_NOTE_KEY", "AuditedModelStore", "HandOut",
            "RequestContextMiddleware", "audited_datastore", "discard_result", "handing_out", "install_request_context",
-           "request_actor", "result_fields"]
+           "request_actor", "result_fields", "voxel_limit_of"]
 
 # request keys that are not the client's parameters (paths, sessions, routing): left out of a result's entry
 _NOT_PARAMS = ("image", "session", "description", "model", "label", "file", "result_file")
@@ -98,9 +98,17 @@ def handing_out() -> Iterator[HandOut]:
         _handing_out.reset(token)
 
 
-def _identity_or_error(path: str) -> Dict[str, Any]:
+def voxel_limit_of(datastore) -> Optional[int]:
+    """The largest image the server reads (voxels) that :func:`audited_datastore` was given for ``datastore``; None
+    (:func:`lib.imaging.max_voxels`) for another datastore. The content hash of a study checks it from the header
+    first (:func:`.identity.volume_content_sha256`): every study the server denoised is hashed, none over it loaded."""
+    limit = getattr(datastore, "_voxel_limit", None)
+    return limit() if callable(limit) else None
+
+
+def _identity_or_error(path: str, datastore) -> Dict[str, Any]:
     try:
-        return input_identity(path)
+        return input_identity(path, voxel_limit_of(datastore))
     except Exception as error:  # noqa: BLE001 - the record says it could not identify the file, and why
         return {"identity_error": f"{type(error).__name__}: {error}"}
 
@@ -139,7 +147,7 @@ class AuditedDatastoreMixin:
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         fields = {"image": image_id, "file_name": os.path.basename(str(image_filename)),
-                  "file_sha256": file_sha256(image_filename), **_identity_or_error(image_filename),
+                  "file_sha256": file_sha256(image_filename), **_identity_or_error(image_filename, self),
                   "info": image_info}
         return self._recorded("image_added", fields,
                               lambda: super(AuditedDatastoreMixin, self).add_image(image_id, image_filename,
@@ -212,15 +220,17 @@ class AuditedDatastoreMixin:
 _classes: Dict[type, type] = {}
 
 
-def audited_datastore(datastore, audit: AuditLog):
+def audited_datastore(datastore, audit: AuditLog, voxel_limit: Optional[Callable[[], int]] = None):
     """``datastore`` itself, its class swapped for a subclass with :class:`AuditedDatastoreMixin` in front (so
-    every attribute, the file watcher and ``isinstance`` checks stay as they were)."""
+    every attribute, the file watcher and ``isinstance`` checks stay as they were). ``voxel_limit`` gives the
+    server's voxel limit (:func:`voxel_limit_of`), asked when a study is hashed."""
     cls = type(datastore)
     if not issubclass(cls, AuditedDatastoreMixin):
         if cls not in _classes:
             _classes[cls] = type(f"Audited{cls.__name__}", (AuditedDatastoreMixin, cls), {})
         datastore.__class__ = _classes[cls]
     datastore._audit = audit
+    datastore._voxel_limit = voxel_limit
     return datastore
 
 
@@ -273,7 +283,7 @@ def result_fields(request: dict, result: dict, datastore, image_id: str | None, 
     else:
         source, path = ("session" if session else "upload"), str(request.get("image"))
     try:
-        identity = input_identity(path)
+        identity = input_identity(path, voxel_limit_of(datastore))
     except Exception as error:  # noqa: BLE001 - recorded as such: the denoiser read it, the hash could not
         identity = {"identity_error": f"{type(error).__name__}: {error}"}
     source_info: dict[str, Any] = {"source": source, "image": image_id, **identity}
