@@ -350,16 +350,15 @@ def test_an_infer_that_times_out_is_a_504_and_its_late_result_is_deleted(api, un
         pytest.skip("the auth-off server has no infer thread pool")
     before = _tmp_files(hostile)
     deleted_before = hostile.log_tail(10**7).count("result of an infer that was not sent deleted")
-    response = api.call("POST", "/infer/nlm", params={"image": STUDY, "output": "image"},
-                        data={"params": json.dumps({"timeout": 0.001})})
-    _refused(response, 504, "not denoised within the timeout of 0.001 s", "deleted")
-    # the pool runs one task at a time: the next ones, sent while the first runs, wait in its queue; each that timed
-    # out there is cancelled (all of them ran, one after the other, for nobody)
-    queued = [api.call("POST", "/infer/nlm", params={"image": STUDY, "output": "image"},
-                       data={"params": json.dumps({"timeout": 0.001})}) for _ in range(3)]
-    assert [r.status_code for r in queued] == [504] * 3, [r.text[:300] for r in queued]
-    cancelled = sum("the denoising had not started" in r.json()["detail"] for r in queued)
-    assert cancelled >= 1, [r.json()["detail"] for r in queued]
+    # the pool runs one task at a time: the ones sent while the first runs wait in its queue; each that timed out
+    # there is cancelled (all of them ran, one after the other, for nobody). The first one usually runs (its late
+    # result deleted), but the idle worker may not have taken it within 0.001 s: then it is cancelled too.
+    sent = [api.call("POST", "/infer/nlm", params={"image": STUDY, "output": "image"},
+                     data={"params": json.dumps({"timeout": 0.001})}) for _ in range(4)]
+    details = [_refused(r, 504, "not denoised within the timeout of 0.001 s") for r in sent]
+    assert all("deleted" in d or "the denoising had not started" in d for d in details), details
+    cancelled = sum("the denoising had not started" in d for d in details)
+    assert cancelled >= 1, details
     # one task at a time: once the next infer is answered, the one that timed out has ended
     response = api.call("POST", "/infer/nlm", params={"image": STUDY, "output": "json"}, data={"params": "{}"})
     assert response.status_code == 200, response.text[:300]

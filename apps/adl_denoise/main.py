@@ -507,11 +507,11 @@ class DenoisingApp(MONAILabelApp):
             from monailabel.config import settings
 
             seconds = request.get("timeout", settings.MONAI_LABEL_INFER_TIMEOUT)
-            if task.future.cancel():  # still queued behind other denoisings: it never runs
+            if task.future.cancel():  # not started yet (queued behind other denoisings): it never runs
                 raise HTTPException(status_code=504, detail=(
                     f"not denoised within the timeout of {seconds:g} s (params.timeout, or MONAI_LABEL_INFER_TIMEOUT "
-                    "on the server): the denoising had not started (others ran before it) and will not run; send "
-                    "the request again with a longer timeout")) from None
+                    "on the server): the denoising had not started and will not run; send the request again with a "
+                    "longer timeout")) from None
             # the task goes on in its thread: its result, a patient's volume nobody will be sent, is deleted when
             # it comes (at once if it just came)
             task.future.add_done_callback(_discard_late_result)

@@ -87,6 +87,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import io
 import json
 import logging
 import os
@@ -1580,7 +1581,9 @@ def _forward_to_pacs(method: str, url: str, query: str, auth: Any, headers: dict
         sends_wait_read_timeout(session)
         try:
             answer = session.request(method, url + (f"?{query}" if query else ""), auth=auth, headers=headers,
-                                     data=body if method == "POST" else None, stream=True,
+                                     # a file, not bytes: urllib3 sends it in 16 KiB blocks, each under the
+                                     # read timeout (bytes go in one send, whose timeout bounds the whole upload)
+                                     data=io.BytesIO(body) if method == "POST" else None, stream=True,
                                      timeout=_proxy_timeout_s(), allow_redirects=False)
         except requests.RequestException as e:
             if read_timed_out(e):  # no answer in time, or the request's body not taken (send_timed_out)
