@@ -1412,3 +1412,40 @@ def test_the_data_files_a_header_names_are_found_in_every_layout(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), str(tmp_path / "c.nrrd"))
     assert image_files(tmp_path / "c.nrrd") == [tmp_path / "c.nrrd"]
     assert image_files(tmp_path / "d.nii.gz") == [tmp_path / "d.nii.gz"]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_a_rank_whose_summary_file_cannot_be_written_is_reported_by_rank_0(tmp_path, shared_data):
+    """Rank 1 cannot write its summary file (a folder in its way: tests may run as root, whom chmod does not stop).
+    Before, rank 1 raised and left rank 0 at the final barrier, which Gloo broke off ("Connection closed by peer"):
+    no summary, no merged manifest, rank 0's failed series unsaid. Now every rank sends rank 0 its summary at the
+    end: rank 0 says which rank's file is missing and why, counts that rank's series, merges the manifest and
+    exits non-zero."""
+    root, out = tmp_path / "tree", tmp_path / "out"
+    root.mkdir()
+    image = sitk.ReadImage(str(shared_data / "ct_abdomen_pelvis_resampled_3mm.nii.gz"))
+    sitk.WriteImage(image[20:52, 20:52, 40:44], str(root / "a.nii.gz"))  # one series per rank
+    sitk.WriteImage(image[30:62, 20:52, 40:45], str(root / "b.nii.gz"))
+    blocker = out / MANIFEST_DIR / "summary-rank-00001.json"
+    blocker.mkdir(parents=True)
+    process = processes.start([*torchrun_command(root, out), "--no-progress"], tmp_path / "run.log", env=_env())
+    groups = {process.pid}
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while process.poll() is None and time.monotonic() < deadline:
+            groups |= _process_groups(process)  # the workers run in sessions of their own: killed too on a hang
+            time.sleep(0.5)
+        assert process.poll() is not None, "the run hung: " + processes.log_tail(tmp_path / "run.log")
+    finally:
+        _kill(groups | _process_groups(process))
+        process.wait()
+    said = (tmp_path / "run.log").read_text()
+    assert process.returncode != 0, said[-3000:]
+    assert re.search(r"^rank 1: its summary file was not written \(.*Is a directory.*\); its counts came over",
+                     said, re.M), said[-3000:]
+    assert "summary: 2 series: 2 done, 0 skipped, 0 failed" in said, said[-3000:]
+    rows = [json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()]
+    assert {r["key"]: r["status"] for r in rows} == {"file:a.nii.gz": "done", "file:b.nii.gz": "done"}
+    assert {r["rank"] for r in rows} == {0, 1} and all(Path(r["output"]).is_file() for r in rows)
+    assert blocker.is_dir()  # nothing of the user's removed

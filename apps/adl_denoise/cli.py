@@ -454,6 +454,8 @@ def cmd_denoise_batch(args: argparse.Namespace) -> int:
         print(f"error: no series found in {args.input} (DICOM series folders, {', '.join(READ_SUFFIXES)} files; "
               "hidden folders are not searched)", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if summary.incomplete:  # a rank failed or its summary file was not written (said above)
+        return EXIT_FAILURE
     return EXIT_SERIES_FAILED if summary.failed else 0
 
 

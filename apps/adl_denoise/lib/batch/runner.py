@@ -29,10 +29,14 @@ in memory at a time.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is the training engine's
 (:func:`lib.engines.engine.setup_distributed`: Gloo on CPU, NCCL with one GPU per ``LOCAL_RANK``), and the only
-collectives are two barriers: after planning (then every rank checks that all ranks planned the same series
-list, through files in the shared output folder) and at the end (then rank 0 merges the manifests and the
-ranks' summaries, and says every rank's failed series, superseded derived series and left outputs). The barriers wait up to :data:`BATCH_TIMEOUT`: ranks finish at different times (a resumed
-run may leave one rank with nothing to do).
+collectives are a barrier after planning (then every rank checks that all ranks planned the same series
+list, through files in the shared output folder) and a gather at the end: every rank sends rank 0 its summary, or
+the error that stopped it after planning, and whether its summary file was written; rank 0 merges the manifests and
+says every rank's failed series, superseded derived series and left outputs, and each rank that failed or could not
+write its summary file (the run then exits non-zero). A rank that raises still reaches the gather at once, so no
+rank waits for it; a rank process that dies is noticed by its peers when its connection closes (Gloo) or when
+torchrun stops the others on its machine, else after :data:`BATCH_TIMEOUT`, how long the collectives wait: ranks
+finish at different times (a resumed run may leave one rank with nothing to do).
 """
 from __future__ import annotations
 
@@ -113,6 +117,9 @@ class BatchSummary:
     #: (series key, sentence) of local outputs an earlier run wrote of this rank's DICOMweb series under the study it
     #: was listed in then (:meth:`_Rank._left_outputs`; merged likewise): the user removes them
     left_outputs: list = field(default_factory=list, repr=False)
+    #: (rank, sentence) of the ranks whose summary rank 0 lacks or got only over the process group (merged summary
+    #: only): the run failed even when no series did
+    incomplete: list = field(default_factory=list, repr=False)
 
     @property
     def total(self) -> int:
@@ -1264,17 +1271,27 @@ def _report_lines(summary: BatchSummary) -> list[str]:
     lines = [f"failed: {key}: {error}" for key, error in summary.failures]
     lines += [f"superseded on the PACS: {superseded_sentence(key, entry)}" for key, entry in summary.superseded]
     lines += [f"left in another study's folder: {key}: {sentence}" for key, sentence in summary.left_outputs]
+    lines += [f"rank {rank}: {sentence}" for rank, sentence in summary.incomplete]
     return lines + ([f"stopped: {summary.stopped}"] if summary.stopped else [])
 
 
-def _merged_summary(manifest: Manifest, world: int, seconds: float) -> BatchSummary:
-    """Every rank's summary file added up, its lists (failures, superseded series, left outputs) joined in rank
-    order; ``stopped`` names each rank that stopped."""
+def _merged_summary(parts: list[dict], seconds: float) -> BatchSummary:
+    """The ranks' reports (:func:`_job`'s ``outcome``, gathered in rank order) added up, their lists (failures,
+    superseded series, left outputs) joined in rank order; ``stopped`` names each rank that stopped and
+    ``incomplete`` each rank whose summary is missing (it raised) or whose summary file was not written."""
+    world = len(parts)
     total = BatchSummary(seconds=seconds, ranks=world)
     stopped = []
-    for rank in range(world):
-        path = manifest.folder / f"summary-rank-{rank:05d}.json"
-        part = json.loads(path.read_text())
+    for rank, outcome in enumerate(parts):
+        if outcome["error"]:
+            total.incomplete.append((rank, f"failed: {outcome['error']}; its series are not in these counts (what "
+                                           f"it recorded is in the manifest, a rerun does the rest)"))
+        elif outcome["summary_file_error"]:
+            total.incomplete.append((rank, f"its summary file was not written ({outcome['summary_file_error']}); "
+                                           "its counts came over the process group"))
+        part = outcome["summary"]
+        if part is None:
+            continue
         total.done += part["done"]
         total.skipped += part["skipped"]
         total.failed += part["failed"]
@@ -1321,31 +1338,56 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
     if context.distributed:
         atomic_write_text(manifest.folder / f"plan-rank-{context.rank:05d}.sha256", _plan_digest(items))
         dist.barrier()  # every rank has planned: nothing is written yet
-        _check_same_plan(manifest.folder, _plan_digest(items), context.rank, context.world)
-    if context.main:
-        report(f"{len(items)} series found in {without_credentials(settings.source)}; "  # no password in the log
-               f"{context.world} process"
-               f"{'es' if context.world > 1 else ''} on {device.type}")
-    own = run_rank(settings, items, context.rank, context.world, str(device), client)
-    if not context.distributed:  # before the summary file: a manifest folder that cannot be written stops there
-        for line in _report_lines(own):
-            report(line)
-    try:  # with several ranks, rank 0 says every rank's (from these files): one list where the job's end is read
-        atomic_write_text(manifest.folder / f"summary-rank-{context.rank:05d}.json",
-                          json.dumps(asdict(own), default=str))
-    except OSError:
-        if context.distributed:  # not lost with the file: said here, by this rank
+    # what this rank tells rank 0 at the end: with several ranks, an error of one rank is carried to the final
+    # collective (every rank reaches it) instead of leaving the others waiting there for BATCH_TIMEOUT
+    outcome = {"summary": None, "error": "", "summary_file_error": ""}
+    try:
+        if context.distributed:
+            _check_same_plan(manifest.folder, _plan_digest(items), context.rank, context.world)
+        if context.main:
+            report(f"{len(items)} series found in {without_credentials(settings.source)}; "  # no password in the log
+                   f"{context.world} process"
+                   f"{'es' if context.world > 1 else ''} on {device.type}")
+        own = run_rank(settings, items, context.rank, context.world, str(device), client)
+        outcome["summary"] = asdict(own)
+        if not context.distributed:  # before the summary file: a manifest folder that cannot be written stops there
             for line in _report_lines(own):
                 report(line)
-        raise
-    if context.distributed:
-        report(f"rank {context.rank}: {own.line()}")
-        dist.barrier()  # every rank's records and summary are on disk
+        try:  # for whoever reads the folder; rank 0 merges what the ranks send it at the end
+            atomic_write_text(manifest.folder / f"summary-rank-{context.rank:05d}.json",
+                              json.dumps(asdict(own), default=str))
+        except OSError as error:
+            if not context.distributed:
+                raise
+            outcome["summary_file_error"] = one_line(error) or type(error).__name__
+            report(f"rank {context.rank}: error: its summary file was not written: {outcome['summary_file_error']}")
+        if context.distributed:
+            report(f"rank {context.rank}: {own.line()}")
+    except Exception as error:
+        if not context.distributed:
+            raise
+        outcome["error"] = one_line(error) or type(error).__name__
+        report(f"rank {context.rank}: error: {outcome['error']}")
+        failure = error
+    else:
+        failure = None
+    if not context.distributed:
+        manifest.merge()
+        return _merged_summary([outcome], time.perf_counter() - wall), True
+    parts = [None] * context.world if context.main else None
+    # every rank's records are on disk; waits up to BATCH_TIMEOUT (ranks finish at different times), less when a
+    # peer process is gone (Gloo: the closed connection; one machine: torchrun stops the others)
+    dist.gather_object(outcome, parts, dst=0)
     if not context.main:
+        if failure is not None:
+            raise failure
         return own, False
-    manifest.merge()
-    total = _merged_summary(manifest, context.world, time.perf_counter() - wall)
-    if context.distributed:
+    total = _merged_summary(parts, time.perf_counter() - wall)
+    if failure is not None:  # rank 0's own error ends its run, after saying the others'
         for line in _report_lines(total):
             report(line)
+        raise failure
+    manifest.merge()
+    for line in _report_lines(total):
+        report(line)
     return total, True
