@@ -204,6 +204,7 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], first
 
     from lib.audit import AuditLog
     from lib.audit.location import default_audit_dir, default_corrections_dir
+    from ADLDenoiseLib import DenoiseServerError
     from lib.pacs_corrections import KeptLabels
 
     def sha256(data: bytes) -> str:
@@ -430,6 +431,11 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], first
         pacs.upload_files(first)
 
     old_patient = str(pydicom.dcmread(first[0]).PatientID)
+    study = str(pydicom.dcmread(first[0]).StudyInstanceUID)
+    opened_before = DenoiseServerClient(server.url)  # the Slicer module's client, the series opened before the move
+    (tmp_path / "opened_before").mkdir()
+    opened_before.download_image(uids[0], tmp_path / "opened_before")
+    assert opened_before.opened_identity[uids[0]] == {"patient_id": old_patient, "study_instance_uid": study}
     send_first_under("THIRD-PATIENT")
     assert requests.get(f"{server.url}/datastore/image", params={"image": uids[0]}, timeout=600).status_code == 200
     folder = next(path for path in cache.glob(f"*/{uids[0]}") if path.is_dir())
@@ -442,6 +448,35 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], first
     for tag in ("regions", "final"):
         answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[0], "tag": tag}, timeout=600)
         assert answer.status_code == 409 and f"was saved for patient_id {old_patient!r}" in answer.text, answer.text
+    # re-opened by another request, the series' download is the new patient's: a correction that does not confirm
+    # it was drawn on the new patient's series, or confirms the old one, is refused (it was saved, bound to the new
+    # patient: drawn on the old one's record); one confirming the new patient is saved for it
+    final_first = tmp_path / "final_first.nii.gz"
+    final_first.write_bytes(sent[uids[0], "final"])
+    moved = f"the PACS moved series {uids[0]} from patient_id {old_patient!r}"
+    for confirmed in ({}, {"patient_id": old_patient, "study_instance_uid": study}):
+        with open(final_first, "rb") as handle:
+            answer = requests.put(f"{server.url}/datastore/label", params={"image": uids[0], "tag": "final"},
+                                  data={"params": json.dumps(confirmed)}, timeout=600,
+                                  files={"label": (final_first.name, handle)})
+        detail = answer.json().get("detail", "")
+        assert answer.status_code == 409 and moved in detail and "to patient_id 'THIRD-PATIENT'" in detail, detail
+        assert "nothing was saved" in detail and "save it with params patient_id and study_instance_uid" in detail
+    with pytest.raises(DenoiseServerError) as refused:  # the client sends the identity it opened: the old one
+        opened_before.save_correction(uids[0], final_first)
+    assert refused.value.status == 409 and moved in str(refused.value), refused.value
+    assert KeptLabels(kept).info(uids[0], "final")["series_identity"]["patient_id"] == old_patient
+    answer = requests.post(f"{server.url}/review/{uids[0]}", timeout=600, json={
+        "verdict": "corrected", "reviewer": "dr_a", "patient_id": old_patient, "study_instance_uid": study})
+    assert answer.status_code == 409 and f"opened as patient_id {old_patient!r}" in answer.text, answer.text
+    opened_now = DenoiseServerClient(server.url)
+    (tmp_path / "opened_now").mkdir()
+    opened_now.download_image(uids[0], tmp_path / "opened_now")
+    assert opened_now.opened_identity[uids[0]] == {"patient_id": "THIRD-PATIENT", "study_instance_uid": study}
+    assert opened_now.save_correction(uids[0], final_first)["label"] == uids[0]
+    assert KeptLabels(kept).info(uids[0], "final")["series_identity"] == \
+        {"series_instance_uid": uids[0], "study_instance_uid": study, "patient_id": "THIRD-PATIENT"}
+    assert "patient_id" not in KeptLabels(kept).info(uids[0], "final"), "the confirmation is no label params"
     # moved once more: denoised again, it is downloaded anew first (it was denoised from the old patient's download,
     # the result's entry naming the old patient)
     send_first_under("FOURTH-PATIENT")
@@ -456,9 +491,30 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], first
         answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[0], "tag": tag}, timeout=600)
         assert answer.status_code == 404, (tag, answer.status_code, answer.text[:500])
     assert "this server keeps no correction of it" in answer.json()["detail"], answer.text
-    assert sorted(p.name for p in kept.glob("*/*.json")) == sorted([f"{uids[1]}.json"] * 2 + [f"{derived}.json"])
+    assert sorted(p.name for p in kept.glob("[!.]*/*.json")) == \
+        sorted([f"{uids[1]}.json"] * 2 + [f"{derived}.json"])
     assert sorted((e["fields"]["image"], e["fields"]["tag"]) for e in audit.entries("label_removed")) == \
         [(uids[0], "final"), (uids[0], "regions")]
+    # the first series listed under two studies, then no longer listed: neither its image, its info nor a result is
+    # made from the cached download (it was sent and denoised, and a result stored with the old header's patient)
+    (tmp_path / "other_study").mkdir()
+    other_study = pydicom.uid.generate_uid()
+    for path in first:
+        dataset = pydicom.dcmread(path)
+        dataset.StudyInstanceUID = other_study
+        dataset.save_as(tmp_path / "other_study" / path.name, write_like_original=False)
+    pacs.upload_files(sorted((tmp_path / "other_study").iterdir()))
+    for answer in (requests.get(f"{server.url}/datastore/image", params={"image": uids[0]}, timeout=600),
+                   requests.get(f"{server.url}/datastore/image/info", params={"image": uids[0]}, timeout=600),
+                   requests.post(f"{server.url}/infer/adl", params={"image": uids[0], "output": "json"},
+                                 data={"params": "{}"}, timeout=600)):
+        assert answer.status_code == 409 and f"lists series {uids[0]} under 2 studies" in answer.text, answer.text
+    for series in pacs.get("/series?expand"):
+        if series["MainDicomTags"]["SeriesInstanceUID"] == uids[0]:
+            urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/series/{series['ID']}", method="DELETE"),
+                                   timeout=60)
+    answer = requests.get(f"{server.url}/datastore/image", params={"image": uids[0]}, timeout=600)
+    assert answer.status_code == 404 and f"the PACS no longer lists series {uids[0]}" in answer.text, answer.text
     stop_orthanc(pacs)  # a PACS that is down: nothing sent unchecked
     answer = requests.get(f"{server.url}/datastore/label", params={"label": uids[1], "tag": "regions"}, timeout=600)
     assert answer.status_code == 503 and "cannot be reached" in answer.text, (answer.status_code, answer.text[:500])
@@ -1152,6 +1208,66 @@ def test_no_correction_of_a_pacs_is_trained_on_while_the_audit_log_cannot_be_rea
         assert store.get_labeled_images() == [] and store.status()["completed"] == 0  # /info/ keeps answering
         (tmp_path / "audit" / LOG_NAME).rmdir()  # no log yet: no result stored
         assert store.get_labeled_images() == [uid]
+    finally:
+        stop_orthanc(pacs)
+
+
+def test_a_moved_series_check_takes_no_attribute_the_pacs_left_out_for_a_change_nor_fails_on_a_removed_folder(
+        tmp_path, caplog, monkeypatch):
+    """Before a cached series is opened, :func:`refresh_moved_series` compares its download with the PACS's series
+    search. A PACS that leaves PatientID out of that answer (an attribute it does not return is unknown) was taken
+    for one that moved the series to patient '': every open removed the cache and downloaded the series again, a
+    wrong 'moved' WARNING each time. And a download another process (a batch infer or training subprocess running
+    the same code) removed between the check and the removal was a bare 500 leaving an empty partial folder."""
+    import logging
+    import shutil
+
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    from lib import pacs_corrections
+    from lib.pacs import bound_waits, cached_series_folder
+    from lib.pacs_corrections import moved_record, refresh_moved_series, server_kept_labels
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = real_ct_series(tmp_path / "series")
+        pacs.upload_files(files)
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        store = DICOMWebDatastore(DICOMwebClient(pacs.dicomweb), search_filter={"Modality": "CT"},
+                                  cache_path=str(tmp_path / "cache"))
+        bound_waits(store)
+        server_kept_labels(store, tmp_path / "kept")
+        store.get_image_uri(uid)  # downloaded and converted
+        folder = cached_series_folder(store, uid)
+        converted = folder.parent / f"{uid}.nii.gz"
+        before = converted.stat()
+        searched = store._client.search_for_series  # the PACS's real answer, PatientID left out of it
+
+        def without_patient_id(*args, **kwargs):
+            return [{tag: value for tag, value in entry.items() if tag != "00100020"}
+                    for entry in searched(*args, **kwargs)]
+
+        monkeypatch.setattr(store._client, "search_for_series", without_patient_id)
+        with caplog.at_level(logging.WARNING):
+            assert refresh_moved_series(store, uid) is None
+        assert (converted.stat().st_ino, converted.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert "cached download was not the series" not in caplog.text and moved_record(store, uid) is None
+        monkeypatch.undo()
+        # the cached download removed by another process between this one's check and its removal: gone, nothing
+        # left behind, no error
+        made = pacs_corrections.tempfile.mkdtemp
+
+        def removed_meanwhile(*args, **kwargs):
+            aside = made(*args, **kwargs)
+            shutil.rmtree(folder)  # as another process's refresh of the series did
+            return aside
+
+        monkeypatch.setattr(pacs_corrections.tempfile, "mkdtemp", removed_meanwhile)
+        pacs_corrections._remove_cached_download(store, uid, folder, converted)
+        monkeypatch.undo()
+        assert sorted(p.name for p in folder.parent.iterdir() if uid in p.name) == [], list(folder.parent.iterdir())
+        assert uid not in json.loads(Path(store._datastore_config_path).read_text())["objects"]
     finally:
         stop_orthanc(pacs)
 

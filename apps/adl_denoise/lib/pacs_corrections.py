@@ -48,7 +48,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
@@ -60,7 +59,8 @@ log = logging.getLogger(__name__)
 __all__ = ["KeptLabels", "ServerKeptLabelsMixin", "server_kept_labels", "correction_binding", "binding_problem",
            "check_binding", "CorrectionNotServed", "one_search_per_series", "pacs_identities", "searched_series",
            "SERIES_IDENTITY_KEY", "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url", "corrections_of_other_urls",
-           "without_credentials", "verdict_binding", "refresh_moved_series", "SUPERSEDED"]
+           "without_credentials", "verdict_binding", "refresh_moved_series", "SUPERSEDED", "MOVED",
+           "moved_record", "confirmed_identity", "CONFIRMED_KEYS"]
 
 #: the correction stamp's key holding the identity of the PACS series it corrects (:func:`correction_binding`)
 SERIES_IDENTITY_KEY = "series_identity"
@@ -477,8 +477,8 @@ def note_studies_url(folder: str | os.PathLike, studies: str) -> None:
         log.warning("could not write %s (it names the PACS URL of the corrections kept there): %s", note, error)
 
 
-def _labels_in(folder: Path) -> int:
-    return sum(1 for _ in folder.glob("*/*.json"))  # <tag>/<image_id>.json: one per label kept
+def _labels_in(folder: Path) -> int:  # <tag>/<image_id>.json: one per label kept (no tag starts with a dot)
+    return sum(1 for path in folder.glob("*/*.json") if not path.parent.name.startswith("."))
 
 
 def corrections_of_other_urls(folder: str | os.PathLike, studies: str) -> Optional[str]:
@@ -673,7 +673,11 @@ def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
     return identities
 
 
-def searched_series(datastore, series_uid: str) -> List[Dict[str, str]]:
+#: :func:`searched_series`'s entry key listing the identity keys the PACS's answer left out
+UNRETURNED = "unreturned"
+
+
+def searched_series(datastore, series_uid: str) -> List[Dict[str, Any]]:
     """The PACS's entries of the series ``series_uid`` (``series_instance_uid``, ``study_instance_uid``,
     ``patient_id``, ``modality``; DICOM padding dropped), one a series it lists under that UID: one QIDO-RS series
     search, asked once per series within :func:`one_search_per_series` (a failed search is not kept: the next call
@@ -689,7 +693,11 @@ def searched_series(datastore, series_uid: str) -> List[Dict[str, str]]:
                                      fields=["StudyInstanceUID", "PatientID", "Modality"]) or []
     entries = [{"series_instance_uid": series_uid, "study_instance_uid": dicom_text(_first_str(entry, "0020000D")),
                 "patient_id": dicom_text(_first_str(entry, "00100020")),  # padding dropped, as every side's
-                "modality": dicom_text(_first_str(entry, "00080060"))}
+                "modality": dicom_text(_first_str(entry, "00080060")),
+                # the identity attributes the PACS left out of its answer (unknown, not empty: a PACS may leave out
+                # PatientID from a series search): :func:`refresh_moved_series` compares only what it returned
+                UNRETURNED: [key for key, tag in (("study_instance_uid", "0020000D"), ("patient_id", "00100020"))
+                             if tag not in entry]}
                for entry in found if _first_str(entry, "0020000E") == series_uid]
     if memo is not None:
         memo[series_uid] = entries
@@ -709,20 +717,27 @@ def _one_identity(datastore, image_id: str, what: str) -> Dict[str, str]:
     return identities[0]
 
 
-def correction_binding(datastore, image_id: str) -> Dict[str, Any]:
+def correction_binding(datastore, image_id: str, confirmed: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """The stamp keys binding a label saved for the PACS series ``image_id`` to it (``{SERIES_IDENTITY_KEY: {...}}``:
     the one identity the PACS lists it under now); ``{}`` for another datastore (a local correction is bound by its
-    image file's SHA-256).
+    image file's SHA-256). ``confirmed``: the patient and study the client drew the label on
+    (:func:`confirmed_identity`), None when it says none.
 
     Raises:
         CorrectionNotServed: 404, the PACS no longer lists the series; 409, it lists it under several studies or
             patients, or the server's download of it (the image the label was drawn on) has another study or
-            patient than the PACS lists now; 502, the PACS's search failed.
+            patient than the PACS lists now, or ``confirmed`` names another, or this server downloaded the series
+            anew because the PACS moved it (:func:`moved_record`) and ``confirmed`` does not name the identity of
+            now (a label drawn before the move was of the old patient's record: once any request had opened the
+            series again it was saved for the new one); 502, the PACS's search failed.
     """
     if not isinstance(datastore, ServerKeptLabelsMixin):
         return {}
     nothing = "nothing was saved"
     current = _one_identity(datastore, image_id, nothing)
+    _refuse_unconfirmed(datastore, image_id, current, confirmed, "correction", nothing,
+                        "open the series again and save it with params patient_id and study_instance_uid of the "
+                        "series as opened (its image info's PatientID and StudyInstanceUID)")
     problems = _served_problems(datastore, image_id, current)
     if problems:
         raise CorrectionNotServed(
@@ -733,21 +748,104 @@ def correction_binding(datastore, image_id: str) -> Dict[str, Any]:
     return {SERIES_IDENTITY_KEY: current}
 
 
-def _download_changes(downloaded: Dict[str, str], current: Dict[str, str]) -> str:
-    """The identity values of a series' download (its header) that the PACS lists otherwise now, as ``key 'value'``
-    pairs; "" when none."""
-    return ", ".join(f"{k} {downloaded[k]!r}" for k in _IDENTITY_KEYS if downloaded[k] != current[k])
+#: the request keys (a label's ``params``, a verdict's body) naming the identity a client drew on or judged
+CONFIRMED_KEYS = ("patient_id", "study_instance_uid")
+#: the folder of a kept-corrections root recording the series this server downloaded anew because the PACS moved
+#: them (:func:`refresh_moved_series`): ``<root>/.moved/<image_id>.json`` (no label tag starts with a dot)
+MOVED = ".moved"
 
 
-def _conversion_changes(datastore, image_id: str, current: Dict[str, str]) -> str:
-    """The identity values MONAI Label recorded when it converted the series ``image_id`` (its image info) that the
-    PACS lists otherwise now, as ``key 'value'`` pairs; "" when none (a recorded ``UNK`` is an empty value listed)."""
+def confirmed_identity(values: Dict[str, Any], where: str) -> Optional[Dict[str, str]]:
+    """The identity a request confirms it drew on (``patient_id``, ``study_instance_uid`` of ``values``, popped
+    from it, padding dropped), None when it names neither; ValueError (a 422 naming ``where``) for one that is not
+    text."""
+    confirmed = {}
+    for key in CONFIRMED_KEYS:
+        if key in values:
+            value = values.pop(key)
+            if not isinstance(value, str):
+                raise ValueError(f"{where} {key} must be text (the {key} of the series as opened), got "
+                                 f"{type(value).__name__}")
+            confirmed[key] = dicom_text(value)
+    return confirmed or None
+
+
+def _moved_path(datastore, image_id: str) -> Path:
+    return datastore._kept.root / MOVED / f"{image_id}.json"  # noqa: SLF001 - the kept-corrections root
+
+
+def moved_record(datastore, image_id: str) -> Optional[Dict[str, Any]]:
+    """The record of the last time this server removed its download of the series ``image_id`` because the PACS
+    listed it under another study or patient (``from``, ``to``: identities; ``time_utc``), None when none (or for
+    another datastore). An unreadable record counts as a move from an unknown identity (the safe side)."""
+    if not isinstance(datastore, ServerKeptLabelsMixin):
+        return None
+    path = _moved_path(datastore, image_id)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        log.warning("series %s: its record of a move by the PACS (%s) is unreadable: %s", image_id, path, error)
+        return {"from": {}, "to": {}, "time_utc": "an unknown time"}
+    return record if isinstance(record, dict) else {"from": {}, "to": {}, "time_utc": "an unknown time"}
+
+
+def _record_move(datastore, image_id: str, before: Dict[str, str], after: Dict[str, str]) -> None:
+    """``<root>/.moved/<image_id>.json`` (atomic): the series moved by the PACS from ``before`` to ``after`` now."""
+    path = _moved_path(datastore, image_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"series_instance_uid": image_id, "from": before, "to": after,
+                             "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+
+
+def _who(identity: Dict[str, Any]) -> str:
+    return (f"patient_id {identity.get('patient_id', '(unknown)')!r} (study "
+            f"{identity.get('study_instance_uid', '(unknown)')!r})")
+
+
+def _refuse_unconfirmed(datastore, image_id: str, current: Dict[str, str], confirmed: Optional[Dict[str, str]],
+                        thing: str, nothing: str, remedy: str, need_confirmation: bool = True) -> None:
+    """409 (:class:`CorrectionNotServed`) when the request says it drew on (judged) another identity than the PACS
+    lists now, or when this server downloaded the series anew because the PACS moved it and the request does not
+    confirm both keys of the identity of now (``need_confirmation``): the client sends nothing else telling which
+    identity it had open."""
+    changed = [key for key in CONFIRMED_KEYS if confirmed and key in confirmed and confirmed[key] != current[key]]
+    moved = moved_record(datastore, image_id) if need_confirmation or changed else None
+    if not changed and (moved is None or (confirmed and all(key in confirmed for key in CONFIRMED_KEYS))):
+        return
+    said = ""
+    if moved is not None:
+        said = (f"the PACS moved series {image_id} from {_who(moved.get('from') or {})} to "
+                f"{_who(moved.get('to') or {})}, this server downloaded it anew at {moved.get('time_utc')}: a {thing} "
+                f"drawn on the series opened before then was of {_who(moved.get('from') or {})}'s record; ")
+    if changed:
+        said += (f"the request says the series was opened as {', '.join(f'{k} {confirmed[k]!r}' for k in changed)}; "
+                 f"the PACS lists it under {', '.join(f'{k} {current[k]!r}' for k in changed)} now; ")
+    else:
+        said += "the request does not say which patient and study it was drawn on (patient_id, study_instance_uid); "
+    raise CorrectionNotServed(f"{said}{nothing} ({remedy})", 409)
+
+
+def _download_changes(downloaded: Dict[str, str], current: Dict[str, str],
+                      keys: Tuple[str, ...] = _IDENTITY_KEYS) -> str:
+    """The identity values (of ``keys``) of a series' download (its header) that the PACS lists otherwise now, as
+    ``key 'value'`` pairs; "" when none."""
+    return ", ".join(f"{k} {downloaded[k]!r}" for k in keys if downloaded[k] != current[k])
+
+
+def _conversion_changes(datastore, image_id: str, current: Dict[str, str],
+                        keys: Tuple[str, ...] = _IDENTITY_KEYS) -> str:
+    """The identity values (of ``keys``) MONAI Label recorded when it converted the series ``image_id`` (its image
+    info) that the PACS lists otherwise now, as ``key 'value'`` pairs; "" when none (a recorded ``UNK`` is an empty
+    value listed)."""
     recorded = _recorded_identity(datastore.get_image_info(image_id) or {})
     return ", ".join(f"{k} {value!r}" for k, value in recorded.items()
-                     if value != current[k] and not (value == "UNK" and current[k] == ""))
+                     if k in keys and value != current[k] and not (value == "UNK" and current[k] == ""))
 
 
-def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, Any]] = None,
+                    confirmed: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """The identity a verdict on the PACS series ``image_id`` is recorded with (``{SERIES_IDENTITY_KEY: {...}}``:
     the one identity the PACS lists it under now, one QIDO-RS search, as a correction's: :func:`correction_binding`),
     checked against what the reviewer saw: the server's download of the series and MONAI Label's conversion of it
@@ -758,12 +856,16 @@ def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, A
     server's cached series list and the audit log: one on a series moved to another patient was recorded (beside
     the cached patient and study), and one given while the PACS was down too; a result's input named no patient
     (its verdict was recorded for the other patient once the cache was cleared), and a header's ``' PAT1'`` was
-    another patient than the PACS's ``'PAT1'`` (409).
+    another patient than the PACS's ``'PAT1'`` (409). ``confirmed``: the patient and study the client judged
+    (:func:`confirmed_identity`): one of another is refused, and so is a verdict judging no result without it on a
+    series this server downloaded anew because the PACS moved it (:func:`moved_record`; a judged result names its
+    own patient).
 
     Raises:
         CorrectionNotServed: 404, the PACS no longer lists the series; 409, it lists it under several studies or
             patients, or the cached download (or conversion), or the result judged, has another study or patient
-            (or the result names none); 502 / 504, its search
+            (or the result names none), or ``confirmed`` does not name the identity of now where it must; 502 / 504,
+            its search
             failed or was not answered in time.
         requests.ConnectionError: the PACS cannot be reached (the routes' 503).
     """
@@ -773,6 +875,10 @@ def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, A
 
     nothing = "the verdict was not recorded"
     current = _one_identity(datastore, image_id, nothing)
+    _refuse_unconfirmed(datastore, image_id, current, confirmed, "verdict", nothing,
+                        "open the series again and give the verdict with patient_id and study_instance_uid of the "
+                        "series as opened (its image info's PatientID and StudyInstanceUID)",
+                        need_confirmation=judged_input is None)  # a judged result names the patient it was made for
     problems: List[str] = []
     folder = cached_series_folder(datastore, image_id)
     if folder.is_dir() and any(folder.iterdir()):
@@ -812,24 +918,35 @@ def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, A
     return {SERIES_IDENTITY_KEY: current}
 
 
-#: one check-and-remove of a series' stale cache at a time (:func:`refresh_moved_series`): a second request that
-#: found the same stale files never removes the download the first one made meanwhile
-_refresh_lock = threading.Lock()
+#: the lock of one series' check-and-remove of its stale cache (:func:`refresh_moved_series`), under the
+#: kept-corrections root's ``.locks``: held across threads and processes (MONAI Label's batch infer and training
+#: subprocesses run the same code), so a request that found the same stale files never removes the download
+#: another one made meanwhile
+_REFRESH_LOCK_TAG = ".refresh"
 
 
-def refresh_moved_series(datastore, image_id: str) -> Optional[str]:
-    """Before the series ``image_id`` is opened or denoised (``GET /datastore/image``, infer): when the server's
-    cached download of it (its files' header, MONAI Label's conversion and the image info recorded with it) has
-    another series, study or patient than the PACS lists it under now (one QIDO-RS series search; the PACS moved it
-    to another patient or study), or the conversion was made from an earlier download, the cached download, its
-    conversion and the info are removed, so that the request downloads the series the PACS holds now. An info whose
+def refresh_moved_series(datastore, image_id: str, what: str = "nothing was sent") -> Optional[str]:
+    """Before the series ``image_id`` is opened, its info read or denoised (``GET /datastore/image``,
+    ``GET /datastore/image/info``, infer): when the server's cached download of it (its files' header, MONAI Label's
+    conversion and the image info recorded with it) has another series, study or patient than the PACS lists it
+    under now (one QIDO-RS series search, within :data:`PACS_SEARCH_TIMEOUT_S`, made only when the series is
+    cached; the PACS moved it to another patient or study), or the conversion was made from an earlier download,
+    the cached download, its conversion and the info are removed, so that the request downloads the series the PACS
+    holds now; a move is recorded (:func:`moved_record`), after which a correction or a verdict without a result is
+    saved only when the request confirms the identity of now (:func:`correction_binding`). Only what the PACS
+    returned is compared (an attribute it leaves out of its answer is unknown, not changed). An info whose
     conversion is gone (a cache cleared by hand) is dropped too: it described nothing sent. Returns what was
     removed and why (also a WARNING), None when nothing was. Corrections and verdicts are not touched: each stays
     bound to the identity it was recorded with (:func:`check_binding`, :func:`verdict_binding`). Nothing is removed
-    when the PACS lists no such series or lists it under several identities (the routes refuse those), nor when it
-    cannot be asked (the cache is served as before, a WARNING says the check was not made), nor for another
-    datastore. MONAI Label never downloads a cached series again: a moved series was served, and judged, with the
-    old patient's identity until the cache was emptied by hand and the server restarted."""
+    when the PACS cannot be asked (the cache is served as before, a WARNING says the check was not made), nor for
+    another datastore. MONAI Label never downloads a cached series again: a moved series was served, and judged,
+    with the old patient's identity until the cache was emptied by hand and the server restarted.
+
+    Raises:
+        CorrectionNotServed: 404, the PACS no longer lists the cached series; 409, it lists it under several
+            studies or patients (``what``: what is not done): its cached download was served (and denoised, and a
+            result stored in the PACS with the old header's patient).
+    """
     if not isinstance(datastore, ServerKeptLabelsMixin):
         return None
     import requests
@@ -841,29 +958,36 @@ def refresh_moved_series(datastore, image_id: str) -> Optional[str]:
     if not (image_id in cached_images(datastore) or conversion.exists() or folder.is_dir()):
         return None
     try:
-        identities = pacs_identities(datastore, image_id)
+        with one_search_per_series():  # one search: the identities, then which attributes it returned
+            identities = pacs_identities(datastore, image_id)
+            unreturned = {key for entry in searched_series(datastore, image_id) for key in entry.get(UNRETURNED, ())}
     except (CorrectionNotServed, requests.RequestException) as error:
         log.warning("series %s: whether the PACS still lists it under the study and patient of this server's cached "
                     "download could not be checked (%s): the cache is used as it is", image_id,
                     one_line_redacted(error))
         return None
     if len(identities) != 1:
-        return None
+        _one_identity(datastore, image_id, f"{what} (this server's cached download of it is not served)")
     current = identities[0]
-    with _refresh_lock:
+    keys = tuple(key for key in _IDENTITY_KEYS if key not in unreturned)
+    with datastore._kept._locked(image_id, _REFRESH_LOCK_TAG):  # noqa: SLF001 - across threads and processes
         problems: List[str] = []
+        before: Dict[str, str] = {}
         if folder.is_dir() and any(folder.iterdir()):
             try:
-                changed = _download_changes(_header_identity(folder, image_id), current)
+                downloaded = _header_identity(folder, image_id)
+                changed = _download_changes(downloaded, current, keys)
+                before = downloaded if changed else before
             except FileNotFoundError:  # no DICOM file in it: nothing to serve from it
                 changed = "no DICOM file"
             if changed:
                 problems.append(f"its download has {changed}")
         converted = conversion.is_file()
         if image_id in cached_images(datastore):
-            changed = _conversion_changes(datastore, image_id, current) if converted else ""
+            changed = _conversion_changes(datastore, image_id, current, keys) if converted else ""
             if changed:
                 problems.append(f"its conversion was made from {changed}")
+                before = before or {**current, **_recorded_identity(datastore.get_image_info(image_id) or {})}
             elif not converted:
                 _forget_image(datastore, image_id)  # an info without its file: no download to refresh
         if converted and not problems and folder.is_dir() and \
@@ -871,34 +995,53 @@ def refresh_moved_series(datastore, image_id: str) -> Optional[str]:
             problems.append("its conversion was made from an earlier download")
         if not problems:
             return None
+        if before and any(before.get(key) != current[key] for key in ("study_instance_uid", "patient_id")
+                          if key in keys):  # moved: what was drawn on it before is another's record
+            _record_move(datastore, image_id, {key: before[key] for key in CONFIRMED_KEYS if key in before},
+                         {key: current[key] for key in CONFIRMED_KEYS})
         _remove_cached_download(datastore, image_id, folder, conversion)
         said = (f"series {image_id}: this server's cached download was not the series the PACS lists now "
                 f"({'; '.join(problems)}; the PACS lists {', '.join(f'{k} {current[k]!r}' for k in _IDENTITY_KEYS)}): "
                 "removed, the series is downloaded again; the corrections and verdicts recorded before stay bound to "
-                "the identity they were recorded with")
+                "the identity they were recorded with, and a correction is saved now only with the patient_id and "
+                "study_instance_uid of the series as opened")
         log.warning("%s", said)
         return said
 
 
 def _forget_image(datastore, image_id: str) -> None:
     """MONAI Label's info of the cached series ``image_id`` dropped from the running server and its index file
-    (``datastore_v2.json``): its file watcher does so only when it sees the conversion go, if ever."""
+    (``datastore_v2.json``), read again under MONAI Label's lock first (another process, a batch infer or training
+    subprocess, may have added entries since this one read it): its file watcher drops the info only when it sees
+    the conversion go, if ever."""
     from filelock import FileLock
 
     with FileLock(datastore._lock_file):  # noqa: SLF001 - MONAI Label's lock of its index
+        index = Path(datastore._datastore_config_path)  # noqa: SLF001
+        if index.is_file():  # as LocalDatastore._init_from_datastore_file does, its lock held here
+            model = type(datastore._datastore).model_validate_json(index.read_text())  # noqa: SLF001
+            model.base_path = datastore._datastore_path  # noqa: SLF001
+            datastore._datastore = model  # noqa: SLF001
+            datastore._config_ts = index.stat().st_mtime  # noqa: SLF001
         if datastore._datastore.objects.pop(image_id, None) is not None:  # noqa: SLF001
             datastore._update_datastore_file(lock=False)  # noqa: SLF001
 
 
 def _remove_cached_download(datastore, image_id: str, folder: Path, conversion: Path) -> None:
     """The series' cached download (renamed aside first: a reader of it meanwhile keeps its open files; one a
-    server stopped here leaves is a stale partial download, removed at its next start), conversion and info."""
+    server stopped here leaves is a stale partial download, removed at its next start), conversion and info. A
+    download another process removed meanwhile is gone already: nothing is left behind (it was a bare 500 and an
+    empty partial folder)."""
     from .pacs import PARTIAL_DOWNLOAD_PREFIX
 
     if folder.exists():
         aside = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_DOWNLOAD_PREFIX}{image_id}-", dir=folder.parent))
-        os.rename(folder, aside / folder.name)
-        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.rename(folder, aside / folder.name)
+        except FileNotFoundError:  # removed by another process since it was seen
+            pass
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
     conversion.unlink(missing_ok=True)
     _forget_image(datastore, image_id)
 

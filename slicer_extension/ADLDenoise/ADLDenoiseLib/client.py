@@ -465,6 +465,10 @@ class DenoiseServerClient:
         self.token = token
         #: the user name :meth:`login` logged in with (None: no login; a token given is anonymous here)
         self.username: str | None = None
+        #: per datastore id, the patient and study of the series as :meth:`download_image` opened it (its image info's
+        #: PatientID and StudyInstanceUID): sent with its corrections and verdicts, so that a server whose PACS moved
+        #: the series to another patient since refuses what was drawn on the old one (and takes what was not)
+        self.opened_identity: dict[str, dict[str, str]] = {}
 
     def __repr__(self) -> str:
         return f"DenoiseServerClient({self.server_url!r}, token={'<set>' if self._token else None})"
@@ -769,6 +773,7 @@ class DenoiseServerClient:
         correction (send the map first). The server binds the two; a correction saved without it is trained
         without regions, whatever map an earlier correction of the image had."""
         params = {"regions_sha256": regions_sha256} if regions_sha256 else {}
+        params.update(self.opened_identity.get(image_id, {}))
         return self._send_file("PUT", "/datastore/label", {"image": image_id, "tag": "final"},
                                {"params": json.dumps(params)}, {"label": Path(corrected_path)}, "saving corrections",
                                cancelled)
@@ -793,7 +798,8 @@ class DenoiseServerClient:
             raise DenoiseServerError(f"the region map must be NIfTI (.nii.gz), got {path.name}")
         if not regions:
             raise DenoiseServerError("no marked region to save")
-        params = {"regions": [region.to_params(value) for value, region in enumerate(regions, start=1)]}
+        params = {"regions": [region.to_params(value) for value, region in enumerate(regions, start=1)],
+                  **self.opened_identity.get(image_id, {})}
         answer = self._send_file("PUT", "/datastore/label", {"image": image_id, "tag": "regions"},
                                  {"params": json.dumps(params)}, {"label": path}, "saving corrections")
         digest = hashlib.sha256()
@@ -818,13 +824,20 @@ class DenoiseServerClient:
     def download_image(self, image_id: str, output_dir: str | os.PathLike,
                        cancelled: Callable[[], bool] | None = None) -> Path:
         """Download the datastore image ``image_id`` into ``output_dir`` under its datastore file name (streamed
-        to disk; a temporary file of its own until complete, so concurrent downloads of one study do not mix)."""
+        to disk; a temporary file of its own until complete, so concurrent downloads of one study do not mix). The
+        patient and study its info names are kept (:attr:`opened_identity`) for its corrections and verdicts."""
         cancelled = cancel_check(cancelled)
         info = self._json("GET", "/datastore/image/info", {"image": image_id}, action="downloading studies")
         name = _safe_name((info or {}).get("name"), f"{_safe_name(image_id, 'image')}.nii.gz")
+        self.opened_identity.pop(image_id, None)  # an earlier opening's identity is not this download's
         with self._request("GET", "/datastore/image", {"image": image_id}, action="downloading studies",
                            cancelled=cancelled) as response:
-            return self._download(response, Path(output_dir) / name, cancelled)
+            path = self._download(response, Path(output_dir) / name, cancelled)
+        opened = {key: (info or {}).get(keyword) for key, keyword in (("patient_id", "PatientID"),
+                                                                ("study_instance_uid", "StudyInstanceUID"))}
+        if all(isinstance(value, str) for value in opened.values()):  # a PACS series' info (a file's has none)
+            self.opened_identity[image_id] = opened
+        return path
 
     def _download(self, response: BinaryIO, target: Path, cancelled: Callable[[], bool] | None) -> Path:
         try:
@@ -851,7 +864,8 @@ class DenoiseServerClient:
         against another. ``model``: without ``result_seq``, the model whose latest result of this study is judged
         (the server's default, None, judges the latest result of any model, which may be another run's). The
         answer's ``replaces`` names the study's earlier verdict that this one replaced (None: the first)."""
-        payload: dict[str, Any] = {"verdict": verdict, "reviewer": reviewer, "reason": reason, "model": model}
+        payload: dict[str, Any] = {"verdict": verdict, "reviewer": reviewer, "reason": reason, "model": model,
+                                   **self.opened_identity.get(image_id, {})}  # the patient and study opened
         if result_seq is not None:
             payload["result_seq"] = result_seq
         return self._json("POST", f"/review/{urllib.parse.quote(image_id)}", payload=payload,

@@ -301,7 +301,8 @@ def _of_the_stored_volume(results: list[dict], datastore: Datastore, image_id: s
 
 def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict: Any, reviewer: Any,
                    reason: Any = None, model: Any = None, reviewer_from: str = "request body",
-                   result_seq: Any = None, models: Optional[Collection[str]] = None) -> dict:
+                   result_seq: Any = None, models: Optional[Collection[str]] = None,
+                   confirmed: Optional[dict] = None) -> dict:
     """Record a verdict: first its audit entry, then the current verdict in the image's info (for the queue).
     ``rejected`` needs a reason (at most :data:`MAX_REASON_CHARS` characters); ``result_seq`` (the ``audit_seq``
     infer answered) names the result judged, which must be a result of the study stored under ``image_id`` now
@@ -323,17 +324,19 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
     is recorded with the series' identity as the PACS lists it now (``series_identity``,
     :func:`lib.pacs_corrections.verdict_binding`: one QIDO-RS search for the whole verdict, its correction's check
     included): :class:`lib.pacs_corrections.CorrectionNotServed` (409, 404, 502, 504) when what was reviewed is not
-    that series now, and what the client raises when the PACS cannot be reached (503); nothing recorded then."""
+    that series now, and what the client raises when the PACS cannot be reached (503); nothing recorded then.
+    ``confirmed``: the patient and study the reviewer opened (``patient_id``, ``study_instance_uid``), checked
+    against the PACS's (:func:`lib.pacs_corrections.verdict_binding`)."""
     from ..pacs_corrections import one_search_per_series
 
     with one_search_per_series():
         return _record_verdict(audit, datastore, image_id, verdict, reviewer, reason, model, reviewer_from,
-                               result_seq, models)
+                               result_seq, models, confirmed)
 
 
 def _record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict: Any, reviewer: Any,
                     reason: Any, model: Any, reviewer_from: str, result_seq: Any,
-                    models: Optional[Collection[str]]) -> dict:
+                    models: Optional[Collection[str]], confirmed: Optional[dict] = None) -> dict:
     from ..pacs_corrections import verdict_binding
 
     verdict = str(verdict or "").strip().lower()
@@ -393,7 +396,7 @@ def _record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdic
     last = results[-1] if results else None
     # a PACS series: bound to the study and patient the PACS lists it under now, as a correction is (409 when what
     # was reviewed is another's, 503 when the PACS cannot be reached: nothing recorded); {} elsewhere
-    binding = verdict_binding(datastore, image_id, None if last is None else (last.get("input") or {}))
+    binding = verdict_binding(datastore, image_id, None if last is None else (last.get("input") or {}), confirmed)
     if last is not None:
         judged = {"model": last.get("model"), "modality": last.get("modality"),
                   "weights_version": last.get("weights_version"), "weights_sha256": last.get("weights_sha256"),

@@ -845,14 +845,15 @@ def guarded_download_image(image: str, user: User = Depends(RBAC(_USER))):
     file is found and before it is sent; 503 and nothing sent when the entry cannot be written. A PACS series whose
     cached download is not the series the PACS lists now (moved to another patient or study) is downloaded anew
     (:func:`lib.pacs_corrections.refresh_moved_series`): it was sent from the old download until the cache was
-    emptied by hand."""
+    emptied by hand. A cached series the PACS no longer lists (404) or lists under several studies or patients (409)
+    is not sent (its old download was)."""
     from monailabel.endpoints.datastore import download_image
 
     from ..pacs_corrections import refresh_moved_series
 
     check_name(image, "image")
     _refuse_unrecordable("the image was not sent", f"image {image}")  # before a PACS series is retrieved
-    refresh_moved_series(app().datastore(), image)
+    refresh_moved_series(app().datastore(), image, "the image was not sent")
     answer = download_image(image)  # 404 for an image that is not there: nothing read, nothing recorded
     _recorded_read(IMAGE_DOWNLOADED, {"image": image}, "the image was not sent")
     return answer
@@ -862,10 +863,18 @@ def guarded_download_image(image: str, user: User = Depends(RBAC(_USER))):
 def guarded_get_image_info(image: str, user: User = Depends(RBAC(_USER))):
     """MONAI Label's image info without ``path``; one ``image_info_read`` entry per request that finds the study,
     written before the answer (503, nothing sent, when it cannot be written). An id that is not there answers
-    ``{}``: nothing read, nothing recorded."""
+    ``{}``: nothing read, nothing recorded. A cached PACS series the PACS moved to another patient or study is
+    downloaded anew first (:func:`lib.pacs_corrections.refresh_moved_series`: its info named the old patient until
+    the series was opened, and a client confirms a correction with it); 404 / 409 for a cached series the PACS no
+    longer lists, or lists under several identities."""
     from monailabel.endpoints.datastore import get_image_info
 
+    from ..pacs_corrections import refresh_moved_series
+
     check_name(image, "image")
+    datastore = app().datastore()
+    if refresh_moved_series(datastore, image, "its info was not sent"):
+        datastore.get_image_uri(image)  # downloaded (bounded) and converted anew: the info of the series of now
     answer = _without_path(get_image_info(image))
     if answer:
         _recorded_read(IMAGE_INFO_READ, {"image": image}, "the image's info was not sent")
@@ -963,17 +972,25 @@ def guarded_save_label(
     now, :func:`lib.pacs_corrections.correction_binding`; the label is kept on the server, never sent to the PACS).
     On a PACS, 409 and nothing saved for a series this server stored (a denoised result), one listed in several
     studies or patients, or one whose download here has another study or patient than the PACS lists now; 404 for
-    a series the PACS no longer lists. A disk too full to keep the label is a 507 (it was a bare 500): nothing of
-    it kept, the label saved before left as it was."""
+    a series the PACS no longer lists. ``params`` ``patient_id`` and ``study_instance_uid`` (not kept in the info):
+    the patient and study of the series as the client opened it (its image info's PatientID and
+    StudyInstanceUID); required (409 without them, or with another identity than the PACS lists now) once this
+    server downloaded the series anew because the PACS moved it (a correction drawn before was the old patient's
+    record: it was saved for the new one). A disk too full to keep the label is a 507 (it was a bare 500): nothing
+    of it kept, the label saved before left as it was."""
     from ..activelearning import refuse_unreviewable
     from ..data.regions import REGIONS_TAG, RegionsError, load_correction_regions
     from ..pacs import disk_full
-    from ..pacs_corrections import correction_binding
+    from ..pacs_corrections import confirmed_identity, correction_binding
     from ..trainers import CORRECTION_KEYS, correction_stamp
 
     check_name(image, "image")
     tag = check_name(tag or "final", "tag")
     save_params = _json_object(params, "params")
+    try:  # the identity the client drew on: checked, never kept as the label's params
+        confirmed = confirmed_identity(save_params, "params")
+    except ValueError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
     _need_image(image)
     datastore = app().datastore()
     try:  # a PACS series this server stored (a result), or a UID of several series: no correction of a study
@@ -992,7 +1009,7 @@ def guarded_save_label(
             except RegionsError as error:
                 raise HTTPException(status_code=422, detail=str(error)) from None
         stamp = correction_stamp(upload, user.username if user else None, datastore.get_image_uri(image))
-        stamp.update(correction_binding(datastore, image))  # a PACS series: its series, study and patient
+        stamp.update(correction_binding(datastore, image, confirmed))  # a PACS series: its series, study, patient
         save_params.pop("user", None)  # who saved it is the token's user (the stamp's saved_by), never the body's
         if user and user.username:
             stamp["user"] = user.username

@@ -129,7 +129,7 @@ def api_audit_one(image_id: str, request: Request) -> dict:
 def api_review(image_id: str, request: Request, body: dict = Body(...)) -> dict:
     from ..activelearning import NothingToJudge, NotThisStudysResult, record_verdict
     from ..audit import AuditError
-    from ..pacs_corrections import CorrectionNotServed
+    from ..pacs_corrections import CorrectionNotServed, confirmed_identity
     from .access import current_user
 
     if not isinstance(body, dict):
@@ -140,9 +140,11 @@ def api_review(image_id: str, request: Request, body: dict = Body(...)) -> dict:
         raise HTTPException(status_code=422, detail="reviewer must be a name (text)")
     served = getattr(app(), "models", None)  # the app's model names: a verdict naming another model is refused
     try:
+        confirmed = confirmed_identity(dict(body), "the verdict's")  # the patient and study the reviewer opened
         return record_verdict(audit_log(), app().datastore(), image_id, body.get("verdict"), reviewer,
                               body.get("reason"), body.get("model"), reviewer_from=source,
-                              result_seq=body.get("result_seq"), models=None if served is None else sorted(served))
+                              result_seq=body.get("result_seq"), models=None if served is None else sorted(served),
+                              confirmed=confirmed)
     except KeyError as error:
         raise HTTPException(status_code=404, detail=str(error).strip("'\"")) from None
     except (NotThisStudysResult, NothingToJudge) as error:
