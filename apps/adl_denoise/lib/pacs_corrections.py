@@ -25,7 +25,9 @@ be reached is the routes' 503); nor is its info updated. A correction of a denoi
 PACS (saved by an older version; the label route refuses one) is not listed for training, a WARNING saying why.
 Opening or denoising a series whose cached download is of another study or patient than the PACS lists now downloads
 it anew first (:func:`refresh_moved_series`); what was recorded before stays bound to the identity it names, and a
-correction saved then for the new patient keeps the old patient's aside, never removed (:class:`KeptLabels`).
+correction saved then for the new patient keeps the old patient's aside, never removed (:class:`KeptLabels`). The
+move is recorded (:func:`moved_record`): a correction, or a verdict judging no result, is saved from then on only when
+the request confirms the patient and study it was drawn on (:func:`confirmed_identity`) and they are the PACS's now.
 
 The folder's name is a hash of the URL: :func:`note_studies_url` records the URL (without credentials) in it, and
 :func:`corrections_of_other_urls` is the start-up's WARNING when this URL keeps none and other URLs' folders do (a
