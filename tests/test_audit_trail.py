@@ -374,6 +374,7 @@ def test_a_study_over_the_servers_voxel_limit_is_refused_from_its_header_never_l
     from monailabel.datastore.local import LocalDatastore
 
     from lib.activelearning import record_verdict
+    from lib.activelearning.review import NothingToJudge
     from lib.audit.recording import audited_datastore
     from lib.imaging.errors import ImageTooLargeError
 
@@ -390,9 +391,15 @@ def test_a_study_over_the_servers_voxel_limit_is_refused_from_its_header_never_l
     voxels = volume_content_sha256(shutil.copy(studies / "huge.nii.gz", tmp_path / "earlier.nii.gz"), 10 ** 9)
     audit.append("result", {"input": {"source": "datastore", "image": "huge", "content_sha256": voxels},
                             "model": "adl"})
-    grown, verdict = _peak_memory_mib_after(lambda: record_verdict(audit, store, "huge", "accepted", "dr_a"))
-    assert verdict["result"] is not None  # judged as before: a study not hashed keeps its results
+    def verdict():
+        with pytest.raises(NothingToJudge, match=r"'huge' is over the server's voxel limit now .*nothing was recorded"):
+            record_verdict(audit, store, "huge", "accepted", "dr_a")
+
+    # not hashed, its results cannot be told to be of these voxels (another, larger volume put in its place would
+    # have been judged by the earlier one's result): refused, nothing recorded
+    grown, _ = _peak_memory_mib_after(verdict)
     assert grown < 100, f"the verdict loaded the 200 MB study to hash it: peak memory grew by {grown:.0f} MiB"
+    assert not audit.entries("verdict")
     with pytest.raises(ImageTooLargeError, match=r"huge\.nii\.gz is too large: .*exceeds the limit of 1,000,000 "):
         volume_content_sha256(studies / "huge.nii.gz", 1_000_000)
 

@@ -485,6 +485,12 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], first
     assert answer.status_code == 200, answer.text[:500]
     denoised = [e for e in audit.entries("result") if e["fields"]["input"].get("image") == uids[0]][-1]
     assert denoised["fields"]["input"]["patient_id"] == "FOURTH-PATIENT", denoised
+    # a verdict naming no result judges the latest, made after the move: one from a reviewer who saw the series
+    # before it (no confirmation) was recorded against the new patient
+    answer = requests.post(f"{server.url}/review/{uids[0]}", timeout=600, json={"verdict": "accepted",
+                                                                             "reviewer": "dr_a"})
+    assert answer.status_code == 409 and f"the PACS moved series {uids[0]}" in answer.text, answer.text
+    assert "the verdict was not recorded" in answer.text, answer.text
     for tag in ("regions", "final"):  # an admin removes a correction: gone from the server, the PACS untouched
         answer = requests.delete(f"{server.url}/datastore/label", params={"id": uids[0], "tag": tag}, timeout=600)
         assert answer.status_code == 200, answer.text[:500]

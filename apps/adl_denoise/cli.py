@@ -445,6 +445,8 @@ def cmd_denoise_batch(args: argparse.Namespace) -> int:
         return 0  # rank 0 reports the job and sets its exit status
     print(f"summary: {summary.line()}; manifest {Path(args.output) / '_denoise_batch' / 'manifest.jsonl'}",
           flush=True)
+    if summary.incomplete:  # a rank failed or its summary file was not written (said above): whatever it counted
+        return EXIT_FAILURE
     if summary.total == 0:
         if series_filter.active or is_dicomweb_url(args.input):  # a query that matches nothing today can be right
             from lib.pacs_corrections import without_credentials
@@ -454,8 +456,6 @@ def cmd_denoise_batch(args: argparse.Namespace) -> int:
         print(f"error: no series found in {args.input} (DICOM series folders, {', '.join(READ_SUFFIXES)} files; "
               "hidden folders are not searched)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if summary.incomplete:  # a rank failed or its summary file was not written (said above)
-        return EXIT_FAILURE
     return EXIT_SERIES_FAILED if summary.failed else 0
 
 

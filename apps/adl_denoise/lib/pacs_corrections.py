@@ -741,6 +741,10 @@ def correction_binding(datastore, image_id: str, confirmed: Optional[Dict[str, s
                         "open the series again and save it with params patient_id and study_instance_uid of the "
                         "series as opened (its image info's PatientID and StudyInstanceUID)")
     problems = _served_problems(datastore, image_id, current)
+    # a refresh may have recorded the move and downloaded the series anew meanwhile (the download above): asked again
+    _refuse_unconfirmed(datastore, image_id, current, confirmed, "correction", nothing,
+                        "open the series again and save it with params patient_id and study_instance_uid of the "
+                        "series as opened (its image info's PatientID and StudyInstanceUID)")
     if problems:
         raise CorrectionNotServed(
             f"series {image_id} changed since this server downloaded it: {'; '.join(problems)}; the PACS now lists "
@@ -847,7 +851,7 @@ def _conversion_changes(datastore, image_id: str, current: Dict[str, str],
 
 
 def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, Any]] = None,
-                    confirmed: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+                    confirmed: Optional[Dict[str, str]] = None, result_named: bool = True) -> Dict[str, Any]:
     """The identity a verdict on the PACS series ``image_id`` is recorded with (``{SERIES_IDENTITY_KEY: {...}}``:
     the one identity the PACS lists it under now, one QIDO-RS search, as a correction's: :func:`correction_binding`),
     checked against what the reviewer saw: the server's download of the series and MONAI Label's conversion of it
@@ -859,9 +863,9 @@ def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, A
     the cached patient and study), and one given while the PACS was down too; a result's input named no patient
     (its verdict was recorded for the other patient once the cache was cleared), and a header's ``' PAT1'`` was
     another patient than the PACS's ``'PAT1'`` (409). ``confirmed``: the patient and study the client judged
-    (:func:`confirmed_identity`): one of another is refused, and so is a verdict judging no result without it on a
-    series this server downloaded anew because the PACS moved it (:func:`moved_record`; a judged result names its
-    own patient).
+    (:func:`confirmed_identity`): one of another is refused, and so is a verdict judging no result, or the latest
+    result without naming it (``result_named`` False), without it on a series this server downloaded anew because
+    the PACS moved it (:func:`moved_record`; a result the client named names its own patient).
 
     Raises:
         CorrectionNotServed: 404, the PACS no longer lists the series; 409, it lists it under several studies or
@@ -880,7 +884,9 @@ def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, A
     _refuse_unconfirmed(datastore, image_id, current, confirmed, "verdict", nothing,
                         "open the series again and give the verdict with patient_id and study_instance_uid of the "
                         "series as opened (its image info's PatientID and StudyInstanceUID)",
-                        need_confirmation=judged_input is None)  # a judged result names the patient it was made for
+                        # a result the client named names the patient it was made for; the latest one taken for
+                        # a verdict naming none may postdate the move
+                        need_confirmation=judged_input is None or not result_named)
     problems: List[str] = []
     folder = cached_series_folder(datastore, image_id)
     if folder.is_dir() and any(folder.iterdir()):

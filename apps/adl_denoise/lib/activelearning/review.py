@@ -282,17 +282,26 @@ def _of_the_stored_volume(results: list[dict], datastore: Datastore, image_id: s
     """``results`` (of ``image_id``) less those made from other voxels than the image file stored under the id now:
     a file replaced on disk under the same name (an export job, a restore) is another volume, whose verdict must
     not judge the earlier volume's result. Results without a voxel hash (DICOM series, by their UID) and an image
-    that cannot be hashed now are kept."""
+    that cannot be read now are kept; :class:`NothingToJudge` when the image is over the server's voxel limit now
+    (not hashed: a larger volume put in its place would have been judged by the earlier one's result)."""
     from ..audit.identity import volume_content_sha256
     from ..audit.recording import voxel_limit_of
 
     hashed = [r for r in results if ((r.get("input") or {}).get("content_sha256"))]
     if not hashed:
         return results
+    from ..imaging.errors import ImageTooLargeError
+
     try:
         uri = datastore.get_image_uri(image_id)
         current = volume_content_sha256(uri, voxel_limit_of(datastore)) if uri and os.path.isfile(uri) else None
-    except Exception:  # noqa: BLE001 - unreadable (or over the voxel limit) now: judged as before, infer says why
+    except ImageTooLargeError as error:  # not hashed: whether a result was made of these voxels cannot be told
+        # (the file may have been replaced by another, larger volume): no verdict, rather than one on another's result
+        raise NothingToJudge(f"the study stored as {image_id!r} is over the server's voxel limit now ({error}): "
+                             "whether its recorded results were made of these voxels cannot be checked; nothing was "
+                             "recorded") \
+            from None
+    except Exception:  # noqa: BLE001 - unreadable now: judged as before, infer says why
         current = None
     if current is None:
         return results
@@ -396,7 +405,10 @@ def _record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdic
     last = results[-1] if results else None
     # a PACS series: bound to the study and patient the PACS lists it under now, as a correction is (409 when what
     # was reviewed is another's, 503 when the PACS cannot be reached: nothing recorded); {} elsewhere
-    binding = verdict_binding(datastore, image_id, None if last is None else (last.get("input") or {}), confirmed)
+    # a result the client did not name (the latest) may have been made after the PACS moved the series: on a moved
+    # series such a verdict confirms the patient judged, as one judging no result does
+    binding = verdict_binding(datastore, image_id, None if last is None else (last.get("input") or {}), confirmed,
+                              result_named=result_seq is not None)
     if last is not None:
         judged = {"model": last.get("model"), "modality": last.get("modality"),
                   "weights_version": last.get("weights_version"), "weights_sha256": last.get("weights_sha256"),
