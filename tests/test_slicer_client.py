@@ -510,6 +510,94 @@ def test_login_sends_the_bearer_token_and_401_403_messages_never_show_it(tmp_pat
         assert client.token is None
 
 
+class MovingSeriesServer(LoopbackServer):
+    """A real HTTP server on loopback answering as a server whose PACS moves series ``X`` to another patient: its
+    image info names the patient of :attr:`patient` now, and it records the ``params`` of each label saved and the
+    body of each verdict (``/datastore/label``, ``/review/X``)."""
+
+    def __init__(self) -> None:
+        self.patient, self.sent = "OLD", []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, payload, body: bytes | None = None) -> None:
+                body = json.dumps(payload).encode() if body is None else body
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json" if payload is not None else
+                                 "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if urllib.parse.urlsplit(self.path).path == "/datastore/image/info":
+                    return self._answer({"name": "X.nii.gz", "PatientID": outer.patient,
+                                         "StudyInstanceUID": f"1.2.{outer.patient}"})
+                return self._answer(None, b"voxels of X")
+
+            def _sent(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def do_PUT(self):  # the form field params, JSON, is the label's
+                part = self._sent().split(b'name="params"', 1)[1].split(b"\r\n\r\n", 1)[1]
+                outer.sent.append(json.loads(part.split(b"\r\n--", 1)[0]))
+                return self._answer({"image": "X", "label": "X"})
+
+            def do_POST(self):
+                outer.sent.append(json.loads(self._sent()))
+                return self._answer({"verdict": outer.sent[-1]["verdict"]})
+
+            def log_message(self, *args):
+                pass
+
+        self.serve(Handler)
+
+
+def test_a_series_opened_twice_under_two_patients_confirms_the_patient_each_node_was_opened_as(tmp_path):
+    """Series X opened (node 1), moved by the PACS to another patient, opened again (node 2), node 1 still in the
+    scene: node 1's regions, correction and verdict confirm the OLD patient (the server refuses them as moved), node
+    2's the NEW one; a call naming no opening confirms none (refused if moved), never the latest download's."""
+    from ADLDenoiseLib.regions import Region
+    from ADLDenoiseLib.review_session import ReviewSession, content_identity, send_verdict
+
+    old = {"patient_id": "OLD", "study_instance_uid": "1.2.OLD"}
+    new = {"patient_id": "NEW", "study_instance_uid": "1.2.NEW"}
+    regions = tmp_path / "regions.nii.gz"
+    regions.write_bytes(b"a region map")
+    with MovingSeriesServer() as server:
+        client = DenoiseServerClient(server.url, timeout=60)
+        first_path, first = client.download_opened("X", tmp_path / "first")
+        assert first == old and client.opened_identity["X"] == old  # one opening: the id's own
+        server.patient = "NEW"
+        second_path, second = client.download_opened("X", tmp_path / "second")
+        assert second == new and first_path.read_bytes() == second_path.read_bytes() == b"voxels of X"
+        assert "X" not in client.opened_identity  # whose volume a call without opened= is: unknown
+        # the module's state: the same voxels (one study, one id), two nodes, each with its own download's identity
+        session = ReviewSession(tmp_path)
+        study = content_identity(np.zeros((2, 3, 4), np.int16), np.eye(4), "X")
+        session.record_upload(study, "X", first_path)
+        session.record_opened("vtkMRMLScalarVolumeNode1", "X", first)
+        session.record_opened("vtkMRMLScalarVolumeNode2", "X", second)
+        for node, identity in (("vtkMRMLScalarVolumeNode1", old), ("vtkMRMLScalarVolumeNode2", new)):
+            opened = session.opened_as(study, node)
+            assert opened == identity
+            client.save_regions("X", regions, [Region("vessel", "keep")], opened=opened)
+            client.save_correction("X", first_path, regions_sha256="ab" * 32, opened=opened)
+            send_verdict(client, "X", {"verdict": "corrected", "reviewer": "dr_a", "opened": opened})
+            assert [{key: sent.get(key) for key in identity} for sent in server.sent[-3:]] == [identity] * 3, \
+                (node, server.sent[-3:])
+        assert session.opened_as(study, "vtkMRMLScalarVolumeNode3") == {}  # a node not from the queue: none
+        client.save_correction("X", first_path)
+        send_verdict(client, "X", {"verdict": "accepted", "reviewer": "dr_a"})
+        assert all("patient_id" not in sent and "study_instance_uid" not in sent for sent in server.sent[-2:]), \
+            server.sent[-2:]
+        # refused (the study no longer the server's under X): the next verdict of node 1 is of an upload, confirms none
+        session.verdict_refused(study)
+        assert session.opened_as(study, "vtkMRMLScalarVolumeNode1") == {}
+        session.scene_closed()
+        assert session.opened_nodes == {}
+
+
 # --------------------------------------------------------------------------------------------------- packaging
 ACCEPTED_CATEGORIES = {"Filtering", "Active Learning", "Segmentation", "Utilities"}  # a subset of the checker's
 

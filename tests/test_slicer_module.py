@@ -254,8 +254,20 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     assert "str(result.get('weights_version') or ''), result.get('audit_seq'))" in load
     verdict = ast.unparse(functions["ADLDenoiseWidget.onVerdict"])
     assert "self.run(self.logic.submit_verdict, study, request, on_done=done," in verdict
-    assert "return (image_id, send_verdict(client, image_id, request))" in \
+    assert "return (image_id, send_verdict(client, image_id, dict(request, opened=opened)))" in \
         ast.unparse(functions["ADLDenoiseLogic.submit_verdict"])
+    # a review-queue node confirms the patient and study of its own download (not a later one's of the series, moved
+    # to another patient meanwhile): recorded per node, sent with its regions, correction and verdicts
+    assert "path, opened = client.download_opened(study['id'], studies_dir)" in \
+        ast.unparse(functions["ADLDenoiseLogic.next_study"])
+    assert "self.session.record_opened(node.GetID(), study['id'], answer.get('opened'))" in \
+        ast.unparse(functions["ADLDenoiseLogic.load_study"])
+    assert "'opened': session.opened_as(identity, node.GetID())" in \
+        ast.unparse(functions["ADLDenoiseLogic.prepare_study"])
+    correction = ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
+    assert "client.save_regions(image_id, path, regions['regions'], opened=opened)" in correction
+    assert "client.save_correction(image_id, corrected_path, regions_sha256=regions_sha256, opened=opened)" in \
+        correction and "'opened': opened}" in correction
     assert "on_fail=lambda error: self.verdictFailed(request['identity'], error)" in verdict
     assert "send_verdict(client, image_id, request," in ast.unparse(functions["ADLDenoiseLogic.submit_correction"])
     submit = ast.unparse(functions["ADLDenoiseWidget.onSubmitCorrection"])
@@ -334,7 +346,7 @@ def test_module_wires_the_review_session_and_follows_slicers_rules():
     # there too; the GUI thread only makes the node from the array (slicer.util.loadVolume froze Slicer for a large
     # study), names it after the server's id, shows it as loadVolume did and identifies it with that id
     next_study = ast.unparse(functions["ADLDenoiseLogic.next_study"])
-    assert next_study.index("client.download_image(study['id'], studies_dir)") < next_study.index(
+    assert next_study.index("client.download_opened(study['id'], studies_dir)") < next_study.index(
         "volume = read_study(path, study['id'], report, cancelled)") < next_study.index(
         "'window': auto_window(volume.voxels)")
     # ... and its identity hashed there, from the array read; the GUI thread neither copies nor hashes the voxels:

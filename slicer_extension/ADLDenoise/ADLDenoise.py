@@ -360,7 +360,7 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         check = self.request_check(node)
         upload = None if on_server else self.export_input(identity, check[0])  # written in the background
         return {"identity": identity, "image_id": session.datastore_id(identity), "on_server": on_server,
-                "name": identity.datastore_id(), "path": upload,
+                "opened": session.opened_as(identity, node.GetID()), "name": identity.datastore_id(), "path": upload,
                 "grid_file": session.study_files.get(identity) or (upload.path if upload else None), "check": check}
 
     def record_study(self, study: dict, image_id: str) -> None:
@@ -417,12 +417,12 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
             return {"empty": True, "skipped": ReviewSession.describe_skipped(answer)}
         if report:
             report(None, f"downloading {study['id']} ...")
-        path = client.download_image(study["id"], studies_dir)
+        path, opened = client.download_opened(study["id"], studies_dir)  # this download's patient and study
         volume = read_study(path, study["id"], report, cancelled)
         if report:
             report(None, f"identifying {study['id']} (hashing its voxels) ...")
-        return {"study": study, "path": path, "volume": volume, "window": auto_window(volume.voxels),
-                "content": study_content(volume, study["id"])}
+        return {"study": study, "path": path, "opened": opened, "volume": volume,
+                "window": auto_window(volume.voxels), "content": study_content(volume, study["id"])}
 
     def load_study(self, answer: dict):
         """GUI thread: the node of a study :meth:`next_study` read (no file is read here), named after the server's
@@ -437,6 +437,9 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         content = loaded_identity(node, answer["volume"], answer["content"])
         # the server's id is kept for this content (recorded once identified): corrections and verdicts go there
         self.identify(node, server_id=study["id"], study_file=path, content=content)
+        # the patient and study this node was opened as: its corrections and verdicts confirm them, not a later
+        # download's of the same series (moved to another patient meanwhile)
+        self.session.record_opened(node.GetID(), study["id"], answer.get("opened"))
         return node
 
     def submit_correction(self, study: dict, corrected: VolumeExport | Path, reviewer: str,
@@ -454,16 +457,18 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         client = self.require_client()
         corrected_path = prepare_upload(None, corrected, report, cancelled)
         image_id = self.study_id_for(study, report)
+        opened = study.get("opened", {})  # the patient and study the node was opened as (ReviewSession.opened_as)
         regions_sha256 = None
         if regions is not None:
             if report:
                 report(None, f"saving {len(regions['regions'])} marked region(s) ...")
             path = prepare_region_file(regions["map"], regions["grid"], regions["path"], regions["study_file"])
-            regions_sha256 = client.save_regions(image_id, path, regions["regions"])["sha256"]
+            regions_sha256 = client.save_regions(image_id, path, regions["regions"], opened=opened)["sha256"]
         if report:
             report(None, "saving the correction ...")
-        client.save_correction(image_id, corrected_path, regions_sha256=regions_sha256)
-        request = {"verdict": "corrected", "reviewer": reviewer, "model": model, "result_seq": result_seq}
+        client.save_correction(image_id, corrected_path, regions_sha256=regions_sha256, opened=opened)
+        request = {"verdict": "corrected", "reviewer": reviewer, "model": model, "result_seq": result_seq,
+                   "opened": opened}
         return image_id, send_verdict(client, image_id, request,
                                       done_before=f"the correction was saved as {image_id}'s final label")
 
@@ -476,7 +481,8 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
         self.session.require_judgeable(study["identity"])
         client = self.require_client()
         image_id = self.study_id_for(study, report)
-        return image_id, send_verdict(client, image_id, request)
+        opened = study.get("opened", {})  # the patient and study the node was opened as (ReviewSession.opened_as)
+        return image_id, send_verdict(client, image_id, dict(request, opened=opened))
 
 
 # ------------------------------------------------------------------------------------------------------ widget

@@ -39,7 +39,7 @@ import urllib.request
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 __all__ = ["CHUNK", "Cancellation", "DenoiseServerClient", "DenoiseServerError", "TransferCancelled", "cancel_check",
            "cancel_scope", "stop_if", "write_atomically"]
@@ -467,8 +467,11 @@ class DenoiseServerClient:
         self.username: str | None = None
         #: per datastore id, the patient and study of the series as :meth:`download_image` opened it (its image info's
         #: PatientID and StudyInstanceUID): sent with its corrections and verdicts, so that a server whose PACS moved
-        #: the series to another patient since refuses what was drawn on the old one (and takes what was not)
+        #: the series to another patient since refuses what was drawn on the old one (and takes what was not). Only
+        #: while every download of the id gave that identity: the module's nodes pass their own (``opened=``)
         self.opened_identity: dict[str, dict[str, str]] = {}
+        #: per datastore id, the identities its downloads gave (None: no PACS identity), for :attr:`opened_identity`
+        self._downloads_opened: dict[str, set[tuple[str, str] | None]] = {}
 
     def __repr__(self) -> str:
         return f"DenoiseServerClient({self.server_url!r}, token={'<set>' if self._token else None})"
@@ -765,20 +768,28 @@ class DenoiseServerClient:
                                  {"file": Path(image_path)}, "uploading studies", cancelled)
         return str(answer.get("image", image_id))
 
+    def _opened(self, image_id: str, opened: Mapping[str, str] | None) -> dict[str, str]:
+        """The patient and study a correction or verdict confirms: ``opened`` (the identity of the download the
+        volume was made from, ``{}``: none), or None: this client's :attr:`opened_identity` of the id (none for an id
+        downloaded under several identities: the server then refuses it if its PACS moved the series)."""
+        return dict(self.opened_identity.get(image_id, {}) if opened is None else opened)
+
     def save_correction(self, image_id: str, corrected_path: str | os.PathLike,
-                        regions_sha256: str | None = None, cancelled: Callable[[], bool] | None = None) -> dict:
+                        regions_sha256: str | None = None, cancelled: Callable[[], bool] | None = None,
+                        opened: Mapping[str, str] | None = None) -> dict:
         """Save a corrected denoised volume as the ``final`` label of ``image_id`` (a training pair).
 
         ``regions_sha256``: the ``sha256`` that :meth:`save_regions` returned for the region map sent with this
         correction (send the map first). The server binds the two; a correction saved without it is trained
-        without regions, whatever map an earlier correction of the image had."""
+        without regions, whatever map an earlier correction of the image had. ``opened``: see :meth:`_opened`."""
         params = {"regions_sha256": regions_sha256} if regions_sha256 else {}
-        params.update(self.opened_identity.get(image_id, {}))
+        params.update(self._opened(image_id, opened))
         return self._send_file("PUT", "/datastore/label", {"image": image_id, "tag": "final"},
                                {"params": json.dumps(params)}, {"label": Path(corrected_path)}, "saving corrections",
                                cancelled)
 
-    def save_regions(self, image_id: str, labelmap_path: str | os.PathLike, regions: Sequence[Any]) -> dict:
+    def save_regions(self, image_id: str, labelmap_path: str | os.PathLike, regions: Sequence[Any],
+                     opened: Mapping[str, str] | None = None) -> dict:
         """Save the marked regions of ``image_id``'s correction as its ``regions`` label.
 
         Args:
@@ -787,6 +798,7 @@ class DenoiseServerClient:
                 is ``regions[i - 1]``, 0 no region.
             regions: :class:`ADLDenoiseLib.regions.Region` objects (anything with ``to_params(value)``) in
                 label order.
+            opened: the patient and study the volume was opened as (see :meth:`_opened`).
 
         The form field ``params`` is ``{"regions": [{"value", "name", "intent"[, "strength"]}, ...]}``. Returns the
         server's answer plus ``sha256``, the SHA-256 of the map's file, for :meth:`save_correction`.
@@ -799,7 +811,7 @@ class DenoiseServerClient:
         if not regions:
             raise DenoiseServerError("no marked region to save")
         params = {"regions": [region.to_params(value) for value, region in enumerate(regions, start=1)],
-                  **self.opened_identity.get(image_id, {})}
+                  **self._opened(image_id, opened)}
         answer = self._send_file("PUT", "/datastore/label", {"image": image_id, "tag": "regions"},
                                  {"params": json.dumps(params)}, {"label": path}, "saving corrections")
         digest = hashlib.sha256()
@@ -825,7 +837,15 @@ class DenoiseServerClient:
                        cancelled: Callable[[], bool] | None = None) -> Path:
         """Download the datastore image ``image_id`` into ``output_dir`` under its datastore file name (streamed
         to disk; a temporary file of its own until complete, so concurrent downloads of one study do not mix). The
-        patient and study its info names are kept (:attr:`opened_identity`) for its corrections and verdicts."""
+        patient and study its info names: :meth:`download_opened`."""
+        return self.download_opened(image_id, output_dir, cancelled)[0]
+
+    def download_opened(self, image_id: str, output_dir: str | os.PathLike,
+                        cancelled: Callable[[], bool] | None = None) -> tuple[Path, dict[str, str]]:
+        """:meth:`download_image`, returning also the patient and study of this download (its image info's
+        PatientID and StudyInstanceUID; ``{}`` for an image that is no PACS series): what a correction or verdict of
+        the volume made from it confirms (``opened=``), whatever later downloads of the id give. Kept as
+        :attr:`opened_identity` too while every download of the id gave the same identity."""
         cancelled = cancel_check(cancelled)
         info = self._json("GET", "/datastore/image/info", {"image": image_id}, action="downloading studies")
         name = _safe_name((info or {}).get("name"), f"{_safe_name(image_id, 'image')}.nii.gz")
@@ -835,9 +855,13 @@ class DenoiseServerClient:
             path = self._download(response, Path(output_dir) / name, cancelled)
         opened = {key: (info or {}).get(keyword) for key, keyword in (("patient_id", "PatientID"),
                                                                 ("study_instance_uid", "StudyInstanceUID"))}
-        if all(isinstance(value, str) for value in opened.values()):  # a PACS series' info (a file's has none)
+        if not all(isinstance(value, str) for value in opened.values()):  # a file's info (no PACS series)
+            opened = {}
+        seen = self._downloads_opened.setdefault(image_id, set())
+        seen.add((opened["patient_id"], opened["study_instance_uid"]) if opened else None)
+        if opened and len(seen) == 1:  # another identity before: whose volume a call without opened= is, unknown
             self.opened_identity[image_id] = opened
-        return path
+        return path, dict(opened)
 
     def _download(self, response: BinaryIO, target: Path, cancelled: Callable[[], bool] | None) -> Path:
         try:
@@ -857,15 +881,17 @@ class DenoiseServerClient:
         return answer if answer and (answer.get("id") or any(answer.get(key) for key in SKIPPED_KEYS)) else None
 
     def review(self, image_id: str, verdict: str, reviewer: str, reason: str | None = None,
-               model: str | None = None, result_seq: int | None = None) -> dict:
+               model: str | None = None, result_seq: int | None = None,
+               opened: Mapping[str, str] | None = None) -> dict:
         """Record a verdict on ``image_id``. ``result_seq``: the ``audit_seq`` of the result judged (the answer of
         :meth:`denoise`): the server records the verdict against that result or refuses it (409) when it is no
         result of the study stored under ``image_id`` now (removed and stored again, its file replaced), never
         against another. ``model``: without ``result_seq``, the model whose latest result of this study is judged
         (the server's default, None, judges the latest result of any model, which may be another run's). The
-        answer's ``replaces`` names the study's earlier verdict that this one replaced (None: the first)."""
+        answer's ``replaces`` names the study's earlier verdict that this one replaced (None: the first).
+        ``opened``: the patient and study the volume judged was opened as (:meth:`_opened`)."""
         payload: dict[str, Any] = {"verdict": verdict, "reviewer": reviewer, "reason": reason, "model": model,
-                                   **self.opened_identity.get(image_id, {})}  # the patient and study opened
+                                   **self._opened(image_id, opened)}
         if result_seq is not None:
             payload["result_seq"] = result_seq
         return self._json("POST", f"/review/{urllib.parse.quote(image_id)}", payload=payload,

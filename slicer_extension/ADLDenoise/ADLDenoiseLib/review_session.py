@@ -344,10 +344,13 @@ def send_verdict(client: Any, image_id: str, request: dict, verdict: str | None 
     (the result named is no result of the study the server holds under that id now) becomes
     :class:`VerdictRefused` with a message saying that nothing was recorded and what to do; ``done_before`` says
     what was done before it (e.g. the correction saved): any other failure then says so too (an annotator may
-    save corrections but not give verdicts: their 403 must not read as if the correction was lost)."""
+    save corrections but not give verdicts: their 403 must not read as if the correction was lost).
+    ``request["opened"]``: the patient and study the volume was opened as (``ReviewSession.opened_as``; none when
+    absent, never the client's latest download of the id)."""
     try:
         return client.review(image_id, verdict or request["verdict"], request["reviewer"], request.get("reason"),
-                             model=request.get("model"), result_seq=request.get("result_seq"))
+                             model=request.get("model"), result_seq=request.get("result_seq"),
+                             opened=request.get("opened", {}))
     except Exception as error:  # noqa: BLE001 - turned into words here, the type kept where it matters
         status = getattr(error, "status", None)
         if status != 409:
@@ -447,6 +450,10 @@ class ReviewSession:
         self.known_ids: dict[StudyIdentity, str] = {}  # identity -> datastore id the server holds it under
         self.study_files: dict[StudyIdentity, Path] = {}  # identity -> file the server holds (its grid)
         self.verdicts: dict[StudyIdentity, dict] = {}
+        #: node ID -> (datastore id, patient and study) of the review-queue download the node was made from
+        #: (:meth:`record_opened`): per node, since a series opened again after its PACS moved it to another patient
+        #: gives the same voxels and id under the new patient, while the first node is still the old one's
+        self.opened_nodes: dict[str, tuple[str, dict[str, str]]] = {}
 
     def connected_to(self, server_url: str, login: str | None = None) -> bool:
         """The module (re)connected to ``server_url``, signed in as ``login`` (see :attr:`login`). Returns True
@@ -784,6 +791,20 @@ class ReviewSession:
         self.known_ids[identity] = str(datastore_id)
         if study_file is not None:
             self.study_files[identity] = Path(study_file)
+
+    def record_opened(self, node_id: str, datastore_id: str, opened: dict[str, str] | None) -> None:
+        """Node ``node_id`` was made from the server's ``datastore_id`` downloaded as the patient and study
+        ``opened`` (``DenoiseServerClient.download_opened``; empty: no PACS series)."""
+        if not node_id or not str(node_id).strip():
+            raise WorkflowError("recording a downloaded study needs its node ID")
+        self.opened_nodes[str(node_id)] = (str(datastore_id), dict(opened or {}))
+
+    def opened_as(self, identity: StudyIdentity, node_id: str | None) -> dict[str, str]:
+        """The patient and study a correction or verdict of ``identity`` on node ``node_id`` confirms: those of the
+        download the node was made from (:meth:`record_opened`) while the server holds ``identity`` under that id,
+        else none (``{}``: the server then refuses it if its PACS moved the series; never another download's)."""
+        datastore_id, opened = self.opened_nodes.get(str(node_id), (None, {}))
+        return dict(opened) if datastore_id is not None and self.server_id(identity) == datastore_id else {}
 
     # ---------------------------------------------------------------------------------------------- results
     def result_arrived(self, identity: StudyIdentity, node_id: str, model: str = "",
