@@ -469,11 +469,16 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], first
     answer = requests.post(f"{server.url}/review/{uids[0]}", timeout=600, json={
         "verdict": "corrected", "reviewer": "dr_a", "patient_id": old_patient, "study_instance_uid": study})
     assert answer.status_code == 409 and f"opened as patient_id {old_patient!r}" in answer.text, answer.text
-    opened_now = DenoiseServerClient(server.url)
+    # the module's client opens the series again (a second node; the first stays in the scene): each node's
+    # correction confirms its own download's patient, a call naming none confirms none (never the latest download's)
     (tmp_path / "opened_now").mkdir()
-    opened_now.download_image(uids[0], tmp_path / "opened_now")
-    assert opened_now.opened_identity[uids[0]] == {"patient_id": "THIRD-PATIENT", "study_instance_uid": study}
-    assert opened_now.save_correction(uids[0], final_first)["label"] == uids[0]
+    _, opened_now = opened_before.download_opened(uids[0], tmp_path / "opened_now")
+    assert opened_now == {"patient_id": "THIRD-PATIENT", "study_instance_uid": study}
+    for first_node in ({"patient_id": old_patient, "study_instance_uid": study}, None):
+        with pytest.raises(DenoiseServerError) as refused:
+            opened_before.save_correction(uids[0], final_first, opened=first_node)
+        assert refused.value.status == 409 and moved in str(refused.value), refused.value
+    assert opened_before.save_correction(uids[0], final_first, opened=opened_now)["label"] == uids[0]
     assert KeptLabels(kept).info(uids[0], "final")["series_identity"] == \
         {"series_instance_uid": uids[0], "study_instance_uid": study, "patient_id": "THIRD-PATIENT"}
     assert "patient_id" not in KeptLabels(kept).info(uids[0], "final"), "the confirmation is no label params"

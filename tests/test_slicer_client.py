@@ -587,6 +587,10 @@ def test_a_series_opened_twice_under_two_patients_confirms_the_patient_each_node
             assert [{key: sent.get(key) for key in identity} for sent in server.sent[-3:]] == [identity] * 3, \
                 (node, server.sent[-3:])
         assert session.opened_as(study, "vtkMRMLScalarVolumeNode3") == {}  # a node not from the queue: none
+        sent = len(server.sent)
+        with pytest.raises(DenoiseServerError, match="must name patient_id and study_instance_uid"):
+            client.save_correction("X", first_path, opened={"patient_id": "OLD"})
+        assert len(server.sent) == sent
         client.save_correction("X", first_path)
         send_verdict(client, "X", {"verdict": "accepted", "reviewer": "dr_a"})
         assert all("patient_id" not in sent and "study_instance_uid" not in sent for sent in server.sent[-2:]), \

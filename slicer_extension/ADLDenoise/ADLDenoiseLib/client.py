@@ -772,7 +772,12 @@ class DenoiseServerClient:
         """The patient and study a correction or verdict confirms: ``opened`` (the identity of the download the
         volume was made from, ``{}``: none), or None: this client's :attr:`opened_identity` of the id (none for an id
         downloaded under several identities: the server then refuses it if its PACS moved the series)."""
-        return dict(self.opened_identity.get(image_id, {}) if opened is None else opened)
+        opened = dict(self.opened_identity.get(image_id, {}) if opened is None else opened)
+        if opened and (set(opened) != {"patient_id", "study_instance_uid"}
+                       or not all(isinstance(value, str) and value for value in opened.values())):
+            raise DenoiseServerError(f"the opened series must name patient_id and study_instance_uid (text), got "
+                                     f"{sorted(opened)}: nothing was sent")
+        return opened
 
     def save_correction(self, image_id: str, corrected_path: str | os.PathLike,
                         regions_sha256: str | None = None, cancelled: Callable[[], bool] | None = None,
