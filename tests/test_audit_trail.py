@@ -400,6 +400,8 @@ def test_a_study_over_the_servers_voxel_limit_is_refused_from_its_header_never_l
     grown, _ = _peak_memory_mib_after(verdict)
     assert grown < 100, f"the verdict loaded the 200 MB study to hash it: peak memory grew by {grown:.0f} MiB"
     assert not audit.entries("verdict")
+    record_verdict(audit, store, "huge", "unreviewed", "dr_a")  # a reset judges nothing: taken
+    assert [e["fields"]["verdict"] for e in audit.entries("verdict")] == ["unreviewed"]
     with pytest.raises(ImageTooLargeError, match=r"huge\.nii\.gz is too large: .*exceeds the limit of 1,000,000 "):
         volume_content_sha256(studies / "huge.nii.gz", 1_000_000)
 

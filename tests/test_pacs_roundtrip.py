@@ -3291,3 +3291,21 @@ def test_a_store_through_the_proxy_stores_in_the_pacs_only_what_its_entry_names(
     [storing] = audit.entries("dicomweb_storing")
     assert (storing["fields"]["series_instance_uids"], storing["fields"]["instances"]) == ([ct_series], 2)
     assert [entry["fields"]["status"] for entry in audit.entries("dicomweb_stored")] == [200]
+
+
+def test_a_confirmed_unk_patient_is_a_series_without_patient_id_not_another_patient():
+    """MONAI Label's image info names a series without PatientID "UNK", which the Slicer module confirms with its
+    corrections and verdicts; the PACS's search answers no PatientID (""): every correction and verdict of such a
+    series, never moved, was a 409 "opened as patient_id 'UNK'". Another patient confirmed is still refused."""
+    from lib.pacs_corrections import CorrectionNotServed, _refuse_unconfirmed, confirmed_identity
+
+    current = {"series_instance_uid": "1.3", "study_instance_uid": "1.2", "patient_id": ""}
+
+    def check(patient: str) -> None:
+        confirmed = confirmed_identity({"patient_id": patient, "study_instance_uid": "1.2"}, "params")
+        _refuse_unconfirmed(object(), "1.3", current, confirmed, "correction", "nothing was saved", "open it again")
+
+    check("UNK")
+    with pytest.raises(CorrectionNotServed,
+                       match="opened as patient_id 'PAT1'; the PACS lists it under patient_id ''"):
+        check("PAT1")

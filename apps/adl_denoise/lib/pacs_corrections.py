@@ -51,7 +51,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .audit.identity import dicom_text
 from .runtime.atomic import atomic_write_json, fsync_path
@@ -60,9 +60,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["KeptLabels", "ServerKeptLabelsMixin", "server_kept_labels", "correction_binding", "binding_problem",
            "check_binding", "CorrectionNotServed", "one_search_per_series", "pacs_identities", "searched_series",
-           "SERIES_IDENTITY_KEY", "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url", "corrections_of_other_urls",
-           "without_credentials", "verdict_binding", "refresh_moved_series", "SUPERSEDED", "MOVED",
-           "moved_record", "confirmed_identity", "CONFIRMED_KEYS"]
+           "bounded_search", "SERIES_IDENTITY_KEY", "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url",
+           "corrections_of_other_urls", "without_credentials", "verdict_binding", "refresh_moved_series",
+           "SUPERSEDED", "MOVED", "moved_record", "confirmed_identity", "CONFIRMED_KEYS"]
 
 #: the correction stamp's key holding the identity of the PACS series it corrects (:func:`correction_binding`)
 SERIES_IDENTITY_KEY = "series_identity"
@@ -639,15 +639,12 @@ def studies_url_problem(url: str) -> Optional[str]:
     return None
 
 
-def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
-    """The identities (``series_instance_uid``, ``study_instance_uid``, ``patient_id``) under which the PACS lists
-    the series ``image_id`` now: one QIDO-RS series search (:func:`searched_series`, within
-    :data:`PACS_SEARCH_TIMEOUT_S`; no instance retrieved), each distinct identity once: ``[]`` when it lists none, two or more for one UID in
-    several studies or patients.
+def bounded_search(datastore, search: Callable[[], Any], what: str, unchecked: str) -> Any:
+    """``search()`` (a QIDO-RS search of the datastore's PACS for ``what``, e.g. "series <uid>") within
+    :data:`PACS_SEARCH_TIMEOUT_S`, its answer returned; ``unchecked``: what its failure leaves undone, said.
 
     Raises:
-        CorrectionNotServed: 502, the PACS answered the search with an error; 504, it did not answer within
-            :data:`PACS_SEARCH_TIMEOUT_S`.
+        CorrectionNotServed: 502, the PACS answered the search with an error; 504, it did not answer in time.
         requests.ConnectionError: the PACS cannot be reached (the routes' 503).
     """
     import requests
@@ -658,15 +655,29 @@ def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client (bounded waits)
     try:
         with answered_within(client, PACS_SEARCH_TIMEOUT_S):
-            found = searched_series(datastore, image_id)
+            return search()
     except requests.ReadTimeout:
         raise CorrectionNotServed(f"the PACS ({without_credentials(client.base_url)}) did not answer the search for "
-                                  f"series {image_id} within {PACS_SEARCH_TIMEOUT_S:g} s: its study and patient "
-                                  "cannot be checked; nothing was sent or saved", 504) from None
+                                  f"{what} within {PACS_SEARCH_TIMEOUT_S:g} s: {unchecked}", 504) from None
     except (requests.HTTPError, retrying.RetryError) as error:  # an error status (retried ones: RetryError)
         status = getattr(error_answer(error), "status_code", None)
-        raise CorrectionNotServed(f"the PACS answered the search for series {image_id} with an error (HTTP {status}):"
-                                  " its study and patient cannot be checked; nothing was sent or saved", 502) from None
+        raise CorrectionNotServed(f"the PACS answered the search for {what} with an error (HTTP {status}): "
+                                  f"{unchecked}", 502) from None
+
+
+def pacs_identities(datastore, image_id: str) -> List[Dict[str, str]]:
+    """The identities (``series_instance_uid``, ``study_instance_uid``, ``patient_id``) under which the PACS lists
+    the series ``image_id`` now: one QIDO-RS series search (:func:`searched_series`, within
+    :data:`PACS_SEARCH_TIMEOUT_S`: :func:`bounded_search`; no instance retrieved), each distinct identity once:
+    ``[]`` when it lists none, two or more for one UID in several studies or patients.
+
+    Raises:
+        CorrectionNotServed: 502, the PACS answered the search with an error; 504, it did not answer within
+            :data:`PACS_SEARCH_TIMEOUT_S`.
+        requests.ConnectionError: the PACS cannot be reached (the routes' 503).
+    """
+    found = bounded_search(datastore, lambda: searched_series(datastore, image_id), f"series {image_id}",
+                           "its study and patient cannot be checked; nothing was sent or saved")
     identities: List[Dict[str, str]] = []
     for entry in found:
         identity = {key: entry[key] for key in _IDENTITY_KEYS}
@@ -816,7 +827,9 @@ def _refuse_unconfirmed(datastore, image_id: str, current: Dict[str, str], confi
     lists now, or when this server downloaded the series anew because the PACS moved it and the request does not
     confirm both keys of the identity of now (``need_confirmation``): the client sends nothing else telling which
     identity it had open."""
-    changed = [key for key in CONFIRMED_KEYS if confirmed and key in confirmed and confirmed[key] != current[key]]
+    # MONAI Label's image info says "UNK" for a series without PatientID (what the Slicer module confirms): none
+    changed = [key for key in CONFIRMED_KEYS if confirmed and key in confirmed and confirmed[key] != current[key]
+               and not (confirmed[key] == "UNK" and current[key] == "")]
     moved = moved_record(datastore, image_id) if need_confirmation or changed else None
     if not changed and (moved is None or (confirmed and all(key in confirmed for key in CONFIRMED_KEYS))):
         return

@@ -149,26 +149,14 @@ def _listed_instances(datastore, seg_uid: str) -> list:
     Raises:
         lib.pacs_corrections.CorrectionNotServed: the search failed (502) or was not answered (504).
     """
-    import requests
-    import retrying
-
-    from .pacs import _first_str, answered_within, error_answer
-    from .pacs_corrections import PACS_SEARCH_TIMEOUT_S, CorrectionNotServed, without_credentials
+    from .pacs import _first_str
+    from .pacs_corrections import bounded_search
 
     client = datastore._client  # noqa: SLF001 - the datastore's authenticated DICOMweb client
-    try:
-        with answered_within(client, PACS_SEARCH_TIMEOUT_S):
-            found = client.search_for_instances(search_filters={"SeriesInstanceUID": seg_uid},
-                                                fields=["SOPInstanceUID"]) or []
-    except requests.ReadTimeout:
-        raise CorrectionNotServed(f"the PACS ({without_credentials(client.base_url)}) did not answer the search for "
-                                  f"the instances of series {seg_uid} within {PACS_SEARCH_TIMEOUT_S:g} s: its DICOM "
-                                  "SEG cannot be told from the one converted; nothing was sent", 504) from None
-    except (requests.HTTPError, retrying.RetryError) as error:  # an error status (retried ones: RetryError)
-        status = getattr(error_answer(error), "status_code", None)
-        raise CorrectionNotServed(f"the PACS answered the search for the instances of series {seg_uid} with an error "
-                                  f"(HTTP {status}): its DICOM SEG cannot be told from the one converted; nothing "
-                                  "was sent", 502) from None
+    found = bounded_search(
+        datastore, lambda: client.search_for_instances(search_filters={"SeriesInstanceUID": seg_uid},
+                                                       fields=["SOPInstanceUID"]) or [],
+        f"the instances of series {seg_uid}", "its DICOM SEG cannot be told from the one converted; nothing was sent")
     return sorted({_first_str(entry, "00080018") or "" for entry in found
                    if _first_str(entry, "0020000E") in (None, seg_uid)} - {""})
 

@@ -278,12 +278,14 @@ def _current_verdict(audit: AuditLog, image_id: str, entries: Optional[list[dict
     return _flat(found[-1]) if found else None
 
 
-def _of_the_stored_volume(results: list[dict], datastore: Datastore, image_id: str) -> list[dict]:
+def _of_the_stored_volume(results: list[dict], datastore: Datastore, image_id: str,
+                          judging: bool = True) -> list[dict]:
     """``results`` (of ``image_id``) less those made from other voxels than the image file stored under the id now:
     a file replaced on disk under the same name (an export job, a restore) is another volume, whose verdict must
     not judge the earlier volume's result. Results without a voxel hash (DICOM series, by their UID) and an image
-    that cannot be read now are kept; :class:`NothingToJudge` when the image is over the server's voxel limit now
-    (not hashed: a larger volume put in its place would have been judged by the earlier one's result)."""
+    that cannot be read now are kept; :class:`NothingToJudge` when ``judging`` (a verdict other than a reset to
+    ``unreviewed``) an image over the server's voxel limit now (not hashed: a larger volume put in its place would
+    have been judged by the earlier one's result); without ``judging``, none of the hashed results then."""
     from ..audit.identity import volume_content_sha256
     from ..audit.recording import voxel_limit_of
 
@@ -297,6 +299,8 @@ def _of_the_stored_volume(results: list[dict], datastore: Datastore, image_id: s
         current = volume_content_sha256(uri, voxel_limit_of(datastore)) if uri and os.path.isfile(uri) else None
     except ImageTooLargeError as error:  # not hashed: whether a result was made of these voxels cannot be told
         # (the file may have been replaced by another, larger volume): no verdict, rather than one on another's result
+        if not judging:
+            return [r for r in results if not (r.get("input") or {}).get("content_sha256")]
         raise NothingToJudge(f"the study stored as {image_id!r} is over the server's voxel limit now ({error}): "
                              "whether its recorded results were made of these voxels cannot be checked; nothing was "
                              "recorded") \
@@ -372,7 +376,8 @@ def _record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdic
         raise KeyError(f"no image {image_id!r} in the datastore")
     refuse_unreviewable(audit, datastore, image_id)
     read = _verdict_entries(audit, image_id, result_seq)  # the log, read once
-    results = _of_the_stored_volume(results_of(audit, image_id, model, read), datastore, image_id)
+    results = _of_the_stored_volume(results_of(audit, image_id, model, read), datastore, image_id,
+                                    judging=verdict != "unreviewed")
     if result_seq is not None:
         results = [r for r in results if r.get("seq") == result_seq]
         if not results:
