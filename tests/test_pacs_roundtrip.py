@@ -205,6 +205,7 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], first
     from lib.audit import AuditLog
     from lib.audit.location import default_audit_dir, default_corrections_dir
     from ADLDenoiseLib import DenoiseServerError
+    from ADLDenoiseLib.review_session import SeriesMoved, VerdictRefused, send_verdict
     from lib.pacs_corrections import KeptLabels
 
     def sha256(data: bytes) -> str:
@@ -469,6 +470,12 @@ def _correct_and_fine_tune(server, pacs, model_dir: Path, uids: list[str], first
     answer = requests.post(f"{server.url}/review/{uids[0]}", timeout=600, json={
         "verdict": "corrected", "reviewer": "dr_a", "patient_id": old_patient, "study_instance_uid": study})
     assert answer.status_code == 409 and f"opened as patient_id {old_patient!r}" in answer.text, answer.text
+    # the Slicer module says to open the series again (Next study), not to denoise this volume again (it would
+    # upload it, which the server refuses for a PACS series): its id is kept (SeriesMoved is no VerdictRefused)
+    with pytest.raises(SeriesMoved, match="NOT recorded: the PACS lists the series .* Open it again") as moved_verdict:
+        send_verdict(opened_before, uids[0], {"verdict": "accepted", "reviewer": "dr_a",
+                                              "opened": {"patient_id": old_patient, "study_instance_uid": study}})
+    assert not isinstance(moved_verdict.value, VerdictRefused)
     # the module's client opens the series again (a second node; the first stays in the scene): each node's
     # correction confirms its own download's patient, a call naming none confirms none (never the latest download's)
     (tmp_path / "opened_now").mkdir()

@@ -40,6 +40,7 @@ from ADLDenoiseLib.review_session import (
     NotConfirmed,
     RescaleNotApplied,
     ReviewSession,
+    SeriesMoved,
     StudyIdentity,
     VerdictRefused,
     VolumeChanged,
@@ -1386,11 +1387,14 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def verdictFailed(self, identity: StudyIdentity, error) -> None:
         """A verdict was refused because the result on screen is not the server's study's result (any other
-        failure is only shown): its result and server id are forgotten, so Denoise sends the volume again."""
+        failure is only shown): its result and server id are forgotten, so Denoise sends the volume again; one
+        refused because the PACS moved the series says to open it again (its id kept)."""
         self.requestFailed(error)
         if isinstance(error, VerdictRefused):
             self.logic.session.verdict_refused(identity)
             self.ui.reviewStatusLabel.text = "verdict not recorded: denoise the volume again"
+        elif isinstance(error, SeriesMoved):  # its id stays: the series is opened again, not uploaded
+            self.ui.reviewStatusLabel.text = "verdict not recorded: the PACS moved the series; open it again"
 
     # --- fine-tune
     def onTrain(self):

@@ -44,8 +44,8 @@ __all__ = ["FILES_PENDING", "StudyIdentity", "ResultRecord", "BlendRecord", "Rev
            "WorkflowError", "VolumeSnapshot", "PendingIdentity", "VolumeChanged", "snapshot_matches_files",
            "FilesCheck", "RescaleNotApplied", "NotConfirmed",
            "verify_snapshot",
-           "VerdictRefused", "content_identity", "dicom_identity", "describe_error", "describe_verdict", "send_verdict",
-           "VERDICTS", "hashed_grid"]
+           "VerdictRefused", "SeriesMoved", "content_identity", "dicom_identity", "describe_error", "describe_verdict",
+           "send_verdict", "VERDICTS", "hashed_grid"]
 
 VERDICTS = ("accepted", "rejected", "corrected")
 #: what a ``files_match`` of :meth:`ReviewSession.as_loaded` answers while the series' files are still being read
@@ -90,6 +90,14 @@ class RescaleNotApplied(WorkflowError):
 class VerdictRefused(WorkflowError):
     """The server refused a verdict because the result it names is not (or no longer) a result of the study it
     holds under that id (HTTP 409): nothing was recorded. ``status`` is 409."""
+
+    status = 409
+
+
+class SeriesMoved(WorkflowError):
+    """The server refused a verdict on a PACS series that its PACS moved to another patient or study since the
+    volume was opened (HTTP 409): nothing was recorded; the series is to be opened again (Next study), not denoised
+    again from this volume (the server holds it under its id: an upload of it is refused). ``status`` is 409."""
 
     status = 409
 
@@ -359,6 +367,11 @@ def send_verdict(client: Any, image_id: str, request: dict, verdict: str | None 
                                          status) from None
             raise
         detail = re.sub(r"^server said 409: ", "", str(error))
+        if "the PACS moved series" in detail or "the request says the series was opened as" in detail:
+            raise SeriesMoved(
+                (f"{done_before}, but " if done_before else "") + "the verdict was NOT recorded: the PACS lists the "
+                f"series {image_id} under another patient or study than it had when this volume was opened (server: "
+                f"{detail}). Open it again (Next study) and review it as it is listed now") from None
         raise VerdictRefused(
             (f"{done_before}, but " if done_before else "") + f"the verdict was NOT recorded: the server's study "
             f"{image_id} no longer holds the result you looked at (server: {detail}). Denoise the volume again, look "
