@@ -118,6 +118,15 @@ def start_service(args: Command, log_path: Path, ready_url: str, timeout: float,
     return process
 
 
+def torchrun_env(folder: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a ``torchrun`` job started by a test (``base``, else ``os.environ``, with one OpenMP
+    thread): its TMPDIR is ``folder/tmp`` (created; ``folder`` is the test's ``tmp_path``, which pytest removes),
+    where torchrun writes the ``torchelastic_*`` folder it leaves behind at every run (else /tmp, which filled)."""
+    scratch = Path(folder) / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return dict(os.environ if base is None else base, OMP_NUM_THREADS="1", TMPDIR=str(scratch))
+
+
 @functools.cache  # asked by skipif marks, at collection
 def private_tmpfs_problem() -> str | None:
     """Why a test cannot mount a small tmpfs in a mount namespace of its own (``unshare``, :func:`on_tmpfs`), None

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn as nn
 
+import processes
 from conftest import APP_DIR, SAMPLE_STUDIES, import_cli
 
 from lib.data import ADLPatchDataset, PairedFolderSource, SyntheticNoiseSource, ValidationPair, discover_images
@@ -1073,9 +1074,7 @@ def run_torchrun(script: Path, cwd: Path, timeout: float = TORCHRUN_TIMEOUT) -> 
     test's ``tmp_path``, which pytest removes): torchrun leaves a ``torchelastic_*`` folder there at every run."""
     import psutil
 
-    scratch = cwd / "tmp"
-    scratch.mkdir(exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(scratch))
+    env = processes.torchrun_env(cwd)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, cwd=cwd,

@@ -115,6 +115,31 @@ def torchrun_command(tree: Path, out: Path, logs: Path | None = None) -> list[st
             *batch_args(tree, out)]
 
 
+def rank_log(logs: Path, rank: int, stream: str = "stdout") -> str:
+    """What ``rank`` wrote to ``stream`` in a job of :func:`torchrun_command` with ``logs``."""
+    return next(logs.glob(f"*/attempt_0/{rank}/{stream}.log")).read_text()
+
+
+def run_torchrun_job(command: list[str], tmp_path: Path, name: str) -> tuple[subprocess.Popen, str, float]:
+    """Run a torchrun ``command`` (its output to ``tmp_path/name.log``, TMPDIR in ``tmp_path``) to its end; on a
+    hang (:data:`TIMEOUT`) torchrun and its workers (each in a session of its own) are killed and the test fails.
+    Returns (the ended process, its output, seconds it ran)."""
+    log = tmp_path / f"{name}.log"
+    started = time.monotonic()
+    process = processes.start(command, log, env=processes.torchrun_env(tmp_path))
+    groups = {process.pid}
+    try:
+        deadline = started + TIMEOUT
+        while process.poll() is None and time.monotonic() < deadline:
+            groups |= _process_groups(process)
+            time.sleep(0.2)
+        assert process.poll() is not None, "the run hung: " + processes.log_tail(log)
+    finally:
+        _kill(groups | _process_groups(process))
+        process.wait()
+    return process, log.read_text(), time.monotonic() - started
+
+
 def latest(out: Path, uids: dict[str, str]) -> dict[str, dict]:
     """The merged manifest by short key."""
     rows = [json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()]
@@ -251,7 +276,13 @@ def test_torchrun_two_processes_match_one_process(tree, reference, tmp_path):
     """Two ranks denoise what one process does, each series on one rank; rank 0 says every rank's failed series
     (each rank said its own alone, so that on several machines rank 0's log missed the others'). The tree's folders
     are linked under one more that fails on rank 1 (the others' failures are rank 0's): a real CT slice whose header
-    declares 370 frames, sized between the two largest series, refused before its pixels are read."""
+    declares 370 frames, sized between the two largest series, refused before its pixels are read.
+
+    Rank 1 cannot write its summary file either (a folder in its way: tests may run as root, whom chmod does not
+    stop). Before, rank 1 raised and left rank 0 at the final barrier, which Gloo broke off ("Connection closed by
+    peer"): no summary, no merged manifest, rank 0's failed series unsaid. Now every rank sends rank 0 its summary at
+    the end: rank 0 says which rank's file is missing and why, counts that rank's series, merges the manifest and
+    exits non-zero (one job checks both: each torchrun launch costs 20-40 s here)."""
     from pydicom.data import get_testdata_file
 
     shared_root, uids = tree
@@ -263,7 +294,9 @@ def test_torchrun_two_processes_match_one_process(tree, reference, tmp_path):
     cut.NumberOfFrames = 370
     cut.save_as(root / "cut" / "frames.dcm")
     cut_key = f"dicom:cut#{cut.SeriesInstanceUID}"
-    result = processes.run(torchrun_command(root, out, tmp_path / "logs"), TIMEOUT, env=_env())
+    blocker = out / MANIFEST_DIR / "summary-rank-00001.json"
+    blocker.mkdir(parents=True)
+    result = processes.run(torchrun_command(root, out, tmp_path / "logs"), TIMEOUT, env=processes.torchrun_env(tmp_path))
     assert (f"summary: {len(GOOD) + len(BAD) + 1} series: {len(GOOD)} done, 0 skipped, {len(BAD) + 1} failed"
             in result.stdout), result.stdout + result.stderr[-3000:]
     assert result.returncode != 0  # failed series: non-zero through torchrun too
@@ -276,13 +309,20 @@ def test_torchrun_two_processes_match_one_process(tree, reference, tmp_path):
     assert all(len(r) == 1 for r in handled.values()), handled
     assert {r for ranks in handled.values() for r in ranks} == {0, 1}
     assert "rank 0:" in result.stdout and "rank 1:" in result.stdout
-    said = {rank: (next((tmp_path / "logs").glob(f"*/attempt_0/{rank}/stdout.log"))).read_text() for rank in (0, 1)}
+    said = {rank: rank_log(tmp_path / "logs", rank) for rank in (0, 1)}
     failed = [*BAD, "dicom:cut#"]
     assert rows["dicom:cut#"]["rank"] == 1 and "truncated" in rows["dicom:cut#"]["error"], rows["dicom:cut#"]
     assert rows["dicom:cut#"]["key"] == cut_key
     for key in failed:
         assert said[0].count(f"failed: {rows[key]['key']}: ") == 1, said[0]
     assert "failed: " not in said[1], said[1]
+    # rank 1's summary file: said by rank 0, its counts (above) came over the process group; nothing removed
+    assert re.search(r"^rank 1: its summary file was not written \(.*Is a directory.*\); its counts came over",
+                     said[0], re.M), said[0][-3000:]
+    errors = rank_log(tmp_path / "logs", 0, "stderr")
+    assert f"error: the summary file of rank 1 was not written ({len(GOOD) + len(BAD) + 1} series counted)" \
+        in errors, errors[-3000:]
+    assert blocker.is_dir()
 
 
 def _process_groups(process: subprocess.Popen) -> set[int]:
@@ -334,7 +374,8 @@ def test_a_run_killed_half_way_leaves_no_partial_output_and_resumes(tree, refere
     out = tmp_path / "out"
     expected = {k: out / Path(reference_rows[k]["output"]).relative_to(reference[0]) for k in GOOD}
     series_folders = [p for k, p in expected.items() if k.startswith("dicom:")]
-    process = processes.start(torchrun_command(root, out), tmp_path / "killed.log", env=_env())
+    process = processes.start(torchrun_command(root, out), tmp_path / "killed.log",
+                              env=processes.torchrun_env(tmp_path))
     groups = {process.pid}
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -352,6 +393,8 @@ def test_a_run_killed_half_way_leaves_no_partial_output_and_resumes(tree, refere
     finally:
         _kill(groups | _process_groups(process))
         process.wait(60)
+    # torchrun's scratch folder went to the job's TMPDIR, in tmp_path (each run left one in /tmp)
+    assert any(p.name.startswith("torchelastic_") for p in (tmp_path / "tmp").iterdir())
     done_before = _done_count(out)
     assert 1 <= done_before < len(GOOD)
     # what exists under its final name is complete and right; the rest is absent or hidden
@@ -1414,38 +1457,87 @@ def test_the_data_files_a_header_names_are_found_in_every_layout(tmp_path):
     assert image_files(tmp_path / "d.nii.gz") == [tmp_path / "d.nii.gz"]
 
 
+#: The CLI (its path: the first argument) with each rank failing once its share is done and recorded: as a rank
+#: whose last step raises (on rank 0: its check of the superseded series of other jobs, a rank-0-only step).
+_FAIL_AFTER_SHARE = """
+import os, runpy, sys
+from lib.batch import runner
+share = runner.run_rank
+def run_rank_then_fail(*args, **kwargs):
+    summary = share(*args, **kwargs)
+    raise OSError(f"lost its output folder after {summary.done} done (rank {os.environ['RANK']})")
+runner.run_rank = run_rank_then_fail
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _two_series(root: Path, shared: Path) -> None:
+    """Two small real CT crops under ``root``, one per rank (the larger to rank 0)."""
+    root.mkdir(parents=True)
+    image = sitk.ReadImage(str(shared / "ct_abdomen_pelvis_resampled_3mm.nii.gz"))
+    sitk.WriteImage(image[20:52, 20:52, 40:45], str(root / "a.nii.gz"))
+    sitk.WriteImage(image[30:62, 20:52, 40:44], str(root / "b.nii.gz"))
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_a_rank_whose_summary_file_cannot_be_written_is_reported_by_rank_0(tmp_path, shared_data):
-    """Rank 1 cannot write its summary file (a folder in its way: tests may run as root, whom chmod does not stop).
-    Before, rank 1 raised and left rank 0 at the final barrier, which Gloo broke off ("Connection closed by peer"):
-    no summary, no merged manifest, rank 0's failed series unsaid. Now every rank sends rank 0 its summary at the
-    end: rank 0 says which rank's file is missing and why, counts that rank's series, merges the manifest and
-    exits non-zero."""
+def test_a_failed_rank_0_still_merges_what_every_rank_recorded_and_an_uncounted_run_fails(tmp_path, shared_data):
+    """Each rank raises once its series is denoised and recorded (rank 0 too). Before, rank 0's own error ended its
+    run before the manifest merge: the other ranks' finished outputs (and its own) were missing from manifest.jsonl.
+    Now rank 0 says each failed rank, merges every rank's records and exits non-zero; with no series counted (every
+    rank failed) it says the run is incomplete, not "no series found"."""
     root, out = tmp_path / "tree", tmp_path / "out"
-    root.mkdir()
-    image = sitk.ReadImage(str(shared_data / "ct_abdomen_pelvis_resampled_3mm.nii.gz"))
-    sitk.WriteImage(image[20:52, 20:52, 40:44], str(root / "a.nii.gz"))  # one series per rank
-    sitk.WriteImage(image[30:62, 20:52, 40:45], str(root / "b.nii.gz"))
-    blocker = out / MANIFEST_DIR / "summary-rank-00001.json"
-    blocker.mkdir(parents=True)
-    process = processes.start([*torchrun_command(root, out), "--no-progress"], tmp_path / "run.log", env=_env())
-    groups = {process.pid}
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while process.poll() is None and time.monotonic() < deadline:
-            groups |= _process_groups(process)  # the workers run in sessions of their own: killed too on a hang
-            time.sleep(0.5)
-        assert process.poll() is not None, "the run hung: " + processes.log_tail(tmp_path / "run.log")
-    finally:
-        _kill(groups | _process_groups(process))
-        process.wait()
-    said = (tmp_path / "run.log").read_text()
-    assert process.returncode != 0, said[-3000:]
-    assert re.search(r"^rank 1: its summary file was not written \(.*Is a directory.*\); its counts came over",
-                     said, re.M), said[-3000:]
-    assert "summary: 2 series: 2 done, 0 skipped, 0 failed" in said, said[-3000:]
+    _two_series(root, shared_data)
+    wrapper = tmp_path / "fail_after_share.py"
+    wrapper.write_text(_FAIL_AFTER_SHARE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--tee", "3",
+               "--log-dir", str(tmp_path / "logs"), str(wrapper), str(CLI), *batch_args(root, out), "--no-progress"]
+    process, output, _ = run_torchrun_job(command, tmp_path, "run")
+    assert process.returncode != 0, output[-3000:]
+    assert (out / MANIFEST_DIR / "manifest.jsonl").is_file(), output[-3000:]  # merged despite rank 0's failure
     rows = [json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()]
-    assert {r["key"]: r["status"] for r in rows} == {"file:a.nii.gz": "done", "file:b.nii.gz": "done"}
-    assert {r["rank"] for r in rows} == {0, 1} and all(Path(r["output"]).is_file() for r in rows)
-    assert blocker.is_dir()  # nothing of the user's removed
+    assert {r["key"]: (r["status"], r["rank"]) for r in rows} == {"file:a.nii.gz": ("done", 0),
+                                                                   "file:b.nii.gz": ("done", 1)}
+    assert all(Path(r["output"]).is_file() for r in rows)
+    said, errors = rank_log(tmp_path / "logs", 0), rank_log(tmp_path / "logs", 0, "stderr")
+    for rank in (0, 1):
+        assert re.search(rf"^rank {rank}: failed: lost its output folder after 1 done \(rank {rank}\); its series "
+                         r"are not in these counts", said, re.M), said[-3000:]
+    assert "summary: 0 series: 0 done, 0 skipped, 0 failed" in said, said[-3000:]
+    assert "error: the run is incomplete (no series was counted): ranks 0, 1 failed" in errors, errors[-3000:]
+    assert "no series found" not in errors
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_a_rank_that_cannot_start_stops_every_rank_at_once_named_by_rank_0(tmp_path, shared_data):
+    """Rank 1 cannot take its lock on the output (a process of an earlier job still holds it: here the test), so it
+    fails before the first collective. Before, rank 0 waited for it there (on one machine until torchrun stopped
+    it, saying nothing of rank 1; on another machine for BATCH_TIMEOUT, 7 days). Now the ranks tell each other
+    after planning whether they could start: rank 0 names rank 1 and its error, every rank stops before any
+    work, and the job exits non-zero."""
+    import fcntl
+
+    root, out = tmp_path / "tree", tmp_path / "out"
+    _two_series(root, shared_data)
+    (out / MANIFEST_DIR).mkdir(parents=True)
+    holder = os.open(out / MANIFEST_DIR / "lock-rank-00001", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(holder, f"pid {os.getpid()} (the test), rank 1 of 2\n".encode())
+        command = [*torchrun_command(root, out, tmp_path / "logs"), "--no-progress"]
+        process, output, seconds = run_torchrun_job(command, tmp_path, "run")
+    finally:
+        os.close(holder)
+    assert process.returncode != 0, output[-3000:]
+    said, errors = rank_log(tmp_path / "logs", 0), rank_log(tmp_path / "logs", 0, "stderr")
+    assert re.search(rf"^rank 1: could not start: another denoise-batch run \(pid {os.getpid()} \(the test\)",
+                     said, re.M), said[-3000:] + errors[-3000:]
+    # said on stdout before any rank ends (torchrun stops the others when one ends with an error)
+    assert re.search(r"^error: 1 of 2 ranks could not start: no series was denoised", said, re.M), said[-3000:]
+    assert "another denoise-batch run" in rank_log(tmp_path / "logs", 1, "stderr")  # rank 1 says its own error
+    # nothing done: no record, no output
+    assert not list((out / MANIFEST_DIR).glob("rank-*.jsonl"))
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_DIR]
+    print(f"torchrun job ended in {seconds:.1f} s")

@@ -446,6 +446,15 @@ def cmd_denoise_batch(args: argparse.Namespace) -> int:
     print(f"summary: {summary.line()}; manifest {Path(args.output) / '_denoise_batch' / 'manifest.jsonl'}",
           flush=True)
     if summary.incomplete:  # a rank failed or its summary file was not written (said above): whatever it counted
+        failed = [str(rank) for rank, sentence in summary.incomplete if sentence.startswith("failed")]
+        unwritten = [str(rank) for rank, sentence in summary.incomplete if not sentence.startswith("failed")]
+        counted = "no series was counted" if summary.total == 0 else f"{summary.total} series counted"
+        if failed:  # said even when nothing was counted: not "no series found", which would hide the failure
+            print(f"error: the run is incomplete ({counted}): rank{'s' * (len(failed) > 1)} {', '.join(failed)} failed, said above; the "
+                  "manifest holds what it recorded, a rerun does the rest", file=sys.stderr)
+        if unwritten:
+            print(f"error: the summary file of rank{'s' * (len(unwritten) > 1)} {', '.join(unwritten)} was not written ({counted}), said above",
+                  file=sys.stderr)
         return EXIT_FAILURE
     if summary.total == 0:
         if series_filter.active or is_dicomweb_url(args.input):  # a query that matches nothing today can be right

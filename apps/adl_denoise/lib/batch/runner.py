@@ -29,14 +29,16 @@ in memory at a time.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is the training engine's
 (:func:`lib.engines.engine.setup_distributed`: Gloo on CPU, NCCL with one GPU per ``LOCAL_RANK``), and the only
-collectives are a barrier after planning (then every rank checks that all ranks planned the same series
-list, through files in the shared output folder) and a gather at the end: every rank sends rank 0 its summary, or
-the error that stopped it after planning, and whether its summary file was written; rank 0 merges the manifests and
-says every rank's failed series, superseded derived series and left outputs, and each rank that failed or could not
-write its summary file (the run then exits non-zero). A rank that raises still reaches the gather at once, so no
-rank waits for it; a rank process that dies is noticed by its peers when its connection closes (Gloo) or when
-torchrun stops the others on its machine, else after :data:`BATCH_TIMEOUT`, how long the collectives wait: ranks
-finish at different times (a resumed run may leave one rank with nothing to do).
+collectives are an all-gather after planning (:func:`_start_together`: whether each rank could plan, lock its manifest
+and write its plan digest; when one could not, rank 0 names it and its error and every rank stops before any work,
+at once), then every rank checks that all ranks planned the same series list, through files in the shared output
+folder, and a gather at the end: every rank sends rank 0 its summary, or the error that stopped it after planning,
+and whether its summary file was written; rank 0 merges the manifests (also when rank 0 itself failed: what every
+rank recorded) and says every rank's failed series, superseded derived series and left outputs, and each rank that
+failed or could not write its summary file (the run then exits non-zero). A rank that raises still reaches the
+collective at once, so no rank waits for it; a rank process that dies is noticed by its peers when its connection
+closes (Gloo) or when torchrun stops the others on its machine, else after :data:`BATCH_TIMEOUT`, how long the
+collectives wait: ranks finish at different times (a resumed run may leave one rank with nothing to do).
 """
 from __future__ import annotations
 
@@ -1306,12 +1308,13 @@ def _merged_summary(parts: list[dict], seconds: float) -> BatchSummary:
 
 def run_batch(settings: BatchSettings, report: Callable[[str], None] = print) -> tuple[BatchSummary, bool]:
     """The whole job on this process: one process, or one rank of a ``torchrun`` job. Returns (summary, main):
-    on rank 0 the merged summary of all ranks (``main`` True), elsewhere this rank's own.
+    on rank 0 the merged summary of all ranks (``main`` True; a rank that failed, rank 0 included, is in its
+    ``incomplete``), elsewhere this rank's own.
 
     Raises:
         ValueError: bad source or output (before any work), CUDA asked for but absent.
-        RuntimeError: the ranks do not see the same series (checked before any work); another run is writing to
-            the same output (:class:`~lib.batch.manifest.OutputInUse`).
+        RuntimeError: the ranks do not see the same series, or another rank could not start (checked before any
+            work); another run is writing to the same output (:class:`~lib.batch.manifest.OutputInUse`).
     """
     from ..engines.engine import setup_distributed
 
@@ -1331,13 +1334,20 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
 
     from ..pacs_corrections import without_credentials
 
-    client = dicomweb.make_client(settings.source) if dicomweb.is_dicomweb_url(settings.source) else None
-    items = plan_series(settings, client)
-    manifest = Manifest(settings.output, context.rank, context.world)
-    manifest.lock()  # before reading what earlier runs did: a run still going on is refused, not raced
-    if context.distributed:
-        atomic_write_text(manifest.folder / f"plan-rank-{context.rank:05d}.sha256", _plan_digest(items))
-        dist.barrier()  # every rank has planned: nothing is written yet
+    try:
+        client = dicomweb.make_client(settings.source) if dicomweb.is_dicomweb_url(settings.source) else None
+        items = plan_series(settings, client)
+        manifest = Manifest(settings.output, context.rank, context.world)
+        manifest.lock()  # before reading what earlier runs did: a run still going on is refused, not raced
+        if context.distributed:
+            atomic_write_text(manifest.folder / f"plan-rank-{context.rank:05d}.sha256", _plan_digest(items))
+    except Exception as error:
+        if not context.distributed:
+            raise
+        _start_together(context, report, one_line(error) or type(error).__name__)
+        raise
+    if context.distributed:  # every rank has planned: nothing is written yet
+        _start_together(context, report, "")
     # what this rank tells rank 0 at the end: with several ranks, an error of one rank is carried to the final
     # collective (every rank reaches it) instead of leaving the others waiting there for BATCH_TIMEOUT
     outcome = {"summary": None, "error": "", "summary_file_error": ""}
@@ -1379,15 +1389,46 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
     # peer process is gone (Gloo: the closed connection; one machine: torchrun stops the others)
     dist.gather_object(outcome, parts, dst=0)
     if not context.main:
+        # a failure of this rank was said above and went to rank 0, which says it and sets the job's exit status:
+        # raised here, it would end this process with an error, and torchrun stops the other ranks (within 0.1 s)
+        # when one does, rank 0 while it merges and reports
         if failure is not None:
-            raise failure
+            log.debug("rank %d failed", context.rank, exc_info=failure)
+            return BatchSummary(ranks=1), False
         return own, False
+    # rank 0's own failure too is one rank's (said, ``incomplete``, a non-zero exit): what every rank recorded, rank
+    # 0's series before its error and the other ranks' finished ones, is merged all the same
     total = _merged_summary(parts, time.perf_counter() - wall)
-    if failure is not None:  # rank 0's own error ends its run, after saying the others'
-        for line in _report_lines(total):
-            report(line)
-        raise failure
-    manifest.merge()
     for line in _report_lines(total):
         report(line)
+    manifest.merge()
     return total, True
+
+
+def _start_together(context, report: Callable[[str], None], error: str) -> None:
+    """Instead of a barrier after planning: every rank tells the others whether it could plan, lock its manifest
+    and write its plan digest (``error``: "" when it could). A rank that could not is then known to all at once,
+    where a barrier left the others waiting for it until its process ended (Gloo's "Connection closed by peer",
+    naming no rank) or, while it lingered, for :data:`BATCH_TIMEOUT`. Rank 0 names each such rank and its error;
+    every rank then raises (the failing one its own error, the others a RuntimeError), once rank 0 has said it: no
+    series was denoised.
+
+    Raises:
+        RuntimeError: another rank could not start (this one could).
+    """
+    import torch.distributed as dist
+
+    errors: list = [None] * context.world
+    dist.all_gather_object(errors, error)
+    failed = [(rank, text) for rank, text in enumerate(errors) if text]
+    if not failed:
+        return
+    said = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
+    if context.main:
+        for rank, text in failed:
+            report(f"rank {rank}: could not start: {text}")
+        report(f"error: {len(failed)} of {context.world} ranks could not start: no series was denoised")
+    dist.barrier()  # rank 0 has said it before any rank ends (torchrun stops the others when one ends with an error)
+    if not error:
+        raise RuntimeError(f"{len(failed)} of {context.world} ranks could not start ({said}): no series was "
+                           "denoised; fix that and run again")
