@@ -1504,6 +1504,86 @@ def test_a_hand_out_of_a_series_not_in_the_local_cache_is_one_access_entry_not_a
     assert "Failed to update Image info" not in server_log  # the stock route's warning: nothing was attempted
 
 
+def _send_again_under(pacs, files: list[Path], patient: str) -> None:
+    """The PACS's copy of the series of ``files`` replaced by one of ``patient`` (a merge, a re-sent series): the
+    series removed from the PACS, its files' PatientID changed and sent again."""
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    for series in pacs.get("/series?expand"):
+        if series["MainDicomTags"]["SeriesInstanceUID"] == uid:
+            urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/series/{series['ID']}", method="DELETE"),
+                                   timeout=60)
+    for path in files:
+        dataset = pydicom.dcmread(path)
+        dataset.PatientID = patient
+        dataset.save_as(path, write_like_original=False)
+    pacs.upload_files(files)
+
+
+def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmation_after_a_move(tmp_path,
+                                                                                                tiny_weights):
+    """With ``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false`` MONAI Label records no image info (only a conversion
+    does): ``GET /datastore/image/info`` answered ``{}``, so a client (the Slicer module's reads PatientID and
+    StudyInstanceUID there) had no patient and study to confirm, and once the PACS moved the series every correction
+    and verdict of it was a 409 with no way out. The info of a downloaded series now names them, from its download's
+    header; after the move it names the new patient (the series downloaded anew), a correction and a verdict
+    confirming it are recorded for it, ones confirming the old patient or none are refused."""
+    import requests
+
+    from ADLDenoiseLib import DenoiseServerError
+    from ADLDenoiseLib.client import opened_identity_of
+    from lib.audit.location import default_corrections_dir
+    from lib.imaging import read_volume, write_volume
+    from lib.pacs_corrections import KeptLabels
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = real_ct_series(tmp_path / "ct")
+        pacs.upload_files(files)
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        uid, study, old_patient = str(header.SeriesInstanceUID), str(header.StudyInstanceUID), str(header.PatientID)
+        volume = read_volume(tmp_path / "ct", fill_padding=False)  # a correction on the series' grid, in HU
+        volume.array[:, :16, :16] += 20.0
+        write_volume(volume, tmp_path / "final.nii.gz", output_dtype="float32")
+        model_dir = copy_weights(tiny_weights, tmp_path / "model")
+        server = start_server(pacs.dicomweb, model_dir, tmp_path / "work",
+                              env={"MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI": "false"})
+        try:
+            client = DenoiseServerClient(server.url)
+
+            def info() -> dict:
+                answer = requests.get(f"{server.url}/datastore/image/info", params={"image": uid}, timeout=600)
+                assert answer.status_code == 200, answer.text[:500]
+                return answer.json()
+
+            assert client.next_study()["id"] == uid  # handed out: downloaded into the server's cache
+            assert [p for p in (tmp_path / "work" / "dicomweb_cache").glob(f"*/{uid}") if p.is_dir()]
+            first = info()
+            assert opened_identity_of(first) == {"patient_id": old_patient, "study_instance_uid": study}, first
+            assert first["SeriesInstanceUID"] == uid and first["Modality"] == "CT" and "path" not in first, first
+            _send_again_under(pacs, files, "MOVED-PATIENT")
+            now = info()  # the series downloaded anew: the new patient's
+            opened = opened_identity_of(now)
+            assert opened == {"patient_id": "MOVED-PATIENT", "study_instance_uid": study}, now
+            moved = f"the PACS moved series {uid} from patient_id {old_patient!r}"
+            for before in ({"patient_id": old_patient, "study_instance_uid": study}, {}):
+                with pytest.raises(DenoiseServerError) as refused:
+                    client.save_correction(uid, tmp_path / "final.nii.gz", opened=before)
+                assert refused.value.status == 409 and moved in str(refused.value), refused.value
+            assert client.save_correction(uid, tmp_path / "final.nii.gz", opened=opened)["label"] == uid
+            kept = KeptLabels(default_corrections_dir(pacs.dicomweb, str(model_dir)))
+            assert kept.info(uid, "final")["series_identity"] == \
+                {"series_instance_uid": uid, "study_instance_uid": study, "patient_id": "MOVED-PATIENT"}
+            with pytest.raises(DenoiseServerError) as refused:
+                client.review(uid, "corrected", "dr_a", opened={})
+            assert refused.value.status == 409 and moved in str(refused.value), refused.value
+            verdict = client.review(uid, "corrected", "dr_a", opened=opened)
+            assert verdict["series_identity"]["patient_id"] == "MOVED-PATIENT", verdict
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
 def test_a_series_sent_to_the_pacs_after_the_listing_is_found_and_queued(tmp_path, tiny_weights, monkeypatch):
     """MONAI Label keeps a DICOMweb datastore's series list for MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (2 hours): a series
     that reached the PACS after the server had listed it (a scan of the day) was "no image in the datastore" (404)

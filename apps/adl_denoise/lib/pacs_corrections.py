@@ -62,7 +62,8 @@ __all__ = ["KeptLabels", "ServerKeptLabelsMixin", "server_kept_labels", "correct
            "check_binding", "CorrectionNotServed", "one_search_per_series", "pacs_identities", "searched_series",
            "bounded_search", "SERIES_IDENTITY_KEY", "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url",
            "corrections_of_other_urls", "without_credentials", "verdict_binding", "refresh_moved_series",
-           "SUPERSEDED", "MOVED", "moved_record", "confirmed_identity", "CONFIRMED_KEYS"]
+           "SUPERSEDED", "MOVED", "moved_record", "confirmed_identity", "CONFIRMED_KEYS", "unconverted_series_info",
+           "series_refresh_locked"]
 
 #: the correction stamp's key holding the identity of the PACS series it corrects (:func:`correction_binding`)
 SERIES_IDENTITY_KEY = "series_identity"
@@ -1028,6 +1029,59 @@ def refresh_moved_series(datastore, image_id: str, what: str = "nothing was sent
                 "study_instance_uid of the series as opened")
         log.warning("%s", said)
         return said
+
+
+#: the keys of :func:`unconverted_series_info`: those MONAI Label records when it converts a downloaded series
+#: (``DICOMWebDatastore._dicom_info``) that a downloaded file's header holds
+_HEADER_INFO_KEYS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "StudyDate", "StudyTime")
+
+
+def unconverted_series_info(datastore, image_id: str) -> Dict[str, Any]:
+    """The image info of a PACS series this server downloaded but MONAI Label does not convert
+    (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false``: it records an info only with a conversion, so the info route
+    answered ``{}``): MONAI Label's keys (:data:`_HEADER_INFO_KEYS`, ``"UNK"`` for one the header lacks, as MONAI
+    Label writes) read from the header of the cached download, under the refresh's lock (a refresh replacing the
+    download meanwhile: never half of each). The header, not the PACS's series search: the download is what the
+    client is served and draws on (and what :func:`correction_binding` compares with the PACS), so the patient and
+    study a client confirms from this info are those of the voxels it had; the PACS's answer of now would let a
+    client confirm the new patient for a volume made from the old patient's download. The routes refresh a moved
+    series' download before reading this (:func:`refresh_moved_series`). ``{}`` for a series not downloaded (as
+    MONAI Label's info of a series not in its cache), a converted one (MONAI Label's own info) and another
+    datastore."""
+    if not isinstance(datastore, ServerKeptLabelsMixin) or getattr(datastore, "_convert_to_nifti", True):
+        return {}
+    import pydicom
+
+    from .pacs import cached_series_folder
+
+    folder = cached_series_folder(datastore, image_id)
+    with series_refresh_locked(datastore, image_id):
+        try:
+            files = sorted(folder.iterdir()) if folder.is_dir() else []
+        except FileNotFoundError:
+            files = []
+        for path in files:
+            try:
+                header = pydicom.dcmread(str(path), stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - not a DICOM file (or removed meanwhile): the next one
+                continue
+            if dicom_text(header.get("SeriesInstanceUID")) != image_id:
+                continue  # another series' file: never named as this one's
+            return {key: dicom_text(header.get(key)) or "UNK" for key in _HEADER_INFO_KEYS}
+    return {}
+
+
+@contextlib.contextmanager
+def series_refresh_locked(datastore, image_id: str) -> Iterator[None]:
+    """The lock :func:`refresh_moved_series` holds while it checks and replaces the series' cached download and
+    records a move, held across threads and processes (``flock``); nothing for another datastore. A correction's
+    checks and its save hold it (:func:`correction_binding` and the label route), so that a refresh never records a
+    move, nor replaces the download, between the checks and the save."""
+    if not isinstance(datastore, ServerKeptLabelsMixin):
+        yield
+        return
+    with datastore._kept._locked(image_id, _REFRESH_LOCK_TAG):  # noqa: SLF001 - the refresh's own lock
+        yield
 
 
 def _forget_image(datastore, image_id: str) -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 __all__ = ["CHUNK", "Cancellation", "DenoiseServerClient", "DenoiseServerError", "TransferCancelled", "cancel_check",
-           "cancel_scope", "stop_if", "write_atomically"]
+           "cancel_scope", "opened_identity_of", "stop_if", "write_atomically"]
 
 logger = logging.getLogger(__name__)
 
@@ -446,6 +446,16 @@ def _error_detail(raw: bytes, content_type: str) -> str:
                 items.append(str(item))
         return "; ".join(items)[:1000]
     return " ".join(str(detail).split())[:1000] if detail else ""
+
+
+def opened_identity_of(info: Mapping[str, Any] | None) -> dict[str, str]:
+    """The patient and study a correction or verdict of a volume confirms (``patient_id``, ``study_instance_uid``),
+    read from the image info (``GET /datastore/image/info``) of the download it was made from: its ``PatientID`` and
+    ``StudyInstanceUID`` (a PACS series' info names them, also on a server that does not convert series to NIfTI);
+    ``{}`` for an info naming no such text (a file's: no PACS series)."""
+    opened = {key: (info or {}).get(keyword) for key, keyword in (("patient_id", "PatientID"),
+                                                                ("study_instance_uid", "StudyInstanceUID"))}
+    return opened if all(isinstance(value, str) for value in opened.values()) else {}
 
 
 class DenoiseServerClient:
@@ -858,10 +868,7 @@ class DenoiseServerClient:
         with self._request("GET", "/datastore/image", {"image": image_id}, action="downloading studies",
                            cancelled=cancelled) as response:
             path = self._download(response, Path(output_dir) / name, cancelled)
-        opened = {key: (info or {}).get(keyword) for key, keyword in (("patient_id", "PatientID"),
-                                                                ("study_instance_uid", "StudyInstanceUID"))}
-        if not all(isinstance(value, str) for value in opened.values()):  # a file's info (no PACS series)
-            opened = {}
+        opened = opened_identity_of(info)
         seen = self._downloads_opened.setdefault(image_id, set())
         seen.add((opened["patient_id"], opened["study_instance_uid"]) if opened else None)
         if opened and len(seen) == 1:  # another identity before: whose volume a call without opened= is, unknown

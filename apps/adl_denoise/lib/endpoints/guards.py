@@ -866,16 +866,20 @@ def guarded_get_image_info(image: str, user: User = Depends(RBAC(_USER))):
     ``{}``: nothing read, nothing recorded. A cached PACS series the PACS moved to another patient or study is
     downloaded anew first (:func:`lib.pacs_corrections.refresh_moved_series`: its info named the old patient until
     the series was opened, and a client confirms a correction with it); 404 / 409 for a cached series the PACS no
-    longer lists, or lists under several identities."""
+    longer lists, or lists under several identities. With ``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false`` (MONAI
+    Label records no info then: it answered ``{}``) a downloaded series' info is read from its download's header
+    (:func:`lib.pacs_corrections.unconverted_series_info`): it names the series' PatientID and StudyInstanceUID,
+    which a client confirms a correction or verdict with once the PACS moved the series (it had none to confirm:
+    every one was a 409)."""
     from monailabel.endpoints.datastore import get_image_info
 
-    from ..pacs_corrections import refresh_moved_series
+    from ..pacs_corrections import refresh_moved_series, unconverted_series_info
 
     check_name(image, "image")
     datastore = app().datastore()
     if refresh_moved_series(datastore, image, "its info was not sent"):
         datastore.get_image_uri(image)  # downloaded (bounded) and converted anew: the info of the series of now
-    answer = _without_path(get_image_info(image))
+    answer = _without_path(get_image_info(image)) or unconverted_series_info(datastore, image)
     if answer:
         _recorded_read(IMAGE_INFO_READ, {"image": image}, "the image's info was not sent")
     return answer
