@@ -1584,6 +1584,105 @@ def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmati
         stop_orthanc(pacs)
 
 
+def _waiting_on(lock_file: Path) -> bool:
+    """Whether a process waits for a ``flock`` of ``lock_file`` (a ``->`` line of ``/proc/locks`` on its inode)."""
+    inode = lock_file.stat().st_ino
+    return any(line.split("->", 1)[1].split()[4].endswith(f":{inode}")
+               for line in Path("/proc/locks").read_text().splitlines() if "->" in line)
+
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks to see a waiting lock")
+def test_a_correction_save_and_a_refresh_of_its_moved_series_never_interleave(tmp_path, tiny_weights):
+    """A correction's save checked the series' move record and download, then saved, holding no lock: a refresh
+    (another request, or another process on the same folders, downloading the moved series anew) could record the
+    move and replace the download between the checks and the save. The save now holds the refresh's lock from its
+    checks to the save. A real refresh (this test's process, on the server's folders) is held inside that lock while
+    the series moved to another patient; a correction PUT meanwhile (confirming nothing, as a client that opened the
+    series before the move) waits for the lock (it was saved at once, 200), then sees the move and is refused (409),
+    nothing saved."""
+    import threading
+
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    from lib import pacs_corrections
+    from lib.audit.location import default_corrections_dir
+    from lib.imaging import read_volume, write_volume
+    from lib.pacs import bound_waits, cached_series_folder
+    from lib.pacs_corrections import KeptLabels, moved_record, refresh_moved_series, server_kept_labels
+
+    pacs = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = real_ct_series(tmp_path / "ct")
+        pacs.upload_files(files)
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        old_patient = str(pydicom.dcmread(files[0], stop_before_pixels=True).PatientID)
+        volume = read_volume(tmp_path / "ct", fill_padding=False)  # a correction on the series' grid, in HU
+        volume.array[:, :16, :16] += 20.0
+        write_volume(volume, tmp_path / "final.nii.gz", output_dtype="float32")
+        model_dir = copy_weights(tiny_weights, tmp_path / "model")
+        server = start_server(pacs.dicomweb, model_dir, tmp_path / "work")
+        try:
+            answer = requests.get(f"{server.url}/datastore/image", params={"image": uid}, timeout=600)
+            assert answer.status_code == 200, answer.text[:500]  # opened (downloaded, converted) before the move
+            kept = Path(default_corrections_dir(pacs.dicomweb, str(model_dir)))
+            # another process on the server's folders (as a batch infer or training subprocess)
+            store = DICOMWebDatastore(DICOMwebClient(pacs.dicomweb), search_filter={"Modality": "CT"},
+                                      cache_path=str(tmp_path / "work" / "dicomweb_cache"))
+            bound_waits(store)
+            server_kept_labels(store, kept)
+            assert cached_series_folder(store, uid).is_dir()  # the server's download
+            _send_again_under(pacs, files, "MOVED-PATIENT")
+            inside, go_on = threading.Event(), threading.Event()
+            record_move = pacs_corrections._record_move
+
+            def held_in_the_lock(*args, **kwargs):  # the refresh holds its lock here: it has found the move
+                inside.set()
+                assert go_on.wait(600)
+                return record_move(*args, **kwargs)
+
+            refreshed: dict = {}
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(pacs_corrections, "_record_move", held_in_the_lock)
+                refresh = threading.Thread(target=lambda: refreshed.update(said=refresh_moved_series(store, uid)))
+                refresh.start()
+                try:
+                    assert inside.wait(600), "the refresh did not find the move"
+                    saved: dict = {}
+
+                    def save() -> None:
+                        with open(tmp_path / "final.nii.gz", "rb") as handle:
+                            saved["answer"] = requests.put(
+                                f"{server.url}/datastore/label", params={"image": uid, "tag": "final"},
+                                data={"params": "{}"}, files={"label": ("final.nii.gz", handle)}, timeout=600)
+
+                    saving = threading.Thread(target=save)
+                    saving.start()
+                    lock_file = kept / ".locks" / ".refresh" / f"{uid}.lock"
+                    deadline = time.monotonic() + 600
+                    while saving.is_alive() and not _waiting_on(lock_file) and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    assert saving.is_alive() and _waiting_on(lock_file), \
+                        ("the save did not wait for the refresh's lock", getattr(saved.get("answer"), "text", None))
+                finally:
+                    go_on.set()
+                    refresh.join(600)
+            saving.join(600)
+            assert "removed, the series is downloaded again" in (refreshed.get("said") or ""), refreshed
+            assert moved_record(store, uid)["from"]["patient_id"] == old_patient
+            answer = saved["answer"]
+            assert answer.status_code == 409, answer.text[:1000]
+            detail = answer.json()["detail"]
+            assert f"the PACS moved series {uid} from patient_id {old_patient!r}" in detail, detail
+            assert "nothing was saved" in detail, detail
+            assert KeptLabels(kept).info(uid, "final") is None
+        finally:
+            stop_server(server)
+    finally:
+        stop_orthanc(pacs)
+
+
 def test_a_series_sent_to_the_pacs_after_the_listing_is_found_and_queued(tmp_path, tiny_weights, monkeypatch):
     """MONAI Label keeps a DICOMweb datastore's series list for MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (2 hours): a series
     that reached the PACS after the server had listed it (a scan of the day) was "no image in the datastore" (404)

@@ -735,7 +735,9 @@ def correction_binding(datastore, image_id: str, confirmed: Optional[Dict[str, s
     """The stamp keys binding a label saved for the PACS series ``image_id`` to it (``{SERIES_IDENTITY_KEY: {...}}``:
     the one identity the PACS lists it under now); ``{}`` for another datastore (a local correction is bound by its
     image file's SHA-256). ``confirmed``: the patient and study the client drew the label on
-    (:func:`confirmed_identity`), None when it says none.
+    (:func:`confirmed_identity`), None when it says none. The caller holds :func:`series_refresh_locked` from
+    this check to the label's save (the label route does): a refresh then never records a move or replaces the
+    download checked in between.
 
     Raises:
         CorrectionNotServed: 404, the PACS no longer lists the series; 409, it lists it under several studies or

@@ -985,7 +985,7 @@ def guarded_save_label(
     from ..activelearning import refuse_unreviewable
     from ..data.regions import REGIONS_TAG, RegionsError, load_correction_regions
     from ..pacs import disk_full
-    from ..pacs_corrections import confirmed_identity, correction_binding
+    from ..pacs_corrections import confirmed_identity, correction_binding, series_refresh_locked
     from ..trainers import CORRECTION_KEYS, correction_stamp
 
     check_name(image, "image")
@@ -1012,26 +1012,30 @@ def guarded_save_label(
                 load_correction_regions(image, datastore.get_image_uri(image), upload, params, _max_voxels())
             except RegionsError as error:
                 raise HTTPException(status_code=422, detail=str(error)) from None
-        stamp = correction_stamp(upload, user.username if user else None, datastore.get_image_uri(image))
-        stamp.update(correction_binding(datastore, image, confirmed))  # a PACS series: its series, study, patient
-        save_params.pop("user", None)  # who saved it is the token's user (the stamp's saved_by), never the body's
-        if user and user.username:
-            stamp["user"] = user.username
-        if tag == "final":
-            stamp["regions_sha256"] = _regions_sent_with(image, save_params.pop("regions_sha256", None))
-        for key in CORRECTION_KEYS:  # the server's stamp alone: a client's value of a key it does not set is dropped
-            save_params.pop(key, None)
-        save_params.update(stamp)
-        try:
-            label_id = datastore.save_label(image, str(upload), tag, save_params)
-        except OSError as error:
-            if not disk_full(error):  # ENOSPC or EDQUOT, wrapped or not
-                raise
-            log.error("PUT /datastore/label %s (%s): the label did not fit on the disk: %s", image, tag, error)
-            raise HTTPException(status_code=507, detail=(
-                f"the {tag} label of {image} was not saved: the disk where this server keeps labels is full (no "
-                "space left); nothing of it was kept and the label saved before (if any) is unchanged: free some "
-                "space there and send it again")) from None
+        # a PACS series: the refresh's lock held from the checks to the save (across processes), so that another
+        # request re-downloading the moved series never records the move, nor replaces the download checked,
+        # between them (the save then bound a correction drawn before the move to the identity checked)
+        with series_refresh_locked(datastore, image):
+            stamp = correction_stamp(upload, user.username if user else None, datastore.get_image_uri(image))
+            stamp.update(correction_binding(datastore, image, confirmed))  # a PACS series: its series, study, patient
+            save_params.pop("user", None)  # who saved it is the token's user (the stamp's saved_by), never the body's
+            if user and user.username:
+                stamp["user"] = user.username
+            if tag == "final":
+                stamp["regions_sha256"] = _regions_sent_with(image, save_params.pop("regions_sha256", None))
+            for key in CORRECTION_KEYS:  # the server's stamp alone: a client's value of a key it does not set: dropped
+                save_params.pop(key, None)
+            save_params.update(stamp)
+            try:
+                label_id = datastore.save_label(image, str(upload), tag, save_params)
+            except OSError as error:
+                if not disk_full(error):  # ENOSPC or EDQUOT, wrapped or not
+                    raise
+                log.error("PUT /datastore/label %s (%s): the label did not fit on the disk: %s", image, tag, error)
+                raise HTTPException(status_code=507, detail=(
+                    f"the {tag} label of {image} was not saved: the disk where this server keeps labels is full (no "
+                    "space left); nothing of it was kept and the label saved before (if any) is unchanged: free some "
+                    "space there and send it again")) from None
         answer = app().on_save_label(image, label_id) or {}
         answer.update({"image": image, "label": label_id})
         return answer
