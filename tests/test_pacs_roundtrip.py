@@ -1526,14 +1526,17 @@ def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmati
     StudyInstanceUID there) had no patient and study to confirm, and once the PACS moved the series every correction
     and verdict of it was a 409 with no way out. The info of a downloaded series now names them, from its download's
     header; after the move it names the new patient (the series downloaded anew), a correction and a verdict
-    confirming it are recorded for it, ones confirming the old patient or none are refused."""
+    confirming it are recorded for it, ones confirming the old patient or none are refused. The old patient's
+    correction that the new one replaces, kept aside in ``superseded/``, is a ``label_superseded`` audit entry
+    (who, when, which series, both patients, where it is kept; there was none)."""
     import requests
 
     from ADLDenoiseLib import DenoiseServerError
     from ADLDenoiseLib.client import opened_identity_of
-    from lib.audit.location import default_corrections_dir
+    from lib.audit import AuditLog
+    from lib.audit.location import default_audit_dir, default_corrections_dir
     from lib.imaging import read_volume, write_volume
-    from lib.pacs_corrections import KeptLabels
+    from lib.pacs_corrections import LABEL_SUPERSEDED, KeptLabels
 
     pacs = start_orthanc(tmp_path / "orthanc")
     try:
@@ -1560,6 +1563,9 @@ def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmati
             first = info()
             assert opened_identity_of(first) == {"patient_id": old_patient, "study_instance_uid": study}, first
             assert first["SeriesInstanceUID"] == uid and first["Modality"] == "CT" and "path" not in first, first
+            assert client.save_correction(uid, tmp_path / "final.nii.gz")["label"] == uid  # the old patient's
+            kept = KeptLabels(default_corrections_dir(pacs.dicomweb, str(model_dir)))
+            old_saved = {key: kept.info(uid, "final")[key] for key in ("sha256", "saved_by", "saved_utc")}
             _send_again_under(pacs, files, "MOVED-PATIENT")
             now = info()  # the series downloaded anew: the new patient's
             opened = opened_identity_of(now)
@@ -1570,7 +1576,6 @@ def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmati
                     client.save_correction(uid, tmp_path / "final.nii.gz", opened=before)
                 assert refused.value.status == 409 and moved in str(refused.value), refused.value
             assert client.save_correction(uid, tmp_path / "final.nii.gz", opened=opened)["label"] == uid
-            kept = KeptLabels(default_corrections_dir(pacs.dicomweb, str(model_dir)))
             assert kept.info(uid, "final")["series_identity"] == \
                 {"series_instance_uid": uid, "study_instance_uid": study, "patient_id": "MOVED-PATIENT"}
             with pytest.raises(DenoiseServerError) as refused:
@@ -1582,6 +1587,21 @@ def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmati
             stop_server(server)
     finally:
         stop_orthanc(pacs)
+    # the old patient's correction, replaced, is kept aside: an audit entry says so (who, when, which series, both
+    # patients, where), between the save's pending entry and its confirmation (there was none)
+    audit = AuditLog(default_audit_dir(pacs.dicomweb, str(model_dir)))
+    aside = audit.entries(LABEL_SUPERSEDED)
+    assert len(aside) == 1, aside
+    fields = aside[0]["fields"]
+    assert fields["image"] == uid and fields["tag"] == "final" and fields["moved"] is True, fields
+    assert fields["superseded_identity"]["patient_id"] == old_patient, fields
+    assert fields["by_identity"]["patient_id"] == "MOVED-PATIENT", fields
+    assert fields["route"] == "PUT /datastore/label" and fields["client"] == "127.0.0.1", fields
+    assert {key: fields[key] for key in old_saved} == old_saved, fields  # the correction aside: whose, when
+    assert (kept.root / fields["kept_in"] / f"{uid}.json").is_file(), fields
+    events = [(e["event"], e["fields"].get("image")) for e in audit.entries() if e["seq"] > aside[0]["seq"] - 2]
+    assert [event for event, _ in events[:3]] == ["label_saving", LABEL_SUPERSEDED, "label_saved"], events
+    assert audit.verify().ok
 
 
 def _waiting_on(lock_file: Path) -> bool:

@@ -63,7 +63,7 @@ __all__ = ["KeptLabels", "ServerKeptLabelsMixin", "server_kept_labels", "correct
            "bounded_search", "SERIES_IDENTITY_KEY", "LABEL_EXTENSIONS", "STUDIES_NOTE", "note_studies_url",
            "corrections_of_other_urls", "without_credentials", "verdict_binding", "refresh_moved_series",
            "SUPERSEDED", "MOVED", "moved_record", "confirmed_identity", "CONFIRMED_KEYS", "unconverted_series_info",
-           "series_refresh_locked"]
+           "LABEL_SUPERSEDED", "series_refresh_locked"]
 
 #: the correction stamp's key holding the identity of the PACS series it corrects (:func:`correction_binding`)
 SERIES_IDENTITY_KEY = "series_identity"
@@ -72,6 +72,8 @@ LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 #: ``<root>/<tag>/superseded/``: the labels a save for another series identity replaced (:meth:`KeptLabels.save`),
 #: each in a folder of its own with its info; no label is read from there (never listed, sent, trained on, counted)
 SUPERSEDED = "superseded"
+#: the audit event of a kept label moved aside to :data:`SUPERSEDED` by a save for another series identity
+LABEL_SUPERSEDED = "label_superseded"
 
 
 def _identity_of(info: Optional[Dict[str, Any]]) -> Optional[Dict[str, str]]:
@@ -178,10 +180,13 @@ class KeptLabels:
             return []
         return sorted(p.name[: -len(".json")] for p in folder.glob("*.json") if self.info(p.name[:-5], tag))
 
-    def save(self, image_id: str, label_filename: str, tag: str, info: Dict[str, Any]) -> str:
+    def save(self, image_id: str, label_filename: str, tag: str, info: Dict[str, Any],
+             superseded: Optional[Callable[[Dict[str, Any]], None]] = None) -> str:
         """Keep a copy of ``label_filename`` as ``image_id``'s label ``tag`` with ``info`` (replacing an earlier
         one: removed when it records the same series identity, else kept aside with its info, see the class);
-        returns ``image_id`` (the label's id, as a local datastore's)."""
+        returns ``image_id`` (the label's id, as a local datastore's). ``superseded``: called, under the label's
+        lock, with what was kept aside (:meth:`_move_aside`) when an earlier label of another identity was (the
+        audit entry of it: :meth:`ServerKeptLabelsMixin.save_label`)."""
         folder = self.root / tag
         ext = _extension(label_filename)
         with self._locked(image_id, tag):  # another process's save / info update: before or after, never between
@@ -207,7 +212,9 @@ class KeptLabels:
                     shutil.rmtree(aside, ignore_errors=True)
                 raise
             if aside is not None:
-                self._move_aside(image_id, tag, earlier, aside, earlier_info, info)
+                kept_aside = self._move_aside(image_id, tag, earlier, aside, earlier_info, info)
+                if superseded is not None:
+                    superseded(kept_aside)
             elif earlier is not None and earlier.parent != version:
                 shutil.rmtree(earlier.parent, ignore_errors=True)
         return image_id
@@ -233,11 +240,17 @@ class KeptLabels:
         return aside
 
     def _move_aside(self, image_id: str, tag: str, earlier: Path, aside: Path, earlier_info: Dict[str, Any],
-                    info: Dict[str, Any]) -> None:
+                    info: Dict[str, Any]) -> Dict[str, Any]:
         """The earlier version's folder (its file and info) renamed onto ``aside``, said in the log. The new label is
-        saved by now: a rename that fails leaves the earlier one where it was, with its info (an ERROR says where)."""
+        saved by now: a rename that fails leaves the earlier one where it was, with its info (an ERROR says where).
+        Returns what was kept aside: ``superseded_identity`` (the earlier label's series identity),
+        ``by_identity`` (the new one's), ``kept_in`` (its folder, relative to the root), ``moved`` (False when the
+        rename failed), and the earlier label's ``saved_by``, ``saved_utc``, ``sha256``."""
         before, after = _identity_words(earlier_info.get(SERIES_IDENTITY_KEY)), \
             _identity_words(info.get(SERIES_IDENTITY_KEY))
+        said = {"superseded_identity": earlier_info.get(SERIES_IDENTITY_KEY),
+                "by_identity": info.get(SERIES_IDENTITY_KEY),
+                **{key: earlier_info.get(key) for key in ("saved_by", "saved_utc", "sha256")}}
         try:
             os.rename(earlier.parent, aside)  # one rename onto the empty folder reserved for it: file and info
             fsync_path(aside.parent)
@@ -246,9 +259,10 @@ class KeptLabels:
             log.error("kept label %s (%s) replaced by one saved for %s; the earlier one, saved for %s, could not be "
                       "moved aside (%s): it stays in %s with its info (%s.json), not listed, sent nor trained on",
                       image_id, tag, after, before, error, earlier.parent, image_id)
-            return
+            return {**said, "kept_in": str(earlier.parent.relative_to(self.root)), "moved": False}
         log.warning("kept label %s (%s) replaced by one saved for %s; the earlier one, saved for %s, is kept aside in "
                     "%s (never listed, sent nor trained on)", image_id, tag, after, before, aside)
+        return {**said, "kept_in": str(aside.relative_to(self.root)), "moved": True}
 
     def update_info(self, image_id: str, tag: str, info: Dict[str, Any]) -> None:
         with self._locked(image_id, tag):
@@ -294,7 +308,30 @@ class ServerKeptLabelsMixin:
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
                    label_id: str = "") -> str:
-        return self._kept.save(image_id, label_filename, label_tag, dict(label_info or {}))
+        """The label kept (:meth:`KeptLabels.save`); an earlier label of another patient or study that it replaces,
+        kept aside, is a :data:`LABEL_SUPERSEDED` audit entry (:meth:`_record_superseded`)."""
+        return self._kept.save(image_id, label_filename, label_tag, dict(label_info or {}),
+                               superseded=lambda aside: self._record_superseded(image_id, label_tag, aside))
+
+    def _record_superseded(self, image_id: str, label_tag: str, aside: Dict[str, Any]) -> None:
+        """A :data:`LABEL_SUPERSEDED` entry in the app's audit log (``_results_audit``; none without one): the
+        series and tag, what :meth:`KeptLabels._move_aside` returned (the earlier label's and the new one's
+        identities, where the earlier one is kept) and who saved the new one
+        (:func:`lib.audit.context.request_actor`); the entry's time is when. Written once the earlier label is aside
+        (the new one saved, between the save's ``label_saving`` and ``label_saved`` entries); one that cannot be
+        written is an ERROR (the save stands, as for its ``label_saved`` entry)."""
+        if self._results_audit is None:
+            return
+        from .audit import AuditError
+        from .audit.context import request_actor
+
+        try:
+            self._results_audit.append(LABEL_SUPERSEDED, {"image": image_id, "tag": label_tag, **aside,
+                                                          **request_actor()})
+        except AuditError:
+            log.exception("kept label %s (%s): the earlier one, of another patient or study, is kept in %s, but its "
+                          "audit entry (%s) could not be written", image_id, label_tag, aside.get("kept_in"),
+                          LABEL_SUPERSEDED)
 
     def checked_label(self, label_id: str, label_tag: str,
                       refused: Optional[str] = None) -> Optional[Tuple[Path, Dict[str, Any]]]:
