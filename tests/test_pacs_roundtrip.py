@@ -1533,6 +1533,7 @@ def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmati
 
     from ADLDenoiseLib import DenoiseServerError
     from ADLDenoiseLib.client import opened_identity_of
+    from ADLDenoiseLib.review_session import SeriesMoved, refused_as_moved, send_verdict
     from lib.audit import AuditLog
     from lib.audit.location import default_audit_dir, default_corrections_dir
     from lib.imaging import read_volume, write_volume
@@ -1575,12 +1576,20 @@ def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmati
                 with pytest.raises(DenoiseServerError) as refused:
                     client.save_correction(uid, tmp_path / "final.nii.gz", opened=before)
                 assert refused.value.status == 409 and moved in str(refused.value), refused.value
+                # the Slicer module's words: open the series again (the server's told an API client to send params)
+                with pytest.raises(SeriesMoved) as refused, refused_as_moved(uid, "correction"):
+                    client.save_correction(uid, tmp_path / "final.nii.gz", opened=before)
+                said = str(refused.value)
+                assert refused.value.what == "correction" and moved in said, said
+                assert "correction was NOT saved" in said and "Open it again (Next study) and redo the correction" \
+                    in said and "params" not in said and "image info" not in said, said
             assert client.save_correction(uid, tmp_path / "final.nii.gz", opened=opened)["label"] == uid
             assert kept.info(uid, "final")["series_identity"] == \
                 {"series_instance_uid": uid, "study_instance_uid": study, "patient_id": "MOVED-PATIENT"}
-            with pytest.raises(DenoiseServerError) as refused:
-                client.review(uid, "corrected", "dr_a", opened={})
-            assert refused.value.status == 409 and moved in str(refused.value), refused.value
+            with pytest.raises(SeriesMoved) as refused:
+                send_verdict(client, uid, {"verdict": "corrected", "reviewer": "dr_a", "opened": {}})
+            said = str(refused.value)
+            assert moved in said and "Open it again (Next study)" in said and "image info" not in said, said
             verdict = client.review(uid, "corrected", "dr_a", opened=opened)
             assert verdict["series_identity"]["patient_id"] == "MOVED-PATIENT", verdict
         finally:

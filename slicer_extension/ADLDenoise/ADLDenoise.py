@@ -47,6 +47,7 @@ from ADLDenoiseLib.review_session import (
     WorkflowError,
     describe_error,
     describe_verdict,
+    refused_as_moved,
     send_verdict,
     snapshot_matches_files,
 )
@@ -464,10 +465,12 @@ class ADLDenoiseLogic(ScriptedLoadableModuleLogic):
             if report:
                 report(None, f"saving {len(regions['regions'])} marked region(s) ...")
             path = prepare_region_file(regions["map"], regions["grid"], regions["path"], regions["study_file"])
-            regions_sha256 = client.save_regions(image_id, path, regions["regions"], opened=opened)["sha256"]
+            with refused_as_moved(image_id, "correction"):  # a moved series: said in the module's words
+                regions_sha256 = client.save_regions(image_id, path, regions["regions"], opened=opened)["sha256"]
         if report:
             report(None, "saving the correction ...")
-        client.save_correction(image_id, corrected_path, regions_sha256=regions_sha256, opened=opened)
+        with refused_as_moved(image_id, "correction"):
+            client.save_correction(image_id, corrected_path, regions_sha256=regions_sha256, opened=opened)
         request = {"verdict": "corrected", "reviewer": reviewer, "model": model, "result_seq": result_seq,
                    "opened": opened}
         return image_id, send_verdict(client, image_id, request,
@@ -1394,7 +1397,9 @@ class ADLDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.session.verdict_refused(identity)
             self.ui.reviewStatusLabel.text = "verdict not recorded: denoise the volume again"
         elif isinstance(error, SeriesMoved):  # its id stays: the series is opened again, not uploaded
-            self.ui.reviewStatusLabel.text = "verdict not recorded: the PACS moved the series; open it again"
+            self.ui.reviewStatusLabel.text = \
+                f"{error.what} not {'saved' if error.what == 'correction' else 'recorded'}: the PACS moved the " \
+                "series; open it again (Next study)"
 
     # --- fine-tune
     def onTrain(self):

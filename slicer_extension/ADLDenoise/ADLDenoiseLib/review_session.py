@@ -26,6 +26,7 @@ The module only wires Qt to :class:`ReviewSession`; every transition below is te
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import re
@@ -33,7 +34,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -45,7 +46,7 @@ __all__ = ["FILES_PENDING", "StudyIdentity", "ResultRecord", "BlendRecord", "Rev
            "FilesCheck", "RescaleNotApplied", "NotConfirmed",
            "verify_snapshot",
            "VerdictRefused", "SeriesMoved", "content_identity", "dicom_identity", "describe_error", "describe_verdict",
-           "send_verdict", "VERDICTS", "hashed_grid"]
+           "send_verdict", "refused_as_moved", "VERDICTS", "hashed_grid"]
 
 VERDICTS = ("accepted", "rejected", "corrected")
 #: what a ``files_match`` of :meth:`ReviewSession.as_loaded` answers while the series' files are still being read
@@ -95,11 +96,51 @@ class VerdictRefused(WorkflowError):
 
 
 class SeriesMoved(WorkflowError):
-    """The server refused a verdict on a PACS series that its PACS moved to another patient or study since the
-    volume was opened (HTTP 409): nothing was recorded; the series is to be opened again (Next study), not denoised
-    again from this volume (the server holds it under its id: an upload of it is refused). ``status`` is 409."""
+    """The server refused a verdict (or a correction, its regions) on a PACS series that its PACS moved to another
+    patient or study since the volume was opened (HTTP 409): nothing was recorded; the series is to be opened again
+    (Next study), not denoised again from this volume (the server holds it under its id: an upload of it is
+    refused). ``status`` is 409; ``what``: what was refused ("verdict", "correction")."""
 
     status = 409
+
+    def __init__(self, message: str, what: str = "verdict") -> None:
+        super().__init__(message)
+        self.what = what
+
+
+#: words of the server's 409 refusing a correction or verdict drawn on a series that its PACS moved since it was
+#: opened (``lib.pacs_corrections``)
+_MOVED_WORDS = ("the PACS moved series", "the request says the series was opened as")
+
+
+def _moved_detail(error: BaseException) -> str | None:
+    """The server's words when ``error`` is its 409 for a series its PACS moved since the volume was opened, without
+    the remedy it gives API clients ("... save it with params patient_id and study_instance_uid ...": words of the
+    server's API, which the module sends itself); None for any other error."""
+    if getattr(error, "status", None) != 409:
+        return None
+    detail = re.sub(r"^server said 409: ", "", str(error))
+    if not any(words in detail for words in _MOVED_WORDS):
+        return None
+    return re.sub(r"\s*\(open the series again\b.*\)\s*$", "", detail, flags=re.S)
+
+
+@contextlib.contextmanager
+def refused_as_moved(image_id: str, what: str = "correction", done_before: str = "") -> Iterator[None]:
+    """Within it, the server's 409 refusing ``what`` (a correction, its marked regions) because the PACS moved the
+    series since the volume was opened is :class:`SeriesMoved`, saying in the module's words what to do: open the
+    series again (Next study) and redo it there (the server's text told an API client to send ``params``, which
+    a module user cannot do); ``done_before``: what was done before it. Any other error goes through as it is."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - turned into words here when it is the server's "moved" 409
+        detail = _moved_detail(error)
+        if detail is None:
+            raise
+        raise SeriesMoved(
+            (f"{done_before}, but " if done_before else "") + f"the {what} was NOT saved: the PACS lists the series "
+            f"{image_id} under another patient or study than it had when this volume was opened (server: {detail}). "
+            f"Open it again (Next study) and redo the {what} on the volume it opens", what) from None
 
 
 @dataclass(frozen=True)
@@ -367,11 +408,12 @@ def send_verdict(client: Any, image_id: str, request: dict, verdict: str | None 
                                          status) from None
             raise
         detail = re.sub(r"^server said 409: ", "", str(error))
-        if "the PACS moved series" in detail or "the request says the series was opened as" in detail:
+        moved = _moved_detail(error)  # without the remedy the server gives API clients
+        if moved is not None:
             raise SeriesMoved(
                 (f"{done_before}, but " if done_before else "") + "the verdict was NOT recorded: the PACS lists the "
                 f"series {image_id} under another patient or study than it had when this volume was opened (server: "
-                f"{detail}). Open it again (Next study) and review it as it is listed now") from None
+                f"{moved}). Open it again (Next study) and review it as it is listed now") from None
         raise VerdictRefused(
             (f"{done_before}, but " if done_before else "") + f"the verdict was NOT recorded: the server's study "
             f"{image_id} no longer holds the result you looked at (server: {detail}). Denoise the volume again, look "
