@@ -1094,6 +1094,8 @@ def unconverted_series_info(datastore, image_id: str) -> Dict[str, Any]:
     from .pacs import cached_series_folder
 
     folder = cached_series_folder(datastore, image_id)
+    if not folder.is_dir():  # nothing downloaded: no lock file made for an id that is none (any id may be asked)
+        return {}
     with series_refresh_locked(datastore, image_id):
         try:
             files = sorted(folder.iterdir()) if folder.is_dir() else []
