@@ -120,13 +120,14 @@ def rank_log(logs: Path, rank: int, stream: str = "stdout") -> str:
     return next(logs.glob(f"*/attempt_0/{rank}/{stream}.log")).read_text()
 
 
-def run_torchrun_job(command: list[str], tmp_path: Path, name: str) -> tuple[subprocess.Popen, str, float]:
-    """Run a torchrun ``command`` (its output to ``tmp_path/name.log``, TMPDIR in ``tmp_path``) to its end; on a
-    hang (:data:`TIMEOUT`) torchrun and its workers (each in a session of its own) are killed and the test fails.
-    Returns (the ended process, its output, seconds it ran)."""
+def run_torchrun_job(command: list[str], tmp_path: Path, name: str, extra_env: dict[str, str] | None = None
+                     ) -> tuple[subprocess.Popen, str, float]:
+    """Run a torchrun ``command`` (its output to ``tmp_path/name.log``, TMPDIR in ``tmp_path``, ``extra_env`` added)
+    to its end; on a hang (:data:`TIMEOUT`) torchrun and its workers (each in a session of its own) are killed and
+    the test fails. Returns (the ended process, its output, seconds it ran)."""
     log = tmp_path / f"{name}.log"
     started = time.monotonic()
-    process = processes.start(command, log, env=processes.torchrun_env(tmp_path))
+    process = processes.start(command, log, env={**processes.torchrun_env(tmp_path), **(extra_env or {})})
     groups = {process.pid}
     try:
         deadline = started + TIMEOUT
@@ -299,7 +300,9 @@ def test_torchrun_two_processes_match_one_process(tree, reference, tmp_path):
     result = processes.run(torchrun_command(root, out, tmp_path / "logs"), TIMEOUT, env=processes.torchrun_env(tmp_path))
     assert (f"summary: {len(GOOD) + len(BAD) + 1} series: {len(GOOD)} done, 0 skipped, {len(BAD) + 1} failed"
             in result.stdout), result.stdout + result.stderr[-3000:]
-    assert result.returncode != 0  # failed series: non-zero through torchrun too
+    # non-zero through torchrun: the incomplete run (rank 1's summary file) exits 1, as failed series alone do; the
+    # cause is told by rank 0's stderr (below), which says nothing more of failed series than the summary line
+    assert result.returncode != 0
     rows = latest(out, uids)
     assert_same_outputs(rows, latest(reference[0], uids))
     # every series handled by exactly one rank, and both ranks worked
@@ -320,8 +323,11 @@ def test_torchrun_two_processes_match_one_process(tree, reference, tmp_path):
     assert re.search(r"^rank 1: its summary file was not written \(.*Is a directory.*\); its counts came over",
                      said[0], re.M), said[0][-3000:]
     errors = rank_log(tmp_path / "logs", 0, "stderr")
-    assert f"error: the summary file of rank 1 was not written ({len(GOOD) + len(BAD) + 1} series counted)" \
-        in errors, errors[-3000:]
+    # the one cause said on stderr: rank 1's summary file; no rank failed (its series failing is not a rank failing)
+    assert re.findall(r"^error: .*$", errors, re.M) == [
+        f"error: the summary file of rank 1 was not written ({len(GOOD) + len(BAD) + 1} series counted), said above"], \
+        errors[-3000:]
+    assert not re.search(r"^rank \d+: failed: ", said[0], re.M), said[0][-3000:]
     assert blocker.is_dir()
 
 
@@ -1509,35 +1515,109 @@ def test_a_failed_rank_0_still_merges_what_every_rank_recorded_and_an_uncounted_
     assert "no series found" not in errors
 
 
+def _torchrun_with(wrapper: Path | None, nproc: int, root: Path, out: Path, logs: Path) -> list[str]:
+    """A torchrun job of ``nproc`` ranks on one machine (each rank's output teed under ``logs``), each rank running
+    ``wrapper`` (which runs the CLI) when given, else the CLI."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "--tee", "3",
+            "--log-dir", str(logs), *([str(wrapper)] if wrapper else []), str(CLI), *batch_args(root, out),
+            "--no-progress"]
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_a_rank_that_cannot_start_stops_every_rank_at_once_named_by_rank_0(tmp_path, shared_data):
-    """Rank 1 cannot take its lock on the output (a process of an earlier job still holds it: here the test), so it
-    fails before the first collective. Before, rank 0 waited for it there (on one machine until torchrun stopped
-    it, saying nothing of rank 1; on another machine for BATCH_TIMEOUT, 7 days). Now the ranks tell each other
-    after planning whether they could start: rank 0 names rank 1 and its error, every rank stops before any
-    work, and the job exits non-zero."""
+    """Ranks 1 and 2 of 3 cannot take their lock on the output (a process of an earlier job still holds each: here
+    the test), so they fail before the first collective. Before, rank 0 waited for them there (on one machine until
+    torchrun stopped it, saying nothing of them; on another machine for BATCH_TIMEOUT, 7 days). Now the ranks tell
+    each other after planning whether they could start: rank 0 names the ranks and their error, once for both (the
+    same error, each naming its own lock's holder: before, one line per rank and the list again in the error),
+    every rank stops before any work, and the job exits non-zero. Each rank that could not start said its own error
+    before the exchange (after it, torchrun may stop it before it can)."""
     import fcntl
 
     root, out = tmp_path / "tree", tmp_path / "out"
     _two_series(root, shared_data)
     (out / MANIFEST_DIR).mkdir(parents=True)
-    holder = os.open(out / MANIFEST_DIR / "lock-rank-00001", os.O_RDWR | os.O_CREAT, 0o644)
+    holders = [os.open(out / MANIFEST_DIR / f"lock-rank-{rank:05d}", os.O_RDWR | os.O_CREAT, 0o644) for rank in (1, 2)]
     try:
-        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(holder, f"pid {os.getpid()} (the test), rank 1 of 2\n".encode())
-        command = [*torchrun_command(root, out, tmp_path / "logs"), "--no-progress"]
+        for rank, holder in zip((1, 2), holders):
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(holder, f"pid {os.getpid()} (the test), rank {rank} of 3\n".encode())
+        command = _torchrun_with(None, 3, root, out, tmp_path / "logs")
         process, output, seconds = run_torchrun_job(command, tmp_path, "run")
     finally:
-        os.close(holder)
+        for holder in holders:
+            os.close(holder)
     assert process.returncode != 0, output[-3000:]
     said, errors = rank_log(tmp_path / "logs", 0), rank_log(tmp_path / "logs", 0, "stderr")
-    assert re.search(rf"^rank 1: could not start: another denoise-batch run \(pid {os.getpid()} \(the test\)",
-                     said, re.M), said[-3000:] + errors[-3000:]
-    # said on stdout before any rank ends (torchrun stops the others when one ends with an error)
-    assert re.search(r"^error: 1 of 2 ranks could not start: no series was denoised", said, re.M), said[-3000:]
-    assert "another denoise-batch run" in rank_log(tmp_path / "logs", 1, "stderr")  # rank 1 says its own error
-    # nothing done: no record, no output
+    # one line for ranks 1 and 2 (rank 1's holder named), on stdout, and the list nowhere else
+    assert re.findall(r"^ranks? .*could not start: .*$", said, re.M) == [
+        f"ranks 1, 2: could not start: another denoise-batch run (pid {os.getpid()} (the test), rank 1 of 3) is "
+        f"writing to {out}: wait for it to end, or choose another --output"], said[-3000:] + errors[-3000:]
+    assert "another denoise-batch run" not in errors, errors[-3000:]
+    assert re.findall(r"^error: .*$", errors, re.M) == [
+        "error: 2 of 3 ranks could not start (said above): no series was denoised; fix that and run again"], \
+        errors[-3000:]
+    for rank in (1, 2):  # each said its own before the exchange
+        assert re.search(rf"^error: rank {rank}: could not start: another denoise-batch run \(pid {os.getpid()} "
+                         rf"\(the test\), rank {rank} of 3\)", rank_log(tmp_path / "logs", rank, "stderr"), re.M)
+    # no output, no record
     assert not list((out / MANIFEST_DIR).glob("rank-*.jsonl"))
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_DIR]
     print(f"torchrun job ended in {seconds:.1f} s")
+
+
+_OTHER_INPUT_ON_RANK_1 = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+if os.environ["RANK"] == "1":  # this rank's machine sees another --input (a series missing)
+    sys.argv[sys.argv.index("--input") + 1] = os.environ["RANK_1_INPUT"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ranks_that_see_different_series_lists_stop_the_job_before_any_work(tmp_path, shared_data):
+    """Rank 1 finds a series less than rank 0 (its machine sees another input). The ranks compare the digests of
+    their series lists in the start exchange: every rank stops before any work, rank 0 says why once on stderr
+    (worker exit status 2). Before (the check ran inside the work of each rank), every rank was a failed rank:
+    "rank N: failed: ranks N and M found different series lists ...; its series are not in these counts (... a
+    rerun does the rest)" and "the run is incomplete", exit status 1, advice that a rerun fails the same way."""
+    root, out = tmp_path / "tree", tmp_path / "out"
+    _two_series(root, shared_data)
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    (fewer / "a.nii.gz").symlink_to(root / "a.nii.gz")
+    wrapper = tmp_path / "other_input.py"
+    wrapper.write_text(_OTHER_INPUT_ON_RANK_1)
+    command = _torchrun_with(wrapper, 2, root, out, tmp_path / "logs")
+    process, output, _ = run_torchrun_job(command, tmp_path, "run", {"RANK_1_INPUT": str(fewer)})
+    assert process.returncode != 0, output[-3000:]
+    said, errors = rank_log(tmp_path / "logs", 0), rank_log(tmp_path / "logs", 0, "stderr")
+    assert re.findall(r"^error: .*$", errors, re.M) == [
+        "error: ranks 0 and 1 found different series lists (is the input the same on every machine, and not "
+        "changing?): nothing was denoised"], errors[-3000:] + said[-3000:]
+    assert "failed" not in said and "incomplete" not in errors, said[-3000:]
+    # a bad start (exit status 2 of the CLI), not a failed run (1)
+    assert re.search(r"exitcode\s*: 2\b", output) and not re.search(r"exitcode\s*: 1\b", output), output[-3000:]
+    # no output, no record
+    assert not list((out / MANIFEST_DIR).glob("rank-*.jsonl")) and not (out / MANIFEST_DIR / "manifest.jsonl").exists()
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_DIR]
+
+
+def test_an_output_folder_not_shared_by_the_ranks_is_said_naming_the_file(tmp_path):
+    """The start exchange's file check (its verdict goes to every rank like the others): a rank that cannot read
+    another rank's plan digest, or reads one that rank did not plan (a folder of this machine alone, left by an
+    earlier run), names the file and says the folder must be shared."""
+    from lib.batch.runner import _plan_files_problem
+
+    (tmp_path / "plan-rank-00000.sha256").write_text("aaa\n")
+    assert _plan_files_problem(tmp_path, ["aaa"], 0) == ""
+    missing = _plan_files_problem(tmp_path, ["aaa", "aaa"], 0)
+    assert missing == (f"rank 0 cannot read {tmp_path / 'plan-rank-00001.sha256'}: the --output folder must be one "
+                       "folder shared by all machines (a network file system)")
+    (tmp_path / "plan-rank-00001.sha256").write_text("old\n")
+    assert _plan_files_problem(tmp_path, ["aaa", "aaa"], 1) == (
+        f"rank 1 finds in {tmp_path / 'plan-rank-00001.sha256'} a series list rank 1 did not plan: the --output "
+        "folder must be one folder shared by all machines (a network file system)")

@@ -417,7 +417,7 @@ def cmd_denoise_batch(args: argparse.Namespace) -> int:
     """Every series of a folder tree or DICOMweb server (:mod:`lib.batch`): thin argument checking."""
     from lib.batch.discovery import SeriesFilter, parse_date_range
     from lib.batch.dicomweb import is_dicomweb_url
-    from lib.batch.runner import BatchSettings, run_batch
+    from lib.batch.runner import BatchSettings, JobNotStarted, run_batch
     from lib.imaging import READ_SUFFIXES
 
     _check_denoise_arguments(args)
@@ -438,16 +438,21 @@ def cmd_denoise_batch(args: argparse.Namespace) -> int:
                              progress=not args.no_progress,
                              file_modality=args.file_modality.upper() if args.file_modality else None)
     try:
-        summary, main_rank = run_batch(settings, report=lambda line: print(line, flush=True))
-    except RuntimeError as error:  # e.g. the ranks do not see the same series
+        summary, main_rank = run_batch(settings, report=lambda line: print(line, flush=True),
+                                       report_error=lambda line: print(f"error: {line}", file=sys.stderr, flush=True))
+    except JobNotStarted as error:  # torchrun: a rank could not start, the ranks do not see the same series, ...
+        if error.said:  # rank 0 said it before the other ranks ended (see run_batch), or this rank its own error
+            return EXIT_BAD_INPUT
+        raise CommandError(str(error)) from None
+    except RuntimeError as error:  # another run writes to the same --output
         raise CommandError(str(error)) from None
     if not main_rank:
         return 0  # rank 0 reports the job and sets its exit status
     print(f"summary: {summary.line()}; manifest {Path(args.output) / '_denoise_batch' / 'manifest.jsonl'}",
           flush=True)
     if summary.incomplete:  # a rank failed or its summary file was not written (said above): whatever it counted
-        failed = [str(rank) for rank, sentence in summary.incomplete if sentence.startswith("failed")]
-        unwritten = [str(rank) for rank, sentence in summary.incomplete if not sentence.startswith("failed")]
+        failed = [str(rank) for rank, kind, _ in summary.incomplete if kind == "failed"]
+        unwritten = [str(rank) for rank, kind, _ in summary.incomplete if kind == "summary file"]
         counted = "no series was counted" if summary.total == 0 else f"{summary.total} series counted"
         if failed:  # said even when nothing was counted: not "no series found", which would hide the failure
             print(f"error: the run is incomplete ({counted}): rank{'s' * (len(failed) > 1)} {', '.join(failed)} failed, said above; the "
@@ -477,7 +482,10 @@ def _add_batch_parser(verbs) -> None:
                     "A manifest (--output/_denoise_batch/) records every series; a rerun skips what is done and "
                     "retries what failed. Under 'torchrun --nproc_per_node N' the series are shared out over the "
                     "processes (largest first, balanced by voxels), one GPU each when there are GPUs. Exit status "
-                    "1 when some series failed; 2 on bad arguments or while another run writes to the same --output.")
+                    "1 when some series failed or the run is incomplete (under torchrun: a rank failed or its "
+                    "summary file was not written; said on stderr); 2 on bad arguments, while another run writes "
+                    "to the same --output, or when a torchrun job stops before any work (a rank could not start, "
+                    "the ranks see different series lists, --output is not shared by all machines).")
     bat.add_argument("--input", "-i", required=True, metavar="FOLDER_OR_URL",
                      help="folder tree, or a DICOMweb service root (http://HOST:PORT/dicom-web)")
     bat.add_argument("--output", "-o", required=True, help="output folder (shared by all machines of a job)")

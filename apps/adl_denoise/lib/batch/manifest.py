@@ -62,7 +62,15 @@ log = logging.getLogger(__name__)
 
 
 class OutputInUse(RuntimeError):
-    """Another batch run holds this rank's lock on the output folder."""
+    """Another batch run holds this rank's lock on the output folder (``holder``: what its lock file says, which
+    differs from rank to rank; ``general``: the message without it, alike on every rank of a job)."""
+
+    def __init__(self, folder: Path, holder: str) -> None:
+        self.folder, self.holder = folder, holder
+        self.general = (f"another denoise-batch run is writing to {folder}: wait for it to end, or choose another "
+                        "--output")
+        super().__init__(f"another denoise-batch run ({holder}) is writing to {folder}: wait for it to end, or "
+                         "choose another --output")
 
 
 def job_key(identity: str, model_requested: str, weights_requested: str | None) -> str:
@@ -126,8 +134,7 @@ class Manifest:
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
                 os.close(fd)
-                raise OutputInUse(f"another denoise-batch run ({holder}) is writing to {self.folder.parent}: wait "
-                                  "for it to end, or choose another --output") from None
+                raise OutputInUse(self.folder.parent, holder) from None
             log.warning("cannot lock %s (%s): make sure no other run writes to this output folder", path,
                         error.strerror)
             os.close(fd)

@@ -29,16 +29,17 @@ in memory at a time.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is the training engine's
 (:func:`lib.engines.engine.setup_distributed`: Gloo on CPU, NCCL with one GPU per ``LOCAL_RANK``), and the only
-collectives are an all-gather after planning (:func:`_start_together`: whether each rank could plan, lock its manifest
-and write its plan digest; when one could not, rank 0 names it and its error and every rank stops before any work,
-at once), then every rank checks that all ranks planned the same series list, through files in the shared output
-folder, and a gather at the end: every rank sends rank 0 its summary, or the error that stopped it after planning,
-and whether its summary file was written; rank 0 merges the manifests (also when rank 0 itself failed: what every
-rank recorded) and says every rank's failed series, superseded derived series and left outputs, and each rank that
-failed or could not write its summary file (the run then exits non-zero). A rank that raises still reaches the
-collective at once, so no rank waits for it; a rank process that dies is noticed by its peers when its connection
-closes (Gloo) or when torchrun stops the others on its machine, else after :data:`BATCH_TIMEOUT`, how long the
-collectives wait: ranks finish at different times (a resumed run may leave one rank with nothing to do).
+collectives are all-gathers after planning (:func:`_start_together`: whether each rank could plan, lock its manifest
+and write its plan digest, and that digest; then whether each rank reads every rank's digest in the output folder,
+which must be shared: when a rank could not start, two ranks planned different series lists or the folder is not
+shared, rank 0 says so and every rank stops before any work, at once, with the same error), and a gather at the end:
+every rank sends rank 0 its summary, or the error that stopped it after planning, and whether its summary file was
+written; rank 0 merges the manifests (also when rank 0 itself failed: what every rank recorded) and says every
+rank's failed series, superseded derived series and left outputs, and each rank that failed or could not write its
+summary file (the run then exits non-zero). A rank that raises still reaches the collective at once, so no rank
+waits for it; a rank process that dies is noticed by its peers when its connection closes (Gloo) or when torchrun
+stops the others on its machine, else after :data:`BATCH_TIMEOUT`, how long the collectives wait: ranks finish at
+different times (a resumed run may leave one rank with nothing to do).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -69,7 +71,7 @@ from .discovery import SeriesFilter, SeriesItem, discover_tree
 from .manifest import Manifest, job_key, latest_by_job
 from .sharding import shard_items
 
-__all__ = ["BATCH_TIMEOUT", "BatchSettings", "BatchSummary", "plan_series", "run_batch", "run_rank"]
+__all__ = ["BATCH_TIMEOUT", "BatchSettings", "BatchSummary", "JobNotStarted", "plan_series", "run_batch", "run_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,9 @@ class BatchSummary:
     #: (series key, sentence) of local outputs an earlier run wrote of this rank's DICOMweb series under the study it
     #: was listed in then (:meth:`_Rank._left_outputs`; merged likewise): the user removes them
     left_outputs: list = field(default_factory=list, repr=False)
-    #: (rank, sentence) of the ranks whose summary rank 0 lacks or got only over the process group (merged summary
-    #: only): the run failed even when no series did
+    #: (rank, kind, sentence) of the ranks whose summary rank 0 lacks (kind "failed": the rank raised) or got only
+    #: over the process group (kind "summary file": its file was not written) (merged summary only): the run failed
+    #: even when no series did
     incomplete: list = field(default_factory=list, repr=False)
 
     @property
@@ -1253,18 +1256,45 @@ class _DeviceConfig:
     device: str
 
 
-def _check_same_plan(folder: Path, digest: str, rank: int, world: int) -> None:
-    """After the first barrier: every rank wrote the digest of its series list; all must be the same."""
-    for other in range(world):
+def _plan_files_problem(folder: Path, digests: list[str], rank: int) -> str:
+    """After the first exchange of :func:`_start_together` (every rank has written its plan digest): why this rank
+    does not find each rank's digest in the output folder ("" when it does): the folder is not one folder shared by
+    all machines. The digests themselves were compared in memory."""
+    for other, digest in enumerate(digests):
         path = folder / f"plan-rank-{other:05d}.sha256"
         try:
             theirs = path.read_text().strip()
         except OSError:
-            raise RuntimeError(f"rank {rank} cannot read {path}: the --output folder must be one folder shared by "
-                               "all machines (a network file system)") from None
-        if theirs != digest:
-            raise RuntimeError(f"ranks {rank} and {other} found different series lists (is the input the same "
-                               "on every machine, and not changing?): nothing was denoised")
+            return (f"rank {rank} cannot read {path}: the --output folder must be one folder shared by all machines "
+                    "(a network file system)")
+        if theirs != digest:  # a file left in a folder of this machine alone by an earlier run
+            return (f"rank {rank} finds in {path} a series list rank {other} did not plan: the --output folder must "
+                    "be one folder shared by all machines (a network file system)")
+    return ""
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """"rank 3", "ranks 0-7", "ranks 0, 2, 5": runs of consecutive ranks joined."""
+    runs: list[list[int]] = []
+    for rank in sorted(ranks):
+        if runs and rank == runs[-1][-1] + 1:
+            runs[-1].append(rank)
+        else:
+            runs.append([rank])
+    text = ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)) for run in runs)
+    return f"rank{'s' * (len(ranks) > 1)} {text}"
+
+
+def _start_error_lines(errors: list[tuple[str, str]]) -> list[str]:
+    """One line per error of the ranks that could not start (``errors``: (text, alike) by rank, ("", "") for a
+    rank that could): ranks whose errors are alike (the same ``alike``; e.g. each rank's lock held, each naming its
+    own holder) share one line, with the lowest rank's text: eight ranks that find the same PACS unreachable say
+    it once."""
+    groups: dict[str, list[int]] = {}
+    for rank, (text, alike) in enumerate(errors):
+        if text:
+            groups.setdefault(alike or text, []).append(rank)
+    return [f"{_ranks_text(ranks)}: could not start: {errors[ranks[0]][0]}" for ranks in groups.values()]
 
 
 def _report_lines(summary: BatchSummary) -> list[str]:
@@ -1273,7 +1303,7 @@ def _report_lines(summary: BatchSummary) -> list[str]:
     lines = [f"failed: {key}: {error}" for key, error in summary.failures]
     lines += [f"superseded on the PACS: {superseded_sentence(key, entry)}" for key, entry in summary.superseded]
     lines += [f"left in another study's folder: {key}: {sentence}" for key, sentence in summary.left_outputs]
-    lines += [f"rank {rank}: {sentence}" for rank, sentence in summary.incomplete]
+    lines += [f"rank {rank}: {sentence}" for rank, _, sentence in summary.incomplete]
     return lines + ([f"stopped: {summary.stopped}"] if summary.stopped else [])
 
 
@@ -1286,11 +1316,13 @@ def _merged_summary(parts: list[dict], seconds: float) -> BatchSummary:
     stopped = []
     for rank, outcome in enumerate(parts):
         if outcome["error"]:
-            total.incomplete.append((rank, f"failed: {outcome['error']}; its series are not in these counts (what "
-                                           f"it recorded is in the manifest, a rerun does the rest)"))
+            total.incomplete.append((rank, "failed", f"failed: {outcome['error']}; its series are not in these "
+                                                     "counts (what it recorded is in the manifest, a rerun does the "
+                                                     "rest)"))
         elif outcome["summary_file_error"]:
-            total.incomplete.append((rank, f"its summary file was not written ({outcome['summary_file_error']}); "
-                                           "its counts came over the process group"))
+            total.incomplete.append((rank, "summary file", f"its summary file was not written "
+                                                           f"({outcome['summary_file_error']}); its counts came over "
+                                                           "the process group"))
         part = outcome["summary"]
         if part is None:
             continue
@@ -1306,21 +1338,30 @@ def _merged_summary(parts: list[dict], seconds: float) -> BatchSummary:
     return total
 
 
-def run_batch(settings: BatchSettings, report: Callable[[str], None] = print) -> tuple[BatchSummary, bool]:
+def _say_error(line: str) -> None:
+    print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def run_batch(settings: BatchSettings, report: Callable[[str], None] = print,
+              report_error: Callable[[str], None] = _say_error) -> tuple[BatchSummary, bool]:
     """The whole job on this process: one process, or one rank of a ``torchrun`` job. Returns (summary, main):
     on rank 0 the merged summary of all ranks (``main`` True; a rank that failed, rank 0 included, is in its
-    ``incomplete``), elsewhere this rank's own.
+    ``incomplete``), elsewhere this rank's own (a rank that failed: an empty one; rank 0 reports it). ``report``
+    takes the lines of the run, ``report_error`` why a torchrun job stopped before any work (rank 0 says it before
+    the other ranks end: see :func:`_start_together`).
 
     Raises:
         ValueError: bad source or output (before any work), CUDA asked for but absent.
-        RuntimeError: the ranks do not see the same series, or another rank could not start (checked before any
-            work); another run is writing to the same output (:class:`~lib.batch.manifest.OutputInUse`).
+        RuntimeError: another run is writing to the same output (:class:`~lib.batch.manifest.OutputInUse`), one
+            process.
+        JobNotStarted: under torchrun, a rank could not start (its own error above), the ranks do not see the same
+            series or the output folder is not shared by all (checked before any work, the same on every rank).
     """
     from ..engines.engine import setup_distributed
 
     wall = time.perf_counter()
     context, device = setup_distributed(_DeviceConfig(settings.device), timeout=BATCH_TIMEOUT)
-    outcome = _job(settings, context, device, report, wall)
+    outcome = _job(settings, context, device, report, report_error, wall)
     if context.initialised_here:  # only after a normal end: see lib.engines.engine on tearing down after errors
         import torch.distributed as dist
 
@@ -1328,8 +1369,8 @@ def run_batch(settings: BatchSettings, report: Callable[[str], None] = print) ->
     return outcome
 
 
-def _job(settings: BatchSettings, context, device, report: Callable[[str], None], wall: float
-         ) -> tuple[BatchSummary, bool]:
+def _job(settings: BatchSettings, context, device, report: Callable[[str], None],
+         report_error: Callable[[str], None], wall: float) -> tuple[BatchSummary, bool]:
     import torch.distributed as dist
 
     from ..pacs_corrections import without_credentials
@@ -1344,16 +1385,15 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
     except Exception as error:
         if not context.distributed:
             raise
-        _start_together(context, report, one_line(error) or type(error).__name__)
-        raise
+        text = one_line(error) or type(error).__name__
+        _start_together(context, report, report_error, (text, getattr(error, "general", text)), "", None)
+        raise  # not reached: _start_together raises
     if context.distributed:  # every rank has planned: nothing is written yet
-        _start_together(context, report, "")
+        _start_together(context, report, report_error, ("", ""), _plan_digest(items), manifest.folder)
     # what this rank tells rank 0 at the end: with several ranks, an error of one rank is carried to the final
     # collective (every rank reaches it) instead of leaving the others waiting there for BATCH_TIMEOUT
     outcome = {"summary": None, "error": "", "summary_file_error": ""}
     try:
-        if context.distributed:
-            _check_same_plan(manifest.folder, _plan_digest(items), context.rank, context.world)
         if context.main:
             report(f"{len(items)} series found in {without_credentials(settings.source)}; "  # no password in the log
                    f"{context.world} process"
@@ -1405,30 +1445,61 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
     return total, True
 
 
-def _start_together(context, report: Callable[[str], None], error: str) -> None:
-    """Instead of a barrier after planning: every rank tells the others whether it could plan, lock its manifest
-    and write its plan digest (``error``: "" when it could). A rank that could not is then known to all at once,
-    where a barrier left the others waiting for it until its process ended (Gloo's "Connection closed by peer",
-    naming no rank) or, while it lingered, for :data:`BATCH_TIMEOUT`. Rank 0 names each such rank and its error;
-    every rank then raises (the failing one its own error, the others a RuntimeError), once rank 0 has said it: no
-    series was denoised.
+class JobNotStarted(RuntimeError):
+    """Under torchrun: the job stopped before any work, every rank alike (a rank could not start, the ranks planned
+    different series lists, the output folder is not shared). ``said``: this rank has already said it (rank 0: the
+    job's error; the rank that could not start: its own), so that it is not said twice."""
+
+    def __init__(self, message: str, said: bool) -> None:
+        super().__init__(message)
+        self.said = said
+
+
+def _start_together(context, report: Callable[[str], None], report_error: Callable[[str], None],
+                    error: tuple[str, str], digest: str, folder: Path | None) -> None:
+    """Instead of a barrier after planning: every rank tells the others whether it could plan, lock its manifest and
+    write its plan digest (``error``: (its one-line error, the same without what differs from rank to rank), ("",
+    "") when it could) and the digest of its series list. Then, the same answer on every rank: a rank that could not
+    start, two digests that differ, or (a second exchange) a rank that does not find every rank's digest file in
+    ``folder``, its manifest folder (not one folder shared by all machines), stops the job. Where a barrier left the
+    others waiting for a rank that could not start until its process ended (Gloo's "Connection closed by peer",
+    naming no rank) or, while it lingered, for :data:`BATCH_TIMEOUT`, and where each rank checked the plan files
+    alone (a rank's mismatch was then a failed rank, the others working on), every rank now raises
+    :class:`JobNotStarted` once rank 0 has said why (the lines of the ranks that could not start on ``report``, the
+    job's error on ``report_error``): torchrun stops the other ranks within 0.1 s of one ending with an error.
 
     Raises:
-        RuntimeError: another rank could not start (this one could).
+        JobNotStarted: the job stops before any work.
     """
     import torch.distributed as dist
 
-    errors: list = [None] * context.world
-    dist.all_gather_object(errors, error)
-    failed = [(rank, text) for rank, text in enumerate(errors) if text]
-    if not failed:
-        return
-    said = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
+    text, _ = error
+    if text and not context.main:  # said on this rank's log at once: torchrun may stop it before its turn below
+        report_error(f"rank {context.rank}: could not start: {text}")
+    gathered: list = [None] * context.world
+    dist.all_gather_object(gathered, (error, digest))
+    errors = [pair for pair, _ in gathered]
+    failed = [rank for rank, (text_, _) in enumerate(errors) if text_]
+    lines: list[str] = []
+    if failed:
+        lines = _start_error_lines(errors)
+        message = (f"{len(failed)} of {context.world} ranks could not start (said above): no series was denoised; "
+                   "fix that and run again")
+    else:
+        digests = [theirs for _, theirs in gathered]
+        other = next((rank for rank, theirs in enumerate(digests) if theirs != digests[0]), None)
+        if other is not None:
+            message = (f"ranks 0 and {other} found different series lists (is the input the same on every machine, "
+                       "and not changing?): nothing was denoised")
+        else:  # every rank wrote its digest file before the exchange above: each must read them all
+            problems: list = [None] * context.world
+            dist.all_gather_object(problems, _plan_files_problem(folder, digests, context.rank))
+            message = next((problem for problem in problems if problem), "")
+            if not message:
+                return
     if context.main:
-        for rank, text in failed:
-            report(f"rank {rank}: could not start: {text}")
-        report(f"error: {len(failed)} of {context.world} ranks could not start: no series was denoised")
+        for line in lines:
+            report(line)
+        report_error(message)
     dist.barrier()  # rank 0 has said it before any rank ends (torchrun stops the others when one ends with an error)
-    if not error:
-        raise RuntimeError(f"{len(failed)} of {context.world} ranks could not start ({said}): no series was "
-                           "denoised; fix that and run again")
+    raise JobNotStarted(message, said=context.main or bool(text))
