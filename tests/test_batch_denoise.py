@@ -1526,21 +1526,23 @@ def _torchrun_with(wrapper: Path | None, nproc: int, root: Path, out: Path, logs
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_a_rank_that_cannot_start_stops_every_rank_at_once_named_by_rank_0(tmp_path, shared_data):
-    """Ranks 1 and 2 of 3 cannot take their lock on the output (a process of an earlier job still holds each: here
-    the test), so they fail before the first collective. Before, rank 0 waited for them there (on one machine until
-    torchrun stopped it, saying nothing of them; on another machine for BATCH_TIMEOUT, 7 days). Now the ranks tell
-    each other after planning whether they could start: rank 0 names the ranks and their error, once for both (the
-    same error, each naming its own lock's holder: before, one line per rank and the list again in the error),
-    every rank stops before any work, and the job exits non-zero. Each rank that could not start said its own error
-    before the exchange (after it, torchrun may stop it before it can)."""
+    """Ranks 0 and 2 of 3 cannot take their lock on the output (a process of an earlier job still holds each: here
+    the test), so they fail before the first collective. Before, the others waited for them there (on one machine
+    until torchrun stopped them, saying nothing of them; on another machine for BATCH_TIMEOUT, 7 days). Now the
+    ranks tell each other after planning whether they could start: rank 0 names the ranks and their error, once for
+    both (the same error), with each rank's own lock holder (before, the lowest rank's holder stood for all), every
+    rank stops before any work, and the job exits non-zero. Rank 2 said its own error before the exchange; rank 1,
+    which could start, says on its own stderr where the ranks' errors are (before, "(said above)" though its log says
+    nothing above, and only if torchrun had not stopped it yet). torchrun exits 1, its report naming exit status 2."""
     import fcntl
 
     root, out = tmp_path / "tree", tmp_path / "out"
     _two_series(root, shared_data)
     (out / MANIFEST_DIR).mkdir(parents=True)
-    holders = [os.open(out / MANIFEST_DIR / f"lock-rank-{rank:05d}", os.O_RDWR | os.O_CREAT, 0o644) for rank in (1, 2)]
+    held = (0, 2)
+    holders = [os.open(out / MANIFEST_DIR / f"lock-rank-{rank:05d}", os.O_RDWR | os.O_CREAT, 0o644) for rank in held]
     try:
-        for rank, holder in zip((1, 2), holders):
+        for rank, holder in zip(held, holders):
             fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(holder, f"pid {os.getpid()} (the test), rank {rank} of 3\n".encode())
         command = _torchrun_with(None, 3, root, out, tmp_path / "logs")
@@ -1548,23 +1550,45 @@ def test_a_rank_that_cannot_start_stops_every_rank_at_once_named_by_rank_0(tmp_p
     finally:
         for holder in holders:
             os.close(holder)
-    assert process.returncode != 0, output[-3000:]
+    # torchrun's own exit status is 1 whenever a worker failed; the workers' 2 (a bad start) is in its report
+    assert process.returncode == 1, output[-3000:]
+    assert re.search(r"exitcode\s*: 2\b", output) and not re.search(r"exitcode\s*: 1\b", output), output[-3000:]
     said, errors = rank_log(tmp_path / "logs", 0), rank_log(tmp_path / "logs", 0, "stderr")
-    # one line for ranks 1 and 2 (rank 1's holder named), on stdout, and the list nowhere else
+    # one line for ranks 0 and 2, each one's holder named, on stdout, and the list nowhere else
     assert re.findall(r"^ranks? .*could not start: .*$", said, re.M) == [
-        f"ranks 1, 2: could not start: another denoise-batch run (pid {os.getpid()} (the test), rank 1 of 3) is "
-        f"writing to {out}: wait for it to end, or choose another --output"], said[-3000:] + errors[-3000:]
+        f"ranks 0, 2: could not start: another denoise-batch run is writing to {out}: wait for it to end, or choose "
+        f"another --output (holders: rank 0: pid {os.getpid()} (the test), rank 0 of 3; rank 2: pid {os.getpid()} "
+        "(the test), rank 2 of 3)"], said[-3000:] + errors[-3000:]
     assert "another denoise-batch run" not in errors, errors[-3000:]
     assert re.findall(r"^error: .*$", errors, re.M) == [
         "error: 2 of 3 ranks could not start (said above): no series was denoised; fix that and run again"], \
         errors[-3000:]
-    for rank in (1, 2):  # each said its own before the exchange
-        assert re.search(rf"^error: rank {rank}: could not start: another denoise-batch run \(pid {os.getpid()} "
-                         rf"\(the test\), rank {rank} of 3\)", rank_log(tmp_path / "logs", rank, "stderr"), re.M)
+    # rank 2 said its own before the exchange
+    assert re.search(rf"^error: rank 2: could not start: another denoise-batch run \(pid {os.getpid()} "
+                     r"\(the test\), rank 2 of 3\)", rank_log(tmp_path / "logs", 2, "stderr"), re.M)
+    # rank 1 (another machine's log, maybe) points at rank 0's, said before any rank ended
+    assert re.findall(r"^error: .*$", rank_log(tmp_path / "logs", 1, "stderr"), re.M) == [
+        "error: 2 of 3 ranks could not start (said in rank 0's output): no series was denoised; fix that and run "
+        "again"], rank_log(tmp_path / "logs", 1, "stderr")[-3000:]
     # no output, no record
     assert not list((out / MANIFEST_DIR).glob("rank-*.jsonl"))
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_DIR]
     print(f"torchrun job ended in {seconds:.1f} s")
+
+
+def test_ranks_that_cannot_start_alike_share_one_line():
+    """The grouped lines of the start exchange: the same text once for its ranks; texts alike but for what differs
+    from rank to rank (each lock's holder) once, with each rank's holder (before: the lowest rank's for all)."""
+    from lib.batch.runner import _start_error_lines
+
+    assert _start_error_lines([("", "", ""), ("PACS down", "PACS down", ""), ("PACS down", "PACS down", "")]) == [
+        "ranks 1, 2: could not start: PACS down"]
+    locked = [(f"run (pid {pid} on {host}) holds it", "a run holds it", f"pid {pid} on {host}")
+              for pid, host in ((7, "nodeA"), (7, "nodeA"), (9, "nodeB"))]
+    assert _start_error_lines([locked[0], ("", "", ""), locked[1], locked[2], ("bad", "bad", "")]) == [
+        "ranks 0, 2, 3: could not start: a run holds it (holders: rank 0: pid 7 on nodeA; rank 2: pid 7 on nodeA; "
+        "rank 3: pid 9 on nodeB)", "rank 4: could not start: bad"]
+    assert _start_error_lines([locked[0], locked[1]]) == ["ranks 0, 1: could not start: run (pid 7 on nodeA) holds it"]
 
 
 _OTHER_INPUT_ON_RANK_1 = """
@@ -1608,16 +1632,25 @@ def test_ranks_that_see_different_series_lists_stop_the_job_before_any_work(tmp_
 
 def test_an_output_folder_not_shared_by_the_ranks_is_said_naming_the_file(tmp_path):
     """The start exchange's file check (its verdict goes to every rank like the others): a rank that cannot read
-    another rank's plan digest, or reads one that rank did not plan (a folder of this machine alone, left by an
-    earlier run), names the file and says the folder must be shared."""
-    from lib.batch.runner import _plan_files_problem
+    another rank's plan file (missing, or not text: before, a UnicodeDecodeError escaped, and that rank skipped the
+    second exchange the others waited in), or reads one that rank did not write in this job (a folder of this
+    machine alone, left by an earlier run: before, one with the same series list passed, its digest alike), names the
+    file and says the folder must be shared."""
+    from lib.batch.runner import _plan_files_problem, _plan_text
 
-    (tmp_path / "plan-rank-00000.sha256").write_text("aaa\n")
-    assert _plan_files_problem(tmp_path, ["aaa"], 0) == ""
-    missing = _plan_files_problem(tmp_path, ["aaa", "aaa"], 0)
-    assert missing == (f"rank 0 cannot read {tmp_path / 'plan-rank-00001.sha256'}: the --output folder must be one "
-                       "folder shared by all machines (a network file system)")
-    (tmp_path / "plan-rank-00001.sha256").write_text("old\n")
-    assert _plan_files_problem(tmp_path, ["aaa", "aaa"], 1) == (
-        f"rank 1 finds in {tmp_path / 'plan-rank-00001.sha256'} a series list rank 1 did not plan: the --output "
-        "folder must be one folder shared by all machines (a network file system)")
+    shared = "the --output folder must be one folder shared by all machines (a network file system)"
+    first, second = tmp_path / "plan-rank-00000.sha256", tmp_path / "plan-rank-00001.sha256"
+    first.write_text(_plan_text("aaa", "n0") + "\n")
+    assert _plan_files_problem(tmp_path, [("aaa", "n0")], 0) == ""
+    assert _plan_files_problem(tmp_path, [("aaa", "n0"), ("aaa", "n1")], 0) == (
+        f"rank 0 cannot read {second} ([Errno 2] No such file or directory: '{second}'): {shared}")
+    second.write_bytes(b"\xff\xfe not text")
+    problem = _plan_files_problem(tmp_path, [("aaa", "n0"), ("aaa", "n1")], 1)
+    assert problem.startswith(f"rank 1 cannot read {second} (") and "can't decode byte 0xff" in problem, problem
+    assert problem.endswith(f"): {shared}"), problem
+    # the same series list, written by an earlier run: its nonce is not this job's
+    second.write_text(_plan_text("aaa", "earlier") + "\n")
+    assert _plan_files_problem(tmp_path, [("aaa", "n0"), ("aaa", "n1")], 1) == (
+        f"rank 1 finds in {second} a plan that rank 1 did not write in this job (left by an earlier run): {shared}")
+    second.write_text(_plan_text("aaa", "n1"))
+    assert _plan_files_problem(tmp_path, [("aaa", "n0"), ("aaa", "n1")], 1) == ""

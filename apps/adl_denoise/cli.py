@@ -440,10 +440,8 @@ def cmd_denoise_batch(args: argparse.Namespace) -> int:
     try:
         summary, main_rank = run_batch(settings, report=lambda line: print(line, flush=True),
                                        report_error=lambda line: print(f"error: {line}", file=sys.stderr, flush=True))
-    except JobNotStarted as error:  # torchrun: a rank could not start, the ranks do not see the same series, ...
-        if error.said:  # rank 0 said it before the other ranks ended (see run_batch), or this rank its own error
-            return EXIT_BAD_INPUT
-        raise CommandError(str(error)) from None
+    except JobNotStarted:  # torchrun: a rank could not start, the ranks do not see the same series, ...
+        return EXIT_BAD_INPUT  # every rank said it before any rank ended (see run_batch)
     except RuntimeError as error:  # another run writes to the same --output
         raise CommandError(str(error)) from None
     if not main_rank:
@@ -482,10 +480,13 @@ def _add_batch_parser(verbs) -> None:
                     "A manifest (--output/_denoise_batch/) records every series; a rerun skips what is done and "
                     "retries what failed. Under 'torchrun --nproc_per_node N' the series are shared out over the "
                     "processes (largest first, balanced by voxels), one GPU each when there are GPUs. Exit status "
-                    "1 when some series failed or the run is incomplete (under torchrun: a rank failed or its "
-                    "summary file was not written; said on stderr); 2 on bad arguments, while another run writes "
-                    "to the same --output, or when a torchrun job stops before any work (a rank could not start, "
-                    "the ranks see different series lists, --output is not shared by all machines).")
+                    "1 when some series failed or the run is incomplete (under torchrun rank 0's process: a rank "
+                    "failed or its summary file was not written, said on stderr; the other ranks exit 0); 2 on bad "
+                    "arguments, while another run writes to the same --output, or, each rank's process, when a "
+                    "torchrun job stops before any work (a rank could not start, the ranks see different series "
+                    "lists, --output is not shared by all machines). torchrun itself exits 1 when any of its "
+                    "processes exits non-zero; its failure report gives each one's status ('exitcode : 2'; -15 "
+                    "for a process it stopped once another had ended).")
     bat.add_argument("--input", "-i", required=True, metavar="FOLDER_OR_URL",
                      help="folder tree, or a DICOMweb service root (http://HOST:PORT/dicom-web)")
     bat.add_argument("--output", "-o", required=True, help="output folder (shared by all machines of a job)")

@@ -30,9 +30,10 @@ in memory at a time.
 Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is the training engine's
 (:func:`lib.engines.engine.setup_distributed`: Gloo on CPU, NCCL with one GPU per ``LOCAL_RANK``), and the only
 collectives are all-gathers after planning (:func:`_start_together`: whether each rank could plan, lock its manifest
-and write its plan digest, and that digest; then whether each rank reads every rank's digest in the output folder,
-which must be shared: when a rank could not start, two ranks planned different series lists or the folder is not
-shared, rank 0 says so and every rank stops before any work, at once, with the same error), and a gather at the end:
+and write its plan file, its series list's digest and the nonce in that file; then whether each rank reads every
+rank's plan file of this job in the output folder, which must be shared: when a rank could not start, two ranks
+planned different series lists or the folder is not shared, every rank says so (rank 0 naming the ranks that could
+not start) and stops before any work, at once, with the same error), and a gather at the end:
 every rank sends rank 0 its summary, or the error that stopped it after planning, and whether its summary file was
 written; rank 0 merges the manifests (also when rank 0 itself failed: what every rank recorded) and says every
 rank's failed series, superseded derived series and left outputs, and each rank that failed or could not write its
@@ -68,7 +69,7 @@ from ..runtime.atomic import atomic_write_text
 from ..runtime.hashing import file_sha256
 from . import dicomweb
 from .discovery import SeriesFilter, SeriesItem, discover_tree
-from .manifest import Manifest, job_key, latest_by_job
+from .manifest import Manifest, OutputInUse, job_key, latest_by_job
 from .sharding import shard_items
 
 __all__ = ["BATCH_TIMEOUT", "BatchSettings", "BatchSummary", "JobNotStarted", "plan_series", "run_batch", "run_rank"]
@@ -1256,21 +1257,30 @@ class _DeviceConfig:
     device: str
 
 
-def _plan_files_problem(folder: Path, digests: list[str], rank: int) -> str:
-    """After the first exchange of :func:`_start_together` (every rank has written its plan digest): why this rank
-    does not find each rank's digest in the output folder ("" when it does): the folder is not one folder shared by
-    all machines. The digests themselves were compared in memory."""
-    for other, digest in enumerate(digests):
+def _plan_files_problem(folder: Path, plans: list[tuple[str, str]], rank: int) -> str:
+    """After the first exchange of :func:`_start_together` (every rank has written its plan file): why this rank
+    does not find each rank's plan file in the output folder as that rank wrote it in this job ("" when it does):
+    the folder is not one folder shared by all machines. ``plans``: (digest, nonce) by rank, the nonce drawn afresh
+    by each rank for this job, so that a file left in a machine's own folder by an earlier run with the same series
+    list does not pass. The digests themselves were compared in memory. Never raises: a rank that raised here would
+    skip the second exchange, which the other ranks then wait in."""
+    for other, plan in enumerate(plans):
         path = folder / f"plan-rank-{other:05d}.sha256"
         try:
             theirs = path.read_text().strip()
-        except OSError:
-            return (f"rank {rank} cannot read {path}: the --output folder must be one folder shared by all machines "
-                    "(a network file system)")
-        if theirs != digest:  # a file left in a folder of this machine alone by an earlier run
-            return (f"rank {rank} finds in {path} a series list rank {other} did not plan: the --output folder must "
-                    "be one folder shared by all machines (a network file system)")
+        except Exception as error:  # not only OSError: a file of other bytes raises UnicodeDecodeError
+            return (f"rank {rank} cannot read {path} ({one_line(error) or type(error).__name__}): the --output "
+                    "folder must be one folder shared by all machines (a network file system)")
+        if theirs != _plan_text(*plan):  # a file left in a folder of this machine alone by an earlier run
+            return (f"rank {rank} finds in {path} a plan that rank {other} did not write in this job (left by an "
+                    "earlier run): the --output folder must be one folder shared by all machines (a network file "
+                    "system)")
     return ""
+
+
+def _plan_text(digest: str, nonce: str) -> str:
+    """A rank's plan file: the digest of its series list and the nonce it drew for this job."""
+    return f"{digest} {nonce}"
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -1285,16 +1295,24 @@ def _ranks_text(ranks: list[int]) -> str:
     return f"rank{'s' * (len(ranks) > 1)} {text}"
 
 
-def _start_error_lines(errors: list[tuple[str, str]]) -> list[str]:
-    """One line per error of the ranks that could not start (``errors``: (text, alike) by rank, ("", "") for a
-    rank that could): ranks whose errors are alike (the same ``alike``; e.g. each rank's lock held, each naming its
-    own holder) share one line, with the lowest rank's text: eight ranks that find the same PACS unreachable say
-    it once."""
+def _start_error_lines(errors: list[tuple[str, str, str]]) -> list[str]:
+    """One line per error of the ranks that could not start (``errors``: (text, general, holder) by rank, ("", "",
+    "") for a rank that could; ``general`` the text without what differs from rank to rank, ``holder`` that part):
+    ranks whose errors are alike (the same ``general``) share one line: eight ranks that find the same PACS
+    unreachable say it once. When their texts differ (each rank's lock held by another process, or host), the line
+    says the general text and each rank's holder, not the lowest rank's for all."""
     groups: dict[str, list[int]] = {}
-    for rank, (text, alike) in enumerate(errors):
+    for rank, (text, general, _) in enumerate(errors):
         if text:
-            groups.setdefault(alike or text, []).append(rank)
-    return [f"{_ranks_text(ranks)}: could not start: {errors[ranks[0]][0]}" for ranks in groups.values()]
+            groups.setdefault(general or text, []).append(rank)
+    lines = []
+    for general, ranks in groups.items():
+        if len({errors[rank][0] for rank in ranks}) == 1:
+            lines.append(f"{_ranks_text(ranks)}: could not start: {errors[ranks[0]][0]}")
+        else:
+            holders = "; ".join(f"rank {rank}: {errors[rank][2]}" for rank in ranks)
+            lines.append(f"{_ranks_text(ranks)}: could not start: {general} (holders: {holders})")
+    return lines
 
 
 def _report_lines(summary: BatchSummary) -> list[str]:
@@ -1347,8 +1365,8 @@ def run_batch(settings: BatchSettings, report: Callable[[str], None] = print,
     """The whole job on this process: one process, or one rank of a ``torchrun`` job. Returns (summary, main):
     on rank 0 the merged summary of all ranks (``main`` True; a rank that failed, rank 0 included, is in its
     ``incomplete``), elsewhere this rank's own (a rank that failed: an empty one; rank 0 reports it). ``report``
-    takes the lines of the run, ``report_error`` why a torchrun job stopped before any work (rank 0 says it before
-    the other ranks end: see :func:`_start_together`).
+    takes the lines of the run, ``report_error`` why a torchrun job stopped before any work (every rank says it before
+    any rank ends: see :func:`_start_together`).
 
     Raises:
         ValueError: bad source or output (before any work), CUDA asked for but absent.
@@ -1381,15 +1399,17 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
         manifest = Manifest(settings.output, context.rank, context.world)
         manifest.lock()  # before reading what earlier runs did: a run still going on is refused, not raced
         if context.distributed:
-            atomic_write_text(manifest.folder / f"plan-rank-{context.rank:05d}.sha256", _plan_digest(items))
+            plan = (_plan_digest(items), uuid.uuid4().hex)  # the nonce: this job's file, not an earlier run's
+            atomic_write_text(manifest.folder / f"plan-rank-{context.rank:05d}.sha256", _plan_text(*plan))
     except Exception as error:
         if not context.distributed:
             raise
         text = one_line(error) or type(error).__name__
-        _start_together(context, report, report_error, (text, getattr(error, "general", text)), "", None)
+        start_error = ((text, error.general, error.holder) if isinstance(error, OutputInUse) else (text, text, ""))
+        _start_together(context, report, report_error, start_error, ("", ""), None)
         raise  # not reached: _start_together raises
     if context.distributed:  # every rank has planned: nothing is written yet
-        _start_together(context, report, report_error, ("", ""), _plan_digest(items), manifest.folder)
+        _start_together(context, report, report_error, ("", "", ""), plan, manifest.folder)
     # what this rank tells rank 0 at the end: with several ranks, an error of one rank is carried to the final
     # collective (every rank reaches it) instead of leaving the others waiting there for BATCH_TIMEOUT
     outcome = {"summary": None, "error": "", "summary_file_error": ""}
@@ -1447,59 +1467,66 @@ def _job(settings: BatchSettings, context, device, report: Callable[[str], None]
 
 class JobNotStarted(RuntimeError):
     """Under torchrun: the job stopped before any work, every rank alike (a rank could not start, the ranks planned
-    different series lists, the output folder is not shared). ``said``: this rank has already said it (rank 0: the
-    job's error; the rank that could not start: its own), so that it is not said twice."""
+    different series lists, the output folder is not shared). Every rank has already said it on ``report_error``
+    (:func:`_start_together`), before any rank ended: not to be said again."""
 
-    def __init__(self, message: str, said: bool) -> None:
-        super().__init__(message)
-        self.said = said
+
+def _start_verdict(gathered: list[tuple[tuple[str, str, str], tuple[str, str]]], rank: int) -> tuple[list[str], str]:
+    """What the first exchange of :func:`_start_together` decides, the same on every rank (``gathered``: (error,
+    plan) by rank): (the lines rank 0 says of the ranks that could not start, the job's error as this ``rank``
+    says it), or ([], "") when every rank could start and planned the same series list (the file check follows)."""
+    errors = [error for error, _ in gathered]
+    failed = [other for other, (text, _, _) in enumerate(errors) if text]
+    if failed:  # the lines are on rank 0's stdout alone: another rank's log (another machine) points there
+        where = "said above" if rank == 0 else "said in rank 0's output"
+        return _start_error_lines(errors), (f"{len(failed)} of {len(gathered)} ranks could not start ({where}): no "
+                                            "series was denoised; fix that and run again")
+    digests = [digest for _, (digest, _) in gathered]
+    other = next((other for other, digest in enumerate(digests) if digest != digests[0]), None)
+    if other is not None:
+        return [], (f"ranks 0 and {other} found different series lists (is the input the same on every machine, and "
+                    "not changing?): nothing was denoised")
+    return [], ""
 
 
 def _start_together(context, report: Callable[[str], None], report_error: Callable[[str], None],
-                    error: tuple[str, str], digest: str, folder: Path | None) -> None:
+                    error: tuple[str, str, str], plan: tuple[str, str], folder: Path | None) -> None:
     """Instead of a barrier after planning: every rank tells the others whether it could plan, lock its manifest and
-    write its plan digest (``error``: (its one-line error, the same without what differs from rank to rank), ("",
-    "") when it could) and the digest of its series list. Then, the same answer on every rank: a rank that could not
-    start, two digests that differ, or (a second exchange) a rank that does not find every rank's digest file in
+    write its plan file (``error``: (its one-line error, the same without what differs from rank to rank, that part:
+    the lock's holder), ("", "", "") when it could) and its plan (the digest of its series list, the nonce it wrote
+    in its plan file). Then, the same answer on every rank (:func:`_start_verdict`): a rank that could not start, two
+    digests that differ, or (a second exchange) a rank that does not find every rank's plan file of this job in
     ``folder``, its manifest folder (not one folder shared by all machines), stops the job. Where a barrier left the
     others waiting for a rank that could not start until its process ended (Gloo's "Connection closed by peer",
     naming no rank) or, while it lingered, for :data:`BATCH_TIMEOUT`, and where each rank checked the plan files
     alone (a rank's mismatch was then a failed rank, the others working on), every rank now raises
-    :class:`JobNotStarted` once rank 0 has said why (the lines of the ranks that could not start on ``report``, the
-    job's error on ``report_error``): torchrun stops the other ranks within 0.1 s of one ending with an error.
+    :class:`JobNotStarted` once every rank has said why on ``report_error`` (and rank 0 the lines of the ranks that
+    could not start on ``report``; the other ranks' error points there): torchrun stops the other ranks within 0.1 s
+    of one ending with an error.
 
     Raises:
         JobNotStarted: the job stops before any work.
     """
     import torch.distributed as dist
 
-    text, _ = error
-    if text and not context.main:  # said on this rank's log at once: torchrun may stop it before its turn below
+    text = error[0]
+    if text and not context.main:  # its own log names its own error (rank 0's names every rank's), said at once:
+        # should the exchange below break off (a peer gone), it is said all the same
         report_error(f"rank {context.rank}: could not start: {text}")
     gathered: list = [None] * context.world
-    dist.all_gather_object(gathered, (error, digest))
-    errors = [pair for pair, _ in gathered]
-    failed = [rank for rank, (text_, _) in enumerate(errors) if text_]
-    lines: list[str] = []
-    if failed:
-        lines = _start_error_lines(errors)
-        message = (f"{len(failed)} of {context.world} ranks could not start (said above): no series was denoised; "
-                   "fix that and run again")
-    else:
-        digests = [theirs for _, theirs in gathered]
-        other = next((rank for rank, theirs in enumerate(digests) if theirs != digests[0]), None)
-        if other is not None:
-            message = (f"ranks 0 and {other} found different series lists (is the input the same on every machine, "
-                       "and not changing?): nothing was denoised")
-        else:  # every rank wrote its digest file before the exchange above: each must read them all
-            problems: list = [None] * context.world
-            dist.all_gather_object(problems, _plan_files_problem(folder, digests, context.rank))
-            message = next((problem for problem in problems if problem), "")
-            if not message:
-                return
+    dist.all_gather_object(gathered, (error, plan))
+    lines, message = _start_verdict(gathered, context.rank)
+    if not message:  # every rank wrote its plan file before the exchange above: each must read them all
+        problems: list = [None] * context.world
+        dist.all_gather_object(problems, _plan_files_problem(folder, [plan_ for _, plan_ in gathered], context.rank))
+        message = next((problem for problem in problems if problem), "")
+        if not message:
+            return
     if context.main:
         for line in lines:
             report(line)
-        report_error(message)
-    dist.barrier()  # rank 0 has said it before any rank ends (torchrun stops the others when one ends with an error)
-    raise JobNotStarted(message, said=context.main or bool(text))
+    # on every rank's log (another machine's log is all its user may read), before any rank ends: torchrun stops the
+    # others within 0.1 s of one ending with an error
+    report_error(message)
+    dist.barrier()
+    raise JobNotStarted(message)
