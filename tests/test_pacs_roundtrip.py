@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import tempfile
 import time
 import urllib.request
@@ -1504,9 +1505,10 @@ def test_a_hand_out_of_a_series_not_in_the_local_cache_is_one_access_entry_not_a
     assert "Failed to update Image info" not in server_log  # the stock route's warning: nothing was attempted
 
 
-def _send_again_under(pacs, files: list[Path], patient: str) -> None:
-    """The PACS's copy of the series of ``files`` replaced by one of ``patient`` (a merge, a re-sent series): the
-    series removed from the PACS, its files' PatientID changed and sent again."""
+def _send_again_under(pacs, files: list[Path], patient: str, study: str | None = None) -> None:
+    """The PACS's copy of the series of ``files`` replaced by one of ``patient`` (and of ``study`` when given: a
+    merge, a re-sent series): the series removed from the PACS, its files' PatientID (StudyInstanceUID) changed and
+    sent again."""
     uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     for series in pacs.get("/series?expand"):
         if series["MainDicomTags"]["SeriesInstanceUID"] == uid:
@@ -1515,6 +1517,8 @@ def _send_again_under(pacs, files: list[Path], patient: str) -> None:
     for path in files:
         dataset = pydicom.dcmread(path)
         dataset.PatientID = patient
+        if study is not None:
+            dataset.StudyInstanceUID = study
         dataset.save_as(path, write_like_original=False)
     pacs.upload_files(files)
 
@@ -1528,8 +1532,14 @@ def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmati
     header; after the move it names the new patient (the series downloaded anew), a correction and a verdict
     confirming it are recorded for it, ones confirming the old patient or none are refused. The old patient's
     correction that the new one replaces, kept aside in ``superseded/``, is a ``label_superseded`` audit entry
-    (who, when, which series, both patients, where it is kept; there was none)."""
+    (who, when, which series, both patients, where it is kept; there was none). The move here changes both patient
+    and study (64-character UIDs): the server's refusal of a correction confirming the old ones is over the 1000
+    characters the client keeps, cut within its remedy for API clients, which the module's words still leave out
+    (it showed them: the end of the remedy was looked for). A download whose files name two patients (a retrieve
+    taken while the PACS merged them) is refused for a verdict (it was named after its first file) and downloaded
+    anew when the series is opened again."""
     import requests
+    from pydicom.uid import generate_uid
 
     from ADLDenoiseLib import DenoiseServerError
     from ADLDenoiseLib.client import opened_identity_of
@@ -1567,15 +1577,20 @@ def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmati
             assert client.save_correction(uid, tmp_path / "final.nii.gz")["label"] == uid  # the old patient's
             kept = KeptLabels(default_corrections_dir(pacs.dicomweb, str(model_dir)))
             old_saved = {key: kept.info(uid, "final")[key] for key in ("sha256", "saved_by", "saved_utc")}
-            _send_again_under(pacs, files, "MOVED-PATIENT")
+            new_study = generate_uid()
+            assert len(uid) == len(study) == len(new_study) == 64  # the longest UIDs: the longest refusal
+            _send_again_under(pacs, files, "MOVED-PATIENT", new_study)
             now = info()  # the series downloaded anew: the new patient's
             opened = opened_identity_of(now)
-            assert opened == {"patient_id": "MOVED-PATIENT", "study_instance_uid": study}, now
+            assert opened == {"patient_id": "MOVED-PATIENT", "study_instance_uid": new_study}, now
             moved = f"the PACS moved series {uid} from patient_id {old_patient!r}"
             for before in ({"patient_id": old_patient, "study_instance_uid": study}, {}):
                 with pytest.raises(DenoiseServerError) as refused:
                     client.save_correction(uid, tmp_path / "final.nii.gz", opened=before)
                 assert refused.value.status == 409 and moved in str(refused.value), refused.value
+                if before:  # both changed: the server's words cut by the client within the remedy (its 1000 chars)
+                    assert "save it with params" in str(refused.value), refused.value
+                    assert not str(refused.value).endswith("StudyInstanceUID))"), refused.value
                 # the Slicer module's words: open the series again (the server's told an API client to send params)
                 with pytest.raises(SeriesMoved) as refused, refused_as_moved(uid, "correction"):
                     client.save_correction(uid, tmp_path / "final.nii.gz", opened=before)
@@ -1585,13 +1600,30 @@ def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmati
                     in said and "params" not in said and "image info" not in said, said
             assert client.save_correction(uid, tmp_path / "final.nii.gz", opened=opened)["label"] == uid
             assert kept.info(uid, "final")["series_identity"] == \
-                {"series_instance_uid": uid, "study_instance_uid": study, "patient_id": "MOVED-PATIENT"}
-            with pytest.raises(SeriesMoved) as refused:
-                send_verdict(client, uid, {"verdict": "corrected", "reviewer": "dr_a", "opened": {}})
-            said = str(refused.value)
-            assert moved in said and "Open it again (Next study)" in said and "image info" not in said, said
+                {"series_instance_uid": uid, "study_instance_uid": new_study, "patient_id": "MOVED-PATIENT"}
+            for before in ({}, {"patient_id": old_patient, "study_instance_uid": study}):
+                with pytest.raises(SeriesMoved) as refused:
+                    send_verdict(client, uid, {"verdict": "corrected", "reviewer": "dr_a", "opened": before})
+                said = str(refused.value)
+                assert moved in said and "Open it again (Next study)" in said and "image info" not in said, said
             verdict = client.review(uid, "corrected", "dr_a", opened=opened)
             assert verdict["series_identity"]["patient_id"] == "MOVED-PATIENT", verdict
+            # a download whose files name two patients (a retrieve taken while the PACS merged them): a verdict is
+            # refused (it was named after the first file's patient; a correction's read of the files refuses them
+            # too), the series downloaded anew once opened
+            cache = next(p for p in (tmp_path / "work" / "dicomweb_cache").glob(f"*/{uid}") if p.is_dir())
+            last = sorted(cache.iterdir())[-1]
+            dataset = pydicom.dcmread(last)
+            dataset.PatientID = "OTHER-PATIENT"
+            dataset.save_as(last, write_like_original=False)
+            with pytest.raises(DenoiseServerError) as refused:
+                client.review(uid, "unreviewed", "dr_b", opened=opened)
+            said = str(refused.value)
+            assert refused.value.status == 409 and "files that name several patients or studies" in said and \
+                "'OTHER-PATIENT'" in said and "the verdict was not recorded (open the series again" in said, said
+            assert opened_identity_of(info()) == opened  # downloaded anew: one patient's files
+            assert {str(pydicom.dcmread(path, stop_before_pixels=True).PatientID) for path in cache.iterdir()} == \
+                {"MOVED-PATIENT"}
         finally:
             stop_server(server)
     finally:
@@ -1608,16 +1640,18 @@ def test_the_info_of_a_series_not_converted_names_its_patient_for_the_confirmati
     assert fields["route"] == "PUT /datastore/label" and fields["client"] == "127.0.0.1", fields
     assert {key: fields[key] for key in old_saved} == old_saved, fields  # the correction aside: whose, when
     assert (kept.root / fields["kept_in"] / f"{uid}.json").is_file(), fields
+    assert [entry["fields"]["reviewer"] for entry in audit.entries("verdict")] == ["dr_a"]  # dr_b's: refused
     events = [(e["event"], e["fields"].get("image")) for e in audit.entries() if e["seq"] > aside[0]["seq"] - 2]
     assert [event for event, _ in events[:3]] == ["label_saving", LABEL_SUPERSEDED, "label_saved"], events
     assert audit.verify().ok
 
 
-def _waiting_on(lock_file: Path) -> bool:
-    """Whether a process waits for a ``flock`` of ``lock_file`` (a ``->`` line of ``/proc/locks`` on its inode)."""
+def _waiting_on(lock_file: Path, waiters: int = 1) -> bool:
+    """Whether (at least) ``waiters`` requests wait for a ``flock`` of ``lock_file`` (``->`` lines of
+    ``/proc/locks`` on its inode)."""
     inode = lock_file.stat().st_ino
-    return any(line.split("->", 1)[1].split()[4].endswith(f":{inode}")
-               for line in Path("/proc/locks").read_text().splitlines() if "->" in line)
+    return sum(line.split("->", 1)[1].split()[4].endswith(f":{inode}")
+               for line in Path("/proc/locks").read_text().splitlines() if "->" in line) >= waiters
 
 
 @pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks to see a waiting lock")
@@ -1628,7 +1662,11 @@ def test_a_correction_save_and_a_refresh_of_its_moved_series_never_interleave(tm
     checks to the save. A real refresh (this test's process, on the server's folders) is held inside that lock while
     the series moved to another patient; a correction PUT meanwhile (confirming nothing, as a client that opened the
     series before the move) waits for the lock (it was saved at once, 200), then sees the move and is refused (409),
-    nothing saved."""
+    nothing saved; so does a verdict judging no result, confirming nothing (it was checked against the old download
+    while the refresh held the lock: a refresh between its checks and its entry recorded it for the new patient).
+    Under the lock the save downloads nothing (it downloaded the series the refresh had just removed, the series'
+    reads waiting meanwhile): a download removed by a refresh (here: a conversion older than its download, no move)
+    before the save took the lock is a 409 saying to open the series again (it was downloaded anew and saved)."""
     import threading
 
     import requests
@@ -1686,9 +1724,71 @@ def test_a_correction_save_and_a_refresh_of_its_moved_series_never_interleave(tm
                                 f"{server.url}/datastore/label", params={"image": uid, "tag": "final"},
                                 data={"params": "{}"}, files={"label": ("final.nii.gz", handle)}, timeout=600)
 
-                    saving = threading.Thread(target=save)
+                    def judge() -> None:  # a verdict judging no result, confirming nothing
+                        saved["verdict"] = requests.post(f"{server.url}/review/{uid}", json={
+                            "verdict": "unreviewed", "reviewer": "dr_a"}, timeout=600)
+
+                    saving, judging = threading.Thread(target=save), threading.Thread(target=judge)
                     saving.start()
+                    judging.start()
                     lock_file = kept / ".locks" / ".refresh" / f"{uid}.lock"
+                    deadline = time.monotonic() + 600
+                    while saving.is_alive() and judging.is_alive() and not _waiting_on(lock_file, 2) and \
+                            time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    assert saving.is_alive() and judging.is_alive() and _waiting_on(lock_file, 2), \
+                        ("the save and the verdict did not both wait for the refresh's lock",
+                         *(getattr(saved.get(key), "text", None) for key in ("answer", "verdict")))
+                finally:
+                    go_on.set()
+                    refresh.join(600)
+            saving.join(600)
+            judging.join(600)
+            assert "removed, the series is downloaded again" in (refreshed.get("said") or ""), refreshed
+            assert moved_record(store, uid)["from"]["patient_id"] == old_patient
+            for answer in (saved["answer"], saved["verdict"]):
+                assert answer.status_code == 409, answer.text[:1000]
+                detail = answer.json()["detail"]
+                assert f"the PACS moved series {uid} from patient_id {old_patient!r}" in detail, detail
+            assert "nothing was saved" in saved["answer"].json()["detail"]
+            assert KeptLabels(kept).info(uid, "final") is None
+            assert not cached_series_folder(store, uid).exists()  # the save downloaded nothing under the lock
+
+            # a download removed by a refresh (no move: a conversion older than its download) just before the save
+            # took the lock: a 409 saying to open the series again (it was downloaded anew under the lock and saved)
+            answer = requests.get(f"{server.url}/datastore/image", params={"image": uid}, timeout=600)
+            assert answer.status_code == 200, answer.text[:500]  # the new patient's series, downloaded, converted
+            conversion = cached_series_folder(store, uid).parent / f"{uid}.nii.gz"
+            older = conversion.stat().st_mtime - 3600
+            os.utime(conversion, (older, older))
+            inside.clear()
+            go_on.clear()
+            remove_download = pacs_corrections._remove_cached_download
+
+            def removing_in_the_lock(*args, **kwargs):
+                inside.set()
+                assert go_on.wait(600)
+                return remove_download(*args, **kwargs)
+
+            refreshed.clear()
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(pacs_corrections, "_remove_cached_download", removing_in_the_lock)
+                refresh = threading.Thread(target=lambda: refreshed.update(said=refresh_moved_series(store, uid)))
+                refresh.start()
+                try:
+                    assert inside.wait(600), "the refresh did not find the old conversion"
+                    opened = {"patient_id": "MOVED-PATIENT",
+                              "study_instance_uid": str(pydicom.dcmread(files[0]).StudyInstanceUID)}
+
+                    def save_confirmed() -> None:
+                        with open(tmp_path / "final.nii.gz", "rb") as handle:
+                            saved["answer"] = requests.put(
+                                f"{server.url}/datastore/label", params={"image": uid, "tag": "final"},
+                                data={"params": json.dumps(opened)}, files={"label": ("final.nii.gz", handle)},
+                                timeout=600)
+
+                    saving = threading.Thread(target=save_confirmed)
+                    saving.start()
                     deadline = time.monotonic() + 600
                     while saving.is_alive() and not _waiting_on(lock_file) and time.monotonic() < deadline:
                         time.sleep(0.2)
@@ -1698,14 +1798,14 @@ def test_a_correction_save_and_a_refresh_of_its_moved_series_never_interleave(tm
                     go_on.set()
                     refresh.join(600)
             saving.join(600)
-            assert "removed, the series is downloaded again" in (refreshed.get("said") or ""), refreshed
-            assert moved_record(store, uid)["from"]["patient_id"] == old_patient
+            assert "made from an earlier download" in (refreshed.get("said") or ""), refreshed
             answer = saved["answer"]
             assert answer.status_code == 409, answer.text[:1000]
             detail = answer.json()["detail"]
-            assert f"the PACS moved series {uid} from patient_id {old_patient!r}" in detail, detail
-            assert "nothing was saved" in detail, detail
+            assert f"this server's download of series {uid}, which the correction was drawn on, is no longer in " \
+                   "its cache" in detail and "nothing was saved (open the series again" in detail, detail
             assert KeptLabels(kept).info(uid, "final") is None
+            assert not cached_series_folder(store, uid).exists()
         finally:
             stop_server(server)
     finally:
@@ -2935,12 +3035,14 @@ def test_a_kept_correction_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch
     silent.close()
 
 
-def test_a_kept_correction_of_another_patient_is_kept_aside_when_replaced(tmp_path, caplog):
+def test_a_kept_correction_of_another_patient_is_kept_aside_when_replaced(tmp_path, caplog, monkeypatch):
     """A correction saved for a series the PACS moved to another patient (opened again, downloaded anew) replaces the
     kept one of the old patient: that one (file and info) is kept aside in ``<tag>/superseded/``, a WARNING naming
     both patients (it was removed: the old patient's correction lost); nothing there is listed or counted. Saved
     again for the same patient and study, the earlier correction is removed as before. A save that fails leaves the
-    earlier one as it was, nothing aside."""
+    earlier one as it was, nothing aside. One moved aside whose folders then fail to sync to the disk is said to be
+    aside (``moved`` true, where it is; it was said to stay in its own folder, which was gone), a WARNING."""
+    from lib import pacs_corrections
     from lib.pacs_corrections import SERIES_IDENTITY_KEY, SUPERSEDED, KeptLabels, corrections_of_other_urls
 
     root = tmp_path / "corrections" / "dicomweb-this"
@@ -2985,6 +3087,41 @@ def test_a_kept_correction_of_another_patient_is_kept_aside_when_replaced(tmp_pa
     assert kept.images("final") == [] and kept.tags("1.2.3") == [] and kept.path("1.2.3", "final") is None
     assert (root / info["file"]).read_bytes() == files["old_again"].read_bytes()
     assert corrections_of_other_urls(other.root, "http://o/") is None  # the one aside is no label
+    # moved aside, then its folders' sync fails (an I/O error of the disk): it is aside, and said to be
+    kept.save("1.2.3", str(files["new"]), "final", {"sha256": "new", **identity("PAT2")})
+    synced = pacs_corrections.fsync_path
+
+    def failing_sync(path) -> None:
+        if Path(path).name == SUPERSEDED:
+            raise OSError(5, "Input/output error")
+        synced(path)
+
+    monkeypatch.setattr(pacs_corrections, "fsync_path", failing_sync)
+    said: list = []
+    with caplog.at_level("WARNING", logger="lib.pacs_corrections"):
+        kept.save("1.2.3", str(files["old"]), "final", {"sha256": "old", **identity("PAT3")}, superseded=said.append)
+    assert len(said) == 1 and said[0]["moved"] is True, said
+    assert said[0]["kept_in"].startswith(f"final/{SUPERSEDED}/1.2.3."), said
+    assert json.loads((root / said[0]["kept_in"] / "1.2.3.json").read_text())["sha256"] == "new"
+    assert any("could not be synced" in message for message in caplog.messages), caplog.messages
+    assert not any("stays in" in message for message in caplog.messages), caplog.messages
+
+
+def test_a_download_that_cannot_be_listed_is_a_clear_error_not_a_bare_500(tmp_path):
+    """A series' download folder that cannot be listed (no permission, an I/O error; here a symbolic link to itself)
+    was an OSError through the routes: a bare 500. It is a 500 saying that this server cannot read its download of
+    the series and what to check, without the folder's path."""
+    from lib.pacs_corrections import CorrectionNotServed, _download_header
+
+    folder = tmp_path / "cache" / "1.2.3"
+    folder.parent.mkdir()
+    folder.symlink_to(folder)
+    with pytest.raises(CorrectionNotServed) as refused:
+        _download_header(folder, "1.2.3")
+    assert refused.value.status == 500, refused.value
+    said = str(refused.value)
+    assert "this server cannot read its download of series 1.2.3" in said and "symbolic links" in said, said
+    assert str(tmp_path) not in said, said
 
 
 def _nlm_app_and_queue(tmp_path: Path, studies: str, tiny_weights: Path, max_voxels: int = 1_000_000):

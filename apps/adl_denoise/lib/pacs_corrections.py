@@ -253,13 +253,18 @@ class KeptLabels:
                 **{key: earlier_info.get(key) for key in ("saved_by", "saved_utc", "sha256")}}
         try:
             os.rename(earlier.parent, aside)  # one rename onto the empty folder reserved for it: file and info
-            fsync_path(aside.parent)
-            fsync_path(earlier.parent.parent)
         except OSError as error:
             log.error("kept label %s (%s) replaced by one saved for %s; the earlier one, saved for %s, could not be "
                       "moved aside (%s): it stays in %s with its info (%s.json), not listed, sent nor trained on",
                       image_id, tag, after, before, error, earlier.parent, image_id)
             return {**said, "kept_in": str(earlier.parent.relative_to(self.root)), "moved": False}
+        try:  # the rename made durable; it is done whatever this says (it said the label stayed where it was)
+            fsync_path(aside.parent)
+            fsync_path(earlier.parent.parent)
+        except OSError as error:
+            log.warning("kept label %s (%s): the earlier one is moved aside to %s, but the folders could not be "
+                        "synced to the disk (%s): a power cut now may leave it in %s", image_id, tag, aside, error,
+                        earlier.parent)
         log.warning("kept label %s (%s) replaced by one saved for %s; the earlier one, saved for %s, is kept aside in "
                     "%s (never listed, sent nor trained on)", image_id, tag, after, before, aside)
         return {**said, "kept_in": str(aside.relative_to(self.root)), "moved": True}
@@ -556,16 +561,90 @@ _IDENTITY_KEYS = ("series_instance_uid", "study_instance_uid", "patient_id")
 PACS_SEARCH_TIMEOUT_S = 30.0
 
 
-def _header_identity(folder: Path, image_id: str) -> Dict[str, str]:
+def _unreadable_download(image_id: str, folder: Path, error: OSError) -> CorrectionNotServed:
+    """500 saying that the download of ``image_id`` in ``folder`` cannot be read (``error``), without its path (an
+    ERROR in the log names it)."""
+    log.error("series %s: this server's download of it (%s) cannot be read: %s", image_id, folder, error)
+    return CorrectionNotServed(
+        f"this server cannot read its download of series {image_id} in its DICOMweb cache ("
+        f"{error.strerror or type(error).__name__}): nothing was done with it; ask the server's administrator to "
+        "check the cache folder's permissions and disk (the server's log names the folder)", 500)
+
+
+def _download_files(folder: Path, image_id: str) -> List[Path]:
+    """The entries of the series ``image_id``'s download folder, sorted; ``[]`` when it is gone. A folder that
+    cannot be listed (no permission, an I/O error) is a 500 saying so (:func:`_unreadable_download`; a bare 500
+    before)."""
+    try:
+        return sorted(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as error:  # e.g. PermissionError: the cache folder's owner or mode changed
+        raise _unreadable_download(image_id, folder, error) from None
+
+
+class MixedDownload(CorrectionNotServed):
+    """409: the DICOM files of a series' download here do not all name that series under one study and patient
+    (a retrieve taken while the PACS moved or merged the series, or files of other series only): which patient's
+    voxels it holds cannot be told. ``identities``: the distinct identities (:data:`_IDENTITY_KEYS`) its files
+    name, this series' first; ``said``: what is wrong, as a part of a sentence about the download ("its files
+    name ...")."""
+
+    def __init__(self, message: str, identities: List[Dict[str, str]], said: str) -> None:
+        super().__init__(message, 409)
+        self.identities = identities
+        self.said = said
+
+
+def _download_header(folder: Path, image_id: str) -> Dict[str, str]:
+    """The header of the series ``image_id``'s download in ``folder`` (:data:`_HEADER_INFO_KEYS`, DICOM padding
+    dropped, "" for one a file lacks), read from the first of its files, once every DICOM file in the folder was
+    read (headers only: ``stop_before_pixels``) and found to name that series under one StudyInstanceUID and
+    PatientID. The one reader of a download's identity (the refresh, a correction's and a verdict's checks, the info
+    of a series not converted): each read the first file it found and they need not have read the same one (the
+    info skipped files of other series, the checks did not), and a download whose files name several patients (a
+    retrieve taken while the PACS merged them) was named after whichever file came first.
+
+    Raises:
+        FileNotFoundError: the folder is gone or holds no DICOM file.
+        MixedDownload: 409, its files name several studies or patients, or only other series.
+        CorrectionNotServed: 500, the folder or a file in it cannot be read (no permission, an I/O error: the
+            DICOMweb cache folder's permissions or disk; it was a bare 500).
+    """
     import pydicom
 
-    for path in sorted(folder.iterdir()):
+    paths = _download_files(folder, image_id)
+    first: Optional[Dict[str, str]] = None
+    identities: List[Dict[str, str]] = []
+    others: List[Dict[str, str]] = []
+    for path in paths:
         try:
             header = pydicom.dcmread(str(path), stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - not a DICOM file: the next one
+        except (FileNotFoundError, IsADirectoryError):  # removed meanwhile; a folder: no file of the series
             continue
-        return {key: dicom_text(header.get(name)) for key, name in _RECORDED_KEYS.items()}
-    raise FileNotFoundError(f"series {image_id}: no DICOM file in its download")
+        except PermissionError as error:
+            raise _unreadable_download(image_id, folder, error) from None
+        except Exception:  # noqa: BLE001 - not a DICOM file: not a part of the series
+            continue
+        identity = {key: dicom_text(header.get(name)) for key, name in _RECORDED_KEYS.items()}
+        if identity["series_instance_uid"] != image_id:
+            if identity not in others:
+                others.append(identity)
+            continue
+        if identity not in identities:
+            identities.append(identity)
+        if first is None:
+            first = {key: dicom_text(header.get(key)) for key in _HEADER_INFO_KEYS}
+    if first is None and not others:
+        raise FileNotFoundError(f"series {image_id}: no DICOM file in its download")
+    if first is None or len(identities) > 1:
+        named = "; ".join(f"series {i['series_instance_uid']!r}, {_who(i)}" for i in identities + others)
+        said = ("its files name several patients or studies" if first is not None
+                else "its files are of other series only") + f" ({named})"
+        raise MixedDownload(f"this server's download of series {image_id} is not one series of one patient: {said}: "
+                            "a retrieve taken while the PACS moved or merged the series; whose voxels it holds cannot "
+                            "be told", identities + others, said)
+    return first
 
 
 #: the image info keys MONAI Label records when it converts a downloaded series (``DICOMWebDatastore._dicom_info``),
@@ -580,29 +659,52 @@ def _recorded_identity(info: Dict[str, Any]) -> Dict[str, str]:
     return {key: dicom_text(info[name]) for key, name in _RECORDED_KEYS.items() if name in info}
 
 
-def _served_problems(datastore, image_id: str, current: Dict[str, str]) -> List[str]:
+def _header_identity(folder: Path, image_id: str) -> Dict[str, str]:
+    """The identity (:data:`_IDENTITY_KEYS`) the series ``image_id``'s download in ``folder`` names, every file
+    checked (:func:`_download_header`, whose errors it raises)."""
+    header = _download_header(folder, image_id)
+    return {key: header[name] for key, name in _RECORDED_KEYS.items()}
+
+
+def _served_problems(datastore, image_id: str, current: Dict[str, str], thing: str, nothing: str) -> List[str]:
     """Why the image the server sends (and trains on) as the series ``image_id`` is not the series the PACS lists
-    now under ``current`` (downloading it first if needed): its downloaded folder's header and, when MONAI Label
-    converts series (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI``, on by default), its conversion ``<image_id>.nii.gz``,
-    which MONAI Label never rebuilds once it exists (the folder alone re-downloaded, the old conversion was still
-    served; opening or denoising the series again replaces both: :func:`refresh_moved_series`). ``[]`` when it is
-    that series'."""
-    served = datastore.get_image_uri(image_id)  # downloads (bounded) and converts when not in the cache
+    now under ``current``: its downloaded folder's header and, when MONAI Label converts series
+    (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI``, on by default), its conversion ``<image_id>.nii.gz``, which MONAI
+    Label never rebuilds once it exists (the folder alone re-downloaded, the old conversion was still served;
+    opening or denoising the series again replaces both: :func:`refresh_moved_series`). ``[]`` when it is that
+    series'. Nothing is downloaded nor converted (its caller holds the refresh's lock, which the series' reads and
+    infers wait for: a download there held them for as long as it took): a download (or conversion) no longer in
+    the cache, removed by a refresh since the ``thing`` was checked against it (``nothing``: what is not done), is a
+    409 (:class:`CorrectionNotServed`) saying to open the series again, as one whose files name several
+    patients or studies (:class:`MixedDownload`)."""
     from .pacs import cached_series_folder
 
     folder = cached_series_folder(datastore, image_id)
+    conversion = folder.parent / f"{image_id}.nii.gz"  # MONAI Label's name for it (DICOMWebDatastore.get_image_uri)
+    remedy = (f"open the series again (GET /datastore/image?image={image_id}) or denoise it again: this server then "
+              f"downloads it anew as the PACS lists it now; review that and send the {thing} again")
+    try:
+        downloaded = _header_identity(folder, image_id)
+    except FileNotFoundError:
+        downloaded = None
+    except MixedDownload as error:
+        raise CorrectionNotServed(f"{error}; {nothing} ({remedy})", 409) from None
+    if downloaded is None or (getattr(datastore, "_convert_to_nifti", True) and not conversion.is_file()):
+        raise CorrectionNotServed(
+            f"this server's download of series {image_id}, which the {thing} was drawn on, is no longer in its "
+            f"cache (removed since: the PACS moved or changed the series, and a request downloads it anew); "
+            f"{nothing} ({remedy})", 409)
     problems: List[str] = []
-    downloaded = _header_identity(folder, image_id)
     changed = _download_changes(downloaded, current)
     if changed:
         problems.append(f"its download has {changed}")
-    if served and os.path.isfile(served):  # the conversion is what is sent and trained on
+    if conversion.is_file() and getattr(datastore, "_convert_to_nifti", True):  # what is sent and trained on
         changed = _conversion_changes(datastore, image_id, current)
         if changed:
-            problems.append(f"the image sent ({os.path.basename(served)}) was converted from {changed}")
-        newest = max((p.stat().st_mtime for p in folder.iterdir()), default=0.0)
-        if os.stat(served).st_mtime < newest:
-            problems.append(f"the image sent ({os.path.basename(served)}) was converted from an earlier download")
+            problems.append(f"the image sent ({conversion.name}) was converted from {changed}")
+        newest = max((p.stat().st_mtime for p in _download_files(folder, image_id)), default=0.0)
+        if conversion.stat().st_mtime < newest:
+            problems.append(f"the image sent ({conversion.name}) was converted from an earlier download")
     return problems
 
 
@@ -773,16 +875,18 @@ def correction_binding(datastore, image_id: str, confirmed: Optional[Dict[str, s
     the one identity the PACS lists it under now); ``{}`` for another datastore (a local correction is bound by its
     image file's SHA-256). ``confirmed``: the patient and study the client drew the label on
     (:func:`confirmed_identity`), None when it says none. The caller holds :func:`series_refresh_locked` from
-    this check to the label's save (the label route does): a refresh then never records a move or replaces the
-    download checked in between.
+    this check to the label's save (the label route does, within :func:`one_search_per_series`): a refresh then
+    never records a move or replaces the download checked in between. One PACS search; nothing downloaded nor
+    converted (the series' reads wait for that lock: a download there held them for as long as it took).
 
     Raises:
         CorrectionNotServed: 404, the PACS no longer lists the series; 409, it lists it under several studies or
-            patients, or the server's download of it (the image the label was drawn on) has another study or
-            patient than the PACS lists now, or ``confirmed`` names another, or this server downloaded the series
-            anew because the PACS moved it (:func:`moved_record`) and ``confirmed`` does not name the identity of
-            now (a label drawn before the move was of the old patient's record: once any request had opened the
-            series again it was saved for the new one); 502, the PACS's search failed.
+            patients, or the server's download of it (the image the label was drawn on) is no longer in the cache
+            (a refresh removed it: open the series again), names several studies or patients in its files, or has
+            another study or patient than the PACS lists now, or ``confirmed`` names another, or this server
+            downloaded the series anew because the PACS moved it (:func:`moved_record`) and ``confirmed`` does not
+            name the identity of now (a label drawn before the move was of the old patient's record: once any
+            request had opened the series again it was saved for the new one); 502, the PACS's search failed.
     """
     if not isinstance(datastore, ServerKeptLabelsMixin):
         return {}
@@ -791,11 +895,7 @@ def correction_binding(datastore, image_id: str, confirmed: Optional[Dict[str, s
     _refuse_unconfirmed(datastore, image_id, current, confirmed, "correction", nothing,
                         "open the series again and save it with params patient_id and study_instance_uid of the "
                         "series as opened (its image info's PatientID and StudyInstanceUID)")
-    problems = _served_problems(datastore, image_id, current)
-    # a refresh may have recorded the move and downloaded the series anew meanwhile (the download above): asked again
-    _refuse_unconfirmed(datastore, image_id, current, confirmed, "correction", nothing,
-                        "open the series again and save it with params patient_id and study_instance_uid of the "
-                        "series as opened (its image info's PatientID and StudyInstanceUID)")
+    problems = _served_problems(datastore, image_id, current, "correction", nothing)  # never downloads
     if problems:
         raise CorrectionNotServed(
             f"series {image_id} changed since this server downloaded it: {'; '.join(problems)}; the PACS now lists "
@@ -942,12 +1042,13 @@ def verdict_binding(datastore, image_id: str, judged_input: Optional[Dict[str, A
                         need_confirmation=judged_input is None or not result_named)
     problems: List[str] = []
     folder = cached_series_folder(datastore, image_id)
-    if folder.is_dir() and any(folder.iterdir()):
+    if _download_files(folder, image_id):
         try:
-            downloaded = _header_identity(folder, image_id)
+            changed = _download_changes(_header_identity(folder, image_id), current)
         except FileNotFoundError:  # no DICOM file left in it: nothing reviewed from it to compare
-            downloaded = current
-        changed = _download_changes(downloaded, current)
+            changed = ""
+        except MixedDownload as error:  # which patient's voxels were reviewed cannot be told
+            changed = error.said.replace("its files", "files that", 1)
         if changed:
             problems.append(f"its download has {changed}")
     if image_id in cached_images(datastore) and (folder.parent / f"{image_id}.nii.gz").is_file():
@@ -1034,13 +1135,17 @@ def refresh_moved_series(datastore, image_id: str, what: str = "nothing was sent
     with datastore._kept._locked(image_id, _REFRESH_LOCK_TAG):  # noqa: SLF001 - across threads and processes
         problems: List[str] = []
         before: Dict[str, str] = {}
-        if folder.is_dir() and any(folder.iterdir()):
+        if _download_files(folder, image_id):
             try:
                 downloaded = _header_identity(folder, image_id)
                 changed = _download_changes(downloaded, current, keys)
                 before = downloaded if changed else before
             except FileNotFoundError:  # no DICOM file in it: nothing to serve from it
                 changed = "no DICOM file"
+            except MixedDownload as error:  # files of several patients (a retrieve taken mid-merge): downloaded
+                changed = error.said.replace("its files", "files that", 1)  # anew; one of another is a move
+                before = next((identity for identity in error.identities
+                               if _download_changes(identity, current, keys)), before)
             if changed:
                 problems.append(f"its download has {changed}")
         converted = conversion.is_file()
@@ -1051,8 +1156,8 @@ def refresh_moved_series(datastore, image_id: str, what: str = "nothing was sent
                 before = before or {**current, **_recorded_identity(datastore.get_image_info(image_id) or {})}
             elif not converted:
                 _forget_image(datastore, image_id)  # an info without its file: no download to refresh
-        if converted and not problems and folder.is_dir() and \
-                conversion.stat().st_mtime < max((p.stat().st_mtime for p in folder.iterdir()), default=0.0):
+        if converted and not problems and folder.is_dir() and conversion.stat().st_mtime < \
+                max((p.stat().st_mtime for p in _download_files(folder, image_id)), default=0.0):
             problems.append("its conversion was made from an earlier download")
         if not problems:
             return None
@@ -1079,18 +1184,19 @@ def unconverted_series_info(datastore, image_id: str) -> Dict[str, Any]:
     """The image info of a PACS series this server downloaded but MONAI Label does not convert
     (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false``: it records an info only with a conversion, so the info route
     answered ``{}``): MONAI Label's keys (:data:`_HEADER_INFO_KEYS`, ``"UNK"`` for one the header lacks, as MONAI
-    Label writes) read from the header of the cached download, under the refresh's lock (a refresh replacing the
-    download meanwhile: never half of each). The header, not the PACS's series search: the download is what the
-    client is served and draws on (and what :func:`correction_binding` compares with the PACS), so the patient and
-    study a client confirms from this info are those of the voxels it had; the PACS's answer of now would let a
-    client confirm the new patient for a volume made from the old patient's download. The routes refresh a moved
-    series' download before reading this (:func:`refresh_moved_series`). ``{}`` for a series not downloaded (as
-    MONAI Label's info of a series not in its cache), a converted one (MONAI Label's own info) and another
-    datastore."""
+    Label writes) read from the header of the cached download (:func:`_download_header`: every file's, one series,
+    study and patient), under the refresh's lock (a refresh replacing the download meanwhile: never half of each).
+    The header, not the PACS's series search: the download is what this server denoises (in this mode it sends no
+    series' file: ``GET /datastore/image`` of a PACS series is a 404, a client gets only the results made from it)
+    and what :func:`correction_binding` compares with the PACS, so the patient and study a client confirms from
+    this info are those of the download its results were made from; the PACS's answer of now would let a client
+    confirm the new patient for a result made from the old patient's download. The routes refresh a moved series'
+    download before reading this (:func:`refresh_moved_series`); when the PACS cannot be asked the download is read
+    as it is. ``{}`` for a series not downloaded (as MONAI Label's info of a series not in its cache), a converted
+    one (MONAI Label's own info) and another datastore; 409 (:class:`CorrectionNotServed`) for a download whose
+    files name several patients or studies (:class:`MixedDownload`), 500 for one that cannot be read."""
     if not isinstance(datastore, ServerKeptLabelsMixin) or getattr(datastore, "_convert_to_nifti", True):
         return {}
-    import pydicom
-
     from .pacs import cached_series_folder
 
     folder = cached_series_folder(datastore, image_id)
@@ -1098,26 +1204,23 @@ def unconverted_series_info(datastore, image_id: str) -> Dict[str, Any]:
         return {}
     with series_refresh_locked(datastore, image_id):
         try:
-            files = sorted(folder.iterdir()) if folder.is_dir() else []
-        except FileNotFoundError:
-            files = []
-        for path in files:
-            try:
-                header = pydicom.dcmread(str(path), stop_before_pixels=True)
-            except Exception:  # noqa: BLE001 - not a DICOM file (or removed meanwhile): the next one
-                continue
-            if dicom_text(header.get("SeriesInstanceUID")) != image_id:
-                continue  # another series' file: never named as this one's
-            return {key: dicom_text(header.get(key)) or "UNK" for key in _HEADER_INFO_KEYS}
-    return {}
+            header = _download_header(folder, image_id)  # every file checked: one series, study and patient
+        except FileNotFoundError:  # removed meanwhile, or no DICOM file in it
+            return {}
+        except MixedDownload as error:
+            raise CorrectionNotServed(
+                f"{error}; its info was not sent (open the series again, GET /datastore/image?image={image_id}: this "
+                "server then downloads it anew as the PACS lists it now)", 409) from None
+    return {key: header[key] or "UNK" for key in _HEADER_INFO_KEYS}
 
 
 @contextlib.contextmanager
 def series_refresh_locked(datastore, image_id: str) -> Iterator[None]:
     """The lock :func:`refresh_moved_series` holds while it checks and replaces the series' cached download and
     records a move, held across threads and processes (``flock``); nothing for another datastore. A correction's
-    checks and its save hold it (:func:`correction_binding` and the label route), so that a refresh never records a
-    move, nor replaces the download, between the checks and the save."""
+    checks and its save hold it (:func:`correction_binding` and the label route), and a verdict's checks and its
+    entry (:func:`lib.activelearning.review.record_verdict`), so that a refresh never records a move, nor replaces
+    the download, between the checks and the save. Nothing downloads under it (the series' reads wait for it)."""
     if not isinstance(datastore, ServerKeptLabelsMixin):
         yield
         return

@@ -113,16 +113,31 @@ class SeriesMoved(WorkflowError):
 _MOVED_WORDS = ("the PACS moved series", "the request says the series was opened as")
 
 
+#: the end of the server's account in its 409 for a moved series, before the remedy it gives API clients in
+#: parentheses: ``"...; nothing was saved (open the series again and save it with params ..."`` (a verdict's: "the
+#: verdict was not recorded (...")
+_ACCOUNT_END = re.compile(r"(?:nothing was saved|the verdict was not recorded)(?=\s*\()")
+#: the remedy's start where the account's end is not found
+_REMEDY_START = re.compile(r"\s*\(open the series again\b")
+
+
 def _moved_detail(error: BaseException) -> str | None:
     """The server's words when ``error`` is its 409 for a series its PACS moved since the volume was opened, without
     the remedy it gives API clients ("... save it with params patient_id and study_instance_uid ...": words of the
-    server's API, which the module sends itself); None for any other error."""
+    server's API, which the module sends itself); None for any other error. The remedy is cut where it starts, not
+    matched to its end: the client keeps at most 1000 characters of the server's words, and a move of both patient
+    and study with long UIDs filled them before the remedy's closing parenthesis (it was shown, cut, API words
+    and all)."""
     if getattr(error, "status", None) != 409:
         return None
     detail = re.sub(r"^server said 409: ", "", str(error))
     if not any(words in detail for words in _MOVED_WORDS):
         return None
-    return re.sub(r"\s*\(open the series again\b.*\)\s*$", "", detail, flags=re.S)
+    ended = _ACCOUNT_END.search(detail)
+    if ended is not None:
+        return detail[:ended.end()]
+    remedy = _REMEDY_START.search(detail)
+    return (detail[:remedy.start()] if remedy is not None else detail).rstrip()  # else: cut before its remedy
 
 
 @contextlib.contextmanager

@@ -350,7 +350,7 @@ def record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict
 def _record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdict: Any, reviewer: Any,
                     reason: Any, model: Any, reviewer_from: str, result_seq: Any,
                     models: Optional[Collection[str]], confirmed: Optional[dict] = None) -> dict:
-    from ..pacs_corrections import verdict_binding
+    from ..pacs_corrections import series_refresh_locked, verdict_binding
 
     verdict = str(verdict or "").strip().lower()
     if verdict not in VERDICTS:
@@ -406,14 +406,33 @@ def _record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdic
             + (" and no saved correction" if verdict == "corrected" else "")
             + ": denoise it first, then give the verdict"
             + (" (or save its correction as the 'final' label first)" if verdict == "corrected" else ""))
-    judged = None
     last = results[-1] if results else None
     # a PACS series: bound to the study and patient the PACS lists it under now, as a correction is (409 when what
     # was reviewed is another's, 503 when the PACS cannot be reached: nothing recorded); {} elsewhere
     # a result the client did not name (the latest) may have been made after the PACS moved the series: on a moved
-    # series such a verdict confirms the patient judged, as one judging no result does
-    binding = verdict_binding(datastore, image_id, None if last is None else (last.get("input") or {}), confirmed,
-                              result_named=result_seq is not None)
+    # series such a verdict confirms the patient judged, as one judging no result does.
+    # The refresh's lock (across processes) is held from the binding's checks through the entry, as a correction's
+    # save holds it: a refresh recording the move and removing the download between them let a verdict on the old
+    # patient's volume (no result named, nothing confirmed) be recorded with the new patient's identity. The
+    # binding downloads nothing: the series' reads wait for the lock no longer than a PACS search and the entry
+    with series_refresh_locked(datastore, image_id):
+        binding = verdict_binding(datastore, image_id, None if last is None else (last.get("input") or {}),
+                                  confirmed, result_named=result_seq is not None)
+        entry = _append_verdict(audit, image_id, verdict, reviewer, reviewer_from, reason, last, binding, read)
+    current = entry["current"]
+    setter = getattr(datastore, "set_review", None)
+    if setter is not None:  # the info keeps the current verdict only (no history, so not whom it replaced)
+        setter(image_id, current)
+    else:  # a datastore without the audit wrapper (library use)
+        datastore.update_image_info(image_id, {"review": current})
+    return {**current, "replaces": entry["replaces"]}
+
+
+def _append_verdict(audit: AuditLog, image_id: str, verdict: str, reviewer: str, reviewer_from: str,
+                    reason: Optional[str], last: Optional[dict], binding: dict, read: list) -> dict:
+    """The ``verdict`` entry written (``current``: the verdict as the info keeps it; ``replaces``: the study's
+    verdict it replaces as current one, or None); ``last``: the result judged, ``binding``: the PACS identity."""
+    judged = None
     if last is not None:
         judged = {"model": last.get("model"), "modality": last.get("modality"),
                   "weights_version": last.get("weights_version"), "weights_sha256": last.get("weights_sha256"),
@@ -428,13 +447,7 @@ def _record_verdict(audit: AuditLog, datastore: Datastore, image_id: str, verdic
     fields = {"image": image_id, "verdict": verdict, "reviewer": reviewer, "reviewer_from": reviewer_from,
               "reason": reason, "result": judged, **binding}
     entry = audit.append("verdict", {**fields, "replaces": replaces, **request_actor()})
-    current = {**fields, "time_utc": entry["time_utc"], "seq": entry["seq"]}
-    setter = getattr(datastore, "set_review", None)
-    if setter is not None:  # the info keeps the current verdict only (no history, so not whom it replaced)
-        setter(image_id, current)
-    else:  # a datastore without the audit wrapper (library use)
-        datastore.update_image_info(image_id, {"review": current})
-    return {**current, "replaces": replaces}
+    return {"current": {**fields, "time_utc": entry["time_utc"], "seq": entry["seq"]}, "replaces": replaces}
 
 
 def _latest_verdicts(audit: AuditLog, image_ids: set[str], entries: Optional[list[dict]] = None) -> dict[str, dict]:

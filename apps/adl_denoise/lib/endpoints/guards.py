@@ -980,12 +980,16 @@ def guarded_save_label(
     the patient and study of the series as the client opened it (its image info's PatientID and
     StudyInstanceUID); required (409 without them, or with another identity than the PACS lists now) once this
     server downloaded the series anew because the PACS moved it (a correction drawn before was the old patient's
-    record: it was saved for the new one). A disk too full to keep the label is a 507 (it was a bare 500): nothing
-    of it kept, the label saved before left as it was."""
+    record: it was saved for the new one). The checks and the save hold the series' refresh lock
+    (:func:`lib.pacs_corrections.series_refresh_locked`), one PACS search serving every check; nothing is downloaded
+    under it: a download a refresh removed before the lock was taken is a 409 saying to open the series again. A disk
+    too full to keep the label is a 507 (it was a bare 500): nothing of it kept, the label saved before left as it
+    was."""
     from ..activelearning import refuse_unreviewable
     from ..data.regions import REGIONS_TAG, RegionsError, load_correction_regions
     from ..pacs import disk_full
-    from ..pacs_corrections import confirmed_identity, correction_binding, series_refresh_locked
+    from ..pacs_corrections import (confirmed_identity, correction_binding, one_search_per_series,
+                                    series_refresh_locked)
     from ..trainers import CORRECTION_KEYS, correction_stamp
 
     check_name(image, "image")
@@ -1014,10 +1018,14 @@ def guarded_save_label(
                 raise HTTPException(status_code=422, detail=str(error)) from None
         # a PACS series: the refresh's lock held from the checks to the save (across processes), so that another
         # request re-downloading the moved series never records the move, nor replaces the download checked,
-        # between them (the save then bound a correction drawn before the move to the identity checked)
-        with series_refresh_locked(datastore, image):
+        # between them (the save then bound a correction drawn before the move to the identity checked). The series'
+        # reads and infers wait for it: one PACS search serves every check (the binding's, the region map's), and
+        # the binding runs first, refusing a download a refresh removed before the lock was taken (409: open the
+        # series again), so that nothing under it downloads or converts the series (the stamp's image read below)
+        with series_refresh_locked(datastore, image), one_search_per_series():
+            binding = correction_binding(datastore, image, confirmed)  # a PACS series: its series, study, patient
             stamp = correction_stamp(upload, user.username if user else None, datastore.get_image_uri(image))
-            stamp.update(correction_binding(datastore, image, confirmed))  # a PACS series: its series, study, patient
+            stamp.update(binding)
             save_params.pop("user", None)  # who saved it is the token's user (the stamp's saved_by), never the body's
             if user and user.username:
                 stamp["user"] = user.username
