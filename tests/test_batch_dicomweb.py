@@ -23,6 +23,7 @@ import pytest
 
 import processes
 from conftest import APP_DIR
+from in_process import run_cli
 from manifest_limit import write_limiter
 from orthanc import (QIDO_LOG, available, grow_on_retrieval, log_size, qido_searches, slow_relay, start_orthanc,
                      start_orthanc_logging_requests, stop_orthanc)
@@ -63,7 +64,9 @@ def batch_command(url: str, out: Path, *extra: str) -> list:
 
 
 def run_batch(url: str, out: Path, *extra: str):
-    return processes.run(batch_command(url, out, *extra), TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    """:func:`batch_command` run in this process (:func:`in_process.run_cli`: the same ``main``, its exit status and
+    output, without seconds of interpreter start-up and imports a run)."""
+    return run_cli(batch_command(url, out, *extra))
 
 
 def test_dicomweb_source_and_sink(tmp_path, shared_data):
@@ -227,7 +230,7 @@ def test_a_server_that_goes_away_stops_the_run_and_a_rerun_resumes(tmp_path, sha
         done = int(summary.split(" done")[0].split()[-1])
         assert f"{done} done, 0 skipped, 3 failed, {3 - done} not tried" in summary, summary
         pacs = start_orthanc(tmp_path / "orthanc")  # the same storage, another port
-        again = processes.run([*command[:4], pacs.dicomweb, *command[5:]], TIMEOUT, env=env)
+        again = run_cli([*command[:4], pacs.dicomweb, *command[5:]], env={"ADL_DICOMWEB_RETRY_WAIT_S": "0.05"})
         assert again.returncode == 0, again.stdout + again.stderr
         assert f"6 series: {6 - done} done, {done} skipped, 0 failed" in again.stdout, again.stdout
     finally:
@@ -481,7 +484,7 @@ def test_an_anonymised_copy_of_a_derived_series_is_not_an_input(tmp_path, shared
         out = tmp_path / "out"
         command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
                    "gaussian", "--no-progress"]
-        first = processes.run(command, TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        first = run_cli(command)
         assert first.returncode == 0 and "2 series: 2 done" in first.stdout, first.stdout + first.stderr
         record = next(json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()
                       if json.loads(line)["identity"] == f"dicom:{wanted}")
@@ -500,7 +503,7 @@ def test_an_anonymised_copy_of_a_derived_series_is_not_an_input(tmp_path, shared
         pacs.upload_folder(anonymised)
         items = discover_dicomweb(make_client(pacs.dicomweb), tmp_path / "out2", SeriesFilter())
         assert series_copy not in {i.series_uid for i in items} and len(items) == 2, items
-        again = processes.run(command, TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        again = run_cli(command)
         assert again.returncode == 0 and "2 series: 0 done, 2 skipped" in again.stdout, again.stdout + again.stderr
     finally:
         stop_orthanc(pacs)
@@ -563,8 +566,8 @@ def test_a_series_over_the_voxel_limit_is_refused_before_its_download_and_the_ba
         out = tmp_path / "out"
         command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
                    "gaussian", "--no-progress"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", ADL_MAX_VOXELS="1000000")
-        first = processes.run(command, TIMEOUT, env=env)
+        env = {"ADL_MAX_VOXELS": "1000000"}
+        first = run_cli(command, env=env)
         assert first.returncode == 1, first.stdout + first.stderr
         assert "2 series: 1 done, 0 skipped, 1 failed" in first.stdout, first.stdout + first.stderr
         refusal = (f"failed: dicomweb:{study}/{big}: series {big} is too large: 6 instances, 1,572,864 voxels exceed "
@@ -582,7 +585,7 @@ def test_a_series_over_the_voxel_limit_is_refused_before_its_download_and_the_ba
         assert f"/series/{small}" in requested, requested  # its WADO-RS retrieval (the log works)
         assert f"/series/{big}" not in requested, requested  # never retrieved (asked by QIDO-RS only)
         written = {p.name: p.read_bytes() for p in done.iterdir()}
-        again = processes.run(command, TIMEOUT, env=env)
+        again = run_cli(command, env=env)
         assert again.returncode == 1 and "2 series: 0 done, 1 skipped, 1 failed" in again.stdout, \
             again.stdout + again.stderr
         assert refusal in again.stdout and f"/series/{big}" not in requests_log.read_text()
@@ -738,8 +741,7 @@ def test_a_series_the_server_got_more_instances_of_is_denoised_again(tmp_path, s
         sent_s = sum(path.stat().st_size for path in files[:2]) / (64 * 1024) * 0.25  # the download's pauses
         assert sent_s > 2 * 2, sent_s  # twice the per-read limit: a limit on the whole answer would cut it
         with slow_relay(pacs, 64 * 1024, 0.25) as relayed:
-            first = processes.run(batch_command(relayed, out), TIMEOUT,
-                                  env=dict(os.environ, OMP_NUM_THREADS="1", ADL_PACS_READ_TIMEOUT_S="2"))
+            first = run_cli(batch_command(relayed, out), env={"ADL_PACS_READ_TIMEOUT_S": "2"})
         assert first.returncode == 0 and "1 series: 1 done" in first.stdout, first.stdout + first.stderr
         record = json.loads((out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines()[0])
         assert len(list(Path(record["output"]).iterdir())) == 2
@@ -780,7 +782,7 @@ def test_a_series_larger_than_the_free_disk_space_is_refused_before_its_download
     sends it, and the derived series written from it) before any instance is fetched: a series the server describes
     (QIDO-RS) as 3 instances of 4096 x 4096 x 100,000 frames of 16 bits, within ADL_MAX_VOXELS, fails saying it does
     not fit and how much is free, and no WADO-RS retrieval is sent. (A real HTTP server on loopback, the batch's CLI
-    in a subprocess, the real disk of tmp_path.)"""
+    (in this process), the real disk of tmp_path.)"""
     asked: list[str] = []
     instance = {"0020000D": {"vr": "UI", "Value": ["1.2.3"]}, "0020000E": {"vr": "UI", "Value": ["1.2.3.4"]},
                 "00280010": {"vr": "US", "Value": [4096]}, "00280011": {"vr": "US", "Value": [4096]},
@@ -801,8 +803,7 @@ def test_a_series_larger_than_the_free_disk_space_is_refused_before_its_download
         out = tmp_path / "out"
         command = [sys.executable, CLI, "denoise-batch", "--input", root, "--output", out, "--model", "gaussian",
                    "--no-progress"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", ADL_MAX_VOXELS="1e13", ADL_DICOMWEB_RETRY_WAIT_S="0.05")
-        result = processes.run(command, TIMEOUT, env=env)
+        result = run_cli(command, env={"ADL_MAX_VOXELS": "1e13", "ADL_DICOMWEB_RETRY_WAIT_S": "0.05"})
     assert result.returncode == 1 and "1 series: 0 done, 0 skipped, 1 failed" in result.stdout, \
         result.stdout + result.stderr
     needed = 3 * 4096 * 4096 * 100_000 * (2 + 2)  # the download and the derived series, 16 bits each
@@ -834,8 +835,7 @@ def test_a_series_that_grows_past_the_voxel_limit_during_its_download_is_stopped
         out = tmp_path / "out"
         command = [sys.executable, CLI, "denoise-batch", "--input", pacs.dicomweb, "--output", out, "--model",
                    "gaussian", "--no-progress"]
-        result = processes.run(command, TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1",
-                                                          ADL_MAX_VOXELS="1000000"))
+        result = run_cli(command, env={"ADL_MAX_VOXELS": "1000000"})
         assert len(pacs.get(f"/series/{pacs.get('/series')[0]}")["Instances"]) == 6  # it grew (the filter ran)
         assert result.returncode == 1 and "1 series: 0 done, 0 skipped, 1 failed" in result.stdout, \
             result.stdout + result.stderr
