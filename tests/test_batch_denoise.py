@@ -27,6 +27,7 @@ import SimpleITK as sitk
 
 import processes
 from conftest import APP_DIR
+from in_process import run_cli
 from manifest_limit import write_limiter
 
 from lib.batch.discovery import MANIFEST_DIR, discover_tree
@@ -47,6 +48,12 @@ FIRST_RUN = f"summary: {len(GOOD) + len(BAD)} series: {len(GOOD)} done, 0 skippe
 
 def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run_here(tree: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """What :func:`run_single` returns, the CLI run in this process (:func:`in_process.run_cli`: the same ``main``,
+    without seconds of interpreter start-up and imports a run), for runs whose point is not their process."""
+    return run_cli(batch_args(tree, out, *extra))
 
 
 def make_tree(root: Path, shared: Path) -> Path:
@@ -229,9 +236,9 @@ def test_manifest_survives_a_line_cut_by_a_kill(tmp_path):
 
 
 def test_bad_arguments_are_refused_with_one_line(tmp_path):
-    result = run_single(tmp_path / "missing", tmp_path / "out")
+    result = run_here(tmp_path / "missing", tmp_path / "out")
     assert result.returncode == 2 and "neither a folder nor a DICOMweb URL" in result.stderr
-    result = run_single(tmp_path, tmp_path / "out", "--store-to-pacs")
+    result = run_here(tmp_path, tmp_path / "out", "--store-to-pacs")
     assert result.returncode == 2 and "--store-to-pacs" in result.stderr
 
 
@@ -262,12 +269,12 @@ def test_one_process_denoises_the_good_series_and_reports_the_bad_ones(tree, ref
     assert not list((root / "nifti").glob("*denoised*")) and not (root / MANIFEST_DIR).exists()
     # the same as 'cli.py denoise' on that file
     single = tmp_path / "crop.nii.gz"
-    done = processes.run([sys.executable, CLI, "denoise", "--model", "gaussian", "--input",
-                          root / "nifti" / "ct_crop.nii.gz", "--output", single], TIMEOUT, env=_env())
+    done = run_cli(["denoise", "--model", "gaussian", "--input", root / "nifti" / "ct_crop.nii.gz", "--output",
+                    single])
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(volume_of(single)[0], volume_of(Path(rows["file:nifti/ct_crop.nii.gz"]["output"]))[0])
     # a rerun skips what is done and retries what failed
-    again = run_single(root, out)
+    again = run_here(root, out)
     assert again.returncode == 1 and f"{len(GOOD)} skipped, {len(BAD)} failed" in again.stdout, again.stdout
 
 
@@ -437,7 +444,7 @@ def test_a_learned_model_records_its_weights_and_matches_denoise(tree, tiny_weig
         return {r["key"]: r for r in (json.loads(line) for line in
                                       (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines())}
 
-    result = processes.run(batch, TIMEOUT, env=_env())
+    result = run_cli(batch)
     rows = manifest()
     assert result.returncode == 1 and "2 done" in result.stdout, result.stdout + result.stderr
     crop = rows["file:ct_crop.nii.gz"]
@@ -446,24 +453,24 @@ def test_a_learned_model_records_its_weights_and_matches_denoise(tree, tiny_weig
     assert crop["modality_from"] == "argument"  # --file-modality
     assert crop["weights_sha256"] == file_sha256(weights) == rows["file:ct_small.nrrd"]["weights_sha256"]
     single = tmp_path / "crop.nii.gz"
-    done = processes.run([sys.executable, CLI, "denoise", "--model", "adl", "--weights", weights, "--modality", "ct",
-                          "--input", root / "nifti" / "ct_crop.nii.gz", "--output", single], TIMEOUT, env=_env())
+    done = run_cli(["denoise", "--model", "adl", "--weights", weights, "--modality", "ct", "--input",
+                    root / "nifti" / "ct_crop.nii.gz", "--output", single])
     assert done.returncode == 0, done.stderr
     first = volume_of(Path(crop["output"]))[0]
     np.testing.assert_array_equal(volume_of(single)[0], first)
 
-    again = processes.run(batch, TIMEOUT, env=_env())
+    again = run_cli(batch)
     assert "0 done, 2 skipped" in again.stdout, again.stdout + again.stderr
     old_sha = file_sha256(weights)
     config = ADLTrainingConfig(modality="CT", device="cpu", **TINY_ADL)
     export_weights(build_networks(config)[0], weights, config)  # untrained: same name, other weights
-    upgraded = processes.run(batch, TIMEOUT, env=_env())
+    upgraded = run_cli(batch)
     assert "2 done, 0 skipped" in upgraded.stdout, upgraded.stdout + upgraded.stderr
     assert "denoising again: the adl weights changed" in upgraded.stderr, upgraded.stderr
     rows = manifest()
     assert rows["file:ct_crop.nii.gz"]["weights_sha256"] == file_sha256(weights) != old_sha
     assert not np.array_equal(volume_of(Path(rows["file:ct_crop.nii.gz"]["output"]))[0], first)
-    assert "0 done, 2 skipped" in processes.run(batch, TIMEOUT, env=_env()).stdout
+    assert "0 done, 2 skipped" in run_cli(batch).stdout
 
     # records written before records named the modality (as older versions wrote them): matched to a modality by
     # their weights, so still skipped while those are installed, and denoised again once they are not
@@ -471,11 +478,11 @@ def test_a_learned_model_records_its_weights_and_matches_denoise(tree, tiny_weig
         old_rows = [json.loads(line) for line in records.read_text().splitlines()]
         records.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "modality"}) + "\n"
                                    for r in old_rows))
-    assert "0 done, 2 skipped" in processes.run(batch, TIMEOUT, env=_env()).stdout
+    assert "0 done, 2 skipped" in run_cli(batch).stdout
     second_sha = file_sha256(weights)
     export_weights(build_networks(config)[0], weights, config)  # a fresh initialisation: other weights again
     assert file_sha256(weights) != second_sha
-    upgraded = processes.run(batch, TIMEOUT, env=_env())
+    upgraded = run_cli(batch)
     assert "2 done, 0 skipped" in upgraded.stdout, upgraded.stdout + upgraded.stderr
     assert f"{second_sha[:12]} is in none of" in upgraded.stderr, upgraded.stderr
 
@@ -523,7 +530,7 @@ def test_damaged_split_mixed_and_grown_series_are_reported_or_redone_never_writt
     _ct_small_series(root / "mixed", 3, "", "PAT_A")
     _ct_small_series(root / "mixed", 3, "", "PAT_B", start=3)
 
-    result = run_single(root, out)
+    result = run_here(root, out)
     assert result.returncode == 1, result.stdout + result.stderr
     rows = {r["key"].split("#")[0]: r for r in
             (json.loads(line) for line in (out / MANIFEST_DIR / "manifest.jsonl").read_text().splitlines())}
@@ -542,7 +549,7 @@ def test_damaged_split_mixed_and_grown_series_are_reported_or_redone_never_writt
 
     # a fourth slice arrives: the rerun denoises the series again (4 slices), and says why
     _ct_small_series(root / "grown", 1, pydicom.dcmread(grown[0]).SeriesInstanceUID, start=3)
-    again = run_single(root, out)
+    again = run_here(root, out)
     assert again.returncode == 1 and "1 done, 0 skipped" in again.stdout, again.stdout + again.stderr
     assert "other slices since" in again.stderr
     assert len(list(Path(rows["dicom:grown"]["output"]).iterdir())) == 4
@@ -596,7 +603,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
     assert "another denoise-batch run (pid " in result.stderr and "choose another --output" in result.stderr
     assert not read_records(out / MANIFEST_DIR) and [p.name for p in out.iterdir()] == [MANIFEST_DIR]
     os.close(first._lock_fd)  # the first run ends
-    result = run_single(root, out)
+    result = run_here(root, out)
     assert result.returncode == 0 and "1 done" in result.stdout, result.stdout + result.stderr
 
 
@@ -631,7 +638,7 @@ def test_a_series_neither_ct_nor_mr_names_its_modality_not_a_filter_as_the_fix(t
     root = tmp_path / "archive"
     (root / "dose").mkdir(parents=True)
     shutil.copy(get_testdata_file("rtdose.dcm"), root / "dose" / "rtdose.dcm")
-    result = run_single(root, tmp_path / "out")
+    result = run_here(root, tmp_path / "out")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "its Modality is RTDOSE: only CT and MR series are denoised" in result.stdout, result.stdout
     assert "cannot tell" not in result.stdout
@@ -692,7 +699,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     crop.write_bytes(b"")
     cut = sorted(series.iterdir())[1]
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
-    again = run_single(root, out, "--no-progress")
+    again = run_here(root, out, "--no-progress")
     assert again.returncode == 0 and "2 series: 2 done, 0 skipped, 0 failed" in again.stdout, \
         again.stdout + again.stderr
     assert "holds an empty file (crop.nii.gz)" in again.stderr and "cut short or changed since" in again.stderr
@@ -703,7 +710,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     assert sorted(p.name for p in out.iterdir() if p.name != MANIFEST_DIR) == ["crop.nii.gz", "ct"]
     assert not [p for p in out.rglob(".*") if MANIFEST_DIR not in p.parts], list(out.rglob(".*"))  # nothing left
     assert len(list((out / "ct").iterdir())) == 1 and len(list(series.iterdir())) == 4
-    whole_again = run_single(root, out, "--no-progress")
+    whole_again = run_here(root, out, "--no-progress")
     assert "2 series: 0 done, 2 skipped" in whole_again.stdout, whole_again.stdout + whole_again.stderr
 
 
@@ -720,7 +727,7 @@ def test_a_rerun_checks_outputs_and_inputs_by_content_not_by_size(tmp_path, shar
     of the output and of the input it came from: a mismatch is denoised again, saying why; files whose stat (size,
     times, inode) is as recorded are not read, and ones only touched are read once and skipped."""
     root, out = _series_and_file_tree(tmp_path / "tree", shared_data), tmp_path / "out"
-    first = run_single(root, out, "--no-progress")
+    first = run_here(root, out, "--no-progress")
     assert first.returncode == 0 and "2 series: 2 done" in first.stdout, first.stdout + first.stderr
     records = _merged(out)
     assert all(len(r["output_sha256"]) == len(r["input_sha256"]) == 64 for r in records.values()), records
@@ -734,7 +741,7 @@ def test_a_rerun_checks_outputs_and_inputs_by_content_not_by_size(tmp_path, shar
     data = bytearray(crop.read_bytes())
     data[len(data) // 2] ^= 0xFF
     crop.write_bytes(bytes(data))
-    again = run_single(root, out, "--no-progress")
+    again = run_here(root, out, "--no-progress")
     assert again.returncode == 0 and "2 series: 2 done, 0 skipped, 0 failed" in again.stdout, \
         again.stdout + again.stderr
     assert again.stderr.count("does not hold what this batch wrote") == 2, again.stderr
@@ -746,7 +753,7 @@ def test_a_rerun_checks_outputs_and_inputs_by_content_not_by_size(tmp_path, shar
     # touched only (times changed, contents not): read once, skipped, and not read again by the next rerun
     for path in (crop, *series.iterdir(), *(root / "ct").iterdir(), root / "crop.nii.gz"):
         os.utime(path, ns=(time.time_ns(), time.time_ns()))
-    touched = run_single(root, out, "--no-progress")
+    touched = run_here(root, out, "--no-progress")
     assert "2 series: 0 done, 2 skipped" in touched.stdout and "denoising again" not in touched.stderr, \
         touched.stdout + touched.stderr
     refreshed = _merged(out)
@@ -763,13 +770,13 @@ def test_a_rerun_checks_outputs_and_inputs_by_content_not_by_size(tmp_path, shar
     # and the NIfTI input replaced by another volume of the same grid
     image = sitk.ReadImage(str(root / "crop.nii.gz"))
     sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16) + 50, str(root / "crop.nii.gz"))
-    changed = run_single(root, out, "--no-progress")
+    changed = run_here(root, out, "--no-progress")
     assert "2 series: 2 done, 0 skipped" in changed.stdout, changed.stdout + changed.stderr
     assert "the series' files changed since (same SeriesInstanceUID and slices" in changed.stderr, changed.stderr
     assert "its input changed since its output was written" in changed.stderr, changed.stderr
     assert not np.array_equal(volume_of(series)[0], whole[series][0])
     assert not np.array_equal(volume_of(crop)[0], whole[crop][0])
-    last = run_single(root, out, "--no-progress")
+    last = run_here(root, out, "--no-progress")
     assert "2 series: 0 done, 2 skipped" in last.stdout, last.stdout + last.stderr
 
 
@@ -831,7 +838,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     written = Path(rows[-1]["output"])
     assert written.exists()  # in place, whole (renamed into place), but not recorded as done
     before = volume_of(written)
-    again = run_single(root, out, "--no-progress")
+    again = run_here(root, out, "--no-progress")
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"2 series: {3 - kill_at} done, {kill_at - 1} skipped, 0 failed" in again.stdout, again.stdout
     after = volume_of(written)
@@ -874,7 +881,7 @@ def test_a_series_whose_done_record_cannot_be_written_is_failed_and_its_output_n
         ("file:crop.nii.gz", "done")], rows
     assert "done record cannot be written" in rows[1]["error"]
     assert latest_statuses(out) == ["failed", "done"]  # the merge, by key
-    again = run_single(root, out, "--no-progress")
+    again = run_here(root, out, "--no-progress")
     assert again.returncode == 0 and "2 series: 1 done, 1 skipped, 0 failed" in again.stdout, \
         again.stdout + again.stderr
     (series,) = (out / "ct").iterdir()  # the set-aside copy removed by the write
