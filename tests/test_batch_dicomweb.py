@@ -645,6 +645,7 @@ def _loopback_qido(answer):
         server.server_close()
 
 
+@pytest.mark.timeout(120)  # far past 1 s a request: a run that waits for ever is cut here, not left hanging
 def test_a_pacs_that_accepts_and_never_answers_is_told_in_seconds_not_a_batch_hung_for_ever(tmp_path):
     """The batch's DICOMweb requests had no timeout: a PACS that accepts the connection and never answers hung the run
     for ever, at its series search or at a series. Each request now waits ADL_PACS_READ_TIMEOUT_S (1 s here) for
@@ -656,12 +657,9 @@ def test_a_pacs_that_accepts_and_never_answers_is_told_in_seconds_not_a_batch_hu
     (Real servers on loopback: one that accepts and never answers, one that answers the series search only.)"""
     from orthanc import silent_server
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", ADL_PACS_READ_TIMEOUT_S="1")
-    bound = 120  # far past 1 s a request: a run that waits for ever is cut here, not left hanging
-
-    def batch(root: str, out: Path):
-        return processes.run([sys.executable, CLI, "denoise-batch", "--input", root, "--output", out, "--model",
-                              "gaussian", "--no-progress"], bound, env=env)
+    def batch(root: str, out: Path):  # in this process (the test's timeout above bounds it)
+        return run_cli(["denoise-batch", "--input", root, "--output", out, "--model", "gaussian", "--no-progress"],
+                       env={"ADL_PACS_READ_TIMEOUT_S": "1"})
 
     with silent_server() as port:
         root = f"http://127.0.0.1:{port}/dicom-web"
