@@ -53,8 +53,11 @@ def run_cli(args: Sequence, env: Mapping[str, str] | None = None) -> subprocess.
 
 
 def _manifest_locks() -> dict[int, str]:
-    """This process's open file descriptors of a batch manifest's lock files (``lock-rank-NNNNN``): fd -> path."""
-    found = {}
+    """This process's open file descriptors of a batch manifest's lock files (``lock-rank-NNNNN``): fd -> path
+    (none found without Linux's /proc: a second run on the same output is then refused, saying so)."""
+    found: dict[int, str] = {}
+    if not os.path.isdir("/proc/self/fd"):
+        return found
     for entry in os.scandir("/proc/self/fd"):
         with contextlib.suppress(OSError):  # the descriptor os.scandir itself used, closed since
             target = os.readlink(entry.path)
