@@ -1267,7 +1267,7 @@ def _plan_files_problem(folder: Path, plans: list[tuple[str, str]], rank: int) -
     for other, plan in enumerate(plans):
         path = folder / f"plan-rank-{other:05d}.sha256"
         try:
-            theirs = path.read_text().strip()
+            theirs = path.read_text(encoding="utf-8").strip()
         except Exception as error:  # not only OSError: a file of other bytes raises UnicodeDecodeError
             return (f"rank {rank} cannot read {path} ({one_line(error) or type(error).__name__}): the --output "
                     "folder must be one folder shared by all machines (a network file system)")
@@ -1372,17 +1372,24 @@ def run_batch(settings: BatchSettings, report: Callable[[str], None] = print,
         ValueError: bad source or output (before any work), CUDA asked for but absent.
         RuntimeError: another run is writing to the same output (:class:`~lib.batch.manifest.OutputInUse`), one
             process.
-        JobNotStarted: under torchrun, a rank could not start (its own error above), the ranks do not see the same
+        JobNotStarted: under torchrun, a rank could not start (said on rank 0's stdout), the ranks do not see the same
             series or the output folder is not shared by all (checked before any work, the same on every rank).
     """
     from ..engines.engine import setup_distributed
 
     wall = time.perf_counter()
     context, device = setup_distributed(_DeviceConfig(settings.device), timeout=BATCH_TIMEOUT)
-    outcome = _job(settings, context, device, report, report_error, wall)
-    if context.initialised_here:  # only after a normal end: see lib.engines.engine on tearing down after errors
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    try:
+        outcome = _job(settings, context, device, report, report_error, wall)
+    except JobNotStarted:
+        # raised by every rank past the same barrier: the group is torn down as after a normal end (left to the
+        # process's exit, Gloo's threads could abort it: "terminate called without an active exception", exit -6)
+        if context.initialised_here:
+            dist.destroy_process_group()
+        raise
+    if context.initialised_here:  # only after a normal end: see lib.engines.engine on tearing down after errors
         dist.destroy_process_group()
     return outcome
 
@@ -1478,7 +1485,7 @@ def _start_verdict(gathered: list[tuple[tuple[str, str, str], tuple[str, str]]],
     errors = [error for error, _ in gathered]
     failed = [other for other, (text, _, _) in enumerate(errors) if text]
     if failed:  # the lines are on rank 0's stdout alone: another rank's log (another machine) points there
-        where = "said above" if rank == 0 else "said in rank 0's output"
+        where = "said on rank 0's stdout"
         return _start_error_lines(errors), (f"{len(failed)} of {len(gathered)} ranks could not start ({where}): no "
                                             "series was denoised; fix that and run again")
     digests = [digest for _, (digest, _) in gathered]
@@ -1512,7 +1519,7 @@ def _start_together(context, report: Callable[[str], None], report_error: Callab
     text = error[0]
     if text and not context.main:  # its own log names its own error (rank 0's names every rank's), said at once:
         # should the exchange below break off (a peer gone), it is said all the same
-        report_error(f"rank {context.rank}: could not start: {text}")
+        _say(report_error, f"rank {context.rank}: could not start: {text}")
     gathered: list = [None] * context.world
     dist.all_gather_object(gathered, (error, plan))
     lines, message = _start_verdict(gathered, context.rank)
@@ -1527,6 +1534,15 @@ def _start_together(context, report: Callable[[str], None], report_error: Callab
             report(line)
     # on every rank's log (another machine's log is all its user may read), before any rank ends: torchrun stops the
     # others within 0.1 s of one ending with an error
-    report_error(message)
+    _say(report_error, message)
     dist.barrier()
     raise JobNotStarted(message)
+
+
+def _say(report_error: Callable[[str], None], message: str) -> None:
+    """``report_error(message)``, where a log that cannot be written (a closed pipe, a full disk) must not keep this
+    rank from the exchange or barrier that every other rank makes next."""
+    try:
+        report_error(message)
+    except OSError:
+        pass
